@@ -1,0 +1,25 @@
+"""mtlkit's model world: data, tasks, models, balancers, training and model folders."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "create_task": "mtl.tasks",
+    "create_model": "mtl.models",
+    "MultiTaskModel": "mtl.models",
+    "load_model": "mtl.io",
+    "save_model": "mtl.io",
+    "create_balancer": "mtl.balancers",
+    "create_datamodule": "mtl.data",
+}
+
+
+def __getattr__(name):  # lazy, so `import mtl` stays cheap and free of import cycles
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mtl' has no attribute {name!r}")
+
+
+__all__ = list(_LAZY)

@@ -1,0 +1,1 @@
+from mtl.tasks.base import TASKS, Task, create_task  # noqa: F401
