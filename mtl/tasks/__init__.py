@@ -1,1 +1,8 @@
-from mtl.tasks.base import TASKS, Task, create_task  # noqa: F401
+"""Tasks: what each head predicts, its loss and its split-level metrics. See docs/tasks.md."""
+from mtl.tasks.base import TASKS, Task, create_task
+from mtl.tasks import dense, image  # noqa: F401  (registers the built-in tasks)
+from mtl.tasks.dense import DepthTask, EdgesTask, NormalsTask, SemSegTask
+from mtl.tasks.image import ClassificationTask, RegressionTask
+
+__all__ = ["TASKS", "Task", "create_task", "ClassificationTask", "RegressionTask", "SemSegTask",
+           "DepthTask", "NormalsTask", "EdgesTask"]

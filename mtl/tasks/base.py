@@ -1,6 +1,9 @@
 """The Task concept: what a head predicts, how it is trained and how it is scored."""
 from __future__ import annotations
 
+import abc
+import inspect
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -11,13 +14,14 @@ from mtl.registry import Registry
 TASKS: "Registry[type[Task]]" = Registry("task")
 
 
-class Task:
-    """Base class. Subclasses set the class attributes and implement `loss` and `metrics`.
+class Task(abc.ABC):
+    """Base class. Subclasses set the class attributes and implement `out_channels`, `loss`, `metrics`.
 
     Conventions for batches (a dict of tensors produced by the data modules):
       * ``batch["image"]``: uint8 (B, 3, H, W); the module normalises it.
       * ``batch[task.target_key]``: the target, in the layout the subclass documents.
     Dense predictions come at input resolution, (B, C, H, W); image-level ones are (B, C).
+    ``loss`` and every metric's ``update`` take the *raw* head output (logits, unnormalised vectors).
     """
 
     kind: ClassVar[str] = ""
@@ -29,19 +33,26 @@ class Task:
 
     def __init__(self, name: str | None = None, weight: float = 1.0, target_key: str | None = None):
         self.name = name or self.kind
+        # names become log keys `val/<task>/<metric>` and module-dict keys
+        if not isinstance(self.name, str) or "/" in self.name or "." in self.name:
+            raise ValueError(f"task name must be a string without '/' or '.', got {self.name!r}")
         self.weight = float(weight)  # static loss weight, applied before any balancer
+        if not math.isfinite(self.weight) or self.weight < 0:
+            raise ValueError(f"task {self.name!r}: weight must be finite and >= 0, got {weight!r}")
         self.target_key = target_key or self.kind
 
     @property
+    @abc.abstractmethod
     def out_channels(self) -> int:
-        raise NotImplementedError(f"{type(self).__name__} must define out_channels")
+        """Channels of the raw head output (C in (B, C, H, W) or (B, C))."""
 
+    @abc.abstractmethod
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} must define loss")
+        """Scalar training loss from the raw head output and the batch target (without `weight`)."""
 
+    @abc.abstractmethod
     def metrics(self) -> dict[str, Metric]:
         """Fresh metric objects that accumulate over a whole split: {metric_name: Metric}."""
-        raise NotImplementedError(f"{type(self).__name__} must define metrics")
 
     def postprocess(self, pred: torch.Tensor) -> torch.Tensor:
         """Raw head output -> a prediction to show (argmax, sigmoid, normalised vectors...)."""
@@ -51,10 +62,31 @@ class Task:
         """Everything `create_task` needs to rebuild this task (stored in model folders)."""
         return {"kind": self.kind, "name": self.name, "weight": self.weight, "target_key": self.target_key}
 
+    def _check_dense(self, pred: torch.Tensor, target: torch.Tensor, target_dims: int) -> None:
+        # A wrong resolution or layout would otherwise broadcast silently or fail deep inside torch.
+        if pred.ndim != 4 or target.ndim != target_dims or pred.shape[0] != target.shape[0] \
+                or pred.shape[-2:] != target.shape[-2:]:
+            raise ValueError(
+                f"task {self.name!r}: prediction {tuple(pred.shape)} and target {tuple(target.shape)} do not "
+                f"match; expected (B, {self.out_channels}, H, W) at the target's resolution"
+            )
+        if pred.shape[1] != self.out_channels:
+            raise ValueError(f"task {self.name!r}: prediction has {pred.shape[1]} channels, "
+                             f"expected {self.out_channels}")
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, weight={self.weight})"
 
 
 def create_task(kind: str, **kwargs: Any) -> Task:
-    """Build a task from its registry name, e.g. ``create_task("depth", weight=2.0)``."""
-    return TASKS.get(kind)(**kwargs)
+    """Build a task from its registry name, e.g. ``create_task("depth", weight=2.0)``.
+
+    ``create_task(**task.to_config())`` rebuilds an equivalent task.
+    """
+    cls = TASKS.get(kind)
+    try:
+        inspect.signature(cls).bind(**kwargs)
+    except TypeError as e:
+        valid = ", ".join(inspect.signature(cls).parameters)
+        raise TypeError(f"task {kind!r}: {e}; valid arguments: {valid}") from None
+    return cls(**kwargs)

@@ -1,0 +1,32 @@
+# Two entry points matter: `make demo` (the main job) and `make test` (the fast test suite).
+# Both create or refresh the local virtual environment first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_DIR ?= outputs/demo
+export MTL_OUTPUT_DIR ?= outputs
+
+.PHONY: venv demo test test-slow bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+# Single-task baselines (a multirun writes baselines.json), then the multi-task model with Δm%.
+demo: venv
+	$(VENV)/bin/mtl-train -m experiment=scenes_hps name=scenes_stl \
+	    task=semseg,depth,normals,edges,classification,regression \
+	    baselines.save_to=$(abspath $(DEMO_DIR))/baselines.json
+	$(VENV)/bin/mtl-train experiment=scenes_hps baselines.path=$(abspath $(DEMO_DIR))/baselines.json
+
+test: venv
+	$(VENV)/bin/pytest -q -x
+
+test-slow: venv
+	$(VENV)/bin/pytest -q -m slow
+
+clean:
+	rm -rf outputs multirun

@@ -1,0 +1,167 @@
+"""Δm%: the multi-task performance relative to single-task baselines, and the baselines file.
+
+    Δm = (100 / T) Σ_t (−1)^{l_t} (M_t − M_b,t) / M_b,t,   l_t = 1 for lower-is-better metrics
+
+Variants (always report which one was used):
+  * "primary": M_t is the task's primary metric.
+  * "all": for each task, the signed relative change is averaged over all its metrics first, then
+    over tasks, so a task with five metrics weighs as much as a task with one.
+Positive Δm means the multi-task model is better than the baselines.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from mtl.tasks.base import Task
+
+VARIANTS = ("primary", "all")
+
+
+class Baselines(dict):
+    """{task: {metric: value}} that remembers the file it came from, for error messages."""
+
+    source: str | None = None
+
+
+def _task_map(tasks: Sequence[Task] | Mapping[str, Task]) -> dict[str, Task]:
+    if isinstance(tasks, Mapping):
+        return dict(tasks)
+    return {t.name: t for t in tasks}
+
+
+def _metric_names(task: Task, variant: str) -> list[str]:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown Δm variant {variant!r}; valid names: {', '.join(VARIANTS)}")
+    return [task.primary] if variant == "primary" else list(task.directions)
+
+
+def _from(baselines: Mapping) -> str:
+    source = getattr(baselines, "source", None)
+    return f" in baselines file {source}" if source else " in the baselines"
+
+
+def _lookup(values: Mapping, task: str, metric: str, where: str) -> float:
+    if task not in values:
+        raise ValueError(f"task {task!r} (metric {metric!r}) is missing{where}")
+    if metric not in values[task]:
+        raise ValueError(f"metric {metric!r} of task {task!r} is missing{where}")
+    return float(values[task][metric])
+
+
+def delta_m_per_task(metrics: Mapping[str, Mapping[str, float]], baselines: Mapping[str, Mapping[str, float]],
+                     tasks: Sequence[Task] | Mapping[str, Task], variant: str = "primary") -> dict[str, float]:
+    """{task: 100 · (−1)^l · relative change} (averaged over the task's metrics for variant "all")."""
+    task_map = _task_map(tasks)
+    if not task_map:
+        raise ValueError("Δm needs at least one task")
+    out = {}
+    for name, task in task_map.items():
+        changes = []
+        for metric in _metric_names(task, variant):
+            base = _lookup(baselines, name, metric, _from(baselines))
+            value = _lookup(metrics, name, metric, " in the metrics")
+            if base == 0 or not math.isfinite(base):
+                raise ValueError(f"baseline of task {name!r} metric {metric!r} is {base}{_from(baselines)}; "
+                                 "the relative change is undefined")
+            sign = 1.0 if task.directions[metric] else -1.0
+            changes.append(sign * (value - base) / base)
+        out[name] = 100.0 * sum(changes) / len(changes)
+    return out
+
+
+def delta_m(metrics: Mapping[str, Mapping[str, float]], baselines: Mapping[str, Mapping[str, float]],
+            tasks: Sequence[Task] | Mapping[str, Task], variant: str = "primary") -> float:
+    """Δm% of `metrics` ({task: {metric: value}}) against `baselines` (same layout) over `tasks`."""
+    per_task = delta_m_per_task(metrics, baselines, tasks, variant)
+    return sum(per_task.values()) / len(per_task)
+
+
+def _validate(data: Any, where: str) -> Baselines:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where}: expected a JSON object {{task: {{metric: value}}}}")
+    out = Baselines()
+    for task, values in data.items():
+        if not isinstance(values, Mapping):
+            raise ValueError(f"{where}: task {task!r} must map metric names to numbers")
+        out[task] = {}
+        for metric, v in values.items():
+            if hasattr(v, "item"):  # a tensor or numpy scalar from a metric's compute()
+                v = v.item()
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{where}: task {task!r} metric {metric!r} must be a finite number, got {v!r}")
+            out[task][metric] = float(v)
+    return out
+
+
+def load_baselines(path: str | os.PathLike, tasks: Sequence[Task] | Mapping[str, Task] | None = None,
+                   variant: str = "primary") -> Baselines:
+    """Read and validate a baselines JSON {task: {metric: value}}.
+
+    With `tasks`, also check now that every metric `variant` needs is present (errors name the file).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"cannot read baselines file {path}: {e.strerror or e}") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"baselines file {path} is not valid JSON: {e}") from e
+    baselines = _validate(data, f"baselines file {path}")
+    baselines.source = str(path)
+    for name, task in _task_map(tasks or {}).items():
+        for metric in _metric_names(task, variant):
+            _lookup(baselines, name, metric, _from(baselines))
+    return baselines
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    # Serialises read-merge-write when several single-task runs finish at once (POSIX only).
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def save_baselines(path: str | os.PathLike, metrics: Mapping[str, Mapping[str, float]]) -> Baselines:
+    """Add `metrics` ({task: {metric: value}}) to the baselines file and return its new content.
+
+    Tasks already in the file and not in `metrics` are kept; a task present in both is replaced as a
+    whole (its metrics come from one run). The file is written atomically (temp file + os.replace).
+    """
+    path = Path(path)
+    new = _validate(metrics, "baselines to save")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(path):
+        merged = Baselines(load_baselines(path)) if path.exists() else Baselines()
+        merged.update(new)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(merged, f, indent=2, sort_keys=True)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    merged.source = str(path)
+    return merged

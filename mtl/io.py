@@ -1,0 +1,141 @@
+"""Model folders (``model.safetensors`` + ``config.json``) and atomic file writing."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+FORMAT = "mtlkit.model/1"
+
+
+class ModelFolderError(ValueError):
+    """A model folder is missing a file, holds a corrupt one, or does not match its config."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary sibling path; on success it replaces `path`, on error it is removed.
+
+    Works for files and folders, so no reader ever sees a half-written output.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / path.name
+    try:
+        yield tmp
+        if path.is_dir() and not path.is_symlink():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"cannot store {type(o).__name__} in JSON")
+
+
+def save_model(model, path: str | os.PathLike, meta: dict[str, Any] | None = None, overwrite: bool = True) -> Path:
+    """Write ``path/model.safetensors`` + ``path/config.json`` atomically."""
+    from mtl import __version__
+
+    path = Path(path)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    cfg = {"format": FORMAT, "mtlkit_version": __version__, "model": model.config, "meta": meta or {}}
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        tmp.mkdir()
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, default=_json_default) + "\n")
+    return path
+
+
+def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelFolderError(f"{path}: not a model folder (expected a directory with {WEIGHTS} and {CONFIG})")
+    try:
+        cfg = read_json(path / CONFIG)
+    except (FileNotFoundError, ValueError) as e:
+        raise ModelFolderError(str(e)) from None
+    if not isinstance(cfg, dict) or "model" not in cfg:
+        raise ModelFolderError(f"{path / CONFIG}: missing key 'model'")
+    for key in ("tasks", "backbone"):
+        if key not in cfg["model"]:
+            raise ModelFolderError(f"{path / CONFIG}: missing key 'model.{key}'")
+    return cfg
+
+
+def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a model folder's weights, with errors that name the file."""
+    file = Path(path) / WEIGHTS
+    if not file.is_file():
+        raise ModelFolderError(f"{file}: file not found")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelFolderError(f"{file}: corrupt or unreadable safetensors file ({e})") from None
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
+    """Rebuild the model stored in a model folder (no code from the folder is ever executed)."""
+    from mtl.models import MultiTaskModel
+
+    path = Path(path)
+    cfg = read_model_config(path)
+    try:
+        model = MultiTaskModel.from_config(cfg["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFolderError(f"{path / CONFIG}: cannot build the model ({e})") from None
+    state = load_state(path)
+    expected = model.state_dict()
+    file = path / WEIGHTS
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing:
+        raise ModelFolderError(f"{file}: missing key {missing[0]!r} ({len(missing)} missing in all)")
+    if unexpected:
+        raise ModelFolderError(f"{file}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected in all)")
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise ModelFolderError(
+                f"{file}: key {k!r} has shape {tuple(state[k].shape)}, the config in {path / CONFIG} expects {tuple(v.shape)}"
+            )
+    model.load_state_dict(state)
+    model.meta = cfg.get("meta", {})
+    return model.to(map_location).eval()

@@ -1,0 +1,51 @@
+"""Backbones: any timm model by name, returning a list of feature maps (B, C_i, H_i, W_i).
+
+CNNs use timm's ``features_only`` mode; ViTs too (timm turns their token grid into a feature map
+through ``forward_intermediates``), so one wrapper serves both.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import timm
+import torch
+from torch import nn
+
+from mtl.registry import UnknownNameError
+
+
+class TimmBackbone(nn.Module):
+    def __init__(
+        self,
+        name: str,
+        out_indices: Sequence[int] | None = None,
+        pretrained: bool = False,
+        checkpoint_path: str | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__()
+        if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
+            close = timm.list_models(f"*{name.split('_')[0]}*")[:20]
+            raise UnknownNameError(
+                f"unknown timm backbone {name!r}; similar names: {', '.join(close) or '(none)'}; "
+                "all names: timm.list_models()"
+            )
+        feature_kwargs: dict[str, Any] = {"features_only": True}
+        if out_indices is not None:
+            feature_kwargs["out_indices"] = tuple(out_indices)
+        # timm handles local weights through pretrained_cfg_overlay; never a hub download here.
+        if checkpoint_path:
+            kwargs["pretrained_cfg_overlay"] = {"file": str(checkpoint_path)}
+            pretrained = True
+        self.name = name
+        self.body = timm.create_model(name, pretrained=pretrained, **feature_kwargs, **kwargs)
+        self.channels: list[int] = list(self.body.feature_info.channels())
+        self.reductions: list[int] = list(self.body.feature_info.reduction())
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.body(x))
+
+
+def create_backbone(name: str, **kwargs: Any) -> TimmBackbone:
+    """``create_backbone("resnet18", out_indices=[1, 2, 3, 4])`` or any other timm name."""
+    return TimmBackbone(name, **kwargs)

@@ -1,0 +1,68 @@
+"""Hard parameter sharing: a light multi-scale fusion shared by every task, one small head per task."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtl.models.decoders.base import DECODERS
+from mtl.tasks import Task
+
+
+def conv_bn_relu(cin: int, cout: int, k: int = 3) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class Fusion(nn.Module):
+    """Project every scale to `channels`, upsample to the finest one, sum, refine."""
+
+    def __init__(self, in_channels: list[int], channels: int):
+        super().__init__()
+        self.lateral = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)
+        self.refine = conv_bn_relu(channels, channels)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        size = feats[0].shape[-2:]
+        out = self.lateral[0](feats[0])
+        for lat, f in zip(self.lateral[1:], feats[1:]):
+            out = out + F.interpolate(lat(f), size=size, mode="bilinear", align_corners=False)
+        return self.refine(out)
+
+
+class DenseHead(nn.Module):
+    def __init__(self, channels: int, out_channels: int):
+        super().__init__()
+        self.body = nn.Sequential(conv_bn_relu(channels, channels), nn.Conv2d(channels, out_channels, 1))
+
+    def forward(self, z: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+        return F.interpolate(self.body(z), size=out_size, mode="bilinear", align_corners=False)
+
+
+class ImageHead(nn.Module):
+    def __init__(self, channels: int, out_channels: int, hidden: int | None = None):
+        super().__init__()
+        hidden = hidden or channels
+        self.body = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_channels))
+
+    def forward(self, z: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+        return self.body(z.mean(dim=(2, 3)))
+
+
+def create_head(task: Task, channels: int) -> nn.Module:
+    return (DenseHead if task.dense else ImageHead)(channels, task.out_channels)
+
+
+@DECODERS.register("hps")
+class HPSDecoder(nn.Module):
+    """Shared fusion neck + per-task heads. `shared(feats)` is the representation the heads consume."""
+
+    def __init__(self, in_channels: list[int], tasks: list[Task], channels: int = 64):
+        super().__init__()
+        self.neck = Fusion(in_channels, channels)
+        self.heads = nn.ModuleDict({t.name: create_head(t, channels) for t in tasks})
+
+    def shared(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        return self.neck(feats)
+
+    def head(self, task: str, z: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+        return self.heads[task](z, out_size)

@@ -1,0 +1,126 @@
+"""MultiTaskModel = backbone + decoder (shared part and one head per task)."""
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from mtl.models.backbones import create_backbone
+from mtl.models.decoders import create_decoder
+from mtl.tasks import Task, create_task
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class MultiTaskModel(nn.Module):
+    """``forward(x, tasks=None) -> {task: prediction}``; only the requested tasks' heads run.
+
+    ``x`` may be uint8 (B, 3, H, W) in [0, 255] — normalised here, so a model folder is
+    self-contained — or an already normalised float tensor.
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[Task],
+        backbone: dict[str, Any],
+        decoder: dict[str, Any] | None = None,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ):
+        super().__init__()
+        if not tasks:
+            raise ValueError("a MultiTaskModel needs at least one task")
+        names = [t.name for t in tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must be unique, got {names}")
+        self.tasks = {t.name: t for t in tasks}
+        self._backbone_cfg = dict(backbone)
+        self._decoder_cfg = dict(decoder or {"name": "hps"})
+        bb = dict(backbone)
+        self.backbone = create_backbone(bb.pop("name"), **bb)
+        dec = dict(self._decoder_cfg)
+        self.decoder = create_decoder(dec.pop("name"), self.backbone.channels, list(tasks), **dec)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    # --- config round trip -----------------------------------------------------------------
+    @property
+    def config(self) -> dict[str, Any]:
+        return {
+            "tasks": [t.to_config() for t in self.tasks.values()],
+            "backbone": copy.deepcopy(self._backbone_cfg),
+            "decoder": copy.deepcopy(self._decoder_cfg),
+            "mean": self.mean.flatten().tolist(),
+            "std": self.std.flatten().tolist(),
+        }
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> "MultiTaskModel":
+        tasks = [create_task(**dict(t)) for t in cfg["tasks"]]
+        return cls(tasks, cfg["backbone"], cfg.get("decoder"), cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
+
+    # --- forward ----------------------------------------------------------------------------
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)
+            return (x - self.mean) / self.std
+        return x
+
+    def shared(self, x: torch.Tensor) -> torch.Tensor:
+        """The representation all task heads read (what representation-level balancers use)."""
+        return self.decoder.shared(self.backbone(self.normalize(x)))
+
+    def heads(self, z: torch.Tensor, out_size: tuple[int, int], tasks: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        names = self._check_tasks(tasks)
+        return {t: self.decoder.head(t, z, out_size) for t in names}
+
+    def forward(self, x: torch.Tensor, tasks: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        names = self._check_tasks(tasks)
+        return self.heads(self.shared(x), tuple(x.shape[-2:]), names)
+
+    def _check_tasks(self, tasks: Iterable[str] | None) -> list[str]:
+        if tasks is None:
+            return list(self.tasks)
+        names = [tasks] if isinstance(tasks, str) else list(tasks)
+        unknown = [t for t in names if t not in self.tasks]
+        if unknown:
+            raise KeyError(f"unknown task(s) {unknown}; this model has: {', '.join(self.tasks)}")
+        return names
+
+    # --- parameter groups -------------------------------------------------------------------
+    def task_parameters(self, task: str) -> list[nn.Parameter]:
+        return [p for p in self.decoder.heads[task].parameters() if p.requires_grad]
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        head_ids = {id(p) for p in self.decoder.heads.parameters()}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in head_ids]
+
+
+def create_model(
+    tasks: Sequence[Task | dict[str, Any]] | None = None,
+    backbone: str | dict[str, Any] = "resnet18",
+    decoder: str | dict[str, Any] = "hps",
+    *,
+    config: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> MultiTaskModel:
+    """Build a model from names and kwargs, e.g.
+    ``create_model(["semseg", "depth"], backbone="test_resnet")``, or from a stored ``config``."""
+    if config is not None:
+        return MultiTaskModel.from_config(config)
+    if tasks is None:
+        raise ValueError("create_model needs tasks (names, Task objects or task configs) or config=")
+    built = []
+    for t in tasks:
+        if isinstance(t, Task):
+            built.append(t)
+        elif isinstance(t, str):
+            built.append(create_task(t))
+        else:
+            built.append(create_task(**dict(t)))
+    bb = {"name": backbone} if isinstance(backbone, str) else dict(backbone)
+    dec = {"name": decoder} if isinstance(decoder, str) else dict(decoder)
+    return MultiTaskModel(built, bb, dec, **kwargs)

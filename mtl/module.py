@@ -1,0 +1,184 @@
+"""MultiTaskModule: one LightningModule for any MultiTaskModel and any Balancer."""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Iterator
+
+import lightning as L
+import torch
+from torch import nn
+
+from mtl.balancers import Balancer, StepContext, create_balancer
+from mtl.models import MultiTaskModel, create_model
+
+
+@contextlib.contextmanager
+def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
+    """Forward passes inside use batch statistics but leave BN running statistics untouched."""
+    saved = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training:
+            saved.append((m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None))
+            m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+    try:
+        yield
+    finally:
+        for m, momentum, nbt in saved:
+            m.momentum = momentum
+            if nbt is not None:
+                m.num_batches_tracked.copy_(nbt)
+
+
+def cosine_with_warmup(total_steps: int, warmup_steps: int, min_ratio: float = 0.0):
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class MultiTaskModule(L.LightningModule):
+    """Trains a MultiTaskModel with a Balancer in manual-optimisation mode.
+
+    Manual optimisation keeps one code path for loss-level and gradient-aggregation methods:
+    the balancer fills ``.grad``; this module clips, steps and schedules.
+    """
+
+    def __init__(
+        self,
+        model: MultiTaskModel | dict[str, Any],
+        balancer: dict[str, Any] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        warmup_ratio: float = 0.05,
+        min_lr_ratio: float = 0.0,
+        grad_clip: float | None = None,
+        log_weights_every: int = 50,
+    ):
+        super().__init__()
+        self.automatic_optimization = False
+        self.model = model if isinstance(model, MultiTaskModel) else create_model(config=dict(model))
+        self.tasks = self.model.tasks
+        balancer = dict(balancer or {"name": "ew"})
+        self.save_hyperparameters(
+            {"model": self.model.config, "balancer": balancer, "lr": lr, "weight_decay": weight_decay,
+             "warmup_ratio": warmup_ratio, "min_lr_ratio": min_lr_ratio, "grad_clip": grad_clip,
+             "log_weights_every": log_weights_every}
+        )
+        bal = dict(balancer)
+        self.balancer: Balancer = create_balancer(bal.pop("name"), list(self.tasks), **bal)
+        self.val_metrics = nn.ModuleDict({n: nn.ModuleDict(t.metrics()) for n, t in self.tasks.items()})
+        self.test_metrics = nn.ModuleDict({n: nn.ModuleDict(t.metrics()) for n, t in self.tasks.items()})
+        self.results: dict[str, dict[str, dict[str, float]]] = {}
+
+    # --- losses -----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, tasks=None) -> dict[str, torch.Tensor]:
+        return self.model(x, tasks)
+
+    def task_losses(self, preds: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], weighted: bool = True):
+        out = {}
+        for name, task in self.tasks.items():
+            loss = task.loss(preds[name], batch[task.target_key])
+            out[name] = loss * task.weight if weighted else loss
+        return out
+
+    def _forward_losses(self, batch):
+        x = batch["image"]
+        z = self.model.shared(x)
+        preds = self.model.heads(z, tuple(x.shape[-2:]))
+        return z, self.task_losses(preds, batch)
+
+    # --- training ---------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        z, losses = self._forward_losses(batch)
+        for name, loss in losses.items():
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"task {name!r} produced a non-finite loss ({loss.item()}) at step {self.global_step}")
+
+        def recompute() -> dict[str, torch.Tensor]:
+            with frozen_bn_stats(self.model):
+                return self._forward_losses(batch)[1]
+
+        ctx = StepContext(
+            losses=losses,
+            shared_params=self.model.shared_parameters(),
+            task_params={t: self.model.task_parameters(t) for t in self.tasks},
+            features=z,
+            backward=self.manual_backward,
+            recompute=recompute,
+            step=self.global_step,
+        )
+        opt.zero_grad(set_to_none=True)
+        self.balancer.backward(ctx)
+        if self.hparams.grad_clip:
+            self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+        opt.step()
+        sched.step()
+        self.balancer.after_step(ctx)
+
+        total = sum(l.detach() for l in losses.values())
+        bs = batch["image"].shape[0]
+        self.log("train/loss", total, prog_bar=True, batch_size=bs)
+        for name, loss in losses.items():
+            self.log(f"train/{name}/loss", loss.detach(), batch_size=bs)
+        every = self.hparams.log_weights_every
+        if every and self.global_step % every == 0:
+            for name, w in self.balancer.weights().items():
+                self.log(f"balancer/weight/{name}", float(w), batch_size=bs)
+        return total
+
+    # --- evaluation -------------------------------------------------------------------------
+    def _eval_step(self, batch, metrics: nn.ModuleDict, stage: str) -> None:
+        preds = self.model(batch["image"])
+        losses = self.task_losses(preds, batch, weighted=False)
+        bs = batch["image"].shape[0]
+        for name, task in self.tasks.items():
+            target = batch[task.target_key]
+            for metric in metrics[name].values():
+                metric.update(preds[name], target)
+            self.log(f"{stage}/{name}/loss", losses[name], batch_size=bs, sync_dist=True)
+        self.log(f"{stage}/loss", sum(losses.values()), batch_size=bs, sync_dist=True, prog_bar=stage == "val")
+
+    def _eval_epoch_end(self, metrics: nn.ModuleDict, stage: str) -> None:
+        result: dict[str, dict[str, float]] = {}
+        for name, group in metrics.items():
+            result[name] = {}
+            for mname, metric in group.items():
+                value = metric.compute()
+                metric.reset()
+                result[name][mname] = float(value)
+                self.log(f"{stage}/{name}/{mname}", value, sync_dist=False, prog_bar=False)
+        self.results[stage] = result
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, self.val_metrics, "val")
+
+    def on_validation_epoch_end(self):
+        self._eval_epoch_end(self.val_metrics, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, self.test_metrics, "test")
+
+    def on_test_epoch_end(self):
+        self._eval_epoch_end(self.test_metrics, "test")
+
+    # --- optimisation -----------------------------------------------------------------------
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for n, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim <= 1 or n.startswith("balancer.") else decay).append(p)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr,
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(self.hparams.warmup_ratio * total)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(total, warmup, self.hparams.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,163 @@
+"""Dense (per-pixel) tasks: predictions (B, C, H, W) at the target's resolution."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import Metric
+
+from mtl.tasks.base import TASKS, Task
+from mtl.tasks.metrics import (
+    AbsoluteRelativeError,
+    Accuracy,
+    AngleWithin,
+    BoundaryFScore,
+    MeanAngularError,
+    MeanIoU,
+    MedianAngularError,
+    RootMeanSquaredError,
+)
+
+
+def _zero_loss(pred: torch.Tensor) -> torch.Tensor:
+    # A batch without a single valid pixel contributes nothing, but stays in the graph so DDP and
+    # gradient balancers still see every parameter used.
+    return pred.sum() * 0.0
+
+
+@TASKS.register("semseg")
+class SemSegTask(Task):
+    """Semantic segmentation. Target: int64 (B, H, W) class ids, `ignore_index` (255) = unlabelled."""
+
+    kind = "semseg"
+    directions = {"miou": True, "pixel_acc": True}
+    primary = "miou"
+
+    def __init__(self, num_classes: int = 5, ignore_index: int = 255,
+                 name: str | None = None, weight: float = 1.0, target_key: str | None = None):
+        super().__init__(name=name, weight=weight, target_key=target_key)
+        if int(num_classes) < 2:
+            raise ValueError(f"task {self.name!r}: num_classes must be >= 2, got {num_classes}")
+        self.num_classes = int(num_classes)
+        self.ignore_index = int(ignore_index)
+
+    @property
+    def out_channels(self) -> int:
+        return self.num_classes
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        self._check_dense(pred, target, target_dims=3)
+        if not (target != self.ignore_index).any():
+            return _zero_loss(pred)
+        return F.cross_entropy(pred.float(), target.long(), ignore_index=self.ignore_index)
+
+    def metrics(self) -> dict[str, Metric]:
+        return {"miou": MeanIoU(self.num_classes, ignore_index=self.ignore_index),
+                "pixel_acc": Accuracy(ignore_index=self.ignore_index)}
+
+    def postprocess(self, pred: torch.Tensor) -> torch.Tensor:
+        return pred.argmax(dim=1)
+
+    def to_config(self) -> dict[str, Any]:
+        return {**super().to_config(), "num_classes": self.num_classes, "ignore_index": self.ignore_index}
+
+
+@TASKS.register("depth")
+class DepthTask(Task):
+    """Depth. Target: float32 (B, 1, H, W); pixels with target <= 0 (0 = no depth) are invalid."""
+
+    kind = "depth"
+    directions = {"rmse": False, "abs_rel": False}
+    primary = "rmse"
+
+    @property
+    def out_channels(self) -> int:
+        return 1
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean absolute error over the valid pixels of the batch."""
+        self._check_dense(pred, target, target_dims=4)
+        valid = target > 0
+        if not valid.any():
+            return _zero_loss(pred)
+        return F.l1_loss(pred.float()[valid], target.float()[valid])
+
+    def metrics(self) -> dict[str, Metric]:
+        return {"rmse": RootMeanSquaredError(ignore_nonpositive_targets=True),
+                "abs_rel": AbsoluteRelativeError()}
+
+
+@TASKS.register("normals")
+class NormalsTask(Task):
+    """Surface normals. Target: float32 (B, 3, H, W) unit vectors; an all-zero vector marks an invalid pixel."""
+
+    kind = "normals"
+    directions = {"mean_angle": False, "median_angle": False,
+                  "pct_11_25": True, "pct_22_5": True, "pct_30": True}
+    primary = "mean_angle"
+
+    @property
+    def out_channels(self) -> int:
+        return 3
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean of 1 − cos(pred, target) over valid pixels, both L2-normalised along channels."""
+        self._check_dense(pred, target, target_dims=4)
+        valid = (target != 0).any(dim=1)
+        if not valid.any():
+            return _zero_loss(pred)
+        cos = (F.normalize(pred.float(), dim=1) * F.normalize(target.float(), dim=1)).sum(dim=1)
+        return (1.0 - cos[valid]).mean()
+
+    def metrics(self) -> dict[str, Metric]:
+        return {"mean_angle": MeanAngularError(), "median_angle": MedianAngularError(),
+                "pct_11_25": AngleWithin(11.25), "pct_22_5": AngleWithin(22.5), "pct_30": AngleWithin(30.0)}
+
+    def postprocess(self, pred: torch.Tensor) -> torch.Tensor:
+        return F.normalize(pred, dim=1)
+
+
+@TASKS.register("edges")
+class EdgesTask(Task):
+    """Boundary detection. Target: float32 (B, 1, H, W) in {0, 1} (1 = boundary pixel)."""
+
+    kind = "edges"
+    directions = {"f_score": True}
+    primary = "f_score"
+
+    def __init__(self, tolerance: int = 1, threshold: float = 0.5,
+                 name: str | None = None, weight: float = 1.0, target_key: str | None = None):
+        super().__init__(name=name, weight=weight, target_key=target_key)
+        if int(tolerance) != tolerance or tolerance < 0:
+            raise ValueError(f"task {self.name!r}: tolerance must be an integer >= 0, got {tolerance}")
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"task {self.name!r}: threshold must be in (0, 1), got {threshold}")
+        self.tolerance = int(tolerance)
+        self.threshold = float(threshold)
+
+    @property
+    def out_channels(self) -> int:
+        return 1
+
+    @staticmethod
+    def balanced_weights(target: torch.Tensor) -> torch.Tensor:
+        """Per-pixel BCE weights: positives get beta = fraction of negatives in the batch, negatives 1 − beta."""
+        pos = target > 0.5
+        beta = 1.0 - pos.float().mean()
+        return torch.where(pos, beta, 1.0 - beta)
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Class-balanced BCE (HED), averaged over all pixels of the batch."""
+        self._check_dense(pred, target, target_dims=4)
+        target = target.float()
+        return F.binary_cross_entropy_with_logits(pred.float(), target, weight=self.balanced_weights(target))
+
+    def metrics(self) -> dict[str, Metric]:
+        return {"f_score": BoundaryFScore(tolerance=self.tolerance, threshold=self.threshold)}
+
+    def postprocess(self, pred: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(pred)
+
+    def to_config(self) -> dict[str, Any]:
+        return {**super().to_config(), "tolerance": self.tolerance, "threshold": self.threshold}

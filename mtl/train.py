@@ -1,0 +1,150 @@
+"""The training job behind ``mtl-train``: data -> tasks -> model -> Lightning -> run folder."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from mtl.data import create_datamodule
+from mtl.io import load_state, save_model, write_json
+from mtl.models import MultiTaskModel, create_model
+from mtl.module import MultiTaskModule
+from mtl.tasks import create_task
+
+log = logging.getLogger(__name__)
+
+
+def build_tasks(cfg: DictConfig):
+    if not cfg.get("task"):
+        raise ValueError("no task selected: pass e.g. task=[semseg,depth] or task=depth")
+    tasks = []
+    for key, tcfg in cfg.task.items():
+        kw = OmegaConf.to_container(tcfg, resolve=True)
+        kw.setdefault("name", key)
+        tasks.append(create_task(**kw))
+    return tasks
+
+
+def init_from_folder(model: MultiTaskModel, folder: str | Path) -> dict[str, int]:
+    """Copy every weight whose name and shape match from a model folder (fine-tuning start)."""
+    source = load_state(folder)
+    own = model.state_dict()
+    loaded = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+    if not any(k.startswith("backbone.") for k in loaded):
+        raise ValueError(f"{folder}: no backbone weight matches this model's names and shapes")
+    model.load_state_dict(loaded, strict=False)
+    return {"loaded": len(loaded), "total": len(own)}
+
+
+def build_module(cfg: DictConfig) -> MultiTaskModule:
+    tasks = build_tasks(cfg)
+    model = create_model(
+        tasks,
+        backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
+        decoder=OmegaConf.to_container(cfg.decoder, resolve=True),
+    )
+    if cfg.get("init_from"):
+        stats = init_from_folder(model, cfg.init_from)
+        log.warning("initialised %d/%d tensors from %s", stats["loaded"], stats["total"], cfg.init_from)
+    return MultiTaskModule(model, balancer=OmegaConf.to_container(cfg.balancer, resolve=True), **cfg.optim)
+
+
+def _instantiate_all(group: DictConfig | None) -> list[Any]:
+    if not group:
+        return []
+    return [instantiate(c) for c in group.values() if c is not None and "_target_" in c]
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Run one training job into ``run_dir``; returns the metrics written to metrics.json."""
+    from mtl.evaluation import delta_m, load_baselines, save_baselines
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    L.seed_everything(cfg.seed, workers=True)
+    baselines = load_baselines(cfg.baselines.path) if cfg.baselines.get("path") else None
+
+    data_kw = OmegaConf.to_container(cfg.data, resolve=True)
+    datamodule = create_datamodule(data_kw.pop("name"), **data_kw)
+    module = build_module(cfg)
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    loggers = _instantiate_all(cfg.get("logger"))
+    trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), callbacks=callbacks, logger=loggers or False,
+                        default_root_dir=str(run_dir))
+
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    fit_seconds = time.perf_counter() - start
+    ckpt = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+    trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
+
+    metrics: dict[str, Any] = {
+        "test": module.results.get("test", {}),
+        "val": module.results.get("val", {}),
+        "best_checkpoint": ckpt,
+        "fit_seconds": round(fit_seconds, 2),
+        "global_steps": trainer.global_step,
+    }
+    if baselines is not None:
+        tasks = dict(module.tasks)
+        variant = cfg.baselines.get("variant", "primary")
+        metrics["delta_m"] = {"value": delta_m(metrics["test"], baselines, tasks, variant=variant),
+                              "variant": variant, "baselines": str(cfg.baselines.path)}
+    if trainer.is_global_zero:
+        save_model(module.model, run_dir / "model", meta={"test": metrics["test"], "run_dir": str(run_dir),
+                                                          "data": data_kw, "seed": cfg.seed})
+        write_json(run_dir / "metrics.json", metrics)
+        if cfg.baselines.get("save_to"):
+            save_baselines(cfg.baselines.save_to, metrics["test"])
+        if cfg.viz.get("num_samples"):
+            _save_viz(module, datamodule, run_dir, cfg.viz.num_samples)
+        print_summary(metrics, module.tasks)
+    return metrics
+
+
+def _save_viz(module: MultiTaskModule, datamodule, run_dir: Path, n: int) -> None:
+    from mtl.viz import save_predictions
+
+    batch = next(iter(datamodule.test_dataloader()))
+    save_predictions(module.model.cpu(), batch, run_dir / "predictions.png", num_samples=n)
+
+
+def print_summary(metrics: dict[str, Any], tasks) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="test metrics")
+    for col in ("task", "metric", "value", "better"):
+        table.add_column(col)
+    for name, values in metrics["test"].items():
+        task = tasks[name]
+        for m, v in values.items():
+            star = " *" if m == task.primary else ""
+            table.add_row(name, m + star, f"{v:.4f}", "higher" if task.directions.get(m, True) else "lower")
+    console = Console()
+    console.print(table)
+    if "delta_m" in metrics:
+        d = metrics["delta_m"]
+        console.print(f"Δm% ({d['variant']} metrics, * above) vs {d['baselines']}: {d['value']:+.2f}")
+
+
+def run(overrides: list[str] | None = None, run_dir: str | Path | None = None) -> Path:
+    """Compose the ``mtl-train`` config in-process and run it (for notebooks and tests)."""
+    from hydra import compose, initialize_config_module
+
+    overrides = list(overrides or [])
+    with initialize_config_module(config_module="mtl.configs", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=False)
+    if run_dir is None:
+        run_dir = Path("outputs") / cfg.name / "runs" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    OmegaConf.set_struct(cfg, False)
+    cfg.paths.output_dir = str(run_dir)
+    train(cfg, run_dir)
+    return Path(run_dir)

@@ -1,0 +1,66 @@
+"""Pictures of predictions beside targets, one row per sample and a pair of columns per task."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _to_image(task, t: torch.Tensor) -> np.ndarray | None:
+    """A dense map (C, H, W) -> something imshow understands; None for image-level outputs."""
+    if t.ndim < 2:
+        return None
+    if t.ndim == 2:
+        return t.float().numpy()
+    if t.shape[0] == 3:  # normals in [-1, 1] -> RGB
+        return ((t.float().permute(1, 2, 0).numpy() + 1) / 2).clip(0, 1)
+    return t[0].float().numpy()
+
+
+def _label(task, t: torch.Tensor) -> str:
+    if t.numel() == 1:
+        return f"{t.item():.2f}" if t.is_floating_point() else str(int(t.item()))
+    return np.array2string(t.float().numpy(), precision=2)
+
+
+@torch.no_grad()
+def save_predictions(model, batch: dict[str, torch.Tensor], path: str | Path, num_samples: int = 4) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mtl.io import atomic_path
+
+    model.eval()
+    n = min(num_samples, batch["image"].shape[0])
+    images = batch["image"][:n]
+    preds = model(images)
+    tasks = list(model.tasks.values())
+    cols = 1 + 2 * len(tasks)
+    fig, axes = plt.subplots(n, cols, figsize=(1.6 * cols, 1.7 * n), squeeze=False)
+    for i in range(n):
+        axes[i, 0].imshow(images[i].permute(1, 2, 0).cpu().numpy())
+        axes[i, 0].set_title("input" if i == 0 else "", fontsize=7)
+        for j, task in enumerate(tasks):
+            pred = task.postprocess(preds[task.name][i : i + 1].float())[0].cpu()
+            target = batch[task.target_key][i].cpu()
+            for k, (what, t) in enumerate((("pred", pred), ("target", target))):
+                ax = axes[i, 1 + 2 * j + k]
+                img = _to_image(task, t)
+                if img is None:
+                    ax.text(0.5, 0.5, _label(task, t), ha="center", va="center", fontsize=9)
+                else:
+                    ax.imshow(img, cmap=None if img.ndim == 3 else "viridis")
+                if i == 0:
+                    ax.set_title(f"{task.name}\n{what}", fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+    return path

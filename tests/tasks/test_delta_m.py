@@ -1,0 +1,79 @@
+"""Δm% sign conventions, variants and the baselines file."""
+import json
+import math
+
+import pytest
+
+from mtl.evaluation import delta_m, delta_m_per_task, load_baselines, save_baselines
+from mtl.tasks import create_task
+
+TASKS = [create_task("semseg"), create_task("depth")]
+BASE = {"semseg": {"miou": 0.5, "pixel_acc": 0.8}, "depth": {"rmse": 2.0, "abs_rel": 0.4}}
+
+
+def test_equal_to_baseline_is_zero():
+    assert delta_m(BASE, BASE, TASKS) == 0.0
+    assert delta_m(BASE, BASE, TASKS, variant="all") == 0.0
+
+
+def test_sign_conventions_primary():
+    # lower rmse (better) -> positive; higher miou (better) -> positive
+    better_depth = {"semseg": BASE["semseg"], "depth": {"rmse": 1.5, "abs_rel": 0.4}}
+    assert delta_m(better_depth, BASE, TASKS) == pytest.approx(100 * 0.25 / 2)
+    worse_seg = {"semseg": {"miou": 0.4, "pixel_acc": 0.8}, "depth": BASE["depth"]}
+    assert delta_m(worse_seg, BASE, TASKS) == pytest.approx(-100 * 0.2 / 2)
+    worse_depth = {"semseg": BASE["semseg"], "depth": {"rmse": 3.0, "abs_rel": 0.4}}
+    assert delta_m(worse_depth, BASE, {"depth": TASKS[1]}) == pytest.approx(-50.0)
+
+
+def test_all_variant_averages_within_then_across_tasks():
+    m = {"semseg": {"miou": 0.6, "pixel_acc": 0.8}, "depth": {"rmse": 1.0, "abs_rel": 0.5}}
+    # semseg: (+20% + 0%) / 2 = 10; depth: (+50% − 25%) / 2 = 12.5; Δm = (10 + 12.5) / 2
+    assert delta_m_per_task(m, BASE, TASKS, "all") == pytest.approx({"semseg": 10.0, "depth": 12.5})
+    assert delta_m(m, BASE, TASKS, variant="all") == pytest.approx(11.25)
+    assert delta_m(m, BASE, TASKS) == pytest.approx((20.0 + 50.0) / 2)
+
+
+def test_unknown_variant():
+    with pytest.raises(ValueError, match="valid names: primary, all"):
+        delta_m(BASE, BASE, TASKS, variant="mean")
+
+
+def test_missing_baseline_names_task_and_metric():
+    with pytest.raises(ValueError, match="'depth'.*'rmse'"):
+        delta_m(BASE, {"semseg": BASE["semseg"]}, TASKS)
+    with pytest.raises(ValueError, match="'abs_rel'.*'depth'"):
+        delta_m(BASE, {**BASE, "depth": {"rmse": 2.0}}, TASKS, variant="all")
+    with pytest.raises(ValueError, match="zero|0.0"):
+        delta_m(BASE, {**BASE, "semseg": {"miou": 0.0}}, TASKS)
+
+
+def test_load_baselines_names_the_file(tmp_path):
+    path = tmp_path / "baselines.json"
+    path.write_text(json.dumps({"semseg": {"miou": 0.5}}))
+    with pytest.raises(ValueError, match=r"'rmse'.*baselines\.json"):
+        load_baselines(path, tasks=TASKS)
+    loaded = load_baselines(path)
+    with pytest.raises(ValueError, match=r"'depth'.*baselines\.json"):
+        delta_m(BASE, loaded, TASKS)
+
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match=r"baselines\.json"):
+        load_baselines(path)
+    path.write_text(json.dumps({"semseg": {"miou": "high"}}))
+    with pytest.raises(ValueError, match=r"baselines\.json.*'miou'"):
+        load_baselines(path)
+    with pytest.raises(ValueError, match=r"missing\.json"):
+        load_baselines(tmp_path / "missing.json")
+
+
+def test_save_baselines_merges_atomically(tmp_path):
+    path = tmp_path / "out" / "baselines.json"
+    save_baselines(path, {"semseg": BASE["semseg"]})
+    save_baselines(path, {"depth": {"rmse": 3.0, "abs_rel": 0.1}})
+    save_baselines(path, {"depth": BASE["depth"]})  # a task is replaced as a whole
+    assert load_baselines(path, tasks=TASKS, variant="all") == BASE
+    assert not [p for p in path.parent.iterdir() if p.suffix == ".tmp"]
+    with pytest.raises(ValueError, match="'rmse'"):
+        save_baselines(path, {"depth": {"rmse": math.nan}})
+    assert load_baselines(path) == BASE  # a rejected save leaves the file untouched

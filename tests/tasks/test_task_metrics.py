@@ -1,0 +1,164 @@
+"""Split-level metrics on hand-computed cases, accumulated over several update() calls."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mtl.tasks import create_task
+from mtl.tasks.metrics import BoundaryFScore, MeanIoU, MedianAngularError
+
+
+def _compute(metric, batches):
+    for pred, target in batches:
+        metric.update(pred, target)
+    out = metric.compute()
+    assert out.ndim == 0 and out.dtype == torch.float32
+    return out.item()
+
+
+def _onehot_logits(labels, num_classes):
+    return torch.nn.functional.one_hot(labels, num_classes).permute(0, 3, 1, 2).float()
+
+
+def test_accuracy_classification():
+    m = create_task("classification").metrics()["accuracy"]
+    b1 = (torch.tensor([[2.0, 0, 0], [0, 1.0, 0]]), torch.tensor([0, 2]))
+    b2 = (torch.tensor([[0, 0, 1.0]]), torch.tensor([2]))
+    assert _compute(m, [b1, b2]) == pytest.approx(2 / 3)
+
+
+def test_miou_over_two_updates_by_hand():
+    # 3 classes, class 2 never occurs (neither target nor prediction) -> left out of the mean.
+    t1 = torch.tensor([[[0, 0], [1, 255]]])
+    p1 = torch.tensor([[[0, 1], [1, 1]]])
+    t2 = torch.tensor([[[1, 1], [0, 0]]])
+    p2 = torch.tensor([[[1, 0], [0, 0]]])
+    # confusion over the split (target, pred): (0,0)=3 (0,1)=1 (1,0)=1 (1,1)=2
+    # IoU_0 = 3 / (4 + 4 − 3) = 3/5; IoU_1 = 2 / (3 + 3 − 2) = 1/2
+    task = create_task("semseg", num_classes=3)
+    ms = task.metrics()
+    batches = [(_onehot_logits(p1, 3), t1), (p2, t2)]  # logits and labels are both accepted
+    assert _compute(ms["miou"], batches) == pytest.approx(0.55)
+    assert _compute(ms["pixel_acc"], batches) == pytest.approx(5 / 7)
+    # the mean of per-batch mIoUs (0.5 and 7/12) would differ: accumulation is over the split
+    assert (0.5 + 7 / 12) / 2 != pytest.approx(0.55)
+
+
+def test_miou_class_predicted_but_absent_counts_as_zero():
+    m = MeanIoU(3, ignore_index=255)
+    t = torch.tensor([[[0, 0], [1, 1]]])
+    p = torch.tensor([[[0, 2], [1, 1]]])
+    # IoU_0 = 1/2, IoU_1 = 1, IoU_2 = 0/1 = 0 (union 1: predicted, never in the target)
+    assert _compute(m, [(p, t)]) == pytest.approx(0.5)
+
+
+def test_miou_rejects_out_of_range_labels():
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        MeanIoU(3).update(torch.tensor([[0, 1]]), torch.tensor([[0, 7]]))
+
+
+def test_merge_state_equals_single_metric():
+    # what DDP does: every state is summed across processes
+    t1, p1 = torch.tensor([[[0, 0], [1, 255]]]), torch.tensor([[[0, 1], [1, 1]]])
+    t2, p2 = torch.tensor([[[1, 1], [0, 0]]]), torch.tensor([[[1, 0], [0, 0]]])
+    for metric_name in ("miou", "pixel_acc"):
+        a, b = (create_task("semseg", num_classes=3).metrics()[metric_name] for _ in range(2))
+        a.update(p1, t1)
+        b.update(p2, t2)
+        a.merge_state(b)
+        assert a.compute().item() == pytest.approx(0.55 if metric_name == "miou" else 5 / 7)
+
+
+def test_depth_rmse_abs_rel_skip_invalid_pixels():
+    ms = create_task("depth").metrics()
+    # valid (pred, target): (2, 2), (3, 5) in batch 1; (4, 8) in batch 2; target 0 = invalid
+    b1 = (torch.tensor([1.0, 2.0, 3.0, 9.0]).view(1, 1, 2, 2), torch.tensor([0.0, 2.0, 5.0, 0.0]).view(1, 1, 2, 2))
+    b2 = (torch.tensor([4.0, 7.0]).view(1, 1, 1, 2), torch.tensor([8.0, 0.0]).view(1, 1, 1, 2))
+    # per pixel over the split: errors 0, 2, 4
+    assert _compute(ms["rmse"], [b1, b2]) == pytest.approx(math.sqrt(20 / 3))
+    assert _compute(ms["abs_rel"], [b1, b2]) == pytest.approx((0 + 2 / 5 + 4 / 8) / 3)
+
+
+def test_regression_mae_rmse():
+    ms = create_task("regression", out_dim=2).metrics()
+    b1 = (torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 2.0]]))
+    b2 = (torch.tensor([[3.0, 5.0]]), torch.tensor([[1.0, 1.0]]))
+    assert _compute(ms["mae"], [b1, b2]) == pytest.approx(7 / 4)
+    assert _compute(ms["rmse"], [b1, b2]) == pytest.approx(math.sqrt(21 / 4))
+
+
+def _normals(vectors):
+    return torch.tensor(vectors, dtype=torch.float32).T.reshape(1, 3, 1, len(vectors))
+
+
+def test_normals_angles_known_vectors():
+    s, c = math.sin(math.radians(20)), math.cos(math.radians(20))
+    up = [0.0, 0.0, 1.0]
+    # angles 0°, 20° | 45°, 90°, 180°; zero-target pixel ignored
+    b1 = (_normals([[0, 0, 5.0], [s, 0, c], [1, 1, 1]]), _normals([up, up, [0, 0, 0]]))
+    b2 = (_normals([[1.0, 0, 1.0], [0, 2.0, 0], [0, 0, -1.0]]), _normals([up, up, up]))
+    ms = create_task("normals").metrics()
+    got = {k: _compute(m, [b1, b2]) for k, m in ms.items()}
+    assert got["mean_angle"] == pytest.approx((0 + 20 + 45 + 90 + 180) / 5, abs=1e-4)
+    assert got["median_angle"] == pytest.approx(45.0, abs=1e-6)
+    assert got["pct_11_25"] == pytest.approx(20.0)
+    assert got["pct_22_5"] == pytest.approx(40.0)
+    assert got["pct_30"] == pytest.approx(40.0)
+
+
+def test_normals_median_even_count_and_zero_prediction():
+    m = MedianAngularError()
+    up = [0.0, 0.0, 1.0]
+    # angles 0°, 90° (a zero prediction has no direction: 90°), 90°, 180° -> median (90 + 90) / 2
+    m.update(_normals([[0, 0, 1.0], [0, 0, 0], [1.0, 0, 0], [0, 0, -1.0]]), _normals([up] * 4))
+    assert m.compute().item() == pytest.approx(90.0)
+    m.reset()
+    m.update(_normals([[0, 0, 1.0], [1.0, 0, 1.0], [1.0, 0, 0], [0, 0, -1.0]]), _normals([up] * 4))
+    assert m.compute().item() == pytest.approx(67.5)  # (45 + 90) / 2
+
+
+def test_normals_median_matches_numpy_within_resolution():
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 3, 7, 9, generator=g), torch.randn(2, 3, 7, 9, generator=g)
+    m = MedianAngularError()
+    m.update(pred[:1], target[:1])
+    m.update(pred[1:], target[1:])
+    cos = torch.nn.functional.cosine_similarity(pred.double(), target.double(), dim=1)
+    exact = np.median(np.degrees(np.arccos(cos.clamp(-1, 1).numpy())))
+    assert abs(m.compute().item() - exact) <= 0.005 + 1e-6
+
+
+def _line(col, size=5):
+    x = torch.zeros(1, 1, size, size)
+    x[..., col] = 1.0
+    return x
+
+
+def test_edge_f_score_tolerance():
+    target = _line(2)
+    logits = _line(3) * 20 - 10  # a predicted line one pixel to the right
+    assert _compute(BoundaryFScore(tolerance=0), [(logits, target)]) == 0.0
+    assert _compute(BoundaryFScore(tolerance=1), [(logits, target)]) == pytest.approx(1.0)
+    task = create_task("edges")  # default: tolerance 1, threshold 0.5
+    assert _compute(task.metrics()["f_score"], [(logits, target)]) == pytest.approx(1.0)
+
+
+def test_edge_f_score_accumulates_precision_recall():
+    target = torch.cat([_line(2), torch.zeros(1, 1, 5, 5)])
+    pred = torch.cat([_line(2), torch.zeros(1, 1, 5, 5)])
+    pred[1, 0, 0, 0] = 1.0  # a false positive in an image without boundaries
+    m = BoundaryFScore(tolerance=1, from_logits=False)
+    m.update(pred[:1], target[:1])
+    m.update(pred[1:], target[1:])
+    p, r = 5 / 6, 1.0
+    assert m.compute().item() == pytest.approx(2 * p * r / (p + r))
+    empty = BoundaryFScore()
+    empty.update(torch.full((1, 1, 3, 3), -5.0), torch.zeros(1, 1, 3, 3))
+    assert empty.compute().item() == 0.0  # no predictions, no targets: P = R = F = 0
+
+
+def test_empty_split_is_nan():
+    m = create_task("depth").metrics()["rmse"]
+    m.update(torch.ones(1, 1, 2, 2), torch.zeros(1, 1, 2, 2))
+    assert math.isnan(m.compute().item())

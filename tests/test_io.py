@@ -1,0 +1,84 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import mtl
+from mtl.io import ModelFolderError, atomic_path
+
+
+def test_model_folder_round_trip_identical_outputs(tiny_model, tmp_path):
+    tiny_model.eval()
+    folder = mtl.save_model(tiny_model, tmp_path / "model", meta={"note": "x"})
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    loaded = mtl.load_model(folder)
+    x = torch.randn(2, 3, 32, 32)
+    a, b = tiny_model(x), loaded(x)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert loaded.meta == {"note": "x"}
+    assert [t.to_config() for t in loaded.tasks.values()] == [t.to_config() for t in tiny_model.tasks.values()]
+
+
+def test_missing_files_are_named(tiny_model, tmp_path):
+    folder = mtl.save_model(tiny_model, tmp_path / "m")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ModelFolderError, match="model.safetensors: file not found"):
+        mtl.load_model(folder)
+    folder = mtl.save_model(tiny_model, tmp_path / "m2")
+    (folder / "config.json").unlink()
+    with pytest.raises(ModelFolderError, match="config.json: file not found"):
+        mtl.load_model(folder)
+
+
+def test_corrupt_files_are_named(tiny_model, tmp_path):
+    folder = mtl.save_model(tiny_model, tmp_path / "m")
+    (folder / "model.safetensors").write_bytes(b"garbage" * 10)
+    with pytest.raises(ModelFolderError, match="model.safetensors: corrupt"):
+        mtl.load_model(folder)
+    folder = mtl.save_model(tiny_model, tmp_path / "m2")
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ModelFolderError, match="config.json: not valid JSON"):
+        mtl.load_model(folder)
+
+
+def test_shape_mismatch_and_missing_key_are_named(tiny_model, tmp_path):
+    folder = mtl.save_model(tiny_model, tmp_path / "m")
+    state = load_file(str(folder / "model.safetensors"))
+    key = "decoder.heads.depth.body.1.weight"
+    state[key] = torch.zeros(2, 2, 1, 1)
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(ModelFolderError, match=f"{key}.*shape"):
+        mtl.load_model(folder)
+    del state[key]
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(ModelFolderError, match=f"missing key '{key}'"):
+        mtl.load_model(folder)
+
+
+def test_config_with_bad_task_is_named(tiny_model, tmp_path):
+    folder = mtl.save_model(tiny_model, tmp_path / "m")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model"]["tasks"][0]["kind"] = "sky"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelFolderError, match="config.json.*sky"):
+        mtl.load_model(folder)
+
+
+def test_atomic_path_leaves_nothing_on_error(tmp_path):
+    target = tmp_path / "out.txt"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("interrupted")
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_path_refuses_existing_without_overwrite(tmp_path):
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    with pytest.raises(FileExistsError):
+        with atomic_path(target, overwrite=False):
+            pass
+    assert target.read_text() == "old"

@@ -1,0 +1,72 @@
+import pytest
+import torch
+
+from mtl.models import create_model
+from mtl.registry import UnknownNameError
+
+ALL = ["semseg", "depth", "normals", "edges", "classification", "regression"]
+
+
+def test_forward_shapes_all_tasks(tiny_model):
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    out = tiny_model(x)
+    assert set(out) == set(ALL)
+    assert out["semseg"].shape == (2, 5, 32, 32)
+    assert out["normals"].shape == (2, 3, 32, 32)
+    assert out["classification"].shape == (2, 3)
+    assert out["regression"].shape == (2, 1)
+
+
+def test_task_subset_runs_only_requested_heads(tiny_model):
+    calls = []
+    for name, head in tiny_model.decoder.heads.items():
+        head.register_forward_hook(lambda m, i, o, name=name: calls.append(name))
+    out = tiny_model(torch.randn(2, 3, 32, 32), tasks=["depth", "edges"])
+    assert set(out) == {"depth", "edges"}
+    assert sorted(calls) == ["depth", "edges"]
+
+
+def test_subset_equals_full_forward(tiny_model):
+    tiny_model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    full = tiny_model(x)
+    part = tiny_model(x, tasks="normals")
+    assert torch.equal(full["normals"], part["normals"])
+
+
+def test_unknown_task_in_forward(tiny_model):
+    with pytest.raises(KeyError, match="this model has"):
+        tiny_model(torch.randn(1, 3, 32, 32), tasks=["sky"])
+
+
+def test_uint8_input_is_normalised(tiny_model):
+    tiny_model.eval()
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    xf = (x.float() / 255 - tiny_model.mean) / tiny_model.std
+    assert torch.allclose(tiny_model(x)["depth"], tiny_model(xf)["depth"], atol=1e-6)
+
+
+def test_parameter_groups_partition_the_model(tiny_model):
+    shared = {id(p) for p in tiny_model.shared_parameters()}
+    heads = [{id(p) for p in tiny_model.task_parameters(t)} for t in ALL]
+    assert all(shared.isdisjoint(h) for h in heads)
+    assert len(shared) + sum(len(h) for h in heads) == len(list(tiny_model.parameters()))
+
+
+def test_vit_backbone_token_grid():
+    m = create_model(["semseg", "classification"], backbone={"name": "test_vit", "img_size": 32, "patch_size": 4},
+                     decoder={"name": "hps", "channels": 16})
+    out = m(torch.randn(2, 3, 32, 32))
+    assert out["semseg"].shape == (2, 5, 32, 32)
+
+
+def test_unknown_backbone_and_decoder_names():
+    with pytest.raises(UnknownNameError, match="unknown timm backbone"):
+        create_model(["depth"], backbone="resnet_does_not_exist")
+    with pytest.raises(UnknownNameError, match="valid names: hps"):
+        create_model(["depth"], backbone="test_resnet", decoder="nope")
+
+
+def test_unknown_task_name_lists_valid():
+    with pytest.raises(UnknownNameError, match="semseg"):
+        create_model(["sky"], backbone="test_resnet")
