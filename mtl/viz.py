@@ -46,13 +46,17 @@ def save_predictions(model, batch: dict[str, torch.Tensor], path: str | Path, nu
         for j, task in enumerate(tasks):
             pred = task.postprocess(preds[task.name][i : i + 1].float())[0].cpu()
             target = batch[task.target_key][i].cpu()
-            for k, (what, t) in enumerate((("pred", pred), ("target", target))):
+            pair = [_to_image(task, pred), _to_image(task, target)]
+            # one colour scale per pair, so prediction and target are comparable
+            lo, hi = (min(float(p.min()) for p in pair), max(float(p.max()) for p in pair)) if pair[1] is not None else (0, 1)
+            for k, (what, t, img) in enumerate((("pred", pred, pair[0]), ("target", target, pair[1]))):
                 ax = axes[i, 1 + 2 * j + k]
-                img = _to_image(task, t)
                 if img is None:
                     ax.text(0.5, 0.5, _label(task, t), ha="center", va="center", fontsize=9)
+                elif img.ndim == 3:
+                    ax.imshow(img)
                 else:
-                    ax.imshow(img, cmap=None if img.ndim == 3 else "viridis")
+                    ax.imshow(img, cmap="viridis", vmin=lo, vmax=hi)
                 if i == 0:
                     ax.set_title(f"{task.name}\n{what}", fontsize=7)
     for ax in axes.flat:

@@ -1,0 +1,29 @@
+"""Data modules: the embedded ``scenes`` data and local HF-format datasets, served as torch tensors.
+
+``create_datamodule("scenes", size=32, n_train=256)`` builds a registered LightningDataModule; see
+mtl/data/datamodule.py for the batch layout shared by all of them.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from lightning import LightningDataModule
+
+from mtl.data.datamodule import HFImageDataModule, ScenesDataModule, TensorDictDataset, collate_batch
+from mtl.data.scenes import CLASS_NAMES, SHAPE_NAMES, render_scenes
+from mtl.registry import Registry
+
+DATAMODULES: "Registry[type[LightningDataModule]]" = Registry("dataset")
+DATAMODULES.register("scenes")(ScenesDataModule)
+DATAMODULES.register("hf_local")(HFImageDataModule)
+
+
+def create_datamodule(name: str, **kwargs: Any) -> LightningDataModule:
+    """Build a data module from its registry name; unknown names raise an error listing valid ones."""
+    return DATAMODULES.get(name)(**kwargs)
+
+
+__all__ = [
+    "DATAMODULES", "create_datamodule", "ScenesDataModule", "HFImageDataModule", "TensorDictDataset",
+    "collate_batch", "render_scenes", "CLASS_NAMES", "SHAPE_NAMES",
+]

@@ -1,0 +1,103 @@
+"""Drive the real `mtl-train` entry point with tiny overrides."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import mtl
+
+
+def cli(*args, cwd, env_extra=None, check=True):
+    env = dict(os.environ, MTL_OUTPUT_DIR=str(Path(cwd) / "outputs"), **(env_extra or {}))
+    proc = subprocess.run([sys.executable, "-m", "mtl.cli.train", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mtl-train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def run_dir_of(proc) -> Path:
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("run_dir: "), last
+    return Path(last.removeprefix("run_dir: "))
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("cli")
+    proc = cli("experiment=scenes_hps", "debug=smoke", cwd=cwd)
+    return cwd, run_dir_of(proc)
+
+
+def test_smoke_run_writes_a_complete_run_folder(smoke_run):
+    _, run_dir = smoke_run
+    for name in ("config.yaml", "metrics.json", "model/model.safetensors", "model/config.json", "predictions.png"):
+        assert (run_dir / name).is_file(), name
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["test"]) == {"semseg", "depth", "normals", "edges", "classification", "regression"}
+    assert "miou" in metrics["test"]["semseg"] and "rmse" in metrics["test"]["depth"]
+    assert list((run_dir / "checkpoints").glob("*.ckpt"))
+
+
+def test_model_folder_from_cli_reloads(smoke_run):
+    _, run_dir = smoke_run
+    model = mtl.load_model(run_dir / "model")
+    assert set(model.tasks) == {"semseg", "depth", "normals", "edges", "classification", "regression"}
+    assert model.meta["test"]["depth"]["rmse"] > 0
+
+
+def test_resume_from_checkpoint_continues_training(smoke_run):
+    cwd, run_dir = smoke_run
+    first = json.loads((run_dir / "metrics.json").read_text())
+    proc = cli("experiment=scenes_hps", "debug=smoke", "trainer.max_epochs=2",
+               f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", cwd=cwd)
+    resumed = json.loads((run_dir_of(proc) / "metrics.json").read_text())
+    assert resumed["global_steps"] == 2 * first["global_steps"]
+
+
+def test_single_task_baselines_then_delta_m(tmp_path):
+    baselines = tmp_path / "baselines.json"
+    proc = cli("-m", "experiment=scenes_hps", "debug=smoke", "task=depth,classification",
+               f"baselines.save_to={baselines}", cwd=tmp_path)
+    assert proc.stdout.strip().splitlines()[-1].startswith("run_dir: ")
+    stored = json.loads(baselines.read_text())
+    assert set(stored) == {"depth", "classification"}
+    proc = cli("experiment=scenes_hps", "debug=smoke", "task=[depth,classification]",
+               f"baselines.path={baselines}", cwd=tmp_path)
+    metrics = json.loads((run_dir_of(proc) / "metrics.json").read_text())
+    assert metrics["delta_m"]["variant"] == "primary"
+    assert isinstance(metrics["delta_m"]["value"], float)
+
+
+def test_baselines_missing_a_task_is_an_error(tmp_path):
+    baselines = tmp_path / "b.json"
+    baselines.write_text(json.dumps({"depth": {"rmse": 1.0, "abs_rel": 0.5}}))
+    proc = cli("experiment=scenes_hps", "debug=smoke", "task=[depth,semseg]", f"baselines.path={baselines}",
+               cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "semseg" in proc.stderr + proc.stdout and "b.json" in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("task=sky", "semseg"),                    # Hydra lists the available task configs
+        ("backbone.name=resnet_nope", "unknown timm backbone"),
+        ("data.name=nope", "valid names"),
+        ("experiment=nope", "scenes_hps"),
+    ],
+)
+def test_bad_names_list_the_valid_ones(tmp_path, override, expected):
+    proc = cli("experiment=scenes_hps", "debug=smoke", override, cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert expected in proc.stderr + proc.stdout
+
+
+def test_in_process_run_helper(tmp_path):
+    from mtl.train import run
+
+    run_dir = run(["experiment=scenes_hps", "debug=smoke", "task=[depth]", "viz.num_samples=0"], run_dir=tmp_path / "r")
+    assert (run_dir / "model" / "model.safetensors").is_file()
