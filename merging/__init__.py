@@ -1,0 +1,46 @@
+"""Training-free model merging over `{name: tensor}` state dicts (DESIGN §4).
+
+    merging.task_vector(pretrained, finetuned)
+    merging.merge(method, pretrained, finetuned, **hparams) -> dict[str, Tensor]
+    merging.merge_to_file(method, pretrained, finetuned, out, overwrite=False, **hparams)
+    merging.tall_masks(pretrained, finetuned, lam=0.4, mtv="sum") -> TallMasks
+    merging.write_tall_store(...) / merging.load_task_model(store, task) / merging.store_report(store)
+
+Inputs are state dicts, `nn.Module`s, model folders (`model.safetensors` inside), `.safetensors` files
+or torch checkpoints; they are never modified. See docs/merging.md.
+"""
+from __future__ import annotations
+
+from .api import merge
+from .keys import KeyPlan, plan_keys
+from .methods import METHODS, create_method, dare, dare_mask
+from .selection import keep_count, radix_thresholds
+from .sources import MergeInputError, StateSource, load_state_dict, open_source
+from .storage import TallStore, load_task_model, open_store, store_report, write_tall_store
+from .streaming import merge_to_file
+from .tall import TallMasks, mask_overlap, tall_masks
+from .task_vectors import apply_task_vector, compose, task_vector
+
+_PLOTS = {"plot_task_accuracy", "plot_mask_overlap"}
+
+
+def __getattr__(name):  # matplotlib is only imported when a plot is asked for
+    if name in _PLOTS:
+        from . import plots
+
+        return getattr(plots, name)
+    raise AttributeError(f"module 'merging' has no attribute {name!r}")
+
+
+def method_names() -> list[str]:
+    """Names accepted by `merge` and `merge_to_file`."""
+    return METHODS.names()
+
+
+__all__ = [
+    "merge", "merge_to_file", "method_names", "task_vector", "apply_task_vector", "compose", "dare", "dare_mask",
+    "tall_masks", "TallMasks", "mask_overlap", "write_tall_store", "load_task_model", "store_report",
+    "open_store", "TallStore", "open_source", "load_state_dict", "StateSource", "MergeInputError",
+    "plan_keys", "KeyPlan", "create_method", "METHODS", "keep_count", "radix_thresholds",
+    "plot_task_accuracy", "plot_mask_overlap",
+]

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from mtl.balancers import Balancer, StepContext, create_balancer
+from mtl.balancers import Balancer, BalancerMonitor, StepContext, check_finite, create_balancer
 from mtl.models import MultiTaskModel, create_model
 
 
@@ -70,6 +70,8 @@ class MultiTaskModule(L.LightningModule):
         )
         bal = dict(balancer)
         self.balancer: Balancer = create_balancer(bal.pop("name"), list(self.tasks), **bal)
+        # --- balancer monitoring (issue 3): weights + gradient cosines every N steps, PNG at the end
+        self.monitor = BalancerMonitor(every=log_weights_every) if log_weights_every else None
         self.val_metrics = nn.ModuleDict({n: nn.ModuleDict(t.metrics()) for n, t in self.tasks.items()})
         self.test_metrics = nn.ModuleDict({n: nn.ModuleDict(t.metrics()) for n, t in self.tasks.items()})
         self.results: dict[str, dict[str, dict[str, float]]] = {}
@@ -96,13 +98,19 @@ class MultiTaskModule(L.LightningModule):
         opt = self.optimizers()
         sched = self.lr_schedulers()
         z, losses = self._forward_losses(batch)
-        for name, loss in losses.items():
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"task {name!r} produced a non-finite loss ({loss.item()}) at step {self.global_step}")
+        # --- balancer wiring (issue 3): non-finite check, recompute closure, monitor -----------
+        if not check_finite(losses, self.balancer.skip_nonfinite, self.global_step):
+            return None  # skipped (skip_nonfinite=true; logged): no backward, no optimiser step
 
-        def recompute() -> dict[str, torch.Tensor]:
+        def recompute(tasks=None) -> dict[str, torch.Tensor]:
+            # same batch, current weights, BN running stats untouched, caller's grad mode;
+            # `tasks` restricts the heads run (flat perturbs one task at a time)
+            names = list(self.tasks) if tasks is None else list(tasks)
+            x = batch["image"]
             with frozen_bn_stats(self.model):
-                return self._forward_losses(batch)[1]
+                preds = self.model.heads(self.model.shared(x), tuple(x.shape[-2:]), names)
+            return {n: self.tasks[n].loss(preds[n], batch[self.tasks[n].target_key]) * self.tasks[n].weight
+                    for n in names}
 
         ctx = StepContext(
             losses=losses,
@@ -112,7 +120,9 @@ class MultiTaskModule(L.LightningModule):
             backward=self.manual_backward,
             recompute=recompute,
             step=self.global_step,
+            epoch=self.current_epoch,
         )
+        monitor_logs = self.monitor.before_backward(ctx) if self.monitor else {}
         opt.zero_grad(set_to_none=True)
         self.balancer.backward(ctx)
         if self.hparams.grad_clip:
@@ -120,17 +130,33 @@ class MultiTaskModule(L.LightningModule):
         opt.step()
         sched.step()
         self.balancer.after_step(ctx)
+        if self.monitor:
+            monitor_logs |= self.monitor.after_step(ctx, self.balancer)
+        # --- end balancer wiring -----------------------------------------------------------------
 
         total = sum(l.detach() for l in losses.values())
         bs = batch["image"].shape[0]
         self.log("train/loss", total, prog_bar=True, batch_size=bs)
         for name, loss in losses.items():
             self.log(f"train/{name}/loss", loss.detach(), batch_size=bs)
-        every = self.hparams.log_weights_every
-        if every and self.global_step % every == 0:
-            for name, w in self.balancer.weights().items():
-                self.log(f"balancer/weight/{name}", float(w), batch_size=bs)
+        if monitor_logs:
+            self.log_dict(monitor_logs, batch_size=bs)
         return total
+
+    # --- balancer monitor: plot in the run folder, history in checkpoints (issue 3) --------------
+    def on_train_end(self) -> None:
+        if self.monitor and self.trainer.is_global_zero:
+            from pathlib import Path
+
+            self.monitor.save_plot(Path(self.trainer.default_root_dir) / "balancer_weights.png")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.monitor:
+            checkpoint["balancer_monitor"] = self.monitor.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.monitor and "balancer_monitor" in checkpoint:
+            self.monitor.load_state_dict(checkpoint["balancer_monitor"])
 
     # --- evaluation -------------------------------------------------------------------------
     def _eval_step(self, batch, metrics: nn.ModuleDict, stage: str) -> None:

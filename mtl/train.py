@@ -20,13 +20,23 @@ from mtl.tasks import create_task
 log = logging.getLogger(__name__)
 
 
-def build_tasks(cfg: DictConfig):
+def build_tasks(cfg: DictConfig, info: dict[str, Any] | None = None):
+    """Tasks from ``cfg.task``; a missing ``num_classes`` is read from the data module's ``info``
+    (``<name>_classes``, ``<kind>_classes`` or ``num_classes``), so one config serves many datasets."""
     if not cfg.get("task"):
         raise ValueError("no task selected: pass e.g. task=[semseg,depth] or task=depth")
+    info = info or {}
     tasks = []
     for key, tcfg in cfg.task.items():
         kw = OmegaConf.to_container(tcfg, resolve=True)
         kw.setdefault("name", key)
+        if kw.get("kind") in ("classification", "semseg") and kw.get("num_classes") is None:
+            for k in (f"{kw['name']}_classes", f"{kw['kind']}_classes", "num_classes"):
+                if k in info:
+                    kw["num_classes"] = int(info[k])
+                    break
+            else:
+                kw.pop("num_classes", None)
         tasks.append(create_task(**kw))
     return tasks
 
@@ -42,8 +52,8 @@ def init_from_folder(model: MultiTaskModel, folder: str | Path) -> dict[str, int
     return {"loaded": len(loaded), "total": len(own)}
 
 
-def build_module(cfg: DictConfig) -> MultiTaskModule:
-    tasks = build_tasks(cfg)
+def build_module(cfg: DictConfig, info: dict[str, Any] | None = None) -> MultiTaskModule:
+    tasks = build_tasks(cfg, info)
     model = create_model(
         tasks,
         backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
@@ -72,10 +82,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     baselines = load_baselines(cfg.baselines.path) if cfg.baselines.get("path") else None
 
     data_kw = OmegaConf.to_container(cfg.data, resolve=True)
-    datamodule = create_datamodule(data_kw.pop("name"), **data_kw)
-    module = build_module(cfg)
-    callbacks = _instantiate_all(cfg.get("callbacks"))
+    datamodule = create_datamodule(**{"name": data_kw["name"]}, **{k: v for k, v in data_kw.items() if k != "name"})
+    module = build_module(cfg, getattr(datamodule, "info", None))
     loggers = _instantiate_all(cfg.get("logger"))
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    if not loggers:  # a learning-rate monitor has nowhere to write without a logger
+        callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
     trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), callbacks=callbacks, logger=loggers or False,
                         default_root_dir=str(run_dir))
 
@@ -138,10 +150,17 @@ def print_summary(metrics: dict[str, Any], tasks) -> None:
 def run(overrides: list[str] | None = None, run_dir: str | Path | None = None) -> Path:
     """Compose the ``mtl-train`` config in-process and run it (for notebooks and tests)."""
     from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
 
     overrides = list(overrides or [])
-    with initialize_config_module(config_module="mtl.configs", version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=False)
+    outer = get_gh_backup()  # may be called from inside another Hydra app (mtl-merge's smoke pool)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="mtl.configs", version_base="1.3"):
+            cfg = compose(config_name="train", overrides=overrides, return_hydra_config=False)
+    finally:
+        restore_gh_from_backup(outer)
     if run_dir is None:
         run_dir = Path("outputs") / cfg.name / "runs" / time.strftime("%Y-%m-%d_%H-%M-%S")
     OmegaConf.set_struct(cfg, False)

@@ -1,5 +1,29 @@
-"""Multi-task loss balancing and gradient aggregation. See `base.py` for the interface."""
-from mtl.balancers.base import BALANCERS, Balancer, StepContext, create_balancer
-from mtl.balancers import loss_level  # noqa: F401  (registers the loss-level methods)
+"""Multi-task loss balancing and gradient aggregation. See `base.py` for the interface and
+docs/balancers.md for every method, its hyper-parameters and the scale convention."""
+from mtl.balancers.base import (
+    BALANCERS,
+    Balancer,
+    NonFiniteLossError,
+    StepContext,
+    check_finite,
+    create_balancer,
+    freeze_norm_stats,
+)
+from mtl.balancers import loss_level, gradient, flat  # noqa: F401,E402  (register the methods)
+from mtl.balancers.gradient import JACOBIAN_METHODS  # noqa: E402
+from mtl.balancers.monitor import BalancerMonitor  # noqa: E402
 
-__all__ = ["BALANCERS", "Balancer", "StepContext", "create_balancer"]
+LOSS_LEVEL_METHODS = ("ew", "uw", "dwa", "rlw", "gradnorm", "famo")
+
+__all__ = [
+    "BALANCERS",
+    "Balancer",
+    "BalancerMonitor",
+    "JACOBIAN_METHODS",
+    "LOSS_LEVEL_METHODS",
+    "NonFiniteLossError",
+    "StepContext",
+    "check_finite",
+    "create_balancer",
+    "freeze_norm_stats",
+]

@@ -4,24 +4,36 @@ The MultiTaskModule runs Lightning in manual-optimisation mode and, every traini
 
     opt.zero_grad()
     ctx = StepContext(...)            # losses, parameter groups, shared features, closures
+    if not check_finite(ctx.losses, balancer.skip_nonfinite, ctx.step):
+        return                        # step skipped (only when skip_nonfinite=True)
     balancer.backward(ctx)            # fills .grad of every trainable parameter
     opt.step(); scheduler.step()
     balancer.after_step(ctx)          # e.g. FAMO's logit update from the new losses
 
 Loss-level methods only implement ``combine`` (weighted sum of the losses); gradient methods
 override ``backward``. Every balancer reports its current task weights through ``weights()``.
+
+Scale convention (docs/balancers.md): every balancer produces a shared-parameter update on the
+scale of the equal-weight *sum* of the task gradients, so a learning rate tuned for ``ew`` is
+sensible for all of them; ``weights()`` are reported on the same scale (``ew`` = 1 per task).
 """
 from __future__ import annotations
 
+import inspect
+import logging
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from mtl.registry import Registry
 
 BALANCERS: "Registry[type[Balancer]]" = Registry("balancer")
+log = logging.getLogger("mtl.balancers")
+
+Features = torch.Tensor | Sequence[torch.Tensor]
 
 
 @dataclass
@@ -34,27 +46,42 @@ class StepContext:
     shared_params: list[nn.Parameter]
     #: {task: parameters only that task uses (its head)}
     task_params: dict[str, list[nn.Parameter]]
-    #: the shared representation the task heads consume (part of the graph); None if unavailable
-    features: torch.Tensor | None
+    #: the shared representation the task heads consume (part of the graph): one tensor or a
+    #: sequence of tensors (multi-scale); None if unavailable
+    features: Features | None
     #: backward that respects Lightning's precision/DDP plugins (LightningModule.manual_backward)
     backward: Callable[..., None] = field(default=lambda loss, **kw: loss.backward(**kw))
-    #: re-run the forward pass on the same batch and return fresh {task: loss};
-    #: used by sharpness-aware methods (at perturbed weights) and by FAMO after the step
-    recompute: Callable[[], dict[str, torch.Tensor]] | None = None
+    #: ``recompute(tasks=None) -> {task: loss}``: re-run the forward pass on the same batch at the
+    #: *current* parameter values, for ``tasks`` (all when None). It must (a) leave batch-norm
+    #: running statistics untouched (batch statistics are still used, as in the training pass),
+    #: (b) run the unwrapped model (not the DDP wrapper), (c) follow the caller's grad mode.
+    #: Used by ``flat`` (at perturbed weights, with grad) and ``famo`` (after the step, no grad).
+    recompute: Callable[..., dict[str, torch.Tensor]] | None = None
     #: global optimisation step (0-based)
     step: int = 0
+    #: current epoch (0-based); DWA's default window
+    epoch: int = 0
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A task loss is NaN or infinite; the message names the task(s)."""
 
 
 class Balancer(nn.Module):
     #: True when the method needs gradients w.r.t. the shared parameters (Jacobian methods)
     needs_shared_params: bool = False
 
-    def __init__(self, tasks: list[str]):
+    def __init__(self, tasks: Sequence[str], skip_nonfinite: bool = False):
         super().__init__()
         if not tasks:
             raise ValueError("a balancer needs at least one task")
         self.tasks = list(tasks)
+        self.skip_nonfinite = bool(skip_nonfinite)
         self._last_weights = {t: 1.0 for t in self.tasks}
+
+    @property
+    def name(self) -> str:
+        return getattr(type(self), "registry_name", type(self).__name__)
 
     # loss-level methods implement this
     def combine(self, losses: dict[str, torch.Tensor], step: int = 0) -> torch.Tensor:
@@ -69,9 +96,152 @@ class Balancer(nn.Module):
         """Called after the optimiser step (FAMO measures its loss decrease here)."""
 
     def weights(self) -> dict[str, float]:
-        """The task weights used in the last step, for logging."""
+        """The task weights used in the last step, for logging (EW-sum scale: ``ew`` gives 1)."""
         return dict(self._last_weights)
 
+    def _set_weights(self, w: torch.Tensor | Sequence[float]) -> None:
+        values = w.detach().float().cpu().tolist() if isinstance(w, torch.Tensor) else list(w)
+        self._last_weights = {t: float(v) for t, v in zip(self.tasks, values)}
 
-def create_balancer(name: str, tasks: list[str], **kwargs) -> Balancer:
-    return BALANCERS.get(name)(tasks, **kwargs)
+    def _stack(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        missing = [t for t in self.tasks if t not in losses]
+        if missing:
+            raise KeyError(f"balancer {self.name!r}: no loss for task(s) {missing}; got {sorted(losses)}")
+        return torch.stack([losses[t] for t in self.tasks])
+
+
+def register(name: str):
+    """Register a Balancer class under ``name`` (also stored as ``cls.registry_name``)."""
+
+    def deco(cls: type[Balancer]) -> type[Balancer]:
+        cls.registry_name = name
+        return BALANCERS.register(name)(cls)
+
+    return deco
+
+
+def create_balancer(name: str, tasks: Sequence[str], **kwargs) -> Balancer:
+    cls = BALANCERS.get(name)
+    try:
+        inspect.signature(cls).bind(tasks, **kwargs)
+    except TypeError as err:
+        params = [p for p in inspect.signature(cls).parameters if p != "tasks"]
+        raise TypeError(f"balancer {name!r}: {err}; its hyper-parameters are: {', '.join(params)}") from None
+    return cls(tasks, **kwargs)
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+def check_finite(losses: Mapping[str, torch.Tensor], skip: bool = False, step: int | None = None) -> bool:
+    """True when every task loss is finite. Otherwise raise `NonFiniteLossError` naming the
+    task(s), or, with ``skip=True``, log a warning and return False (the caller skips the step).
+
+    Under DDP the verdict is agreed across ranks (one all-reduce), so every rank skips or raises
+    together instead of some ranks waiting forever in the next collective.
+    """
+    names = list(losses)
+    flags = torch.stack([~torch.isfinite(losses[t].detach()).all() for t in names]).to(torch.float32)
+    if _world_size() > 1:
+        flags = flags.to(_comm_device())
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    bad = [t for t, f in zip(names, flags.tolist()) if f > 0]
+    if not bad:
+        return True
+    values = ", ".join(f"{t}={float(losses[t].detach().float().sum()):g}" for t in bad)
+    where = f" at step {step}" if step is not None else ""
+    if skip:
+        log.warning("non-finite loss for task(s) %s%s (%s); skipping this step (skip_nonfinite=true)",
+                    bad, where, values)
+        return False
+    raise NonFiniteLossError(
+        f"non-finite loss for task(s) {', '.join(repr(t) for t in bad)}{where} ({values}); "
+        "set balancer.skip_nonfinite=true to skip such steps instead"
+    )
+
+
+def require_shared(balancer: Balancer, ctx: StepContext) -> None:
+    if not ctx.shared_params:
+        raise ValueError(
+            f"balancer {balancer.name!r} aggregates task gradients over the shared parameters, but this "
+            "model has no shared trainable parameter (StepContext.shared_params is empty); use a "
+            "loss-level balancer such as 'ew', or unfreeze the shared part"
+        )
+
+
+# --- distributed helpers ---------------------------------------------------------------------
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _comm_device() -> torch.device:
+    # NCCL only moves CUDA tensors; gloo takes CPU ones
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def dist_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean of ``t`` over DDP ranks (identity when not distributed)."""
+    if _world_size() == 1:
+        return t
+    buf = t.detach().to(_comm_device(), torch.float32).clone()
+    dist.all_reduce(buf)
+    return (buf / _world_size()).to(t.device, t.dtype)
+
+
+def sync_grads(params: Iterable[torch.Tensor]) -> None:
+    """Average ``.grad`` over DDP ranks.
+
+    Gradient methods compute gradients with ``torch.autograd.grad`` (TorchJD does too), which never
+    fires DDP's reducer hooks, so they average the final gradients themselves. Averaging the
+    aggregated direction (rather than the Jacobian) keeps replicas identical even for randomised
+    aggregators (PCGrad, GradDrop).
+    """
+    if _world_size() == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1).float() for g in grads]).to(_comm_device())
+    dist.all_reduce(flat)
+    flat /= _world_size()
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset:offset + n].view_as(g).to(g.device, g.dtype))
+        offset += n
+
+
+# --- batch-norm freezing for recompute closures ----------------------------------------------
+
+
+class freeze_norm_stats:
+    """Context manager: forward passes inside use batch statistics but leave the running
+    statistics of every batch-norm-like layer as they were.
+
+    Momentum is set to 0 (running = 1·running + 0·batch) rather than saving and copying the
+    buffers back: training-mode batch norm saves the running buffers for its backward, so an
+    in-place restore before that backward would invalidate the graph.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.layers = [m for m in module.modules()
+                       if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats and m.training]
+
+    def __enter__(self) -> "freeze_norm_stats":
+        self.saved = []
+        for m in self.layers:
+            nbt = m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None
+            self.saved.append((m.momentum, nbt))
+            m.momentum = 0.0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for m, (momentum, nbt) in zip(self.layers, self.saved):
+            m.momentum = momentum
+            if nbt is not None:
+                with torch.no_grad():
+                    m.num_batches_tracked.copy_(nbt)

@@ -1,14 +1,283 @@
-"""Loss-level balancers (they only re-weight the losses)."""
+"""Loss-level balancers: they re-weight the task losses and run one ordinary backward.
+
+Scale convention: weights are on the EW-sum scale (``ew`` = 1 per task; methods whose weights
+are a distribution over tasks are multiplied by T so they sum to T).
+"""
 from __future__ import annotations
 
+import math
+from typing import Sequence
+
 import torch
+from torch import nn
 
-from mtl.balancers.base import BALANCERS, Balancer
+from mtl.balancers.base import Balancer, StepContext, dist_mean, register
 
 
-@BALANCERS.register("ew")
+@register("ew")
 class EqualWeighting(Balancer):
     """Sum of the task losses (each already scaled by its static task weight)."""
 
     def combine(self, losses, step=0):
-        return torch.stack([losses[t] for t in self.tasks]).sum()
+        return self._stack(losses).sum()
+
+
+@register("uw")
+class UncertaintyWeighting(Balancer):
+    """Kendall et al. 2018: L = Σ_t exp(−s_t) L_t + s_t with learnable log-variances s_t.
+
+    ``s`` is an ``nn.Parameter`` of this (sub)module, so the module's optimiser trains it through
+    the ordinary backward (and DDP averages its gradient like any other parameter).
+    """
+
+    def __init__(self, tasks: Sequence[str], init: float = 0.0, skip_nonfinite: bool = False):
+        super().__init__(tasks, skip_nonfinite)
+        self.log_vars = nn.Parameter(torch.full((len(self.tasks),), float(init)))
+        self._set_weights(torch.exp(-self.log_vars.detach()))
+
+    def combine(self, losses, step=0):
+        L = self._stack(losses)
+        s = self.log_vars.to(L.dtype)
+        w = torch.exp(-s)
+        self._set_weights(w)
+        return (w * L + s).sum()
+
+
+@register("dwa")
+class DynamicWeightAverage(Balancer):
+    """Liu et al. 2019 (MTAN): w_t = T · softmax_t(r_t / temperature), r_t = L̄_t(k−1) / L̄_t(k−2),
+    where L̄_t(k) is task t's mean training loss over window k.
+
+    ``window="epoch"`` (paper) uses ``ctx.epoch``; an int uses windows of that many steps (handy for
+    short runs). Weights are 1 until two windows have finished. Window means are averaged over
+    DDP ranks so every replica uses the same weights.
+    """
+
+    def __init__(self, tasks: Sequence[str], temperature: float = 2.0, window: str | int = "epoch",
+                 skip_nonfinite: bool = False):
+        super().__init__(tasks, skip_nonfinite)
+        if temperature <= 0:
+            raise ValueError(f"dwa: temperature must be > 0, got {temperature}")
+        if window != "epoch" and not (isinstance(window, int) and window > 0):
+            raise ValueError(f"dwa: window must be 'epoch' or a positive number of steps, got {window!r}")
+        self.temperature = float(temperature)
+        self.window = window
+        T = len(self.tasks)
+        # history[0] = mean loss of window k−2, history[1] = of window k−1 (NaN: not seen yet)
+        self.register_buffer("history", torch.full((2, T), float("nan")))
+        self.register_buffer("running_sum", torch.zeros(T))
+        self.register_buffer("running_count", torch.zeros(()))
+        self.register_buffer("window_id", torch.tensor(-1, dtype=torch.long))
+
+    def current_weights(self) -> torch.Tensor:
+        h = self.history
+        if torch.isnan(h).any():
+            return torch.ones(len(self.tasks), device=h.device)
+        ratio = h[1] / h[0].clamp_min(1e-12)
+        return len(self.tasks) * torch.softmax(ratio / self.temperature, dim=0)
+
+    def _advance(self, ctx: StepContext) -> None:
+        wid = ctx.epoch if self.window == "epoch" else ctx.step // int(self.window)
+        if wid == int(self.window_id):
+            return
+        if self.running_count > 0:
+            mean = dist_mean(self.running_sum / self.running_count)
+            self.history.copy_(torch.stack([self.history[1], mean]))
+        self.running_sum.zero_()
+        self.running_count.zero_()
+        self.window_id.fill_(wid)
+
+    def combine(self, losses, step=0):
+        L = self._stack(losses)
+        w = self.current_weights().to(L)
+        self._set_weights(w)
+        return (w * L).sum()
+
+    def backward(self, ctx: StepContext) -> None:
+        self._advance(ctx)
+        total = self.combine(ctx.losses, ctx.step)
+        self.running_sum += self._stack(ctx.losses).detach().float().to(self.running_sum.device)
+        self.running_count += 1
+        ctx.backward(total)
+
+
+@register("rlw")
+class RandomLossWeighting(Balancer):
+    """Lin et al. 2021: w = T · softmax(λ), λ ~ N(0, I) drawn afresh every step (global torch RNG,
+    so ``seed_everything`` makes runs repeatable)."""
+
+    def combine(self, losses, step=0):
+        L = self._stack(losses)
+        w = len(self.tasks) * torch.softmax(torch.randn(len(self.tasks), device=L.device), dim=0).to(L.dtype)
+        self._set_weights(w)
+        return (w * L).sum()
+
+
+class _OwnOptimizer(Balancer):
+    """A balancer that tunes one of its buffers with its own optimiser (GradNorm's weights, FAMO's
+    logits). Buffers rather than parameters: the module's optimiser must not touch them and DDP
+    must not wait for their gradients. The optimiser state travels in the state dict."""
+
+    _opt: torch.optim.Optimizer | None = None
+    _pending_state: dict | None = None
+
+    def _init_own(self, buffer: str, lr: float, weight_decay: float, optimizer: str) -> None:
+        if optimizer not in ("adam", "sgd"):
+            raise ValueError(f"{self.name}: optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+        if lr <= 0:
+            raise ValueError(f"{self.name}: lr must be > 0, got {lr}")
+        self._own_buffer, self.lr, self.weight_decay, self.optimizer = buffer, float(lr), float(weight_decay), optimizer
+
+    def _own_step(self, grad: torch.Tensor) -> None:
+        buf = getattr(self, self._own_buffer)
+        if self._opt is None or self._opt.param_groups[0]["params"][0] is not buf:
+            # (re)bind after .to(device) replaced the buffer or after a checkpoint load
+            state = self._opt.state_dict() if self._opt is not None else self._pending_state
+            cls = torch.optim.Adam if self.optimizer == "adam" else torch.optim.SGD
+            self._opt = cls([buf], lr=self.lr, weight_decay=self.weight_decay)
+            if state:
+                self._opt.load_state_dict(state)
+            self._pending_state = None
+        buf.grad = grad.detach().to(buf)
+        self._opt.step()
+        buf.grad = None
+
+    def get_extra_state(self):
+        return {"optimizer": self._opt.state_dict() if self._opt is not None else self._pending_state}
+
+    def set_extra_state(self, state) -> None:
+        self._pending_state = (state or {}).get("optimizer")
+        self._opt = None
+
+
+@register("gradnorm")
+class GradNorm(_OwnOptimizer):
+    """Chen et al. 2018, α = 1.5.
+
+    Network update: backward of Σ w_t L_t. Weight update (own optimiser, ``lr``): the gradient of
+    L_grad = Σ_t |G_t − Ḡ · r_t^α| w.r.t. w, where G_t = w_t ‖∇_W L_t‖, Ḡ = mean_t G_t and
+    r_t = (L_t/L_t(0)) / mean_s(L_s/L_s(0)), Ḡ·r^α held constant; then w is renormalised to sum to T.
+    Since G_t is linear in w_t, ∂L_grad/∂w_t = sign(G_t − target_t) · ‖∇_W L_t‖ exactly (no
+    second-order backward needed).
+
+    ``level="params"``: W is the last shared parameter with ≥ 2 dimensions in
+    ``ctx.shared_params`` order (models list parameters in forward order, so this is the last
+    shared layer's weight). ``level="features"``: gradients w.r.t. the shared representation
+    (cheaper, independent of parameter order).
+    """
+
+    def __init__(self, tasks: Sequence[str], alpha: float = 1.5, lr: float = 0.025, level: str = "params",
+                 optimizer: str = "adam", skip_nonfinite: bool = False):
+        super().__init__(tasks, skip_nonfinite)
+        if level not in ("params", "features"):
+            raise ValueError(f"gradnorm: level must be 'params' or 'features', got {level!r}")
+        self.alpha, self.level = float(alpha), level
+        T = len(self.tasks)
+        self.register_buffer("task_weights", torch.ones(T))
+        self.register_buffer("initial_losses", torch.full((T,), float("nan")))
+        self._init_own("task_weights", lr, 0.0, optimizer)
+
+    def _anchor(self, ctx: StepContext) -> list[torch.Tensor]:
+        if self.level == "features":
+            if ctx.features is None:
+                raise ValueError("gradnorm(level=features) needs StepContext.features (the shared representation)")
+            return [ctx.features] if isinstance(ctx.features, torch.Tensor) else list(ctx.features)
+        weights = [p for p in ctx.shared_params if p.ndim >= 2] or list(ctx.shared_params)
+        if not weights:
+            raise ValueError("gradnorm(level=params) needs a shared layer, but StepContext.shared_params is empty; "
+                             "use level=features or a model with a shared part")
+        return [weights[-1]]
+
+    def combine(self, losses, step=0):
+        L = self._stack(losses)
+        return (self.task_weights.to(L) * L).sum()
+
+    def backward(self, ctx: StepContext) -> None:
+        L = self._stack(ctx.losses)
+        Ld = L.detach().float()
+        if torch.isnan(self.initial_losses).any():
+            self.initial_losses.copy_(dist_mean(Ld).clamp_min(1e-12).to(self.initial_losses))
+        anchor = self._anchor(ctx)
+        norms = []
+        for i in range(len(self.tasks)):
+            grads = torch.autograd.grad(L[i], anchor, retain_graph=True, allow_unused=True)
+            sq = sum((g.float() ** 2).sum() for g in grads if g is not None)
+            norms.append(torch.as_tensor(sq, device=Ld.device, dtype=torch.float32).sqrt())
+        norms = torch.stack(norms)
+        w = self.task_weights.detach().clone().to(Ld.device)
+        G = w * norms
+        rate = Ld / self.initial_losses.to(Ld.device)
+        r = rate / rate.mean().clamp_min(1e-12)
+        target = G.mean() * r.pow(self.alpha)
+        grad_w = dist_mean(torch.sign(G - target) * norms)
+
+        ctx.backward((w.to(L.dtype) * L).sum())
+        self._set_weights(w)
+
+        self._own_step(grad_w)
+        with torch.no_grad():
+            new = self.task_weights.clamp_min(1e-4)
+            self.task_weights.copy_(new * len(self.tasks) / new.sum())
+
+
+@register("famo")
+class FAMO(_OwnOptimizer):
+    """Liu et al. 2023, "FAMO: Fast Adaptive Multitask Optimization".
+
+    Task logits ξ, z = softmax(ξ). One backward per step of Σ_t w_t L_t with
+    w_t = T · c · z_t / L_t, c = (Σ_s z_s / L_s)^−1 — the gradient of T·c·Σ z_t log L_t, a convex
+    combination (×T for the EW-sum scale) that equalises the tasks' log-loss decrease rates.
+
+    After the optimiser step the losses on the same batch are recomputed without gradient
+    (``ctx.recompute``, BN statistics frozen), Δ_t = log L_t(before) − log L_t(after), and
+    ξ ← ξ − lr · (Jᵀ Δ + weight_decay · ξ) with J = ∂z/∂ξ = diag(z) − z zᵀ — by Adam as in the
+    paper (``optimizer=adam``, lr 0.025, weight decay 1e-3), or plainly (``optimizer=sgd``).
+    ``recompute=false`` skips the extra forward and measures Δ against the next step's losses
+    (another batch: cheaper, noisier). Losses are assumed ≥ 0 (floored at ``eps``).
+    """
+
+    def __init__(self, tasks: Sequence[str], lr: float = 0.025, weight_decay: float = 1e-3,
+                 optimizer: str = "adam", recompute: bool = True, eps: float = 1e-8,
+                 skip_nonfinite: bool = False):
+        super().__init__(tasks, skip_nonfinite)
+        self.recompute, self.eps = bool(recompute), float(eps)
+        self.register_buffer("logits", torch.zeros(len(self.tasks)))
+        self._init_own("logits", lr, weight_decay, optimizer)
+        self._before: torch.Tensor | None = None  # log-losses that produced the last update
+        self._z: torch.Tensor | None = None
+
+    def _weights_for(self, Ld: torch.Tensor) -> torch.Tensor:
+        z = torch.softmax(self.logits.float(), dim=0).to(Ld.device)
+        inv = z / Ld
+        return len(self.tasks) * inv / inv.sum(), z
+
+    def combine(self, losses, step=0):
+        L = self._stack(losses)
+        w, _ = self._weights_for(L.detach().float().clamp_min(self.eps))
+        return (w.to(L.dtype) * L).sum()
+
+    def backward(self, ctx: StepContext) -> None:
+        L = self._stack(ctx.losses)
+        Ld = L.detach().float().clamp_min(self.eps)
+        if not self.recompute and self._before is not None:
+            self._update(Ld.log())  # the previous step's decrease, seen on this batch
+        w, z = self._weights_for(Ld)
+        ctx.backward((w.to(L.dtype) * L).sum())
+        self._set_weights(w)
+        self._before, self._z = Ld.log(), z
+
+    def after_step(self, ctx: StepContext) -> None:
+        if not self.recompute or self._before is None:
+            return
+        if ctx.recompute is None:
+            raise ValueError("famo(recompute=true) needs StepContext.recompute; pass one or set recompute=false")
+        with torch.no_grad():
+            after = self._stack(ctx.recompute()).detach().float().clamp_min(self.eps).log()
+        self._update(after)
+
+    def _update(self, log_after: torch.Tensor) -> None:
+        delta = dist_mean(self._before - log_after.to(self._before.device))
+        z = self._z
+        jac = torch.diag(z) - torch.outer(z, z)  # ∂z/∂ξ, symmetric
+        self._own_step(jac @ delta)
+        self._before = None

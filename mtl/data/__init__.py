@@ -18,6 +18,14 @@ DATAMODULES.register("scenes")(ScenesDataModule)
 DATAMODULES.register("hf_local")(HFImageDataModule)
 
 
+@DATAMODULES.register("zoo")
+def _zoo_datamodule(dataset: str, **kwargs: Any) -> LightningDataModule:
+    """One of the merging zoo's classification datasets (``data=zoo data.dataset=mnist``)."""
+    from mtl.data.zoo import ZooDataModule
+
+    return ZooDataModule(dataset, **kwargs)
+
+
 def create_datamodule(name: str, **kwargs: Any) -> LightningDataModule:
     """Build a data module from its registry name; unknown names raise an error listing valid ones."""
     return DATAMODULES.get(name)(**kwargs)

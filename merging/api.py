@@ -1,0 +1,33 @@
+"""`merging.merge`: any registered method, state dicts (or modules, folders, files) in, a state dict out."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .engine import KeyOptions, open_context, produce
+from .methods import create_method
+
+__all__ = ["merge"]
+
+
+def merge(method: str, pretrained, finetuned, *, select: str = "kthvalue", **kwargs: Any) -> dict[str, torch.Tensor]:
+    """Merge `finetuned` (a list of models) into one state dict, in memory.
+
+    `method`: "average", "task_arithmetic", "ties", "dare" or "consensus"; its hyperparameters are keyword
+    arguments (see docs/merging.md). Key options shared by all methods: `include`, `exclude`,
+    `task_keys`, `unshared`, `bn`, `check_finite`. `select` picks how the TIES global threshold is found:
+    "kthvalue" over the concatenated magnitudes (the reference) or "radix" (memory-bounded); both are exact.
+
+    The result holds every selected key shared by all models (task-specific keys such as `heads.*` are
+    left out), in the pretrained model's dtypes, as new tensors that share no memory with the inputs.
+    """
+    opts, hp = KeyOptions.split(dict(kwargs))
+    m = create_method(method, **hp)
+    ctx = open_context(pretrained, finetuned, opts, m.min_models(), method)
+    try:
+        m.prepare(ctx, select)
+        # Copied tensors are the inputs' own (or views of a file mapping): clone them.
+        return {k: (t.clone() if ctx.plan.kind[k] == "copy" else t) for k, t in produce(m, ctx)}
+    finally:
+        ctx.close()

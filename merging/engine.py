@@ -1,0 +1,152 @@
+"""The per-tensor engine shared by the in-memory and the streaming (file-to-file) paths.
+
+A `Context` reads one tensor at a time from the sources, in the key's compute dtype, checking each
+source tensor for NaN/Inf the first time it is read. `produce` walks the key plan and yields the output
+tensors one by one; the callers only differ in where those go (a dict, or a file being written).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+
+from .keys import DEFAULT_TASK_KEYS, KeyPlan, plan_keys
+from .sources import MergeInputError, StateSource, open_sources
+
+__all__ = ["Context", "KeyOptions", "open_context", "produce"]
+
+
+class KeyOptions(dict):
+    """The keyword options every entry point shares (key filters, BN rule, checks), with defaults."""
+
+    DEFAULTS = dict(
+        include=None, exclude=None, task_keys=DEFAULT_TASK_KEYS, unshared="error", bn="pretrained", check_finite=True
+    )
+
+    @classmethod
+    def split(cls, kwargs: dict) -> tuple["KeyOptions", dict]:
+        opts = cls({k: kwargs.pop(k, v) for k, v in cls.DEFAULTS.items()})
+        return opts, kwargs
+
+
+class Context:
+    """Lazy, validated, per-tensor access to θ0 and the fine-tuned models for one merge."""
+
+    def __init__(self, pre: StateSource, fts: Sequence[StateSource], plan: KeyPlan, check_finite: bool = True):
+        self.sources = [pre, *fts]
+        self.plan = plan
+        self.T = len(fts)
+        self.check_finite = check_finite
+        # When the method's output is non-finite whenever an input is (task arithmetic, average), the
+        # output is checked instead of every input: one pass over the result instead of T + 1.
+        self.check_outputs_only = False
+        self._checked: set[tuple[int, str]] = set()
+
+    # -- reading ------------------------------------------------------------------------------------
+    def _read(self, i: int, key: str) -> tuple[torch.Tensor, bool]:
+        """Tensor of source i in compute dtype, and whether it is a fresh copy (safe to modify)."""
+        x = self.sources[i].get(key)
+        cd = self.plan.compute.get(key, x.dtype)
+        fresh = x.dtype != cd
+        if fresh:
+            x = x.to(cd)
+        if self.check_finite and not self.check_outputs_only and x.is_floating_point() and (i, key) not in self._checked:
+            self._validate(x, i, key)
+            self._checked.add((i, key))
+        return x, fresh
+
+    def _validate(self, x: torch.Tensor, i: int, key: str) -> None:
+        # A finite sum proves every entry finite (any NaN/Inf poisons it); only an overflowing sum needs
+        # the slower element-wise check.
+        if torch.isfinite(x.sum()):
+            return
+        bad = ~torch.isfinite(x)
+        if bad.any():
+            n_nan = int(torch.isnan(x).sum())
+            n_inf = int(bad.sum()) - n_nan
+            raise MergeInputError(
+                f"tensor {key!r} in {self.sources[i].label} has non-finite values ({n_nan} NaN, {n_inf} Inf)"
+            )
+
+    def check_output(self, key: str, out: torch.Tensor) -> None:
+        """For methods that propagate NaN/Inf: a non-finite output is traced back to the input at fault."""
+        if not self.check_finite or not out.is_floating_point() or torch.isfinite(out.sum()) or torch.isfinite(out).all():
+            return
+        for i, src in enumerate(self.sources):
+            x = src.get(key)
+            self._validate(x.to(self.plan.compute.get(key, x.dtype)), i, key)
+        raise MergeInputError(f"merged tensor {key!r} overflowed (inputs are finite); check the hyperparameters")
+
+    def pre(self, key: str) -> torch.Tensor:
+        """θ0[key] in compute dtype. Read-only: may share memory with the input."""
+        return self._read(0, key)[0]
+
+    def ft(self, key: str, t: int) -> torch.Tensor:
+        """θ_t[key] in compute dtype. Read-only: may share memory with the input."""
+        return self._read(t + 1, key)[0]
+
+    def tv(self, key: str, t: int, pre: torch.Tensor | None = None) -> torch.Tensor:
+        """A fresh τ_t[key] = θ_t − θ0 (the caller owns it)."""
+        if pre is None:
+            pre = self.pre(key)
+        x, fresh = self._read(t + 1, key)
+        return x.sub_(pre) if fresh else torch.sub(x, pre)
+
+    def raw_pre(self, key: str) -> torch.Tensor:
+        return self.sources[0].get(key)
+
+    def prefetch(self, key: str) -> None:
+        for s in self.sources:
+            s.prefetch(key)
+
+    def iter_keys(self, keys: Sequence[str]) -> Iterator[str]:
+        """Iterate keys, hinting file sources to read the next key while this one is computed."""
+        for i, k in enumerate(keys):
+            if i + 1 < len(keys):
+                self.prefetch(keys[i + 1])
+            yield k
+
+    def close(self) -> None:
+        for s in self.sources:
+            s.close()
+
+
+def open_context(pretrained, finetuned, opts: KeyOptions, min_models: int, what: str) -> Context:
+    pre, fts = open_sources(pretrained, finetuned)
+    if len(fts) < min_models:
+        raise MergeInputError(
+            f"{what} needs at least {min_models} fine-tuned model{'s' if min_models > 1 else ''}, got {len(fts)}"
+        )
+    plan = plan_keys(
+        pre, fts, include=opts["include"], exclude=opts["exclude"], task_keys=opts["task_keys"],
+        unshared=opts["unshared"], bn=opts["bn"],
+    )
+    return Context(pre, fts, plan, check_finite=opts["check_finite"])
+
+
+def produce(method, ctx: Context) -> Iterable[tuple[str, torch.Tensor]]:
+    """Yield `(key, tensor)` in output order, each in the pretrained model's dtype.
+
+    Copied tensors may share memory with the input; the dict path clones them.
+    """
+    plan = ctx.plan
+    propagates = getattr(method, "propagates_nonfinite", False)
+    for key in ctx.iter_keys(plan.order):
+        kind = plan.kind[key]
+        dtype = plan.infos[key].dtype
+        if kind == "merge":
+            ctx.check_outputs_only = propagates
+            out = method.merge_tensor(ctx, key)
+            ctx.check_outputs_only = False
+            if propagates:
+                ctx.check_output(key, out)
+        elif kind == "copy":
+            out = ctx.raw_pre(key)
+            if out.is_floating_point():
+                ctx.check_output(key, out)
+        else:  # "average": BN statistics under bn="average"
+            out = torch.zeros(plan.infos[key].shape, dtype=plan.compute[key])
+            for t in range(ctx.T):
+                out.add_(ctx.ft(key, t))
+            out.div_(ctx.T)
+        yield key, out.to(dtype)

@@ -1,0 +1,157 @@
+"""Which keys merge: key filters, task-specific keys, batch-norm statistics, and model-compatibility checks.
+
+Rules (documented in docs/merging.md):
+- a key is *considered* when it passes `include` (if given) and not `exclude`;
+- considered keys matching `task_keys` (default: any `heads.` path component) are task-specific: never
+  merged, listed per fine-tuned model so callers can attach each task's own head;
+- every other considered key must be in every model with the same shape (`unshared="skip"` drops keys
+  missing somewhere instead of failing);
+- floating-point tensors merge; integer/bool buffers are copied from the pretrained model;
+- batch-norm running statistics follow `bn`: "pretrained" (default: copied from θ0 — always a valid
+  variance, and what parameter-only merging gives), "average" (plain mean of the fine-tuned statistics,
+  still valid since it is convex), or "merge" (treated like any float, as the method says; with
+  λ·T > 1 task arithmetic can push a variance negative). Re-estimating the statistics on data after
+  merging is the accurate fix and is left to the caller.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Union
+
+import torch
+
+from .sources import MergeInputError, StateSource, TensorInfo
+
+__all__ = ["KeyPattern", "KeyPlan", "plan_keys", "compile_pattern", "BN_STATS", "DEFAULT_TASK_KEYS"]
+
+KeyPattern = Union[str, Sequence[str], Callable[[str], bool], None]
+
+DEFAULT_TASK_KEYS = r"(.*\.)?heads\."
+BN_STATS = r"(.*\.)?running_(mean|var)$"
+BN_RULES = ("pretrained", "average", "merge")
+_MAX_LISTED = 8
+
+
+def compile_pattern(pat: KeyPattern) -> Callable[[str], bool] | None:
+    """Regexes matched at the start of the key (`re.match`), so a plain prefix like "backbone." works."""
+    if pat is None:
+        return None
+    if callable(pat):
+        return pat
+    pats = [pat] if isinstance(pat, str) else list(pat)
+    rx = [re.compile(p) for p in pats]
+    return lambda k: any(r.match(k) for r in rx)
+
+
+@dataclass
+class KeyPlan:
+    """Where every key goes. `order` is the output order (the pretrained model's order)."""
+
+    merge: list[str]
+    copy: list[str]
+    average: list[str]
+    task_specific: list[list[str]]
+    skipped: list[str]
+    infos: dict[str, TensorInfo]
+    kind: dict[str, str] = field(default_factory=dict)
+    compute: dict[str, torch.dtype] = field(default_factory=dict)
+
+    @property
+    def order(self) -> list[str]:
+        return list(self.kind)
+
+    @property
+    def num_merged_params(self) -> int:
+        return sum(self.infos[k].numel for k in self.merge)
+
+
+def _fmt_shape(s: tuple[int, ...]) -> str:
+    return "(" + ", ".join(map(str, s)) + ")"
+
+
+def plan_keys(
+    pre: StateSource,
+    fts: Sequence[StateSource],
+    include: KeyPattern = None,
+    exclude: KeyPattern = None,
+    task_keys: KeyPattern = DEFAULT_TASK_KEYS,
+    unshared: str = "error",
+    bn: str = "pretrained",
+) -> KeyPlan:
+    if unshared not in ("error", "skip"):
+        raise ValueError(f"unshared must be 'error' or 'skip', got {unshared!r}")
+    if bn not in BN_RULES:
+        raise ValueError(f"bn must be one of {BN_RULES}, got {bn!r}")
+    inc, exc, task = compile_pattern(include), compile_pattern(exclude), compile_pattern(task_keys)
+    is_bn = re.compile(BN_STATS).match
+
+    def considered(k: str) -> bool:
+        return (inc is None or inc(k)) and not (exc is not None and exc(k))
+
+    models = [pre, *fts]
+    key_lists = [m.keys() for m in models]
+    key_sets = [set(ks) for ks in key_lists]
+    # Output order: pretrained's order, then keys first seen in later models.
+    seen: dict[str, None] = {}
+    for ks in key_lists:
+        for k in ks:
+            seen.setdefault(k, None)
+
+    task_specific = [[k for k in ks if considered(k) and task is not None and task(k)] for ks in key_lists[1:]]
+    missing, mismatched, skipped = [], [], []
+    plan = KeyPlan([], [], [], task_specific, skipped, {})
+    for k in seen:
+        if not considered(k) or (task is not None and task(k)):
+            continue
+        absent = [m.label for m, ks in zip(models, key_sets) if k not in ks]
+        if absent:
+            if unshared == "skip":
+                skipped.append(k)
+            else:
+                present = next(m.label for m, ks in zip(models, key_sets) if k in ks)
+                missing.append(f"{k!r} is in {present} but missing from {', '.join(absent)}")
+            continue
+        infos = [m.info(k) for m in models]
+        ref = infos[0]
+        bad = [(m, i) for m, i in zip(models[1:], infos[1:]) if i.shape != ref.shape]
+        if bad:
+            m, i = bad[0]
+            mismatched.append(
+                f"{k!r} has shape {_fmt_shape(ref.shape)} in {pre.label} but {_fmt_shape(i.shape)} in {m.label}"
+            )
+            continue
+        floats = [i.dtype.is_floating_point for i in infos]
+        if any(floats) and not all(floats):
+            m = models[floats.index(not floats[0])]
+            mismatched.append(f"{k!r} is {ref.dtype} in {pre.label} but {m.info(k).dtype} in {m.label}")
+            continue
+        plan.infos[k] = ref
+        plan.compute[k] = compute_dtype([i.dtype for i in infos])
+        if not ref.dtype.is_floating_point:
+            kind = "copy"
+        elif is_bn(k) and bn != "merge":
+            kind = "copy" if bn == "pretrained" else "average"
+        else:
+            kind = "merge"
+        plan.kind[k] = kind
+        getattr(plan, kind).append(k)
+
+    problems = mismatched + missing
+    if problems:
+        more = f" (and {len(problems) - _MAX_LISTED} more)" if len(problems) > _MAX_LISTED else ""
+        hint = "" if not missing else "; pass unshared='skip' or an include/exclude/task_keys filter to merge only shared keys"
+        raise MergeInputError(
+            "models do not match: " + "; ".join(problems[:_MAX_LISTED]) + more + hint
+        )
+    if not plan.merge:
+        raise MergeInputError(
+            "nothing to merge: no floating-point tensor is shared by every model after the key filters"
+        )
+    return plan
+
+
+def compute_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
+    """float64 if any input is float64, else float32 (half precisions and float8 are widened)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32

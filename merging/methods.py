@@ -1,0 +1,390 @@
+"""Training-free merge methods, each written per tensor so one code path serves memory and streaming.
+
+θ0 is the pretrained model, θ_t the fine-tuned ones, τ_t = θ_t − θ0 their task vectors (DESIGN §4).
+
+- average:          θ = mean_t θ_t
+- task_arithmetic:  θ = θ0 + λ Σ_t τ_t                                           (λ = 0.3; or one λ_t per task)
+- ties:             trim each τ_t to its top-k% magnitudes, elect γ = sign(Σ_t τ̂_t), disjoint
+                    mean (or sum) over the tasks agreeing with γ; θ = θ0 + λ τ_m   (k = 20, mean, λ = 1)
+- dare:             drop each entry of τ_t with probability p, rescale survivors by 1/(1−p), then
+                    task arithmetic or TIES                                       (p = 0.5, seed = 0)
+- consensus:        TALL masks m_t = |τ_t| ≥ λ_t |τ_MTL − τ_t| on the base method's τ_MTL; keep entries
+                    used by ≥ k tasks; θ = θ0 + λ (m_cons ∘ τ_MTL)                 (k = 2, λ_t = 0.4)
+
+Methods never modify their inputs: every in-place operation runs on a fresh τ or an output buffer.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from mtl.registry import Registry
+
+from .engine import Context
+from .selection import keep_count, keep_mask, kthvalue_threshold, radix_thresholds
+from .sources import MergeInputError
+
+__all__ = [
+    "METHODS",
+    "MergeMethod",
+    "create_method",
+    "dare_mask",
+    "dare",
+    "tall_mask_tensors",
+    "SELECTS",
+]
+
+METHODS: Registry[type["MergeMethod"]] = Registry("merge method")
+SELECTS = ("kthvalue", "radix")
+
+Transform = Callable[[str, int, torch.Tensor], torch.Tensor]
+
+
+def _check_lam(name: str, lam: Any, allow_list: bool) -> None:
+    if allow_list and isinstance(lam, Sequence) and not isinstance(lam, str):
+        for v in lam:
+            _check_lam(name, v, False)
+        return
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
+        what = "a finite number or one per task" if allow_list else "a finite number"
+        raise ValueError(f"{name} must be {what}, got {lam!r}")
+
+
+def _per_task(name: str, value: Any, T: int) -> list[float]:
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if len(value) != T:
+            raise ValueError(f"{name} has {len(value)} values but there are {T} fine-tuned models")
+        return [float(v) for v in value]
+    return [float(value)] * T
+
+
+class MergeMethod(ABC):
+    """A merge method: hyperparameters, an optional global pass (`prepare`) and a per-tensor kernel."""
+
+    name: ClassVar[str]
+    defaults: ClassVar[dict[str, Any]] = {}
+    # True when any NaN/Inf input makes the output non-finite, so checking the output is enough.
+    propagates_nonfinite: ClassVar[bool] = False
+
+    def __init__(self, **hparams: Any):
+        unknown = sorted(set(hparams) - set(self.defaults))
+        if unknown:
+            raise TypeError(
+                f"{self.name}: unknown hyperparameter(s) {', '.join(unknown)}; "
+                f"accepted: {', '.join(sorted(self.defaults)) or 'none'}"
+            )
+        self.hp = {**self.defaults, **hparams}
+        self.transform: Transform | None = None
+        self.T = 0
+        self.select = "kthvalue"
+        self.validate()
+
+    def validate(self) -> None:
+        """Check hyperparameter values (the number of models is checked in `bind`)."""
+
+    def min_models(self) -> int:
+        return 1
+
+    def bind(self, T: int) -> None:
+        if T < self.min_models():
+            raise MergeInputError(f"{self.name} needs at least {self.min_models()} fine-tuned models, got {T}")
+        self.T = T
+
+    def prepare(self, ctx: Context, select: str) -> None:
+        """Global statistics needed before the per-tensor pass (none for most methods)."""
+        if select not in SELECTS:
+            raise ValueError(f"select must be one of {SELECTS}, got {select!r}")
+        self.select = select
+        self.bind(ctx.T)
+
+    def task_vector(self, ctx: Context, key: str, t: int, pre: torch.Tensor | None = None) -> torch.Tensor:
+        tau = ctx.tv(key, t, pre)
+        return tau if self.transform is None else self.transform(key, t, tau)
+
+    @abstractmethod
+    def merge_tensor(self, ctx: Context, key: str) -> torch.Tensor:
+        """Merged tensor for `key` in compute dtype."""
+
+    def merged_vector(self, key: str, taus: list[torch.Tensor], inplace: bool) -> torch.Tensor:
+        """τ_MTL for one tensor from its task vectors, before the final λ (used by TALL/Consensus)."""
+        raise TypeError(f"{self.name} does not define a merged task vector")
+
+
+def create_method(name: str, **hparams: Any) -> MergeMethod:
+    return METHODS.get(name)(**hparams)
+
+
+@METHODS.register("average")
+class Average(MergeMethod):
+    name = "average"
+    propagates_nonfinite = True
+
+    def merge_tensor(self, ctx: Context, key: str) -> torch.Tensor:
+        acc = torch.zeros(ctx.plan.infos[key].shape, dtype=ctx.plan.compute[key])
+        for t in range(ctx.T):
+            acc.add_(ctx.ft(key, t))
+        return acc.div_(ctx.T)
+
+
+@METHODS.register("task_arithmetic")
+class TaskArithmetic(MergeMethod):
+    name = "task_arithmetic"
+    defaults = {"lam": 0.3}
+    propagates_nonfinite = True  # sums of differences (DARE's 0/1 mask keeps NaN·0 = NaN)
+
+    def validate(self) -> None:
+        _check_lam("lam", self.hp["lam"], allow_list=True)
+
+    def bind(self, T: int) -> None:
+        super().bind(T)
+        self.lams = _per_task("lam", self.hp["lam"], T)
+        self.scalar = not isinstance(self.hp["lam"], Sequence)
+
+    def merge_tensor(self, ctx: Context, key: str) -> torch.Tensor:
+        pre = ctx.pre(key)
+        acc = torch.zeros(pre.shape, dtype=pre.dtype)
+        buf = torch.empty(pre.shape, dtype=pre.dtype) if self.transform is None else None
+        for t in range(ctx.T):
+            if buf is not None:  # no transform: reuse one buffer instead of allocating τ_t
+                tau = torch.sub(ctx.ft(key, t), pre, out=buf)
+            else:
+                tau = self.task_vector(ctx, key, t, pre)
+            if self.scalar:
+                acc.add_(tau)
+            else:
+                acc.add_(tau, alpha=self.lams[t])
+        return torch.add(pre, acc, alpha=self.lams[0]) if self.scalar else acc.add_(pre)
+
+    def merged_vector(self, key: str, taus: list[torch.Tensor], inplace: bool) -> torch.Tensor:
+        acc = taus[0] if inplace else taus[0].clone()
+        for tau in taus[1:]:
+            acc.add_(tau)
+        return acc
+
+
+@METHODS.register("ties")
+class Ties(MergeMethod):
+    name = "ties"
+    defaults = {"lam": 1.0, "k": 20, "merge_func": "mean", "trim": "global"}
+
+    def validate(self) -> None:
+        _check_lam("lam", self.hp["lam"], allow_list=False)
+        keep_count(0, self.hp["k"])  # range check
+        if self.hp["merge_func"] not in ("mean", "sum"):
+            raise ValueError(f"merge_func must be 'mean' or 'sum', got {self.hp['merge_func']!r}")
+        if self.hp["trim"] not in ("global", "per_tensor"):
+            raise ValueError(f"trim must be 'global' or 'per_tensor', got {self.hp['trim']!r}")
+        self.thresholds: list[float] | None = None
+
+    def prepare(self, ctx: Context, select: str) -> None:
+        super().prepare(ctx, select)
+        if self.hp["trim"] == "global":
+            self.thresholds = global_thresholds(ctx, self, self.hp["k"], select)
+
+    def _tensor_thresholds(self, taus: list[torch.Tensor]) -> list[float]:
+        if self.thresholds is not None:
+            return self.thresholds
+        n = keep_count(taus[0].numel(), self.hp["k"])
+        if self.select == "radix" and taus[0].dtype in (torch.float32, torch.float64):
+            mags = [tau.abs().reshape(-1) for tau in taus]
+            return radix_thresholds(lambda: enumerate(mags), [n] * len(taus), taus[0].dtype)
+        return [kthvalue_threshold(tau.abs().reshape(-1), n) for tau in taus]
+
+    def merged_vector(self, key: str, taus: list[torch.Tensor], inplace: bool) -> torch.Tensor:
+        thr = self._tensor_thresholds(taus)
+        trimmed, total = [], None
+        for t, tau in enumerate(taus):
+            m = keep_mask(tau.abs(), thr[t])
+            tt = tau.mul_(m) if inplace else tau * m
+            trimmed.append(tt)
+            total = tt.clone() if total is None else total.add_(tt)
+        sign = total.sign_()  # γ; entries where the trimmed vectors cancel exactly get 0 and stay 0
+        out = torch.zeros_like(sign)
+        buf = torch.empty_like(sign)
+        mean = self.hp["merge_func"] == "mean"
+        cnt = torch.zeros_like(sign) if mean else None
+        for tt in trimmed:
+            # τ̂_t·γ is |τ̂_t| where task t agrees with γ and ≤ 0 elsewhere, so Σ relu(τ̂_t·γ)·γ is the
+            # sum over agreeing tasks (exactly: multiplying by ±1 rounds nothing).
+            torch.mul(tt, sign, out=buf).clamp_(min=0)
+            if mean:
+                cnt.add_(buf > 0)
+            out.add_(buf)
+        out.mul_(sign)
+        return out.div_(cnt.clamp_(min=1)) if mean else out
+
+    def merge_tensor(self, ctx: Context, key: str) -> torch.Tensor:
+        pre = ctx.pre(key)
+        taus = [self.task_vector(ctx, key, t, pre) for t in range(ctx.T)]
+        return self.merged_vector(key, taus, inplace=True).mul_(self.hp["lam"]).add_(pre)
+
+
+def global_thresholds(ctx: Context, method: MergeMethod, k: float, select: str) -> list[float]:
+    """Per-task threshold keeping the top-k% of |τ_t| over the whole (merged part of the) model."""
+    keys = ctx.plan.merge
+    n = keep_count(ctx.plan.num_merged_params, k)
+    dtype = torch.float64 if any(ctx.plan.compute[key] == torch.float64 for key in keys) else torch.float32
+    if select == "radix":
+
+        def pieces():
+            for key in ctx.iter_keys(keys):
+                pre = ctx.pre(key)
+                for t in range(ctx.T):
+                    yield t, method.task_vector(ctx, key, t, pre).abs_().to(dtype)
+
+        return radix_thresholds(pieces, [n] * ctx.T, dtype)
+    # Reference path: the straightforward exact answer, one task's magnitudes in memory at a time.
+    out = []
+    for t in range(ctx.T):
+        vals = torch.empty(ctx.plan.num_merged_params, dtype=dtype)
+        i = 0
+        for key in keys:
+            a = method.task_vector(ctx, key, t).abs_().reshape(-1)
+            vals[i : i + a.numel()] = a
+            i += a.numel()
+        out.append(kthvalue_threshold(vals, n))
+        del vals
+    return out
+
+
+# -- DARE ---------------------------------------------------------------------------------------------
+def _dare_seed(seed: int, task: int, key: str) -> int:
+    # One stream per (seed, task, tensor): the drop pattern does not depend on reading order, so every
+    # pass and both engines draw the same mask.
+    h = hashlib.blake2b(f"{seed}\x00{task}\x00{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+def dare_mask(shape, p: float, seed: int = 0, task: int = 0, key: str = "") -> torch.Tensor:
+    """The keep mask DARE draws for task `task`'s tensor `key` (True = kept)."""
+    g = torch.Generator().manual_seed(_dare_seed(seed, task, key))
+    return torch.rand(tuple(shape), generator=g) >= p
+
+
+def _dare_(tau: torch.Tensor, p: float, seed: int, task: int, key: str) -> torch.Tensor:
+    if p == 0:
+        return tau
+    return tau.mul_(dare_mask(tau.shape, p, seed, task, key)).div_(1 - p)
+
+
+def dare(task_vector: dict[str, torch.Tensor], p: float = 0.5, seed: int = 0, task: int = 0) -> dict[str, torch.Tensor]:
+    """DARE on one task vector (returns new tensors): drop with probability p, rescale by 1/(1−p)."""
+    _check_p(p)
+    return {k: _dare_(v.detach().clone(), p, seed, task, k) for k, v in task_vector.items()}
+
+
+def _check_p(p: float) -> None:
+    if not (isinstance(p, (int, float)) and 0 <= p < 1):
+        raise ValueError(f"p (drop probability) must be in [0, 1), got {p!r}")
+
+
+_BASES = {"task_arithmetic": TaskArithmetic, "ties": Ties}
+
+
+@METHODS.register("dare")
+class Dare(MergeMethod):
+    name = "dare"
+    own = {"p": 0.5, "seed": 0, "base": "task_arithmetic"}
+    defaults = own  # the base method's hyperparameters are accepted too (checked in __init__)
+
+    def __init__(self, **hparams: Any):
+        base = hparams.get("base", self.own["base"])
+        if base not in _BASES:
+            raise ValueError(f"dare: base must be one of {sorted(_BASES)}, got {base!r}")
+        base_hp = {k: v for k, v in hparams.items() if k not in self.own}
+        try:
+            self.base = _BASES[base](**base_hp)
+        except TypeError as e:
+            raise TypeError(f"dare (base={base}): {e}; DARE's own: {', '.join(self.own)}") from None
+        super().__init__(**{k: v for k, v in hparams.items() if k in self.own})
+        self.hp.update(self.base.hp)
+        self.propagates_nonfinite = self.base.propagates_nonfinite
+        p, seed = self.hp["p"], self.hp["seed"]
+        self.base.transform = lambda key, t, tau: _dare_(tau, p, seed, t, key)
+
+    def validate(self) -> None:
+        _check_p(self.hp["p"])
+        if isinstance(self.hp["seed"], bool) or not isinstance(self.hp["seed"], int):
+            raise ValueError(f"seed must be an int, got {self.hp['seed']!r}")
+
+    def prepare(self, ctx: Context, select: str) -> None:
+        super().prepare(ctx, select)
+        self.base.prepare(ctx, select)
+
+    def merge_tensor(self, ctx: Context, key: str) -> torch.Tensor:
+        return self.base.merge_tensor(ctx, key)
+
+
+# -- TALL masks and Consensus -------------------------------------------------------------------------
+def tall_mask_tensors(taus: Sequence[torch.Tensor], mtv: torch.Tensor, lams: Sequence[float]) -> list[torch.Tensor]:
+    """m_t = |τ_t| ≥ λ_t·|τ_MTL − τ_t| for one tensor (a separate bool tensor per task)."""
+    diff = torch.empty_like(mtv)
+    masks = []
+    for tau, lam in zip(taus, lams):
+        torch.sub(mtv, tau, out=diff).abs_().mul_(lam)
+        masks.append(tau.abs() >= diff)
+    return masks
+
+
+def usage_count(masks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """How many tasks use each entry."""
+    cnt = torch.zeros(masks[0].shape, dtype=torch.uint8 if len(masks) < 256 else torch.int32)
+    for m in masks:
+        cnt.add_(m)
+    return cnt
+
+
+def make_mtv_method(mtv: str, ties_hp: dict[str, Any]) -> MergeMethod:
+    """The method that defines τ_MTL: "sum" (Σ τ_t, i.e. task arithmetic before λ) or "ties"."""
+    if mtv == "sum":
+        return TaskArithmetic(lam=1.0)
+    if mtv == "ties":
+        return Ties(**ties_hp)
+    raise ValueError(f"mtv must be 'sum' or 'ties', got {mtv!r}")
+
+
+@METHODS.register("consensus")
+class Consensus(MergeMethod):
+    name = "consensus"
+    defaults = {
+        "k": 2, "tall_lam": 0.4, "base": "task_arithmetic", "lam": None,
+        "ties_k": 20, "merge_func": "mean", "trim": "global",
+    }
+
+    def validate(self) -> None:
+        k = self.hp["k"]
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"k (minimum number of tasks using a weight) must be an int ≥ 0, got {k!r}")
+        _check_lam("tall_lam", self.hp["tall_lam"], allow_list=True)
+        base = self.hp["base"]
+        if base == "task_arithmetic":
+            self.base = make_mtv_method("sum", {})
+            lam = 0.3 if self.hp["lam"] is None else self.hp["lam"]
+        elif base == "ties":
+            hp = {"k": self.hp["ties_k"], "merge_func": self.hp["merge_func"], "trim": self.hp["trim"]}
+            self.base = make_mtv_method("ties", hp)
+            lam = 1.0 if self.hp["lam"] is None else self.hp["lam"]
+        else:
+            raise ValueError(f"consensus: base must be 'task_arithmetic' or 'ties', got {base!r}")
+        _check_lam("lam", lam, allow_list=False)
+        self.lam = float(lam)
+
+    def min_models(self) -> int:
+        return max(1, self.hp["k"])
+
+    def prepare(self, ctx: Context, select: str) -> None:
+        super().prepare(ctx, select)
+        self.base.prepare(ctx, select)
+        self.tall_lams = _per_task("tall_lam", self.hp["tall_lam"], ctx.T)
+
+    def merge_tensor(self, ctx: Context, key: str) -> torch.Tensor:
+        pre = ctx.pre(key)
+        taus = [ctx.tv(key, t, pre) for t in range(ctx.T)]
+        mtv = self.base.merged_vector(key, taus, inplace=False)
+        cons = usage_count(tall_mask_tensors(taus, mtv, self.tall_lams)) >= self.hp["k"]
+        return mtv.mul_(cons).mul_(self.lam).add_(pre)

@@ -1,0 +1,89 @@
+"""PNG plots for merging reports (matplotlib's Agg renderer: no display needed)."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["plot_task_accuracy", "plot_mask_overlap"]
+
+
+def _figure(size):
+    # A bare Figure renders through Agg without touching pyplot's global backend or figure registry.
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size)
+    return fig, fig.subplots()
+
+
+def plot_task_accuracy(
+    results: Mapping[str, Mapping[str, float]],
+    path,
+    *,
+    title: str = "Per-task accuracy by method",
+    ylabel: str = "accuracy",
+    mean: bool = True,
+) -> Path:
+    """Grouped bars: one group per task (plus their mean), one bar per method.
+
+    `results`: {method: {task: value}}; tasks missing for a method are left blank.
+    """
+    if not results:
+        raise ValueError("no results to plot")
+    methods = list(results)
+    tasks: list[str] = []
+    for r in results.values():
+        tasks += [t for t in r if t not in tasks]
+    groups = tasks + (["mean"] if mean else [])
+    width = 0.8 / len(methods)
+    fig, ax = _figure((max(6.0, 0.35 * len(groups) * len(methods) + 2), 4.5))
+    for i, m in enumerate(methods):
+        vals = [results[m].get(t, float("nan")) for t in tasks]
+        if mean:
+            present = [v for v in vals if v == v]
+            vals.append(sum(present) / len(present) if present else float("nan"))
+        xs = [g + (i - (len(methods) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, vals, width, label=m)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, rotation=30, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize="small", ncol=min(4, len(methods)))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_mask_overlap(masks_or_overlap: Any, path, *, title: str = "TALL mask overlap") -> Path:
+    """Histogram of how many tasks use each weight, selfish and catastrophic fractions annotated.
+
+    Accepts the dict from `merging.mask_overlap`, or anything it accepts (TallMasks, store, mask list).
+    """
+    from .tall import mask_overlap
+
+    ov = masks_or_overlap
+    if not (isinstance(ov, Mapping) and "fractions" in ov):
+        ov = mask_overlap(ov)
+    T, fr = ov["tasks"], ov["fractions"]
+    fig, ax = _figure((max(5.0, 0.5 * (T + 1) + 2), 4))
+    colors = ["tab:red", "tab:orange"] + ["tab:blue"] * (T - 1)
+    ax.bar(range(T + 1), [100 * f for f in fr], color=colors[: T + 1])
+    ax.set_xticks(range(T + 1))
+    ax.set_xlabel("number of tasks whose mask keeps the weight")
+    ax.set_ylabel("% of merged weights")
+    ax.set_title(title)
+    ax.text(
+        0.98, 0.95,
+        f"catastrophic (0 tasks): {100 * ov['catastrophic']:.1f}%\nselfish (1 task): {100 * ov['selfish']:.1f}%",
+        transform=ax.transAxes, ha="right", va="top", fontsize="small",
+        bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.8},
+    )
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path

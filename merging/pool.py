@@ -1,0 +1,143 @@
+"""A pool of models to merge (θ0 + fine-tuned model folders) and a pool of tasks to evaluate on.
+
+Model folders come from `mtl-train`: each fine-tune knows its tasks, its architecture and (in its
+meta) the data config it was trained on, so a merged model is evaluated on exactly that data.
+A merged model is the merged shared weights plus every task's own head (heads are not merged).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from mtl.io import load_state, read_json, read_model_config
+from mtl.models import MultiTaskModel
+from mtl.tasks import Task, create_task
+
+HEAD_PREFIX = "decoder.heads."
+
+
+@dataclass
+class Member:
+    path: Path
+    config: dict[str, Any]
+    tasks: list[str]
+    data: dict[str, Any] | None
+    individual: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass
+class ModelPool:
+    pretrained: Path
+    members: list[Member]
+
+    @classmethod
+    def from_folders(cls, pretrained: str | Path, models: Sequence[str | Path]) -> "ModelPool":
+        if not models:
+            raise ValueError("no fine-tuned models given: pass models=[folder,...] or pool=<manifest.json>")
+        pre_cfg = read_model_config(pretrained)["model"]
+        members = []
+        for m in models:
+            cfg = read_model_config(m)
+            mc = cfg["model"]
+            for key in ("backbone", "decoder"):
+                if _arch(mc.get(key)) != _arch(pre_cfg.get(key)):
+                    raise ValueError(
+                        f"{m}: its {key} {mc.get(key)} differs from the pretrained model's "
+                        f"{pre_cfg.get(key)} ({pretrained}); models must share an architecture to merge"
+                    )
+            meta = cfg.get("meta", {})
+            members.append(Member(Path(m), mc, [t["name"] for t in mc["tasks"]], meta.get("data"), meta.get("test", {})))
+        names = [t for mem in members for t in mem.tasks]
+        dup = sorted({t for t in names if names.count(t) > 1})
+        if dup:
+            raise ValueError(f"task name(s) {dup} appear in more than one fine-tuned model; rename the tasks")
+        return cls(Path(pretrained), members)
+
+    @classmethod
+    def from_manifest(cls, path: str | Path) -> "ModelPool":
+        spec = read_json(path)
+        for key in ("pretrained", "models"):
+            if key not in spec:
+                raise ValueError(f"{path}: missing key {key!r}")
+        base = Path(path).parent
+        resolve = lambda p: (base / p) if not Path(p).is_absolute() else Path(p)  # noqa: E731
+        return cls.from_folders(resolve(spec["pretrained"]), [resolve(p) for p in spec["models"]])
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t for m in self.members for t in m.tasks]
+
+    @property
+    def member_paths(self) -> list[Path]:
+        return [m.path for m in self.members]
+
+    def tasks(self) -> list[Task]:
+        return [create_task(**t) for m in self.members for t in m.config["tasks"]]
+
+    def merged_model(self, shared: dict[str, torch.Tensor]) -> MultiTaskModel:
+        """One model with every member's tasks: `shared` weights + each task's own fine-tuned head."""
+        cfg = copy.deepcopy(self.members[0].config)
+        cfg["tasks"] = [t for m in self.members for t in m.config["tasks"]]
+        model = MultiTaskModel.from_config(cfg)
+        state = dict(shared)
+        for m in self.members:
+            own = load_state(m.path)
+            state.update({k: v for k, v in own.items() if k.startswith(HEAD_PREFIX)})
+        missing = [k for k in model.state_dict() if k not in state]
+        if missing:
+            raise ValueError(f"merged weights lack {missing[:5]} ({len(missing)} keys); was a key filter too strict?")
+        model.load_state_dict({k: state[k] for k in model.state_dict()})
+        return model.eval()
+
+    def member_model(self, i: int) -> MultiTaskModel:
+        from mtl.io import load_model
+
+        return load_model(self.members[i].path)
+
+
+def _arch(cfg: dict[str, Any] | None) -> dict[str, Any]:
+    return dict(cfg or {})
+
+
+@torch.no_grad()
+def evaluate(model: MultiTaskModel, task: str, datamodule, split: str, max_batches: int | None = None) -> dict[str, float]:
+    """All metrics of one task on one split of its data module."""
+    t = model.tasks[task]
+    metrics = t.metrics()
+    loader = {"val": datamodule.val_dataloader, "test": datamodule.test_dataloader, "train": datamodule.train_dataloader}[split]()
+    model.eval()
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        pred = model(batch["image"], tasks=[task])[task]
+        for m in metrics.values():
+            m.update(pred, batch[t.target_key])
+    return {name: float(m.compute()) for name, m in metrics.items()}
+
+
+def member_datamodule(member: Member, overrides: dict[str, Any] | None = None):
+    from mtl.data import create_datamodule
+
+    if not member.data:
+        raise ValueError(f"{member.path}: its config.json has no meta.data, so its evaluation data is unknown")
+    kw = dict(member.data)
+    kw.update(overrides or {})
+    dm = create_datamodule(kw.pop("name"), **kw)
+    dm.setup("test")
+    return dm
+
+
+def score(task: Task, metrics: dict[str, float]) -> float:
+    """The task's primary metric."""
+    return metrics[task.primary]
+
+
+def normalized(task: Task, merged: float, individual: float) -> float:
+    """merged / individual for higher-is-better metrics, individual / merged otherwise."""
+    if task.directions.get(task.primary, True):
+        return merged / individual if individual else float("nan")
+    return individual / merged if merged else float("nan")

@@ -1,0 +1,292 @@
+"""Compressed storage of T task models as θ0 + τ_MTL + T bit-packed TALL masks, in one safetensors file.
+
+Layout (tensor names inside the file; a store path is the file, or a folder holding `tall.safetensors`):
+
+    theta0/<key>     θ0 of every merged key, in the model's dtype
+    tau/<key>        τ_MTL in the compute dtype (float32 for half-precision models), so reconstruction
+                     is exact with respect to `TallMasks.reconstruct`
+    mask/<t>/<key>   task t's mask, np.packbits of the flattened bool mask (big bit order), ⌈n/8⌉ bytes
+    kept/<key>       keys that are not merged (integer buffers, BN statistics under the BN rule)
+    task/<t>/<key>   task t's own keys (its head), when the store was written from the model files
+
+The JSON manifest (task names, λ_t, τ_MTL kind, key order) sits in the header's `__metadata__` under
+"mtlkit_tall". For float32 models and T tasks the store costs about (8 + T/8) bytes per merged
+parameter against 4·T for T separate models.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .engine import KeyOptions, open_context
+from .methods import SELECTS
+from .sources import MergeInputError, SafetensorsSource, TensorInfo
+from .streaming import SafetensorsWriter, atomic_file, resolve_output
+from .tall import TallKernel, TallMasks, _copied, reconstruct_tensor
+
+__all__ = ["write_tall_store", "save_tall_masks", "open_store", "TallStore", "load_task_model", "store_report"]
+
+STORE_FILE = "tall.safetensors"
+FORMAT_VERSION = 1
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.packbits(mask.reshape(-1).numpy()))
+
+
+def unpack_mask(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    n = int(np.prod(shape, dtype=np.int64))
+    bits = np.unpackbits(packed.numpy(), count=n).astype(bool)
+    return torch.from_numpy(bits).reshape(tuple(shape))
+
+
+def _packed_info(info: TensorInfo) -> TensorInfo:
+    return TensorInfo(((info.numel + 7) // 8,), torch.uint8)
+
+
+def _default_task_names(finetuned: Sequence[Any]) -> list[str]:
+    if all(isinstance(f, (str, os.PathLike)) for f in finetuned):
+        names = [Path(f).stem if Path(f).suffix else Path(f).name for f in finetuned]
+        if len(set(names)) == len(names):
+            return names
+    return [f"task{t}" for t in range(len(finetuned))]
+
+
+def _check_tasks(tasks: Sequence[str], T: int) -> list[str]:
+    tasks = [str(t) for t in tasks]
+    if len(tasks) != T or len(set(tasks)) != T:
+        raise ValueError(f"tasks must be {T} distinct names, got {tasks}")
+    return tasks
+
+
+def _specs(order, kinds, infos, tau_dtypes, T, task_key_infos) -> list[tuple[str, TensorInfo]]:
+    specs = []
+    for k in order:
+        info = infos[k]
+        if kinds[k] == "merge":
+            specs.append((f"theta0/{k}", info))
+            specs.append((f"tau/{k}", TensorInfo(info.shape, tau_dtypes[k])))
+            specs += [(f"mask/{t}/{k}", _packed_info(info)) for t in range(T)]
+        else:
+            specs.append((f"kept/{k}", info))
+    for t, ks in enumerate(task_key_infos):
+        specs += [(f"task/{t}/{k}", i) for k, i in ks.items()]
+    return specs
+
+
+def _write(out, overwrite: bool, specs, manifest: dict[str, Any], entries: Iterator[tuple[str, torch.Tensor]]) -> Path:
+    path, created_dir = resolve_output(out, STORE_FILE)
+    try:
+        with atomic_file(path, overwrite=overwrite) as f:
+            w = SafetensorsWriter(f, specs, {"format": "pt", "mtlkit_tall": json.dumps(manifest)})
+            for name, tensor in entries:
+                w.write(name, tensor)
+            w.finish()
+    except BaseException:
+        if created_dir is not None and created_dir.is_dir() and not any(created_dir.iterdir()):
+            created_dir.rmdir()
+        raise
+    return path
+
+
+def _manifest(tasks, lam, mtv, order, kinds, task_keys) -> dict[str, Any]:
+    return {
+        "version": FORMAT_VERSION,
+        "tasks": list(tasks),
+        "lam": list(lam),
+        "mtv": mtv,
+        "order": list(order),
+        "merged": [k for k in order if kinds[k] == "merge"],
+        "task_keys": [list(ks) for ks in task_keys],
+        "mask_bitorder": "big",
+    }
+
+
+def save_tall_masks(tall: TallMasks, out, tasks: Sequence[str] | None = None, overwrite: bool = False) -> Path:
+    """Write an in-memory `TallMasks` as a store (without task heads, which it does not hold)."""
+    T = tall.num_tasks
+    tasks = _check_tasks(tasks or [f"task{t}" for t in range(T)], T)
+    kinds = {k: ("merge" if k in tall.tau else "kept") for k in tall.order}
+    infos = {k: TensorInfo(tuple(tall.merged[k].shape), tall.dtypes[k]) for k in tall.order}
+    tau_dtypes = {k: v.dtype for k, v in tall.tau.items()}
+    specs = _specs(tall.order, kinds, infos, tau_dtypes, T, [{} for _ in range(T)])
+
+    def entries():
+        for k in tall.order:
+            if kinds[k] == "merge":
+                yield f"theta0/{k}", tall.pretrained[k].to(tall.dtypes[k])
+                yield f"tau/{k}", tall.tau[k]
+                for t in range(T):
+                    yield f"mask/{t}/{k}", pack_mask(tall.masks[t][k])
+            else:
+                yield f"kept/{k}", tall.kept[k]
+
+    manifest = _manifest(tasks, tall.lam, tall.mtv, tall.order, kinds, [[] for _ in range(T)])
+    return _write(out, overwrite, specs, manifest, entries())
+
+
+def write_tall_store(
+    pretrained,
+    finetuned,
+    out,
+    lam: float | Sequence[float] = 0.4,
+    mtv: str = "sum",
+    *,
+    tasks: Sequence[str] | None = None,
+    include_task_keys: bool = True,
+    overwrite: bool = False,
+    select: str = "radix",
+    k: float = 20,
+    merge_func: str = "mean",
+    trim: str = "global",
+    **key_options: Any,
+) -> Path:
+    """Compute TALL masks and write the store tensor by tensor (memory stays near T+3 tensors).
+
+    `tasks` names the fine-tuned models (default: their folder/file names, else task0..). With
+    `include_task_keys`, each model's task-specific keys (its head) are stored too, so
+    `load_task_model` returns complete task models. Returns the store file's path.
+    """
+    if select not in SELECTS:
+        raise ValueError(f"select must be one of {SELECTS}, got {select!r}")
+    opts, rest = KeyOptions.split(dict(key_options))
+    if rest:
+        raise TypeError(f"write_tall_store: unknown option(s) {', '.join(sorted(rest))}")
+    fts = list(finetuned) if not isinstance(finetuned, (str, os.PathLike, dict)) else finetuned
+    path, _ = resolve_output(out, STORE_FILE)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    kernel = TallKernel(lam, mtv, {"k": k, "merge_func": merge_func, "trim": trim} if mtv == "ties" else None)
+    ctx = open_context(pretrained, fts, opts, 1, "write_tall_store")
+    try:
+        T = ctx.T
+        tasks = _check_tasks(tasks or _default_task_names(fts), T)
+        kernel.prepare(ctx, select)
+        plan = ctx.plan
+        task_keys = plan.task_specific if include_task_keys else [[] for _ in range(T)]
+        tk_infos = [{k_: ctx.sources[t + 1].info(k_) for k_ in ks} for t, ks in enumerate(task_keys)]
+        specs = _specs(plan.order, plan.kind, plan.infos, plan.compute, T, tk_infos)
+
+        def entries():
+            for key in ctx.iter_keys(plan.order):
+                if plan.kind[key] == "merge":
+                    _, mtv_t, ms = kernel.tensor(ctx, key)
+                    yield f"theta0/{key}", ctx.raw_pre(key)
+                    yield f"tau/{key}", mtv_t
+                    for t, m in enumerate(ms):
+                        yield f"mask/{t}/{key}", pack_mask(m)
+                else:
+                    yield f"kept/{key}", _copied(ctx, key)
+            for t, ks in enumerate(task_keys):
+                for key in ks:
+                    yield f"task/{t}/{key}", ctx.sources[t + 1].get(key)
+
+        manifest = _manifest(tasks, kernel.lams, mtv, plan.order, plan.kind, task_keys)
+        return _write(out, overwrite, specs, manifest, entries())
+    finally:
+        ctx.close()
+
+
+class TallStore:
+    """Read access to a TALL store; tensors are read lazily, one at a time."""
+
+    def __init__(self, store):
+        p = Path(store)
+        if p.is_dir():
+            p = p / STORE_FILE
+        if not p.is_file():
+            raise MergeInputError(f"{store}: no TALL store ({STORE_FILE}) found")
+        self.path = p
+        self.src = SafetensorsSource(p)
+        try:
+            self.manifest = json.loads(self.src.metadata["mtlkit_tall"])
+        except (KeyError, json.JSONDecodeError):
+            raise MergeInputError(f"{p}: not a TALL store (no mtlkit_tall manifest)") from None
+        if self.manifest.get("version") != FORMAT_VERSION:
+            raise MergeInputError(f"{p}: unsupported TALL store version {self.manifest.get('version')}")
+        self.tasks: list[str] = self.manifest["tasks"]
+        self.merged_keys: list[str] = self.manifest["merged"]
+        self._merged = set(self.merged_keys)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    def task_index(self, task: int | str) -> int:
+        if isinstance(task, int) and not isinstance(task, bool):
+            if not 0 <= task < self.num_tasks:
+                raise IndexError(f"task index {task} out of range (store has {self.num_tasks} tasks)")
+            return task
+        if task not in self.tasks:
+            raise KeyError(f"unknown task {task!r}; store tasks: {', '.join(self.tasks)}")
+        return self.tasks.index(task)
+
+    def mask(self, task: int | str, key: str) -> torch.Tensor:
+        t = self.task_index(task)
+        return unpack_mask(self.src.get(f"mask/{t}/{key}"), self.src.info(f"tau/{key}").shape)
+
+    def task_model(self, task: int | str, include_task_keys: bool = True) -> dict[str, torch.Tensor]:
+        t = self.task_index(task)
+        out = {}
+        for k in self.manifest["order"]:
+            if k in self._merged:
+                tau = self.src.get(f"tau/{k}")
+                pre = self.src.get(f"theta0/{k}")
+                out[k] = reconstruct_tensor(pre.to(tau.dtype), tau, self.mask(t, k), pre.dtype)
+            else:
+                out[k] = self.src.get(f"kept/{k}").clone()
+        if include_task_keys:
+            for k in self.manifest["task_keys"][t]:
+                out[k] = self.src.get(f"task/{t}/{k}").clone()
+        return out
+
+    def merged(self) -> dict[str, torch.Tensor]:
+        """θ0 + τ_MTL (the multi-task model the masks are applied to)."""
+        out = {}
+        for k in self.manifest["order"]:
+            if k in self._merged:
+                tau, pre = self.src.get(f"tau/{k}"), self.src.get(f"theta0/{k}")
+                out[k] = torch.add(pre.to(tau.dtype), tau).to(pre.dtype)
+            else:
+                out[k] = self.src.get(f"kept/{k}").clone()
+        return out
+
+    def report(self) -> dict[str, Any]:
+        """Bytes stored against T full task models (each: θ0-sized weights + its own task keys)."""
+        sections: dict[str, int] = {}
+        for name in self.src.keys():
+            sec = name.split("/", 1)[0]
+            sections[sec] = sections.get(sec, 0) + self.src.info(name).nbytes
+        base = sum(self.src.info(f"theta0/{k}" if k in self._merged else f"kept/{k}").nbytes for k in self.manifest["order"])
+        full = [base + sum(self.src.info(f"task/{t}/{k}").nbytes for k in self.manifest["task_keys"][t]) for t in range(self.num_tasks)]
+        stored = self.path.stat().st_size
+        return {
+            "tasks": self.num_tasks,
+            "bytes_stored": stored,
+            "bytes_full_models": sum(full),
+            "ratio": stored / max(sum(full), 1),
+            "sections": sections,
+            "merged_params": sum(self.src.info(f"tau/{k}").numel for k in self.merged_keys),
+        }
+
+    def close(self) -> None:
+        self.src.close()
+
+
+def open_store(store) -> TallStore:
+    return store if isinstance(store, TallStore) else TallStore(store)
+
+
+def load_task_model(store, task: int | str, include_task_keys: bool = True) -> dict[str, torch.Tensor]:
+    """Task `task`'s state dict (θ0 + m_t ∘ τ_MTL, copied keys, and its own keys if stored)."""
+    return open_store(store).task_model(task, include_task_keys)
+
+
+def store_report(store) -> dict[str, Any]:
+    return open_store(store).report()

@@ -1,0 +1,147 @@
+"""File-to-file merging: tensors are read one at a time and written as they are produced.
+
+The safetensors library writes a whole dict at once, so the format is written here directly: an 8-byte
+little-endian header length, a JSON header (dtype, shape, data_offsets per tensor, padded with spaces
+to a multiple of 8), then the raw little-endian bytes in header order. Output shapes and dtypes are
+known before any tensor is computed (they are the inputs'), so the header comes first and each tensor
+is appended as soon as it exists. The file is written under a temporary name in the target folder and
+renamed at the end, so an interrupted merge leaves nothing at the output path.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import struct
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from .engine import KeyOptions, open_context, produce
+from .methods import create_method
+from .sources import DTYPE_CODES, TensorInfo
+
+__all__ = ["SafetensorsWriter", "atomic_file", "merge_to_file", "resolve_output"]
+
+
+class SafetensorsWriter:
+    """Writes a safetensors file whose layout is fixed up front; tensors must then come in that order."""
+
+    def __init__(self, f: BinaryIO, specs: Sequence[tuple[str, TensorInfo]], metadata: dict[str, str] | None = None):
+        header: dict[str, Any] = {}
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        off = 0
+        for name, info in specs:
+            if name in header:
+                raise ValueError(f"duplicate tensor name {name!r}")
+            if info.dtype not in DTYPE_CODES:
+                raise ValueError(f"{name!r}: dtype {info.dtype} has no safetensors code")
+            header[name] = {"dtype": DTYPE_CODES[info.dtype], "shape": list(info.shape), "data_offsets": [off, off + info.nbytes]}
+            off += info.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # keeps the data section 8-byte aligned, as the reference writer does
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        self._f = f
+        self._specs = list(specs)
+        self._next = 0
+        self.nbytes = 8 + len(raw) + off
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self._specs):
+            raise ValueError(f"unexpected tensor {name!r}: every declared tensor was written")
+        want, info = self._specs[self._next]
+        if name != want or tuple(tensor.shape) != info.shape or tensor.dtype != info.dtype:
+            raise ValueError(
+                f"tensor {name!r} {tuple(tensor.shape)} {tensor.dtype} does not match the declared "
+                f"{want!r} {info.shape} {info.dtype}"
+            )
+        t = tensor.detach().contiguous().reshape(-1)
+        if sys.byteorder != "little" and t.element_size() > 1:
+            t = t.view(torch.uint8).reshape(-1, t.element_size()).flip(1).reshape(-1)
+        if t.numel():
+            self._f.write(memoryview(t.view(torch.uint8).numpy()))
+        self._next += 1
+
+    def finish(self) -> None:
+        if self._next != len(self._specs):
+            missing = [n for n, _ in self._specs[self._next : self._next + 3]]
+            raise ValueError(f"{len(self._specs) - self._next} declared tensors were not written: {missing}...")
+
+
+@contextmanager
+def atomic_file(final: Path, overwrite: bool = False, fsync: bool = False) -> Iterator[BinaryIO]:
+    """Open a temporary file next to `final`; rename it into place only if the block completes."""
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"{final} exists; pass overwrite=True to replace it")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def resolve_output(out: str | os.PathLike, filename: str = "model.safetensors") -> tuple[Path, Path | None]:
+    """A `.safetensors` path is the file itself; anything else is a folder receiving `filename`.
+
+    Returns the file path and the folder we would have to create (None if it exists or is not ours).
+    """
+    out = Path(out)
+    if out.suffix == ".safetensors":
+        return out, None
+    return out / filename, (None if out.exists() else out)
+
+
+def merge_to_file(
+    method: str,
+    pretrained,
+    finetuned,
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    select: str = "radix",
+    fsync: bool = False,
+    metadata: dict[str, str] | None = None,
+    **kwargs: Any,
+) -> Path:
+    """Merge with bounded memory, writing the result to `out` (a `.safetensors` file, or a folder that
+    receives `model.safetensors`). Same methods, hyperparameters and key options as `merging.merge`;
+    the TIES global threshold uses the radix select by default. Returns the written file's path.
+    """
+    path, created_dir = resolve_output(out)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    opts, hp = KeyOptions.split(dict(kwargs))
+    m = create_method(method, **hp)
+    ctx = open_context(pretrained, finetuned, opts, m.min_models(), method)
+    try:
+        m.prepare(ctx, select)
+        plan = ctx.plan
+        specs = [(k, plan.infos[k]) for k in plan.order]
+        meta = {"format": "pt", "mtlkit_method": method, "mtlkit_hparams": json.dumps(m.hp, default=str)}
+        meta.update(metadata or {})
+        with atomic_file(path, overwrite=overwrite, fsync=fsync) as f:
+            w = SafetensorsWriter(f, specs, meta)
+            for key, tensor in produce(m, ctx):
+                w.write(key, tensor)
+            w.finish()
+    except BaseException:
+        if created_dir is not None and created_dir.is_dir() and not any(created_dir.iterdir()):
+            created_dir.rmdir()
+        raise
+    finally:
+        ctx.close()
+    return path

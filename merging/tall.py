@@ -1,0 +1,185 @@
+"""TALL masks (Wang et al., ICML 2024): per-task masks over one merged multi-task vector.
+
+τ_MTL is Σ_t τ_t (mtv="sum") or the TIES vector (mtv="ties", λ=1); task t's mask is
+m_t = |τ_t| ≥ λ_t·|τ_MTL − τ_t| (the formula compares |τ_t|, not |θ0 − τ_t|); task t's model is
+θ0 + m_t ∘ τ_MTL. λ_t is picked per task on validation in about [0.2, 0.6]; λ_t = 0 gives an all-ones
+mask. How many tasks use each weight tells selfish (1 task) and catastrophic (0 tasks) weights apart,
+which Consensus merging drops.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .engine import Context, KeyOptions, open_context
+from .methods import SELECTS, _check_lam, _per_task, make_mtv_method, tall_mask_tensors, usage_count
+
+__all__ = ["TallMasks", "tall_masks", "TallKernel", "mask_overlap", "reconstruct_tensor"]
+
+
+def reconstruct_tensor(pre: torch.Tensor, tau: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """θ0 + m ∘ τ_MTL (the one formula both the in-memory object and the store use, so they agree exactly)."""
+    return (tau * mask).add_(pre).to(dtype)
+
+
+class TallKernel:
+    """Per-tensor TALL computation shared by `tall_masks` and the streaming store writer."""
+
+    def __init__(self, lam: float | Sequence[float] = 0.4, mtv: str = "sum", ties: dict[str, Any] | None = None):
+        _check_lam("lam", lam, allow_list=True)
+        if any(v < 0 for v in (lam if isinstance(lam, Sequence) else [lam])):
+            raise ValueError(f"lam must be ≥ 0, got {lam!r}")
+        self.lam_arg, self.mtv = lam, mtv
+        self.base = make_mtv_method(mtv, dict(ties or {}))
+
+    def prepare(self, ctx: Context, select: str) -> None:
+        self.base.prepare(ctx, select)
+        self.lams = _per_task("lam", self.lam_arg, ctx.T)
+
+    def tensor(self, ctx: Context, key: str) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """(θ0, τ_MTL, [m_t]) for one key, θ0 and τ_MTL in compute dtype."""
+        pre = ctx.pre(key)
+        taus = [ctx.tv(key, t, pre) for t in range(ctx.T)]
+        mtv = self.base.merged_vector(key, taus, inplace=False)
+        return pre, mtv, tall_mask_tensors(taus, mtv, self.lams)
+
+
+class TallMasks:
+    """Result of `tall_masks`: θ0, τ_MTL and one mask per task, all `{name: tensor}` dicts.
+
+    `masks[t]` holds a separate bool tensor per name (never shared between tasks); `merged` is
+    θ0 + τ_MTL; `reconstruct(t)` is θ0 + m_t ∘ τ_MTL. Keys that are copied rather than merged (integer
+    buffers, BN statistics under the BN rule) appear unchanged in `merged` and every reconstruction.
+    """
+
+    def __init__(self, pretrained, tau, masks, kept, dtypes, lam, mtv, task_keys=None):
+        self.pretrained: dict[str, torch.Tensor] = pretrained
+        self.tau: dict[str, torch.Tensor] = tau
+        self.masks: list[dict[str, torch.Tensor]] = masks
+        self.kept: dict[str, torch.Tensor] = kept
+        self.dtypes: dict[str, torch.dtype] = dtypes
+        self.lam: list[float] = lam
+        self.mtv = mtv
+        self.task_keys: list[list[str]] = task_keys or [[] for _ in masks]
+        self.order = list(dtypes)
+        self.merged = {
+            k: (self.kept[k].clone() if k in self.kept else torch.add(self.pretrained[k], self.tau[k]).to(self.dtypes[k]))
+            for k in self.order
+        }
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.masks)
+
+    def reconstruct(self, t: int) -> dict[str, torch.Tensor]:
+        m = self.masks[t]
+        return {
+            k: (self.kept[k].clone() if k in self.kept else reconstruct_tensor(self.pretrained[k], self.tau[k], m[k], self.dtypes[k]))
+            for k in self.order
+        }
+
+    def usage(self) -> dict[str, torch.Tensor]:
+        """Number of tasks whose mask keeps each entry."""
+        return {k: usage_count([m[k] for m in self.masks]) for k in self.tau}
+
+    def consensus(self, k: int = 2) -> dict[str, torch.Tensor]:
+        """Consensus mask: entries kept by at least k tasks."""
+        return {name: c >= k for name, c in self.usage().items()}
+
+    def overlap(self) -> dict[str, Any]:
+        return mask_overlap(self)
+
+    def save(self, out, tasks: Sequence[str] | None = None, overwrite: bool = False):
+        """Write the compressed store (θ0 + τ_MTL + bit-packed masks); see `merging.storage`."""
+        from .storage import save_tall_masks
+
+        return save_tall_masks(self, out, tasks=tasks, overwrite=overwrite)
+
+
+def tall_masks(
+    pretrained,
+    finetuned,
+    lam: float | Sequence[float] = 0.4,
+    mtv: str = "sum",
+    *,
+    k: float = 20,
+    merge_func: str = "mean",
+    trim: str = "global",
+    select: str = "kthvalue",
+    **key_options: Any,
+) -> TallMasks:
+    """TALL masks for each fine-tuned model. `lam`: one λ for all tasks or one per task.
+    `mtv`: "sum" or "ties" (then `k`, `merge_func`, `trim` configure TIES, with λ_TIES = 1)."""
+    if select not in SELECTS:
+        raise ValueError(f"select must be one of {SELECTS}, got {select!r}")
+    opts, rest = KeyOptions.split(dict(key_options))
+    if rest:
+        raise TypeError(f"tall_masks: unknown option(s) {', '.join(sorted(rest))}")
+    kernel = TallKernel(lam, mtv, {"k": k, "merge_func": merge_func, "trim": trim} if mtv == "ties" else None)
+    ctx = open_context(pretrained, finetuned, opts, 1, "tall_masks")
+    try:
+        kernel.prepare(ctx, select)
+        plan = ctx.plan
+        pre, tau, kept = {}, {}, {}
+        masks: list[dict[str, torch.Tensor]] = [{} for _ in range(ctx.T)]
+        for key in ctx.iter_keys(plan.order):
+            if plan.kind[key] != "merge":
+                kept[key] = _copied(ctx, key)
+                continue
+            p, mtv_t, ms = kernel.tensor(ctx, key)
+            # θ0 in its own dtype is the input's tensor (or a file view): keep a copy, never an alias.
+            pre[key] = p.clone() if plan.compute[key] == plan.infos[key].dtype else p
+            tau[key] = mtv_t
+            for t, m in enumerate(ms):
+                masks[t][key] = m
+        dtypes = {k_: plan.infos[k_].dtype for k_ in plan.order}
+        return TallMasks(pre, tau, masks, kept, dtypes, kernel.lams, mtv, plan.task_specific)
+    finally:
+        ctx.close()
+
+
+def _copied(ctx: Context, key: str) -> torch.Tensor:
+    """A non-merged key's output (copied from θ0, or the fine-tuned average for BN under bn="average")."""
+    if ctx.plan.kind[key] == "copy":
+        return ctx.raw_pre(key).clone()
+    acc = torch.zeros(ctx.plan.infos[key].shape, dtype=ctx.plan.compute[key])
+    for t in range(ctx.T):
+        acc.add_(ctx.ft(key, t))
+    return acc.div_(ctx.T).to(ctx.plan.infos[key].dtype)
+
+
+def mask_overlap(masks) -> dict[str, Any]:
+    """How many tasks use each weight, over all masked entries.
+
+    `masks`: a `TallMasks`, a TALL store (path or `TallStore`), or a list of `{name: bool tensor}`.
+    Returns counts and fractions indexed by the number of tasks (0..T), plus `selfish` (used by exactly
+    one task) and `catastrophic` (used by none) fractions.
+    """
+    from .storage import TallStore, open_store
+
+    if isinstance(masks, TallMasks):
+        T, names, get = masks.num_tasks, list(masks.tau), lambda n: [m[n] for m in masks.masks]
+    elif isinstance(masks, (list, tuple)):
+        if not masks:
+            raise ValueError("mask_overlap needs at least one mask")
+        T, names, get = len(masks), list(masks[0]), lambda n: [m[n] for m in masks]
+    else:
+        store = masks if isinstance(masks, TallStore) else open_store(masks)
+        T, names, get = store.num_tasks, store.merged_keys, lambda n: [store.mask(t, n) for t in range(store.num_tasks)]
+    counts = torch.zeros(T + 1, dtype=torch.int64)
+    for n in names:
+        c = usage_count(get(n))
+        counts += torch.bincount(c.reshape(-1).long(), minlength=T + 1)
+    total = int(counts.sum())
+    fr = (counts.double() / max(total, 1)).tolist()
+    return {
+        "tasks": T,
+        "params": total,
+        "counts": counts.tolist(),
+        "fractions": fr,
+        "catastrophic": fr[0],
+        "selfish": fr[1] if T >= 1 else 0.0,
+        "universal": fr[T],
+    }

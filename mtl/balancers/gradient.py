@@ -1,0 +1,299 @@
+"""Gradient aggregation through TorchJD (``torchjd.autojac.mtl_backward`` + its aggregators).
+
+Every task head gets its own task's gradient; the shared parameters get the aggregation of the
+task Jacobian, rescaled to mtlkit's EW-sum convention (aligned task gradients -> the EW update):
+
+==============  ================================================  ==========================
+name            TorchJD output (rows = task gradients g_t)         mtlkit rescaling
+==============  ================================================  ==========================
+pcgrad          sum of projected gradients                         × 1
+graddrop        sum of sign-masked gradients                       × 1
+mgda            convex combination (min-norm point), Σw = 1        × T
+imtl_g          affine combination, Σw = 1                         × T
+upgrad          mean of dual-cone projections (Σw = 1 w/o conflict)× T
+dualproj        mean projected onto the dual cone                  × T
+aligned_mtl     mean, rescaled by the smallest singular value      × T
+cagrad          g0 + c‖g0‖ g_w/‖g_w‖ (Σw = 1 + c when aligned)     × T / (1 + c)
+nash_mtl        ‖d‖ = √T whatever the gradient scale, then clipped weights renormalised to Σw = T
+==============  ================================================  ==========================
+
+``level="features"`` aggregates the Jacobian w.r.t. the shared representation (``ctx.features``)
+instead of the shared parameters, then runs one backward of the aggregated feature gradient.
+For the weighted aggregators this is exact linear algebra: the parameter update is Σ w_t g_t with
+weights computed from the representation Gramian (MGDA-UB, IMTL-G as published); for GradDrop it
+is the paper's own setting (sign dropout on activations). Guarantees (non-conflict for
+pcgrad/upgrad/dualproj, Pareto stationarity for mgda) then hold w.r.t. the representation gradients.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+# torchjd (and cvxpy behind it) is imported on first use: `import mtl.balancers` stays cheap
+from mtl.balancers.base import Balancer, StepContext, register, require_shared, sync_grads
+
+
+def feature_list(features) -> list[torch.Tensor]:
+    return [features] if isinstance(features, torch.Tensor) else list(features)
+
+
+def accumulate(param: torch.Tensor, grad: torch.Tensor | None) -> None:
+    if grad is None:
+        return
+    grad = grad.to(param.dtype)
+    if param.grad is None:
+        param.grad = grad
+    else:
+        param.grad += grad
+
+
+class JacobianBalancer(Balancer):
+    """Base class of the TorchJD-backed methods; subclasses build the aggregator and say how its
+    output relates to the EW sum (``_rescale``)."""
+
+    needs_shared_params = True
+    #: whether ``level="features"`` is allowed
+    supports_features_level = True
+
+    def __init__(self, tasks: Sequence[str], level: str = "params", parallel_chunk_size: int | None = None,
+                 skip_nonfinite: bool = False):
+        super().__init__(tasks, skip_nonfinite)
+        if level not in ("params", "features"):
+            raise ValueError(f"{self.name}: level must be 'params' or 'features', got {level!r}")
+        if level == "features" and not self.supports_features_level:
+            raise ValueError(f"{self.name}: level=features is not supported (see docs/balancers.md)")
+        self.level = level
+        self.parallel_chunk_size = parallel_chunk_size
+        self.aggregator = self._make_aggregator()
+        # TorchJD's documented extension point: forward hooks. Rescaling the weights (not the
+        # vector) keeps jac_to_grad's returned weights and our logged weights on the EW-sum scale.
+        from torchjd.aggregation import WeightedAggregator
+
+        if isinstance(self.aggregator, WeightedAggregator):
+            self.aggregator.weighting.register_forward_hook(self._weights_hook)
+        else:
+            self.aggregator.register_forward_hook(self._vector_hook)
+
+    # --- per-method ------------------------------------------------------------------------
+    def _make_aggregator(self):
+        raise TypeError(f"{type(self).__name__} must define _make_aggregator")
+
+    #: multiplier of TorchJD's weights / vector (see the module docstring)
+    factor: float = 1.0
+
+    def _rescale(self, w: torch.Tensor) -> torch.Tensor:
+        return w * self.factor
+
+    def _weights_hook(self, _module, _inputs, weights: torch.Tensor) -> torch.Tensor:
+        scaled = self._rescale(weights)
+        self._set_weights(scaled)
+        return scaled
+
+    def _vector_hook(self, _module, _inputs, vector: torch.Tensor) -> torch.Tensor:
+        self._set_weights([self.factor] * len(self.tasks))  # no per-task weights (e.g. GradDrop)
+        return vector * self.factor if self.factor != 1.0 else vector
+
+    # --- backward --------------------------------------------------------------------------
+    def backward(self, ctx: StepContext) -> None:
+        require_shared(self, ctx)
+        if self.level == "features":
+            self._features_backward(ctx)
+        else:
+            from torchjd.autojac import jac_to_grad
+
+            self._jacobian_to_fields(ctx)
+            jac_to_grad(ctx.shared_params, self.aggregator)
+        sync_grads(self._all_params(ctx))
+
+    def _losses(self, ctx: StepContext) -> list[torch.Tensor]:
+        self._stack(ctx.losses)  # checks every task has a loss
+        return [ctx.losses[t] for t in self.tasks]
+
+    def _heads(self, ctx: StepContext) -> list[list[torch.Tensor]]:
+        return [list(ctx.task_params.get(t, [])) for t in self.tasks]
+
+    def _all_params(self, ctx: StepContext) -> list[torch.Tensor]:
+        return list(ctx.shared_params) + [p for h in self._heads(ctx) for p in h]
+
+    def _jacobian_to_fields(self, ctx: StepContext) -> None:
+        """Heads' ``.grad`` += own-task gradient; shared params' ``.jac`` = task Jacobian."""
+        from torchjd.autojac import backward as jd_backward, mtl_backward
+
+        losses, heads = self._losses(ctx), self._heads(ctx)
+        if ctx.features is not None:
+            mtl_backward(losses, features=ctx.features, tasks_params=heads, shared_params=ctx.shared_params,
+                         parallel_chunk_size=self.parallel_chunk_size)
+            return
+        # no single representation (e.g. per-task routed features): heads from the summed loss
+        # (disjoint heads -> each gets its own task's gradient), Jacobian over the shared params
+        flat_heads = [p for h in heads for p in h]
+        if flat_heads:
+            grads = torch.autograd.grad(torch.stack(losses).sum(), flat_heads, retain_graph=True, allow_unused=True)
+            for p, g in zip(flat_heads, grads):
+                accumulate(p, g)
+        jd_backward(losses, inputs=ctx.shared_params, parallel_chunk_size=self.parallel_chunk_size)
+
+    def _features_backward(self, ctx: StepContext) -> None:
+        if ctx.features is None:
+            raise ValueError(f"{self.name}(level=features) needs StepContext.features, the shared representation "
+                             "the heads consume; this model/module does not provide it (use level=params)")
+        from torchjd.autojac import jac
+
+        losses, heads = self._losses(ctx), self._heads(ctx)
+        feats = feature_list(ctx.features)
+        flat_heads = [p for h in heads for p in h]
+        jacs = jac(losses, feats + flat_heads, retain_graph=True, parallel_chunk_size=self.parallel_chunk_size)
+        T = len(losses)
+        for p, j in zip(flat_heads, jacs[len(feats):]):
+            accumulate(p, j.sum(0))  # row s of head t is zero for s != t
+        matrix = torch.cat([j.reshape(T, -1) for j in jacs[:len(feats)]], dim=1)
+        direction = self.aggregator(matrix)
+        parts = [d.view_as(f) for d, f in zip(direction.split([f.numel() for f in feats]), feats)]
+        grads = torch.autograd.grad(feats, ctx.shared_params, grad_outputs=parts, allow_unused=True)
+        for p, g in zip(ctx.shared_params, grads):
+            accumulate(p, g)
+
+
+@register("pcgrad")
+class PCGradBalancer(JacobianBalancer):
+    """Yu et al. 2020, gradient surgery: project each g_t off the conflicting g_s (random order)."""
+
+    def _make_aggregator(self):
+        from torchjd.aggregation import PCGrad
+
+        return PCGrad()
+
+
+@register("graddrop")
+class GradDropBalancer(JacobianBalancer):
+    """Chen et al. 2020, gradient sign dropout (random per coordinate; no per-task weights)."""
+
+    def _make_aggregator(self):
+        from torchjd.aggregation import GradDrop
+
+        return GradDrop()
+
+
+class _MeanScaled(JacobianBalancer):
+    @property
+    def factor(self) -> float:
+        return float(len(self.tasks))
+
+
+@register("mgda")
+class MGDABalancer(_MeanScaled):
+    """Sener & Koltun 2018 (Frank-Wolfe): min-norm point of the convex hull of the g_t."""
+
+    def __init__(self, tasks, epsilon: float = 1e-3, max_iters: int = 100, level: str = "params",
+                 parallel_chunk_size: int | None = None, skip_nonfinite: bool = False):
+        self.epsilon, self.max_iters = epsilon, max_iters
+        super().__init__(tasks, level, parallel_chunk_size, skip_nonfinite)
+
+    def _make_aggregator(self):
+        from torchjd.aggregation import MGDA
+
+        return MGDA(epsilon=self.epsilon, max_iters=self.max_iters)
+
+
+@register("imtl_g")
+class IMTLGBalancer(_MeanScaled):
+    """Liu et al. 2021 (IMTL-G): the combination whose projections on every unit g_t are equal."""
+
+    def _make_aggregator(self):
+        from torchjd.aggregation import IMTLG
+
+        return IMTLG()
+
+
+@register("upgrad")
+class UPGradBalancer(_MeanScaled):
+    """Quinton & Rey 2024: mean of each g_t projected onto the dual cone of all rows."""
+
+    def _make_aggregator(self):
+        from torchjd.aggregation import UPGrad
+
+        return UPGrad()
+
+
+@register("dualproj")
+class DualProjBalancer(_MeanScaled):
+    """The mean gradient projected onto the dual cone of the rows (GEM-style)."""
+
+    def _make_aggregator(self):
+        from torchjd.aggregation import DualProj
+
+        return DualProj()
+
+
+@register("aligned_mtl")
+class AlignedMTLBalancer(_MeanScaled):
+    """Senushkin et al. 2023: align the Jacobian's singular values, scaled by ``scale_mode``."""
+
+    def __init__(self, tasks, scale_mode: str = "min", level: str = "params",
+                 parallel_chunk_size: int | None = None, skip_nonfinite: bool = False):
+        if scale_mode not in ("min", "median", "rmse"):
+            raise ValueError(f"aligned_mtl: scale_mode must be min, median or rmse, got {scale_mode!r}")
+        self.scale_mode = scale_mode
+        super().__init__(tasks, level, parallel_chunk_size, skip_nonfinite)
+
+    def _make_aggregator(self):
+        from torchjd.aggregation import AlignedMTL
+
+        return AlignedMTL(scale_mode=self.scale_mode)
+
+
+@register("cagrad")
+class CAGradBalancer(JacobianBalancer):
+    """Liu et al. 2021: maximise the worst task improvement within a ball of radius c‖g0‖ around
+    the mean gradient g0."""
+
+    def __init__(self, tasks, c: float = 0.4, norm_eps: float = 1e-4, level: str = "params",
+                 parallel_chunk_size: int | None = None, skip_nonfinite: bool = False):
+        if c < 0:
+            raise ValueError(f"cagrad: c must be >= 0, got {c}")
+        self.c, self.norm_eps = float(c), float(norm_eps)
+        super().__init__(tasks, level, parallel_chunk_size, skip_nonfinite)
+
+    @property
+    def factor(self) -> float:
+        return len(self.tasks) / (1.0 + self.c)
+
+    def _make_aggregator(self):
+        from torchjd.aggregation import CAGrad
+
+        return CAGrad(c=self.c, norm_eps=self.norm_eps)
+
+
+@register("nash_mtl")
+class NashMTLBalancer(JacobianBalancer):
+    """Navon et al. 2022: the Nash bargaining solution α_t (G α)_t = 1.
+
+    Its direction's norm is √T whatever the gradient scale, so the scale is carried by nothing;
+    mtlkit renormalises the weights to sum to T (TorchJD's max-norm clip is disabled: use the
+    trainer's gradient clipping). A degenerate solve (zero/NaN weights) falls back to EW weights.
+    """
+
+    def __init__(self, tasks, update_weights_every: int = 1, optim_niter: int = 20, level: str = "params",
+                 parallel_chunk_size: int | None = None, skip_nonfinite: bool = False):
+        self.update_weights_every, self.optim_niter = int(update_weights_every), int(optim_niter)
+        super().__init__(tasks, level, parallel_chunk_size, skip_nonfinite)
+
+    def _make_aggregator(self):
+        from torchjd.aggregation import NashMTL
+
+        return NashMTL(n_tasks=len(self.tasks), max_norm=0.0, update_weights_every=self.update_weights_every,
+                       optim_niter=self.optim_niter)
+
+    def _rescale(self, w: torch.Tensor) -> torch.Tensor:
+        total = w.sum()
+        if not torch.isfinite(w).all() or total <= 1e-12:
+            return torch.ones_like(w)
+        return w * (len(self.tasks) / total)
+
+    def reset(self) -> None:
+        self.aggregator.reset()
+
+
+#: the gradient methods, for `flat`'s ``aggregator=`` and for docs/tests
+JACOBIAN_METHODS = ("pcgrad", "mgda", "cagrad", "imtl_g", "nash_mtl", "aligned_mtl", "upgrad", "dualproj", "graddrop")

@@ -1,0 +1,116 @@
+"""Monitoring of a balancer: task weights and pairwise task-gradient cosines, every N steps.
+
+The module calls, each training step::
+
+    logs = monitor.before_backward(ctx)              # cosines (needs the graph: before backward)
+    balancer.backward(ctx); opt.step(); balancer.after_step(ctx)
+    logs |= monitor.after_step(ctx, balancer)        # weights used at this step
+    self.log_dict(logs)
+    ...
+    monitor.save_plot(run_dir / "balancer_weights.png")   # rank 0, at the end of fit
+
+Keys: ``balancer/weight/<task>`` and ``balancer/cos/<a>-<b>``. Both return {} on other steps.
+"""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mtl.balancers.base import Balancer, StepContext
+
+
+class BalancerMonitor:
+    def __init__(self, every: int = 50, level: str = "params"):
+        if every < 1:
+            raise ValueError(f"BalancerMonitor: every must be >= 1, got {every}")
+        if level not in ("params", "features"):
+            raise ValueError(f"BalancerMonitor: level must be 'params' or 'features', got {level!r}")
+        self.every, self.level = int(every), level
+        self.history: list[dict[str, Any]] = []  # {"step", "weights": {t: w}, "cos": {"a-b": c}}
+        self._cos: dict[str, float] = {}
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def before_backward(self, ctx: StepContext) -> dict[str, float]:
+        """Pairwise cosine similarity of the task gradients over the shared parameters (or the
+        shared representation with ``level="features"``). Costs T extra backward passes through the
+        shared part, on due steps only; the graph is retained for the balancer's backward."""
+        self._cos = {}
+        if not self.due(ctx.step) or len(ctx.losses) < 2:
+            return {}
+        wrt = self._wrt(ctx)
+        if not wrt:
+            return {}
+        names = list(ctx.losses)
+        rows = []
+        for t in names:
+            grads = torch.autograd.grad(ctx.losses[t], wrt, retain_graph=True, allow_unused=True)
+            rows.append(torch.cat([(torch.zeros_like(w) if g is None else g).reshape(-1).float()
+                                   for w, g in zip(wrt, grads)]))
+        G = torch.stack(rows)
+        G = G / G.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        cos = (G @ G.T).cpu()
+        self._cos = {f"{a}-{b}": float(cos[i, j])
+                     for (i, a), (j, b) in itertools.combinations(list(enumerate(names)), 2)}
+        return {f"balancer/cos/{k}": v for k, v in self._cos.items()}
+
+    def after_step(self, ctx: StepContext, balancer: Balancer) -> dict[str, float]:
+        """The weights the balancer used at this step; recorded for the plot."""
+        if not self.due(ctx.step):
+            return {}
+        weights = {t: float(w) for t, w in balancer.weights().items()}
+        self.history.append({"step": int(ctx.step), "weights": weights, "cos": dict(self._cos)})
+        return {f"balancer/weight/{t}": w for t, w in weights.items()}
+
+    def _wrt(self, ctx: StepContext) -> list[torch.Tensor]:
+        if self.level == "features" and ctx.features is not None:
+            return [ctx.features] if isinstance(ctx.features, torch.Tensor) else list(ctx.features)
+        return list(ctx.shared_params)
+
+    def save_plot(self, path: str | Path) -> Path | None:
+        """Weights (and cosines, when measured) over training as a PNG; None when nothing was recorded."""
+        if not self.history:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        steps = [h["step"] for h in self.history]
+        has_cos = any(h["cos"] for h in self.history)
+        marker = "o" if len(steps) <= 30 else None  # short runs: a line of one point is invisible
+        fig, axes = plt.subplots(2 if has_cos else 1, 1, figsize=(7, 6 if has_cos else 3.5), sharex=True, squeeze=False)
+        ax = axes[0, 0]
+        for task in self.history[-1]["weights"]:
+            ax.plot(steps, [h["weights"].get(task, float("nan")) for h in self.history], label=task, marker=marker, ms=3)
+        ax.set_ylabel("task weight (EW = 1)")
+        ax.legend(fontsize=7, ncol=3)
+        ax.grid(alpha=0.3)
+        if has_cos:
+            ax = axes[1, 0]
+            pairs = sorted({k for h in self.history for k in h["cos"]})
+            for pair in pairs:
+                ax.plot(steps, [h["cos"].get(pair, float("nan")) for h in self.history], label=pair, lw=1, marker=marker, ms=2)
+            ax.axhline(0.0, color="k", lw=0.5)
+            ax.set_ylabel("gradient cosine")
+            ax.legend(fontsize=6, ncol=3)
+            ax.grid(alpha=0.3)
+        axes[-1, 0].set_xlabel("step")
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+    # the history travels with Lightning checkpoints when the module stores it there
+    def state_dict(self) -> dict[str, Any]:
+        return {"every": self.every, "level": self.level, "history": list(self.history)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = list(state.get("history", []))
+

@@ -1,0 +1,216 @@
+"""Benchmark every balancer on `scenes`: same seed, model, data and step budget.
+
+1. single-task baselines (one `mtl-train` run per task, same recipe) -> OUT/baselines.json
+   (reused when present, or pass --baselines);
+2. one multi-task run per method through the real training job (`mtl.train.run`), Δm% against
+   the baselines from each run's metrics.json;
+3. a timing phase: every method's training step (forward + balancer + AdamW step) on the same
+   batch, methods interleaved round-robin so machine noise hits all alike; time/step relative
+   to `ew` measured in this same phase;
+4. a markdown table (stdout and OUT/balancers.md) and OUT/results.json.
+
+    python scripts/bench_balancers.py --out outputs/bench_balancers            # everything
+    python scripts/bench_balancers.py --methods ew,pcgrad,upgrad@features      # a subset
+
+A method is a registry name, optionally `@features` (representation-level aggregation).
+Finished runs (OUT/runs/<method>/metrics.json) are reused unless --force.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from mtl.balancers import BALANCERS, JACOBIAN_METHODS, check_finite, create_balancer, freeze_norm_stats
+
+TASKS = ["semseg", "depth", "normals", "edges", "classification", "regression"]
+REP_LEVEL = ["upgrad@features", "mgda@features", "imtl_g@features", "pcgrad@features"]
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="outputs/bench_balancers")
+    p.add_argument("--methods", default=",".join(BALANCERS.names() + REP_LEVEL))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--n-train", type=int, default=1024)
+    p.add_argument("--n-val", type=int, default=256)
+    p.add_argument("--n-test", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--backbone", default="resnet10t")
+    p.add_argument("--channels", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--baselines", default=None, help="existing baselines JSON (else trained into OUT)")
+    p.add_argument("--timing-rounds", type=int, default=3)
+    p.add_argument("--timing-steps", type=int, default=4)
+    p.add_argument("--skip-training", action="store_true", help="only the timing phase (+ table from existing runs)")
+    p.add_argument("--force", action="store_true", help="retrain runs that already finished")
+    return p.parse_args()
+
+
+def split_method(method: str) -> tuple[str, dict]:
+    name, _, level = method.partition("@")
+    if name not in BALANCERS:
+        BALANCERS.get(name)  # raises with the valid names
+    return name, ({"level": level} if level else {})
+
+
+def recipe(args) -> list[str]:
+    return [
+        "experiment=scenes_hps", f"seed={args.seed}", f"data.size={args.size}", f"data.n_train={args.n_train}",
+        f"data.n_val={args.n_val}", f"data.n_test={args.n_test}", f"data.batch_size={args.batch_size}",
+        f"backbone.name={args.backbone}", f"decoder.channels={args.channels}", f"optim.lr={args.lr}",
+        f"trainer.max_epochs={args.epochs}", "viz.num_samples=0", "~callbacks.progress_bar",
+        "+trainer.enable_progress_bar=false", "+callbacks.step_timer._target_=mtl.balancers.timing.StepTimer",
+    ]
+
+
+def train_run(args, out: Path, key: str, overrides: list[str]) -> dict:
+    from mtl.train import run
+
+    run_dir = out / "runs" / key
+    if (run_dir / "metrics.json").exists() and not args.force:
+        print(f"[bench] {key}: reusing {run_dir}", flush=True)
+    else:
+        start = time.perf_counter()
+        run(recipe(args) + overrides, run_dir=run_dir)
+        print(f"[bench] {key}: trained in {time.perf_counter() - start:.0f}s", flush=True)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    timing = run_dir / "step_time.json"
+    metrics["step_time"] = json.loads(timing.read_text()) if timing.exists() else {}
+    return metrics
+
+
+def baselines(args, out: Path) -> Path:
+    if args.baselines:
+        return Path(args.baselines)
+    path = out / "baselines.json"
+    if path.exists() and not args.force:
+        return path
+    path.unlink(missing_ok=True)
+    for task in TASKS:
+        train_run(args, out, f"stl_{task}", [f"task={task}", "balancer=ew", f"baselines.save_to={path.resolve()}"])
+    return path
+
+
+# --- timing phase ----------------------------------------------------------------------------
+
+
+def time_methods(args, methods: list[str]) -> dict[str, float]:
+    """Median seconds per training step for each method, interleaved round-robin."""
+    from mtl.data import create_datamodule
+    from mtl.models import create_model
+
+    dm = create_datamodule("scenes", size=args.size, n_train=args.batch_size, n_val=args.batch_size,
+                           n_test=args.batch_size, batch_size=args.batch_size, seed=args.seed,
+                           cache_dir=str(Path(args.out) / "timing_data"))
+    dm.prepare_data()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    x = batch["image"]
+
+    setups = {}
+    for method in methods:
+        name, kw = split_method(method)
+        torch.manual_seed(args.seed)
+        model = create_model(TASKS, backbone={"name": args.backbone}, decoder={"name": "hps", "channels": args.channels})
+        balancer = create_balancer(name, TASKS, **kw)
+        opt = torch.optim.AdamW(list(model.parameters()) + list(balancer.parameters()), lr=args.lr)
+        setups[method] = (model.train(), balancer, opt)
+
+    def step(model, balancer, opt, i):
+        from mtl.balancers import StepContext
+
+        def losses_of(names):
+            preds = model.heads(model.shared(x), tuple(x.shape[-2:]), names)
+            return {n: model.tasks[n].loss(preds[n], batch[model.tasks[n].target_key]) for n in names}
+
+        def recompute(tasks=None):
+            with freeze_norm_stats(model):
+                return losses_of(list(tasks) if tasks is not None else TASKS)
+
+        z = model.shared(x)
+        preds = model.heads(z, tuple(x.shape[-2:]))
+        losses = {n: t.loss(preds[n], batch[t.target_key]) * t.weight for n, t in model.tasks.items()}
+        check_finite(losses)
+        ctx = StepContext(losses, model.shared_parameters(), {t: model.task_parameters(t) for t in TASKS}, z,
+                          recompute=recompute, step=i)
+        opt.zero_grad(set_to_none=True)
+        balancer.backward(ctx)
+        opt.step()
+        balancer.after_step(ctx)
+
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for r in range(args.timing_rounds + 1):  # round 0 warms up (cvxpy problem set-up, allocator)
+        for method, (model, balancer, opt) in setups.items():
+            for i in range(args.timing_steps):
+                t0 = time.perf_counter()
+                step(model, balancer, opt, r * args.timing_steps + i)
+                if r > 0:
+                    times[method].append(time.perf_counter() - t0)
+        print(f"[bench] timing round {r}/{args.timing_rounds} done", flush=True)
+    return {m: statistics.median(v) for m, v in times.items()}
+
+
+# --- table -----------------------------------------------------------------------------------
+
+
+def table(results: dict[str, dict], step_times: dict[str, float], primary: dict[str, str]) -> str:
+    ew = step_times.get("ew")
+    cols = [f"{t} {primary[t]}" for t in TASKS]
+    lines = ["| method | " + " | ".join(cols) + " | Δm% | s/step | × ew |",
+             "|---" * (len(cols) + 4) + "|"]
+    for method, m in results.items():
+        test = m.get("test", {})
+        vals = [f"{test[t][primary[t]]:.4f}" if t in test else "—" for t in TASKS]
+        dm = m.get("delta_m", {}).get("value")
+        st = step_times.get(method)
+        lines.append(f"| {method} | " + " | ".join(vals) + f" | {dm:+.2f} |" if dm is not None else
+                     f"| {method} | " + " | ".join(vals) + " | — |")
+        lines[-1] += f" {st:.3f} | {st / ew:.2f} |" if st and ew else " — | — |"
+    return "\n".join(lines)
+
+
+def main():
+    args = parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if "ew" not in methods:
+        methods.insert(0, "ew")  # the reference for the time ratio
+    for m in methods:
+        split_method(m)
+
+    from mtl.tasks import create_task
+
+    primary = {t: create_task(t).primary for t in TASKS}
+    results: dict[str, dict] = {}
+    if not args.skip_training:
+        base = baselines(args, out)
+        for method in methods:
+            name, kw = split_method(method)
+            overrides = [f"balancer={name}", f"baselines.path={base.resolve()}"]
+            overrides += [f"balancer.{k}={v}" for k, v in kw.items()]
+            results[method] = train_run(args, out, method.replace("@", "_"), overrides)
+    else:
+        for method in methods:
+            path = out / "runs" / method.replace("@", "_") / "metrics.json"
+            if path.exists():
+                results[method] = json.loads(path.read_text())
+    step_times = time_methods(args, methods)
+    md = table(results, step_times, primary)
+    (out / "balancers.md").write_text(md + "\n")
+    (out / "results.json").write_text(json.dumps(
+        {"args": vars(args), "step_time_s": step_times,
+         "runs": {m: {"test": r.get("test"), "delta_m": r.get("delta_m"), "train_step_time": r.get("step_time"),
+                      "fit_seconds": r.get("fit_seconds")} for m, r in results.items()}}, indent=2))
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

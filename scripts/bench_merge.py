@@ -1,0 +1,436 @@
+#!/usr/bin/env python
+"""Merging benchmarks: speed and peak memory of the streaming engine against in-memory baselines.
+
+    python scripts/bench_merge.py            # full: ViT-B/32-shaped × 8 and Llama-shaped (134M) × 4
+    python scripts/bench_merge.py --small    # seconds-long smoke version of the same runs
+
+ViT part: 8 fine-tuned copies of a random ViT-B/32-shaped float32 state dict (~88M parameters) plus the
+pretrained one, as safetensors files. Task arithmetic and TIES (global top-20%) are run (a) with
+`merging.merge_to_file` (streaming) and (b) with a straightforward in-memory implementation (load every
+model, stack the task vectors, torch ops). Read bandwidth = bytes of all inputs / time for `safe_open`
+to hand out every tensor and for us to touch it (a sum), measured with the files in page cache
+("warm") and after evicting them with posix_fadvise(DONTNEED) ("cold"); task arithmetic's throughput
+is the same input bytes over its merge time, in the same cache state.
+
+LLM part: 4 fine-tuned copies of a Llama-shaped float32 state dict (~134M parameters): per-tensor TIES
+(top-k inside each tensor, as LLM merging tools do) streamed with `kthvalue` (and with the radix
+select), against a per-tensor baseline written here that fully sorts each tensor's magnitudes.
+
+Every run is a separate subprocess; its peak RSS comes from wait4's rusage (ru_maxrss of that child
+alone) and includes the interpreter + torch import (reported as "import baseline"). Files are created in
+a temporary folder (--workdir) and deleted at the end. Results are printed as a markdown snippet.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+
+
+# -- model shapes -------------------------------------------------------------------------------------
+def vit_shapes(width=768, layers=12, patch=32, tokens=50, out_dim=512):
+    s = {
+        "backbone.conv1.weight": (width, 3, patch, patch),
+        "backbone.class_embedding": (width,),
+        "backbone.positional_embedding": (tokens, width),
+        "backbone.ln_pre.weight": (width,),
+        "backbone.ln_pre.bias": (width,),
+    }
+    for i in range(layers):
+        p = f"backbone.transformer.resblocks.{i}."
+        s.update({
+            p + "ln_1.weight": (width,), p + "ln_1.bias": (width,),
+            p + "attn.in_proj_weight": (3 * width, width), p + "attn.in_proj_bias": (3 * width,),
+            p + "attn.out_proj.weight": (width, width), p + "attn.out_proj.bias": (width,),
+            p + "ln_2.weight": (width,), p + "ln_2.bias": (width,),
+            p + "mlp.c_fc.weight": (4 * width, width), p + "mlp.c_fc.bias": (4 * width,),
+            p + "mlp.c_proj.weight": (width, 4 * width), p + "mlp.c_proj.bias": (width,),
+        })
+    s.update({"backbone.ln_post.weight": (width,), "backbone.ln_post.bias": (width,), "backbone.proj": (width, out_dim)})
+    return s
+
+
+def llama_shapes(hidden=768, inter=2048, layers=12, vocab=32000):
+    s = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        s.update({
+            p + "input_layernorm.weight": (hidden,),
+            p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (hidden, hidden),
+            p + "self_attn.v_proj.weight": (hidden, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
+            p + "post_attention_layernorm.weight": (hidden,),
+            p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
+            p + "mlp.down_proj.weight": (hidden, inter),
+        })
+    s.update({"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)})
+    return s
+
+
+def numel(shapes):
+    n = 0
+    for sh in shapes.values():
+        k = 1
+        for d in sh:
+            k *= d
+        n += k
+    return n
+
+
+def generate(folder: Path, shapes, T: int, seed: int = 0):
+    """θ0 ~ N(0, 0.02²); θ_t = θ0 + N(0, 0.001²). One model in memory at a time besides θ0."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    pre = {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}
+    save_file(pre, str(folder / "pre.safetensors"))
+    paths = []
+    for t in range(T):
+        ft = {k: v + torch.randn(v.shape, generator=g) * 1e-3 for k, v in pre.items()}
+        p = folder / f"ft{t}.safetensors"
+        save_file(ft, str(p))
+        paths.append(p)
+        del ft
+    return folder / "pre.safetensors", paths
+
+
+def evict(paths):
+    """Drop the files' clean pages from page cache (best effort; no root needed)."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+# -- workers (run in their own process) ---------------------------------------------------------------
+def worker(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(spec.get("threads", os.cpu_count() or 1))
+    kind = spec["kind"]
+    if kind == "baseline":
+        import merging  # noqa: F401  (the import cost is what is measured)
+
+        return {}
+    pre, fts, out = spec["pre"], spec["fts"], spec.get("out")
+    t0 = time.perf_counter()
+    if kind == "read":
+        from safetensors import safe_open
+
+        nbytes = 0
+        for p in [pre, *fts]:
+            with safe_open(p, "pt") as f:
+                for k in f.keys():
+                    x = f.get_tensor(k)
+                    x.sum()  # touch every byte
+                    nbytes += x.numel() * x.element_size()
+                    del x
+        return {"seconds": time.perf_counter() - t0, "bytes": nbytes}
+    if kind == "stream":
+        import merging
+
+        merging.merge_to_file(spec["method"], pre, fts, out, overwrite=True, **spec.get("hp", {}))
+    elif kind == "naive_ta":
+        naive_task_arithmetic(pre, fts, out, spec["hp"]["lam"])
+    elif kind == "naive_ties":
+        naive_ties(pre, fts, out, spec["hp"]["k"], spec["hp"]["lam"])
+    elif kind == "sort_ties_per_tensor":
+        sort_ties_per_tensor(pre, fts, out, spec["hp"]["k"], spec["hp"]["lam"])
+    else:
+        raise ValueError(kind)
+    return {"seconds": time.perf_counter() - t0}
+
+
+def naive_task_arithmetic(pre_p, ft_ps, out, lam):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    pre = load_file(pre_p)
+    fts = [load_file(p) for p in ft_ps]
+    merged = {k: pre[k] + lam * torch.stack([ft[k] - pre[k] for ft in fts]).sum(0) for k in pre}
+    save_file(merged, out)
+
+
+def naive_ties(pre_p, ft_ps, out, k, lam):
+    """Flatten every task vector into a T×P matrix, then TIES with whole-matrix torch ops."""
+    import math
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    pre = load_file(pre_p)
+    keys = list(pre)
+    P = sum(pre[x].numel() for x in keys)
+    tv = torch.empty(len(ft_ps), P)
+    for t, p in enumerate(ft_ps):
+        ft = load_file(p)
+        torch.cat([(ft[x] - pre[x]).reshape(-1) for x in keys], out=tv[t])
+        del ft
+    n = math.ceil(P * k / 100)
+    for t in range(len(ft_ps)):
+        thr = tv[t].abs().kthvalue(P - n + 1).values
+        tv[t] *= tv[t].abs() >= thr
+    sign = tv.sum(0).sign()
+    agree = torch.where(sign > 0, tv > 0, tv < 0)
+    merged_flat = (tv * agree).sum(0) / agree.sum(0).clamp(min=1)
+    out_sd, i = {}, 0
+    for x in keys:
+        m = pre[x].numel()
+        out_sd[x] = pre[x] + lam * merged_flat[i : i + m].view_as(pre[x])
+        i += m
+    save_file(out_sd, out)
+
+
+def sort_ties_per_tensor(pre_p, ft_ps, out, k, lam):
+    """Per-tensor TIES read tensor by tensor, trimming by a full sort of each tensor's magnitudes."""
+    import math
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    handles = [safe_open(p, "pt") for p in [pre_p, *ft_ps]]
+    out_sd = {}
+    for key in handles[0].keys():
+        pre = handles[0].get_tensor(key)
+        taus = []
+        for h in handles[1:]:
+            tau = (h.get_tensor(key) - pre).reshape(-1)
+            n = math.ceil(tau.numel() * k / 100)
+            order = tau.abs().argsort(descending=True)
+            keep = torch.zeros_like(tau, dtype=torch.bool)
+            keep[order[:n]] = True
+            taus.append(tau * keep)
+        tv = torch.stack(taus)
+        sign = tv.sum(0).sign()
+        agree = torch.where(sign > 0, tv > 0, tv < 0)
+        merged = (tv * agree).sum(0) / agree.sum(0).clamp(min=1)
+        out_sd[key] = pre + lam * merged.view_as(pre)
+    save_file(out_sd, out)
+
+
+def run_worker(spec: dict) -> dict:
+    """Run one benchmark in a fresh interpreter; peak RSS is that child's own ru_maxrss."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, str(HERE), "--worker", json.dumps(spec)], stdout=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    out = proc.stdout.read()
+    proc.stdout.close()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        return {"error": f"exit {proc.returncode}", "peak_rss_mb": usage.ru_maxrss / 1024, "process_seconds": wall}
+    res = json.loads([line for line in out.splitlines() if line.startswith("RESULT ")][-1][7:])
+    res.update(peak_rss_mb=usage.ru_maxrss / 1024, process_seconds=wall)
+    return res
+
+
+# -- driver -------------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def mem_available_gb() -> float:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float("nan")
+
+
+def fmt(r: dict, key="seconds", unit="s", digits=1):
+    if "error" in r:
+        return r["error"]
+    if "skipped" in r:
+        return "skipped"
+    return f"{r[key]:.{digits}f} {unit}"
+
+
+def bench_vit(root: Path, small: bool, T: int, results: dict, log):
+    shapes = vit_shapes(width=128, layers=2) if small else vit_shapes()
+    P = numel(shapes)
+    folder = root / "vit"
+    folder.mkdir()
+    log(f"generating ViT-B/32-shaped set: θ0 + {T} fine-tunes × {P / 1e6:.1f}M params")
+    pre, fts = generate(folder, shapes, T)
+    pre, fts = str(pre), [str(f) for f in fts]
+    inputs = [pre, *fts]
+    in_bytes = sum(os.path.getsize(p) for p in inputs)
+    out = str(folder / "out.safetensors")
+    rows = {}
+
+    def run(name, spec, cold=False):
+        if cold:
+            evict(inputs)
+        r = run_worker({**spec, "pre": pre, "fts": fts, "out": out})
+        rows[name] = r
+        log(f"  {name}: {fmt(r)}  peak RSS {r.get('peak_rss_mb', float('nan')):.0f} MB")
+        if os.path.exists(out):
+            os.remove(out)
+        return r
+
+    ta = {"lam": 0.3}
+    ties = {"k": 20, "lam": 1.0}
+    for cache in ("warm", "cold"):
+        cold = cache == "cold"
+        if not cold:
+            run("read warm (prime)", {"kind": "read"})
+        run(f"read {cache}", {"kind": "read"}, cold)
+        run(f"stream TA {cache}", {"kind": "stream", "method": "task_arithmetic", "hp": ta}, cold)
+        run(f"naive TA {cache}", {"kind": "naive_ta", "hp": ta}, cold)
+    run("stream TIES", {"kind": "stream", "method": "ties", "hp": ties})
+    need = 4.2 * T * P * 4 / 2**30 + 1.5
+    if mem_available_gb() >= need + 4:  # keep room for the other people on this machine
+        run("naive TIES", {"kind": "naive_ties", "hp": ties})
+    else:
+        rows["naive TIES"] = {"skipped": f"needs ~{need:.0f} GB, {mem_available_gb():.0f} GB available"}
+        log(f"  naive TIES skipped: {rows['naive TIES']['skipped']}")
+    results["vit"] = {"params": P, "T": T, "input_bytes": in_bytes, "runs": rows}
+    shutil.rmtree(folder)
+
+
+def bench_llama(root: Path, small: bool, T: int, results: dict, log):
+    shapes = llama_shapes(hidden=128, inter=384, layers=2, vocab=2000) if small else llama_shapes()
+    P = numel(shapes)
+    folder = root / "llama"
+    folder.mkdir()
+    log(f"generating Llama-shaped set: θ0 + {T} fine-tunes × {P / 1e6:.1f}M params")
+    pre, fts = generate(folder, shapes, T, seed=1)
+    pre, fts = str(pre), [str(f) for f in fts]
+    out = str(folder / "out.safetensors")
+    rows = {}
+    hp = {"k": 20, "lam": 1.0}
+    for name, spec in [
+        ("stream per-tensor TIES (kthvalue)", {"kind": "stream", "method": "ties", "hp": {**hp, "trim": "per_tensor", "select": "kthvalue"}}),
+        ("stream per-tensor TIES (radix)", {"kind": "stream", "method": "ties", "hp": {**hp, "trim": "per_tensor", "select": "radix"}}),
+        ("full-sort per-tensor TIES", {"kind": "sort_ties_per_tensor", "hp": hp}),
+    ]:
+        r = run_worker({**spec, "pre": pre, "fts": fts, "out": out})
+        rows[name] = r
+        log(f"  {name}: {fmt(r)}  peak RSS {r.get('peak_rss_mb', float('nan')):.0f} MB")
+        if os.path.exists(out):
+            os.remove(out)
+    results["llama"] = {"params": P, "T": T, "runs": rows}
+    shutil.rmtree(folder)
+
+
+def markdown(results: dict) -> str:
+    L = []
+    m = results["machine"]
+    L.append(f"Machine: {m['cpus']}-core CPU ({m['cpu']}), {m['mem_gb']:.0f} GB RAM, torch {m['torch']} "
+             f"({m['threads']} threads); load average at start {m['loadavg']}; shared with other users, so "
+             f"timings are noisy. Command: `{m['command']}`. Import baseline (python + torch + merging): "
+             f"{results['baseline']['peak_rss_mb']:.0f} MB peak RSS, included in every RSS below.")
+    L.append("")
+    if "vit" in results:
+        v = results["vit"]
+        r = v["runs"]
+        gb = v["input_bytes"] / 1e9
+        L.append(f"**ViT-B/32-shaped, {v['T']} fine-tuned + pretrained** ({v['params'] / 1e6:.1f}M float32 params each, "
+                 f"{gb:.2f} GB of inputs)")
+        L.append("")
+        L.append("| run | merge time | process wall | peak RSS |")
+        L.append("|---|---|---|---|")
+        for name, x in r.items():
+            if name.startswith("read warm (prime)"):
+                continue
+            if "skipped" in x:
+                L.append(f"| {name} | skipped ({x['skipped']}) | | |")
+                continue
+            L.append(f"| {name} | {fmt(x, digits=2)} | {fmt(x, 'process_seconds', digits=1)} | {x.get('peak_rss_mb', 0):.0f} MB |")
+        L.append("")
+        for cache in ("warm", "cold"):
+            rd, ta = r.get(f"read {cache}"), r.get(f"stream TA {cache}")
+            if rd and ta and "seconds" in rd and "seconds" in ta:
+                bw = rd["bytes"] / rd["seconds"] / 1e9
+                thr = v["input_bytes"] / ta["seconds"] / 1e9
+                L.append(f"- {cache} page cache: read bandwidth {bw:.2f} GB/s; streaming TA {thr:.2f} GB/s = "
+                         f"**{100 * thr / bw:.0f}%** of it")
+        L.append("")
+    if "llama" in results:
+        v = results["llama"]
+        r = v["runs"]
+        L.append(f"**Llama-shaped per-tensor TIES, {v['T']} fine-tuned** ({v['params'] / 1e6:.1f}M float32 params each, k=20%)")
+        L.append("")
+        L.append("| run | merge time | process wall | peak RSS |")
+        L.append("|---|---|---|---|")
+        for name, x in r.items():
+            L.append(f"| {name} | {fmt(x, digits=2)} | {fmt(x, 'process_seconds', digits=1)} | {x.get('peak_rss_mb', 0):.0f} MB |")
+        base = r.get("full-sort per-tensor TIES", {})
+        for name in ("stream per-tensor TIES (kthvalue)", "stream per-tensor TIES (radix)"):
+            x = r.get(name, {})
+            if "seconds" in x and "seconds" in base:
+                L.append(f"- {name}: **{base['seconds'] / x['seconds']:.1f}×** faster than the full sort")
+        L.append("")
+    return "\n".join(L)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--small", action="store_true", help="tiny shapes: a quick check that everything runs")
+    ap.add_argument("--only", choices=["vit", "llama"], help="run one part")
+    ap.add_argument("--workdir", default=None, help="where the temporary model files go (default: system temp)")
+    ap.add_argument("--json", default=None, help="also write raw results here")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        return
+
+    import torch
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    root = Path(tempfile.mkdtemp(prefix="bench_merge_", dir=args.workdir))
+    need_gb = 0.1 if args.small else 3.6
+    free_gb = shutil.disk_usage(root).free / 1e9
+    log(f"work folder {root}: {free_gb:.0f} GB free, needs ~{need_gb} GB")
+    if free_gb < need_gb + 1:
+        shutil.rmtree(root)
+        raise SystemExit(f"not enough disk space in {root.parent}: {free_gb:.1f} GB free")
+    results = {
+        "machine": {
+            "cpus": os.cpu_count(), "cpu": cpu_model(),
+            "mem_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "loadavg": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+            "command": "python scripts/bench_merge.py" + (" --small" if args.small else ""),
+            "date": time.strftime("%Y-%m-%d"),
+        }
+    }
+    try:
+        results["baseline"] = run_worker({"kind": "baseline"})
+        if args.only in (None, "vit"):
+            bench_vit(root, args.small, 3 if args.small else 8, results, log)
+        if args.only in (None, "llama"):
+            bench_llama(root, args.small, 3 if args.small else 4, results, log)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Balancers inside the real MultiTaskModule and the real `mtl-train` entry point."""
+import json
+import logging
+import math
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from mtl.balancers import BALANCERS, NonFiniteLossError
+from mtl.models import create_model
+from mtl.module import MultiTaskModule
+from mtl.train import run
+
+FAST = ["experiment=scenes_hps", "debug=smoke", "viz.num_samples=0", "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1", "~callbacks.progress_bar", "+trainer.enable_progress_bar=false"]
+
+
+def check_run(run_dir, name):
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["global_steps"] == 3, name
+    for values in metrics["test"].values():
+        assert all(math.isfinite(v) for v in values.values()), name
+    assert (run_dir / "balancer_weights.png").is_file(), name
+    header = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert "balancer/weight/depth" in header and "balancer/cos/depth-normals" in header, name
+
+
+def test_cli_flat_with_recompute_monitor_and_plot(tmp_path):
+    # flat exercises recompute(tasks=[t]) with frozen BN; the monitor logs weights + cosines
+    run_dir = run(FAST + ["balancer=flat", "balancer.aggregator=pcgrad", "balancer.rho=0.1"], run_dir=tmp_path / "flat")
+    check_run(run_dir, "flat")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BALANCERS.names())
+def test_cli_every_balancer_runs(name, tmp_path):
+    # the issue's contract: `mtl-train experiment=scenes_hps debug=smoke balancer=<name>`, in-process
+    check_run(run(FAST + [f"balancer={name}"], run_dir=tmp_path / name), name)
+
+
+@pytest.mark.slow
+def test_cli_features_level(tmp_path):
+    check_run(run(FAST + ["balancer=upgrad", "balancer.level=features"], run_dir=tmp_path / "rep"), "upgrad-features")
+
+
+# --- non-finite losses inside the module ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scenes_batch(tmp_path_factory):
+    from mtl.data import create_datamodule
+
+    dm = create_datamodule("scenes", size=32, n_train=8, n_val=8, n_test=8, batch_size=8,
+                           cache_dir=str(tmp_path_factory.mktemp("scenes")))
+    dm.prepare_data()
+    dm.setup("fit")
+    return next(iter(dm.train_dataloader()))
+
+
+def fit(balancer, batches, max_steps):
+    torch.manual_seed(0)
+    model = create_model(["depth", "regression"], backbone={"name": "test_resnet", "out_indices": [1, 2, 3]},
+                         decoder={"name": "hps", "channels": 16})
+    module = MultiTaskModule(model, balancer=balancer, log_weights_every=1)
+    trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, DataLoader(batches, batch_size=None))
+    return trainer, module
+
+
+def with_inf_depth(batch):
+    bad = dict(batch)
+    bad["depth"] = torch.full_like(batch["depth"], float("inf"))  # NaN would count as "no valid pixel"
+    return bad
+
+
+def test_nonfinite_loss_stops_training_naming_the_task(scenes_batch):
+    with pytest.raises(NonFiniteLossError, match="'depth'"):
+        fit({"name": "pcgrad"}, [scenes_batch, with_inf_depth(scenes_batch)], max_steps=2)
+
+
+def test_nonfinite_loss_skips_the_step_when_asked(scenes_batch, caplog):
+    with caplog.at_level(logging.WARNING, logger="mtl.balancers"):
+        trainer, module = fit({"name": "famo", "skip_nonfinite": True},
+                              [with_inf_depth(scenes_batch), scenes_batch, scenes_batch], max_steps=2)
+    assert trainer.global_step == 2  # the bad batch made no optimiser step
+    assert "skipping this step" in caplog.text and "depth" in caplog.text
+    assert all(torch.isfinite(p).all() for p in module.model.parameters())
+    assert [h["step"] for h in module.monitor.history] == [0, 1]

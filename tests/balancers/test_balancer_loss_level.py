@@ -1,0 +1,269 @@
+"""Defining properties of the loss-level methods, checked against hand computations."""
+import math
+
+import pytest
+import torch
+
+from balancer_toys import Toy, toy_batch, toy_ctx
+from mtl.balancers import StepContext, create_balancer
+
+
+def fixed_losses(values, step=0, epoch=0, recompute=None):
+    """Losses with given values, each depending on its own coefficient (so backward works)."""
+    p = torch.nn.Parameter(torch.ones(len(values)))
+    losses = {t: p[i] * v for i, (t, v) in enumerate(values.items())}
+    return p, StepContext(losses, [p], {t: [] for t in values}, None, recompute=recompute, step=step, epoch=epoch)
+
+
+# --- UW --------------------------------------------------------------------------------------
+
+
+def test_uw_loss_form():
+    uw = create_balancer("uw", ["a", "b"])
+    with torch.no_grad():
+        uw.log_vars.copy_(torch.tensor([0.5, -0.3]))
+    L = {"a": torch.tensor(2.0), "b": torch.tensor(3.0)}
+    expected = math.exp(-0.5) * 2.0 + 0.5 + math.exp(0.3) * 3.0 - 0.3
+    assert uw.combine(L).item() == pytest.approx(expected, rel=1e-6)
+    assert uw.weights() == pytest.approx({"a": math.exp(-0.5), "b": math.exp(0.3)})
+
+
+def test_uw_log_variances_learn_toward_log_loss():
+    # for fixed L_t the optimum of exp(-s) L + s is s = log L: big losses get small weights
+    uw = create_balancer("uw", ["a", "b"])
+    opt = torch.optim.SGD(uw.parameters(), lr=0.1)
+    for step in range(300):
+        opt.zero_grad()
+        _, ctx = fixed_losses({"a": 4.0, "b": 0.25}, step=step)
+        uw.backward(ctx)
+        opt.step()
+        if step == 0:
+            assert uw.log_vars[0] > 0 > uw.log_vars[1]
+    assert torch.allclose(uw.log_vars.detach(), torch.tensor([math.log(4.0), math.log(0.25)]), atol=0.05)
+    w = uw.weights()
+    assert w["a"] < 1 < w["b"]
+
+
+def test_uw_is_trained_by_the_module_optimiser_on_a_real_model():
+    torch.manual_seed(0)
+    model, uw = Toy(), create_balancer("uw", ["a", "b"])
+    x, y = toy_batch()
+    opt = torch.optim.Adam(list(model.parameters()) + list(uw.parameters()), lr=0.01)
+    for step in range(5):
+        opt.zero_grad()
+        uw.backward(toy_ctx(model, x, y, step=step, scales={"a": 10.0}))
+        opt.step()
+    assert uw.log_vars[0] > uw.log_vars[1]  # the 10x task is down-weighted
+
+
+# --- DWA -------------------------------------------------------------------------------------
+
+
+def run_dwa(dwa, schedule):
+    """schedule: list of (step, epoch, {task: loss}); returns the weights used at each step."""
+    used = []
+    for step, epoch, values in schedule:
+        _, ctx = fixed_losses(values, step=step, epoch=epoch)
+        dwa.backward(ctx)
+        used.append(dwa.weights())
+    return used
+
+
+def test_dwa_weights_from_loss_ratios_per_step_window():
+    dwa = create_balancer("dwa", ["a", "b"], temperature=2.0, window=2)
+    schedule = [(0, 0, {"a": 2.0, "b": 1.0}), (1, 0, {"a": 2.0, "b": 1.0}),   # window 0: means 2, 1
+                (2, 0, {"a": 1.5, "b": 0.8}), (3, 0, {"a": 0.5, "b": 1.0}),   # window 1: means 1, 0.9
+                (4, 0, {"a": 1.0, "b": 1.0})]
+    used = run_dwa(dwa, schedule)
+    for w in used[:4]:  # fewer than two finished windows -> EW
+        assert w == {"a": 1.0, "b": 1.0}
+    ra, rb = 1.0 / 2.0, 0.9 / 1.0
+    ea, eb = math.exp(ra / 2), math.exp(rb / 2)
+    assert used[4]["a"] == pytest.approx(2 * ea / (ea + eb), rel=1e-5)
+    assert used[4]["b"] == pytest.approx(2 * eb / (ea + eb), rel=1e-5)
+    assert sum(used[4].values()) == pytest.approx(2.0)
+    assert used[4]["b"] > used[4]["a"]  # the task whose loss fell less gets more weight
+
+
+def test_dwa_epoch_window_and_three_tasks_sum_to_T():
+    dwa = create_balancer("dwa", ["a", "b", "c"], temperature=2.0)
+    schedule = [(0, 0, {"a": 3.0, "b": 2.0, "c": 1.0}), (1, 0, {"a": 1.0, "b": 2.0, "c": 1.0}),  # means 2, 2, 1
+                (2, 1, {"a": 1.0, "b": 1.0, "c": 1.0}), (3, 1, {"a": 1.0, "b": 3.0, "c": 2.0}),  # means 1, 2, 1.5
+                (4, 2, {"a": 1.0, "b": 1.0, "c": 1.0})]
+    used = run_dwa(dwa, schedule)
+    r = torch.tensor([1 / 2, 2 / 2, 1.5 / 1])
+    expected = 3 * torch.softmax(r / 2, 0)
+    assert torch.allclose(torch.tensor([used[4][t] for t in "abc"]), expected, atol=1e-6)
+    assert sum(used[4].values()) == pytest.approx(3.0)
+
+
+def test_dwa_gradient_uses_its_weights():
+    dwa = create_balancer("dwa", ["a", "b"], window=1)
+    run_dwa(dwa, [(0, 0, {"a": 1.0, "b": 1.0}), (1, 0, {"a": 0.5, "b": 1.0})])
+    p, ctx = fixed_losses({"a": 1.0, "b": 1.0}, step=2)
+    dwa.backward(ctx)
+    w = dwa.weights()
+    assert torch.allclose(p.grad, torch.tensor([w["a"], w["b"]]))
+
+
+# --- RLW -------------------------------------------------------------------------------------
+
+
+def test_rlw_weights_are_random_positive_and_sum_to_T():
+    rlw = create_balancer("rlw", ["a", "b", "c"])
+    seen = []
+    for step in range(5):
+        p, ctx = fixed_losses({"a": 1.0, "b": 2.0, "c": 3.0}, step=step)
+        rlw.backward(ctx)
+        w = rlw.weights()
+        assert sum(w.values()) == pytest.approx(3.0, rel=1e-5) and min(w.values()) > 0
+        assert torch.allclose(p.grad, torch.tensor([w["a"], 2 * w["b"], 3 * w["c"]]), rtol=1e-5)
+        seen.append(w["a"])
+    assert len(set(seen)) == 5
+
+
+# --- GradNorm --------------------------------------------------------------------------------
+
+
+def gradnorm_ctx(values, directions, step=0):
+    """Shared W (zero) with L_t = ⟨W, V_t⟩ + value_t: known loss values and anchor gradients V_t."""
+    W = torch.nn.Parameter(torch.zeros(2, 3))
+    losses = {t: (W * directions[t]).sum() + v for t, v in values.items()}
+    return W, StepContext(losses, [W], {t: [] for t in values}, None, step=step)
+
+
+def test_gradnorm_raises_the_weight_of_the_slower_task_and_keeps_sum_T():
+    V = {"a": torch.full((2, 3), 1 / math.sqrt(6)), "b": -torch.full((2, 3), 1 / math.sqrt(6))}  # equal norms
+    gn = create_balancer("gradnorm", ["a", "b"], alpha=1.5, lr=0.1, optimizer="sgd")
+    _, ctx = gradnorm_ctx({"a": 1.0, "b": 1.0}, V)  # sets L(0)
+    gn.backward(ctx)
+    assert gn.weights() == {"a": 1.0, "b": 1.0}
+    history = []
+    for step in range(1, 6):  # task a does not improve, task b halves: a trains slower
+        _, ctx = gradnorm_ctx({"a": 1.0, "b": 0.5}, V, step=step)
+        gn.backward(ctx)
+        w = gn.task_weights.tolist()
+        assert sum(w) == pytest.approx(2.0, rel=1e-5)
+        history.append(w[0])
+    assert history[0] > 1.0 and all(b > a for a, b in zip(history, history[1:]))
+
+
+def test_gradnorm_hand_computed_step_and_network_gradient():
+    V = {"a": torch.full((2, 3), 2 / math.sqrt(6)), "b": torch.full((2, 3), 1 / math.sqrt(6))}  # norms 2, 1
+    gn = create_balancer("gradnorm", ["a", "b"], alpha=1.5, lr=0.1, optimizer="sgd")
+    W, ctx = gradnorm_ctx({"a": 1.0, "b": 1.0}, V)
+    gn.backward(ctx)
+    # network gradient with the weights in force (1, 1)
+    assert torch.allclose(W.grad, V["a"] + V["b"])
+    # equal rates (r = 1): target = mean G = 1.5; G = (2, 1) -> grad_w = (sign(0.5)*2, sign(-0.5)*1) = (2, -1)
+    w = torch.tensor([1.0, 1.0]) - 0.1 * torch.tensor([2.0, -1.0])
+    w = w * 2 / w.sum()
+    assert torch.allclose(gn.task_weights, w)
+    assert gn.task_weights[0] < gn.task_weights[1]  # the larger gradient norm gets down-weighted
+
+
+def test_gradnorm_runs_at_both_levels_on_a_model():
+    for level in ("params", "features"):
+        torch.manual_seed(0)
+        model, gn = Toy(), create_balancer("gradnorm", ["a", "b"], level=level)
+        x, y = toy_batch()
+        for step in range(3):
+            model.zero_grad()
+            gn.backward(toy_ctx(model, x, y, step=step, scales={"a": 5.0}))
+        assert sum(gn.weights().values()) == pytest.approx(2.0, rel=1e-5)
+
+
+# --- FAMO ------------------------------------------------------------------------------------
+
+
+def test_famo_weights_and_one_backward_per_step():
+    torch.manual_seed(0)
+    model = Toy()
+    x, y = toy_batch()
+    famo = create_balancer("famo", ["a", "b"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    grad_events, backward_calls = [], []
+    shared_weight = model.shared[0].weight
+    shared_weight.register_hook(lambda g: grad_events.append(1))
+    for step in range(3):
+        opt.zero_grad()
+        ctx = toy_ctx(model, x, y, step=step)
+        inner = ctx.backward
+        ctx.backward = lambda loss, **kw: (backward_calls.append(1), inner(loss, **kw))
+        n_before = len(grad_events)
+        famo.backward(ctx)
+        opt.step()
+        famo.after_step(ctx)
+        assert len(grad_events) - n_before == 1  # one gradient computation through the model per step
+    assert len(backward_calls) == 3
+
+
+def test_famo_weights_hand_computed():
+    famo = create_balancer("famo", ["a", "b"])
+    p, ctx = fixed_losses({"a": 2.0, "b": 1.0})
+    famo.backward(ctx)
+    # z = (1/2, 1/2); z/L = (1/4, 1/2); w = 2 (z/L) / Σ z/L = (2/3, 4/3)
+    assert famo.weights() == pytest.approx({"a": 2 / 3, "b": 4 / 3})
+    assert torch.allclose(p.grad, torch.tensor([2 / 3 * 2.0, 4 / 3 * 1.0]))
+
+
+def test_famo_logits_move_as_defined_sgd():
+    lr, wd = 0.5, 0.1
+    famo = create_balancer("famo", ["a", "b"], lr=lr, weight_decay=wd, optimizer="sgd")
+    before, after = {"a": 2.0, "b": 1.0}, {"a": 1.0, "b": 0.9}
+    recompute = lambda tasks=None: {t: torch.tensor(v) for t, v in after.items()}  # noqa: E731
+    _, ctx = fixed_losses(before, recompute=recompute)
+    famo.backward(ctx)
+    famo.after_step(ctx)
+    z = torch.tensor([0.5, 0.5])
+    delta = torch.tensor([math.log(2.0) - math.log(1.0), math.log(1.0) - math.log(0.9)])
+    J = torch.diag(z) - torch.outer(z, z)
+    xi = torch.zeros(2) - lr * (J @ delta + wd * torch.zeros(2))
+    assert torch.allclose(famo.logits, xi, atol=1e-6)
+    assert famo.logits[0] < 0 < famo.logits[1]  # the task that improved more loses weight
+    # second step: weight decay acts on the new logits
+    _, ctx = fixed_losses(before, step=1, recompute=recompute)
+    famo.backward(ctx)
+    z2 = torch.softmax(xi, 0)
+    assert famo.weights()["a"] == pytest.approx(float(2 * (z2[0] / 2) / (z2[0] / 2 + z2[1] / 1)), rel=1e-5)
+    famo.after_step(ctx)
+    J2 = torch.diag(z2) - torch.outer(z2, z2)
+    xi2 = xi - lr * (J2 @ delta + wd * xi)
+    assert torch.allclose(famo.logits, xi2, atol=1e-6)
+
+
+def test_famo_adam_first_step_is_minus_lr_times_sign():
+    famo = create_balancer("famo", ["a", "b"], lr=0.025)
+    recompute = lambda tasks=None: {"a": torch.tensor(1.0), "b": torch.tensor(0.9)}  # noqa: E731
+    _, ctx = fixed_losses({"a": 2.0, "b": 1.0}, recompute=recompute)
+    famo.backward(ctx)
+    famo.after_step(ctx)
+    assert torch.allclose(famo.logits, torch.tensor([-0.025, 0.025]), atol=1e-5)
+
+
+def test_famo_without_recompute_updates_from_the_next_batch():
+    famo = create_balancer("famo", ["a", "b"], lr=0.5, weight_decay=0.0, optimizer="sgd", recompute=False)
+    _, ctx = fixed_losses({"a": 2.0, "b": 1.0})
+    famo.backward(ctx)
+    famo.after_step(ctx)  # no recompute, no update yet
+    assert torch.equal(famo.logits, torch.zeros(2))
+    _, ctx = fixed_losses({"a": 1.0, "b": 0.9}, step=1)
+    famo.backward(ctx)
+    assert famo.logits[0] < 0 < famo.logits[1]
+
+
+def test_famo_state_survives_a_state_dict_round_trip():
+    famo = create_balancer("famo", ["a", "b"])
+    recompute = lambda tasks=None: {"a": torch.tensor(1.0), "b": torch.tensor(0.9)}  # noqa: E731
+    _, ctx = fixed_losses({"a": 2.0, "b": 1.0}, recompute=recompute)
+    famo.backward(ctx)
+    famo.after_step(ctx)
+    state = famo.state_dict()
+    other = create_balancer("famo", ["a", "b"])
+    other.load_state_dict(state)
+    assert torch.equal(other.logits, famo.logits)
+    for b in (famo, other):
+        _, ctx = fixed_losses({"a": 2.0, "b": 1.0}, step=1, recompute=recompute)
+        b.backward(ctx)
+        b.after_step(ctx)
+    assert torch.allclose(other.logits, famo.logits)  # Adam moments restored too

@@ -1,0 +1,52 @@
+"""BalancerMonitor: weights and gradient cosines every N steps, and the PNG."""
+import pytest
+import torch
+
+from balancer_toys import Toy, toy_batch, toy_ctx
+from mtl.balancers import BalancerMonitor, StepContext, create_balancer
+
+
+def test_cosines_and_weights_every_n_steps(tmp_path):
+    torch.manual_seed(0)
+    model, balancer, monitor = Toy(tasks=("a", "b", "c")), create_balancer("dwa", ["a", "b", "c"], window=1), BalancerMonitor(every=2)
+    x, y = toy_batch(tasks=("a", "b", "c"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    logged = []
+    for step in range(5):
+        opt.zero_grad()
+        ctx = toy_ctx(model, x, y, step=step)
+        logs = monitor.before_backward(ctx)
+        balancer.backward(ctx)  # the graph survived the monitor
+        opt.step()
+        balancer.after_step(ctx)
+        logs |= monitor.after_step(ctx, balancer)
+        logged.append(logs)
+    assert [bool(l) for l in logged] == [True, False, True, False, True]
+    keys = set(logged[0])
+    assert {"balancer/weight/a", "balancer/weight/b", "balancer/weight/c"} <= keys
+    assert {"balancer/cos/a-b", "balancer/cos/a-c", "balancer/cos/b-c"} <= keys
+    assert all(-1.0 - 1e-6 <= v <= 1.0 + 1e-6 for k, v in logged[0].items() if "/cos/" in k)
+    assert logged[4]["balancer/weight/a"] == pytest.approx(balancer.weights()["a"])
+    assert [h["step"] for h in monitor.history] == [0, 2, 4]
+    png = monitor.save_plot(tmp_path / "run" / "balancer_weights.png")
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cosine_values_match_known_gradients():
+    theta = torch.nn.Parameter(torch.zeros(2))
+    a, b, c = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0]), torch.tensor([2.0, 0.0])
+    losses = {"a": theta @ a, "b": theta @ b, "c": theta @ c}
+    ctx = StepContext(losses, [theta], {t: [] for t in losses}, None, step=0)
+    logs = BalancerMonitor(every=1).before_backward(ctx)
+    assert logs["balancer/cos/a-b"] == pytest.approx(-1 / 2 ** 0.5, abs=1e-6)
+    assert logs["balancer/cos/a-c"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_features_level_cosines_and_empty_plot(tmp_path):
+    torch.manual_seed(0)
+    model = Toy()
+    x, y = toy_batch(same_targets=True)
+    model.heads["b"].load_state_dict(model.heads["a"].state_dict())
+    logs = BalancerMonitor(every=1, level="features").before_backward(toy_ctx(model, x, y))
+    assert logs["balancer/cos/a-b"] == pytest.approx(1.0, abs=1e-5)
+    assert BalancerMonitor().save_plot(tmp_path / "x.png") is None

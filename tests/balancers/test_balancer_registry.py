@@ -1,0 +1,130 @@
+"""Every registered balancer runs on a toy model; configs exist; bad input fails clearly."""
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from balancer_toys import Toy, grads_of, toy_batch, toy_ctx
+from mtl.balancers import (
+    BALANCERS,
+    JACOBIAN_METHODS,
+    LOSS_LEVEL_METHODS,
+    NonFiniteLossError,
+    StepContext,
+    check_finite,
+    create_balancer,
+)
+from mtl.registry import UnknownNameError
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "balancer"
+ALL = LOSS_LEVEL_METHODS + JACOBIAN_METHODS + ("flat",)
+
+
+def test_registry_holds_exactly_the_documented_methods():
+    assert sorted(ALL) == BALANCERS.names()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_name_runs_one_backward_with_finite_grads(name):
+    torch.manual_seed(0)
+    model = Toy(bn=True)
+    x, y = toy_batch()
+    balancer = create_balancer(name, ["a", "b"])
+    opt = torch.optim.SGD(list(model.parameters()) + list(balancer.parameters()), lr=0.01)
+    for step in range(2):
+        opt.zero_grad(set_to_none=True)
+        ctx = toy_ctx(model, x, y, step=step)
+        assert check_finite(ctx.losses)
+        balancer.backward(ctx)
+        for p in model.parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert grads_of(model.shared.parameters()).abs().sum() > 0
+        for t in ("a", "b"):
+            assert grads_of(model.heads[t].parameters()).abs().sum() > 0
+        opt.step()
+        balancer.after_step(ctx)
+    w = balancer.weights()
+    assert set(w) == {"a", "b"} and all(torch.isfinite(torch.tensor(v)) for v in w.values())
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_name_has_a_config_that_builds(name):
+    cfg = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    assert cfg.pop("name") == name
+    assert cfg.get("skip_nonfinite") is False
+    balancer = create_balancer(name, ["a", "b"], **cfg)
+    assert balancer.registry_name == name
+
+
+def test_unknown_balancer_lists_valid_names():
+    with pytest.raises(UnknownNameError) as err:
+        create_balancer("pcgard", ["a", "b"])
+    assert "valid names" in str(err.value) and "pcgrad" in str(err.value) and "famo" in str(err.value)
+
+
+def test_unknown_hyperparameter_lists_the_valid_ones():
+    with pytest.raises(TypeError, match="cagrad.*hyper-parameters are: c, norm_eps"):
+        create_balancer("cagrad", ["a", "b"], alpha=0.3)
+
+
+@pytest.mark.parametrize("name", JACOBIAN_METHODS + ("flat",))
+def test_gradient_method_without_shared_parameters_is_a_clear_error(name):
+    model = Toy()
+    x, y = toy_batch()
+    ctx = toy_ctx(model, x, y)
+    ctx.shared_params = []
+    with pytest.raises(ValueError, match="no shared trainable parameter"):
+        create_balancer(name, ["a", "b"]).backward(ctx)
+
+
+def test_features_level_without_features_is_a_clear_error():
+    model = Toy()
+    x, y = toy_batch()
+    with pytest.raises(ValueError, match="level=features.*needs StepContext.features"):
+        create_balancer("mgda", ["a", "b"], level="features").backward(toy_ctx(model, x, y, features=False))
+
+
+def test_flat_rejects_features_level_and_unknown_aggregator():
+    with pytest.raises(ValueError, match="shared parameters only"):
+        create_balancer("flat", ["a", "b"], aggregator_kwargs={"level": "features"})
+    with pytest.raises(ValueError, match="aggregator must be one of"):
+        create_balancer("flat", ["a", "b"], aggregator="ew")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_loss_names_the_task(bad):
+    losses = {"depth": torch.tensor(0.5), "normals": torch.tensor(bad)}
+    with pytest.raises(NonFiniteLossError, match="'normals'.*step 7.*skip_nonfinite"):
+        check_finite(losses, skip=False, step=7)
+
+
+def test_nonfinite_loss_skip_logs_and_returns_false(caplog):
+    losses = {"depth": torch.tensor(float("nan")), "normals": torch.tensor(1.0)}
+    with caplog.at_level(logging.WARNING, logger="mtl.balancers"):
+        assert check_finite(losses, skip=True, step=3) is False
+    assert "depth" in caplog.text and "skipping this step" in caplog.text
+    assert check_finite({"depth": torch.tensor(1.0)}, skip=True)
+
+
+def test_skip_nonfinite_is_a_balancer_option():
+    assert create_balancer("pcgrad", ["a"], skip_nonfinite=True).skip_nonfinite is True
+    assert create_balancer("ew", ["a"]).skip_nonfinite is False
+
+
+def test_missing_task_loss_is_named():
+    model = Toy()
+    x, y = toy_batch()
+    ctx = toy_ctx(model, x, y)
+    del ctx.losses["b"]
+    with pytest.raises(KeyError, match="'b'"):
+        create_balancer("ew", ["a", "b"]).backward(ctx)
+
+
+def test_ew_default_context_backward_still_works():
+    # the original interface: StepContext with the four positional fields and default backward
+    p = torch.nn.Parameter(torch.ones(2))
+    ctx = StepContext({"a": (p * 2).sum(), "b": (p * 3).sum()}, [p], {"a": [], "b": []}, None)
+    create_balancer("ew", ["a", "b"]).backward(ctx)
+    assert torch.allclose(p.grad, torch.full((2,), 5.0))

@@ -1,0 +1,11 @@
+"""`tests/` is on sys.path (rootless conftest), so this folder would shadow the `merging` package as a
+namespace package: the editable install's finder runs after the path scan. Put the repo root first."""
+import sys
+from pathlib import Path
+
+_ROOT = str(Path(__file__).resolve().parents[2])
+if sys.path[:1] != [_ROOT]:
+    sys.path.insert(0, _ROOT)
+_m = sys.modules.get("merging")
+if _m is not None and getattr(_m, "__file__", None) is None:  # a namespace package picked up earlier
+    del sys.modules["merging"]

@@ -1,0 +1,193 @@
+"""Input kinds, what merges (key filters, heads, buffers, BN rule), unchanged inputs, and bad input."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import merging
+from merging_toys import assert_same, clone_all, make_models, save_models
+
+ALL = [
+    ("average", {}),
+    ("task_arithmetic", {}),
+    ("ties", {}),
+    ("ties", {"trim": "per_tensor"}),
+    ("dare", {"base": "ties"}),
+    ("consensus", {}),
+]
+
+
+def _mlp(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def test_inputs_are_never_modified():
+    pre, fts = make_models(T=3)
+    pre0, fts0 = clone_all(pre), clone_all(fts)
+    for m, hp in ALL:
+        merging.merge(m, pre, fts, **hp)
+        merging.merge(m, pre, fts, select="radix", **hp)
+    merging.tall_masks(pre, fts, mtv="ties")
+    merging.task_vector(pre, fts[0])
+    assert_same(pre, pre0)
+    for a, b in zip(fts, fts0):
+        assert_same(a, b)
+
+
+def test_outputs_share_no_memory_with_inputs():
+    pre, fts = make_models(T=2)
+    out = merging.merge("task_arithmetic", pre, fts)
+    ptrs = {v.data_ptr() for sd in [pre, *fts] for v in sd.values()}
+    assert not any(v.data_ptr() in ptrs for v in out.values())
+
+
+def test_modules_and_parameter_dicts():
+    # nn.Modules, and dicts holding nn.Parameters (requires_grad), merge like plain state dicts.
+    models = [_mlp(s) for s in range(4)]
+    sd = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in models]
+    ref = merging.merge("ties", sd[0], sd[1:], bn="merge")
+    assert_same(merging.merge("ties", models[0], models[1:], bn="merge"), ref)
+    params = [dict(m.named_parameters()) for m in models]
+    out = merging.merge("task_arithmetic", params[0], params[1:])
+    assert all(not v.requires_grad for v in out.values())
+    tall = merging.tall_masks(params[0], params[1:])
+    assert set(tall.masks[0]) == set(params[0])
+
+
+def test_all_source_kinds_agree(tmp_path):
+    pre, fts = make_models(T=2)
+    ref = merging.merge("ties", pre, fts)
+    (tmp_path / "f").mkdir()
+    (tmp_path / "s").mkdir()
+    folder_pre, folder_fts = save_models(tmp_path / "f", pre, fts)
+    file_pre, file_fts = save_models(tmp_path / "s", pre, fts, folders=False)
+    torch.save(pre, tmp_path / "pre.pt")
+    torch.save({"state_dict": fts[0], "epoch": 3}, tmp_path / "ft0.ckpt")  # Lightning-style nesting
+    torch.save(fts[1], tmp_path / "ft1.pt")
+    # a sharded folder (Hugging Face index)
+    sh = tmp_path / "sharded"
+    sh.mkdir()
+    keys = list(fts[1])
+    save_file({k: fts[1][k] for k in keys[:4]}, str(sh / "model-00001-of-00002.safetensors"))
+    save_file({k: fts[1][k] for k in keys[4:]}, str(sh / "model-00002-of-00002.safetensors"))
+    wm = {k: ("model-00001-of-00002.safetensors" if i < 4 else "model-00002-of-00002.safetensors") for i, k in enumerate(keys)}
+    (sh / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+    for p, f in [
+        (folder_pre, folder_fts),
+        (file_pre, file_fts),
+        (tmp_path / "pre.pt", [tmp_path / "ft0.ckpt", tmp_path / "ft1.pt"]),
+        (str(folder_pre), [fts[0], sh]),
+    ]:
+        assert_same(merging.merge("ties", p, f), ref)
+
+
+def test_what_merges_heads_buffers_and_bn_rule():
+    pre, fts = make_models(T=3)
+    out = merging.merge("task_arithmetic", pre, fts, lam=0.3)
+    assert not any(k.startswith("heads.") for k in out)  # task heads are not merged
+    assert torch.equal(out["backbone.bn.num_batches_tracked"], pre["backbone.bn.num_batches_tracked"])
+    for stat in ("running_mean", "running_var"):  # default bn="pretrained"
+        assert torch.equal(out[f"backbone.bn.{stat}"], pre[f"backbone.bn.{stat}"])
+    avg = merging.merge("task_arithmetic", pre, fts, bn="average")
+    torch.testing.assert_close(avg["backbone.bn.running_var"], sum(f["backbone.bn.running_var"] for f in fts) / 3)
+    mer = merging.merge("task_arithmetic", pre, fts, bn="merge", lam=0.3)
+    v = "backbone.bn.running_var"
+    torch.testing.assert_close(mer[v], pre[v] + 0.3 * sum(f[v] - pre[v] for f in fts), rtol=0, atol=1e-6)
+    plan = merging.plan_keys(merging.open_source(pre), [merging.open_source(f) for f in fts])
+    assert plan.task_specific[1] == ["heads.task1.weight", "heads.task1.bias"]
+    assert plan.kind["backbone.bn.num_batches_tracked"] == "copy"
+
+
+def test_include_exclude_filters():
+    pre, fts = make_models(T=2)
+    bb = merging.merge("average", pre, fts, include="backbone.")
+    assert bb and all(k.startswith("backbone.") for k in bb)
+    no_dec = merging.merge("average", pre, fts, exclude=[r"decoder\.", r".*\.bias$"])
+    assert "decoder.proj.weight" not in no_dec and not any(k.endswith(".bias") for k in no_dec)
+    assert "backbone.conv.weight" in no_dec
+    only = merging.merge("average", pre, fts, include=lambda k: k == "decoder.proj.weight")
+    assert list(only) == ["decoder.proj.weight"]
+    with pytest.raises(merging.MergeInputError, match="nothing to merge"):
+        merging.merge("average", pre, fts, include="nothing.")
+
+
+def test_compose_attaches_each_task_head():
+    pre, fts = make_models(T=2)
+    merged = merging.merge("task_arithmetic", pre, fts)
+    full = merging.compose(merged, fts[1])
+    assert set(full) == set(fts[1])
+    assert torch.equal(full["heads.task1.weight"], fts[1]["heads.task1.weight"])
+    assert torch.equal(full["backbone.conv.weight"], merged["backbone.conv.weight"])
+
+
+def test_task_vector_and_apply():
+    pre, fts = make_models(T=1)
+    tau = merging.task_vector(pre, fts[0])
+    assert "heads.task0.weight" not in tau and "backbone.bn.num_batches_tracked" not in tau
+    torch.testing.assert_close(tau["backbone.conv.weight"], fts[0]["backbone.conv.weight"] - pre["backbone.conv.weight"])
+    back = merging.apply_task_vector(pre, tau, lam=1.0)
+    torch.testing.assert_close(back["backbone.conv.weight"], fts[0]["backbone.conv.weight"], rtol=0, atol=1e-6)
+
+
+# -- bad input ----------------------------------------------------------------------------------------
+def test_shape_mismatch_lists_key_and_files(tmp_path):
+    pre, fts = make_models(T=2, heads=False)
+    fts[1]["decoder.proj.weight"] = torch.zeros(12, 17)
+    pre_dir, ft_dirs = save_models(tmp_path, pre, fts)
+    with pytest.raises(merging.MergeInputError) as e:
+        merging.merge("average", pre_dir, ft_dirs)
+    msg = str(e.value)
+    assert "decoder.proj.weight" in msg and "(12, 16)" in msg and "(12, 17)" in msg
+    assert str(pre_dir / "model.safetensors") in msg and str(ft_dirs[1] / "model.safetensors") in msg
+
+
+def test_missing_key_lists_files_and_skip_option():
+    pre, fts = make_models(T=2, heads=False)
+    del fts[0]["backbone.blocks.0.bias"]
+    with pytest.raises(merging.MergeInputError, match=r"'backbone.blocks.0.bias' is in pretrained but missing from finetuned\[0\]"):
+        merging.merge("task_arithmetic", pre, fts)
+    out = merging.merge("task_arithmetic", pre, fts, unshared="skip")
+    assert "backbone.blocks.0.bias" not in out and "backbone.blocks.0.weight" in out
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_values_name_tensor_and_file(tmp_path, bad):
+    pre, fts = make_models(T=2)
+    fts[1]["backbone.blocks.0.weight"][3, 2] = bad
+    pre_dir, ft_dirs = save_models(tmp_path, pre, fts)
+    for method in ("task_arithmetic", "ties", "consensus"):
+        with pytest.raises(merging.MergeInputError, match="non-finite") as e:
+            merging.merge_to_file(method, pre_dir, ft_dirs, tmp_path / "out")
+        assert "backbone.blocks.0.weight" in str(e.value) and str(ft_dirs[1]) in str(e.value)
+        assert not (tmp_path / "out").exists()
+    with pytest.raises(merging.MergeInputError, match="NaN" if bad != bad else "Inf"):
+        merging.merge("average", pre, fts)
+
+
+def test_too_few_models_and_wrong_container():
+    pre, fts = make_models(T=2)
+    with pytest.raises(merging.MergeInputError, match="at least 1"):
+        merging.merge("ties", pre, [])
+    with pytest.raises(merging.MergeInputError, match="at least 3"):
+        merging.merge("consensus", pre, fts, k=3)
+    with pytest.raises(TypeError, match="list of models"):
+        merging.merge("average", pre, "some/folder")
+    with pytest.raises(TypeError, match="list of models"):
+        merging.merge("average", pre, fts[0])
+
+
+def test_unreadable_inputs(tmp_path):
+    pre, fts = make_models(T=1)
+    with pytest.raises(merging.MergeInputError, match="no such file"):
+        merging.merge("average", pre, [tmp_path / "missing"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(merging.MergeInputError, match="model.safetensors"):
+        merging.merge("average", pre, [tmp_path / "empty"])
+    (tmp_path / "junk.safetensors").write_bytes(b"\x01\x02")
+    with pytest.raises(merging.MergeInputError, match="safetensors"):
+        merging.merge("average", pre, [tmp_path / "junk.safetensors"])
+    with pytest.raises(merging.MergeInputError, match="not a tensor"):
+        merging.merge("average", pre, [{"a": 3}])

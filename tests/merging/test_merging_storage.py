@@ -1,0 +1,82 @@
+"""TALL compressed store (θ0 + τ_MTL + bit-packed masks) round trips, and the PNG plots."""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import merging
+from merging.storage import pack_mask, unpack_mask
+from merging_toys import make_models, save_models
+
+
+def test_pack_unpack_bits():
+    g = torch.Generator().manual_seed(0)
+    for shape in [(13,), (3, 5, 7), (8,), ()]:
+        m = torch.rand(shape, generator=g) > 0.5
+        p = pack_mask(m)
+        assert p.dtype == torch.uint8 and p.numel() == (m.numel() + 7) // 8
+        assert torch.equal(unpack_mask(p, shape), m)
+
+
+@pytest.mark.parametrize("mtv", ["sum", "ties"])
+def test_streamed_store_round_trip(tmp_path, mtv):
+    pre, fts = make_models(T=3, seed=5)
+    pre_dir, ft_dirs = save_models(tmp_path, pre, fts)
+    tall = merging.tall_masks(pre, fts, lam=[0.3, 0.4, 0.5], mtv=mtv)
+    path = merging.write_tall_store(pre_dir, ft_dirs, tmp_path / "store", lam=[0.3, 0.4, 0.5], mtv=mtv)
+    assert path == tmp_path / "store" / "tall.safetensors"
+    load_file(str(path))  # a valid safetensors file
+    store = merging.open_store(tmp_path / "store")
+    assert store.tasks == ["ft0", "ft1", "ft2"]  # named after the model folders
+    for t in range(3):
+        rec = merging.load_task_model(tmp_path / "store", f"ft{t}")
+        want = tall.reconstruct(t)
+        for k, v in want.items():
+            assert torch.equal(rec[k], v), (t, k)
+        # the task's own head comes back too: a complete task model
+        assert torch.equal(rec[f"heads.task{t}.weight"], fts[t][f"heads.task{t}.weight"])
+        assert not any(k.startswith("heads.") and f"task{t}" not in k for k in rec)
+        for k in tall.tau:
+            assert torch.equal(store.mask(t, k), tall.masks[t][k])
+    for k, v in store.merged().items():
+        assert torch.equal(v, tall.merged[k])
+    assert merging.mask_overlap(store) == merging.mask_overlap(tall)
+    with pytest.raises(FileExistsError):
+        merging.write_tall_store(pre_dir, ft_dirs, tmp_path / "store")
+
+
+def test_in_memory_save_and_report(tmp_path):
+    pre, fts = make_models(T=4, seed=1, heads=False)
+    tall = merging.tall_masks(pre, fts, lam=0.4)
+    path = tall.save(tmp_path / "t.safetensors", tasks=["a", "b", "c", "d"])
+    for t, name in enumerate("abcd"):
+        rec = merging.load_task_model(path, name)
+        for k, v in tall.reconstruct(t).items():
+            assert torch.equal(rec[k], v)
+    assert torch.equal(merging.load_task_model(path, 2)["decoder.proj.weight"], tall.reconstruct(2)["decoder.proj.weight"])
+    rep = merging.store_report(path)
+    assert rep["bytes_stored"] == path.stat().st_size
+    full_one = sum(v.numel() * v.element_size() for v in pre.values())
+    assert rep["bytes_full_models"] == 4 * full_one
+    P = rep["merged_params"]
+    assert rep["sections"]["mask"] == sum(4 * ((v.numel() + 7) // 8) for v in tall.tau.values())
+    assert rep["sections"]["tau"] == 4 * P and rep["ratio"] < 1
+    with pytest.raises(KeyError, match="unknown task"):
+        merging.load_task_model(path, "zzz")
+    with pytest.raises(merging.MergeInputError, match="TALL store"):
+        merging.load_task_model(tmp_path, "a")
+
+
+def test_plots_write_pngs(tmp_path):
+    results = {
+        "individual": {"mnist": 0.99, "digits": 0.97, "textures": 0.8},
+        "task_arithmetic": {"mnist": 0.9, "digits": 0.85, "textures": 0.6},
+        "ties": {"mnist": 0.93, "digits": 0.88},
+    }
+    p = merging.plot_task_accuracy(results, tmp_path / "acc.png")
+    pre, fts = make_models(T=3)
+    tall = merging.tall_masks(pre, fts)
+    q = merging.plot_mask_overlap(tall, tmp_path / "sub" / "overlap.png")
+    r = merging.plot_mask_overlap(merging.mask_overlap(tall), tmp_path / "overlap2.png")
+    for f in (p, q, r):
+        data = f.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000

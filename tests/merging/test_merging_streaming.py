@@ -1,0 +1,128 @@
+"""The streaming engine: identical to the in-memory path, valid safetensors, atomic output."""
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import merging
+import merging.methods as methods_mod
+from merging.sources import TensorInfo
+from merging.streaming import SafetensorsWriter
+from merging_toys import assert_same, make_models, save_models
+
+CASES = [
+    ("average", {}),
+    ("task_arithmetic", {"lam": 0.3}),
+    ("task_arithmetic", {"lam": [0.2, 0.5, 0.1]}),
+    ("ties", {}),
+    ("ties", {"k": 35, "merge_func": "sum", "lam": 0.3}),
+    ("ties", {"trim": "per_tensor", "k": 10}),
+    ("dare", {"p": 0.5, "base": "task_arithmetic", "seed": 3}),
+    ("dare", {"p": 0.3, "base": "ties", "k": 50}),
+    ("consensus", {"k": 2}),
+    ("consensus", {"k": 1, "base": "ties", "tall_lam": [0.2, 0.4, 0.6], "ties_k": 30}),
+]
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    pre, fts = make_models(T=3, seed=11)
+    pre_dir, ft_dirs = save_models(tmp_path_factory.mktemp("models"), pre, fts)
+    return pre, fts, pre_dir, ft_dirs
+
+
+@pytest.mark.parametrize("method,hp", CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
+def test_streaming_equals_in_memory(method, hp, model_files, tmp_path):
+    pre, fts, pre_dir, ft_dirs = model_files
+    ref = merging.merge(method, pre, fts, **hp)  # dict inputs, kthvalue threshold
+    out = merging.merge_to_file(method, pre_dir, ft_dirs, tmp_path / "merged", **hp)  # files, radix
+    assert out == tmp_path / "merged" / "model.safetensors"
+    assert_same(load_file(str(out)), ref)
+    # in-memory path over the same files, and radix select in memory
+    assert_same(merging.merge(method, pre_dir, ft_dirs, **hp), ref)
+    assert_same(merging.merge(method, pre, fts, select="radix", **hp), ref)
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["mtlkit_method"] == method
+
+
+def test_streaming_half_precision_and_file_inputs(tmp_path):
+    pre, fts = make_models(T=3, seed=2, dtype=torch.bfloat16)
+    pre_p, ft_ps = save_models(tmp_path, pre, fts, folders=False)
+    ref = merging.merge("ties", pre, fts)
+    assert ref["backbone.conv.weight"].dtype == torch.bfloat16
+    out = merging.merge_to_file("ties", pre_p, ft_ps, tmp_path / "m.safetensors")
+    assert out == tmp_path / "m.safetensors"
+    assert_same(load_file(str(out)), ref)
+
+
+def test_existing_output_is_refused_unless_overwrite(model_files, tmp_path):
+    _, _, pre_dir, ft_dirs = model_files
+    out = tmp_path / "m.safetensors"
+    out.write_bytes(b"precious")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        merging.merge_to_file("average", pre_dir, ft_dirs, out)
+    assert out.read_bytes() == b"precious"
+    merging.merge_to_file("average", pre_dir, ft_dirs, out, overwrite=True)
+    assert "backbone.conv.weight" in load_file(str(out))
+
+
+def test_interrupted_merge_leaves_no_output(model_files, tmp_path, monkeypatch):
+    _, _, pre_dir, ft_dirs = model_files
+    calls = {"n": 0}
+    original = methods_mod.TaskArithmetic.merge_tensor
+
+    def failing(self, ctx, key):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("disk on fire")
+        return original(self, ctx, key)
+
+    monkeypatch.setattr(methods_mod.TaskArithmetic, "merge_tensor", failing)
+    for target in (tmp_path / "out.safetensors", tmp_path / "folder"):
+        calls["n"] = 0
+        with pytest.raises(RuntimeError, match="disk on fire"):
+            merging.merge_to_file("task_arithmetic", pre_dir, ft_dirs, target)
+        assert not target.exists()
+    assert os.listdir(tmp_path) == []  # no temporary files left behind either
+    # an existing output survives a failed overwrite
+    monkeypatch.setattr(methods_mod.TaskArithmetic, "merge_tensor", original)
+    good = merging.merge_to_file("task_arithmetic", pre_dir, ft_dirs, tmp_path / "out.safetensors")
+    before = good.read_bytes()
+    monkeypatch.setattr(methods_mod.TaskArithmetic, "merge_tensor", failing)
+    calls["n"] = 0
+    with pytest.raises(RuntimeError):
+        merging.merge_to_file("task_arithmetic", pre_dir, ft_dirs, good, overwrite=True)
+    assert good.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["out.safetensors"]
+
+
+def test_writer_round_trip_all_dtypes(tmp_path):
+    tensors = {
+        "f32": torch.randn(3, 5),
+        "f16": torch.randn(7).half(),
+        "bf16": torch.randn(2, 3).bfloat16(),
+        "f64": torch.randn(4, dtype=torch.float64),
+        "i64": torch.tensor(5),
+        "i8": torch.tensor([-3, 4], dtype=torch.int8),
+        "u8": torch.tensor([1, 255], dtype=torch.uint8),
+        "bool": torch.tensor([True, False, True]),
+        "empty": torch.empty(0, 3),
+        "noncontig": torch.randn(4, 6).t(),
+    }
+    path = tmp_path / "w.safetensors"
+    with open(path, "wb") as f:
+        w = SafetensorsWriter(f, [(k, TensorInfo(tuple(v.shape), v.dtype)) for k, v in tensors.items()], {"a": "b"})
+        for k, v in tensors.items():
+            w.write(k, v)
+        w.finish()
+    back = load_file(str(path))
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"a": "b"}
+    with open(tmp_path / "x", "wb") as f:
+        w = SafetensorsWriter(f, [("a", TensorInfo((2,), torch.float32))])
+        with pytest.raises(ValueError, match="does not match"):
+            w.write("a", torch.zeros(3))

@@ -1,0 +1,123 @@
+"""TALL masks and Consensus merging against the formula (not against another tool)."""
+import pytest
+import torch
+
+import merging
+from merging_toys import make_models
+
+
+def _expected_masks(pre, fts, lams):
+    taus = [merging.task_vector(pre, ft) for ft in fts]
+    mtv = {k: sum(t[k] for t in taus) for k in taus[0]}
+    return [{k: tau[k].abs() >= lam * (mtv[k] - tau[k]).abs() for k in tau} for tau, lam in zip(taus, lams)], mtv
+
+
+def test_masks_follow_the_formula_with_per_task_lambda():
+    pre, fts = make_models(T=3)
+    tall = merging.tall_masks(pre, fts, lam=[0.2, 0.4, 0.6])
+    expect, mtv = _expected_masks(pre, fts, [0.2, 0.4, 0.6])
+    assert tall.lam == [0.2, 0.4, 0.6]
+    for t in range(3):
+        assert set(tall.masks[t]) == set(expect[t])
+        for k in expect[t]:
+            assert tall.masks[t][k].dtype == torch.bool
+            assert torch.equal(tall.masks[t][k], expect[t][k]), (t, k)
+    # the masks are informative (the |θ0 − τ_t| pitfall gives ~all ones)
+    frac = sum(int(m.sum()) for m in tall.masks[0].values()) / sum(m.numel() for m in tall.masks[0].values())
+    assert 0.05 < frac < 0.95
+    for k in mtv:
+        torch.testing.assert_close(tall.tau[k], mtv[k], rtol=0, atol=1e-6)
+
+
+def test_masks_are_separate_tensors():
+    pre, fts = make_models(T=3)
+    tall = merging.tall_masks(pre, fts)
+    k = "backbone.blocks.0.weight"
+    ptrs = {tall.masks[t][k].data_ptr() for t in range(3)}
+    assert len(ptrs) == 3
+    before = tall.masks[1][k].clone()
+    tall.masks[0][k].fill_(False)
+    assert torch.equal(tall.masks[1][k], before)
+
+
+def test_lambda_zero_gives_all_ones_and_exact_reconstruction():
+    pre, fts = make_models(T=4)
+    tall = merging.tall_masks(pre, fts, lam=0.0)
+    assert all(bool(m.all()) for masks in tall.masks for m in masks.values())
+    for t in range(4):
+        rec = tall.reconstruct(t)
+        assert set(rec) == set(tall.merged)
+        for k in rec:
+            assert torch.equal(rec[k], tall.merged[k]), k
+    # merged is θ0 + τ_MTL; non-merged keys (int buffers, BN stats) are θ0's
+    w = "backbone.conv.weight"
+    torch.testing.assert_close(tall.merged[w], pre[w] + sum(ft[w] - pre[w] for ft in fts), rtol=0, atol=1e-6)
+    assert torch.equal(tall.merged["backbone.bn.num_batches_tracked"], pre["backbone.bn.num_batches_tracked"])
+    assert torch.equal(tall.merged["backbone.bn.running_var"], pre["backbone.bn.running_var"])
+
+
+def test_single_task_reconstruction_is_exact():
+    # Dyadic values: θ0 + (θ1 − θ0) is exactly θ1, so reconstruction must return θ1 bit for bit.
+    g = torch.Generator().manual_seed(0)
+    pre = {"a": torch.randint(-64, 64, (6, 5), generator=g) / 8.0, "b": torch.randint(-64, 64, (7,), generator=g) / 16.0}
+    ft = {k: v + torch.randint(-8, 8, v.shape, generator=g) / 32.0 for k, v in pre.items()}
+    for lam in (0.2, 0.6):
+        tall = merging.tall_masks(pre, [ft], lam=lam)
+        rec = tall.reconstruct(0)
+        for k in ft:
+            assert torch.equal(rec[k], ft[k])
+    # general float data: equal to θ0 + τ computed directly
+    pre, fts = make_models(T=1, heads=False)
+    tall = merging.tall_masks(pre, fts)
+    tau = merging.task_vector(pre, fts[0])
+    rec = tall.reconstruct(0)
+    for k, v in tau.items():
+        assert torch.equal(rec[k], pre[k] + v)
+
+
+def test_tall_with_ties_vector():
+    pre, fts = make_models(T=3)
+    tall = merging.tall_masks(pre, fts, lam=0.4, mtv="ties", k=30)
+    ties = merging.merge("ties", pre, fts, k=30, lam=1.0)
+    for k in tall.tau:
+        assert torch.equal(tall.merged[k], ties[k]), k
+    taus = [merging.task_vector(pre, ft) for ft in fts]
+    for t in range(3):
+        for k in tall.tau:
+            assert torch.equal(tall.masks[t][k], taus[t][k].abs() >= 0.4 * (tall.tau[k] - taus[t][k]).abs())
+
+
+def test_consensus_k1_keeps_union_and_k2_drops_selfish():
+    pre, fts = make_models(T=4)
+    tall = merging.tall_masks(pre, fts, lam=0.4)
+    usage = tall.usage()
+    c1 = merging.merge("consensus", pre, fts, k=1, tall_lam=0.4, base="task_arithmetic", lam=0.3)
+    c2 = merging.merge("consensus", pre, fts, k=2, tall_lam=0.4, base="task_arithmetic", lam=0.3)
+    union = {k: torch.stack([m[k] for m in tall.masks]).any(0) for k in tall.tau}
+    for k in tall.tau:
+        assert torch.equal(usage[k] >= 1, union[k])
+        assert torch.equal(c1[k], (tall.tau[k] * union[k]) * 0.3 + pre[k]), k
+        keep2 = usage[k] >= 2
+        assert torch.equal(c2[k], (tall.tau[k] * keep2) * 0.3 + pre[k]), k
+        selfish = usage[k] == 1
+        assert torch.equal(c2[k][selfish], pre[k][selfish])
+        assert torch.equal(tall.consensus(2)[k], keep2)
+    assert any(bool((usage[k] == 1).any()) for k in usage)  # the test exercises selfish weights
+
+
+def test_consensus_on_ties_and_too_few_models():
+    pre, fts = make_models(T=3)
+    tall = merging.tall_masks(pre, fts, lam=0.5, mtv="ties", k=40)
+    cons = merging.merge("consensus", pre, fts, k=2, tall_lam=0.5, base="ties", ties_k=40)
+    for k in tall.tau:  # λ defaults to TIES's 1.0 with the ties base
+        assert torch.equal(cons[k], (tall.tau[k] * tall.consensus(2)[k]) * 1.0 + pre[k]), k
+    with pytest.raises(merging.MergeInputError, match="at least 2"):
+        merging.merge("consensus", pre, fts[:1], k=2)
+
+
+def test_overlap_fractions():
+    masks = [{"w": torch.tensor([True, True, False, False, True])}, {"w": torch.tensor([True, False, False, True, False])}]
+    ov = merging.mask_overlap(masks)
+    assert ov["counts"] == [1, 3, 1]  # entry 2 unused; 1, 3, 4 used once; 0 used twice
+    assert ov["catastrophic"] == pytest.approx(0.2) and ov["selfish"] == pytest.approx(0.6)
+    assert ov["universal"] == pytest.approx(0.2) and ov["params"] == 5
