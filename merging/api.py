@@ -27,7 +27,7 @@ def merge(method: str, pretrained, finetuned, *, select: str = "kthvalue", **kwa
     ctx = open_context(pretrained, finetuned, opts, m.min_models(), method)
     try:
         m.prepare(ctx, select)
-        # Copied tensors are the inputs' own (or views of a file mapping): clone them.
-        return {k: (t.clone() if ctx.plan.kind[k] == "copy" else t) for k, t in produce(m, ctx)}
+        # produce() hands out workspaces and the inputs' own tensors: keep copies.
+        return {k: t.clone() for k, t in produce(m, ctx)}
     finally:
         ctx.close()

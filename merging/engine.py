@@ -41,6 +41,24 @@ class Context:
         # output is checked instead of every input: one pass over the result instead of T + 1.
         self.check_outputs_only = False
         self._checked: set[tuple[int, str]] = set()
+        self._ws: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self._ws_numel = max((plan.infos[k].numel for k in plan.merge), default=0)
+
+    # -- workspaces ---------------------------------------------------------------------------------
+    def buffer(self, name: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """A scratch tensor reused from key to key (sized once for the largest merged tensor).
+
+        Fresh multi-megabyte tensors for every key and task cost page faults and unmapping in the
+        kernel — more than the arithmetic. Contents are undefined; a name is one live buffer.
+        """
+        n = 1
+        for d in shape:
+            n *= d
+        buf = self._ws.get((name, dtype))
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(max(n, self._ws_numel), dtype=dtype)
+            self._ws[(name, dtype)] = buf
+        return buf[:n].view(tuple(shape))
 
     # -- reading ------------------------------------------------------------------------------------
     def _read(self, i: int, key: str) -> tuple[torch.Tensor, bool]:
@@ -85,11 +103,13 @@ class Context:
         """θ_t[key] in compute dtype. Read-only: may share memory with the input."""
         return self._read(t + 1, key)[0]
 
-    def tv(self, key: str, t: int, pre: torch.Tensor | None = None) -> torch.Tensor:
-        """A fresh τ_t[key] = θ_t − θ0 (the caller owns it)."""
+    def tv(self, key: str, t: int, pre: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """τ_t[key] = θ_t − θ0, into `out` if given, else a new tensor (the caller may modify either)."""
         if pre is None:
             pre = self.pre(key)
         x, fresh = self._read(t + 1, key)
+        if out is not None:
+            return torch.sub(x, pre, out=out)
         return x.sub_(pre) if fresh else torch.sub(x, pre)
 
     def raw_pre(self, key: str) -> torch.Tensor:
@@ -107,6 +127,7 @@ class Context:
             yield k
 
     def close(self) -> None:
+        self._ws.clear()
         for s in self.sources:
             s.close()
 
@@ -127,7 +148,8 @@ def open_context(pretrained, finetuned, opts: KeyOptions, min_models: int, what:
 def produce(method, ctx: Context) -> Iterable[tuple[str, torch.Tensor]]:
     """Yield `(key, tensor)` in output order, each in the pretrained model's dtype.
 
-    Copied tensors may share memory with the input; the dict path clones them.
+    A yielded tensor may be a workspace reused for the next key, or share memory with an input:
+    consume it (write it out, or clone it) before asking for the next one.
     """
     plan = ctx.plan
     propagates = getattr(method, "propagates_nonfinite", False)

@@ -26,7 +26,7 @@ import torch
 from mtl.registry import Registry
 
 from .engine import Context
-from .selection import keep_count, keep_mask, kthvalue_threshold, radix_thresholds
+from .selection import as_threshold, keep_count, kthvalue_threshold, radix_thresholds
 from .sources import MergeInputError
 
 __all__ = [
@@ -42,7 +42,7 @@ __all__ = [
 METHODS: Registry[type["MergeMethod"]] = Registry("merge method")
 SELECTS = ("kthvalue", "radix")
 
-Transform = Callable[[str, int, torch.Tensor], torch.Tensor]
+Transform = Callable[[Context, str, int, torch.Tensor], torch.Tensor]
 
 
 def _check_lam(name: str, lam: Any, allow_list: bool) -> None:
@@ -64,7 +64,11 @@ def _per_task(name: str, value: Any, T: int) -> list[float]:
 
 
 class MergeMethod(ABC):
-    """A merge method: hyperparameters, an optional global pass (`prepare`) and a per-tensor kernel."""
+    """A merge method: hyperparameters, an optional global pass (`prepare`) and a per-tensor kernel.
+
+    Kernels keep their temporaries in the context's reusable buffers and may return one of them; the
+    engine copies or writes the result before the next key.
+    """
 
     name: ClassVar[str]
     defaults: ClassVar[dict[str, Any]] = {}
@@ -102,16 +106,21 @@ class MergeMethod(ABC):
         self.select = select
         self.bind(ctx.T)
 
-    def task_vector(self, ctx: Context, key: str, t: int, pre: torch.Tensor | None = None) -> torch.Tensor:
-        tau = ctx.tv(key, t, pre)
-        return tau if self.transform is None else self.transform(key, t, tau)
+    def task_vector(self, ctx: Context, key: str, t: int, pre: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """τ_t (after DARE when this method is DARE's base), into `out` if given."""
+        tau = ctx.tv(key, t, pre, out=out)
+        return tau if self.transform is None else self.transform(ctx, key, t, tau)
+
+    def task_vectors(self, ctx: Context, key: str, pre: torch.Tensor) -> list[torch.Tensor]:
+        return [self.task_vector(ctx, key, t, pre, out=ctx.buffer(f"tau{t}", pre.shape, pre.dtype)) for t in range(ctx.T)]
 
     @abstractmethod
     def merge_tensor(self, ctx: Context, key: str) -> torch.Tensor:
-        """Merged tensor for `key` in compute dtype."""
+        """Merged tensor for `key` in compute dtype (possibly a context buffer)."""
 
-    def merged_vector(self, key: str, taus: list[torch.Tensor], inplace: bool) -> torch.Tensor:
-        """τ_MTL for one tensor from its task vectors, before the final λ (used by TALL/Consensus)."""
+    def merged_vector(self, ctx: Context, key: str, taus: list[torch.Tensor], inplace: bool) -> torch.Tensor:
+        """τ_MTL for one tensor, before the final λ (used by TALL/Consensus); a context buffer.
+        `inplace=False` leaves `taus` untouched."""
         raise TypeError(f"{self.name} does not define a merged task vector")
 
 
@@ -125,8 +134,10 @@ class Average(MergeMethod):
     propagates_nonfinite = True
 
     def merge_tensor(self, ctx: Context, key: str) -> torch.Tensor:
-        acc = torch.zeros(ctx.plan.infos[key].shape, dtype=ctx.plan.compute[key])
-        for t in range(ctx.T):
+        info = ctx.plan.infos[key]
+        acc = ctx.buffer("acc", info.shape, ctx.plan.compute[key])
+        acc.copy_(ctx.ft(key, 0))
+        for t in range(1, ctx.T):
             acc.add_(ctx.ft(key, t))
         return acc.div_(ctx.T)
 
@@ -147,21 +158,23 @@ class TaskArithmetic(MergeMethod):
 
     def merge_tensor(self, ctx: Context, key: str) -> torch.Tensor:
         pre = ctx.pre(key)
-        acc = torch.zeros(pre.shape, dtype=pre.dtype)
-        buf = torch.empty(pre.shape, dtype=pre.dtype) if self.transform is None else None
+        acc = ctx.buffer("acc", pre.shape, pre.dtype)
+        tau = ctx.buffer("tau", pre.shape, pre.dtype)
         for t in range(ctx.T):
-            if buf is not None:  # no transform: reuse one buffer instead of allocating τ_t
-                tau = torch.sub(ctx.ft(key, t), pre, out=buf)
-            else:
-                tau = self.task_vector(ctx, key, t, pre)
+            x = self.task_vector(ctx, key, t, pre, out=acc if t == 0 else tau)
             if self.scalar:
-                acc.add_(tau)
+                if t:
+                    acc.add_(x)
+            elif t:
+                acc.add_(x, alpha=self.lams[t])
             else:
-                acc.add_(tau, alpha=self.lams[t])
-        return torch.add(pre, acc, alpha=self.lams[0]) if self.scalar else acc.add_(pre)
+                acc.mul_(self.lams[0])
+        out = ctx.buffer("out", pre.shape, pre.dtype)
+        return torch.add(pre, acc, alpha=self.lams[0], out=out) if self.scalar else torch.add(pre, acc, out=out)
 
-    def merged_vector(self, key: str, taus: list[torch.Tensor], inplace: bool) -> torch.Tensor:
-        acc = taus[0] if inplace else taus[0].clone()
+    def merged_vector(self, ctx: Context, key: str, taus: list[torch.Tensor], inplace: bool) -> torch.Tensor:
+        acc = ctx.buffer("mtv", taus[0].shape, taus[0].dtype)
+        acc.copy_(taus[0])
         for tau in taus[1:]:
             acc.add_(tau)
         return acc
@@ -186,42 +199,52 @@ class Ties(MergeMethod):
         if self.hp["trim"] == "global":
             self.thresholds = global_thresholds(ctx, self, self.hp["k"], select)
 
-    def _tensor_thresholds(self, taus: list[torch.Tensor]) -> list[float]:
+    def _tensor_thresholds(self, ctx: Context, taus: list[torch.Tensor]) -> list[float]:
         if self.thresholds is not None:
             return self.thresholds
         n = keep_count(taus[0].numel(), self.hp["k"])
+        mag = ctx.buffer("abs", taus[0].shape, taus[0].dtype)
         if self.select == "radix" and taus[0].dtype in (torch.float32, torch.float64):
-            mags = [tau.abs().reshape(-1) for tau in taus]
-            return radix_thresholds(lambda: enumerate(mags), [n] * len(taus), taus[0].dtype)
-        return [kthvalue_threshold(tau.abs().reshape(-1), n) for tau in taus]
+            def pieces():
+                for t, tau in enumerate(taus):
+                    yield t, torch.abs(tau, out=mag)
 
-    def merged_vector(self, key: str, taus: list[torch.Tensor], inplace: bool) -> torch.Tensor:
-        thr = self._tensor_thresholds(taus)
-        trimmed, total = [], None
+            return radix_thresholds(pieces, [n] * len(taus), taus[0].dtype)
+        return [kthvalue_threshold(torch.abs(tau, out=mag).reshape(-1), n) for tau in taus]
+
+    def merged_vector(self, ctx: Context, key: str, taus: list[torch.Tensor], inplace: bool) -> torch.Tensor:
+        shape, dt = taus[0].shape, taus[0].dtype
+        thr = self._tensor_thresholds(ctx, taus)
+        mag = ctx.buffer("abs", shape, dt)
+        keep = ctx.buffer("keep", shape, torch.bool)
+        total = ctx.buffer("total", shape, dt)
+        trimmed = []
         for t, tau in enumerate(taus):
-            m = keep_mask(tau.abs(), thr[t])
-            tt = tau.mul_(m) if inplace else tau * m
+            torch.ge(torch.abs(tau, out=mag), as_threshold(thr[t], dt), out=keep)
+            tt = tau.mul_(keep) if inplace else torch.mul(tau, keep, out=ctx.buffer(f"trim{t}", shape, dt))
             trimmed.append(tt)
-            total = tt.clone() if total is None else total.add_(tt)
+            if t == 0:
+                total.copy_(tt)
+            else:
+                total.add_(tt)
         sign = total.sign_()  # γ; entries where the trimmed vectors cancel exactly get 0 and stay 0
-        out = torch.zeros_like(sign)
-        buf = torch.empty_like(sign)
+        out = ctx.buffer("mtv", shape, dt).zero_()
         mean = self.hp["merge_func"] == "mean"
-        cnt = torch.zeros_like(sign) if mean else None
+        cnt = ctx.buffer("cnt", shape, dt).zero_() if mean else None
         for tt in trimmed:
             # τ̂_t·γ is |τ̂_t| where task t agrees with γ and ≤ 0 elsewhere, so Σ relu(τ̂_t·γ)·γ is the
             # sum over agreeing tasks (exactly: multiplying by ±1 rounds nothing).
-            torch.mul(tt, sign, out=buf).clamp_(min=0)
+            torch.mul(tt, sign, out=mag).clamp_(min=0)
             if mean:
-                cnt.add_(buf > 0)
-            out.add_(buf)
+                cnt.add_(torch.gt(mag, 0, out=keep))
+            out.add_(mag)
         out.mul_(sign)
         return out.div_(cnt.clamp_(min=1)) if mean else out
 
     def merge_tensor(self, ctx: Context, key: str) -> torch.Tensor:
         pre = ctx.pre(key)
-        taus = [self.task_vector(ctx, key, t, pre) for t in range(ctx.T)]
-        return self.merged_vector(key, taus, inplace=True).mul_(self.hp["lam"]).add_(pre)
+        mv = self.merged_vector(ctx, key, self.task_vectors(ctx, key, pre), inplace=True)
+        return mv.mul_(self.hp["lam"]).add_(pre)
 
 
 def global_thresholds(ctx: Context, method: MergeMethod, k: float, select: str) -> list[float]:
@@ -234,8 +257,9 @@ def global_thresholds(ctx: Context, method: MergeMethod, k: float, select: str) 
         def pieces():
             for key in ctx.iter_keys(keys):
                 pre = ctx.pre(key)
+                buf = ctx.buffer("sel", pre.shape, pre.dtype)
                 for t in range(ctx.T):
-                    yield t, method.task_vector(ctx, key, t, pre).abs_().to(dtype)
+                    yield t, method.task_vector(ctx, key, t, pre, out=buf).abs_().to(dtype)
 
         return radix_thresholds(pieces, [n] * ctx.T, dtype)
     # Reference path: the straightforward exact answer, one task's magnitudes in memory at a time.
@@ -244,7 +268,8 @@ def global_thresholds(ctx: Context, method: MergeMethod, k: float, select: str) 
         vals = torch.empty(ctx.plan.num_merged_params, dtype=dtype)
         i = 0
         for key in keys:
-            a = method.task_vector(ctx, key, t).abs_().reshape(-1)
+            pre = ctx.pre(key)
+            a = method.task_vector(ctx, key, t, pre, out=ctx.buffer("sel", pre.shape, pre.dtype)).abs_().reshape(-1)
             vals[i : i + a.numel()] = a
             i += a.numel()
         out.append(kthvalue_threshold(vals, n))
@@ -260,16 +285,23 @@ def _dare_seed(seed: int, task: int, key: str) -> int:
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
 
 
-def dare_mask(shape, p: float, seed: int = 0, task: int = 0, key: str = "") -> torch.Tensor:
+def dare_mask(shape, p: float, seed: int = 0, task: int = 0, key: str = "", out: torch.Tensor | None = None,
+              scratch: torch.Tensor | None = None) -> torch.Tensor:
     """The keep mask DARE draws for task `task`'s tensor `key` (True = kept)."""
     g = torch.Generator().manual_seed(_dare_seed(seed, task, key))
-    return torch.rand(tuple(shape), generator=g) >= p
+    r = torch.rand(tuple(shape), generator=g, out=scratch)
+    return torch.ge(r, p, out=out)
 
 
-def _dare_(tau: torch.Tensor, p: float, seed: int, task: int, key: str) -> torch.Tensor:
+def _dare_(tau: torch.Tensor, p: float, seed: int, task: int, key: str, ctx: Context | None = None) -> torch.Tensor:
     if p == 0:
         return tau
-    return tau.mul_(dare_mask(tau.shape, p, seed, task, key)).div_(1 - p)
+    if ctx is None:
+        m = dare_mask(tau.shape, p, seed, task, key)
+    else:
+        m = dare_mask(tau.shape, p, seed, task, key, out=ctx.buffer("dare_m", tau.shape, torch.bool),
+                      scratch=ctx.buffer("dare_r", tau.shape, torch.float32))
+    return tau.mul_(m).div_(1 - p)
 
 
 def dare(task_vector: dict[str, torch.Tensor], p: float = 0.5, seed: int = 0, task: int = 0) -> dict[str, torch.Tensor]:
@@ -279,7 +311,7 @@ def dare(task_vector: dict[str, torch.Tensor], p: float = 0.5, seed: int = 0, ta
 
 
 def _check_p(p: float) -> None:
-    if not (isinstance(p, (int, float)) and 0 <= p < 1):
+    if isinstance(p, bool) or not (isinstance(p, (int, float)) and 0 <= p < 1):
         raise ValueError(f"p (drop probability) must be in [0, 1), got {p!r}")
 
 
@@ -305,7 +337,7 @@ class Dare(MergeMethod):
         self.hp.update(self.base.hp)
         self.propagates_nonfinite = self.base.propagates_nonfinite
         p, seed = self.hp["p"], self.hp["seed"]
-        self.base.transform = lambda key, t, tau: _dare_(tau, p, seed, t, key)
+        self.base.transform = lambda ctx, key, t, tau: _dare_(tau, p, seed, t, key, ctx)
 
     def validate(self) -> None:
         _check_p(self.hp["p"])
@@ -321,19 +353,26 @@ class Dare(MergeMethod):
 
 
 # -- TALL masks and Consensus -------------------------------------------------------------------------
-def tall_mask_tensors(taus: Sequence[torch.Tensor], mtv: torch.Tensor, lams: Sequence[float]) -> list[torch.Tensor]:
-    """m_t = |τ_t| ≥ λ_t·|τ_MTL − τ_t| for one tensor (a separate bool tensor per task)."""
-    diff = torch.empty_like(mtv)
+def tall_mask_tensors(taus: Sequence[torch.Tensor], mtv: torch.Tensor, lams: Sequence[float],
+                      ctx: Context | None = None) -> list[torch.Tensor]:
+    """m_t = |τ_t| ≥ λ_t·|τ_MTL − τ_t| for one tensor: one bool tensor per task (context buffers when
+    `ctx` is given, else new tensors)."""
+    if ctx is None:
+        diff, mag = torch.empty_like(mtv), torch.empty_like(mtv)
+    else:
+        diff, mag = ctx.buffer("diff", mtv.shape, mtv.dtype), ctx.buffer("abs", mtv.shape, mtv.dtype)
     masks = []
-    for tau, lam in zip(taus, lams):
+    for t, (tau, lam) in enumerate(zip(taus, lams)):
         torch.sub(mtv, tau, out=diff).abs_().mul_(lam)
-        masks.append(tau.abs() >= diff)
+        out = None if ctx is None else ctx.buffer(f"mask{t}", mtv.shape, torch.bool)
+        masks.append(torch.ge(torch.abs(tau, out=mag), diff, out=out))
     return masks
 
 
-def usage_count(masks: Sequence[torch.Tensor]) -> torch.Tensor:
+def usage_count(masks: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
     """How many tasks use each entry."""
-    cnt = torch.zeros(masks[0].shape, dtype=torch.uint8 if len(masks) < 256 else torch.int32)
+    dt = torch.uint8 if len(masks) < 256 else torch.int32
+    cnt = torch.zeros(masks[0].shape, dtype=dt) if out is None else out.zero_()
     for m in masks:
         cnt.add_(m)
     return cnt
@@ -384,7 +423,8 @@ class Consensus(MergeMethod):
 
     def merge_tensor(self, ctx: Context, key: str) -> torch.Tensor:
         pre = ctx.pre(key)
-        taus = [ctx.tv(key, t, pre) for t in range(ctx.T)]
-        mtv = self.base.merged_vector(key, taus, inplace=False)
-        cons = usage_count(tall_mask_tensors(taus, mtv, self.tall_lams)) >= self.hp["k"]
-        return mtv.mul_(cons).mul_(self.lam).add_(pre)
+        taus = self.task_vectors(ctx, key, pre)
+        mtv = self.base.merged_vector(ctx, key, taus, inplace=False)
+        masks = tall_mask_tensors(taus, mtv, self.tall_lams, ctx)
+        cnt = usage_count(masks, out=ctx.buffer("count", pre.shape, torch.uint8 if ctx.T < 256 else torch.int32))
+        return mtv.mul_(torch.ge(cnt, self.hp["k"], out=ctx.buffer("keep", pre.shape, torch.bool))).mul_(self.lam).add_(pre)

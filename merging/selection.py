@@ -109,6 +109,7 @@ def radix_thresholds(
     """
     width, ibits = _BITS[dtype]
     states = [_TaskState(n) for n in ns]
+    scratch = torch.empty(0, dtype=torch.int16)  # reused: a new buffer per piece costs page faults
     while any(s.value is None for s in states):
         for s in states:
             if s.value is None and s.mode == "hist":
@@ -119,7 +120,12 @@ def radix_thresholds(
                 continue
             a = a.reshape(-1)
             if s.known == 0:
-                s.hist += _bincount(_top16(a, width, ibits))
+                hi = _top16(a, width, ibits)
+                if not hi.is_contiguous():
+                    if scratch.numel() < hi.numel():
+                        scratch = torch.empty(hi.numel(), dtype=torch.int16)
+                    hi = scratch[: hi.numel()].copy_(hi)
+                s.hist += _bincount(hi)
                 continue
             bits = a.view(ibits)
             sel = (bits >> (width - s.known)) == s.prefix

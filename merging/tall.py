@@ -39,10 +39,11 @@ class TallKernel:
         self.lams = _per_task("lam", self.lam_arg, ctx.T)
 
     def tensor(self, ctx: Context, key: str) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """(θ0, τ_MTL, [m_t]) for one key, θ0 and τ_MTL in compute dtype."""
+        """(θ0, τ_MTL, [m_t]) for one key, θ0 and τ_MTL in compute dtype. θ0 may be the input's own
+        tensor and τ_MTL a context buffer (copy them to keep them); the masks are new tensors."""
         pre = ctx.pre(key)
-        taus = [ctx.tv(key, t, pre) for t in range(ctx.T)]
-        mtv = self.base.merged_vector(key, taus, inplace=False)
+        taus = [ctx.tv(key, t, pre, out=ctx.buffer(f"tau{t}", pre.shape, pre.dtype)) for t in range(ctx.T)]
+        mtv = self.base.merged_vector(ctx, key, taus, inplace=False)
         return pre, mtv, tall_mask_tensors(taus, mtv, self.lams)
 
 
@@ -131,7 +132,7 @@ def tall_masks(
             p, mtv_t, ms = kernel.tensor(ctx, key)
             # θ0 in its own dtype is the input's tensor (or a file view): keep a copy, never an alias.
             pre[key] = p.clone() if plan.compute[key] == plan.infos[key].dtype else p
-            tau[key] = mtv_t
+            tau[key] = mtv_t.clone()
             for t, m in enumerate(ms):
                 masks[t][key] = m
         dtypes = {k_: plan.infos[k_].dtype for k_ in plan.order}

@@ -1,0 +1,152 @@
+#!/usr/bin/env python
+"""Build a merging zoo: pretrain a base model, fine-tune it fully and separately on the 8 zoo tasks.
+
+    python scripts/build_zoo.py --zoo cnn                 # ~15 min on 2 CPU cores
+    python scripts/build_zoo.py --zoo vit --out zoo_vit   # ~20 min
+    python scripts/build_zoo.py --zoo cnn --smoke         # timm test backbones, seconds per model
+    mtl-merge merge=ties pool=<out>/manifest.json         # then merge it
+
+Step 1 runs `mtl-train experiment=zoo_<zoo>_pretrain` (the procedural `pretrain` data), step 2
+`mtl-train experiment=zoo_<zoo>_finetune init_from=<pretrain>/model data.dataset=<task>` per task, all
+in-process (`mtl.train.run`). The output folder holds `pretrain/`, `finetune/<task>/` (run folders with
+a `model/` each) and `manifest.json`: {"pretrained", "models", "individual": {task: test accuracy}, ...}
+with paths relative to the manifest, which `mtl-merge pool=<manifest>` reads. A task whose run folder
+already holds a finished model is reused (so an interrupted build resumes); --fresh rebuilds everything.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+ZOO_KINDS = ("cnn", "vit")
+
+
+def zoo_tasks() -> tuple[str, ...]:
+    from mtl.data.zoo import ZOO_TASKS
+
+    return ZOO_TASKS
+
+
+def common_overrides(zoo: str, smoke: bool) -> list[str]:
+    out = ["viz.num_samples=0"]
+    if smoke:
+        out += ["debug=smoke"] + (["backbone=test_vit"] if zoo == "vit" else [])
+    return out
+
+
+def _finished(run_dir: Path) -> bool:
+    return (run_dir / "model" / "model.safetensors").is_file() and (run_dir / "metrics.json").is_file()
+
+
+def _train(overrides: list[str], run_dir: Path, fresh: bool) -> tuple[dict[str, Any], float, bool]:
+    """(metrics, seconds, reused). A half-written run folder is replaced."""
+    from mtl.train import run
+
+    if _finished(run_dir) and not fresh:
+        return json.loads((run_dir / "metrics.json").read_text()), 0.0, True
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    start = time.perf_counter()
+    run(overrides, run_dir=run_dir)
+    return json.loads((run_dir / "metrics.json").read_text()), time.perf_counter() - start, False
+
+
+def pretrain(zoo: str, out: Path, smoke: bool = False, extra: Sequence[str] = (), fresh: bool = False) -> dict[str, Any]:
+    ov = [f"experiment=zoo_{zoo}_pretrain", *common_overrides(zoo, smoke), *extra]
+    metrics, seconds, reused = _train(ov, out / "pretrain", fresh)
+    return {"run_dir": out / "pretrain", "model": out / "pretrain" / "model", "overrides": ov,
+            "accuracy": metrics["test"]["pretrain"]["accuracy"], "seconds": seconds, "reused": reused}
+
+
+def finetune(zoo: str, task: str, pretrained: Path, out: Path, smoke: bool = False, extra: Sequence[str] = (),
+             fresh: bool = False) -> dict[str, Any]:
+    run_dir = out / "finetune" / task
+    ov = [f"experiment=zoo_{zoo}_finetune", f"init_from={Path(pretrained).resolve()}", f"data.dataset={task}",
+          *common_overrides(zoo, smoke), *extra]
+    metrics, seconds, reused = _train(ov, run_dir, fresh)
+    return {"task": task, "run_dir": run_dir, "model": run_dir / "model", "overrides": ov,
+            "accuracy": metrics["test"][task]["accuracy"], "val_accuracy": metrics["val"].get(task, {}).get("accuracy"),
+            "seconds": seconds, "reused": reused}
+
+
+def build_zoo(zoo: str, out: str | Path, tasks: Sequence[str] | None = None, smoke: bool = False,
+              pretrain_overrides: Sequence[str] = (), finetune_overrides: Sequence[str] = (),
+              fresh: bool = False) -> dict[str, Any]:
+    """Pretrain, fine-tune every task, write `<out>/manifest.json`; returns the manifest."""
+    if zoo not in ZOO_KINDS:
+        raise ValueError(f"zoo must be one of {ZOO_KINDS}, got {zoo!r}")
+    tasks = list(tasks or zoo_tasks())
+    unknown = [t for t in tasks if t not in zoo_tasks()]
+    if unknown:
+        raise ValueError(f"unknown zoo task(s) {unknown}; valid: {', '.join(zoo_tasks())}")
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    pre = pretrain(zoo, out, smoke, pretrain_overrides, fresh)
+    fts = [finetune(zoo, t, pre["model"], out, smoke, finetune_overrides, fresh) for t in tasks]
+    rel = lambda p: str(Path(p).relative_to(out))  # noqa: E731
+    manifest = {
+        "zoo": zoo,
+        "smoke": smoke,
+        "pretrained": rel(pre["model"]),
+        "models": [rel(f["model"]) for f in fts],
+        "tasks": tasks,
+        "individual": {f["task"]: f["accuracy"] for f in fts},
+        "individual_val": {f["task"]: f["val_accuracy"] for f in fts},
+        "pretrain_accuracy": pre["accuracy"],
+        "seconds": {"pretrain": round(pre["seconds"], 1), **{f["task"]: round(f["seconds"], 1) for f in fts},
+                    "total": round(time.perf_counter() - start, 1)},
+        "reused": [n for n, r in [("pretrain", pre), *((f["task"], f) for f in fts)] if r["reused"]],
+        "overrides": {"pretrain": pre["overrides"],
+                      "finetune": [f"experiment=zoo_{zoo}_finetune", "init_from=<pretrained>", "data.dataset=<task>",
+                                   *common_overrides(zoo, smoke), *finetune_overrides]},
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def summary_table(manifest: dict[str, Any]) -> str:
+    """Markdown table: individual test accuracy and build time per task."""
+    sec = manifest["seconds"]
+    rows = ["| model | test accuracy | train time (s) |", "|---|---:|---:|",
+            f"| pretrain (60 classes) | {manifest['pretrain_accuracy']:.4f} | {sec['pretrain']:.0f} |"]
+    for t in manifest["tasks"]:
+        rows.append(f"| {t} | {manifest['individual'][t]:.4f} | {sec[t]:.0f} |")
+    acc = manifest["individual"].values()
+    rows.append(f"| mean of {len(acc)} tasks | {sum(acc) / len(acc):.4f} | {sec['total']:.0f} (total) |")
+    return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--zoo", choices=ZOO_KINDS, required=True)
+    p.add_argument("--smoke", action="store_true", help="debug=smoke: timm test backbones, a few steps each")
+    p.add_argument("--out", help="output folder (default outputs/zoo_<zoo>[_smoke])")
+    p.add_argument("--tasks", nargs="+", help="subset of the 8 tasks (default: all)")
+    p.add_argument("--pretrain-overrides", nargs="*", default=[], help="extra mtl-train overrides for step 1")
+    p.add_argument("--finetune-overrides", nargs="*", default=[], help="extra mtl-train overrides for step 2")
+    p.add_argument("--fresh", action="store_true", help="retrain models whose run folders are already complete")
+    args = p.parse_args(argv)
+
+    from mtl.cli.common import prepare
+
+    prepare()
+    out = Path(args.out or f"outputs/zoo_{args.zoo}{'_smoke' if args.smoke else ''}")
+    manifest = build_zoo(args.zoo, out, args.tasks, args.smoke, args.pretrain_overrides, args.finetune_overrides,
+                         args.fresh)
+    print(f"\n{args.zoo.upper()} zoo{' (smoke)' if args.smoke else ''}:\n")
+    print(summary_table(manifest))
+    if manifest["reused"]:
+        print(f"\nreused finished runs: {', '.join(manifest['reused'])} (--fresh retrains them)")
+    print(f"\nmanifest: {out.resolve() / 'manifest.json'}")
+    print(f"merge it: mtl-merge merge=ties pool={out.resolve() / 'manifest.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
