@@ -5,19 +5,22 @@ from typing import Any
 
 import torch
 
-from .engine import KeyOptions, open_context, produce
+from .engine import KeyOptions, open_context, produce, torch_threads
 from .methods import create_method
 
 __all__ = ["merge"]
 
 
-def merge(method: str, pretrained, finetuned, *, select: str = "kthvalue", **kwargs: Any) -> dict[str, torch.Tensor]:
+def merge(
+    method: str, pretrained, finetuned, *, select: str = "kthvalue", threads: int | None = None, **kwargs: Any
+) -> dict[str, torch.Tensor]:
     """Merge `finetuned` (a list of models) into one state dict, in memory.
 
     `method`: "average", "task_arithmetic", "ties", "dare" or "consensus"; its hyperparameters are keyword
     arguments (see docs/merging.md). Key options shared by all methods: `include`, `exclude`,
     `task_keys`, `unshared`, `bn`, `check_finite`. `select` picks how the TIES global threshold is found:
     "kthvalue" over the concatenated magnitudes (the reference) or "radix" (memory-bounded); both are exact.
+    `threads`: torch intra-op threads for this call (default: leave torch's setting alone).
 
     The result holds every selected key shared by all models (task-specific keys such as `heads.*` are
     left out), in the pretrained model's dtypes, as new tensors that share no memory with the inputs.
@@ -26,8 +29,9 @@ def merge(method: str, pretrained, finetuned, *, select: str = "kthvalue", **kwa
     m = create_method(method, **hp)
     ctx = open_context(pretrained, finetuned, opts, m.min_models(), method)
     try:
-        m.prepare(ctx, select)
-        # produce() hands out workspaces and the inputs' own tensors: keep copies.
-        return {k: t.clone() for k, t in produce(m, ctx)}
+        with torch_threads(threads):
+            m.prepare(ctx, select)
+            # produce() hands out workspaces and the inputs' own tensors: keep copies.
+            return {k: t.clone() for k, t in produce(m, ctx)}
     finally:
         ctx.close()

@@ -7,13 +7,34 @@ tensors one by one; the callers only differ in where those go (a dict, or a file
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
 from .keys import DEFAULT_TASK_KEYS, KeyPlan, plan_keys
 from .sources import MergeInputError, StateSource, open_sources
 
-__all__ = ["Context", "KeyOptions", "open_context", "produce"]
+__all__ = ["Context", "KeyOptions", "open_context", "produce", "torch_threads"]
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run with `n` intra-op threads (None: leave torch's setting alone), restoring it afterwards.
+
+    On a machine whose cores are busy with other work, one thread is often faster: every parallel
+    operation waits for its slowest thread, and a descheduled thread stalls it.
+    """
+    if n is None:
+        yield
+        return
+    if n < 1:
+        raise ValueError(f"threads must be ≥ 1, got {n}")
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 class KeyOptions(dict):

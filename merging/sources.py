@@ -163,7 +163,7 @@ class SafetensorsSource(StateSource):
     tensors get a handle of their own). That keeps peak memory near the tensors actually in use.
     """
 
-    def __init__(self, path: Pathish, handle_budget: int = 64 << 20):
+    def __init__(self, path: Pathish, handle_budget: int = 16 << 20):
         self.path = Path(path)
         self.label = str(self.path)
         header, self._data_start = _read_safetensors_header(self.path)

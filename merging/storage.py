@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .engine import KeyOptions, open_context
+from .engine import KeyOptions, open_context, torch_threads
 from .methods import SELECTS
 from .sources import MergeInputError, SafetensorsSource, TensorInfo
 from .streaming import SafetensorsWriter, atomic_file, resolve_output
@@ -145,6 +145,7 @@ def write_tall_store(
     k: float = 20,
     merge_func: str = "mean",
     trim: str = "global",
+    threads: int | None = None,
     **key_options: Any,
 ) -> Path:
     """Compute TALL masks and write the store tensor by tensor (memory stays near T+3 tensors).
@@ -167,7 +168,8 @@ def write_tall_store(
     try:
         T = ctx.T
         tasks = _check_tasks(tasks or _default_task_names(fts), T)
-        kernel.prepare(ctx, select)
+        with torch_threads(threads):
+            kernel.prepare(ctx, select)
         plan = ctx.plan
         task_keys = plan.task_specific if include_task_keys else [[] for _ in range(T)]
         tk_infos = [{k_: ctx.sources[t + 1].info(k_) for k_ in ks} for t, ks in enumerate(task_keys)]
@@ -188,7 +190,8 @@ def write_tall_store(
                     yield f"task/{t}/{key}", ctx.sources[t + 1].get(key)
 
         manifest = _manifest(tasks, kernel.lams, mtv, plan.order, plan.kind, task_keys)
-        return _write(out, overwrite, specs, manifest, entries())
+        with torch_threads(threads):
+            return _write(out, overwrite, specs, manifest, entries())
     finally:
         ctx.close()
 

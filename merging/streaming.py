@@ -21,7 +21,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from .engine import KeyOptions, open_context, produce
+from .engine import KeyOptions, open_context, produce, torch_threads
 from .methods import create_method
 from .sources import DTYPE_CODES, TensorInfo
 
@@ -114,12 +114,14 @@ def merge_to_file(
     overwrite: bool = False,
     select: str = "radix",
     fsync: bool = False,
+    threads: int | None = None,
     metadata: dict[str, str] | None = None,
     **kwargs: Any,
 ) -> Path:
     """Merge with bounded memory, writing the result to `out` (a `.safetensors` file, or a folder that
     receives `model.safetensors`). Same methods, hyperparameters and key options as `merging.merge`;
-    the TIES global threshold uses the radix select by default. Returns the written file's path.
+    the TIES global threshold uses the radix select by default. `fsync` flushes the file to disk before
+    the rename; `threads` sets torch's intra-op threads for the call. Returns the written file's path.
     """
     path, created_dir = resolve_output(out)
     if path.exists() and not overwrite:
@@ -128,12 +130,12 @@ def merge_to_file(
     m = create_method(method, **hp)
     ctx = open_context(pretrained, finetuned, opts, m.min_models(), method)
     try:
-        m.prepare(ctx, select)
-        plan = ctx.plan
-        specs = [(k, plan.infos[k]) for k in plan.order]
-        meta = {"format": "pt", "mtlkit_method": method, "mtlkit_hparams": json.dumps(m.hp, default=str)}
-        meta.update(metadata or {})
-        with atomic_file(path, overwrite=overwrite, fsync=fsync) as f:
+        with torch_threads(threads), atomic_file(path, overwrite=overwrite, fsync=fsync) as f:
+            m.prepare(ctx, select)
+            plan = ctx.plan
+            specs = [(k, plan.infos[k]) for k in plan.order]
+            meta = {"format": "pt", "mtlkit_method": method, "mtlkit_hparams": json.dumps(m.hp, default=str)}
+            meta.update(metadata or {})
             w = SafetensorsWriter(f, specs, meta)
             for key, tensor in produce(m, ctx):
                 w.write(key, tensor)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .engine import Context, KeyOptions, open_context
+from .engine import Context, KeyOptions, open_context, torch_threads
 from .methods import SELECTS, _check_lam, _per_task, make_mtv_method, tall_mask_tensors, usage_count
 
 __all__ = ["TallMasks", "tall_masks", "TallKernel", "mask_overlap", "reconstruct_tensor"]
@@ -109,6 +109,7 @@ def tall_masks(
     merge_func: str = "mean",
     trim: str = "global",
     select: str = "kthvalue",
+    threads: int | None = None,
     **key_options: Any,
 ) -> TallMasks:
     """TALL masks for each fine-tuned model. `lam`: one λ for all tasks or one per task.
@@ -121,24 +122,29 @@ def tall_masks(
     kernel = TallKernel(lam, mtv, {"k": k, "merge_func": merge_func, "trim": trim} if mtv == "ties" else None)
     ctx = open_context(pretrained, finetuned, opts, 1, "tall_masks")
     try:
-        kernel.prepare(ctx, select)
-        plan = ctx.plan
-        pre, tau, kept = {}, {}, {}
-        masks: list[dict[str, torch.Tensor]] = [{} for _ in range(ctx.T)]
-        for key in ctx.iter_keys(plan.order):
-            if plan.kind[key] != "merge":
-                kept[key] = _copied(ctx, key)
-                continue
-            p, mtv_t, ms = kernel.tensor(ctx, key)
-            # θ0 in its own dtype is the input's tensor (or a file view): keep a copy, never an alias.
-            pre[key] = p.clone() if plan.compute[key] == plan.infos[key].dtype else p
-            tau[key] = mtv_t.clone()
-            for t, m in enumerate(ms):
-                masks[t][key] = m
-        dtypes = {k_: plan.infos[k_].dtype for k_ in plan.order}
-        return TallMasks(pre, tau, masks, kept, dtypes, kernel.lams, mtv, plan.task_specific)
+        with torch_threads(threads):
+            return _tall_in_memory(ctx, kernel, select, mtv)
     finally:
         ctx.close()
+
+
+def _tall_in_memory(ctx: Context, kernel: TallKernel, select: str, mtv: str) -> TallMasks:
+    kernel.prepare(ctx, select)
+    plan = ctx.plan
+    pre, tau, kept = {}, {}, {}
+    masks: list[dict[str, torch.Tensor]] = [{} for _ in range(ctx.T)]
+    for key in ctx.iter_keys(plan.order):
+        if plan.kind[key] != "merge":
+            kept[key] = _copied(ctx, key)
+            continue
+        p, mtv_t, ms = kernel.tensor(ctx, key)
+        # θ0 in its own dtype is the input's tensor (or a file view): keep a copy, never an alias.
+        pre[key] = p.clone() if plan.compute[key] == plan.infos[key].dtype else p
+        tau[key] = mtv_t.clone()
+        for t, m in enumerate(ms):
+            masks[t][key] = m
+    dtypes = {k_: plan.infos[k_].dtype for k_ in plan.order}
+    return TallMasks(pre, tau, masks, kept, dtypes, kernel.lams, mtv, plan.task_specific)
 
 
 def _copied(ctx: Context, key: str) -> torch.Tensor:
