@@ -1,7 +1,9 @@
 """The per-tensor engine shared by the in-memory and the streaming (file-to-file) paths.
 
 A `Context` reads one tensor at a time from the sources, in the key's compute dtype, checking each
-source tensor for NaN/Inf the first time it is read. `produce` walks the key plan and yields the output
+source tensor for NaN/Inf the first time it is read (or, for methods whose output is non-finite
+whenever an input is, checking the output and tracing a failure back to its input). It also owns the
+scratch buffers the kernels reuse from key to key. `produce` walks the key plan and yields the output
 tensors one by one; the callers only differ in where those go (a dict, or a file being written).
 """
 from __future__ import annotations

@@ -230,7 +230,7 @@ class Ties(MergeMethod):
         sign = total.sign_()  # γ; entries where the trimmed vectors cancel exactly get 0 and stay 0
         out = ctx.buffer("mtv", shape, dt).zero_()
         mean = self.hp["merge_func"] == "mean"
-        cnt = ctx.buffer("cnt", shape, dt).zero_() if mean else None
+        cnt = ctx.buffer("cnt", shape, torch.uint8 if len(taus) < 256 else torch.int32).zero_() if mean else None
         for tt in trimmed:
             # τ̂_t·γ is |τ̂_t| where task t agrees with γ and ≤ 0 elsewhere, so Σ relu(τ̂_t·γ)·γ is the
             # sum over agreeing tasks (exactly: multiplying by ±1 rounds nothing).

@@ -2,9 +2,9 @@
 
 Convention (TIES trimming): keeping k percent of P entries keeps the n = ⌈P·k/100⌉ largest magnitudes.
 The threshold is the n-th largest |τ| and an entry is kept when |τ| ≥ threshold, so exactly n entries
-survive when magnitudes are distinct and every tie at the threshold survives otherwise. (FusionBench
-takes the ⌊P·(1−k)⌋-th smallest value instead, which keeps one entry more.) n = 0 gives an infinite
-threshold (nothing kept); k = 100 keeps everything.
+survive when magnitudes are distinct and every tie at the threshold survives otherwise. (Tools that
+take the ⌊P·(1−k/100)⌋-th smallest value as the threshold keep one entry more.) n = 0 gives an
+infinite threshold (nothing kept); k = 100 keeps everything.
 
 Radix select: non-negative IEEE floats order like their bit patterns read as integers. Pass 1 builds a
 histogram of the top 16 bits of every |τ| (per task, across all tensors) and finds the bucket holding
@@ -21,7 +21,7 @@ from fractions import Fraction
 
 import torch
 
-__all__ = ["keep_count", "kthvalue_threshold", "radix_thresholds", "as_threshold", "keep_mask"]
+__all__ = ["keep_count", "kthvalue_threshold", "radix_thresholds", "as_threshold"]
 
 _BITS = {torch.float32: (32, torch.int32), torch.float64: (64, torch.int64)}
 _LITTLE = sys.byteorder == "little"
@@ -49,10 +49,6 @@ def as_threshold(thr: float, dtype: torch.dtype) -> float:
     if t.item() < thr:
         t = torch.nextafter(t, torch.tensor(math.inf, dtype=dtype))
     return t.item()
-
-
-def keep_mask(a: torch.Tensor, thr: float) -> torch.Tensor:
-    return a >= as_threshold(thr, a.dtype)
 
 
 def _bincount(idx: torch.Tensor) -> torch.Tensor:

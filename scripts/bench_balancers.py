@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from mtl.balancers import BALANCERS, JACOBIAN_METHODS, check_finite, create_balancer, freeze_norm_stats
+from mtl.balancers import BALANCERS, check_finite, create_balancer, freeze_norm_stats
 
 TASKS = ["semseg", "depth", "normals", "edges", "classification", "regression"]
-REP_LEVEL = ["upgrad@features", "mgda@features", "imtl_g@features", "pcgrad@features"]
+REP_LEVEL = ["upgrad@features", "mgda@features"]
 
 
 def parse_args():
@@ -46,8 +46,8 @@ def parse_args():
     p.add_argument("--channels", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--baselines", default=None, help="existing baselines JSON (else trained into OUT)")
-    p.add_argument("--timing-rounds", type=int, default=3)
-    p.add_argument("--timing-steps", type=int, default=4)
+    p.add_argument("--timing-rounds", type=int, default=2)
+    p.add_argument("--timing-steps", type=int, default=3)
     p.add_argument("--skip-training", action="store_true", help="only the timing phase (+ table from existing runs)")
     p.add_argument("--force", action="store_true", help="retrain runs that already finished")
     return p.parse_args()
@@ -160,19 +160,19 @@ def time_methods(args, methods: list[str]) -> dict[str, float]:
 # --- table -----------------------------------------------------------------------------------
 
 
-def table(results: dict[str, dict], step_times: dict[str, float], primary: dict[str, str]) -> str:
+def table(methods: list[str], results: dict[str, dict], step_times: dict[str, float], primary: dict[str, str]) -> str:
     ew = step_times.get("ew")
     cols = [f"{t} {primary[t]}" for t in TASKS]
     lines = ["| method | " + " | ".join(cols) + " | Δm% | s/step | × ew |",
              "|---" * (len(cols) + 4) + "|"]
-    for method, m in results.items():
-        test = m.get("test", {})
-        vals = [f"{test[t][primary[t]]:.4f}" if t in test else "—" for t in TASKS]
-        dm = m.get("delta_m", {}).get("value")
+    for method in methods:
+        test = results.get(method, {}).get("test", {})
+        cells = [f"{test[t][primary[t]]:.4f}" if t in test else "—" for t in TASKS]
+        dm = results.get(method, {}).get("delta_m", {}).get("value")
+        cells.append(f"{dm:+.2f}" if dm is not None else "—")
         st = step_times.get(method)
-        lines.append(f"| {method} | " + " | ".join(vals) + f" | {dm:+.2f} |" if dm is not None else
-                     f"| {method} | " + " | ".join(vals) + " | — |")
-        lines[-1] += f" {st:.3f} | {st / ew:.2f} |" if st and ew else " — | — |"
+        cells += [f"{st:.2f}", f"{st / ew:.2f}"] if st and ew else ["—", "—"]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -203,7 +203,7 @@ def main():
             if path.exists():
                 results[method] = json.loads(path.read_text())
     step_times = time_methods(args, methods)
-    md = table(results, step_times, primary)
+    md = table(methods, results, step_times, primary)
     (out / "balancers.md").write_text(md + "\n")
     (out / "results.json").write_text(json.dumps(
         {"args": vars(args), "step_time_s": step_times,

@@ -7,17 +7,20 @@
 ViT part: 8 fine-tuned copies of a random ViT-B/32-shaped float32 state dict (~88M parameters) plus the
 pretrained one, as safetensors files. Task arithmetic and TIES (global top-20%) are run (a) with
 `merging.merge_to_file` (streaming) and (b) with a straightforward in-memory implementation (load every
-model, stack the task vectors, torch ops). Read bandwidth = bytes of all inputs / time for `safe_open`
-to hand out every tensor and for us to touch it (a sum), measured with the files in page cache
-("warm") and after evicting them with posix_fadvise(DONTNEED) ("cold"); task arithmetic's throughput
-is the same input bytes over its merge time, in the same cache state.
+model, stack the task vectors, torch ops). Read bandwidth = bytes of all inputs / time to read them, four
+ways: `safe_open` handing out every tensor, file by file, each touched by a sum; plain `read()` of each
+file; the same after asking for all files at once (POSIX_FADV_WILLNEED); and the merge's own pattern
+(key by key across all files, next key announced ahead, every tensor touched, nothing computed). Each is
+measured with the files in page cache ("warm") and after evicting them with posix_fadvise(DONTNEED)
+("cold"); task arithmetic's throughput is the same input bytes over its merge time, same cache state.
 
 LLM part: 4 fine-tuned copies of a Llama-shaped float32 state dict (~134M parameters): per-tensor TIES
 (top-k inside each tensor, as LLM merging tools do) streamed with `kthvalue` (and with the radix
 select), against a per-tensor baseline written here that fully sorts each tensor's magnitudes.
 
-Every run is a separate subprocess; its peak RSS comes from wait4's rusage (ru_maxrss of that child
-alone) and includes the interpreter + torch import (reported as "import baseline"). Files are created in
+Every run is a separate subprocess; its peak RSS is that process's VmHWM (high-water RSS since exec,
+mapped file pages included), which includes the interpreter + torch import (reported as "import
+baseline"). Files are created in
 a temporary folder (--workdir) and deleted at the end. Results are printed as a markdown snippet.
 """
 from __future__ import annotations
@@ -115,7 +118,22 @@ def evict(paths):
 
 
 # -- workers (run in their own process) ---------------------------------------------------------------
+def vm_hwm_mb() -> float:
+    """Peak RSS of this process since exec (VmHWM). ru_maxrss of a child is no good here: Linux folds in
+    the pre-exec memory, i.e. the parent's RSS at fork time."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def worker(spec: dict) -> dict:
+    res = _work(spec)
+    res["peak_rss_mb"] = vm_hwm_mb()
+    return res
+
+
+def _work(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec.get("threads") or os.cpu_count() or 1)
@@ -138,15 +156,42 @@ def worker(spec: dict) -> dict:
                     nbytes += x.numel() * x.element_size()
                     del x
         return {"seconds": time.perf_counter() - t0, "bytes": nbytes}
-    if kind == "rawread":  # plain sequential read() of the files: what the disk (or page cache) delivers
+    if kind == "engine_read":
+        # The merge's own read pattern (merging's sources, key by key across all files, next key
+        # announced ahead), touching every tensor but computing nothing: the I/O share of a merge.
+        from merging.sources import open_source
+
+        srcs = [open_source(p) for p in [pre, *fts]]
+        keys = srcs[0].keys()
+        nbytes = 0
+        for i, k in enumerate(keys):
+            if i + 1 < len(keys):
+                for src in srcs:
+                    src.prefetch(keys[i + 1])
+            for src in srcs:
+                x = src.get(k)
+                x.sum()
+                nbytes += x.numel() * x.element_size()
+                del x
+        for src in srcs:
+            src.close()
+        return {"seconds": time.perf_counter() - t0, "bytes": nbytes}
+    if kind in ("rawread", "rawread_prefetch"):
+        # Plain read() of the files into one buffer: what the disk (or page cache) delivers. The
+        # prefetch variant first asks for every file at once (POSIX_FADV_WILLNEED), so the device sees
+        # a deep queue, as it does when the merge announces the next tensor of all 9 files.
         buf = bytearray(8 << 20)
         view = memoryview(buf)
         nbytes = 0
-        for p in [pre, *fts]:
-            with open(p, "rb", buffering=0) as f:
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-                while n := f.readinto(view):
-                    nbytes += n
+        files = [open(p, "rb", buffering=0) for p in [pre, *fts]]
+        for f in files:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            if kind == "rawread_prefetch":
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
+        for f in files:
+            while n := f.readinto(view):
+                nbytes += n
+            f.close()
         return {"seconds": time.perf_counter() - t0, "bytes": nbytes}
     if kind == "stream":
         import merging
@@ -232,18 +277,14 @@ def sort_ties_per_tensor(pre_p, ft_ps, out, k, lam):
 
 
 def run_worker(spec: dict) -> dict:
-    """Run one benchmark in a fresh interpreter; peak RSS is that child's own ru_maxrss."""
+    """Run one benchmark in a fresh interpreter, so each peak RSS (its VmHWM) is that run's alone."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, str(HERE), "--worker", json.dumps(spec)], stdout=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run([sys.executable, str(HERE), "--worker", json.dumps(spec)], stdout=subprocess.PIPE, text=True)
     wall = time.perf_counter() - t0
-    out = proc.stdout.read()
-    proc.stdout.close()
-    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        return {"error": f"exit {proc.returncode}", "peak_rss_mb": usage.ru_maxrss / 1024, "process_seconds": wall}
-    res = json.loads([line for line in out.splitlines() if line.startswith("RESULT ")][-1][7:])
-    res.update(peak_rss_mb=usage.ru_maxrss / 1024, process_seconds=wall)
+        return {"error": f"exit {proc.returncode}", "process_seconds": wall}
+    res = json.loads([line for line in proc.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
+    res["process_seconds"] = wall
     return res
 
 
@@ -311,6 +352,8 @@ def bench_vit(root: Path, small: bool, T: int, results: dict, log, threads: int,
         for _ in range(repeat):  # interleaved repeats, best time kept: the machine is shared and noisy
             run(f"safe_open read {cache}", {"kind": "read"}, cache == "cold")
             run(f"raw read {cache}", {"kind": "rawread"}, cache == "cold")
+            run(f"raw read, all files prefetched {cache}", {"kind": "rawread_prefetch"}, cache == "cold")
+            run(f"safe_open read, merge's pattern {cache}", {"kind": "engine_read"}, cache == "cold")
             run(f"stream TA {cache}", {"kind": "stream", "method": "task_arithmetic", "hp": ta}, cache == "cold")
             run(f"naive TA {cache}", {"kind": "naive_ta", "hp": ta}, cache == "cold")
     run("stream TIES", {"kind": "stream", "method": "ties", "hp": ties})
@@ -378,7 +421,7 @@ def markdown(results: dict) -> str:
                 continue
             thr = v["input_bytes"] / ta["seconds"] / 1e9
             parts = []
-            for what in ("safe_open read", "raw read"):
+            for what in ("safe_open read", "raw read", "raw read, all files prefetched", "safe_open read, merge's pattern"):
                 rd = r.get(f"{what} {cache}", {})
                 if "seconds" in rd:
                     bw = rd["bytes"] / rd["seconds"] / 1e9
@@ -419,7 +462,11 @@ def main(argv=None):
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
         return
 
+    import signal
+
     import torch
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` removes the files on kill
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)

@@ -5,7 +5,6 @@ are a distribution over tasks are multiplied by T so they sum to T).
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -65,9 +64,10 @@ class DynamicWeightAverage(Balancer):
         T = len(self.tasks)
         # history[0] = mean loss of window k−2, history[1] = of window k−1 (NaN: not seen yet)
         self.register_buffer("history", torch.full((2, T), float("nan")))
-        self.register_buffer("running_sum", torch.zeros(T))
-        self.register_buffer("running_count", torch.zeros(()))
         self.register_buffer("window_id", torch.tensor(-1, dtype=torch.long))
+        # this rank's sums over the open window: not buffers, since DDP would overwrite them with
+        # rank 0's at every forward (broadcast_buffers); they travel in the state dict as extra state
+        self._sum, self._count = torch.zeros(T), 0
 
     def current_weights(self) -> torch.Tensor:
         h = self.history
@@ -80,11 +80,10 @@ class DynamicWeightAverage(Balancer):
         wid = ctx.epoch if self.window == "epoch" else ctx.step // int(self.window)
         if wid == int(self.window_id):
             return
-        if self.running_count > 0:
-            mean = dist_mean(self.running_sum / self.running_count)
+        if self._count > 0:
+            mean = dist_mean(self._sum / self._count).to(self.history)
             self.history.copy_(torch.stack([self.history[1], mean]))
-        self.running_sum.zero_()
-        self.running_count.zero_()
+        self._sum, self._count = torch.zeros_like(self._sum), 0
         self.window_id.fill_(wid)
 
     def combine(self, losses, step=0):
@@ -96,9 +95,16 @@ class DynamicWeightAverage(Balancer):
     def backward(self, ctx: StepContext) -> None:
         self._advance(ctx)
         total = self.combine(ctx.losses, ctx.step)
-        self.running_sum += self._stack(ctx.losses).detach().float().to(self.running_sum.device)
-        self.running_count += 1
+        L = self._stack(ctx.losses).detach().float()
+        self._sum = self._sum.to(L.device) + L
+        self._count += 1
         ctx.backward(total)
+
+    def get_extra_state(self):
+        return {"sum": self._sum.cpu(), "count": self._count}
+
+    def set_extra_state(self, state) -> None:
+        self._sum, self._count = state["sum"].clone(), int(state["count"])
 
 
 @register("rlw")
@@ -246,7 +252,7 @@ class FAMO(_OwnOptimizer):
         self._before: torch.Tensor | None = None  # log-losses that produced the last update
         self._z: torch.Tensor | None = None
 
-    def _weights_for(self, Ld: torch.Tensor) -> torch.Tensor:
+    def _weights_for(self, Ld: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = torch.softmax(self.logits.float(), dim=0).to(Ld.device)
         inv = z / Ld
         return len(self.tasks) * inv / inv.sum(), z

@@ -93,9 +93,9 @@ def main(out: Path) -> None:
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, DataLoader(data, batch_size=8, shuffle=True))
     state = {k: torch.cat([p.detach().reshape(-1) for p in m.parameters()]) for k, m in module.models.items()}
-    for k in METHODS:  # balancer state that must agree (DWA's running sums are per rank until a window closes)
+    for k in METHODS:  # balancer state that must agree across ranks
         for name, t in module.balancers[k].state_dict().items():
-            if isinstance(t, torch.Tensor) and not name.startswith("running_"):
+            if isinstance(t, torch.Tensor):
                 state[f"{k}/{name}"] = t.detach().clone()
     state.update({f"init/{k}": v for k, v in module.init.items()})
     state["first_losses"] = torch.tensor(module.first_losses)
@@ -119,7 +119,7 @@ class ParamDigest(L.Callback):
         state = {"params": torch.cat([p.detach().reshape(-1) for p in pl_module.model.parameters()]),
                  "steps": torch.tensor(trainer.global_step)}
         for name, t in pl_module.balancer.state_dict().items():
-            if isinstance(t, torch.Tensor) and not name.startswith("running_"):
+            if isinstance(t, torch.Tensor):
                 state[f"balancer/{name}"] = t.detach().clone()
         self.out.mkdir(parents=True, exist_ok=True)
         torch.save(state, self.out / f"rank{trainer.global_rank}.pt")

@@ -106,6 +106,17 @@ def test_dwa_gradient_uses_its_weights():
     assert torch.allclose(p.grad, torch.tensor([w["a"], w["b"]]))
 
 
+def test_dwa_open_window_survives_a_state_dict_round_trip():
+    schedule = [(0, 0, {"a": 2.0, "b": 1.0}), (1, 0, {"a": 2.0, "b": 1.0}), (2, 0, {"a": 1.0, "b": 0.5})]
+    dwa = create_balancer("dwa", ["a", "b"], window=2)
+    run_dwa(dwa, schedule)  # window 1 is open, holding one step
+    other = create_balancer("dwa", ["a", "b"], window=2)
+    other.load_state_dict(dwa.state_dict())
+    rest = [(3, 0, {"a": 1.0, "b": 0.9}), (4, 0, {"a": 1.0, "b": 1.0})]
+    assert run_dwa(other, rest) == run_dwa(dwa, rest)
+    assert dwa.weights()["a"] != 1.0
+
+
 # --- RLW -------------------------------------------------------------------------------------
 
 

@@ -126,3 +126,15 @@ def test_writer_round_trip_all_dtypes(tmp_path):
         w = SafetensorsWriter(f, [("a", TensorInfo((2,), torch.float32))])
         with pytest.raises(ValueError, match="does not match"):
             w.write("a", torch.zeros(3))
+
+
+def test_threads_option_is_restored_and_fsync(model_files, tmp_path):
+    pre, fts, pre_dir, ft_dirs = model_files
+    before = torch.get_num_threads()
+    ref = merging.merge("ties", pre, fts)
+    assert_same(merging.merge("ties", pre, fts, threads=1), ref)
+    out = merging.merge_to_file("ties", pre_dir, ft_dirs, tmp_path / "m.safetensors", threads=1, fsync=True)
+    assert_same(load_file(str(out)), ref)
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="threads"):
+        merging.merge("ties", pre, fts, threads=0)

@@ -1,6 +1,8 @@
 """Hard parameter sharing: a light multi-scale fusion shared by every task, one small head per task."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,17 +11,30 @@ from mtl.models.decoders.base import DECODERS
 from mtl.tasks import Task
 
 
-def conv_bn_relu(cin: int, cout: int, k: int = 3) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+NORMS = ("batch", "group")
+
+
+def norm_layer(kind: str, channels: int) -> nn.Module:
+    """BatchNorm2d ("batch") or GroupNorm with gcd(32, C) groups ("group": no running statistics,
+    which merged weights cannot match; docs/zoo.md)."""
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(math.gcd(32, channels), channels)
+    raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
+
+
+def conv_bn_relu(cin: int, cout: int, k: int = 3, norm: str = "batch") -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), norm_layer(norm, cout), nn.ReLU(inplace=True))
 
 
 class Fusion(nn.Module):
     """Project every scale to `channels`, upsample to the finest one, sum, refine."""
 
-    def __init__(self, in_channels: list[int], channels: int):
+    def __init__(self, in_channels: list[int], channels: int, norm: str = "batch"):
         super().__init__()
         self.lateral = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)
-        self.refine = conv_bn_relu(channels, channels)
+        self.refine = conv_bn_relu(channels, channels, norm=norm)
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         size = feats[0].shape[-2:]
@@ -54,11 +69,12 @@ def create_head(task: Task, channels: int) -> nn.Module:
 
 @DECODERS.register("hps")
 class HPSDecoder(nn.Module):
-    """Shared fusion neck + per-task heads. `shared(feats)` is the representation the heads consume."""
+    """Shared fusion neck + per-task heads. `shared(feats)` is the representation the heads consume.
+    `norm` is the neck's normalisation ("batch" or "group"); task heads keep BatchNorm."""
 
-    def __init__(self, in_channels: list[int], tasks: list[Task], channels: int = 64):
+    def __init__(self, in_channels: list[int], tasks: list[Task], channels: int = 64, norm: str = "batch"):
         super().__init__()
-        self.neck = Fusion(in_channels, channels)
+        self.neck = Fusion(in_channels, channels, norm)
         self.heads = nn.ModuleDict({t.name: create_head(t, channels) for t in tasks})
 
     def shared(self, feats: list[torch.Tensor]) -> torch.Tensor:

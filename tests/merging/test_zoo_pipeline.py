@@ -1,0 +1,64 @@
+"""scripts/build_zoo.py --smoke on 2 tasks, in-process: manifest, resume, and mtl-merge over it."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from merging.job import run
+from mtl.io import read_model_config
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+TASKS = ["mnist", "faces"]
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zoo")
+    return out, _script("build_zoo").build_zoo("cnn", out, tasks=TASKS, smoke=True)
+
+
+def test_manifest_lists_pretrained_models_and_accuracies(zoo):
+    out, manifest = zoo
+    assert manifest == json.loads((out / "manifest.json").read_text())
+    assert manifest["tasks"] == TASKS and manifest["zoo"] == "cnn" and manifest["smoke"] is True
+    assert not Path(manifest["pretrained"]).is_absolute()  # relative: the zoo folder can move
+    pre = read_model_config(out / manifest["pretrained"])
+    assert [t["name"] for t in pre["model"]["tasks"]] == ["pretrain"]
+    for task, rel in zip(TASKS, manifest["models"]):
+        cfg = read_model_config(out / rel)
+        assert [t["name"] for t in cfg["model"]["tasks"]] == [task]
+        assert cfg["model"]["backbone"] == pre["model"]["backbone"]
+        assert cfg["meta"]["data"]["dataset"] == task  # mtl-merge evaluates each task on its own data
+        assert manifest["individual"][task] == cfg["meta"]["test"][task]["accuracy"]
+        assert 0.0 <= manifest["individual"][task] <= 1.0
+
+
+def test_finished_runs_are_reused(zoo):
+    out, manifest = zoo
+    again = _script("build_zoo").build_zoo("cnn", out, tasks=TASKS, smoke=True)
+    assert again["reused"] == ["pretrain", *TASKS]
+    assert again["individual"] == manifest["individual"]
+
+
+def test_merge_over_manifest_and_quality_tables(zoo, tmp_path):
+    out, manifest = zoo
+    report = run(["merge=ties", "merge.lam=1.0", f"pool={out / 'manifest.json'}", "eval.max_batches=2"],
+                 run_dir=tmp_path / "ties")
+    assert set(report["tasks"]) == set(TASKS)
+    for t in TASKS:  # smoke test splits are 2 batches: the same numbers as at training time
+        assert report["tasks"][t]["individual"]["accuracy"] == pytest.approx(manifest["individual"][t])
+    assert (tmp_path / "ties" / "model" / "model.safetensors").is_file()
+
+    bench = _script("bench_merge_quality")
+    md = bench.tables({"manifest": str(out / "manifest.json"), "methods": {"ties": {**report, "bench_seconds": 1.0}},
+                       "errors": {"average": "ValueError: x"}})
+    assert "| TIES | lam=1.0" in md and "| average" not in md and "failed: ValueError" in md
+    assert "| individual |" in md
