@@ -1,8 +1,6 @@
 """Hard parameter sharing: a light multi-scale fusion shared by every task, one small head per task."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,16 +9,16 @@ from mtl.models.decoders.base import DECODERS
 from mtl.tasks import Task
 
 
-NORMS = ("batch", "group")
+NORMS = ("batch", "layer")
 
 
 def norm_layer(kind: str, channels: int) -> nn.Module:
-    """BatchNorm2d ("batch") or GroupNorm with gcd(32, C) groups ("group": no running statistics,
-    which merged weights cannot match; docs/zoo.md)."""
+    """BatchNorm2d ("batch") or a layer norm over (C, H, W) ("layer", GroupNorm with one group): the
+    latter keeps no running statistics, which merged weights cannot match (docs/zoo.md)."""
     if kind == "batch":
         return nn.BatchNorm2d(channels)
-    if kind == "group":
-        return nn.GroupNorm(math.gcd(32, channels), channels)
+    if kind == "layer":
+        return nn.GroupNorm(1, channels)
     raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
 
 
@@ -70,7 +68,7 @@ def create_head(task: Task, channels: int) -> nn.Module:
 @DECODERS.register("hps")
 class HPSDecoder(nn.Module):
     """Shared fusion neck + per-task heads. `shared(feats)` is the representation the heads consume.
-    `norm` is the neck's normalisation ("batch" or "group"); task heads keep BatchNorm."""
+    `norm` is the neck's normalisation ("batch" or "layer"); task heads keep BatchNorm."""
 
     def __init__(self, in_channels: list[int], tasks: list[Task], channels: int = 64, norm: str = "batch"):
         super().__init__()
