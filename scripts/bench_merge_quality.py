@@ -138,11 +138,12 @@ def tables(results: dict[str, Any]) -> str:
     have = [m for m in PAPER_ORDER if m in avg]
     if len(have) > 1:
         ours = sorted(have, key=lambda m: avg[m])
-        agree = ours == have
+        ties = any(round(100 * avg[a], 1) == round(100 * avg[b], 1) for a, b in zip(ours, ours[1:]))
+        verdict = "same order" if ours == have and not ties else "order differs" if not ties else "ties at 0.1%"
         out += ["", "Ordering of average accuracy — papers (CLIP ViT-B/32, 8 tasks): "
                 + " < ".join(f"{METHODS[m][0]} {PAPER[m]}" for m in have)
-                + "; this zoo: " + " < ".join(f"{METHODS[m][0]} {100 * avg[m]:.1f}" for m in ours)
-                + (" (same order)." if agree else " (order differs).")]
+                + "; this zoo: " + " ≤ ".join(f"{METHODS[m][0]} {100 * avg[m]:.1f}" for m in ours)
+                + f" ({verdict})."]
     return "\n".join(out)
 
 
@@ -170,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", choices=list(METHODS), help="default: all")
     p.add_argument("--out", help="default: <manifest folder>/quality")
     p.add_argument("--max-batches", type=int, help="cap evaluation batches per split (smoke runs)")
+    p.add_argument("--eval-batch-size", type=int, default=256, help="evaluation batch size (speed only)")
     p.add_argument("--overrides", nargs="*", default=[], help="extra mtl-merge overrides for every method")
     args = p.parse_args(argv)
 
@@ -178,7 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     prepare()
     manifest = Path(args.manifest).resolve()
     out = Path(args.out) if args.out else manifest.parent / "quality"
-    extra = list(args.overrides) + ([f"eval.max_batches={args.max_batches}"] if args.max_batches else [])
+    extra = [f"+eval.data.batch_size={args.eval_batch_size}", *args.overrides]
+    extra += [f"eval.max_batches={args.max_batches}"] if args.max_batches else []
     start = time.perf_counter()
     results = run_all(manifest, out, args.methods, extra)
     md = tables(results)
