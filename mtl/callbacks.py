@@ -23,3 +23,30 @@ class FreezeBatchNormStats(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         # Lightning puts the module back in train mode after every validation run
         self._freeze(pl_module)
+
+
+class ProbeThenFinetune(L.Callback):
+    """Two phases in one run: for `probe_epochs` epochs only the task heads train (the shared part is
+    frozen: a probe on the pretrained features), then the shared part trains with the heads frozen.
+
+    This is how the merging papers fine-tune CLIP (under fixed zero-shot heads): every task's head then
+    fits the pretrained model's features, so θ0 + heads is a meaningful starting point and the task
+    vectors τ_t = θ_t − θ0 carry all of the adaptation. `freeze_heads=False` trains heads in phase 2 too.
+    """
+
+    def __init__(self, probe_epochs: int = 1, freeze_heads: bool = True):
+        if probe_epochs < 0:
+            raise ValueError(f"probe_epochs must be ≥ 0, got {probe_epochs}")
+        self.probe_epochs = probe_epochs
+        self.freeze_heads = freeze_heads
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        # the optimiser holds every parameter; a frozen one gets no gradient, so AdamW skips it
+        probe = trainer.current_epoch < self.probe_epochs
+        heads = {id(p) for p in pl_module.model.decoder.heads.parameters()}
+        for p in pl_module.model.parameters():
+            p.requires_grad_((id(p) in heads) if probe else (id(p) not in heads or not self.freeze_heads))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        for p in pl_module.model.parameters():
+            p.requires_grad_(True)

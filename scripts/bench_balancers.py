@@ -5,8 +5,8 @@
 2. one multi-task run per method through the real training job (`mtl.train.run`), Δm% against
    the baselines from each run's metrics.json;
 3. a timing phase: every method's training step (forward + balancer + AdamW step) on the same
-   batch, methods interleaved round-robin so machine noise hits all alike; time/step relative
-   to `ew` measured in this same phase;
+   batch, methods interleaved in shuffled rounds; time/step relative to `ew` is the median over
+   rounds of the within-round ratio, so load from other jobs largely cancels;
 4. a markdown table (stdout and OUT/balancers.md) and OUT/results.json.
 
     python scripts/bench_balancers.py --out outputs/bench_balancers            # everything
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import time
 from pathlib import Path
@@ -29,12 +30,13 @@ from mtl.balancers import BALANCERS, check_finite, create_balancer, freeze_norm_
 
 TASKS = ["semseg", "depth", "normals", "edges", "classification", "regression"]
 REP_LEVEL = ["upgrad@features", "mgda@features"]
+VARIANTS = ["famo+recompute=false"]  # FAMO without the extra forward (loss decrease seen on the next batch)
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/bench_balancers")
-    p.add_argument("--methods", default=",".join(BALANCERS.names() + REP_LEVEL))
+    p.add_argument("--methods", default=",".join(BALANCERS.names() + REP_LEVEL + VARIANTS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--n-train", type=int, default=1024)
@@ -46,18 +48,29 @@ def parse_args():
     p.add_argument("--channels", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--baselines", default=None, help="existing baselines JSON (else trained into OUT)")
-    p.add_argument("--timing-rounds", type=int, default=2)
-    p.add_argument("--timing-steps", type=int, default=3)
+    p.add_argument("--timing-rounds", type=int, default=8)
+    p.add_argument("--timing-steps", type=int, default=2)
     p.add_argument("--skip-training", action="store_true", help="only the timing phase (+ table from existing runs)")
     p.add_argument("--force", action="store_true", help="retrain runs that already finished")
     return p.parse_args()
 
 
 def split_method(method: str) -> tuple[str, dict]:
-    name, _, level = method.partition("@")
-    if name not in BALANCERS:
-        BALANCERS.get(name)  # raises with the valid names
-    return name, ({"level": level} if level else {})
+    """``name[@level][+key=value...]``, e.g. ``upgrad@features`` or ``famo+recompute=false``."""
+    import yaml
+
+    head, *extra = method.split("+")
+    name, _, level = head.partition("@")
+    BALANCERS.get(name)  # an unknown name raises with the valid names
+    kw = {"level": level} if level else {}
+    for item in extra:
+        key, _, value = item.partition("=")
+        kw[key] = yaml.safe_load(value)
+    return name, kw
+
+
+def run_key(method: str) -> str:
+    return method.replace("@", "_").replace("+", "_").replace("=", "-")
 
 
 def recipe(args) -> list[str]:
@@ -101,8 +114,8 @@ def baselines(args, out: Path) -> Path:
 # --- timing phase ----------------------------------------------------------------------------
 
 
-def time_methods(args, methods: list[str]) -> dict[str, float]:
-    """Median seconds per training step for each method, interleaved round-robin."""
+def time_methods(args, methods: list[str]) -> tuple[dict[str, float], dict[str, float]]:
+    """Seconds per training step and the ratio to ew, medians over interleaved rounds."""
     from mtl.data import create_datamodule
     from mtl.models import create_model
 
@@ -145,23 +158,37 @@ def time_methods(args, methods: list[str]) -> dict[str, float]:
         opt.step()
         balancer.after_step(ctx)
 
-    times: dict[str, list[float]] = {m: [] for m in methods}
+    # per round: each method's median step time; the ratio to ew is taken within a round, so slow
+    # drifts in machine load (other jobs on a shared machine) cancel; the order is shuffled per round
+    rng = random.Random(args.seed)
+    per_round: dict[str, list[float]] = {m: [] for m in methods}
+    ratios: dict[str, list[float]] = {m: [] for m in methods}
     for r in range(args.timing_rounds + 1):  # round 0 warms up (cvxpy problem set-up, allocator)
-        for method, (model, balancer, opt) in setups.items():
+        order = list(setups)
+        rng.shuffle(order)
+        this_round = {}
+        for method in order:
+            model, balancer, opt = setups[method]
+            samples = []
             for i in range(args.timing_steps):
                 t0 = time.perf_counter()
                 step(model, balancer, opt, r * args.timing_steps + i)
-                if r > 0:
-                    times[method].append(time.perf_counter() - t0)
+                samples.append(time.perf_counter() - t0)
+            this_round[method] = statistics.median(samples)
+        if r > 0:
+            for method, t in this_round.items():
+                per_round[method].append(t)
+                ratios[method].append(t / this_round["ew"])
         print(f"[bench] timing round {r}/{args.timing_rounds} done", flush=True)
-    return {m: statistics.median(v) for m, v in times.items()}
+    return ({m: statistics.median(v) for m, v in per_round.items()},
+            {m: statistics.median(v) for m, v in ratios.items()})
 
 
 # --- table -----------------------------------------------------------------------------------
 
 
-def table(methods: list[str], results: dict[str, dict], step_times: dict[str, float], primary: dict[str, str]) -> str:
-    ew = step_times.get("ew")
+def table(methods: list[str], results: dict[str, dict], step_times: dict[str, float], ratios: dict[str, float],
+          primary: dict[str, str]) -> str:
     cols = [f"{t} {primary[t]}" for t in TASKS]
     lines = ["| method | " + " | ".join(cols) + " | Δm% | s/step | × ew |",
              "|---" * (len(cols) + 4) + "|"]
@@ -171,7 +198,7 @@ def table(methods: list[str], results: dict[str, dict], step_times: dict[str, fl
         dm = results.get(method, {}).get("delta_m", {}).get("value")
         cells.append(f"{dm:+.2f}" if dm is not None else "—")
         st = step_times.get(method)
-        cells += [f"{st:.2f}", f"{st / ew:.2f}"] if st and ew else ["—", "—"]
+        cells += [f"{st:.2f}", f"{ratios[method]:.2f}"] if st else ["—", "—"]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -195,18 +222,18 @@ def main():
         for method in methods:
             name, kw = split_method(method)
             overrides = [f"balancer={name}", f"baselines.path={base.resolve()}"]
-            overrides += [f"balancer.{k}={v}" for k, v in kw.items()]
-            results[method] = train_run(args, out, method.replace("@", "_"), overrides)
+            overrides += [f"balancer.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in kw.items()]
+            results[method] = train_run(args, out, run_key(method), overrides)
     else:
         for method in methods:
-            path = out / "runs" / method.replace("@", "_") / "metrics.json"
+            path = out / "runs" / run_key(method) / "metrics.json"
             if path.exists():
                 results[method] = json.loads(path.read_text())
-    step_times = time_methods(args, methods)
-    md = table(methods, results, step_times, primary)
+    step_times, ratios = time_methods(args, methods)
+    md = table(methods, results, step_times, ratios, primary)
     (out / "balancers.md").write_text(md + "\n")
     (out / "results.json").write_text(json.dumps(
-        {"args": vars(args), "step_time_s": step_times,
+        {"args": vars(args), "step_time_s": step_times, "step_time_vs_ew": ratios,
          "runs": {m: {"test": r.get("test"), "delta_m": r.get("delta_m"), "train_step_time": r.get("step_time"),
                       "fit_seconds": r.get("fit_seconds")} for m, r in results.items()}}, indent=2))
     print(md)

@@ -173,11 +173,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-batches", type=int, help="cap evaluation batches per split (smoke runs)")
     p.add_argument("--eval-batch-size", type=int, default=256, help="evaluation batch size (speed only)")
     p.add_argument("--overrides", nargs="*", default=[], help="extra mtl-merge overrides for every method")
+    p.add_argument("--threads", type=int, help="torch CPU threads (1 is much faster on a CPU other jobs share)")
     args = p.parse_args(argv)
 
     from mtl.cli.common import prepare
 
     prepare()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     manifest = Path(args.manifest).resolve()
     out = Path(args.out) if args.out else manifest.parent / "quality"
     extra = [f"+eval.data.batch_size={args.eval_batch_size}", *args.overrides]

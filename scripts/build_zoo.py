@@ -86,7 +86,7 @@ def build_zoo(zoo: str, out: str | Path, tasks: Sequence[str] | None = None, smo
         raise ValueError(f"unknown zoo task(s) {unknown}; valid: {', '.join(zoo_tasks())}")
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     pre = pretrain(zoo, out, smoke, pretrain_overrides, fresh)
     fts = [finetune(zoo, t, pre["model"], out, smoke, finetune_overrides, fresh) for t in tasks]
     rel = lambda p: str(Path(p).relative_to(out))  # noqa: E731
@@ -101,6 +101,7 @@ def build_zoo(zoo: str, out: str | Path, tasks: Sequence[str] | None = None, smo
         "pretrain_accuracy": pre["accuracy"],
         "seconds": {"pretrain": round(pre["seconds"], 1), **{f["task"]: round(f["seconds"], 1) for f in fts},
                     "total": round(time.perf_counter() - start, 1)},
+        "cpu_seconds": round(time.process_time() - cpu, 1),  # this process, all threads
         "reused": [n for n, r in [("pretrain", pre), *((f["task"], f) for f in fts)] if r["reused"]],
         "overrides": {"pretrain": pre["overrides"],
                       "finetune": [f"experiment=zoo_{zoo}_finetune", "init_from=<pretrained>", "data.dataset=<task>",
@@ -131,16 +132,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--pretrain-overrides", nargs="*", default=[], help="extra mtl-train overrides for step 1")
     p.add_argument("--finetune-overrides", nargs="*", default=[], help="extra mtl-train overrides for step 2")
     p.add_argument("--fresh", action="store_true", help="retrain models whose run folders are already complete")
+    p.add_argument("--threads", type=int, help="torch CPU threads (1 is much faster on a CPU other jobs share)")
     args = p.parse_args(argv)
 
     from mtl.cli.common import prepare
 
     prepare()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     out = Path(args.out or f"outputs/zoo_{args.zoo}{'_smoke' if args.smoke else ''}")
     manifest = build_zoo(args.zoo, out, args.tasks, args.smoke, args.pretrain_overrides, args.finetune_overrides,
                          args.fresh)
     print(f"\n{args.zoo.upper()} zoo{' (smoke)' if args.smoke else ''}:\n")
     print(summary_table(manifest))
+    print(f"\nwall {manifest['seconds']['total']:.0f} s, CPU {manifest['cpu_seconds']:.0f} s (this process)")
     if manifest["reused"]:
         print(f"\nreused finished runs: {', '.join(manifest['reused'])} (--fresh retrains them)")
     print(f"\nmanifest: {out.resolve() / 'manifest.json'}")

@@ -204,12 +204,11 @@ class GradNorm(_OwnOptimizer):
         if torch.isnan(self.initial_losses).any():
             self.initial_losses.copy_(dist_mean(Ld).clamp_min(1e-12).to(self.initial_losses))
         anchor = self._anchor(ctx)
-        norms = []
-        for i in range(len(self.tasks)):
-            grads = torch.autograd.grad(L[i], anchor, retain_graph=True, allow_unused=True)
-            sq = sum((g.float() ** 2).sum() for g in grads if g is not None)
-            norms.append(torch.as_tensor(sq, device=Ld.device, dtype=torch.float32).sqrt())
-        norms = torch.stack(norms)
+        from torchjd.autojac import jac
+
+        # all T per-task gradients at the anchor in one vmapped backward (TorchJD)
+        jacs = jac([ctx.losses[t] for t in self.tasks], anchor, retain_graph=True)
+        norms = torch.sqrt(sum(j.float().reshape(len(self.tasks), -1).pow(2).sum(1) for j in jacs))
         w = self.task_weights.detach().clone().to(Ld.device)
         G = w * norms
         rate = Ld / self.initial_losses.to(Ld.device)
