@@ -32,20 +32,37 @@ class ProbeThenFinetune(L.Callback):
     This is how the merging papers fine-tune CLIP (under fixed zero-shot heads): every task's head then
     fits the pretrained model's features, so θ0 + heads is a meaningful starting point and the task
     vectors τ_t = θ_t − θ0 carry all of the adaptation. `freeze_heads=False` trains heads in phase 2 too.
+    `probe_lr_scale` multiplies the scheduled learning rate during the probe (a head from scratch wants
+    a larger one than a gentle fine-tune).
     """
 
-    def __init__(self, probe_epochs: int = 1, freeze_heads: bool = True):
+    def __init__(self, probe_epochs: int = 1, freeze_heads: bool = True, probe_lr_scale: float = 1.0):
         if probe_epochs < 0:
             raise ValueError(f"probe_epochs must be ≥ 0, got {probe_epochs}")
+        if probe_lr_scale <= 0:
+            raise ValueError(f"probe_lr_scale must be > 0, got {probe_lr_scale}")
         self.probe_epochs = probe_epochs
         self.freeze_heads = freeze_heads
+        self.probe_lr_scale = probe_lr_scale
+
+    def _probing(self, trainer) -> bool:
+        return trainer.current_epoch < self.probe_epochs
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         # the optimiser holds every parameter; a frozen one gets no gradient, so AdamW skips it
-        probe = trainer.current_epoch < self.probe_epochs
+        probe = self._probing(trainer)
         heads = {id(p) for p in pl_module.model.decoder.heads.parameters()}
         for p in pl_module.model.parameters():
             p.requires_grad_((id(p) in heads) if probe else (id(p) not in heads or not self.freeze_heads))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.probe_lr_scale == 1.0 or not trainer.lr_scheduler_configs:
+            return
+        # the scheduler's own value each step (never compounding ours), scaled while probing
+        sched = trainer.lr_scheduler_configs[0].scheduler
+        scale = self.probe_lr_scale if self._probing(trainer) else 1.0
+        for group, lr in zip(trainer.optimizers[0].param_groups, sched.get_last_lr()):
+            group["lr"] = lr * scale
 
     def on_train_end(self, trainer, pl_module) -> None:
         for p in pl_module.model.parameters():

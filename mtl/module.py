@@ -150,6 +150,9 @@ class MultiTaskModule(L.LightningModule):
 
             self.monitor.save_plot(Path(self.trainer.default_root_dir) / "balancer_weights.png")
 
+    def on_fit_start(self) -> None:
+        check_precision(self.balancer, self.trainer.precision_plugin)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.monitor:
             checkpoint["balancer_monitor"] = self.monitor.state_dict()
@@ -208,3 +211,13 @@ class MultiTaskModule(L.LightningModule):
         warmup = int(self.hparams.warmup_ratio * total)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(total, warmup, self.hparams.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def check_precision(balancer: Balancer, precision_plugin: Any) -> None:
+    """fp16 mixed precision scales the loss before backward and unscales before the step; a balancer
+    that computes its gradients through ``torch.autograd.grad`` is never scaled, so its update would
+    shrink by the scale factor. bf16 needs no scaling and works with every balancer."""
+    if getattr(precision_plugin, "scaler", None) is not None and balancer.computes_own_gradients:
+        raise ValueError(
+            f"balancer {balancer.name!r} computes gradients with torch.autograd.grad, which fp16 loss scaling "
+            "(trainer.precision=16-mixed) does not cover; use trainer.precision=bf16-mixed or 32-true")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 TA_GRID = "[0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0]"
-TIES_GRID = "[0.4,0.6,0.8,1.0,1.2]"
+TIES_GRID = "[0.2,0.3,0.4,0.5,0.6,0.8,1.0]"
 
 #: bench name -> (label, mtl-merge overrides)
 METHODS: dict[str, tuple[str, list[str]]] = {

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 ZOO_KINDS = ("cnn", "vit")
+#: smoke fine-tunes: one probe epoch and one fine-tuning epoch, so both phases run
+SMOKE_FINETUNE = ["trainer.max_epochs=2", "callbacks.probe_then_finetune.probe_epochs=1"]
 
 
 def zoo_tasks() -> tuple[str, ...]:
@@ -67,7 +69,7 @@ def finetune(zoo: str, task: str, pretrained: Path, out: Path, smoke: bool = Fal
              fresh: bool = False) -> dict[str, Any]:
     run_dir = out / "finetune" / task
     ov = [f"experiment=zoo_{zoo}_finetune", f"init_from={Path(pretrained).resolve()}", f"data.dataset={task}",
-          *common_overrides(zoo, smoke), *extra]
+          *common_overrides(zoo, smoke), *(SMOKE_FINETUNE if smoke else []), *extra]
     metrics, seconds, reused = _train(ov, run_dir, fresh)
     return {"task": task, "run_dir": run_dir, "model": run_dir / "model", "overrides": ov,
             "accuracy": metrics["test"][task]["accuracy"], "val_accuracy": metrics["val"].get(task, {}).get("accuracy"),
@@ -105,7 +107,8 @@ def build_zoo(zoo: str, out: str | Path, tasks: Sequence[str] | None = None, smo
         "reused": [n for n, r in [("pretrain", pre), *((f["task"], f) for f in fts)] if r["reused"]],
         "overrides": {"pretrain": pre["overrides"],
                       "finetune": [f"experiment=zoo_{zoo}_finetune", "init_from=<pretrained>", "data.dataset=<task>",
-                                   *common_overrides(zoo, smoke), *finetune_overrides]},
+                                   *common_overrides(zoo, smoke), *(SMOKE_FINETUNE if smoke else []),
+                                   *finetune_overrides]},
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest

@@ -70,6 +70,9 @@ class NonFiniteLossError(FloatingPointError):
 class Balancer(nn.Module):
     #: True when the method needs gradients w.r.t. the shared parameters (Jacobian methods)
     needs_shared_params: bool = False
+    #: True when the method fills ``.grad`` itself through ``torch.autograd.grad`` (not the
+    #: module's backward), so Lightning's fp16 loss scaling never sees those gradients
+    computes_own_gradients: bool = False
 
     def __init__(self, tasks: Sequence[str], skip_nonfinite: bool = False):
         super().__init__()

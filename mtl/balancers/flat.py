@@ -18,12 +18,13 @@ from typing import Sequence
 import torch
 
 from mtl.balancers.base import Balancer, StepContext, create_balancer, register, require_shared, sync_grads
-from mtl.balancers.gradient import JACOBIAN_METHODS, JacobianBalancer, accumulate
+from mtl.balancers.gradient import JACOBIAN_METHODS, JacobianBalancer, accumulate, full_precision
 
 
 @register("flat")
 class FlatBalancer(Balancer):
     needs_shared_params = True
+    computes_own_gradients = True
 
     def __init__(self, tasks: Sequence[str], aggregator: str = "upgrad", rho: float = 0.05,
                  aggregator_kwargs: dict | None = None, parallel_chunk_size: int | None = None,
@@ -52,14 +53,16 @@ class FlatBalancer(Balancer):
         heads = self.base._heads(ctx)
         self.base._jacobian_to_fields(ctx)  # identical to the base method's first half
         if self.rho == 0.0:
-            jac_to_grad(shared, self.base.aggregator)
+            with full_precision(shared[0].device):
+                jac_to_grad(shared, self.base.aggregator)
             sync_grads(self.base._all_params(ctx))
             return
         if ctx.recompute is None:
             raise ValueError("flat(rho>0) needs StepContext.recompute to evaluate the losses at perturbed weights")
 
         jacobian = [p.jac for p in shared]  # TorchJD's documented .jac field: one row per task
-        jac_to_grad(shared, self.base.aggregator, retain_jac=True)
+        with full_precision(shared[0].device):
+            jac_to_grad(shared, self.base.aggregator, retain_jac=True)
         for p in shared:
             del p.jac
         plain_heads = [[p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in h]
@@ -92,7 +95,8 @@ class FlatBalancer(Balancer):
             [(torch.stack([rows[k] for rows in sharp_rows]) - jacobian[k]).reshape(T, -1) for k in range(len(shared))],
             dim=1,
         )
-        direction = self.sharp.aggregator(flat_matrix)
+        with full_precision(flat_matrix.device):
+            direction = self.sharp.aggregator(flat_matrix.float())
         for p, d in zip(shared, direction.split([p.numel() for p in shared])):
             accumulate(p, d.view_as(p))
         sync_grads(self.base._all_params(ctx))

@@ -48,11 +48,18 @@ def accumulate(param: torch.Tensor, grad: torch.Tensor | None) -> None:
         param.grad += grad
 
 
+def full_precision(device: torch.device):
+    """Autocast off: under mixed precision the aggregators' Gramians and solvers would run in
+    bf16/fp16 (and numpy/cvxpy reject those); the Jacobians themselves are float32 already."""
+    return torch.autocast(device_type=torch.device(device).type, enabled=False)
+
+
 class JacobianBalancer(Balancer):
     """Base class of the TorchJD-backed methods; subclasses build the aggregator and say how its
     output relates to the EW sum (``_rescale``)."""
 
     needs_shared_params = True
+    computes_own_gradients = True
     #: whether ``level="features"`` is allowed
     supports_features_level = True
 
@@ -103,7 +110,8 @@ class JacobianBalancer(Balancer):
             from torchjd.autojac import jac_to_grad
 
             self._jacobian_to_fields(ctx)
-            jac_to_grad(ctx.shared_params, self.aggregator)
+            with full_precision(ctx.shared_params[0].device):
+                jac_to_grad(ctx.shared_params, self.aggregator)
         sync_grads(self._all_params(ctx))
 
     def _losses(self, ctx: StepContext) -> list[torch.Tensor]:
@@ -121,9 +129,12 @@ class JacobianBalancer(Balancer):
         from torchjd.autojac import backward as jd_backward, mtl_backward
 
         losses, heads = self._losses(ctx), self._heads(ctx)
+        chunk = self.parallel_chunk_size
+        if ctx.features is not None and any(f.dtype in (torch.float16, torch.bfloat16) for f in feature_list(ctx.features)):
+            chunk = 1  # mixed precision: vmapped backward through autocast ops fails on dtypes; go task by task
         if ctx.features is not None:
             mtl_backward(losses, features=ctx.features, tasks_params=heads, shared_params=ctx.shared_params,
-                         parallel_chunk_size=self.parallel_chunk_size)
+                         parallel_chunk_size=chunk)
             return
         # no single representation (e.g. per-task routed features): heads from the summed loss
         # (disjoint heads -> each gets its own task's gradient), Jacobian over the shared params
@@ -132,24 +143,27 @@ class JacobianBalancer(Balancer):
             grads = torch.autograd.grad(torch.stack(losses).sum(), flat_heads, retain_graph=True, allow_unused=True)
             for p, g in zip(flat_heads, grads):
                 accumulate(p, g)
-        jd_backward(losses, inputs=ctx.shared_params, parallel_chunk_size=self.parallel_chunk_size)
+        jd_backward(losses, inputs=ctx.shared_params, parallel_chunk_size=chunk)
 
     def _features_backward(self, ctx: StepContext) -> None:
         if ctx.features is None:
             raise ValueError(f"{self.name}(level=features) needs StepContext.features, the shared representation "
                              "the heads consume; this model/module does not provide it (use level=params)")
-        from torchjd.autojac import jac
-
         losses, heads = self._losses(ctx), self._heads(ctx)
         feats = feature_list(ctx.features)
-        flat_heads = [p for h in heads for p in h]
-        jacs = jac(losses, feats + flat_heads, retain_graph=True, parallel_chunk_size=self.parallel_chunk_size)
-        T = len(losses)
-        for p, j in zip(flat_heads, jacs[len(feats):]):
-            accumulate(p, j.sum(0))  # row s of head t is zero for s != t
-        matrix = torch.cat([j.reshape(T, -1) for j in jacs[:len(feats)]], dim=1)
-        direction = self.aggregator(matrix)
-        parts = [d.view_as(f) for d, f in zip(direction.split([f.numel() for f in feats]), feats)]
+        # one backward per task, each through its own head only (a vmapped Jacobian would run every
+        # head for every task); the rows are that task's gradient w.r.t. the representation
+        rows = []
+        for loss, head in zip(losses, heads):
+            grads = torch.autograd.grad(loss, feats + head, retain_graph=True, allow_unused=True)
+            rows.append(torch.cat([(g if g is not None else torch.zeros_like(f)).reshape(-1)
+                                   for g, f in zip(grads[:len(feats)], feats)]))
+            for p, g in zip(head, grads[len(feats):]):
+                accumulate(p, g)
+        matrix = torch.stack(rows).float()  # mixed precision: the solvers (numpy, cvxpy) want float32+
+        with full_precision(matrix.device):
+            direction = self.aggregator(matrix)
+        parts = [d.view_as(f).to(f.dtype) for d, f in zip(direction.split([f.numel() for f in feats]), feats)]
         grads = torch.autograd.grad(feats, ctx.shared_params, grad_outputs=parts, allow_unused=True)
         for p, g in zip(ctx.shared_params, grads):
             accumulate(p, g)

@@ -10,7 +10,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from mtl.balancers.base import Balancer, StepContext, dist_mean, register
+from mtl.balancers.base import Balancer, StepContext, dist_mean, register, sync_grads
+from mtl.balancers.gradient import accumulate, feature_list
 
 
 @register("ew")
@@ -183,6 +184,8 @@ class GradNorm(_OwnOptimizer):
         self.register_buffer("initial_losses", torch.full((T,), float("nan")))
         self._init_own("task_weights", lr, 0.0, optimizer)
 
+    computes_own_gradients = True  # when the representation is known (the single-pass backward)
+
     def _anchor(self, ctx: StepContext) -> list[torch.Tensor]:
         if self.level == "features":
             if ctx.features is None:
@@ -204,25 +207,57 @@ class GradNorm(_OwnOptimizer):
         if torch.isnan(self.initial_losses).any():
             self.initial_losses.copy_(dist_mean(Ld).clamp_min(1e-12).to(self.initial_losses))
         anchor = self._anchor(ctx)
-        from torchjd.autojac import jac
-
-        # all T per-task gradients at the anchor in one vmapped backward (TorchJD)
-        jacs = jac([ctx.losses[t] for t in self.tasks], anchor, retain_graph=True)
-        norms = torch.sqrt(sum(j.float().reshape(len(self.tasks), -1).pow(2).sum(1) for j in jacs))
         w = self.task_weights.detach().clone().to(Ld.device)
+        if ctx.features is not None:
+            norms = self._backward_through_features(ctx, w, anchor)
+        else:  # one autograd.grad per task (each through its own head only), then the weighted backward
+            norms = torch.stack([_grad_norm(ctx.losses[t], anchor) for t in self.tasks]).to(Ld.device)
+            ctx.backward((w.to(L.dtype) * L).sum())
         G = w * norms
         rate = Ld / self.initial_losses.to(Ld.device)
         r = rate / rate.mean().clamp_min(1e-12)
         target = G.mean() * r.pow(self.alpha)
         grad_w = dist_mean(torch.sign(G - target) * norms)
-
-        ctx.backward((w.to(L.dtype) * L).sum())
         self._set_weights(w)
 
         self._own_step(grad_w)
         with torch.no_grad():
             new = self.task_weights.clamp_min(1e-4)
             self.task_weights.copy_(new * len(self.tasks) / new.sum())
+
+
+    def _backward_through_features(self, ctx: StepContext, w: torch.Tensor, anchor: list[torch.Tensor]) -> torch.Tensor:
+        """The network gradient of Σ w_t L_t and the T norms at the anchor in one pass: task t's backward
+        runs through its own head to the representation (and the anchor), once; the shared part then
+        gets a single backward of Σ_t w_t ∂L_t/∂z. Costs ≈ ew plus T short backwards from z to W."""
+        feats = feature_list(ctx.features)
+        anchor_is_feats = self.level == "features"
+        dz = [torch.zeros_like(f) for f in feats]
+        norms = []
+        for i, t in enumerate(self.tasks):
+            head = list(ctx.task_params.get(t, []))
+            extra = [] if anchor_is_feats else anchor
+            grads = torch.autograd.grad(ctx.losses[t], feats + head + extra, retain_graph=True, allow_unused=True)
+            g_feats, g_head, g_anchor = grads[:len(feats)], grads[len(feats):len(feats) + len(head)], grads[len(feats) + len(head):]
+            for acc, g in zip(dz, g_feats):
+                if g is not None:
+                    acc.add_(g, alpha=float(w[i]))
+            for p, g in zip(head, g_head):
+                accumulate(p, None if g is None else w[i] * g)
+            used = g_feats if anchor_is_feats else g_anchor
+            norms.append(torch.sqrt(sum((g.float().pow(2).sum() for g in used if g is not None),
+                                        w.new_zeros((), dtype=torch.float32))))
+        grads = torch.autograd.grad(feats, ctx.shared_params, grad_outputs=dz, allow_unused=True)
+        for p, g in zip(ctx.shared_params, grads):
+            accumulate(p, g)
+        # autograd.grad never fires DDP's reducer hooks: average over ranks ourselves
+        sync_grads(list(ctx.shared_params) + [p for t in self.tasks for p in ctx.task_params.get(t, [])])
+        return torch.stack(norms).to(w.device)
+
+
+def _grad_norm(loss: torch.Tensor, inputs: list[torch.Tensor]) -> torch.Tensor:
+    grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
+    return torch.sqrt(sum((g.float().pow(2).sum() for g in grads if g is not None), loss.new_zeros((), dtype=torch.float32)))
 
 
 @register("famo")

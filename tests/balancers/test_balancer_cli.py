@@ -40,6 +40,13 @@ def test_cli_every_balancer_runs(name, tmp_path):
     check_run(run(FAST + [f"balancer={name}"], run_dir=tmp_path / name), name)
 
 
+@pytest.mark.parametrize("overrides", [["balancer=upgrad"], ["balancer=upgrad", "balancer.level=features"],
+                                       ["balancer=gradnorm"], ["balancer=flat"]], ids="+".join)
+def test_cli_bf16_mixed_precision(overrides, tmp_path):
+    # autocast: TorchJD's solvers need float32 Gramians and its vmapped backward fails on bf16 ops
+    check_run(run(FAST + overrides + ["+trainer.precision=bf16-mixed"], run_dir=tmp_path / "bf16"), overrides[0])
+
+
 @pytest.mark.slow
 def test_cli_features_level(tmp_path):
     check_run(run(FAST + ["balancer=upgrad", "balancer.level=features"], run_dir=tmp_path / "rep"), "upgrad-features")

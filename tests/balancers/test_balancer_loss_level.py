@@ -184,6 +184,35 @@ def test_gradnorm_runs_at_both_levels_on_a_model():
         assert sum(gn.weights().values()) == pytest.approx(2.0, rel=1e-5)
 
 
+@pytest.mark.parametrize("level", ["params", "features"])
+def test_gradnorm_single_pass_through_features_gives_the_weighted_gradient(level):
+    """With the representation known, GradNorm builds the network gradient head by head and runs the
+    shared part once: it must equal the plain backward of Σ w_t L_t with the weights in force, and
+    (params level) the weights must follow the same path as without the representation."""
+    from balancer_toys import grads_of
+
+    runs = {}
+    for features in (True, False) if level == "params" else (True,):
+        torch.manual_seed(0)
+        model, gn = Toy(), create_balancer("gradnorm", ["a", "b"], level=level, lr=0.1)
+        x, y = toy_batch()
+        trajectory = []
+        for step in range(3):
+            w = gn.task_weights.clone()
+            model.zero_grad()
+            ref = toy_ctx(model, x, y, step=step, scales={"a": 5.0})
+            (w[0] * ref.losses["a"] + w[1] * ref.losses["b"]).backward()
+            expected = grads_of(model.parameters()).clone()
+            model.zero_grad()
+            gn.backward(toy_ctx(model, x, y, step=step, scales={"a": 5.0}, features=features))
+            assert torch.allclose(grads_of(model.parameters()), expected, atol=1e-6)
+            trajectory.append(gn.task_weights.clone())
+        assert not torch.allclose(trajectory[-1], torch.ones(2))  # the weights moved
+        runs[features] = torch.stack(trajectory)
+    if level == "params":
+        assert torch.allclose(runs[True], runs[False], atol=1e-6)
+
+
 # --- FAMO ------------------------------------------------------------------------------------
 
 

@@ -128,3 +128,18 @@ def test_ew_default_context_backward_still_works():
     ctx = StepContext({"a": (p * 2).sum(), "b": (p * 3).sum()}, [p], {"a": [], "b": []}, None)
     create_balancer("ew", ["a", "b"]).backward(ctx)
     assert torch.allclose(p.grad, torch.full((2,), 5.0))
+
+
+def test_fp16_loss_scaling_is_refused_for_balancers_that_compute_their_own_gradients():
+    from types import SimpleNamespace
+
+    from mtl.module import check_precision
+
+    scaled, plain = SimpleNamespace(scaler=object()), SimpleNamespace(scaler=None)
+    for name in ("upgrad", "pcgrad", "flat", "gradnorm"):
+        b = create_balancer(name, ["a", "b"])
+        check_precision(b, plain)
+        with pytest.raises(ValueError, match=f"{name}.*bf16-mixed"):
+            check_precision(b, scaled)
+    for name in ("ew", "uw", "dwa", "rlw", "famo"):  # their backward goes through manual_backward
+        check_precision(create_balancer(name, ["a", "b"]), scaled)

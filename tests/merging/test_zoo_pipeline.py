@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from merging.job import run
 from mtl.io import read_model_config
@@ -39,6 +40,18 @@ def test_manifest_lists_pretrained_models_and_accuracies(zoo):
         assert cfg["meta"]["data"]["dataset"] == task  # mtl-merge evaluates each task on its own data
         assert manifest["individual"][task] == cfg["meta"]["test"][task]["accuracy"]
         assert 0.0 <= manifest["individual"][task] <= 1.0
+
+
+def test_finetunes_keep_the_pretrained_batchnorm_statistics(zoo):
+    from safetensors.torch import load_file
+
+    out, manifest = zoo  # FreezeBatchNormStats: merged weights then meet the statistics they were trained with
+    pre = load_file(out / manifest["pretrained"] / "model.safetensors")
+    stats = [k for k in pre if k.endswith(("running_mean", "running_var"))]
+    assert stats
+    for rel in manifest["models"]:
+        ft = load_file(out / rel / "model.safetensors")
+        assert all(torch.equal(ft[k], pre[k]) for k in stats)
 
 
 def test_finished_runs_are_reused(zoo):

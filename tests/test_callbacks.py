@@ -1,0 +1,79 @@
+"""mtl.callbacks: the zoo's fine-tuning recipe (BN statistics frozen, probe then fine-tune)."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from mtl.callbacks import FreezeBatchNormStats, ProbeThenFinetune
+
+
+class _Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        self.decoder = nn.Module()
+        self.decoder.heads = nn.ModuleDict({"a": nn.Linear(4, 2), "b": nn.Linear(4, 3)})
+
+
+def _module():
+    return SimpleNamespace(model=_Toy())
+
+
+def test_freeze_bn_stats_keeps_running_statistics_but_trains_affine():
+    pl = _module()
+    pl.model.train()
+    bn = pl.model.encoder[1]
+    before = (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
+    FreezeBatchNormStats().on_train_batch_start(None, pl.model, None, 0)
+    out = pl.model.encoder(torch.randn(8, 3, 6, 6) * 3 + 1)
+    out.square().mean().backward()
+    assert not bn.training and pl.model.training  # only BN layers leave train mode
+    for b, a in zip(before, (bn.running_mean, bn.running_var, bn.num_batches_tracked)):
+        assert torch.equal(b, a)
+    assert bn.weight.grad is not None and bn.weight.grad.abs().sum() > 0
+
+
+def _trainer(epoch, lrs=(1e-3,)):
+    opt = torch.optim.SGD([{"params": [nn.Parameter(torch.zeros(1))], "lr": 0.0} for _ in lrs])
+    sched = SimpleNamespace(get_last_lr=lambda: list(lrs))
+    return SimpleNamespace(current_epoch=epoch, optimizers=[opt], lr_scheduler_configs=[SimpleNamespace(scheduler=sched)])
+
+
+def _trainable(pl):
+    heads = {id(p) for p in pl.model.decoder.heads.parameters()}
+    return {("head" if id(p) in heads else "shared", p.requires_grad) for p in pl.model.parameters()}
+
+
+def test_probe_phase_trains_only_heads_then_only_shared():
+    cb, pl = ProbeThenFinetune(probe_epochs=2), _module()
+    for epoch in (0, 1):
+        cb.on_train_epoch_start(_trainer(epoch), pl)
+        assert _trainable(pl) == {("head", True), ("shared", False)}
+    cb.on_train_epoch_start(_trainer(2), pl)
+    assert _trainable(pl) == {("head", False), ("shared", True)}
+    cb.on_train_end(_trainer(2), pl)
+    assert _trainable(pl) == {("head", True), ("shared", True)}
+
+
+def test_unfrozen_heads_in_phase_two():
+    cb, pl = ProbeThenFinetune(probe_epochs=1, freeze_heads=False), _module()
+    cb.on_train_epoch_start(_trainer(1), pl)
+    assert _trainable(pl) == {("head", True), ("shared", True)}
+
+
+def test_probe_lr_scale_follows_the_schedule_without_compounding():
+    cb = ProbeThenFinetune(probe_epochs=1, probe_lr_scale=6.0)
+    tr = _trainer(0, lrs=(1e-3, 2e-3))
+    for _ in range(3):  # applied each step from the scheduler's value, never to its own output
+        cb.on_train_batch_start(tr, None, None, 0)
+    assert [g["lr"] for g in tr.optimizers[0].param_groups] == pytest.approx([6e-3, 12e-3])
+    tr.current_epoch = 1
+    cb.on_train_batch_start(tr, None, None, 0)
+    assert [g["lr"] for g in tr.optimizers[0].param_groups] == pytest.approx([1e-3, 2e-3])
+
+
+@pytest.mark.parametrize("kwargs", [{"probe_epochs": -1}, {"probe_lr_scale": 0.0}])
+def test_bad_arguments(kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        ProbeThenFinetune(**kwargs)
