@@ -10,7 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 import merging
-from merging.pool import ModelPool, evaluate, member_datamodule, normalized, score
+from merging.pool import ModelPool, evaluate, member_datamodule, normalized, resolve_device, score
 from mtl.io import atomic_path, save_model, write_json
 
 log = logging.getLogger(__name__)
@@ -43,15 +43,17 @@ def resolve_pool(cfg: DictConfig, run_dir: Path) -> ModelPool:
 class Evaluator:
     """Evaluates models on every pool task, each on its own data (data modules built once)."""
 
-    def __init__(self, pool: ModelPool, max_batches: int | None, data_overrides: dict[str, Any]):
+    def __init__(self, pool: ModelPool, max_batches: int | None, data_overrides: dict[str, Any],
+                 device: str = "cpu"):
         self.pool = pool
+        self.device = resolve_device(device)
         self.max_batches = max_batches
         self.tasks = {t.name: t for t in pool.tasks()}
         self.owner = {t: m for m in pool.members for t in m.tasks}
         self._dms = {id(m): member_datamodule(m, data_overrides) for m in pool.members}
 
     def run(self, model, task: str, split: str) -> dict[str, float]:
-        return evaluate(model, task, self._dms[id(self.owner[task])], split, self.max_batches)
+        return evaluate(model, task, self._dms[id(self.owner[task])], split, self.max_batches, self.device)
 
 
 def _hparams(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
@@ -80,7 +82,7 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     method, hp = _hparams(cfg)
     start = time.perf_counter()
     pool = resolve_pool(cfg, run_dir)
-    ev = Evaluator(pool, cfg.eval.get("max_batches"), _plain(cfg.eval.get("data")))
+    ev = Evaluator(pool, cfg.eval.get("max_batches"), _plain(cfg.eval.get("data")), cfg.eval.get("device") or "cpu")
     pre, fts, names = pool.pretrained, pool.member_paths, pool.task_names
 
     individual = {}

@@ -104,19 +104,32 @@ def _arch(cfg: dict[str, Any] | None) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def evaluate(model: MultiTaskModel, task: str, datamodule, split: str, max_batches: int | None = None) -> dict[str, float]:
-    """All metrics of one task on one split of its data module."""
+def evaluate(model: MultiTaskModel, task: str, datamodule, split: str, max_batches: int | None = None,
+             device: str | torch.device | None = None) -> dict[str, float]:
+    """All metrics of one task on one split of its data module, on `device` (default: the model's)."""
     t = model.tasks[task]
-    metrics = t.metrics()
+    device = resolve_device(device) if device is not None else next(model.parameters()).device
+    model.to(device).eval()
+    metrics = {name: m.to(device) for name, m in t.metrics().items()}
     loader = {"val": datamodule.val_dataloader, "test": datamodule.test_dataloader, "train": datamodule.train_dataloader}[split]()
-    model.eval()
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        pred = model(batch["image"], tasks=[task])[task]
+        pred = model(batch["image"].to(device, non_blocking=True), tasks=[task])[task]
+        target = batch[t.target_key].to(device, non_blocking=True)
         for m in metrics.values():
-            m.update(pred, batch[t.target_key])
+            m.update(pred, target)
     return {name: float(m.compute()) for name, m in metrics.items()}
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"``: CUDA when available, else CPU; otherwise any torch device string."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"eval.device={device} but CUDA is not available here; use cpu or auto")
+    return device
 
 
 def member_datamodule(member: Member, overrides: dict[str, Any] | None = None):

@@ -92,3 +92,15 @@ def test_cli_smoke_prints_run_dir(tmp_path):
     run_dir = Path(last.removeprefix("run_dir: "))
     assert (run_dir / "model" / "model.safetensors").is_file()
     assert (run_dir / "metrics.json").is_file()
+
+
+def test_eval_device_resolution():
+    import torch
+
+    from merging.pool import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="eval.device=cuda"):
+            resolve_device("cuda")
