@@ -32,7 +32,7 @@ def test_ddp_replicas_stay_identical(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["graddrop", "famo", "flat"])
+@pytest.mark.parametrize("name", ["graddrop", "famo", "flat", "gradnorm"])
 def test_ddp_through_the_real_cli(name, tmp_path):
     # `mtl-train ... trainer=ddp`: 2 gloo processes, the real MultiTaskModule and DDP wrapper
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
