@@ -36,7 +36,8 @@ def plot_task_accuracy(
         tasks += [t for t in r if t not in tasks]
     groups = tasks + (["mean"] if mean else [])
     width = 0.8 / len(methods)
-    fig, ax = _figure((max(6.0, 0.35 * len(groups) * len(methods) + 2), 4.5))
+    # readable up to ~10 groups x 10 methods: the width grows with the bar count, capped
+    fig, ax = _figure((min(16.0, max(6.0, 0.12 * len(groups) * len(methods) + 3)), 5.0))
     for i, m in enumerate(methods):
         vals = [results[m].get(t, float("nan")) for t in tasks]
         if mean:
@@ -48,7 +49,7 @@ def plot_task_accuracy(
     ax.set_xticklabels(groups, rotation=30, ha="right")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize="small", ncol=min(4, len(methods)))
+    ax.legend(fontsize="small", ncol=min(5, len(methods)), loc="upper center", bbox_to_anchor=(0.5, -0.22))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path = Path(path)
