@@ -140,7 +140,10 @@ class MultiTaskModule(L.LightningModule):
         for name, loss in losses.items():
             self.log(f"train/{name}/loss", loss.detach(), batch_size=bs)
         if monitor_logs:
-            self.log_dict(monitor_logs, batch_size=bs)
+            # straight to the loggers at the step they describe: self.log would re-emit these values
+            # at every later logging step until the next due step (stale rows in csv/tensorboard)
+            for logger in self.loggers:
+                logger.log_metrics(monitor_logs, step=ctx.step)
         return total
 
     # --- balancer monitor: plot in the run folder, history in checkpoints (issue 3) --------------

@@ -62,7 +62,8 @@ def build_module(cfg: DictConfig, info: dict[str, Any] | None = None) -> MultiTa
     if cfg.get("init_from"):
         stats = init_from_folder(model, cfg.init_from)
         log.warning("initialised %d/%d tensors from %s", stats["loaded"], stats["total"], cfg.init_from)
-    return MultiTaskModule(model, balancer=OmegaConf.to_container(cfg.balancer, resolve=True), **cfg.optim)
+    return MultiTaskModule(model, balancer=OmegaConf.to_container(cfg.balancer, resolve=True),
+                           log_weights_every=int(cfg.get("log_weights_every", 50)), **cfg.optim)
 
 
 def _instantiate_all(group: DictConfig | None) -> list[Any]:

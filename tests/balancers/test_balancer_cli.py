@@ -33,6 +33,17 @@ def test_cli_flat_with_recompute_monitor_and_plot(tmp_path):
     check_run(run_dir, "flat")
 
 
+def test_cli_monitor_rows_only_at_due_steps(tmp_path):
+    # log_weights_every=2 over 3 steps: weights at steps 0 and 2 only (no stale copies in between)
+    import csv
+
+    run_dir = run(FAST + ["balancer=dwa", "log_weights_every=2", "trainer.log_every_n_steps=1"], run_dir=tmp_path / "m")
+    rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
+    due = sorted({int(r["step"]) for r in rows if r.get("balancer/weight/depth")})
+    assert due == [0, 2]
+    assert any(r.get("train/loss") and int(r["step"]) == 1 for r in rows)  # other metrics still every step
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", BALANCERS.names())
 def test_cli_every_balancer_runs(name, tmp_path):
