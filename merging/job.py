@@ -202,19 +202,7 @@ def print_table(report: dict[str, Any]) -> None:
 
 def run(overrides: list[str] | None = None, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Compose the ``mtl-merge`` config in-process and run it (for notebooks, scripts and tests)."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+    from mtl.cli.common import compose_in_process
 
-    outer = get_gh_backup()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_module(config_module="mtl.configs.merge_app", version_base="1.3"):
-            cfg = compose(config_name="merge", overrides=list(overrides or []))
-    finally:
-        restore_gh_from_backup(outer)
-    if run_dir is None:
-        run_dir = Path("outputs") / cfg.name / "runs" / time.strftime("%Y-%m-%d_%H-%M-%S")
-    OmegaConf.set_struct(cfg, False)
-    cfg.paths.output_dir = str(run_dir)
+    cfg, run_dir = compose_in_process("mtl.configs.merge_app", "merge", overrides, run_dir)
     return run_merge(cfg, run_dir)

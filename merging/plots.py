@@ -16,6 +16,16 @@ def _figure(size):
     return fig, fig.subplots()
 
 
+def _save(fig, path) -> Path:
+    from mtl.io import atomic_path
+
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:  # never a half-written PNG
+        fig.savefig(tmp, dpi=120, format="png")
+    return path
+
+
 def plot_task_accuracy(
     results: Mapping[str, Mapping[str, float]],
     path,
@@ -51,11 +61,7 @@ def plot_task_accuracy(
     ax.set_title(title)
     ax.legend(fontsize="small", ncol=min(5, len(methods)), loc="upper center", bbox_to_anchor=(0.5, -0.22))
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return _save(fig, path)
 
 
 def plot_mask_overlap(masks_or_overlap: Any, path, *, title: str = "TALL mask overlap") -> Path:
@@ -83,8 +89,4 @@ def plot_mask_overlap(masks_or_overlap: Any, path, *, title: str = "TALL mask ov
         bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.8},
     )
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return _save(fig, path)

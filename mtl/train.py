@@ -150,21 +150,8 @@ def print_summary(metrics: dict[str, Any], tasks) -> None:
 
 def run(overrides: list[str] | None = None, run_dir: str | Path | None = None) -> Path:
     """Compose the ``mtl-train`` config in-process and run it (for notebooks and tests)."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+    from mtl.cli.common import compose_in_process
 
-    overrides = list(overrides or [])
-    outer = get_gh_backup()  # may be called from inside another Hydra app (mtl-merge's smoke pool)
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_module(config_module="mtl.configs", version_base="1.3"):
-            cfg = compose(config_name="train", overrides=overrides, return_hydra_config=False)
-    finally:
-        restore_gh_from_backup(outer)
-    if run_dir is None:
-        run_dir = Path("outputs") / cfg.name / "runs" / time.strftime("%Y-%m-%d_%H-%M-%S")
-    OmegaConf.set_struct(cfg, False)
-    cfg.paths.output_dir = str(run_dir)
+    cfg, run_dir = compose_in_process("mtl.configs", "train", overrides, run_dir)
     train(cfg, run_dir)
     return Path(run_dir)

@@ -121,6 +121,10 @@ class _TensorDataModule(LightningDataModule):
         self.setup()
         return self._data[split]
 
+    def _loader_options(self, shuffle: bool) -> dict[str, Any]:
+        """Extra DataLoader arguments of a subclass (a seeded generator, pin_memory, ...)."""
+        return {}
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(
             self.dataset(split),
@@ -129,6 +133,7 @@ class _TensorDataModule(LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=collate_batch,
             persistent_workers=self.num_workers > 0,
+            **self._loader_options(shuffle),
         )
 
     def train_dataloader(self) -> DataLoader:

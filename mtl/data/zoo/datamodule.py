@@ -3,17 +3,15 @@ from __future__ import annotations
 
 import os
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from mtl.data.datamodule import TensorDictDataset, collate_batch
+from mtl.data.datamodule import TensorDictDataset, _TensorDataModule
 from mtl.data.zoo._base import ZOO, check_size
 from mtl.data.zoo.cache import load_zoo_dataset
 
 
-class ZooDataModule(L.LightningDataModule):
+class ZooDataModule(_TensorDataModule):
     """One zoo classification dataset as batches {"image": uint8 (B,3,H,W), target_key: int64 (B,)}.
 
     `target_key` defaults to the dataset name, so a classification task named like the dataset reads it.
@@ -24,7 +22,7 @@ class ZooDataModule(L.LightningDataModule):
                  n_train: int | None = None, n_val: int | None = None, n_test: int | None = None,
                  cache_dir: str | os.PathLike | None = None, target_key: str | None = None,
                  pin_memory: bool = False, drop_last: bool = False):
-        super().__init__()
+        super().__init__(batch_size, num_workers)
         self.spec = ZOO.get(name)  # fail fast on an unknown name, listing the valid ones
         if batch_size < 1 or num_workers < 0:
             raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
@@ -33,7 +31,6 @@ class ZooDataModule(L.LightningDataModule):
         self.n_train, self.n_val, self.n_test = n_train, n_val, n_test
         self.cache_dir, self.target_key = cache_dir, target_key or name
         self.pin_memory, self.drop_last = pin_memory, drop_last
-        self._data: dict[str, TensorDictDataset] | None = None
 
     @property
     def info(self) -> dict:
@@ -49,38 +46,18 @@ class ZooDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         # runs on one process per node: generates and caches, so the other ranks only read
-        if self._data is None:
+        if not self._data:
             self._load()
 
     def setup(self, stage: str | None = None) -> None:
-        if self._data is not None:
+        if self._data:
             return
-        self._data = {}
         for split, (images, labels) in self._load().items():
             x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
             y = torch.from_numpy(np.array(labels, np.int64))  # a copy: Arrow hands out read-only memory
             self._data[split] = TensorDictDataset({"image": x, self.target_key: y})
 
-    def dataset(self, split: str) -> TensorDictDataset:
-        if self._data is None:
-            self.setup()
-        return self._data[split]
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(self.dataset(split), batch_size=self.batch_size, shuffle=shuffle, generator=gen,
-                          num_workers=self.num_workers, collate_fn=collate_batch,
-                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
-                          drop_last=self.drop_last and shuffle)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+    def _loader_options(self, shuffle: bool) -> dict:
+        # a seeded shuffle: the zoo's fine-tunes see the same batch order run after run
+        return {"generator": torch.Generator().manual_seed(self.seed) if shuffle else None,
+                "pin_memory": self.pin_memory, "drop_last": self.drop_last and shuffle}
