@@ -163,33 +163,29 @@ def time_methods(args, methods: list[str]) -> tuple[dict[str, float], dict[str, 
     # per round: each method's median step time; the ratio to ew is taken within a round, so slow
     # drifts in machine load (other jobs on a shared machine) cancel; the order is shuffled per round
     rng = random.Random(args.seed)
-    per_round: dict[str, list[float]] = {m: [] for m in methods}
     samples_all: dict[str, list[float]] = {m: [] for m in methods}
     ratios: dict[str, list[float]] = {m: [] for m in methods}
     for r in range(args.timing_rounds + 1):  # round 0 warms up (cvxpy problem set-up, allocator)
         order = list(setups)
         rng.shuffle(order)
-        this_round, round_samples = {}, {}
+        round_samples: dict[str, list[float]] = {}
         for method in order:
             model, balancer, opt = setups[method]
-            samples = []
+            samples = round_samples[method] = []
             for i in range(args.timing_steps):
                 t0 = time.perf_counter()
                 step(model, balancer, opt, r * args.timing_steps + i)
                 samples.append(time.perf_counter() - t0)
-            this_round[method] = statistics.median(samples)
-            round_samples[method] = samples
         if r > 0:
-            for method in order:
-                samples_all[method].extend(round_samples[method])
-            for method, t in this_round.items():
-                per_round[method].append(t)
-                ratios[method].append(t / this_round["ew"])
+            ew = statistics.median(round_samples["ew"])
+            for method, samples in round_samples.items():
+                samples_all[method].extend(samples)
+                ratios[method].append(statistics.median(samples) / ew)
         print(f"[bench] timing round {r}/{args.timing_rounds} done", flush=True)
     # the fastest sample is the least disturbed by other jobs: its ratio is the headline figure,
     # the median of within-round ratios is reported next to it
     fastest = {m: min(v) for m, v in samples_all.items()}
-    return ({m: fastest[m] for m in methods},
+    return (fastest,
             {m: fastest[m] / fastest["ew"] for m in methods},
             {m: statistics.median(v) for m, v in ratios.items()})
 

@@ -41,6 +41,13 @@ def common_overrides(zoo: str, smoke: bool) -> list[str]:
     return out
 
 
+def finetune_args(zoo: str, smoke: bool, extra: Sequence[str] = (), init: str = "init_from=<pretrained>",
+                  data: str = "data.dataset=<task>") -> list[str]:
+    """Step 2's mtl-train overrides (placeholders for the manifest; real values for a run)."""
+    return [f"experiment=zoo_{zoo}_finetune", init, data, *common_overrides(zoo, smoke),
+            *(SMOKE_FINETUNE if smoke else []), *extra]
+
+
 def _finished(run_dir: Path) -> bool:
     return (run_dir / "model" / "model.safetensors").is_file() and (run_dir / "metrics.json").is_file()
 
@@ -68,8 +75,7 @@ def pretrain(zoo: str, out: Path, smoke: bool = False, extra: Sequence[str] = ()
 def finetune(zoo: str, task: str, pretrained: Path, out: Path, smoke: bool = False, extra: Sequence[str] = (),
              fresh: bool = False) -> dict[str, Any]:
     run_dir = out / "finetune" / task
-    ov = [f"experiment=zoo_{zoo}_finetune", f"init_from={Path(pretrained).resolve()}", f"data.dataset={task}",
-          *common_overrides(zoo, smoke), *(SMOKE_FINETUNE if smoke else []), *extra]
+    ov = finetune_args(zoo, smoke, extra, f"init_from={Path(pretrained).resolve()}", f"data.dataset={task}")
     metrics, seconds, reused = _train(ov, run_dir, fresh)
     return {"task": task, "run_dir": run_dir, "model": run_dir / "model", "overrides": ov,
             "accuracy": metrics["test"][task]["accuracy"], "val_accuracy": metrics["val"].get(task, {}).get("accuracy"),
@@ -106,9 +112,7 @@ def build_zoo(zoo: str, out: str | Path, tasks: Sequence[str] | None = None, smo
         "cpu_seconds": round(time.process_time() - cpu, 1),  # this process, all threads
         "reused": [n for n, r in [("pretrain", pre), *((f["task"], f) for f in fts)] if r["reused"]],
         "overrides": {"pretrain": pre["overrides"],
-                      "finetune": [f"experiment=zoo_{zoo}_finetune", "init_from=<pretrained>", "data.dataset=<task>",
-                                   *common_overrides(zoo, smoke), *(SMOKE_FINETUNE if smoke else []),
-                                   *finetune_overrides]},
+                      "finetune": finetune_args(zoo, smoke, finetune_overrides)},
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest

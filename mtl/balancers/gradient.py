@@ -48,6 +48,32 @@ def accumulate(param: torch.Tensor, grad: torch.Tensor | None) -> None:
         param.grad += grad
 
 
+def head_backwards(ctx: StepContext, tasks: Sequence[str], extra: Sequence[torch.Tensor] = (),
+                   head_scale: Sequence[float] | torch.Tensor | None = None):
+    """One backward per task, each through its own head only (a vmapped Jacobian would run every head
+    for every task: T x the head cost). Adds ``head_scale[t]`` x its head's gradient to the heads'
+    ``.grad`` and returns, per task, its gradients w.r.t. the representation (zeros where unused) and
+    w.r.t. ``extra``."""
+    feats, extra = feature_list(ctx.features), list(extra)
+    out = []
+    for i, t in enumerate(tasks):
+        head = list(ctx.task_params.get(t, []))
+        grads = torch.autograd.grad(ctx.losses[t], feats + head + extra, retain_graph=True, allow_unused=True)
+        nf, nh = len(feats), len(head)
+        for p, g in zip(head, grads[nf:nf + nh]):
+            accumulate(p, g if g is None or head_scale is None else head_scale[i] * g)
+        out.append(([torch.zeros_like(f) if g is None else g for g, f in zip(grads[:nf], feats)], grads[nf + nh:]))
+    return out
+
+
+def backward_from_features(ctx: StepContext, grad_outputs: Sequence[torch.Tensor]) -> None:
+    """One backward of a representation gradient into the shared parameters' ``.grad``."""
+    grads = torch.autograd.grad(feature_list(ctx.features), ctx.shared_params, grad_outputs=list(grad_outputs),
+                                allow_unused=True)
+    for p, g in zip(ctx.shared_params, grads):
+        accumulate(p, g)
+
+
 def full_precision(device: torch.device):
     """Autocast off: under mixed precision the aggregators' Gramians and solvers would run in
     bf16/fp16 (and numpy/cvxpy reject those); the Jacobians themselves are float32 already."""
@@ -130,8 +156,8 @@ class JacobianBalancer(Balancer):
 
         losses, heads = self._losses(ctx), self._heads(ctx)
         chunk = self.parallel_chunk_size
-        if ctx.features is not None and any(f.dtype in (torch.float16, torch.bfloat16) for f in feature_list(ctx.features)):
-            chunk = 1  # mixed precision: vmapped backward through autocast ops fails on dtypes; go task by task
+        if torch.is_autocast_enabled(ctx.shared_params[0].device.type):
+            chunk = 1  # vmapped backward through autocast (bf16) ops fails on their dtypes: go task by task
         if ctx.features is not None:
             mtl_backward(losses, features=ctx.features, tasks_params=heads, shared_params=ctx.shared_params,
                          parallel_chunk_size=chunk)
@@ -149,24 +175,14 @@ class JacobianBalancer(Balancer):
         if ctx.features is None:
             raise ValueError(f"{self.name}(level=features) needs StepContext.features, the shared representation "
                              "the heads consume; this model/module does not provide it (use level=params)")
-        losses, heads = self._losses(ctx), self._heads(ctx)
-        feats = feature_list(ctx.features)
-        # one backward per task, each through its own head only (a vmapped Jacobian would run every
-        # head for every task); the rows are that task's gradient w.r.t. the representation
-        rows = []
-        for loss, head in zip(losses, heads):
-            grads = torch.autograd.grad(loss, feats + head, retain_graph=True, allow_unused=True)
-            rows.append(torch.cat([(g if g is not None else torch.zeros_like(f)).reshape(-1)
-                                   for g, f in zip(grads[:len(feats)], feats)]))
-            for p, g in zip(head, grads[len(feats):]):
-                accumulate(p, g)
+        self._losses(ctx)  # checks every task has a loss
+        rows = [torch.cat([g.reshape(-1) for g in g_feats]) for g_feats, _ in head_backwards(ctx, self.tasks)]
         matrix = torch.stack(rows).float()  # mixed precision: the solvers (numpy, cvxpy) want float32+
         with full_precision(matrix.device):
             direction = self.aggregator(matrix)
-        parts = [d.view_as(f).to(f.dtype) for d, f in zip(direction.split([f.numel() for f in feats]), feats)]
-        grads = torch.autograd.grad(feats, ctx.shared_params, grad_outputs=parts, allow_unused=True)
-        for p, g in zip(ctx.shared_params, grads):
-            accumulate(p, g)
+        feats = feature_list(ctx.features)
+        backward_from_features(ctx, [d.view_as(f).to(f.dtype)
+                                     for d, f in zip(direction.split([f.numel() for f in feats]), feats)])
 
 
 @register("pcgrad")

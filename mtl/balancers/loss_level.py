@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mtl.balancers.base import Balancer, StepContext, dist_mean, register, sync_grads
-from mtl.balancers.gradient import accumulate, feature_list
+from mtl.balancers.gradient import backward_from_features, feature_list, head_backwards
 
 
 @register("ew")
@@ -173,6 +173,8 @@ class GradNorm(_OwnOptimizer):
     (cheaper, independent of parameter order).
     """
 
+    computes_own_gradients = True  # when the representation is known (the single-pass backward)
+
     def __init__(self, tasks: Sequence[str], alpha: float = 1.5, lr: float = 0.025, level: str = "params",
                  optimizer: str = "adam", skip_nonfinite: bool = False):
         super().__init__(tasks, skip_nonfinite)
@@ -184,13 +186,11 @@ class GradNorm(_OwnOptimizer):
         self.register_buffer("initial_losses", torch.full((T,), float("nan")))
         self._init_own("task_weights", lr, 0.0, optimizer)
 
-    computes_own_gradients = True  # when the representation is known (the single-pass backward)
-
     def _anchor(self, ctx: StepContext) -> list[torch.Tensor]:
         if self.level == "features":
             if ctx.features is None:
                 raise ValueError("gradnorm(level=features) needs StepContext.features (the shared representation)")
-            return [ctx.features] if isinstance(ctx.features, torch.Tensor) else list(ctx.features)
+            return feature_list(ctx.features)
         weights = [p for p in ctx.shared_params if p.ndim >= 2] or list(ctx.shared_params)
         if not weights:
             raise ValueError("gradnorm(level=params) needs a shared layer, but StepContext.shared_params is empty; "
@@ -230,34 +230,26 @@ class GradNorm(_OwnOptimizer):
         """The network gradient of Σ w_t L_t and the T norms at the anchor in one pass: task t's backward
         runs through its own head to the representation (and the anchor), once; the shared part then
         gets a single backward of Σ_t w_t ∂L_t/∂z. Costs ≈ ew plus T short backwards from z to W."""
-        feats = feature_list(ctx.features)
-        anchor_is_feats = self.level == "features"
-        dz = [torch.zeros_like(f) for f in feats]
-        norms = []
-        for i, t in enumerate(self.tasks):
-            head = list(ctx.task_params.get(t, []))
-            extra = [] if anchor_is_feats else anchor
-            grads = torch.autograd.grad(ctx.losses[t], feats + head + extra, retain_graph=True, allow_unused=True)
-            g_feats, g_head, g_anchor = grads[:len(feats)], grads[len(feats):len(feats) + len(head)], grads[len(feats) + len(head):]
+        at_feats = self.level == "features"
+        per_task = head_backwards(ctx, self.tasks, extra=() if at_feats else anchor, head_scale=w)
+        dz = [torch.zeros_like(f) for f in feature_list(ctx.features)]
+        for wt, (g_feats, _) in zip(w.tolist(), per_task):
             for acc, g in zip(dz, g_feats):
-                if g is not None:
-                    acc.add_(g, alpha=float(w[i]))
-            for p, g in zip(head, g_head):
-                accumulate(p, None if g is None else w[i] * g)
-            used = g_feats if anchor_is_feats else g_anchor
-            norms.append(torch.sqrt(sum((g.float().pow(2).sum() for g in used if g is not None),
-                                        w.new_zeros((), dtype=torch.float32))))
-        grads = torch.autograd.grad(feats, ctx.shared_params, grad_outputs=dz, allow_unused=True)
-        for p, g in zip(ctx.shared_params, grads):
-            accumulate(p, g)
+                acc.add_(g, alpha=wt)
+        backward_from_features(ctx, dz)
         # autograd.grad never fires DDP's reducer hooks: average over ranks ourselves
         sync_grads(list(ctx.shared_params) + [p for t in self.tasks for p in ctx.task_params.get(t, [])])
-        return torch.stack(norms).to(w.device)
+        return torch.stack([_l2(g_feats if at_feats else g_anchor) for g_feats, g_anchor in per_task]).to(w.device)
+
+
+def _l2(grads) -> torch.Tensor:
+    """Euclidean norm of a list of gradients (None: unused), in float32."""
+    squares = [g.float().pow(2).sum() for g in grads if g is not None]
+    return torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
 
 
 def _grad_norm(loss: torch.Tensor, inputs: list[torch.Tensor]) -> torch.Tensor:
-    grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
-    return torch.sqrt(sum((g.float().pow(2).sum() for g in grads if g is not None), loss.new_zeros((), dtype=torch.float32)))
+    return _l2(torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True))
 
 
 @register("famo")
