@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from mtl.io import load_state, read_json, read_model_config
-from mtl.models import MultiTaskModel
+from mtl.models import MultiTaskModel, model_from_config
 from mtl.tasks import Task, create_task
 
 HEAD_PREFIX = "decoder.heads."
@@ -82,7 +82,7 @@ class ModelPool:
         """One model with every member's tasks: `shared` weights + each task's own fine-tuned head."""
         cfg = copy.deepcopy(self.members[0].config)
         cfg["tasks"] = [t for m in self.members for t in m.config["tasks"]]
-        model = MultiTaskModel.from_config(cfg)
+        model = model_from_config(cfg)
         state = dict(shared)
         for m in self.members:
             own = load_state(m.path)

@@ -11,6 +11,9 @@ _LAZY = {
     "save_model": "mtl.io",
     "create_balancer": "mtl.balancers",
     "create_datamodule": "mtl.data",
+    "extract": "mtl.extract",
+    "count_flops": "mtl.flops",
+    "model_stats": "mtl.flops",
 }
 
 

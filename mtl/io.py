@@ -114,12 +114,12 @@ def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
     """Rebuild the model stored in a model folder (no code from the folder is ever executed)."""
-    from mtl.models import MultiTaskModel
+    from mtl.models import model_from_config
 
     path = Path(path)
     cfg = read_model_config(path)
     try:
-        model = MultiTaskModel.from_config(cfg["model"])
+        model = model_from_config(cfg["model"])
     except (KeyError, TypeError, ValueError) as e:
         raise ModelFolderError(f"{path / CONFIG}: cannot build the model ({e})") from None
     state = load_state(path)

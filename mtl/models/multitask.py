@@ -9,12 +9,14 @@ from torch import nn
 
 from mtl.models.backbones import create_backbone
 from mtl.models.decoders import create_decoder
+from mtl.models.families import MODELS, model_from_config
 from mtl.tasks import Task, create_task
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+@MODELS.register("multitask")
 class MultiTaskModel(nn.Module):
     """``forward(x, tasks=None) -> {task: prediction}``; only the requested tasks' heads run.
 
@@ -50,6 +52,7 @@ class MultiTaskModel(nn.Module):
     @property
     def config(self) -> dict[str, Any]:
         return {
+            "family": "multitask",
             "tasks": [t.to_config() for t in self.tasks.values()],
             "backbone": copy.deepcopy(self._backbone_cfg),
             "decoder": copy.deepcopy(self._decoder_cfg),
@@ -110,7 +113,7 @@ def create_model(
     """Build a model from names and kwargs, e.g.
     ``create_model(["semseg", "depth"], backbone="test_resnet")``, or from a stored ``config``."""
     if config is not None:
-        return MultiTaskModel.from_config(config)
+        return model_from_config(config)
     if tasks is None:
         raise ValueError("create_model needs tasks (names, Task objects or task configs) or config=")
     built = []

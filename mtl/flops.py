@@ -1,0 +1,39 @@
+"""FLOPs and parameter counts from ``torch.utils.flop_counter`` (one multiply-add = 2 FLOPs)."""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_flops(model: nn.Module, x: torch.Tensor, tasks: Iterable[str] | None = None) -> int:
+    """FLOPs of one forward pass of ``model(x, tasks=tasks)`` (the whole batch ``x``), eval mode.
+
+    What runs is counted, so for a sparse model (routed experts) these are the *active* FLOPs.
+    The model's train/eval mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(x) if tasks is None else model(x, tasks=list(tasks))
+        return int(counter.get_total_flops())
+    finally:
+        model.train(was_training)
+
+
+def model_stats(model: nn.Module, x: torch.Tensor, tasks: Iterable[str] | None = None) -> dict[str, Any]:
+    """Params, all-task FLOPs and each task's own FLOPs (``forward(x, tasks=[t])``) per sample."""
+    names = list(tasks) if tasks is not None else list(getattr(model, "tasks", []))
+    n = int(x.shape[0])
+    stats: dict[str, Any] = {"params": count_params(model), "flops_all_tasks": count_flops(model, x) // n}
+    if names:
+        stats["flops_per_task"] = {t: count_flops(model, x, [t]) // n for t in names}
+    return stats

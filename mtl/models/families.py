@@ -1,0 +1,21 @@
+"""Model families: every class a model folder can hold, looked up by the ``family`` key of its config.
+
+A family is an ``nn.Module`` class with a ``config`` property (plain JSON data, including
+``"family": <name>``) and a ``from_config(cfg)`` classmethod that rebuilds it; ``mtl.load_model``
+then loads the safetensors weights into it. Configs without the key are ``"multitask"``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from mtl.registry import Registry
+
+MODELS: "Registry[type[nn.Module]]" = Registry("model family")
+DEFAULT_FAMILY = "multitask"
+
+
+def model_from_config(cfg: dict[str, Any]) -> nn.Module:
+    """Rebuild an (untrained) model of any registered family from its stored config."""
+    return MODELS.get(cfg.get("family", DEFAULT_FAMILY)).from_config(cfg)
