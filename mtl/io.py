@@ -77,7 +77,7 @@ def save_model(model, path: str | os.PathLike, meta: dict[str, Any] | None = Non
 
     path = Path(path)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    cfg = {"format": FORMAT, "mtlkit_version": __version__, "model": model.config, "meta": meta or {}}
+    cfg = {"format": FORMAT, "mtlkit_version": __version__, "model": model_config(model), "meta": meta or {}}
     with atomic_path(path, overwrite=overwrite) as tmp:
         tmp.mkdir()
         save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
@@ -101,6 +101,7 @@ def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
     return cfg
 
 
+    from mtl.models.surgery import model_config
 def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a model folder's weights, with errors that name the file."""
     file = Path(path) / WEIGHTS

@@ -17,5 +17,10 @@ DEFAULT_FAMILY = "multitask"
 
 
 def model_from_config(cfg: dict[str, Any]) -> nn.Module:
-    """Rebuild an (untrained) model of any registered family from its stored config."""
-    return MODELS.get(cfg.get("family", DEFAULT_FAMILY)).from_config(cfg)
+    """Rebuild an (untrained) model of any registered family from its stored config; a structural plan
+    stored with it (a pruned model) is re-applied to the rebuilt architecture (mtl.models.surgery)."""
+    from mtl.models.surgery import PLAN_KEY, apply_plan
+
+    base = {k: v for k, v in cfg.items() if k != PLAN_KEY}
+    model = MODELS.get(base.get("family", DEFAULT_FAMILY)).from_config(base)
+    return apply_plan(model, cfg[PLAN_KEY]) if PLAN_KEY in cfg else model
