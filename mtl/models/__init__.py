@@ -1,6 +1,8 @@
-from mtl.models.backbones import TimmBackbone, create_backbone
+from mtl.models.backbones import BACKBONES, TimmBackbone, create_backbone
 from mtl.models.decoders import DECODERS, create_decoder
 from mtl.models.families import MODELS, model_from_config
 from mtl.models.multitask import MultiTaskModel, create_model
+from mtl.models import slimmable  # noqa: F401,E402  (registers slim_resnet, decoder=slimmable, family=slimmable)
 
-__all__ = ["TimmBackbone", "create_backbone", "DECODERS", "create_decoder", "MultiTaskModel", "create_model", "MODELS", "model_from_config"]
+__all__ = ["BACKBONES", "TimmBackbone", "create_backbone", "DECODERS", "create_decoder", "MultiTaskModel", "create_model",
+           "MODELS", "model_from_config"]

@@ -1,7 +1,9 @@
 """Backbones: any timm model by name, returning a list of feature maps (B, C_i, H_i, W_i).
 
 CNNs use timm's ``features_only`` mode; ViTs too (timm turns their token grid into a feature map
-through ``forward_intermediates``), so one wrapper serves both.
+through ``forward_intermediates``), so one wrapper serves both. Backbones of our own (e.g. the
+slimmable ``slim_resnet``) register in ``BACKBONES`` and take precedence over timm names; each has
+``channels``/``reductions`` lists like ``TimmBackbone``.
 """
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ import timm
 import torch
 from torch import nn
 
-from mtl.registry import UnknownNameError
+from mtl.registry import Registry, UnknownNameError
+
+BACKBONES: "Registry[type[nn.Module]]" = Registry("backbone")
 
 
 class TimmBackbone(nn.Module):
@@ -46,6 +50,9 @@ class TimmBackbone(nn.Module):
         return list(self.body(x))
 
 
-def create_backbone(name: str, **kwargs: Any) -> TimmBackbone:
-    """``create_backbone("resnet18", out_indices=[1, 2, 3, 4])`` or any other timm name."""
+def create_backbone(name: str, **kwargs: Any) -> nn.Module:
+    """``create_backbone("resnet18", out_indices=[1, 2, 3, 4])``: a registered backbone of ours
+    (``BACKBONES``, e.g. ``slim_resnet``) or else any timm name."""
+    if name in BACKBONES:
+        return BACKBONES.get(name)(**kwargs)
     return TimmBackbone(name, **kwargs)

@@ -108,10 +108,12 @@ def create_model(
     decoder: str | dict[str, Any] = "hps",
     *,
     config: dict[str, Any] | None = None,
+    family: str = "multitask",
     **kwargs: Any,
 ) -> MultiTaskModel:
     """Build a model from names and kwargs, e.g.
-    ``create_model(["semseg", "depth"], backbone="test_resnet")``, or from a stored ``config``."""
+    ``create_model(["semseg", "depth"], backbone="test_resnet")``, or from a stored ``config``.
+    ``family`` picks the class in ``MODELS`` (e.g. ``"slimmable"``); all take (tasks, backbone, decoder)."""
     if config is not None:
         return model_from_config(config)
     if tasks is None:
@@ -126,4 +128,4 @@ def create_model(
             built.append(create_task(**dict(t)))
     bb = {"name": backbone} if isinstance(backbone, str) else dict(backbone)
     dec = {"name": decoder} if isinstance(decoder, str) else dict(decoder)
-    return MultiTaskModel(built, bb, dec, **kwargs)
+    return MODELS.get(family)(built, bb, dec, **kwargs)

@@ -1,0 +1,208 @@
+"""``family: slimmable``: a MultiTaskModel whose encoder and task decoders run at chosen widths.
+
+ECMT (Aich et al., ICCV 2023, "Efficient Controllable Multi-Task Architectures"): one slimmable
+encoder + slimmable task decoders; ``set_widths(encoder=0.5, decoders={"depth": 1.0, "semseg": 0.25})``
+picks the sub-network at run time, ``extract_subnetwork(widths=...)`` writes it out as a plain,
+physically smaller ``multitask`` model.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from mtl.models.families import MODELS
+from mtl.models.multitask import IMAGENET_MEAN, IMAGENET_STD, MultiTaskModel
+from mtl.models.slimmable.decoder import SlimmableDecoder, decoder_key
+from mtl.models.slimmable.layers import (SLIM_TYPES, SlimConv2d, SlimLinear, SwitchableBatchNorm2d, apply_widths,
+                                         channels_at, check_width, width_index)
+from mtl.models.slimmable.resnet import ENCODER, SlimResNet
+from mtl.tasks import Task, create_task
+
+Widths = dict[str, Any]  # {"encoder": float, "decoders": {task: float}}
+
+
+@MODELS.register("slimmable")
+class SlimmableMultiTaskModel(MultiTaskModel):
+    """Needs ``backbone.name: slim_resnet`` and ``decoder.name: slimmable`` with the same width set."""
+
+    def __init__(self, tasks: Sequence[Task], backbone: dict[str, Any], decoder: dict[str, Any] | None = None,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+        super().__init__(tasks, backbone, decoder or {"name": "slimmable"}, mean, std)
+        if not isinstance(self.backbone, SlimResNet) or self.backbone.widths is None:
+            raise ValueError(f"family 'slimmable' needs backbone.name=slim_resnet with a width set, "
+                             f"got backbone {self._backbone_cfg.get('name')!r}")
+        if not isinstance(self.decoder, SlimmableDecoder) or self.decoder.widths is None:
+            raise ValueError(f"family 'slimmable' needs decoder.name=slimmable with a width set, "
+                             f"got decoder {self._decoder_cfg.get('name')!r}")
+        if self.backbone.widths != self.decoder.widths:
+            raise ValueError(f"backbone.widths {list(self.backbone.widths)} and decoder.widths "
+                             f"{list(self.decoder.widths)} must be the same width set")
+        self._backbone_cfg["widths"] = list(self.backbone.widths)
+        self._decoder_cfg["widths"] = list(self.decoder.widths)
+        self._widths: Widths = {}
+        self.set_widths(encoder=1.0, decoders=1.0)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {**super().config, "family": "slimmable"}
+
+    @property
+    def width_set(self) -> tuple[float, ...]:
+        return self.backbone.widths
+
+    # --- widths -------------------------------------------------------------------------------------
+    @property
+    def widths(self) -> Widths:
+        """The current configuration ``{"encoder": w, "decoders": {task: w}}`` (a copy)."""
+        return copy.deepcopy(self._widths)
+
+    def max_widths(self) -> Widths:
+        return {"encoder": 1.0, "decoders": {t: 1.0 for t in self.tasks}}
+
+    def min_widths(self) -> Widths:
+        w = self.width_set[0]
+        return {"encoder": w, "decoders": {t: w for t in self.tasks}}
+
+    def resolve_widths(self, encoder: float | None = None, decoders: float | Mapping[str, float] | None = None,
+                       base: Widths | None = None) -> Widths:
+        """A full, checked configuration: values given here over ``base`` (default: the current one)."""
+        base = copy.deepcopy(base if base is not None else self._widths) or self.max_widths()
+        if encoder is not None:
+            base["encoder"] = self._check(encoder, "encoder width")
+        if decoders is not None:
+            if isinstance(decoders, Mapping):
+                unknown = [t for t in decoders if t not in self.tasks]
+                if unknown:
+                    raise KeyError(f"unknown task(s) {unknown} in decoder widths; this model has: {', '.join(self.tasks)}")
+                for t, w in decoders.items():
+                    base["decoders"][t] = self._check(w, f"decoder width of task {t!r}")
+            else:
+                w = self._check(decoders, "decoder width")
+                base["decoders"] = {t: w for t in self.tasks}
+        return base
+
+    def set_widths(self, encoder: float | None = None, decoders: float | Mapping[str, float] | None = None) -> Widths:
+        """``set_widths(encoder=0.5, decoders={"depth": 1.0, "semseg": 0.25})``; tasks not named keep
+        their width, ``decoders=0.5`` sets all. Every width must be in ``width_set``. Returns the config."""
+        cfg = self.resolve_widths(encoder, decoders)
+        groups = {ENCODER: cfg["encoder"], **{decoder_key(t): w for t, w in cfg["decoders"].items()}}
+        apply_widths(self, groups)
+        self._widths = cfg
+        return self.widths
+
+    def set_config(self, widths: Mapping[str, Any]) -> Widths:
+        """``set_widths`` from one dict ``{"encoder": w, "decoders": {...} or w}``."""
+        self._check_keys(widths)
+        return self.set_widths(widths.get("encoder"), widths.get("decoders"))
+
+    @contextlib.contextmanager
+    def at_widths(self, widths: Mapping[str, Any]) -> Iterator["SlimmableMultiTaskModel"]:
+        saved = self.widths
+        self.set_config(widths)
+        try:
+            yield self
+        finally:
+            self.set_config(saved)
+
+    def _check(self, width: Any, what: str) -> float:
+        w = check_width(width, what)
+        if width_index(self.width_set, w) is None:
+            raise ValueError(f"{what} {width!r} is not in this model's width set {list(self.width_set)}; "
+                             "widths outside it need BN recalibration first: model.calibrate_widths([w], batches)")
+        return self.width_set[width_index(self.width_set, w)]
+
+    @staticmethod
+    def _check_keys(widths: Mapping[str, Any]) -> None:
+        if not isinstance(widths, Mapping):
+            raise TypeError(f"widths must be a dict {{'encoder': w, 'decoders': {{task: w}}}}, got {widths!r}")
+        extra = sorted(set(widths) - {"encoder", "decoders"})
+        if extra:
+            raise KeyError(f"unknown key(s) {extra} in widths; expected 'encoder' and 'decoders'")
+
+    # --- BN recalibration for widths outside the set ----------------------------------------------------
+    @torch.no_grad()
+    def calibrate_widths(self, widths: Iterable[float], batches: Iterable[torch.Tensor | Mapping[str, torch.Tensor]]) -> list[float]:
+        """Add ``widths`` to the width set: each gets its own BN statistics, estimated (cumulative
+        average) from ``batches`` (images, or batch dicts with ``"image"``) with that width everywhere."""
+        new = [check_width(w, "width to calibrate") for w in widths]
+        batches = list(batches)
+        if not batches:
+            raise ValueError("calibrate_widths needs at least one batch")
+        bns = [m for m in self.modules() if isinstance(m, SwitchableBatchNorm2d)]
+        saved_widths, was_training = self.widths, self.training
+        for w in new:
+            for bn in bns:
+                bn.add_width(w)
+        self.backbone.widths = self.decoder.widths = bns[0].widths
+        self._backbone_cfg["widths"] = self._decoder_cfg["widths"] = list(bns[0].widths)
+        saved = [(bn, bn.momentum, bn.num_batches_tracked.clone()) for bn in bns]
+        try:
+            self.train()
+            for w in new:
+                for bn in bns:
+                    k = bn.row(w)
+                    bn.running_means[k].zero_()
+                    bn.running_vars[k].fill_(1.0)
+                    bn.momentum = None
+                    bn.num_batches_tracked.zero_()
+                self.set_widths(encoder=w, decoders=w)
+                for b in batches:
+                    self(b["image"] if isinstance(b, Mapping) else b)
+        finally:
+            for bn, momentum, nbt in saved:
+                bn.momentum = momentum
+                bn.num_batches_tracked.copy_(nbt)
+            self.set_config(saved_widths)
+            self.train(was_training)
+        return list(self.width_set)
+
+    # --- physically smaller sub-network -----------------------------------------------------------------
+    def extract_subnetwork(self, widths: Mapping[str, Any] | None = None) -> MultiTaskModel:
+        """A plain ``multitask`` model holding the sliced weights (and BN statistics) of the
+        configuration ``widths`` (default: the current one); it computes what this model computes there."""
+        self._check_keys(widths or {})
+        cfg = self.resolve_widths((widths or {}).get("encoder"), (widths or {}).get("decoders"))
+        we = cfg["encoder"]
+        bb = {k: v for k, v in self._backbone_cfg.items() if k != "widths"}
+        bb.update(widths=None, stem=channels_at(self.backbone.stem[0].out_channels, we),
+                  channels=[channels_at(st[0].conv1.out_channels, we) for st in self.backbone.stages],
+                  depths=[len(st) for st in self.backbone.stages])
+        neck = self.decoder.neck.refine[0].out_channels
+        dec = {"name": "slimmable", "widths": None, "channels": channels_at(neck, we),
+               "head_channels": {t: channels_at(self._hidden(t), cfg["decoders"][t]) for t in self.tasks}}
+        tasks = [create_task(**t.to_config()) for t in self.tasks.values()]
+        plain = MultiTaskModel(tasks, bb, dec, self.mean.flatten().tolist(), self.std.flatten().tolist())
+        with self.at_widths(cfg):
+            _copy_sliced(self, plain)
+        plain.to(self.mean.device).train(self.training)
+        return plain
+
+    def _hidden(self, task: str) -> int:
+        first = self.decoder.heads[task].body[0]
+        return first.out_channels if isinstance(first, nn.Conv2d) else first.out_features
+
+
+@torch.no_grad()
+def _copy_sliced(slim: nn.Module, plain: nn.Module) -> None:
+    """Copy every slimmable layer's active slice into the same-named plain layer (same topology)."""
+    targets = dict(plain.named_modules())
+    for name, m in slim.named_modules():
+        if not isinstance(m, SLIM_TYPES):
+            continue
+        t = targets[name]
+        if isinstance(m, SwitchableBatchNorm2d):
+            c, k = t.num_features, m.row()
+            t.weight.copy_(m.weight[:c])
+            t.bias.copy_(m.bias[:c])
+            t.running_mean.copy_(m.running_means[k, :c])
+            t.running_var.copy_(m.running_vars[k, :c])
+            t.num_batches_tracked.copy_(m.num_batches_tracked)
+        else:
+            cin, cout = m.active()
+            t.weight.copy_(m.weight[:cout, :cin])
+            if m.bias is not None:
+                t.bias.copy_(m.bias[:cout])

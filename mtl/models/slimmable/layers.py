@@ -1,0 +1,195 @@
+"""Slimmable layers (Yu et al., "Slimmable Neural Networks", ICLR 2019): one shared weight, of which a
+width multiplier keeps the leading ``weight[:out, :in]`` slice at run time.
+
+Every layer reads its input and output width from a named *width group* (``in_key`` / ``out_key``;
+``None`` = a fixed side, e.g. the RGB input or a head's output): ``apply_widths(model, {"encoder": 0.5,
+"decoder.depth": 1.0})`` sets them on every layer at once, so layers never disagree about a width.
+
+Batch norm is *switchable* (Yu et al. 2019; shared affine as in universally slimmable networks,
+Yu & Huang 2019): the affine parameters are sliced like the weights, the running statistics are
+private to each width of a fixed set (one row per width), because statistics of a 0.25-wide network
+differ from the leading quarter of the full network's. A width outside the set gets its own row only
+by recalibration on training batches (``SlimmableMultiTaskModel.calibrate_widths``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: default width set: switchable BN keeps one row of statistics per entry
+DEFAULT_WIDTHS = (0.25, 0.5, 0.75, 1.0)
+
+
+def channels_at(full: int, width: float) -> int:
+    """Channels a layer of ``full`` channels keeps at ``width`` (the one rounding rule everywhere)."""
+    return max(1, int(math.floor(full * width + 0.5)))
+
+
+def check_width(width: float, what: str = "width") -> float:
+    try:
+        w = float(width)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number in (0, 1], got {width!r}") from None
+    if not (0.0 < w <= 1.0) or not math.isfinite(w):
+        raise ValueError(f"{what} must be in (0, 1], got {width!r}")
+    return w
+
+
+def check_width_set(widths: Iterable[float]) -> tuple[float, ...]:
+    ws = tuple(sorted({check_width(w, "width-set entry") for w in widths}))
+    if not ws:
+        raise ValueError("the width set is empty")
+    if ws[-1] != 1.0:
+        raise ValueError(f"the width set must contain 1.0 (the full network), got {list(ws)}")
+    return ws
+
+
+def width_index(width_set: Sequence[float], width: float) -> int | None:
+    for i, w in enumerate(width_set):
+        if abs(w - width) < 1e-9:
+            return i
+    return None
+
+
+class SlimConv2d(nn.Conv2d):
+    """``nn.Conv2d`` holding the full weight; runs on ``weight[:out(w_out), :in(w_in)]``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
+                 bias: bool = True, in_key: str | None = None, out_key: str | None = None):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
+        self.in_key, self.out_key = in_key, out_key
+        self.in_width = self.out_width = 1.0
+
+    def active(self) -> tuple[int, int]:
+        cin = channels_at(self.in_channels, self.in_width) if self.in_key else self.in_channels
+        cout = channels_at(self.out_channels, self.out_width) if self.out_key else self.out_channels
+        return cin, cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cin, cout = self.active()
+        bias = self.bias[:cout] if self.bias is not None else None
+        return F.conv2d(x, self.weight[:cout, :cin], bias, self.stride, self.padding, self.dilation)
+
+
+class SlimLinear(nn.Linear):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 in_key: str | None = None, out_key: str | None = None):
+        super().__init__(in_features, out_features, bias=bias)
+        self.in_key, self.out_key = in_key, out_key
+        self.in_width = self.out_width = 1.0
+
+    def active(self) -> tuple[int, int]:
+        cin = channels_at(self.in_features, self.in_width) if self.in_key else self.in_features
+        cout = channels_at(self.out_features, self.out_width) if self.out_key else self.out_features
+        return cin, cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cin, cout = self.active()
+        bias = self.bias[:cout] if self.bias is not None else None
+        return F.linear(x, self.weight[:cout, :cin], bias)
+
+
+class SwitchableBatchNorm2d(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm2d with sliced affine parameters and private running statistics per width.
+
+    ``running_means[k, :channels_at(C, widths[k])]`` are the statistics of width ``widths[k]``.
+    A ``_BatchNorm`` subclass, so code that handles batch norm generically (freezing statistics,
+    ``momentum``) treats it like any other; ``momentum=None`` gives a cumulative average (recalibration).
+    """
+
+    def __init__(self, num_features: int, widths: Sequence[float] = DEFAULT_WIDTHS, key: str | None = None,
+                 eps: float = 1e-5, momentum: float | None = 0.1):
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=True, track_running_stats=False)
+        self.track_running_stats = True
+        self.key = key
+        self.width = 1.0
+        self.widths: tuple[float, ...] = check_width_set(widths)
+        k = len(self.widths)
+        self.register_buffer("running_means", torch.zeros(k, num_features))
+        self.register_buffer("running_vars", torch.ones(k, num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() != 4:
+            raise ValueError(f"expected a 4-D input (B, C, H, W), got {x.dim()}-D")
+
+    def reset_running_stats(self) -> None:
+        if hasattr(self, "running_means"):
+            self.running_means.zero_()
+            self.running_vars.fill_(1.0)
+            self.num_batches_tracked.zero_()
+
+    def row(self, width: float | None = None) -> int:
+        width = self.width if width is None else width
+        k = width_index(self.widths, width)
+        if k is None:
+            raise ValueError(f"width {width} is not in this model's width set {list(self.widths)}; "
+                             "add it with model.calibrate_widths([...], batches) (BN recalibration)")
+        return k
+
+    def add_width(self, width: float) -> int:
+        """A new (uncalibrated: mean 0, var 1) statistics row for ``width``; returns its index."""
+        if width_index(self.widths, width) is not None:
+            return self.row(width)
+        widths = tuple(sorted(self.widths + (float(width),)))
+        k = widths.index(float(width))
+        c = self.num_features
+        dev = self.running_means.device
+        self.running_means = torch.cat([self.running_means[:k], torch.zeros(1, c, device=dev), self.running_means[k:]])
+        self.running_vars = torch.cat([self.running_vars[:k], torch.ones(1, c, device=dev), self.running_vars[k:]])
+        self.widths = widths
+        return k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        c = channels_at(self.num_features, self.width) if self.key else self.num_features
+        k = self.row()
+        factor = 0.0
+        if self.training:
+            self.num_batches_tracked.add_(1)
+            factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        # rows are contiguous, so batch_norm's in-place update of the statistics lands in the buffers
+        return F.batch_norm(x, self.running_means[k, :c], self.running_vars[k, :c], self.weight[:c], self.bias[:c],
+                            self.training, factor, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, widths={list(self.widths)}, key={self.key!r}"
+
+
+SLIM_TYPES = (SlimConv2d, SlimLinear, SwitchableBatchNorm2d)
+
+
+def apply_widths(module: nn.Module, widths: Mapping[str, float]) -> None:
+    """Set every slimmable layer's widths from ``{group key: width}`` (every key a layer uses must be given)."""
+    for name, m in module.named_modules():
+        if isinstance(m, SwitchableBatchNorm2d):
+            if m.key:
+                m.width = widths[m.key]
+        elif isinstance(m, (SlimConv2d, SlimLinear)):
+            if m.in_key:
+                m.in_width = widths[m.in_key]
+            if m.out_key:
+                m.out_width = widths[m.out_key]
+
+
+# --- one factory per layer kind: slimmable when ``widths`` is given, a plain torch layer otherwise -----
+def conv(cin: int, cout: int, k: int, stride: int = 1, bias: bool = False, widths: Sequence[float] | None = None,
+         in_key: str | None = None, out_key: str | None = None) -> nn.Conv2d:
+    if widths is None:
+        return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=bias)
+    return SlimConv2d(cin, cout, k, stride=stride, padding=k // 2, bias=bias, in_key=in_key, out_key=out_key)
+
+
+def linear(cin: int, cout: int, widths: Sequence[float] | None = None,
+           in_key: str | None = None, out_key: str | None = None) -> nn.Linear:
+    if widths is None:
+        return nn.Linear(cin, cout)
+    return SlimLinear(cin, cout, in_key=in_key, out_key=out_key)
+
+
+def batchnorm(c: int, widths: Sequence[float] | None = None, key: str | None = None) -> nn.Module:
+    return nn.BatchNorm2d(c) if widths is None else SwitchableBatchNorm2d(c, widths, key=key)
