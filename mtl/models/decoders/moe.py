@@ -1,0 +1,119 @@
+"""TaskExpert-style MoE decoder (Ye & Xu, ICCV 2023).
+
+At K chosen backbone stages the features are projected to ``channels`` and N expert MLPs turn every
+token into N task-generic features (stacked weights, one batched matmul for all experts). Each task
+then, per stage and per token, mixes the N expert outputs and its own memory state (the (N+1)-th
+candidate) with a softmax gate, and updates the memory with the mixture; the memory after the last
+stage feeds the task head.
+
+Split for the trainer: ``shared(feats)`` returns, per stage, the projected features and the N expert
+outputs — everything tasks have in common; gates, memories and heads are per task
+(``heads[task]``). The task paths therefore split *at* the representation, so representation-level
+balancers (``balancer.level=features``) see the exact Jacobian of every task loss (docs/training.md).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtl.models.decoders.base import DECODERS
+from mtl.models.decoders.hps import create_head
+from mtl.models.moe import StackedExperts
+from mtl.tasks import Task
+
+MEMORY_UPDATES = ("replace", "average", "gated")
+
+
+def update_memory(rule: str, memory: torch.Tensor, mixed: torch.Tensor, gate_logit: torch.Tensor | None = None) -> torch.Tensor:
+    """``replace``: m' = f; ``average``: m' = (m + f) / 2; ``gated``: m' = σ(a) f + (1 − σ(a)) m."""
+    if rule == "replace":
+        return mixed
+    if rule == "average":
+        return 0.5 * (memory + mixed)
+    if rule == "gated":
+        a = torch.sigmoid(gate_logit)
+        return a * mixed + (1 - a) * memory
+    raise ValueError(f"memory_update must be one of {MEMORY_UPDATES}, got {rule!r}")
+
+
+class TaskExpertPath(nn.Module):
+    """One task's gates (one per stage, over N experts + memory), memory and head."""
+
+    def __init__(self, task: Task, channels: int, num_experts: int, num_stages: int, memory_update: str):
+        super().__init__()
+        self.memory_update = memory_update
+        self.gates = nn.ModuleList(nn.Linear(channels, num_experts + 1) for _ in range(num_stages))
+        self.memory_init = nn.Parameter(torch.zeros(channels))
+        self.update_logit = nn.Parameter(torch.zeros(num_stages, channels)) if memory_update == "gated" else None
+        self.head = create_head(task, channels)
+
+    def mix(self, z: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Final memory (B, HW, D) and each stage's gate weights (B, HW, N+1)."""
+        b, _, d = z[0].shape[:3]
+        memory = self.memory_init.expand(b, z[0].shape[-2] * z[0].shape[-1], d)
+        weights = []
+        for s, zs in enumerate(z):
+            tokens = zs.flatten(3).transpose(2, 3)                     # (B, N+1, T, D)
+            proj, experts = tokens[:, 0], tokens[:, 1:]                # (B, T, D), (B, N, T, D)
+            gate = self.gates[s](proj).softmax(-1)                     # (B, T, N+1)
+            mixed = torch.einsum("btn,bntd->btd", gate[..., :-1], experts) + gate[..., -1:] * memory
+            logit = self.update_logit[s] if self.update_logit is not None else None
+            memory = update_memory(self.memory_update, memory, mixed, logit)
+            weights.append(gate)
+        return memory, weights
+
+    def forward(self, z: list[torch.Tensor], out_size: tuple[int, int]) -> torch.Tensor:
+        memory, _ = self.mix(z)
+        b, _, d = memory.shape
+        return self.head(memory.transpose(1, 2).reshape(b, d, *z[0].shape[-2:]), out_size)
+
+
+@DECODERS.register("moe")
+class TaskExpertDecoder(nn.Module):
+    """``stages``: indices into the backbone's feature list (default: all); features are resized to
+    the finest chosen stage. ``expert_hidden``: each expert's hidden width (default 2 × channels)."""
+
+    def __init__(self, in_channels: list[int], tasks: list[Task], channels: int = 64, num_experts: int = 8,
+                 expert_hidden: int | None = None, stages: list[int] | None = None, memory_update: str = "gated"):
+        super().__init__()
+        if int(num_experts) < 1:
+            raise ValueError(f"decoder moe: num_experts must be >= 1, got {num_experts}")
+        if memory_update not in MEMORY_UPDATES:
+            raise ValueError(f"decoder moe: memory_update must be one of {MEMORY_UPDATES}, got {memory_update!r}")
+        stages = list(range(len(in_channels))) if stages is None else [int(s) for s in stages]
+        if not stages:
+            raise ValueError("decoder moe: stages must name at least one backbone stage")
+        for s in stages:
+            if not 0 <= s < len(in_channels):
+                raise ValueError(f"decoder moe: stage index {s} does not exist; the backbone has {len(in_channels)} "
+                                 f"feature stages (valid: 0..{len(in_channels) - 1})")
+        self.stages, self.num_experts = stages, int(num_experts)
+        self.proj = nn.ModuleList(nn.Conv2d(in_channels[s], channels, 1) for s in stages)
+        self.norm = nn.ModuleList(nn.LayerNorm(channels) for _ in stages)
+        self.experts = nn.ModuleList(StackedExperts(num_experts, channels, expert_hidden or 2 * channels) for _ in stages)
+        self.heads = nn.ModuleDict({t.name: TaskExpertPath(t, channels, num_experts, len(stages), memory_update) for t in tasks})
+
+    def shared(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per stage a (B, N+1, D, H, W) tensor: the projected features, then the N expert outputs."""
+        chosen = [feats[s] for s in self.stages]
+        size = max((f.shape[-2:] for f in chosen), key=lambda hw: hw[0] * hw[1])
+        out = []
+        for f, proj, norm, experts in zip(chosen, self.proj, self.norm, self.experts):
+            p = proj(f)
+            if p.shape[-2:] != size:
+                p = F.interpolate(p, size=size, mode="bilinear", align_corners=False)
+            b, d, h, w = p.shape
+            tokens = norm(p.flatten(2).transpose(1, 2))                            # (B, T, D)
+            e = experts.dense(tokens.reshape(-1, d)).view(self.num_experts, b, h * w, d)
+            stacked = torch.cat([tokens[:, None], e.transpose(0, 1)], dim=1)       # (B, N+1, T, D)
+            out.append(stacked.transpose(2, 3).reshape(b, self.num_experts + 1, d, h, w))
+        return out
+
+    def head(self, task: str, z: list[torch.Tensor], out_size: tuple[int, int]) -> torch.Tensor:
+        return self.heads[task](z, out_size)
+
+    @torch.no_grad()
+    def expert_usage(self, z: list[torch.Tensor], tasks: list[str]) -> dict[str, torch.Tensor]:
+        """Mean gate weight per stage over experts + memory: {task: (stages, N+1)}."""
+        return {t: torch.stack([w.float().mean((0, 1)) for w in self.heads[t].mix(z)[1]]) for t in tasks}
