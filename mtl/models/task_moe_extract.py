@@ -1,0 +1,93 @@
+"""Single-task sub-network of a task-routed MoE ViT: the task's head and routers plus only the experts
+it routes to on calibration batches.
+
+The extracted model keeps each router's full set of E gate outputs, so its softmax over experts is
+the parent's; only the choice of the top k is restricted to the kept experts. Every token whose k
+chosen experts are all kept therefore gets exactly the parent's output — on the calibration batches
+that is every token when ``min_share=0`` (only experts that received no token are dropped).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+
+def _images(calib: Any) -> Iterable[torch.Tensor]:
+    if isinstance(calib, torch.Tensor):
+        yield calib
+        return
+    for batch in calib:
+        x = batch["image"] if isinstance(batch, dict) else batch
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"calib: expected image tensors or batches with an 'image' key, got {type(x).__name__}")
+        yield x
+
+
+@torch.no_grad()
+def route_counts(model, task: str, calib: Any) -> torch.Tensor:
+    """Tokens each expert receives from ``task`` on ``calib``: (MoE layers, E), eval mode."""
+    was_training, was_recording = model.training, model.record_usage
+    saved = model.expert_usage(reset=True)
+    model.eval()
+    model.record_usage = True
+    device = next(model.parameters()).device
+    try:
+        n = 0
+        for x in _images(calib):
+            model(x.to(device), tasks=[task])
+            n += 1
+        if n == 0:
+            raise ValueError("calib: no calibration batch given")
+        return model.expert_usage(reset=True)[task]
+    finally:
+        model._usage = saved
+        model.record_usage = was_recording
+        model.train(was_training)
+
+
+def extract_task(model, task: str, calib: Any, min_share: float = 0.0):
+    """A standalone ``TaskMoEViT`` for ``task``; its ``extraction_report`` says which experts were kept
+    and the share of the task's routed tokens the dropped experts received on ``calib``."""
+    from mtl.models.task_moe_vit import TaskMoEViT
+
+    model._check_tasks([task])
+    if not 0.0 <= float(min_share) < 1.0:
+        raise ValueError(f"min_share must be in [0, 1), got {min_share}")
+    counts = route_counts(model, task, calib).float()
+    k = int(model._moe["top_k"])
+    kept, dropped_share = [], []
+    for layer, (moe, c) in enumerate(zip(model.moe_modules(), counts)):
+        ids = moe.expert_ids.tolist()
+        share = c / c.sum().clamp_min(1)
+        keep = [e for e in ids if share[e] > min_share]
+        if len(keep) < k:  # a router must be able to pick k experts: keep the k most used
+            keep = sorted(sorted(ids, key=lambda e: -float(share[e]))[:k])
+        kept.append(keep)
+        dropped_share.append(float(sum(share[e] for e in ids if e not in keep)))
+    cfg = model.config
+    cfg["tasks"] = [model.tasks[task].to_config()]
+    cfg["moe"]["experts_kept"] = kept
+    sub = TaskMoEViT.from_config(cfg).to(next(model.parameters()).device)
+    parent = model.state_dict()
+    state = {}
+    for name, target in sub.state_dict().items():
+        src = parent[name]
+        if src.shape != target.shape:  # stacked expert weights: keep the rows of the kept experts
+            layer = model.moe_layers.index(int(name.split(".")[1]))
+            rows = [model.moe_modules()[layer].expert_ids.tolist().index(e) for e in kept[layer]]
+            src = src[rows]
+        state[name] = src.clone()
+    sub.load_state_dict(state)
+    n_all = sum(len(m.expert_ids) for m in model.moe_modules())
+    sub.extraction_report = {
+        "task": task,
+        "min_share": float(min_share),
+        "calibration_tokens_per_layer": int(counts[0].sum().item()) // k if len(counts) else 0,
+        "experts_kept": kept,
+        "experts_kept_total": sum(map(len, kept)),
+        "experts_total": n_all,
+        "dropped_token_share": dropped_share,
+        "dropped_token_share_max": max(dropped_share, default=0.0),
+    }
+    return sub.train(model.training)

@@ -1,0 +1,260 @@
+"""Task-routed MoE ViT (M3ViT, Liang et al., NeurIPS 2022): a small ViT whose every ``moe.every``-th
+block (by default every second) replaces its MLP with E experts and top-k routing conditioned on the
+task, either by one gate per task or by one gate that sees a learned task embedding.
+
+The backbone is task-conditioned, so ``forward(x, tasks)`` runs it once per requested task (the blocks
+before the first MoE layer are computed once and shared); all tasks' tokens go through one sparse
+dispatch per MoE layer. ``forward(x, tasks=[t])`` runs only task t's routed experts.
+
+Training extras reach the trainer through two hooks: ``aux_loss()`` ({task: loss}, load balance
+cv²(importance) + cv²(load) weighted by ``balance_weight`` plus the optional Mod-Squad task–expert
+mutual-information term) and ``shared_representation = False`` (no single tensor every head reads,
+so representation-level balancers refuse; the aux losses reach the shared weights directly).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Mlp
+from timm.models.vision_transformer import Attention
+from torch import nn
+
+from mtl.models.decoders.hps import create_head
+from mtl.models.families import MODELS
+from mtl.models.moe import StackedExperts, TopKRouter, check_top_k, task_expert_mutual_information
+from mtl.tasks import Task, create_task
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+GATES = ("per_task", "task_embedding")
+VIT_DEFAULTS = {"img_size": 64, "patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3, "mlp_ratio": 4.0}
+MOE_DEFAULTS = {"num_experts": 16, "top_k": 4, "expert_hidden": None, "every": 2, "gate": "per_task",
+                "renormalize": True, "noisy": True, "balance_weight": 0.01, "mi_weight": 0.0, "experts_kept": None}
+
+
+class TaskMoE(nn.Module):
+    """E stacked expert MLPs shared by all tasks, task-conditioned top-k routers, sparse dispatch."""
+
+    def __init__(self, dim: int, tasks: Sequence[str], num_experts: int, top_k: int, expert_hidden: int, gate: str,
+                 renormalize: bool, noisy: bool, kept: Sequence[int] | None = None):
+        super().__init__()
+        kept = list(range(num_experts)) if kept is None else [int(e) for e in kept]
+        check_top_k(top_k, len(kept))
+        self.num_experts, self.top_k, self.gate_kind = int(num_experts), int(top_k), gate
+        self.register_buffer("expert_ids", torch.tensor(kept, dtype=torch.long), persistent=False)
+        self.experts = StackedExperts(len(kept), dim, expert_hidden)
+        make = lambda: TopKRouter(dim, num_experts, top_k, renormalize, noisy)  # noqa: E731
+        if gate == "per_task":
+            self.routers = nn.ModuleDict({t: make() for t in tasks})
+        else:
+            self.router = make()
+            self.task_embed = nn.ParameterDict({t: nn.Parameter(torch.zeros(dim)) for t in tasks})
+        self.stats: dict[str, dict[str, torch.Tensor]] = {}
+
+    def route(self, task: str, h: torch.Tensor):
+        if self.gate_kind == "per_task":
+            return self.routers[task](h, self._selectable())
+        return self.router(h + self.task_embed[task], self._selectable())
+
+    def _selectable(self) -> torch.Tensor | None:
+        return None if len(self.expert_ids) == self.num_experts else self.expert_ids
+
+    def forward(self, h: torch.Tensor, tasks: Sequence[str]) -> torch.Tensor:
+        """``h``: (T·B, N, D), task-major (rows of task i are the i-th block of B)."""
+        shape = h.shape
+        chunks = h.reshape(len(tasks), -1, shape[-1])
+        index, weight, self.stats = [], [], {}
+        for task, tokens in zip(tasks, chunks):
+            r = self.route(task, tokens)
+            index.append(r.index)
+            weight.append(r.weight)
+            self.stats[task] = {"balance": r.balance, "mean_probs": r.probs.mean(0),
+                                "counts": torch.bincount(self.expert_ids[r.index].flatten(), minlength=self.num_experts).detach()}
+        flat = chunks.reshape(-1, shape[-1])
+        return self.experts.sparse(flat, torch.cat(index), torch.cat(weight)).view(shape)
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, moe: TaskMoE | None = None):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias=True)
+        self.mlp = moe if moe is not None else Mlp(dim, mlp_hidden)
+        self.is_moe = moe is not None
+
+    def forward(self, x: torch.Tensor, tasks: Sequence[str]) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + (self.mlp(self.norm2(x), tasks) if self.is_moe else self.mlp(self.norm2(x)))
+
+
+@MODELS.register("task_moe_vit")
+class TaskMoEViT(nn.Module):
+    """``TaskMoEViT(tasks, backbone={...ViT sizes...}, moe={...})``; see VIT_DEFAULTS / MOE_DEFAULTS."""
+
+    shared_representation = False
+
+    def __init__(self, tasks: Sequence[Task], backbone: dict[str, Any] | None = None, moe: dict[str, Any] | None = None,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+        super().__init__()
+        if not tasks:
+            raise ValueError("a TaskMoEViT needs at least one task")
+        self.tasks = {t.name: t for t in tasks}
+        if len(self.tasks) != len(tasks):
+            raise ValueError(f"task names must be unique, got {[t.name for t in tasks]}")
+        self._vit = _merge_known(VIT_DEFAULTS, backbone, "backbone")
+        self._vit.pop("name", None)
+        self._moe = _merge_known(MOE_DEFAULTS, moe, "moe")
+        v, m = self._vit, self._moe
+        dim, depth, heads, every = int(v["embed_dim"]), int(v["depth"]), int(v["num_heads"]), int(m["every"])
+        if dim % heads:
+            raise ValueError(f"backbone.embed_dim={dim} is not divisible by backbone.num_heads={heads}")
+        if int(v["img_size"]) % int(v["patch_size"]):
+            raise ValueError(f"backbone.img_size={v['img_size']} is not divisible by backbone.patch_size={v['patch_size']}")
+        if every < 1:
+            raise ValueError(f"moe.every must be >= 1, got {every}")
+        if m["gate"] not in GATES:
+            raise ValueError(f"moe.gate must be one of {GATES}, got {m['gate']!r}")
+        n_exp, mlp_hidden = int(m["num_experts"]), int(dim * float(v["mlp_ratio"]))
+        check_top_k(int(m["top_k"]), n_exp)
+        expert_hidden = m["expert_hidden"]
+        if expert_hidden is None:  # the dense MLP split into E experts: same parameters, k/E of its FLOPs
+            if mlp_hidden % n_exp:
+                raise ValueError(f"moe.num_experts={n_exp} does not divide the MLP hidden size {mlp_hidden} "
+                                 "(embed_dim x mlp_ratio); change num_experts or set moe.expert_hidden")
+            expert_hidden = mlp_hidden // n_exp
+        self.moe_layers = [i for i in range(depth) if i % every == every - 1]
+        kept = m["experts_kept"] or [None] * len(self.moe_layers)
+        if len(kept) != len(self.moe_layers):
+            raise ValueError(f"moe.experts_kept has {len(kept)} entries, the model has {len(self.moe_layers)} MoE layers")
+        grid = int(v["img_size"]) // int(v["patch_size"])
+        self.patch_embed = nn.Conv2d(3, dim, int(v["patch_size"]), stride=int(v["patch_size"]))
+        self.pos_embed = nn.Parameter(torch.randn(1, dim, grid, grid) * 0.02)
+        names = list(self.tasks)
+        moes = iter(kept)
+        self.blocks = nn.ModuleList(
+            Block(dim, heads, mlp_hidden, TaskMoE(dim, names, n_exp, int(m["top_k"]), int(expert_hidden), m["gate"],
+                                                  bool(m["renormalize"]), bool(m["noisy"]), next(moes))
+                  if i in self.moe_layers else None)
+            for i in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.task_heads = nn.ModuleDict({t.name: create_head(t, dim) for t in tasks})
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.record_usage = False
+        self._usage: dict[str, torch.Tensor] = {}
+
+    # --- config round trip -----------------------------------------------------------------
+    @property
+    def config(self) -> dict[str, Any]:
+        return {"family": "task_moe_vit", "tasks": [t.to_config() for t in self.tasks.values()],
+                "backbone": copy.deepcopy(self._vit), "moe": copy.deepcopy(self._moe),
+                "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> "TaskMoEViT":
+        tasks = [create_task(**dict(t)) for t in cfg["tasks"]]
+        return cls(tasks, cfg.get("backbone"), cfg.get("moe"), cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
+
+    # --- forward ----------------------------------------------------------------------------
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            return (x.float().div_(255.0) - self.mean) / self.std
+        return x
+
+    def encode(self, x: torch.Tensor, tasks: Sequence[str]) -> dict[str, torch.Tensor]:
+        """{task: (B, D, h, w) token map} after the task-conditioned backbone."""
+        f = self.patch_embed(self.normalize(x))
+        b, d, h, w = f.shape
+        pos = self.pos_embed if self.pos_embed.shape[-2:] == (h, w) else \
+            F.interpolate(self.pos_embed, size=(h, w), mode="bicubic", align_corners=False)
+        tok = (f + pos).flatten(2).transpose(1, 2)
+        first = self.moe_layers[0] if self.moe_layers else len(self.blocks)
+        for blk in self.blocks[:first]:  # task-independent prefix: once for all tasks
+            tok = blk(tok, tasks)
+        tok = tok.repeat(len(tasks), 1, 1)
+        for blk in self.blocks[first:]:
+            tok = blk(tok, tasks)
+        if self.record_usage:
+            self._record(tasks)
+        maps = self.norm(tok).transpose(1, 2).reshape(len(tasks), b, d, h, w)
+        return dict(zip(tasks, maps))
+
+    def shared(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every task's backbone output (per task: the backbone is task-conditioned)."""
+        return self.encode(x, list(self.tasks))
+
+    def heads(self, z: dict[str, torch.Tensor], out_size: tuple[int, int], tasks: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        return {t: self.task_heads[t](z[t], out_size) for t in self._check_tasks(tasks)}
+
+    def forward(self, x: torch.Tensor, tasks: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        names = self._check_tasks(tasks)
+        return self.heads(self.encode(x, names), tuple(x.shape[-2:]), names)
+
+    def _check_tasks(self, tasks: Iterable[str] | None) -> list[str]:
+        if tasks is None:
+            return list(self.tasks)
+        names = [tasks] if isinstance(tasks, str) else list(tasks)
+        unknown = [t for t in names if t not in self.tasks]
+        if unknown:
+            raise KeyError(f"unknown task(s) {unknown}; this model has: {', '.join(self.tasks)}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"tasks repeated: {names}")
+        return names
+
+    # --- MoE bookkeeping ----------------------------------------------------------------------
+    def moe_modules(self) -> list[TaskMoE]:
+        return [self.blocks[i].mlp for i in self.moe_layers]
+
+    def aux_loss(self) -> dict[str, torch.Tensor]:
+        """Per task: balance_weight × Σ_layers cv²(importance) + cv²(load), minus mi_weight × the
+        task–expert mutual information shared equally by the tasks of the last forward."""
+        layers = [m.stats for m in self.moe_modules() if m.stats]
+        if not layers or not torch.is_grad_enabled():
+            return {}
+        bw, mw = float(self._moe["balance_weight"]), float(self._moe["mi_weight"])
+        tasks = list(layers[0])
+        out = {t: bw * sum(s[t]["balance"] for s in layers) for t in tasks}
+        if mw and len(tasks) > 1:
+            mi = sum(task_expert_mutual_information(torch.stack([s[t]["mean_probs"] for t in tasks])) for s in layers)
+            out = {t: v - mw * mi / len(tasks) for t, v in out.items()}
+        return out
+
+    def _record(self, tasks: Sequence[str]) -> None:
+        for t in tasks:
+            counts = torch.stack([m.stats[t]["counts"] for m in self.moe_modules()]).cpu()
+            self._usage[t] = self._usage.get(t, 0) + counts
+
+    def expert_usage(self, reset: bool = False) -> dict[str, torch.Tensor]:
+        """Tokens routed to each expert, {task: (moe layers, E)}, since the last reset."""
+        out = dict(self._usage)
+        if reset:
+            self._usage = {}
+        return out
+
+    # --- parameter groups -------------------------------------------------------------------
+    def task_parameters(self, task: str) -> list[nn.Parameter]:
+        own = list(self.task_heads[task].parameters())
+        for m in self.moe_modules():
+            own += list(m.routers[task].parameters()) if m.gate_kind == "per_task" else [m.task_embed[task]]
+        return [p for p in own if p.requires_grad]
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        own = {id(p) for t in self.tasks for p in self.task_parameters(t)}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in own]
+
+    # --- single-task extraction ---------------------------------------------------------------
+    def extract_subnetwork(self, task: str, calib: Any, min_share: float = 0.0) -> "TaskMoEViT":
+        from mtl.models.task_moe_extract import extract_task
+
+        return extract_task(self, task, calib, min_share)
+
+
+def _merge_known(defaults: dict[str, Any], given: dict[str, Any] | None, where: str) -> dict[str, Any]:
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(defaults) - {"name"})
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {', '.join(defaults)}")
+    return {**defaults, **given}
