@@ -1,10 +1,12 @@
-"""Training-free model merging over `{name: tensor}` state dicts (DESIGN §4).
+"""Model merging over `{name: tensor}` state dicts.
 
     merging.task_vector(pretrained, finetuned)
     merging.merge(method, pretrained, finetuned, **hparams) -> dict[str, Tensor]
     merging.merge_to_file(method, pretrained, finetuned, out, overwrite=False, **hparams)
     merging.tall_masks(pretrained, finetuned, lam=0.4, mtv="sum") -> TallMasks
     merging.write_tall_store(...) / merging.load_task_model(store, task) / merging.store_report(store)
+    merging.learn("adamerging" | "atlas" | "concrete_ta" | "concrete_adamerging", pretrained, finetuned,
+                  unlabeled={task: batches}, **hparams) -> LearnedMerge (learned at test time)
 
 Inputs are state dicts, `nn.Module`s, model folders (`model.safetensors` inside), `.safetensors` files
 or torch checkpoints; they are never modified. See docs/merging.md.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 from .api import merge
 from .keys import KeyPlan, plan_keys
+from .learned import LEARNED_METHODS, LearnedMerge, learn
 from .methods import METHODS, create_method, dare, dare_mask
 from .selection import keep_count, radix_thresholds
 from .sources import MergeInputError, StateSource, load_state_dict, open_source
@@ -42,5 +45,5 @@ __all__ = [
     "tall_masks", "TallMasks", "mask_overlap", "write_tall_store", "load_task_model", "store_report",
     "open_store", "TallStore", "open_source", "load_state_dict", "StateSource", "MergeInputError",
     "plan_keys", "KeyPlan", "create_method", "METHODS", "keep_count", "radix_thresholds",
-    "plot_task_accuracy", "plot_mask_overlap",
+    "plot_task_accuracy", "plot_mask_overlap", "learn", "LearnedMerge", "LEARNED_METHODS",
 ]

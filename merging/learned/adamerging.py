@@ -1,0 +1,83 @@
+"""AdaMerging (Yang et al., ICLR 2024): θ = θ0 + Σ_t λ_t τ_t, λ learned by test-time entropy minimisation.
+
+`granularity="task"`: one λ_t per task vector; `"layer"`: one λ per merged tensor and task. The same
+coefficient learner serves aTLAS (one coefficient per parameter block, `atlas.py`) and the inner
+problem of Concrete subspace merging (`concrete.py`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .layout import Layout
+from .loop import Callback, Objective, Progress, check_finite, mean, step_gradients
+from .problem import MergeProblem
+
+__all__ = ["CoefficientLearner", "Trace"]
+
+
+@dataclass
+class Trace:
+    """What happened per step: the objective (per task and summed) and any callback metrics."""
+
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, step: int, losses: dict[str, float], extra: dict[str, float] | None = None, phase: str = "") -> None:
+        row: dict[str, Any] = {"step": step, "objective": sum(losses.values()), "per_task": losses}
+        if phase:
+            row["phase"] = phase
+        if extra:
+            row.update(extra)
+        self.steps.append(row)
+
+
+class CoefficientLearner:
+    """Adam on a (rows, T) coefficient matrix; rows not in `learn_rows` and columns in `frozen_cols` stay put."""
+
+    def __init__(self, problem: MergeProblem, layout: Layout, init: float = 0.3, lr: float = 1e-3,
+                 clamp: bool = False, learn_rows: list[int] | None = None, frozen_cols: list[int] | None = None):
+        if not 0 < lr < float("inf"):
+            raise ValueError(f"lr must be positive and finite, got {lr}")
+        self.problem, self.layout, self.clamp = problem, layout, bool(clamp)
+        self.coef = torch.full((layout.rows, problem.T), float(init), device=problem.device, requires_grad=True)
+        keep = torch.zeros(layout.rows, problem.T, dtype=torch.bool, device=problem.device)
+        keep[learn_rows if learn_rows is not None else slice(None)] = True
+        if frozen_cols:
+            keep[:, frozen_cols] = False
+        self.keep = keep
+        self.opt = torch.optim.Adam([self.coef], lr=lr)
+
+    def merged(self, mask: dict[str, torch.Tensor] | None = None, detach: bool = False) -> dict[str, torch.Tensor]:
+        coef = self.coef.detach() if detach else self.coef
+        return self.problem.merged(coef, self.layout.group_of, mask)
+
+    def apply_step(self, step: int) -> None:
+        if self.coef.grad is not None:
+            self.coef.grad.mul_(self.keep)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            if self.clamp:
+                self.coef.clamp_(0.0, 1.0)
+        check_finite(self.coef, self.layout.groups, self.problem.vector_names, step)
+
+    def run(self, objective: Objective, frozen: dict[str, torch.Tensor], steps: int, trace: Trace,
+            label: str, progress: bool = True, callback: Callback | None = None, callback_every: int = 0,
+            mask: dict[str, torch.Tensor] | None = None, phase: str = "") -> None:
+        bar = Progress(label, steps, progress)
+        for step in range(1, steps + 1):
+            losses = step_gradients(self.problem, self.merged(mask), objective, frozen)
+            self.apply_step(step)
+            extra = None
+            if callback is not None and callback_every and (step % callback_every == 0 or step == steps):
+                with torch.no_grad():
+                    extra = dict(callback(step, self.merged(mask, detach=True)) or {})
+            trace.add(step, losses, extra, phase)
+            bar.update(step, mean(losses) * len(losses))
+
+    def values(self) -> torch.Tensor:
+        """(T,) for task granularity, else (rows, T); detached, on the CPU."""
+        c = self.coef.detach().cpu().clone()
+        return c[0] if self.layout.granularity == "task" else c

@@ -1,0 +1,219 @@
+"""`merging.learn(method, pretrained, finetuned, unlabeled=...)`: learned merges at test time.
+
+    res = merging.learn("adamerging", "zoo/pre", ["zoo/mnist", "zoo/digits"], unlabeled={"mnist": batches, ...})
+    res.state_dict        # merged shared weights (what merging.merge returns)
+    res.coefficients      # (T,) task-wise, (tensors, T) layer-wise, (blocks, T) aTLAS
+    res.mask              # Concrete: {tensor: bool mask shared by all tasks}
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+
+from .adamerging import CoefficientLearner, Trace
+from .concrete import ConcreteMask
+from .layout import make_layout
+from .loop import Objective
+from .objective import has_entropy
+from .problem import MergeProblem, build_problem
+
+log = logging.getLogger("merging.learned")
+
+__all__ = ["LEARNED_METHODS", "LearnedMerge", "learn", "method_defaults"]
+
+_COMMON = dict(steps=300, lr=1e-3, seed=0)
+_COEF = dict(init=0.3, clamp=False)
+_MASK = dict(temperature=0.5, initial_logits=0.0, threshold=0.5)
+
+#: method -> its hyperparameters and their defaults
+LEARNED_METHODS: dict[str, dict[str, Any]] = {
+    "adamerging": {**_COMMON, **_COEF, "granularity": "layer"},
+    "atlas": {**_COMMON, **_COEF, "blocks": "tensor", "learn_blocks": None, "objective": "entropy"},
+    "concrete_ta": {**_COMMON, **_MASK, "lam": 0.3},
+    "concrete_adamerging": {**_COMMON, **_COEF, **_MASK, "granularity": "layer", "coef_lr": 1e-3,
+                            "inner_steps": 1, "final_steps": 300},
+}
+
+
+def method_defaults(method: str) -> dict[str, Any]:
+    if method not in LEARNED_METHODS:
+        raise ValueError(f"unknown learned merge method {method!r}; valid: {', '.join(LEARNED_METHODS)}")
+    return dict(LEARNED_METHODS[method])
+
+
+@dataclass
+class LearnedMerge:
+    """The result of a learned merge.
+
+    `coefficients`: (T,) for task granularity, else (rows, T) with `groups` naming the rows (tensor
+    or block names) and `tasks` the columns (one per fine-tuned model). Concrete with task arithmetic
+    has a single fixed λ (T,). `mask`: the thresholded shared mask, `mask_probability` σ(logits).
+    `history`: one row per step (objective per task, callback metrics).
+    """
+
+    method: str
+    state_dict: dict[str, torch.Tensor]
+    coefficients: torch.Tensor
+    groups: list[str]
+    tasks: list[str]
+    granularity: str
+    hparams: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    mask: dict[str, torch.Tensor] | None = None
+    mask_probability: dict[str, torch.Tensor] | None = None
+    excluded_tasks: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        c = self.coefficients.reshape(-1, len(self.tasks))
+        out: dict[str, Any] = {
+            "method": self.method, "granularity": self.granularity, "hparams": self.hparams,
+            "tasks": self.tasks, "rows": self.groups, "shape": list(self.coefficients.shape),
+            "per_task": {t: {"mean": float(c[:, i].mean()), "min": float(c[:, i].min()), "max": float(c[:, i].max())}
+                         for i, t in enumerate(self.tasks)},
+            "excluded_from_objective": self.excluded_tasks,
+            "steps": len(self.history),
+            "objective": {"first": self.history[0]["objective"], "last": self.history[-1]["objective"]} if self.history else None,
+        }
+        if self.mask is not None:
+            kept = sum(int(m.sum()) for m in self.mask.values())
+            total = sum(m.numel() for m in self.mask.values())
+            out["mask"] = {"kept_fraction": kept / total, "per_tensor": {k: float(m.float().mean()) for k, m in self.mask.items()}}
+        return out
+
+    def save(self, folder: str | Path) -> Path:
+        """coefficients.safetensors (`coefficients`, `mask/<tensor>` as uint8) + coefficients.json."""
+        from safetensors.torch import save_file
+
+        from mtl.io import atomic_path, write_json
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {"coefficients": self.coefficients.contiguous()}
+        for k, m in (self.mask or {}).items():
+            tensors[f"mask/{k}"] = m.to(torch.uint8).cpu().contiguous()
+        with atomic_path(folder / "coefficients.safetensors") as tmp:
+            save_file(tensors, str(tmp))
+        write_json(folder / "coefficients.json", {**self.summary(), "history": self.history})
+        return folder
+
+
+def _objective_tasks(problem: MergeProblem, supervised: bool) -> tuple[list[str], list[str], list[int]]:
+    """Tasks in the objective, tasks left out (no entropy), fine-tuned models whose λ stay fixed."""
+    if supervised:
+        return problem.tasks, [], []
+    use = [t for t in problem.tasks if has_entropy(problem.task_kinds.get(t))]
+    out = [t for t in problem.tasks if t not in use]
+    if out:
+        log.warning("entropy objective: task(s) %s have regression-like heads (%s) with no predictive "
+                    "distribution; they are left out of the objective", out,
+                    ", ".join(str(problem.task_kinds.get(t)) for t in out))
+    if not use:
+        raise ValueError(f"no task has an entropy objective: {out} are regression-like heads; "
+                         "use objective='supervised' with labeled=... (aTLAS) or a training-free merge")
+    frozen = [i for i, ts in enumerate(problem.vector_tasks) if not any(t in use for t in ts)]
+    if frozen:
+        log.warning("coefficients of %s stay at their initial value (no task of theirs is in the objective)",
+                    [problem.vector_names[i] for i in frozen])
+    return use, out, frozen
+
+
+def _full_state(pretrained, finetuned, merged: dict[str, torch.Tensor], key_options) -> dict[str, torch.Tensor]:
+    """Every key a training-free merge returns (buffers copied from θ0 etc.), with the learned tensors in."""
+    from ..api import merge
+
+    base = merge("task_arithmetic", pretrained, finetuned, lam=0.0, **key_options)
+    for k, v in merged.items():
+        base[k] = v.detach().to("cpu", base[k].dtype).clone()
+    return base
+
+
+def learn(method: str, pretrained, finetuned, *, unlabeled: Mapping[str, Iterable] | None = None,
+          labeled: Mapping[str, Iterable] | None = None, model: torch.nn.Module | None = None,
+          tasks: list[str] | None = None, device: str | torch.device = "cpu", progress: bool = True,
+          callback: Callable | None = None, callback_every: int = 0, **kwargs: Any) -> LearnedMerge:
+    """Learn a merge of `finetuned` into `pretrained` at test time; see docs/merging.md (Learned merging).
+
+    `unlabeled`: {task: iterable of input batches} — required (aTLAS with `objective="supervised"`
+    takes `labeled={task: iterable of (x, y)}` instead). `model`: a module with ``forward(x,
+    tasks=[t])`` when the inputs are not model folders; `tasks`: its task name per fine-tuned model.
+    `callback(step, merged_state)` runs every `callback_every` steps and may return metrics to record.
+    Other keyword arguments: the method's hyperparameters (`method_defaults(method)`) and the key
+    options of `merging.merge` (`include`, `exclude`, `task_keys`, `bn`, ...).
+    """
+    hp = method_defaults(method)
+    key_options = {k: kwargs.pop(k) for k in ("include", "exclude", "task_keys", "unshared", "bn", "check_finite")
+                   if k in kwargs}
+    unknown = sorted(set(kwargs) - set(hp))
+    if unknown:
+        raise TypeError(f"{method}: unknown hyperparameter(s) {', '.join(unknown)}; valid: {', '.join(hp)}")
+    hp.update(kwargs)
+    supervised = hp.get("objective", "entropy") == "supervised"
+    if hp.get("objective", "entropy") not in ("entropy", "supervised"):
+        raise ValueError(f"objective must be 'entropy' or 'supervised', got {hp['objective']!r}")
+    if supervised and labeled is None:
+        raise ValueError("objective='supervised' needs labeled={task: iterable of (inputs, targets)} (k shots per task)")
+    if not supervised and unlabeled is None:
+        raise ValueError(f"{method} learns at test time from unlabeled data: pass unlabeled={{task: iterable of input batches}}")
+    if int(hp["steps"]) < 0:
+        raise ValueError(f"steps must be ≥ 0, got {hp['steps']}")
+    for k in ("init", "lam"):
+        if k in hp and not torch.isfinite(torch.tensor(float(hp[k]))):
+            raise ValueError(f"{k} must be finite, got {hp[k]}")
+
+    problem = build_problem(pretrained, finetuned, model=model, tasks=tasks, device=device, **key_options)
+    obj_tasks, excluded, frozen_cols = _objective_tasks(problem, supervised)
+    given = labeled if supervised else unlabeled
+    extra = sorted(set(given) - set(problem.tasks))
+    if extra:
+        raise ValueError(f"{'labeled' if supervised else 'unlabeled'} names task(s) {extra} that no fine-tuned "
+                         f"model has; tasks: {problem.tasks}")
+    objective = Objective(problem, obj_tasks, unlabeled, labeled, supervised)
+    frozen = {n: p.detach() for n, p in problem.model.named_parameters() if n not in problem.theta0}
+    torch.manual_seed(int(hp["seed"]))
+    trace = Trace()
+    steps = int(hp["steps"])
+    granularity = hp.get("granularity", "block" if method == "atlas" else "task")
+    layout = make_layout(problem.keys, granularity, hp.get("blocks", "tensor"))
+    cb = dict(callback=callback, callback_every=int(callback_every))
+
+    mask = probs = None
+    if method in ("adamerging", "atlas"):
+        rows = layout.select(hp.get("learn_blocks"))
+        learner = CoefficientLearner(problem, layout, hp["init"], hp["lr"], hp["clamp"], rows, frozen_cols)
+        learner.run(objective, frozen, steps, trace, method, progress, **cb)
+        merged = learner.merged(detach=True)
+        coef = learner.values()
+    else:
+        if method == "concrete_ta":
+            inner = None
+            lam = torch.full((1, problem.T), float(hp["lam"]), device=problem.device)
+            coefficients = lambda: lam  # noqa: E731
+            group_of = {k: 0 for k in problem.keys}
+        else:
+            inner = CoefficientLearner(problem, layout, hp["init"], hp["coef_lr"], hp["clamp"], None, frozen_cols)
+            coefficients = lambda: inner.coef  # noqa: E731
+            group_of = layout.group_of
+        cm = ConcreteMask(problem, hp["temperature"], hp["initial_logits"], hp["lr"], hp["seed"])
+        cm.run(objective, frozen, steps, trace, method, coefficients, inner, int(hp.get("inner_steps", 1)), progress)
+        mask, probs = cm.hard(hp["threshold"]), cm.probabilities()
+        fmask = {k: m.to(problem.theta0[k].dtype) for k, m in mask.items()}
+        if inner is not None:
+            inner.run(objective, frozen, int(hp["final_steps"]), trace, f"{method} (λ on the final mask)",
+                      progress, mask=fmask, phase="coefficients", **cb)
+            coef = inner.values()
+        else:
+            coef = lam[0].cpu().clone()
+            layout = make_layout(problem.keys, "task")
+        with torch.no_grad():
+            merged = problem.merged(coefficients().detach(), group_of, fmask)
+        mask = {k: m.cpu() for k, m in mask.items()}
+        probs = {k: p.cpu() for k, p in probs.items()}
+
+    state = _full_state(pretrained, finetuned, merged, key_options)
+    hparams = {k: v for k, v in hp.items()}
+    return LearnedMerge(method, state, coef, layout.groups, list(problem.vector_names), layout.granularity, hparams,
+                        trace.steps, mask, probs, excluded)

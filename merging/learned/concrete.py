@@ -1,0 +1,75 @@
+"""Concrete subspace merging (Tang et al. 2023): a shared mask over the task vectors, learned bi-level.
+
+    θ(m, λ) = θ0 + Σ_t λ_t (m ⊙ τ_t)          m: one mask for all tasks, same shape as the weights
+
+The mask is relaxed with the Concrete (Gumbel-sigmoid) distribution: with logits s and u ~ U(0, 1),
+m = σ((s + log u − log(1 − u)) / temperature) lies in [0, 1] and is differentiable in s. Outer
+problem: minimise the entropy of the merged model's predictions over s. Inner problem: the merge
+given the mask — task arithmetic with a fixed λ (`concrete_ta`), or AdaMerging's λ
+(`concrete_adamerging`, first-order: each outer step is preceded by `inner_steps` λ updates on the
+same sampled mask, and after the mask is final AdaMerging runs `final_steps` more on it). The final
+mask is thresholded: m = 1[σ(s) > threshold].
+"""
+from __future__ import annotations
+
+import torch
+
+from .loop import Objective, Progress, check_finite, mean, step_gradients
+from .problem import MergeProblem
+
+__all__ = ["ConcreteMask"]
+
+
+class ConcreteMask:
+    def __init__(self, problem: MergeProblem, temperature: float = 0.5, initial_logits: float = 0.0,
+                 lr: float = 1e-3, seed: int = 0):
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.problem, self.temperature = problem, float(temperature)
+        self.logits = {k: torch.full_like(v, float(initial_logits), requires_grad=True)
+                       for k, v in problem.theta0.items()}
+        self.opt = torch.optim.Adam(list(self.logits.values()), lr=lr)
+        self.gen = torch.Generator(device=problem.device).manual_seed(int(seed))
+
+    def sample(self) -> dict[str, torch.Tensor]:
+        """A relaxed mask in [0, 1], differentiable in the logits (one Gumbel-sigmoid draw per entry)."""
+        out = {}
+        for k, s in self.logits.items():
+            u = torch.rand(s.shape, generator=self.gen, device=s.device, dtype=s.dtype).clamp_(1e-6, 1 - 1e-6)
+            out[k] = torch.sigmoid((s + torch.log(u) - torch.log1p(-u)) / self.temperature)
+        return out
+
+    def probabilities(self) -> dict[str, torch.Tensor]:
+        return {k: torch.sigmoid(s.detach()) for k, s in self.logits.items()}
+
+    def hard(self, threshold: float = 0.5) -> dict[str, torch.Tensor]:
+        """The final binary mask: σ(s) > threshold."""
+        return {k: p > threshold for k, p in self.probabilities().items()}
+
+    def apply_step(self, step: int) -> None:
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        for k, s in self.logits.items():
+            if not torch.isfinite(s).all():
+                check_finite(s.detach().reshape(-1, 1), [k], ["(shared mask)"], step, what="mask logit")
+
+    def run(self, objective: Objective, frozen, steps: int, trace, label: str, coefficients,
+            inner=None, inner_steps: int = 1, progress: bool = True) -> None:
+        """`coefficients()` gives the current (rows, T) coefficients; `inner` (a CoefficientLearner) is
+        updated `inner_steps` times per outer step on the same mask draw, with the mask held fixed."""
+        bar = Progress(label, steps, progress)
+        for step in range(1, steps + 1):
+            m = self.sample()
+            if inner is not None:
+                fixed = {k: v.detach() for k, v in m.items()}
+                for _ in range(inner_steps):
+                    step_gradients(self.problem, inner.merged(fixed), objective, frozen)
+                    inner.apply_step(step)
+            merged = self.problem.merged(coefficients().detach(), inner.layout.group_of if inner else {k: 0 for k in m}, m)
+            losses = step_gradients(self.problem, merged, objective, frozen)
+            self.apply_step(step)
+            with torch.no_grad():
+                density = float(sum(float(p.sum()) for p in self.probabilities().values())
+                                / sum(p.numel() for p in self.logits.values()))
+            trace.add(step, losses, {"mask_mean_probability": density}, "mask")
+            bar.update(step, mean(losses) * len(losses), f" mask p̄ {density:.3f}")

@@ -1,0 +1,76 @@
+"""Coefficient layouts: which merged tensors share a coefficient row.
+
+| granularity | rows | shape of the coefficients |
+|---|---|---|
+| `task` | one row for the whole model | (T,) |
+| `layer` | one row per merged tensor (AdaMerging's "layer-wise") | (tensors, T) |
+| `block` | one row per parameter block (aTLAS); `blocks="tensor"` (each weight / bias, as in the paper), `"module"` (tensors of one module share a row) or `{name: regex}` | (blocks, T) |
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+__all__ = ["GRANULARITIES", "Layout", "make_layout"]
+
+GRANULARITIES = ("task", "layer", "block")
+
+
+@dataclass
+class Layout:
+    granularity: str
+    groups: list[str]
+    group_of: dict[str, int]
+
+    @property
+    def rows(self) -> int:
+        return len(self.groups)
+
+    def shape(self, T: int) -> tuple[int, ...]:
+        return (T,) if self.granularity == "task" else (self.rows, T)
+
+    def select(self, patterns: Sequence[str] | str | None) -> list[int]:
+        """Rows whose name matches any regex in `patterns` (all rows for None); an unmatched pattern is an error."""
+        if patterns is None:
+            return list(range(self.rows))
+        pats = [patterns] if isinstance(patterns, str) else list(patterns)
+        rows: set[int] = set()
+        for p in pats:
+            rx = re.compile(p)
+            hit = [i for i, g in enumerate(self.groups) if rx.search(g)]
+            if not hit:
+                some = ", ".join(self.groups[:6]) + (", ..." if self.rows > 6 else "")
+                raise ValueError(f"learn_blocks: {p!r} matches no {self.granularity} (there are {self.rows}: {some})")
+            rows.update(hit)
+        return sorted(rows)
+
+
+def make_layout(keys: Sequence[str], granularity: str, blocks: str | Mapping[str, str] = "tensor") -> Layout:
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown granularity {granularity!r}; valid: {', '.join(GRANULARITIES)}")
+    if granularity == "task":
+        return Layout("task", ["all"], {k: 0 for k in keys})
+    if granularity == "layer" or blocks == "tensor":
+        return Layout(granularity, list(keys), {k: i for i, k in enumerate(keys)})
+    if blocks == "module":
+        names: dict[str, int] = {}
+        for k in keys:
+            names.setdefault(k.rsplit(".", 1)[0], len(names))
+        return Layout("block", list(names), {k: names[k.rsplit(".", 1)[0]] for k in keys})
+    if isinstance(blocks, Mapping):
+        rx = {name: re.compile(p) for name, p in blocks.items()}
+        group_of, unmatched = {}, []
+        for k in keys:
+            hit = next((i for i, r in enumerate(rx.values()) if r.search(k)), None)
+            if hit is None:
+                unmatched.append(k)
+            else:
+                group_of[k] = hit
+        if unmatched:
+            raise ValueError(f"blocks: tensor {unmatched[0]!r} (and {len(unmatched) - 1} more) matches no block pattern")
+        empty = [n for i, n in enumerate(rx) if i not in set(group_of.values())]
+        if empty:
+            raise ValueError(f"blocks: block {empty[0]!r} matches no merged tensor")
+        return Layout("block", list(rx), group_of)
+    raise ValueError(f"unknown blocks {blocks!r}; valid: 'tensor', 'module' or a {{name: regex}} mapping")

@@ -1,0 +1,146 @@
+"""What every learned merge optimises over: θ0 and the task vectors (held once), and one model.
+
+The merged weights are a differentiable function of the coefficients (and of a mask):
+
+    θ[k] = θ0[k] + Σ_t c[g(k), t] · (m[k] ⊙) τ_t[k]
+
+where g(k) is the coefficient row (group) of tensor k. One model instance turns them into
+predictions through `torch.func.functional_call`: nothing is copied per step, the model's own
+parameters are never modified.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..engine import KeyOptions, open_context
+from ..sources import MergeInputError
+
+__all__ = ["MergeProblem", "build_problem"]
+
+
+@dataclass
+class MergeProblem:
+    """θ0 and the stacked task vectors of the merged keys, the model and the task ↔ vector mapping.
+
+    `taus[k]` has shape (T, *θ0[k].shape): task vector t of tensor k in row t, stored once.
+    `vector_tasks[t]` lists the prediction tasks (heads) of fine-tuned model t.
+    """
+
+    model: nn.Module
+    keys: list[str]
+    theta0: dict[str, torch.Tensor]
+    taus: dict[str, torch.Tensor]
+    vector_names: list[str]
+    vector_tasks: list[list[str]]
+    task_kinds: dict[str, str | None]
+    device: torch.device
+
+    @property
+    def T(self) -> int:
+        return len(self.vector_names)
+
+    @property
+    def tasks(self) -> list[str]:
+        return [t for ts in self.vector_tasks for t in ts]
+
+    def merged(self, coef: torch.Tensor, group_of: dict[str, int],
+               mask: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """θ0 + Σ_t coef[g(k), t] (m ⊙) τ_t for every merged key, differentiable in `coef` and `mask`."""
+        out = {}
+        for k in self.keys:
+            tau = self.taus[k]
+            delta = torch.tensordot(coef[group_of[k]], tau, dims=1)  # Σ_t c_t τ_t, no (T, ...) temporary
+            if mask is not None:
+                delta = delta * mask[k]
+            out[k] = self.theta0[k] + delta
+        return out
+
+    def predict(self, params: dict[str, torch.Tensor], x: torch.Tensor, task: str) -> torch.Tensor:
+        out = torch.func.functional_call(self.model, params, (x.to(self.device, non_blocking=True),),
+                                         {"tasks": [task]}, strict=False)
+        return out[task] if isinstance(out, dict) else out
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for d in (self.theta0, self.taus) for t in d.values())
+
+
+def _is_model_folder(p: Any) -> bool:
+    return isinstance(p, (str, Path)) and (Path(p) / "config.json").is_file()
+
+
+def _model_from_folders(pretrained, finetuned):
+    """The pool's model: θ0's shared weights plus every fine-tune's own head (merging.pool)."""
+    from mtl.io import load_state
+
+    from ..pool import HEAD_PREFIX, ModelPool
+
+    pool = ModelPool.from_folders(pretrained, list(finetuned))
+    state = {k: v for k, v in load_state(pretrained).items() if not k.startswith(HEAD_PREFIX)}
+    model = pool.merged_model(state)
+    return model, [m.tasks for m in pool.members], ["+".join(m.tasks) for m in pool.members]
+
+
+def build_problem(pretrained, finetuned, *, model: nn.Module | None = None, tasks: Sequence[str] | None = None,
+                  device: str | torch.device = "cpu", **key_options: Any) -> MergeProblem:
+    """Validate the inputs, hold θ0 and the task vectors once on `device`, pick the model.
+
+    With `model=None`, `pretrained` and `finetuned` must be model folders: the model is θ0 with each
+    fine-tune's own head. Otherwise `model` is any module with ``forward(x, tasks=[t])`` returning
+    ``{t: prediction}`` (or the prediction) and `tasks` names the task of each fine-tuned model.
+    """
+    from ..sources import open_sources
+
+    fts = list(finetuned) if not isinstance(finetuned, (str, Path, dict, nn.Module)) else None
+    if fts is None:
+        raise TypeError("finetuned must be a list of models (state dicts, modules, folders or files), not one model")
+    device = torch.device(device)
+    if model is None:
+        if not (_is_model_folder(pretrained) and all(_is_model_folder(f) for f in fts)):
+            raise TypeError("learned merging needs a model to predict with: pass model folders (each fine-tune "
+                            "brings its head) or model=<nn.Module with forward(x, tasks=[t])>")
+    else:
+        if tasks is None:
+            raise ValueError("with model=..., pass tasks=[one task name per fine-tuned model]")
+        if len(tasks) != len(fts):
+            raise ValueError(f"tasks names {len(tasks)} task(s) for {len(fts)} fine-tuned models: {list(tasks)}")
+        vector_tasks, names = [[str(t)] for t in tasks], [str(t) for t in tasks]
+    built = model is None
+    if built:
+        model, vector_tasks, names = _model_from_folders(pretrained, fts)
+    model = model.to(device).eval()
+    known = getattr(model, "tasks", None)
+    kinds = {t: getattr(known.get(t), "kind", None) if isinstance(known, dict) else None
+             for ts in vector_tasks for t in ts}
+
+    opts, rest = KeyOptions.split(dict(key_options))
+    if rest:
+        raise TypeError(f"unknown option(s) {', '.join(sorted(rest))}")
+    pre_src, ft_srcs = open_sources(pretrained, fts)
+    ctx = open_context(pre_src, ft_srcs, opts, 1, "learned merging")
+    own = dict(model.named_parameters())
+    own.update(dict(model.named_buffers()))
+    theta0, taus = {}, {}
+    try:
+        for k in ctx.plan.merge:
+            if k not in own:
+                raise MergeInputError(f"merged tensor {k!r} is not a parameter or buffer of the model "
+                                      f"({type(model).__name__}); models must share an architecture")
+            shape = tuple(ctx.plan.infos[k].shape)
+            if tuple(own[k].shape) != shape:
+                raise MergeInputError(f"{k!r} has shape {shape} in the inputs but {tuple(own[k].shape)} in the model")
+            pre = ctx.pre(k)
+            stack = torch.empty((len(fts), *shape), dtype=pre.dtype)
+            for t in range(len(fts)):
+                ctx.tv(k, t, pre=pre, out=stack[t])
+            # A model built here already holds θ0: share its storage instead of a second copy.
+            mine = own[k].detach()
+            theta0[k] = mine if built and mine.dtype == pre.dtype else pre.to(device, copy=True)
+            taus[k] = stack.to(device)
+    finally:
+        ctx.close()
+    return MergeProblem(model, list(theta0), theta0, taus, names, vector_tasks, kinds, device)

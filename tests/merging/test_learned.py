@@ -1,0 +1,268 @@
+"""Learned merging (AdaMerging, aTLAS, Concrete) on a tiny hand-sized model: defining properties."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import merging
+from merging.learned.layout import make_layout
+from merging.learned.loop import Objective, step_gradients
+from merging.learned.problem import build_problem
+from merging.sources import MergeInputError
+
+T = 3
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: torch's intra-op threads only add stalls on a shared machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+class Toy(nn.Module):
+    """Shared body (merged) + one linear head per task (task-specific, never merged)."""
+
+    def __init__(self, T=T, d=6, classes=4, dtype=torch.float32):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(5, d), nn.Tanh(), nn.Linear(d, d)).to(dtype)
+        self.heads = nn.ModuleDict({f"t{i}": nn.Linear(d, classes).to(dtype) for i in range(T)})
+
+    def forward(self, x, tasks=None):
+        z = torch.tanh(self.body(x))
+        return {t: self.heads[t](z) for t in (tasks or list(self.heads))}
+
+
+def toys(dtype=torch.float32, scale=0.5, seed=0):
+    torch.manual_seed(seed)
+    model = Toy(dtype=dtype)
+    pre = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("body.")}
+    g = torch.Generator().manual_seed(seed + 1)
+    fts = [{k: v + scale * torch.randn(v.shape, generator=g, dtype=dtype) for k, v in pre.items()} for _ in range(T)]
+    data = {f"t{i}": [torch.randn(8, 5, generator=g, dtype=dtype) for _ in range(2)] for i in range(T)}
+    return model, pre, fts, data
+
+
+def kw(model):
+    return dict(model=model, tasks=[f"t{i}" for i in range(T)], progress=False)
+
+
+def test_zero_steps_is_task_arithmetic_at_the_initial_lambda():
+    model, pre, fts, data = toys()
+    for method in ("adamerging", "atlas", "concrete_adamerging"):
+        extra = {"final_steps": 0} if method == "concrete_adamerging" else {}
+        res = merging.learn(method, pre, fts, unlabeled=data, steps=0, **extra, **kw(model))
+        for k in pre:
+            if method == "concrete_adamerging":  # logits 0 → σ = 0.5, not > 0.5: the thresholded mask is empty
+                expect = pre[k]
+            else:
+                expect = pre[k] + 0.3 * (fts[0][k] - pre[k]) + 0.3 * (fts[1][k] - pre[k]) + 0.3 * (fts[2][k] - pre[k])
+            torch.testing.assert_close(res.state_dict[k], expect, rtol=1e-6, atol=1e-6)
+    # merging.merge gives the same state dict
+    sd = merging.merge("adamerging", pre, fts, unlabeled=data, steps=0, **kw(model))
+    torch.testing.assert_close(sd["body.0.weight"], pre["body.0.weight"] + 0.3 * sum(f["body.0.weight"] - pre["body.0.weight"] for f in fts))
+
+
+def test_entropy_falls_on_a_toy_problem():
+    model, pre, fts, data = toys()
+    for granularity in ("task", "layer"):
+        res = merging.learn("adamerging", pre, fts, unlabeled=data, steps=40, lr=0.05, granularity=granularity, **kw(model))
+        first, last = res.history[0]["objective"], res.history[-1]["objective"]
+        assert last < first - 1e-3, (granularity, first, last)
+
+
+def test_coefficient_shapes():
+    model, pre, fts, data = toys()
+    n_tensors = len(pre)  # body.0.weight/bias, body.2.weight/bias
+    r = merging.learn("adamerging", pre, fts, unlabeled=data, steps=1, granularity="task", **kw(model))
+    assert r.coefficients.shape == (T,) and r.groups == ["all"]
+    r = merging.learn("adamerging", pre, fts, unlabeled=data, steps=1, granularity="layer", **kw(model))
+    assert r.coefficients.shape == (n_tensors, T) and r.groups == list(pre)
+    r = merging.learn("atlas", pre, fts, unlabeled=data, steps=1, blocks="module", **kw(model))
+    assert r.coefficients.shape == (2, T) and r.groups == ["body.0", "body.2"]
+    r = merging.learn("atlas", pre, fts, unlabeled=data, steps=1, **kw(model))
+    assert r.coefficients.shape == (n_tensors, T)
+
+
+def test_atlas_subset_of_blocks_leaves_the_others_at_init():
+    model, pre, fts, data = toys()
+    r = merging.learn("atlas", pre, fts, unlabeled=data, steps=5, lr=0.05, blocks="module", learn_blocks=["body\\.2"], **kw(model))
+    assert torch.all(r.coefficients[0] == 0.3)
+    assert not torch.all(r.coefficients[1] == 0.3)
+
+
+def test_clamp_keeps_coefficients_in_unit_interval():
+    model, pre, fts, data = toys()
+    r = merging.learn("adamerging", pre, fts, unlabeled=data, steps=20, lr=0.5, clamp=True, **kw(model))
+    assert r.coefficients.min() >= 0 and r.coefficients.max() <= 1
+
+
+def test_gradient_matches_finite_differences():
+    """d(Σ_t H_t)/dλ from the two-stage backward equals central differences of the written objective."""
+    model, pre, fts, data = toys(dtype=torch.float64)
+    problem = build_problem(pre, fts, **{k: v for k, v in kw(model).items() if k != "progress"})
+    layout = make_layout(problem.keys, "layer")
+    obj = Objective(problem, problem.tasks, {t: [b[0]] for t, b in data.items()}, None, False)
+    frozen = {n: p.detach() for n, p in model.named_parameters() if n not in problem.theta0}
+    coef = torch.rand(layout.rows, T, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).requires_grad_()
+    step_gradients(problem, problem.merged(coef, layout.group_of), obj, frozen)
+
+    def objective(c):  # Σ_t mean entropy of softmax(head_t(tanh(body(x; θ0 + Σ c τ)))), written out
+        total = 0.0
+        for i in range(T):
+            theta = {k: pre[k] + sum(c[layout.group_of[k], j] * (fts[j][k] - pre[k]) for j in range(T)) for k in pre}
+            x = data[f"t{i}"][0]
+            h = torch.tanh(x @ theta["body.0.weight"].T + theta["body.0.bias"])
+            z = torch.tanh(h @ theta["body.2.weight"].T + theta["body.2.bias"])
+            p = torch.softmax(model.heads[f"t{i}"](z), dim=1)
+            total += float(-(p * p.log()).sum(1).mean())
+        return total
+
+    eps = 1e-6
+    fd = torch.zeros_like(coef)
+    with torch.no_grad():
+        for r in range(layout.rows):
+            for t in range(T):
+                c = coef.detach().clone()
+                c[r, t] += eps
+                up = objective(c)
+                c[r, t] -= 2 * eps
+                fd[r, t] = (up - objective(c)) / (2 * eps)
+    torch.testing.assert_close(coef.grad, fd, rtol=1e-5, atol=1e-8)
+
+
+def test_concrete_masks_relaxed_in_unit_interval_then_binary():
+    from merging.learned.concrete import ConcreteMask
+
+    model, pre, fts, data = toys()
+    problem = build_problem(pre, fts, model=model, tasks=[f"t{i}" for i in range(T)])
+    cm = ConcreteMask(problem, temperature=0.5, initial_logits=0.0, seed=0)
+    for _ in range(3):
+        m = cm.sample()
+        for v in m.values():
+            assert v.min() >= 0 and v.max() <= 1 and v.requires_grad
+            assert 0 < float(v.mean()) < 1
+    r = merging.learn("concrete_ta", pre, fts, unlabeled=data, steps=10, lr=0.1, lam=0.4, **kw(model))
+    assert set(r.mask) == set(pre)
+    for k, m in r.mask.items():
+        assert m.dtype == torch.bool
+        assert torch.equal(m, r.mask_probability[k] > 0.5)
+        expect = pre[k] + 0.4 * sum(m * (f[k] - pre[k]) for f in fts)
+        torch.testing.assert_close(r.state_dict[k], expect, rtol=1e-6, atol=1e-6)
+    assert r.history[-1]["objective"] < r.history[0]["objective"] + 1.0  # recorded per step
+    assert len(r.history) == 10
+
+
+def test_concrete_adamerging_learns_mask_then_coefficients():
+    model, pre, fts, data = toys()
+    r = merging.learn("concrete_adamerging", pre, fts, unlabeled=data, steps=4, final_steps=3, lr=0.1, coef_lr=0.05,
+                      **kw(model))
+    assert [h.get("phase") for h in r.history] == ["mask"] * 4 + ["coefficients"] * 3
+    assert r.coefficients.shape == (len(pre), T) and r.mask is not None
+    for k, m in r.mask.items():
+        expect = pre[k] + sum(r.coefficients[r.groups.index(k), t] * m * (fts[t][k] - pre[k]) for t in range(T))
+        torch.testing.assert_close(r.state_dict[k], expect, rtol=1e-5, atol=1e-6)
+
+
+def test_deterministic_under_a_seed():
+    model, pre, fts, data = toys()
+    a = merging.learn("concrete_adamerging", pre, fts, unlabeled=data, steps=3, final_steps=2, lr=0.1, seed=5, **kw(model))
+    b = merging.learn("concrete_adamerging", pre, fts, unlabeled=data, steps=3, final_steps=2, lr=0.1, seed=5, **kw(model))
+    assert torch.equal(a.coefficients, b.coefficients)
+    assert all(torch.equal(a.mask_probability[k], b.mask_probability[k]) for k in a.mask)
+
+
+def test_inputs_are_not_modified():
+    model, pre, fts, data = toys()
+    before = ({k: v.clone() for k, v in pre.items()}, [{k: v.clone() for k, v in f.items()} for f in fts],
+              {k: v.clone() for k, v in model.state_dict().items()})
+    merging.learn("adamerging", pre, fts, unlabeled=data, steps=3, lr=0.1, **kw(model))
+    assert all(torch.equal(pre[k], before[0][k]) for k in pre)
+    assert all(torch.equal(f[k], b[k]) for f, b in zip(fts, before[1]) for k in f)
+    assert all(torch.equal(v, before[2][k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_supervised_atlas_uses_labels():
+    model, pre, fts, data = toys()
+    g = torch.Generator().manual_seed(0)
+    labeled = {t: [(b[0], torch.randint(0, 4, (8,), generator=g))] for t, b in data.items()}
+    r = merging.learn("atlas", pre, fts, labeled=labeled, objective="supervised", steps=20, lr=0.05, **kw(model))
+    assert r.history[-1]["objective"] < r.history[0]["objective"]
+
+
+# --- bad input ---------------------------------------------------------------------------------------------------
+
+
+def test_no_unlabeled_data_is_named():
+    model, pre, fts, data = toys()
+    with pytest.raises(ValueError, match="unlabeled"):
+        merging.merge("adamerging", pre, fts, model=model, tasks=["t0", "t1", "t2"])
+    with pytest.raises(ValueError, match="unlabeled"):
+        merging.learn("atlas", pre, fts, **kw(model))
+    with pytest.raises(ValueError, match="'t1'"):
+        merging.learn("adamerging", pre, fts, unlabeled={"t0": data["t0"], "t2": data["t2"]}, **kw(model))
+    with pytest.raises(ValueError, match="'t1'.*no batches"):
+        merging.learn("adamerging", pre, fts, unlabeled={**data, "t1": []}, steps=1, **kw(model))
+    with pytest.raises(ValueError, match="'nope'"):
+        merging.learn("adamerging", pre, fts, unlabeled={**data, "nope": data["t0"]}, **kw(model))
+
+
+def test_architecture_mismatch_names_the_tensor():
+    model, pre, fts, data = toys()
+    bad = [dict(f) for f in fts]
+    bad[1]["body.2.weight"] = torch.zeros(6, 7)
+    with pytest.raises(MergeInputError, match="body.2.weight"):
+        merging.learn("adamerging", pre, bad, unlabeled=data, **kw(model))
+    wrong = {k: v for k, v in pre.items()}
+    wrong["extra.weight"] = torch.zeros(2)
+    with pytest.raises(MergeInputError, match="extra.weight"):
+        merging.learn("adamerging", wrong, [dict(f, **{"extra.weight": torch.ones(2)}) for f in fts],
+                      unlabeled=data, **kw(model))
+
+
+def test_nan_coefficients_are_named():
+    model, pre, fts, data = toys()
+    with pytest.raises(ValueError, match="init must be finite, got nan"):
+        merging.learn("adamerging", pre, fts, unlabeled=data, init=math.nan, **kw(model))
+    nan_fts = [dict(f) for f in fts]
+    nan_fts[0]["body.0.bias"] = torch.full((6,), math.nan)
+    with pytest.raises(MergeInputError, match="body.0.bias"):
+        merging.learn("adamerging", pre, nan_fts, unlabeled=data, **kw(model))
+    poisoned = {**data, "t1": [torch.full((8, 5), math.nan)]}  # the objective turns NaN
+    with pytest.raises(FloatingPointError, match="objective of task 't1' is nan"):
+        merging.learn("adamerging", pre, fts, unlabeled=poisoned, steps=2, **kw(model))
+
+
+def test_coefficient_turning_nan_names_task_and_tensor(monkeypatch):
+    from merging.learned import adamerging
+
+    model, pre, fts, data = toys()
+    orig = torch.optim.Adam.step
+
+    def poison(self, *a, **k):
+        out = orig(self, *a, **k)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0][1, 2] = math.nan
+        return out
+
+    monkeypatch.setattr(adamerging.torch.optim.Adam, "step", poison)
+    with pytest.raises(FloatingPointError, match=r"task 't2', tensor/block 'body.0.bias' became nan at step 1"):
+        merging.learn("adamerging", pre, fts, unlabeled=data, steps=2, **kw(model))
+
+
+def test_unknown_granularity_block_and_hyperparameter():
+    model, pre, fts, data = toys()
+    with pytest.raises(ValueError, match="unknown granularity 'neuron'"):
+        merging.learn("adamerging", pre, fts, unlabeled=data, granularity="neuron", **kw(model))
+    with pytest.raises(ValueError, match="'decoder' matches no block"):
+        merging.learn("atlas", pre, fts, unlabeled=data, blocks="module", learn_blocks=["decoder"], **kw(model))
+    with pytest.raises(ValueError, match="unknown blocks 'layers'"):
+        merging.learn("atlas", pre, fts, unlabeled=data, blocks="layers", **kw(model))
+    with pytest.raises(TypeError, match="unknown hyperparameter.*lamda"):
+        merging.learn("adamerging", pre, fts, unlabeled=data, lamda=0.3, **kw(model))
+    with pytest.raises(ValueError, match="unknown learned merge method 'adamerge'"):
+        merging.learn("adamerge", pre, fts, unlabeled=data, **kw(model))
