@@ -57,16 +57,17 @@ class MultiTaskModule(L.LightningModule):
         min_lr_ratio: float = 0.0,
         grad_clip: float | None = None,
         log_weights_every: int = 50,
+        strategy: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False
-        self.model = model if isinstance(model, MultiTaskModel) else create_model(config=dict(model))
+        self.model = model if isinstance(model, nn.Module) else create_model(config=dict(model))
         self.tasks = self.model.tasks
         balancer = dict(balancer or {"name": "ew"})
         self.save_hyperparameters(
             {"model": self.model.config, "balancer": balancer, "lr": lr, "weight_decay": weight_decay,
              "warmup_ratio": warmup_ratio, "min_lr_ratio": min_lr_ratio, "grad_clip": grad_clip,
-             "log_weights_every": log_weights_every}
+             "log_weights_every": log_weights_every, "strategy": strategy}
         )
         bal = dict(balancer)
         self.balancer: Balancer = create_balancer(bal.pop("name"), list(self.tasks), **bal)
@@ -75,6 +76,13 @@ class MultiTaskModule(L.LightningModule):
         self.val_metrics = nn.ModuleDict({n: nn.ModuleDict(t.metrics()) for n, t in self.tasks.items()})
         self.test_metrics = nn.ModuleDict({n: nn.ModuleDict(t.metrics()) for n, t in self.tasks.items()})
         self.results: dict[str, dict[str, dict[str, float]]] = {}
+        # a model family's extra per-step work (mtl.strategies), e.g. the sandwich rule of slimmable models
+        self.strategy = None
+        if strategy:
+            from mtl.strategies import create_strategy
+
+            strat = dict(strategy)
+            self.strategy = create_strategy(strat.pop("name"), self.model, **strat)
 
     # --- losses -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, tasks=None) -> dict[str, torch.Tensor]:
@@ -91,12 +99,20 @@ class MultiTaskModule(L.LightningModule):
         x = batch["image"]
         z = self.model.shared(x)
         preds = self.model.heads(z, tuple(x.shape[-2:]))
-        return z, self.task_losses(preds, batch)
+        return z, self.with_aux_losses(self.task_losses(preds, batch))
+
+    def with_aux_losses(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Add the model's own per-task training losses of the last forward, if it has any (``aux_loss()``,
+        e.g. an MoE's load balance), so every balancer sees them as part of each task's loss."""
+        aux = self.model.aux_loss() if hasattr(self.model, "aux_loss") else {}
+        return {t: l + aux[t] if t in aux else l for t, l in losses.items()}
 
     # --- training ---------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         opt = self.optimizers()
         sched = self.lr_schedulers()
+        if self.strategy is not None:
+            self.strategy.before_forward(self, batch)
         z, losses = self._forward_losses(batch)
         # --- balancer wiring (issue 3): non-finite check, recompute closure, monitor -----------
         if not check_finite(losses, self.balancer.skip_nonfinite, self.global_step):
@@ -109,14 +125,15 @@ class MultiTaskModule(L.LightningModule):
             x = batch["image"]
             with frozen_bn_stats(self.model):
                 preds = self.model.heads(self.model.shared(x), tuple(x.shape[-2:]), names)
-            return {n: self.tasks[n].loss(preds[n], batch[self.tasks[n].target_key]) * self.tasks[n].weight
-                    for n in names}
+            return self.with_aux_losses({n: self.tasks[n].loss(preds[n], batch[self.tasks[n].target_key]) * self.tasks[n].weight
+                                         for n in names})
 
         ctx = StepContext(
             losses=losses,
             shared_params=self.model.shared_parameters(),
             task_params={t: self.model.task_parameters(t) for t in self.tasks},
-            features=z,
+            # a model without one representation all heads read (task-conditioned backbone) gives None
+            features=z if getattr(self.model, "shared_representation", True) else None,
             backward=self.manual_backward,
             recompute=recompute,
             step=self.global_step,
@@ -125,6 +142,7 @@ class MultiTaskModule(L.LightningModule):
         monitor_logs = self.monitor.before_backward(ctx) if self.monitor else {}
         opt.zero_grad(set_to_none=True)
         self.balancer.backward(ctx)
+        strategy_logs = self.strategy.after_backward(self, batch, ctx) if self.strategy is not None else {}
         if self.hparams.grad_clip:
             self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
         opt.step()
@@ -139,6 +157,8 @@ class MultiTaskModule(L.LightningModule):
         self.log("train/loss", total, prog_bar=True, batch_size=bs)
         for name, loss in losses.items():
             self.log(f"train/{name}/loss", loss.detach(), batch_size=bs)
+        for key, value in strategy_logs.items():
+            self.log(key, value, batch_size=bs)
         if monitor_logs:
             # straight to the loggers at the step they describe: self.log would re-emit these values
             # at every later logging step until the next due step (stale rows in csv/tensorboard)
