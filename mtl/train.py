@@ -58,12 +58,14 @@ def build_module(cfg: DictConfig, info: dict[str, Any] | None = None) -> MultiTa
         tasks,
         backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
         decoder=OmegaConf.to_container(cfg.decoder, resolve=True),
+        family=cfg.get("family") or "multitask",
     )
     if cfg.get("init_from"):
         stats = init_from_folder(model, cfg.init_from)
         log.warning("initialised %d/%d tensors from %s", stats["loaded"], stats["total"], cfg.init_from)
+    strategy = OmegaConf.to_container(cfg.strategy, resolve=True) if cfg.get("strategy") else None
     return MultiTaskModule(model, balancer=OmegaConf.to_container(cfg.balancer, resolve=True),
-                           log_weights_every=int(cfg.get("log_weights_every", 50)), **cfg.optim)
+                           log_weights_every=int(cfg.get("log_weights_every", 50)), strategy=strategy, **cfg.optim)
 
 
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
@@ -110,6 +112,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         variant = cfg.baselines.get("variant", "primary")
         metrics["delta_m"] = {"value": delta_m(metrics["test"], baselines, tasks, variant=variant),
                               "variant": variant, "baselines": str(cfg.baselines.path)}
+    metrics["model_stats"] = _model_stats(module.model, datamodule)
     if trainer.is_global_zero:
         save_model(module.model, run_dir / "model", meta={"test": metrics["test"], "run_dir": str(run_dir),
                                                           "data": data_kw, "seed": cfg.seed})
@@ -120,6 +123,14 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             _save_viz(module, datamodule, run_dir, cfg.viz.num_samples)
         print_summary(metrics, module.tasks)
     return metrics
+
+
+def _model_stats(model, datamodule) -> dict[str, Any]:
+    """Params and per-sample FLOPs (all tasks, each task alone: a routed model's active FLOPs), one test image."""
+    from mtl.flops import model_stats
+
+    x = next(iter(datamodule.test_dataloader()))["image"][:1]
+    return model_stats(model, x.to(next(model.parameters()).device))
 
 
 def _save_viz(module: MultiTaskModule, datamodule, run_dir: Path, n: int) -> None:
@@ -146,6 +157,11 @@ def print_summary(metrics: dict[str, Any], tasks) -> None:
     if "delta_m" in metrics:
         d = metrics["delta_m"]
         console.print(f"Δm% ({d['variant']} metrics, * above) vs {d['baselines']}: {d['value']:+.2f}")
+    if "model_stats" in metrics:
+        st = metrics["model_stats"]
+        per_task = ", ".join(f"{t} {f / 1e6:.2f}M" for t, f in st.get("flops_per_task", {}).items())
+        console.print(f"params {st['params']:,} · FLOPs/sample: all tasks {st['flops_all_tasks'] / 1e6:.2f}M; "
+                      f"one task alone: {per_task}")
 
 
 def run(overrides: list[str] | None = None, run_dir: str | Path | None = None) -> Path:
