@@ -5,6 +5,7 @@ from mtl.models.slimmable.layers import (DEFAULT_WIDTHS, SlimConv2d, SlimLinear,
 from mtl.models.slimmable.resnet import SlimResNet
 from mtl.models.slimmable.decoder import SlimmableDecoder
 from mtl.models.slimmable.family import SlimmableMultiTaskModel
+from mtl.models.slimmable import sandwich  # noqa: F401,E402  (registers strategy=sandwich)
 
 __all__ = ["DEFAULT_WIDTHS", "SlimConv2d", "SlimLinear", "SwitchableBatchNorm2d", "apply_widths", "channels_at",
            "SlimResNet", "SlimmableDecoder", "SlimmableMultiTaskModel"]

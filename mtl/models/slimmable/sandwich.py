@@ -1,0 +1,101 @@
+"""``strategy: sandwich``: how a slimmable multi-task model trains (Yu & Huang 2019; Aich et al. 2023).
+
+Each step trains the widest configuration on the labels (the module's standard step, with the
+configured balancer), then, accumulating gradients before the one optimiser step:
+
+* the smallest configuration and ``num_random`` random ones (encoder width and every task decoder's
+  width drawn independently from the width set) — the *sandwich rule*;
+* with ``inplace_distill``, the sub-networks learn from the widest network's predictions of this very
+  step (detached) instead of the labels — *in-place distillation*;
+* with ``cikd``, Configuration-Invariant KD: the sub-network's shared representation (encoder + neck),
+  projected by a learned 1x1 convolution to the full width's channels, is pulled towards the widest
+  network's (detached) by a mean-squared error weighted ``cikd_weight``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtl.models.slimmable.family import SlimmableMultiTaskModel
+from mtl.models.slimmable.layers import channels_at
+from mtl.strategies import STRATEGIES, TrainingStrategy
+from mtl.tasks import Task
+
+
+def distill_loss(task: Task, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """How far a sub-network's raw output is from the widest network's, per kind of output."""
+    if task.kind in ("semseg", "classification"):  # class logits: KL(teacher || student) over classes
+        return F.kl_div(F.log_softmax(student.float(), 1), F.softmax(teacher.float(), 1), reduction="none").sum(1).mean()
+    if task.kind == "edges":  # binary logits
+        return F.binary_cross_entropy_with_logits(student.float(), torch.sigmoid(teacher.float()))
+    return F.l1_loss(student.float(), teacher.float())  # regression-like outputs
+
+
+@STRATEGIES.register("sandwich")
+class Sandwich(TrainingStrategy):
+    def __init__(self, model: nn.Module, num_random: int = 2, train_min: bool = True, inplace_distill: bool = True,
+                 cikd: bool = True, cikd_weight: float = 1.0):
+        super().__init__()
+        if not isinstance(model, SlimmableMultiTaskModel):
+            family = getattr(model, "config", {}).get("family", type(model).__name__)
+            raise ValueError(f"strategy 'sandwich' needs a model of family 'slimmable', got {family!r}")
+        if int(num_random) < 0:
+            raise ValueError(f"strategy.num_random must be >= 0, got {num_random!r}")
+        self.num_random, self.train_min = int(num_random), bool(train_min)
+        self.inplace_distill, self.cikd, self.cikd_weight = bool(inplace_distill), bool(cikd), float(cikd_weight)
+        full = model.decoder.neck.refine[0].out_channels
+        # one projection per sub-width of the set: sub-width features -> full-width channels
+        self.proj = nn.ModuleDict({
+            self._key(w): nn.Conv2d(channels_at(full, w), full, 1) for w in model.width_set if w < 1.0
+        }) if self.cikd else nn.ModuleDict()
+
+    @staticmethod
+    def _key(width: float) -> str:
+        return f"{width:g}".replace(".", "_")
+
+    def configs(self, model: SlimmableMultiTaskModel) -> list[dict[str, Any]]:
+        ws = model.width_set
+        out = [model.min_widths()] if self.train_min else []
+        for _ in range(self.num_random):
+            pick = lambda: ws[int(torch.randint(len(ws), (1,)))]  # noqa: E731  (global RNG: seeded runs repeat)
+            out.append({"encoder": pick(), "decoders": {t: pick() for t in model.tasks}})
+        return out
+
+    def before_forward(self, module: Any, batch: dict[str, torch.Tensor]) -> None:
+        module.model.set_config(module.model.max_widths())
+
+    def after_backward(self, module: Any, batch: dict[str, torch.Tensor], ctx: Any) -> dict[str, torch.Tensor]:
+        from mtl.module import frozen_bn_stats  # the module imports the model world, not the reverse
+
+        model: SlimmableMultiTaskModel = module.model
+        x = batch["image"]
+        size = tuple(x.shape[-2:])
+        teacher_z = ctx.features.detach()
+        teacher = None
+        if self.inplace_distill:
+            with torch.no_grad(), frozen_bn_stats(model):
+                teacher = {t: p.detach() for t, p in model.heads(teacher_z, size).items()}
+        sums = {"task": torch.zeros((), device=x.device), "cikd": torch.zeros((), device=x.device)}
+        try:
+            for cfg in self.configs(model):
+                model.set_config(cfg)
+                z = model.shared(x)
+                preds = model.heads(z, size)
+                task_loss = sum(
+                    (distill_loss(task, preds[t], teacher[t]) if teacher is not None
+                     else task.loss(preds[t], batch[task.target_key])) * task.weight
+                    for t, task in model.tasks.items())
+                loss = task_loss
+                if self.cikd and cfg["encoder"] < 1.0:
+                    ci = F.mse_loss(self.proj[self._key(cfg["encoder"])](z), teacher_z)
+                    loss = loss + self.cikd_weight * ci
+                    sums["cikd"] += ci.detach()
+                sums["task"] += task_loss.detach()
+                module.manual_backward(loss)
+        finally:
+            model.set_config(model.max_widths())
+        n = max(1, self.num_random + int(self.train_min))
+        return {"train/slim/sub_loss": sums["task"] / n, "train/slim/cikd": sums["cikd"] / n}

@@ -1,0 +1,66 @@
+"""``python -m mtl.models.slimmable.search_cli RUN_DIR/width_table.json --budget 40M --preference depth=0.7,semseg=0.3``
+
+Prints the configuration the controller picks for a FLOPs budget (per image; K/M/G suffixes) and a task
+preference vector (non-negative, summing to 1; tasks not named get 0), its FLOPs and the validation
+metrics expected there. ``--json`` prints it as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from mtl.models.slimmable.control import search
+from mtl.models.slimmable.table import WidthTable
+
+_SUFFIX = {"k": 1e3, "m": 1e6, "g": 1e9}
+
+
+def parse_budget(text: str) -> float:
+    t = text.strip().lower()
+    scale = _SUFFIX.get(t[-1:], 1.0)
+    try:
+        return float(t[:-1] if t[-1:] in _SUFFIX else t) * scale
+    except ValueError:
+        raise ValueError(f"--budget must be a number of FLOPs such as 4.2e7 or 42M, got {text!r}") from None
+
+
+def parse_preference(text: str, tasks: list[str]) -> dict[str, float]:
+    pref = {t: 0.0 for t in tasks}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        if not sep:
+            raise ValueError(f"--preference entries look like task=value, got {part!r}")
+        try:
+            pref[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--preference value of {name.strip()!r} is not a number: {value!r}") from None
+    return pref
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mtl.models.slimmable.search_cli", description=__doc__.splitlines()[2])
+    ap.add_argument("table", help="width_table.json of a slimmable run (written by experiment=scenes_slimmable)")
+    ap.add_argument("--budget", required=True, help="FLOPs per image, e.g. 42M")
+    ap.add_argument("--preference", required=True, help="task=value,... (non-negative, sum 1)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        table = WidthTable.load(args.table)
+        choice = search(table, parse_budget(args.budget), parse_preference(args.preference, table.tasks))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"config": choice.config, "flops": choice.flops, "expected": choice.expected}, indent=2))
+        return 0
+    print(f"encoder width: {choice.config['encoder']:g}")
+    for t, w in choice.config["decoders"].items():
+        metrics = ", ".join(f"{k}={v:.4f}" for k, v in choice.expected[t].items())
+        print(f"  {t}: decoder width {w:g}; expected {metrics}")
+    print(f"FLOPs per image: {choice.flops:,} ({choice.flops / 1e6:.2f} M) within budget {parse_budget(args.budget):,.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The validation table of a slimmable multi-task model: FLOPs and per-task metrics per width.
+
+A task's prediction depends only on the encoder width (encoder + shared neck) and its own decoder's
+width, and FLOPs add up over the parts. So a grid of ``len(width_set)**2`` evaluations (encoder width
+x one decoder width for all tasks) gives the exact FLOPs and metrics of *every* mixed configuration:
+``flops(cfg) = encoder[w_e] + sum_t head[t][w_e][w_t]``, task ``t``'s metrics are ``metrics[t][w_e][w_t]``.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from mtl.flops import count_flops
+
+
+def wkey(width: float) -> str:
+    return f"{float(width):g}"
+
+
+@dataclass
+class WidthTable:
+    width_set: list[float]
+    tasks: list[str]
+    primary: dict[str, str]            # task -> primary metric name
+    higher_is_better: dict[str, bool]  # task -> direction of its primary metric
+    encoder_flops: dict[str, int]      # w_e -> FLOPs per sample of encoder + neck
+    head_flops: dict[str, dict[str, dict[str, int]]]                 # task -> w_e -> w_t -> FLOPs
+    metrics: dict[str, dict[str, dict[str, dict[str, float]]]]       # task -> w_e -> w_t -> {metric: value}
+    input_size: list[int]
+
+    # --- configurations -----------------------------------------------------------------------------
+    def check_config(self, cfg: Mapping[str, Any]) -> None:
+        if set(cfg) != {"encoder", "decoders"}:
+            raise KeyError(f"a width configuration has keys 'encoder' and 'decoders', got {sorted(cfg)}")
+        unknown = [t for t in cfg["decoders"] if t not in self.tasks]
+        missing = [t for t in self.tasks if t not in cfg["decoders"]]
+        if unknown or missing:
+            raise KeyError(f"decoder widths: unknown task(s) {unknown}, missing {missing}; tasks: {', '.join(self.tasks)}")
+        for w in [cfg["encoder"], *cfg["decoders"].values()]:
+            if wkey(w) not in self.encoder_flops:
+                raise ValueError(f"width {w!r} is not in the table's width set {self.width_set}")
+
+    def flops(self, cfg: Mapping[str, Any]) -> int:
+        self.check_config(cfg)
+        we = wkey(cfg["encoder"])
+        return self.encoder_flops[we] + sum(self.head_flops[t][we][wkey(w)] for t, w in cfg["decoders"].items())
+
+    def expected(self, cfg: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+        self.check_config(cfg)
+        we = wkey(cfg["encoder"])
+        return {t: dict(self.metrics[t][we][wkey(w)]) for t, w in cfg["decoders"].items()}
+
+    def score(self, task: str, encoder: float, decoder: float) -> float:
+        """Task's primary metric at (encoder, decoder) widths, signed so that higher is better."""
+        v = self.metrics[task][wkey(encoder)][wkey(decoder)][self.primary[task]]
+        return v if self.higher_is_better[task] else -v
+
+    def uniform(self, width: float) -> dict[str, Any]:
+        return {"encoder": width, "decoders": {t: width for t in self.tasks}}
+
+    # --- storage ------------------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], source: str = "width table") -> "WidthTable":
+        try:
+            return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        except KeyError as e:
+            raise ValueError(f"{source}: missing key {e.args[0]!r}") from None
+
+    def save(self, path: str | Path) -> None:
+        from mtl.io import write_json
+
+        write_json(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "WidthTable":
+        from mtl.io import read_json
+
+        return cls.from_json(read_json(path), str(path))
+
+
+@torch.no_grad()
+def build_width_table(model, batches: Iterable[Mapping[str, torch.Tensor]], max_batches: int | None = None,
+                      progress: bool = True) -> WidthTable:
+    """Evaluate ``model`` (family ``slimmable``) on ``batches`` at every (encoder, decoder) width pair."""
+    ws = list(model.width_set)
+    tasks = dict(model.tasks)
+    saved, was_training = model.widths, model.training
+    model.eval()
+    metrics = {t: {wkey(a): {wkey(b): task.metrics() for b in ws} for a in ws} for t, task in tasks.items()}
+    device = model.mean.device
+    sample = None
+    try:
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            x = batch["image"].to(device)
+            sample = x[:1] if sample is None else sample
+            size = tuple(x.shape[-2:])
+            for we in ws:
+                model.set_widths(encoder=we)
+                z = model.shared(x)
+                for wd in ws:
+                    model.set_widths(decoders=wd)
+                    preds = model.heads(z, size)
+                    for t, task in tasks.items():
+                        target = batch[task.target_key].to(device)
+                        for m in metrics[t][wkey(we)][wkey(wd)].values():
+                            m.to(device).update(preds[t], target)
+            if progress:
+                print(f"width table: batch {i + 1} evaluated at {len(ws)}x{len(ws)} widths", flush=True)
+        if sample is None:
+            raise ValueError("build_width_table got no batches")
+        enc, head = {}, {t: {} for t in tasks}
+        for we in ws:
+            model.set_widths(encoder=we, decoders=1.0)
+            enc[wkey(we)] = count_flops(model, sample, [])
+            for t in tasks:
+                head[t][wkey(we)] = {}
+                for wd in ws:
+                    model.set_widths(decoders={t: wd})
+                    head[t][wkey(we)][wkey(wd)] = count_flops(model, sample, [t]) - enc[wkey(we)]
+    finally:
+        model.set_config(saved)
+        model.train(was_training)
+    values = {t: {a: {b: {n: float(m.compute()) for n, m in ms.items()} for b, ms in row.items()}
+                  for a, row in by_e.items()} for t, by_e in metrics.items()}
+    return WidthTable(width_set=ws, tasks=list(tasks), primary={t: task.primary for t, task in tasks.items()},
+                      higher_is_better={t: bool(task.directions[task.primary]) for t, task in tasks.items()},
+                      encoder_flops=enc, head_flops=head, metrics=values, input_size=list(sample.shape[-2:]))
