@@ -47,6 +47,7 @@ class TaskExpertPath(nn.Module):
         self.memory_init = nn.Parameter(torch.zeros(channels))
         self.update_logit = nn.Parameter(torch.zeros(num_stages, channels)) if memory_update == "gated" else None
         self.head = create_head(task, channels)
+        self.record_usage, self.usage = False, None
 
     def mix(self, z: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Final memory (B, HW, D) and each stage's gate weights (B, HW, N+1)."""
@@ -61,6 +62,10 @@ class TaskExpertPath(nn.Module):
             logit = self.update_logit[s] if self.update_logit is not None else None
             memory = update_memory(self.memory_update, memory, mixed, logit)
             weights.append(gate)
+        if self.record_usage:
+            with torch.no_grad():
+                used = torch.stack([w.detach().float().sum((0, 1)) for w in weights]).cpu()
+                self.usage = used if self.usage is None else self.usage + used
         return memory, weights
 
     def forward(self, z: list[torch.Tensor], out_size: tuple[int, int]) -> torch.Tensor:
@@ -113,7 +118,19 @@ class TaskExpertDecoder(nn.Module):
     def head(self, task: str, z: list[torch.Tensor], out_size: tuple[int, int]) -> torch.Tensor:
         return self.heads[task](z, out_size)
 
-    @torch.no_grad()
-    def expert_usage(self, z: list[torch.Tensor], tasks: list[str]) -> dict[str, torch.Tensor]:
-        """Mean gate weight per stage over experts + memory: {task: (stages, N+1)}."""
-        return {t: torch.stack([w.float().mean((0, 1)) for w in self.heads[t].mix(z)[1]]) for t in tasks}
+    @property
+    def record_usage(self) -> bool:
+        return all(h.record_usage for h in self.heads.values())
+
+    @record_usage.setter
+    def record_usage(self, on: bool) -> None:
+        for h in self.heads.values():
+            h.record_usage = bool(on)
+
+    def expert_usage(self, reset: bool = False) -> dict[str, torch.Tensor]:
+        """Gate mass per stage over the N experts and the memory (last column): {task: (stages, N+1)}."""
+        out = {t: h.usage for t, h in self.heads.items() if h.usage is not None}
+        if reset:
+            for h in self.heads.values():
+                h.usage = None
+        return out

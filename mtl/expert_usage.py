@@ -1,0 +1,98 @@
+"""Expert usage of MoE models: which experts each task uses, logged during training and drawn as a
+task x expert heatmap in the run folder.
+
+Any model (or its ``decoder``) with a ``record_usage`` flag and ``expert_usage(reset=False) ->
+{task: (layers, experts) tensor}`` takes part: the task-routed MoE ViT counts routed tokens, the
+TaskExpert decoder sums gate weights (its last column is the task's memory).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from mtl.io import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+
+def usage_source(model: Any) -> Any | None:
+    for obj in (model, getattr(model, "decoder", None)):
+        if obj is not None and hasattr(obj, "expert_usage") and hasattr(obj, "record_usage"):
+            return obj
+    return None
+
+
+def usage_shares(usage: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per task and layer, each expert's share of the layer's total (rows sum to 1)."""
+    return {t: u.float() / u.float().sum(-1, keepdim=True).clamp_min(1e-12) for t, u in usage.items()}
+
+
+def save_usage_heatmap(usage: dict[str, torch.Tensor], path: str | Path, title: str = "expert usage") -> Path:
+    """One task x expert heatmap per MoE layer (share of the task's routed tokens / gate mass)."""
+    from matplotlib.figure import Figure
+
+    shares = usage_shares(usage)
+    tasks = list(shares)
+    layers, experts = shares[tasks[0]].shape
+    fig = Figure(figsize=(min(3.0 + 0.35 * experts, 9.0) * min(layers, 3) / 1.5, 0.6 + 0.4 * len(tasks) * ((layers + 2) // 3)))
+    axes = fig.subplots((layers + 2) // 3, min(layers, 3), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i >= layers:
+            ax.set_axis_off()
+            continue
+        data = torch.stack([shares[t][i] for t in tasks]).numpy()
+        im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0.0)
+        ax.set_yticks(range(len(tasks)), tasks if i % 3 == 0 else [""] * len(tasks), fontsize=7)
+        ax.set_xticks(range(experts), [str(e) for e in range(experts)], fontsize=6)
+        ax.set_title(f"{title}: layer {i}", fontsize=8)
+        fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    return path
+
+
+class ExpertUsageCallback(L.Callback):
+    """Records expert usage while training; every ``log_every`` steps logs each task's usage share per
+    expert (mean over layers) as ``experts/<task>/<expert>``; at the end writes ``expert_usage.png`` and
+    ``expert_usage.json`` (raw totals) into the run folder. A model without experts is left alone."""
+
+    def __init__(self, log_every: int = 50, filename: str = "expert_usage.png"):
+        self.log_every, self.filename = int(log_every), filename
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        src = usage_source(pl_module.model)
+        if src is not None:
+            src.record_usage = True
+            src.expert_usage(reset=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        src = usage_source(pl_module.model)
+        if src is None or not self.log_every or trainer.global_step % self.log_every:
+            return
+        usage = src.expert_usage()
+        if not usage:
+            return
+        values = {f"experts/{t}/{e}": float(v) for t, s in usage_shares(usage).items() for e, v in enumerate(s.mean(0))}
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=trainer.global_step)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        src = usage_source(pl_module.model)
+        if src is None:
+            return
+        src.record_usage = False
+        usage = src.expert_usage()
+        if not usage or not trainer.is_global_zero:
+            return
+        out = Path(trainer.default_root_dir)
+        write_json(out / "expert_usage.json", {t: u.tolist() for t, u in usage.items()})
+        save_usage_heatmap(usage, out / self.filename)
+        for t, s in usage_shares(usage).items():
+            log.info("expert usage %s (share per expert, mean over layers): %s", t,
+                     " ".join(f"{v:.2f}" for v in s.mean(0).tolist()))
