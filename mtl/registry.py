@@ -44,3 +44,34 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+_SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def check_kwargs(fn: Callable, kwargs: dict, what: str) -> None:
+    """Refuse a keyword of the wrong scalar type before ``fn`` sees it, naming the field: a string
+    where an ``int``/``float``/``bool`` is declared (``decoder.channels="16"``) would otherwise fail
+    deep inside torch with a message about something else. Other annotations are not checked."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return
+    for key, value in kwargs.items():
+        p = params.get(key)
+        if p is None or p.annotation is inspect.Parameter.empty or value is None:
+            continue
+        hint = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", "")
+        alts = [a.strip() for a in hint.split("|")]
+        if not alts or any(a not in _SCALARS and a != "None" for a in alts):
+            continue  # containers, unions with other types, Any: not ours to judge
+        allowed = tuple(t for a in alts if a in _SCALARS for t in _SCALARS[a])
+        if isinstance(value, bool) and bool not in allowed:
+            ok = False
+        else:
+            ok = isinstance(value, allowed)
+        if not ok:
+            raise TypeError(f"{what}.{key} must be {' or '.join(a for a in alts if a != 'None')}, "
+                            f"got {value!r} ({type(value).__name__})")

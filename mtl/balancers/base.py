@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mtl.registry import Registry
+from mtl.registry import Registry, check_kwargs
 
 BALANCERS: "Registry[type[Balancer]]" = Registry("balancer")
 log = logging.getLogger("mtl.balancers")
@@ -130,6 +130,7 @@ def create_balancer(name: str, tasks: Sequence[str], **kwargs) -> Balancer:
     except TypeError as err:
         params = [p for p in inspect.signature(cls).parameters if p != "tasks"]
         raise TypeError(f"balancer {name!r}: {err}; its hyper-parameters are: {', '.join(params)}") from None
+    check_kwargs(cls, kwargs, "balancer")
     return cls(tasks, **kwargs)
 
 

@@ -1,11 +1,34 @@
-"""What every mtlkit CLI does the same way."""
+"""What every mtlkit CLI does the same way: quiet start, one-line errors, failed-run markers, the
+``run_dir:`` last line and in-process composition.
+
+A console script is a Hydra app built from two pieces::
+
+    @hydra.main(version_base="1.3", config_path="pkg://mtl.configs", config_name="train")
+    def _main(cfg):
+        run_job(cfg, train)          # train(cfg, run_dir); errors -> one line + FAILED marker
+
+    def main():
+        cli_main(_main, "mtl.configs")
+
+Errors are one line on stderr (``error: <message>``) and exit status 1; ``verbose=true`` on the
+command line or ``HYDRA_FULL_ERROR=1`` shows the full traceback instead. A run that fails after its
+folder exists keeps the folder and gets a ``FAILED`` file (message + traceback) in it, so no failed
+run looks like an unfinished or a finished one.
+"""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
+import traceback
 import warnings
+from importlib import resources
 from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+FAILED = "FAILED"
+_VERBOSE_FLAGS = {"verbose=true", "verbose=True", "verbose=1", "+verbose=true", "+verbose=True", "+verbose=1"}
 
 
 def prepare() -> None:
@@ -16,6 +39,10 @@ def prepare() -> None:
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
 
 
+def verbose() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR", "0") == "1"
+
+
 def finish(run_dir) -> None:
     """Every CLI run ends by printing its run folder as the last line."""
     sys.stdout.flush()
@@ -23,9 +50,136 @@ def finish(run_dir) -> None:
     print(f"run_dir: {os.path.abspath(str(run_dir))}", flush=True)
 
 
+def one_line(exc: BaseException) -> str:
+    """The message a user reads: the exception's first non-empty line (the rest goes to FAILED)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    text = lines[0] + (" (…)" if len(lines) > 1 else "")
+    # a KeyError of ours carries a sentence; a bare one (a missing dict key) needs its type to make sense
+    if isinstance(exc, KeyError) and type(exc).__str__ is KeyError.__str__:
+        text = f"KeyError {text}"
+    return text
+
+
+@contextlib.contextmanager
+def marks_failure(run_dir: str | os.PathLike) -> Iterator[None]:
+    """On an exception, write ``run_dir/FAILED`` (message + traceback) and re-raise."""
+    try:
+        yield
+    except BaseException as e:
+        if isinstance(e, SystemExit) and not e.code:
+            raise
+        run_dir = Path(run_dir)
+        if run_dir.is_dir():
+            from mtl.io import atomic_path
+
+            try:
+                with atomic_path(run_dir / FAILED) as tmp:
+                    tmp.write_text(f"{type(e).__name__}: {e}\n\n" + "".join(traceback.format_exception(e)))
+            except OSError:
+                pass  # the original error matters more than the marker
+        raise
+
+
+def run_job(cfg, job: Callable[[Any, Path], Any]) -> None:
+    """Body of every Hydra main: ``job(cfg, run_dir)`` with failure marking, one-line errors and the
+    ``run_dir:`` last line."""
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        with marks_failure(run_dir):
+            job(cfg, run_dir)
+    except Exception as e:
+        if verbose():
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    finish(run_dir)
+
+
+def cli_main(hydra_main: Callable[[], Any], *config_modules: str, argv: list[str] | None = None) -> None:
+    """Console-script entry: strip the ``verbose=true`` switch, check config-group choices (an unknown
+    ``task=bogus`` gets the valid names, not Hydra's search path), then run the Hydra app."""
+    argv = sys.argv if argv is None else argv
+    if any(a in _VERBOSE_FLAGS for a in argv[1:]):
+        argv[1:] = [a for a in argv[1:] if a not in _VERBOSE_FLAGS]
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+    prepare()
+    if not verbose():
+        problem = check_group_choices(argv[1:], config_modules or ("mtl.configs",))
+        if problem:
+            print(f"error: {problem}", file=sys.stderr, flush=True)
+            sys.exit(1)
+    hydra_main()
+
+
+def _group_options(config_modules: Sequence[str]) -> dict[str, set[str]]:
+    """``{group: {option, ...}}`` for every config group folder (nested ones as ``a/b``)."""
+    groups: dict[str, set[str]] = {}
+
+    def walk(node, prefix: str) -> None:
+        for child in node.iterdir():
+            if child.is_dir() and not child.name.startswith(("_", ".")):
+                name = f"{prefix}{child.name}"
+                opts = groups.setdefault(name, set())
+                opts.update(f.name[:-5] for f in child.iterdir() if f.is_file() and f.name.endswith(".yaml"))
+                walk(child, name + "/")
+
+    for module in config_modules:
+        try:
+            walk(resources.files(module), "")
+        except (ModuleNotFoundError, FileNotFoundError, NotADirectoryError):
+            continue
+    return groups
+
+
+def check_group_choices(overrides: Sequence[str], config_modules: Sequence[str]) -> str | None:
+    """The first override that picks a config-group option that does not exist, as a message."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep
+
+    args = [a for a in overrides if not a.startswith("-") and "=" in a]
+    try:
+        parsed = OverridesParser.create().parse_overrides(args)
+    except Exception:  # malformed overrides: Hydra's own message says it best
+        return None
+    groups = _group_options(config_modules)
+    for ov in parsed:
+        group = ov.key_or_group
+        if group not in groups or ov.is_delete() or ov.package:
+            continue
+        value = ov.value()
+        values = value.list if isinstance(value, ChoiceSweep) else value if isinstance(value, list) else [value]
+        for v in values:
+            for choice in (v if isinstance(v, list) else [v]):
+                if isinstance(choice, str) and choice not in groups[group] and choice != "null":
+                    return (f"unknown {group} {choice!r} in {ov.input_line!r}; valid names: "
+                            f"{', '.join(sorted(groups[group]))}")
+    return None
+
+
+def default_run_dir(name: str) -> Path:
+    """Where an in-process run goes when no folder is given: like the CLI's run folders
+    (``$MTL_OUTPUT_DIR/<name>/runs/<time>``, default ``outputs``), unique within one second too."""
+    root = Path(os.environ.get("MTL_OUTPUT_DIR") or "outputs")
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S") + f"_{time.time_ns() // 1000 % 1_000_000:06d}"
+    base = root / name / "runs" / stamp
+    path, n = base, 0
+    while True:
+        try:
+            path.mkdir(parents=True, exist_ok=False)
+            return path
+        except FileExistsError:
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
+
+
 def compose_in_process(config_module: str, config_name: str, overrides, run_dir=None):
     """Compose a CLI's Hydra config without running the app (notebooks, tests, scripts) and point its
-    output at `run_dir` (default ``outputs/<name>/runs/<time>``); returns ``(cfg, run_dir)``.
+    output at `run_dir` (default: a new folder under ``$MTL_OUTPUT_DIR/<name>/runs/``, see
+    `default_run_dir`); returns ``(cfg, run_dir)``.
 
     Safe inside another Hydra app (mtl-merge builds its smoke pool with mtl-train's config): the
     outer app's global Hydra state is restored afterwards.
@@ -43,7 +197,7 @@ def compose_in_process(config_module: str, config_name: str, overrides, run_dir=
     finally:
         restore_gh_from_backup(outer)
     if run_dir is None:
-        run_dir = Path("outputs") / cfg.name / "runs" / time.strftime("%Y-%m-%d_%H-%M-%S")
+        run_dir = default_run_dir(cfg.name)
     OmegaConf.set_struct(cfg, False)
     cfg.paths.output_dir = str(run_dir)
     return cfg, Path(run_dir)

@@ -2,24 +2,20 @@
 from __future__ import annotations
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from mtl.cli.common import finish, prepare
+from mtl.cli.common import cli_main, run_job
 
 
 @hydra.main(version_base="1.3", config_path="pkg://mtl.configs", config_name="train")
 def _main(cfg: DictConfig) -> None:
     from mtl.train import train
 
-    run_dir = HydraConfig.get().runtime.output_dir
-    train(cfg, run_dir)
-    finish(run_dir)
+    run_job(cfg, train)
 
 
 def main() -> None:
-    prepare()
-    _main()
+    cli_main(_main, "mtl.configs")
 
 
 if __name__ == "__main__":

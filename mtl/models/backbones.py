@@ -7,6 +7,7 @@ slimmable ``slim_resnet``) register in ``BACKBONES`` and take precedence over ti
 """
 from __future__ import annotations
 
+import difflib
 from typing import Any, Sequence
 
 import timm
@@ -28,8 +29,10 @@ class TimmBackbone(nn.Module):
         **kwargs: Any,
     ):
         super().__init__()
+        if not isinstance(name, str):
+            raise TypeError(f"backbone name must be a string, got {name!r} ({type(name).__name__})")
         if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
-            close = timm.list_models(f"*{name.split('_')[0]}*")[:20]
+            close = difflib.get_close_matches(name, timm.list_models(), n=10, cutoff=0.6)
             raise UnknownNameError(
                 f"unknown timm backbone {name!r}; similar names: {', '.join(close) or '(none)'}; "
                 "all names: timm.list_models()"

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from mtl.registry import Registry
+from mtl.registry import Registry, check_kwargs
 
 DECODERS: "Registry[type[nn.Module]]" = Registry("decoder")
 
 
 def create_decoder(name: str, in_channels: list[int], tasks, **kwargs) -> nn.Module:
-    return DECODERS.get(name)(in_channels, tasks, **kwargs)
+    cls = DECODERS.get(name)
+    check_kwargs(cls, kwargs, "decoder")
+    return cls(in_channels, tasks, **kwargs)

@@ -1,0 +1,81 @@
+"""CLI errors: one line naming the problem, exit status 1, the run folder marked FAILED."""
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mtl.cli import train as train_cli
+from mtl.cli.common import FAILED, check_group_choices, one_line
+
+
+def run_main(monkeypatch, tmp_path, *overrides):
+    """mtl-train's console entry in-process; returns (exit code, stderr lines, run folders)."""
+    out = tmp_path / "outputs"
+    monkeypatch.setenv("MTL_OUTPUT_DIR", str(out))
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    monkeypatch.setattr(sys, "argv", ["mtl-train", "debug=smoke", "logger=none", "viz.num_samples=0", *overrides])
+    # console handlers made by an earlier in-process run keep that test's (closed) stderr
+    for name in [None, *logging.root.manager.loggerDict]:
+        for h in getattr(logging.getLogger(name), "handlers", []):
+            if type(h) is logging.StreamHandler:
+                monkeypatch.setattr(h, "stream", sys.stderr)
+    with pytest.raises(SystemExit) as exc:
+        train_cli.main()
+    runs = sorted((out / "train" / "runs").glob("*")) if (out / "train" / "runs").is_dir() else []
+    return exc.value.code, runs
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("backbone.name=resnet_18", "unknown timm backbone 'resnet_18'; similar names: resnet18,"),
+    ("balancer.name=foo", "unknown balancer 'foo'; valid names: aligned_mtl,"),
+    ("data.name=bar", "unknown dataset 'bar'; valid names:"),
+    ('decoder.channels="16"', "decoder.channels must be int, got '16' (str)"),
+])
+def test_error_after_composition_is_one_line_and_marks_the_run_failed(monkeypatch, tmp_path, capfd, override, expected):
+    code, runs = run_main(monkeypatch, tmp_path, override)
+    err = capfd.readouterr().err
+    assert code == 1
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and expected in lines[0], err
+    assert "Traceback" not in err, err
+    assert len(runs) == 1
+    marker = (runs[0] / FAILED).read_text()
+    assert expected in marker and "Traceback" in marker  # the details stay with the run
+    assert not (runs[0] / "metrics.json").exists()
+
+
+def test_unknown_group_choice_lists_valid_names(monkeypatch, tmp_path, capfd):
+    code, runs = run_main(monkeypatch, tmp_path, "task=[semseg,bogus]")
+    err = capfd.readouterr().err.strip()
+    assert code == 1
+    assert err == ("error: unknown task 'bogus' in 'task=[semseg,bogus]'; valid names: "
+                   "classification, depth, edges, normals, regression, semseg, zoo")
+    assert runs == []  # refused before any folder exists
+
+
+def test_group_choice_check_reads_sweeps_and_ignores_plain_keys():
+    mods = ("mtl.configs",)
+    assert check_group_choices(["balancer=ew,nashmtl"], mods).startswith("unknown balancer 'nashmtl'")
+    assert check_group_choices(["task=[semseg,depth]", "balancer=ew", "experiment=null"], mods) is None
+    assert check_group_choices(["balancer.name=foo", "seed=3", "+x=1"], mods) is None
+
+
+def test_one_line_takes_the_first_line_and_names_bare_key_errors():
+    assert one_line(ValueError("first\n\tsecond")) == "first (…)"
+    assert one_line(KeyError("weight")) == "KeyError 'weight'"
+    assert one_line(RuntimeError()) == "RuntimeError"
+
+
+def test_verbose_switch_shows_the_traceback(tmp_path):
+    env = dict(os.environ, MTL_OUTPUT_DIR=str(tmp_path / "outputs"))
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run([sys.executable, "-m", "mtl.cli.train", "debug=smoke", "balancer.name=foo", "verbose=true"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "Traceback (most recent call last)" in proc.stderr
+    assert "unknown balancer 'foo'" in proc.stderr
+    runs = list((Path(tmp_path) / "outputs" / "train" / "runs").glob("*"))
+    assert len(runs) == 1 and (runs[0] / FAILED).is_file()
