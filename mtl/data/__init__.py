@@ -1,7 +1,8 @@
 """Data modules: the embedded ``scenes`` data and local HF-format datasets, served as torch tensors.
 
 ``create_datamodule("scenes", size=32, n_train=256)`` builds a registered LightningDataModule; see
-mtl/data/datamodule.py for the batch layout shared by all of them.
+mtl/data/memory.py for the batch layout shared by all of them. One module per job: memory.py (serving
+tensors), hf.py (cache location, Arrow helpers), scenes_module.py, hf_local.py, zoo/.
 """
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ from typing import Any
 
 from lightning import LightningDataModule
 
-from mtl.data.datamodule import HFImageDataModule, ScenesDataModule, TensorDictDataset, collate_batch
+from mtl.data.hf import default_cache_dir
+from mtl.data.hf_local import HFImageDataModule
+from mtl.data.memory import TensorDataModule, TensorDictDataset, collate_batch
 from mtl.data.scenes import CLASS_NAMES, SHAPE_NAMES, render_scenes
+from mtl.data.scenes_module import ScenesDataModule, materialize_scenes
 from mtl.registry import Registry
 
 DATAMODULES: "Registry[type[LightningDataModule]]" = Registry("dataset")
@@ -32,6 +36,7 @@ def create_datamodule(name: str, **kwargs: Any) -> LightningDataModule:
 
 
 __all__ = [
-    "DATAMODULES", "create_datamodule", "ScenesDataModule", "HFImageDataModule", "TensorDictDataset",
-    "collate_batch", "render_scenes", "CLASS_NAMES", "SHAPE_NAMES",
+    "DATAMODULES", "create_datamodule", "ScenesDataModule", "HFImageDataModule", "TensorDataModule",
+    "TensorDictDataset", "collate_batch", "default_cache_dir", "materialize_scenes", "render_scenes",
+    "CLASS_NAMES", "SHAPE_NAMES",
 ]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-import mtl.data.datamodule as dmod
+import mtl.data.scenes_module as dmod
 import mtl.data.scenes as scenes
 from mtl.data import DATAMODULES, HFImageDataModule, ScenesDataModule, create_datamodule
 from mtl.data.scenes import MAX_OBJECTS, camera_rays, render_scenes
@@ -221,11 +221,46 @@ def test_cache_reused_and_keyed(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == [dm.path.name]
 
 
-def test_cache_dir_from_env(tmp_path, monkeypatch):
+def test_one_cache_layout_for_python_and_cli(tmp_path, monkeypatch):
+    """Python (no cache_dir) and the CLI config put generated data in the same folder per kind."""
+    from mtl.cli.common import compose_in_process
+    from mtl.data import default_cache_dir
+
     monkeypatch.setenv("MTL_DATA_CACHE", str(tmp_path / "c"))
-    assert dmod.default_cache_dir() == tmp_path / "c"
+    assert default_cache_dir("scenes") == tmp_path / "c" / "scenes"
+    dm = ScenesDataModule(**KW)
+    dm.prepare_data()
+    assert dm.path.parent == tmp_path / "c" / "scenes"
+    for data in ("scenes", "zoo"):
+        cfg, _ = compose_in_process("mtl.configs", "train", [f"data={data}"], tmp_path / "run")
+        assert cfg.data.cache_dir == str(default_cache_dir(data))
     monkeypatch.delenv("MTL_DATA_CACHE")
-    assert dmod.default_cache_dir().parts[-3:] == (".cache", "mtlkit", "scenes")
+    assert default_cache_dir("scenes").parts[-3:] == (".cache", "mtlkit", "scenes")
+    cfg, _ = compose_in_process("mtl.configs", "train", [], tmp_path / "run")
+    assert cfg.data.cache_dir == str(default_cache_dir("scenes"))
+
+
+def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("datasets.DatasetDict.save_to_disk", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        dmod.materialize_scenes(cache_dir=tmp_path, **{k: KW[k] for k in ("size", "n_train", "n_val", "n_test")})
+    assert list(tmp_path.iterdir()) == []  # no folder, no hidden temporary
+
+
+def test_data_modules_use_the_shared_atomic_writer():
+    """mtl.io.atomic_path is the one atomic writer: no data module renames temporary folders itself."""
+    from pathlib import Path
+
+    import mtl.data
+
+    root = Path(mtl.data.__file__).parent
+    for f in root.rglob("*.py"):
+        text = f.read_text()
+        for own in ("tempfile", "os.rename(", "os.replace(", "shutil.rmtree("):
+            assert own not in text, f"{f.relative_to(root)} writes atomically on its own ({own})"
 
 
 def test_augment_flips_consistently(tmp_path):
@@ -333,3 +368,28 @@ def test_hf_local_bad_input(tmp_path):
         HFImageDataModule(tmp_path / "d").setup()
     with pytest.raises(KeyError, match="no split 'dev'"):
         HFImageDataModule(tmp_path / "d", image_column="pixels", splits={"val": "dev"}).setup()
+
+
+def test_hf_local_has_a_config_file_for_the_cli(tmp_path):
+    """``data=hf_local`` composes from configs/data/hf_local.yaml and trains end to end."""
+    import inspect
+    import json
+
+    from datasets import Array3D, Dataset, Features, Value
+
+    from mtl.cli.common import compose_in_process
+    from mtl.train import run
+
+    rng = np.random.default_rng(0)
+    feats = Features({"pixels": Array3D((16, 16, 3), "uint8"), "y": Value("int64")})
+    Dataset.from_dict({"pixels": rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8), "y": np.arange(40) % 3},
+                      features=feats).save_to_disk(str(tmp_path / "ds"))
+    cfg, _ = compose_in_process("mtl.configs", "train", ["data=hf_local", f"data.path={tmp_path / 'ds'}"])
+    params = set(inspect.signature(HFImageDataModule).parameters)
+    assert set(cfg.data) - {"name"} <= params  # every key of the file is an argument of the module
+    run_dir = run(["data=hf_local", f"data.path={tmp_path / 'ds'}", "data.image_column=pixels",
+                   "data.columns={y: classification}", "task=classification", "backbone=test_resnet",
+                   "decoder.channels=8", "trainer.max_epochs=1", "data.batch_size=8", "viz.num_samples=0",
+                   "logger=none", "~callbacks.progress_bar", "log_weights_every=0"], run_dir=tmp_path / "run")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["test"]) == {"classification"} and metrics["global_steps"] == 4  # 32 train rows / 8

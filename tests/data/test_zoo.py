@@ -190,8 +190,45 @@ def test_cache_is_a_loadable_hf_dataset(tmp_path):
 
 
 def test_default_cache_dir_follows_env(monkeypatch, tmp_path):
+    from mtl.data import default_cache_dir
+
     monkeypatch.setenv("MTL_DATA_CACHE", str(tmp_path))
-    assert zoo.default_cache_dir() == tmp_path / "zoo"
+    assert default_cache_dir("zoo") == tmp_path / "zoo"
+    assert zoo.zoo_cache_path("letters", 5, 0, 3).parent == tmp_path / "zoo"
+
+
+def test_a_failed_cache_write_leaves_nothing(tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("datasets.DatasetDict.save_to_disk", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        load_zoo_dataset("letters", 5, 0, 3, cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("defect, match", [
+    (lambda x, y: (x[:, :-1], y), "images are uint8"),
+    (lambda x, y: (x.astype(np.float32), y), "images are float32"),
+    (lambda x, y: (x, y.astype(np.int32)), "labels are int32"),
+    (lambda x, y: (x, y + 100), "labels span"),
+])
+def test_a_broken_builder_is_a_clear_error(monkeypatch, defect, match):
+    """Builder output is validated with real errors (``assert`` disappears under ``python -O``)."""
+    import dataclasses
+
+    from mtl.data.zoo._base import ZooBuilderError
+
+    spec = ZOO.get("letters")
+
+    def broken(sizes, seed, size):
+        out = spec.build(sizes, seed, size)
+        x, y, src = out["train"]
+        return {**out, "train": (*defect(x, y), src)}
+
+    monkeypatch.setitem(ZOO._items, "letters", dataclasses.replace(spec, build=broken))
+    with pytest.raises(ZooBuilderError, match=f"'letters', split 'train'.*{match}"):
+        build_zoo_dataset("letters", 4, 0, 2)
 
 
 def test_datamodule_batches(tmp_path):

@@ -9,7 +9,7 @@ scikit-image, mnist1d: the `zoo` extra) or procedurally (matplotlib's fonts, num
 from mtl.data.zoo import real as _real  # noqa: F401  (registers the datasets)
 from mtl.data.zoo import synthetic as _synthetic  # noqa: F401
 from mtl.data.zoo._base import SPLITS, ZOO, ZooSpec, build_zoo_dataset, class_names, num_classes
-from mtl.data.zoo.cache import default_cache_dir, load_zoo_dataset, zoo_cache_path
+from mtl.data.zoo.cache import load_zoo_dataset, zoo_cache_path
 from mtl.data.zoo.datamodule import ZooDataModule
 
 #: the 8 evaluation tasks; `pretrain` is the base model's data and never one of them
@@ -17,6 +17,6 @@ ZOO_TASKS = ("mnist", "digits", "textures", "faces", "mnist1d", "letters", "svhn
 
 __all__ = [
     "SPLITS", "ZOO", "ZOO_TASKS", "ZooSpec", "ZooDataModule", "build_zoo_dataset", "load_zoo_dataset",
-    "zoo_cache_path", "default_cache_dir", "num_classes", "class_names",
+    "zoo_cache_path", "num_classes", "class_names",
 ]
 

@@ -117,12 +117,25 @@ def build_zoo_dataset(name: str, n_train: int | None = None, n_val: int | None =
     for split in SPLITS:
         images, labels, sources = out[split]
         n = sizes[split]
-        # cheap guards: a builder bug would otherwise surface as a shape error deep in training
-        assert images.shape == (n, size, size, 3) and images.dtype == np.uint8, (name, split, images.shape)
-        assert labels.shape == (n,) and labels.dtype == np.int64, (name, split, labels.shape)
-        assert n == 0 or (labels.min() >= 0 and labels.max() < spec.num_classes), (name, split)
+        _check_split(name, split, images, labels, n, size, spec.num_classes)
         result[split] = (images, labels, sources) if return_sources else (images, labels)
     return result
+
+
+class ZooBuilderError(ValueError):
+    """A zoo builder returned arrays of the wrong shape, dtype or label range."""
+
+
+def _check_split(name: str, split: str, images: np.ndarray, labels: np.ndarray, n: int, size: int,
+                 classes: int) -> None:
+    # cheap guards: a builder bug would otherwise surface as a shape error deep in training
+    where = f"zoo dataset {name!r}, split {split!r}"
+    if images.shape != (n, size, size, 3) or images.dtype != np.uint8:
+        raise ZooBuilderError(f"{where}: images are {images.dtype} {images.shape}, expected uint8 {(n, size, size, 3)}")
+    if labels.shape != (n,) or labels.dtype != np.int64:
+        raise ZooBuilderError(f"{where}: labels are {labels.dtype} {labels.shape}, expected int64 {(n,)}")
+    if n and (labels.min() < 0 or labels.max() >= classes):
+        raise ZooBuilderError(f"{where}: labels span [{labels.min()}, {labels.max()}], expected [0, {classes - 1}]")
 
 
 def num_classes(name: str) -> int:

@@ -1,42 +1,23 @@
 """Disk cache for zoo datasets: HF `datasets` folders keyed by every generation parameter."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from mtl.data.hf import default_cache_dir, quiet_datasets
 from mtl.data.zoo._base import SPLITS, ZOO, build_zoo_dataset, check_size, resolve_sizes
+from mtl.io import atomic_path
 
 FORMAT_VERSION = 1  # bump when the on-disk layout changes
-
-
-def default_cache_dir() -> Path:
-    root = os.environ.get("MTL_DATA_CACHE")
-    return Path(root) / "zoo" if root else Path.home() / ".cache" / "mtlkit" / "zoo"
 
 
 def cache_key(name: str, sizes: dict[str, int], seed: int, size: int) -> str:
     spec = ZOO.get(name)
     n = "-".join(str(sizes[s]) for s in SPLITS)
     return f"{name}_s{size}_seed{seed}_n{n}_v{FORMAT_VERSION}.{spec.version}"
-
-
-@contextlib.contextmanager
-def _quiet():
-    from datasets.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _to_hf(images: np.ndarray, labels: np.ndarray, names: tuple[str, ...]):
@@ -70,28 +51,18 @@ def _from_hf(ds, size: int) -> tuple[np.ndarray, np.ndarray]:
 
 def save_zoo_dataset(splits: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike,
                      name: str, meta: dict) -> Path:
-    """Write splits as an HF DatasetDict to a temporary sibling folder, then rename it into place."""
+    """Write splits as an HF DatasetDict plus ``zoo.json``; the folder appears complete or not at all."""
     import datasets
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        names = ZOO.get(name).class_names
-        # datasets cannot reload an empty split it saved, so empty splits are left out
-        dd = datasets.DatasetDict({s: _to_hf(*splits[s], names) for s in SPLITS if len(splits[s][1])})
-        with _quiet():
+    names = ZOO.get(name).class_names
+    # datasets cannot reload an empty split it saved, so empty splits are left out
+    dd = datasets.DatasetDict({s: _to_hf(*splits[s], names) for s in SPLITS if len(splits[s][1])})
+    with atomic_path(path) as tmp:
+        tmp.mkdir()
+        with quiet_datasets():
             dd.save_to_disk(str(tmp / "data"))
         (tmp / "zoo.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            # another process finished the same key first; its copy is identical
-            if not (path / "zoo.json").exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
@@ -116,7 +87,8 @@ def load_zoo_dataset(name: str, n_train: int | None = None, n_val: int | None = 
                 "source": spec.source, "version": [FORMAT_VERSION, spec.version]}
         save_zoo_dataset(splits, path, name, meta)
         return splits
-    dd = datasets.load_from_disk(str(path / "data"))
+    with quiet_datasets():
+        dd = datasets.load_from_disk(str(path / "data"))
     empty = (np.empty((0, size, size, 3), np.uint8), np.empty((0,), np.int64))
     return {s: _from_hf(dd[s], size) if s in dd else empty for s in SPLITS}
 
@@ -125,5 +97,5 @@ def zoo_cache_path(name: str, n_train: int | None = None, n_val: int | None = No
                    n_test: int | None = None, *, seed: int = 0, size: int = 32,
                    cache_dir: str | os.PathLike | None = None) -> Path:
     sizes = resolve_sizes(ZOO.get(name), n_train, n_val, n_test)
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir("zoo")
     return root / cache_key(name, sizes, int(seed), check_size(size))

@@ -6,12 +6,12 @@ import os
 import numpy as np
 import torch
 
-from mtl.data.datamodule import TensorDictDataset, _TensorDataModule
+from mtl.data.memory import TensorDataModule, TensorDictDataset
 from mtl.data.zoo._base import ZOO, check_size
 from mtl.data.zoo.cache import load_zoo_dataset
 
 
-class ZooDataModule(_TensorDataModule):
+class ZooDataModule(TensorDataModule):
     """One zoo classification dataset as batches {"image": uint8 (B,3,H,W), target_key: int64 (B,)}.
 
     `target_key` defaults to the dataset name, so a classification task named like the dataset reads it.

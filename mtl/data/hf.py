@@ -1,0 +1,56 @@
+"""What every on-disk data source shares: the cache location, Arrow columns as arrays, and a quiet
+HF ``datasets`` (its progress bars hidden while mtlkit reads or writes its own caches)."""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+
+def default_cache_dir(kind: str) -> Path:
+    """Where generated data of one kind (``scenes``, ``zoo``) is cached when no ``cache_dir`` is given:
+    ``$MTL_DATA_CACHE/<kind>``, else ``~/.cache/mtlkit/<kind>``. The CLI's ``paths.data_cache`` +
+    ``/<kind>`` resolves to the same folder, so Python and CLI runs share one cache."""
+    root = os.environ.get("MTL_DATA_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "mtlkit") / kind
+
+
+@contextlib.contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """Hide HF datasets' progress bars for the duration, restoring the user's setting after."""
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
+
+
+def arrow_to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A numeric column, possibly of (nested) equal-length lists, as one (N, ...) array, no per-row work."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    n, shape = len(arr), []
+    while True:
+        if isinstance(arr, pa.ExtensionArray):  # e.g. datasets' Array2D/Array3D
+            arr = arr.storage
+        elif pa.types.is_fixed_size_list(arr.type):
+            shape.append(arr.type.list_size)
+            arr = arr.flatten()
+        elif pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+            lengths = np.diff(arr.offsets.to_numpy())
+            if len(lengths) and (lengths != lengths[0]).any():
+                raise ValueError("list column has rows of different lengths; cannot stack it into a tensor")
+            shape.append(int(lengths[0]) if len(lengths) else 0)
+            arr = arr.flatten()
+        else:
+            break
+    if arr.null_count:
+        raise ValueError("column holds missing values")
+    return arr.to_numpy(zero_copy_only=False).reshape(n, *shape)

@@ -1,0 +1,224 @@
+"""``hf_local``: any local HF-format dataset with an image column (the real-data path), converted once
+into in-memory tensors in the batch layout of mtl/data/memory.py."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from mtl.data.hf import arrow_to_numpy, quiet_datasets
+from mtl.data.memory import SPLITS, TensorDataModule, TensorDictDataset
+
+log = logging.getLogger(__name__)
+
+_VAL_NAMES = ("validation", "val", "valid", "dev")
+_DENSE_KEYS = {"semseg": 0, "depth": 1, "normals": 3, "edges": 1}  # key -> channels (0: no channel axis)
+
+
+def _open_local(path: Path) -> dict[str, Any]:
+    """{split name: datasets.Dataset} from a save_to_disk folder or parquet/arrow files."""
+    from datasets import Dataset, DatasetDict, load_from_disk
+    from datasets.table import InMemoryTable
+
+    if not path.exists():
+        raise FileNotFoundError(f"hf_local: no dataset at {str(path)!r} (expected a save_to_disk folder, "
+                                "or .parquet/.arrow files)")
+    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+        with quiet_datasets():
+            loaded = load_from_disk(str(path))
+        return dict(loaded) if isinstance(loaded, DatasetDict) else {"train": loaded}
+    files = sorted(p for p in (path.rglob("*") if path.is_dir() else [path])
+                   if p.suffix in (".parquet", ".arrow") and p.is_file())
+    if not files:
+        raise FileNotFoundError(f"hf_local: {str(path)!r} holds no save_to_disk dataset and no "
+                                ".parquet/.arrow files")
+    by_split: dict[str, list[pa.Table]] = {}
+    for f in files:
+        rel = str(f.relative_to(path)).lower() if path.is_dir() else f.name.lower()
+        split = next((s for s in ("train", "test", *_VAL_NAMES) if s in rel), "train")
+        by_split.setdefault(split, []).append(_read_table(f))
+    return {s: Dataset(InMemoryTable(pa.concat_tables(ts))) for s, ts in by_split.items()}
+
+
+def _read_table(f: Path) -> pa.Table:
+    if f.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(f)
+    with pa.memory_map(str(f)) as src:  # datasets writes the IPC stream format; plain files also exist
+        try:
+            return pa.ipc.open_stream(src).read_all()
+        except pa.ArrowInvalid:
+            src.seek(0)
+            return pa.ipc.open_file(src).read_all()
+
+
+def _decode_images(ds, column: str, size: int | None, label: bool) -> np.ndarray:
+    """An ``Image`` column decoded with PIL (and resized when ``size`` is given) into one array."""
+    from PIL import Image as PILImage
+
+    out = []
+    for batch in ds.select_columns([column]).iter(batch_size=256):
+        for img in batch[column]:
+            if not label:
+                img = img.convert("RGB")
+            if size is not None and img.size != (size, size):
+                img = img.resize((size, size), PILImage.NEAREST if label else PILImage.BILINEAR)
+            out.append(np.asarray(img))
+    shapes = {a.shape for a in out}
+    if len(shapes) > 1:
+        raise ValueError(f"hf_local: column {column!r} has images of several sizes {sorted(shapes)[:4]}; "
+                         "pass image_size to resize them")
+    return np.stack(out) if out else np.zeros((0,), np.uint8)
+
+
+def _resize(x: torch.Tensor, size: int | None, nearest: bool) -> torch.Tensor:
+    if size is None or tuple(x.shape[-2:]) == (size, size):
+        return x
+    if nearest:
+        return F.interpolate(x.float(), size=(size, size), mode="nearest").to(x.dtype)
+    y = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return y.round().clamp(0, 255).to(x.dtype) if x.dtype == torch.uint8 else y
+
+
+def _channels_first(a: np.ndarray, channels: int) -> np.ndarray:
+    """(N, H, W, C) -> (N, C, H, W) when the trailing axis looks like channels; (N, H, W) -> (N, 1, H, W)."""
+    if a.ndim == 3:
+        return a[:, None]
+    if a.ndim == 4 and a.shape[-1] == channels and a.shape[1] != channels:
+        return a.transpose(0, 3, 1, 2)
+    return a
+
+
+class HFImageDataModule(TensorDataModule):
+    """Any local HF-format dataset with an image column: the real-data path.
+
+    ``path``: a ``save_to_disk`` folder (DatasetDict or Dataset) or a folder/file of parquet or arrow
+    files (the split is read from each file's path: train / validation|val|valid|dev / test; other
+    files count as train). ``columns`` maps dataset columns to batch keys, e.g.
+    ``{"label": "classification", "mask": "semseg"}``. Known keys get the batch layout of mtl/data/memory.py's
+    docstring (dense ones resized with nearest neighbour); other keys keep their shape, ints as int64
+    and floats as float32. Missing val/test splits are carved from train (``val_fraction``,
+    ``test_fraction``, seeded). Class counts come from ``semseg_classes``/``classification_classes`` or
+    are inferred from the labels (semseg ignores 255).
+    """
+
+    def __init__(self, path: str | os.PathLike, image_column: str = "image",
+                 columns: Mapping[str, str] | None = None, image_size: int | None = None,
+                 splits: Mapping[str, str] | None = None, val_fraction: float = 0.1,
+                 test_fraction: float = 0.1, seed: int = 0, batch_size: int = 32, num_workers: int = 0,
+                 augment: bool = False, semseg_classes: int | None = None,
+                 classification_classes: int | None = None):
+        super().__init__(batch_size=batch_size, num_workers=num_workers, augment=augment)
+        self.save_hyperparameters()
+        self.path = Path(os.path.expanduser(str(path)))
+        self.image_column = image_column
+        self.columns = dict(columns or {})
+        self.image_size = image_size
+        self.splits = dict(splits or {})
+        self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
+        self._classes = {"semseg_classes": semseg_classes, "classification_classes": classification_classes}
+
+    @property
+    def info(self) -> dict[str, Any]:
+        self.setup()
+        info: dict[str, Any] = {"image_size": int(self._data["train"].tensors["image"].shape[-1])}
+        for name, key in (("semseg_classes", "semseg"), ("classification_classes", "classification")):
+            if self._classes[name] is not None:
+                info[name] = self._classes[name]
+            elif key in self.columns.values():
+                labels = torch.cat([d.tensors[key].flatten() for d in self._data.values()])
+                labels = labels[labels != 255] if key == "semseg" else labels
+                info[name] = int(labels.max()) + 1 if labels.numel() else 0
+        if "regression" in self.columns.values():
+            info["regression_dims"] = int(self._data["train"].tensors["regression"].shape[1])
+        return info
+
+    def _convert(self, ds) -> dict[str, torch.Tensor]:
+        from datasets import Image
+
+        missing = [c for c in (self.image_column, *self.columns) if c not in ds.column_names]
+        if missing:
+            raise KeyError(f"hf_local: {str(self.path)!r} has no column(s) {missing}; "
+                           f"columns: {', '.join(ds.column_names)}")
+        table = ds.data.table
+
+        def raw(column: str, label: bool) -> np.ndarray:
+            if isinstance(ds.features[column], Image):
+                return _decode_images(ds, column, self.image_size, label)
+            return arrow_to_numpy(table.column(column))
+
+        img = raw(self.image_column, label=False)
+        if img.ndim == 3:  # grayscale arrays
+            img = np.repeat(img[..., None], 3, -1)
+        img = _channels_first(img, 3)
+        if img.shape[1] == 1:
+            img = np.repeat(img, 3, 1)
+        if img.dtype != np.uint8:
+            scale = 255.0 if np.issubdtype(img.dtype, np.floating) and img.size and img.max() <= 1.0 else 1.0
+            img = np.clip(np.round(img * scale), 0, 255).astype(np.uint8)
+        image = _resize(torch.from_numpy(np.ascontiguousarray(img)), self.image_size, nearest=False)
+        out = {"image": image}
+        for column, key in self.columns.items():
+            a = raw(column, label=True)
+            integer = np.issubdtype(a.dtype, np.integer) or a.dtype == bool
+            if key in _DENSE_KEYS:
+                ch = _DENSE_KEYS[key]
+                t = torch.from_numpy(np.ascontiguousarray(_channels_first(a, max(ch, 1))))
+                t = _resize(t, self.image_size, nearest=True)
+                if key == "semseg":
+                    t = t[:, 0] if t.ndim == 4 else t
+                    out[key] = t.to(torch.int64)
+                elif key == "normals" and t.dtype == torch.uint8:
+                    # the usual 8-bit PNG encoding maps [-1, 1] to 0..255
+                    out[key] = F.normalize(t.to(torch.float32) / 127.5 - 1, dim=1)
+                else:
+                    out[key] = t.to(torch.float32)
+            elif key == "classification":
+                out[key] = torch.from_numpy(a.astype(np.int64)).view(-1)
+            elif key == "regression":
+                t = torch.from_numpy(a.astype(np.float32))
+                out[key] = t.view(len(t), -1)
+            else:
+                out[key] = torch.from_numpy(a.astype(np.int64 if integer else np.float32))
+        return out
+
+    def _load(self) -> dict[str, TensorDictDataset]:
+        available = _open_local(self.path)
+        chosen: dict[str, Any] = {}
+        for split in SPLITS:
+            name = self.splits.get(split)
+            if name is None:
+                candidates = ("train",) if split == "train" else _VAL_NAMES if split == "val" else ("test",)
+                name = next((c for c in candidates if c in available), None)
+            elif name not in available:
+                raise KeyError(f"hf_local: {str(self.path)!r} has no split {name!r}; "
+                               f"splits: {', '.join(sorted(available))}")
+            if name is not None:
+                chosen[split] = available[name]
+        if "train" not in chosen:
+            raise KeyError(f"hf_local: {str(self.path)!r} has no train split; splits: "
+                           f"{', '.join(sorted(available))} (map one with splits={{'train': ...}})")
+        tensors = {sp: self._convert(ds) for sp, ds in chosen.items()}
+        carve = [sp for sp, frac in (("val", self.val_fraction), ("test", self.test_fraction)) if sp not in tensors]
+        if carve:
+            train = tensors["train"]
+            n = len(train["image"])
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+            lo = 0
+            for sp in carve:
+                frac = self.val_fraction if sp == "val" else self.test_fraction
+                k = max(1, int(round(n * frac)))
+                tensors[sp] = {key: v[perm[lo : lo + k]] for key, v in train.items()}
+                lo += k
+            if lo >= n:
+                raise ValueError(f"hf_local: {n} training rows are too few to carve {carve} from")
+            tensors["train"] = {key: v[perm[lo:]] for key, v in train.items()}
+            log.info("hf_local: carved %s from the train split of %s", carve, self.path)
+        return {sp: TensorDictDataset(t) for sp, t in tensors.items()}

@@ -1,0 +1,131 @@
+"""Serving a dataset held in memory as torch tensors: the dataset, the batch collation, the one
+augmentation and the LightningDataModule base every mtlkit data module builds on.
+
+A batch is one tensor index per key (``__getitems__``), with no per-row formatting. Batch layout
+(what the task code relies on):
+
+    image           uint8   (B, 3, H, W)
+    semseg          int64   (B, H, W)
+    depth           float32 (B, 1, H, W)   0 = invalid
+    normals         float32 (B, 3, H, W)   unit, camera frame (x right, y down, z forward)
+    edges           float32 (B, 1, H, W)   0/1
+    classification  int64   (B,)
+    regression      float32 (B, k)
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+SPLITS = ("train", "val", "test")
+
+
+class TensorDictDataset(Dataset):
+    """Rows of a dict of equally long tensors; ``__getitems__`` serves a whole batch at once.
+
+    ``cast`` maps keys to the dtype a batch should carry when storage keeps a smaller one (uint8 label
+    maps become int64 / float32 per batch, which is cheap, instead of 8x the memory for the split).
+    """
+
+    def __init__(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        cast: Mapping[str, torch.dtype] | None = None,
+        transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+    ):
+        lengths = {k: len(v) for k, v in tensors.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"columns differ in length: {lengths}")
+        self.tensors = dict(tensors)
+        self.cast = dict(cast or {})
+        self.transform = transform
+        self._len = next(iter(lengths.values()), 0)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        out = {}
+        for k, t in self.tensors.items():
+            v = t[idx]
+            out[k] = v.to(self.cast[k]) if k in self.cast else v
+        return self.transform(out) if self.transform is not None else out
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.__getitems__([i]).items()}
+
+
+def collate_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``__getitems__`` already returns the batch; module-level so worker processes can pickle it."""
+    return batch
+
+
+def random_hflip(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Flip half the samples left-right; dense targets follow and normals' x component changes sign."""
+    first = next(iter(batch.values()))
+    flip = torch.rand(len(first)) < 0.5
+    if not flip.any():
+        return batch
+    for k, v in batch.items():
+        if v.ndim >= 3:  # (B, H, W) or (B, C, H, W)
+            v[flip] = v[flip].flip(-1)
+            if k == "normals":
+                v[flip, 0] = -v[flip, 0]
+    return batch
+
+
+class TensorDataModule(LightningDataModule):
+    """Shared loaders: subclasses fill ``self._data[split]`` with TensorDictDatasets in ``_load``."""
+
+    def __init__(self, batch_size: int = 32, num_workers: int = 0, augment: bool = False):
+        super().__init__()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.augment = augment
+        self._data: dict[str, TensorDictDataset] = {}
+
+    def _load(self) -> dict[str, TensorDictDataset]:
+        raise TypeError(f"{type(self).__name__} must implement _load")
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self._data:  # every split at once: loading is fast and Lightning calls setup per stage
+            self._data = self._load()
+            if self.augment:
+                self._data["train"].transform = random_hflip
+
+    def dataset(self, split: str) -> TensorDictDataset:
+        if split not in SPLITS:
+            raise KeyError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+        self.setup()
+        return self._data[split]
+
+    def _loader_options(self, shuffle: bool) -> dict[str, Any]:
+        """Extra DataLoader arguments of a subclass (a seeded generator, pin_memory, ...)."""
+        return {}
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.dataset(split),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=collate_batch,
+            persistent_workers=self.num_workers > 0,
+            **self._loader_options(shuffle),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
