@@ -139,8 +139,12 @@ def build_problem(pretrained, finetuned, *, model: nn.Module | None = None, task
                 ctx.tv(k, t, pre=pre, out=stack[t])
             # A model built here already holds θ0: share its storage instead of a second copy.
             mine = own[k].detach()
+            if not stack.any():  # no fine-tune changed it (frozen layers, a linearised model's θ0): nothing to learn
+                continue
             theta0[k] = mine if built and mine.dtype == pre.dtype else pre.to(device, copy=True)
             taus[k] = stack.to(device)
     finally:
         ctx.close()
+    if not theta0:
+        raise MergeInputError("nothing to learn: the fine-tuned models do not differ from the pretrained one")
     return MergeProblem(model, list(theta0), theta0, taus, names, vector_tasks, kinds, device)

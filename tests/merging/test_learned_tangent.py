@@ -1,0 +1,115 @@
+"""Tangent-space (linearised) models: equal to the plain model at θ0, linear in θ − θ0, trainable,
+reloadable from a folder, and mergeable by the learned merges through functional_call."""
+import pytest
+import torch
+
+import merging
+import mtl
+from mtl.models import LinearizedModel, create_model, linearize
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def plain_model(seed=0):
+    torch.manual_seed(seed)
+    tasks = [{"kind": "classification", "name": "a", "num_classes": 3}, {"kind": "semseg", "name": "s", "num_classes": 4}]
+    m = create_model(tasks, backbone={"name": "test_resnet", "out_indices": [1, 2, 3]},
+                     decoder={"name": "hps", "channels": 8})
+    return m.double().eval()
+
+
+def offsets(model, seed, scale=1e-2):
+    g = torch.Generator().manual_seed(seed)
+    return {n: scale * torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in model.named_parameters()
+            if not n.startswith("decoder.heads.")}
+
+
+def shared_at(model, delta):
+    params = {n: p.detach() + delta[n] for n, p in model.named_parameters() if n in delta}
+    return torch.func.functional_call(model, params, (X,), {"tasks": ["a"]}, strict=False)["a"]
+
+
+X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+def test_linearized_equals_plain_at_theta0():
+    plain = plain_model()
+    lin = linearize(plain).eval()
+    assert isinstance(lin, LinearizedModel) and lin.config["family"] == "linearized"
+    with torch.no_grad():
+        a, b = plain(X), lin(X)
+    for t in a:
+        torch.testing.assert_close(a[t], b[t], rtol=1e-10, atol=1e-10)
+
+
+def test_linearized_output_is_linear_in_the_offset():
+    """f_lin(θ0 + α δ1 + β δ2) = f(θ0) + α [f_lin(θ0 + δ1) − f(θ0)] + β [f_lin(θ0 + δ2) − f(θ0)]."""
+    lin = linearize(plain_model()).eval()
+    d1, d2 = offsets(lin, 1), offsets(lin, 2)
+    zero = {n: torch.zeros_like(v) for n, v in d1.items()}
+    with torch.no_grad():
+        # heads are linear layers on the shared features here, so the logits are linear in θ − θ0 too
+        f0, f1, f2 = shared_at(lin, zero), shared_at(lin, d1), shared_at(lin, d2)
+        alpha, beta = 0.7, -1.3
+        mix = shared_at(lin, {n: alpha * d1[n] + beta * d2[n] for n in d1})
+    torch.testing.assert_close(mix, f0 + alpha * (f1 - f0) + beta * (f2 - f0), rtol=1e-9, atol=1e-9)
+
+
+def test_linearized_is_the_first_order_expansion():
+    """f(θ0 + εδ) − f_lin(θ0 + εδ) shrinks like ε²: the tangent term is the true derivative."""
+    plain = plain_model()
+    lin = linearize(plain).eval()
+    d = offsets(lin, 3, scale=1.0)
+    errs = []
+    with torch.no_grad():
+        for eps in (1e-2, 1e-3):
+            delta = {n: eps * v for n, v in d.items()}
+            errs.append(float((shared_at(plain, delta) - shared_at(lin, delta)).abs().max()))
+    assert errs[1] < errs[0] / 30  # quadratic: ~100× smaller for 10× smaller ε
+
+
+def test_linearized_trains_and_reloads(tmp_path):
+    lin = linearize(plain_model().float()).train()
+    assert all(not m.training for m in lin.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    x = X.float()
+    loss = lin(x, tasks=["a"])["a"].logsumexp(1).mean()
+    loss.backward()
+    assert lin.backbone.body.conv1[0].weight.grad is not None
+    opt.step()
+    point_before = {k: v.clone() for k, v in lin.point().items()}
+    mtl.save_model(lin, tmp_path / "lin")
+    back = mtl.load_model(tmp_path / "lin")
+    assert isinstance(back, LinearizedModel)
+    assert all(torch.equal(back.point()[k], point_before[k]) for k in point_before)
+    back.eval(), lin.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x)["s"], lin(x)["s"])
+
+
+def test_learned_merge_of_linearized_models_matches_task_arithmetic_at_zero_steps():
+    """θ0's buffers travel in every linearised fine-tune; tensors nobody changed get no coefficient."""
+    base = linearize(plain_model().float()).eval()
+    pre = {k: v.clone() for k, v in base.state_dict().items()}
+    fts = []
+    for i in range(2):
+        d = offsets(base, 10 + i)
+        fts.append({k: v + d[k].float() if k in d else v.clone() for k, v in pre.items()})
+    data = {"a": [X.float()], "s": [X.float()]}
+    res = merging.learn("adamerging", pre, fts, unlabeled=data, model=base, tasks=["a", "s"], steps=0, progress=False)
+    assert not any(g.startswith("theta0.") for g in res.groups)
+    assert not any(".heads." in k for k in res.state_dict)  # task-specific: never merged
+    for k in res.state_dict:
+        if k.startswith("theta0.") or not pre[k].is_floating_point():
+            assert torch.equal(res.state_dict[k], pre[k])
+    w = "backbone.body.conv1.0.weight"
+    torch.testing.assert_close(res.state_dict[w], pre[w] + 0.3 * (fts[0][w] - pre[w]) + 0.3 * (fts[1][w] - pre[w]))
+    res = merging.learn("adamerging", pre, fts, unlabeled=data, model=base, tasks=["a", "s"], steps=3, lr=0.05,
+                        granularity="task", progress=False)
+    assert not torch.equal(res.coefficients, torch.full((2,), 0.3))
