@@ -7,6 +7,8 @@ checks the request and optionally writes the model folder.
 from __future__ import annotations
 
 import os
+import sys
+import types
 from typing import Any
 
 from torch import nn
@@ -31,3 +33,13 @@ def extract(model: nn.Module, *, out: str | os.PathLike | None = None, overwrite
 
 def _jsonable(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool, list, dict, type(None)))}
+
+
+class _CallableModule(types.ModuleType):
+    # ``mtl.extract`` names both this module and its function: once the module is imported, Python binds
+    # the package attribute ``mtl.extract`` to the module, so calling the module must do the same thing.
+    def __call__(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        return extract(model, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,185 @@
+"""Slimmable layers and the slimmable family against plain networks holding the same (sliced) weights."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mtl
+from mtl.models import MultiTaskModel, create_model
+from mtl.models.slimmable import SlimConv2d, SlimLinear, SwitchableBatchNorm2d
+from mtl.models.slimmable.layers import SLIM_TYPES
+
+TASKS = ["semseg", "depth", "classification"]
+BB = {"name": "slim_resnet", "stem": 8, "channels": [8, 16, 16], "depths": [1, 2, 1], "out_indices": [1, 2, 3]}
+DEC = {"name": "slimmable", "channels": 12}
+
+
+def slim_model(seed=0):
+    torch.manual_seed(seed)
+    m = create_model(TASKS, backbone=BB, decoder=DEC, family="slimmable")
+    # non-trivial BN statistics and affine parameters in every row
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, SwitchableBatchNorm2d):
+                mod.running_means.normal_(0, 0.1)
+                mod.running_vars.uniform_(0.5, 1.5)
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.normal_(0, 0.1)
+    return m.eval()
+
+
+def c(full, w):
+    return max(1, int(full * w + 0.5))
+
+
+def plain_twin(slim, enc, dec_widths):
+    """A plain MultiTaskModel of the same topology at the given widths, filled by leading slices (test's own)."""
+    bb = {**BB, "widths": None, "stem": c(8, enc), "channels": [c(8, enc), c(16, enc), c(16, enc)]}
+    dec = {"name": "slimmable", "widths": None, "channels": c(12, enc),
+           "head_channels": {t: c(12, w) for t, w in dec_widths.items()}}
+    plain = create_model(TASKS, backbone=bb, decoder=dec)
+    src = slim.state_dict()
+    ws = list(slim.width_set)
+    state = {}
+    for key, target in plain.state_dict().items():
+        if key.endswith("running_mean") or key.endswith("running_var"):
+            rows = src[key + "s"]
+            group = enc if key.startswith(("backbone.", "decoder.neck.")) else dec_widths[key.split(".")[2]]
+            v = rows[ws.index(group)]
+        else:
+            v = src[key]
+        state[key] = v[tuple(slice(0, s) for s in target.shape)].clone()
+    plain.load_state_dict(state)
+    return plain.eval()
+
+
+X = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+
+
+def test_full_width_equals_plain_network_with_the_same_weights():
+    slim = slim_model()
+    plain = plain_twin(slim, 1.0, {t: 1.0 for t in TASKS})
+    a, b = slim(X), plain(X)
+    for t in TASKS:
+        torch.testing.assert_close(a[t], b[t], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("enc,dec", [(0.5, {"semseg": 0.25, "depth": 1.0, "classification": 0.75}),
+                                     (0.25, {"semseg": 0.25, "depth": 0.25, "classification": 0.25})])
+def test_width_w_equals_plain_network_holding_the_sliced_weights(enc, dec):
+    slim = slim_model()
+    slim.set_widths(encoder=enc, decoders=dec)
+    plain = plain_twin(slim, enc, dec)
+    a, b = slim(X), plain(X)
+    for t in TASKS:
+        torch.testing.assert_close(a[t], b[t], rtol=0, atol=1e-5)
+
+
+def test_slim_conv_and_linear_use_the_leading_slices():
+    torch.manual_seed(0)
+    conv = SlimConv2d(8, 6, 3, padding=1, in_key="a", out_key="b")
+    conv.in_width, conv.out_width = 0.5, 0.5
+    x = torch.randn(2, 4, 5, 5)
+    torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight[:3, :4], conv.bias[:3], padding=1))
+    lin = SlimLinear(8, 4, in_key="a")  # output side fixed
+    lin.in_width = 0.25
+    x = torch.randn(3, 2)
+    torch.testing.assert_close(lin(x), x @ lin.weight[:, :2].T + lin.bias)
+
+
+def test_switchable_bn_keeps_separate_statistics_per_width():
+    bn = SwitchableBatchNorm2d(4, widths=[0.5, 1.0], key="g", momentum=0.5)
+    bn.train()
+    x = torch.randn(8, 2, 3, 3) * 3 + 2
+    bn.width = 0.5
+    bn(x)
+    batch_mean = x.mean(dim=(0, 2, 3))
+    batch_var = x.var(dim=(0, 2, 3), unbiased=True)
+    torch.testing.assert_close(bn.running_means[0, :2], 0.5 * batch_mean)
+    torch.testing.assert_close(bn.running_vars[0, :2], 0.5 * 1 + 0.5 * batch_var)
+    # the full width's row (and the unused channels) are untouched
+    assert torch.equal(bn.running_means[1], torch.zeros(4)) and torch.equal(bn.running_vars[1], torch.ones(4))
+    assert torch.equal(bn.running_means[0, 2:], torch.zeros(2))
+    # eval at each width normalises with its own row
+    bn.eval()
+    y = bn(x)
+    expect = (x - bn.running_means[0, :2].view(1, -1, 1, 1)) / torch.sqrt(bn.running_vars[0, :2].view(1, -1, 1, 1) + bn.eps)
+    torch.testing.assert_close(y, expect * bn.weight[:2].view(1, -1, 1, 1) + bn.bias[:2].view(1, -1, 1, 1))
+
+
+def test_calibrated_width_gets_its_own_statistics_from_the_batches():
+    slim = slim_model()
+    before = {k: v.clone() for k, v in slim.state_dict().items()}
+    batch = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    assert slim.calibrate_widths([0.6], [batch]) == [0.25, 0.5, 0.6, 0.75, 1.0]
+    stem_conv, stem_bn = slim.backbone.stem[0], slim.backbone.stem[1]
+    k = 2
+    ch = c(8, 0.6)
+    pre = F.conv2d(slim.normalize(batch), stem_conv.weight[:ch], None, 2, 1)  # the stem's input to BN at 0.6
+    torch.testing.assert_close(stem_bn.running_means[k, :ch], pre.mean(dim=(0, 2, 3)), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(stem_bn.running_vars[k, :ch], pre.var(dim=(0, 2, 3)), atol=1e-5, rtol=1e-4)
+    # the rows of the old widths are untouched, the model stays in eval mode at its old widths
+    assert torch.equal(stem_bn.running_means[[0, 1, 3, 4]], before["backbone.stem.1.running_means"])
+    assert not slim.training and slim.widths["encoder"] == 1.0
+    slim.set_widths(encoder=0.6, decoders=0.6)
+    out = slim(X)
+    assert out["depth"].shape == (2, 1, 32, 32)
+    assert slim.config["backbone"]["widths"] == [0.25, 0.5, 0.6, 0.75, 1.0]
+
+
+def test_folder_round_trip_identical_at_every_width(tmp_path):
+    slim = slim_model()
+    mtl.save_model(slim, tmp_path / "m")
+    again = mtl.load_model(tmp_path / "m")
+    assert again.config["family"] == "slimmable"
+    for w in slim.width_set:
+        for m in (slim, again):
+            m.set_widths(encoder=w, decoders=w)
+        a, b = slim(X), again(X)
+        for t in TASKS:
+            assert torch.equal(a[t], b[t]), (w, t)
+
+
+def test_extraction_round_trips_and_is_physically_smaller(tmp_path):
+    slim = slim_model()
+    widths = {"encoder": 0.5, "decoders": {"semseg": 1.0, "depth": 0.25, "classification": 0.5}}
+    sub = mtl.extract(slim, out=tmp_path / "sub", widths=widths)
+    assert isinstance(sub, MultiTaskModel) and sub.config["family"] == "multitask"
+    assert not any(isinstance(m, SLIM_TYPES) for m in sub.modules())
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(sub) < 0.5 * n(slim)
+    assert slim.widths["encoder"] == 1.0  # the parent keeps its configuration
+    reloaded = mtl.load_model(tmp_path / "sub")
+    with slim.at_widths(widths):
+        ref = slim(X)
+    for model in (sub.eval(), reloaded):
+        out = model(X)
+        for t in TASKS:
+            torch.testing.assert_close(out[t], ref[t], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"encoder": 0.3}, r"encoder width 0\.3 is not in this model's width set \[0\.25, 0\.5, 0\.75, 1\.0\]"),
+    ({"encoder": 1.5}, r"encoder width must be in \(0, 1\], got 1\.5"),
+    ({"encoder": 0}, r"must be in \(0, 1\], got 0"),
+    ({"decoders": {"depth": -0.5}}, r"decoder width of task 'depth' must be in \(0, 1\], got -0\.5"),
+])
+def test_bad_widths_are_refused_naming_the_value(kwargs, match):
+    slim = slim_model()
+    with pytest.raises(ValueError, match=match):
+        slim.set_widths(**kwargs)
+    assert slim.widths["encoder"] == 1.0
+
+
+def test_unknown_task_is_refused():
+    slim = slim_model()
+    with pytest.raises(KeyError, match="unknown task.*'bogus'"):
+        slim.set_widths(decoders={"bogus": 0.5})
+    with pytest.raises(KeyError, match="'bogus'"):
+        mtl.extract(slim, widths={"encoder": 0.5, "decoders": {"bogus": 0.5}})
+
+
+def test_family_needs_slimmable_parts():
+    with pytest.raises(ValueError, match="slim_resnet"):
+        create_model(TASKS, backbone={"name": "test_resnet", "out_indices": [1, 2, 3]}, decoder=DEC, family="slimmable")
+    with pytest.raises(ValueError, match="same width set"):
+        create_model(TASKS, backbone=BB, decoder={**DEC, "widths": [0.5, 1.0]}, family="slimmable")
