@@ -63,6 +63,10 @@ def build_module(cfg: DictConfig, info: dict[str, Any] | None = None) -> MultiTa
     if cfg.get("init_from"):
         stats = init_from_folder(model, cfg.init_from)
         log.warning("initialised %d/%d tensors from %s", stats["loaded"], stats["total"], cfg.init_from)
+    if cfg.get("linearize"):  # tangent-space fine-tuning: train the expansion around the weights loaded above
+        from mtl.models import linearize
+
+        model = linearize(model)
     strategy = OmegaConf.to_container(cfg.strategy, resolve=True) if cfg.get("strategy") else None
     return MultiTaskModule(model, balancer=OmegaConf.to_container(cfg.balancer, resolve=True),
                            log_weights_every=int(cfg.get("log_weights_every", 50)), strategy=strategy, **cfg.optim)
