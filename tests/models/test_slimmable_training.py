@@ -1,0 +1,104 @@
+"""The sandwich strategy (sandwich rule, in-place distillation, CI-KD) and the mtl-train contract."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import mtl
+from mtl.models import create_model
+from mtl.models.slimmable.sandwich import distill_loss
+from mtl.strategies import create_strategy
+from mtl.tasks import create_task
+
+TASKS = ["semseg", "depth", "edges", "classification"]
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    return create_model(TASKS, backbone={"name": "slim_resnet", "stem": 8, "channels": [8, 16], "out_indices": [1, 2]},
+                        decoder={"name": "slimmable", "channels": 8}, family="slimmable")
+
+
+@pytest.mark.parametrize("kind", ["semseg", "depth", "edges", "classification"])
+def test_distillation_loss_is_stationary_where_the_student_matches_the_teacher(kind):
+    task = create_task(kind)
+    shape = (2, task.out_channels, 4, 4) if task.dense else (2, task.out_channels)
+    teacher = torch.randn(shape)
+    at = teacher.clone().requires_grad_(True)
+    distill_loss(task, at, teacher).backward() if kind != "depth" else None
+    if kind != "depth":  # L1 has no gradient at its kink; its minimum is 0 there
+        assert at.grad.abs().max() < 1e-6
+    else:
+        assert distill_loss(task, at, teacher) == 0
+    off = (teacher + 0.5 * torch.randn(shape)).requires_grad_(True)
+    assert distill_loss(task, off, teacher) > distill_loss(task, teacher, teacher)
+
+
+def sandwich_step(model, **kw):
+    strat = create_strategy("sandwich", model, **kw)
+    model.train()
+    x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    module = SimpleNamespace(model=model, manual_backward=lambda loss: loss.backward())
+    strat.before_forward(module, {"image": x})
+    z = model.shared(x)  # the module's standard pass at the widest configuration
+    logs = strat.after_backward(module, {"image": x}, SimpleNamespace(features=z))
+    return strat, logs
+
+
+def test_sandwich_trains_sub_networks_with_cikd_and_returns_to_the_widest():
+    model = tiny()
+    min_row = model.backbone.stem[1].running_means[0].clone()
+    strat, logs = sandwich_step(model, num_random=1)
+    assert model.widths == model.max_widths()
+    assert set(strat.proj) == {"0_25", "0_5", "0_75"}
+    assert strat.proj["0_25"].weight.grad is not None and strat.proj["0_25"].weight.grad.abs().sum() > 0
+    assert model.backbone.stem[0].weight.grad[:2].abs().sum() > 0  # sub-network gradients reach shared weights
+    assert not torch.equal(model.backbone.stem[1].running_means[0], min_row)  # min width's BN row trained
+    assert logs["train/slim/cikd"] > 0 and logs["train/slim/sub_loss"] > 0
+
+
+def test_sandwich_without_cikd_and_without_distillation_uses_labels():
+    model = tiny()
+    strat = create_strategy("sandwich", model, num_random=0, cikd=False, inplace_distill=False)
+    assert len(list(strat.parameters())) == 0
+    with pytest.raises(KeyError):  # the labels are read: this batch has none
+        sandwich_step(model, num_random=0, cikd=False, inplace_distill=False)
+    assert model.widths == model.max_widths()
+
+
+def test_sandwich_refuses_a_plain_model():
+    plain = create_model(["depth"], backbone={"name": "test_resnet", "out_indices": [1, 2]}, decoder="hps")
+    with pytest.raises(ValueError, match="family 'slimmable', got 'multitask'"):
+        create_strategy("sandwich", plain)
+
+
+@pytest.mark.slow
+def test_cli_smoke_run_saves_a_model_identical_at_every_width(tmp_path):
+    env = {**os.environ, "MTL_OUTPUT_DIR": str(tmp_path / "outputs")}
+    proc = subprocess.run([sys.executable, "-m", "mtl.cli.train", "experiment=scenes_slimmable", "debug=smoke"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("run_dir: ")
+    run_dir = Path(last.removeprefix("run_dir: "))
+    for name in ("width_table.json", "controllability.json", "slimmable_control.png", "model/config.json"):
+        assert (run_dir / name).is_file(), name
+    # the folder rebuilds the trained model (the tested checkpoint's weights) at every width of the set
+    best = json.loads((run_dir / "metrics.json").read_text())["best_checkpoint"]
+    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    model = mtl.load_model(run_dir / "model")
+    ref = create_model(config=model.config)
+    ref.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    ref.eval()
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    for w in model.width_set:
+        model.set_widths(encoder=w, decoders=w)
+        ref.set_widths(encoder=w, decoders=w)
+        a, b = model(x), ref(x)
+        for t in a:
+            assert torch.equal(a[t], b[t]), (w, t)
