@@ -12,6 +12,7 @@ _LAZY = {
     "create_balancer": "mtl.balancers",
     "create_datamodule": "mtl.data",
     "extract": "mtl.extract",
+    "export": "mtl.exporters",
     "count_flops": "mtl.flops",
     "model_stats": "mtl.flops",
 }

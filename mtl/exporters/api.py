@@ -1,0 +1,161 @@
+"""``mtl.export``: one entry point, one registry of formats, one atomic output folder per export."""
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from torch import nn
+
+from mtl.io import atomic_path, load_model, read_json, read_model_config, write_json
+from mtl.registry import Registry
+
+#: format name -> ``fn(source, out_dir, tasks, **options) -> report dict`` (writes into out_dir)
+EXPORTERS: "Registry[Callable[..., dict[str, Any]]]" = Registry("export format")
+REPORT = "export.json"
+CARD = "README.md"
+
+
+class ExportError(RuntimeError):
+    """An export that cannot be written or does not reproduce the PyTorch model."""
+
+
+@dataclass
+class Source:
+    """The model being exported and everything known about how it was made."""
+
+    model: nn.Module
+    folder: Path | None
+    config: dict[str, Any]
+    meta: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, dict[str, float]] | None = None  # test metrics of the run that made it
+    metrics_file: Path | None = None
+    run_metrics: dict[str, Any] | None = None  # that run's whole metrics.json
+
+    @property
+    def family(self) -> str:
+        return self.config.get("family", "multitask")
+
+
+def load_source(model: str | os.PathLike | nn.Module) -> Source:
+    """A model folder (validated file by file, errors name the file) or an in-memory model (copied,
+    so exporting never changes it)."""
+    if isinstance(model, nn.Module):
+        if not hasattr(model, "config"):
+            raise TypeError(f"{type(model).__name__} has no `config`: only mtlkit model families can be exported")
+        src = Source(copy.deepcopy(model).cpu().eval(), None, model.config, dict(getattr(model, "meta", {}) or {}))
+    else:
+        folder = Path(model)
+        cfg = read_model_config(folder)
+        src = Source(load_model(folder), folder, cfg["model"], cfg.get("meta", {}) or {})
+    src.metrics_file, src.run_metrics = _find_run_metrics(src)
+    src.metrics = _test_metrics(src.run_metrics) or src.meta.get("test")
+    return src
+
+
+def _find_run_metrics(src: Source) -> tuple[Path | None, dict[str, Any] | None]:
+    """The ``metrics.json`` of the run that wrote the folder: beside it (mtl-train, mtl-merge put the
+    model at ``<run_dir>/model``) or in the run folder its meta names."""
+    candidates = []
+    if src.folder is not None:
+        candidates.append(src.folder.parent / "metrics.json")
+    if src.meta.get("run_dir"):
+        candidates.append(Path(src.meta["run_dir"]) / "metrics.json")
+    for path in candidates:
+        if path.is_file():
+            try:
+                data = read_json(path)
+            except ValueError:
+                continue  # a broken neighbour is not this model's problem; the card says none found
+            if isinstance(data, dict) and _test_metrics(data):
+                return path, data
+    return None, None
+
+
+def _test_metrics(run: dict[str, Any] | None) -> dict[str, dict[str, float]] | None:
+    if not run:
+        return None
+    if isinstance(run.get("test"), dict) and run["test"]:
+        return run["test"]  # mtl-train
+    tasks = run.get("tasks")
+    if isinstance(tasks, dict) and all(isinstance(v, dict) and "merged" in v for v in tasks.values()):
+        return {t: v["merged"] for t, v in tasks.items()}  # mtl-merge
+    return None
+
+
+def resolve_tasks(model: nn.Module, tasks: str | Sequence[str] | None) -> list[str]:
+    names = list(getattr(model, "tasks", {}) or [])
+    if tasks is None or (not isinstance(tasks, str) and len(tasks) == 0):
+        return names
+    wanted = [tasks] if isinstance(tasks, str) else list(tasks)
+    unknown = [t for t in wanted if t not in names]
+    if unknown:
+        raise KeyError(f"unknown task(s) {unknown} for export; this model has: {', '.join(names)}")
+    return wanted
+
+
+def _check_options(fn: Callable, fmt: str, options: dict[str, Any]) -> None:
+    params = inspect.signature(fn).parameters
+    allowed = [p for p in params if p not in ("source", "out", "tasks")]
+    bad = [k for k in options if k not in allowed]
+    if bad:
+        raise TypeError(f"format={fmt} has no option(s) {bad}; its options: {', '.join(allowed) or '(none)'}")
+    from mtl.registry import check_kwargs
+
+    check_kwargs(fn, options, f"format={fmt}")
+
+
+def export(
+    model: str | os.PathLike | nn.Module,
+    format: str = "onnx",
+    out: str | os.PathLike | None = None,
+    *,
+    tasks: str | Sequence[str] | None = None,
+    overwrite: bool = False,
+    **options: Any,
+) -> Path:
+    """Export ``model`` (a model folder or a loaded mtlkit model) to ``out`` in ``format``
+    (``onnx``, ``timm``, ``folder``; see ``mtl.export.EXPORTERS``); returns the output folder.
+
+    ``tasks`` picks a subset of heads (``onnx`` and ``folder``); ``options`` go to the format
+    (e.g. ``opset=18`` for ONNX). An existing ``out`` is replaced only with ``overwrite=True``.
+    """
+    fn = EXPORTERS.get(format)
+    _check_options(fn, format, options)
+    if out is None:
+        raise ValueError("export needs an output folder: out=<path>")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=true to replace it")
+    if model is not None and not isinstance(model, nn.Module) and Path(model).resolve() == out.resolve():
+        raise ValueError(f"{out}: the output folder cannot be the model folder itself")
+    src = load_source(model)
+    names = resolve_tasks(src.model, tasks)
+    start = time.perf_counter()
+    with atomic_path(out, overwrite=overwrite) as tmp:
+        tmp.mkdir()
+        details = fn(src, tmp, names, **options)
+        report = {
+            "format": format,
+            "source": str(src.folder) if src.folder else None,
+            "family": src.family,
+            "tasks": names,
+            **details,
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+        from mtl.exporters.card import render_card
+
+        (tmp / CARD).write_text(render_card(src, report))
+        write_json(tmp / REPORT, report)
+    return out
+
+
+def read_report(out: str | os.PathLike) -> dict[str, Any]:
+    return json.loads((Path(out) / REPORT).read_text())
+
+

@@ -1,0 +1,143 @@
+"""The model card (``README.md``) written beside every export: what the model does, how well, how it
+was made and how to load it — from the folder's config, its run's metrics.json and the export report."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from mtl.exporters.api import Source
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _task_rows(src: Source, tasks: list[str]) -> list[str]:
+    rows = ["| task | kind | outputs | primary metric |", "|---|---|---|---|"]
+    by_name = {t.get("name"): t for t in src.config.get("tasks", []) if isinstance(t, dict)}
+    model_tasks = getattr(src.model, "tasks", {}) or {}
+    for name in tasks:
+        t = by_name.get(name, {})
+        task = model_tasks.get(name)
+        outs = t.get("num_classes") or getattr(task, "out_channels", "")
+        rows.append(f"| {name} | {t.get('kind', '')} | {outs} | {getattr(task, 'primary', '')} |")
+    return rows
+
+
+def _metric_rows(src: Source, tasks: list[str]) -> list[str]:
+    if not src.metrics:
+        return ["No metrics were found for this model (no `metrics.json` beside its folder or in its run "
+                "folder, and none stored in its config): evaluate it before relying on it."]
+    where = f"`{src.metrics_file}`" if src.metrics_file else "the model folder's config (`meta.test`)"
+    rows = [f"Test-split metrics of the run that produced this model, read from {where}:", "",
+            "| task | metric | value |", "|---|---|---|"]
+    for task in tasks:
+        for metric, value in (src.metrics.get(task) or {}).items():
+            rows.append(f"| {task} | {metric} | {_fmt(value)} |")
+    dm = (src.run_metrics or {}).get("delta_m")
+    if isinstance(dm, dict) and "value" in dm:
+        rows += ["", f"Δm = {dm['value']:+.2f}% ({dm.get('variant', '')} metrics) vs the single-task baselines in "
+                     f"`{dm.get('baselines', '')}`."]
+    return rows
+
+
+def _provenance(src: Source) -> list[str]:
+    meta = src.meta
+    lines = []
+    if meta.get("run_dir"):
+        data = meta.get("data") or {}
+        lines.append(f"- Trained by `mtl-train` in `{meta['run_dir']}` on data `{data.get('name', '?')}`"
+                     f"{' (image size ' + str(data['size']) + ')' if data.get('size') else ''}, seed {meta.get('seed', '?')}.")
+    merge = meta.get("merge")
+    if isinstance(merge, dict):
+        hp = ", ".join(f"{k}={json.dumps(v)}" for k, v in merge.items() if k != "method")
+        lines.append(f"- Merged by `mtl-merge` with method `{merge.get('method')}`{' (' + hp + ')' if hp else ''}.")
+    for key in ("prune", "pruning"):
+        prune = meta.get(key)
+        if isinstance(prune, dict):
+            ratio = prune.get("ratio", prune.get("pruning_ratio", prune.get("sparsity")))
+            rest = ", ".join(f"{k}={json.dumps(v)}" for k, v in prune.items() if k not in ("ratio",))
+            lines.append(f"- Pruned: ratio {ratio}{'; ' + rest if rest else ''}.")
+    if meta.get("extract") is not None:
+        lines.append(f"- Extracted sub-network ({json.dumps(meta['extract'])}) of `{meta.get('extracted_from')}`.")
+    if meta.get("exported_from"):
+        lines.append(f"- Exported from the model folder `{meta['exported_from']}`.")
+    if src.folder is not None:
+        lines.append(f"- Source model folder: `{src.folder}`.")
+    return lines or ["- Not recorded (the model was exported from memory without provenance metadata)."]
+
+
+def _loading(report: dict[str, Any]) -> list[str]:
+    fmt = report["format"]
+    if fmt == "onnx":
+        size = report["input"]["shape"][-1]
+        outs = ", ".join(report["tasks"])
+        return ["```python", "import numpy as np, onnxruntime as ort",
+                'session = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])',
+                f"images = np.zeros((4, 3, {size}, {size}), dtype=np.uint8)  # RGB, 0-255, NCHW; any batch size",
+                f'{outs}{"," if len(report["tasks"]) == 1 else ""} = session.run(None, {{"image": images}})', "```"]
+    if fmt == "timm":
+        return ["```python", "import timm", f"backbone = {report['load'].replace('<folder>', '.')}",
+                "# or: timm.create_model(\"local-dir:.\")", "```"]
+    return ["```python", "import mtl", 'model = mtl.load_model(".")  # no network, no code from the folder is run',
+            "out = model(images_uint8)  # {task: prediction}; uint8 (B, 3, H, W) input is normalised inside", "```"]
+
+
+def _export_section(report: dict[str, Any]) -> list[str]:
+    fmt = report["format"]
+    if fmt == "onnx":
+        v = report["verification"]
+        diffs = ", ".join(f"{t} {e:.2e}" for t, e in v["max_abs_diff"].items())
+        return [f"- ONNX opset {report['opset']} (`{report['exporter']}` exporter), file `{report['file']}`.",
+                f"- Input `{report['input']['name']}`: {report['input']['dtype']} {report['input']['shape']} "
+                f"({report['input']['layout']}); batch size is dynamic, image size fixed.",
+                f"- Preprocessing: {report['preprocessing']}.",
+                f"- Outputs (one per task, in this order): " + ", ".join(f"`{t}` {o['shape']}" for t, o in report["outputs"].items()) + ".",
+                f"- Verified in {v['runtime']} against PyTorch on batches {v['batches']}: max |diff| {diffs} "
+                f"(tolerance atol={v['atol']:g} + rtol={v['rtol']:g}·|value|)."]
+    if fmt == "timm":
+        filled = report["filled_keys"]
+        lines = [f"- timm architecture `{report['timm_name']}`, model args {json.dumps(report['model_args'])}; "
+                 f"{report['trained_keys']} tensors come from the multi-task backbone."]
+        if filled["zeroed"]:
+            lines.append(f"- The multi-task model has no ImageNet classifier: {', '.join(filled['zeroed'])} "
+                         "are zero (zero logits). Use the features (`forward_features`, `forward_intermediates`, "
+                         "`features_only=True`) or fine-tune a head.")
+        if filled["timm_init"]:
+            lines.append(f"- Not used by the multi-task backbone and left at timm's initialisation: "
+                         f"{', '.join(filled['timm_init'][:12])}{' …' if len(filled['timm_init']) > 12 else ''}.")
+        lines.append("- Preprocessing is not part of the weights: feed float images normalised with the mean/std "
+                     "below (the multi-task model's own).")
+        return lines
+    return [f"- mtlkit model folder ({report.get('parameters', '?')} parameters); `mtl.load_model` rebuilds it from "
+            "`config.json` + `model.safetensors` (no pickles). It follows the layout of Hugging Face model "
+            "folders but is read by mtlkit, not by `huggingface_hub`'s `ModelHubMixin`."]
+
+
+def render_card(src: Source, report: dict[str, Any]) -> str:
+    tasks = report["tasks"]
+    bb = src.config.get("backbone", {})
+    dec = src.config.get("decoder", {})
+    mean, std = src.config.get("mean"), src.config.get("std")
+    lines = [
+        "---", "library_name: mtlkit", f"tags: [multi-task, mtlkit, {report['format']}]", "---", "",
+        f"# Multi-task model: {', '.join(tasks)}", "",
+        f"A `{src.family}` model exported by `mtl-export` as `{report['format']}`: one shared backbone "
+        f"(`{bb.get('name', '?')}`), decoder `{dec.get('name', '?')}` "
+        f"({json.dumps({k: v for k, v in dec.items() if k != 'name'})}), one head per task.", "",
+        "## Tasks", "", *_task_rows(src, tasks), "",
+        "## Metrics", "", *_metric_rows(src, tasks), "",
+        "## How it was made", "", *_provenance(src), "",
+        "## Export", "", *_export_section(report),
+        f"- Input normalisation: mean {_round(mean)}, std {_round(std)}.", "",
+        "## Intended use", "",
+        "Research and prototyping: dense and image-level predictions for the tasks above on images like its "
+        "training data. It has not been evaluated beyond the metrics listed here (often small synthetic or "
+        "benchmark data); check it on your own data before any real use.", "",
+        "## Loading", "", *_loading(report), "",
+    ]
+    return "\n".join(lines)
+
+
+def _round(values: Any) -> Any:
+    return [round(float(v), 4) for v in values] if isinstance(values, (list, tuple)) else values

@@ -1,0 +1,210 @@
+"""``format=onnx``: a graph with the uint8 -> normalised preprocessing inside, a dynamic batch axis
+and one output per task, checked in ONNX Runtime against PyTorch before it is kept."""
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from mtl.exporters.api import EXPORTERS, ExportError, Source
+
+ONNX_FILE = "model.onnx"
+INPUT_NAME = "image"
+DEFAULT_OPSET = 18
+
+
+class TaskGraph(nn.Module):
+    """The exported function: uint8 image batch -> one tensor per selected task (ONNX has no dicts)."""
+
+    def __init__(self, model: nn.Module, tasks: Sequence[str]):
+        super().__init__()
+        self.model = model
+        self.task_names = list(tasks)
+        self.eval()
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(image, tasks=self.task_names)
+        return tuple(out[t] for t in self.task_names)
+
+
+def _missing_package(name: str) -> ImportError:
+    return ImportError(f"format=onnx needs the '{name}' package: pip install 'mtlkit[export]'")
+
+
+def input_size_of(src: Source, size: int | None) -> int:
+    """Square input side used to trace and verify: given, else the training data's, else the
+    backbone's ``img_size``, else 224."""
+    if size:
+        return int(size)
+    data = src.meta.get("data") or {}
+    if isinstance(data, dict) and data.get("size"):
+        return int(data["size"])
+    return int(src.config.get("backbone", {}).get("img_size") or 224)
+
+
+@EXPORTERS.register("onnx")
+def export_onnx(source: Source, out: Path, tasks: list[str], opset: int = DEFAULT_OPSET,
+                exporter: str = "dynamo", input_size: int | None = None, atol: float = 1e-4,
+                rtol: float = 1e-3, verify_batches: Sequence[int] = (1, 3), seed: int = 0) -> dict[str, Any]:
+    """Trace with ``torch.onnx.export`` (``exporter`` = ``dynamo``, torch's default, or the older
+    ``torchscript``), then run the file in ONNX Runtime on random uint8 batches of each size in
+    ``verify_batches`` and compare every output with PyTorch: ``|ort - torch| <= atol + rtol*|torch|``."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as e:
+        raise _missing_package(e.name or "onnxruntime") from None
+    if exporter not in ("dynamo", "torchscript"):
+        raise ValueError(f"format=onnx: exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
+    size = input_size_of(source, input_size)
+    graph = TaskGraph(source.model, tasks)
+    sample = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    path = out / ONNX_FILE
+    _trace(graph, sample, path, opset, exporter)
+    checks = verify(graph, path, size, verify_batches, atol, rtol, seed)
+    return {
+        "file": ONNX_FILE,
+        "opset": opset,
+        "exporter": exporter,
+        "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": ["batch", 3, size, size], "layout": "NCHW, RGB, 0-255"},
+        "outputs": {t: {"shape": ["batch", *shape[1:]]} for t, shape in zip(tasks, checks["shapes"])},
+        "preprocessing": "inside the graph: x/255, then (x - mean)/std with mean "
+                         f"{[round(v, 4) for v in source.config.get('mean', [])]} and std "
+                         f"{[round(v, 4) for v in source.config.get('std', [])]}",
+        "verification": {k: v for k, v in checks.items() if k != "shapes"},
+    }
+
+
+def _trace(graph: TaskGraph, sample: torch.Tensor, path: Path, opset: int, exporter: str) -> None:
+    kwargs: dict[str, Any] = {"input_names": [INPUT_NAME], "output_names": graph.task_names, "opset_version": opset}
+    if exporter == "dynamo":
+        kwargs.update(dynamo=True, dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1, max=4096)}},
+                      external_data=False)
+    else:
+        kwargs.update(dynamo=False, dynamic_axes={INPUT_NAME: {0: "batch"}, **{t: {0: "batch"} for t in graph.task_names}})
+    noise = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(noise), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(graph, (sample,), str(path), **kwargs)
+    except Exception as e:
+        op = unsupported_operator(e)
+        if op is None:
+            raise ExportError(f"ONNX export ({exporter}, opset {opset}) failed: {type(e).__name__}: "
+                              f"{_first_line(e)}") from e
+        where = locate_operator(graph.model, sample, graph.task_names, op)
+        raise ExportError(f"ONNX (opset {opset}) cannot express operator '{op}' used in module "
+                          f"{where or '(not found by name)'}; replace that module or pick another opset") from None
+    finally:
+        graph.eval()  # the torchscript exporter restores the wrapper's mode; keep eval for verification
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else ""
+
+
+_OP_PATTERNS = (
+    re.compile(r"operator '(aten::[\w.]+)'"),
+    re.compile(r"No ONNX function found for <OpOverload\(op='([\w.]+)'"),
+    re.compile(r"target=torch\.ops\.([\w.]+?)(?:\.default)?\]"),
+)
+
+
+def unsupported_operator(e: BaseException) -> str | None:
+    """The operator an exporter error complains about (``aten::i0``, ``prims.bessel_i0``), if any."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = str(e)
+        for pattern in _OP_PATTERNS:
+            m = pattern.search(text)
+            if m:
+                return m.group(1)
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _stem(op: str) -> str:
+    # "aten::special_bessel_j0.default" / "prims.bessel_i0" -> "special_bessel_j0" / "bessel_i0"
+    name = op.split("::")[-1]
+    parts = [p for p in name.split(".") if p not in ("default", "Tensor", "Scalar")]
+    return parts[-1] if parts else name
+
+
+def locate_operator(model: nn.Module, x: torch.Tensor, tasks: Sequence[str], op: str) -> str | None:
+    """Run the model once and return the qualified name of the innermost module that calls ``op``
+    (matched by name stem, so a decomposed ``prims.bessel_i0`` finds the ``aten::i0`` call)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    stem = _stem(op)
+    stack: list[str] = []
+    found: list[str] = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = _stem(func._schema.name)
+            if not found and (name == stem or name.endswith("_" + stem) or stem.endswith("_" + name)):
+                found.append(stack[-1] if stack else "(top level)")
+            return func(*args, **(kwargs or {}))
+
+    def enter(label):
+        def hook(module, args):
+            stack.append(label)
+        return hook
+
+    def leave(module, args, output):
+        stack.pop()  # returns None: a forward hook's return value would replace the output
+
+    handles = []
+    for qual, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(enter(f"{qual or 'model'} ({type(module).__name__})")))
+        handles.append(module.register_forward_hook(leave))
+    try:
+        with torch.no_grad(), Spy():
+            model(x, tasks=list(tasks))
+    except Exception:
+        pass  # the export error is the one to report
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else None
+
+
+def verify(graph: TaskGraph, path: Path, size: int, batches: Sequence[int], atol: float, rtol: float,
+           seed: int) -> dict[str, Any]:
+    """ONNX Runtime vs PyTorch on random uint8 batches; raises ExportError beyond tolerance."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(seed + 1)
+    worst: dict[str, float] = {t: 0.0 for t in graph.task_names}
+    shapes: list[tuple[int, ...]] = []
+    for b in batches:
+        x = torch.randint(0, 256, (int(b), 3, size, size), dtype=torch.uint8, generator=gen)
+        with torch.no_grad():
+            ref = [r.float().numpy() for r in graph(x)]
+        got = session.run(None, {INPUT_NAME: x.numpy()})
+        shapes = [r.shape for r in ref]
+        for t, r, g in zip(graph.task_names, ref, got):
+            if g.shape != r.shape:
+                raise ExportError(f"ONNX Runtime output '{t}' has shape {g.shape} for batch {b}, PyTorch {r.shape}")
+            excess = np.abs(g - r) - (atol + rtol * np.abs(r))
+            err = float(np.abs(g - r).max()) if r.size else 0.0
+            worst[t] = max(worst[t], err)
+            if r.size and float(excess.max()) > 0:
+                raise ExportError(f"ONNX Runtime output '{t}' differs from PyTorch by up to {err:.3g} at batch {b} "
+                                  f"(tolerance atol={atol:g} + rtol={rtol:g}*|value|); the file was not kept")
+    print(f"ONNX Runtime == PyTorch within atol={atol:g} + rtol={rtol:g}*|value| on batches {list(batches)}: "
+          + ", ".join(f"{t} max |diff| {e:.2e}" for t, e in worst.items()), flush=True)
+    return {"runtime": f"onnxruntime {ort.__version__}", "batches": list(batches), "atol": atol, "rtol": rtol,
+            "max_abs_diff": worst, "passed": True, "shapes": shapes}

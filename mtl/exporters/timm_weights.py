@@ -1,0 +1,94 @@
+"""``format=timm``: the backbone as a plain timm checkpoint.
+
+mtlkit's backbone wraps ``timm.create_model(name, features_only=True)``, whose state-dict keys differ
+from the plain model's (ViTs gain a ``model.`` prefix) and which drops what the features never use
+(the classifier, a ViT's final norm, stages after the last ``out_indices``). The export maps the keys
+back onto the plain model so that
+
+    timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": ".../model.safetensors"}, **model_args)
+
+loads with no missing key. Tensors the multi-task backbone never had are filled so that they cannot
+pass for trained ones: the classifier is zero (zero logits), everything else keeps timm's own
+initialisation (seeded) — every such key is listed in ``export.json`` and the model card.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mtl.exporters.api import EXPORTERS, ExportError, Source
+
+TIMM_FILE = "model.safetensors"
+_BUILD_ONLY = ("out_indices", "pretrained", "checkpoint_path", "features_only")
+
+
+def model_args(backbone_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The kwargs a plain ``timm.create_model`` needs to rebuild this architecture."""
+    return {k: v for k, v in backbone_cfg.items() if k not in ("name", *_BUILD_ONLY)}
+
+
+@EXPORTERS.register("timm")
+def export_timm(source: Source, out: Path, tasks: list[str], seed: int = 0) -> dict[str, Any]:
+    """Write ``model.safetensors`` + timm's ``config.json`` (so ``timm.create_model("local-dir:<out>")``
+    works too). ``tasks`` does not apply: the backbone serves all of them."""
+    import timm
+    from timm.models import save_for_hf
+
+    backbone = getattr(source.model, "backbone", None)
+    body = getattr(backbone, "body", None)
+    name = getattr(backbone, "name", None)
+    if body is None or name is None:
+        raise ExportError(f"format=timm needs a timm backbone (model.backbone.body); the {source.family!r} "
+                          "family has none")
+    args = model_args(source.config.get("backbone", {}))
+    torch.manual_seed(seed)
+    plain = timm.create_model(name, pretrained=False, **args)
+    target = plain.state_dict()
+    mapped, unmapped = {}, []
+    for key, value in body.state_dict().items():
+        plain_key = key if key in target else key[len("model."):] if key.startswith("model.") else None
+        if plain_key not in target or target[plain_key].shape != value.shape:
+            unmapped.append(key)
+            continue
+        mapped[plain_key] = value
+    if unmapped:
+        raise ExportError(f"format=timm: backbone key {unmapped[0]!r} has no counterpart in timm's {name!r} "
+                          f"({len(unmapped)} in all); the backbone was changed beyond what timm can rebuild "
+                          "(a pruned or slimmed backbone: export it with format=onnx or format=folder)")
+    classifier = _classifier_keys(plain)
+    filled = {"zeroed": [], "timm_init": []}
+    for key, value in target.items():
+        if key in mapped:
+            continue
+        if key in classifier:
+            mapped[key] = torch.zeros_like(value)
+            filled["zeroed"].append(key)
+        else:
+            mapped[key] = value
+            filled["timm_init"].append(key)
+    plain.load_state_dict(mapped, strict=True)
+    save_for_hf(plain, str(out), model_args=args, safe_serialization=True)
+    if not (out / TIMM_FILE).is_file():
+        raise ExportError(f"timm's save_for_hf wrote no {TIMM_FILE} in {out}")
+    return {
+        "file": TIMM_FILE,
+        "timm_name": name,
+        "model_args": args,
+        "trained_keys": len(mapped) - len(filled["zeroed"]) - len(filled["timm_init"]),
+        "filled_keys": filled,
+        "load": _load_snippet(name, args),
+    }
+
+
+def _classifier_keys(model: torch.nn.Module) -> set[str]:
+    names = model.pretrained_cfg.get("classifier") or ()
+    names = (names,) if isinstance(names, str) else tuple(names)
+    return {k for k in model.state_dict() if any(k == f"{c}.weight" or k == f"{c}.bias" for c in names)}
+
+
+def _load_snippet(name: str, args: dict[str, Any]) -> str:
+    extra = "".join(f", {k}={v!r}" for k, v in args.items())
+    return (f'timm.create_model("{name}", pretrained=True, '
+            f'pretrained_cfg_overlay={{"file": "<folder>/{TIMM_FILE}"}}{extra})')

@@ -1,0 +1,220 @@
+"""mtl.export: ONNX == PyTorch (CNN, ViT, a task subset), timm reload, model cards, bad input."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import mtl
+from mtl.exporters import ExportError, read_report
+from mtl.io import ModelFolderError, save_model
+from mtl.models import MultiTaskModel, create_model
+from mtl.registry import UnknownNameError
+
+ort = pytest.importorskip("onnxruntime")
+
+TASKS = ["semseg", "depth", "classification"]
+BACKBONES = {
+    "test_resnet": {"name": "test_resnet", "out_indices": [1, 2, 3]},
+    "test_vit": {"name": "test_vit", "img_size": 32, "patch_size": 4},
+}
+
+
+def _folder(tmp_path, backbone="test_resnet", seed=0):
+    torch.manual_seed(seed)
+    model = create_model(TASKS, backbone=BACKBONES[backbone], decoder={"name": "hps", "channels": 16})
+    with torch.no_grad():  # non-trivial BN statistics, so eval-vs-train mistakes show
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return save_model(model, tmp_path / f"model_{backbone}", meta={"data": {"name": "scenes", "size": 32}})
+
+
+def _ort_outputs(path, x):
+    session = ort.InferenceSession(str(path / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, {"image": x.numpy()})))
+
+
+@pytest.mark.parametrize("backbone", ["test_resnet", pytest.param("test_vit", marks=pytest.mark.slow)])
+def test_onnx_equals_pytorch_within_the_printed_tolerance(tmp_path, backbone, capsys):
+    folder = _folder(tmp_path, backbone)
+    out = mtl.export(folder, "onnx", tmp_path / "onnx", exporter="torchscript")
+    printed = capsys.readouterr().out
+    report = read_report(out)
+    assert "atol=0.0001" in printed and report["verification"]["passed"]
+    assert report["input"]["dtype"] == "uint8" and report["input"]["shape"][0] == "batch"
+    # our own check, on a batch size the export never saw: uint8 in, normalisation inside the graph
+    x = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(7))
+    model = mtl.load_model(folder)
+    with torch.no_grad():
+        ref = model(x)
+    got = _ort_outputs(out, x)
+    assert list(got) == TASKS
+    for t in TASKS:
+        r = ref[t].numpy()
+        assert got[t].shape == r.shape
+        assert np.all(np.abs(got[t] - r) <= 1e-4 + 1e-3 * np.abs(r)), t
+    # a model whose BN ran in train mode would differ by O(1): make sure the check can tell
+    assert np.abs(got["semseg"] - model.train()(x)["semseg"].detach().numpy()).max() > 1e-3
+
+
+def test_onnx_task_subset_holds_only_those_outputs(tmp_path):
+    folder = _folder(tmp_path)
+    out = mtl.export(folder, "onnx", tmp_path / "depth", tasks=["depth"], exporter="torchscript")
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    got = _ort_outputs(out, x)
+    assert list(got) == ["depth"]
+    with torch.no_grad():
+        ref = mtl.load_model(folder)(x, tasks=["depth"])["depth"].numpy()
+    assert np.allclose(got["depth"], ref, atol=1e-4, rtol=1e-3)
+    assert read_report(out)["tasks"] == ["depth"]
+
+
+@pytest.mark.slow
+def test_onnx_default_dynamo_exporter(tmp_path):
+    folder = _folder(tmp_path)
+    out = mtl.export(folder, "onnx", tmp_path / "onnx")
+    report = read_report(out)
+    assert report["exporter"] == "dynamo" and report["opset"] == 18
+    x = torch.randint(0, 256, (7, 3, 32, 32), dtype=torch.uint8)
+    got = _ort_outputs(out, x)
+    with torch.no_grad():
+        ref = mtl.load_model(folder)(x)
+    for t in TASKS:
+        assert np.allclose(got[t], ref[t].numpy(), atol=1e-4, rtol=1e-3)
+
+
+class Bessel(nn.Module):
+    def forward(self, x):
+        return torch.special.i0(x)
+
+
+class UnexportableModel(MultiTaskModel):
+    """A model using an operator ONNX has no translation for, inside a named module."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.post = Bessel()
+
+    def forward(self, x, tasks=None):
+        return {t: self.post(v) for t, v in super().forward(x, tasks).items()}
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", pytest.param("dynamo", marks=pytest.mark.slow)])
+def test_unsupported_operator_names_operator_and_module(tmp_path, exporter):
+    base = create_model(["depth"], backbone=BACKBONES["test_resnet"], decoder={"name": "hps", "channels": 8})
+    model = UnexportableModel(list(base.tasks.values()), base.config["backbone"], base.config["decoder"])
+    with pytest.raises(ExportError, match=r"operator '.*i0'.*module post \(Bessel\)"):
+        mtl.export(model, "onnx", tmp_path / "out", exporter=exporter, input_size=32)
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []  # no temporary left behind either
+
+
+@pytest.mark.parametrize("backbone", ["test_resnet", pytest.param("test_vit", marks=pytest.mark.slow)])
+def test_timm_weights_reload_in_plain_timm(tmp_path, backbone):
+    import timm
+
+    folder = _folder(tmp_path, backbone)
+    out = mtl.export(folder, "timm", tmp_path / "timm")
+    report = read_report(out)
+    file = out / "model.safetensors"
+    # exactly what a user does; timm loads pretrained weights strictly, so a missing key raises
+    plain = timm.create_model(report["timm_name"], pretrained=True, pretrained_cfg_overlay={"file": str(file)},
+                              **report["model_args"]).eval()
+    model = mtl.load_model(folder)
+    x = torch.randn(2, 3, 32, 32)
+    indices = model.backbone.body.feature_info.out_indices
+    with torch.no_grad():
+        ours = model.backbone(x)
+        theirs = plain.forward_intermediates(x, indices=list(indices), intermediates_only=True)
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, atol=1e-5)
+    head = report["filled_keys"]["zeroed"]
+    assert head and all(torch.count_nonzero(plain.state_dict()[k]) == 0 for k in head)
+    # timm's own local-folder loading works from the same folder
+    again = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    with torch.no_grad():
+        assert torch.equal(again.forward_intermediates(x, indices=list(indices), intermediates_only=True)[0], theirs[0])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from mtl.train import run
+
+    run_dir = run(["experiment=scenes_hps", "debug=smoke", "viz.num_samples=0", "logger=none", "task=[semseg,depth]"],
+                  run_dir=tmp_path_factory.mktemp("run") / "run")
+    return run_dir
+
+
+def test_folder_card_names_the_runs_real_metrics(trained, tmp_path):
+    out = mtl.export(trained / "model", "folder", tmp_path / "hf")
+    metrics = json.loads((trained / "metrics.json").read_text())["test"]
+    card = (out / "README.md").read_text()
+    assert str(trained / "metrics.json") in card
+    for task, values in metrics.items():
+        for metric, value in values.items():
+            assert f"| {task} | {metric} | {value:.4f} |" in card
+    assert "test_resnet" in card and "hps" in card and "mtl.load_model" in card
+    reloaded, original = mtl.load_model(out), mtl.load_model(trained / "model")
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        assert all(torch.equal(reloaded(x)[t], original(x)[t]) for t in original.tasks)
+
+
+def test_folder_task_subset_and_merge_provenance(tmp_path):
+    model = mtl.load_model(_folder(tmp_path))
+    folder = save_model(model, tmp_path / "merged", meta={"merge": {"method": "ties", "lam": 0.4, "k": 0.2}})
+    out = mtl.export(folder, "folder", tmp_path / "hf", tasks=["depth"])
+    sub = mtl.load_model(out)
+    assert list(sub.tasks) == ["depth"]
+    card = (out / "README.md").read_text()
+    assert "method `ties`" in card and "lam=0.4" in card
+
+
+def test_missing_or_corrupt_file_is_named(tmp_path):
+    folder = _folder(tmp_path)
+    (folder / "model.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(ModelFolderError, match=r"model\.safetensors: corrupt"):
+        mtl.export(folder, "folder", tmp_path / "a")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ModelFolderError, match=r"model\.safetensors: file not found"):
+        mtl.export(folder, "folder", tmp_path / "a")
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ModelFolderError, match=r"config\.json: not valid JSON"):
+        mtl.export(folder, "folder", tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
+def test_bad_requests_are_refused_before_anything_is_written(tmp_path):
+    folder = _folder(tmp_path)
+    with pytest.raises(UnknownNameError, match="unknown export format 'tflite'; valid names: folder, onnx, timm"):
+        mtl.export(folder, "tflite", tmp_path / "a")
+    with pytest.raises(KeyError, match=r"unknown task\(s\) \['normals'\].*semseg, depth, classification"):
+        mtl.export(folder, "folder", tmp_path / "a", tasks=["normals"])
+    with pytest.raises(TypeError, match="format=onnx has no option"):
+        mtl.export(folder, "onnx", tmp_path / "a", opsett=17)
+    assert not (tmp_path / "a").exists()
+    existing = tmp_path / "exists"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        mtl.export(folder, "folder", existing)
+    assert (existing / "keep.txt").read_text() == "mine"
+    mtl.export(folder, "folder", existing, overwrite=True)
+    assert not (existing / "keep.txt").exists() and (existing / "model.safetensors").is_file()
+
+
+def test_verification_fails_when_runtime_and_pytorch_differ(tmp_path):
+    from mtl.exporters.onnx_export import TaskGraph, verify
+
+    folder = _folder(tmp_path)
+    out = mtl.export(folder, "onnx", tmp_path / "onnx", exporter="torchscript")
+    model = mtl.load_model(folder)
+    with torch.no_grad():
+        model.decoder.heads["depth"].body[-1].bias.add_(0.01)  # PyTorch now differs from the file by 0.01
+    with pytest.raises(ExportError, match="'depth' differs from PyTorch by up to 0.01"):
+        verify(TaskGraph(model, TASKS), out / "model.onnx", 32, [1], atol=1e-4, rtol=1e-3, seed=0)
