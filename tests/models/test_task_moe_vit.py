@@ -1,0 +1,150 @@
+"""family=task_moe_vit (M3ViT-style): task-conditioned routing, sparse single-task path, active FLOPs,
+aux losses in training, extraction of a single-task sub-network, bad input."""
+import pytest
+import torch
+
+import mtl
+from mtl.flops import count_flops
+from mtl.models.task_moe_vit import TaskMoEViT
+from mtl.module import MultiTaskModule
+from mtl.tasks import create_task
+
+TASKS = ["semseg", "depth", "classification"]
+VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2, "mlp_ratio": 4.0}
+
+
+def make(gate="per_task", **moe):
+    torch.manual_seed(0)
+    dec = {"num_experts": 8, "top_k": 2, "gate": gate, **moe}
+    return TaskMoEViT([create_task(t) for t in TASKS], VIT, dec)
+
+
+X = torch.randint(0, 255, (3, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("gate", ["per_task", "task_embedding"])
+def test_single_task_path_equals_that_task_of_the_full_forward(gate):
+    model = make(gate).eval()
+    full = model(X)
+    for t in TASKS:
+        assert torch.allclose(model(X, tasks=[t])[t], full[t], atol=1e-5)
+    assert torch.allclose(model(X, tasks=["depth", "semseg"])["semseg"], full["semseg"], atol=1e-5)
+
+
+def test_each_token_goes_to_exactly_k_experts_per_moe_layer():
+    model = make().eval()
+    model.record_usage = True
+    model(X, tasks=["depth"])
+    counts = model.expert_usage(reset=True)["depth"]
+    tokens = 3 * (32 // 8) ** 2
+    assert counts.shape == (2, 8) and counts.sum(-1).tolist() == [2 * tokens, 2 * tokens]
+
+
+def test_active_flops_are_non_expert_plus_k_over_e_of_expert_flops():
+    # one expert on one token: 2*(D*h) + 2*(h*D) FLOPs with h = 4*D/E; tokens per image = (32/8)^2
+    d, e, tokens, layers = 32, 8, 16, 2
+    per_token_expert = 4 * d * (4 * d // e)
+    flops = {k: count_flops(make(top_k=k), X[:1], ["depth"]) for k in (1, 2, 4)}
+    non_expert = flops[1] - 1 * tokens * layers * per_token_expert
+    all_experts = e * tokens * layers * per_token_expert
+    for k in (2, 4):
+        assert flops[k] == non_expert + k / e * all_experts
+    assert non_expert > 0
+
+
+def test_config_round_trip_through_a_model_folder(tmp_path):
+    model = make("task_embedding", mi_weight=0.01).eval()
+    mtl.save_model(model, tmp_path / "m")
+    again = mtl.load_model(tmp_path / "m")
+    assert isinstance(again, TaskMoEViT) and again.config == model.config
+    for t, y in model(X).items():
+        assert torch.equal(again(X)[t], y)
+
+
+def test_aux_losses_are_added_to_each_task_loss_in_training():
+    model = make(mi_weight=0.1).train()
+    module = MultiTaskModule(model)
+    batch = {"image": X, "semseg": torch.randint(0, 5, (3, 32, 32)), "depth": torch.rand(3, 1, 32, 32) + 0.5,
+             "classification": torch.randint(0, 3, (3,))}
+    torch.manual_seed(3)
+    _, losses = module._forward_losses(batch)
+    aux = model.aux_loss()
+    assert set(aux) == set(TASKS) and all(a.requires_grad for a in aux.values())
+    torch.manual_seed(3)
+    plain = module.task_losses(model(batch["image"]), batch)
+    for t in TASKS:
+        assert torch.allclose(losses[t], plain[t] + aux[t], atol=1e-5)
+    # balance term: weight 0.01 x Σ_layers cv²; MI term: -0.1 x MI / T (defined in mtl.models.moe)
+    from mtl.models.moe import task_expert_mutual_information as mi
+
+    stats = [m.stats for m in model.moe_modules()]
+    expected = 0.01 * sum(s["depth"]["balance"] for s in stats) - 0.1 * sum(
+        mi(torch.stack([s[t]["mean_probs"] for t in TASKS])) for s in stats) / 3
+    assert torch.allclose(aux["depth"], expected)
+
+
+def test_no_shared_representation_so_features_level_balancers_refuse():
+    from mtl.balancers import StepContext, create_balancer
+
+    model = make()
+    assert model.shared_representation is False
+    losses = {t: y.float().mean() for t, y in model(X).items()}
+    ctx = StepContext(losses=losses, shared_params=model.shared_parameters(),
+                      task_params={t: model.task_parameters(t) for t in TASKS}, features=None)
+    with pytest.raises(ValueError, match="level=features"):
+        create_balancer("upgrad", TASKS, level="features").backward(ctx)
+
+
+def _route_depth_to_first_four(model):
+    # gate rows w0 = a, w1 = -a, w2 = b, w3 = -b, others 0: the two positive logits always win (top-2)
+    with torch.no_grad():
+        for m in model.moe_modules():
+            w = m.routers["depth"].gate.weight
+            a, b = torch.randn(2, w.shape[1]) * 5
+            w.zero_()
+            w[0], w[1], w[2], w[3] = a, -a, b, -b
+
+
+def test_extraction_round_trip(tmp_path):
+    model = make().eval()
+    _route_depth_to_first_four(model)
+    sub = mtl.extract(model, out=tmp_path / "depth", task="depth", calib=[X[:2], {"image": X[2:]}])
+    report = sub.extraction_report
+    assert all(set(k) <= {0, 1, 2, 3} and len(k) >= 2 for k in report["experts_kept"])
+    assert report["dropped_token_share"] == [0.0, 0.0] and report["experts_total"] == 16
+    again = mtl.load_model(tmp_path / "depth")
+    assert list(again.tasks) == ["depth"]
+    assert again.config["decoder"]["experts_kept"] == report["experts_kept"]
+    assert torch.allclose(again(X)["depth"], model(X, tasks=["depth"])["depth"], atol=1e-5)
+    fresh = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)  # routing stays within the kept experts
+    assert torch.allclose(again(fresh)["depth"], model(fresh, tasks=["depth"])["depth"], atol=1e-5)
+    assert mtl.flops.count_params(again) < mtl.flops.count_params(model)
+    assert count_flops(again, X, ["depth"]) == count_flops(model, X, ["depth"])
+
+
+def test_extraction_with_min_share_reports_what_the_dropped_experts_received():
+    model = make().eval()
+    sub = model.extract_subnetwork(task="semseg", calib=[X], min_share=0.2)
+    rep = sub.extraction_report
+    assert all(len(k) >= 2 for k in rep["experts_kept"])  # never fewer than top_k
+    assert all(0.0 <= s < 1.0 for s in rep["dropped_token_share"])
+    assert rep["dropped_token_share_max"] > 0.0  # 8 experts, top-2: some expert gets under 20 % ... and is dropped
+
+
+@pytest.mark.parametrize("dec,match", [
+    ({"top_k": 9}, "top_k=9"), ({"top_k": 0}, "top_k=0"),
+    ({"num_experts": 7}, "num_experts=7"), ({"gate": "shared"}, "'shared'"), ({"bogus": 1}, "bogus"),
+])
+def test_bad_decoder_settings_name_the_value(dec, match):
+    with pytest.raises(ValueError, match=match):
+        TaskMoEViT([create_task("depth")], VIT, {"num_experts": 8, "top_k": 2, **dec})
+
+
+def test_bad_backbone_settings_and_unknown_task():
+    with pytest.raises(ValueError, match="num_heads=3"):
+        TaskMoEViT([create_task("depth")], {**VIT, "num_heads": 3}, {"num_experts": 8})
+    model = make()
+    with pytest.raises(KeyError, match="nope"):
+        model(X, tasks=["nope"])
+    with pytest.raises(KeyError, match="nope"):
+        mtl.extract(model, task="nope", calib=[X])
