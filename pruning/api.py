@@ -1,0 +1,120 @@
+"""``pruning.prune(model, method, calib=..., **hparams) -> (pruned_model, report)``."""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from mtl.flops import count_flops, count_params
+from mtl.models.surgery import diff_plan, snapshot
+from pruning.calib import as_batches, task_losses
+from pruning.graph import LayerGraph, PruningError
+from pruning.methods import METHODS
+
+log = logging.getLogger(__name__)
+
+#: hyperparameters that shrink per round when a method runs in several rounds
+_PER_ROUND = {
+    "ratio": lambda v, k: 1 - (1 - v) ** (1 / k),
+    "flops_target": lambda v, k: 1 - (1 - v) ** (1 / k),
+    "budget": lambda v, k: (1 + v) ** (1 / k) - 1,
+}
+
+
+def prune(model: nn.Module, method: str, calib: Any = None, *, example: torch.Tensor | None = None,
+          ignored_layers: Sequence[str] = (), rounds: int = 1,
+          finetune: Callable[[nn.Module], None] | None = None, **hparams: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """Prune ``model`` (left untouched) with ``method``; returns the physically smaller model and a report.
+
+    ``calib``: a batch or list of batches ({"image": uint8 (B,3,H,W), <task target>: ...}) used for
+    importance and the PAGCP oracle (``l1``/``l1_global`` only need ``example`` or one batch).
+    ``rounds`` > 1 prunes in steps (ratio, flops_target and budget split evenly in ratio terms), calling
+    ``finetune(model)`` (trains in place) between rounds. The returned model carries
+    ``pruning_plan``: ``mtl.io.save_model`` stores it, ``mtl.load_model`` rebuilds the pruned shapes.
+    """
+    fn = METHODS.get(method)
+    batches = as_batches(calib) if calib is not None else []
+    if example is None:
+        if not batches:
+            raise ValueError("give calib= (calibration batches) or example= (an input batch for tracing)")
+        example = batches[0]["image"][:2]
+    if not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
+    if rounds > 1 and finetune is None:
+        log.warning("rounds=%d without finetune: rounds only change which channels the later rounds see", rounds)
+    was_training = model.training
+    original = snapshot(model)
+    before = {"params": count_params(model), "flops": count_flops(model, example[:1])}
+    losses_before = task_losses(model, batches) if batches else {}
+    current, kept_total, infos = model, None, []
+    try:
+        for k in range(rounds):
+            hp = {key: (_PER_ROUND[key](v, rounds) if key in _PER_ROUND and v is not None and rounds > 1 else v)
+                  for key, v in hparams.items()}
+            graph = LayerGraph(current, example, ignored_layers, allow_pruned=k > 0)
+            removed, info = fn(current, graph, batches, **hp)
+            pruned, plan = graph.remove(removed)
+            kept_total = _compose(kept_total, plan["layers"])
+            infos.append({"round": k + 1, "hparams": hp, **info, "skipped_layers": graph.skipped,
+                          "protected": graph.protected})
+            current = pruned
+            if finetune is not None and k < rounds - 1:
+                finetune(current)
+                current.eval()
+    finally:
+        model.train(was_training)
+    current.pruning_plan = {"method": method, "hparams": _plain(hparams), "rounds": rounds,
+                            "modules": diff_plan(original, current), "layers": kept_total}
+    current.meta = copy.deepcopy(getattr(model, "meta", {}))
+    after = {"params": count_params(current), "flops": count_flops(current, example[:1])}
+    report = {
+        "method": method,
+        "hparams": _plain(hparams),
+        "rounds": infos,
+        "layers": _layer_rows(kept_total, infos),
+        "params": {"before": before["params"], "after": after["params"],
+                   "reduction": 1 - after["params"] / before["params"]},
+        "flops": {"before": before["flops"], "after": after["flops"],
+                  "reduction": 1 - after["flops"] / before["flops"] if before["flops"] else 0.0},
+        "calib_loss": {"before": losses_before, "after": task_losses(current, batches) if batches else {}},
+    }
+    return current, report
+
+
+def _compose(previous: dict[str, Any] | None, layers: dict[str, Any]) -> dict[str, Any]:
+    """Kept units in original indices after one more round (a round's indices refer to its input)."""
+    if previous is None:
+        return copy.deepcopy(layers)
+    out = copy.deepcopy(previous)
+    for name, spec in layers.items():
+        if name in out:
+            out[name]["kept"] = [out[name]["kept"][i] for i in spec["kept"]]
+        else:
+            out[name] = copy.deepcopy(spec)
+    return out
+
+
+def _layer_rows(kept: dict[str, Any], infos: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    limiting: dict[str, Any] = {}
+    for info in infos:
+        for s in info.get("steps", []):
+            if s["removed"] or s["limiting_task"]:
+                limiting[s["layer"]] = s["limiting_task"]
+    return [{"layer": name, "unit": spec["unit"], "size": spec["size"], "kept": len(spec["kept"]),
+             "limiting_task": limiting.get(name)} for name, spec in kept.items()]
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if callable(v):
+        return getattr(v, "__name__", repr(v))
+    return repr(v)
+

@@ -1,0 +1,278 @@
+"""A multi-task model's prunable layers, from Torch-Pruning's dependency graph.
+
+A *layer* is one group of coupled channels (a conv's output channels plus every BatchNorm, residual
+partner and consumer input that must shrink with them), named after its root module. Its *units* are
+channels, or whole attention heads for a ViT block's ``qkv`` projection (pruning heads keeps the
+attention scale, so the pruned model computes exactly what the masked one does).
+
+Two ways to remove units, with the same result for BatchNorm/ReLU networks:
+  * ``mask``: zero every coupled weight of the units in place (a search can try and undo cheaply);
+  * ``remove``: shrink the tensors for real through the dependency graph and return the structural plan.
+Task output layers are protected (their output channels are the task's predictions).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from mtl.models.surgery import diff_plan, snapshot
+
+log = logging.getLogger(__name__)
+
+PRUNABLE_DECODERS = ("hps",)
+PRUNABLE_FAMILIES = ("multitask",)
+NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+class PruningError(ValueError):
+    """The model (or a layer of it) cannot be pruned as asked."""
+
+
+@dataclass
+class Dep:
+    module: str                 # name of the module whose tensors shrink
+    is_out: bool                # its output side (rows of a weight, norm affine) or its input side
+    local: list[list[int]]      # per unit of the layer: this module's indices
+
+
+@dataclass
+class Layer:
+    name: str                   # root module (a conv or linear whose output channels lead the group)
+    size: int                   # units before pruning
+    unit: str = "channels"      # "channels" or "heads"
+    channels_per_unit: int = 1
+    deps: list[Dep] = field(default_factory=list)
+    flops: float = 0.0          # FLOPs of the conv/linear members (per sample), for ordering
+
+    def channel_idxs(self, units: Iterable[int]) -> list[int]:
+        """Root-module channel indices of the given units."""
+        root = next(d for d in self.deps if d.module == self.name and d.is_out)
+        return sorted(i for u in units for i in root.local[u])
+
+
+def output_layers(model: nn.Module) -> dict[str, str]:
+    """{task: name of the last conv/linear in its head}: the task's prediction layer, never pruned."""
+    heads = getattr(getattr(model, "decoder", None), "heads", None)
+    if not isinstance(heads, nn.ModuleDict):
+        raise PruningError(f"{type(model).__name__}: no decoder.heads, so the task output layers to protect are unknown")
+    out = {}
+    for task, head in heads.items():
+        last = [n for n, m in head.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        if not last:
+            raise PruningError(f"decoder.heads.{task}: no conv or linear output layer found")
+        out[task] = f"decoder.heads.{task}.{last[-1]}"
+    return out
+
+
+def check_prunable(model: nn.Module, allow_pruned: bool = False) -> None:
+    """Families and decoders whose structure this pruner does not know yet are refused up front."""
+    cfg = getattr(model, "config", None)
+    if not isinstance(cfg, dict):
+        raise PruningError(f"{type(model).__name__} is not an mtlkit model family (no config); cannot prune it")
+    family = cfg.get("family", "multitask")
+    if family not in PRUNABLE_FAMILIES:
+        raise PruningError(f"model family {family!r} ({type(model).__name__}) cannot be pruned yet; "
+                           f"prunable families: {', '.join(PRUNABLE_FAMILIES)}")
+    dec = (cfg.get("decoder") or {}).get("name", "hps")
+    if dec not in PRUNABLE_DECODERS:
+        raise PruningError(f"module 'decoder' ({type(model.decoder).__name__}, decoder {dec!r}) cannot be pruned yet; "
+                           f"prunable decoders: {', '.join(PRUNABLE_DECODERS)}")
+    if not allow_pruned and getattr(model, "pruning_plan", None) is not None:
+        raise PruningError("this model was pruned already; prune the original model again instead "
+                           "(plans do not compose yet)")
+
+
+def _outputs(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, dict):
+        return list(out.values())
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
+    with torch.enable_grad():
+        return tp.DependencyGraph().build_dependency(model, example, output_transform=_outputs, verbose=False)
+
+
+def _is_qkv(model: nn.Module, name: str) -> nn.Module | None:
+    if not name.endswith(".qkv"):
+        return None
+    parent = model.get_submodule(name.rsplit(".", 1)[0])
+    return parent if hasattr(parent, "num_heads") and hasattr(parent, "head_dim") else None
+
+
+def _leaf_flops(model: nn.Module, example: torch.Tensor) -> dict[str, float]:
+    """Per-sample FLOPs of every conv/linear (2 per multiply-add), measured with forward hooks."""
+    flops: dict[str, float] = {}
+    hooks = []
+    n = example.shape[0]
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            k = m.weight[0].numel()  # (in/groups) * prod(kernel)
+            hooks.append(m.register_forward_hook(lambda mod, i, o, name=name, k=k: flops.__setitem__(name, 2.0 * o.numel() * k / n)))
+        elif isinstance(m, nn.Linear):
+            hooks.append(m.register_forward_hook(lambda mod, i, o, name=name: flops.__setitem__(name, 2.0 * o.numel() * mod.in_features / n)))
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return flops
+
+
+class LayerGraph:
+    """The prunable layers of ``model`` (the model itself is not modified by building this)."""
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, ignored_layers: Sequence[str] = (),
+                 allow_pruned: bool = False):
+        check_prunable(model, allow_pruned)
+        self.model = model
+        self.example = example
+        names = {m: n for n, m in model.named_modules()}
+        self.protected = output_layers(model)
+        self.ignored = set(ignored_layers or ())
+        unknown = [n for n in self.ignored if n not in dict(model.named_modules())]
+        if unknown:
+            raise PruningError(f"ignored_layers names unknown module(s) {unknown}")
+        dg = build_graph(model, example)
+        self._check_handled(dg, names)
+        ignored_params = {id(p) for n in self.ignored for p in model.get_submodule(n).parameters()}
+        self.leaf_flops = _leaf_flops(model, example)
+        protected = [model.get_submodule(n) for n in self.protected.values()]
+        self.layers: list[Layer] = []
+        self.skipped: dict[str, str] = {}
+        for group in dg.get_all_groups(ignored_layers=protected):
+            layer = self._layer(dg, group, names, ignored_params)
+            if layer is not None:
+                self.layers.append(layer)
+        if not self.layers:
+            raise PruningError("no prunable layer found (every channel group touches a protected or ignored layer)")
+        self.by_name = {l.name: l for l in self.layers}
+        self.other_flops = None  # set by total_flops on first use
+
+    def _check_handled(self, dg: tp.DependencyGraph, names: dict[nn.Module, str]) -> None:
+        for m, name in names.items():
+            if name in self.ignored or any(name.startswith(i + ".") for i in self.ignored):
+                continue
+            if list(m.children()) or not any(True for _ in m.parameters(recurse=False)):
+                continue
+            if dg.get_pruner_of_module(m) is None:
+                raise PruningError(
+                    f"module {name!r} ({type(m).__name__}) holds parameters the dependency graph has no pruner for; "
+                    f"pass ignored_layers=['{name}'] to leave it and every channel it touches unpruned")
+
+    def _layer(self, dg, group, names, ignored_params) -> Layer | None:
+        root_module = group[0].dep.target.module
+        root = names[root_module]
+        deps: list[Dep] = []
+        size = len(group[0].idxs)
+        attn = _is_qkv(self.model, root)
+        unit_of = (lambda c: c) if attn is None else (lambda c: (c % (attn.num_heads * attn.head_dim)) // attn.head_dim)
+        n_units = size if attn is None else attn.num_heads
+        for item in group:
+            target = item.dep.target.module
+            if isinstance(target, nn.Parameter):
+                self.skipped[root] = "touches a parameter outside any module (e.g. a position embedding)"
+                return None
+            if not isinstance(target, nn.Module) or target not in names:
+                continue  # reshapes, element-wise ops: no tensors of their own
+            name = names[target]
+            if any(id(p) in ignored_params for p in target.parameters(recurse=False)):
+                self.skipped[root] = f"touches ignored layer {name!r}"
+                return None
+            if isinstance(target, nn.LayerNorm):
+                # a LayerNorm normalises over the channels it would lose: masking and removal differ
+                self.skipped[root] = f"touches LayerNorm {name!r} (a transformer's residual width)"
+                return None
+            local: list[list[int]] = [[] for _ in range(n_units)]
+            for idx, r in zip(item.idxs, item.root_idxs):
+                local[unit_of(int(r))].append(int(idx))
+            deps.append(Dep(name, dg.is_out_channel_pruning_fn(item.dep.handler), local))
+        members = {d.module for d in deps}
+        flops = sum(self.leaf_flops.get(m, 0.0) for m in members)
+        if attn is not None:
+            return Layer(root, n_units, "heads", attn.head_dim * 3, deps, flops)
+        return Layer(root, n_units, "channels", 1, deps, flops)
+
+    # --- masks ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def mask(self, model: nn.Module, layer: Layer, units: Iterable[int]) -> None:
+        """Zero every weight coupled to ``units`` of ``layer`` in ``model`` (a copy of the graph's model)."""
+        units = list(units)
+        for dep in layer.deps:
+            idx = torch.tensor(sorted(i for u in units for i in dep.local[u]), dtype=torch.long)
+            if idx.numel() == 0:
+                continue
+            m = model.get_submodule(dep.module)
+            for pname, p in m.named_parameters(recurse=False):
+                if p.ndim == 0:
+                    continue
+                if isinstance(m, NORMS) or p.ndim == 1:
+                    if isinstance(m, NORMS) or dep.is_out:
+                        p[idx] = 0
+                elif dep.is_out or (isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1):
+                    p[idx] = 0
+                else:
+                    p[:, idx] = 0
+
+    # --- FLOPs estimate for a set of removed units -----------------------------------------------
+    def total_flops(self) -> float:
+        return float(sum(self.leaf_flops.values()))
+
+    def flops_after(self, removed: dict[str, set[int]]) -> float:
+        """Conv/linear FLOPs per sample once ``removed`` ({layer: units}) are gone (exact for those layers)."""
+        r_out: dict[str, int] = {}
+        r_in: dict[str, int] = {}
+        for lname, units in removed.items():
+            for dep in self.by_name[lname].deps:
+                n = sum(len(dep.local[u]) for u in units)
+                bucket = r_out if dep.is_out else r_in
+                bucket[dep.module] = bucket.get(dep.module, 0) + n
+        total = 0.0
+        for name, f in self.leaf_flops.items():
+            m = self.model.get_submodule(name)
+            if isinstance(m, nn.Linear):
+                cin, cout, grouped = m.in_features, m.out_features, False
+            else:
+                cin, cout, grouped = m.in_channels, m.out_channels, m.groups > 1
+            keep_out = 1 - r_out.get(name, 0) / cout
+            keep_in = 1.0 if grouped else 1 - r_in.get(name, 0) / cin
+            total += f * max(keep_out, 0.0) * max(keep_in, 0.0)
+        return total
+
+    # --- physical removal --------------------------------------------------------------------
+    def remove(self, removed: dict[str, Iterable[int]], source: nn.Module | None = None) -> tuple[nn.Module, dict[str, Any]]:
+        """A pruned copy of ``source`` (default: the graph's model) without ``removed`` units, and its plan."""
+        model = copy.deepcopy(source if source is not None else self.model).eval()
+        before = snapshot(model)
+        dg = build_graph(model, self.example)
+        kept: dict[str, Any] = {}
+        for lname, units in removed.items():
+            units = sorted(set(int(u) for u in units))
+            layer = self.by_name[lname]
+            if len(units) >= layer.size:
+                raise PruningError(f"layer {lname!r}: cannot remove all {layer.size} {layer.unit}")
+            if units:
+                root = model.get_submodule(lname)
+                pruner = dg.get_pruner_of_module(root)
+                group = dg.get_pruning_group(root, pruner.prune_out_channels, layer.channel_idxs(units))
+                group.prune()
+                attn = _is_qkv(model, lname)
+                if attn is not None:
+                    attn.num_heads -= len(units)
+                    if hasattr(attn, "attn_dim"):
+                        attn.attn_dim = attn.num_heads * attn.head_dim
+            kept[lname] = {"unit": layer.unit, "size": layer.size,
+                           "kept": [u for u in range(layer.size) if u not in set(units)]}
+        plan = {"modules": diff_plan(before, model), "layers": kept}
+        return model, plan
+
+
+def describe(graph: LayerGraph, fn: Callable[[Layer], Any] | None = None) -> list[dict[str, Any]]:
+    return [{"layer": l.name, "unit": l.unit, "size": l.size, "flops": l.flops, **(fn(l) if fn else {})} for l in graph.layers]

@@ -1,0 +1,92 @@
+"""Channel importance per layer: group L1 magnitude and multi-task first-order Taylor.
+
+Scores are per *unit* of a layer (channel or attention head) and cover the whole coupled group: the
+producing weights, the norms and the consumers' input weights (so the next layer's view of a channel
+counts too). Each member's contribution is divided by its mean over the units, so a 3x3 conv and a
+BatchNorm weigh alike, then members are averaged.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from pruning.graph import NORMS, Layer, LayerGraph
+
+COMBINE = ("sum", "max")
+
+
+def _member_scores(layer: Layer, model: nn.Module, value: Callable[[nn.Parameter], torch.Tensor | None]) -> torch.Tensor:
+    per_member = []
+    for dep in layer.deps:
+        m = model.get_submodule(dep.module)
+        norm = isinstance(m, NORMS)
+        depthwise = isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1
+        acc = None
+        for p in m.parameters(recurse=False):
+            v = value(p)
+            if v is None or v.ndim == 0:
+                continue
+            if norm or v.ndim == 1:
+                if not (norm or dep.is_out):
+                    continue  # a consumer's bias belongs to its own output channels
+                flat = v
+            else:
+                if not dep.is_out and not depthwise:
+                    v = v.transpose(0, 1)
+                flat = v.reshape(v.shape[0], -1).sum(1)
+            acc = flat if acc is None else acc + flat
+        if acc is None:
+            continue
+        unit = torch.stack([acc[idx].sum() if idx else acc.new_zeros(()) for idx in dep.local])
+        mean = unit.mean()
+        per_member.append(unit / mean if mean > 0 else unit)
+    if not per_member:
+        return torch.zeros(layer.size)
+    return torch.stack(per_member).mean(0).detach().cpu()
+
+
+@torch.no_grad()
+def l1_scores(graph: LayerGraph, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Group L1 magnitude of every layer's units in ``model`` (the graph's model or a masked copy)."""
+    return {l.name: _member_scores(l, model, lambda p: p.detach().abs()) for l in graph.layers}
+
+
+def taylor_scores(graph: LayerGraph, model: nn.Module, batches: list[dict[str, torch.Tensor]],
+                  combine: str = "sum") -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """Multi-task first-order Taylor importance Σ|w·∂L_t/∂w| per unit (Molchanov et al., CVPR 2019).
+
+    Computed per task t, each task's scores divided by their total over all layers (so a task with a
+    large loss scale does not dominate), then combined over tasks by ``sum`` or ``max`` (``max``
+    keeps every channel that any single task relies on). Returns (combined, per task)."""
+    if combine not in COMBINE:
+        raise ValueError(f"combine must be one of {COMBINE}, got {combine!r}")
+    per_task: dict[str, dict[str, torch.Tensor]] = {}
+    was = model.training
+    model.eval()  # the running statistics the pruned model will use
+    params = [p for p in model.parameters()]
+    saved = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        for t, task in model.tasks.items():
+            model.zero_grad(set_to_none=True)
+            for b in batches:
+                out = model(b["image"], tasks=[t])[t]
+                (task.loss(out, b[task.target_key]) / len(batches)).backward()
+            scores = {l.name: _member_scores(l, model, lambda p: None if p.grad is None else (p.detach() * p.grad).abs())
+                      for l in graph.layers}
+            total = sum(float(s.sum()) for s in scores.values()) or 1.0
+            per_task[t] = {k: v / total for k, v in scores.items()}
+    finally:
+        model.zero_grad(set_to_none=True)
+        for p, r in zip(params, saved):
+            p.requires_grad_(r)
+        model.train(was)
+    names = list(per_task)
+    combined = {}
+    for l in graph.layers:
+        stack = torch.stack([per_task[t][l.name] for t in names])
+        combined[l.name] = stack.sum(0) if combine == "sum" else stack.max(0).values
+    return combined, per_task

@@ -1,0 +1,189 @@
+"""PAGCP: performance-aware global channel pruning for multi-task models (Ye et al., TPAMI 2023).
+
+Sequential greedy search over layers, heaviest (FLOPs) first, on the model as pruned so far:
+
+* each layer's units are ranked by a saliency covering the layer and its consumers (group L1, or the
+  multi-task Taylor score with ``importance="taylor"``, combined by max so a channel any task relies
+  on ranks high);
+* ratios 0.05, 0.10, ... 0.95 of the layer's units are tried in turn; a performance-aware oracle
+  rejects a ratio as soon as *any* task's calibration loss exceeds (1 + δ_l) × its current value, and
+  the previous ratio is committed (the task that refused is logged as the layer's limiting task);
+* δ_l = δ_0 · γ^l shrinks geometrically along the order (later layers see an already smaller model),
+  with δ_0 chosen so that Π_l (1 + δ_l) = 1 + ``budget``: the loss of every task may grow by at most
+  ``budget`` over the whole pass;
+* of the layers that were pruned, only the ``keep_fraction`` with the lowest loss increase per FLOP
+  removed keep their pruning (the others return to full width).
+
+Trials zero the units' weights (exactly what removal computes for BatchNorm/ReLU networks), so a trial
+costs one calibration pass and no graph rebuild. ``flops_target`` searches ``budget`` instead.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from pruning.calib import task_losses
+from pruning.graph import LayerGraph, PruningError
+from pruning.importance import l1_scores, taylor_scores
+from pruning.methods import METHODS, check_ratio, reduction
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RATIOS = tuple(round(0.05 * i, 2) for i in range(1, 20))
+
+
+def layer_thresholds(n_layers: int, budget: float, shrink: float) -> list[float]:
+    """δ_l = δ_0 · shrink^l with Π_l (1 + δ_l) = 1 + budget (δ_0 by bisection)."""
+    if budget <= 0 or not math.isfinite(budget):
+        raise ValueError(f"budget must be a positive number, got {budget!r}")
+    if not 0 < shrink <= 1:
+        raise ValueError(f"shrink must be in (0, 1], got {shrink!r}")
+    target = math.log1p(budget)
+    prod = lambda d0: sum(math.log1p(d0 * shrink ** l) for l in range(n_layers))  # noqa: E731
+    lo, hi = 0.0, max(budget, 1.0)
+    while prod(hi) < target:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if prod(mid) < target else (lo, mid)
+    return [hi * shrink ** l for l in range(n_layers)]
+
+
+class Oracle:
+    """Accepts a trial when no task's loss exceeds (1 + δ) × its reference loss."""
+
+    def __init__(self, losses: Callable[[nn.Module], dict[str, float]]):
+        self.losses = losses
+
+    @staticmethod
+    def violations(trial: dict[str, float], reference: dict[str, float], delta: float) -> dict[str, float]:
+        """{task: trial/reference} for every task over its threshold."""
+        return {t: trial[t] / reference[t] if reference[t] > 0 else math.inf
+                for t in reference if trial[t] > (1 + delta) * reference[t]}
+
+
+def _saved(model: nn.Module, graph: LayerGraph, layer) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    out = []
+    for dep in layer.deps:
+        for p in model.get_submodule(dep.module).parameters(recurse=False):
+            out.append((p, p.detach().clone()))
+    return out
+
+
+@torch.no_grad()
+def _restore(saved) -> None:
+    for p, v in saved:
+        p.copy_(v)
+
+
+def search(model: nn.Module, graph: LayerGraph, batches: list[dict[str, torch.Tensor]], budget: float,
+           shrink: float = 0.9, ratios: Sequence[float] = DEFAULT_RATIOS, keep_fraction: float = 1.0,
+           importance: str = "l1") -> tuple[dict[str, list[int]], list[dict[str, Any]]]:
+    """One PAGCP pass on a masked copy of ``model``; returns ({layer: removed units}, per-layer log)."""
+    import copy
+
+    ratios = sorted(float(r) for r in ratios)
+    if not ratios or any(not 0 < r < 1 for r in ratios):
+        raise ValueError(f"ratios must lie in (0, 1), got {list(ratios)}")
+    if not 0 < keep_fraction <= 1:
+        raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction!r}")
+    if importance not in ("l1", "taylor"):
+        raise ValueError(f"importance must be 'l1' or 'taylor', got {importance!r}")
+    work = copy.deepcopy(model).eval()
+    order = sorted(graph.layers, key=lambda l: -l.flops)
+    deltas = layer_thresholds(len(order), budget, shrink)
+    oracle = Oracle(lambda m: task_losses(m, batches))
+    current = oracle.losses(work)
+    removed: dict[str, list[int]] = {}
+    steps: list[dict[str, Any]] = []
+    flops_now = graph.total_flops()
+    for i, (layer, delta) in enumerate(zip(order, deltas)):
+        if importance == "l1":
+            scores = l1_scores(graph, work)[layer.name]
+        else:
+            scores = taylor_scores(graph, work, batches, "max")[0][layer.name]
+        ranked = torch.argsort(scores, stable=True).tolist()
+        saved = _saved(work, graph, layer)
+        accepted_n, accepted_losses, limiting, tried = 0, current, None, []
+        for r in ratios:
+            n = min(int(math.floor(r * layer.size + 1e-9)), layer.size - 1)
+            if n <= accepted_n:
+                continue
+            graph.mask(work, layer, ranked[:n])
+            trial = oracle.losses(work)
+            _restore(saved)
+            over = Oracle.violations(trial, current, delta)
+            tried.append({"ratio": r, "units": n, "accepted": not over})
+            if over:
+                limiting = max(over, key=over.get)
+                break
+            accepted_n, accepted_losses = n, trial
+        if accepted_n:
+            graph.mask(work, layer, ranked[:accepted_n])
+            removed[layer.name] = ranked[:accepted_n]
+        flops_after = graph.flops_after({k: set(v) for k, v in removed.items()})
+        increase = max((accepted_losses[t] / current[t] - 1) if current[t] > 0 else 0.0 for t in current)
+        steps.append({"layer": layer.name, "order": i, "delta": delta, "size": layer.size, "removed": accepted_n,
+                      "limiting_task": limiting, "loss_increase": increase, "flops_removed": flops_now - flops_after,
+                      "tried": tried})
+        log.info("pagcp %d/%d %s: %d/%d %s removed (δ=%.4f, limited by %s)", i + 1, len(order), layer.name,
+                 accepted_n, layer.size, layer.unit, delta, limiting or "max ratio")
+        flops_now, current = flops_after, accepted_losses
+    pruned = [s for s in steps if s["removed"]]
+    keep = math.ceil(keep_fraction * len(pruned))
+    ranked_steps = sorted(pruned, key=lambda s: max(s["loss_increase"], 0.0) / max(s["flops_removed"], 1e-12))
+    kept = {s["layer"] for s in ranked_steps[:keep]}
+    for s in steps:
+        s["kept"] = s["layer"] in kept
+    return {k: v for k, v in removed.items() if k in kept}, steps
+
+
+@METHODS.register("pagcp")
+def pagcp(model: nn.Module, graph: LayerGraph, batches, budget: float = 0.1, shrink: float = 0.9,
+          ratios: Sequence[float] = DEFAULT_RATIOS, keep_fraction: float = 1.0, importance: str = "l1",
+          flops_target: float | None = None, max_budget: float = 8.0, search_steps: int = 6):
+    """PAGCP (see the module docstring); with ``flops_target``, ``budget`` is searched (log bisection)."""
+    if not batches:
+        raise ValueError("pagcp needs calibration batches (calib=...) for its performance-aware oracle")
+    kw = dict(shrink=shrink, ratios=ratios, keep_fraction=keep_fraction, importance=importance)
+    if flops_target is None:
+        removed, steps = search(model, graph, batches, budget, **kw)
+        return removed, {"budget": budget, "steps": steps}
+    check_ratio("flops_target", flops_target)
+    removed, steps = search(model, graph, batches, max_budget, **kw)
+    best = reduction(graph, removed)
+    if best < flops_target:
+        raise PruningError(f"a FLOPs reduction of {flops_target:.1%} is not reachable with budget ≤ {max_budget}: "
+                           f"the best reachable is {best:.1%} (raise max_budget, or lower flops_target)")
+    lo, hi, found = math.log(1e-4), math.log(max_budget), (max_budget, removed, steps)
+    for _ in range(search_steps):
+        mid = (lo + hi) / 2
+        r, s = search(model, graph, batches, math.exp(mid), **kw)
+        got = reduction(graph, r)
+        log.info("pagcp budget %.4g -> FLOPs reduction %.1f%% (target %.1f%%)", math.exp(mid), 100 * got, 100 * flops_target)
+        if got >= flops_target:
+            hi, found = mid, (math.exp(mid), r, s)
+        else:
+            lo = mid
+    budget, removed, steps = found
+    removed = trim_to_target(graph, removed, steps, flops_target)
+    return removed, {"budget": budget, "flops_target": flops_target, "steps": steps}
+
+
+def trim_to_target(graph: LayerGraph, removed: dict[str, list[int]], steps: list[dict[str, Any]],
+                   target: float) -> dict[str, list[int]]:
+    """Give layers back (worst loss increase per FLOP first) while the reduction stays ≥ ``target``,
+    so that methods compare at matched FLOPs rather than PAGCP overshooting."""
+    out = dict(removed)
+    worst_first = sorted((s for s in steps if s["layer"] in out),
+                         key=lambda s: -max(s["loss_increase"], 0.0) / max(s["flops_removed"], 1e-12))
+    for s in worst_first:
+        trial = {k: v for k, v in out.items() if k != s["layer"]}
+        if reduction(graph, trial) >= target:
+            out = trial
+            s["kept"] = False
+    return out
