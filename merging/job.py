@@ -1,31 +1,173 @@
-"""The job behind ``mtl-merge``: merge a pool, pick hyperparameters on validation, test, report."""
+"""The job behind ``mtl-merge``: resolve the pool, select a merged model, test it, report.
+
+A CLI-level method is a function registered in `CLI_METHODS`:
+
+    @CLI_METHODS.register("my_method")
+    def my_method(job: MergeJob, hp: Mapping[str, Any]) -> Selection: ...
+
+It gets the job (pool, evaluator with every task's data and the fine-tuned models' own scores, run
+folder, config) and the method's hyperparameters (`merge.*` without `method`, read-only), and returns
+the model to write, the hyperparameters it settled on (learned coefficients included) and, optionally,
+its search grid, per-task test metrics (when those are not the written model's) and report entries.
+Testing, the model folder, metrics.json, plots and the table are the job's.
+"""
 from __future__ import annotations
 
-import logging
-import statistics
 import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 import merging
-from merging.pool import ModelPool, evaluate, member_datamodule, normalized, resolve_device, score
-from mtl.io import atomic_path, save_model, write_json
+from mtl.io import atomic_path, save_model
+from mtl.models import MultiTaskModel
+from mtl.registry import Registry
 
-log = logging.getLogger(__name__)
+from .evaluation import Evaluator
+from .pool import HEAD_PREFIX, ModelPool
+from .report import build_report, print_table, write_report
 
-#: CLI-level methods: "pretrained" is θ0 with each task's fine-tuned head (task arithmetic, λ=0)
-CLI_METHODS = ("pretrained", "average", "task_arithmetic", "ties", "dare", "consensus", "tall_masks")
+__all__ = ["CLI_METHODS", "MergeJob", "Selection", "run_merge", "run", "resolve_pool", "build_smoke_pool"]
+
+
+@dataclass
+class Selection:
+    """What a CLI-level method settled on."""
+
+    model: MultiTaskModel                     # written to the output folder (and tested unless `test` is given)
+    hparams: dict[str, Any]                   # the chosen hyperparameters / learned coefficients
+    grid: list[dict[str, Any]] | None = None  # every candidate tried: {"hparams", "val_normalized"}
+    test: dict[str, dict[str, float]] | None = None  # per-task test metrics, when not those of `model`
+    extra: dict[str, Any] = field(default_factory=dict)  # more report entries ("mask_overlap" gets a plot)
+
+
+@dataclass
+class MergeJob:
+    cfg: DictConfig
+    pool: ModelPool
+    evaluator: Evaluator
+    run_dir: Path
+
+    def merge(self, method: str, **hparams: Any) -> dict[str, torch.Tensor]:
+        """Merged shared weights of the pool (`merging.merge` on θ0 and the fine-tuned folders)."""
+        return merging.merge(method, self.pool.pretrained, self.pool.member_paths, **hparams)
+
+    def model(self, shared: dict[str, torch.Tensor]) -> MultiTaskModel:
+        """A model with `shared` weights and every task's own head, on the evaluation device."""
+        return self.pool.merged_model(shared).to(self.evaluator.device)
+
+    def val_normalized(self, model: MultiTaskModel) -> float:
+        return self.evaluator.normalized_mean(self.evaluator.run_all(model, "val"), "val")
+
+
+CliMethod = Callable[[MergeJob, Mapping[str, Any]], Selection]
+CLI_METHODS: Registry[CliMethod] = Registry("mtl-merge method")
+
+
+def grid_search(job: MergeJob, method: str, hp: Mapping[str, Any]) -> Selection:
+    """`lam` set: merge once with it (a value, or one per fine-tuned model). Otherwise each value of
+    `lam_grid` is tried and the best mean normalized validation score wins; only the best model so far
+    is kept in memory."""
+    base = {k: v for k, v in hp.items() if k != "lam_grid" and not (k == "lam" and v is None)}
+    grid_values = hp.get("lam_grid")
+    if hp.get("lam") is None and grid_values:
+        candidates = [{**base, "lam": lam} for lam in (grid_values if isinstance(grid_values, list) else [grid_values])]
+    else:
+        candidates = [base]
+    grid, best, best_model = [], None, None
+    for kw in candidates:
+        model = job.model(job.merge(method, **kw))
+        val = job.val_normalized(model)
+        grid.append({"hparams": kw, "val_normalized": val})
+        if best is None or val > best["val_normalized"]:
+            best, best_model = grid[-1], model
+        del model
+    return Selection(best_model, dict(best["hparams"]), grid=grid)
+
+
+def _register_grid(name: str, method: str | None = None) -> None:
+    CLI_METHODS.register(name)(lambda job, hp: grid_search(job, method or name, hp))
+
+
+for _name in ("average", "task_arithmetic", "ties", "dare"):
+    _register_grid(_name)
+
+
+@CLI_METHODS.register("pretrained")
+def select_pretrained(job: MergeJob, hp: Mapping[str, Any]) -> Selection:
+    """θ0 with each task's fine-tuned head (task arithmetic with λ = 0): the floor every method must beat."""
+    return grid_search(job, "task_arithmetic", {"lam": 0.0})
+
+
+def _tall_options(hp: Mapping[str, Any]) -> dict[str, Any]:
+    """tall_masks' τ_MTL options for a consensus run, so its overlap plot shows the masks it used."""
+    if hp.get("base") == "ties":
+        return {"mtv": "ties", "k": hp.get("ties_k", 20), "merge_func": hp.get("merge_func", "mean"),
+                "trim": hp.get("trim", "global")}
+    return {"mtv": "sum"}
+
+
+@CLI_METHODS.register("consensus")
+def select_consensus(job: MergeJob, hp: Mapping[str, Any]) -> Selection:
+    sel = grid_search(job, "consensus", hp)
+    tall = merging.tall_masks(job.pool.pretrained, job.pool.member_paths, lam=sel.hparams.get("tall_lam", 0.4),
+                              **_tall_options(sel.hparams))
+    sel.extra["mask_overlap"] = merging.mask_overlap(tall)
+    return sel
+
+
+@CLI_METHODS.register("tall_masks")
+def select_tall(job: MergeJob, hp: Mapping[str, Any]) -> Selection:
+    """TALL masks: λ_t picked per task on its own validation split (or `lam` as given); optionally the
+    compressed store, whose task models are then the ones tested."""
+    pre, fts, names, ev = job.pool.pretrained, job.pool.member_paths, job.evaluator.names, job.evaluator
+    if len(names) != len(fts):
+        raise ValueError("tall_masks needs one task per fine-tuned model (its masks are per model); "
+                         f"the pool's models hold the tasks {[m.tasks for m in job.pool.members]}")
+    opts = {k: v for k, v in hp.items() if k not in ("lam", "lam_grid")}
+    grid = None
+    if hp.get("lam") is not None:
+        lam = hp["lam"]
+        lams = [float(v) for v in lam] if isinstance(lam, list) else [float(lam)] * len(names)
+    else:
+        per_task: dict[str, list[tuple[float, float]]] = {t: [] for t in names}
+        grid = []
+        for lam in hp.get("lam_grid") or [0.2, 0.3, 0.4, 0.5, 0.6]:
+            tm = merging.tall_masks(pre, fts, lam=lam, **opts)
+            scores = {}
+            for i, t in enumerate(names):
+                scores[t] = ev.normalized(t, ev.run(job.model(tm.reconstruct(i)), t, "val"), "val")
+                per_task[t].append((scores[t], lam))
+            grid.append({"hparams": {"lam": lam}, "val_normalized": scores})
+            del tm
+        lams = [max(per_task[t])[1] for t in names]
+    tm = merging.tall_masks(pre, fts, lam=lams, **opts)
+    extra: dict[str, Any] = {"mask_overlap": merging.mask_overlap(tm)}
+    if job.cfg.get("store"):
+        store = merging.write_tall_store(pre, fts, job.run_dir / "tall_store", lam=lams, tasks=names,
+                                         overwrite=bool(job.cfg.overwrite), **opts)
+        extra["store"] = {"path": str(store), **merging.store_report(store)}
+        rebuild = lambda i, t: {k: v for k, v in merging.load_task_model(store, t).items()  # noqa: E731
+                                if not k.startswith(HEAD_PREFIX)}
+    else:
+        rebuild = lambda i, t: tm.reconstruct(i)  # noqa: E731
+    test = {t: ev.run(job.model(rebuild(i, t)), t, "test") for i, t in enumerate(names)}
+    selected = {"lam": dict(zip(names, lams)), **opts}
+    return Selection(job.model(tm.merged), selected, grid=grid, test=test, extra=extra)
 
 
 def build_smoke_pool(root: Path) -> ModelPool:
-    """A seconds-long real pool: a tiny base trained on scenes classification, fine-tuned on 3 tasks."""
-    from mtl.train import run
+    """A seconds-long real pool: a tiny base trained on scenes classification, fine-tuned on 2 tasks."""
+    from mtl.train import run as train
 
     common = ["experiment=scenes_hps", "debug=smoke", "viz.num_samples=0", "logger=none"]
-    pre = run(common + ["task=[classification]"], run_dir=root / "pretrained") / "model"
-    fts = [run(common + [f"task=[{t}]", f"init_from={pre}"], run_dir=root / t) / "model"
+    pre = train(common + ["task=[classification]"], run_dir=root / "pretrained") / "model"
+    fts = [train(common + [f"task=[{t}]", f"init_from={pre}"], run_dir=root / t) / "model"
            for t in ("regression", "semseg")]
     return ModelPool.from_folders(pre, fts)
 
@@ -40,164 +182,40 @@ def resolve_pool(cfg: DictConfig, run_dir: Path) -> ModelPool:
     raise ValueError("nothing to merge: pass pretrained=<folder> models=[<folder>,...] or pool=<manifest.json>")
 
 
-class Evaluator:
-    """Evaluates models on every pool task, each on its own data (data modules built once)."""
-
-    def __init__(self, pool: ModelPool, max_batches: int | None, data_overrides: dict[str, Any],
-                 device: str = "cpu"):
-        self.pool = pool
-        self.device = resolve_device(device)
-        self.max_batches = max_batches
-        self.tasks = {t.name: t for t in pool.tasks()}
-        self.owner = {t: m for m in pool.members for t in m.tasks}
-        self._dms = {id(m): member_datamodule(m, data_overrides) for m in pool.members}
-
-    def run(self, model, task: str, split: str) -> dict[str, float]:
-        return evaluate(model, task, self._dms[id(self.owner[task])], split, self.max_batches, self.device)
-
-
-def _hparams(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
+def _method(cfg: DictConfig) -> tuple[str, CliMethod, dict[str, Any]]:
     hp = OmegaConf.to_container(cfg.merge, resolve=True)
-    method = hp.pop("method")
-    if method not in CLI_METHODS:
-        raise ValueError(f"unknown merge method {method!r}; valid: {', '.join(CLI_METHODS)}")
-    return method, hp
-
-
-def _plain(node: Any) -> dict[str, Any]:
-    return OmegaConf.to_container(node, resolve=True) if node else {}
-
-
-def _grid(value: Any) -> list[Any]:
-    return list(value) if isinstance(value, (list, tuple)) else [value]
+    name = hp.pop("method")
+    if name not in CLI_METHODS:
+        raise ValueError(f"unknown merge method {name!r}; valid: {', '.join(CLI_METHODS.names())}")
+    return name, CLI_METHODS.get(name), hp
 
 
 def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    with atomic_path(run_dir / "config.yaml") as tmp:
+        tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     output = Path(cfg.output) if cfg.get("output") else run_dir / "model"
     if output.exists() and not cfg.overwrite:
         raise FileExistsError(f"{output} exists; pass overwrite=true to replace it")
-    method, hp = _hparams(cfg)
+    name, select, hp = _method(cfg)
     start = time.perf_counter()
     pool = resolve_pool(cfg, run_dir)
     ev = Evaluator(pool, cfg.eval.get("max_batches"), _plain(cfg.eval.get("data")), cfg.eval.get("device") or "cpu")
-    pre, fts, names = pool.pretrained, pool.member_paths, pool.task_names
-
-    individual = {}
-    for i, m in enumerate(pool.members):
-        model = pool.member_model(i)
-        for t in m.tasks:
-            individual[t] = {s: ev.run(model, t, s) for s in ("val", "test")}
-
-    def norm_mean(results: dict[str, dict[str, float]], split: str) -> float:
-        return statistics.fmean(
-            normalized(ev.tasks[t], score(ev.tasks[t], results[t]), score(ev.tasks[t], individual[t][split])) for t in names
-        )
-
-    report: dict[str, Any] = {"method": method, "pretrained": str(pre), "models": [str(p) for p in fts]}
-    if method == "tall_masks":
-        final_model, test, extra = _run_tall(cfg, pool, ev, individual, hp, run_dir)
-        report.update(extra)
-    else:
-        lam_key = "lam" if method != "average" else None
-        candidates = _grid(hp.get(lam_key)) if lam_key and lam_key in hp else [None]
-        grid = []
-        for lam in candidates:
-            kw = dict(hp)
-            if lam is not None:
-                kw[lam_key] = lam
-            shared = merging.merge("task_arithmetic", pre, fts, lam=0.0) if method == "pretrained" else \
-                merging.merge(method, pre, fts, **kw)
-            model = pool.merged_model(shared)
-            val = {t: ev.run(model, t, "val") for t in names}
-            grid.append({"hparams": kw, "val_normalized": norm_mean(val, "val"), "model": model})
-        best = max(grid, key=lambda g: g["val_normalized"])
-        final_model = best["model"]
-        test = {t: ev.run(final_model, t, "test") for t in names}
-        report["selected"] = best["hparams"]
-        report["grid"] = [{"hparams": g["hparams"], "val_normalized": g["val_normalized"]} for g in grid]
-        if method == "consensus":
-            _overlap_plot(merging.tall_masks(pre, fts, lam=best["hparams"].get("tall_lam", 0.4)), run_dir, report)
-
-    report["tasks"] = {
-        t: {"merged": test[t], "individual": individual[t]["test"], "primary": ev.tasks[t].primary,
-            "normalized": normalized(ev.tasks[t], score(ev.tasks[t], test[t]), score(ev.tasks[t], individual[t]["test"]))}
-        for t in names
-    }
-    same_metric = len({ev.tasks[t].primary for t in names}) == 1  # a mean over mixed metrics means nothing
-    report["mean"] = {
-        "merged": statistics.fmean(score(ev.tasks[t], test[t]) for t in names) if same_metric else None,
-        "individual": statistics.fmean(score(ev.tasks[t], individual[t]["test"]) for t in names) if same_metric else None,
-        "normalized": norm_mean(test, "test"),
-    }
+    sel = select(MergeJob(cfg, pool, ev, run_dir), MappingProxyType(hp))
+    test = sel.test if sel.test is not None else ev.run_all(sel.model, "test")
+    report = build_report(name, ev, sel, test)
     report["seconds"] = round(time.perf_counter() - start, 2)
-    save_model(final_model, output, overwrite=bool(cfg.overwrite),
-               meta={"merge": {"method": method, **report.get("selected", {})}, "test": {t: test[t] for t in names}})
+    save_model(sel.model, output, overwrite=bool(cfg.overwrite),
+               meta={"merge": {"method": name, **report["selected"]}, "test": test})
     report["output"] = str(output)
-    write_json(run_dir / "metrics.json", report)
-    merging.plot_task_accuracy(
-        {"individual": {t: score(ev.tasks[t], individual[t]["test"]) for t in names},
-         method: {t: score(ev.tasks[t], test[t]) for t in names}},
-        run_dir / "task_accuracy.png", ylabel="primary metric (test)")
+    write_report(report, run_dir)
     print_table(report)
     return report
 
 
-def _run_tall(cfg, pool: ModelPool, ev: Evaluator, individual, hp, run_dir: Path):
-    """TALL masks: λ_t picked per task on its validation split; optional compressed store."""
-    pre, fts, names = pool.pretrained, pool.member_paths, pool.task_names
-    lam_grid = _grid(hp.pop("lam", [0.2, 0.3, 0.4, 0.5, 0.6]))
-    mtv = hp.pop("mtv", "sum")
-    per_task: dict[str, list[tuple[float, float]]] = {t: [] for t in names}
-    for lam in lam_grid:
-        tm = merging.tall_masks(pre, fts, lam=lam, mtv=mtv, **hp)
-        for i, t in enumerate(names):
-            model = pool.merged_model(tm.reconstruct(i))
-            per_task[t].append((score(ev.tasks[t], ev.run(model, t, "val")) * (1 if ev.tasks[t].directions.get(ev.tasks[t].primary, True) else -1), lam))
-    lams = [max(per_task[t])[1] for t in names]
-    tm = merging.tall_masks(pre, fts, lam=lams, mtv=mtv, **hp)
-    test = {}
-    extra: dict[str, Any] = {"selected": {"lam": dict(zip(names, lams)), "mtv": mtv}}
-    if cfg.get("store"):
-        store = merging.write_tall_store(pre, fts, run_dir / "tall_store", lam=lams, mtv=mtv, tasks=names,
-                                         overwrite=bool(cfg.overwrite), **hp)
-        extra["store"] = {"path": str(store), **merging.store_report(store)}
-        for i, t in enumerate(names):
-            state = merging.load_task_model(store, t)
-            model = pool.merged_model({k: v for k, v in state.items() if not k.startswith("decoder.heads.")})
-            test[t] = ev.run(model, t, "test")
-    else:
-        for i, t in enumerate(names):
-            test[t] = ev.run(pool.merged_model(tm.reconstruct(i)), t, "test")
-    _overlap_plot(tm, run_dir, extra)
-    return pool.merged_model(tm.merged), test, extra
-
-
-def _overlap_plot(tm, run_dir: Path, report: dict[str, Any]) -> None:
-    overlap = merging.mask_overlap(tm.masks)
-    report["mask_overlap"] = {k: v for k, v in overlap.items() if isinstance(v, (int, float, list))}
-    merging.plot_mask_overlap(overlap, run_dir / "mask_overlap.png")
-
-
-def print_table(report: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"mtl-merge: {report['method']} {report.get('selected', '')}")
-    for col in ("task", "metric", "merged", "individual", "normalized"):
-        table.add_column(col)
-    for t, r in report["tasks"].items():
-        p = r["primary"]
-        table.add_row(t, p, f"{r['merged'][p]:.4f}", f"{r['individual'][p]:.4f}", f"{r['normalized']:.3f}")
-    m = report["mean"]
-    fmt = lambda v: "—" if v is None else f"{v:.4f}"  # noqa: E731
-    table.add_row("mean", "", fmt(m["merged"]), fmt(m["individual"]), f"{m['normalized']:.3f}")
-    Console().print(table)
-    if "store" in report:
-        s = report["store"]
-        Console().print(f"TALL store: {s}")
+def _plain(node: Any) -> dict[str, Any]:
+    return OmegaConf.to_container(node, resolve=True) if node else {}
 
 
 def run(overrides: list[str] | None = None, run_dir: str | Path | None = None) -> dict[str, Any]:

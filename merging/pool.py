@@ -106,10 +106,24 @@ def _arch(cfg: dict[str, Any] | None) -> dict[str, Any]:
 @torch.no_grad()
 def evaluate(model: MultiTaskModel, task: str, datamodule, split: str, max_batches: int | None = None,
              device: str | torch.device | None = None) -> dict[str, float]:
-    """All metrics of one task on one split of its data module, on `device` (default: the model's)."""
+    """All metrics of one task on one split of its data module, on `device` (default: the model's).
+
+    The caller's model is left as it was: a model on another device is evaluated as a copy moved
+    there, and its train/eval mode is restored afterwards.
+    """
     t = model.tasks[task]
     device = resolve_device(device) if device is not None else next(model.parameters()).device
-    model.to(device).eval()
+    if next(model.parameters()).device != device:
+        model = copy.deepcopy(model).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        return _evaluate(model, t, task, datamodule, split, max_batches, device)
+    finally:
+        model.train(was_training)
+
+
+def _evaluate(model, t: Task, task: str, datamodule, split: str, max_batches: int | None, device) -> dict[str, float]:
     metrics = {name: m.to(device) for name, m in t.metrics().items()}
     loader = {"val": datamodule.val_dataloader, "test": datamodule.test_dataloader, "train": datamodule.train_dataloader}[split]()
     for i, batch in enumerate(loader):
@@ -125,10 +139,12 @@ def evaluate(model: MultiTaskModel, task: str, datamodule, split: str, max_batch
 def resolve_device(device: str | torch.device) -> torch.device:
     """``"auto"``: CUDA when available, else CPU; otherwise any torch device string."""
     if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"eval.device={device} but CUDA is not available here; use cpu or auto")
+    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" must compare equal
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import torch
 from .engine import KeyOptions, open_context, torch_threads
 from .methods import SELECTS
 from .sources import MergeInputError, SafetensorsSource, TensorInfo
-from .streaming import SafetensorsWriter, atomic_file, resolve_output
+from .streaming import SafetensorsWriter, output_file, resolve_output
 from .tall import TallKernel, TallMasks, _copied, reconstruct_tensor
 
 __all__ = ["write_tall_store", "save_tall_masks", "open_store", "TallStore", "load_task_model", "store_report"]
@@ -81,17 +82,12 @@ def _specs(order, kinds, infos, tau_dtypes, T, task_key_infos) -> list[tuple[str
 
 
 def _write(out, overwrite: bool, specs, manifest: dict[str, Any], entries: Iterator[tuple[str, torch.Tensor]]) -> Path:
-    path, created_dir = resolve_output(out, STORE_FILE)
-    try:
-        with atomic_file(path, overwrite=overwrite) as f:
-            w = SafetensorsWriter(f, specs, {"format": "pt", "mtlkit_tall": json.dumps(manifest)})
-            for name, tensor in entries:
-                w.write(name, tensor)
-            w.finish()
-    except BaseException:
-        if created_dir is not None and created_dir.is_dir() and not any(created_dir.iterdir()):
-            created_dir.rmdir()
-        raise
+    path, _ = resolve_output(out, STORE_FILE)
+    with output_file(out, STORE_FILE, overwrite=overwrite) as f:
+        w = SafetensorsWriter(f, specs, {"format": "pt", "mtlkit_tall": json.dumps(manifest)})
+        for name, tensor in entries:
+            w.write(name, tensor)
+        w.finish()
     return path
 
 
@@ -281,15 +277,34 @@ class TallStore:
     def close(self) -> None:
         self.src.close()
 
+    def __enter__(self) -> "TallStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def open_store(store) -> TallStore:
+    """A `TallStore` for a path (close it, or use it in a `with` block), or the given store itself."""
     return store if isinstance(store, TallStore) else TallStore(store)
+
+
+@contextmanager
+def opened_store(store) -> Iterator[TallStore]:
+    """The store, closed afterwards if it was opened here (a caller's `TallStore` stays open)."""
+    if isinstance(store, TallStore):
+        yield store
+        return
+    with TallStore(store) as s:
+        yield s
 
 
 def load_task_model(store, task: int | str, include_task_keys: bool = True) -> dict[str, torch.Tensor]:
     """Task `task`'s state dict (θ0 + m_t ∘ τ_MTL, copied keys, and its own keys if stored)."""
-    return open_store(store).task_model(task, include_task_keys)
+    with opened_store(store) as s:
+        return s.task_model(task, include_task_keys)
 
 
 def store_report(store) -> dict[str, Any]:
-    return open_store(store).report()
+    with opened_store(store) as s:
+        return s.report()

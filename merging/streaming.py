@@ -4,14 +4,13 @@ The safetensors library writes a whole dict at once, so the format is written he
 little-endian header length, a JSON header (dtype, shape, data_offsets per tensor, padded with spaces
 to a multiple of 8), then the raw little-endian bytes in header order. Output shapes and dtypes are
 known before any tensor is computed (they are the inputs'), so the header comes first and each tensor
-is appended as soon as it exists. The file is written under a temporary name in the target folder and
-renamed at the end, so an interrupted merge leaves nothing at the output path.
+is appended as soon as it exists. The output is written under a temporary name (`mtl.io.atomic_path`)
+and renamed at the end, so an interrupted merge leaves nothing at the output path.
 """
 from __future__ import annotations
 
 import json
 import os
-import secrets
 import struct
 import sys
 from collections.abc import Iterator, Sequence
@@ -21,11 +20,13 @@ from typing import Any, BinaryIO
 
 import torch
 
+from mtl.io import atomic_path
+
 from .engine import KeyOptions, open_context, produce, torch_threads
 from .methods import create_method
 from .sources import DTYPE_CODES, TensorInfo
 
-__all__ = ["SafetensorsWriter", "atomic_file", "merge_to_file", "resolve_output"]
+__all__ = ["SafetensorsWriter", "merge_to_file", "output_file", "resolve_output"]
 
 
 class SafetensorsWriter:
@@ -74,26 +75,6 @@ class SafetensorsWriter:
             raise ValueError(f"{len(self._specs) - self._next} declared tensors were not written: {missing}...")
 
 
-@contextmanager
-def atomic_file(final: Path, overwrite: bool = False, fsync: bool = False) -> Iterator[BinaryIO]:
-    """Open a temporary file next to `final`; rename it into place only if the block completes."""
-    final = Path(final)
-    if final.exists() and not overwrite:
-        raise FileExistsError(f"{final} exists; pass overwrite=True to replace it")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def resolve_output(out: str | os.PathLike, filename: str = "model.safetensors") -> tuple[Path, Path | None]:
     """A `.safetensors` path is the file itself; anything else is a folder receiving `filename`.
 
@@ -103,6 +84,27 @@ def resolve_output(out: str | os.PathLike, filename: str = "model.safetensors") 
     if out.suffix == ".safetensors":
         return out, None
     return out / filename, (None if out.exists() else out)
+
+
+@contextmanager
+def output_file(out: str | os.PathLike, filename: str, overwrite: bool = False, fsync: bool = False) -> Iterator[BinaryIO]:
+    """An open file for `out` (see `resolve_output`) that appears there only if the block completes.
+
+    A folder that does not exist yet is written whole under a temporary name (`mtl.io.atomic_path`),
+    so an interrupted write leaves neither the file nor an empty folder.
+    """
+    path, new_dir = resolve_output(out, filename)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    with atomic_path(new_dir if new_dir is not None else path, overwrite=overwrite) as tmp:
+        if new_dir is not None:
+            tmp.mkdir()
+            tmp = tmp / filename
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
 
 
 def merge_to_file(
@@ -123,14 +125,14 @@ def merge_to_file(
     the TIES global threshold uses the radix select by default. `fsync` flushes the file to disk before
     the rename; `threads` sets torch's intra-op threads for the call. Returns the written file's path.
     """
-    path, created_dir = resolve_output(out)
+    path, _ = resolve_output(out)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     opts, hp = KeyOptions.split(dict(kwargs))
     m = create_method(method, **hp)
     ctx = open_context(pretrained, finetuned, opts, m.min_models(), method)
     try:
-        with torch_threads(threads), atomic_file(path, overwrite=overwrite, fsync=fsync) as f:
+        with torch_threads(threads), output_file(out, path.name, overwrite=overwrite, fsync=fsync) as f:
             m.prepare(ctx, select)
             plan = ctx.plan
             specs = [(k, plan.infos[k]) for k in plan.order]
@@ -140,10 +142,6 @@ def merge_to_file(
             for key, tensor in produce(m, ctx):
                 w.write(key, tensor)
             w.finish()
-    except BaseException:
-        if created_dir is not None and created_dir.is_dir() and not any(created_dir.iterdir()):
-            created_dir.rmdir()
-        raise
     finally:
         ctx.close()
     return path

@@ -164,7 +164,7 @@ def mask_overlap(masks) -> dict[str, Any]:
     Returns counts and fractions indexed by the number of tasks (0..T), plus `selfish` (used by exactly
     one task) and `catastrophic` (used by none) fractions.
     """
-    from .storage import TallStore, open_store
+    from .storage import opened_store
 
     if isinstance(masks, TallMasks):
         T, names, get = masks.num_tasks, list(masks.tau), lambda n: [m[n] for m in masks.masks]
@@ -173,8 +173,12 @@ def mask_overlap(masks) -> dict[str, Any]:
             raise ValueError("mask_overlap needs at least one mask")
         T, names, get = len(masks), list(masks[0]), lambda n: [m[n] for m in masks]
     else:
-        store = masks if isinstance(masks, TallStore) else open_store(masks)
-        T, names, get = store.num_tasks, store.merged_keys, lambda n: [store.mask(t, n) for t in range(store.num_tasks)]
+        with opened_store(masks) as store:
+            return _overlap(store.num_tasks, store.merged_keys, lambda n: [store.mask(t, n) for t in range(store.num_tasks)])
+    return _overlap(T, names, get)
+
+
+def _overlap(T: int, names, get) -> dict[str, Any]:
     counts = torch.zeros(T + 1, dtype=torch.int64)
     for n in names:
         c = usage_count(get(n))

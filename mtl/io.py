@@ -32,11 +32,12 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / path.name
+    _remove_stale_temps(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)) / path.name
     try:
         yield tmp
         if path.is_dir() and not path.is_symlink():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            old = path.with_name(f".{path.name}.old-{os.getpid()}-")
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
@@ -44,6 +45,32 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Remove the temporaries a killed writer of `path` left behind (SIGKILL runs no cleanup).
+
+    Temporaries are named ``.<name>.tmp-<pid>-*`` (and ``.<name>.old-<pid>-``); one whose process no
+    longer exists is stale. A live process's (including a reused pid's) is left alone.
+    """
+    if os.name != "posix":
+        return
+    for kind in ("tmp", "old"):
+        head = f".{path.name}.{kind}-"
+        for entry in path.parent.iterdir():
+            pid = entry.name[len(head):].split("-", 1)[0] if entry.name.startswith(head) else ""
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -74,6 +101,7 @@ def _json_default(o: Any) -> Any:
 def save_model(model, path: str | os.PathLike, meta: dict[str, Any] | None = None, overwrite: bool = True) -> Path:
     """Write ``path/model.safetensors`` + ``path/config.json`` atomically."""
     from mtl import __version__
+    from mtl.models.surgery import model_config
 
     path = Path(path)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -101,7 +129,6 @@ def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
     return cfg
 
 
-    from mtl.models.surgery import model_config
 def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a model folder's weights, with errors that name the file."""
     file = Path(path) / WEIGHTS

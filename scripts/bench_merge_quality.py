@@ -29,12 +29,12 @@ TIES_GRID = "[0.2,0.3,0.4,0.5,0.6,0.8,1.0]"
 METHODS: dict[str, tuple[str, list[str]]] = {
     "pretrained": ("pretrained θ0", ["merge=pretrained"]),
     "average": ("weight averaging", ["merge=average"]),
-    "task_arithmetic": ("task arithmetic", ["merge=task_arithmetic", f"merge.lam={TA_GRID}"]),
-    "ties": ("TIES", ["merge=ties", f"merge.lam={TIES_GRID}"]),
-    "dare_ties": ("DARE + TIES", ["merge=dare", "merge.base=ties", f"merge.lam={TIES_GRID}"]),
+    "task_arithmetic": ("task arithmetic", ["merge=task_arithmetic", f"merge.lam_grid={TA_GRID}"]),
+    "ties": ("TIES", ["merge=ties", f"merge.lam_grid={TIES_GRID}"]),
+    "dare_ties": ("DARE + TIES", ["merge=dare", "merge.base=ties", f"merge.lam_grid={TIES_GRID}"]),
     "tall_masks": ("TALL masks (store)", ["merge=tall_masks", "store=true"]),
-    "consensus_ta": ("Consensus (TA)", ["merge=consensus", "merge.base=task_arithmetic", f"merge.lam={TA_GRID}"]),
-    "consensus_ties": ("Consensus (TIES)", ["merge=consensus", "merge.base=ties", f"merge.lam={TIES_GRID}"]),
+    "consensus_ta": ("Consensus (TA)", ["merge=consensus", "merge.base=task_arithmetic", f"merge.lam_grid={TA_GRID}"]),
+    "consensus_ties": ("Consensus (TIES)", ["merge=consensus", "merge.base=ties", f"merge.lam_grid={TIES_GRID}"]),
 }
 
 #: CLIP ViT-B/32, 8 tasks, average absolute accuracy (%) as the papers report it

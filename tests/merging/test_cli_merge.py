@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import merging
 import mtl
 from merging.job import build_smoke_pool, run
 
@@ -17,22 +18,45 @@ def pool(tmp_path_factory):
     return build_smoke_pool(tmp_path_factory.mktemp("pool"))
 
 
-def _args(pool, *extra):
+def _args(pool, *extra, batches=2):
     models = ",".join(str(p) for p in pool.member_paths)
-    return [f"pretrained={pool.pretrained}", f"models=[{models}]", "eval.max_batches=2", *extra]
+    return [f"pretrained={pool.pretrained}", f"models=[{models}]", f"eval.max_batches={batches}", *extra]
+
+
+def _check_report(report, run_dir, method):
+    """The report's normalized scores are merged / individual of its own metrics, and it is what
+    metrics.json holds; the merged model folder reloads with every task."""
+    for t in report["tasks"].values():
+        p = t["primary"]
+        ratio = t["merged"][p] / t["individual"][p]
+        assert t["normalized"] in (pytest.approx(ratio), pytest.approx(1 / ratio))
+    assert report["mean"]["normalized"] == pytest.approx(
+        sum(t["normalized"] for t in report["tasks"].values()) / len(report["tasks"]))
+    assert json.loads((run_dir / "metrics.json").read_text()) == json.loads(json.dumps(report))
+    assert (run_dir / "task_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    model = mtl.load_model(run_dir / "model")
+    assert set(model.tasks) == set(report["tasks"])
+    assert model.meta["merge"]["method"] == method
+    return model.state_dict()
+
+
+def _shared(state):
+    return {k: v for k, v in state.items() if not k.startswith("decoder.heads.")}
 
 
 @pytest.mark.parametrize("method", ["pretrained", "average", "task_arithmetic", "ties", "dare", "consensus"])
-def test_every_method_writes_a_merged_model(pool, tmp_path, method):
-    fixed = [] if method in ("pretrained", "average") else ["merge.lam=0.3"]
+def test_every_method_writes_the_merge_it_reports(pool, tmp_path, method):
+    fixed = {"pretrained": [], "average": [], "task_arithmetic": ["merge.lam=0.3"], "ties": ["merge.lam=0.8"],
+             "dare": ["merge.lam=0.8"], "consensus": ["merge.lam=0.3"]}[method]
     report = run(_args(pool, f"merge={method}", *fixed), run_dir=tmp_path / method)
     assert set(report["tasks"]) == {"regression", "semseg"}
-    for t in report["tasks"].values():
-        assert t["normalized"] > 0
-    model = mtl.load_model(tmp_path / method / "model")
-    assert set(model.tasks) == {"regression", "semseg"}
-    assert (tmp_path / method / "task_accuracy.png").is_file()
-    assert json.loads((tmp_path / method / "metrics.json").read_text())["method"] == method
+    state = _check_report(report, tmp_path / method, method)
+    # the written weights are the API's merge with the selected hyperparameters
+    api_method, hp = ("task_arithmetic", {"lam": 0.0}) if method == "pretrained" else (method, report["selected"])
+    want = merging.merge(api_method, pool.pretrained, pool.member_paths, **hp)
+    for k, v in want.items():
+        assert torch.equal(state[k], v), k
+    assert len(report["grid"]) == 1
 
 
 def test_merged_model_holds_each_tasks_own_head(pool, tmp_path):
@@ -46,19 +70,80 @@ def test_merged_model_holds_each_tasks_own_head(pool, tmp_path):
 
 
 def test_lambda_grid_is_chosen_on_validation(pool, tmp_path):
-    report = run(_args(pool, "merge=task_arithmetic", "merge.lam=[0.0,0.5,1.0]"), run_dir=tmp_path / "grid")
+    report = run(_args(pool, "merge=task_arithmetic", "merge.lam_grid=[0.0,0.5,1.0]"), run_dir=tmp_path / "grid")
     assert [g["hparams"]["lam"] for g in report["grid"]] == [0.0, 0.5, 1.0]
     best = max(report["grid"], key=lambda g: g["val_normalized"])
     assert report["selected"]["lam"] == best["hparams"]["lam"]
 
 
-def test_tall_masks_store_reconstructs_tasks(pool, tmp_path):
-    report = run(_args(pool, "merge=tall_masks", "merge.lam=[0.2,0.5]", "store=true"), run_dir=tmp_path / "tall")
-    store = report["store"]
-    assert store["tasks"] == 2 and store["bytes_stored"] > 0 and store["bytes_full_models"] > 0
-    assert set(report["selected"]["lam"]) == {"regression", "semseg"}
-    assert (tmp_path / "tall" / "mask_overlap.png").is_file()
-    assert (tmp_path / "tall" / "tall_store").is_dir()
+def test_per_task_lambda_from_the_cli(pool, tmp_path):
+    report = run(_args(pool, "merge=task_arithmetic", "merge.lam=[0.2,0.7]", batches=1), run_dir=tmp_path / "pt")
+    assert report["selected"]["lam"] == [0.2, 0.7] and len(report["grid"]) == 1
+    state = mtl.load_model(tmp_path / "pt" / "model").state_dict()
+    pre = mtl.load_model(pool.pretrained).state_dict()
+    fts = [mtl.load_model(p).state_dict() for p in pool.member_paths]
+    k = next(k for k in _shared(pre) if k.endswith("weight") and pre[k].dim() > 1)
+    torch.testing.assert_close(state[k], pre[k] + 0.2 * (fts[0][k] - pre[k]) + 0.7 * (fts[1][k] - pre[k]))
+
+
+def test_only_the_best_grid_model_stays_in_memory(pool, tmp_path, monkeypatch):
+    import gc
+    import weakref
+
+    from merging.job import MergeJob
+
+    made, alive_at_eval = [], []
+    model, val = MergeJob.model, MergeJob.val_normalized
+
+    def tracked_model(self, shared):
+        m = model(self, shared)
+        made.append(weakref.ref(m))
+        return m
+
+    def tracked_val(self, m):
+        gc.collect()
+        alive_at_eval.append(sum(r() is not None for r in made))
+        return val(self, m)
+
+    monkeypatch.setattr(MergeJob, "model", tracked_model)
+    monkeypatch.setattr(MergeJob, "val_normalized", tracked_val)
+    run(_args(pool, "merge=task_arithmetic", "merge.lam_grid=[0.0,0.5,1.0]", batches=1), run_dir=tmp_path / "g")
+    assert len(alive_at_eval) == 3 and max(alive_at_eval) <= 2  # the best so far + the candidate
+
+
+def test_hyperparameters_are_not_mutated(pool, tmp_path):
+    from omegaconf import OmegaConf
+
+    from merging.evaluation import Evaluator
+    from merging.job import CLI_METHODS, MergeJob
+
+    job = MergeJob(OmegaConf.create({"store": False, "overwrite": False}), pool, Evaluator(pool, 1), tmp_path)
+    for name, hp in [("tall_masks", {"lam": None, "lam_grid": [0.3], "mtv": "sum"}),
+                     ("task_arithmetic", {"lam": None, "lam_grid": [0.1, 0.4]})]:
+        before = json.loads(json.dumps(hp))
+        CLI_METHODS.get(name)(job, hp)
+        assert hp == before, name
+
+
+def test_tall_masks_store_gives_the_in_memory_metrics(pool, tmp_path):
+    args = _args(pool, "merge=tall_masks", "merge.lam_grid=[0.2,0.5]", batches=1)
+    stored = run([*args, "store=true"], run_dir=tmp_path / "tall")
+    plain = run(args, run_dir=tmp_path / "plain")
+    assert stored["tasks"] == plain["tasks"] and stored["selected"] == plain["selected"]
+    store = stored["store"]
+    assert store["tasks"] == 2 and store["bytes_stored"] == (tmp_path / "tall" / "tall_store" / "tall.safetensors").stat().st_size
+    assert store["ratio"] == pytest.approx(store["bytes_stored"] / store["bytes_full_models"])
+    assert set(stored["selected"]["lam"]) == {"regression", "semseg"}
+    assert set(stored["selected"]["lam"].values()) <= {0.2, 0.5}
+    assert (tmp_path / "tall" / "mask_overlap.png").read_bytes()[:4] == b"\x89PNG"
+    assert sum(stored["mask_overlap"]["counts"]) == stored["mask_overlap"]["params"] > 0
+
+
+def test_merge_app_offers_no_training_experiments(tmp_path):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="experiment"):
+        run(["experiment=scenes_hps"], run_dir=tmp_path / "r")
 
 
 def test_existing_output_is_refused_unless_overwrite(pool, tmp_path):
@@ -104,3 +189,18 @@ def test_eval_device_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="eval.device=cuda"):
             resolve_device("cuda")
+
+
+def test_evaluate_leaves_the_callers_model_as_it_was(pool):
+    from merging.pool import evaluate, member_datamodule
+
+    model = pool.member_model(0).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dm = member_datamodule(pool.members[0])
+    task = pool.members[0].tasks[0]
+    first = evaluate(model, task, dm, "val", max_batches=1, device="cpu")
+    assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    if torch.cuda.is_available():  # evaluated on the GPU as a copy: the caller's model stays on the CPU
+        on_gpu = evaluate(model, task, dm, "val", max_batches=1, device="cuda")
+        assert next(model.parameters()).device.type == "cpu" and model.training
+        assert on_gpu.keys() == first.keys()

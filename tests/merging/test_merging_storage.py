@@ -80,3 +80,19 @@ def test_plots_write_pngs(tmp_path):
     for f in (p, q, r):
         data = f.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_path_helpers_close_the_store(tmp_path, monkeypatch):
+    pre, fts = make_models(T=2, seed=2, heads=False)
+    path = merging.tall_masks(pre, fts).save(tmp_path / "t.safetensors", tasks=["a", "b"])
+    closed = []
+    close = merging.TallStore.close
+    monkeypatch.setattr(merging.TallStore, "close", lambda self: (closed.append(self.path), close(self)))
+    merging.load_task_model(path, "a")
+    merging.store_report(path)
+    merging.mask_overlap(path)
+    assert closed == [path] * 3
+    with merging.open_store(path) as store:  # a caller's store stays open until the caller closes it
+        merging.load_task_model(store, "b")
+        assert len(closed) == 3
+    assert len(closed) == 4

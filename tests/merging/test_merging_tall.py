@@ -121,3 +121,21 @@ def test_overlap_fractions():
     assert ov["counts"] == [1, 3, 1]  # entry 2 unused; 1, 3, 4 used once; 0 used twice
     assert ov["catastrophic"] == pytest.approx(0.2) and ov["selfish"] == pytest.approx(0.6)
     assert ov["universal"] == pytest.approx(0.2) and ov["params"] == 5
+
+
+def test_consensus_on_a_hand_example():
+    # θ0 = 1, three task vectors over five entries, tall_lam = 0.5, λ = 0.5:
+    #   τ_MTL = Σ τ_t                 = [2, 3, 0, -1, 1.5]
+    #   m_t = |τ_t| ≥ 0.5·|τ_MTL − τ_t|:  m1 = [1,0,1,1,1], m2 = [1,0,1,0,1], m3 = [0,1,1,0,1]
+    #   tasks using each entry        = [2, 1, 3, 1, 3]
+    #   k=2 keeps entries 0, 2, 4     → θ = 1 + 0.5·[2, 0, 0, 0, 1.5] = [2, 1, 1, 1, 1.75]
+    pre = {"w": torch.ones(5)}
+    taus = [torch.tensor([1.0, 0, 2, -1, 0.5]), torch.tensor([1.0, 0, -2, 0, 0.5]), torch.tensor([0.0, 3, 0, 0, 0.5])]
+    fts = [{"w": pre["w"] + tau} for tau in taus]
+    masks = merging.tall_masks(pre, fts, lam=0.5).masks
+    assert [m["w"].int().tolist() for m in masks] == [[1, 0, 1, 1, 1], [1, 0, 1, 0, 1], [0, 1, 1, 0, 1]]
+    want = {1: [2.0, 2.5, 1, 0.5, 1.75], 2: [2.0, 1, 1, 1, 1.75], 3: [1.0, 1, 1, 1, 1.75]}
+    for k, w in want.items():
+        got = merging.merge("consensus", pre, fts, k=k, tall_lam=0.5, base="task_arithmetic", lam=0.5)["w"]
+        assert got.tolist() == w, k
+    assert merging.mask_overlap(masks)["counts"] == [0, 2, 1, 2]

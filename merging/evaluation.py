@@ -1,0 +1,55 @@
+"""Evaluation for ``mtl-merge``: every pool task on its own data, scored against its fine-tuned model."""
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from mtl.models import MultiTaskModel
+
+from .pool import ModelPool, evaluate, member_datamodule, normalized, resolve_device, score
+
+__all__ = ["Evaluator"]
+
+Metrics = dict[str, float]
+
+
+class Evaluator:
+    """Evaluates models on every pool task, each on the data its fine-tune was trained on.
+
+    Data modules are built once. `individual[t][split]` holds each fine-tuned model's own metrics,
+    the reference every merged score is normalized by (merged / individual, direction-aware).
+    """
+
+    def __init__(self, pool: ModelPool, max_batches: int | None = None, data_overrides: dict[str, Any] | None = None,
+                 device: str = "cpu"):
+        self.pool = pool
+        self.device = resolve_device(device)
+        self.max_batches = max_batches
+        self.tasks = {t.name: t for t in pool.tasks()}
+        self.names = pool.task_names
+        self._owner = {t: m for m in pool.members for t in m.tasks}
+        self._dms = {id(m): member_datamodule(m, data_overrides or {}) for m in pool.members}
+        self.individual: dict[str, dict[str, Metrics]] = {}
+        for i, m in enumerate(pool.members):
+            model = pool.member_model(i).to(self.device)
+            for t in m.tasks:
+                self.individual[t] = {s: self.run(model, t, s) for s in ("val", "test")}
+            del model
+
+    def datamodule(self, task: str):
+        """The task's data module (set up for val/test; methods that learn from data may use its loaders)."""
+        return self._dms[id(self._owner[task])]
+
+    def run(self, model: MultiTaskModel, task: str, split: str) -> Metrics:
+        return evaluate(model, task, self.datamodule(task), split, self.max_batches, self.device)
+
+    def run_all(self, model: MultiTaskModel, split: str) -> dict[str, Metrics]:
+        return {t: self.run(model, t, split) for t in self.names}
+
+    def normalized(self, task: str, metrics: Metrics, split: str) -> float:
+        """The task's primary metric relative to its fine-tuned model's on the same split."""
+        t = self.tasks[task]
+        return normalized(t, score(t, metrics), score(t, self.individual[task][split]))
+
+    def normalized_mean(self, results: dict[str, Metrics], split: str) -> float:
+        return statistics.fmean(self.normalized(t, results[t], split) for t in self.names)

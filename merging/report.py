@@ -1,0 +1,69 @@
+"""Reporting for ``mtl-merge``: the metrics.json record, its plots and the summary table."""
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from mtl.io import write_json
+
+from .evaluation import Evaluator
+from .pool import score
+
+__all__ = ["build_report", "write_report", "print_table"]
+
+
+def build_report(method: str, ev: Evaluator, selection, test: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Everything a run records: the selection, per-task test metrics against the fine-tuned models,
+    and the means (the plain mean only when every task shares its primary metric)."""
+    pool, names = ev.pool, ev.names
+    report: dict[str, Any] = {
+        "method": method, "pretrained": str(pool.pretrained), "models": [str(p) for p in pool.member_paths],
+        "selected": dict(selection.hparams),
+    }
+    if selection.grid is not None:
+        report["grid"] = selection.grid
+    report.update(selection.extra)
+    report["tasks"] = {
+        t: {"merged": test[t], "individual": ev.individual[t]["test"], "primary": ev.tasks[t].primary,
+            "normalized": ev.normalized(t, test[t], "test")}
+        for t in names
+    }
+    same_metric = len({ev.tasks[t].primary for t in names}) == 1  # a mean over mixed metrics means nothing
+    mean = lambda which: statistics.fmean(score(ev.tasks[t], which(t)) for t in names) if same_metric else None  # noqa: E731
+    report["mean"] = {
+        "merged": mean(lambda t: test[t]),
+        "individual": mean(lambda t: ev.individual[t]["test"]),
+        "normalized": ev.normalized_mean(test, "test"),
+    }
+    return report
+
+
+def write_report(report: dict[str, Any], run_dir: Path) -> None:
+    """metrics.json, task_accuracy.png, and mask_overlap.png when the method measured mask overlap."""
+    import merging
+
+    write_json(run_dir / "metrics.json", report)
+    scores = lambda which: {t: r[which][r["primary"]] for t, r in report["tasks"].items()}  # noqa: E731
+    merging.plot_task_accuracy({"individual": scores("individual"), report["method"]: scores("merged")},
+                               run_dir / "task_accuracy.png", ylabel="primary metric (test)")
+    if "mask_overlap" in report:
+        merging.plot_mask_overlap(report["mask_overlap"], run_dir / "mask_overlap.png")
+
+
+def print_table(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"mtl-merge: {report['method']} {report.get('selected') or ''}")
+    for col in ("task", "metric", "merged", "individual", "normalized"):
+        table.add_column(col)
+    for t, r in report["tasks"].items():
+        p = r["primary"]
+        table.add_row(t, p, f"{r['merged'][p]:.4f}", f"{r['individual'][p]:.4f}", f"{r['normalized']:.3f}")
+    m = report["mean"]
+    fmt = lambda v: "—" if v is None else f"{v:.4f}"  # noqa: E731
+    table.add_row("mean", "", fmt(m["merged"]), fmt(m["individual"]), f"{m['normalized']:.3f}")
+    Console().print(table)
+    if "store" in report:
+        Console().print(f"TALL store: {report['store']}")
