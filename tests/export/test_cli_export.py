@@ -1,0 +1,64 @@
+"""Drive the real `mtl-export` entry point."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtl.io import save_model
+from mtl.models import create_model
+
+pytest.importorskip("onnxruntime")
+
+
+def cli(*args, cwd):
+    env = dict(os.environ, MTL_OUTPUT_DIR=str(Path(cwd) / "outputs"))
+    return subprocess.run([sys.executable, "-m", "mtl.cli.export", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def run_dir_of(proc) -> Path:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("run_dir: "), last
+    return Path(last.removeprefix("run_dir: "))
+
+
+@pytest.fixture
+def folder(tmp_path):
+    torch.manual_seed(0)
+    model = create_model(["semseg", "depth"], backbone={"name": "test_resnet", "out_indices": [1, 2, 3]},
+                         decoder={"name": "hps", "channels": 16})
+    return save_model(model, tmp_path / "model", meta={"data": {"name": "scenes", "size": 32}})
+
+
+def test_cli_exports_a_task_subset_to_onnx(folder, tmp_path):
+    proc = cli(f"model={folder}", "format=onnx", "format.exporter=torchscript", "tasks=[depth]", cwd=tmp_path)
+    run_dir = run_dir_of(proc)
+    report = json.loads((run_dir / "onnx" / "export.json").read_text())
+    assert report["tasks"] == ["depth"] and report["verification"]["passed"]
+    assert "ONNX Runtime == PyTorch within atol=0.0001" in proc.stdout
+    assert (run_dir / "onnx" / "model.onnx").is_file() and (run_dir / "onnx" / "README.md").is_file()
+
+
+def test_cli_bad_input_is_one_clear_line(folder, tmp_path):
+    proc = cli(f"model={folder}", "format=tflite", cwd=tmp_path)
+    assert proc.returncode == 1 and "valid names: folder, onnx, timm" in proc.stderr
+    out = tmp_path / "taken"
+    out.mkdir()
+    proc = cli(f"model={folder}", "format=folder", f"output={out}", cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == f"error: {out} exists; pass overwrite=true to replace it"
+    assert list(out.iterdir()) == []
+    proc = cli(f"model={folder}", "format=folder", "tasks=[normals]", cwd=tmp_path)
+    assert proc.returncode == 1 and "unknown task(s) ['normals']" in proc.stderr
+
+
+@pytest.mark.slow
+def test_cli_smoke_trains_a_model_and_exports_it(tmp_path):
+    run_dir = run_dir_of(cli("debug=smoke", "format=onnx", cwd=tmp_path))
+    report = json.loads((run_dir / "onnx" / "export.json").read_text())
+    assert report["exporter"] == "dynamo" and report["verification"]["passed"]
+    assert (run_dir / "smoke_model" / "metrics.json").is_file()
