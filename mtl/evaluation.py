@@ -13,12 +13,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from mtl.io import write_json
 from mtl.tasks.base import Task
 
 VARIANTS = ("primary", "all")
@@ -143,7 +143,7 @@ def save_baselines(path: str | os.PathLike, metrics: Mapping[str, Mapping[str, f
     """Add `metrics` ({task: {metric: value}}) to the baselines file and return its new content.
 
     Tasks already in the file and not in `metrics` are kept; a task present in both is replaced as a
-    whole (its metrics come from one run). The file is written atomically (temp file + os.replace).
+    whole (its metrics come from one run). The file is written atomically (`mtl.io.write_json`).
     """
     path = Path(path)
     new = _validate(metrics, "baselines to save")
@@ -151,17 +151,6 @@ def save_baselines(path: str | os.PathLike, metrics: Mapping[str, Mapping[str, f
     with _locked(path):
         merged = Baselines(load_baselines(path)) if path.exists() else Baselines()
         merged.update(new)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(merged, f, indent=2, sort_keys=True)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_json(path, {k: merged[k] for k in sorted(merged)})
     merged.source = str(path)
     return merged

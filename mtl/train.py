@@ -1,6 +1,8 @@
 """The training job behind ``mtl-train``: data -> tasks -> model -> Lightning -> run folder."""
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import time
 from pathlib import Path
@@ -12,7 +14,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mtl.data import create_datamodule
-from mtl.io import load_state, save_model, write_json
+from mtl.evaluation import delta_m, load_baselines, save_baselines
+from mtl.io import atomic_path, load_state, save_model, write_json
 from mtl.models import MultiTaskModel, create_model
 from mtl.module import MultiTaskModule
 from mtl.tasks import create_task
@@ -79,25 +82,37 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Run one training job into ``run_dir``; returns the metrics written to metrics.json."""
-    from mtl.evaluation import delta_m, load_baselines, save_baselines
+    """Run one training job into ``run_dir``; returns the metrics written to metrics.json.
 
+    Everything that can be checked without training (the baselines file against the run's tasks)
+    is checked before fitting; after testing, the model folder and metrics.json are written first,
+    so a later failure (plots, baselines update) never loses the trained model.
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    with atomic_path(run_dir / "config.yaml") as tmp:
+        tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True)
-    baselines = load_baselines(cfg.baselines.path) if cfg.baselines.get("path") else None
 
     data_kw = OmegaConf.to_container(cfg.data, resolve=True)
     datamodule = create_datamodule(**{"name": data_kw["name"]}, **{k: v for k, v in data_kw.items() if k != "name"})
     module = build_module(cfg, getattr(datamodule, "info", None))
+    variant = cfg.baselines.get("variant", "primary")
+    baselines = (load_baselines(cfg.baselines.path, tasks=dict(module.tasks), variant=variant)
+                 if cfg.baselines.get("path") else None)
     loggers = _instantiate_all(cfg.get("logger"))
     callbacks = _instantiate_all(cfg.get("callbacks"))
     if not loggers:  # a learning-rate monitor has nowhere to write without a logger
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
     trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), callbacks=callbacks, logger=loggers or False,
                         default_root_dir=str(run_dir))
+    try:
+        return _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, baselines, variant)
+    finally:
+        _release(trainer, loggers)
 
+
+def _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, baselines, variant) -> dict[str, Any]:
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     fit_seconds = time.perf_counter() - start
@@ -110,23 +125,38 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "best_checkpoint": ckpt,
         "fit_seconds": round(fit_seconds, 2),
         "global_steps": trainer.global_step,
+        "balancer": {"name": module.balancer.name, **module.balancer.diagnostics()},
     }
+    if not trainer.is_global_zero:
+        return metrics
+    # the trained model and its metrics first: nothing after this can lose them
+    save_model(module.model, run_dir / "model", meta={"test": metrics["test"], "run_dir": str(run_dir),
+                                                      "data": data_kw, "seed": cfg.seed})
+    write_json(run_dir / "metrics.json", metrics)
     if baselines is not None:
-        tasks = dict(module.tasks)
-        variant = cfg.baselines.get("variant", "primary")
-        metrics["delta_m"] = {"value": delta_m(metrics["test"], baselines, tasks, variant=variant),
+        metrics["delta_m"] = {"value": delta_m(metrics["test"], baselines, dict(module.tasks), variant=variant),
                               "variant": variant, "baselines": str(cfg.baselines.path)}
     metrics["model_stats"] = _model_stats(module.model, datamodule)
-    if trainer.is_global_zero:
-        save_model(module.model, run_dir / "model", meta={"test": metrics["test"], "run_dir": str(run_dir),
-                                                          "data": data_kw, "seed": cfg.seed})
-        write_json(run_dir / "metrics.json", metrics)
-        if cfg.baselines.get("save_to"):
-            save_baselines(cfg.baselines.save_to, metrics["test"])
-        if cfg.viz.get("num_samples"):
-            _save_viz(module, datamodule, run_dir, cfg.viz.num_samples)
-        print_summary(metrics, module.tasks)
+    write_json(run_dir / "metrics.json", metrics)
+    if cfg.baselines.get("save_to"):
+        save_baselines(cfg.baselines.save_to, metrics["test"])
+    if cfg.viz.get("num_samples"):
+        _save_viz(module, datamodule, run_dir, cfg.viz.num_samples)
+    print_summary(metrics, module.tasks)
     return metrics
+
+
+def _release(trainer: L.Trainer, loggers: list[Any]) -> None:
+    """Drop what a finished job would otherwise keep alive in a long-lived process (a ``-m`` multirun
+    runs every job in one): open logger files and the trainer's references to model and data."""
+    for logger in loggers:
+        with contextlib.suppress(Exception):
+            logger.finalize("success")
+        experiment = getattr(logger, "_experiment", None)
+        if experiment is not None and hasattr(experiment, "close"):
+            with contextlib.suppress(Exception):
+                experiment.close()
+    gc.collect()
 
 
 def _model_stats(model, datamodule) -> dict[str, Any]:
@@ -141,7 +171,9 @@ def _save_viz(module: MultiTaskModule, datamodule, run_dir: Path, n: int) -> Non
     from mtl.viz import save_predictions
 
     batch = next(iter(datamodule.test_dataloader()))
-    save_predictions(module.model.cpu(), batch, run_dir / "predictions.png", num_samples=n)
+    device = next(module.model.parameters()).device
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    save_predictions(module.model, batch, run_dir / "predictions.png", num_samples=n)
 
 
 def print_summary(metrics: dict[str, Any], tasks) -> None:

@@ -26,20 +26,23 @@ def _label(task, t: torch.Tensor) -> str:
 
 @torch.no_grad()
 def save_predictions(model, batch: dict[str, torch.Tensor], path: str | Path, num_samples: int = 4) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # object-oriented: the user's pyplot backend is untouched
 
     from mtl.io import atomic_path
 
-    model.eval()
+    modes = [(m, m.training) for m in model.modules()]  # per module: a frozen-BN model stays so
     n = min(num_samples, batch["image"].shape[0])
     images = batch["image"][:n]
-    preds = model(images)
+    model.eval()
+    try:
+        preds = model(images)
+    finally:
+        for m, training in modes:
+            m.training = training
     tasks = list(model.tasks.values())
     cols = 1 + 2 * len(tasks)
-    fig, axes = plt.subplots(n, cols, figsize=(1.6 * cols, 1.7 * n), squeeze=False)
+    fig = Figure(figsize=(1.6 * cols, 1.7 * n))
+    axes = fig.subplots(n, cols, squeeze=False)
     for i in range(n):
         axes[i, 0].imshow(images[i].permute(1, 2, 0).cpu().numpy())
         axes[i, 0].set_title("input" if i == 0 else "", fontsize=7)
@@ -66,5 +69,4 @@ def save_predictions(model, batch: dict[str, torch.Tensor], path: str | Path, nu
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
     return path

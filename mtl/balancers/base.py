@@ -98,6 +98,18 @@ class Balancer(nn.Module):
     def after_step(self, ctx: StepContext) -> None:
         """Called after the optimiser step (FAMO measures its loss decrease here)."""
 
+    #: counters a method keeps about its own run (``nash_mtl``'s ``solver_failures``: steps where its
+    #: solver found no solution and fell back to equal weights); `diagnostics` reports them
+    COUNTERS = ("solver_failures",)
+
+    def diagnostics(self) -> dict[str, int]:
+        """This run's counters, for metrics.json; a nested balancer (flat's) adds its own, prefixed."""
+        out = {k: int(getattr(self, k)) for k in self.COUNTERS if hasattr(self, k)}
+        for name, child in self.named_children():
+            if isinstance(child, Balancer):
+                out |= {f"{name}.{k}": v for k, v in child.diagnostics().items()}
+        return out
+
     def weights(self) -> dict[str, float]:
         """The task weights used in the last step, for logging (EW-sum scale: ``ew`` gives 1)."""
         return dict(self._last_weights)

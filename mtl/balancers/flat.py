@@ -75,17 +75,19 @@ class FlatBalancer(Balancer):
             g_norm = torch.sqrt(sum((j[i].float() ** 2).sum() for j in jacobian))
             h_norm = torch.sqrt(sum((g.float() ** 2).sum() for g in plain_heads[i])) if heads[i] else None
             head_saved = [p.detach().clone() for p in heads[i]]
-            with torch.no_grad():
-                for p, j in zip(shared, jacobian):
-                    p.add_(j[i], alpha=float(self.rho / (g_norm + 1e-12)))
-                for p, g in zip(heads[i], plain_heads[i]):
-                    p.add_(g, alpha=float(self.rho / (h_norm + 1e-12)))
-            with torch.enable_grad():
-                loss = ctx.recompute(tasks=[task])[task]
-                grads = torch.autograd.grad(loss, shared + heads[i], allow_unused=True)
-            with torch.no_grad():
-                for p, s in zip(shared + heads[i], saved + head_saved):
-                    p.copy_(s)
+            try:  # the weights go back even when the perturbed pass fails
+                with torch.no_grad():
+                    for p, j in zip(shared, jacobian):
+                        p.add_(j[i], alpha=float(self.rho / (g_norm + 1e-12)))
+                    for p, g in zip(heads[i], plain_heads[i]):
+                        p.add_(g, alpha=float(self.rho / (h_norm + 1e-12)))
+                with torch.enable_grad():
+                    loss = ctx.recompute(tasks=[task])[task]
+                    grads = torch.autograd.grad(loss, shared + heads[i], allow_unused=True)
+            finally:
+                with torch.no_grad():
+                    for p, s in zip(shared + heads[i], saved + head_saved):
+                        p.copy_(s)
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(shared + heads[i], grads)]
             sharp_rows.append(grads[:len(shared)])
             for p, g_sam, g_plain in zip(heads[i], grads[len(shared):], plain_heads[i]):

@@ -7,7 +7,7 @@ The module calls, each training step::
     logs |= monitor.after_step(ctx, balancer)        # weights used at this step
     self.log_dict(logs)
     ...
-    monitor.save_plot(run_dir / "balancer_weights.png")   # rank 0, at the end of fit
+    monitor.save_plot(run_dir / "balancer_weights.png")   # rank 0, at the end of fit, if weights vary
 
 Keys: ``balancer/weight/<task>`` and ``balancer/cos/<a>-<b>``. Both return {} on other steps.
 """
@@ -71,19 +71,26 @@ class BalancerMonitor:
             return [ctx.features] if isinstance(ctx.features, torch.Tensor) else list(ctx.features)
         return list(ctx.shared_params)
 
-    def save_plot(self, path: str | Path) -> Path | None:
-        """Weights (and cosines, when measured) over training as a PNG; None when nothing was recorded."""
-        if not self.history:
-            return None
-        import matplotlib
+    def weights_vary(self) -> bool:
+        """Whether the recorded weights ever differ (between tasks or over steps): a single-task or
+        ``ew`` run records a flat line at 1, which is not worth a picture."""
+        values = [w for h in self.history for w in h["weights"].values()]
+        return bool(values) and max(values) - min(values) > 1e-9
 
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+    def save_plot(self, path: str | Path) -> Path | None:
+        """Weights (and cosines, when measured) over training as a PNG; None (nothing written) when
+        the weights never varied."""
+        if not self.weights_vary():
+            return None
+        from matplotlib.figure import Figure  # object-oriented: the user's pyplot backend is untouched
+
+        from mtl.io import atomic_path
 
         steps = [h["step"] for h in self.history]
         has_cos = any(h["cos"] for h in self.history)
         marker = "o" if len(steps) <= 30 else None  # short runs: a line of one point is invisible
-        fig, axes = plt.subplots(2 if has_cos else 1, 1, figsize=(7, 6 if has_cos else 3.5), sharex=True, squeeze=False)
+        fig = Figure(figsize=(7, 6 if has_cos else 3.5))
+        axes = fig.subplots(2 if has_cos else 1, 1, sharex=True, squeeze=False)
         ax = axes[0, 0]
         for task in self.history[-1]["weights"]:
             ax.plot(steps, [h["weights"].get(task, float("nan")) for h in self.history], label=task, marker=marker, ms=3)
@@ -102,9 +109,8 @@ class BalancerMonitor:
         axes[-1, 0].set_xlabel("step")
         fig.tight_layout()
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
         return path
 
     # the history travels with Lightning checkpoints when the module stores it there

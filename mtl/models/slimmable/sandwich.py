@@ -68,7 +68,7 @@ class Sandwich(TrainingStrategy):
         module.model.set_config(module.model.max_widths())
 
     def after_backward(self, module: Any, batch: dict[str, torch.Tensor], ctx: Any) -> dict[str, torch.Tensor]:
-        from mtl.module import frozen_bn_stats  # the module imports the model world, not the reverse
+        from mtl.balancers import freeze_norm_stats  # imported here: balancers import the model world
 
         model: SlimmableMultiTaskModel = module.model
         x = batch["image"]
@@ -76,7 +76,7 @@ class Sandwich(TrainingStrategy):
         teacher_z = ctx.features.detach()
         teacher = None
         if self.inplace_distill:
-            with torch.no_grad(), frozen_bn_stats(model):
+            with torch.no_grad(), freeze_norm_stats(model):
                 teacher = {t: p.detach() for t, p in model.heads(teacher_z, size).items()}
         sums = {"task": torch.zeros((), device=x.device), "cikd": torch.zeros((), device=x.device)}
         try:
