@@ -52,12 +52,16 @@ def _provenance(src: Source) -> list[str]:
     if isinstance(merge, dict):
         hp = ", ".join(f"{k}={json.dumps(v)}" for k, v in merge.items() if k != "method")
         lines.append(f"- Merged by `mtl-merge` with method `{merge.get('method')}`{' (' + hp + ')' if hp else ''}.")
-    for key in ("prune", "pruning"):
-        prune = meta.get(key)
-        if isinstance(prune, dict):
-            ratio = prune.get("ratio", prune.get("pruning_ratio", prune.get("sparsity")))
-            rest = ", ".join(f"{k}={json.dumps(v)}" for k, v in prune.items() if k not in ("ratio",))
-            lines.append(f"- Pruned: ratio {ratio}{'; ' + rest if rest else ''}.")
+    plan = src.config.get("pruning")
+    prune = meta.get("prune") if isinstance(meta.get("prune"), dict) else None
+    if isinstance(plan, dict) or prune:
+        info = dict((plan or {}).get("hparams") or {})
+        info.update({k: v for k, v in (prune or {}).items() if k != "method"})
+        method = (prune or {}).get("method") or (plan or {}).get("method")
+        hp = ", ".join(f"{k}={json.dumps(v)}" for k, v in info.items())
+        sized = f"; {len(plan['modules'])} modules resized" if isinstance(plan, dict) and plan.get("modules") else ""
+        lines.append(f"- Pruned with `{method}`{' (' + hp + ')' if hp else ''}{sized}"
+                     f"{' from `' + str(meta['pruned_from']) + '`' if meta.get('pruned_from') else ''}.")
     if meta.get("extract") is not None:
         lines.append(f"- Extracted sub-network ({json.dumps(meta['extract'])}) of `{meta.get('extracted_from')}`.")
     if meta.get("exported_from"):

@@ -1,0 +1,81 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Merge a small pool of fine-tuned models with several methods
+#
+# A tiny real pool: a base trained on scenes classification, then fine-tuned separately on
+# regression and semantic segmentation. Each merge method turns the fine-tunes into one model;
+# `merging.job.run` is `mtl-merge` in-process (λ picked on validation, scored on test).
+
+# %%
+from pathlib import Path
+
+from IPython.display import Image, display
+from matplotlib.figure import Figure
+
+import merging
+from merging.job import build_smoke_pool, run
+
+OUT = Path("outputs/notebooks/merge")
+pool = build_smoke_pool(OUT / "pool")
+print("pretrained:", pool.pretrained)
+print("fine-tuned:", dict(zip(pool.task_names, pool.member_paths)))
+
+# %% [markdown]
+# ## Several methods, one table
+
+# %%
+METHODS = {
+    "average": [],
+    "task_arithmetic": ["merge.lam=[0.3,0.6,1.0]"],
+    "ties": ["merge.lam=[0.6,1.0]"],
+    "tall_masks": ["merge.lam=[0.3,0.5]"],
+}
+models = ",".join(str(p) for p in pool.member_paths)
+reports = {}
+for method, extra in METHODS.items():
+    reports[method] = run([f"merge={method}", f"pretrained={pool.pretrained}", f"models=[{models}]",
+                           "eval.max_batches=2", *extra], run_dir=OUT / method)
+
+# %%
+tasks = pool.task_names
+print(f"{'method':16s}" + "".join(f"{t:>14s}" for t in tasks) + f"{'normalized':>12s}")
+first = next(iter(reports.values()))
+print(f"{'individual':16s}" + "".join(f"{first['tasks'][t]['individual'][first['tasks'][t]['primary']]:14.4f}" for t in tasks))
+for method, r in reports.items():
+    row = "".join(f"{r['tasks'][t]['merged'][r['tasks'][t]['primary']]:14.4f}" for t in tasks)
+    print(f"{method:16s}{row}{r['mean']['normalized']:12.3f}")
+
+# %% [markdown]
+# ## Accuracies: normalised to each task's own fine-tuned model (1.0 = no loss from merging)
+
+# %%
+fig = Figure(figsize=(6, 3.5))
+ax = fig.add_subplot()
+width = 0.8 / len(reports)
+for i, (method, r) in enumerate(reports.items()):
+    ax.bar([j + i * width for j in range(len(tasks))], [r["tasks"][t]["normalized"] for t in tasks], width, label=method)
+ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks)
+ax.axhline(1.0, color="black", lw=0.8)
+ax.set_ylabel("merged / individual (primary metric)")
+ax.legend(fontsize="small")
+fig.tight_layout()
+fig
+
+# %% [markdown]
+# ## TALL masks: which weights each task keeps
+# A weight kept by no task is "catastrophic", by one task "selfish".
+
+# %%
+tall = merging.tall_masks(pool.pretrained, pool.member_paths, lam=0.4)
+overlap = merging.mask_overlap(tall)
+print({k: round(v, 4) for k, v in overlap.items() if k in ("selfish", "catastrophic")})
+display(Image(filename=str(merging.plot_mask_overlap(overlap, OUT / "mask_overlap.png"))))
