@@ -1,0 +1,169 @@
+"""Benchmark of the slimmable family (docs/models.md): quality of a short scenes training with and
+without CI-KD (same steps), controllability of the width search, and CPU latency of extracted vs
+sliced-at-run-time encoders.
+
+    .venv/bin/python scripts/bench_slimmable.py --part all --out /tmp/bench_slimmable.json
+    .venv/bin/python scripts/bench_slimmable.py --part speed --size 128 --batch 8
+
+Timings are ratios measured in one process, rounds interleaved (median of per-round ratios), so a
+machine shared with other jobs slows the numerator and the denominator alike.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ENCODER = {"name": "slim_resnet", "stem": 32, "channels": [32, 64, 128, 256], "out_indices": [1, 2, 3, 4]}
+
+
+# --- quality -------------------------------------------------------------------------------------------
+def train_once(out: Path, cikd: bool, args) -> dict:
+    from mtl.train import run
+
+    tasks = ",".join(args.tasks)
+    overrides = [
+        "experiment=scenes_slimmable", f"task=[{tasks}]", f"data.size={args.data_size}", f"data.n_train={args.n_train}",
+        f"data.n_val={args.n_val}", f"data.n_test={args.n_val}", f"data.batch_size={args.batch_size}",
+        f"trainer.max_epochs={args.epochs}", f"strategy.cikd={str(cikd).lower()}", "logger=none", "viz.num_samples=0",
+        f"callbacks.width_table.preferences={args.preferences}", f"seed={args.seed}",
+    ]
+    start = time.perf_counter()
+    run_dir = run(overrides, run_dir=out / ("cikd" if cikd else "no_cikd"))
+    table = json.loads((run_dir / "width_table.json").read_text())
+    control = json.loads((run_dir / "controllability.json").read_text())
+    uniform = {}
+    for t in table["tasks"]:
+        p = table["primary"][t]
+        uniform[t] = {w: table["metrics"][t][w][w][p] for w in table["encoder_flops"]}
+    flops = {w: table["encoder_flops"][w] + sum(table["head_flops"][t][w][w] for t in table["tasks"])
+             for w in table["encoder_flops"]}
+    return {"run_dir": str(run_dir), "seconds": round(time.perf_counter() - start, 1), "primary": table["primary"],
+            "higher_is_better": table["higher_is_better"], "uniform": uniform, "flops": flops,
+            "controllability": control["controllability"], "adherence": control["adherence"]}
+
+
+def rises(values: dict[str, float], higher: bool) -> bool:
+    seq = [values[k] for k in sorted(values, key=float)]
+    return all((b >= a) if higher else (b <= a) for a, b in zip(seq, seq[1:]))
+
+
+def quality(args) -> dict:
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    out = Path(args.work or tempfile.mkdtemp(prefix="bench_slimmable_"))
+    # the two runs are independent: side by side, each gets its own share of a busy machine
+    with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
+        runs = {k: pool.submit(train_once, out, k == "cikd", args) for k in ("cikd", "no_cikd")}
+        res = {k: f.result() for k, f in runs.items()}
+    with_ = res["cikd"]
+    smallest = min(with_["flops"], key=float)
+    res["rises_with_width"] = {t: rises(with_["uniform"][t], with_["higher_is_better"][t]) for t in with_["uniform"]}
+    res["smallest_width"] = {
+        t: {"cikd": with_["uniform"][t][smallest], "no_cikd": res["no_cikd"]["uniform"][t][smallest],
+            "cikd_better": (with_["uniform"][t][smallest] > res["no_cikd"]["uniform"][t][smallest])
+            == with_["higher_is_better"][t]}
+        for t in with_["uniform"]}
+    return res
+
+
+# --- speed ---------------------------------------------------------------------------------------------
+def speed(args) -> dict:
+    from mtl.models import create_model
+
+    torch.set_num_threads(args.threads)
+    model = create_model(["depth"], backbone=ENCODER, decoder={"name": "slimmable", "channels": 64}, family="slimmable")
+    model.eval()
+    full = model.extract_subnetwork({"encoder": 1.0, "decoders": 1.0}).backbone.eval()
+    half = model.extract_subnetwork({"encoder": 0.5, "decoders": 1.0}).backbone.eval()
+    sliced = model.backbone
+    x = torch.randn(args.batch, 3, args.size, args.size)
+
+    def latency(net, at_half: bool) -> float:
+        model.set_widths(encoder=0.5 if at_half else 1.0)
+        with torch.inference_mode():
+            t = time.perf_counter()
+            for _ in range(args.iters):
+                net(x)
+            return (time.perf_counter() - t) / args.iters
+
+    from mtl.flops import count_flops  # noqa: F401  (FLOPs of the encoders below)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(net, at_half=False):
+        model.set_widths(encoder=0.5 if at_half else 1.0)
+        with FlopCounterMode(display=False) as c, torch.inference_mode():
+            net(x[:1])
+        return c.get_total_flops()
+
+    for net, h in ((full, False), (half, False), (sliced, True)):  # warm-up
+        latency(net, h)
+    rounds = []
+    for r in range(args.rounds):
+        t_full, t_half, t_sliced = latency(full, False), latency(half, False), latency(sliced, True)
+        rounds.append({"full_s": t_full, "half_s": t_half, "sliced_half_s": t_sliced})
+        print(f"speed round {r + 1}/{args.rounds}: full {t_full * 1e3:.1f} ms, extracted 0.5 {t_half * 1e3:.1f} ms, "
+              f"sliced 0.5 {t_sliced * 1e3:.1f} ms", flush=True)
+    half_ratio = statistics.median(r["half_s"] / r["full_s"] for r in rounds)
+    sliced_ratio = statistics.median(r["sliced_half_s"] / r["half_s"] for r in rounds)
+    return {"input": [args.batch, 3, args.size, args.size], "threads": args.threads, "rounds": rounds,
+            "flops_ratio_half_vs_full": flops(half) / flops(full), "latency_ratio_half_vs_full": half_ratio,
+            "latency_ratio_sliced_vs_extracted_half": sliced_ratio,
+            "params": {"full": sum(p.numel() for p in full.parameters()), "half": sum(p.numel() for p in half.parameters())}}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=["quality", "speed", "all"], default="all")
+    ap.add_argument("--tasks", nargs="+", default=["semseg", "depth", "normals"])
+    ap.add_argument("--data-size", type=int, default=32)
+    ap.add_argument("--n-train", type=int, default=384)
+    ap.add_argument("--n-val", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--preferences", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", help="folder for the two training runs (default: a temporary one)")
+    ap.add_argument("--size", type=int, default=128, help="speed: input resolution")
+    ap.add_argument("--batch", type=int, default=8, help="speed: batch size")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--out", help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    res = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if args.part in ("speed", "all"):
+        res["speed"] = speed(args)
+        s = res["speed"]
+        print(f"\nencoder {ENCODER['channels']} at {s['input']}, {args.threads} thread(s):")
+        print(f"  FLOPs 0.5 / 1.0: {s['flops_ratio_half_vs_full']:.3f}")
+        print(f"  latency extracted 0.5 / full: {s['latency_ratio_half_vs_full']:.3f} (target <= 0.45)")
+        print(f"  latency sliced 0.5 / extracted 0.5: {s['latency_ratio_sliced_vs_extracted_half']:.3f} (target <= 1.3)")
+    if args.part in ("quality", "all"):
+        res["quality"] = q = quality(args)
+        print("\nuniform width -> primary metric (CI-KD run):")
+        for t, vals in q["cikd"]["uniform"].items():
+            print(f"  {t} ({q['cikd']['primary'][t]}): " + ", ".join(f"{w}: {v:.4f}" for w, v in vals.items())
+                  + f"; rises with width: {q['rises_with_width'][t]}")
+        print("smallest width, CI-KD vs none (same steps):")
+        for t, v in q["smallest_width"].items():
+            print(f"  {t}: {v['cikd']:.4f} vs {v['no_cikd']:.4f} (CI-KD better: {v['cikd_better']})")
+        for k in ("cikd", "no_cikd"):
+            print(f"{k}: controllability {q[k]['controllability']:+.3f}, budget adherence {100 * q[k]['adherence']:.1f}%,"
+                  f" {q[k]['seconds']} s")
+    if args.out:
+        from mtl.io import write_json
+
+        write_json(args.out, res)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
