@@ -26,7 +26,10 @@ def extract(model: nn.Module, *, out: str | os.PathLike | None = None, overwrite
     if out is not None:
         from mtl.io import save_model
 
-        save_model(sub, out, meta={"extracted_from": getattr(model, "meta", {}).get("run_dir"), "extract": _jsonable(kwargs)},
+        meta = {"extracted_from": getattr(model, "meta", {}).get("run_dir"), "extract": _jsonable(kwargs)}
+        if getattr(sub, "extraction_report", None):  # what the family measured while extracting
+            meta["report"] = sub.extraction_report
+        save_model(sub, out, meta=meta,
                    overwrite=overwrite)
     return sub
 
