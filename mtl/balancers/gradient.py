@@ -26,12 +26,15 @@ pcgrad/upgrad/dualproj, Pareto stationarity for mgda) then hold w.r.t. the repre
 """
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import torch
 
 # torchjd (and cvxpy behind it) is imported on first use: `import mtl.balancers` stays cheap
 from mtl.balancers.base import Balancer, StepContext, register, require_shared, sync_grads
+
+log = logging.getLogger(__name__)
 
 
 def feature_list(features) -> list[torch.Tensor]:
@@ -88,6 +91,8 @@ class JacobianBalancer(Balancer):
     computes_own_gradients = True
     #: whether ``level="features"`` is allowed
     supports_features_level = True
+    #: solve on a float64 copy of the (float32-formed) Gramian
+    float64_gramian = True
 
     def __init__(self, tasks: Sequence[str], level: str = "params", parallel_chunk_size: int | None = None,
                  skip_nonfinite: bool = False):
@@ -103,6 +108,12 @@ class JacobianBalancer(Balancer):
         # vector) keeps jac_to_grad's returned weights and our logged weights on the EW-sum scale.
         from torchjd.aggregation import WeightedAggregator
 
+        from torchjd.aggregation import GramianWeightedAggregator
+
+        if isinstance(self.aggregator, GramianWeightedAggregator) and self.float64_gramian:
+            # T x T solves in float64: in float32, nearly cancelling gradients lose the solvers'
+            # defining properties to rounding (tests/balancers/test_aggregator_optima.py)
+            self.aggregator.gramian_weighting.register_forward_pre_hook(lambda _m, args: (args[0].double(),))
         if isinstance(self.aggregator, WeightedAggregator):
             self.aggregator.weighting.register_forward_hook(self._weights_hook)
         else:
@@ -118,8 +129,8 @@ class JacobianBalancer(Balancer):
     def _rescale(self, w: torch.Tensor) -> torch.Tensor:
         return w * self.factor
 
-    def _weights_hook(self, _module, _inputs, weights: torch.Tensor) -> torch.Tensor:
-        scaled = self._rescale(weights)
+    def _weights_hook(self, _module, inputs, weights: torch.Tensor) -> torch.Tensor:
+        scaled = self._rescale(weights).to(inputs[0].dtype)
         self._set_weights(scaled)
         return scaled
 
@@ -213,17 +224,23 @@ class _MeanScaled(JacobianBalancer):
 
 @register("mgda")
 class MGDABalancer(_MeanScaled):
-    """Sener & Koltun 2018 (Frank-Wolfe): min-norm point of the convex hull of the g_t."""
+    """Sener & Koltun 2018: the min-norm point of the convex hull of the g_t, solved on the T x T
+    Gramian to a duality-gap tolerance (``mtl.balancers.solvers``; ``solver="exact"`` by default,
+    ``"frank_wolfe"`` for the paper's loop)."""
 
-    def __init__(self, tasks, epsilon: float = 1e-3, max_iters: int = 100, level: str = "params",
-                 parallel_chunk_size: int | None = None, skip_nonfinite: bool = False):
-        self.epsilon, self.max_iters = epsilon, max_iters
+    def __init__(self, tasks, solver: str = "exact", rtol: float = 1e-10, max_iters: int = 10_000,
+                 level: str = "params", parallel_chunk_size: int | None = None, skip_nonfinite: bool = False):
+        from mtl.balancers.solvers import SOLVERS
+
+        if solver not in SOLVERS:
+            raise ValueError(f"mgda: solver must be one of {SOLVERS}, got {solver!r}")
+        self.solver, self.rtol, self.max_iters = solver, float(rtol), int(max_iters)
         super().__init__(tasks, level, parallel_chunk_size, skip_nonfinite)
 
     def _make_aggregator(self):
-        from torchjd.aggregation import MGDA
+        from mtl.balancers.solvers import gramian_aggregator, min_norm_weights
 
-        return MGDA(epsilon=self.epsilon, max_iters=self.max_iters)
+        return gramian_aggregator(lambda G: min_norm_weights(G, self.solver, self.rtol, max_iters=self.max_iters))
 
 
 @register("imtl_g")
@@ -259,6 +276,10 @@ class DualProjBalancer(_MeanScaled):
 @register("aligned_mtl")
 class AlignedMTLBalancer(_MeanScaled):
     """Senushkin et al. 2023: align the Jacobian's singular values, scaled by ``scale_mode``."""
+
+    # its rank cut-off is max λ · T · eps of the Gramian's dtype: G is formed in float32, so judging
+    # its rank at float64's eps would count rounding noise as directions
+    float64_gramian = False
 
     def __init__(self, tasks, scale_mode: str = "min", level: str = "params",
                  parallel_chunk_size: int | None = None, skip_nonfinite: bool = False):
@@ -297,32 +318,52 @@ class CAGradBalancer(JacobianBalancer):
 
 @register("nash_mtl")
 class NashMTLBalancer(JacobianBalancer):
-    """Navon et al. 2022: the Nash bargaining solution α_t (G α)_t = 1.
+    """Navon et al. 2022: the Nash bargaining solution α_t (G α)_t = 1, solved exactly by Newton steps
+    (``mtl.balancers.solvers.nash_weights``), recomputed every ``update_weights_every`` steps.
 
     Its direction's norm is √T whatever the gradient scale, so the scale is carried by nothing;
-    mtlkit renormalises the weights to sum to T (TorchJD's max-norm clip is disabled: use the
-    trainer's gradient clipping). A degenerate solve (zero/NaN weights) falls back to EW weights.
+    mtlkit renormalises the weights to sum to T (the paper's max-norm clip is left to the trainer's
+    gradient clipping). Where no bargaining point exists (some convex combination of the gradients
+    vanishes) the step uses equal weights; such steps are counted in ``solver_failures`` and
+    reported once per run.
     """
 
-    def __init__(self, tasks, update_weights_every: int = 1, optim_niter: int = 20, level: str = "params",
-                 parallel_chunk_size: int | None = None, skip_nonfinite: bool = False):
-        self.update_weights_every, self.optim_niter = int(update_weights_every), int(optim_niter)
+    def __init__(self, tasks, update_weights_every: int = 1, tol: float = 1e-10, max_iters: int = 100,
+                 level: str = "params", parallel_chunk_size: int | None = None, skip_nonfinite: bool = False):
+        if int(update_weights_every) < 1:
+            raise ValueError(f"nash_mtl: update_weights_every must be >= 1, got {update_weights_every}")
+        self.update_weights_every, self.tol, self.max_iters = int(update_weights_every), float(tol), int(max_iters)
+        self.solver_failures = 0
+        self._calls, self._alpha = 0, None
         super().__init__(tasks, level, parallel_chunk_size, skip_nonfinite)
 
     def _make_aggregator(self):
-        from torchjd.aggregation import NashMTL
+        from mtl.balancers.solvers import gramian_aggregator
 
-        return NashMTL(n_tasks=len(self.tasks), max_norm=0.0, update_weights_every=self.update_weights_every,
-                       optim_niter=self.optim_niter)
+        return gramian_aggregator(self._weights)
+
+    def _weights(self, gramian: torch.Tensor) -> torch.Tensor:
+        from mtl.balancers.solvers import nash_weights
+
+        due = self._calls % self.update_weights_every == 0 or self._alpha is None
+        self._calls += 1
+        if due:
+            alpha = nash_weights(gramian, self.tol, self.max_iters)
+            if alpha is None:
+                self.solver_failures += 1
+                if self.solver_failures == 1:
+                    log.warning("nash_mtl: no bargaining point for this step's gradients (a convex combination "
+                                "vanishes); using equal weights. Later such steps are only counted "
+                                "(balancer.solver_failures).")
+                alpha = torch.ones(gramian.shape[0], dtype=gramian.dtype, device=gramian.device)
+            self._alpha = alpha
+        return self._alpha
 
     def _rescale(self, w: torch.Tensor) -> torch.Tensor:
-        total = w.sum()
-        if not torch.isfinite(w).all() or total <= 1e-12:
-            return torch.ones_like(w)
-        return w * (len(self.tasks) / total)
+        return w * (len(self.tasks) / w.sum())
 
     def reset(self) -> None:
-        self.aggregator.reset()
+        self._calls, self._alpha = 0, None
 
 
 #: the gradient methods, for `flat`'s ``aggregator=`` and for docs/tests

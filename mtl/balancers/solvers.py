@@ -1,0 +1,183 @@
+"""Exact solvers on the T x T Gramian G = J Jᵀ of the task gradients (float64 throughout).
+
+**MGDA** (``min_norm_weights``). MGDA's direction (Sener & Koltun 2018) is d* = Σ_t α_t g_t with
+α = argmin_{α ∈ Δ} αᵀ G α. Two solvers share one stopping rule, the Frank-Wolfe duality gap
+
+    gap(α) = αᵀGα − min_i (Gα)_i  ≥  (‖d‖² − ‖d*‖²) / 2,
+
+so stopping at ``gap ≤ rtol · ‖d‖² + atol · max_i G_ii`` bounds the relative excess of the squared
+norm by about 2·rtol. The step-size test of the original Frank-Wolfe loop does not bound it: with
+unequal gradient norms the steps shrink long before the optimum is reached.
+
+* ``"exact"`` (default): Wolfe's minimum-norm-point algorithm (Wolfe 1976), an active-set method that
+  solves the affine sub-problems exactly and ends in a finite number of steps; float64 throughout.
+* ``"frank_wolfe"``: the paper's solver (exact line search) with away steps, stopped on the gap.
+
+**Nash-MTL** (``nash_weights``, Navon et al. 2022). The bargaining solution is α > 0 with
+G α = 1/α elementwise: the unique minimiser of the strictly convex f(α) = ½ αᵀGα − Σ_t log α_t,
+found by damped Newton steps to ``max_t |α_t (Gα)_t − 1| ≤ tol``. (The reference implementation's
+sequence of convex programs stops after a fixed number of rounds, short of this point on badly scaled
+or conflicting gradients, and returns equal weights when its solver fails.) No solution exists when
+some convex combination of the gradients vanishes (a Pareto-stationary point): ``None`` is returned.
+"""
+from __future__ import annotations
+
+import torch
+
+SOLVERS = ("exact", "frank_wolfe")
+
+
+def gramian_aggregator(weights_fn):
+    """A TorchJD aggregator whose weights are ``weights_fn(gramian)`` (TorchJD imported on first use)."""
+    from torchjd.aggregation import GramianWeightedAggregator, Weighting
+
+    class _Weighting(Weighting):
+        def forward(self, gramian: torch.Tensor, /) -> torch.Tensor:
+            return weights_fn(gramian)
+
+    return GramianWeightedAggregator(_Weighting())
+
+
+def duality_gap(gramian: torch.Tensor, alpha: torch.Tensor) -> tuple[float, float]:
+    """(gap, ‖d‖²) of the combination ``alpha`` (see the module docstring)."""
+    g_alpha = gramian @ alpha
+    sq = float(alpha @ g_alpha)
+    return sq - float(g_alpha.min()), sq
+
+
+def min_norm_weights(gramian: torch.Tensor, solver: str = "exact", rtol: float = 1e-10, atol: float = 1e-14,
+                     max_iters: int = 10_000) -> torch.Tensor:
+    """α on the simplex minimising αᵀGα (returned in the Gramian's dtype and device)."""
+    if solver not in SOLVERS:
+        raise ValueError(f"mgda: solver must be one of {SOLVERS}, got {solver!r}")
+    if rtol < 0 or atol < 0 or max_iters < 1:
+        raise ValueError(f"mgda: need rtol >= 0, atol >= 0, max_iters >= 1 (got {rtol}, {atol}, {max_iters})")
+    G = gramian.detach().to("cpu", torch.float64)
+    G = (G + G.T) / 2
+    n = G.shape[0]
+    scale = float(G.diagonal().max())
+    if not torch.isfinite(G).all() or scale <= 0.0:  # all gradients zero (or non-finite: left to the caller)
+        return torch.full((n,), 1.0 / n, dtype=gramian.dtype, device=gramian.device)
+    G = G / scale  # the tolerances are relative to the largest squared gradient norm
+    alpha = (_wolfe if solver == "exact" else _frank_wolfe)(G, rtol, atol, max_iters)
+    return alpha.to(gramian.device, gramian.dtype)
+
+
+def _stop(G: torch.Tensor, alpha: torch.Tensor, rtol: float, atol: float) -> tuple[bool, int]:
+    g_alpha = G @ alpha
+    sq = float(alpha @ g_alpha)
+    j = int(torch.argmin(g_alpha))
+    return sq - float(g_alpha[j]) <= rtol * sq + atol, j
+
+
+def _frank_wolfe(G: torch.Tensor, rtol: float, atol: float, max_iters: int) -> torch.Tensor:
+    """Frank-Wolfe with away steps (Lacoste-Julien & Jaggi 2015): the plain loop converges
+    sublinearly and stalls on ill-conditioned hulls; away steps make it linear on the simplex."""
+    n = G.shape[0]
+    alpha = torch.full((n,), 1.0 / n, dtype=G.dtype)
+    for _ in range(max_iters):
+        done, j = _stop(G, alpha, rtol, atol)
+        if done:
+            break
+        g_alpha = G @ alpha
+        support = alpha > 0
+        a = int(torch.where(support, g_alpha, torch.full_like(g_alpha, -torch.inf)).argmax())
+        if float(g_alpha[a] - alpha @ g_alpha) > float(alpha @ g_alpha - g_alpha[j]) and alpha[a] < 1:
+            d = alpha.clone()  # away from vertex a
+            d[a] -= 1.0
+            step_max = float(alpha[a] / (1 - alpha[a]))
+        else:
+            d = -alpha.clone()  # towards vertex j
+            d[j] += 1.0
+            step_max = 1.0
+        curv = float(d @ G @ d)  # exact line search of f(α) = αᵀGα along d
+        slope = float(alpha @ G @ d)
+        gamma = step_max if curv <= 0 else min(step_max, max(0.0, -slope / curv))
+        alpha = (alpha + gamma * d).clamp_min(0.0)
+        alpha = alpha / alpha.sum()
+    return alpha
+
+
+def _affine_min_norm(GS: torch.Tensor) -> torch.Tensor:
+    """μ minimising μᵀ G_S μ subject to Σμ = 1 (no sign constraint): a KKT linear system."""
+    k = GS.shape[0]
+    kkt = torch.zeros(k + 1, k + 1, dtype=GS.dtype)
+    kkt[:k, :k] = GS
+    kkt[:k, k] = kkt[k, :k] = 1.0
+    rhs = torch.zeros(k + 1, dtype=GS.dtype)
+    rhs[k] = 1.0
+    sol = torch.linalg.lstsq(kkt, rhs.unsqueeze(1), driver="gelsd").solution.squeeze(1)  # robust if degenerate
+    mu = sol[:k]
+    return mu / mu.sum()
+
+
+def _wolfe(G: torch.Tensor, rtol: float, atol: float, max_iters: int) -> torch.Tensor:
+    n = G.shape[0]
+    active = [int(torch.argmin(G.diagonal()))]
+    lam = torch.ones(1, dtype=G.dtype)
+    tiny = 1e-15
+    for _ in range(max_iters):
+        alpha = torch.zeros(n, dtype=G.dtype)
+        alpha[active] = lam
+        done, j = _stop(G, alpha, rtol, atol)
+        if done or j in active:  # j in the active set: no further progress is possible numerically
+            break
+        active.append(j)
+        lam = torch.cat([lam, lam.new_zeros(1)])
+        for _ in range(len(active) + 1):  # minor cycles: each drops at least one point
+            mu = _affine_min_norm(G[active][:, active])
+            if bool((mu > tiny).all()):
+                lam = mu
+                break
+            # move from lam towards mu until the first coordinate hits zero, then drop it
+            falling = mu <= tiny
+            denom = lam[falling] - mu[falling]
+            theta = float(torch.where(denom > 0, lam[falling] / denom.clamp_min(tiny), torch.ones_like(denom)).min())
+            theta = min(max(theta, 0.0), 1.0)
+            lam = (1 - theta) * lam + theta * mu
+            keep = lam > tiny
+            if bool(keep.all()):
+                keep[int(torch.argmin(lam))] = False
+            active = [a for a, k in zip(active, keep.tolist()) if k]
+            lam = lam[keep]
+            lam = lam / lam.sum()
+    alpha = torch.zeros(n, dtype=G.dtype)
+    alpha[active] = lam
+    return alpha
+
+
+def nash_weights(gramian: torch.Tensor, tol: float = 1e-10, max_iters: int = 100,
+                 init: torch.Tensor | None = None) -> torch.Tensor | None:
+    """α > 0 with G α = 1/α (see the module docstring), or ``None`` when there is no such point."""
+    G = gramian.detach().to("cpu", torch.float64)
+    G = (G + G.T) / 2
+    n = G.shape[0]
+    scale = float(G.diagonal().mean())
+    if not torch.isfinite(G).all() or scale <= 0.0:
+        return None
+    G = G / scale  # solve at unit scale, then α = α̂ / √scale
+    alpha = torch.ones(n, dtype=G.dtype) if init is None else init.detach().to("cpu", G.dtype) * scale ** 0.5
+
+    def f(a: torch.Tensor) -> float:
+        return float(0.5 * a @ G @ a - torch.log(a).sum())
+
+    for _ in range(max_iters):
+        g_alpha = G @ alpha
+        residual = float((alpha * g_alpha - 1).abs().max())
+        if residual <= tol:
+            return (alpha / scale ** 0.5).to(gramian.device, gramian.dtype)
+        grad = g_alpha - 1 / alpha
+        try:
+            step = -torch.linalg.solve(G + torch.diag(alpha.pow(-2)), grad)
+        except torch.linalg.LinAlgError:  # α has run off to infinity along a vanishing combination
+            return None
+        shrinking = step < 0
+        t = min(1.0, 0.99 * float((-alpha[shrinking] / step[shrinking]).min())) if shrinking.any() else 1.0
+        if residual > 1e-2:  # far from the solution: Armijo backtracking (near it, full quadratic steps;
+            f0, slope = f(alpha), float(grad @ step)  # there f's rounding would stall the test)
+            while t > 1e-12 and f(alpha + t * step) > f0 + 1e-4 * t * slope:
+                t *= 0.5
+        alpha = alpha + t * step
+        if not torch.isfinite(alpha).all() or float(alpha.max()) > 1e12:
+            return None
+    return None
