@@ -41,6 +41,9 @@ __all__ = [
 
 METHODS: Registry[type["MergeMethod"]] = Registry("merge method")
 SELECTS = ("kthvalue", "radix")
+#: what γ is where the kept values cancel exactly: 0 (the paper; the entry stays 0) or FusionBench's
+#: model-wide majority sign
+TIE_RULES = ("paper", "fusionbench")
 
 Transform = Callable[[Context, str, int, torch.Tensor], torch.Tensor]
 
@@ -124,7 +127,18 @@ class MergeMethod(ABC):
         raise TypeError(f"{self.name} does not define a merged task vector")
 
 
-def create_method(name: str, **hparams: Any) -> MergeMethod:
+CONVENTIONS = ("paper", "mergekit")
+
+
+def create_method(name: str, convention: str = "paper", **hparams: Any) -> MergeMethod:
+    """The method `name` with its hyperparameters. `convention="mergekit"` gives mergekit's rules
+    (`merging.mergekit`: ties, dare, task_arithmetic, linear/average, dare_ties, dare_linear)."""
+    if convention == "mergekit":
+        from .mergekit import create_mergekit_method
+
+        return create_mergekit_method(name, **hparams)
+    if convention != "paper":
+        raise ValueError(f"unknown convention {convention!r}; valid: {', '.join(CONVENTIONS)}")
     return METHODS.get(name)(**hparams)
 
 
@@ -183,7 +197,7 @@ class TaskArithmetic(MergeMethod):
 @METHODS.register("ties")
 class Ties(MergeMethod):
     name = "ties"
-    defaults = {"lam": 1.0, "k": 20, "merge_func": "mean", "trim": "global"}
+    defaults = {"lam": 1.0, "k": 20, "merge_func": "mean", "trim": "global", "tie_rule": "paper"}
 
     def validate(self) -> None:
         _check_lam("lam", self.hp["lam"], allow_list=False)
@@ -192,12 +206,26 @@ class Ties(MergeMethod):
             raise ValueError(f"merge_func must be 'mean' or 'sum', got {self.hp['merge_func']!r}")
         if self.hp["trim"] not in ("global", "per_tensor"):
             raise ValueError(f"trim must be 'global' or 'per_tensor', got {self.hp['trim']!r}")
+        if self.hp["tie_rule"] not in TIE_RULES:
+            raise ValueError(f"tie_rule must be one of {TIE_RULES}, got {self.hp['tie_rule']!r}")
         self.thresholds: list[float] | None = None
+        self.zero_sign = 0.0
 
     def prepare(self, ctx: Context, select: str) -> None:
         super().prepare(ctx, select)
         if self.hp["trim"] == "global":
             self.thresholds = global_thresholds(ctx, self, self.hp["k"], select)
+        if self.hp["tie_rule"] == "fusionbench":
+            self.zero_sign = self._majority_sign(ctx)
+
+    def _majority_sign(self, ctx: Context) -> float:
+        """FusionBench's rule: an entry whose kept values cancel exactly takes the sign of Σ γ over the
+        whole model (one extra pass over the inputs)."""
+        total = 0.0
+        for key in ctx.iter_keys(ctx.plan.merge):
+            pre = ctx.pre(key)
+            total += float(self._elected(ctx, key, self.task_vectors(ctx, key, pre), inplace=True)[1].sum(dtype=torch.float64))
+        return math.copysign(1.0, total) if total else 0.0
 
     def _tensor_thresholds(self, ctx: Context, taus: list[torch.Tensor]) -> list[float]:
         if self.thresholds is not None:
@@ -212,7 +240,8 @@ class Ties(MergeMethod):
             return radix_thresholds(pieces, [n] * len(taus), taus[0].dtype)
         return [kthvalue_threshold(torch.abs(tau, out=mag).reshape(-1), n) for tau in taus]
 
-    def merged_vector(self, ctx: Context, key: str, taus: list[torch.Tensor], inplace: bool) -> torch.Tensor:
+    def _elected(self, ctx: Context, key: str, taus: list[torch.Tensor], inplace: bool):
+        """The trimmed task vectors and the elected sign γ (a context buffer)."""
         shape, dt = taus[0].shape, taus[0].dtype
         thr = self._tensor_thresholds(ctx, taus)
         mag = ctx.buffer("abs", shape, dt)
@@ -227,7 +256,15 @@ class Ties(MergeMethod):
                 total.copy_(tt)
             else:
                 total.add_(tt)
-        sign = total.sign_()  # γ; entries where the trimmed vectors cancel exactly get 0 and stay 0
+        return trimmed, total.sign_()  # γ; entries where the trimmed vectors cancel exactly get 0
+
+    def merged_vector(self, ctx: Context, key: str, taus: list[torch.Tensor], inplace: bool) -> torch.Tensor:
+        shape, dt = taus[0].shape, taus[0].dtype
+        trimmed, sign = self._elected(ctx, key, taus, inplace)
+        if self.zero_sign:  # FusionBench: γ = 0 takes the model-wide majority sign
+            sign.masked_fill_(sign == 0, self.zero_sign)
+        mag = ctx.buffer("abs", shape, dt)
+        keep = ctx.buffer("keep", shape, torch.bool)
         out = ctx.buffer("mtv", shape, dt).zero_()
         mean = self.hp["merge_func"] == "mean"
         cnt = ctx.buffer("cnt", shape, torch.uint8 if len(taus) < 256 else torch.int32).zero_() if mean else None

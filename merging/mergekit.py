@@ -1,0 +1,187 @@
+"""mergekit's conventions (`convention="mergekit"`): the same outputs as mergekit's methods, bit for bit.
+
+mergekit (Goddard et al. 2024) applies every method per tensor and differs from the papers' rules:
+
+- trimming keeps k = max(1, ⌊density·n⌋) entries per tensor (the papers: ⌈k%·n⌉ over the model), the
+  largest |δ| as ranked by `torch.argsort(descending=True)` (its order among equal magnitudes is
+  torch's, so the same call is made here); density ≥ 1 keeps everything;
+- each δ_t = θ_t − θ0 is multiplied by its model's `weight` before the sign election;
+- the elected sign is + where Σ_t w_t δ_t ≥ 0 (a zero sum gives +, not 0), and only entries whose
+  sign equals it are kept (zeros never agree);
+- `normalize` divides by the sum of the kept weights (ties; a zero sum divides by 1) or of all
+  weights (the linear variants; |Σ w| < 1e-8 divides by 1); `lambda` scales the mixed δ;
+- DARE draws `torch.bernoulli(density)` from torch's global generator, model by model, and with
+  `rescale` matches the L1 norm of the kept δ to the original's (not 1/density);
+- linear: Σ_t w_t θ_t / Σ_t w_t (`addcmul` in float32, float64 for float64 inputs).
+
+Arithmetic runs in float32 (float64 for float64 inputs) and the result takes θ0's dtype: this equals
+mergekit run with `dtype: float32` and `out_dtype` set to the inputs' dtype. The operations are the
+ones mergekit calls, in its order, so results agree bit for bit under the same torch and thread count.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from mtl.registry import Registry
+
+from .engine import Context
+from .methods import MergeMethod, _check_lam, _per_task
+
+__all__ = ["MERGEKIT", "create_mergekit_method", "magnitude_mask", "elect_mask"]
+
+MERGEKIT: Registry[type["MergekitMethod"]] = Registry("mergekit-convention method")
+#: our method names (and their hyperparameters) that map onto mergekit's
+ALIASES = {"average": "linear", "dare": None}
+
+
+def create_mergekit_method(name: str, **hparams: Any) -> "MergekitMethod":
+    if name == "dare":  # our dare + base → mergekit's two DARE methods
+        base = hparams.pop("base", "ties")
+        if base not in ("ties", "task_arithmetic"):
+            raise ValueError(f"dare: base must be 'ties' or 'task_arithmetic', got {base!r}")
+        name = "dare_ties" if base == "ties" else "dare_linear"
+    return MERGEKIT.get(ALIASES.get(name) or name)(**hparams)
+
+
+def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor | None:
+    """mergekit's magnitude sparsification mask (in δ's dtype), or None when everything is kept."""
+    if density >= 1:
+        return None
+    k = max(1, int(density * delta.numel()))
+    mask = torch.zeros(delta.numel(), dtype=delta.dtype)
+    w = delta.abs().reshape(-1)
+    mask[torch.argsort(w, descending=True)[:k]] = 1
+    return mask.reshape_as(delta)
+
+
+def _rescaled(delta: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    before, after = delta.abs().sum(), masked.abs().sum()
+    if before < eps or after < eps:
+        return masked
+    return masked * (before / after)
+
+
+def elect_mask(deltas: torch.Tensor) -> torch.Tensor:
+    """mergekit's "sum" consensus: keep entries whose sign equals + where Σ δ ≥ 0, else −."""
+    sign = deltas.sign()
+    majority = (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
+    return sign == majority
+
+
+def _check_density(density: Any) -> None:
+    values = density if isinstance(density, Sequence) and not isinstance(density, str) else [density]
+    for d in values:
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not (0 < d <= 1):
+            raise ValueError(f"density must be in (0, 1], got {d!r}")
+
+
+class MergekitMethod(MergeMethod):
+    """One of mergekit's generalized task-arithmetic methods, per tensor."""
+
+    sparsify: ClassVar[str | None] = None   # "magnitude" or "random"
+    consensus: ClassVar[bool] = False
+    defaults = {"weight": 1.0, "density": 1.0, "lam": 1.0, "normalize": False, "rescale": False}
+
+    def validate(self) -> None:
+        _check_lam("weight", self.hp["weight"], allow_list=True)
+        _check_lam("lam", self.hp["lam"], allow_list=False)
+        _check_density(self.hp["density"])
+
+    def bind(self, T: int) -> None:
+        super().bind(T)
+        self.weights = _per_task("weight", self.hp["weight"], T)
+        self.densities = _per_task("density", self.hp["density"], T)
+
+    def _delta(self, ctx: Context, key: str, t: int, pre: torch.Tensor) -> torch.Tensor:
+        delta = ctx.tv(key, t, pre)
+        if self.sparsify == "magnitude":
+            mask = magnitude_mask(delta, self.densities[t])
+        elif self.sparsify == "random" and self.densities[t] < 1:
+            mask = torch.bernoulli(torch.full_like(delta, self.densities[t]))
+        else:
+            return delta
+        if mask is None:
+            return delta
+        masked = delta * mask
+        return _rescaled(delta, masked) if self.hp["rescale"] else masked
+
+    def merge_tensor(self, ctx: Context, key: str) -> torch.Tensor:
+        pre = ctx.pre(key)
+        deltas = pre.new_empty((ctx.T, *pre.shape))
+        for t in range(ctx.T):
+            deltas[t] = self._delta(ctx, key, t, pre)
+        weights = torch.tensor(self.weights, dtype=deltas.dtype)
+        while deltas.dim() > weights.dim():
+            weights.unsqueeze_(-1)
+        deltas.mul_(weights)
+        if self.consensus:
+            mask = elect_mask(deltas).to(deltas.dtype)
+            mixed = (deltas * mask).sum(dim=0)
+            divisor = (weights * mask).sum(dim=0)
+            divisor[divisor == 0] = 1
+        else:
+            mixed = deltas.sum(dim=0)
+            divisor = weights.sum(dim=0)
+            divisor[divisor.abs() < 1e-8] = 1
+        if self.hp["normalize"]:
+            mixed /= divisor
+        if self.hp["lam"] != 1:
+            mixed *= self.hp["lam"]
+        return pre + mixed
+
+
+@MERGEKIT.register("task_arithmetic")
+class TaskArithmetic(MergekitMethod):
+    name = "task_arithmetic"
+
+
+@MERGEKIT.register("ties")
+class Ties(MergekitMethod):
+    name = "ties"
+    sparsify, consensus = "magnitude", True
+    defaults = {**MergekitMethod.defaults, "normalize": True}
+
+
+@MERGEKIT.register("dare_ties")
+class DareTies(MergekitMethod):
+    name = "dare_ties"
+    sparsify, consensus = "random", True
+    defaults = {**MergekitMethod.defaults, "rescale": True}
+
+
+@MERGEKIT.register("dare_linear")
+class DareLinear(MergekitMethod):
+    name = "dare_linear"
+    sparsify = "random"
+    defaults = {**MergekitMethod.defaults, "rescale": True}
+
+
+@MERGEKIT.register("linear")
+class Linear(MergeMethod):
+    """Σ_t w_t θ_t / Σ_t w_t over the fine-tuned models (θ0 only fixes keys and dtypes)."""
+
+    name = "linear"
+    defaults = {"weight": 1.0, "normalize": True}
+
+    def validate(self) -> None:
+        _check_lam("weight", self.hp["weight"], allow_list=True)
+
+    def bind(self, T: int) -> None:
+        super().bind(T)
+        self.weights = _per_task("weight", self.hp["weight"], T)
+
+    def merge_tensor(self, ctx: Context, key: str) -> torch.Tensor:
+        first = ctx.ft(key, 0)
+        dtype = first.dtype  # the compute dtype: float32, or float64 for float64 inputs
+        weight = torch.tensor([self.weights], dtype=dtype)
+        result = torch.zeros_like(first, dtype=dtype)
+        ones = [1] * first.ndim
+        for t, coefficient in enumerate(weight.unbind(1)):
+            result.addcmul_(ctx.ft(key, t), coefficient.reshape(ones))
+        if self.hp["normalize"]:
+            result.div_(weight.sum(dim=1).reshape(ones))
+        return result
+

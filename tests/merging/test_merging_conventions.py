@@ -1,0 +1,95 @@
+"""mergekit's and FusionBench's rules against hand-computed results (the slow test runs mergekit itself)."""
+import pytest
+import torch
+
+import merging
+
+# θ0 = 0; two task vectors over eight entries, distinct magnitudes per task.
+T1 = [4.0, -3.0, 2.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+T2 = [-4.0, 1.0, 2.0, 3.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def _models(*taus, base=0.0):
+    pre = {"w": torch.full((len(taus[0]),), base)}
+    return pre, [{"w": pre["w"] + torch.tensor(t)} for t in taus]
+
+
+def test_mergekit_ties_keep_count_zero_sign_and_normalisation():
+    pre, fts = _models(T1, T2)
+    # density 0.3 of 8 entries keeps ⌊2.4⌋ = 2 per task: τ̂1 = [4, −3, 0…], τ̂2 = [−4, 0, 0, 3, 0…];
+    # Σ = [0, −3, 0, 3]: a zero sum elects +, so entry 0 keeps τ1's 4; entry 2 (no kept value) stays 0
+    got = merging.merge("ties", pre, fts, convention="mergekit", density=0.3)["w"]
+    assert got.tolist() == [4, -3, 0, 3, 0, 0, 0, 0]
+    # weights scale δ before the election and normalise by the kept weights: w = [1, 3] gives
+    # w·τ̂ = [4, −3 | −12, 0, 0, 9]; Σ = [−8, −3, 0, 9] → [−12/3, −3/1, 0, 9/3]; λ = 0.5 halves it
+    got = merging.merge("ties", pre, fts, convention="mergekit", density=0.3, weight=[1, 3], lam=0.5)["w"]
+    assert got.tolist() == [-2, -1.5, 0, 1.5, 0, 0, 0, 0]
+    # the paper's rules on the same input: ⌈2.4⌉ = 3 kept per task, a zero sum stays 0
+    paper = merging.merge("ties", pre, fts, k=30, lam=1.0)["w"]
+    assert paper.tolist() == [0, -3, 2, 3, 0, 0, 0, 0]
+    # FusionBench: γ = 0 takes the model-wide majority sign (here +: Σγ = 0 − 1 + 1 + 1)
+    fb = merging.merge("ties", pre, fts, k=30, lam=1.0, tie_rule="fusionbench")["w"]
+    assert fb.tolist() == [4, -3, 2, 3, 0, 0, 0, 0]
+
+
+def test_mergekit_density_is_per_tensor():
+    pre = {"a": torch.zeros(4), "b": torch.zeros(10)}
+    fts = [{"a": torch.tensor([1.0, 2, 3, 4]), "b": torch.arange(1.0, 11)}]
+    got = merging.merge("ties", pre, fts, convention="mergekit", density=0.5)
+    assert got["a"].tolist() == [0, 0, 3, 4]  # ⌊2⌋ of 4
+    assert got["b"].tolist() == [0] * 5 + [6, 7, 8, 9, 10]  # ⌊5⌋ of 10
+    tiny = merging.merge("ties", pre, fts, convention="mergekit", density=0.1)
+    assert tiny["a"].tolist() == [0, 0, 0, 4]  # max(1, ⌊0.4⌋): at least one entry survives
+
+
+def test_mergekit_task_arithmetic_and_linear():
+    pre, fts = _models(T1, T2, base=1.0)
+    ta = merging.merge("task_arithmetic", pre, fts, convention="mergekit", weight=[0.5, 2.0])["w"]
+    want = [1 + 0.5 * a + 2 * b for a, b in zip(T1, T2)]
+    assert ta.tolist() == want
+    norm = merging.merge("task_arithmetic", pre, fts, convention="mergekit", weight=[1.0, 3.0], normalize=True)["w"]
+    assert norm.tolist() == [1 + (a + 3 * b) / 4 for a, b in zip(T1, T2)]
+    lin = merging.merge("linear", pre, fts, convention="mergekit", weight=[1.0, 3.0])["w"]
+    assert lin.tolist() == [((1 + a) + 3 * (1 + b)) / 4 for a, b in zip(T1, T2)]
+
+
+def test_mergekit_dare_draws_bernoulli_and_rescales_the_l1_norm():
+    pre, fts = _models(T1, T2, base=0.5)
+    taus = [torch.tensor(T1), torch.tensor(T2)]
+    torch.manual_seed(7)
+    masks = [torch.bernoulli(torch.full_like(t, 0.5)) for t in taus]
+    kept = [t * m * (t.abs().sum() / (t * m).abs().sum()) for t, m in zip(taus, masks)]
+    torch.manual_seed(7)
+    lin = merging.merge("dare", pre, fts, convention="mergekit", base="task_arithmetic", density=0.5)["w"]
+    assert torch.equal(lin, pre["w"] + (kept[0] + kept[1]))
+    torch.manual_seed(7)
+    ties = merging.merge("dare_ties", pre, fts, convention="mergekit", density=0.5)["w"]
+    total = kept[0] + kept[1]
+    agree = [torch.sign(k) == torch.where(total >= 0, 1.0, -1.0) for k in kept]
+    assert torch.equal(ties, pre["w"] + kept[0] * agree[0] + kept[1] * agree[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_are_computed_in_float32_and_written_back(dtype):
+    pre, fts = _models(T1, T2, base=1.0)
+    pre = {"w": (pre["w"] / 3).to(dtype)}
+    fts = [{"w": (f["w"] / 3).to(dtype)} for f in fts]
+    got = merging.merge("task_arithmetic", pre, fts, lam=0.3)["w"]
+    p32 = pre["w"].float()
+    want = (p32 + 0.3 * ((fts[0]["w"].float() - p32) + (fts[1]["w"].float() - p32))).to(dtype)
+    assert got.dtype == dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("bad", [{"density": 0}, {"density": 1.5}, {"density": [0.5, -1]}])
+def test_bad_density_is_refused(bad):
+    pre, fts = _models(T1, T2)
+    with pytest.raises(ValueError, match="density must be in \\(0, 1\\]"):
+        merging.merge("ties", pre, fts, convention="mergekit", **bad)
+
+
+def test_unknown_convention_and_tie_rule_are_named():
+    pre, fts = _models(T1, T2)
+    with pytest.raises(ValueError, match="unknown convention 'mergekitt'; valid: paper, mergekit"):
+        merging.merge("ties", pre, fts, convention="mergekitt")
+    with pytest.raises(ValueError, match="tie_rule must be one of"):
+        merging.merge("ties", pre, fts, tie_rule="coin")
