@@ -16,11 +16,15 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Single-task baselines (a multirun writes baselines.json), then the multi-task model with Δm%.
+# One shell with `set -e`: any failing step stops the demo with its error (a stale baselines file is
+# removed first, so Δm is never computed against an old run); the last line is the elapsed time.
 demo: venv
+	@start=$$(date +%s); set -e; rm -f $(abspath $(DEMO_DIR))/baselines.json; set -x; \
 	$(VENV)/bin/mtl-train -m experiment=scenes_hps name=scenes_stl \
 	    task=semseg,depth,normals,edges,classification,regression \
-	    baselines.save_to=$(abspath $(DEMO_DIR))/baselines.json
-	$(VENV)/bin/mtl-train experiment=scenes_hps baselines.path=$(abspath $(DEMO_DIR))/baselines.json
+	    baselines.save_to=$(abspath $(DEMO_DIR))/baselines.json; \
+	$(VENV)/bin/mtl-train experiment=scenes_hps baselines.path=$(abspath $(DEMO_DIR))/baselines.json; \
+	{ set +x; } 2>/dev/null; s=$$(( $$(date +%s) - start )); printf 'demo: %02d:%02d\n' $$((s / 60)) $$((s % 60))
 
 test: venv
 	$(VENV)/bin/pytest -q -x

@@ -1,0 +1,154 @@
+"""Where one training step of the demo's six-task model goes, and what each speed switch buys.
+
+Part 1 (``--profile``): torch.profiler over a few steps of the demo model (resnet10t + HPS, six
+tasks, scenes data), split into data fetch, uint8 -> float, backbone, neck, heads, losses, backward
+and the optimiser step.
+
+Part 2: A/B variants of the step interleaved round by round in one process (machine noise hits all
+alike); each is reported as ms/step, samples/s and its ratio to the baseline:
+
+    baseline        AdamW as torch picks it on CPU (the per-parameter loop)
+    fused_adamw     AdamW(fused=True): one vectorised kernel per parameter
+    channels_last   model and input in channels-last memory format
+    monitor         the balancer monitor's gradient cosines (T extra backwards) on every step
+    threads_1       torch.set_num_threads(1) for the step
+
+    python scripts/profile_step.py --size 64 --rounds 4 --profile
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from mtl.balancers import BalancerMonitor, StepContext
+from mtl.data import create_datamodule
+from mtl.models import create_model
+
+TASKS = ["semseg", "depth", "normals", "edges", "classification", "regression"]
+PARTS = ("data", "normalize", "backbone", "neck", "heads", "losses", "backward", "optimizer")
+
+
+def make_model():
+    torch.manual_seed(0)
+    return create_model(TASKS, backbone={"name": "resnet10t", "out_indices": [1, 2, 3, 4]},
+                        decoder={"name": "hps", "channels": 64}).train()
+
+
+def make_step(fused: bool = False, channels_last: bool = False, monitor: bool = False,
+              threads: int | None = None) -> Callable[[dict], None]:
+    model = make_model()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True if fused else None)
+    mon = BalancerMonitor(every=1) if monitor else None
+    default_threads = torch.get_num_threads()
+
+    def step(batch: dict) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        x = batch["image"]
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        z = model.shared(x)
+        preds = model.heads(z, tuple(x.shape[-2:]))
+        losses = {n: t.loss(preds[n], batch[t.target_key]) for n, t in model.tasks.items()}
+        if mon:
+            mon.before_backward(StepContext(losses=losses, shared_params=model.shared_parameters(), task_params={},
+                                            features=z, backward=None, recompute=None, step=0, epoch=0))
+        opt.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        opt.step()
+        if threads:
+            torch.set_num_threads(default_threads)
+
+    return step
+
+
+def profile_parts(ds, batch_size: int, steps: int) -> dict[str, float]:
+    """Share of the step's CPU time per part (torch.profiler, after two warm-up steps)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step():
+        with record_function("data"):
+            batch = ds.__getitems__(torch.randperm(len(ds))[:batch_size].tolist())
+        with record_function("normalize"):
+            x = model.normalize(batch["image"])
+        with record_function("backbone"):
+            feats = model.backbone(x)
+        with record_function("neck"):
+            z = model.decoder.shared(feats)
+        with record_function("heads"):
+            preds = model.heads(z, tuple(x.shape[-2:]))
+        with record_function("losses"):
+            loss = sum(t.loss(preds[n], batch[t.target_key]) for n, t in model.tasks.items())
+        with record_function("backward"):
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        with record_function("optimizer"):
+            opt.step()
+
+    step(), step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    totals = {e.key: e.cpu_time_total for e in prof.key_averages() if e.key in PARTS}
+    whole = sum(totals.values())
+    return {k: totals.get(k, 0.0) / whole for k in PARTS}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--steps", type=int, default=3, help="steps per variant per round")
+    p.add_argument("--profile", action="store_true", help="also print the per-part profile")
+    p.add_argument("--variants", default="baseline,fused_adamw,channels_last,monitor,threads_1")
+    args = p.parse_args()
+
+    dm = create_datamodule("scenes", size=args.size, n_train=8 * args.batch_size, n_val=args.batch_size,
+                           n_test=args.batch_size, batch_size=args.batch_size)
+    ds = dm.dataset("train")
+    batches = [ds.__getitems__(list(range(i * args.batch_size, (i + 1) * args.batch_size))) for i in range(8)]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.size}px, batch {args.batch_size}",
+          flush=True)
+    if args.profile:
+        shares = profile_parts(ds, args.batch_size, steps=4)
+        print("| part | share of the step |\n|---|---|")
+        for k, v in shares.items():
+            print(f"| {k} | {100 * v:.1f} % |")
+
+    options = {"baseline": {}, "fused_adamw": {"fused": True}, "channels_last": {"channels_last": True},
+               "monitor": {"monitor": True}, "threads_1": {"threads": 1}}
+    names = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in names if v not in options]
+    if unknown or "baseline" not in names:
+        raise SystemExit(f"--variants: unknown {unknown} (valid: {', '.join(options)}; baseline is required)")
+    steps = {n: make_step(**options[n]) for n in names}
+    for s in steps.values():  # warm-up: first calls allocate and pick kernels
+        s(batches[0]), s(batches[1])
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(args.rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        for n in order:
+            start = time.perf_counter()
+            for i in range(args.steps):
+                steps[n](batches[(r * args.steps + i) % len(batches)])
+            times[n].append((time.perf_counter() - start) / args.steps)
+        print(f"round {r}: " + ", ".join(f"{n} {1000 * times[n][-1]:.0f} ms" for n in names), flush=True)
+    base = statistics.median(times["baseline"])
+    print("\n| variant | ms/step | samples/s | ratio to baseline (time) |\n|---|---|---|---|")
+    for n in names:
+        t = statistics.median(times[n])
+        print(f"| {n} | {1000 * t:.0f} | {args.batch_size / t:.1f} | {t / base:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
