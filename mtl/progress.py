@@ -1,0 +1,101 @@
+"""Training progress that reaches log files and CI logs too.
+
+Rich's live bar draws nothing when stdout is not a terminal, so a job under ``nohup``, SLURM or CI
+would run silently for hours. ``create_progress_bar`` keeps Rich's bar on a terminal and otherwise
+returns ``TextProgressBar``: one plain line every ``every_seconds`` (and at each epoch's end) with
+step, percentage, rate, ETA and the latest losses.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from datetime import timedelta
+from typing import Any, TextIO
+
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+
+
+def _is_tty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def create_progress_bar(style: str = "auto", every_seconds: float = 30.0, leave: bool = True) -> ProgressBar:
+    """``style``: ``auto`` (Rich on a terminal, text lines otherwise), ``rich`` or ``text``."""
+    if style not in ("auto", "rich", "text"):
+        raise ValueError(f"progress bar style must be auto, rich or text, got {style!r}")
+    if style == "rich" or (style == "auto" and _is_tty(sys.stdout)):
+        return RichProgressBar(leave=leave)
+    return TextProgressBar(every_seconds=every_seconds)
+
+
+def _eta(seconds: float) -> str:
+    return str(timedelta(seconds=int(max(seconds, 0))))
+
+
+class TextProgressBar(ProgressBar):
+    """Plain-text progress lines: ``[train] epoch 2/6 step 40/100 (40%) 3.1 it/s eta 0:00:19 train/loss 0.53``."""
+
+    def __init__(self, every_seconds: float = 30.0, stream: TextIO | None = None):
+        super().__init__()
+        if every_seconds < 0:
+            raise ValueError(f"every_seconds must be >= 0, got {every_seconds}")
+        self.every_seconds = float(every_seconds)
+        self.stream = stream
+        self._enabled = True
+        self._last = 0.0
+        self._epoch_start = 0.0
+
+    # the ProgressBar interface Lightning calls
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def _print(self, trainer, text: str) -> None:
+        if self._enabled and trainer.is_global_zero:
+            print(text, file=self.stream or sys.stdout, flush=True)
+
+    def _metrics(self, trainer, prefix: str) -> str:
+        items = []
+        for key, value in trainer.callback_metrics.items():
+            if key.startswith(prefix) and key.endswith("loss"):
+                try:
+                    items.append(f"{key} {float(value):.4g}")
+                except (TypeError, ValueError):
+                    continue
+        return " ".join(items[:4])
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._epoch_start = self._last = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
+        now = time.perf_counter()
+        total = self.total_train_batches
+        done = batch_idx + 1
+        if now - self._last < self.every_seconds and done != 1:
+            return
+        self._last = now
+        rate = done / max(now - self._epoch_start, 1e-9)
+        of = f"/{total}" if isinstance(total, int) else ""
+        pct = f" ({100 * done / total:.0f}%)" if isinstance(total, int) and total else ""
+        eta = f" eta {_eta((total - done) / rate)}" if isinstance(total, int) and rate > 0 else ""
+        max_epochs = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
+        self._print(trainer, f"[train] epoch {trainer.current_epoch + 1}{max_epochs} step {done}{of}{pct} "
+                             f"{rate:.2f} it/s{eta} {self._metrics(trainer, 'train/')}".rstrip())
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        seconds = time.perf_counter() - self._epoch_start
+        self._print(trainer, f"[train] epoch {trainer.current_epoch + 1} done in {_eta(seconds)} "
+                             f"{self._metrics(trainer, 'train/')}".rstrip())
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        self._print(trainer, f"[val] epoch {trainer.current_epoch + 1} {self._metrics(trainer, 'val/')}".rstrip())
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._print(trainer, "[test] done")

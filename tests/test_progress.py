@@ -1,0 +1,62 @@
+"""Progress reaches non-TTY logs: text lines instead of Rich's live bar."""
+import io
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import RichProgressBar
+
+from mtl.progress import TextProgressBar, create_progress_bar
+
+
+class Tiny(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch, i):
+        loss = self.w(batch[0]).pow(2).mean()
+        self.log("train/loss", loss)
+        return loss
+
+    def validation_step(self, batch, i):
+        self.log("val/loss", self.w(batch[0]).pow(2).mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _loader(n):
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(n, 2)), batch_size=2)
+
+
+def test_text_progress_prints_lines_with_step_rate_and_losses(tmp_path):
+    stream = io.StringIO()
+    bar = TextProgressBar(every_seconds=0, stream=stream)
+    trainer = L.Trainer(max_epochs=2, callbacks=[bar], logger=False, enable_checkpointing=False,
+                        default_root_dir=str(tmp_path), num_sanity_val_steps=0, enable_model_summary=False)
+    trainer.fit(Tiny(), _loader(8), _loader(4))
+    lines = stream.getvalue().splitlines()
+    steps = [ln for ln in lines if ln.startswith("[train] epoch") and " step " in ln]
+    assert len(steps) == 2 * 4  # every step at every_seconds=0
+    assert steps[0].startswith("[train] epoch 1/2 step 1/4 (25%)") and "it/s" in steps[0]
+    assert steps[-1].startswith("[train] epoch 2/2 step 4/4 (100%)") and "train/loss" in steps[-1]
+    assert sum(ln.startswith("[val] epoch") and "val/loss" in ln for ln in lines) == 2
+    assert sum(" done in " in ln for ln in lines) == 2
+
+
+def test_interval_limits_the_lines(tmp_path):
+    stream = io.StringIO()
+    trainer = L.Trainer(max_epochs=1, callbacks=[TextProgressBar(every_seconds=3600, stream=stream)], logger=False,
+                        enable_checkpointing=False, default_root_dir=str(tmp_path), enable_model_summary=False)
+    trainer.fit(Tiny(), _loader(20))
+    steps = [ln for ln in stream.getvalue().splitlines() if " step " in ln]
+    assert len(steps) == 1 and " step 1/10 " in steps[0]  # the first step, then nothing for an hour
+
+
+def test_auto_style_follows_the_terminal(monkeypatch):
+    monkeypatch.setattr("sys.stdout", io.StringIO())  # not a TTY
+    assert isinstance(create_progress_bar("auto"), TextProgressBar)
+    assert isinstance(create_progress_bar("rich"), RichProgressBar)
+    with pytest.raises(ValueError, match="auto, rich or text"):
+        create_progress_bar("fancy")
