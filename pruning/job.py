@@ -1,0 +1,162 @@
+"""The job behind ``mtl-prune``: load a model folder, prune it, measure before/after, write the pruned
+folder, ``metrics.json`` and the plots into the run folder."""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import pruning
+from mtl.io import atomic_path, load_model, save_model, write_json
+from pruning.calib import calibration_batches, datamodule_for
+from pruning.methods import METHODS
+from pruning.report import evaluate_all, latency_ms, plot_delta_m_vs_flops, plot_kept
+
+log = logging.getLogger(__name__)
+
+SMOKE_TASKS = "[semseg,depth,classification]"
+
+
+def build_smoke_model(root: Path) -> Path:
+    """A seconds-long real model to prune: timm's test ResNet trained briefly on three scenes tasks."""
+    from mtl.train import run
+
+    return run(["experiment=scenes_hps", "debug=smoke", "viz.num_samples=0", "logger=none", f"task={SMOKE_TASKS}",
+                "log_weights_every=0"], run_dir=root) / "model"
+
+
+def _hparams(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
+    hp = OmegaConf.to_container(cfg.prune, resolve=True)
+    method = hp.pop("method", None)
+    METHODS.get(method)  # unknown names fail here, listing the valid ones
+    if hp.get("flops_target") is not None:
+        hp.pop("ratio", None)  # the target replaces the method's own knob
+        pruning.methods.check_ratio("prune.flops_target", hp["flops_target"])
+        if hp["flops_target"] == 0:
+            raise ValueError("prune.flops_target must be in (0, 1), got 0")
+    elif "ratio" in hp:
+        pruning.methods.check_ratio("prune.ratio", hp["ratio"])
+    if hp.get("flops_target") is None:
+        hp.pop("flops_target", None)
+    return method, hp
+
+
+def finetune_steps(model: torch.nn.Module, datamodule, steps: int, lr: float) -> None:
+    """A few AdamW steps on the summed (task-weighted) losses: the fine-tuning between pruning rounds."""
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    batches = itertools.cycle(datamodule.train_dataloader())
+    for _ in range(int(steps)):
+        batch = next(batches)
+        out = model(batch["image"])
+        loss = sum(task.weight * task.loss(out[t], batch[task.target_key]) for t, task in model.tasks.items())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def delta_m_vs(reference: dict[str, dict[str, float]], metrics: dict[str, dict[str, float]], tasks) -> float:
+    from mtl.evaluation import delta_m
+
+    return delta_m(metrics, reference, tasks)
+
+
+def run_prune(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(run_dir / "config.yaml") as tmp:
+        tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    output = Path(cfg.output) if cfg.get("output") else run_dir / "model"
+    if output.exists() and not cfg.overwrite:
+        raise FileExistsError(f"{output} exists; pass overwrite=true to replace it")
+    method, hp = _hparams(cfg)
+    torch.manual_seed(int(cfg.seed))
+    if cfg.get("model"):
+        source = Path(cfg.model)
+    elif cfg.get("smoke_model"):
+        source = build_smoke_model(run_dir / "smoke_model")
+    else:
+        raise ValueError("nothing to prune: pass model=<model folder> (or debug=smoke to build a tiny one)")
+    start = time.perf_counter()
+    model = load_model(source)
+    dm = datamodule_for(model, OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else None, source)
+    batches = calibration_batches(dm, int(cfg.calib.batches), cfg.calib.split)
+    finetune = None
+    if int(cfg.rounds) > 1 and int(cfg.finetune.steps) > 0:
+        finetune = lambda m: finetune_steps(m, dm, int(cfg.finetune.steps), float(cfg.finetune.lr))  # noqa: E731
+    pruned, report = pruning.prune(model, method, calib=batches, ignored_layers=list(cfg.ignored_layers),
+                                   rounds=int(cfg.rounds), finetune=finetune, **hp)
+    report["model"] = str(source)
+    report["prune_seconds"] = round(time.perf_counter() - start, 2)
+
+    ev = cfg.eval
+    tasks = model.tasks
+    before = evaluate_all(model, dm, "test", ev.get("max_batches"))
+    after = evaluate_all(pruned, dm, "test", ev.get("max_batches"))
+    report["metrics"] = {"before": before, "after": after}
+    report["delta_m"] = {"variant": "primary", "reference": "unpruned model",
+                         "before": 0.0, "after": delta_m_vs(before, after, tasks)}
+    if cfg.get("baselines"):
+        from mtl.evaluation import delta_m, load_baselines
+
+        base = load_baselines(cfg.baselines, tasks)
+        report["delta_m_vs_baselines"] = {"variant": "primary", "baselines": str(cfg.baselines),
+                                          "before": delta_m(before, base, tasks), "after": delta_m(after, base, tasks)}
+    x = batches[0]["image"][: int(ev.latency_batch)]
+    lat = {k: latency_ms(m, x, int(ev.latency_repeats), threads=int(ev.latency_threads))
+           for k, m in (("before", model), ("after", pruned))}
+    report["latency_ms"] = {**lat, "speedup": lat["before"] / lat["after"], "threads": int(ev.latency_threads),
+                            "batch": int(x.shape[0]), "repeats": int(ev.latency_repeats)}
+
+    meta = dict(getattr(model, "meta", {}))
+    meta.update({"pruned_from": str(source), "test": after, "prune": {"method": method, **report["hparams"]}})
+    if cfg.get("data"):
+        meta["data"] = {**dict(meta.get("data") or {}), **OmegaConf.to_container(cfg.data, resolve=True)}
+    save_model(pruned, output, meta=meta, overwrite=bool(cfg.overwrite))
+    reloaded = load_model(output)
+    with torch.no_grad():
+        a, b = pruned.eval()(x), reloaded(x)
+    report["reload_max_abs_diff"] = max(float((a[t] - b[t]).abs().max()) for t in a)
+    report["output"] = str(output)
+    write_json(run_dir / "metrics.json", report)
+    plot_kept(report, run_dir / "kept_channels.png")
+    mflops = lambda f: f / 1e6  # noqa: E731
+    plot_delta_m_vs_flops({method: [(mflops(report["flops"]["before"]), 0.0),
+                                    (mflops(report["flops"]["after"]), report["delta_m"]["after"])]},
+                          run_dir / "delta_m_vs_flops.png", title=f"mtl-prune {method}: Δm% vs FLOPs")
+    print_table(report)
+    return report
+
+
+def print_table(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"mtl-prune: {report['method']} {report['hparams']}")
+    for col in ("", "before", "after", "change"):
+        table.add_column(col)
+    p, f, lat = report["params"], report["flops"], report["latency_ms"]
+    table.add_row("params", f"{p['before']:,}", f"{p['after']:,}", f"-{p['reduction']:.1%}")
+    table.add_row("FLOPs/sample", f"{f['before']:,}", f"{f['after']:,}", f"-{f['reduction']:.1%}")
+    table.add_row(f"CPU latency ms ({lat['threads']} thread)", f"{lat['before']:.2f}", f"{lat['after']:.2f}",
+                  f"{lat['speedup']:.2f}x")
+    for t, m in report["metrics"]["before"].items():
+        for k, v in m.items():
+            table.add_row(f"{t}/{k}", f"{v:.4f}", f"{report['metrics']['after'][t][k]:.4f}", "")
+    table.add_row("Δm% (primary, vs unpruned)", "0.00", f"{report['delta_m']['after']:+.2f}", "")
+    console.print(table)
+
+
+def run(overrides: list[str] | None = None, run_dir: str | Path | None = None) -> dict[str, Any]:
+    """Compose the ``mtl-prune`` config in-process and run it (for notebooks, scripts and tests)."""
+    from mtl.cli.common import compose_in_process
+
+    cfg, run_dir = compose_in_process("mtl.configs.prune_app", "prune", overrides, run_dir)
+    return run_prune(cfg, run_dir)
