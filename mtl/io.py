@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -10,8 +11,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -99,60 +100,126 @@ def _json_default(o: Any) -> Any:
 
 
 def save_model(model, path: str | os.PathLike, meta: dict[str, Any] | None = None, overwrite: bool = True) -> Path:
-    """Write ``path/model.safetensors`` + ``path/config.json`` atomically."""
+    """Write ``path/model.safetensors`` + ``path/config.json`` atomically.
+
+    The weights file's header also records each task's kind and digests of the model config and of
+    the weights, so `load_model` refuses a folder whose files were edited, swapped or corrupted.
+    """
     from mtl import __version__
     from mtl.models.surgery import model_config
 
     path = Path(path)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    cfg = {"format": FORMAT, "mtlkit_version": __version__, "model": model_config(model), "meta": meta or {}}
+    model_cfg = json.loads(json.dumps(model_config(model), default=_json_default))
+    cfg = {"format": FORMAT, "mtlkit_version": __version__, "model": model_cfg, "meta": meta or {}}
+    header = {"format": FORMAT, "tasks": json.dumps(_task_kinds(model_cfg)),
+              "config_digest": _config_digest(model_cfg), "weights_digest": _weights_digest(state)}
     with atomic_path(path, overwrite=overwrite) as tmp:
         tmp.mkdir()
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        save_file(state, str(tmp / WEIGHTS), metadata=header)
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, default=_json_default) + "\n")
     return path
 
 
+def _task_kinds(model_cfg: dict[str, Any]) -> dict[str, str]:
+    return {t["name"]: t["kind"] for t in model_cfg.get("tasks", []) if isinstance(t, dict) and "name" in t and "kind" in t}
+
+
+def _config_digest(model_cfg: Any) -> str:
+    text = json.dumps(model_cfg, sort_keys=True, separators=(",", ":"), default=_json_default)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def _weights_digest(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
+    """``config.json`` of a model folder, its format and task list checked (errors name file and key)."""
     path = Path(path)
     if not path.is_dir():
         raise ModelFolderError(f"{path}: not a model folder (expected a directory with {WEIGHTS} and {CONFIG})")
+    file = path / CONFIG
     try:
-        cfg = read_json(path / CONFIG)
+        cfg = read_json(file)
     except (FileNotFoundError, ValueError) as e:
         raise ModelFolderError(str(e)) from None
-    if not isinstance(cfg, dict) or "model" not in cfg:
-        raise ModelFolderError(f"{path / CONFIG}: missing key 'model'")
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
+        raise ModelFolderError(f"{file}: missing key 'model'")
+    if cfg.get("format") != FORMAT:
+        raise ModelFolderError(f"{file}: key 'format' is {cfg.get('format')!r}; this mtlkit reads {FORMAT!r}")
     for key in ("tasks", "backbone"):
         if key not in cfg["model"]:
-            raise ModelFolderError(f"{path / CONFIG}: missing key 'model.{key}'")
+            raise ModelFolderError(f"{file}: missing key 'model.{key}'")
+    tasks = cfg["model"]["tasks"]
+    if not isinstance(tasks, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("kind"), str) for t in tasks):
+        raise ModelFolderError(f"{file}: key 'model.tasks' must be a list of {{'name': ..., 'kind': ...}} objects")
     return cfg
+
+
+def _read_weights(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if not file.is_file():
+        raise ModelFolderError(f"{file}: file not found")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            header = f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()}, header
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
+        raise ModelFolderError(f"{file}: corrupt or unreadable safetensors file ({e})") from None
 
 
 def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a model folder's weights, with errors that name the file."""
-    file = Path(path) / WEIGHTS
-    if not file.is_file():
-        raise ModelFolderError(f"{file}: file not found")
-    try:
-        return load_file(str(file))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ModelFolderError(f"{file}: corrupt or unreadable safetensors file ({e})") from None
+    return _read_weights(Path(path) / WEIGHTS)[0]
+
+
+def _check_header(header: dict[str, str], cfg: dict[str, Any], file: Path, cfg_file: Path) -> None:
+    """The weights file's own record of the model against config.json (folders written by
+    `save_model`; a plain safetensors file without it is checked by keys, shapes and values only)."""
+    if header.get("format", "").startswith("mtlkit") and header["format"] != FORMAT:  # "pt": plain safetensors
+        raise ModelFolderError(f"{file}: header key 'format' is {header['format']!r}; this mtlkit reads {FORMAT!r}")
+    if "tasks" in header:
+        try:
+            stored = json.loads(header["tasks"])
+            assert isinstance(stored, dict)
+        except (ValueError, AssertionError):
+            raise ModelFolderError(f"{file}: corrupt header key 'tasks'") from None
+        kinds = _task_kinds(cfg["model"])
+        for name in sorted(set(stored) | set(kinds)):
+            if stored.get(name) != kinds.get(name):
+                raise ModelFolderError(
+                    f"{cfg_file}: task {name!r} has kind {kinds.get(name)!r}, but {file} was saved with "
+                    f"kind {stored.get(name)!r} for it (task heads do not fit another kind)")
+    if "config_digest" in header and header["config_digest"] != _config_digest(cfg["model"]):
+        raise ModelFolderError(f"{cfg_file}: key 'model' differs from the config {file} was saved with "
+                               "(edited or corrupt); save the model again to change its config")
 
 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
-    """Rebuild the model stored in a model folder (no code from the folder is ever executed)."""
+    """Rebuild the model stored in a model folder (no code from the folder is ever executed).
+
+    Refused with a `ModelFolderError` naming the file (and key): a missing, truncated or corrupt file,
+    an unknown format, a config that does not match the weights (keys, shapes, dtypes, task kinds,
+    digests written by `save_model`), and NaN or infinite weights.
+    """
     from mtl.models import model_from_config
 
     path = Path(path)
     cfg = read_model_config(path)
+    file, cfg_file = path / WEIGHTS, path / CONFIG
+    state, header = _read_weights(file)
+    _check_header(header, cfg, file, cfg_file)
     try:
         model = model_from_config(cfg["model"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ModelFolderError(f"{path / CONFIG}: cannot build the model ({e})") from None
-    state = load_state(path)
+    except Exception as e:  # any malformed value: the config, not the caller, is at fault
+        raise ModelFolderError(f"{cfg_file}: cannot build the model ({type(e).__name__}: {e})") from None
     expected = model.state_dict()
-    file = path / WEIGHTS
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing:
@@ -160,10 +227,16 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     if unexpected:
         raise ModelFolderError(f"{file}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected in all)")
     for k, v in expected.items():
-        if tuple(state[k].shape) != tuple(v.shape):
+        t = state[k]
+        if tuple(t.shape) != tuple(v.shape):
             raise ModelFolderError(
-                f"{file}: key {k!r} has shape {tuple(state[k].shape)}, the config in {path / CONFIG} expects {tuple(v.shape)}"
-            )
+                f"{file}: key {k!r} has shape {tuple(t.shape)}, the config in {cfg_file} expects {tuple(v.shape)}")
+        if t.dtype != v.dtype:  # save_model stores the model's own dtypes; a cast would change values
+            raise ModelFolderError(f"{file}: key {k!r} has dtype {t.dtype}, the model expects {v.dtype}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ModelFolderError(f"{file}: key {k!r} holds NaN or infinite values")
+    if "weights_digest" in header and header["weights_digest"] != _weights_digest(state):
+        raise ModelFolderError(f"{file}: weights differ from the digest in its header (corrupt or edited file)")
     model.load_state_dict(state)
     model.meta = cfg.get("meta", {})
     return model.to(map_location).eval()
