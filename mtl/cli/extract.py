@@ -1,0 +1,118 @@
+"""``mtl-extract``: a standalone single-task sub-network of a task-routed MoE model folder.
+
+    mtl-extract model=<folder> task=depth [calib.batches=8] [min_share=0.0]
+    mtl-extract debug=smoke              # trains a tiny real task-MoE model first, in seconds
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from mtl.cli.common import cli_main, run_job
+
+
+def build_smoke_model(root: Path) -> Path:
+    from mtl.train import run
+
+    run_dir = run(["experiment=scenes_task_moe_vit", "debug=smoke", "viz.num_samples=0", "logger=none",
+                   "task=[semseg,depth,classification]"], run_dir=root)
+    return run_dir / "model"
+
+
+def calibration_batches(model, cfg: DictConfig) -> list[dict[str, Any]]:
+    """``calib.batches`` batches of the model's own data (its folder's meta), or of ``calib.data``."""
+    from mtl.data import create_datamodule
+
+    data = {**dict(getattr(model, "meta", {}).get("data") or {}), **OmegaConf.to_container(cfg.calib.data, resolve=True)}
+    if "name" not in data:
+        raise ValueError("calib: the model folder's meta has no data config; pass calib.data={name: ..., ...}")
+    split = cfg.calib.split
+    if split not in ("train", "val"):
+        raise ValueError(f"calib.split must be train or val, got {split!r}")
+    dm = create_datamodule(**data)
+    dm.prepare_data()
+    dm.setup("fit")
+    loader = dm.train_dataloader() if split == "train" else dm.val_dataloader()
+    n = int(cfg.calib.batches)
+    if n < 1:
+        raise ValueError(f"calib.batches must be >= 1, got {n}")
+    batches = []
+    for batch in loader:
+        batches.append(batch)
+        if len(batches) == n:
+            break
+    return batches
+
+
+def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    import mtl
+    from mtl.flops import model_stats
+    from mtl.io import write_json
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    output = Path(cfg.output) if cfg.get("output") else run_dir / "model"
+    if output.exists() and not cfg.overwrite:
+        raise FileExistsError(f"{output} exists; pass overwrite=true to replace it")
+    if not cfg.get("task"):
+        raise ValueError("no task given: pass task=<name>")
+    if cfg.get("model"):
+        folder = Path(cfg.model)
+    elif cfg.get("smoke_model"):
+        folder = build_smoke_model(run_dir / "smoke_model")
+    else:
+        raise ValueError("nothing to extract from: pass model=<model folder> (or debug=smoke for a tiny one)")
+    model = mtl.load_model(folder)
+    batches = calibration_batches(model, cfg)
+    sub = mtl.extract(model, out=output, overwrite=bool(cfg.overwrite), task=str(cfg.task), calib=batches,
+                      min_share=float(cfg.min_share))
+    x = batches[0]["image"][:1]
+    report = {**getattr(sub, "extraction_report", {}), "model": str(folder), "output": str(output),
+              "parent": model_stats(model, x), "extracted": model_stats(sub, x)}
+    write_json(run_dir / "extract_report.json", report)
+    print_summary(report)
+    return report
+
+
+def print_summary(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = report["task"]
+    table = Table(title=f"mtl-extract: task {t}")
+    for col in ("model", "params", f"FLOPs/sample ({t})", "experts"):
+        table.add_column(col)
+    table.add_row("parent", f"{report['parent']['params']:,}", f"{report['parent']['flops_per_task'][t] / 1e6:.2f}M",
+                  str(report.get("experts_total", "")))
+    table.add_row("extracted", f"{report['extracted']['params']:,}", f"{report['extracted']['flops_per_task'][t] / 1e6:.2f}M",
+                  str(report.get("experts_kept_total", "")))
+    console = Console()
+    console.print(table)
+    if "dropped_token_share" in report:
+        console.print("share of the task's routed tokens that went to dropped experts, per MoE layer: "
+                      + ", ".join(f"{s:.4f}" for s in report["dropped_token_share"]))
+
+
+@hydra.main(version_base="1.3", config_path="pkg://mtl.configs.extract_app", config_name="extract")
+def _main(cfg: DictConfig) -> None:
+    run_job(cfg, run_extract)
+
+
+def main() -> None:
+    cli_main(_main, "mtl.configs.extract_app", "mtl.configs")
+
+
+def run(overrides: list[str] | None = None, run_dir: str | Path | None = None) -> dict[str, Any]:
+    """Compose the ``mtl-extract`` config in-process and run it (notebooks, scripts, tests)."""
+    from mtl.cli.common import compose_in_process
+
+    cfg, run_dir = compose_in_process("mtl.configs.extract_app", "extract", overrides, run_dir)
+    return run_extract(cfg, run_dir)
+
+
+if __name__ == "__main__":
+    main()
