@@ -55,14 +55,33 @@ def init_from_folder(model: MultiTaskModel, folder: str | Path) -> dict[str, int
     return {"loaded": len(loaded), "total": len(own)}
 
 
+def pruned_architecture(folder: str | Path, tasks) -> MultiTaskModel | None:
+    """The architecture of a pruned model folder (its config carries a structural plan), for fine-tuning
+    it as it is; None for an ordinary folder (its weights initialise this run's architecture)."""
+    from mtl.io import read_model_config
+    from mtl.models import model_from_config
+    from mtl.models.surgery import PLAN_KEY
+
+    stored = read_model_config(folder)["model"]
+    if PLAN_KEY not in stored:
+        return None
+    names = sorted(t["name"] for t in stored["tasks"])
+    if names != sorted(t.name for t in tasks):
+        raise ValueError(f"{folder} holds a pruned model for tasks {names}; fine-tune it on exactly those tasks")
+    log.warning("%s is pruned: training its pruned architecture (its backbone and decoder replace this run's)", folder)
+    return model_from_config({**stored, "tasks": [t.to_config() for t in tasks]})
+
+
 def build_module(cfg: DictConfig, info: dict[str, Any] | None = None) -> MultiTaskModule:
     tasks = build_tasks(cfg, info)
-    model = create_model(
-        tasks,
-        backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
-        decoder=OmegaConf.to_container(cfg.decoder, resolve=True),
-        family=cfg.get("family") or "multitask",
-    )
+    model = pruned_architecture(cfg.init_from, tasks) if cfg.get("init_from") else None
+    if model is None:
+        model = create_model(
+            tasks,
+            backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
+            decoder=OmegaConf.to_container(cfg.decoder, resolve=True),
+            family=cfg.get("family") or "multitask",
+        )
     if cfg.get("init_from"):
         stats = init_from_folder(model, cfg.init_from)
         log.warning("initialised %d/%d tensors from %s", stats["loaded"], stats["total"], cfg.init_from)
