@@ -4,7 +4,7 @@ Rules (documented in docs/merging.md):
 - a key is *considered* when it passes `include` (if given) and not `exclude`;
 - considered keys matching `task_keys` (default: any `heads.` path component) are task-specific: never
   merged, listed per fine-tuned model so callers can attach each task's own head;
-- every other considered key must be in every model with the same shape (`unshared="skip"` drops keys
+- every other considered key must be in every model with the same shape and dtype (`unshared="skip"` drops keys
   missing somewhere instead of failing);
 - floating-point tensors merge; integer/bool buffers are copied from the pretrained model;
 - batch-norm running statistics follow `bn`: "pretrained" (default: copied from θ0 — always a valid
@@ -122,10 +122,9 @@ def plan_keys(
                 f"{k!r} has shape {_fmt_shape(ref.shape)} in {pre.label} but {_fmt_shape(i.shape)} in {m.label}"
             )
             continue
-        floats = [i.dtype.is_floating_point for i in infos]
-        if any(floats) and not all(floats):
-            m = models[floats.index(not floats[0])]
-            mismatched.append(f"{k!r} is {ref.dtype} in {pre.label} but {m.info(k).dtype} in {m.label}")
+        other = next((m for m, i in zip(models[1:], infos[1:]) if i.dtype != ref.dtype), None)
+        if other is not None:  # merging bf16 into fp32 (or back) would silently change a model's precision
+            mismatched.append(f"{k!r} is {ref.dtype} in {pre.label} but {other.info(k).dtype} in {other.label}")
             continue
         plan.infos[k] = ref
         plan.compute[k] = compute_dtype([i.dtype for i in infos])

@@ -244,11 +244,26 @@ class ShardedSafetensorsSource(StateSource):
         index_path = Path(index_path)
         self.label = str(index_path.parent)
         try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (OSError, KeyError, json.JSONDecodeError) as e:
+            weight_map = json.loads(index_path.read_text(), object_pairs_hook=_no_duplicate_keys)["weight_map"]
+        except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
             raise MergeInputError(f"{index_path}: unreadable shard index: {e}") from e
-        self._shards = {f: SafetensorsSource(index_path.parent / f) for f in sorted(set(weight_map.values()))}
+        except _DuplicateKey as e:
+            raise MergeInputError(f"{index_path}: tensor {e.args[0]!r} is listed twice in the index") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (index_path.parent / f).is_file()]
+        if missing:
+            raise MergeInputError(f"{index_path}: shard file(s) {', '.join(missing)} listed in the index do not exist")
+        self._shards = {f: SafetensorsSource(index_path.parent / f) for f in files}
         self._where = {k: self._shards[f] for k, f in weight_map.items()}
+        for k, f in weight_map.items():
+            if k not in self._shards[f]._infos:
+                raise MergeInputError(f"{index_path}: tensor {k!r} is mapped to {f}, which does not hold it")
+        for f, shard in self._shards.items():
+            extra = [k for k in shard.keys() if weight_map.get(k) != f]
+            if extra:
+                where = weight_map.get(extra[0])
+                why = f"the index maps it to {where}" if where else "the index does not list it"
+                raise MergeInputError(f"{shard.path}: tensor {extra[0]!r} is in this shard but {why}")
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -265,6 +280,19 @@ class ShardedSafetensorsSource(StateSource):
     def close(self) -> None:
         for s in self._shards.values():
             s.close()
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs):
+    seen = {}
+    for k, v in pairs:
+        if k in seen:
+            raise _DuplicateKey(k)
+        seen[k] = v
+    return seen
 
 
 def _torch_checkpoint(path: Path) -> DictSource:

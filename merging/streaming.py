@@ -23,6 +23,7 @@ import torch
 from mtl.io import atomic_path
 
 from .engine import KeyOptions, open_context, produce, torch_threads
+from .hf import copy_base_files, model_card, parse_size, write_sharded
 from .methods import create_method
 from .sources import DTYPE_CODES, TensorInfo
 
@@ -118,30 +119,71 @@ def merge_to_file(
     fsync: bool = False,
     threads: int | None = None,
     metadata: dict[str, str] | None = None,
+    shard_size: int | str | None = None,
+    copy_files: bool | None = None,
     **kwargs: Any,
 ) -> Path:
-    """Merge with bounded memory, writing the result to `out` (a `.safetensors` file, or a folder that
-    receives `model.safetensors`). Same methods, hyperparameters and key options as `merging.merge`;
-    the TIES global threshold uses the radix select by default. `fsync` flushes the file to disk before
-    the rename; `threads` sets torch's intra-op threads for the call. Returns the written file's path.
+    """Merge with bounded memory, writing the result to `out`. Same methods, hyperparameters and key
+    options as `merging.merge`; the TIES global threshold uses the radix select by default. `fsync`
+    flushes before the rename; `threads` sets torch's intra-op threads for the call.
+
+    `out` is a `.safetensors` file, or a folder. A folder receives `model.safetensors` unless it is a
+    Hugging Face folder: when `shard_size` is given (bytes or "5GB"), `copy_files=True`, or the base
+    model is a Hugging Face folder (a shard index, or a `config.json` that is not mtlkit's), the whole
+    folder is written: shards with `model.safetensors.index.json` (default shard size 5GB), the base
+    folder's non-weight files (config, tokenizer, ...) and a README.md model card with the recipe.
+    Returns the written file's path, or the folder's in the Hugging Face case.
     """
-    path, _ = resolve_output(out)
+    hf_folder = Path(out).suffix != ".safetensors" and (
+        shard_size is not None or bool(copy_files) or (copy_files is None and _is_hf_folder(pretrained)))
+    if shard_size is not None and not hf_folder:
+        raise ValueError(f"{out}: shard_size needs a folder output, not a .safetensors file")
+    size = parse_size(shard_size if shard_size is not None else "5GB")
+    path = Path(out) if hf_folder else resolve_output(out)[0]
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     opts, hp = KeyOptions.split(dict(kwargs))
+    convention = hp.get("convention", "paper")
     m = create_method(method, **hp)
     ctx = open_context(pretrained, finetuned, opts, m.min_models(), method)
     try:
-        with torch_threads(threads), output_file(out, path.name, overwrite=overwrite, fsync=fsync) as f:
+        with torch_threads(threads):
             m.prepare(ctx, select)
             plan = ctx.plan
             specs = [(k, plan.infos[k]) for k in plan.order]
             meta = {"format": "pt", "mtlkit_method": method, "mtlkit_hparams": json.dumps(m.hp, default=str)}
             meta.update(metadata or {})
-            w = SafetensorsWriter(f, specs, meta)
-            for key, tensor in produce(m, ctx):
-                w.write(key, tensor)
-            w.finish()
+            if hf_folder:
+                with atomic_path(path, overwrite=overwrite) as tmp:
+                    tmp.mkdir()
+                    write_sharded(tmp, specs, produce(m, ctx), size, meta)
+                    if copy_files is not False and Path(pretrained).is_dir():
+                        copy_base_files(Path(pretrained), tmp)
+                    (tmp / "README.md").write_text(model_card(method, m.hp, pretrained, finetuned, convention))
+                    if fsync:
+                        for f in tmp.iterdir():
+                            with open(f, "rb+") as fh:
+                                os.fsync(fh.fileno())
+                return path
+            with output_file(out, path.name, overwrite=overwrite, fsync=fsync) as f:
+                w = SafetensorsWriter(f, specs, meta)
+                for key, tensor in produce(m, ctx):
+                    w.write(key, tensor)
+                w.finish()
     finally:
         ctx.close()
     return path
+
+
+def _is_hf_folder(obj) -> bool:
+    """A folder with a shard index, or with a config.json that mtlkit did not write."""
+    if not isinstance(obj, (str, os.PathLike)) or not Path(obj).is_dir():
+        return False
+    folder = Path(obj)
+    if (folder / "model.safetensors.index.json").is_file():
+        return True
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return not str(cfg.get("format", "")).startswith("mtlkit")

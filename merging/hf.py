@@ -1,0 +1,110 @@
+"""Hugging Face model folders out: sharded safetensors with `model.safetensors.index.json`, the base
+model's non-weight files (config, tokenizer, ...) and a model card stating the merge recipe.
+
+Shards are planned from the output's shapes and dtypes before any tensor is computed (tensors in
+output order, a new shard when the next tensor would pass `shard_size`; a tensor larger than that
+gets a shard of its own), named `model-00001-of-0000N.safetensors` as `transformers` does; one shard
+is written as plain `model.safetensors` without an index.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .sources import TensorInfo
+
+__all__ = ["parse_size", "plan_shards", "write_sharded", "copy_base_files", "model_card", "WEIGHT_FILES"]
+
+INDEX = "model.safetensors.index.json"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+# Files that hold weights (ours replace them) or describe the base model's weights.
+WEIGHT_FILES = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf)$|.*\.index\.json$|README\.md$")
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like "5GB", "500MB", "2GiB"."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        n = size
+    else:
+        m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(size))
+        if not m or m.group(2).upper() not in _UNITS:
+            raise ValueError(f"shard_size must be bytes or a size like '5GB' / '500MB', got {size!r}")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if n <= 0:
+        raise ValueError(f"shard_size must be positive, got {size!r}")
+    return n
+
+
+def plan_shards(specs: Sequence[tuple[str, TensorInfo]], shard_size: int) -> list[list[tuple[str, TensorInfo]]]:
+    shards: list[list[tuple[str, TensorInfo]]] = [[]]
+    used = 0
+    for name, info in specs:
+        if shards[-1] and used + info.nbytes > shard_size:
+            shards.append([])
+            used = 0
+        shards[-1].append((name, info))
+        used += info.nbytes
+    return shards
+
+
+def shard_names(n: int) -> list[str]:
+    return ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+def write_sharded(folder: Path, specs: Sequence[tuple[str, TensorInfo]], tensors: Iterable[tuple[str, torch.Tensor]],
+                  shard_size: int, metadata: dict[str, str] | None = None) -> list[Path]:
+    """Write `tensors` (in `specs` order) into shards inside `folder` (a fresh temporary folder)."""
+    from .streaming import SafetensorsWriter  # streaming imports this module
+
+    plan = plan_shards(specs, shard_size)
+    names = shard_names(len(plan))
+    it = iter(tensors)
+    weight_map = {}
+    for file, shard in zip(names, plan):
+        with open(folder / file, "wb") as f:
+            w = SafetensorsWriter(f, shard, metadata)
+            for _ in shard:
+                name, tensor = next(it)
+                w.write(name, tensor)
+                weight_map[name] = file
+            w.finish()
+    if next(it, None) is not None:
+        raise ValueError("more tensors were produced than declared")
+    if len(plan) > 1:
+        total = sum(info.nbytes for _, info in specs)
+        (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    return [folder / n for n in names]
+
+
+def copy_base_files(base: Path, folder: Path) -> list[str]:
+    """Copy the base model folder's non-weight files (config, tokenizer, generation config, ...)."""
+    copied = []
+    for p in sorted(base.iterdir()):
+        if p.is_file() and not WEIGHT_FILES.fullmatch(p.name) and not p.name.startswith("."):
+            shutil.copy2(p, folder / p.name)
+            copied.append(p.name)
+    return copied
+
+
+def model_card(method: str, hparams: dict[str, Any], pretrained: Any, finetuned: Sequence[Any], convention: str) -> str:
+    """A README.md stating how the model was made (enough to redo the merge)."""
+    from mtl import __version__
+
+    label = lambda m: str(m) if isinstance(m, (str, Path)) else type(m).__name__  # noqa: E731
+    hp = json.dumps(hparams, default=str, sort_keys=True)
+    models = "\n".join(f"- `{label(m)}`" for m in finetuned)
+    return (
+        "---\ntags:\n- merge\n- mtlkit\n---\n"
+        f"# Merged model\n\nMade with mtlkit {__version__} (`merging.merge_to_file`).\n\n"
+        f"- method: `{method}` (convention: `{convention}`)\n- hyperparameters: `{hp}`\n"
+        f"- base model: `{label(pretrained)}`\n\nFine-tuned models merged:\n\n{models}\n\n"
+        "Arithmetic in float32 (float64 for float64 inputs); every tensor is written back in the base "
+        "model's dtype.\n"
+    )
