@@ -1,0 +1,109 @@
+"""Hugging Face folders: sharded in and out, base files copied, model card, and bad shard indexes."""
+import json
+
+import pytest
+import torch
+
+import merging
+from merging_toys import write_llama
+
+
+@pytest.fixture()
+def llamas(tmp_path):
+    base = write_llama(tmp_path / "base", seed=0, layers=1)
+    for i in range(2):
+        write_llama(tmp_path / f"ft{i}", seed=i + 1, base=base, layers=1)
+    return tmp_path / "base", [tmp_path / "ft0", tmp_path / "ft1"]
+
+
+def test_sharded_folder_out_and_back_in(llamas, tmp_path):
+    base, fts = llamas
+    out = merging.merge_to_file("ties", base, fts, tmp_path / "merged", shard_size=40_000, k=20, lam=1.0)
+    assert out == tmp_path / "merged"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        shards + ["model.safetensors.index.json", "config.json", "tokenizer_config.json", "README.md"])
+    assert json.loads((out / "config.json").read_text()) == json.loads((base / "config.json").read_text())
+    card = (out / "README.md").read_text()
+    assert "method: `ties`" in card and '"k": 20' in card and str(fts[1]) in card
+    for f in shards:  # every shard stays under the limit unless it holds one larger tensor
+        sd = merging.load_state_dict(out / f)
+        assert len(sd) == 1 or sum(v.numel() * v.element_size() for v in sd.values()) <= 40_000
+    got = merging.load_state_dict(out)  # the sharded folder is an input too
+    want = merging.merge("ties", base, fts, k=20, lam=1.0)
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in want.values())
+    assert list(got) == list(want) or set(got) == set(want)
+    for k, v in want.items():
+        assert got[k].dtype == torch.bfloat16 and torch.equal(got[k], v), k
+    # an HF base makes a folder output an HF folder by default: one shard is plain model.safetensors
+    single = merging.merge_to_file("task_arithmetic", out, fts, tmp_path / "single", lam=0.3)
+    assert sorted(p.name for p in single.iterdir()) == ["README.md", "config.json", "model.safetensors", "tokenizer_config.json"]
+
+
+def _shard(tmp_path, base):
+    """Re-save the base as a two-shard folder and return (folder, index dict)."""
+    folder = tmp_path / "sharded"
+    merging.merge_to_file("task_arithmetic", base, [base], folder, shard_size=40_000, lam=0.0)
+    return folder, json.loads((folder / "model.safetensors.index.json").read_text())
+
+
+def _assert_nothing_written(tmp_path):
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_missing_shard_is_named(llamas, tmp_path):
+    base, fts = llamas
+    folder, index = _shard(tmp_path, base)
+    gone = sorted(set(index["weight_map"].values()))[1]
+    (folder / gone).unlink()
+    with pytest.raises(merging.MergeInputError, match=f"shard file\\(s\\) {gone} listed in the index do not exist"):
+        merging.merge_to_file("ties", folder, fts, tmp_path / "out")
+    _assert_nothing_written(tmp_path)
+
+
+def test_tensor_listed_twice_is_named(llamas, tmp_path):
+    base, fts = llamas
+    folder, index = _shard(tmp_path, base)
+    idx = folder / "model.safetensors.index.json"
+    text = idx.read_text()
+    first = next(iter(index["weight_map"]))
+    line = f'"{first}": "{index["weight_map"][first]}"'
+    idx.write_text(text.replace(line, line + ",\n    " + line, 1))
+    with pytest.raises(merging.MergeInputError, match=f"tensor '{first}' is listed twice"):
+        merging.merge_to_file("ties", folder, fts, tmp_path / "out")
+    _assert_nothing_written(tmp_path)
+
+
+def test_tensor_in_the_wrong_shard_is_named(llamas, tmp_path):
+    base, fts = llamas
+    folder, index = _shard(tmp_path, base)
+    files = sorted(set(index["weight_map"].values()))
+    key = next(k for k, f in index["weight_map"].items() if f == files[0])
+    index["weight_map"][key] = files[1]
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(merging.MergeInputError, match=f"'{key}' is mapped to {files[1]}, which does not hold it"):
+        merging.merge("ties", folder, fts)
+
+
+def test_dtype_mismatch_names_tensor_and_file(llamas, tmp_path):
+    base, fts = llamas
+    sd = merging.load_state_dict(fts[1])
+    sd["model.norm.weight"] = sd["model.norm.weight"].float()
+    (tmp_path / "f32").mkdir()
+    from safetensors.torch import save_file
+
+    save_file(sd, str(tmp_path / "f32" / "model.safetensors"))
+    with pytest.raises(merging.MergeInputError, match="'model.norm.weight' is torch.bfloat16 in .*base.* but torch.float32 in .*f32"):
+        merging.merge_to_file("ties", base, [fts[0], tmp_path / "f32"], tmp_path / "out")
+    _assert_nothing_written(tmp_path)
+
+
+def test_shard_size_needs_a_folder(llamas, tmp_path):
+    base, fts = llamas
+    with pytest.raises(ValueError, match="shard_size needs a folder"):
+        merging.merge_to_file("ties", base, fts, tmp_path / "out.safetensors", shard_size="1MB")
+    with pytest.raises(ValueError, match="shard_size must be"):
+        merging.merge_to_file("ties", base, fts, tmp_path / "out", shard_size="lots")
