@@ -224,3 +224,6 @@ def run(overrides: list[str] | None = None, run_dir: str | Path | None = None) -
 
     cfg, run_dir = compose_in_process("mtl.configs.merge_app", "merge", overrides, run_dir)
     return run_merge(cfg, run_dir)
+
+
+from .learned import cli as _learned_cli  # noqa: E402,F401  (registers adamerging, atlas, concrete_ta, concrete_adamerging)

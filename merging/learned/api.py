@@ -197,9 +197,9 @@ def learn(method: str, pretrained, finetuned, *, unlabeled: Mapping[str, Iterabl
             inner = CoefficientLearner(problem, layout, hp["init"], hp["coef_lr"], hp["clamp"], None, frozen_cols)
             coefficients = lambda: inner.coef  # noqa: E731
             group_of = layout.group_of
-        cm = ConcreteMask(problem, hp["temperature"], hp["initial_logits"], hp["lr"], hp["seed"])
-        cm.run(objective, frozen, steps, trace, method, coefficients, inner, int(hp.get("inner_steps", 1)), progress)
-        mask, probs = cm.hard(hp["threshold"]), cm.probabilities()
+        cm = ConcreteMask(problem, hp["temperature"], hp["initial_logits"], hp["lr"], hp["seed"], hp["threshold"])
+        cm.run(objective, frozen, steps, trace, method, coefficients, inner, int(hp.get("inner_steps", 1)), progress, **cb)
+        mask, probs = cm.hard(), cm.probabilities()
         fmask = {k: m.to(problem.theta0[k].dtype) for k, m in mask.items()}
         if inner is not None:
             inner.run(objective, frozen, int(hp["final_steps"]), trace, f"{method} (λ on the final mask)",

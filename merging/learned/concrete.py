@@ -22,10 +22,10 @@ __all__ = ["ConcreteMask"]
 
 class ConcreteMask:
     def __init__(self, problem: MergeProblem, temperature: float = 0.5, initial_logits: float = 0.0,
-                 lr: float = 1e-3, seed: int = 0):
+                 lr: float = 1e-3, seed: int = 0, threshold: float = 0.5):
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.problem, self.temperature = problem, float(temperature)
+        self.problem, self.temperature, self.threshold = problem, float(temperature), float(threshold)
         self.logits = {k: torch.full_like(v, float(initial_logits), requires_grad=True)
                        for k, v in problem.theta0.items()}
         self.opt = torch.optim.Adam(list(self.logits.values()), lr=lr)
@@ -42,9 +42,9 @@ class ConcreteMask:
     def probabilities(self) -> dict[str, torch.Tensor]:
         return {k: torch.sigmoid(s.detach()) for k, s in self.logits.items()}
 
-    def hard(self, threshold: float = 0.5) -> dict[str, torch.Tensor]:
+    def hard(self) -> dict[str, torch.Tensor]:
         """The final binary mask: σ(s) > threshold."""
-        return {k: p > threshold for k, p in self.probabilities().items()}
+        return {k: p > self.threshold for k, p in self.probabilities().items()}
 
     def apply_step(self, step: int) -> None:
         self.opt.step()
@@ -54,7 +54,7 @@ class ConcreteMask:
                 check_finite(s.detach().reshape(-1, 1), [k], ["(shared mask)"], step, what="mask logit")
 
     def run(self, objective: Objective, frozen, steps: int, trace, label: str, coefficients,
-            inner=None, inner_steps: int = 1, progress: bool = True) -> None:
+            inner=None, inner_steps: int = 1, progress: bool = True, callback=None, callback_every: int = 0) -> None:
         """`coefficients()` gives the current (rows, T) coefficients; `inner` (a CoefficientLearner) is
         updated `inner_steps` times per outer step on the same mask draw, with the mask held fixed."""
         bar = Progress(label, steps, progress)
@@ -65,11 +65,17 @@ class ConcreteMask:
                 for _ in range(inner_steps):
                     step_gradients(self.problem, inner.merged(fixed), objective, frozen)
                     inner.apply_step(step)
-            merged = self.problem.merged(coefficients().detach(), inner.layout.group_of if inner else {k: 0 for k in m}, m)
+            group_of = inner.layout.group_of if inner else {k: 0 for k in m}
+            merged = self.problem.merged(coefficients().detach(), group_of, m)
             losses = step_gradients(self.problem, merged, objective, frozen)
             self.apply_step(step)
             with torch.no_grad():
                 density = float(sum(float(p.sum()) for p in self.probabilities().values())
                                 / sum(p.numel() for p in self.logits.values()))
-            trace.add(step, losses, {"mask_mean_probability": density}, "mask")
+            extra = {"mask_mean_probability": density}
+            if callback is not None and callback_every and (step % callback_every == 0 or step == steps):
+                with torch.no_grad():  # evaluated with the mask as it would be thresholded now
+                    hard = {k: m.to(self.logits[k].dtype) for k, m in self.hard().items()}
+                    extra.update(callback(step, self.problem.merged(coefficients().detach(), group_of, hard)) or {})
+            trace.add(step, losses, extra, "mask")
             bar.update(step, mean(losses) * len(losses), f" mask p̄ {density:.3f}")

@@ -1,0 +1,119 @@
+"""`mtl-merge merge=adamerging|atlas|concrete_ta|concrete_adamerging`: learn on a split's images, no labels.
+
+CLI-only keys of these methods (the rest are `merging.learn` hyperparameters):
+
+| key | default | meaning |
+|---|---|---|
+| `split` | `test` | images the coefficients are learned on (as the papers do); `val` selectable. Labels are never read |
+| `batch_size` | 16 | unlabeled images per task per step |
+| `eval_every` | 0 | every n steps, the merged model's mean normalized validation accuracy is recorded (uses val labels; 0: never) |
+| `shots` | 16 | aTLAS `objective=supervised`: labelled images per class, from the train split |
+
+Outputs in the run folder: `coefficients/coefficients.safetensors` + `coefficients.json` (summary and
+per-step history), `coefficients.png` (λ heatmap layer × task, or block × task for aTLAS) and
+`learning_curves.png` (objective per step, validation accuracy per evaluation).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+import merging
+
+from ..job import CLI_METHODS, MergeJob, Selection
+from .api import LEARNED_METHODS
+from .plots import plot_coefficients, plot_learning_curves
+
+__all__ = ["ImageBatches", "LabeledShots", "select_learned"]
+
+CLI_KEYS = {"split": "test", "batch_size": 16, "eval_every": 0, "shots": 16}
+
+
+class ImageBatches:
+    """Seeded, shuffled batches of a split's images only: `dataset.tensors["image"]` is the one column read."""
+
+    def __init__(self, dataset, batch_size: int, seed: int = 0, task: str = "?"):
+        images = dataset.tensors["image"]
+        if len(images) == 0:
+            raise ValueError(f"task {task!r}: the split has no images to learn from")
+        self.images, self.batch_size = images, int(batch_size)
+        self.gen = torch.Generator().manual_seed(int(seed))
+
+    def __iter__(self):
+        order = torch.randperm(len(self.images), generator=self.gen)
+        for i in range(0, len(order), self.batch_size):
+            yield self.images[order[i:i + self.batch_size]]
+
+
+class LabeledShots:
+    """k labelled images per class (the first k of each class in a seeded order), served as one batch."""
+
+    def __init__(self, dataset, target_key: str, shots: int, seed: int = 0):
+        y = dataset.tensors[target_key]
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(int(seed)))
+        keep = torch.cat([order[y[order] == c][:shots] for c in torch.unique(y)])
+        self.batch = (dataset.tensors["image"][keep], y[keep].long())
+
+    def __iter__(self):
+        yield self.batch
+
+
+def _split_dataset(job: MergeJob, task: str, split: str):
+    return job.evaluator.datamodule(task).dataset(split)
+
+
+def select_learned(method: str, job: MergeJob, hp: Mapping[str, Any]) -> Selection:
+    opts = {k: hp.get(k, v) for k, v in CLI_KEYS.items()}
+    kw = {k: v for k, v in hp.items() if k not in CLI_KEYS and v is not None}
+    if opts["split"] not in ("val", "test"):
+        raise ValueError(f"merge.split must be 'val' or 'test' (the images learned on), got {opts['split']!r}")
+    seed = int(kw.get("seed", job.cfg.get("seed", 0)))
+    cap = job.cfg.get("learn_max_steps")
+    if cap is not None:
+        for k in ("steps", "final_steps"):
+            if k in LEARNED_METHODS[method]:
+                kw[k] = min(int(kw.get(k, LEARNED_METHODS[method][k])), int(cap))
+    names = job.evaluator.names
+    data: dict[str, Any] = {}
+    if kw.get("objective", "entropy") == "supervised":
+        tasks = job.evaluator.tasks
+        data["labeled"] = {t: LabeledShots(_split_dataset(job, t, "train"), tasks[t].target_key, int(opts["shots"]), seed)
+                           for t in names}
+    else:
+        data["unlabeled"] = {t: ImageBatches(_split_dataset(job, t, opts["split"]), opts["batch_size"], seed + i, t)
+                             for i, t in enumerate(names)}
+
+    def val_score(step: int, state: dict[str, torch.Tensor]) -> dict[str, float]:
+        full = _with_unlearned(res_keys, state)
+        return {"val_normalized": job.val_normalized(job.model(full))}
+
+    res_keys = _base_state(job)
+    res = merging.learn(method, job.pool.pretrained, job.pool.member_paths, device=job.evaluator.device,
+                        callback=val_score, callback_every=int(opts["eval_every"]), **data, **kw)
+    out = job.run_dir / "coefficients"
+    res.save(out)
+    title = f"{method} ({res.granularity}) — {job.run_dir.name}"
+    plot_coefficients(res.coefficients, res.groups, res.tasks, job.run_dir / "coefficients.png", title=title)
+    if res.history:
+        plot_learning_curves(res.history, job.run_dir / "learning_curves.png", title=title)
+    summary = res.summary()
+    selected = {**{k: v for k, v in res.hparams.items() if not isinstance(v, (dict, list))},
+                "split": opts["split"], "coefficients": {t: round(v["mean"], 4) for t, v in summary["per_task"].items()}}
+    extra = {"learned": {k: v for k, v in summary.items() if k not in ("hparams", "rows")},
+             "coefficients_file": str(out / "coefficients.safetensors")}
+    return Selection(job.model(res.state_dict), selected, extra=extra)
+
+
+def _base_state(job: MergeJob) -> dict[str, torch.Tensor]:
+    """θ0's shared keys (buffers etc.) that the per-step validation model needs next to the learned tensors."""
+    return merging.merge("task_arithmetic", job.pool.pretrained, job.pool.member_paths, lam=0.0)
+
+
+def _with_unlearned(base: dict[str, torch.Tensor], learned: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {**base, **{k: v.detach().cpu() for k, v in learned.items()}}
+
+
+for _name in LEARNED_METHODS:
+    CLI_METHODS.register(_name)(lambda job, hp, _m=_name: select_learned(_m, job, hp))

@@ -1,0 +1,108 @@
+"""mtl-merge with learned merges on a tiny real pool: outputs, frozen regression column, labels never read."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import merging
+import mtl
+from merging.job import build_smoke_pool, run
+from mtl.data import memory as dm_module
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    return build_smoke_pool(tmp_path_factory.mktemp("pool"))
+
+
+def _args(pool, *extra):
+    models = ",".join(str(p) for p in pool.member_paths)
+    return [f"pretrained={pool.pretrained}", f"models=[{models}]", "eval.max_batches=2", "learn_max_steps=3", *extra]
+
+
+def test_adamerging_layer_cli_writes_coefficients_plots_and_model(pool, tmp_path):
+    rd = tmp_path / "run"
+    report = run(_args(pool, "merge=adamerging", "merge.granularity=layer", "merge.eval_every=1", "merge.batch_size=4"),
+                 run_dir=rd)
+    assert report["method"] == "adamerging"
+    coef = load_file(str(rd / "coefficients" / "coefficients.safetensors"))["coefficients"]
+    summary = json.loads((rd / "coefficients" / "coefficients.json").read_text())
+    assert coef.shape == (len(summary["rows"]), 2) and summary["tasks"] == ["regression", "semseg"]
+    # the regression head has no entropy: it is left out and its model's λ stay at the initial 0.3
+    assert summary["excluded_from_objective"] == ["regression"]
+    assert torch.all(coef[:, 0] == 0.3) and not torch.all(coef[:, 1] == 0.3)
+    assert [h["step"] for h in summary["history"]] == [1, 2, 3]
+    assert all("val_normalized" in h for h in summary["history"])
+    for png in ("coefficients.png", "learning_curves.png", "task_accuracy.png"):
+        assert (rd / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    model = mtl.load_model(rd / "model")
+    assert model.meta["merge"]["method"] == "adamerging" and model.meta["merge"]["split"] == "test"
+    # the written model holds the learned weights: θ0 + Σ_t λ[k, t] τ_t for a merged tensor
+    pre, fts = mtl.load_model(pool.pretrained).state_dict(), [mtl.load_model(p).state_dict() for p in pool.member_paths]
+    k = summary["rows"][0]
+    r = summary["rows"].index(k)
+    expect = pre[k] + sum(coef[r, t] * (fts[t][k] - pre[k]) for t in range(2))
+    torch.testing.assert_close(model.state_dict()[k], expect, rtol=1e-5, atol=1e-6)
+
+
+def test_learning_never_reads_labels(pool, tmp_path, monkeypatch):
+    """Every dataset's label columns raise while the coefficients are learned (only 'image' is readable)."""
+    learning = {"on": False}
+
+    class Guarded(dict):
+        def __getitem__(self, key):
+            if learning["on"] and key != "image":
+                raise AssertionError(f"label column {key!r} read while learning")
+            return super().__getitem__(key)
+
+        def items(self):
+            if learning["on"]:
+                raise AssertionError("all columns read while learning")
+            return super().items()
+
+    orig_init = dm_module.TensorDictDataset.__init__
+
+    def guarded_init(self, *a, **k):
+        orig_init(self, *a, **k)
+        self.tensors = Guarded(self.tensors)
+
+    orig_learn = merging.learn
+
+    def learn(*a, **k):
+        learning["on"] = True
+        try:
+            return orig_learn(*a, **k)
+        finally:
+            learning["on"] = False
+
+    monkeypatch.setattr(dm_module.TensorDictDataset, "__init__", guarded_init)
+    monkeypatch.setattr(merging, "learn", learn)
+    report = run(_args(pool, "merge=adamerging", "merge.granularity=task"), run_dir=tmp_path / "guarded")
+    assert set(report["tasks"]) == {"regression", "semseg"}
+    with pytest.raises(AssertionError, match="read while learning"):  # the guard does bite
+        learning["on"] = True
+        try:
+            dm_module.TensorDictDataset({"image": torch.zeros(2), "semseg": torch.zeros(2)}).__getitems__([0])
+        finally:
+            learning["on"] = False
+
+
+def test_bad_split_is_named(pool, tmp_path):
+    with pytest.raises(ValueError, match="merge.split must be 'val' or 'test'.*'train'"):
+        run(_args(pool, "merge=adamerging", "merge.split=train"), run_dir=tmp_path / "bad")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,extra", [("atlas", ["merge.blocks=module"]), ("concrete_ta", []),
+                                          ("concrete_adamerging", ["merge.split=val"])])
+def test_other_learned_methods_run(pool, tmp_path, method, extra):
+    rd = tmp_path / method
+    report = run(_args(pool, f"merge={method}", *extra), run_dir=rd)
+    assert report["method"] == method
+    summary = json.loads((rd / "coefficients" / "coefficients.json").read_text())
+    if method.startswith("concrete"):
+        masks = {k: v for k, v in load_file(str(rd / "coefficients" / "coefficients.safetensors")).items() if k.startswith("mask/")}
+        assert masks and all(set(v.unique().tolist()) <= {0, 1} for v in masks.values())
+        assert 0.0 <= summary["mask"]["kept_fraction"] <= 1.0
+    assert (rd / "coefficients.png").exists() and (rd / "learning_curves.png").exists()
