@@ -4,6 +4,7 @@
     python scripts/build_zoo.py --zoo cnn                 # ~15 min on 2 CPU cores
     python scripts/build_zoo.py --zoo vit --out zoo_vit   # ~20 min
     python scripts/build_zoo.py --zoo cnn --smoke         # timm test backbones, seconds per model
+    python scripts/build_zoo.py --zoo cnn --linear        # + tangent-space fine-tunes (manifest_linear.json)
     mtl-merge merge=ties pool=<out>/manifest.json         # then merge it
 
 Step 1 runs `mtl-train experiment=zoo_<zoo>_pretrain` (the procedural `pretrain` data), step 2
@@ -73,8 +74,9 @@ def pretrain(zoo: str, out: Path, smoke: bool = False, extra: Sequence[str] = ()
 
 
 def finetune(zoo: str, task: str, pretrained: Path, out: Path, smoke: bool = False, extra: Sequence[str] = (),
-             fresh: bool = False) -> dict[str, Any]:
-    run_dir = out / "finetune" / task
+             fresh: bool = False, linear: bool = False) -> dict[str, Any]:
+    run_dir = out / ("finetune_linear" if linear else "finetune") / task
+    extra = [*extra, "linearize=true"] if linear else extra
     ov = finetune_args(zoo, smoke, extra, f"init_from={Path(pretrained).resolve()}", f"data.dataset={task}")
     metrics, seconds, reused = _train(ov, run_dir, fresh)
     return {"task": task, "run_dir": run_dir, "model": run_dir / "model", "overrides": ov,
@@ -84,8 +86,13 @@ def finetune(zoo: str, task: str, pretrained: Path, out: Path, smoke: bool = Fal
 
 def build_zoo(zoo: str, out: str | Path, tasks: Sequence[str] | None = None, smoke: bool = False,
               pretrain_overrides: Sequence[str] = (), finetune_overrides: Sequence[str] = (),
-              fresh: bool = False) -> dict[str, Any]:
-    """Pretrain, fine-tune every task, write `<out>/manifest.json`; returns the manifest."""
+              fresh: bool = False, linear: bool = False) -> dict[str, Any]:
+    """Pretrain, fine-tune every task, write `<out>/manifest.json`; returns the manifest.
+
+    `linear`: tangent-space fine-tunes (`linearize=true`) into `<out>/finetune_linear/`, merged against
+    θ0 as a linearised model folder (`<out>/pretrain/model_linearized`), listed in `manifest_linear.json`;
+    the pretrained model is shared with the standard zoo (reused when it exists).
+    """
     if zoo not in ZOO_KINDS:
         raise ValueError(f"zoo must be one of {ZOO_KINDS}, got {zoo!r}")
     tasks = list(tasks or zoo_tasks())
@@ -96,7 +103,9 @@ def build_zoo(zoo: str, out: str | Path, tasks: Sequence[str] | None = None, smo
     out.mkdir(parents=True, exist_ok=True)
     start, cpu = time.perf_counter(), time.process_time()
     pre = pretrain(zoo, out, smoke, pretrain_overrides, fresh)
-    fts = [finetune(zoo, t, pre["model"], out, smoke, finetune_overrides, fresh) for t in tasks]
+    fts = [finetune(zoo, t, pre["model"], out, smoke, finetune_overrides, fresh, linear) for t in tasks]
+    if linear:
+        pre["model"] = _linearized_pretrained(pre["model"])
     rel = lambda p: str(Path(p).relative_to(out))  # noqa: E731
     manifest = {
         "zoo": zoo,
@@ -112,10 +121,21 @@ def build_zoo(zoo: str, out: str | Path, tasks: Sequence[str] | None = None, smo
         "cpu_seconds": round(time.process_time() - cpu, 1),  # this process, all threads
         "reused": [n for n, r in [("pretrain", pre), *((f["task"], f) for f in fts)] if r["reused"]],
         "overrides": {"pretrain": pre["overrides"],
-                      "finetune": finetune_args(zoo, smoke, finetune_overrides)},
+                      "finetune": finetune_args(zoo, smoke, [*finetune_overrides, *(["linearize=true"] if linear else [])])},
+        "linear": linear,
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (out / ("manifest_linear.json" if linear else "manifest.json")).write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def _linearized_pretrained(folder: Path) -> Path:
+    """θ0 as a linearised model folder, so its keys match the linearised fine-tunes' (θ0 buffers)."""
+    from mtl.io import load_model, save_model
+    from mtl.models import linearize
+
+    dest = Path(folder).parent / "model_linearized"
+    save_model(linearize(load_model(folder)), dest, meta={"linearized_from": str(folder)})
+    return dest
 
 
 def summary_table(manifest: dict[str, Any]) -> str:
@@ -140,6 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--finetune-overrides", nargs="*", default=[], help="extra mtl-train overrides for step 2")
     p.add_argument("--fresh", action="store_true", help="retrain models whose run folders are already complete")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is much faster on a CPU other jobs share)")
+    p.add_argument("--linear", action="store_true",
+                   help="tangent-space fine-tunes (linearize=true) -> finetune_linear/ and manifest_linear.json")
     args = p.parse_args(argv)
 
     from mtl.cli.common import prepare
@@ -151,14 +173,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.out or f"outputs/zoo_{args.zoo}{'_smoke' if args.smoke else ''}")
     manifest = build_zoo(args.zoo, out, args.tasks, args.smoke, args.pretrain_overrides, args.finetune_overrides,
-                         args.fresh)
+                         args.fresh, args.linear)
     print(f"\n{args.zoo.upper()} zoo{' (smoke)' if args.smoke else ''}:\n")
     print(summary_table(manifest))
     print(f"\nwall {manifest['seconds']['total']:.0f} s, CPU {manifest['cpu_seconds']:.0f} s (this process)")
     if manifest["reused"]:
         print(f"\nreused finished runs: {', '.join(manifest['reused'])} (--fresh retrains them)")
-    print(f"\nmanifest: {out.resolve() / 'manifest.json'}")
-    print(f"merge it: mtl-merge merge=ties pool={out.resolve() / 'manifest.json'}")
+    name = "manifest_linear.json" if args.linear else "manifest.json"
+    print(f"\nmanifest: {out.resolve() / name}")
+    print(f"merge it: mtl-merge merge=ties pool={out.resolve() / name}")
     return 0
 
 
