@@ -6,7 +6,9 @@
 
 Each method runs `merging.job.run` (what `mtl-merge ... pool=<manifest>` runs) into <out>/<method>/:
 hyperparameters (λ; TALL's λ_t per task) are picked on the validation splits, accuracy is on the test
-splits, each task on its own data with its own head. Writes <out>/quality.md (absolute and normalized
+splits, each task on its own data with its own head. The learned methods (AdaMerging, aTLAS,
+Concrete) learn their coefficients on the test images without labels, as the papers do
+(`--learn-steps n` caps their steps). Writes <out>/quality.md (absolute and normalized
 accuracy per task and averaged, the TALL store's size), <out>/results.json, <out>/task_accuracy.png
 (all methods) and <out>/mask_overlap.png (TALL masks: how many tasks use each weight).
 """
@@ -35,11 +37,19 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "tall_masks": ("TALL masks (store)", ["merge=tall_masks", "store=true"]),
     "consensus_ta": ("Consensus (TA)", ["merge=consensus", "merge.base=task_arithmetic", f"merge.lam_grid={TA_GRID}"]),
     "consensus_ties": ("Consensus (TIES)", ["merge=consensus", "merge.base=ties", f"merge.lam_grid={TIES_GRID}"]),
+    # learned at test time on the test images (no labels), as the papers do
+    "adamerging_task": ("AdaMerging (task-wise)", ["merge=adamerging", "merge.granularity=task"]),
+    "adamerging_layer": ("AdaMerging (layer-wise)", ["merge=adamerging", "merge.granularity=layer"]),
+    "atlas": ("aTLAS (entropy)", ["merge=atlas"]),
+    "concrete_ta": ("Concrete (TA)", ["merge=concrete_ta"]),
+    "concrete_adamerging": ("Concrete (layer-wise AdaMerging)", ["merge=concrete_adamerging"]),
 }
+LEARNED = ("adamerging_task", "adamerging_layer", "atlas", "concrete_ta", "concrete_adamerging")
 
 #: CLIP ViT-B/32, 8 tasks, average absolute accuracy (%) as the papers report it
-PAPER = {"pretrained": 48.0, "average": 65.8, "task_arithmetic": 69.1, "ties": 72.4, "consensus_ta": 73.6}
-PAPER_ORDER = ["average", "task_arithmetic", "ties", "consensus_ta"]
+PAPER = {"pretrained": 48.0, "average": 65.8, "task_arithmetic": 69.1, "ties": 72.4, "consensus_ta": 73.6,
+         "adamerging_task": 71.1, "adamerging_layer": 80.1}
+PAPER_ORDER = ["average", "task_arithmetic", "adamerging_task", "ties", "consensus_ta", "adamerging_layer"]
 
 
 def run_method(name: str, manifest: Path, out: Path, extra: Sequence[str] = ()) -> dict[str, Any]:
@@ -85,7 +95,7 @@ def _hp(r: dict[str, Any]) -> str:
     sel = dict(r.get("selected") or {})
     if isinstance(sel.get("lam"), dict):  # TALL: λ_t per task
         sel["lam"] = "/".join(f"{v:g}" for v in sel["lam"].values())
-    keep = ("lam", "k", "p", "base", "merge_func", "mtv")
+    keep = ("lam", "k", "p", "base", "merge_func", "mtv", "granularity", "steps", "final_steps")
     return ", ".join(f"{k}={sel[k]}" for k in keep if k in sel)
 
 
@@ -174,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--eval-batch-size", type=int, default=256, help="evaluation batch size (speed only)")
     p.add_argument("--overrides", nargs="*", default=[], help="extra mtl-merge overrides for every method")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is much faster on a CPU other jobs share)")
+    p.add_argument("--learn-steps", type=int, help="cap on the learned methods' optimisation steps (learn_max_steps)")
     args = p.parse_args(argv)
 
     from mtl.cli.common import prepare
@@ -187,6 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out) if args.out else manifest.parent / "quality"
     extra = [f"+eval.data.batch_size={args.eval_batch_size}", *args.overrides]
     extra += [f"eval.max_batches={args.max_batches}"] if args.max_batches else []
+    extra += [f"learn_max_steps={args.learn_steps}"] if args.learn_steps else []
     start = time.perf_counter()
     results = run_all(manifest, out, args.methods, extra)
     md = tables(results)
