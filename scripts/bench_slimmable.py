@@ -94,14 +94,7 @@ def speed(args) -> dict:
                 net(x)
             return (time.perf_counter() - t) / args.iters
 
-    from mtl.flops import count_flops  # noqa: F401  (FLOPs of the encoders below)
-    from torch.utils.flop_counter import FlopCounterMode
-
-    def flops(net, at_half=False):
-        model.set_widths(encoder=0.5 if at_half else 1.0)
-        with FlopCounterMode(display=False) as c, torch.inference_mode():
-            net(x[:1])
-        return c.get_total_flops()
+    from mtl.flops import count_flops
 
     for net, h in ((full, False), (half, False), (sliced, True)):  # warm-up
         latency(net, h)
@@ -114,7 +107,7 @@ def speed(args) -> dict:
     half_ratio = statistics.median(r["half_s"] / r["full_s"] for r in rounds)
     sliced_ratio = statistics.median(r["sliced_half_s"] / r["half_s"] for r in rounds)
     return {"input": [args.batch, 3, args.size, args.size], "threads": args.threads, "rounds": rounds,
-            "flops_ratio_half_vs_full": flops(half) / flops(full), "latency_ratio_half_vs_full": half_ratio,
+            "flops_ratio_half_vs_full": count_flops(half, x[:1]) / count_flops(full, x[:1]), "latency_ratio_half_vs_full": half_ratio,
             "latency_ratio_sliced_vs_extracted_half": sliced_ratio,
             "params": {"full": sum(p.numel() for p in full.parameters()), "half": sum(p.numel() for p in half.parameters())}}
 

@@ -17,8 +17,8 @@ from torch import nn
 from mtl.models.families import MODELS
 from mtl.models.multitask import IMAGENET_MEAN, IMAGENET_STD, MultiTaskModel
 from mtl.models.slimmable.decoder import SlimmableDecoder, decoder_key
-from mtl.models.slimmable.layers import (SLIM_TYPES, SlimConv2d, SlimLinear, SwitchableBatchNorm2d, apply_widths,
-                                         channels_at, check_width, width_index)
+from mtl.models.slimmable.layers import (SLIM_TYPES, SwitchableBatchNorm2d, apply_widths, channels_at, check_width,
+                                         width_index)
 from mtl.models.slimmable.resnet import ENCODER, SlimResNet
 from mtl.tasks import Task, create_task
 
