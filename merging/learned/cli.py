@@ -89,7 +89,7 @@ def select_learned(method: str, job: MergeJob, hp: Mapping[str, Any]) -> Selecti
         full = _with_unlearned(res_keys, state)
         return {"val_normalized": job.val_normalized(job.model(full))}
 
-    res_keys = _base_state(job)
+    res_keys = _base_state(job) if int(opts["eval_every"]) > 0 else {}
     res = merging.learn(method, job.pool.pretrained, job.pool.member_paths, device=job.evaluator.device,
                         callback=val_score, callback_every=int(opts["eval_every"]), **data, **kw)
     out = job.run_dir / "coefficients"
