@@ -122,7 +122,7 @@ class StackedExperts(nn.Module):
         return torch.einsum("eth,eho->eto", h, self.w2) + self.b2[:, None]
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(x @ self.w1[e] + self.b1[e]) @ self.w2[e] + self.b2[e]
+        return torch.addmm(self.b2[e], F.gelu(torch.addmm(self.b1[e], x, self.w1[e])), self.w2[e])
 
     def sparse(self, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``y_i = Σ_j weight[i, j] · expert_{index[i, j]}(x_i)``, running each expert only on the tokens
