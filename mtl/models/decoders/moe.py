@@ -127,6 +127,10 @@ class TaskExpertDecoder(nn.Module):
         for h in self.heads.values():
             h.record_usage = bool(on)
 
+    @property
+    def usage_columns(self) -> list[str]:
+        return [str(e) for e in range(self.num_experts)] + ["mem"]
+
     def expert_usage(self, reset: bool = False) -> dict[str, torch.Tensor]:
         """Gate mass per stage over the N experts and the memory (last column): {task: (stages, N+1)}."""
         out = {t: h.usage for t, h in self.heads.items() if h.usage is not None}
