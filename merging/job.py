@@ -13,6 +13,7 @@ Testing, the model folder, metrics.json, plots and the table are the job's.
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -24,13 +25,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import merging
-from mtl.io import atomic_path, save_model
+from mtl.io import atomic_path, read_json, save_model, write_json
 from mtl.models import MultiTaskModel
 from mtl.registry import Registry
 
 from .evaluation import Evaluator
 from .pool import HEAD_PREFIX, ModelPool
 from .report import build_report, print_table, write_report
+
+log = logging.getLogger(__name__)
 
 __all__ = ["CLI_METHODS", "MergeJob", "Selection", "run_merge", "run", "resolve_pool", "build_smoke_pool"]
 
@@ -200,6 +203,8 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         raise FileExistsError(f"{output} exists; pass overwrite=true to replace it")
     name, select, hp = _method(cfg)
     start = time.perf_counter()
+    if not cfg.eval.get("enabled", True):
+        return merge_only(cfg, run_dir, name, hp, output, start)
     pool = resolve_pool(cfg, run_dir)
     ev = Evaluator(pool, cfg.eval.get("max_batches"), _plain(cfg.eval.get("data")), cfg.eval.get("device") or "cpu")
     sel = select(MergeJob(cfg, pool, ev, run_dir), MappingProxyType(hp))
@@ -211,6 +216,45 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     report["output"] = str(output)
     write_report(report, run_dir)
     print_table(report)
+    return report
+
+
+def _input_paths(cfg: DictConfig, run_dir: Path) -> tuple[Path, list[Path]]:
+    if cfg.get("pool"):
+        spec = read_json(cfg.pool)
+        missing = [k for k in ("pretrained", "models") if k not in spec]
+        if missing:
+            raise ValueError(f"{cfg.pool}: missing key {missing[0]!r}")
+        here = Path(cfg.pool).parent
+        resolve = lambda p: Path(p) if Path(p).is_absolute() else here / p  # noqa: E731
+        return resolve(spec["pretrained"]), [resolve(p) for p in spec["models"]]
+    if cfg.get("pretrained") and cfg.get("models"):
+        return Path(cfg.pretrained), [Path(m) for m in cfg.models]
+    if cfg.get("smoke_pool"):
+        pool = build_smoke_pool(run_dir / "smoke_pool")
+        return pool.pretrained, pool.member_paths
+    raise ValueError("nothing to merge: pass pretrained=<folder> models=[<folder>,...] or pool=<manifest.json>")
+
+
+def merge_only(cfg: DictConfig, run_dir: Path, name: str, hp: dict[str, Any], output: Path, start: float) -> dict[str, Any]:
+    """``eval=none``: a streaming state-dict merge of any model folders (Hugging Face ones included),
+    with the hyperparameters as given: nothing is evaluated, so no grid is searched."""
+    if name not in merging.METHODS and name != "pretrained":
+        raise ValueError(f"merge={name} chooses its hyperparameters on task data and cannot run with eval=none; "
+                         f"state-dict methods: {', '.join(merging.method_names())}")
+    method, hp = ("task_arithmetic", {"lam": 0.0}) if name == "pretrained" else (name, dict(hp))
+    if hp.pop("lam_grid", None) and hp.get("lam") is None:
+        log.info("eval=none: no λ search without evaluation; %s uses its default λ (set merge.lam to choose)", name)
+    hp = {k: v for k, v in hp.items() if not (k == "lam" and v is None)}
+    pre, models = _input_paths(cfg, run_dir)
+    path = merging.merge_to_file(method, pre, models, output, overwrite=bool(cfg.overwrite),
+                                 shard_size=cfg.get("shard_size"), **hp)
+    report = {"method": name, "evaluated": False, "pretrained": str(pre), "models": [str(m) for m in models],
+              "selected": hp, "output": str(output), "files": sorted(p.name for p in output.iterdir()) if output.is_dir() else [path.name],
+              "seconds": round(time.perf_counter() - start, 2)}
+    write_json(run_dir / "metrics.json", report)
+    log.info("merged %d models with %s %s into %s in %.1f s (not evaluated)", len(models), name, hp, output, report["seconds"])
+    print(f"mtl-merge: {name} {hp} -> {output} ({report['seconds']} s, not evaluated)")
     return report
 
 

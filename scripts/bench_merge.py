@@ -3,6 +3,7 @@
 
     python scripts/bench_merge.py            # full: ViT-B/32-shaped × 8 and Llama-shaped (134M) × 4
     python scripts/bench_merge.py --small    # seconds-long smoke version of the same runs
+    python scripts/bench_merge.py --llm --sizes 0.25 0.5   # bf16 Llama-shaped, vs mergekit (bench_merge_llm.py)
 
 ViT part: 8 fine-tuned copies of a random ViT-B/32-shaped float32 state dict (~88M parameters) plus the
 pretrained one, as safetensors files. Task arithmetic and TIES (global top-20%) are run (a) with
@@ -448,6 +449,13 @@ def markdown(results: dict) -> str:
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--llm" in argv:  # synthetic Llama-shaped bf16 models against mergekit: scripts/bench_merge_llm.py
+        sys.path.insert(0, str(HERE.parent))
+        from bench_merge_llm import main as llm_main
+
+        argv.remove("--llm")
+        return llm_main(argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="tiny shapes: a quick check that everything runs")
     ap.add_argument("--only", choices=["vit", "llama"], help="run one part")

@@ -107,3 +107,27 @@ def test_shard_size_needs_a_folder(llamas, tmp_path):
         merging.merge_to_file("ties", base, fts, tmp_path / "out.safetensors", shard_size="1MB")
     with pytest.raises(ValueError, match="shard_size must be"):
         merging.merge_to_file("ties", base, fts, tmp_path / "out", shard_size="lots")
+
+
+def test_mtl_merge_eval_none_merges_hf_folders(llamas, tmp_path):
+    from merging.job import run
+
+    base, fts = llamas
+    models = ",".join(map(str, fts))
+    common = ["eval=none", f"pretrained={base}", f"models=[{models}]"]
+    report = run([*common, "merge=ties", "merge.lam=0.8", "shard_size=40000", f"output={tmp_path / 'out'}"],
+                 run_dir=tmp_path / "run")
+    out = tmp_path / "out"
+    assert report["evaluated"] is False and report["selected"] == {"k": 20, "merge_func": "mean", "lam": 0.8}
+    assert (out / "model.safetensors.index.json").is_file() and (out / "config.json").is_file()
+    want = merging.merge("ties", base, fts, k=20, lam=0.8)
+    got = merging.load_state_dict(out)
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["output"] == str(out)
+    # mergekit's rules from the CLI; with no λ given the method's default is used (no grid without evaluation)
+    mk = run([*common, "merge=mergekit_ties", "merge.weight=[1.0,0.5]"], run_dir=tmp_path / "mk")
+    got = merging.load_state_dict(mk["output"])
+    want = merging.merge("ties", base, fts, convention="mergekit", density=0.2, weight=[1.0, 0.5])
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+    with pytest.raises(ValueError, match="merge=tall_masks chooses its hyperparameters on task data"):
+        run([*common, "merge=tall_masks"], run_dir=tmp_path / "tall")

@@ -1,0 +1,197 @@
+#!/usr/bin/env python
+"""LLM-scale merging: synthetic Llama-shaped bf16 models (base + T fine-tunes) as sharded Hugging Face
+folders, merged by mtlkit and by mergekit on the same files in the same run.
+
+    python scripts/bench_merge.py --llm --sizes 0.25 0.5 [--mergekit-path /tmp/mk/src:/tmp/mkdeps]
+
+Runs per size (each in its own subprocess; peak RSS = its VmHWM, import baseline included):
+  ours TIES       merge_to_file("ties", trim="per_tensor", k=20)        (the paper's rules, per tensor)
+  ours TIES/mk    merge_to_file("ties", convention="mergekit", density=0.2)
+  ours TA         merge_to_file("task_arithmetic", lam=0.3)
+  mergekit TIES / TA   mergekit's run_merge (dtype float32, out_dtype bfloat16), when importable
+  copy            every input byte read from page cache and copied once (the memory-bandwidth floor)
+Bandwidth = input bytes / wall time. Every run starts with the inputs in page cache (read once before).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+SIZES = {  # billions of parameters -> (hidden, intermediate, layers, vocab)
+    0.25: (1024, 2816, 16, 32000),
+    0.5: (1536, 4096, 16, 32000),
+    1.0: (2048, 5632, 16, 32000),
+}
+
+
+def llama_shapes(hidden, inter, layers, vocab):
+    s = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for n in ("q", "k", "v", "o"):
+            s[p + f"self_attn.{n}_proj.weight"] = (hidden, hidden)
+        s[p + "mlp.gate_proj.weight"] = s[p + "mlp.up_proj.weight"] = (inter, hidden)
+        s[p + "mlp.down_proj.weight"] = (hidden, inter)
+        s[p + "input_layernorm.weight"] = s[p + "post_attention_layernorm.weight"] = (hidden,)
+    s["model.norm.weight"] = (hidden,)
+    s["lm_head.weight"] = (vocab, hidden)
+    return s
+
+
+def generate(root: Path, size: float, T: int) -> list[Path]:
+    """base + T fine-tunes (base + 0.1·noise), written tensor by tensor as 1 GB shards."""
+    import torch
+
+    from merging.hf import write_sharded
+    from merging.sources import TensorInfo
+
+    hidden, inter, layers, vocab = SIZES[size]
+    shapes = llama_shapes(hidden, inter, layers, vocab)
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+           "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": hidden // 64,
+           "num_key_value_heads": hidden // 64, "vocab_size": vocab, "rms_norm_eps": 1e-5,
+           "max_position_embeddings": 2048, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+    specs = [(k, TensorInfo(s, torch.bfloat16)) for k, s in shapes.items()]
+    folders = []
+    for t in range(T + 1):
+        folder = root / ("base" if t == 0 else f"ft{t}")
+        folders.append(folder)
+        if (folder / "config.json").is_file():
+            continue
+        tmp = root / f".{folder.name}.tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+
+        def tensors():
+            for i, (k, s) in enumerate(shapes.items()):
+                base = torch.randn(s, generator=torch.Generator().manual_seed(i)) * 0.02
+                if t:
+                    base += torch.randn(s, generator=torch.Generator().manual_seed(1000 * t + i)) * 0.002
+                yield k, base.to(torch.bfloat16)
+
+        write_sharded(tmp, specs, tensors(), 1 << 30, {"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(cfg))
+        os.replace(tmp, folder)
+    return folders
+
+
+def vm_hwm_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def warm(paths) -> None:
+    for p in paths:
+        for f in Path(p).glob("*.safetensors"):
+            with open(f, "rb") as fh:
+                while fh.read(64 << 20):
+                    pass
+
+
+def _work(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    base, fts, out = spec["base"], spec["fts"], Path(spec["out"])
+    start = time.perf_counter()
+    if spec["kind"] == "copy":
+        import mmap
+        buf = None
+        for p in [base, *fts]:
+            for f in sorted(Path(p).glob("*.safetensors")):
+                with open(f, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                    src = torch.frombuffer(m, dtype=torch.uint8)
+                    if buf is None or buf.numel() < src.numel():
+                        buf = torch.empty(src.numel(), dtype=torch.uint8)
+                    buf[: src.numel()].copy_(src)
+                    del src
+    elif spec["tool"] == "mtlkit":
+        import merging
+
+        merging.merge_to_file(spec["method"], base, fts, out, overwrite=True, shard_size="1GB", **spec["hp"])
+    else:
+        from mergekit.config import MergeConfiguration
+        from mergekit.merge import MergeOptions, run_merge
+
+        cfg = {"merge_method": spec["method"], "base_model": base, "dtype": "float32", "out_dtype": "bfloat16",
+               "models": [{"model": base}] + [{"model": f, "parameters": spec["hp"]} for f in fts]}
+        run_merge(MergeConfiguration.model_validate(cfg), str(out),
+                  MergeOptions(copy_tokenizer=False, lazy_unpickle=True, low_cpu_memory=True, quiet=True))
+    return {"seconds": time.perf_counter() - start, "peak_rss_mb": vm_hwm_mb()}
+
+
+RUNS = [  # label, tool, method, hyperparameters
+    ("ours TIES (paper, per tensor)", "mtlkit", "ties", {"trim": "per_tensor", "k": 20, "lam": 1.0}),
+    ("ours TIES (convention=mergekit)", "mtlkit", "ties", {"convention": "mergekit", "density": 0.2}),
+    ("mergekit TIES", "mergekit", "ties", {"density": 0.2, "weight": 1.0}),
+    ("ours task arithmetic", "mtlkit", "task_arithmetic", {"lam": 0.3}),
+    ("ours TA (convention=mergekit)", "mtlkit", "task_arithmetic", {"convention": "mergekit", "weight": 0.3}),
+    ("mergekit task arithmetic", "mergekit", "task_arithmetic", {"weight": 0.3}),
+    ("memory copy of the inputs", "none", "copy", {}),
+]
+
+
+def run_one(spec: dict, mergekit_path: str | None) -> dict:
+    env = dict(os.environ)
+    if spec["tool"] == "mergekit":
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [mergekit_path, env.get("PYTHONPATH")]))
+    warm([spec["base"], *spec["fts"]])
+    proc = subprocess.run([sys.executable, str(HERE), "--worker", json.dumps(spec)], capture_output=True, text=True, env=env)
+    if proc.returncode:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=float, nargs="+", default=[0.25, 0.5], choices=sorted(SIZES))
+    ap.add_argument("--models", type=int, default=4, help="fine-tuned models (plus the base)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--keep", action="store_true", help="keep the generated models (reused by the next run)")
+    ap.add_argument("--mergekit-path", default=None, help="PYTHONPATH entries holding mergekit and its dependencies")
+    ap.add_argument("--only", nargs="*", default=None, help="run labels to run (substring match)")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(_work(json.loads(args.worker))))
+        return {}
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="bench_llm_"))
+    results = {"threads": args.threads, "models": args.models, "cpus": os.cpu_count(), "sizes": {}}
+    for size in args.sizes:
+        t0 = time.perf_counter()
+        folders = generate(root / f"llama_{size}", size, args.models)
+        inputs = sum(f.stat().st_size for p in folders for f in p.glob("*.safetensors"))
+        print(f"# {size}B: {inputs / 1e9:.2f} GB of inputs, generated in {time.perf_counter() - t0:.0f} s", flush=True)
+        rows = results["sizes"][str(size)] = {"input_bytes": inputs, "runs": {}}
+        for label, tool, method, hp in RUNS:
+            if args.only and not any(s in label for s in args.only):
+                continue
+            out = root / f"out_{size}_{tool}_{method}"
+            spec = {"tool": tool, "kind": "copy" if method == "copy" else "merge", "method": method, "hp": hp,
+                    "base": str(folders[0]), "fts": [str(f) for f in folders[1:]], "out": str(out),
+                    "threads": args.threads}
+            r = run_one(spec, args.mergekit_path)
+            if "seconds" in r:
+                r["read_gb_s"] = inputs / r["seconds"] / 1e9
+            rows["runs"][label] = r
+            print(f"{label:34s} " + ("  ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items())), flush=True)
+            subprocess.run(["rm", "-rf", str(out)])
+        if not args.keep:
+            subprocess.run(["rm", "-rf", str(root / f"llama_{size}")])
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
