@@ -1,0 +1,115 @@
+"""Pruning benchmark on a scenes multi-task model: pagcp, l1, l1_global and taylor at matched FLOPs
+reductions, each fine-tuned with the same short recipe; Δm%, params, FLOPs and CPU latency speed-up.
+
+    python scripts/bench_prune.py --out /tmp/bench_prune            # defaults below (CPU, ~40 min when shared)
+    python scripts/bench_prune.py --out /tmp/bp --smoke              # minutes: tiny model, one target
+
+Δm% is against the unpruned model after the *same* extra fine-tuning (a control run), so it isolates
+what pruning costs; the per-task metrics of every run are in <out>/bench_prune.json. Latency: median
+of repeated forward passes, fixed threads, measured in the same process for before and after.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mtl.evaluation import delta_m  # noqa: E402
+from mtl.io import load_model, read_json  # noqa: E402
+from pruning.report import plot_delta_m_vs_flops  # noqa: E402
+
+METHODS = ("pagcp", "l1", "l1_global", "taylor")
+
+
+def train(overrides: list[str], run_dir: Path) -> Path:
+    from mtl.train import run
+
+    if (run_dir / "metrics.json").exists():  # resume a partly done benchmark
+        return run_dir
+    return run(overrides, run_dir=run_dir)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--tasks", default="semseg,depth,normals,classification")
+    ap.add_argument("--backbone", default="resnet10t")
+    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--n-train", type=int, default=256)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--ft-epochs", type=int, default=1)
+    ap.add_argument("--targets", type=float, nargs="+", default=[0.4, 0.6])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--calib-batches", type=int, default=2)
+    ap.add_argument("--latency-batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args()
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    data = [f"data.size={args.size}", f"data.n_train={args.n_train}", "data.n_val=128", "data.n_test=256"]
+    common = ["experiment=scenes_hps", f"task=[{args.tasks}]", "logger=none", "viz.num_samples=0",
+              "log_weights_every=0", f"backbone={args.backbone}"] + data
+    if args.smoke:
+        common = ["experiment=scenes_hps", "debug=smoke", f"task=[{args.tasks}]", "logger=none", "viz.num_samples=0",
+                  "log_weights_every=0"]
+        args.targets = args.targets[:1]
+    t0 = time.perf_counter()
+    base = train(common + [f"trainer.max_epochs={args.epochs}"], out / "base") / "model"
+    ft = common + [f"trainer.max_epochs={args.ft_epochs}", "optim.lr=1e-3", "optim.warmup_ratio=0.0"]
+    control = train(ft + [f"init_from={base}"], out / "control_ft")
+    base_model = load_model(base)
+    tasks = base_model.tasks
+    base_test = read_json(base / "config.json")["meta"]["test"]
+    control_test = read_json(control / "metrics.json")["test"]
+    rows = []
+    for target in args.targets:
+        for method in args.methods:
+            name = f"{method}_{int(round(100 * target))}"
+            from pruning.job import run as prune_run
+
+            pdir = out / name
+            if not (pdir / "metrics.json").exists():
+                hp = [f"prune={method}", f"model={base}", f"prune.flops_target={target}",
+                      f"calib.batches={args.calib_batches}", f"eval.latency_batch={args.latency_batch}",
+                      f"eval.latency_threads={args.threads}", "eval.latency_repeats=20", "overwrite=true"]
+                if method == "pagcp":
+                    hp += ["prune.search_steps=2", "+prune.ratios=[0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9]"]
+                t = time.perf_counter()
+                prune_run(hp, run_dir=pdir)
+                print(f"[bench] {name}: pruned in {time.perf_counter() - t:.0f}s", flush=True)
+            rep = read_json(pdir / "metrics.json")
+            tuned = train(ft + [f"init_from={pdir / 'model'}"], out / f"{name}_ft")
+            tuned_test = read_json(tuned / "metrics.json")["test"]
+            rows.append({
+                "method": method, "target": target,
+                "flops_reduction": rep["flops"]["reduction"], "params_reduction": rep["params"]["reduction"],
+                "flops": rep["flops"]["after"], "params": rep["params"]["after"],
+                "latency_speedup": rep["latency_ms"]["speedup"], "latency_ms": rep["latency_ms"],
+                "delta_m_pruned": delta_m(rep["metrics"]["after"], base_test, tasks),
+                "delta_m_finetuned": delta_m(tuned_test, control_test, tasks),
+                "test_finetuned": tuned_test, "prune_seconds": rep["prune_seconds"],
+            })
+            print(f"[bench] {name}: FLOPs -{rows[-1]['flops_reduction']:.1%}, Δm pruned {rows[-1]['delta_m_pruned']:+.2f}, "
+                  f"fine-tuned {rows[-1]['delta_m_finetuned']:+.2f}, speed-up {rows[-1]['latency_speedup']:.2f}x", flush=True)
+            (out / "bench_prune.json").write_text(json.dumps({"args": vars(args) | {"out": str(out)}, "rows": rows,
+                                                             "base_test": base_test, "control_test": control_test,
+                                                             "base_flops": rep["flops"]["before"],
+                                                             "base_params": rep["params"]["before"]}, indent=2))
+    base_mflops = rows[0]["flops"] / (1 - rows[0]["flops_reduction"]) / 1e6
+    for key, title in (("delta_m_finetuned", "after fine-tuning"), ("delta_m_pruned", "right after pruning")):
+        pts = {m: [(base_mflops, 0.0)] + [(r["flops"] / 1e6, r[key]) for r in rows if r["method"] == m] for m in args.methods}
+        plot_delta_m_vs_flops(pts, out / f"delta_m_vs_flops_{key.split('_')[-1]}.png", title=f"Δm% vs FLOPs, {title}")
+    print(f"\n{'method':10} {'target':>6} {'FLOPs':>7} {'params':>7} {'Δm pruned':>10} {'Δm ft':>7} {'speed-up':>8}")
+    for r in rows:
+        print(f"{r['method']:10} {r['target']:6.0%} {-r['flops_reduction']:7.1%} {-r['params_reduction']:7.1%} "
+              f"{r['delta_m_pruned']:+10.2f} {r['delta_m_finetuned']:+7.2f} {r['latency_speedup']:7.2f}x")
+    print(f"total {time.perf_counter() - t0:.0f}s; results in {out / 'bench_prune.json'}")
+
+
+if __name__ == "__main__":
+    main()
