@@ -110,3 +110,29 @@ def test_search_cli_prints_the_choice_and_one_line_errors(tmp_path, capsys):
     assert "below the smallest reachable configuration (12 FLOPs" in capsys.readouterr().err
     assert search_main([str(path), "--budget", "50", "--preference", "A=0.7"]) == 1
     assert "sum to 0.7" in capsys.readouterr().err
+
+
+def test_width_table_of_a_model_predicts_mixed_configurations_exactly():
+    """The grid's per-task metrics and additive FLOPs equal a direct evaluation at a mixed configuration."""
+    import torch
+
+    from mtl.flops import count_flops
+    from mtl.models import create_model
+    from mtl.models.slimmable.table import build_width_table
+
+    torch.manual_seed(0)
+    model = create_model(["semseg", "depth"], backbone={"name": "slim_resnet", "stem": 4, "channels": [8, 8],
+                                                        "out_indices": [1, 2], "widths": [0.5, 1.0]},
+                         decoder={"name": "slimmable", "channels": 8, "widths": [0.5, 1.0]}, family="slimmable").eval()
+    batch = {"image": torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8),
+             "semseg": torch.randint(0, 5, (3, 16, 16)), "depth": torch.rand(3, 1, 16, 16) + 0.1}
+    t = build_width_table(model, [batch], progress=False)
+    cfg = {"encoder": 0.5, "decoders": {"semseg": 1.0, "depth": 0.5}}
+    model.set_config(cfg)
+    assert t.flops(cfg) == count_flops(model, batch["image"][:1])
+    preds = model(batch["image"])
+    for name, task in model.tasks.items():
+        for mname, metric in task.metrics().items():
+            metric.update(preds[name], batch[name])
+            assert t.expected(cfg)[name][mname] == pytest.approx(float(metric.compute()), rel=1e-6)
+    assert t.higher_is_better == {"semseg": True, "depth": False}
