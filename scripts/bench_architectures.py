@@ -34,6 +34,8 @@ FAMILIES: dict[str, list[str]] = {
     "hps": ["experiment=scenes_hps"],
     "moe": ["experiment=scenes_moe", "decoder.num_experts=8"],
     "task_moe_vit": ["experiment=scenes_task_moe_vit"],
+    # full-width quality in this comparison; width control, CI-KD and extraction speed: scripts/bench_slimmable.py
+    "slimmable": ["experiment=scenes_slimmable", f"task=[{','.join(TASKS)}]"],
 }
 
 
