@@ -82,21 +82,22 @@ def marks_failure(run_dir: str | os.PathLike) -> Iterator[None]:
         raise
 
 
-def run_job(cfg, job: Callable[[Any, Path], Any]) -> None:
+def run_job(cfg, job: Callable[[Any, Path], Any]) -> Any:
     """Body of every Hydra main: ``job(cfg, run_dir)`` with failure marking, one-line errors and the
-    ``run_dir:`` last line."""
+    ``run_dir:`` last line; returns what the job returns (a sweeper's objective)."""
     from hydra.core.hydra_config import HydraConfig
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         with marks_failure(run_dir):
-            job(cfg, run_dir)
+            result = job(cfg, run_dir)
     except Exception as e:
         if verbose():
             raise
         print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         sys.exit(1)
     finish(run_dir)
+    return result
 
 
 def cli_main(hydra_main: Callable[[], Any], *config_modules: str, argv: list[str] | None = None) -> None:
@@ -107,6 +108,12 @@ def cli_main(hydra_main: Callable[[], Any], *config_modules: str, argv: list[str
         argv[1:] = [a for a in argv[1:] if a not in _VERBOSE_FLAGS]
         os.environ["HYDRA_FULL_ERROR"] = "1"
     prepare()
+    from mtl.cli.plugins import check_plugins
+
+    missing = check_plugins(argv[1:])
+    if missing:
+        print(f"error: {missing}", file=sys.stderr, flush=True)
+        sys.exit(1)
     if not verbose():
         problem = check_group_choices(argv[1:], config_modules or ("mtl.configs",))
         if problem:

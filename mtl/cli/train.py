@@ -8,10 +8,12 @@ from mtl.cli.common import cli_main, run_job
 
 
 @hydra.main(version_base="1.3", config_path="pkg://mtl.configs", config_name="train")
-def _main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> float | None:
+    from mtl.sweep import objective
     from mtl.train import train
 
-    run_job(cfg, train)
+    # the value a sweeper (hparams_search=optuna) optimises; None without optimized_metric
+    return run_job(cfg, lambda c, run_dir: objective(c, train(c, run_dir)))
 
 
 def main() -> None:

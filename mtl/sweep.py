@@ -1,0 +1,35 @@
+"""What a sweep optimises: ``optimized_metric`` read from a finished run's metrics.
+
+``val/<task>/<metric>`` is a validation metric exactly as logged; ``delta_m`` is Δm% of the
+validation metrics against ``baselines.path`` (the single-task runs' metrics). Hydra's Optuna
+sweeper reads the value the training job returns.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+
+def logged_names(metrics: Mapping[str, Any], split: str = "val") -> list[str]:
+    return [f"{split}/{t}/{m}" for t, values in (metrics.get(split) or {}).items() for m in values]
+
+
+def objective(cfg, metrics: Mapping[str, Any]) -> float | None:
+    """The value of ``cfg.optimized_metric`` for this run (None when the config names none)."""
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    if name == "delta_m":
+        if not cfg.get("baselines", {}).get("path"):
+            raise ValueError("optimized_metric=delta_m needs baselines.path=<baselines.json> (single-task runs' metrics)")
+        from mtl.evaluation import delta_m, load_baselines
+        from mtl.train import build_tasks
+
+        tasks = {t.name: t for t in build_tasks(cfg, None)}
+        return float(delta_m(metrics["val"], load_baselines(cfg.baselines.path), tasks,
+                             variant=cfg.baselines.get("variant", "primary")))
+    parts = str(name).split("/")
+    if len(parts) == 3 and parts[0] == "val":
+        value = (metrics.get("val") or {}).get(parts[1], {}).get(parts[2])
+        if value is not None:
+            return float(value)
+    raise KeyError(f"optimized_metric={name!r} is not logged; logged: {', '.join(logged_names(metrics)) or '(none)'}, or delta_m")

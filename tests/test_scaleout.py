@@ -1,0 +1,108 @@
+"""Sweeps (Optuna), launchers (joblib, submitit) and their bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from mtl.cli import plugins
+from mtl.cli.common import compose_in_process
+from mtl.sweep import objective
+
+METRICS = {"val": {"depth": {"rmse": 2.5, "abs_rel": 0.4}, "semseg": {"miou": 0.3}}}
+
+
+def cli(*args, cwd):
+    env = dict(os.environ, MTL_OUTPUT_DIR=str(Path(cwd) / "outputs"))
+    return subprocess.run([sys.executable, "-m", "mtl.cli.train", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_objective_reads_the_named_validation_metric():
+    assert objective(OmegaConf.create({"optimized_metric": "val/depth/rmse"}), METRICS) == 2.5
+    assert objective(OmegaConf.create({}), METRICS) is None
+    with pytest.raises(KeyError, match=r"'val/depth/mae' is not logged; logged: val/depth/rmse, val/depth/abs_rel, "
+                                       r"val/semseg/miou, or delta_m"):
+        objective(OmegaConf.create({"optimized_metric": "val/depth/mae"}), METRICS)
+    with pytest.raises(ValueError, match="needs baselines.path"):
+        objective(OmegaConf.create({"optimized_metric": "delta_m", "baselines": {"path": None}}), METRICS)
+
+
+def test_objective_delta_m_against_baselines(tmp_path):
+    base = tmp_path / "b.json"
+    base.write_text(json.dumps({"depth": {"rmse": 2.0, "abs_rel": 0.4}, "semseg": {"miou": 0.6, "pixel_acc": 0.9}}))
+    cfg, _ = compose_in_process("mtl.configs", "train", ["experiment=scenes_hps", "task=[depth,semseg]",
+                                                         "optimized_metric=delta_m", f"baselines.path={base}"])
+    # primary metrics: depth rmse 2.5 vs 2.0 (lower is better): -25 %; semseg miou 0.3 vs 0.6: -50 %
+    assert objective(cfg, METRICS) == pytest.approx((-25.0 - 50.0) / 2)
+
+
+def test_sweep_and_launcher_configs_compose():
+    cfg, _ = compose_in_process("mtl.configs", "train", ["hparams_search=optuna"])
+    assert cfg.optimized_metric == "val/semseg/miou" and cfg.balancer.name == "dwa"
+
+
+def test_missing_plugin_names_the_extra(monkeypatch):
+    monkeypatch.setattr(plugins, "_installed", lambda module: False)
+    assert plugins.check_plugins(["task=depth", "launcher=joblib"]) == \
+        "launcher=joblib needs the Hydra plugin hydra-joblib-launcher: pip install 'mtlkit[launchers]'"
+    assert "pip install 'mtlkit[sweeps]'" in plugins.check_plugins(["hparams_search=optuna"])
+    assert "pip install 'mtlkit[ray]'" in plugins.check_plugins(["hydra/launcher=ray"])
+    assert plugins.check_plugins(["task=depth"]) is None
+
+
+def test_cli_reports_a_missing_plugin_in_one_line(tmp_path):
+    if plugins._installed("hydra_plugins.hydra_ray_launcher"):
+        pytest.skip("the ray launcher is installed here")
+    proc = cli("-m", "launcher=ray", "task=depth", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == \
+        "error: launcher=ray needs the Hydra plugin hydra-ray-launcher: pip install 'mtlkit[ray]'"
+
+
+SMOKE = ["experiment=scenes_hps", "debug=smoke", "logger=none", "viz.num_samples=0"]
+
+
+def _sweep_dir(tmp_path):
+    (d,) = (tmp_path / "outputs" / "scenes_hps" / "multiruns").iterdir()
+    return d
+
+
+@pytest.mark.slow
+def test_optuna_sweep_reports_the_best_trial(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    proc = cli("-m", "hparams_search=optuna", *SMOKE, "task=[depth]", "optimized_metric=val/depth/rmse",
+               "hydra.sweeper.direction=minimize", "hydra.sweeper.n_trials=3", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = _sweep_dir(tmp_path)
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    trials = [json.loads((sweep / str(i) / "metrics.json").read_text())["val"]["depth"]["rmse"] for i in range(3)]
+    assert best["best_value"] == pytest.approx(min(trials))
+    assert set(best["best_params"]) == {"optim.lr", "balancer.temperature"}
+
+
+@pytest.mark.slow
+def test_optuna_sweep_with_an_unlogged_metric_fails_naming_the_logged_ones(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    proc = cli("-m", "hparams_search=optuna", *SMOKE, "task=[depth]", "optimized_metric=val/depth/miou",
+               "hydra.sweeper.n_trials=1", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "'val/depth/miou' is not logged; logged: val/depth/rmse, val/depth/abs_rel" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+def test_launcher_runs_a_multirun(tmp_path, launcher):
+    module = plugins.PLUGINS[f"launcher={launcher}"][0]
+    pytest.importorskip(module)
+    proc = cli("-m", f"launcher={launcher}", *SMOKE, "task=depth,semseg", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = _sweep_dir(tmp_path)
+    for i, task in enumerate(["depth", "semseg"]):
+        assert set(json.loads((sweep / str(i) / "metrics.json").read_text())["test"]) == {task}
+    if launcher == "submitit_local":
+        assert list((sweep / ".submitit").glob("*/*_log.out"))  # submitit's own per-job logs
