@@ -13,7 +13,7 @@
 #
 # A tiny real pool: a base trained on scenes classification, then fine-tuned separately on
 # regression and semantic segmentation. Each merge method turns the fine-tunes into one model;
-# `merging.job.run` is `mtl-merge` in-process (λ picked on validation, scored on test).
+# `merging.job.run` is `mtl-merge` in-process (λ picked on validation from `merge.lam_grid`, scored on test).
 
 # %%
 from pathlib import Path
@@ -35,9 +35,9 @@ print("fine-tuned:", dict(zip(pool.task_names, pool.member_paths)))
 # %%
 METHODS = {
     "average": [],
-    "task_arithmetic": ["merge.lam=[0.3,0.6,1.0]"],
-    "ties": ["merge.lam=[0.6,1.0]"],
-    "tall_masks": ["merge.lam=[0.3,0.5]"],
+    "task_arithmetic": ["merge.lam_grid=[0.3,0.6,1.0]"],
+    "ties": ["merge.lam_grid=[0.6,1.0]"],
+    "tall_masks": ["merge.lam_grid=[0.3,0.5]"],
 }
 models = ",".join(str(p) for p in pool.member_paths)
 reports = {}
