@@ -159,6 +159,18 @@ def test_normals_cosine_loss():
     assert create_task("normals").loss(pred, target).item() == pytest.approx(0.5)
 
 
+def test_normals_loss_gradient_ignores_invalid_pixels_and_survives_zero_vectors():
+    pred = torch.tensor([[0.0, 0, 0], [0, 3.0, 0], [0, 0, 1.0]]).T.reshape(1, 3, 1, 3).requires_grad_(True)
+    target = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 0, 0]]).T.reshape(1, 3, 1, 3)
+    loss = create_task("normals").loss(pred, target)
+    loss.backward()
+    # a zero prediction normalises to zero (cos 0, loss 1) with a finite gradient, like F.normalize
+    assert loss.item() == pytest.approx(1.0) and torch.isfinite(pred.grad).all()
+    assert torch.all(pred.grad[..., 2] == 0)  # the invalid pixel gets no gradient
+    # d/dp (1 - p_x/|p|) / 2 at p = (0, 3, 0): -(1/|p|)(e_x - p_x p/|p|^2) / 2 = (-1/6, 0, 0)
+    assert pred.grad[0, :, 0, 1].tolist() == pytest.approx([-1 / 6, 0.0, 0.0])
+
+
 def test_edges_class_balanced_weights_and_loss():
     from mtl.tasks.dense import EdgesTask
 
