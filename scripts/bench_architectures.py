@@ -55,6 +55,7 @@ def parse_args():
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--no-baselines", action="store_true", help="Δm vs the hps multi-task run, no single-task runs")
     p.add_argument("--skip-quality", action="store_true")
+    p.add_argument("--skip-timing", action="store_true", help="no dispatch and latency phases")
     p.add_argument("--force", action="store_true", help="retrain runs that already finished")
     p.add_argument("--dispatch-experts", type=int, default=16)
     p.add_argument("--dispatch-top-k", type=int, default=4)
@@ -293,8 +294,9 @@ def main() -> None:
     report: dict = {"args": vars(args), "threads": torch.get_num_threads()}
     if not args.skip_quality:
         report["quality"] = quality(args, out, families)
-    report["dispatch"] = dispatch(args)
-    report["latency"] = latency(args)
+    if not args.skip_timing:
+        report["dispatch"] = dispatch(args)
+        report["latency"] = latency(args)
     write_json(out / "results.json", report)
     text = markdown(report)
     (out / "architectures.md").write_text(text + "\n")
