@@ -1,4 +1,4 @@
-"""Task-routed MoE ViT (M3ViT, Liang et al., NeurIPS 2022): a small ViT whose every ``moe.every``-th
+"""Task-routed MoE ViT (M3ViT, Liang et al., NeurIPS 2022): a small ViT whose every ``decoder.every``-th
 block (by default every second) replaces its MLP with E experts and top-k routing conditioned on the
 task, either by one gate per task or by one gate that sees a learned task embedding.
 
@@ -31,7 +31,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 GATES = ("per_task", "task_embedding")
 VIT_DEFAULTS = {"img_size": 64, "patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3, "mlp_ratio": 4.0}
-MOE_DEFAULTS = {"num_experts": 16, "top_k": 4, "expert_hidden": None, "every": 2, "gate": "per_task",
+MOE_DEFAULTS = {"channels": None, "num_experts": 16, "top_k": 4, "expert_hidden": None, "every": 2, "gate": "per_task",
                 "renormalize": True, "noisy": True, "balance_weight": 0.01, "mi_weight": 0.0, "experts_kept": None}
 
 
@@ -92,11 +92,13 @@ class Block(nn.Module):
 
 @MODELS.register("task_moe_vit")
 class TaskMoEViT(nn.Module):
-    """``TaskMoEViT(tasks, backbone={...ViT sizes...}, moe={...})``; see VIT_DEFAULTS / MOE_DEFAULTS."""
+    """``TaskMoEViT(tasks, backbone={...ViT sizes...}, decoder={...MoE and head settings...})``; keys and
+    defaults: VIT_DEFAULTS, MOE_DEFAULTS (a null value means the default). ``decoder.channels``: the task
+    heads' width (a 1x1 projection from embed_dim; null: embed_dim)."""
 
     shared_representation = False
 
-    def __init__(self, tasks: Sequence[Task], backbone: dict[str, Any] | None = None, moe: dict[str, Any] | None = None,
+    def __init__(self, tasks: Sequence[Task], backbone: dict[str, Any] | None = None, decoder: dict[str, Any] | None = None,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
         super().__init__()
         if not tasks:
@@ -106,7 +108,8 @@ class TaskMoEViT(nn.Module):
             raise ValueError(f"task names must be unique, got {[t.name for t in tasks]}")
         self._vit = _merge_known(VIT_DEFAULTS, backbone, "backbone")
         self._vit.pop("name", None)
-        self._moe = _merge_known(MOE_DEFAULTS, moe, "moe")
+        self._moe = _merge_known(MOE_DEFAULTS, decoder, "decoder")
+        self._moe.pop("name", None)
         v, m = self._vit, self._moe
         dim, depth, heads, every = int(v["embed_dim"]), int(v["depth"]), int(v["num_heads"]), int(m["every"])
         if dim % heads:
@@ -114,21 +117,21 @@ class TaskMoEViT(nn.Module):
         if int(v["img_size"]) % int(v["patch_size"]):
             raise ValueError(f"backbone.img_size={v['img_size']} is not divisible by backbone.patch_size={v['patch_size']}")
         if every < 1:
-            raise ValueError(f"moe.every must be >= 1, got {every}")
+            raise ValueError(f"decoder.every must be >= 1, got {every}")
         if m["gate"] not in GATES:
-            raise ValueError(f"moe.gate must be one of {GATES}, got {m['gate']!r}")
+            raise ValueError(f"decoder.gate must be one of {GATES}, got {m['gate']!r}")
         n_exp, mlp_hidden = int(m["num_experts"]), int(dim * float(v["mlp_ratio"]))
         check_top_k(int(m["top_k"]), n_exp)
         expert_hidden = m["expert_hidden"]
         if expert_hidden is None:  # the dense MLP split into E experts: same parameters, k/E of its FLOPs
             if mlp_hidden % n_exp:
-                raise ValueError(f"moe.num_experts={n_exp} does not divide the MLP hidden size {mlp_hidden} "
-                                 "(embed_dim x mlp_ratio); change num_experts or set moe.expert_hidden")
+                raise ValueError(f"decoder.num_experts={n_exp} does not divide the MLP hidden size {mlp_hidden} "
+                                 "(embed_dim x mlp_ratio); change num_experts or set decoder.expert_hidden")
             expert_hidden = mlp_hidden // n_exp
         self.moe_layers = [i for i in range(depth) if i % every == every - 1]
         kept = m["experts_kept"] or [None] * len(self.moe_layers)
         if len(kept) != len(self.moe_layers):
-            raise ValueError(f"moe.experts_kept has {len(kept)} entries, the model has {len(self.moe_layers)} MoE layers")
+            raise ValueError(f"decoder.experts_kept has {len(kept)} entries, the model has {len(self.moe_layers)} MoE layers")
         grid = int(v["img_size"]) // int(v["patch_size"])
         self.patch_embed = nn.Conv2d(3, dim, int(v["patch_size"]), stride=int(v["patch_size"]))
         self.pos_embed = nn.Parameter(torch.randn(1, dim, grid, grid) * 0.02)
@@ -140,7 +143,8 @@ class TaskMoEViT(nn.Module):
                   if i in self.moe_layers else None)
             for i in range(depth))
         self.norm = nn.LayerNorm(dim)
-        self.task_heads = nn.ModuleDict({t.name: create_head(t, dim) for t in tasks})
+        channels = int(m["channels"] or dim)
+        self.task_heads = nn.ModuleDict({t.name: TaskHead(t, dim, channels) for t in tasks})
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.record_usage = False
@@ -150,13 +154,14 @@ class TaskMoEViT(nn.Module):
     @property
     def config(self) -> dict[str, Any]:
         return {"family": "task_moe_vit", "tasks": [t.to_config() for t in self.tasks.values()],
-                "backbone": copy.deepcopy(self._vit), "moe": copy.deepcopy(self._moe),
+                "backbone": {"name": "task_moe_vit", **copy.deepcopy(self._vit)},
+                "decoder": {"name": "task_moe_vit", **copy.deepcopy(self._moe)},
                 "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> "TaskMoEViT":
         tasks = [create_task(**dict(t)) for t in cfg["tasks"]]
-        return cls(tasks, cfg.get("backbone"), cfg.get("moe"), cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
+        return cls(tasks, cfg.get("backbone"), cfg.get("decoder"), cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
 
     # --- forward ----------------------------------------------------------------------------
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -210,9 +215,10 @@ class TaskMoEViT(nn.Module):
 
     def aux_loss(self) -> dict[str, torch.Tensor]:
         """Per task: balance_weight × Σ_layers cv²(importance) + cv²(load), minus mi_weight × the
-        task–expert mutual information shared equally by the tasks of the last forward."""
+        task–expert mutual information shared equally by the tasks of the last forward (training
+        mode only; empty otherwise)."""
         layers = [m.stats for m in self.moe_modules() if m.stats]
-        if not layers or not torch.is_grad_enabled():
+        if not layers or not self.training:
             return {}
         bw, mw = float(self._moe["balance_weight"]), float(self._moe["mi_weight"])
         tasks = list(layers[0])
@@ -252,9 +258,23 @@ class TaskMoEViT(nn.Module):
         return extract_task(self, task, calib, min_share)
 
 
+class TaskHead(nn.Module):
+    """A 1x1 projection to the head width, then the task's head (as in decoder=hps)."""
+
+    def __init__(self, task: Task, dim: int, channels: int):
+        super().__init__()
+        self.proj = nn.Conv2d(dim, channels, 1) if channels != dim else nn.Identity()
+        self.head = create_head(task, channels)
+
+    def forward(self, z: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+        return self.head(self.proj(z), out_size)
+
+
 def _merge_known(defaults: dict[str, Any], given: dict[str, Any] | None, where: str) -> dict[str, Any]:
-    given = dict(given or {})
+    given = {k: v for k, v in dict(given or {}).items() if v is not None}
     unknown = sorted(set(given) - set(defaults) - {"name"})
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {unknown}; known: {', '.join(defaults)}")
+    if given.get("name") not in (None, "task_moe_vit"):
+        raise ValueError(f"{where}.name must be 'task_moe_vit' for family task_moe_vit, got {given['name']!r}")
     return {**defaults, **given}
