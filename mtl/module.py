@@ -163,7 +163,10 @@ class MultiTaskModule(L.LightningModule):
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def on_fit_start(self) -> None:
+        from mtl.distributed import check_strategy
+
         check_precision(self.balancer, self.trainer.precision_plugin)
+        check_strategy(self.balancer, self.trainer.strategy)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.monitor:
