@@ -67,3 +67,23 @@ class ProbeThenFinetune(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         for p in pl_module.model.parameters():
             p.requires_grad_(True)
+
+
+class ModelCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint``, resumable into a new run folder.
+
+    ``mtl-train ckpt_path=<old run>/checkpoints/last.ckpt`` writes into a new run folder; Lightning
+    would then forget the best score so far (its checkpoint folder changed) and call the first
+    resumed epoch the best, so a resumed run could test another checkpoint than an uninterrupted
+    one. Here the record is kept (the old best stays where it is, in the old run folder), and
+    files outside this run's checkpoint folder are never deleted.
+    """
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict({**state_dict, "dirpath": self.dirpath})
+
+    def _remove_checkpoint(self, trainer, filepath: str) -> None:
+        from pathlib import Path
+
+        if self.dirpath and Path(filepath).resolve().parent == Path(self.dirpath).resolve():
+            super()._remove_checkpoint(trainer, filepath)

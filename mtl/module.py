@@ -12,6 +12,34 @@ from mtl.balancers import Balancer, BalancerMonitor, StepContext, check_finite, 
 from mtl.models import MultiTaskModel, create_model
 
 
+def rng_states() -> dict[str, Any]:
+    """Every random generator training draws from (torch CPU/CUDA, numpy, random) as plain data:
+    Lightning's checkpoints do not store them, and the train loader's shuffle draws its seed from torch."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "python": random.getstate()}
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    if states.get("cuda") and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, state, gauss_next = states["python"]
+    random.setstate((version, tuple(state), gauss_next))
+
+
 def cosine_with_warmup(total_steps: int, warmup_steps: int, min_ratio: float = 0.0):
     def factor(step: int) -> float:
         if warmup_steps > 0 and step < warmup_steps:
@@ -171,10 +199,14 @@ class MultiTaskModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.monitor:
             checkpoint["balancer_monitor"] = self.monitor.state_dict()
+        checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.monitor and "balancer_monitor" in checkpoint:
             self.monitor.load_state_dict(checkpoint["balancer_monitor"])
+        if "rng_states" in checkpoint:
+            # the next epoch's shuffle (and rlw/pcgrad draws, dropout) continue exactly as without the stop
+            set_rng_states(checkpoint["rng_states"])
 
     # --- evaluation -------------------------------------------------------------------------
     def _eval_step(self, batch, metrics: nn.ModuleDict, stage: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import pickle
 import time
 from pathlib import Path
 from typing import Any
@@ -133,10 +134,16 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
 def _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, baselines, variant) -> dict[str, Any]:
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    # checkpoints hold tensors and plain data only (no pickled objects): never unpickle more
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = next((ln.strip().split(". Please")[0] + "." for ln in str(e).splitlines() if "Unsupported global" in ln), "")
+        raise ValueError(f"ckpt_path {cfg.get('ckpt_path')}: refused, it needs unpickling beyond tensors and plain "
+                         f"data (torch.load weights_only=True). {why}") from e
     fit_seconds = time.perf_counter() - start
     ckpt = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
-    trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
+    trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False, weights_only=True)
 
     metrics: dict[str, Any] = {
         "test": module.results.get("test", {}),

@@ -47,6 +47,25 @@ def test_error_after_composition_is_one_line_and_marks_the_run_failed(monkeypatc
     assert not (runs[0] / "metrics.json").exists()
 
 
+class _Evil:
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def test_a_checkpoint_that_needs_unpickling_is_refused(monkeypatch, tmp_path, capfd):
+    import torch
+
+    ckpt = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "x": _Evil()}, ckpt)
+    code, runs = run_main(monkeypatch, tmp_path, f"ckpt_path={ckpt}")
+    err = capfd.readouterr()
+    assert code == 1 and "unpickled!" not in err.out + err.err
+    line = [ln for ln in err.err.splitlines() if ln.startswith("error: ")]
+    assert line == [f"error: ckpt_path {ckpt}: refused, it needs unpickling beyond tensors and plain data "
+                    "(torch.load weights_only=True). WeightsUnpickler error: Unsupported global: GLOBAL "
+                    "print was not an allowed global by default."], err.err
+
+
 def test_unknown_group_choice_lists_valid_names(monkeypatch, tmp_path, capfd):
     code, runs = run_main(monkeypatch, tmp_path, "task=[semseg,bogus]")
     err = capfd.readouterr().err.strip()

@@ -1,0 +1,59 @@
+"""A run stopped after an epoch and resumed from last.ckpt ends bit-identical to an uninterrupted one."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mtl.train import run
+
+BASE = ["experiment=scenes_hps", "debug=smoke", "viz.num_samples=0", "~callbacks.progress_bar",
+        "+trainer.enable_progress_bar=false", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+        "task=[depth,classification]", "log_weights_every=0", "trainer.limit_train_batches=2"]
+
+
+def losses(run_dir: Path) -> dict[int, str]:
+    rows = csv.DictReader((run_dir / "csv" / "metrics.csv").open())
+    return {int(r["step"]): r["train/loss"] for r in rows if r.get("train/loss")}
+
+
+def check_identical(a: Path, first: Path, resumed: Path, steps: int) -> None:
+    la, lb = losses(a), {**losses(first), **losses(resumed)}
+    assert sorted(la) == list(range(steps)) and sorted(lb) == list(range(steps))
+    assert la == lb  # every step's loss, to the last printed digit
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, resumed))
+    assert ma["test"] == mb["test"] and ma["val"] == mb["val"] and ma["global_steps"] == mb["global_steps"] == steps
+
+
+def test_resume_after_a_stop_is_bit_identical(tmp_path):
+    # the stop raises at the start of epoch 2; on disk that is what a kill there leaves
+    # (the last epoch-end checkpoint), so the resume path is the same one a SIGKILL takes
+    common = BASE + ["balancer=rlw", "trainer.max_epochs=3"]  # rlw draws random weights every step
+    a = run(common, run_dir=tmp_path / "a")
+    with pytest.raises(InterruptedError):
+        run(common + ["+callbacks.stop._target_=kill_callback.InterruptAtEpoch", "+callbacks.stop.epoch=2"],
+            run_dir=tmp_path / "b1")
+    b2 = run(common + [f"ckpt_path={tmp_path / 'b1' / 'checkpoints' / 'last.ckpt'}"], run_dir=tmp_path / "b2")
+    check_identical(a, tmp_path / "b1", b2, steps=6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("balancer", ["ew", "dwa"])
+def test_resume_after_sigkill_is_bit_identical(tmp_path, balancer):
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent), MTL_OUTPUT_DIR=str(tmp_path / "out"))
+
+    def cli(name, *extra):
+        return subprocess.run([sys.executable, "-m", "mtl.cli.train", *BASE, f"balancer={balancer}",
+                               "trainer.max_epochs=4", f"hydra.run.dir={tmp_path / name}", *extra],
+                              env=env, capture_output=True, text=True, timeout=900)
+
+    assert cli("a").returncode == 0
+    killed = cli("b1", "+callbacks.kill._target_=kill_callback.KillAtEpoch", "+callbacks.kill.epoch=2")
+    assert killed.returncode == -9  # SIGKILL: no cleanup, no end-of-fit hooks
+    assert not (tmp_path / "b1" / "metrics.json").exists()
+    resumed = cli("b2", f"ckpt_path={tmp_path / 'b1' / 'checkpoints' / 'last.ckpt'}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    check_identical(tmp_path / "a", tmp_path / "b1", tmp_path / "b2", steps=8)
