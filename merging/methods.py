@@ -1,6 +1,6 @@
 """Training-free merge methods, each written per tensor so one code path serves memory and streaming.
 
-θ0 is the pretrained model, θ_t the fine-tuned ones, τ_t = θ_t − θ0 their task vectors (DESIGN §4).
+θ0 is the pretrained model, θ_t the fine-tuned ones, τ_t = θ_t − θ0 their task vectors (docs/merging.md).
 
 - average:          θ = mean_t θ_t
 - task_arithmetic:  θ = θ0 + λ Σ_t τ_t                                           (λ = 0.3; or one λ_t per task)

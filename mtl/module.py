@@ -81,7 +81,7 @@ class MultiTaskModule(L.LightningModule):
         )
         bal = dict(balancer)
         self.balancer: Balancer = create_balancer(bal.pop("name"), list(self.tasks), **bal)
-        # --- balancer monitoring (issue 3): weights + gradient cosines every N steps, PNG at the end
+        # balancer monitoring: weights + gradient cosines every N steps, PNG at the end
         self.monitor = BalancerMonitor(every=log_weights_every) if log_weights_every else None
         self.val_metrics = nn.ModuleDict({n: nn.ModuleDict(t.metrics()) for n, t in self.tasks.items()})
         self.test_metrics = nn.ModuleDict({n: nn.ModuleDict(t.metrics()) for n, t in self.tasks.items()})
@@ -124,7 +124,7 @@ class MultiTaskModule(L.LightningModule):
         if self.strategy is not None:
             self.strategy.before_forward(self, batch)
         z, losses = self._forward_losses(batch)
-        # --- balancer wiring (issue 3): non-finite check, recompute closure, monitor -----------
+        # --- balancer wiring: non-finite check, recompute closure, monitor ---------------------
         if not check_finite(losses, self.balancer.skip_nonfinite, self.global_step):
             return None  # skipped (skip_nonfinite=true; logged): no backward, no optimiser step
 
@@ -176,7 +176,7 @@ class MultiTaskModule(L.LightningModule):
                 logger.log_metrics(monitor_logs, step=ctx.step)
         return total
 
-    # --- balancer monitor: plot in the run folder, history in checkpoints (issue 3) --------------
+    # --- balancer monitor: plot in the run folder, history in checkpoints ------------------------
     def on_train_end(self) -> None:
         if self.monitor and self.trainer.is_global_zero:
             from pathlib import Path

@@ -18,7 +18,7 @@ def test_ddp_replicas_stay_identical(tmp_path):
     proc = subprocess.run([sys.executable, str(HERE / "ddp_worker.py"), str(tmp_path)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert int(r0["steps"]) == 6
     assert not torch.equal(r0["first_losses"], r1["first_losses"])  # the ranks saw different batches
     for key in METHODS:
@@ -43,7 +43,7 @@ def test_ddp_through_the_real_cli(name, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mtl.cli.train", *args], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    r0, r1 = (torch.load(tmp_path / "digest" / f"rank{r}.pt") for r in (0, 1))
+    r0, r1 = (torch.load(tmp_path / "digest" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert int(r0["steps"]) > 0
     for key in r0:
         assert torch.equal(r0[key], r1[key]), f"{name}: {key} diverged across replicas"

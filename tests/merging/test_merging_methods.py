@@ -1,4 +1,4 @@
-"""Each merge method against hand-computed cases and the properties DESIGN §4 states."""
+"""Each merge method against hand-computed cases and its defining properties (docs/merging.md)."""
 import pytest
 import torch
 
