@@ -88,6 +88,7 @@ def test_one_line_takes_the_first_line_and_names_bare_key_errors():
     assert one_line(RuntimeError()) == "RuntimeError"
 
 
+@pytest.mark.slow
 def test_verbose_switch_shows_the_traceback(tmp_path):
     env = dict(os.environ, MTL_OUTPUT_DIR=str(tmp_path / "outputs"))
     env.pop("HYDRA_FULL_ERROR", None)

@@ -39,14 +39,18 @@ def test_smoke_run_writes_a_complete_run_folder(smoke_run):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics["test"]) == {"semseg", "depth", "normals", "edges", "classification", "regression"}
     assert "miou" in metrics["test"]["semseg"] and "rmse" in metrics["test"]["depth"]
-    assert list((run_dir / "checkpoints").glob("*.ckpt"))
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "predictions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert metrics["global_steps"] == 3  # debug=smoke: one epoch of limit_train_batches=3
+    assert 0.0 <= metrics["test"]["semseg"]["miou"] <= 1.0 and metrics["test"]["depth"]["rmse"] > 0
 
 
 def test_model_folder_from_cli_reloads(smoke_run):
     _, run_dir = smoke_run
     model = mtl.load_model(run_dir / "model")
     assert set(model.tasks) == {"semseg", "depth", "normals", "edges", "classification", "regression"}
-    assert model.meta["test"]["depth"]["rmse"] > 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert model.meta["test"] == metrics["test"]  # the folder records the metrics of its own run
 
 
 def test_resume_from_checkpoint_continues_training(smoke_run):
@@ -69,7 +73,12 @@ def test_single_task_baselines_then_delta_m(tmp_path):
                f"baselines.path={baselines}", cwd=tmp_path)
     metrics = json.loads((run_dir_of(proc) / "metrics.json").read_text())
     assert metrics["delta_m"]["variant"] == "primary"
-    assert isinstance(metrics["delta_m"]["value"], float)
+    # Δm = 100/T Σ (−1)^l (M − M_b) / M_b over the primary metrics: rmse (lower better), accuracy (higher)
+    m, b = metrics["test"], stored
+    expected = 100 / 2 * (-(m["depth"]["rmse"] - b["depth"]["rmse"]) / b["depth"]["rmse"]
+                          + (m["classification"]["accuracy"] - b["classification"]["accuracy"])
+                          / b["classification"]["accuracy"])
+    assert metrics["delta_m"]["value"] == pytest.approx(expected, rel=1e-9, abs=1e-9)
 
 
 def test_baselines_missing_a_task_is_an_error(tmp_path):

@@ -46,6 +46,7 @@ def test_in_process_run_folders_honour_MTL_OUTPUT_DIR_and_never_collide(tmp_path
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.slow
 def test_plot_only_where_weights_vary(tmp_path):
     ew = run(FAST + ["task=[depth,classification]", "log_weights_every=1"], run_dir=tmp_path / "ew")
     assert not (ew / "balancer_weights.png").exists()

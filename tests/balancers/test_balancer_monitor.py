@@ -10,6 +10,12 @@ def test_cosines_and_weights_every_n_steps(tmp_path):
     torch.manual_seed(0)
     model, balancer, monitor = Toy(tasks=("a", "b", "c")), create_balancer("dwa", ["a", "b", "c"], window=1), BalancerMonitor(every=2)
     x, y = toy_batch(tasks=("a", "b", "c"))
+    # step 0's cosines by hand: each task's gradient over the shared parameters, normalised
+    ctx0 = toy_ctx(model, x, y)
+    shared = list(model.shared.parameters())
+    g = {t: torch.cat([d.reshape(-1) for d in torch.autograd.grad(ctx0.losses[t], shared, retain_graph=True)])
+         for t in ("a", "b", "c")}
+    expected_cos = {f"{p}-{q}": float(g[p] @ g[q] / (g[p].norm() * g[q].norm())) for p, q in (("a", "b"), ("a", "c"), ("b", "c"))}
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     logged = []
     for step in range(5):
@@ -25,7 +31,8 @@ def test_cosines_and_weights_every_n_steps(tmp_path):
     keys = set(logged[0])
     assert {"balancer/weight/a", "balancer/weight/b", "balancer/weight/c"} <= keys
     assert {"balancer/cos/a-b", "balancer/cos/a-c", "balancer/cos/b-c"} <= keys
-    assert all(-1.0 - 1e-6 <= v <= 1.0 + 1e-6 for k, v in logged[0].items() if "/cos/" in k)
+    for pair, cos in expected_cos.items():
+        assert logged[0][f"balancer/cos/{pair}"] == pytest.approx(cos, abs=1e-5), pair
     assert logged[4]["balancer/weight/a"] == pytest.approx(balancer.weights()["a"])
     assert [h["step"] for h in monitor.history] == [0, 2, 4]
     png = monitor.save_plot(tmp_path / "run" / "balancer_weights.png")

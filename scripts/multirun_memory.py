@@ -1,0 +1,69 @@
+"""Resident memory of a process that runs several `mtl-train` jobs one after another, as a Hydra `-m`
+multirun does, and what each job leaves alive.
+
+    python scripts/multirun_memory.py --jobs 6 [--smoke]
+
+Prints, after every job: RSS (MB) and the number of live trainers, modules, data modules and
+models. A job that releases everything leaves the counts at 0 and the RSS flat after the first jobs.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def rss_mb() -> float:
+    with open(f"/proc/{os.getpid()}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def live(kinds) -> dict[str, int]:
+    gc.collect()
+    counts = {k.__name__: 0 for k in kinds}
+    for o in gc.get_objects():
+        for k in kinds:
+            if isinstance(o, k):
+                counts[k.__name__] += 1
+    return counts
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--jobs", type=int, default=6)
+    p.add_argument("--smoke", action="store_true", help="debug=smoke data sizes (seconds per job)")
+    args = p.parse_args()
+
+    import lightning as L
+
+    from mtl.data.memory import TensorDataModule
+    from mtl.models import MultiTaskModel
+    from mtl.module import MultiTaskModule
+    from mtl.train import run
+
+    overrides = ["experiment=scenes_hps", "viz.num_samples=0", "~callbacks.progress_bar",
+                 "+trainer.enable_progress_bar=false", "trainer.max_epochs=1", "++trainer.limit_train_batches=4",
+                 "++trainer.limit_val_batches=2", "++trainer.limit_test_batches=2"]
+    if args.smoke:
+        overrides.insert(1, "debug=smoke")
+    kinds = (L.Trainer, MultiTaskModule, MultiTaskModel, TensorDataModule)
+    root = Path(tempfile.mkdtemp(prefix="multirun_memory_"))
+    print(f"start: rss {rss_mb():.0f} MB", flush=True)
+    balancers = ["ew", "dwa", "uw", "rlw", "famo", "gradnorm"]
+    for i in range(args.jobs):
+        t = time.perf_counter()
+        run(overrides + [f"balancer={balancers[i % len(balancers)]}"], run_dir=root / str(i))
+        counts = live(kinds)
+        print(f"job {i}: {time.perf_counter() - t:5.1f}s  rss {rss_mb():.0f} MB  live "
+              + ", ".join(f"{k} {v}" for k, v in counts.items()), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
