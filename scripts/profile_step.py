@@ -8,8 +8,9 @@ Part 2: A/B variants of the step interleaved round by round in one process (mach
 alike); each is reported as wall and CPU ms/step and its CPU-time ratio to the baseline (on a
 loaded machine the process's CPU time is the stable measure; ``--threads 1`` makes it pure work):
 
-    baseline        AdamW as torch picks it on CPU (the per-parameter loop)
-    fused_adamw     AdamW(fused=True): one vectorised kernel per parameter
+    baseline        the step as MultiTaskModule runs it (fused AdamW, the tasks' own losses)
+    unfused_adamw   AdamW as torch picks it on CPU (a per-parameter loop of small ops)
+    indexed_losses  depth/normals losses by boolean indexing and F.normalize (their former form)
     channels_last   model and input in channels-last memory format
     monitor         the balancer monitor's gradient cosines (T extra backwards) on every step
     threads_1       torch.set_num_threads(1) for the step
@@ -24,6 +25,7 @@ import time
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from mtl.balancers import BalancerMonitor, StepContext
 from mtl.data import create_datamodule
@@ -39,12 +41,28 @@ def make_model():
                         decoder={"name": "hps", "channels": 64}).train()
 
 
-def make_step(fused: bool = False, channels_last: bool = False, monitor: bool = False,
-              threads: int | None = None) -> Callable[[dict], None]:
+def indexed_loss(kind: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The depth / normals losses in their former form (same values, boolean indexing)."""
+    if kind == "depth":
+        valid = target > 0
+        return F.l1_loss(pred.float()[valid], target.float()[valid])
+    valid = (target != 0).any(dim=1)
+    cos = (F.normalize(pred.float(), dim=1) * F.normalize(target.float(), dim=1)).sum(dim=1)
+    return (1.0 - cos[valid]).mean()
+
+
+def make_step(fused: bool = True, channels_last: bool = False, monitor: bool = False,
+              threads: int | None = None, indexed: bool = False) -> Callable[[dict], None]:
     model = make_model()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True if fused else None)
+
+    def loss(name, task, pred, target):
+        if indexed and task.kind in ("depth", "normals"):
+            return indexed_loss(task.kind, pred, target)
+        return task.loss(pred, target)
+
     mon = BalancerMonitor(every=1) if monitor else None
     default_threads = torch.get_num_threads()
 
@@ -56,7 +74,7 @@ def make_step(fused: bool = False, channels_last: bool = False, monitor: bool = 
             x = x.contiguous(memory_format=torch.channels_last)
         z = model.shared(x)
         preds = model.heads(z, tuple(x.shape[-2:]))
-        losses = {n: t.loss(preds[n], batch[t.target_key]) for n, t in model.tasks.items()}
+        losses = {n: loss(n, t, preds[n], batch[t.target_key]) for n, t in model.tasks.items()}
         if mon:
             mon.before_backward(StepContext(losses=losses, shared_params=model.shared_parameters(), task_params={},
                                             features=z, backward=None, recompute=None, step=0, epoch=0))
@@ -74,7 +92,7 @@ def profile_parts(ds, batch_size: int, steps: int) -> dict[str, float]:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     model = make_model()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
 
     def step():
         with record_function("data"):
@@ -111,7 +129,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--steps", type=int, default=3, help="steps per variant per round")
     p.add_argument("--profile", action="store_true", help="also print the per-part profile")
-    p.add_argument("--variants", default="baseline,fused_adamw,channels_last,monitor,threads_1")
+    p.add_argument("--variants", default="baseline,unfused_adamw,indexed_losses,channels_last,monitor,threads_1")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     args = p.parse_args()
     if args.threads:
@@ -129,8 +147,8 @@ def main() -> None:
         for k, v in shares.items():
             print(f"| {k} | {100 * v:.1f} % |")
 
-    options = {"baseline": {}, "fused_adamw": {"fused": True}, "channels_last": {"channels_last": True},
-               "monitor": {"monitor": True}, "threads_1": {"threads": 1}}
+    options = {"baseline": {}, "unfused_adamw": {"fused": False}, "indexed_losses": {"indexed": True},
+               "channels_last": {"channels_last": True}, "monitor": {"monitor": True}, "threads_1": {"threads": 1}}
     names = [v for v in args.variants.split(",") if v]
     unknown = [v for v in names if v not in options]
     if unknown or "baseline" not in names:
