@@ -63,6 +63,8 @@ def parse_args():
     p.add_argument("--dispatch-dim", type=int, default=384)
     p.add_argument("--dispatch-hidden", type=int, nargs="+", default=[96, 384], help="expert hidden widths")
     p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads in the timing phases (1: no OpenMP barrier stalls on a shared machine)")
     p.add_argument("--latency-batch", type=int, default=8)
     return p.parse_args()
 
@@ -295,6 +297,7 @@ def main() -> None:
     if not args.skip_quality:
         report["quality"] = quality(args, out, families)
     if not args.skip_timing:
+        torch.set_num_threads(args.threads)
         report["dispatch"] = dispatch(args)
         report["latency"] = latency(args)
     write_json(out / "results.json", report)

@@ -135,6 +135,9 @@ class StackedExperts(nn.Module):
         token = order // k
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         xs = x.index_select(0, token)
-        outs = [self.expert(e, chunk) for e, chunk in enumerate(xs.split(counts)) if counts[e]]
-        ys = torch.cat(outs) * weight.reshape(-1)[order, None].to(x.dtype)
-        return x.new_zeros(x.shape[0], self.out_dim).index_add_(0, token, ys)
+        ws = weight.reshape(-1)[order, None].to(x.dtype)
+        out = x.new_zeros(x.shape[0], self.out_dim)
+        for e, (xe, we, te) in enumerate(zip(xs.split(counts), ws.split(counts), token.split(counts))):
+            if counts[e]:  # experts without tokens do not run
+                out.index_add_(0, te, self.expert(e, xe) * we)
+        return out
