@@ -157,7 +157,7 @@ def merge_to_file(
                 with atomic_path(path, overwrite=overwrite) as tmp:
                     tmp.mkdir()
                     write_sharded(tmp, specs, produce(m, ctx), size, meta)
-                    if copy_files is not False and Path(pretrained).is_dir():
+                    if copy_files is not False and isinstance(pretrained, (str, os.PathLike)) and Path(pretrained).is_dir():
                         copy_base_files(Path(pretrained), tmp)
                     (tmp / "README.md").write_text(model_card(method, m.hp, pretrained, finetuned, convention))
                     if fsync:
