@@ -11,7 +11,7 @@ _LAZY = {
     "save_model": "mtl.io",
     "create_balancer": "mtl.balancers",
     "create_datamodule": "mtl.data",
-    "extract": "mtl.extract",
+    "extract": "mtl.extraction",
     "export": "mtl.exporters",
     "count_flops": "mtl.flops",
     "model_stats": "mtl.flops",

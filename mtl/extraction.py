@@ -1,4 +1,4 @@
-"""``mtl.extract``: turn a model into a smaller standalone one (a task's sub-network, a width setting).
+"""``mtl.extract`` (defined here, in ``mtl.extraction``, so the name stays a function): turn a model into a smaller standalone one (a task's sub-network, a width setting).
 
 Each model family that supports extraction implements ``extract_subnetwork(**kwargs) -> nn.Module``
 returning a plain, reloadable model (its own ``config`` + weights); this function only dispatches,
@@ -7,8 +7,6 @@ checks the request and optionally writes the model folder.
 from __future__ import annotations
 
 import os
-import sys
-import types
 from typing import Any
 
 from torch import nn
@@ -29,20 +27,9 @@ def extract(model: nn.Module, *, out: str | os.PathLike | None = None, overwrite
         meta = {"extracted_from": getattr(model, "meta", {}).get("run_dir"), "extract": _jsonable(kwargs)}
         if getattr(sub, "extraction_report", None):  # what the family measured while extracting
             meta["report"] = sub.extraction_report
-        save_model(sub, out, meta=meta,
-                   overwrite=overwrite)
+        save_model(sub, out, meta=meta, overwrite=overwrite)
     return sub
 
 
 def _jsonable(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool, list, dict, type(None)))}
-
-
-class _CallableModule(types.ModuleType):
-    # ``mtl.extract`` names both this module and its function: once the module is imported, Python binds
-    # the package attribute ``mtl.extract`` to the module, so calling the module must do the same thing.
-    def __call__(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        return extract(model, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
