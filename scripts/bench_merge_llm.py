@@ -128,14 +128,14 @@ def _work(spec: dict) -> dict:
     return {"seconds": time.perf_counter() - start, "peak_rss_mb": vm_hwm_mb()}
 
 
-RUNS = [  # label, tool, method, hyperparameters
-    ("ours TIES (paper, per tensor)", "mtlkit", "ties", {"trim": "per_tensor", "k": 20, "lam": 1.0}),
-    ("ours TIES (convention=mergekit)", "mtlkit", "ties", {"convention": "mergekit", "density": 0.2}),
-    ("mergekit TIES", "mergekit", "ties", {"density": 0.2, "weight": 1.0}),
-    ("ours task arithmetic", "mtlkit", "task_arithmetic", {"lam": 0.3}),
-    ("ours TA (convention=mergekit)", "mtlkit", "task_arithmetic", {"convention": "mergekit", "weight": 0.3}),
-    ("mergekit task arithmetic", "mergekit", "task_arithmetic", {"weight": 0.3}),
+RUNS = [  # label, tool, method, hyperparameters (cheap runs first, each pair side by side)
     ("memory copy of the inputs", "none", "copy", {}),
+    ("ours task arithmetic", "mtlkit", "task_arithmetic", {"lam": 0.3}),
+    ("mergekit task arithmetic", "mergekit", "task_arithmetic", {"weight": 0.3}),
+    ("ours TIES (paper, per tensor)", "mtlkit", "ties", {"trim": "per_tensor", "k": 20, "lam": 1.0}),
+    ("mergekit TIES", "mergekit", "ties", {"density": 0.2, "weight": 1.0}),
+    ("ours TIES (convention=mergekit)", "mtlkit", "ties", {"convention": "mergekit", "density": 0.2}),
+    ("ours TA (convention=mergekit)", "mtlkit", "task_arithmetic", {"convention": "mergekit", "weight": 0.3}),
 ]
 
 
