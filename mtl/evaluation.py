@@ -6,6 +6,9 @@ Variants (always report which one was used):
   * "primary": M_t is the task's primary metric.
   * "all": for each task, the signed relative change is averaged over all its metrics first, then
     over tasks, so a task with five metrics weighs as much as a task with one.
+  * "flat": the signed relative change averaged over all K metrics of all tasks at once,
+    Δm = (100 / K) Σ_t Σ_k (−1)^{l_tk} (M_tk − M_b,tk) / M_b,tk — how Nash-MTL (Navon et al., 2022) and
+    FAMO (Liu et al., 2023) report NYUv2, where normals' five metrics outweigh depth's two.
 Positive Δm means the multi-task model is better than the baselines.
 """
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any, Iterator
 from mtl.io import write_json
 from mtl.tasks.base import Task
 
-VARIANTS = ("primary", "all")
+VARIANTS = ("primary", "all", "flat")
 
 
 class Baselines(dict):
@@ -39,7 +42,7 @@ def _task_map(tasks: Sequence[Task] | Mapping[str, Task]) -> dict[str, Task]:
 def _metric_names(task: Task, variant: str) -> list[str]:
     if variant not in VARIANTS:
         raise ValueError(f"unknown Δm variant {variant!r}; valid names: {', '.join(VARIANTS)}")
-    return [task.primary] if variant == "primary" else list(task.directions)
+    return [task.primary] if variant == "primary" else list(task.directions)  # "all" and "flat": every metric
 
 
 def _from(baselines: Mapping) -> str:
@@ -55,9 +58,9 @@ def _lookup(values: Mapping, task: str, metric: str, where: str) -> float:
     return float(values[task][metric])
 
 
-def delta_m_per_task(metrics: Mapping[str, Mapping[str, float]], baselines: Mapping[str, Mapping[str, float]],
-                     tasks: Sequence[Task] | Mapping[str, Task], variant: str = "primary") -> dict[str, float]:
-    """{task: 100 · (−1)^l · relative change} (averaged over the task's metrics for variant "all")."""
+def _signed_changes(metrics: Mapping[str, Mapping[str, float]], baselines: Mapping[str, Mapping[str, float]],
+                    tasks: Sequence[Task] | Mapping[str, Task], variant: str) -> dict[str, list[float]]:
+    """{task: [(−1)^l (M − M_b) / M_b for each metric the variant uses]}."""
     task_map = _task_map(tasks)
     if not task_map:
         raise ValueError("Δm needs at least one task")
@@ -72,15 +75,25 @@ def delta_m_per_task(metrics: Mapping[str, Mapping[str, float]], baselines: Mapp
                                  "the relative change is undefined")
             sign = 1.0 if task.directions[metric] else -1.0
             changes.append(sign * (value - base) / base)
-        out[name] = 100.0 * sum(changes) / len(changes)
+        out[name] = changes
     return out
+
+
+def delta_m_per_task(metrics: Mapping[str, Mapping[str, float]], baselines: Mapping[str, Mapping[str, float]],
+                     tasks: Sequence[Task] | Mapping[str, Task], variant: str = "primary") -> dict[str, float]:
+    """{task: 100 · (−1)^l · relative change}, averaged over the task's metrics for "all" and "flat"
+    (a task's own share; "flat" then weighs each task by its number of metrics in `delta_m`)."""
+    return {name: 100.0 * sum(c) / len(c) for name, c in _signed_changes(metrics, baselines, tasks, variant).items()}
 
 
 def delta_m(metrics: Mapping[str, Mapping[str, float]], baselines: Mapping[str, Mapping[str, float]],
             tasks: Sequence[Task] | Mapping[str, Task], variant: str = "primary") -> float:
     """Δm% of `metrics` ({task: {metric: value}}) against `baselines` (same layout) over `tasks`."""
-    per_task = delta_m_per_task(metrics, baselines, tasks, variant)
-    return sum(per_task.values()) / len(per_task)
+    changes = _signed_changes(metrics, baselines, tasks, variant)
+    if variant == "flat":
+        flat = [c for per_task in changes.values() for c in per_task]
+        return 100.0 * sum(flat) / len(flat)
+    return sum(100.0 * sum(c) / len(c) for c in changes.values()) / len(changes)
 
 
 def _validate(data: Any, where: str) -> Baselines:

@@ -13,6 +13,7 @@ from mtl.tasks.metrics import (
     Accuracy,
     AngleWithin,
     BoundaryFScore,
+    MeanAbsoluteError,
     MeanAngularError,
     MeanIoU,
     MedianAngularError,
@@ -71,11 +72,29 @@ class SemSegTask(Task):
 
 @TASKS.register("depth")
 class DepthTask(Task):
-    """Depth. Target: float32 (B, 1, H, W); pixels with target <= 0 (0 = no depth) are invalid."""
+    """Depth. Target: float32 (B, 1, H, W); pixels with target <= 0 (0 = no depth) are invalid.
+
+    ``metrics`` picks the reported metrics from ``rmse``, ``abs_err`` (mean |p − t|) and ``abs_rel``
+    (mean |p − t| / t); the first is the primary one. NYUv2/Cityscapes papers report
+    ``[abs_err, abs_rel]``, so Δm over "all"/"flat" then counts exactly those two.
+    """
 
     kind = "depth"
     directions = {"rmse": False, "abs_rel": False}
     primary = "rmse"
+    _METRICS = ("rmse", "abs_err", "abs_rel")
+
+    def __init__(self, metrics: list[str] | tuple[str, ...] | None = None,
+                 name: str | None = None, weight: float = 1.0, target_key: str | None = None):
+        super().__init__(name=name, weight=weight, target_key=target_key)
+        if metrics is not None:
+            metrics = list(metrics)
+            unknown = [m for m in metrics if m not in self._METRICS]
+            if not metrics or unknown or len(set(metrics)) != len(metrics):
+                raise ValueError(f"task {self.name!r}: metrics must be distinct names from "
+                                 f"{', '.join(self._METRICS)}; got {metrics}")
+            self.directions = {m: False for m in metrics}  # every depth error: lower is better
+            self.primary = metrics[0]
 
     @property
     def out_channels(self) -> int:
@@ -93,8 +112,13 @@ class DepthTask(Task):
         return ((pred.float() - target.float()).abs() * valid).sum() / n
 
     def metrics(self) -> dict[str, Metric]:
-        return {"rmse": RootMeanSquaredError(ignore_nonpositive_targets=True),
-                "abs_rel": AbsoluteRelativeError()}
+        make = {"rmse": lambda: RootMeanSquaredError(ignore_nonpositive_targets=True),
+                "abs_err": lambda: MeanAbsoluteError(ignore_nonpositive_targets=True),
+                "abs_rel": AbsoluteRelativeError}
+        return {m: make[m]() for m in self.directions}
+
+    def to_config(self) -> dict[str, Any]:
+        return {**super().to_config(), "metrics": list(self.directions)}
 
 
 @TASKS.register("normals")

@@ -34,8 +34,24 @@ def test_all_variant_averages_within_then_across_tasks():
     assert delta_m(m, BASE, TASKS) == pytest.approx((20.0 + 50.0) / 2)
 
 
+def test_flat_variant_averages_over_all_metrics_of_all_tasks():
+    m = {"semseg": {"miou": 0.6, "pixel_acc": 0.8}, "depth": {"rmse": 1.0, "abs_rel": 0.5}}
+    # four signed changes: miou +20%, pixel_acc 0%, rmse +50%, abs_rel −25% -> (20 + 0 + 50 − 25) / 4
+    assert delta_m(m, BASE, TASKS, variant="flat") == pytest.approx(11.25)
+    # with unequal metric counts, flat and all differ: normals has five metrics, depth one
+    normals, depth = create_task("normals"), create_task("depth", metrics=["abs_err"])
+    base = {"normals": {"mean_angle": 20.0, "median_angle": 10.0, "pct_11_25": 50.0, "pct_22_5": 60.0,
+                        "pct_30": 80.0}, "depth": {"abs_err": 0.5}}
+    got = {"normals": {"mean_angle": 18.0, "median_angle": 10.0, "pct_11_25": 50.0, "pct_22_5": 60.0,
+                       "pct_30": 80.0}, "depth": {"abs_err": 0.6}}
+    # normals: mean_angle 20 -> 18 is +10% (lower is better), others 0; depth: 0.5 -> 0.6 is −20%
+    assert delta_m(got, base, [normals, depth], variant="flat") == pytest.approx((10.0 - 20.0) / 6)
+    assert delta_m(got, base, [normals, depth], variant="all") == pytest.approx((10.0 / 5 - 20.0) / 2)
+    assert delta_m_per_task(got, base, [normals, depth], "flat") == pytest.approx({"normals": 2.0, "depth": -20.0})
+
+
 def test_unknown_variant():
-    with pytest.raises(ValueError, match="valid names: primary, all"):
+    with pytest.raises(ValueError, match="valid names: primary, all, flat"):
         delta_m(BASE, BASE, TASKS, variant="mean")
 
 

@@ -12,7 +12,7 @@ NON_DEFAULT = {
     "classification": {"num_classes": 8, "label_smoothing": 0.1, "ignore_index": -1},
     "regression": {"out_dim": 3, "loss": "mse"},
     "semseg": {"num_classes": 7, "ignore_index": 254},
-    "depth": {},
+    "depth": {"metrics": ["abs_err", "abs_rel"]},
     "normals": {},
     "edges": {"tolerance": 2, "threshold": 0.3},
 }

@@ -80,6 +80,19 @@ def test_depth_rmse_abs_rel_skip_invalid_pixels():
     assert _compute(ms["abs_rel"], [b1, b2]) == pytest.approx((0 + 2 / 5 + 4 / 8) / 3)
 
 
+def test_depth_abs_err_and_metric_choice():
+    task = create_task("depth", metrics=["abs_err", "abs_rel"])
+    assert task.primary == "abs_err" and set(task.directions) == {"abs_err", "abs_rel"}
+    ms = task.metrics()
+    b1 = (torch.tensor([1.0, 2.0, 3.0, 9.0]).view(1, 1, 2, 2), torch.tensor([0.0, 2.0, 5.0, 0.0]).view(1, 1, 2, 2))
+    b2 = (torch.tensor([4.0, 7.0]).view(1, 1, 1, 2), torch.tensor([8.0, 0.0]).view(1, 1, 1, 2))
+    # abs_err = Σ|p − t| / |V| over the valid pixels (2,2), (3,5), (4,8): (0 + 2 + 4) / 3
+    assert _compute(ms["abs_err"], [b1, b2]) == pytest.approx(2.0)
+    assert set(ms) == {"abs_err", "abs_rel"}
+    with pytest.raises(ValueError, match="metrics must be"):
+        create_task("depth", metrics=["rmse", "delta1"])
+
+
 def test_regression_mae_rmse():
     ms = create_task("regression", out_dim=2).metrics()
     b1 = (torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 2.0]]))
