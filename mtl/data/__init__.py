@@ -2,7 +2,8 @@
 
 ``create_datamodule("scenes", size=32, n_train=256)`` builds a registered LightningDataModule; see
 mtl/data/memory.py for the batch layout shared by all of them. One module per job: memory.py (serving
-tensors), hf.py (cache location, Arrow helpers), scenes_module.py, hf_local.py, zoo/.
+tensors), hf.py (cache location, Arrow helpers), scenes_module.py, hf_local.py, zoo/, benchmarks.py
+(NYUv2, Cityscapes) and nyu_mat.py (the NYUv2 labelled .mat).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 from lightning import LightningDataModule
 
+from mtl.data.benchmarks import CityscapesDataModule, NYUv2DataModule
 from mtl.data.hf import default_cache_dir
 from mtl.data.hf_local import HFImageDataModule
 from mtl.data.memory import TensorDataModule, TensorDictDataset, collate_batch
@@ -20,6 +22,8 @@ from mtl.registry import Registry
 DATAMODULES: "Registry[type[LightningDataModule]]" = Registry("dataset")
 DATAMODULES.register("scenes")(ScenesDataModule)
 DATAMODULES.register("hf_local")(HFImageDataModule)
+DATAMODULES.register("nyuv2")(NYUv2DataModule)
+DATAMODULES.register("cityscapes")(CityscapesDataModule)
 
 
 @DATAMODULES.register("zoo")
@@ -36,7 +40,8 @@ def create_datamodule(name: str, **kwargs: Any) -> LightningDataModule:
 
 
 __all__ = [
-    "DATAMODULES", "create_datamodule", "ScenesDataModule", "HFImageDataModule", "TensorDataModule",
+    "DATAMODULES", "create_datamodule", "ScenesDataModule", "HFImageDataModule", "NYUv2DataModule",
+    "CityscapesDataModule", "TensorDataModule",
     "TensorDictDataset", "collate_batch", "default_cache_dir", "materialize_scenes", "render_scenes",
     "CLASS_NAMES", "SHAPE_NAMES",
 ]

@@ -1,0 +1,255 @@
+"""NYUv2 and Cityscapes in the preprocessed ``.npy`` layout of MTAN and LibMTL (docs/data.md):
+
+    <root>/{train,val}/image/<i>.npy    (H, W, 3) float in [0, 1]
+    <root>/{train,val}/label/<i>.npy    (H, W) class ids, −1 = ignored
+    <root>/{train,val}/depth/<i>.npy    (H, W, 1) (or (H, W)), 0 = invalid
+    <root>/{train,val}/normal/<i>.npy   (H, W, 3), all-zero = invalid (NYUv2 only)
+
+read once into memory in the batch layout of mtl/data/memory.py: −1 labels become the semseg task's
+``ignore_index`` 255, and depth/normals keep 0 as their invalid mark. The ``val`` folder is the
+benchmark's test set (NYUv2's 654 images, Cityscapes' 500); as in MTAN and LibMTL it also serves as
+the validation split unless ``val_fraction`` carves one from train.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mtl.data.memory import TensorDataModule, TensorDictDataset
+
+IGNORE = 255  # SemSegTask's default ignore_index
+_CAST = {"semseg": torch.int64}
+#: batch key -> folder name in the npy layout
+TARGET_DIRS = {"semseg": "label", "depth": "depth", "normals": "normal"}
+
+
+def resolve_size(size: int | list[int] | tuple[int, int] | None, stored: tuple[int, int]) -> tuple[int, int]:
+    """``None``: the stored (H, W); ``[H, W]``: that; an int: that height, the width keeping the aspect."""
+    if size is None:
+        return stored
+    if isinstance(size, int):
+        return size, max(1, round(size * stored[1] / stored[0]))
+    h, w = (int(v) for v in size)
+    return h, w
+
+
+def resize_sample(sample: dict[str, torch.Tensor], hw: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Resize one sample's (C, H, W) / (H, W) tensors: bilinear for the image, nearest for targets
+    (labels must stay class ids, and averaging depth or normals would blend in the invalid zeros)."""
+    out = {}
+    for key, t in sample.items():
+        if tuple(t.shape[-2:]) == hw:
+            out[key] = t
+            continue
+        x = t[None, None] if t.ndim == 2 else t[None]
+        if key == "image":
+            y = F.interpolate(x.float(), size=hw, mode="bilinear", antialias=True, align_corners=False)
+            y = y.round().clamp(0, 255).to(t.dtype)
+        else:
+            y = F.interpolate(x.float(), size=hw, mode="nearest").to(t.dtype)
+        out[key] = y[0, 0] if t.ndim == 2 else y[0]
+    return out
+
+
+def image_to_uint8(a: np.ndarray, where: str) -> torch.Tensor:
+    """(H, W, 3) float in [0, 1] (or uint8) -> uint8 (3, H, W)."""
+    if a.ndim != 3 or a.shape[-1] != 3:
+        raise ValueError(f"{where}: expected an image of shape (H, W, 3), got {a.shape}")
+    if a.dtype != np.uint8:
+        a = np.clip(np.round(a.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
+    return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
+
+
+def labels_to_uint8(a: np.ndarray, num_classes: int, where: str) -> torch.Tensor:
+    """(H, W) ids with −1 (or 255) = ignored -> uint8 (H, W) with IGNORE; out-of-range ids raise."""
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim != 2:
+        raise ValueError(f"{where}: expected labels of shape (H, W), got {a.shape}")
+    ids = np.round(a).astype(np.int64) if np.issubdtype(a.dtype, np.floating) else a.astype(np.int64)
+    ids[(ids == -1) | (ids == IGNORE)] = IGNORE
+    bad = (ids != IGNORE) & ((ids < 0) | (ids >= num_classes))
+    if bad.any():
+        raise ValueError(f"{where}: label {int(ids[bad][0])} is outside 0..{num_classes - 1} "
+                         f"(num_classes={num_classes}; −1 marks ignored pixels)")
+    return torch.from_numpy(ids.astype(np.uint8))
+
+
+def dense_to_float(a: np.ndarray, channels: int, where: str) -> torch.Tensor:
+    """(H, W, C) (or (H, W) for one channel) -> float32 (C, H, W); non-finite values become 0 (invalid)."""
+    if a.ndim == 2 and channels == 1:
+        a = a[..., None]
+    if a.ndim != 3 or a.shape[-1] != channels:
+        raise ValueError(f"{where}: expected shape (H, W, {channels}), got {a.shape}")
+    a = np.nan_to_num(a.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
+
+
+def stack_samples(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    if not samples:
+        raise ValueError("no samples to stack")
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+def _indices(folder: Path) -> list[int]:
+    """The ``<i>.npy`` indices in ``folder``, in numeric order."""
+    return sorted(int(p.stem) for p in folder.glob("*.npy") if p.stem.isdigit())
+
+
+def read_npy_split(split_dir: Path, dirs: dict[str, str], num_classes: int, limit: int | None,
+                   size: int | list[int] | None) -> dict[str, torch.Tensor]:
+    """One split folder of the npy layout as tensors; ``dirs`` maps batch keys to folder names."""
+    for name in ("image", *dirs.values()):
+        if not (split_dir / name).is_dir():
+            raise FileNotFoundError(f"expected the folder {split_dir / name} (layout <root>/{{train,val}}/"
+                                    f"{{{','.join(('image', *dirs.values()))}}}/<i>.npy; see docs/data.md)")
+    ids = _indices(split_dir / "image")
+    if not ids:
+        raise FileNotFoundError(f"expected files {split_dir / 'image'}/<i>.npy (0.npy, 1.npy, ...); found none")
+    ids = ids[:limit] if limit is not None else ids
+    samples, hw = [], None
+    for i in ids:
+        sample = {}
+        for key, name in (("image", "image"), *dirs.items()):
+            f = split_dir / name / f"{i}.npy"
+            if not f.is_file():
+                raise FileNotFoundError(f"expected the file {f} (every image needs its {name})")
+            a = np.load(f, allow_pickle=False)
+            if key == "image":
+                sample[key] = image_to_uint8(a, str(f))
+            elif key == "semseg":
+                sample[key] = labels_to_uint8(a, num_classes, str(f))
+            else:
+                sample[key] = dense_to_float(a, 1 if key == "depth" else 3, str(f))
+            if tuple(sample[key].shape[-2:]) != tuple(sample["image"].shape[-2:]):
+                raise ValueError(f"{f}: size {tuple(sample[key].shape[-2:])} differs from its image's "
+                                 f"{tuple(sample['image'].shape[-2:])}")
+        hw = hw or resolve_size(size, tuple(sample["image"].shape[-2:]))
+        samples.append(resize_sample(sample, hw))
+    return stack_samples(samples)
+
+
+class DenseBenchmarkDataModule(TensorDataModule):
+    """Shared splitting and limits of the dense benchmarks; subclasses read their splits in ``_read``.
+
+    ``size``: null keeps the stored size, ``[H, W]`` resizes, an int sets the height and keeps the aspect
+    (bilinear for images, nearest for targets). ``n_train``/``n_val``/``n_test``: use only the first n
+    samples of a split (null: all). ``val_fraction`` > 0 carves a seeded validation split out of train;
+    at 0 the benchmark's test set also picks the checkpoint, as MTAN and LibMTL do.
+    """
+
+    benchmark: ClassVar[str] = ""
+
+    def __init__(self, root: str | os.PathLike, num_classes: int, size: Any = None,
+                 n_train: int | None = None, n_val: int | None = None, n_test: int | None = None,
+                 val_fraction: float = 0.0, seed: int = 0, batch_size: int = 8, num_workers: int = 0,
+                 augment: bool = False):
+        super().__init__(batch_size=batch_size, num_workers=num_workers, augment=augment)
+        self.root = Path(os.path.expanduser(str(root)))
+        self.num_classes = int(num_classes)
+        self.size = size
+        self.limits = {"train": n_train, "val": n_val, "test": n_test}
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"{self.benchmark}: val_fraction must be in [0, 1), got {val_fraction}")
+        self.val_fraction, self.seed = float(val_fraction), seed
+
+    @property
+    def info(self) -> dict[str, Any]:
+        self.setup()
+        return {"semseg_classes": self.num_classes,
+                "image_size": list(self._data["train"].tensors["image"].shape[-2:]),
+                "targets": sorted(k for k in self._data["train"].tensors if k != "image")}
+
+    def _read(self, split: str, limit: int | None) -> dict[str, torch.Tensor]:
+        """``split`` is "train" or "test" (the benchmark's own two splits)."""
+        raise TypeError(f"{type(self).__name__} must implement _read")
+
+    def _check_root(self) -> None:
+        if not self.root.exists():
+            raise FileNotFoundError(f"{self.benchmark}: data.root {str(self.root)!r} does not exist "
+                                    f"(expected {self.root / 'train' / 'image'}/<i>.npy; see docs/data.md)")
+
+    def _load(self) -> dict[str, TensorDictDataset]:
+        self._check_root()
+        train = self._read("train", self.limits["train"])
+        test = self._read("test", self.limits["test"])
+        if self.val_fraction > 0:
+            n = len(train["image"])
+            k = max(1, int(round(n * self.val_fraction)))
+            if k >= n:
+                raise ValueError(f"{self.benchmark}: {n} training samples are too few for val_fraction={self.val_fraction}")
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+            val = {key: v[perm[:k]] for key, v in train.items()}
+            train = {key: v[perm[k:]] for key, v in train.items()}
+        else:
+            val = test
+        if self.limits["val"] is not None:
+            val = {key: v[: self.limits["val"]] for key, v in val.items()}
+        return {sp: TensorDictDataset(t, cast=_CAST) for sp, t in (("train", train), ("val", val), ("test", test))}
+
+
+class CityscapesDataModule(DenseBenchmarkDataModule):
+    """Cityscapes in the MTAN/LibMTL npy layout: semseg (7 classes, or 19 from ``label_19/``) and depth.
+
+    Labels come from ``label_7/`` when present, else ``label/`` (7 classes); ``num_classes=19`` reads
+    ``label_19/`` (MTAN's release ships it; LibMTL's has 7 classes only). The depth folder holds
+    MTAN's inverse-depth (disparity-like) maps, 0 = invalid.
+    """
+
+    benchmark = "cityscapes"
+
+    def __init__(self, root: str | os.PathLike, num_classes: int = 7, **kwargs: Any):
+        if num_classes not in (7, 19):
+            raise ValueError(f"cityscapes: num_classes must be 7 or 19, got {num_classes}")
+        super().__init__(root, num_classes=num_classes, **kwargs)
+        self.save_hyperparameters()
+
+    def _read(self, split: str, limit: int | None) -> dict[str, torch.Tensor]:
+        split_dir = self.root / ("train" if split == "train" else "val")
+        label = f"label_{self.num_classes}"
+        if self.num_classes == 7 and not (split_dir / label).is_dir():
+            label = "label"
+        t = read_npy_split(split_dir, {"semseg": label, "depth": "depth"}, self.num_classes, limit, self.size)
+        return t
+
+
+class NYUv2DataModule(DenseBenchmarkDataModule):
+    """NYUv2: 13-class semseg, depth (metres) and surface normals.
+
+    ``root`` is a folder in the MTAN/LibMTL npy layout, or the labelled release
+    ``nyu_depth_v2_labeled.mat`` (``format: mat``; needs ``splits_file`` and ``class_mapping``,
+    see mtl/data/nyu_mat.py; it has no normals, so train it with ``task=[semseg,depth]``).
+    """
+
+    benchmark = "nyuv2"
+
+    def __init__(self, root: str | os.PathLike, num_classes: int = 13, format: str = "auto",
+                 splits_file: str | os.PathLike | None = None, class_mapping: str | os.PathLike | None = None,
+                 **kwargs: Any):
+        super().__init__(root, num_classes=num_classes, **kwargs)
+        self.save_hyperparameters()
+        if format not in ("auto", "npy", "mat"):
+            raise ValueError(f"nyuv2: format must be auto, npy or mat, got {format!r}")
+        self.format = ("mat" if self.root.suffix == ".mat" else "npy") if format == "auto" else format
+        self.splits_file, self.class_mapping = splits_file, class_mapping
+
+    def _check_root(self) -> None:
+        if self.format == "mat" and not self.root.is_file():
+            raise FileNotFoundError(f"nyuv2: expected the labelled release file {str(self.root)!r} "
+                                    "(nyu_depth_v2_labeled.mat; see docs/data.md)")
+        if self.format == "npy":
+            super()._check_root()
+
+    def _read(self, split: str, limit: int | None) -> dict[str, torch.Tensor]:
+        if self.format == "mat":
+            from mtl.data.nyu_mat import read_nyu_mat
+
+            return read_nyu_mat(self.root, split, self.splits_file, self.class_mapping, self.num_classes,
+                                limit, self.size)
+        split_dir = self.root / ("train" if split == "train" else "val")
+        return read_npy_split(split_dir, TARGET_DIRS, self.num_classes, limit, self.size)

@@ -1,0 +1,143 @@
+"""NYUv2 / Cityscapes loaders on tiny fixtures built here in each format (npy layout, labelled .mat)."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mtl.data import create_datamodule
+
+H, W = 6, 8
+
+
+def write_npy_layout(root: Path, n_train=3, n_val=2, classes=13, normals=True, label_dir="label", hw=(H, W)):
+    """<root>/{train,val}/{image,label,depth[,normal]}/<i>.npy as MTAN/LibMTL store them."""
+    rng = np.random.default_rng(0)
+    h, w = hw
+    for split, n in (("train", n_train), ("val", n_val)):
+        for i in range(n):
+            d = root / split
+            for sub in ("image", label_dir, "depth", *(("normal",) if normals else ())):
+                (d / sub).mkdir(parents=True, exist_ok=True)
+            np.save(d / "image" / f"{i}.npy", rng.random((h, w, 3)).astype(np.float32))
+            label = rng.integers(0, classes, (h, w)).astype(np.float32)
+            label[0, 0] = -1  # ignored pixel
+            np.save(d / label_dir / f"{i}.npy", label)
+            depth = rng.uniform(0.5, 10.0, (h, w, 1)).astype(np.float32)
+            depth[0, 1] = 0.0  # invalid pixel
+            np.save(d / "depth" / f"{i}.npy", depth)
+            if normals:
+                n3 = rng.normal(size=(h, w, 3)).astype(np.float32)
+                n3 /= np.linalg.norm(n3, axis=-1, keepdims=True)
+                n3[0, 2] = 0.0  # invalid pixel
+                np.save(d / "normal" / f"{i}.npy", n3)
+    return root
+
+
+def test_nyuv2_npy_shapes_dtypes_and_masks(tmp_path):
+    root = write_npy_layout(tmp_path / "nyu")
+    dm = create_datamodule("nyuv2", root=str(root), size=None)
+    assert dm.info["semseg_classes"] == 13 and dm.info["image_size"] == [H, W]
+    b = next(iter(dm.train_dataloader()))
+    assert b["image"].dtype == torch.uint8 and b["image"].shape == (3, 3, H, W)
+    assert b["semseg"].dtype == torch.int64 and b["semseg"].shape == (3, H, W)
+    assert b["depth"].dtype == torch.float32 and b["depth"].shape == (3, 1, H, W)
+    assert b["normals"].dtype == torch.float32 and b["normals"].shape == (3, 3, H, W)
+    # −1 -> the semseg task's ignore_index 255; 0 depth / zero normals stay the invalid mark
+    assert (b["semseg"][:, 0, 0] == 255).all() and (b["semseg"][:, 1:] < 13).all()
+    assert (b["depth"][:, 0, 0, 1] == 0).all() and (b["depth"][:, 0, 1:] > 0).all()
+    assert (b["normals"][:, :, 0, 2] == 0).all()
+    # the image is the stored [0, 1] float scaled to uint8
+    first = np.load(root / "val" / "image" / "0.npy")
+    test = dm.dataset("test").tensors["image"][0]
+    assert torch.equal(test, torch.from_numpy(np.round(first * 255).astype(np.uint8).transpose(2, 0, 1)))
+    # val defaults to the test folder (MTAN/LibMTL); n_train limits
+    assert len(dm.dataset("val")) == len(dm.dataset("test")) == 2
+    assert len(create_datamodule("nyuv2", root=str(root), n_train=2, size=None).dataset("train")) == 2
+
+
+def test_resize_is_nearest_for_targets(tmp_path):
+    root = write_npy_layout(tmp_path / "nyu")
+    dm = create_datamodule("nyuv2", root=str(root), size=[3, 4])
+    t = dm.dataset("train").tensors
+    assert t["image"].shape[-2:] == (3, 4) and t["semseg"].shape[-2:] == (3, 4)
+    assert t["depth"].shape[-2:] == (3, 4) and t["normals"].shape[-2:] == (3, 4)
+    # nearest: every resized label/depth value is one of the stored ones (no blending with invalid 0)
+    label = np.load(root / "train" / "label" / "0.npy")
+    stored = set(np.where(label == -1, 255, label).astype(int).ravel())
+    assert set(t["semseg"][0].int().ravel().tolist()) <= stored
+    depth = np.load(root / "train" / "depth" / "0.npy")
+    assert set(t["depth"][0].ravel().tolist()) <= set(depth.ravel().tolist())
+    # an int sets the height and keeps the aspect (6x8 -> 3x4)
+    assert create_datamodule("nyuv2", root=str(root), size=3).dataset("train").tensors["image"].shape[-2:] == (3, 4)
+
+
+def test_cityscapes_7_and_19_classes(tmp_path):
+    root = write_npy_layout(tmp_path / "cs", classes=7, normals=False)
+    dm = create_datamodule("cityscapes", root=str(root), size=None)
+    b = next(iter(dm.val_dataloader()))
+    assert set(b) == {"image", "semseg", "depth"} and dm.info["semseg_classes"] == 7
+    assert int(b["semseg"][b["semseg"] != 255].max()) < 7
+    with pytest.raises(FileNotFoundError, match=r"label_19"):
+        create_datamodule("cityscapes", root=str(root), num_classes=19).setup()
+    root19 = write_npy_layout(tmp_path / "cs19", classes=19, normals=False, label_dir="label_19")
+    dm19 = create_datamodule("cityscapes", root=str(root19), num_classes=19, size=None)
+    assert dm19.info["semseg_classes"] == 19 and len(dm19.dataset("train")) == 3
+
+
+def test_bad_root_and_layout_name_the_expected_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"missing.*train/image"):
+        create_datamodule("nyuv2", root=str(tmp_path / "missing")).setup()
+    root = write_npy_layout(tmp_path / "nyu", normals=False)
+    with pytest.raises(FileNotFoundError, match=r"train/normal"):
+        create_datamodule("nyuv2", root=str(root)).setup()
+    root = write_npy_layout(tmp_path / "nyu2")
+    (root / "val" / "depth" / "1.npy").unlink()
+    with pytest.raises(FileNotFoundError, match=r"val/depth/1\.npy"):
+        create_datamodule("nyuv2", root=str(root)).setup()
+    np.save(root / "train" / "label" / "0.npy", np.full((H, W), 13.0))
+    with pytest.raises(ValueError, match=r"train/label/0\.npy.*label 13"):
+        create_datamodule("nyuv2", root=str(root)).setup()
+    (root / "train" / "image").rename(root / "train" / "images")
+    with pytest.raises(FileNotFoundError, match=r"train/image\b"):
+        create_datamodule("nyuv2", root=str(root)).setup()
+
+
+def write_nyu_mat(path: Path, n=5, hw=(H, W)):
+    """A tiny nyu_depth_v2_labeled.mat: HDF5, arrays stored transposed as MATLAB v7.3 does."""
+    h5py = pytest.importorskip("h5py")
+    rng = np.random.default_rng(1)
+    h, w = hw
+    images = rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+    depths = rng.uniform(0.5, 10, (n, h, w)).astype(np.float32)
+    labels = rng.integers(0, 895, (n, h, w)).astype(np.uint16)
+    labels[:, 0, 0] = 0  # unlabelled
+    with h5py.File(path, "w") as f:
+        f["images"] = images.transpose(0, 3, 2, 1)  # (N, 3, W, H)
+        f["depths"] = depths.transpose(0, 2, 1)
+        f["labels"] = labels.transpose(0, 2, 1)
+    return images, depths, labels
+
+
+def test_nyuv2_labelled_mat(tmp_path):
+    mat = tmp_path / "nyu_depth_v2_labeled.mat"
+    images, depths, labels = write_nyu_mat(mat)
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps({"trainNdxs": [1, 3, 5], "testNdxs": [2, 4]}))  # 1-based, as splits.mat
+    mapping = [-1] + [(i - 1) % 13 for i in range(1, 895)]  # a made-up table: raw i -> (i - 1) mod 13
+    (tmp_path / "map.json").write_text(json.dumps(mapping))
+    dm = create_datamodule("nyuv2", root=str(mat), splits_file=str(splits), class_mapping=str(tmp_path / "map.json"),
+                           size=None)
+    train, test = dm.dataset("train").tensors, dm.dataset("test").tensors
+    assert set(train) == {"image", "semseg", "depth"} and len(train["image"]) == 3 and len(test["image"]) == 2
+    # train sample 1 is MATLAB image 3 (0-based 2), in (C, H, W)
+    assert torch.equal(train["image"][1], torch.from_numpy(images[2].transpose(2, 0, 1)))
+    assert torch.allclose(train["depth"][1, 0], torch.from_numpy(depths[2]))
+    expected = np.where(labels[2] == 0, 255, (labels[2].astype(int) - 1) % 13)
+    assert torch.equal(train["semseg"][1], torch.from_numpy(expected))
+    with pytest.raises(ValueError, match="class_mapping"):
+        create_datamodule("nyuv2", root=str(mat), splits_file=str(splits)).setup()
+    with pytest.raises(FileNotFoundError, match="nyu_depth_v2_labeled.mat"):
+        create_datamodule("nyuv2", root=str(tmp_path / "nope.mat")).setup()
