@@ -7,8 +7,8 @@ first-order Taylor expansion instead of the network keeps each task vector τ = 
 tangent space at θ0, where the model is linear in τ: adding task vectors adds their effects, which is
 what task arithmetic assumes. The expansion covers the shared representation (backbone + neck, the
 weights that are merged); task heads run on top of it unchanged (they are task-specific, never
-merged). The product J·(θ − θ0) is one forward-mode pass (`torch.func.jvp`), so a step costs about
-two forward passes more than plain fine-tuning.
+merged). The product J·(θ − θ0) is one forward-mode pass (`torch.func.jvp`) computed together with
+f(x; θ0), so no Jacobian is ever formed.
 
 θ0 is stored in the model folder as buffers (`theta0.<name with / for .>`), so a linearised model
 reloads with `mtl.load_model` like any other (`family: "linearized"`). Normalisation layers with
