@@ -164,7 +164,18 @@ def learn(method: str, pretrained, finetuned, *, unlabeled: Mapping[str, Iterabl
         if k in hp and not torch.isfinite(torch.tensor(float(hp[k]))):
             raise ValueError(f"{k} must be finite, got {hp[k]}")
 
+    was_training = model.training if model is not None else None
     problem = build_problem(pretrained, finetuned, model=model, tasks=tasks, device=device, **key_options)
+    try:
+        return _learn(method, problem, hp, pretrained, finetuned, key_options, unlabeled, labeled, supervised,
+                      progress, callback, callback_every)
+    finally:
+        if model is not None:
+            model.train(was_training)
+
+
+def _learn(method, problem, hp, pretrained, finetuned, key_options, unlabeled, labeled, supervised, progress,
+           callback, callback_every) -> LearnedMerge:
     obj_tasks, excluded, frozen_cols = _objective_tasks(problem, supervised)
     given = labeled if supervised else unlabeled
     extra = sorted(set(given) - set(problem.tasks))

@@ -112,7 +112,14 @@ def build_problem(pretrained, finetuned, *, model: nn.Module | None = None, task
     built = model is None
     if built:
         model, vector_tasks, names = _model_from_folders(pretrained, fts)
-    model = model.to(device).eval()
+    if built:
+        model = model.to(device).eval()
+    else:  # the caller's model is used as it is (never moved or copied); learn() restores its train/eval mode
+        where = next(iter(model.parameters()), torch.empty(0, device=device)).device
+        if where.type != device.type or (device.index is not None and where != device):
+            raise ValueError(f"model= is on {where} but device={device}; move the model there first "
+                             "(learned merging does not move or copy your model)")
+        model.eval()
     known = getattr(model, "tasks", None)
     kinds = {t: getattr(known.get(t), "kind", None) if isinstance(known, dict) else None
              for ts in vector_tasks for t in ts}

@@ -179,7 +179,9 @@ def test_inputs_are_not_modified():
     model, pre, fts, data = toys()
     before = ({k: v.clone() for k, v in pre.items()}, [{k: v.clone() for k, v in f.items()} for f in fts],
               {k: v.clone() for k, v in model.state_dict().items()})
+    model.train()
     merging.learn("adamerging", pre, fts, unlabeled=data, steps=3, lr=0.1, **kw(model))
+    assert model.training  # its mode is restored (it runs in eval mode while learning)
     assert all(torch.equal(pre[k], before[0][k]) for k in pre)
     assert all(torch.equal(f[k], b[k]) for f, b in zip(fts, before[1]) for k in f)
     assert all(torch.equal(v, before[2][k]) for k, v in model.state_dict().items())
