@@ -1,6 +1,9 @@
 """NYUv2 / Cityscapes loaders on tiny fixtures built here in each format (npy layout, labelled .mat)."""
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -141,3 +144,33 @@ def test_nyuv2_labelled_mat(tmp_path):
         create_datamodule("nyuv2", root=str(mat), splits_file=str(splits)).setup()
     with pytest.raises(FileNotFoundError, match="nyu_depth_v2_labeled.mat"):
         create_datamodule("nyuv2", root=str(tmp_path / "nope.mat")).setup()
+
+
+@pytest.mark.parametrize("experiment, hw, kw, tasks", [
+    ("nyuv2", (36, 48), {}, {"semseg", "depth", "normals"}),
+    ("cityscapes", (32, 64), {"classes": 7, "normals": False}, {"semseg", "depth"}),
+])
+def test_cli_smoke_training_on_fixture(tmp_path, experiment, hw, kw, tasks):
+    """`mtl-train experiment=<benchmark> data.root=<dir> debug=smoke` through the real CLI."""
+    import mtl
+
+    root = write_npy_layout(tmp_path / experiment, n_train=4, n_val=2, hw=hw, **kw)
+    env = dict(os.environ, MTL_OUTPUT_DIR=str(tmp_path / "outputs"))
+    proc = subprocess.run([sys.executable, "-m", "mtl.cli.train", f"experiment={experiment}", f"data.root={root}",
+                           "debug=smoke"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("run_dir: "), last
+    run_dir = Path(last.removeprefix("run_dir: "))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["test"]) == tasks
+    assert set(metrics["test"]["depth"]) == {"abs_err", "abs_rel"}
+    assert {"miou", "pixel_acc"} <= set(metrics["test"]["semseg"])
+    model = mtl.load_model(run_dir / "model")
+    assert set(model.tasks) == tasks
+    assert model.tasks["semseg"].num_classes == (13 if experiment == "nyuv2" else 7)
+    h = 32  # debug=smoke: data.size=32 sets the height, the width keeps the aspect
+    x = torch.zeros(1, 3, h, round(h * hw[1] / hw[0]))
+    out = model.eval()(x)
+    assert out["semseg"].shape[-2:] == x.shape[-2:]
+    assert all(math.isfinite(v) for t in metrics["test"].values() for v in t.values())
