@@ -183,13 +183,6 @@ class MultiTaskModule(L.LightningModule):
 
             self.monitor.save_plot(Path(self.trainer.default_root_dir) / "balancer_weights.png")
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        # CPU training: the batch is already there; Lightning's generic walk over it is pure overhead
-        if device.type == "cpu" and isinstance(batch, dict) and all(
-                isinstance(v, torch.Tensor) and v.device.type == "cpu" for v in batch.values()):
-            return batch
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
-
     def on_fit_start(self) -> None:
         from mtl.distributed import check_strategy
 
