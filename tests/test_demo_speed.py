@@ -46,12 +46,3 @@ def test_demo_schedule_fits_the_time_budget():
     assert samples * pixels <= 2000 * 3 * 48 ** 2, "the demo's training work grew: re-measure and update the docs"
     assert cfg.data.n_test >= 500  # the test split that the table and Δm are computed on stays large
 
-
-def test_cpu_batches_skip_lightnings_device_transfer_walk():
-    model = create_model(["depth"], backbone="test_resnet", decoder={"name": "hps", "channels": 8})
-    module = MultiTaskModule(model)
-    batch = {"image": torch.zeros(2, 3, 8, 8, dtype=torch.uint8), "depth": torch.ones(2, 1, 8, 8)}
-    assert module.transfer_batch_to_device(batch, torch.device("cpu"), 0) is batch
-    nested = {"image": batch["image"], "meta": {"ids": torch.arange(2)}}  # anything else: Lightning's own walk
-    moved = module.transfer_batch_to_device(nested, torch.device("cpu"), 0)
-    assert moved is not nested and torch.equal(moved["meta"]["ids"], torch.arange(2))
