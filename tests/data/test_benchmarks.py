@@ -146,6 +146,7 @@ def test_nyuv2_labelled_mat(tmp_path):
         create_datamodule("nyuv2", root=str(tmp_path / "nope.mat")).setup()
 
 
+@pytest.mark.slow  # two CLI trainings, ~20 s of CPU each; test_in_process_smoke_training is the fast variant
 @pytest.mark.parametrize("experiment, hw, kw, tasks", [
     ("nyuv2", (36, 48), {}, {"semseg", "depth", "normals"}),
     ("cityscapes", (32, 64), {"classes": 7, "normals": False}, {"semseg", "depth"}),
@@ -174,3 +175,19 @@ def test_cli_smoke_training_on_fixture(tmp_path, experiment, hw, kw, tasks):
     out = model.eval()(x)
     assert out["semseg"].shape[-2:] == x.shape[-2:]
     assert all(math.isfinite(v) for t in metrics["test"].values() for v in t.values())
+
+
+def test_in_process_smoke_training_and_bad_root(tmp_path):
+    import mtl
+    from mtl.train import run
+
+    root = write_npy_layout(tmp_path / "nyu", n_train=2, n_val=1, hw=(12, 16))
+    tiny = ["debug=smoke", "data.size=12", "data.batch_size=2", "viz.num_samples=0", "trainer.limit_train_batches=1",
+            "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
+    run_dir = run(["experiment=nyuv2", f"data.root={root}", *tiny], run_dir=tmp_path / "r")
+    model = mtl.load_model(run_dir / "model")
+    assert set(model.tasks) == {"semseg", "depth", "normals"} and model.tasks["semseg"].num_classes == 13
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["test"]["normals"]) == {"mean_angle", "median_angle", "pct_11_25", "pct_22_5", "pct_30"}
+    with pytest.raises(FileNotFoundError, match=r"nowhere.*train/image"):
+        run(["experiment=cityscapes", f"data.root={tmp_path / 'nowhere'}", *tiny], run_dir=tmp_path / "r2")
