@@ -61,6 +61,7 @@ def test_onnx_equals_pytorch_within_the_printed_tolerance(tmp_path, backbone, ca
     assert np.abs(got["semseg"] - model.train()(x)["semseg"].detach().numpy()).max() > 1e-3
 
 
+@pytest.mark.slow  # the CLI test exports (and verifies) a subset in the fast suite
 def test_onnx_task_subset_holds_only_those_outputs(tmp_path):
     folder = _folder(tmp_path)
     out = mtl.export(folder, "onnx", tmp_path / "depth", tasks=["depth"], exporter="torchscript")
