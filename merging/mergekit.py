@@ -99,14 +99,17 @@ class MergekitMethod(MergeMethod):
         delta = ctx.tv(key, t, pre)
         if self.sparsify == "magnitude":
             mask = magnitude_mask(delta, self.densities[t])
+            work = delta
         elif self.sparsify == "random" and self.densities[t] < 1:
-            mask = torch.bernoulli(torch.full_like(delta, self.densities[t]))
+            # mergekit draws (and rescales) in float32 on the CPU, also for float64 inputs
+            mask = torch.bernoulli(torch.full_like(delta, self.densities[t], dtype=torch.float32))
+            work = delta.to(torch.float32)
         else:
             return delta
         if mask is None:
             return delta
-        masked = delta * mask
-        return _rescaled(delta, masked) if self.hp["rescale"] else masked
+        masked = work * mask
+        return (_rescaled(work, masked) if self.hp["rescale"] else masked).to(delta.dtype)
 
     def merge_tensor(self, ctx: Context, key: str) -> torch.Tensor:
         pre = ctx.pre(key)
