@@ -223,7 +223,7 @@ class NYUv2DataModule(DenseBenchmarkDataModule):
 
     ``root`` is a folder in the MTAN/LibMTL npy layout, or the labelled release
     ``nyu_depth_v2_labeled.mat`` (``format: mat``; needs ``splits_file`` and ``class_mapping``,
-    see mtl/data/nyu_mat.py; it has no normals, so train it with ``task=[semseg,depth]``).
+    see mtl/data/nyu_mat.py; it has no normals, so train it with ``task=[bench_semseg,bench_depth]``).
     """
 
     benchmark = "nyuv2"
