@@ -11,8 +11,8 @@ from torch import nn
 from mtl.flops import count_flops, count_params
 from mtl.models.surgery import diff_plan, snapshot
 from pruning.calib import as_batches, task_losses
-from pruning.graph import LayerGraph, PruningError
-from pruning.methods import METHODS
+from pruning.graph import LayerGraph, check_prunable
+from pruning.methods import METHODS, check_ratio
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,10 @@ def prune(model: nn.Module, method: str, calib: Any = None, *, example: torch.Te
     ``pruning_plan``: ``mtl.io.save_model`` stores it, ``mtl.load_model`` rebuilds the pruned shapes.
     """
     fn = METHODS.get(method)
+    check_prunable(model)
+    for key in ("ratio", "flops_target", "max_layer_ratio"):  # refuse bad values before any work
+        if hparams.get(key) is not None:
+            check_ratio(key, hparams[key])
     batches = as_batches(calib) if calib is not None else []
     if example is None:
         if not batches:

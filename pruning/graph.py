@@ -162,7 +162,8 @@ class LayerGraph:
                 continue
             if list(m.children()) or not any(True for _ in m.parameters(recurse=False)):
                 continue
-            if dg.get_pruner_of_module(m) is None:
+            # an unknown module type is traced as an element-wise op: its parameters would be guessed at
+            if dg.get_pruner_of_module(m) is None or tp.ops.module2type(m) == tp.ops.OPTYPE.ELEMENTWISE:
                 raise PruningError(
                     f"module {name!r} ({type(m).__name__}) holds parameters the dependency graph has no pruner for; "
                     f"pass ignored_layers=['{name}'] to leave it and every channel it touches unpruned")

@@ -48,9 +48,13 @@ def _member_scores(layer: Layer, model: nn.Module, value: Callable[[nn.Parameter
 
 
 @torch.no_grad()
+def l1_layer_scores(layer: Layer, model: nn.Module) -> torch.Tensor:
+    """Group L1 magnitude of one layer's units in ``model`` (the graph's model or a masked copy)."""
+    return _member_scores(layer, model, lambda p: p.detach().abs())
+
+
 def l1_scores(graph: LayerGraph, model: nn.Module) -> dict[str, torch.Tensor]:
-    """Group L1 magnitude of every layer's units in ``model`` (the graph's model or a masked copy)."""
-    return {l.name: _member_scores(l, model, lambda p: p.detach().abs()) for l in graph.layers}
+    return {l.name: l1_layer_scores(l, model) for l in graph.layers}
 
 
 def taylor_scores(graph: LayerGraph, model: nn.Module, batches: list[dict[str, torch.Tensor]],

@@ -28,7 +28,7 @@ from torch import nn
 
 from pruning.calib import task_losses
 from pruning.graph import LayerGraph, PruningError
-from pruning.importance import l1_scores, taylor_scores
+from pruning.importance import l1_layer_scores, taylor_scores
 from pruning.methods import METHODS, check_ratio, reduction
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def search(model: nn.Module, graph: LayerGraph, batches: list[dict[str, torch.Te
     flops_now = graph.total_flops()
     for i, (layer, delta) in enumerate(zip(order, deltas)):
         if importance == "l1":
-            scores = l1_scores(graph, work)[layer.name]
+            scores = l1_layer_scores(layer, work)
         else:
             scores = taylor_scores(graph, work, batches, "max")[0][layer.name]
         ranked = torch.argsort(scores, stable=True).tolist()

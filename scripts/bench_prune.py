@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ def train(overrides: list[str], run_dir: Path) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--merge", type=Path, nargs="+", help="only combine these bench_prune.json files into --out (table + PNGs)")
     ap.add_argument("--tasks", default="semseg,depth,normals,classification")
     ap.add_argument("--backbone", default="resnet10t")
     ap.add_argument("--size", type=int, default=32)
@@ -45,12 +47,18 @@ def main() -> None:
     ap.add_argument("--targets", type=float, nargs="+", default=[0.4, 0.6])
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--calib-batches", type=int, default=2)
+    ap.add_argument("--search-steps", type=int, default=2, help="PAGCP budget bisection steps")
     ap.add_argument("--latency-batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # PAGCP's per-layer progress
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        runs = [json.loads(p.read_text()) for p in args.merge]
+        report(out, [r for run in runs for r in run["rows"]], runs[0]["base_flops"] / 1e6, args.methods)
+        return
     data = [f"data.size={args.size}", f"data.n_train={args.n_train}", "data.n_val=128", "data.n_test=256"]
     common = ["experiment=scenes_hps", f"task=[{args.tasks}]", "logger=none", "viz.num_samples=0",
               "log_weights_every=0", f"backbone={args.backbone}"] + data
@@ -60,55 +68,70 @@ def main() -> None:
         args.targets = args.targets[:1]
     t0 = time.perf_counter()
     base = train(common + [f"trainer.max_epochs={args.epochs}"], out / "base") / "model"
-    ft = common + [f"trainer.max_epochs={args.ft_epochs}", "optim.lr=1e-3", "optim.warmup_ratio=0.0"]
+    # validation only picks the checkpoint of a short fine-tune: two batches do
+    ft = common + [f"trainer.max_epochs={args.ft_epochs}", "optim.lr=1e-3", "optim.warmup_ratio=0.0",
+                   "trainer.limit_val_batches=2"]
     control = train(ft + [f"init_from={base}"], out / "control_ft")
     base_model = load_model(base)
     tasks = base_model.tasks
     base_test = read_json(base / "config.json")["meta"]["test"]
     control_test = read_json(control / "metrics.json")["test"]
+    # phase 1 prunes every (method, target), phase 2 fine-tunes them: on a busy machine the pruning
+    # numbers of every method come first
+    from pruning.job import run as prune_run
+
     rows = []
     for target in args.targets:
         for method in args.methods:
             name = f"{method}_{int(round(100 * target))}"
-            from pruning.job import run as prune_run
-
             pdir = out / name
             if not (pdir / "metrics.json").exists():
                 hp = [f"prune={method}", f"model={base}", f"prune.flops_target={target}",
                       f"calib.batches={args.calib_batches}", f"eval.latency_batch={args.latency_batch}",
                       f"eval.latency_threads={args.threads}", "eval.latency_repeats=20", "overwrite=true"]
                 if method == "pagcp":
-                    hp += ["prune.search_steps=2", "+prune.ratios=[0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9]"]
+                    hp += [f"prune.search_steps={args.search_steps}", "+prune.ratios=[0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9]"]
                 t = time.perf_counter()
                 prune_run(hp, run_dir=pdir)
                 print(f"[bench] {name}: pruned in {time.perf_counter() - t:.0f}s", flush=True)
             rep = read_json(pdir / "metrics.json")
-            tuned = train(ft + [f"init_from={pdir / 'model'}"], out / f"{name}_ft")
-            tuned_test = read_json(tuned / "metrics.json")["test"]
             rows.append({
-                "method": method, "target": target,
+                "name": name, "method": method, "target": target,
                 "flops_reduction": rep["flops"]["reduction"], "params_reduction": rep["params"]["reduction"],
                 "flops": rep["flops"]["after"], "params": rep["params"]["after"],
                 "latency_speedup": rep["latency_ms"]["speedup"], "latency_ms": rep["latency_ms"],
                 "delta_m_pruned": delta_m(rep["metrics"]["after"], base_test, tasks),
-                "delta_m_finetuned": delta_m(tuned_test, control_test, tasks),
-                "test_finetuned": tuned_test, "prune_seconds": rep["prune_seconds"],
+                "delta_m_finetuned": None, "prune_seconds": rep["prune_seconds"],
             })
             print(f"[bench] {name}: FLOPs -{rows[-1]['flops_reduction']:.1%}, Δm pruned {rows[-1]['delta_m_pruned']:+.2f}, "
-                  f"fine-tuned {rows[-1]['delta_m_finetuned']:+.2f}, speed-up {rows[-1]['latency_speedup']:.2f}x", flush=True)
-            (out / "bench_prune.json").write_text(json.dumps({"args": vars(args) | {"out": str(out)}, "rows": rows,
-                                                             "base_test": base_test, "control_test": control_test,
-                                                             "base_flops": rep["flops"]["before"],
-                                                             "base_params": rep["params"]["before"]}, indent=2))
-    base_mflops = rows[0]["flops"] / (1 - rows[0]["flops_reduction"]) / 1e6
+                  f"speed-up {rows[-1]['latency_speedup']:.2f}x", flush=True)
+            _write(out, args, rows, base_test, control_test, rep)
+    for r in rows:
+        tuned = train(ft + [f"init_from={out / r['name'] / 'model'}"], out / f"{r['name']}_ft")
+        r["test_finetuned"] = read_json(tuned / "metrics.json")["test"]
+        r["delta_m_finetuned"] = delta_m(r["test_finetuned"], control_test, tasks)
+        print(f"[bench] {r['name']}: Δm fine-tuned {r['delta_m_finetuned']:+.2f}", flush=True)
+        _write(out, args, rows, base_test, control_test, rep)
+    report(out, rows, rows[0]["flops"] / (1 - rows[0]["flops_reduction"]) / 1e6, args.methods)
+    print(f"total {time.perf_counter() - t0:.0f}s; results in {out / 'bench_prune.json'}")
+
+
+def report(out: Path, rows: list[dict], base_mflops: float, methods) -> None:
     for key, title in (("delta_m_finetuned", "after fine-tuning"), ("delta_m_pruned", "right after pruning")):
-        pts = {m: [(base_mflops, 0.0)] + [(r["flops"] / 1e6, r[key]) for r in rows if r["method"] == m] for m in args.methods}
+        pts = {m: [(base_mflops, 0.0)] + [(r["flops"] / 1e6, r[key]) for r in rows if r["method"] == m and r[key] is not None]
+               for m in methods}
         plot_delta_m_vs_flops(pts, out / f"delta_m_vs_flops_{key.split('_')[-1]}.png", title=f"Δm% vs FLOPs, {title}")
+    fmt = lambda v: "—" if v is None else f"{v:+.2f}"  # noqa: E731
     print(f"\n{'method':10} {'target':>6} {'FLOPs':>7} {'params':>7} {'Δm pruned':>10} {'Δm ft':>7} {'speed-up':>8}")
     for r in rows:
         print(f"{r['method']:10} {r['target']:6.0%} {-r['flops_reduction']:7.1%} {-r['params_reduction']:7.1%} "
-              f"{r['delta_m_pruned']:+10.2f} {r['delta_m_finetuned']:+7.2f} {r['latency_speedup']:7.2f}x")
-    print(f"total {time.perf_counter() - t0:.0f}s; results in {out / 'bench_prune.json'}")
+              f"{fmt(r['delta_m_pruned']):>10} {fmt(r['delta_m_finetuned']):>7} {r['latency_speedup']:7.2f}x")
+
+
+def _write(out: Path, args, rows, base_test, control_test, rep) -> None:
+    (out / "bench_prune.json").write_text(json.dumps(
+        {"args": vars(args) | {"out": str(out)}, "rows": rows, "base_test": base_test, "control_test": control_test,
+         "base_flops": rep["flops"]["before"], "base_params": rep["params"]["before"]}, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,83 @@
+"""mtl-prune end to end: the job on a model folder, its outputs and its refusals; the real CLI (slow)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mtl
+from mtl.flops import count_params
+from mtl.io import save_model
+from mtl.models import create_model
+from pruning.job import run
+
+DATA = {"name": "scenes", "size": 32, "n_train": 32, "n_val": 16, "n_test": 16, "batch_size": 8}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """An (untrained) model folder that knows its data, as mtl-train writes it."""
+    torch.manual_seed(0)
+    m = create_model(["semseg", "depth", "classification"], backbone="test_resnet", decoder={"name": "hps", "channels": 8})
+    path = tmp_path_factory.mktemp("src") / "model"
+    save_model(m, path, meta={"data": DATA})
+    return path
+
+
+def test_job_writes_a_reloadable_smaller_folder_and_report(folder, tmp_path):
+    report = run(["prune=l1", f"model={folder}", "prune.ratio=0.5", "calib.batches=1", "eval.max_batches=1",
+                  "eval.latency_repeats=2"], run_dir=tmp_path / "run")
+    out = tmp_path / "run"
+    assert sorted(p.name for p in (out / "model").iterdir()) == ["config.json", "model.safetensors"]
+    pruned = mtl.load_model(out / "model")
+    assert count_params(pruned) == report["params"]["after"] < report["params"]["before"]
+    assert report["reload_max_abs_diff"] == 0.0
+    assert json.loads((out / "metrics.json").read_text())["method"] == "l1"
+    for png in ("kept_channels.png", "delta_m_vs_flops.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert set(report["metrics"]["after"]) == {"semseg", "depth", "classification"}
+    assert report["latency_ms"]["threads"] == 1 and report["latency_ms"]["after"] > 0
+    assert pruned.meta["data"]["name"] == "scenes" and pruned.meta["pruned_from"] == str(folder)
+
+
+def test_folder_without_data_config_is_refused_and_nothing_written(tmp_path):
+    m = create_model(["depth"], backbone="test_resnet", decoder={"name": "hps", "channels": 8})
+    save_model(m, tmp_path / "nodata")
+    with pytest.raises(ValueError, match=r"nodata/config.json has no meta.data"):
+        run(["prune=l1", f"model={tmp_path / 'nodata'}"], run_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_bad_ratio_is_refused_before_any_work(folder, tmp_path):
+    with pytest.raises(ValueError, match=r"prune.ratio must be a number in \[0, 1\)"):
+        run(["prune=l1", f"model={folder}", "prune.ratio=1.0"], run_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "model").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["l1", "l1_global", "taylor", "pagcp"])
+def test_cli_smoke_every_method(method, tmp_path):
+    env = {**os.environ, "MTL_OUTPUT_DIR": str(tmp_path)}
+    res = subprocess.run([sys.executable, "-m", "pruning.cli", f"prune={method}", "debug=smoke",
+                          f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, env=env, timeout=1200)
+    assert res.returncode == 0, res.stderr[-2000:]
+    last = res.stdout.strip().splitlines()[-1]
+    assert last == f"run_dir: {tmp_path / 'run'}"
+    report = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert report["params"]["after"] < report["params"]["before"] and report["reload_max_abs_diff"] == 0.0
+    if method == "pagcp":  # fine-tuning trains the pruned architecture
+        from mtl.train import run as train
+
+        tuned = train(["experiment=scenes_hps", "debug=smoke", "task=[semseg,depth,classification]", "logger=none",
+                       "viz.num_samples=0", f"init_from={tmp_path / 'run' / 'model'}"], run_dir=tmp_path / "ft")
+        assert count_params(mtl.load_model(tuned / "model")) == report["params"]["after"]
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "pruning.cli", "prune=l1", f"model={tmp_path / 'missing'}",
+                          f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines()[-1].startswith("error: ") and "missing" in res.stderr

@@ -1,0 +1,229 @@
+"""Channel pruning: removal equals zeroing, shapes, reload, the PAGCP oracle, FLOPs, bad input."""
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import mtl
+import pruning
+from mtl.flops import count_flops, count_params
+from mtl.io import save_model
+from mtl.models import create_model
+from pruning import pagcp as pagcp_mod
+from pruning.graph import LayerGraph, PruningError
+
+TASKS = ["semseg", "depth", "classification"]
+
+
+def _model(backbone="test_resnet", seed=0):
+    torch.manual_seed(seed)
+    m = create_model(TASKS, backbone=backbone, decoder={"name": "hps", "channels": 8}).eval()
+    for mod in m.modules():  # non-trivial BN statistics, so a wrong channel mapping shows
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.5, 2.0)
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.uniform_(-0.2, 0.2)
+    return m
+
+
+def _batches(n=2, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        out.append({"image": torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8, generator=g),
+                    "semseg": torch.randint(0, 5, (4, size, size), generator=g),  # 5 scenes classes
+                    "depth": torch.rand(4, 1, size, size, generator=g) * 5,
+                    "classification": torch.randint(0, 3, (4,), generator=g)})
+    return out
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _model()
+
+
+@pytest.fixture(scope="module")
+def batches():
+    return _batches()
+
+
+def _outputs(m, x):
+    with torch.no_grad():
+        return m.eval()(x)
+
+
+# A plain conv -> BN -> ReLU -> conv chain inside the model (no residual partner): removing channels
+# `drop` must compute exactly what the full model computes with those channels' filter and BN affine
+# zeroed (BN then outputs 0 there, so the next conv sees nothing from them).
+CHAINS = [("backbone.body.layer1.0.conv1", "backbone.body.layer1.0.bn1"),
+          ("decoder.heads.depth.body.0.0", "decoder.heads.depth.body.0.1")]
+
+
+@pytest.mark.parametrize("conv,bn", CHAINS)
+def test_removal_equals_zeroed_channels(model, conv, bn):
+    x = _batches(1)[0]["image"]
+    graph = LayerGraph(model, x[:2])
+    size = graph.by_name[conv].size
+    drop = [0, 3, size - 1]
+    pruned, plan = graph.remove({conv: drop})
+    ref = _model()  # same seed: the same weights
+    with torch.no_grad():
+        ref.get_submodule(conv).weight[drop] = 0
+        ref.get_submodule(bn).weight[drop] = 0
+        ref.get_submodule(bn).bias[drop] = 0
+    a, b = _outputs(ref, x), _outputs(pruned, x)
+    for t in TASKS:
+        assert a[t].shape == b[t].shape
+        torch.testing.assert_close(b[t], a[t], rtol=1e-4, atol=1e-5)
+    assert pruned.get_submodule(conv).out_channels == size - len(drop)
+    assert plan["layers"][conv]["kept"] == [i for i in range(size) if i not in drop]
+    assert model.get_submodule(conv).out_channels == size  # the input model is untouched
+
+
+@pytest.mark.slow
+def test_vit_heads_removed_equal_zeroed_heads():
+    model = _model({"name": "test_vit", "img_size": 32, "patch_size": 4})
+    x = _batches(1)[0]["image"][:2]
+    graph = LayerGraph(model, x)
+    name = "backbone.body.model.blocks.0.attn.qkv"
+    layer = graph.by_name[name]
+    attn = model.get_submodule(name[: -len(".qkv")])
+    assert layer.unit == "heads" and layer.size == attn.num_heads
+    pruned, _ = graph.remove({name: [0]})
+    ref = _model({"name": "test_vit", "img_size": 32, "patch_size": 4})
+    d, hd = attn.num_heads * attn.head_dim, attn.head_dim
+    rows = [s * d + j for s in range(3) for j in range(0, hd)]  # q, k and v rows of head 0
+    with torch.no_grad():
+        qkv = ref.get_submodule(name)
+        qkv.weight[rows] = 0
+        if qkv.bias is not None:
+            qkv.bias[rows] = 0
+    a, b = _outputs(ref, x), _outputs(pruned, x)
+    for t in TASKS:
+        torch.testing.assert_close(b[t], a[t], rtol=1e-4, atol=1e-5)
+    assert pruned.get_submodule(name[: -len(".qkv")]).num_heads == attn.num_heads - 1
+
+
+@pytest.mark.parametrize("method,hp", [
+    ("l1", {"ratio": 0.5}), pytest.param("l1_global", {"ratio": 0.4}, marks=pytest.mark.slow),
+    pytest.param("taylor", {"ratio": 0.4, "combine": "max"}, marks=pytest.mark.slow), ("pagcp", {"budget": 0.05})])
+def test_methods_keep_shapes_and_reload(model, batches, method, hp, tmp_path):
+    pruned, report = pruning.prune(model, method, calib=batches, **hp)
+    x = batches[0]["image"]
+    a, b = _outputs(model, x), _outputs(pruned, x)
+    assert {t: v.shape for t, v in a.items()} == {t: v.shape for t, v in b.items()}
+    assert count_params(pruned) < count_params(model) == report["params"]["before"]
+    assert report["params"]["after"] == count_params(pruned)
+    save_model(pruned, tmp_path / "m")
+    # pickle-free: the folder holds exactly the safetensors file and the JSON config
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["model"]["pruning"]["method"] == method and cfg["model"]["pruning"]["modules"]
+    header = int.from_bytes((tmp_path / "m" / "model.safetensors").read_bytes()[:8], "little")
+    json.loads((tmp_path / "m" / "model.safetensors").read_bytes()[8:8 + header])  # a safetensors JSON header
+    reloaded = mtl.load_model(tmp_path / "m")
+    assert count_params(reloaded) == count_params(pruned)
+    c = _outputs(reloaded, x)
+    for t in TASKS:
+        torch.testing.assert_close(c[t], b[t], rtol=0, atol=0)
+
+
+def test_flops_fall_as_ratio_rises(model, batches):
+    x = batches[0]["image"][:1]
+    flops = [count_flops(pruning.prune(model, "l1", example=x, ratio=r)[0], x) for r in (0.0, 0.3, 0.6, 0.9)]
+    assert all(a > b for a, b in zip(flops, flops[1:])), flops
+
+
+def test_thresholds_shrink_geometrically_and_meet_the_budget():
+    deltas = pagcp_mod.layer_thresholds(7, budget=0.2, shrink=0.8)
+    assert math.prod(1 + d for d in deltas) == pytest.approx(1.2, rel=1e-9)
+    assert all(b / a == pytest.approx(0.8) for a, b in zip(deltas, deltas[1:]))
+
+
+def test_oracle_never_accepts_a_ratio_over_any_threshold(model, batches, monkeypatch):
+    """Controlled losses: only layer A matters; semseg's loss is 1 + 2·f and depth's 1 + 0.5·f, f being
+    the fraction of A's filters zeroed. With threshold δ on A the oracle must stop at the largest
+    tried ratio with 2·f ≤ δ, blame semseg, and every other layer must reach the largest ratio."""
+    layer_a = "decoder.neck.refine.0"
+
+    def losses(m, _batches):
+        w = m.get_submodule(layer_a).weight
+        f = float((w.flatten(1).abs().sum(1) == 0).float().mean())
+        return {"semseg": 1 + 2 * f, "depth": 1 + 0.5 * f, "classification": 1.0}
+
+    monkeypatch.setattr(pagcp_mod, "task_losses", losses)
+    graph = LayerGraph(model, batches[0]["image"][:2])
+    removed, steps = pagcp_mod.search(model, graph, batches, budget=0.5, shrink=0.9)
+    step = next(s for s in steps if s["layer"] == layer_a)
+    size = step["size"]
+    allowed = [n for n in (min(math.floor(r * size + 1e-9), size - 1) for r in pagcp_mod.DEFAULT_RATIOS)
+               if 1 + 2 * n / size <= 1 + step["delta"]]
+    assert step["removed"] == max(allowed, default=0)
+    assert step["limiting_task"] == "semseg"
+    for tried in step["tried"]:
+        assert tried["accepted"] == (1 + 2 * tried["units"] / size <= 1 + step["delta"])
+    for s in steps:
+        if s["layer"] != layer_a:
+            assert s["limiting_task"] is None and s["removed"] == min(math.floor(0.95 * s["size"] + 1e-9), s["size"] - 1)
+
+
+@pytest.mark.slow
+def test_taylor_combines_tasks_by_sum_or_max(model, batches):
+    from pruning.importance import taylor_scores
+
+    graph = LayerGraph(model, batches[0]["image"][:2])
+    summed, per_task = taylor_scores(graph, model, batches, "sum")
+    maxed, _ = taylor_scores(graph, model, batches, "max")
+    for name in summed:
+        stack = torch.stack([per_task[t][name] for t in TASKS])
+        torch.testing.assert_close(summed[name], stack.sum(0))
+        torch.testing.assert_close(maxed[name], stack.max(0).values)
+    for t in TASKS:  # each task's scores are normalised to sum 1 over all layers
+        assert sum(float(v.sum()) for v in per_task[t].values()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("ratio", [1.0, -0.1, 1.5])
+def test_ratio_outside_unit_interval_is_refused(model, batches, ratio):
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        pruning.prune(model, "l1", calib=batches, ratio=ratio)
+
+
+def test_unreachable_flops_target_names_the_best_reachable(model, batches):
+    with pytest.raises(PruningError, match=r"not reachable.*the most this method removes .* is \d+\.\d%"):
+        pruning.prune(model, "l1", calib=batches, flops_target=0.9999)
+
+
+def test_unhandled_layer_is_named_and_ignored_layers_works(batches):
+    class Scale(nn.Module):  # parameters the dependency graph has no pruner for
+        def __init__(self, c):
+            super().__init__()
+            self.gain = nn.Parameter(torch.ones(c))
+
+        def forward(self, x):
+            return x * self.gain.view(1, -1, 1, 1)
+
+    m = _model()
+    m.decoder.neck.refine[2] = Scale(8)
+    with pytest.raises(PruningError, match=r"'decoder\.neck\.refine\.2'.*ignored_layers=\['decoder\.neck\.refine\.2'\]"):
+        pruning.prune(m, "l1", calib=batches, ratio=0.5)
+    pruned, report = pruning.prune(m, "l1", calib=batches, ratio=0.5, ignored_layers=["decoder.neck.refine.2"])
+    assert pruned.decoder.neck.refine[2].gain.numel() == 8  # untouched, and the model still runs
+    assert "decoder.neck.refine.0" in report["rounds"][0]["skipped_layers"]
+    _outputs(pruned, batches[0]["image"])
+
+
+def test_unprunable_family_names_the_module(model, batches):
+    m = _model()
+    m._decoder_cfg = {"name": "moe"}
+    with pytest.raises(PruningError, match=r"module 'decoder'.*cannot be pruned yet"):
+        pruning.prune(m, "l1", calib=batches, ratio=0.5)
+
+
+def test_task_output_layers_are_protected(model, batches):
+    pruned, _ = pruning.prune(model, "l1", calib=batches, ratio=0.9)
+    for t in TASKS:
+        out = [mod for mod in pruned.decoder.heads[t].modules() if isinstance(mod, (nn.Conv2d, nn.Linear))][-1]
+        assert (out.out_channels if isinstance(out, nn.Conv2d) else out.out_features) == model.tasks[t].out_channels
