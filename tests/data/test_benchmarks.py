@@ -144,6 +144,12 @@ def test_nyuv2_labelled_mat(tmp_path):
         create_datamodule("nyuv2", root=str(mat), splits_file=str(splits)).setup()
     with pytest.raises(FileNotFoundError, match="nyu_depth_v2_labeled.mat"):
         create_datamodule("nyuv2", root=str(tmp_path / "nope.mat")).setup()
+    # the release has no normals: experiment=nyuv2 (semseg, depth, normals) on it says so at setup
+    from mtl.train import run
+
+    with pytest.raises(ValueError, match=r"\['normals'\] have no targets.*\['depth', 'semseg'\]"):  # before any step
+        run(["experiment=nyuv2", f"data.root={mat}", f"data.splits_file={splits}",
+             f"data.class_mapping={tmp_path / 'map.json'}", "debug=smoke"], run_dir=tmp_path / "r")
 
 
 @pytest.mark.slow  # two CLI trainings, ~20 s of CPU each; test_in_process_smoke_training is the fast variant
