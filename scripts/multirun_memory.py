@@ -1,10 +1,12 @@
 """Resident memory of a process that runs several `mtl-train` jobs one after another, as a Hydra `-m`
 multirun does, and what each job leaves alive.
 
-    python scripts/multirun_memory.py --jobs 6 [--smoke]
+    python scripts/multirun_memory.py --jobs 6 [--smoke]          # mtl.train.run, one call per job
+    python scripts/multirun_memory.py --jobs 6 --smoke --hydra    # the real `mtl-train -m` multirun
 
-Prints, after every job: RSS (MB) and the number of live trainers, modules, data modules and
-models. A job that releases everything leaves the counts at 0 and the RSS flat after the first jobs.
+Prints, after every job (or, with --hydra, before the next): RSS (MB) and the number of trainers,
+modules, data modules and models still in memory, unreachable reference cycles included. A job that
+releases everything leaves the counts at 0 and the RSS flat after the first jobs.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ def rss_mb() -> float:
 
 
 def live(kinds) -> dict[str, int]:
-    gc.collect()
+    """Instances still in memory, collected or not: what a job left in reference cycles counts too."""
     counts = {k.__name__: 0 for k in kinds}
     for o in gc.get_objects():
         for k in kinds:
@@ -39,6 +41,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--jobs", type=int, default=6)
     p.add_argument("--smoke", action="store_true", help="debug=smoke data sizes (seconds per job)")
+    p.add_argument("--hydra", action="store_true", help="through mtl-train's Hydra multirun (-m), in this process")
+    p.add_argument("--no-release", action="store_true", help="skip the end-of-job release (the behaviour before it)")
     args = p.parse_args()
 
     import lightning as L
@@ -46,7 +50,11 @@ def main() -> None:
     from mtl.data.memory import TensorDataModule
     from mtl.models import MultiTaskModel
     from mtl.module import MultiTaskModule
+    import mtl.train
     from mtl.train import run
+
+    if args.no_release:
+        mtl.train._release = lambda: None
 
     overrides = ["experiment=scenes_hps", "viz.num_samples=0", "~callbacks.progress_bar",
                  "+trainer.enable_progress_bar=false", "trainer.max_epochs=1", "++trainer.limit_train_batches=4",
@@ -57,6 +65,29 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="multirun_memory_"))
     print(f"start: rss {rss_mb():.0f} MB", flush=True)
     balancers = ["ew", "dwa", "uw", "rlw", "famo", "gradnorm"]
+    if args.hydra:
+        from mtl.cli import train as cli
+
+        inner, job = mtl.train.train, iter(range(args.jobs))
+
+        def train(cfg, run_dir):  # what the previous jobs left, seen at the start of the next one
+            counts = live(kinds)
+            print(f"before job {next(job)}: rss {rss_mb():.0f} MB  live "
+                  + ", ".join(f"{k} {v}" for k, v in counts.items()), flush=True)
+            return inner(cfg, run_dir)
+
+        mtl.train.train = train
+        os.environ["MTL_OUTPUT_DIR"] = str(root)
+        sweep = ",".join(balancers[i % len(balancers)] for i in range(args.jobs))
+        sys.argv = ["mtl-train", "-m", *overrides,
+                    "logger=none", f"balancer={sweep}"]
+        try:
+            cli.main()
+        except SystemExit:
+            pass
+        counts = live(kinds)
+        print(f"after all: rss {rss_mb():.0f} MB  live " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        return
     for i in range(args.jobs):
         t = time.perf_counter()
         run(overrides + [f"balancer={balancers[i % len(balancers)]}"], run_dir=root / str(i))
