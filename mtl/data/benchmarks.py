@@ -224,8 +224,7 @@ class CityscapesDataModule(DenseBenchmarkDataModule):
         label = f"label_{self.num_classes}"
         if self.num_classes == 7 and not (split_dir / label).is_dir():
             label = "label"
-        t = read_npy_split(split_dir, {"semseg": label, "depth": "depth"}, self.num_classes, limit, self.size)
-        return t
+        return read_npy_split(split_dir, {"semseg": label, "depth": "depth"}, self.num_classes, limit, self.size)
 
 
 class NYUv2DataModule(DenseBenchmarkDataModule):
