@@ -213,7 +213,8 @@ def print_summary(metrics: dict[str, Any], tasks) -> None:
     console.print(table)
     if "delta_m" in metrics:
         d = metrics["delta_m"]
-        console.print(f"Δm% ({d['variant']} metrics, * above) vs {d['baselines']}: {d['value']:+.2f}")
+        over = "the * metrics above" if d["variant"] == "primary" else "every metric above"
+        console.print(f"Δm% (variant {d['variant']}: {over}) vs {d['baselines']}: {d['value']:+.2f}")
     if "model_stats" in metrics:
         st = metrics["model_stats"]
         per_task = ", ".join(f"{t} {f / 1e6:.2f}M" for t, f in st.get("flops_per_task", {}).items())
