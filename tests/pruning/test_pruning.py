@@ -227,3 +227,19 @@ def test_task_output_layers_are_protected(model, batches):
     for t in TASKS:
         out = [mod for mod in pruned.decoder.heads[t].modules() if isinstance(mod, (nn.Conv2d, nn.Linear))][-1]
         assert (out.out_channels if isinstance(out, nn.Conv2d) else out.out_features) == model.tasks[t].out_channels
+
+
+def test_rounds_call_finetune_between_and_compose_kept_indices(model, batches, tmp_path):
+    calls = []
+    pruned, report = pruning.prune(model, "l1", calib=batches, ratio=0.5, rounds=2, finetune=lambda m: calls.append(m))
+    assert len(calls) == 1  # between the two rounds only
+    per_round = 1 - 0.5 ** 0.5
+    for row, spec in zip(report["layers"], pruned.pruning_plan["layers"].values()):
+        first = row["size"] - math.floor(per_round * row["size"] + 1e-9)
+        assert row["kept"] == first - math.floor(per_round * first + 1e-9)
+        assert spec["kept"] == sorted(set(spec["kept"])) and spec["kept"][-1] < row["size"]
+    save_model(pruned, tmp_path / "m")
+    reloaded = mtl.load_model(tmp_path / "m")
+    x = batches[0]["image"]
+    a, b = _outputs(pruned, x), _outputs(reloaded, x)
+    assert all(torch.equal(a[t], b[t]) for t in TASKS)
