@@ -67,7 +67,7 @@ def extract_task(model, task: str, calib: Any, min_share: float = 0.0):
         dropped_share.append(float(sum(share[e] for e in ids if e not in keep)))
     cfg = model.config
     cfg["tasks"] = [model.tasks[task].to_config()]
-    cfg["moe"]["experts_kept"] = kept
+    cfg["decoder"]["experts_kept"] = kept
     sub = TaskMoEViT.from_config(cfg).to(next(model.parameters()).device)
     parent = model.state_dict()
     state = {}
