@@ -107,6 +107,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     is checked before fitting; after testing, the model folder and metrics.json are written first,
     so a later failure (plots, baselines update) never loses the trained model.
     """
+    try:
+        return _train(cfg, run_dir)
+    finally:
+        _release()  # here, not inside _train: its frame still holds the job's objects there
+
+
+def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(run_dir / "config.yaml") as tmp:
@@ -125,11 +132,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
     trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), callbacks=callbacks, logger=loggers or False,
                         default_root_dir=str(run_dir))
-    try:
-        return _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, baselines, variant)
-    finally:
-        del trainer, module, datamodule
-        _release()
+    return _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, baselines, variant)
 
 
 def _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, baselines, variant) -> dict[str, Any]:
