@@ -254,9 +254,12 @@ class LayerGraph:
         before = snapshot(model)
         dg = build_graph(model, self.example)
         kept: dict[str, Any] = {}
-        for lname, units in removed.items():
-            units = sorted(set(int(u) for u in units))
-            layer = self.by_name[lname]
+        unknown = [n for n in removed if n not in self.by_name]
+        if unknown:
+            raise PruningError(f"no prunable layer named {unknown[0]!r}")
+        for layer in self.layers:  # every layer, pruned or not, so the plan lists the whole model
+            lname = layer.name
+            units = sorted(set(int(u) for u in removed.get(lname, ())))
             if len(units) >= layer.size:
                 raise PruningError(f"layer {lname!r}: cannot remove all {layer.size} {layer.unit}")
             if units:
