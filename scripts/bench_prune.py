@@ -70,7 +70,7 @@ def main() -> None:
     base = train(common + [f"trainer.max_epochs={args.epochs}"], out / "base") / "model"
     # validation only picks the checkpoint of a short fine-tune: two batches do
     ft = common + [f"trainer.max_epochs={args.ft_epochs}", "optim.lr=1e-3", "optim.warmup_ratio=0.0",
-                   "trainer.limit_val_batches=2"]
+                   "++trainer.limit_val_batches=2"]
     control = train(ft + [f"init_from={base}"], out / "control_ft")
     base_model = load_model(base)
     tasks = base_model.tasks
