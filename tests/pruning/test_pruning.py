@@ -109,7 +109,8 @@ def test_vit_heads_removed_equal_zeroed_heads():
 
 @pytest.mark.parametrize("method,hp", [
     ("l1", {"ratio": 0.5}), pytest.param("l1_global", {"ratio": 0.4}, marks=pytest.mark.slow),
-    pytest.param("taylor", {"ratio": 0.4, "combine": "max"}, marks=pytest.mark.slow), ("pagcp", {"budget": 0.05})])
+    pytest.param("taylor", {"ratio": 0.4, "combine": "max"}, marks=pytest.mark.slow),
+    pytest.param("pagcp", {"budget": 0.05}, marks=pytest.mark.slow)])
 def test_methods_keep_shapes_and_reload(model, batches, method, hp, tmp_path):
     pruned, report = pruning.prune(model, method, calib=batches, **hp)
     x = batches[0]["image"]
