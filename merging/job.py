@@ -25,7 +25,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import merging
-from mtl.io import atomic_path, read_json, save_model, write_json
+from mtl.cli.common import start_run
+from mtl.io import read_json, save_model, write_json
 from mtl.models import MultiTaskModel
 from mtl.registry import Registry
 
@@ -194,13 +195,7 @@ def _method(cfg: DictConfig) -> tuple[str, CliMethod, dict[str, Any]]:
 
 
 def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(run_dir / "config.yaml") as tmp:
-        tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    output = Path(cfg.output) if cfg.get("output") else run_dir / "model"
-    if output.exists() and not cfg.overwrite:
-        raise FileExistsError(f"{output} exists; pass overwrite=true to replace it")
+    run_dir, output = start_run(cfg, run_dir)
     name, select, hp = _method(cfg)
     start = time.perf_counter()
     if not cfg.eval.get("enabled", True):

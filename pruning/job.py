@@ -12,23 +12,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import pruning
-from mtl.io import atomic_path, load_model, save_model, write_json
+from mtl.cli.common import input_model, start_run
+from mtl.io import load_model, save_model, write_json
 from pruning.calib import calibration_batches, datamodule_for
 from pruning.methods import METHODS
 from pruning.report import evaluate_all, latency_ms, plot_delta_m_vs_flops, plot_kept
 
 log = logging.getLogger(__name__)
-
-SMOKE_TASKS = "[semseg,depth,classification]"
-
-
-def build_smoke_model(root: Path) -> Path:
-    """A seconds-long real model to prune: timm's test ResNet trained briefly on three scenes tasks."""
-    from mtl.train import run
-
-    return run(["experiment=scenes_hps", "debug=smoke", "viz.num_samples=0", "logger=none", f"task={SMOKE_TASKS}",
-                "log_weights_every=0"], run_dir=root) / "model"
-
 
 def _hparams(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
     hp = OmegaConf.to_container(cfg.prune, resolve=True)
@@ -68,21 +58,10 @@ def delta_m_vs(reference: dict[str, dict[str, float]], metrics: dict[str, dict[s
 
 
 def run_prune(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(run_dir / "config.yaml") as tmp:
-        tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    output = Path(cfg.output) if cfg.get("output") else run_dir / "model"
-    if output.exists() and not cfg.overwrite:
-        raise FileExistsError(f"{output} exists; pass overwrite=true to replace it")
+    run_dir, output = start_run(cfg, run_dir)
     method, hp = _hparams(cfg)
     torch.manual_seed(int(cfg.seed))
-    if cfg.get("model"):
-        source = Path(cfg.model)
-    elif cfg.get("smoke_model"):
-        source = build_smoke_model(run_dir / "smoke_model")
-    else:
-        raise ValueError("nothing to prune: pass model=<model folder> (or debug=smoke to build a tiny one)")
+    source = input_model(cfg, run_dir, "prune")
     start = time.perf_counter()
     model = load_model(source)
     dm = datamodule_for(model, OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else None, source)

@@ -208,3 +208,39 @@ def compose_in_process(config_module: str, config_name: str, overrides, run_dir=
     OmegaConf.set_struct(cfg, False)
     cfg.paths.output_dir = str(run_dir)
     return cfg, Path(run_dir)
+
+
+# --- what the job CLIs (mtl-merge, mtl-prune, mtl-export, mtl-extract) share -----------------------
+def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model") -> tuple[Path, Path]:
+    """Create the run folder, store the resolved config in it and resolve ``cfg.output`` (default
+    ``<run_dir>/<default_output>``); an existing output is refused unless ``overwrite=true``."""
+    from omegaconf import OmegaConf
+
+    from mtl.io import atomic_path
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(run_dir / "config.yaml") as tmp:
+        tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    output = Path(cfg.output) if cfg.get("output") else run_dir / default_output
+    if output.exists() and not cfg.get("overwrite"):
+        raise FileExistsError(f"{output} exists; pass overwrite=true to replace it")
+    return run_dir, output
+
+
+def smoke_model(root: str | os.PathLike, experiment: str = "scenes_hps",
+                tasks: str = "[semseg,depth,classification]") -> Path:
+    """A seconds-long real model folder (a ``debug=smoke`` training run) for the job CLIs' smoke runs."""
+    from mtl.train import run
+
+    return run([f"experiment={experiment}", "debug=smoke", "viz.num_samples=0", "logger=none",
+                "log_weights_every=0", f"task={tasks}"], run_dir=Path(root)) / "model"
+
+
+def input_model(cfg, run_dir: Path, verb: str, experiment: str = "scenes_hps") -> Path:
+    """``cfg.model``, or with ``smoke_model=true`` (``debug=smoke``) a tiny model trained first."""
+    if cfg.get("model"):
+        return Path(cfg.model)
+    if cfg.get("smoke_model"):
+        return smoke_model(run_dir / "smoke_model", experiment)
+    raise ValueError(f"nothing to {verb}: pass model=<model folder> (or debug=smoke to build a tiny one)")

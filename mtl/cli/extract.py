@@ -1,6 +1,8 @@
 """``mtl-extract``: a standalone single-task sub-network of a task-routed MoE model folder.
 
-    mtl-extract model=<folder> task=depth [calib.batches=8] [min_share=0.0]
+    mtl-extract model=<folder> tasks=depth [calib.batches=8] [min_share=0.0]
+
+(`tasks=`, as in mtl-export: `task` is the training config group, which Hydra would try to load.)
     mtl-extract debug=smoke              # trains a tiny real task-MoE model first, in seconds
 """
 from __future__ import annotations
@@ -11,15 +13,14 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from mtl.cli.common import cli_main, run_job
+from mtl.cli.common import cli_main, input_model, run_job, start_run
 
 
-def build_smoke_model(root: Path) -> Path:
-    from mtl.train import run
-
-    run_dir = run(["experiment=scenes_task_moe_vit", "debug=smoke", "viz.num_samples=0", "logger=none",
-                   "task=[semseg,depth,classification]"], run_dir=root)
-    return run_dir / "model"
+def _one_task(tasks) -> str:
+    names = [tasks] if isinstance(tasks, str) else list(tasks or [])
+    if len(names) != 1:
+        raise ValueError(f"pass exactly one task to extract: tasks=<name> (got {names or 'none'})")
+    return str(names[0])
 
 
 def calibration_batches(model, cfg: DictConfig) -> list[dict[str, Any]]:
@@ -52,23 +53,12 @@ def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     from mtl.flops import model_stats
     from mtl.io import write_json
 
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    output = Path(cfg.output) if cfg.get("output") else run_dir / "model"
-    if output.exists() and not cfg.overwrite:
-        raise FileExistsError(f"{output} exists; pass overwrite=true to replace it")
-    if not cfg.get("task"):
-        raise ValueError("no task given: pass task=<name>")
-    if cfg.get("model"):
-        folder = Path(cfg.model)
-    elif cfg.get("smoke_model"):
-        folder = build_smoke_model(run_dir / "smoke_model")
-    else:
-        raise ValueError("nothing to extract from: pass model=<model folder> (or debug=smoke for a tiny one)")
+    run_dir, output = start_run(cfg, run_dir)
+    task = _one_task(cfg.get("tasks"))
+    folder = input_model(cfg, run_dir, "extract from", experiment="scenes_task_moe_vit")
     model = mtl.load_model(folder)
     batches = calibration_batches(model, cfg)
-    sub = mtl.extract(model, out=output, overwrite=bool(cfg.overwrite), task=str(cfg.task), calib=batches,
+    sub = mtl.extract(model, out=output, overwrite=bool(cfg.overwrite), task=task, calib=batches,
                       min_share=float(cfg.min_share))
     x = batches[0]["image"][:1]
     report = {**getattr(sub, "extraction_report", {}), "model": str(folder), "output": str(output),

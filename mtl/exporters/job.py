@@ -6,33 +6,15 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from mtl.cli.common import input_model, start_run
 from mtl.exporters.api import export, read_report
 
 
-def build_smoke_model(root: Path) -> Path:
-    """A seconds-long real model: scenes semseg + depth + classification on timm's test backbone."""
-    from mtl.train import run
-
-    run_dir = run(["experiment=scenes_hps", "debug=smoke", "viz.num_samples=0", "logger=none",
-                   "task=[semseg,depth,classification]"], run_dir=root)
-    return run_dir / "model"
-
-
 def run_export(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     options = OmegaConf.to_container(cfg.format, resolve=True)
     fmt = options.pop("name")
-    output = Path(cfg.output) if cfg.get("output") else run_dir / fmt
-    if output.exists() and not cfg.overwrite:
-        raise FileExistsError(f"{output} exists; pass overwrite=true to replace it")
-    if cfg.get("model"):
-        model = Path(cfg.model)
-    elif cfg.get("smoke_model"):
-        model = build_smoke_model(run_dir / "smoke_model")
-    else:
-        raise ValueError("nothing to export: pass model=<model folder> (or debug=smoke for a tiny one)")
+    run_dir, output = start_run(cfg, run_dir, default_output=fmt)
+    model = input_model(cfg, run_dir, "export")
     tasks = cfg.get("tasks")
     if tasks is not None and not isinstance(tasks, str):
         tasks = [str(t) for t in tasks]
