@@ -16,6 +16,21 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def select_tasks(available: Iterable[str], tasks: Iterable[str] | str | None) -> list[str]:
+    """The requested task names (all of ``available`` for None), checked: unknown or repeated names
+    are errors naming them."""
+    available = list(available)
+    if tasks is None:
+        return available
+    names = [tasks] if isinstance(tasks, str) else list(tasks)
+    unknown = [t for t in names if t not in available]
+    if unknown:
+        raise KeyError(f"unknown task(s) {unknown}; this model has: {', '.join(available)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"tasks repeated: {names}")
+    return names
+
+
 @MODELS.register("multitask")
 class MultiTaskModel(nn.Module):
     """``forward(x, tasks=None) -> {task: prediction}``; only the requested tasks' heads run.
@@ -85,13 +100,7 @@ class MultiTaskModel(nn.Module):
         return self.heads(self.shared(x), tuple(x.shape[-2:]), names)
 
     def _check_tasks(self, tasks: Iterable[str] | None) -> list[str]:
-        if tasks is None:
-            return list(self.tasks)
-        names = [tasks] if isinstance(tasks, str) else list(tasks)
-        unknown = [t for t in names if t not in self.tasks]
-        if unknown:
-            raise KeyError(f"unknown task(s) {unknown}; this model has: {', '.join(self.tasks)}")
-        return names
+        return select_tasks(self.tasks, tasks)
 
     # --- parameter groups -------------------------------------------------------------------
     def task_parameters(self, task: str) -> list[nn.Parameter]:

@@ -24,6 +24,7 @@ from torch import nn
 
 from mtl.models.decoders.hps import create_head
 from mtl.models.families import MODELS
+from mtl.models.multitask import select_tasks
 from mtl.models.moe import StackedExperts, TopKRouter, check_top_k, task_expert_mutual_information
 from mtl.tasks import Task, create_task
 
@@ -199,15 +200,7 @@ class TaskMoEViT(nn.Module):
         return self.heads(self.encode(x, names), tuple(x.shape[-2:]), names)
 
     def _check_tasks(self, tasks: Iterable[str] | None) -> list[str]:
-        if tasks is None:
-            return list(self.tasks)
-        names = [tasks] if isinstance(tasks, str) else list(tasks)
-        unknown = [t for t in names if t not in self.tasks]
-        if unknown:
-            raise KeyError(f"unknown task(s) {unknown}; this model has: {', '.join(self.tasks)}")
-        if len(set(names)) != len(names):
-            raise ValueError(f"tasks repeated: {names}")
-        return names
+        return select_tasks(self.tasks, tasks)
 
     # --- MoE bookkeeping ----------------------------------------------------------------------
     def moe_modules(self) -> list[TaskMoE]:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtl.models.decoders.base import DECODERS
+from mtl.models.decoders.hps import Fusion
 from mtl.models.slimmable.layers import DEFAULT_WIDTHS, batchnorm, check_width_set, conv, linear
 from mtl.models.slimmable.resnet import ENCODER
 from mtl.tasks import Task
@@ -23,22 +24,15 @@ def decoder_key(task: str) -> str:
     return f"decoder.{task}"
 
 
-class SlimFusion(nn.Module):
+class SlimFusion(Fusion):
     """Project every scale to ``channels``, upsample to the finest one, sum, refine (as ``hps``)."""
 
     def __init__(self, in_channels: list[int], channels: int, widths: Sequence[float] | None):
-        super().__init__()
+        nn.Module.__init__(self)  # Fusion's forward, slimmable layers in place of its plain ones
         kw = {"widths": widths, "in_key": ENCODER, "out_key": ENCODER}
         self.lateral = nn.ModuleList(conv(c, channels, 1, bias=True, **kw) for c in in_channels)
         self.refine = nn.Sequential(conv(channels, channels, 3, **kw), batchnorm(channels, widths, ENCODER),
                                     nn.ReLU(inplace=True))
-
-    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
-        size = feats[0].shape[-2:]
-        out = self.lateral[0](feats[0])
-        for lat, f in zip(self.lateral[1:], feats[1:]):
-            out = out + F.interpolate(lat(f), size=size, mode="bilinear", align_corners=False)
-        return self.refine(out)
 
 
 class SlimDenseHead(nn.Module):
