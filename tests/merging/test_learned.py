@@ -14,13 +14,7 @@ from merging.sources import MergeInputError
 T = 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: torch's intra-op threads only add stalls on a shared machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/merging/conftest.py
 
 
 class Toy(nn.Module):

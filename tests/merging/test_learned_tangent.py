@@ -8,12 +8,7 @@ import mtl
 from mtl.models import LinearizedModel, create_model, linearize
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/merging/conftest.py
 
 
 def plain_model(seed=0):

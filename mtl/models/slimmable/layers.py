@@ -55,42 +55,47 @@ def width_index(width_set: Sequence[float], width: float) -> int | None:
     return None
 
 
-class SlimConv2d(nn.Conv2d):
+class _Sliced:
+    """What sliced conv and linear layers share: the full weight (out, in, ...) stays, the forward uses
+    ``weight[:out(w_out), :in(w_in)]``; a side without a width key keeps its full size."""
+
+    def _init_slicing(self, in_key: str | None, out_key: str | None) -> None:
+        self.in_key, self.out_key = in_key, out_key
+        self.in_width = self.out_width = 1.0
+
+    def active(self) -> tuple[int, int]:
+        full_out, full_in = self.weight.shape[:2]
+        cin = channels_at(full_in, self.in_width) if self.in_key else full_in
+        cout = channels_at(full_out, self.out_width) if self.out_key else full_out
+        return cin, cout
+
+    def sliced(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cin, cout = self.active()
+        return self.weight[:cout, :cin], (self.bias[:cout] if self.bias is not None else None)
+
+
+class SlimConv2d(_Sliced, nn.Conv2d):
     """``nn.Conv2d`` holding the full weight; runs on ``weight[:out(w_out), :in(w_in)]``."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
                  bias: bool = True, in_key: str | None = None, out_key: str | None = None):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
-        self.in_key, self.out_key = in_key, out_key
-        self.in_width = self.out_width = 1.0
-
-    def active(self) -> tuple[int, int]:
-        cin = channels_at(self.in_channels, self.in_width) if self.in_key else self.in_channels
-        cout = channels_at(self.out_channels, self.out_width) if self.out_key else self.out_channels
-        return cin, cout
+        self._init_slicing(in_key, out_key)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cin, cout = self.active()
-        bias = self.bias[:cout] if self.bias is not None else None
-        return F.conv2d(x, self.weight[:cout, :cin], bias, self.stride, self.padding, self.dilation)
+        weight, bias = self.sliced()
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
 
 
-class SlimLinear(nn.Linear):
+class SlimLinear(_Sliced, nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  in_key: str | None = None, out_key: str | None = None):
         super().__init__(in_features, out_features, bias=bias)
-        self.in_key, self.out_key = in_key, out_key
-        self.in_width = self.out_width = 1.0
-
-    def active(self) -> tuple[int, int]:
-        cin = channels_at(self.in_features, self.in_width) if self.in_key else self.in_features
-        cout = channels_at(self.out_features, self.out_width) if self.out_key else self.out_features
-        return cin, cout
+        self._init_slicing(in_key, out_key)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cin, cout = self.active()
-        bias = self.bias[:cout] if self.bias is not None else None
-        return F.linear(x, self.weight[:cout, :cin], bias)
+        weight, bias = self.sliced()
+        return F.linear(x, weight, bias)
 
 
 class SwitchableBatchNorm2d(nn.modules.batchnorm._BatchNorm):
