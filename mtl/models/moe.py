@@ -121,8 +121,10 @@ class StackedExperts(nn.Module):
         h = F.gelu(torch.einsum("td,edh->eth", x, self.w1) + self.b1[:, None])
         return torch.einsum("eth,eho->eto", h, self.w2) + self.b2[:, None]
 
-    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return torch.addmm(self.b2[e], F.gelu(torch.addmm(self.b1[e], x, self.w1[e])), self.w2[e])
+    def expert(self, e: int, x: torch.Tensor, weights: tuple | None = None) -> torch.Tensor:
+        """Expert e on tokens x; `weights`: (w1, b1, w2, b2) already split per expert (see `sparse`)."""
+        w1, b1, w2, b2 = weights if weights is not None else (self.w1, self.b1, self.w2, self.b2)
+        return torch.addmm(b2[e], F.gelu(torch.addmm(b1[e], x, w1[e])), w2[e])
 
     def sparse(self, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``y_i = Σ_j weight[i, j] · expert_{index[i, j]}(x_i)``, running each expert only on the tokens
@@ -135,9 +137,9 @@ class StackedExperts(nn.Module):
         token = order // k
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         xs = x.index_select(0, token)
-        ws = weight.reshape(-1)[order, None].to(x.dtype)
-        out = x.new_zeros(x.shape[0], self.out_dim)
-        for e, (xe, we, te) in enumerate(zip(xs.split(counts), ws.split(counts), token.split(counts))):
-            if counts[e]:  # experts without tokens do not run
-                out.index_add_(0, te, self.expert(e, xe) * we)
-        return out
+        # unbind once: its backward stacks the E expert gradients in one op, where indexing w1[e]
+        # per expert would fill a full (E, ·, ·) zero gradient per expert and sum them
+        split = tuple(p.unbind(0) for p in (self.w1, self.b1, self.w2, self.b2))
+        ys = [self.expert(e, xe, split) for e, xe in enumerate(xs.split(counts)) if counts[e]]
+        y = torch.cat(ys) * weight.reshape(-1)[order, None].to(x.dtype)
+        return x.new_zeros(x.shape[0], self.out_dim).index_add_(0, token, y)

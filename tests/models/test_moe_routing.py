@@ -89,7 +89,7 @@ def test_sparse_dispatch_skips_unrouted_experts():
     experts = StackedExperts(4, 3, 5)
     calls = []
     orig = experts.expert
-    experts.expert = lambda e, x: calls.append(e) or orig(e, x)
+    experts.expert = lambda e, x, *w: calls.append(e) or orig(e, x, *w)
     experts.sparse(torch.randn(6, 3), torch.tensor([[1], [3]] * 3), torch.ones(6, 1))
     assert sorted(calls) == [1, 3]
 
