@@ -8,7 +8,7 @@ tensors one by one; the callers only differ in where those go (a dict, or a file
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -66,6 +66,7 @@ class Context:
         self._checked: set[tuple[int, str]] = set()
         self._ws: dict[tuple[str, torch.dtype], torch.Tensor] = {}
         self._ws_numel = max((plan.infos[k].numel for k in plan.merge), default=0)
+        self.chunks = None  # a `merging.kernels.Chunks` when the chunked kernels are in use
 
     # -- workspaces ---------------------------------------------------------------------------------
     def buffer(self, name: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
@@ -113,6 +114,10 @@ class Context:
         """For methods that propagate NaN/Inf: a non-finite output is traced back to the input at fault."""
         if not self.check_finite or not out.is_floating_point() or torch.isfinite(out.sum()) or torch.isfinite(out).all():
             return
+        self.trace_nonfinite(key)
+
+    def trace_nonfinite(self, key: str) -> None:
+        """The output for `key` is non-finite: raise naming the input at fault (or an overflow)."""
         for i, src in enumerate(self.sources):
             x = src.get(key)
             self._validate(x.to(self.plan.compute.get(key, x.dtype)), i, key)
@@ -168,17 +173,21 @@ def open_context(pretrained, finetuned, opts: KeyOptions, min_models: int, what:
     return Context(pre, fts, plan, check_finite=opts["check_finite"])
 
 
-def produce(method, ctx: Context) -> Iterable[tuple[str, torch.Tensor]]:
+def produce(method, ctx: Context, fused: Callable[[str], object] | None = None) -> Iterable[tuple[str, torch.Tensor]]:
     """Yield `(key, tensor)` in output order, each in the pretrained model's dtype.
 
     A yielded tensor may be a workspace reused for the next key, or share memory with an input:
-    consume it (write it out, or clone it) before asking for the next one.
+    consume it (write it out, or clone it) before asking for the next one. With `fused`, merged keys
+    yield `fused(key)` instead (a `merging.kernels.Streamed`, produced chunk by chunk).
     """
     plan = ctx.plan
     propagates = getattr(method, "propagates_nonfinite", False)
     for key in ctx.iter_keys(plan.order):
         kind = plan.kind[key]
         dtype = plan.infos[key].dtype
+        if kind == "merge" and fused is not None:
+            yield key, fused(key)
+            continue
         if kind == "merge":
             ctx.check_outputs_only = propagates
             out = method.merge_tensor(ctx, key)

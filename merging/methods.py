@@ -288,6 +288,10 @@ def global_thresholds(ctx: Context, method: MergeMethod, k: float, select: str) 
     """Per-task threshold keeping the top-k% of |τ_t| over the whole (merged part of the) model."""
     keys = ctx.plan.merge
     n = keep_count(ctx.plan.num_merged_params, k)
+    if select == "radix" and ctx.chunks is not None and method.transform is None:
+        from .kernels import ties_thresholds  # chunked reads: memory bounded by the chunk
+
+        return ties_thresholds(method, ctx.chunks, keys, n)
     dtype = torch.float64 if any(ctx.plan.compute[key] == torch.float64 for key in keys) else torch.float32
     if select == "radix":
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -97,6 +98,10 @@ class StateSource(ABC):
 
     def prefetch(self, key: str) -> None:
         """Hint that `key` will be read soon (file sources start the disk read)."""
+
+    def read_into(self, key: str, start: int, out: torch.Tensor) -> torch.Tensor:
+        """Copy flat entries [start, start + out.numel()) of `key` into `out` (same dtype) and return it."""
+        return out.copy_(self.get(key).reshape(-1)[start : start + out.numel()])
 
     def close(self) -> None:
         """Release cached file handles (tensors already handed out stay valid)."""
@@ -198,6 +203,26 @@ class SafetensorsSource(StateSource):
         if e > s:
             os.posix_fadvise(self._fd, self._data_start + s, e - s, os.POSIX_FADV_WILLNEED)
 
+    def read_into(self, key: str, start: int, out: torch.Tensor) -> torch.Tensor:
+        """`pread` straight from the file into `out`: no mapping, so nothing read stays in our RSS."""
+        info = self._infos[key]
+        if sys.byteorder != "little" or out.dtype != info.dtype or not out.is_contiguous():
+            return super().read_into(key, start, out)
+        size = out.element_size()
+        if start < 0 or start + out.numel() > info.numel:
+            raise IndexError(f"{key!r}: entries [{start}, {start + out.numel()}) outside 0..{info.numel}")
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        view = memoryview(out.view(torch.uint8).numpy()).cast("B")
+        pos = self._data_start + self._offsets[key][0] + start * size
+        done = 0
+        while done < len(view):
+            n = os.preadv(self._fd, [view[done:]], pos + done)
+            if n <= 0:
+                raise MergeInputError(f"{self.path}: file ends inside tensor {key!r}")
+            done += n
+        return out
+
     def _open(self):
         from safetensors import safe_open
 
@@ -276,6 +301,9 @@ class ShardedSafetensorsSource(StateSource):
 
     def prefetch(self, key: str) -> None:
         self._where[key].prefetch(key)
+
+    def read_into(self, key: str, start: int, out: torch.Tensor) -> torch.Tensor:
+        return self._where[key].read_into(key, start, out)
 
     def close(self) -> None:
         for s in self._shards.values():

@@ -23,6 +23,7 @@ import torch
 from mtl.io import atomic_path
 
 from .engine import KeyOptions, open_context, produce, torch_threads
+from .kernels import DEFAULT_CHUNK, Chunks, Streamed, fused_kernel, stream_tensor
 from .hf import copy_base_files, model_card, parse_size, write_sharded
 from .methods import create_method
 from .sources import DTYPE_CODES, TensorInfo
@@ -54,7 +55,7 @@ class SafetensorsWriter:
         self._next = 0
         self.nbytes = 8 + len(raw) + off
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor | Streamed) -> None:
         if self._next >= len(self._specs):
             raise ValueError(f"unexpected tensor {name!r}: every declared tensor was written")
         want, info = self._specs[self._next]
@@ -63,12 +64,23 @@ class SafetensorsWriter:
                 f"tensor {name!r} {tuple(tensor.shape)} {tensor.dtype} does not match the declared "
                 f"{want!r} {info.shape} {info.dtype}"
             )
-        t = tensor.detach().contiguous().reshape(-1)
+        if isinstance(tensor, Streamed):
+            n = 0
+            for piece in tensor:
+                self._put(piece)
+                n += piece.numel()
+            if n != info.numel:
+                raise ValueError(f"tensor {name!r}: {n} entries were produced, {info.numel} declared")
+        else:
+            self._put(tensor.detach())
+        self._next += 1
+
+    def _put(self, tensor: torch.Tensor) -> None:
+        t = tensor.contiguous().reshape(-1)
         if sys.byteorder != "little" and t.element_size() > 1:
             t = t.view(torch.uint8).reshape(-1, t.element_size()).flip(1).reshape(-1)
         if t.numel():
             self._f.write(memoryview(t.view(torch.uint8).numpy()))
-        self._next += 1
 
     def finish(self) -> None:
         if self._next != len(self._specs):
@@ -121,6 +133,8 @@ def merge_to_file(
     metadata: dict[str, str] | None = None,
     shard_size: int | str | None = None,
     copy_files: bool | None = None,
+    fused: bool = True,
+    chunk: int = DEFAULT_CHUNK,
     **kwargs: Any,
 ) -> Path:
     """Merge with bounded memory, writing the result to `out`. Same methods, hyperparameters and key
@@ -133,6 +147,11 @@ def merge_to_file(
     folder is written: shards with `model.safetensors.index.json` (default shard size 5GB), the base
     folder's non-weight files (config, tokenizer, ...) and a README.md model card with the recipe.
     Returns the written file's path, or the folder's in the Hugging Face case.
+
+    `fused=True` (default) runs task arithmetic, average, TIES and mergekit's task arithmetic through
+    the chunked kernels (`merging.kernels`: `chunk` entries at a time, inputs read with `pread`, all
+    operations on a chunk while it is in cache; memory bounded by the chunk, identical results);
+    `fused=False`, and every other method, uses the whole-tensor kernels.
     """
     hf_folder = Path(out).suffix != ".safetensors" and (
         shard_size is not None or bool(copy_files) or (copy_files is None and _is_hf_folder(pretrained)))
@@ -145,8 +164,14 @@ def merge_to_file(
     opts, hp = KeyOptions.split(dict(kwargs))
     convention = hp.get("convention", "paper")
     m = create_method(method, **hp)
+    kernel = fused_kernel(m) if fused else None
     ctx = open_context(pretrained, finetuned, opts, m.min_models(), method)
+    streamed = None
     try:
+        if kernel is not None:
+            ctx.chunks = Chunks(ctx, chunk)
+            propagates = getattr(m, "propagates_nonfinite", False)
+            streamed = lambda key: stream_tensor(kernel, ctx.chunks, key, propagates)  # noqa: E731
         with torch_threads(threads):
             m.prepare(ctx, select)
             plan = ctx.plan
@@ -156,7 +181,7 @@ def merge_to_file(
             if hf_folder:
                 with atomic_path(path, overwrite=overwrite) as tmp:
                     tmp.mkdir()
-                    write_sharded(tmp, specs, produce(m, ctx), size, meta)
+                    write_sharded(tmp, specs, produce(m, ctx, streamed), size, meta)
                     if copy_files is not False and isinstance(pretrained, (str, os.PathLike)) and Path(pretrained).is_dir():
                         copy_base_files(Path(pretrained), tmp)
                     (tmp / "README.md").write_text(model_card(method, m.hp, pretrained, finetuned, convention))
@@ -167,7 +192,7 @@ def merge_to_file(
                 return path
             with output_file(out, path.name, overwrite=overwrite, fsync=fsync) as f:
                 w = SafetensorsWriter(f, specs, meta)
-                for key, tensor in produce(m, ctx):
+                for key, tensor in produce(m, ctx, streamed):
                     w.write(key, tensor)
                 w.finish()
     finally:

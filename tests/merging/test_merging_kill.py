@@ -26,6 +26,11 @@ CHILD = textwrap.dedent("""
                 time.sleep(600)
             return super().get(key)
 
+        def read_into(self, key, start, out):  # the chunked kernels read this way
+            if key == sys.argv[4]:
+                self.get(key)
+            return super().read_into(key, start, out)
+
     pre = Blocking(sys.argv[1] + "/model.safetensors")
     merging.merge_to_file("task_arithmetic", pre, sys.argv[2].split(","), sys.argv[3], lam=0.3)
 """)

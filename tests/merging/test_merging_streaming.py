@@ -7,6 +7,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import merging
+import merging.kernels
 import merging.methods as methods_mod
 from merging.sources import TensorInfo
 from merging.streaming import SafetensorsWriter
@@ -68,32 +69,35 @@ def test_existing_output_is_refused_unless_overwrite(model_files, tmp_path):
     assert "backbone.conv.weight" in load_file(str(out))
 
 
-def test_interrupted_merge_leaves_no_output(model_files, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fused", [False, True])
+def test_interrupted_merge_leaves_no_output(fused, model_files, tmp_path, monkeypatch):
     _, _, pre_dir, ft_dirs = model_files
     calls = {"n": 0}
-    original = methods_mod.TaskArithmetic.merge_tensor
+    # the third merged tensor fails: in the whole-tensor kernel, or in the chunked reader
+    owner, attr = (merging.kernels.Chunks, "sweep") if fused else (methods_mod.TaskArithmetic, "merge_tensor")
+    original = getattr(owner, attr)
 
-    def failing(self, ctx, key):
+    def failing(self, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("disk on fire")
-        return original(self, ctx, key)
+        return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(methods_mod.TaskArithmetic, "merge_tensor", failing)
+    monkeypatch.setattr(owner, attr, failing)
     for target in (tmp_path / "out.safetensors", tmp_path / "folder"):
         calls["n"] = 0
         with pytest.raises(RuntimeError, match="disk on fire"):
-            merging.merge_to_file("task_arithmetic", pre_dir, ft_dirs, target)
+            merging.merge_to_file("task_arithmetic", pre_dir, ft_dirs, target, fused=fused)
         assert not target.exists()
     assert os.listdir(tmp_path) == []  # no temporary files left behind either
     # an existing output survives a failed overwrite
-    monkeypatch.setattr(methods_mod.TaskArithmetic, "merge_tensor", original)
-    good = merging.merge_to_file("task_arithmetic", pre_dir, ft_dirs, tmp_path / "out.safetensors")
+    monkeypatch.setattr(owner, attr, original)
+    good = merging.merge_to_file("task_arithmetic", pre_dir, ft_dirs, tmp_path / "out.safetensors", fused=fused)
     before = good.read_bytes()
-    monkeypatch.setattr(methods_mod.TaskArithmetic, "merge_tensor", failing)
+    monkeypatch.setattr(owner, attr, failing)
     calls["n"] = 0
     with pytest.raises(RuntimeError):
-        merging.merge_to_file("task_arithmetic", pre_dir, ft_dirs, good, overwrite=True)
+        merging.merge_to_file("task_arithmetic", pre_dir, ft_dirs, good, overwrite=True, fused=fused)
     assert good.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["out.safetensors"]
 
