@@ -108,12 +108,13 @@ def cli_main(hydra_main: Callable[[], Any], *config_modules: str, argv: list[str
         argv[1:] = [a for a in argv[1:] if a not in _VERBOSE_FLAGS]
         os.environ["HYDRA_FULL_ERROR"] = "1"
     prepare()
-    from mtl.cli.plugins import check_plugins
+    from mtl.cli.plugins import check_plugins, register_plugins
 
     missing = check_plugins(argv[1:])
     if missing:
         print(f"error: {missing}", file=sys.stderr, flush=True)
         sys.exit(1)
+    register_plugins()
     if not verbose():
         problem = check_group_choices(argv[1:], config_modules or ("mtl.configs",))
         if problem:

@@ -5,16 +5,15 @@ from __future__ import annotations
 import importlib.util
 from typing import Sequence
 
-#: command-line choice -> (plugin module, pip package, mtlkit extra)
+#: command-line choice -> (module it needs, its Hydra plugin package or None, mtlkit extra)
 PLUGINS = {
     "launcher=joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher", "launchers"),
     "launcher=slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher", "launchers"),
     "launcher=submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher", "launchers"),
-    "launcher=ray": ("hydra_plugins.hydra_ray_launcher", "hydra-ray-launcher", "ray"),
+    "launcher=ray": ("ray", None, "ray"),  # mtlkit's own launcher (mtl.launchers); needs only ray
     "hydra/launcher=joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher", "launchers"),
     "hydra/launcher=submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher", "launchers"),
     "hydra/launcher=submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher", "launchers"),
-    "hydra/launcher=ray": ("hydra_plugins.hydra_ray_launcher", "hydra-ray-launcher", "ray"),
     "hparams_search=optuna": ("hydra_plugins.hydra_optuna_sweeper", "hydra-optuna-sweeper", "sweeps"),
     "hydra/sweeper=optuna": ("hydra_plugins.hydra_optuna_sweeper", "hydra-optuna-sweeper", "sweeps"),
 }
@@ -34,5 +33,13 @@ def check_plugins(overrides: Sequence[str]) -> str | None:
         if key in PLUGINS:
             module, package, extra = PLUGINS[key]
             if not _installed(module):
-                return f"{key} needs the Hydra plugin {package}: pip install 'mtlkit[{extra}]'"
+                what = f"the Hydra plugin {package}" if package else module
+                return f"{key} needs {what}: pip install 'mtlkit[{extra}]'"
     return None
+
+
+def register_plugins() -> None:
+    """Enter mtlkit's own Hydra plugins (the Ray launcher) before a Hydra app starts."""
+    from mtl.launchers import register
+
+    register()

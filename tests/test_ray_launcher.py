@@ -1,0 +1,94 @@
+"""launcher=ray: mtlkit's own Hydra launcher runs a multirun's jobs as Ray tasks on a local cluster."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.core.plugins import Plugins
+from omegaconf import OmegaConf
+
+from mtl.cli.common import compose_in_process
+from mtl.launchers import HYDRA_TARGET, RayLauncher, register
+from mtl.launchers import ray_launcher
+
+SMOKE = ["experiment=scenes_hps", "debug=smoke", "logger=none", "viz.num_samples=0"]
+HIDE_RAY = "import sys; sys.modules['ray'] = None; sys.argv[0] = 'mtl-train'; from mtl.cli.train import main; main()"
+
+
+def cli(*args, cwd, hide_ray=False):
+    env = dict(os.environ, MTL_OUTPUT_DIR=str(Path(cwd) / "outputs"), RAY_USAGE_STATS_ENABLED="0")
+    head = ["-c", HIDE_RAY] if hide_ray else ["-m", "mtl.cli.train"]
+    return subprocess.run([sys.executable, *head, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def _launcher_cfg(*overrides):
+    cfg, _ = compose_in_process("mtl.configs", "train", ["launcher=ray", *overrides])
+    return cfg
+
+
+def test_launcher_config_composes_and_hydra_can_find_the_class():
+    hydra_cfg = OmegaConf.to_container(compose_hydra(["launcher=ray", "hydra.launcher.num_cpus=1"]))
+    launcher = hydra_cfg.pop("_target_")
+    assert launcher == HYDRA_TARGET
+    register()
+    assert Plugins.instance().class_name_to_class[HYDRA_TARGET] is RayLauncher
+    local = RayLauncher(**hydra_cfg)._init_kwargs()
+    assert local == {"include_dashboard": False, "num_cpus": 1}  # num_gpus null: Ray detects them
+    joined = RayLauncher(**{**hydra_cfg, "address": "auto", "init": {"namespace": "mtl"}})._init_kwargs()
+    assert joined == {"include_dashboard": False, "address": "auto", "namespace": "mtl"}  # no num_cpus for a running cluster
+
+
+def compose_hydra(overrides):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="mtl.configs", version_base="1.3"):
+        return compose(config_name="train", overrides=overrides, return_hydra_config=True).hydra.launcher
+
+
+def test_missing_ray_is_one_line_naming_the_extra(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    with pytest.raises(ImportError, match=r"^launcher=ray needs ray: pip install 'mtlkit\[ray\]'$"):
+        ray_launcher.import_ray()
+    proc = cli("-m", "launcher=ray", "task=depth", cwd=tmp_path, hide_ray=True)  # stops before anything runs
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == ["error: launcher=ray needs ray: pip install 'mtlkit[ray]'"]
+    assert not (tmp_path / "outputs").exists()
+
+
+def _sweep_dir(tmp_path):
+    (d,) = (tmp_path / "outputs" / "scenes_hps" / "multiruns").iterdir()
+    return d
+
+
+@pytest.mark.slow  # a local Ray cluster and two smoke trainings: ~20 s on 2 cores
+def test_ray_multirun_runs_each_job_in_its_own_folder(tmp_path):
+    pytest.importorskip("ray")
+    proc = cli("-m", "launcher=ray", "hydra.launcher.num_cpus=2", *SMOKE, "task=depth,regression", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = _sweep_dir(tmp_path)
+    for i, task in enumerate(["depth", "regression"]):
+        job = sweep / str(i)
+        assert set(json.loads((job / "metrics.json").read_text())["test"]) == {task}
+        assert f"task={task}" in OmegaConf.load(job / ".hydra" / "overrides.yaml")
+        hydra = OmegaConf.load(job / ".hydra" / "hydra.yaml").hydra
+        assert hydra.job.num == i and hydra.runtime.output_dir == str(job.resolve())
+        assert (job / "train.log").is_file() and (job / "model" / "config.json").is_file()
+    # the driver names every job's run folder, in job order, after Ray's relayed output
+    assert proc.stdout.strip().splitlines()[-2:] == [f"run_dir: {(sweep / str(i)).resolve()}" for i in (0, 1)]
+
+
+@pytest.mark.slow  # ~20 s
+def test_a_failing_job_fails_the_multirun_and_keeps_the_others(tmp_path):
+    pytest.importorskip("ray")
+    proc = cli("-m", "launcher=ray", "hydra.launcher.num_cpus=2", *SMOKE, "task=[depth]",
+               "optimized_metric=val/depth/rmse,val/depth/nope", cwd=tmp_path)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]  # one line, no traceback
+    assert last.startswith("error: job #1 (") and "optimized_metric=val/depth/nope) exited with status 1: " \
+        "KeyError" in last and "'val/depth/nope' is not logged" in last, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    sweep = _sweep_dir(tmp_path)
+    assert (sweep / "0" / "metrics.json").is_file()
