@@ -6,9 +6,17 @@ files come from the user, since neither is inside the .mat:
 
 * ``splits_file``: the official split (``splits.mat`` with ``trainNdxs``/``testNdxs``, 1-based, 795/654
   images), or a JSON file with the same two keys and the same 1-based indices.
-* ``class_mapping``: the 894 → 13 class mapping as 895 integers (``.json`` list, ``.npy`` or a text file
-  of one number per line): entry i is the 13-class id (0..12) of raw label i, −1 for ignored (entry 0,
-  unlabelled, must be −1). docs/data.md says how to build it from the usual mapping file.
+* ``class_mapping``: raw label → class, one file or a list of files applied in turn:
+
+  - the community's files (github.com/ankurhanda/nyuv2-meta-data): ``classMapping40.mat`` (key
+    ``mapClass``, 894 entries: raw id i+1 → 40-class id 1..40) and ``class13Mapping.mat`` (struct
+    ``classMapping13``, field ``labels13``, 40 entries: 40-class id j+1 → 13-class id 1..13);
+    ``[classMapping40.mat, class13Mapping.mat]`` gives the 13-class task, ``classMapping40.mat``
+    alone the 40-class one;
+  - or a table of 895 integers (``.json`` list, ``.npy`` or a text file of one number per line):
+    entry i is the 0-based class of raw label i, −1 for ignored.
+
+  Ids are 1-based in the .mat files (0 = unlabelled); the result is 0-based with −1 = ignored.
 """
 from __future__ import annotations
 
@@ -53,9 +61,56 @@ def read_splits(path) -> dict[str, list[int]]:
     return out
 
 
-def read_class_mapping(path, num_classes: int) -> np.ndarray:
-    """The raw-label lookup table: int64 array, entry i = class of raw id i (−1 = ignored)."""
-    p = _need(path, "class_mapping")
+RAW_LABELS = 894  # raw ids 1..894 in nyu_depth_v2_labeled.mat; 0 = unlabelled
+
+
+def _loadmat(p: Path) -> dict:
+    try:
+        from scipy.io import loadmat
+    except ImportError as e:
+        raise ImportError(f"reading {p.name} needs scipy (pip install scipy)") from e
+    try:
+        return loadmat(str(p))
+    except NotImplementedError as e:  # MATLAB v7.3 files are HDF5
+        raise ValueError(f"nyuv2: {str(p)!r} is a MATLAB v7.3 file; save it with -v7 or give the table as .npy") from e
+    except Exception as e:  # scipy raises several types for a file that is not a .mat
+        raise ValueError(f"nyuv2: cannot read {str(p)!r} as a MATLAB .mat file: {e}") from e
+
+
+def _ids(values, p: Path, key: str, length: int | None) -> np.ndarray:
+    """Whole numbers ≥ 0 (1-based class ids, 0 = unlabelled) from a .mat entry, with 0 prepended
+    so that index = the id being mapped."""
+    a = np.asarray(values)
+    if a.dtype == object or not np.issubdtype(a.dtype, np.number):
+        raise ValueError(f"nyuv2: {key!r} in {str(p)!r} must be a numeric array, got {a.dtype}")
+    a = a.ravel()
+    if length is not None and a.size != length:
+        raise ValueError(f"nyuv2: {key!r} in {str(p)!r} has {a.size} entries, expected {length}")
+    if (a != np.round(a)).any() or (a < 0).any():
+        raise ValueError(f"nyuv2: {key!r} in {str(p)!r} must hold class ids ≥ 0 (1-based, 0 = unlabelled)")
+    return np.concatenate([[0], a.astype(np.int64)])
+
+
+def _labels13(p: Path, m: dict) -> np.ndarray:
+    """class13Mapping.mat: struct ``classMapping13`` with field ``labels13`` (40 → 13, 1-based)."""
+    struct = np.asarray(m["classMapping13"])
+    names = struct.dtype.names or ()
+    if "labels13" not in names:
+        raise KeyError(f"nyuv2: 'classMapping13' in {str(p)!r} has no field 'labels13' (fields: {list(names)})")
+    return _ids(struct.ravel()[0]["labels13"], p, "classMapping13.labels13", None)
+
+
+def _first_stage(p: Path) -> np.ndarray:
+    """Raw label → 1-based class (0 = ignored) for raw labels 0..894."""
+    if p.suffix == ".mat":
+        m = _loadmat(p)
+        if "mapClass" in m:
+            return _ids(m["mapClass"], p, "mapClass", RAW_LABELS)
+        if "classMapping13" in m:
+            raise ValueError(f"nyuv2: {str(p)!r} maps the 40 classes to 13; put classMapping40.mat (key 'mapClass') "
+                             "before it: data.class_mapping=[<dir>/classMapping40.mat,<dir>/class13Mapping.mat]")
+        raise KeyError(f"nyuv2: {str(p)!r} has no key 'mapClass' (classMapping40.mat) or 'classMapping13' "
+                       f"(class13Mapping.mat); found {sorted(k for k in m if not k.startswith('__'))}")
     if p.suffix == ".json":
         table = np.asarray(json.loads(p.read_text()))
     elif p.suffix == ".npy":
@@ -63,13 +118,47 @@ def read_class_mapping(path, num_classes: int) -> np.ndarray:
     else:
         table = np.loadtxt(p)
     table = table.ravel()
-    if not np.issubdtype(table.dtype, np.number) or (table != np.round(table)).any():
-        raise ValueError(f"nyuv2: class mapping {str(p)!r} must hold integers")
-    table = table.astype(np.int64)
-    bad = (table < -1) | (table >= num_classes)
+    if not np.issubdtype(table.dtype, np.number) or (table != np.round(table)).any() or (table < -1).any():
+        raise ValueError(f"nyuv2: class mapping {str(p)!r} must hold integers ≥ −1 (−1 = ignored)")
+    return table.astype(np.int64) + 1
+
+
+def _next_stage(p: Path) -> np.ndarray:
+    """1-based class → 1-based coarser class; entry 0 stays 0 (ignored)."""
+    m = _loadmat(p) if p.suffix == ".mat" else {}
+    if "classMapping13" not in m:
+        found = sorted(k for k in m if not k.startswith("__"))
+        raise KeyError(f"nyuv2: {str(p)!r} after the first class-mapping file must be class13Mapping.mat with the "
+                       f"struct 'classMapping13' (field 'labels13')" + (f"; found {found}" if p.suffix == ".mat" else ""))
+    return _labels13(p, m)
+
+
+def read_class_mapping(spec, num_classes: int) -> np.ndarray:
+    """The raw-label lookup table: int64 array, entry i = 0-based class of raw id i (−1 = ignored).
+
+    ``spec`` is one file or a list of files applied in turn (see the module docstring), e.g.
+    ``[classMapping40.mat, class13Mapping.mat]`` for the 13 classes."""
+    specs = [spec] if spec is None or isinstance(spec, (str, os.PathLike)) else list(spec)
+    if not specs:
+        raise ValueError("nyuv2 (format=mat) needs data.class_mapping; see docs/data.md")
+    files = [_need(s, "class_mapping") for s in specs]
+    ids, source = _first_stage(files[0]), files[0].name
+    for p in files[1:]:
+        lookup = _next_stage(p)
+        if ids.max(initial=0) >= len(lookup):
+            raise ValueError(f"nyuv2: {source} gives class {int(ids.max())} but {str(p)!r} maps only classes "
+                             f"1..{len(lookup) - 1}")
+        ids, source = lookup[ids], f"{source} → {p.name}"
+    table = ids - 1
+    bad = table >= num_classes
     if bad.any():
-        raise ValueError(f"nyuv2: class mapping {str(p)!r} maps raw label {int(np.argmax(bad))} to "
-                         f"{int(table[bad][0])}, outside −1..{num_classes - 1}")
+        raw = int(np.argmax(bad))
+        hint = ""
+        if files[0].suffix == ".mat" and len(files) == 1 and num_classes < table.max() + 1:
+            hint = (f"; {files[0].name} alone gives {int(table.max()) + 1} classes: set data.num_classes="
+                    f"{int(table.max()) + 1} or add class13Mapping.mat after it")
+        raise ValueError(f"nyuv2: class mapping {source} maps raw label {raw} to class {int(table[raw])}, outside "
+                         f"0..{num_classes - 1} (data.num_classes={num_classes}){hint}")
     return table
 
 
