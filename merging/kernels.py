@@ -14,14 +14,17 @@ Per-tensor TIES thresholds come from the exact radix select over the chunks (the
 """
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Any
 
 import torch
 
 from .engine import Context
 from .sources import TensorInfo
 
-__all__ = ["DEFAULT_CHUNK", "Chunks", "Streamed", "fused_kernel", "stream_tensor"]
+__all__ = ["DEFAULT_CHUNK", "Chunks", "Streamed", "Workspace", "fused_kernel", "stream_tensor", "ties_thresholds"]
 
 #: entries per chunk: 1 MB of float32 per buffer, so TIES's ~T + 6 buffers stay in the L2/L3 caches
 DEFAULT_CHUNK = 1 << 18
@@ -47,56 +50,120 @@ class Streamed:
         return out.view(self.shape)
 
 
-class Chunks:
-    """Chunk-wise reads of θ0 and the fine-tuned models in compute dtype, into reusable buffers."""
+class Workspace:
+    """One worker's reusable chunk buffers (names are per kernel, each `chunk` entries)."""
 
-    def __init__(self, ctx: Context, chunk: int = DEFAULT_CHUNK):
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1024:
-            raise ValueError(f"chunk must be an int ≥ 1024 (entries), got {chunk!r}")
-        self.ctx, self.chunk = ctx, chunk
+    def __init__(self, chunks: "Chunks"):
+        self.chunks = chunks
         self._bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
-    def buf(self, name: str, dtype: torch.dtype, n: int) -> torch.Tensor:
+    def buf(self, name: str, dtype: torch.dtype, n: int, rows: int = 1) -> torch.Tensor:
         b = self._bufs.get((name, dtype))
         if b is None:
-            b = self._bufs[(name, dtype)] = torch.empty(self.chunk, dtype=dtype)
-        return b[:n]
+            b = self._bufs[(name, dtype)] = torch.empty(rows * self.chunks.chunk, dtype=dtype)
+        return b[: rows * n] if rows == 1 else b[: rows * n].view(rows, n)
 
-    def sweep(self, key: str, validate: bool) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
-        """(start, end, [θ0, θ_1, ..., θ_T] chunks) over the whole tensor. With `validate`, every
-        source's chunk is checked for NaN/Inf (once per key and source, as the whole-tensor path does)."""
-        ctx = self.ctx
+    def read(self, key: str, s: int, e: int, validate: list[bool] | None = None) -> list[torch.Tensor]:
+        """[θ0, θ_1, ..., θ_T] entries [s, e) of `key` in compute dtype; sources flagged in `validate`
+        are checked for NaN/Inf (a failure is reported for the whole tensor, naming the file)."""
+        ctx = self.chunks.ctx
         info, cd = ctx.plan.infos[key], ctx.plan.compute[key]
-        n = info.numel
-        todo = [validate and ctx.check_finite and (i, key) not in ctx._checked for i in range(len(ctx.sources))]
-        for s in range(0, n, self.chunk):
-            m = min(self.chunk, n - s)
-            xs = []
-            for i, src in enumerate(ctx.sources):
-                raw = src.read_into(key, s, self.buf(f"raw{i}", info.dtype, m))
-                x = raw if info.dtype == cd else self.buf(f"in{i}", cd, m).copy_(raw)
-                if todo[i] and not torch.isfinite(x.sum()):
-                    ctx._validate(src.get(key).to(cd), i, key)  # the whole tensor: names the counts
-                xs.append(x)
-            yield s, s + m, xs
-        for i, flag in enumerate(todo):
-            if flag:
-                ctx._checked.add((i, key))
+        xs = []
+        for i, src in enumerate(ctx.sources):
+            raw = src.read_into(key, s, self.buf(f"raw{i}", info.dtype, e - s))
+            x = raw if info.dtype == cd else self.buf(f"in{i}", cd, e - s).copy_(raw)
+            if validate and validate[i] and not torch.isfinite(x.sum()):
+                ctx._validate(src.get(key).to(cd), i, key)
+            xs.append(x)
+        return xs
 
 
-Kernel = Callable[[Chunks, str], Iterator[torch.Tensor]]
+ChunkFn = Callable[[Workspace, int, int], Any]
 
 
-def stream_tensor(kernel: Kernel, chunks: Chunks, key: str, propagates: bool) -> Streamed:
+class Chunks:
+    """Runs a per-chunk function over a tensor's chunks on `workers` threads (each with its own
+    workspace, torch ops single-threaded) and hands the results back in order.
+
+    Threads work on different chunks, so no thread waits for another inside an operation (torch's
+    intra-op parallelism makes every operation wait for its slowest thread: costly on a busy machine).
+    A workspace is reused only after its result has been consumed.
+    """
+
+    def __init__(self, ctx: Context | None, chunk: int = DEFAULT_CHUNK, workers: int = 1):
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1024:
+            raise ValueError(f"chunk must be an int ≥ 1024 (entries), got {chunk!r}")
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be an int ≥ 1, got {workers!r}")
+        self.ctx, self.chunk, self.workers = ctx, chunk, workers
+        self._spaces = [Workspace(self) for _ in range(workers + 1 if workers > 1 else 1)]
+        self._pool: ThreadPoolExecutor | None = None
+
+    def validate_flags(self, key: str) -> list[bool]:
+        """Which sources still need their NaN/Inf check for `key` (the caller marks them done)."""
+        ctx = self.ctx
+        return [ctx.check_finite and (i, key) not in ctx._checked for i in range(len(ctx.sources))]
+
+    def mark_checked(self, key: str, flags: list[bool]) -> None:
+        self.ctx._checked.update((i, key) for i, f in enumerate(flags) if f)
+
+    def map(self, key: str, fn: ChunkFn) -> Iterator[Any]:
+        """fn(workspace, start, end) over the chunks of `key`, results in order."""
+        n = self.ctx.plan.infos[key].numel
+        ranges = [(s, min(s + self.chunk, n)) for s in range(0, n, self.chunk)]
+        if self.workers == 1 or len(ranges) < 2:
+            ws = self._spaces[0]
+            for s, e in ranges:
+                yield fn(ws, s, e)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="mtl-merge")
+        free = list(self._spaces)
+        pending: deque = deque()
+        todo = iter(ranges)
+        try:
+            while True:
+                while free and len(pending) < self.workers:
+                    r = next(todo, None)
+                    if r is None:
+                        break
+                    ws = free.pop()
+                    pending.append((ws, self._pool.submit(fn, ws, *r)))
+                if not pending:
+                    return
+                ws, fut = pending.popleft()
+                yield fut.result()
+                free.append(ws)
+        finally:
+            for _, fut in pending:  # an error or an abandoned stream: let the running chunks finish
+                fut.cancel()
+            wait([f for _, f in pending])
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+#: a kernel: (method, chunks, key) -> the per-chunk function giving the merged chunk in compute dtype
+Kernel = Callable[[Any, Chunks, str], ChunkFn]
+
+
+def stream_tensor(method, kernel: Kernel, chunks: Chunks, key: str, propagates: bool) -> Streamed:
     """The merged tensor `key` as a `Streamed` in the model's dtype."""
     ctx = chunks.ctx
     info = ctx.plan.infos[key]
 
     def pieces():
-        for out in kernel(chunks, key):
+        fn = kernel(method, chunks, key)
+
+        def run(ws: Workspace, s: int, e: int) -> torch.Tensor:
+            out = fn(ws, s, e)
             if propagates and ctx.check_finite and not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
                 ctx.trace_nonfinite(key)
-            yield out if out.dtype == info.dtype else chunks.buf("out_raw", info.dtype, out.numel()).copy_(out)
+            return out if out.dtype == info.dtype else ws.buf("out_raw", info.dtype, e - s).copy_(out)
+
+        yield from chunks.map(key, run)
 
     return Streamed(info, pieces())
 
@@ -107,24 +174,22 @@ def fused_kernel(method) -> Kernel | None:
 
     if getattr(method, "transform", None) is not None:
         return None
-    kind = type(method)
-    if kind is methods.TaskArithmetic:
-        return lambda chunks, key: _task_arithmetic(method, chunks, key)
-    if kind is methods.Average:
-        return lambda chunks, key: _average(method, chunks, key)
-    if kind is methods.Ties:
-        return lambda chunks, key: _ties(method, chunks, key)
-    if kind is mergekit.TaskArithmetic:
-        return lambda chunks, key: _mergekit_linear_delta(method, chunks, key)
-    return None
+    return {
+        methods.TaskArithmetic: _task_arithmetic,
+        methods.Average: _average,
+        methods.Ties: _ties,
+        mergekit.TaskArithmetic: _mergekit_linear_delta,
+    }.get(type(method))
 
 
 # -- the kernels: the whole-tensor kernels' operations, in their order, on one chunk ---------------------
-def _task_arithmetic(m, chunks: Chunks, key: str) -> Iterator[torch.Tensor]:
+def _task_arithmetic(m, chunks: Chunks, key: str) -> ChunkFn:
     cd = chunks.ctx.plan.compute[key]
-    for s, e, xs in chunks.sweep(key, validate=False):
+
+    def fn(ws: Workspace, s: int, e: int) -> torch.Tensor:
         n = e - s
-        pre, acc, tau = xs[0], chunks.buf("acc", cd, n), chunks.buf("tau", cd, n)
+        xs = ws.read(key, s, e)
+        pre, acc, tau = xs[0], ws.buf("acc", cd, n), ws.buf("tau", cd, n)
         for t in range(len(xs) - 1):
             x = torch.sub(xs[t + 1], pre, out=acc if t == 0 else tau)
             if m.scalar:
@@ -134,59 +199,76 @@ def _task_arithmetic(m, chunks: Chunks, key: str) -> Iterator[torch.Tensor]:
                 acc.add_(x, alpha=m.lams[t])
             else:
                 acc.mul_(m.lams[0])
-        out = chunks.buf("out", cd, n)
-        yield torch.add(pre, acc, alpha=m.lams[0], out=out) if m.scalar else torch.add(pre, acc, out=out)
+        out = ws.buf("out", cd, n)
+        return torch.add(pre, acc, alpha=m.lams[0], out=out) if m.scalar else torch.add(pre, acc, out=out)
+
+    return fn
 
 
-def _average(m, chunks: Chunks, key: str) -> Iterator[torch.Tensor]:
+def _average(m, chunks: Chunks, key: str) -> ChunkFn:
     cd = chunks.ctx.plan.compute[key]
-    for s, e, xs in chunks.sweep(key, validate=False):
-        acc = chunks.buf("acc", cd, e - s).copy_(xs[1])
+
+    def fn(ws: Workspace, s: int, e: int) -> torch.Tensor:
+        xs = ws.read(key, s, e)
+        acc = ws.buf("acc", cd, e - s).copy_(xs[1])
         for x in xs[2:]:
             acc.add_(x)
-        yield acc.div_(len(xs) - 1)
+        return acc.div_(len(xs) - 1)
+
+    return fn
 
 
-def ties_thresholds(m, chunks: Chunks, keys, n_keep: int) -> list[float]:
-    """Per-task n_keep-th largest |τ_t| over `keys`, by the exact radix select over chunks (validates
-    the inputs on the first pass, as the whole-tensor path's first read does)."""
+def ties_thresholds(chunks: Chunks, keys, n_keep: int) -> list[float]:
+    """Per-task n_keep-th largest |τ_t| over `keys`, by the exact radix select over chunks (the chunks'
+    |τ_t| are computed on the workers; validates the inputs on the first pass, as the whole-tensor
+    path's first read does)."""
     from .selection import radix_thresholds
 
     ctx = chunks.ctx
+    T = ctx.T
     dtype = torch.float64 if any(ctx.plan.compute[k] == torch.float64 for k in keys) else torch.float32
 
     def pieces():
         for key in keys:
             cd = ctx.plan.compute[key]
-            for s, e, xs in chunks.sweep(key, validate=True):
-                tau = chunks.buf("sel", cd, e - s)
-                for t in range(len(xs) - 1):
-                    a = torch.sub(xs[t + 1], xs[0], out=tau).abs_()
-                    yield t, a if a.dtype == dtype else a.to(dtype)
+            flags = chunks.validate_flags(key)
 
-    return radix_thresholds(pieces, [n_keep] * ctx.T, dtype)
+            def fn(ws: Workspace, s: int, e: int) -> list[torch.Tensor]:
+                xs = ws.read(key, s, e, flags)
+                out = []
+                for t in range(T):
+                    a = torch.sub(xs[t + 1], xs[0], out=ws.buf(f"sel{t}", cd, e - s)).abs_()
+                    out.append(a if a.dtype == dtype else a.to(dtype))
+                return out
+
+            for mags in chunks.map(key, fn):
+                yield from enumerate(mags)
+            chunks.mark_checked(key, flags)
+
+    return radix_thresholds(pieces, [n_keep] * T, dtype)
 
 
-def _ties(m, chunks: Chunks, key: str) -> Iterator[torch.Tensor]:
+def _ties(m, chunks: Chunks, key: str) -> ChunkFn:
     from .selection import as_threshold, keep_count
 
     ctx = chunks.ctx
-    cd = ctx.plan.compute[key]
-    T = ctx.T
+    cd, T = ctx.plan.compute[key], ctx.T
     thr = m.thresholds
     if thr is None:
-        thr = ties_thresholds(m, chunks, [key], keep_count(ctx.plan.infos[key].numel, m.hp["k"]))
+        thr = ties_thresholds(chunks, [key], keep_count(ctx.plan.infos[key].numel, m.hp["k"]))
     thr = [as_threshold(v, cd) for v in thr]
     mean = m.hp["merge_func"] == "mean"
     cnt_dtype = torch.uint8 if T < 256 else torch.int32
-    for s, e, xs in chunks.sweep(key, validate=True):
+    flags = chunks.validate_flags(key)  # all checked already unless the thresholds came from elsewhere
+
+    def fn(ws: Workspace, s: int, e: int) -> torch.Tensor:
         n = e - s
+        xs = ws.read(key, s, e, flags)
         pre = xs[0]
-        mag, keep = chunks.buf("abs", cd, n), chunks.buf("keep", torch.bool, n)
-        total = chunks.buf("total", cd, n)
+        mag, keep, total = ws.buf("abs", cd, n), ws.buf("keep", torch.bool, n), ws.buf("total", cd, n)
         trimmed = []
         for t in range(T):
-            tau = torch.sub(xs[t + 1], pre, out=chunks.buf(f"tau{t}", cd, n))
+            tau = torch.sub(xs[t + 1], pre, out=ws.buf(f"tau{t}", cd, n))
             torch.ge(torch.abs(tau, out=mag), thr[t], out=keep)
             trimmed.append(tau.mul_(keep))
             if t == 0:
@@ -196,8 +278,8 @@ def _ties(m, chunks: Chunks, key: str) -> Iterator[torch.Tensor]:
         sign = total.sign_()
         if m.zero_sign:
             sign.masked_fill_(sign == 0, m.zero_sign)
-        out = chunks.buf("mtv", cd, n).zero_()
-        cnt = chunks.buf("cnt", cnt_dtype, n).zero_() if mean else None
+        out = ws.buf("mtv", cd, n).zero_()
+        cnt = ws.buf("cnt", cnt_dtype, n).zero_() if mean else None
         for tt in trimmed:
             torch.mul(tt, sign, out=mag).clamp_(min=0)
             if mean:
@@ -206,28 +288,32 @@ def _ties(m, chunks: Chunks, key: str) -> Iterator[torch.Tensor]:
         out.mul_(sign)
         if mean:
             out.div_(cnt.clamp_(min=1))
-        yield out.mul_(m.hp["lam"]).add_(pre)
+        return out.mul_(m.hp["lam"]).add_(pre)
+
+    return fn
 
 
-def _mergekit_linear_delta(m, chunks: Chunks, key: str) -> Iterator[torch.Tensor]:
+def _mergekit_linear_delta(m, chunks: Chunks, key: str) -> ChunkFn:
     """mergekit's task arithmetic (no sparsification, no consensus): `MergekitMethod.merge_tensor`."""
     ctx = chunks.ctx
     cd, T = ctx.plan.compute[key], ctx.T
     weights = torch.tensor(m.weights, dtype=cd).unsqueeze(-1)
     divisor = weights.sum(dim=0)
     divisor[divisor.abs() < 1e-8] = 1
-    for s, e, xs in chunks.sweep(key, validate=True):
+    flags = chunks.validate_flags(key)
+
+    def fn(ws: Workspace, s: int, e: int) -> torch.Tensor:
         n = e - s
-        deltas = chunks.buf("deltas", cd, 0)
-        if deltas.numel() < T * chunks.chunk:
-            deltas = chunks._bufs[("deltas", cd)] = torch.empty(T * chunks.chunk, dtype=cd)
-        deltas = deltas[: T * n].view(T, n)
+        xs = ws.read(key, s, e, flags)
+        deltas = ws.buf("deltas", cd, n, rows=T)
         for t in range(T):
             torch.sub(xs[t + 1], xs[0], out=deltas[t])
         deltas.mul_(weights)
-        mixed = torch.sum(deltas, dim=0, out=chunks.buf("mixed", cd, n))
+        mixed = torch.sum(deltas, dim=0, out=ws.buf("mixed", cd, n))
         if m.hp["normalize"]:
             mixed /= divisor
         if m.hp["lam"] != 1:
             mixed *= m.hp["lam"]
-        yield torch.add(xs[0], mixed, out=chunks.buf("out", cd, n))
+        return torch.add(xs[0], mixed, out=ws.buf("out", cd, n))
+
+    return fn

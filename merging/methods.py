@@ -291,7 +291,7 @@ def global_thresholds(ctx: Context, method: MergeMethod, k: float, select: str) 
     if select == "radix" and ctx.chunks is not None and method.transform is None:
         from .kernels import ties_thresholds  # chunked reads: memory bounded by the chunk
 
-        return ties_thresholds(method, ctx.chunks, keys, n)
+        return ties_thresholds(ctx.chunks, keys, n)
     dtype = torch.float64 if any(ctx.plan.compute[key] == torch.float64 for key in keys) else torch.float32
     if select == "radix":
 

@@ -10,6 +10,7 @@ import json
 import os
 import struct
 import sys
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ __all__ = [
 ]
 
 Pathish = Union[str, os.PathLike]
+_FD_LOCK = threading.Lock()
 SourceLike = Union[Mapping, nn.Module, Pathish, "StateSource"]
 
 
@@ -197,11 +199,15 @@ class SafetensorsSource(StateSource):
         """Ask the kernel to start reading a tensor's bytes (helps when the file is not in page cache)."""
         if not hasattr(os, "posix_fadvise"):
             return
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
         s, e = self._offsets[key]
         if e > s:
-            os.posix_fadvise(self._fd, self._data_start + s, e - s, os.POSIX_FADV_WILLNEED)
+            os.posix_fadvise(self._file(), self._data_start + s, e - s, os.POSIX_FADV_WILLNEED)
+
+    def _file(self) -> int:
+        with _FD_LOCK:  # the chunked kernels read from several threads
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            return self._fd
 
     def read_into(self, key: str, start: int, out: torch.Tensor) -> torch.Tensor:
         """`pread` straight from the file into `out`: no mapping, so nothing read stays in our RSS."""
@@ -211,13 +217,12 @@ class SafetensorsSource(StateSource):
         size = out.element_size()
         if start < 0 or start + out.numel() > info.numel:
             raise IndexError(f"{key!r}: entries [{start}, {start + out.numel()}) outside 0..{info.numel}")
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
+        fd = self._file()
         view = memoryview(out.view(torch.uint8).numpy()).cast("B")
         pos = self._data_start + self._offsets[key][0] + start * size
         done = 0
         while done < len(view):
-            n = os.preadv(self._fd, [view[done:]], pos + done)
+            n = os.preadv(fd, [view[done:]], pos + done)
             if n <= 0:
                 raise MergeInputError(f"{self.path}: file ends inside tensor {key!r}")
             done += n

@@ -150,7 +150,8 @@ def merge_to_file(
 
     `fused=True` (default) runs task arithmetic, average, TIES and mergekit's task arithmetic through
     the chunked kernels (`merging.kernels`: `chunk` entries at a time, inputs read with `pread`, all
-    operations on a chunk while it is in cache; memory bounded by the chunk, identical results);
+    operations on a chunk while it is in cache, chunks spread over `threads` worker threads (default:
+    torch's thread count); memory bounded by the chunk, identical results);
     `fused=False`, and every other method, uses the whole-tensor kernels.
     """
     hf_folder = Path(out).suffix != ".safetensors" and (
@@ -169,10 +170,11 @@ def merge_to_file(
     streamed = None
     try:
         if kernel is not None:
-            ctx.chunks = Chunks(ctx, chunk)
+            ctx.chunks = Chunks(ctx, chunk, workers=threads or torch.get_num_threads())
             propagates = getattr(m, "propagates_nonfinite", False)
-            streamed = lambda key: stream_tensor(kernel, ctx.chunks, key, propagates)  # noqa: E731
-        with torch_threads(threads):
+            streamed = lambda key: stream_tensor(m, kernel, ctx.chunks, key, propagates)  # noqa: E731
+        # the chunked kernels parallelise over chunks, each operation on one thread
+        with torch_threads(1 if kernel is not None else threads):
             m.prepare(ctx, select)
             plan = ctx.plan
             specs = [(k, plan.infos[k]) for k in plan.order]
@@ -196,6 +198,8 @@ def merge_to_file(
                     w.write(key, tensor)
                 w.finish()
     finally:
+        if ctx.chunks is not None:
+            ctx.chunks.close()
         ctx.close()
     return path
 

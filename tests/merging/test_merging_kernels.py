@@ -40,13 +40,16 @@ def _models(folder, dtype, T=3, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("method,hp", CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
-def test_fused_equals_whole_tensor_path(method, hp, dtype, tmp_path, one_thread):
+def test_fused_equals_whole_tensor_path(method, hp, dtype, tmp_path):
     kwargs = {k: v for k, v in hp.items() if k != "select"}
     assert fused_kernel(create_method(method, **kwargs)) is not None  # the chunked path is the one tested
     pre, fts = _models(tmp_path, dtype)
     whole = merging.merge_to_file(method, pre, fts, tmp_path / "whole.safetensors", fused=False, **hp)
-    fused = merging.merge_to_file(method, pre, fts, tmp_path / "fused.safetensors", chunk=1024, **hp)
+    fused = merging.merge_to_file(method, pre, fts, tmp_path / "fused.safetensors", chunk=1024, threads=1, **hp)
     assert fused.read_bytes() == whole.read_bytes()
+    # chunks on three worker threads: the same bytes
+    pooled = merging.merge_to_file(method, pre, fts, tmp_path / "pooled.safetensors", chunk=1024, threads=3, **hp)
+    assert pooled.read_bytes() == whole.read_bytes()
     out = load_file(str(fused))
     assert out["a.weight"].dtype == dtype and not all(torch.equal(out[k], load_file(str(pre))[k]) for k in SHAPES)
 
@@ -81,7 +84,7 @@ def test_fused_non_finite_input_is_named(tmp_path):
     save_file(bad, str(fts[1]))
     for method in ("ties", "task_arithmetic"):
         with pytest.raises(merging.MergeInputError, match=r"'e.weight' in .*m2.safetensors has non-finite values \(1 NaN"):
-            merging.merge_to_file(method, pre, fts, tmp_path / f"{method}.safetensors", chunk=1024)
+            merging.merge_to_file(method, pre, fts, tmp_path / f"{method}.safetensors", chunk=1024, threads=2)
         assert not (tmp_path / f"{method}.safetensors").exists()
 
 
@@ -92,3 +95,5 @@ def test_bad_chunk_is_refused(tmp_path):
     assert not (tmp_path / "o.safetensors").exists()
     with pytest.raises(ValueError, match="chunk"):
         Chunks(None, chunk=True)
+    with pytest.raises(ValueError, match="workers"):
+        Chunks(None, workers=0)

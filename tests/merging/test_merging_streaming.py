@@ -74,7 +74,7 @@ def test_interrupted_merge_leaves_no_output(fused, model_files, tmp_path, monkey
     _, _, pre_dir, ft_dirs = model_files
     calls = {"n": 0}
     # the third merged tensor fails: in the whole-tensor kernel, or in the chunked reader
-    owner, attr = (merging.kernels.Chunks, "sweep") if fused else (methods_mod.TaskArithmetic, "merge_tensor")
+    owner, attr = (merging.kernels.Workspace, "read") if fused else (methods_mod.TaskArithmetic, "merge_tensor")
     original = getattr(owner, attr)
 
     def failing(self, *args, **kwargs):
