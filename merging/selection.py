@@ -123,6 +123,14 @@ def radix_thresholds(
                     hi = scratch[: hi.numel()].copy_(hi)
                 s.hist += _bincount(hi)
                 continue
+            if _LITTLE and width == 32 and s.known == 16:  # compare the high half-words in place
+                halves = a.view(torch.int16)
+                sel = halves[1::2] == s.prefix
+                if s.mode == "gather":
+                    s.gathered.append(a[sel])
+                else:
+                    s.hist += _bincount(halves[0::2][sel].to(torch.int32).bitwise_and_(0xFFFF))
+                continue
             bits = a.view(ibits)
             sel = (bits >> (width - s.known)) == s.prefix
             if s.mode == "gather":

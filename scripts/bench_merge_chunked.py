@@ -1,30 +1,89 @@
 #!/usr/bin/env python
-"""Would a chunked per-tensor task-arithmetic kernel (one pass over the T inputs per cache-sized chunk)
-beat the current per-tensor path? Same process, same inputs (4 × 4096² bf16), results compared bit for bit.
+"""Chunk size and worker count of the chunked kernels (`merge_to_file(fused=True)`), against the
+whole-tensor kernels and two plain copies of the same input bytes, interleaved in one process.
 
-    python scripts/bench_merge_chunked.py
+    python scripts/bench_merge_chunked.py --size 0.25 --workdir /tmp/bllm --out /dev/shm/chunked \\
+        [--method task_arithmetic] [--chunks 65536 262144 1048576] [--workers 1 2] [--repeat 2]
+
+Inputs: the synthetic Llama-shaped bf16 folders of `bench_merge_llm.py` (generated once, kept in
+`--workdir`), in page cache. `--out` on a tmpfs keeps the disk out of the timing. Prints wall time and
+input bytes / time per run, and the 1-minute load average (the machine may be shared).
 """
-import time, torch, merging
-torch.set_num_threads(2)
-g = torch.Generator().manual_seed(0)
-n = (4096, 4096)
-pre = {"w": torch.randn(n, generator=g).to(torch.bfloat16)}
-fts = [{"w": (pre["w"].float() + 0.01*torch.randn(n, generator=g)).to(torch.bfloat16)} for _ in range(4)]
+from __future__ import annotations
 
-def chunked(pre, fts, lam, C=1<<18):
-    p = pre["w"].reshape(-1); fs = [f["w"].reshape(-1) for f in fts]
-    out = torch.empty(p.numel(), dtype=p.dtype)
-    acc = torch.empty(C); tau = torch.empty(C); p32 = torch.empty(C); o = torch.empty(C)
-    for s in range(0, p.numel(), C):
-        e = min(s + C, p.numel()); m = e - s
-        pp = p32[:m].copy_(p[s:e]); a = acc[:m]; t = tau[:m]
-        torch.sub(fs[0][s:e].float(), pp, out=a)
-        for f in fs[1:]:
-            a.add_(torch.sub(f[s:e].float(), pp, out=t))
-        out[s:e] = torch.add(pp, a, alpha=lam, out=o[:m])
-    return out.view(n)
+import argparse
+import mmap
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
 
-for rep in range(3):
-    t0 = time.perf_counter(); a = merging.merge("task_arithmetic", pre, fts, lam=0.3)["w"]; t1 = time.perf_counter()
-    b = chunked(pre, fts, 0.3); t2 = time.perf_counter()
-    print(f"current {t1-t0:.3f}s chunked {t2-t1:.3f}s ratio {(t1-t0)/(t2-t1):.2f} equal {torch.equal(a,b)}")
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import merging  # noqa: E402
+from bench_merge_llm import SIZES, generate, warm  # noqa: E402
+
+
+def copy_mmap(files):
+    buf = None
+    for f in files:
+        with open(f, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            src = torch.frombuffer(m, dtype=torch.uint8)
+            if buf is None or buf.numel() < src.numel():
+                buf = torch.empty(src.numel(), dtype=torch.uint8)
+            buf[: src.numel()].copy_(src)
+            del src
+
+
+def copy_pread(files):
+    view = memoryview(bytearray(1 << 20))
+    for f in files:
+        fd, off = os.open(f, os.O_RDONLY), 0
+        while (n := os.preadv(fd, [view], off)) > 0:
+            off += n
+        os.close(fd)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=float, default=0.25, choices=sorted(SIZES))
+    ap.add_argument("--models", type=int, default=4)
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--out", default="/dev/shm/bench_chunked")
+    ap.add_argument("--method", default="task_arithmetic")
+    ap.add_argument("--chunks", type=int, nargs="+", default=[1 << 16, 1 << 18, 1 << 20])
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeat", type=int, default=2)
+    args = ap.parse_args(argv)
+    import warnings
+
+    warnings.filterwarnings("ignore", message="The given buffer is not writable")
+    folders = generate(Path(args.workdir) / f"llama_{args.size}", args.size, args.models)
+    files = [f for p in folders for f in sorted(p.glob("*.safetensors"))]
+    nbytes = sum(f.stat().st_size for f in files)
+    warm(folders)
+    hp = {"lam": 0.3} if args.method == "task_arithmetic" else {"trim": "per_tensor", "k": 20}
+
+    def merge(**kw):
+        merging.merge_to_file(args.method, folders[0], folders[1:], args.out, overwrite=True, shard_size="1GB", **hp, **kw)
+
+    runs = [("memory copy (mmap)", lambda: copy_mmap(files)), ("memory copy (pread)", lambda: copy_pread(files))]
+    runs += [(f"chunked, chunk={c}, workers={w}", lambda c=c, w=w: merge(chunk=c, threads=w))
+             for c in args.chunks for w in args.workers]
+    runs += [(f"whole-tensor kernels, threads={w}", lambda w=w: merge(fused=False, threads=w)) for w in args.workers]
+    print(f"# {args.method}, {args.size}B, {nbytes / 1e9:.2f} GB of inputs, load {os.getloadavg()[0]:.1f}", flush=True)
+    for _ in range(args.repeat):
+        for label, fn in runs:
+            t = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t
+            print(f"{label:40s} {dt:7.2f} s  {nbytes / dt / 1e9:6.2f} GB/s  load {os.getloadavg()[0]:.1f}", flush=True)
+    shutil.rmtree(args.out, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

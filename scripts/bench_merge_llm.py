@@ -2,15 +2,17 @@
 """LLM-scale merging: synthetic Llama-shaped bf16 models (base + T fine-tunes) as sharded Hugging Face
 folders, merged by mtlkit and by mergekit on the same files in the same run.
 
-    python scripts/bench_merge.py --llm --sizes 0.25 0.5 [--mergekit-path /tmp/mk/src:/tmp/mkdeps]
+    python scripts/bench_merge.py --llm --sizes 0.25 0.5 1 [--mergekit-path /tmp/mk/src:/tmp/mkdeps] \
+        [--out-dir /dev/shm] [--only copy "ours task"] [--repeat 2]
 
 Runs per size (each in its own subprocess; peak RSS = its VmHWM, import baseline included):
-  ours TIES       merge_to_file("ties", trim="per_tensor", k=20)        (the paper's rules, per tensor)
+  copy (mmap / pread)  every input byte read from page cache and copied once (the memory-bandwidth floor)
+  ours TA         merge_to_file("task_arithmetic", lam=0.3)   (chunked kernels; and fused=False)
+  ours TIES       merge_to_file("ties", trim="per_tensor", k=20)  (the paper's rules, per tensor; and global)
   ours TIES/mk    merge_to_file("ties", convention="mergekit", density=0.2)
-  ours TA         merge_to_file("task_arithmetic", lam=0.3)
   mergekit TIES / TA   mergekit's run_merge (dtype float32, out_dtype bfloat16), when importable
-  copy            every input byte read from page cache and copied once (the memory-bandwidth floor)
-Bandwidth = input bytes / wall time. Every run starts with the inputs in page cache (read once before).
+Bandwidth = input bytes / wall time. Every run starts with the inputs in page cache (read once before);
+each row records the 1-minute load average around it (the machine may be shared).
 """
 from __future__ import annotations
 
@@ -102,7 +104,7 @@ def _work(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     base, fts, out = spec["base"], spec["fts"], Path(spec["out"])
     start = time.perf_counter()
-    if spec["kind"] == "copy":
+    if spec["kind"] == "copy":  # page cache -> one reused buffer, every input byte once
         import mmap
         buf = None
         for p in [base, *fts]:
@@ -113,10 +115,19 @@ def _work(spec: dict) -> dict:
                         buf = torch.empty(src.numel(), dtype=torch.uint8)
                     buf[: src.numel()].copy_(src)
                     del src
+    elif spec["kind"] == "pread":  # the same bytes through pread into one 1 MB buffer (no page faults)
+        view = memoryview(bytearray(1 << 20))
+        for p in [base, *fts]:
+            for f in sorted(Path(p).glob("*.safetensors")):
+                fd, off = os.open(f, os.O_RDONLY), 0
+                while (n := os.preadv(fd, [view], off)) > 0:
+                    off += n
+                os.close(fd)
     elif spec["tool"] == "mtlkit":
         import merging
 
-        merging.merge_to_file(spec["method"], base, fts, out, overwrite=True, shard_size="1GB", **spec["hp"])
+        merging.merge_to_file(spec["method"], base, fts, out, overwrite=True, shard_size="1GB",
+                              threads=spec["threads"], **spec["hp"])
     else:
         from mergekit.config import MergeConfiguration
         from mergekit.merge import MergeOptions, run_merge
@@ -129,10 +140,13 @@ def _work(spec: dict) -> dict:
 
 
 RUNS = [  # label, tool, method, hyperparameters (cheap runs first, each pair side by side)
-    ("memory copy of the inputs", "none", "copy", {}),
+    ("memory copy of the inputs (mmap)", "none", "copy", {}),
+    ("memory copy of the inputs (pread)", "none", "pread", {}),
     ("ours task arithmetic", "mtlkit", "task_arithmetic", {"lam": 0.3}),
+    ("ours TA, whole-tensor kernels", "mtlkit", "task_arithmetic", {"lam": 0.3, "fused": False}),
     ("mergekit task arithmetic", "mergekit", "task_arithmetic", {"weight": 0.3}),
     ("ours TIES (paper, per tensor)", "mtlkit", "ties", {"trim": "per_tensor", "k": 20, "lam": 1.0}),
+    ("ours TIES (paper, global)", "mtlkit", "ties", {"k": 20, "lam": 1.0}),
     ("mergekit TIES", "mergekit", "ties", {"density": 0.2, "weight": 1.0}),
     ("ours TIES (convention=mergekit)", "mtlkit", "ties", {"convention": "mergekit", "density": 0.2}),
     ("ours TA (convention=mergekit)", "mtlkit", "task_arithmetic", {"convention": "mergekit", "weight": 0.3}),
@@ -144,18 +158,25 @@ def run_one(spec: dict, mergekit_path: str | None) -> dict:
     if spec["tool"] == "mergekit":
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [mergekit_path, env.get("PYTHONPATH")]))
     warm([spec["base"], *spec["fts"]])
+    load = os.getloadavg()[0]
     proc = subprocess.run([sys.executable, str(HERE), "--worker", json.dumps(spec)], capture_output=True, text=True, env=env)
     if proc.returncode:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r["load"] = (load + os.getloadavg()[0]) / 2  # 1-minute load average, before and after
+    return r
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=float, nargs="+", default=[0.25, 0.5], choices=sorted(SIZES))
     ap.add_argument("--models", type=int, default=4, help="fine-tuned models (plus the base)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (mergekit) / merge threads (ours)")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--out-dir", default=None,
+                    help="where merged outputs go (default: the workdir); a tmpfs such as /dev/shm takes the "
+                         "disk out of the timing, i.e. measures the merge step itself")
+    ap.add_argument("--repeat", type=int, default=1, help="run the whole list this many times (rows interleaved)")
     ap.add_argument("--keep", action="store_true", help="keep the generated models (reused by the next run)")
     ap.add_argument("--mergekit-path", default=None, help="PYTHONPATH entries holding mergekit and its dependencies")
     ap.add_argument("--only", nargs="*", default=None, help="run labels to run (substring match)")
@@ -166,24 +187,25 @@ def main(argv=None) -> dict:
         print(json.dumps(_work(json.loads(args.worker))))
         return {}
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench_llm_"))
-    results = {"threads": args.threads, "models": args.models, "cpus": os.cpu_count(), "sizes": {}}
+    results = {"threads": args.threads, "models": args.models, "cpus": os.cpu_count(), "out_dir": args.out_dir,
+               "sizes": {}}
     for size in args.sizes:
         t0 = time.perf_counter()
         folders = generate(root / f"llama_{size}", size, args.models)
         inputs = sum(f.stat().st_size for p in folders for f in p.glob("*.safetensors"))
         print(f"# {size}B: {inputs / 1e9:.2f} GB of inputs, generated in {time.perf_counter() - t0:.0f} s", flush=True)
         rows = results["sizes"][str(size)] = {"input_bytes": inputs, "runs": {}}
-        for label, tool, method, hp in RUNS:
+        for label, tool, method, hp in [r for _ in range(args.repeat) for r in RUNS]:
             if args.only and not any(s in label for s in args.only):
                 continue
-            out = root / f"out_{size}_{tool}_{method}"
-            spec = {"tool": tool, "kind": "copy" if method == "copy" else "merge", "method": method, "hp": hp,
+            out = Path(args.out_dir or root) / f"out_{size}_{tool}_{method}"
+            spec = {"tool": tool, "kind": method if method in ("copy", "pread") else "merge", "method": method, "hp": hp,
                     "base": str(folders[0]), "fts": [str(f) for f in folders[1:]], "out": str(out),
                     "threads": args.threads}
             r = run_one(spec, args.mergekit_path)
             if "seconds" in r:
                 r["read_gb_s"] = inputs / r["seconds"] / 1e9
-            rows["runs"][label] = r
+            rows["runs"].setdefault(label, []).append(r)
             print(f"{label:34s} " + ("  ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items())), flush=True)
             subprocess.run(["rm", "-rf", str(out)])
         if not args.keep:
