@@ -5,6 +5,7 @@ import statistics
 from typing import Any
 
 from mtl.models import MultiTaskModel
+from mtl.progress_log import ProgressLog
 
 from .pool import ModelPool, evaluate, member_datamodule, normalized, resolve_device, score
 
@@ -18,11 +19,12 @@ class Evaluator:
 
     Data modules are built once. `individual[t][split]` holds each fine-tuned model's own metrics,
     the reference every merged score is normalized by (merged / individual, direction-aware).
+    With `progress`, a line per evaluated model and task (`mtl.progress_log.ProgressLog`).
     """
 
     def __init__(self, pool: ModelPool, max_batches: int | None = None, data_overrides: dict[str, Any] | None = None,
-                 device: str = "cpu"):
-        self.pool = pool
+                 device: str = "cpu", progress: bool = True):
+        self.pool, self.progress = pool, progress
         self.device = resolve_device(device)
         self.max_batches = max_batches
         self.tasks = {t.name: t for t in pool.tasks()}
@@ -30,11 +32,14 @@ class Evaluator:
         self._owner = {t: m for m in pool.members for t in m.tasks}
         self._dms = {id(m): member_datamodule(m, data_overrides or {}) for m in pool.members}
         self.individual: dict[str, dict[str, Metrics]] = {}
+        bar = ProgressLog("[eval] fine-tuned models", len(pool.members), unit="models", every_seconds=0,
+                          enabled=progress)
         for i, m in enumerate(pool.members):
             model = pool.member_model(i).to(self.device)
             for t in m.tasks:
                 self.individual[t] = {s: self.run(model, t, s) for s in ("val", "test")}
             del model
+            bar.update(i + 1, " ".join(f"{t} {self._primary(t, self.individual[t]['val'])}" for t in m.tasks))
 
     def datamodule(self, task: str):
         """The task's data module (set up for val/test; methods that learn from data may use its loaders)."""
@@ -44,7 +49,15 @@ class Evaluator:
         return evaluate(model, task, self.datamodule(task), split, self.max_batches, self.device)
 
     def run_all(self, model: MultiTaskModel, split: str) -> dict[str, Metrics]:
-        return {t: self.run(model, t, split) for t in self.names}
+        bar = ProgressLog(f"[eval] {split}", len(self.names), unit="tasks", every_seconds=0, enabled=self.progress)
+        out = {}
+        for i, t in enumerate(self.names):
+            out[t] = self.run(model, t, split)
+            bar.update(i + 1, f"{t} {self._primary(t, out[t])}")
+        return out
+
+    def _primary(self, task: str, metrics: Metrics) -> str:
+        return f"{self.tasks[task].primary} {score(self.tasks[task], metrics):.4g}"
 
     def normalized(self, task: str, metrics: Metrics, split: str) -> float:
         """The task's primary metric relative to its fine-tuned model's on the same split."""

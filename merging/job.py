@@ -28,6 +28,7 @@ import merging
 from mtl.cli.common import start_run
 from mtl.io import read_json, save_model, write_json
 from mtl.models import MultiTaskModel
+from mtl.progress_log import ProgressLog
 from mtl.registry import Registry
 
 from .evaluation import Evaluator
@@ -84,13 +85,16 @@ def grid_search(job: MergeJob, method: str, hp: Mapping[str, Any]) -> Selection:
     else:
         candidates = [base]
     grid, best, best_model = [], None, None
-    for kw in candidates:
+    bar = ProgressLog(f"[{method}] λ grid", len(candidates), unit="candidates", every_seconds=0,
+                      enabled=job.evaluator.progress and len(candidates) > 1)
+    for i, kw in enumerate(candidates):
         model = job.model(job.merge(method, **kw))
         val = job.val_normalized(model)
         grid.append({"hparams": kw, "val_normalized": val})
         if best is None or val > best["val_normalized"]:
             best, best_model = grid[-1], model
         del model
+        bar.update(i + 1, f"λ={kw.get('lam', 'default')} val normalized {val:.4f}")
     return Selection(best_model, dict(best["hparams"]), grid=grid)
 
 
@@ -141,7 +145,10 @@ def select_tall(job: MergeJob, hp: Mapping[str, Any]) -> Selection:
     else:
         per_task: dict[str, list[tuple[float, float]]] = {t: [] for t in names}
         grid = []
-        for lam in hp.get("lam_grid") or [0.2, 0.3, 0.4, 0.5, 0.6]:
+        lam_grid = hp.get("lam_grid") or [0.2, 0.3, 0.4, 0.5, 0.6]
+        bar = ProgressLog("[tall_masks] λ grid", len(lam_grid), unit="candidates", every_seconds=0,
+                          enabled=ev.progress)
+        for lam in lam_grid:
             tm = merging.tall_masks(pre, fts, lam=lam, **opts)
             scores = {}
             for i, t in enumerate(names):
@@ -149,6 +156,7 @@ def select_tall(job: MergeJob, hp: Mapping[str, Any]) -> Selection:
                 per_task[t].append((scores[t], lam))
             grid.append({"hparams": {"lam": lam}, "val_normalized": scores})
             del tm
+            bar.update(len(grid), f"λ={lam} val normalized " + " ".join(f"{t} {v:.4f}" for t, v in scores.items()))
         lams = [max(per_task[t])[1] for t in names]
     tm = merging.tall_masks(pre, fts, lam=lams, **opts)
     extra: dict[str, Any] = {"mask_overlap": merging.mask_overlap(tm)}

@@ -1,18 +1,20 @@
-"""Training progress that reaches log files and CI logs too.
+"""Progress that reaches log files and CI logs too.
 
 Rich's live bar draws nothing when stdout is not a terminal, so a job under ``nohup``, SLURM or CI
-would run silently for hours. ``create_progress_bar`` keeps Rich's bar on a terminal and otherwise
-returns ``TextProgressBar``: one plain line every ``every_seconds`` (and at each epoch's end) with
-step, percentage, rate, ETA and the latest losses.
+would run silently for hours. For training, ``create_progress_bar`` keeps Rich's bar on a terminal and
+otherwise returns ``TextProgressBar``: one plain line every ``every_seconds`` (and at each epoch's end)
+with step, percentage, rate, ETA and the latest losses, formatted by ``mtl.progress_log.progress_line``
+(which plain loops such as mtl-merge's use through ``ProgressLog``, without importing Lightning).
 """
 from __future__ import annotations
 
 import sys
 import time
-from datetime import timedelta
 from typing import Any, TextIO
 
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+
+from mtl.progress_log import format_duration, progress_line
 
 
 def _is_tty(stream: TextIO) -> bool:
@@ -29,10 +31,6 @@ def create_progress_bar(style: str = "auto", every_seconds: float = 30.0, leave:
     if style == "rich" or (style == "auto" and _is_tty(sys.stdout)):
         return RichProgressBar(leave=leave)
     return TextProgressBar(every_seconds=every_seconds)
-
-
-def _eta(seconds: float) -> str:
-    return str(timedelta(seconds=int(max(seconds, 0))))
 
 
 class TextProgressBar(ProgressBar):
@@ -79,17 +77,14 @@ class TextProgressBar(ProgressBar):
         if now - self._last < self.every_seconds and done != 1:
             return
         self._last = now
-        rate = done / max(now - self._epoch_start, 1e-9)
-        of = f"/{total}" if isinstance(total, int) else ""
-        pct = f" ({100 * done / total:.0f}%)" if isinstance(total, int) and total else ""
-        eta = f" eta {_eta((total - done) / rate)}" if isinstance(total, int) and rate > 0 else ""
         max_epochs = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
-        self._print(trainer, f"[train] epoch {trainer.current_epoch + 1}{max_epochs} step {done}{of}{pct} "
-                             f"{rate:.2f} it/s{eta} {self._metrics(trainer, 'train/')}".rstrip())
+        self._print(trainer, progress_line(f"[train] epoch {trainer.current_epoch + 1}{max_epochs} step", done,
+                                           total if isinstance(total, int) else None, now - self._epoch_start,
+                                           note=self._metrics(trainer, "train/")))
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         seconds = time.perf_counter() - self._epoch_start
-        self._print(trainer, f"[train] epoch {trainer.current_epoch + 1} done in {_eta(seconds)} "
+        self._print(trainer, f"[train] epoch {trainer.current_epoch + 1} done in {format_duration(seconds)} "
                              f"{self._metrics(trainer, 'train/')}".rstrip())
 
     def on_validation_end(self, trainer, pl_module) -> None:

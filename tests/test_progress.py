@@ -1,5 +1,6 @@
 """Progress reaches non-TTY logs: text lines instead of Rich's live bar."""
 import io
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -60,3 +61,29 @@ def test_auto_style_follows_the_terminal(monkeypatch):
     assert isinstance(create_progress_bar("rich"), RichProgressBar)
     with pytest.raises(ValueError, match="auto, rich or text"):
         create_progress_bar("fancy")
+
+
+def test_progress_line_format():
+    from mtl.progress_log import progress_line
+
+    assert progress_line("[x] step", 40, 100, 20.0, note="loss 0.5") == "[x] step 40/100 (40%) 2.00 it/s eta 0:00:30 loss 0.5"
+    assert progress_line("[x]", 3, None, 1.5, unit="tasks") == "[x] 3 2.00 tasks/s"  # no total: no % or eta
+
+
+def test_progress_log_prints_first_last_and_at_the_interval(monkeypatch):
+    from mtl import progress_log
+
+    clock = iter([0.0, 1.0, 2.0, 50.0, 51.0, 52.0, 60.0, 61.0])  # start, then one reading per update
+    monkeypatch.setattr(progress_log, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    stream = io.StringIO()
+    bar = progress_log.ProgressLog("[m] step", 5, unit="steps", every_seconds=30, stream=stream)
+    for done in range(1, 6):
+        bar.update(done, f"n{done}")
+    lines = stream.getvalue().splitlines()
+    # step 1 (first), step 3 (30 s after step 1's line), step 5 (last); not 2 or 4
+    assert [ln.split()[2] for ln in lines] == ["1/5", "3/5", "5/5"]
+    assert lines[1] == "[m] step 3/5 (60%) 0.06 steps/s eta 0:00:33 n3"
+    quiet = io.StringIO()
+    off = progress_log.ProgressLog("[m]", 2, every_seconds=0, stream=quiet, enabled=False)
+    off.update(1)
+    assert quiet.getvalue() == ""

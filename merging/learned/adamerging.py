@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .layout import Layout
-from .loop import Callback, Objective, Progress, check_finite, mean, step_gradients
+from .loop import Callback, Objective, check_finite, mean, step_gradients, step_progress
 from .problem import MergeProblem
 
 __all__ = ["CoefficientLearner", "Trace"]
@@ -66,7 +66,7 @@ class CoefficientLearner:
     def run(self, objective: Objective, frozen: dict[str, torch.Tensor], steps: int, trace: Trace,
             label: str, progress: bool = True, callback: Callback | None = None, callback_every: int = 0,
             mask: dict[str, torch.Tensor] | None = None, phase: str = "") -> None:
-        bar = Progress(label, steps, progress)
+        bar = step_progress(label, steps, progress)
         for step in range(1, steps + 1):
             losses = step_gradients(self.problem, self.merged(mask), objective, frozen)
             self.apply_step(step)
@@ -75,7 +75,7 @@ class CoefficientLearner:
                 with torch.no_grad():
                     extra = dict(callback(step, self.merged(mask, detach=True)) or {})
             trace.add(step, losses, extra, phase)
-            bar.update(step, mean(losses) * len(losses))
+            bar.update(step, f"objective {mean(losses) * len(losses):.4f}")
 
     def values(self) -> torch.Tensor:
         """(T,) for task granularity, else (rows, T); detached, on the CPU."""

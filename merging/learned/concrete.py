@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .loop import Objective, Progress, check_finite, mean, step_gradients
+from .loop import Objective, check_finite, mean, step_gradients, step_progress
 from .problem import MergeProblem
 
 __all__ = ["ConcreteMask"]
@@ -57,7 +57,7 @@ class ConcreteMask:
             inner=None, inner_steps: int = 1, progress: bool = True, callback=None, callback_every: int = 0) -> None:
         """`coefficients()` gives the current (rows, T) coefficients; `inner` (a CoefficientLearner) is
         updated `inner_steps` times per outer step on the same mask draw, with the mask held fixed."""
-        bar = Progress(label, steps, progress)
+        bar = step_progress(label, steps, progress)
         for step in range(1, steps + 1):
             m = self.sample()
             if inner is not None:
@@ -78,4 +78,4 @@ class ConcreteMask:
                     hard = {k: m.to(self.logits[k].dtype) for k, m in self.hard().items()}
                     extra.update(callback(step, self.problem.merged(coefficients().detach(), group_of, hard)) or {})
             trace.add(step, losses, extra, "mask")
-            bar.update(step, mean(losses) * len(losses), f" mask p̄ {density:.3f}")
+            bar.update(step, f"objective {mean(losses) * len(losses):.4f} mask p̄ {density:.3f}")

@@ -7,21 +7,18 @@ single backward. Peak memory: θ0 + T task vectors + θ + ∂θ + one task's act
 """
 from __future__ import annotations
 
-import logging
 import math
-import sys
-import time
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
 
+from mtl.progress_log import ProgressLog
+
 from .objective import entropy
 from .problem import MergeProblem
 
-log = logging.getLogger("merging.learned")
-
-__all__ = ["BatchCycler", "Objective", "step_gradients", "Progress"]
+__all__ = ["BatchCycler", "Objective", "step_gradients", "step_progress"]
 
 
 def _inputs(batch: Any, task: str) -> torch.Tensor:
@@ -114,22 +111,10 @@ def check_finite(coef: torch.Tensor, groups: list[str], names: list[str], step: 
                              f"at step {step}; lower lr or pass clamp=true")
 
 
-class Progress:
-    """Step counter that also reaches non-TTY logs: a line every ~5 % of the steps."""
-
-    def __init__(self, label: str, total: int, enabled: bool = True):
-        self.label, self.total, self.enabled = label, total, enabled
-        self.every = max(1, total // 20)
-        self.start = time.perf_counter()
-
-    def update(self, step: int, loss: float, extra: str = "") -> None:
-        if step % self.every and step != self.total:
-            return
-        rate = step / max(time.perf_counter() - self.start, 1e-9)
-        msg = f"[{self.label}] step {step}/{self.total} objective {loss:.4f} ({rate:.2f} steps/s){extra}"
-        log.info(msg)
-        if self.enabled:
-            print(msg, file=sys.stderr, flush=True)
+def step_progress(label: str, total: int, enabled: bool = True) -> ProgressLog:
+    """A learned merge's optimisation steps as lines that also reach log files: the first and last step
+    and one every 10 s, with the rate, ETA and (in the note) the objective."""
+    return ProgressLog(f"[{label}] step", total, unit="steps", every_seconds=10.0, enabled=enabled)
 
 
 def mean(values: Mapping[str, float]) -> float:

@@ -172,8 +172,15 @@ def test_cli_smoke_prints_run_dir(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "merging.cli", "debug=smoke"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    last = proc.stdout.strip().splitlines()[-1]
+    lines = proc.stdout.strip().splitlines()
+    last = lines[-1]
     assert last.startswith("run_dir: ")
+    # stdout is a pipe (no TTY): progress still shows as lines, for every loop of the job
+    assert _has(lines, "[eval] fine-tuned models 1/2 (50%)", "models/s") and _has(lines, "[eval] fine-tuned models 2/2")
+    assert _has(lines, "[task_arithmetic] λ grid 1/10 (10%)", "candidates/s", "eta", "λ=0.1 val normalized")
+    assert _has(lines, "[task_arithmetic] λ grid 10/10 (100%)", "λ=1.0")
+    assert sum(ln.startswith("[eval] val 2/2 (100%)") for ln in lines) == 10  # one evaluation per λ
+    assert _has(lines, "[eval] test 1/2", "regression mae") and _has(lines, "[eval] test 2/2", "semseg")
     run_dir = Path(last.removeprefix("run_dir: "))
     assert (run_dir / "model" / "model.safetensors").is_file()
     assert (run_dir / "metrics.json").is_file()
@@ -204,3 +211,17 @@ def test_evaluate_leaves_the_callers_model_as_it_was(pool):
         on_gpu = evaluate(model, task, dm, "val", max_batches=1, device="cuda")
         assert next(model.parameters()).device.type == "cpu" and model.training
         assert on_gpu.keys() == first.keys()
+
+
+
+def _has(lines, start, *parts):
+    return any(ln.startswith(start) and all(p in ln for p in parts) for ln in lines)
+
+
+def test_learned_merge_steps_reach_a_non_tty_log(pool, tmp_path, capsys):
+    """pytest's captured stdout is no TTY, as under nohup/SLURM/CI: the optimisation steps still print lines."""
+    capsys.readouterr()
+    run(_args(pool, "merge=adamerging", "learn_max_steps=3", batches=1), run_dir=tmp_path / "ada")
+    lines = capsys.readouterr().out.splitlines()
+    assert _has(lines, "[adamerging] step 1/3 (33%)", "steps/s", "objective ")
+    assert _has(lines, "[adamerging] step 3/3 (100%)", "objective ")
