@@ -71,7 +71,7 @@ def hydra_job(idx: int, overrides: Sequence[str], hydra_context: HydraContext, c
         cause = f": {type(e.__context__).__name__}: {e.__context__}" if e.__context__ else ""
         return JobReturn(overrides=list(overrides), cfg=sweep_config, status=JobStatus.FAILED,
                          _return_value=JobExit(f"job #{idx} ({' '.join(filter_overrides(overrides))}) "
-                                                    f"exited with status {e.code}{cause}"))
+                                               f"exited with status {e.code}{cause}"))
 
 
 class RayLauncher(Launcher):
