@@ -9,7 +9,6 @@ import pytest
 from hydra.core.plugins import Plugins
 from omegaconf import OmegaConf
 
-from mtl.cli.common import compose_in_process
 from mtl.launchers import HYDRA_TARGET, RayLauncher, register
 from mtl.launchers import ray_launcher
 
@@ -24,13 +23,15 @@ def cli(*args, cwd, hide_ray=False):
                           timeout=600)
 
 
-def _launcher_cfg(*overrides):
-    cfg, _ = compose_in_process("mtl.configs", "train", ["launcher=ray", *overrides])
-    return cfg
+def compose_with_hydra(overrides):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="mtl.configs", version_base="1.3"):
+        return compose(config_name="train", overrides=overrides, return_hydra_config=True)
 
 
 def test_launcher_config_composes_and_hydra_can_find_the_class():
-    hydra_cfg = OmegaConf.to_container(compose_hydra(["launcher=ray", "hydra.launcher.num_cpus=1"]))
+    hydra_cfg = OmegaConf.to_container(compose_with_hydra(["launcher=ray", "hydra.launcher.num_cpus=1"]).hydra.launcher)
     launcher = hydra_cfg.pop("_target_")
     assert launcher == HYDRA_TARGET
     register()
@@ -39,13 +40,6 @@ def test_launcher_config_composes_and_hydra_can_find_the_class():
     assert local == {"include_dashboard": False, "num_cpus": 1}  # num_gpus null: Ray detects them
     joined = RayLauncher(**{**hydra_cfg, "address": "auto", "init": {"namespace": "mtl"}})._init_kwargs()
     assert joined == {"include_dashboard": False, "address": "auto", "namespace": "mtl"}  # no num_cpus for a running cluster
-
-
-def compose_hydra(overrides):
-    from hydra import compose, initialize_config_module
-
-    with initialize_config_module(config_module="mtl.configs", version_base="1.3"):
-        return compose(config_name="train", overrides=overrides, return_hydra_config=True).hydra.launcher
 
 
 def test_missing_ray_is_one_line_naming_the_extra(monkeypatch, tmp_path):
@@ -92,3 +86,23 @@ def test_a_failing_job_fails_the_multirun_and_keeps_the_others(tmp_path):
     assert "Traceback" not in proc.stderr
     sweep = _sweep_dir(tmp_path)
     assert (sweep / "0" / "metrics.json").is_file()
+
+
+def test_a_cluster_that_cannot_be_reached_is_one_line(monkeypatch, tmp_path, capsys):
+    """ray.init failing (wrong address, auth token, ...) stops the multirun with one error line."""
+    import types
+
+    def init(**kw):
+        raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379")
+
+    fake = types.SimpleNamespace(is_initialized=lambda: False, init=init)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    cfg = compose_with_hydra(["launcher=ray", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    launcher = RayLauncher(address="10.0.0.1:6379")
+    launcher.setup(hydra_context=object(), task_function=lambda c: None, config=cfg)
+    with pytest.raises(SystemExit) as e:
+        launcher.launch([["task=depth"]], initial_job_idx=0)
+    assert e.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: launcher=ray could not connect to the Ray cluster at 10.0.0.1:6379 (ray.init({'include_dashboard': "
+        "False, 'address': '10.0.0.1:6379'})): ConnectionError: Failed to connect to Ray cluster at 10.0.0.1:6379")

@@ -109,7 +109,16 @@ class RayLauncher(Launcher):
 
         started = not ray.is_initialized()
         if started:
-            ray.init(**self._init_kwargs())
+            kw = self._init_kwargs()
+            try:
+                ray.init(**kw)
+            except Exception as e:
+                where = f"connect to the Ray cluster at {self.address}" if self.address else "start a local Ray cluster"
+                if verbose():
+                    raise
+                print(f"error: launcher=ray could not {where} (ray.init({kw})): {type(e).__name__}: {e}",
+                      file=sys.stderr, flush=True)
+                sys.exit(1)
         try:
             log.info("Ray is launching %d jobs (%s CPU, %s GPU each) into %s", len(job_overrides), self.cpus_per_job,
                      self.gpus_per_job, sweep_dir)
