@@ -170,6 +170,8 @@ def merge_to_file(
     streamed = None
     try:
         if kernel is not None:
+            if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+                raise ValueError(f"threads must be an int ≥ 1, got {threads!r}")
             ctx.chunks = Chunks(ctx, chunk, workers=threads or torch.get_num_threads())
             propagates = getattr(m, "propagates_nonfinite", False)
             streamed = lambda key: stream_tensor(m, kernel, ctx.chunks, key, propagates)  # noqa: E731

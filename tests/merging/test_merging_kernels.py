@@ -93,6 +93,8 @@ def test_bad_chunk_is_refused(tmp_path):
     with pytest.raises(ValueError, match="chunk"):
         merging.merge_to_file("ties", pre, fts, tmp_path / "o.safetensors", chunk=10)
     assert not (tmp_path / "o.safetensors").exists()
+    with pytest.raises(ValueError, match="threads"):
+        merging.merge_to_file("task_arithmetic", pre, fts, tmp_path / "o.safetensors", threads=0)
     with pytest.raises(ValueError, match="chunk"):
         Chunks(None, chunk=True)
     with pytest.raises(ValueError, match="workers"):
