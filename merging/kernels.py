@@ -14,6 +14,7 @@ Per-tensor TIES thresholds come from the exact radix select over the chunks (the
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -248,15 +249,54 @@ def ties_thresholds(chunks: Chunks, keys, n_keep: int) -> list[float]:
     return radix_thresholds(pieces, [n_keep] * T, dtype)
 
 
-def _ties(m, chunks: Chunks, key: str) -> ChunkFn:
+def _elect(ws: Workspace, xs: list[torch.Tensor], thr: list[float], cd: torch.dtype):
+    """TIES's trimmed τ_t and elected sign γ for one chunk (`Ties._elected`'s operations)."""
+    n = xs[0].numel()
+    mag, keep, total = ws.buf("abs", cd, n), ws.buf("keep", torch.bool, n), ws.buf("total", cd, n)
+    trimmed = []
+    for t in range(len(xs) - 1):
+        tau = torch.sub(xs[t + 1], xs[0], out=ws.buf(f"tau{t}", cd, n))
+        torch.ge(torch.abs(tau, out=mag), thr[t], out=keep)
+        trimmed.append(tau.mul_(keep))
+        if t == 0:
+            total.copy_(tau)
+        else:
+            total.add_(tau)
+    return trimmed, total.sign_()
+
+
+def _key_thresholds(m, chunks: Chunks, key: str) -> list[float]:
     from .selection import as_threshold, keep_count
 
     ctx = chunks.ctx
-    cd, T = ctx.plan.compute[key], ctx.T
     thr = m.thresholds
     if thr is None:
         thr = ties_thresholds(chunks, [key], keep_count(ctx.plan.infos[key].numel, m.hp["k"]))
-    thr = [as_threshold(v, cd) for v in thr]
+    return [as_threshold(v, ctx.plan.compute[key]) for v in thr]
+
+
+def majority_sign(m, chunks: Chunks) -> float:
+    """FusionBench's model-wide majority sign (`Ties._majority_sign`) over chunks: Σ γ in float64 is a
+    sum of integers, so it is exact in any order."""
+    ctx = chunks.ctx
+    total = 0.0
+    for key in ctx.plan.merge:
+        cd = ctx.plan.compute[key]
+        thr = _key_thresholds(m, chunks, key)
+        flags = chunks.validate_flags(key)
+
+        def fn(ws: Workspace, s: int, e: int) -> float:
+            return float(_elect(ws, ws.read(key, s, e, flags), thr, cd)[1].sum(dtype=torch.float64))
+
+        total += sum(chunks.map(key, fn))
+        chunks.mark_checked(key, flags)
+    return math.copysign(1.0, total) if total else 0.0
+
+
+def _ties(m, chunks: Chunks, key: str) -> ChunkFn:
+    ctx = chunks.ctx
+    cd, T = ctx.plan.compute[key], ctx.T
+    thr = _key_thresholds(m, chunks, key)
     mean = m.hp["merge_func"] == "mean"
     cnt_dtype = torch.uint8 if T < 256 else torch.int32
     flags = chunks.validate_flags(key)  # all checked already unless the thresholds came from elsewhere
@@ -265,17 +305,8 @@ def _ties(m, chunks: Chunks, key: str) -> ChunkFn:
         n = e - s
         xs = ws.read(key, s, e, flags)
         pre = xs[0]
-        mag, keep, total = ws.buf("abs", cd, n), ws.buf("keep", torch.bool, n), ws.buf("total", cd, n)
-        trimmed = []
-        for t in range(T):
-            tau = torch.sub(xs[t + 1], pre, out=ws.buf(f"tau{t}", cd, n))
-            torch.ge(torch.abs(tau, out=mag), thr[t], out=keep)
-            trimmed.append(tau.mul_(keep))
-            if t == 0:
-                total.copy_(tau)
-            else:
-                total.add_(tau)
-        sign = total.sign_()
+        trimmed, sign = _elect(ws, xs, thr, cd)
+        mag, keep = ws.buf("abs", cd, n), ws.buf("keep", torch.bool, n)
         if m.zero_sign:
             sign.masked_fill_(sign == 0, m.zero_sign)
         out = ws.buf("mtv", cd, n).zero_()

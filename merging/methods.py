@@ -221,6 +221,10 @@ class Ties(MergeMethod):
     def _majority_sign(self, ctx: Context) -> float:
         """FusionBench's rule: an entry whose kept values cancel exactly takes the sign of Σ γ over the
         whole model (one extra pass over the inputs)."""
+        if ctx.chunks is not None and self.transform is None:
+            from .kernels import majority_sign
+
+            return majority_sign(self, ctx.chunks)
         total = 0.0
         for key in ctx.iter_keys(ctx.plan.merge):
             pre = ctx.pre(key)

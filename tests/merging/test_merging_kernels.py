@@ -20,6 +20,8 @@ CASES = [
     ("ties", {"trim": "per_tensor", "k": 10}),
     ("ties", {"k": 35, "merge_func": "sum", "lam": 0.7}),
     ("ties", {"trim": "per_tensor", "k": 50, "select": "kthvalue"}),
+    ("ties", {"tie_rule": "fusionbench", "k": 30}),
+    ("ties", {"tie_rule": "fusionbench", "trim": "per_tensor", "merge_func": "sum"}),
     ("task_arithmetic", {"convention": "mergekit", "weight": [0.3, 1.0, 0.6]}),
     ("task_arithmetic", {"convention": "mergekit", "weight": 0.3, "normalize": True, "lam": 0.8}),
 ]
