@@ -103,7 +103,13 @@ class StateSource(ABC):
 
     def read_into(self, key: str, start: int, out: torch.Tensor) -> torch.Tensor:
         """Copy flat entries [start, start + out.numel()) of `key` into `out` (same dtype) and return it."""
-        return out.copy_(self.get(key).reshape(-1)[start : start + out.numel()])
+        x = self.get(key)
+        if not x.is_contiguous():  # flatten once per key, not once per chunk
+            cached = getattr(self, "_flat", None)
+            if cached is None or cached[0] != key:
+                cached = self._flat = (key, x.reshape(-1))
+            x = cached[1]
+        return out.copy_(x.reshape(-1)[start : start + out.numel()])
 
     def close(self) -> None:
         """Release cached file handles (tensors already handed out stay valid)."""

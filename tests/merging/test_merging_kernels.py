@@ -74,6 +74,8 @@ def test_read_into_matches_slices(tmp_path):
         assert torch.equal(src.read_into("e.weight", start, buf), ref[start : start + 1000])
     dict_src = open_source(load_file(str(pre)))
     assert torch.equal(dict_src.read_into("e.weight", 7, buf), ref[7:1007])
+    transposed = open_source({"w": ref.reshape(64, 260).t()})  # not contiguous
+    assert torch.equal(transposed.read_into("w", 5, buf), ref.reshape(64, 260).t().reshape(-1)[5:1005])
     with pytest.raises(IndexError, match="e.weight"):
         src.read_into("e.weight", ref.numel() - 10, buf)
     src.close()
@@ -101,3 +103,14 @@ def test_bad_chunk_is_refused(tmp_path):
         Chunks(None, chunk=True)
     with pytest.raises(ValueError, match="workers"):
         Chunks(None, workers=0)
+
+
+def test_fused_in_memory_inputs_equal_merge(tmp_path):
+    g = torch.Generator().manual_seed(5)
+    pre = {"w": torch.randn(300, 50, generator=g).t(), "b": torch.randn(3000, generator=g)}  # w not contiguous
+    fts = [{k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in pre.items()} for _ in range(3)]
+    for method, hp in (("ties", {"trim": "per_tensor"}), ("task_arithmetic", {"lam": 0.4})):
+        ref = merging.merge(method, pre, fts, **hp)
+        out = load_file(str(merging.merge_to_file(method, pre, fts, tmp_path / f"{method}.safetensors", chunk=1024,
+                                                  threads=2, **hp)))
+        assert all(torch.equal(out[k], ref[k]) for k in ref)
