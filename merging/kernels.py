@@ -42,14 +42,6 @@ class Streamed:
     def __iter__(self) -> Iterator[torch.Tensor]:
         return self._pieces
 
-    def materialize(self) -> torch.Tensor:
-        out = torch.empty(self.numel, dtype=self.dtype)
-        i = 0
-        for p in self:
-            out[i : i + p.numel()] = p
-            i += p.numel()
-        return out.view(self.shape)
-
 
 class Workspace:
     """One worker's reusable chunk buffers (names are per kernel, each `chunk` entries)."""
