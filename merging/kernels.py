@@ -182,18 +182,9 @@ def _task_arithmetic(m, chunks: Chunks, key: str) -> ChunkFn:
     def fn(ws: Workspace, s: int, e: int) -> torch.Tensor:
         n = e - s
         xs = ws.read(key, s, e)
-        pre, acc, tau = xs[0], ws.buf("acc", cd, n), ws.buf("tau", cd, n)
-        for t in range(len(xs) - 1):
-            x = torch.sub(xs[t + 1], pre, out=acc if t == 0 else tau)
-            if m.scalar:
-                if t:
-                    acc.add_(x)
-            elif t:
-                acc.add_(x, alpha=m.lams[t])
-            else:
-                acc.mul_(m.lams[0])
-        out = ws.buf("out", cd, n)
-        return torch.add(pre, acc, alpha=m.lams[0], out=out) if m.scalar else torch.add(pre, acc, out=out)
+        pre = xs[0]
+        return m.combine(pre, lambda t, out: torch.sub(xs[t + 1], pre, out=out), len(xs) - 1,
+                         *(ws.buf(b, cd, n) for b in ("acc", "tau", "out")))
 
     return fn
 

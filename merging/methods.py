@@ -172,10 +172,15 @@ class TaskArithmetic(MergeMethod):
 
     def merge_tensor(self, ctx: Context, key: str) -> torch.Tensor:
         pre = ctx.pre(key)
-        acc = ctx.buffer("acc", pre.shape, pre.dtype)
-        tau = ctx.buffer("tau", pre.shape, pre.dtype)
-        for t in range(ctx.T):
-            x = self.task_vector(ctx, key, t, pre, out=acc if t == 0 else tau)
+        bufs = (ctx.buffer(n, pre.shape, pre.dtype) for n in ("acc", "tau", "out"))
+        return self.combine(pre, lambda t, out: self.task_vector(ctx, key, t, pre, out=out), ctx.T, *bufs)
+
+    def combine(self, pre: torch.Tensor, task_vector: Callable[[int, torch.Tensor], torch.Tensor], T: int,
+                acc: torch.Tensor, tau: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """θ0 + Σ_t λ_t τ_t in one fixed order of operations; the chunked kernel (merging.kernels) runs
+        this same code on each chunk, which is what keeps the two paths bit-identical."""
+        for t in range(T):
+            x = task_vector(t, acc if t == 0 else tau)
             if self.scalar:
                 if t:
                     acc.add_(x)
@@ -183,7 +188,6 @@ class TaskArithmetic(MergeMethod):
                 acc.add_(x, alpha=self.lams[t])
             else:
                 acc.mul_(self.lams[0])
-        out = ctx.buffer("out", pre.shape, pre.dtype)
         return torch.add(pre, acc, alpha=self.lams[0], out=out) if self.scalar else torch.add(pre, acc, out=out)
 
     def merged_vector(self, ctx: Context, key: str, taus: list[torch.Tensor], inplace: bool) -> torch.Tensor:
