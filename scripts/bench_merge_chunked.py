@@ -12,40 +12,17 @@ input bytes / time per run, and the 1-minute load average (the machine may be sh
 from __future__ import annotations
 
 import argparse
-import mmap
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import merging  # noqa: E402
-from bench_merge_llm import SIZES, generate, warm  # noqa: E402
-
-
-def copy_mmap(files):
-    buf = None
-    for f in files:
-        with open(f, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            src = torch.frombuffer(m, dtype=torch.uint8)
-            if buf is None or buf.numel() < src.numel():
-                buf = torch.empty(src.numel(), dtype=torch.uint8)
-            buf[: src.numel()].copy_(src)
-            del src
-
-
-def copy_pread(files):
-    view = memoryview(bytearray(1 << 20))
-    for f in files:
-        fd, off = os.open(f, os.O_RDONLY), 0
-        while (n := os.preadv(fd, [view], off)) > 0:
-            off += n
-        os.close(fd)
+from bench_merge_llm import SIZES, copy_mmap, copy_pread, generate, warm  # noqa: E402
 
 
 def main(argv=None):

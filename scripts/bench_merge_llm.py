@@ -98,31 +98,43 @@ def warm(paths) -> None:
                     pass
 
 
+def copy_mmap(files) -> None:
+    """Page cache -> one reused buffer through the mapping: every input byte once."""
+    import mmap
+
+    import torch
+
+    buf = None
+    for f in files:
+        with open(f, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            src = torch.frombuffer(m, dtype=torch.uint8)
+            if buf is None or buf.numel() < src.numel():
+                buf = torch.empty(src.numel(), dtype=torch.uint8)
+            buf[: src.numel()].copy_(src)
+            del src
+
+
+def copy_pread(files) -> None:
+    """The same bytes through pread into one 1 MB buffer (no page faults)."""
+    view = memoryview(bytearray(1 << 20))
+    for f in files:
+        fd, off = os.open(f, os.O_RDONLY), 0
+        while (n := os.preadv(fd, [view], off)) > 0:
+            off += n
+        os.close(fd)
+
+
 def _work(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
     base, fts, out = spec["base"], spec["fts"], Path(spec["out"])
     start = time.perf_counter()
-    if spec["kind"] == "copy":  # page cache -> one reused buffer, every input byte once
-        import mmap
-        buf = None
-        for p in [base, *fts]:
-            for f in sorted(Path(p).glob("*.safetensors")):
-                with open(f, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
-                    src = torch.frombuffer(m, dtype=torch.uint8)
-                    if buf is None or buf.numel() < src.numel():
-                        buf = torch.empty(src.numel(), dtype=torch.uint8)
-                    buf[: src.numel()].copy_(src)
-                    del src
-    elif spec["kind"] == "pread":  # the same bytes through pread into one 1 MB buffer (no page faults)
-        view = memoryview(bytearray(1 << 20))
-        for p in [base, *fts]:
-            for f in sorted(Path(p).glob("*.safetensors")):
-                fd, off = os.open(f, os.O_RDONLY), 0
-                while (n := os.preadv(fd, [view], off)) > 0:
-                    off += n
-                os.close(fd)
+    files = [f for p in [base, *fts] for f in sorted(Path(p).glob("*.safetensors"))]
+    if spec["kind"] == "copy":
+        copy_mmap(files)
+    elif spec["kind"] == "pread":
+        copy_pread(files)
     elif spec["tool"] == "mtlkit":
         import merging
 
