@@ -294,15 +294,7 @@ def _ties(m, chunks: Chunks, key: str) -> ChunkFn:
             sign.masked_fill_(sign == 0, m.zero_sign)
         out = ws.buf("mtv", cd, n).zero_()
         cnt = ws.buf("cnt", cnt_dtype, n).zero_() if mean else None
-        for tt in trimmed:
-            torch.mul(tt, sign, out=mag).clamp_(min=0)
-            if mean:
-                cnt.add_(torch.gt(mag, 0, out=keep))
-            out.add_(mag)
-        out.mul_(sign)
-        if mean:
-            out.div_(cnt.clamp_(min=1))
-        return out.mul_(m.hp["lam"]).add_(pre)
+        return m.disjoint_merge(trimmed, sign, mag, keep, out, cnt).mul_(m.hp["lam"]).add_(pre)
 
     return fn
 

@@ -276,15 +276,22 @@ class Ties(MergeMethod):
         out = ctx.buffer("mtv", shape, dt).zero_()
         mean = self.hp["merge_func"] == "mean"
         cnt = ctx.buffer("cnt", shape, torch.uint8 if len(taus) < 256 else torch.int32).zero_() if mean else None
+        return self.disjoint_merge(trimmed, sign, mag, keep, out, cnt)
+
+    @staticmethod
+    def disjoint_merge(trimmed, sign: torch.Tensor, mag: torch.Tensor, keep: torch.Tensor, out: torch.Tensor,
+                       cnt: torch.Tensor | None) -> torch.Tensor:
+        """Sum (mean when `cnt` is given) of the trimmed task vectors that agree with the elected sign,
+        into the zeroed `out`; the chunked kernel calls this same code on each chunk."""
         for tt in trimmed:
             # τ̂_t·γ is |τ̂_t| where task t agrees with γ and ≤ 0 elsewhere, so Σ relu(τ̂_t·γ)·γ is the
             # sum over agreeing tasks (exactly: multiplying by ±1 rounds nothing).
             torch.mul(tt, sign, out=mag).clamp_(min=0)
-            if mean:
+            if cnt is not None:
                 cnt.add_(torch.gt(mag, 0, out=keep))
             out.add_(mag)
         out.mul_(sign)
-        return out.div_(cnt.clamp_(min=1)) if mean else out
+        return out.div_(cnt.clamp_(min=1)) if cnt is not None else out
 
     def merge_tensor(self, ctx: Context, key: str) -> torch.Tensor:
         pre = ctx.pre(key)
