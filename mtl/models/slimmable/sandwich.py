@@ -37,7 +37,7 @@ def distill_loss(task: Task, student: torch.Tensor, teacher: torch.Tensor) -> to
 @STRATEGIES.register("sandwich")
 class Sandwich(TrainingStrategy):
     def __init__(self, model: nn.Module, num_random: int = 2, train_min: bool = True, inplace_distill: bool = True,
-                 cikd: bool = True, cikd_weight: float = 1.0):
+                 cikd: bool = True, cikd_weight: float = 0.1):
         super().__init__()
         if not isinstance(model, SlimmableMultiTaskModel):
             family = getattr(model, "config", {}).get("family", type(model).__name__)
