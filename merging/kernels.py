@@ -234,18 +234,11 @@ def ties_thresholds(chunks: Chunks, keys, n_keep: int) -> list[float]:
 
 def _elect(ws: Workspace, xs: list[torch.Tensor], thr: list[float], cd: torch.dtype):
     """TIES's trimmed τ_t and elected sign γ for one chunk (`Ties._elected`'s operations)."""
+    from .methods import Ties
+
     n = xs[0].numel()
-    mag, keep, total = ws.buf("abs", cd, n), ws.buf("keep", torch.bool, n), ws.buf("total", cd, n)
-    trimmed = []
-    for t in range(len(xs) - 1):
-        tau = torch.sub(xs[t + 1], xs[0], out=ws.buf(f"tau{t}", cd, n))
-        torch.ge(torch.abs(tau, out=mag), thr[t], out=keep)
-        trimmed.append(tau.mul_(keep))
-        if t == 0:
-            total.copy_(tau)
-        else:
-            total.add_(tau)
-    return trimmed, total.sign_()
+    taus = [torch.sub(x, xs[0], out=ws.buf(f"tau{t}", cd, n)) for t, x in enumerate(xs[1:])]
+    return Ties.trim_and_elect(taus, thr, ws.buf("abs", cd, n), ws.buf("keep", torch.bool, n), ws.buf("total", cd, n))
 
 
 def _key_thresholds(m, chunks: Chunks, key: str) -> list[float]:

@@ -251,20 +251,25 @@ class Ties(MergeMethod):
     def _elected(self, ctx: Context, key: str, taus: list[torch.Tensor], inplace: bool):
         """The trimmed task vectors and the elected sign γ (a context buffer)."""
         shape, dt = taus[0].shape, taus[0].dtype
-        thr = self._tensor_thresholds(ctx, taus)
-        mag = ctx.buffer("abs", shape, dt)
-        keep = ctx.buffer("keep", shape, torch.bool)
-        total = ctx.buffer("total", shape, dt)
+        thr = [as_threshold(v, dt) for v in self._tensor_thresholds(ctx, taus)]
+        bufs = (ctx.buffer("abs", shape, dt), ctx.buffer("keep", shape, torch.bool), ctx.buffer("total", shape, dt))
+        return self.trim_and_elect(taus, thr, *bufs, None if inplace else lambda t: ctx.buffer(f"trim{t}", shape, dt))
+
+    @staticmethod
+    def trim_and_elect(taus, thr, mag: torch.Tensor, keep: torch.Tensor, total: torch.Tensor,
+                       trim_out: Callable[[int], torch.Tensor] | None = None):
+        """Keep |τ_t| ≥ thr[t] (in place, or into `trim_out(t)`) and elect γ = sign(Σ_t τ̂_t); entries
+        where the trimmed vectors cancel exactly get γ = 0. The chunked kernel calls this same code."""
         trimmed = []
         for t, tau in enumerate(taus):
-            torch.ge(torch.abs(tau, out=mag), as_threshold(thr[t], dt), out=keep)
-            tt = tau.mul_(keep) if inplace else torch.mul(tau, keep, out=ctx.buffer(f"trim{t}", shape, dt))
+            torch.ge(torch.abs(tau, out=mag), thr[t], out=keep)
+            tt = tau.mul_(keep) if trim_out is None else torch.mul(tau, keep, out=trim_out(t))
             trimmed.append(tt)
             if t == 0:
                 total.copy_(tt)
             else:
                 total.add_(tt)
-        return trimmed, total.sign_()  # γ; entries where the trimmed vectors cancel exactly get 0
+        return trimmed, total.sign_()
 
     def merged_vector(self, ctx: Context, key: str, taus: list[torch.Tensor], inplace: bool) -> torch.Tensor:
         shape, dt = taus[0].shape, taus[0].dtype
