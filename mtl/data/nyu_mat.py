@@ -48,11 +48,7 @@ def read_splits(path) -> dict[str, list[int]]:
     if p.suffix == ".json":
         data = json.loads(p.read_text())
     else:
-        try:
-            from scipy.io import loadmat
-        except ImportError as e:
-            raise ImportError("reading splits.mat needs scipy (pip install scipy), or give a JSON splits file") from e
-        data = loadmat(str(p))
+        data = _loadmat(p, "or give a JSON splits file")
     out = {}
     for split, key in (("train", "trainNdxs"), ("test", "testNdxs")):
         if key not in data:
@@ -64,11 +60,11 @@ def read_splits(path) -> dict[str, list[int]]:
 RAW_LABELS = 894  # raw ids 1..894 in nyu_depth_v2_labeled.mat; 0 = unlabelled
 
 
-def _loadmat(p: Path) -> dict:
+def _loadmat(p: Path, alternative: str = "") -> dict:
     try:
         from scipy.io import loadmat
     except ImportError as e:
-        raise ImportError(f"reading {p.name} needs scipy (pip install scipy)") from e
+        raise ImportError(f"reading {p.name} needs scipy (pip install scipy){', ' + alternative if alternative else ''}") from e
     try:
         return loadmat(str(p))
     except NotImplementedError as e:  # MATLAB v7.3 files are HDF5
