@@ -12,7 +12,7 @@ from mtl.flops import count_flops, count_params
 from mtl.models.surgery import diff_plan, snapshot
 from pruning.calib import as_batches, task_losses
 from pruning.graph import LayerGraph, check_prunable
-from pruning.methods import METHODS, check_ratio
+from pruning.methods import METHODS, check_ratio, check_round_to
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ def prune(model: nn.Module, method: str, calib: Any = None, *, example: torch.Te
 
     ``calib``: a batch or list of batches ({"image": uint8 (B,3,H,W), <task target>: ...}) used for
     importance and the PAGCP oracle (``l1``/``l1_global`` only need ``example`` or one batch).
+    ``round_to`` (every method): kept channels per pruned layer are multiples of it.
     ``rounds`` > 1 prunes in steps (ratio, flops_target and budget split evenly in ratio terms), calling
     ``finetune(model)`` (trains in place) between rounds. The returned model carries
     ``pruning_plan``: ``mtl.io.save_model`` stores it, ``mtl.load_model`` rebuilds the pruned shapes.
@@ -40,6 +41,7 @@ def prune(model: nn.Module, method: str, calib: Any = None, *, example: torch.Te
     for key in ("ratio", "flops_target", "max_layer_ratio"):  # refuse bad values before any work
         if hparams.get(key) is not None:
             check_ratio(key, hparams[key])
+    check_round_to(hparams.get("round_to"))
     batches = as_batches(calib) if calib is not None else []
     if example is None:
         if not batches:

@@ -31,6 +31,7 @@ def _hparams(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
             raise ValueError("prune.flops_target must be in (0, 1), got 0")
     elif "ratio" in hp:
         pruning.methods.check_ratio("prune.ratio", hp["ratio"])
+    pruning.methods.check_round_to(hp.get("round_to"), "prune.round_to")
     if hp.get("flops_target") is None:
         hp.pop("flops_target", None)
     return method, hp

@@ -4,6 +4,10 @@ A method is ``fn(model, graph, batches, **hparams) -> (removed, info)`` with ``r
 {layer name: [unit indices]} and ``info`` extra report data (per-layer notes, searched knobs).
 Every method accepts ``flops_target`` (a FLOPs reduction in (0, 1)) instead of its own knob: the knob
 is then searched until the estimated conv/linear FLOPs fall by at least that fraction.
+
+Every method also accepts ``round_to`` (Torch-Pruning's name): each pruned layer keeps a multiple of
+``round_to`` channels (the removed count shrinks until it does, so the kept count rounds *up*; a layer
+never drops to 0). Vectorised conv kernels run channel blocks of 8/16, so odd widths waste lanes.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import torch
 from torch import nn
 
 from mtl.registry import Registry
-from pruning.graph import LayerGraph, PruningError
+from pruning.graph import Layer, LayerGraph, PruningError
 from pruning.importance import l1_scores, taylor_scores
 
 METHODS: "Registry[Callable[..., tuple[dict[str, list[int]], dict[str, Any]]]]" = Registry("pruning method")
@@ -27,24 +31,56 @@ def check_ratio(name: str, value: float) -> float:
     return float(value)
 
 
+def check_round_to(value: Any, name: str = "round_to") -> int | None:
+    """``None`` (no rounding) or a positive integer."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer (kept channels per layer become multiples of it) "
+                         f"or null for no rounding, got {value!r}")
+    return value
+
+
+def unit_step(layer: Layer, round_to: int | None) -> int:
+    """Kept units must be a multiple of this so that the kept *channels* are a multiple of ``round_to``
+    (an attention head is ``head_dim`` channels wide: heads rarely need rounding)."""
+    if not round_to or round_to == 1:
+        return 1
+    width = layer.channels_per_unit // 3 if layer.unit == "heads" else layer.channels_per_unit  # q, k, v rows
+    return round_to // math.gcd(round_to, width)
+
+
+def round_removed(layer: Layer, n: int, round_to: int | None) -> int:
+    """The largest count ≤ ``n`` of removed units whose kept count is a multiple of the layer's step
+    (Torch-Pruning rounds the same way: kept rounds up); 0 when no multiple fits below the layer size."""
+    step = unit_step(layer, round_to)
+    n = min(max(int(n), 0), layer.size - 1)
+    if step == 1:
+        return n
+    kept = -(-(layer.size - n) // step) * step
+    return max(layer.size - kept, 0)
+
+
 def reduction(graph: LayerGraph, removed: dict[str, list[int]]) -> float:
     total = graph.total_flops()
     return 1 - graph.flops_after({k: set(v) for k, v in removed.items()}) / total if total else 0.0
 
 
-def uniform(graph: LayerGraph, scores: dict[str, torch.Tensor], ratio: float) -> dict[str, list[int]]:
-    """The ``ratio`` least important units of every layer (at least one unit stays)."""
+def uniform(graph: LayerGraph, scores: dict[str, torch.Tensor], ratio: float,
+            round_to: int | None = None) -> dict[str, list[int]]:
+    """The ``ratio`` least important units of every layer (at least one unit stays; kept counts rounded)."""
     out = {}
     for layer in graph.layers:
-        n = min(int(math.floor(ratio * layer.size + 1e-9)), layer.size - 1)
+        n = round_removed(layer, math.floor(ratio * layer.size + 1e-9), round_to)
         out[layer.name] = torch.argsort(scores[layer.name], stable=True)[:n].tolist()
     return out
 
 
 def global_threshold(graph: LayerGraph, scores: dict[str, torch.Tensor], ratio: float,
-                     max_layer_ratio: float = MAX_LAYER_RATIO) -> dict[str, list[int]]:
+                     max_layer_ratio: float = MAX_LAYER_RATIO, round_to: int | None = None) -> dict[str, list[int]]:
     """The ``ratio`` least important units over all layers by one ranking (scores are comparable:
-    each layer's are normalised by their mean), each layer keeping ≥ 1 − max_layer_ratio of its units."""
+    each layer's are normalised by their mean), each layer keeping ≥ 1 − max_layer_ratio of its units;
+    with ``round_to`` each layer then gives back its most important picks until its kept count rounds."""
     entries = sorted((float(s), l.name, u) for l in graph.layers for u, s in enumerate(scores[l.name].tolist()))
     budget = int(math.floor(ratio * len(entries) + 1e-9))
     cap = {l.name: min(int(math.floor(max_layer_ratio * l.size)), l.size - 1) for l in graph.layers}
@@ -55,6 +91,8 @@ def global_threshold(graph: LayerGraph, scores: dict[str, torch.Tensor], ratio: 
         if len(out[name]) < cap[name]:
             out[name].append(u)
             budget -= 1
+    if round_to and round_to > 1:
+        out = {l.name: out[l.name][:round_removed(l, len(out[l.name]), round_to)] for l in graph.layers}
     return out
 
 
@@ -90,31 +128,38 @@ def _run(graph: LayerGraph, select: Callable[[float], dict[str, list[int]]], rat
 
 
 @METHODS.register("l1")
-def l1(model: nn.Module, graph: LayerGraph, batches, ratio: float | None = None, flops_target: float | None = None):
+def l1(model: nn.Module, graph: LayerGraph, batches, ratio: float | None = None, flops_target: float | None = None,
+       round_to: int | None = None):
     """The same fraction of every layer, least group-L1 magnitude first (Li et al., ICLR 2017)."""
+    round_to = check_round_to(round_to)
     scores = l1_scores(graph, model)
-    return _run(graph, lambda r: uniform(graph, scores, r), ratio, flops_target)
+    return _run(graph, lambda r: uniform(graph, scores, r, round_to), ratio, flops_target)
 
 
 @METHODS.register("l1_global")
 def l1_global(model: nn.Module, graph: LayerGraph, batches, ratio: float | None = None,
-              flops_target: float | None = None, max_layer_ratio: float = MAX_LAYER_RATIO):
+              flops_target: float | None = None, max_layer_ratio: float = MAX_LAYER_RATIO, round_to: int | None = None):
     """One global group-L1 ranking over all layers (each layer's scores normalised by their mean)."""
+    round_to = check_round_to(round_to)
     scores = l1_scores(graph, model)
     check_ratio("max_layer_ratio", max_layer_ratio)
-    return _run(graph, lambda r: global_threshold(graph, scores, r, max_layer_ratio), ratio, flops_target, hi=0.999)
+    return _run(graph, lambda r: global_threshold(graph, scores, r, max_layer_ratio, round_to), ratio, flops_target,
+                hi=0.999)
 
 
 @METHODS.register("taylor")
 def taylor(model: nn.Module, graph: LayerGraph, batches, ratio: float | None = None, flops_target: float | None = None,
-           combine: str = "sum", scope: str = "global", max_layer_ratio: float = MAX_LAYER_RATIO):
+           combine: str = "sum", scope: str = "global", max_layer_ratio: float = MAX_LAYER_RATIO,
+           round_to: int | None = None):
     """Multi-task Taylor importance (per-task scores combined by sum or max), global or per-layer ranking."""
+    round_to = check_round_to(round_to)
     if not batches:
         raise ValueError("taylor needs calibration batches (calib=...) to compute per-task gradients")
     if scope not in ("global", "uniform"):
         raise ValueError(f"scope must be 'global' or 'uniform', got {scope!r}")
     scores, _ = taylor_scores(graph, model, batches, combine)
     if scope == "uniform":
-        return _run(graph, lambda r: uniform(graph, scores, r), ratio, flops_target)
+        return _run(graph, lambda r: uniform(graph, scores, r, round_to), ratio, flops_target)
     check_ratio("max_layer_ratio", max_layer_ratio)
-    return _run(graph, lambda r: global_threshold(graph, scores, r, max_layer_ratio), ratio, flops_target, hi=0.999)
+    return _run(graph, lambda r: global_threshold(graph, scores, r, max_layer_ratio, round_to), ratio, flops_target,
+                hi=0.999)

@@ -5,7 +5,8 @@ Sequential greedy search over layers, heaviest (FLOPs) first, on the model as pr
 * each layer's units are ranked by a saliency covering the layer and its consumers (group L1, or the
   multi-task Taylor score with ``importance="taylor"``, combined by max so a channel any task relies
   on ranks high);
-* ratios 0.05, 0.10, ... 0.95 of the layer's units are tried in turn; a performance-aware oracle
+* ratios 0.05, 0.10, ... 0.95 of the layer's units are tried in turn (with ``round_to``, each ratio's
+  unit count is first rounded so the kept count is a multiple of it; duplicates are tried once); a performance-aware oracle
   rejects a ratio as soon as *any* task's calibration loss exceeds (1 + δ_l) × its current value, and
   the previous ratio is committed (the task that refused is logged as the layer's limiting task);
 * δ_l = δ_0 · γ^l shrinks geometrically along the order (later layers see an already smaller model),
@@ -29,7 +30,7 @@ from torch import nn
 from pruning.calib import task_losses
 from pruning.graph import LayerGraph, PruningError
 from pruning.importance import l1_layer_scores, taylor_scores
-from pruning.methods import METHODS, check_ratio, reduction
+from pruning.methods import METHODS, check_ratio, check_round_to, reduction, round_removed
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +83,11 @@ def _restore(saved) -> None:
 
 def search(model: nn.Module, graph: LayerGraph, batches: list[dict[str, torch.Tensor]], budget: float,
            shrink: float = 0.9, ratios: Sequence[float] = DEFAULT_RATIOS, keep_fraction: float = 1.0,
-           importance: str = "l1") -> tuple[dict[str, list[int]], list[dict[str, Any]]]:
+           importance: str = "l1", round_to: int | None = None) -> tuple[dict[str, list[int]], list[dict[str, Any]]]:
     """One PAGCP pass on a masked copy of ``model``; returns ({layer: removed units}, per-layer log)."""
     import copy
+
+    round_to = check_round_to(round_to)
 
     ratios = sorted(float(r) for r in ratios)
     if not ratios or any(not 0 < r < 1 for r in ratios):
@@ -110,7 +113,7 @@ def search(model: nn.Module, graph: LayerGraph, batches: list[dict[str, torch.Te
         saved = _saved(work, graph, layer)
         accepted_n, accepted_losses, limiting, tried = 0, current, None, []
         for r in ratios:
-            n = min(int(math.floor(r * layer.size + 1e-9)), layer.size - 1)
+            n = round_removed(layer, math.floor(r * layer.size + 1e-9), round_to)
             if n <= accepted_n:
                 continue
             graph.mask(work, layer, ranked[:n])
@@ -145,11 +148,13 @@ def search(model: nn.Module, graph: LayerGraph, batches: list[dict[str, torch.Te
 @METHODS.register("pagcp")
 def pagcp(model: nn.Module, graph: LayerGraph, batches, budget: float = 0.1, shrink: float = 0.9,
           ratios: Sequence[float] = DEFAULT_RATIOS, keep_fraction: float = 1.0, importance: str = "l1",
-          flops_target: float | None = None, max_budget: float = 8.0, search_steps: int = 6):
+          flops_target: float | None = None, max_budget: float = 8.0, search_steps: int = 6,
+          round_to: int | None = None):
     """PAGCP (see the module docstring); with ``flops_target``, ``budget`` is searched (log bisection)."""
     if not batches:
         raise ValueError("pagcp needs calibration batches (calib=...) for its performance-aware oracle")
-    kw = dict(shrink=shrink, ratios=ratios, keep_fraction=keep_fraction, importance=importance)
+    kw = dict(shrink=shrink, ratios=ratios, keep_fraction=keep_fraction, importance=importance,
+              round_to=check_round_to(round_to))
     if flops_target is None:
         removed, steps = search(model, graph, batches, budget, **kw)
         return removed, {"budget": budget, "steps": steps}

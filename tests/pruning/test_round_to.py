@@ -1,0 +1,138 @@
+"""``round_to``: every method keeps a multiple of it per pruned layer; PAGCP's oracle only tries (and
+never over-accepts) rounded counts; bad values are refused by name."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import mtl
+import pruning
+from mtl.io import save_model
+from mtl.models import create_model
+from pruning import pagcp as pagcp_mod
+from pruning.graph import LayerGraph
+from pruning.job import run
+
+TASKS = ["semseg", "depth", "classification"]
+R = 8
+
+
+def _model():
+    torch.manual_seed(0)
+    return create_model(TASKS, backbone="test_resnet", decoder={"name": "hps", "channels": 8}).eval()
+
+
+def _batches(n=1, size=32):
+    g = torch.Generator().manual_seed(0)
+    return [{"image": torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8, generator=g),
+             "semseg": torch.randint(0, 5, (4, size, size), generator=g),
+             "depth": torch.rand(4, 1, size, size, generator=g) * 5,
+             "classification": torch.randint(0, 3, (4,), generator=g)} for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _model()
+
+
+@pytest.fixture(scope="module")
+def batches():
+    return _batches()
+
+
+@pytest.fixture(scope="module")
+def graph(model, batches):
+    return LayerGraph(model, batches[0]["image"][:2])
+
+
+def _rounded(size, removed):
+    """Kept count once ``removed`` (of ``size``) is rounded: kept rounds up to a multiple of R."""
+    return min(size, math.ceil((size - removed) / R) * R)
+
+
+def test_l1_keeps_the_rounded_uniform_count(model, batches, tmp_path):
+    ratio = 0.6
+    pruned, report = pruning.prune(model, "l1", calib=batches, ratio=ratio, round_to=R)
+    plain, _ = pruning.prune(model, "l1", calib=batches, ratio=ratio)
+    assert any(r["kept"] % R for r in _["layers"]), "the unrounded plan must have odd widths for this test to bite"
+    for row in report["layers"]:
+        size = row["size"]
+        assert row["kept"] == _rounded(size, min(math.floor(ratio * size + 1e-9), size - 1)), row
+        assert row["kept"] == size or row["kept"] % R == 0
+    save_model(pruned, tmp_path / "m")  # the plan is data: the rounded folder reloads exactly
+    x = batches[0]["image"]
+    with torch.no_grad():
+        a, b = pruned(x), mtl.load_model(tmp_path / "m")(x)
+    assert all(torch.equal(a[t], b[t]) for t in TASKS)
+
+
+@pytest.mark.parametrize("method,hp", [("l1_global", {"ratio": 0.5}),
+                                       ("taylor", {"ratio": 0.5, "combine": "max"}),
+                                       ("taylor", {"ratio": 0.5, "scope": "uniform"}),
+                                       ("l1", {"flops_target": 0.5})])
+def test_every_method_keeps_multiples(model, batches, method, hp):
+    _, report = pruning.prune(model, method, calib=batches, round_to=R, **hp)
+    pruned_layers = [r for r in report["layers"] if r["kept"] < r["size"]]
+    assert pruned_layers
+    for row in pruned_layers:
+        assert row["kept"] % R == 0 and row["kept"] >= R, row
+    if "flops_target" in hp:
+        assert report["flops"]["reduction"] >= hp["flops_target"] - 0.02  # the searched ratio compensates
+
+
+def test_pagcp_oracle_tries_only_rounded_counts_and_never_over_accepts(model, batches, graph, monkeypatch):
+    """Controlled losses as in the unrounded oracle test: only layer A matters, semseg's loss is
+    1 + f/2 (f = fraction of A's filters zeroed). With rounding, every tried count keeps a multiple of
+    R, and the committed count is the largest *rounded* candidate with f/2 ≤ δ_A."""
+    layer_a = "backbone.body.layer2.0.conv1"
+
+    def losses(m, _batches):
+        w = m.get_submodule(layer_a).weight
+        f = float((w.flatten(1).abs().sum(1) == 0).float().mean())
+        return {"semseg": 1 + 0.5 * f, "depth": 1 + 0.2 * f, "classification": 1.0}
+
+    monkeypatch.setattr(pagcp_mod, "task_losses", losses)
+    removed, steps = pagcp_mod.search(model, graph, batches, budget=40.0, shrink=0.9, round_to=R)
+    step = next(s for s in steps if s["layer"] == layer_a)
+    size, delta = step["size"], step["delta"]
+    candidates = sorted({size - _rounded(size, min(math.floor(r * size + 1e-9), size - 1))
+                         for r in pagcp_mod.DEFAULT_RATIOS} - {0})
+    allowed = [n for n in candidates if 1 + 0.5 * n / size <= 1 + delta]
+    assert allowed and len(allowed) < len(candidates), "δ_A must split the candidates for this test to bite"
+    assert step["removed"] == max(allowed) and step["limiting_task"] == "semseg"
+    assert [t["units"] for t in step["tried"]] == candidates[:len(allowed) + 1]
+    for tried in step["tried"]:
+        assert (size - tried["units"]) % R == 0
+        assert tried["accepted"] == (1 + 0.5 * tried["units"] / size <= 1 + delta)
+    for s in steps:
+        if s["removed"]:
+            assert (s["size"] - s["removed"]) % R == 0, s
+
+
+def test_heads_round_by_channels():
+    from pruning.graph import Layer
+    from pruning.methods import round_removed
+
+    heads = Layer("blk.attn.qkv", size=6, unit="heads", channels_per_unit=3 * 12)  # head_dim 12
+    assert round_removed(heads, 3, 8) == 2  # kept heads must be even: 2 heads = 24 channels
+    chans = Layer("conv", size=20)
+    assert [round_removed(chans, n, 8) for n in (0, 3, 4, 11, 12, 19)] == [0, 0, 4, 4, 12, 12]
+    assert round_removed(Layer("small", size=6), 5, 8) == 0  # no multiple of 8 below 6: left whole
+
+
+@pytest.mark.parametrize("bad", [0, -8, 2.5, 8.0, True, "8"])
+def test_bad_round_to_is_refused_by_name(model, batches, graph, bad):
+    with pytest.raises(ValueError, match=r"round_to must be a positive integer"):
+        pruning.prune(model, "l1", calib=batches, ratio=0.5, round_to=bad)
+    with pytest.raises(ValueError, match=r"round_to must be a positive integer"):
+        pagcp_mod.search(model, graph, batches, budget=0.1, round_to=bad)
+
+
+def test_job_refuses_bad_round_to_before_any_work(tmp_path):
+    m = create_model(["depth"], backbone="test_resnet", decoder={"name": "hps", "channels": 8})
+    save_model(m, tmp_path / "src", meta={"data": {"name": "scenes", "size": 32, "n_train": 8, "n_val": 8,
+                                                     "n_test": 8, "batch_size": 4}})
+    with pytest.raises(ValueError, match=r"prune.round_to must be a positive integer.*got 0"):
+        run(["prune=pagcp", f"model={tmp_path / 'src'}", "prune.round_to=0"], run_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "model").exists()
