@@ -3,6 +3,8 @@ reductions, each fine-tuned with the same short recipe; Δm%, params, FLOPs and 
 
     python scripts/bench_prune.py --out /tmp/bench_prune            # defaults below (CPU, ~40 min when shared)
     python scripts/bench_prune.py --out /tmp/bp --smoke              # minutes: tiny model, one target
+    python scripts/bench_prune.py --out /tmp/bp_r8 --reuse-base outputs/bench_prune_q60 --methods pagcp \
+        --round-to 8 --targets 0.6 ...       # the same base and control run, channel counts multiples of 8
 
 Δm% is against the unpruned model after the *same* extra fine-tuning (a control run), so it isolates
 what pruning costs; the per-task metrics of every run are in <out>/bench_prune.json. Latency: median
@@ -50,6 +52,10 @@ def main() -> None:
     ap.add_argument("--search-steps", type=int, default=2, help="PAGCP budget bisection steps")
     ap.add_argument("--latency-batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--round-to", type=int, default=None,
+                    help="prune.round_to for every method (kept channels per layer multiples of it); names get _r<N>")
+    ap.add_argument("--reuse-base", type=Path, default=None,
+                    help="an earlier --out folder: reuse its base model and fine-tuned control (data/model options must match)")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # PAGCP's per-layer progress
@@ -67,11 +73,14 @@ def main() -> None:
                   "log_weights_every=0"]
         args.targets = args.targets[:1]
     t0 = time.perf_counter()
-    base = train(common + [f"trainer.max_epochs={args.epochs}"], out / "base") / "model"
     # validation only picks the checkpoint of a short fine-tune: two batches do
     ft = common + [f"trainer.max_epochs={args.ft_epochs}", "optim.lr=1e-3", "optim.warmup_ratio=0.0",
                    "++trainer.limit_val_batches=2"]
-    control = train(ft + [f"init_from={base}"], out / "control_ft")
+    if args.reuse_base is not None:
+        base, control = _reused(args)
+    else:
+        base = train(common + [f"trainer.max_epochs={args.epochs}"], out / "base") / "model"
+        control = train(ft + [f"init_from={base}"], out / "control_ft")
     base_model = load_model(base)
     tasks = base_model.tasks
     base_test = read_json(base / "config.json")["meta"]["test"]
@@ -83,12 +92,14 @@ def main() -> None:
     rows = []
     for target in args.targets:
         for method in args.methods:
-            name = f"{method}_{int(round(100 * target))}"
+            name = f"{method}_{int(round(100 * target))}" + (f"_r{args.round_to}" if args.round_to else "")
             pdir = out / name
             if not (pdir / "metrics.json").exists():
                 hp = [f"prune={method}", f"model={base}", f"prune.flops_target={target}",
                       f"calib.batches={args.calib_batches}", f"eval.latency_batch={args.latency_batch}",
                       f"eval.latency_threads={args.threads}", "eval.latency_repeats=20", "overwrite=true"]
+                if args.round_to:
+                    hp.append(f"prune.round_to={args.round_to}")
                 if method == "pagcp":
                     hp += [f"prune.search_steps={args.search_steps}", "+prune.ratios=[0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9]"]
                 t = time.perf_counter()
@@ -116,6 +127,23 @@ def main() -> None:
     print(f"total {time.perf_counter() - t0:.0f}s; results in {out / 'bench_prune.json'}")
 
 
+_MUST_MATCH = ("tasks", "backbone", "size", "n_train", "epochs", "ft_epochs")
+
+
+def _reused(args) -> tuple[Path, Path]:
+    """Base model folder and fine-tuned control run of an earlier benchmark, if it ran the same recipe."""
+    src = args.reuse_base
+    base, control = src / "base" / "model", src / "control_ft"
+    for path in (base / "config.json", control / "metrics.json", src / "bench_prune.json"):
+        if not path.exists():
+            raise SystemExit(f"--reuse-base {src}: {path} is missing (run the full benchmark there first)")
+    earlier = json.loads((src / "bench_prune.json").read_text())["args"]
+    diff = {k: (earlier.get(k), getattr(args, k)) for k in _MUST_MATCH if earlier.get(k) != getattr(args, k)}
+    if diff:
+        raise SystemExit(f"--reuse-base {src} ran another recipe; differing options (earlier, now): {diff}")
+    return base, control
+
+
 def report(out: Path, rows: list[dict], base_mflops: float, methods) -> None:
     for key, title in (("delta_m_finetuned", "after fine-tuning"), ("delta_m_pruned", "right after pruning")):
         pts = {m: [(base_mflops, 0.0)] + [(r["flops"] / 1e6, r[key]) for r in rows if r["method"] == m and r[key] is not None]
@@ -130,7 +158,7 @@ def report(out: Path, rows: list[dict], base_mflops: float, methods) -> None:
 
 def _write(out: Path, args, rows, base_test, control_test, rep) -> None:
     (out / "bench_prune.json").write_text(json.dumps(
-        {"args": vars(args) | {"out": str(out)}, "rows": rows, "base_test": base_test, "control_test": control_test,
+        {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "rows": rows, "base_test": base_test, "control_test": control_test,
          "base_flops": rep["flops"]["before"], "base_params": rep["params"]["before"]}, indent=2))
 
 
