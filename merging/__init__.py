@@ -7,6 +7,7 @@
     merging.write_tall_store(...) / merging.load_task_model(store, task) / merging.store_report(store)
     merging.learn("adamerging" | "atlas" | "concrete_ta" | "concrete_adamerging", pretrained, finetuned,
                   unlabeled={task: batches}, **hparams) -> LearnedMerge (learned at test time)
+    merging.recompute_bn(model, batches)  # BatchNorm statistics of a merged model re-estimated on data
 
 Inputs are state dicts, `nn.Module`s, model folders (`model.safetensors` inside), `.safetensors` files
 or torch checkpoints; they are never modified. See docs/merging.md.
@@ -14,6 +15,7 @@ or torch checkpoints; they are never modified. See docs/merging.md.
 from __future__ import annotations
 
 from .api import merge
+from .bn import bn_statistics, recompute_bn
 from .keys import KeyPlan, plan_keys
 from .learned import LEARNED_METHODS, LearnedMerge, learn
 from .methods import METHODS, create_method, dare, dare_mask
@@ -46,4 +48,5 @@ __all__ = [
     "open_store", "TallStore", "open_source", "load_state_dict", "StateSource", "MergeInputError",
     "plan_keys", "KeyPlan", "create_method", "METHODS", "keep_count", "radix_thresholds",
     "plot_task_accuracy", "plot_mask_overlap", "learn", "LearnedMerge", "LEARNED_METHODS",
+    "recompute_bn", "bn_statistics",
 ]

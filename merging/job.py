@@ -31,6 +31,7 @@ from mtl.models import MultiTaskModel
 from mtl.progress_log import ProgressLog
 from mtl.registry import Registry
 
+from .bn import check_bn
 from .evaluation import Evaluator
 from .pool import HEAD_PREFIX, ModelPool
 from .report import build_report, print_table, write_report
@@ -58,13 +59,31 @@ class MergeJob:
     evaluator: Evaluator
     run_dir: Path
 
+    #: `merge.bn=recompute`: {split, batch_size, max_batches} of the images every model's shared
+    #: BatchNorm statistics are re-estimated on (merging.bn); None: the statistics the merge gives
+    bn_data: dict[str, Any] | None = None
+
     def merge(self, method: str, **hparams: Any) -> dict[str, torch.Tensor]:
         """Merged shared weights of the pool (`merging.merge` on θ0 and the fine-tuned folders)."""
         return merging.merge(method, self.pool.pretrained, self.pool.member_paths, **hparams)
 
-    def model(self, shared: dict[str, torch.Tensor]) -> MultiTaskModel:
-        """A model with `shared` weights and every task's own head, on the evaluation device."""
-        return self.pool.merged_model(shared).to(self.evaluator.device)
+    def model(self, shared: dict[str, torch.Tensor], recompute_bn: bool = True) -> MultiTaskModel:
+        """A model with `shared` weights and every task's own head, on the evaluation device; under
+        `merge.bn=recompute` (and unless `recompute_bn=False`) with its BN statistics re-estimated."""
+        model = self.pool.merged_model(shared).to(self.evaluator.device)
+        if self.bn_data is not None and recompute_bn:
+            merging.recompute_bn(model, self.bn_batches(), task=self.evaluator.names[0])
+        return model
+
+    def bn_batches(self):
+        """One pass over the images (never the labels) of every task's `bn_data` split, tasks pooled per batch."""
+        from .bn import pooled_batches
+        from .learned.cli import ImageBatches
+
+        d = self.bn_data
+        data = {t: ImageBatches(self.evaluator.datamodule(t).dataset(d["split"]), d["batch_size"], i, t)
+                for i, t in enumerate(self.evaluator.names)}
+        return pooled_batches(data, d.get("max_batches"))
 
     def val_normalized(self, model: MultiTaskModel) -> float:
         return self.evaluator.normalized_mean(self.evaluator.run_all(model, "val"), "val")
@@ -208,9 +227,10 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     start = time.perf_counter()
     if not cfg.eval.get("enabled", True):
         return merge_only(cfg, run_dir, name, hp, output, start)
+    bn_data = _bn_data(cfg, hp)
     pool = resolve_pool(cfg, run_dir)
     ev = Evaluator(pool, cfg.eval.get("max_batches"), _plain(cfg.eval.get("data")), cfg.eval.get("device") or "cpu")
-    sel = select(MergeJob(cfg, pool, ev, run_dir), MappingProxyType(hp))
+    sel = select(MergeJob(cfg, pool, ev, run_dir, bn_data), MappingProxyType(hp))
     test = sel.test if sel.test is not None else ev.run_all(sel.model, "test")
     report = build_report(name, ev, sel, test)
     report["seconds"] = round(time.perf_counter() - start, 2)
@@ -259,6 +279,22 @@ def merge_only(cfg: DictConfig, run_dir: Path, name: str, hp: dict[str, Any], ou
     log.info("merged %d models with %s %s into %s in %.1f s (not evaluated)", len(models), name, hp, output, report["seconds"])
     print(f"mtl-merge: {name} {hp} -> {output} ({report['seconds']} s, not evaluated)")
     return report
+
+
+def _bn_data(cfg: DictConfig, hp: dict[str, Any]) -> dict[str, Any] | None:
+    """`merge.bn=recompute` is the job's (it has the data): taken out of the merge's options, with `bn_stats.*`."""
+    if check_bn(hp.get("bn", "pretrained")) != "recompute":
+        return None
+    del hp["bn"]
+    d = {"split": "test", "batch_size": 16, "max_batches": None, **_plain(cfg.get("bn_stats"))}
+    unknown = sorted(set(d) - {"split", "batch_size", "max_batches"})
+    if unknown:
+        raise ValueError(f"bn_stats: unknown key(s) {unknown}; valid: split, batch_size, max_batches")
+    if d["split"] not in ("val", "test"):
+        raise ValueError(f"bn_stats.split must be 'val' or 'test' (its images, never its labels), got {d['split']!r}")
+    if int(d["batch_size"]) < 2:
+        raise ValueError(f"bn_stats.batch_size must be ≥ 2, got {d['batch_size']}")
+    return d
 
 
 def _plain(node: Any) -> dict[str, Any]:

@@ -10,8 +10,9 @@ Rules (documented in docs/merging.md):
 - batch-norm running statistics follow `bn`: "pretrained" (default: copied from θ0 — always a valid
   variance, and what parameter-only merging gives), "average" (plain mean of the fine-tuned statistics,
   still valid since it is convex), or "merge" (treated like any float, as the method says; with
-  λ·T > 1 task arithmetic can push a variance negative). Re-estimating the statistics on data after
-  merging is the accurate fix and is left to the caller.
+  λ·T > 1 task arithmetic can push a variance negative). "recompute" re-estimates them on data with
+  the merged model (`merging.bn`), which a state-dict merge alone cannot: `mtl-merge` and
+  `merging.learn` do it, a state-dict merge refuses it.
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ KeyPattern = Union[str, Sequence[str], Callable[[str], bool], None]
 DEFAULT_TASK_KEYS = r"(.*\.)?heads\."
 BN_STATS = r"(.*\.)?running_(mean|var)$"
 BN_RULES = ("pretrained", "average", "merge")
+#: every value of the `bn` option: the state-dict rules above, and re-estimation on data (merging.bn)
+BN_OPTIONS = (*BN_RULES, "recompute")
 _MAX_LISTED = 8
 
 
@@ -82,8 +85,13 @@ def plan_keys(
 ) -> KeyPlan:
     if unshared not in ("error", "skip"):
         raise ValueError(f"unshared must be 'error' or 'skip', got {unshared!r}")
+    if bn == "recompute":
+        raise ValueError("bn='recompute' re-estimates the BatchNorm statistics on data with the merged model, which "
+                         "a state-dict merge does not have: merge with bn='pretrained', then call "
+                         "merging.recompute_bn(model, batches); or use mtl-merge +merge.bn=recompute (evaluated "
+                         "runs) or merging.learn(..., bn='recompute')")
     if bn not in BN_RULES:
-        raise ValueError(f"bn must be one of {BN_RULES}, got {bn!r}")
+        raise ValueError(f"bn must be one of {', '.join(map(repr, BN_OPTIONS))}, got {bn!r}")
     inc, exc, task = compile_pattern(include), compile_pattern(exclude), compile_pattern(task_keys)
     is_bn = re.compile(BN_STATS).match
 

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
+from ..bn import bn_statistics, check_bn, pooled_batches
 from .adamerging import CoefficientLearner, Trace
 from .concrete import ConcreteMask
 from .layout import make_layout
@@ -142,7 +143,10 @@ def learn(method: str, pretrained, finetuned, *, unlabeled: Mapping[str, Iterabl
     tasks=[t])`` when the inputs are not model folders; `tasks`: its task name per fine-tuned model.
     `callback(step, merged_state)` runs every `callback_every` steps and may return metrics to record.
     Other keyword arguments: the method's hyperparameters (`method_defaults(method)`) and the key
-    options of `merging.merge` (`include`, `exclude`, `task_keys`, `bn`, ...).
+    options of `merging.merge` (`include`, `exclude`, `task_keys`, `bn`, ...). With `bn="recompute"`
+    every step re-estimates the shared BatchNorm statistics for the current merged weights on that
+    step's batches of all tasks pooled (the gradient treats them as constants), and the result's
+    statistics are re-estimated on one pass over every task's data (`merging.bn`).
     """
     hp = method_defaults(method)
     key_options = {k: kwargs.pop(k) for k in ("include", "exclude", "task_keys", "unshared", "bn", "check_finite")
@@ -151,6 +155,9 @@ def learn(method: str, pretrained, finetuned, *, unlabeled: Mapping[str, Iterabl
     if unknown:
         raise TypeError(f"{method}: unknown hyperparameter(s) {', '.join(unknown)}; valid: {', '.join(hp)}")
     hp.update(kwargs)
+    recompute = check_bn(key_options.get("bn", "pretrained")) == "recompute"
+    if recompute:  # θ0's statistics until they are re-estimated on data
+        key_options["bn"] = "pretrained"
     supervised = hp.get("objective", "entropy") == "supervised"
     if hp.get("objective", "entropy") not in ("entropy", "supervised"):
         raise ValueError(f"objective must be 'entropy' or 'supervised', got {hp['objective']!r}")
@@ -168,21 +175,21 @@ def learn(method: str, pretrained, finetuned, *, unlabeled: Mapping[str, Iterabl
     problem = build_problem(pretrained, finetuned, model=model, tasks=tasks, device=device, **key_options)
     try:
         return _learn(method, problem, hp, pretrained, finetuned, key_options, unlabeled, labeled, supervised,
-                      progress, callback, callback_every)
+                      progress, callback, callback_every, recompute)
     finally:
         if model is not None:
             model.train(was_training)
 
 
 def _learn(method, problem, hp, pretrained, finetuned, key_options, unlabeled, labeled, supervised, progress,
-           callback, callback_every) -> LearnedMerge:
+           callback, callback_every, recompute) -> LearnedMerge:
     obj_tasks, excluded, frozen_cols = _objective_tasks(problem, supervised)
     given = labeled if supervised else unlabeled
     extra = sorted(set(given) - set(problem.tasks))
     if extra:
         raise ValueError(f"{'labeled' if supervised else 'unlabeled'} names task(s) {extra} that no fine-tuned "
                          f"model has; tasks: {problem.tasks}")
-    objective = Objective(problem, obj_tasks, unlabeled, labeled, supervised)
+    objective = Objective(problem, obj_tasks, unlabeled, labeled, supervised, recompute, key_options.get("task_keys"))
     frozen = {n: p.detach() for n, p in problem.model.named_parameters() if n not in problem.theta0}
     torch.manual_seed(int(hp["seed"]))
     trace = Trace()
@@ -226,5 +233,10 @@ def _learn(method, problem, hp, pretrained, finetuned, key_options, unlabeled, l
 
     state = _full_state(pretrained, finetuned, merged, key_options)
     hparams = {k: v for k, v in hp.items()}
+    if recompute:
+        kw = {"task_keys": key_options["task_keys"]} if "task_keys" in key_options else {}
+        stats = bn_statistics(problem.model, pooled_batches(given), params={**frozen, **merged}, task=obj_tasks[0], **kw)
+        state.update({k: v.to("cpu", state[k].dtype) for k, v in stats.items() if k in state})
+        hparams["bn"] = "recompute"
     return LearnedMerge(method, state, coef, layout.groups, list(problem.vector_names), layout.granularity, hparams,
                         trace.steps, mask, probs, excluded)

@@ -9,6 +9,10 @@ CLI-only keys of these methods (the rest are `merging.learn` hyperparameters):
 | `eval_every` | 0 | every n steps, the merged model's mean normalized validation accuracy is recorded (uses val labels; 0: never) |
 | `shots` | 16 | aTLAS `objective=supervised`: labelled images per class, from the train split |
 
+With `+merge.bn=recompute`, the shared BatchNorm statistics are re-estimated on the same `split`'s
+images for the current merged weights at every step (that step's batches, all tasks pooled) and, at
+the end, on one pass over the split (`merging.learn(..., bn="recompute")`).
+
 Outputs in the run folder: `coefficients/coefficients.safetensors` + `coefficients.json` (summary and
 per-step history), `coefficients.png` (λ heatmap layer × task, or block × task for aTLAS) and
 `learning_curves.png` (objective per step, validation accuracy per evaluation).
@@ -89,6 +93,8 @@ def select_learned(method: str, job: MergeJob, hp: Mapping[str, Any]) -> Selecti
         full = _with_unlearned(res_keys, state)
         return {"val_normalized": job.val_normalized(job.model(full))}
 
+    if job.bn_data is not None:  # merge.bn=recompute: per step, and at the end on the learning images
+        kw["bn"] = "recompute"
     res_keys = _base_state(job) if int(opts["eval_every"]) > 0 else {}
     res = merging.learn(method, job.pool.pretrained, job.pool.member_paths, device=job.evaluator.device,
                         callback=val_score, callback_every=int(opts["eval_every"]), **data, **kw)
@@ -103,7 +109,7 @@ def select_learned(method: str, job: MergeJob, hp: Mapping[str, Any]) -> Selecti
                 "split": opts["split"], "coefficients": {t: round(v["mean"], 4) for t, v in summary["per_task"].items()}}
     extra = {"learned": {k: v for k, v in summary.items() if k not in ("hparams", "rows")},
              "coefficients_file": str(out / "coefficients.safetensors")}
-    return Selection(job.model(res.state_dict), selected, extra=extra)
+    return Selection(job.model(res.state_dict, recompute_bn=False), selected, extra=extra)
 
 
 def _base_state(job: MergeJob) -> dict[str, torch.Tensor]:

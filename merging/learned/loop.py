@@ -4,6 +4,12 @@ One step: merged weights θ(c, m) are built once, every task's batch runs throug
 θ detached into leaf tensors (so each task's activations are freed after its backward), the leaf
 gradients are summed over tasks, then pushed back through θ(c, m) to the coefficients / mask in a
 single backward. Peak memory: θ0 + T task vectors + θ + ∂θ + one task's activations.
+
+With `bn="recompute"`, each step first re-estimates the shared BatchNorm statistics for the current
+θ on that step's batches of every task pooled (`merging.bn.bn_statistics`, no gradient), and every
+task's prediction then uses them, as the final merged model uses its re-estimated statistics: the
+layers never normalise with θ0's statistics, nor with one task's batch alone. The gradient treats
+the statistics as constants.
 """
 from __future__ import annotations
 
@@ -15,21 +21,11 @@ import torch.nn.functional as F
 
 from mtl.progress_log import ProgressLog
 
+from ..bn import batch_inputs, bn_statistics, pooled_batches
 from .objective import entropy
 from .problem import MergeProblem
 
 __all__ = ["BatchCycler", "Objective", "step_gradients", "step_progress"]
-
-
-def _inputs(batch: Any, task: str) -> torch.Tensor:
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, Mapping) and "image" in batch:
-        return batch["image"]
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    raise TypeError(f"unlabeled[{task!r}]: a batch must be an input tensor (or a dict with 'image'), "
-                    f"got {type(batch).__name__}")
 
 
 class BatchCycler:
@@ -50,15 +46,17 @@ class BatchCycler:
         raise ValueError(f"{self.what}[{self.task!r}] yields no batches")
 
     def __next__(self) -> torch.Tensor:
-        return _inputs(self.next_raw(), self.task)
+        return batch_inputs(self.next_raw(), self.task)
 
 
 class Objective:
     """Entropy of each task's predictions (unsupervised) or the task's own loss on labelled batches."""
 
     def __init__(self, problem: MergeProblem, tasks: list[str], unlabeled: Mapping[str, Iterable] | None,
-                 labeled: Mapping[str, Iterable] | None, supervised: bool):
+                 labeled: Mapping[str, Iterable] | None, supervised: bool, recompute_bn: bool = False,
+                 task_keys: Any = None):
         self.problem, self.tasks, self.supervised = problem, tasks, supervised
+        self.recompute_bn, self.task_keys = recompute_bn, task_keys
         data = labeled if supervised else unlabeled
         name = "labeled" if supervised else "unlabeled"
         missing = [t for t in tasks if data is None or t not in data]
@@ -67,12 +65,23 @@ class Objective:
                              + f"; it needs batches for {tasks}")
         self.iters = {t: BatchCycler(data[t], t, name) for t in tasks}
 
-    def task_loss(self, params: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+    def draw(self) -> dict[str, Any]:
+        """This step's batch of every task."""
+        return {t: self.iters[t].next_raw() for t in self.tasks}
+
+    def bn_statistics(self, params: dict[str, torch.Tensor], batches: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """BN statistics of the model with `params` on this step's inputs of every task, pooled."""
+        inputs = {t: [batch_inputs(b, t)] for t, b in batches.items()}
+        kw = {"task_keys": self.task_keys} if self.task_keys is not None else {}
+        return bn_statistics(self.problem.model, pooled_batches(inputs), params=params, task=self.tasks[0], **kw)
+
+    def task_loss(self, params: dict[str, torch.Tensor], task: str, batch: Any = None) -> torch.Tensor:
         model = self.problem.model
+        if batch is None:
+            batch = self.iters[task].next_raw()
         if not self.supervised:
-            pred = self.problem.predict(params, next(self.iters[task]), task)
+            pred = self.problem.predict(params, batch_inputs(batch, task), task)
             return entropy(pred, self.problem.task_kinds.get(task), task)
-        batch = self.iters[task].next_raw()
         if isinstance(batch, Mapping):
             x, y = batch["image"], batch[getattr(getattr(model, "tasks", {}).get(task), "target_key", task)]
         else:
@@ -88,9 +97,12 @@ def step_gradients(problem: MergeProblem, merged: dict[str, torch.Tensor], objec
     """Backpropagate Σ_t loss_t to whatever `merged` depends on; returns each task's loss."""
     leaves = {k: v.detach().requires_grad_() for k, v in merged.items()}
     params = {**frozen, **leaves}
+    batches = objective.draw()
+    if objective.recompute_bn:
+        params.update(objective.bn_statistics({**frozen, **{k: v.detach() for k, v in merged.items()}}, batches))
     losses = {}
     for t in objective.tasks:
-        loss = objective.task_loss(params, t)
+        loss = objective.task_loss(params, t, batches[t])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the objective of task {t!r} is {float(loss)}; the merged model diverged "
                                      "(lower lr, or clamp the coefficients)")

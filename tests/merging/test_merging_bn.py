@@ -1,0 +1,165 @@
+"""bn="recompute": BatchNorm statistics of a merged model re-estimated on unlabeled data (merging.bn)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import merging
+from merging.bn import bn_statistics, pooled_batches, recompute_bn
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class ConvBN(nn.Module):
+    """conv → BN → ReLU → conv → BN (shared), and per task a head with its own BN (task-specific)."""
+
+    def __init__(self, tasks=("t0", "t1")):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 1), nn.BatchNorm2d(5))
+        self.heads = nn.ModuleDict({t: nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.BatchNorm1d(5),
+                                                     nn.Linear(5, 3)) for t in tasks})
+        with torch.no_grad():  # non-trivial affine parameters and θ0-like statistics
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.5, 0.5)
+                    m.running_mean.uniform_(-1, 1)
+                    m.running_var.uniform_(0.5, 2)
+        self.eval()
+
+    def forward(self, x, tasks=None):
+        z = self.body(x)
+        return {t: self.heads[t](z) for t in (tasks or list(self.heads))}
+
+
+def _batches(sizes=(6, 4, 5), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [2 + 3 * torch.randn(n, 3, 5, 5, generator=g) for n in sizes]
+
+
+def test_statistics_are_the_pooled_mean_and_unbiased_variance_of_the_layer_inputs():
+    torch.manual_seed(0)
+    model = ConvBN()
+    batches = _batches()
+    stats = bn_statistics(model, batches, task="t0")
+
+    conv1, bn1, conv2 = model.body[0], model.body[1], model.body[3]
+    with torch.no_grad():
+        h1 = [conv1(x) for x in batches]
+
+        def bn_train(h):  # train mode: each batch normalised with its own biased statistics
+            m = h.mean((0, 2, 3), keepdim=True)
+            v = h.var((0, 2, 3), unbiased=False, keepdim=True)
+            return bn1.weight[:, None, None] * (h - m) / torch.sqrt(v + bn1.eps) + bn1.bias[:, None, None]
+
+        h2 = [conv2(F.relu(bn_train(h))) for h in h1]
+    for name, inputs in (("body.1", h1), ("body.4", h2)):
+        x = torch.cat(inputs)  # all 15 images × 3 × 3 positions of every batch
+        torch.testing.assert_close(stats[f"{name}.running_mean"], x.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(stats[f"{name}.running_var"], x.var((0, 2, 3), unbiased=True), rtol=1e-5, atol=1e-6)
+        assert int(stats[f"{name}.num_batches_tracked"]) == 3
+        # torch's own convention: a BN layer in train mode stores the unbiased variance of what it saw
+        ref = nn.BatchNorm2d(x.shape[1], momentum=1.0).train()
+        ref(x)
+        torch.testing.assert_close(stats[f"{name}.running_var"], ref.running_var, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(stats[f"{name}.running_var"], x.var((0, 2, 3), unbiased=False), rtol=1e-4, atol=0)
+    assert not any(k.startswith("heads.") for k in stats)  # task-specific BN keeps its fine-tune's statistics
+
+
+def test_recompute_changes_only_the_shared_statistics():
+    torch.manual_seed(1)
+    model = ConvBN()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = bn_statistics(model, _batches(), task="t1")
+    for k, v in model.state_dict().items():  # estimating touched nothing
+        assert torch.equal(v, before[k]), k
+    assert recompute_bn(model, _batches(), task="t1") is model
+    assert not model.training and not any(m.training for m in model.modules())  # modes restored
+    after = model.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed == {f"body.{i}.{b}" for i in (1, 4) for b in ("running_mean", "running_var", "num_batches_tracked")}
+    for k, v in stats.items():
+        assert torch.equal(after[k], v), k
+    for n, p in model.named_parameters():
+        assert not p.requires_grad or p.grad is None, n
+
+
+def test_statistics_with_params_leave_module_and_params_untouched():
+    torch.manual_seed(2)
+    model = ConvBN()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = {k: v + 0.1 for k, v in model.named_parameters() if k.startswith("body.")}
+    frozen = {k: v.clone() for k, v in params.items()}
+    with_params = bn_statistics(model, _batches(), params=params, task="t0")
+    own = bn_statistics(model, _batches(), task="t0")
+    assert not torch.allclose(with_params["body.1.running_mean"], own["body.1.running_mean"])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for k, v in params.items():
+        assert torch.equal(v, frozen[k]), k
+
+
+def test_pooled_batches_mix_every_task_in_one_batch():
+    a = [torch.full((2, 3), 1.0), torch.full((2, 3), 2.0)]
+    b = [torch.full((3, 3), 5.0)]
+    out = list(pooled_batches({"a": a, "b": [{"image": b[0], "label": None}]}))
+    assert [x.shape[0] for x in out] == [5, 2]
+    assert torch.equal(out[0], torch.cat([a[0], b[0]])) and torch.equal(out[1], a[1])
+    # inputs of different shapes go through separately; max_batches caps each task
+    c = [torch.zeros(1, 4)] * 3
+    assert [tuple(x.shape) for x in pooled_batches({"a": a, "c": c}, max_batches=1)] == [(2, 3), (1, 4)]
+    with pytest.raises(ValueError, match="unlabeled\\['b'\\] yields no batches"):
+        list(pooled_batches({"a": a, "b": []}))
+
+
+def _pre_fts(model, T=2, scale=0.2):
+    pre = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("body.")}
+    g = torch.Generator().manual_seed(3)
+    fts = [{k: v + scale * torch.randn(v.shape, generator=g) if v.is_floating_point() and "running" not in k else v.clone()
+            for k, v in pre.items()} for _ in range(T)]
+    return pre, fts
+
+
+def test_bad_bn_value_is_named():
+    model = ConvBN()
+    pre, fts = _pre_fts(model)
+    with pytest.raises(ValueError, match="bn must be one of 'pretrained', 'average', 'merge', 'recompute', got 'reset'"):
+        merging.merge("task_arithmetic", pre, fts, bn="reset")
+    with pytest.raises(ValueError, match="bn='recompute'.*merging.recompute_bn"):  # a state dict has no data
+        merging.merge("task_arithmetic", pre, fts, bn="recompute")
+    data = {"t0": _batches(), "t1": _batches(seed=1)}
+    with pytest.raises(ValueError, match="bn must be one of .*got 'reset'"):
+        merging.learn("adamerging", pre, fts, unlabeled=data, model=model, tasks=["t0", "t1"], bn="reset", progress=False)
+
+
+def test_learned_merge_recomputes_per_step_and_at_the_end():
+    torch.manual_seed(4)
+    model = ConvBN()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pre, fts = _pre_fts(model)
+    data = {"t0": _batches(seed=5), "t1": _batches(seed=6)}
+    seen = []
+    orig = merging.learned.loop.bn_statistics
+
+    def spy(m, batches, **kw):
+        batches = list(batches)
+        seen.append(sum(len(x) for x in batches))
+        return orig(m, batches, **kw)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(merging.learned.loop, "bn_statistics", spy)
+    try:
+        res = merging.learn("adamerging", pre, fts, unlabeled=data, model=model, tasks=["t0", "t1"], steps=2,
+                            bn="recompute", progress=False)
+    finally:
+        mp.undo()
+    assert seen == [6 + 6, 4 + 4]  # each step: that step's batch of every task, pooled
+    assert res.hparams["bn"] == "recompute"
+    for k, v in model.state_dict().items():  # the caller's model is neither trained nor re-estimated
+        assert torch.equal(v, before[k]), k
+    # the result's statistics: one pass over all the data with the learned weights
+    merged = {k: v for k, v in res.state_dict.items() if k in dict(model.named_parameters())}
+    expect = bn_statistics(model, pooled_batches(data), params=merged, task="t0")
+    for k, v in expect.items():
+        torch.testing.assert_close(res.state_dict[k], v)
+    assert not torch.allclose(res.state_dict["body.1.running_var"], pre["body.1.running_var"])
