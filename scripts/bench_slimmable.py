@@ -4,6 +4,11 @@ sliced-at-run-time encoders.
 
     .venv/bin/python scripts/bench_slimmable.py --part all --out /tmp/bench_slimmable.json
     .venv/bin/python scripts/bench_slimmable.py --part speed --size 128 --batch 8
+    .venv/bin/python scripts/bench_slimmable.py --part control --runs outputs/run_a outputs/run_b
+
+``--part control`` re-scores finished runs from their saved model folders: the width grid on the
+validation and test splits, the controllability of both search methods (held out: search on
+validation, scores from test) and the uniform-width test metrics.
 
 Timings are ratios measured in one process, rounds interleaved (median of per-round ratios), so a
 machine shared with other jobs slows the numerator and the denominator alike.
@@ -74,6 +79,39 @@ def quality(args) -> dict:
     return res
 
 
+# --- control: re-score finished runs ---------------------------------------------------------------
+def rescore(run_dir: Path, args) -> dict:
+    import mtl
+    from mtl.data import create_datamodule
+    from mtl.models.slimmable.callback import score_controller
+    from mtl.models.slimmable.table import build_width_table
+
+    model = mtl.load_model(run_dir / "model").eval()
+    data = dict(model.meta["data"])
+    dm = create_datamodule(data.pop("name"), **data)
+    dm.prepare_data()
+    dm.setup("fit")
+    dm.setup("test")
+    val = build_width_table(model, dm.val_dataloader(), progress=False)
+    test = build_width_table(model, dm.test_dataloader(), progress=False)
+    report = score_controller(val, test, 8, args.preferences, 0)
+    uniform = {t: {w: test.metrics[t][w][w][test.primary[t]] for w in test.encoder_flops} for t in test.tasks}
+    return {"run_dir": str(run_dir), "compare": report["compare"], "uniform_test": uniform,
+            "higher_is_better": test.higher_is_better}
+
+
+def control(args) -> dict:
+    out = {}
+    for run in args.runs:
+        r = rescore(Path(run), args)
+        out[Path(run).name] = r
+        cmp = ", ".join(f"{k} {v['controllability']:+.3f}" for k, v in r["compare"].items())
+        print(f"{Path(run).name}: {cmp}", flush=True)
+        for t, vals in r["uniform_test"].items():
+            print(f"    {t} (test): " + ", ".join(f"{w}: {v:.4f}" for w, v in vals.items()), flush=True)
+    return out
+
+
 # --- speed ---------------------------------------------------------------------------------------------
 def speed(args) -> dict:
     from mtl.models import create_model
@@ -114,7 +152,8 @@ def speed(args) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["quality", "speed", "all"], default="all")
+    ap.add_argument("--part", choices=["quality", "speed", "control", "all"], default="all")
+    ap.add_argument("--runs", nargs="+", default=[], help="control: finished scenes_slimmable run folders")
     ap.add_argument("--tasks", nargs="+", default=["semseg", "depth", "normals"])
     ap.add_argument("--data-size", type=int, default=32)
     ap.add_argument("--n-train", type=int, default=384)
@@ -139,6 +178,8 @@ def main(argv=None) -> int:
         print(f"  FLOPs 0.5 / 1.0: {s['flops_ratio_half_vs_full']:.3f}")
         print(f"  latency extracted 0.5 / full: {s['latency_ratio_half_vs_full']:.3f} (target <= 0.45)")
         print(f"  latency sliced 0.5 / extracted 0.5: {s['latency_ratio_sliced_vs_extracted_half']:.3f} (target <= 1.3)")
+    if args.part == "control":
+        res["control"] = control(args)
     if args.part in ("quality", "all"):
         res["quality"] = q = quality(args)
         print("\nuniform width -> primary metric (CI-KD run):")

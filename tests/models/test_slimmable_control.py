@@ -6,9 +6,9 @@ import math
 import pytest
 
 from mtl.models.slimmable.control import (budgets_between, check_preference, control_report, controllability, min_flops,
-                                          sample_preferences, search, spearman)
+                                          ordered_assignments, sample_preferences, search, spearman)
 from mtl.models.slimmable.search_cli import main as search_main
-from mtl.models.slimmable.table import WidthTable
+from mtl.models.slimmable.table import WidthTable, wkey
 
 
 def table(width_set=(0.5, 1.0)):
@@ -34,26 +34,90 @@ def test_flops_add_up_over_parts():
     assert min_flops(t) == 12
 
 
-def test_search_never_exceeds_a_budget_that_some_config_meets():
+@pytest.mark.parametrize("method", ["measured", "rule"])
+def test_search_never_exceeds_a_budget_that_some_config_meets(method):
     t = table()
     prefs = [{"A": a, "B": 1 - a} for a in (0.0, 0.2, 0.5, 0.7, 1.0)]
     for budget in range(12, 60):
         for p in prefs:
             feasible = [c for c in all_configs(t) if t.flops(c) <= budget]
-            choice = search(t, budget, p)
+            choice = search(t, budget, p, method)
             assert feasible and choice.flops <= budget, (budget, p, choice)
             assert choice.flops == t.flops(choice.config)
 
 
-def test_preferred_task_gets_the_wider_decoder_and_the_encoder_fills_the_budget():
+def test_rule_gives_the_preferred_task_the_wider_decoder_and_the_encoder_fills_the_budget():
     t = table()
-    c = search(t, 100, {"A": 0.8, "B": 0.2})
+    c = search(t, 100, {"A": 0.8, "B": 0.2}, "rule")
     assert c.config == {"encoder": 1.0, "decoders": {"A": 1.0, "B": 0.5}}
     assert c.expected == {"A": {"acc": 0.9}, "B": {"rmse": 2.0}}
     # 40 + 6 + 2 = 48 does not fit 47: encoder steps down to 0.5 (10 + 3 + 1 = 14)
-    assert search(t, 47, {"A": 0.8, "B": 0.2}).config == {"encoder": 0.5, "decoders": {"A": 1.0, "B": 0.5}}
+    assert search(t, 47, {"A": 0.8, "B": 0.2}, "rule").config == {"encoder": 0.5, "decoders": {"A": 1.0, "B": 0.5}}
     # 13 FLOPs: only the least preferred can give: B is already at 0.5, so A narrows
-    assert search(t, 13, {"A": 0.8, "B": 0.2}).config == {"encoder": 0.5, "decoders": {"A": 0.5, "B": 0.5}}
+    assert search(t, 13, {"A": 0.8, "B": 0.2}, "rule").config == {"encoder": 0.5, "decoders": {"A": 0.5, "B": 0.5}}
+
+
+def test_measured_search_maximises_the_preference_weighted_scaled_metrics():
+    t = table()
+    # scaled utilities: A acc (0.5..0.9): u = (acc - 0.5) / 0.4; B -rmse (-3..-1): u = (3 - rmse) / 2
+    u = {"A": lambda e, d: (t.metrics["A"][e][d]["acc"] - 0.5) / 0.4,
+         "B": lambda e, d: (3 - t.metrics["B"][e][d]["rmse"]) / 2}
+    p = {"A": 0.8, "B": 0.2}
+    # budget 47: encoder 1 needs 40 + heads <= 7: (A, B) = (0.5, 0.5) -> 44 or (1, 0.5) -> 48 (no).
+    #   enc 1, (0.5, 0.5): 0.8 * 0.5 + 0.2 * 0.5 = 0.5 ; enc 0.5, (1, 1): 0.8 * 0.25 + 0.2 * 0.25 = 0.25
+    #   enc 0.5, (1, 0.5): 0.8 * 0.25 + 0 = 0.2 -> the measured choice keeps the wide encoder
+    assert u["A"]("1", "0.5") == pytest.approx(0.5) and u["B"]("1", "0.5") == pytest.approx(0.5)
+    c = search(t, 47, p)
+    assert c.config == {"encoder": 1.0, "decoders": {"A": 0.5, "B": 0.5}} and c.flops == 44
+    # the rule spends the budget on A's decoder instead and gets a worse A (0.6 < 0.7)
+    assert search(t, 47, p, "rule").expected["A"]["acc"] == 0.6 < c.expected["A"]["acc"] == 0.7
+    # unlimited: everything at full width
+    assert search(t, 100, p).config == {"encoder": 1.0, "decoders": {"A": 1.0, "B": 1.0}}
+
+
+def test_measured_search_never_gives_a_more_preferred_task_a_narrower_decoder():
+    import random
+
+    rng = random.Random(0)
+    ws = [0.25, 0.5, 0.75, 1.0]
+    tasks = ["a", "b", "c"]
+    for trial in range(30):
+        metrics = {x: {wkey(e): {wkey(d): {"m": rng.random()} for d in ws} for e in ws} for x in tasks}
+        heads = {x: {wkey(e): {wkey(d): int(100 * e * d) for d in ws} for e in ws} for x in tasks}
+        t = WidthTable(ws, tasks, {x: "m" for x in tasks}, {x: True for x in tasks}, {wkey(e): int(1000 * e) for e in ws},
+                       heads, metrics, [8, 8])
+        for p in sample_preferences(tasks, 10, seed=trial):
+            budget = rng.uniform(min_flops(t), t.flops(t.uniform(1.0)))
+            c = search(t, budget, p)
+            for x, y in itertools.permutations(tasks, 2):
+                if p[x] > p[y]:
+                    assert c.config["decoders"][x] >= c.config["decoders"][y], (p, c.config)
+            # the encoder fills: the next wider encoder width would not fit
+            wider = [e for e in ws if e > c.config["encoder"]]
+            if wider:
+                assert t.flops({"encoder": wider[0], "decoders": c.config["decoders"]}) > budget
+
+
+def test_ordered_assignments_enumerates_exactly_the_monotone_ones():
+    tasks = ["a", "b", "c"]
+    pref = {"a": 0.5, "b": 0.25, "c": 0.25}  # a > b = c
+    got = {tuple(lv[x] for x in tasks) for lv in ordered_assignments(tasks, pref, 3)}
+    want = {lv for lv in itertools.product(range(3), repeat=3) if lv[0] >= lv[1] and lv[0] >= lv[2]}
+    assert got == want and len(got) == 1 + 4 + 9
+
+
+def test_held_out_controllability_reads_the_achieved_table():
+    t = table()
+    other = WidthTable.from_json(t.to_json())
+    # on the held-out table A's accuracy falls with its decoder width: a perfect anti-correlation
+    other.metrics["A"] = {e: {"0.5": {"acc": 0.9}, "1": {"acc": 0.5}} for e in ("0.5", "1")}
+    prefs = [{"A": 0.8, "B": 0.2}, {"A": 0.2, "B": 0.8}]
+    # budget 100: both choices are all-full-width under "measured"; under "rule" A gets 1 / 0.5
+    r = controllability(t, 100, prefs, "rule", achieved=other)
+    assert r["spearman"]["A"] == pytest.approx(-1.0)
+    assert controllability(t, 100, prefs, "rule")["spearman"]["A"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="does not match the search's table"):
+        controllability(t, 100, prefs, achieved=table(width_set=(0.25, 1.0)))
 
 
 def test_spearman_matches_hand_computed_values():
@@ -69,7 +133,7 @@ def test_controllability_of_a_hand_made_table():
     prefs = [{"A": 0.8, "B": 0.2}, {"A": 0.5, "B": 0.5}, {"A": 0.2, "B": 0.8}]
     # budget 100: encoder 1.0; A's decoder 1, 1, 0.5 -> acc 0.9, 0.9, 0.7; B's 0.5, 1, 1 -> rmse 2, 1, 1
     # A: prefs ranks 3,2,1 vs scores ranks 2.5,2.5,1 -> 1.5 / sqrt(2 * 1.5); B the same by symmetry
-    r = controllability(t, 100, prefs)
+    r = controllability(t, 100, prefs, "rule")
     hand = 1.5 / math.sqrt(3.0)
     assert r["spearman"] == {"A": pytest.approx(hand), "B": pytest.approx(hand)}
     assert r["controllability"] == pytest.approx(hand)
@@ -78,8 +142,12 @@ def test_controllability_of_a_hand_made_table():
 
 def test_control_report_over_budgets_is_positive_and_within_budget():
     t = table()
-    report = control_report(t, budgets_between(t, 5), n_preferences=20)
+    report = control_report(t, budgets_between(t, 5), n_preferences=20, method="rule")
     assert report["adherence"] == 1.0 and report["controllability"] > 0
+    # here the wide encoder beats any decoder width for both tasks: the measured search picks the same
+    # configuration whatever the preferences, so nothing follows them (0, not negative)
+    report = control_report(t, budgets_between(t, 5), n_preferences=20)
+    assert report["adherence"] == 1.0 and report["controllability"] == 0.0
     for p in sample_preferences(t.tasks, 50, seed=3):
         assert min(p.values()) >= 0 and sum(p.values()) == pytest.approx(1, abs=1e-12)
         check_preference(t, p)
@@ -103,7 +171,11 @@ def test_search_cli_prints_the_choice_and_one_line_errors(tmp_path, capsys):
     table().save(path)
     assert search_main([str(path), "--budget", "100", "--preference", "A=0.8,B=0.2"]) == 0
     out = capsys.readouterr().out
-    assert "encoder width: 1" in out and "A: decoder width 1; expected acc=0.9000" in out and "48" in out
+    assert "encoder width: 1" in out and "A: decoder width 1; expected acc=0.9000" in out and "FLOPs per image: 52 " in out
+    assert "B: decoder width 1; expected rmse=1.0000" in out
+    assert search_main([str(path), "--budget", "100", "--preference", "A=0.8,B=0.2", "--method", "rule"]) == 0
+    out = capsys.readouterr().out
+    assert "B: decoder width 0.5; expected rmse=2.0000" in out and "FLOPs per image: 48 " in out
     assert search_main([str(path), "--budget", "0.1k", "--preference", "A=1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["flops"] <= 100
     assert search_main([str(path), "--budget", "5", "--preference", "A=1"]) == 1
@@ -136,3 +208,19 @@ def test_width_table_of_a_model_predicts_mixed_configurations_exactly():
             metric.update(preds[name], batch[name])
             assert t.expected(cfg)[name][mname] == pytest.approx(float(metric.compute()), rel=1e-6)
     assert t.higher_is_better == {"semseg": True, "depth": False}
+
+
+def test_score_controller_reports_the_held_out_score_and_both_methods():
+    from mtl.models.slimmable.callback import score_controller
+
+    t = table()
+    test = WidthTable.from_json(t.to_json())
+    test.metrics["A"] = {e: {"0.5": {"acc": 0.9}, "1": {"acc": 0.5}} for e in ("0.5", "1")}
+    r = score_controller(t, test, budgets=4, preferences=10, method="rule")
+    at = budgets_between(t, 4)
+    assert r["method"] == "rule" and r["held_out"]
+    assert r["controllability"] == control_report(t, at, 10, 0, "rule", achieved=test)["controllability"]
+    assert r["compare"]["rule/in_sample"]["controllability"] == control_report(t, at, 10, 0, "rule")["controllability"]
+    assert r["compare"]["rule/held_out"]["controllability"] < r["compare"]["rule/in_sample"]["controllability"]
+    with pytest.raises(ValueError, match="search method must be one of"):
+        search(t, 50, {"A": 0.5, "B": 0.5}, "greedy")

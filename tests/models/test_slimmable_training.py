@@ -86,8 +86,12 @@ def test_cli_smoke_run_saves_a_model_identical_at_every_width(tmp_path):
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("run_dir: ")
     run_dir = Path(last.removeprefix("run_dir: "))
-    for name in ("width_table.json", "controllability.json", "slimmable_control.png", "model/config.json"):
+    for name in ("width_table.json", "width_table_test.json", "controllability.json", "slimmable_control.png",
+                 "model/config.json"):
         assert (run_dir / name).is_file(), name
+    control = json.loads((run_dir / "controllability.json").read_text())
+    assert control["method"] == "measured" and control["held_out"] and control["adherence"] == 1.0
+    assert set(control["compare"]) == {"measured/held_out", "measured/in_sample", "rule/held_out", "rule/in_sample"}
     # the folder rebuilds the trained model (the tested checkpoint's weights) at every width of the set
     best = json.loads((run_dir / "metrics.json").read_text())["best_checkpoint"]
     state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]

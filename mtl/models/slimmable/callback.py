@@ -1,7 +1,10 @@
-"""After testing, evaluate the width grid on the validation split and score the controller.
+"""After testing, evaluate the width grid on the validation and test splits and score the controller.
 
-Writes into the run folder: ``width_table.json`` (the table the search reads), ``controllability.json``
-and ``slimmable_control.png``; prints a short summary.
+Writes into the run folder: ``width_table.json`` (validation: the table the search reads),
+``width_table_test.json`` (where the chosen configurations are scored, so the controllability of a
+search that reads validation metrics is measured on images it never saw), ``controllability.json``
+(the ``search_method``'s held-out score on top, plus both methods held out and in sample) and
+``slimmable_control.png``; prints a short summary.
 """
 from __future__ import annotations
 
@@ -14,8 +17,14 @@ from mtl.models.slimmable.table import build_width_table
 
 
 class WidthTableCallback(L.Callback):
-    def __init__(self, budgets: int = 8, preferences: int = 64, max_batches: int | None = None, seed: int = 0):
+    def __init__(self, budgets: int = 8, preferences: int = 64, max_batches: int | None = None, seed: int = 0,
+                 search_method: str = "measured"):
+        from mtl.models.slimmable.control import SEARCH_METHODS
+
+        if search_method not in SEARCH_METHODS:
+            raise ValueError(f"callbacks.width_table.search_method must be one of {SEARCH_METHODS}, got {search_method!r}")
         self.budgets, self.preferences, self.max_batches, self.seed = int(budgets), int(preferences), max_batches, seed
+        self.search_method = search_method
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -24,17 +33,34 @@ class WidthTableCallback(L.Callback):
         limit = self.max_batches
         if limit is None and isinstance(trainer.limit_val_batches, int):
             limit = trainer.limit_val_batches  # debug runs cap validation; so does the grid
-        loader = trainer.datamodule.val_dataloader()
-        table = build_width_table(model, loader, max_batches=limit)
+        table = build_width_table(model, trainer.datamodule.val_dataloader(), max_batches=limit)
+        test = build_width_table(model, trainer.datamodule.test_dataloader(), max_batches=limit)
         run_dir = Path(trainer.default_root_dir)
         table.save(run_dir / "width_table.json")
-        budgets = budgets_between(table, self.budgets)
-        report = control_report(table, budgets, self.preferences, self.seed)
+        test.save(run_dir / "width_table_test.json")
+        report = score_controller(table, test, self.budgets, self.preferences, self.seed, self.search_method)
         from mtl.io import write_json
 
         write_json(run_dir / "controllability.json", report)
-        plot_choices(table, budgets, run_dir / "slimmable_control.png")
+        plot_choices(table, budgets_between(table, self.budgets), run_dir / "slimmable_control.png",
+                     method=self.search_method)
         print_report(table, report)
+
+
+def score_controller(table, test, budgets: int = 8, preferences: int = 64, seed: int = 0,
+                     method: str = "measured") -> dict:
+    """``method``'s held-out report (search on ``table``, scores from ``test``) with a summary of every
+    method held out and in sample under ``compare``."""
+    from mtl.models.slimmable.control import SEARCH_METHODS
+
+    at = budgets_between(table, budgets)
+    report = control_report(table, at, preferences, seed, method, achieved=test)
+    report["compare"] = {}
+    for m in SEARCH_METHODS:
+        for name, achieved in (("held_out", test), ("in_sample", None)):
+            r = control_report(table, at, preferences, seed, m, achieved=achieved)
+            report["compare"][f"{m}/{name}"] = {"controllability": r["controllability"], "adherence": r["adherence"]}
+    return report
 
 
 def print_report(table, report) -> None:
@@ -47,12 +73,13 @@ def print_report(table, report) -> None:
     pref = {t: 1.0 / len(table.tasks) for t in table.tasks}
     pref[table.tasks[-1]] = 1.0 - sum(pref[t] for t in table.tasks[:-1])
     for row in report["per_budget"]:
-        c = search(table, row["budget"], pref)
+        c = search(table, row["budget"], pref, report["method"])
         out.add_row(f"{row['budget'] / 1e6:.1f}", f"{c.config['encoder']:g}",
                     "/".join(f"{w:g}" for w in c.config["decoders"].values()), f"{c.flops / 1e6:.1f}",
                     *[f"{c.expected[t][table.primary[t]]:.4f}" for t in table.tasks])
     console = Console()
     console.print(out)
-    console.print(f"controllability (mean Spearman, {report['n_preferences']} preference vectors x "
-                  f"{len(report['per_budget'])} budgets): {report['controllability']:+.3f}; "
-                  f"budget adherence {100 * report['adherence']:.1f}%")
+    console.print(f"controllability ({report['method']} search on validation, scored on test; mean Spearman, "
+                  f"{report['n_preferences']} preference vectors x {len(report['per_budget'])} budgets): "
+                  f"{report['controllability']:+.3f}; budget adherence {100 * report['adherence']:.1f}%")
+    console.print("  " + "; ".join(f"{k} {v['controllability']:+.3f}" for k, v in report.get("compare", {}).items()))

@@ -1,14 +1,24 @@
 """The width controller (ECMT, Aich et al. 2023): (FLOPs budget, task preferences) -> configuration,
 and how controllable the result is.
 
-``search``: a more preferred task gets a wider decoder (task ``t`` gets the width-set entry at the
-quantile ``p_t / max(p)``, so the most preferred task runs at full width); the encoder then takes the
-widest width that keeps the total within the budget. If no encoder width fits, the least preferred
-task's decoder narrows one step at a time until one does.
+``search`` keeps ECMT's two rules: a more preferred task never gets a narrower decoder than a less
+preferred one, and the encoder takes the widest width that keeps the total within the budget. Among
+the decoder assignments that obey them it picks
+
+* ``method="measured"`` (default): the one whose *measured* validation metrics maximise the
+  preference-weighted utility ``sum_t p_t u_t`` (``u_t``: task ``t``'s primary metric min-max scaled
+  over the table, so tasks in different units weigh alike);
+* ``method="rule"``: the fixed quantile rule (task ``t`` gets the width-set entry at ``p_t / max(p)``,
+  the most preferred at full width; if no encoder width fits, the least preferred decoder narrows one
+  step at a time). It ignores the metrics, so on a model whose tasks gain more from encoder width
+  than from their own decoder, a preferred task can end up *worse* (its wide decoder squeezes the
+  encoder): the measured search was added for that.
 
 ``controllability``: over preference vectors, the Spearman rank correlation between a task's
 preference and its achieved performance (primary metric, signed so higher is better), averaged over
-tasks; plus budget adherence, the share of choices whose FLOPs are within the budget.
+tasks; plus budget adherence, the share of choices whose FLOPs are within the budget. The achieved
+performance can come from a second table (``achieved=``, e.g. the test split) so that a search that
+reads validation metrics is scored on data it never saw.
 """
 from __future__ import annotations
 
@@ -18,7 +28,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from mtl.models.slimmable.table import WidthTable
+from mtl.models.slimmable.table import WidthTable, wkey
 
 PREF_TOL = 1e-6
 
@@ -64,9 +74,28 @@ def check_budget(table: WidthTable, budget: float) -> float:
     return b
 
 
-def search(table: WidthTable, budget: float, preference: Mapping[str, float]) -> Choice:
+SEARCH_METHODS = ("measured", "rule")
+
+
+def search(table: WidthTable, budget: float, preference: Mapping[str, float], method: str = "measured") -> Choice:
+    if method not in SEARCH_METHODS:
+        raise ValueError(f"search method must be one of {SEARCH_METHODS}, got {method!r}")
     budget = check_budget(table, budget)
     pref = check_preference(table, preference)
+    return _rule(table, budget, pref) if method == "rule" else _measured(table, budget, pref)
+
+
+def _fill_encoder(table: WidthTable, decoders: dict[str, float], budget: float) -> tuple[float, int] | None:
+    """The widest encoder width that fits ``budget`` with these decoders, and the total FLOPs."""
+    for we in reversed(table.width_set):
+        k = wkey(we)
+        flops = table.encoder_flops[k] + sum(table.head_flops[t][k][wkey(w)] for t, w in decoders.items())
+        if flops <= budget:
+            return we, flops
+    return None
+
+
+def _rule(table: WidthTable, budget: float, pref: dict[str, float]) -> Choice:
     ws, k = table.width_set, len(table.width_set)
     top = max(pref.values())
     level = {t: min(k - 1, max(0, math.ceil(p / top * k - 1e-9) - 1)) for t, p in pref.items()}
@@ -74,15 +103,66 @@ def search(table: WidthTable, budget: float, preference: Mapping[str, float]) ->
     shrink_order = sorted(table.tasks, key=lambda t: (pref[t], -table.tasks.index(t)))
     while True:
         decoders = {t: ws[level[t]] for t in table.tasks}
-        for we in reversed(ws):
-            cfg = {"encoder": we, "decoders": decoders}
-            flops = table.flops(cfg)
-            if flops <= budget:
-                return Choice(cfg, flops, table.expected(cfg))
+        fit = _fill_encoder(table, decoders, budget)
+        if fit is not None:
+            cfg = {"encoder": fit[0], "decoders": decoders}
+            return Choice(cfg, fit[1], table.expected(cfg))
         narrower = [t for t in shrink_order if level[t] > 0]
         if not narrower:  # unreachable after check_budget, kept as a guard
             raise ValueError(f"no configuration fits budget {budget:,.0f} FLOPs")
         level[narrower[0]] -= 1
+
+
+def ordered_assignments(tasks: Sequence[str], pref: Mapping[str, float], n_levels: int):
+    """Every decoder level assignment in which a strictly more preferred task has a level >= a less
+    preferred one's (equal preferences: free)."""
+    order = sorted(tasks, key=lambda t: -pref[t])
+
+    def extend(i: int, levels: dict[str, int], cap: int, group_min: int):
+        if i == len(order):
+            yield dict(levels)
+            return
+        t = order[i]
+        new_group = i > 0 and pref[t] < pref[order[i - 1]]
+        cap_here = min(cap, group_min) if new_group else cap
+        for lvl in range(cap_here + 1):
+            levels[t] = lvl
+            yield from extend(i + 1, levels, cap_here, lvl if new_group else min(group_min, lvl))
+        del levels[t]
+
+    yield from extend(0, {}, n_levels - 1, n_levels - 1)
+
+
+def utilities(table: WidthTable) -> dict[str, dict[str, dict[str, float]]]:
+    """Each task's primary score at every (encoder, decoder) width, min-max scaled to [0, 1] over the table."""
+    out = {}
+    for t in table.tasks:
+        raw = {a: {b: table.score(t, float(a), float(b)) for b in row} for a, row in table.metrics[t].items()}
+        lo = min(v for row in raw.values() for v in row.values())
+        hi = max(v for row in raw.values() for v in row.values())
+        span = hi - lo
+        out[t] = {a: {b: (v - lo) / span if span > 0 else 0.0 for b, v in row.items()} for a, row in raw.items()}
+    return out
+
+
+def _measured(table: WidthTable, budget: float, pref: dict[str, float]) -> Choice:
+    ws = table.width_set
+    util = utilities(table)
+    best = None
+    for levels in ordered_assignments(table.tasks, pref, len(ws)):
+        decoders = {t: ws[levels[t]] for t in table.tasks}
+        fit = _fill_encoder(table, decoders, budget)
+        if fit is None:
+            continue
+        we, flops = fit
+        u = sum(pref[t] * util[t][wkey(we)][wkey(w)] for t, w in decoders.items())
+        key = (round(u, 12), flops, we)  # equal utility: the choice that uses more of the budget
+        if best is None or key > best[0]:
+            best = (key, {"encoder": we, "decoders": decoders}, flops)
+    if best is None:  # unreachable after check_budget: every decoder at the narrowest width fits
+        raise ValueError(f"no configuration fits budget {budget:,.0f} FLOPs")
+    _, cfg, flops = best
+    return Choice(cfg, flops, table.expected(cfg))
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
@@ -117,17 +197,29 @@ def sample_preferences(tasks: Sequence[str], n: int, seed: int = 0) -> list[dict
     return out
 
 
-def controllability(table: WidthTable, budget: float, preferences: Sequence[Mapping[str, float]]) -> dict[str, Any]:
-    """At one budget: per-task Spearman(preference, achieved score), their mean, and budget adherence."""
-    choices = [search(table, budget, p) for p in preferences]
+def controllability(table: WidthTable, budget: float, preferences: Sequence[Mapping[str, float]],
+                    method: str = "measured", achieved: WidthTable | None = None) -> dict[str, Any]:
+    """At one budget: per-task Spearman(preference, achieved score), their mean, and budget adherence.
+
+    ``table`` is what the search reads; ``achieved`` (default: the same table) is where the chosen
+    configurations' scores are looked up — pass the test split's table for a held-out score."""
+    achieved = table if achieved is None else _same_grid(table, achieved)
+    choices = [search(table, budget, p, method) for p in preferences]
     per_task = {}
     for t in table.tasks:
         prefs = [p[t] for p in preferences]
-        scores = [table.score(t, c.config["encoder"], c.config["decoders"][t]) for c in choices]
+        scores = [achieved.score(t, c.config["encoder"], c.config["decoders"][t]) for c in choices]
         per_task[t] = spearman(prefs, scores)
     within = sum(c.flops <= budget for c in choices)
     return {"budget": float(budget), "spearman": per_task, "controllability": float(np.mean(list(per_task.values()))),
             "adherence": within / len(choices), "n": len(choices)}
+
+
+def _same_grid(table: WidthTable, other: WidthTable) -> WidthTable:
+    if other.tasks != table.tasks or other.width_set != table.width_set or other.primary != table.primary:
+        raise ValueError(f"the achieved-score table (tasks {other.tasks}, widths {other.width_set}) does not match the "
+                         f"search's table (tasks {table.tasks}, widths {table.width_set})")
+    return other
 
 
 def budgets_between(table: WidthTable, n: int) -> list[float]:
@@ -136,15 +228,17 @@ def budgets_between(table: WidthTable, n: int) -> list[float]:
     return [float(v) for v in np.linspace(lo, hi, n)]
 
 
-def control_report(table: WidthTable, budgets: Sequence[float], n_preferences: int = 64, seed: int = 0) -> dict[str, Any]:
+def control_report(table: WidthTable, budgets: Sequence[float], n_preferences: int = 64, seed: int = 0,
+                   method: str = "measured", achieved: WidthTable | None = None) -> dict[str, Any]:
     prefs = sample_preferences(table.tasks, n_preferences, seed)
-    rows = [controllability(table, b, prefs) for b in budgets]
+    rows = [controllability(table, b, prefs, method, achieved) for b in budgets]
     return {"controllability": float(np.mean([r["controllability"] for r in rows])),
             "adherence": float(np.mean([r["adherence"] for r in rows])),
-            "n_preferences": n_preferences, "per_budget": rows}
+            "n_preferences": n_preferences, "method": method, "held_out": achieved is not None, "per_budget": rows}
 
 
-def plot_choices(table: WidthTable, budgets: Sequence[float], path, preference: Mapping[str, float] | None = None) -> None:
+def plot_choices(table: WidthTable, budgets: Sequence[float], path, preference: Mapping[str, float] | None = None,
+                 method: str = "measured") -> None:
     """PNG: each task's primary metric, relative to the full-width model (higher = better), of the
     search's choice at each budget, against that choice's FLOPs."""
     from matplotlib.figure import Figure
@@ -154,7 +248,7 @@ def plot_choices(table: WidthTable, budgets: Sequence[float], path, preference: 
     pref = dict(preference or {t: 1.0 / len(table.tasks) for t in table.tasks})
     if preference is None:
         pref[table.tasks[-1]] = 1.0 - sum(v for t, v in pref.items() if t != table.tasks[-1])
-    choices = [search(table, b, pref) for b in budgets]
+    choices = [search(table, b, pref, method) for b in budgets]
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.add_subplot()
     for t in table.tasks:

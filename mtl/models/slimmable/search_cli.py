@@ -1,4 +1,4 @@
-"""``python -m mtl.models.slimmable.search_cli RUN_DIR/width_table.json --budget 40M --preference depth=0.7,semseg=0.3``
+"""``python -m mtl.models.slimmable.search_cli RUN_DIR/width_table.json --budget 40M --preference depth=0.7,semseg=0.3 [--method rule]``
 
 Prints the configuration the controller picks for a FLOPs budget (per image; K/M/G suffixes) and a task
 preference vector (non-negative, summing to 1; tasks not named get 0), its FLOPs and the validation
@@ -43,11 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("table", help="width_table.json of a slimmable run (written by experiment=scenes_slimmable)")
     ap.add_argument("--budget", required=True, help="FLOPs per image, e.g. 42M")
     ap.add_argument("--preference", required=True, help="task=value,... (non-negative, sum 1)")
+    ap.add_argument("--method", default="measured", choices=["measured", "rule"],
+                    help="measured: best preference-weighted validation metrics (default); rule: ECMT's quantile rule")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     try:
         table = WidthTable.load(args.table)
-        choice = search(table, parse_budget(args.budget), parse_preference(args.preference, table.tasks))
+        choice = search(table, parse_budget(args.budget), parse_preference(args.preference, table.tasks), args.method)
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 1
