@@ -231,6 +231,8 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     pool = resolve_pool(cfg, run_dir)
     ev = Evaluator(pool, cfg.eval.get("max_batches"), _plain(cfg.eval.get("data")), cfg.eval.get("device") or "cpu")
     sel = select(MergeJob(cfg, pool, ev, run_dir, bn_data), MappingProxyType(hp))
+    if bn_data is not None:
+        sel.hparams.setdefault("bn", "recompute")
     test = sel.test if sel.test is not None else ev.run_all(sel.model, "test")
     report = build_report(name, ev, sel, test)
     report["seconds"] = round(time.perf_counter() - start, 2)

@@ -8,7 +8,8 @@ Each method runs `merging.job.run` (what `mtl-merge ... pool=<manifest>` runs) i
 hyperparameters (λ; TALL's λ_t per task) are picked on the validation splits, accuracy is on the test
 splits, each task on its own data with its own head. The learned methods (AdaMerging, aTLAS,
 Concrete) learn their coefficients on the test images without labels, as the papers do
-(`--learn-steps n` caps their steps). Writes <out>/quality.md (absolute and normalized
+(`--learn-steps n` caps their steps). `--bn recompute` re-estimates every merged model's BatchNorm
+statistics on the unlabeled images of all tasks (docs/merging.md). Writes <out>/quality.md (absolute and normalized
 accuracy per task and averaged, the TALL store's size), <out>/results.json, <out>/task_accuracy.png
 (all methods) and <out>/mask_overlap.png (TALL masks: how many tasks use each weight).
 """
@@ -95,7 +96,7 @@ def _hp(r: dict[str, Any]) -> str:
     sel = dict(r.get("selected") or {})
     if isinstance(sel.get("lam"), dict):  # TALL: λ_t per task
         sel["lam"] = "/".join(f"{v:g}" for v in sel["lam"].values())
-    keep = ("lam", "k", "p", "base", "merge_func", "mtv", "granularity", "steps", "final_steps")
+    keep = ("lam", "k", "p", "base", "merge_func", "mtv", "granularity", "steps", "final_steps", "bn")
     return ", ".join(f"{k}={sel[k]}" for k in keep if k in sel)
 
 
@@ -185,6 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--overrides", nargs="*", default=[], help="extra mtl-merge overrides for every method")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is much faster on a CPU other jobs share)")
     p.add_argument("--learn-steps", type=int, help="cap on the learned methods' optimisation steps (learn_max_steps)")
+    p.add_argument("--bn", choices=["pretrained", "average", "recompute"],
+                   help="BatchNorm statistics of every merged model (merge.bn; default: the method's, θ0's); "
+                        "recompute: re-estimated on the unlabeled images of every task (bn_stats.*, learned: merge.split)")
     args = p.parse_args(argv)
 
     from mtl.cli.common import prepare
@@ -199,6 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra = [f"+eval.data.batch_size={args.eval_batch_size}", *args.overrides]
     extra += [f"eval.max_batches={args.max_batches}"] if args.max_batches else []
     extra += [f"learn_max_steps={args.learn_steps}"] if args.learn_steps else []
+    extra += [f"+merge.bn={args.bn}"] if args.bn else []
     start = time.perf_counter()
     results = run_all(manifest, out, args.methods, extra)
     md = tables(results)

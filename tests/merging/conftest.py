@@ -22,3 +22,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def smoke_pool(tmp_path_factory):
+    """A seconds-long real pool (tiny base + 2 fine-tunes), built once for every CLI test of this folder."""
+    from merging.job import build_smoke_pool
+
+    return build_smoke_pool(tmp_path_factory.mktemp("smoke_pool"))

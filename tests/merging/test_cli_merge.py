@@ -10,12 +10,12 @@ import torch
 
 import merging
 import mtl
-from merging.job import build_smoke_pool, run
+from merging.job import run
 
 
 @pytest.fixture(scope="module")
-def pool(tmp_path_factory):
-    return build_smoke_pool(tmp_path_factory.mktemp("pool"))
+def pool(smoke_pool):
+    return smoke_pool
 
 
 def _args(pool, *extra, batches=2):

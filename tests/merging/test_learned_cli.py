@@ -7,13 +7,13 @@ from safetensors.torch import load_file
 
 import merging
 import mtl
-from merging.job import build_smoke_pool, run
+from merging.job import run
 from mtl.data import memory as dm_module
 
 
 @pytest.fixture(scope="module")
-def pool(tmp_path_factory):
-    return build_smoke_pool(tmp_path_factory.mktemp("pool"))
+def pool(smoke_pool):
+    return smoke_pool
 
 
 def _args(pool, *extra):
