@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--calib-batches", type=int, default=2)
     ap.add_argument("--search-steps", type=int, default=2, help="PAGCP budget bisection steps")
+    ap.add_argument("--max-budget", type=float, default=None, help="PAGCP prune.max_budget (default: the config's)")
     ap.add_argument("--latency-batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--round-to", type=int, default=None,
@@ -102,6 +103,8 @@ def main() -> None:
                     hp.append(f"prune.round_to={args.round_to}")
                 if method == "pagcp":
                     hp += [f"prune.search_steps={args.search_steps}", "+prune.ratios=[0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9]"]
+                    if args.max_budget is not None:
+                        hp.append(f"prune.max_budget={args.max_budget}")
                 t = time.perf_counter()
                 prune_run(hp, run_dir=pdir)
                 print(f"[bench] {name}: pruned in {time.perf_counter() - t:.0f}s", flush=True)
