@@ -62,6 +62,20 @@ def test_sandwich_trains_sub_networks_with_cikd_and_returns_to_the_widest():
     assert logs["train/slim/cikd"] > 0 and logs["train/slim/sub_loss"] > 0
 
 
+def test_cikd_slice_matches_the_widest_networks_first_channels_without_parameters():
+    model = tiny()
+    strat = create_strategy("sandwich", model, cikd_match="slice")
+    assert len(list(strat.parameters())) == 0
+    teacher = torch.randn(2, 8, 4, 4)
+    sub = torch.randn(2, 4, 4, 4)
+    assert strat.cikd_loss(sub, teacher, 0.5) == pytest.approx(((sub - teacher[:, :4]) ** 2).mean().item())
+    assert strat.cikd_loss(teacher[:, :4].clone(), teacher, 0.5) == 0  # equal on the shared channels: no loss
+    _, logs = sandwich_step(model, num_random=1, cikd_match="slice")
+    assert logs["train/slim/cikd"] > 0 and model.widths == model.max_widths()
+    with pytest.raises(ValueError, match="cikd_match must be 'projection' or 'slice', got 'cosine'"):
+        create_strategy("sandwich", model, cikd_match="cosine")
+
+
 def test_sandwich_without_cikd_and_without_distillation_uses_labels():
     model = tiny()
     strat = create_strategy("sandwich", model, num_random=0, cikd=False, inplace_distill=False)

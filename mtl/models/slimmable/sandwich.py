@@ -7,9 +7,15 @@ configured balancer), then, accumulating gradients before the one optimiser step
   width drawn independently from the width set) — the *sandwich rule*;
 * with ``inplace_distill``, the sub-networks learn from the widest network's predictions of this very
   step (detached) instead of the labels — *in-place distillation*;
-* with ``cikd``, Configuration-Invariant KD: the sub-network's shared representation (encoder + neck),
-  projected by a learned 1x1 convolution to the full width's channels, is pulled towards the widest
-  network's (detached) by a mean-squared error weighted ``cikd_weight``.
+* with ``cikd``, Configuration-Invariant KD: the sub-network's shared representation (encoder + neck)
+  is pulled towards the widest network's (detached) by a mean-squared error weighted ``cikd_weight``.
+  ``cikd_match`` says how the channel counts are reconciled:
+
+  - ``projection``: a learned 1x1 convolution maps the sub-width features to the full width's
+    channels (FitNets-style; the decoders never see the projection);
+  - ``slice``: the sub-width features must equal the widest network's *first* channels — the same
+    channels a decoder reads at that encoder width — so the representation the decoders consume is
+    itself made width-invariant, with no extra parameters.
 """
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ def distill_loss(task: Task, student: torch.Tensor, teacher: torch.Tensor) -> to
 @STRATEGIES.register("sandwich")
 class Sandwich(TrainingStrategy):
     def __init__(self, model: nn.Module, num_random: int = 2, train_min: bool = True, inplace_distill: bool = True,
-                 cikd: bool = True, cikd_weight: float = 0.1):
+                 cikd: bool = True, cikd_weight: float = 0.1, cikd_match: str = "projection"):
         super().__init__()
         if not isinstance(model, SlimmableMultiTaskModel):
             family = getattr(model, "config", {}).get("family", type(model).__name__)
@@ -46,15 +52,23 @@ class Sandwich(TrainingStrategy):
             raise ValueError(f"strategy.num_random must be >= 0, got {num_random!r}")
         self.num_random, self.train_min = int(num_random), bool(train_min)
         self.inplace_distill, self.cikd, self.cikd_weight = bool(inplace_distill), bool(cikd), float(cikd_weight)
+        if cikd_match not in ("projection", "slice"):
+            raise ValueError(f"strategy.cikd_match must be 'projection' or 'slice', got {cikd_match!r}")
+        self.cikd_match = cikd_match
         full = model.decoder.neck.refine[0].out_channels
         # one projection per sub-width of the set: sub-width features -> full-width channels
         self.proj = nn.ModuleDict({
             self._key(w): nn.Conv2d(channels_at(full, w), full, 1) for w in model.width_set if w < 1.0
-        }) if self.cikd else nn.ModuleDict()
+        }) if self.cikd and cikd_match == "projection" else nn.ModuleDict()
 
     @staticmethod
     def _key(width: float) -> str:
         return f"{width:g}".replace(".", "_")
+
+    def cikd_loss(self, z: torch.Tensor, teacher_z: torch.Tensor, width: float) -> torch.Tensor:
+        if self.cikd_match == "slice":
+            return F.mse_loss(z, teacher_z[:, : z.shape[1]])
+        return F.mse_loss(self.proj[self._key(width)](z), teacher_z)
 
     def configs(self, model: SlimmableMultiTaskModel) -> list[dict[str, Any]]:
         ws = model.width_set
@@ -90,7 +104,7 @@ class Sandwich(TrainingStrategy):
                     for t, task in model.tasks.items())
                 loss = task_loss
                 if self.cikd and cfg["encoder"] < 1.0:
-                    ci = F.mse_loss(self.proj[self._key(cfg["encoder"])](z), teacher_z)
+                    ci = self.cikd_loss(z, teacher_z, cfg["encoder"])
                     loss = loss + self.cikd_weight * ci
                     sums["cikd"] += ci.detach()
                 sums["task"] += task_loss.detach()
