@@ -25,7 +25,7 @@ import torch
 from .engine import Context
 from .sources import TensorInfo
 
-__all__ = ["DEFAULT_CHUNK", "Chunks", "Streamed", "Workspace", "fused_kernel", "stream_tensor", "ties_thresholds"]
+__all__ = ["DEFAULT_CHUNK", "Chunks", "Final", "Streamed", "Workspace", "fused_kernel", "stream_tensor", "ties_thresholds"]
 
 #: entries per chunk: 1 MB of float32 per buffer; TIES's buffers (T = 4: ~17 MB) stay in the L2/L3 caches
 DEFAULT_CHUNK = 1 << 18
@@ -41,6 +41,16 @@ class Streamed:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return self._pieces
+
+
+class Final:
+    """A chunk a kernel already produced in the output dtype and found finite (the native kernel):
+    `stream_tensor` passes it on as it is."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
 
 
 class Workspace:
@@ -152,6 +162,8 @@ def stream_tensor(method, kernel: Kernel, chunks: Chunks, key: str, propagates: 
 
         def run(ws: Workspace, s: int, e: int) -> torch.Tensor:
             out = fn(ws, s, e)
+            if isinstance(out, Final):
+                return out.tensor
             if propagates and ctx.check_finite and not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
                 ctx.trace_nonfinite(key)
             return out if out.dtype == info.dtype else ws.buf("out_raw", info.dtype, e - s).copy_(out)
@@ -176,7 +188,27 @@ def fused_kernel(method) -> Kernel | None:
 
 
 # -- the kernels: the whole-tensor kernels' operations, in their order, on one chunk ---------------------
+def _native(chunks: Chunks, key: str):
+    """The native kernel library when it can run `key`'s chunks (float32 / bfloat16 inputs computed in
+    float32, not switched off, compiled), else None."""
+    from . import native
+
+    ctx = chunks.ctx
+    if ctx.plan.infos[key].dtype not in native.DTYPES or ctx.plan.compute[key] != torch.float32:
+        return None
+    return native.library()
+
+
+def _read_raw(ws: Workspace, key: str, s: int, e: int, first: int = 0) -> list[torch.Tensor]:
+    """Sources `first`.. entries [s, e) of `key` in the file's dtype (no conversion)."""
+    ctx = ws.chunks.ctx
+    dtype = ctx.plan.infos[key].dtype
+    return [src.read_into(key, s, ws.buf(f"raw{i}", dtype, e - s)) for i, src in enumerate(ctx.sources) if i >= first]
+
+
 def _task_arithmetic(m, chunks: Chunks, key: str) -> ChunkFn:
+    from . import native
+
     cd = chunks.ctx.plan.compute[key]
 
     def fn(ws: Workspace, s: int, e: int) -> torch.Tensor:
@@ -186,10 +218,23 @@ def _task_arithmetic(m, chunks: Chunks, key: str) -> ChunkFn:
         return m.combine(pre, lambda t, out: torch.sub(xs[t + 1], pre, out=out), len(xs) - 1,
                          *(ws.buf(b, cd, n) for b in ("acc", "tau", "out")))
 
-    return fn
+    lib, lams = _native(chunks, key), native.float32_lams(m.lams)
+    if lib is None or lams is None:
+        return fn
+    out_dtype = chunks.ctx.plan.infos[key].dtype
+
+    def fast(ws: Workspace, s: int, e: int) -> torch.Tensor | Final:
+        out = ws.buf("out_raw", out_dtype, e - s)
+        if native.task_arithmetic(lib, _read_raw(ws, key, s, e), lams, m.scalar, out):
+            return Final(out)
+        return fn(ws, s, e)  # a non-finite result: torch's path reports it (and writes its bit patterns)
+
+    return fast
 
 
 def _average(m, chunks: Chunks, key: str) -> ChunkFn:
+    from . import native
+
     cd = chunks.ctx.plan.compute[key]
 
     def fn(ws: Workspace, s: int, e: int) -> torch.Tensor:
@@ -199,7 +244,18 @@ def _average(m, chunks: Chunks, key: str) -> ChunkFn:
             acc.add_(x)
         return acc.div_(len(xs) - 1)
 
-    return fn
+    lib = _native(chunks, key)
+    if lib is None:
+        return fn
+    out_dtype = chunks.ctx.plan.infos[key].dtype
+
+    def fast(ws: Workspace, s: int, e: int) -> torch.Tensor | Final:
+        out = ws.buf("out_raw", out_dtype, e - s)
+        if native.average(lib, _read_raw(ws, key, s, e, first=1), out):
+            return Final(out)
+        return fn(ws, s, e)
+
+    return fast
 
 
 def ties_thresholds(chunks: Chunks, keys, n_keep: int) -> list[float]:

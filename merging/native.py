@@ -1,0 +1,181 @@
+"""A small C kernel for the element-wise chunk steps (task arithmetic, plain average), compiled at
+first use with the system C compiler and loaded with ctypes.
+
+The chunked torch path runs ~14 single-threaded eager operations per chunk (conversions, subtractions,
+additions, the finite check), so it is bound by the number of operations; the C loop makes one pass
+over the chunk's inputs with the same float32 roundings in the same order (`csrc/chunk_kernels.c`),
+so the results are bit-identical (tested on random data and on whole merges).
+
+It is an automatic fast path: with `MTLKIT_NATIVE=0`, without a C compiler (`$CC`, `cc`, `gcc`,
+`clang`) or when the compilation fails, `library()` returns None and the torch path runs (one debug log
+line says why). The shared object is cached in `$MTLKIT_KERNEL_CACHE`, else
+`$XDG_CACHE_HOME/mtlkit/kernels` (default `~/.cache/mtlkit/kernels`), named by a hash of the source,
+the compiler, its flags and the CPU, and written atomically. ctypes releases the GIL during a call, so
+the chunk worker threads run the kernel in parallel.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+__all__ = ["DTYPES", "enabled", "library", "task_arithmetic", "average"]
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "chunk_kernels.c"
+#: input/output dtypes the kernel handles (computing in float32), by the C code's dtype code
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+# no -ffast-math: IEEE semantics; no contraction: a*b+c stays two roundings unless written as fmaf
+_FLAGS = ["-O3", "-fno-fast-math", "-ffp-contract=off", "-fPIC", "-shared", "-std=c99"]
+_NATIVE_ARCH = ["-march=native"]
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def enabled() -> bool:
+    """False when the environment switches the native kernel off (`MTLKIT_NATIVE=0`)."""
+    return os.environ.get("MTLKIT_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MTLKIT_KERNEL_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mtlkit" / "kernels"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_id() -> str:
+    """The CPU's identity for the cache key (-march=native code must not run on another CPU)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _compile(cc: str, flags: list[str], target: Path) -> bool:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        r = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            log.debug("native kernel: %s failed: %s", cc, r.stderr.strip()[-500:])
+            return False
+        os.replace(tmp, target)  # atomic: a concurrent process sees the old file or the whole new one
+        return True
+    except (OSError, subprocess.SubprocessError) as e:
+        log.debug("native kernel: compiling with %s failed: %s", cc, e)
+        return False
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _build() -> ctypes.CDLL | None:
+    cc = _compiler()
+    if cc is None:
+        log.debug("native kernel: no C compiler found; using the torch chunk path")
+        return None
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        log.debug("native kernel: %s --version failed (%s); using the torch chunk path", cc, e)
+        return None
+    source = SOURCE.read_bytes()
+    for flags in (_FLAGS + _NATIVE_ARCH, _FLAGS):  # a compiler without -march=native gets the generic build
+        key = hashlib.sha256(b"\0".join([source, cc.encode(), version.encode(), " ".join(flags).encode(),
+                                         _cpu_id().encode()])).hexdigest()[:24]
+        target = cache_dir() / f"chunk_kernels-{key}.so"
+        try:
+            if not target.exists() and not _compile(cc, flags, target):
+                continue
+            lib = ctypes.CDLL(str(target))
+        except OSError as e:
+            log.debug("native kernel: loading %s failed: %s", target, e)
+            continue
+        _declare(lib)
+        return lib
+    log.debug("native kernel: compilation failed; using the torch chunk path")
+    return None
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    ptrs = ctypes.POINTER(ctypes.c_void_p)
+    lib.mtl_task_arithmetic.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ptrs,
+                                        ctypes.POINTER(ctypes.c_float), ctypes.c_int, ctypes.c_void_p]
+    lib.mtl_task_arithmetic.restype = ctypes.c_int
+    lib.mtl_average.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ptrs, ctypes.c_void_p]
+    lib.mtl_average.restype = ctypes.c_int
+    for name in ("mtl_f32_to_bf16", "mtl_bf16_to_f32"):
+        getattr(lib, name).argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+        getattr(lib, name).restype = None
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None (switched off, no compiler, compilation failed). Built once
+    per process."""
+    global _lib, _tried
+    if not enabled():
+        return None
+    with _lock:
+        if not _tried:
+            _tried = True
+            _lib = _build()
+        return _lib
+
+
+def _pointers(xs: list[torch.Tensor]):
+    return (ctypes.c_void_p * len(xs))(*(x.data_ptr() for x in xs))
+
+
+def _check(xs: list[torch.Tensor], out: torch.Tensor) -> int:
+    code = DTYPES[out.dtype]
+    n = out.numel()
+    for x in xs:
+        if x.dtype != out.dtype or x.numel() != n or not x.is_contiguous() or x.device.type != "cpu":
+            raise ValueError("native kernel: inputs must be contiguous CPU tensors of the output's dtype and size")
+    if not out.is_contiguous():
+        raise ValueError("native kernel: the output must be contiguous")
+    return code
+
+
+def float32_lams(lams) -> list[float] | None:
+    """λs as the float32 values torch's scalar operations use, or None when one is not finite there."""
+    vals = [float(ctypes.c_float(float(v)).value) for v in lams]
+    return vals if all(abs(v) < float("inf") for v in vals) else None
+
+
+def task_arithmetic(lib: ctypes.CDLL, xs: list[torch.Tensor], lams, scalar: bool, out: torch.Tensor) -> bool:
+    """θ0 + Σ λ_t (θ_t − θ0) into `out` (xs = [θ0, θ_1, ..., θ_T], same dtype as `out`, float32 or
+    bfloat16); `scalar`: one λ (`lams[0]`) applied to the sum. False when a result is not finite."""
+    code = _check(xs, out)
+    c_lams = (ctypes.c_float * len(lams))(*lams)
+    return lib.mtl_task_arithmetic(code, out.numel(), len(xs) - 1, _pointers(xs), c_lams, int(scalar),
+                                   out.data_ptr()) == 0
+
+
+def average(lib: ctypes.CDLL, xs: list[torch.Tensor], out: torch.Tensor) -> bool:
+    """(θ_1 + ... + θ_T) / T into `out` (xs = [θ_1, ..., θ_T]). False when a result is not finite."""
+    code = _check(xs, out)
+    return lib.mtl_average(code, out.numel(), len(xs), _pointers(xs), out.data_ptr()) == 0
