@@ -1,0 +1,195 @@
+"""The native chunk kernel (`merging.native`): bit-identical to the torch chunk path, and optional."""
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import merging
+from merging import native
+from merging.methods import TaskArithmetic
+
+LIB = native.library()
+needs_lib = pytest.mark.skipif(LIB is None, reason="no C compiler (the torch chunk path is used)")
+BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and torch.equal(a.view(BITS[a.dtype]), b.view(BITS[b.dtype]))
+
+
+def _random(n: int, dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
+    """Wide magnitudes, with float32 subnormals and exact zeros sprinkled in."""
+    x = torch.randn(n, generator=g) * torch.exp(3 * torch.randn(n, generator=g))
+    x[::13] *= 1e-39
+    x[::29] = 0.0
+    return x.to(dtype)
+
+
+def _torch_chunk(m: TaskArithmetic, xs: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The torch chunk path's operations (`_task_arithmetic`): float32 inputs, `combine`, output dtype."""
+    cx = [x.float() for x in xs]
+    bufs = [torch.empty(cx[0].numel()) for _ in range(3)]
+    return m.combine(cx[0], lambda t, out: torch.sub(cx[t + 1], cx[0], out=out), len(xs) - 1, *bufs).to(dtype)
+
+
+@needs_lib
+def test_bf16_conversions_match_torch_on_every_pattern():
+    every = torch.arange(65536, dtype=torch.int32)
+    bf = every.to(torch.int16).view(torch.bfloat16)
+    widened = torch.empty(65536)
+    LIB.mtl_bf16_to_f32(65536, bf.data_ptr(), widened.data_ptr())
+    assert torch.equal(widened.view(torch.int32), bf.float().view(torch.int32))
+    g = torch.Generator().manual_seed(0)
+    bits = torch.cat([every << 16,  # every bfloat16 value, exactly representable
+                      (every << 16) | 0x8000,  # exact ties: round half to even
+                      (every << 16) | 0x8001, (every << 16) | 0x7FFF,
+                      torch.randint(-2**31, 2**31 - 1, (500_000,), generator=g, dtype=torch.int32)])
+    f = bits.view(torch.float32)
+    got = torch.empty(f.numel(), dtype=torch.int16)
+    LIB.mtl_f32_to_bf16(f.numel(), f.data_ptr(), got.data_ptr())
+    nan = torch.isnan(f)
+    assert torch.equal(got[~nan], f[~nan].to(torch.bfloat16).view(torch.int16))
+    assert torch.isnan(got[nan].view(torch.bfloat16).float()).all()  # NaNs stay NaN (never reach a merge output)
+    # by hand: 1 + 2^-8 is a tie between 1 and 1 + 2^-7 → the even one, 1; 1 + 3·2^-8 → 1 + 2^-6
+    half = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, 3.4e38])  # above the largest bfloat16 + half an ulp: inf
+    LIB.mtl_f32_to_bf16(3, half.data_ptr(), got.data_ptr())
+    assert got[:3].view(torch.bfloat16).float().tolist() == [1.0, 1 + 2**-6, math.inf]
+
+
+@needs_lib
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_task_arithmetic_matches_torch_chunk_path(dtype):
+    g = torch.Generator().manual_seed(1)
+    lams = [0.3, 0.1, 1 / 3, 1.0, -2.5, 1e-30]  # 0.1, 1/3: not representable in float32
+    for T in range(1, 6):
+        for n in (1, 15, 511, 513, 1031, 4099):  # not multiples of any vector width or block
+            xs = [_random(n, dtype, g) for _ in range(T + 1)]
+            for lam in lams + [[lams[(t + T) % len(lams)] for t in range(T)]]:
+                m = TaskArithmetic(lam=lam)
+                m.bind(T)
+                out = torch.empty(n, dtype=dtype)
+                assert native.task_arithmetic(LIB, xs, native.float32_lams(m.lams), m.scalar, out)
+                assert _same_bits(out, _torch_chunk(m, xs, dtype)), (T, n, lam)
+
+
+@needs_lib
+def test_task_arithmetic_rounds_like_torch_by_hand():
+    # scalar λ: θ0 + λ·τ rounds once (a fused multiply-add, as torch.add(·, alpha=λ) on CPU):
+    # τ = 1 + 2^-12, λ = 1 + 2^-12, θ0 = −(1 + 2^-11): λτ = 1 + 2^-11 + 2^-24 exactly, so the sum is
+    # 2^-24; rounding the product first (a tie, to even: 1 + 2^-11) would give 0.
+    pre, ft = torch.tensor([-(1 + 2**-11)]), torch.tensor([-(2**-12)])
+    out = torch.empty(1)
+    assert native.task_arithmetic(LIB, [pre, ft], native.float32_lams([1 + 2**-12]), True, out)
+    assert out.item() == 2**-24
+    # λ = 0.1 is used as the float32 nearest to it (torch's scalar conversion), not as the double
+    m = TaskArithmetic(lam=0.1)
+    m.bind(1)
+    assert native.float32_lams(m.lams) == [float(torch.tensor(0.1, dtype=torch.float32))]
+    assert native.float32_lams([1e39]) is None  # not a float32: the torch path decides
+
+
+@needs_lib
+def test_non_finite_results_are_flagged():
+    pre = torch.zeros(1000)
+    ft = torch.ones(1000)
+    ft[777] = math.inf
+    out = torch.empty(1000)
+    assert not native.task_arithmetic(LIB, [pre, ft], [0.5], True, out)
+    huge = torch.full((1000,), 3e38)  # finite inputs whose sum overflows
+    assert not native.average(LIB, [huge, huge], out)
+    assert native.average(LIB, [huge, -huge], out) and torch.equal(out, torch.zeros(1000))
+
+
+def _models(folder, dtype, T, seed=0, shapes=((37, 111), (3001,), (5, 7, 3, 3), (9,))):
+    g = torch.Generator().manual_seed(seed)
+    pre = {f"k{i}.weight": torch.randn(s, generator=g) for i, s in enumerate(shapes)}
+    sds = [pre] + [{k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in pre.items()} for _ in range(T)]
+    paths = []
+    for i, sd in enumerate(sds):
+        save_file({k: v.to(dtype) for k, v in sd.items()}, str(folder / f"m{i}.safetensors"))
+        paths.append(folder / f"m{i}.safetensors")
+    return paths[0], paths[1:]
+
+
+def _count_native_calls(monkeypatch) -> dict:
+    calls = {"n": 0}
+    for name in ("task_arithmetic", "average"):
+        real = getattr(native, name)
+
+        def spy(*a, _real=real, **k):
+            calls["n"] += 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(native, name, spy)
+    return calls
+
+
+@needs_lib
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("method,hp", [("task_arithmetic", {"lam": 0.3}), ("task_arithmetic", {"lam": [0.2, -0.5, 1.1]}),
+                                       ("average", {})])
+def test_file_merge_identical_with_and_without_native(method, hp, dtype, tmp_path, monkeypatch):
+    pre, fts = _models(tmp_path, dtype, T=3)
+    calls = _count_native_calls(monkeypatch)
+    fast = merging.merge_to_file(method, pre, fts, tmp_path / "fast.safetensors", chunk=1024, threads=2, **hp)
+    assert calls["n"] > 0  # the native kernel ran
+    monkeypatch.setenv("MTLKIT_NATIVE", "0")
+    calls["n"] = 0
+    slow = merging.merge_to_file(method, pre, fts, tmp_path / "slow.safetensors", chunk=1024, threads=1, **hp)
+    assert calls["n"] == 0
+    whole = merging.merge_to_file(method, pre, fts, tmp_path / "whole.safetensors", fused=False, **hp)
+    assert fast.read_bytes() == slow.read_bytes() == whole.read_bytes()
+
+
+def test_torch_path_when_switched_off_or_no_compiler(tmp_path, monkeypatch):
+    monkeypatch.setenv("MTLKIT_NATIVE", "0")
+    assert native.library() is None
+    monkeypatch.delenv("MTLKIT_NATIVE")
+    # no compiler, or one that fails: None (and one debug line), then the merge still runs
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    assert native.library() is None
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_compiler", lambda: "/bin/false")
+    monkeypatch.setenv("MTLKIT_KERNEL_CACHE", str(tmp_path / "cache"))
+    assert native.library() is None
+    assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-written
+    pre, fts = _models(tmp_path, torch.bfloat16, T=2)
+    out = merging.merge_to_file("task_arithmetic", pre, fts, tmp_path / "o.safetensors", chunk=1024, lam=0.5)
+    ref = merging.merge_to_file("task_arithmetic", pre, fts, tmp_path / "r.safetensors", fused=False, lam=0.5)
+    assert out.read_bytes() == ref.read_bytes()
+
+
+@needs_lib
+def test_builds_once_into_a_fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setenv("MTLKIT_KERNEL_CACHE", str(tmp_path / "cache"))
+    lib = native.library()
+    assert lib is not None and native.library() is lib
+    assert len(list((tmp_path / "cache").glob("chunk_kernels-*.so"))) == 1
+    assert not [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith("chunk_kernels-")]
+
+
+@needs_lib
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_non_finite_chunk_goes_through_torch(check_finite, tmp_path, monkeypatch):
+    pre, fts = _models(tmp_path, torch.bfloat16, T=2)
+    bad = merging.sources.open_source(fts[1])
+    sd = {k: bad.get(k).clone() for k in bad.keys()}
+    bad.close()
+    sd["k0.weight"][3, 5] = math.nan
+    sd["k1.weight"][2000] = math.inf
+    save_file(sd, str(fts[1]))
+    kw = {} if check_finite else {"check_finite": False}
+    if check_finite:
+        with pytest.raises(merging.MergeInputError, match=r"'k0.weight' in .*m2.safetensors has non-finite values"):
+            merging.merge_to_file("task_arithmetic", pre, fts, tmp_path / "o.safetensors", chunk=1024, **kw)
+        assert not (tmp_path / "o.safetensors").exists()
+        return
+    fast = merging.merge_to_file("task_arithmetic", pre, fts, tmp_path / "fast.safetensors", chunk=1024, **kw)
+    monkeypatch.setenv("MTLKIT_NATIVE", "0")
+    slow = merging.merge_to_file("task_arithmetic", pre, fts, tmp_path / "slow.safetensors", chunk=1024, **kw)
+    assert fast.read_bytes() == slow.read_bytes()  # NaN/Inf bit patterns included
