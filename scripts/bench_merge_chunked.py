@@ -1,9 +1,11 @@
 #!/usr/bin/env python
-"""Chunk size and worker count of the chunked kernels (`merge_to_file(fused=True)`), against the
-whole-tensor kernels and two plain copies of the same input bytes, interleaved in one process.
+"""Chunk size and worker count of the chunked kernels (`merge_to_file(fused=True)`), with the native
+chunk kernel and with the torch chunk path (`MTLKIT_NATIVE=0`), against the whole-tensor kernels and
+two plain copies of the same input bytes, interleaved in one process.
 
     python scripts/bench_merge_chunked.py --size 0.25 --workdir /tmp/bllm --out /dev/shm/chunked \\
-        [--method task_arithmetic] [--chunks 65536 262144 1048576] [--workers 1 2] [--repeat 2]
+        [--method task_arithmetic|average|ties] [--chunks 65536 262144 1048576] [--workers 1 2] \\
+        [--paths native torch] [--no-whole] [--repeat 2]
 
 Inputs: the synthetic Llama-shaped bf16 folders of `bench_merge_llm.py` (generated once, kept in
 `--workdir`), in page cache. `--out` on a tmpfs keeps the disk out of the timing. Prints wall time and
@@ -34,6 +36,9 @@ def main(argv=None):
     ap.add_argument("--method", default="task_arithmetic")
     ap.add_argument("--chunks", type=int, nargs="+", default=[1 << 16, 1 << 18, 1 << 20])
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--paths", nargs="+", default=["native", "torch"], choices=["native", "torch"],
+                    help="chunk step: the native kernel (task arithmetic, average) and/or torch's operations")
+    ap.add_argument("--no-whole", action="store_true", help="skip the whole-tensor kernels")
     ap.add_argument("--repeat", type=int, default=2)
     args = ap.parse_args(argv)
     import warnings
@@ -43,15 +48,22 @@ def main(argv=None):
     files = [f for p in folders for f in sorted(p.glob("*.safetensors"))]
     nbytes = sum(f.stat().st_size for f in files)
     warm(folders)
-    hp = {"lam": 0.3} if args.method == "task_arithmetic" else {"trim": "per_tensor", "k": 20}
+    hp = {"task_arithmetic": {"lam": 0.3}, "average": {}}.get(args.method, {"trim": "per_tensor", "k": 20})
 
-    def merge(**kw):
+    def merge(path="native", **kw):
+        os.environ["MTLKIT_NATIVE"] = "1" if path == "native" else "0"  # read at each merge
         merging.merge_to_file(args.method, folders[0], folders[1:], args.out, overwrite=True, shard_size="1GB", **hp, **kw)
 
+    if "native" in args.paths:
+        from merging import native
+
+        print(f"# native kernel: {'loaded' if native.library() is not None else 'NOT available (torch path runs)'}")
+
     runs = [("memory copy (mmap)", lambda: copy_mmap(files)), ("memory copy (pread)", lambda: copy_pread(files))]
-    runs += [(f"chunked, chunk={c}, workers={w}", lambda c=c, w=w: merge(chunk=c, threads=w))
-             for c in args.chunks for w in args.workers]
-    runs += [(f"whole-tensor kernels, threads={w}", lambda w=w: merge(fused=False, threads=w)) for w in args.workers]
+    runs += [(f"chunked {p}, chunk={c}, workers={w}", lambda c=c, w=w, p=p: merge(p, chunk=c, threads=w))
+             for c in args.chunks for w in args.workers for p in args.paths]
+    if not args.no_whole:
+        runs += [(f"whole-tensor kernels, threads={w}", lambda w=w: merge(fused=False, threads=w)) for w in args.workers]
     print(f"# {args.method}, {args.size}B, {nbytes / 1e9:.2f} GB of inputs, load {os.getloadavg()[0]:.1f}", flush=True)
     for _ in range(args.repeat):
         for label, fn in runs:

@@ -7,7 +7,8 @@ folders, merged by mtlkit and by mergekit on the same files in the same run.
 
 Runs per size (each in its own subprocess; peak RSS = its VmHWM, import baseline included):
   copy (mmap / pread)  every input byte read from page cache and copied once (the memory-bandwidth floor)
-  ours TA         merge_to_file("task_arithmetic", lam=0.3)   (chunked kernels; and fused=False)
+  ours TA         merge_to_file("task_arithmetic", lam=0.3)   (chunked kernels with the native chunk step;
+                  with the torch chunk step, MTLKIT_NATIVE=0; and fused=False)
   ours TIES       merge_to_file("ties", trim="per_tensor", k=20)  (the paper's rules, per tensor; and global)
   ours TIES/mk    merge_to_file("ties", convention="mergekit", density=0.2)
   mergekit TIES / TA   mergekit's run_merge (dtype float32, out_dtype bfloat16), when importable
@@ -136,6 +137,7 @@ def _work(spec: dict) -> dict:
     elif spec["kind"] == "pread":
         copy_pread(files)
     elif spec["tool"] == "mtlkit":
+        os.environ["MTLKIT_NATIVE"] = "1" if spec["hp"].pop("native", True) else "0"
         import merging
 
         merging.merge_to_file(spec["method"], base, fts, out, overwrite=True, shard_size="1GB",
@@ -155,6 +157,7 @@ RUNS = [  # label, tool, method, hyperparameters (cheap runs first, each pair si
     ("memory copy of the inputs (mmap)", "none", "copy", {}),
     ("memory copy of the inputs (pread)", "none", "pread", {}),
     ("ours task arithmetic", "mtlkit", "task_arithmetic", {"lam": 0.3}),
+    ("ours TA, torch chunk step", "mtlkit", "task_arithmetic", {"lam": 0.3, "native": False}),
     ("ours TA, whole-tensor kernels", "mtlkit", "task_arithmetic", {"lam": 0.3, "fused": False}),
     ("mergekit task arithmetic", "mergekit", "task_arithmetic", {"weight": 0.3}),
     ("ours TIES (paper, per tensor)", "mtlkit", "ties", {"trim": "per_tensor", "k": 20, "lam": 1.0}),
