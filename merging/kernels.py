@@ -15,6 +15,7 @@ Per-tensor TIES thresholds come from the exact radix select over the chunks (the
 from __future__ import annotations
 
 import math
+import sys
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -65,6 +66,13 @@ class Workspace:
         if b is None:
             b = self._bufs[(name, dtype)] = torch.empty(rows * self.chunks.chunk, dtype=dtype)
         return b[: rows * n] if rows == 1 else b[: rows * n].view(rows, n)
+
+    def scratch(self, nbytes: int) -> torch.Tensor:
+        """A reusable byte buffer of at least `nbytes` (the native kernel's blocks)."""
+        b = self._bufs.get(("scratch", torch.uint8))
+        if b is None or b.numel() < nbytes:
+            b = self._bufs[("scratch", torch.uint8)] = torch.empty(nbytes, dtype=torch.uint8)
+        return b
 
     def read(self, key: str, s: int, e: int, validate: list[bool] | None = None) -> list[torch.Tensor]:
         """[θ0, θ_1, ..., θ_T] entries [s, e) of `key` in compute dtype; sources flagged in `validate`
@@ -188,22 +196,59 @@ def fused_kernel(method) -> Kernel | None:
 
 
 # -- the kernels: the whole-tensor kernels' operations, in their order, on one chunk ---------------------
-def _native(chunks: Chunks, key: str):
-    """The native kernel library when it can run `key`'s chunks (float32 / bfloat16 inputs computed in
-    float32, not switched off, compiled), else None."""
-    from . import native
-
-    ctx = chunks.ctx
-    if ctx.plan.infos[key].dtype not in native.DTYPES or ctx.plan.compute[key] != torch.float32:
-        return None
-    return native.library()
-
-
 def _read_raw(ws: Workspace, key: str, s: int, e: int, first: int = 0) -> list[torch.Tensor]:
     """Sources `first`.. entries [s, e) of `key` in the file's dtype (no conversion)."""
     ctx = ws.chunks.ctx
     dtype = ctx.plan.infos[key].dtype
     return [src.read_into(key, s, ws.buf(f"raw{i}", dtype, e - s)) for i, src in enumerate(ctx.sources) if i >= first]
+
+
+def _file_spans(ctx: Context, key: str, first: int = 0) -> list[tuple[int, int]] | None:
+    """(file descriptor, byte offset of `key`'s data) of sources `first`.. when each is a safetensors
+    file that `read_into` would `pread` from, else None (the native kernel then gets buffers)."""
+    from .sources import SafetensorsSource, ShardedSafetensorsSource
+
+    if sys.byteorder != "little":
+        return None
+    dtype = ctx.plan.infos[key].dtype
+    spans = []
+    for src in ctx.sources[first:]:
+        if type(src) is ShardedSafetensorsSource:
+            src = src._where[key]
+        if type(src) is not SafetensorsSource or src.info(key).dtype != dtype:
+            return None
+        spans.append((src._file(), src._data_start + src._offsets[key][0]))
+    return spans
+
+
+def _native_chunk(chunks: Chunks, key: str, kind: str, fallback: ChunkFn, **kw) -> ChunkFn:
+    """The native chunk step of `kind` for `key`, or `fallback` (the torch chunk step) when the native
+    kernel cannot run it. A chunk whose result is not finite, or whose read fails, is redone by
+    `fallback`, which reports it (and writes torch's bit patterns when non-finite outputs are allowed)."""
+    from . import native
+
+    ctx = chunks.ctx
+    info = ctx.plan.infos[key]
+    if info.dtype not in native.DTYPES or ctx.plan.compute[key] != torch.float32:
+        return fallback
+    lib = native.library()
+    if lib is None:
+        return fallback
+    first = 0 if kind == "task_arithmetic" else 1
+    spans = _file_spans(ctx, key, first)
+    nbytes = (ctx.T + 1 - first) * native.BLOCK * info.dtype.itemsize
+
+    def fn(ws: Workspace, s: int, e: int) -> torch.Tensor | Final:
+        out = ws.buf("out_raw", info.dtype, e - s)
+        if spans is not None:
+            done = native.pread_merge(lib, kind, spans, s, out, ws.scratch(nbytes), **kw) == 0
+        elif kind == "task_arithmetic":
+            done = native.task_arithmetic(lib, _read_raw(ws, key, s, e), out=out, **kw)
+        else:
+            done = native.average(lib, _read_raw(ws, key, s, e, first=1), out)
+        return Final(out) if done else fallback(ws, s, e)
+
+    return fn
 
 
 def _task_arithmetic(m, chunks: Chunks, key: str) -> ChunkFn:
@@ -218,23 +263,13 @@ def _task_arithmetic(m, chunks: Chunks, key: str) -> ChunkFn:
         return m.combine(pre, lambda t, out: torch.sub(xs[t + 1], pre, out=out), len(xs) - 1,
                          *(ws.buf(b, cd, n) for b in ("acc", "tau", "out")))
 
-    lib, lams = _native(chunks, key), native.float32_lams(m.lams)
-    if lib is None or lams is None:
+    lams = native.float32_lams(m.lams)
+    if lams is None:
         return fn
-    out_dtype = chunks.ctx.plan.infos[key].dtype
-
-    def fast(ws: Workspace, s: int, e: int) -> torch.Tensor | Final:
-        out = ws.buf("out_raw", out_dtype, e - s)
-        if native.task_arithmetic(lib, _read_raw(ws, key, s, e), lams, m.scalar, out):
-            return Final(out)
-        return fn(ws, s, e)  # a non-finite result: torch's path reports it (and writes its bit patterns)
-
-    return fast
+    return _native_chunk(chunks, key, "task_arithmetic", fn, lams=lams, scalar=m.scalar)
 
 
 def _average(m, chunks: Chunks, key: str) -> ChunkFn:
-    from . import native
-
     cd = chunks.ctx.plan.compute[key]
 
     def fn(ws: Workspace, s: int, e: int) -> torch.Tensor:
@@ -244,18 +279,7 @@ def _average(m, chunks: Chunks, key: str) -> ChunkFn:
             acc.add_(x)
         return acc.div_(len(xs) - 1)
 
-    lib = _native(chunks, key)
-    if lib is None:
-        return fn
-    out_dtype = chunks.ctx.plan.infos[key].dtype
-
-    def fast(ws: Workspace, s: int, e: int) -> torch.Tensor | Final:
-        out = ws.buf("out_raw", out_dtype, e - s)
-        if native.average(lib, _read_raw(ws, key, s, e, first=1), out):
-            return Final(out)
-        return fn(ws, s, e)
-
-    return fast
+    return _native_chunk(chunks, key, "average", fn)
 
 
 def ties_thresholds(chunks: Chunks, keys, n_keep: int) -> list[float]:

@@ -28,13 +28,15 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DTYPES", "enabled", "library", "task_arithmetic", "average"]
+__all__ = ["BLOCK", "DTYPES", "average", "enabled", "library", "pread_merge", "task_arithmetic"]
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "chunk_kernels.c"
 #: input/output dtypes the kernel handles (computing in float32), by the C code's dtype code
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+#: entries per block of `pread_merge`: the inputs of one block (T + 1 of them) stay in the L2 cache
+BLOCK = 1 << 16
 # no -ffast-math: IEEE semantics; no contraction: a*b+c stays two roundings unless written as fmaf
 _FLAGS = ["-O3", "-fno-fast-math", "-ffp-contract=off", "-fPIC", "-shared", "-std=c99"]
 _NATIVE_ARCH = ["-march=native"]
@@ -125,6 +127,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.mtl_task_arithmetic.restype = ctypes.c_int
     lib.mtl_average.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ptrs, ctypes.c_void_p]
     lib.mtl_average.restype = ctypes.c_int
+    lib.mtl_pread_merge.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int,
+                                    ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int64),
+                                    ctypes.POINTER(ctypes.c_float), ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
+                                    ctypes.c_void_p]
+    lib.mtl_pread_merge.restype = ctypes.c_int
     for name in ("mtl_f32_to_bf16", "mtl_bf16_to_f32"):
         getattr(lib, name).argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
         getattr(lib, name).restype = None
@@ -177,3 +184,24 @@ def average(lib: ctypes.CDLL, xs: list[torch.Tensor], out: torch.Tensor) -> bool
     """(θ_1 + ... + θ_T) / T into `out` (xs = [θ_1, ..., θ_T]). False when a result is not finite."""
     code = _check(xs, out)
     return lib.mtl_average(code, out.numel(), len(xs), _pointers(xs), out.data_ptr()) == 0
+
+
+KINDS = {"task_arithmetic": 0, "average": 1}
+
+
+def pread_merge(lib: ctypes.CDLL, kind: str, spans: list[tuple[int, int]], start: int, out: torch.Tensor,
+                scratch: torch.Tensor, lams=(1.0,), scalar: bool = True) -> int:
+    """`task_arithmetic` / `average` of entries [start, start + out.numel()) read straight from files:
+    source i's entry 0 is at byte spans[i][1] of file descriptor spans[i][0], in `out`'s dtype (task
+    arithmetic: sources θ0, θ_1..θ_T; average: θ_1..θ_T). Reads and merges `BLOCK` entries at a time;
+    `scratch` holds at least len(spans) · BLOCK entries of `out`'s dtype. Returns 0, 1 when a result is
+    not finite, or -2 - i when source i could not be read."""
+    code = DTYPES[out.dtype]
+    size = out.element_size()
+    if not out.is_contiguous() or scratch.numel() * scratch.element_size() < len(spans) * BLOCK * size:
+        raise ValueError("native kernel: contiguous output and a scratch of len(spans) · BLOCK entries needed")
+    fds = (ctypes.c_int * len(spans))(*(fd for fd, _ in spans))
+    pos = (ctypes.c_int64 * len(spans))(*(off + start * size for _, off in spans))
+    c_lams = (ctypes.c_float * len(lams))(*lams)
+    return lib.mtl_pread_merge(KINDS[kind], code, out.numel(), len(spans), fds, pos, c_lams, int(scalar), BLOCK,
+                               scratch.data_ptr(), out.data_ptr())

@@ -8,8 +8,11 @@ two plain copies of the same input bytes, interleaved in one process.
         [--paths native torch] [--no-whole] [--repeat 2]
 
 Inputs: the synthetic Llama-shaped bf16 folders of `bench_merge_llm.py` (generated once, kept in
-`--workdir`), in page cache. `--out` on a tmpfs keeps the disk out of the timing. Prints wall time and
-input bytes / time per run, and the 1-minute load average (the machine may be shared).
+`--workdir`), in page cache. `--out` on a tmpfs keeps the disk out of the timing; the previous output is
+removed before each timed merge. Prints wall time and input bytes / time per run, and the 1-minute load
+average (the machine may be shared). Besides the two copies of the input bytes, two floors: the `pread`
+copy plus writing the output's bytes to a new file in `--out` (what any file-to-file merge must do), and
+"merge step only": the chunk kernels over every merged tensor, chunks discarded (no output file).
 """
 from __future__ import annotations
 
@@ -25,6 +28,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import merging  # noqa: E402
 from bench_merge_llm import SIZES, copy_mmap, copy_pread, generate, warm  # noqa: E402
+from merging.engine import KeyOptions, open_context, produce, torch_threads  # noqa: E402
+from merging.kernels import Chunks, Streamed, fused_kernel, stream_tensor  # noqa: E402
+from merging.methods import create_method  # noqa: E402
+
+
+def copy_and_write(files, out: Path, nbytes: int) -> None:
+    """The pread copy of the inputs, then `nbytes` written to a new file under `out` in 1 MB pieces."""
+    copy_pread(files)
+    out.mkdir(parents=True, exist_ok=True)
+    piece = memoryview(bytearray(1 << 20))
+    with open(out / "copy.bin", "wb") as f:
+        for _ in range(nbytes // len(piece)):
+            f.write(piece)
+        f.write(piece[: nbytes % len(piece)])
+
+
+def merge_step(method: str, folders, hp: dict, chunk: int, workers: int) -> None:
+    """Every merged tensor through the chunk kernels (as `merge_to_file(fused=True)`), chunks discarded."""
+    opts, hp = KeyOptions.split(dict(hp))
+    m = create_method(method, **hp)
+    kernel = fused_kernel(m)
+    ctx = open_context(folders[0], folders[1:], opts, m.min_models(), method)
+    try:
+        ctx.chunks = Chunks(ctx, chunk, workers=workers)
+        with torch_threads(1):
+            m.prepare(ctx, "radix")
+            for _, t in produce(m, ctx, lambda key: stream_tensor(m, kernel, ctx.chunks, key, True)):
+                if isinstance(t, Streamed):
+                    for _ in t:
+                        pass
+    finally:
+        ctx.chunks.close()
+        ctx.close()
 
 
 def main(argv=None):
@@ -54,12 +90,22 @@ def main(argv=None):
         os.environ["MTLKIT_NATIVE"] = "1" if path == "native" else "0"  # read at each merge
         merging.merge_to_file(args.method, folders[0], folders[1:], args.out, overwrite=True, shard_size="1GB", **hp, **kw)
 
+    def step(path, chunk, workers):
+        os.environ["MTLKIT_NATIVE"] = "1" if path == "native" else "0"
+        merge_step(args.method, folders, hp, chunk, workers)
+
+    merge()
+    out_bytes = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
+
     if "native" in args.paths:
         from merging import native
 
         print(f"# native kernel: {'loaded' if native.library() is not None else 'NOT available (torch path runs)'}")
 
-    runs = [("memory copy (mmap)", lambda: copy_mmap(files)), ("memory copy (pread)", lambda: copy_pread(files))]
+    runs = [("memory copy (mmap)", lambda: copy_mmap(files)), ("memory copy (pread)", lambda: copy_pread(files)),
+            ("pread copy + writing the output bytes", lambda: copy_and_write(files, Path(args.out), out_bytes))]
+    runs += [(f"merge step only {p}, chunk={c}, workers={w}", lambda c=c, w=w, p=p: step(p, c, w))
+             for c in args.chunks for w in args.workers for p in args.paths]
     runs += [(f"chunked {p}, chunk={c}, workers={w}", lambda c=c, w=w, p=p: merge(p, chunk=c, threads=w))
              for c in args.chunks for w in args.workers for p in args.paths]
     if not args.no_whole:
@@ -67,10 +113,11 @@ def main(argv=None):
     print(f"# {args.method}, {args.size}B, {nbytes / 1e9:.2f} GB of inputs, load {os.getloadavg()[0]:.1f}", flush=True)
     for _ in range(args.repeat):
         for label, fn in runs:
+            shutil.rmtree(args.out, ignore_errors=True)  # removing the last output is not part of a merge
             t = time.perf_counter()
             fn()
             dt = time.perf_counter() - t
-            print(f"{label:40s} {dt:7.2f} s  {nbytes / dt / 1e9:6.2f} GB/s  load {os.getloadavg()[0]:.1f}", flush=True)
+            print(f"{label:50s} {dt:7.2f} s  {nbytes / dt / 1e9:6.2f} GB/s  load {os.getloadavg()[0]:.1f}", flush=True)
     shutil.rmtree(args.out, ignore_errors=True)
 
 

@@ -10,9 +10,13 @@
  * return 1 when a float32 result is NaN or infinite (the caller then redoes the chunk in torch, which
  * owns the error reporting and the bit patterns of non-finite values), else 0.
  */
+#define _POSIX_C_SOURCE 200809L /* pread */
+#include <errno.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/types.h>
+#include <unistd.h>
 
 #define BLOCK 512
 
@@ -33,99 +37,157 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-static inline void load(int dtype, const void *src, int64_t off, int64_t n, float *dst) {
-    if (dtype == 0) {
-        memcpy(dst, (const float *)src + off, (size_t)n * sizeof(float));
-    } else {
-        const uint16_t *s = (const uint16_t *)src + off;
-        for (int64_t i = 0; i < n; i++)
-            dst[i] = bf16_to_f32(s[i]);
-    }
+/* entry i of a float32 (dtype 0) or bfloat16 (dtype 1) array, as float32 */
+static inline __attribute__((always_inline)) float get(int dtype, const void *p, int64_t i) {
+    return dtype == 0 ? ((const float *)p)[i] : bf16_to_f32(((const uint16_t *)p)[i]);
 }
 
-/* stores `v` and tells whether any value is not finite */
-static inline int store(int dtype, void *dst, int64_t off, int64_t n, const float *v) {
-    uint32_t bad = 0;
-    for (int64_t i = 0; i < n; i++) {
-        uint32_t u;
-        memcpy(&u, &v[i], sizeof u);
-        bad |= (uint32_t)((u & 0x7f800000u) == 0x7f800000u);
-    }
-    if (dtype == 0) {
-        memcpy((float *)dst + off, v, (size_t)n * sizeof(float));
-    } else {
-        uint16_t *d = (uint16_t *)dst + off;
-        for (int64_t i = 0; i < n; i++)
-            d[i] = f32_to_bf16(v[i]);
-    }
-    return bad != 0;
+static inline __attribute__((always_inline)) void put(int dtype, void *p, int64_t i, float v) {
+    if (dtype == 0)
+        ((float *)p)[i] = v;
+    else
+        ((uint16_t *)p)[i] = f32_to_bf16(v);
 }
+
+static inline __attribute__((always_inline)) uint32_t not_finite(float v) {
+    uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    return (uint32_t)((u & 0x7f800000u) == 0x7f800000u);
+}
+
+/* The loops below are written once and instantiated per dtype (a constant after inlining), so that
+ * each one is a plain vectorisable loop. */
 
 /* Task arithmetic, `TaskArithmetic.combine` on one chunk: xs[0] = θ0, xs[1..T] = θ_t.
  * scalar λ:     acc = τ_1; acc += τ_t (t ≥ 2);        out = fma(acc, λ, θ0)
  * one λ a task: acc = τ_1 · λ_1; acc = fma(τ_t, λ_t, acc); out = θ0 + acc
  * with τ_t = θ_t − θ0. */
-int mtl_task_arithmetic(int dtype, int64_t n, int T, const void *const *xs, const float *lams, int scalar,
-                        void *out) {
-    float pre[BLOCK], x[BLOCK], acc[BLOCK];
-    int bad = 0;
+static inline __attribute__((always_inline)) int task_arithmetic(int dtype, int64_t n, int T, const void *const *xs,
+                                                                 const float *lams, int scalar, void *out) {
+    float pre[BLOCK], acc[BLOCK];
+    uint32_t bad = 0;
     for (int64_t s = 0; s < n; s += BLOCK) {
-        int64_t m = n - s < BLOCK ? n - s : BLOCK;
-        load(dtype, xs[0], s, m, pre);
-        load(dtype, xs[1], s, m, x);
+        const int64_t m = n - s < BLOCK ? n - s : BLOCK;
+        const char *p0 = (const char *)xs[0] + s * (dtype == 0 ? 4 : 2);
+        const char *p1 = (const char *)xs[1] + s * (dtype == 0 ? 4 : 2);
         if (scalar) {
-            for (int64_t i = 0; i < m; i++)
-                acc[i] = x[i] - pre[i];
+            for (int64_t i = 0; i < m; i++) {
+                pre[i] = get(dtype, p0, i);
+                acc[i] = get(dtype, p1, i) - pre[i];
+            }
         } else {
             const float l = lams[0];
-            for (int64_t i = 0; i < m; i++)
-                acc[i] = (x[i] - pre[i]) * l;
+            for (int64_t i = 0; i < m; i++) {
+                pre[i] = get(dtype, p0, i);
+                acc[i] = (get(dtype, p1, i) - pre[i]) * l;
+            }
         }
         for (int t = 1; t < T; t++) {
-            load(dtype, xs[t + 1], s, m, x);
+            const char *pt = (const char *)xs[t + 1] + s * (dtype == 0 ? 4 : 2);
             if (scalar) {
                 for (int64_t i = 0; i < m; i++) {
-                    float tau = x[i] - pre[i];
+                    float tau = get(dtype, pt, i) - pre[i];
                     acc[i] = acc[i] + tau;
                 }
             } else {
                 const float l = lams[t];
                 for (int64_t i = 0; i < m; i++) {
-                    float tau = x[i] - pre[i];
+                    float tau = get(dtype, pt, i) - pre[i];
                     acc[i] = fmaf(tau, l, acc[i]);
                 }
             }
         }
+        char *o = (char *)out + s * (dtype == 0 ? 4 : 2);
         if (scalar) {
             const float l = lams[0];
-            for (int64_t i = 0; i < m; i++)
-                acc[i] = fmaf(acc[i], l, pre[i]);
+            for (int64_t i = 0; i < m; i++) {
+                float v = fmaf(acc[i], l, pre[i]);
+                bad |= not_finite(v);
+                put(dtype, o, i, v);
+            }
         } else {
-            for (int64_t i = 0; i < m; i++)
-                acc[i] = pre[i] + acc[i];
+            for (int64_t i = 0; i < m; i++) {
+                float v = pre[i] + acc[i];
+                bad |= not_finite(v);
+                put(dtype, o, i, v);
+            }
         }
-        bad |= store(dtype, out, s, m, acc);
     }
-    return bad;
+    return bad != 0;
+}
+
+int mtl_task_arithmetic(int dtype, int64_t n, int T, const void *const *xs, const float *lams, int scalar,
+                        void *out) {
+    return dtype == 0 ? task_arithmetic(0, n, T, xs, lams, scalar, out)
+                      : task_arithmetic(1, n, T, xs, lams, scalar, out);
 }
 
 /* Plain average, `_average` on one chunk: acc = θ_1; acc += θ_t (t ≥ 2); out = acc / T
  * (xs[0..T-1] = θ_1..θ_T: the base model is not read). */
-int mtl_average(int dtype, int64_t n, int T, const void *const *xs, void *out) {
-    float x[BLOCK], acc[BLOCK];
-    int bad = 0;
+static inline __attribute__((always_inline)) int average(int dtype, int64_t n, int T, const void *const *xs,
+                                                         void *out) {
+    float acc[BLOCK];
+    uint32_t bad = 0;
     const float div = (float)T;
+    const int64_t es = dtype == 0 ? 4 : 2;
     for (int64_t s = 0; s < n; s += BLOCK) {
-        int64_t m = n - s < BLOCK ? n - s : BLOCK;
-        load(dtype, xs[0], s, m, acc);
-        for (int t = 1; t < T; t++) {
-            load(dtype, xs[t], s, m, x);
-            for (int64_t i = 0; i < m; i++)
-                acc[i] = acc[i] + x[i];
-        }
+        const int64_t m = n - s < BLOCK ? n - s : BLOCK;
+        const char *p0 = (const char *)xs[0] + s * es;
         for (int64_t i = 0; i < m; i++)
-            acc[i] = acc[i] / div;
-        bad |= store(dtype, out, s, m, acc);
+            acc[i] = get(dtype, p0, i);
+        for (int t = 1; t < T; t++) {
+            const char *pt = (const char *)xs[t] + s * es;
+            for (int64_t i = 0; i < m; i++)
+                acc[i] = acc[i] + get(dtype, pt, i);
+        }
+        char *o = (char *)out + s * es;
+        for (int64_t i = 0; i < m; i++) {
+            float v = acc[i] / div;
+            bad |= not_finite(v);
+            put(dtype, o, i, v);
+        }
+    }
+    return bad != 0;
+}
+
+int mtl_average(int dtype, int64_t n, int T, const void *const *xs, void *out) {
+    return dtype == 0 ? average(0, n, T, xs, out) : average(1, n, T, xs, out);
+}
+
+/* pread of `len` bytes at `pos` into `buf`; -1 on an error or the end of the file */
+static int read_full(int fd, char *buf, size_t len, int64_t pos) {
+    size_t done = 0;
+    while (done < len) {
+        ssize_t r = pread(fd, buf + done, len - done, (off_t)(pos + (int64_t)done));
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            return -1;
+        done += (size_t)r;
+    }
+    return 0;
+}
+
+/* The chunk read from the files and merged block by block, so that each block's inputs are merged
+ * while they sit in the L2 cache: entries [0, n) of source i start at byte pos[i] of file fds[i];
+ * `scratch` holds nsrc blocks of `block` entries. kind 0: task arithmetic (sources θ0, θ_1..θ_T),
+ * kind 1: average (sources θ_1..θ_T). Returns 0, 1 (a non-finite result), or -2 - i when source i
+ * could not be read (the caller's own read then reports it). */
+int mtl_pread_merge(int kind, int dtype, int64_t n, int nsrc, const int *fds, const int64_t *pos,
+                    const float *lams, int scalar, int64_t block, void *scratch, void *out) {
+    const size_t es = dtype == 0 ? sizeof(float) : sizeof(uint16_t);
+    const void *xs[nsrc];
+    int bad = 0;
+    for (int i = 0; i < nsrc; i++)
+        xs[i] = (char *)scratch + (size_t)i * (size_t)block * es;
+    for (int64_t s = 0; s < n; s += block) {
+        int64_t m = n - s < block ? n - s : block;
+        for (int i = 0; i < nsrc; i++)
+            if (read_full(fds[i], (char *)xs[i], (size_t)m * es, pos[i] + s * (int64_t)es))
+                return -2 - i;
+        void *o = (char *)out + (size_t)s * es;
+        bad |= kind == 0 ? mtl_task_arithmetic(dtype, m, nsrc - 1, xs, lams, scalar, o)
+                         : mtl_average(dtype, m, nsrc, xs, o);
     }
     return bad;
 }

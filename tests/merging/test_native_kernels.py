@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import merging
 from merging import native
@@ -114,7 +114,7 @@ def _models(folder, dtype, T, seed=0, shapes=((37, 111), (3001,), (5, 7, 3, 3), 
 
 def _count_native_calls(monkeypatch) -> dict:
     calls = {"n": 0}
-    for name in ("task_arithmetic", "average"):
+    for name in ("task_arithmetic", "average", "pread_merge"):
         real = getattr(native, name)
 
         def spy(*a, _real=real, **k):
@@ -140,6 +140,24 @@ def test_file_merge_identical_with_and_without_native(method, hp, dtype, tmp_pat
     assert calls["n"] == 0
     whole = merging.merge_to_file(method, pre, fts, tmp_path / "whole.safetensors", fused=False, **hp)
     assert fast.read_bytes() == slow.read_bytes() == whole.read_bytes()
+    # in-memory inputs: the native kernel gets the chunk buffers instead of the files
+    monkeypatch.delenv("MTLKIT_NATIVE")
+    mem = [load_file(str(p)) for p in (pre, *fts)]
+    buffered = merging.merge_to_file(method, mem[0], mem[1:], tmp_path / "mem.safetensors", chunk=1024, **hp)
+    assert calls["n"] > 0 and buffered.read_bytes() == whole.read_bytes()
+
+
+@needs_lib
+def test_truncated_file_is_reported_as_before(tmp_path):
+    pre, fts = _models(tmp_path, torch.bfloat16, T=2)
+    src = merging.sources.open_source(fts[0])
+    size = fts[0].stat().st_size
+    src.close()
+    with open(fts[0], "r+b") as f:  # the last tensor loses its tail: the header still describes it
+        f.truncate(size - 100)
+    with pytest.raises(merging.MergeInputError, match=r"m1.safetensors: file ends inside tensor"):
+        merging.merge_to_file("task_arithmetic", pre, fts, tmp_path / "o.safetensors", chunk=1024, lam=0.5)
+    assert not (tmp_path / "o.safetensors").exists()
 
 
 def test_torch_path_when_switched_off_or_no_compiler(tmp_path, monkeypatch):
