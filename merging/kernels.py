@@ -11,6 +11,10 @@ results are bit-identical (tested for every dtype). Methods whose per-tensor ste
 (DARE's seeded masks, TALL/Consensus, mergekit's sort-ranked trimming) keep the whole-tensor path.
 Per-tensor TIES thresholds come from the exact radix select over the chunks (the same value as
 `kthvalue`); the global ones too, inside `prepare`.
+
+Task arithmetic and the plain average run their chunk step in the native kernel (`merging.native`:
+one pass, same roundings, same bytes) when it is available, with the torch operations below as the
+fallback and as the path for any chunk whose result is not finite.
 """
 from __future__ import annotations
 
