@@ -54,7 +54,8 @@ def merge_step(method: str, folders, hp: dict, chunk: int, workers: int) -> None
         ctx.chunks = Chunks(ctx, chunk, workers=workers)
         with torch_threads(1):
             m.prepare(ctx, "radix")
-            for _, t in produce(m, ctx, lambda key: stream_tensor(m, kernel, ctx.chunks, key, True)):
+            propagates = getattr(m, "propagates_nonfinite", False)
+            for _, t in produce(m, ctx, lambda key: stream_tensor(m, kernel, ctx.chunks, key, propagates)):
                 if isinstance(t, Streamed):
                     for _ in t:
                         pass
