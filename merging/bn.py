@@ -28,7 +28,8 @@ from torch import nn
 
 from .keys import BN_OPTIONS, DEFAULT_TASK_KEYS
 
-__all__ = ["BN_OPTIONS", "check_bn", "bn_layers", "bn_statistics", "pooled_batches", "recompute_bn", "batch_inputs"]
+__all__ = ["BN_OPTIONS", "check_bn", "bn_layers", "bn_statistics", "pooled_batches", "recompute_bn", "batch_inputs",
+           "shared_bn_in_train_mode"]
 
 
 def check_bn(bn: Any) -> str:
@@ -109,15 +110,25 @@ class _Moments:
 
 
 @contextmanager
-def _train_mode(layers: Iterable[nn.Module]) -> Iterator[None]:
-    layers = list(layers)
-    was = [m.training for m in layers]
+def shared_bn_in_train_mode(model: nn.Module, params: Mapping[str, torch.Tensor] | None = None,
+                            task_keys: str | None = DEFAULT_TASK_KEYS) -> Iterator[dict[str, torch.Tensor]]:
+    """The shared BN layers in train mode (normalising with batch statistics) for the duration, and the
+    tensors to call the model with through `torch.func.functional_call`: `params` plus copies of those
+    layers' buffers, which absorb the running-statistics updates (module and `params` stay untouched)."""
+    _refuse_linearized(model)
+    layers = bn_layers(model, task_keys)
+    scratch = dict(params or {})
+    for name, m in layers.items():
+        for b in ("running_mean", "running_var", "num_batches_tracked"):
+            if getattr(m, b, None) is not None:
+                scratch[f"{name}.{b}"] = getattr(m, b).detach().clone()
+    was = [m.training for m in layers.values()]
     try:
-        for m in layers:
+        for m in layers.values():
             m.train()
-        yield
+        yield scratch
     finally:
-        for m, w in zip(layers, was):
+        for m, w in zip(layers.values(), was):
             m.train(w)
 
 
@@ -147,17 +158,10 @@ def bn_statistics(model: nn.Module, batches: Iterable[torch.Tensor], *, params: 
     moments = {name: _Moments() for name in layers}
     hooks = [m.register_forward_pre_hook(lambda mod, inp, _n=name: moments[_n].add(inp[0]))
              for name, m in layers.items()]
-    # BN in train mode overwrites its buffers: under functional_call it gets copies, so nothing of the
-    # module (or of `params`) changes.
-    scratch = dict(params or {})
-    for name, m in layers.items():
-        for b in ("running_mean", "running_var", "num_batches_tracked"):
-            if getattr(m, b, None) is not None:
-                scratch[f"{name}.{b}"] = getattr(m, b).clone()
     kwargs = {"tasks": [task]} if task is not None else {}
     n_batches = 0
     try:
-        with _train_mode(layers.values()):
+        with shared_bn_in_train_mode(model, params, task_keys) as scratch:
             for x in batches:
                 torch.func.functional_call(model, scratch, (x.to(device, non_blocking=True),), kwargs, strict=False)
                 n_batches += 1

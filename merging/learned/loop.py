@@ -5,11 +5,15 @@ One step: merged weights θ(c, m) are built once, every task's batch runs throug
 gradients are summed over tasks, then pushed back through θ(c, m) to the coefficients / mask in a
 single backward. Peak memory: θ0 + T task vectors + θ + ∂θ + one task's activations.
 
-With `bn="recompute"`, each step first re-estimates the shared BatchNorm statistics for the current
-θ on that step's batches of every task pooled (`merging.bn.bn_statistics`, no gradient), and every
-task's prediction then uses them, as the final merged model uses its re-estimated statistics: the
-layers never normalise with θ0's statistics, nor with one task's batch alone. The gradient treats
-the statistics as constants.
+With `bn="recompute"`, the BatchNorm layers must see statistics that match the current θ, as the
+final model's re-estimated ones will: every task's batch goes through the model in ONE pass, pooled,
+with the shared BN layers in train mode, so they normalise with the statistics of the pooled batch —
+a differentiable function of θ, so the gradient also accounts for how the statistics move with the
+coefficients (BN makes a layer blind to the scale of the weights before it; a gradient holding the
+statistics fixed would push the coefficients up for sharper predictions that re-estimation undoes).
+Each task's loss is computed on its slice through its own head. Peak memory then holds every task's
+activations at once. When the tasks' inputs differ in shape there is no pooled batch: the statistics
+are re-estimated on the step's batches (no gradient) and held constant.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import torch.nn.functional as F
 
 from mtl.progress_log import ProgressLog
 
-from ..bn import batch_inputs, bn_statistics, pooled_batches
+from ..bn import batch_inputs, bn_statistics, pooled_batches, shared_bn_in_train_mode
 from .objective import entropy
 from .problem import MergeProblem
 
@@ -75,21 +79,58 @@ class Objective:
         kw = {"task_keys": self.task_keys} if self.task_keys is not None else {}
         return bn_statistics(self.problem.model, pooled_batches(inputs), params=params, task=self.tasks[0], **kw)
 
-    def task_loss(self, params: dict[str, torch.Tensor], task: str, batch: Any = None) -> torch.Tensor:
-        model = self.problem.model
-        if batch is None:
-            batch = self.iters[task].next_raw()
+    def _xy(self, batch: Any, task: str) -> tuple[torch.Tensor, Any]:
+        """Inputs, and targets for the supervised objective only (unlabeled batches: inputs alone are read)."""
         if not self.supervised:
-            pred = self.problem.predict(params, batch_inputs(batch, task), task)
-            return entropy(pred, self.problem.task_kinds.get(task), task)
+            return batch_inputs(batch, task), None
         if isinstance(batch, Mapping):
-            x, y = batch["image"], batch[getattr(getattr(model, "tasks", {}).get(task), "target_key", task)]
-        else:
-            x, y = batch
-        pred = self.problem.predict(params, x, task)
+            model = self.problem.model
+            return batch["image"], batch[getattr(getattr(model, "tasks", {}).get(task), "target_key", task)]
+        x, y = batch
+        return x, y
+
+    def loss(self, pred: torch.Tensor, task: str, y: Any) -> torch.Tensor:
+        if not self.supervised:
+            return entropy(pred, self.problem.task_kinds.get(task), task)
+        model = self.problem.model
         y = y.to(pred.device)
         t = getattr(model, "tasks", {}).get(task) if isinstance(getattr(model, "tasks", None), dict) else None
         return t.loss(pred, y) if t is not None else F.cross_entropy(pred, y)
+
+    def task_loss(self, params: dict[str, torch.Tensor], task: str, batch: Any = None) -> torch.Tensor:
+        if batch is None:
+            batch = self.iters[task].next_raw()
+        x, y = self._xy(batch, task)
+        return self.loss(self.problem.predict(params, x, task), task, y)
+
+    def pooled_losses(self, params: dict[str, torch.Tensor], batches: Mapping[str, Any]) -> dict[str, torch.Tensor] | None:
+        """Every task's loss from ONE forward pass of all tasks' batches concatenated, with the shared BN
+        layers in train mode: they normalise with the statistics of the pooled batch, a differentiable
+        function of the merged weights. None when the tasks' inputs differ in shape (no pooled batch)."""
+        xys = {t: self._xy(batches[t], t) for t in self.tasks}
+        if len({tuple(x.shape[1:]) for x, _ in xys.values()}) > 1:
+            return None
+        model, device = self.problem.model, self.problem.device
+        x = torch.cat([x for x, _ in xys.values()]).to(device, non_blocking=True)
+        kw = {"task_keys": self.task_keys} if self.task_keys is not None else {}
+        with shared_bn_in_train_mode(model, params, **kw) as scratch:
+            out = torch.func.functional_call(model, scratch, (x,), {"tasks": list(self.tasks)}, strict=False)
+        if not isinstance(out, Mapping):
+            if len(self.tasks) > 1:
+                raise TypeError(f"bn='recompute' runs every task's batch in one pass: the model must return "
+                                f"{{task: prediction}} for tasks={self.tasks}, got {type(out).__name__}")
+            out = {self.tasks[0]: out}
+        losses, start = {}, 0
+        for t, (xt, y) in xys.items():
+            losses[t] = self.loss(out[t][start:start + len(xt)], t, y)
+            start += len(xt)
+        return losses
+
+
+def _check_loss(t: str, loss: torch.Tensor) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"the objective of task {t!r} is {float(loss)}; the merged model diverged "
+                                 "(lower lr, or clamp the coefficients)")
 
 
 def step_gradients(problem: MergeProblem, merged: dict[str, torch.Tensor], objective: Objective,
@@ -98,16 +139,21 @@ def step_gradients(problem: MergeProblem, merged: dict[str, torch.Tensor], objec
     leaves = {k: v.detach().requires_grad_() for k, v in merged.items()}
     params = {**frozen, **leaves}
     batches = objective.draw()
-    if objective.recompute_bn:
-        params.update(objective.bn_statistics({**frozen, **{k: v.detach() for k, v in merged.items()}}, batches))
     losses = {}
-    for t in objective.tasks:
-        loss = objective.task_loss(params, t, batches[t])
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the objective of task {t!r} is {float(loss)}; the merged model diverged "
-                                     "(lower lr, or clamp the coefficients)")
-        loss.backward()
-        losses[t] = float(loss.detach())
+    pooled = objective.pooled_losses(params, batches) if objective.recompute_bn else None
+    if pooled is not None:
+        for t, loss in pooled.items():
+            _check_loss(t, loss)
+        sum(pooled.values()).backward()
+        losses = {t: float(loss.detach()) for t, loss in pooled.items()}
+    else:
+        if objective.recompute_bn:  # inputs of different shapes: statistics re-estimated, then held constant
+            params.update(objective.bn_statistics({**frozen, **{k: v.detach() for k, v in merged.items()}}, batches))
+        for t in objective.tasks:
+            loss = objective.task_loss(params, t, batches[t])
+            _check_loss(t, loss)
+            loss.backward()
+            losses[t] = float(loss.detach())
     keys = [k for k in merged if leaves[k].grad is not None and merged[k].requires_grad]
     if keys:
         torch.autograd.backward([merged[k] for k in keys], [leaves[k].grad for k in keys])

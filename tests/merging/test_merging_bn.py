@@ -132,28 +132,58 @@ def test_bad_bn_value_is_named():
         merging.learn("adamerging", pre, fts, unlabeled=data, model=model, tasks=["t0", "t1"], bn="reset", progress=False)
 
 
-def test_learned_merge_recomputes_per_step_and_at_the_end():
+def test_learned_gradient_flows_through_the_pooled_batch_statistics():
+    from merging.learned.adamerging import CoefficientLearner
+    from merging.learned.layout import make_layout
+    from merging.learned.loop import Objective, step_gradients
+    from merging.learned.problem import build_problem
+
+    torch.manual_seed(4)
+    model = ConvBN().double()
+    pre, fts = _pre_fts(model)
+    data = {"t0": [_batches((6,), seed=5)[0].double()], "t1": [_batches((4,), seed=6)[0].double()]}
+    problem = build_problem(pre, fts, model=model, tasks=["t0", "t1"])
+    objective = Objective(problem, ["t0", "t1"], data, None, False, recompute_bn=True)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # the coefficients, for a float64 finite-difference check
+    try:
+        learner = CoefficientLearner(problem, make_layout(problem.keys, "task"), init=0.3)
+    finally:
+        torch.set_default_dtype(old)
+    frozen = {n: p.detach() for n, p in model.named_parameters() if n not in problem.theta0}
+    losses = step_gradients(problem, learner.merged(), objective, frozen)
+    grad = learner.coef.grad[0]
+
+    def written_out(c):  # body on both tasks' images at once, BN normalising with that batch's statistics
+        w = {k: pre[k] + c[0] * (fts[0][k] - pre[k]) + c[1] * (fts[1][k] - pre[k]) for k in pre}
+        x = torch.cat([data["t0"][0], data["t1"][0]])
+        h = F.conv2d(x, w["body.0.weight"], w["body.0.bias"])
+        h = F.batch_norm(h, None, None, w["body.1.weight"], w["body.1.bias"], training=True)
+        h = F.conv2d(F.relu(h), w["body.3.weight"], w["body.3.bias"])
+        h = F.batch_norm(h, None, None, w["body.4.weight"], w["body.4.bias"], training=True)
+        total = 0.0
+        for t, rows in (("t0", slice(0, 6)), ("t1", slice(6, 10))):
+            p = model.heads[t](h[rows]).softmax(1)  # each head (eval mode: its own statistics) on its task's rows
+            total = total + -(p * p.log()).sum(1).mean()
+        return total
+
+    c0 = torch.tensor([0.3, 0.3], dtype=torch.float64)
+    with torch.no_grad():
+        assert abs(float(written_out(c0)) - sum(losses.values())) < 1e-6  # the entropy is taken in float32
+        eps = 1e-6
+        fd = torch.stack([(written_out(c0 + eps * e) - written_out(c0 - eps * e)) / (2 * eps) for e in torch.eye(2, dtype=c0.dtype)])
+    torch.testing.assert_close(grad, fd, rtol=1e-4, atol=1e-6)
+    assert not model.training  # the caller's model is back in eval mode
+
+
+def test_learned_merge_recomputes_at_the_end_and_leaves_the_model_alone():
     torch.manual_seed(4)
     model = ConvBN()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     pre, fts = _pre_fts(model)
     data = {"t0": _batches(seed=5), "t1": _batches(seed=6)}
-    seen = []
-    orig = merging.learned.loop.bn_statistics
-
-    def spy(m, batches, **kw):
-        batches = list(batches)
-        seen.append(sum(len(x) for x in batches))
-        return orig(m, batches, **kw)
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(merging.learned.loop, "bn_statistics", spy)
-    try:
-        res = merging.learn("adamerging", pre, fts, unlabeled=data, model=model, tasks=["t0", "t1"], steps=2,
-                            bn="recompute", progress=False)
-    finally:
-        mp.undo()
-    assert seen == [6 + 6, 4 + 4]  # each step: that step's batch of every task, pooled
+    res = merging.learn("adamerging", pre, fts, unlabeled=data, model=model, tasks=["t0", "t1"], steps=2,
+                        bn="recompute", progress=False)
     assert res.hparams["bn"] == "recompute"
     for k, v in model.state_dict().items():  # the caller's model is neither trained nor re-estimated
         assert torch.equal(v, before[k]), k
@@ -163,3 +193,26 @@ def test_learned_merge_recomputes_per_step_and_at_the_end():
     for k, v in expect.items():
         torch.testing.assert_close(res.state_dict[k], v)
     assert not torch.allclose(res.state_dict["body.1.running_var"], pre["body.1.running_var"])
+
+
+def test_learned_inputs_of_different_shapes_use_statistics_estimated_per_step():
+    torch.manual_seed(4)
+    model = ConvBN()
+    pre, fts = _pre_fts(model)
+    data = {"t0": _batches((6, 4), seed=5), "t1": [2 * torch.randn(5, 3, 7, 7)]}  # 5×5 vs 7×7 images
+    seen = []
+    orig = merging.learned.loop.bn_statistics
+
+    def spy(m, batches, **kw):
+        batches = list(batches)
+        seen.append([tuple(x.shape) for x in batches])
+        return orig(m, batches, **kw)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(merging.learned.loop, "bn_statistics", spy)
+    try:
+        merging.learn("adamerging", pre, fts, unlabeled=data, model=model, tasks=["t0", "t1"], steps=2,
+                      bn="recompute", progress=False)
+    finally:
+        mp.undo()
+    assert seen == [[(6, 3, 5, 5), (5, 3, 7, 7)], [(4, 3, 5, 5), (5, 3, 7, 7)]]  # each step: its batches of every task
