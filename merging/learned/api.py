@@ -144,9 +144,9 @@ def learn(method: str, pretrained, finetuned, *, unlabeled: Mapping[str, Iterabl
     `callback(step, merged_state)` runs every `callback_every` steps and may return metrics to record.
     Other keyword arguments: the method's hyperparameters (`method_defaults(method)`) and the key
     options of `merging.merge` (`include`, `exclude`, `task_keys`, `bn`, ...). With `bn="recompute"`
-    every step re-estimates the shared BatchNorm statistics for the current merged weights on that
-    step's batches of all tasks pooled (the gradient treats them as constants), and the result's
-    statistics are re-estimated on one pass over every task's data (`merging.bn`).
+    each step runs all tasks' batches in one pooled pass with the shared BatchNorm layers in train mode
+    (batch statistics of the current merged weights, differentiated through; see `loop`), and the
+    result's statistics are re-estimated on one pass over every task's data (`merging.bn`).
     """
     hp = method_defaults(method)
     key_options = {k: kwargs.pop(k) for k in ("include", "exclude", "task_keys", "unshared", "bn", "check_finite")

@@ -9,9 +9,9 @@ CLI-only keys of these methods (the rest are `merging.learn` hyperparameters):
 | `eval_every` | 0 | every n steps, the merged model's mean normalized validation accuracy is recorded (uses val labels; 0: never) |
 | `shots` | 16 | aTLAS `objective=supervised`: labelled images per class, from the train split |
 
-With `+merge.bn=recompute`, the shared BatchNorm statistics are re-estimated on the same `split`'s
-images for the current merged weights at every step (that step's batches, all tasks pooled) and, at
-the end, on one pass over the split (`merging.learn(..., bn="recompute")`).
+With `+merge.bn=recompute`, the shared BatchNorm layers normalise with the statistics of each step's
+batches of all tasks pooled (the current merged weights'), and the final statistics are re-estimated
+on one pass over the split's images (`merging.learn(..., bn="recompute")`).
 
 Outputs in the run folder: `coefficients/coefficients.safetensors` + `coefficients.json` (summary and
 per-step history), `coefficients.png` (λ heatmap layer × task, or block × task for aTLAS) and
