@@ -176,6 +176,34 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
     return made
 
 
+def finetuned_with_recomputed_bn(manifest: Path, split: str = "test", batch_size: int = 16) -> str:
+    """Each fine-tuned model on its own task's test split: with its stored BN statistics, and with them
+    re-estimated on its own task's `split` images (the best case for `bn=recompute`: one task, its own
+    weights). Markdown."""
+    import statistics
+
+    from merging.bn import pooled_batches, recompute_bn
+    from merging.evaluation import Evaluator
+    from merging.learned.cli import ImageBatches
+    from merging.pool import ModelPool
+
+    pool = ModelPool.from_manifest(manifest)
+    ev = Evaluator(pool, None, {"batch_size": 256}, "cpu", progress=False)
+    rows = ["| fine-tuned model (own task) | stored BN statistics | re-estimated on its own images |", "|---|---:|---:|"]
+    before, after = [], []
+    for i, m in enumerate(pool.members):
+        model = pool.member_model(i)
+        for t in m.tasks:
+            a = ev.normalized(t, ev.run(model, t, "test"), "test")
+            recompute_bn(model, pooled_batches({t: ImageBatches(ev.datamodule(t).dataset(split), batch_size, 0, t)}), task=t)
+            b = ev.normalized(t, ev.run(model, t, "test"), "test")
+            before.append(a), after.append(b)
+            rows.append(f"| {t} | {100 * a:.1f} | {100 * b:.1f} |")
+            print(rows[-1], flush=True)
+    rows.append(f"| mean | {100 * statistics.fmean(before):.1f} | {100 * statistics.fmean(after):.1f} |")
+    return "\n".join(rows)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--manifest", required=True, help="zoo manifest from scripts/build_zoo.py")
@@ -186,6 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--overrides", nargs="*", default=[], help="extra mtl-merge overrides for every method")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is much faster on a CPU other jobs share)")
     p.add_argument("--learn-steps", type=int, help="cap on the learned methods' optimisation steps (learn_max_steps)")
+    p.add_argument("--finetuned-bn-check", action="store_true",
+                   help="only: each fine-tuned model with its BN statistics re-estimated on its own task's test "
+                        "images vs stored (normalized test accuracy); writes <out>/finetuned_bn.md")
     p.add_argument("--bn", choices=["pretrained", "average", "recompute"],
                    help="BatchNorm statistics of every merged model (merge.bn; default: the method's, θ0's); "
                         "recompute: re-estimated on the unlabeled images of every task (bn_stats.*, learned: merge.split)")
@@ -205,6 +236,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra += [f"learn_max_steps={args.learn_steps}"] if args.learn_steps else []
     extra += [f"+merge.bn={args.bn}"] if args.bn else []
     start = time.perf_counter()
+    if args.finetuned_bn_check:
+        out.mkdir(parents=True, exist_ok=True)
+        md = finetuned_with_recomputed_bn(manifest)
+        (out / "finetuned_bn.md").write_text(md + "\n")
+        print("\n" + md + f"\n\ntotal {time.perf_counter() - start:.0f} s; wrote {out / 'finetuned_bn.md'}")
+        return 0
     results = run_all(manifest, out, args.methods, extra)
     md = tables(results)
     (out / "quality.md").write_text(md + "\n")
