@@ -73,8 +73,8 @@ def test_existing_output_is_refused_unless_overwrite(model_files, tmp_path):
 def test_interrupted_merge_leaves_no_output(fused, model_files, tmp_path, monkeypatch):
     _, _, pre_dir, ft_dirs = model_files
     calls = {"n": 0}
-    # the third merged tensor fails: in the whole-tensor kernel, or in the chunked reader
-    owner, attr = (merging.kernels.Workspace, "read") if fused else (methods_mod.TaskArithmetic, "merge_tensor")
+    # the third merged tensor fails: in the whole-tensor kernel, or in the chunked kernels (torch or native)
+    owner, attr = (merging.kernels.Chunks, "map") if fused else (methods_mod.TaskArithmetic, "merge_tensor")
     original = getattr(owner, attr)
 
     def failing(self, *args, **kwargs):
