@@ -2,13 +2,14 @@
 first use with the system C compiler and loaded with ctypes.
 
 The chunked torch path runs ~14 single-threaded eager operations per chunk (conversions, subtractions,
-additions, the finite check), so it is bound by the number of operations; the C loop makes one pass
-over the chunk's inputs with the same float32 roundings in the same order (`csrc/chunk_kernels.c`),
-so the results are bit-identical (tested on random data and on whole merges).
+additions, the finite check), so it is bound by the number of operations. The C code reads the chunk
+from the input files itself (`pread_merge`, block by block so that each block is merged while in
+cache) and makes one pass over it with the same float32 roundings in the same order
+(`csrc/chunk_kernels.c`), so the results are bit-identical (tested on random data and on whole merges).
 
 It is an automatic fast path: with `MTLKIT_NATIVE=0`, without a C compiler (`$CC`, `cc`, `gcc`,
-`clang`) or when the compilation fails, `library()` returns None and the torch path runs (one debug log
-line says why). The shared object is cached in `$MTLKIT_KERNEL_CACHE`, else
+`clang`) or when the compilation fails, `library()` returns None and the torch path runs (the reason is
+logged at debug level). The shared object is cached in `$MTLKIT_KERNEL_CACHE`, else
 `$XDG_CACHE_HOME/mtlkit/kernels` (default `~/.cache/mtlkit/kernels`), named by a hash of the source,
 the compiler, its flags and the CPU, and written atomically. ctypes releases the GIL during a call, so
 the chunk worker threads run the kernel in parallel.
