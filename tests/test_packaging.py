@@ -16,6 +16,7 @@ def test_wheel_ships_configs_and_cli_composes_from_anywhere(tmp_path):
                    check=True, capture_output=True)
     assert (target / "mtl" / "configs" / "train.yaml").is_file()
     assert (target / "mtl" / "configs" / "merge_app" / "merge.yaml").is_file()
+    assert (target / "merging" / "csrc" / "chunk_kernels.c").is_file()  # compiled by merging.native at first use
     env = dict(os.environ, PYTHONPATH=str(target))
     for module, args in (("mtl.cli.train", ["experiment=scenes_hps", "debug=smoke"]), ("merging.cli", ["merge=ties"])):
         proc = subprocess.run([sys.executable, "-m", module, *args, "--cfg", "job"], cwd=tmp_path, env=env,
