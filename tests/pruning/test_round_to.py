@@ -136,3 +136,17 @@ def test_job_refuses_bad_round_to_before_any_work(tmp_path):
     with pytest.raises(ValueError, match=r"prune.round_to must be a positive integer.*got 0"):
         run(["prune=pagcp", f"model={tmp_path / 'src'}", "prune.round_to=0"], run_dir=tmp_path / "run")
     assert not (tmp_path / "run" / "model").exists()
+
+
+def test_job_round_to_writes_a_reloadable_rounded_folder(tmp_path):
+    torch.manual_seed(0)  # regression tasks only: an untrained classifier can score 0, leaving Δm undefined
+    m = create_model(["semseg", "depth"], backbone="test_resnet", decoder={"name": "hps", "channels": 8})
+    save_model(m, tmp_path / "src", meta={"data": {"name": "scenes", "size": 32, "n_train": 8, "n_val": 8,
+                                                     "n_test": 8, "batch_size": 4}})
+    report = run(["prune=l1", f"model={tmp_path / 'src'}", "prune.ratio=0.6", f"prune.round_to={R}",
+                  "calib.batches=1", "eval.max_batches=1", "eval.latency_repeats=1"], run_dir=tmp_path / "run")
+    assert report["hparams"]["round_to"] == R and report["reload_max_abs_diff"] == 0.0
+    for row in report["layers"]:
+        assert row["kept"] == row["size"] or row["kept"] % R == 0, row
+    reloaded = mtl.load_model(tmp_path / "run" / "model")
+    assert reloaded.pruning_plan["hparams"]["round_to"] == R
