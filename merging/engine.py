@@ -67,6 +67,7 @@ class Context:
         self._ws: dict[tuple[str, torch.dtype], torch.Tensor] = {}
         self._ws_numel = max((plan.infos[k].numel for k in plan.merge), default=0)
         self.chunks = None  # a `merging.kernels.Chunks` when the chunked kernels are in use
+        self._prefetcher = None  # one background thread for read-ahead hints
 
     # -- workspaces ---------------------------------------------------------------------------------
     def buffer(self, name: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
@@ -144,8 +145,21 @@ class Context:
         return self.sources[0].get(key)
 
     def prefetch(self, key: str) -> None:
+        """Hint file sources to read `key` ahead, from a background thread: on inputs already in page
+        cache the hint is pure kernel work (~12 % of a cached task-arithmetic merge), which this
+        keeps off the merging thread."""
+        if self._prefetcher is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="mtl-prefetch")
+        self._prefetcher.submit(self._prefetch_now, key)
+
+    def _prefetch_now(self, key: str) -> None:
         for s in self.sources:
-            s.prefetch(key)
+            try:
+                s.prefetch(key)
+            except OSError:  # a hint: the read itself reports a real problem
+                pass
 
     def iter_keys(self, keys: Sequence[str]) -> Iterator[str]:
         """Iterate keys, hinting file sources to read the next key while this one is computed."""
@@ -156,6 +170,9 @@ class Context:
 
     def close(self) -> None:
         self._ws.clear()
+        if self._prefetcher is not None:  # no hint may touch a file after it is closed
+            self._prefetcher.shutdown(wait=True, cancel_futures=True)
+            self._prefetcher = None
         for s in self.sources:
             s.close()
 

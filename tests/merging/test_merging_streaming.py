@@ -142,3 +142,31 @@ def test_threads_option_is_restored_and_fsync(model_files, tmp_path):
     assert torch.get_num_threads() == before
     with pytest.raises(ValueError, match="threads"):
         merging.merge("ties", pre, fts, threads=0)
+
+
+def test_read_ahead_hints_run_off_the_merging_thread_and_never_fail_a_merge(model_files, tmp_path, monkeypatch):
+    """Read-ahead hints run on a background thread (on cached inputs they are pure kernel work); a hint
+    that fails does not fail the merge, and every hint is done before the files close."""
+    import threading
+
+    from merging.sources import SafetensorsSource
+
+    pre, fts, pre_dir, ft_dirs = model_files
+    seen, closed = [], []
+    real_prefetch, real_close = SafetensorsSource.prefetch, SafetensorsSource.close
+
+    def hint(self, key):
+        seen.append((threading.current_thread().name, bool(closed)))
+        real_prefetch(self, key)
+        raise OSError("the hint fails")
+
+    def close(self):
+        closed.append(True)
+        real_close(self)
+
+    monkeypatch.setattr(SafetensorsSource, "prefetch", hint)
+    monkeypatch.setattr(SafetensorsSource, "close", close)
+    out = merging.merge_to_file("task_arithmetic", pre_dir, ft_dirs, tmp_path / "m", lam=0.3)
+    assert_same(load_file(str(out)), merging.merge("task_arithmetic", pre, fts, lam=0.3))
+    assert seen and all(name.startswith("mtl-prefetch") for name, _ in seen)
+    assert not any(after_close for _, after_close in seen)
