@@ -64,6 +64,19 @@ def merge_step(method: str, folders, hp: dict, chunk: int, workers: int) -> None
         ctx.close()
 
 
+def sync_hints(fn) -> None:
+    """Run `fn` with the engine's read-ahead hints issued on the calling thread (as before they moved
+    to a background thread)."""
+    from merging.engine import Context
+
+    background = Context.prefetch
+    Context.prefetch = lambda self, key: [s.prefetch(key) for s in self.sources] and None
+    try:
+        fn()
+    finally:
+        Context.prefetch = background
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=float, default=0.25, choices=sorted(SIZES))
@@ -77,6 +90,8 @@ def main(argv=None):
                     help="chunk step: the native kernel (task arithmetic, average) and/or torch's operations")
     ap.add_argument("--no-whole", action="store_true", help="skip the whole-tensor kernels")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--sync-hints", action="store_true",
+                    help="also time the merge step with the read-ahead hints on the merging thread (the old way)")
     args = ap.parse_args(argv)
     import warnings
 
@@ -107,6 +122,10 @@ def main(argv=None):
             ("pread copy + writing the output bytes", lambda: copy_and_write(files, Path(args.out), out_bytes))]
     runs += [(f"merge step only {p}, chunk={c}, workers={w}", lambda c=c, w=w, p=p: step(p, c, w))
              for c in args.chunks for w in args.workers for p in args.paths]
+    if args.sync_hints:
+        runs += [(f"merge step only {p}, chunk={c}, workers={w}, sync hints",
+                  lambda c=c, w=w, p=p: sync_hints(lambda: step(p, c, w)))
+                 for c in args.chunks for w in args.workers for p in args.paths]
     runs += [(f"chunked {p}, chunk={c}, workers={w}", lambda c=c, w=w, p=p: merge(p, chunk=c, threads=w))
              for c in args.chunks for w in args.workers for p in args.paths]
     if not args.no_whole:
