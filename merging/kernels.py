@@ -19,7 +19,6 @@ fallback and as the path for any chunk whose result is not finite.
 from __future__ import annotations
 
 import math
-import sys
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -208,20 +207,15 @@ def _read_raw(ws: Workspace, key: str, s: int, e: int, first: int = 0) -> list[t
 
 
 def _file_spans(ctx: Context, key: str, first: int = 0) -> list[tuple[int, int]] | None:
-    """(file descriptor, byte offset of `key`'s data) of sources `first`.. when each is a safetensors
-    file that `read_into` would `pread` from, else None (the native kernel then gets buffers)."""
-    from .sources import SafetensorsSource, ShardedSafetensorsSource
-
-    if sys.byteorder != "little":
-        return None
+    """(file descriptor, byte offset of `key`'s data) of sources `first`.. when each can give one in the
+    merged dtype (`StateSource.file_span`), else None (the native kernel then gets buffers)."""
     dtype = ctx.plan.infos[key].dtype
     spans = []
     for src in ctx.sources[first:]:
-        if type(src) is ShardedSafetensorsSource:
-            src = src._where[key]
-        if type(src) is not SafetensorsSource or src.info(key).dtype != dtype:
+        span = src.file_span(key) if src.info(key).dtype == dtype else None
+        if span is None:
             return None
-        spans.append((src._file(), src._data_start + src._offsets[key][0]))
+        spans.append(span)
     return spans
 
 

@@ -101,6 +101,11 @@ class StateSource(ABC):
     def prefetch(self, key: str) -> None:
         """Hint that `key` will be read soon (file sources start the disk read)."""
 
+    def file_span(self, key: str) -> tuple[int, int] | None:
+        """(open file descriptor, byte offset) of `key`'s little-endian data where `read_into` would `pread`
+        it from a file, else None — so that native code can read the bytes itself."""
+        return None
+
     def read_into(self, key: str, start: int, out: torch.Tensor) -> torch.Tensor:
         """Copy flat entries [start, start + out.numel()) of `key` into `out` (same dtype) and return it."""
         x = self.get(key)
@@ -215,6 +220,11 @@ class SafetensorsSource(StateSource):
                 self._fd = os.open(self.path, os.O_RDONLY)
             return self._fd
 
+    def file_span(self, key: str) -> tuple[int, int] | None:
+        if sys.byteorder != "little":
+            return None
+        return self._file(), self._data_start + self._offsets[key][0]
+
     def read_into(self, key: str, start: int, out: torch.Tensor) -> torch.Tensor:
         """`pread` straight from the file into `out`: no mapping, so nothing read stays in our RSS."""
         info = self._infos[key]
@@ -312,6 +322,9 @@ class ShardedSafetensorsSource(StateSource):
 
     def prefetch(self, key: str) -> None:
         self._where[key].prefetch(key)
+
+    def file_span(self, key: str) -> tuple[int, int] | None:
+        return self._where[key].file_span(key)
 
     def read_into(self, key: str, start: int, out: torch.Tensor) -> torch.Tensor:
         return self._where[key].read_into(key, start, out)

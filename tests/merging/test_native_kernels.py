@@ -1,5 +1,6 @@
 """The native chunk kernel (`merging.native`): bit-identical to the torch chunk path, and optional."""
 import math
+import os
 
 import pytest
 import torch
@@ -211,3 +212,19 @@ def test_non_finite_chunk_goes_through_torch(check_finite, tmp_path, monkeypatch
     monkeypatch.setenv("MTLKIT_NATIVE", "0")
     slow = merging.merge_to_file("task_arithmetic", pre, fts, tmp_path / "slow.safetensors", chunk=1024, **kw)
     assert fast.read_bytes() == slow.read_bytes()  # NaN/Inf bit patterns included
+
+
+def test_file_sources_give_their_byte_span_and_in_memory_ones_none(tmp_path):
+    """The native kernel reads files itself only through `StateSource.file_span`: the span points at the
+    tensor's bytes (read back and compared); an in-memory source has none."""
+    from merging.sources import open_source
+
+    pre, _ = _models(tmp_path, torch.float32, T=1)
+    src = open_source(pre)
+    key = "k1.weight"
+    fd, off = src.file_span(key)
+    want = src.get(key).reshape(-1)
+    got = torch.frombuffer(bytearray(os.pread(fd, want.numel() * 4, off)), dtype=torch.float32)
+    assert torch.equal(got, want)
+    assert open_source({key: want}).file_span(key) is None
+    src.close()
