@@ -221,8 +221,8 @@ class SafetensorsSource(StateSource):
             return self._fd
 
     def file_span(self, key: str) -> tuple[int, int] | None:
-        if sys.byteorder != "little":
-            return None
+        if sys.byteorder != "little" or type(self).read_into is not SafetensorsSource.read_into:
+            return None  # a subclass that reads its own way must be read through `read_into`
         return self._file(), self._data_start + self._offsets[key][0]
 
     def read_into(self, key: str, start: int, out: torch.Tensor) -> torch.Tensor:
@@ -324,6 +324,8 @@ class ShardedSafetensorsSource(StateSource):
         self._where[key].prefetch(key)
 
     def file_span(self, key: str) -> tuple[int, int] | None:
+        if type(self).read_into is not ShardedSafetensorsSource.read_into:
+            return None  # a subclass that reads its own way must be read through `read_into`
         return self._where[key].file_span(key)
 
     def read_into(self, key: str, start: int, out: torch.Tensor) -> torch.Tensor:
