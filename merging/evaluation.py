@@ -4,12 +4,14 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+import torch
+
 from mtl.models import MultiTaskModel
 from mtl.progress_log import ProgressLog
 
 from .pool import ModelPool, evaluate, member_datamodule, normalized, resolve_device, score
 
-__all__ = ["Evaluator"]
+__all__ = ["Evaluator", "ImageBatches"]
 
 Metrics = dict[str, float]
 
@@ -66,3 +68,19 @@ class Evaluator:
 
     def normalized_mean(self, results: dict[str, Metrics], split: str) -> float:
         return statistics.fmean(self.normalized(t, results[t], split) for t in self.names)
+
+
+class ImageBatches:
+    """Seeded, shuffled batches of a split's images only: `dataset.tensors["image"]` is the one column read."""
+
+    def __init__(self, dataset, batch_size: int, seed: int = 0, task: str = "?"):
+        images = dataset.tensors["image"]
+        if len(images) == 0:
+            raise ValueError(f"task {task!r}: the split has no images to learn from")
+        self.images, self.batch_size = images, int(batch_size)
+        self.gen = torch.Generator().manual_seed(int(seed))
+
+    def __iter__(self):
+        order = torch.randperm(len(self.images), generator=self.gen)
+        for i in range(0, len(order), self.batch_size):
+            yield self.images[order[i:i + self.batch_size]]

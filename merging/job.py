@@ -32,7 +32,7 @@ from mtl.progress_log import ProgressLog
 from mtl.registry import Registry
 
 from .bn import check_bn
-from .evaluation import Evaluator
+from .evaluation import Evaluator, ImageBatches
 from .pool import HEAD_PREFIX, ModelPool
 from .report import build_report, print_table, write_report
 
@@ -78,7 +78,6 @@ class MergeJob:
     def bn_batches(self):
         """One pass over the images (never the labels) of every task's `bn_data` split, tasks pooled per batch."""
         from .bn import pooled_batches
-        from .learned.cli import ImageBatches
 
         d = self.bn_data
         data = {t: ImageBatches(self.evaluator.datamodule(t).dataset(d["split"]), d["batch_size"], i, t)

@@ -184,7 +184,7 @@ def finetuned_with_recomputed_bn(manifest: Path, split: str = "test", batch_size
 
     from merging.bn import pooled_batches, recompute_bn
     from merging.evaluation import Evaluator
-    from merging.learned.cli import ImageBatches
+    from merging.evaluation import ImageBatches
     from merging.pool import ModelPool
 
     pool = ModelPool.from_manifest(manifest)

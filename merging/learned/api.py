@@ -189,7 +189,8 @@ def _learn(method, problem, hp, pretrained, finetuned, key_options, unlabeled, l
     if extra:
         raise ValueError(f"{'labeled' if supervised else 'unlabeled'} names task(s) {extra} that no fine-tuned "
                          f"model has; tasks: {problem.tasks}")
-    objective = Objective(problem, obj_tasks, unlabeled, labeled, supervised, recompute, key_options.get("task_keys"))
+    bn_options = {"task_keys": key_options["task_keys"]} if "task_keys" in key_options else {}
+    objective = Objective(problem, obj_tasks, unlabeled, labeled, supervised, recompute, bn_options)
     frozen = {n: p.detach() for n, p in problem.model.named_parameters() if n not in problem.theta0}
     torch.manual_seed(int(hp["seed"]))
     trace = Trace()
@@ -234,8 +235,8 @@ def _learn(method, problem, hp, pretrained, finetuned, key_options, unlabeled, l
     state = _full_state(pretrained, finetuned, merged, key_options)
     hparams = {k: v for k, v in hp.items()}
     if recompute:
-        kw = {"task_keys": key_options["task_keys"]} if "task_keys" in key_options else {}
-        stats = bn_statistics(problem.model, pooled_batches(given), params={**frozen, **merged}, task=obj_tasks[0], **kw)
+        stats = bn_statistics(problem.model, pooled_batches(given), params={**frozen, **merged}, task=obj_tasks[0],
+                              **objective.bn_options)
         state.update({k: v.to("cpu", state[k].dtype) for k, v in stats.items() if k in state})
         hparams["bn"] = "recompute"
     return LearnedMerge(method, state, coef, layout.groups, list(problem.vector_names), layout.granularity, hparams,

@@ -26,29 +26,14 @@ import torch
 
 import merging
 
+from ..evaluation import ImageBatches
 from ..job import CLI_METHODS, MergeJob, Selection
 from .api import LEARNED_METHODS
 from .plots import plot_coefficients, plot_learning_curves
 
-__all__ = ["ImageBatches", "LabeledShots", "select_learned"]
+__all__ = ["LabeledShots", "select_learned"]
 
 CLI_KEYS = {"split": "test", "batch_size": 16, "eval_every": 0, "shots": 16}
-
-
-class ImageBatches:
-    """Seeded, shuffled batches of a split's images only: `dataset.tensors["image"]` is the one column read."""
-
-    def __init__(self, dataset, batch_size: int, seed: int = 0, task: str = "?"):
-        images = dataset.tensors["image"]
-        if len(images) == 0:
-            raise ValueError(f"task {task!r}: the split has no images to learn from")
-        self.images, self.batch_size = images, int(batch_size)
-        self.gen = torch.Generator().manual_seed(int(seed))
-
-    def __iter__(self):
-        order = torch.randperm(len(self.images), generator=self.gen)
-        for i in range(0, len(order), self.batch_size):
-            yield self.images[order[i:i + self.batch_size]]
 
 
 class LabeledShots:

@@ -58,9 +58,10 @@ class Objective:
 
     def __init__(self, problem: MergeProblem, tasks: list[str], unlabeled: Mapping[str, Iterable] | None,
                  labeled: Mapping[str, Iterable] | None, supervised: bool, recompute_bn: bool = False,
-                 task_keys: Any = None):
+                 bn_options: Mapping[str, Any] | None = None):
         self.problem, self.tasks, self.supervised = problem, tasks, supervised
-        self.recompute_bn, self.task_keys = recompute_bn, task_keys
+        # bn_options: keyword arguments of merging.bn's functions (`task_keys` when the caller set it)
+        self.recompute_bn, self.bn_options = recompute_bn, dict(bn_options or {})
         data = labeled if supervised else unlabeled
         name = "labeled" if supervised else "unlabeled"
         missing = [t for t in tasks if data is None or t not in data]
@@ -76,8 +77,8 @@ class Objective:
     def bn_statistics(self, params: dict[str, torch.Tensor], batches: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """BN statistics of the model with `params` on this step's inputs of every task, pooled."""
         inputs = {t: [batch_inputs(b, t)] for t, b in batches.items()}
-        kw = {"task_keys": self.task_keys} if self.task_keys is not None else {}
-        return bn_statistics(self.problem.model, pooled_batches(inputs), params=params, task=self.tasks[0], **kw)
+        return bn_statistics(self.problem.model, pooled_batches(inputs), params=params, task=self.tasks[0],
+                             **self.bn_options)
 
     def _xy(self, batch: Any, task: str) -> tuple[torch.Tensor, Any]:
         """Inputs, and targets for the supervised objective only (unlabeled batches: inputs alone are read)."""
@@ -112,8 +113,7 @@ class Objective:
             return None
         model, device = self.problem.model, self.problem.device
         x = torch.cat([x for x, _ in xys.values()]).to(device, non_blocking=True)
-        kw = {"task_keys": self.task_keys} if self.task_keys is not None else {}
-        with shared_bn_in_train_mode(model, params, **kw) as scratch:
+        with shared_bn_in_train_mode(model, params, **self.bn_options) as scratch:
             out = torch.func.functional_call(model, scratch, (x,), {"tasks": list(self.tasks)}, strict=False)
         if not isinstance(out, Mapping):
             if len(self.tasks) > 1:
