@@ -83,7 +83,7 @@ def quality(args) -> dict:
 def rescore(run_dir: Path, args) -> dict:
     import mtl
     from mtl.data import create_datamodule
-    from mtl.models.slimmable.callback import score_controller
+    from mtl.models.slimmable.control import score_controller
     from mtl.models.slimmable.table import build_width_table
 
     model = mtl.load_model(run_dir / "model").eval()

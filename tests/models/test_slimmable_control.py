@@ -211,7 +211,7 @@ def test_width_table_of_a_model_predicts_mixed_configurations_exactly():
 
 
 def test_score_controller_reports_the_held_out_score_and_both_methods():
-    from mtl.models.slimmable.callback import score_controller
+    from mtl.models.slimmable.control import score_controller
 
     t = table()
     test = WidthTable.from_json(t.to_json())

@@ -12,15 +12,13 @@ from pathlib import Path
 
 import lightning as L
 
-from mtl.models.slimmable.control import budgets_between, control_report, plot_choices, search
+from mtl.models.slimmable.control import SEARCH_METHODS, budgets_between, plot_choices, score_controller, search
 from mtl.models.slimmable.table import build_width_table
 
 
 class WidthTableCallback(L.Callback):
     def __init__(self, budgets: int = 8, preferences: int = 64, max_batches: int | None = None, seed: int = 0,
                  search_method: str = "measured"):
-        from mtl.models.slimmable.control import SEARCH_METHODS
-
         if search_method not in SEARCH_METHODS:
             raise ValueError(f"callbacks.width_table.search_method must be one of {SEARCH_METHODS}, got {search_method!r}")
         self.budgets, self.preferences, self.max_batches, self.seed = int(budgets), int(preferences), max_batches, seed
@@ -45,22 +43,6 @@ class WidthTableCallback(L.Callback):
         plot_choices(table, budgets_between(table, self.budgets), run_dir / "slimmable_control.png",
                      method=self.search_method)
         print_report(table, report)
-
-
-def score_controller(table, test, budgets: int = 8, preferences: int = 64, seed: int = 0,
-                     method: str = "measured") -> dict:
-    """``method``'s held-out report (search on ``table``, scores from ``test``) with a summary of every
-    method held out and in sample under ``compare``."""
-    from mtl.models.slimmable.control import SEARCH_METHODS
-
-    at = budgets_between(table, budgets)
-    report = control_report(table, at, preferences, seed, method, achieved=test)
-    report["compare"] = {}
-    for m in SEARCH_METHODS:
-        for name, achieved in (("held_out", test), ("in_sample", None)):
-            r = control_report(table, at, preferences, seed, m, achieved=achieved)
-            report["compare"][f"{m}/{name}"] = {"controllability": r["controllability"], "adherence": r["adherence"]}
-    return report
 
 
 def print_report(table, report) -> None:

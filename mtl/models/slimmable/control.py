@@ -237,6 +237,23 @@ def control_report(table: WidthTable, budgets: Sequence[float], n_preferences: i
             "n_preferences": n_preferences, "method": method, "held_out": achieved is not None, "per_budget": rows}
 
 
+def score_controller(table: WidthTable, test: WidthTable, budgets: int = 8, preferences: int = 64, seed: int = 0,
+                     method: str = "measured") -> dict[str, Any]:
+    """``method``'s held-out report (search on ``table``, scores from ``test``) with a summary of every
+    method held out and in sample under ``compare``."""
+    at = budgets_between(table, budgets)
+    report, compare = None, {}
+    for m in SEARCH_METHODS:
+        for name, achieved in (("held_out", test), ("in_sample", None)):
+            r = control_report(table, at, preferences, seed, m, achieved=achieved)
+            compare[f"{m}/{name}"] = {"controllability": r["controllability"], "adherence": r["adherence"]}
+            if m == method and achieved is not None:
+                report = r
+    if report is None:
+        raise ValueError(f"search method must be one of {SEARCH_METHODS}, got {method!r}")
+    return {**report, "compare": compare}
+
+
 def plot_choices(table: WidthTable, budgets: Sequence[float], path, preference: Mapping[str, float] | None = None,
                  method: str = "measured") -> None:
     """PNG: each task's primary metric, relative to the full-width model (higher = better), of the

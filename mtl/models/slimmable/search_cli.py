@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from mtl.models.slimmable.control import search
+from mtl.models.slimmable.control import SEARCH_METHODS, search
 from mtl.models.slimmable.table import WidthTable
 
 _SUFFIX = {"k": 1e3, "m": 1e6, "g": 1e9}
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("table", help="width_table.json of a slimmable run (written by experiment=scenes_slimmable)")
     ap.add_argument("--budget", required=True, help="FLOPs per image, e.g. 42M")
     ap.add_argument("--preference", required=True, help="task=value,... (non-negative, sum 1)")
-    ap.add_argument("--method", default="measured", choices=["measured", "rule"],
+    ap.add_argument("--method", default="measured", choices=SEARCH_METHODS,
                     help="measured: best preference-weighted validation metrics (default); rule: ECMT's quantile rule")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
