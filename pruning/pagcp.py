@@ -6,8 +6,8 @@ Sequential greedy search over layers, heaviest (FLOPs) first, on the model as pr
   multi-task Taylor score with ``importance="taylor"``, combined by max so a channel any task relies
   on ranks high);
 * ratios 0.05, 0.10, ... 0.95 of the layer's units are tried in turn (with ``round_to``, each ratio's
-  unit count is first rounded so the kept count is a multiple of it; duplicates are tried once); a performance-aware oracle
-  rejects a ratio as soon as *any* task's calibration loss exceeds (1 + δ_l) × its current value, and
+  unit count is first rounded so the kept count is a multiple of it; duplicates are tried once); a
+  performance-aware oracle rejects a ratio as soon as *any* task's calibration loss exceeds (1 + δ_l) × its current value, and
   the previous ratio is committed (the task that refused is logged as the layer's limiting task);
 * δ_l = δ_0 · γ^l shrinks geometrically along the order (later layers see an already smaller model),
   with δ_0 chosen so that Π_l (1 + δ_l) = 1 + ``budget``: the loss of every task may grow by at most
@@ -88,7 +88,6 @@ def search(model: nn.Module, graph: LayerGraph, batches: list[dict[str, torch.Te
     import copy
 
     round_to = check_round_to(round_to)
-
     ratios = sorted(float(r) for r in ratios)
     if not ratios or any(not 0 < r < 1 for r in ratios):
         raise ValueError(f"ratios must lie in (0, 1), got {list(ratios)}")
