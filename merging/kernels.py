@@ -19,169 +19,14 @@ fallback and as the path for any chunk whose result is not finite.
 from __future__ import annotations
 
 import math
-from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, wait
-from typing import Any
 
 import torch
 
+from .chunks import DEFAULT_CHUNK, ChunkFn, Chunks, Final, Kernel, Streamed, Workspace, chunked_streams, stream_tensor
 from .engine import Context
-from .sources import TensorInfo
 
-__all__ = ["DEFAULT_CHUNK", "Chunks", "Final", "Streamed", "Workspace", "fused_kernel", "stream_tensor", "ties_thresholds"]
-
-#: entries per chunk: 1 MB of float32 per buffer; TIES's buffers (T = 4: ~17 MB) stay in the L2/L3 caches
-DEFAULT_CHUNK = 1 << 18
-
-
-class Streamed:
-    """A merged tensor produced as flat chunks in its output dtype, in order; can be consumed once.
-    Each chunk is a reused buffer: write it out before asking for the next."""
-
-    def __init__(self, info: TensorInfo, pieces: Iterator[torch.Tensor]):
-        self.shape, self.dtype, self.numel = info.shape, info.dtype, info.numel
-        self._pieces = pieces
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        return self._pieces
-
-
-class Final:
-    """A chunk a kernel already produced in the output dtype and found finite (the native kernel):
-    `stream_tensor` passes it on as it is."""
-
-    __slots__ = ("tensor",)
-
-    def __init__(self, tensor: torch.Tensor):
-        self.tensor = tensor
-
-
-class Workspace:
-    """One worker's reusable chunk buffers (names are per kernel, each `chunk` entries)."""
-
-    def __init__(self, chunks: "Chunks"):
-        self.chunks = chunks
-        self._bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
-
-    def buf(self, name: str, dtype: torch.dtype, n: int, rows: int = 1) -> torch.Tensor:
-        b = self._bufs.get((name, dtype))
-        if b is None:
-            b = self._bufs[(name, dtype)] = torch.empty(rows * self.chunks.chunk, dtype=dtype)
-        return b[: rows * n] if rows == 1 else b[: rows * n].view(rows, n)
-
-    def scratch(self, nbytes: int) -> torch.Tensor:
-        """A reusable byte buffer of at least `nbytes` (the native kernel's blocks)."""
-        b = self._bufs.get(("scratch", torch.uint8))
-        if b is None or b.numel() < nbytes:
-            b = self._bufs[("scratch", torch.uint8)] = torch.empty(nbytes, dtype=torch.uint8)
-        return b
-
-    def read(self, key: str, s: int, e: int, validate: list[bool] | None = None) -> list[torch.Tensor]:
-        """[θ0, θ_1, ..., θ_T] entries [s, e) of `key` in compute dtype; sources flagged in `validate`
-        are checked for NaN/Inf (a failure is reported for the whole tensor, naming the file)."""
-        ctx = self.chunks.ctx
-        info, cd = ctx.plan.infos[key], ctx.plan.compute[key]
-        xs = []
-        for i, src in enumerate(ctx.sources):
-            raw = src.read_into(key, s, self.buf(f"raw{i}", info.dtype, e - s))
-            x = raw if info.dtype == cd else self.buf(f"in{i}", cd, e - s).copy_(raw)
-            if validate and validate[i] and not torch.isfinite(x.sum()):
-                ctx._validate(src.get(key).to(cd), i, key)
-            xs.append(x)
-        return xs
-
-
-ChunkFn = Callable[[Workspace, int, int], Any]
-
-
-class Chunks:
-    """Runs a per-chunk function over a tensor's chunks on `workers` threads (each with its own
-    workspace, torch ops single-threaded) and hands the results back in order.
-
-    Threads work on different chunks, so no thread waits for another inside an operation (torch's
-    intra-op parallelism makes every operation wait for its slowest thread: costly on a busy machine).
-    A workspace is reused only after its result has been consumed.
-    """
-
-    def __init__(self, ctx: Context | None, chunk: int = DEFAULT_CHUNK, workers: int = 1):
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1024:
-            raise ValueError(f"chunk must be an int ≥ 1024 (entries), got {chunk!r}")
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"workers must be an int ≥ 1, got {workers!r}")
-        self.ctx, self.chunk, self.workers = ctx, chunk, workers
-        self._spaces = [Workspace(self) for _ in range(workers + 1 if workers > 1 else 1)]
-        self._pool: ThreadPoolExecutor | None = None
-
-    def validate_flags(self, key: str) -> list[bool]:
-        """Which sources still need their NaN/Inf check for `key` (the caller marks them done)."""
-        ctx = self.ctx
-        return [ctx.check_finite and (i, key) not in ctx._checked for i in range(len(ctx.sources))]
-
-    def mark_checked(self, key: str, flags: list[bool]) -> None:
-        self.ctx._checked.update((i, key) for i, f in enumerate(flags) if f)
-
-    def map(self, key: str, fn: ChunkFn) -> Iterator[Any]:
-        """fn(workspace, start, end) over the chunks of `key`, results in order."""
-        n = self.ctx.plan.infos[key].numel
-        ranges = [(s, min(s + self.chunk, n)) for s in range(0, n, self.chunk)]
-        if self.workers == 1 or len(ranges) < 2:
-            ws = self._spaces[0]
-            for s, e in ranges:
-                yield fn(ws, s, e)
-            return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="mtl-merge")
-        free = list(self._spaces)
-        pending: deque = deque()
-        todo = iter(ranges)
-        try:
-            while True:
-                while free and len(pending) < self.workers:
-                    r = next(todo, None)
-                    if r is None:
-                        break
-                    ws = free.pop()
-                    pending.append((ws, self._pool.submit(fn, ws, *r)))
-                if not pending:
-                    return
-                ws, fut = pending.popleft()
-                yield fut.result()
-                free.append(ws)
-        finally:
-            for _, fut in pending:  # an error or an abandoned stream: let the running chunks finish
-                fut.cancel()
-            wait([f for _, f in pending])
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-
-
-#: a kernel: (method, chunks, key) -> the per-chunk function giving the merged chunk in compute dtype
-Kernel = Callable[[Any, Chunks, str], ChunkFn]
-
-
-def stream_tensor(method, kernel: Kernel, chunks: Chunks, key: str, propagates: bool) -> Streamed:
-    """The merged tensor `key` as a `Streamed` in the model's dtype."""
-    ctx = chunks.ctx
-    info = ctx.plan.infos[key]
-
-    def pieces():
-        fn = kernel(method, chunks, key)
-
-        def run(ws: Workspace, s: int, e: int) -> torch.Tensor:
-            out = fn(ws, s, e)
-            if isinstance(out, Final):
-                return out.tensor
-            if propagates and ctx.check_finite and not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
-                ctx.trace_nonfinite(key)
-            return out if out.dtype == info.dtype else ws.buf("out_raw", info.dtype, e - s).copy_(out)
-
-        yield from chunks.map(key, run)
-
-    return Streamed(info, pieces())
+__all__ = ["DEFAULT_CHUNK", "Chunks", "Final", "Streamed", "Workspace", "chunked_streams", "fused_kernel",
+           "stream_tensor", "ties_thresholds"]
 
 
 def fused_kernel(method) -> Kernel | None:
@@ -278,6 +123,13 @@ def _average(m, chunks: Chunks, key: str) -> ChunkFn:
         return acc.div_(len(xs) - 1)
 
     return _native_chunk(chunks, key, "average", fn)
+
+
+# no pass over the tensor before the first chunk: `chunked_streams` may build them for the next tensor early
+_task_arithmetic.prebuilt = _average.prebuilt = True
+# their default chunk: half as many hand-offs between threads as DEFAULT_CHUNK (~50 µs each on 2 cores);
+# their buffers are small (the native step reads 65,536-entry blocks, whatever the chunk)
+_task_arithmetic.chunk = _average.chunk = 1 << 19
 
 
 def ties_thresholds(chunks: Chunks, keys, n_keep: int) -> list[float]:

@@ -23,7 +23,7 @@ import torch
 from mtl.io import atomic_path
 
 from .engine import KeyOptions, open_context, produce, torch_threads
-from .kernels import DEFAULT_CHUNK, Chunks, Streamed, fused_kernel, stream_tensor
+from .kernels import DEFAULT_CHUNK, Chunks, Streamed, chunked_streams, fused_kernel
 from .hf import copy_base_files, model_card, parse_size, write_sharded
 from .methods import create_method
 from .sources import DTYPE_CODES, TensorInfo
@@ -134,7 +134,7 @@ def merge_to_file(
     shard_size: int | str | None = None,
     copy_files: bool | None = None,
     fused: bool = True,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: int | None = None,
     **kwargs: Any,
 ) -> Path:
     """Merge with bounded memory, writing the result to `out`. Same methods, hyperparameters and key
@@ -149,7 +149,8 @@ def merge_to_file(
     Returns the written file's path, or the folder's in the Hugging Face case.
 
     `fused=True` (default) runs task arithmetic, average, TIES and mergekit's task arithmetic through
-    the chunked kernels (`merging.kernels`: `chunk` entries at a time, inputs read with `pread`, all
+    the chunked kernels (`merging.kernels`: `chunk` entries at a time — default 524,288 for task
+    arithmetic and the average, 262,144 for the others — inputs read with `pread`, all
     operations on a chunk while it is in cache, chunks spread over `threads` worker threads (default:
     torch's thread count); memory bounded by the chunk, identical results);
     `fused=False`, and every other method, uses the whole-tensor kernels.
@@ -172,9 +173,10 @@ def merge_to_file(
         if kernel is not None:
             if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
                 raise ValueError(f"threads must be an int ≥ 1, got {threads!r}")
-            ctx.chunks = Chunks(ctx, chunk, workers=threads or torch.get_num_threads())
+            n_chunk = chunk if chunk is not None else getattr(kernel, "chunk", DEFAULT_CHUNK)
+            ctx.chunks = Chunks(ctx, n_chunk, workers=threads or torch.get_num_threads())
             propagates = getattr(m, "propagates_nonfinite", False)
-            streamed = lambda key: stream_tensor(m, kernel, ctx.chunks, key, propagates)  # noqa: E731
+            streamed = chunked_streams(m, kernel, ctx.chunks, propagates)
         # the chunked kernels parallelise over chunks, each operation on one thread
         with torch_threads(1 if kernel is not None else threads):
             m.prepare(ctx, select)

@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import merging  # noqa: E402
 from bench_merge_llm import SIZES, copy_mmap, copy_pread, generate, warm  # noqa: E402
 from merging.engine import KeyOptions, open_context, produce, torch_threads  # noqa: E402
-from merging.kernels import Chunks, Streamed, fused_kernel, stream_tensor  # noqa: E402
+from merging.kernels import DEFAULT_CHUNK, Chunks, Streamed, chunked_streams, fused_kernel  # noqa: E402
 from merging.methods import create_method  # noqa: E402
 
 
@@ -44,24 +45,47 @@ def copy_and_write(files, out: Path, nbytes: int) -> None:
         f.write(piece[: nbytes % len(piece)])
 
 
-def merge_step(method: str, folders, hp: dict, chunk: int, workers: int) -> None:
-    """Every merged tensor through the chunk kernels (as `merge_to_file(fused=True)`), chunks discarded."""
+def merge_step(method: str, folders, hp: dict, chunk: int | None, workers: int, old: bool = False) -> None:
+    """Every merged tensor through the chunk kernels (as `merge_to_file(fused=True)`), chunks discarded.
+    `chunk` None: the kernel's default. `old`: the dispatch before 2026-12-02 — one chunk queued per
+    worker, no early start of the next tensor, read-ahead hints also for cached bytes."""
     opts, hp = KeyOptions.split(dict(hp))
     m = create_method(method, **hp)
     kernel = fused_kernel(m)
     ctx = open_context(folders[0], folders[1:], opts, m.min_models(), method)
     try:
-        ctx.chunks = Chunks(ctx, chunk, workers=workers)
-        with torch_threads(1):
+        ctx.chunks = Chunks(ctx, chunk or getattr(kernel, "chunk", DEFAULT_CHUNK), workers=workers)
+        if old:
+            ctx.chunks.depth = 1
+            ctx.chunks._spaces = ctx.chunks._spaces[: workers + 1 if workers > 1 else 1]
+            ctx.chunks._free = list(ctx.chunks._spaces)
+        with torch_threads(1), always_hint(old):
             m.prepare(ctx, "radix")
             propagates = getattr(m, "propagates_nonfinite", False)
-            for _, t in produce(m, ctx, lambda key: stream_tensor(m, kernel, ctx.chunks, key, propagates)):
+            streams = chunked_streams(m, kernel, ctx.chunks, propagates)
+            if old:
+                ctx.chunks.ahead = None
+            for _, t in produce(m, ctx, streams):
                 if isinstance(t, Streamed):
                     for _ in t:
                         pass
     finally:
         ctx.chunks.close()
         ctx.close()
+
+
+@contextmanager
+def always_hint(on: bool):
+    """Read-ahead hints also for bytes already in page cache (as before the page-cache probe)."""
+    import merging.sources as sources
+
+    probe = sources.in_page_cache
+    if on:
+        sources.in_page_cache = lambda fd, start, length: False
+    try:
+        yield
+    finally:
+        sources.in_page_cache = probe
 
 
 def sync_hints(fn) -> None:
@@ -84,12 +108,18 @@ def main(argv=None):
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--out", default="/dev/shm/bench_chunked")
     ap.add_argument("--method", default="task_arithmetic")
-    ap.add_argument("--chunks", type=int, nargs="+", default=[1 << 16, 1 << 18, 1 << 20])
+    ap.add_argument("--chunks", type=int, nargs="+", default=[1 << 16, 1 << 18, 1 << 20],
+                    help="entries per chunk; 0: the kernel's default (merge_to_file's)")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--paths", nargs="+", default=["native", "torch"], choices=["native", "torch"],
                     help="chunk step: the native kernel (task arithmetic, average) and/or torch's operations")
     ap.add_argument("--no-whole", action="store_true", help="skip the whole-tensor kernels")
+    ap.add_argument("--steps-only", action="store_true",
+                    help="only the pread copy and the merge-step runs, back to back (no file-to-file merges)")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--old-dispatch", action="store_true",
+                    help="also time the merge step with the dispatch before 2026-12-02 (chunk 262144, one chunk "
+                         "queued per worker, no early start of the next tensor, hints for cached bytes)")
     ap.add_argument("--sync-hints", action="store_true",
                     help="also time the merge step with the read-ahead hints on the merging thread (the old way)")
     args = ap.parse_args(argv)
@@ -104,11 +134,17 @@ def main(argv=None):
 
     def merge(path="native", **kw):
         os.environ["MTLKIT_NATIVE"] = "1" if path == "native" else "0"  # read at each merge
+        if kw.get("chunk") == 0:
+            kw.pop("chunk")  # the kernel's default
         merging.merge_to_file(args.method, folders[0], folders[1:], args.out, overwrite=True, shard_size="1GB", **hp, **kw)
 
     def step(path, chunk, workers):
         os.environ["MTLKIT_NATIVE"] = "1" if path == "native" else "0"
-        merge_step(args.method, folders, hp, chunk, workers)
+        merge_step(args.method, folders, hp, chunk or None, workers)
+
+    def old_step(path, workers):
+        os.environ["MTLKIT_NATIVE"] = "1" if path == "native" else "0"
+        merge_step(args.method, folders, hp, 1 << 18, workers, old=True)
 
     merge()
     out_bytes = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
@@ -122,13 +158,18 @@ def main(argv=None):
             ("pread copy + writing the output bytes", lambda: copy_and_write(files, Path(args.out), out_bytes))]
     runs += [(f"merge step only {p}, chunk={c}, workers={w}", lambda c=c, w=w, p=p: step(p, c, w))
              for c in args.chunks for w in args.workers for p in args.paths]
+    if args.old_dispatch:
+        runs += [(f"merge step only {p}, OLD dispatch, workers={w}", lambda w=w, p=p: old_step(p, w))
+                 for w in args.workers for p in args.paths]
     if args.sync_hints:
         runs += [(f"merge step only {p}, chunk={c}, workers={w}, sync hints",
                   lambda c=c, w=w, p=p: sync_hints(lambda: step(p, c, w)))
                  for c in args.chunks for w in args.workers for p in args.paths]
     runs += [(f"chunked {p}, chunk={c}, workers={w}", lambda c=c, w=w, p=p: merge(p, chunk=c, threads=w))
              for c in args.chunks for w in args.workers for p in args.paths]
-    if not args.no_whole:
+    if args.steps_only:
+        runs = [r for r in runs if r[0] == "memory copy (pread)" or r[0].startswith("merge step only")]
+    if not args.no_whole and not args.steps_only:
         runs += [(f"whole-tensor kernels, threads={w}", lambda w=w: merge(fused=False, threads=w)) for w in args.workers]
     print(f"# {args.method}, {args.size}B, {nbytes / 1e9:.2f} GB of inputs, load {os.getloadavg()[0]:.1f}", flush=True)
     for _ in range(args.repeat):
