@@ -56,12 +56,12 @@ class Workspace:
             b = self._bufs[(name, dtype)] = torch.empty(rows * self.chunks.chunk, dtype=dtype)
         return b[: rows * n] if rows == 1 else b[: rows * n].view(rows, n)
 
-    def scratch(self, nbytes: int) -> torch.Tensor:
-        """A reusable byte buffer of at least `nbytes` (the native kernel's blocks)."""
-        b = self._bufs.get(("scratch", torch.uint8))
+    def scratch(self, nbytes: int, name: str = "scratch") -> torch.Tensor:
+        """A reusable byte buffer of `nbytes` (the native kernel's blocks, work space, histograms)."""
+        b = self._bufs.get((name, torch.uint8))
         if b is None or b.numel() < nbytes:
-            b = self._bufs[("scratch", torch.uint8)] = torch.empty(nbytes, dtype=torch.uint8)
-        return b
+            b = self._bufs[(name, torch.uint8)] = torch.empty(nbytes, dtype=torch.uint8)
+        return b[:nbytes]
 
     def read(self, key: str, s: int, e: int, validate: list[bool] | None = None) -> list[torch.Tensor]:
         """[θ0, θ_1, ..., θ_T] entries [s, e) of `key` in compute dtype; sources flagged in `validate`

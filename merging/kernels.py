@@ -23,7 +23,7 @@ import math
 import torch
 
 from .chunks import DEFAULT_CHUNK, ChunkFn, Chunks, Final, Kernel, Streamed, Workspace, chunked_streams, stream_tensor
-from .engine import Context
+from .native_steps import native_chunk, native_ties_thresholds
 
 __all__ = ["DEFAULT_CHUNK", "Chunks", "Final", "Streamed", "Workspace", "chunked_streams", "fused_kernel",
            "stream_tensor", "ties_thresholds"]
@@ -44,56 +44,6 @@ def fused_kernel(method) -> Kernel | None:
 
 
 # -- the kernels: the whole-tensor kernels' operations, in their order, on one chunk ---------------------
-def _read_raw(ws: Workspace, key: str, s: int, e: int, first: int = 0) -> list[torch.Tensor]:
-    """Sources `first`.. entries [s, e) of `key` in the file's dtype (no conversion)."""
-    ctx = ws.chunks.ctx
-    dtype = ctx.plan.infos[key].dtype
-    return [src.read_into(key, s, ws.buf(f"raw{i}", dtype, e - s)) for i, src in enumerate(ctx.sources) if i >= first]
-
-
-def _file_spans(ctx: Context, key: str, first: int = 0) -> list[tuple[int, int]] | None:
-    """(file descriptor, byte offset of `key`'s data) of sources `first`.. when each can give one in the
-    merged dtype (`StateSource.file_span`), else None (the native kernel then gets buffers)."""
-    dtype = ctx.plan.infos[key].dtype
-    spans = []
-    for src in ctx.sources[first:]:
-        span = src.file_span(key) if src.info(key).dtype == dtype else None
-        if span is None:
-            return None
-        spans.append(span)
-    return spans
-
-
-def _native_chunk(chunks: Chunks, key: str, kind: str, fallback: ChunkFn, **kw) -> ChunkFn:
-    """The native chunk step of `kind` for `key`, or `fallback` (the torch chunk step) when the native
-    kernel cannot run it. A chunk whose result is not finite, or whose read fails, is redone by
-    `fallback`, which reports it (and writes torch's bit patterns when non-finite outputs are allowed)."""
-    from . import native
-
-    ctx = chunks.ctx
-    info = ctx.plan.infos[key]
-    if info.dtype not in native.DTYPES or ctx.plan.compute[key] != torch.float32:
-        return fallback
-    lib = native.library()
-    if lib is None:
-        return fallback
-    first = 0 if kind == "task_arithmetic" else 1
-    spans = _file_spans(ctx, key, first)
-    nbytes = (ctx.T + 1 - first) * native.BLOCK * info.dtype.itemsize
-
-    def fn(ws: Workspace, s: int, e: int) -> torch.Tensor | Final:
-        out = ws.buf("out_raw", info.dtype, e - s)
-        if spans is not None:
-            done = native.pread_merge(lib, kind, spans, s, out, ws.scratch(nbytes), **kw) == 0
-        elif kind == "task_arithmetic":
-            done = native.task_arithmetic(lib, _read_raw(ws, key, s, e), out=out, **kw)
-        else:
-            done = native.average(lib, _read_raw(ws, key, s, e, first=1), out)
-        return Final(out) if done else fallback(ws, s, e)
-
-    return fn
-
-
 def _task_arithmetic(m, chunks: Chunks, key: str) -> ChunkFn:
     from . import native
 
@@ -109,7 +59,7 @@ def _task_arithmetic(m, chunks: Chunks, key: str) -> ChunkFn:
     lams = native.float32_lams(m.lams)
     if lams is None:
         return fn
-    return _native_chunk(chunks, key, "task_arithmetic", fn, lams=lams, scalar=m.scalar)
+    return native_chunk(chunks, key, "task_arithmetic", fn, lams=lams, scalar=m.scalar)
 
 
 def _average(m, chunks: Chunks, key: str) -> ChunkFn:
@@ -122,7 +72,7 @@ def _average(m, chunks: Chunks, key: str) -> ChunkFn:
             acc.add_(x)
         return acc.div_(len(xs) - 1)
 
-    return _native_chunk(chunks, key, "average", fn)
+    return native_chunk(chunks, key, "average", fn)
 
 
 # no pass over the tensor before the first chunk: `chunked_streams` may build them for the next tensor early
@@ -138,6 +88,9 @@ def ties_thresholds(chunks: Chunks, keys, n_keep: int) -> list[float]:
     path's first read does)."""
     from .selection import radix_thresholds
 
+    native = native_ties_thresholds(chunks, keys, n_keep)
+    if native is not None:
+        return native
     ctx = chunks.ctx
     T = ctx.T
     dtype = torch.float64 if any(ctx.plan.compute[k] == torch.float64 for k in keys) else torch.float32
@@ -219,7 +172,12 @@ def _ties(m, chunks: Chunks, key: str) -> ChunkFn:
         cnt = ws.buf("cnt", cnt_dtype, n).zero_() if mean else None
         return m.disjoint_merge(trimmed, sign, mag, keep, out, cnt).mul_(m.hp["lam"]).add_(pre)
 
-    return fn
+    from . import native
+
+    lam = native.float32_lams([m.hp["lam"]])
+    if lam is None:
+        return fn
+    return native_chunk(chunks, key, "ties", fn, thr=thr, zero_sign=float(m.zero_sign), mean=mean, lam=lam[0])
 
 
 def _mergekit_linear_delta(m, chunks: Chunks, key: str) -> ChunkFn:

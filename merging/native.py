@@ -1,5 +1,5 @@
-"""A small C kernel for the element-wise chunk steps (task arithmetic, plain average), compiled at
-first use with the system C compiler and loaded with ctypes.
+"""A small C kernel for the element-wise chunk steps (task arithmetic, plain average, TIES's merge and
+its radix-select histograms), compiled at first use with the system C compiler and loaded with ctypes.
 
 The chunked torch path runs ~14 single-threaded eager operations per chunk (conversions, subtractions,
 additions, the finite check), so it is bound by the number of operations. The C code reads the chunk
@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["BLOCK", "DTYPES", "average", "enabled", "library", "pread_merge", "task_arithmetic"]
+__all__ = ["BLOCK", "DTYPES", "average", "enabled", "library", "pread_merge", "pread_ties", "task_arithmetic", "ties",
+           "ties_hist"]
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,16 @@ def _declare(lib: ctypes.CDLL) -> None:
                                     ctypes.POINTER(ctypes.c_float), ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
                                     ctypes.c_void_p]
     lib.mtl_pread_merge.restype = ctypes.c_int
+    i32, i64, f32 = (ctypes.POINTER(c) for c in (ctypes.c_int32, ctypes.c_int64, ctypes.c_float))
+    lib.mtl_ties.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ptrs, f32, ctypes.c_float, ctypes.c_int,
+                             ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
+    lib.mtl_ties.restype = ctypes.c_int
+    lib.mtl_ties_hist.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ptrs, i32, ctypes.c_void_p]
+    lib.mtl_ties_hist.restype = ctypes.c_int
+    lib.mtl_pread_ties.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.POINTER(ctypes.c_int), i64, f32,
+                                   ctypes.c_float, ctypes.c_int, ctypes.c_float, i32, ctypes.c_void_p, ctypes.c_int64,
+                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    lib.mtl_pread_ties.restype = ctypes.c_int
     for name in ("mtl_f32_to_bf16", "mtl_bf16_to_f32"):
         getattr(lib, name).argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
         getattr(lib, name).restype = None
@@ -208,3 +219,63 @@ def pread_merge(lib: ctypes.CDLL, kind: str, spans: list[tuple[int, int]], start
     c_lams = (ctypes.c_float * len(lams))(*lams)
     return lib.mtl_pread_merge(KINDS[kind], code, out.numel(), len(spans), fds, pos, c_lams, int(scalar), BLOCK,
                                scratch.data_ptr(), out.data_ptr())
+
+
+#: float32 entries per task of TIES's work buffer (the C code's inner block)
+TIES_WORK = 512
+#: counters per task of the radix histograms (16 bits at a time)
+BUCKETS = 1 << 16
+
+
+def _ties_args(T: int, thr, zero_sign: float, mean: bool, lam: float):
+    return (ctypes.c_float * T)(*thr), ctypes.c_float(zero_sign), int(mean), ctypes.c_float(lam)
+
+
+def _hist_args(T: int, prefix, hist: torch.Tensor):
+    if hist.dtype != torch.int64 or not hist.is_contiguous() or hist.numel() != T * BUCKETS:
+        raise ValueError(f"native kernel: hist must be a contiguous int64 tensor of {T} × {BUCKETS} counters")
+    return (ctypes.c_int32 * T)(*prefix), hist.data_ptr()
+
+
+def ties(lib: ctypes.CDLL, xs: list[torch.Tensor], thr, zero_sign: float, mean: bool, lam: float,
+         out: torch.Tensor, work: torch.Tensor) -> bool:
+    """TIES's chunk step (`merging.kernels._ties`) into `out`: xs = [θ0, θ_1, ..., θ_T] in `out`'s dtype,
+    thr = the T float32 thresholds, zero_sign = FusionBench's sign for γ = 0 (0: none), `work` at least
+    T · TIES_WORK float32. False when a τ or a result is not finite."""
+    code, T = _check(xs, out), len(xs) - 1
+    if work.dtype != torch.float32 or work.numel() < T * TIES_WORK:
+        raise ValueError(f"native kernel: work must hold {T} × {TIES_WORK} float32")
+    return lib.mtl_ties(code, out.numel(), T, _pointers(xs), *_ties_args(T, thr, zero_sign, mean, lam),
+                        work.data_ptr(), out.data_ptr()) == 0
+
+
+def ties_hist(lib: ctypes.CDLL, xs: list[torch.Tensor], prefix, hist: torch.Tensor) -> bool:
+    """Add this chunk's radix histograms of |τ_t| to `hist` (T × BUCKETS int64): prefix[t] = -1 counts
+    the top 16 bits of the float32 |τ_t|, prefix[t] ≥ 0 the low 16 bits of those whose top bits equal
+    it, -2 skips task t. False when a τ is not finite."""
+    code = _check(xs[1:], xs[0])
+    return lib.mtl_ties_hist(code, xs[0].numel(), len(xs) - 1, _pointers(xs), *_hist_args(len(xs) - 1, prefix, hist)) == 0
+
+
+def pread_ties(lib: ctypes.CDLL, spans: list[tuple[int, int]], start: int, n: int, dtype: torch.dtype,
+               scratch: torch.Tensor, *, thr=None, zero_sign: float = 0.0, mean: bool = True, lam: float = 1.0,
+               work: torch.Tensor | None = None, out: torch.Tensor | None = None, prefix=None,
+               hist: torch.Tensor | None = None) -> int:
+    """`ties` (with `out`, `work`) or `ties_hist` (with `prefix`, `hist`) of entries [start, start + n)
+    read straight from the files (spans as in `pread_merge`: θ0 first). Returns 0, 1 when a τ or a
+    result is not finite, or -2 - i when source i could not be read."""
+    code, size, T = DTYPES[dtype], dtype.itemsize, len(spans) - 1
+    if scratch.numel() * scratch.element_size() < len(spans) * BLOCK * size:
+        raise ValueError("native kernel: a scratch of len(spans) · BLOCK entries needed")
+    fds = (ctypes.c_int * len(spans))(*(fd for fd, _ in spans))
+    pos = (ctypes.c_int64 * len(spans))(*(off + start * size for _, off in spans))
+    if hist is not None:
+        c_prefix, c_hist = _hist_args(T, prefix, hist)
+        return lib.mtl_pread_ties(code, n, len(spans), fds, pos, None, 0.0, 0, 1.0, c_prefix, c_hist, BLOCK,
+                                  scratch.data_ptr(), None, None)
+    if out is None or work is None or out.dtype != dtype or not out.is_contiguous() or out.numel() != n:
+        raise ValueError("native kernel: the TIES merge needs a contiguous `out` of n entries and a `work` buffer")
+    if work.dtype != torch.float32 or work.numel() < T * TIES_WORK:
+        raise ValueError(f"native kernel: work must hold {T} × {TIES_WORK} float32")
+    return lib.mtl_pread_ties(code, n, len(spans), fds, pos, *_ties_args(T, thr, zero_sign, mean, lam), None, None,
+                              BLOCK, scratch.data_ptr(), work.data_ptr(), out.data_ptr())

@@ -21,7 +21,7 @@ from fractions import Fraction
 
 import torch
 
-__all__ = ["keep_count", "kthvalue_threshold", "radix_thresholds", "as_threshold"]
+__all__ = ["as_threshold", "keep_count", "kthvalue_threshold", "locate", "radix_thresholds"]
 
 _BITS = {torch.float32: (32, torch.int32), torch.float64: (64, torch.int64)}
 _LITTLE = sys.byteorder == "little"
@@ -71,7 +71,7 @@ def _top16(a: torch.Tensor, width: int, ibits: torch.dtype) -> torch.Tensor:
     return a.view(ibits) >> (width - 16)
 
 
-def _locate(hist: torch.Tensor, r: int) -> tuple[int, int, int]:
+def locate(hist: torch.Tensor, r: int) -> tuple[int, int, int]:
     """Bucket holding the r-th largest value (1-based), the rank inside it, and its size."""
     desc = hist.flip(0).cumsum(0)
     i = int(torch.searchsorted(desc, torch.tensor([r], dtype=desc.dtype)).item())
@@ -146,7 +146,7 @@ def radix_thresholds(
                 s.gathered = []
                 s.value = vals.kthvalue(vals.numel() - s.rank + 1).values.item()
                 continue
-            b, s.rank, size = _locate(s.hist, s.rank)
+            b, s.rank, size = locate(s.hist, s.rank)
             s.prefix, s.known, s.hist = (s.prefix << 16) | b, s.known + 16, None
             if s.known == width:
                 s.value = torch.tensor([s.prefix], dtype=ibits).view(dtype).item()

@@ -168,6 +168,15 @@ static int read_full(int fd, char *buf, size_t len, int64_t pos) {
     return 0;
 }
 
+/* Block `s` (m entries) of each source into its scratch slot; 0, or -2 - i when source i failed. */
+static int read_block(int nsrc, const int *fds, const int64_t *pos, int64_t s, int64_t m, size_t es,
+                      const void *const *xs) {
+    for (int i = 0; i < nsrc; i++)
+        if (read_full(fds[i], (char *)xs[i], (size_t)m * es, pos[i] + s * (int64_t)es))
+            return -2 - i;
+    return 0;
+}
+
 /* The chunk read from the files and merged block by block, so that each block's inputs are merged
  * while they sit in the L2 cache: entries [0, n) of source i start at byte pos[i] of file fds[i];
  * `scratch` holds nsrc blocks of `block` entries. kind 0: task arithmetic (sources θ0, θ_1..θ_T),
@@ -182,12 +191,145 @@ int mtl_pread_merge(int kind, int dtype, int64_t n, int nsrc, const int *fds, co
         xs[i] = (char *)scratch + (size_t)i * (size_t)block * es;
     for (int64_t s = 0; s < n; s += block) {
         int64_t m = n - s < block ? n - s : block;
-        for (int i = 0; i < nsrc; i++)
-            if (read_full(fds[i], (char *)xs[i], (size_t)m * es, pos[i] + s * (int64_t)es))
-                return -2 - i;
+        int err = read_block(nsrc, fds, pos, s, m, es, xs);
+        if (err)
+            return err;
         void *o = (char *)out + (size_t)s * es;
         bad |= kind == 0 ? mtl_task_arithmetic(dtype, m, nsrc - 1, xs, lams, scalar, o)
                          : mtl_average(dtype, m, nsrc, xs, o);
+    }
+    return bad;
+}
+
+/* TIES, `Ties.trim_and_elect` + `Ties.disjoint_merge` + `.mul_(lam).add_(pre)` on one chunk, the torch
+ * operations' order and roundings: τ_t = θ_t − θ0; kept where |τ_t| ≥ thr[t] (τ̂_t = τ_t · keep, so a
+ * dropped entry is a signed zero, as torch's multiply by False gives); total = τ̂_1 + ... + τ̂_T;
+ * γ = sign(total) (+0 for ±0), γ = zero_sign where γ = 0 and zero_sign ≠ 0 (FusionBench's rule);
+ * a_t = max(τ̂_t·γ, 0) (torch's clamp keeps −0), out = ((+0 + a_1) + ... + a_T) · γ, divided by
+ * max(count of a_t > 0, 1) for the mean; result = out · lam + θ0. `work` holds T · BLOCK floats.
+ * Returns 1 when a τ_t or a result is not finite (the caller redoes the chunk in torch), else 0. */
+static inline __attribute__((always_inline)) int ties(int dtype, int64_t n, int T, const void *const *xs,
+                                                      const float *thr, float zero_sign, int mean, float lam,
+                                                      float *work, void *out) {
+    float pre[BLOCK], total[BLOCK], sign[BLOCK], acc[BLOCK], cnt[BLOCK];
+    uint32_t bad = 0;
+    const int64_t es = dtype == 0 ? 4 : 2;
+    for (int64_t s = 0; s < n; s += BLOCK) {
+        const int64_t m = n - s < BLOCK ? n - s : BLOCK;
+        const char *p0 = (const char *)xs[0] + s * es;
+        for (int64_t i = 0; i < m; i++)
+            pre[i] = get(dtype, p0, i);
+        for (int t = 0; t < T; t++) {
+            const char *pt = (const char *)xs[t + 1] + s * es;
+            float *tt = work + (size_t)t * BLOCK;
+            const float th = thr[t];
+            for (int64_t i = 0; i < m; i++) {
+                float tau = get(dtype, pt, i) - pre[i];
+                bad |= not_finite(tau);
+                tt[i] = tau * (fabsf(tau) >= th ? 1.0f : 0.0f);
+            }
+            if (t == 0)
+                for (int64_t i = 0; i < m; i++)
+                    total[i] = tt[i];
+            else
+                for (int64_t i = 0; i < m; i++)
+                    total[i] = total[i] + tt[i];
+        }
+        for (int64_t i = 0; i < m; i++) {
+            float g = (float)((total[i] > 0.0f) - (total[i] < 0.0f));
+            sign[i] = (g == 0.0f && zero_sign != 0.0f) ? zero_sign : g;
+            acc[i] = 0.0f;
+            cnt[i] = 0.0f;
+        }
+        for (int t = 0; t < T; t++) {
+            const float *tt = work + (size_t)t * BLOCK;
+            for (int64_t i = 0; i < m; i++) {
+                float a = tt[i] * sign[i];
+                a = a < 0.0f ? 0.0f : a;
+                cnt[i] += a > 0.0f ? 1.0f : 0.0f;
+                acc[i] = acc[i] + a;
+            }
+        }
+        char *o = (char *)out + s * es;
+        for (int64_t i = 0; i < m; i++) {
+            float v = acc[i] * sign[i];
+            if (mean)
+                v = v / (cnt[i] > 1.0f ? cnt[i] : 1.0f);
+            v = v * lam;
+            v = v + pre[i];
+            bad |= not_finite(v);
+            put(dtype, o, i, v);
+        }
+    }
+    return bad != 0;
+}
+
+/* Radix-select histograms of |τ_t| (float32 bits; non-negative floats order like their bits) on one
+ * chunk. prefix[t] = -1: count the top 16 bits of every |τ_t| into hist[t]; prefix[t] ≥ 0: count the low
+ * 16 bits of the |τ_t| whose top 16 bits equal prefix[t]; prefix[t] = -2: skip task t. hist holds T ·
+ * 65536 counters. Returns 1 when a τ_t is not finite, else 0. */
+static inline __attribute__((always_inline)) int ties_hist(int dtype, int64_t n, int T, const void *const *xs,
+                                                           const int32_t *prefix, int64_t *hist) {
+    float pre[BLOCK];
+    uint32_t bad = 0;
+    const int64_t es = dtype == 0 ? 4 : 2;
+    for (int64_t s = 0; s < n; s += BLOCK) {
+        const int64_t m = n - s < BLOCK ? n - s : BLOCK;
+        const char *p0 = (const char *)xs[0] + s * es;
+        for (int64_t i = 0; i < m; i++)
+            pre[i] = get(dtype, p0, i);
+        for (int t = 0; t < T; t++) {
+            if (prefix[t] == -2)
+                continue;
+            const char *pt = (const char *)xs[t + 1] + s * es;
+            int64_t *h = hist + (size_t)t * 65536;
+            const int32_t want = prefix[t];
+            for (int64_t i = 0; i < m; i++) {
+                float tau = get(dtype, pt, i) - pre[i];
+                bad |= not_finite(tau);
+                float a = fabsf(tau);
+                uint32_t u;
+                memcpy(&u, &a, sizeof u);
+                if (want < 0)
+                    h[u >> 16]++;
+                else if ((int32_t)(u >> 16) == want)
+                    h[u & 0xffffu]++;
+            }
+        }
+    }
+    return bad != 0;
+}
+
+int mtl_ties(int dtype, int64_t n, int T, const void *const *xs, const float *thr, float zero_sign, int mean,
+             float lam, float *work, void *out) {
+    return dtype == 0 ? ties(0, n, T, xs, thr, zero_sign, mean, lam, work, out)
+                      : ties(1, n, T, xs, thr, zero_sign, mean, lam, work, out);
+}
+
+int mtl_ties_hist(int dtype, int64_t n, int T, const void *const *xs, const int32_t *prefix, int64_t *hist) {
+    return dtype == 0 ? ties_hist(0, n, T, xs, prefix, hist) : ties_hist(1, n, T, xs, prefix, hist);
+}
+
+/* TIES read straight from the files, block by block (sources θ0, θ_1..θ_T, as `mtl_pread_merge`):
+ * hist == NULL: the merge (`mtl_ties`) into out; else the histograms of `mtl_ties_hist` (out unused).
+ * Returns 0, 1 (a non-finite τ or result), or -2 - i when source i could not be read. */
+int mtl_pread_ties(int dtype, int64_t n, int nsrc, const int *fds, const int64_t *pos, const float *thr,
+                   float zero_sign, int mean, float lam, const int32_t *prefix, int64_t *hist, int64_t block,
+                   void *scratch, float *work, void *out) {
+    const size_t es = dtype == 0 ? sizeof(float) : sizeof(uint16_t);
+    const void *xs[nsrc];
+    int bad = 0;
+    for (int i = 0; i < nsrc; i++)
+        xs[i] = (char *)scratch + (size_t)i * (size_t)block * es;
+    for (int64_t s = 0; s < n; s += block) {
+        int64_t m = n - s < block ? n - s : block;
+        int err = read_block(nsrc, fds, pos, s, m, es, xs);
+        if (err)
+            return err;
+        if (hist != NULL)
+            bad |= mtl_ties_hist(dtype, m, nsrc - 1, xs, prefix, hist);
+        else
+            bad |= mtl_ties(dtype, m, nsrc - 1, xs, thr, zero_sign, mean, lam, work, (char *)out + (size_t)s * es);
     }
     return bad;
 }
