@@ -223,8 +223,10 @@ def pread_merge(lib: ctypes.CDLL, kind: str, spans: list[tuple[int, int]], start
 
 #: float32 entries per task of TIES's work buffer (the C code's inner block)
 TIES_WORK = 512
-#: counters per task of the radix histograms (16 bits at a time)
+#: counters per task of the radix histograms (16 bits at a time); the kernel fills SUBHISTS interleaved
+#: copies per task, summed by the caller
 BUCKETS = 1 << 16
+SUBHISTS = 4
 
 
 def _ties_args(T: int, thr, zero_sign: float, mean: bool, lam: float):
@@ -232,8 +234,8 @@ def _ties_args(T: int, thr, zero_sign: float, mean: bool, lam: float):
 
 
 def _hist_args(T: int, prefix, hist: torch.Tensor):
-    if hist.dtype != torch.int64 or not hist.is_contiguous() or hist.numel() != T * BUCKETS:
-        raise ValueError(f"native kernel: hist must be a contiguous int64 tensor of {T} × {BUCKETS} counters")
+    if hist.dtype != torch.int64 or not hist.is_contiguous() or hist.numel() != T * SUBHISTS * BUCKETS:
+        raise ValueError(f"native kernel: hist must be a contiguous int64 tensor of {T} × {SUBHISTS} × {BUCKETS} counters")
     return (ctypes.c_int32 * T)(*prefix), hist.data_ptr()
 
 
@@ -250,7 +252,8 @@ def ties(lib: ctypes.CDLL, xs: list[torch.Tensor], thr, zero_sign: float, mean: 
 
 
 def ties_hist(lib: ctypes.CDLL, xs: list[torch.Tensor], prefix, hist: torch.Tensor) -> bool:
-    """Add this chunk's radix histograms of |τ_t| to `hist` (T × BUCKETS int64): prefix[t] = -1 counts
+    """Add this chunk's radix histograms of |τ_t| to `hist` (T × SUBHISTS × BUCKETS int64; the task's
+    histogram is the sum over the SUBHISTS axis): prefix[t] = -1 counts
     the top 16 bits of the float32 |τ_t|, prefix[t] ≥ 0 the low 16 bits of those whose top bits equal
     it, -2 skips task t. False when a τ is not finite."""
     code = _check(xs[1:], xs[0])

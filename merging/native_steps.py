@@ -97,7 +97,7 @@ def native_ties_thresholds(chunks: Chunks, keys, n_keep: int) -> list[float] | N
         def hist_of(ws: Workspace) -> torch.Tensor:
             h = used.get(id(ws))
             if h is None:
-                h = used[id(ws)] = ws.scratch(T * native.BUCKETS * 8, "ties_hist").view(torch.int64).zero_()
+                h = used[id(ws)] = ws.scratch(T * native.SUBHISTS * native.BUCKETS * 8, "ties_hist").view(torch.int64).zero_()
             return h
 
         for key in keys:
@@ -114,7 +114,7 @@ def native_ties_thresholds(chunks: Chunks, keys, n_keep: int) -> list[float] | N
 
             if not all(chunks.map(key, fn)):
                 return None
-        total = sum(used.values()).view(T, native.BUCKETS)
+        total = sum(used.values()).view(T, native.SUBHISTS, native.BUCKETS).sum(1)
         for t in range(T):
             b, ranks[t], _ = locate(total[t], ranks[t])
             prefix[t] = b if level == 0 else (prefix[t] << 16) | b

@@ -266,11 +266,13 @@ static inline __attribute__((always_inline)) int ties(int dtype, int64_t n, int 
 
 /* Radix-select histograms of |τ_t| (float32 bits; non-negative floats order like their bits) on one
  * chunk. prefix[t] = -1: count the top 16 bits of every |τ_t| into hist[t]; prefix[t] ≥ 0: count the low
- * 16 bits of the |τ_t| whose top 16 bits equal prefix[t]; prefix[t] = -2: skip task t. hist holds T ·
- * 65536 counters. Returns 1 when a τ_t is not finite, else 0. */
+ * 16 bits of the |τ_t| whose top 16 bits equal prefix[t]; prefix[t] = -2: skip task t. hist holds
+ * T · 4 · 65536 counters (four sub-histograms per task, to be summed). Returns 1 when a τ_t is not
+ * finite, else 0. */
 static inline __attribute__((always_inline)) int ties_hist(int dtype, int64_t n, int T, const void *const *xs,
                                                            const int32_t *prefix, int64_t *hist) {
     float pre[BLOCK];
+    uint32_t bits[BLOCK];
     uint32_t bad = 0;
     const int64_t es = dtype == 0 ? 4 : 2;
     for (int64_t s = 0; s < n; s += BLOCK) {
@@ -282,18 +284,42 @@ static inline __attribute__((always_inline)) int ties_hist(int dtype, int64_t n,
             if (prefix[t] == -2)
                 continue;
             const char *pt = (const char *)xs[t + 1] + s * es;
-            int64_t *h = hist + (size_t)t * 65536;
-            const int32_t want = prefix[t];
+            /* the bits of |τ| in a vectorised loop, then the (scalar) counting */
             for (int64_t i = 0; i < m; i++) {
                 float tau = get(dtype, pt, i) - pre[i];
                 bad |= not_finite(tau);
                 float a = fabsf(tau);
-                uint32_t u;
-                memcpy(&u, &a, sizeof u);
-                if (want < 0)
-                    h[u >> 16]++;
-                else if ((int32_t)(u >> 16) == want)
-                    h[u & 0xffffu]++;
+                memcpy(&bits[i], &a, sizeof a);
+            }
+            /* four interleaved sub-histograms: runs of equal buckets (bf16 deltas are multiples of a few
+             * powers of two) would otherwise wait on the previous increment of the same counter */
+            int64_t *h0 = hist + (size_t)t * 4 * 65536, *h1 = h0 + 65536, *h2 = h1 + 65536, *h3 = h2 + 65536;
+            const int32_t want = prefix[t];
+            int64_t i = 0;
+            if (want < 0) {
+                for (; i + 4 <= m; i += 4) {
+                    h0[bits[i] >> 16]++;
+                    h1[bits[i + 1] >> 16]++;
+                    h2[bits[i + 2] >> 16]++;
+                    h3[bits[i + 3] >> 16]++;
+                }
+                for (; i < m; i++)
+                    h0[bits[i] >> 16]++;
+            } else {
+                /* branches: most entries lie outside the wanted bucket */
+                for (; i + 4 <= m; i += 4) {
+                    if ((int32_t)(bits[i] >> 16) == want)
+                        h0[bits[i] & 0xffffu]++;
+                    if ((int32_t)(bits[i + 1] >> 16) == want)
+                        h1[bits[i + 1] & 0xffffu]++;
+                    if ((int32_t)(bits[i + 2] >> 16) == want)
+                        h2[bits[i + 2] & 0xffffu]++;
+                    if ((int32_t)(bits[i + 3] >> 16) == want)
+                        h3[bits[i + 3] & 0xffffu]++;
+                }
+                for (; i < m; i++)
+                    if ((int32_t)(bits[i] >> 16) == want)
+                        h0[bits[i] & 0xffffu]++;
             }
         }
     }
