@@ -4,6 +4,7 @@ writer. The per-method chunk functions live in `merging.kernels`.
 """
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -109,6 +110,16 @@ class Chunks:
         self._pool: ThreadPoolExecutor | None = None
         self.ahead: Callable[[str], tuple[str, ChunkFn] | None] | None = None
         self._early: tuple[str, deque] | None = None  # the next tensor's chunks started ahead
+        self._thread_bufs: dict[tuple, torch.Tensor] = {}
+
+    def thread_buffer(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A buffer reused by the calling thread across tensors and passes (fresh multi-megabyte
+        tensors cost page faults on every use)."""
+        key = (name, threading.get_ident(), dtype)
+        b = self._thread_bufs.get(key)
+        if b is None or b.numel() < numel:
+            b = self._thread_bufs[key] = torch.empty(numel, dtype=dtype)
+        return b[:numel]
 
     def validate_flags(self, key: str) -> list[bool]:
         """Which sources still need their NaN/Inf check for `key` (the caller marks them done)."""

@@ -4,6 +4,8 @@ step of `merging.kernels` when the kernel cannot run it or a chunk is not finite
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from .chunks import ChunkFn, Chunks, Final, Workspace
@@ -91,13 +93,16 @@ def native_ties_thresholds(chunks: Chunks, keys, n_keep: int) -> list[float] | N
         return None
     lib = native.library()
     prefix, ranks = [-1] * T, [n_keep] * T
+    size = T * native.SUBHISTS * native.BUCKETS
     for level in (0, 1):
+        # one histogram per thread, not per workspace: each is zeroed per pass (8 MB at T = 4), which
+        # per-tensor trimming pays for every tensor
         used: dict[int, torch.Tensor] = {}
 
         def hist_of(ws: Workspace) -> torch.Tensor:
-            h = used.get(id(ws))
+            h = used.get(threading.get_ident())
             if h is None:
-                h = used[id(ws)] = ws.scratch(T * native.SUBHISTS * native.BUCKETS * 8, "ties_hist").view(torch.int64).zero_()
+                h = used[threading.get_ident()] = chunks.thread_buffer("ties_hist", size, torch.int64).zero_()
             return h
 
         for key in keys:
@@ -114,7 +119,13 @@ def native_ties_thresholds(chunks: Chunks, keys, n_keep: int) -> list[float] | N
 
             if not all(chunks.map(key, fn)):
                 return None
-        total = sum(used.values()).view(T, native.SUBHISTS, native.BUCKETS).sum(1)
+        hists = list(used.values())
+        for h in hists[1:]:
+            hists[0].add_(h)
+        sub = hists[0].view(T, native.SUBHISTS, native.BUCKETS)
+        for k in range(1, native.SUBHISTS):  # in place: `sum(1)` would allocate and fault a new tensor
+            sub[:, 0].add_(sub[:, k])
+        total = sub[:, 0]
         for t in range(T):
             b, ranks[t], _ = locate(total[t], ranks[t])
             prefix[t] = b if level == 0 else (prefix[t] << 16) | b

@@ -99,6 +99,18 @@ def warm(paths) -> None:
                     pass
 
 
+def evict(root: Path, keep: Path) -> None:
+    """Drop the other sizes' inputs from page cache (POSIX_FADV_DONTNEED), so that each size's runs
+    find their own inputs cached and enough free memory for their outputs."""
+    for f in root.glob("llama_*/*/*.safetensors"):
+        if keep not in f.parents:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def copy_mmap(files) -> None:
     """Page cache -> one reused buffer through the mapping: every input byte once."""
     import mmap
@@ -209,6 +221,8 @@ def main(argv=None) -> dict:
         folders = generate(root / f"llama_{size}", size, args.models)
         inputs = sum(f.stat().st_size for p in folders for f in p.glob("*.safetensors"))
         print(f"# {size}B: {inputs / 1e9:.2f} GB of inputs, generated in {time.perf_counter() - t0:.0f} s", flush=True)
+        evict(root, root / f"llama_{size}")
+        warm(folders)
         rows = results["sizes"][str(size)] = {"input_bytes": inputs, "runs": {}}
         for label, tool, method, hp in [r for _ in range(args.repeat) for r in RUNS]:
             if args.only and not any(s in label for s in args.only):
