@@ -177,28 +177,10 @@ static int read_block(int nsrc, const int *fds, const int64_t *pos, int64_t s, i
     return 0;
 }
 
-/* The chunk read from the files and merged block by block, so that each block's inputs are merged
- * while they sit in the L2 cache: entries [0, n) of source i start at byte pos[i] of file fds[i];
- * `scratch` holds nsrc blocks of `block` entries. kind 0: task arithmetic (sources θ0, θ_1..θ_T),
- * kind 1: average (sources θ_1..θ_T). Returns 0, 1 (a non-finite result), or -2 - i when source i
- * could not be read (the caller's own read then reports it). */
-int mtl_pread_merge(int kind, int dtype, int64_t n, int nsrc, const int *fds, const int64_t *pos,
-                    const float *lams, int scalar, int64_t block, void *scratch, void *out) {
-    const size_t es = dtype == 0 ? sizeof(float) : sizeof(uint16_t);
-    const void *xs[nsrc];
-    int bad = 0;
-    for (int i = 0; i < nsrc; i++)
-        xs[i] = (char *)scratch + (size_t)i * (size_t)block * es;
-    for (int64_t s = 0; s < n; s += block) {
-        int64_t m = n - s < block ? n - s : block;
-        int err = read_block(nsrc, fds, pos, s, m, es, xs);
-        if (err)
-            return err;
-        void *o = (char *)out + (size_t)s * es;
-        bad |= kind == 0 ? mtl_task_arithmetic(dtype, m, nsrc - 1, xs, lams, scalar, o)
-                         : mtl_average(dtype, m, nsrc, xs, o);
-    }
-    return bad;
+/* entries [0, m) of a float32 or bfloat16 array as float32 */
+static inline __attribute__((always_inline)) void widen(int dtype, const void *p, int64_t m, float *dst) {
+    for (int64_t i = 0; i < m; i++)
+        dst[i] = get(dtype, p, i);
 }
 
 /* TIES, `Ties.trim_and_elect` + `Ties.disjoint_merge` + `.mul_(lam).add_(pre)` on one chunk, the torch
@@ -216,9 +198,7 @@ static inline __attribute__((always_inline)) int ties(int dtype, int64_t n, int 
     const int64_t es = dtype == 0 ? 4 : 2;
     for (int64_t s = 0; s < n; s += BLOCK) {
         const int64_t m = n - s < BLOCK ? n - s : BLOCK;
-        const char *p0 = (const char *)xs[0] + s * es;
-        for (int64_t i = 0; i < m; i++)
-            pre[i] = get(dtype, p0, i);
+        widen(dtype, (const char *)xs[0] + s * es, m, pre);
         for (int t = 0; t < T; t++) {
             const char *pt = (const char *)xs[t + 1] + s * es;
             float *tt = work + (size_t)t * BLOCK;
@@ -277,9 +257,7 @@ static inline __attribute__((always_inline)) int ties_hist(int dtype, int64_t n,
     const int64_t es = dtype == 0 ? 4 : 2;
     for (int64_t s = 0; s < n; s += BLOCK) {
         const int64_t m = n - s < BLOCK ? n - s : BLOCK;
-        const char *p0 = (const char *)xs[0] + s * es;
-        for (int64_t i = 0; i < m; i++)
-            pre[i] = get(dtype, p0, i);
+        widen(dtype, (const char *)xs[0] + s * es, m, pre);
         for (int t = 0; t < T; t++) {
             if (prefix[t] == -2)
                 continue;
@@ -336,12 +314,27 @@ int mtl_ties_hist(int dtype, int64_t n, int T, const void *const *xs, const int3
     return dtype == 0 ? ties_hist(0, n, T, xs, prefix, hist) : ties_hist(1, n, T, xs, prefix, hist);
 }
 
-/* TIES read straight from the files, block by block (sources θ0, θ_1..θ_T, as `mtl_pread_merge`):
- * hist == NULL: the merge (`mtl_ties`) into out; else the histograms of `mtl_ties_hist` (out unused).
- * Returns 0, 1 (a non-finite τ or result), or -2 - i when source i could not be read. */
-int mtl_pread_ties(int dtype, int64_t n, int nsrc, const int *fds, const int64_t *pos, const float *thr,
-                   float zero_sign, int mean, float lam, const int32_t *prefix, int64_t *hist, int64_t block,
-                   void *scratch, float *work, void *out) {
+/* The step a block read from the files goes through: 0 task arithmetic, 1 average, 2 TIES's merge,
+ * 3 TIES's histograms (with the arguments that step uses). */
+typedef struct {
+    int kind;
+    const float *lams;
+    int scalar;
+    const float *thr;
+    float zero_sign;
+    int mean;
+    float lam;
+    const int32_t *prefix;
+    int64_t *hist;
+    float *work;
+} step_args;
+
+/* Entries [0, n) read from the files block by block and each block stepped while it sits in the L2
+ * cache: source i's entries start at byte pos[i] of file fds[i]; `scratch` holds nsrc blocks of `block`
+ * entries. Returns 0, 1 (a non-finite τ or result), or -2 - i when source i could not be read (the
+ * caller's own read then reports it). */
+static int pread_blocks(const step_args *a, int dtype, int64_t n, int nsrc, const int *fds, const int64_t *pos,
+                        int64_t block, void *scratch, void *out) {
     const size_t es = dtype == 0 ? sizeof(float) : sizeof(uint16_t);
     const void *xs[nsrc];
     int bad = 0;
@@ -352,12 +345,33 @@ int mtl_pread_ties(int dtype, int64_t n, int nsrc, const int *fds, const int64_t
         int err = read_block(nsrc, fds, pos, s, m, es, xs);
         if (err)
             return err;
-        if (hist != NULL)
-            bad |= mtl_ties_hist(dtype, m, nsrc - 1, xs, prefix, hist);
-        else
-            bad |= mtl_ties(dtype, m, nsrc - 1, xs, thr, zero_sign, mean, lam, work, (char *)out + (size_t)s * es);
+        void *o = out == NULL ? NULL : (char *)out + (size_t)s * es;
+        switch (a->kind) {
+        case 0: bad |= mtl_task_arithmetic(dtype, m, nsrc - 1, xs, a->lams, a->scalar, o); break;
+        case 1: bad |= mtl_average(dtype, m, nsrc, xs, o); break;
+        case 2: bad |= mtl_ties(dtype, m, nsrc - 1, xs, a->thr, a->zero_sign, a->mean, a->lam, a->work, o); break;
+        default: bad |= mtl_ties_hist(dtype, m, nsrc - 1, xs, a->prefix, a->hist);
+        }
     }
     return bad;
+}
+
+/* kind 0: task arithmetic (sources θ0, θ_1..θ_T), kind 1: average (sources θ_1..θ_T), read straight
+ * from the files (`pread_blocks`). */
+int mtl_pread_merge(int kind, int dtype, int64_t n, int nsrc, const int *fds, const int64_t *pos,
+                    const float *lams, int scalar, int64_t block, void *scratch, void *out) {
+    step_args a = {.kind = kind, .lams = lams, .scalar = scalar};
+    return pread_blocks(&a, dtype, n, nsrc, fds, pos, block, scratch, out);
+}
+
+/* TIES read straight from the files (sources θ0, θ_1..θ_T): hist == NULL: the merge (`mtl_ties`) into
+ * out; else the histograms of `mtl_ties_hist` (out unused). */
+int mtl_pread_ties(int dtype, int64_t n, int nsrc, const int *fds, const int64_t *pos, const float *thr,
+                   float zero_sign, int mean, float lam, const int32_t *prefix, int64_t *hist, int64_t block,
+                   void *scratch, float *work, void *out) {
+    step_args a = {.kind = hist != NULL ? 3 : 2, .thr = thr, .zero_sign = zero_sign, .mean = mean, .lam = lam,
+                   .prefix = prefix, .hist = hist, .work = work};
+    return pread_blocks(&a, dtype, n, nsrc, fds, pos, block, scratch, hist != NULL ? NULL : out);
 }
 
 /* Conversions, exposed for the tests. */
