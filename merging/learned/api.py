@@ -18,7 +18,7 @@ from ..bn import bn_statistics, check_bn, pooled_batches
 from .adamerging import CoefficientLearner, Trace
 from .concrete import ConcreteMask
 from .layout import make_layout
-from .loop import Objective
+from .loop import POOL_LIMIT, Objective
 from .objective import has_entropy
 from .problem import MergeProblem, build_problem
 
@@ -26,7 +26,7 @@ log = logging.getLogger("merging.learned")
 
 __all__ = ["LEARNED_METHODS", "LearnedMerge", "learn", "method_defaults"]
 
-_COMMON = dict(steps=300, lr=1e-3, seed=0)
+_COMMON = dict(steps=300, lr=1e-3, seed=0, pool_limit=POOL_LIMIT)
 _COEF = dict(init=0.3, clamp=False)
 _MASK = dict(temperature=0.5, initial_logits=0.0, threshold=0.5)
 
@@ -190,7 +190,7 @@ def _learn(method, problem, hp, pretrained, finetuned, key_options, unlabeled, l
         raise ValueError(f"{'labeled' if supervised else 'unlabeled'} names task(s) {extra} that no fine-tuned "
                          f"model has; tasks: {problem.tasks}")
     bn_options = {"task_keys": key_options["task_keys"]} if "task_keys" in key_options else {}
-    objective = Objective(problem, obj_tasks, unlabeled, labeled, supervised, recompute, bn_options)
+    objective = Objective(problem, obj_tasks, unlabeled, labeled, supervised, recompute, bn_options, hp["pool_limit"])
     frozen = {n: p.detach() for n, p in problem.model.named_parameters() if n not in problem.theta0}
     torch.manual_seed(int(hp["seed"]))
     trace = Trace()
