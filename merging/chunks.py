@@ -82,6 +82,15 @@ class Workspace:
 ChunkFn = Callable[[Workspace, int, int], Any]
 
 
+class _Ahead:
+    """The next tensor's chunks started before its turn: the ranges still to start, and those running."""
+
+    __slots__ = ("key", "fn", "ranges", "pending")
+
+    def __init__(self, key: str, fn: ChunkFn, ranges: deque):
+        self.key, self.fn, self.ranges, self.pending = key, fn, ranges, deque()
+
+
 class Chunks:
     """Runs a per-chunk function over a tensor's chunks on `workers` threads (each with its own
     workspace, torch ops single-threaded) and hands the results back in order.
@@ -109,7 +118,7 @@ class Chunks:
         self._free = list(self._spaces)
         self._pool: ThreadPoolExecutor | None = None
         self.ahead: Callable[[str], tuple[str, ChunkFn] | None] | None = None
-        self._early: tuple[str, deque] | None = None  # the next tensor's chunks started ahead
+        self._early: _Ahead | None = None
         self._thread_bufs: dict[tuple, torch.Tensor] = {}
 
     def thread_buffer(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -135,17 +144,12 @@ class Chunks:
 
     def map(self, key: str, fn: ChunkFn) -> Iterator[Any]:
         """fn(workspace, start, end) over the chunks of `key`, results in order."""
-        ranges = self._ranges(key)
-        pending: deque = deque()
-        if self._early is not None:
-            early_key, early = self._early
-            self._early = None
-            if early_key == key:  # its first chunks already run: continue after them
-                pending = early
-                for _ in early:
-                    ranges.popleft()
-            else:
-                self._settle(early)
+        ranges, pending = self._ranges(key), deque()
+        early, self._early = self._early, None
+        if early is not None and early.key == key:  # its first chunks already run: continue after them
+            ranges, pending = early.ranges, early.pending
+        elif early is not None:
+            self._settle(early.pending)
         if not pending and (self.workers == 1 or len(ranges) < 2):
             ws = self._free[0]
             for s, e in ranges:
@@ -174,7 +178,7 @@ class Chunks:
             self._settle(pending)  # an error or an abandoned stream: let the running chunks finish
 
     def _n_early(self) -> int:
-        return len(self._early[1]) if self._early is not None else 0
+        return len(self._early.pending) if self._early is not None else 0
 
     def _start_next(self, key: str) -> None:
         try:
@@ -182,20 +186,15 @@ class Chunks:
         except Exception:  # building it again when its turn comes reports the error there
             nxt = None
         if nxt is not None:
-            nkey, nfn = nxt
-            self._early = (nkey, deque())
-            self._early_src = (nfn, self._ranges(nkey))
-            self._more_early()
+            self._early = _Ahead(nxt[0], nxt[1], self._ranges(nxt[0]))
 
     def _more_early(self) -> bool:
-        """Start one more of the next tensor's chunks; False when there is none to start."""
-        if self._early is None or not self._early_src[1] or not self._free:
-            return False
-        nfn, nranges = self._early_src
-        if len(self._early[1]) >= self.workers * self.depth:
+        """Start one more of the next tensor's chunks (a workspace is free); False when none is left."""
+        early = self._early
+        if early is None or not early.ranges:
             return False
         ws = self._free.pop()
-        self._early[1].append((ws, self._pool.submit(nfn, ws, *nranges.popleft())))
+        early.pending.append((ws, self._pool.submit(early.fn, ws, *early.ranges.popleft())))
         return True
 
     def _settle(self, pending: deque) -> None:
@@ -207,7 +206,7 @@ class Chunks:
 
     def close(self) -> None:
         if self._early is not None:
-            self._settle(self._early[1])
+            self._settle(self._early.pending)
             self._early = None
         if self._pool is not None:
             self._pool.shutdown(wait=True)

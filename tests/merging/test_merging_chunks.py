@@ -40,8 +40,8 @@ def test_next_tensor_starts_before_its_turn_and_is_not_redone():
     ch = Chunks(_ctx({"a": 4096, "b": 8192}), chunk=1024, workers=2)
     ch.ahead = lambda key: ("b", _recording(log, "b")) if key == "a" else None
     got_a = list(ch.map("a", _recording(log, "a", delay=0.02)))
-    early_key, early = ch._early
-    assert early_key == "b" and early, "idle workers should start b while a's last chunks run"
+    early = ch._early
+    assert early.key == "b" and early.pending, "idle workers should start b while a's last chunks run"
     seen_b = []
     got_b = list(ch.map("b", lambda ws, s, e: seen_b.append(s) or ("b", s, e)))
     ch.close()
