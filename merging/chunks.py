@@ -234,11 +234,13 @@ def _runner(method, kernel: Kernel, chunks: Chunks, key: str, propagates: bool) 
     return run
 
 
-def stream_tensor(method, kernel: Kernel, chunks: Chunks, key: str, propagates: bool) -> Streamed:
-    """The merged tensor `key` as a `Streamed` in the model's dtype."""
+def stream_tensor(method, kernel: Kernel, chunks: Chunks, key: str, propagates: bool,
+                  runner: ChunkFn | None = None) -> Streamed:
+    """The merged tensor `key` as a `Streamed` in the model's dtype (`runner`: its chunk function, when
+    already built)."""
 
     def pieces():
-        yield from chunks.map(key, _runner(method, kernel, chunks, key, propagates))
+        yield from chunks.map(key, runner or _runner(method, kernel, chunks, key, propagates))
 
     return Streamed(chunks.ctx.plan.infos[key], pieces())
 
@@ -246,7 +248,9 @@ def stream_tensor(method, kernel: Kernel, chunks: Chunks, key: str, propagates: 
 def chunked_streams(method, kernel: Kernel, chunks: Chunks, propagates: bool) -> Callable[[str], Streamed]:
     """`key -> Streamed` for `merging.engine.produce`, in the plan's order. Kernels whose chunk function
     is cheap to build (`kernel.prebuilt`: no pass over the tensor first) also let idle workers start
-    the next merged tensor's first chunks while a tensor's last ones run (`Chunks.ahead`)."""
+    the next merged tensor's first chunks while a tensor's last ones run (`Chunks.ahead`); the chunk
+    function built for that is the one the tensor's own turn then uses."""
+    built: dict[str, ChunkFn] = {}
     if getattr(kernel, "prebuilt", False):
         plan = chunks.ctx.plan
         merged = [k for k in plan.order if plan.kind[k] == "merge"]
@@ -254,7 +258,10 @@ def chunked_streams(method, kernel: Kernel, chunks: Chunks, propagates: bool) ->
 
         def ahead(key: str):
             nkey = following.get(key)
-            return None if nkey is None else (nkey, _runner(method, kernel, chunks, nkey, propagates))
+            if nkey is None:
+                return None
+            built[nkey] = _runner(method, kernel, chunks, nkey, propagates)
+            return nkey, built[nkey]
 
         chunks.ahead = ahead
-    return lambda key: stream_tensor(method, kernel, chunks, key, propagates)
+    return lambda key: stream_tensor(method, kernel, chunks, key, propagates, built.pop(key, None))
