@@ -203,6 +203,16 @@ def average(lib: ctypes.CDLL, xs: list[torch.Tensor], out: torch.Tensor) -> bool
 KINDS = {"task_arithmetic": 0, "average": 1}
 
 
+def _file_args(spans: list[tuple[int, int]], start: int, size: int, scratch: torch.Tensor):
+    """The C arrays of file descriptors and byte positions of entry `start` (entries of `size` bytes),
+    once the scratch is checked to hold len(spans) blocks."""
+    if scratch.numel() * scratch.element_size() < len(spans) * BLOCK * size:
+        raise ValueError("native kernel: a scratch of len(spans) · BLOCK entries needed")
+    fds = (ctypes.c_int * len(spans))(*(fd for fd, _ in spans))
+    pos = (ctypes.c_int64 * len(spans))(*(off + start * size for _, off in spans))
+    return fds, pos
+
+
 def pread_merge(lib: ctypes.CDLL, kind: str, spans: list[tuple[int, int]], start: int, out: torch.Tensor,
                 scratch: torch.Tensor, lams=(1.0,), scalar: bool = True) -> int:
     """`task_arithmetic` / `average` of entries [start, start + out.numel()) read straight from files:
@@ -210,15 +220,12 @@ def pread_merge(lib: ctypes.CDLL, kind: str, spans: list[tuple[int, int]], start
     arithmetic: sources θ0, θ_1..θ_T; average: θ_1..θ_T). Reads and merges `BLOCK` entries at a time;
     `scratch` holds at least len(spans) · BLOCK entries of `out`'s dtype. Returns 0, 1 when a result is
     not finite, or -2 - i when source i could not be read."""
-    code = DTYPES[out.dtype]
-    size = out.element_size()
-    if not out.is_contiguous() or scratch.numel() * scratch.element_size() < len(spans) * BLOCK * size:
-        raise ValueError("native kernel: contiguous output and a scratch of len(spans) · BLOCK entries needed")
-    fds = (ctypes.c_int * len(spans))(*(fd for fd, _ in spans))
-    pos = (ctypes.c_int64 * len(spans))(*(off + start * size for _, off in spans))
+    if not out.is_contiguous():
+        raise ValueError("native kernel: the output must be contiguous")
+    fds, pos = _file_args(spans, start, out.element_size(), scratch)
     c_lams = (ctypes.c_float * len(lams))(*lams)
-    return lib.mtl_pread_merge(KINDS[kind], code, out.numel(), len(spans), fds, pos, c_lams, int(scalar), BLOCK,
-                               scratch.data_ptr(), out.data_ptr())
+    return lib.mtl_pread_merge(KINDS[kind], DTYPES[out.dtype], out.numel(), len(spans), fds, pos, c_lams,
+                               int(scalar), BLOCK, scratch.data_ptr(), out.data_ptr())
 
 
 #: float32 entries per task of TIES's work buffer (the C code's inner block)
@@ -229,13 +236,17 @@ BUCKETS = 1 << 16
 SUBHISTS = 4
 
 
-def _ties_args(T: int, thr, zero_sign: float, mean: bool, lam: float):
+def _ties_args(T: int, thr, zero_sign: float, mean: bool, lam: float, work: torch.Tensor):
+    """The merge's scalar arguments (its work buffer checked)."""
+    if work.dtype != torch.float32 or work.numel() < T * TIES_WORK:
+        raise ValueError(f"native kernel: work must hold {T} × {TIES_WORK} float32")
     return (ctypes.c_float * T)(*thr), ctypes.c_float(zero_sign), int(mean), ctypes.c_float(lam)
 
 
 def _hist_args(T: int, prefix, hist: torch.Tensor):
     if hist.dtype != torch.int64 or not hist.is_contiguous() or hist.numel() != T * SUBHISTS * BUCKETS:
-        raise ValueError(f"native kernel: hist must be a contiguous int64 tensor of {T} × {SUBHISTS} × {BUCKETS} counters")
+        raise ValueError(f"native kernel: hist must be a contiguous int64 tensor of {T} × {SUBHISTS} × {BUCKETS} "
+                         "counters")
     return (ctypes.c_int32 * T)(*prefix), hist.data_ptr()
 
 
@@ -245,9 +256,7 @@ def ties(lib: ctypes.CDLL, xs: list[torch.Tensor], thr, zero_sign: float, mean: 
     thr = the T float32 thresholds, zero_sign = FusionBench's sign for γ = 0 (0: none), `work` at least
     T · TIES_WORK float32. False when a τ or a result is not finite."""
     code, T = _check(xs, out), len(xs) - 1
-    if work.dtype != torch.float32 or work.numel() < T * TIES_WORK:
-        raise ValueError(f"native kernel: work must hold {T} × {TIES_WORK} float32")
-    return lib.mtl_ties(code, out.numel(), T, _pointers(xs), *_ties_args(T, thr, zero_sign, mean, lam),
+    return lib.mtl_ties(code, out.numel(), T, _pointers(xs), *_ties_args(T, thr, zero_sign, mean, lam, work),
                         work.data_ptr(), out.data_ptr()) == 0
 
 
@@ -257,7 +266,8 @@ def ties_hist(lib: ctypes.CDLL, xs: list[torch.Tensor], prefix, hist: torch.Tens
     the top 16 bits of the float32 |τ_t|, prefix[t] ≥ 0 the low 16 bits of those whose top bits equal
     it, -2 skips task t. False when a τ is not finite."""
     code = _check(xs[1:], xs[0])
-    return lib.mtl_ties_hist(code, xs[0].numel(), len(xs) - 1, _pointers(xs), *_hist_args(len(xs) - 1, prefix, hist)) == 0
+    T = len(xs) - 1
+    return lib.mtl_ties_hist(code, xs[0].numel(), T, _pointers(xs), *_hist_args(T, prefix, hist)) == 0
 
 
 def pread_ties(lib: ctypes.CDLL, spans: list[tuple[int, int]], start: int, n: int, dtype: torch.dtype,
@@ -267,18 +277,13 @@ def pread_ties(lib: ctypes.CDLL, spans: list[tuple[int, int]], start: int, n: in
     """`ties` (with `out`, `work`) or `ties_hist` (with `prefix`, `hist`) of entries [start, start + n)
     read straight from the files (spans as in `pread_merge`: θ0 first). Returns 0, 1 when a τ or a
     result is not finite, or -2 - i when source i could not be read."""
-    code, size, T = DTYPES[dtype], dtype.itemsize, len(spans) - 1
-    if scratch.numel() * scratch.element_size() < len(spans) * BLOCK * size:
-        raise ValueError("native kernel: a scratch of len(spans) · BLOCK entries needed")
-    fds = (ctypes.c_int * len(spans))(*(fd for fd, _ in spans))
-    pos = (ctypes.c_int64 * len(spans))(*(off + start * size for _, off in spans))
+    code, T = DTYPES[dtype], len(spans) - 1
+    fds, pos = _file_args(spans, start, dtype.itemsize, scratch)
     if hist is not None:
         c_prefix, c_hist = _hist_args(T, prefix, hist)
         return lib.mtl_pread_ties(code, n, len(spans), fds, pos, None, 0.0, 0, 1.0, c_prefix, c_hist, BLOCK,
                                   scratch.data_ptr(), None, None)
     if out is None or work is None or out.dtype != dtype or not out.is_contiguous() or out.numel() != n:
         raise ValueError("native kernel: the TIES merge needs a contiguous `out` of n entries and a `work` buffer")
-    if work.dtype != torch.float32 or work.numel() < T * TIES_WORK:
-        raise ValueError(f"native kernel: work must hold {T} × {TIES_WORK} float32")
-    return lib.mtl_pread_ties(code, n, len(spans), fds, pos, *_ties_args(T, thr, zero_sign, mean, lam), None, None,
-                              BLOCK, scratch.data_ptr(), work.data_ptr(), out.data_ptr())
+    return lib.mtl_pread_ties(code, n, len(spans), fds, pos, *_ties_args(T, thr, zero_sign, mean, lam, work),
+                              None, None, BLOCK, scratch.data_ptr(), work.data_ptr(), out.data_ptr())

@@ -94,28 +94,27 @@ def native_ties_thresholds(chunks: Chunks, keys, n_keep: int) -> list[float] | N
     lib = native.library()
     prefix, ranks = [-1] * T, [n_keep] * T
     size = T * native.SUBHISTS * native.BUCKETS
+    # each key's file spans and block scratch, looked up once for both passes
+    plan = [(key, ctx.plan.infos[key].dtype, file_spans(ctx, key),
+             (T + 1) * native.BLOCK * ctx.plan.infos[key].dtype.itemsize) for key in keys]
     for level in (0, 1):
         # one histogram per thread, not per workspace: each is zeroed per pass (8 MB at T = 4), which
         # per-tensor trimming pays for every tensor
         used: dict[int, torch.Tensor] = {}
 
-        def hist_of(ws: Workspace) -> torch.Tensor:
+        def thread_hist() -> torch.Tensor:
             h = used.get(threading.get_ident())
             if h is None:
                 h = used[threading.get_ident()] = chunks.thread_buffer("ties_hist", size, torch.int64).zero_()
             return h
 
-        for key in keys:
-            info = ctx.plan.infos[key]
-            spans = file_spans(ctx, key)
-            nbytes = (T + 1) * native.BLOCK * info.dtype.itemsize
+        for key, dtype, spans, nbytes in plan:
 
-            def fn(ws: Workspace, s: int, e: int, key=key, info=info, spans=spans, nbytes=nbytes) -> bool:
-                h = hist_of(ws)
+            def fn(ws: Workspace, s: int, e: int, key=key, dtype=dtype, spans=spans, nbytes=nbytes) -> bool:
                 if spans is not None:
-                    return native.pread_ties(lib, spans, s, e - s, info.dtype, ws.scratch(nbytes), prefix=prefix,
-                                             hist=h) == 0
-                return native.ties_hist(lib, read_raw(ws, key, s, e), prefix, h)
+                    return native.pread_ties(lib, spans, s, e - s, dtype, ws.scratch(nbytes), prefix=prefix,
+                                             hist=thread_hist()) == 0
+                return native.ties_hist(lib, read_raw(ws, key, s, e), prefix, thread_hist())
 
             if not all(chunks.map(key, fn)):
                 return None
