@@ -105,15 +105,17 @@ class Chunks:
     reading, then both computing — half the overlap of reads and arithmetic lost on every tensor).
     """
 
-    def __init__(self, ctx: Context | None, chunk: int = DEFAULT_CHUNK, workers: int = 1):
+    def __init__(self, ctx: Context | None, chunk: int = DEFAULT_CHUNK, workers: int = 1, depth: int = 2):
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1024:
             raise ValueError(f"chunk must be an int ≥ 1024 (entries), got {chunk!r}")
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be an int ≥ 1, got {workers!r}")
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"depth must be an int ≥ 1, got {depth!r}")
         self.ctx, self.chunk, self.workers = ctx, chunk, workers
-        # chunks queued per worker: a worker that finishes finds its next chunk waiting instead of
-        # idling until the consuming thread wakes up and submits one (~50 µs a chunk on 2 cores)
-        self.depth = 2 if workers > 1 else 1
+        # `depth` chunks queued per worker: a worker that finishes finds its next chunk waiting instead
+        # of idling until the consuming thread wakes up and submits one (~50 µs a chunk on 2 cores)
+        self.depth = depth if workers > 1 else 1
         self._spaces = [Workspace(self) for _ in range(workers * self.depth + 1 if workers > 1 else 1)]
         self._free = list(self._spaces)
         self._pool: ThreadPoolExecutor | None = None

@@ -54,11 +54,8 @@ def merge_step(method: str, folders, hp: dict, chunk: int | None, workers: int, 
     kernel = fused_kernel(m)
     ctx = open_context(folders[0], folders[1:], opts, m.min_models(), method)
     try:
-        ctx.chunks = Chunks(ctx, chunk or getattr(kernel, "chunk", DEFAULT_CHUNK), workers=workers)
-        if old:
-            ctx.chunks.depth = 1
-            ctx.chunks._spaces = ctx.chunks._spaces[: workers + 1 if workers > 1 else 1]
-            ctx.chunks._free = list(ctx.chunks._spaces)
+        ctx.chunks = Chunks(ctx, chunk or getattr(kernel, "chunk", DEFAULT_CHUNK), workers=workers,
+                            depth=1 if old else 2)
         with torch_threads(1), always_hint(old):
             m.prepare(ctx, "radix")
             propagates = getattr(m, "propagates_nonfinite", False)

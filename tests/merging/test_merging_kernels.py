@@ -103,6 +103,8 @@ def test_bad_chunk_is_refused(tmp_path):
         Chunks(None, chunk=True)
     with pytest.raises(ValueError, match="workers"):
         Chunks(None, workers=0)
+    with pytest.raises(ValueError, match="depth"):
+        Chunks(None, workers=2, depth=0)
 
 
 def test_fused_in_memory_inputs_equal_merge(tmp_path):
