@@ -30,3 +30,51 @@ def smoke_pool(tmp_path_factory):
     from merging.job import build_smoke_pool
 
     return build_smoke_pool(tmp_path_factory.mktemp("smoke_pool"))
+
+
+@pytest.fixture
+def guard_labels(monkeypatch):
+    """`guard_labels(what, (owner, name), ...)` wraps those functions so that while any of them runs,
+    every in-memory dataset column but 'image' raises "... read while {what}". Returns the guard's
+    state: `on` (set it to test that the guard bites) and `calls` (how often a wrapped function ran)."""
+    import inspect
+
+    from mtl.data import memory as dm_module
+
+    state = {"on": False, "calls": 0, "what": ""}
+
+    class Guarded(dict):
+        def __getitem__(self, key):
+            if state["on"] and key != "image":
+                raise AssertionError(f"label column {key!r} read while {state['what']}")
+            return super().__getitem__(key)
+
+        def items(self):
+            if state["on"]:
+                raise AssertionError(f"all columns read while {state['what']}")
+            return super().items()
+
+    orig_init = dm_module.TensorDictDataset.__init__
+
+    def guarded_init(self, *a, **k):
+        orig_init(self, *a, **k)
+        self.tensors = Guarded(self.tensors)
+
+    def guarded(fn):
+        def wrapper(*a, **k):
+            state["on"], state["calls"] = True, state["calls"] + 1
+            try:
+                out = fn(*a, **k)
+                return list(out) if inspect.isgenerator(out) else out  # drawn while guarded
+            finally:
+                state["on"] = False
+        return wrapper
+
+    def arm(what, *targets):
+        state["what"] = what
+        monkeypatch.setattr(dm_module.TensorDictDataset, "__init__", guarded_init)
+        for owner, name in targets:
+            monkeypatch.setattr(owner, name, guarded(getattr(owner, name)))
+        return state
+
+    return arm

@@ -46,38 +46,9 @@ def test_adamerging_layer_cli_writes_coefficients_plots_and_model(pool, tmp_path
     torch.testing.assert_close(model.state_dict()[k], expect, rtol=1e-5, atol=1e-6)
 
 
-def test_learning_never_reads_labels(pool, tmp_path, monkeypatch):
+def test_learning_never_reads_labels(pool, tmp_path, guard_labels):
     """Every dataset's label columns raise while the coefficients are learned (only 'image' is readable)."""
-    learning = {"on": False}
-
-    class Guarded(dict):
-        def __getitem__(self, key):
-            if learning["on"] and key != "image":
-                raise AssertionError(f"label column {key!r} read while learning")
-            return super().__getitem__(key)
-
-        def items(self):
-            if learning["on"]:
-                raise AssertionError("all columns read while learning")
-            return super().items()
-
-    orig_init = dm_module.TensorDictDataset.__init__
-
-    def guarded_init(self, *a, **k):
-        orig_init(self, *a, **k)
-        self.tensors = Guarded(self.tensors)
-
-    orig_learn = merging.learn
-
-    def learn(*a, **k):
-        learning["on"] = True
-        try:
-            return orig_learn(*a, **k)
-        finally:
-            learning["on"] = False
-
-    monkeypatch.setattr(dm_module.TensorDictDataset, "__init__", guarded_init)
-    monkeypatch.setattr(merging, "learn", learn)
+    learning = guard_labels("learning", (merging, "learn"))
     report = run(_args(pool, "merge=adamerging", "merge.granularity=task"), run_dir=tmp_path / "guarded")
     assert set(report["tasks"]) == {"regression", "semseg"}
     with pytest.raises(AssertionError, match="read while learning"):  # the guard does bite

@@ -20,42 +20,10 @@ def _args(pool, *extra):
 
 
 @pytest.fixture
-def label_guard(monkeypatch):
-    """While `guard["on"]`, every dataset's columns but 'image' raise."""
-    guard = {"on": False, "calls": 0}
-
-    class Guarded(dict):
-        def __getitem__(self, key):
-            if guard["on"] and key != "image":
-                raise AssertionError(f"label column {key!r} read while estimating BN statistics")
-            return super().__getitem__(key)
-
-        def items(self):
-            if guard["on"]:
-                raise AssertionError("all columns read while estimating BN statistics")
-            return super().items()
-
-    orig_init = dm_module.TensorDictDataset.__init__
-
-    def guarded_init(self, *a, **k):
-        orig_init(self, *a, **k)
-        self.tensors = Guarded(self.tensors)
-
-    def guarded(fn):
-        def wrapper(*a, **k):
-            guard["on"], guard["calls"] = True, guard["calls"] + 1
-            try:
-                out = fn(*a, **k)
-                return list(out) if fn.__name__ == "bn_batches" else out
-            finally:
-                guard["on"] = False
-        return wrapper
-
-    monkeypatch.setattr(dm_module.TensorDictDataset, "__init__", guarded_init)
-    monkeypatch.setattr(job_module.MergeJob, "bn_batches", guarded(job_module.MergeJob.bn_batches))
-    monkeypatch.setattr(merging, "recompute_bn", guarded(merging.recompute_bn))
-    monkeypatch.setattr(merging, "learn", guarded(merging.learn))
-    return guard
+def label_guard(guard_labels):
+    """While statistics are estimated or coefficients learned, every column but 'image' raises."""
+    return guard_labels("estimating BN statistics", (job_module.MergeJob, "bn_batches"), (merging, "recompute_bn"),
+                        (merging, "learn"))
 
 
 def test_training_free_merge_recomputes_without_reading_labels(pool, tmp_path, label_guard):
