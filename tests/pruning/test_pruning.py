@@ -10,34 +10,12 @@ import mtl
 import pruning
 from mtl.flops import count_flops, count_params
 from mtl.io import save_model
-from mtl.models import create_model
 from pruning import pagcp as pagcp_mod
 from pruning.graph import LayerGraph, PruningError
 
-TASKS = ["semseg", "depth", "classification"]
-
-
-def _model(backbone="test_resnet", seed=0):
-    torch.manual_seed(seed)
-    m = create_model(TASKS, backbone=backbone, decoder={"name": "hps", "channels": 8}).eval()
-    for mod in m.modules():  # non-trivial BN statistics, so a wrong channel mapping shows
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.uniform_(-0.5, 0.5)
-            mod.running_var.uniform_(0.5, 2.0)
-            mod.weight.data.uniform_(0.5, 1.5)
-            mod.bias.data.uniform_(-0.2, 0.2)
-    return m
-
-
-def _batches(n=2, size=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        out.append({"image": torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8, generator=g),
-                    "semseg": torch.randint(0, 5, (4, size, size), generator=g),  # 5 scenes classes
-                    "depth": torch.rand(4, 1, size, size, generator=g) * 5,
-                    "classification": torch.randint(0, 3, (4,), generator=g)})
-    return out
+from pruning_toys import TASKS
+from pruning_toys import toy_batches as _batches
+from pruning_toys import toy_model as _model
 
 
 @pytest.fixture(scope="module")

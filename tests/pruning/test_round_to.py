@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 import mtl
 import pruning
@@ -14,31 +13,19 @@ from pruning import pagcp as pagcp_mod
 from pruning.graph import LayerGraph
 from pruning.job import run
 
-TASKS = ["semseg", "depth", "classification"]
+from pruning_toys import TASKS, toy_batches, toy_model
+
 R = 8
-
-
-def _model():
-    torch.manual_seed(0)
-    return create_model(TASKS, backbone="test_resnet", decoder={"name": "hps", "channels": 8}).eval()
-
-
-def _batches(n=1, size=32):
-    g = torch.Generator().manual_seed(0)
-    return [{"image": torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8, generator=g),
-             "semseg": torch.randint(0, 5, (4, size, size), generator=g),
-             "depth": torch.rand(4, 1, size, size, generator=g) * 5,
-             "classification": torch.randint(0, 3, (4,), generator=g)} for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
 def model():
-    return _model()
+    return toy_model(varied_bn=False)
 
 
 @pytest.fixture(scope="module")
 def batches():
-    return _batches()
+    return toy_batches(1)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,31 @@
+"""The small multi-task model and scenes-like batches the pruning tests share."""
+import torch
+from torch import nn
+
+from mtl.models import create_model
+
+TASKS = ["semseg", "depth", "classification"]
+
+
+def toy_model(backbone="test_resnet", seed=0, varied_bn=True):
+    """test_resnet (or `backbone`) + an 8-channel HPS decoder for TASKS, in eval mode. `varied_bn`:
+    non-trivial BN statistics and affine parameters, so a wrong channel mapping shows."""
+    torch.manual_seed(seed)
+    m = create_model(TASKS, backbone=backbone, decoder={"name": "hps", "channels": 8}).eval()
+    if varied_bn:
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+                mod.weight.data.uniform_(0.5, 1.5)
+                mod.bias.data.uniform_(-0.2, 0.2)
+    return m
+
+
+def toy_batches(n=2, size=32, seed=0):
+    """n batches of 4 images with every task's target (5 scenes classes, depth in [0, 5), 3 classes)."""
+    g = torch.Generator().manual_seed(seed)
+    return [{"image": torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8, generator=g),
+             "semseg": torch.randint(0, 5, (4, size, size), generator=g),
+             "depth": torch.rand(4, 1, size, size, generator=g) * 5,
+             "classification": torch.randint(0, 3, (4,), generator=g)} for _ in range(n)]
