@@ -29,3 +29,15 @@ def toy_batches(n=2, size=32, seed=0):
              "semseg": torch.randint(0, 5, (4, size, size), generator=g),
              "depth": torch.rand(4, 1, size, size, generator=g) * 5,
              "classification": torch.randint(0, 3, (4,), generator=g)} for _ in range(n)]
+
+
+def controlled_losses(layer: str, slopes: dict):
+    """A stand-in for `pruning.pagcp.task_losses`: task t's loss is 1 + slopes[t]·f (1 for a task not
+    in `slopes`), f being the fraction of `layer`'s filters zeroed — only that layer matters."""
+
+    def losses(m, _batches):
+        w = m.get_submodule(layer).weight
+        f = float((w.flatten(1).abs().sum(1) == 0).float().mean())
+        return {t: 1 + slopes[t] * f if t in slopes else 1.0 for t in TASKS}
+
+    return losses

@@ -13,7 +13,7 @@ from mtl.io import save_model
 from pruning import pagcp as pagcp_mod
 from pruning.graph import LayerGraph, PruningError
 
-from pruning_toys import TASKS
+from pruning_toys import TASKS, controlled_losses
 from pruning_toys import toy_batches as _batches
 from pruning_toys import toy_model as _model
 
@@ -128,12 +128,7 @@ def test_oracle_never_accepts_a_ratio_over_any_threshold(model, batches, monkeyp
     tried ratio with 2·f ≤ δ, blame semseg, and every other layer must reach the largest ratio."""
     layer_a = "decoder.neck.refine.0"
 
-    def losses(m, _batches):
-        w = m.get_submodule(layer_a).weight
-        f = float((w.flatten(1).abs().sum(1) == 0).float().mean())
-        return {"semseg": 1 + 2 * f, "depth": 1 + 0.5 * f, "classification": 1.0}
-
-    monkeypatch.setattr(pagcp_mod, "task_losses", losses)
+    monkeypatch.setattr(pagcp_mod, "task_losses", controlled_losses(layer_a, {"semseg": 2, "depth": 0.5}))
     graph = LayerGraph(model, batches[0]["image"][:2])
     removed, steps = pagcp_mod.search(model, graph, batches, budget=0.5, shrink=0.9)
     step = next(s for s in steps if s["layer"] == layer_a)

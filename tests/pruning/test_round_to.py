@@ -13,7 +13,7 @@ from pruning import pagcp as pagcp_mod
 from pruning.graph import LayerGraph
 from pruning.job import run
 
-from pruning_toys import TASKS, toy_batches, toy_model
+from pruning_toys import TASKS, controlled_losses, toy_batches, toy_model
 
 R = 8
 
@@ -74,12 +74,7 @@ def test_pagcp_oracle_tries_only_rounded_counts_and_never_over_accepts(model, ba
     R, and the committed count is the largest *rounded* candidate with f/2 ≤ δ_A."""
     layer_a = "backbone.body.layer2.0.conv1"
 
-    def losses(m, _batches):
-        w = m.get_submodule(layer_a).weight
-        f = float((w.flatten(1).abs().sum(1) == 0).float().mean())
-        return {"semseg": 1 + 0.5 * f, "depth": 1 + 0.2 * f, "classification": 1.0}
-
-    monkeypatch.setattr(pagcp_mod, "task_losses", losses)
+    monkeypatch.setattr(pagcp_mod, "task_losses", controlled_losses(layer_a, {"semseg": 0.5, "depth": 0.2}))
     removed, steps = pagcp_mod.search(model, graph, batches, budget=40.0, shrink=0.9, round_to=R)
     step = next(s for s in steps if s["layer"] == layer_a)
     size, delta = step["size"], step["delta"]
