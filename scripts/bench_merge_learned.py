@@ -74,18 +74,18 @@ def batches(T: int, batch: int, steps: int, seed: int = 0):
             for i in range(T)}
 
 
-def run_ours(pre, fts, data, steps) -> dict:
+def run_ours(pre, fts, data, steps, **options) -> dict:
     import merging
 
     t0 = time.perf_counter()
-    stamps = []  # after each step (the callback also builds the merged weights once: charged to ours)
     res = merging.learn("adamerging", pre, fts, unlabeled=data, steps=steps, lr=1e-3, granularity="layer",
-                        progress=False, callback=lambda step, state: stamps.append(time.perf_counter()),
-                        callback_every=1)
-    return {"seconds": time.perf_counter() - t0, "coef": res.coefficients.tolist(), "stamps": stamps}
+                        progress=False, **options)
+    # each history row holds the seconds since learning started, taken at the end of its step
+    return {"seconds": time.perf_counter() - t0, "coef": res.coefficients.tolist(),
+            "stamps": [row["seconds"] for row in res.history]}
 
 
-def run_naive(pre, fts, data, steps) -> dict:
+def run_naive(pre, fts, data, steps, **options) -> dict:
     """Rebuild the merged model every step from state dicts (what a straightforward implementation does)."""
     import copy
 
@@ -135,9 +135,10 @@ def child_step(args) -> None:
     folder = Path(args.folder)
     pre, fts = folder / "pre", sorted(folder.glob("ft*"), key=lambda p: int(p.name[2:]))
     data = batches(len(fts), args.batch, args.steps)
-    fn = run_ours if args.variant == "ours" else run_naive
-    fn(pre, fts, {t: b[:1] for t, b in data.items()}, 1)  # warm-up: imports, allocator, first-call overheads
-    out = fn(pre, fts, data, args.steps)
+    fn = run_naive if args.variant == "naive" else run_ours
+    opts = {"channels_last": False} if args.variant == "ours_nchw" else {}
+    fn(pre, fts, {t: b[:1] for t, b in data.items()}, 1, **opts)  # warm-up: imports, allocator, first-call overheads
+    out = fn(pre, fts, data, args.steps, **opts)
     out["peak_rss_mb"] = peak_rss_mb()
     print("RESULT " + json.dumps(out))
 
@@ -208,7 +209,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=1, help="interleaved runs per variant (the fastest counts)")
     p.add_argument("--child", choices=["step", "vit"], help=argparse.SUPPRESS)
-    p.add_argument("--variant", choices=["ours", "naive"], help=argparse.SUPPRESS)
+    p.add_argument("--ab-channels-last", action="store_true",
+                   help="also run merging.learn with channels_last=False (A/B of the memory format)")
+    p.add_argument("--variant", choices=["ours", "naive", "ours_nchw"], help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child == "step":
@@ -226,26 +229,34 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory(prefix="bench_learned_") as tmp:
             pre, fts = cnn_pool(Path(tmp), T, "small" if args.small else "full")
             inputs = sum((Path(f) / "model.safetensors").stat().st_size for f in [pre, *fts]) / 2**20
-            res = {}
-            for variant in ("naive", "ours") * args.repeats:  # interleaved; the fastest run counts
+            runs: dict[str, list[dict]] = {}
+            variants = ("naive", "ours", "ours_nchw") if args.ab_channels_last else ("naive", "ours")
+            for variant in variants * args.repeats:  # interleaved
                 r = spawn("--child", "step", "--variant", variant, "--folder", tmp, "--steps", str(steps), *common)
-                old = res.get(variant)
-                res[variant] = r if old is None or r["seconds"] < old["seconds"] else {**old, "peak_rss_mb": max(old["peak_rss_mb"], r["peak_rss_mb"])}
+                runs.setdefault(variant, []).append(r)
         import torch
 
-        same = torch.allclose(torch.tensor(res["ours"]["coef"]), torch.tensor(res["naive"]["coef"]), atol=1e-5, rtol=1e-4)
-        per = {v: res[v]["seconds"] / steps for v in res}
-        # steady state: from the end of the first step to the end of the last (no setup, no first step)
-        steady = {v: (res[v]["stamps"][-1] - res[v]["stamps"][0]) / (steps - 1) if steps > 1 else float("nan")
-                  for v in res}
+        # the fastest run counts, for each measure on its own; steady state = from the end of the first step
+        # to the end of the last (no setup, no first step)
+        per = {v: min(r["seconds"] for r in rs) / steps for v, rs in runs.items()}
+        steady = {v: min((r["stamps"][-1] - r["stamps"][0]) / (steps - 1) if steps > 1 else float("nan") for r in rs)
+                  for v, rs in runs.items()}
+        rss = {v: max(r["peak_rss_mb"] for r in rs) for v, rs in runs.items()}
+        same = all(torch.allclose(torch.tensor(r["coef"]), torch.tensor(runs["naive"][0]["coef"]), atol=1e-5, rtol=1e-4)
+                   for rs in runs.values() for r in rs)
+        label = {"naive": "naive: rebuild the merged model from state dicts every step",
+                 "ours": "`merging.learn` (one model, functional_call, stacked task vectors)",
+                 "ours_nchw": "`merging.learn`, channels_last=False"}
         lines += [f"Layer-wise AdaMerging, {T} tasks × {args.batch} images per step, {steps} steps, "
                   f"{'timm test_resnet' if args.small else 'resnet10t + HPS (CNN zoo shape)'}, inputs {inputs:.1f} MB, "
-                  f"{args.threads} thread(s):", "",
-                  "| run | time per step (run / steps) | per step after the first | peak RSS |", "|---|---:|---:|---:|",
-                  f"| naive: rebuild the merged model from state dicts every step | {per['naive']:.3f} s | {steady['naive']:.3f} s | {res['naive']['peak_rss_mb']:.0f} MB |",
-                  f"| `merging.learn` (one model, functional_call, stacked task vectors) | {per['ours']:.3f} s | {steady['ours']:.3f} s | {res['ours']['peak_rss_mb']:.0f} MB |",
-                  "", f"speed-up {per['naive'] / per['ours']:.2f}× per run, {steady['naive'] / steady['ours']:.2f}× per step "
-                  f"after the first; coefficients after {steps} steps equal: {same}"]
+                  f"{args.threads} thread(s), best of {args.repeats}:", "",
+                  "| run | time per step (run / steps) | per step after the first | peak RSS |", "|---|---:|---:|---:|"]
+        lines += [f"| {label[v]} | {per[v]:.3f} s | {steady[v]:.3f} s | {rss[v]:.0f} MB |" for v in runs]
+        lines += ["", "every run, per step after the first (s): " + "; ".join(
+            f"{v} " + " / ".join(f"{(r['stamps'][-1] - r['stamps'][0]) / max(steps - 1, 1):.3f}" for r in rs)
+            for v, rs in runs.items())]
+        lines += ["", f"speed-up {per['naive'] / per['ours']:.2f}× per run, {steady['naive'] / steady['ours']:.2f}× per step "
+                  f"after the first; coefficients after {steps} steps equal in every run: {same}"]
     if args.only in (None, "vit") and not args.small:
         with tempfile.TemporaryDirectory(prefix="bench_learned_vit_") as tmp:
             spawn("--child", "vit", "--folder", tmp, *common)

@@ -6,6 +6,7 @@ problem of Concrete subspace merging (`concrete.py`).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,12 +21,17 @@ __all__ = ["CoefficientLearner", "Trace"]
 
 @dataclass
 class Trace:
-    """What happened per step: the objective (per task and summed) and any callback metrics."""
+    """What happened per step: the objective (per task and summed), the seconds since learning started
+    (taken before any callback of that step runs) and any callback metrics."""
 
     steps: list[dict[str, Any]] = field(default_factory=list)
+    start: float = field(default_factory=time.perf_counter)
 
-    def add(self, step: int, losses: dict[str, float], extra: dict[str, float] | None = None, phase: str = "") -> None:
-        row: dict[str, Any] = {"step": step, "objective": sum(losses.values()), "per_task": losses}
+    def add(self, step: int, losses: dict[str, float], extra: dict[str, float] | None = None, phase: str = "",
+            seconds: float | None = None) -> None:
+        seconds = time.perf_counter() - self.start if seconds is None else seconds
+        row: dict[str, Any] = {"step": step, "objective": sum(losses.values()), "per_task": losses,
+                               "seconds": round(seconds, 6)}
         if phase:
             row["phase"] = phase
         if extra:
@@ -70,11 +76,11 @@ class CoefficientLearner:
         for step in range(1, steps + 1):
             losses = step_gradients(self.problem, self.merged(mask), objective, frozen)
             self.apply_step(step)
-            extra = None
+            seconds, extra = time.perf_counter() - trace.start, None
             if callback is not None and callback_every and (step % callback_every == 0 or step == steps):
                 with torch.no_grad():
                     extra = dict(callback(step, self.merged(mask, detach=True)) or {})
-            trace.add(step, losses, extra, phase)
+            trace.add(step, losses, extra, phase, seconds)
             bar.update(step, f"objective {mean(losses) * len(losses):.4f}")
 
     def values(self) -> torch.Tensor:

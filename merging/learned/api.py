@@ -26,7 +26,7 @@ log = logging.getLogger("merging.learned")
 
 __all__ = ["LEARNED_METHODS", "LearnedMerge", "learn", "method_defaults"]
 
-_COMMON = dict(steps=300, lr=1e-3, seed=0, pool_limit=POOL_LIMIT)
+_COMMON = dict(steps=300, lr=1e-3, seed=0, pool_limit=POOL_LIMIT, channels_last=None)
 _COEF = dict(init=0.3, clamp=False)
 _MASK = dict(temperature=0.5, initial_logits=0.0, threshold=0.5)
 
@@ -171,6 +171,8 @@ def learn(method: str, pretrained, finetuned, *, unlabeled: Mapping[str, Iterabl
         if k in hp and not torch.isfinite(torch.tensor(float(hp[k]))):
             raise ValueError(f"{k} must be finite, got {hp[k]}")
 
+    if hp["channels_last"] is None:  # our models take channels-last images; a caller's model may .view() them
+        hp["channels_last"] = model is None
     was_training = model.training if model is not None else None
     problem = build_problem(pretrained, finetuned, model=model, tasks=tasks, device=device, **key_options)
     try:
@@ -190,7 +192,8 @@ def _learn(method, problem, hp, pretrained, finetuned, key_options, unlabeled, l
         raise ValueError(f"{'labeled' if supervised else 'unlabeled'} names task(s) {extra} that no fine-tuned "
                          f"model has; tasks: {problem.tasks}")
     bn_options = {"task_keys": key_options["task_keys"]} if "task_keys" in key_options else {}
-    objective = Objective(problem, obj_tasks, unlabeled, labeled, supervised, recompute, bn_options, hp["pool_limit"])
+    objective = Objective(problem, obj_tasks, unlabeled, labeled, supervised, recompute, bn_options, hp["pool_limit"],
+                          hp["channels_last"])
     frozen = {n: p.detach() for n, p in problem.model.named_parameters() if n not in problem.theta0}
     torch.manual_seed(int(hp["seed"]))
     trace = Trace()

