@@ -87,6 +87,13 @@ def rescore(run_dir: Path, args) -> dict:
     from mtl.models.slimmable.table import build_width_table
 
     model = mtl.load_model(run_dir / "model").eval()
+    if args.checkpoint == "last":  # the weights at the end of the budget, not the best-val/loss epoch
+        import torch
+
+        ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        own = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+        model.load_state_dict(own)
+        print(f"{run_dir.name}: last.ckpt, epoch {ckpt['epoch'] + 1}, step {ckpt['global_step']}", flush=True)
     data = dict(model.meta["data"])
     dm = create_datamodule(data.pop("name"), **data)
     dm.prepare_data()
@@ -154,6 +161,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=["quality", "speed", "control", "all"], default="all")
     ap.add_argument("--runs", nargs="+", default=[], help="control: finished scenes_slimmable run folders")
+    ap.add_argument("--checkpoint", choices=["model", "last"], default="model",
+                    help="control: score the run's model folder (best val/loss epoch) or checkpoints/last.ckpt "
+                         "(the end of the training budget)")
     ap.add_argument("--tasks", nargs="+", default=["semseg", "depth", "normals"])
     ap.add_argument("--data-size", type=int, default=32)
     ap.add_argument("--n-train", type=int, default=384)

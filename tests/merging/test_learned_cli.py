@@ -79,10 +79,12 @@ def test_other_learned_methods_run(pool, tmp_path, method, extra):
     assert (rd / "coefficients.png").exists() and (rd / "learning_curves.png").exists()
 
 
-def test_pool_limit_from_the_cli(pool, tmp_path):
+def test_pool_limit_and_memory_format_from_the_cli(pool, tmp_path):
     rd = tmp_path / "single"
-    run(_args(pool, "merge=adamerging", "merge.granularity=task", "merge.pool_limit=0"), run_dir=rd)
+    run(_args(pool, "merge=adamerging", "merge.granularity=task", "merge.pool_limit=0", "merge.channels_last=false"),
+        run_dir=rd)
     summary = json.loads((rd / "coefficients" / "coefficients.json").read_text())
     assert summary["hparams"]["pool_limit"] == 0
+    assert summary["hparams"]["channels_last"] is False  # default null resolves to true for the pool's models
     with pytest.raises(ValueError, match="pool_limit"):
         run(_args(pool, "merge=adamerging", "merge.pool_limit=-1"), run_dir=tmp_path / "bad_limit")
