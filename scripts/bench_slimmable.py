@@ -5,10 +5,17 @@ sliced-at-run-time encoders.
     .venv/bin/python scripts/bench_slimmable.py --part all --out /tmp/bench_slimmable.json
     .venv/bin/python scripts/bench_slimmable.py --part speed --size 128 --batch 8
     .venv/bin/python scripts/bench_slimmable.py --part control --runs outputs/run_a outputs/run_b
+    .venv/bin/python scripts/bench_slimmable.py --part compare --runs outputs/q/{none,proj}_s{0,1,2,3}
 
 ``--part control`` re-scores finished runs from their saved model folders: the width grid on the
 validation and test splits, the controllability of both search methods (held out: search on
 validation, scores from test) and the uniform-width test metrics.
+
+``--part compare`` pairs finished runs named ``<variant>_s<seed>`` by seed and compares every variant
+with ``--baseline`` (default ``none``) at each uniform width on the test split: per-task wins and mean
+differences, and Δm (mean over tasks of the signed relative change, %) per seed. It reads each run's
+``width_table_test.json`` (its best val/loss checkpoint), or with ``--scores`` a ``--part control --out``
+JSON (e.g. scored at ``--checkpoint last``).
 
 Timings are ratios measured in one process, rounds interleaved (median of per-round ratios), so a
 machine shared with other jobs slows the numerator and the denominator alike.
@@ -119,6 +126,56 @@ def control(args) -> dict:
     return out
 
 
+# --- compare: paired variants across seeds ---------------------------------------------------------------
+def uniform_scores(args) -> tuple[dict[str, dict], dict[str, bool]]:
+    """{run name: {task: {width: test metric}}} and {task: higher is better}."""
+    if args.scores:
+        data = json.loads(Path(args.scores).read_text())
+        data = data.get("control", data)
+        names = {Path(r).name for r in args.runs} or set(data)
+        runs = {n: data[n]["uniform_test"] for n in sorted(names)}
+        return runs, next(iter(data[n]["higher_is_better"] for n in runs))
+    runs, higher = {}, {}
+    for run in args.runs:
+        table = json.loads((Path(run) / "width_table_test.json").read_text())
+        p = table["primary"]
+        runs[Path(run).name] = {t: {w: table["metrics"][t][w][w][p[t]] for w in table["encoder_flops"]} for t in table["tasks"]}
+        higher = {t: table["higher_is_better"][t] for t in table["tasks"]}
+    return runs, higher
+
+
+def compare(args) -> dict:
+    runs, higher = uniform_scores(args)
+    by = {}
+    for name, scores in runs.items():
+        variant, _, seed = name.rpartition("_s")
+        by.setdefault(variant, {})[seed] = scores
+    if args.baseline not in by:
+        raise SystemExit(f"--baseline {args.baseline!r}: no run named {args.baseline}_s<seed> among {sorted(runs)}")
+    base = by[args.baseline]
+    out = {}
+    for variant, seeds in sorted(by.items()):
+        if variant == args.baseline:
+            continue
+        paired = sorted(set(seeds) & set(base), key=int)
+        rows = {}
+        for w in next(iter(base.values()))[next(iter(higher))]:
+            sign = {t: 1 if higher[t] else -1 for t in higher}
+            gain = {t: [sign[t] * (seeds[s][t][w] - base[s][t][w]) for s in paired] for t in higher}
+            dm = [100 * statistics.fmean(sign[t] * (seeds[s][t][w] - base[s][t][w]) / abs(base[s][t][w]) for t in higher)
+                  for s in paired]
+            rows[w] = {"seeds": paired, "delta_m": dm, "mean_delta_m": statistics.fmean(dm),
+                       "tasks": {t: {"wins": sum(g > 0 for g in gain[t]), "mean_gain": statistics.fmean(gain[t]),
+                                     variant: statistics.fmean(seeds[s][t][w] for s in paired),
+                                     args.baseline: statistics.fmean(base[s][t][w] for s in paired)} for t in higher}}
+            print(f"{variant} vs {args.baseline}, width {w}, seeds {','.join(paired)}: Δm per seed "
+                  + " ".join(f"{d:+.1f}" for d in dm) + f" (mean {statistics.fmean(dm):+.1f} %); "
+                  + "; ".join(f"{t} {r[variant]:.3f} vs {r[args.baseline]:.3f}, better in {r['wins']}/{len(paired)}"
+                              for t, r in rows[w]["tasks"].items()), flush=True)
+        out[variant] = rows
+    return out
+
+
 # --- speed ---------------------------------------------------------------------------------------------
 def speed(args) -> dict:
     from mtl.models import create_model
@@ -159,11 +216,13 @@ def speed(args) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["quality", "speed", "control", "all"], default="all")
+    ap.add_argument("--part", choices=["quality", "speed", "control", "compare", "all"], default="all")
     ap.add_argument("--runs", nargs="+", default=[], help="control: finished scenes_slimmable run folders")
     ap.add_argument("--checkpoint", choices=["model", "last"], default="model",
                     help="control: score the run's model folder (best val/loss epoch) or checkpoints/last.ckpt "
                          "(the end of the training budget)")
+    ap.add_argument("--baseline", default="none", help="compare: the variant the others are paired with")
+    ap.add_argument("--scores", help="compare: a --part control --out JSON instead of each run's width_table_test.json")
     ap.add_argument("--tasks", nargs="+", default=["semseg", "depth", "normals"])
     ap.add_argument("--data-size", type=int, default=32)
     ap.add_argument("--n-train", type=int, default=384)
@@ -190,6 +249,8 @@ def main(argv=None) -> int:
         print(f"  latency sliced 0.5 / extracted 0.5: {s['latency_ratio_sliced_vs_extracted_half']:.3f} (target <= 1.3)")
     if args.part == "control":
         res["control"] = control(args)
+    if args.part == "compare":
+        res["compare"] = compare(args)
     if args.part in ("quality", "all"):
         res["quality"] = q = quality(args)
         print("\nuniform width -> primary metric (CI-KD run):")
