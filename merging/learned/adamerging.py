@@ -27,9 +27,11 @@ class Trace:
     steps: list[dict[str, Any]] = field(default_factory=list)
     start: float = field(default_factory=time.perf_counter)
 
-    def add(self, step: int, losses: dict[str, float], extra: dict[str, float] | None = None, phase: str = "",
-            seconds: float | None = None) -> None:
-        seconds = time.perf_counter() - self.start if seconds is None else seconds
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def add(self, step: int, losses: dict[str, float], seconds: float, extra: dict[str, float] | None = None,
+            phase: str = "") -> None:
         row: dict[str, Any] = {"step": step, "objective": sum(losses.values()), "per_task": losses,
                                "seconds": round(seconds, 6)}
         if phase:
@@ -76,11 +78,11 @@ class CoefficientLearner:
         for step in range(1, steps + 1):
             losses = step_gradients(self.problem, self.merged(mask), objective, frozen)
             self.apply_step(step)
-            seconds, extra = time.perf_counter() - trace.start, None
+            seconds, extra = trace.elapsed(), None
             if callback is not None and callback_every and (step % callback_every == 0 or step == steps):
                 with torch.no_grad():
                     extra = dict(callback(step, self.merged(mask, detach=True)) or {})
-            trace.add(step, losses, extra, phase, seconds)
+            trace.add(step, losses, seconds, extra, phase)
             bar.update(step, f"objective {mean(losses) * len(losses):.4f}")
 
     def values(self) -> torch.Tensor:

@@ -12,8 +12,6 @@ mask is thresholded: m = 1[σ(s) > threshold].
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
 from .loop import Objective, check_finite, mean, step_gradients, step_progress
@@ -74,10 +72,10 @@ class ConcreteMask:
             with torch.no_grad():
                 density = float(sum(float(p.sum()) for p in self.probabilities().values())
                                 / sum(p.numel() for p in self.logits.values()))
-            seconds, extra = time.perf_counter() - trace.start, {"mask_mean_probability": density}
+            seconds, extra = trace.elapsed(), {"mask_mean_probability": density}
             if callback is not None and callback_every and (step % callback_every == 0 or step == steps):
                 with torch.no_grad():  # evaluated with the mask as it would be thresholded now
                     hard = {k: m.to(self.logits[k].dtype) for k, m in self.hard().items()}
                     extra.update(callback(step, self.problem.merged(coefficients().detach(), group_of, hard)) or {})
-            trace.add(step, losses, extra, "mask", seconds)
+            trace.add(step, losses, seconds, extra, "mask")
             bar.update(step, f"objective {mean(losses) * len(losses):.4f} mask p̄ {density:.3f}")
