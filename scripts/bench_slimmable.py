@@ -153,14 +153,16 @@ def compare(args) -> dict:
     if args.baseline not in by:
         raise SystemExit(f"--baseline {args.baseline!r}: no run named {args.baseline}_s<seed> among {sorted(runs)}")
     base = by[args.baseline]
+    sign = {t: 1 if higher[t] else -1 for t in higher}
+    first = next(iter(base.values()))
+    widths = list(first[next(iter(first))])
     out = {}
     for variant, seeds in sorted(by.items()):
         if variant == args.baseline:
             continue
         paired = sorted(set(seeds) & set(base), key=int)
         rows = {}
-        for w in next(iter(base.values()))[next(iter(higher))]:
-            sign = {t: 1 if higher[t] else -1 for t in higher}
+        for w in widths:
             gain = {t: [sign[t] * (seeds[s][t][w] - base[s][t][w]) for s in paired] for t in higher}
             dm = [100 * statistics.fmean(sign[t] * (seeds[s][t][w] - base[s][t][w]) / abs(base[s][t][w]) for t in higher)
                   for s in paired]
