@@ -85,7 +85,7 @@ def run_ours(pre, fts, data, steps, **options) -> dict:
             "stamps": [row["seconds"] for row in res.history]}
 
 
-def run_naive(pre, fts, data, steps, **options) -> dict:
+def run_naive(pre, fts, data, steps) -> dict:
     """Rebuild the merged model every step from state dicts (what a straightforward implementation does)."""
     import copy
 

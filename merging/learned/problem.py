@@ -66,8 +66,8 @@ class MergeProblem:
         return out
 
     def predict(self, params: dict[str, torch.Tensor], x: torch.Tensor, task: str) -> torch.Tensor:
-        out = torch.func.functional_call(self.model, params, (x.to(self.device, non_blocking=True),),
-                                         {"tasks": [task]}, strict=False)
+        """Task `task`'s prediction for `x`, already on `device` (`Objective.model_input` places it)."""
+        out = torch.func.functional_call(self.model, params, (x,), {"tasks": [task]}, strict=False)
         return out[task] if isinstance(out, dict) else out
 
     def nbytes(self) -> int:

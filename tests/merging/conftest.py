@@ -78,3 +78,20 @@ def guard_labels(monkeypatch):
         return state
 
     return arm
+
+
+@pytest.fixture
+def model_calls(monkeypatch):
+    """Every `torch.func.functional_call` made while the test runs, as (inputs, tasks asked for): which
+    passes a learned merge ran, with which tasks and in which memory format."""
+    import torch
+
+    calls = []
+    real = torch.func.functional_call
+
+    def spy(module, params, args, kwargs=None, **k):
+        calls.append((args[0], list((kwargs or {}).get("tasks", []))))
+        return real(module, params, args, kwargs, **k)
+
+    monkeypatch.setattr(torch.func, "functional_call", spy)
+    return calls

@@ -5,7 +5,6 @@ import torch
 from torch import nn
 
 import merging
-from merging.learned import loop
 from merging.learned.layout import make_layout
 from merging.learned.problem import build_problem
 
@@ -51,27 +50,21 @@ def learn(model, pre, fts, data, **kw):
                          steps=4, lr=0.05, **kw)
 
 
-def _formats(monkeypatch):
-    seen = []
-    real = torch.func.functional_call
-
-    def spy(module, params, args, kwargs=None, **k):
-        x = args[0]
-        seen.append(x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
-        return real(module, params, args, kwargs, **k)
-
-    monkeypatch.setattr(loop.torch.func, "functional_call", spy)
-    return seen
+def channels_last_passes(model_calls) -> list[bool]:
+    """Per model pass: were its inputs a 4-D channels-last (and not also contiguous) tensor?"""
+    return [x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            for x, _ in model_calls]
 
 
 @pytest.mark.parametrize("pool_limit", [0, 1 << 20])  # task by task, and pooled
-def test_channels_last_gives_the_same_coefficients(pool_limit, monkeypatch):
+def test_channels_last_gives_the_same_coefficients(pool_limit, model_calls):
     model, pre, fts, data = conv_toys()
-    seen = _formats(monkeypatch)
     fast = learn(model, pre, fts, data, channels_last=True, pool_limit=pool_limit)
+    seen = channels_last_passes(model_calls)
     assert seen and all(seen)  # the model really saw channels-last batches
-    seen.clear()
+    model_calls.clear()
     plain = learn(model, pre, fts, data, channels_last=False, pool_limit=pool_limit)
+    seen = channels_last_passes(model_calls)
     assert seen and not any(seen)
     assert not torch.equal(fast.coefficients, torch.full_like(fast.coefficients, 0.3))  # it learned something
     torch.testing.assert_close(fast.coefficients, plain.coefficients, rtol=1e-5, atol=1e-6)
@@ -87,11 +80,11 @@ def test_default_is_off_for_a_callers_model():
         learn(model, pre, fts, data, channels_last=True)
 
 
-def test_default_is_on_for_models_built_from_folders(smoke_pool, monkeypatch):
-    seen = _formats(monkeypatch)
+def test_default_is_on_for_models_built_from_folders(smoke_pool, model_calls):
     fts = [m.path for m in smoke_pool.members]
     data = {t: [torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)] for m in smoke_pool.members for t in m.tasks}
     res = merging.learn("adamerging", smoke_pool.pretrained, fts, unlabeled=data, steps=1, progress=False)
+    seen = channels_last_passes(model_calls)
     assert res.hparams["channels_last"] is True and seen and all(seen)
 
 

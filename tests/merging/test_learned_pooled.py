@@ -4,47 +4,37 @@ import pytest
 import torch
 
 import merging
-from merging.learned import loop
 
 from test_learned import T, Toy, kw, toys
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/merging/conftest.py
 
 
-def _count_calls(monkeypatch):
-    calls = []
-    real = torch.func.functional_call
-
-    def spy(module, params, args, kwargs=None, **k):
-        calls.append(len((kwargs or {}).get("tasks", [])))
-        return real(module, params, args, kwargs, **k)
-
-    monkeypatch.setattr(loop.torch.func, "functional_call", spy)
-    return calls
+def passes(model_calls) -> list[int]:
+    """How many tasks each model pass asked for."""
+    return [len(tasks) for _, tasks in model_calls]
 
 
 @pytest.mark.parametrize("method,extra", [("adamerging", {}), ("atlas", {}), ("concrete_adamerging", {"final_steps": 2})])
-def test_pooled_equals_task_by_task(method, extra, monkeypatch):
+def test_pooled_equals_task_by_task(method, extra, model_calls):
     model, pre, fts, data = toys()
-    calls = _count_calls(monkeypatch)
     pooled = merging.learn(method, pre, fts, unlabeled=data, steps=4, lr=0.05, **extra, **kw(model))
-    assert T in calls  # one pass with every task
-    calls.clear()
+    assert T in passes(model_calls)  # one pass with every task
+    model_calls.clear()
     single = merging.learn(method, pre, fts, unlabeled=data, steps=4, lr=0.05, pool_limit=0, **extra, **kw(model))
-    assert calls and T not in calls  # task by task
+    assert model_calls and T not in passes(model_calls)  # task by task
     torch.testing.assert_close(pooled.coefficients, single.coefficients, rtol=1e-5, atol=1e-6)
     for k in pre:
         torch.testing.assert_close(pooled.state_dict[k], single.state_dict[k], rtol=1e-5, atol=1e-6)
 
 
-def test_pool_limit_counts_input_values(monkeypatch):
+def test_pool_limit_counts_input_values(model_calls):
     model, pre, fts, data = toys()  # T tasks × 8 samples × 5 values = 120 per step
-    calls = _count_calls(monkeypatch)
     merging.learn("adamerging", pre, fts, unlabeled=data, steps=2, pool_limit=120, **kw(model))
-    assert T in calls
-    calls.clear()
+    assert T in passes(model_calls)
+    model_calls.clear()
     merging.learn("adamerging", pre, fts, unlabeled=data, steps=2, pool_limit=119, **kw(model))
-    assert T not in calls
+    assert T not in passes(model_calls)
 
 
 class OneAtATime(Toy):
