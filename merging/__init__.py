@@ -18,7 +18,9 @@ from .api import merge
 from .bn import bn_statistics, recompute_bn
 from .keys import KeyPlan, plan_keys
 from .learned import LEARNED_METHODS, LearnedMerge, learn
-from .methods import METHODS, create_method, dare, dare_mask
+from . import consensus as _consensus  # noqa: F401  (registers "consensus")
+from .dare import dare, dare_mask
+from .methods import METHODS, create_method
 from .selection import keep_count, radix_thresholds
 from .sources import MergeInputError, StateSource, load_state_dict, open_source
 from .storage import TallStore, load_task_model, open_store, store_report, write_tall_store

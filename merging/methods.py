@@ -6,16 +6,13 @@
 - task_arithmetic:  θ = θ0 + λ Σ_t τ_t                                           (λ = 0.3; or one λ_t per task)
 - ties:             trim each τ_t to its top-k% magnitudes, elect γ = sign(Σ_t τ̂_t), disjoint
                     mean (or sum) over the tasks agreeing with γ; θ = θ0 + λ τ_m   (k = 20, mean, λ = 1)
-- dare:             drop each entry of τ_t with probability p, rescale survivors by 1/(1−p), then
-                    task arithmetic or TIES                                       (p = 0.5, seed = 0)
-- consensus:        TALL masks m_t = |τ_t| ≥ λ_t |τ_MTL − τ_t| on the base method's τ_MTL; keep entries
-                    used by ≥ k tasks; θ = θ0 + λ (m_cons ∘ τ_MTL)                 (k = 2, λ_t = 0.4)
+
+DARE (dare.py) and Consensus (consensus.py) build on these and register in the same `METHODS`.
 
 Methods never modify their inputs: every in-place operation runs on a fresh τ or an output buffer.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -33,9 +30,6 @@ __all__ = [
     "METHODS",
     "MergeMethod",
     "create_method",
-    "dare_mask",
-    "dare",
-    "tall_mask_tensors",
     "SELECTS",
 ]
 
@@ -336,156 +330,3 @@ def global_thresholds(ctx: Context, method: MergeMethod, k: float, select: str) 
         out.append(kthvalue_threshold(vals, n))
         del vals
     return out
-
-
-# -- DARE ---------------------------------------------------------------------------------------------
-def _dare_seed(seed: int, task: int, key: str) -> int:
-    # One stream per (seed, task, tensor): the drop pattern does not depend on reading order, so every
-    # pass and both engines draw the same mask.
-    h = hashlib.blake2b(f"{seed}\x00{task}\x00{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & ((1 << 63) - 1)
-
-
-def dare_mask(shape, p: float, seed: int = 0, task: int = 0, key: str = "", out: torch.Tensor | None = None,
-              scratch: torch.Tensor | None = None) -> torch.Tensor:
-    """The keep mask DARE draws for task `task`'s tensor `key` (True = kept)."""
-    g = torch.Generator().manual_seed(_dare_seed(seed, task, key))
-    r = torch.rand(tuple(shape), generator=g, out=scratch)
-    return torch.ge(r, p, out=out)
-
-
-def _dare_(tau: torch.Tensor, p: float, seed: int, task: int, key: str, ctx: Context | None = None) -> torch.Tensor:
-    if p == 0:
-        return tau
-    if ctx is None:
-        m = dare_mask(tau.shape, p, seed, task, key)
-    else:
-        m = dare_mask(tau.shape, p, seed, task, key, out=ctx.buffer("dare_m", tau.shape, torch.bool),
-                      scratch=ctx.buffer("dare_r", tau.shape, torch.float32))
-    return tau.mul_(m).div_(1 - p)
-
-
-def dare(task_vector: dict[str, torch.Tensor], p: float = 0.5, seed: int = 0, task: int = 0) -> dict[str, torch.Tensor]:
-    """DARE on one task vector (returns new tensors): drop with probability p, rescale by 1/(1−p)."""
-    _check_p(p)
-    return {k: _dare_(v.detach().clone(), p, seed, task, k) for k, v in task_vector.items()}
-
-
-def _check_p(p: float) -> None:
-    if isinstance(p, bool) or not (isinstance(p, (int, float)) and 0 <= p < 1):
-        raise ValueError(f"p (drop probability) must be in [0, 1), got {p!r}")
-
-
-_BASES = {"task_arithmetic": TaskArithmetic, "ties": Ties}
-
-
-@METHODS.register("dare")
-class Dare(MergeMethod):
-    name = "dare"
-    own = {"p": 0.5, "seed": 0, "base": "task_arithmetic"}
-    defaults = own  # the base method's hyperparameters are accepted too (checked in __init__)
-
-    def __init__(self, **hparams: Any):
-        base = hparams.get("base", self.own["base"])
-        if base not in _BASES:
-            raise ValueError(f"dare: base must be one of {sorted(_BASES)}, got {base!r}")
-        base_hp = {k: v for k, v in hparams.items() if k not in self.own}
-        try:
-            self.base = _BASES[base](**base_hp)
-        except TypeError as e:
-            raise TypeError(f"dare (base={base}): {e}; DARE's own: {', '.join(self.own)}") from None
-        super().__init__(**{k: v for k, v in hparams.items() if k in self.own})
-        self.hp.update(self.base.hp)
-        self.propagates_nonfinite = self.base.propagates_nonfinite
-        p, seed = self.hp["p"], self.hp["seed"]
-        self.base.transform = lambda ctx, key, t, tau: _dare_(tau, p, seed, t, key, ctx)
-
-    def validate(self) -> None:
-        _check_p(self.hp["p"])
-        if isinstance(self.hp["seed"], bool) or not isinstance(self.hp["seed"], int):
-            raise ValueError(f"seed must be an int, got {self.hp['seed']!r}")
-
-    def prepare(self, ctx: Context, select: str) -> None:
-        super().prepare(ctx, select)
-        self.base.prepare(ctx, select)
-
-    def merge_tensor(self, ctx: Context, key: str) -> torch.Tensor:
-        return self.base.merge_tensor(ctx, key)
-
-
-# -- TALL masks and Consensus -------------------------------------------------------------------------
-def tall_mask_tensors(taus: Sequence[torch.Tensor], mtv: torch.Tensor, lams: Sequence[float],
-                      ctx: Context | None = None) -> list[torch.Tensor]:
-    """m_t = |τ_t| ≥ λ_t·|τ_MTL − τ_t| for one tensor: one bool tensor per task (context buffers when
-    `ctx` is given, else new tensors)."""
-    if ctx is None:
-        diff, mag = torch.empty_like(mtv), torch.empty_like(mtv)
-    else:
-        diff, mag = ctx.buffer("diff", mtv.shape, mtv.dtype), ctx.buffer("abs", mtv.shape, mtv.dtype)
-    masks = []
-    for t, (tau, lam) in enumerate(zip(taus, lams)):
-        torch.sub(mtv, tau, out=diff).abs_().mul_(lam)
-        out = None if ctx is None else ctx.buffer(f"mask{t}", mtv.shape, torch.bool)
-        masks.append(torch.ge(torch.abs(tau, out=mag), diff, out=out))
-    return masks
-
-
-def usage_count(masks: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
-    """How many tasks use each entry."""
-    dt = torch.uint8 if len(masks) < 256 else torch.int32
-    cnt = torch.zeros(masks[0].shape, dtype=dt) if out is None else out.zero_()
-    for m in masks:
-        cnt.add_(m)
-    return cnt
-
-
-def make_mtv_method(mtv: str, ties_hp: dict[str, Any]) -> MergeMethod:
-    """The method that defines τ_MTL: "sum" (Σ τ_t, i.e. task arithmetic before λ) or "ties"."""
-    if mtv == "sum":
-        return TaskArithmetic(lam=1.0)
-    if mtv == "ties":
-        return Ties(**ties_hp)
-    raise ValueError(f"mtv must be 'sum' or 'ties', got {mtv!r}")
-
-
-@METHODS.register("consensus")
-class Consensus(MergeMethod):
-    name = "consensus"
-    defaults = {
-        "k": 2, "tall_lam": 0.4, "base": "task_arithmetic", "lam": None,
-        "ties_k": 20, "merge_func": "mean", "trim": "global",
-    }
-
-    def validate(self) -> None:
-        k = self.hp["k"]
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ValueError(f"k (minimum number of tasks using a weight) must be an int ≥ 0, got {k!r}")
-        _check_lam("tall_lam", self.hp["tall_lam"], allow_list=True)
-        base = self.hp["base"]
-        if base == "task_arithmetic":
-            self.base = make_mtv_method("sum", {})
-            lam = 0.3 if self.hp["lam"] is None else self.hp["lam"]
-        elif base == "ties":
-            hp = {"k": self.hp["ties_k"], "merge_func": self.hp["merge_func"], "trim": self.hp["trim"]}
-            self.base = make_mtv_method("ties", hp)
-            lam = 1.0 if self.hp["lam"] is None else self.hp["lam"]
-        else:
-            raise ValueError(f"consensus: base must be 'task_arithmetic' or 'ties', got {base!r}")
-        _check_lam("lam", lam, allow_list=False)
-        self.lam = float(lam)
-
-    def min_models(self) -> int:
-        return max(1, self.hp["k"])
-
-    def prepare(self, ctx: Context, select: str) -> None:
-        super().prepare(ctx, select)
-        self.base.prepare(ctx, select)
-        self.tall_lams = _per_task("tall_lam", self.hp["tall_lam"], ctx.T)
-
-    def merge_tensor(self, ctx: Context, key: str) -> torch.Tensor:
-        pre = ctx.pre(key)
-        taus = self.task_vectors(ctx, key, pre)
-        mtv = self.base.merged_vector(ctx, key, taus, inplace=False)
-        masks = tall_mask_tensors(taus, mtv, self.tall_lams, ctx)
-        cnt = usage_count(masks, out=ctx.buffer("count", pre.shape, torch.uint8 if ctx.T < 256 else torch.int32))
-        return mtv.mul_(torch.ge(cnt, self.hp["k"], out=ctx.buffer("keep", pre.shape, torch.bool))).mul_(self.lam).add_(pre)

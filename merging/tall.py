@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from .engine import Context, KeyOptions, open_context, torch_threads
-from .methods import SELECTS, _check_lam, _per_task, make_mtv_method, tall_mask_tensors, usage_count
+from .consensus import make_mtv_method, tall_mask_tensors, usage_count
+from .methods import SELECTS, _check_lam, _per_task
 
 __all__ = ["TallMasks", "tall_masks", "TallKernel", "mask_overlap", "reconstruct_tensor"]
 

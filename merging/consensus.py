@@ -1,0 +1,94 @@
+"""TALL masks per tensor and Consensus merging (Wang et al., ICML 2024, "Localizing Task Information
+for Improved Model Merging and Compression").
+
+m_t = |τ_t| ≥ λ_t·|τ_MTL − τ_t| on the base method's τ_MTL; Consensus keeps the entries used by at
+least k tasks: θ = θ0 + λ (m_cons ∘ τ_MTL). The TALL store and `tall_masks` (tall.py) share these.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .engine import Context
+from .methods import METHODS, MergeMethod, TaskArithmetic, Ties, _check_lam, _per_task
+
+__all__ = ["Consensus", "tall_mask_tensors", "usage_count", "make_mtv_method"]
+
+
+def tall_mask_tensors(taus: Sequence[torch.Tensor], mtv: torch.Tensor, lams: Sequence[float],
+                      ctx: Context | None = None) -> list[torch.Tensor]:
+    """m_t = |τ_t| ≥ λ_t·|τ_MTL − τ_t| for one tensor: one bool tensor per task (context buffers when
+    `ctx` is given, else new tensors)."""
+    if ctx is None:
+        diff, mag = torch.empty_like(mtv), torch.empty_like(mtv)
+    else:
+        diff, mag = ctx.buffer("diff", mtv.shape, mtv.dtype), ctx.buffer("abs", mtv.shape, mtv.dtype)
+    masks = []
+    for t, (tau, lam) in enumerate(zip(taus, lams)):
+        torch.sub(mtv, tau, out=diff).abs_().mul_(lam)
+        out = None if ctx is None else ctx.buffer(f"mask{t}", mtv.shape, torch.bool)
+        masks.append(torch.ge(torch.abs(tau, out=mag), diff, out=out))
+    return masks
+
+
+def usage_count(masks: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """How many tasks use each entry."""
+    dt = torch.uint8 if len(masks) < 256 else torch.int32
+    cnt = torch.zeros(masks[0].shape, dtype=dt) if out is None else out.zero_()
+    for m in masks:
+        cnt.add_(m)
+    return cnt
+
+
+def make_mtv_method(mtv: str, ties_hp: dict[str, Any]) -> MergeMethod:
+    """The method that defines τ_MTL: "sum" (Σ τ_t, i.e. task arithmetic before λ) or "ties"."""
+    if mtv == "sum":
+        return TaskArithmetic(lam=1.0)
+    if mtv == "ties":
+        return Ties(**ties_hp)
+    raise ValueError(f"mtv must be 'sum' or 'ties', got {mtv!r}")
+
+
+@METHODS.register("consensus")
+class Consensus(MergeMethod):
+    name = "consensus"
+    defaults = {
+        "k": 2, "tall_lam": 0.4, "base": "task_arithmetic", "lam": None,
+        "ties_k": 20, "merge_func": "mean", "trim": "global",
+    }
+
+    def validate(self) -> None:
+        k = self.hp["k"]
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"k (minimum number of tasks using a weight) must be an int ≥ 0, got {k!r}")
+        _check_lam("tall_lam", self.hp["tall_lam"], allow_list=True)
+        base = self.hp["base"]
+        if base == "task_arithmetic":
+            self.base = make_mtv_method("sum", {})
+            lam = 0.3 if self.hp["lam"] is None else self.hp["lam"]
+        elif base == "ties":
+            hp = {"k": self.hp["ties_k"], "merge_func": self.hp["merge_func"], "trim": self.hp["trim"]}
+            self.base = make_mtv_method("ties", hp)
+            lam = 1.0 if self.hp["lam"] is None else self.hp["lam"]
+        else:
+            raise ValueError(f"consensus: base must be 'task_arithmetic' or 'ties', got {base!r}")
+        _check_lam("lam", lam, allow_list=False)
+        self.lam = float(lam)
+
+    def min_models(self) -> int:
+        return max(1, self.hp["k"])
+
+    def prepare(self, ctx: Context, select: str) -> None:
+        super().prepare(ctx, select)
+        self.base.prepare(ctx, select)
+        self.tall_lams = _per_task("tall_lam", self.hp["tall_lam"], ctx.T)
+
+    def merge_tensor(self, ctx: Context, key: str) -> torch.Tensor:
+        pre = ctx.pre(key)
+        taus = self.task_vectors(ctx, key, pre)
+        mtv = self.base.merged_vector(ctx, key, taus, inplace=False)
+        masks = tall_mask_tensors(taus, mtv, self.tall_lams, ctx)
+        cnt = usage_count(masks, out=ctx.buffer("count", pre.shape, torch.uint8 if ctx.T < 256 else torch.int32))
+        return mtv.mul_(torch.ge(cnt, self.hp["k"], out=ctx.buffer("keep", pre.shape, torch.bool))).mul_(self.lam).add_(pre)
