@@ -2,7 +2,7 @@
 """Build a merging zoo: pretrain a base model, fine-tune it fully and separately on the 8 zoo tasks.
 
     python scripts/build_zoo.py --zoo cnn                 # ~15 min on 2 CPU cores
-    python scripts/build_zoo.py --zoo vit --out zoo_vit   # ~20 min
+    python scripts/build_zoo.py --zoo vit --out zoo_vit   # ~70 min on 2 CPU cores, ~3 min on one GPU
     python scripts/build_zoo.py --zoo cnn --smoke         # timm test backbones, seconds per model
     python scripts/build_zoo.py --zoo cnn --linear        # + tangent-space fine-tunes (manifest_linear.json)
     mtl-merge merge=ties pool=<out>/manifest.json         # then merge it

@@ -62,6 +62,6 @@ def plot_learning_curves(history: Sequence[dict[str, Any]], path, *, title: str 
         idx = [history.index(h) + 1 for h in evals]
         axes[1].plot(idx, [h[metric] for h in evals], marker="o", color="tab:green")
         axes[1].set_xlabel("step")
-        axes[1].set_ylabel("validation accuracy (normalized, mean over tasks)")
+        axes[1].set_ylabel("val. accuracy (normalized, task mean)")
     fig.suptitle(title or "learned merging")
     return _save(fig, path)
