@@ -13,7 +13,7 @@ validation, scores from test) and the uniform-width test metrics.
 
 ``--part compare`` pairs finished runs named ``<variant>_s<seed>`` by seed and compares every variant
 with ``--baseline`` (default ``none``) at each uniform width on the test split: per-task wins and mean
-differences, and Δm (mean over tasks of the signed relative change, %) per seed. It reads each run's
+differences, and Δm (`mtl.evaluation.delta_m`, primary metrics) per seed. It reads each run's
 ``width_table_test.json`` (its best val/loss checkpoint), or with ``--scores`` a ``--part control --out``
 JSON (e.g. scored at ``--checkpoint last``).
 
@@ -127,25 +127,34 @@ def control(args) -> dict:
 
 
 # --- compare: paired variants across seeds ---------------------------------------------------------------
-def uniform_scores(args) -> tuple[dict[str, dict], dict[str, bool]]:
-    """{run name: {task: {width: test metric}}} and {task: higher is better}."""
+def uniform_scores(args) -> dict[str, dict]:
+    """{run name: {task: {width: test primary metric}}}."""
     if args.scores:
         data = json.loads(Path(args.scores).read_text())
         data = data.get("control", data)
-        names = {Path(r).name for r in args.runs} or set(data)
-        runs = {n: data[n]["uniform_test"] for n in sorted(names)}
-        return runs, next(iter(data[n]["higher_is_better"] for n in runs))
-    runs, higher = {}, {}
+        return {n: data[n]["uniform_test"] for n in sorted(Path(r).name for r in args.runs)}
+    runs = {}
     for run in args.runs:
         table = json.loads((Path(run) / "width_table_test.json").read_text())
         p = table["primary"]
         runs[Path(run).name] = {t: {w: table["metrics"][t][w][w][p[t]] for w in table["encoder_flops"]} for t in table["tasks"]}
-        higher = {t: table["higher_is_better"][t] for t in table["tasks"]}
-    return runs, higher
+    return runs
+
+
+def run_tasks(run: Path) -> dict:
+    """{name: Task} of a finished run, rebuilt from its model folder's config (no weights read)."""
+    from mtl.tasks.base import create_task
+
+    tasks = json.loads((run / "model" / "config.json").read_text())["model"]["tasks"]
+    return {t["name"]: create_task(**t) for t in tasks}
 
 
 def compare(args) -> dict:
-    runs, higher = uniform_scores(args)
+    from mtl.evaluation import delta_m
+
+    if not args.runs:
+        raise SystemExit("--part compare needs --runs <variant>_s<seed> run folders")
+    runs = uniform_scores(args)
     by = {}
     for name, scores in runs.items():
         variant, _, seed = name.rpartition("_s")
@@ -153,9 +162,14 @@ def compare(args) -> dict:
     if args.baseline not in by:
         raise SystemExit(f"--baseline {args.baseline!r}: no run named {args.baseline}_s<seed> among {sorted(runs)}")
     base = by[args.baseline]
-    sign = {t: 1 if higher[t] else -1 for t in higher}
     first = next(iter(base.values()))
+    tasks = {n: t for n, t in run_tasks(Path(args.runs[0])).items() if n in first}
+    sign = {n: 1 if t.directions[t.primary] else -1 for n, t in tasks.items()}
     widths = list(first[next(iter(first))])
+
+    def at(scores: dict, w: str) -> dict:  # Δm's layout: {task: {primary metric: value}}
+        return {n: {t.primary: scores[n][w]} for n, t in tasks.items()}
+
     out = {}
     for variant, seeds in sorted(by.items()):
         if variant == args.baseline:
@@ -163,13 +177,12 @@ def compare(args) -> dict:
         paired = sorted(set(seeds) & set(base), key=int)
         rows = {}
         for w in widths:
-            gain = {t: [sign[t] * (seeds[s][t][w] - base[s][t][w]) for s in paired] for t in higher}
-            dm = [100 * statistics.fmean(sign[t] * (seeds[s][t][w] - base[s][t][w]) / abs(base[s][t][w]) for t in higher)
-                  for s in paired]
+            gain = {t: [sign[t] * (seeds[s][t][w] - base[s][t][w]) for s in paired] for t in tasks}
+            dm = [delta_m(at(seeds[s], w), at(base[s], w), tasks) for s in paired]
             rows[w] = {"seeds": paired, "delta_m": dm, "mean_delta_m": statistics.fmean(dm),
                        "tasks": {t: {"wins": sum(g > 0 for g in gain[t]), "mean_gain": statistics.fmean(gain[t]),
                                      variant: statistics.fmean(seeds[s][t][w] for s in paired),
-                                     args.baseline: statistics.fmean(base[s][t][w] for s in paired)} for t in higher}}
+                                     args.baseline: statistics.fmean(base[s][t][w] for s in paired)} for t in tasks}}
             print(f"{variant} vs {args.baseline}, width {w}, seeds {','.join(paired)}: Δm per seed "
                   + " ".join(f"{d:+.1f}" for d in dm) + f" (mean {statistics.fmean(dm):+.1f} %); "
                   + "; ".join(f"{t} {r[variant]:.3f} vs {r[args.baseline]:.3f}, better in {r['wins']}/{len(paired)}"
