@@ -27,7 +27,8 @@ import torch
 
 from .engine import KeyOptions, open_context, torch_threads
 from .methods import SELECTS
-from .sources import MergeInputError, SafetensorsSource, TensorInfo
+from .safetensors_source import SafetensorsSource
+from .state_source import MergeInputError, TensorInfo
 from .streaming import SafetensorsWriter, output_file, resolve_output
 from .tall import TallKernel, TallMasks, _copied, reconstruct_tensor
 

@@ -26,7 +26,8 @@ from .engine import KeyOptions, open_context, produce, torch_threads
 from .kernels import DEFAULT_CHUNK, Chunks, Streamed, chunked_streams, fused_kernel
 from .hf import copy_base_files, model_card, parse_size, write_sharded
 from .methods import create_method
-from .sources import DTYPE_CODES, TensorInfo
+from .safetensors_source import DTYPE_CODES
+from .state_source import TensorInfo
 
 __all__ = ["SafetensorsWriter", "merge_to_file", "output_file", "resolve_output"]
 

@@ -74,7 +74,7 @@ def merge_step(method: str, folders, hp: dict, chunk: int | None, workers: int, 
 @contextmanager
 def always_hint(on: bool):
     """Read-ahead hints also for bytes already in page cache (as before the page-cache probe)."""
-    import merging.sources as sources
+    import merging.safetensors_source as sources
 
     probe = sources.in_page_cache
     if on:

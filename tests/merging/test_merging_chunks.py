@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import merging
 from merging.chunks import Chunks
-from merging.sources import SafetensorsSource, in_page_cache
+from merging.safetensors_source import SafetensorsSource, in_page_cache
 
 
 def _ctx(sizes: dict[str, int]):
@@ -132,10 +132,10 @@ def test_hints_only_for_bytes_not_in_page_cache(tmp_path, monkeypatch):
     calls = []
     real = os.posix_fadvise
     monkeypatch.setattr(os, "posix_fadvise", lambda *a: calls.append(a[3]) or real(*a))
-    monkeypatch.setattr("merging.sources.in_page_cache", lambda fd, s, n: True)
+    monkeypatch.setattr("merging.safetensors_source.in_page_cache", lambda fd, s, n: True)
     src.prefetch("w")
     assert calls == []
-    monkeypatch.setattr("merging.sources.in_page_cache", lambda fd, s, n: False)
+    monkeypatch.setattr("merging.safetensors_source.in_page_cache", lambda fd, s, n: False)
     src.prefetch("w")
     assert calls == [os.POSIX_FADV_WILLNEED]
     src.close()
