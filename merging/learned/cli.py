@@ -8,6 +8,7 @@ CLI-only keys of these methods (the rest are `merging.learn` hyperparameters):
 | `batch_size` | 16 | unlabeled images per task per step |
 | `eval_every` | 0 | every n steps, the merged model's mean normalized validation accuracy is recorded (uses val labels; 0: never) |
 | `shots` | 16 | aTLAS `objective=supervised`: labelled images per class, from the train split |
+| `shots_batch` | null | aTLAS `objective=supervised`: labelled images per task per step, drawn without replacement from the shots (one shuffled pass per cycle); null: all shots every step |
 
 With `+merge.bn=recompute`, the shared BatchNorm layers normalise with the statistics of each step's
 batches of all tasks pooled (the current merged weights'), and the final statistics are re-estimated
@@ -33,20 +34,33 @@ from .plots import plot_coefficients, plot_learning_curves
 
 __all__ = ["LabeledShots", "select_learned"]
 
-CLI_KEYS = {"split": "test", "batch_size": 16, "eval_every": 0, "shots": 16}
+CLI_KEYS = {"split": "test", "batch_size": 16, "eval_every": 0, "shots": 16, "shots_batch": None}
 
 
 class LabeledShots:
-    """k labelled images per class (the first k of each class in a seeded order), served as one batch."""
+    """k labelled images per class (the first k of each class in a seeded order). Served as one batch of
+    all of them (`batch_size=None`), or as shuffled minibatches of `batch_size`, each shot once per pass:
+    a step then costs `batch_size` images instead of k × classes."""
 
-    def __init__(self, dataset, target_key: str, shots: int, seed: int = 0):
+    def __init__(self, dataset, target_key: str, shots: int, seed: int = 0, batch_size: int | None = None):
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"merge.shots_batch must be a positive int or null (all shots every step), got {batch_size!r}")
         y = dataset.tensors[target_key]
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(int(seed)))
         keep = torch.cat([order[y[order] == c][:shots] for c in torch.unique(y)])
         self.batch = (dataset.tensors["image"][keep], y[keep].long())
+        self.batch_size = batch_size
+        self.gen = torch.Generator().manual_seed(int(seed) + 1)
 
     def __iter__(self):
-        yield self.batch
+        x, y = self.batch
+        if self.batch_size is None or self.batch_size >= len(y):
+            yield self.batch
+            return
+        order = torch.randperm(len(y), generator=self.gen)
+        for i in range(0, len(y), self.batch_size):
+            idx = order[i:i + self.batch_size]
+            yield x[idx], y[idx]
 
 
 def _split_dataset(job: MergeJob, task: str, split: str):
@@ -68,8 +82,8 @@ def select_learned(method: str, job: MergeJob, hp: Mapping[str, Any]) -> Selecti
     data: dict[str, Any] = {}
     if kw.get("objective", "entropy") == "supervised":
         tasks = job.evaluator.tasks
-        data["labeled"] = {t: LabeledShots(_split_dataset(job, t, "train"), tasks[t].target_key, int(opts["shots"]), seed)
-                           for t in names}
+        data["labeled"] = {t: LabeledShots(_split_dataset(job, t, "train"), tasks[t].target_key, int(opts["shots"]),
+                                           seed, opts["shots_batch"]) for t in names}
     else:
         data["unlabeled"] = {t: ImageBatches(_split_dataset(job, t, opts["split"]), opts["batch_size"], seed + i, t)
                              for i, t in enumerate(names)}

@@ -88,3 +88,29 @@ def test_pool_limit_and_memory_format_from_the_cli(pool, tmp_path):
     assert summary["hparams"]["channels_last"] is False  # default null resolves to true for the pool's models
     with pytest.raises(ValueError, match="pool_limit"):
         run(_args(pool, "merge=adamerging", "merge.pool_limit=-1"), run_dir=tmp_path / "bad_limit")
+
+
+class _Split:
+    def __init__(self, n_per_class=5, classes=3):
+        y = torch.arange(classes).repeat_interleave(n_per_class)
+        self.tensors = {"image": torch.arange(len(y)).float().view(-1, 1), "label": y}
+
+
+def test_labeled_shots_full_batch_or_minibatches_without_replacement():
+    from merging.learned.cli import LabeledShots
+
+    full = LabeledShots(_Split(), "label", shots=3, seed=0)
+    (x, y), = list(full)  # one batch of all 3 × 3 shots
+    assert len(y) == 9 and torch.equal(torch.bincount(y), torch.tensor([3, 3, 3]))
+    assert torch.equal(y, (x[:, 0] // 5).long())  # images stay paired with their labels
+    mini = LabeledShots(_Split(), "label", shots=3, seed=0, batch_size=4)
+    passes = [list(mini), list(mini)]
+    for batches in passes:
+        assert [len(b[1]) for b in batches] == [4, 4, 1]
+        xs = torch.cat([b[0] for b in batches])[:, 0]
+        assert sorted(xs.tolist()) == sorted(x[:, 0].tolist())  # each shot exactly once per pass
+        assert all(torch.equal(b[1], (b[0][:, 0] // 5).long()) for b in batches)
+    assert not torch.equal(torch.cat([b[0] for b in passes[0]]), torch.cat([b[0] for b in passes[1]]))  # reshuffled
+    for bad in (0, -2, True, 2.5):
+        with pytest.raises(ValueError, match="merge.shots_batch"):
+            LabeledShots(_Split(), "label", shots=3, batch_size=bad)
