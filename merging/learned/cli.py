@@ -7,7 +7,7 @@ CLI-only keys of these methods (the rest are `merging.learn` hyperparameters):
 | `split` | `test` | images the coefficients are learned on (as the papers do); `val` selectable. Labels are never read |
 | `batch_size` | 16 | unlabeled images per task per step |
 | `eval_every` | 0 | every n steps, the merged model's mean normalized validation accuracy is recorded (uses val labels; 0: never) |
-| `shots` | 16 | aTLAS `objective=supervised`: labelled images per class, from the train split |
+| `shots` | 16 | aTLAS `objective=supervised`: labelled images per class (per task for dense or regression tasks), from the train split |
 | `shots_batch` | null | aTLAS `objective=supervised`: labelled images per task per step, drawn without replacement from the shots (one shuffled pass per cycle); null: all shots every step |
 
 With `+merge.bn=recompute`, the shared BatchNorm layers normalise with the statistics of each step's
@@ -38,17 +38,22 @@ CLI_KEYS = {"split": "test", "batch_size": 16, "eval_every": 0, "shots": 16, "sh
 
 
 class LabeledShots:
-    """k labelled images per class (the first k of each class in a seeded order). Served as one batch of
-    all of them (`batch_size=None`), or as shuffled minibatches of `batch_size`, each shot once per pass:
-    a step then costs `batch_size` images instead of k × classes."""
+    """k labelled images per class (the first k of each class in a seeded order; k images for dense or
+    regression targets). Served as one batch of all of them (`batch_size=None`), or as shuffled
+    minibatches of `batch_size`, each shot once per pass: a step then costs `batch_size` images instead
+    of k × classes."""
 
     def __init__(self, dataset, target_key: str, shots: int, seed: int = 0, batch_size: int | None = None):
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"merge.shots_batch must be a positive int or null (all shots every step), got {batch_size!r}")
         y = dataset.tensors[target_key]
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(int(seed)))
-        keep = torch.cat([order[y[order] == c][:shots] for c in torch.unique(y)])
-        self.batch = (dataset.tensors["image"][keep], y[keep].long())
+        classes = y.dim() == 1 and not y.is_floating_point()
+        if classes:  # classification: k per class
+            keep = torch.cat([order[y[order] == c][:shots] for c in torch.unique(y)])
+        else:  # dense or regression targets have no per-image class: k images
+            keep = order[:shots]
+        self.batch = (dataset.tensors["image"][keep], y[keep].long() if classes else y[keep])
         self.batch_size = batch_size
         self.gen = torch.Generator().manual_seed(int(seed) + 1)
 

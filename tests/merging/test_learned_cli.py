@@ -114,3 +114,25 @@ def test_labeled_shots_full_batch_or_minibatches_without_replacement():
     for bad in (0, -2, True, 2.5):
         with pytest.raises(ValueError, match="merge.shots_batch"):
             LabeledShots(_Split(), "label", shots=3, batch_size=bad)
+
+
+def test_labeled_shots_of_dense_and_regression_targets_are_k_images():
+    from merging.learned.cli import LabeledShots
+
+    split = _Split()
+    split.tensors["dense"] = torch.randint(0, 3, (15, 4, 4))
+    split.tensors["value"] = torch.rand(15, 2)
+    for key in ("dense", "value"):
+        (x, y), = list(LabeledShots(split, key, shots=6, seed=1))
+        assert len(x) == 6 and y.dtype == split.tensors[key].dtype
+        assert torch.equal(y, split.tensors[key][x[:, 0].long()])
+
+
+def test_supervised_atlas_from_the_cli_on_dense_and_regression_tasks(pool, tmp_path):
+    rd = tmp_path / "sup"
+    report = run(_args(pool, "merge=atlas", "merge.objective=supervised", "merge.shots=4", "merge.shots_batch=2"),
+                 run_dir=rd)
+    summary = json.loads((rd / "coefficients" / "coefficients.json").read_text())
+    assert report["method"] == "atlas" and summary["excluded_from_objective"] == []
+    coef = load_file(str(rd / "coefficients" / "coefficients.safetensors"))["coefficients"]
+    assert not torch.all(coef[:, 0] == 0.3) and not torch.all(coef[:, 1] == 0.3)  # each task moved under its own loss
