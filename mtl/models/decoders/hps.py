@@ -61,19 +61,50 @@ class ImageHead(nn.Module):
         return self.body(z.mean(dim=(2, 3)))
 
 
-def create_head(task: Task, channels: int) -> nn.Module:
+class CosineImageHead(nn.Module):
+    """An image head whose logits are `scale · cos(features, class weight)` (NormFace; CLIP's zero-shot
+    head with its fixed logit scale): the logits cannot grow with the feature norm, so a prediction's
+    confidence reflects the features' direction only. Merged weights that merely scale activations
+    then cannot lower the entropy (docs/merging.md, "When entropy is a poor proxy")."""
+
+    def __init__(self, channels: int, out_channels: int, scale: float = 16.0, hidden: int | None = None):
+        super().__init__()
+        if not scale > 0:
+            raise ValueError(f"decoder.cosine_scale must be > 0, got {scale!r}")
+        hidden = hidden or channels
+        self.body = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True))
+        self.classifier = nn.Linear(hidden, out_channels, bias=False)
+        self.scale = float(scale)
+
+    def forward(self, z: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+        h = F.normalize(self.body(z.mean(dim=(2, 3))), dim=-1)
+        return self.scale * F.linear(h, F.normalize(self.classifier.weight, dim=-1))
+
+
+HEADS = ("mlp", "cosine")
+
+
+def create_head(task: Task, channels: int, head: str = "mlp", cosine_scale: float = 16.0) -> nn.Module:
+    """The task's head. `head="cosine"` applies to image-level classification tasks; dense and regression
+    tasks keep their usual head (a cosine has no meaning for a regressed value)."""
+    if head not in HEADS:
+        raise ValueError(f"decoder.head must be one of {HEADS}, got {head!r}")
+    if head == "cosine" and task.kind == "classification" and not task.dense:
+        return CosineImageHead(channels, task.out_channels, cosine_scale)
     return (DenseHead if task.dense else ImageHead)(channels, task.out_channels)
 
 
 @DECODERS.register("hps")
 class HPSDecoder(nn.Module):
     """Shared fusion neck + per-task heads. `shared(feats)` is the representation the heads consume.
-    `norm` is the neck's normalisation ("batch" or "layer"); task heads keep BatchNorm."""
+    `norm` is the neck's normalisation ("batch" or "layer"); task heads keep BatchNorm. `head`: "mlp"
+    (default) or "cosine" logits for classification tasks (`CosineImageHead`, at `cosine_scale`)."""
 
-    def __init__(self, in_channels: list[int], tasks: list[Task], channels: int = 64, norm: str = "batch"):
+    def __init__(self, in_channels: list[int], tasks: list[Task], channels: int = 64, norm: str = "batch",
+                 head: str = "mlp", cosine_scale: float = 16.0):
         super().__init__()
         self.neck = Fusion(in_channels, channels, norm)
-        self.heads = nn.ModuleDict({t.name: create_head(t, channels) for t in tasks})
+        self.heads = nn.ModuleDict({t.name: create_head(t, channels, head, cosine_scale) for t in tasks})
 
     def shared(self, feats: list[torch.Tensor]) -> torch.Tensor:
         return self.neck(feats)
