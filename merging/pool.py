@@ -7,6 +7,7 @@ A merged model is the merged shared weights plus every task's own head (heads ar
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,6 +16,7 @@ import torch
 
 from mtl.io import load_state, read_json, read_model_config
 from mtl.models import MultiTaskModel, model_from_config
+from mtl.models.decoders.base import DECODERS
 from mtl.tasks import Task, create_task
 
 HEAD_PREFIX = "decoder.heads."
@@ -44,11 +46,14 @@ class ModelPool:
             cfg = read_model_config(m)
             mc = cfg["model"]
             for key in ("backbone", "decoder"):
-                if _arch(mc.get(key)) != _arch(pre_cfg.get(key)):
+                if _arch(key, mc.get(key)) != _arch(key, pre_cfg.get(key)):
                     raise ValueError(
                         f"{m}: its {key} {mc.get(key)} differs from the pretrained model's "
                         f"{pre_cfg.get(key)} ({pretrained}); models must share an architecture to merge"
                     )
+            if members and _arch("decoder", mc.get("decoder"), heads=True) != _arch("decoder", members[0].config.get("decoder"), heads=True):
+                raise ValueError(f"{m}: its decoder {mc.get('decoder')} builds task heads unlike {members[0].path}'s "
+                                 f"{members[0].config.get('decoder')}; the merged model holds every member's head in one decoder")
             meta = cfg.get("meta", {})
             members.append(Member(Path(m), mc, [t["name"] for t in mc["tasks"]], meta.get("data"), meta.get("test", {})))
         names = [t for mem in members for t in mem.tasks]
@@ -99,8 +104,18 @@ class ModelPool:
         return load_model(self.members[i].path)
 
 
-def _arch(cfg: dict[str, Any] | None) -> dict[str, Any]:
-    return dict(cfg or {})
+def _arch(key: str, cfg: dict[str, Any] | None, heads: bool = False) -> dict[str, Any]:
+    """What must match for weights to merge. A decoder's config is completed with its constructor's
+    defaults (folders written before an option existed omit it); options that shape only the task heads
+    (the class's `HEAD_OPTIONS`) are left out unless `heads`: every member brings its own heads, and the
+    pretrained model's are never merged."""
+    cfg = dict(cfg or {})
+    if key != "decoder" or cfg.get("name") not in DECODERS:
+        return cfg
+    cls = DECODERS.get(cfg["name"])
+    defaults = {n: p.default for n, p in inspect.signature(cls).parameters.items() if p.default is not p.empty}
+    cfg = {**defaults, **cfg}
+    return cfg if heads else {k: v for k, v in cfg.items() if k not in getattr(cls, "HEAD_OPTIONS", ())}
 
 
 @torch.no_grad()

@@ -100,6 +100,8 @@ class HPSDecoder(nn.Module):
     `norm` is the neck's normalisation ("batch" or "layer"); task heads keep BatchNorm. `head`: "mlp"
     (default) or "cosine" logits for classification tasks (`CosineImageHead`, at `cosine_scale`)."""
 
+    HEAD_OPTIONS = ("head", "cosine_scale")  # shape only the task heads (merging compares the rest)
+
     def __init__(self, in_channels: list[int], tasks: list[Task], channels: int = 64, norm: str = "batch",
                  head: str = "mlp", cosine_scale: float = 16.0):
         super().__init__()
