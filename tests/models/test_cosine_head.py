@@ -52,3 +52,21 @@ def test_cosine_applies_to_classification_heads_and_round_trips(tmp_path):
 def test_bad_head_options_are_named(decoder, match):
     with pytest.raises(ValueError, match=match):
         create_model(["classification"], backbone="test_resnet", decoder=decoder)
+
+
+def test_cosine_head_prunes_structurally_and_exports(tmp_path):
+    from mtl.exporters.api import export
+    from pruning.api import prune
+
+    m = create_model([{"kind": "classification", "name": "c", "num_classes": 4}, "depth"], backbone="test_resnet",
+                     decoder={"name": "hps", "head": "cosine"}).eval()
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    pruned, _ = prune(m, "l1", example=x, ratio=0.3)
+    head = pruned.decoder.heads["c"]
+    assert isinstance(head, CosineImageHead) and head.classifier.in_features == head.body[0].out_features < 64
+    assert pruned(x)["c"].abs().max() <= 16.0 + 1e-4
+    mtl.save_model(pruned, tmp_path / "pruned")
+    back = mtl.load_model(tmp_path / "pruned").eval()
+    assert torch.equal(back(x)["c"], pruned.eval()(x)["c"])
+    out = export(tmp_path / "pruned", "onnx", tmp_path / "onnx", tasks=["c"])
+    assert any(out.glob("*.onnx"))

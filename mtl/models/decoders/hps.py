@@ -62,10 +62,10 @@ class ImageHead(nn.Module):
 
 
 class CosineImageHead(nn.Module):
-    """An image head whose logits are `scale · cos(features, class weight)` (NormFace; CLIP's zero-shot
-    head with its fixed logit scale): the logits cannot grow with the feature norm, so a prediction's
-    confidence reflects the features' direction only. Merged weights that merely scale activations
-    then cannot lower the entropy (docs/merging.md, "When entropy is a poor proxy")."""
+    """An image head whose logits are `scale · cos(hidden features, class weight)` (NormFace; CLIP's
+    zero-shot head with its fixed logit scale): every logit is bounded by the scale and unchanged when
+    the hidden features are scaled, so merged weights cannot make predictions confident by growing
+    activations (docs/merging.md, "When entropy is a poor proxy")."""
 
     def __init__(self, channels: int, out_channels: int, scale: float = 16.0, hidden: int | None = None):
         super().__init__()
@@ -78,7 +78,8 @@ class CosineImageHead(nn.Module):
 
     def forward(self, z: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
         h = F.normalize(self.body(z.mean(dim=(2, 3))), dim=-1)
-        return self.scale * F.linear(h, F.normalize(self.classifier.weight, dim=-1))
+        # the classifier runs as a module call, so structural pruning sees its input channels
+        return self.scale * self.classifier(h) / self.classifier.weight.norm(dim=1).clamp_min(1e-12)
 
 
 HEADS = ("mlp", "cosine")
