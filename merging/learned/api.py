@@ -20,7 +20,7 @@ from .concrete import ConcreteMask
 from .layout import make_layout
 from .loop import POOL_LIMIT, Objective
 from .objective import has_entropy
-from .problem import MergeProblem, build_problem
+from .problem import VECTORS, MergeProblem, build_problem, ties_task_vectors
 
 log = logging.getLogger("merging.learned")
 
@@ -32,7 +32,7 @@ _MASK = dict(temperature=0.5, initial_logits=0.0, threshold=0.5)
 
 #: method -> its hyperparameters and their defaults
 LEARNED_METHODS: dict[str, dict[str, Any]] = {
-    "adamerging": {**_COMMON, **_COEF, "granularity": "layer"},
+    "adamerging": {**_COMMON, **_COEF, "granularity": "layer", "vectors": "plain", "k": 20},
     "atlas": {**_COMMON, **_COEF, "blocks": "tensor", "learn_blocks": None, "objective": "entropy"},
     "concrete_ta": {**_COMMON, **_MASK, "lam": 0.3},
     "concrete_adamerging": {**_COMMON, **_COEF, **_MASK, "granularity": "layer", "coef_lr": 1e-3,
@@ -171,10 +171,16 @@ def learn(method: str, pretrained, finetuned, *, unlabeled: Mapping[str, Iterabl
         if k in hp and not torch.isfinite(torch.tensor(float(hp[k]))):
             raise ValueError(f"{k} must be finite, got {hp[k]}")
 
+    if hp.get("vectors", "plain") not in VECTORS:
+        raise ValueError(f"vectors must be one of {VECTORS} ('ties': AdaMerging++), got {hp['vectors']!r}")
+    if "k" in hp and not (isinstance(hp["k"], (int, float)) and 0 < hp["k"] <= 100):
+        raise ValueError(f"k (the % of each task vector TIES keeps) must be in (0, 100], got {hp['k']!r}")
     if hp["channels_last"] is None:  # our models take channels-last images; a caller's model may .view() them
         hp["channels_last"] = model is None
     was_training = model.training if model is not None else None
     problem = build_problem(pretrained, finetuned, model=model, tasks=tasks, device=device, **key_options)
+    if hp.get("vectors") == "ties":
+        problem.taus = ties_task_vectors(problem.taus, hp["k"])
     try:
         return _learn(method, problem, hp, pretrained, finetuned, key_options, unlabeled, labeled, supervised,
                       progress, callback, callback_every, recompute)

@@ -20,7 +20,7 @@ from torch import nn
 from ..engine import KeyOptions, open_context
 from ..sources import MergeInputError
 
-__all__ = ["MergeProblem", "build_problem"]
+__all__ = ["MergeProblem", "build_problem", "ties_task_vectors", "VECTORS"]
 
 
 @dataclass
@@ -160,3 +160,30 @@ def build_problem(pretrained, finetuned, *, model: nn.Module | None = None, task
     if not theta0:
         raise MergeInputError("nothing to learn: the fine-tuned models do not differ from the pretrained one")
     return MergeProblem(model, list(theta0), theta0, taus, names, vector_tasks, kinds, device)
+
+
+VECTORS = ("plain", "ties")
+
+
+def ties_task_vectors(taus: dict[str, torch.Tensor], k: float) -> dict[str, torch.Tensor]:
+    """AdaMerging++ (Yang et al., ICLR 2024): every task vector preprocessed as TIES-Merging does (Yadav
+    et al., NeurIPS 2023) before its coefficients are learned — trimmed to its top-k % magnitudes over all
+    learned tensors, then only the entries whose sign agrees with the elected sign γ = sign(Σ_t τ̂_t) kept
+    (entries where the trimmed vectors cancel are dropped). Replaces the stacks in `taus` one tensor at a
+    time (memory grows by one tensor's stack, not by a second copy of all) and returns it."""
+    from ..methods import Ties
+    from ..selection import as_threshold, keep_count, kthvalue_threshold
+
+    T = next(iter(taus.values())).shape[0]
+    n = keep_count(sum(v[0].numel() for v in taus.values()), k)
+    dtype = torch.float64 if any(v.dtype == torch.float64 for v in taus.values()) else torch.float32
+    thr = [kthvalue_threshold(torch.cat([v[t].abs().reshape(-1).to(dtype) for v in taus.values()]), n) for t in range(T)]
+    for key in list(taus):
+        v = taus[key]
+        rows = list(v.unbind(0))  # views: trim_and_elect trims them in place
+        bufs = (torch.empty_like(rows[0]), torch.empty(rows[0].shape, dtype=torch.bool, device=v.device),
+                torch.empty_like(rows[0]))
+        trimmed, sign = Ties.trim_and_elect(rows, [as_threshold(x, v.dtype) for x in thr], *bufs)
+        for tt in trimmed:
+            tt.mul_(tt * sign > 0)
+    return taus

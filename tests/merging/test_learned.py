@@ -262,3 +262,33 @@ def test_unknown_granularity_block_and_hyperparameter():
         merging.learn("adamerging", pre, fts, unlabeled=data, lamda=0.3, **kw(model))
     with pytest.raises(ValueError, match="unknown learned merge method 'adamerge'"):
         merging.learn("adamerge", pre, fts, unlabeled=data, **kw(model))
+
+
+def test_adamerging_plus_task_vectors_by_hand():
+    """AdaMerging++: TIES trim (top-k % per task over all tensors) + elected sign, per task."""
+    from merging.learned.problem import ties_task_vectors
+
+    taus = {"a": torch.tensor([[4.0, -1.0, 0.5, 2.0], [-1.0, 5.0, 0.2, -2.5]]),
+            "b": torch.tensor([[-3.0, 0.1], [0.9, 0.0]])}
+    out = ties_task_vectors({k: v.clone() for k, v in taus.items()}, k=50)  # keep 3 of 6 entries per task
+    # trimmed: τ1 a [4,0,0,2] b [-3,0]; τ2 a [-1,5,0,-2.5] b [0,0]; γ: a [+,+,0,-], b [-,0]
+    torch.testing.assert_close(out["a"], torch.tensor([[4.0, 0, 0, 0], [0, 5.0, 0, -2.5]]))
+    torch.testing.assert_close(out["b"], torch.tensor([[-3.0, 0], [0, 0]]))
+
+
+def test_adamerging_plus_at_zero_steps_and_bad_options():
+    from merging.learned.problem import ties_task_vectors
+
+    model, pre, fts, data = toys()
+    res = merging.learn("adamerging", pre, fts, unlabeled=data, steps=0, vectors="ties", k=30, **kw(model))
+    taus = ties_task_vectors({k: torch.stack([f[k] - pre[k] for f in fts]) for k in pre}, 30)
+    for k in pre:
+        torch.testing.assert_close(res.state_dict[k], pre[k] + 0.3 * taus[k].sum(0), rtol=1e-6, atol=1e-6)
+    kept = sum(int((v != 0).sum()) for v in taus.values()) / sum(v.numel() for v in taus.values())
+    assert 0 < kept < 0.3  # trimmed to 30 %, then sign conflicts dropped
+    moved = merging.learn("adamerging", pre, fts, unlabeled=data, steps=5, lr=0.05, vectors="ties", **kw(model))
+    assert moved.hparams["vectors"] == "ties" and not torch.all(moved.coefficients == 0.3)
+    with pytest.raises(ValueError, match="vectors must be one of"):
+        merging.learn("adamerging", pre, fts, unlabeled=data, vectors="dare", **kw(model))
+    with pytest.raises(ValueError, match=r"k \(the % of each task vector"):
+        merging.learn("adamerging", pre, fts, unlabeled=data, vectors="ties", k=0, **kw(model))
