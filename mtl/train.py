@@ -132,7 +132,19 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
     trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), callbacks=callbacks, logger=loggers or False,
                         default_root_dir=str(run_dir))
-    return _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, baselines, variant)
+    try:
+        return _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, baselines, variant)
+    finally:
+        _finish_tracking_runs(trainer)
+
+
+def _finish_tracking_runs(trainer) -> None:
+    """Finish W&B runs with the job. W&B writes its records from a background service and completes
+    them when the run finishes, which would otherwise be at interpreter exit: after `run()` returned
+    (and in a `-m` multirun, after every later job)."""
+    for lg in trainer.loggers:
+        if type(lg).__name__ == "WandbLogger" and getattr(lg, "_experiment", None) is not None:
+            lg._experiment.finish()
 
 
 def _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, baselines, variant) -> dict[str, Any]:
