@@ -169,8 +169,8 @@ def ties_task_vectors(taus: dict[str, torch.Tensor], k: float) -> dict[str, torc
     """AdaMerging++ (Yang et al., ICLR 2024): every task vector preprocessed as TIES-Merging does (Yadav
     et al., NeurIPS 2023) before its coefficients are learned — trimmed to its top-k % magnitudes over all
     learned tensors, then only the entries whose sign agrees with the elected sign γ = sign(Σ_t τ̂_t) kept
-    (entries where the trimmed vectors cancel are dropped). Replaces the stacks in `taus` one tensor at a
-    time (memory grows by one tensor's stack, not by a second copy of all) and returns it."""
+    (entries where the trimmed vectors cancel are dropped). Edits the stacks in `taus` in place and returns
+    it: beyond them it holds one task's magnitudes (for its threshold) and three one-tensor buffers."""
     from ..methods import Ties
     from ..selection import as_threshold, keep_count, kthvalue_threshold
 
