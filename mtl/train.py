@@ -142,8 +142,10 @@ def _finish_tracking_runs(trainer) -> None:
     """Finish W&B runs with the job. W&B writes its records from a background service and completes
     them when the run finishes, which would otherwise be at interpreter exit: after `run()` returned
     (and in a `-m` multirun, after every later job)."""
+    from lightning.pytorch.loggers import WandbLogger  # wandb itself is imported only by the logger
+
     for lg in trainer.loggers:
-        if type(lg).__name__ == "WandbLogger" and getattr(lg, "_experiment", None) is not None:
+        if isinstance(lg, WandbLogger) and lg._experiment is not None:  # never start a run just to end it
             lg._experiment.finish()
 
 

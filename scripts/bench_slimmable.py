@@ -143,10 +143,10 @@ def uniform_scores(args) -> dict[str, dict]:
 
 def run_tasks(run: Path) -> dict:
     """{name: Task} of a finished run, rebuilt from its model folder's config (no weights read)."""
+    from mtl.io import read_model_config
     from mtl.tasks.base import create_task
 
-    tasks = json.loads((run / "model" / "config.json").read_text())["model"]["tasks"]
-    return {t["name"]: create_task(**t) for t in tasks}
+    return {t["name"]: create_task(**t) for t in read_model_config(run / "model")["model"]["tasks"]}
 
 
 def compare(args) -> dict:
