@@ -15,7 +15,12 @@ MoE dispatch efficiency and single- vs all-task latency.
     python scripts/bench_architectures.py --families hps,moe --epochs 2            # a subset
     python scripts/bench_architectures.py --skip-quality                           # timing only
 
-A family is an entry of FAMILIES (its mtl-train overrides); add one there (e.g. slimmable).
+    python scripts/bench_architectures.py --family slimmable --part speed          # one family's own benchmark
+
+A family is an entry of FAMILIES (its mtl-train overrides); add one there. `--family NAME` runs one
+family's full benchmark: for `slimmable` that is scripts/bench_slimmable.py (width quality with and
+without CI-KD, controllability, extracted vs sliced latency), which receives every other argument;
+for the others, the quality run of that family plus the timing phases above.
 Finished runs (OUT/runs/<key>/metrics.json) are reused unless --force.
 """
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -39,9 +45,11 @@ FAMILIES: dict[str, list[str]] = {
 }
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/bench_arch")
+    p.add_argument("--family", choices=list(FAMILIES),
+                   help="one family's full benchmark (slimmable: scripts/bench_slimmable.py with the other arguments)")
     p.add_argument("--families", default=",".join(FAMILIES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=32)
@@ -66,7 +74,7 @@ def parse_args():
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads in the timing phases (1: no OpenMP barrier stalls on a shared machine)")
     p.add_argument("--latency-batch", type=int, default=8)
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 # --- 1. quality --------------------------------------------------------------------------------
@@ -283,10 +291,21 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     from mtl.io import write_json
 
-    args = parse_args()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--family")
+    family, rest = pre.parse_known_args(argv)
+    if family.family == "slimmable":  # its benchmark (widths, CI-KD, control, extraction) lives in its own script
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_slimmable
+
+        raise SystemExit(bench_slimmable.main(rest))
+    args = parse_args(argv)
+    if args.family:
+        args.families = args.family
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     families = [f for f in args.families.split(",") if f]
