@@ -8,6 +8,7 @@
     merging.learn("adamerging" | "atlas" | "concrete_ta" | "concrete_adamerging", pretrained, finetuned,
                   unlabeled={task: batches}, **hparams) -> LearnedMerge (learned at test time)
     merging.recompute_bn(model, batches)  # BatchNorm statistics of a merged model re-estimated on data
+    merging.weight_disentanglement(pool, alphas=(0.3, 1.0)) -> Disentanglement (how much task vectors interfere)
 
 Inputs are state dicts, `nn.Module`s, model folders (`model.safetensors` inside), `.safetensors` files
 or torch checkpoints; they are never modified. See docs/merging.md.
@@ -20,6 +21,7 @@ from .keys import KeyPlan, plan_keys
 from .learned import LEARNED_METHODS, LearnedMerge, learn
 from . import consensus as _consensus  # noqa: F401  (registers "consensus")
 from .dare import dare, dare_mask
+from .disentanglement import Disentanglement, weight_disentanglement
 from .methods import METHODS, create_method
 from .selection import keep_count, radix_thresholds
 from .sources import MergeInputError, StateSource, load_state_dict, open_source
@@ -28,7 +30,7 @@ from .streaming import merge_to_file
 from .tall import TallMasks, mask_overlap, tall_masks
 from .task_vectors import apply_task_vector, compose, task_vector
 
-_PLOTS = {"plot_task_accuracy", "plot_mask_overlap"}
+_PLOTS = {"plot_task_accuracy", "plot_mask_overlap", "plot_disentanglement"}
 
 
 def __getattr__(name):  # matplotlib is only imported when a plot is asked for

@@ -5,7 +5,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_task_accuracy", "plot_mask_overlap"]
+__all__ = ["plot_task_accuracy", "plot_mask_overlap", "plot_disentanglement"]
 
 
 def _figure(size):
@@ -90,3 +90,51 @@ def plot_mask_overlap(masks_or_overlap: Any, path, *, title: str = "TALL mask ov
     )
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
+
+
+def plot_disentanglement(result: Any, path, *, title: str = "Weight disentanglement error ξ") -> Path:
+    """One heatmap per α point of a `merging.Disentanglement`: ξ for each task pair (0 = no interference,
+    2 = every prediction of both tasks changed). With a single pair measured on a grid of α points, one
+    heatmap over (α_s, α_t) instead — the paper's figure."""
+    import numpy as np
+
+    if len(result.errors) == 1 and len(result.alphas) > 3:
+        (s, t), by = next(iter(result.errors.items()))
+        xs = sorted({a for a, _ in by})
+        ys = sorted({b for _, b in by})
+        grid = np.full((len(ys), len(xs)), np.nan)
+        for (a, b), v in by.items():
+            grid[ys.index(b), xs.index(a)] = v
+        fig, ax = _figure((5.5, 4.5))
+        im = ax.imshow(grid, origin="lower", cmap="magma_r", vmin=0, vmax=2, aspect="auto")
+        ax.set_xticks(range(len(xs)), [f"{a:g}" for a in xs])
+        ax.set_yticks(range(len(ys)), [f"{b:g}" for b in ys])
+        ax.set_xlabel(f"α ({s})")
+        ax.set_ylabel(f"α ({t})")
+        ax.set_title(f"{title}: {s} + {t}")
+        fig.colorbar(im, ax=ax, label="ξ")
+        return _save(fig, path)
+    from matplotlib.figure import Figure
+
+    n, k = len(result.tasks), len(result.alphas)
+    fig = Figure(figsize=(min(18.0, 0.45 * n * k + 2.5 * k), 0.45 * n + 2))
+    axes = fig.subplots(1, k, squeeze=False)[0]
+    for ax, alpha in zip(axes, result.alphas):
+        m = result.matrix(alpha).numpy()
+        im = ax.imshow(m, cmap="magma_r", vmin=0, vmax=2)
+        ax.set_xticks(range(n), result.tasks, rotation=60, ha="right", fontsize="small")
+        ax.set_yticks(range(n), result.tasks, fontsize="small")
+        ax.set_title(f"α = ({alpha[0]:g}, {alpha[1]:g}), mean {result.mean(alpha):.2f}", fontsize="small")
+        for i in range(n):
+            for j in range(n):
+                if m[i, j] == m[i, j]:
+                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                            color="white" if m[i, j] > 1 else "black")
+    fig.colorbar(im, ax=list(axes), label="ξ", shrink=0.8)
+    fig.suptitle(title)
+    from mtl.io import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp:  # not _save: tight_layout does not fit a colorbar shared by several axes
+        fig.savefig(tmp, dpi=120, format="png", bbox_inches="tight")
+    return path
