@@ -139,12 +139,17 @@ def weight_disentanglement(pool: ModelPool | str | Path, alphas: Sequence[float 
     dms = {t: member_datamodule(owner[t]) for t in tasks}
     loaders = {t: getattr(dms[t], f"{split}_dataloader") for t in tasks}
     # one model holding every head; each α point only swaps its shared weights
-    model = pool.merged_model(load_state(pool.pretrained)).to(device)
+    theta0 = load_state(pool.pretrained)
+    model = pool.merged_model(theta0).to(device)
     shared_keys = [k for k in model.state_dict() if not k.startswith(HEAD_PREFIX)]
+    states: dict[str, dict[str, torch.Tensor]] = {}  # each fine-tune read once, not once per α point
 
     def predict(coeffs: dict[str, float], on: Sequence[str]) -> dict[str, torch.Tensor]:
         names = list(coeffs)
-        merged = merge("task_arithmetic", pool.pretrained, [owner[t].path for t in names],
+        for t in names:
+            if t not in states:
+                states[t] = load_state(owner[t].path)
+        merged = merge("task_arithmetic", theta0, [states[t] for t in names],
                        lam=[coeffs[t] for t in names], bn=bn)
         model.load_state_dict({k: merged[k] for k in shared_keys}, strict=False)
         return {t: _predictions(model, t, CLASS_KINDS[kinds[t]], loaders[t](), max_batches, device) for t in on}
