@@ -16,13 +16,16 @@ def _figure(size):
     return fig, fig.subplots()
 
 
-def _save(fig, path) -> Path:
+def _save(fig, path, *, tight_layout: bool = True) -> Path:
+    """`tight_layout=False` for figures whose colorbar spans several axes (tight_layout cannot fit it);
+    they are cropped at save time instead."""
     from mtl.io import atomic_path
 
-    fig.tight_layout()
+    if tight_layout:
+        fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:  # never a half-written PNG
-        fig.savefig(tmp, dpi=120, format="png")
+        fig.savefig(tmp, dpi=120, format="png", bbox_inches=None if tight_layout else "tight")
     return path
 
 
@@ -132,9 +135,4 @@ def plot_disentanglement(result: Any, path, *, title: str = "Weight disentanglem
                             color="white" if m[i, j] > 1 else "black")
     fig.colorbar(im, ax=list(axes), label="ξ", shrink=0.8)
     fig.suptitle(title)
-    from mtl.io import atomic_path
-
-    path = Path(path)
-    with atomic_path(path) as tmp:  # not _save: tight_layout does not fit a colorbar shared by several axes
-        fig.savefig(tmp, dpi=120, format="png", bbox_inches="tight")
-    return path
+    return _save(fig, path, tight_layout=False)
