@@ -76,6 +76,17 @@ def test_cikd_slice_matches_the_widest_networks_first_channels_without_parameter
         create_strategy("sandwich", model, cikd_match="cosine")
 
 
+def test_cikd_projections_leave_the_random_stream_alone():
+    # a paired ablation: with and without CI-KD, the run draws the same random widths and batches afterwards
+    model = tiny()
+    draws = []
+    for kw in ({"cikd": False}, {"cikd": True}, {"cikd_match": "slice"}):
+        torch.manual_seed(3)
+        create_strategy("sandwich", model, **kw)
+        draws.append(torch.rand(5))
+    assert torch.equal(draws[0], draws[1]) and torch.equal(draws[0], draws[2])
+
+
 def test_sandwich_without_cikd_and_without_distillation_uses_labels():
     model = tiny()
     strat = create_strategy("sandwich", model, num_random=0, cikd=False, inplace_distill=False)

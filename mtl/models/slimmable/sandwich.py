@@ -56,10 +56,13 @@ class Sandwich(TrainingStrategy):
             raise ValueError(f"strategy.cikd_match must be 'projection' or 'slice', got {cikd_match!r}")
         self.cikd_match = cikd_match
         full = model.decoder.neck.refine[0].out_channels
-        # one projection per sub-width of the set: sub-width features -> full-width channels
-        self.proj = nn.ModuleDict({
-            self._key(w): nn.Conv2d(channels_at(full, w), full, 1) for w in model.width_set if w < 1.0
-        }) if self.cikd and cikd_match == "projection" else nn.ModuleDict()
+        # one projection per sub-width of the set: sub-width features -> full-width channels. Initialised on
+        # a fork of the random stream, so that a run with and one without CI-KD draw the same random widths
+        # and batches afterwards: the ablation is paired, its difference is CI-KD's alone.
+        with torch.random.fork_rng(devices=[]):
+            self.proj = nn.ModuleDict({
+                self._key(w): nn.Conv2d(channels_at(full, w), full, 1) for w in model.width_set if w < 1.0
+            }) if self.cikd and cikd_match == "projection" else nn.ModuleDict()
 
     @staticmethod
     def _key(width: float) -> str:
