@@ -135,7 +135,10 @@ def uniform_scores(args) -> dict[str, dict]:
         return {n: data[n]["uniform_test"] for n in sorted(Path(r).name for r in args.runs)}
     runs = {}
     for run in args.runs:
-        table = json.loads((Path(run) / "width_table_test.json").read_text())
+        path = Path(run) / "width_table_test.json"
+        if not path.is_file():
+            raise SystemExit(f"{path}: missing (is the run {run} finished?)")
+        table = json.loads(path.read_text())
         p = table["primary"]
         runs[Path(run).name] = {t: {w: table["metrics"][t][w][w][p[t]] for w in table["encoder_flops"]} for t in table["tasks"]}
     return runs
@@ -179,12 +182,15 @@ def compare(args) -> dict:
         for w in widths:
             gain = {t: [sign[t] * (seeds[s][t][w] - base[s][t][w]) for s in paired] for t in tasks}
             dm = [delta_m(at(seeds[s], w), at(base[s], w), tasks) for s in paired]
-            rows[w] = {"seeds": paired, "delta_m": dm, "mean_delta_m": statistics.fmean(dm),
+            sd = statistics.stdev(dm) if len(dm) > 1 else float("nan")
+            rows[w] = {"seeds": paired, "delta_m": dm, "mean_delta_m": statistics.fmean(dm), "sd_delta_m": sd,
+                       "se_delta_m": sd / len(dm) ** 0.5, "positive": sum(d > 0 for d in dm),
                        "tasks": {t: {"wins": sum(g > 0 for g in gain[t]), "mean_gain": statistics.fmean(gain[t]),
                                      variant: statistics.fmean(seeds[s][t][w] for s in paired),
                                      args.baseline: statistics.fmean(base[s][t][w] for s in paired)} for t in tasks}}
             print(f"{variant} vs {args.baseline}, width {w}, seeds {','.join(paired)}: Δm per seed "
-                  + " ".join(f"{d:+.1f}" for d in dm) + f" (mean {statistics.fmean(dm):+.1f} %); "
+                  + " ".join(f"{d:+.1f}" for d in dm) + f" (mean {statistics.fmean(dm):+.1f} %, sd {sd:.1f}, se {sd / len(dm) ** 0.5:.1f}, "
+                  f"{rows[w]['positive']}/{len(dm)} positive); "
                   + "; ".join(f"{t} {r[variant]:.3f} vs {r[args.baseline]:.3f}, better in {r['wins']}/{len(paired)}"
                               for t, r in rows[w]["tasks"].items()), flush=True)
         out[variant] = rows
