@@ -189,8 +189,8 @@ def compare(args) -> dict:
                                      variant: statistics.fmean(seeds[s][t][w] for s in paired),
                                      args.baseline: statistics.fmean(base[s][t][w] for s in paired)} for t in tasks}}
             print(f"{variant} vs {args.baseline}, width {w}, seeds {','.join(paired)}: Δm per seed "
-                  + " ".join(f"{d:+.1f}" for d in dm) + f" (mean {statistics.fmean(dm):+.1f} %, sd {sd:.1f}, se {sd / len(dm) ** 0.5:.1f}, "
-                  f"{rows[w]['positive']}/{len(dm)} positive); "
+                  + " ".join(f"{d:+.1f}" for d in dm) + f" (mean {rows[w]['mean_delta_m']:+.1f} %, sd {sd:.1f}, "
+                  f"se {rows[w]['se_delta_m']:.1f}, {rows[w]['positive']}/{len(dm)} positive); "
                   + "; ".join(f"{t} {r[variant]:.3f} vs {r[args.baseline]:.3f}, better in {r['wins']}/{len(paired)}"
                               for t, r in rows[w]["tasks"].items()), flush=True)
         out[variant] = rows
