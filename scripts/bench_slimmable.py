@@ -129,16 +129,21 @@ def control(args) -> dict:
 # --- compare: paired variants across seeds ---------------------------------------------------------------
 def uniform_scores(args) -> dict[str, dict]:
     """{run name: {task: {width: test primary metric}}}."""
+    from mtl.io import read_json
+
+    def load(path: Path):  # a missing or broken file (an unfinished run) is one line, not a traceback
+        try:
+            return read_json(path)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(str(e)) from None
+
     if args.scores:
-        data = json.loads(Path(args.scores).read_text())
+        data = load(Path(args.scores))
         data = data.get("control", data)
         return {n: data[n]["uniform_test"] for n in sorted(Path(r).name for r in args.runs)}
     runs = {}
     for run in args.runs:
-        path = Path(run) / "width_table_test.json"
-        if not path.is_file():
-            raise SystemExit(f"{path}: missing (is the run {run} finished?)")
-        table = json.loads(path.read_text())
+        table = load(Path(run) / "width_table_test.json")
         p = table["primary"]
         runs[Path(run).name] = {t: {w: table["metrics"][t][w][w][p[t]] for w in table["encoder_flops"]} for t in table["tasks"]}
     return runs
