@@ -86,13 +86,14 @@ def scenes_batch(tmp_path_factory):
     return next(iter(dm.train_dataloader()))
 
 
-def fit(balancer, batches, max_steps):
+def fit(balancer, batches, max_steps, root):
     torch.manual_seed(0)
     model = create_model(["depth", "regression"], backbone={"name": "test_resnet", "out_indices": [1, 2, 3]},
                          decoder={"name": "hps", "channels": 16})
     module = MultiTaskModule(model, balancer=balancer, log_weights_every=1)
     trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=str(root))  # the weights plot lands here, not in the working directory
     trainer.fit(module, DataLoader(batches, batch_size=None))
     return trainer, module
 
@@ -103,15 +104,15 @@ def with_inf_depth(batch):
     return bad
 
 
-def test_nonfinite_loss_stops_training_naming_the_task(scenes_batch):
+def test_nonfinite_loss_stops_training_naming_the_task(scenes_batch, tmp_path):
     with pytest.raises(NonFiniteLossError, match="'depth'"):
-        fit({"name": "pcgrad"}, [scenes_batch, with_inf_depth(scenes_batch)], max_steps=2)
+        fit({"name": "pcgrad"}, [scenes_batch, with_inf_depth(scenes_batch)], max_steps=2, root=tmp_path)
 
 
-def test_nonfinite_loss_skips_the_step_when_asked(scenes_batch, caplog):
+def test_nonfinite_loss_skips_the_step_when_asked(scenes_batch, caplog, tmp_path):
     with caplog.at_level(logging.WARNING, logger="mtl.balancers"):
         trainer, module = fit({"name": "famo", "skip_nonfinite": True},
-                              [with_inf_depth(scenes_batch), scenes_batch, scenes_batch], max_steps=2)
+                              [with_inf_depth(scenes_batch), scenes_batch, scenes_batch], max_steps=2, root=tmp_path)
     assert trainer.global_step == 2  # the bad batch made no optimiser step
     assert "skipping this step" in caplog.text and "depth" in caplog.text
     assert all(torch.isfinite(p).all() for p in module.model.parameters())
