@@ -18,6 +18,7 @@ from mtl.tasks.metrics import (
     MeanIoU,
     MedianAngularError,
     RootMeanSquaredError,
+    normals_valid,
 )
 
 
@@ -25,6 +26,11 @@ def _unit(v: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """``F.normalize(v, dim=1)`` (v / max(|v|, eps)) from elementwise ops: torch's norm along the
     channel axis of an NCHW tensor is ~10x slower on CPU, forward and backward."""
     return v * torch.rsqrt(v.pow(2).sum(dim=1, keepdim=True).clamp_min(eps * eps))
+
+
+def _nan_to_zero(t: torch.Tensor) -> torch.Tensor:
+    """NaN (an invalid pixel) -> 0; ±inf stay, so corrupt data still surfaces as a non-finite loss."""
+    return torch.where(t.isnan(), 0.0, t)
 
 
 def _zero_loss(pred: torch.Tensor) -> torch.Tensor:
@@ -103,13 +109,14 @@ class DepthTask(Task):
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Mean absolute error over the valid pixels of the batch."""
         self._check_dense(pred, target, target_dims=4)
-        valid = (target > 0).float()
+        valid = target > 0  # False for NaN targets
         n = valid.sum()
         if not n:
             return _zero_loss(pred)
         # a masked sum, not pred[valid]: boolean indexing (nonzero + gather/scatter) costs more than
-        # the whole loss on CPU
-        return ((pred.float() - target.float()).abs() * valid).sum() / n
+        # the whole loss on CPU. NaN targets become 0 first: NaN * 0 is NaN, in the backward pass too
+        err = (pred.float() - _nan_to_zero(target.float())).abs()
+        return (err * valid).sum() / n
 
     def metrics(self) -> dict[str, Metric]:
         make = {"rmse": lambda: RootMeanSquaredError(ignore_nonpositive_targets=True),
@@ -123,7 +130,8 @@ class DepthTask(Task):
 
 @TASKS.register("normals")
 class NormalsTask(Task):
-    """Surface normals. Target: float32 (B, 3, H, W) unit vectors; an all-zero vector marks an invalid pixel."""
+    """Surface normals. Target: float32 (B, 3, H, W) unit vectors; an all-zero vector (or any NaN
+    component) marks an invalid pixel."""
 
     kind = "normals"
     directions = {"mean_angle": False, "median_angle": False,
@@ -137,11 +145,11 @@ class NormalsTask(Task):
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Mean of 1 − cos(pred, target) over valid pixels, both L2-normalised along channels."""
         self._check_dense(pred, target, target_dims=4)
-        valid = (target != 0).any(dim=1).float()
+        valid = normals_valid(target)
         n = valid.sum()
         if not n:
             return _zero_loss(pred)
-        cos = (_unit(pred.float()) * _unit(target.float())).sum(dim=1)
+        cos = (_unit(pred.float()) * _unit(_nan_to_zero(target.float()))).sum(dim=1)
         return ((1.0 - cos) * valid).sum() / n
 
     def metrics(self) -> dict[str, Metric]:

@@ -166,8 +166,13 @@ class AbsoluteRelativeError(_ValidErrorMetric):
         return _ratio(self.error_sum, self.count)
 
 
+def normals_valid(target: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) mask of the pixels with a normal: not all-zero and no NaN component."""
+    return (target != 0).any(dim=1) & ~target.isnan().any(dim=1)
+
+
 def angles_deg(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Angles in degrees between (B, 3, H, W) vectors at the valid pixels (target not all-zero), flat.
+    """Angles in degrees between (B, 3, H, W) vectors at the valid pixels (``normals_valid``), flat.
 
     atan2(|p×t|, p·t) is scale-free and accurate near 0° and 180°, where acos of a float32 cosine
     is not. A zero prediction has no direction and scores 90°, as the normalised zero vector would.
@@ -175,7 +180,7 @@ def angles_deg(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     _same_shape(preds, target)
     if preds.ndim != 4 or preds.shape[1] != 3:
         raise ValueError(f"normals must be (B, 3, H, W), got {tuple(preds.shape)}")
-    valid = (target != 0).any(dim=1)
+    valid = normals_valid(target)
     p = preds.float().permute(0, 2, 3, 1)[valid]
     t = target.float().permute(0, 2, 3, 1)[valid]
     ang = torch.rad2deg(torch.atan2(torch.linalg.cross(p, t).norm(dim=-1), (p * t).sum(-1)))

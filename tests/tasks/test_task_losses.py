@@ -171,6 +171,21 @@ def test_normals_loss_gradient_ignores_invalid_pixels_and_survives_zero_vectors(
     assert pred.grad[0, :, 0, 1].tolist() == pytest.approx([-1 / 6, 0.0, 0.0])
 
 
+def test_nan_targets_are_invalid_pixels_in_loss_and_gradient():
+    """NaN marks a missing depth / normal (docs/tasks.md); the product-with-mask form would give NaN."""
+    pred = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 1, 2, 2).requires_grad_(True)
+    target = torch.tensor([float("nan"), 2.0, 5.0, 0.0]).view(1, 1, 2, 2)
+    loss = create_task("depth").loss(pred, target)
+    loss.backward()
+    assert loss.item() == pytest.approx(1.0)  # (|2−2| + |3−5|) / 2
+    assert pred.grad.view(-1).tolist() == pytest.approx([0.0, 0.0, -0.5, 0.0])  # d/dp |p−5|/2 at p = 3
+    npred = torch.tensor([[2.0, 0, 0], [0, 3.0, 0]]).T.reshape(1, 3, 1, 2).requires_grad_(True)
+    ntarget = torch.tensor([[1.0, 0, 0], [float("nan"), 1.0, 0]]).T.reshape(1, 3, 1, 2)
+    nloss = create_task("normals").loss(npred, ntarget)
+    nloss.backward()
+    assert nloss.item() == pytest.approx(0.0) and torch.all(npred.grad == 0)  # only pixel 1 counts
+
+
 def test_edges_class_balanced_weights_and_loss():
     from mtl.tasks.dense import EdgesTask
 

@@ -131,6 +131,17 @@ def test_normals_median_even_count_and_zero_prediction():
     assert m.compute().item() == pytest.approx(67.5)  # (45 + 90) / 2
 
 
+def test_normals_nan_target_pixels_are_invalid():
+    up, nan = [0.0, 0.0, 1.0], float("nan")
+    # angles 0° and 90°; the NaN-target pixel is left out of the mean and the median alike
+    pred = _normals([[0, 0, 1.0], [1.0, 0, 0], [0, 0, -1.0]])
+    target = _normals([up, up, [nan, 0, 1.0]])
+    ms = create_task("normals").metrics()
+    got = {k: _compute(m, [(pred, target)]) for k, m in ms.items()}
+    assert got["mean_angle"] == pytest.approx(45.0) and got["median_angle"] == pytest.approx(45.0)
+    assert got["pct_30"] == pytest.approx(50.0)
+
+
 def test_normals_median_matches_numpy_within_resolution():
     g = torch.Generator().manual_seed(0)
     pred, target = torch.randn(2, 3, 7, 9, generator=g), torch.randn(2, 3, 7, 9, generator=g)
