@@ -52,5 +52,5 @@ __all__ = [
     "open_store", "TallStore", "open_source", "load_state_dict", "StateSource", "MergeInputError",
     "plan_keys", "KeyPlan", "create_method", "METHODS", "keep_count", "radix_thresholds",
     "plot_task_accuracy", "plot_mask_overlap", "learn", "LearnedMerge", "LEARNED_METHODS",
-    "recompute_bn", "bn_statistics",
+    "recompute_bn", "bn_statistics", "weight_disentanglement", "Disentanglement",
 ]

@@ -5,6 +5,8 @@ from typing import Any
 
 import torch
 
+from mtl.registry import UnknownNameError
+
 from .engine import KeyOptions, open_context, produce, torch_threads
 from .methods import create_method
 
@@ -35,7 +37,10 @@ def merge(
         with torch_threads(threads):
             return learn(method, pretrained, finetuned, **kwargs).state_dict
     opts, hp = KeyOptions.split(dict(kwargs))
-    m = create_method(method, **hp)
+    try:
+        m = create_method(method, **hp)
+    except UnknownNameError as e:
+        raise UnknownNameError(f"{e}; learned at test time (with unlabeled=...): {', '.join(LEARNED_METHODS)}") from None
     ctx = open_context(pretrained, finetuned, opts, m.min_models(), method)
     try:
         with torch_threads(threads):

@@ -24,7 +24,8 @@ def objective(cfg, metrics: Mapping[str, Any]) -> float | None:
         from mtl.evaluation import delta_m, load_baselines
         from mtl.train import build_tasks
 
-        tasks = {t.name: t for t in build_tasks(cfg, None)}
+        # Δm reads the tasks' metric directions only, which no class count changes
+        tasks = {t.name: t for t in build_tasks(cfg, None, default_classes=2)}
         return float(delta_m(metrics["val"], load_baselines(cfg.baselines.path), tasks,
                              variant=cfg.baselines.get("variant", "primary")))
     parts = str(name).split("/")

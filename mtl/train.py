@@ -23,9 +23,12 @@ from mtl.tasks import create_task
 log = logging.getLogger(__name__)
 
 
-def build_tasks(cfg: DictConfig, info: dict[str, Any] | None = None):
+def build_tasks(cfg: DictConfig, info: dict[str, Any] | None = None, default_classes: int | None = None):
     """Tasks from ``cfg.task``; a missing ``num_classes`` is read from the data module's ``info``
-    (``<name>_classes``, ``<kind>_classes`` or ``num_classes``), so one config serves many datasets."""
+    (``<name>_classes``, ``<kind>_classes`` or ``num_classes``), so one config serves many datasets.
+    A count set in the config may exceed the data's (classes absent from this data) but not fall short
+    of it: a head too small for the labels would fail mid-training with an unnamed index error.
+    ``default_classes`` serves when neither gives a count (callers that never see data); else that is an error."""
     if not cfg.get("task"):
         raise ValueError("no task selected: pass e.g. task=[semseg,depth] or task=depth")
     info = info or {}
@@ -33,15 +36,27 @@ def build_tasks(cfg: DictConfig, info: dict[str, Any] | None = None):
     for key, tcfg in cfg.task.items():
         kw = OmegaConf.to_container(tcfg, resolve=True)
         kw.setdefault("name", key)
-        if kw.get("kind") in ("classification", "semseg") and kw.get("num_classes") is None:
-            for k in (f"{kw['name']}_classes", f"{kw['kind']}_classes", "num_classes"):
-                if k in info:
-                    kw["num_classes"] = int(info[k])
-                    break
-            else:
-                kw.pop("num_classes", None)
+        if kw.get("kind") in ("classification", "semseg"):
+            kw["num_classes"] = _num_classes(key, kw, info, default_classes)
         tasks.append(create_task(**kw))
     return tasks
+
+
+def _num_classes(key: str, kw: dict[str, Any], info: dict[str, Any], default: int | None) -> int:
+    found = next(((k, int(info[k])) for k in (f"{kw['name']}_classes", f"{kw['kind']}_classes", "num_classes")
+                  if info.get(k) is not None), None)
+    given = kw.get("num_classes")
+    if given is None:
+        if found is None and default is not None:
+            return default
+        if found is None:
+            raise ValueError(f"task.{key}.num_classes is not set and the data does not report a class count; "
+                             f"set task.{key}.num_classes=<N>")
+        return found[1]
+    if found is not None and int(given) < found[1]:
+        raise ValueError(f"task.{key}.num_classes={given} but the data has {found[1]} classes ({found[0]}); "
+                         f"drop the override (null reads it from the data) or raise it")
+    return int(given)
 
 
 def init_from_folder(model: MultiTaskModel, folder: str | Path) -> dict[str, int]:
@@ -107,6 +122,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     is checked before fitting; after testing, the model folder and metrics.json are written first,
     so a later failure (plots, baselines update) never loses the trained model.
     """
+    from mtl.cli.common import check_required
+
+    check_required(cfg)
     try:
         return _train(cfg, run_dir)
     finally:

@@ -116,8 +116,8 @@ def main() -> None:
             results[name].append(fn(args, dm))
             print(f"round {r} {name:9s} {results[name][-1]:8.1f} samples/s ({args.clock})", flush=True)
     bare, light = statistics.median(results["bare"]), statistics.median(results["lightning"])
-    print(f"\n| backbone | size | batch | bare loop (samples/s) | Lightning path (samples/s) | ratio |")
-    print(f"|---|---|---|---|---|---|")
+    print("\n| backbone | size | batch | bare loop (samples/s) | Lightning path (samples/s) | ratio |")
+    print("|---|---|---|---|---|---|")
     print(f"| {args.backbone} | {args.size} | {args.batch_size} | {bare:.1f} | {light:.1f} | {light / bare:.3f} |")
 
 

@@ -76,6 +76,28 @@ def test_unknown_group_choice_lists_valid_names(monkeypatch, tmp_path, capfd):
     assert runs == []  # refused before any folder exists
 
 
+@pytest.mark.parametrize("override, expected", [
+    ("trainer.max_epoch=2", "error: Could not override 'trainer.max_epoch'; To append to your config use "
+                            "+trainer.max_epoch=2; Key 'max_epoch' is not in struct"),
+    ("optim.lr=[1e-3,", "error: cannot parse override 'optim.lr=[1e-3,'; no viable alternative"),
+])
+def test_hydra_errors_are_one_line_too(monkeypatch, tmp_path, capfd, override, expected):
+    """Hydra prints its own errors over several lines; the CLIs print one, like every other error."""
+    code, runs = run_main(monkeypatch, tmp_path, override)
+    err = capfd.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and err.startswith(expected), err
+    assert runs == []
+
+
+def test_an_unset_required_value_is_named_and_the_failed_run_still_ends_with_its_folder(monkeypatch, tmp_path, capfd):
+    code, _ = run_main(monkeypatch, tmp_path, "experiment=nyuv2")
+    runs = sorted((tmp_path / "outputs" / "nyuv2" / "runs").glob("*"))  # the experiment names the run
+    out, err = capfd.readouterr()
+    assert code == 1 and err.strip() == "error: required value(s) not set: data.root (pass e.g. data.root=...)"
+    assert len(runs) == 1 and (runs[0] / FAILED).is_file()
+    assert out.strip().splitlines()[-1] == f"run_dir: {runs[0]}"
+
+
 def test_group_choice_check_reads_sweeps_and_ignores_plain_keys():
     mods = ("mtl.configs",)
     assert check_group_choices(["balancer=ew,nashmtl"], mods).startswith("unknown balancer 'nashmtl'")
@@ -86,6 +108,7 @@ def test_group_choice_check_reads_sweeps_and_ignores_plain_keys():
 def test_one_line_takes_the_first_line_and_names_bare_key_errors():
     assert one_line(ValueError("first\n\tsecond")) == "first (…)"
     assert one_line(KeyError("weight")) == "KeyError 'weight'"
+    assert one_line(KeyError("unknown task(s) ['x']; valid: a, b")) == "unknown task(s) ['x']; valid: a, b"
     assert one_line(RuntimeError()) == "RuntimeError"
 
 

@@ -1,10 +1,8 @@
 """Training runs: checks before fitting, nothing lost after it, run folders that never collide."""
 import json
-import os
 import sys
 
 import pytest
-import torch
 
 import mtl
 from mtl.cli.common import FAILED, compose_in_process, marks_failure

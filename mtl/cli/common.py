@@ -11,9 +11,10 @@ A console script is a Hydra app built from two pieces::
         cli_main(_main, "mtl.configs")
 
 Errors are one line on stderr (``error: <message>``) and exit status 1; ``verbose=true`` on the
-command line or ``HYDRA_FULL_ERROR=1`` shows the full traceback instead. A run that fails after its
-folder exists keeps the folder and gets a ``FAILED`` file (message + traceback) in it, so no failed
-run looks like an unfinished or a finished one.
+command line or ``HYDRA_FULL_ERROR=1`` shows the full traceback instead. Hydra's own errors (a
+misspelt key, a malformed override) and unset required values (``???``) get the same one line. A run
+that fails after its folder exists keeps the folder, gets a ``FAILED`` file (message + traceback) in
+it, so no failed run looks like an unfinished or a finished one, and still prints ``run_dir:`` last.
 """
 from __future__ import annotations
 
@@ -31,16 +32,20 @@ FAILED = "FAILED"
 _VERBOSE_FLAGS = {"verbose=true", "verbose=True", "verbose=1", "+verbose=true", "+verbose=True", "+verbose=1"}
 
 
-def prepare() -> None:
+def prepare(traceback_wanted: bool = False) -> None:
     # Lightning and torch are chatty about things users cannot act on in a CPU demo.
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
     warnings.filterwarnings("ignore", category=UserWarning, module="lightning")
-    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    # HYDRA_FULL_ERROR=1 is the user's switch for tracebacks, as in Hydra, unless it is ours: we set it
+    # so that Hydra raises its errors instead of printing them over several lines (cli_main prints one)
+    users = os.environ.get("HYDRA_FULL_ERROR") == "1" and os.environ.get("_MTL_HYDRA_RAISES") != "1"
+    os.environ["MTL_VERBOSE"] = "1" if traceback_wanted or users else "0"
+    os.environ["HYDRA_FULL_ERROR"] = os.environ["_MTL_HYDRA_RAISES"] = "1"
 
 
 def verbose() -> bool:
-    return os.environ.get("HYDRA_FULL_ERROR", "0") == "1"
+    return os.environ.get("MTL_VERBOSE") == "1"
 
 
 def finish(run_dir) -> None:
@@ -52,14 +57,15 @@ def finish(run_dir) -> None:
 
 def one_line(exc: BaseException) -> str:
     """The message a user reads: the exception's first non-empty line (the rest goes to FAILED)."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    bare_key = isinstance(exc, KeyError) and type(exc).__str__ is KeyError.__str__
+    # a KeyError of ours carries a sentence (KeyError's str() would quote it); a bare one (a missing
+    # dict key) needs its type to make sense
+    sentence = bare_key and len(exc.args) == 1 and isinstance(exc.args[0], str) and " " in exc.args[0].strip()
+    lines = [ln.strip() for ln in (exc.args[0] if sentence else str(exc)).splitlines() if ln.strip()]
     if not lines:
         return type(exc).__name__
     text = lines[0] + (" (…)" if len(lines) > 1 else "")
-    # a KeyError of ours carries a sentence; a bare one (a missing dict key) needs its type to make sense
-    if isinstance(exc, KeyError) and type(exc).__str__ is KeyError.__str__:
-        text = f"KeyError {text}"
-    return text
+    return f"KeyError {text}" if bare_key and not sentence else text
 
 
 @contextlib.contextmanager
@@ -90,24 +96,47 @@ def run_job(cfg, job: Callable[[Any, Path], Any]) -> Any:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         with marks_failure(run_dir):
+            check_required(cfg)
             result = job(cfg, run_dir)
     except Exception as e:
         if verbose():
             raise
         print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+        if (run_dir / FAILED).is_file():  # where the traceback is
+            finish(run_dir)
         sys.exit(1)
     finish(run_dir)
     return result
+
+
+def check_required(cfg) -> None:
+    """Refuse a config with unset required values (``???``, e.g. ``data.root``), naming them, before
+    any work: resolved later they would surface as the literal string '???'."""
+    from omegaconf import OmegaConf
+
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ValueError(f"required value(s) not set: {', '.join(missing)} (pass e.g. {missing[0]}=...)")
+
+
+def hydra_message(exc: BaseException) -> str:
+    """One line from a Hydra composition error: its sentences plus the OmegaConf cause's first line."""
+    parts = [ln.strip().rstrip(".") for ln in str(exc).splitlines() if ln.strip()]
+    if getattr(exc, "override", None):  # a malformed override: say which
+        parts.insert(0, f"cannot parse override {exc.override!r}")
+    cause = exc.__cause__
+    if cause is not None and str(cause).strip():
+        parts.append(str(cause).strip().splitlines()[0].rstrip("."))
+    return "; ".join(p for p in parts if not p.startswith(("full_key:", "object_type=")))
 
 
 def cli_main(hydra_main: Callable[[], Any], *config_modules: str, argv: list[str] | None = None) -> None:
     """Console-script entry: strip the ``verbose=true`` switch, check config-group choices (an unknown
     ``task=bogus`` gets the valid names, not Hydra's search path), then run the Hydra app."""
     argv = sys.argv if argv is None else argv
-    if any(a in _VERBOSE_FLAGS for a in argv[1:]):
-        argv[1:] = [a for a in argv[1:] if a not in _VERBOSE_FLAGS]
-        os.environ["HYDRA_FULL_ERROR"] = "1"
-    prepare()
+    wanted = any(a in _VERBOSE_FLAGS for a in argv[1:])
+    argv[1:] = [a for a in argv[1:] if a not in _VERBOSE_FLAGS]
+    prepare(traceback_wanted=wanted)
     from mtl.cli.plugins import check_plugins, register_plugins
 
     missing = check_plugins(argv[1:])
@@ -120,7 +149,13 @@ def cli_main(hydra_main: Callable[[], Any], *config_modules: str, argv: list[str
         if problem:
             print(f"error: {problem}", file=sys.stderr, flush=True)
             sys.exit(1)
-    hydra_main()
+    try:
+        hydra_main()
+    except Exception as e:  # Hydra's own (composition, overrides); a job's errors exit in run_job
+        if verbose():
+            raise
+        print(f"error: {hydra_message(e)}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def _group_options(config_modules: Sequence[str]) -> dict[str, set[str]]:

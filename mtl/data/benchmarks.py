@@ -158,22 +158,15 @@ class DenseBenchmarkDataModule(TensorDataModule):
             raise ValueError(f"{self.benchmark}: val_fraction must be in [0, 1), got {val_fraction}")
         self.val_fraction, self.seed = float(val_fraction), seed
 
+    def source(self) -> str:
+        return f"{self.benchmark} ({self.root})"
+
     @property
     def info(self) -> dict[str, Any]:
         self.setup()
         return {"semseg_classes": self.num_classes,
                 "image_size": list(self._data["train"].tensors["image"].shape[-2:]),
                 "targets": sorted(k for k in self._data["train"].tensors if k != "image")}
-
-    def setup(self, stage: str | None = None) -> None:
-        super().setup(stage)
-        # fail before training when a task needs a target this data lacks (the NYUv2 .mat has no normals)
-        tasks = getattr(getattr(self.trainer, "lightning_module", None), "tasks", None) if self.trainer else None
-        provided = set(self._data["train"].tensors)
-        missing = sorted(name for name, task in dict(tasks or {}).items() if task.target_key not in provided)
-        if missing:
-            raise ValueError(f"{self.benchmark}: task(s) {missing} have no targets in {self.root}; it provides "
-                             f"{sorted(provided - {'image'})} (choose tasks with task=[...])")
 
     def _read(self, split: str, limit: int | None) -> dict[str, torch.Tensor]:
         """``split`` is "train" or "test" (the benchmark's own two splits)."""

@@ -74,7 +74,7 @@ def _decode_images(ds, column: str, size: int | None, label: bool) -> np.ndarray
     shapes = {a.shape for a in out}
     if len(shapes) > 1:
         raise ValueError(f"hf_local: column {column!r} has images of several sizes {sorted(shapes)[:4]}; "
-                         "pass image_size to resize them")
+                         "pass size (data.size) to resize them")
     return np.stack(out) if out else np.zeros((0,), np.uint8)
 
 
@@ -85,6 +85,28 @@ def _resize(x: torch.Tensor, size: int | None, nearest: bool) -> torch.Tensor:
         return F.interpolate(x.float(), size=(size, size), mode="nearest").to(x.dtype)
     y = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return y.round().clamp(0, 255).to(x.dtype) if x.dtype == torch.uint8 else y
+
+
+def _encoded_image(t: pa.DataType) -> bool:
+    """A struct of ``bytes``/``path``: an HF ``Image`` column saved without the features metadata."""
+    return pa.types.is_struct(t) and {t.field(i).name for i in range(t.num_fields)} == {"bytes", "path"}
+
+
+def _check_channels(column: str, key: str, t: torch.Tensor, channels: int) -> None:
+    """A dense target has its key's channel count (semseg: class ids, one channel)."""
+    want = max(channels, 1)
+    got = 1 if t.ndim == 3 else t.shape[1] if t.shape[1] <= 4 else t.shape[-1]  # channels-last when not moved
+    if t.ndim != 4 or t.shape[1] != want:
+        raise ValueError(f"hf_local: column {column!r} ({key}) has {got} channels per pixel (shape "
+                         f"{tuple(t.shape[1:])}), {key} needs {want}"
+                         + (": class ids, not an RGB colour map" if key == "semseg" else ""))
+
+
+def _check_size(column: str, key: str, t: torch.Tensor, image: torch.Tensor) -> None:
+    """A dense target covers its image pixel for pixel."""
+    if tuple(t.shape[-2:]) != tuple(image.shape[-2:]):
+        raise ValueError(f"hf_local: column {column!r} ({key}) holds {tuple(t.shape[-2:])} maps for "
+                         f"{tuple(image.shape[-2:])} images; set data.size to resize both, or fix the data")
 
 
 def _channels_first(a: np.ndarray, channels: int) -> np.ndarray:
@@ -106,24 +128,36 @@ class HFImageDataModule(TensorDataModule):
     docstring (dense ones resized with nearest neighbour); other keys keep their shape, ints as int64
     and floats as float32. Missing val/test splits are carved from train (``val_fraction``,
     ``test_fraction``, seeded). Class counts come from ``semseg_classes``/``classification_classes`` or
-    are inferred from the labels (semseg ignores 255).
+    are inferred from the labels (semseg ignores 255). ``size`` resizes every image and dense target
+    to size × size; ``n_train``/``n_val``/``n_test`` keep the first n rows of a split (null: all).
     """
 
     def __init__(self, path: str | os.PathLike, image_column: str = "image",
-                 columns: Mapping[str, str] | None = None, image_size: int | None = None,
+                 columns: Mapping[str, str] | None = None, size: int | None = None,
                  splits: Mapping[str, str] | None = None, val_fraction: float = 0.1,
                  test_fraction: float = 0.1, seed: int = 0, batch_size: int = 32, num_workers: int = 0,
                  augment: bool = False, semseg_classes: int | None = None,
-                 classification_classes: int | None = None):
+                 classification_classes: int | None = None, n_train: int | None = None,
+                 n_val: int | None = None, n_test: int | None = None):
         super().__init__(batch_size=batch_size, num_workers=num_workers, augment=augment)
         self.save_hyperparameters()
         self.path = Path(os.path.expanduser(str(path)))
         self.image_column = image_column
         self.columns = dict(columns or {})
-        self.image_size = image_size
+        self.size = size
         self.splits = dict(splits or {})
+        for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0.0 <= frac < 1.0:
+                raise ValueError(f"hf_local: {name} must be in [0, 1), got {frac}")
         self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
+        self.limits = {"train": n_train, "val": n_val, "test": n_test}
+        for split, n in self.limits.items():
+            if n is not None and int(n) < 1:
+                raise ValueError(f"hf_local: n_{split} must be >= 1 or null (all rows), got {n}")
         self._classes = {"semseg_classes": semseg_classes, "classification_classes": classification_classes}
+
+    def source(self) -> str:
+        return f"hf_local ({self.path})"
 
     @property
     def info(self) -> dict[str, Any]:
@@ -150,9 +184,12 @@ class HFImageDataModule(TensorDataModule):
         table = ds.data.table
 
         def raw(column: str, label: bool) -> np.ndarray:
-            if isinstance(ds.features[column], Image):
-                return _decode_images(ds, column, self.image_size, label)
-            return arrow_to_numpy(table.column(column))
+            if isinstance(ds.features[column], Image) or _encoded_image(table.schema.field(column).type):
+                return _decode_images(ds.cast_column(column, Image()), column, self.size, label)
+            try:
+                return arrow_to_numpy(table.column(column))
+            except ValueError as e:
+                raise ValueError(f"hf_local: column {column!r} of {str(self.path)!r}: {e}") from None
 
         img = raw(self.image_column, label=False)
         if img.ndim == 3:  # grayscale arrays
@@ -163,7 +200,7 @@ class HFImageDataModule(TensorDataModule):
         if img.dtype != np.uint8:
             scale = 255.0 if np.issubdtype(img.dtype, np.floating) and img.size and img.max() <= 1.0 else 1.0
             img = np.clip(np.round(img * scale), 0, 255).astype(np.uint8)
-        image = _resize(torch.from_numpy(np.ascontiguousarray(img)), self.image_size, nearest=False)
+        image = _resize(torch.from_numpy(np.ascontiguousarray(img)), self.size, nearest=False)
         out = {"image": image}
         for column, key in self.columns.items():
             a = raw(column, label=True)
@@ -171,7 +208,9 @@ class HFImageDataModule(TensorDataModule):
             if key in _DENSE_KEYS:
                 ch = _DENSE_KEYS[key]
                 t = torch.from_numpy(np.ascontiguousarray(_channels_first(a, max(ch, 1))))
-                t = _resize(t, self.image_size, nearest=True)
+                _check_channels(column, key, t, ch)
+                t = _resize(t, self.size, nearest=True)
+                _check_size(column, key, t, image)
                 if key == "semseg":
                     t = t[:, 0] if t.ndim == 4 else t
                     out[key] = t.to(torch.int64)
@@ -192,11 +231,12 @@ class HFImageDataModule(TensorDataModule):
     def _load(self) -> dict[str, TensorDictDataset]:
         available = _open_local(self.path)
         chosen: dict[str, Any] = {}
+        taken = set(self.splits.values())  # a split mapped explicitly is never picked again by default
         for split in SPLITS:
             name = self.splits.get(split)
             if name is None:
                 candidates = ("train",) if split == "train" else _VAL_NAMES if split == "val" else ("test",)
-                name = next((c for c in candidates if c in available), None)
+                name = next((c for c in candidates if c in available and c not in taken), None)
             elif name not in available:
                 raise KeyError(f"hf_local: {str(self.path)!r} has no split {name!r}; "
                                f"splits: {', '.join(sorted(available))}")
@@ -214,6 +254,9 @@ class HFImageDataModule(TensorDataModule):
             lo = 0
             for sp in carve:
                 frac = self.val_fraction if sp == "val" else self.test_fraction
+                if frac == 0:
+                    raise ValueError(f"hf_local: {str(self.path)!r} has no {sp} split and {sp}_fraction=0; map "
+                                     f"one with splits={{'{sp}': ...}} or set {sp}_fraction > 0")
                 k = max(1, int(round(n * frac)))
                 tensors[sp] = {key: v[perm[lo : lo + k]] for key, v in train.items()}
                 lo += k
@@ -221,4 +264,5 @@ class HFImageDataModule(TensorDataModule):
                 raise ValueError(f"hf_local: {n} training rows are too few to carve {carve} from")
             tensors["train"] = {key: v[perm[lo:]] for key, v in train.items()}
             log.info("hf_local: carved %s from the train split of %s", carve, self.path)
-        return {sp: TensorDictDataset(t) for sp, t in tensors.items()}
+        limited = {sp: {k: v[: self.limits[sp]] for k, v in t.items()} for sp, t in tensors.items()}
+        return {sp: TensorDictDataset(t) for sp, t in limited.items()}

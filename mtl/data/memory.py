@@ -96,6 +96,23 @@ class TensorDataModule(LightningDataModule):
             self._data = self._load()
             if self.augment:
                 self._data["train"].transform = random_hflip
+        self._check_targets()
+
+    def _check_targets(self) -> None:
+        """Fail before training when a task needs a target this data lacks (the NYUv2 .mat has no
+        normals; a zoo set's labels are named after it), not at the first batch with a bare KeyError."""
+        tasks = getattr(getattr(self.trainer, "lightning_module", None), "tasks", None) if self.trainer else None
+        provided = set(self._data["train"].tensors) - {"image"}
+        missing = {name: task.target_key for name, task in dict(tasks or {}).items()
+                   if task.target_key not in provided}
+        if missing:
+            what = ", ".join(f"{n!r}" + (f" (target {k!r})" if k != n else "") for n, k in missing.items())
+            raise ValueError(f"{self.source()}: task(s) {what} have no targets in this data; it provides "
+                             f"{sorted(provided)} (choose tasks with task=[...])")
+
+    def source(self) -> str:
+        """The data's name in error messages."""
+        return type(self).__name__
 
     def dataset(self, split: str) -> TensorDictDataset:
         if split not in SPLITS:

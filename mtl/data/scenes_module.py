@@ -67,8 +67,6 @@ def _scenes_split(seed: int, offset: int, n: int, size: int):
             else:
                 cols[name] = arr
         parts.append(Dataset.from_dict(cols, features=features))
-    if not parts:
-        return Dataset.from_dict({k: [] for k in features}, features=features)
     return concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 
@@ -81,8 +79,8 @@ def materialize_scenes(size: int = 64, n_train: int = 2000, n_val: int = 500, n_
     only when it is exactly what was asked for. It appears complete or not at all.
     """
     for name, n in dict(n_train=n_train, n_val=n_val, n_test=n_test).items():
-        if n < 0:
-            raise ValueError(f"{name} must be >= 0, got {n}")
+        if n < 1:  # every split is used: to fit, to pick the checkpoint, for the final metrics
+            raise ValueError(f"scenes: {name} must be >= 1, got {n}")
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir("scenes")
     final = root / f"scenes-v{GENERATOR_VERSION}-{size}px-{scenes_cache_key(size, n_train, n_val, n_test, seed)}"
     if (final / "dataset_dict.json").exists():

@@ -96,7 +96,7 @@ def _export_section(report: dict[str, Any]) -> list[str]:
                 f"- Input `{report['input']['name']}`: {report['input']['dtype']} {report['input']['shape']} "
                 f"({report['input']['layout']}); batch size is dynamic, image size fixed.",
                 f"- Preprocessing: {report['preprocessing']}.",
-                f"- Outputs (one per task, in this order): " + ", ".join(f"`{t}` {o['shape']}" for t, o in report["outputs"].items()) + ".",
+                "- Outputs (one per task, in this order): " + ", ".join(f"`{t}` {o['shape']}" for t, o in report["outputs"].items()) + ".",
                 f"- Verified in {v['runtime']} against PyTorch on batches {v['batches']}: max |diff| {diffs} "
                 f"(tolerance atol={v['atol']:g} + rtol={v['rtol']:g}·|value|)."]
     if fmt == "timm":

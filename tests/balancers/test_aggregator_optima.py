@@ -3,7 +3,6 @@ written here (a float64 QP for MGDA and CAGrad, the closed-form conditions for I
 Nash-MTL), never against the library under test. The battery holds random, 120°-conflicting,
 ×100-norm-spread and near-parallel gradients for T ∈ {2, 3, 6}, P ∈ {10, 1000}."""
 import cvxpy as cp
-import numpy as np
 import pytest
 import torch
 

@@ -147,7 +147,7 @@ def test_nyuv2_labelled_mat(tmp_path):
     # the release has no normals: experiment=nyuv2 (semseg, depth, normals) on it says so at setup
     from mtl.train import run
 
-    with pytest.raises(ValueError, match=r"\['normals'\] have no targets.*\['depth', 'semseg'\]"):  # before any step
+    with pytest.raises(ValueError, match=r"'normals' have no targets.*\['depth', 'semseg'\]"):  # before any step
         run(["experiment=nyuv2", f"data.root={mat}", f"data.splits_file={splits}",
              f"data.class_mapping={tmp_path / 'map.json'}", "debug=smoke"], run_dir=tmp_path / "r")
 

@@ -1,4 +1,4 @@
-"""The embedded scenes generator, its datamodule and the local HF-dataset datamodule (all tiny)."""
+"""The embedded scenes generator and its datamodule (all tiny)."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +7,7 @@ import torch
 
 import mtl.data.scenes_module as dmod
 import mtl.data.scenes as scenes
-from mtl.data import DATAMODULES, HFImageDataModule, ScenesDataModule, create_datamodule
+from mtl.data import DATAMODULES, ScenesDataModule, create_datamodule
 from mtl.data.scenes import MAX_OBJECTS, camera_rays, render_scenes
 from mtl.registry import UnknownNameError
 
@@ -287,109 +287,8 @@ def test_registry_errors():
         create_datamodule("nope")
 
 
-# --- local HF datasets -------------------------------------------------------------------------
-
-
-def _tiny_hf(n, seed):
-    from PIL import Image as PILImage
-
-    rng = np.random.default_rng(seed)
-    imgs = rng.integers(0, 256, (n, 20, 20, 3), dtype=np.uint8)
-    masks = rng.integers(0, 4, (n, 20, 20), dtype=np.uint8)
-    return imgs, masks, {
-        "img": [PILImage.fromarray(x) for x in imgs],
-        "mask": [PILImage.fromarray(m) for m in masks],
-        "label": rng.integers(0, 3, n).tolist(),
-        "score": rng.normal(size=n).astype(np.float32).tolist(),
-    }
-
-
-def test_hf_local_save_to_disk_round_trip(tmp_path):
-    from datasets import Dataset, DatasetDict, Features, Image, Value
-
-    feats = Features({"img": Image(), "mask": Image(), "label": Value("int64"), "score": Value("float32")})
-    parts = {sp: _tiny_hf(n, i) for i, (sp, n) in enumerate([("train", 10), ("validation", 4), ("test", 3)])}
-    DatasetDict({sp: Dataset.from_dict(d, features=feats) for sp, (_, _, d) in parts.items()}).save_to_disk(
-        str(tmp_path / "dd"))
-    cols = {"label": "classification", "mask": "semseg", "score": "regression"}
-    dm = create_datamodule("hf_local", path=tmp_path / "dd", image_column="img", columns=cols, batch_size=4)
-    dm.setup()
-    b = next(iter(dm.val_dataloader()))
-    assert b["image"].dtype == torch.uint8 and b["image"].shape == (4, 3, 20, 20)
-    imgs, masks, d = parts["validation"]
-    assert torch.equal(b["image"], torch.from_numpy(imgs).permute(0, 3, 1, 2))
-    assert torch.equal(b["semseg"], torch.from_numpy(masks).long())
-    assert torch.equal(b["classification"], torch.tensor(d["label"]))
-    assert b["regression"].shape == (4, 1) and torch.allclose(b["regression"][:, 0], torch.tensor(d["score"]))
-    assert len(dm.dataset("train")) == 10 and len(dm.dataset("test")) == 3
-    info = dm.info
-    assert info["image_size"] == 20 and info["semseg_classes"] <= 4 and info["classification_classes"] <= 3
-
-    # resized: bilinear for the image, nearest for the label map
-    small = HFImageDataModule(tmp_path / "dd", image_column="img", columns=cols, image_size=8)
-    s = small.dataset("train")[0]
-    assert s["image"].shape == (3, 8, 8) and s["semseg"].shape == (8, 8)
-    assert set(s["semseg"].unique().tolist()) <= set(np.unique(parts["train"][1][0]).tolist())
-
-
-def test_hf_local_parquet_arrays_and_carving(tmp_path):
-    from datasets import Array3D, Dataset, Features, Value
-
-    rng = np.random.default_rng(0)
-    imgs = rng.integers(0, 256, (30, 12, 12, 3), dtype=np.uint8)
-    feats = Features({"pixels": Array3D((12, 12, 3), "uint8"), "y": Value("int64")})
-    ds = Dataset.from_dict({"pixels": imgs, "y": np.arange(30) % 3}, features=feats)
-    (tmp_path / "pq").mkdir()
-    ds.to_parquet(str(tmp_path / "pq" / "train-00000.parquet"))
-    dm = HFImageDataModule(tmp_path / "pq", image_column="pixels", columns={"y": "classification"},
-                           val_fraction=0.2, test_fraction=0.1, image_size=6)
-    dm.setup()
-    n = {sp: len(dm.dataset(sp)) for sp in ("train", "val", "test")}
-    assert n == {"train": 21, "val": 6, "test": 3}
-    tr = dm.dataset("train").tensors
-    assert tr["image"].shape == (21, 3, 6, 6) and tr["image"].dtype == torch.uint8
-    # carved splits are disjoint and cover every row once
-    ys = torch.cat([dm.dataset(sp).tensors["classification"] for sp in n])
-    assert sorted(ys.tolist()) == sorted((np.arange(30) % 3).tolist())
-
-
-def test_hf_local_bad_input(tmp_path):
-    missing = tmp_path / "does-not-exist"
-    with pytest.raises(FileNotFoundError, match="does-not-exist"):
-        HFImageDataModule(missing).setup()
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="empty"):
-        HFImageDataModule(tmp_path / "empty").setup()
-    from datasets import Array3D, Dataset, Features
-
-    Dataset.from_dict({"pixels": np.zeros((4, 2, 2, 3), np.uint8)},
-                      features=Features({"pixels": Array3D((2, 2, 3), "uint8")})).save_to_disk(str(tmp_path / "d"))
-    with pytest.raises(KeyError, match="'image'"):
-        HFImageDataModule(tmp_path / "d").setup()
-    with pytest.raises(KeyError, match="no split 'dev'"):
-        HFImageDataModule(tmp_path / "d", image_column="pixels", splits={"val": "dev"}).setup()
-
-
-def test_hf_local_has_a_config_file_for_the_cli(tmp_path):
-    """``data=hf_local`` composes from configs/data/hf_local.yaml and trains end to end."""
-    import inspect
-    import json
-
-    from datasets import Array3D, Dataset, Features, Value
-
-    from mtl.cli.common import compose_in_process
-    from mtl.train import run
-
-    rng = np.random.default_rng(0)
-    feats = Features({"pixels": Array3D((16, 16, 3), "uint8"), "y": Value("int64")})
-    Dataset.from_dict({"pixels": rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8), "y": np.arange(40) % 3},
-                      features=feats).save_to_disk(str(tmp_path / "ds"))
-    cfg, _ = compose_in_process("mtl.configs", "train", ["data=hf_local", f"data.path={tmp_path / 'ds'}"])
-    params = set(inspect.signature(HFImageDataModule).parameters)
-    assert set(cfg.data) - {"name"} <= params  # every key of the file is an argument of the module
-    run_dir = run(["data=hf_local", f"data.path={tmp_path / 'ds'}", "data.image_column=pixels",
-                   "data.columns={y: classification}", "task=classification", "backbone=test_resnet",
-                   "decoder.channels=8", "trainer.max_epochs=1", "data.batch_size=8", "viz.num_samples=0",
-                   "logger=none", "~callbacks.progress_bar", "log_weights_every=0"], run_dir=tmp_path / "run")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert set(metrics["test"]) == {"classification"} and metrics["global_steps"] == 4  # 32 train rows / 8
+def test_an_empty_split_is_refused_before_anything_is_cached(tmp_path):
+    """An empty split once reached the cache and broke every later run with the same sizes."""
+    with pytest.raises(ValueError, match="scenes: n_val must be >= 1, got 0"):
+        dmod.materialize_scenes(size=8, n_train=4, n_val=0, n_test=2, cache_dir=tmp_path)
+    assert not any(tmp_path.iterdir())

@@ -32,6 +32,9 @@ class ZooDataModule(TensorDataModule):
         self.cache_dir, self.target_key = cache_dir, target_key or name
         self.pin_memory, self.drop_last = pin_memory, drop_last
 
+    def source(self) -> str:
+        return f"zoo dataset {self.name!r}"
+
     @property
     def info(self) -> dict:
         return {"num_classes": self.spec.num_classes, "image_size": self.size}

@@ -1,0 +1,218 @@
+"""The local HF-dataset datamodule (``hf_local``): formats, carving, bad input, the CLI (all tiny)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mtl.data import HFImageDataModule, create_datamodule
+
+
+def _tiny_hf(n, seed):
+    from PIL import Image as PILImage
+
+    rng = np.random.default_rng(seed)
+    imgs = rng.integers(0, 256, (n, 20, 20, 3), dtype=np.uint8)
+    masks = rng.integers(0, 4, (n, 20, 20), dtype=np.uint8)
+    return imgs, masks, {
+        "img": [PILImage.fromarray(x) for x in imgs],
+        "mask": [PILImage.fromarray(m) for m in masks],
+        "label": rng.integers(0, 3, n).tolist(),
+        "score": rng.normal(size=n).astype(np.float32).tolist(),
+    }
+
+
+def test_hf_local_save_to_disk_round_trip(tmp_path):
+    from datasets import Dataset, DatasetDict, Features, Image, Value
+
+    feats = Features({"img": Image(), "mask": Image(), "label": Value("int64"), "score": Value("float32")})
+    parts = {sp: _tiny_hf(n, i) for i, (sp, n) in enumerate([("train", 10), ("validation", 4), ("test", 3)])}
+    DatasetDict({sp: Dataset.from_dict(d, features=feats) for sp, (_, _, d) in parts.items()}).save_to_disk(
+        str(tmp_path / "dd"))
+    cols = {"label": "classification", "mask": "semseg", "score": "regression"}
+    dm = create_datamodule("hf_local", path=tmp_path / "dd", image_column="img", columns=cols, batch_size=4)
+    dm.setup()
+    b = next(iter(dm.val_dataloader()))
+    assert b["image"].dtype == torch.uint8 and b["image"].shape == (4, 3, 20, 20)
+    imgs, masks, d = parts["validation"]
+    assert torch.equal(b["image"], torch.from_numpy(imgs).permute(0, 3, 1, 2))
+    assert torch.equal(b["semseg"], torch.from_numpy(masks).long())
+    assert torch.equal(b["classification"], torch.tensor(d["label"]))
+    assert b["regression"].shape == (4, 1) and torch.allclose(b["regression"][:, 0], torch.tensor(d["score"]))
+    assert len(dm.dataset("train")) == 10 and len(dm.dataset("test")) == 3
+    info = dm.info
+    assert info["image_size"] == 20 and info["semseg_classes"] <= 4 and info["classification_classes"] <= 3
+
+    # resized: bilinear for the image, nearest for the label map
+    small = HFImageDataModule(tmp_path / "dd", image_column="img", columns=cols, size=8)
+    s = small.dataset("train")[0]
+    assert s["image"].shape == (3, 8, 8) and s["semseg"].shape == (8, 8)
+    assert set(s["semseg"].unique().tolist()) <= set(np.unique(parts["train"][1][0]).tolist())
+
+
+def test_hf_local_parquet_arrays_and_carving(tmp_path):
+    from datasets import Array3D, Dataset, Features, Value
+
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (30, 12, 12, 3), dtype=np.uint8)
+    feats = Features({"pixels": Array3D((12, 12, 3), "uint8"), "y": Value("int64")})
+    ds = Dataset.from_dict({"pixels": imgs, "y": np.arange(30) % 3}, features=feats)
+    (tmp_path / "pq").mkdir()
+    ds.to_parquet(str(tmp_path / "pq" / "train-00000.parquet"))
+    dm = HFImageDataModule(tmp_path / "pq", image_column="pixels", columns={"y": "classification"},
+                           val_fraction=0.2, test_fraction=0.1, size=6)
+    dm.setup()
+    n = {sp: len(dm.dataset(sp)) for sp in ("train", "val", "test")}
+    assert n == {"train": 21, "val": 6, "test": 3}
+    tr = dm.dataset("train").tensors
+    assert tr["image"].shape == (21, 3, 6, 6) and tr["image"].dtype == torch.uint8
+    # carved splits are disjoint and cover every row once
+    ys = torch.cat([dm.dataset(sp).tensors["classification"] for sp in n])
+    assert sorted(ys.tolist()) == sorted((np.arange(30) % 3).tolist())
+
+
+def test_hf_local_bad_input(tmp_path):
+    missing = tmp_path / "does-not-exist"
+    with pytest.raises(FileNotFoundError, match="does-not-exist"):
+        HFImageDataModule(missing).setup()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty"):
+        HFImageDataModule(tmp_path / "empty").setup()
+    from datasets import Array3D, Dataset, Features
+
+    Dataset.from_dict({"pixels": np.zeros((4, 2, 2, 3), np.uint8)},
+                      features=Features({"pixels": Array3D((2, 2, 3), "uint8")})).save_to_disk(str(tmp_path / "d"))
+    with pytest.raises(KeyError, match="'image'"):
+        HFImageDataModule(tmp_path / "d").setup()
+    with pytest.raises(KeyError, match="no split 'dev'"):
+        HFImageDataModule(tmp_path / "d", image_column="pixels", splits={"val": "dev"}).setup()
+
+
+def test_hf_local_has_a_config_file_for_the_cli(tmp_path):
+    """``data=hf_local`` composes from configs/data/hf_local.yaml and trains end to end."""
+    import inspect
+
+    from datasets import Array3D, Dataset, Features, Value
+
+    from mtl.cli.common import compose_in_process
+    from mtl.train import run
+
+    rng = np.random.default_rng(0)
+    feats = Features({"pixels": Array3D((16, 16, 3), "uint8"), "y": Value("int64")})
+    Dataset.from_dict({"pixels": rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8), "y": np.arange(40) % 3},
+                      features=feats).save_to_disk(str(tmp_path / "ds"))
+    cfg, _ = compose_in_process("mtl.configs", "train", ["data=hf_local", f"data.path={tmp_path / 'ds'}"])
+    params = set(inspect.signature(HFImageDataModule).parameters)
+    assert set(cfg.data) - {"name"} <= params  # every key of the file is an argument of the module
+    run_dir = run(["data=hf_local", f"data.path={tmp_path / 'ds'}", "data.image_column=pixels",
+                   "data.columns={y: classification}", "task=classification", "backbone=test_resnet",
+                   "decoder.channels=8", "trainer.max_epochs=1", "data.batch_size=8", "viz.num_samples=0",
+                   "logger=none", "~callbacks.progress_bar", "log_weights_every=0"], run_dir=tmp_path / "run")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["test"]) == {"classification"} and metrics["global_steps"] == 4  # 32 train rows / 8
+
+
+def _save(path, **cols):
+    from datasets import Dataset
+
+    Dataset.from_dict(cols).save_to_disk(str(path))
+    return path
+
+
+SMOKE = ["backbone=test_resnet", "decoder.channels=8", "viz.num_samples=0", "logger=none",
+         "~callbacks.progress_bar", "log_weights_every=0"]
+
+
+def test_cli_takes_the_class_count_from_the_data_and_runs_with_debug_smoke(tmp_path):
+    """The classification task config leaves num_classes to the data (10 here, not scenes' 3), and
+    ``debug=smoke``'s data.size / n_* settings are hf_local arguments too."""
+    import mtl
+    from mtl.train import run
+
+    rng = np.random.default_rng(0)
+    ds = _save(tmp_path / "ds", img=rng.integers(0, 256, (60, 20, 20, 3), dtype=np.uint8).tolist(),
+               label=(np.arange(60) % 10).tolist())
+    run_dir = run(["data=hf_local", f"data.path={ds}", "data.image_column=img", "data.columns={label: classification}",
+                   "task=classification", "debug=smoke", *SMOKE], run_dir=tmp_path / "run")
+    model = mtl.load_model(run_dir / "model")
+    assert model.tasks["classification"].num_classes == 10
+    assert json.loads((run_dir / "metrics.json").read_text())["test"]["classification"]
+    with pytest.raises(ValueError, match=r"task.classification.num_classes=4 but the data has 10 classes"):
+        run(["data=hf_local", f"data.path={ds}", "data.image_column=img", "data.columns={label: classification}",
+             "task=classification", "task.classification.num_classes=4", "debug=smoke", *SMOKE],
+            run_dir=tmp_path / "small")
+
+
+def test_a_task_without_a_column_is_refused_before_training(tmp_path):
+    from mtl.train import run
+
+    ds = _save(tmp_path / "ds", img=np.zeros((20, 8, 8, 3), np.uint8).tolist(), label=(np.arange(20) % 2).tolist())
+    with pytest.raises(ValueError, match=r"hf_local .*task\(s\) 'depth' have no targets.*\['classification'\]"):
+        run(["data=hf_local", f"data.path={ds}", "data.image_column=img", "data.columns={label: classification}",
+             "task=[classification,depth]", "debug=smoke", *SMOKE], run_dir=tmp_path / "run")
+
+
+def test_label_maps_must_match_their_images(tmp_path):
+    img = np.zeros((6, 8, 8, 3), np.uint8).tolist()
+    half = _save(tmp_path / "half", img=img, mask=np.zeros((6, 4, 4), np.uint8).tolist())
+    with pytest.raises(ValueError, match=r"column 'mask' \(semseg\) holds \(4, 4\) maps for \(8, 8\) images"):
+        HFImageDataModule(half, image_column="img", columns={"mask": "semseg"}).setup()
+    rgb = _save(tmp_path / "rgb", img=img, mask=np.zeros((6, 8, 8, 3), np.uint8).tolist())
+    with pytest.raises(ValueError, match=r"column 'mask' \(semseg\) has 3 channels.*not an RGB colour map"):
+        HFImageDataModule(rgb, image_column="img", columns={"mask": "semseg"}).setup()
+    # data.size resizes both, so a smaller map is fine then
+    dm = HFImageDataModule(half, image_column="img", columns={"mask": "semseg"}, size=4)
+    assert dm.dataset("train").tensors["semseg"].shape[-2:] == (4, 4)
+
+
+def test_column_errors_name_the_column(tmp_path):
+    ragged = _save(tmp_path / "ragged", img=np.zeros((4, 4, 4, 3), np.uint8).tolist(), y=[[1.0], [1.0, 2.0], [0.0], [1.0]])
+    with pytest.raises(ValueError, match=r"column 'y' .*different lengths"):
+        HFImageDataModule(ragged, image_column="img", columns={"y": "regression"}).setup()
+    holes = _save(tmp_path / "holes", img=np.zeros((4, 4, 4, 3), np.uint8).tolist(), y=[1, None, 0, 1])
+    with pytest.raises(ValueError, match=r"column 'y' .*missing values"):
+        HFImageDataModule(holes, image_column="img", columns={"y": "classification"}).setup()
+
+
+def test_split_mapping_and_fractions(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    def part(n, y0):
+        return Dataset.from_dict({"img": np.zeros((n, 4, 4, 3), np.uint8).tolist(), "y": [y0] * n})
+
+    DatasetDict({"train": part(10, 0), "validation": part(10, 1), "test": part(4, 2)}).save_to_disk(str(tmp_path / "dd"))
+    dm = HFImageDataModule(tmp_path / "dd", image_column="img", columns={"y": "classification"},
+                           splits={"train": "validation"}, val_fraction=0.2)
+    # val is carved from the mapped train split, not the same 'validation' rows again
+    assert len(dm.dataset("train")) == 8 and len(dm.dataset("val")) == 2
+    with pytest.raises(ValueError, match=r"has no val split and val_fraction=0"):
+        HFImageDataModule(tmp_path / "dd", image_column="img", splits={"train": "validation"},
+                          val_fraction=0).setup()
+    with pytest.raises(ValueError, match="val_fraction must be in"):
+        HFImageDataModule(tmp_path / "dd", val_fraction=1.5)
+    small = HFImageDataModule(tmp_path / "dd", image_column="img", n_train=3, n_test=1)
+    assert [len(small.dataset(s)) for s in ("train", "val", "test")] == [3, 10, 1]
+
+
+def test_parquet_image_structs_without_metadata_are_decoded(tmp_path):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image as PILImage
+
+    rng = np.random.default_rng(1)
+    arrays = rng.integers(0, 256, (5, 6, 6, 3), dtype=np.uint8)
+    blobs = []
+    for a in arrays:
+        buf = io.BytesIO()
+        PILImage.fromarray(a).save(buf, format="PNG")
+        blobs.append({"bytes": buf.getvalue(), "path": None})
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.table({"image": blobs, "y": list(range(5))}), tmp_path / "pq" / "train.parquet")
+    dm = HFImageDataModule(tmp_path / "pq", columns={"y": "classification"}, val_fraction=0.2, test_fraction=0.2)
+    got = torch.cat([dm.dataset(s).tensors["image"] for s in ("train", "val", "test")])
+    order = torch.cat([dm.dataset(s).tensors["classification"] for s in ("train", "val", "test")])
+    assert torch.equal(got, torch.from_numpy(arrays[order.numpy()]).permute(0, 3, 1, 2))
