@@ -9,7 +9,8 @@ mergekit (Goddard et al. 2024) applies every method per tensor and differs from 
 - the elected sign is + where Σ_t w_t δ_t ≥ 0 (a zero sum gives +, not 0), and only entries whose
   sign equals it are kept (zeros never agree);
 - `normalize` divides by the sum of the kept weights (ties; a zero sum divides by 1) or of all
-  weights (the linear variants; |Σ w| < 1e-8 divides by 1); `lambda` scales the mixed δ;
+  weights (task arithmetic; |Σ w| < 1e-8 divides by 1; linear refuses weights summing to 0, where
+  mergekit would write inf/NaN); `lambda` scales the mixed δ;
 - DARE draws `torch.bernoulli(density)` from torch's global generator, model by model, and with
   `rescale` matches the L1 norm of the kept δ to the original's (not 1/density);
 - linear: Σ_t w_t θ_t / Σ_t w_t (`addcmul` in float32, float64 for float64 inputs).
@@ -175,6 +176,10 @@ class Linear(MergeMethod):
     def bind(self, T: int) -> None:
         super().bind(T)
         self.weights = _per_task("weight", self.hp["weight"], T)
+        if self.hp["normalize"] and abs(sum(self.weights)) < 1e-8:
+            # mergekit would divide by zero here and write inf/NaN tensors
+            raise ValueError(f"linear: the weights {self.weights} sum to 0, so normalize=true would divide "
+                             "by zero; change the weights or pass normalize=false")
 
     def merge_tensor(self, ctx: Context, key: str) -> torch.Tensor:
         first = ctx.ft(key, 0)

@@ -77,7 +77,18 @@ class ModelCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
     resumed epoch the best, so a resumed run could test another checkpoint than an uninterrupted
     one. Here the record is kept (the old best stays where it is, in the old run folder), and
     files outside this run's checkpoint folder are never deleted.
+
+    ``first_epoch``: epochs before it are never the best (a probe phase, whose shared weights are
+    still θ0's: the zoo's fine-tunes must not end as θ0 with a zero task vector).
     """
+
+    def __init__(self, *args, first_epoch: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.first_epoch = int(first_epoch)
+
+    def _save_topk_checkpoint(self, trainer, monitor_candidates) -> None:
+        if trainer.current_epoch >= self.first_epoch:
+            super()._save_topk_checkpoint(trainer, monitor_candidates)
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict({**state_dict, "dirpath": self.dirpath})

@@ -6,6 +6,7 @@ checks the request and optionally writes the model folder.
 """
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
 
@@ -20,16 +21,45 @@ def extract(model: nn.Module, *, out: str | os.PathLike | None = None, overwrite
         family = getattr(model, "config", {}).get("family", type(model).__name__)
         raise TypeError(f"model family {family!r} does not support extraction "
                         "(supported: task-routed MoE models by task, slimmable models by widths)")
+    check_request(model, kwargs)
     sub = fn(**kwargs)
     if out is not None:
         from mtl.io import save_model
 
-        meta = {"extracted_from": getattr(model, "meta", {}).get("run_dir"), "extract": _jsonable(kwargs)}
+        meta = {"extracted_from": getattr(model, "meta", {}).get("run_dir"), "extract": _describe(kwargs)}
         if getattr(sub, "extraction_report", None):  # what the family measured while extracting
             meta["report"] = sub.extraction_report
         save_model(sub, out, meta=meta, overwrite=overwrite)
     return sub
 
 
-def _jsonable(kwargs: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool, list, dict, type(None)))}
+def check_request(model: nn.Module, kwargs: dict[str, Any]) -> None:
+    """Refuse arguments the model's family does not extract by, naming the ones it takes."""
+    fn = model.extract_subnetwork
+    try:
+        inspect.signature(fn).bind(**kwargs)
+    except TypeError as e:
+        family = getattr(model, "config", {}).get("family", type(model).__name__)
+        accepted = ", ".join(f"{n}=" for n in inspect.signature(fn).parameters)
+        raise TypeError(f"model family {family!r} extracts with ({accepted}); got "
+                        f"({', '.join(f'{k}=' for k in kwargs) or 'nothing'}): {e}") from None
+
+
+def _describe(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The request as plain JSON for the folder's config: settings kept, data (calibration batches)
+    reduced to a count; never images or labels in a folder meant for shipping."""
+    out: dict[str, Any] = {}
+    for k, v in kwargs.items():
+        if _plain(v):
+            out[k] = v
+        elif isinstance(v, (list, tuple)):
+            out[f"{k}_batches"] = len(v)
+    return out
+
+
+def _plain(v: Any) -> bool:
+    if isinstance(v, (str, int, float, bool, type(None))):
+        return True
+    if isinstance(v, (list, tuple)):
+        return all(_plain(x) for x in v)
+    return isinstance(v, dict) and all(isinstance(k, str) and _plain(x) for k, x in v.items())

@@ -1,7 +1,7 @@
 """``mtl-prune``: prune a trained multi-task model folder into a smaller one, with a report.
 
     mtl-prune prune=pagcp model=<folder> prune.flops_target=0.4
-    mtl-prune prune=l1 model=<folder> prune.ratio=0.5 data.batch_size=64
+    mtl-prune prune=l1 model=<folder> prune.ratio=0.5 'data={batch_size: 64}'
     mtl-prune prune=taylor debug=smoke     # trains a tiny real model first, prunes it, in seconds
 """
 from __future__ import annotations

@@ -1,6 +1,8 @@
-"""``mtl-extract``: a standalone single-task sub-network of a task-routed MoE model folder.
+"""``mtl-extract``: a standalone sub-network of a model folder — one task of a task-routed MoE model,
+or one width setting of a slimmable model.
 
     mtl-extract model=<folder> tasks=depth [calib.batches=8] [min_share=0.0]
+    mtl-extract model=<slimmable folder> 'widths={encoder: 0.5, decoders: {depth: 1.0}}'
 
 (`tasks=`, as in mtl-export: `task` is the training config group, which Hydra would try to load.)
     mtl-extract debug=smoke              # trains a tiny real task-MoE model first, in seconds
@@ -14,6 +16,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from mtl.cli.common import cli_main, input_model, run_job, start_run
+from mtl.extraction import check_request
 
 
 def _one_task(tasks) -> str:
@@ -23,11 +26,12 @@ def _one_task(tasks) -> str:
     return str(names[0])
 
 
-def calibration_batches(model, cfg: DictConfig) -> list[dict[str, Any]]:
-    """``calib.batches`` batches of the model's own data (its folder's meta), or of ``calib.data``."""
+def calibration_batches(model, cfg: DictConfig, limit: int | None = None) -> list[dict[str, Any]]:
+    """``calib.batches`` (at most ``limit``) batches of the model's own data (its folder's meta), or of
+    ``calib.data``; fewer batches than asked for is an error naming the split."""
     from mtl.data import create_datamodule
 
-    data = {**dict(getattr(model, "meta", {}).get("data") or {}), **OmegaConf.to_container(cfg.calib.data, resolve=True)}
+    data = {**dict(getattr(model, "meta", {}).get("data") or {}), **(OmegaConf.to_container(cfg.calib.data, resolve=True) if cfg.calib.get("data") else {})}
     if "name" not in data:
         raise ValueError("calib: the model folder's meta has no data config; pass calib.data={name: ..., ...}")
     split = cfg.calib.split
@@ -40,11 +44,14 @@ def calibration_batches(model, cfg: DictConfig) -> list[dict[str, Any]]:
     n = int(cfg.calib.batches)
     if n < 1:
         raise ValueError(f"calib.batches must be >= 1, got {n}")
+    n = min(n, limit or n)
     batches = []
     for batch in loader:
         batches.append(batch)
         if len(batches) == n:
             break
+    if len(batches) < n:
+        raise ValueError(f"calib.batches={n} but the {split} split has only {len(batches)} batch(es); lower it")
     return batches
 
 
@@ -54,15 +61,28 @@ def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     from mtl.io import write_json
 
     run_dir, output = start_run(cfg, run_dir)
-    task = _one_task(cfg.get("tasks"))
+    widths = OmegaConf.to_container(cfg.widths, resolve=True) if cfg.get("widths") is not None else None
+    if widths is not None and cfg.get("tasks"):
+        raise ValueError("pass tasks= (a task-routed MoE model) or widths= (a slimmable model), not both")
+    task = _one_task(cfg.get("tasks")) if widths is None else None
     folder = input_model(cfg, run_dir, "extract from", experiment="scenes_task_moe_vit")
     model = mtl.load_model(folder)
-    batches = calibration_batches(model, cfg)
-    sub = mtl.extract(model, out=output, overwrite=bool(cfg.overwrite), task=task, calib=batches,
-                      min_share=float(cfg.min_share))
+    if getattr(model, "extract_subnetwork", None) is not None:  # before any data: the request fits the family
+        check_request(model, {"widths": widths} if widths is not None else {"task": task, "calib": [], "min_share": 0.0})
+    if widths is not None:
+        if not isinstance(widths, dict):
+            raise ValueError(f"widths must be a mapping like {{encoder: 0.5, decoders: {{depth: 1.0}}}}, got {widths!r}")
+        batches = calibration_batches(model, cfg, limit=1)  # one input for the FLOPs count
+        sub = mtl.extract(model, out=output, overwrite=bool(cfg.overwrite), widths=widths)
+        report = {"widths": widths}
+    else:
+        batches = calibration_batches(model, cfg)
+        sub = mtl.extract(model, out=output, overwrite=bool(cfg.overwrite), task=task, calib=batches,
+                          min_share=float(cfg.min_share))
+        report = dict(getattr(sub, "extraction_report", {}))
     x = batches[0]["image"][:1]
-    report = {**getattr(sub, "extraction_report", {}), "model": str(folder), "output": str(output),
-              "parent": model_stats(model, x), "extracted": model_stats(sub, x)}
+    report.update({"model": str(folder), "output": str(output),
+                   "parent": model_stats(model, x), "extracted": model_stats(sub, x)})
     write_json(run_dir / "extract_report.json", report)
     print_summary(report)
     return report
@@ -72,14 +92,18 @@ def print_summary(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = report["task"]
-    table = Table(title=f"mtl-extract: task {t}")
-    for col in ("model", "params", f"FLOPs/sample ({t})", "experts"):
+    t = report.get("task")
+    table = Table(title=f"mtl-extract: task {t}" if t else f"mtl-extract: widths {report['widths']}")
+    for col in ("model", "params", f"FLOPs/sample ({t or 'all tasks'})") + (("experts",) if t else ()):
         table.add_column(col)
-    table.add_row("parent", f"{report['parent']['params']:,}", f"{report['parent']['flops_per_task'][t] / 1e6:.2f}M",
-                  str(report.get("experts_total", "")))
-    table.add_row("extracted", f"{report['extracted']['params']:,}", f"{report['extracted']['flops_per_task'][t] / 1e6:.2f}M",
-                  str(report.get("experts_kept_total", "")))
+
+    def row(name, key, experts):
+        stats = report[key]
+        flops = (stats["flops_per_task"][t] if t else stats["flops_all_tasks"]) / 1e6
+        table.add_row(name, f"{stats['params']:,}", f"{flops:.2f}M", *((str(report.get(experts, "")),) if t else ()))
+
+    row("parent", "parent", "experts_total")
+    row("extracted", "extracted", "experts_kept_total")
     console = Console()
     console.print(table)
     if "dropped_token_share" in report:

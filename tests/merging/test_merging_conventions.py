@@ -51,6 +51,11 @@ def test_mergekit_task_arithmetic_and_linear():
     assert norm.tolist() == [1 + (a + 3 * b) / 4 for a, b in zip(T1, T2)]
     lin = merging.merge("linear", pre, fts, convention="mergekit", weight=[1.0, 3.0])["w"]
     assert lin.tolist() == [((1 + a) + 3 * (1 + b)) / 4 for a, b in zip(T1, T2)]
+    # weights summing to 0: mergekit divides by zero (inf/NaN tensors); refused here, before any output
+    with pytest.raises(ValueError, match=r"linear: the weights \[1.0, -1.0\] sum to 0"):
+        merging.merge("linear", pre, fts, convention="mergekit", weight=[1.0, -1.0])
+    assert merging.merge("linear", pre, fts, convention="mergekit", weight=[1.0, -1.0], normalize=False)["w"].tolist() \
+        == [a - b for a, b in zip(T1, T2)]
 
 
 def test_mergekit_dare_draws_bernoulli_and_rescales_the_l1_norm():

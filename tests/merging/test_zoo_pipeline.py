@@ -54,6 +54,20 @@ def test_finetunes_keep_the_pretrained_batchnorm_statistics(zoo):
         assert all(torch.equal(ft[k], pre[k]) for k in stats)
 
 
+def test_finetunes_keep_a_fine_tuning_epoch_so_their_task_vectors_are_not_zero(zoo):
+    """Smoke fine-tunes are one probe epoch (shared weights frozen: still θ0) and one fine-tuning epoch;
+    the probe epoch must never be the kept checkpoint, or merging has nothing to merge."""
+    from safetensors.torch import load_file
+
+    out, manifest = zoo
+    pre = load_file(out / manifest["pretrained"] / "model.safetensors")
+    for rel in manifest["models"]:
+        ft = load_file(out / rel / "model.safetensors")
+        assert any(not torch.equal(ft[k], pre[k]) for k in pre if k.startswith("backbone.")), rel
+        best = read_model_config(out / rel)["meta"]["run_dir"]
+        assert "epoch000" not in json.loads((Path(best) / "metrics.json").read_text())["best_checkpoint"]
+
+
 def test_finished_runs_are_reused(zoo):
     out, manifest = zoo
     again = _script("build_zoo").build_zoo("cnn", out, tasks=TASKS, smoke=True)

@@ -157,6 +157,30 @@ def test_extraction_round_trips_and_is_physically_smaller(tmp_path):
             torch.testing.assert_close(out[t], ref[t], rtol=0, atol=1e-5)
 
 
+def test_extract_names_what_a_family_extracts_by():
+    with pytest.raises(TypeError, match=r"model family 'slimmable' extracts with \(widths=\); got \(task=, calib=\)"):
+        mtl.extract(slim_model(), task="depth", calib=[X])
+
+
+def test_extract_cli_cuts_a_width_setting(tmp_path):
+    from mtl.cli.extract import run_extract
+    from mtl.cli.common import compose_in_process
+    from mtl.io import save_model
+
+    save_model(slim_model(), tmp_path / "slim", meta={"data": {"name": "scenes", "size": 16, "n_train": 8, "n_val": 4,
+                                                             "n_test": 4, "batch_size": 4}})
+    cfg, run_dir = compose_in_process("mtl.configs.extract_app", "extract", [
+        f"model={tmp_path / 'slim'}", "widths={encoder: 0.5, decoders: {depth: 0.25}}"], tmp_path / "run")
+    report = run_extract(cfg, run_dir)
+    sub = mtl.load_model(run_dir / "model")
+    slim = slim_model()
+    with slim.at_widths({"encoder": 0.5, "decoders": {"depth": 0.25}}):
+        ref = slim(X)
+    torch.testing.assert_close(sub(X)["depth"], ref["depth"], rtol=0, atol=1e-5)
+    assert report["extracted"]["flops_all_tasks"] < report["parent"]["flops_all_tasks"]
+    assert sub.meta["extract"] == {"widths": {"encoder": 0.5, "decoders": {"depth": 0.25}}}
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"encoder": 0.3}, r"encoder width 0\.3 is not in this model's width set \[0\.25, 0\.5, 0\.75, 1\.0\]"),
     ({"encoder": 1.5}, r"encoder width must be in \(0, 1\], got 1\.5"),

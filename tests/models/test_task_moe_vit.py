@@ -114,6 +114,8 @@ def test_extraction_round_trip(tmp_path):
     assert report["dropped_token_share"] == [0.0, 0.0] and report["experts_total"] == 16
     again = mtl.load_model(tmp_path / "depth")
     assert list(again.tasks) == ["depth"]
+    # the request is recorded, the calibration images are not (the folder is for shipping)
+    assert again.meta["extract"] == {"task": "depth", "calib_batches": 2}
     assert again.config["decoder"]["experts_kept"] == report["experts_kept"]
     assert torch.allclose(again(X)["depth"], model(X, tasks=["depth"])["depth"], atol=1e-5)
     fresh = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)  # routing stays within the kept experts

@@ -28,7 +28,7 @@ def folder(tmp_path_factory):
 
 def test_job_writes_a_reloadable_smaller_folder_and_report(folder, tmp_path):
     report = run(["prune=l1", f"model={folder}", "prune.ratio=0.5", "calib.batches=1", "eval.max_batches=1",
-                  "eval.latency_repeats=2"], run_dir=tmp_path / "run")
+                  "eval.latency_repeats=2", "data={batch_size: 4}"], run_dir=tmp_path / "run")  # the documented override
     out = tmp_path / "run"
     assert sorted(p.name for p in (out / "model").iterdir()) == ["config.json", "model.safetensors"]
     pruned = mtl.load_model(out / "model")
@@ -40,6 +40,7 @@ def test_job_writes_a_reloadable_smaller_folder_and_report(folder, tmp_path):
     assert set(report["metrics"]["after"]) == {"semseg", "depth", "classification"}
     assert report["latency_ms"]["threads"] == 1 and report["latency_ms"]["after"] > 0
     assert pruned.meta["data"]["name"] == "scenes" and pruned.meta["pruned_from"] == str(folder)
+    assert pruned.meta["data"]["batch_size"] == 4
 
 
 def test_folder_without_data_config_is_refused_and_nothing_written(tmp_path):
