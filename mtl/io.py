@@ -99,6 +99,16 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"cannot store {type(o).__name__} in JSON")
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` with the permissions of any other file we write: it creates
+    its file 0600, so a shipped folder would be unreadable to other users and containers."""
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save_model(model, path: str | os.PathLike, meta: dict[str, Any] | None = None, overwrite: bool = True) -> Path:
     """Write ``path/model.safetensors`` + ``path/config.json`` atomically.
 
@@ -116,7 +126,7 @@ def save_model(model, path: str | os.PathLike, meta: dict[str, Any] | None = Non
               "config_digest": _config_digest(model_cfg), "weights_digest": _weights_digest(state)}
     with atomic_path(path, overwrite=overwrite) as tmp:
         tmp.mkdir()
-        save_file(state, str(tmp / WEIGHTS), metadata=header)
+        save_safetensors(state, tmp / WEIGHTS, metadata=header)
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, default=_json_default) + "\n")
     return path
 

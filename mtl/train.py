@@ -133,10 +133,14 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
 def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
+    finished = [n for n in ("metrics.json", "model") if (run_dir / n).exists()]
+    if finished:  # its model, metrics and checkpoints would be mixed with this run's
+        raise FileExistsError(f"run_dir {run_dir} holds a finished run ({', '.join(finished)}); pick a new "
+                              "folder (to continue it: ckpt_path=<it>/checkpoints/last.ckpt into a new one)")
     run_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(run_dir / "config.yaml") as tmp:
         tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     data_kw = OmegaConf.to_container(cfg.data, resolve=True)
     datamodule = create_datamodule(**{"name": data_kw["name"]}, **{k: v for k, v in data_kw.items() if k != "name"})

@@ -95,7 +95,9 @@ def run_prune(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                             "batch": int(x.shape[0]), "repeats": int(ev.latency_repeats)}
 
     meta = dict(getattr(model, "meta", {}))
-    meta.update({"pruned_from": str(source), "test": after, "prune": {"method": method, **report["hparams"]}})
+    # run_dir: this run made the model (the parent's run is pruned_from's); a card must not show its metrics
+    meta.update({"pruned_from": str(source), "run_dir": str(run_dir), "test": after,
+                 "prune": {"method": method, **report["hparams"]}})
     if cfg.get("data"):
         meta["data"] = {**dict(meta.get("data") or {}), **OmegaConf.to_container(cfg.data, resolve=True)}
     save_model(pruned, output, meta=meta, overwrite=bool(cfg.overwrite))

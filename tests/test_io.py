@@ -20,6 +20,20 @@ def test_model_folder_round_trip_identical_outputs(tiny_model, tmp_path):
     assert [t.to_config() for t in loaded.tasks.values()] == [t.to_config() for t in tiny_model.tasks.values()]
 
 
+def test_model_files_get_the_usual_permissions(tiny_model, tmp_path):
+    """safetensors creates its file 0600; a shipped folder must be as readable as any file we write."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        folder = mtl.save_model(tiny_model, tmp_path / "model")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+    assert modes == {"config.json": 0o644, "model.safetensors": 0o644}
+
+
 def test_missing_files_are_named(tiny_model, tmp_path):
     folder = mtl.save_model(tiny_model, tmp_path / "m")
     (folder / "model.safetensors").unlink()

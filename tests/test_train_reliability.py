@@ -32,6 +32,11 @@ def test_model_and_metrics_survive_a_failure_after_testing(tmp_path):
     assert metrics["balancer"] == {"name": "ew"}
     assert set(mtl.load_model(run_dir / "model").tasks) == {"depth", "classification"}
     assert "NotADirectoryError" in (run_dir / FAILED).read_text() or "FileExistsError" in (run_dir / FAILED).read_text()
+    # a finished run's folder is never trained into again: its model and checkpoints would be mixed
+    before = (run_dir / "metrics.json").read_bytes()
+    with pytest.raises(FileExistsError, match=r"holds a finished run \(metrics.json, model\)"):
+        run(FAST + ["task=[depth]"], run_dir=run_dir)
+    assert (run_dir / "metrics.json").read_bytes() == before
 
 
 def test_in_process_run_folders_honour_MTL_OUTPUT_DIR_and_never_collide(tmp_path, monkeypatch):

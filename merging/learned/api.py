@@ -87,9 +87,7 @@ class LearnedMerge:
 
     def save(self, folder: str | Path) -> Path:
         """coefficients.safetensors (`coefficients`, `mask/<tensor>` as uint8) + coefficients.json."""
-        from safetensors.torch import save_file
-
-        from mtl.io import atomic_path, write_json
+        from mtl.io import atomic_path, save_safetensors, write_json
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -97,7 +95,7 @@ class LearnedMerge:
         for k, m in (self.mask or {}).items():
             tensors[f"mask/{k}"] = m.to(torch.uint8).cpu().contiguous()
         with atomic_path(folder / "coefficients.safetensors") as tmp:
-            save_file(tensors, str(tmp))
+            save_safetensors(tensors, tmp)
         write_json(folder / "coefficients.json", {**self.summary(), "history": self.history})
         return folder
 

@@ -72,9 +72,19 @@ def _find_run_metrics(src: Source) -> tuple[Path | None, dict[str, Any] | None]:
                 data = read_json(path)
             except ValueError:
                 continue  # a broken neighbour is not this model's problem; the card says none found
-            if isinstance(data, dict) and _test_metrics(data):
+            if isinstance(data, dict) and _test_metrics(data) and _agrees(_test_metrics(data), src.meta.get("test")):
                 return path, data
     return None, None
+
+
+def _agrees(run: dict[str, dict[str, float]], own: dict[str, Any] | None) -> bool:
+    """A run's test metrics belong to this model unless the folder records other ones (a pruned or
+    otherwise derived model whose meta still points at its parent's run)."""
+    if not isinstance(own, dict) or not own:
+        return True
+    shared = [(t, m) for t, v in own.items() if isinstance(v, dict) for m in v if m in (run.get(t) or {})]
+    return all(abs(float(run[t][m]) - float(own[t][m])) <= 1e-9 * max(1.0, abs(float(own[t][m])))
+               for t, m in shared)
 
 
 def _test_metrics(run: dict[str, Any] | None) -> dict[str, dict[str, float]] | None:

@@ -82,7 +82,8 @@ def _loading(report: dict[str, Any]) -> list[str]:
                 f'{outs}{"," if len(report["tasks"]) == 1 else ""} = session.run(None, {{"image": images}})', "```"]
     if fmt == "timm":
         return ["```python", "import timm", f"backbone = {report['load'].replace('<folder>', '.')}",
-                "# or: timm.create_model(\"local-dir:.\")", "```"]
+                "# or: timm.create_model(\"local-dir:.\", pretrained=True)  # without pretrained=True: random weights",
+                "```"]
     return ["```python", "import mtl", 'model = mtl.load_model(".")  # no network, no code from the folder is run',
             "out = model(images_uint8)  # {task: prediction}; uint8 (B, 3, H, W) input is normalised inside", "```"]
 

@@ -68,6 +68,10 @@ def export_onnx(source: Source, out: Path, tasks: list[str], opset: int = DEFAUL
     sample = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
     path = out / ONNX_FILE
     _trace(graph, sample, path, opset, exporter)
+    written = _file_opset(path)
+    if written != opset:  # the dynamo exporter ignores opsets below its own; never record one we did not write
+        raise ExportError(f"format.opset={opset} was asked for but the {exporter} exporter wrote opset {written}"
+                          + ("; for opsets below 18 use format.exporter=torchscript" if exporter == "dynamo" else ""))
     checks = verify(graph, path, size, verify_batches, atol, rtol, seed)
     return {
         "file": ONNX_FILE,
@@ -104,6 +108,13 @@ def _trace(graph: TaskGraph, sample: torch.Tensor, path: Path, opset: int, expor
                           f"{where or '(not found by name)'}; replace that module or pick another opset") from None
     finally:
         graph.eval()  # the torchscript exporter restores the wrapper's mode; keep eval for verification
+
+
+def _file_opset(path: Path) -> int | None:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
 def _first_line(e: BaseException) -> str:

@@ -86,6 +86,18 @@ def test_onnx_default_dynamo_exporter(tmp_path):
         ref = mtl.load_model(folder)(x)
     for t in TASKS:
         assert np.allclose(got[t], ref[t].numpy(), atol=1e-4, rtol=1e-3)
+    # dynamo does not write opsets below 18: asking for 17 is an error, not a file labelled 17
+    with pytest.raises(ExportError, match="format.opset=17 was asked for but the dynamo exporter wrote opset 18"):
+        mtl.export(folder, "onnx", tmp_path / "o17", opset=17)
+    assert not (tmp_path / "o17").exists()
+
+
+def test_the_recorded_opset_is_the_one_in_the_file(tmp_path):
+    import onnx
+
+    out = mtl.export(_folder(tmp_path), "onnx", tmp_path / "onnx", exporter="torchscript", opset=17)
+    versions = {o.domain: o.version for o in onnx.load(str(out / "model.onnx")).opset_import}
+    assert versions[""] == 17 == read_report(out)["opset"]
 
 
 class Bessel(nn.Module):
@@ -164,6 +176,18 @@ def test_folder_card_names_the_runs_real_metrics(trained, tmp_path):
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     with torch.no_grad():
         assert all(torch.equal(reloaded(x)[t], original(x)[t]) for t in original.tasks)
+
+
+def test_card_of_a_derived_model_shows_its_own_metrics_not_its_parents(trained, tmp_path):
+    """A pruned folder's meta once pointed at its parent's run: the card showed the parent's numbers."""
+    parent = json.loads((trained / "metrics.json").read_text())["test"]
+    own = {t: {m: v + 1.0 for m, v in values.items()} for t, values in parent.items()}
+    derived = save_model(mtl.load_model(trained / "model"), tmp_path / "elsewhere" / "derived",
+                         meta={"run_dir": str(trained), "test": own})
+    card = (mtl.export(derived, "folder", tmp_path / "hf") / "README.md").read_text()
+    assert str(trained / "metrics.json") not in card and "meta.test" in card
+    task, metric = next((t, m) for t, values in own.items() for m in values)
+    assert f"| {task} | {metric} | {own[task][metric]:.4f} |" in card
 
 
 def test_folder_task_subset_and_merge_provenance(tmp_path):
