@@ -77,6 +77,8 @@ class ImageBatches:
         images = dataset.tensors["image"]
         if len(images) == 0:
             raise ValueError(f"task {task!r}: the split has no images to learn from")
+        if isinstance(batch_size, bool) or int(batch_size) < 1:
+            raise ValueError(f"task {task!r}: batch_size must be ≥ 1, got {batch_size!r}")
         self.images, self.batch_size = images, int(batch_size)
         self.gen = torch.Generator().manual_seed(int(seed))
 

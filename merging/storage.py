@@ -53,11 +53,31 @@ def _packed_info(info: TensorInfo) -> TensorInfo:
 
 
 def _default_task_names(finetuned: Sequence[Any]) -> list[str]:
+    """The task of each single-task model folder (mtl-train's `<run>/model`), else the folder or file
+    names, else task0, task1, ... — whichever is first unique."""
     if all(isinstance(f, (str, os.PathLike)) for f in finetuned):
-        names = [Path(f).stem if Path(f).suffix else Path(f).name for f in finetuned]
-        if len(set(names)) == len(names):
-            return names
+        paths = [Path(f) for f in finetuned]
+        for names in (_folder_tasks(paths), [p.stem if p.suffix else p.name for p in paths]):
+            if names is not None and len(set(names)) == len(names):
+                return names
     return [f"task{t}" for t in range(len(finetuned))]
+
+
+def _folder_tasks(paths: Sequence[Path]) -> list[str] | None:
+    from mtl.io import read_model_config
+
+    names = []
+    for p in paths:
+        if not (p / "config.json").is_file():
+            return None
+        try:
+            tasks = read_model_config(p).get("model", {}).get("tasks") or []
+        except (ValueError, OSError):
+            return None
+        if len(tasks) != 1 or not isinstance(tasks[0], dict) or "name" not in tasks[0]:
+            return None
+        names.append(str(tasks[0]["name"]))
+    return names
 
 
 def _check_tasks(tasks: Sequence[str], T: int) -> list[str]:
@@ -147,7 +167,8 @@ def write_tall_store(
 ) -> Path:
     """Compute TALL masks and write the store tensor by tensor (memory stays near T+3 tensors).
 
-    `tasks` names the fine-tuned models (default: their folder/file names, else task0..). With
+    `tasks` names the fine-tuned models (default: the task of each single-task model folder, else the
+    folder/file names, else task0..). With
     `include_task_keys`, each model's task-specific keys (its head) are stored too, so
     `load_task_model` returns complete task models. Returns the store file's path.
     """

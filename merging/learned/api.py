@@ -191,6 +191,9 @@ def _learn(method, problem, hp, pretrained, finetuned, key_options, unlabeled, l
            callback, callback_every, recompute) -> LearnedMerge:
     obj_tasks, excluded, frozen_cols = _objective_tasks(problem, supervised)
     given = labeled if supervised else unlabeled
+    if not isinstance(given, Mapping):
+        raise TypeError(f"{'labeled' if supervised else 'unlabeled'} must map each task to an iterable of batches "
+                        f"({{task: batches}}), got {type(given).__name__}")
     extra = sorted(set(given) - set(problem.tasks))
     if extra:
         raise ValueError(f"{'labeled' if supervised else 'unlabeled'} names task(s) {extra} that no fine-tuned "

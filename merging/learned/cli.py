@@ -77,6 +77,10 @@ def select_learned(method: str, job: MergeJob, hp: Mapping[str, Any]) -> Selecti
     kw = {k: v for k, v in hp.items() if k not in CLI_KEYS and v is not None}
     if opts["split"] not in ("val", "test"):
         raise ValueError(f"merge.split must be 'val' or 'test' (the images learned on), got {opts['split']!r}")
+    for key, low in (("batch_size", 1), ("eval_every", 0), ("shots", 1)):
+        v = opts[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"merge.{key} must be an int ≥ {low}, got {v!r}")
     seed = int(kw.get("seed", job.cfg.get("seed", 0)))
     cap = job.cfg.get("learn_max_steps")
     if cap is not None:
@@ -109,11 +113,18 @@ def select_learned(method: str, job: MergeJob, hp: Mapping[str, Any]) -> Selecti
     if res.history:
         plot_learning_curves(res.history, job.run_dir / "learning_curves.png", title=title)
     summary = res.summary()
-    selected = {**{k: v for k, v in res.hparams.items() if not isinstance(v, (dict, list))},
+    selected = {**{k: v for k, v in res.hparams.items() if _plain(v)},
                 "split": opts["split"], "coefficients": {t: round(v["mean"], 4) for t, v in summary["per_task"].items()}}
     extra = {"learned": {k: v for k, v in summary.items() if k not in ("hparams", "rows")},
              "coefficients_file": str(out / "coefficients.safetensors")}
     return Selection(job.model(res.state_dict, recompute_bn=False), selected, extra=extra)
+
+
+def _plain(v: Any) -> bool:
+    """A value metrics.json and the folder's config record as it is (learn_blocks' list included)."""
+    if isinstance(v, (list, tuple)):
+        return all(isinstance(x, (str, int, float, bool)) for x in v)
+    return not isinstance(v, dict)
 
 
 def _base_state(job: MergeJob) -> dict[str, torch.Tensor]:

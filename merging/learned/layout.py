@@ -37,7 +37,10 @@ class Layout:
         pats = [patterns] if isinstance(patterns, str) else list(patterns)
         rows: set[int] = set()
         for p in pats:
-            rx = re.compile(p)
+            try:
+                rx = re.compile(p)
+            except re.error as e:
+                raise ValueError(f"learn_blocks: {p!r} is not a regular expression ({e})") from None
             hit = [i for i, g in enumerate(self.groups) if rx.search(g)]
             if not hit:
                 some = ", ".join(self.groups[:6]) + (", ..." if self.rows > 6 else "")

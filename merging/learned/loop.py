@@ -82,6 +82,12 @@ class Objective:
         self.recompute_bn, self.bn_options = recompute_bn, dict(bn_options or {})
         data = labeled if supervised else unlabeled
         name = "labeled" if supervised else "unlabeled"
+        if data is not None and not isinstance(data, Mapping):
+            raise TypeError(f"{name} must map each task to an iterable of batches ({{task: batches}}), "
+                            f"got {type(data).__name__}")
+        for t in tasks:
+            if data is not None and isinstance(data.get(t), torch.Tensor):
+                raise TypeError(f"{name}[{t!r}] is one tensor; pass an iterable of batches, e.g. [x] or a DataLoader")
         missing = [t for t in tasks if data is None or t not in data]
         if missing:
             raise ValueError(f"{name} has no data for task {missing[0]!r}" + (f" (nor {missing[1:]})" if missing[1:] else "")
@@ -101,12 +107,13 @@ class Objective:
     def _xy(self, batch: Any, task: str) -> tuple[torch.Tensor, Any]:
         """Inputs, and targets for the supervised objective only (unlabeled batches: inputs alone are read)."""
         if not self.supervised:
-            return batch_inputs(batch, task), None
+            return _checked(batch_inputs(batch, task), task, "unlabeled"), None
         if isinstance(batch, Mapping):
             model = self.problem.model
-            return batch["image"], batch[getattr(getattr(model, "tasks", {}).get(task), "target_key", task)]
-        x, y = batch
-        return x, y
+            x, y = batch["image"], batch[getattr(getattr(model, "tasks", {}).get(task), "target_key", task)]
+        else:
+            x, y = batch
+        return _checked(x, task, "labeled"), y
 
     def model_input(self, x: torch.Tensor) -> torch.Tensor:
         """`x` on the learning device; 4-D batches in channels-last memory format when asked (CPU
@@ -164,10 +171,20 @@ class Objective:
         return losses
 
 
+def _checked(x: Any, task: str, what: str) -> Any:
+    """A batch the objective can use: rows, and finite values (a NaN pixel would read as divergence)."""
+    if isinstance(x, torch.Tensor):
+        if x.dim() == 0 or len(x) == 0:
+            raise ValueError(f"{what}[{task!r}] gave an empty batch (shape {tuple(x.shape)})")
+        if x.is_floating_point() and not torch.isfinite(x).all():
+            raise ValueError(f"{what}[{task!r}] gave a batch with NaN or infinite inputs")
+    return x
+
+
 def _check_loss(t: str, loss: torch.Tensor) -> None:
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"the objective of task {t!r} is {float(loss)}; the merged model diverged "
-                                 "(lower lr, or clamp the coefficients)")
+        raise FloatingPointError(f"the objective of task {t!r} is {loss.detach().item()}; the merged model "
+                                 "diverged (lower lr, or clamp the coefficients)")
 
 
 def step_gradients(problem: MergeProblem, merged: dict[str, torch.Tensor], objective: Objective,

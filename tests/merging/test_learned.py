@@ -228,9 +228,28 @@ def test_nan_coefficients_are_named():
     nan_fts[0]["body.0.bias"] = torch.full((6,), math.nan)
     with pytest.raises(MergeInputError, match="body.0.bias"):
         merging.learn("adamerging", pre, nan_fts, unlabeled=data, **kw(model))
-    poisoned = {**data, "t1": [torch.full((8, 5), math.nan)]}  # the objective turns NaN
-    with pytest.raises(FloatingPointError, match="objective of task 't1' is nan"):
-        merging.learn("adamerging", pre, fts, unlabeled=poisoned, steps=2, **kw(model))
+
+def test_an_objective_turning_nan_names_the_task(monkeypatch):
+    from merging.learned import loop
+
+    model, pre, fts, data = toys()
+    real = loop.entropy
+    monkeypatch.setattr(loop, "entropy", lambda pred, kind, task: real(pred, kind, task) * (math.nan if task == "t1" else 1))
+    with pytest.raises(FloatingPointError, match="objective of task 't1' is nan; the merged model diverged"):
+        merging.learn("adamerging", pre, fts, unlabeled=data, steps=2, **kw(model))
+
+
+def test_bad_batches_are_named_before_they_look_like_divergence():
+    model, pre, fts, data = toys()
+    cases = [({**data, "t1": [torch.full((8, 5), math.nan)]}, ValueError, r"unlabeled\['t1'\] gave a batch with NaN"),
+             ({**data, "t2": [torch.zeros(0, 5)]}, ValueError, r"unlabeled\['t2'\] gave an empty batch"),
+             ({**data, "t0": torch.zeros(8, 5)}, TypeError, r"unlabeled\['t0'\] is one tensor"),
+             ([data["t0"], data["t1"]], TypeError, "unlabeled must map each task to an iterable of batches")]
+    for unlabeled, error, match in cases:
+        with pytest.raises(error, match=match):
+            merging.learn("adamerging", pre, fts, unlabeled=unlabeled, steps=1, **kw(model))
+    with pytest.raises(ValueError, match=r"learn_blocks: '\[bad' is not a regular expression"):
+        merging.learn("atlas", pre, fts, unlabeled=data, steps=1, learn_blocks=["[bad"], **kw(model))
 
 
 def test_coefficient_turning_nan_names_task_and_tensor(monkeypatch):

@@ -62,6 +62,16 @@ def test_learning_never_reads_labels(pool, tmp_path, guard_labels):
 def test_bad_split_is_named(pool, tmp_path):
     with pytest.raises(ValueError, match="merge.split must be 'val' or 'test'.*'train'"):
         run(_args(pool, "merge=adamerging", "merge.split=train"), run_dir=tmp_path / "bad")
+    for method, key, value, low in (("adamerging", "batch_size", 0, 1), ("adamerging", "eval_every", -1, 0),
+                                    ("atlas", "shots", 0, 1)):
+        with pytest.raises(ValueError, match=rf"merge.{key} must be an int ≥ {low}, got {value}"):
+            run(_args(pool, f"merge={method}", f"merge.{key}={value}"), run_dir=tmp_path / key)
+
+
+def test_list_hyperparameters_are_recorded(pool, tmp_path):
+    report = run(_args(pool, "merge=atlas", "merge.learn_blocks=[backbone]"), run_dir=tmp_path / "atlas")
+    assert report["selected"]["learn_blocks"] == ["backbone"]
+    assert mtl.load_model(tmp_path / "atlas" / "model").meta["merge"]["learn_blocks"] == ["backbone"]
 
 
 @pytest.mark.slow

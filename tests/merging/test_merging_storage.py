@@ -96,3 +96,19 @@ def test_path_helpers_close_the_store(tmp_path, monkeypatch):
         merging.load_task_model(store, "b")
         assert len(closed) == 3
     assert len(closed) == 4
+
+
+def test_store_task_names_come_from_single_task_model_folders(tmp_path):
+    """mtl-train writes every fine-tune to `<run>/model`: the folder names are all "model", the tasks are not."""
+    import mtl
+    from merging.storage import _default_task_names
+    from mtl.models import create_model
+
+    folders = []
+    for task in ("mnist", "faces"):
+        m = create_model([{"kind": "classification", "name": task, "num_classes": 3}], backbone="test_resnet",
+                         decoder={"name": "hps", "channels": 8})
+        folders.append(mtl.save_model(m, tmp_path / task / "model"))
+    assert _default_task_names(folders) == ["mnist", "faces"]
+    assert _default_task_names([tmp_path / "a.safetensors", tmp_path / "b.safetensors"]) == ["a", "b"]
+    assert _default_task_names([folders[0], folders[0]]) == ["task0", "task1"]
