@@ -223,6 +223,8 @@ def _method(cfg: DictConfig) -> tuple[str, CliMethod, dict[str, Any]]:
 def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir, output = start_run(cfg, run_dir)
     name, select, hp = _method(cfg)
+    if cfg.get("store") and name != "tall_masks":
+        raise ValueError(f"store=true writes a TALL-mask store (merge=tall_masks); merge={name} has none to write")
     start = time.perf_counter()
     if not cfg.eval.get("enabled", True):
         return merge_only(cfg, run_dir, name, hp, output, start)

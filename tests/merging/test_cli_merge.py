@@ -137,6 +137,8 @@ def test_tall_masks_store_gives_the_in_memory_metrics(pool, tmp_path):
     assert set(stored["selected"]["lam"].values()) <= {0.2, 0.5}
     assert (tmp_path / "tall" / "mask_overlap.png").read_bytes()[:4] == b"\x89PNG"
     assert sum(stored["mask_overlap"]["counts"]) == stored["mask_overlap"]["params"] > 0
+    with pytest.raises(ValueError, match="store=true writes a TALL-mask store .*merge=ties has none"):
+        run(_args(pool, "merge=ties", batches=1) + ["store=true"], run_dir=tmp_path / "ties")
 
 
 def test_merge_app_offers_no_training_experiments(tmp_path):
