@@ -61,6 +61,9 @@ def image_to_uint8(a: np.ndarray, where: str) -> torch.Tensor:
     if a.ndim != 3 or a.shape[-1] != 3:
         raise ValueError(f"{where}: expected an image of shape (H, W, 3), got {a.shape}")
     if a.dtype != np.uint8:
+        top = float(np.nanmax(a)) if a.size else 0.0
+        if top > 1.0 + 1e-6:  # 0-255 floats would all clip to white
+            raise ValueError(f"{where}: float image values reach {top:g}; expected [0, 1] (or store uint8 0-255)")
         a = np.clip(np.round(a.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
     return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
 
@@ -90,6 +93,10 @@ def dense_to_float(a: np.ndarray, channels: int, where: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
 
 
+def _first_line(e: BaseException) -> str:
+    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+
+
 def stack_samples(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     if not samples:
         raise ValueError("no samples to stack")
@@ -111,6 +118,11 @@ def read_npy_split(split_dir: Path, dirs: dict[str, str], num_classes: int, limi
     ids = _indices(split_dir / "image")
     if not ids:
         raise FileNotFoundError(f"expected files {split_dir / 'image'}/<i>.npy (0.npy, 1.npy, ...); found none")
+    for name in dirs.values():
+        orphans = sorted(set(_indices(split_dir / name)) - set(ids))
+        if orphans:
+            raise ValueError(f"{split_dir / name / f'{orphans[0]}.npy'} has no image ({split_dir / 'image'} lacks "
+                             f"{orphans[0]}.npy; {len(orphans)} such file(s))")
     ids = ids[:limit] if limit is not None else ids
     samples, hw = [], None
     for i in ids:
@@ -119,7 +131,10 @@ def read_npy_split(split_dir: Path, dirs: dict[str, str], num_classes: int, limi
             f = split_dir / name / f"{i}.npy"
             if not f.is_file():
                 raise FileNotFoundError(f"expected the file {f} (every image needs its {name})")
-            a = np.load(f, allow_pickle=False)
+            try:
+                a = np.load(f, allow_pickle=False)
+            except (ValueError, OSError, EOFError) as e:
+                raise ValueError(f"{f}: not a plain numeric .npy array ({_first_line(e)})") from None
             if key == "image":
                 sample[key] = image_to_uint8(a, str(f))
             elif key == "semseg":
@@ -129,6 +144,9 @@ def read_npy_split(split_dir: Path, dirs: dict[str, str], num_classes: int, limi
             if tuple(sample[key].shape[-2:]) != tuple(sample["image"].shape[-2:]):
                 raise ValueError(f"{f}: size {tuple(sample[key].shape[-2:])} differs from its image's "
                                  f"{tuple(sample['image'].shape[-2:])}")
+        if size is None and hw is not None and tuple(sample["image"].shape[-2:]) != hw:
+            raise ValueError(f"{split_dir / 'image' / f'{i}.npy'}: size {tuple(sample['image'].shape[-2:])} differs "
+                             f"from the first image's {hw}; pass data.size to resize them all")
         hw = hw or resolve_size(size, tuple(sample["image"].shape[-2:]))
         samples.append(resize_sample(sample, hw))
     return stack_samples(samples)

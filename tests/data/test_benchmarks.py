@@ -108,6 +108,28 @@ def test_bad_root_and_layout_name_the_expected_path(tmp_path):
         create_datamodule("nyuv2", root=str(root)).setup()
 
 
+@pytest.mark.parametrize("damage, match", [
+    (lambda r: [np.save(r / "train" / d / "1.npy", np.ones((H + 2, W, c), np.float32) * v)
+                for d, c, v in (("image", 3, 0.5), ("label", 1, 1), ("depth", 1, 2), ("normal", 3, 0.5))],
+     r"train/image/1\.npy: size \(8, 8\) differs from the first image's \(6, 8\); pass data.size"),
+    (lambda r: np.save(r / "train" / "image" / "0.npy", np.full((H, W, 3), 200.0, np.float32)),
+     r"train/image/0\.npy: float image values reach 200; expected \[0, 1\]"),
+    (lambda r: np.save(r / "train" / "label" / "99.npy", np.zeros((H, W), np.float32)),
+     r"train/label/99\.npy has no image"),
+    (lambda r: (r / "train" / "depth" / "0.npy").write_bytes(b"not an array"),
+     r"train/depth/0\.npy: not a plain numeric \.npy array"),
+    (lambda r: np.save(r / "train" / "depth" / "0.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True),
+     r"train/depth/0\.npy: not a plain numeric \.npy array"),
+])
+def test_bad_files_are_named_not_silently_mended(tmp_path, damage, match):
+    """Stored at another size (resized with a distorted aspect), 0-255 floats (clipped to white), a
+    label without an image (ignored) or an unreadable file (an unnamed numpy error) each name the file."""
+    root = write_npy_layout(tmp_path / "nyu")
+    damage(root)
+    with pytest.raises(ValueError, match=match):
+        create_datamodule("nyuv2", root=str(root)).setup()
+
+
 def write_nyu_mat(path: Path, n=5, hw=(H, W)):
     """A tiny nyu_depth_v2_labeled.mat: HDF5, arrays stored transposed as MATLAB v7.3 does."""
     h5py = pytest.importorskip("h5py")
