@@ -95,7 +95,9 @@ def _trace(graph: TaskGraph, sample: torch.Tensor, path: Path, opset: int, expor
         kwargs.update(dynamo=False, dynamic_axes={INPUT_NAME: {0: "batch"}, **{t: {0: "batch"} for t in graph.task_names}})
     noise = io.StringIO()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(noise), torch.no_grad():
+        # both streams: on failure the dynamo exporter prints whole FX graphs; the error says what matters
+        with warnings.catch_warnings(), contextlib.redirect_stdout(noise), contextlib.redirect_stderr(noise), \
+                torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(graph, (sample,), str(path), **kwargs)
     except Exception as e:

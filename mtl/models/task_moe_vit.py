@@ -72,10 +72,23 @@ class TaskMoE(nn.Module):
             r = self.route(task, tokens)
             index.append(r.index)
             weight.append(r.weight)
-            self.stats[task] = {"balance": r.balance, "mean_probs": r.probs.mean(0),
-                                "counts": torch.bincount(self.expert_ids[r.index].flatten(), minlength=self.num_experts).detach()}
+            if not _exporting():  # usage statistics: training and analysis only, not part of the graph
+                self.stats[task] = {"balance": r.balance, "mean_probs": r.probs.mean(0),
+                                    "counts": torch.bincount(self.expert_ids[r.index].flatten(),
+                                                             minlength=self.num_experts).detach()}
         flat = chunks.reshape(-1, shape[-1])
-        return self.experts.sparse(flat, torch.cat(index), torch.cat(weight)).view(shape)
+        index, weight = torch.cat(index), torch.cat(weight)
+        if _exporting():  # ONNX has no data-dependent dispatch: every expert on every token, same outputs
+            # zeros shaped from a tensor, not from len(): a traced len() would fix the batch size
+            weight = weight.to(flat.dtype)
+            gates = torch.zeros_like(weight[:, :1]).repeat(1, len(self.expert_ids)).scatter(-1, index, weight)
+            return torch.einsum("te,eto->to", gates, self.experts.dense(flat)).view(shape)
+        return self.experts.sparse(flat, index, weight).view(shape)
+
+
+def _exporting() -> bool:
+    """Inside torch.onnx.export (either exporter) or torch.export."""
+    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
 
 
 class Block(nn.Module):

@@ -150,3 +150,22 @@ def test_bad_backbone_settings_and_unknown_task():
         model(X, tasks=["nope"])
     with pytest.raises(KeyError, match="nope"):
         mtl.extract(model, task="nope", calib=[X])
+
+
+def test_onnx_export_of_parent_and_extracted_models_equals_pytorch(tmp_path):
+    """Token dispatch is data-dependent; while exporting, the MoE layers combine every expert's output
+    with the same sparse gates instead, so the ONNX graph computes the same function at any batch size."""
+    ort = pytest.importorskip("onnxruntime")
+    model = make().eval()
+    _route_depth_to_first_four(model)
+    sub = mtl.extract(model, task="depth", calib=[X])
+    x = torch.randint(0, 255, (5, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    for name, m in (("parent", model), ("depth", sub)):
+        folder = mtl.save_model(m, tmp_path / name, meta={"data": {"size": 32}})
+        out = mtl.export(folder, "onnx", tmp_path / f"{name}_onnx", exporter="torchscript")
+        session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+        got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"image": x.numpy()})))
+        with torch.no_grad():
+            ref = m(x)
+        for t in m.tasks:
+            assert torch.allclose(torch.from_numpy(got[t]), ref[t], atol=1e-4, rtol=1e-3), (name, t)
