@@ -110,6 +110,15 @@ def test_one_line_takes_the_first_line_and_names_bare_key_errors():
     assert one_line(KeyError("weight")) == "KeyError 'weight'"
     assert one_line(KeyError("unknown task(s) ['x']; valid: a, b")) == "unknown task(s) ['x']; valid: a, b"
     assert one_line(RuntimeError()) == "RuntimeError"
+    from hydra.errors import InstantiationException
+
+    try:
+        try:
+            raise ModuleNotFoundError("Neither `tensorboard` nor `tensorboardX` is available.")
+        except ModuleNotFoundError as cause:
+            raise InstantiationException("Error in call to target 'lightning.TensorBoardLogger':\nModuleNotFoundError(...)") from cause
+    except InstantiationException as e:
+        assert one_line(e) == "lightning.TensorBoardLogger: Neither `tensorboard` nor `tensorboardX` is available."
 
 
 @pytest.mark.slow

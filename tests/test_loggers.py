@@ -1,4 +1,4 @@
-"""logger=mlflow (local file store) and logger=wandb (offline): metric names stay val/<task>/<metric>."""
+"""logger=mlflow (local file store), logger=wandb (offline), logger=tensorboard: metric names stay val/<task>/<metric>."""
 import importlib.util
 
 import pytest
@@ -35,7 +35,7 @@ def test_training_logs_to_mlflow_and_wandb_offline(tmp_path):
 
     from mtl.train import run
 
-    run_dir = run(["experiment=scenes_hps", "debug=smoke", "task=[semseg,depth]", "logger=[mlflow,wandb]",
+    run_dir = run(["experiment=scenes_hps", "debug=smoke", "task=[semseg,depth]", "logger=[mlflow,wandb,tensorboard]",
                    "viz.num_samples=0"], run_dir=tmp_path / "run")
     client = MlflowClient(f"file://{run_dir}/mlruns")
     (exp,) = [e for e in client.search_experiments() if e.name == "scenes_hps"]  # experiment_name: ${name}
@@ -44,3 +44,4 @@ def test_training_logs_to_mlflow_and_wandb_offline(tmp_path):
     (offline,) = (run_dir / "wandb").glob("offline-run-*")
     records = next(offline.glob("run-*.wandb")).read_bytes()
     assert b"val/semseg/miou" in records and b"val/depth/rmse" in records
+    assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))  # the loggers extra's tensorboardX

@@ -56,7 +56,13 @@ def finish(run_dir) -> None:
 
 
 def one_line(exc: BaseException) -> str:
-    """The message a user reads: the exception's first non-empty line (the rest goes to FAILED)."""
+    """The message a user reads: the exception's first non-empty line (the rest goes to FAILED).
+    Hydra's "Error in call to target ..." wrapper gives way to the error it wraps, which says what to do."""
+    from hydra.errors import InstantiationException
+
+    if isinstance(exc, InstantiationException) and exc.__cause__ is not None:
+        target = str(exc).split("'")[1] if str(exc).count("'") >= 2 else "a config target"
+        return f"{target}: {one_line(exc.__cause__)}"
     bare_key = isinstance(exc, KeyError) and type(exc).__str__ is KeyError.__str__
     # a KeyError of ours carries a sentence (KeyError's str() would quote it); a bare one (a missing
     # dict key) needs its type to make sense
