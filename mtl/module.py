@@ -70,6 +70,9 @@ class MultiTaskModule(L.LightningModule):
         strategy: dict[str, Any] | None = None,
     ):
         super().__init__()
+        # checked here, before fit: torch's own check comes only when the optimiser is built
+        if not lr > 0 or not weight_decay >= 0:
+            raise ValueError(f"optim.lr must be > 0 and optim.weight_decay >= 0, got lr={lr}, weight_decay={weight_decay}")
         self.automatic_optimization = False
         self.model = model if isinstance(model, nn.Module) else create_model(config=dict(model))
         self.tasks = self.model.tasks

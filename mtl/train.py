@@ -137,6 +137,11 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if finished:  # its model, metrics and checkpoints would be mixed with this run's
         raise FileExistsError(f"run_dir {run_dir} holds a finished run ({', '.join(finished)}); pick a new "
                               "folder (to continue it: ckpt_path=<it>/checkpoints/last.ckpt into a new one)")
+    if cfg.get("ckpt_path"):
+        _check_checkpoint(Path(cfg.ckpt_path))
+    if str(cfg.trainer.get("accelerator")) in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"trainer.accelerator={cfg.trainer.accelerator} needs a CUDA GPU and torch sees none; "
+                           "use trainer=cpu")
     run_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(run_dir / "config.yaml") as tmp:
         tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -169,6 +174,18 @@ def _finish_tracking_runs(trainer) -> None:
     for lg in trainer.loggers:
         if isinstance(lg, WandbLogger) and lg._experiment is not None:  # never start a run just to end it
             lg._experiment.finish()
+
+
+def _check_checkpoint(path: Path) -> None:
+    """A Lightning checkpoint is a torch zip archive; a model folder or its files are not (their
+    weights start a run through init_from instead)."""
+    import zipfile
+
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path {path}: no such file (a Lightning .ckpt, e.g. <run>/checkpoints/last.ckpt)")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"ckpt_path {path}: not a Lightning checkpoint (a torch zip archive such as "
+                         "<run>/checkpoints/last.ckpt); to start from a model folder's weights use init_from=<folder>")
 
 
 def _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, baselines, variant) -> dict[str, Any]:

@@ -31,8 +31,14 @@ def datamodule_for(model: nn.Module, data: Mapping[str, Any] | None = None, sour
 
 
 def calibration_batches(datamodule, n_batches: int, split: str = "train") -> list[dict[str, torch.Tensor]]:
-    """The first ``n_batches`` of a split (without shuffling: the same batches every call)."""
-    ds = {"train": "train_dataloader", "val": "val_dataloader", "test": "test_dataloader"}[split]
+    """The first ``n_batches`` of a split (without shuffling: the same batches every call). Never the
+    test split: the pruned model is reported on it, so calibrating there would tune to the test set."""
+    if split not in ("train", "val"):
+        raise ValueError(f"calib.split must be train or val (the test split is what the pruned model is "
+                         f"reported on), got {split!r}")
+    if isinstance(n_batches, bool) or int(n_batches) < 1:
+        raise ValueError(f"calib.batches must be >= 1, got {n_batches!r}")
+    ds = {"train": "train_dataloader", "val": "val_dataloader"}[split]
     loader = getattr(datamodule, ds)()
     if split == "train":  # the train loader shuffles; calibration must be repeatable
         loader = torch.utils.data.DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False,

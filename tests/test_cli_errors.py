@@ -33,6 +33,7 @@ def run_main(monkeypatch, tmp_path, *overrides):
     ("balancer.name=foo", "unknown balancer 'foo'; valid names: aligned_mtl,"),
     ("data.name=bar", "unknown dataset 'bar'; valid names:"),
     ('decoder.channels="16"', "decoder.channels must be int, got '16' (str)"),
+    ("optim.lr=-1", "optim.lr must be > 0 and optim.weight_decay >= 0, got lr=-1"),
 ])
 def test_error_after_composition_is_one_line_and_marks_the_run_failed(monkeypatch, tmp_path, capfd, override, expected):
     code, runs = run_main(monkeypatch, tmp_path, override)
@@ -64,6 +65,15 @@ def test_a_checkpoint_that_needs_unpickling_is_refused(monkeypatch, tmp_path, ca
     assert line == [f"error: ckpt_path {ckpt}: refused, it needs unpickling beyond tensors and plain data "
                     "(torch.load weights_only=True). WeightsUnpickler error: Unsupported global: GLOBAL "
                     "print was not an allowed global by default."], err.err
+
+
+def test_a_model_file_as_ckpt_path_is_named_for_what_it_is(monkeypatch, tmp_path, capfd):
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"{}")
+    code, runs = run_main(monkeypatch, tmp_path, f"ckpt_path={weights}")
+    err = capfd.readouterr().err.strip()
+    assert code == 1 and err == (f"error: ckpt_path {weights}: not a Lightning checkpoint (a torch zip archive such as "
+                                 "<run>/checkpoints/last.ckpt); to start from a model folder's weights use init_from=<folder>")
 
 
 def test_unknown_group_choice_lists_valid_names(monkeypatch, tmp_path, capfd):

@@ -70,3 +70,9 @@ def test_unknown_backbone_and_decoder_names():
 def test_unknown_task_name_lists_valid():
     with pytest.raises(UnknownNameError, match="semseg"):
         create_model(["sky"], backbone="test_resnet")
+
+
+def test_one_task_name_is_one_task_not_its_letters():
+    from mtl.models import create_model
+
+    assert list(create_model("depth", backbone="test_resnet").tasks) == ["depth"]

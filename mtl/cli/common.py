@@ -49,7 +49,9 @@ def verbose() -> bool:
 
 
 def finish(run_dir) -> None:
-    """Every CLI run ends by printing its run folder as the last line."""
+    """Every CLI run ends by printing its run folder as the last line (once: DDP's other ranks are silent)."""
+    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) != 0:
+        return
     sys.stdout.flush()
     sys.stderr.flush()
     print(f"run_dir: {os.path.abspath(str(run_dir))}", flush=True)

@@ -100,8 +100,10 @@ def _test_metrics(run: dict[str, Any] | None) -> dict[str, dict[str, float]] | N
 
 def resolve_tasks(model: nn.Module, tasks: str | Sequence[str] | None) -> list[str]:
     names = list(getattr(model, "tasks", {}) or [])
-    if tasks is None or (not isinstance(tasks, str) and len(tasks) == 0):
+    if tasks is None:
         return names
+    if not isinstance(tasks, str) and len(tasks) == 0:
+        raise ValueError(f"tasks=[] selects no task to export; pass some of {', '.join(names)} (or null for all)")
     wanted = [tasks] if isinstance(tasks, str) else list(tasks)
     unknown = [t for t in wanted if t not in names]
     if unknown:

@@ -41,8 +41,10 @@ def _missing_package(name: str) -> ImportError:
 def input_size_of(src: Source, size: int | None) -> int:
     """Square input side used to trace and verify: given, else the training data's, else the
     backbone's ``img_size``, else 224."""
-    if size:
-        return int(size)
+    if size is not None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"format.input_size must be a positive int (pixels) or null, got {size!r}")
+        return size
     data = src.meta.get("data") or {}
     if isinstance(data, dict) and data.get("size"):
         return int(data["size"])

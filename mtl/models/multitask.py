@@ -127,6 +127,8 @@ def create_model(
         return model_from_config(config)
     if tasks is None:
         raise ValueError("create_model needs tasks (names, Task objects or task configs) or config=")
+    if isinstance(tasks, (str, Task)):  # one task: create_model("depth"), not the letters of "depth"
+        tasks = [tasks]
     built = []
     for t in tasks:
         if isinstance(t, Task):

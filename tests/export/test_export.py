@@ -222,6 +222,10 @@ def test_bad_requests_are_refused_before_anything_is_written(tmp_path):
         mtl.export(folder, "folder", tmp_path / "a", tasks=["normals"])
     with pytest.raises(TypeError, match="format=onnx has no option"):
         mtl.export(folder, "onnx", tmp_path / "a", opsett=17)
+    with pytest.raises(ValueError, match="format.input_size must be a positive int .* got -5"):
+        mtl.export(folder, "onnx", tmp_path / "a", input_size=-5)
+    with pytest.raises(ValueError, match=r"tasks=\[\] selects no task"):
+        mtl.export(folder, "folder", tmp_path / "a", tasks=[])
     assert not (tmp_path / "a").exists()
     existing = tmp_path / "exists"
     existing.mkdir()
