@@ -116,11 +116,32 @@ def grid_search(job: MergeJob, method: str, hp: Mapping[str, Any]) -> Selection:
     return Selection(best_model, dict(best["hparams"]), grid=grid)
 
 
+def precheck(name: str, hp: Mapping[str, Any]) -> None:
+    """The hyperparameters of a grid-searched state-dict method, checked before any model is loaded or
+    evaluated (a bad `k` or λ would otherwise surface after the whole pool's individual evaluation)."""
+    if name not in GRID_METHODS:
+        return
+    from .engine import KeyOptions
+
+    base = {k: v for k, v in hp.items() if k != "lam_grid" and not (k == "lam" and v is None)}
+    grid = hp.get("lam_grid") if hp.get("lam") is None else None
+    for lam in ((grid if isinstance(grid, list) else [grid]) if grid is not None else [base.get("lam")]):
+        _, method_hp = KeyOptions.split({**base, **({"lam": lam} if lam is not None else {})})
+        try:
+            merging.create_method(name, **method_hp)
+        except ValueError as e:
+            where = f"merge={name}" + (f", lam_grid value {lam}" if grid is not None and "lam" in str(e) else "")
+            raise ValueError(f"{where}: {e}") from None
+
+
+GRID_METHODS = ("average", "task_arithmetic", "ties", "dare", "consensus")
+
+
 def _register_grid(name: str, method: str | None = None) -> None:
     CLI_METHODS.register(name)(lambda job, hp: grid_search(job, method or name, hp))
 
 
-for _name in ("average", "task_arithmetic", "ties", "dare"):
+for _name in GRID_METHODS[:-1]:  # consensus adds its mask-overlap summary (below)
     _register_grid(_name)
 
 
@@ -225,6 +246,7 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     name, select, hp = _method(cfg)
     if cfg.get("store") and name != "tall_masks":
         raise ValueError(f"store=true writes a TALL-mask store (merge=tall_masks); merge={name} has none to write")
+    precheck(name, hp)
     start = time.perf_counter()
     if not cfg.eval.get("enabled", True):
         return merge_only(cfg, run_dir, name, hp, output, start)

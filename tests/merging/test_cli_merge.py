@@ -148,6 +148,21 @@ def test_merge_app_offers_no_training_experiments(tmp_path):
         run(["experiment=scenes_hps"], run_dir=tmp_path / "r")
 
 
+@pytest.mark.parametrize("override, match", [
+    ("merge.k=150", r"merge=ties: k is a percentage in \[0, 100\], got 150"),
+    ("merge.lam_grid=[nan,0.5]", r"merge=ties, lam_grid value nan: lam must be a finite number"),
+])
+def test_bad_hyperparameters_are_refused_before_the_pool_is_loaded(tmp_path, monkeypatch, override, match):
+    import merging.job as job
+
+    def no_pool(*a, **k):
+        raise AssertionError("the pool was loaded before the hyperparameters were checked")
+
+    monkeypatch.setattr(job, "resolve_pool", no_pool)
+    with pytest.raises(ValueError, match=match):
+        run(["merge=ties", "pretrained=/nope", "models=[/nope]", override], run_dir=tmp_path / "bad")
+
+
 def test_existing_output_is_refused_unless_overwrite(pool, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
