@@ -99,7 +99,7 @@ def build_module(cfg: DictConfig, info: dict[str, Any] | None = None) -> MultiTa
         )
     if cfg.get("init_from"):
         stats = init_from_folder(model, cfg.init_from)
-        log.warning("initialised %d/%d tensors from %s", stats["loaded"], stats["total"], cfg.init_from)
+        log.info("initialised %d/%d tensors from %s", stats["loaded"], stats["total"], cfg.init_from)
     if cfg.get("linearize"):  # tangent-space fine-tuning: train the expansion around the weights loaded above
         from mtl.models import linearize
 
