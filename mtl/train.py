@@ -193,6 +193,14 @@ def _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, basel
     # checkpoints hold tensors and plain data only (no pickled objects): never unpickle more
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    except RuntimeError as e:
+        if "Error(s) in loading state_dict" not in str(e):
+            raise
+        missing = sum(ln.count("\"") // 2 for ln in str(e).splitlines() if "Missing key(s)" in ln)
+        unexpected = sum(ln.count("\"") // 2 for ln in str(e).splitlines() if "Unexpected key(s)" in ln)
+        raise ValueError(f"ckpt_path {cfg.get('ckpt_path')}: its weights do not fit this run's model ({missing} "
+                         f"missing, {unexpected} unexpected key(s), or other shapes); resume with the config it "
+                         "was trained with (its run's config.yaml)") from e
     except pickle.UnpicklingError as e:
         why = next((ln.strip().split(". Please")[0] + "." for ln in str(e).splitlines() if "Unsupported global" in ln), "")
         raise ValueError(f"ckpt_path {cfg.get('ckpt_path')}: refused, it needs unpickling beyond tensors and plain "

@@ -38,6 +38,10 @@ def test_resume_after_a_stop_is_bit_identical(tmp_path):
             run_dir=tmp_path / "b1")
     b2 = run(common + [f"ckpt_path={tmp_path / 'b1' / 'checkpoints' / 'last.ckpt'}"], run_dir=tmp_path / "b2")
     check_identical(a, tmp_path / "b1", b2, steps=6)
+    # a checkpoint of another model is named as such, not as an unpickling or state-dict dump
+    with pytest.raises(ValueError, match=r"last.ckpt: its weights do not fit this run's model \(\d+ missing"):
+        run(common + ["decoder.channels=24", f"ckpt_path={tmp_path / 'b1' / 'checkpoints' / 'last.ckpt'}"],
+            run_dir=tmp_path / "other")
 
 
 @pytest.mark.slow

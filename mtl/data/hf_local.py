@@ -200,14 +200,15 @@ class HFImageDataModule(TensorDataModule):
         if img.dtype != np.uint8:
             scale = 255.0 if np.issubdtype(img.dtype, np.floating) and img.size and img.max() <= 1.0 else 1.0
             img = np.clip(np.round(img * scale), 0, 255).astype(np.uint8)
-        image = _resize(torch.from_numpy(np.ascontiguousarray(img)), self.size, nearest=False)
+        # np.require(..., "W"): arrow buffers are read-only, which torch.from_numpy warns about
+        image = _resize(torch.from_numpy(np.require(img, requirements=["C", "W"])), self.size, nearest=False)
         out = {"image": image}
         for column, key in self.columns.items():
             a = raw(column, label=True)
             integer = np.issubdtype(a.dtype, np.integer) or a.dtype == bool
             if key in _DENSE_KEYS:
                 ch = _DENSE_KEYS[key]
-                t = torch.from_numpy(np.ascontiguousarray(_channels_first(a, max(ch, 1))))
+                t = torch.from_numpy(np.require(_channels_first(a, max(ch, 1)), requirements=["C", "W"]))
                 _check_channels(column, key, t, ch)
                 t = _resize(t, self.size, nearest=True)
                 _check_size(column, key, t, image)
