@@ -170,6 +170,8 @@ def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(tasks, list) or not all(
             isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("kind"), str) for t in tasks):
         raise ModelFolderError(f"{file}: key 'model.tasks' must be a list of {{'name': ..., 'kind': ...}} objects")
+    if not tasks:
+        raise ModelFolderError(f"{file}: key 'model.tasks' is empty; a model has at least one task")
     return cfg
 
 

@@ -77,6 +77,10 @@ def test_config_with_bad_task_is_named(tiny_model, tmp_path):
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelFolderError, match="config.json.*sky"):
         mtl.load_model(folder)
+    cfg["model"]["tasks"] = []
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelFolderError, match=r"config.json: key 'model.tasks' is empty"):
+        mtl.load_model(folder)
 
 
 def test_atomic_path_leaves_nothing_on_error(tmp_path):
