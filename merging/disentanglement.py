@@ -73,6 +73,8 @@ class Disentanglement:
 
 
 def _alpha_points(alphas: Sequence[float | Sequence[float]]) -> list[tuple[float, float]]:
+    if isinstance(alphas, (int, float)):  # one α, as the CLI's --alphas 0.3 reads
+        alphas = [alphas]
     points = []
     for a in alphas:
         pair = (float(a), float(a)) if isinstance(a, (int, float)) else tuple(float(v) for v in a)
@@ -110,6 +112,8 @@ def weight_disentanglement(pool: ModelPool | str | Path, alphas: Sequence[float 
     if split not in ("val", "test", "train"):
         raise ValueError(f"split={split!r}: use val, test or train")
     points = _alpha_points(alphas)
+    if max_batches is not None and (isinstance(max_batches, bool) or int(max_batches) < 1):
+        raise ValueError(f"max_batches must be >= 1 or None, got {max_batches!r} (None: all batches)")
     owner = {t: m for m in pool.members for t in m.tasks}
     kinds = {t.name: t.kind for t in pool.tasks()}
     if pairs is not None:

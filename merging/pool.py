@@ -155,7 +155,10 @@ def resolve_device(device: str | torch.device) -> torch.device:
     """``"auto"``: CUDA when available, else CPU; otherwise any torch device string."""
     if str(device) == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"eval.device={device!r} is not a device (cpu, cuda, cuda:1, auto): {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"eval.device={device} but CUDA is not available here; use cpu or auto")
     if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" must compare equal

@@ -107,6 +107,13 @@ def test_bad_input_names_the_task_or_value(pools):
         merging.weight_disentanglement(pools["pair"], pairs=[("semseg", "semseg")], progress=False)
     with pytest.raises(ValueError, match="split"):
         merging.weight_disentanglement(pools["pair"], split="holdout", progress=False)
+    with pytest.raises(ValueError, match="max_batches must be >= 1 or None, got 0"):
+        merging.weight_disentanglement(pools["pair"], max_batches=0, progress=False)
+    with pytest.raises(ValueError, match="eval.device='bogus' is not a device"):
+        merging.weight_disentanglement(pools["pair"], device="bogus", progress=False)
+    from merging.disentanglement import _alpha_points
+
+    assert _alpha_points(0.3) == [(0.3, 0.3)]  # one number is one α point
 
 
 def test_script_writes_json_and_png(pools, tmp_path):
