@@ -102,6 +102,8 @@ class JacobianBalancer(Balancer):
         if level == "features" and not self.supports_features_level:
             raise ValueError(f"{self.name}: level=features is not supported (see docs/balancers.md)")
         self.level = level
+        if parallel_chunk_size is not None and (isinstance(parallel_chunk_size, bool) or int(parallel_chunk_size) < 1):
+            raise ValueError(f"{self.name}: parallel_chunk_size must be >= 1 or null, got {parallel_chunk_size!r}")
         self.parallel_chunk_size = parallel_chunk_size
         self.aggregator = self._make_aggregator()
         # TorchJD's documented extension point: forward hooks. Rescaling the weights (not the
@@ -234,6 +236,8 @@ class MGDABalancer(_MeanScaled):
 
         if solver not in SOLVERS:
             raise ValueError(f"mgda: solver must be one of {SOLVERS}, got {solver!r}")
+        if not float(rtol) >= 0 or int(max_iters) < 1:
+            raise ValueError(f"mgda: rtol must be >= 0 and max_iters >= 1, got rtol={rtol}, max_iters={max_iters}")
         self.solver, self.rtol, self.max_iters = solver, float(rtol), int(max_iters)
         super().__init__(tasks, level, parallel_chunk_size, skip_nonfinite)
 
@@ -258,9 +262,11 @@ class UPGradBalancer(_MeanScaled):
     """Quinton & Rey 2024: mean of each g_t projected onto the dual cone of all rows."""
 
     def _make_aggregator(self):
-        from torchjd.aggregation import UPGrad
+        from torchjd.aggregation import UPGradWeighting
 
-        return UPGrad()
+        from mtl.balancers.solvers import gramian_aggregator, scale_free
+
+        return gramian_aggregator(scale_free(UPGradWeighting()))
 
 
 @register("dualproj")
@@ -268,9 +274,11 @@ class DualProjBalancer(_MeanScaled):
     """The mean gradient projected onto the dual cone of the rows (GEM-style)."""
 
     def _make_aggregator(self):
-        from torchjd.aggregation import DualProj
+        from torchjd.aggregation import DualProjWeighting
 
-        return DualProj()
+        from mtl.balancers.solvers import gramian_aggregator, scale_free
+
+        return gramian_aggregator(scale_free(DualProjWeighting()))
 
 
 @register("aligned_mtl")
@@ -301,8 +309,8 @@ class CAGradBalancer(JacobianBalancer):
 
     def __init__(self, tasks, c: float = 0.4, norm_eps: float = 1e-4, level: str = "params",
                  parallel_chunk_size: int | None = None, skip_nonfinite: bool = False):
-        if c < 0:
-            raise ValueError(f"cagrad: c must be >= 0, got {c}")
+        if c < 0 or norm_eps < 0:
+            raise ValueError(f"cagrad: c and norm_eps must be >= 0, got c={c}, norm_eps={norm_eps}")
         self.c, self.norm_eps = float(c), float(norm_eps)
         super().__init__(tasks, level, parallel_chunk_size, skip_nonfinite)
 
@@ -311,9 +319,11 @@ class CAGradBalancer(JacobianBalancer):
         return len(self.tasks) / (1.0 + self.c)
 
     def _make_aggregator(self):
-        from torchjd.aggregation import CAGrad
+        from torchjd.aggregation import CAGradWeighting
 
-        return CAGrad(c=self.c, norm_eps=self.norm_eps)
+        from mtl.balancers.solvers import gramian_aggregator, scale_free
+
+        return gramian_aggregator(scale_free(CAGradWeighting(c=self.c, norm_eps=self.norm_eps), fallback_to_mean=True))
 
 
 @register("nash_mtl")
@@ -332,6 +342,8 @@ class NashMTLBalancer(JacobianBalancer):
                  level: str = "params", parallel_chunk_size: int | None = None, skip_nonfinite: bool = False):
         if int(update_weights_every) < 1:
             raise ValueError(f"nash_mtl: update_weights_every must be >= 1, got {update_weights_every}")
+        if not tol > 0 or int(max_iters) < 1:  # otherwise Newton never converges: equal weights every step
+            raise ValueError(f"nash_mtl: tol must be > 0 and max_iters >= 1, got tol={tol}, max_iters={max_iters}")
         self.update_weights_every, self.tol, self.max_iters = int(update_weights_every), float(tol), int(max_iters)
         self.solver_failures = 0
         self._calls, self._alpha = 0, None

@@ -5,6 +5,7 @@ are a distribution over tasks are multiplied by T so they sum to T).
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -32,6 +33,8 @@ class UncertaintyWeighting(Balancer):
 
     def __init__(self, tasks: Sequence[str], init: float = 0.0, skip_nonfinite: bool = False):
         super().__init__(tasks, skip_nonfinite)
+        if not math.isfinite(float(init)):
+            raise ValueError(f"uw: init (the initial log σ²) must be finite, got {init}")
         self.log_vars = nn.Parameter(torch.full((len(self.tasks),), float(init)))
         self._set_weights(torch.exp(-self.log_vars.detach()))
 
@@ -178,6 +181,8 @@ class GradNorm(_OwnOptimizer):
     def __init__(self, tasks: Sequence[str], alpha: float = 1.5, lr: float = 0.025, level: str = "params",
                  optimizer: str = "adam", skip_nonfinite: bool = False):
         super().__init__(tasks, skip_nonfinite)
+        if not float(alpha) >= 0:
+            raise ValueError(f"gradnorm: alpha must be >= 0, got {alpha}")
         if level not in ("params", "features"):
             raise ValueError(f"gradnorm: level must be 'params' or 'features', got {level!r}")
         self.alpha, self.level = float(alpha), level
@@ -272,6 +277,8 @@ class FAMO(_OwnOptimizer):
                  optimizer: str = "adam", recompute: bool = True, eps: float = 1e-8,
                  skip_nonfinite: bool = False):
         super().__init__(tasks, skip_nonfinite)
+        if not float(eps) > 0 or not float(weight_decay) >= 0:  # eps = 0 takes log 0 on a zero loss
+            raise ValueError(f"famo: eps must be > 0 and weight_decay >= 0, got eps={eps}, weight_decay={weight_decay}")
         self.recompute, self.eps = bool(recompute), float(eps)
         self.register_buffer("logits", torch.zeros(len(self.tasks)))
         self._init_own("logits", lr, weight_decay, optimizer)

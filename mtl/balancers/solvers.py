@@ -38,6 +38,25 @@ def gramian_aggregator(weights_fn):
     return GramianWeightedAggregator(_Weighting())
 
 
+def scale_free(weighting, fallback_to_mean: bool = False):
+    """``weighting`` applied to G / trace(G). CAGrad's, UPGrad's and DualProj's weights do not change
+    when every gradient is scaled by the same factor, but TorchJD maps a Gramian whose trace is below
+    1e-4 to zero (CAGrad: a zero update; UPGrad / DualProj: the plain mean, conflicts and all), which
+    small losses or a task with no valid pixel reach. ``fallback_to_mean``: all-zero weights (TorchJD's
+    CAGrad when ‖g_w‖ vanishes) become the mean, the limit of the official CAGrad code."""
+
+    def weights(gramian: torch.Tensor) -> torch.Tensor:
+        T = gramian.shape[0]
+        trace = gramian.diagonal().sum()
+        mean = torch.full((T,), 1.0 / T, dtype=gramian.dtype, device=gramian.device)
+        if not bool(trace > 0):  # every gradient is zero: any weights give the zero update
+            return mean
+        w = weighting(gramian / trace)
+        return mean if fallback_to_mean and not bool(w.abs().sum() > 0) else w
+
+    return weights
+
+
 def duality_gap(gramian: torch.Tensor, alpha: torch.Tensor) -> tuple[float, float]:
     """(gap, ‖d‖²) of the combination ``alpha`` (see the module docstring)."""
     g_alpha = gramian @ alpha
