@@ -5,7 +5,16 @@ from typing import Any, Iterable
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+
+def _cpu_flash_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# timm's fused attention runs this kernel on CPU; torch's registry knows only the GPU ones, so
+# without it every attention matmul on CPU would count as 0 FLOPs
+_EXTRA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention_flops}
 
 
 def count_params(model: nn.Module) -> int:
@@ -22,7 +31,7 @@ def count_flops(model: nn.Module, x: torch.Tensor, tasks: Iterable[str] | None =
     was_training = model.training
     model.eval()
     try:
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping=_EXTRA) as counter:
             model(x) if tasks is None else model(x, tasks=list(tasks))
         return int(counter.get_total_flops())
     finally:
