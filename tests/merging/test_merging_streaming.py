@@ -155,13 +155,13 @@ def test_read_ahead_hints_run_off_the_merging_thread_and_never_fail_a_merge(mode
     seen, closed = [], []
     real_prefetch, real_close = SafetensorsSource.prefetch, SafetensorsSource.close
 
-    def hint(self, key):
-        seen.append((threading.current_thread().name, bool(closed)))
+    def hint(self, key):  # per file: a source left over from another test may be closed (collected) meanwhile
+        seen.append((threading.current_thread().name, id(self) in closed))
         real_prefetch(self, key)
         raise OSError("the hint fails")
 
     def close(self):
-        closed.append(True)
+        closed.append(id(self))
         real_close(self)
 
     monkeypatch.setattr(SafetensorsSource, "prefetch", hint)
