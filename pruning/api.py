@@ -41,6 +41,8 @@ def prune(model: nn.Module, method: str, calib: Any = None, *, example: torch.Te
     for key in ("ratio", "flops_target", "max_layer_ratio"):  # refuse bad values before any work
         if hparams.get(key) is not None:
             check_ratio(key, hparams[key])
+            if key != "ratio" and hparams[key] == 0:  # would prune nothing while seeming to
+                raise ValueError(f"{key} must be in (0, 1), got 0")
     check_round_to(hparams.get("round_to"))
     batches = as_batches(calib) if calib is not None else []
     if example is None:

@@ -74,6 +74,9 @@ def task_losses(model: nn.Module, batches: list[dict[str, torch.Tensor]], tasks:
             out = model(b["image"], tasks=names)
             for t in names:
                 task = model.tasks[t]
+                if task.target_key not in b:
+                    raise KeyError(f"calibration batch has no target {task.target_key!r} for task {t!r} "
+                                   f"(it holds {sorted(b)})")
                 totals[t] += float(task.loss(out[t], b[task.target_key]))
     model.train(was)
     return {t: v / len(batches) for t, v in totals.items()}

@@ -95,8 +95,17 @@ def _outputs(out: Any) -> list[torch.Tensor]:
 
 
 def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
-    with torch.enable_grad():
-        return tp.DependencyGraph().build_dependency(model, example, output_transform=_outputs, verbose=False)
+    # the graph is traced through autograd: a frozen parameter (requires_grad=False) leaves no trace,
+    # and its layers would silently drop out of pruning; its flags are restored afterwards
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(model, example, output_transform=_outputs, verbose=False)
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
 
 
 def _is_qkv(model: nn.Module, name: str) -> nn.Module | None:
@@ -187,9 +196,18 @@ class LayerGraph:
             if any(id(p) in ignored_params for p in target.parameters(recurse=False)):
                 self.skipped[root] = f"touches ignored layer {name!r}"
                 return None
-            if isinstance(target, nn.LayerNorm):
-                # a LayerNorm normalises over the channels it would lose: masking and removal differ
-                self.skipped[root] = f"touches LayerNorm {name!r} (a transformer's residual width)"
+            if isinstance(target, (nn.LayerNorm, nn.GroupNorm)):
+                # it normalises over the channels it would lose: masking and removal differ (and a
+                # GroupNorm's channel count must stay a multiple of its groups)
+                self.skipped[root] = f"touches {type(target).__name__} {name!r} (normalises across channels)"
+                return None
+            extra = [n for n, _ in target.named_parameters(recurse=False) if n not in ("weight", "bias")]
+            if isinstance(target, (nn.Conv2d, nn.Linear)) and extra:  # e.g. timm's ScaledStdConv2d `gain`
+                self.skipped[root] = f"touches {type(target).__name__} {name!r} (its {extra} would not be resized)"
+                return None
+            if isinstance(target, nn.Conv2d) and 1 < target.groups != target.in_channels:
+                # grouped (not depthwise): channels are tied to their group; not handled
+                self.skipped[root] = f"touches grouped convolution {name!r} (groups={target.groups})"
                 return None
             local: list[list[int]] = [[] for _ in range(n_units)]
             for idx, r in zip(item.idxs, item.root_idxs):

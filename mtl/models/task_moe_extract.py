@@ -52,6 +52,8 @@ def extract_task(model, task: str, calib: Any, min_share: float = 0.0):
     from mtl.models.task_moe_vit import TaskMoEViT
 
     model._check_tasks([task])
+    if calib is None or isinstance(calib, (str, bytes)):
+        raise TypeError(f"calib must be calibration batches (images, or dicts with 'image'), got {type(calib).__name__}")
     if not 0.0 <= float(min_share) < 1.0:
         raise ValueError(f"min_share must be in [0, 1), got {min_share}")
     counts = route_counts(model, task, calib).float()

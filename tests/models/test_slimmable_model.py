@@ -186,6 +186,7 @@ def test_extract_cli_cuts_a_width_setting(tmp_path):
     ({"encoder": 1.5}, r"encoder width must be in \(0, 1\], got 1\.5"),
     ({"encoder": 0}, r"must be in \(0, 1\], got 0"),
     ({"decoders": {"depth": -0.5}}, r"decoder width of task 'depth' must be in \(0, 1\], got -0\.5"),
+    ({"encoder": True}, r"encoder width must be a number in \(0, 1\], got True"),
 ])
 def test_bad_widths_are_refused_naming_the_value(kwargs, match):
     slim = slim_model()

@@ -169,3 +169,8 @@ def test_onnx_export_of_parent_and_extracted_models_equals_pytorch(tmp_path):
             ref = m(x)
         for t in m.tasks:
             assert torch.allclose(torch.from_numpy(got[t]), ref[t], atol=1e-4, rtol=1e-3), (name, t)
+
+
+def test_extraction_without_calibration_batches_names_calib():
+    with pytest.raises(TypeError, match="calib must be calibration batches"):
+        mtl.extract(make().eval(), task="depth", calib=None)

@@ -165,6 +165,18 @@ def test_ratio_outside_unit_interval_is_refused(model, batches, ratio):
         pruning.prune(model, "l1", calib=batches, ratio=ratio)
 
 
+@pytest.mark.parametrize("method, key", [("pagcp", "flops_target"), ("l1_global", "max_layer_ratio")])
+def test_a_zero_target_that_would_prune_nothing_is_refused(model, batches, method, key):
+    with pytest.raises(ValueError, match=rf"{key} must be in \(0, 1\), got 0"):
+        pruning.prune(model, method, calib=batches, **{key: 0.0})
+
+
+def test_a_calibration_batch_without_a_target_names_the_task(model, batches):
+    bare = [{k: v for k, v in b.items() if k != "semseg"} for b in batches]
+    with pytest.raises(KeyError, match="no target 'semseg' for task 'semseg'"):
+        pruning.prune(model, "pagcp", calib=bare, budget=0.05)
+
+
 def test_unreachable_flops_target_names_the_best_reachable(model, batches):
     with pytest.raises(PruningError, match=r"not reachable.*the most this method removes .* is \d+\.\d%"):
         pruning.prune(model, "l1", calib=batches, flops_target=0.9999)

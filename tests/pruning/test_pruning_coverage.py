@@ -1,0 +1,49 @@
+"""What pruning covers: frozen parameters are still pruned; grouped convolutions and GroupNorm layers
+are left whole (listed as skipped), never mis-pruned or crashing."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import pruning
+from mtl.flops import count_flops
+from pruning.graph import LayerGraph
+
+from pruning_toys import toy_batches, toy_model
+
+
+def test_frozen_parameters_do_not_hide_layers():
+    batches = toy_batches()
+    x = batches[0]["image"]
+    model = toy_model()
+    for p in model.backbone.parameters():
+        p.requires_grad_(False)  # e.g. left frozen by a probe phase
+    layers = {l.name for l in LayerGraph(model, x).layers}
+    assert any(n.startswith("backbone.") for n in layers)
+    assert all(not p.requires_grad for p in model.backbone.parameters())  # flags restored
+    pruned, report = pruning.prune(model, "l1", ratio=0.5, calib=batches)
+    assert report["flops"]["after"] < 0.5 * report["flops"]["before"]
+
+
+@pytest.mark.parametrize("backbone, module_type", [("test_nfnet", nn.Conv2d), ("test_efficientnet_gn", nn.GroupNorm)])
+def test_grouped_convs_and_groupnorm_are_skipped_and_removal_equals_masking(backbone, module_type):
+    batches = toy_batches()
+    x = batches[0]["image"]
+    model = toy_model(backbone)
+    graph = LayerGraph(model, x)
+    assert any(module_type.__name__ in why or "grouped convolution" in why for why in graph.skipped.values())
+    pruned, report = pruning.prune(model, "l1", ratio=0.5, calib=batches)
+    assert count_flops(pruned, x) < count_flops(model, x)
+    assert set(report["rounds"][0]["skipped_layers"]) == set(graph.skipped)
+    # every layer that is pruned: removing a unit computes what zeroing it computes
+    for layer in graph.layers:
+        if layer.size < 2:
+            continue
+        masked = copy.deepcopy(model)
+        graph.mask(masked, layer, [0])
+        removed, _ = graph.remove({layer.name: [0]})
+        with torch.no_grad():
+            want, got = masked.eval()(x), removed.eval()(x)
+        for t in want:
+            assert torch.allclose(got[t], want[t], atol=1e-4), (backbone, layer.name, t)
