@@ -17,7 +17,12 @@ from pruning.graph import NORMS, Layer, LayerGraph
 COMBINE = ("sum", "max")
 
 
-def _member_scores(layer: Layer, model: nn.Module, value: Callable[[nn.Parameter], torch.Tensor | None]) -> torch.Tensor:
+def _member_scores(layer: Layer, model: nn.Module, value: Callable[[nn.Parameter], torch.Tensor | None],
+                   per_member_mean: bool = True) -> torch.Tensor:
+    """Each unit's score over the layer's coupled members. ``per_member_mean``: every member's scores
+    are divided by their mean, then averaged (group L1: members of different sizes weigh alike);
+    otherwise they are summed as they are (Taylor: the unit's whole first-order loss change, so layers
+    and tasks keep their real magnitudes)."""
     per_member = []
     for dep in layer.deps:
         m = model.get_submodule(dep.module)
@@ -41,10 +46,11 @@ def _member_scores(layer: Layer, model: nn.Module, value: Callable[[nn.Parameter
             continue
         unit = torch.stack([acc[idx].sum() if idx else acc.new_zeros(()) for idx in dep.local])
         mean = unit.mean()
-        per_member.append(unit / mean if mean > 0 else unit)
+        per_member.append(unit / mean if per_member_mean and mean > 0 else unit)
     if not per_member:
         return torch.zeros(layer.size)
-    return torch.stack(per_member).mean(0).detach().cpu()
+    stacked = torch.stack(per_member)
+    return (stacked.mean(0) if per_member_mean else stacked.sum(0)).detach().cpu()
 
 
 @torch.no_grad()
@@ -79,8 +85,8 @@ def taylor_scores(graph: LayerGraph, model: nn.Module, batches: list[dict[str, t
             for b in batches:
                 out = model(b["image"], tasks=[t])[t]
                 (task.loss(out, b[task.target_key]) / len(batches)).backward()
-            scores = {l.name: _member_scores(l, model, lambda p: None if p.grad is None else (p.detach() * p.grad).abs())
-                      for l in graph.layers}
+            scores = {l.name: _member_scores(l, model, lambda p: None if p.grad is None else (p.detach() * p.grad).abs(),
+                                             per_member_mean=False) for l in graph.layers}
             total = sum(float(s.sum()) for s in scores.values()) or 1.0
             per_task[t] = {k: v / total for k, v in scores.items()}
     finally:

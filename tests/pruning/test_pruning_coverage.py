@@ -47,3 +47,23 @@ def test_grouped_convs_and_groupnorm_are_skipped_and_removal_equals_masking(back
             want, got = masked.eval()(x), removed.eval()(x)
         for t in want:
             assert torch.allclose(got[t], want[t], atol=1e-4), (backbone, layer.name, t)
+
+
+def test_taylor_unit_score_is_the_whole_first_order_change_of_its_coupled_weights():
+    """Σ|w·∂L/∂w| over the unit's filter, its BN affine and the next conv's input slice — summed as they
+    are, not each member divided by its mean (which made every layer's per-task share alike)."""
+    from pruning.importance import _member_scores
+
+    batches = toy_batches()
+    model = toy_model()
+    graph = LayerGraph(model, batches[0]["image"])
+    layer = graph.by_name["backbone.body.layer1.0.conv1"]
+    task = model.tasks["depth"]
+    model.zero_grad()
+    task.loss(model(batches[0]["image"], tasks=["depth"])["depth"], batches[0]["depth"]).backward()
+    block = model.backbone.body.layer1[0]
+    wg = lambda p: (p.detach() * p.grad).abs()  # noqa: E731
+    hand = (wg(block.conv1.weight).flatten(1).sum(1) + wg(block.bn1.weight) + wg(block.bn1.bias)
+            + wg(block.conv2.weight).transpose(0, 1).flatten(1).sum(1))
+    got = _member_scores(layer, model, lambda p: None if p.grad is None else wg(p), per_member_mean=False)
+    assert torch.allclose(got, hand, rtol=1e-5)
