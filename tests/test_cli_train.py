@@ -66,7 +66,8 @@ def test_single_task_baselines_then_delta_m(tmp_path):
     baselines = tmp_path / "baselines.json"
     proc = cli("-m", "experiment=scenes_hps", "debug=smoke", "task=depth,classification",
                f"baselines.save_to={baselines}", cwd=tmp_path)
-    assert proc.stdout.strip().splitlines()[-1].startswith("run_dir: ")
+    sweep = run_dir_of(proc)  # a multirun ends with its sweep folder, the jobs' parent
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
     stored = json.loads(baselines.read_text())
     assert set(stored) == {"depth", "classification"}
     proc = cli("experiment=scenes_hps", "debug=smoke", "task=[depth,classification]",
