@@ -96,12 +96,7 @@ def grid_search(job: MergeJob, method: str, hp: Mapping[str, Any]) -> Selection:
     """`lam` set: merge once with it (a value, or one per fine-tuned model). Otherwise each value of
     `lam_grid` is tried and the best mean normalized validation score wins; only the best model so far
     is kept in memory."""
-    base = {k: v for k, v in hp.items() if k != "lam_grid" and not (k == "lam" and v is None)}
-    grid_values = hp.get("lam_grid")
-    if hp.get("lam") is None and grid_values:
-        candidates = [{**base, "lam": lam} for lam in (grid_values if isinstance(grid_values, list) else [grid_values])]
-    else:
-        candidates = [base]
+    candidates = grid_candidates(hp)
     grid, best, best_model = [], None, None
     bar = ProgressLog(f"[{method}] λ grid", len(candidates), unit="candidates", every_seconds=0,
                       enabled=job.evaluator.progress and len(candidates) > 1)
@@ -116,6 +111,15 @@ def grid_search(job: MergeJob, method: str, hp: Mapping[str, Any]) -> Selection:
     return Selection(best_model, dict(best["hparams"]), grid=grid)
 
 
+def grid_candidates(hp: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The hyperparameter sets a grid search tries: `lam` as given, else one per `lam_grid` value."""
+    base = {k: v for k, v in hp.items() if k != "lam_grid" and not (k == "lam" and v is None)}
+    grid_values = hp.get("lam_grid")
+    if hp.get("lam") is None and grid_values:
+        return [{**base, "lam": lam} for lam in (grid_values if isinstance(grid_values, list) else [grid_values])]
+    return [base]
+
+
 def precheck(name: str, hp: Mapping[str, Any]) -> None:
     """The hyperparameters of a grid-searched state-dict method, checked before any model is loaded or
     evaluated (a bad `k` or λ would otherwise surface after the whole pool's individual evaluation)."""
@@ -123,14 +127,13 @@ def precheck(name: str, hp: Mapping[str, Any]) -> None:
         return
     from .engine import KeyOptions
 
-    base = {k: v for k, v in hp.items() if k != "lam_grid" and not (k == "lam" and v is None)}
-    grid = hp.get("lam_grid") if hp.get("lam") is None else None
-    for lam in ((grid if isinstance(grid, list) else [grid]) if grid is not None else [base.get("lam")]):
-        _, method_hp = KeyOptions.split({**base, **({"lam": lam} if lam is not None else {})})
+    searched = hp.get("lam") is None and bool(hp.get("lam_grid"))
+    for kw in grid_candidates(hp):
+        _, method_hp = KeyOptions.split(dict(kw))
         try:
             merging.create_method(name, **method_hp)
         except ValueError as e:
-            where = f"merge={name}" + (f", lam_grid value {lam}" if grid is not None and "lam" in str(e) else "")
+            where = f"merge={name}" + (f", lam_grid value {kw['lam']}" if searched and "lam" in str(e) else "")
             raise ValueError(f"{where}: {e}") from None
 
 

@@ -12,6 +12,8 @@ from typing import Any
 
 from torch import nn
 
+from mtl.io import is_plain_json
+
 
 def extract(model: nn.Module, *, out: str | os.PathLike | None = None, overwrite: bool = False, **kwargs: Any) -> nn.Module:
     """``extract(model, task="depth", calib=batches)`` (task-routed MoE) or
@@ -50,16 +52,8 @@ def _describe(kwargs: dict[str, Any]) -> dict[str, Any]:
     reduced to a count; never images or labels in a folder meant for shipping."""
     out: dict[str, Any] = {}
     for k, v in kwargs.items():
-        if _plain(v):
+        if is_plain_json(v):
             out[k] = v
         elif isinstance(v, (list, tuple)):
             out[f"{k}_batches"] = len(v)
     return out
-
-
-def _plain(v: Any) -> bool:
-    if isinstance(v, (str, int, float, bool, type(None))):
-        return True
-    if isinstance(v, (list, tuple)):
-        return all(_plain(x) for x in v)
-    return isinstance(v, dict) and all(isinstance(k, str) and _plain(x) for k, x in v.items())

@@ -79,6 +79,15 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
+def is_plain_json(v: Any) -> bool:
+    """True for values JSON holds as they are (no tensors, arrays or objects, at any depth)."""
+    if isinstance(v, (str, int, float, bool, type(None))):
+        return True
+    if isinstance(v, (list, tuple)):
+        return all(is_plain_json(x) for x in v)
+    return isinstance(v, dict) and all(isinstance(k, str) and is_plain_json(x) for k, x in v.items())
+
+
 def read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     if not path.is_file():

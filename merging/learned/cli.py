@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 import merging
+from mtl.io import is_plain_json
 
 from ..evaluation import ImageBatches
 from ..job import CLI_METHODS, MergeJob, Selection
@@ -113,18 +114,11 @@ def select_learned(method: str, job: MergeJob, hp: Mapping[str, Any]) -> Selecti
     if res.history:
         plot_learning_curves(res.history, job.run_dir / "learning_curves.png", title=title)
     summary = res.summary()
-    selected = {**{k: v for k, v in res.hparams.items() if _plain(v)},
+    selected = {**{k: v for k, v in res.hparams.items() if is_plain_json(v)},
                 "split": opts["split"], "coefficients": {t: round(v["mean"], 4) for t, v in summary["per_task"].items()}}
     extra = {"learned": {k: v for k, v in summary.items() if k not in ("hparams", "rows")},
              "coefficients_file": str(out / "coefficients.safetensors")}
     return Selection(job.model(res.state_dict, recompute_bn=False), selected, extra=extra)
-
-
-def _plain(v: Any) -> bool:
-    """A value metrics.json and the folder's config record as it is (learn_blocks' list included)."""
-    if isinstance(v, (list, tuple)):
-        return all(isinstance(x, (str, int, float, bool)) for x in v)
-    return not isinstance(v, dict)
 
 
 def _base_state(job: MergeJob) -> dict[str, torch.Tensor]:
