@@ -70,8 +70,10 @@ def test_ray_multirun_runs_each_job_in_its_own_folder(tmp_path):
         hydra = OmegaConf.load(job / ".hydra" / "hydra.yaml").hydra
         assert hydra.job.num == i and hydra.runtime.output_dir == str(job.resolve())
         assert (job / "train.log").is_file() and (job / "model" / "config.json").is_file()
-    # the driver names every job's run folder, in job order, after Ray's relayed output
-    assert proc.stdout.strip().splitlines()[-2:] == [f"run_dir: {(sweep / str(i)).resolve()}" for i in (0, 1)]
+    # the driver names every job's run folder, in job order, after Ray's relayed output; the sweep
+    # folder is the multirun's last line
+    assert proc.stdout.strip().splitlines()[-3:] == [f"run_dir: {(sweep / str(i)).resolve()}" for i in (0, 1)] \
+        + [f"run_dir: {sweep.resolve()}"]
 
 
 @pytest.mark.slow  # ~20 s
