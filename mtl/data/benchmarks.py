@@ -93,10 +93,6 @@ def dense_to_float(a: np.ndarray, channels: int, where: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
 
 
-def _first_line(e: BaseException) -> str:
-    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-
-
 def stack_samples(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     if not samples:
         raise ValueError("no samples to stack")
@@ -134,7 +130,9 @@ def read_npy_split(split_dir: Path, dirs: dict[str, str], num_classes: int, limi
             try:
                 a = np.load(f, allow_pickle=False)
             except (ValueError, OSError, EOFError) as e:
-                raise ValueError(f"{f}: not a plain numeric .npy array ({_first_line(e)})") from None
+                from mtl.cli.common import one_line
+
+                raise ValueError(f"{f}: not a plain numeric .npy array ({one_line(e)})") from None
             if key == "image":
                 sample[key] = image_to_uint8(a, str(f))
             elif key == "semseg":

@@ -95,8 +95,8 @@ def _encoded_image(t: pa.DataType) -> bool:
 def _check_channels(column: str, key: str, t: torch.Tensor, channels: int) -> None:
     """A dense target has its key's channel count (semseg: class ids, one channel)."""
     want = max(channels, 1)
-    got = 1 if t.ndim == 3 else t.shape[1] if t.shape[1] <= 4 else t.shape[-1]  # channels-last when not moved
     if t.ndim != 4 or t.shape[1] != want:
+        got = t.shape[1] if t.ndim == 4 and t.shape[1] <= 4 else t.shape[-1]  # channels-last when not moved
         raise ValueError(f"hf_local: column {column!r} ({key}) has {got} channels per pixel (shape "
                          f"{tuple(t.shape[1:])}), {key} needs {want}"
                          + (": class ids, not an RGB colour map" if key == "semseg" else ""))
