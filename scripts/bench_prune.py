@@ -1,4 +1,5 @@
-"""Pruning benchmark on a scenes multi-task model: pagcp, l1, l1_global and taylor at matched FLOPs
+"""Pruning benchmark on a scenes multi-task model: pagcp (pagcp_taylor: with Taylor importance), l1, l1_global and
+taylor at matched FLOPs
 reductions, each fine-tuned with the same short recipe; Δm%, params, FLOPs and CPU latency speed-up.
 
     python scripts/bench_prune.py --out /tmp/bench_prune            # defaults below (CPU, ~40 min when shared)
@@ -25,7 +26,9 @@ from mtl.evaluation import delta_m  # noqa: E402
 from mtl.io import load_model, read_json  # noqa: E402
 from pruning.report import plot_delta_m_vs_flops  # noqa: E402
 
-METHODS = ("pagcp", "l1", "l1_global", "taylor")
+METHODS = ("pagcp", "l1", "l1_global", "taylor", "pagcp_taylor")
+# bench method name -> prune overrides (pagcp_taylor: PAGCP ranking channels by Taylor importance)
+_PRUNE = {"pagcp_taylor": ["prune=pagcp", "prune.importance=taylor"]}
 
 
 def train(overrides: list[str], run_dir: Path) -> Path:
@@ -96,12 +99,12 @@ def main() -> None:
             name = f"{method}_{int(round(100 * target))}" + (f"_r{args.round_to}" if args.round_to else "")
             pdir = out / name
             if not (pdir / "metrics.json").exists():
-                hp = [f"prune={method}", f"model={base}", f"prune.flops_target={target}",
+                hp = _PRUNE.get(method, [f"prune={method}"]) + [f"model={base}", f"prune.flops_target={target}",
                       f"calib.batches={args.calib_batches}", f"eval.latency_batch={args.latency_batch}",
                       f"eval.latency_threads={args.threads}", "eval.latency_repeats=20", "overwrite=true"]
                 if args.round_to:
                     hp.append(f"prune.round_to={args.round_to}")
-                if method == "pagcp":
+                if method.startswith("pagcp"):
                     hp += [f"prune.search_steps={args.search_steps}", "+prune.ratios=[0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9]"]
                     if args.max_budget is not None:
                         hp.append(f"prune.max_budget={args.max_budget}")
