@@ -43,8 +43,10 @@ def plain_twin(slim, enc, dec_widths):
     for key, target in plain.state_dict().items():
         if key.endswith("running_mean") or key.endswith("running_var"):
             rows = src[key + "s"]
-            group = enc if key.startswith(("backbone.", "decoder.neck.")) else dec_widths[key.split(".")[2]]
-            v = rows[ws.index(group)]
+            if key.startswith(("backbone.", "decoder.neck.")):
+                v = rows[ws.index(enc)]
+            else:  # a head's norm: one row per (encoder width, its decoder width)
+                v = rows[ws.index(enc) * len(ws) + ws.index(dec_widths[key.split(".")[2]])]
         else:
             v = src[key]
         state[key] = v[tuple(slice(0, s) for s in target.shape)].clone()
@@ -124,6 +126,76 @@ def test_calibrated_width_gets_its_own_statistics_from_the_batches():
     out = slim(X)
     assert out["depth"].shape == (2, 1, 32, 32)
     assert slim.config["backbone"]["widths"] == [0.25, 0.5, 0.6, 0.75, 1.0]
+
+
+def test_head_norm_keeps_statistics_per_encoder_and_decoder_width():
+    """A head's first norm reads features of the encoder's width: (enc 1.0, dec 0.25) and (enc 0.25,
+    dec 0.25) see different distributions, so each pair has its own row (row = i_enc * k + i_dec)."""
+    bn = SwitchableBatchNorm2d(4, widths=[0.5, 1.0], key="d", cond_key="e", momentum=1.0)
+    assert bn.running_means.shape == (4, 4)
+    bn.train()
+    x_small, x_big = torch.randn(8, 2, 3, 3) + 5, torch.randn(8, 2, 3, 3) - 7
+    bn.width, bn.cond_width = 0.5, 0.5
+    bn(x_small)
+    bn.cond_width = 1.0
+    bn(x_big)
+    torch.testing.assert_close(bn.running_means[0 * 2 + 0, :2], x_small.mean(dim=(0, 2, 3)))  # (0.5, 0.5)
+    torch.testing.assert_close(bn.running_means[1 * 2 + 0, :2], x_big.mean(dim=(0, 2, 3)))    # (1.0, 0.5)
+    assert torch.equal(bn.running_means[[1, 3]], torch.zeros(2, 4))  # decoder width 1.0: untouched
+
+
+def test_model_heads_use_the_row_of_the_encoder_width_pair():
+    slim = slim_model().train()
+    head_bn = slim.decoder.heads["depth"].body[1]
+    before = head_bn.running_means.clone()
+    slim.set_widths(encoder=1.0, decoders={"depth": 0.25})
+    slim(X)
+    ws = list(slim.width_set)
+    changed = (head_bn.running_means != before).any(dim=1).nonzero().flatten().tolist()
+    assert changed == [ws.index(1.0) * len(ws) + ws.index(0.25)]
+
+
+def test_folder_written_with_one_row_per_decoder_width_still_loads(tmp_path):
+    """Folders from before per-pair statistics: each decoder width's row serves every encoder width."""
+    slim = slim_model()
+    state = slim.state_dict()
+    k = len(slim.width_set)
+    old = {key: (v[:k].clone() if key.startswith("decoder.heads.") and key.endswith(("running_means", "running_vars")) else v)
+           for key, v in state.items()}
+    again = create_model(TASKS, backbone=BB, decoder=DEC, family="slimmable")
+    again.load_state_dict(old)
+    bn = again.decoder.heads["depth"].body[1]
+    for j in range(k):
+        assert torch.equal(bn.running_means[j * k:(j + 1) * k], old["decoder.heads.depth.body.1.running_means"])
+
+
+def test_failed_calibration_leaves_the_model_as_it_was():
+    slim = slim_model()
+    before = {k: v.clone() for k, v in slim.state_dict().items()}
+    good = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with pytest.raises(RuntimeError):
+        slim.calibrate_widths([0.6], [good, torch.zeros(2, 5, 32, 32)])  # 5 channels: the second batch fails
+    assert slim.width_set == (0.25, 0.5, 0.75, 1.0) and slim.config["backbone"]["widths"] == [0.25, 0.5, 0.75, 1.0]
+    after = slim.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    with pytest.raises(ValueError, match="0.6"):
+        slim.set_widths(encoder=0.6)
+
+
+def test_calibrating_a_width_estimates_each_head_pair_with_the_trained_encoder():
+    """Row (enc 1.0, dec 0.6) of a head's norm: statistics of that head's first conv on the features
+    the full-width encoder computes with its stored statistics (the encoder is not recalibrated)."""
+    slim = slim_model()
+    batch = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    slim.calibrate_widths([0.6], [batch])
+    ws = list(slim.width_set)
+    with torch.no_grad():
+        slim.set_widths(encoder=1.0, decoders=1.0)
+        z = slim.shared(batch).detach()
+        conv = slim.decoder.heads["depth"].body[0]
+        pre = F.conv2d(z, conv.weight[:c(12, 0.6)], None, 1, 1)
+    row = slim.decoder.heads["depth"].body[1].running_means[ws.index(1.0) * len(ws) + ws.index(0.6), :c(12, 0.6)]
+    torch.testing.assert_close(row, pre.mean(dim=(0, 2, 3)), atol=1e-5, rtol=1e-4)
 
 
 def test_folder_round_trip_identical_at_every_width(tmp_path):

@@ -87,6 +87,15 @@ def test_cikd_projections_leave_the_random_stream_alone():
     assert torch.equal(draws[0], draws[1]) and torch.equal(draws[0], draws[2])
 
 
+def test_cikd_weight_zero_is_cikd_off():
+    # idle projections (zero gradients) would still change gradient clipping's float rounding
+    model = tiny()
+    strat = create_strategy("sandwich", model, cikd=True, cikd_weight=0.0)
+    assert not strat.cikd and len(list(strat.parameters())) == 0
+    with pytest.raises(ValueError, match="cikd_weight must be >= 0, got -0.1"):
+        create_strategy("sandwich", model, cikd_weight=-0.1)
+
+
 def test_sandwich_without_cikd_and_without_distillation_uses_labels():
     model = tiny()
     strat = create_strategy("sandwich", model, num_random=0, cikd=False, inplace_distill=False)

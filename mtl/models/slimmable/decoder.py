@@ -39,7 +39,7 @@ class SlimDenseHead(nn.Module):
     def __init__(self, cin: int, hidden: int, out_channels: int, widths: Sequence[float] | None, key: str):
         super().__init__()
         self.body = nn.Sequential(conv(cin, hidden, 3, widths=widths, in_key=ENCODER, out_key=key),
-                                  batchnorm(hidden, widths, key), nn.ReLU(inplace=True),
+                                  batchnorm(hidden, widths, key, cond_key=ENCODER), nn.ReLU(inplace=True),
                                   conv(hidden, out_channels, 1, bias=True, widths=widths, in_key=key))
 
     def forward(self, z: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:

@@ -127,35 +127,54 @@ class SlimmableMultiTaskModel(MultiTaskModel):
     @torch.no_grad()
     def calibrate_widths(self, widths: Iterable[float], batches: Iterable[torch.Tensor | Mapping[str, torch.Tensor]]) -> list[float]:
         """Add ``widths`` to the width set: each gets its own BN statistics, estimated (cumulative
-        average) from ``batches`` (images, or batch dicts with ``"image"``) with that width everywhere."""
+        average) from ``batches`` (images, or batch dicts with ``"image"``) — one pass per
+        configuration a new row belongs to (the encoder at ``w``; every (encoder, decoder) pair with
+        ``w`` for the heads' norms). Norms whose row already exists run on their stored statistics
+        and are left as they were. If a batch fails, the model is left exactly as it was."""
         new = [check_width(w, "width to calibrate") for w in widths]
         batches = list(batches)
         if not batches:
             raise ValueError("calibrate_widths needs at least one batch")
         bns = [m for m in self.modules() if isinstance(m, SwitchableBatchNorm2d)]
         saved_widths, was_training = self.widths, self.training
-        for w in new:
-            for bn in bns:
-                bn.add_width(w)
-        self.backbone.widths = self.decoder.widths = bns[0].widths
-        self._backbone_cfg["widths"] = self._decoder_cfg["widths"] = list(bns[0].widths)
-        saved = [(bn, bn.momentum, bn.num_batches_tracked.clone()) for bn in bns]
+        before = [(bn.widths, bn.running_means, bn.running_vars, bn.momentum, bn.num_batches_tracked.clone()) for bn in bns]
+        cfgs = (self._backbone_cfg.get("widths"), self._decoder_cfg.get("widths"))
+        old_set = self.width_set
+        ok = False
         try:
-            self.train()
             for w in new:
                 for bn in bns:
-                    k = bn.row(w)
-                    bn.running_means[k].zero_()
-                    bn.running_vars[k].fill_(1.0)
-                    bn.momentum = None
-                    bn.num_batches_tracked.zero_()
-                self.set_widths(encoder=w, decoders=w)
-                for b in batches:
-                    self(b["image"] if isinstance(b, Mapping) else b)
+                    bn.add_width(w)
+            full = bns[0].widths
+            self.backbone.widths = self.decoder.widths = full
+            self._backbone_cfg["widths"] = self._decoder_cfg["widths"] = list(full)
+            fresh = [w for w in full if width_index(old_set, w) is None]
+            for enc in full:
+                for dec in full:
+                    if enc not in fresh and dec not in fresh:
+                        continue
+                    self.set_widths(encoder=enc, decoders=dec)
+                    for bn in bns:  # only rows of a new width learn; the others serve as trained
+                        calibrating = (bn.width in fresh) or (bool(bn.cond_key) and bn.cond_width in fresh)
+                        bn.train(calibrating)
+                        if calibrating:
+                            k = bn.row()
+                            bn.running_means[k].zero_()
+                            bn.running_vars[k].fill_(1.0)
+                            bn.momentum = None
+                            bn.num_batches_tracked.zero_()
+                    for b in batches:
+                        self(b["image"] if isinstance(b, Mapping) else b)
+            ok = True
         finally:
-            for bn, momentum, nbt in saved:
+            for bn, (ws, means, vars_, momentum, nbt) in zip(bns, before):
                 bn.momentum = momentum
                 bn.num_batches_tracked.copy_(nbt)
+                if not ok:  # roll back: no uncalibrated width may stay in the set
+                    bn.widths, bn.running_means, bn.running_vars = ws, means, vars_
+            if not ok:
+                self.backbone.widths = self.decoder.widths = old_set
+                self._backbone_cfg["widths"], self._decoder_cfg["widths"] = cfgs
             self.set_config(saved_widths)
             self.train(was_training)
         return list(self.width_set)

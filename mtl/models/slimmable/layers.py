@@ -8,8 +8,11 @@ Every layer reads its input and output width from a named *width group* (``in_ke
 Batch norm is *switchable* (Yu et al. 2019; shared affine as in universally slimmable networks,
 Yu & Huang 2019): the affine parameters are sliced like the weights, the running statistics are
 private to each width of a fixed set (one row per width), because statistics of a 0.25-wide network
-differ from the leading quarter of the full network's. A width outside the set gets its own row only
-by recalibration on training batches (``SlimmableMultiTaskModel.calibrate_widths``).
+differ from the leading quarter of the full network's. A norm whose input also depends on another width
+group (a task head's first norm reads features computed at the *encoder's* width) keeps one row per
+pair (that group's width, its own width): its statistics at decoder width 0.25 differ between encoder
+widths 0.25 and 1.0, so one row per configuration, as switchable BN is defined. A width outside the set
+gets its own rows only by recalibration on training batches (``SlimmableMultiTaskModel.calibrate_widths``).
 """
 from __future__ import annotations
 
@@ -103,22 +106,27 @@ class SlimLinear(_Sliced, nn.Linear):
 class SwitchableBatchNorm2d(nn.modules.batchnorm._BatchNorm):
     """BatchNorm2d with sliced affine parameters and private running statistics per width.
 
-    ``running_means[k, :channels_at(C, widths[k])]`` are the statistics of width ``widths[k]``.
+    ``running_means[row, :channels_at(C, width)]`` are the statistics of a width; ``row = i`` for
+    ``widths[i]``, or, with ``cond_key`` (the group the input's distribution also depends on),
+    ``row = j * len(widths) + i`` for the pair (``widths[j]`` of ``cond_key``, ``widths[i]``).
     A ``_BatchNorm`` subclass, so code that handles batch norm generically (freezing statistics,
     ``momentum``) treats it like any other; ``momentum=None`` gives a cumulative average (recalibration).
     """
 
     def __init__(self, num_features: int, widths: Sequence[float] = DEFAULT_WIDTHS, key: str | None = None,
-                 eps: float = 1e-5, momentum: float | None = 0.1):
+                 eps: float = 1e-5, momentum: float | None = 0.1, cond_key: str | None = None):
         super().__init__(num_features, eps=eps, momentum=momentum, affine=True, track_running_stats=False)
         self.track_running_stats = True
-        self.key = key
-        self.width = 1.0
+        self.key, self.cond_key = key, cond_key
+        self.width = self.cond_width = 1.0
         self.widths: tuple[float, ...] = check_width_set(widths)
-        k = len(self.widths)
-        self.register_buffer("running_means", torch.zeros(k, num_features))
-        self.register_buffer("running_vars", torch.ones(k, num_features))
+        rows = self._rows(len(self.widths))
+        self.register_buffer("running_means", torch.zeros(rows, num_features))
+        self.register_buffer("running_vars", torch.ones(rows, num_features))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def _rows(self, k: int) -> int:
+        return k * k if self.cond_key else k
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() != 4:
@@ -130,26 +138,47 @@ class SwitchableBatchNorm2d(nn.modules.batchnorm._BatchNorm):
             self.running_vars.fill_(1.0)
             self.num_batches_tracked.zero_()
 
-    def row(self, width: float | None = None) -> int:
-        width = self.width if width is None else width
+    def _index(self, width: float) -> int:
         k = width_index(self.widths, width)
         if k is None:
             raise ValueError(f"width {width} is not in this model's width set {list(self.widths)}; "
                              "add it with model.calibrate_widths([...], batches) (BN recalibration)")
         return k
 
-    def add_width(self, width: float) -> int:
-        """A new (uncalibrated: mean 0, var 1) statistics row for ``width``; returns its index."""
+    def row(self, width: float | None = None, cond_width: float | None = None) -> int:
+        i = self._index(self.width if width is None else width)
+        if not self.cond_key:
+            return i
+        return self._index(self.cond_width if cond_width is None else cond_width) * len(self.widths) + i
+
+    def add_width(self, width: float) -> None:
+        """New (uncalibrated: mean 0, var 1) statistics rows for ``width`` (and, with ``cond_key``, for
+        every pair it is part of)."""
         if width_index(self.widths, width) is not None:
-            return self.row(width)
+            return
         widths = tuple(sorted(self.widths + (float(width),)))
-        k = widths.index(float(width))
-        c = self.num_features
-        dev = self.running_means.device
-        self.running_means = torch.cat([self.running_means[:k], torch.zeros(1, c, device=dev), self.running_means[k:]])
-        self.running_vars = torch.cat([self.running_vars[:k], torch.ones(1, c, device=dev), self.running_vars[k:]])
+        k, new = len(self.widths), widths.index(float(width))
+        c, dev = self.num_features, self.running_means.device
+
+        def grow(t: torch.Tensor, fill: float) -> torch.Tensor:
+            t = t.view(k if self.cond_key else 1, k, c)
+            t = torch.cat([t[:, :new], torch.full_like(t[:, :1], fill), t[:, new:]], 1)
+            if self.cond_key:
+                t = torch.cat([t[:new], torch.full_like(t[:1], fill), t[new:]], 0)
+            return t.reshape(-1, c).contiguous().to(dev)
+
+        self.running_means, self.running_vars = grow(self.running_means, 0.0), grow(self.running_vars, 1.0)
         self.widths = widths
-        return k
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # folders written before per-pair statistics held one row per own width: every encoder width
+        # then shares it (what those models computed)
+        k = len(self.widths)
+        for name in ("running_means", "running_vars"):
+            t = state_dict.get(prefix + name)
+            if self.cond_key and t is not None and t.dim() == 2 and t.shape[0] == k and k > 1:
+                state_dict[prefix + name] = t.repeat(k, 1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
@@ -164,7 +193,8 @@ class SwitchableBatchNorm2d(nn.modules.batchnorm._BatchNorm):
                             self.training, factor, self.eps)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, widths={list(self.widths)}, key={self.key!r}"
+        cond = f", cond_key={self.cond_key!r}" if self.cond_key else ""
+        return f"{self.num_features}, widths={list(self.widths)}, key={self.key!r}{cond}"
 
 
 SLIM_TYPES = (SlimConv2d, SlimLinear, SwitchableBatchNorm2d)
@@ -176,6 +206,8 @@ def apply_widths(module: nn.Module, widths: Mapping[str, float]) -> None:
         if isinstance(m, SwitchableBatchNorm2d):
             if m.key:
                 m.width = widths[m.key]
+            if m.cond_key:
+                m.cond_width = widths[m.cond_key]
         elif isinstance(m, (SlimConv2d, SlimLinear)):
             if m.in_key:
                 m.in_width = widths[m.in_key]
@@ -198,5 +230,6 @@ def linear(cin: int, cout: int, widths: Sequence[float] | None = None,
     return SlimLinear(cin, cout, in_key=in_key, out_key=out_key)
 
 
-def batchnorm(c: int, widths: Sequence[float] | None = None, key: str | None = None) -> nn.Module:
-    return nn.BatchNorm2d(c) if widths is None else SwitchableBatchNorm2d(c, widths, key=key)
+def batchnorm(c: int, widths: Sequence[float] | None = None, key: str | None = None,
+              cond_key: str | None = None) -> nn.Module:
+    return nn.BatchNorm2d(c) if widths is None else SwitchableBatchNorm2d(c, widths, key=key, cond_key=cond_key)

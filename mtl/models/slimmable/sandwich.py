@@ -51,7 +51,12 @@ class Sandwich(TrainingStrategy):
         if int(num_random) < 0:
             raise ValueError(f"strategy.num_random must be >= 0, got {num_random!r}")
         self.num_random, self.train_min = int(num_random), bool(train_min)
-        self.inplace_distill, self.cikd, self.cikd_weight = bool(inplace_distill), bool(cikd), float(cikd_weight)
+        if not float(cikd_weight) >= 0:
+            raise ValueError(f"strategy.cikd_weight must be >= 0, got {cikd_weight!r}")
+        # weight 0 is CI-KD off: no projections, so gradient clipping sees the same parameter list as
+        # ``cikd=false`` (zero gradients of idle projections change its float rounding)
+        self.cikd_weight = float(cikd_weight)
+        self.inplace_distill, self.cikd = bool(inplace_distill), bool(cikd) and self.cikd_weight > 0
         if cikd_match not in ("projection", "slice"):
             raise ValueError(f"strategy.cikd_match must be 'projection' or 'slice', got {cikd_match!r}")
         self.cikd_match = cikd_match
