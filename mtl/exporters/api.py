@@ -144,8 +144,13 @@ def export(
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=true to replace it")
-    if model is not None and not isinstance(model, nn.Module) and Path(model).resolve() == out.resolve():
-        raise ValueError(f"{out}: the output folder cannot be the model folder itself")
+    if model is not None and not isinstance(model, nn.Module):
+        src_dir, dst = Path(model).resolve(), out.resolve()
+        if src_dir == dst or dst in src_dir.parents:
+            raise ValueError(f"{out}: the output folder cannot be the model folder or a folder holding it ({model})")
+    if out.is_dir() and any(out.iterdir()) and not (out / REPORT).is_file():
+        # overwrite replaces an earlier export, never a run folder or anything else that happens to be there
+        raise FileExistsError(f"{out} exists and is not an earlier export (no {REPORT}); refusing to replace it")
     src = load_source(model)
     names = resolve_tasks(src.model, tasks)
     start = time.perf_counter()

@@ -233,8 +233,16 @@ def test_bad_requests_are_refused_before_anything_is_written(tmp_path):
     with pytest.raises(FileExistsError, match="overwrite"):
         mtl.export(folder, "folder", existing)
     assert (existing / "keep.txt").read_text() == "mine"
-    mtl.export(folder, "folder", existing, overwrite=True)
-    assert not (existing / "keep.txt").exists() and (existing / "model.safetensors").is_file()
+    with pytest.raises(FileExistsError, match="is not an earlier export"):  # overwrite replaces exports only
+        mtl.export(folder, "folder", existing, overwrite=True)
+    assert (existing / "keep.txt").read_text() == "mine"
+    done = mtl.export(folder, "folder", tmp_path / "done")
+    mtl.export(folder, "onnx", done, overwrite=True)
+    assert (done / "model.onnx").is_file() and not (done / "model.safetensors").exists()
+    # a folder holding the model (its run folder) is never replaced: that would delete the model
+    with pytest.raises(ValueError, match="cannot be the model folder or a folder holding it"):
+        mtl.export(folder, "folder", folder.parent, overwrite=True)
+    assert (folder / "model.safetensors").is_file()
 
 
 def test_verification_fails_when_runtime_and_pytorch_differ(tmp_path):
