@@ -71,6 +71,9 @@ class MultiTaskModule(L.LightningModule):
     ):
         super().__init__()
         # checked here, before fit: torch's own check comes only when the optimiser is built
+        for key, value in (("optim.lr", lr), ("optim.weight_decay", weight_decay)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{key} must be a number, got {value!r} ({type(value).__name__})")
         if not lr > 0 or not weight_decay >= 0:
             raise ValueError(f"optim.lr must be > 0 and optim.weight_decay >= 0, got lr={lr}, weight_decay={weight_decay}")
         self.automatic_optimization = False
@@ -157,7 +160,7 @@ class MultiTaskModule(L.LightningModule):
         self.balancer.backward(ctx)
         strategy_logs = self.strategy.after_backward(self, batch, ctx) if self.strategy is not None else {}
         if self.hparams.grad_clip:
-            self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+            self._clip(opt)
         opt.step()
         sched.step()
         self.balancer.after_step(ctx)
@@ -204,7 +207,27 @@ class MultiTaskModule(L.LightningModule):
             # the next epoch's shuffle (and rlw/pcgrad draws, dropout) continue exactly as without the stop
             set_rng_states(checkpoint["rng_states"])
 
+    def _clip(self, opt) -> None:
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:  # fp16: unscale first
+            self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+        else:  # what Lightning's clipping computes; it refuses fused optimisers under bf16 for no reason
+            params = [p for group in opt.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.hparams.grad_clip)
+
     # --- evaluation -------------------------------------------------------------------------
+    def _share_norm_statistics(self) -> None:
+        """DDP syncs buffers only at a training forward, so after the last step each rank holds its own
+        BatchNorm statistics; evaluation (and the saved model) use rank 0's."""
+        if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            for buf in self.model.buffers():
+                torch.distributed.broadcast(buf, src=0)
+
+    def on_validation_epoch_start(self):
+        self._share_norm_statistics()
+
+    def on_test_epoch_start(self):
+        self._share_norm_statistics()
+
     def _eval_step(self, batch, metrics: nn.ModuleDict, stage: str) -> None:
         preds = self.model(batch["image"])
         losses = self.task_losses(preds, batch, weighted=False)
@@ -249,6 +272,8 @@ class MultiTaskModule(L.LightningModule):
         # fused: one vectorised kernel per parameter instead of ~10 small ops each; on CPU torch's
         # default is a per-parameter loop of small ops, a sizeable share of a small model's step
         fused = all(p.device.type in ("cpu", "cuda") for p in decay + no_decay) or None
+        if self.hparams.grad_clip and getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            fused = None  # fp16's scaler must unscale before clipping, which Lightning refuses for fused
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.hparams.lr, fused=fused,

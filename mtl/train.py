@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import pickle
 import time
 from pathlib import Path
@@ -139,9 +140,7 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                               "folder (to continue it: ckpt_path=<it>/checkpoints/last.ckpt into a new one)")
     if cfg.get("ckpt_path"):
         _check_checkpoint(Path(cfg.ckpt_path))
-    if str(cfg.trainer.get("accelerator")) in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"trainer.accelerator={cfg.trainer.accelerator} needs a CUDA GPU and torch sees none; "
-                           "use trainer=cpu")
+    _check_trainer(cfg.trainer)
     run_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(run_dir / "config.yaml") as tmp:
         tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -163,6 +162,31 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         return _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, baselines, variant)
     finally:
         _finish_tracking_runs(trainer)
+
+
+def _check_trainer(tr: DictConfig) -> None:
+    """Trainer settings that would fail (or mislead) only once training starts, named now."""
+    cuda = torch.cuda.is_available()
+    if str(tr.get("accelerator")) in ("gpu", "cuda") and not cuda:
+        raise RuntimeError(f"trainer.accelerator={tr.accelerator} needs a CUDA GPU and torch sees none; use trainer=cpu")
+    if str(tr.get("strategy", "")).startswith("fsdp") and not cuda:
+        raise RuntimeError("trainer=fsdp needs CUDA GPUs (Lightning's FSDP has no CPU backend); on CPU use trainer=ddp")
+    # mtlkit steps the optimiser itself (balancers act on each step's task gradients): Lightning's automatic
+    # accumulation and clipping do not apply
+    if tr.get("accumulate_grad_batches") not in (None, 1):
+        raise ValueError(f"trainer.accumulate_grad_batches={tr.accumulate_grad_batches} is not supported (each step's "
+                         "task gradients feed the balancer); raise data.batch_size instead")
+    if tr.get("gradient_clip_val") is not None:
+        raise ValueError(f"trainer.gradient_clip_val={tr.gradient_clip_val}: mtlkit clips with optim.grad_clip=<max norm>")
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    local_ddp = str(tr.get("strategy", "")).startswith("ddp") and str(tr.get("devices")) not in ("1", "None") \
+        and not any(k in os.environ for k in ("LOCAL_RANK", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID"))
+    if local_ddp and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        # Lightning starts the other ranks by re-running the command line: the whole sweep, on every rank
+        raise ValueError("trainer=ddp with local processes cannot run inside a -m multirun (each rank would re-run "
+                         "the sweep); use launcher=slurm, or run each job with torchrun")
 
 
 def _finish_tracking_runs(trainer) -> None:

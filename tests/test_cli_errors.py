@@ -34,6 +34,9 @@ def run_main(monkeypatch, tmp_path, *overrides):
     ("data.name=bar", "unknown dataset 'bar'; valid names:"),
     ('decoder.channels="16"', "decoder.channels must be int, got '16' (str)"),
     ("optim.lr=-1", "optim.lr must be > 0 and optim.weight_decay >= 0, got lr=-1"),
+    ("optim.lr=abc", "optim.lr must be a number, got 'abc' (str)"),
+    ("+trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches=2 is not supported"),
+    ("+trainer.gradient_clip_val=1.0", "trainer.gradient_clip_val=1.0: mtlkit clips with optim.grad_clip"),
 ])
 def test_error_after_composition_is_one_line_and_marks_the_run_failed(monkeypatch, tmp_path, capfd, override, expected):
     code, runs = run_main(monkeypatch, tmp_path, override)
@@ -142,3 +145,42 @@ def test_verbose_switch_shows_the_traceback(tmp_path):
     assert "unknown balancer 'foo'" in proc.stderr
     runs = list((Path(tmp_path) / "outputs" / "train" / "runs").glob("*"))
     assert len(runs) == 1 and (runs[0] / FAILED).is_file()
+
+
+def test_interruptions_are_named_with_their_exit_status():
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from mtl.cli.common import interruption
+
+    assert interruption(SIGTERMException()) == ("SIGTERM", 143)
+    try:  # Lightning's Ctrl-C: sys.exit(1) while handling the KeyboardInterrupt
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            sys.exit(1)
+    except SystemExit as e:
+        assert interruption(e) == ("Ctrl-C", 130)
+    assert interruption(SystemExit(1)) is None and interruption(ValueError("x")) is None
+
+
+def test_sigterm_marks_the_run_failed_and_names_the_checkpoint(tmp_path):
+    """SLURM preemption / timeout: Lightning's SIGTERM exit has no code and read as success."""
+    import signal
+    import time
+
+    env = dict(os.environ, MTL_OUTPUT_DIR=str(tmp_path / "outputs"))
+    proc = subprocess.Popen([sys.executable, "-m", "mtl.cli.train", "debug=smoke", "task=[depth]", "logger=none",
+                             "viz.num_samples=0", "trainer.max_epochs=1000"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runs = tmp_path / "outputs" / "train" / "runs"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not list(runs.glob("*/checkpoints/last.ckpt")):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    (run,) = runs.iterdir()
+    assert out.strip().splitlines()[-1] == f"run_dir: {run}"
+    expected = f"interrupted by SIGTERM; resume with ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
+    assert f"error: {expected}" in err
+    assert (run / FAILED).read_text().startswith(expected)

@@ -97,3 +97,49 @@ def test_launcher_runs_a_multirun(tmp_path, launcher):
         assert set(json.loads((sweep / str(i) / "metrics.json").read_text())["test"]) == {task}
     if launcher == "submitit_local":
         assert list((sweep / ".submitit").glob("*/*_log.out"))  # submitit's own per-job logs
+
+
+def test_a_failing_job_does_not_stop_the_multirun(tmp_path):
+    """The basic launcher: job #0 fails, job #1 still runs; the first failure is named and the sweep
+    folder is the last line (a job's sys.exit used to end the whole sweep)."""
+    proc = cli("-m", *SMOKE, "task=depth", "optim.lr=-1,0.002", cwd=tmp_path)
+    assert proc.returncode == 1
+    sweep = _sweep_dir(tmp_path)
+    assert (sweep / "0" / "FAILED").is_file() and (sweep / "1" / "metrics.json").is_file()
+    assert proc.stdout.strip().splitlines()[-1] == f"run_dir: {sweep}"
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert errors[-1].startswith("error: sweep job #0 (") and "optim.lr=-1) failed: optim.lr must be > 0" in errors[-1]
+
+
+def test_local_ddp_inside_a_multirun_is_refused(tmp_path):
+    proc = cli("-m", *SMOKE, "task=depth", "trainer=ddp", "trainer.accelerator=cpu", "balancer=ew,rlw", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "trainer=ddp with local processes cannot run inside a -m multirun" in proc.stderr
+    assert len(list((tmp_path / "outputs" / "scenes_hps" / "multiruns").iterdir())) == 1  # no second sweep
+
+
+@pytest.mark.slow
+def test_ddp_evaluation_counts_every_sample_once(tmp_path):
+    """29 test images on 2 ranks: Lightning's default sampler repeats one (8/30 instead of 8/29); the
+    test metrics must equal one process evaluating the saved model on the whole split."""
+    import mtl
+    from mtl.data import create_datamodule
+    from pruning.report import evaluate_all
+
+    proc = cli(*SMOKE, "task=[depth,classification]", "trainer=ddp", "trainer.accelerator=cpu", "data.n_test=29",
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = Path(proc.stdout.strip().splitlines()[-1].split("run_dir: ")[1])
+    reported = json.loads((run / "metrics.json").read_text())["test"]
+    data = yaml.safe_load((run / "config.yaml").read_text())["data"]
+    dm = create_datamodule(**data)
+    again = evaluate_all(mtl.load_model(run / "model"), dm, split="test")
+    for task, values in again.items():
+        for name, value in values.items():
+            assert reported[task][name] == pytest.approx(value, rel=1e-5, abs=1e-6), (task, name)
+
+
+def test_gradient_clipping_works_under_bf16_mixed(tmp_path):
+    # trainer=gpu's default precision; Lightning's clipping refused the fused AdamW there
+    proc = cli(*SMOKE, "task=depth", "+trainer.precision=bf16-mixed", "optim.grad_clip=0.5", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -15,6 +15,9 @@ command line or ``HYDRA_FULL_ERROR=1`` shows the full traceback instead. Hydra's
 misspelt key, a malformed override) and unset required values (``???``) get the same one line. A run
 that fails after its folder exists keeps the folder, gets a ``FAILED`` file (message + traceback) in
 it, so no failed run looks like an unfinished or a finished one, and still prints ``run_dir:`` last.
+A SIGTERM or Ctrl-C is a failure too (``FAILED`` names it and the checkpoint to resume from; exit
+status 143 / 130). In a multirun a failing job does not stop the others: the sweep reports the first
+failure and ends with the sweep folder.
 """
 from __future__ import annotations
 
@@ -48,9 +51,13 @@ def verbose() -> bool:
     return os.environ.get("MTL_VERBOSE") == "1"
 
 
+def _rank0() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0
+
+
 def finish(run_dir) -> None:
     """Every CLI run ends by printing its run folder as the last line (once: DDP's other ranks are silent)."""
-    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) != 0:
+    if not _rank0():
         return
     sys.stdout.flush()
     sys.stderr.flush()
@@ -82,18 +89,47 @@ def marks_failure(run_dir: str | os.PathLike) -> Iterator[None]:
     try:
         yield
     except BaseException as e:
-        if isinstance(e, SystemExit) and not e.code:
+        stop = interruption(e)
+        if isinstance(e, SystemExit) and not e.code and stop is None:
             raise
         run_dir = Path(run_dir)
         if run_dir.is_dir():
             from mtl.io import atomic_path
 
+            head = f"{type(e).__name__}: {e}" if stop is None else interrupted_message(stop[0], run_dir)
             try:
                 with atomic_path(run_dir / FAILED) as tmp:
-                    tmp.write_text(f"{type(e).__name__}: {e}\n\n" + "".join(traceback.format_exception(e)))
+                    tmp.write_text(f"{head}\n\n" + "".join(traceback.format_exception(e)))
             except OSError:
                 pass  # the original error matters more than the marker
         raise
+
+
+def interruption(e: BaseException) -> tuple[str, int] | None:
+    """(what stopped the run, exit status) for a SIGTERM or Ctrl-C, else None. Lightning turns SIGTERM
+    into a ``SystemExit`` without a code (which reads as success) and Ctrl-C into ``sys.exit(1)``."""
+    if type(e).__name__ == "SIGTERMException":
+        return "SIGTERM", 143
+    if isinstance(e, KeyboardInterrupt) or (isinstance(e, SystemExit) and isinstance(e.__context__, KeyboardInterrupt)):
+        return "Ctrl-C", 130
+    return None
+
+
+def interrupted_message(what: str, run_dir: Path) -> str:
+    last = Path(run_dir) / "checkpoints" / "last.ckpt"
+    resume = f"; resume with ckpt_path={last}" if last.is_file() else ""
+    return f"interrupted by {what}{resume}"
+
+
+class JobFailed(Exception):
+    """A multirun job's failure, raised to Hydra (not ``sys.exit``) so that the other jobs still run;
+    ``cli_main`` reports it and ends with the sweep folder."""
+
+    def __init__(self, message: str, sweep_dir: str):
+        super().__init__(message, sweep_dir)
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 def run_job(cfg, job: Callable[[Any, Path], Any]) -> Any:
@@ -101,18 +137,27 @@ def run_job(cfg, job: Callable[[Any, Path], Any]) -> Any:
     ``run_dir:`` last line; returns what the job returns (a sweeper's objective)."""
     from hydra.core.hydra_config import HydraConfig
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
     try:
         with marks_failure(run_dir):
             check_required(cfg)
             result = job(cfg, run_dir)
-    except Exception as e:
-        if verbose():
+    except BaseException as e:
+        stop = interruption(e)
+        if (stop is None and not isinstance(e, Exception)) or verbose():
             raise
-        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+        message = interrupted_message(stop[0], run_dir) if stop else one_line(e)
+        if _rank0():
+            print(f"error: {message}", file=sys.stderr, flush=True)
         if (run_dir / FAILED).is_file():  # where the traceback is
             finish(run_dir)
-        sys.exit(1)
+        if stop is None and hc.mode == RunMode.MULTIRUN:
+            overrides = " ".join(hc.overrides.task)
+            raise JobFailed(f"sweep job #{hc.job.num} ({overrides}) failed: {message}", str(hc.sweep.dir)) from None
+        sys.exit(stop[1] if stop else 1)
     finish(run_dir)
     return result
 
@@ -159,6 +204,10 @@ def cli_main(hydra_main: Callable[[], Any], *config_modules: str, argv: list[str
             sys.exit(1)
     try:
         hydra_main()
+    except JobFailed as e:  # a multirun ran every job; the first failure is named, the sweep folder ends
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        finish(e.args[1])
+        sys.exit(1)
     except Exception as e:  # Hydra's own (composition, overrides); a job's errors exit in run_job
         if verbose():
             raise

@@ -125,10 +125,20 @@ class TensorDataModule(LightningDataModule):
         return {}
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        data = self.dataset(split)
+        sampler = None
+        if split != "train" and torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            # Lightning's default sampler pads every rank to the same length by repeating samples, which
+            # metrics would count twice; evaluation sees each sample exactly once
+            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+            sampler = UnrepeatedDistributedSampler(data, shuffle=False)
         return DataLoader(
-            self.dataset(split),
+            data,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle if sampler is None else None,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate_batch,
             persistent_workers=self.num_workers > 0,
