@@ -61,7 +61,10 @@ def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     from mtl.io import write_json
 
     run_dir, output = start_run(cfg, run_dir)
-    widths = OmegaConf.to_container(cfg.widths, resolve=True) if cfg.get("widths") is not None else None
+    widths = cfg.get("widths")
+    if widths is not None and not OmegaConf.is_dict(widths):
+        raise ValueError(f"widths must be a mapping like 'widths={{encoder: 0.5, decoders: {{depth: 1.0}}}}', got {widths!r}")
+    widths = OmegaConf.to_container(widths, resolve=True) if widths is not None else None
     if widths is not None and cfg.get("tasks"):
         raise ValueError("pass tasks= (a task-routed MoE model) or widths= (a slimmable model), not both")
     task = _one_task(cfg.get("tasks")) if widths is None else None
@@ -70,8 +73,6 @@ def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if getattr(model, "extract_subnetwork", None) is not None:  # before any data: the request fits the family
         check_request(model, {"widths": widths} if widths is not None else {"task": task, "calib": [], "min_share": 0.0})
     if widths is not None:
-        if not isinstance(widths, dict):
-            raise ValueError(f"widths must be a mapping like {{encoder: 0.5, decoders: {{depth: 1.0}}}}, got {widths!r}")
         batches = calibration_batches(model, cfg, limit=1)  # one input for the FLOPs count
         sub = mtl.extract(model, out=output, overwrite=bool(cfg.overwrite), widths=widths)
         report = {"widths": widths}

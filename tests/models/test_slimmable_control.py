@@ -153,6 +153,10 @@ def test_control_report_over_budgets_is_positive_and_within_budget():
         check_preference(t, p)
 
 
+def test_budget_strings_read_as_in_the_cli():
+    assert search(table(), "0.1k", {"A": 0.8, "B": 0.2}) == search(table(), 100, {"A": 0.8, "B": 0.2})
+
+
 @pytest.mark.parametrize("budget,pref,exc,match", [
     (11, {"A": 0.5, "B": 0.5}, ValueError, r"budget 11 FLOPs is below the smallest reachable configuration \(12 FLOPs"),
     (-5, {"A": 0.5, "B": 0.5}, ValueError, r"positive number of FLOPs, got -5"),
@@ -160,6 +164,7 @@ def test_control_report_over_budgets_is_positive_and_within_budget():
     (50, {"A": 0.6, "B": 0.6}, ValueError, r"sum to 1\.2, not 1 .*not renormalised"),
     (50, {"A": 0.5, "B": 0.5, "C": 0.0}, KeyError, r"unknown task\(s\) \['C'\]"),
     (50, {"A": 1.0}, ValueError, r"misses task\(s\) \['B'\]"),
+    ("20X", {"A": 0.5, "B": 0.5}, ValueError, r"budget must be a number of FLOPs such as 4\.2e7 or '42M', got '20X'"),
 ])
 def test_bad_search_input_is_refused_naming_the_value(budget, pref, exc, match):
     with pytest.raises(exc, match=match):

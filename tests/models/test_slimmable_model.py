@@ -253,12 +253,25 @@ def test_extract_cli_cuts_a_width_setting(tmp_path):
     assert sub.meta["extract"] == {"widths": {"encoder": 0.5, "decoders": {"depth": 0.25}}}
 
 
+def test_extract_cli_names_a_width_that_is_not_a_mapping(tmp_path):
+    from mtl.cli.common import compose_in_process
+    from mtl.cli.extract import run_extract
+    from mtl.io import save_model
+
+    save_model(slim_model(), tmp_path / "slim")
+    cfg, run_dir = compose_in_process("mtl.configs.extract_app", "extract", [f"model={tmp_path / 'slim'}", "widths=0.5"],
+                                      tmp_path / "run")
+    with pytest.raises(ValueError, match=r"widths must be a mapping like 'widths=\{encoder: 0.5, .*got 0.5"):
+        run_extract(cfg, run_dir)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"encoder": 0.3}, r"encoder width 0\.3 is not in this model's width set \[0\.25, 0\.5, 0\.75, 1\.0\]"),
     ({"encoder": 1.5}, r"encoder width must be in \(0, 1\], got 1\.5"),
     ({"encoder": 0}, r"must be in \(0, 1\], got 0"),
     ({"decoders": {"depth": -0.5}}, r"decoder width of task 'depth' must be in \(0, 1\], got -0\.5"),
     ({"encoder": True}, r"encoder width must be a number in \(0, 1\], got True"),
+    ({"encoder": "0.5"}, r"encoder width must be a number in \(0, 1\], got '0.5'"),
 ])
 def test_bad_widths_are_refused_naming_the_value(kwargs, match):
     slim = slim_model()

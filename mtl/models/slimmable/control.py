@@ -63,8 +63,25 @@ def check_preference(table: WidthTable, preference: Mapping[str, float]) -> dict
     return pref
 
 
-def check_budget(table: WidthTable, budget: float) -> float:
-    b = float(budget)
+_SUFFIX = {"k": 1e3, "m": 1e6, "g": 1e9}
+
+
+def parse_budget(budget: float | str) -> float:
+    """FLOPs from a number or a string such as ``"4.2e7"`` or ``"42M"`` (k, M, G)."""
+    if isinstance(budget, bool):
+        raise ValueError(f"budget must be a number of FLOPs such as 4.2e7 or '42M', got {budget!r}")
+    if not isinstance(budget, str):
+        return float(budget)
+    t = budget.strip().lower()
+    scale = _SUFFIX.get(t[-1:], 1.0)
+    try:
+        return float(t[:-1] if t[-1:] in _SUFFIX else t) * scale
+    except ValueError:
+        raise ValueError(f"budget must be a number of FLOPs such as 4.2e7 or '42M', got {budget!r}") from None
+
+
+def check_budget(table: WidthTable, budget: float | str) -> float:
+    b = parse_budget(budget)
     if not math.isfinite(b) or b <= 0:
         raise ValueError(f"budget must be a positive number of FLOPs, got {budget!r}")
     floor = min_flops(table)
@@ -77,7 +94,7 @@ def check_budget(table: WidthTable, budget: float) -> float:
 SEARCH_METHODS = ("measured", "rule")
 
 
-def search(table: WidthTable, budget: float, preference: Mapping[str, float], method: str = "measured") -> Choice:
+def search(table: WidthTable, budget: float | str, preference: Mapping[str, float], method: str = "measured") -> Choice:
     if method not in SEARCH_METHODS:
         raise ValueError(f"search method must be one of {SEARCH_METHODS}, got {method!r}")
     budget = check_budget(table, budget)

@@ -33,7 +33,7 @@ def channels_at(full: int, width: float) -> int:
 
 
 def check_width(width: float, what: str = "width") -> float:
-    if isinstance(width, bool):  # float(True) is 1.0: a typo, not a width
+    if isinstance(width, (bool, str)):  # float(True) is 1.0, float("0.5") a string stored as a width: typos
         raise ValueError(f"{what} must be a number in (0, 1], got {width!r}")
     try:
         w = float(width)

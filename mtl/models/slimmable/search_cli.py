@@ -10,20 +10,8 @@ import argparse
 import json
 import sys
 
-from mtl.models.slimmable.control import SEARCH_METHODS, search
+from mtl.models.slimmable.control import SEARCH_METHODS, parse_budget, search
 from mtl.models.slimmable.table import WidthTable
-
-_SUFFIX = {"k": 1e3, "m": 1e6, "g": 1e9}
-
-
-def parse_budget(text: str) -> float:
-    t = text.strip().lower()
-    scale = _SUFFIX.get(t[-1:], 1.0)
-    try:
-        return float(t[:-1] if t[-1:] in _SUFFIX else t) * scale
-    except ValueError:
-        raise ValueError(f"--budget must be a number of FLOPs such as 4.2e7 or 42M, got {text!r}") from None
-
 
 def parse_preference(text: str, tasks: list[str]) -> dict[str, float]:
     pref = {t: 0.0 for t in tasks}
