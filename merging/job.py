@@ -241,6 +241,12 @@ def _method(cfg: DictConfig) -> tuple[str, CliMethod, dict[str, Any]]:
     name = hp.pop("method")
     if name not in CLI_METHODS:
         raise ValueError(f"unknown merge method {name!r}; valid: {', '.join(CLI_METHODS.names())}")
+    if name in GRID_METHODS:  # a null hyperparameter (a convention's key left unset) takes the method's default
+        hp = {k: v for k, v in hp.items() if v is not None or k == "lam"}
+    if hp.get("convention") == "mergekit":  # the configs carry the papers' k, merge_func, p, seed
+        from .mergekit import from_paper_hparams
+
+        hp = from_paper_hparams(name, hp)
     return name, CLI_METHODS.get(name), hp
 
 

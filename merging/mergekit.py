@@ -31,7 +31,7 @@ from mtl.registry import Registry
 from .engine import Context
 from .methods import MergeMethod, _check_lam, _per_task
 
-__all__ = ["MERGEKIT", "create_mergekit_method", "magnitude_mask", "elect_mask"]
+__all__ = ["MERGEKIT", "create_mergekit_method", "from_paper_hparams", "magnitude_mask", "elect_mask"]
 
 MERGEKIT: Registry[type["MergekitMethod"]] = Registry("mergekit-convention method")
 #: our method names (and their hyperparameters) that map onto mergekit's
@@ -45,6 +45,47 @@ def create_mergekit_method(name: str, **hparams: Any) -> "MergekitMethod":
             raise ValueError(f"dare: base must be 'ties' or 'task_arithmetic', got {base!r}")
         name = "dare_ties" if base == "ties" else "dare_linear"
     return MERGEKIT.get(ALIASES.get(name) or name)(**hparams)
+
+
+#: the papers' hyperparameters with no mergekit counterpart, and why (`from_paper_hparams`)
+_NO_MERGEKIT_MEANING = {
+    "k": "mergekit's DARE does not trim by magnitude",
+    "merge_func": "mergekit's switch between the disjoint mean and the sum is `normalize`",
+    "seed": "mergekit's DARE draws from torch's global generator",
+    "trim": "mergekit always trims per tensor",
+    "tie_rule": "mergekit elects + where the sum is zero",
+}
+
+
+def from_paper_hparams(name: str, hp: dict[str, Any]) -> dict[str, Any]:
+    """`hp` (for `ties` or `dare`, as mtl-merge's configs give them: with the papers' `k`,
+    `merge_func`, `p`, `seed`) in mergekit's terms: the kept fraction becomes `density` (TIES: k/100,
+    the same fraction ranked per tensor; DARE: 1 − p) unless `density` is given; a paper
+    hyperparameter still at the paper's default is dropped; one set otherwise, with no mergekit
+    meaning (or beside `density`), is an error naming it."""
+    from .methods import METHODS
+
+    hp = dict(hp)
+    if name not in ("ties", "dare"):
+        return hp
+    paper = {**METHODS.get("ties").defaults, **METHODS.get("dare").own}
+    kept = {"ties": ("k", lambda k: k / 100), "dare": ("p", lambda p: 1 - p)}.get(name)
+    if kept is not None and kept[0] in hp:
+        key, to_density = kept
+        value = hp.pop(key)
+        if "density" not in hp:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name}: {key} must be a number, got {value!r}")
+            hp["density"] = to_density(value)
+        elif value != paper[key]:
+            raise ValueError(f"{name}: {key}={value!r} and density={hp['density']!r} are both set; under "
+                             f"convention=mergekit the kept fraction is density: set only density")
+    for key in [k for k in _NO_MERGEKIT_MEANING if k in hp]:
+        value = hp.pop(key)
+        if value != paper[key]:
+            raise ValueError(f"{name}: {key}={value!r} has no meaning under convention=mergekit "
+                             f"({_NO_MERGEKIT_MEANING[key]}); remove it or use convention=paper")
+    return hp
 
 
 def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor | None:

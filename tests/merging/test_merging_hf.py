@@ -118,7 +118,7 @@ def test_mtl_merge_eval_none_merges_hf_folders(llamas, tmp_path):
     report = run([*common, "merge=ties", "merge.lam=0.8", "shard_size=40000", f"output={tmp_path / 'out'}"],
                  run_dir=tmp_path / "run")
     out = tmp_path / "out"
-    assert report["evaluated"] is False and report["selected"] == {"k": 20, "merge_func": "mean", "lam": 0.8}
+    assert report["evaluated"] is False and report["selected"] == {"convention": "paper", "k": 20, "merge_func": "mean", "lam": 0.8}
     assert (out / "model.safetensors.index.json").is_file() and (out / "config.json").is_file()
     want = merging.merge("ties", base, fts, k=20, lam=0.8)
     got = merging.load_state_dict(out)
@@ -131,3 +131,41 @@ def test_mtl_merge_eval_none_merges_hf_folders(llamas, tmp_path):
     assert all(torch.equal(got[k], v) for k, v in want.items())
     with pytest.raises(ValueError, match="merge=tall_masks chooses its hyperparameters on task data"):
         run([*common, "merge=tall_masks"], run_dir=tmp_path / "tall")
+
+
+def test_mtl_merge_ties_and_dare_take_the_mergekit_convention(llamas, tmp_path):
+    """merge=ties / merge=dare with merge.convention=mergekit: the configs' paper keys (k, merge_func,
+    p, seed) at their defaults give way to mergekit's; k/100 and 1 − p are the kept fraction."""
+    from merging.job import run
+
+    base, fts = llamas
+    common = ["eval=none", f"pretrained={base}", f"models=[{','.join(map(str, fts))}]", "merge.convention=mergekit"]
+
+    def merged(name, *args):
+        torch.manual_seed(0)  # mergekit's DARE draws from torch's global generator
+        report = run([*common, *args], run_dir=tmp_path / name)
+        return report, merging.load_state_dict(report["output"])
+
+    def want(method, **hp):
+        torch.manual_seed(0)
+        return merging.merge(method, base, fts, convention="mergekit", **hp)
+
+    def same(got, ref):
+        return set(got) == set(ref) and all(torch.equal(got[k], v) for k, v in ref.items())
+
+    cases = [(["merge=ties", "merge.density=0.3", "merge.weight=[1.0,0.5]"], "ties", {"density": 0.3, "weight": [1.0, 0.5]}),
+             (["merge=ties"], "ties", {"density": 0.2}),           # k=20 → 20 % kept, per tensor
+             (["merge=ties", "merge.k=50"], "ties", {"density": 0.5}),
+             (["merge=dare", "merge.p=0.3"], "dare_ties", {"density": 0.7}),
+             (["merge=dare", "merge.base=task_arithmetic", "merge.density=0.6"], "dare_linear", {"density": 0.6})]
+    for i, (args, method, hp) in enumerate(cases):
+        report, got = merged(f"run{i}", *args)
+        assert same(got, want(method, **hp)), args
+        assert report["selected"]["density"] == hp["density"]
+    assert not same(merged("d02", "merge=ties")[1], want("ties", density=0.3))  # the densities do differ
+    for args, match in [(["merge=ties", "merge.k=30", "merge.density=0.3"], "k=30 and density=0.3 are both set"),
+                        (["merge=ties", "merge.merge_func=sum"], "merge_func='sum' has no meaning under convention=mergekit"),
+                        (["merge=dare", "merge.seed=3"], "seed=3 has no meaning under convention=mergekit"),
+                        (["merge=dare", "merge.k=30"], "k=30 has no meaning under convention=mergekit")]:
+        with pytest.raises(ValueError, match=match):
+            run([*common, *args], run_dir=tmp_path / "bad")
