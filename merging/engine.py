@@ -177,7 +177,7 @@ class Context:
             s.close()
 
 
-def open_context(pretrained, finetuned, opts: KeyOptions, min_models: int, what: str) -> Context:
+def open_context(pretrained, finetuned, opts: KeyOptions, min_models: int, what: str, keep_base: bool = False) -> Context:
     pre, fts = open_sources(pretrained, finetuned)
     if len(fts) < min_models:
         raise MergeInputError(
@@ -185,7 +185,7 @@ def open_context(pretrained, finetuned, opts: KeyOptions, min_models: int, what:
         )
     plan = plan_keys(
         pre, fts, include=opts["include"], exclude=opts["exclude"], task_keys=opts["task_keys"],
-        unshared=opts["unshared"], bn=opts["bn"],
+        unshared=opts["unshared"], bn=opts["bn"], keep_base=keep_base,
     )
     return Context(pre, fts, plan, check_finite=opts["check_finite"])
 

@@ -82,7 +82,10 @@ def plan_keys(
     task_keys: KeyPattern = DEFAULT_TASK_KEYS,
     unshared: str = "error",
     bn: str = "pretrained",
+    keep_base: bool = False,
 ) -> KeyPlan:
+    """`keep_base`: the output must hold every tensor of θ0 (a Hugging Face folder, whose config.json
+    is θ0's): one of them left out by the filters or by `unshared="skip"` is an error."""
     if unshared not in ("error", "skip"):
         raise ValueError(f"unshared must be 'error' or 'skip', got {unshared!r}")
     if bn == "recompute":
@@ -110,12 +113,17 @@ def plan_keys(
     task_specific = [[k for k in ks if considered(k) and task is not None and task(k)] for ks in key_lists[1:]]
     missing, mismatched, skipped = [], [], []
     plan = KeyPlan([], [], [], task_specific, skipped, {})
+    filtered, base_missing = [], False
     for k in seen:
+        required = keep_base and k in key_sets[0]
         if not considered(k) or (task is not None and task(k)):
+            if required:
+                filtered.append(repr(k))
             continue
         absent = [m.label for m, ks in zip(models, key_sets) if k not in ks]
         if absent:
-            if unshared == "skip":
+            base_missing = base_missing or required
+            if unshared == "skip" and not required:
                 skipped.append(k)
             else:
                 present = next(m.label for m, ks in zip(models, key_sets) if k in ks)
@@ -145,10 +153,22 @@ def plan_keys(
         plan.kind[k] = kind
         getattr(plan, kind).append(k)
 
+    if filtered:
+        raise MergeInputError(
+            f"the key filters leave out {', '.join(filtered[:_MAX_LISTED])}" + (" ..." if len(filtered) > _MAX_LISTED else "")
+            + f" of the base model {pre.label}, but a Hugging Face folder holds every tensor of its base model "
+            "(its config.json is the base's); widen include/exclude/task_keys or write a .safetensors file")
     problems = mismatched + missing
     if problems:
         more = f" (and {len(problems) - _MAX_LISTED} more)" if len(problems) > _MAX_LISTED else ""
-        hint = "" if not missing else "; pass unshared='skip' or an include/exclude/task_keys filter to merge only shared keys"
+        if base_missing:  # skipping would write a folder whose config.json describes a tensor it lacks
+            hint = ("; a Hugging Face folder holds every tensor of its base model (its config.json is the base's; "
+                    "transformers would initialise a missing one at random), so it cannot be skipped: save each "
+                    "model with it (a tied lm_head.weight: save it untied, a copy of the input embedding)")
+        elif missing:
+            hint = "; pass unshared='skip' or an include/exclude/task_keys filter to merge only shared keys"
+        else:
+            hint = ""
         raise MergeInputError(
             "models do not match: " + "; ".join(problems[:_MAX_LISTED]) + more + hint
         )

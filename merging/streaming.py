@@ -168,7 +168,7 @@ def merge_to_file(
     convention = hp.get("convention", "paper")
     m = create_method(method, **hp)
     kernel = fused_kernel(m) if fused else None
-    ctx = open_context(pretrained, finetuned, opts, m.min_models(), method)
+    ctx = open_context(pretrained, finetuned, opts, m.min_models(), method, keep_base=hf_folder)
     streamed = None
     try:
         if kernel is not None:

@@ -169,3 +169,42 @@ def test_mtl_merge_ties_and_dare_take_the_mergekit_convention(llamas, tmp_path):
                         (["merge=dare", "merge.k=30"], "k=30 has no meaning under convention=mergekit")]:
         with pytest.raises(ValueError, match=match):
             run([*common, *args], run_dir=tmp_path / "bad")
+
+
+def _tied(folder, src):
+    """`src` saved tied, as transformers does: no lm_head.weight, tie_word_embeddings true."""
+    from safetensors.torch import save_file
+
+    sd = merging.load_state_dict(src)
+    del sd["lm_head.weight"]
+    folder.mkdir()
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    return folder
+
+
+def test_hf_folder_never_drops_a_tensor_of_the_base(llamas, tmp_path):
+    """An untied base (lm_head.weight, tie_word_embeddings false) with a tied fine-tune: skipping
+    lm_head.weight would write a folder whose config.json asks for it, so the folder output refuses."""
+    base, fts = llamas
+    tied = _tied(tmp_path / "tied", fts[1])
+    for kw in ({}, {"unshared": "skip"}):
+        with pytest.raises(merging.MergeInputError, match="'lm_head.weight' is in .*base/model.safetensors but missing from .*tied/model.safetensors") as e:
+            merging.merge_to_file("task_arithmetic", base, [fts[0], tied], tmp_path / "out", **kw)
+        assert "cannot be skipped" in str(e.value) and "unshared='skip'" not in str(e.value)
+        _assert_nothing_written(tmp_path)
+    with pytest.raises(merging.MergeInputError, match="the key filters leave out 'lm_head.weight' of the base model"):
+        merging.merge_to_file("task_arithmetic", base, fts, tmp_path / "out", exclude="lm_head")
+    _assert_nothing_written(tmp_path)
+    # a .safetensors file is no Hugging Face folder: skipping stays possible there
+    path = merging.merge_to_file("task_arithmetic", base, [fts[0], tied], tmp_path / "o.safetensors", unshared="skip")
+    assert "lm_head.weight" not in merging.load_state_dict(path)
+    # a tensor the base lacks may be skipped in a folder too (the base's config says it is tied)
+    tied_base = _tied(tmp_path / "tied_base", base)
+    out = merging.merge_to_file("task_arithmetic", tied_base, [fts[0], tied], tmp_path / "ok", unshared="skip", lam=0.5)
+    got, b, f0, f1 = (merging.load_state_dict(p) for p in (out, tied_base, fts[0], tied))
+    assert "lm_head.weight" not in got and (out / "config.json").is_file()
+    k = "model.norm.weight"
+    want = (b[k].float() + 0.5 * ((f0[k].float() - b[k].float()) + (f1[k].float() - b[k].float()))).to(torch.bfloat16)
+    assert torch.equal(got[k], want)
