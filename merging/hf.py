@@ -2,9 +2,11 @@
 model's non-weight files (config, tokenizer, ...) and a model card stating the merge recipe.
 
 Shards are planned from the output's shapes and dtypes before any tensor is computed (tensors in
-output order, a new shard when the next tensor would pass `shard_size`; a tensor larger than that
-gets a shard of its own), named `model-00001-of-0000N.safetensors` as `transformers` does; one shard
-is written as plain `model.safetensors` without an index.
+output order, a new shard when the next tensor would take the shard's tensor bytes past `shard_size`;
+a tensor larger than that gets a shard of its own), named `model-00001-of-0000N.safetensors` as
+`transformers` does; one shard is written as plain `model.safetensors` without an index. As with
+transformers' `max_shard_size`, `shard_size` bounds the tensor bytes: each file also holds its
+safetensors header (8 bytes and a JSON entry per tensor) on top.
 """
 from __future__ import annotations
 
