@@ -24,7 +24,7 @@ from .sources import TensorInfo
 __all__ = ["parse_size", "plan_shards", "write_sharded", "copy_base_files", "model_card", "WEIGHT_FILES"]
 
 INDEX = "model.safetensors.index.json"
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+_UNITS = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 # Files that hold weights (ours replace them) or describe the base model's weights.
 WEIGHT_FILES = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf)$|.*\.index\.json$|README\.md$")
@@ -36,6 +36,9 @@ def parse_size(size: int | str) -> int:
         n = size
     else:
         m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(size))
+        if m and m.group(2).upper() == "B":  # mergekit's --out-shard-size reads "5B" as 5 billion parameters
+            raise ValueError(f"shard_size {size!r}: sizes are bytes, given with a unit ('2GB', '500MB') or as a "
+                             "plain integer; 'B' is not accepted (mergekit reads '5B' as 5 billion parameters)")
         if not m or m.group(2).upper() not in _UNITS:
             raise ValueError(f"shard_size must be bytes or a size like '5GB' / '500MB', got {size!r}")
         n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])

@@ -107,6 +107,14 @@ def test_shard_size_needs_a_folder(llamas, tmp_path):
         merging.merge_to_file("ties", base, fts, tmp_path / "out.safetensors", shard_size="1MB")
     with pytest.raises(ValueError, match="shard_size must be"):
         merging.merge_to_file("ties", base, fts, tmp_path / "out", shard_size="lots")
+    # mergekit reads "5B" as 5 billion parameters: a bare B unit is refused, never taken as 5 bytes
+    for size in ("5B", "2048b"):
+        with pytest.raises(ValueError, match=f"shard_size '{size}': sizes are bytes, given with a unit"):
+            merging.merge_to_file("ties", base, fts, tmp_path / "out", shard_size=size)
+    _assert_nothing_written(tmp_path)
+    from merging.hf import parse_size
+
+    assert [parse_size(s) for s in (5, "2KB", "1.5MB", "2GiB")] == [5, 2000, 1_500_000, 2 * 1024**3]
 
 
 def test_mtl_merge_eval_none_merges_hf_folders(llamas, tmp_path):
