@@ -252,6 +252,7 @@ def _method(cfg: DictConfig) -> tuple[str, CliMethod, dict[str, Any]]:
 
 def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir, output = start_run(cfg, run_dir)
+    output = output.resolve()  # a relative output= is the cwd's, not the run folder's: record where it is
     name, select, hp = _method(cfg)
     if cfg.get("store") and name != "tall_masks":
         raise ValueError(f"store=true writes a TALL-mask store (merge=tall_masks); merge={name} has none to write")
@@ -306,6 +307,7 @@ def merge_only(cfg: DictConfig, run_dir: Path, name: str, hp: dict[str, Any], ou
     pre, models = _input_paths(cfg, run_dir)
     path = merging.merge_to_file(method, pre, models, output, overwrite=bool(cfg.overwrite),
                                  shard_size=cfg.get("shard_size"), **hp)
+    hp = resolved_hparams(method, hp)
     report = {"method": name, "evaluated": False, "pretrained": str(pre), "models": [str(m) for m in models],
               "selected": hp, "output": str(output), "files": sorted(p.name for p in output.iterdir()) if output.is_dir() else [path.name],
               "seconds": round(time.perf_counter() - start, 2)}
@@ -313,6 +315,16 @@ def merge_only(cfg: DictConfig, run_dir: Path, name: str, hp: dict[str, Any], ou
     log.info("merged %d models with %s %s into %s in %.1f s (not evaluated)", len(models), name, hp, output, report["seconds"])
     print(f"mtl-merge: {name} {hp} -> {output} ({report['seconds']} s, not evaluated)")
     return report
+
+
+def resolved_hparams(method: str, hp: Mapping[str, Any]) -> dict[str, Any]:
+    """`hp` as the merge used it: the convention and every hyperparameter of the method, defaults
+    included (the method's own `hp`), and the key options that were given."""
+    from .engine import KeyOptions
+
+    opts = {k: v for k, v in hp.items() if k in KeyOptions.DEFAULTS}
+    _, method_hp = KeyOptions.split(dict(hp))
+    return {"convention": "paper", **method_hp, **merging.create_method(method, **method_hp).hp, **opts}
 
 
 def _bn_data(cfg: DictConfig, hp: dict[str, Any]) -> dict[str, Any] | None:

@@ -117,7 +117,7 @@ def test_shard_size_needs_a_folder(llamas, tmp_path):
     assert [parse_size(s) for s in (5, "2KB", "1.5MB", "2GiB")] == [5, 2000, 1_500_000, 2 * 1024**3]
 
 
-def test_mtl_merge_eval_none_merges_hf_folders(llamas, tmp_path):
+def test_mtl_merge_eval_none_merges_hf_folders(llamas, tmp_path, monkeypatch):
     from merging.job import run
 
     base, fts = llamas
@@ -126,7 +126,8 @@ def test_mtl_merge_eval_none_merges_hf_folders(llamas, tmp_path):
     report = run([*common, "merge=ties", "merge.lam=0.8", "shard_size=40000", f"output={tmp_path / 'out'}"],
                  run_dir=tmp_path / "run")
     out = tmp_path / "out"
-    assert report["evaluated"] is False and report["selected"] == {"convention": "paper", "k": 20, "merge_func": "mean", "lam": 0.8}
+    assert report["evaluated"] is False and report["selected"] == {"convention": "paper", "k": 20, "merge_func": "mean", "lam": 0.8,
+                                                              "trim": "global", "tie_rule": "paper"}
     assert (out / "model.safetensors.index.json").is_file() and (out / "config.json").is_file()
     want = merging.merge("ties", base, fts, k=20, lam=0.8)
     got = merging.load_state_dict(out)
@@ -135,10 +136,20 @@ def test_mtl_merge_eval_none_merges_hf_folders(llamas, tmp_path):
     # mergekit's rules from the CLI; with no λ given the method's default is used (no grid without evaluation)
     mk = run([*common, "merge=mergekit_ties", "merge.weight=[1.0,0.5]"], run_dir=tmp_path / "mk")
     got = merging.load_state_dict(mk["output"])
+    # metrics.json records the defaults the merge used (mergekit TIES: λ 1, normalize) ...
+    assert json.loads((tmp_path / "mk" / "metrics.json").read_text())["selected"] == {
+        "convention": "mergekit", "density": 0.2, "weight": [1.0, 0.5], "lam": 1.0, "normalize": True, "rescale": False}
     want = merging.merge("ties", base, fts, convention="mergekit", density=0.2, weight=[1.0, 0.5])
     assert all(torch.equal(got[k], v) for k, v in want.items())
     with pytest.raises(ValueError, match="merge=tall_masks chooses its hyperparameters on task data"):
         run([*common, "merge=tall_masks"], run_dir=tmp_path / "tall")
+    # ... and the output's absolute path: a relative output= is the cwd's, not the run folder's
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    ta = run([*common, "merge=task_arithmetic", "output=rel"], run_dir=tmp_path / "ta")
+    metrics = json.loads((tmp_path / "ta" / "metrics.json").read_text())
+    assert metrics["output"] == ta["output"] == str(tmp_path / "cwd" / "rel") and (tmp_path / "cwd" / "rel").is_dir()
+    assert metrics["selected"] == {"convention": "paper", "lam": 0.3}
 
 
 def test_mtl_merge_ties_and_dare_take_the_mergekit_convention(llamas, tmp_path):
