@@ -54,6 +54,19 @@ def _torch_checkpoint(path: Path) -> DictSource:
     return DictSource(obj, label=str(path))
 
 
+def _no_safetensors(folder: Path) -> str:
+    """Why a model folder cannot be read, and what to do (for folders of `.bin` checkpoints)."""
+    convert = ("convert it to safetensors (transformers: from_pretrained(folder).save_pretrained(out) "
+               "writes safetensors)")
+    if (folder / "pytorch_model.bin.index.json").is_file():
+        return (f"{folder}: found sharded pytorch_model-*.bin checkpoints (pytorch_model.bin.index.json), "
+                f"which are not supported; {convert}")
+    if (folder / "pytorch_model.bin").is_file():
+        return (f"{folder}: found pytorch_model.bin but no model.safetensors: pass the file path "
+                f"{folder / 'pytorch_model.bin'}, or {convert}")
+    return f"{folder}: model folder without model.safetensors (or its shard index)"
+
+
 def open_source(obj: SourceLike, label: str | None = None) -> StateSource:
     """Wrap a state dict, `nn.Module`, model folder, `.safetensors` file or torch checkpoint."""
     if isinstance(obj, StateSource):
@@ -69,7 +82,7 @@ def open_source(obj: SourceLike, label: str | None = None) -> StateSource:
                 return SafetensorsSource(p / "model.safetensors")
             if (p / "model.safetensors.index.json").is_file():
                 return ShardedSafetensorsSource(p / "model.safetensors.index.json")
-            raise MergeInputError(f"{p}: model folder without model.safetensors (or its shard index)")
+            raise MergeInputError(_no_safetensors(p))
         if not p.is_file():
             raise MergeInputError(f"{p}: no such file or folder")
         if p.suffix == ".safetensors":

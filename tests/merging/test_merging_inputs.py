@@ -191,3 +191,21 @@ def test_unreadable_inputs(tmp_path):
         merging.merge("average", pre, [tmp_path / "junk.safetensors"])
     with pytest.raises(merging.MergeInputError, match="not a tensor"):
         merging.merge("average", pre, [{"a": 3}])
+
+
+def test_bin_checkpoint_folders_say_what_to_do(tmp_path):
+    """A folder of pytorch_model.bin: its file path is the way in; sharded .bin folders are not read."""
+    pre, fts = make_models(T=1)
+    one, sharded = tmp_path / "one", tmp_path / "sharded"
+    one.mkdir()
+    sharded.mkdir()
+    torch.save(fts[0], one / "pytorch_model.bin")
+    torch.save(fts[0], sharded / "pytorch_model-00001-of-00001.bin")
+    (sharded / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"weight_map": {k: "pytorch_model-00001-of-00001.bin" for k in fts[0]}}))
+    with pytest.raises(merging.MergeInputError, match=f"{one}: found pytorch_model.bin but no model.safetensors: "
+                                                      f"pass the file path {one / 'pytorch_model.bin'}, or convert"):
+        merging.merge("average", pre, [one])
+    with pytest.raises(merging.MergeInputError, match=f"{sharded}: found sharded pytorch_model-.*not supported; convert"):
+        merging.merge("average", pre, [sharded])
+    assert_same(merging.merge("average", pre, [one / "pytorch_model.bin"]), merging.merge("average", pre, [fts[0]]))
