@@ -52,7 +52,10 @@ class TaskMoE(nn.Module):
             self.routers = nn.ModuleDict({t: make() for t in tasks})
         else:
             self.router = make()
-            self.task_embed = nn.ParameterDict({t: nn.Parameter(torch.zeros(dim)) for t in tasks})
+            # N(0, 1): the gate reads LayerNorm output (unit scale), so distinct random embeddings route
+            # tasks apart from init, as M3ViT's one-hot task code does; zeros made every task route alike
+            # and left the MI loss at its stationary point (MI = 0, zero gradient)
+            self.task_embed = nn.ParameterDict({t: nn.Parameter(torch.randn(dim)) for t in tasks})
         self.stats: dict[str, dict[str, torch.Tensor]] = {}
 
     def route(self, task: str, h: torch.Tensor):
