@@ -133,8 +133,8 @@ class TaskMoEViT(nn.Module):
             raise ValueError(f"backbone.embed_dim={dim} is not divisible by backbone.num_heads={heads}")
         if int(v["img_size"]) % int(v["patch_size"]):
             raise ValueError(f"backbone.img_size={v['img_size']} is not divisible by backbone.patch_size={v['patch_size']}")
-        if every < 1:
-            raise ValueError(f"decoder.every must be >= 1, got {every}")
+        if not 1 <= every <= depth:  # every > depth: no MoE layer at all
+            raise ValueError(f"decoder.every={every} must be in [1, backbone.depth={depth}]")
         if m["gate"] not in GATES:
             raise ValueError(f"decoder.gate must be one of {GATES}, got {m['gate']!r}")
         n_exp, mlp_hidden = int(m["num_experts"]), int(dim * float(v["mlp_ratio"]))

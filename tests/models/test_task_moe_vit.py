@@ -145,6 +145,9 @@ def test_bad_decoder_settings_name_the_value(dec, match):
 def test_bad_backbone_settings_and_unknown_task():
     with pytest.raises(ValueError, match="num_heads=3"):
         TaskMoEViT([create_task("depth")], {**VIT, "num_heads": 3}, {"num_experts": 8})
+    with pytest.raises(ValueError, match=r"decoder.every=5 must be in \[1, backbone.depth=4\]"):
+        TaskMoEViT([create_task("depth")], VIT, {"num_experts": 8, "every": 5})  # VIT has depth 4
+    TaskMoEViT([create_task("depth")], VIT, {"num_experts": 8, "every": 4})  # one MoE layer, the last block
     model = make()
     with pytest.raises(KeyError, match="nope"):
         model(X, tasks=["nope"])
