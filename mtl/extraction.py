@@ -36,7 +36,8 @@ def extract(model: nn.Module, *, out: str | os.PathLike | None = None, overwrite
 
 
 def check_request(model: nn.Module, kwargs: dict[str, Any]) -> None:
-    """Refuse arguments the model's family does not extract by, naming the ones it takes."""
+    """Refuse arguments the model's family does not extract by, naming the ones it takes, then values
+    the family refuses (its optional ``check_extraction(**kwargs)``)."""
     fn = model.extract_subnetwork
     try:
         inspect.signature(fn).bind(**kwargs)
@@ -45,6 +46,9 @@ def check_request(model: nn.Module, kwargs: dict[str, Any]) -> None:
         accepted = ", ".join(f"{n}=" for n in inspect.signature(fn).parameters)
         raise TypeError(f"model family {family!r} extracts with ({accepted}); got "
                         f"({', '.join(f'{k}=' for k in kwargs) or 'nothing'}): {e}") from None
+    check = getattr(model, "check_extraction", None)
+    if check is not None:
+        check(**kwargs)
 
 
 def _describe(kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -71,7 +71,8 @@ def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     folder = input_model(cfg, run_dir, "extract from", experiment="scenes_task_moe_vit")
     model = mtl.load_model(folder)
     if getattr(model, "extract_subnetwork", None) is not None:  # before any data: the request fits the family
-        check_request(model, {"widths": widths} if widths is not None else {"task": task, "calib": [], "min_share": 0.0})
+        check_request(model, {"widths": widths} if widths is not None
+                      else {"task": task, "calib": [], "min_share": float(cfg.min_share)})
     if widths is not None:
         batches = calibration_batches(model, cfg, limit=1)  # one input for the FLOPs count
         sub = mtl.extract(model, out=output, overwrite=bool(cfg.overwrite), widths=widths)

@@ -46,16 +46,22 @@ def route_counts(model, task: str, calib: Any) -> torch.Tensor:
         model.train(was_training)
 
 
-def extract_task(model, task: str, calib: Any, min_share: float = 0.0):
-    """A standalone ``TaskMoEViT`` for ``task``; its ``extraction_report`` says which experts were kept
-    and the share of the task's routed tokens the dropped experts received on ``calib``."""
-    from mtl.models.task_moe_vit import TaskMoEViT
-
+def check_request(model, task: str, calib: Any, min_share: float = 0.0) -> None:
+    """The request's task name, ``calib`` type and ``min_share`` range, before any routing (mtl-extract
+    calls it with ``calib=[]`` before loading data)."""
     model._check_tasks([task])
     if calib is None or isinstance(calib, (str, bytes)):
         raise TypeError(f"calib must be calibration batches (images, or dicts with 'image'), got {type(calib).__name__}")
     if not 0.0 <= float(min_share) < 1.0:
         raise ValueError(f"min_share must be in [0, 1), got {min_share}")
+
+
+def extract_task(model, task: str, calib: Any, min_share: float = 0.0):
+    """A standalone ``TaskMoEViT`` for ``task``; its ``extraction_report`` says which experts were kept
+    and the share of the task's routed tokens the dropped experts received on ``calib``."""
+    from mtl.models.task_moe_vit import TaskMoEViT
+
+    check_request(model, task, calib, min_share)
     counts = route_counts(model, task, calib).float()
     k = int(model._moe["top_k"])
     kept, dropped_share = [], []

@@ -266,6 +266,12 @@ class TaskMoEViT(nn.Module):
 
         return extract_task(self, task, calib, min_share)
 
+    def check_extraction(self, task: str, calib: Any, min_share: float = 0.0) -> None:
+        """Refuse a bad ``extract_subnetwork`` request before any data is routed."""
+        from mtl.models.task_moe_extract import check_request
+
+        check_request(self, task, calib, min_share)
+
 
 class TaskHead(nn.Module):
     """A 1x1 projection to the head width, then the task's head (as in decoder=hps)."""

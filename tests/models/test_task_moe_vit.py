@@ -191,3 +191,17 @@ def test_task_embeddings_route_tasks_apart_at_init_and_the_mi_loss_moves_them():
     sum(model.aux_loss().values()).backward()
     # zero embeddings gave ~4e-10 (a stationary point); N(0, 1) ones ~3e-4 through the 0.02-std gate
     assert all(moe.task_embed[t].grad.abs().max() > 1e-5 for t in ("depth", "semseg"))
+
+
+@pytest.mark.parametrize("args,match", [(["tasks=nope"], r"unknown task\(s\) \['nope'\]"),
+                                        (["tasks=depth", "min_share=1.5"], r"min_share must be in \[0, 1\), got 1.5")])
+def test_extract_cli_names_a_bad_task_or_min_share_before_loading_data(tmp_path, args, match):
+    from mtl.cli.common import compose_in_process
+    from mtl.cli.extract import run_extract
+
+    # 2 train batches < the default calib.batches=8: checking data first would name calib.batches instead
+    mtl.save_model(make(), tmp_path / "m", meta={"data": {"name": "scenes", "size": 32, "n_train": 8, "n_val": 4,
+                                                            "n_test": 4, "batch_size": 4}})
+    cfg, run_dir = compose_in_process("mtl.configs.extract_app", "extract", [f"model={tmp_path / 'm'}", *args], tmp_path / "run")
+    with pytest.raises((KeyError, ValueError), match=match):
+        run_extract(cfg, run_dir)
