@@ -60,24 +60,47 @@ def save_usage_heatmap(usage: dict[str, torch.Tensor], path: str | Path, title: 
 
 
 class ExpertUsageCallback(L.Callback):
-    """Records expert usage while training; every ``log_every`` steps logs each task's usage share per
-    expert (mean over layers) as ``experts/<task>/<expert>``; at the end writes ``expert_usage.png`` and
-    ``expert_usage.json`` (raw totals) into the run folder. A model without experts is left alone."""
+    """Records expert usage of the training steps (not validation: its routing is noise-free); every
+    ``log_every`` steps logs each task's usage share per expert (mean over layers) as
+    ``experts/<task>/<expert>``; at the end writes ``expert_usage.png`` and ``expert_usage.json`` (raw
+    totals) into the run folder. The totals are kept in checkpoints, so a resumed run's cover the whole
+    run. A model without experts is left alone."""
 
     def __init__(self, log_every: int = 50, filename: str = "expert_usage.png"):
         self.log_every, self.filename = int(log_every), filename
+        self._src: Any = None
+        self._earlier: dict[str, torch.Tensor] = {}  # totals restored from a checkpoint
+        self._was_recording = False
 
     def on_train_start(self, trainer, pl_module) -> None:
-        src = usage_source(pl_module.model)
-        if src is not None:
-            src.record_usage = True
-            src.expert_usage(reset=True)
+        self._src = usage_source(pl_module.model)
+        if self._src is not None:
+            self._src.record_usage = True
+            self._src.expert_usage(reset=True)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if self._src is not None:
+            self._was_recording, self._src.record_usage = self._src.record_usage, False
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._src is not None:
+            self._src.record_usage = self._was_recording
+
+    def usage(self) -> dict[str, torch.Tensor]:
+        """Totals of the whole run: restored ones plus this process's."""
+        now = self._src.expert_usage() if self._src is not None else {}
+        return {t: self._earlier.get(t, 0) + now.get(t, 0) for t in dict.fromkeys([*self._earlier, *now])}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"usage": {t: u.clone() for t, u in self.usage().items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._earlier = dict(state_dict.get("usage", {}))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        src = usage_source(pl_module.model)
-        if src is None or not self.log_every or trainer.global_step % self.log_every:
+        if self._src is None or not self.log_every or trainer.global_step % self.log_every:
             return
-        usage = src.expert_usage()
+        usage = self.usage()
         if not usage:
             return
         values = {f"experts/{t}/{e}": float(v) for t, s in usage_shares(usage).items() for e, v in enumerate(s.mean(0))}
@@ -85,11 +108,11 @@ class ExpertUsageCallback(L.Callback):
             logger.log_metrics(values, step=trainer.global_step)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        src = usage_source(pl_module.model)
+        src = self._src
         if src is None:
             return
         src.record_usage = False
-        usage = src.expert_usage()
+        usage = self.usage()
         if not usage or not trainer.is_global_zero:
             return
         out = Path(trainer.default_root_dir)

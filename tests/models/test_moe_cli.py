@@ -69,3 +69,24 @@ def test_extract_cli_smoke(tmp_path):
     assert report["task"] == "depth" and report["dropped_token_share_max"] == 0.0
     sub = mtl.load_model(run_dir / "model")
     assert list(sub.tasks) == ["depth"] and sub.meta["report"]["experts_kept"] == report["experts_kept"]
+
+
+def test_expert_usage_counts_training_routing_only_across_a_resume(tmp_path, monkeypatch):
+    """debug=smoke: 16 images of 32x32 per batch, patch 4 -> 64 tokens, top-4: 4096 routed slots per
+    step and MoE layer. 2 steps x 3 epochs = 6 steps; validation (noise-free routing) is not counted."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1]))  # tests/kill_callback.py
+    from mtl.train import run
+
+    common = ["experiment=scenes_task_moe_vit", "debug=smoke", "viz.num_samples=0", "~callbacks.progress_bar",
+              "+trainer.enable_progress_bar=false", "task=[depth,classification]", "log_weights_every=0",
+              "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+              "trainer.max_epochs=3"]
+    a = run(common, run_dir=tmp_path / "a")
+    with pytest.raises(InterruptedError):
+        run(common + ["+callbacks.stop._target_=kill_callback.InterruptAtEpoch", "+callbacks.stop.epoch=2"],
+            run_dir=tmp_path / "b1")
+    b2 = run(common + [f"ckpt_path={tmp_path / 'b1' / 'checkpoints' / 'last.ckpt'}"], run_dir=tmp_path / "b2")
+    ua, ub = (json.loads((d / "expert_usage.json").read_text()) for d in (a, b2))
+    for t in ("depth", "classification"):
+        assert [sum(layer) for layer in ua[t]] == [6 * 16 * 64 * 4] * 3
+    assert ua == ub  # the resumed run's totals include epochs 0-1 (resume is bit-identical)
