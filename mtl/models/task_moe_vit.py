@@ -188,6 +188,8 @@ class TaskMoEViT(nn.Module):
 
     def encode(self, x: torch.Tensor, tasks: Sequence[str]) -> dict[str, torch.Tensor]:
         """{task: (B, D, h, w) token map} after the task-conditioned backbone."""
+        if not tasks:  # as the multitask family: no task, no prediction
+            return {}
         f = self.patch_embed(self.normalize(x))
         b, d, h, w = f.shape
         pos = self.pos_embed if self.pos_embed.shape[-2:] == (h, w) else \

@@ -31,6 +31,11 @@ def test_single_task_path_equals_that_task_of_the_full_forward(gate):
     assert torch.allclose(model(X, tasks=["depth", "semseg"])["semseg"], full["semseg"], atol=1e-5)
 
 
+def test_no_task_requested_gives_no_prediction_as_in_the_multitask_family():
+    plain = mtl.create_model(["depth"], backbone="test_resnet").eval()
+    assert plain(X, tasks=[]) == {} and make().eval()(X, tasks=[]) == {}
+
+
 def test_each_token_goes_to_exactly_k_experts_per_moe_layer():
     model = make().eval()
     model.record_usage = True
