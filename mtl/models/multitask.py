@@ -16,6 +16,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def normalize_images(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, C, H, W) images in [0, 255] -> (x/255 - mean) / std, C = the model's mean channels;
+    float input is taken as already normalised. A wrong uint8 shape is refused: it would broadcast."""
+    if x.dtype != torch.uint8:
+        return x
+    if x.ndim != 4 or x.shape[1] != mean.shape[1]:
+        raise ValueError(f"expected uint8 images of shape (B, {mean.shape[1]}, H, W), got {tuple(x.shape)}")
+    return (x.float().div_(255.0) - mean) / std
+
+
 def select_tasks(available: Iterable[str], tasks: Iterable[str] | str | None) -> list[str]:
     """The requested task names (all of ``available`` for None), checked: unknown or repeated names
     are errors naming them."""
@@ -82,10 +92,7 @@ class MultiTaskModel(nn.Module):
 
     # --- forward ----------------------------------------------------------------------------
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.uint8:
-            x = x.float().div_(255.0)
-            return (x - self.mean) / self.std
-        return x
+        return normalize_images(x, self.mean, self.std)
 
     def shared(self, x: torch.Tensor) -> torch.Tensor:
         """The representation all task heads read (what representation-level balancers use)."""

@@ -24,7 +24,7 @@ from torch import nn
 
 from mtl.models.decoders.hps import create_head
 from mtl.models.families import MODELS
-from mtl.models.multitask import select_tasks
+from mtl.models.multitask import normalize_images, select_tasks
 from mtl.models.moe import StackedExperts, TopKRouter, check_top_k, task_expert_mutual_information
 from mtl.tasks import Task, create_task
 
@@ -182,9 +182,7 @@ class TaskMoEViT(nn.Module):
 
     # --- forward ----------------------------------------------------------------------------
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.uint8:
-            return (x.float().div_(255.0) - self.mean) / self.std
-        return x
+        return normalize_images(x, self.mean, self.std)
 
     def encode(self, x: torch.Tensor, tasks: Sequence[str]) -> dict[str, torch.Tensor]:
         """{task: (B, D, h, w) token map} after the task-conditioned backbone."""

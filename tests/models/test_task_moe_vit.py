@@ -36,6 +36,15 @@ def test_no_task_requested_gives_no_prediction_as_in_the_multitask_family():
     assert plain(X, tasks=[]) == {} and make().eval()(X, tasks=[]) == {}
 
 
+def test_uint8_images_must_have_the_models_three_channels():
+    gray = torch.zeros(2, 1, 32, 32, dtype=torch.uint8)  # broadcast against the 3-channel mean before
+    for model in (mtl.create_model(["depth"], backbone="test_resnet").eval(), make().eval()):
+        with pytest.raises(ValueError, match=r"expected uint8 images of shape \(B, 3, H, W\), got \(2, 1, 32, 32\)"):
+            model(gray, tasks=["depth"])
+    with pytest.raises(ValueError, match=r"got \(2, 1, 32, 32\)"):
+        mtl.extract(make(), task="depth", calib=[gray])
+
+
 def test_each_token_goes_to_exactly_k_experts_per_moe_layer():
     model = make().eval()
     model.record_usage = True
