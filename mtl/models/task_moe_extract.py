@@ -18,6 +18,8 @@ def _images(calib: Any) -> Iterable[torch.Tensor]:
         yield calib
         return
     for batch in calib:
+        if isinstance(batch, dict) and "image" not in batch:
+            raise ValueError(f"calib: a batch dict has no 'image' key (keys: {list(batch)})")
         x = batch["image"] if isinstance(batch, dict) else batch
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"calib: expected image tensors or batches with an 'image' key, got {type(x).__name__}")

@@ -188,6 +188,11 @@ def test_onnx_export_of_parent_and_extracted_models_equals_pytorch(tmp_path):
             assert torch.allclose(torch.from_numpy(got[t]), ref[t], atol=1e-4, rtol=1e-3), (name, t)
 
 
+def test_a_calibration_dict_without_image_names_its_keys():
+    with pytest.raises(ValueError, match=r"calib: a batch dict has no 'image' key \(keys: \['img', 'depth'\]\)"):
+        mtl.extract(make().eval(), task="depth", calib=[{"img": X, "depth": X[:, :1]}])
+
+
 def test_extraction_without_calibration_batches_names_calib():
     with pytest.raises(TypeError, match="calib must be calibration batches"):
         mtl.extract(make().eval(), task="depth", calib=None)
