@@ -164,6 +164,8 @@ def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_dir():
         raise ModelFolderError(f"{path}: not a model folder (expected a directory with {WEIGHTS} and {CONFIG})")
     file = path / CONFIG
+    if not file.exists() and (path / "model" / CONFIG).is_file():  # a training run's folder holds model/
+        raise ModelFolderError(f"{path} is a run folder, not a model folder; did you mean {path / 'model'}?")
     try:
         cfg = read_json(file)
     except (FileNotFoundError, ValueError) as e:

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -43,6 +44,10 @@ def test_missing_files_are_named(tiny_model, tmp_path):
     (folder / "config.json").unlink()
     with pytest.raises(ModelFolderError, match="config.json: file not found"):
         mtl.load_model(folder)
+    run = tmp_path / "run"  # a training run folder: its model is in run/model
+    mtl.save_model(tiny_model, run / "model")
+    with pytest.raises(ModelFolderError, match=re.escape(f"{run} is a run folder, not a model folder; did you mean {run / 'model'}?")):
+        mtl.load_model(run)
 
 
 def test_corrupt_files_are_named(tiny_model, tmp_path):
