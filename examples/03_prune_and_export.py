@@ -44,8 +44,8 @@ images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torc
 pruned, report = pruning.prune(model, "l1", example=images[:2], ratio=0.3)
 print(f"params {report['params']['before']:,} -> {report['params']['after']:,} "
       f"({100 * report['params']['reduction']:.0f}% fewer)")
-pruned_dir = mtl.save_model(pruned, OUT / "pruned", meta={**model.meta, "prune": {"method": "l1", "ratio": 0.3},
-                                                             "pruned_from": str(run_dir / "model")})
+# pruned.meta keeps the parent's data and seed and names its run (pruned_from), not its test metrics
+pruned_dir = mtl.save_model(pruned, OUT / "pruned", meta=pruned.meta)
 
 # %% [markdown]
 # ## ONNX

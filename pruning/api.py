@@ -76,7 +76,7 @@ def prune(model: nn.Module, method: str, calib: Any = None, *, example: torch.Te
         model.train(was_training)
     current.pruning_plan = {"method": method, "hparams": _plain(hparams), "rounds": rounds,
                             "modules": diff_plan(original, current), "layers": kept_total}
-    current.meta = copy.deepcopy(getattr(model, "meta", {}))
+    current.meta = _derived_meta(getattr(model, "meta", None) or {}, method, hparams)
     after = {"params": count_params(current), "flops": count_flops(current, example[:1])}
     report = {
         "method": method,
@@ -90,6 +90,16 @@ def prune(model: nn.Module, method: str, calib: Any = None, *, example: torch.Te
         "calib_loss": {"before": losses_before, "after": task_losses(current, batches) if batches else {}},
     }
     return current, report
+
+
+def _derived_meta(parent: dict[str, Any], method: str, hparams: dict[str, Any]) -> dict[str, Any]:
+    """The parent's provenance (data, seed...) without its run and test metrics, which describe the
+    unpruned model; ``pruned_from`` names the parent's run (or what the parent was pruned from)."""
+    meta = {k: copy.deepcopy(v) for k, v in parent.items() if k not in ("test", "run_dir")}
+    if parent.get("run_dir"):
+        meta["pruned_from"] = str(parent["run_dir"])
+    meta["prune"] = {"method": method, **_plain(hparams)}
+    return meta
 
 
 def _compose(previous: dict[str, Any] | None, layers: dict[str, Any]) -> dict[str, Any]:

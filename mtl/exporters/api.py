@@ -48,7 +48,10 @@ def load_source(model: str | os.PathLike | nn.Module) -> Source:
     if isinstance(model, nn.Module):
         if not hasattr(model, "config"):
             raise TypeError(f"{type(model).__name__} has no `config`: only mtlkit model families can be exported")
-        src = Source(copy.deepcopy(model).cpu().eval(), None, model.config, dict(getattr(model, "meta", {}) or {}))
+        from mtl.models.surgery import model_config  # the config with any pruning plan, as a folder stores it
+
+        src = Source(copy.deepcopy(model).cpu().eval(), None, model_config(model),
+                     dict(getattr(model, "meta", {}) or {}))
     else:
         folder = Path(model)
         cfg = read_model_config(folder)
@@ -60,7 +63,10 @@ def load_source(model: str | os.PathLike | nn.Module) -> Source:
 
 def _find_run_metrics(src: Source) -> tuple[Path | None, dict[str, Any] | None]:
     """The ``metrics.json`` of the run that wrote the folder: beside it (mtl-train, mtl-merge put the
-    model at ``<run_dir>/model``) or in the run folder its meta names."""
+    model at ``<run_dir>/model``) or in the run folder its meta names. Never for a pruned model: a run
+    folder's test metrics describe the model it trained (``mtl-prune`` stores its own in ``meta.test``)."""
+    if src.config.get("pruning"):
+        return None, None
     candidates = []
     if src.folder is not None:
         candidates.append(src.folder.parent / "metrics.json")

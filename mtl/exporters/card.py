@@ -41,12 +41,25 @@ def _metric_rows(src: Source, tasks: list[str]) -> list[str]:
     return rows
 
 
+def _tool(src: Source) -> str:
+    """The mtlkit command whose run folder ``meta.run_dir`` names."""
+    meta = src.meta
+    if meta.get("prune") or meta.get("pruned_from") or src.config.get("pruning"):
+        return "mtl-prune"
+    if meta.get("merge"):
+        return "mtl-merge"
+    if meta.get("extract") is not None:
+        return "mtl-extract"
+    return "mtl-train"
+
+
 def _provenance(src: Source) -> list[str]:
     meta = src.meta
     lines = []
-    if meta.get("run_dir"):
-        data = meta.get("data") or {}
-        lines.append(f"- Trained by `mtl-train` in `{meta['run_dir']}` on data `{data.get('name', '?')}`"
+    data = meta.get("data") or {}
+    if meta.get("run_dir") or data:
+        made = f" Made by `{_tool(src)}` in `{meta['run_dir']}`." if meta.get("run_dir") else ""
+        lines.append(f"-{made} Training data `{data.get('name', '?')}`"
                      f"{' (image size ' + str(data['size']) + ')' if data.get('size') else ''}, seed {meta.get('seed', '?')}.")
     merge = meta.get("merge")
     if isinstance(merge, dict):

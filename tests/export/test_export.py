@@ -255,3 +255,34 @@ def test_verification_fails_when_runtime_and_pytorch_differ(tmp_path):
         model.decoder.heads["depth"].body[-1].bias.add_(0.01)  # PyTorch now differs from the file by 0.01
     with pytest.raises(ExportError, match="'depth' differs from PyTorch by up to 0.01"):
         verify(TaskGraph(model, TASKS), out / "model.onnx", 32, [1], atol=1e-4, rtol=1e-3, seed=0)
+
+
+def test_card_of_a_pruned_model_never_shows_the_unpruned_runs_metrics(trained, tmp_path):
+    """pruning.prune once copied the parent's meta (its run_dir and test metrics) onto the pruned model."""
+    import shutil
+
+    import pruning
+
+    model = mtl.load_model(trained / "model")
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    pruned, _ = pruning.prune(model, "l1", example=x, ratio=0.5)
+    assert "test" not in pruned.meta and "run_dir" not in pruned.meta
+    assert pruned.meta["pruned_from"] == str(trained) and pruned.meta["data"] == model.meta["data"]
+    parent = json.loads((trained / "metrics.json").read_text())["test"]
+    task, metric = next((t, m) for t, values in parent.items() for m in values)
+    for src in (pruned, save_model(pruned, tmp_path / "run" / "model", meta=pruned.meta)):
+        if not isinstance(src, nn.Module):  # a pruned folder beside a training run's metrics.json
+            shutil.copy(trained / "metrics.json", tmp_path / "run" / "metrics.json")
+        card = (mtl.export(src, "folder", tmp_path / "hf", overwrite=True) / "README.md").read_text()
+        assert "No metrics were found" in card and f"| {task} | {metric} |" not in card
+        assert "Pruned with `l1` (ratio=0.5" in card and f"from `{trained}`" in card
+        assert "Made by" not in card and "Training data `scenes` (image size 32)" in card
+
+
+def test_card_names_the_tool_that_made_the_folder(tmp_path):
+    model = mtl.load_model(_folder(tmp_path))
+    folder = save_model(model, tmp_path / "p", meta={"run_dir": "/runs/prune/1", "prune": {"method": "l1"},
+                                                      "data": {"name": "scenes", "size": 32}, "seed": 3})
+    card = (mtl.export(folder, "folder", tmp_path / "hf") / "README.md").read_text()
+    assert "Made by `mtl-prune` in `/runs/prune/1`. Training data `scenes` (image size 32), seed 3." in card
+    assert "mtl-train" not in card
