@@ -65,6 +65,7 @@ def export_onnx(source: Source, out: Path, tasks: list[str], opset: int = DEFAUL
         raise _missing_package(e.name or "onnxruntime") from None
     if exporter not in ("dynamo", "torchscript"):
         raise ValueError(f"format=onnx: exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
+    verify_batches = _check_batches(verify_batches)
     size = input_size_of(source, input_size)
     graph = TaskGraph(source.model, tasks)
     sample = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
@@ -86,6 +87,17 @@ def export_onnx(source: Source, out: Path, tasks: list[str], opset: int = DEFAUL
                          f"{[round(v, 4) for v in source.config.get('std', [])]}",
         "verification": {k: v for k, v in checks.items() if k != "shapes"},
     }
+
+
+def _check_batches(batches: Any) -> list[int]:
+    """Verification batch sizes: a non-empty list of positive ints (an empty one would record a check
+    that never ran as passed)."""
+    ok = isinstance(batches, (list, tuple)) and len(batches) > 0 and all(
+        isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in batches)
+    if not ok:
+        raise ValueError(f"format.verify_batches must be a non-empty list of positive ints (batch sizes run in "
+                         f"ONNX Runtime to check the file), got {batches!r}")
+    return list(batches)
 
 
 def _trace(graph: TaskGraph, sample: torch.Tensor, path: Path, opset: int, exporter: str) -> None:

@@ -224,6 +224,9 @@ def test_bad_requests_are_refused_before_anything_is_written(tmp_path):
         mtl.export(folder, "onnx", tmp_path / "a", opsett=17)
     with pytest.raises(ValueError, match="format.input_size must be a positive int .* got -5"):
         mtl.export(folder, "onnx", tmp_path / "a", input_size=-5)
+    for batches in ([], [0], [2, -1], 3, [True]):  # an empty or zero batch list once recorded a check that never ran
+        with pytest.raises(ValueError, match=r"format.verify_batches must be a non-empty list of positive ints"):
+            mtl.export(folder, "onnx", tmp_path / "a", verify_batches=batches, exporter="torchscript")
     with pytest.raises(ValueError, match=r"tasks=\[\] selects no task"):
         mtl.export(folder, "folder", tmp_path / "a", tasks=[])
     assert not (tmp_path / "a").exists()
