@@ -129,6 +129,10 @@ def save_model(model, path: str | os.PathLike, meta: dict[str, Any] | None = Non
 
     path = Path(path)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    cast = next((k for k, v in state.items() if v.is_floating_point() and v.dtype != torch.float32), None)
+    if cast is not None:  # load_model rebuilds float32 models and never casts (a cast changes values)
+        raise ValueError(f"save_model: key {cast!r} is {state[cast].dtype}; model folders hold float32 weights "
+                         "(call model.float() first; cast after loading for half-precision inference)")
     model_cfg = json.loads(json.dumps(model_config(model), default=_json_default))
     cfg = {"format": FORMAT, "mtlkit_version": __version__, "model": model_cfg, "meta": meta or {}}
     header = {"format": FORMAT, "tasks": json.dumps(_task_kinds(model_cfg)),
@@ -254,7 +258,7 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         if tuple(t.shape) != tuple(v.shape):
             raise ModelFolderError(
                 f"{file}: key {k!r} has shape {tuple(t.shape)}, the config in {cfg_file} expects {tuple(v.shape)}")
-        if t.dtype != v.dtype:  # save_model stores the model's own dtypes; a cast would change values
+        if t.dtype != v.dtype:  # save_model stores float32 only; a cast would change values
             raise ModelFolderError(f"{file}: key {k!r} has dtype {t.dtype}, the model expects {v.dtype}")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ModelFolderError(f"{file}: key {k!r} holds NaN or infinite values")

@@ -105,3 +105,19 @@ def test_atomic_path_refuses_existing_without_overwrite(tmp_path):
         with atomic_path(target, overwrite=False):
             pass
     assert target.read_text() == "old"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models_are_refused_on_save_not_on_load(tiny_model, tmp_path, dtype):
+    """save_model once wrote fp16/bf16 folders that load_model always refused."""
+    with pytest.raises(ValueError, match=rf"save_model: key '[\w.]+' is {dtype}; model folders hold float32 weights"):
+        mtl.save_model(tiny_model.to(dtype), tmp_path / "half")
+    assert not (tmp_path / "half").exists()
+    folder = mtl.save_model(tiny_model.float(), tmp_path / "full")
+    assert all(v.dtype == torch.float32 for v in load_file(str(folder / "model.safetensors")).values() if v.is_floating_point())
+    assert next(mtl.load_model(folder).parameters()).dtype == torch.float32
+    # a folder whose weights were cast afterwards is still refused, naming the key
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in load_file(str(folder / "model.safetensors")).items()}
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(ModelFolderError, match=rf"model.safetensors: key '[\w.]+' has dtype {dtype}, the model expects torch.float32"):
+        mtl.load_model(folder)
