@@ -168,6 +168,7 @@ def export(
             "source": str(src.folder) if src.folder else None,
             "family": src.family,
             "tasks": names,
+            **({"widths": src.config["active_widths"]} if src.config.get("active_widths") else {}),
             **details,
             "seconds": round(time.perf_counter() - start, 2),
         }

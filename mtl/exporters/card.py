@@ -25,6 +25,10 @@ def _task_rows(src: Source, tasks: list[str]) -> list[str]:
 
 
 def _metric_rows(src: Source, tasks: list[str]) -> list[str]:
+    widths = src.config.get("active_widths")
+    if widths:  # a run's test metrics are the full-width model's
+        return [f"This slimmable model runs at widths {json.dumps(widths)}, not the full widths its run's test "
+                "metrics describe; see that run's `width_table_test.json` for this configuration, or evaluate it."]
     if not src.metrics:
         return ["No metrics were found for this model (no `metrics.json` beside its folder or in its run "
                 "folder, and none stored in its config): evaluate it before relying on it."]
@@ -142,7 +146,8 @@ def render_card(src: Source, report: dict[str, Any]) -> str:
         f"# Multi-task model: {', '.join(tasks)}", "",
         f"A `{src.family}` model exported by `mtl-export` as `{report['format']}`: one shared backbone "
         f"(`{bb.get('name', '?')}`), decoder `{dec.get('name', '?')}` "
-        f"({json.dumps({k: v for k, v in dec.items() if k != 'name'})}), one head per task.", "",
+        f"({json.dumps({k: v for k, v in dec.items() if k != 'name'})}), one head per task"
+        f"{'; widths ' + json.dumps(report['widths']) if report.get('widths') else ''}.", "",
         "## Tasks", "", *_task_rows(src, tasks), "",
         "## Metrics", "", *_metric_rows(src, tasks), "",
         "## How it was made", "", *_provenance(src), "",

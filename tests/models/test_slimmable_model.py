@@ -1,4 +1,6 @@
 """Slimmable layers and the slimmable family against plain networks holding the same (sliced) weights."""
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -209,6 +211,35 @@ def test_folder_round_trip_identical_at_every_width(tmp_path):
         a, b = slim(X), again(X)
         for t in TASKS:
             assert torch.equal(a[t], b[t]), (w, t)
+
+
+def test_folder_keeps_the_active_widths(tmp_path):
+    """save_model after set_widths once reloaded a full-width model silently."""
+    slim = slim_model()
+    widths = {"encoder": 0.5, "decoders": {"semseg": 1.0, "depth": 0.25, "classification": 0.5}}
+    slim.set_config(widths)
+    again = mtl.load_model(mtl.save_model(slim, tmp_path / "m"))
+    assert again.widths == widths
+    a, b = slim(X), again(X)
+    assert all(torch.equal(a[t], b[t]) for t in TASKS)
+    with slim.at_widths(slim.max_widths()):
+        assert not torch.equal(slim(X)["depth"], b["depth"])  # the widths matter for this input
+    # full widths are not written, so folders from before this key load (and save) unchanged
+    slim.set_config(slim.max_widths())
+    assert "active_widths" not in slim.config
+    assert mtl.load_model(mtl.save_model(slim, tmp_path / "full")).widths == slim.max_widths()
+
+
+def test_export_records_the_active_widths(tmp_path):
+    pytest.importorskip("onnxruntime")
+    slim = slim_model()
+    widths = {"encoder": 0.5, "decoders": {"semseg": 0.25, "depth": 0.25, "classification": 0.25}}
+    slim.set_config(widths)
+    folder = mtl.save_model(slim, tmp_path / "m", meta={"test": {"depth": {"rmse": 1.5}}})
+    out = mtl.export(folder, "onnx", tmp_path / "onnx", exporter="torchscript", input_size=32)
+    assert mtl.exporters.read_report(out)["widths"] == widths
+    card = (out / "README.md").read_text()
+    assert f"widths {json.dumps(widths)}" in card and "| depth | rmse |" not in card
 
 
 def test_extraction_round_trips_and_is_physically_smaller(tmp_path):

@@ -23,6 +23,7 @@ from mtl.models.slimmable.resnet import ENCODER, SlimResNet
 from mtl.tasks import Task, create_task
 
 Widths = dict[str, Any]  # {"encoder": float, "decoders": {task: float}}
+ACTIVE = "active_widths"  # config key of the widths a saved model runs at (absent: full widths)
 
 
 @MODELS.register("slimmable")
@@ -48,7 +49,19 @@ class SlimmableMultiTaskModel(MultiTaskModel):
 
     @property
     def config(self) -> dict[str, Any]:
-        return {**super().config, "family": "slimmable"}
+        """Stores the active widths (``active_widths``) unless they are the full ones, so a folder
+        saved after ``set_widths`` reloads at them and older folders load as before."""
+        cfg = {**super().config, "family": "slimmable"}
+        if self._widths != self.max_widths():
+            cfg[ACTIVE] = self.widths
+        return cfg
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> "SlimmableMultiTaskModel":
+        model = super().from_config({k: v for k, v in cfg.items() if k != ACTIVE})
+        if cfg.get(ACTIVE) is not None:
+            model.set_config(cfg[ACTIVE])
+        return model
 
     @property
     def width_set(self) -> tuple[float, ...]:
