@@ -269,8 +269,11 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     test = sel.test if sel.test is not None else ev.run_all(sel.model, "test")
     report = build_report(name, ev, sel, test)
     report["seconds"] = round(time.perf_counter() - start, 2)
-    save_model(sel.model, output, overwrite=bool(cfg.overwrite),
-               meta={"merge": {"method": name, **report["selected"]}, "test": test})
+    meta = {"merge": {"method": name, **report["selected"]}, "test": test}
+    datas = [m.data for m in pool.members]
+    if datas[0] and all(d == datas[0] for d in datas):  # one data config for all inputs holds for the merge
+        meta["data"] = datas[0]
+    save_model(sel.model, output, overwrite=bool(cfg.overwrite), meta=meta)
     report["output"] = str(output)
     write_report(report, run_dir)
     print_table(report)

@@ -28,7 +28,10 @@ def extract(model: nn.Module, *, out: str | os.PathLike | None = None, overwrite
     if out is not None:
         from mtl.io import save_model
 
-        meta = {"extracted_from": getattr(model, "meta", {}).get("run_dir"), "extract": _describe(kwargs)}
+        parent = getattr(model, "meta", None) or {}
+        meta = {"extracted_from": parent.get("run_dir"), "extract": _describe(kwargs),
+                # the training data and seed stay true of the sub-network (mtl-prune, mtl-export use the size)
+                **{k: parent[k] for k in ("data", "seed") if parent.get(k) is not None}}
         if getattr(sub, "extraction_report", None):  # what the family measured while extracting
             meta["report"] = sub.extraction_report
         save_model(sub, out, meta=meta, overwrite=overwrite)

@@ -40,7 +40,7 @@ def _missing_package(name: str) -> ImportError:
 
 def input_size_of(src: Source, size: int | None) -> int:
     """Square input side used to trace and verify: given, else the training data's, else the
-    backbone's ``img_size``, else 224."""
+    backbone's ``img_size``; never a guess (the graph's size is fixed, a wrong one is unusable)."""
     if size is not None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"format.input_size must be a positive int (pixels) or null, got {size!r}")
@@ -48,7 +48,11 @@ def input_size_of(src: Source, size: int | None) -> int:
     data = src.meta.get("data") or {}
     if isinstance(data, dict) and data.get("size"):
         return int(data["size"])
-    return int(src.config.get("backbone", {}).get("img_size") or 224)
+    if src.config.get("backbone", {}).get("img_size"):
+        return int(src.config["backbone"]["img_size"])
+    where = f"{src.folder / 'config.json'}" if src.folder else "the model's meta"
+    raise ValueError(f"format.input_size: {where} records no training image size (meta.data.size) and the "
+                     "backbone has no img_size; pass format.input_size=<pixels> (the graph's H and W are fixed)")
 
 
 @EXPORTERS.register("onnx")

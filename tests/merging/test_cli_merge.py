@@ -61,7 +61,11 @@ def test_every_method_writes_the_merge_it_reports(pool, tmp_path, method):
 
 def test_merged_model_holds_each_tasks_own_head(pool, tmp_path):
     run(_args(pool, "merge=task_arithmetic", "merge.lam=0.5"), run_dir=tmp_path / "ta")
-    merged = mtl.load_model(tmp_path / "ta" / "model").state_dict()
+    merged_model = mtl.load_model(tmp_path / "ta" / "model")
+    # the members were trained on one data config: the merged folder keeps it (mtl-export traces at its size)
+    assert merged_model.meta["data"] == mtl.load_model(pool.member_paths[0]).meta["data"]
+    assert merged_model.meta["data"]["size"] == 32
+    merged = merged_model.state_dict()
     for i, task in enumerate(pool.task_names):
         own = mtl.load_model(pool.member_paths[i]).state_dict()
         for k, v in own.items():

@@ -68,5 +68,5 @@ def test_cosine_head_prunes_structurally_and_exports(tmp_path):
     mtl.save_model(pruned, tmp_path / "pruned")
     back = mtl.load_model(tmp_path / "pruned").eval()
     assert torch.equal(back(x)["c"], pruned.eval()(x)["c"])
-    out = export(tmp_path / "pruned", "onnx", tmp_path / "onnx", tasks=["c"])
+    out = export(tmp_path / "pruned", "onnx", tmp_path / "onnx", tasks=["c"], input_size=32)
     assert any(out.glob("*.onnx"))

@@ -260,6 +260,25 @@ def test_extraction_round_trips_and_is_physically_smaller(tmp_path):
             torch.testing.assert_close(out[t], ref[t], rtol=0, atol=1e-5)
 
 
+def test_extracted_folder_keeps_the_training_data_and_seed(tmp_path):
+    """Extracted folders once dropped meta.data: mtl-export traced them at 224 px, mtl-prune refused them."""
+    pytest.importorskip("onnxruntime")
+    slim = slim_model()
+    slim.meta = {"data": {"name": "scenes", "size": 40}, "seed": 3, "run_dir": "/runs/r", "test": {"depth": {"rmse": 1.0}}}
+    folder = tmp_path / "sub"
+    mtl.extract(slim, out=folder, widths={"encoder": 0.5, "decoders": 0.25})
+    meta = mtl.load_model(folder).meta
+    assert meta["data"] == {"name": "scenes", "size": 40} and meta["seed"] == 3 and meta["extracted_from"] == "/runs/r"
+    assert "test" not in meta
+    out = mtl.export(folder, "onnx", tmp_path / "onnx", exporter="torchscript", verify_batches=[1])
+    assert mtl.exporters.read_report(out)["input"]["shape"] == ["batch", 3, 40, 40]
+    # without a recorded size (and no img_size) the export asks for one instead of guessing 224
+    bare = mtl.save_model(mtl.load_model(folder), tmp_path / "bare")
+    with pytest.raises(ValueError, match=r"bare/config.json records no training image size .* format.input_size="):
+        mtl.export(bare, "onnx", tmp_path / "onnx2", exporter="torchscript")
+    assert not (tmp_path / "onnx2").exists()
+
+
 def test_extract_names_what_a_family_extracts_by():
     with pytest.raises(TypeError, match=r"model family 'slimmable' extracts with \(widths=\); got \(task=, calib=\)"):
         mtl.extract(slim_model(), task="depth", calib=[X])
