@@ -17,6 +17,7 @@
 
 # %%
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ import mtl
 from mtl.train import run
 
 OUT = Path("outputs/notebooks/train")
+shutil.rmtree(OUT, ignore_errors=True)  # a re-run starts afresh: a run folder holding a finished run is refused
 TASKS = ["semseg", "depth", "classification"]
 COMMON = ["experiment=scenes_hps", "debug=smoke", "logger=none"]
 

@@ -16,6 +16,7 @@
 # `merging.job.run` is `mtl-merge` in-process (λ picked on validation from `merge.lam_grid`, scored on test).
 
 # %%
+import shutil
 from pathlib import Path
 
 from IPython.display import Image, display
@@ -25,6 +26,7 @@ import merging
 from merging.job import build_smoke_pool, run
 
 OUT = Path("outputs/notebooks/merge")
+shutil.rmtree(OUT, ignore_errors=True)  # a re-run starts afresh: a run folder holding a finished run is refused
 pool = build_smoke_pool(OUT / "pool")
 print("pretrained:", pool.pretrained)
 print("fine-tuned:", dict(zip(pool.task_names, pool.member_paths)))

@@ -17,6 +17,7 @@
 
 # %%
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ import pruning
 from mtl.train import run
 
 OUT = Path("outputs/notebooks/export")
+shutil.rmtree(OUT, ignore_errors=True)  # a re-run starts afresh: a run folder holding a finished run is refused
 run_dir = run(["experiment=scenes_hps", "debug=smoke", "logger=none", "viz.num_samples=0",
                "task=[semseg,depth,classification]"], run_dir=OUT / "train")
 model = mtl.load_model(run_dir / "model")

@@ -2,6 +2,7 @@
 
     python examples/quickstart.py
 """
+import shutil
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from merging.job import build_smoke_pool
 from mtl.train import run
 
 out = Path("outputs/examples")
+shutil.rmtree(out, ignore_errors=True)  # a re-run starts afresh: a run folder holding a finished run is refused
 
 # 1. train a multi-task model with the same config system as `mtl-train`
 run_dir = run(["experiment=scenes_hps", "debug=smoke"], run_dir=out / "train")
