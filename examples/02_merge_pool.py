@@ -70,7 +70,8 @@ ax.axhline(1.0, color="black", lw=0.8)
 ax.set_ylabel("merged / individual (primary metric)")
 ax.legend(fontsize="small")
 fig.tight_layout()
-fig
+fig.savefig(OUT / "accuracies.png", dpi=100)  # a bare Figure is not rendered by every Jupyter frontend
+display(Image(filename=str(OUT / "accuracies.png")))
 
 # %% [markdown]
 # ## TALL masks: which weights each task keeps

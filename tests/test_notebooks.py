@@ -33,4 +33,8 @@ def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
         client.execute()  # raises CellExecutionError naming the cell on any error
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
+    # every cell that draws a figure shows it (a bare Figure once came out as '<Figure size ...>' text)
+    for i, c in enumerate(nb.cells):
+        if c.cell_type == "code" and ("Figure(" in c.source or "plt." in c.source or "display(Image" in c.source):
+            assert any("image/png" in o.get("data", {}) for o in c.outputs), f"{path.name} cell {i}: no image shown"
     assert (tmp_path / "outputs" / "notebooks").is_dir()
