@@ -125,7 +125,9 @@ def _trace(graph: TaskGraph, sample: torch.Tensor, path: Path, opset: int, expor
                               f"{_first_line(e)}") from e
         where = locate_operator(graph.model, sample, graph.task_names, op)
         raise ExportError(f"ONNX (opset {opset}) cannot express operator '{op}' used in module "
-                          f"{where or '(not found by name)'}; replace that module or pick another opset") from None
+                          f"{where or '(not found by name)'}; replace that module or pick another opset"
+                          + ("; or try format.exporter=dynamo, which decomposes many operators the torchscript "
+                             "exporter cannot write" if exporter == "torchscript" else "")) from None
     finally:
         graph.eval()  # the torchscript exporter restores the wrapper's mode; keep eval for verification
 

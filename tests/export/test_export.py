@@ -120,8 +120,9 @@ class UnexportableModel(MultiTaskModel):
 def test_unsupported_operator_names_operator_and_module(tmp_path, exporter):
     base = create_model(["depth"], backbone=BACKBONES["test_resnet"], decoder={"name": "hps", "channels": 8})
     model = UnexportableModel(list(base.tasks.values()), base.config["backbone"], base.config["decoder"])
-    with pytest.raises(ExportError, match=r"operator '.*i0'.*module post \(Bessel\)"):
+    with pytest.raises(ExportError, match=r"operator '.*i0'.*module post \(Bessel\)") as e:
         mtl.export(model, "onnx", tmp_path / "out", exporter=exporter, input_size=32)
+    assert ("format.exporter=dynamo" in str(e.value)) == (exporter == "torchscript")  # the other exporter's hint
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == []  # no temporary left behind either
 
@@ -227,6 +228,8 @@ def test_bad_requests_are_refused_before_anything_is_written(tmp_path):
     for batches in ([], [0], [2, -1], 3, [True]):  # an empty or zero batch list once recorded a check that never ran
         with pytest.raises(ValueError, match=r"format.verify_batches must be a non-empty list of positive ints"):
             mtl.export(folder, "onnx", tmp_path / "a", verify_batches=batches, exporter="torchscript")
+    with pytest.raises(ValueError, match=r"format=timm exports the shared backbone only.*tasks=\['depth'\] does not apply"):
+        mtl.export(folder, "timm", tmp_path / "a", tasks=["depth"])
     with pytest.raises(ValueError, match=r"tasks=\[\] selects no task"):
         mtl.export(folder, "folder", tmp_path / "a", tasks=[])
     assert not (tmp_path / "a").exists()
