@@ -136,7 +136,8 @@ def save_model(model, path: str | os.PathLike, meta: dict[str, Any] | None = Non
     model_cfg = json.loads(json.dumps(model_config(model), default=_json_default))
     cfg = {"format": FORMAT, "mtlkit_version": __version__, "model": model_cfg, "meta": meta or {}}
     header = {"format": FORMAT, "tasks": json.dumps(_task_kinds(model_cfg)),
-              "config_digest": _config_digest(model_cfg), "weights_digest": _weights_digest(state)}
+              "config_digest": _config_digest(model_cfg), "weights_digest": _weights_digest(state),
+              "config": _canonical(model_cfg)}  # to name the key of a config.json edited afterwards
     with atomic_path(path, overwrite=overwrite) as tmp:
         tmp.mkdir()
         save_safetensors(state, tmp / WEIGHTS, metadata=header)
@@ -148,9 +149,27 @@ def _task_kinds(model_cfg: dict[str, Any]) -> dict[str, str]:
     return {t["name"]: t["kind"] for t in model_cfg.get("tasks", []) if isinstance(t, dict) and "name" in t and "kind" in t}
 
 
+def _canonical(model_cfg: Any) -> str:
+    return json.dumps(model_cfg, sort_keys=True, separators=(",", ":"), default=_json_default)
+
+
 def _config_digest(model_cfg: Any) -> str:
-    text = json.dumps(model_cfg, sort_keys=True, separators=(",", ":"), default=_json_default)
-    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+    return hashlib.blake2b(_canonical(model_cfg).encode(), digest_size=16).hexdigest()
+
+
+def _first_difference(saved: Any, now: Any, path: str) -> str:
+    """The first key path (``model.decoder.channels``) where two JSON values differ."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        for k in sorted(set(saved) | set(now)):
+            if k not in saved or k not in now:
+                return f"{path}.{k}"
+            if saved[k] != now[k]:
+                return _first_difference(saved[k], now[k], f"{path}.{k}")
+    if isinstance(saved, list) and isinstance(now, list) and len(saved) == len(now):
+        for i, (a, b) in enumerate(zip(saved, now)):
+            if a != b:
+                return _first_difference(a, b, f"{path}[{i}]")
+    return path
 
 
 def _weights_digest(state: dict[str, torch.Tensor]) -> str:
@@ -224,7 +243,14 @@ def _check_header(header: dict[str, str], cfg: dict[str, Any], file: Path, cfg_f
                     f"{cfg_file}: task {name!r} has kind {kinds.get(name)!r}, but {file} was saved with "
                     f"kind {stored.get(name)!r} for it (task heads do not fit another kind)")
     if "config_digest" in header and header["config_digest"] != _config_digest(cfg["model"]):
-        raise ModelFolderError(f"{cfg_file}: key 'model' differs from the config {file} was saved with "
+        key = "model"
+        try:
+            saved = json.loads(header.get("config", ""))
+            if _config_digest(saved) == header["config_digest"]:
+                key = _first_difference(saved, json.loads(_canonical(cfg["model"])), "model")
+        except ValueError:
+            pass  # no (or a corrupt) copy of the config in the header: name the whole key
+        raise ModelFolderError(f"{cfg_file}: key {key!r} differs from the config {file} was saved with "
                                "(edited or corrupt); save the model again to change its config")
 
 

@@ -121,3 +121,20 @@ def test_half_precision_models_are_refused_on_save_not_on_load(tiny_model, tmp_p
     save_file(state, str(folder / "model.safetensors"))
     with pytest.raises(ModelFolderError, match=rf"model.safetensors: key '[\w.]+' has dtype {dtype}, the model expects torch.float32"):
         mtl.load_model(folder)
+
+
+def test_an_edited_config_names_the_key_that_differs(tiny_model, tmp_path):
+    """The error once named only 'model' for any edit of config.json."""
+    folder = mtl.save_model(tiny_model, tmp_path / "m")
+    original = (folder / "config.json").read_text()
+    edits = {"model.decoder.channels": lambda m: m["decoder"].update(channels=8),
+             "model.mean[1]": lambda m: m["mean"].__setitem__(1, 0.5),
+             "model.extra": lambda m: m.update(extra=1),
+             "model.backbone.out_indices[0]": lambda m: m["backbone"]["out_indices"].__setitem__(0, 2)}
+    for key, edit in edits.items():
+        cfg = json.loads(original)
+        edit(cfg["model"])
+        (folder / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(ModelFolderError, match=rf"config.json: key '{re.escape(key)}' "
+                                                   "differs from the config .*model.safetensors was saved with"):
+            mtl.load_model(folder)
