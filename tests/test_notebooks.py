@@ -1,5 +1,6 @@
 """The notebooks under examples/ run top to bottom (nbclient) from a fresh folder; any cell error fails."""
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,26 @@ def test_notebooks_are_stored_without_outputs():
         for cell in nb.cells:
             if cell.cell_type == "code":
                 assert not cell.outputs and cell.execution_count is None, f"{path.name}: outputs not stripped"
+
+
+def _py_cells(text):
+    """(cell type, source) of a jupytext percent-format script, its header skipped."""
+    text = re.sub(r"\A# ---\n(?:#.*\n)*?# ---\n", "", text)
+    cells = []
+    for block in re.split(r"^# %%", text, flags=re.M)[1:]:
+        head, _, body = block.partition("\n")
+        if "[markdown]" in head:
+            body = "\n".join(re.sub(r"^# ?", "", ln) for ln in body.strip("\n").splitlines())
+        cells.append(("markdown" if "[markdown]" in head else "code", body.strip()))
+    return cells
+
+
+def test_notebooks_match_their_paired_scripts():
+    """Each .ipynb and its jupytext .py hold the same cells (an edit to one form only would fail)."""
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        cells = [(c.cell_type, c.source.strip()) for c in nb.cells]
+        assert cells == _py_cells(path.with_suffix(".py").read_text()), f"{path.name} differs from its .py pair"
 
 
 @pytest.mark.parametrize("path", [pytest.param(p, id=p.stem, marks=[pytest.mark.slow] if p.name in SLOW else [])
