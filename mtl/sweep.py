@@ -13,7 +13,13 @@ def logged_names(metrics: Mapping[str, Any], split: str = "val") -> list[str]:
     return [f"{split}/{t}/{m}" for t, values in (metrics.get(split) or {}).items() for m in values]
 
 
-def objective(cfg, metrics: Mapping[str, Any]) -> float | None:
+def check_objective(cfg, metric_names: Mapping[str, Any]) -> None:
+    """Before training: ``optimized_metric`` names a metric these tasks log (``{task: [metric, ...]}``),
+    so a typo in a sweep fails at once instead of after a whole trial."""
+    objective(cfg, {"val": {t: {m: 0.0 for m in names} for t, names in metric_names.items()}}, check_only=True)
+
+
+def objective(cfg, metrics: Mapping[str, Any], check_only: bool = False) -> float | None:
     """The value of ``cfg.optimized_metric`` for this run (None when the config names none)."""
     name = cfg.get("optimized_metric")
     if not name:
@@ -21,6 +27,8 @@ def objective(cfg, metrics: Mapping[str, Any]) -> float | None:
     if name == "delta_m":
         if not cfg.get("baselines", {}).get("path"):
             raise ValueError("optimized_metric=delta_m needs baselines.path=<baselines.json> (single-task runs' metrics)")
+        if check_only:
+            return None
         from mtl.evaluation import delta_m, load_baselines
         from mtl.train import build_tasks
 

@@ -19,6 +19,7 @@ from mtl.evaluation import delta_m, load_baselines, save_baselines
 from mtl.io import atomic_path, load_state, save_model, write_json
 from mtl.models import MultiTaskModel, create_model
 from mtl.module import MultiTaskModule
+from mtl.sweep import check_objective
 from mtl.tasks import create_task
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,7 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     data_kw = OmegaConf.to_container(cfg.data, resolve=True)
     datamodule = create_datamodule(**{"name": data_kw["name"]}, **{k: v for k, v in data_kw.items() if k != "name"})
     module = build_module(cfg, getattr(datamodule, "info", None))
+    check_objective(cfg, {t: list(group) for t, group in module.val_metrics.items()})
     variant = cfg.baselines.get("variant", "primary")
     baselines = (load_baselines(cfg.baselines.path, tasks=dict(module.tasks), variant=variant)
                  if cfg.baselines.get("path") else None)
