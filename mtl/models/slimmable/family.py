@@ -162,16 +162,19 @@ class SlimmableMultiTaskModel(MultiTaskModel):
             self.backbone.widths = self.decoder.widths = full
             self._backbone_cfg["widths"] = self._decoder_cfg["widths"] = list(full)
             fresh = [w for w in full if width_index(old_set, w) is None]
+            done: set[tuple[int, int]] = set()  # (norm, row) estimated by an earlier pass of this call
             for enc in full:
                 for dec in full:
                     if enc not in fresh and dec not in fresh:
                         continue
                     self.set_widths(encoder=enc, decoders=dec)
-                    for bn in bns:  # only rows of a new width learn; the others serve as trained
-                        calibrating = (bn.width in fresh) or (bool(bn.cond_key) and bn.cond_width in fresh)
+                    for i, bn in enumerate(bns):  # only new rows learn, each once; the others serve as they are
+                        k = bn.row()
+                        calibrating = (i, k) not in done and (
+                            bn.width in fresh or (bool(bn.cond_key) and bn.cond_width in fresh))
                         bn.train(calibrating)
                         if calibrating:
-                            k = bn.row()
+                            done.add((i, k))
                             bn.running_means[k].zero_()
                             bn.running_vars[k].fill_(1.0)
                             bn.momentum = None
