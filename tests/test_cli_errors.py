@@ -185,3 +185,30 @@ def test_sigterm_marks_the_run_failed_and_names_the_checkpoint(tmp_path):
     expected = f"interrupted by SIGTERM; resume with ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
     assert f"error: {expected}" in err
     assert (run / FAILED).read_text().startswith(expected)
+
+
+@pytest.mark.parametrize("module, own, foreign", [
+    ("mtl.cli.train", ["balancer:", "backbone:", "experiment:"], ["merge:", "prune:", "merge_app", "export_app"]),
+    ("merging.cli", ["merge:", "ties", "eval:"], ["balancer:", "prune:"]),
+    ("pruning.cli", ["prune:", "pagcp", "l1_global"], ["balancer:", "merge:"]),
+    ("mtl.cli.export", ["format:", "onnx"], ["balancer:", "merge:"]),
+])
+def test_help_lists_the_apps_own_groups_and_the_composed_config(monkeypatch, capfd, module, own, foreign):
+    import importlib
+
+    cli = importlib.import_module(module)
+    monkeypatch.setattr(sys, "argv", ["prog", "--help", "name=probe"])
+    cli.main()  # returns: no run, no SystemExit
+    out = capfd.readouterr().out
+    groups = out.split("Configuration groups")[1].split("Any other key")[0]
+    assert all(g in groups for g in own), groups
+    assert not any(g in groups for g in foreign), groups
+    assert "name: probe" in out.split("Config (with the overrides given):")[1]  # overrides are applied
+
+
+def test_merge_and_prune_logs_are_named_after_the_tool():
+    from omegaconf import OmegaConf
+
+    for app in ("merge", "prune"):
+        cfg = OmegaConf.load(Path(__file__).parents[1] / "mtl" / "configs" / f"{app}_app" / f"{app}.yaml")
+        assert cfg.hydra.job.name == app

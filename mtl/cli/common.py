@@ -190,7 +190,11 @@ def cli_main(hydra_main: Callable[[], Any], *config_modules: str, argv: list[str
     wanted = any(a in _VERBOSE_FLAGS for a in argv[1:])
     argv[1:] = [a for a in argv[1:] if a not in _VERBOSE_FLAGS]
     prepare(traceback_wanted=wanted)
+    from mtl.cli.help import print_help_if_asked
     from mtl.cli.plugins import check_plugins, register_plugins
+
+    if print_help_if_asked(hydra_main, config_modules or ("mtl.configs",), argv):
+        return
 
     missing = check_plugins(argv[1:])
     if missing:

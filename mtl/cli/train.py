@@ -1,4 +1,11 @@
-"""``mtl-train``: Hydra entry point. ``mtl-train experiment=scenes_hps``; ``debug=smoke`` for seconds."""
+"""``mtl-train``: train a multi-task (or single-task) model; a run folder with model/, metrics.json, checkpoints.
+
+    mtl-train experiment=scenes_hps                 # the demo's multi-task model
+    mtl-train task=[depth] balancer=ew              # one task
+    mtl-train experiment=scenes_hps balancer=upgrad trainer.max_epochs=20
+    mtl-train -m balancer=ew,pcgrad,famo            # a sweep, one run folder per job
+    mtl-train debug=smoke                           # seconds
+"""
 from __future__ import annotations
 
 import hydra
