@@ -27,25 +27,60 @@ class ModelFolderError(ValueError):
 def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling path; on success it replaces `path`, on error it is removed.
 
-    Works for files and folders, so no reader ever sees a half-written output.
+    Works for files and folders, so no reader ever sees a half-written output. Missing parent folders
+    are created; on error the ones created here are removed again (each only while empty).
     """
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)) / path.name
+    created = _make_parents(path.parent)
+    done = False
     try:
-        yield tmp
-        if path.is_dir() and not path.is_symlink():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}-")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        _remove_stale_temps(path)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)) / path.name
+        try:
+            yield tmp
+            if path.is_dir() and not path.is_symlink():
+                old = path.with_name(f".{path.name}.old-{os.getpid()}-")
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+            done = True
+        finally:
+            shutil.rmtree(tmp.parent, ignore_errors=True)
     finally:
-        shutil.rmtree(tmp.parent, ignore_errors=True)
+        if not done:
+            _remove_empty(created)
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Create `folder` and its missing parents; returns the ones created here, deepest first."""
+    missing = []
+    while not folder.exists() and folder.parent != folder:
+        missing.append(folder)
+        folder = folder.parent
+    created = []
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:  # a concurrent writer made it: it is not ours to remove
+            continue
+        except BaseException:
+            _remove_empty(created[::-1])
+            raise
+        created.append(d)
+    return created[::-1]
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove each folder (deepest first) while it is empty; one that is not empty stays, with its parents."""
+    for d in folders:
+        try:
+            d.rmdir()
+        except OSError:
+            return
 
 
 def _remove_stale_temps(path: Path) -> None:

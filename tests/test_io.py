@@ -98,6 +98,28 @@ def test_atomic_path_leaves_nothing_on_error(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_atomic_path_removes_the_parent_folders_it_created_on_error(tmp_path):
+    (tmp_path / "a").mkdir()
+    for target in (tmp_path / "a" / "new" / "sub" / "out.txt", tmp_path / "a" / "new" / "sub" / "folder"):
+        with pytest.raises(RuntimeError):
+            with atomic_path(target) as tmp:
+                tmp.write_text("half")
+                raise RuntimeError("interrupted")
+        assert [p.name for p in tmp_path.iterdir()] == ["a"] and list((tmp_path / "a").iterdir()) == []
+
+
+def test_atomic_path_keeps_created_parents_that_are_no_longer_empty(tmp_path):
+    target = tmp_path / "new" / "sub" / "out.txt"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target):
+            (tmp_path / "new" / "other.txt").write_text("someone else's")
+            raise RuntimeError("interrupted")
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["other.txt"]  # sub/ (empty) went
+    with atomic_path(target) as tmp:  # on success the created folders stay, holding the output
+        tmp.write_text("done")
+    assert target.read_text() == "done"
+
+
 def test_atomic_path_refuses_existing_without_overwrite(tmp_path):
     target = tmp_path / "out.txt"
     target.write_text("old")
