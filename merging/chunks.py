@@ -219,7 +219,7 @@ class Chunks:
 Kernel = Callable[[Any, Chunks, str], ChunkFn]
 
 
-def _runner(method, kernel: Kernel, chunks: Chunks, key: str, propagates: bool) -> ChunkFn:
+def _runner(method, kernel: Kernel, chunks: Chunks, key: str) -> ChunkFn:
     """The chunk function of `key` that gives each merged chunk in the model's dtype."""
     ctx = chunks.ctx
     info = ctx.plan.infos[key]
@@ -229,25 +229,24 @@ def _runner(method, kernel: Kernel, chunks: Chunks, key: str, propagates: bool) 
         out = fn(ws, s, e)
         if isinstance(out, Final):
             return out.tensor
-        if propagates and ctx.check_finite and not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
-            ctx.trace_nonfinite(key)
-        return out if out.dtype == info.dtype else ws.buf("out_raw", info.dtype, e - s).copy_(out)
+        res = out if out.dtype == info.dtype else ws.buf("out_raw", info.dtype, e - s).copy_(out)
+        ctx.check_output(key, res)  # every method, after the cast: an overflow is an error, not an Inf
+        return res
 
     return run
 
 
-def stream_tensor(method, kernel: Kernel, chunks: Chunks, key: str, propagates: bool,
-                  runner: ChunkFn | None = None) -> Streamed:
+def stream_tensor(method, kernel: Kernel, chunks: Chunks, key: str, runner: ChunkFn | None = None) -> Streamed:
     """The merged tensor `key` as a `Streamed` in the model's dtype (`runner`: its chunk function, when
     already built)."""
 
     def pieces():
-        yield from chunks.map(key, runner or _runner(method, kernel, chunks, key, propagates))
+        yield from chunks.map(key, runner or _runner(method, kernel, chunks, key))
 
     return Streamed(chunks.ctx.plan.infos[key], pieces())
 
 
-def chunked_streams(method, kernel: Kernel, chunks: Chunks, propagates: bool) -> Callable[[str], Streamed]:
+def chunked_streams(method, kernel: Kernel, chunks: Chunks) -> Callable[[str], Streamed]:
     """`key -> Streamed` for `merging.engine.produce`, in the plan's order. Kernels whose chunk function
     is cheap to build (`kernel.prebuilt`: no pass over the tensor first) also let idle workers start
     the next merged tensor's first chunks while a tensor's last ones run (`Chunks.ahead`); the chunk
@@ -262,8 +261,8 @@ def chunked_streams(method, kernel: Kernel, chunks: Chunks, propagates: bool) ->
             nkey = following.get(key)
             if nkey is None:
                 return None
-            built[nkey] = _runner(method, kernel, chunks, nkey, propagates)
+            built[nkey] = _runner(method, kernel, chunks, nkey)
             return nkey, built[nkey]
 
         chunks.ahead = ahead
-    return lambda key: stream_tensor(method, kernel, chunks, key, propagates, built.pop(key, None))
+    return lambda key: stream_tensor(method, kernel, chunks, key, built.pop(key, None))

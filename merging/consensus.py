@@ -14,7 +14,15 @@ import torch
 from .engine import Context
 from .methods import METHODS, MergeMethod, TaskArithmetic, Ties, _check_lam, _per_task
 
-__all__ = ["Consensus", "tall_mask_tensors", "usage_count", "make_mtv_method"]
+__all__ = ["Consensus", "check_tall_lam", "tall_mask_tensors", "usage_count", "make_mtv_method"]
+
+
+def check_tall_lam(name: str, lam: Any) -> None:
+    """λ of the TALL masks: a finite number ≥ 0, or one per task (a negative λ keeps every entry
+    whatever the other tasks do, which is λ = 0's mask under another name)."""
+    _check_lam(name, lam, allow_list=True)
+    if any(v < 0 for v in (lam if isinstance(lam, Sequence) and not isinstance(lam, str) else [lam])):
+        raise ValueError(f"{name} must be ≥ 0, got {lam!r}")
 
 
 def tall_mask_tensors(taus: Sequence[torch.Tensor], mtv: torch.Tensor, lams: Sequence[float],
@@ -63,7 +71,7 @@ class Consensus(MergeMethod):
         k = self.hp["k"]
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"k (minimum number of tasks using a weight) must be an int ≥ 0, got {k!r}")
-        _check_lam("tall_lam", self.hp["tall_lam"], allow_list=True)
+        check_tall_lam("tall_lam", self.hp["tall_lam"])
         base = self.hp["base"]
         if base == "task_arithmetic":
             self.base = make_mtv_method("sum", {})

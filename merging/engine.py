@@ -2,7 +2,8 @@
 
 A `Context` reads one tensor at a time from the sources, in the key's compute dtype, checking each
 source tensor for NaN/Inf the first time it is read (or, for methods whose output is non-finite
-whenever an input is, checking the output and tracing a failure back to its input). It also owns the
+whenever an input is, only tracing a non-finite output back to its input). Every output is checked
+after its cast to the output dtype, so an overflow is an error, not a silent Inf. It also owns the
 scratch buffers the kernels reuse from key to key. `produce` walks the key plan and yields the output
 tensors one by one; the callers only differ in where those go (a dict, or a file being written).
 """
@@ -16,7 +17,7 @@ import torch
 from .keys import DEFAULT_TASK_KEYS, KeyPlan, plan_keys
 from .sources import MergeInputError, StateSource, open_sources
 
-__all__ = ["Context", "KeyOptions", "open_context", "produce", "torch_threads"]
+__all__ = ["Context", "KeyOptions", "all_finite", "open_context", "produce", "torch_threads"]
 
 
 @contextmanager
@@ -37,6 +38,13 @@ def torch_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """No NaN/Inf in `x`: a finite sum proves it (any NaN/Inf poisons the sum); only a sum that
+    overflows needs the element-wise check. Half-precision sums accumulate in float32."""
+    s = x.sum(dtype=torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x.sum()
+    return bool(torch.isfinite(s)) or bool(torch.isfinite(x).all())
 
 
 class KeyOptions(dict):
@@ -112,10 +120,10 @@ class Context:
             )
 
     def check_output(self, key: str, out: torch.Tensor) -> None:
-        """For methods that propagate NaN/Inf: a non-finite output is traced back to the input at fault."""
-        if not self.check_finite or not out.is_floating_point() or torch.isfinite(out.sum()) or torch.isfinite(out).all():
-            return
-        self.trace_nonfinite(key)
+        """A non-finite output (in the output dtype: a cast can overflow too) is traced back to the input
+        at fault, or reported as an overflow."""
+        if self.check_finite and out.is_floating_point() and not all_finite(out):
+            self.trace_nonfinite(key)
 
     def trace_nonfinite(self, key: str) -> None:
         """The output for `key` is non-finite: raise naming the input at fault (or an overflow)."""
@@ -209,15 +217,13 @@ def produce(method, ctx: Context, fused: Callable[[str], object] | None = None) 
             ctx.check_outputs_only = propagates
             out = method.merge_tensor(ctx, key)
             ctx.check_outputs_only = False
-            if propagates:
-                ctx.check_output(key, out)
         elif kind == "copy":
             out = ctx.raw_pre(key)
-            if out.is_floating_point():
-                ctx.check_output(key, out)
         else:  # "average": BN statistics under bn="average"
             out = torch.zeros(plan.infos[key].shape, dtype=plan.compute[key])
             for t in range(ctx.T):
                 out.add_(ctx.ft(key, t))
             out.div_(ctx.T)
-        yield key, out.to(dtype)
+        out = out.to(dtype)
+        ctx.check_output(key, out)  # every method's output, after the cast (an fp16 output can overflow there)
+        yield key, out

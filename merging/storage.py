@@ -30,7 +30,7 @@ from .methods import SELECTS
 from .safetensors_source import SafetensorsSource
 from .state_source import MergeInputError, TensorInfo
 from .streaming import SafetensorsWriter, output_file, resolve_output
-from .tall import TallKernel, TallMasks, _copied, reconstruct_tensor
+from .tall import TallKernel, TallMasks, _copied, check_merged, reconstruct_tensor
 
 __all__ = ["write_tall_store", "save_tall_masks", "open_store", "TallStore", "load_task_model", "store_report"]
 
@@ -196,7 +196,8 @@ def write_tall_store(
         def entries():
             for key in ctx.iter_keys(plan.order):
                 if plan.kind[key] == "merge":
-                    _, mtv_t, ms = kernel.tensor(ctx, key)
+                    pre, mtv_t, ms = kernel.tensor(ctx, key)
+                    check_merged(ctx, key, pre, mtv_t)
                     yield f"theta0/{key}", ctx.raw_pre(key)
                     yield f"tau/{key}", mtv_t
                     for t, m in enumerate(ms):

@@ -176,8 +176,7 @@ def merge_to_file(
                 raise ValueError(f"threads must be an int ≥ 1, got {threads!r}")
             n_chunk = chunk if chunk is not None else getattr(kernel, "chunk", DEFAULT_CHUNK)
             ctx.chunks = Chunks(ctx, n_chunk, workers=threads or torch.get_num_threads())
-            propagates = getattr(m, "propagates_nonfinite", False)
-            streamed = chunked_streams(m, kernel, ctx.chunks, propagates)
+            streamed = chunked_streams(m, kernel, ctx.chunks)
         # the chunked kernels parallelise over chunks, each operation on one thread
         with torch_threads(1 if kernel is not None else threads):
             m.prepare(ctx, select)

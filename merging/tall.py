@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from .engine import Context, KeyOptions, open_context, torch_threads
-from .consensus import make_mtv_method, tall_mask_tensors, usage_count
-from .methods import SELECTS, _check_lam, _per_task
+from .consensus import check_tall_lam, make_mtv_method, tall_mask_tensors, usage_count
+from .methods import SELECTS, _per_task
 
 __all__ = ["TallMasks", "tall_masks", "TallKernel", "mask_overlap", "reconstruct_tensor"]
 
@@ -29,9 +29,7 @@ class TallKernel:
     """Per-tensor TALL computation shared by `tall_masks` and the streaming store writer."""
 
     def __init__(self, lam: float | Sequence[float] = 0.4, mtv: str = "sum", ties: dict[str, Any] | None = None):
-        _check_lam("lam", lam, allow_list=True)
-        if any(v < 0 for v in (lam if isinstance(lam, Sequence) else [lam])):
-            raise ValueError(f"lam must be ≥ 0, got {lam!r}")
+        check_tall_lam("lam", lam)
         self.lam_arg, self.mtv = lam, mtv
         self.base = make_mtv_method(mtv, dict(ties or {}))
 
@@ -139,6 +137,7 @@ def _tall_in_memory(ctx: Context, kernel: TallKernel, select: str, mtv: str) -> 
             kept[key] = _copied(ctx, key)
             continue
         p, mtv_t, ms = kernel.tensor(ctx, key)
+        check_merged(ctx, key, p, mtv_t)
         # θ0 in its own dtype is the input's tensor (or a file view): keep a copy, never an alias.
         pre[key] = p.clone() if plan.compute[key] == plan.infos[key].dtype else p
         tau[key] = mtv_t.clone()
@@ -148,14 +147,24 @@ def _tall_in_memory(ctx: Context, kernel: TallKernel, select: str, mtv: str) -> 
     return TallMasks(pre, tau, masks, kept, dtypes, kernel.lams, mtv, plan.task_specific)
 
 
+def check_merged(ctx: Context, key: str, pre: torch.Tensor, tau: torch.Tensor) -> None:
+    """θ0 + τ_MTL in the model's dtype must be finite (an overflow is an error, not a silent Inf): every
+    task model θ0 + m_t ∘ τ_MTL takes each entry from it or from θ0."""
+    if ctx.check_finite:
+        ctx.check_output(key, torch.add(pre, tau).to(ctx.plan.infos[key].dtype))
+
+
 def _copied(ctx: Context, key: str) -> torch.Tensor:
     """A non-merged key's output (copied from θ0, or the fine-tuned average for BN under bn="average")."""
     if ctx.plan.kind[key] == "copy":
-        return ctx.raw_pre(key).clone()
-    acc = torch.zeros(ctx.plan.infos[key].shape, dtype=ctx.plan.compute[key])
-    for t in range(ctx.T):
-        acc.add_(ctx.ft(key, t))
-    return acc.div_(ctx.T).to(ctx.plan.infos[key].dtype)
+        out = ctx.raw_pre(key).clone()
+    else:
+        acc = torch.zeros(ctx.plan.infos[key].shape, dtype=ctx.plan.compute[key])
+        for t in range(ctx.T):
+            acc.add_(ctx.ft(key, t))
+        out = acc.div_(ctx.T).to(ctx.plan.infos[key].dtype)
+    ctx.check_output(key, out)  # as `merging.engine.produce` checks every output
+    return out
 
 
 def mask_overlap(masks) -> dict[str, Any]:

@@ -58,8 +58,7 @@ def merge_step(method: str, folders, hp: dict, chunk: int | None, workers: int, 
                             depth=1 if old else 2)
         with torch_threads(1), always_hint(old):
             m.prepare(ctx, "radix")
-            propagates = getattr(m, "propagates_nonfinite", False)
-            streams = chunked_streams(m, kernel, ctx.chunks, propagates)
+            streams = chunked_streams(m, kernel, ctx.chunks)
             if old:
                 ctx.chunks.ahead = None
             for _, t in produce(m, ctx, streams):

@@ -7,8 +7,8 @@
  * compiler neither reassociates nor fuses what torch rounds separately.
  *
  * dtype codes: 0 = float32, 1 = bfloat16 (the compute dtype is float32 for both). The functions
- * return 1 when a float32 result is NaN or infinite (the caller then redoes the chunk in torch, which
- * owns the error reporting and the bit patterns of non-finite values), else 0.
+ * return 1 when a result, as stored in the output dtype, is NaN or infinite (the caller then redoes
+ * the chunk in torch, which owns the error reporting and the bit patterns of non-finite values), else 0.
  */
 #define _POSIX_C_SOURCE 200809L /* pread */
 #include <errno.h>
@@ -42,17 +42,22 @@ static inline __attribute__((always_inline)) float get(int dtype, const void *p,
     return dtype == 0 ? ((const float *)p)[i] : bf16_to_f32(((const uint16_t *)p)[i]);
 }
 
-static inline __attribute__((always_inline)) void put(int dtype, void *p, int64_t i, float v) {
-    if (dtype == 0)
-        ((float *)p)[i] = v;
-    else
-        ((uint16_t *)p)[i] = f32_to_bf16(v);
-}
-
 static inline __attribute__((always_inline)) uint32_t not_finite(float v) {
     uint32_t u;
     memcpy(&u, &v, sizeof u);
     return (uint32_t)((u & 0x7f800000u) == 0x7f800000u);
+}
+
+/* store v as entry i; 1 when the stored value is NaN or infinite (a finite float32 above bfloat16's
+ * range rounds to infinity there), else 0 */
+static inline __attribute__((always_inline)) uint32_t put(int dtype, void *p, int64_t i, float v) {
+    if (dtype == 0) {
+        ((float *)p)[i] = v;
+        return not_finite(v);
+    }
+    const uint16_t b = f32_to_bf16(v);
+    ((uint16_t *)p)[i] = b;
+    return (uint32_t)((b & 0x7f80u) == 0x7f80u);
 }
 
 /* The loops below are written once and instantiated per dtype (a constant after inlining), so that
@@ -102,14 +107,12 @@ static inline __attribute__((always_inline)) int task_arithmetic(int dtype, int6
             const float l = lams[0];
             for (int64_t i = 0; i < m; i++) {
                 float v = fmaf(acc[i], l, pre[i]);
-                bad |= not_finite(v);
-                put(dtype, o, i, v);
+                bad |= put(dtype, o, i, v);
             }
         } else {
             for (int64_t i = 0; i < m; i++) {
                 float v = pre[i] + acc[i];
-                bad |= not_finite(v);
-                put(dtype, o, i, v);
+                bad |= put(dtype, o, i, v);
             }
         }
     }
@@ -143,8 +146,7 @@ static inline __attribute__((always_inline)) int average(int dtype, int64_t n, i
         char *o = (char *)out + s * es;
         for (int64_t i = 0; i < m; i++) {
             float v = acc[i] / div;
-            bad |= not_finite(v);
-            put(dtype, o, i, v);
+            bad |= put(dtype, o, i, v);
         }
     }
     return bad != 0;
@@ -237,8 +239,7 @@ static inline __attribute__((always_inline)) int ties(int dtype, int64_t n, int 
                 v = v / (cnt[i] > 1.0f ? cnt[i] : 1.0f);
             v = v * lam;
             v = v + pre[i];
-            bad |= not_finite(v);
-            put(dtype, o, i, v);
+            bad |= put(dtype, o, i, v);
         }
     }
     return bad != 0;

@@ -209,3 +209,12 @@ def test_bin_checkpoint_folders_say_what_to_do(tmp_path):
     with pytest.raises(merging.MergeInputError, match=f"{sharded}: found sharded pytorch_model-.*not supported; convert"):
         merging.merge("average", pre, [sharded])
     assert_same(merging.merge("average", pre, [one / "pytorch_model.bin"]), merging.merge("average", pre, [fts[0]]))
+
+
+def test_negative_tall_lambda_is_refused_by_consensus_as_by_tall_masks():
+    pre, fts = make_models(T=2)
+    for lam in (-0.1, [0.3, -1]):
+        with pytest.raises(ValueError, match=r"tall_lam must be ≥ 0"):
+            merging.merge("consensus", pre, fts, tall_lam=lam)
+        with pytest.raises(ValueError, match=r"lam must be ≥ 0"):
+            merging.tall_masks(pre, fts, lam=lam)

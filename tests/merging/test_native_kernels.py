@@ -102,6 +102,18 @@ def test_non_finite_results_are_flagged():
     assert native.average(LIB, [huge, -huge], out) and torch.equal(out, torch.zeros(1000))
 
 
+@needs_lib
+def test_bfloat16_results_rounding_to_inf_are_flagged():
+    """A float32 result finite but above bfloat16's range rounds to Inf when stored: flagged too."""
+    big = torch.finfo(torch.bfloat16).max
+    pre = torch.zeros(1000, dtype=torch.bfloat16)
+    xs = [pre, torch.full((1000,), big, dtype=torch.bfloat16), torch.full((1000,), 1e36, dtype=torch.bfloat16)]
+    out = torch.empty(1000, dtype=torch.bfloat16)
+    assert not native.task_arithmetic(LIB, xs, [1.0], True, out)
+    assert not native.average(LIB, [xs[1], xs[1]], out)  # (max + max) / 2 overflows before the division
+    assert native.task_arithmetic(LIB, xs[:2], [1.0], True, out) and torch.equal(out, xs[1])
+
+
 def _models(folder, dtype, T, seed=0, shapes=((37, 111), (3001,), (5, 7, 3, 3), (9,))):
     g = torch.Generator().manual_seed(seed)
     pre = {f"k{i}.weight": torch.randn(s, generator=g) for i, s in enumerate(shapes)}
