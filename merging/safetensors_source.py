@@ -108,8 +108,16 @@ class SafetensorsSource(StateSource):
                 dt = SAFETENSORS_DTYPES[v["dtype"]]
             except KeyError:
                 raise MergeInputError(f"{path}: tensor {k!r} has unsupported dtype {v.get('dtype')}") from None
-            self._infos[k] = TensorInfo(tuple(v["shape"]), dt)
-            self._offsets[k] = tuple(v["data_offsets"])
+            try:
+                shape, (s, e) = tuple(int(d) for d in v["shape"]), v["data_offsets"]
+                self._offsets[k] = (int(s), int(e))
+            except (KeyError, TypeError, ValueError):
+                raise MergeInputError(f"{path}: tensor {k!r} has a malformed header entry {v}") from None
+            self._infos[k] = TensorInfo(shape, dt)
+        need = self._data_start + max((e for _, e in self._offsets.values()), default=0)
+        size = os.path.getsize(self.path)
+        if size < need:  # a truncated copy or download: said here, not deep inside a read
+            raise MergeInputError(f"{path}: truncated safetensors file: its header needs {need} bytes, the file has {size}")
         self._budget = handle_budget
         self._handle = None
         self._served = 0
@@ -164,9 +172,12 @@ class SafetensorsSource(StateSource):
         return out
 
     def _open(self):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        return safe_open(self.path, framework="pt", device="cpu")
+        try:
+            return safe_open(self.path, framework="pt", device="cpu")
+        except SafetensorError as e:
+            raise MergeInputError(f"{self.path}: {e}") from None
 
     def get(self, key: str) -> torch.Tensor:
         if key not in self._infos:

@@ -211,6 +211,35 @@ def test_bin_checkpoint_folders_say_what_to_do(tmp_path):
     assert_same(merging.merge("average", pre, [one / "pytorch_model.bin"]), merging.merge("average", pre, [fts[0]]))
 
 
+def test_truncated_safetensors_input_names_the_file(tmp_path):
+    """A truncated copy is refused when opened, naming the file (safetensors' own error did not)."""
+    pre, fts = make_models(T=2)
+    pre_dir, ft_dirs = save_models(tmp_path, pre, fts)
+    weights = ft_dirs[0] / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    want = rf"{weights}: truncated safetensors file: its header needs {len(data)} bytes, the file has {len(data) // 2}"
+    for run in (lambda: merging.merge("ties", pre_dir, ft_dirs),
+                lambda: merging.merge_to_file("task_arithmetic", pre_dir, ft_dirs, tmp_path / "out"),
+                lambda: merging.tall_masks(pre_dir, ft_dirs),
+                lambda: merging.write_tall_store(pre_dir, ft_dirs, tmp_path / "store")):
+        with pytest.raises(merging.MergeInputError, match=want):
+            run()
+    store = merging.write_tall_store(pre, fts, tmp_path / "good")
+    data = store.read_bytes()
+    store.write_bytes(data[:-8])
+    with pytest.raises(merging.MergeInputError, match=rf"{store}: truncated safetensors file"):
+        merging.load_task_model(store, 0)
+
+
+def test_malformed_safetensors_header_entry_names_file_and_tensor(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0]}}).encode()
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    with pytest.raises(merging.MergeInputError, match=rf"{path}: tensor 'w' has a malformed header entry"):
+        merging.merge("average", {"w": torch.zeros(2)}, [path])
+
+
 def test_negative_tall_lambda_is_refused_by_consensus_as_by_tall_masks():
     pre, fts = make_models(T=2)
     for lam in (-0.1, [0.3, -1]):
