@@ -14,6 +14,7 @@ Testing, the model folder, metrics.json, plots and the table are the job's.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from mtl.registry import Registry
 
 from .bn import check_bn
 from .evaluation import Evaluator, ImageBatches
-from .pool import HEAD_PREFIX, ModelPool
+from .pool import ModelPool, model_list
 from .report import build_report, print_table, write_report
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,9 @@ class Selection:
     hparams: dict[str, Any]                   # the chosen hyperparameters / learned coefficients
     grid: list[dict[str, Any]] | None = None  # every candidate tried: {"hparams", "val_normalized"}
     test: dict[str, dict[str, float]] | None = None  # per-task test metrics, when not those of `model`
-    extra: dict[str, Any] = field(default_factory=dict)  # more report entries ("mask_overlap" gets a plot)
+    # more report entries ("mask_overlap" gets a plot; "tested", with `test`: whose metrics those are,
+    # also written into the model folder's meta in place of its own scores)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -104,11 +107,20 @@ def grid_search(job: MergeJob, method: str, hp: Mapping[str, Any]) -> Selection:
         model = job.model(job.merge(method, **kw))
         val = job.val_normalized(model)
         grid.append({"hparams": kw, "val_normalized": val})
-        if best is None or val > best["val_normalized"]:
+        if best is None or better(val, best["val_normalized"]):
             best, best_model = grid[-1], model
         del model
         bar.update(i + 1, f"λ={kw.get('lam', 'default')} val normalized {val:.4f}")
+    if len(grid) > 1 and math.isnan(best["val_normalized"]):
+        raise ValueError(f"merge={method}: every λ candidate scored NaN on validation "
+                         f"{[g['hparams'].get('lam') for g in grid]}; nothing to choose from")
     return Selection(best_model, dict(best["hparams"]), grid=grid)
+
+
+def better(val: float, best: float) -> bool:
+    """`val` beats `best` (a NaN never wins, and loses to any number: it would otherwise win or lose by its
+    place in the grid)."""
+    return not math.isnan(val) and (math.isnan(best) or val > best)
 
 
 def grid_candidates(hp: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -121,8 +133,12 @@ def grid_candidates(hp: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def precheck(name: str, hp: Mapping[str, Any]) -> None:
-    """The hyperparameters of a grid-searched state-dict method, checked before any model is loaded or
+    """The hyperparameters of a grid-searched state-dict method (or tall_masks), checked before any model is loaded or
     evaluated (a bad `k` or λ would otherwise surface after the whole pool's individual evaluation)."""
+    if name == "tall_masks":
+        from .tall_job import precheck_tall
+
+        return precheck_tall(hp)
     if name not in GRID_METHODS:
         return
     from .engine import KeyOptions
@@ -171,50 +187,6 @@ def select_consensus(job: MergeJob, hp: Mapping[str, Any]) -> Selection:
     return sel
 
 
-@CLI_METHODS.register("tall_masks")
-def select_tall(job: MergeJob, hp: Mapping[str, Any]) -> Selection:
-    """TALL masks: λ_t picked per task on its own validation split (or `lam` as given); optionally the
-    compressed store, whose task models are then the ones tested."""
-    pre, fts, names, ev = job.pool.pretrained, job.pool.member_paths, job.evaluator.names, job.evaluator
-    if len(names) != len(fts):
-        raise ValueError("tall_masks needs one task per fine-tuned model (its masks are per model); "
-                         f"the pool's models hold the tasks {[m.tasks for m in job.pool.members]}")
-    opts = {k: v for k, v in hp.items() if k not in ("lam", "lam_grid")}
-    grid = None
-    if hp.get("lam") is not None:
-        lam = hp["lam"]
-        lams = [float(v) for v in lam] if isinstance(lam, list) else [float(lam)] * len(names)
-    else:
-        per_task: dict[str, list[tuple[float, float]]] = {t: [] for t in names}
-        grid = []
-        lam_grid = hp.get("lam_grid") or [0.2, 0.3, 0.4, 0.5, 0.6]
-        bar = ProgressLog("[tall_masks] λ grid", len(lam_grid), unit="candidates", every_seconds=0,
-                          enabled=ev.progress)
-        for lam in lam_grid:
-            tm = merging.tall_masks(pre, fts, lam=lam, **opts)
-            scores = {}
-            for i, t in enumerate(names):
-                scores[t] = ev.normalized(t, ev.run(job.model(tm.reconstruct(i)), t, "val"), "val")
-                per_task[t].append((scores[t], lam))
-            grid.append({"hparams": {"lam": lam}, "val_normalized": scores})
-            del tm
-            bar.update(len(grid), f"λ={lam} val normalized " + " ".join(f"{t} {v:.4f}" for t, v in scores.items()))
-        lams = [max(per_task[t])[1] for t in names]
-    tm = merging.tall_masks(pre, fts, lam=lams, **opts)
-    extra: dict[str, Any] = {"mask_overlap": merging.mask_overlap(tm)}
-    if job.cfg.get("store"):
-        store = merging.write_tall_store(pre, fts, job.run_dir / "tall_store", lam=lams, tasks=names,
-                                         overwrite=bool(job.cfg.overwrite), **opts)
-        extra["store"] = {"path": str(store), **merging.store_report(store)}
-        rebuild = lambda i, t: {k: v for k, v in merging.load_task_model(store, t).items()  # noqa: E731
-                                if not k.startswith(HEAD_PREFIX)}
-    else:
-        rebuild = lambda i, t: tm.reconstruct(i)  # noqa: E731
-    test = {t: ev.run(job.model(rebuild(i, t)), t, "test") for i, t in enumerate(names)}
-    selected = {"lam": dict(zip(names, lams)), **opts}
-    return Selection(job.model(tm.merged), selected, grid=grid, test=test, extra=extra)
-
-
 def build_smoke_pool(root: Path) -> ModelPool:
     """A seconds-long real pool: a tiny base trained on scenes classification, fine-tuned on 2 tasks."""
     from mtl.train import run as train
@@ -230,7 +202,7 @@ def resolve_pool(cfg: DictConfig, run_dir: Path) -> ModelPool:
     if cfg.get("pool"):
         return ModelPool.from_manifest(cfg.pool)
     if cfg.get("pretrained") and cfg.get("models"):
-        return ModelPool.from_folders(cfg.pretrained, list(cfg.models))
+        return ModelPool.from_folders(cfg.pretrained, model_list(cfg.models, "models"))
     if cfg.get("smoke_pool"):
         return build_smoke_pool(run_dir / "smoke_pool")
     raise ValueError("nothing to merge: pass pretrained=<folder> models=[<folder>,...] or pool=<manifest.json>")
@@ -243,11 +215,28 @@ def _method(cfg: DictConfig) -> tuple[str, CliMethod, dict[str, Any]]:
         raise ValueError(f"unknown merge method {name!r}; valid: {', '.join(CLI_METHODS.names())}")
     if name in GRID_METHODS:  # a null hyperparameter (a convention's key left unset) takes the method's default
         hp = {k: v for k, v in hp.items() if v is not None or k == "lam"}
+    if name == "dare" and hp.get("base", "task_arithmetic") == "task_arithmetic" and hp.get("convention") != "mergekit":
+        hp = _without_ties_keys(hp)
     if hp.get("convention") == "mergekit":  # the configs carry the papers' k, merge_func, p, seed
         from .mergekit import from_paper_hparams
 
         hp = from_paper_hparams(name, hp)
     return name, CLI_METHODS.get(name), hp
+
+
+def _without_ties_keys(hp: dict[str, Any]) -> dict[str, Any]:
+    """`merge=dare` with `base=task_arithmetic`: dare.yaml carries TIES's `k` and `merge_func` (its default
+    base is TIES); at their defaults they are dropped, and one the user changed is an error naming it."""
+    ties, ta = merging.METHODS.get("ties").defaults, merging.METHODS.get("task_arithmetic").defaults
+    out = {}
+    for k, v in hp.items():
+        if k in ties and k not in ta:
+            if v != ties[k]:
+                raise ValueError(f"merge=dare: merge.{k}={v!r} is a TIES hyperparameter, unused with "
+                                 "merge.base=task_arithmetic; remove it or set merge.base=ties")
+            continue
+        out[k] = v
+    return out
 
 
 def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
@@ -269,7 +258,11 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     test = sel.test if sel.test is not None else ev.run_all(sel.model, "test")
     report = build_report(name, ev, sel, test)
     report["seconds"] = round(time.perf_counter() - start, 2)
-    meta = {"merge": {"method": name, **report["selected"]}, "test": test}
+    meta: dict[str, Any] = {"merge": {"method": name, **report["selected"]}}
+    if sel.test is None:  # the scores of this very folder
+        meta["test"] = test
+    elif "tested" in sel.extra:  # the run's scores are other models' (TALL's task models): say whose
+        meta["tested"] = sel.extra["tested"]
     datas = [m.data for m in pool.members]
     if datas[0] and all(d == datas[0] for d in datas):  # one data config for all inputs holds for the merge
         meta["data"] = datas[0]
@@ -288,9 +281,9 @@ def _input_paths(cfg: DictConfig, run_dir: Path) -> tuple[Path, list[Path]]:
             raise ValueError(f"{cfg.pool}: missing key {missing[0]!r}")
         here = Path(cfg.pool).parent
         resolve = lambda p: Path(p) if Path(p).is_absolute() else here / p  # noqa: E731
-        return resolve(spec["pretrained"]), [resolve(p) for p in spec["models"]]
+        return resolve(spec["pretrained"]), [resolve(p) for p in model_list(spec["models"], f'{cfg.pool}: "models"')]
     if cfg.get("pretrained") and cfg.get("models"):
-        return Path(cfg.pretrained), [Path(m) for m in cfg.models]
+        return Path(cfg.pretrained), [Path(m) for m in model_list(cfg.models, "models")]
     if cfg.get("smoke_pool"):
         pool = build_smoke_pool(run_dir / "smoke_pool")
         return pool.pretrained, pool.member_paths
@@ -358,4 +351,5 @@ def run(overrides: list[str] | None = None, run_dir: str | Path | None = None) -
     return run_merge(cfg, run_dir)
 
 
+from . import tall_job as _tall_job  # noqa: E402,F401  (registers tall_masks)
 from .learned import cli as _learned_cli  # noqa: E402,F401  (registers adamerging, atlas, concrete_ta, concrete_adamerging)

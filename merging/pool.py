@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,6 +39,7 @@ class ModelPool:
 
     @classmethod
     def from_folders(cls, pretrained: str | Path, models: Sequence[str | Path]) -> "ModelPool":
+        models = model_list(models, "models")
         if not models:
             raise ValueError("no fine-tuned models given: pass models=[folder,...] or pool=<manifest.json>")
         pre_cfg = read_model_config(pretrained)["model"]
@@ -70,7 +72,8 @@ class ModelPool:
                 raise ValueError(f"{path}: missing key {key!r}")
         base = Path(path).parent
         resolve = lambda p: (base / p) if not Path(p).is_absolute() else Path(p)  # noqa: E731
-        return cls.from_folders(resolve(spec["pretrained"]), [resolve(p) for p in spec["models"]])
+        models = model_list(spec["models"], f'{path}: "models"')
+        return cls.from_folders(resolve(spec["pretrained"]), [resolve(p) for p in models])
 
     @property
     def task_names(self) -> list[str]:
@@ -102,6 +105,15 @@ class ModelPool:
         from mtl.io import load_model
 
         return load_model(self.members[i].path)
+
+
+def model_list(models: Any, where: str) -> list:
+    """`models` as a list; one string (a single folder, or `models=a` without brackets on the command
+    line) is refused: it would be taken character by character."""
+    if isinstance(models, (str, os.PathLike)):
+        raise ValueError(f"{where} must be a list of model folders, got the single path {str(models)!r} "
+                         "(on the command line: models=[a,b])")
+    return list(models)
 
 
 def _arch(key: str, cfg: dict[str, Any] | None, heads: bool = False) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import merging
 import mtl
@@ -134,6 +135,7 @@ def test_tall_masks_store_gives_the_in_memory_metrics(pool, tmp_path):
     stored = run([*args, "store=true"], run_dir=tmp_path / "tall")
     plain = run(args, run_dir=tmp_path / "plain")
     assert stored["tasks"] == plain["tasks"] and stored["selected"] == plain["selected"]
+    assert (tmp_path / "plain" / "tall_store" / "tall.safetensors").is_file()  # written with or without store=true
     store = stored["store"]
     assert store["tasks"] == 2 and store["bytes_stored"] == (tmp_path / "tall" / "tall_store" / "tall.safetensors").stat().st_size
     assert store["ratio"] == pytest.approx(store["bytes_stored"] / store["bytes_full_models"])
@@ -143,6 +145,102 @@ def test_tall_masks_store_gives_the_in_memory_metrics(pool, tmp_path):
     assert sum(stored["mask_overlap"]["counts"]) == stored["mask_overlap"]["params"] > 0
     with pytest.raises(ValueError, match="store=true writes a TALL-mask store .*merge=ties has none"):
         run(_args(pool, "merge=ties", batches=1) + ["store=true"], run_dir=tmp_path / "ties")
+
+
+def test_tall_masks_model_folder_describes_itself_and_the_tested_models_rebuild(pool, tmp_path):
+    """The folder holds θ0 + τ_MTL, so it carries no test scores of its own; metrics.json says its scores
+    are the per-task TALL models', which the run's store rebuilds to the same scores."""
+    from merging.evaluation import Evaluator
+
+    report = run(_args(pool, "merge=tall_masks", "merge.lam=0.3", batches=1), run_dir=tmp_path / "t")
+    store = tmp_path / "t" / "tall_store" / "tall.safetensors"
+    assert report["store"]["path"] == str(store) and "TALL model" in report["tested"] and str(store) in report["tested"]
+    model = mtl.load_model(tmp_path / "t" / "model")
+    assert "test" not in model.meta and model.meta["tested"] == report["tested"]
+    merged = merging.tall_masks(pool.pretrained, pool.member_paths, lam=0.3).merged
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in merged.items())
+    ev = Evaluator(pool, 1, progress=False)
+    for t in pool.task_names:
+        rebuilt = pool.merged_model(merging.load_task_model(store, t, include_task_keys=False))
+        assert ev.run(rebuilt, t, "test") == report["tasks"][t]["merged"]
+
+
+def test_dare_with_the_task_arithmetic_base(pool, tmp_path):
+    """dare.yaml carries TIES's k and merge_func (its default base): dropped for base=task_arithmetic."""
+    models = ",".join(str(p) for p in pool.member_paths)
+    args = ["eval=none", "merge=dare", "merge.base=task_arithmetic", "merge.lam=0.5",
+            f"pretrained={pool.pretrained}", f"models=[{models}]"]
+    report = run(args, run_dir=tmp_path / "d")
+    assert report["selected"]["base"] == "task_arithmetic" and "k" not in report["selected"]
+    want = merging.merge("dare", pool.pretrained, pool.member_paths, base="task_arithmetic", lam=0.5)
+    got = load_file(str(tmp_path / "d" / "model" / "model.safetensors"))
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+    with pytest.raises(ValueError, match=r"merge=dare: merge.k=30 is a TIES hyperparameter, unused with "
+                                         r"merge.base=task_arithmetic"):
+        run([*args, "merge.k=30"], run_dir=tmp_path / "k")
+
+
+@pytest.mark.parametrize("evaluated", [True, False])
+def test_models_given_as_one_string_is_refused(tmp_path, evaluated):
+    args = ["merge=ties", "pretrained=/nope", "models=/nope/ft"] + ([] if evaluated else ["eval=none"])
+    with pytest.raises(ValueError, match=r"models must be a list of model folders, got the single path "
+                                         r"'/nope/ft' \(on the command line: models=\[a,b\]\)"):
+        run(args, run_dir=tmp_path / "r")
+    manifest = tmp_path / "pool.json"
+    manifest.write_text(json.dumps({"pretrained": "/nope", "models": "/nope/ft"}))
+    with pytest.raises(ValueError, match=rf'{manifest}: "models" must be a list of model folders'):
+        run(["merge=ties", f"pool={manifest}"] + ([] if evaluated else ["eval=none"]), run_dir=tmp_path / "m")
+
+
+@pytest.mark.parametrize("override, match", [
+    ("merge.mtv=foo", r"merge=tall_masks: mtv must be 'sum' or 'ties', got 'foo'"),
+    ("merge.lam_grid=[0.3,-1]", r"merge=tall_masks, lam_grid value -1: lam must be ≥ 0"),
+    ("merge.lam=nan", r"merge=tall_masks: lam must be a finite number"),
+    ("+merge.lam_gird=[0.1]", r"merge=tall_masks: unknown hyperparameter\(s\) lam_gird; accepted: .*lam_grid"),
+    ("+merge.k=150", r"merge=tall_masks: k is a percentage in \[0, 100\], got 150"),
+])
+def test_bad_tall_hyperparameters_are_refused_before_the_pool_is_loaded(tmp_path, monkeypatch, override, match):
+    import merging.job as job
+
+    def no_pool(*a, **k):
+        raise AssertionError("the pool was loaded before the hyperparameters were checked")
+
+    monkeypatch.setattr(job, "resolve_pool", no_pool)
+    extra = ["merge.mtv=ties"] if override == "+merge.k=150" else []
+    with pytest.raises(ValueError, match=match):
+        run(["merge=tall_masks", "pretrained=/nope", "models=[/nope]", *extra, override], run_dir=tmp_path / "bad")
+
+
+def test_a_nan_validation_score_never_wins_the_grid():
+    from merging import job as J
+    from merging.tall_job import _best_lam
+
+    class FakeJob:
+        evaluator = type("Ev", (), {"progress": False})()
+
+        def __init__(self, vals):
+            self.vals = iter(vals)
+
+        def merge(self, method, **kw):
+            return kw
+
+        def model(self, shared):
+            return shared
+
+        def val_normalized(self, model):
+            return next(self.vals)
+
+    hp = {"lam": None, "lam_grid": [0.1, 0.5, 0.9]}
+    for vals, want in [([float("nan"), 0.5, 0.4], 0.5), ([0.2, float("nan"), 0.1], 0.1), ([0.2, 0.3, float("nan")], 0.5)]:
+        assert J.grid_search(FakeJob(vals), "task_arithmetic", hp).hparams["lam"] == want, vals
+    with pytest.raises(ValueError, match=r"merge=ties: every λ candidate scored NaN on validation \[0.1, 0.5, 0.9\]"):
+        J.grid_search(FakeJob([float("nan")] * 3), "ties", hp)
+    assert J.grid_search(FakeJob([float("nan")]), "ties", {"lam": 0.3}).hparams["lam"] == 0.3  # nothing to choose
+    nan = float("nan")
+    assert _best_lam("a", [(nan, 0.2), (0.4, 0.3), (0.4, 0.5), (0.1, 0.6)]) == 0.5
+    with pytest.raises(ValueError, match=r"task a's TALL model scored NaN on validation for every λ tried \[0.2, 0.3\]"):
+        _best_lam("a", [(nan, 0.2), (nan, 0.3)])
 
 
 def test_merge_app_offers_no_training_experiments(tmp_path):

@@ -1,0 +1,117 @@
+"""``mtl-merge merge=tall_masks``: TALL masks with λ_t picked per task on validation.
+
+The run folder holds the compressed TALL store (`<run>/tall_store`: θ0 + τ_MTL + one bit-packed mask
+per task), and the test scores reported are those of each task's TALL model θ0 + m_t ∘ τ_MTL, rebuilt
+from that store (`merging.load_task_model(store, task)`). The model folder holds θ0 + τ_MTL with every
+task's head: the one multi-task model the masks apply to, which is not itself tested.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import merging
+from mtl.progress_log import ProgressLog
+
+from .consensus import make_mtv_method
+from .engine import KeyOptions
+from .job import CLI_METHODS, MergeJob, Selection
+from .methods import SELECTS
+from .tall import TallKernel
+
+__all__ = ["precheck_tall", "select_tall"]
+
+DEFAULT_GRID = [0.2, 0.3, 0.4, 0.5, 0.6]
+#: `merging.tall_masks`'s options with their defaults (the key options aside)
+_OPTIONS = {n: p.default for n, p in inspect.signature(merging.tall_masks).parameters.items()
+            if p.kind is p.KEYWORD_ONLY or n in ("lam", "mtv")}
+ACCEPTED = sorted({"lam_grid", *_OPTIONS, *KeyOptions.DEFAULTS})
+
+
+def _lams_tried(hp: Mapping[str, Any]) -> list[Any]:
+    if hp.get("lam") is not None:
+        return [hp["lam"]]
+    grid = hp.get("lam_grid") or DEFAULT_GRID
+    return list(grid) if isinstance(grid, (list, tuple)) else [grid]
+
+
+def precheck_tall(hp: Mapping[str, Any]) -> None:
+    """Unknown keys, `mtv`, `select`, TIES's options and every λ tried, checked before the pool is
+    loaded and evaluated."""
+    unknown = sorted(set(hp) - set(ACCEPTED))
+    if unknown:
+        raise ValueError(f"merge=tall_masks: unknown hyperparameter(s) {', '.join(unknown)}; accepted: {', '.join(ACCEPTED)}")
+    o = {**_OPTIONS, **{k: v for k, v in hp.items() if k in _OPTIONS and v is not None}}
+    try:
+        if o["select"] not in SELECTS:
+            raise ValueError(f"select must be one of {SELECTS}, got {o['select']!r}")
+        make_mtv_method(o["mtv"], {"k": o["k"], "merge_func": o["merge_func"], "trim": o["trim"]})
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"merge=tall_masks: {e}") from None
+    searched = hp.get("lam") is None
+    for lam in _lams_tried(hp):
+        try:
+            TallKernel(lam)
+        except ValueError as e:
+            where = f", lam_grid value {lam!r}" if searched else ""
+            raise ValueError(f"merge=tall_masks{where}: {e}") from None
+
+
+def _best_lam(task: str, tried: list[tuple[float, float]]) -> float:
+    """The λ whose TALL model scored best on the task's validation split (the larger λ among equal
+    scores); NaN scores are skipped, and a search where every λ scored NaN is an error."""
+    finite = [(s, lam) for s, lam in tried if not math.isnan(s)]
+    if not finite and len(tried) > 1:
+        raise ValueError(f"merge=tall_masks: task {task}'s TALL model scored NaN on validation for every λ tried "
+                         f"{[lam for _, lam in tried]}; nothing to choose from")
+    return max(finite or tried)[1]
+
+
+def _search(job: MergeJob, hp: Mapping[str, Any], opts: dict[str, Any]) -> tuple[list[float], list[dict[str, Any]]]:
+    """λ_t per task from `lam_grid`: each λ's masks, each task's TALL model scored on its validation split."""
+    pre, fts, names, ev = job.pool.pretrained, job.pool.member_paths, job.evaluator.names, job.evaluator
+    per_task: dict[str, list[tuple[float, float]]] = {t: [] for t in names}
+    grid: list[dict[str, Any]] = []
+    lams = _lams_tried(hp)
+    bar = ProgressLog("[tall_masks] λ grid", len(lams), unit="candidates", every_seconds=0, enabled=ev.progress)
+    for lam in lams:
+        tm = merging.tall_masks(pre, fts, lam=lam, **opts)
+        scores = {}
+        for i, t in enumerate(names):
+            scores[t] = ev.normalized(t, ev.run(job.model(tm.reconstruct(i)), t, "val"), "val")
+            per_task[t].append((scores[t], lam))
+        grid.append({"hparams": {"lam": lam}, "val_normalized": scores})
+        del tm
+        bar.update(len(grid), f"λ={lam} val normalized " + " ".join(f"{t} {v:.4f}" for t, v in scores.items()))
+    return [_best_lam(t, per_task[t]) for t in names], grid
+
+
+@CLI_METHODS.register("tall_masks")
+def select_tall(job: MergeJob, hp: Mapping[str, Any]) -> Selection:
+    """TALL masks: λ_t picked per task on its own validation split (or `lam` as given); the store is
+    written into the run folder and each task's model rebuilt from it is the one tested."""
+    fts, names, ev = job.pool.member_paths, job.evaluator.names, job.evaluator
+    if len(names) != len(fts):
+        raise ValueError("tall_masks needs one task per fine-tuned model (its masks are per model); "
+                         f"the pool's models hold the tasks {[m.tasks for m in job.pool.members]}")
+    opts = {k: v for k, v in hp.items() if k not in ("lam", "lam_grid")}
+    grid = None
+    if hp.get("lam") is not None:
+        lam = hp["lam"]
+        lams = [float(v) for v in lam] if isinstance(lam, list) else [float(lam)] * len(names)
+    else:
+        lams, grid = _search(job, hp, opts)
+    store = merging.write_tall_store(job.pool.pretrained, fts, job.run_dir / "tall_store", lam=lams, tasks=names,
+                                     overwrite=bool(job.cfg.get("overwrite")), **opts)
+    with merging.open_store(store) as st:
+        test = {t: ev.run(job.model(st.task_model(t, include_task_keys=False)), t, "test") for t in names}
+        extra: dict[str, Any] = {
+            "tested": f"each task's TALL model θ0 + m_t ∘ τ_MTL, rebuilt from {store} (merging.load_task_model); "
+                      "the model folder holds θ0 + τ_MTL, which is not tested",
+            "store": {"path": str(store), **st.report()},
+            "mask_overlap": merging.mask_overlap(st),
+        }
+        merged = job.model(st.merged())
+    return Selection(merged, {"lam": dict(zip(names, lams)), **opts}, grid=grid, test=test, extra=extra)
