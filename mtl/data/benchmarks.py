@@ -40,7 +40,9 @@ def resolve_size(size: int | list[int] | tuple[int, int] | None, stored: tuple[i
 
 def resize_sample(sample: dict[str, torch.Tensor], hw: tuple[int, int]) -> dict[str, torch.Tensor]:
     """Resize one sample's (C, H, W) / (H, W) tensors: bilinear for the image, nearest for targets
-    (labels must stay class ids, and averaging depth or normals would blend in the invalid zeros)."""
+    (labels must stay class ids, and averaging depth or normals would blend in the invalid zeros).
+    Targets take the source pixel under each output pixel's centre ("nearest-exact", as PIL's
+    nearest), the point the bilinear image is centred on; plain "nearest" samples half a pixel left/up."""
     out = {}
     for key, t in sample.items():
         if tuple(t.shape[-2:]) == hw:
@@ -51,7 +53,7 @@ def resize_sample(sample: dict[str, torch.Tensor], hw: tuple[int, int]) -> dict[
             y = F.interpolate(x.float(), size=hw, mode="bilinear", antialias=True, align_corners=False)
             y = y.round().clamp(0, 255).to(t.dtype)
         else:
-            y = F.interpolate(x.float(), size=hw, mode="nearest").to(t.dtype)
+            y = F.interpolate(x.float(), size=hw, mode="nearest-exact").to(t.dtype)
         out[key] = y[0, 0] if t.ndim == 2 else y[0]
     return out
 

@@ -79,10 +79,12 @@ def _decode_images(ds, column: str, size: int | None, label: bool) -> np.ndarray
 
 
 def _resize(x: torch.Tensor, size: int | None, nearest: bool) -> torch.Tensor:
+    """Bilinear (antialiased) for images; for targets the pixel under each output pixel's centre
+    ("nearest-exact", as PIL's nearest for ``Image`` columns), so they stay aligned with the image."""
     if size is None or tuple(x.shape[-2:]) == (size, size):
         return x
     if nearest:
-        return F.interpolate(x.float(), size=(size, size), mode="nearest").to(x.dtype)
+        return F.interpolate(x.float(), size=(size, size), mode="nearest-exact").to(x.dtype)
     y = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return y.round().clamp(0, 255).to(x.dtype) if x.dtype == torch.uint8 else y
 

@@ -77,6 +77,23 @@ def test_resize_is_nearest_for_targets(tmp_path):
     assert create_datamodule("nyuv2", root=str(root), size=3).dataset("train").tensors["image"].shape[-2:] == (3, 4)
 
 
+def test_resized_targets_sample_the_pixel_under_the_image_pixels_centre():
+    """6 -> 2 columns, a step after source column 3: output column 1 covers source columns 3..5 and
+    is centred on column 4 (dark); the bilinear image is dark there (96), so the targets must be too.
+    Plain "nearest" sampled column 3 (bright): the targets sat half an output pixel off the image."""
+    from mtl.data.benchmarks import resize_sample
+
+    img = torch.zeros(3, 6, 6, dtype=torch.uint8)
+    img[:, :, :4] = 255
+    label = torch.zeros(6, 6, dtype=torch.uint8)
+    label[:, :4] = 1
+    depth = torch.ones(1, 6, 6)
+    depth[:, :, :4] = 2.0
+    out = resize_sample({"image": img, "semseg": label, "depth": depth}, (2, 2))
+    assert out["image"][0, 0].tolist() == [255, 96]
+    assert out["semseg"][0].tolist() == [1, 0] and out["depth"][0, 0].tolist() == [2.0, 1.0]
+
+
 def test_cityscapes_7_and_19_classes(tmp_path):
     root = write_npy_layout(tmp_path / "cs", classes=7, normals=False)
     dm = create_datamodule("cityscapes", root=str(root), size=None)

@@ -216,3 +216,17 @@ def test_parquet_image_structs_without_metadata_are_decoded(tmp_path):
     got = torch.cat([dm.dataset(s).tensors["image"] for s in ("train", "val", "test")])
     order = torch.cat([dm.dataset(s).tensors["classification"] for s in ("train", "val", "test")])
     assert torch.equal(got, torch.from_numpy(arrays[order.numpy()]).permute(0, 3, 1, 2))
+
+
+def test_resized_label_maps_stay_on_their_images_pixels(tmp_path):
+    """6x6 -> 2x2, a step after column 3: output column 1 is centred on source column 4 (dark, the
+    image 96 there); the mask and depth take that pixel, not column 3 as plain "nearest" did."""
+    img = np.zeros((4, 6, 6, 3), np.uint8)
+    img[:, :, :4] = 255
+    mask = np.zeros((4, 6, 6), np.uint8)
+    mask[:, :, :4] = 1
+    ds = _save(tmp_path / "ds", img=img.tolist(), mask=mask.tolist(), d=(mask + 1.0).tolist())
+    t = HFImageDataModule(ds, image_column="img", columns={"mask": "semseg", "d": "depth"}, size=2,
+                          val_fraction=0.25, test_fraction=0.25).dataset("train").tensors
+    assert t["image"][0, 0, 0].tolist() == [255, 96]
+    assert t["semseg"][0, 0].tolist() == [1, 0] and t["depth"][0, 0, 0].tolist() == [2.0, 1.0]
