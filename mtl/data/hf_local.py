@@ -218,8 +218,9 @@ class HFImageDataModule(TensorDataModule):
                     t = t[:, 0] if t.ndim == 4 else t
                     out[key] = t.to(torch.int64)
                 elif key == "normals" and t.dtype == torch.uint8:
-                    # the usual 8-bit PNG encoding maps [-1, 1] to 0..255
-                    out[key] = F.normalize(t.to(torch.float32) / 127.5 - 1, dim=1)
+                    # the usual 8-bit PNG encoding maps [-1, 1] to 0..255; all-zero pixels stay 0 (invalid)
+                    valid = (t != 0).any(dim=1, keepdim=True)
+                    out[key] = torch.where(valid, F.normalize(t.to(torch.float32) / 127.5 - 1, dim=1), 0.0)
                 else:
                     out[key] = t.to(torch.float32)
             elif key == "classification":

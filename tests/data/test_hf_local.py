@@ -230,3 +230,21 @@ def test_resized_label_maps_stay_on_their_images_pixels(tmp_path):
                           val_fraction=0.25, test_fraction=0.25).dataset("train").tensors
     assert t["image"][0, 0, 0].tolist() == [255, 96]
     assert t["semseg"][0, 0].tolist() == [1, 0] and t["depth"][0, 0, 0].tolist() == [2.0, 1.0]
+
+
+def test_8bit_normals_keep_all_zero_pixels_invalid(tmp_path):
+    """(0, 0, 0) is the invalid mark of 8-bit normal maps; mapped to [−1, 1] it became the valid
+    normal (−1, −1, −1)/√3. Other pixels are mapped and renormalised: (255, 0, 0) -> (1, −1, −1)/√3."""
+    from datasets import Dataset, Features, Image
+    from PIL import Image as PILImage
+
+    nrm = np.zeros((2, 2, 3), np.uint8)
+    nrm[0, 1] = (255, 0, 0)
+    n = 4
+    Dataset.from_dict({"img": [PILImage.fromarray(np.zeros((2, 2, 3), np.uint8))] * n,
+                       "nrm": [PILImage.fromarray(nrm)] * n},
+                      features=Features({"img": Image(), "nrm": Image()})).save_to_disk(str(tmp_path / "ds"))
+    t = HFImageDataModule(tmp_path / "ds", image_column="img", columns={"nrm": "normals"}, val_fraction=0.25,
+                          test_fraction=0.25).dataset("train").tensors["normals"][0]
+    assert t[:, 0, 0].tolist() == [0.0, 0.0, 0.0] and t[:, 1, :].abs().sum() == 0
+    assert torch.allclose(t[:, 0, 1], torch.tensor([1.0, -1.0, -1.0]) / 3 ** 0.5)
