@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 _VAL_NAMES = ("validation", "val", "valid", "dev")
 _DENSE_KEYS = {"semseg": 0, "depth": 1, "normals": 3, "edges": 1}  # key -> channels (0: no channel axis)
+IGNORE = 255  # SemSegTask's default ignore_index
 
 
 def _open_local(path: Path) -> dict[str, Any]:
@@ -111,6 +112,28 @@ def _check_size(column: str, key: str, t: torch.Tensor, image: torch.Tensor) -> 
                          f"{tuple(image.shape[-2:])} images; set data.size to resize both, or fix the data")
 
 
+def _class_ids(where: str, key: str, t: torch.Tensor, classes: int | None) -> torch.Tensor:
+    """Whole class ids in 0..classes-1 as int64; semseg's −1 becomes IGNORE (255 stays ignored).
+    ``where`` names the column and split. A classification −1 (an unlabelled row) is refused."""
+    if t.is_floating_point() and (frac := t != t.round()).any():
+        raise ValueError(f"{where} holds {t[frac][0].item():g}; {key} needs whole class ids")
+    t = t.to(torch.int64)
+    if key == "semseg":
+        t = torch.where(t == -1, IGNORE, t)
+    elif (t == -1).any():
+        raise ValueError(f"{where} holds −1 in {int((t == -1).sum())} of {len(t)} rows (unlabelled, as in many "
+                         "test splits); classification needs a class id in every row: drop those rows or map a "
+                         "labelled split with data.splits")
+    ids = t[t != IGNORE] if key == "semseg" else t
+    bad = (ids < 0) | (ids >= classes) if classes is not None else ids < 0
+    if bad.any():
+        ignored = "; −1 and 255 mark ignored pixels" if key == "semseg" else ""
+        limit = f"outside 0..{classes - 1} ({key}_classes={classes}{ignored})" if classes is not None else \
+            f"below 0 (class ids start at 0{ignored})"
+        raise ValueError(f"{where} holds {int(ids[bad][0])}, {limit}")
+    return t
+
+
 def _channels_first(a: np.ndarray, channels: int) -> np.ndarray:
     """(N, H, W, C) -> (N, C, H, W) when the trailing axis looks like channels; (N, H, W) -> (N, 1, H, W)."""
     if a.ndim == 3:
@@ -130,7 +153,7 @@ class HFImageDataModule(TensorDataModule):
     docstring (dense ones resized with nearest neighbour); other keys keep their shape, ints as int64
     and floats as float32. Missing val/test splits are carved from train (``val_fraction``,
     ``test_fraction``, seeded). Class counts come from ``semseg_classes``/``classification_classes`` or
-    are inferred from the labels (semseg ignores 255). ``size`` resizes every image and dense target
+    are inferred from the labels (semseg: −1 and 255 are ignored). ``size`` resizes every image and dense target
     to size × size; ``n_train``/``n_val``/``n_test`` keep the first n rows of a split (null: all).
     """
 
@@ -176,7 +199,7 @@ class HFImageDataModule(TensorDataModule):
             info["regression_dims"] = int(self._data["train"].tensors["regression"].shape[1])
         return info
 
-    def _convert(self, ds) -> dict[str, torch.Tensor]:
+    def _convert(self, ds, split: str) -> dict[str, torch.Tensor]:
         from datasets import Image
 
         missing = [c for c in (self.image_column, *self.columns) if c not in ds.column_names]
@@ -189,9 +212,13 @@ class HFImageDataModule(TensorDataModule):
             if isinstance(ds.features[column], Image) or _encoded_image(table.schema.field(column).type):
                 return _decode_images(ds.cast_column(column, Image()), column, self.size, label)
             try:
-                return arrow_to_numpy(table.column(column))
+                a = arrow_to_numpy(table.column(column))
             except ValueError as e:
                 raise ValueError(f"hf_local: column {column!r} of {str(self.path)!r}: {e}") from None
+            if a.dtype.kind not in "biuf":
+                raise ValueError(f"hf_local: column {column!r} of split {split!r} holds {a.dtype} values "
+                                 f"(e.g. {a.ravel()[0] if a.size else None!r}), not numbers")
+            return a
 
         img = raw(self.image_column, label=False)
         if img.ndim == 3:  # grayscale arrays
@@ -207,6 +234,7 @@ class HFImageDataModule(TensorDataModule):
         out = {"image": image}
         for column, key in self.columns.items():
             a = raw(column, label=True)
+            where = f"hf_local: column {column!r} ({key}) of split {split!r}"
             integer = np.issubdtype(a.dtype, np.integer) or a.dtype == bool
             if key in _DENSE_KEYS:
                 ch = _DENSE_KEYS[key]
@@ -215,8 +243,7 @@ class HFImageDataModule(TensorDataModule):
                 t = _resize(t, self.size, nearest=True)
                 _check_size(column, key, t, image)
                 if key == "semseg":
-                    t = t[:, 0] if t.ndim == 4 else t
-                    out[key] = t.to(torch.int64)
+                    out[key] = _class_ids(where, key, t[:, 0] if t.ndim == 4 else t, self._classes["semseg_classes"])
                 elif key == "normals" and t.dtype == torch.uint8:
                     # the usual 8-bit PNG encoding maps [-1, 1] to 0..255; all-zero pixels stay 0 (invalid)
                     valid = (t != 0).any(dim=1, keepdim=True)
@@ -224,17 +251,26 @@ class HFImageDataModule(TensorDataModule):
                 else:
                     out[key] = t.to(torch.float32)
             elif key == "classification":
-                out[key] = torch.from_numpy(a.astype(np.int64)).view(-1)
+                if not (a.ndim == 1 or (a.ndim == 2 and a.shape[1] == 1)):
+                    raise ValueError(f"{where} has shape {a.shape}; classification needs one class id per row, "
+                                     "shape (N,) or (N, 1)")
+                t = torch.from_numpy(np.require(a.reshape(-1), requirements=["C", "W"]))
+                out[key] = _class_ids(where, key, t, self._classes["classification_classes"])
             elif key == "regression":
                 t = torch.from_numpy(a.astype(np.float32))
                 out[key] = t.view(len(t), -1)
             else:
                 out[key] = torch.from_numpy(a.astype(np.int64 if integer else np.float32))
+        for column, key in self.columns.items():  # the splits are carved by row: every column needs one per image
+            if len(out[key]) != len(image):
+                raise ValueError(f"hf_local: column {column!r} ({key}) of split {split!r} gives {len(out[key])} "
+                                 f"rows for {len(image)} images")
         return out
 
     def _load(self) -> dict[str, TensorDictDataset]:
         available = _open_local(self.path)
         chosen: dict[str, Any] = {}
+        names: dict[str, str] = {}  # batch split -> the dataset's own split name, for error messages
         taken = set(self.splits.values())  # a split mapped explicitly is never picked again by default
         for split in SPLITS:
             name = self.splits.get(split)
@@ -245,11 +281,11 @@ class HFImageDataModule(TensorDataModule):
                 raise KeyError(f"hf_local: {str(self.path)!r} has no split {name!r}; "
                                f"splits: {', '.join(sorted(available))}")
             if name is not None:
-                chosen[split] = available[name]
+                chosen[split], names[split] = available[name], name
         if "train" not in chosen:
             raise KeyError(f"hf_local: {str(self.path)!r} has no train split; splits: "
                            f"{', '.join(sorted(available))} (map one with splits={{'train': ...}})")
-        tensors = {sp: self._convert(ds) for sp, ds in chosen.items()}
+        tensors = {sp: self._convert(ds, names[sp]) for sp, ds in chosen.items()}
         carve = [sp for sp, frac in (("val", self.val_fraction), ("test", self.test_fraction)) if sp not in tensors]
         if carve:
             train = tensors["train"]

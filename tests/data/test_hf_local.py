@@ -248,3 +248,58 @@ def test_8bit_normals_keep_all_zero_pixels_invalid(tmp_path):
                           test_fraction=0.25).dataset("train").tensors["normals"][0]
     assert t[:, 0, 0].tolist() == [0.0, 0.0, 0.0] and t[:, 1, :].abs().sum() == 0
     assert torch.allclose(t[:, 0, 1], torch.tensor([1.0, -1.0, -1.0]) / 3 ** 0.5)
+
+
+def test_label_values_are_checked_not_passed_on(tmp_path):
+    """Semseg −1 (the common ignore mark) becomes the ignore index 255; a class id at or past the
+    given class count, a negative id, a fraction or a string column raise naming column and split."""
+    img = np.zeros((4, 2, 2, 3), np.uint8).tolist()
+    kw = dict(image_column="img", val_fraction=0.25, test_fraction=0.25)
+    sem = np.zeros((4, 2, 2), np.int64)
+    sem[:, 0, 0], sem[:, 1, 1] = -1, 2
+    dm = HFImageDataModule(_save(tmp_path / "ok", img=img, m=sem.tolist()), columns={"m": "semseg"}, **kw)
+    assert dm.dataset("train").tensors["semseg"][0].tolist() == [[255, 0], [0, 2]] and dm.info["semseg_classes"] == 3
+    with pytest.raises(ValueError, match=r"column 'm' \(semseg\) of split 'train' holds 2, outside 0\.\.1 "
+                                         r"\(semseg_classes=2; −1 and 255 mark ignored pixels\)"):
+        HFImageDataModule(tmp_path / "ok", columns={"m": "semseg"}, semseg_classes=2, **kw).setup()
+    sem[0, 0, 1] = -2
+    with pytest.raises(ValueError, match=r"column 'm' \(semseg\) of split 'train' holds -2, below 0"):
+        HFImageDataModule(_save(tmp_path / "neg", img=img, m=sem.tolist()), columns={"m": "semseg"}, **kw).setup()
+    with pytest.raises(ValueError, match=r"column 'm' \(semseg\) of split 'train' holds -0\.5; semseg needs whole"):
+        HFImageDataModule(_save(tmp_path / "half", img=img, m=(sem + 0.5).tolist()), columns={"m": "semseg"},
+                          **kw).setup()
+    with pytest.raises(ValueError, match=r"column 'y' \(classification\) of split 'train' holds 3, outside 0\.\.2 "
+                                         r"\(classification_classes=3\)"):
+        HFImageDataModule(_save(tmp_path / "c", img=img, y=[0, 1, 3, 2]), columns={"y": "classification"},
+                          classification_classes=3, **kw).setup()
+    with pytest.raises(ValueError, match=r"column 'y' of split 'train' holds .* values \(e\.g\. 'a'\), not numbers"):
+        HFImageDataModule(_save(tmp_path / "s", img=img, y=list("abcd")), columns={"y": "classification"},
+                          **kw).setup()
+
+
+def test_unlabelled_classification_rows_are_refused_naming_the_split(tmp_path):
+    """HF test splits often hold −1 (no label); taken as a class id it broke the loss or the metrics."""
+    from datasets import Dataset, DatasetDict
+
+    def part(ys):
+        return Dataset.from_dict({"img": np.zeros((len(ys), 2, 2, 3), np.uint8).tolist(), "y": ys})
+
+    DatasetDict({"train": part([0, 1, 2, 1]), "validation": part([0, 1]), "test": part([-1, -1])}).save_to_disk(
+        str(tmp_path / "dd"))
+    with pytest.raises(ValueError, match=r"column 'y' \(classification\) of split 'test' holds −1 in 2 of 2 rows"):
+        HFImageDataModule(tmp_path / "dd", image_column="img", columns={"y": "classification"}).setup()
+
+
+def test_a_classification_column_holds_one_id_per_row(tmp_path):
+    """An (N, 2) column was flattened to 2N labels: row i got the labels of rows 2i and 2i+1 / 2,
+    misaligned without an error. (N,) and (N, 1) are accepted."""
+    img = np.zeros((4, 2, 2, 3), np.uint8)
+    img[:, 0, 0, 0] = np.arange(4)  # the row id, to follow rows through the carving
+    kw = dict(image_column="img", columns={"y": "classification"}, val_fraction=0.25, test_fraction=0.25)
+    two = _save(tmp_path / "two", img=img.tolist(), y=[[i % 3, (i + 1) % 3] for i in range(4)])
+    with pytest.raises(ValueError, match=r"column 'y' \(classification\) of split 'train' has shape \(4, 2\); "
+                                         r"classification needs one class id per row"):
+        HFImageDataModule(two, **kw).setup()
+    t = HFImageDataModule(_save(tmp_path / "one", img=img.tolist(), y=[[i % 3] for i in range(4)]),
+                          **kw).dataset("train").tensors
+    assert t["classification"].tolist() == (t["image"][:, 0, 0, 0] % 3).tolist()
