@@ -116,6 +116,9 @@ def _first_stage(p: Path) -> np.ndarray:
     table = table.ravel()
     if not np.issubdtype(table.dtype, np.number) or (table != np.round(table)).any() or (table < -1).any():
         raise ValueError(f"nyuv2: class mapping {str(p)!r} must hold integers ≥ −1 (−1 = ignored)")
+    if table.size != RAW_LABELS + 1:  # as mapClass: its 894 entries, plus raw label 0 (unlabelled)
+        raise ValueError(f"nyuv2: class mapping {str(p)!r} has {table.size} entries, expected {RAW_LABELS + 1} "
+                         f"(entry i = the 0-based class of raw label i, for raw labels 0..{RAW_LABELS})")
     return table.astype(np.int64) + 1
 
 

@@ -131,3 +131,15 @@ def test_smoke_training_on_the_40_class_task(tmp_path, mats):
                    f"data.splits_file={splits}", f"data.class_mapping={mats[0]}", "data.num_classes=40", "debug=smoke",
                    "data.size=12", "data.batch_size=2", "viz.num_samples=0", "logger=none"], run_dir=tmp_path / "r")
     assert mtl.load_model(run_dir / "model").tasks["semseg"].num_classes == 40
+
+
+@pytest.mark.parametrize("n", [894, 896])
+def test_a_plain_table_needs_one_entry_per_raw_label(tmp_path, n):
+    """Raw labels are 0..894: a table of 894 (1-based, say) or 896 entries shifted or padded every class
+    silently; a short table also left raw label 894 unmapped until a pixel used it."""
+    np.save(tmp_path / "t.npy", np.arange(n) % 13)
+    with pytest.raises(ValueError, match=rf"class mapping .*t\.npy' has {n} entries, expected 895 "
+                                         r"\(entry i = the 0-based class of raw label i, for raw labels 0\.\.894\)"):
+        read_class_mapping(tmp_path / "t.npy", 13)
+    (tmp_path / "t.txt").write_text("\n".join(["-1"] + ["0"] * 894))
+    assert read_class_mapping(tmp_path / "t.txt", 13).tolist() == [-1] + [0] * 894
