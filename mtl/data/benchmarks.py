@@ -66,6 +66,9 @@ def image_to_uint8(a: np.ndarray, where: str) -> torch.Tensor:
         top = float(np.nanmax(a)) if a.size else 0.0
         if top > 1.0 + 1e-6:  # 0-255 floats would all clip to white
             raise ValueError(f"{where}: float image values reach {top:g}; expected [0, 1] (or store uint8 0-255)")
+        low = float(np.nanmin(a)) if a.size else 0.0
+        if low < -1e-6:  # e.g. mean/std-normalised or [-1, 1] images: the negatives would clip to black
+            raise ValueError(f"{where}: float image values go down to {low:g}; expected [0, 1] (not normalised)")
         a = np.clip(np.round(a.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
     return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
 
@@ -93,6 +96,19 @@ def dense_to_float(a: np.ndarray, channels: int, where: str) -> torch.Tensor:
         raise ValueError(f"{where}: expected shape (H, W, {channels}), got {a.shape}")
     a = np.nan_to_num(a.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
+
+
+def check_unit_normals(t: torch.Tensor, where: str) -> None:
+    """(3, H, W) normals: unit vectors, all-zero = invalid. Half of the valid ones off unit length by
+    more than 0.01 means another encoding (e.g. (n + 1) / 2 in [0, 1], or 0-255); a few off pixels,
+    as bilinear resizing leaves at creases, pass."""
+    length = t.norm(dim=0)
+    length = length[length > 0]
+    off = float((length - 1).abs().median()) if length.numel() else 0.0
+    if off > 1e-2:
+        raise ValueError(f"{where}: half the normals are off unit length by {off:.3g} or more (median length "
+                         f"{float(length.median()):.3g}); expected unit vectors, all-zero = invalid, not an image "
+                         "encoding such as (n + 1) / 2 or 0-255")
 
 
 def stack_samples(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -141,6 +157,8 @@ def read_npy_split(split_dir: Path, dirs: dict[str, str], num_classes: int, limi
                 sample[key] = labels_to_uint8(a, num_classes, str(f))
             else:
                 sample[key] = dense_to_float(a, 1 if key == "depth" else 3, str(f))
+                if key == "normals":
+                    check_unit_normals(sample[key], str(f))
             if tuple(sample[key].shape[-2:]) != tuple(sample["image"].shape[-2:]):
                 raise ValueError(f"{f}: size {tuple(sample[key].shape[-2:])} differs from its image's "
                                  f"{tuple(sample['image'].shape[-2:])}")

@@ -127,24 +127,40 @@ def test_bad_root_and_layout_name_the_expected_path(tmp_path):
 
 @pytest.mark.parametrize("damage, match", [
     (lambda r: [np.save(r / "train" / d / "1.npy", np.ones((H + 2, W, c), np.float32) * v)
-                for d, c, v in (("image", 3, 0.5), ("label", 1, 1), ("depth", 1, 2), ("normal", 3, 0.5))],
+                for d, c, v in (("image", 3, 0.5), ("label", 1, 1), ("depth", 1, 2), ("normal", 3, 3 ** -0.5))],
      r"train/image/1\.npy: size \(8, 8\) differs from the first image's \(6, 8\); pass data.size"),
     (lambda r: np.save(r / "train" / "image" / "0.npy", np.full((H, W, 3), 200.0, np.float32)),
      r"train/image/0\.npy: float image values reach 200; expected \[0, 1\]"),
     (lambda r: np.save(r / "train" / "label" / "99.npy", np.zeros((H, W), np.float32)),
      r"train/label/99\.npy has no image"),
+    (lambda r: np.save(r / "train" / "image" / "0.npy", np.full((H, W, 3), -0.5, np.float32)),
+     r"train/image/0\.npy: float image values go down to -0\.5; expected \[0, 1\] \(not normalised\)"),
+    (lambda r: np.save(r / "train" / "normal" / "1.npy", np.full((H, W, 3), 0.5, np.float32)),  # length 0.866
+     r"train/normal/1\.npy: half the normals are off unit length by 0\.134 or more \(median length 0\.866\)"),
     (lambda r: (r / "train" / "depth" / "0.npy").write_bytes(b"not an array"),
      r"train/depth/0\.npy: not a plain numeric \.npy array"),
     (lambda r: np.save(r / "train" / "depth" / "0.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True),
      r"train/depth/0\.npy: not a plain numeric \.npy array"),
 ])
 def test_bad_files_are_named_not_silently_mended(tmp_path, damage, match):
-    """Stored at another size (resized with a distorted aspect), 0-255 floats (clipped to white), a
-    label without an image (ignored) or an unreadable file (an unnamed numpy error) each name the file."""
+    """Stored at another size (resized with a distorted aspect), 0-255 floats (clipped to white),
+    negative floats (normalised images: clipped to black), normals in another encoding than unit
+    vectors, a label without an image (ignored) or an unreadable file (an unnamed numpy error) each
+    name the file."""
     root = write_npy_layout(tmp_path / "nyu")
     damage(root)
     with pytest.raises(ValueError, match=match):
         create_datamodule("nyuv2", root=str(root)).setup()
+
+
+def test_normals_a_few_pixels_off_unit_length_pass(tmp_path):
+    """Bilinear resizing shortens normals at creases: a few such pixels are no other encoding."""
+    root = write_npy_layout(tmp_path / "nyu")
+    n3 = np.load(root / "train" / "normal" / "0.npy")
+    n3[1:3] *= 0.9  # 16 of 47 valid pixels at length 0.9
+    np.save(root / "train" / "normal" / "0.npy", n3)
+    t = create_datamodule("nyuv2", root=str(root), size=None).dataset("train").tensors["normals"][0]
+    assert torch.allclose(t, torch.from_numpy(n3.transpose(2, 0, 1)))
 
 
 def write_nyu_mat(path: Path, n=5, hw=(H, W)):
