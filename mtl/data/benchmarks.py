@@ -117,9 +117,15 @@ def stack_samples(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Ten
     return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
 
 
-def _indices(folder: Path) -> list[int]:
-    """The ``<i>.npy`` indices in ``folder``, in numeric order."""
-    return sorted(int(p.stem) for p in folder.glob("*.npy") if p.stem.isdigit())
+def _indexed_files(folder: Path) -> dict[int, Path]:
+    """The ``<i>.npy`` files in ``folder`` by index, in numeric order (``0007.npy`` is index 7)."""
+    files: dict[int, Path] = {}
+    for p in sorted(folder.glob("*.npy")):
+        if p.stem.isascii() and p.stem.isdigit():
+            if (i := int(p.stem)) in files:
+                raise ValueError(f"{folder}: {files[i].name} and {p.name} are both index {i}; keep one")
+            files[i] = p
+    return dict(sorted(files.items()))
 
 
 def read_npy_split(split_dir: Path, dirs: dict[str, str], num_classes: int, limit: int | None,
@@ -129,22 +135,24 @@ def read_npy_split(split_dir: Path, dirs: dict[str, str], num_classes: int, limi
         if not (split_dir / name).is_dir():
             raise FileNotFoundError(f"expected the folder {split_dir / name} (layout <root>/{{train,val}}/"
                                     f"{{{','.join(('image', *dirs.values()))}}}/<i>.npy; see docs/data.md)")
-    ids = _indices(split_dir / "image")
-    if not ids:
+    images = _indexed_files(split_dir / "image")
+    if not images:
         raise FileNotFoundError(f"expected files {split_dir / 'image'}/<i>.npy (0.npy, 1.npy, ...); found none")
-    for name in dirs.values():
-        orphans = sorted(set(_indices(split_dir / name)) - set(ids))
+    targets = {name: _indexed_files(split_dir / name) for name in dirs.values()}
+    for name, files in targets.items():
+        orphans = sorted(set(files) - set(images))
         if orphans:
-            raise ValueError(f"{split_dir / name / f'{orphans[0]}.npy'} has no image ({split_dir / 'image'} lacks "
-                             f"{orphans[0]}.npy; {len(orphans)} such file(s))")
-    ids = ids[:limit] if limit is not None else ids
+            raise ValueError(f"{files[orphans[0]]} has no image ({split_dir / 'image'} has no index "
+                             f"{orphans[0]}; {len(orphans)} such file(s))")
+    ids = list(images)[:limit] if limit is not None else list(images)
     samples, hw = [], None
     for i in ids:
         sample = {}
         for key, name in (("image", "image"), *dirs.items()):
-            f = split_dir / name / f"{i}.npy"
-            if not f.is_file():
-                raise FileNotFoundError(f"expected the file {f} (every image needs its {name})")
+            f = images[i] if key == "image" else targets[name].get(i)
+            if f is None:
+                raise FileNotFoundError(f"expected the file {split_dir / name / images[i].name} "
+                                        f"(every image needs its {name})")
             try:
                 a = np.load(f, allow_pickle=False)
             except (ValueError, OSError, EOFError) as e:
@@ -163,7 +171,7 @@ def read_npy_split(split_dir: Path, dirs: dict[str, str], num_classes: int, limi
                 raise ValueError(f"{f}: size {tuple(sample[key].shape[-2:])} differs from its image's "
                                  f"{tuple(sample['image'].shape[-2:])}")
         if size is None and hw is not None and tuple(sample["image"].shape[-2:]) != hw:
-            raise ValueError(f"{split_dir / 'image' / f'{i}.npy'}: size {tuple(sample['image'].shape[-2:])} differs "
+            raise ValueError(f"{images[i]}: size {tuple(sample['image'].shape[-2:])} differs "
                              f"from the first image's {hw}; pass data.size to resize them all")
         hw = hw or resolve_size(size, tuple(sample["image"].shape[-2:]))
         samples.append(resize_sample(sample, hw))

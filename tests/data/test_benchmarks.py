@@ -163,6 +163,23 @@ def test_normals_a_few_pixels_off_unit_length_pass(tmp_path):
     assert torch.allclose(t, torch.from_numpy(n3.transpose(2, 0, 1)))
 
 
+def test_zero_padded_file_names_are_read_by_their_index(tmp_path):
+    """``0000.npy`` was parsed as index 0 and then opened as ``0.npy`` (not found). Names are kept per
+    index, in numeric order, and padding may differ between folders; two names of one index raise."""
+    plain = create_datamodule("nyuv2", root=str(write_npy_layout(tmp_path / "plain")), size=None)
+    root = write_npy_layout(tmp_path / "padded")
+    for f in root.glob("*/*/*.npy"):
+        if f.parent.name != "label":  # labels stay 0.npy, 1.npy, ...
+            f.rename(f.with_name(f"{int(f.stem):04d}.npy"))
+    padded = create_datamodule("nyuv2", root=str(root), size=None)
+    for split in ("train", "test"):
+        a, b = plain.dataset(split).tensors, padded.dataset(split).tensors
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    (root / "train" / "image" / "1.npy").write_bytes((root / "train" / "image" / "0001.npy").read_bytes())
+    with pytest.raises(ValueError, match=r"train/image: 0001\.npy and 1\.npy are both index 1; keep one"):
+        create_datamodule("nyuv2", root=str(root), size=None).setup()
+
+
 def write_nyu_mat(path: Path, n=5, hw=(H, W)):
     """A tiny nyu_depth_v2_labeled.mat: HDF5, arrays stored transposed as MATLAB v7.3 does."""
     h5py = pytest.importorskip("h5py")
