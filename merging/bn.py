@@ -18,7 +18,6 @@ never reach this module.
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -26,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .keys import BN_OPTIONS, DEFAULT_TASK_KEYS
+from .keys import BN_OPTIONS, DEFAULT_TASK_KEYS, KeyPattern, compile_pattern
 
 __all__ = ["BN_OPTIONS", "check_bn", "bn_layers", "bn_statistics", "pooled_batches", "recompute_bn", "batch_inputs",
            "shared_bn_in_train_mode"]
@@ -50,9 +49,10 @@ def batch_inputs(batch: Any, task: str = "?") -> torch.Tensor:
                     f"got {type(batch).__name__}")
 
 
-def bn_layers(model: nn.Module, task_keys: str | None = DEFAULT_TASK_KEYS) -> dict[str, nn.modules.batchnorm._BatchNorm]:
-    """The BN layers whose statistics are re-estimated: tracking ones outside the task-specific keys."""
-    task = re.compile(task_keys).match if task_keys else None
+def bn_layers(model: nn.Module, task_keys: KeyPattern = DEFAULT_TASK_KEYS) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+    """The BN layers whose statistics are re-estimated: tracking ones outside the task-specific keys
+    (a regex, a list of them or a callable, as for `merging.merge`)."""
+    task = compile_pattern(task_keys)
     return {name: m for name, m in model.named_modules()
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None
             and not (task is not None and task(f"{name}.running_mean"))}
@@ -111,7 +111,7 @@ class _Moments:
 
 @contextmanager
 def shared_bn_in_train_mode(model: nn.Module, params: Mapping[str, torch.Tensor] | None = None,
-                            task_keys: str | None = DEFAULT_TASK_KEYS) -> Iterator[dict[str, torch.Tensor]]:
+                            task_keys: KeyPattern = DEFAULT_TASK_KEYS) -> Iterator[dict[str, torch.Tensor]]:
     """The shared BN layers in train mode (normalising with batch statistics) for the duration, and the
     tensors to call the model with through `torch.func.functional_call`: `params` plus copies of those
     layers' buffers, which absorb the running-statistics updates (module and `params` stay untouched)."""
@@ -142,7 +142,7 @@ def _refuse_linearized(model: nn.Module) -> None:
 
 @torch.no_grad()
 def bn_statistics(model: nn.Module, batches: Iterable[torch.Tensor], *, params: Mapping[str, torch.Tensor] | None = None,
-                  task: str | None = None, task_keys: str | None = DEFAULT_TASK_KEYS) -> dict[str, torch.Tensor]:
+                  task: str | None = None, task_keys: KeyPattern = DEFAULT_TASK_KEYS) -> dict[str, torch.Tensor]:
     """The BN buffers (`<layer>.running_mean`, `.running_var`, `.num_batches_tracked`) estimated on `batches`.
 
     `params`: weights to predict with instead of the model's own. The model runs through
@@ -184,7 +184,7 @@ def bn_statistics(model: nn.Module, batches: Iterable[torch.Tensor], *, params: 
 
 
 def recompute_bn(model: nn.Module, batches: Iterable[torch.Tensor], *, task: str | None = None,
-                 task_keys: str | None = DEFAULT_TASK_KEYS) -> nn.Module:
+                 task_keys: KeyPattern = DEFAULT_TASK_KEYS) -> nn.Module:
     """Replace the shared BN layers' statistics of `model` (in place) by those of `batches`; returns it.
 
     Nothing else changes (parameters, other buffers, train/eval modes). The buffers are only written

@@ -132,6 +132,20 @@ def test_bad_bn_value_is_named():
         merging.learn("adamerging", pre, fts, unlabeled=data, model=model, tasks=["t0", "t1"], bn="reset", progress=False)
 
 
+def test_task_keys_as_a_list_or_callable_select_the_same_layers():
+    from merging.bn import bn_layers
+
+    model = ConvBN()
+    shared = {"body.1", "body.4"}
+    for task_keys in (r"(.*\.)?heads\.", [r"(.*\.)?heads\."], lambda k: k.startswith("heads.")):
+        assert set(bn_layers(model, task_keys)) == shared
+    pre, fts = _pre_fts(model)
+    data = {"t0": _batches(seed=5), "t1": _batches(seed=6)}
+    res = merging.learn("adamerging", pre, fts, unlabeled=data, model=model, tasks=["t0", "t1"], steps=1,
+                        bn="recompute", task_keys=[r"(.*\.)?heads\."], progress=False)
+    assert not torch.equal(res.state_dict["body.1.running_var"], pre["body.1.running_var"])
+
+
 def test_learned_gradient_flows_through_the_pooled_batch_statistics():
     from merging.learned.adamerging import CoefficientLearner
     from merging.learned.layout import make_layout
