@@ -113,6 +113,8 @@ def select_learned(method: str, job: MergeJob, hp: Mapping[str, Any]) -> Selecti
     plot_coefficients(res.coefficients, res.groups, res.tasks, job.run_dir / "coefficients.png", title=title)
     if res.history:
         plot_learning_curves(res.history, job.run_dir / "learning_curves.png", title=title)
+    else:  # no steps: a rerun into this folder must not keep an earlier run's curves
+        (job.run_dir / "learning_curves.png").unlink(missing_ok=True)
     summary = res.summary()
     selected = {**{k: v for k, v in res.hparams.items() if is_plain_json(v)},
                 "split": opts["split"], "coefficients": {t: round(v["mean"], 4) for t, v in summary["per_task"].items()}}

@@ -68,6 +68,15 @@ def test_bad_split_is_named(pool, tmp_path):
             run(_args(pool, f"merge={method}", f"merge.{key}={value}"), run_dir=tmp_path / key)
 
 
+def test_rerun_without_steps_leaves_no_stale_learning_curves(pool, tmp_path):
+    rd = tmp_path / "rerun"
+    run(_args(pool, "merge=adamerging", "merge.granularity=task"), run_dir=rd)
+    assert (rd / "learning_curves.png").exists()
+    run(_args(pool, "merge=adamerging", "merge.granularity=task", "merge.steps=0", "overwrite=true"), run_dir=rd)
+    assert json.loads((rd / "coefficients" / "coefficients.json").read_text())["history"] == []
+    assert not (rd / "learning_curves.png").exists()  # the first run's curves are not this run's
+
+
 def test_list_hyperparameters_are_recorded(pool, tmp_path):
     report = run(_args(pool, "merge=atlas", "merge.learn_blocks=[backbone]"), run_dir=tmp_path / "atlas")
     assert report["selected"]["learn_blocks"] == ["backbone"]
