@@ -149,6 +149,13 @@ class Context:
             return torch.sub(x, pre, out=out)
         return x.sub_(pre) if fresh else torch.sub(x, pre)
 
+    def average(self, key: str) -> torch.Tensor:
+        """Mean of the fine-tuned models' `key` in compute dtype (BN statistics under bn="average")."""
+        out = torch.zeros(self.plan.infos[key].shape, dtype=self.plan.compute[key])
+        for t in range(self.T):
+            out.add_(self.ft(key, t))
+        return out.div_(self.T)
+
     def raw_pre(self, key: str) -> torch.Tensor:
         return self.sources[0].get(key)
 
@@ -220,10 +227,7 @@ def produce(method, ctx: Context, fused: Callable[[str], object] | None = None) 
         elif kind == "copy":
             out = ctx.raw_pre(key)
         else:  # "average": BN statistics under bn="average"
-            out = torch.zeros(plan.infos[key].shape, dtype=plan.compute[key])
-            for t in range(ctx.T):
-                out.add_(ctx.ft(key, t))
-            out.div_(ctx.T)
+            out = ctx.average(key)
         out = out.to(dtype)
         ctx.check_output(key, out)  # every method's output, after the cast (an fp16 output can overflow there)
         yield key, out

@@ -49,7 +49,8 @@ class CoefficientLearner:
         if not 0 < lr < float("inf"):
             raise ValueError(f"lr must be positive and finite, got {lr}")
         self.problem, self.layout, self.clamp = problem, layout, bool(clamp)
-        self.coef = torch.full((layout.rows, problem.T), float(init), device=problem.device, requires_grad=True)
+        self.coef = torch.full((layout.rows, problem.T), float(init), device=problem.device, dtype=problem.coef_dtype,
+                               requires_grad=True)
         keep = torch.zeros(layout.rows, problem.T, dtype=torch.bool, device=problem.device)
         keep[learn_rows if learn_rows is not None else slice(None)] = True
         if frozen_cols:
@@ -81,7 +82,7 @@ class CoefficientLearner:
             seconds, extra = trace.elapsed(), None
             if callback is not None and callback_every and (step % callback_every == 0 or step == steps):
                 with torch.no_grad():
-                    extra = dict(callback(step, self.merged(mask, detach=True)) or {})
+                    extra = dict(callback(step, self.problem.state(self.merged(mask, detach=True))) or {})
             trace.add(step, losses, seconds, extra, phase)
             bar.update(step, f"objective {mean(losses) * len(losses):.4f}")
 

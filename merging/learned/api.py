@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from ..bn import bn_statistics, check_bn, pooled_batches
+from ..keys import DEFAULT_TASK_KEYS
 from .adamerging import CoefficientLearner, Trace
 from .concrete import ConcreteMask
 from .layout import make_layout
@@ -130,6 +131,16 @@ def _full_state(pretrained, finetuned, merged: dict[str, torch.Tensor], key_opti
     return base
 
 
+def _key_record(key_options: Mapping[str, Any], recompute: bool) -> dict[str, Any]:
+    """The key options as coefficients.json records them (a callable filter by its repr)."""
+    def plain(v):
+        return repr(v) if callable(v) else list(v) if isinstance(v, (list, tuple)) else v
+
+    return {"bn": "recompute" if recompute else key_options.get("bn", "pretrained"),
+            "include": plain(key_options.get("include")), "exclude": plain(key_options.get("exclude")),
+            "task_keys": plain(key_options.get("task_keys", DEFAULT_TASK_KEYS))}
+
+
 def learn(method: str, pretrained, finetuned, *, unlabeled: Mapping[str, Iterable] | None = None,
           labeled: Mapping[str, Iterable] | None = None, model: torch.nn.Module | None = None,
           tasks: list[str] | None = None, device: str | torch.device = "cpu", progress: bool = True,
@@ -201,7 +212,7 @@ def _learn(method, problem, hp, pretrained, finetuned, key_options, unlabeled, l
     bn_options = {"task_keys": key_options["task_keys"]} if "task_keys" in key_options else {}
     objective = Objective(problem, obj_tasks, unlabeled, labeled, supervised, recompute, bn_options, hp["pool_limit"],
                           hp["channels_last"])
-    frozen = {n: p.detach() for n, p in problem.model.named_parameters() if n not in problem.theta0}
+    frozen = problem.frozen()
     torch.manual_seed(int(hp["seed"]))
     trace = Trace()
     steps = int(hp["steps"])
@@ -219,7 +230,7 @@ def _learn(method, problem, hp, pretrained, finetuned, key_options, unlabeled, l
     else:
         if method == "concrete_ta":
             inner = None
-            lam = torch.full((1, problem.T), float(hp["lam"]), device=problem.device)
+            lam = torch.full((1, problem.T), float(hp["lam"]), device=problem.device, dtype=problem.coef_dtype)
             coefficients = lambda: lam  # noqa: E731
             group_of = {k: 0 for k in problem.keys}
         else:
@@ -243,11 +254,10 @@ def _learn(method, problem, hp, pretrained, finetuned, key_options, unlabeled, l
         probs = {k: p.cpu() for k, p in probs.items()}
 
     state = _full_state(pretrained, finetuned, merged, key_options)
-    hparams = {k: v for k, v in hp.items()}
+    hparams = {**hp, **_key_record(key_options, recompute)}
     if recompute:
         stats = bn_statistics(problem.model, pooled_batches(given), params={**frozen, **merged}, task=obj_tasks[0],
                               **objective.bn_options)
         state.update({k: v.to("cpu", state[k].dtype) for k, v in stats.items() if k in state})
-        hparams["bn"] = "recompute"
     return LearnedMerge(method, state, coef, layout.groups, list(problem.vector_names), layout.granularity, hparams,
                         trace.steps, mask, probs, excluded)

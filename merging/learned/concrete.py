@@ -76,6 +76,7 @@ class ConcreteMask:
             if callback is not None and callback_every and (step % callback_every == 0 or step == steps):
                 with torch.no_grad():  # evaluated with the mask as it would be thresholded now
                     hard = {k: m.to(self.logits[k].dtype) for k, m in self.hard().items()}
-                    extra.update(callback(step, self.problem.merged(coefficients().detach(), group_of, hard)) or {})
+                    merged = self.problem.merged(coefficients().detach(), group_of, hard)
+                    extra.update(callback(step, self.problem.state(merged)) or {})
             trace.add(step, losses, seconds, extra, "mask")
             bar.update(step, f"objective {mean(losses) * len(losses):.4f} mask p̄ {density:.3f}")

@@ -190,7 +190,8 @@ def _check_loss(t: str, loss: torch.Tensor) -> None:
 def step_gradients(problem: MergeProblem, merged: dict[str, torch.Tensor], objective: Objective,
                    frozen: dict[str, torch.Tensor]) -> dict[str, float]:
     """Backpropagate Σ_t loss_t to whatever `merged` depends on; returns each task's loss."""
-    leaves = {k: v.detach().requires_grad_() for k, v in merged.items()}
+    # BN running statistics (problem.no_grad) enter BN as constants: no gradient through them
+    leaves = {k: v.detach().requires_grad_(k not in problem.no_grad) for k, v in merged.items()}
     params = {**frozen, **leaves}
     batches = objective.draw()
     losses = {}

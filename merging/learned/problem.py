@@ -10,7 +10,8 @@ parameters are never modified.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from ..engine import KeyOptions, open_context
+from ..keys import BN_STATS
 from ..sources import MergeInputError
 
 __all__ = ["MergeProblem", "build_problem", "ties_task_vectors", "VECTORS"]
@@ -28,7 +30,11 @@ class MergeProblem:
     """θ0 and the stacked task vectors of the merged keys, the model and the task ↔ vector mapping.
 
     `taus[k]` has shape (T, *θ0[k].shape): task vector t of tensor k in row t, stored once.
-    `vector_tasks[t]` lists the prediction tasks (heads) of fine-tuned model t.
+    `vector_tasks[t]` lists the prediction tasks (heads) of fine-tuned model t. `fixed`: every other
+    key of the merge plan the model has, at the value the result holds (θ0's, averaged BN statistics),
+    so that learning sees the model it returns. `dtypes`: θ0's dtype of each learned key (θ0 and the
+    task vectors are held in compute dtype). `no_grad`: learned keys the loss is not differentiated
+    through (BN running statistics under bn="merge": merged at the current coefficients, detached).
     """
 
     model: nn.Module
@@ -39,10 +45,28 @@ class MergeProblem:
     vector_tasks: list[list[str]]
     task_kinds: dict[str, str | None]
     device: torch.device
+    fixed: dict[str, torch.Tensor] = field(default_factory=dict)
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+    no_grad: set[str] = field(default_factory=set)
 
     @property
     def T(self) -> int:
         return len(self.vector_names)
+
+    @property
+    def coef_dtype(self) -> torch.dtype:
+        """float64 when θ0 is, else float32 (half-precision θ0 is held and combined in float32)."""
+        return torch.float64 if any(v.dtype == torch.float64 for v in self.theta0.values()) else torch.float32
+
+    def frozen(self) -> dict[str, torch.Tensor]:
+        """What the model runs with besides the learned tensors: `fixed`, and its own other parameters
+        (heads) detached, so that no gradient reaches the caller's module."""
+        own = {n: p.detach() for n, p in self.model.named_parameters() if n not in self.theta0}
+        return {**own, **self.fixed}
+
+    def state(self, merged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The merged state the model runs with (what a callback sees): `fixed` plus the learned tensors."""
+        return {**self.fixed, **merged}
 
     @property
     def tasks(self) -> list[str]:
@@ -54,15 +78,18 @@ class MergeProblem:
         out = {}
         for k in self.keys:
             tau, base = self.taus[k], self.theta0[k]
-            c = coef[group_of[k]]
+            c = coef[group_of[k]].to(base.dtype)
             if mask is None and base.is_contiguous():
                 # θ0 + c·τ in one GEMM (1×T @ T×n added to θ0): one output tensor and pass instead of two
                 out[k] = torch.addmm(base.reshape(1, -1), c.reshape(1, -1), tau.reshape(len(c), -1)).view(base.shape)
-                continue
-            delta = torch.tensordot(c, tau, dims=1)  # Σ_t c_t τ_t, no (T, ...) temporary
-            if mask is not None:
-                delta = delta * mask[k]
-            out[k] = base + delta
+            else:
+                delta = torch.tensordot(c, tau, dims=1)  # Σ_t c_t τ_t, no (T, ...) temporary
+                if mask is not None:
+                    delta = delta * mask[k]
+                out[k] = base + delta
+            dtype = self.dtypes.get(k, base.dtype)
+            if out[k].dtype != dtype:  # half-precision θ0: the model runs with the dtype the result holds
+                out[k] = out[k].to(dtype)
         return out
 
     def predict(self, params: dict[str, torch.Tensor], x: torch.Tensor, task: str) -> torch.Tensor:
@@ -136,30 +163,41 @@ def build_problem(pretrained, finetuned, *, model: nn.Module | None = None, task
     ctx = open_context(pre_src, ft_srcs, opts, 1, "learned merging")
     own = dict(model.named_parameters())
     own.update(dict(model.named_buffers()))
-    theta0, taus = {}, {}
+    is_stat = re.compile(BN_STATS).match
+    theta0, taus, fixed, dtypes = {}, {}, {}, {}
     try:
-        for k in ctx.plan.merge:
+        for k in ctx.plan.order:
+            kind, info = ctx.plan.kind[k], ctx.plan.infos[k]
             if k not in own:
-                raise MergeInputError(f"merged tensor {k!r} is not a parameter or buffer of the model "
-                                      f"({type(model).__name__}); models must share an architecture")
-            shape = tuple(ctx.plan.infos[k].shape)
+                if kind == "merge":
+                    raise MergeInputError(f"merged tensor {k!r} is not a parameter or buffer of the model "
+                                          f"({type(model).__name__}); models must share an architecture")
+                continue  # a buffer the model lacks: nothing to run with (the result still holds it)
+            shape = tuple(info.shape)
             if tuple(own[k].shape) != shape:
                 raise MergeInputError(f"{k!r} has shape {shape} in the inputs but {tuple(own[k].shape)} in the model")
-            pre = ctx.pre(k)
-            stack = torch.empty((len(fts), *shape), dtype=pre.dtype)
-            for t in range(len(fts)):
-                ctx.tv(k, t, pre=pre, out=stack[t])
             # A model built here already holds θ0: share its storage instead of a second copy.
             mine = own[k].detach()
-            if not stack.any():  # no fine-tune changed it (frozen layers, a linearised model's θ0): nothing to learn
-                continue
-            theta0[k] = mine if built and mine.dtype == pre.dtype else pre.to(device, copy=True)
-            taus[k] = stack.to(device)
+            if kind == "merge":
+                pre = ctx.pre(k)
+                stack = torch.empty((len(fts), *shape), dtype=pre.dtype)
+                for t in range(len(fts)):
+                    ctx.tv(k, t, pre=pre, out=stack[t])
+                if stack.any():  # else no fine-tune changed it (frozen layers, a linearised model's θ0)
+                    theta0[k] = mine if built and mine.dtype == pre.dtype else pre.to(device, copy=True)
+                    taus[k], dtypes[k] = stack.to(device), info.dtype
+                    continue
+            # Not learned: θ0's value (or the fine-tunes' mean), as in the result, not the caller's module's.
+            if built and kind != "average" and mine.dtype == info.dtype:
+                fixed[k] = mine
+            else:
+                fixed[k] = (ctx.average(k) if kind == "average" else ctx.raw_pre(k)).to(device, info.dtype, copy=True)
     finally:
         ctx.close()
     if not theta0:
         raise MergeInputError("nothing to learn: the fine-tuned models do not differ from the pretrained one")
-    return MergeProblem(model, list(theta0), theta0, taus, names, vector_tasks, kinds, device)
+    return MergeProblem(model, list(theta0), theta0, taus, names, vector_tasks, kinds, device, fixed, dtypes,
+                        {k for k in theta0 if is_stat(k)})
 
 
 VECTORS = ("plain", "ties")

@@ -94,6 +94,22 @@ def test_clamp_keeps_coefficients_in_unit_interval():
     assert r.coefficients.min() >= 0 and r.coefficients.max() <= 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_learns_in_the_dtype_of_theta0(dtype):
+    """float64 θ0: float64 coefficients; half-precision θ0: float32 coefficients, the model run (and the
+    result held) in θ0's dtype."""
+    model, pre, fts, data = toys(dtype=dtype)
+    want = torch.float64 if dtype == torch.float64 else torch.float32
+    for method, extra in (("adamerging", {}), ("concrete_ta", {}), ("concrete_adamerging", {"final_steps": 1})):
+        r = merging.learn(method, pre, fts, unlabeled=data, steps=2, lr=0.05, **extra, **kw(model))
+        assert r.coefficients.dtype == want, method
+        assert all(r.state_dict[k].dtype == dtype for k in pre), method
+    r = merging.learn("adamerging", pre, fts, unlabeled=data, steps=2, lr=0.05, granularity="task", **kw(model))
+    for k in pre:
+        expect = pre[k].to(want) + sum(r.coefficients[t] * (fts[t][k].to(want) - pre[k].to(want)) for t in range(T))
+        torch.testing.assert_close(r.state_dict[k], expect.to(dtype))
+
+
 def test_gradient_matches_finite_differences():
     """d(Σ_t H_t)/dλ from the two-stage backward equals central differences of the written objective."""
     model, pre, fts, data = toys(dtype=torch.float64)
