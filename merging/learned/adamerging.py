@@ -48,6 +48,8 @@ class CoefficientLearner:
                  clamp: bool = False, learn_rows: list[int] | None = None, frozen_cols: list[int] | None = None):
         if not 0 < lr < float("inf"):
             raise ValueError(f"lr must be positive and finite, got {lr}")
+        if clamp and not 0 <= init <= 1:  # entries not learned would stay outside the range the others are held to
+            raise ValueError(f"init must be in [0, 1] with clamp=true, got {init}")
         self.problem, self.layout, self.clamp = problem, layout, bool(clamp)
         self.coef = torch.full((layout.rows, problem.T), float(init), device=problem.device, dtype=problem.coef_dtype,
                                requires_grad=True)
@@ -68,8 +70,8 @@ class CoefficientLearner:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         with torch.no_grad():
-            if self.clamp:
-                self.coef.clamp_(0.0, 1.0)
+            if self.clamp:  # learned entries only: the others stay exactly at init
+                self.coef.copy_(torch.where(self.keep, self.coef.clamp(0.0, 1.0), self.coef))
         check_finite(self.coef, self.layout.groups, self.problem.vector_names, step)
 
     def run(self, objective: Objective, frozen: dict[str, torch.Tensor], steps: int, trace: Trace,

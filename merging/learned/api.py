@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -174,8 +175,11 @@ def learn(method: str, pretrained, finetuned, *, unlabeled: Mapping[str, Iterabl
         raise ValueError("objective='supervised' needs labeled={task: iterable of (inputs, targets)} (k shots per task)")
     if not supervised and unlabeled is None:
         raise ValueError(f"{method} learns at test time from unlabeled data: pass unlabeled={{task: iterable of input batches}}")
-    if int(hp["steps"]) < 0:
-        raise ValueError(f"steps must be ≥ 0, got {hp['steps']}")
+    for k in ("steps", "inner_steps", "final_steps"):
+        if k in hp and (isinstance(hp[k], bool) or not isinstance(hp[k], numbers.Integral) or hp[k] < 0):
+            raise ValueError(f"{k} must be an int ≥ 0, got {hp[k]!r}")
+    if "threshold" in hp:
+        ConcreteMask.check(hp["temperature"], hp["initial_logits"], hp["threshold"])
     for k in ("init", "lam"):
         if k in hp and not torch.isfinite(torch.tensor(float(hp[k]))):
             raise ValueError(f"{k} must be finite, got {hp[k]}")

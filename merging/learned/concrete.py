@@ -12,9 +12,11 @@ mask is thresholded: m = 1[σ(s) > threshold].
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .loop import Objective, check_finite, mean, step_gradients, step_progress
+from .loop import Objective, mean, step_gradients, step_progress
 from .problem import MergeProblem
 
 __all__ = ["ConcreteMask"]
@@ -23,13 +25,21 @@ __all__ = ["ConcreteMask"]
 class ConcreteMask:
     def __init__(self, problem: MergeProblem, temperature: float = 0.5, initial_logits: float = 0.0,
                  lr: float = 1e-3, seed: int = 0, threshold: float = 0.5):
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.check(temperature, initial_logits, threshold)
         self.problem, self.temperature, self.threshold = problem, float(temperature), float(threshold)
         self.logits = {k: torch.full_like(v, float(initial_logits), requires_grad=True)
                        for k, v in problem.theta0.items()}
         self.opt = torch.optim.Adam(list(self.logits.values()), lr=lr)
         self.gen = torch.Generator(device=problem.device).manual_seed(int(seed))
+
+    @staticmethod
+    def check(temperature: float, initial_logits: float, threshold: float) -> None:
+        if not 0 < temperature < math.inf:
+            raise ValueError(f"temperature must be positive and finite, got {temperature}")
+        if not 0 <= threshold < 1:  # σ(s) lies in (0, 1): a threshold ≥ 1 (or NaN) would keep nothing
+            raise ValueError(f"threshold must be in [0, 1), got {threshold}")
+        if not math.isfinite(initial_logits):
+            raise ValueError(f"initial_logits must be finite, got {initial_logits}")
 
     def sample(self) -> dict[str, torch.Tensor]:
         """A relaxed mask in [0, 1], differentiable in the logits (one Gumbel-sigmoid draw per entry)."""
@@ -50,8 +60,11 @@ class ConcreteMask:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         for k, s in self.logits.items():
+            s = s.detach()
             if not torch.isfinite(s).all():
-                check_finite(s.detach().reshape(-1, 1), [k], ["(shared mask)"], step, what="mask logit")
+                at = tuple(int(i) for i in (~torch.isfinite(s)).nonzero()[0])
+                raise FloatingPointError(f"mask logit of tensor {k!r} at {at} became {float(s[at])} at step {step}; "
+                                         "lower lr")
 
     def run(self, objective: Objective, frozen, steps: int, trace, label: str, coefficients,
             inner=None, inner_steps: int = 1, progress: bool = True, callback=None, callback_every: int = 0) -> None:

@@ -46,15 +46,21 @@ class BatchCycler:
     def __init__(self, source: Iterable, task: str, what: str = "unlabeled"):
         self.source, self.task, self.what = source, task, what
         self._it: Iterator | None = None
+        self._served = False
 
     def next_raw(self) -> Any:
         for attempt in range(2):
             if self._it is None:
                 self._it = iter(self.source)
             try:
-                return next(self._it)
+                batch = next(self._it)
+                self._served = True
+                return batch
             except StopIteration:
                 self._it = None
+        if self._served:  # a generator or iterator: its second pass is empty
+            raise ValueError(f"{self.what}[{self.task!r}] was exhausted after one pass; batches are cycled, so it must "
+                             "be re-iterable (a list or a DataLoader, not a generator or iterator)")
         raise ValueError(f"{self.what}[{self.task!r}] yields no batches")
 
     def __next__(self) -> torch.Tensor:
@@ -215,12 +221,12 @@ def step_gradients(problem: MergeProblem, merged: dict[str, torch.Tensor], objec
     return losses
 
 
-def check_finite(coef: torch.Tensor, groups: list[str], names: list[str], step: int, what: str = "coefficient") -> None:
+def check_finite(coef: torch.Tensor, groups: list[str], names: list[str], step: int) -> None:
     if torch.isfinite(coef).all():
         return
     c = coef.detach().reshape(-1, len(names))
     r, t = [int(i) for i in (~torch.isfinite(c)).nonzero()[0]]
-    raise FloatingPointError(f"{what} of task {names[t]!r}, tensor/block {groups[r]!r} became {float(c[r, t])} "
+    raise FloatingPointError(f"coefficient of task {names[t]!r}, tensor/block {groups[r]!r} became {float(c[r, t])} "
                              f"at step {step}; lower lr or pass clamp=true")
 
 

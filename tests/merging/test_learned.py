@@ -94,6 +94,23 @@ def test_clamp_keeps_coefficients_in_unit_interval():
     assert r.coefficients.min() >= 0 and r.coefficients.max() <= 1
 
 
+def test_clamp_leaves_entries_not_learned_alone_and_refuses_init_outside_the_interval():
+    from merging.learned.adamerging import CoefficientLearner
+
+    model, pre, fts, data = toys()
+    with pytest.raises(ValueError, match=r"init must be in \[0, 1\] with clamp=true, got 1.5"):
+        merging.learn("atlas", pre, fts, unlabeled=data, steps=1, init=1.5, clamp=True, **kw(model))
+    problem = build_problem(pre, fts, model=model, tasks=[f"t{i}" for i in range(T)])
+    learner = CoefficientLearner(problem, make_layout(problem.keys, "layer"), init=0.5, clamp=True, learn_rows=[0],
+                                 frozen_cols=[2])
+    with torch.no_grad():
+        learner.coef.fill_(2.0)
+    learner.apply_step(1)  # no gradient: only the clamp acts, on learned entries (row 0, columns 0 and 1)
+    expect = torch.full_like(learner.coef, 2.0)
+    expect[0, :2] = 1.0
+    assert torch.equal(learner.coef.detach(), expect)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_learns_in_the_dtype_of_theta0(dtype):
     """float64 θ0: float64 coefficients; half-precision θ0: float32 coefficients, the model run (and the
@@ -221,6 +238,40 @@ def test_no_unlabeled_data_is_named():
         merging.learn("adamerging", pre, fts, unlabeled={**data, "t1": []}, steps=1, **kw(model))
     with pytest.raises(ValueError, match="'nope'"):
         merging.learn("adamerging", pre, fts, unlabeled={**data, "nope": data["t0"]}, **kw(model))
+
+
+def test_a_one_shot_iterator_is_named_when_it_runs_out():
+    model, pre, fts, data = toys()
+    once = {**data, "t1": (b for b in data["t1"])}  # two batches, one pass
+    with pytest.raises(ValueError, match=r"unlabeled\['t1'\] was exhausted after one pass.*re-iterable"):
+        merging.learn("adamerging", pre, fts, unlabeled=once, steps=3, **kw(model))
+
+
+@pytest.mark.parametrize("method, bad, match", [
+    ("concrete_ta", {"threshold": math.nan}, r"threshold must be in \[0, 1\), got nan"),
+    ("concrete_ta", {"threshold": 1.0}, r"threshold must be in \[0, 1\), got 1.0"),
+    ("concrete_ta", {"threshold": -0.1}, r"threshold must be in \[0, 1\), got -0.1"),
+    ("concrete_ta", {"initial_logits": math.inf}, "initial_logits must be finite, got inf"),
+    ("concrete_ta", {"temperature": math.inf}, "temperature must be positive and finite, got inf"),
+    ("concrete_adamerging", {"inner_steps": -1}, "inner_steps must be an int ≥ 0, got -1"),
+    ("concrete_adamerging", {"final_steps": 2.5}, "final_steps must be an int ≥ 0, got 2.5"),
+    ("adamerging", {"steps": -1}, "steps must be an int ≥ 0, got -1"),
+])
+def test_bad_concrete_and_step_hyperparameters_are_named(method, bad, match):
+    model, pre, fts, data = toys()
+    with pytest.raises(ValueError, match=match):
+        merging.learn(method, pre, fts, unlabeled=data, **bad, **kw(model))
+
+
+def test_a_mask_logit_turning_infinite_names_the_tensor_and_entry():
+    from merging.learned.concrete import ConcreteMask
+
+    model, pre, fts, data = toys()
+    cm = ConcreteMask(build_problem(pre, fts, model=model, tasks=[f"t{i}" for i in range(T)]))
+    with torch.no_grad():
+        cm.logits["body.0.weight"][1, 0] = math.inf  # not the tensor's first entry
+    with pytest.raises(FloatingPointError, match=r"mask logit of tensor 'body.0.weight' at \(1, 0\) became inf at step 5"):
+        cm.apply_step(5)
 
 
 def test_architecture_mismatch_names_the_tensor():
