@@ -314,6 +314,17 @@ class FAMO(_OwnOptimizer):
             after = self._stack(ctx.recompute()).detach().float().clamp_min(self.eps).log()
         self._update(after)
 
+    def get_extra_state(self):
+        # with recompute=false the pending update (the log-losses and z of the last step) spans
+        # steps, hence checkpoints: without it a resumed run would skip that step's logit update
+        pending = {k: None if v is None else v.detach().cpu() for k, v in (("before", self._before), ("z", self._z))}
+        return super().get_extra_state() | pending
+
+    def set_extra_state(self, state) -> None:
+        super().set_extra_state(state)
+        state, dev = state or {}, self.logits.device
+        self._before, self._z = (None if state.get(k) is None else state[k].to(dev) for k in ("before", "z"))
+
     def _update(self, log_after: torch.Tensor) -> None:
         delta = dist_mean(self._before - log_after.to(self._before.device))
         z = self._z

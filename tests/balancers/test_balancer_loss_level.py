@@ -307,3 +307,20 @@ def test_famo_state_survives_a_state_dict_round_trip():
         b.backward(ctx)
         b.after_step(ctx)
     assert torch.allclose(other.logits, famo.logits)  # Adam moments restored too
+
+
+def test_famo_without_recompute_keeps_its_pending_update_across_a_state_dict_round_trip():
+    # recompute=false measures a step's decrease on the next batch: a checkpoint between the two
+    # steps must carry the pending log-losses, or the resumed run skips that logit update
+    make = lambda: create_balancer("famo", ["a", "b"], recompute=False)  # noqa: E731
+    famo = make()
+    _, ctx = fixed_losses({"a": 2.0, "b": 1.0})
+    famo.backward(ctx)
+    famo.after_step(ctx)
+    other = make()
+    other.load_state_dict(famo.state_dict())
+    for b in (famo, other):
+        _, ctx = fixed_losses({"a": 1.0, "b": 0.9}, step=1)
+        b.backward(ctx)
+    assert other.logits[0] < 0 < other.logits[1]
+    assert torch.equal(other.logits, famo.logits) and other.weights() == famo.weights()
