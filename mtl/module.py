@@ -201,6 +201,12 @@ class MultiTaskModule(L.LightningModule):
         checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # a checkpoint from before a balancer kept state across steps (nash_mtl's solve schedule) lacks
+        # its key: that state starts afresh (set_extra_state(None)) rather than the strict load refusing it
+        weights = checkpoint.get("state_dict")
+        for key in self.balancer.state_dict() if weights is not None else ():
+            if key.endswith("_extra_state"):
+                weights.setdefault(f"balancer.{key}", None)
         if self.monitor and "balancer_monitor" in checkpoint:
             self.monitor.load_state_dict(checkpoint["balancer_monitor"])
         if "rng_states" in checkpoint:

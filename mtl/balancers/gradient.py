@@ -369,13 +369,24 @@ class NashMTLBalancer(JacobianBalancer):
                                 "(balancer.solver_failures).")
                 alpha = torch.ones(gramian.shape[0], dtype=gramian.dtype, device=gramian.device)
             self._alpha = alpha
-        return self._alpha
+        return self._alpha.to(gramian)  # a no-op unless restored from a checkpoint (on the CPU)
 
     def _rescale(self, w: torch.Tensor) -> torch.Tensor:
         return w * (len(self.tasks) / w.sum())
 
     def reset(self) -> None:
         self._calls, self._alpha = 0, None
+
+    # the solve schedule, the weights in use between solves and the failure count span steps, so
+    # they travel in checkpoints (a resumed run solves at the same steps as an uninterrupted one)
+    def get_extra_state(self):
+        alpha = None if self._alpha is None else self._alpha.detach().cpu()
+        return {"calls": self._calls, "alpha": alpha, "solver_failures": self.solver_failures}
+
+    def set_extra_state(self, state) -> None:
+        state = state or {}  # None: a checkpoint from before these were saved (module.on_load_checkpoint)
+        self._calls, self.solver_failures = int(state.get("calls", 0)), int(state.get("solver_failures", 0))
+        self._alpha = state.get("alpha")
 
 
 #: the gradient methods, for `flat`'s ``aggregator=`` and for docs/tests

@@ -108,7 +108,8 @@ class DynamicWeightAverage(Balancer):
         return {"sum": self._sum.cpu(), "count": self._count}
 
     def set_extra_state(self, state) -> None:
-        self._sum, self._count = state["sum"].clone(), int(state["count"])
+        if state is not None:  # None: no saved window (module.on_load_checkpoint's placeholder)
+            self._sum, self._count = state["sum"].clone(), int(state["count"])
 
 
 @register("rlw")

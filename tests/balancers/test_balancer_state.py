@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from balancer_toys import Toy, toy_batch, toy_ctx
-from mtl.balancers import create_balancer, freeze_norm_stats
+from mtl.balancers import StepContext, create_balancer, freeze_norm_stats
 
 
 def test_flat_restores_the_weights_when_the_perturbed_pass_fails():
@@ -44,3 +44,47 @@ def test_diagnostics_report_solver_failures_also_nested():
     flat.base.solver_failures = 3
     assert flat.diagnostics() == {"base.solver_failures": 3, "sharp.solver_failures": 0}
     assert create_balancer("ew", ["a", "b"]).diagnostics() == {}
+
+
+def _nash_step(b, J):
+    theta = torch.nn.Parameter(torch.zeros(J.shape[1]))
+    b.backward(StepContext({"a": theta @ J[0], "b": theta @ J[1]}, [theta], {"a": [], "b": []}, None))
+    return b.weights()
+
+
+def test_nash_mtl_schedule_weights_and_failures_survive_a_state_dict_round_trip():
+    # update_weights_every=3 solves at calls 0, 3, ...: a checkpoint after call 1 must carry the call
+    # count and the weights in use, or the resumed run solves at once, at another step
+    steps = [torch.tensor([[1.0, 0.0], [-1.0, 0.0]]),  # no bargaining point: equal weights, one failure
+             torch.tensor([[1.0, 0.0], [0.0, 3.0]]), torch.tensor([[2.0, 1.0], [0.0, 1.0]]),
+             torch.tensor([[1.0, 1.0], [0.5, 2.0]])]
+    nash = create_balancer("nash_mtl", ["a", "b"], update_weights_every=3)
+    for J in steps[:2]:
+        _nash_step(nash, J)
+    other = create_balancer("nash_mtl", ["a", "b"], update_weights_every=3)
+    other.load_state_dict(nash.state_dict())
+    assert other.solver_failures == nash.solver_failures == 1
+    for J in steps[2:]:
+        assert _nash_step(other, J) == _nash_step(nash, J)
+    assert other.weights() != {"a": 1.0, "b": 1.0}  # the solve at call 3 happened in both
+    # flat's two nested instances keep theirs too
+    flat = create_balancer("flat", ["a", "b"], aggregator="nash_mtl", aggregator_kwargs={"update_weights_every": 3})
+    flat.base._calls, flat.sharp.solver_failures = 2, 1
+    again = create_balancer("flat", ["a", "b"], aggregator="nash_mtl", aggregator_kwargs={"update_weights_every": 3})
+    again.load_state_dict(flat.state_dict())
+    assert again.base._calls == 2 and again.diagnostics() == {"base.solver_failures": 0, "sharp.solver_failures": 1}
+
+
+def test_a_checkpoint_saved_before_nash_mtl_kept_state_still_resumes():
+    from mtl.models import create_model
+    from mtl.module import MultiTaskModule
+
+    model = create_model(["depth", "regression"], backbone={"name": "test_resnet", "out_indices": [1, 2, 3]},
+                         decoder={"name": "hps", "channels": 8})
+    module = MultiTaskModule(model, balancer={"name": "flat", "aggregator": "nash_mtl"}, log_weights_every=0)
+    module.balancer.base._calls = 5
+    old = {"state_dict": {k: v for k, v in module.state_dict().items() if not k.endswith("_extra_state")}}
+    module.on_load_checkpoint(old)  # Lightning calls it before its strict load of the weights
+    module.load_state_dict(old["state_dict"])
+    assert module.balancer.base._calls == 0 and module.balancer.diagnostics() == {"base.solver_failures": 0,
+                                                                                 "sharp.solver_failures": 0}
