@@ -28,16 +28,24 @@ def check_identical(a: Path, first: Path, resumed: Path, steps: int) -> None:
     assert ma["test"] == mb["test"] and ma["val"] == mb["val"] and ma["global_steps"] == mb["global_steps"] == steps
 
 
-def test_resume_after_a_stop_is_bit_identical(tmp_path):
-    # the stop raises at the start of epoch 2; on disk that is what a kill there leaves
+@pytest.mark.parametrize("stop, extra", [
+    (2, ["balancer=rlw"]),  # rlw draws random weights every step
+    # an epoch without validation still ends with last.ckpt; famo(recompute=false) carries its pending
+    # logit update across the checkpoint
+    (1, ["balancer=famo", "balancer.recompute=false", "+trainer.check_val_every_n_epoch=2"]),
+], ids=["rlw", "famo-val-every-2"])
+def test_resume_after_a_stop_is_bit_identical(tmp_path, stop, extra):
+    # the stop raises at the start of epoch `stop`; on disk that is what a kill there leaves
     # (the last epoch-end checkpoint), so the resume path is the same one a SIGKILL takes
-    common = BASE + ["balancer=rlw", "trainer.max_epochs=3"]  # rlw draws random weights every step
+    common = BASE + extra + ["trainer.max_epochs=3"]
     a = run(common, run_dir=tmp_path / "a")
     with pytest.raises(InterruptedError):
-        run(common + ["+callbacks.stop._target_=kill_callback.InterruptAtEpoch", "+callbacks.stop.epoch=2"],
+        run(common + ["+callbacks.stop._target_=kill_callback.InterruptAtEpoch", f"+callbacks.stop.epoch={stop}"],
             run_dir=tmp_path / "b1")
     b2 = run(common + [f"ckpt_path={tmp_path / 'b1' / 'checkpoints' / 'last.ckpt'}"], run_dir=tmp_path / "b2")
     check_identical(a, tmp_path / "b1", b2, steps=6)
+    if stop != 2:
+        return
     # a checkpoint of another model is named as such, not as an unpickling or state-dict dump
     with pytest.raises(ValueError, match=r"last.ckpt: its weights do not fit this run's model \(\d+ missing"):
         run(common + ["decoder.channels=24", f"ckpt_path={tmp_path / 'b1' / 'checkpoints' / 'last.ckpt'}"],
