@@ -58,8 +58,11 @@ class TextProgressBar(ProgressBar):
             print(text, file=self.stream or sys.stdout, flush=True)
 
     def _metrics(self, trainer, prefix: str) -> str:
+        """Up to 4 losses, the aggregate ``<prefix>loss`` first (the module logs it after the tasks')."""
         items = []
-        for key, value in trainer.callback_metrics.items():
+        keys = sorted(trainer.callback_metrics, key=lambda k: k != f"{prefix}loss")  # stable: the rest keep their order
+        for key in keys:
+            value = trainer.callback_metrics[key]
             if key.startswith(prefix) and key.endswith("loss"):
                 try:
                     items.append(f"{key} {float(value):.4g}")

@@ -87,3 +87,11 @@ def test_progress_log_prints_first_last_and_at_the_interval(monkeypatch):
     off = progress_log.ProgressLog("[m]", 2, every_seconds=0, stream=quiet, enabled=False)
     off.update(1)
     assert quiet.getvalue() == ""
+
+
+def test_the_aggregate_loss_comes_first_with_many_tasks():
+    # the module logs each task's loss before the aggregate: with >= 4 tasks the cap of 4 dropped val/loss
+    metrics = {f"val/t{i}/loss": torch.tensor(float(i)) for i in range(5)} | {"val/t0/acc": torch.tensor(1.0),
+                                                                             "val/loss": torch.tensor(10.0)}
+    text = TextProgressBar()._metrics(SimpleNamespace(callback_metrics=metrics), "val/")
+    assert text == "val/loss 10 val/t0/loss 0 val/t1/loss 1 val/t2/loss 2"
