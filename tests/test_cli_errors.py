@@ -135,6 +135,17 @@ def test_one_line_takes_the_first_line_and_names_bare_key_errors():
         assert one_line(e) == "lightning.TensorBoardLogger: Neither `tensorboard` nor `tensorboardX` is available."
 
 
+def test_a_verbose_failed_run_still_ends_its_stdout_with_its_folder(monkeypatch, tmp_path, capfd):
+    monkeypatch.setenv("MTL_VERBOSE", "0")  # cli_main sets it for the process: restored after the test
+    monkeypatch.setenv("MTL_OUTPUT_DIR", str(tmp_path / "outputs"))
+    monkeypatch.setattr(sys, "argv", ["mtl-train", "debug=smoke", "logger=none", "balancer.name=foo", "verbose=true"])
+    with pytest.raises(KeyError, match="unknown balancer 'foo'"):  # the traceback itself, not one line
+        train_cli.main()
+    (run,) = (tmp_path / "outputs" / "train" / "runs").iterdir()
+    assert (run / FAILED).is_file()
+    assert capfd.readouterr().out.strip().splitlines()[-1] == f"run_dir: {run}"
+
+
 @pytest.mark.slow
 def test_verbose_switch_shows_the_traceback(tmp_path):
     env = dict(os.environ, MTL_OUTPUT_DIR=str(tmp_path / "outputs"))

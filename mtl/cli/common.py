@@ -148,6 +148,8 @@ def run_job(cfg, job: Callable[[Any, Path], Any]) -> Any:
     except BaseException as e:
         stop = interruption(e)
         if (stop is None and not isinstance(e, Exception)) or verbose():
+            if (run_dir / FAILED).is_file():
+                finish(run_dir)  # stdout still ends with the folder; the traceback follows on stderr
             raise
         message = interrupted_message(stop[0], run_dir) if stop else one_line(e)
         if _rank0():
