@@ -28,6 +28,25 @@ def test_uw_loss_form():
     assert uw.weights() == pytest.approx({"a": math.exp(-0.5), "b": math.exp(0.3)})
 
 
+def test_uw_is_twice_the_papers_form_which_adam_does_not_see():
+    # docs/balancers.md: Σ exp(-s)L + s = 2 × the paper's (and LibMTL's) Σ ½exp(-s)L + ½s; Adam
+    # normalises each parameter's gradient, so both forms take the same steps
+    uw = create_balancer("uw", ["a", "b"])
+    half = torch.nn.Parameter(torch.zeros(2))
+    opts = [torch.optim.Adam(uw.parameters(), lr=0.05), torch.optim.Adam([half], lr=0.05)]
+    for step in range(50):
+        for o in opts:
+            o.zero_grad()
+        _, ctx = fixed_losses({"a": 4.0, "b": 0.25}, step=step)
+        uw.backward(ctx)
+        L = torch.tensor([4.0, 0.25])
+        (0.5 * torch.exp(-half) * L + 0.5 * half).sum().backward()
+        assert torch.allclose(uw.log_vars.grad, 2 * half.grad)
+        for o in opts:
+            o.step()
+    assert torch.allclose(uw.log_vars, half, atol=1e-5)
+
+
 def test_uw_log_variances_learn_toward_log_loss():
     # for fixed L_t the optimum of exp(-s) L + s is s = log L: big losses get small weights
     uw = create_balancer("uw", ["a", "b"])
