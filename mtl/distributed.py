@@ -8,8 +8,10 @@ run; loss-level weightings can.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+log = logging.getLogger(__name__)
 
 def fsdp_compatible(balancer) -> bool:
     return not (balancer.needs_shared_params or balancer.computes_own_gradients
@@ -26,9 +28,17 @@ def is_fsdp(strategy: Any) -> bool:
     return isinstance(strategy, (FSDPStrategy, ModelParallelStrategy))
 
 
-def check_strategy(balancer, strategy: Any) -> None:
-    """Refuse a balancer the strategy cannot run, naming the ones it can."""
-    if not is_fsdp(strategy) or fsdp_compatible(balancer):
+def check_strategy(balancer, strategy: Any, monitor=None) -> None:
+    """Refuse a balancer the strategy cannot run, naming the ones it can. Under FSDP the balancer
+    monitor's gradient cosines (per-task gradients of the shared parameters, like the refused methods)
+    are switched off with a warning; it still logs the task weights."""
+    if not is_fsdp(strategy):
+        return
+    if monitor is not None and monitor.cosines:
+        monitor.cosines = False
+        log.warning("trainer=fsdp: the balancer monitor logs task weights only, no gradient cosines "
+                    "(balancer/cos/*: per-task gradients of the shared parameters, which FSDP shards)")
+    if fsdp_compatible(balancer):
         return
     from mtl.balancers import BALANCERS, create_balancer
 

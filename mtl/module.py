@@ -193,7 +193,7 @@ class MultiTaskModule(L.LightningModule):
         from mtl.distributed import check_strategy
 
         check_precision(self.balancer, self.trainer.precision_plugin)
-        check_strategy(self.balancer, self.trainer.strategy)
+        check_strategy(self.balancer, self.trainer.strategy, self.monitor)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.monitor:

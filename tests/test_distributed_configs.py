@@ -42,3 +42,24 @@ def test_fsdp_runs_loss_level_balancers_only(name, ok):
 
 def test_famo_without_recompute_runs_under_fsdp():
     assert fsdp_compatible(create_balancer("famo", tasks=["a", "b"], recompute=False))
+
+
+def test_fsdp_switches_the_monitors_gradient_cosines_off_and_keeps_its_weights(caplog):
+    import torch
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from mtl.balancers import BalancerMonitor, StepContext
+
+    ddp_monitor, monitor = BalancerMonitor(every=1), BalancerMonitor(every=1)
+    check_strategy(create_balancer("ew", tasks=["a", "b"]), DDPStrategy(), ddp_monitor)
+    assert ddp_monitor.cosines
+    with caplog.at_level("WARNING", logger="mtl.distributed"):
+        check_strategy(create_balancer("ew", tasks=["a", "b"]), FSDPStrategy(), monitor)
+    assert not monitor.cosines and "no gradient cosines" in caplog.text
+    # the monitor then never takes per-task gradients of the (sharded) shared parameters
+    w = torch.nn.Parameter(torch.ones(2))
+    ctx = StepContext({"a": w.sum() * 2, "b": -w.sum()}, [w], {"a": [], "b": []}, None)
+    assert monitor.before_backward(ctx) == {} and w.grad is None
+    assert monitor.after_step(ctx, create_balancer("ew", tasks=["a", "b"])) == {"balancer/weight/a": 1.0,
+                                                                                "balancer/weight/b": 1.0}
+    assert ddp_monitor.before_backward(ctx) == {"balancer/cos/a-b": pytest.approx(-1.0)}

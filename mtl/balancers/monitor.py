@@ -30,6 +30,7 @@ class BalancerMonitor:
             raise ValueError(f"BalancerMonitor: level must be 'params' or 'features', got {level!r}")
         self.every, self.level = int(every), level
         self.history: list[dict[str, Any]] = []  # {"step", "weights": {t: w}, "cos": {"a-b": c}}
+        self.cosines = True  # False: weights only (mtl.distributed.check_strategy, under FSDP)
         self._cos: dict[str, float] = {}
 
     def due(self, step: int) -> bool:
@@ -40,7 +41,7 @@ class BalancerMonitor:
         shared representation with ``level="features"``). Costs T extra backward passes through the
         shared part, on due steps only; the graph is retained for the balancer's backward."""
         self._cos = {}
-        if not self.due(ctx.step) or len(ctx.losses) < 2:
+        if not self.cosines or not self.due(ctx.step) or len(ctx.losses) < 2:
             return {}
         wrt = self._wrt(ctx)
         if not wrt:
