@@ -312,19 +312,35 @@ def compose_in_process(config_module: str, config_name: str, overrides, run_dir=
 # --- what the job CLIs (mtl-merge, mtl-prune, mtl-export, mtl-extract) share -----------------------
 def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model") -> tuple[Path, Path]:
     """Create the run folder, store the resolved config in it and resolve ``cfg.output`` (default
-    ``<run_dir>/<default_output>``); an existing output is refused unless ``overwrite=true``."""
+    ``<run_dir>/<default_output>``); an existing output is refused unless ``overwrite=true``, and an
+    output that is, lies inside or holds an input model folder (``model``, ``pretrained``, ``models``)
+    is refused before anything is written."""
     from omegaconf import OmegaConf
 
     from mtl.io import atomic_path
 
     run_dir = Path(run_dir)
+    output = Path(cfg.output) if cfg.get("output") else run_dir / default_output
+    inputs = [cfg.get("model"), cfg.get("pretrained"), *(cfg.get("models") or [])]
+    check_output_apart(output, [Path(str(p)) for p in inputs if p])
     run_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(run_dir / "config.yaml") as tmp:
         tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    output = Path(cfg.output) if cfg.get("output") else run_dir / default_output
     if output.exists() and not cfg.get("overwrite"):
         raise FileExistsError(f"{output} exists; pass overwrite=true to replace it")
     return run_dir, output
+
+
+def check_output_apart(output: Path, inputs: list[Path]) -> None:
+    """Refuse an output folder that is an input folder, lies inside one or holds one (resolved paths):
+    writing it (``overwrite=true`` replaces the whole folder) would destroy or alter the input."""
+    out = output.resolve()
+    for src in inputs:
+        path = src.resolve()
+        how = ("is" if out == path else "lies inside" if path in out.parents
+               else "holds" if out in path.parents else None)
+        if how:
+            raise ValueError(f"output={output} {how} the input model folder {src}; write the result elsewhere")
 
 
 def smoke_model(root: str | os.PathLike, experiment: str = "scenes_hps",

@@ -64,6 +64,35 @@ def test_bad_ratio_is_refused_before_any_work(folder, tmp_path):
     assert not (tmp_path / "run" / "model").exists()
 
 
+@pytest.mark.parametrize("where,how", [(".", "is"), ("..", "holds"), ("pruned", "lies inside")])
+def test_output_over_the_input_folder_is_refused_before_any_work(folder, tmp_path, where, how):
+    """overwrite=true replaces the output folder whole: over the input folder it would destroy it."""
+    import shutil
+
+    src = tmp_path / "in" / "model"
+    shutil.copytree(folder, src)
+    files = {p.name: p.read_bytes() for p in src.iterdir()}
+    output = (src / where) if where != "." else src
+    with pytest.raises(ValueError, match=rf"output=.* {how} the input model folder .*in/model"):
+        run(["prune=l1", f"model={src}", f"output={output}", "overwrite=true", "prune.ratio=0.5"],
+            run_dir=tmp_path / "run")
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == files
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_job_refuses_an_output_over_any_of_its_inputs(tmp_path):
+    """mtl-merge, mtl-export and mtl-extract share the check: merge's pretrained and models too."""
+    from omegaconf import OmegaConf
+
+    from mtl.cli.common import start_run
+
+    cfg = OmegaConf.create({"pretrained": str(tmp_path / "base"), "models": [str(tmp_path / "ft" / "a")],
+                            "output": str(tmp_path / "ft"), "overwrite": True})
+    with pytest.raises(ValueError, match=r"output=.*/ft holds the input model folder .*/ft/a"):
+        start_run(cfg, tmp_path / "run")
+    start_run(OmegaConf.merge(cfg, {"output": str(tmp_path / "merged")}), tmp_path / "run")  # elsewhere: fine
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["l1", "l1_global", "taylor", "pagcp"])
 def test_cli_smoke_every_method(method, tmp_path):
