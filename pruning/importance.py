@@ -65,7 +65,9 @@ def l1_scores(graph: LayerGraph, model: nn.Module) -> dict[str, torch.Tensor]:
 
 def taylor_scores(graph: LayerGraph, model: nn.Module, batches: list[dict[str, torch.Tensor]],
                   combine: str = "sum") -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
-    """Multi-task first-order Taylor importance Σ|w·∂L_t/∂w| per unit (Molchanov et al., CVPR 2019).
+    """Multi-task first-order Taylor importance Σ_b Σ|w·∂L_t,b/∂w| per unit (Molchanov et al., CVPR 2019):
+    each calibration batch b's own gradient, the absolute products summed over the batches (averaging
+    the gradients first would let batches cancel out).
 
     Computed per task t, each task's scores divided by their total over all layers (so a task with a
     large loss scale does not dominate), then combined over tasks by ``sum`` or ``max`` (``max``
@@ -76,22 +78,23 @@ def taylor_scores(graph: LayerGraph, model: nn.Module, batches: list[dict[str, t
     was = model.training
     model.eval()  # the running statistics the pruned model will use
     params = [p for p in model.parameters()]
-    saved = [p.requires_grad for p in params]
+    saved = [(p.requires_grad, p.grad) for p in params]  # the caller's flags and gradients come back
     for p in params:
         p.requires_grad_(True)
+    wg = lambda p: None if p.grad is None else (p.detach() * p.grad).abs()  # noqa: E731
     try:
         for t, task in model.tasks.items():
-            model.zero_grad(set_to_none=True)
-            for b in batches:
-                out = model(b["image"], tasks=[t])[t]
-                (task.loss(out, b[task.target_key]) / len(batches)).backward()
-            scores = {l.name: _member_scores(l, model, lambda p: None if p.grad is None else (p.detach() * p.grad).abs(),
-                                             per_member_mean=False) for l in graph.layers}
+            scores = {l.name: torch.zeros(l.size) for l in graph.layers}
+            for b in batches:  # |w·g| of each batch's own gradient, summed over the batches
+                model.zero_grad(set_to_none=True)
+                task.loss(model(b["image"], tasks=[t])[t], b[task.target_key]).backward()
+                for l in graph.layers:
+                    scores[l.name] += _member_scores(l, model, wg, per_member_mean=False)
             total = sum(float(s.sum()) for s in scores.values()) or 1.0
             per_task[t] = {k: v / total for k, v in scores.items()}
     finally:
-        model.zero_grad(set_to_none=True)
-        for p, r in zip(params, saved):
+        for p, (r, g) in zip(params, saved):
+            p.grad = g
             p.requires_grad_(r)
         model.train(was)
     names = list(per_task)

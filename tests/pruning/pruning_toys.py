@@ -41,3 +41,21 @@ def controlled_losses(layer: str, slopes: dict):
         return {t: 1 + slopes[t] * f if t in slopes else 1.0 for t in TASKS}
 
     return losses
+
+
+class TinyMultiTask(nn.Module):
+    """A hand-made model with what the pruner needs of a multitask one: a config naming the family and
+    decoder, ``decoder.heads`` (whose last conv/linear is protected), ``tasks`` and a dict output."""
+
+    config = {"family": "multitask", "decoder": {"name": "hps"}}
+
+    def __init__(self, body: nn.Module, heads: dict, tasks: dict | None = None):
+        super().__init__()
+        self.body = body
+        self.decoder = nn.Module()
+        self.decoder.heads = nn.ModuleDict(heads)
+        self.tasks = tasks or {}
+
+    def forward(self, x, tasks=None):
+        y = self.body(x.float())
+        return {t: h(y) for t, h in self.decoder.heads.items() if tasks is None or t in tasks}

@@ -67,3 +67,34 @@ def test_taylor_unit_score_is_the_whole_first_order_change_of_its_coupled_weight
             + wg(block.conv2.weight).transpose(0, 1).flatten(1).sum(1))
     got = _member_scores(layer, model, lambda p: None if p.grad is None else wg(p), per_member_mean=False)
     assert torch.allclose(got, hand, rtol=1e-5)
+
+
+def test_taylor_scores_each_batch_gradient_before_summing():
+    """Two batches whose gradients cancel exactly (same images, targets of opposite sign): averaging the
+    gradients first scores every unit 0; the per-batch score Σ_b Σ|w·g_b| is the hand formula below."""
+    from pruning.importance import taylor_scores
+
+    from pruning_toys import TinyMultiTask
+
+    class Dot:  # loss Σ t·y: its gradients are linear in the target
+        target_key = "t"
+
+        def loss(self, out, target):
+            return (out * target).sum()
+
+    torch.manual_seed(0)
+    hidden, head = nn.Linear(4, 3, bias=False), nn.Linear(3, 1, bias=False)
+    model = TinyMultiTask(nn.Sequential(nn.Flatten(), hidden), {"a": nn.Sequential(head)}, {"a": Dot()})
+    x, t = torch.randn(5, 4, 1, 1), torch.randn(5, 1)
+    batches = [{"image": x, "t": t}, {"image": x, "t": -t}]
+    graph = LayerGraph(model, x)
+    grad = hidden.weight.grad = torch.ones(3, 4)  # the caller's gradient comes back untouched
+    _, per_task = taylor_scores(graph, model, batches)
+    assert hidden.weight.grad is grad and torch.equal(grad, torch.ones(3, 4))
+    # by hand: L = Σ_i t_i·W2·W1·x_i, so ∂L/∂W1 = W2ᵀ·Σ_i t_i x_iᵀ and ∂L/∂W2 = Σ_i t_i (W1 x_i)ᵀ
+    w1, w2, xf = hidden.weight.detach(), head.weight.detach(), x.flatten(1)
+    hand = torch.zeros(3)
+    for tb in (t, -t):
+        g1, g2 = w2.T @ (tb.T @ xf), tb.T @ (xf @ w1.T)
+        hand += (w1 * g1).abs().sum(1) + (w2 * g2).abs().sum(0)  # unit u: row u of W1, column u of W2
+    torch.testing.assert_close(per_task["a"]["body.1"], hand / hand.sum())
