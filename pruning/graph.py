@@ -21,6 +21,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from mtl.models.slimmable.layers import _Sliced
 from mtl.models.surgery import diff_plan, snapshot
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,23 @@ def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
             p.requires_grad_(False)
 
 
+def _unhandled(dg: tp.DependencyGraph, m: nn.Module) -> str | None:
+    """Why the dependency graph's pruner would resize ``m`` wrongly or fail on it (None: it will not)."""
+    if isinstance(m, _Sliced):
+        return "is a slimmable layer (it runs a width-chosen slice of its weight; choose a width instead)"
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        buffers = {n for n, b in m.named_buffers(recurse=False) if b is not None}
+        missing = m.track_running_stats and not {"running_mean", "running_var"} <= buffers
+        extra = sorted(buffers - {"running_mean", "running_var", "num_batches_tracked"})
+        if missing or extra:
+            return (f"keeps running statistics the pruner does not resize (buffers {sorted(buffers)}, "
+                    "not running_mean/running_var alone)")
+    # an unknown module type is traced as an element-wise op: its parameters would be guessed at
+    if dg.get_pruner_of_module(m) is None or tp.ops.module2type(m) == tp.ops.OPTYPE.ELEMENTWISE:
+        return "holds parameters the dependency graph has no pruner for"
+    return None
+
+
 def _is_qkv(model: nn.Module, name: str) -> nn.Module | None:
     if not name.endswith(".qkv"):
         return None
@@ -171,11 +189,10 @@ class LayerGraph:
                 continue
             if list(m.children()) or not any(True for _ in m.parameters(recurse=False)):
                 continue
-            # an unknown module type is traced as an element-wise op: its parameters would be guessed at
-            if dg.get_pruner_of_module(m) is None or tp.ops.module2type(m) == tp.ops.OPTYPE.ELEMENTWISE:
-                raise PruningError(
-                    f"module {name!r} ({type(m).__name__}) holds parameters the dependency graph has no pruner for; "
-                    f"pass ignored_layers=['{name}'] to leave it and every channel it touches unpruned")
+            why = _unhandled(dg, m)
+            if why:
+                raise PruningError(f"module {name!r} ({type(m).__name__}) {why}; pass ignored_layers=['{name}'] "
+                                   "to leave it and every channel it touches unpruned")
 
     def _layer(self, dg, group, names, ignored_params) -> Layer | None:
         root_module = group[0].dep.target.module

@@ -8,7 +8,7 @@ from torch import nn
 
 import pruning
 from mtl.flops import count_flops
-from pruning.graph import LayerGraph
+from pruning.graph import LayerGraph, PruningError
 
 from pruning_toys import toy_batches, toy_model
 
@@ -98,3 +98,29 @@ def test_taylor_scores_each_batch_gradient_before_summing():
         g1, g2 = w2.T @ (tb.T @ xf), tb.T @ (xf @ w1.T)
         hand += (w1 * g1).abs().sum(1) + (w2 * g2).abs().sum(0)  # unit u: row u of W1, column u of W2
     torch.testing.assert_close(per_task["a"]["body.1"], hand / hand.sum())
+
+
+def test_slimmable_layers_are_refused_by_name_before_any_search():
+    from mtl.models import create_model
+
+    from pruning_toys import TASKS
+
+    torch.manual_seed(0)
+    model = create_model(TASKS, backbone={"name": "slim_resnet", "stem": 8, "channels": [8, 16], "out_indices": [1, 2]},
+                         decoder={"name": "hps", "channels": 8}).eval()
+    with pytest.raises(PruningError, match=r"'backbone\.stem\.0' \(SlimConv2d\) is a slimmable layer.*"
+                                           r"ignored_layers=\['backbone\.stem\.0'\]"):
+        LayerGraph(model, toy_batches(1)[0]["image"][:2])
+
+
+def test_a_batchnorm_with_other_running_statistics_is_refused_by_name():
+    """SwitchableBatchNorm2d is a _BatchNorm whose running_mean is None (it keeps one row per width):
+    the pruner would fail on it only after the whole search."""
+    from mtl.models.slimmable.layers import SwitchableBatchNorm2d
+
+    model = toy_model()
+    block = model.backbone.body.layer1[0]
+    block.bn1 = SwitchableBatchNorm2d(block.bn1.num_features).eval()
+    with pytest.raises(PruningError, match=r"'backbone\.body\.layer1\.0\.bn1' \(SwitchableBatchNorm2d\) keeps running "
+                                           r"statistics the pruner does not resize.*ignored_layers="):
+        LayerGraph(model, toy_batches(1)[0]["image"][:2])
