@@ -285,13 +285,15 @@ class LayerGraph:
     # --- physical removal --------------------------------------------------------------------
     def remove(self, removed: dict[str, Iterable[int]], source: nn.Module | None = None) -> tuple[nn.Module, dict[str, Any]]:
         """A pruned copy of ``source`` (default: the graph's model) without ``removed`` units, and its plan."""
-        model = copy.deepcopy(source if source is not None else self.model).eval()
-        before = snapshot(model)
-        dg = build_graph(model, self.example)
-        kept: dict[str, Any] = {}
         unknown = [n for n in removed if n not in self.by_name]
         if unknown:
             raise PruningError(f"no prunable layer named {unknown[0]!r}")
+        model = copy.deepcopy(source if source is not None else self.model).eval()
+        before = snapshot(model)
+        # pruning replaces each shrunk tensor with a new nn.Parameter (trainable): frozen ones stay frozen
+        trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+        dg = build_graph(model, self.example)
+        kept: dict[str, Any] = {}
         for layer in self.layers:  # every layer, pruned or not, so the plan lists the whole model
             lname = layer.name
             units = sorted(set(int(u) for u in removed.get(lname, ())))
@@ -309,6 +311,8 @@ class LayerGraph:
                         attn.attn_dim = attn.num_heads * attn.head_dim
             kept[lname] = {"unit": layer.unit, "size": layer.size,
                            "kept": [u for u in range(layer.size) if u not in set(units)]}
+        for n, p in model.named_parameters():
+            p.requires_grad_(trainable[n])
         plan = {"modules": diff_plan(before, model), "layers": kept}
         return model, plan
 

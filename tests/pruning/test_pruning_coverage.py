@@ -1,5 +1,6 @@
-"""What pruning covers: frozen parameters are still pruned; grouped convolutions and GroupNorm layers
-are left whole (listed as skipped), never mis-pruned or crashing."""
+"""What pruning covers: frozen parameters are still pruned (and stay frozen); grouped convolutions and
+GroupNorm layers are left whole (listed as skipped), never mis-pruned or crashing; slimmable layers and
+unusual BatchNorm statistics are refused by name up front; the Taylor score's per-batch sum."""
 import copy
 
 import pytest
@@ -124,3 +125,21 @@ def test_a_batchnorm_with_other_running_statistics_is_refused_by_name():
     with pytest.raises(PruningError, match=r"'backbone\.body\.layer1\.0\.bn1' \(SwitchableBatchNorm2d\) keeps running "
                                            r"statistics the pruner does not resize.*ignored_layers="):
         LayerGraph(model, toy_batches(1)[0]["image"][:2])
+
+
+def test_frozen_parameters_stay_frozen_in_the_pruned_model():
+    """Removal replaces each shrunk tensor with a new (trainable) parameter; the flags must survive it,
+    also between rounds, where fine-tuning would otherwise train the frozen backbone."""
+    model = toy_model()
+    for p in model.backbone.parameters():
+        p.requires_grad_(False)
+    frozen_between = []
+
+    def finetune(m):
+        frozen_between.append([p.requires_grad for p in m.backbone.parameters()])
+
+    pruned, _ = pruning.prune(model, "l1", ratio=0.5, calib=toy_batches(1), rounds=2, finetune=finetune)
+    assert frozen_between and not any(frozen_between[0])
+    assert not any(p.requires_grad for p in pruned.backbone.parameters())
+    assert all(p.requires_grad for p in pruned.decoder.parameters())
+    assert not any(p.requires_grad for p in model.backbone.parameters())  # the input's flags too
