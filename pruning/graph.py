@@ -23,6 +23,7 @@ from torch import nn
 
 from mtl.models.slimmable.layers import _Sliced
 from mtl.models.surgery import diff_plan, snapshot
+from pruning.flops import FlopsEstimate
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class Layer:
     unit: str = "channels"      # "channels" or "heads"
     channels_per_unit: int = 1
     deps: list[Dep] = field(default_factory=list)
-    flops: float = 0.0          # FLOPs of the conv/linear members (per sample), for ordering
+    flops: float = 0.0          # FLOPs of the conv/linear members and attention (per sample), for ordering
 
     def channel_idxs(self, units: Iterable[int]) -> list[int]:
         """Root-module channel indices of the given units."""
@@ -133,26 +134,6 @@ def _is_qkv(model: nn.Module, name: str) -> nn.Module | None:
     return parent if hasattr(parent, "num_heads") and hasattr(parent, "head_dim") else None
 
 
-def _leaf_flops(model: nn.Module, example: torch.Tensor) -> dict[str, float]:
-    """Per-sample FLOPs of every conv/linear (2 per multiply-add), measured with forward hooks."""
-    flops: dict[str, float] = {}
-    hooks = []
-    n = example.shape[0]
-    for name, m in model.named_modules():
-        if isinstance(m, nn.modules.conv._ConvNd):
-            k = m.weight[0].numel()  # (in/groups) * prod(kernel)
-            hooks.append(m.register_forward_hook(lambda mod, i, o, name=name, k=k: flops.__setitem__(name, 2.0 * o.numel() * k / n)))
-        elif isinstance(m, nn.Linear):
-            hooks.append(m.register_forward_hook(lambda mod, i, o, name=name: flops.__setitem__(name, 2.0 * o.numel() * mod.in_features / n)))
-    try:
-        with torch.no_grad():
-            model.eval()(example)
-    finally:
-        for h in hooks:
-            h.remove()
-    return flops
-
-
 class LayerGraph:
     """The prunable layers of ``model`` (the model itself is not modified by building this)."""
 
@@ -170,7 +151,9 @@ class LayerGraph:
         dg = build_graph(model, example)
         self._check_handled(dg, names)
         ignored_params = {id(p) for n in self.ignored for p in model.get_submodule(n).parameters()}
-        self.leaf_flops = _leaf_flops(model, example)
+        modules = dict(model.named_modules())
+        attention = {n: a for n in modules if (a := _is_qkv(model, n)) is not None}
+        self.estimate = FlopsEstimate(model, example, attention)
         protected = [model.get_submodule(n) for n in self.protected.values()]
         self.layers: list[Layer] = []
         self.skipped: dict[str, str] = {}
@@ -181,7 +164,6 @@ class LayerGraph:
         if not self.layers:
             raise PruningError("no prunable layer found (every channel group touches a protected or ignored layer)")
         self.by_name = {l.name: l for l in self.layers}
-        self.other_flops = None  # set by total_flops on first use
 
     def _check_handled(self, dg: tp.DependencyGraph, names: dict[nn.Module, str]) -> None:
         for m, name in names.items():
@@ -231,7 +213,7 @@ class LayerGraph:
                 local[unit_of(int(r))].append(int(idx))
             deps.append(Dep(name, dg.is_out_channel_pruning_fn(item.dep.handler), local))
         members = {d.module for d in deps}
-        flops = sum(self.leaf_flops.get(m, 0.0) for m in members)
+        flops = sum(self.estimate.leaf.get(m, 0.0) for m in members) + self.estimate.attn.get(root, 0.0)
         if attn is not None:
             return Layer(root, n_units, "heads", attn.head_dim * 3, deps, flops)
         return Layer(root, n_units, "channels", 1, deps, flops)
@@ -259,28 +241,24 @@ class LayerGraph:
 
     # --- FLOPs estimate for a set of removed units -----------------------------------------------
     def total_flops(self) -> float:
-        return float(sum(self.leaf_flops.values()))
+        """Per-sample FLOPs as the report counts them (conv/linear, attention products, the rest)."""
+        return self.estimate.total()
 
     def flops_after(self, removed: dict[str, set[int]]) -> float:
-        """Conv/linear FLOPs per sample once ``removed`` ({layer: units}) are gone (exact for those layers)."""
+        """Per-sample FLOPs once ``removed`` ({layer: units}) are gone (exact for conv/linear and attention;
+        the rest is assumed not to shrink)."""
         r_out: dict[str, int] = {}
         r_in: dict[str, int] = {}
+        r_heads: dict[str, int] = {}
         for lname, units in removed.items():
-            for dep in self.by_name[lname].deps:
-                n = sum(len(dep.local[u]) for u in units)
+            layer = self.by_name[lname]
+            if layer.unit == "heads":
+                r_heads[lname] = len(set(units))
+            for dep in layer.deps:
+                n = sum(len(dep.local[u]) for u in set(units))
                 bucket = r_out if dep.is_out else r_in
                 bucket[dep.module] = bucket.get(dep.module, 0) + n
-        total = 0.0
-        for name, f in self.leaf_flops.items():
-            m = self.model.get_submodule(name)
-            if isinstance(m, nn.Linear):
-                cin, cout, grouped = m.in_features, m.out_features, False
-            else:
-                cin, cout, grouped = m.in_channels, m.out_channels, m.groups > 1
-            keep_out = 1 - r_out.get(name, 0) / cout
-            keep_in = 1.0 if grouped else 1 - r_in.get(name, 0) / cin
-            total += f * max(keep_out, 0.0) * max(keep_in, 0.0)
-        return total
+        return self.estimate.after(r_out, r_in, r_heads)
 
     # --- physical removal --------------------------------------------------------------------
     def remove(self, removed: dict[str, Iterable[int]], source: nn.Module | None = None) -> tuple[nn.Module, dict[str, Any]]:

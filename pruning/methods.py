@@ -3,7 +3,8 @@
 A method is ``fn(model, graph, batches, **hparams) -> (removed, info)`` with ``removed`` =
 {layer name: [unit indices]} and ``info`` extra report data (per-layer notes, searched knobs).
 Every method accepts ``flops_target`` (a FLOPs reduction in (0, 1)) instead of its own knob: the knob
-is then searched until the estimated conv/linear FLOPs fall by at least that fraction.
+is then searched until the estimated FLOPs (``pruning.flops``: conv/linear, attention products, the
+rest of the counted FLOPs) fall by at least that fraction.
 
 Every method also accepts ``round_to`` (Torch-Pruning's name): each pruned layer keeps a multiple of
 ``round_to`` channels (the removed count shrinks until it does, so the kept count rounds *up*; a layer
