@@ -3,7 +3,8 @@
 A *layer* is one group of coupled channels (a conv's output channels plus every BatchNorm, residual
 partner and consumer input that must shrink with them), named after its root module. Its *units* are
 channels, or whole attention heads for a ViT block's ``qkv`` projection (pruning heads keeps the
-attention scale, so the pruned model computes exactly what the masked one does).
+attention scale, so the pruned model computes exactly what the masked one does), or sets of channels
+that removal only takes together (``pruning.ties``: GhostNet's cheap branch).
 
 Two ways to remove units, with the same result for BatchNorm/ReLU networks:
   * ``mask``: zero every coupled weight of the units in place (a search can try and undo cheaply);
@@ -23,6 +24,7 @@ from torch import nn
 
 from mtl.models.slimmable.layers import _Sliced
 from mtl.models.surgery import diff_plan, snapshot
+from pruning import ties
 from pruning.flops import FlopsEstimate
 
 log = logging.getLogger(__name__)
@@ -47,8 +49,8 @@ class Dep:
 class Layer:
     name: str                   # root module (a conv or linear whose output channels lead the group)
     size: int                   # units before pruning
-    unit: str = "channels"      # "channels" or "heads"
-    channels_per_unit: int = 1
+    unit: str = "channels"      # "channels", "heads" or "channel sets"
+    channels_per_unit: int = 1  # root channels of one unit (a head: its q, k and v rows)
     deps: list[Dep] = field(default_factory=list)
     flops: float = 0.0          # FLOPs of the conv/linear members and attention (per sample), for ordering
 
@@ -215,7 +217,17 @@ class LayerGraph:
         members = {d.module for d in deps}
         flops = sum(self.estimate.leaf.get(m, 0.0) for m in members) + self.estimate.attn.get(root, 0.0)
         if attn is not None:
+            if not ties.consistent(dg, root_module, root, deps, n_units, names):
+                self.skipped[root] = "removing a head removes channels outside the head"
+                return None
             return Layer(root, n_units, "heads", attn.head_dim * 3, deps, flops)
+        untangled = ties.untangle(dg, root_module, root, deps, n_units, names, Dep)
+        if isinstance(untangled, str):
+            self.skipped[root] = untangled
+            return None
+        deps, per_unit = untangled
+        if per_unit > 1:  # tied root channels go together
+            return Layer(root, len(deps[0].local), "channel sets", per_unit, deps, flops)
         return Layer(root, n_units, "channels", 1, deps, flops)
 
     # --- masks ------------------------------------------------------------------------------
@@ -254,10 +266,9 @@ class LayerGraph:
             layer = self.by_name[lname]
             if layer.unit == "heads":
                 r_heads[lname] = len(set(units))
-            for dep in layer.deps:
-                n = sum(len(dep.local[u]) for u in set(units))
-                bucket = r_out if dep.is_out else r_in
-                bucket[dep.module] = bucket.get(dep.module, 0) + n
+            for (module, is_out), idxs in ties.planned(layer.deps, sorted(set(units))).items():
+                bucket = r_out if is_out else r_in
+                bucket[module] = bucket.get(module, 0) + len(idxs)
         return self.estimate.after(r_out, r_in, r_heads)
 
     # --- physical removal --------------------------------------------------------------------
@@ -281,7 +292,13 @@ class LayerGraph:
                 root = model.get_submodule(lname)
                 pruner = dg.get_pruner_of_module(root)
                 group = dg.get_pruning_group(root, pruner.prune_out_channels, layer.channel_idxs(units))
+                expected = ties.planned(layer.deps, units)
+                widths = ties.widths(model, expected)
                 group.prune()
+                wrong = ties.mismatch(model, expected, widths)
+                if wrong:
+                    raise PruningError(f"pruning layer {lname!r} {wrong}; "
+                                       f"pass ignored_layers=['{lname}'] to leave it whole")
                 attn = _is_qkv(model, lname)
                 if attn is not None:
                     attn.num_heads -= len(units)

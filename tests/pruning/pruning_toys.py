@@ -59,3 +59,33 @@ class TinyMultiTask(nn.Module):
     def forward(self, x, tasks=None):
         y = self.body(x.float())
         return {t: h(y) for t, h in self.decoder.heads.items() if tasks is None or t in tasks}
+
+
+class Ghost(nn.Module):
+    """GhostNet's module: a primary 1x1 conv and a cheap depthwise conv of its output, concatenated."""
+
+    def __init__(self, c):
+        super().__init__()
+        h = c // 2
+        self.primary = nn.Sequential(nn.Conv2d(c, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU())
+        self.cheap = nn.Sequential(nn.Conv2d(h, h, 3, padding=1, groups=h, bias=False), nn.BatchNorm2d(h), nn.ReLU())
+
+    def forward(self, x):
+        a = self.primary(x)
+        return torch.cat([a, self.cheap(a)], 1)
+
+
+class GhostResidual(nn.Module):
+    """stem (3x3 conv, 6 channels) -> x + Ghost(x) -> 3x3 depthwise conv, as in GhostNet, where the next
+    block's depthwise shortcut leads the group: its channels j and j + 3 both come from index j of the
+    Ghost module's primary conv, through the concatenation and the residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU())
+        self.ghost = Ghost(6)
+        self.dw = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False), nn.BatchNorm2d(6))
+
+    def forward(self, x):
+        y = self.stem(x)
+        return self.dw(y + self.ghost(y))
