@@ -321,7 +321,9 @@ def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model") ->
 
     run_dir = Path(run_dir)
     output = Path(cfg.output) if cfg.get("output") else run_dir / default_output
-    inputs = [cfg.get("model"), cfg.get("pretrained"), *(cfg.get("models") or [])]
+    models = cfg.get("models") or []
+    models = [models] if isinstance(models, str) else models  # a bare string is refused by the job, named
+    inputs = [cfg.get("model"), cfg.get("pretrained"), *models]
     check_output_apart(output, [Path(str(p)) for p in inputs if p])
     run_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(run_dir / "config.yaml") as tmp:
