@@ -378,3 +378,14 @@ def test_adamerging_plus_at_zero_steps_and_bad_options():
         merging.learn("adamerging", pre, fts, unlabeled=data, vectors="dare", **kw(model))
     with pytest.raises(ValueError, match=r"k \(the % of each task vector"):
         merging.learn("adamerging", pre, fts, unlabeled=data, vectors="ties", k=0, **kw(model))
+
+
+def test_excluded_keys_are_left_out_as_in_a_training_free_merge():
+    """`exclude=` means the same for learned and training-free merges: the keys are not in the result
+    (like the heads); `compose` takes them from the task's own model, `pool.merged_model` names them."""
+    model, pre, fts, data = toys()
+    res = merging.learn("adamerging", pre, fts, unlabeled=data, steps=1, exclude=r"body\.0\.", **kw(model))
+    plain = merging.merge("task_arithmetic", pre, fts, exclude=r"body\.0\.")
+    assert sorted(res.state_dict) == sorted(plain) == ["body.2.bias", "body.2.weight"]
+    full = merging.compose(res.state_dict, fts[1])
+    torch.testing.assert_close(full["body.0.weight"], fts[1]["body.0.weight"])
