@@ -38,6 +38,11 @@ def arrow_to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     n, shape = len(arr), []
     while True:
+        if arr.null_count:  # checked at every level: a None row would otherwise read as a list of length 0
+            first = int(np.flatnonzero(~arr.is_valid().to_numpy(zero_copy_only=False))[0])
+            row = first // int(np.prod(shape)) if shape else first
+            raise ValueError(f"column holds missing values: row {row} " + ("has a missing (None) entry in its list"
+                                                                            if shape else "is missing (None)"))
         if isinstance(arr, pa.ExtensionArray):  # e.g. datasets' Array2D/Array3D
             arr = arr.storage
         elif pa.types.is_fixed_size_list(arr.type):
@@ -51,6 +56,4 @@ def arrow_to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
             arr = arr.flatten()
         else:
             break
-    if arr.null_count:
-        raise ValueError("column holds missing values")
     return arr.to_numpy(zero_copy_only=False).reshape(n, *shape)

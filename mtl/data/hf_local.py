@@ -169,6 +169,12 @@ class HFImageDataModule(TensorDataModule):
         self.path = Path(os.path.expanduser(str(path)))
         self.image_column = image_column
         self.columns = dict(columns or {})
+        taken = {"image": f"image_column {image_column!r}"}
+        for column, key in self.columns.items():  # a second column for one key would replace the first unseen
+            if key in taken:
+                raise ValueError(f"hf_local: {taken[key]} and column {column!r} both map to batch key {key!r}; "
+                                 "map each batch key from one column")
+            taken[key] = f"column {column!r}"
         self.size = size
         self.splits = dict(splits or {})
         for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):

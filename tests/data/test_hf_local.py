@@ -303,3 +303,20 @@ def test_a_classification_column_holds_one_id_per_row(tmp_path):
     t = HFImageDataModule(_save(tmp_path / "one", img=img.tolist(), y=[[i % 3] for i in range(4)]),
                           **kw).dataset("train").tensors
     assert t["classification"].tolist() == (t["image"][:, 0, 0, 0] % 3).tolist()
+
+
+def test_two_columns_for_one_batch_key_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"column 'a' and column 'b' both map to batch key 'regression'"):
+        HFImageDataModule(tmp_path, columns={"a": "regression", "b": "regression"})
+    with pytest.raises(ValueError, match=r"image_column 'img' and column 'pic' both map to batch key 'image'"):
+        HFImageDataModule(tmp_path, image_column="img", columns={"pic": "image"})
+
+
+def test_a_none_row_in_a_list_column_is_named_as_missing(tmp_path):
+    img = np.zeros((4, 4, 4, 3), np.uint8).tolist()
+    row = _save(tmp_path / "row", img=img, y=[[1.0, 2.0], None, [0.0, 1.0], [1.0, 1.0]])
+    with pytest.raises(ValueError, match=r"column 'y' .*row 1 is missing \(None\)"):
+        HFImageDataModule(row, image_column="img", columns={"y": "regression"}).setup()
+    entry = _save(tmp_path / "entry", img=img, y=[[1.0, 2.0], [0.0, 1.0], [0.0, None], [1.0, 1.0]])
+    with pytest.raises(ValueError, match=r"column 'y' .*row 2 has a missing \(None\) entry"):
+        HFImageDataModule(entry, image_column="img", columns={"y": "regression"}).setup()
