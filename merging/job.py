@@ -27,14 +27,14 @@ from omegaconf import DictConfig, OmegaConf
 
 import merging
 from mtl.cli.common import start_run
-from mtl.io import read_json, save_model, write_json
+from mtl.io import save_model, write_json
 from mtl.models import MultiTaskModel
 from mtl.progress_log import ProgressLog
 from mtl.registry import Registry
 
 from .bn import check_bn
 from .evaluation import Evaluator, ImageBatches
-from .pool import ModelPool, model_list
+from .pool import ModelPool, manifest_paths, model_list
 from .report import build_report, print_table, write_report
 
 log = logging.getLogger(__name__)
@@ -240,7 +240,8 @@ def _without_ties_keys(hp: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    run_dir, output = start_run(cfg, run_dir)
+    pool_inputs = manifest_paths(cfg.pool) if cfg.get("pool") else (None, [])
+    run_dir, output = start_run(cfg, run_dir, inputs=[p for p in (pool_inputs[0], *pool_inputs[1]) if p])
     output = output.resolve()  # a relative output= is the cwd's, not the run folder's: record where it is
     name, select, hp = _method(cfg)
     if cfg.get("store") and name != "tall_masks":
@@ -275,13 +276,7 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
 def _input_paths(cfg: DictConfig, run_dir: Path) -> tuple[Path, list[Path]]:
     if cfg.get("pool"):
-        spec = read_json(cfg.pool)
-        missing = [k for k in ("pretrained", "models") if k not in spec]
-        if missing:
-            raise ValueError(f"{cfg.pool}: missing key {missing[0]!r}")
-        here = Path(cfg.pool).parent
-        resolve = lambda p: Path(p) if Path(p).is_absolute() else here / p  # noqa: E731
-        return resolve(spec["pretrained"]), [resolve(p) for p in model_list(spec["models"], f'{cfg.pool}: "models"')]
+        return manifest_paths(cfg.pool)
     if cfg.get("pretrained") and cfg.get("models"):
         return Path(cfg.pretrained), [Path(m) for m in model_list(cfg.models, "models")]
     if cfg.get("smoke_pool"):

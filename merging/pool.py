@@ -66,14 +66,7 @@ class ModelPool:
 
     @classmethod
     def from_manifest(cls, path: str | Path) -> "ModelPool":
-        spec = read_json(path)
-        for key in ("pretrained", "models"):
-            if key not in spec:
-                raise ValueError(f"{path}: missing key {key!r}")
-        base = Path(path).parent
-        resolve = lambda p: (base / p) if not Path(p).is_absolute() else Path(p)  # noqa: E731
-        models = model_list(spec["models"], f'{path}: "models"')
-        return cls.from_folders(resolve(spec["pretrained"]), [resolve(p) for p in models])
+        return cls.from_folders(*manifest_paths(path))
 
     @property
     def task_names(self) -> list[str]:
@@ -105,6 +98,17 @@ class ModelPool:
         from mtl.io import load_model
 
         return load_model(self.members[i].path)
+
+
+def manifest_paths(path: str | Path) -> tuple[Path, list[Path]]:
+    """A pool manifest's `pretrained` folder and `models` folders (relative ones: the manifest's folder's)."""
+    spec = read_json(path)
+    for key in ("pretrained", "models"):
+        if key not in spec:
+            raise ValueError(f"{path}: missing key {key!r}")
+    base = Path(path).parent
+    resolve = lambda p: (base / p) if not Path(p).is_absolute() else Path(p)  # noqa: E731
+    return resolve(spec["pretrained"]), [resolve(p) for p in model_list(spec["models"], f'{path}: "models"')]
 
 
 def model_list(models: Any, where: str) -> list:

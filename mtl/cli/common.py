@@ -310,11 +310,12 @@ def compose_in_process(config_module: str, config_name: str, overrides, run_dir=
 
 
 # --- what the job CLIs (mtl-merge, mtl-prune, mtl-export, mtl-extract) share -----------------------
-def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model") -> tuple[Path, Path]:
+def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
+              inputs: list[Path] = ()) -> tuple[Path, Path]:
     """Create the run folder, store the resolved config in it and resolve ``cfg.output`` (default
     ``<run_dir>/<default_output>``); an existing output is refused unless ``overwrite=true``, and an
-    output that is, lies inside or holds an input model folder (``model``, ``pretrained``, ``models``)
-    is refused before anything is written."""
+    output that is, lies inside or holds an input model folder (``model``, ``pretrained``, ``models``,
+    and the job's other `inputs`, e.g. a pool manifest's folders) is refused before anything is written."""
     from omegaconf import OmegaConf
 
     from mtl.io import atomic_path
@@ -323,8 +324,8 @@ def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model") ->
     output = Path(cfg.output) if cfg.get("output") else run_dir / default_output
     models = cfg.get("models") or []
     models = [models] if isinstance(models, str) else models  # a bare string is refused by the job, named
-    inputs = [cfg.get("model"), cfg.get("pretrained"), *models]
-    check_output_apart(output, [Path(str(p)) for p in inputs if p])
+    named = [cfg.get("model"), cfg.get("pretrained"), *models, *inputs]
+    check_output_apart(output, [Path(str(p)) for p in named if p])
     run_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(run_dir / "config.yaml") as tmp:
         tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))

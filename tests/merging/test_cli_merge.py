@@ -344,3 +344,18 @@ def test_learned_merge_steps_reach_a_non_tty_log(pool, tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert _has(lines, "[adamerging] step 1/3 (33%)", "steps/s", "objective ")
     assert _has(lines, "[adamerging] step 3/3 (100%)", "objective ")
+
+
+@pytest.mark.parametrize("evaluated", [True, False])
+def test_output_over_a_pool_manifest_model_folder_is_refused(tmp_path, evaluated):
+    """The manifest's folders (relative ones: the manifest's folder's) get start_run's output check."""
+    member = tmp_path / "zoo" / "ft" / "a"
+    member.mkdir(parents=True)
+    (member / "model.safetensors").write_bytes(b"keep")
+    manifest = tmp_path / "zoo" / "pool.json"
+    manifest.write_text(json.dumps({"pretrained": "base", "models": ["ft/a"]}))
+    args = ["merge=ties", f"pool={manifest}", f"output={member}", "overwrite=true"] + ([] if evaluated else ["eval=none"])
+    with pytest.raises(ValueError, match=r"output=.*/ft/a is the input model folder .*ft/a"):
+        run(args, run_dir=tmp_path / "r")
+    assert (member / "model.safetensors").read_bytes() == b"keep" and sorted(member.iterdir()) == [member / "model.safetensors"]
+    assert not (tmp_path / "r").exists()
