@@ -163,6 +163,8 @@ def save_model(model, path: str | os.PathLike, meta: dict[str, Any] | None = Non
     from mtl.models.surgery import model_config
 
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"save_model: {path} is a file, not a model folder; remove it or choose another path")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     cast = next((k for k, v in state.items() if v.is_floating_point() and v.dtype != torch.float32), None)
     if cast is not None:  # load_model rebuilds float32 models and never casts (a cast changes values)
@@ -198,11 +200,11 @@ def _first_difference(saved: Any, now: Any, path: str) -> str:
         for k in sorted(set(saved) | set(now)):
             if k not in saved or k not in now:
                 return f"{path}.{k}"
-            if saved[k] != now[k]:
+            if _canonical(saved[k]) != _canonical(now[k]):  # 8 == 8.0 in Python, not in the digest
                 return _first_difference(saved[k], now[k], f"{path}.{k}")
     if isinstance(saved, list) and isinstance(now, list) and len(saved) == len(now):
         for i, (a, b) in enumerate(zip(saved, now)):
-            if a != b:
+            if _canonical(a) != _canonical(b):
                 return _first_difference(a, b, f"{path}[{i}]")
     return path
 

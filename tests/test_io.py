@@ -152,11 +152,32 @@ def test_an_edited_config_names_the_key_that_differs(tiny_model, tmp_path):
     edits = {"model.decoder.channels": lambda m: m["decoder"].update(channels=8),
              "model.mean[1]": lambda m: m["mean"].__setitem__(1, 0.5),
              "model.extra": lambda m: m.update(extra=1),
-             "model.backbone.out_indices[0]": lambda m: m["backbone"]["out_indices"].__setitem__(0, 2)}
+             "model.backbone.out_indices[0]": lambda m: m["backbone"]["out_indices"].__setitem__(0, 2),
+             # equal in Python (8 == 8.0) but not in the saved digest: the field is still the one named
+             "model.decoder.channels ": lambda m: m["decoder"].update(channels=float(m["decoder"]["channels"]))}
     for key, edit in edits.items():
         cfg = json.loads(original)
         edit(cfg["model"])
         (folder / "config.json").write_text(json.dumps(cfg))
-        with pytest.raises(ModelFolderError, match=rf"config.json: key '{re.escape(key)}' "
+        with pytest.raises(ModelFolderError, match=rf"config.json: key '{re.escape(key.strip())}' "
                                                    "differs from the config .*model.safetensors was saved with"):
             mtl.load_model(folder)
+
+
+def test_saving_over_a_file_is_refused_by_name(tiny_model, tmp_path):
+    target = tmp_path / "m"
+    target.write_text("x")
+    with pytest.raises(NotADirectoryError, match=rf"save_model: {re.escape(str(target))} is a file, not a model folder"):
+        mtl.save_model(tiny_model, target)
+    assert target.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+@pytest.mark.parametrize("attr, value", [("forward", 1), ("training", 5), ("in_channels", "x"), ("in_channels", [1.5])])
+def test_a_structural_plan_only_sets_integer_sizes(tiny_model, attr, value):
+    """A plan (config.json's pruning entry) resizes modules; any other attribute it names is refused."""
+    from mtl.models.surgery import apply_plan
+
+    name = next(n for n, m in tiny_model.named_modules() if isinstance(m, torch.nn.Conv2d))
+    with pytest.raises(ValueError, match=rf"plan sets {re.escape(name)}\.{attr} to .*only changes integer sizes"):
+        apply_plan(tiny_model, {"modules": {name: {"attrs": {attr: value}}}})
+    apply_plan(tiny_model, {"modules": {name: {"attrs": {"in_channels": 3}}}})  # an integer size is taken

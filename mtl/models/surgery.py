@@ -52,7 +52,11 @@ def apply_plan(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
         for attr, value in spec.get("attrs", {}).items():
             if not hasattr(module, attr):
                 raise ValueError(f"plan sets {name}.{attr}, which {type(module).__name__} does not have")
-            setattr(module, attr, _attr_value(value))
+            value = _attr_value(value)
+            if attr not in _int_attrs(module) or not _is_int_attr(value):  # a plan carries sizes, nothing else
+                raise ValueError(f"plan sets {name}.{attr} to {value!r}; a plan only changes integer sizes "
+                                 f"(int or tuple of ints) that {type(module).__name__} holds")
+            setattr(module, attr, value)
         for tensor, shape in spec.get("shapes", {}).items():
             shape = tuple(int(s) for s in shape)
             if tensor in module._parameters and module._parameters[tensor] is not None:
@@ -66,14 +70,15 @@ def apply_plan(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
     return model
 
 
+def _is_int_attr(v: Any) -> bool:
+    def is_int(i):
+        return isinstance(i, int) and not isinstance(i, bool)
+
+    return is_int(v) or (isinstance(v, tuple) and bool(v) and all(is_int(i) for i in v))
+
+
 def _int_attrs(module: nn.Module) -> dict[str, Any]:
-    out = {}
-    for k, v in vars(module).items():
-        if k.startswith("_") or isinstance(v, bool):
-            continue
-        if isinstance(v, int) or (isinstance(v, tuple) and v and all(isinstance(i, int) and not isinstance(i, bool) for i in v)):
-            out[k] = v
-    return out
+    return {k: v for k, v in vars(module).items() if not k.startswith("_") and _is_int_attr(v)}
 
 
 def _shapes(module: nn.Module) -> dict[str, list[int]]:
