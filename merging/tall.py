@@ -159,10 +159,7 @@ def _copied(ctx: Context, key: str) -> torch.Tensor:
     if ctx.plan.kind[key] == "copy":
         out = ctx.raw_pre(key).clone()
     else:
-        acc = torch.zeros(ctx.plan.infos[key].shape, dtype=ctx.plan.compute[key])
-        for t in range(ctx.T):
-            acc.add_(ctx.ft(key, t))
-        out = acc.div_(ctx.T).to(ctx.plan.infos[key].dtype)
+        out = ctx.average(key).to(ctx.plan.infos[key].dtype)
     ctx.check_output(key, out)  # as `merging.engine.produce` checks every output
     return out
 

@@ -5,7 +5,7 @@ j of the primary conv feeds channels j and j + C/2 of the concatenation, which a
 root's channels. The dependency graph lists each index of a member under one root channel only, so a
 layer read off the whole group believes root channel j + C/2 owns nothing of the primary conv, while
 removing it takes channel j along. Here removal is probed on the graph itself (no tensor is touched):
-``untangle`` merges tied root channels into one unit, and ``check_removed`` verifies after a removal
+``untangle`` merges tied root channels into one unit, and ``mismatch`` verifies after a removal
 that every member lost exactly what the plan says.
 """
 from __future__ import annotations
