@@ -99,10 +99,10 @@ def dense_to_float(a: np.ndarray, channels: int, where: str) -> torch.Tensor:
 
 
 def check_unit_normals(t: torch.Tensor, where: str) -> None:
-    """(3, H, W) normals: unit vectors, all-zero = invalid. Half of the valid ones off unit length by
-    more than 0.01 means another encoding (e.g. (n + 1) / 2 in [0, 1], or 0-255); a few off pixels,
-    as bilinear resizing leaves at creases, pass."""
-    length = t.norm(dim=0)
+    """(3, H, W) or (N, 3, H, W) normals: unit vectors, all-zero = invalid. Half of the valid ones off
+    unit length by more than 0.01 means another encoding (e.g. (n + 1) / 2 in [0, 1], or 0-255); a few
+    off pixels, as bilinear resizing leaves at creases, pass."""
+    length = t.norm(dim=-3)
     length = length[length > 0]
     off = float((length - 1).abs().median()) if length.numel() else 0.0
     if off > 1e-2:

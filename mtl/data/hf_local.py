@@ -12,6 +12,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
+from mtl.data.benchmarks import check_unit_normals
 from mtl.data.hf import arrow_to_numpy, quiet_datasets
 from mtl.data.memory import SPLITS, TensorDataModule, TensorDictDataset
 
@@ -254,6 +255,9 @@ class HFImageDataModule(TensorDataModule):
                     # the usual 8-bit PNG encoding maps [-1, 1] to 0..255; all-zero pixels stay 0 (invalid)
                     valid = (t != 0).any(dim=1, keepdim=True)
                     out[key] = torch.where(valid, F.normalize(t.to(torch.float32) / 127.5 - 1, dim=1), 0.0)
+                elif key == "normals":  # any other dtype holds the vectors themselves
+                    out[key] = t.to(torch.float32)
+                    check_unit_normals(out[key], where)
                 else:
                     out[key] = t.to(torch.float32)
             elif key == "classification":

@@ -250,6 +250,20 @@ def test_8bit_normals_keep_all_zero_pixels_invalid(tmp_path):
     assert torch.allclose(t[:, 0, 1], torch.tensor([1.0, -1.0, -1.0]) / 3 ** 0.5)
 
 
+def test_float_normals_must_be_unit_vectors(tmp_path):
+    """Stored as numbers (not an 8-bit image), normals are taken as given: unit vectors (all-zero =
+    invalid) load unchanged; another encoding, e.g. (n + 1) / 2 in [0, 1], is refused naming the column."""
+    img = np.zeros((4, 2, 2, 3), np.uint8).tolist()
+    unit = np.zeros((4, 2, 2, 3), np.float32)
+    unit[..., 2] = 1.0
+    unit[:, 0, 0] = 0.0  # invalid pixel
+    kw = dict(image_column="img", columns={"n": "normals"}, val_fraction=0.25, test_fraction=0.25)
+    t = HFImageDataModule(_save(tmp_path / "ok", img=img, n=unit.tolist()), **kw).dataset("train").tensors["normals"]
+    assert t[0, :, 0, 0].tolist() == [0.0, 0.0, 0.0] and t[0, :, 1, 1].tolist() == [0.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match=r"hf_local: column 'n' \(normals\) of split .*off unit length by 0\.225"):
+        HFImageDataModule(_save(tmp_path / "enc", img=img, n=((unit + 1) / 2).tolist()), **kw).dataset("train")
+
+
 def test_label_values_are_checked_not_passed_on(tmp_path):
     """Semseg −1 (the common ignore mark) becomes the ignore index 255; a class id at or past the
     given class count, a negative id, a fraction or a string column raise naming column and split."""
