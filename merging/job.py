@@ -199,13 +199,8 @@ def build_smoke_pool(root: Path) -> ModelPool:
 
 
 def resolve_pool(cfg: DictConfig, run_dir: Path) -> ModelPool:
-    if cfg.get("pool"):
-        return ModelPool.from_manifest(cfg.pool)
-    if cfg.get("pretrained") and cfg.get("models"):
-        return ModelPool.from_folders(cfg.pretrained, model_list(cfg.models, "models"))
-    if cfg.get("smoke_pool"):
-        return build_smoke_pool(run_dir / "smoke_pool")
-    raise ValueError("nothing to merge: pass pretrained=<folder> models=[<folder>,...] or pool=<manifest.json>")
+    """The pool the job merges, from the inputs `_input_paths` names (the one place that reads them)."""
+    return ModelPool.from_folders(*_input_paths(cfg, run_dir))
 
 
 def _method(cfg: DictConfig) -> tuple[str, CliMethod, dict[str, Any]]:
