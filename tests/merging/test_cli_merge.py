@@ -193,6 +193,17 @@ def test_models_given_as_one_string_is_refused(tmp_path, evaluated):
         run(["merge=ties", f"pool={manifest}"] + ([] if evaluated else ["eval=none"]), run_dir=tmp_path / "m")
 
 
+@pytest.fixture
+def no_pool(monkeypatch):
+    """Loading the pool fails the test: what it checks must be refused before any model is read."""
+    import merging.job as job
+
+    def refuse(*a, **k):
+        raise AssertionError("the pool was loaded before the hyperparameters were checked")
+
+    monkeypatch.setattr(job, "resolve_pool", refuse)
+
+
 @pytest.mark.parametrize("override, match", [
     ("merge.mtv=foo", r"merge=tall_masks: mtv must be 'sum' or 'ties', got 'foo'"),
     ("merge.lam_grid=[0.3,-1]", r"merge=tall_masks, lam_grid value -1: lam must be ≥ 0"),
@@ -200,13 +211,7 @@ def test_models_given_as_one_string_is_refused(tmp_path, evaluated):
     ("+merge.lam_gird=[0.1]", r"merge=tall_masks: unknown hyperparameter\(s\) lam_gird; accepted: .*lam_grid"),
     ("+merge.k=150", r"merge=tall_masks: k is a percentage in \[0, 100\], got 150"),
 ])
-def test_bad_tall_hyperparameters_are_refused_before_the_pool_is_loaded(tmp_path, monkeypatch, override, match):
-    import merging.job as job
-
-    def no_pool(*a, **k):
-        raise AssertionError("the pool was loaded before the hyperparameters were checked")
-
-    monkeypatch.setattr(job, "resolve_pool", no_pool)
+def test_bad_tall_hyperparameters_are_refused_before_the_pool_is_loaded(tmp_path, no_pool, override, match):
     extra = ["merge.mtv=ties"] if override == "+merge.k=150" else []
     with pytest.raises(ValueError, match=match):
         run(["merge=tall_masks", "pretrained=/nope", "models=[/nope]", *extra, override], run_dir=tmp_path / "bad")
@@ -254,13 +259,7 @@ def test_merge_app_offers_no_training_experiments(tmp_path):
     ("merge.k=150", r"merge=ties: k is a percentage in \[0, 100\], got 150"),
     ("merge.lam_grid=[nan,0.5]", r"merge=ties, lam_grid value nan: lam must be a finite number"),
 ])
-def test_bad_hyperparameters_are_refused_before_the_pool_is_loaded(tmp_path, monkeypatch, override, match):
-    import merging.job as job
-
-    def no_pool(*a, **k):
-        raise AssertionError("the pool was loaded before the hyperparameters were checked")
-
-    monkeypatch.setattr(job, "resolve_pool", no_pool)
+def test_bad_hyperparameters_are_refused_before_the_pool_is_loaded(tmp_path, no_pool, override, match):
     with pytest.raises(ValueError, match=match):
         run(["merge=ties", "pretrained=/nope", "models=[/nope]", override], run_dir=tmp_path / "bad")
 
