@@ -330,3 +330,15 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     model.load_state_dict(state)
     model.meta = cfg.get("meta", {})
     return model.to(map_location).eval()
+
+
+def check_output_apart(output: Path, inputs: list[Path]) -> None:
+    """Refuse an output folder that is an input folder, lies inside one or holds one (resolved paths):
+    writing it (``overwrite=true`` replaces the whole folder) would destroy or alter the input."""
+    out = output.resolve()
+    for src in inputs:
+        path = src.resolve()
+        how = ("is" if out == path else "lies inside" if path in out.parents
+               else "holds" if out in path.parents else None)
+        if how:
+            raise ValueError(f"output={output} {how} the input model folder {src}; write the result elsewhere")

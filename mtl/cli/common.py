@@ -318,7 +318,7 @@ def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
     and the job's other `inputs`, e.g. a pool manifest's folders) is refused before anything is written."""
     from omegaconf import OmegaConf
 
-    from mtl.io import atomic_path
+    from mtl.io import atomic_path, check_output_apart
 
     run_dir = Path(run_dir)
     output = Path(cfg.output) if cfg.get("output") else run_dir / default_output
@@ -332,18 +332,6 @@ def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
     if output.exists() and not cfg.get("overwrite"):
         raise FileExistsError(f"{output} exists; pass overwrite=true to replace it")
     return run_dir, output
-
-
-def check_output_apart(output: Path, inputs: list[Path]) -> None:
-    """Refuse an output folder that is an input folder, lies inside one or holds one (resolved paths):
-    writing it (``overwrite=true`` replaces the whole folder) would destroy or alter the input."""
-    out = output.resolve()
-    for src in inputs:
-        path = src.resolve()
-        how = ("is" if out == path else "lies inside" if path in out.parents
-               else "holds" if out in path.parents else None)
-        if how:
-            raise ValueError(f"output={output} {how} the input model folder {src}; write the result elsewhere")
 
 
 def smoke_model(root: str | os.PathLike, experiment: str = "scenes_hps",

@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 
 from torch import nn
 
-from mtl.io import atomic_path, load_model, read_json, read_model_config, write_json
+from mtl.io import atomic_path, check_output_apart, load_model, read_json, read_model_config, write_json
 from mtl.registry import Registry
 
 #: format name -> ``fn(source, out_dir, tasks, **options) -> report dict`` (writes into out_dir)
@@ -151,9 +151,7 @@ def export(
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=true to replace it")
     if model is not None and not isinstance(model, nn.Module):
-        src_dir, dst = Path(model).resolve(), out.resolve()
-        if src_dir == dst or dst in src_dir.parents:
-            raise ValueError(f"{out}: the output folder cannot be the model folder or a folder holding it ({model})")
+        check_output_apart(out, [Path(model)])  # inside the model folder too: an input is never altered
     if out.is_dir() and any(out.iterdir()) and not (out / REPORT).is_file():
         # overwrite replaces an earlier export, never a run folder or anything else that happens to be there
         raise FileExistsError(f"{out} exists and is not an earlier export (no {REPORT}); refusing to replace it")

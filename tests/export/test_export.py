@@ -246,9 +246,15 @@ def test_bad_requests_are_refused_before_anything_is_written(tmp_path):
     mtl.export(folder, "onnx", done, overwrite=True)
     assert (done / "model.onnx").is_file() and not (done / "model.safetensors").exists()
     # a folder holding the model (its run folder) is never replaced: that would delete the model
-    with pytest.raises(ValueError, match="cannot be the model folder or a folder holding it"):
+    with pytest.raises(ValueError, match="holds the input model folder"):
         mtl.export(folder, "folder", folder.parent, overwrite=True)
     assert (folder / "model.safetensors").is_file()
+    # nor is anything written into the model folder: an input is never altered
+    before = sorted(p.name for p in folder.iterdir())
+    for out in (folder, folder / "onnx"):
+        with pytest.raises(ValueError, match="(is|lies inside) the input model folder"):
+            mtl.export(folder, "onnx", out, overwrite=True)
+    assert sorted(p.name for p in folder.iterdir()) == before
 
 
 def test_verification_fails_when_runtime_and_pytorch_differ(tmp_path):
