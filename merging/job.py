@@ -198,9 +198,9 @@ def build_smoke_pool(root: Path) -> ModelPool:
     return ModelPool.from_folders(pre, fts)
 
 
-def resolve_pool(cfg: DictConfig, run_dir: Path) -> ModelPool:
+def resolve_pool(cfg: DictConfig, run_dir: Path, manifest: tuple[Path, list[Path]] | None = None) -> ModelPool:
     """The pool the job merges, from the inputs `_input_paths` names (the one place that reads them)."""
-    return ModelPool.from_folders(*_input_paths(cfg, run_dir))
+    return ModelPool.from_folders(*_input_paths(cfg, run_dir, manifest))
 
 
 def _method(cfg: DictConfig) -> tuple[str, CliMethod, dict[str, Any]]:
@@ -235,8 +235,8 @@ def _without_ties_keys(hp: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    pool_inputs = manifest_paths(cfg.pool) if cfg.get("pool") else (None, [])
-    run_dir, output = start_run(cfg, run_dir, inputs=[p for p in (pool_inputs[0], *pool_inputs[1]) if p])
+    manifest = manifest_paths(cfg.pool) if cfg.get("pool") else None  # read once: checked, then merged
+    run_dir, output = start_run(cfg, run_dir, inputs=[manifest[0], *manifest[1]] if manifest else [])
     output = output.resolve()  # a relative output= is the cwd's, not the run folder's: record where it is
     name, select, hp = _method(cfg)
     if cfg.get("store") and name != "tall_masks":
@@ -244,9 +244,9 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     precheck(name, hp)
     start = time.perf_counter()
     if not cfg.eval.get("enabled", True):
-        return merge_only(cfg, run_dir, name, hp, output, start)
+        return merge_only(cfg, run_dir, name, hp, output, start, manifest)
     bn_data = _bn_data(cfg, hp)
-    pool = resolve_pool(cfg, run_dir)
+    pool = resolve_pool(cfg, run_dir, manifest)
     ev = Evaluator(pool, cfg.eval.get("max_batches"), _plain(cfg.eval.get("data")), cfg.eval.get("device") or "cpu")
     sel = select(MergeJob(cfg, pool, ev, run_dir, bn_data), MappingProxyType(hp))
     if bn_data is not None:
@@ -269,9 +269,11 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     return report
 
 
-def _input_paths(cfg: DictConfig, run_dir: Path) -> tuple[Path, list[Path]]:
+def _input_paths(cfg: DictConfig, run_dir: Path, manifest: tuple[Path, list[Path]] | None = None
+                 ) -> tuple[Path, list[Path]]:
+    """(pretrained, models); `manifest`: `pool=`'s folders when the caller has read them already."""
     if cfg.get("pool"):
-        return manifest_paths(cfg.pool)
+        return manifest or manifest_paths(cfg.pool)
     if cfg.get("pretrained") and cfg.get("models"):
         return Path(cfg.pretrained), [Path(m) for m in model_list(cfg.models, "models")]
     if cfg.get("smoke_pool"):
@@ -280,7 +282,8 @@ def _input_paths(cfg: DictConfig, run_dir: Path) -> tuple[Path, list[Path]]:
     raise ValueError("nothing to merge: pass pretrained=<folder> models=[<folder>,...] or pool=<manifest.json>")
 
 
-def merge_only(cfg: DictConfig, run_dir: Path, name: str, hp: dict[str, Any], output: Path, start: float) -> dict[str, Any]:
+def merge_only(cfg: DictConfig, run_dir: Path, name: str, hp: dict[str, Any], output: Path, start: float,
+               manifest: tuple[Path, list[Path]] | None = None) -> dict[str, Any]:
     """``eval=none``: a streaming state-dict merge of any model folders (Hugging Face ones included),
     with the hyperparameters as given: nothing is evaluated, so no grid is searched."""
     if name not in merging.METHODS and name != "pretrained":
@@ -290,7 +293,7 @@ def merge_only(cfg: DictConfig, run_dir: Path, name: str, hp: dict[str, Any], ou
     if hp.pop("lam_grid", None) and hp.get("lam") is None:
         log.info("eval=none: no λ search without evaluation; %s uses its default λ (set merge.lam to choose)", name)
     hp = {k: v for k, v in hp.items() if not (k == "lam" and v is None)}
-    pre, models = _input_paths(cfg, run_dir)
+    pre, models = _input_paths(cfg, run_dir, manifest)
     path = merging.merge_to_file(method, pre, models, output, overwrite=bool(cfg.overwrite),
                                  shard_size=cfg.get("shard_size"), **hp)
     hp = resolved_hparams(method, hp)
