@@ -133,12 +133,16 @@ def grid_candidates(hp: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def precheck(name: str, hp: Mapping[str, Any]) -> None:
-    """The hyperparameters of a grid-searched state-dict method (or tall_masks), checked before any model is loaded or
-    evaluated (a bad `k` or λ would otherwise surface after the whole pool's individual evaluation)."""
+    """The hyperparameters of a grid-searched state-dict method (or tall_masks, or a learned method), checked before any
+    model is loaded or evaluated (a bad `k` or λ would otherwise surface after the whole pool's individual evaluation)."""
     if name == "tall_masks":
         from .tall_job import precheck_tall
 
         return precheck_tall(hp)
+    if name in merging.LEARNED_METHODS:
+        from .learned.cli import precheck_learned
+
+        return precheck_learned(name, hp)
     if name not in GRID_METHODS:
         return
     from .engine import KeyOptions

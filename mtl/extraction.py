@@ -17,7 +17,9 @@ from mtl.io import is_plain_json
 
 def extract(model: nn.Module, *, out: str | os.PathLike | None = None, overwrite: bool = False, **kwargs: Any) -> nn.Module:
     """``extract(model, task="depth", calib=batches)`` (task-routed MoE) or
-    ``extract(model, widths={...})`` (slimmable). With ``out=`` the result is also saved as a model folder."""
+    ``extract(model, widths={...})`` (slimmable: widths not named keep the model's current ones, and
+    ``extract(model)`` takes the current configuration as it is). With ``out=`` the result is also saved
+    as a model folder whose meta records the full configuration used (``extract.widths``)."""
     fn = getattr(model, "extract_subnetwork", None)
     if fn is None:
         family = getattr(model, "config", {}).get("family", type(model).__name__)
@@ -29,11 +31,16 @@ def extract(model: nn.Module, *, out: str | os.PathLike | None = None, overwrite
         from mtl.io import save_model
 
         parent = getattr(model, "meta", None) or {}
-        meta = {"extracted_from": parent.get("run_dir"), "extract": _describe(kwargs),
+        report = getattr(sub, "extraction_report", None) or {}
+        request = _describe(kwargs)
+        if "widths" in report:  # the configuration used: the request over the parent's current widths
+            request = {**request, "widths": report["widths"], "requested_widths": request.get("widths")}
+        meta = {"extracted_from": parent.get("run_dir"), "extract": request,
                 # the training data and seed stay true of the sub-network (mtl-prune, mtl-export use the size)
                 **{k: parent[k] for k in ("data", "seed") if parent.get(k) is not None}}
-        if getattr(sub, "extraction_report", None):  # what the family measured while extracting
-            meta["report"] = sub.extraction_report
+        measured = {k: v for k, v in report.items() if k != "widths"}
+        if measured:  # what the family measured while extracting
+            meta["report"] = measured
         save_model(sub, out, meta=meta, overwrite=overwrite)
     return sub
 

@@ -79,7 +79,7 @@ class CoefficientLearner:
             mask: dict[str, torch.Tensor] | None = None, phase: str = "") -> None:
         bar = step_progress(label, steps, progress)
         for step in range(1, steps + 1):
-            losses = step_gradients(self.problem, self.merged(mask), objective, frozen)
+            losses = step_gradients(self.problem, self.merged(mask), objective, frozen, step)
             self.apply_step(step)
             seconds, extra = trace.elapsed(), None
             if callback is not None and callback_every and (step % callback_every == 0 or step == steps):

@@ -19,15 +19,17 @@ from ..bn import bn_statistics, check_bn, pooled_batches
 from ..keys import DEFAULT_TASK_KEYS
 from .adamerging import CoefficientLearner, Trace
 from .concrete import ConcreteMask
-from .layout import make_layout
+from .layout import GRANULARITIES, check_blocks, check_patterns, make_layout
 from .loop import POOL_LIMIT, Objective
 from .objective import has_entropy
 from .problem import VECTORS, MergeProblem, build_problem, ties_task_vectors
 
 log = logging.getLogger("merging.learned")
 
-__all__ = ["LEARNED_METHODS", "LearnedMerge", "learn", "method_defaults"]
+__all__ = ["LEARNED_METHODS", "LearnedMerge", "check_hparams", "learn", "method_defaults"]
 
+#: `merging.merge` key options a learned merge passes on (not hyperparameters)
+KEY_OPTIONS = ("include", "exclude", "task_keys", "unshared", "bn", "check_finite")
 _COMMON = dict(steps=300, lr=1e-3, seed=0, pool_limit=POOL_LIMIT, channels_last=None)
 _COEF = dict(init=0.3, clamp=False)
 _MASK = dict(temperature=0.5, initial_logits=0.0, threshold=0.5)
@@ -75,7 +77,7 @@ class LearnedMerge:
         out: dict[str, Any] = {
             "method": self.method, "granularity": self.granularity, "hparams": self.hparams,
             "tasks": self.tasks, "rows": self.groups, "shape": list(self.coefficients.shape),
-            "per_task": {t: {"mean": float(c[:, i].mean()), "min": float(c[:, i].min()), "max": float(c[:, i].max())}
+            "per_task": {t: {"mean": float(c[:, i].double().mean()), "min": float(c[:, i].min()), "max": float(c[:, i].max())}
                          for i, t in enumerate(self.tasks)},
             "excluded_from_objective": self.excluded_tasks,
             "steps": len(self.history),
@@ -142,6 +144,46 @@ def _key_record(key_options: Mapping[str, Any], recompute: bool) -> dict[str, An
             "task_keys": plain(key_options.get("task_keys", DEFAULT_TASK_KEYS))}
 
 
+def _real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def check_hparams(method: str, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(hyperparameters with their defaults, key options) of a `learn` call: every check that needs no model
+    or data, so that a CLI can refuse a bad setting before it loads a pool."""
+    hp = method_defaults(method)
+    kwargs = dict(kwargs)
+    key_options = {k: kwargs.pop(k) for k in KEY_OPTIONS if k in kwargs}
+    unknown = sorted(set(kwargs) - set(hp))
+    if unknown:
+        raise TypeError(f"{method}: unknown hyperparameter(s) {', '.join(unknown)}; valid: {', '.join(hp)}")
+    hp.update(kwargs)
+    check_bn(key_options.get("bn", "pretrained"))
+    if hp.get("objective", "entropy") not in ("entropy", "supervised"):
+        raise ValueError(f"objective must be 'entropy' or 'supervised', got {hp['objective']!r}")
+    for k in ("steps", "inner_steps", "final_steps"):
+        if k in hp and (isinstance(hp[k], bool) or not isinstance(hp[k], numbers.Integral) or hp[k] < 0):
+            raise ValueError(f"{k} must be an int ≥ 0, got {hp[k]!r}")
+    for k in ("lr", "coef_lr"):
+        if k in hp and not (_real(hp[k]) and 0 < hp[k] < float("inf")):
+            raise ValueError(f"{k} must be a positive, finite number, got {hp[k]!r}")
+    if "threshold" in hp:
+        ConcreteMask.check(hp["temperature"], hp["initial_logits"], hp["threshold"])
+    for k in ("init", "lam"):
+        if k in hp and not (_real(hp[k]) and torch.isfinite(torch.tensor(float(hp[k])))):
+            raise ValueError(f"{k} must be a finite number, got {hp[k]!r}")
+    if hp.get("vectors", "plain") not in VECTORS:
+        raise ValueError(f"vectors must be one of {VECTORS} ('ties': AdaMerging++), got {hp['vectors']!r}")
+    if "k" in hp and not (_real(hp["k"]) and 0 < hp["k"] <= 100):
+        raise ValueError(f"k (the % of each task vector TIES keeps) must be in (0, 100], got {hp['k']!r}")
+    if "granularity" in hp and hp["granularity"] not in GRANULARITIES:
+        raise ValueError(f"unknown granularity {hp['granularity']!r}; valid: {', '.join(GRANULARITIES)}")
+    if "blocks" in hp:
+        check_blocks(hp["blocks"])
+    check_patterns(hp.get("learn_blocks"))
+    return hp, key_options
+
+
 def learn(method: str, pretrained, finetuned, *, unlabeled: Mapping[str, Iterable] | None = None,
           labeled: Mapping[str, Iterable] | None = None, model: torch.nn.Module | None = None,
           tasks: list[str] | None = None, device: str | torch.device = "cpu", progress: bool = True,
@@ -158,36 +200,15 @@ def learn(method: str, pretrained, finetuned, *, unlabeled: Mapping[str, Iterabl
     (batch statistics of the current merged weights, differentiated through; see `loop`), and the
     result's statistics are re-estimated on one pass over every task's data (`merging.bn`).
     """
-    hp = method_defaults(method)
-    key_options = {k: kwargs.pop(k) for k in ("include", "exclude", "task_keys", "unshared", "bn", "check_finite")
-                   if k in kwargs}
-    unknown = sorted(set(kwargs) - set(hp))
-    if unknown:
-        raise TypeError(f"{method}: unknown hyperparameter(s) {', '.join(unknown)}; valid: {', '.join(hp)}")
-    hp.update(kwargs)
+    hp, key_options = check_hparams(method, kwargs)
     recompute = check_bn(key_options.get("bn", "pretrained")) == "recompute"
     if recompute:  # θ0's statistics until they are re-estimated on data
         key_options["bn"] = "pretrained"
     supervised = hp.get("objective", "entropy") == "supervised"
-    if hp.get("objective", "entropy") not in ("entropy", "supervised"):
-        raise ValueError(f"objective must be 'entropy' or 'supervised', got {hp['objective']!r}")
     if supervised and labeled is None:
         raise ValueError("objective='supervised' needs labeled={task: iterable of (inputs, targets)} (k shots per task)")
     if not supervised and unlabeled is None:
         raise ValueError(f"{method} learns at test time from unlabeled data: pass unlabeled={{task: iterable of input batches}}")
-    for k in ("steps", "inner_steps", "final_steps"):
-        if k in hp and (isinstance(hp[k], bool) or not isinstance(hp[k], numbers.Integral) or hp[k] < 0):
-            raise ValueError(f"{k} must be an int ≥ 0, got {hp[k]!r}")
-    if "threshold" in hp:
-        ConcreteMask.check(hp["temperature"], hp["initial_logits"], hp["threshold"])
-    for k in ("init", "lam"):
-        if k in hp and not torch.isfinite(torch.tensor(float(hp[k]))):
-            raise ValueError(f"{k} must be finite, got {hp[k]}")
-
-    if hp.get("vectors", "plain") not in VECTORS:
-        raise ValueError(f"vectors must be one of {VECTORS} ('ties': AdaMerging++), got {hp['vectors']!r}")
-    if "k" in hp and not (isinstance(hp["k"], (int, float)) and 0 < hp["k"] <= 100):
-        raise ValueError(f"k (the % of each task vector TIES keeps) must be in (0, 100], got {hp['k']!r}")
     if hp["channels_last"] is None:  # our models take channels-last images; a caller's model may .view() them
         hp["channels_last"] = model is None
     was_training = model.training if model is not None else None

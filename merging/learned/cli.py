@@ -4,8 +4,8 @@ CLI-only keys of these methods (the rest are `merging.learn` hyperparameters):
 
 | key | default | meaning |
 |---|---|---|
-| `split` | `test` | images the coefficients are learned on (as the papers do); `val` selectable. Labels are never read |
-| `batch_size` | 16 | unlabeled images per task per step |
+| `split` | `test` | images the coefficients are learned on (as the papers do); `val` selectable. Labels are never read (entropy objectives) |
+| `batch_size` | 16 | unlabeled images per task per step (entropy objectives) |
 | `eval_every` | 0 | every n steps, the merged model's mean normalized validation accuracy is recorded (uses val labels; 0: never) |
 | `shots` | 16 | aTLAS `objective=supervised`: labelled images per class (per task for dense or regression tasks), from the train split |
 | `shots_batch` | null | aTLAS `objective=supervised`: labelled images per task per step, drawn without replacement from the shots (one shuffled pass per cycle); null: all shots every step |
@@ -16,7 +16,10 @@ on one pass over the split's images (`merging.learn(..., bn="recompute")`).
 
 Outputs in the run folder: `coefficients/coefficients.safetensors` + `coefficients.json` (summary and
 per-step history), `coefficients.png` (λ heatmap layer × task, or block × task for aTLAS) and
-`learning_curves.png` (objective per step, validation accuracy per evaluation).
+`learning_curves.png` (objective per step, validation accuracy per evaluation). The run records the data
+settings its objective used (`split`, `batch_size`; or `shots`, `shots_batch`, `shots_split` for supervised
+aTLAS) in `metrics.json`'s `selected`, the model folder's meta and `coefficients.json`'s `hparams`. Every
+setting is checked before the pool is loaded.
 """
 from __future__ import annotations
 
@@ -30,10 +33,10 @@ from mtl.io import is_plain_json
 
 from ..evaluation import ImageBatches
 from ..job import CLI_METHODS, MergeJob, Selection
-from .api import LEARNED_METHODS
+from .api import LEARNED_METHODS, check_hparams
 from .plots import plot_coefficients, plot_learning_curves
 
-__all__ = ["LabeledShots", "select_learned"]
+__all__ = ["LabeledShots", "precheck_learned", "select_learned"]
 
 CLI_KEYS = {"split": "test", "batch_size": 16, "eval_every": 0, "shots": 16, "shots_batch": None}
 
@@ -45,8 +48,7 @@ class LabeledShots:
     of k × classes."""
 
     def __init__(self, dataset, target_key: str, shots: int, seed: int = 0, batch_size: int | None = None):
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f"merge.shots_batch must be a positive int or null (all shots every step), got {batch_size!r}")
+        _check_shots_batch(batch_size)
         y = dataset.tensors[target_key]
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(int(seed)))
         classes = y.dim() == 1 and not y.is_floating_point()
@@ -69,11 +71,17 @@ class LabeledShots:
             yield x[idx], y[idx]
 
 
+def _check_shots_batch(v: Any) -> None:
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+        raise ValueError(f"merge.shots_batch must be a positive int or null (all shots every step), got {v!r}")
+
+
 def _split_dataset(job: MergeJob, task: str, split: str):
     return job.evaluator.datamodule(task).dataset(split)
 
 
-def select_learned(method: str, job: MergeJob, hp: Mapping[str, Any]) -> Selection:
+def _options(method: str, hp: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(CLI-only options, `merging.learn` keyword arguments), both checked: no model or data is needed."""
     opts = {k: hp.get(k, v) for k, v in CLI_KEYS.items()}
     kw = {k: v for k, v in hp.items() if k not in CLI_KEYS and v is not None}
     if opts["split"] not in ("val", "test"):
@@ -82,6 +90,28 @@ def select_learned(method: str, job: MergeJob, hp: Mapping[str, Any]) -> Selecti
         v = opts[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise ValueError(f"merge.{key} must be an int ≥ {low}, got {v!r}")
+    _check_shots_batch(opts["shots_batch"])
+    try:
+        check_hparams(method, kw)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"merge={method}: {e}") from None
+    return opts, kw
+
+
+def precheck_learned(method: str, hp: Mapping[str, Any]) -> None:
+    """`mtl-merge`'s check of a learned method's settings before the pool is loaded and scored."""
+    _options(method, hp)
+
+
+def data_record(opts: Mapping[str, Any], supervised: bool) -> dict[str, Any]:
+    """The data settings a run used (the others do not apply to its objective)."""
+    if supervised:
+        return {"shots": opts["shots"], "shots_batch": opts["shots_batch"], "shots_split": "train"}
+    return {"split": opts["split"], "batch_size": opts["batch_size"]}
+
+
+def select_learned(method: str, job: MergeJob, hp: Mapping[str, Any]) -> Selection:
+    opts, kw = _options(method, hp)
     seed = int(kw.get("seed", job.cfg.get("seed", 0)))
     cap = job.cfg.get("learn_max_steps")
     if cap is not None:
@@ -90,7 +120,8 @@ def select_learned(method: str, job: MergeJob, hp: Mapping[str, Any]) -> Selecti
                 kw[k] = min(int(kw.get(k, LEARNED_METHODS[method][k])), int(cap))
     names = job.evaluator.names
     data: dict[str, Any] = {}
-    if kw.get("objective", "entropy") == "supervised":
+    supervised = kw.get("objective", "entropy") == "supervised"
+    if supervised:
         tasks = job.evaluator.tasks
         data["labeled"] = {t: LabeledShots(_split_dataset(job, t, "train"), tasks[t].target_key, int(opts["shots"]),
                                            seed, opts["shots_batch"]) for t in names}
@@ -107,6 +138,7 @@ def select_learned(method: str, job: MergeJob, hp: Mapping[str, Any]) -> Selecti
     res_keys = _base_state(job) if int(opts["eval_every"]) > 0 else {}
     res = merging.learn(method, job.pool.pretrained, job.pool.member_paths, device=job.evaluator.device,
                         callback=val_score, callback_every=int(opts["eval_every"]), **data, **kw)
+    res.hparams.update(data_record(opts, supervised))  # coefficients.json says what the coefficients were learned on
     out = job.run_dir / "coefficients"
     res.save(out)
     title = f"{method} ({res.granularity}) — {job.run_dir.name}"
@@ -117,7 +149,7 @@ def select_learned(method: str, job: MergeJob, hp: Mapping[str, Any]) -> Selecti
         (job.run_dir / "learning_curves.png").unlink(missing_ok=True)
     summary = res.summary()
     selected = {**{k: v for k, v in res.hparams.items() if is_plain_json(v)},
-                "split": opts["split"], "coefficients": {t: round(v["mean"], 4) for t, v in summary["per_task"].items()}}
+                "coefficients": {t: round(v["mean"], 4) for t, v in summary["per_task"].items()}}
     extra = {"learned": {k: v for k, v in summary.items() if k not in ("hparams", "rows")},
              "coefficients_file": str(out / "coefficients.safetensors")}
     return Selection(job.model(res.state_dict, recompute_bn=False), selected, extra=extra)

@@ -76,11 +76,11 @@ class ConcreteMask:
             if inner is not None:
                 fixed = {k: v.detach() for k, v in m.items()}
                 for _ in range(inner_steps):
-                    step_gradients(self.problem, inner.merged(fixed), objective, frozen)
+                    step_gradients(self.problem, inner.merged(fixed), objective, frozen, step)
                     inner.apply_step(step)
             group_of = inner.layout.group_of if inner else {k: 0 for k in m}
             merged = self.problem.merged(coefficients().detach(), group_of, m)
-            losses = step_gradients(self.problem, merged, objective, frozen)
+            losses = step_gradients(self.problem, merged, objective, frozen, step)
             self.apply_step(step)
             with torch.no_grad():
                 density = float(sum(float(p.sum()) for p in self.probabilities().values())

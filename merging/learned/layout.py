@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-__all__ = ["GRANULARITIES", "Layout", "make_layout"]
+__all__ = ["GRANULARITIES", "Layout", "check_blocks", "check_patterns", "make_layout"]
 
 GRANULARITIES = ("task", "layer", "block")
 
@@ -34,19 +34,36 @@ class Layout:
         """Rows whose name matches any regex in `patterns` (all rows for None); an unmatched pattern is an error."""
         if patterns is None:
             return list(range(self.rows))
-        pats = [patterns] if isinstance(patterns, str) else list(patterns)
         rows: set[int] = set()
-        for p in pats:
-            try:
-                rx = re.compile(p)
-            except re.error as e:
-                raise ValueError(f"learn_blocks: {p!r} is not a regular expression ({e})") from None
+        for rx in check_patterns(patterns):
             hit = [i for i, g in enumerate(self.groups) if rx.search(g)]
             if not hit:
                 some = ", ".join(self.groups[:6]) + (", ..." if self.rows > 6 else "")
-                raise ValueError(f"learn_blocks: {p!r} matches no {self.granularity} (there are {self.rows}: {some})")
+                raise ValueError(f"learn_blocks: {rx.pattern!r} matches no {self.granularity} (there are {self.rows}: {some})")
             rows.update(hit)
         return sorted(rows)
+
+
+def _compile(p: str, what: str) -> re.Pattern:
+    try:
+        return re.compile(p)
+    except (re.error, TypeError) as e:
+        raise ValueError(f"{what}: {p!r} is not a regular expression ({e})") from None
+
+
+def check_patterns(patterns: Sequence[str] | str | None) -> list[re.Pattern]:
+    """`learn_blocks` as compiled regexes (none for None)."""
+    if patterns is None:
+        return []
+    return [_compile(p, "learn_blocks") for p in ([patterns] if isinstance(patterns, str) else list(patterns))]
+
+
+def check_blocks(blocks: str | Mapping[str, str]) -> None:
+    if isinstance(blocks, Mapping):
+        for p in blocks.values():
+            _compile(p, "blocks")
+    elif blocks not in ("tensor", "module"):
+        raise ValueError(f"unknown blocks {blocks!r}; valid: 'tensor', 'module' or a {{name: regex}} mapping")
 
 
 def make_layout(keys: Sequence[str], granularity: str, blocks: str | Mapping[str, str] = "tensor") -> Layout:
@@ -61,6 +78,7 @@ def make_layout(keys: Sequence[str], granularity: str, blocks: str | Mapping[str
         for k in keys:
             names.setdefault(k.rsplit(".", 1)[0], len(names))
         return Layout("block", list(names), {k: names[k.rsplit(".", 1)[0]] for k in keys})
+    check_blocks(blocks)
     if isinstance(blocks, Mapping):
         rx = {name: re.compile(p) for name, p in blocks.items()}
         group_of, unmatched = {}, []
@@ -76,4 +94,4 @@ def make_layout(keys: Sequence[str], granularity: str, blocks: str | Mapping[str
         if empty:
             raise ValueError(f"blocks: block {empty[0]!r} matches no merged tensor")
         return Layout("block", list(rx), group_of)
-    raise ValueError(f"unknown blocks {blocks!r}; valid: 'tensor', 'module' or a {{name: regex}} mapping")
+    raise AssertionError("unreachable: check_blocks refused it")

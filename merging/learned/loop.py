@@ -187,14 +187,15 @@ def _checked(x: Any, task: str, what: str) -> Any:
     return x
 
 
-def _check_loss(t: str, loss: torch.Tensor) -> None:
+def _check_loss(t: str, loss: torch.Tensor, step: int | None) -> None:
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"the objective of task {t!r} is {loss.detach().item()}; the merged model "
+        at = f" at step {step}" if step is not None else ""
+        raise FloatingPointError(f"the objective of task {t!r} is {loss.detach().item()}{at}; the merged model "
                                  "diverged (lower lr, or clamp the coefficients)")
 
 
 def step_gradients(problem: MergeProblem, merged: dict[str, torch.Tensor], objective: Objective,
-                   frozen: dict[str, torch.Tensor]) -> dict[str, float]:
+                   frozen: dict[str, torch.Tensor], step: int | None = None) -> dict[str, float]:
     """Backpropagate Σ_t loss_t to whatever `merged` depends on; returns each task's loss."""
     # BN running statistics (problem.no_grad) enter BN as constants: no gradient through them
     leaves = {k: v.detach().requires_grad_(k not in problem.no_grad) for k, v in merged.items()}
@@ -204,7 +205,7 @@ def step_gradients(problem: MergeProblem, merged: dict[str, torch.Tensor], objec
     pooled = objective.pooled_losses(params, batches)
     if pooled is not None:
         for t, loss in pooled.items():
-            _check_loss(t, loss)
+            _check_loss(t, loss, step)
         sum(pooled.values()).backward()
         losses = {t: float(loss.detach()) for t, loss in pooled.items()}
     else:
@@ -212,7 +213,7 @@ def step_gradients(problem: MergeProblem, merged: dict[str, torch.Tensor], objec
             params.update(objective.bn_statistics({**frozen, **{k: v.detach() for k, v in merged.items()}}, batches))
         for t in objective.tasks:
             loss = objective.task_loss(params, t, batches[t])
-            _check_loss(t, loss)
+            _check_loss(t, loss, step)
             loss.backward()
             losses[t] = float(loss.detach())
     keys = [k for k in merged if leaves[k].grad is not None and merged[k].requires_grad]

@@ -65,8 +65,9 @@ class MergeProblem:
         return {**own, **self.fixed}
 
     def state(self, merged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The merged state the model runs with (what a callback sees): `fixed` plus the learned tensors."""
-        return {**self.fixed, **merged}
+        """The merged state the model runs with, as a callback sees it: `fixed` plus the learned tensors, as
+        copies (a callback that writes into them must not change the learning)."""
+        return {k: v.detach().clone() for k, v in {**self.fixed, **merged}.items()}
 
     @property
     def tasks(self) -> list[str]:

@@ -21,19 +21,28 @@ from mtl.extraction import check_request
 
 def _one_task(tasks) -> str:
     names = [tasks] if isinstance(tasks, str) else list(tasks or [])
+    if not names:
+        raise ValueError("say what to extract: tasks=<name> (a task-routed MoE model) or "
+                         "'widths={encoder: 0.5, decoders: {depth: 1.0}}' (a slimmable model)")
     if len(names) != 1:
-        raise ValueError(f"pass exactly one task to extract: tasks=<name> (got {names or 'none'})")
+        raise ValueError(f"pass exactly one task to extract: tasks=<name> (got {names})")
     return str(names[0])
 
 
-def calibration_batches(model, cfg: DictConfig, limit: int | None = None) -> list[dict[str, Any]]:
+def data_config(model, cfg: DictConfig) -> dict[str, Any]:
+    """The model's own data config (its folder's meta) updated by ``calib.data``."""
+    given = OmegaConf.to_container(cfg.calib.data, resolve=True) if cfg.calib.get("data") else {}
+    return {**dict(getattr(model, "meta", {}).get("data") or {}), **given}
+
+
+def calibration_batches(model, cfg: DictConfig, limit: int | None = None, why: str = "calib") -> list[dict[str, Any]]:
     """``calib.batches`` (at most ``limit``) batches of the model's own data (its folder's meta), or of
     ``calib.data``; fewer batches than asked for is an error naming the split."""
     from mtl.data import create_datamodule
 
-    data = {**dict(getattr(model, "meta", {}).get("data") or {}), **(OmegaConf.to_container(cfg.calib.data, resolve=True) if cfg.calib.get("data") else {})}
+    data = data_config(model, cfg)
     if "name" not in data:
-        raise ValueError("calib: the model folder's meta has no data config; pass calib.data={name: ..., ...}")
+        raise ValueError(f"{why}: the model folder's meta has no data config; pass calib.data={{name: ..., size: ...}}")
     split = cfg.calib.split
     if split not in ("train", "val"):
         raise ValueError(f"calib.split must be train or val, got {split!r}")
@@ -74,16 +83,18 @@ def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         check_request(model, {"widths": widths} if widths is not None
                       else {"task": task, "calib": [], "min_share": float(cfg.min_share)})
     if widths is not None:
-        batches = calibration_batches(model, cfg, limit=1)  # one input for the FLOPs count
+        batches = calibration_batches(model, cfg, limit=1, why="widths= (one image to count FLOPs at)")
+        if not getattr(model, "meta", {}).get("data"):  # the folder written next says what size its inputs are
+            model.meta = {**getattr(model, "meta", {}), "data": data_config(model, cfg)}
         sub = mtl.extract(model, out=output, overwrite=bool(cfg.overwrite), widths=widths)
-        report = {"widths": widths}
+        report = {"widths": sub.extraction_report["widths"], "requested_widths": widths}
     else:
         batches = calibration_batches(model, cfg)
         sub = mtl.extract(model, out=output, overwrite=bool(cfg.overwrite), task=task, calib=batches,
                           min_share=float(cfg.min_share))
         report = dict(getattr(sub, "extraction_report", {}))
     x = batches[0]["image"][:1]
-    report.update({"model": str(folder), "output": str(output),
+    report.update({"model": str(Path(folder).resolve()), "output": str(output),
                    "parent": model_stats(model, x), "extracted": model_stats(sub, x)})
     write_json(run_dir / "extract_report.json", report)
     print_summary(report)

@@ -289,7 +289,7 @@ def test_architecture_mismatch_names_the_tensor():
 
 def test_nan_coefficients_are_named():
     model, pre, fts, data = toys()
-    with pytest.raises(ValueError, match="init must be finite, got nan"):
+    with pytest.raises(ValueError, match="init must be a finite number, got nan"):
         merging.learn("adamerging", pre, fts, unlabeled=data, init=math.nan, **kw(model))
     nan_fts = [dict(f) for f in fts]
     nan_fts[0]["body.0.bias"] = torch.full((6,), math.nan)
@@ -300,10 +300,34 @@ def test_an_objective_turning_nan_names_the_task(monkeypatch):
     from merging.learned import loop
 
     model, pre, fts, data = toys()
-    real = loop.entropy
-    monkeypatch.setattr(loop, "entropy", lambda pred, kind, task: real(pred, kind, task) * (math.nan if task == "t1" else 1))
-    with pytest.raises(FloatingPointError, match="objective of task 't1' is nan; the merged model diverged"):
-        merging.learn("adamerging", pre, fts, unlabeled=data, steps=2, **kw(model))
+    real, calls = loop.entropy, {"t1": 0}
+
+    def entropy(pred, kind, task):  # t1's objective turns NaN at its second step
+        calls[task] = calls.get(task, 0) + 1
+        return real(pred, kind, task) * (math.nan if task == "t1" and calls[task] == 2 else 1)
+
+    monkeypatch.setattr(loop, "entropy", entropy)
+    with pytest.raises(FloatingPointError, match="objective of task 't1' is nan at step 2; the merged model diverged"):
+        merging.learn("adamerging", pre, fts, unlabeled=data, steps=3, **kw(model))
+
+
+def test_a_callback_writing_into_its_state_changes_nothing():
+    model, pre, fts, data = toys()
+
+    def vandal(step, state):
+        for v in state.values():
+            v.add_(100.0)
+
+    clean = merging.learn("adamerging", pre, fts, unlabeled=data, steps=4, **kw(model))
+    other = merging.learn("adamerging", pre, fts, unlabeled=data, steps=4, callback=vandal, callback_every=1, **kw(model))
+    torch.testing.assert_close(other.coefficients, clean.coefficients, rtol=0, atol=0)
+
+
+def test_summary_mean_lies_between_min_and_max():
+    model, pre, fts, data = toys()
+    res = merging.learn("adamerging", pre, fts, unlabeled=data, steps=0, init=0.3, **kw(model))
+    for row in res.summary()["per_task"].values():  # all entries 0.3 in float32: the mean must not fall below
+        assert row["min"] <= row["mean"] <= row["max"]
 
 
 def test_bad_batches_are_named_before_they_look_like_divergence():

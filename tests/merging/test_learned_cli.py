@@ -68,6 +68,44 @@ def test_bad_split_is_named(pool, tmp_path):
             run(_args(pool, f"merge={method}", f"merge.{key}={value}"), run_dir=tmp_path / key)
 
 
+@pytest.mark.parametrize("extra,match", [
+    (["merge=adamerging", "merge.split=train"], "merge.split must be 'val' or 'test'"),
+    (["merge=adamerging", "merge.granularity=foo"], "merge=adamerging: unknown granularity 'foo'"),
+    (["merge=adamerging", "+merge.foo=1"], "merge=adamerging: adamerging: unknown hyperparameter.*foo"),
+    (["merge=adamerging", "merge.lr=-1"], "merge=adamerging: lr must be a positive, finite number, got -1"),
+    (["merge=atlas", "merge.learn_blocks=['(bad']"], "learn_blocks: '\\(bad' is not a regular expression"),
+    (["merge=atlas", "merge.objective=supervised", "merge.shots_batch=0"], "merge.shots_batch must be a positive int"),
+    (["merge=concrete_ta", "merge.threshold=2"], "threshold"),
+])
+def test_bad_learned_settings_are_refused_before_the_pool_is_loaded(pool, tmp_path, monkeypatch, extra, match):
+    import merging.job as job
+
+    def no_load(*a, **k):
+        raise AssertionError("the pool was loaded before the settings were checked")
+
+    monkeypatch.setattr(job, "resolve_pool", no_load)
+    with pytest.raises((ValueError, TypeError), match=match):
+        run(_args(pool, *extra), run_dir=tmp_path / "bad")
+
+
+def test_runs_record_the_data_their_objective_used(pool, tmp_path):
+    entropy = run(_args(pool, "merge=adamerging", "merge.granularity=task", "merge.batch_size=4"),
+                  run_dir=tmp_path / "entropy")["selected"]
+    assert entropy["split"] == "test" and entropy["batch_size"] == 4 and "shots" not in entropy
+    runs = {}
+    for shots_batch in (None, 2):
+        rd = tmp_path / f"sup_{shots_batch}"
+        sel = run(_args(pool, "merge=atlas", "merge.objective=supervised", "merge.shots=4",
+                        f"merge.shots_batch={'null' if shots_batch is None else shots_batch}"), run_dir=rd)["selected"]
+        hp = json.loads((rd / "coefficients" / "coefficients.json").read_text())["hparams"]
+        meta = mtl.load_model(rd / "model").meta["merge"]
+        for record in (sel, hp, meta):  # labelled train shots, not the test images: the record says so
+            assert record["shots"] == 4 and record["shots_batch"] == shots_batch and record["shots_split"] == "train"
+            assert "split" not in record and "batch_size" not in record
+        runs[shots_batch] = sel
+    assert runs[None] != runs[2]
+
+
 def test_rerun_without_steps_leaves_no_stale_learning_curves(pool, tmp_path):
     rd = tmp_path / "rerun"
     run(_args(pool, "merge=adamerging", "merge.granularity=task"), run_dir=rd)

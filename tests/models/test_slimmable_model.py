@@ -300,7 +300,48 @@ def test_extract_cli_cuts_a_width_setting(tmp_path):
         ref = slim(X)
     torch.testing.assert_close(sub(X)["depth"], ref["depth"], rtol=0, atol=1e-5)
     assert report["extracted"]["flops_all_tasks"] < report["parent"]["flops_all_tasks"]
-    assert sub.meta["extract"] == {"widths": {"encoder": 0.5, "decoders": {"depth": 0.25}}}
+    full = {"encoder": 0.5, "decoders": {t: 0.25 if t == "depth" else 1.0 for t in slim.tasks}}
+    assert sub.meta["extract"] == {"widths": full, "requested_widths": {"encoder": 0.5, "decoders": {"depth": 0.25}}}
+    assert report["widths"] == full and report["model"] == str((tmp_path / "slim").resolve())
+
+
+def test_extraction_records_the_widths_it_used_not_only_those_asked_for(tmp_path):
+    """Unnamed widths come from the parent's current configuration; the record must say which they were."""
+    from mtl.cli.common import compose_in_process
+    from mtl.cli.extract import run_extract
+    from mtl.io import save_model
+
+    slim = slim_model()
+    slim.set_widths(decoders={"depth": 0.25})
+    sub = mtl.extract(slim, out=tmp_path / "py", widths={"encoder": 0.5})
+    expect = {"encoder": 0.5, "decoders": {t: 0.25 if t == "depth" else 1.0 for t in slim.tasks}}
+    assert mtl.load_model(tmp_path / "py").meta["extract"]["widths"] == expect
+    assert sub.extraction_report["widths"] == expect
+    # the CLI on a folder saved without a data config: calib.data gives the size, and the output keeps it
+    save_model(slim, tmp_path / "bare")
+    cfg, run_dir = compose_in_process("mtl.configs.extract_app", "extract", [
+        f"model={tmp_path / 'bare'}", "widths={encoder: 1.0}", "calib.data={name: scenes, size: 16, n_train: 8, "
+        "n_val: 4, n_test: 4, batch_size: 4}"], tmp_path / "run")
+    report = run_extract(cfg, run_dir)
+    expect["encoder"] = 1.0
+    assert report["widths"] == expect and report["requested_widths"] == {"encoder": 1.0}
+    meta = mtl.load_model(run_dir / "model").meta
+    assert meta["extract"]["widths"] == expect and meta["data"]["size"] == 16
+    assert mtl.load_model(tmp_path / "bare").meta == {}  # the input folder is untouched
+    # without calib.data the error says what the data is for
+    cfg, run_dir = compose_in_process("mtl.configs.extract_app", "extract", [
+        f"model={tmp_path / 'bare'}", "widths={encoder: 1.0}"], tmp_path / "run2")
+    with pytest.raises(ValueError, match=r"widths= \(one image to count FLOPs at\): the model folder's meta has no data"):
+        run_extract(cfg, run_dir)
+
+
+def test_extract_cli_without_tasks_or_widths_names_both(tmp_path):
+    from mtl.cli.common import compose_in_process
+    from mtl.cli.extract import run_extract
+
+    cfg, run_dir = compose_in_process("mtl.configs.extract_app", "extract", [f"model={tmp_path / 'm'}"], tmp_path / "run")
+    with pytest.raises(ValueError, match=r"tasks=<name> \(a task-routed MoE model\) or 'widths=\{encoder"):
+        run_extract(cfg, run_dir)
 
 
 def test_extract_cli_names_a_width_that_is_not_a_mapping(tmp_path):

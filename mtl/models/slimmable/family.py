@@ -214,6 +214,7 @@ class SlimmableMultiTaskModel(MultiTaskModel):
         with self.at_widths(cfg):
             _copy_sliced(self, plain)
         plain.to(self.mean.device).train(self.training)
+        plain.extraction_report = {"widths": copy.deepcopy(cfg)}  # the full configuration, unnamed widths included
         return plain
 
     def _hidden(self, task: str) -> int:
