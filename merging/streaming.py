@@ -164,6 +164,10 @@ def merge_to_file(
     path = Path(out) if hf_folder else resolve_output(out)[0]
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    if hf_folder and path.is_dir() and any(path.iterdir()) and not any(path.glob("*.safetensors")):
+        # overwrite replaces an earlier merged folder, never a folder of something else
+        raise FileExistsError(f"{path} exists and holds no .safetensors weights (not an earlier merge); refusing to "
+                              "replace it: choose another path or remove it yourself")
     opts, hp = KeyOptions.split(dict(kwargs))
     convention = hp.get("convention", "paper")
     m = create_method(method, **hp)

@@ -153,6 +153,12 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
     os.chmod(path, 0o666 & ~umask)
 
 
+def is_model_folder(path: str | os.PathLike) -> bool:
+    """``path`` holds a model folder's two files (what ``save_model`` may replace)."""
+    path = Path(path)
+    return (path / CONFIG).is_file() and (path / WEIGHTS).is_file()
+
+
 def save_model(model, path: str | os.PathLike, meta: dict[str, Any] | None = None, overwrite: bool = True) -> Path:
     """Write ``path/model.safetensors`` + ``path/config.json`` atomically.
 
@@ -165,6 +171,10 @@ def save_model(model, path: str | os.PathLike, meta: dict[str, Any] | None = Non
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"save_model: {path} is a file, not a model folder; remove it or choose another path")
+    if overwrite and path.is_dir() and any(path.iterdir()) and not is_model_folder(path):
+        # overwrite replaces an earlier model folder, never a run folder or anything else that happens to be there
+        raise FileExistsError(f"save_model: {path} exists and is not a model folder (no {CONFIG} + {WEIGHTS}); "
+                              "refusing to replace it: choose another path or remove it yourself")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     cast = next((k for k, v in state.items() if v.is_floating_point() and v.dtype != torch.float32), None)
     if cast is not None:  # load_model rebuilds float32 models and never casts (a cast changes values)

@@ -6,10 +6,18 @@ mtl-merge's λ grids, evaluations over tasks and learned-merging steps print ``P
 """
 from __future__ import annotations
 
+import re
 import sys
 import time
 from datetime import timedelta
 from typing import TextIO
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def strip_ansi(text: str) -> str:
+    """Text without terminal colour codes (some libraries colour their messages; a log line should not)."""
+    return _ANSI.sub("", text)
 
 
 def format_duration(seconds: float) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from typing import Any, Callable, Sequence
 
@@ -37,12 +38,11 @@ def prune(model: nn.Module, method: str, calib: Any = None, *, example: torch.Te
     ``pruning_plan``: ``mtl.io.save_model`` stores it, ``mtl.load_model`` rebuilds the pruned shapes.
     """
     fn = METHODS.get(method)
+    effective = effective_hparams(method, hparams)
     check_prunable(model)
     for key in ("ratio", "flops_target", "max_layer_ratio"):  # refuse bad values before any work
-        if hparams.get(key) is not None:
-            check_ratio(key, hparams[key])
-            if key != "ratio" and hparams[key] == 0:  # would prune nothing while seeming to
-                raise ValueError(f"{key} must be in (0, 1), got 0")
+        if hparams.get(key) is not None:  # a target of 0 would prune nothing while seeming to
+            check_ratio(key, hparams[key], open_low=key != "ratio")
     check_round_to(hparams.get("round_to"))
     batches = as_batches(calib) if calib is not None else []
     if example is None:
@@ -74,9 +74,9 @@ def prune(model: nn.Module, method: str, calib: Any = None, *, example: torch.Te
                 current.eval()
     finally:
         model.train(was_training)
-    current.pruning_plan = {"method": method, "hparams": _plain(hparams), "rounds": rounds,
+    current.pruning_plan = {"method": method, "hparams": _plain(effective), "rounds": rounds,
                             "modules": diff_plan(original, current), "layers": kept_total}
-    current.meta = _derived_meta(getattr(model, "meta", None) or {}, method, hparams)
+    current.meta = _derived_meta(getattr(model, "meta", None) or {}, method, {**effective, "rounds": rounds})
     after = {"params": count_params(current), "flops": count_flops(current, example[:1])}
     target = hparams.get("flops_target")
     if target is not None and before["flops"] and 1 - after["flops"] / before["flops"] < target - 1e-9:
@@ -85,7 +85,7 @@ def prune(model: nn.Module, method: str, calib: Any = None, *, example: torch.Te
                            "though the search's estimate reached the target")
     report = {
         "method": method,
-        "hparams": _plain(hparams),
+        "hparams": _plain(effective),
         "rounds": infos,
         "layers": _layer_rows(kept_total, infos),
         "params": {"before": before["params"], "after": after["params"],
@@ -95,6 +95,23 @@ def prune(model: nn.Module, method: str, calib: Any = None, *, example: torch.Te
         "calib_loss": {"before": losses_before, "after": task_losses(current, batches) if batches else {}},
     }
     return current, report
+
+
+def effective_hparams(method: str, hparams: dict[str, Any]) -> dict[str, Any]:
+    """The settings a prune runs with: the method's defaults updated by ``hparams`` (an unknown name is
+    refused, listing the method's options). With ``flops_target`` the knob it searches (``ratio``,
+    PAGCP's ``budget``) is left out — the value found is in the report's ``rounds`` — and unset options
+    (None) are left out too."""
+    fn = METHODS.get(method)
+    options = {n: p.default for n, p in list(inspect.signature(fn).parameters.items())[3:]}  # after model, graph, batches
+    unknown = sorted(set(hparams) - set(options))
+    if unknown:
+        raise TypeError(f"prune method {method!r} has no option(s) {unknown}; its options: {', '.join(options)}")
+    out = {**options, **hparams}
+    if out.get("flops_target") is not None:
+        out.pop("ratio", None)
+        out.pop("budget", None)
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def _derived_meta(parent: dict[str, Any], method: str, hparams: dict[str, Any]) -> dict[str, Any]:

@@ -26,14 +26,16 @@ def _hparams(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
     METHODS.get(method)  # unknown names fail here, listing the valid ones
     if hp.get("flops_target") is not None:
         hp.pop("ratio", None)  # the target replaces the method's own knob
-        pruning.methods.check_ratio("prune.flops_target", hp["flops_target"])
-        if hp["flops_target"] == 0:
-            raise ValueError("prune.flops_target must be in (0, 1), got 0")
+        pruning.methods.check_ratio("prune.flops_target", hp["flops_target"], open_low=True)
     elif "ratio" in hp:
         pruning.methods.check_ratio("prune.ratio", hp["ratio"])
     pruning.methods.check_round_to(hp.get("round_to"), "prune.round_to")
     if hp.get("flops_target") is None:
         hp.pop("flops_target", None)
+    try:  # unknown options before the model is loaded and calibrated
+        pruning.api.effective_hparams(method, hp)
+    except TypeError as e:
+        raise TypeError(f"prune={method}: {e}") from None
     return method, hp
 
 
@@ -96,8 +98,10 @@ def run_prune(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
     meta = dict(getattr(model, "meta", {}))
     # run_dir: this run made the model (the parent's run is pruned_from's); a card must not show its metrics
-    meta.update({"pruned_from": str(source), "run_dir": str(run_dir), "test": after,
-                 "prune": {"method": method, **report["hparams"]}})
+    # pruned_from: the parent's run when it has one (as pruning.prune records it), else its folder
+    meta.update({"pruned_from": str(meta.get("run_dir") or source), "run_dir": str(run_dir), "test": after,
+                 "prune": {"method": method, **report["hparams"], "rounds": int(cfg.rounds),
+                           **({"finetune_steps": int(cfg.finetune.steps)} if int(cfg.rounds) > 1 else {})}})
     if cfg.get("data"):
         meta["data"] = {**dict(meta.get("data") or {}), **OmegaConf.to_container(cfg.data, resolve=True)}
     save_model(pruned, output, meta=meta, overwrite=bool(cfg.overwrite))

@@ -26,9 +26,11 @@ METHODS: "Registry[Callable[..., tuple[dict[str, list[int]], dict[str, Any]]]]" 
 MAX_LAYER_RATIO = 0.95
 
 
-def check_ratio(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+def check_ratio(name: str, value: float, open_low: bool = False) -> float:
+    """A fraction in [0, 1) — or (0, 1) with ``open_low`` (a target of 0 would prune nothing while seeming to)."""
+    low_ok = (lambda v: v > 0) if open_low else (lambda v: v >= 0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low_ok(value) and value < 1):
+        raise ValueError(f"{name} must be a number in {'(' if open_low else '['}0, 1), got {value!r}")
     return float(value)
 
 
@@ -118,9 +120,7 @@ def search_ratio(graph: LayerGraph, select: Callable[[float], dict[str, list[int
 def _run(graph: LayerGraph, select: Callable[[float], dict[str, list[int]]], ratio: float | None,
          flops_target: float | None, hi: float = MAX_LAYER_RATIO) -> tuple[dict[str, list[int]], dict[str, Any]]:
     if flops_target is not None:
-        check_ratio("flops_target", flops_target)
-        if flops_target == 0:
-            raise ValueError("flops_target must be in (0, 1), got 0")
+        check_ratio("flops_target", flops_target, open_low=True)
         ratio, removed = search_ratio(graph, select, flops_target, hi)
         return removed, {"ratio": ratio, "flops_target": flops_target}
     if ratio is None:

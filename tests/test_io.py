@@ -172,6 +172,21 @@ def test_saving_over_a_file_is_refused_by_name(tiny_model, tmp_path):
     assert target.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
+def test_saving_over_a_folder_that_is_not_a_model_folder_is_refused(tiny_model, tmp_path):
+    """overwrite replaces an earlier model folder, never a folder of something else."""
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "keep.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match=rf"save_model: {re.escape(str(victim))} exists and is not a model folder"):
+        mtl.save_model(tiny_model, victim)
+    assert (victim / "keep.txt").read_text() == "precious" and (victim / "sub").is_dir()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    mtl.save_model(tiny_model, empty)  # an empty folder, and an earlier model folder, are replaced
+    mtl.save_model(tiny_model, empty)
+    assert sorted(p.name for p in empty.iterdir()) == ["config.json", "model.safetensors"]
+
+
 @pytest.mark.parametrize("attr, value", [("forward", 1), ("training", 5), ("in_channels", "x"), ("in_channels", [1.5])])
 def test_a_structural_plan_only_sets_integer_sizes(tiny_model, attr, value):
     """A plan (config.json's pruning entry) resizes modules; any other attribute it names is refused."""

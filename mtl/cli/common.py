@@ -76,7 +76,9 @@ def one_line(exc: BaseException) -> str:
     # a KeyError of ours carries a sentence (KeyError's str() would quote it); a bare one (a missing
     # dict key) needs its type to make sense
     sentence = bare_key and len(exc.args) == 1 and isinstance(exc.args[0], str) and " " in exc.args[0].strip()
-    lines = [ln.strip() for ln in (exc.args[0] if sentence else str(exc)).splitlines() if ln.strip()]
+    from mtl.progress_log import strip_ansi
+
+    lines = [ln.strip() for ln in strip_ansi(exc.args[0] if sentence else str(exc)).splitlines() if ln.strip()]
     if not lines:
         return type(exc).__name__
     text = lines[0] + (" (…)" if len(lines) > 1 else "")
@@ -326,6 +328,8 @@ def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
     models = [models] if isinstance(models, str) else models  # a bare string is refused by the job, named
     named = [cfg.get("model"), cfg.get("pretrained"), *models, *inputs]
     check_output_apart(output, [Path(str(p)) for p in named if p])
+    if output.resolve() == run_dir.resolve() or output.resolve() in run_dir.resolve().parents:
+        raise ValueError(f"output={output} is or holds this run's folder {run_dir}; write the result elsewhere")
     run_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(run_dir / "config.yaml") as tmp:
         tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))

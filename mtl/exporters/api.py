@@ -111,6 +111,9 @@ def resolve_tasks(model: nn.Module, tasks: str | Sequence[str] | None) -> list[s
     if not isinstance(tasks, str) and len(tasks) == 0:
         raise ValueError(f"tasks=[] selects no task to export; pass some of {', '.join(names)} (or null for all)")
     wanted = [tasks] if isinstance(tasks, str) else list(tasks)
+    repeated = sorted({t for t in wanted if wanted.count(t) > 1})
+    if repeated:
+        raise ValueError(f"tasks names {repeated} more than once; each exported task is one output")
     unknown = [t for t in wanted if t not in names]
     if unknown:
         raise KeyError(f"unknown task(s) {unknown} for export; this model has: {', '.join(names)}")

@@ -70,6 +70,9 @@ def export_onnx(source: Source, out: Path, tasks: list[str], opset: int = DEFAUL
     if exporter not in ("dynamo", "torchscript"):
         raise ValueError(f"format=onnx: exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
     verify_batches = _check_batches(verify_batches)
+    for name, tol in (("atol", atol), ("rtol", rtol)):  # a negative tolerance fails every check, after the export
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < float("inf"):
+            raise ValueError(f"format.{name} must be a finite number ≥ 0, got {tol!r}")
     size = input_size_of(source, input_size)
     graph = TaskGraph(source.model, tasks)
     sample = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
@@ -140,8 +143,15 @@ def _file_opset(path: Path) -> int | None:
 
 
 def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0] if lines else ""
+    """The first line of the error that started it all (the exporter wraps it in pages of advice)."""
+    from mtl.progress_log import strip_ansi
+
+    root = e
+    while root.__cause__ is not None and root.__cause__ is not root:
+        root = root.__cause__
+    lines = [ln.strip() for ln in strip_ansi(str(root)).splitlines() if ln.strip()]
+    text = lines[0] if lines else ""
+    return f"{type(root).__name__}: {text}" if root is not e else text
 
 
 _OP_PATTERNS = (

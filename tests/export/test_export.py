@@ -232,6 +232,11 @@ def test_bad_requests_are_refused_before_anything_is_written(tmp_path):
         mtl.export(folder, "timm", tmp_path / "a", tasks=["depth"])
     with pytest.raises(ValueError, match=r"tasks=\[\] selects no task"):
         mtl.export(folder, "folder", tmp_path / "a", tasks=[])
+    with pytest.raises(ValueError, match=r"tasks names \['depth'\] more than once"):
+        mtl.export(folder, "folder", tmp_path / "a", tasks=["depth", "depth"])
+    for name in ("atol", "rtol"):
+        with pytest.raises(ValueError, match=rf"format.{name} must be a finite number ≥ 0, got -1"):
+            mtl.export(folder, "onnx", tmp_path / "a", exporter="torchscript", **{name: -1})
     assert not (tmp_path / "a").exists()
     existing = tmp_path / "exists"
     existing.mkdir()
@@ -255,6 +260,19 @@ def test_bad_requests_are_refused_before_anything_is_written(tmp_path):
         with pytest.raises(ValueError, match="(is|lies inside) the input model folder"):
             mtl.export(folder, "onnx", out, overwrite=True)
     assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_an_exporter_failure_is_told_by_its_root_cause_without_colour_codes():
+    from mtl.exporters.onnx_export import _first_line
+
+    try:
+        try:
+            raise ValueError("tasks repeated\nmore detail")
+        except ValueError as inner:
+            raise RuntimeError("\x1b[96mThis is step 1/3\x1b[0m of exporting; pages of advice") from inner
+    except RuntimeError as e:
+        assert _first_line(e) == "ValueError: tasks repeated"
+    assert _first_line(RuntimeError("\x1b[1mplain\x1b[0m text")) == "plain text"
 
 
 def test_verification_fails_when_runtime_and_pytorch_differ(tmp_path):

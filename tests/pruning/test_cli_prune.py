@@ -93,6 +93,57 @@ def test_every_job_refuses_an_output_over_any_of_its_inputs(tmp_path):
     start_run(OmegaConf.merge(cfg, {"output": str(tmp_path / "merged")}), tmp_path / "run")  # elsewhere: fine
 
 
+def test_overwrite_never_deletes_a_folder_that_is_not_a_model_folder(folder, tmp_path):
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "keep.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="exists and is not a model folder"):
+        run(["prune=l1", f"model={folder}", f"output={victim}", "overwrite=true", "prune.ratio=0.5",
+             "calib.batches=1", "eval.max_batches=1", "eval.latency_repeats=1"], run_dir=tmp_path / "run")
+    assert (victim / "keep.txt").read_text() == "precious" and (victim / "sub").is_dir()
+    # an output holding this run's own folder would delete its config.yaml and log
+    with pytest.raises(ValueError, match="is or holds this run's folder"):
+        run(["prune=l1", f"model={folder}", f"output={tmp_path / 'runs'}", "overwrite=true"], run_dir=tmp_path / "runs" / "r1")
+
+
+def test_meta_records_the_settings_used_and_unknown_options_fail_first(folder, tmp_path, monkeypatch):
+    import pruning
+    import pruning.job as job
+
+    model = mtl.load_model(folder)
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    pruned, report = pruning.prune(model, "l1", example=x, ratio=0.5, flops_target=0.2)
+    # the target decides (ratio is searched): the record must not claim ratio=0.5
+    assert pruned.meta["prune"] == {"method": "l1", "flops_target": 0.2, "rounds": 1} == {
+        "method": "l1", **report["hparams"], "rounds": 1}
+    assert pruned.pruning_plan["hparams"] == {"flops_target": 0.2}
+    with pytest.raises(TypeError, match=r"prune method 'l1' has no option\(s\) \['foo'\]; its options: ratio, "):
+        pruning.prune(model, "l1", example=x, ratio=0.5, foo=1)
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(job, "load_model", no_load)
+    with pytest.raises(TypeError, match=r"prune=l1: prune method 'l1' has no option\(s\) \['foo'\]"):
+        run(["prune=l1", f"model={folder}", "+prune.foo=1"], run_dir=tmp_path / "run")
+    with pytest.raises(ValueError, match=r"prune.flops_target must be a number in \(0, 1\), got 1"):
+        run(["prune=l1", f"model={folder}", "+prune.flops_target=1"], run_dir=tmp_path / "run2")
+
+
+def test_pruned_from_is_the_parents_run_when_it_has_one(folder, tmp_path):
+    import shutil
+
+    src = tmp_path / "parent_run" / "model"
+    shutil.copytree(folder, src)
+    parent = mtl.load_model(src)
+    save_model(parent, src, meta={**parent.meta, "run_dir": str(src.parent)})
+    run(["prune=l1", f"model={src}", "prune.ratio=0.5", "calib.batches=1", "eval.max_batches=1",
+         "eval.latency_repeats=1"], run_dir=tmp_path / "run")
+    meta = mtl.load_model(tmp_path / "run" / "model").meta
+    assert meta["pruned_from"] == str(src.parent) and meta["run_dir"] == str(tmp_path / "run")
+    assert meta["prune"] == {"method": "l1", "ratio": 0.5, "rounds": 1}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["l1", "l1_global", "taylor", "pagcp"])
 def test_cli_smoke_every_method(method, tmp_path):
