@@ -227,3 +227,15 @@ def test_hf_folder_never_drops_a_tensor_of_the_base(llamas, tmp_path):
     k = "model.norm.weight"
     want = (b[k].float() + 0.5 * ((f0[k].float() - b[k].float()) + (f1[k].float() - b[k].float()))).to(torch.bfloat16)
     assert torch.equal(got[k], want)
+
+
+def test_overwrite_replaces_an_earlier_merge_never_a_folder_of_something_else(llamas, tmp_path):
+    base, fts = llamas
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "notes.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="holds no .safetensors weights"):
+        merging.merge_to_file("task_arithmetic", base, fts, victim, shard_size=40_000, lam=0.3, overwrite=True)
+    assert (victim / "notes.txt").read_text() == "precious" and (victim / "sub").is_dir()
+    out = merging.merge_to_file("task_arithmetic", base, fts, tmp_path / "merged", shard_size=40_000, lam=0.3)
+    merging.merge_to_file("task_arithmetic", base, fts, out, shard_size=40_000, lam=0.5, overwrite=True)  # an earlier merge
