@@ -167,7 +167,7 @@ def test_ratio_outside_unit_interval_is_refused(model, batches, ratio):
 
 @pytest.mark.parametrize("method, key", [("pagcp", "flops_target"), ("l1_global", "max_layer_ratio")])
 def test_a_zero_target_that_would_prune_nothing_is_refused(model, batches, method, key):
-    with pytest.raises(ValueError, match=rf"{key} must be in \(0, 1\), got 0"):
+    with pytest.raises(ValueError, match=rf"{key} must be a number in \(0, 1\), got 0"):
         pruning.prune(model, method, calib=batches, **{key: 0.0})
 
 
