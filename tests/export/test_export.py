@@ -265,13 +265,9 @@ def test_bad_requests_are_refused_before_anything_is_written(tmp_path):
 def test_an_exporter_failure_is_told_by_its_root_cause_without_colour_codes():
     from mtl.exporters.onnx_export import _first_line
 
-    try:
-        try:
-            raise ValueError("tasks repeated\nmore detail")
-        except ValueError as inner:
-            raise RuntimeError("\x1b[96mThis is step 1/3\x1b[0m of exporting; pages of advice") from inner
-    except RuntimeError as e:
-        assert _first_line(e) == "ValueError: tasks repeated"
+    wrapper = RuntimeError("\x1b[96mThis is step 1/3\x1b[0m of exporting; pages of advice")
+    wrapper.__cause__ = ValueError("tasks repeated\nmore detail")  # `raise ... from` sets this
+    assert _first_line(wrapper) == "ValueError: tasks repeated"
     assert _first_line(RuntimeError("\x1b[1mplain\x1b[0m text")) == "plain text"
 
 
