@@ -51,6 +51,10 @@ def _num_classes(key: str, kw: dict[str, Any], info: dict[str, Any], default: in
     if given is None:
         if found is None and default is not None:
             return default
+        target = kw.get("target_key") or kw["kind"]
+        if found is None and info.get("targets") is not None and target not in info["targets"]:
+            raise ValueError(f"task {key!r} has no targets in this data (no {target!r}); it provides "
+                             f"{sorted(info['targets'])} (choose tasks with task=[...])")
         if found is None:
             raise ValueError(f"task.{key}.num_classes is not set and the data does not report a class count; "
                              f"set task.{key}.num_classes=<N>")

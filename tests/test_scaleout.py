@@ -42,8 +42,11 @@ def test_objective_delta_m_against_baselines(tmp_path):
 
 
 def test_sweep_and_launcher_configs_compose():
-    cfg, _ = compose_in_process("mtl.configs", "train", ["hparams_search=optuna"])
+    cfg, _ = compose_in_process("mtl.configs", "train", ["hparams_search=optuna_dwa"])
     assert cfg.optimized_metric == "val/semseg/miou" and cfg.balancer.name == "dwa"
+    # the plain search keeps the chosen balancer (it once forced DWA, whose temperature it searched)
+    cfg, _ = compose_in_process("mtl.configs", "train", ["hparams_search=optuna", "balancer=famo"])
+    assert cfg.optimized_metric == "val/semseg/miou" and cfg.balancer.name == "famo"
 
 
 def test_missing_plugin_names_the_extra(monkeypatch):
@@ -67,13 +70,14 @@ def _sweep_dir(tmp_path):
 def test_optuna_sweep_reports_the_best_trial(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     proc = cli("-m", "hparams_search=optuna", *SMOKE, "task=[depth]", "optimized_metric=val/depth/rmse",
+               "balancer=famo", '++hydra.sweeper.params={balancer.lr: "interval(0.005, 0.1)"}',  # the documented way to add a knob
                "hydra.sweeper.direction=minimize", "hydra.sweeper.n_trials=3", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep = _sweep_dir(tmp_path)
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     trials = [json.loads((sweep / str(i) / "metrics.json").read_text())["val"]["depth"]["rmse"] for i in range(3)]
     assert best["best_value"] == pytest.approx(min(trials))
-    assert set(best["best_params"]) == {"optim.lr", "balancer.temperature"}
+    assert set(best["best_params"]) == {"optim.lr", "balancer.lr"}
 
 
 @pytest.mark.slow

@@ -79,7 +79,14 @@ def labels_to_uint8(a: np.ndarray, num_classes: int, where: str) -> torch.Tensor
         a = a[..., 0]
     if a.ndim != 2:
         raise ValueError(f"{where}: expected labels of shape (H, W), got {a.shape}")
-    ids = np.round(a).astype(np.int64) if np.issubdtype(a.dtype, np.floating) else a.astype(np.int64)
+    if np.issubdtype(a.dtype, np.floating):  # class ids stored as floats: whole numbers only, nothing rounded
+        if not np.isfinite(a).all():
+            raise ValueError(f"{where}: labels hold NaN or infinite values; expected integer class ids "
+                             "(−1 marks ignored pixels)")
+        frac = a[a != np.round(a)]
+        if frac.size:
+            raise ValueError(f"{where}: label {float(frac[0]):g} is not a whole number; expected integer class ids")
+    ids = a.astype(np.int64)
     ids[(ids == -1) | (ids == IGNORE)] = IGNORE
     bad = (ids != IGNORE) & ((ids < 0) | (ids >= num_classes))
     if bad.any():
@@ -156,9 +163,9 @@ def read_npy_split(split_dir: Path, dirs: dict[str, str], num_classes: int, limi
             try:
                 a = np.load(f, allow_pickle=False)
             except (ValueError, OSError, EOFError) as e:
-                from mtl.cli.common import one_line
-
-                raise ValueError(f"{f}: not a plain numeric .npy array ({one_line(e)})") from None
+                why = ("not an .npy file, or one holding Python objects, which are never unpickled"
+                       if "pickle" in str(e) else str(e).splitlines()[0] if str(e) else type(e).__name__)
+                raise ValueError(f"{f}: not a plain numeric .npy array ({why})") from None
             if key == "image":
                 sample[key] = image_to_uint8(a, str(f))
             elif key == "semseg":
@@ -198,6 +205,9 @@ class DenseBenchmarkDataModule(TensorDataModule):
         self.num_classes = int(num_classes)
         self.size = size
         self.limits = {"train": n_train, "val": n_val, "test": n_test}
+        for split, n in self.limits.items():  # 0 would surface later as an empty split with no name
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+                raise ValueError(f"{self.benchmark}: n_{split} must be a positive int or null (all), got {n!r}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"{self.benchmark}: val_fraction must be in [0, 1), got {val_fraction}")
         self.val_fraction, self.seed = float(val_fraction), seed

@@ -194,7 +194,8 @@ class HFImageDataModule(TensorDataModule):
     @property
     def info(self) -> dict[str, Any]:
         self.setup()
-        info: dict[str, Any] = {"image_size": int(self._data["train"].tensors["image"].shape[-1])}
+        info: dict[str, Any] = {"image_size": int(self._data["train"].tensors["image"].shape[-1]),
+                                "targets": sorted(k for k in self._data["train"].tensors if k != "image")}
         for name, key in (("semseg_classes", "semseg"), ("classification_classes", "classification")):
             if self._classes[name] is not None:
                 info[name] = self._classes[name]

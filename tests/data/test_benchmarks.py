@@ -140,7 +140,14 @@ def test_bad_root_and_layout_name_the_expected_path(tmp_path):
     (lambda r: (r / "train" / "depth" / "0.npy").write_bytes(b"not an array"),
      r"train/depth/0\.npy: not a plain numeric \.npy array"),
     (lambda r: np.save(r / "train" / "depth" / "0.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True),
-     r"train/depth/0\.npy: not a plain numeric \.npy array"),
+     r"train/depth/0\.npy: not a plain numeric \.npy array \(not an \.npy file, or one holding Python objects"),
+    (lambda r: (r / "train" / "depth" / "0.npy").write_text("hello"),  # not a pickle: no hint to unpickle it
+     r"train/depth/0\.npy: not a plain numeric \.npy array \(not an \.npy file, or one holding Python objects, "
+     r"which are never unpickled\)$"),
+    (lambda r: np.save(r / "train" / "label" / "0.npy", np.full((H, W), 1.5, np.float32)),  # never rounded to 2
+     r"train/label/0\.npy: label 1\.5 is not a whole number"),
+    (lambda r: np.save(r / "train" / "label" / "0.npy", np.full((H, W), np.nan, np.float32)),
+     r"train/label/0\.npy: labels hold NaN or infinite values"),
 ])
 def test_bad_files_are_named_not_silently_mended(tmp_path, damage, match):
     """Stored at another size (resized with a distorted aspect), 0-255 floats (clipped to white),
@@ -151,6 +158,12 @@ def test_bad_files_are_named_not_silently_mended(tmp_path, damage, match):
     damage(root)
     with pytest.raises(ValueError, match=match):
         create_datamodule("nyuv2", root=str(root)).setup()
+
+
+def test_a_sample_limit_of_zero_is_named(tmp_path):
+    root = write_npy_layout(tmp_path / "nyu")
+    with pytest.raises(ValueError, match=r"nyuv2: n_train must be a positive int or null \(all\), got 0"):
+        create_datamodule("nyuv2", root=str(root), n_train=0)
 
 
 def test_normals_a_few_pixels_off_unit_length_pass(tmp_path):

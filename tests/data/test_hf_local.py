@@ -152,6 +152,11 @@ def test_a_task_without_a_column_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"hf_local .*task\(s\) 'depth' have no targets.*\['classification'\]"):
         run(["data=hf_local", f"data.path={ds}", "data.image_column=img", "data.columns={label: classification}",
              "task=[classification,depth]", "debug=smoke", *SMOKE], run_dir=tmp_path / "run")
+    # a class-count task without its column: the missing column is named, not a missing class count
+    with pytest.raises(ValueError, match=r"task 'semseg' has no targets in this data \(no 'semseg'\); it provides "
+                                         r"\['classification'\]"):
+        run(["data=hf_local", f"data.path={ds}", "data.image_column=img", "data.columns={label: classification}",
+             "task=semseg", "debug=smoke", *SMOKE], run_dir=tmp_path / "run2")
 
 
 def test_label_maps_must_match_their_images(tmp_path):
