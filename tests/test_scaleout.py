@@ -53,7 +53,8 @@ def test_missing_plugin_names_the_extra(monkeypatch):
     monkeypatch.setattr(plugins, "_installed", lambda module: False)
     assert plugins.check_plugins(["task=depth", "launcher=joblib"]) == \
         "launcher=joblib needs the Hydra plugin hydra-joblib-launcher: pip install 'mtlkit[launchers]'"
-    assert "pip install 'mtlkit[sweeps]'" in plugins.check_plugins(["hparams_search=optuna"])
+    for search in ("hparams_search=optuna", "hparams_search=optuna_dwa"):
+        assert "pip install 'mtlkit[sweeps]'" in plugins.check_plugins([search])
     assert plugins.check_plugins(["launcher=ray"]) == "launcher=ray needs ray: pip install 'mtlkit[ray]'"
     assert plugins.check_plugins(["task=depth"]) is None
 
