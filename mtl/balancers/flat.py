@@ -28,7 +28,7 @@ class FlatBalancer(Balancer):
 
     def __init__(self, tasks: Sequence[str], aggregator: str = "upgrad", rho: float = 0.05,
                  aggregator_kwargs: dict | None = None, parallel_chunk_size: int | None = None,
-                 skip_nonfinite: bool = False):
+                 skip_nonfinite: bool = False, level: str = "params"):
         super().__init__(tasks, skip_nonfinite)
         if aggregator not in JACOBIAN_METHODS:
             raise ValueError(f"flat: aggregator must be one of {', '.join(JACOBIAN_METHODS)}, got {aggregator!r}")
@@ -36,8 +36,9 @@ class FlatBalancer(Balancer):
             raise ValueError(f"flat: rho must be >= 0, got {rho}")
         self.rho = float(rho)
         kw = dict(aggregator_kwargs or {})
-        if kw.get("level", "params") != "params":
-            raise ValueError("flat: SAM perturbs the parameters, so aggregation is over the shared parameters only")
+        if level != "params" or kw.get("level", "params") != "params":  # accepted by name so the refusal says why
+            raise ValueError(f"flat: level must be 'params', got {kw.get('level', level)!r}: SAM perturbs the "
+                             "parameters, so aggregation is over the shared parameters only")
         kw.update(parallel_chunk_size=parallel_chunk_size)
         self.base: JacobianBalancer = create_balancer(aggregator, self.tasks, **kw)
         self.sharp: JacobianBalancer = create_balancer(aggregator, self.tasks, **kw)

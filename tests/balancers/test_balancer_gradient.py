@@ -207,3 +207,10 @@ def test_flat_recompute_leaves_batchnorm_statistics_and_weights_untouched():
     assert torch.equal(bn.num_batches_tracked, stats[2])
     for p, w in zip(model.parameters(), weights):
         assert torch.equal(p.detach(), w)
+
+
+def test_flat_at_the_feature_level_is_refused_saying_why():
+    for kw in ({"level": "features"}, {"aggregator_kwargs": {"level": "features"}}):
+        with pytest.raises(ValueError, match=r"flat: level must be 'params', got 'features': SAM perturbs the parameters"):
+            create_balancer("flat", ["a", "b"], **kw)
+    create_balancer("flat", ["a", "b"], level="params")  # the config's explicit default is accepted
