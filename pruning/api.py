@@ -40,10 +40,6 @@ def prune(model: nn.Module, method: str, calib: Any = None, *, example: torch.Te
     fn = METHODS.get(method)
     effective = effective_hparams(method, hparams)
     check_prunable(model)
-    for key in ("ratio", "flops_target", "max_layer_ratio"):  # refuse bad values before any work
-        if hparams.get(key) is not None:  # a target of 0 would prune nothing while seeming to
-            check_ratio(key, hparams[key], open_low=key != "ratio")
-    check_round_to(hparams.get("round_to"))
     batches = as_batches(calib) if calib is not None else []
     if example is None:
         if not batches:
@@ -97,8 +93,9 @@ def prune(model: nn.Module, method: str, calib: Any = None, *, example: torch.Te
     return current, report
 
 
-def effective_hparams(method: str, hparams: dict[str, Any]) -> dict[str, Any]:
-    """The settings a prune runs with: the method's defaults updated by ``hparams`` (an unknown name is
+def effective_hparams(method: str, hparams: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The settings a prune runs with, checked before any work (errors name a value as ``prefix`` + key,
+    e.g. ``prune.ratio`` for the CLI): the method's defaults updated by ``hparams`` (an unknown name is
     refused, listing the method's options). With ``flops_target`` the knob it searches (``ratio``,
     PAGCP's ``budget``) is left out — the value found is in the report's ``rounds`` — and unset options
     (None) are left out too."""
@@ -107,6 +104,10 @@ def effective_hparams(method: str, hparams: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(hparams) - set(options))
     if unknown:
         raise TypeError(f"prune method {method!r} has no option(s) {unknown}; its options: {', '.join(options)}")
+    for key in ("ratio", "flops_target", "max_layer_ratio"):  # a target of 0 would prune nothing while seeming to
+        if hparams.get(key) is not None:
+            check_ratio(prefix + key, hparams[key], open_low=key != "ratio")
+    check_round_to(hparams.get("round_to"), prefix + "round_to")
     out = {**options, **hparams}
     if out.get("flops_target") is not None:
         out.pop("ratio", None)

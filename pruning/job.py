@@ -26,14 +26,10 @@ def _hparams(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
     METHODS.get(method)  # unknown names fail here, listing the valid ones
     if hp.get("flops_target") is not None:
         hp.pop("ratio", None)  # the target replaces the method's own knob
-        pruning.methods.check_ratio("prune.flops_target", hp["flops_target"], open_low=True)
-    elif "ratio" in hp:
-        pruning.methods.check_ratio("prune.ratio", hp["ratio"])
-    pruning.methods.check_round_to(hp.get("round_to"), "prune.round_to")
-    if hp.get("flops_target") is None:
+    else:
         hp.pop("flops_target", None)
-    try:  # unknown options before the model is loaded and calibrated
-        pruning.api.effective_hparams(method, hp)
+    try:  # values and unknown options before the model is loaded and calibrated: pruning.prune's own check
+        pruning.api.effective_hparams(method, hp, prefix="prune.")
     except TypeError as e:
         raise TypeError(f"prune={method}: {e}") from None
     return method, hp
