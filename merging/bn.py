@@ -52,7 +52,7 @@ def batch_inputs(batch: Any, task: str = "?") -> torch.Tensor:
 def bn_layers(model: nn.Module, task_keys: KeyPattern = DEFAULT_TASK_KEYS) -> dict[str, nn.modules.batchnorm._BatchNorm]:
     """The BN layers whose statistics are re-estimated: tracking ones outside the task-specific keys
     (a regex, a list of them or a callable, as for `merging.merge`)."""
-    task = compile_pattern(task_keys)
+    task = compile_pattern(task_keys, "task_keys")
     return {name: m for name, m in model.named_modules()
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None
             and not (task is not None and task(f"{name}.running_mean"))}

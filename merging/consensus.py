@@ -74,6 +74,10 @@ class Consensus(MergeMethod):
         check_tall_lam("tall_lam", self.hp["tall_lam"])
         base = self.hp["base"]
         if base == "task_arithmetic":
+            unused = [n for n in ("ties_k", "merge_func", "trim") if self.hp[n] != self.defaults[n]]
+            if unused:  # TIES settings would do nothing here: refuse rather than ignore them
+                raise ValueError(f"consensus: {', '.join(unused)} configure base='ties' and do nothing with "
+                                 "base='task_arithmetic'; drop them or set base=ties")
             self.base = make_mtv_method("sum", {})
             lam = 0.3 if self.hp["lam"] is None else self.hp["lam"]
         elif base == "ties":

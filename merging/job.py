@@ -127,6 +127,8 @@ def grid_candidates(hp: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The hyperparameter sets a grid search tries: `lam` as given, else one per `lam_grid` value."""
     base = {k: v for k, v in hp.items() if k != "lam_grid" and not (k == "lam" and v is None)}
     grid_values = hp.get("lam_grid")
+    if isinstance(grid_values, (list, tuple)) and not grid_values:
+        raise ValueError("merge.lam_grid is empty: give at least one λ, or drop it for the method's default")
     if hp.get("lam") is None and grid_values:
         return [{**base, "lam": lam} for lam in (grid_values if isinstance(grid_values, list) else [grid_values])]
     return [base]
@@ -240,7 +242,8 @@ def _without_ties_keys(hp: dict[str, Any]) -> dict[str, Any]:
 
 def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     manifest = manifest_paths(cfg.pool) if cfg.get("pool") else None  # read once: checked, then merged
-    run_dir, output = start_run(cfg, run_dir, inputs=[manifest[0], *manifest[1]] if manifest else [])
+    run_dir, output = start_run(cfg, run_dir, inputs=[manifest[0], *manifest[1]] if manifest else [],
+                                model_output=bool(cfg.eval.get("enabled", True)))
     output = output.resolve()  # a relative output= is the cwd's, not the run folder's: record where it is
     name, select, hp = _method(cfg)
     if cfg.get("store") and name != "tall_masks":
@@ -277,6 +280,9 @@ def _input_paths(cfg: DictConfig, run_dir: Path, manifest: tuple[Path, list[Path
                  ) -> tuple[Path, list[Path]]:
     """(pretrained, models); `manifest`: `pool=`'s folders when the caller has read them already."""
     if cfg.get("pool"):
+        given = [k for k in ("pretrained", "models") if cfg.get(k)]
+        if given:  # one source of inputs: pool= would otherwise win silently
+            raise ValueError(f"pass pool= or pretrained=/models=, not both (got pool= and {'/'.join(f'{k}=' for k in given)})")
         return manifest or manifest_paths(cfg.pool)
     if cfg.get("pretrained") and cfg.get("models"):
         return Path(cfg.pretrained), [Path(m) for m in model_list(cfg.models, "models")]

@@ -37,14 +37,20 @@ BN_OPTIONS = (*BN_RULES, "recompute")
 _MAX_LISTED = 8
 
 
-def compile_pattern(pat: KeyPattern) -> Callable[[str], bool] | None:
-    """Regexes matched at the start of the key (`re.match`), so a plain prefix like "backbone." works."""
+def compile_pattern(pat: KeyPattern, name: str = "pattern") -> Callable[[str], bool] | None:
+    """Regexes matched at the start of the key (`re.match`), so a plain prefix like "backbone." works.
+    ``name`` is the option the patterns came from, for the error a bad regex gets."""
     if pat is None:
         return None
     if callable(pat):
         return pat
     pats = [pat] if isinstance(pat, str) else list(pat)
-    rx = [re.compile(p) for p in pats]
+    rx = []
+    for p in pats:
+        try:
+            rx.append(re.compile(p))
+        except (re.error, TypeError) as e:
+            raise ValueError(f"{name}: {p!r} is not a valid regular expression ({e})") from None
     return lambda k: any(r.match(k) for r in rx)
 
 
@@ -95,7 +101,8 @@ def plan_keys(
                          "runs) or merging.learn(..., bn='recompute')")
     if bn not in BN_RULES:
         raise ValueError(f"bn must be one of {', '.join(map(repr, BN_OPTIONS))}, got {bn!r}")
-    inc, exc, task = compile_pattern(include), compile_pattern(exclude), compile_pattern(task_keys)
+    inc, exc, task = (compile_pattern(include, "include"), compile_pattern(exclude, "exclude"),
+                      compile_pattern(task_keys, "task_keys"))
     is_bn = re.compile(BN_STATS).match
 
     def considered(k: str) -> bool:

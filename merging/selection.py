@@ -29,8 +29,8 @@ _LITTLE = sys.byteorder == "little"
 
 def keep_count(numel: int, k: float) -> int:
     """n = ⌈numel·k/100⌉ computed exactly (k may be a float like 12.5)."""
-    if not 0 <= k <= 100:
-        raise ValueError(f"k is a percentage in [0, 100], got {k}")
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 <= k <= 100:
+        raise ValueError(f"k is a percentage in [0, 100], got {k!r}")
     return math.ceil(Fraction(str(k)) * numel / 100)
 
 

@@ -6,6 +6,7 @@ safetensors readers in `merging.safetensors_source` (both re-exported here, the 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Union
@@ -87,6 +88,9 @@ def open_source(obj: SourceLike, label: str | None = None) -> StateSource:
             raise MergeInputError(f"{p}: no such file or folder")
         if p.suffix == ".safetensors":
             return SafetensorsSource(p)
+        if re.fullmatch(r"pytorch_model-\d+-of-\d+\.bin", p.name):  # one shard is not a model
+            raise MergeInputError(f"{p}: one shard of a sharded pytorch_model-*.bin checkpoint, which is not "
+                                  "supported; convert the whole checkpoint to safetensors")
         return _torch_checkpoint(p)
     raise TypeError(
         f"cannot read a state dict from {type(obj).__name__}; "
@@ -101,6 +105,17 @@ def open_sources(pretrained: SourceLike, finetuned) -> tuple[StateSource, list[S
     fts = list(finetuned)
     pre = open_source(pretrained, label="pretrained")
     return pre, [open_source(f, label=f"finetuned[{i}]") for i, f in enumerate(fts)]
+
+
+def check_output_apart_from_inputs(out, pretrained, finetuned) -> None:
+    """Refuse an output that is, lies inside or holds an input given by path (writing it would replace
+    or alter that input); in-memory inputs have nothing to collide with."""
+    from mtl.io import check_output_apart
+
+    many = [] if isinstance(finetuned, (Mapping, nn.Module, StateSource)) else (
+        [finetuned] if isinstance(finetuned, (str, os.PathLike)) else list(finetuned))
+    paths = [Path(x) for x in [pretrained, *many] if isinstance(x, (str, os.PathLike))]
+    check_output_apart(Path(out), paths)
 
 
 def load_state_dict(obj: SourceLike) -> dict[str, torch.Tensor]:

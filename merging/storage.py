@@ -28,9 +28,10 @@ import torch
 from .engine import KeyOptions, open_context, torch_threads
 from .methods import SELECTS
 from .safetensors_source import SafetensorsSource
+from .sources import check_output_apart_from_inputs
 from .state_source import MergeInputError, TensorInfo
 from .streaming import SafetensorsWriter, output_file, resolve_output
-from .tall import TallKernel, TallMasks, _copied, check_merged, reconstruct_tensor
+from .tall import TallKernel, TallMasks, ties_options, _copied, check_merged, reconstruct_tensor
 
 __all__ = ["write_tall_store", "save_tall_masks", "open_store", "TallStore", "load_task_model", "store_report"]
 
@@ -178,10 +179,11 @@ def write_tall_store(
     if rest:
         raise TypeError(f"write_tall_store: unknown option(s) {', '.join(sorted(rest))}")
     fts = list(finetuned) if not isinstance(finetuned, (str, os.PathLike, dict)) else finetuned
+    check_output_apart_from_inputs(out, pretrained, fts)
     path, _ = resolve_output(out, STORE_FILE)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    kernel = TallKernel(lam, mtv, {"k": k, "merge_func": merge_func, "trim": trim} if mtv == "ties" else None)
+    kernel = TallKernel(lam, mtv, ties_options(mtv, k, merge_func, trim))
     ctx = open_context(pretrained, fts, opts, 1, "write_tall_store")
     try:
         T = ctx.T

@@ -13,7 +13,7 @@ import json
 import os
 import struct
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -27,6 +27,7 @@ from .kernels import DEFAULT_CHUNK, Chunks, Streamed, chunked_streams, fused_ker
 from .hf import copy_base_files, model_card, parse_size, write_sharded
 from .methods import create_method
 from .safetensors_source import DTYPE_CODES
+from .sources import check_output_apart_from_inputs
 from .state_source import TensorInfo
 
 __all__ = ["SafetensorsWriter", "merge_to_file", "output_file", "resolve_output"]
@@ -161,6 +162,9 @@ def merge_to_file(
     if shard_size is not None and not hf_folder:
         raise ValueError(f"{out}: shard_size needs a folder output, not a .safetensors file")
     size = parse_size(shard_size if shard_size is not None else "5GB")
+    if not isinstance(finetuned, (str, os.PathLike, Mapping)):
+        finetuned = list(finetuned)  # read twice: the check below, then the merge
+    check_output_apart_from_inputs(out, pretrained, finetuned)
     path = Path(out) if hf_folder else resolve_output(out)[0]
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")

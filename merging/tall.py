@@ -8,7 +8,8 @@ which Consensus merging drops.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,6 +24,18 @@ __all__ = ["TallMasks", "tall_masks", "TallKernel", "mask_overlap", "reconstruct
 def reconstruct_tensor(pre: torch.Tensor, tau: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """θ0 + m ∘ τ_MTL (the one formula both the in-memory object and the store use, so they agree exactly)."""
     return (tau * mask).add_(pre).to(dtype)
+
+
+def ties_options(mtv: str, k: Any, merge_func: Any, trim: Any) -> dict[str, Any] | None:
+    """TIES settings of the multi-task vector: used with ``mtv="ties"``, refused (when not at their
+    defaults) otherwise, so a setting that would do nothing is never accepted silently."""
+    if mtv == "ties":
+        return {"k": k, "merge_func": merge_func, "trim": trim}
+    given = [n for n, v, d in (("k", k, 20), ("merge_func", merge_func, "mean"), ("trim", trim, "global")) if v != d]
+    if given:
+        raise ValueError(f"{', '.join(given)} configure the TIES multi-task vector and apply only with mtv='ties' "
+                         f"(got mtv={mtv!r})")
+    return None
 
 
 class TallKernel:
@@ -63,6 +76,7 @@ class TallMasks:
         self.lam: list[float] = lam
         self.mtv = mtv
         self.task_keys: list[list[str]] = task_keys or [[] for _ in masks]
+        self.tasks: list[str] | None = None  # names of the fine-tuned models (set by tall_masks), used by save
         self.order = list(dtypes)
         self.merged = {
             k: (self.kept[k].clone() if k in self.kept else torch.add(self.pretrained[k], self.tau[k]).to(self.dtypes[k]))
@@ -73,8 +87,13 @@ class TallMasks:
     def num_tasks(self) -> int:
         return len(self.masks)
 
+    def _task_index(self, t: int) -> int:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.num_tasks:
+            raise IndexError(f"task index {t!r} out of range: this result has {self.num_tasks} tasks (0..{self.num_tasks - 1})")
+        return t
+
     def reconstruct(self, t: int) -> dict[str, torch.Tensor]:
-        m = self.masks[t]
+        m = self.masks[self._task_index(t)]
         return {
             k: (self.kept[k].clone() if k in self.kept else reconstruct_tensor(self.pretrained[k], self.tau[k], m[k], self.dtypes[k]))
             for k in self.order
@@ -85,7 +104,9 @@ class TallMasks:
         return {k: usage_count([m[k] for m in self.masks]) for k in self.tau}
 
     def consensus(self, k: int = 2) -> dict[str, torch.Tensor]:
-        """Consensus mask: entries kept by at least k tasks."""
+        """Consensus mask: entries kept by at least k tasks (1 <= k <= the number of tasks)."""
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_tasks:
+            raise ValueError(f"consensus k must be an int in [1, {self.num_tasks}] (the number of tasks), got {k!r}")
         return {name: c >= k for name, c in self.usage().items()}
 
     def overlap(self) -> dict[str, Any]:
@@ -95,7 +116,7 @@ class TallMasks:
         """Write the compressed store (θ0 + τ_MTL + bit-packed masks); see `merging.storage`."""
         from .storage import save_tall_masks
 
-        return save_tall_masks(self, out, tasks=tasks, overwrite=overwrite)
+        return save_tall_masks(self, out, tasks=tasks or self.tasks, overwrite=overwrite)
 
 
 def tall_masks(
@@ -118,13 +139,20 @@ def tall_masks(
     opts, rest = KeyOptions.split(dict(key_options))
     if rest:
         raise TypeError(f"tall_masks: unknown option(s) {', '.join(sorted(rest))}")
-    kernel = TallKernel(lam, mtv, {"k": k, "merge_func": merge_func, "trim": trim} if mtv == "ties" else None)
+    kernel = TallKernel(lam, mtv, ties_options(mtv, k, merge_func, trim))
+    if not isinstance(finetuned, (str, os.PathLike, Mapping)):
+        finetuned = list(finetuned)
     ctx = open_context(pretrained, finetuned, opts, 1, "tall_masks")
     try:
         with torch_threads(threads):
-            return _tall_in_memory(ctx, kernel, select, mtv)
+            result = _tall_in_memory(ctx, kernel, select, mtv)
     finally:
         ctx.close()
+    from .storage import _default_task_names
+
+    if not isinstance(finetuned, (str, os.PathLike, Mapping)):
+        result.tasks = _default_task_names(finetuned)
+    return result
 
 
 def _tall_in_memory(ctx: Context, kernel: TallKernel, select: str, mtv: str) -> TallMasks:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import inspect
 import os
-from typing import Any
+from typing import Any, Mapping
 
+import torch
 from torch import nn
 
 from mtl.io import is_plain_json
@@ -27,12 +28,15 @@ def extract(model: nn.Module, *, out: str | os.PathLike | None = None, overwrite
                         "(supported: task-routed MoE models by task, slimmable models by widths)")
     check_request(model, kwargs)
     sub = fn(**kwargs)
+    # the settings the family used, defaults included, so the folder says how it was made
+    defaults = {n: p.default for n, p in inspect.signature(fn).parameters.items()
+                if p.default is not inspect.Parameter.empty and n not in kwargs}
     if out is not None:
         from mtl.io import save_model
 
         parent = getattr(model, "meta", None) or {}
         report = getattr(sub, "extraction_report", None) or {}
-        request = _describe(kwargs)
+        request = _describe({**defaults, **kwargs})
         if "widths" in report:  # the configuration used: the request over the parent's current widths
             request = {**request, "widths": report["widths"], "requested_widths": request.get("widths")}
         meta = {"extracted_from": parent.get("run_dir"), "extract": request,
@@ -66,8 +70,12 @@ def _describe(kwargs: dict[str, Any]) -> dict[str, Any]:
     reduced to a count; never images or labels in a folder meant for shipping."""
     out: dict[str, Any] = {}
     for k, v in kwargs.items():
-        if is_plain_json(v):
+        if v is None or is_plain_json(v) and not isinstance(v, (list, tuple)):
             out[k] = v
-        elif isinstance(v, (list, tuple)):
+        elif isinstance(v, (torch.Tensor, Mapping)):  # one batch (images, or a dict holding them)
+            out[f"{k}_batches"] = 1
+        elif hasattr(v, "__len__"):  # a list of batches, a DataLoader
             out[f"{k}_batches"] = len(v)
+        elif is_plain_json(v):
+            out[k] = v
     return out

@@ -285,6 +285,10 @@ def _check_header(header: dict[str, str], cfg: dict[str, Any], file: Path, cfg_f
             raise ModelFolderError(f"{file}: corrupt header key 'tasks'") from None
         kinds = _task_kinds(cfg["model"])
         for name in sorted(set(stored) | set(kinds)):
+            if name not in kinds or name not in stored:
+                where, other = (cfg_file, file) if name not in kinds else (file, cfg_file)
+                raise ModelFolderError(f"{where} has no task {name!r}, but {other} has it (the config and the "
+                                       "weights must list the same tasks)")
             if stored.get(name) != kinds.get(name):
                 raise ModelFolderError(
                     f"{cfg_file}: task {name!r} has kind {kinds.get(name)!r}, but {file} was saved with "

@@ -7,6 +7,8 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
+from mtl.data.calibration import calibration_batches  # noqa: F401  (re-exported: pruning.calib is its documented home)
+
 
 def datamodule_for(model: nn.Module, data: Mapping[str, Any] | None = None, source: str | Path | None = None):
     """The data module a model was trained on (``meta.data`` of its folder), with ``data`` overrides.
@@ -28,29 +30,6 @@ def datamodule_for(model: nn.Module, data: Mapping[str, Any] | None = None, sour
     except (KeyError, TypeError, ValueError, FileNotFoundError, OSError) as e:
         raise ValueError(f"calibration data from {where} ({name!r}, {kw}) cannot be loaded: {e}") from None
     return dm
-
-
-def calibration_batches(datamodule, n_batches: int, split: str = "train") -> list[dict[str, torch.Tensor]]:
-    """The first ``n_batches`` of a split (without shuffling: the same batches every call). Never the
-    test split: the pruned model is reported on it, so calibrating there would tune to the test set."""
-    if split not in ("train", "val"):
-        raise ValueError(f"calib.split must be train or val (the test split is what the pruned model is "
-                         f"reported on), got {split!r}")
-    if isinstance(n_batches, bool) or int(n_batches) < 1:
-        raise ValueError(f"calib.batches must be >= 1, got {n_batches!r}")
-    ds = {"train": "train_dataloader", "val": "val_dataloader"}[split]
-    loader = getattr(datamodule, ds)()
-    if split == "train":  # the train loader shuffles; calibration must be repeatable
-        loader = torch.utils.data.DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False,
-                                             collate_fn=loader.collate_fn, num_workers=0)
-    out = []
-    for i, batch in enumerate(loader):
-        if i >= n_batches:
-            break
-        out.append(batch)
-    if not out:
-        raise ValueError(f"the {split} split gave no calibration batch")
-    return out
 
 
 def as_batches(calib: Any) -> list[dict[str, torch.Tensor]]:

@@ -57,7 +57,7 @@ def delta_m_vs(reference: dict[str, dict[str, float]], metrics: dict[str, dict[s
 
 
 def run_prune(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    run_dir, output = start_run(cfg, run_dir)
+    run_dir, output = start_run(cfg, run_dir, model_output=True)
     method, hp = _hparams(cfg)
     torch.manual_seed(int(cfg.seed))
     source = input_model(cfg, run_dir, "prune")

@@ -77,3 +77,13 @@ def test_probe_lr_scale_follows_the_schedule_without_compounding():
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         ProbeThenFinetune(**kwargs)
+
+
+@pytest.mark.parametrize("experiment", ["scenes_hps", "nyuv2", "cityscapes", "zoo_cnn_finetune"])
+def test_every_training_run_records_expert_usage_when_its_model_has_experts(tmp_path, experiment):
+    """A default callback, not one of two experiments: `decoder=moe` on any experiment gets its
+    expert_usage.png (models without experts are left alone, tests/models/test_moe_cli.py)."""
+    from mtl.cli.common import compose_in_process
+
+    cfg, _ = compose_in_process("mtl.configs", "train", [f"experiment={experiment}", "decoder=moe"], tmp_path / "r")
+    assert cfg.callbacks.expert_usage._target_ == "mtl.expert_usage.ExpertUsageCallback"

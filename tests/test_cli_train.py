@@ -40,6 +40,7 @@ def test_smoke_run_writes_a_complete_run_folder(smoke_run):
     assert set(metrics["test"]) == {"semseg", "depth", "normals", "edges", "classification", "regression"}
     assert "miou" in metrics["test"]["semseg"] and "rmse" in metrics["test"]["depth"]
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert not (run_dir / "expert_usage.json").exists()  # the default usage callback leaves expert-free models alone
     assert (run_dir / "predictions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert metrics["global_steps"] == 3  # debug=smoke: one epoch of limit_train_batches=3
     assert 0.0 <= metrics["test"]["semseg"]["miou"] <= 1.0 and metrics["test"]["depth"]["rmse"] > 0

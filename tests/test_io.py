@@ -77,7 +77,8 @@ def test_shape_mismatch_and_missing_key_are_named(tiny_model, tmp_path):
 
 def test_config_with_bad_task_is_named(tiny_model, tmp_path):
     folder = mtl.save_model(tiny_model, tmp_path / "m")
-    cfg = json.loads((folder / "config.json").read_text())
+    good = json.loads((folder / "config.json").read_text())
+    cfg = json.loads(json.dumps(good))
     cfg["model"]["tasks"][0]["kind"] = "sky"
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelFolderError, match="config.json.*sky"):
@@ -85,6 +86,11 @@ def test_config_with_bad_task_is_named(tiny_model, tmp_path):
     cfg["model"]["tasks"] = []
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelFolderError, match=r"config.json: key 'model.tasks' is empty"):
+        mtl.load_model(folder)
+    cfg = json.loads(json.dumps(good))
+    gone = cfg["model"]["tasks"].pop(0)["name"]  # a task deleted from the config: said so, not "kind None"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelFolderError, match=rf"config.json has no task '{gone}', but .*model.safetensors has it"):
         mtl.load_model(folder)
 
 

@@ -313,14 +313,15 @@ def compose_in_process(config_module: str, config_name: str, overrides, run_dir=
 
 # --- what the job CLIs (mtl-merge, mtl-prune, mtl-export, mtl-extract) share -----------------------
 def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
-              inputs: list[Path] = ()) -> tuple[Path, Path]:
+              inputs: list[Path] = (), model_output: bool = False) -> tuple[Path, Path]:
     """Create the run folder, store the resolved config in it and resolve ``cfg.output`` (default
-    ``<run_dir>/<default_output>``); an existing output is refused unless ``overwrite=true``, and an
+    ``<run_dir>/<default_output>``); an existing output is refused unless ``overwrite=true`` (and, for a job writing a model folder
+    (``model_output``), unless it is one), and an
     output that is, lies inside or holds an input model folder (``model``, ``pretrained``, ``models``,
     and the job's other `inputs`, e.g. a pool manifest's folders) is refused before anything is written."""
     from omegaconf import OmegaConf
 
-    from mtl.io import atomic_path, check_output_apart
+    from mtl.io import atomic_path, check_output_apart, is_model_folder
 
     run_dir = Path(run_dir)
     output = Path(cfg.output) if cfg.get("output") else run_dir / default_output
@@ -335,6 +336,10 @@ def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
         tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if output.exists() and not cfg.get("overwrite"):
         raise FileExistsError(f"{output} exists; pass overwrite=true to replace it")
+    if model_output and output.is_dir() and any(output.iterdir()) and not is_model_folder(output):
+        # save_model refuses it at the end; a job writing a model folder says so before its work
+        raise FileExistsError(f"output={output} exists and is not a model folder (no config.json + model.safetensors); "
+                              "overwrite=true replaces only an earlier model folder: choose another path")
     return run_dir, output
 
 

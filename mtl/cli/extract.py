@@ -39,28 +39,23 @@ def calibration_batches(model, cfg: DictConfig, limit: int | None = None, why: s
     """``calib.batches`` (at most ``limit``) batches of the model's own data (its folder's meta), or of
     ``calib.data``; fewer batches than asked for is an error naming the split."""
     from mtl.data import create_datamodule
+    from mtl.data.calibration import calibration_batches as first_batches
 
     data = data_config(model, cfg)
     if "name" not in data:
         raise ValueError(f"{why}: the model folder's meta has no data config; pass calib.data={{name: ..., size: ...}}")
-    split = cfg.calib.split
-    if split not in ("train", "val"):
-        raise ValueError(f"calib.split must be train or val, got {split!r}")
-    dm = create_datamodule(**data)
-    dm.prepare_data()
-    dm.setup("fit")
-    loader = dm.train_dataloader() if split == "train" else dm.val_dataloader()
+    if cfg.calib.split not in ("train", "val"):  # before any data is built
+        raise ValueError(f"calib.split must be train or val, got {cfg.calib.split!r}")
     n = int(cfg.calib.batches)
     if n < 1:
         raise ValueError(f"calib.batches must be >= 1, got {n}")
     n = min(n, limit or n)
-    batches = []
-    for batch in loader:
-        batches.append(batch)
-        if len(batches) == n:
-            break
+    dm = create_datamodule(**data)
+    dm.prepare_data()
+    dm.setup("fit")
+    batches = first_batches(dm, n, cfg.calib.split)  # dataset order: the same command keeps the same experts
     if len(batches) < n:
-        raise ValueError(f"calib.batches={n} but the {split} split has only {len(batches)} batch(es); lower it")
+        raise ValueError(f"calib.batches={n} but the {cfg.calib.split} split has only {len(batches)} batch(es); lower it")
     return batches
 
 
@@ -69,7 +64,7 @@ def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     from mtl.flops import model_stats
     from mtl.io import write_json
 
-    run_dir, output = start_run(cfg, run_dir)
+    run_dir, output = start_run(cfg, run_dir, model_output=True)
     widths = cfg.get("widths")
     if widths is not None and not OmegaConf.is_dict(widths):
         raise ValueError(f"widths must be a mapping like 'widths={{encoder: 0.5, decoders: {{depth: 1.0}}}}', got {widths!r}")

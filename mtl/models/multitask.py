@@ -23,7 +23,8 @@ def normalize_images(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> 
         return x
     if x.ndim != 4 or x.shape[1] != mean.shape[1]:
         raise ValueError(f"expected uint8 images of shape (B, {mean.shape[1]}, H, W), got {tuple(x.shape)}")
-    return (x.float().div_(255.0) - mean) / std
+    # in float32, then in the model's own dtype: a model cast after load_model (.bfloat16()) takes uint8 too
+    return ((x.float().div_(255.0) - mean.float()) / std.float()).to(mean.dtype)
 
 
 def select_tasks(available: Iterable[str], tasks: Iterable[str] | str | None) -> list[str]:

@@ -17,6 +17,8 @@ def _images(calib: Any) -> Iterable[torch.Tensor]:
     if isinstance(calib, torch.Tensor):
         yield calib
         return
+    if isinstance(calib, dict):  # one batch
+        calib = [calib]
     for batch in calib:
         if isinstance(batch, dict) and "image" not in batch:
             raise ValueError(f"calib: a batch dict has no 'image' key (keys: {list(batch)})")
@@ -51,6 +53,8 @@ def route_counts(model, task: str, calib: Any) -> torch.Tensor:
 def check_request(model, task: str, calib: Any, min_share: float = 0.0) -> None:
     """The request's task name, ``calib`` type and ``min_share`` range, before any routing (mtl-extract
     calls it with ``calib=[]`` before loading data)."""
+    if not isinstance(task, str):
+        raise TypeError(f"task= takes one task name (a string), got {task!r}: a sub-network serves one task")
     model._check_tasks([task])
     if calib is None or isinstance(calib, (str, bytes)):
         raise TypeError(f"calib must be calibration batches (images, or dicts with 'image'), got {type(calib).__name__}")

@@ -43,7 +43,13 @@ class TaskMoE(nn.Module):
                  renormalize: bool, noisy: bool, kept: Sequence[int] | None = None):
         super().__init__()
         kept = list(range(num_experts)) if kept is None else [int(e) for e in kept]
-        check_top_k(top_k, len(kept))
+        bad = [e for e in kept if not 0 <= e < num_experts]
+        if bad or len(set(kept)) != len(kept) or not kept:
+            raise ValueError(f"decoder.experts_kept {kept} must be distinct expert ids in [0, {num_experts}) "
+                             f"(num_experts={num_experts}){f'; out of range: {bad}' if bad else ''}")
+        if len(kept) < int(top_k):
+            raise ValueError(f"decoder.experts_kept keeps {len(kept)} expert(s), fewer than top_k={top_k}")
+        check_top_k(top_k, num_experts)
         self.num_experts, self.top_k, self.gate_kind = int(num_experts), int(top_k), gate
         self.register_buffer("expert_ids", torch.tensor(kept, dtype=torch.long), persistent=False)
         self.experts = StackedExperts(len(kept), dim, expert_hidden)

@@ -39,9 +39,11 @@ def reloads_identically(run_dir: Path) -> None:
     assert all(torch.equal(a[t], b[t]) for t in a)
 
 
-@pytest.mark.parametrize("experiment", ["scenes_moe", "scenes_task_moe_vit"])
+@pytest.mark.parametrize("experiment", ["scenes_moe", "scenes_task_moe_vit", "scenes_hps decoder=moe"])
 def test_experiment_smoke_run(tmp_path, experiment):
-    run_dir = run_dir_of(cli("mtl.cli.train", f"experiment={experiment}", "debug=smoke", cwd=tmp_path))
+    # the last: an MoE decoder on another experiment records its expert usage too (a default callback)
+    name, *extra = experiment.split()
+    run_dir = run_dir_of(cli("mtl.cli.train", f"experiment={name}", *extra, "debug=smoke", cwd=tmp_path))
     for name in ("metrics.json", "model/config.json", "expert_usage.png", "expert_usage.json"):
         assert (run_dir / name).is_file(), name
     stats = json.loads((run_dir / "metrics.json").read_text())["model_stats"]

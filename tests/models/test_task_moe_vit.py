@@ -1,5 +1,7 @@
 """family=task_moe_vit (M3ViT-style): task-conditioned routing, sparse single-task path, active FLOPs,
 aux losses in training, extraction of a single-task sub-network, bad input."""
+import math
+
 import pytest
 import torch
 
@@ -129,7 +131,7 @@ def test_extraction_round_trip(tmp_path):
     again = mtl.load_model(tmp_path / "depth")
     assert list(again.tasks) == ["depth"]
     # the request is recorded, the calibration images are not (the folder is for shipping)
-    assert again.meta["extract"] == {"task": "depth", "calib_batches": 2}
+    assert again.meta["extract"] == {"task": "depth", "calib_batches": 2, "min_share": 0.0}  # defaults recorded too
     assert again.config["decoder"]["experts_kept"] == report["experts_kept"]
     assert torch.allclose(again(X)["depth"], model(X, tasks=["depth"])["depth"], atol=1e-5)
     fresh = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)  # routing stays within the kept experts
@@ -224,3 +226,77 @@ def test_extract_cli_names_a_bad_task_or_min_share_before_loading_data(tmp_path,
     cfg, run_dir = compose_in_process("mtl.configs.extract_app", "extract", [f"model={tmp_path / 'm'}", *args], tmp_path / "run")
     with pytest.raises((KeyError, ValueError), match=match):
         run_extract(cfg, run_dir)
+
+
+@pytest.mark.parametrize("kept, match", [
+    ([[0, 1, 2, 99], None], r"experts_kept \[0, 1, 2, 99\] must be distinct expert ids in \[0, 8\).*out of range: \[99\]"),
+    ([[-1, 0, 1], None], r"out of range: \[-1\]"),
+    ([[0, 0, 1], None], r"experts_kept \[0, 0, 1\] must be distinct"),
+    ([[3], None], r"keeps 1 expert\(s\), fewer than top_k=2"),
+])
+def test_experts_kept_is_checked_when_the_model_is_built(kept, match):
+    with pytest.raises(ValueError, match=match):
+        make(experts_kept=kept)
+
+
+def test_extraction_takes_one_task_name_and_records_the_calibration_it_saw(tmp_path):
+    model = make().eval()
+    with pytest.raises(TypeError, match=r"task= takes one task name \(a string\), got \['depth'\]"):
+        mtl.extract(model, task=["depth"], calib=[X])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X), batch_size=1,
+                                         collate_fn=lambda b: {"image": torch.stack([x for (x,) in b])})
+    for calib, n in [({"image": X}, 1), (X, 1), (loader, 3)]:  # one batch dict, one image tensor, a loader
+        out = tmp_path / f"d{n}_{type(calib).__name__}"
+        mtl.extract(model, out=out, task="depth", calib=calib, min_share=0.1)
+        assert mtl.load_model(out).meta["extract"] == {"task": "depth", "calib_batches": n, "min_share": 0.1}
+
+
+def test_extract_cli_calibrates_on_the_same_batches_every_run(tmp_path):
+    from mtl.cli.common import compose_in_process
+    from mtl.cli.extract import calibration_batches
+
+    data = {"name": "scenes", "size": 32, "n_train": 16, "n_val": 4, "n_test": 4, "batch_size": 4}
+    mtl.save_model(make(), tmp_path / "m", meta={"data": data})
+    cfg, _ = compose_in_process("mtl.configs.extract_app", "extract", [f"model={tmp_path / 'm'}", "tasks=depth",
+                                                                       "calib.batches=2"], tmp_path / "run")
+    model = mtl.load_model(tmp_path / "m")
+    runs = [calibration_batches(model, cfg) for _ in range(3)]  # the train loader shuffles: these must not
+    for other in runs[1:]:
+        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(runs[0], other))
+
+
+def test_a_model_cast_after_loading_takes_uint8_images(tmp_path):
+    folder = mtl.save_model(make(), tmp_path / "m")
+    model = mtl.load_model(folder).eval()
+    with torch.no_grad():
+        ref = model(X)["depth"]
+        out = model.bfloat16()(X)["depth"]
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), ref, atol=0.1, rtol=0.1)
+
+
+def test_routing_mi_script_is_zero_when_tasks_route_alike_and_positive_when_they_do_not(tmp_path):
+    """scripts/moe_routing_mi.py (the measure docs/models.md quotes): MI(task; expert) of identical
+    routers is 0 by definition; routers that send the two tasks to disjoint experts give log 2."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("moe_routing_mi", Path(__file__).resolve().parents[2] / "scripts" / "moe_routing_mi.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    data = {"name": "scenes", "size": 32, "n_train": 4, "n_val": 4, "n_test": 4, "batch_size": 4}
+    torch.manual_seed(0)
+    model = TaskMoEViT([create_task(t) for t in ("semseg", "depth")], VIT,
+                       {"num_experts": 8, "top_k": 2, "gate": "per_task"}).eval()
+    for moe in model.moe_modules():
+        moe.routers["depth"].load_state_dict(moe.routers["semseg"].state_dict())
+    mtl.save_model(model, tmp_path / "same", meta={"data": data})
+    rows = script.main(["--model", str(tmp_path / "same")])
+    assert all(abs(v) < 1e-6 for v in rows["probs"] + rows["routed"])
+    for moe in model.moe_modules():  # depth's logits the negative of semseg's: per token, disjoint top-2 sets
+        with torch.no_grad():
+            moe.routers["depth"].gate.weight.copy_(-moe.routers["semseg"].gate.weight)
+    mtl.save_model(model, tmp_path / "apart", meta={"data": data})
+    rows = script.main(["--model", str(tmp_path / "apart")])
+    assert all(0.01 < v <= math.log(2) + 1e-6 for v in rows["routed"])  # two tasks: MI is at most log 2
+    assert all(0 < v <= math.log(2) + 1e-6 for v in rows["probs"])

@@ -1,0 +1,32 @@
+"""Calibration batches: the first few batches of a split, the same ones every call.
+
+Extraction (``mtl-extract``) and pruning (``mtl-prune``) both score a model on a handful of batches;
+the train loader shuffles without a fixed seed, so reading from it directly would make the same
+command keep different experts or channels on each run."""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+
+
+def calibration_batches(datamodule, n_batches: int, split: str = "train") -> list[dict[str, torch.Tensor]]:
+    """The first ``n_batches`` of ``split`` (train or val) in dataset order. Never the test split: the
+    result is reported on it, so calibrating there would tune to the test set. Fewer batches than asked
+    for are returned when the split is that small (an empty split is an error)."""
+    if split not in ("train", "val"):
+        raise ValueError(f"calib.split must be train or val (the test split is what the result is "
+                         f"reported on), got {split!r}")
+    if isinstance(n_batches, bool) or int(n_batches) < 1:
+        raise ValueError(f"calib.batches must be >= 1, got {n_batches!r}")
+    loader = getattr(datamodule, f"{split}_dataloader")()
+    if split == "train":  # the train loader shuffles; calibration must be repeatable
+        loader = DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False,
+                            collate_fn=loader.collate_fn, num_workers=0)
+    out = []
+    for i, batch in enumerate(loader):
+        if i >= n_batches:
+            break
+        out.append(batch)
+    if not out:
+        raise ValueError(f"the {split} split gave no calibration batch")
+    return out

@@ -1,0 +1,115 @@
+"""Guards of the training-free merging API and CLI: outputs never land on inputs, settings that would do
+nothing are refused, bad values are named, the TALL result keeps its task names."""
+import json
+
+import pytest
+import torch
+
+import merging
+from merging.job import run
+from merging_toys import make_models, save_models
+
+
+def test_merge_to_file_never_writes_onto_or_into_an_input_folder(tmp_path):
+    pre, fts = make_models(T=2, seed=1)
+    pre_dir, ft_dirs = save_models(tmp_path, pre, fts)
+    before = {p: p.read_bytes() for p in (pre_dir / "model.safetensors", ft_dirs[0] / "model.safetensors")}
+    for out, how in [(pre_dir, "is"), (ft_dirs[0] / "sub", "lies inside"), (tmp_path, "holds")]:
+        with pytest.raises(ValueError, match=rf"output={out} {how} the input model folder"):
+            merging.merge_to_file("task_arithmetic", pre_dir, ft_dirs, out, overwrite=True)
+        with pytest.raises(ValueError, match=rf"output={out} {how} the input model folder"):
+            merging.write_tall_store(pre_dir, ft_dirs, out, overwrite=True)
+    assert all(p.read_bytes() == b for p, b in before.items())  # inputs untouched
+    assert not (ft_dirs[0] / "sub").exists()
+
+
+def test_tall_result_saves_under_the_models_own_names(tmp_path):
+    pre, fts = make_models(T=2, seed=2)
+    pre_dir, ft_dirs = save_models(tmp_path, pre, fts)
+    tall = merging.tall_masks(pre_dir, ft_dirs)
+    assert tall.tasks == ["ft0", "ft1"]  # the folder names, as write_tall_store names them
+    tall.save(tmp_path / "store")
+    assert merging.open_store(tmp_path / "store").tasks == ["ft0", "ft1"]
+    rec = merging.load_task_model(tmp_path / "store", "ft1")
+    for k, v in tall.reconstruct(1).items():
+        assert torch.equal(rec[k], v)
+    assert merging.tall_masks(pre, fts).tasks == ["task0", "task1"]  # in-memory inputs have no names
+
+
+def test_tall_masks_index_and_consensus_k_are_checked():
+    pre, fts = make_models(T=3, seed=3)
+    tall = merging.tall_masks(pre, fts)
+    for t in (3, -1, 1.0):
+        with pytest.raises(IndexError, match=rf"task index {t!r} out of range: this result has 3 tasks"):
+            tall.reconstruct(t)
+    for k in (0, 4, 2.5):
+        with pytest.raises(ValueError, match=rf"consensus k must be an int in \[1, 3\].*got {k!r}"):
+            tall.consensus(k)
+    # k = 3: the entries every task keeps, by the mask definition
+    want = {n: tall.masks[0][n] & tall.masks[1][n] & tall.masks[2][n] for n in tall.tau}
+    assert all(torch.equal(tall.consensus(3)[n], want[n]) for n in want)
+
+
+@pytest.mark.parametrize("call", [
+    lambda pre, fts: merging.tall_masks(pre, fts, mtv="sum", k=50),
+    lambda pre, fts: merging.tall_masks(pre, fts, mtv="sum", merge_func="junk"),
+    lambda pre, fts: merging.tall_masks(pre, fts, trim="junk"),
+])
+def test_ties_settings_without_the_ties_mtv_are_refused(call):
+    pre, fts = make_models(T=2, seed=4)
+    with pytest.raises(ValueError, match=r"apply only with mtv='ties' \(got mtv='sum'\)"):
+        call(pre, fts)
+
+
+def test_consensus_refuses_ties_settings_with_the_task_arithmetic_base():
+    pre, fts = make_models(T=3, seed=5)
+    with pytest.raises(ValueError, match=r"consensus: ties_k, merge_func configure base='ties'"):
+        merging.merge("consensus", pre, fts, ties_k=30, merge_func="sum")
+    merging.merge("consensus", pre, fts, base="ties", ties_k=30, merge_func="sum")  # where they apply
+
+
+@pytest.mark.parametrize("kwargs, err, match", [
+    ({"k": "20"}, ValueError, r"k is a percentage in \[0, 100\], got '20'"),
+    ({"k": True}, ValueError, r"got True"),
+    ({"include": "["}, ValueError, r"include: '\[' is not a valid regular expression"),
+    ({"exclude": ["ok", "(x"]}, ValueError, r"exclude: '\(x' is not a valid regular expression"),
+])
+def test_bad_values_are_named(kwargs, err, match):
+    pre, fts = make_models(T=2, seed=6)
+    with pytest.raises(err, match=match):
+        merging.merge("ties", pre, fts, **kwargs)
+
+
+def test_one_shard_of_a_sharded_bin_checkpoint_is_refused(tmp_path):
+    pre, fts = make_models(T=1, seed=7)
+    shard = tmp_path / "pytorch_model-00001-of-00002.bin"
+    torch.save(fts[0], shard)
+    with pytest.raises(merging.MergeInputError, match=r"one shard of a sharded pytorch_model-\*.bin checkpoint"):
+        merging.merge("average", pre, [shard])
+
+
+def test_cli_refuses_an_empty_lambda_grid_and_two_sources_of_inputs(smoke_pool, tmp_path):
+    with pytest.raises(ValueError, match=r"merge.lam_grid is empty"):
+        run(["merge=ties", "merge.lam_grid=[]", "pretrained=/nope", "models=[/nope]"], run_dir=tmp_path / "g")
+    manifest = tmp_path / "pool.json"
+    manifest.write_text(json.dumps({"pretrained": str(smoke_pool.pretrained),
+                                    "models": [str(p) for p in smoke_pool.member_paths]}))
+    with pytest.raises(ValueError, match=r"pass pool= or pretrained=/models=, not both \(got pool= and models=\)"):
+        run(["merge=average", f"pool={manifest}", f"models=[{smoke_pool.member_paths[0]}]"], run_dir=tmp_path / "p")
+
+
+def test_cli_refuses_overwriting_a_folder_that_is_not_a_model_before_evaluating(smoke_pool, tmp_path, monkeypatch):
+    import merging.job as job
+
+    def refuse(*a, **k):
+        raise AssertionError("the pool was loaded before the output was checked")
+
+    monkeypatch.setattr(job, "resolve_pool", refuse)
+    out = tmp_path / "not_a_model"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    models = ",".join(str(p) for p in smoke_pool.member_paths)
+    with pytest.raises(FileExistsError, match=rf"output={out} exists and is not a model folder"):
+        run(["merge=average", f"pretrained={smoke_pool.pretrained}", f"models=[{models}]", f"output={out}",
+             "overwrite=true"], run_dir=tmp_path / "r")
+    assert (out / "notes.txt").read_text() == "keep me"
