@@ -94,6 +94,9 @@ def rescore(run_dir: Path, args) -> dict:
     from mtl.models.slimmable.table import build_width_table
 
     model = mtl.load_model(run_dir / "model").eval()
+    if not hasattr(model, "width_set"):
+        raise ValueError(f"{run_dir / 'model'}: not a slimmable model (family {model.config.get('family')!r}); "
+                         "--part control re-scores scenes_slimmable runs")
     if args.checkpoint == "last":  # the weights at the end of the budget, not the best-val/loss epoch
         import torch
 
@@ -297,4 +300,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (ValueError, KeyError, FileNotFoundError) as e:  # one line, as the CLIs give (the traceback says nothing more)
+        sys.exit(f"bench_slimmable.py: error: {e}")

@@ -89,8 +89,13 @@ def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                           min_share=float(cfg.min_share))
         report = dict(getattr(sub, "extraction_report", {}))
     x = batches[0]["image"][:1]
+    width_set = getattr(model, "width_set", None)  # a slimmable parent is measured at full width, whatever it was saved at
+    if width_set:
+        model.set_widths(encoder=max(width_set), decoders=max(width_set))
     report.update({"model": str(Path(folder).resolve()), "output": str(output),
                    "parent": model_stats(model, x), "extracted": model_stats(sub, x)})
+    if width_set:
+        report["parent_widths"] = f"the widest configuration (encoder and every decoder at {max(width_set):g})"
     write_json(run_dir / "extract_report.json", report)
     print_summary(report)
     return report

@@ -171,6 +171,13 @@ def test_bad_search_input_is_refused_naming_the_value(budget, pref, exc, match):
         search(table(), budget, pref)
 
 
+def test_a_preference_rounded_just_below_zero_reads_as_zero():
+    # what 1 - p1 - p2 gives in float arithmetic for some splits: 0 within the sum's tolerance
+    assert search(table(), 50, {"A": 1.0, "B": -1e-16}) == search(table(), 50, {"A": 1.0, "B": 0.0})
+    with pytest.raises(ValueError, match=r"preference of task 'B' is -0\.001"):
+        search(table(), 50, {"A": 1.001, "B": -0.001})
+
+
 def test_search_cli_prints_the_choice_and_one_line_errors(tmp_path, capsys):
     path = tmp_path / "width_table.json"
     table().save(path)

@@ -130,6 +130,31 @@ def test_calibrated_width_gets_its_own_statistics_from_the_batches():
     assert slim.config["backbone"]["widths"] == [0.25, 0.5, 0.6, 0.75, 1.0]
 
 
+def test_calibrated_head_rows_see_the_features_the_encoder_gives_at_run_time():
+    """A head row of a new (encoder, head) pair is estimated with the encoder already on its new stored
+    statistics, not on batch statistics of the same pass: recomputed with the model in eval, it matches."""
+    slim = slim_model()
+    batches = [torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+               for i in range(3)]
+    slim.calibrate_widths([0.6], batches)
+    heads = [m for m in slim.decoder.modules() if isinstance(m, SwitchableBatchNorm2d) and m.cond_key]
+    assert heads
+    for dec in (0.25, 0.6, 1.0):
+        slim.set_widths(encoder=0.6, decoders=dec)
+        seen = {id(bn): [] for bn in heads}
+        hooks = [bn.register_forward_pre_hook(lambda mod, args: seen[id(mod)].append(args[0].mean(dim=(0, 2, 3))))
+                 for bn in heads]
+        with torch.no_grad():
+            for b in batches:
+                slim(b)
+        for h in hooks:
+            h.remove()
+        for bn in heads:
+            ch = seen[id(bn)][0].numel()
+            want = torch.stack(seen[id(bn)]).mean(0)  # equal batch sizes: the cumulative average of batch means
+            torch.testing.assert_close(bn.running_means[bn.row(), :ch], want, atol=1e-5, rtol=1e-4)
+
+
 def test_head_norm_keeps_statistics_per_encoder_and_decoder_width():
     """A head's first norm reads features of the encoder's width: (enc 1.0, dec 0.25) and (enc 0.25,
     dec 0.25) see different distributions, so each pair has its own row (row = i_enc * k + i_dec)."""
@@ -303,6 +328,15 @@ def test_extract_cli_cuts_a_width_setting(tmp_path):
     full = {"encoder": 0.5, "decoders": {t: 0.25 if t == "depth" else 1.0 for t in slim.tasks}}
     assert sub.meta["extract"] == {"widths": full, "requested_widths": {"encoder": 0.5, "decoders": {"depth": 0.25}}}
     assert report["widths"] == full and report["model"] == str((tmp_path / "slim").resolve())
+    # a parent saved at narrow widths is still reported at its widest configuration
+    narrow = slim_model()
+    narrow.set_widths(encoder=0.25, decoders=0.25)
+    save_model(narrow, tmp_path / "narrow", meta={"data": {"name": "scenes", "size": 16, "n_train": 8, "n_val": 4,
+                                                           "n_test": 4, "batch_size": 4}})
+    cfg, run_dir = compose_in_process("mtl.configs.extract_app", "extract", [
+        f"model={tmp_path / 'narrow'}", "widths={encoder: 0.5, decoders: {depth: 0.25}}"], tmp_path / "run2")
+    again = run_extract(cfg, run_dir)
+    assert again["parent"] == report["parent"] and again["parent_widths"].startswith("the widest configuration")
 
 
 def test_extraction_records_the_widths_it_used_not_only_those_asked_for(tmp_path):
@@ -384,3 +418,13 @@ def test_family_needs_slimmable_parts():
         create_model(TASKS, backbone={"name": "test_resnet", "out_indices": [1, 2, 3]}, decoder=DEC, family="slimmable")
     with pytest.raises(ValueError, match="same width set"):
         create_model(TASKS, backbone=BB, decoder={**DEC, "widths": [0.5, 1.0]}, family="slimmable")
+
+
+def test_slimmable_parts_with_a_width_set_need_the_slimmable_family():
+    with pytest.raises(ValueError, match=r"backbone=slim_resnet decoder=slimmable with a width set needs family=slimmable "
+                                         r"\(got family=multitask\)"):
+        create_model(TASKS, backbone={**BB, "widths": [0.5, 1.0]}, decoder={**DEC, "widths": [0.5, 1.0]})
+    with pytest.raises(ValueError, match=r"^decoder=slimmable with a width set"):
+        create_model(TASKS, backbone="test_resnet", decoder={**DEC, "widths": [0.5, 1.0]})
+    plain = create_model(TASKS, backbone={**BB, "widths": None}, decoder={**DEC, "widths": None})  # one width: plain layers
+    assert isinstance(plain, MultiTaskModel)

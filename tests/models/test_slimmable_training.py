@@ -140,3 +140,36 @@ def test_cli_smoke_run_saves_a_model_identical_at_every_width(tmp_path):
         a, b = model(x), ref(x)
         for t in a:
             assert torch.equal(a[t], b[t]), (w, t)
+
+
+def test_width_table_follows_each_splits_limit_and_is_skipped_without_validation(monkeypatch, tmp_path):
+    """trainer.limit_val_batches=0 used to fail the run after testing (no model folder); the test table
+    followed the validation limit, and fractions were ignored."""
+    from types import SimpleNamespace
+
+    import mtl.models.slimmable.callback as cb
+
+    calls = []
+    def build(model, loader, max_batches):
+        calls.append((len(loader), max_batches))
+        if len(calls) == 2:
+            raise ZeroDivisionError  # stop before scoring: what was asked of both splits is what is checked
+        return None
+
+    monkeypatch.setattr(cb, "build_width_table", build)
+    dm = SimpleNamespace(val_dataloader=lambda: list(range(8)), test_dataloader=lambda: list(range(20)))
+
+    def trainer(val, test):
+        return SimpleNamespace(is_global_zero=True, datamodule=dm, limit_val_batches=val, limit_test_batches=test,
+                               default_root_dir=str(tmp_path))
+
+    callback = cb.WidthTableCallback()
+    for val, test in [(0, 3), (0.0, 1.0), (2, 0)]:
+        callback.on_test_end(trainer(val, test), SimpleNamespace(model=None))  # skipped, no error
+    assert calls == []
+    assert callback._cap(0.25, list(range(20))) == 5 and callback._cap(0.01, list(range(20))) == 1
+    assert callback._cap(1.0, list(range(20))) is None and callback._cap(3, list(range(20))) == 3
+    with pytest.raises(ZeroDivisionError):  # reached the build: validation capped at 2, test at 5 of 20
+        callback.on_test_end(trainer(2, 0.25), SimpleNamespace(model=None))
+    assert calls == [(8, 2), (20, 5)]
+    assert cb.WidthTableCallback(max_batches=4)._cap(0, list(range(20))) == 4  # an explicit cap wins

@@ -8,12 +8,15 @@ search that reads validation metrics is measured on images it never saw), ``cont
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
 
 from mtl.models.slimmable.control import SEARCH_METHODS, budgets_between, plot_choices, score_controller, search
 from mtl.models.slimmable.table import build_width_table
+
+log = logging.getLogger(__name__)
 
 
 class WidthTableCallback(L.Callback):
@@ -28,11 +31,15 @@ class WidthTableCallback(L.Callback):
         if not trainer.is_global_zero:
             return
         model = pl_module.model
-        limit = self.max_batches
-        if limit is None and isinstance(trainer.limit_val_batches, int):
-            limit = trainer.limit_val_batches  # debug runs cap validation; so does the grid
-        table = build_width_table(model, trainer.datamodule.val_dataloader(), max_batches=limit)
-        test = build_width_table(model, trainer.datamodule.test_dataloader(), max_batches=limit)
+        loaders = {"val": trainer.datamodule.val_dataloader(), "test": trainer.datamodule.test_dataloader()}
+        caps = {split: self._cap(getattr(trainer, f"limit_{split}_batches"), loader) for split, loader in loaders.items()}
+        off = [split for split, cap in caps.items() if cap == 0]
+        if off:  # the search reads validation and is scored on test: without either there is nothing to build
+            log.warning("width table skipped: trainer.limit_%s_batches=0; build it later from the model folder with "
+                        "scripts/bench_slimmable.py --part control --runs <run>", "/".join(off))
+            return
+        table = build_width_table(model, loaders["val"], max_batches=caps["val"])
+        test = build_width_table(model, loaders["test"], max_batches=caps["test"])
         run_dir = Path(trainer.default_root_dir)
         table.save(run_dir / "width_table.json")
         test.save(run_dir / "width_table_test.json")
@@ -43,6 +50,16 @@ class WidthTableCallback(L.Callback):
         plot_choices(table, budgets_between(table, self.budgets), run_dir / "slimmable_control.png",
                      method=self.search_method)
         print_report(table, report)
+
+
+    def _cap(self, limit, loader) -> int | None:
+        """Batches of a split the grid evaluates: ``max_batches`` if set, else the trainer's limit for that
+        split (debug runs cap validation and testing; so does the grid), a fraction taken of the loader."""
+        if self.max_batches is not None:
+            return int(self.max_batches)
+        if isinstance(limit, float) and limit < 1.0:
+            return 0 if limit <= 0 else max(1, int(limit * len(loader)))
+        return int(limit) if isinstance(limit, int) else None
 
 
 def print_report(table, report) -> None:

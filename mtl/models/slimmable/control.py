@@ -54,9 +54,9 @@ def check_preference(table: WidthTable, preference: Mapping[str, float]) -> dict
     pref = {}
     for t in table.tasks:
         v = float(preference[t])
-        if not math.isfinite(v) or v < 0:
+        if not math.isfinite(v) or v < -PREF_TOL:  # the sum's tolerance: 1 - p1 - p2 may round to -1e-16
             raise ValueError(f"preference of task {t!r} is {preference[t]!r}; preferences must be >= 0")
-        pref[t] = v
+        pref[t] = max(v, 0.0)
     total = sum(pref.values())
     if abs(total - 1.0) > PREF_TOL:
         raise ValueError(f"preference values sum to {total:g}, not 1 ({pref}); they are not renormalised for you")

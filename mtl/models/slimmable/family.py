@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -163,24 +164,27 @@ class SlimmableMultiTaskModel(MultiTaskModel):
             self._backbone_cfg["widths"] = self._decoder_cfg["widths"] = list(full)
             fresh = [w for w in full if width_index(old_set, w) is None]
             done: set[tuple[int, int]] = set()  # (norm, row) estimated by an earlier pass of this call
-            for enc in full:
-                for dec in full:
-                    if enc not in fresh and dec not in fresh:
-                        continue
-                    self.set_widths(encoder=enc, decoders=dec)
-                    for i, bn in enumerate(bns):  # only new rows learn, each once; the others serve as they are
-                        k = bn.row()
-                        calibrating = (i, k) not in done and (
-                            bn.width in fresh or (bool(bn.cond_key) and bn.cond_width in fresh))
-                        bn.train(calibrating)
-                        if calibrating:
-                            done.add((i, k))
-                            bn.running_means[k].zero_()
-                            bn.running_vars[k].fill_(1.0)
-                            bn.momentum = None
-                            bn.num_batches_tracked.zero_()
-                    for b in batches:
-                        self(b["image"] if isinstance(b, Mapping) else b)
+            # two rounds: first the rows of one width (encoder, neck), then the heads' rows of an (encoder,
+            # head) pair, so a head's statistics are those of the features it will get (stored ones)
+            for paired, enc, dec in itertools.product((False, True), full, full):
+                if enc not in fresh and dec not in fresh:
+                    continue
+                self.set_widths(encoder=enc, decoders=dec)
+                for i, bn in enumerate(bns):  # only new rows learn, each once; the others serve as they are
+                    k = bn.row()
+                    calibrating = (i, k) not in done and bool(bn.cond_key) == paired and (
+                        bn.width in fresh or (bool(bn.cond_key) and bn.cond_width in fresh))
+                    bn.train(calibrating)
+                    if calibrating:
+                        done.add((i, k))
+                        bn.running_means[k].zero_()
+                        bn.running_vars[k].fill_(1.0)
+                        bn.momentum = None
+                        bn.num_batches_tracked.zero_()
+                if not any(bn.training for bn in bns):
+                    continue  # nothing left to estimate in this configuration
+                for b in batches:
+                    self(b["image"] if isinstance(b, Mapping) else b)
             ok = True
         finally:
             for bn, (ws, means, vars_, momentum, nbt) in zip(bns, before):
