@@ -1,5 +1,5 @@
-"""Experiment loggers beyond csv/tensorboard, created through functions so that a missing optional
-package is one clear error naming the extra to install (``logger=mlflow``, ``logger=wandb``).
+"""Experiment loggers beyond csv, created through functions so that a missing optional package is one
+clear error naming the extra to install (``logger=tensorboard``, ``logger=mlflow``, ``logger=wandb``).
 
 Metric names stay ``train/<task>/loss``, ``val/<task>/<metric>``: every logger receives what the
 module logs, unchanged.
@@ -39,3 +39,14 @@ def wandb_logger(save_dir: str, project: str, offline: bool = True, **kwargs: An
         os.environ.setdefault("WANDB_SILENT", "true")
     os.makedirs(save_dir, exist_ok=True)
     return WandbLogger(save_dir=save_dir, project=project, offline=offline, **kwargs)
+
+
+def tensorboard_logger(save_dir: str, name: str = "tensorboard", version: str = "", **kwargs: Any):
+    """TensorBoard event files under ``save_dir/name``; Lightning writes them with ``tensorboard`` or,
+    lighter, ``tensorboardX`` (the extra installs the latter)."""
+    if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+        raise ImportError(f"logger=tensorboard needs the 'tensorboardX' (or 'tensorboard') package: "
+                          f"pip install 'mtlkit[{EXTRA}]'")
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return TensorBoardLogger(save_dir=save_dir, name=name, version=version, **kwargs)

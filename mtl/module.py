@@ -76,6 +76,16 @@ class MultiTaskModule(L.LightningModule):
                 raise TypeError(f"{key} must be a number, got {value!r} ({type(value).__name__})")
         if not lr > 0 or not weight_decay >= 0:
             raise ValueError(f"optim.lr must be > 0 and optim.weight_decay >= 0, got lr={lr}, weight_decay={weight_decay}")
+        # out of range these train silently wrong: a negative lr floor or clip norm turns descent into ascent
+        for key, value, ok, rng in (("optim.warmup_ratio", warmup_ratio, lambda v: 0 <= v <= 1, "in [0, 1]"),
+                                    ("optim.min_lr_ratio", min_lr_ratio, lambda v: 0 <= v <= 1, "in [0, 1]"),
+                                    ("optim.grad_clip", grad_clip, lambda v: v > 0, "> 0 (or null: no clipping)")):
+            if key == "optim.grad_clip" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+                raise ValueError(f"{key} must be a number {rng}, got {value!r}")
+        if isinstance(log_weights_every, bool) or not isinstance(log_weights_every, int) or log_weights_every < 0:
+            raise ValueError(f"log_weights_every must be an int >= 0 (0: off), got {log_weights_every!r}")
         self.automatic_optimization = False
         self.model = model if isinstance(model, nn.Module) else create_model(config=dict(model))
         self.tasks = self.model.tasks
@@ -203,6 +213,14 @@ class MultiTaskModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # a checkpoint from before a balancer kept state across steps (nash_mtl's solve schedule) lacks
         # its key: that state starts afresh (set_extra_state(None)) rather than the strict load refusing it
+        # resuming restores the optimiser's lr and weight decay from the checkpoint: a changed value in the
+        # config would be recorded but never used, so it is refused by name
+        stored = checkpoint.get("hyper_parameters") or {}
+        for key in ("lr", "weight_decay"):
+            if key in stored and float(stored[key]) != float(self.hparams[key]):
+                raise ValueError(f"optim.{key}={self.hparams[key]} differs from the checkpoint's {stored[key]}: resuming "
+                                 f"restores its optimiser, so it would train at {stored[key]}; resume with "
+                                 f"optim.{key}={stored[key]}, or start a new run from its weights with init_from=<model folder>")
         weights = checkpoint.get("state_dict")
         for key in self.balancer.state_dict() if weights is not None else ():
             if key.endswith("_extra_state"):

@@ -19,6 +19,17 @@ def check_objective(cfg, metric_names: Mapping[str, Any]) -> None:
     objective(cfg, {"val": {t: {m: 0.0 for m in names} for t, names in metric_names.items()}}, check_only=True)
 
 
+def check_monitors(cfg, metric_names: Mapping[str, Any]) -> None:
+    """Before training: a checkpoint callback's ``monitor`` of the validation split names a value the
+    module logs (``val/loss``, ``val/<task>/loss``, ``val/<task>/<metric>``); Lightning would say so only
+    after the first epoch."""
+    logged = ["val/loss", *(f"val/{t}/{m}" for t, names in metric_names.items() for m in ["loss", *names])]
+    for name, cb in (cfg.get("callbacks") or {}).items():
+        monitor = cb.get("monitor") if hasattr(cb, "get") else None
+        if monitor and str(monitor).startswith("val/") and monitor not in logged:
+            raise KeyError(f"callbacks.{name}.monitor={monitor!r} is not logged; logged: {', '.join(logged)}")
+
+
 def objective(cfg, metrics: Mapping[str, Any], check_only: bool = False) -> float | None:
     """The value of ``cfg.optimized_metric`` for this run (None when the config names none)."""
     name = cfg.get("optimized_metric")

@@ -14,12 +14,13 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from mtl.cli.common import FAILED, RunFolderTaken, write_hydra_record
 from mtl.data import create_datamodule
 from mtl.evaluation import delta_m, load_baselines, save_baselines
 from mtl.io import atomic_path, load_state, save_model, write_json
 from mtl.models import MultiTaskModel, create_model
 from mtl.module import MultiTaskModule
-from mtl.sweep import check_objective
+from mtl.sweep import check_monitors, check_objective
 from mtl.tasks import create_task
 
 log = logging.getLogger(__name__)
@@ -141,13 +142,18 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     finished = [n for n in ("metrics.json", "model") if (run_dir / n).exists()]
     if finished:  # its model, metrics and checkpoints would be mixed with this run's
-        raise FileExistsError(f"run_dir {run_dir} holds a finished run ({', '.join(finished)}); pick a new "
+        raise RunFolderTaken(f"run_dir {run_dir} holds a finished run ({', '.join(finished)}); pick a new "
                               "folder (to continue it: ckpt_path=<it>/checkpoints/last.ckpt into a new one)")
     if cfg.get("ckpt_path"):
         _check_checkpoint(Path(cfg.ckpt_path))
     _check_trainer(cfg.trainer)
+    for key, value, low in (("seed", cfg.get("seed"), 0), ("viz.num_samples", (cfg.get("viz") or {}).get("num_samples") or 0, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:  # named before training, not after
+            raise ValueError(f"{key} must be an int >= {low}, got {value!r}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(run_dir / "config.yaml") as tmp:
+    (run_dir / FAILED).unlink(missing_ok=True)  # an earlier failed attempt in this folder: this run replaces it
+    write_hydra_record(cfg, run_dir)
+    with atomic_path(run_dir / "config.yaml", overwrite=True) as tmp:
         tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
@@ -155,6 +161,13 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     datamodule = create_datamodule(**{"name": data_kw["name"]}, **{k: v for k, v in data_kw.items() if k != "name"})
     module = build_module(cfg, getattr(datamodule, "info", None))
     check_objective(cfg, {t: list(group) for t, group in module.val_metrics.items()})
+    check_monitors(cfg, {t: list(group) for t, group in module.val_metrics.items()})
+    if cfg.baselines.get("save_to"):  # checked now: after training, a bad target would fail the finished run
+        target = Path(cfg.baselines.save_to)
+        if target.is_dir():
+            raise IsADirectoryError(f"baselines.save_to={target} is a folder; give a JSON file path")
+        if target.exists():
+            load_baselines(target)  # an existing file must be a baselines file: results are merged into it
     variant = cfg.baselines.get("variant", "primary")
     baselines = (load_baselines(cfg.baselines.path, tasks=dict(module.tasks), variant=variant)
                  if cfg.baselines.get("path") else None)
@@ -184,6 +197,10 @@ def _check_trainer(tr: DictConfig) -> None:
                          "task gradients feed the balancer); raise data.batch_size instead")
     if tr.get("gradient_clip_val") is not None:
         raise ValueError(f"trainer.gradient_clip_val={tr.gradient_clip_val}: mtlkit clips with optim.grad_clip=<max norm>")
+    epochs = tr.get("max_epochs")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        # the cosine schedule needs a finite length; 0 would save an untrained model as a finished run
+        raise ValueError(f"trainer.max_epochs must be an int >= 1, got {epochs!r}")
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -318,8 +335,12 @@ def print_summary(metrics: dict[str, Any], tasks) -> None:
 
 def run(overrides: list[str] | None = None, run_dir: str | Path | None = None) -> Path:
     """Compose the ``mtl-train`` config in-process and run it (for notebooks and tests)."""
-    from mtl.cli.common import compose_in_process
+    from mtl.cli.common import check_group_choices, compose_in_process, marks_failure
 
+    problem = check_group_choices(list(overrides or []), ("mtl.configs",))
+    if problem:  # as mtl-train says it: the valid names, not Hydra's "Could not load"
+        raise ValueError(problem)
     cfg, run_dir = compose_in_process("mtl.configs", "train", overrides, run_dir)
-    train(cfg, run_dir)
+    with marks_failure(run_dir):  # a failed run is marked as the CLI marks it
+        train(cfg, run_dir)
     return Path(run_dir)

@@ -46,6 +46,19 @@ def test_smoke_run_writes_a_complete_run_folder(smoke_run):
     assert 0.0 <= metrics["test"]["semseg"]["miou"] <= 1.0 and metrics["test"]["depth"]["rmse"] > 0
 
 
+def test_a_refused_run_leaves_the_finished_runs_folder_as_it_was(smoke_run):
+    """Hydra writes .hydra/ before the job runs; mtlkit writes it only once the folder is accepted, so a
+    command pointed at a finished run's folder changes nothing there (no FAILED, no new Hydra record)."""
+    cwd, run_dir = smoke_run
+    record = {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()}
+    assert set(record) == {"config.yaml", "hydra.yaml", "overrides.yaml"}
+    assert b"experiment=scenes_hps" in record["overrides.yaml"]
+    proc = cli("debug=smoke", "task=[depth]", f"hydra.run.dir={run_dir}", cwd=cwd, check=False)
+    assert proc.returncode == 1 and "holds a finished run" in proc.stderr
+    assert {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()} == record
+    assert not (run_dir / "FAILED").exists()
+
+
 def test_model_folder_from_cli_reloads(smoke_run):
     _, run_dir = smoke_run
     model = mtl.load_model(run_dir / "model")

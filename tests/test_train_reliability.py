@@ -70,3 +70,78 @@ def test_no_pyplot_backend_change(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     assert out.stdout.split() == ["svg", "True", "False", "True"]
     assert (tmp_path / "p.png").is_file()
+
+
+@pytest.mark.parametrize("override, match", [
+    ("optim.min_lr_ratio=-3", r"optim.min_lr_ratio must be a number in \[0, 1\], got -3"),
+    ("optim.grad_clip=-1", r"optim.grad_clip must be a number > 0 \(or null: no clipping\), got -1"),
+    ("optim.warmup_ratio=2", r"optim.warmup_ratio must be a number in \[0, 1\], got 2"),
+    ("log_weights_every=-5", r"log_weights_every must be an int >= 0 \(0: off\), got -5"),
+    ("trainer.max_epochs=0", r"trainer.max_epochs must be an int >= 1, got 0"),
+    ("trainer.max_epochs=1.5", r"trainer.max_epochs must be an int >= 1, got 1.5"),
+    ("trainer.max_epochs=-1", r"trainer.max_epochs must be an int >= 1, got -1"),
+    ("seed=abc", r"seed must be an int >= 0, got 'abc'"),
+    ("viz.num_samples=-1", r"viz.num_samples must be an int >= 0, got -1"),
+    ("data.batch_size=0", r"data.batch_size must be an int >= 1, got 0"),
+    ("callbacks.model_checkpoint.monitor=val/depth/bogus",
+     r"callbacks.model_checkpoint.monitor='val/depth/bogus' is not logged; logged: val/loss, val/depth/loss, val/depth/rmse"),
+    ("+backbone.checkpoint_path=/nonexistent.safetensors", r"backbone.checkpoint_path=/nonexistent.safetensors: no such file"),
+])
+def test_bad_settings_are_named_before_training(tmp_path, override, match):
+    with pytest.raises((ValueError, KeyError, FileNotFoundError), match=match):
+        run(FAST + ["task=[depth]", override], run_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_baselines_save_to_is_checked_before_training(tmp_path):
+    (tmp_path / "folder").mkdir()
+    bad = tmp_path / "bad.json"
+    bad.write_text("not json")
+    for target, match in [(tmp_path / "folder", r"baselines.save_to=.*folder is a folder"), (bad, r"not valid JSON")]:
+        with pytest.raises((ValueError, IsADirectoryError), match=match):
+            run(FAST + ["task=[depth]", f"baselines.save_to={target}"], run_dir=tmp_path / target.stem)
+        assert not (tmp_path / target.stem / "checkpoints").exists()
+
+
+def test_python_run_marks_failures_names_groups_and_replaces_a_stale_marker(tmp_path):
+    with pytest.raises(ValueError, match=r"optim.lr must be > 0"):
+        run(FAST + ["task=[depth]", "optim.lr=-1"], run_dir=tmp_path / "r")
+    assert (tmp_path / "r" / FAILED).is_file()  # as mtl-train marks it
+    with pytest.raises(ValueError, match=r"unknown task 'bogus' in 'task=\[bogus\]'; valid names: .*depth"):
+        run(FAST + ["task=[bogus]"], run_dir=tmp_path / "b")
+    run(FAST + ["task=[depth]"], run_dir=tmp_path / "r")  # a new attempt in the failed run's folder
+    assert not (tmp_path / "r" / FAILED).exists() and (tmp_path / "r" / "metrics.json").is_file()
+    with pytest.raises(FileExistsError, match="holds a finished run"):  # refused: the finished run gets no marker
+        run(FAST + ["task=[depth]"], run_dir=tmp_path / "r")
+    assert not (tmp_path / "r" / FAILED).exists()
+
+
+def test_resuming_with_another_learning_rate_is_refused_by_name(tmp_path):
+    run(FAST + ["task=[depth]"], run_dir=tmp_path / "first")
+    ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    with pytest.raises(ValueError, match=r"optim.lr=0.1 differs from the checkpoint's 0.002"):
+        run(FAST + ["task=[depth]", "trainer.max_epochs=2", "optim.lr=0.1", f"ckpt_path={ckpt}"], run_dir=tmp_path / "second")
+    run(FAST + ["task=[depth]", "trainer.max_epochs=2", f"ckpt_path={ckpt}"], run_dir=tmp_path / "third")  # same lr: resumes
+
+
+def test_tensorboard_logger_without_its_package_names_the_extra(monkeypatch, tmp_path):
+    import importlib.util
+
+    from mtl.loggers import tensorboard_logger
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("tensorboard", "tensorboardX") else real(name, *a))
+    with pytest.raises(ImportError, match=r"logger=tensorboard needs the 'tensorboardX' \(or 'tensorboard'\) package: "
+                                          r"pip install 'mtlkit\[loggers\]'"):
+        tensorboard_logger(str(tmp_path))
+
+
+def test_create_decoder_takes_the_tasks_as_the_model_holds_them():
+    from mtl.models.decoders import create_decoder
+    from mtl.tasks import create_task
+
+    tasks = {t: create_task(t) for t in ("depth", "semseg")}
+    dec = create_decoder("hps", [8, 16], tasks, channels=8)
+    assert set(dec.heads) == {"depth", "semseg"}

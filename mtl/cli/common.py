@@ -32,6 +32,31 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 FAILED = "FAILED"
+
+
+class RunFolderTaken(FileExistsError):
+    """The run folder holds a finished run: refused before anything is written into it (no FAILED marker,
+    no Hydra record), so the finished run stays exactly as it was."""
+
+
+def write_hydra_record(cfg, run_dir: str | os.PathLike) -> None:
+    """``<run_dir>/.hydra/{config,hydra,overrides}.yaml``, as Hydra writes them, but only once the job has
+    accepted its folder (``hydra.output_subdir`` is null: Hydra would write them before any check, over a
+    finished run's own)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from mtl.io import atomic_path
+
+    if not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    out = Path(run_dir) / ".hydra"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, node in (("config.yaml", cfg), ("hydra.yaml", OmegaConf.create({"hydra": hc})),
+                       ("overrides.yaml", OmegaConf.create(list(hc.overrides.task)))):
+        with atomic_path(out / name, overwrite=True) as tmp:
+            tmp.write_text(OmegaConf.to_yaml(node))
 _VERBOSE_FLAGS = {"verbose=true", "verbose=True", "verbose=1", "+verbose=true", "+verbose=True", "+verbose=1"}
 
 
@@ -91,6 +116,8 @@ def marks_failure(run_dir: str | os.PathLike) -> Iterator[None]:
     try:
         yield
     except BaseException as e:
+        if isinstance(e, RunFolderTaken):  # the folder is another run's: leave it exactly as it is
+            raise
         stop = interruption(e)
         if isinstance(e, SystemExit) and not e.code and stop is None:
             raise
@@ -332,6 +359,7 @@ def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
     if output.resolve() == run_dir.resolve() or output.resolve() in run_dir.resolve().parents:
         raise ValueError(f"output={output} is or holds this run's folder {run_dir}; write the result elsewhere")
     run_dir.mkdir(parents=True, exist_ok=True)
+    write_hydra_record(cfg, run_dir)
     with atomic_path(run_dir / "config.yaml") as tmp:
         tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if output.exists() and not cfg.get("overwrite"):

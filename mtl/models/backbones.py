@@ -8,6 +8,7 @@ slimmable ``slim_resnet``) register in ``BACKBONES`` and take precedence over ti
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
 from typing import Any, Sequence
 
 import timm
@@ -42,6 +43,8 @@ class TimmBackbone(nn.Module):
             feature_kwargs["out_indices"] = tuple(out_indices)
         # timm handles local weights through pretrained_cfg_overlay; never a hub download here.
         if checkpoint_path:
+            if not Path(checkpoint_path).is_file():  # timm's own error names neither the path nor the key
+                raise FileNotFoundError(f"backbone.checkpoint_path={checkpoint_path}: no such file")
             kwargs["pretrained_cfg_overlay"] = {"file": str(checkpoint_path)}
             pretrained = True
         self.name = name
