@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import math
 from typing import Any, Callable, Sequence
 
 import torch
@@ -93,6 +94,22 @@ def prune(model: nn.Module, method: str, calib: Any = None, *, example: torch.Te
     return current, report
 
 
+def _number(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+OPTION_CHECKS: dict[str, tuple[Any, str]] = {
+    "budget": (lambda v: _number(v) and v > 0, "a positive number"),
+    "max_budget": (lambda v: _number(v) and v > 0, "a positive number"),
+    "shrink": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "keep_fraction": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "search_steps": (lambda v: not isinstance(v, bool) and isinstance(v, int) and v >= 1, "an int >= 1"),
+    "importance": (lambda v: v in ("l1", "taylor"), "'l1' or 'taylor'"),
+    "ratios": (lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(_number(r) and 0 < r < 1 for r in v),
+               "a non-empty list of numbers in (0, 1)"),
+}
+
+
 def effective_hparams(method: str, hparams: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """The settings a prune runs with, checked before any work (errors name a value as ``prefix`` + key,
     e.g. ``prune.ratio`` for the CLI): the method's defaults updated by ``hparams`` (an unknown name is
@@ -108,6 +125,11 @@ def effective_hparams(method: str, hparams: dict[str, Any], prefix: str = "") ->
         if hparams.get(key) is not None:
             check_ratio(prefix + key, hparams[key], open_low=key != "ratio")
     check_round_to(hparams.get("round_to"), prefix + "round_to")
+    for key, value in hparams.items():  # PAGCP's own settings, named as the caller passed them
+        if value is not None and key in OPTION_CHECKS:
+            ok, what = OPTION_CHECKS[key]
+            if not ok(value):
+                raise ValueError(f"{prefix}{key} must be {what}, got {value!r}")
     out = {**options, **hparams}
     if out.get("flops_target") is not None:
         out.pop("ratio", None)

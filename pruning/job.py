@@ -56,9 +56,22 @@ def delta_m_vs(reference: dict[str, dict[str, float]], metrics: dict[str, dict[s
     return delta_m(metrics, reference, tasks)
 
 
+def _check_run_settings(cfg: DictConfig) -> None:
+    """The job's own integer settings, before the model is loaded (the model folder is written before the
+    latency and reload checks that would otherwise fail on them)."""
+    ev = cfg.eval
+    for key, value, low in (("rounds", cfg.rounds, 1), ("finetune.steps", cfg.finetune.steps, 0),
+                            ("eval.latency_batch", ev.latency_batch, 1), ("eval.latency_repeats", ev.latency_repeats, 1),
+                            ("eval.latency_threads", ev.latency_threads, 1),
+                            ("eval.max_batches", ev.get("max_batches") if ev.get("max_batches") is not None else 1, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{key} must be an int >= {low}, got {value!r}")
+
+
 def run_prune(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir, output = start_run(cfg, run_dir, model_output=True)
     method, hp = _hparams(cfg)
+    _check_run_settings(cfg)
     torch.manual_seed(int(cfg.seed))
     source = input_model(cfg, run_dir, "prune")
     start = time.perf_counter()
@@ -70,7 +83,7 @@ def run_prune(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         finetune = lambda m: finetune_steps(m, dm, int(cfg.finetune.steps), float(cfg.finetune.lr))  # noqa: E731
     pruned, report = pruning.prune(model, method, calib=batches, ignored_layers=list(cfg.ignored_layers),
                                    rounds=int(cfg.rounds), finetune=finetune, **hp)
-    report["model"] = str(source)
+    report["model"] = str(Path(source).resolve())  # read later from other folders: never cwd-relative
     report["prune_seconds"] = round(time.perf_counter() - start, 2)
 
     ev = cfg.eval
@@ -95,7 +108,7 @@ def run_prune(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     meta = dict(getattr(model, "meta", {}))
     # run_dir: this run made the model (the parent's run is pruned_from's); a card must not show its metrics
     # pruned_from: the parent's run when it has one (as pruning.prune records it), else its folder
-    meta.update({"pruned_from": str(meta.get("run_dir") or source), "run_dir": str(run_dir), "test": after,
+    meta.update({"pruned_from": str(meta.get("run_dir") or Path(source).resolve()), "run_dir": str(Path(run_dir).resolve()), "test": after,
                  "prune": {"method": method, **report["hparams"], "rounds": int(cfg.rounds),
                            **({"finetune_steps": int(cfg.finetune.steps)} if int(cfg.rounds) > 1 else {})}})
     if cfg.get("data"):
@@ -105,7 +118,7 @@ def run_prune(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     with torch.no_grad():
         a, b = pruned.eval()(x), reloaded(x)
     report["reload_max_abs_diff"] = max(float((a[t] - b[t]).abs().max()) for t in a)
-    report["output"] = str(output)
+    report["output"] = str(Path(output).resolve())
     write_json(run_dir / "metrics.json", report)
     plot_kept(report, run_dir / "kept_channels.png")
     mflops = lambda f: f / 1e6  # noqa: E731

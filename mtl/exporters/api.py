@@ -128,7 +128,7 @@ def _check_options(fn: Callable, fmt: str, options: dict[str, Any]) -> None:
         raise TypeError(f"format={fmt} has no option(s) {bad}; its options: {', '.join(allowed) or '(none)'}")
     from mtl.registry import check_kwargs
 
-    check_kwargs(fn, options, f"format={fmt}")
+    check_kwargs(fn, options, "format")  # errors name the CLI key: format.opset ...
 
 
 def export(
@@ -155,6 +155,8 @@ def export(
         raise FileExistsError(f"{out} exists; pass overwrite=true to replace it")
     if model is not None and not isinstance(model, nn.Module):
         check_output_apart(out, [Path(model)])  # inside the model folder too: an input is never altered
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is a file, not an earlier export (a folder); refusing to replace it")
     if out.is_dir() and any(out.iterdir()) and not (out / REPORT).is_file():
         # overwrite replaces an earlier export, never a run folder or anything else that happens to be there
         raise FileExistsError(f"{out} exists and is not an earlier export (no {REPORT}); refusing to replace it")

@@ -247,6 +247,13 @@ def test_bad_requests_are_refused_before_anything_is_written(tmp_path):
     with pytest.raises(FileExistsError, match="is not an earlier export"):  # overwrite replaces exports only
         mtl.export(folder, "folder", existing, overwrite=True)
     assert (existing / "keep.txt").read_text() == "mine"
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(FileExistsError, match=r"afile exists and is a file, not an earlier export"):
+        mtl.export(folder, "folder", afile, overwrite=True)
+    assert afile.read_text() == "x"
+    with pytest.raises(TypeError, match=r"^format.opset must be"):  # the CLI key
+        mtl.export(folder, "onnx", tmp_path / "o", opset="abc")
     done = mtl.export(folder, "folder", tmp_path / "done")
     mtl.export(folder, "onnx", done, overwrite=True)
     assert (done / "model.onnx").is_file() and not (done / "model.safetensors").exists()

@@ -130,6 +130,49 @@ def test_meta_records_the_settings_used_and_unknown_options_fail_first(folder, t
         run(["prune=l1", f"model={folder}", "+prune.flops_target=1"], run_dir=tmp_path / "run2")
 
 
+@pytest.mark.parametrize("override, match", [
+    ("eval.latency_batch=0", r"eval.latency_batch must be an int >= 1, got 0"),
+    ("eval.latency_repeats=0", r"eval.latency_repeats must be an int >= 1, got 0"),
+    ("eval.latency_threads=0", r"eval.latency_threads must be an int >= 1, got 0"),
+    ("eval.max_batches=0", r"eval.max_batches must be an int >= 1, got 0"),
+    ("rounds=1.5", r"rounds must be an int >= 1, got 1.5"),
+    ("finetune.steps=-3", r"finetune.steps must be an int >= 0, got -3"),
+])
+def test_job_settings_are_refused_before_the_model_is_written(folder, tmp_path, override, match):
+    with pytest.raises(ValueError, match=match):
+        run(["prune=l1", f"model={folder}", "prune.ratio=0.3", "calib.batches=1", override], run_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "model").exists()
+
+
+@pytest.mark.parametrize("override, match", [
+    ("prune.max_budget=-1", r"prune.max_budget must be a positive number, got -1"),
+    ("prune.budget=-1", r"prune.budget must be a positive number, got -1"),
+    ("prune.search_steps=1.5", r"prune.search_steps must be an int >= 1, got 1.5"),
+    ("prune.search_steps=-2", r"prune.search_steps must be an int >= 1, got -2"),
+    ("prune.shrink=0", r"prune.shrink must be a number in \(0, 1\], got 0"),
+    ("prune.keep_fraction=2", r"prune.keep_fraction must be a number in \(0, 1\], got 2"),
+    ("prune.importance=grad", r"prune.importance must be 'l1' or 'taylor', got 'grad'"),
+    ("+prune.ratios=[0.5,1.5]", r"prune.ratios must be a non-empty list of numbers in \(0, 1\)"),
+])
+def test_pagcp_settings_are_named_with_their_cli_key_before_any_work(folder, tmp_path, override, match, monkeypatch):
+    import pruning.job as job
+
+    monkeypatch.setattr(job, "load_model", lambda *a: (_ for _ in ()).throw(AssertionError("model loaded first")))
+    with pytest.raises(ValueError, match=match):
+        run(["prune=pagcp", f"model={folder}", override], run_dir=tmp_path / "run")
+
+
+def test_relative_paths_are_recorded_absolute(folder, tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copytree(folder, tmp_path / "norun")
+    monkeypatch.chdir(tmp_path)
+    report = run(["prune=l1", "model=norun", "output=rel_out", "prune.ratio=0.5", "calib.batches=1",
+                  "eval.max_batches=1", "eval.latency_repeats=1"], run_dir=tmp_path / "run")
+    assert report["model"] == str(tmp_path / "norun") and report["output"] == str(tmp_path / "rel_out")
+    assert mtl.load_model(tmp_path / "rel_out").meta["pruned_from"] == str(tmp_path / "norun")
+
+
 def test_pruned_from_is_the_parents_run_when_it_has_one(folder, tmp_path):
     import shutil
 
