@@ -10,6 +10,7 @@ from torch import nn
 
 from mtl.balancers import Balancer, BalancerMonitor, StepContext, check_finite, create_balancer, freeze_norm_stats
 from mtl.models import MultiTaskModel, create_model
+from mtl.registry import check_int
 
 
 def rng_states() -> dict[str, Any]:
@@ -84,8 +85,7 @@ class MultiTaskModule(L.LightningModule):
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
                 raise ValueError(f"{key} must be a number {rng}, got {value!r}")
-        if isinstance(log_weights_every, bool) or not isinstance(log_weights_every, int) or log_weights_every < 0:
-            raise ValueError(f"log_weights_every must be an int >= 0 (0: off), got {log_weights_every!r}")
+        check_int("log_weights_every", log_weights_every, 0, " (0: off)")
         self.automatic_optimization = False
         self.model = model if isinstance(model, nn.Module) else create_model(config=dict(model))
         self.tasks = self.model.tasks

@@ -75,3 +75,11 @@ def check_kwargs(fn: Callable, kwargs: dict, what: str) -> None:
         if not ok:
             raise TypeError(f"{what}.{key} must be {' or '.join(a for a in alts if a != 'None')}, "
                             f"got {value!r} ({type(value).__name__})")
+
+
+def check_int(key: str, value: object, low: int = 0, note: str = "") -> int:
+    """``value`` as a setting named ``key`` must be an int >= ``low`` (a bool is not one); else one error
+    naming the key, so a bad setting is refused before the work it would spoil."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{key} must be an int >= {low}{note}, got {value!r}")
+    return value

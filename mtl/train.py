@@ -20,6 +20,7 @@ from mtl.evaluation import delta_m, load_baselines, save_baselines
 from mtl.io import atomic_path, load_state, save_model, write_json
 from mtl.models import MultiTaskModel, create_model
 from mtl.module import MultiTaskModule
+from mtl.registry import check_int
 from mtl.sweep import check_monitors, check_objective
 from mtl.tasks import create_task
 
@@ -147,9 +148,8 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if cfg.get("ckpt_path"):
         _check_checkpoint(Path(cfg.ckpt_path))
     _check_trainer(cfg.trainer)
-    for key, value, low in (("seed", cfg.get("seed"), 0), ("viz.num_samples", (cfg.get("viz") or {}).get("num_samples") or 0, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:  # named before training, not after
-            raise ValueError(f"{key} must be an int >= {low}, got {value!r}")
+    check_int("seed", cfg.get("seed"), 0)  # named before training, not after it
+    check_int("viz.num_samples", (cfg.get("viz") or {}).get("num_samples") or 0, 0)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / FAILED).unlink(missing_ok=True)  # an earlier failed attempt in this folder: this run replaces it
     write_hydra_record(cfg, run_dir)
@@ -197,10 +197,8 @@ def _check_trainer(tr: DictConfig) -> None:
                          "task gradients feed the balancer); raise data.batch_size instead")
     if tr.get("gradient_clip_val") is not None:
         raise ValueError(f"trainer.gradient_clip_val={tr.gradient_clip_val}: mtlkit clips with optim.grad_clip=<max norm>")
-    epochs = tr.get("max_epochs")
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        # the cosine schedule needs a finite length; 0 would save an untrained model as a finished run
-        raise ValueError(f"trainer.max_epochs must be an int >= 1, got {epochs!r}")
+    # the cosine schedule needs a finite length; 0 would save an untrained model as a finished run
+    check_int("trainer.max_epochs", tr.get("max_epochs"), 1)
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 

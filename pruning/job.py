@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 import pruning
 from mtl.cli.common import input_model, start_run
 from mtl.io import load_model, save_model, write_json
+from mtl.registry import check_int
 from pruning.calib import calibration_batches, datamodule_for
 from pruning.methods import METHODS
 from pruning.report import evaluate_all, latency_ms, plot_delta_m_vs_flops, plot_kept
@@ -64,8 +65,7 @@ def _check_run_settings(cfg: DictConfig) -> None:
                             ("eval.latency_batch", ev.latency_batch, 1), ("eval.latency_repeats", ev.latency_repeats, 1),
                             ("eval.latency_threads", ev.latency_threads, 1),
                             ("eval.max_batches", ev.get("max_batches") if ev.get("max_batches") is not None else 1, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{key} must be an int >= {low}, got {value!r}")
+        check_int(key, value, low)
 
 
 def run_prune(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:

@@ -20,6 +20,8 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from mtl.registry import check_int
+
 SPLITS = ("train", "val", "test")
 
 
@@ -83,9 +85,8 @@ class TensorDataModule(LightningDataModule):
 
     def __init__(self, batch_size: int = 32, num_workers: int = 0, augment: bool = False):
         super().__init__()
-        for key, value, low in (("data.batch_size", batch_size, 1), ("data.num_workers", num_workers, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{key} must be an int >= {low}, got {value!r}")
+        check_int("data.batch_size", batch_size, 1)
+        check_int("data.num_workers", num_workers, 0)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.augment = augment
