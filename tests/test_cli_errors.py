@@ -223,3 +223,22 @@ def test_merge_and_prune_logs_are_named_after_the_tool():
     for app in ("merge", "prune"):
         cfg = OmegaConf.load(Path(__file__).parents[1] / "mtl" / "configs" / f"{app}_app" / f"{app}.yaml")
         assert cfg.hydra.job.name == app
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "/tmp/abs_run", "a/../../b"])
+def test_a_run_name_cannot_leave_the_output_root(monkeypatch, tmp_path, capfd, name):
+    code, runs = run_main(monkeypatch, tmp_path, f"name={name}")
+    err = capfd.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and f"name={name!r} must be a relative folder name" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no folder made, inside the root or outside it
+
+
+def test_run_names_nest_inside_the_root_and_in_process_runs_check_them_too(monkeypatch, tmp_path):
+    from mtl.cli.common import check_run_name, default_run_dir
+
+    monkeypatch.setenv("MTL_OUTPUT_DIR", str(tmp_path))
+    assert check_run_name("ablations/cikd") == "ablations/cikd"
+    assert default_run_dir("ablations/cikd").parent == tmp_path / "ablations" / "cikd" / "runs"
+    for bad in ("..", "", "../x", str(tmp_path / "abs")):
+        with pytest.raises(ValueError, match="must be a relative folder name"):
+            default_run_dir(bad)

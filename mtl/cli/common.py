@@ -232,6 +232,7 @@ def cli_main(hydra_main: Callable[[], Any], *config_modules: str, argv: list[str
         print(f"error: {missing}", file=sys.stderr, flush=True)
         sys.exit(1)
     register_plugins()
+    register_resolvers()
     if not verbose():
         problem = check_group_choices(argv[1:], config_modules or ("mtl.configs",))
         if problem:
@@ -295,9 +296,28 @@ def check_group_choices(overrides: Sequence[str], config_modules: Sequence[str])
     return None
 
 
+def check_run_name(name: Any) -> str:
+    """``name`` as a folder under the output root: relative, no ``..`` part (``a/b`` nests, ``../x``
+    would put the run outside ``$MTL_OUTPUT_DIR``). Hydra's run folders read it through the
+    ``mtl_run_name`` resolver, so a bad name stops before any folder is made."""
+    text = str(name).strip() if name is not None else ""
+    parts = Path(text).parts
+    if not text or Path(text).is_absolute() or ".." in parts or "\\" in text or text in (".",):
+        raise ValueError(f"name={name!r} must be a relative folder name inside the output root "
+                         "(no leading '/', no '..' part), e.g. name=ablations/cikd")
+    return text
+
+
+def register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("mtl_run_name", check_run_name, replace=True)
+
+
 def default_run_dir(name: str) -> Path:
     """Where an in-process run goes when no folder is given: like the CLI's run folders
     (``$MTL_OUTPUT_DIR/<name>/runs/<time>``, default ``outputs``), unique within one second too."""
+    name = check_run_name(name)
     root = Path(os.environ.get("MTL_OUTPUT_DIR") or "outputs")
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S") + f"_{time.time_ns() // 1000 % 1_000_000:06d}"
     base = root / name / "runs" / stamp
@@ -324,6 +344,7 @@ def compose_in_process(config_module: str, config_name: str, overrides, run_dir=
     from hydra.initialize import get_gh_backup, restore_gh_from_backup
     from omegaconf import OmegaConf
 
+    register_resolvers()
     outer = get_gh_backup()
     GlobalHydra.instance().clear()
     try:

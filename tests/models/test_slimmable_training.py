@@ -76,15 +76,45 @@ def test_cikd_slice_matches_the_widest_networks_first_channels_without_parameter
         create_strategy("sandwich", model, cikd_match="cosine")
 
 
+def test_cikd_stages_matches_every_encoder_stage_of_the_widest_pass():
+    # the stage form: mean over the encoder's output stages of MSE(sub-width stage, widest stage's first channels)
+    model = tiny()
+    torch.manual_seed(1)
+    x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    strat = create_strategy("sandwich", model, num_random=0, cikd_match="slice", cikd_level="stages")
+    model.train()
+    module = SimpleNamespace(model=model, manual_backward=lambda loss: loss.backward())
+    strat.before_forward(module, {"image": x})
+    z = model.shared(x)
+    model.backbone(model.normalize(torch.zeros_like(x)))  # a balancer's recompute: not the teacher
+    logs = strat.after_backward(module, {"image": x}, SimpleNamespace(features=z))
+    assert not model.backbone._forward_hooks  # the hook lives for one step only
+    with torch.no_grad():  # no optimiser step was taken: the weights are those of the step
+        model.set_config(model.max_widths())
+        teachers = model.backbone(model.normalize(x))
+        model.set_config(model.min_widths())
+        subs = model.backbone(model.normalize(x))
+        model.set_config(model.max_widths())
+    expected = sum(((s - t[:, : s.shape[1]]) ** 2).mean() for s, t in zip(subs, teachers)) / len(subs)
+    assert [s.shape[1] for s in subs] == [2, 4] and logs["train/slim/cikd"].item() == pytest.approx(expected.item(), rel=1e-5)
+    proj = create_strategy("sandwich", model, cikd_level="stages")
+    assert set(proj.proj) == {f"s{i}_{w}" for i in (0, 1) for w in ("0_25", "0_5", "0_75")}
+    assert proj.proj["s1_0_25"].in_channels == 4 and proj.proj["s1_0_25"].out_channels == 16
+    _, logs = sandwich_step(model, num_random=1, cikd_level="stages")
+    assert logs["train/slim/cikd"] > 0 and model.widths == model.max_widths()
+    with pytest.raises(ValueError, match="cikd_level must be 'neck' or 'stages', got 'encoder'"):
+        create_strategy("sandwich", model, cikd_level="encoder")
+
+
 def test_cikd_projections_leave_the_random_stream_alone():
     # a paired ablation: with and without CI-KD, the run draws the same random widths and batches afterwards
     model = tiny()
     draws = []
-    for kw in ({"cikd": False}, {"cikd": True}, {"cikd_match": "slice"}):
+    for kw in ({"cikd": False}, {"cikd": True}, {"cikd_match": "slice"}, {"cikd_level": "stages"}):
         torch.manual_seed(3)
         create_strategy("sandwich", model, **kw)
         draws.append(torch.rand(5))
-    assert torch.equal(draws[0], draws[1]) and torch.equal(draws[0], draws[2])
+    assert all(torch.equal(draws[0], d) for d in draws[1:])
 
 
 def test_cikd_weight_zero_is_cikd_off():

@@ -16,6 +16,11 @@ configured balancer), then, accumulating gradients before the one optimiser step
   - ``slice``: the sub-width features must equal the widest network's *first* channels — the same
     channels a decoder reads at that encoder width — so the representation the decoders consume is
     itself made width-invariant, with no extra parameters.
+
+  ``cikd_level`` says which features: ``neck`` (the fused representation all heads read) or ``stages``
+  (every multi-scale encoder feature the neck fuses, one loss per stage, averaged) — the encoder-level
+  form, closer to the paper's wording. The widest network's stage features are taken from this step's
+  own training pass (a hook on the encoder), so the stage form costs no extra forward pass.
 """
 from __future__ import annotations
 
@@ -43,7 +48,7 @@ def distill_loss(task: Task, student: torch.Tensor, teacher: torch.Tensor) -> to
 @STRATEGIES.register("sandwich")
 class Sandwich(TrainingStrategy):
     def __init__(self, model: nn.Module, num_random: int = 2, train_min: bool = True, inplace_distill: bool = True,
-                 cikd: bool = True, cikd_weight: float = 0.1, cikd_match: str = "projection"):
+                 cikd: bool = True, cikd_weight: float = 0.1, cikd_match: str = "projection", cikd_level: str = "neck"):
         super().__init__()
         if not isinstance(model, SlimmableMultiTaskModel):
             family = getattr(model, "config", {}).get("family", type(model).__name__)
@@ -60,23 +65,40 @@ class Sandwich(TrainingStrategy):
         if cikd_match not in ("projection", "slice"):
             raise ValueError(f"strategy.cikd_match must be 'projection' or 'slice', got {cikd_match!r}")
         self.cikd_match = cikd_match
-        full = model.decoder.neck.refine[0].out_channels
-        # one projection per sub-width of the set: sub-width features -> full-width channels. Initialised on
-        # a fork of the random stream, so that a run with and one without CI-KD draw the same random widths
-        # and batches afterwards: the ablation is paired, its difference is CI-KD's alone.
+        if cikd_level not in ("neck", "stages"):
+            raise ValueError(f"strategy.cikd_level must be 'neck' or 'stages', got {cikd_level!r}")
+        self.cikd_level = cikd_level
+        # full-width channels of each matched feature: the neck's output, or every encoder stage the neck reads
+        fulls = [model.decoder.neck.refine[0].out_channels] if cikd_level == "neck" else list(model.backbone.channels)
+        # one projection per (feature, sub-width of the set): sub-width channels -> full-width channels.
+        # Initialised on a fork of the random stream, so that a run with and one without CI-KD draw the same
+        # random widths and batches afterwards: the ablation is paired, its difference is CI-KD's alone.
         with torch.random.fork_rng(devices=[]):
             self.proj = nn.ModuleDict({
-                self._key(w): nn.Conv2d(channels_at(full, w), full, 1) for w in model.width_set if w < 1.0
+                self._key(w, i, cikd_level): nn.Conv2d(channels_at(full, w), full, 1)
+                for i, full in enumerate(fulls) for w in model.width_set if w < 1.0
             }) if self.cikd and cikd_match == "projection" else nn.ModuleDict()
+        self._stage_hook = None
+        self._teacher_stages: list[torch.Tensor] | None = None
 
     @staticmethod
-    def _key(width: float) -> str:
-        return f"{width:g}".replace(".", "_")
+    def _key(width: float, stage: int = 0, level: str = "neck") -> str:
+        w = f"{width:g}".replace(".", "_")
+        return w if level == "neck" else f"s{stage}_{w}"
 
-    def cikd_loss(self, z: torch.Tensor, teacher_z: torch.Tensor, width: float) -> torch.Tensor:
+    def cikd_loss(self, z: torch.Tensor, teacher_z: torch.Tensor, width: float, stage: int = 0) -> torch.Tensor:
         if self.cikd_match == "slice":
             return F.mse_loss(z, teacher_z[:, : z.shape[1]])
-        return F.mse_loss(self.proj[self._key(width)](z), teacher_z)
+        return F.mse_loss(self.proj[self._key(width, stage, self.cikd_level)](z), teacher_z)
+
+    def stages_loss(self, feats: list[torch.Tensor], teachers: list[torch.Tensor], width: float) -> torch.Tensor:
+        """Mean over the encoder's output stages of each stage's CI-KD loss."""
+        return torch.stack([self.cikd_loss(f, t, width, i) for i, (f, t) in enumerate(zip(feats, teachers))]).mean()
+
+    def _remove_stage_hook(self) -> None:
+        if self._stage_hook is not None:
+            self._stage_hook.remove()
+            self._stage_hook = None
 
     def configs(self, model: SlimmableMultiTaskModel) -> list[dict[str, Any]]:
         ws = model.width_set
@@ -88,6 +110,13 @@ class Sandwich(TrainingStrategy):
 
     def before_forward(self, module: Any, batch: dict[str, torch.Tensor]) -> None:
         module.model.set_config(module.model.max_widths())
+        self._remove_stage_hook()  # a skipped step (non-finite loss) never reached after_backward
+        self._teacher_stages = None
+        if self.cikd and self.cikd_level == "stages":
+            def keep_first(_mod: nn.Module, _inp: Any, out: list[torch.Tensor]) -> None:
+                if self._teacher_stages is None:  # the standard pass's, not a balancer's recompute
+                    self._teacher_stages = [f.detach() for f in out]
+            self._stage_hook = module.model.backbone.register_forward_hook(keep_first)
 
     def after_backward(self, module: Any, batch: dict[str, torch.Tensor], ctx: Any) -> dict[str, torch.Tensor]:
         from mtl.balancers import freeze_norm_stats  # imported here: balancers import the model world
@@ -95,7 +124,12 @@ class Sandwich(TrainingStrategy):
         model: SlimmableMultiTaskModel = module.model
         x = batch["image"]
         size = tuple(x.shape[-2:])
+        self._remove_stage_hook()
         teacher_z = ctx.features.detach()
+        teacher_stages = self._teacher_stages
+        if self.cikd and self.cikd_level == "stages" and teacher_stages is None:
+            raise RuntimeError("strategy.cikd_level=stages: the widest pass's encoder features were not seen "
+                               "(before_forward must precede the step's forward pass)")
         teacher = None
         if self.inplace_distill:
             with torch.no_grad(), freeze_norm_stats(model):
@@ -104,7 +138,8 @@ class Sandwich(TrainingStrategy):
         try:
             for cfg in self.configs(model):
                 model.set_config(cfg)
-                z = model.shared(x)
+                feats = model.backbone(model.normalize(x))
+                z = model.decoder.shared(feats)
                 preds = model.heads(z, size)
                 task_loss = sum(
                     (distill_loss(task, preds[t], teacher[t]) if teacher is not None
@@ -112,12 +147,14 @@ class Sandwich(TrainingStrategy):
                     for t, task in model.tasks.items())
                 loss = task_loss
                 if self.cikd and cfg["encoder"] < 1.0:
-                    ci = self.cikd_loss(z, teacher_z, cfg["encoder"])
+                    ci = (self.stages_loss(feats, teacher_stages, cfg["encoder"]) if self.cikd_level == "stages"
+                          else self.cikd_loss(z, teacher_z, cfg["encoder"]))
                     loss = loss + self.cikd_weight * ci
                     sums["cikd"] += ci.detach()
                 sums["task"] += task_loss.detach()
                 module.manual_backward(loss)
         finally:
+            self._teacher_stages = None
             model.set_config(model.max_widths())
         n = max(1, self.num_random + int(self.train_min))
         return {"train/slim/sub_loss": sums["task"] / n, "train/slim/cikd": sums["cikd"] / n}
