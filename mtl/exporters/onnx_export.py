@@ -129,10 +129,22 @@ def _trace(graph: TaskGraph, sample: torch.Tensor, path: Path, opset: int, expor
         where = locate_operator(graph.model, sample, graph.task_names, op)
         raise ExportError(f"ONNX (opset {opset}) cannot express operator '{op}' used in module "
                           f"{where or '(not found by name)'}; replace that module or pick another opset"
+                          + _resampling_hint(graph.model, sample, op)
                           + ("; or try format.exporter=dynamo, which decomposes many operators the torchscript "
                              "exporter cannot write" if exporter == "torchscript" else "")) from None
     finally:
         graph.eval()  # the torchscript exporter restores the wrapper's mode; keep eval for verification
+
+
+def _resampling_hint(model: Any, sample: torch.Tensor, op: str) -> str:
+    """Why a ViT traced at another size than its ``img_size`` meets an interpolation operator: its
+    position embeddings are resampled to the new token grid inside the graph."""
+    trained = (getattr(model, "config", None) or {}).get("backbone", {}).get("img_size")
+    size = int(sample.shape[-1])
+    if "upsample" not in op and "interpolate" not in op or not trained or int(trained) == size:
+        return ""
+    return (f"; it comes from tracing at format.input_size={size} while the backbone's img_size is {trained} "
+            f"(the position embeddings are resampled): export at format.input_size={trained}")
 
 
 def _file_opset(path: Path) -> int | None:

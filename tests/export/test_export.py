@@ -127,6 +127,14 @@ def test_unsupported_operator_names_operator_and_module(tmp_path, exporter):
     assert [p.name for p in tmp_path.iterdir()] == []  # no temporary left behind either
 
 
+def test_a_vit_traced_off_its_img_size_is_told_why_the_resampling_operator_appears(tmp_path):
+    folder = _folder(tmp_path, "test_vit")  # img_size 32
+    with pytest.raises(ExportError, match=r"upsample.*format.input_size=24 while the backbone's img_size is 32 "
+                                          r".*export at format.input_size=32"):
+        mtl.export(folder, "onnx", tmp_path / "out", exporter="torchscript", input_size=24)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("backbone", ["test_resnet", pytest.param("test_vit", marks=pytest.mark.slow)])
 def test_timm_weights_reload_in_plain_timm(tmp_path, backbone):
     import timm
