@@ -5,12 +5,14 @@ the train loader shuffles without a fixed seed, so reading from it directly woul
 command keep different experts or channels on each run."""
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch.utils.data import DataLoader
 
 
 def calibration_batches(datamodule, n_batches: int, split: str = "train") -> list[dict[str, torch.Tensor]]:
-    """The first ``n_batches`` of ``split`` (train or val) in dataset order. Never the test split: the
+    """The first ``n_batches`` of ``split`` (train or val) in dataset order, never augmented. Never the test split: the
     result is reported on it, so calibrating there would tune to the test set. Fewer batches than asked
     for are returned when the split is that small (an empty split is an error)."""
     if split not in ("train", "val"):
@@ -19,8 +21,12 @@ def calibration_batches(datamodule, n_batches: int, split: str = "train") -> lis
     if isinstance(n_batches, bool) or int(n_batches) < 1:
         raise ValueError(f"calib.batches must be >= 1, got {n_batches!r}")
     loader = getattr(datamodule, f"{split}_dataloader")()
-    if split == "train":  # the train loader shuffles; calibration must be repeatable
-        loader = DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False,
+    if split == "train":  # the train loader shuffles and may augment; calibration must be repeatable
+        dataset = loader.dataset
+        if getattr(dataset, "transform", None) is not None:  # a shallow copy: the training run keeps its flips
+            dataset = copy.copy(dataset)
+            dataset.transform = None
+        loader = DataLoader(dataset, batch_size=loader.batch_size, shuffle=False,
                             collate_fn=loader.collate_fn, num_workers=0)
     out = []
     for i, batch in enumerate(loader):

@@ -42,10 +42,23 @@ def _open_local(path: Path) -> dict[str, Any]:
                                 ".parquet/.arrow files")
     by_split: dict[str, list[pa.Table]] = {}
     for f in files:
-        rel = str(f.relative_to(path)).lower() if path.is_dir() else f.name.lower()
-        split = next((s for s in ("train", "test", *_VAL_NAMES) if s in rel), "train")
+        split = _split_of(f.relative_to(path) if path.is_dir() else Path(f.name))
         by_split.setdefault(split, []).append(_read_table(f))
     return {s: Dataset(InMemoryTable(pa.concat_tables(ts))) for s, ts in by_split.items()}
+
+
+def _split_of(rel: Path) -> str:
+    """The split a parquet/arrow file belongs to, from whole words of its path, the file name first
+    (``data/validation-00000-of-00001.parquet``: val; ``latest/train.parquet``: train, not test)."""
+    import re
+
+    for part in reversed(rel.with_suffix("").parts):
+        words = set(re.split(r"[^a-z]+", part.lower()))
+        for names in (("train",), ("test",), _VAL_NAMES):
+            found = next((n for n in names if n in words), None)
+            if found:
+                return found
+    return "train"
 
 
 def _read_table(f: Path) -> pa.Table:
@@ -133,6 +146,51 @@ def _class_ids(where: str, key: str, t: torch.Tensor, classes: int | None) -> to
             f"below 0 (class ids start at 0{ignored})"
         raise ValueError(f"{where} holds {int(ids[bad][0])}, {limit}")
     return t
+
+
+def _rgb_uint8(img: np.ndarray, where: str) -> np.ndarray:
+    """Numeric image arrays -> (N, 3, H, W) uint8. Grey (H, W) or one channel is repeated, an alpha channel
+    dropped; floats in [0, 1] are scaled to 0..255, floats up to 255 read as 0..255. Anything else is
+    refused, not clipped: normalised (negative) floats or 16-bit values would turn into black or white."""
+    if img.ndim == 3:
+        img = img[:, None]
+    elif img.ndim == 4 and img.shape[-1] in (1, 3, 4) and img.shape[1] not in (1, 3, 4):
+        img = img.transpose(0, 3, 1, 2)
+    if img.ndim != 4 or img.shape[1] not in (1, 3, 4):
+        raise ValueError(f"{where} has shape {img.shape[1:]} per image; images need (H, W), (H, W, C) or (C, H, W) "
+                         "with C = 1 (grey), 3 (RGB) or 4 (RGBA)")
+    img = np.repeat(img, 3, 1) if img.shape[1] == 1 else img[:, :3]
+    if img.dtype == np.uint8 or not img.size:
+        return img.astype(np.uint8)
+    if img.dtype == bool:
+        return img.astype(np.uint8) * 255
+    lo, hi = img.min(), img.max()
+    if np.issubdtype(img.dtype, np.floating):
+        if not np.isfinite(img).all():
+            raise ValueError(f"{where} holds NaN or infinite pixel values")
+        if lo < 0:
+            raise ValueError(f"{where} holds negative pixel values (min {lo:.3g}): it looks normalised "
+                             "(mean/std); store 0..1 or 0..255 values, the model normalises its input itself")
+        if hi > 255:
+            raise ValueError(f"{where} holds pixel values up to {hi:.4g}; images are 0..1 or 0..255")
+        return np.round(img * (255.0 if hi <= 1.0 else 1.0)).astype(np.uint8)
+    if lo < 0 or hi > 255:
+        raise ValueError(f"{where} holds {img.dtype} pixel values in {lo}..{hi}; images are 8-bit (0..255): "
+                         "convert them first (e.g. 16-bit: multiply by 255/65535)")
+    return img.astype(np.uint8)
+
+
+def _edge_map(where: str, t: torch.Tensor) -> torch.Tensor:
+    """Edge targets as float 0/1 (or probabilities in [0, 1]); 8-bit masks stored as 0/255 read as 0/1."""
+    f = t.to(torch.float32)
+    if not torch.isfinite(f).all():
+        raise ValueError(f"{where} holds NaN or infinite values; edges need 0/1 per pixel")
+    if not t.is_floating_point() and f.max() > 1 and bool(((f == 0) | (f == 255)).all()):
+        return f / 255
+    if f.min() < 0 or f.max() > 1:
+        raise ValueError(f"{where} holds values in {f.min().item():g}..{f.max().item():g}; edges need 1 = boundary, "
+                         "0 = not (or probabilities in [0, 1]); 8-bit masks of 0/255 are read as 0/1")
+    return f
 
 
 def _channels_first(a: np.ndarray, channels: int) -> np.ndarray:
@@ -228,15 +286,7 @@ class HFImageDataModule(TensorDataModule):
                                  f"(e.g. {a.ravel()[0] if a.size else None!r}), not numbers")
             return a
 
-        img = raw(self.image_column, label=False)
-        if img.ndim == 3:  # grayscale arrays
-            img = np.repeat(img[..., None], 3, -1)
-        img = _channels_first(img, 3)
-        if img.shape[1] == 1:
-            img = np.repeat(img, 3, 1)
-        if img.dtype != np.uint8:
-            scale = 255.0 if np.issubdtype(img.dtype, np.floating) and img.size and img.max() <= 1.0 else 1.0
-            img = np.clip(np.round(img * scale), 0, 255).astype(np.uint8)
+        img = _rgb_uint8(raw(self.image_column, label=False), f"hf_local: image column {self.image_column!r} of split {split!r}")
         # np.require(..., "W"): arrow buffers are read-only, which torch.from_numpy warns about
         image = _resize(torch.from_numpy(np.require(img, requirements=["C", "W"])), self.size, nearest=False)
         out = {"image": image}
@@ -259,8 +309,11 @@ class HFImageDataModule(TensorDataModule):
                 elif key == "normals":  # any other dtype holds the vectors themselves
                     out[key] = t.to(torch.float32)
                     check_unit_normals(out[key], where)
-                else:
-                    out[key] = t.to(torch.float32)
+                elif key == "edges":
+                    out[key] = _edge_map(where, t)
+                else:  # depth: a missing value (NaN, ±inf) is what 0 already means, an invalid pixel
+                    t = t.to(torch.float32)
+                    out[key] = torch.where(torch.isfinite(t), t, 0.0)
             elif key == "classification":
                 if not (a.ndim == 1 or (a.ndim == 2 and a.shape[1] == 1)):
                     raise ValueError(f"{where} has shape {a.shape}; classification needs one class id per row, "
@@ -269,6 +322,10 @@ class HFImageDataModule(TensorDataModule):
                 out[key] = _class_ids(where, key, t, self._classes["classification_classes"])
             elif key == "regression":
                 t = torch.from_numpy(a.astype(np.float32))
+                if not torch.isfinite(t).all():
+                    row = int((~torch.isfinite(t.view(len(t), -1))).any(1).nonzero()[0])
+                    raise ValueError(f"{where} holds a missing value ({t.view(len(t), -1)[row].tolist()[:4]} in row "
+                                     f"{row}); the regression loss has no mask: drop or fill those rows")
                 out[key] = t.view(len(t), -1)
             else:
                 out[key] = torch.from_numpy(a.astype(np.int64 if integer else np.float32))

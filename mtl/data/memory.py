@@ -67,13 +67,18 @@ def collate_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def random_hflip(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Flip half the samples left-right; dense targets follow and normals' x component changes sign."""
+    """Flip half the samples left-right; dense targets follow and normals' x component changes sign.
+
+    Dense means shaped like the image's grid: (B, H, W) or (B, C, H, W) with the image's H and W. Other
+    per-sample arrays (keypoints, box lists passed through by ``hf_local``) are left as they are: a
+    left-right flip of their last axis would scramble them, not mirror them."""
     first = next(iter(batch.values()))
     flip = torch.rand(len(first)) < 0.5
     if not flip.any():
         return batch
+    grid = tuple(batch["image"].shape[-2:]) if "image" in batch else None
     for k, v in batch.items():
-        if v.ndim >= 3:  # (B, H, W) or (B, C, H, W)
+        if v.ndim >= 3 and (grid is None or tuple(v.shape[-2:]) == grid) and v.ndim <= 4:
             v[flip] = v[flip].flip(-1)
             if k == "normals":
                 v[flip, 0] = -v[flip, 0]

@@ -339,3 +339,61 @@ def test_a_none_row_in_a_list_column_is_named_as_missing(tmp_path):
     entry = _save(tmp_path / "entry", img=img, y=[[1.0, 2.0], [0.0, 1.0], [0.0, None], [1.0, 1.0]])
     with pytest.raises(ValueError, match=r"column 'y' .*row 2 has a missing \(None\) entry"):
         HFImageDataModule(entry, image_column="img", columns={"y": "regression"}).setup()
+
+
+def _images(path, img, **cols):
+    return HFImageDataModule(_save(path, img=img, **cols), image_column="img", columns={k: k2 for k, k2 in
+                             {"e": "edges", "d": "depth", "r": "regression", "y": "classification"}.items() if k in cols},
+                             val_fraction=0.25, test_fraction=0.25).dataset("train").tensors
+
+
+def test_numeric_images_are_scaled_or_refused_never_clipped(tmp_path):
+    # one random image four times: the splits are carved at random, the train rows are still this image
+    base = np.repeat(np.random.default_rng(0).integers(0, 256, (1, 2, 3, 3)).astype(np.uint8), 4, 0)
+    want = torch.from_numpy(base).permute(0, 3, 1, 2)[:2]
+    y = [0, 1, 0, 1]
+    assert torch.equal(_images(tmp_path / "f01", (base / 255).astype(np.float32).tolist(), y=y)["image"], want)
+    assert torch.equal(_images(tmp_path / "f255", base.astype(np.float32).tolist(), y=y)["image"], want)
+    grey = _images(tmp_path / "g1", base[..., :1].tolist(), y=y)["image"]  # (H, W, 1): repeated to RGB
+    assert grey.shape == (2, 3, 2, 3) and torch.equal(grey[:, 1], want[:, 0])
+    rgba = np.concatenate([base, np.full((4, 2, 3, 1), 7, np.uint8)], -1)
+    assert torch.equal(_images(tmp_path / "rgba", rgba.tolist(), y=y)["image"], want)  # alpha dropped
+    with pytest.raises(ValueError, match=r"image column 'img' of split 'train' holds negative pixel values .*normalised"):
+        _images(tmp_path / "norm", ((base / 255 - 0.5) / 0.25).astype(np.float32).tolist(), y=y)
+    with pytest.raises(ValueError, match=r"image column 'img' .* holds int64 pixel values in 79\.\.3983; images are 8-bit"):
+        _images(tmp_path / "u16", (base.astype(np.int64) * 16 + 15).tolist(), y=y)
+    with pytest.raises(ValueError, match=r"image column 'img' .* has shape \(2, 3, 5\) per image"):
+        _images(tmp_path / "c5", np.zeros((4, 2, 3, 5), np.uint8).tolist(), y=y)
+
+
+def test_edge_masks_of_0_255_read_as_0_1_and_other_values_are_refused(tmp_path):
+    img = np.zeros((4, 2, 2, 3), np.uint8).tolist()
+    e = np.zeros((4, 2, 2), np.uint8)
+    e[:, 0, 1] = 255
+    t = _images(tmp_path / "e255", img, e=e.tolist())["edges"]
+    assert t.dtype == torch.float32 and t[0, 0].tolist() == [[0.0, 1.0], [0.0, 0.0]]
+    assert torch.equal(_images(tmp_path / "e01", img, e=(e // 255).tolist())["edges"], t)
+    with pytest.raises(ValueError, match=r"column 'e' \(edges\) of split 'train' holds values in 0\.\.3; edges need 1 = boundary"):
+        _images(tmp_path / "e3", img, e=(e % 4).tolist())
+
+
+def test_missing_depth_is_invalid_and_missing_regression_is_refused(tmp_path):
+    img = np.zeros((4, 2, 2, 3), np.uint8).tolist()
+    d = np.ones((4, 2, 2), np.float32)
+    d[:, 1, 1] = np.nan
+    t = _images(tmp_path / "d", img, d=d.tolist())["depth"]
+    assert t[0, 0].tolist() == [[1.0, 1.0], [1.0, 0.0]]  # NaN -> 0, the invalid mark the depth metrics skip
+    with pytest.raises(ValueError, match=r"column 'r' \(regression\) of split 'train' holds a missing value .* row 2"):
+        _images(tmp_path / "r", img, r=[[1.0], [2.0], [float("nan")], [3.0]])
+
+
+@pytest.mark.parametrize("files, splits", [
+    (["latest/train.parquet", "latest/validation.parquet"], {"train", "validation"}),
+    (["data/train-00000-of-00001.parquet", "data/test-00000-of-00001.parquet", "data/val.parquet"], {"train", "test", "val"}),
+    (["interval/data.parquet", "contest/dev.parquet"], {"train", "dev"}),
+])
+def test_parquet_splits_come_from_whole_words_of_the_path(tmp_path, files, splits):
+    from mtl.data.hf_local import _split_of
+
+    from pathlib import Path
+    assert {_split_of(Path(f)) for f in files} == splits

@@ -281,6 +281,34 @@ def test_augment_flips_consistently(tmp_path):
         assert torch.equal(a["regression"][i], p["regression"][i])
 
 
+def test_flips_leave_arrays_not_shaped_like_the_image_alone():
+    from mtl.data.memory import random_hflip
+
+    torch.manual_seed(0)
+    image = torch.arange(8 * 3 * 4 * 6, dtype=torch.float32).view(8, 3, 4, 6)
+    batch = {"image": image.clone(), "depth": image[:, :1].clone(), "semseg": image[:, 0].clone(),
+             "keypoints": torch.arange(8 * 3 * 2).view(8, 3, 2)}
+    out = random_hflip({k: v.clone() for k, v in batch.items()})
+    flipped = [not torch.equal(out["image"][i], image[i]) for i in range(8)]
+    assert 0 < sum(flipped) < 8
+    for i in range(8):
+        want = image[i].flip(-1) if flipped[i] else image[i]
+        assert torch.equal(out["image"][i], want) and torch.equal(out["depth"][i], want[:1])
+        assert torch.equal(out["semseg"][i], want[0])
+    assert torch.equal(out["keypoints"], batch["keypoints"])  # (B, 3, 2): not a grid, never flipped
+
+
+def test_calibration_batches_are_never_augmented(tmp_path):
+    from mtl.data.calibration import calibration_batches
+
+    aug = ScenesDataModule(cache_dir=tmp_path, augment=True, **KW)
+    plain = {k: v[:8] for k, v in aug.dataset("train").tensors.items()}  # stored order, unflipped
+    torch.manual_seed(0)
+    runs = [calibration_batches(aug, 1)[0] for _ in range(3)]
+    assert all(torch.equal(r["image"], plain["image"]) and torch.equal(r["normals"], plain["normals"]) for r in runs)
+    assert aug.train_dataloader().dataset.transform is not None  # training still flips
+
+
 def test_registry_errors():
     assert {"scenes", "hf_local"} <= set(DATAMODULES.names())
     with pytest.raises(UnknownNameError, match="hf_local.*scenes"):
