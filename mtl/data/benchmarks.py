@@ -32,10 +32,23 @@ def resolve_size(size: int | list[int] | tuple[int, int] | None, stored: tuple[i
     """``None``: the stored (H, W); ``[H, W]``: that; an int: that height, the width keeping the aspect."""
     if size is None:
         return stored
+    size = check_size(size)
     if isinstance(size, int):
         return size, max(1, round(size * stored[1] / stored[0]))
-    h, w = (int(v) for v in size)
-    return h, w
+    return size
+
+
+def check_size(size: Any) -> int | tuple[int, int] | None:
+    """``data.size`` as null, a positive int or ``[H, W]`` of positive ints; anything else is named."""
+    def ok(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    if size is None or ok(size):
+        return size
+    if not isinstance(size, (str, bytes)) and hasattr(size, "__len__") and len(size) == 2 and all(ok(v) for v in size):
+        return int(size[0]), int(size[1])
+    raise ValueError(f"data.size must be null (as stored), a positive int (the height, aspect kept) or [H, W] "
+                     f"of positive ints, got {size!r}")
 
 
 def resize_sample(sample: dict[str, torch.Tensor], hw: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -62,6 +75,11 @@ def image_to_uint8(a: np.ndarray, where: str) -> torch.Tensor:
     """(H, W, 3) float in [0, 1] (or uint8) -> uint8 (3, H, W)."""
     if a.ndim != 3 or a.shape[-1] != 3:
         raise ValueError(f"{where}: expected an image of shape (H, W, 3), got {a.shape}")
+    if a.dtype.kind in "iub" and a.dtype != np.uint8:  # integers: 0-255 only, never rescaled or clipped
+        lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
+        if lo < 0 or hi > 255:
+            raise ValueError(f"{where}: {a.dtype} image values span {lo}..{hi}; expected 0-255 (or floats in [0, 1])")
+        a = a.astype(np.uint8)
     if a.dtype != np.uint8:
         top = float(np.nanmax(a)) if a.size else 0.0
         if top > 1.0 + 1e-6:  # 0-255 floats would all clip to white
@@ -203,7 +221,10 @@ class DenseBenchmarkDataModule(TensorDataModule):
         super().__init__(batch_size=batch_size, num_workers=num_workers, augment=augment)
         self.root = Path(os.path.expanduser(str(root)))
         self.num_classes = int(num_classes)
-        self.size = size
+        if not 1 <= self.num_classes < IGNORE:  # labels are stored as uint8 with 255 = ignored
+            raise ValueError(f"{self.benchmark}: data.num_classes must be in 1..{IGNORE - 1} (255 marks ignored "
+                             f"pixels), got {num_classes!r}")
+        self.size = check_size(size)
         self.limits = {"train": n_train, "val": n_val, "test": n_test}
         for split, n in self.limits.items():  # 0 would surface later as an empty split with no name
             if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):

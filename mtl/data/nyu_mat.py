@@ -53,7 +53,23 @@ def read_splits(path) -> dict[str, list[int]]:
     for split, key in (("train", "trainNdxs"), ("test", "testNdxs")):
         if key not in data:
             raise KeyError(f"nyuv2: splits file {str(p)!r} has no {key!r} (expected trainNdxs and testNdxs)")
-        out[split] = [int(i) - 1 for i in np.asarray(data[key]).ravel()]  # MATLAB indices are 1-based
+        raw = np.asarray(data[key]).ravel()
+        where = f"nyuv2: splits file {str(p)!r}, {key}"
+        if raw.dtype.kind not in "biuf" or (raw.dtype.kind == "f" and not np.isfinite(raw).all()):
+            raise ValueError(f"{where}: holds {raw.dtype} values, not image numbers")
+        frac = raw[raw != np.round(raw)]
+        if frac.size:
+            raise ValueError(f"{where}: {float(frac[0]):g} is not a whole image number")
+        if raw.size and raw.min() < 1:
+            raise ValueError(f"{where}: holds {int(raw.min())}; the indices are MATLAB's, 1-based (image 1 is the first)")
+        out[split] = [int(i) - 1 for i in raw]  # MATLAB indices are 1-based
+        if len(set(out[split])) != len(out[split]):
+            dup = next(i for i in out[split] if out[split].count(i) > 1)
+            raise ValueError(f"{where}: image {dup + 1} appears more than once")
+    shared = sorted(set(out["train"]) & set(out["test"]))
+    if shared:
+        raise ValueError(f"nyuv2: splits file {str(p)!r}: {len(shared)} image(s) in both trainNdxs and testNdxs "
+                         f"(first: {shared[0] + 1}); the test set would leak into training")
     return out
 
 
@@ -158,6 +174,9 @@ def read_class_mapping(spec, num_classes: int) -> np.ndarray:
                     f"{int(table.max()) + 1} or add class13Mapping.mat after it")
         raise ValueError(f"nyuv2: class mapping {source} maps raw label {raw} to class {int(table[raw])}, outside "
                          f"0..{num_classes - 1} (data.num_classes={num_classes}){hint}")
+    if table.max(initial=-1) + 1 < num_classes:  # a head with classes no pixel can have
+        raise ValueError(f"nyuv2: class mapping {source} gives {int(table.max()) + 1} classes but data.num_classes="
+                         f"{num_classes}; set data.num_classes={int(table.max()) + 1}")
     return table
 
 

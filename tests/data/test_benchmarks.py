@@ -133,6 +133,8 @@ def test_bad_root_and_layout_name_the_expected_path(tmp_path):
      r"train/image/0\.npy: float image values reach 200; expected \[0, 1\]"),
     (lambda r: np.save(r / "train" / "label" / "99.npy", np.zeros((H, W), np.float32)),
      r"train/label/99\.npy has no image"),
+    (lambda r: np.save(r / "train" / "image" / "0.npy", np.full((H, W, 3), 4000, np.int64)),  # 16-bit
+     r"train/image/0\.npy: int64 image values span 4000\.\.4000; expected 0-255"),
     (lambda r: np.save(r / "train" / "image" / "0.npy", np.full((H, W, 3), -0.5, np.float32)),
      r"train/image/0\.npy: float image values go down to -0\.5; expected \[0, 1\] \(not normalised\)"),
     (lambda r: np.save(r / "train" / "normal" / "1.npy", np.full((H, W, 3), 0.5, np.float32)),  # length 0.866
@@ -158,6 +160,25 @@ def test_bad_files_are_named_not_silently_mended(tmp_path, damage, match):
     damage(root)
     with pytest.raises(ValueError, match=match):
         create_datamodule("nyuv2", root=str(root)).setup()
+
+
+def test_integer_images_of_0_255_load_as_uint8(tmp_path):
+    root = write_npy_layout(tmp_path / "nyu")
+    img = np.random.default_rng(0).integers(0, 256, (H, W, 3))  # int64, as np.load gives many saved arrays
+    np.save(root / "train" / "image" / "0.npy", img)
+    got = create_datamodule("nyuv2", root=str(root)).dataset("train").tensors["image"][0]
+    assert got.dtype == torch.uint8 and torch.equal(got, torch.from_numpy(img).permute(2, 0, 1).to(torch.uint8))
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"size": "32"}, r"data\.size must be null .* got '32'"),
+    ({"size": 32.0}, r"data\.size must be null .* got 32\.0"),
+    ({"size": [32, 0]}, r"data\.size must be null .* got \[32, 0\]"),
+    ({"num_classes": 300}, r"nyuv2: data\.num_classes must be in 1\.\.254 \(255 marks ignored pixels\), got 300"),
+])
+def test_bad_size_and_class_counts_are_named(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        create_datamodule("nyuv2", root=str(tmp_path), **kw)
 
 
 def test_a_sample_limit_of_zero_is_named(tmp_path):

@@ -142,4 +142,27 @@ def test_a_plain_table_needs_one_entry_per_raw_label(tmp_path, n):
                                          r"\(entry i = the 0-based class of raw label i, for raw labels 0\.\.894\)"):
         read_class_mapping(tmp_path / "t.npy", 13)
     (tmp_path / "t.txt").write_text("\n".join(["-1"] + ["0"] * 894))
-    assert read_class_mapping(tmp_path / "t.txt", 13).tolist() == [-1] + [0] * 894
+    assert read_class_mapping(tmp_path / "t.txt", 1).tolist() == [-1] + [0] * 894
+
+
+def test_a_mapping_with_fewer_classes_than_the_head_is_refused(mats):
+    with pytest.raises(ValueError, match=r"class mapping classMapping40\.mat → class13Mapping\.mat gives 13 classes "
+                                         r"but data\.num_classes=40; set data\.num_classes=13"):
+        read_class_mapping([str(m) for m in mats], 40)
+
+
+@pytest.mark.parametrize("splits, message", [
+    ({"trainNdxs": [1, 2, 3, 5], "testNdxs": [5, 6]}, r"1 image\(s\) in both trainNdxs and testNdxs \(first: 5\)"),
+    ({"trainNdxs": [1.7, 2, 3], "testNdxs": [4]}, r"trainNdxs: 1\.7 is not a whole image number"),
+    ({"trainNdxs": [0, 1, 2], "testNdxs": [3]}, r"trainNdxs: holds 0; the indices are MATLAB's, 1-based"),
+    ({"trainNdxs": [1, 2, 2], "testNdxs": [3]}, r"trainNdxs: image 2 appears more than once"),
+])
+def test_bad_split_indices_are_named(tmp_path, splits, message):
+    from mtl.data.nyu_mat import read_splits
+
+    path = tmp_path / "splits.json"
+    path.write_text(json.dumps(splits))
+    with pytest.raises(ValueError, match=message):
+        read_splits(path)
+    path.write_text(json.dumps({"trainNdxs": [1, 3], "testNdxs": [2]}))
+    assert read_splits(path) == {"train": [0, 2], "test": [1]}
