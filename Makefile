@@ -7,13 +7,15 @@ export MTL_OUTPUT_DIR ?= outputs
 
 .PHONY: venv demo test test-slow bench clean
 
-venv: $(VENV)/.installed
-
-$(VENV)/.installed: pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
-	touch $@
+# The stamp holds pyproject.toml's hash, not a time: a fresh clone (new file times) next to a venv
+# installed from the same pyproject does not reinstall.
+venv:
+	@want=$$(sha256sum pyproject.toml | cut -d' ' -f1); \
+	if [ -x $(PY) ] && [ "$$(cat $(VENV)/.installed 2>/dev/null)" = "$$want" ]; then exit 0; fi; \
+	set -ex; test -x $(PY) || python3 -m venv $(VENV); \
+	$(PY) -m pip install --quiet --upgrade pip; \
+	$(PY) -m pip install --quiet -e ".[dev]"; \
+	echo "$$want" > $(VENV)/.installed
 
 # Single-task baselines (a multirun writes baselines.json), then the multi-task model with Δm%.
 # One shell with `set -e`: any failing step stops the demo with its error (a stale baselines file is

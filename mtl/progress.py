@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 
-from mtl.progress_log import format_duration, progress_line
+from mtl.progress_log import emit, format_duration, progress_line
 
 
 def _is_tty(stream: TextIO) -> bool:
@@ -55,7 +55,7 @@ class TextProgressBar(ProgressBar):
 
     def _print(self, trainer, text: str) -> None:
         if self._enabled and trainer.is_global_zero:
-            print(text, file=self.stream or sys.stdout, flush=True)
+            emit(text, self.stream)
 
     def _metrics(self, trainer, prefix: str) -> str:
         """Up to 4 losses, the aggregate ``<prefix>loss`` first (the module logs it after the tasks')."""

@@ -6,6 +6,7 @@ mtl-merge's λ grids, evaluations over tasks and learned-merging steps print ``P
 """
 from __future__ import annotations
 
+import logging
 import re
 import sys
 import time
@@ -13,6 +14,19 @@ from datetime import timedelta
 from typing import TextIO
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+#: progress lines also go here; the CLIs' logging config sends this logger to the job's own log file
+#: (``train.log``, ``merge.log``, ...) only. Not propagated: a notebook with INFO logging on the console
+#: would otherwise see every line twice.
+PROGRESS_LOGGER = logging.getLogger("mtl.progress")
+PROGRESS_LOGGER.propagate = False
+
+
+def emit(text: str, stream: TextIO | None = None) -> None:
+    """One progress line: printed (stdout unless ``stream``) and logged to ``mtl.progress``."""
+    print(text, file=stream or sys.stdout, flush=True)
+    PROGRESS_LOGGER.info(text)
 
 
 def strip_ansi(text: str) -> str:
@@ -51,5 +65,4 @@ class ProgressLog:
         if not self.enabled or (now - self._last < self.every_seconds and done != 1 and done != self.total):
             return
         self._last = now
-        print(progress_line(self.prefix, done, self.total, now - self.start, self.unit, note),
-              file=self.stream or sys.stdout, flush=True)
+        emit(progress_line(self.prefix, done, self.total, now - self.start, self.unit, note), self.stream)

@@ -242,3 +242,17 @@ def test_run_names_nest_inside_the_root_and_in_process_runs_check_them_too(monke
     for bad in ("..", "", "../x", str(tmp_path / "abs")):
         with pytest.raises(ValueError, match="must be a relative folder name"):
             default_run_dir(bad)
+
+
+def test_an_error_without_a_message_still_says_what_it_is():
+    from mtl.cli.common import hydra_message
+
+    assert hydra_message(AssertionError()) == "AssertionError (no message; pass verbose=true for the traceback)"
+    try:
+        try:
+            raise AssertionError()
+        except AssertionError as inner:
+            raise RuntimeError("") from inner
+    except RuntimeError as e:
+        assert hydra_message(e).startswith("AssertionError (no message")
+    assert one_line(AssertionError()) == "AssertionError"

@@ -95,3 +95,41 @@ def test_the_aggregate_loss_comes_first_with_many_tasks():
                                                                              "val/loss": torch.tensor(10.0)}
     text = TextProgressBar()._metrics(SimpleNamespace(callback_metrics=metrics), "val/")
     assert text == "val/loss 10 val/t0/loss 0 val/t1/loss 1 val/t2/loss 2"
+
+
+def test_progress_lines_reach_the_jobs_log_file_and_not_stderr(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MTL_OUTPUT_DIR": str(tmp_path / "out"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "mtl.cli.train", "debug=smoke", "task=[depth]", "logger=none",
+                           "viz.num_samples=0", f"hydra.run.dir={tmp_path / 'run'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = (tmp_path / "run" / "train.log").read_text()
+    for line in ("[train] epoch 1 done in", "[val] epoch 1 val/loss"):
+        assert line in proc.stdout and f"[mtl.progress][INFO] - {line}" in log
+    assert "[train]" not in proc.stderr and "[val]" not in proc.stderr
+
+
+def test_progress_lines_are_not_propagated_to_the_root_logger():
+    import logging
+
+    from mtl.progress_log import emit
+
+    seen = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = seen.append
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        emit("[eval] 1/1 (100%)")
+        logging.getLogger("mtl.other").info("reaches root")
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+    # a notebook with INFO logging on the console would print each progress line twice
+    assert [r.getMessage() for r in seen] == ["reaches root"]

@@ -81,6 +81,29 @@ def test_optuna_sweep_reports_the_best_trial(tmp_path):
     assert set(best["best_params"]) == {"optim.lr", "balancer.lr"}
 
 
+def test_optunas_database_storage_works_with_the_installed_sqlalchemy(tmp_path):
+    # the sweeps extra pins sqlalchemy<2 / alembic<1.14: optuna 2.x (the newest Hydra's sweeper allows)
+    # fails on SQLAlchemy 2 with a bare AssertionError when the study is created
+    optuna = pytest.importorskip("optuna")
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(storage=url, study_name="s", direction="minimize")
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1) ** 2, n_trials=2)
+    assert len(optuna.load_study(study_name="s", storage=url).trials) == 2
+
+
+@pytest.mark.slow
+def test_an_optuna_study_in_a_database_resumes(tmp_path):
+    optuna = pytest.importorskip("optuna")
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    for _ in range(2):
+        proc = cli("-m", "hparams_search=optuna", *SMOKE, "task=[depth]", "optimized_metric=val/depth/rmse",
+                   "hydra.sweeper.direction=minimize", "hydra.sweeper.n_trials=1", f"hydra.sweeper.storage={url}",
+                   "hydra.sweeper.study_name=resumed", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(optuna.load_study(study_name="resumed", storage=url).trials) == 2
+
+
 @pytest.mark.slow
 def test_optuna_sweep_with_an_unlogged_metric_fails_naming_the_logged_ones(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")

@@ -211,7 +211,11 @@ def hydra_message(exc: BaseException) -> str:
     cause = exc.__cause__
     if cause is not None and str(cause).strip():
         parts.append(str(cause).strip().splitlines()[0].rstrip("."))
-    return "; ".join(p for p in parts if not p.startswith(("full_key:", "object_type=")))
+    text = "; ".join(p for p in parts if not p.startswith(("full_key:", "object_type=")))
+    if not text:  # e.g. a bare AssertionError inside a plugin: its type is all there is to say
+        inner = cause if cause is not None else exc
+        text = f"{type(inner).__name__} (no message; pass verbose=true for the traceback)"
+    return text
 
 
 def cli_main(hydra_main: Callable[[], Any], *config_modules: str, argv: list[str] | None = None) -> None:
