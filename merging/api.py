@@ -33,7 +33,7 @@ def merge(
     if method in LEARNED_METHODS:  # learned at test time: needs data and a model (see merging.learn)
         if "unlabeled" not in kwargs and "labeled" not in kwargs:
             raise ValueError(f"{method} learns its coefficients at test time: pass unlabeled={{task: iterable of "
-                             "input batches}} (and model=... unless the inputs are model folders)")
+                             "input batches} (and model=... unless the inputs are model folders)")
         with torch_threads(threads):
             return learn(method, pretrained, finetuned, **kwargs).state_dict
     opts, hp = KeyOptions.split(dict(kwargs))

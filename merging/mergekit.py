@@ -12,7 +12,9 @@ mergekit (Goddard et al. 2024) applies every method per tensor and differs from 
   weights (task arithmetic; |Σ w| < 1e-8 divides by 1; linear refuses weights summing to 0, where
   mergekit would write inf/NaN); `lambda` scales the mixed δ;
 - DARE draws `torch.bernoulli(density)` from torch's global generator, model by model, and with
-  `rescale` matches the L1 norm of the kept δ to the original's (not 1/density);
+  `rescale` matches the L1 norm of the kept δ to the original's (not 1/density). With `seed` (ours;
+  mergekit's runs are not repeatable) each (model, tensor) draws from its own seeded generator, as the
+  paper convention's DARE does, so a merge repeats whatever the reading order or thread count;
 - linear: Σ_t w_t θ_t / Σ_t w_t (`addcmul` in float32, float64 for float64 inputs).
 
 Arithmetic runs in float32 (float64 for float64 inputs) and the result takes θ0's dtype: this equals
@@ -21,6 +23,7 @@ ones mergekit calls, in its order, so results agree bit for bit under the same t
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -32,6 +35,8 @@ from .engine import Context
 from .methods import MergeMethod, _check_lam, _per_task
 
 __all__ = ["MERGEKIT", "create_mergekit_method", "from_paper_hparams", "magnitude_mask", "elect_mask"]
+
+log = logging.getLogger(__name__)
 
 MERGEKIT: Registry[type["MergekitMethod"]] = Registry("mergekit-convention method")
 #: our method names (and their hyperparameters) that map onto mergekit's
@@ -51,7 +56,6 @@ def create_mergekit_method(name: str, **hparams: Any) -> "MergekitMethod":
 _NO_MERGEKIT_MEANING = {
     "k": "mergekit's DARE does not trim by magnitude",
     "merge_func": "mergekit's switch between the disjoint mean and the sum is `normalize`",
-    "seed": "mergekit's DARE draws from torch's global generator",
     "trim": "mergekit always trims per tensor",
     "tie_rule": "mergekit elects + where the sum is zero",
 }
@@ -131,6 +135,14 @@ class MergekitMethod(MergeMethod):
         _check_lam("weight", self.hp["weight"], allow_list=True)
         _check_lam("lam", self.hp["lam"], allow_list=False)
         _check_density(self.hp["density"])
+        seed = self.hp.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed must be an int or None (torch's global generator, as mergekit), got {seed!r}")
+        dens = self.hp["density"]
+        if self.sparsify and all(d >= 1 for d in (dens if isinstance(dens, Sequence) else [dens])):
+            log.warning("%s (convention=mergekit) at density 1.0 (mergekit's default) keeps every entry: nothing "
+                        "is %s; pass density=<kept fraction>", self.name,
+                        "dropped" if self.sparsify == "random" else "trimmed")
 
     def bind(self, T: int) -> None:
         super().bind(T)
@@ -144,7 +156,12 @@ class MergekitMethod(MergeMethod):
             work = delta
         elif self.sparsify == "random" and self.densities[t] < 1:
             # mergekit draws (and rescales) in float32 on the CPU, also for float64 inputs
-            mask = torch.bernoulli(torch.full_like(delta, self.densities[t], dtype=torch.float32))
+            gen = None
+            if self.hp.get("seed") is not None:
+                from .dare import _dare_seed
+
+                gen = torch.Generator().manual_seed(_dare_seed(self.hp["seed"], t, key))
+            mask = torch.bernoulli(torch.full_like(delta, self.densities[t], dtype=torch.float32), generator=gen)
             work = delta.to(torch.float32)
         else:
             return delta
@@ -194,14 +211,14 @@ class Ties(MergekitMethod):
 class DareTies(MergekitMethod):
     name = "dare_ties"
     sparsify, consensus = "random", True
-    defaults = {**MergekitMethod.defaults, "rescale": True}
+    defaults = {**MergekitMethod.defaults, "rescale": True, "seed": None}
 
 
 @MERGEKIT.register("dare_linear")
 class DareLinear(MergekitMethod):
     name = "dare_linear"
     sparsify = "random"
-    defaults = {**MergekitMethod.defaults, "rescale": True}
+    defaults = {**MergekitMethod.defaults, "rescale": True, "seed": None}
 
 
 @MERGEKIT.register("linear")

@@ -19,7 +19,7 @@ from ..bn import bn_statistics, check_bn, pooled_batches
 from ..keys import DEFAULT_TASK_KEYS
 from .adamerging import CoefficientLearner, Trace
 from .concrete import ConcreteMask
-from .layout import GRANULARITIES, check_blocks, check_patterns, make_layout
+from .layout import check_blocks, check_patterns, make_layout
 from .loop import POOL_LIMIT, Objective
 from .objective import has_entropy
 from .problem import VECTORS, MergeProblem, build_problem, ties_task_vectors
@@ -167,8 +167,20 @@ def check_hparams(method: str, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any
     for k in ("lr", "coef_lr"):
         if k in hp and not (_real(hp[k]) and 0 < hp[k] < float("inf")):
             raise ValueError(f"{k} must be a positive, finite number, got {hp[k]!r}")
+    for k in ("temperature", "initial_logits", "threshold"):
+        if k in hp and not _real(hp[k]):
+            raise ValueError(f"{k} must be a number, got {hp[k]!r}")
     if "threshold" in hp:
         ConcreteMask.check(hp["temperature"], hp["initial_logits"], hp["threshold"])
+    if "seed" in hp and (isinstance(hp["seed"], bool) or not isinstance(hp["seed"], numbers.Integral)):
+        raise ValueError(f"seed must be an int, got {hp['seed']!r}")
+    if "channels_last" in hp and hp["channels_last"] is not None and not isinstance(hp["channels_last"], bool):
+        raise ValueError(f"channels_last must be true or false (null: on for models built from folders), "
+                         f"got {hp['channels_last']!r}")
+    if "pool_limit" in hp and (isinstance(hp["pool_limit"], bool) or not isinstance(hp["pool_limit"], numbers.Integral)
+                               or hp["pool_limit"] < 0):
+        raise ValueError(f"pool_limit must be an int ≥ 0 (input values of one pooled pass; 0: task by task), "
+                         f"got {hp['pool_limit']!r}")
     for k in ("init", "lam"):
         if k in hp and not (_real(hp[k]) and torch.isfinite(torch.tensor(float(hp[k])))):
             raise ValueError(f"{k} must be a finite number, got {hp[k]!r}")
@@ -176,8 +188,10 @@ def check_hparams(method: str, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any
         raise ValueError(f"vectors must be one of {VECTORS} ('ties': AdaMerging++), got {hp['vectors']!r}")
     if "k" in hp and not (_real(hp["k"]) and 0 < hp["k"] <= 100):
         raise ValueError(f"k (the % of each task vector TIES keeps) must be in (0, 100], got {hp['k']!r}")
-    if "granularity" in hp and hp["granularity"] not in GRANULARITIES:
-        raise ValueError(f"unknown granularity {hp['granularity']!r}; valid: {', '.join(GRANULARITIES)}")
+    if "granularity" in hp and hp["granularity"] not in ("task", "layer"):  # "block" is aTLAS's (its `blocks`)
+        raise ValueError(f"unknown granularity {hp['granularity']!r}; valid: task, layer")
+    if hp.get("clamp") and "init" in hp and _real(hp["init"]) and not 0 <= hp["init"] <= 1:
+        raise ValueError(f"init must be in [0, 1] with clamp=true, got {hp['init']!r}")
     if "blocks" in hp:
         check_blocks(hp["blocks"])
     check_patterns(hp.get("learn_blocks"))

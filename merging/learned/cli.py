@@ -144,7 +144,8 @@ def select_learned(method: str, job: MergeJob, hp: Mapping[str, Any]) -> Selecti
     title = f"{method} ({res.granularity}) — {job.run_dir.name}"
     plot_coefficients(res.coefficients, res.groups, res.tasks, job.run_dir / "coefficients.png", title=title)
     if res.history:
-        plot_learning_curves(res.history, job.run_dir / "learning_curves.png", title=title)
+        plot_learning_curves(res.history, job.run_dir / "learning_curves.png", title=title,
+                             objective="supervised" if supervised else "entropy")
     else:  # no steps: a rerun into this folder must not keep an earlier run's curves
         (job.run_dir / "learning_curves.png").unlink(missing_ok=True)
     summary = res.summary()

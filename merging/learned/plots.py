@@ -39,7 +39,7 @@ def plot_coefficients(coefficients, rows: Sequence[str], tasks: Sequence[str], p
 
 
 def plot_learning_curves(history: Sequence[dict[str, Any]], path, *, title: str = "",
-                         metric: str = "val_normalized") -> Path:
+                         metric: str = "val_normalized", objective: str = "entropy") -> Path:
     """Objective per step (sum and per task) and, where recorded, the validation metric per step."""
     from matplotlib.figure import Figure
 
@@ -56,7 +56,7 @@ def plot_learning_curves(history: Sequence[dict[str, Any]], path, *, title: str 
     for p in phases:
         ax.axvline(p + 0.5, color="grey", ls="--", lw=0.8)
     ax.set_xlabel("step")
-    ax.set_ylabel("objective (entropy, nats)" if "supervised" not in title else "objective")
+    ax.set_ylabel("objective (entropy, nats)" if objective == "entropy" else "objective (supervised task loss)")
     ax.legend(fontsize=6, ncol=2)
     if evals:
         idx = [history.index(h) + 1 for h in evals]

@@ -141,9 +141,20 @@ def build_problem(pretrained, finetuned, *, model: nn.Module | None = None, task
             raise ValueError("with model=..., pass tasks=[one task name per fine-tuned model]")
         if len(tasks) != len(fts):
             raise ValueError(f"tasks names {len(tasks)} task(s) for {len(fts)} fine-tuned models: {list(tasks)}")
+        repeated = sorted({str(t) for t in tasks if list(map(str, tasks)).count(str(t)) > 1})
+        if repeated:  # the objective is a sum over tasks: two models of one task would be counted once
+            raise ValueError(f"tasks names {repeated} for more than one fine-tuned model: {list(tasks)}; "
+                             "give each fine-tuned model its own task")
         vector_tasks, names = [[str(t)] for t in tasks], [str(t) for t in tasks]
+    opts, rest = KeyOptions.split(dict(key_options))
+    if rest:
+        raise TypeError(f"unknown option(s) {', '.join(sorted(rest))}")
     built = model is None
     if built:
+        # the inputs' keys and shapes first: building the merged model from mismatched folders would fail
+        # with a message about the model, not about which input differs
+        pre_src, ft_srcs = open_sources(pretrained, fts)
+        open_context(pre_src, ft_srcs, opts, 1, "learned merging").close()
         model, vector_tasks, names = _model_from_folders(pretrained, fts)
     if built:
         model = model.to(device).eval()
@@ -157,9 +168,6 @@ def build_problem(pretrained, finetuned, *, model: nn.Module | None = None, task
     kinds = {t: getattr(known.get(t), "kind", None) if isinstance(known, dict) else None
              for ts in vector_tasks for t in ts}
 
-    opts, rest = KeyOptions.split(dict(key_options))
-    if rest:
-        raise TypeError(f"unknown option(s) {', '.join(sorted(rest))}")
     pre_src, ft_srcs = open_sources(pretrained, fts)
     ctx = open_context(pre_src, ft_srcs, opts, 1, "learned merging")
     own = dict(model.named_parameters())

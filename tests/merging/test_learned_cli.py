@@ -193,3 +193,47 @@ def test_supervised_atlas_from_the_cli_on_dense_and_regression_tasks(pool, tmp_p
     assert report["method"] == "atlas" and summary["excluded_from_objective"] == []
     coef = load_file(str(rd / "coefficients" / "coefficients.safetensors"))["coefficients"]
     assert not torch.all(coef[:, 0] == 0.3) and not torch.all(coef[:, 1] == 0.3)  # each task moved under its own loss
+
+
+def test_folders_of_another_architecture_are_named_before_a_model_is_built(pool, tmp_path):
+    from merging.sources import MergeInputError
+
+    member = mtl.load_model(pool.member_paths[0])
+    cfg = dict(member.config)
+    other = mtl.create_model([t["name"] for t in cfg["tasks"]], backbone=cfg["backbone"],
+                             decoder={**cfg["decoder"], "channels": int(cfg["decoder"].get("channels", 16)) * 2})
+    mtl.save_model(other, tmp_path / "other")
+    with pytest.raises(MergeInputError, match="shape|do not match|missing"):
+        merging.learn("adamerging", pool.pretrained, [pool.member_paths[1], tmp_path / "other"],
+                      unlabeled={"semseg": [torch.zeros(1, 3, 8, 8, dtype=torch.uint8)]}, steps=0)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("merge.seed=abc", "seed must be an int, got 'abc'"),
+    ("merge.channels_last=5", "channels_last must be true or false"),
+    ("merge.pool_limit=-3", "pool_limit must be an int ≥ 0"),
+    ("merge.init=2", r"init must be in \[0, 1\] with clamp=true, got 2"),
+    ("merge.granularity=block", "unknown granularity 'block'; valid: task, layer"),
+])
+def test_learned_settings_are_refused_before_the_pool_is_scored(pool, tmp_path, monkeypatch, override, match):
+    from merging import job as job_module
+
+    def scored(*a, **k):
+        raise AssertionError("the pool was loaded before the settings were checked")
+
+    monkeypatch.setattr(job_module, "resolve_pool", scored)
+    extra = ["merge.clamp=true"] if override == "merge.init=2" else []
+    with pytest.raises(ValueError, match=match):
+        run(_args(pool, "merge=adamerging", override, *extra), run_dir=tmp_path / "bad")
+    assert not (tmp_path / "bad" / "model").exists()
+
+
+@pytest.mark.parametrize("method", ["adamerging", "atlas", "concrete_ta", "concrete_adamerging", "dare"])
+def test_the_runs_seed_reaches_the_methods_seed(method):
+    from mtl.cli.common import compose_in_process
+
+    cfg, _ = compose_in_process("mtl.configs.merge_app", "merge", [f"merge={method}", "seed=5"], run_dir="unused")
+    assert cfg.merge.seed == 5
+    cfg, _ = compose_in_process("mtl.configs.merge_app", "merge", [f"merge={method}", "seed=5", "merge.seed=2"],
+                                run_dir="unused")
+    assert cfg.merge.seed == 2

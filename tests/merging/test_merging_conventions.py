@@ -74,6 +74,20 @@ def test_mergekit_dare_draws_bernoulli_and_rescales_the_l1_norm():
     assert torch.equal(ties, pre["w"] + kept[0] * agree[0] + kept[1] * agree[1])
 
 
+def test_mergekit_dare_with_a_seed_repeats_whatever_the_global_generator(caplog):
+    pre, fts = _models(T1, T2, base=0.5)
+    runs = []
+    for global_seed, seed in ((1, 5), (2, 5), (1, 6)):
+        torch.manual_seed(global_seed)
+        runs.append(merging.merge("dare_ties", pre, fts, convention="mergekit", density=0.5, seed=seed)["w"])
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    with pytest.raises(ValueError, match="seed must be an int or None"):
+        merging.merge("dare_ties", pre, fts, convention="mergekit", density=0.5, seed="5")
+    with caplog.at_level("WARNING", logger="merging.mergekit"):
+        merging.merge("dare_ties", pre, fts, convention="mergekit")
+    assert "density 1.0 (mergekit's default) keeps every entry: nothing is dropped" in caplog.text
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs_are_computed_in_float32_and_written_back(dtype):
     pre, fts = _models(T1, T2, base=1.0)

@@ -175,16 +175,18 @@ def test_mtl_merge_ties_and_dare_take_the_mergekit_convention(llamas, tmp_path):
     cases = [(["merge=ties", "merge.density=0.3", "merge.weight=[1.0,0.5]"], "ties", {"density": 0.3, "weight": [1.0, 0.5]}),
              (["merge=ties"], "ties", {"density": 0.2}),           # k=20 → 20 % kept, per tensor
              (["merge=ties", "merge.k=50"], "ties", {"density": 0.5}),
-             (["merge=dare", "merge.p=0.3"], "dare_ties", {"density": 0.7}),
-             (["merge=dare", "merge.base=task_arithmetic", "merge.density=0.6"], "dare_linear", {"density": 0.6})]
+             # the run's seed (0) seeds DARE's draws: the CLI's merges repeat
+             (["merge=dare", "merge.p=0.3"], "dare_ties", {"density": 0.7, "seed": 0}),
+             (["merge=dare", "merge.base=task_arithmetic", "merge.density=0.6"], "dare_linear", {"density": 0.6, "seed": 0}),
+             (["merge=dare", "merge.p=0.3", "seed=3"], "dare_ties", {"density": 0.7, "seed": 3})]
     for i, (args, method, hp) in enumerate(cases):
         report, got = merged(f"run{i}", *args)
         assert same(got, want(method, **hp)), args
         assert report["selected"]["density"] == hp["density"]
+        assert report["selected"].get("seed") == hp.get("seed")
     assert not same(merged("d02", "merge=ties")[1], want("ties", density=0.3))  # the densities do differ
     for args, match in [(["merge=ties", "merge.k=30", "merge.density=0.3"], "k=30 and density=0.3 are both set"),
                         (["merge=ties", "merge.merge_func=sum"], "merge_func='sum' has no meaning under convention=mergekit"),
-                        (["merge=dare", "merge.seed=3"], "seed=3 has no meaning under convention=mergekit"),
                         (["merge=dare", "merge.k=30"], "k=30 has no meaning under convention=mergekit")]:
         with pytest.raises(ValueError, match=match):
             run([*common, *args], run_dir=tmp_path / "bad")
