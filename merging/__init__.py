@@ -21,7 +21,6 @@ from .keys import KeyPlan, plan_keys
 from .learned import LEARNED_METHODS, LearnedMerge, learn
 from . import consensus as _consensus  # noqa: F401  (registers "consensus")
 from .dare import dare, dare_mask
-from .disentanglement import Disentanglement, weight_disentanglement
 from .methods import METHODS, create_method
 from .selection import keep_count, radix_thresholds
 from .sources import MergeInputError, StateSource, load_state_dict, open_source
@@ -33,11 +32,18 @@ from .task_vectors import apply_task_vector, compose, task_vector
 _PLOTS = {"plot_task_accuracy", "plot_mask_overlap", "plot_disentanglement"}
 
 
-def __getattr__(name):  # matplotlib is only imported when a plot is asked for
+_LAZY = {"Disentanglement": "disentanglement", "weight_disentanglement": "disentanglement"}
+
+
+def __getattr__(name):  # matplotlib (plots) and the model world (disentanglement) load only when asked for
     if name in _PLOTS:
         from . import plots
 
         return getattr(plots, name)
+    if name in _LAZY:  # keeps `import merging` light: an LLM merge never needs timm or torchvision
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'merging' has no attribute {name!r}")
 
 

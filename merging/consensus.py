@@ -89,6 +89,14 @@ class Consensus(MergeMethod):
         _check_lam("lam", lam, allow_list=False)
         self.lam = float(lam)
 
+    def used_hparams(self) -> dict[str, Any]:
+        """The settings this merge ran with: λ resolved from its default, TIES settings only with base=ties."""
+        used = {**self.hp, "lam": self.lam}
+        if self.hp["base"] == "task_arithmetic":
+            for n in ("ties_k", "merge_func", "trim"):
+                used.pop(n)
+        return used
+
     def min_models(self) -> int:
         return max(1, self.hp["k"])
 

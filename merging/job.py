@@ -323,7 +323,10 @@ def resolved_hparams(method: str, hp: Mapping[str, Any]) -> dict[str, Any]:
 
     opts = {k: v for k, v in hp.items() if k in KeyOptions.DEFAULTS}
     _, method_hp = KeyOptions.split(dict(hp))
-    return {"convention": "paper", **method_hp, **merging.create_method(method, **method_hp).hp, **opts}
+    m = merging.create_method(method, **method_hp)
+    used = m.used_hparams() if hasattr(m, "used_hparams") else m.hp  # e.g. consensus: λ resolved, no idle keys
+    base = {k: v for k, v in method_hp.items() if k in used or k == "convention"}
+    return {"convention": "paper", **base, **used, **opts}
 
 
 def _bn_data(cfg: DictConfig, hp: dict[str, Any]) -> dict[str, Any] | None:

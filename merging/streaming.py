@@ -101,6 +101,13 @@ def resolve_output(out: str | os.PathLike, filename: str = "model.safetensors") 
     return out / filename, (None if out.exists() else out)
 
 
+def _earlier_hf_merge(folder: Path) -> list[Path]:
+    """What a Hugging Face style merge left in `folder` that a single-file merge there would contradict:
+    its shards, their index and its model card."""
+    return sorted([*folder.glob("model-*-of-*.safetensors"),
+                   *(p for p in (folder / "model.safetensors.index.json", folder / "README.md") if p.exists())])
+
+
 @contextmanager
 def output_file(out: str | os.PathLike, filename: str, overwrite: bool = False, fsync: bool = False) -> Iterator[BinaryIO]:
     """An open file for `out` (see `resolve_output`) that appears there only if the block completes.
@@ -165,9 +172,18 @@ def merge_to_file(
     if not isinstance(finetuned, (str, os.PathLike, Mapping)):
         finetuned = list(finetuned)  # read twice: the check below, then the merge
     check_output_apart_from_inputs(out, pretrained, finetuned)
-    path = Path(out) if hf_folder else resolve_output(out)[0]
-    if path.exists() and not overwrite:
+    target = Path(out)
+    if target.exists() and not target.is_dir() and target.suffix != ".safetensors":
+        raise NotADirectoryError(f"{target} is a file, not a folder: the merge writes a folder (or give a "
+                                 ".safetensors path); choose another path")
+    # model.safetensors written beside an earlier merge's shards, index or model card would leave two sets of
+    # weights and a README describing the old merge: those are replaced too (config, tokenizer are kept)
+    stale = _earlier_hf_merge(target) if not hf_folder and target.is_dir() else []
+    empty_dir = target.is_dir() and not any(target.iterdir())
+    path = target if hf_folder else resolve_output(out)[0]
+    if path.exists() and not overwrite and not (hf_folder and empty_dir):
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    overwrite = overwrite or (hf_folder and empty_dir)
     if hf_folder and path.is_dir() and any(path.iterdir()) and not any(path.glob("*.safetensors")):
         # overwrite replaces an earlier merged folder, never a folder of something else
         raise FileExistsError(f"{path} exists and holds no .safetensors weights (not an earlier merge); refusing to "
@@ -190,7 +206,8 @@ def merge_to_file(
             m.prepare(ctx, select)
             plan = ctx.plan
             specs = [(k, plan.infos[k]) for k in plan.order]
-            meta = {"format": "pt", "mtlkit_method": method, "mtlkit_hparams": json.dumps(m.hp, default=str)}
+            meta = {"format": "pt", "mtlkit_method": method, "mtlkit_convention": convention,
+                    "mtlkit_hparams": json.dumps(m.hp, default=str)}
             meta.update(metadata or {})
             if hf_folder:
                 with atomic_path(path, overwrite=overwrite) as tmp:
@@ -209,6 +226,10 @@ def merge_to_file(
                 for key, tensor in produce(m, ctx, streamed):
                     w.write(key, tensor)
                 w.finish()
+            for old in stale:
+                old.unlink()
+            if any(p.name == "README.md" for p in stale):
+                (target / "README.md").write_text(model_card(method, m.hp, pretrained, finetuned, convention))
     finally:
         if ctx.chunks is not None:
             ctx.chunks.close()

@@ -241,3 +241,29 @@ def test_overwrite_replaces_an_earlier_merge_never_a_folder_of_something_else(ll
     assert (victim / "notes.txt").read_text() == "precious" and (victim / "sub").is_dir()
     out = merging.merge_to_file("task_arithmetic", base, fts, tmp_path / "merged", shard_size=40_000, lam=0.3)
     merging.merge_to_file("task_arithmetic", base, fts, out, shard_size=40_000, lam=0.5, overwrite=True)  # an earlier merge
+
+
+def test_a_single_file_merge_over_an_earlier_sharded_merge_leaves_one_set_of_weights(llamas, tmp_path):
+    base, fts = llamas
+    out = merging.merge_to_file("task_arithmetic", base, fts, tmp_path / "o", shard_size=40_000, lam=0.3)
+    assert (out / "model.safetensors.index.json").exists() and "task_arithmetic" in (out / "README.md").read_text()
+    merging.merge_to_file("ties", merging.load_state_dict(base), fts, out, overwrite=True)  # base as a dict: one file
+    names = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors" in names and "model.safetensors.index.json" not in names
+    assert not [n for n in names if n.startswith("model-")] and "config.json" in names  # config kept
+    card = (out / "README.md").read_text()
+    assert "ties" in card and "task_arithmetic" not in card
+    want = merging.merge("ties", base, fts)
+    got = merging.load_state_dict(out)
+    assert set(got) == set(want) and all(torch.equal(got[k], v) for k, v in want.items())
+
+
+def test_a_file_or_an_empty_folder_as_output(llamas, tmp_path):
+    base, fts = llamas
+    (tmp_path / "afile").write_text("hi")
+    with pytest.raises(NotADirectoryError, match="afile is a file, not a folder"):
+        merging.merge_to_file("task_arithmetic", base, fts, tmp_path / "afile", overwrite=True)
+    assert (tmp_path / "afile").read_text() == "hi"
+    (tmp_path / "empty").mkdir()
+    out = merging.merge_to_file("task_arithmetic", base, fts, tmp_path / "empty", lam=0.3)  # no overwrite needed
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()

@@ -160,3 +160,13 @@ def test_hyperparameter_validation():
     with pytest.raises(ValueError, match="base"):
         merging.merge("consensus", pre, fts, base="average")
     assert set(merging.method_names()) == {"average", "task_arithmetic", "ties", "dare", "consensus"}
+
+
+def test_recorded_hyperparameters_are_the_ones_the_merge_used():
+    from merging.job import resolved_hparams
+
+    hp = resolved_hparams("consensus", {"k": 2, "lam": None})
+    assert hp["lam"] == 0.3 and not {"ties_k", "merge_func", "trim"} & set(hp) and hp["base"] == "task_arithmetic"
+    hp = resolved_hparams("consensus", {"base": "ties", "lam": None})
+    assert hp["lam"] == 1.0 and hp["ties_k"] == 20 and hp["merge_func"] == "mean"
+    assert resolved_hparams("ties", {"lam": 0.5})["k"] == 20  # methods without a rule of their own: every default

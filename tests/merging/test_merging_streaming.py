@@ -45,7 +45,7 @@ def test_streaming_equals_in_memory(method, hp, model_files, tmp_path):
     assert_same(merging.merge(method, pre_dir, ft_dirs, **hp), ref)
     assert_same(merging.merge(method, pre, fts, select="radix", **hp), ref)
     with safe_open(str(out), "pt") as f:
-        assert f.metadata()["mtlkit_method"] == method
+        assert f.metadata()["mtlkit_method"] == method and f.metadata()["mtlkit_convention"] == "paper"
 
 
 def test_streaming_half_precision_and_file_inputs(tmp_path):
@@ -170,3 +170,14 @@ def test_read_ahead_hints_run_off_the_merging_thread_and_never_fail_a_merge(mode
     assert_same(load_file(str(out)), merging.merge("task_arithmetic", pre, fts, lam=0.3))
     assert seen and all(name.startswith("mtl-prefetch") for name, _ in seen)
     assert not any(after_close for _, after_close in seen)
+
+
+def test_importing_merging_leaves_the_model_world_and_plotting_unloaded():
+    # LLM-scale merges budget their peak memory from `import merging`'s baseline (docs/merging.md)
+    import subprocess
+    import sys
+
+    code = ("import sys, merging; print(sorted(m for m in ('timm', 'torchvision', 'matplotlib', 'scipy', "
+            "'mtl.models') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
