@@ -103,9 +103,11 @@ def resolve_output(out: str | os.PathLike, filename: str = "model.safetensors") 
 
 def _earlier_hf_merge(folder: Path) -> list[Path]:
     """What a Hugging Face style merge left in `folder` that a single-file merge there would contradict:
-    its shards, their index and its model card."""
+    its shards, their index and its model card (a README.md of anyone else's is never touched)."""
+    card = folder / "README.md"
+    ours = card.is_file() and "Made with mtlkit" in card.read_text(errors="replace")[:2000]
     return sorted([*folder.glob("model-*-of-*.safetensors"),
-                   *(p for p in (folder / "model.safetensors.index.json", folder / "README.md") if p.exists())])
+                   *(p for p in (folder / "model.safetensors.index.json",) if p.exists()), *([card] if ours else [])])
 
 
 @contextmanager

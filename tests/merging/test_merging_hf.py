@@ -256,6 +256,11 @@ def test_a_single_file_merge_over_an_earlier_sharded_merge_leaves_one_set_of_wei
     want = merging.merge("ties", base, fts)
     got = merging.load_state_dict(out)
     assert set(got) == set(want) and all(torch.equal(got[k], v) for k, v in want.items())
+    mine = tmp_path / "mine"  # someone's own folder and README: the merge adds its file, the README stays
+    mine.mkdir()
+    (mine / "README.md").write_text("my notes")
+    merging.merge_to_file("ties", merging.load_state_dict(base), fts, mine)
+    assert (mine / "README.md").read_text() == "my notes" and (mine / "model.safetensors").is_file()
 
 
 def test_a_file_or_an_empty_folder_as_output(llamas, tmp_path):
