@@ -65,7 +65,7 @@ def main() -> None:
         ap.error("--models and --rows must be >= 1")
     make(folder, args.models, args.rows, args.dtype)
     fp32 = args.rows * 1024 * 4 / 2**20
-    print(f"| run | T | largest tensor | peak RSS above import | × its float32 size |\n|---|---:|---|---:|---:|")
+    print("| run | T | largest tensor | peak RSS above import | × its float32 size |\n|---|---:|---|---:|---:|")
     for run in args.runs:
         method, _, hp = run.partition(" ")
         out = subprocess.run([sys.executable, __file__, "--workdir", args.workdir, "--models", str(args.models),
