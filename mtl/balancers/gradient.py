@@ -257,28 +257,48 @@ class IMTLGBalancer(_MeanScaled):
         return IMTLG()
 
 
-@register("upgrad")
-class UPGradBalancer(_MeanScaled):
-    """Quinton & Rey 2024: mean of each g_t projected onto the dual cone of all rows."""
+class _DualCone(_MeanScaled):
+    """UPGrad / DualProj: a quadratic program on the dual cone {d : ⟨d, g_t⟩ ≥ 0 ∀t}. Its Gramian is
+    regularised by ``reg_eps``·I after normalising by the trace (``scale_free``); TorchJD's default 1e-4
+    let a task whose ‖g_t‖² is under ~1e-4 of Σ‖g‖² drop out of the constraint (cosine −0.25 with a
+    task 100× smaller in norm), so mtlkit solves at 1e-9."""
+
+    weighting: str = ""
+
+    def __init__(self, tasks, reg_eps: float = 1e-9, level: str = "params", parallel_chunk_size: int | None = None,
+                 skip_nonfinite: bool = False):
+        if not 0 <= float(reg_eps) < 1:
+            raise ValueError(f"{self.weighting.lower()}: reg_eps must be in [0, 1), got {reg_eps!r}")
+        self.reg_eps = float(reg_eps)
+        super().__init__(tasks, level, parallel_chunk_size, skip_nonfinite)
 
     def _make_aggregator(self):
-        from torchjd.aggregation import UPGradWeighting
+        import torchjd.aggregation as agg
 
         from mtl.balancers.solvers import gramian_aggregator, scale_free
 
-        return gramian_aggregator(scale_free(UPGradWeighting()))
+        cls = getattr(agg, f"{self.weighting}Weighting")
+        try:  # TorchJD >= 0.17 takes a projector; older releases took reg_eps directly
+            from torchjd._linalg._dual_cone import QuadprogProjector
+
+            weighting = cls(projector=QuadprogProjector(reg_eps=self.reg_eps))
+        except ImportError:
+            weighting = cls(reg_eps=self.reg_eps)
+        return gramian_aggregator(scale_free(weighting))
+
+
+@register("upgrad")
+class UPGradBalancer(_DualCone):
+    """Quinton & Rey 2024: mean of each g_t projected onto the dual cone of all rows."""
+
+    weighting = "UPGrad"
 
 
 @register("dualproj")
-class DualProjBalancer(_MeanScaled):
+class DualProjBalancer(_DualCone):
     """The mean gradient projected onto the dual cone of the rows (GEM-style)."""
 
-    def _make_aggregator(self):
-        from torchjd.aggregation import DualProjWeighting
-
-        from mtl.balancers.solvers import gramian_aggregator, scale_free
-
-        return gramian_aggregator(scale_free(DualProjWeighting()))
+    weighting = "DualProj"
 
 
 @register("aligned_mtl")

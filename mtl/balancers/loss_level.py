@@ -330,6 +330,15 @@ class FAMO(_OwnOptimizer):
 
     def _update(self, log_after: torch.Tensor) -> None:
         delta = dist_mean(self._before - log_after.to(self._before.device))
+        if not bool(torch.isfinite(delta).all()):
+            # one inf/NaN loss (a recompute on a batch the step broke) would make the logits, hence every
+            # later weight, NaN for good: skip this logit update, as skip_nonfinite skips a step
+            from mtl.balancers.base import log
+
+            bad = [t for t, d in zip(self.tasks, delta.tolist()) if not torch.isfinite(torch.tensor(d))]
+            log.warning("famo: non-finite loss change for task(s) %s; logit update skipped", bad)
+            self._before = None
+            return
         z = self._z
         jac = torch.diag(z) - torch.outer(z, z)  # ∂z/∂ξ, symmetric
         self._own_step(jac @ delta)

@@ -70,6 +70,26 @@ def test_pcgrad_leaves_no_conflict_for_two_tasks(J):
     assert Jd.min() >= -1e-5 * J.double().norm(dim=1).max() * d.norm()
 
 
+@pytest.mark.parametrize("name", ["upgrad", "dualproj"])
+@pytest.mark.parametrize("J", BATTERY)
+def test_dual_cone_aggregators_leave_no_conflict(J, name):
+    # UPGrad and DualProj land in the dual cone {d : ⟨g_t, d⟩ ≥ 0 ∀t}, a task 100× smaller in norm included
+    d = aggregate(name, J)
+    cos = (J.double() @ d) / (J.double().norm(dim=1) * d.norm()).clamp_min(1e-30)
+    assert cos.min() >= -1e-4, cos
+
+
+def test_a_small_task_stays_in_the_dual_cone():
+    # the case TorchJD's default regulariser (1e-4 of the trace) got wrong: cosine −0.25 with task 3
+    J = torch.tensor([[1.0, 0, 0.2], [-0.9, 0.3, 0.0], [0.1, -0.8, 0.5]]) * torch.tensor([[1.0], [10.0], [0.1]])
+    for name in ("upgrad", "dualproj"):
+        d = aggregate(name, J)
+        cos = (J.double() @ d) / (J.double().norm(dim=1) * d.norm())
+        assert cos.min() >= -1e-4, (name, cos)
+    with pytest.raises(ValueError, match="reg_eps must be in"):
+        create_balancer("upgrad", ["a", "b"], reg_eps=-1)
+
+
 @pytest.mark.parametrize("J", BATTERY)
 def test_cagrad_reaches_the_optimum_of_its_primal_problem(J):
     c = 0.4

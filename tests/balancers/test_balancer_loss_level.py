@@ -291,6 +291,21 @@ def test_famo_logits_move_as_defined_sgd():
     assert torch.allclose(famo.logits, xi2, atol=1e-6)
 
 
+def test_famo_skips_a_logit_update_from_a_non_finite_loss(caplog):
+    famo = create_balancer("famo", ["a", "b"], lr=0.5, optimizer="sgd")
+    broken = lambda tasks=None: {"a": torch.tensor(float("inf")), "b": torch.tensor(1.0)}  # noqa: E731
+    _, ctx = fixed_losses({"a": 2.0, "b": 1.0}, recompute=broken)
+    famo.backward(ctx)
+    with caplog.at_level("WARNING", logger="mtl.balancers"):
+        famo.after_step(ctx)
+    assert torch.equal(famo.logits, torch.zeros(2)) and "non-finite loss change for task(s) ['a']" in caplog.text
+    good = lambda tasks=None: {"a": torch.tensor(1.0), "b": torch.tensor(0.9)}  # noqa: E731
+    _, ctx = fixed_losses({"a": 2.0, "b": 1.0}, step=1, recompute=good)
+    famo.backward(ctx)
+    famo.after_step(ctx)
+    assert torch.isfinite(famo.logits).all() and famo.logits[0] < 0 < famo.logits[1]  # learning goes on
+
+
 def test_famo_adam_first_step_is_minus_lr_times_sign():
     famo = create_balancer("famo", ["a", "b"], lr=0.025)
     recompute = lambda tasks=None: {"a": torch.tensor(1.0), "b": torch.tensor(0.9)}  # noqa: E731
