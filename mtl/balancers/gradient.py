@@ -278,13 +278,28 @@ class _DualCone(_MeanScaled):
         from mtl.balancers.solvers import gramian_aggregator, scale_free
 
         cls = getattr(agg, f"{self.weighting}Weighting")
-        try:  # TorchJD >= 0.17 takes a projector; older releases took reg_eps directly
-            from torchjd._linalg._dual_cone import QuadprogProjector
 
-            weighting = cls(projector=QuadprogProjector(reg_eps=self.reg_eps))
+        def make(reg_eps: float):
+            try:  # TorchJD >= 0.17 takes a projector; older releases took reg_eps directly
+                from torchjd._linalg._dual_cone import QuadprogProjector
+
+                return cls(projector=QuadprogProjector(reg_eps=reg_eps))
+            except ImportError:
+                return cls(reg_eps=reg_eps)
+
+        tight, loose = make(self.reg_eps), make(max(self.reg_eps, 1e-4))
+        try:
+            from qpsolvers.exceptions import QPError
+            not_definite: tuple[type[Exception], ...] = (ValueError, QPError)
         except ImportError:
-            weighting = cls(reg_eps=self.reg_eps)
-        return gramian_aggregator(scale_free(weighting))
+            not_definite = (ValueError,)
+
+        def weights(gramian: torch.Tensor) -> torch.Tensor:
+            try:
+                return tight(gramian)
+            except not_definite:  # quadprog needs a positive definite matrix: (near-)parallel gradients at a
+                return loose(gramian)  # tiny regulariser are not; TorchJD's default regulariser then
+        return gramian_aggregator(scale_free(weights))
 
 
 @register("upgrad")
