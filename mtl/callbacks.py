@@ -85,6 +85,11 @@ class ModelCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
     def __init__(self, *args, first_epoch: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.first_epoch = int(first_epoch)
+        self.saved_epochs: dict[str, int] = {}  # checkpoint file -> the epoch it holds (this run's files)
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        self.saved_epochs[filepath] = trainer.current_epoch
 
     def _save_topk_checkpoint(self, trainer, monitor_candidates) -> None:
         if trainer.current_epoch >= self.first_epoch:

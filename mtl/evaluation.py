@@ -73,6 +73,8 @@ def _signed_changes(metrics: Mapping[str, Mapping[str, float]], baselines: Mappi
             if base == 0 or not math.isfinite(base):
                 raise ValueError(f"baseline of task {name!r} metric {metric!r} is {base}{_from(baselines)}; "
                                  "the relative change is undefined")
+            if not math.isfinite(value):  # e.g. a split with no valid pixel: Δm would be NaN, silently
+                raise ValueError(f"task {name!r} metric {metric!r} is {value} in the metrics; Δm is undefined")
             sign = 1.0 if task.directions[metric] else -1.0
             changes.append(sign * (value - base) / base)
         out[name] = changes
@@ -132,7 +134,10 @@ def load_baselines(path: str | os.PathLike, tasks: Sequence[Task] | Mapping[str,
     baselines.source = str(path)
     for name, task in _task_map(tasks or {}).items():
         for metric in _metric_names(task, variant):
-            _lookup(baselines, name, metric, _from(baselines))
+            if _lookup(baselines, name, metric, _from(baselines)) == 0:  # before training, not after it
+                raise ValueError(f"baseline of task {name!r} metric {metric!r} is 0{_from(baselines)}; the "
+                                 f"relative change is undefined: retrain that baseline, or use a Δm variant "
+                                 f"without {metric!r} (baselines.variant=primary uses only the primary metric)")
     return baselines
 
 

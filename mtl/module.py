@@ -102,6 +102,7 @@ class MultiTaskModule(L.LightningModule):
         self.val_metrics = nn.ModuleDict({n: nn.ModuleDict(t.metrics()) for n, t in self.tasks.items()})
         self.test_metrics = nn.ModuleDict({n: nn.ModuleDict(t.metrics()) for n, t in self.tasks.items()})
         self.results: dict[str, dict[str, dict[str, float]]] = {}
+        self.val_history: dict[int, dict[str, dict[str, float]]] = {}  # epoch -> its validation metrics
         # a model family's extra per-step work (mtl.strategies), e.g. the sandwich rule of slimmable models
         self.strategy = None
         if strategy:
@@ -273,6 +274,9 @@ class MultiTaskModule(L.LightningModule):
                 result[name][mname] = float(value)
                 self.log(f"{stage}/{name}/{mname}", value, sync_dist=False, prog_bar=False)
         self.results[stage] = result
+        trainer = getattr(self, "_trainer", None)
+        if stage == "val" and trainer is not None and not trainer.sanity_checking:
+            self.val_history[self.current_epoch] = result
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, self.val_metrics, "val")

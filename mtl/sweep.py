@@ -19,15 +19,34 @@ def check_objective(cfg, metric_names: Mapping[str, Any]) -> None:
     objective(cfg, {"val": {t: {m: 0.0 for m in names} for t, names in metric_names.items()}}, check_only=True)
 
 
-def check_monitors(cfg, metric_names: Mapping[str, Any]) -> None:
+def check_monitors(cfg, metric_names: Mapping[str, Any], directions: Mapping[str, Mapping[str, bool]] | None = None) -> None:
     """Before training: a checkpoint callback's ``monitor`` of the validation split names a value the
     module logs (``val/loss``, ``val/<task>/loss``, ``val/<task>/<metric>``); Lightning would say so only
-    after the first epoch."""
+    after the first epoch. With ``directions`` ({task: {metric: higher is better}}) its ``mode`` follows
+    the monitored value: ``null`` is filled in (losses: min; a metric: its task's direction), and a mode
+    against the direction (``monitor=val/semseg/miou mode=min`` keeps the worst epoch) is refused."""
+    from omegaconf import open_dict
+
     logged = ["val/loss", *(f"val/{t}/{m}" for t, names in metric_names.items() for m in ["loss", *names])]
     for name, cb in (cfg.get("callbacks") or {}).items():
         monitor = cb.get("monitor") if hasattr(cb, "get") else None
-        if monitor and str(monitor).startswith("val/") and monitor not in logged:
+        if not monitor or not str(monitor).startswith("val/"):
+            continue
+        if monitor not in logged:
             raise KeyError(f"callbacks.{name}.monitor={monitor!r} is not logged; logged: {', '.join(logged)}")
+        if directions is None:
+            continue
+        parts = str(monitor).split("/")
+        higher = False if parts[-1] == "loss" else bool(directions[parts[1]][parts[2]])
+        want = "max" if higher else "min"
+        mode = cb.get("mode")
+        if mode is None:
+            with open_dict(cb):
+                cb["mode"] = want
+        elif mode != want:
+            raise ValueError(f"callbacks.{name}.mode={mode} keeps the worst epoch: {monitor} is "
+                             f"{'higher' if higher else 'lower'}-is-better; set callbacks.{name}.mode={want} "
+                             "(or null: from the monitored value)")
 
 
 def objective(cfg, metrics: Mapping[str, Any], check_only: bool = False) -> float | None:

@@ -161,7 +161,8 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     datamodule = create_datamodule(**{"name": data_kw["name"]}, **{k: v for k, v in data_kw.items() if k != "name"})
     module = build_module(cfg, getattr(datamodule, "info", None))
     check_objective(cfg, {t: list(group) for t, group in module.val_metrics.items()})
-    check_monitors(cfg, {t: list(group) for t, group in module.val_metrics.items()})
+    check_monitors(cfg, {t: list(group) for t, group in module.val_metrics.items()},
+                   {t: dict(task.directions) for t, task in module.tasks.items()})
     if cfg.baselines.get("save_to"):  # checked now: after training, a bad target would fail the finished run
         target = Path(cfg.baselines.save_to)
         if target.is_dir():
@@ -254,9 +255,13 @@ def _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, basel
     ckpt = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
     trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False, weights_only=True)
 
+    # validation metrics of the epoch the tested checkpoint holds (not the last epoch's): what sweeps optimise
+    best_epoch = getattr(trainer.checkpoint_callback, "saved_epochs", {}).get(ckpt) if ckpt else None
+    val = module.val_history.get(best_epoch) if best_epoch is not None else None
     metrics: dict[str, Any] = {
         "test": module.results.get("test", {}),
-        "val": module.results.get("val", {}),
+        "val": val if val is not None else module.results.get("val", {}),
+        "val_epoch": best_epoch if val is not None else "last",
         "best_checkpoint": ckpt,
         "fit_seconds": round(fit_seconds, 2),
         "global_steps": trainer.global_step,

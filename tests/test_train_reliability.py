@@ -86,6 +86,8 @@ def test_no_pyplot_backend_change(tmp_path):
     ("callbacks.model_checkpoint.monitor=val/depth/bogus",
      r"callbacks.model_checkpoint.monitor='val/depth/bogus' is not logged; logged: val/loss, val/depth/loss, val/depth/rmse"),
     ("+backbone.checkpoint_path=/nonexistent.safetensors", r"backbone.checkpoint_path=/nonexistent.safetensors: no such file"),
+    ("callbacks.model_checkpoint.mode=max",
+     r"callbacks.model_checkpoint.mode=max keeps the worst epoch: val/loss is lower-is-better; set callbacks.model_checkpoint.mode=min"),
 ])
 def test_bad_settings_are_named_before_training(tmp_path, override, match):
     with pytest.raises((ValueError, KeyError, FileNotFoundError), match=match):
@@ -145,3 +147,34 @@ def test_create_decoder_takes_the_tasks_as_the_model_holds_them():
     tasks = {t: create_task(t) for t in ("depth", "semseg")}
     dec = create_decoder("hps", [8, 16], tasks, channels=8)
     assert set(dec.heads) == {"depth", "semseg"}
+
+
+def test_the_checkpoint_mode_follows_the_monitored_values_direction():
+    from omegaconf import OmegaConf
+
+    from mtl.sweep import check_monitors
+
+    names, directions = {"semseg": ["miou"], "depth": ["rmse"]}, {"semseg": {"miou": True}, "depth": {"rmse": False}}
+    for monitor, want in (("val/semseg/miou", "max"), ("val/depth/rmse", "min"), ("val/loss", "min"), ("val/semseg/loss", "min")):
+        cfg = OmegaConf.create({"callbacks": {"model_checkpoint": {"monitor": monitor, "mode": None}}})
+        OmegaConf.set_struct(cfg, True)
+        check_monitors(cfg, names, directions)
+        assert cfg.callbacks.model_checkpoint.mode == want, monitor
+    cfg = OmegaConf.create({"callbacks": {"model_checkpoint": {"monitor": "val/semseg/miou", "mode": "min"}}})
+    with pytest.raises(ValueError, match=r"mode=min keeps the worst epoch: val/semseg/miou is higher-is-better"):
+        check_monitors(cfg, names, directions)
+
+
+def test_metrics_val_are_the_tested_checkpoints_epoch(tmp_path):
+    import csv
+
+    import json
+
+    run(FAST + ["task=[semseg]", "trainer.max_epochs=3", "callbacks.model_checkpoint.monitor=val/semseg/miou",
+                "logger=csv"], run_dir=tmp_path / "r")
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    epoch = m["val_epoch"]
+    assert isinstance(epoch, int) and m["best_checkpoint"].endswith(f"epoch{epoch:03d}.ckpt")
+    (log,) = (tmp_path / "r" / "csv").rglob("metrics.csv")
+    rows = {int(r["epoch"]): float(r["val/semseg/miou"]) for r in csv.DictReader(open(log)) if r.get("val/semseg/miou")}
+    assert m["val"]["semseg"]["miou"] == pytest.approx(rows[epoch]) and rows[epoch] == max(rows.values())

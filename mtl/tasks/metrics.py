@@ -91,10 +91,11 @@ class MeanIoU(_SumMetric):
         valid = torch.ones_like(target, dtype=torch.bool) if self.ignore_index is None \
             else target != self.ignore_index
         c = self.num_classes
-        idx = target[valid].long() * c + labels[valid].long()
-        counts = torch.bincount(idx, minlength=c * c)
-        if counts.numel() > c * c:  # bincount grows past c*c only for out-of-range labels
+        t, p = target[valid].long(), labels[valid].long()
+        # a label ≥ c inside the flattened index would land in another class's cell, not past the end
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= c or int(p.min()) < 0 or int(p.max()) >= c):
             raise ValueError(f"labels must lie in [0, {c}) or equal ignore_index={self.ignore_index}")
+        counts = torch.bincount(t * c + p, minlength=c * c)
         self.confmat += counts.view(c, c)
 
     def compute(self) -> torch.Tensor:
@@ -225,8 +226,11 @@ class MedianAngularError(_SumMetric):
         self.add_state("hist", default=torch.zeros(self.num_bins, dtype=torch.int64), dist_reduce_fx="sum")
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
-        ang = angles_deg(preds, target)
-        idx = torch.round(ang.to(_F64) / self.resolution).long().clamp_(0, self.num_bins - 1)
+        ang = angles_deg(preds, target).to(_F64)
+        # a non-finite angle (a diverged prediction) would round to INT64_MIN and count as 0°, the best
+        # score: it counts as 180°, the worst, as the mean angle's NaN would say
+        ang = torch.where(torch.isfinite(ang), ang, 180.0)
+        idx = torch.round(ang / self.resolution).long().clamp_(0, self.num_bins - 1)
         self.hist += torch.bincount(idx, minlength=self.num_bins)
 
     def compute(self) -> torch.Tensor:

@@ -93,3 +93,16 @@ def test_save_baselines_merges_atomically(tmp_path):
     with pytest.raises(ValueError, match="'rmse'"):
         save_baselines(path, {"depth": {"rmse": math.nan}})
     assert load_baselines(path) == BASE  # a rejected save leaves the file untouched
+
+
+def test_a_zero_baseline_is_refused_when_the_file_is_read(tmp_path):
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({"semseg": {"miou": 0.0, "pixel_acc": 0.5}}))
+    with pytest.raises(ValueError, match=r"baseline of task 'semseg' metric 'miou' is 0 .*baselines.variant=primary"):
+        load_baselines(path, tasks=[create_task("semseg")])
+
+
+def test_a_non_finite_metric_is_named_not_averaged_into_nan():
+    tasks = [create_task("depth")]
+    with pytest.raises(ValueError, match=r"task 'depth' metric 'rmse' is nan in the metrics"):
+        delta_m({"depth": {"rmse": math.nan, "abs_rel": 0.1}}, {"depth": {"rmse": 1.0, "abs_rel": 0.1}}, tasks)

@@ -186,3 +186,21 @@ def test_empty_split_is_nan():
     m = create_task("depth").metrics()["rmse"]
     m.update(torch.ones(1, 1, 2, 2), torch.zeros(1, 1, 2, 2))
     assert math.isnan(m.compute().item())
+
+
+def test_median_angle_of_a_diverged_prediction_is_the_worst_not_the_best():
+    target = torch.zeros(1, 3, 1, 2)
+    target[:, 2] = 1.0
+    m = MedianAngularError()
+    m.update(torch.full((1, 3, 1, 2), float("nan")), target)
+    assert m.compute().item() == pytest.approx(180.0)
+
+
+def test_mean_iou_refuses_labels_outside_the_classes():
+    m = MeanIoU(3)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        m.update(torch.tensor([3, 5]), torch.tensor([0, 0]))  # once landed in class 1's cell
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        m.update(torch.tensor([0, 1]), torch.tensor([0, 4]))
+    m.update(torch.tensor([0, 2]), torch.tensor([0, 255]))  # 255 ignored
+    assert m.confmat.sum() == 1
