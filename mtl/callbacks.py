@@ -85,17 +85,24 @@ class ModelCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
     def __init__(self, *args, first_epoch: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.first_epoch = int(first_epoch)
-        self.saved_epochs: dict[str, int] = {}  # checkpoint file -> the epoch it holds (this run's files)
+        # checkpoint file -> {"epoch", "val": that epoch's validation metrics}; in the callback's state, so a
+        # resumed run still knows them for a best checkpoint written before the interruption
+        self.saved: dict[str, dict] = {}
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
+        val = getattr(trainer.lightning_module, "val_history", {}).get(trainer.current_epoch)
+        self.saved[filepath] = {"epoch": trainer.current_epoch, "val": val}
         super()._save_checkpoint(trainer, filepath)
-        self.saved_epochs[filepath] = trainer.current_epoch
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "saved": self.saved}
 
     def _save_topk_checkpoint(self, trainer, monitor_candidates) -> None:
         if trainer.current_epoch >= self.first_epoch:
             super()._save_topk_checkpoint(trainer, monitor_candidates)
 
     def load_state_dict(self, state_dict: dict) -> None:
+        self.saved = dict(state_dict.get("saved") or {})
         super().load_state_dict({**state_dict, "dirpath": self.dirpath})
 
     def _remove_checkpoint(self, trainer, filepath: str) -> None:

@@ -256,12 +256,12 @@ def _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, basel
     trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False, weights_only=True)
 
     # validation metrics of the epoch the tested checkpoint holds (not the last epoch's): what sweeps optimise
-    best_epoch = getattr(trainer.checkpoint_callback, "saved_epochs", {}).get(ckpt) if ckpt else None
-    val = module.val_history.get(best_epoch) if best_epoch is not None else None
+    entry = getattr(trainer.checkpoint_callback, "saved", {}).get(ckpt) if ckpt else None
+    val = entry.get("val") if entry else None
     metrics: dict[str, Any] = {
         "test": module.results.get("test", {}),
         "val": val if val is not None else module.results.get("val", {}),
-        "val_epoch": best_epoch if val is not None else "last",
+        "val_epoch": entry["epoch"] if val is not None else "last",
         "best_checkpoint": ckpt,
         "fit_seconds": round(fit_seconds, 2),
         "global_steps": trainer.global_step,
