@@ -13,7 +13,7 @@ mergekit (Goddard et al. 2024) applies every method per tensor and differs from 
   mergekit would write inf/NaN); `lambda` scales the mixed δ;
 - DARE draws `torch.bernoulli(density)` from torch's global generator, model by model, and with
   `rescale` matches the L1 norm of the kept δ to the original's (not 1/density). With `seed` (ours;
-  mergekit's runs are not repeatable) each (model, tensor) draws from its own seeded generator, as the
+  mergekit's runs are not repeatable) each (model, tensor) draws the seeded keep mask (`dare_mask`) the
   paper convention's DARE does, so a merge repeats whatever the reading order or thread count;
 - linear: Σ_t w_t θ_t / Σ_t w_t (`addcmul` in float32, float64 for float64 inputs).
 
@@ -31,6 +31,7 @@ import torch
 
 from mtl.registry import Registry
 
+from .dare import dare_mask
 from .engine import Context
 from .methods import MergeMethod, _check_lam, _per_task
 
@@ -156,12 +157,10 @@ class MergekitMethod(MergeMethod):
             work = delta
         elif self.sparsify == "random" and self.densities[t] < 1:
             # mergekit draws (and rescales) in float32 on the CPU, also for float64 inputs
-            gen = None
-            if self.hp.get("seed") is not None:
-                from .dare import _dare_seed
-
-                gen = torch.Generator().manual_seed(_dare_seed(self.hp["seed"], t, key))
-            mask = torch.bernoulli(torch.full_like(delta, self.densities[t], dtype=torch.float32), generator=gen)
+            if self.hp.get("seed") is None:  # mergekit's own draw, from the global generator
+                mask = torch.bernoulli(torch.full_like(delta, self.densities[t], dtype=torch.float32))
+            else:  # the paper convention's seeded keep mask: one stream per (seed, model, tensor)
+                mask = dare_mask(delta.shape, 1 - self.densities[t], self.hp["seed"], t, key).to(torch.float32)
             work = delta.to(torch.float32)
         else:
             return delta

@@ -149,27 +149,28 @@ def build_problem(pretrained, finetuned, *, model: nn.Module | None = None, task
     opts, rest = KeyOptions.split(dict(key_options))
     if rest:
         raise TypeError(f"unknown option(s) {', '.join(sorted(rest))}")
+    # the inputs' keys and shapes first: building the merged model from mismatched folders would fail
+    # with a message about the model, not about which input differs
+    pre_src, ft_srcs = open_sources(pretrained, fts)
+    ctx = open_context(pre_src, ft_srcs, opts, 1, "learned merging")
     built = model is None
-    if built:
-        # the inputs' keys and shapes first: building the merged model from mismatched folders would fail
-        # with a message about the model, not about which input differs
-        pre_src, ft_srcs = open_sources(pretrained, fts)
-        open_context(pre_src, ft_srcs, opts, 1, "learned merging").close()
-        model, vector_tasks, names = _model_from_folders(pretrained, fts)
-    if built:
-        model = model.to(device).eval()
-    else:  # the caller's model is used as it is (never moved or copied); learn() restores its train/eval mode
-        where = next(iter(model.parameters()), torch.empty(0, device=device)).device
-        if where.type != device.type or (device.index is not None and where != device):
-            raise ValueError(f"model= is on {where} but device={device}; move the model there first "
-                             "(learned merging does not move or copy your model)")
-        model.eval()
+    try:
+        if built:
+            model, vector_tasks, names = _model_from_folders(pretrained, fts)
+            model = model.to(device).eval()
+        else:  # the caller's model is used as it is (never moved or copied); learn() restores its train/eval mode
+            where = next(iter(model.parameters()), torch.empty(0, device=device)).device
+            if where.type != device.type or (device.index is not None and where != device):
+                raise ValueError(f"model= is on {where} but device={device}; move the model there first "
+                                 "(learned merging does not move or copy your model)")
+            model.eval()
+    except BaseException:
+        ctx.close()
+        raise
     known = getattr(model, "tasks", None)
     kinds = {t: getattr(known.get(t), "kind", None) if isinstance(known, dict) else None
              for ts in vector_tasks for t in ts}
 
-    pre_src, ft_srcs = open_sources(pretrained, fts)
-    ctx = open_context(pre_src, ft_srcs, opts, 1, "learned merging")
     own = dict(model.named_parameters())
     own.update(dict(model.named_buffers()))
     is_stat = re.compile(BN_STATS).match

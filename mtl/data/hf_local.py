@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -50,8 +51,6 @@ def _open_local(path: Path) -> dict[str, Any]:
 def _split_of(rel: Path) -> str:
     """The split a parquet/arrow file belongs to, from whole words of its path, the file name first
     (``data/validation-00000-of-00001.parquet``: val; ``latest/train.parquet``: train, not test)."""
-    import re
-
     for part in reversed(rel.with_suffix("").parts):
         words = set(re.split(r"[^a-z]+", part.lower()))
         for names in (("train",), ("test",), _VAL_NAMES):
