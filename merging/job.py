@@ -134,9 +134,10 @@ def grid_candidates(hp: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [base]
 
 
-def precheck(name: str, hp: Mapping[str, Any]) -> None:
+def precheck(name: str, hp: Mapping[str, Any], num_models: int | None = None) -> None:
     """The hyperparameters of a grid-searched state-dict method (or tall_masks, or a learned method), checked before any
-    model is loaded or evaluated (a bad `k` or λ would otherwise surface after the whole pool's individual evaluation)."""
+    model is loaded or evaluated (a bad `k` or λ would otherwise surface after the whole pool's individual evaluation).
+    With `num_models` (the pool's size, once known), also what depends on it: consensus' k, a per-task λ list."""
     if name == "tall_masks":
         from .tall_job import precheck_tall
 
@@ -153,8 +154,10 @@ def precheck(name: str, hp: Mapping[str, Any]) -> None:
     for kw in grid_candidates(hp):
         _, method_hp = KeyOptions.split(dict(kw))
         try:
-            merging.create_method(name, **method_hp)
-        except ValueError as e:
+            method = merging.create_method(name, **method_hp)
+            if num_models is not None:
+                method.bind(num_models)
+        except (ValueError, merging.MergeInputError) as e:
             where = f"merge={name}" + (f", lam_grid value {kw['lam']}" if searched and "lam" in str(e) else "")
             raise ValueError(f"{where}: {e}") from None
 
@@ -254,6 +257,7 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         return merge_only(cfg, run_dir, name, hp, output, start, manifest)
     bn_data = _bn_data(cfg, hp)
     pool = resolve_pool(cfg, run_dir, manifest)
+    precheck(name, hp, num_models=len(pool.members))
     ev = Evaluator(pool, cfg.eval.get("max_batches"), _plain(cfg.eval.get("data")), cfg.eval.get("device") or "cpu")
     sel = select(MergeJob(cfg, pool, ev, run_dir, bn_data), MappingProxyType(hp))
     if bn_data is not None:

@@ -7,6 +7,9 @@ Rules (documented in docs/merging.md):
 - every other considered key must be in every model with the same shape and dtype (`unshared="skip"` drops keys
   missing somewhere instead of failing);
 - floating-point tensors merge; integer/bool buffers are copied from the pretrained model;
+- a linearised model's expansion point (`theta0.` buffers, `mtl.models.LinearizedModel`) is copied from the
+  pretrained model: it is θ0 in every model of a linearised pool, never a weight a fine-tune moved, so it
+  must not count toward TIES' top-k share, TALL/Consensus statistics or learned coefficients;
 - batch-norm running statistics follow `bn`: "pretrained" (default: copied from θ0 — always a valid
   variance, and what parameter-only merging gives), "average" (plain mean of the fine-tuned statistics,
   still valid since it is convex), or "merge" (treated like any float, as the method says; with
@@ -25,12 +28,14 @@ import torch
 
 from .sources import MergeInputError, StateSource, TensorInfo
 
-__all__ = ["KeyPattern", "KeyPlan", "plan_keys", "compile_pattern", "BN_STATS", "DEFAULT_TASK_KEYS"]
+__all__ = ["KeyPattern", "KeyPlan", "plan_keys", "compile_pattern", "BN_STATS", "DEFAULT_TASK_KEYS", "EXPANSION_POINT"]
 
 KeyPattern = Union[str, Sequence[str], Callable[[str], bool], None]
 
 DEFAULT_TASK_KEYS = r"(.*\.)?heads\."
 BN_STATS = r"(.*\.)?running_(mean|var)$"
+#: a linearised model's expansion point (mtl.models.linearized stores θ0 as `theta0.<name>` buffers)
+EXPANSION_POINT = r"theta0\."
 BN_RULES = ("pretrained", "average", "merge")
 #: every value of the `bn` option: the state-dict rules above, and re-estimation on data (merging.bn)
 BN_OPTIONS = (*BN_RULES, "recompute")
@@ -104,6 +109,7 @@ def plan_keys(
     inc, exc, task = (compile_pattern(include, "include"), compile_pattern(exclude, "exclude"),
                       compile_pattern(task_keys, "task_keys"))
     is_bn = re.compile(BN_STATS).match
+    is_expansion_point = re.compile(EXPANSION_POINT).match
 
     def considered(k: str) -> bool:
         return (inc is None or inc(k)) and not (exc is not None and exc(k))
@@ -151,7 +157,7 @@ def plan_keys(
             continue
         plan.infos[k] = ref
         plan.compute[k] = compute_dtype([i.dtype for i in infos])
-        if not ref.dtype.is_floating_point:
+        if not ref.dtype.is_floating_point or is_expansion_point(k):
             kind = "copy"
         elif is_bn(k) and bn != "merge":
             kind = "copy" if bn == "pretrained" else "average"

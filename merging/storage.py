@@ -127,13 +127,16 @@ def _manifest(tasks, lam, mtv, order, kinds, task_keys) -> dict[str, Any]:
 
 
 def save_tall_masks(tall: TallMasks, out, tasks: Sequence[str] | None = None, overwrite: bool = False) -> Path:
-    """Write an in-memory `TallMasks` as a store (without task heads, which it does not hold)."""
+    """Write an in-memory `TallMasks` as a store, task heads (`tall.task_tensors`) included: the same
+    format `write_tall_store` writes from the model files."""
     T = tall.num_tasks
     tasks = _check_tasks(tasks or [f"task{t}" for t in range(T)], T)
     kinds = {k: ("merge" if k in tall.tau else "kept") for k in tall.order}
     infos = {k: TensorInfo(tuple(tall.merged[k].shape), tall.dtypes[k]) for k in tall.order}
     tau_dtypes = {k: v.dtype for k, v in tall.tau.items()}
-    specs = _specs(tall.order, kinds, infos, tau_dtypes, T, [{} for _ in range(T)])
+    heads = tall.task_tensors
+    tk_infos = [{k: TensorInfo(tuple(v.shape), v.dtype) for k, v in h.items()} for h in heads]
+    specs = _specs(tall.order, kinds, infos, tau_dtypes, T, tk_infos)
 
     def entries():
         for k in tall.order:
@@ -144,8 +147,11 @@ def save_tall_masks(tall: TallMasks, out, tasks: Sequence[str] | None = None, ov
                     yield f"mask/{t}/{k}", pack_mask(tall.masks[t][k])
             else:
                 yield f"kept/{k}", tall.kept[k]
+        for t, h in enumerate(heads):
+            for k, v in h.items():
+                yield f"task/{t}/{k}", v
 
-    manifest = _manifest(tasks, tall.lam, tall.mtv, tall.order, kinds, [[] for _ in range(T)])
+    manifest = _manifest(tasks, tall.lam, tall.mtv, tall.order, kinds, [list(h) for h in heads])
     return _write(out, overwrite, specs, manifest, entries())
 
 

@@ -63,11 +63,13 @@ class TallMasks:
     """Result of `tall_masks`: θ0, τ_MTL and one mask per task, all `{name: tensor}` dicts.
 
     `masks[t]` holds a separate bool tensor per name (never shared between tasks); `merged` is
-    θ0 + τ_MTL; `reconstruct(t)` is θ0 + m_t ∘ τ_MTL. Keys that are copied rather than merged (integer
-    buffers, BN statistics under the BN rule) appear unchanged in `merged` and every reconstruction.
+    θ0 + τ_MTL; `reconstruct(t)` is θ0 + m_t ∘ τ_MTL (t an index or a name from `tasks`). Keys that are
+    copied rather than merged (integer buffers, BN statistics under the BN rule) appear unchanged in
+    `merged` and every reconstruction. `task_tensors[t]` holds model t's own keys (its head), which
+    `save` stores so that `load_task_model` returns complete task models.
     """
 
-    def __init__(self, pretrained, tau, masks, kept, dtypes, lam, mtv, task_keys=None):
+    def __init__(self, pretrained, tau, masks, kept, dtypes, lam, mtv, task_keys=None, task_tensors=None):
         self.pretrained: dict[str, torch.Tensor] = pretrained
         self.tau: dict[str, torch.Tensor] = tau
         self.masks: list[dict[str, torch.Tensor]] = masks
@@ -76,6 +78,7 @@ class TallMasks:
         self.lam: list[float] = lam
         self.mtv = mtv
         self.task_keys: list[list[str]] = task_keys or [[] for _ in masks]
+        self.task_tensors: list[dict[str, torch.Tensor]] = task_tensors or [{} for _ in masks]
         self.tasks: list[str] | None = None  # names of the fine-tuned models (set by tall_masks), used by save
         self.order = list(dtypes)
         self.merged = {
@@ -87,12 +90,16 @@ class TallMasks:
     def num_tasks(self) -> int:
         return len(self.masks)
 
-    def _task_index(self, t: int) -> int:
+    def _task_index(self, t: int | str) -> int:
+        if isinstance(t, str):
+            if t not in (self.tasks or []):
+                raise KeyError(f"unknown task {t!r}: this result's tasks are {self.tasks}")
+            return self.tasks.index(t)
         if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.num_tasks:
             raise IndexError(f"task index {t!r} out of range: this result has {self.num_tasks} tasks (0..{self.num_tasks - 1})")
         return t
 
-    def reconstruct(self, t: int) -> dict[str, torch.Tensor]:
+    def reconstruct(self, t: int | str) -> dict[str, torch.Tensor]:
         m = self.masks[self._task_index(t)]
         return {
             k: (self.kept[k].clone() if k in self.kept else reconstruct_tensor(self.pretrained[k], self.tau[k], m[k], self.dtypes[k]))
@@ -172,7 +179,8 @@ def _tall_in_memory(ctx: Context, kernel: TallKernel, select: str, mtv: str) -> 
         for t, m in enumerate(ms):
             masks[t][key] = m
     dtypes = {k_: plan.infos[k_].dtype for k_ in plan.order}
-    return TallMasks(pre, tau, masks, kept, dtypes, kernel.lams, mtv, plan.task_specific)
+    heads = [{k_: ctx.sources[t + 1].get(k_).clone() for k_ in ks} for t, ks in enumerate(plan.task_specific)]
+    return TallMasks(pre, tau, masks, kept, dtypes, kernel.lams, mtv, plan.task_specific, heads)
 
 
 def check_merged(ctx: Context, key: str, pre: torch.Tensor, tau: torch.Tensor) -> None:

@@ -264,6 +264,21 @@ def test_bad_hyperparameters_are_refused_before_the_pool_is_loaded(tmp_path, no_
         run(["merge=ties", "pretrained=/nope", "models=[/nope]", override], run_dir=tmp_path / "bad")
 
 
+@pytest.mark.parametrize("method, override, match", [
+    ("consensus", "merge.k=5", r"merge=consensus: consensus needs at least 5 fine-tuned models, got 2"),
+    ("task_arithmetic", "merge.lam=[0.3,0.3,0.3]", r"merge=task_arithmetic: lam has 3 values but there are 2"),
+])
+def test_settings_the_pool_size_rules_out_are_refused_before_evaluation(pool, tmp_path, monkeypatch, method, override, match):
+    import merging.job as job
+
+    def refuse(*a, **k):
+        raise AssertionError("the pool was evaluated before its size was checked")
+
+    monkeypatch.setattr(job, "Evaluator", refuse)
+    with pytest.raises(ValueError, match=match):
+        run(_args(pool, f"merge={method}", override), run_dir=tmp_path / "r")
+
+
 def test_existing_output_is_refused_unless_overwrite(pool, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

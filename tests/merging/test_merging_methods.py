@@ -47,6 +47,20 @@ def test_ties_defaults_keep_top_20_percent_over_whole_vector():
     assert torch.equal(out["w"], expect)
 
 
+def test_linearised_expansion_point_is_copied_and_not_counted_in_ties_top_k():
+    # A linearised model stores θ0 as `theta0.` buffers, equal in every model (τ = 0). Counted as merged
+    # weights they would double P, so k=20 would keep 4 of the 10 real entries instead of ⌈10·0.2⌉ = 2.
+    tau = torch.tensor([0.1, -9.0, 0.3, 0.2, 7.0, -0.4, 0.5, 0.6, -0.7, 0.8])
+    point = torch.arange(10.0)
+    pre = {"w": torch.zeros(10), "theta0.w": point.clone()}
+    out = merging.merge("ties", pre, [{"w": tau, "theta0.w": point.clone()}])
+    expect = torch.zeros(10)
+    expect[1], expect[4] = -9.0, 7.0
+    assert torch.equal(out["w"], expect) and torch.equal(out["theta0.w"], point)
+    plan = merging.keys.plan_keys(merging.sources.open_source(pre), [merging.sources.open_source(pre)])
+    assert plan.kind["theta0.w"] == "copy" and plan.num_merged_params == 10
+
+
 def test_ties_boundary_keeps_ties_at_threshold():
     # n = 2 but three entries share the 2nd-largest magnitude: "≥ threshold" keeps all of them.
     tau = torch.tensor([5.0, 2.0, -2.0, 2.0, 1.0, 0.5, 0.25, 0.1, 0.0, 0.0])

@@ -66,6 +66,22 @@ def test_in_memory_save_and_report(tmp_path):
         merging.load_task_model(tmp_path, "a")
 
 
+def test_in_memory_save_keeps_heads_like_the_streamed_store(tmp_path):
+    pre, fts = make_models(T=3, seed=4)
+    pre_dir, ft_dirs = save_models(tmp_path, pre, fts)
+    tall = merging.tall_masks(pre_dir, ft_dirs, lam=0.4)
+    saved = tall.save(tmp_path / "mem")
+    streamed = merging.write_tall_store(pre_dir, ft_dirs, tmp_path / "stream", lam=0.4)
+    for t, name in enumerate(tall.tasks):
+        a, b = merging.load_task_model(saved, name), merging.load_task_model(streamed, name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert torch.equal(a[f"heads.task{t}.weight"], fts[t][f"heads.task{t}.weight"])
+        rec = tall.reconstruct(name)  # a name from .tasks, as load_task_model takes
+        assert all(torch.equal(rec[k], tall.reconstruct(t)[k]) for k in rec)
+    with pytest.raises(KeyError, match="unknown task 'zzz'"):
+        tall.reconstruct("zzz")
+
+
 def test_plots_write_pngs(tmp_path):
     results = {
         "individual": {"mnist": 0.99, "digits": 0.97, "textures": 0.8},
