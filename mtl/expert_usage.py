@@ -8,6 +8,8 @@ TaskExpert decoder sums gate weights (its last column is the task's memory).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,21 @@ def usage_source(model: Any) -> Any | None:
         if obj is not None and hasattr(obj, "expert_usage") and hasattr(obj, "record_usage"):
             return obj
     return None
+
+
+@contextmanager
+def usage_paused(model: Any) -> Iterator[None]:
+    """No usage recorded inside: a balancer's extra forward passes (FLAT's per-task perturbed weights,
+    FAMO's recomputed losses) are not training steps' routing."""
+    src = usage_source(model)
+    if src is None:
+        yield
+        return
+    was, src.record_usage = src.record_usage, False
+    try:
+        yield
+    finally:
+        src.record_usage = was
 
 
 def usage_shares(usage: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -63,8 +80,10 @@ class ExpertUsageCallback(L.Callback):
     """Records expert usage of the training steps (not validation: its routing is noise-free); every
     ``log_every`` steps logs each task's usage share per expert (mean over layers) as
     ``experts/<task>/<expert>``; at the end writes ``expert_usage.png`` and ``expert_usage.json`` (raw
-    totals) into the run folder. The totals are kept in checkpoints, so a resumed run's cover the whole
-    run. A model without experts is left alone."""
+    totals) into the run folder. Under DDP the written totals are summed over the ranks (the logged
+    shares during training are rank 0's). The totals are kept in checkpoints, so a resumed run's cover
+    the whole run (a checkpoint holds rank 0's, so after resuming a DDP run the earlier part counts
+    rank 0's tokens only). A model without experts is left alone."""
 
     def __init__(self, log_every: int = 50, filename: str = "expert_usage.png"):
         self.log_every, self.filename = int(log_every), filename
@@ -112,7 +131,10 @@ class ExpertUsageCallback(L.Callback):
         if src is None:
             return
         src.record_usage = False
-        usage = self.usage()
+        now = src.expert_usage()
+        # every rank takes part in the sum (a collective), then rank 0 writes
+        now = {t: trainer.strategy.reduce(u.to(pl_module.device), reduce_op="sum").cpu() for t, u in now.items()}
+        usage = {t: self._earlier.get(t, 0) + now.get(t, 0) for t in dict.fromkeys([*self._earlier, *now])}
         if not usage or not trainer.is_global_zero:
             return
         out = Path(trainer.default_root_dir)

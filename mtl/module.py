@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from mtl.balancers import Balancer, BalancerMonitor, StepContext, check_finite, create_balancer, freeze_norm_stats
+from mtl.expert_usage import usage_paused
 from mtl.models import MultiTaskModel, create_model
 from mtl.registry import check_int
 
@@ -150,7 +151,7 @@ class MultiTaskModule(L.LightningModule):
             # `tasks` restricts the heads run (flat perturbs one task at a time)
             names = list(self.tasks) if tasks is None else list(tasks)
             x = batch["image"]
-            with freeze_norm_stats(self.model):
+            with freeze_norm_stats(self.model), usage_paused(self.model):
                 preds = self.model.heads(self.model.shared(x), tuple(x.shape[-2:]), names)
             return self.with_aux_losses({n: self.tasks[n].loss(preds[n], batch[self.tasks[n].target_key]) * self.tasks[n].weight
                                          for n in names})

@@ -1,6 +1,7 @@
 """One tiny registry type, used for every pluggable concept (tasks, backbones, decoders, balancers, ...)."""
 from __future__ import annotations
 
+import math
 from typing import Callable, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -75,6 +76,20 @@ def check_kwargs(fn: Callable, kwargs: dict, what: str) -> None:
         if not ok:
             raise TypeError(f"{what}.{key} must be {' or '.join(a for a in alts if a != 'None')}, "
                             f"got {value!r} ({type(value).__name__})")
+
+
+def check_bool(key: str, value: object) -> bool:
+    """A switch must be a real bool: ``bool("no")`` is True, so a string would silently switch it on."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def check_number(key: str, value: object, low: float = 0.0) -> float:
+    """A finite number (int or float, not a bool) >= ``low``, else one error naming the key."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
+        raise ValueError(f"{key} must be a finite number >= {low:g}, got {value!r}")
+    return float(value)
 
 
 def check_int(key: str, value: object, low: int = 0, note: str = "") -> int:

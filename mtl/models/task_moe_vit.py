@@ -26,6 +26,7 @@ from mtl.models.decoders.hps import create_head
 from mtl.models.families import MODELS
 from mtl.models.multitask import normalize_images, select_tasks
 from mtl.models.moe import StackedExperts, TopKRouter, check_top_k, task_expert_mutual_information
+from mtl.registry import check_bool, check_int, check_number
 from mtl.tasks import Task, create_task
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -134,6 +135,7 @@ class TaskMoEViT(nn.Module):
         self._moe = _merge_known(MOE_DEFAULTS, decoder, "decoder")
         self._moe.pop("name", None)
         v, m = self._vit, self._moe
+        _check_moe_settings(m)
         dim, depth, heads, every = int(v["embed_dim"]), int(v["depth"]), int(v["num_heads"]), int(m["every"])
         if dim % heads:
             raise ValueError(f"backbone.embed_dim={dim} is not divisible by backbone.num_heads={heads}")
@@ -162,11 +164,11 @@ class TaskMoEViT(nn.Module):
         moes = iter(kept)
         self.blocks = nn.ModuleList(
             Block(dim, heads, mlp_hidden, TaskMoE(dim, names, n_exp, int(m["top_k"]), int(expert_hidden), m["gate"],
-                                                  bool(m["renormalize"]), bool(m["noisy"]), next(moes))
+                                                  m["renormalize"], m["noisy"], next(moes))
                   if i in self.moe_layers else None)
             for i in range(depth))
         self.norm = nn.LayerNorm(dim)
-        channels = int(m["channels"] or dim)
+        channels = dim if m["channels"] is None else m["channels"]
         self.task_heads = nn.ModuleDict({t.name: TaskHead(t, dim, channels) for t in tasks})
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
@@ -299,3 +301,16 @@ def _merge_known(defaults: dict[str, Any], given: dict[str, Any] | None, where: 
     if given.get("name") not in (None, "task_moe_vit"):
         raise ValueError(f"{where}.name must be 'task_moe_vit' for family task_moe_vit, got {given['name']!r}")
     return {**defaults, **given}
+
+
+def _check_moe_settings(m: dict[str, Any]) -> None:
+    """Each MoE setting by its decoder key: int(2.5) or bool("no") would build another model than asked."""
+    for key in ("every", "num_experts", "top_k"):
+        check_int(f"decoder.{key}", m[key], low=1)
+    for key in ("expert_hidden", "channels"):
+        if m[key] is not None:
+            check_int(f"decoder.{key}", m[key], low=1, note=" or null")
+    for key in ("renormalize", "noisy"):
+        check_bool(f"decoder.{key}", m[key])
+    for key in ("balance_weight", "mi_weight"):
+        check_number(f"decoder.{key}", m[key])

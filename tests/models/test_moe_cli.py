@@ -92,3 +92,16 @@ def test_expert_usage_counts_training_routing_only_across_a_resume(tmp_path, mon
     for t in ("depth", "classification"):
         assert [sum(layer) for layer in ua[t]] == [6 * 16 * 64 * 4] * 3
     assert ua == ub  # the resumed run's totals include epochs 0-1 (resume is bit-identical)
+
+
+@pytest.mark.parametrize("extra, ranks", [(["balancer=flat"], 1), (["trainer=ddp"], 2)])
+def test_expert_usage_counts_each_training_step_once_on_every_rank(tmp_path, extra, ranks):
+    """FLAT runs one extra forward per task on perturbed weights: not training routing, not counted.
+    Under DDP each rank routes its own batches: the written totals sum the ranks."""
+    common = ["experiment=scenes_task_moe_vit", "debug=smoke", "viz.num_samples=0", "task=[depth,classification]",
+              "log_weights_every=0", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+              "trainer.limit_test_batches=1", "trainer.max_epochs=1"]
+    run_dir = run_dir_of(cli("mtl.cli.train", *common, *extra, cwd=tmp_path))
+    usage = json.loads((run_dir / "expert_usage.json").read_text())
+    for t in ("depth", "classification"):
+        assert [sum(layer) for layer in usage[t]] == [ranks * 2 * 16 * 64 * 4] * 3, t

@@ -80,6 +80,17 @@ def test_task_losses_reach_the_shared_weights_only_through_the_representation():
             assert (a is None and b is None) or torch.allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.parametrize("dec, match", [
+    ({"num_experts": 2.5}, r"decoder.num_experts must be int, got 2.5"),
+    ({"expert_hidden": 0}, r"decoder.expert_hidden must be an int >= 1 or null, got 0"),
+    ({"expert_hidden": -3}, r"decoder.expert_hidden must be an int >= 1 or null, got -3"),
+    ({"channels": 0}, r"decoder.channels must be an int >= 1, got 0"),
+])
+def test_bad_sizes_name_the_key(dec, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        mtl.create_model(["depth"], backbone=BACKBONES["cnn"], decoder={"name": "moe", **dec})
+
+
 def test_bad_stage_index_names_the_value():
     with pytest.raises(ValueError, match="stage index 5"):
         mtl.create_model(["depth"], backbone=BACKBONES["cnn"], decoder={"name": "moe", "stages": [0, 5]})

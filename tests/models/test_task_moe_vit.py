@@ -150,8 +150,18 @@ def test_extraction_with_min_share_reports_what_the_dropped_experts_received():
 
 
 @pytest.mark.parametrize("dec,match", [
-    ({"top_k": 9}, "top_k=9"), ({"top_k": 0}, "top_k=0"),
+    ({"top_k": 9}, "top_k=9"), ({"top_k": 0}, "decoder.top_k must be an int >= 1, got 0"),
     ({"num_experts": 7}, "num_experts=7"), ({"gate": "shared"}, "'shared'"), ({"bogus": 1}, "bogus"),
+    # int(2.5) / bool("no") would build another model than the one asked for
+    ({"top_k": 2.5}, r"decoder.top_k must be an int >= 1, got 2.5"),
+    ({"num_experts": 8.7}, r"decoder.num_experts must be an int >= 1, got 8.7"),
+    ({"every": 1.5}, r"decoder.every must be an int >= 1, got 1.5"),
+    ({"expert_hidden": 0}, r"decoder.expert_hidden must be an int >= 1 or null, got 0"),
+    ({"channels": 0}, r"decoder.channels must be an int >= 1 or null, got 0"),
+    ({"renormalize": "no"}, r"decoder.renormalize must be true or false, got 'no'"),
+    ({"noisy": "false"}, r"decoder.noisy must be true or false, got 'false'"),
+    ({"balance_weight": -1}, r"decoder.balance_weight must be a finite number >= 0, got -1"),
+    ({"mi_weight": float("nan")}, r"decoder.mi_weight must be a finite number >= 0, got nan"),
 ])
 def test_bad_decoder_settings_name_the_value(dec, match):
     with pytest.raises(ValueError, match=match):

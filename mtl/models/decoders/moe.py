@@ -20,6 +20,7 @@ from torch import nn
 from mtl.models.decoders.base import DECODERS
 from mtl.models.decoders.hps import create_head
 from mtl.models.moe import StackedExperts
+from mtl.registry import check_int
 from mtl.tasks import Task
 
 MEMORY_UPDATES = ("replace", "average", "gated")
@@ -82,8 +83,10 @@ class TaskExpertDecoder(nn.Module):
     def __init__(self, in_channels: list[int], tasks: list[Task], channels: int = 64, num_experts: int = 8,
                  expert_hidden: int | None = None, stages: list[int] | None = None, memory_update: str = "gated"):
         super().__init__()
-        if int(num_experts) < 1:
-            raise ValueError(f"decoder moe: num_experts must be >= 1, got {num_experts}")
+        check_int("decoder.num_experts", num_experts, low=1)
+        check_int("decoder.channels", channels, low=1)
+        if expert_hidden is not None:
+            check_int("decoder.expert_hidden", expert_hidden, low=1, note=" or null")
         if memory_update not in MEMORY_UPDATES:
             raise ValueError(f"decoder moe: memory_update must be one of {MEMORY_UPDATES}, got {memory_update!r}")
         stages = list(range(len(in_channels))) if stages is None else [int(s) for s in stages]
@@ -96,7 +99,7 @@ class TaskExpertDecoder(nn.Module):
         self.stages, self.num_experts = stages, int(num_experts)
         self.proj = nn.ModuleList(nn.Conv2d(in_channels[s], channels, 1) for s in stages)
         self.norm = nn.ModuleList(nn.LayerNorm(channels) for _ in stages)
-        self.experts = nn.ModuleList(StackedExperts(num_experts, channels, expert_hidden or 2 * channels) for _ in stages)
+        self.experts = nn.ModuleList(StackedExperts(num_experts, channels, 2 * channels if expert_hidden is None else expert_hidden) for _ in stages)
         self.heads = nn.ModuleDict({t.name: TaskExpertPath(t, channels, num_experts, len(stages), memory_update) for t in tasks})
 
     def shared(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
