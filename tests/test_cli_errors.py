@@ -256,3 +256,25 @@ def test_an_error_without_a_message_still_says_what_it_is():
     except RuntimeError as e:
         assert hydra_message(e).startswith("AssertionError (no message")
     assert one_line(AssertionError()) == "AssertionError"
+
+
+def test_sigterm_outside_training_marks_the_run_failed(tmp_path):
+    """mtl-merge (like prune, export, extract) has no Lightning fit and its SIGTERM handler: Python's
+    default would end the process silently, leaving a folder that looks like a run in progress."""
+    import signal
+    import time
+
+    env = dict(os.environ, MTL_OUTPUT_DIR=str(tmp_path / "outputs"))
+    proc = subprocess.Popen([sys.executable, "-m", "merging.cli", "debug=smoke"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runs = tmp_path / "outputs" / "merge" / "runs"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not list(runs.glob("*/smoke_pool")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    (run,) = runs.iterdir()
+    assert out.strip().splitlines()[-1] == f"run_dir: {run}"
+    assert "error: interrupted by SIGTERM" in err
+    assert (run / FAILED).read_text().startswith("interrupted by SIGTERM")

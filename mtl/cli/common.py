@@ -134,10 +134,37 @@ def marks_failure(run_dir: str | os.PathLike) -> Iterator[None]:
         raise
 
 
+class Terminated(BaseException):
+    """A SIGTERM outside Lightning's ``fit`` (which installs its own handler): merge, prune, export,
+    extract and the test/save phases of training. A BaseException, as KeyboardInterrupt, so that no
+    ``except Exception`` swallows it."""
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises `Terminated` in the main thread (Python's default would end the process at once:
+    no ``error:`` line, no ``FAILED``, a temporary output left behind)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated("SIGTERM")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def interruption(e: BaseException) -> tuple[str, int] | None:
     """(what stopped the run, exit status) for a SIGTERM or Ctrl-C, else None. Lightning turns SIGTERM
     into a ``SystemExit`` without a code (which reads as success) and Ctrl-C into ``sys.exit(1)``."""
-    if type(e).__name__ == "SIGTERMException":
+    if isinstance(e, Terminated) or type(e).__name__ == "SIGTERMException":
         return "SIGTERM", 143
     if isinstance(e, KeyboardInterrupt) or (isinstance(e, SystemExit) and isinstance(e.__context__, KeyboardInterrupt)):
         return "Ctrl-C", 130
@@ -171,7 +198,7 @@ def run_job(cfg, job: Callable[[Any, Path], Any]) -> Any:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     try:
-        with marks_failure(run_dir):
+        with sigterm_raises(), marks_failure(run_dir):
             check_required(cfg)
             result = job(cfg, run_dir)
     except BaseException as e:
