@@ -169,5 +169,5 @@ def test_ddp_evaluation_counts_every_sample_once(tmp_path):
 
 def test_gradient_clipping_works_under_bf16_mixed(tmp_path):
     # trainer=gpu's default precision; Lightning's clipping refused the fused AdamW there
-    proc = cli(*SMOKE, "task=depth", "+trainer.precision=bf16-mixed", "optim.grad_clip=0.5", cwd=tmp_path)
+    proc = cli(*SMOKE, "task=depth", "trainer.precision=bf16-mixed", "optim.grad_clip=0.5", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]

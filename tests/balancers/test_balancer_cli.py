@@ -64,7 +64,7 @@ def test_cli_every_balancer_runs(name, tmp_path):
                                        ["balancer=gradnorm"], ["balancer=flat"]], ids="+".join)
 def test_cli_bf16_mixed_precision(overrides, tmp_path):
     # autocast: TorchJD's solvers need float32 Gramians and its vmapped backward fails on bf16 ops
-    check_run(run(FAST + overrides + ["+trainer.precision=bf16-mixed"], run_dir=tmp_path / "bf16"), overrides[0])
+    check_run(run(FAST + overrides + ["trainer.precision=bf16-mixed"], run_dir=tmp_path / "bf16"), overrides[0])
 
 
 @pytest.mark.slow
