@@ -22,8 +22,9 @@ def count_params(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def count_flops(model: nn.Module, x: torch.Tensor, tasks: Iterable[str] | None = None) -> int:
-    """FLOPs of one forward pass of ``model(x, tasks=tasks)`` (the whole batch ``x``), eval mode.
+def count_flops(model: nn.Module, x: torch.Tensor, tasks: Iterable[str] | str | None = None) -> int:
+    """FLOPs of one forward pass of ``model(x, tasks=tasks)`` (the whole batch ``x``), eval mode; a single
+    task may be given as its name, as the model's forward takes it.
 
     What runs is counted, so for a sparse model (routed experts) these are the *active* FLOPs.
     The model's train/eval mode is restored afterwards.
@@ -32,7 +33,7 @@ def count_flops(model: nn.Module, x: torch.Tensor, tasks: Iterable[str] | None =
     model.eval()
     try:
         with FlopCounterMode(display=False, custom_mapping=_EXTRA) as counter:
-            model(x) if tasks is None else model(x, tasks=list(tasks))
+            model(x) if tasks is None else model(x, tasks=[tasks] if isinstance(tasks, str) else list(tasks))
         return int(counter.get_total_flops())
     finally:
         model.train(was_training)
@@ -40,7 +41,7 @@ def count_flops(model: nn.Module, x: torch.Tensor, tasks: Iterable[str] | None =
 
 def model_stats(model: nn.Module, x: torch.Tensor, tasks: Iterable[str] | None = None) -> dict[str, Any]:
     """Params, all-task FLOPs and each task's own FLOPs (``forward(x, tasks=[t])``) per sample."""
-    names = list(tasks) if tasks is not None else list(getattr(model, "tasks", []))
+    names = ([tasks] if isinstance(tasks, str) else list(tasks)) if tasks is not None else list(getattr(model, "tasks", []))
     n = int(x.shape[0])
     stats: dict[str, Any] = {"params": count_params(model), "flops_all_tasks": count_flops(model, x) // n}
     if names:

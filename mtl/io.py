@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -133,6 +134,26 @@ def read_json(path: str | os.PathLike) -> Any:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
+def strict_json(obj: Any, where: str) -> Any:
+    """``obj`` as strict JSON values, for files other tools read (a model folder's config.json): tensors and
+    numpy scalars become numbers/lists, a non-finite float becomes null (JSON has no NaN; a diverged
+    run's NaN metric must not make the folder unreadable outside Python), anything else is refused
+    naming its key path."""
+    if isinstance(obj, dict):
+        return {str(k): strict_json(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, (str, bool, int, type(None))):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.Tensor) or hasattr(obj, "tolist"):
+        return strict_json(obj.tolist(), where)
+    raise TypeError(f"{where}: cannot store {type(obj).__name__} in JSON")
+
+
 def _json_default(o: Any) -> Any:
     if isinstance(o, torch.Tensor):
         return o.tolist()
@@ -169,6 +190,12 @@ def save_model(model, path: str | os.PathLike, meta: dict[str, Any] | None = Non
     from mtl.models.surgery import model_config
 
     path = Path(path)
+    if not isinstance(getattr(model, "config", None), dict):
+        raise TypeError(f"save_model takes an mtlkit model (mtl.create_model, mtl.load_model, a merged, pruned or "
+                        f"extracted one: it describes itself in .config), got {type(model).__name__}")
+    if meta is not None and not isinstance(meta, dict):
+        raise TypeError(f"save_model: meta must be a dict, got {type(meta).__name__}")
+    meta = strict_json(meta or {}, "meta")
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"save_model: {path} is a file, not a model folder; remove it or choose another path")
     if overwrite and path.is_dir() and any(path.iterdir()) and not is_model_folder(path):
@@ -181,7 +208,7 @@ def save_model(model, path: str | os.PathLike, meta: dict[str, Any] | None = Non
         raise ValueError(f"save_model: key {cast!r} is {state[cast].dtype}; model folders hold float32 weights "
                          "(call model.float() first; cast after loading for half-precision inference)")
     model_cfg = json.loads(json.dumps(model_config(model), default=_json_default))
-    cfg = {"format": FORMAT, "mtlkit_version": __version__, "model": model_cfg, "meta": meta or {}}
+    cfg = {"format": FORMAT, "mtlkit_version": __version__, "model": model_cfg, "meta": meta}
     header = {"format": FORMAT, "tasks": json.dumps(_task_kinds(model_cfg)),
               "config_digest": _config_digest(model_cfg), "weights_digest": _weights_digest(state),
               "config": _canonical(model_cfg)}  # to name the key of a config.json edited afterwards

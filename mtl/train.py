@@ -338,12 +338,6 @@ def print_summary(metrics: dict[str, Any], tasks) -> None:
 
 def run(overrides: list[str] | None = None, run_dir: str | Path | None = None) -> Path:
     """Compose the ``mtl-train`` config in-process and run it (for notebooks and tests)."""
-    from mtl.cli.common import check_group_choices, compose_in_process, marks_failure
+    from mtl.cli.common import run_in_process
 
-    problem = check_group_choices(list(overrides or []), ("mtl.configs",))
-    if problem:  # as mtl-train says it: the valid names, not Hydra's "Could not load"
-        raise ValueError(problem)
-    cfg, run_dir = compose_in_process("mtl.configs", "train", overrides, run_dir)
-    with marks_failure(run_dir):  # a failed run is marked as the CLI marks it
-        train(cfg, run_dir)
-    return Path(run_dir)
+    return run_in_process(train, ("mtl.configs",), "train", overrides, run_dir)[1]

@@ -27,7 +27,7 @@ _PER_ROUND = {
 
 
 def prune(model: nn.Module, method: str, calib: Any = None, *, example: torch.Tensor | None = None,
-          ignored_layers: Sequence[str] = (), rounds: int = 1,
+          ignored_layers: Sequence[str] | str = (), rounds: int = 1,
           finetune: Callable[[nn.Module], None] | None = None, **hparams: Any) -> tuple[nn.Module, dict[str, Any]]:
     """Prune ``model`` (left untouched) with ``method``; returns the physically smaller model and a report.
 
@@ -40,6 +40,8 @@ def prune(model: nn.Module, method: str, calib: Any = None, *, example: torch.Te
     """
     fn = METHODS.get(method)
     effective = effective_hparams(method, hparams)
+    if isinstance(ignored_layers, str):  # one module name, not its characters
+        ignored_layers = [ignored_layers]
     check_prunable(model)
     batches = as_batches(calib) if calib is not None else []
     if example is None:

@@ -278,3 +278,25 @@ def test_sigterm_outside_training_marks_the_run_failed(tmp_path):
     assert out.strip().splitlines()[-1] == f"run_dir: {run}"
     assert "error: interrupted by SIGTERM" in err
     assert (run / FAILED).read_text().startswith("interrupted by SIGTERM")
+
+
+@pytest.mark.parametrize("module, group", [("merging.job", "merge"), ("pruning.job", "prune"),
+                                           ("mtl.exporters.job", "format"), ("mtl.cli.extract", "calib")])
+def test_in_process_runs_check_and_mark_as_their_cli_does(tmp_path, module, group):
+    import importlib
+
+    run = importlib.import_module(module).run
+    with pytest.raises(TypeError, match=r"overrides must be a list of strings .* got the string 'debug=smoke'"):
+        run("debug=smoke", run_dir=tmp_path / "s")
+    if group != "calib":  # extract has no config groups of its own
+        with pytest.raises(ValueError, match=rf"unknown {group} 'nope'"):
+            run([f"{group}=nope"], run_dir=tmp_path / "g")
+        assert not (tmp_path / "g").exists()
+
+
+def test_in_process_merge_failure_leaves_a_failed_marker(tmp_path):
+    from merging.job import run
+
+    with pytest.raises(Exception, match="nonexist"):
+        run(["merge=average", "pretrained=/nonexist", "models=[/nonexist2]"], run_dir=tmp_path / "r")
+    assert (tmp_path / "r" / FAILED).is_file()

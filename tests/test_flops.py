@@ -25,3 +25,11 @@ def test_attention_counts_its_matmuls_on_cpu_whatever_the_kernel():
     x = torch.randn(1, n, d)
     for fused in (True, False):
         assert count_flops(_Attn(fused).eval(), x) == linear + attention, fused
+
+
+def test_a_single_task_may_be_given_by_name():
+    import mtl
+
+    model = mtl.create_model(["depth", "semseg"], backbone="test_resnet")
+    x = torch.randint(0, 255, (1, 3, 32, 32), dtype=torch.uint8)
+    assert count_flops(model, x, "depth") == count_flops(model, x, ["depth"]) < count_flops(model, x)

@@ -202,3 +202,21 @@ def test_a_structural_plan_only_sets_integer_sizes(tiny_model, attr, value):
     with pytest.raises(ValueError, match=rf"plan sets {re.escape(name)}\.{attr} to .*only changes integer sizes"):
         apply_plan(tiny_model, {"modules": {name: {"attrs": {attr: value}}}})
     apply_plan(tiny_model, {"modules": {name: {"attrs": {"in_channels": 3}}}})  # an integer size is taken
+
+
+def test_save_model_refuses_a_foreign_module_and_keeps_config_json_strict(tmp_path):
+    import json
+
+    import mtl
+
+    with pytest.raises(TypeError, match="save_model takes an mtlkit model .* got Linear"):
+        mtl.save_model(torch.nn.Linear(2, 2), tmp_path / "x")
+    model = mtl.create_model(["depth"], backbone="test_resnet")
+    with pytest.raises(TypeError, match=r"meta.test\.depth\[1\]: cannot store object in JSON"):
+        mtl.save_model(model, tmp_path / "bad", meta={"test": {"depth": [1.0, object()]}})
+    assert not (tmp_path / "bad").exists()
+    folder = mtl.save_model(model, tmp_path / "m", meta={"test": {"rmse": float("nan"), "n": torch.tensor(3)}})
+    text = (folder / "config.json").read_text()
+    cfg = json.loads(text, parse_constant=lambda c: pytest.fail(f"config.json holds {c}, not strict JSON"))
+    assert cfg["meta"]["test"] == {"rmse": None, "n": 3}  # JSON has no NaN: null
+    assert mtl.load_model(folder).meta["test"]["rmse"] is None

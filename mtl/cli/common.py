@@ -390,6 +390,24 @@ def compose_in_process(config_module: str, config_name: str, overrides, run_dir=
     return cfg, Path(run_dir)
 
 
+def run_in_process(job: Callable[[Any, Path], Any], config_modules: Sequence[str], config_name: str,
+                   overrides, run_dir=None) -> tuple[Any, Path]:
+    """A CLI's in-process twin (``mtl.train.run``, ``merging.job.run``, ...): the CLI's checks (a group
+    option that does not exist named with the valid ones, unset ``???`` values), then ``job(cfg, run_dir)``
+    with the CLI's failure marking; returns ``(what job returns, run_dir)``. ``config_modules``: the
+    app's config package first, then the packages its groups come from."""
+    if isinstance(overrides, str):  # list("debug=smoke") would be read as overrides 'd', 'e', ...
+        raise TypeError(f"overrides must be a list of strings such as ['debug=smoke'], got the string {overrides!r}")
+    overrides = list(overrides or [])
+    problem = check_group_choices(overrides, config_modules)
+    if problem:  # as the CLI says it: the valid names, not Hydra's "Could not load"
+        raise ValueError(problem)
+    cfg, run_dir = compose_in_process(config_modules[0], config_name, overrides, run_dir)
+    with marks_failure(run_dir):  # a failed run is marked as the CLI marks it
+        check_required(cfg)
+        return job(cfg, run_dir), Path(run_dir)
+
+
 # --- what the job CLIs (mtl-merge, mtl-prune, mtl-export, mtl-extract) share -----------------------
 def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
               inputs: list[Path] = (), model_output: bool = False) -> tuple[Path, Path]:

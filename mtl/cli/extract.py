@@ -135,10 +135,9 @@ def main() -> None:
 
 def run(overrides: list[str] | None = None, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Compose the ``mtl-extract`` config in-process and run it (notebooks, scripts, tests)."""
-    from mtl.cli.common import compose_in_process
+    from mtl.cli.common import run_in_process
 
-    cfg, run_dir = compose_in_process("mtl.configs.extract_app", "extract", overrides, run_dir)
-    return run_extract(cfg, run_dir)
+    return run_in_process(run_extract, ("mtl.configs.extract_app", "mtl.configs"), "extract", overrides, run_dir)[0]
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ def print_summary(out: Path, report: dict[str, Any]) -> None:
 
 def run(overrides: list[str] | None = None, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Compose the ``mtl-export`` config in-process and run it (for notebooks, scripts and tests)."""
-    from mtl.cli.common import compose_in_process
+    from mtl.cli.common import run_in_process
 
-    cfg, run_dir = compose_in_process("mtl.configs.export_app", "export", overrides, run_dir)
-    return run_export(cfg, run_dir)
+    return run_in_process(run_export, ("mtl.configs.export_app", "mtl.configs"), "export", overrides, run_dir)[0]

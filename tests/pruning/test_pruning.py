@@ -199,6 +199,8 @@ def test_unhandled_layer_is_named_and_ignored_layers_works(batches):
     assert pruned.decoder.neck.refine[2].gain.numel() == 8  # untouched, and the model still runs
     assert "decoder.neck.refine.0" in report["rounds"][0]["skipped_layers"]
     _outputs(pruned, batches[0]["image"])
+    one, _ = pruning.prune(m, "l1", calib=batches, ratio=0.5, ignored_layers="decoder.neck.refine.2")  # one name
+    assert one.decoder.neck.refine[2].gain.numel() == 8
 
 
 def test_unprunable_family_names_the_module(model, batches):
