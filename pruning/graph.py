@@ -70,7 +70,7 @@ def output_layers(model: nn.Module) -> dict[str, str]:
         last = [n for n, m in head.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         if not last:
             raise PruningError(f"decoder.heads.{task}: no conv or linear output layer found")
-        out[task] = f"decoder.heads.{task}.{last[-1]}"
+        out[task] = f"decoder.heads.{task}" + (f".{last[-1]}" if last[-1] else "")  # "": the head is the layer
     return out
 
 

@@ -162,6 +162,18 @@ def test_pagcp_settings_are_named_with_their_cli_key_before_any_work(folder, tmp
         run(["prune=pagcp", f"model={folder}", override], run_dir=tmp_path / "run")
 
 
+@pytest.mark.parametrize("override, match", [
+    ("prune.combine=min", r"prune.combine must be 'sum' or 'max', got 'min'"),
+    ("prune.scope=layer", r"prune.scope must be 'global' or 'uniform', got 'layer'"),
+])
+def test_taylor_settings_are_named_with_their_cli_key_before_any_work(folder, tmp_path, override, match, monkeypatch):
+    import pruning.job as job
+
+    monkeypatch.setattr(job, "load_model", lambda *a: (_ for _ in ()).throw(AssertionError("model loaded first")))
+    with pytest.raises(ValueError, match=match):
+        run(["prune=taylor", f"model={folder}", override], run_dir=tmp_path / "run")
+
+
 def test_relative_paths_are_recorded_absolute(folder, tmp_path, monkeypatch):
     import shutil
 

@@ -231,3 +231,13 @@ def test_rounds_call_finetune_between_and_compose_kept_indices(model, batches, t
     x = batches[0]["image"]
     a, b = _outputs(pruned, x), _outputs(reloaded, x)
     assert all(torch.equal(a[t], b[t]) for t in TASKS)
+
+
+def test_a_head_that_is_itself_the_output_layer_is_protected():
+    from pruning.graph import output_layers
+
+    m = _model()
+    m.decoder.heads["depth"] = nn.Conv2d(8, 1, 1)  # a hand-made head: the layer itself, no wrapper
+    layers = output_layers(m)
+    assert layers["depth"] == "decoder.heads.depth"
+    assert m.get_submodule(layers["depth"]) is m.decoder.heads["depth"]
