@@ -21,12 +21,8 @@ def extract(model: nn.Module, *, out: str | os.PathLike | None = None, overwrite
     ``extract(model, widths={...})`` (slimmable: widths not named keep the model's current ones, and
     ``extract(model)`` takes the current configuration as it is). With ``out=`` the result is also saved
     as a model folder whose meta records the full configuration used (``extract.widths``)."""
-    fn = getattr(model, "extract_subnetwork", None)
-    if fn is None:
-        family = getattr(model, "config", {}).get("family", type(model).__name__)
-        raise TypeError(f"model family {family!r} does not support extraction "
-                        "(supported: task-routed MoE models by task, slimmable models by widths)")
     check_request(model, kwargs)
+    fn = model.extract_subnetwork
     sub = fn(**kwargs)
     # the settings the family used, defaults included, so the folder says how it was made
     defaults = {n: p.default for n, p in inspect.signature(fn).parameters.items()
@@ -50,9 +46,13 @@ def extract(model: nn.Module, *, out: str | os.PathLike | None = None, overwrite
 
 
 def check_request(model: nn.Module, kwargs: dict[str, Any]) -> None:
-    """Refuse arguments the model's family does not extract by, naming the ones it takes, then values
-    the family refuses (its optional ``check_extraction(**kwargs)``)."""
-    fn = model.extract_subnetwork
+    """Refuse a family without extraction, arguments the model's family does not extract by (naming the
+    ones it takes), then values the family refuses (its optional ``check_extraction(**kwargs)``)."""
+    fn = getattr(model, "extract_subnetwork", None)
+    if fn is None:
+        family = getattr(model, "config", {}).get("family", type(model).__name__)
+        raise TypeError(f"model family {family!r} does not support extraction "
+                        "(supported: task-routed MoE models by task, slimmable models by widths)")
     try:
         inspect.signature(fn).bind(**kwargs)
     except TypeError as e:

@@ -74,9 +74,9 @@ def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     task = _one_task(cfg.get("tasks")) if widths is None else None
     folder = input_model(cfg, run_dir, "extract from", experiment="scenes_task_moe_vit")
     model = mtl.load_model(folder)
-    if getattr(model, "extract_subnetwork", None) is not None:  # before any data: the request fits the family
-        check_request(model, {"widths": widths} if widths is not None
-                      else {"task": task, "calib": [], "min_share": float(cfg.min_share)})
+    # before any data: the family extracts at all, and by this request
+    check_request(model, {"widths": widths} if widths is not None
+                  else {"task": task, "calib": [], "min_share": float(cfg.min_share)})
     if widths is not None:
         batches = calibration_batches(model, cfg, limit=1, why="widths= (one image to count FLOPs at)")
         if not getattr(model, "meta", {}).get("data"):  # the folder written next says what size its inputs are

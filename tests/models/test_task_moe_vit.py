@@ -238,6 +238,19 @@ def test_extract_cli_names_a_bad_task_or_min_share_before_loading_data(tmp_path,
         run_extract(cfg, run_dir)
 
 
+def test_extract_cli_names_a_family_without_extraction_before_loading_data(tmp_path):
+    from mtl.cli.common import compose_in_process
+    from mtl.cli.extract import run_extract
+
+    plain = mtl.create_model(["depth"], backbone="test_resnet")  # 2 train batches < calib.batches=8, as above
+    mtl.save_model(plain, tmp_path / "m", meta={"data": {"name": "scenes", "size": 32, "n_train": 8, "n_val": 4,
+                                                         "n_test": 4, "batch_size": 4}})
+    cfg, run_dir = compose_in_process("mtl.configs.extract_app", "extract", [f"model={tmp_path / 'm'}", "tasks=depth"],
+                                      tmp_path / "run")
+    with pytest.raises(TypeError, match=r"model family 'multitask' does not support extraction"):
+        run_extract(cfg, run_dir)
+
+
 @pytest.mark.parametrize("kept, match", [
     ([[0, 1, 2, 99], None], r"experts_kept \[0, 1, 2, 99\] must be distinct expert ids in \[0, 8\).*out of range: \[99\]"),
     ([[-1, 0, 1], None], r"out of range: \[-1\]"),
