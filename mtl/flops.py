@@ -22,6 +22,12 @@ def count_params(model: nn.Module) -> int:
 
 
 @torch.no_grad()
+def flop_counter() -> FlopCounterMode:
+    """torch's FLOP counter with the CPU attention kernel counted (torch counts it as 0): use it for any
+    FLOPs compared with `count_flops`'."""
+    return FlopCounterMode(display=False, custom_mapping=_EXTRA)
+
+
 def count_flops(model: nn.Module, x: torch.Tensor, tasks: Iterable[str] | str | None = None) -> int:
     """FLOPs of one forward pass of ``model(x, tasks=tasks)`` (the whole batch ``x``), eval mode; a single
     task may be given as its name, as the model's forward takes it.
@@ -32,7 +38,7 @@ def count_flops(model: nn.Module, x: torch.Tensor, tasks: Iterable[str] | str | 
     was_training = model.training
     model.eval()
     try:
-        with FlopCounterMode(display=False, custom_mapping=_EXTRA) as counter:
+        with flop_counter() as counter:
             model(x) if tasks is None else model(x, tasks=[tasks] if isinstance(tasks, str) else list(tasks))
         return int(counter.get_total_flops())
     finally:

@@ -120,7 +120,7 @@ def single_task_baselines(args, out: Path) -> Path:
 
 def routed_flops_identity(model, x: torch.Tensor, task: str) -> dict | None:
     """Single-task FLOPs split into expert and non-expert parts, and all experts on all tokens."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from mtl.flops import flop_counter
 
     moes = model.moe_modules() if hasattr(model, "moe_modules") else []
     if not moes:
@@ -131,7 +131,7 @@ def routed_flops_identity(model, x: torch.Tensor, task: str) -> dict | None:
         orig = m.experts.sparse
 
         def counted(*a, _orig=orig, **kw):
-            with FlopCounterMode(display=False) as inner:
+            with flop_counter() as inner:
                 y = _orig(*a, **kw)
             active[0] += inner.get_total_flops()
             return y
@@ -140,11 +140,11 @@ def routed_flops_identity(model, x: torch.Tensor, task: str) -> dict | None:
         m.experts.sparse = counted
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as outer:
+        with torch.no_grad(), flop_counter() as outer:
             model(x, tasks=[task])
         tokens = (x.shape[-2] // model._vit["patch_size"]) * (x.shape[-1] // model._vit["patch_size"]) * x.shape[0]
         for m in moes:
-            with torch.no_grad(), FlopCounterMode(display=False) as c:
+            with torch.no_grad(), flop_counter() as c:
                 m.experts.dense(torch.zeros(tokens, m.experts.dim))
             dense += c.get_total_flops()
     finally:
@@ -170,8 +170,9 @@ def quality(args, out: Path, families: list[str]) -> dict:
         results[fam] = {"test": metrics["test"], "stats": metrics.get("model_stats") or mtl.model_stats(model, x),
                         "fit_seconds": metrics["fit_seconds"], "flops_identity": routed_flops_identity(model, x, "depth")}
     tasks = {t: create_task(t) for t in TASKS}
-    if args.no_baselines:
-        base, base_name = results.get("hps", {}).get("test"), "hps multi-task run"
+    if args.no_baselines:  # without an hps run in --families there is nothing to compare with
+        base = results.get("hps", {}).get("test")
+        base_name = "hps multi-task run" if base is not None else None
     else:
         base, base_name = json.loads(single_task_baselines(args, out).read_text()), "single-task hps runs"
     for fam, r in results.items():
@@ -257,7 +258,8 @@ def markdown(report: dict) -> str:
     lines = []
     q = report.get("quality")
     if q:
-        lines += [f"Δm% vs {q['delta_m_vs']} (primary metrics).", "",
+        lines += [f"Δm% vs {q['delta_m_vs']} (primary metrics)." if q["delta_m_vs"] else
+                  "No Δm: --no-baselines without an hps run in --families leaves nothing to compare with.", "",
                   "| family | " + " | ".join(TASKS) + " | Δm% | params | MFLOPs all | MFLOPs one task (depth) | fit s |",
                   "|---|" + "---|" * (len(TASKS) + 5)]
         from mtl.tasks import create_task
