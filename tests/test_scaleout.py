@@ -137,6 +137,7 @@ def test_a_failing_job_does_not_stop_the_multirun(tmp_path):
     assert proc.stdout.strip().splitlines()[-1] == f"run_dir: {sweep}"
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
     assert errors[-1].startswith("error: sweep job #0 (") and "optim.lr=-1) failed: optim.lr must be > 0" in errors[-1]
+    assert "Error executing job with overrides" not in proc.stderr  # Hydra's own second line about it
 
 
 def test_local_ddp_inside_a_multirun_is_refused(tmp_path):

@@ -270,7 +270,8 @@ def cli_main(hydra_main: Callable[[], Any], *config_modules: str, argv: list[str
             print(f"error: {problem}", file=sys.stderr, flush=True)
             sys.exit(1)
     try:
-        hydra_main()
+        with _without_hydra_job_error_line():
+            hydra_main()
     except JobFailed as e:  # a multirun ran every job; the first failure is named, the sweep folder ends
         print(f"error: {e}", file=sys.stderr, flush=True)
         finish(e.args[1])
@@ -280,6 +281,35 @@ def cli_main(hydra_main: Callable[[], Any], *config_modules: str, argv: list[str
             raise
         print(f"error: {hydra_message(e)}", file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+class _DropHydraJobError:
+    """stderr minus Hydra's "Error executing job with overrides: [...]" (written when a multirun reads a
+    failed job's result): mtlkit's own one line names the job, its overrides and the error."""
+
+    PREFIX = "Error executing job with overrides: "
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, s: str) -> int:
+        return len(s) if s.startswith(self.PREFIX) else self._stream.write(s)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _without_hydra_job_error_line() -> Iterator[None]:
+    if verbose():  # the full story was asked for
+        yield
+        return
+    stream = sys.stderr
+    sys.stderr = _DropHydraJobError(stream)
+    try:
+        yield
+    finally:
+        sys.stderr = stream
 
 
 def _group_options(config_modules: Sequence[str]) -> dict[str, set[str]]:
