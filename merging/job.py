@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import merging
-from mtl.cli.common import start_run
+from mtl.cli.jobs import start_run
 from mtl.io import save_model, write_json
 from mtl.models import MultiTaskModel
 from mtl.progress_log import ProgressLog

@@ -14,7 +14,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mtl.cli.common import FAILED, RunFolderTaken, write_hydra_record
+from mtl.cli.common import write_hydra_record
+from mtl.cli.failures import FAILED, RunFolderTaken
 from mtl.data import create_datamodule
 from mtl.evaluation import delta_m, load_baselines, save_baselines
 from mtl.io import atomic_path, load_state, save_model, write_json

@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import pruning
-from mtl.cli.common import input_model, start_run
+from mtl.cli.jobs import input_model, start_run
 from mtl.io import load_model, save_model, write_json
 from mtl.registry import check_int
 from pruning.calib import calibration_batches, datamodule_for

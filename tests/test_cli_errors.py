@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from mtl.cli import train as train_cli
-from mtl.cli.common import FAILED, check_group_choices, one_line
+from mtl.cli.common import check_group_choices, one_line
+from mtl.cli.failures import FAILED
 
 
 def run_main(monkeypatch, tmp_path, *overrides):
@@ -162,7 +163,7 @@ def test_verbose_switch_shows_the_traceback(tmp_path):
 def test_interruptions_are_named_with_their_exit_status():
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from mtl.cli.common import interruption
+    from mtl.cli.failures import interruption
 
     assert interruption(SIGTERMException()) == ("SIGTERM", 143)
     try:  # Lightning's Ctrl-C: sys.exit(1) while handling the KeyboardInterrupt

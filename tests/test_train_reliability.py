@@ -5,7 +5,8 @@ import sys
 import pytest
 
 import mtl
-from mtl.cli.common import FAILED, compose_in_process, marks_failure
+from mtl.cli.common import compose_in_process
+from mtl.cli.failures import FAILED, marks_failure
 from mtl.train import run
 
 FAST = ["experiment=scenes_hps", "debug=smoke", "logger=none", "viz.num_samples=0", "trainer.limit_val_batches=1",

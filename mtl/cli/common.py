@@ -25,18 +25,12 @@ import contextlib
 import os
 import sys
 import time
-import traceback
 import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-FAILED = "FAILED"
-
-
-class RunFolderTaken(FileExistsError):
-    """The run folder holds a finished run: refused before anything is written into it (no FAILED marker,
-    no Hydra record), so the finished run stays exactly as it was."""
+from mtl.cli.failures import FAILED, interrupted_message, interruption, marks_failure, sigterm_raises
 
 
 def write_hydra_record(cfg, run_dir: str | os.PathLike) -> None:
@@ -108,73 +102,6 @@ def one_line(exc: BaseException) -> str:
         return type(exc).__name__
     text = lines[0] + (" (…)" if len(lines) > 1 else "")
     return f"KeyError {text}" if bare_key and not sentence else text
-
-
-@contextlib.contextmanager
-def marks_failure(run_dir: str | os.PathLike) -> Iterator[None]:
-    """On an exception, write ``run_dir/FAILED`` (message + traceback) and re-raise."""
-    try:
-        yield
-    except BaseException as e:
-        if isinstance(e, RunFolderTaken):  # the folder is another run's: leave it exactly as it is
-            raise
-        stop = interruption(e)
-        if isinstance(e, SystemExit) and not e.code and stop is None:
-            raise
-        run_dir = Path(run_dir)
-        if run_dir.is_dir():
-            from mtl.io import atomic_path
-
-            head = f"{type(e).__name__}: {e}" if stop is None else interrupted_message(stop[0], run_dir)
-            try:
-                with atomic_path(run_dir / FAILED) as tmp:
-                    tmp.write_text(f"{head}\n\n" + "".join(traceback.format_exception(e)))
-            except OSError:
-                pass  # the original error matters more than the marker
-        raise
-
-
-class Terminated(BaseException):
-    """A SIGTERM outside Lightning's ``fit`` (which installs its own handler): merge, prune, export,
-    extract and the test/save phases of training. A BaseException, as KeyboardInterrupt, so that no
-    ``except Exception`` swallows it."""
-
-
-@contextlib.contextmanager
-def sigterm_raises() -> Iterator[None]:
-    """SIGTERM raises `Terminated` in the main thread (Python's default would end the process at once:
-    no ``error:`` line, no ``FAILED``, a temporary output left behind)."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise Terminated("SIGTERM")
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
-def interruption(e: BaseException) -> tuple[str, int] | None:
-    """(what stopped the run, exit status) for a SIGTERM or Ctrl-C, else None. Lightning turns SIGTERM
-    into a ``SystemExit`` without a code (which reads as success) and Ctrl-C into ``sys.exit(1)``."""
-    if isinstance(e, Terminated) or type(e).__name__ == "SIGTERMException":
-        return "SIGTERM", 143
-    if isinstance(e, KeyboardInterrupt) or (isinstance(e, SystemExit) and isinstance(e.__context__, KeyboardInterrupt)):
-        return "Ctrl-C", 130
-    return None
-
-
-def interrupted_message(what: str, run_dir: Path) -> str:
-    last = Path(run_dir) / "checkpoints" / "last.ckpt"
-    resume = f"; resume with ckpt_path={last}" if last.is_file() else ""
-    return f"interrupted by {what}{resume}"
 
 
 class JobFailed(Exception):
@@ -313,7 +240,8 @@ def _without_hydra_job_error_line() -> Iterator[None]:
 
 
 def _group_options(config_modules: Sequence[str]) -> dict[str, set[str]]:
-    """``{group: {option, ...}}`` for every config group folder (nested ones as ``a/b``)."""
+    """``{group: {option, ...}}`` for every config group folder (nested ones as ``a/b``); a module is a
+    package name, or a ``pkg://`` / ``file://`` entry of ``hydra.searchpath``."""
     groups: dict[str, set[str]] = {}
 
     def walk(node, prefix: str) -> None:
@@ -326,10 +254,21 @@ def _group_options(config_modules: Sequence[str]) -> dict[str, set[str]]:
 
     for module in config_modules:
         try:
-            walk(resources.files(module), "")
+            if module.startswith("file://"):
+                walk(Path(module.removeprefix("file://")), "")
+            else:
+                walk(resources.files(module.removeprefix("pkg://")), "")
         except (ModuleNotFoundError, FileNotFoundError, NotADirectoryError):
             continue
     return groups
+
+
+def _searchpath(parsed) -> list[str]:
+    """The entries of a ``hydra.searchpath=[...]`` override: a user's own config groups live there."""
+    for ov in parsed:
+        if ov.key_or_group == "hydra.searchpath" and isinstance(ov.value(), list):
+            return [str(v) for v in ov.value()]
+    return []
 
 
 def check_group_choices(overrides: Sequence[str], config_modules: Sequence[str]) -> str | None:
@@ -342,7 +281,7 @@ def check_group_choices(overrides: Sequence[str], config_modules: Sequence[str])
         parsed = OverridesParser.create().parse_overrides(args)
     except Exception:  # malformed overrides: Hydra's own message says it best
         return None
-    groups = _group_options(config_modules)
+    groups = _group_options([*config_modules, *_searchpath(parsed)])
     for ov in parsed:
         group = ov.key_or_group
         if group not in groups or ov.is_delete() or ov.package:
@@ -436,54 +375,3 @@ def run_in_process(job: Callable[[Any, Path], Any], config_modules: Sequence[str
     with marks_failure(run_dir):  # a failed run is marked as the CLI marks it
         check_required(cfg)
         return job(cfg, run_dir), Path(run_dir)
-
-
-# --- what the job CLIs (mtl-merge, mtl-prune, mtl-export, mtl-extract) share -----------------------
-def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
-              inputs: list[Path] = (), model_output: bool = False) -> tuple[Path, Path]:
-    """Create the run folder, store the resolved config in it and resolve ``cfg.output`` (default
-    ``<run_dir>/<default_output>``); an existing output is refused unless ``overwrite=true`` (and, for a job writing a model folder
-    (``model_output``), unless it is one), and an
-    output that is, lies inside or holds an input model folder (``model``, ``pretrained``, ``models``,
-    and the job's other `inputs`, e.g. a pool manifest's folders) is refused before anything is written."""
-    from omegaconf import OmegaConf
-
-    from mtl.io import atomic_path, check_output_apart, is_model_folder
-
-    run_dir = Path(run_dir)
-    output = Path(cfg.output) if cfg.get("output") else run_dir / default_output
-    models = cfg.get("models") or []
-    models = [models] if isinstance(models, str) else models  # a bare string is refused by the job, named
-    named = [cfg.get("model"), cfg.get("pretrained"), *models, *inputs]
-    check_output_apart(output, [Path(str(p)) for p in named if p])
-    if output.resolve() == run_dir.resolve() or output.resolve() in run_dir.resolve().parents:
-        raise ValueError(f"output={output} is or holds this run's folder {run_dir}; write the result elsewhere")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_hydra_record(cfg, run_dir)
-    with atomic_path(run_dir / "config.yaml") as tmp:
-        tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    if output.exists() and not cfg.get("overwrite"):
-        raise FileExistsError(f"{output} exists; pass overwrite=true to replace it")
-    if model_output and output.is_dir() and any(output.iterdir()) and not is_model_folder(output):
-        # save_model refuses it at the end; a job writing a model folder says so before its work
-        raise FileExistsError(f"output={output} exists and is not a model folder (no config.json + model.safetensors); "
-                              "overwrite=true replaces only an earlier model folder: choose another path")
-    return run_dir, output
-
-
-def smoke_model(root: str | os.PathLike, experiment: str = "scenes_hps",
-                tasks: str = "[semseg,depth,classification]") -> Path:
-    """A seconds-long real model folder (a ``debug=smoke`` training run) for the job CLIs' smoke runs."""
-    from mtl.train import run
-
-    return run([f"experiment={experiment}", "debug=smoke", "viz.num_samples=0", "logger=none",
-                "log_weights_every=0", f"task={tasks}"], run_dir=Path(root)) / "model"
-
-
-def input_model(cfg, run_dir: Path, verb: str, experiment: str = "scenes_hps") -> Path:
-    """``cfg.model``, or with ``smoke_model=true`` (``debug=smoke``) a tiny model trained first."""
-    if cfg.get("model"):
-        return Path(cfg.model)
-    if cfg.get("smoke_model"):
-        return smoke_model(run_dir / "smoke_model", experiment)
-    raise ValueError(f"nothing to {verb}: pass model=<model folder> (or debug=smoke to build a tiny one)")

@@ -15,7 +15,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from mtl.cli.common import cli_main, input_model, run_job, start_run
+from mtl.cli.common import cli_main, run_job
+from mtl.cli.jobs import input_model, start_run
 from mtl.extraction import check_request
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from mtl.cli.common import input_model, start_run
+from mtl.cli.jobs import input_model, start_run
 from mtl.exporters.api import export, read_report
 
 

@@ -43,7 +43,8 @@ def input_size_of(src: Source, size: int | None) -> int:
     backbone's ``img_size``; never a guess (the graph's size is fixed, a wrong one is unusable)."""
     if size is not None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"format.input_size must be a positive int (pixels) or null, got {size!r}")
+            raise ValueError(f"format.input_size must be a positive int (pixels: the side of a square input) or null, "
+                             f"got {size!r}")
         return size
     data = src.meta.get("data") or {}
     if isinstance(data, dict) and data.get("size"):
@@ -52,7 +53,8 @@ def input_size_of(src: Source, size: int | None) -> int:
         return int(src.config["backbone"]["img_size"])
     where = f"{src.folder / 'config.json'}" if src.folder else "the model's meta"
     raise ValueError(f"format.input_size: {where} records no training image size (meta.data.size) and the "
-                     "backbone has no img_size; pass format.input_size=<pixels> (the graph's H and W are fixed)")
+                     "backbone has no img_size; pass input_size=<pixels> (mtl.export) or format.input_size=<pixels> (mtl-export): "
+                     "the graph's H and W are fixed")
 
 
 @EXPORTERS.register("onnx")
@@ -78,6 +80,8 @@ def export_onnx(source: Source, out: Path, tasks: list[str], opset: int = DEFAUL
     sample = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
     path = out / ONNX_FILE
     _trace(graph, sample, path, opset, exporter)
+    if exporter == "torchscript":
+        _fix_output_dims(path, graph, sample)
     written = _file_opset(path)
     if written != opset:  # the dynamo exporter ignores opsets below its own; never record one we did not write
         raise ExportError(f"format.opset={opset} was asked for but the {exporter} exporter wrote opset {written}"
@@ -94,6 +98,27 @@ def export_onnx(source: Source, out: Path, tasks: list[str], opset: int = DEFAUL
                          f"{[round(v, 4) for v in source.config.get('std', [])]}",
         "verification": {k: v for k, v in checks.items() if k != "shapes"},
     }
+
+
+def _fix_output_dims(path: Path, graph: TaskGraph, sample: torch.Tensor) -> None:
+    """The torchscript exporter leaves an upsampled output's C, H and W symbolic (``Resizedepth_dim_2``);
+    they are fixed (the input's H and W are), so write them as the numbers PyTorch gives. Batch stays dynamic."""
+    import onnx
+
+    with torch.no_grad():
+        outs = graph(sample)
+    proto = onnx.load(str(path))
+    changed = False
+    for out, t in zip(proto.graph.output, outs):
+        dims = out.type.tensor_type.shape.dim
+        if len(dims) != t.dim():
+            continue
+        for j in range(1, t.dim()):
+            if not dims[j].HasField("dim_value"):
+                dims[j].dim_value = int(t.shape[j])  # a oneof: clears the symbolic name
+                changed = True
+    if changed:
+        onnx.save(proto, str(path))
 
 
 def _check_batches(batches: Any) -> list[int]:

@@ -59,6 +59,12 @@ def test_onnx_equals_pytorch_within_the_printed_tolerance(tmp_path, backbone, ca
         assert np.all(np.abs(got[t] - r) <= 1e-4 + 1e-3 * np.abs(r)), t
     # a model whose BN ran in train mode would differ by O(1): make sure the check can tell
     assert np.abs(got["semseg"] - model.train()(x)["semseg"].detach().numpy()).max() > 1e-3
+    # the file declares every output's shape: batch dynamic, the rest numbers (H and W are fixed)
+    import onnxruntime as ort
+
+    declared = {o.name: o.shape for o in ort.InferenceSession(str(out / "model.onnx")).get_outputs()}
+    for t in TASKS:
+        assert declared[t][0] == "batch" and declared[t][1:] == list(ref[t].shape[1:]), (t, declared[t])
 
 
 @pytest.mark.slow  # the CLI test exports (and verifies) a subset in the fast suite

@@ -373,3 +373,25 @@ def test_output_over_a_pool_manifest_model_folder_is_refused(tmp_path, evaluated
         run(args, run_dir=tmp_path / "r")
     assert (member / "model.safetensors").read_bytes() == b"keep" and sorted(member.iterdir()) == [member / "model.safetensors"]
     assert not (tmp_path / "r").exists()
+
+
+def test_a_custom_cli_method_with_its_config_outside_the_package(pool, tmp_path):
+    """docs/merging.md: register a function in CLI_METHODS, put merge/<name>.yaml in a folder of your own
+    and add it to hydra.searchpath (after pkg://mtl.configs, which the app's own search path holds)."""
+    from merging.job import CLI_METHODS, Selection
+
+    (tmp_path / "conf" / "merge").mkdir(parents=True)
+    (tmp_path / "conf" / "merge" / "my_merge.yaml").write_text("method: my_merge\nscale: 0.5\n")
+    seen = {}
+
+    def my_merge(job, hp):
+        seen.update(hp)
+        return Selection(job.model(job.merge("task_arithmetic", lam=hp["scale"])), {"lam": hp["scale"]})
+
+    CLI_METHODS.register("my_merge")(my_merge)
+    try:
+        report = run(_args(pool, "merge=my_merge", f"hydra.searchpath=[pkg://mtl.configs,file://{tmp_path / 'conf'}]"),
+                     run_dir=tmp_path / "r")
+    finally:
+        CLI_METHODS._items.pop("my_merge", None)
+    assert seen == {"scale": 0.5} and report["selected"]["lam"] == 0.5

@@ -84,7 +84,7 @@ def test_every_job_refuses_an_output_over_any_of_its_inputs(tmp_path):
     """mtl-merge, mtl-export and mtl-extract share the check: merge's pretrained and models too."""
     from omegaconf import OmegaConf
 
-    from mtl.cli.common import start_run
+    from mtl.cli.jobs import start_run
 
     cfg = OmegaConf.create({"pretrained": str(tmp_path / "base"), "models": [str(tmp_path / "ft" / "a")],
                             "output": str(tmp_path / "ft"), "overwrite": True})

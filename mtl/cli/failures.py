@@ -1,0 +1,83 @@
+"""How a run fails: the ``FAILED`` marker (message + traceback) in its folder, SIGTERM and Ctrl-C as
+named interruptions with their exit status, and the refusal of a finished run's folder."""
+from __future__ import annotations
+
+import contextlib
+import os
+import traceback
+from pathlib import Path
+from typing import Iterator
+
+FAILED = "FAILED"
+
+
+class RunFolderTaken(FileExistsError):
+    """The run folder holds a finished run: refused before anything is written into it (no FAILED marker,
+    no Hydra record), so the finished run stays exactly as it was."""
+
+
+@contextlib.contextmanager
+def marks_failure(run_dir: str | os.PathLike) -> Iterator[None]:
+    """On an exception, write ``run_dir/FAILED`` (message + traceback) and re-raise."""
+    try:
+        yield
+    except BaseException as e:
+        if isinstance(e, RunFolderTaken):  # the folder is another run's: leave it exactly as it is
+            raise
+        stop = interruption(e)
+        if isinstance(e, SystemExit) and not e.code and stop is None:
+            raise
+        run_dir = Path(run_dir)
+        if run_dir.is_dir():
+            from mtl.io import atomic_path
+
+            head = f"{type(e).__name__}: {e}" if stop is None else interrupted_message(stop[0], run_dir)
+            try:
+                with atomic_path(run_dir / FAILED) as tmp:
+                    tmp.write_text(f"{head}\n\n" + "".join(traceback.format_exception(e)))
+            except OSError:
+                pass  # the original error matters more than the marker
+        raise
+
+
+class Terminated(BaseException):
+    """A SIGTERM outside Lightning's ``fit`` (which installs its own handler): merge, prune, export,
+    extract and the test/save phases of training. A BaseException, as KeyboardInterrupt, so that no
+    ``except Exception`` swallows it."""
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises `Terminated` in the main thread (Python's default would end the process at once:
+    no ``error:`` line, no ``FAILED``, a temporary output left behind)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated("SIGTERM")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def interruption(e: BaseException) -> tuple[str, int] | None:
+    """(what stopped the run, exit status) for a SIGTERM or Ctrl-C, else None. Lightning turns SIGTERM
+    into a ``SystemExit`` without a code (which reads as success) and Ctrl-C into ``sys.exit(1)``."""
+    if isinstance(e, Terminated) or type(e).__name__ == "SIGTERMException":
+        return "SIGTERM", 143
+    if isinstance(e, KeyboardInterrupt) or (isinstance(e, SystemExit) and isinstance(e.__context__, KeyboardInterrupt)):
+        return "Ctrl-C", 130
+    return None
+
+
+def interrupted_message(what: str, run_dir: Path) -> str:
+    last = Path(run_dir) / "checkpoints" / "last.ckpt"
+    resume = f"; resume with ckpt_path={last}" if last.is_file() else ""
+    return f"interrupted by {what}{resume}"

@@ -1,0 +1,58 @@
+"""What the job CLIs (mtl-merge, mtl-prune, mtl-export, mtl-extract) share: the run folder and its
+output, and the model a job reads (``model=``, or a tiny trained one under ``debug=smoke``)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mtl.cli.common import write_hydra_record
+
+
+def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
+              inputs: list[Path] = (), model_output: bool = False) -> tuple[Path, Path]:
+    """Create the run folder, store the resolved config in it and resolve ``cfg.output`` (default
+    ``<run_dir>/<default_output>``); an existing output is refused unless ``overwrite=true`` (and, for a job writing a model folder
+    (``model_output``), unless it is one), and an
+    output that is, lies inside or holds an input model folder (``model``, ``pretrained``, ``models``,
+    and the job's other `inputs`, e.g. a pool manifest's folders) is refused before anything is written."""
+    from omegaconf import OmegaConf
+
+    from mtl.io import atomic_path, check_output_apart, is_model_folder
+
+    run_dir = Path(run_dir)
+    output = Path(cfg.output) if cfg.get("output") else run_dir / default_output
+    models = cfg.get("models") or []
+    models = [models] if isinstance(models, str) else models  # a bare string is refused by the job, named
+    named = [cfg.get("model"), cfg.get("pretrained"), *models, *inputs]
+    check_output_apart(output, [Path(str(p)) for p in named if p])
+    if output.resolve() == run_dir.resolve() or output.resolve() in run_dir.resolve().parents:
+        raise ValueError(f"output={output} is or holds this run's folder {run_dir}; write the result elsewhere")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_hydra_record(cfg, run_dir)
+    with atomic_path(run_dir / "config.yaml") as tmp:
+        tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if output.exists() and not cfg.get("overwrite"):
+        raise FileExistsError(f"{output} exists; pass overwrite=true to replace it")
+    if model_output and output.is_dir() and any(output.iterdir()) and not is_model_folder(output):
+        # save_model refuses it at the end; a job writing a model folder says so before its work
+        raise FileExistsError(f"output={output} exists and is not a model folder (no config.json + model.safetensors); "
+                              "overwrite=true replaces only an earlier model folder: choose another path")
+    return run_dir, output
+
+
+def smoke_model(root: str | os.PathLike, experiment: str = "scenes_hps",
+                tasks: str = "[semseg,depth,classification]") -> Path:
+    """A seconds-long real model folder (a ``debug=smoke`` training run) for the job CLIs' smoke runs."""
+    from mtl.train import run
+
+    return run([f"experiment={experiment}", "debug=smoke", "viz.num_samples=0", "logger=none",
+                "log_weights_every=0", f"task={tasks}"], run_dir=Path(root)) / "model"
+
+
+def input_model(cfg, run_dir: Path, verb: str, experiment: str = "scenes_hps") -> Path:
+    """``cfg.model``, or with ``smoke_model=true`` (``debug=smoke``) a tiny model trained first."""
+    if cfg.get("model"):
+        return Path(cfg.model)
+    if cfg.get("smoke_model"):
+        return smoke_model(run_dir / "smoke_model", experiment)
+    raise ValueError(f"nothing to {verb}: pass model=<model folder> (or debug=smoke to build a tiny one)")
