@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -94,15 +95,20 @@ def cnn_overrides(args) -> list[str]:
 
 
 def train_run(args, out: Path, key: str, overrides: list[str]) -> tuple[dict, Path]:
+    from bench_runs import record, reusable
     from mtl.train import run
 
     run_dir = out / "runs" / key
-    if (run_dir / "metrics.json").exists() and not args.force:
+    overrides = recipe(args) + overrides
+    if not args.force and reusable(run_dir, overrides):
         print(f"[bench] {key}: reusing {run_dir}", flush=True)
     else:
         start = time.perf_counter()
         print(f"[bench] {key}: training ...", flush=True)
-        run(recipe(args) + overrides, run_dir=run_dir)
+        if run_dir.exists():  # --force, or a half-written run: train it again from scratch
+            shutil.rmtree(run_dir)
+        run(overrides, run_dir=run_dir)
+        record(run_dir, overrides)
         print(f"[bench] {key}: trained in {time.perf_counter() - start:.0f}s", flush=True)
     return json.loads((run_dir / "metrics.json").read_text()), run_dir
 
@@ -177,8 +183,11 @@ def quality(args, out: Path, families: list[str]) -> dict:
         base, base_name = json.loads(single_task_baselines(args, out).read_text()), "single-task hps runs"
     for fam, r in results.items():
         if base is not None:
-            r["delta_m"] = delta_m(r["test"], base, tasks)
-            r["delta_m_per_task"] = delta_m_per_task(r["test"], base, tasks)
+            try:
+                r["delta_m"] = delta_m(r["test"], base, tasks)
+                r["delta_m_per_task"] = delta_m_per_task(r["test"], base, tasks)
+            except ValueError as e:  # e.g. a baseline metric of 0 (a tiny run's edge F-score): no Δm, keep the rest
+                print(f"[bench] {fam}: no Δm ({e})", flush=True)
     return {"results": results, "delta_m_vs": base_name}
 
 

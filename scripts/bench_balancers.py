@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import random
 import statistics
 import time
@@ -85,14 +86,19 @@ def recipe(args) -> list[str]:
 
 
 def train_run(args, out: Path, key: str, overrides: list[str]) -> dict:
+    from bench_runs import record, reusable
     from mtl.train import run
 
     run_dir = out / "runs" / key
-    if (run_dir / "metrics.json").exists() and not args.force:
+    overrides = recipe(args) + overrides
+    if not args.force and reusable(run_dir, overrides):
         print(f"[bench] {key}: reusing {run_dir}", flush=True)
     else:
         start = time.perf_counter()
-        run(recipe(args) + overrides, run_dir=run_dir)
+        if run_dir.exists():  # --force, or a half-written run: train it again from scratch
+            shutil.rmtree(run_dir)
+        run(overrides, run_dir=run_dir)
+        record(run_dir, overrides)
         print(f"[bench] {key}: trained in {time.perf_counter() - start:.0f}s", flush=True)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     timing = run_dir / "step_time.json"

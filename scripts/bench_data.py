@@ -111,7 +111,7 @@ def main() -> None:
     print(f"| read folder into memory (setup) | {read:.1f} |")
     print(f"| train_dataloader iteration | {load:.1f} |")
     print(f"| training step (resnet18 + HPS, 3 tasks, batch {args.batch_size}) | {step:.2f} |")
-    print(f"| ratio loader / step | {load / step:.0f}x |")
+    print(f"| ratio loader / step | {load / step:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -39,10 +39,16 @@ def parse_args():
 
 
 def train_model(out: Path, size: int) -> Path:
+    from bench_runs import record, reusable
     from mtl.train import run
 
-    return run(["experiment=scenes_hps", "debug=smoke", "backbone=resnet10t", f"data.size={size}", "logger=none",
-                "viz.num_samples=0", "log_weights_every=0"], run_dir=out / "train") / "model"
+    overrides = ["experiment=scenes_hps", "debug=smoke", "backbone=resnet10t", f"data.size={size}", "logger=none",
+                 "viz.num_samples=0", "log_weights_every=0"]
+    run_dir = out / "train"
+    if not reusable(run_dir, overrides):  # a second run with the same --out measures the same model again
+        run(overrides, run_dir=run_dir)
+        record(run_dir, overrides)
+    return run_dir / "model"
 
 
 class CompileTimeout(Exception):

@@ -32,11 +32,14 @@ _PRUNE = {"pagcp_taylor": ["prune=pagcp", "prune.importance=taylor"]}
 
 
 def train(overrides: list[str], run_dir: Path) -> Path:
+    from bench_runs import record, reusable
     from mtl.train import run
 
-    if (run_dir / "metrics.json").exists():  # resume a partly done benchmark
+    if reusable(run_dir, overrides):  # resume a partly done benchmark (same recipe only)
         return run_dir
-    return run(overrides, run_dir=run_dir)
+    run(overrides, run_dir=run_dir)
+    record(run_dir, overrides)
+    return run_dir
 
 
 def main() -> None:
@@ -133,7 +136,7 @@ def main() -> None:
     print(f"total {time.perf_counter() - t0:.0f}s; results in {out / 'bench_prune.json'}")
 
 
-_MUST_MATCH = ("tasks", "backbone", "size", "n_train", "epochs", "ft_epochs")
+_MUST_MATCH = ("smoke", "tasks", "backbone", "size", "n_train", "epochs", "ft_epochs")
 
 
 def _reused(args) -> tuple[Path, Path]:

@@ -44,7 +44,12 @@ def main() -> None:
 
     models = {"base": mtl.load_model(args.base)}
     for p in args.pruned:
-        models[Path(p).parent.name if Path(p).name == "model" else Path(p).name] = mtl.load_model(p)
+        label = Path(p).parent.name if Path(p).name == "model" else Path(p).name
+        if label in models:  # two runs named alike (A/l1_40, B/l1_40): one row each, never one over the other
+            label = str(Path(p).parent if Path(p).name == "model" else Path(p))
+        if label in models:
+            raise SystemExit(f"error: {p} is given twice")
+        models[label] = mtl.load_model(p)
     rows = []
     for size in args.sizes:
         x = torch.randn(args.batch, 3, size, size, generator=torch.Generator().manual_seed(0))

@@ -37,6 +37,7 @@ ENCODER = {"name": "slim_resnet", "stem": 32, "channels": [32, 64, 128, 256], "o
 
 # --- quality -------------------------------------------------------------------------------------------
 def train_once(out: Path, cikd: bool, args) -> dict:
+    from bench_runs import record, reusable
     from mtl.train import run
 
     tasks = ",".join(args.tasks)
@@ -47,7 +48,10 @@ def train_once(out: Path, cikd: bool, args) -> dict:
         f"callbacks.width_table.preferences={args.preferences}", f"seed={args.seed}",
     ]
     start = time.perf_counter()
-    run_dir = run(overrides, run_dir=out / ("cikd" if cikd else "no_cikd"))
+    run_dir = out / ("cikd" if cikd else "no_cikd")
+    if not reusable(run_dir, overrides):  # a rerun with the same --work reuses the finished runs
+        run(overrides, run_dir=run_dir)
+        record(run_dir, overrides)
     table = json.loads((run_dir / "width_table.json").read_text())
     control = json.loads((run_dir / "controllability.json").read_text())
     uniform = {}
@@ -62,8 +66,14 @@ def train_once(out: Path, cikd: bool, args) -> dict:
 
 
 def rises(values: dict[str, float], higher: bool) -> bool:
+    """Strictly better at every wider width (a flat curve does not rise)."""
     seq = [values[k] for k in sorted(values, key=float)]
-    return all((b >= a) if higher else (b <= a) for a, b in zip(seq, seq[1:]))
+    return all((b > a) if higher else (b < a) for a, b in zip(seq, seq[1:]))
+
+
+def _better(a: float, b: float, higher: bool) -> bool:
+    """a strictly better than b (a tie is not better)."""
+    return a > b if higher else a < b
 
 
 def quality(args) -> dict:
@@ -80,8 +90,8 @@ def quality(args) -> dict:
     res["rises_with_width"] = {t: rises(with_["uniform"][t], with_["higher_is_better"][t]) for t in with_["uniform"]}
     res["smallest_width"] = {
         t: {"cikd": with_["uniform"][t][smallest], "no_cikd": res["no_cikd"]["uniform"][t][smallest],
-            "cikd_better": (with_["uniform"][t][smallest] > res["no_cikd"]["uniform"][t][smallest])
-            == with_["higher_is_better"][t]}
+            "cikd_better": _better(with_["uniform"][t][smallest], res["no_cikd"]["uniform"][t][smallest],
+                                   with_["higher_is_better"][t])}
         for t in with_["uniform"]}
     return res
 
@@ -244,7 +254,7 @@ def speed(args) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["quality", "speed", "control", "compare", "all"], default="all")
     ap.add_argument("--runs", nargs="+", default=[], help="control: finished scenes_slimmable run folders")
     ap.add_argument("--checkpoint", choices=["model", "last"], default="model",

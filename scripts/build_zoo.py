@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_runs, also when loaded as a module
+
 ZOO_KINDS = ("cnn", "vit")
 #: smoke fine-tunes: one probe epoch and one fine-tuning epoch, so both phases run
 SMOKE_FINETUNE = ["trainer.max_epochs=2", "callbacks.probe_then_finetune.probe_epochs=1"]
@@ -55,14 +57,16 @@ def _finished(run_dir: Path) -> bool:
 
 def _train(overrides: list[str], run_dir: Path, fresh: bool) -> tuple[dict[str, Any], float, bool]:
     """(metrics, seconds, reused). A half-written run folder is replaced."""
+    from bench_runs import record, reusable
     from mtl.train import run
 
-    if _finished(run_dir) and not fresh:
+    if not fresh and reusable(run_dir, overrides, _finished):
         return json.loads((run_dir / "metrics.json").read_text()), 0.0, True
     if run_dir.exists():
         shutil.rmtree(run_dir)
     start = time.perf_counter()
     run(overrides, run_dir=run_dir)
+    record(run_dir, overrides)
     return json.loads((run_dir / "metrics.json").read_text()), time.perf_counter() - start, False
 
 

@@ -1,6 +1,6 @@
 """Save a PNG grid of `scenes` samples with all their labels, one row per scene.
 
-    python scripts/show_scenes.py --n 6 --size 64 --seed 0 --out scenes.png
+    python scripts/show_scenes.py --n 6 --size 64 --seed 0 --out outputs/scenes.png
 
 Columns: image, semseg, depth, normals, edges, instance; the row title gives count and largest shape.
 """
@@ -58,11 +58,12 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--start", type=int, default=0)
-    ap.add_argument("--out", default="scenes.png")
+    ap.add_argument("--out", default="outputs/scenes.png")
     args = ap.parse_args(argv)
     fig = make_grid(args.seed, args.start, args.n, args.size)
     out = os.path.abspath(args.out)
     # write beside the target and rename, so a reader never sees a half-written PNG
+    os.makedirs(os.path.dirname(out), exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(out))
     os.close(fd)
     try:

@@ -1,6 +1,6 @@
 """Draw a PNG grid of the zoo datasets (one row per dataset) and optionally time their generation.
 
-    python scripts/show_zoo.py --out zoo.png --cols 16 [--split test] [--time]
+    python scripts/show_zoo.py --out outputs/zoo.png --cols 16 [--split test] [--time]
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="zoo.png")
+    p.add_argument("--out", default="outputs/zoo.png")
     p.add_argument("--cols", type=int, default=16)
     p.add_argument("--split", default="train", choices=("train", "val", "test"))
     p.add_argument("--seed", type=int, default=0)
@@ -62,6 +62,9 @@ def main(argv=None) -> None:
                 ax.axis("off")
         axes[r][0].set_ylabel(name, fontsize=8, rotation=0, ha="right", va="center")
     fig.tight_layout(pad=0.3)
+    from pathlib import Path
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")
 

@@ -75,6 +75,13 @@ def test_finished_runs_are_reused(zoo):
     assert again["individual"] == manifest["individual"]
 
 
+def test_a_finished_run_of_another_recipe_is_refused_not_reused(zoo):
+    """The manifest would otherwise record the new recipe over models trained with the old one."""
+    out, _ = zoo
+    with pytest.raises(SystemExit, match=r"holds a finished run of other overrides .*'optim.lr=0.5'"):
+        _script("build_zoo").build_zoo("cnn", out, tasks=TASKS, smoke=True, finetune_overrides=["optim.lr=0.5"])
+
+
 def test_merge_over_manifest_and_quality_tables(zoo, tmp_path):
     out, manifest = zoo
     report = run(["merge=ties", "merge.lam=1.0", f"pool={out / 'manifest.json'}", "eval.max_batches=2"],

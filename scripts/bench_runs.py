@@ -1,0 +1,46 @@
+"""Reusing the training runs of an earlier benchmark invocation, only when they ran the same recipe.
+
+Each benchmark script trains its runs into `<out>/...` and reuses a finished one when it is run again
+(a long benchmark can be resumed). A finished run of *other* overrides (another --epochs, --smoke, zoo
+or learning rate) is refused rather than reused: its numbers would be reported under the new recipe.
+The overrides a run was trained with are recorded beside it in `bench_recipe.json`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Sequence
+
+RECIPE = "bench_recipe.json"
+
+
+class RecipeMismatch(SystemExit):
+    """A finished run of other overrides where this invocation would write: exits with one line."""
+
+    def __init__(self, run_dir: Path, stored: list[str], wanted: list[str]):
+        only_old = [o for o in stored if o not in wanted]
+        only_new = [o for o in wanted if o not in stored]
+        super().__init__(f"error: {run_dir} holds a finished run of other overrides (it has {only_old}, this run "
+                         f"asks for {only_new}); use another --out, or remove that folder to retrain it")
+
+
+def reusable(run_dir: Path, overrides: Sequence[str],
+             finished: Callable[[Path], bool] = lambda d: (d / "metrics.json").is_file()) -> bool:
+    """True when `run_dir` holds a finished run of exactly `overrides` (reuse it); False when it holds no
+    finished run (train it, then `record`); a finished run of other overrides raises `RecipeMismatch`.
+    A finished run from before recipes were recorded is reused with a warning."""
+    run_dir = Path(run_dir)
+    if not finished(run_dir):
+        return False
+    path = run_dir / RECIPE
+    if not path.is_file():
+        print(f"[bench] {run_dir}: reusing a finished run that records no recipe ({RECIPE}); not verified", flush=True)
+        return True
+    stored = json.loads(path.read_text())
+    if stored != list(overrides):
+        raise RecipeMismatch(run_dir, stored, list(overrides))
+    return True
+
+
+def record(run_dir: Path, overrides: Sequence[str]) -> None:
+    (Path(run_dir) / RECIPE).write_text(json.dumps(list(overrides), indent=1) + "\n")
