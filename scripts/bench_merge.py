@@ -267,8 +267,8 @@ def markdown(results: dict) -> str:
     L = []
     m = results["machine"]
     L.append(f"Machine: {m['cpus']}-core CPU ({m['cpu']}), {m['mem_gb']:.0f} GB RAM, torch {m['torch']} "
-             f"({m['threads']} intra-op thread(s)); load average at start {m['loadavg']}; shared with other users, "
-             f"so timings are noisy (read/TA rows: best of the repeats, RSS: the largest). {m['date']}. Command: `{m['command']}`. Import baseline (python + torch + merging): "
+             f"({m['threads']} intra-op thread(s)); load average at start {m['loadavg']} (a load above the "
+             f"core count means other work shared the machine and timings are noisy) (read/TA rows: best of the repeats, RSS: the largest). {m['date']}. Command: `{m['command']}`. Import baseline (python + torch + merging): "
              f"{results['baseline']['peak_rss_mb']:.0f} MB peak RSS, included in every RSS below.")
     L.append("")
     if "vit" in results:

@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=16384, help="rows of the largest tensor (× 1024 columns)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--runs", nargs="+", default=['dare {"p": 0.5}'], help="'<method> <json hyperparameters>'")
+    ap.add_argument("--keep", action="store_true", help="keep the generated inputs (reused by the next run)")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     folder = Path(args.workdir) / f"{args.models}_{args.rows}_{args.dtype}"
@@ -64,6 +65,16 @@ def main() -> None:
     if args.models < 1 or args.rows < 1:
         ap.error("--models and --rows must be >= 1")
     make(folder, args.models, args.rows, args.dtype)
+    try:
+        table(args, folder)
+    finally:  # in /dev/shm the inputs are RAM: never leave them behind unasked
+        if not args.keep:
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def table(args, folder: Path) -> None:
     fp32 = args.rows * 1024 * 4 / 2**20
     print("| run | T | largest tensor | peak RSS above import | × its float32 size |\n|---|---:|---|---:|---:|")
     for run in args.runs:
