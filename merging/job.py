@@ -34,7 +34,7 @@ from mtl.registry import Registry
 
 from .bn import check_bn
 from .evaluation import Evaluator, ImageBatches
-from .pool import ModelPool, manifest_paths, model_list
+from .pool import ModelPool, check_same_pruning, manifest_paths, model_list
 from .report import build_report, print_table, write_report
 
 log = logging.getLogger(__name__)
@@ -308,6 +308,7 @@ def merge_only(cfg: DictConfig, run_dir: Path, name: str, hp: dict[str, Any], ou
         log.info("eval=none: no λ search without evaluation; %s uses its default λ (set merge.lam to choose)", name)
     hp = {k: v for k, v in hp.items() if not (k == "lam" and v is None)}
     pre, models = _input_paths(cfg, run_dir, manifest)
+    check_same_pruning(pre, models)
     path = merging.merge_to_file(method, pre, models, output, overwrite=bool(cfg.overwrite),
                                  shard_size=cfg.get("shard_size"), **hp)
     hp = resolved_hparams(method, hp)

@@ -42,6 +42,7 @@ class ModelPool:
         models = model_list(models, "models")
         if not models:
             raise ValueError("no fine-tuned models given: pass models=[folder,...] or pool=<manifest.json>")
+        check_same_pruning(pretrained, models)
         pre_cfg = read_model_config(pretrained)["model"]
         members = []
         for m in models:
@@ -204,3 +205,35 @@ def normalized(task: Task, merged: float, individual: float) -> float:
     if task.directions.get(task.primary, True):
         return merged / individual if individual else float("nan")
     return individual / merged if merged else float("nan")
+
+
+def _shared_plan(folder: str | Path) -> dict[str, Any] | None:
+    """The kept channels of every shared (non-head) layer of a pruned mtlkit model folder; None for an
+    unpruned one or a folder that is not an mtlkit model (a Hugging Face folder)."""
+    if not (Path(folder) / "config.json").is_file():
+        return None
+    try:
+        plan = (read_model_config(folder).get("model") or {}).get("pruning")
+    except ValueError:
+        return None
+    if not isinstance(plan, dict):
+        return None
+    return {k: v.get("kept") for k, v in (plan.get("layers") or {}).items() if ".heads." not in k}
+
+
+def check_same_pruning(pretrained: str | Path, models: Sequence[str | Path]) -> None:
+    """Pruned models merge only when every shared layer kept the same channels: equal shapes alone do not
+    say so, and θ_t − θ0 of different channels is meaningless."""
+    ref = _shared_plan(pretrained)
+    for m in models:
+        plan = _shared_plan(m)
+        if plan == ref:
+            continue
+        if ref is None or plan is None:
+            which, other = (m, pretrained) if plan is not None else (pretrained, m)
+            raise ValueError(f"{which} is pruned and {other} is not; only models pruned by one plan (the same "
+                             "kept channels in every shared layer), or unpruned ones, merge")
+        differ = sorted(k for k in set(ref) | set(plan) if ref.get(k) != plan.get(k))
+        raise ValueError(f"{m} was pruned differently from {pretrained}: layer(s) {differ[:4]}"
+                         + (" ..." if len(differ) > 4 else "") + " kept other channels; only models pruned by one "
+                         "plan (the same kept channels in every shared layer) merge")

@@ -65,7 +65,8 @@ def _find_run_metrics(src: Source) -> tuple[Path | None, dict[str, Any] | None]:
     """The ``metrics.json`` of the run that wrote the folder: beside it (mtl-train, mtl-merge put the
     model at ``<run_dir>/model``) or in the run folder its meta names. Never for a pruned model: a run
     folder's test metrics describe the model it trained (``mtl-prune`` stores its own in ``meta.test``)."""
-    if src.config.get("pruning"):
+    if src.config.get("pruning") or src.meta.get("tested"):
+        # meta.tested: the run scored other models (TALL's per-task models), not this folder
         return None, None
     candidates = []
     if src.folder is not None:
@@ -161,6 +162,12 @@ def export(
         # overwrite replaces an earlier export, never a run folder or anything else that happens to be there
         raise FileExistsError(f"{out} exists and is not an earlier export (no {REPORT}); refusing to replace it")
     src = load_source(model)
+    if src.family == "linearized" and format != "folder":
+        # its forward is f(θ0) + J·(θ − θ0) through torch.func.jvp: no tracer writes that, and θ as plain
+        # weights (timm) would be another function
+        raise ValueError(f"format={format} cannot export a linearized model (it computes f(θ0) + J(θ − θ0) with "
+                         "forward-mode autodiff, which ONNX cannot express and timm weights would not reproduce); "
+                         "format=folder copies it as a model folder")
     names = resolve_tasks(src.model, tasks)
     start = time.perf_counter()
     with atomic_path(out, overwrite=overwrite) as tmp:

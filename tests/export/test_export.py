@@ -205,6 +205,18 @@ def test_card_of_a_derived_model_shows_its_own_metrics_not_its_parents(trained, 
     assert f"| {task} | {metric} | {own[task][metric]:.4f} |" in card
 
 
+def test_card_of_a_tall_masks_folder_shows_no_run_metrics(trained, tmp_path):
+    """mtl-merge merge=tall_masks scores the per-task TALL models; its folder (θ0 + τ_MTL) says so in
+    meta.tested and must not show those scores as its own."""
+    parent = json.loads((trained / "metrics.json").read_text())["test"]
+    folder = save_model(mtl.load_model(trained / "model"), tmp_path / "tall" / "model",
+                        meta={"run_dir": str(trained), "tested": "the per-task TALL models, not this folder"})
+    (tmp_path / "tall" / "metrics.json").write_text((trained / "metrics.json").read_text())
+    card = (mtl.export(folder, "folder", tmp_path / "hf") / "README.md").read_text()
+    task, metric = next((t, m) for t, values in parent.items() for m in values)
+    assert f"| {task} | {metric} | {parent[task][metric]:.4f} |" not in card
+
+
 def test_folder_task_subset_and_merge_provenance(tmp_path):
     model = mtl.load_model(_folder(tmp_path))
     folder = save_model(model, tmp_path / "merged", meta={"merge": {"method": "ties", "lam": 0.4, "k": 0.2}})
@@ -333,3 +345,16 @@ def test_card_names_the_tool_that_made_the_folder(tmp_path):
     card = (mtl.export(folder, "folder", tmp_path / "hf") / "README.md").read_text()
     assert "Made by `mtl-prune` in `/runs/prune/1`. Training data `scenes` (image size 32), seed 3." in card
     assert "mtl-train" not in card
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "timm"])
+def test_a_linearized_model_is_refused_by_formats_that_would_change_its_function(tmp_path, fmt):
+    from mtl.models import linearize
+
+    lin = linearize(create_model(["depth"], backbone="test_resnet", decoder={"name": "hps", "channels": 8}))
+    folder = mtl.save_model(lin, tmp_path / "lin")
+    with pytest.raises(ValueError, match=rf"format={fmt} cannot export a linearized model"):
+        mtl.export(folder, fmt, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    out = mtl.export(folder, "folder", tmp_path / "copy")  # the folder copy still works
+    assert mtl.load_model(out).config["family"] == "linearized"

@@ -1,5 +1,6 @@
 """Which architecture differences a pool accepts: head-only decoder options and omitted defaults, not the rest."""
 import pytest
+import torch
 
 import mtl
 from merging.pool import ModelPool
@@ -30,3 +31,24 @@ def test_shared_decoder_options_must_match(tmp_path, decoder):
     other = _folder(tmp_path, "a", "ta", decoder)
     with pytest.raises(ValueError, match="models must share an architecture"):
         ModelPool.from_folders(pre, [other])
+
+
+def test_models_pruned_by_different_plans_are_refused(tmp_path):
+    """Equal shapes do not mean equal channels: θ_t − θ0 of different kept channels is meaningless."""
+    import pruning
+    from merging.pool import check_same_pruning
+
+    x = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
+    torch.manual_seed(0)
+    base = mtl.create_model(["depth"], backbone="test_resnet", decoder={"name": "hps", "channels": 8})
+    other = mtl.create_model(["depth"], backbone="test_resnet", decoder={"name": "hps", "channels": 8})
+    folders = {}
+    for name, m in (("a", base), ("b", other), ("a2", base)):
+        pruned, _ = pruning.prune(m, "l1", example=x, ratio=0.5)
+        folders[name] = mtl.save_model(pruned, tmp_path / name)
+    folders["plain"] = mtl.save_model(base, tmp_path / "plain")
+    check_same_pruning(folders["a"], [folders["a2"]])  # one plan: fine
+    with pytest.raises(ValueError, match=r"was pruned differently from .*kept other channels"):
+        check_same_pruning(folders["a"], [folders["b"]])
+    with pytest.raises(ValueError, match=r"is pruned and .* is not"):
+        check_same_pruning(folders["plain"], [folders["a"]])
