@@ -265,7 +265,9 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     test = sel.test if sel.test is not None else ev.run_all(sel.model, "test")
     report = build_report(name, ev, sel, test)
     report["seconds"] = round(time.perf_counter() - start, 2)
-    meta: dict[str, Any] = {"merge": {"method": name, **report["selected"]}}
+    meta: dict[str, Any] = {"merge": {"method": name, **report["selected"]}, "run_dir": str(Path(run_dir).resolve()),
+                            "merged_from": {"pretrained": str(Path(pool.pretrained).resolve()),
+                                            "models": [str(Path(m.path).resolve()) for m in pool.members]}}
     if sel.test is None:  # the scores of this very folder
         meta["test"] = test
     elif "tested" in sel.extra:  # the run's scores are other models' (TALL's task models): say whose

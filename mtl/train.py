@@ -73,10 +73,25 @@ def init_from_folder(model: MultiTaskModel, folder: str | Path) -> dict[str, int
     source = load_state(folder)
     own = model.state_dict()
     loaded = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
-    if not any(k.startswith("backbone.") for k in loaded):
-        raise ValueError(f"{folder}: no backbone weight matches this model's names and shapes")
+    shared = _shared_names(model)
+    if not shared & loaded.keys():
+        raise ValueError(f"{folder}: no shared (encoder) weight matches this model's names and shapes; "
+                         "was it trained with another backbone or family?")
+    missed = sorted(shared - loaded.keys())
+    if missed:  # a partial start is legitimate (other heads) but a half-loaded encoder is worth a word
+        log.warning("init_from %s: %d of %d shared tensors not loaded (name or shape differs), e.g. %s",
+                    folder, len(missed), len(shared), ", ".join(missed[:3]))
     model.load_state_dict(loaded, strict=False)
-    return {"loaded": len(loaded), "total": len(own)}
+    return {"loaded": len(loaded), "total": len(own), "shared_missed": len(missed)}
+
+
+def _shared_names(model: MultiTaskModel) -> set[str]:
+    """State-dict names of the weights every task uses (the model's ``shared_parameters``; the
+    ``backbone.`` tensors for a model without them)."""
+    if not hasattr(model, "shared_parameters"):
+        return {k for k in model.state_dict() if k.startswith("backbone.")}
+    ids = {id(p) for p in model.shared_parameters()}
+    return {k for k, p in model.named_parameters() if id(p) in ids}
 
 
 def pruned_architecture(folder: str | Path, tasks) -> MultiTaskModel | None:
@@ -271,8 +286,10 @@ def _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, basel
     if not trainer.is_global_zero:
         return metrics
     # the trained model and its metrics first: nothing after this can lose them
-    save_model(module.model, run_dir / "model", meta={"test": metrics["test"], "run_dir": str(run_dir),
-                                                      "data": data_kw, "seed": cfg.seed})
+    meta = {"test": metrics["test"], "run_dir": str(run_dir), "data": data_kw, "seed": cfg.seed}
+    if cfg.get("init_from"):  # a fine-tune: where its start came from (the card says so)
+        meta["init_from"] = str(Path(cfg.init_from).resolve())
+    save_model(module.model, run_dir / "model", meta=meta)
     write_json(run_dir / "metrics.json", metrics)
     if baselines is not None:
         metrics["delta_m"] = {"value": delta_m(metrics["test"], baselines, dict(module.tasks), variant=variant),

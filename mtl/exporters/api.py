@@ -64,8 +64,9 @@ def load_source(model: str | os.PathLike | nn.Module) -> Source:
 def _find_run_metrics(src: Source) -> tuple[Path | None, dict[str, Any] | None]:
     """The ``metrics.json`` of the run that wrote the folder: beside it (mtl-train, mtl-merge put the
     model at ``<run_dir>/model``) or in the run folder its meta names. Never for a pruned model: a run
-    folder's test metrics describe the model it trained (``mtl-prune`` stores its own in ``meta.test``)."""
-    if src.config.get("pruning") or src.meta.get("tested"):
+    folder's test metrics describe the model it trained (``mtl-prune`` stores its own in ``meta.test``),
+    unless the pruned model was then fine-tuned (``meta.init_from``): that run trained this very model."""
+    if (src.config.get("pruning") and not src.meta.get("init_from")) or src.meta.get("tested"):
         # meta.tested: the run scored other models (TALL's per-task models), not this folder
         return None, None
     candidates = []

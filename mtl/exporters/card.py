@@ -48,6 +48,8 @@ def _metric_rows(src: Source, tasks: list[str]) -> list[str]:
 def _tool(src: Source) -> str:
     """The mtlkit command whose run folder ``meta.run_dir`` names."""
     meta = src.meta
+    if meta.get("init_from"):  # a fine-tune (of a pruned or merged model too) is mtl-train's
+        return "mtl-train"
     if meta.get("prune") or meta.get("pruned_from") or src.config.get("pruning"):
         return "mtl-prune"
     if meta.get("merge"):
@@ -63,12 +65,17 @@ def _provenance(src: Source) -> list[str]:
     data = meta.get("data") or {}
     if meta.get("run_dir") or data:
         made = f" Made by `{_tool(src)}` in `{meta['run_dir']}`." if meta.get("run_dir") else ""
+        seed = f", seed {meta['seed']}" if meta.get("seed") is not None else ""
         lines.append(f"-{made} Training data `{data.get('name', '?')}`"
-                     f"{' (image size ' + str(data['size']) + ')' if data.get('size') else ''}, seed {meta.get('seed', '?')}.")
+                     f"{' (image size ' + str(data['size']) + ')' if data.get('size') else ''}{seed}.")
     merge = meta.get("merge")
     if isinstance(merge, dict):
         hp = ", ".join(f"{k}={json.dumps(v)}" for k, v in merge.items() if k != "method")
         lines.append(f"- Merged by `mtl-merge` with method `{merge.get('method')}`{' (' + hp + ')' if hp else ''}.")
+        inputs = meta.get("merged_from") if isinstance(meta.get("merged_from"), dict) else {}
+        if inputs.get("models"):
+            lines.append(f"- Merge inputs: pretrained `{inputs.get('pretrained')}`; fine-tuned "
+                         + ", ".join(f"`{m}`" for m in inputs["models"]) + ".")
     plan = src.config.get("pruning")
     prune = meta.get("prune") if isinstance(meta.get("prune"), dict) else None
     if isinstance(plan, dict) or prune:
@@ -79,6 +86,8 @@ def _provenance(src: Source) -> list[str]:
         sized = f"; {len(plan['modules'])} modules resized" if isinstance(plan, dict) and plan.get("modules") else ""
         lines.append(f"- Pruned with `{method}`{' (' + hp + ')' if hp else ''}{sized}"
                      f"{' from `' + str(meta['pruned_from']) + '`' if meta.get('pruned_from') else ''}.")
+    if meta.get("init_from"):
+        lines.append(f"- Fine-tuned by `mtl-train` from the model folder `{meta['init_from']}`.")
     if meta.get("extract") is not None:
         lines.append(f"- Extracted sub-network ({json.dumps(meta['extract'])}) of `{meta.get('extracted_from')}`.")
     if meta.get("exported_from"):

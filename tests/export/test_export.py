@@ -358,3 +358,22 @@ def test_a_linearized_model_is_refused_by_formats_that_would_change_its_function
     assert not (tmp_path / "out").exists()
     out = mtl.export(folder, "folder", tmp_path / "copy")  # the folder copy still works
     assert mtl.load_model(out).config["family"] == "linearized"
+
+
+def test_card_of_a_fine_tune_names_its_start_and_its_own_run(tmp_path):
+    model = mtl.load_model(_folder(tmp_path))
+    folder = save_model(model, tmp_path / "ft", meta={"run_dir": "/runs/ft/1", "init_from": "/zoo/pruned",
+                                                       "data": {"name": "scenes", "size": 32}, "seed": 5})
+    card = (mtl.export(folder, "folder", tmp_path / "hf") / "README.md").read_text()
+    assert "Made by `mtl-train` in `/runs/ft/1`. Training data `scenes` (image size 32), seed 5." in card
+    assert "Fine-tuned by `mtl-train` from the model folder `/zoo/pruned`." in card
+
+
+def test_card_of_a_merge_lists_its_inputs_and_omits_an_unknown_seed(tmp_path):
+    model = mtl.load_model(_folder(tmp_path))
+    folder = save_model(model, tmp_path / "m", meta={
+        "merge": {"method": "ties"}, "run_dir": "/runs/merge/1", "data": {"name": "scenes"},
+        "merged_from": {"pretrained": "/zoo/pre", "models": ["/zoo/a", "/zoo/b"]}})
+    card = (mtl.export(folder, "folder", tmp_path / "hf") / "README.md").read_text()
+    assert "Made by `mtl-merge` in `/runs/merge/1`. Training data `scenes`." in card
+    assert "Merge inputs: pretrained `/zoo/pre`; fine-tuned `/zoo/a`, `/zoo/b`." in card

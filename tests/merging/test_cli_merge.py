@@ -66,6 +66,10 @@ def test_merged_model_holds_each_tasks_own_head(pool, tmp_path):
     # the members were trained on one data config: the merged folder keeps it (mtl-export traces at its size)
     assert merged_model.meta["data"] == mtl.load_model(pool.member_paths[0]).meta["data"]
     assert merged_model.meta["data"]["size"] == 32
+    # its inputs and run are recorded (a card, or a user, can trace the merge back)
+    assert merged_model.meta["run_dir"] == str((tmp_path / "ta").resolve())
+    assert merged_model.meta["merged_from"] == {"pretrained": str(Path(pool.pretrained).resolve()),
+                                                "models": [str(Path(m).resolve()) for m in pool.member_paths]}
     merged = merged_model.state_dict()
     for i, task in enumerate(pool.task_names):
         own = mtl.load_model(pool.member_paths[i]).state_dict()

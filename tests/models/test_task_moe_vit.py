@@ -323,3 +323,25 @@ def test_routing_mi_script_is_zero_when_tasks_route_alike_and_positive_when_they
     rows = script.main(["--model", str(tmp_path / "apart")])
     assert all(0.01 < v <= math.log(2) + 1e-6 for v in rows["routed"])  # two tasks: MI is at most log 2
     assert all(0 < v <= math.log(2) + 1e-6 for v in rows["probs"])
+
+
+def test_init_from_a_multitask_folder_starts_a_single_task_fine_tune(tmp_path, caplog):
+    """init_from reads the family's shared weights (its names carry no `backbone.` prefix)."""
+    from mtl.train import init_from_folder
+
+    parent = make()
+    mtl.save_model(parent, tmp_path / "mt")
+    torch.manual_seed(7)
+    child = TaskMoEViT([create_task("depth")], VIT, {"num_experts": 8, "top_k": 2})
+    stats = init_from_folder(child, tmp_path / "mt")
+    own = parent.state_dict()
+    for k, v in child.state_dict().items():  # every tensor, the task's head and router included
+        assert torch.equal(v, own[k]), k
+    assert stats["shared_missed"] == 0
+    wider = TaskMoEViT([create_task("depth")], {**VIT, "depth": 6}, {"num_experts": 8, "top_k": 2})
+    with caplog.at_level("WARNING"):
+        assert init_from_folder(wider, tmp_path / "mt")["shared_missed"] > 0
+    assert "shared tensors not loaded" in caplog.text and "blocks.4." in caplog.text
+    plain = mtl.create_model(["depth"], backbone="test_resnet")
+    with pytest.raises(ValueError, match=r"mt: no shared \(encoder\) weight matches"):
+        init_from_folder(plain, tmp_path / "mt")
