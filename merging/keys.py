@@ -125,6 +125,7 @@ def plan_keys(
 
     task_specific = [[k for k in ks if considered(k) and task is not None and task(k)] for ks in key_lists[1:]]
     missing, mismatched, skipped = [], [], []
+    linear_only = []  # labels of the models whose expansion-point buffers (theta0.*) others lack
     plan = KeyPlan([], [], [], task_specific, skipped, {})
     filtered, base_missing = [], False
     for k in seen:
@@ -134,6 +135,8 @@ def plan_keys(
                 filtered.append(repr(k))
             continue
         absent = [m.label for m, ks in zip(models, key_sets) if k not in ks]
+        if absent and is_expansion_point(k):
+            linear_only += [m.label for m, ks in zip(models, key_sets) if k in ks and m.label not in linear_only]
         if absent:
             base_missing = base_missing or required
             if unshared == "skip" and not required:
@@ -178,6 +181,12 @@ def plan_keys(
             hint = ("; a Hugging Face folder holds every tensor of its base model (its config.json is the base's; "
                     "transformers would initialise a missing one at random), so it cannot be skipped: save each "
                     "model with it (a tied lm_head.weight: save it untied, a copy of the input embedding)")
+        elif linear_only:  # skipping the buffers would merge tangent-space fine-tunes as plain models
+            plain = [m.label for m in models if m.label not in linear_only]
+            hint = (f"; {', '.join(linear_only)} {'is a linearized (tangent-space) model' if len(linear_only) == 1 else 'are linearized (tangent-space) models'} "
+                    f"and {', '.join(plain)} {'is' if len(plain) == 1 else 'are'} not: merge linearized fine-tunes with "
+                    "their linearized θ0 (mtl.save_model(linearize(load_model(θ0)), ...); build_zoo.py --linear "
+                    "writes pretrain/model_linearized), never across the two forms")
         elif missing:
             hint = "; pass unshared='skip' or an include/exclude/task_keys filter to merge only shared keys"
         else:

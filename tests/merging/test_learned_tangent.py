@@ -108,3 +108,16 @@ def test_learned_merge_of_linearized_models_matches_task_arithmetic_at_zero_step
     res = merging.learn("adamerging", pre, fts, unlabeled=data, model=base, tasks=["a", "s"], steps=3, lr=0.05,
                         granularity="task", progress=False)
     assert not torch.equal(res.coefficients, torch.full((2,), 0.3))
+
+
+def test_a_plain_theta0_with_linearized_fine_tunes_is_refused_naming_the_forms(tmp_path):
+    """The expansion-point buffers are missing from the plain model: the error says why and how to fix it,
+    instead of suggesting unshared='skip' (which would merge tangent-space vectors as plain ones)."""
+    m = plain_model().float()
+    pre, lin = mtl.save_model(m, tmp_path / "pre"), mtl.save_model(linearize(m), tmp_path / "lin")
+    for a, b in ((pre, lin), (lin, pre)):
+        with pytest.raises(merging.MergeInputError) as err:
+            merging.merge("task_arithmetic", a, [b])
+        text = str(err.value)
+        assert f"{lin / 'model.safetensors'} is a linearized (tangent-space) model and" in text
+        assert f"{pre / 'model.safetensors'} is not" in text and "unshared='skip'" not in text
