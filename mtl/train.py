@@ -99,16 +99,35 @@ def pruned_architecture(folder: str | Path, tasks) -> MultiTaskModel | None:
     it as it is; None for an ordinary folder (its weights initialise this run's architecture)."""
     from mtl.io import read_model_config
     from mtl.models import model_from_config
-    from mtl.models.surgery import PLAN_KEY
+    from mtl.models.surgery import PLAN_KEY, apply_plan
 
     stored = read_model_config(folder)["model"]
     if PLAN_KEY not in stored:
         return None
     names = sorted(t["name"] for t in stored["tasks"])
-    if names != sorted(t.name for t in tasks):
-        raise ValueError(f"{folder} holds a pruned model for tasks {names}; fine-tune it on exactly those tasks")
-    log.warning("%s is pruned: training its pruned architecture (its backbone and decoder replace this run's)", folder)
-    return model_from_config({**stored, "tasks": [t.to_config() for t in tasks]})
+    extra = sorted({t.name for t in tasks} - set(names))
+    if extra:  # a new head would meet the pruned shared channels at its original width
+        raise ValueError(f"{folder} holds a pruned model for tasks {names}; fine-tune it on those tasks or a subset "
+                         f"of them ({extra} have no head sized for its pruned layers)")
+    dropped = sorted(set(names) - {t.name for t in tasks})
+    log.warning("%s is pruned: training its pruned architecture (its backbone and decoder replace this run's)%s",
+                folder, f"; without the heads of {dropped}" if dropped else "")
+    base = model_from_config({**{k: v for k, v in stored.items() if k != PLAN_KEY},
+                              "tasks": [t.to_config() for t in tasks]})
+    return apply_plan(base, _restricted_plan(stored[PLAN_KEY], base) if dropped else stored[PLAN_KEY])
+
+
+def _restricted_plan(plan: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
+    """The plan less the entries of modules ``model`` lacks: the heads of tasks a single-task fine-tune of a
+    pruned multi-task model drops (per-task pools pruned once, merged later under one shared plan)."""
+    if not isinstance(plan, dict):
+        return plan  # apply_plan names what is wrong with it
+    names = {n for n, _ in model.named_modules()}
+    out = dict(plan)
+    for part in ("modules", "layers"):
+        if isinstance(plan.get(part), dict):
+            out[part] = {k: v for k, v in plan[part].items() if k in names}
+    return out
 
 
 def build_module(cfg: DictConfig, info: dict[str, Any] | None = None) -> MultiTaskModule:
