@@ -38,8 +38,9 @@ def resolve_size(size: int | list[int] | tuple[int, int] | None, stored: tuple[i
     return size
 
 
-def check_size(size: Any) -> int | tuple[int, int] | None:
-    """``data.size`` as null, a positive int or ``[H, W]`` of positive ints; anything else is named."""
+def check_size(size: Any, an_int: str = "the height, aspect kept") -> int | tuple[int, int] | None:
+    """``data.size`` as null, a positive int or ``[H, W]`` of positive ints; anything else is named
+    (``an_int``: what an int means to the caller, for the message)."""
     def ok(v: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
@@ -47,7 +48,7 @@ def check_size(size: Any) -> int | tuple[int, int] | None:
         return size
     if not isinstance(size, (str, bytes)) and hasattr(size, "__len__") and len(size) == 2 and all(ok(v) for v in size):
         return int(size[0]), int(size[1])
-    raise ValueError(f"data.size must be null (as stored), a positive int (the height, aspect kept) or [H, W] "
+    raise ValueError(f"data.size must be null (as stored), a positive int ({an_int}) or [H, W] "
                      f"of positive ints, got {size!r}")
 
 
@@ -81,6 +82,8 @@ def image_to_uint8(a: np.ndarray, where: str) -> torch.Tensor:
             raise ValueError(f"{where}: {a.dtype} image values span {lo}..{hi}; expected 0-255 (or floats in [0, 1])")
         a = a.astype(np.uint8)
     if a.dtype != np.uint8:
+        if not np.isfinite(a).all():  # NaN would cast to 0 (black) without a word
+            raise ValueError(f"{where}: image holds NaN or infinite values; expected floats in [0, 1] (or uint8 0-255)")
         top = float(np.nanmax(a)) if a.size else 0.0
         if top > 1.0 + 1e-6:  # 0-255 floats would all clip to white
             raise ValueError(f"{where}: float image values reach {top:g}; expected [0, 1] (or store uint8 0-255)")
@@ -292,6 +295,9 @@ class CityscapesDataModule(DenseBenchmarkDataModule):
         label = f"label_{self.num_classes}"
         if self.num_classes == 7 and not (split_dir / label).is_dir():
             label = "label"
+            if not (split_dir / label).is_dir():  # name both folders a 7-class release may use
+                raise FileNotFoundError(f"cityscapes: {split_dir} has neither label_7/ nor label/ (7-class semseg "
+                                        f"labels; num_classes=19 reads label_19/)")
         return read_npy_split(split_dir, {"semseg": label, "depth": "depth"}, self.num_classes, limit, self.size)
 
 

@@ -73,8 +73,8 @@ def _read_table(f: Path) -> pa.Table:
             return pa.ipc.open_file(src).read_all()
 
 
-def _decode_images(ds, column: str, size: int | None, label: bool) -> np.ndarray:
-    """An ``Image`` column decoded with PIL (and resized when ``size`` is given) into one array."""
+def _decode_images(ds, column: str, size: tuple[int, int] | None, label: bool) -> np.ndarray:
+    """An ``Image`` column decoded with PIL (and resized to ``size`` = (H, W) when given) into one array."""
     from PIL import Image as PILImage
 
     out = []
@@ -82,8 +82,8 @@ def _decode_images(ds, column: str, size: int | None, label: bool) -> np.ndarray
         for img in batch[column]:
             if not label:
                 img = img.convert("RGB")
-            if size is not None and img.size != (size, size):
-                img = img.resize((size, size), PILImage.NEAREST if label else PILImage.BILINEAR)
+            if size is not None and img.size != (size[1], size[0]):  # PIL sizes are (W, H)
+                img = img.resize((size[1], size[0]), PILImage.NEAREST if label else PILImage.BILINEAR)
             out.append(np.asarray(img))
     shapes = {a.shape for a in out}
     if len(shapes) > 1:
@@ -92,14 +92,15 @@ def _decode_images(ds, column: str, size: int | None, label: bool) -> np.ndarray
     return np.stack(out) if out else np.zeros((0,), np.uint8)
 
 
-def _resize(x: torch.Tensor, size: int | None, nearest: bool) -> torch.Tensor:
+def _resize(x: torch.Tensor, size: tuple[int, int] | None, nearest: bool) -> torch.Tensor:
     """Bilinear (antialiased) for images; for targets the pixel under each output pixel's centre
-    ("nearest-exact", as PIL's nearest for ``Image`` columns), so they stay aligned with the image."""
-    if size is None or tuple(x.shape[-2:]) == (size, size):
+    ("nearest-exact"; PIL's nearest for ``Image`` columns picks the same pixels when shrinking, and may
+    pick the neighbour at exact half-pixel ties when enlarging), so they stay aligned with the image."""
+    if size is None or tuple(x.shape[-2:]) == size:
         return x
     if nearest:
-        return F.interpolate(x.float(), size=(size, size), mode="nearest-exact").to(x.dtype)
-    y = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        return F.interpolate(x.float(), size=size, mode="nearest-exact").to(x.dtype)
+    y = F.interpolate(x.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
     return y.round().clamp(0, 255).to(x.dtype) if x.dtype == torch.uint8 else y
 
 
@@ -212,7 +213,7 @@ class HFImageDataModule(TensorDataModule):
     and floats as float32. Missing val/test splits are carved from train (``val_fraction``,
     ``test_fraction``, seeded). Class counts come from ``semseg_classes``/``classification_classes`` or
     are inferred from the labels (semseg: −1 and 255 are ignored). ``size`` resizes every image and dense target
-    to size × size; ``n_train``/``n_val``/``n_test`` keep the first n rows of a split (null: all).
+    to size × size (an int) or to [H, W]; ``n_train``/``n_val``/``n_test`` keep the first n rows of a split (null: all).
     """
 
     def __init__(self, path: str | os.PathLike, image_column: str = "image",
@@ -233,7 +234,10 @@ class HFImageDataModule(TensorDataModule):
                 raise ValueError(f"hf_local: {taken[key]} and column {column!r} both map to batch key {key!r}; "
                                  "map each batch key from one column")
             taken[key] = f"column {column!r}"
-        self.size = size
+        from mtl.data.benchmarks import check_size
+
+        size = check_size(size, an_int="a square side")
+        self.size = size if size is None or isinstance(size, tuple) else (size, size)  # (H, W); an int: square
         self.splits = dict(splits or {})
         for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0.0 <= frac < 1.0:
@@ -241,8 +245,8 @@ class HFImageDataModule(TensorDataModule):
         self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
         self.limits = {"train": n_train, "val": n_val, "test": n_test}
         for split, n in self.limits.items():
-            if n is not None and int(n) < 1:
-                raise ValueError(f"hf_local: n_{split} must be >= 1 or null (all rows), got {n}")
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+                raise ValueError(f"hf_local: data.n_{split} must be an int >= 1 or null (all rows), got {n!r}")
         self._classes = {"semseg_classes": semseg_classes, "classification_classes": classification_classes}
 
     def source(self) -> str:
@@ -251,7 +255,8 @@ class HFImageDataModule(TensorDataModule):
     @property
     def info(self) -> dict[str, Any]:
         self.setup()
-        info: dict[str, Any] = {"image_size": int(self._data["train"].tensors["image"].shape[-1]),
+        h, w = (int(v) for v in self._data["train"].tensors["image"].shape[-2:])
+        info: dict[str, Any] = {"image_size": h if h == w else [h, w],  # int when square, as the other modules
                                 "targets": sorted(k for k in self._data["train"].tensors if k != "image")}
         for name, key in (("semseg_classes", "semseg"), ("classification_classes", "classification")):
             if self._classes[name] is not None:

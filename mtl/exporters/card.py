@@ -100,11 +100,11 @@ def _provenance(src: Source) -> list[str]:
 def _loading(report: dict[str, Any]) -> list[str]:
     fmt = report["format"]
     if fmt == "onnx":
-        size = report["input"]["shape"][-1]
+        h, w = report["input"]["shape"][-2:]
         outs = ", ".join(report["tasks"])
         return ["```python", "import numpy as np, onnxruntime as ort",
                 'session = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])',
-                f"images = np.zeros((4, 3, {size}, {size}), dtype=np.uint8)  # RGB, 0-255, NCHW; any batch size",
+                f"images = np.zeros((4, 3, {h}, {w}), dtype=np.uint8)  # RGB, 0-255, NCHW; any batch size",
                 f'{outs}{"," if len(report["tasks"]) == 1 else ""} = session.run(None, {{"image": images}})', "```"]
     if fmt == "timm":
         return ["```python", "import timm", f"backbone = {report['load'].replace('<folder>', '.')}",

@@ -38,28 +38,39 @@ def _missing_package(name: str) -> ImportError:
     return ImportError(f"format=onnx needs the '{name}' package: pip install 'mtlkit[export]'")
 
 
-def input_size_of(src: Source, size: int | None) -> int:
-    """Square input side used to trace and verify: given, else the training data's, else the
-    backbone's ``img_size``; never a guess (the graph's size is fixed, a wrong one is unusable)."""
+def input_size_of(src: Source, size: Any) -> tuple[int, int]:
+    """Input (H, W) used to trace and verify: given (an int: a square side, or [H, W]), else the training
+    data's, else the backbone's ``img_size``; never a guess (the graph's size is fixed, a wrong one is unusable)."""
     if size is not None:
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"format.input_size must be a positive int (pixels: the side of a square input) or null, "
-                             f"got {size!r}")
-        return size
+        hw = _hw(size)
+        if hw is None:
+            raise ValueError(f"format.input_size must be a positive int (pixels: the side of a square input), [H, W] "
+                             f"of positive ints, or null, got {size!r}")
+        return hw
     data = src.meta.get("data") or {}
-    if isinstance(data, dict) and data.get("size"):
-        return int(data["size"])
+    if isinstance(data, dict) and data.get("size") and _hw(data["size"]) is not None:
+        return _hw(data["size"])
     if src.config.get("backbone", {}).get("img_size"):
-        return int(src.config["backbone"]["img_size"])
+        return _hw(int(src.config["backbone"]["img_size"]))
     where = f"{src.folder / 'config.json'}" if src.folder else "the model's meta"
     raise ValueError(f"format.input_size: {where} records no training image size (meta.data.size) and the "
                      "backbone has no img_size; pass input_size=<pixels> (mtl.export) or format.input_size=<pixels> (mtl-export): "
                      "the graph's H and W are fixed")
 
 
+def _hw(size: Any) -> tuple[int, int] | None:
+    """(H, W) of an int side or an [H, W] pair of positive ints; None for anything else."""
+    ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0  # noqa: E731
+    if ok(size):
+        return int(size), int(size)
+    if isinstance(size, (list, tuple)) and len(size) == 2 and all(ok(v) for v in size):
+        return int(size[0]), int(size[1])
+    return None
+
+
 @EXPORTERS.register("onnx")
 def export_onnx(source: Source, out: Path, tasks: list[str], opset: int = DEFAULT_OPSET,
-                exporter: str = "dynamo", input_size: int | None = None, atol: float = 1e-4,
+                exporter: str = "dynamo", input_size: Any = None, atol: float = 1e-4,
                 rtol: float = 1e-3, verify_batches: Sequence[int] = (1, 3), seed: int = 0) -> dict[str, Any]:
     """Trace with ``torch.onnx.export`` (``exporter`` = ``dynamo``, torch's default, or the older
     ``torchscript``), then run the file in ONNX Runtime on random uint8 batches of each size in
@@ -77,7 +88,7 @@ def export_onnx(source: Source, out: Path, tasks: list[str], opset: int = DEFAUL
             raise ValueError(f"format.{name} must be a finite number ≥ 0, got {tol!r}")
     size = input_size_of(source, input_size)
     graph = TaskGraph(source.model, tasks)
-    sample = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    sample = torch.randint(0, 256, (2, 3, *size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
     path = out / ONNX_FILE
     _trace(graph, sample, path, opset, exporter)
     if exporter == "torchscript":
@@ -91,7 +102,7 @@ def export_onnx(source: Source, out: Path, tasks: list[str], opset: int = DEFAUL
         "file": ONNX_FILE,
         "opset": opset,
         "exporter": exporter,
-        "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": ["batch", 3, size, size], "layout": "NCHW, RGB, 0-255"},
+        "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": ["batch", 3, *size], "layout": "NCHW, RGB, 0-255"},
         "outputs": {t: {"shape": ["batch", *shape[1:]]} for t, shape in zip(tasks, checks["shapes"])},
         "preprocessing": "inside the graph: x/255, then (x - mean)/std with mean "
                          f"{[round(v, 4) for v in source.config.get('mean', [])]} and std "
@@ -165,9 +176,10 @@ def _resampling_hint(model: Any, sample: torch.Tensor, op: str) -> str:
     """Why a ViT traced at another size than its ``img_size`` meets an interpolation operator: its
     position embeddings are resampled to the new token grid inside the graph."""
     trained = (getattr(model, "config", None) or {}).get("backbone", {}).get("img_size")
-    size = int(sample.shape[-1])
-    if "upsample" not in op and "interpolate" not in op or not trained or int(trained) == size:
+    size = tuple(int(v) for v in sample.shape[-2:])
+    if "upsample" not in op and "interpolate" not in op or not trained or (int(trained),) * 2 == size:
         return ""
+    size = size[0] if size[0] == size[1] else list(size)
     return (f"; it comes from tracing at format.input_size={size} while the backbone's img_size is {trained} "
             f"(the position embeddings are resampled): export at format.input_size={trained}")
 
@@ -258,7 +270,7 @@ def locate_operator(model: nn.Module, x: torch.Tensor, tasks: Sequence[str], op:
     return found[0] if found else None
 
 
-def verify(graph: TaskGraph, path: Path, size: int, batches: Sequence[int], atol: float, rtol: float,
+def verify(graph: TaskGraph, path: Path, size: tuple[int, int], batches: Sequence[int], atol: float, rtol: float,
            seed: int) -> dict[str, Any]:
     """ONNX Runtime vs PyTorch on random uint8 batches; raises ExportError beyond tolerance."""
     import onnxruntime as ort
@@ -270,7 +282,7 @@ def verify(graph: TaskGraph, path: Path, size: int, batches: Sequence[int], atol
     worst: dict[str, float] = {t: 0.0 for t in graph.task_names}
     shapes: list[tuple[int, ...]] = []
     for b in batches:
-        x = torch.randint(0, 256, (int(b), 3, size, size), dtype=torch.uint8, generator=gen)
+        x = torch.randint(0, 256, (int(b), 3, *size), dtype=torch.uint8, generator=gen)
         with torch.no_grad():
             ref = [r.float().numpy() for r in graph(x)]
         got = session.run(None, {INPUT_NAME: x.numpy()})

@@ -102,6 +102,9 @@ def test_cityscapes_7_and_19_classes(tmp_path):
     assert int(b["semseg"][b["semseg"] != 255].max()) < 7
     with pytest.raises(FileNotFoundError, match=r"label_19"):
         create_datamodule("cityscapes", root=str(root), num_classes=19).setup()
+    (root / "train" / "label").rename(root / "train" / "labels")
+    with pytest.raises(FileNotFoundError, match=r"cs/train has neither label_7/ nor label/ \(7-class"):
+        create_datamodule("cityscapes", root=str(root)).setup()
     root19 = write_npy_layout(tmp_path / "cs19", classes=19, normals=False, label_dir="label_19")
     dm19 = create_datamodule("cityscapes", root=str(root19), num_classes=19, size=None)
     assert dm19.info["semseg_classes"] == 19 and len(dm19.dataset("train")) == 3
@@ -150,6 +153,9 @@ def test_bad_root_and_layout_name_the_expected_path(tmp_path):
      r"train/label/0\.npy: label 1\.5 is not a whole number"),
     (lambda r: np.save(r / "train" / "label" / "0.npy", np.full((H, W), np.nan, np.float32)),
      r"train/label/0\.npy: labels hold NaN or infinite values"),
+    (lambda r: np.save(r / "train" / "image" / "1.npy",  # NaN would cast to black
+                       np.where(np.eye(H, W, dtype=bool)[..., None], np.nan, np.full((H, W, 3), 0.5, np.float32))),
+     r"train/image/1\.npy: image holds NaN or infinite values; expected floats in \[0, 1\]"),
 ])
 def test_bad_files_are_named_not_silently_mended(tmp_path, damage, match):
     """Stored at another size (resized with a distorted aspect), 0-255 floats (clipped to white),

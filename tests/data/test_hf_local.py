@@ -397,3 +397,33 @@ def test_parquet_splits_come_from_whole_words_of_the_path(tmp_path, files, split
 
     from pathlib import Path
     assert {_split_of(Path(f)) for f in files} == splits
+
+
+def test_size_as_h_w_and_the_reported_image_size(tmp_path):
+    """[H, W] resizes to H x W, as for the benchmark modules; info reports an int when square, [H, W] otherwise.
+    A Image column (PIL, sizes (W, H)) and a numeric one land on the same shape."""
+    from datasets import Dataset, Features, Image, Value
+    from PIL import Image as PILImage
+
+    rng = np.random.default_rng(0)
+    pics = [PILImage.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)) for _ in range(6)]
+    Dataset.from_dict({"img": pics, "y": [0, 1, 2] * 2}, features=Features({"img": Image(), "y": Value("int64")})
+                      ).save_to_disk(str(tmp_path / "pil"))
+    arr = _save(tmp_path / "arr", img=rng.integers(0, 256, (6, 24, 32, 3)).tolist(), y=[0, 1, 2] * 2)
+    for path in (tmp_path / "pil", arr):
+        kw = dict(image_column="img", columns={"y": "classification"}, val_fraction=0.2, test_fraction=0.2)
+        assert HFImageDataModule(path, **kw).info["image_size"] == [24, 32]
+        dm = HFImageDataModule(path, size=[12, 20], **kw)
+        assert dm.dataset("train").tensors["image"].shape[-2:] == (12, 20) and dm.info["image_size"] == [12, 20]
+        assert HFImageDataModule(path, size=10, **kw).info["image_size"] == 10
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"size": [16, 24, 3]}, r"data\.size must be null \(as stored\), a positive int \(a square side\) or \[H, W\]"),
+    ({"size": 0}, r"data\.size must be null .*got 0"),
+    ({"n_train": 2.5}, r"hf_local: data\.n_train must be an int >= 1 or null \(all rows\), got 2\.5"),
+    ({"n_test": 0}, r"hf_local: data\.n_test must be an int >= 1 or null"),
+])
+def test_bad_sizes_and_limits_are_named(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        HFImageDataModule(tmp_path, **kw)

@@ -377,3 +377,20 @@ def test_card_of_a_merge_lists_its_inputs_and_omits_an_unknown_seed(tmp_path):
     card = (mtl.export(folder, "folder", tmp_path / "hf") / "README.md").read_text()
     assert "Made by `mtl-merge` in `/runs/merge/1`. Training data `scenes`." in card
     assert "Merge inputs: pretrained `/zoo/pre`; fine-tuned `/zoo/a`, `/zoo/b`." in card
+
+
+def test_onnx_of_a_model_trained_on_non_square_images_exports_at_their_h_w(tmp_path):
+    """meta.data.size=[H, W] (nyuv2/cityscapes) is the default input; format.input_size takes [H, W] too."""
+    import onnxruntime as ort
+
+    model = mtl.load_model(_folder(tmp_path))
+    folder = save_model(model, tmp_path / "hw", meta={"data": {"name": "nyuv2", "size": [24, 40]}})
+    for size, want in ((None, [24, 40]), ([16, 32], [16, 32])):
+        out = mtl.export(folder, "onnx", tmp_path / f"o{want[0]}", input_size=size, exporter="torchscript")
+        report = json.loads((out / "export.json").read_text())
+        assert report["input"]["shape"] == ["batch", 3, *want]
+        assert f"np.zeros((4, 3, {want[0]}, {want[1]})" in (out / "README.md").read_text()
+        sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+        assert [d for d in sess.get_inputs()[0].shape[2:]] == want
+    with pytest.raises(ValueError, match=r"format.input_size must be .* \[H, W\] of positive ints, or null, got \[16, 0\]"):
+        mtl.export(folder, "onnx", tmp_path / "bad", input_size=[16, 0])
