@@ -14,9 +14,7 @@ from mtl.cli.common import cli_main, run_job
 
 @hydra.main(version_base="1.3", config_path="pkg://mtl.configs.merge_app", config_name="merge")
 def _main(cfg: DictConfig) -> None:
-    from merging.job import run_merge
-
-    run_job(cfg, run_merge)
+    run_job(cfg, "merging.job:run_merge")  # imported inside the guarded region
 
 
 def main() -> None:

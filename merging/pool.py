@@ -9,13 +9,14 @@ from __future__ import annotations
 import copy
 import inspect
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from mtl.io import load_state, read_json, read_model_config
+from mtl.io import load_state, read_checked_config, read_json, read_model_config
 from mtl.models import MultiTaskModel, model_from_config
 from mtl.models.decoders.base import DECODERS
 from mtl.tasks import Task, create_task
@@ -43,11 +44,11 @@ class ModelPool:
         if not models:
             raise ValueError("no fine-tuned models given: pass models=[folder,...] or pool=<manifest.json>")
         check_same_pruning(pretrained, models)
-        pre_cfg = read_model_config(pretrained)["model"]
+        pre_cfg = _checked_arch(pretrained, read_checked_config(pretrained)["model"])  # edited configs named
         members = []
         for m in models:
-            cfg = read_model_config(m)
-            mc = cfg["model"]
+            cfg = read_checked_config(m)
+            mc = _checked_arch(m, cfg["model"])
             for key in ("backbone", "decoder"):
                 if _arch(key, mc.get(key)) != _arch(key, pre_cfg.get(key)):
                     raise ValueError(
@@ -104,9 +105,14 @@ class ModelPool:
 def manifest_paths(path: str | Path) -> tuple[Path, list[Path]]:
     """A pool manifest's `pretrained` folder and `models` folders (relative ones: the manifest's folder's)."""
     spec = read_json(path)
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path}: a pool manifest is a JSON object with keys 'pretrained' and 'models', "
+                         f"got a {type(spec).__name__}")
     for key in ("pretrained", "models"):
         if key not in spec:
             raise ValueError(f"{path}: missing key {key!r}")
+    if not isinstance(spec["pretrained"], str) or not spec["pretrained"]:
+        raise ValueError(f"{path}: key 'pretrained' must be a folder path (a string), got {spec['pretrained']!r}")
     base = Path(path).parent
     resolve = lambda p: (base / p) if not Path(p).is_absolute() else Path(p)  # noqa: E731
     return resolve(spec["pretrained"]), [resolve(p) for p in model_list(spec["models"], f'{path}: "models"')]
@@ -118,7 +124,21 @@ def model_list(models: Any, where: str) -> list:
     if isinstance(models, (str, os.PathLike)):
         raise ValueError(f"{where} must be a list of model folders, got the single path {str(models)!r} "
                          "(on the command line: models=[a,b])")
-    return list(models)
+    if isinstance(models, Mapping) or not isinstance(models, Iterable):  # a dict's keys would pass as paths
+        raise ValueError(f"{where} must be a list of model folder paths, got a {type(models).__name__}")
+    out = list(models)
+    bad = [m for m in out if not isinstance(m, (str, os.PathLike)) or not str(m)]
+    if bad:
+        raise ValueError(f"{where} must be a list of model folder paths; {bad[0]!r} is not one")
+    return out
+
+
+def _checked_arch(folder: str | Path, model_cfg: dict[str, Any]) -> dict[str, Any]:
+    for key in ("backbone", "decoder"):
+        if not isinstance(model_cfg.get(key), (dict, type(None))):
+            raise ValueError(f"{Path(folder) / 'config.json'}: key 'model.{key}' must be a mapping, "
+                             f"got {type(model_cfg[key]).__name__} {model_cfg[key]!r}")
+    return model_cfg
 
 
 def _arch(key: str, cfg: dict[str, Any] | None, heads: bool = False) -> dict[str, Any]:

@@ -80,14 +80,14 @@ def open_source(obj: SourceLike, label: str | None = None) -> StateSource:
         p = Path(obj)
         if p.is_dir():
             if (p / "model.safetensors").is_file():
-                return SafetensorsSource(p / "model.safetensors")
+                return _checked(SafetensorsSource(p / "model.safetensors"))
             if (p / "model.safetensors.index.json").is_file():
                 return ShardedSafetensorsSource(p / "model.safetensors.index.json")
             raise MergeInputError(_no_safetensors(p))
         if not p.is_file():
             raise MergeInputError(f"{p}: no such file or folder")
         if p.suffix == ".safetensors":
-            return SafetensorsSource(p)
+            return _checked(SafetensorsSource(p))
         if re.fullmatch(r"pytorch_model-\d+-of-\d+\.bin", p.name):  # one shard is not a model
             raise MergeInputError(f"{p}: one shard of a sharded pytorch_model-*.bin checkpoint, which is not "
                                   "supported; convert the whole checkpoint to safetensors")
@@ -96,6 +96,19 @@ def open_source(obj: SourceLike, label: str | None = None) -> StateSource:
         f"cannot read a state dict from {type(obj).__name__}; "
         "expected a dict, nn.Module, model folder, .safetensors file or torch checkpoint"
     )
+
+
+def _checked(src: "SafetensorsSource") -> "SafetensorsSource":
+    """A file `save_model` wrote carries a digest of its tensors: an edited or corrupt copy is refused here,
+    as `mtl.load_model` refuses it, instead of merging into a silently wrong model (one streamed pass)."""
+    from mtl.io import check_weights_digest
+
+    try:
+        check_weights_digest(src.path, src.metadata, src.keys(), src.get, error=MergeInputError)
+    except BaseException:
+        src.close()
+        raise
+    return src
 
 
 def open_sources(pretrained: SourceLike, finetuned) -> tuple[StateSource, list[StateSource]]:

@@ -9,7 +9,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -33,7 +33,7 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
     """
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        raise FileExistsError(f"{path} exists; pass overwrite=True (overwrite=true on the command line) to replace it")
     created = _make_parents(path.parent)
     done = False
     try:
@@ -247,12 +247,26 @@ def _first_difference(saved: Any, now: Any, path: str) -> str:
 
 
 def _weights_digest(state: dict[str, torch.Tensor]) -> str:
+    return weights_digest(state.keys(), state.__getitem__)
+
+
+def weights_digest(keys: Iterable[str], get: Callable[[str], torch.Tensor]) -> str:
+    """The digest `save_model` writes into a weights file's header, over ``get(k)`` for the sorted keys
+    (one tensor at a time: a streaming reader checks a file without holding it)."""
     h = hashlib.blake2b(digest_size=16)
-    for k in sorted(state):
-        t = state[k].detach().cpu().contiguous()
+    for k in sorted(keys):
+        t = get(k).detach().cpu().contiguous()
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}\n".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
+
+
+def check_weights_digest(file: str | os.PathLike, header: dict[str, str], keys: Iterable[str],
+                         get: Callable[[str], torch.Tensor], error: type[Exception] | None = None) -> None:
+    """Refuse a weights file whose tensors differ from the digest its header records (an edited or
+    corrupt copy of a `save_model` file); files without one (plain safetensors) pass."""
+    if "weights_digest" in header and header["weights_digest"] != weights_digest(keys, get):
+        raise (error or ModelFolderError)(f"{file}: weights differ from the digest in its header (corrupt or edited file)")
 
 
 def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -294,9 +308,30 @@ def _read_weights(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise ModelFolderError(f"{file}: corrupt or unreadable safetensors file ({e})") from None
 
 
+def read_checked_config(path: str | os.PathLike) -> dict[str, Any]:
+    """A model folder's config.json checked against its weights file's header (task kinds, config digest),
+    without reading any tensor: for callers that plan from configs before loading weights (merge pools)."""
+    path = Path(path)
+    cfg = read_model_config(path)
+    file = path / WEIGHTS
+    if not file.is_file():
+        raise ModelFolderError(f"{file}: file not found")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
+        raise ModelFolderError(f"{file}: corrupt or unreadable safetensors file ({e})") from None
+    _check_header(header, cfg, file, path / CONFIG)
+    return cfg
+
+
 def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a model folder's weights, with errors that name the file."""
-    return _read_weights(Path(path) / WEIGHTS)[0]
+    """Read a model folder's weights, with errors that name the file (an edited file included: the
+    digest its header records is checked, as `load_model` does)."""
+    file = Path(path) / WEIGHTS
+    state, header = _read_weights(file)
+    check_weights_digest(file, header, state.keys(), state.__getitem__)
+    return state
 
 
 def _check_header(header: dict[str, str], cfg: dict[str, Any], file: Path, cfg_file: Path) -> None:
@@ -366,8 +401,7 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
             raise ModelFolderError(f"{file}: key {k!r} has dtype {t.dtype}, the model expects {v.dtype}")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ModelFolderError(f"{file}: key {k!r} holds NaN or infinite values")
-    if "weights_digest" in header and header["weights_digest"] != _weights_digest(state):
-        raise ModelFolderError(f"{file}: weights differ from the digest in its header (corrupt or edited file)")
+    check_weights_digest(file, header, state.keys(), state.__getitem__)
     model.load_state_dict(state)
     model.meta = cfg.get("meta", {})
     return model.to(map_location).eval()

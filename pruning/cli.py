@@ -14,9 +14,7 @@ from mtl.cli.common import cli_main, run_job
 
 @hydra.main(version_base="1.3", config_path="pkg://mtl.configs.prune_app", config_name="prune")
 def _main(cfg: DictConfig) -> None:
-    from pruning.job import run_prune
-
-    run_job(cfg, run_prune)
+    run_job(cfg, "pruning.job:run_prune")  # imported inside the guarded region
 
 
 def main() -> None:

@@ -3,6 +3,7 @@ import logging
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -301,3 +302,60 @@ def test_in_process_merge_failure_leaves_a_failed_marker(tmp_path):
     with pytest.raises(Exception, match="nonexist"):
         run(["merge=average", "pretrained=/nonexist", "models=[/nonexist2]"], run_dir=tmp_path / "r")
     assert (tmp_path / "r" / FAILED).is_file()
+
+
+class _Interrupting(types.ModuleType):
+    """A job module whose import is cut short by Ctrl-C (the seconds torch and timm take to import)."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):  # introspection (inspect, pytest) asks for __file__ and the like
+            raise AttributeError(name)
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("cli, job_module, args, group", [
+    ("mtl.cli.train", "mtl.train", ["debug=smoke"], "train"),
+    ("merging.cli", "merging.job", ["debug=smoke"], "merge"),
+    ("pruning.cli", "pruning.job", ["debug=smoke"], "prune"),
+    ("mtl.cli.export", "mtl.exporters.job", ["debug=smoke"], "export"),
+])
+def test_an_interrupt_while_the_job_is_imported_marks_the_run(monkeypatch, tmp_path, capsys, cli, job_module, args, group):
+    import importlib
+
+    out = tmp_path / "outputs"
+    monkeypatch.setenv("MTL_OUTPUT_DIR", str(out))
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    monkeypatch.setitem(sys.modules, job_module, _Interrupting(job_module))
+    monkeypatch.setattr(sys, "argv", [cli, *args])
+    with pytest.raises(SystemExit) as exc:
+        importlib.import_module(cli).main()
+    (run,) = (out / group / "runs").iterdir()
+    captured = capsys.readouterr()
+    assert exc.value.code == 130 and captured.out.strip().splitlines()[-1] == f"run_dir: {run}"
+    assert captured.err.strip().splitlines()[-1].startswith("error: interrupted by")
+    assert (run / FAILED).read_text().startswith("interrupted by")
+
+
+def test_a_run_folder_in_use_is_refused_and_a_stale_claim_taken_over(monkeypatch, tmp_path, capfd):
+    """Two runs given one hydra.run.dir at once would mix logs, model and metrics (one marked FAILED and
+    finished both); the second is refused while the first's process lives."""
+    from mtl.cli.failures import RUNNING
+
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (folder / RUNNING).write_text(str(other.pid))
+        code, _ = run_main(monkeypatch, tmp_path, f"hydra.run.dir={folder}")
+        err = capfd.readouterr().err.strip().splitlines()[-1]
+        assert code == 1 and err == (f"error: run_dir {folder} is in use by another run (pid {other.pid}); give each "
+                                     "run its own folder (hydra.run.dir)")
+        assert (folder / RUNNING).read_text() == str(other.pid)  # the other run's claim and folder stay
+        assert not (folder / FAILED).exists() and not (folder / "metrics.json").exists()
+    finally:
+        other.kill()
+        other.wait()
+    monkeypatch.setattr(sys, "argv", ["mtl-train", "debug=smoke", "logger=none", "viz.num_samples=0",
+                                      f"hydra.run.dir={folder}"])
+    train_cli.main()  # its process is gone: the stale claim is taken over and the run finishes
+    assert (folder / "metrics.json").is_file() and not (folder / RUNNING).exists()

@@ -30,7 +30,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from mtl.cli.failures import FAILED, interrupted_message, interruption, marks_failure, sigterm_raises
+from mtl.cli.failures import (FAILED, claims_run_folder, interrupted_message, interruption, marks_failure,
+                               sigterm_raises)
 
 
 def write_hydra_record(cfg, run_dir: str | os.PathLike) -> None:
@@ -115,9 +116,11 @@ class JobFailed(Exception):
         return self.args[0]
 
 
-def run_job(cfg, job: Callable[[Any, Path], Any]) -> Any:
+def run_job(cfg, job: Callable[[Any, Path], Any] | str) -> Any:
     """Body of every Hydra main: ``job(cfg, run_dir)`` with failure marking, one-line errors and the
-    ``run_dir:`` last line; returns what the job returns (a sweeper's objective)."""
+    ``run_dir:`` last line; returns what the job returns (a sweeper's objective). ``job`` may be named
+    ``"package.module:function"``: imported inside the guarded region, so a Ctrl-C or SIGTERM during the
+    seconds its imports take (torch, timm...) still marks the run folder Hydra has already made."""
     from hydra.core.hydra_config import HydraConfig
 
     from hydra.types import RunMode
@@ -125,7 +128,12 @@ def run_job(cfg, job: Callable[[Any, Path], Any]) -> Any:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     try:
-        with sigterm_raises(), marks_failure(run_dir):
+        with sigterm_raises(), claims_run_folder(run_dir, _rank0()), marks_failure(run_dir):
+            if isinstance(job, str):
+                import importlib
+
+                module, _, name = job.partition(":")
+                job = getattr(importlib.import_module(module), name)
             check_required(cfg)
             result = job(cfg, run_dir)
     except BaseException as e:
@@ -372,6 +380,6 @@ def run_in_process(job: Callable[[Any, Path], Any], config_modules: Sequence[str
     if problem:  # as the CLI says it: the valid names, not Hydra's "Could not load"
         raise ValueError(problem)
     cfg, run_dir = compose_in_process(config_modules[0], config_name, overrides, run_dir)
-    with marks_failure(run_dir):  # a failed run is marked as the CLI marks it
+    with claims_run_folder(run_dir, _rank0()), marks_failure(run_dir):  # a failed run is marked as the CLI marks it
         check_required(cfg)
         return job(cfg, run_dir), Path(run_dir)

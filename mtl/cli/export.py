@@ -15,9 +15,7 @@ from mtl.cli.common import cli_main, run_job
 
 @hydra.main(version_base="1.3", config_path="pkg://mtl.configs.export_app", config_name="export")
 def _main(cfg: DictConfig) -> None:
-    from mtl.exporters.job import run_export
-
-    run_job(cfg, run_export)
+    run_job(cfg, "mtl.exporters.job:run_export")  # imported inside the guarded region
 
 
 def main() -> None:

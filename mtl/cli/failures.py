@@ -83,3 +83,57 @@ def interrupted_message(what: str, run_dir: Path) -> str:
     last = Path(run_dir) / "checkpoints" / "last.ckpt"
     resume = f"; resume with ckpt_path={last}" if last.is_file() else ""
     return f"interrupted by {what}{resume}"
+
+
+RUNNING = ".running"
+
+
+@contextlib.contextmanager
+def claims_run_folder(run_dir: str | os.PathLike, rank0: bool = True) -> Iterator[None]:
+    """Hold ``run_dir/.running`` (this process's pid) while a job runs in it: a second run given the same
+    folder (``hydra.run.dir=...`` twice at once) is refused with `RunFolderTaken` instead of mixing its
+    logs, model and metrics with the first's. A marker whose process is gone (a killed run) is taken over.
+    Only DDP's rank 0 claims: the other ranks share its folder."""
+    if not rank0:
+        yield
+        return
+    marker = Path(run_dir) / RUNNING
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            owner = _owner(marker)
+            if owner is not None and owner != os.getpid() and _alive(owner):
+                raise RunFolderTaken(f"run_dir {run_dir} is in use by another run (pid {owner}); give each run "
+                                     "its own folder (hydra.run.dir)") from None
+            marker.unlink(missing_ok=True)  # left by a run that no longer exists
+    else:
+        raise RunFolderTaken(f"run_dir {run_dir}: could not claim it ({marker} keeps reappearing)")
+    try:
+        os.write(fd, str(os.getpid()).encode())
+    finally:
+        os.close(fd)
+    try:
+        yield
+    finally:
+        if _owner(marker) == os.getpid():
+            marker.unlink(missing_ok=True)
+
+
+def _owner(marker: Path) -> int | None:
+    try:
+        return int(marker.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True

@@ -33,6 +33,11 @@ def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
         tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if output.exists() and not cfg.get("overwrite"):
         raise FileExistsError(f"{output} exists; pass overwrite=true to replace it")
+    parent = next((p for p in output.resolve().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():  # said now, not as a bare OS error after the work
+        raise NotADirectoryError(f"output={output}: {parent} is a file, not a folder; choose another output path")
+    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"output={output}: {parent} is not writable; choose another output path")
     if model_output and output.is_dir() and any(output.iterdir()) and not is_model_folder(output):
         # save_model refuses it at the end; a job writing a model folder says so before its work
         raise FileExistsError(f"output={output} exists and is not a model folder (no config.json + model.safetensors); "

@@ -16,11 +16,15 @@ from mtl.cli.common import cli_main, run_job
 
 @hydra.main(version_base="1.3", config_path="pkg://mtl.configs", config_name="train")
 def _main(cfg: DictConfig) -> float | None:
+    # the value a sweeper (hparams_search=optuna) optimises; None without optimized_metric
+    return run_job(cfg, "mtl.cli.train:train_job")  # imported inside the guarded region
+
+
+def train_job(cfg: DictConfig, run_dir) -> float | None:
     from mtl.sweep import objective
     from mtl.train import train
 
-    # the value a sweeper (hparams_search=optuna) optimises; None without optimized_metric
-    return run_job(cfg, lambda c, run_dir: objective(c, train(c, run_dir)))
+    return objective(cfg, train(cfg, run_dir))
 
 
 def main() -> None:

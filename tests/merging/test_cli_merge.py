@@ -195,6 +195,16 @@ def test_models_given_as_one_string_is_refused(tmp_path, evaluated):
     manifest.write_text(json.dumps({"pretrained": "/nope", "models": "/nope/ft"}))
     with pytest.raises(ValueError, match=rf'{manifest}: "models" must be a list of model folders'):
         run(["merge=ties", f"pool={manifest}"] + ([] if evaluated else ["eval=none"]), run_dir=tmp_path / "m")
+    for spec, match in (({"pretrained": "/nope", "models": {"a": "/nope/ft"}}, r'"models" must be a list of model '
+                         r"folder paths, got a dict"),
+                        ({"pretrained": "/nope", "models": ["/nope/ft", None]}, r'"models" must be a list of model '
+                         r"folder paths; None is not one"),
+                        ({"pretrained": 5, "models": ["/nope/ft"]}, r"key 'pretrained' must be a folder path \(a "
+                         r"string\), got 5"),
+                        ([1, 2], r"a pool manifest is a JSON object with keys 'pretrained' and 'models', got a list")):
+        manifest.write_text(json.dumps(spec))
+        with pytest.raises(ValueError, match=rf"{manifest}: .*{match}"):
+            run(["merge=ties", f"pool={manifest}"] + ([] if evaluated else ["eval=none"]), run_dir=tmp_path / "m")
 
 
 @pytest.fixture
@@ -399,3 +409,26 @@ def test_a_custom_cli_method_with_its_config_outside_the_package(pool, tmp_path)
     finally:
         CLI_METHODS._items.pop("my_merge", None)
     assert seen == {"scale": 0.5} and report["selected"]["lam"] == 0.5
+
+
+def test_a_config_value_of_the_wrong_type_is_named_by_file_and_key(pool, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(pool.member_paths[0], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["model"]["decoder"] = "x"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=rf"{bad / 'config.json'}: key 'model.decoder' differs from the config"):
+        run(["merge=task_arithmetic", "merge.lam=0.3", "eval.max_batches=1", f"pretrained={pool.pretrained}",
+             f"models=[{bad},{pool.member_paths[1]}]"], run_dir=tmp_path / "r")
+    digestless = bad / "model.safetensors"  # an older file without the config digest: still named, by key
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(digestless), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(state, str(digestless))
+    with pytest.raises(ValueError, match=rf"{bad / 'config.json'}: key 'model.decoder' must be a mapping, got str 'x'"):
+        run(["merge=task_arithmetic", "merge.lam=0.3", "eval.max_batches=1", f"pretrained={pool.pretrained}",
+             f"models=[{bad},{pool.member_paths[1]}]"], run_dir=tmp_path / "r2")

@@ -247,3 +247,35 @@ def test_negative_tall_lambda_is_refused_by_consensus_as_by_tall_masks():
             merging.merge("consensus", pre, fts, tall_lam=lam)
         with pytest.raises(ValueError, match=r"lam must be ≥ 0"):
             merging.tall_masks(pre, fts, lam=lam)
+
+
+def test_an_edited_model_folder_is_refused_as_load_model_refuses_it(tmp_path):
+    """A save_model file records a digest of its tensors: an edited copy (header kept) used as θ0 or as a
+    member of a streaming merge is refused naming the file, never merged into a silently wrong model."""
+    from safetensors import safe_open
+
+    import mtl
+    from mtl.io import ModelFolderError, load_state
+
+    torch.manual_seed(0)
+    model = mtl.create_model(["depth"], backbone="test_resnet", decoder={"name": "hps", "channels": 8})
+    good = mtl.save_model(model, tmp_path / "good")
+    import shutil
+
+    bad = tmp_path / "edited"
+    shutil.copytree(good, bad)
+    with safe_open(str(bad / "model.safetensors"), framework="pt") as f:
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    state["backbone.body.conv1.0.weight"] = state["backbone.body.conv1.0.weight"] + 0.5
+    save_file(state, str(bad / "model.safetensors"), metadata=meta)
+    want = rf"{bad / 'model.safetensors'}: weights differ from the digest in its header"
+    for pre, fts in ((bad, [good]), (good, [bad])):
+        with pytest.raises(merging.MergeInputError, match=want):
+            merging.merge("task_arithmetic", pre, fts)
+        out = tmp_path / "out"
+        with pytest.raises(merging.MergeInputError, match=want):
+            merging.merge_to_file("task_arithmetic", pre, fts, out)
+        assert not out.exists()
+    with pytest.raises(ModelFolderError, match=want):
+        load_state(bad)
+    assert merging.merge("task_arithmetic", good, [good])  # the untouched folder still merges

@@ -223,3 +223,16 @@ def test_cli_bad_input_is_one_line(tmp_path):
                           f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 1
     assert res.stderr.strip().splitlines()[-1].startswith("error: ") and "missing" in res.stderr
+
+
+def test_an_output_under_a_file_is_refused_before_the_work(folder, tmp_path, monkeypatch):
+    import pruning
+
+    def refuse(*a, **k):
+        raise AssertionError("pruned before the output path was checked")
+
+    monkeypatch.setattr(pruning, "prune", refuse)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotADirectoryError, match=rf"output={tmp_path / 'afile' / 'm'}: {tmp_path / 'afile'} is a "
+                                                 r"file, not a folder; choose another output path"):
+        run(["prune=l1", f"model={folder}", f"output={tmp_path / 'afile' / 'm'}"], run_dir=tmp_path / "run")
