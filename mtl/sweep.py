@@ -6,6 +6,7 @@ sweeper reads the value the training job returns.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 
@@ -13,10 +14,43 @@ def logged_names(metrics: Mapping[str, Any], split: str = "val") -> list[str]:
     return [f"{split}/{t}/{m}" for t, values in (metrics.get(split) or {}).items() for m in values]
 
 
-def check_objective(cfg, metric_names: Mapping[str, Any]) -> None:
+def check_objective(cfg, metric_names: Mapping[str, Any], directions: Mapping[str, Mapping[str, bool]] | None = None,
+                    sweeper: Mapping[str, Any] | None = None) -> None:
     """Before training: ``optimized_metric`` names a metric these tasks log (``{task: [metric, ...]}``),
-    so a typo in a sweep fails at once instead of after a whole trial."""
+    so a typo in a sweep fails at once instead of after a whole trial. Under an optimising sweeper
+    (``sweeper``: Hydra's ``hydra.sweeper`` node; by default the running one) the metric must be set and
+    the sweeper's ``direction`` must follow it (``directions``: {task: {metric: higher is better}}):
+    maximising an rmse would report the worst trial as the best."""
     objective(cfg, {"val": {t: {m: 0.0 for m in names} for t, names in metric_names.items()}}, check_only=True)
+    sweeper = _running_sweeper() if sweeper is None else sweeper
+    if not sweeper or "direction" not in sweeper:
+        return
+    name = cfg.get("optimized_metric")
+    if not name:
+        raise ValueError("this sweep optimises a value: set optimized_metric=val/<task>/<metric> or delta_m "
+                         "(optimized_metric=null would train every trial and then fail)")
+    if directions is None:
+        return
+    parts = str(name).split("/")
+    higher = True if name == "delta_m" else bool(directions[parts[1]][parts[2]])  # Δm: higher is better
+    want = "maximize" if higher else "minimize"
+    given = sweeper["direction"]
+    given = given[0] if isinstance(given, (list, tuple)) or type(given).__name__ == "ListConfig" else given
+    if str(given).lower() != want:
+        raise ValueError(f"hydra.sweeper.direction={given} would keep the worst trial: {name} is "
+                         f"{'higher' if higher else 'lower'}-is-better; set hydra.sweeper.direction={want}")
+
+
+def _running_sweeper() -> Mapping[str, Any] | None:
+    """The running multirun's ``hydra.sweeper`` node (None outside Hydra or in a single run)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):
+        return None
+    return hc.sweeper if hc.mode == RunMode.MULTIRUN else None
 
 
 def check_monitors(cfg, metric_names: Mapping[str, Any], directions: Mapping[str, Mapping[str, bool]] | None = None) -> None:
@@ -70,5 +104,7 @@ def objective(cfg, metrics: Mapping[str, Any], check_only: bool = False) -> floa
     if len(parts) == 3 and parts[0] == "val":
         value = (metrics.get("val") or {}).get(parts[1], {}).get(parts[2])
         if value is not None:
+            if not check_only and not math.isfinite(float(value)):  # an optimiser told NaN stops the whole study
+                raise ValueError(f"optimized_metric {name} is {float(value)} (the trial diverged); this trial fails")
             return float(value)
     raise KeyError(f"optimized_metric={name!r} is not logged; logged: {', '.join(logged_names(metrics)) or '(none)'}, or delta_m")

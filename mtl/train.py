@@ -195,9 +195,9 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     data_kw = OmegaConf.to_container(cfg.data, resolve=True)
     datamodule = create_datamodule(**{"name": data_kw["name"]}, **{k: v for k, v in data_kw.items() if k != "name"})
     module = build_module(cfg, getattr(datamodule, "info", None))
-    check_objective(cfg, {t: list(group) for t, group in module.val_metrics.items()})
-    check_monitors(cfg, {t: list(group) for t, group in module.val_metrics.items()},
-                   {t: dict(task.directions) for t, task in module.tasks.items()})
+    directions = {t: dict(task.directions) for t, task in module.tasks.items()}
+    check_objective(cfg, {t: list(group) for t, group in module.val_metrics.items()}, directions)
+    check_monitors(cfg, {t: list(group) for t, group in module.val_metrics.items()}, directions)
     if cfg.baselines.get("save_to"):  # checked now: after training, a bad target would fail the finished run
         target = Path(cfg.baselines.save_to)
         if target.is_dir():

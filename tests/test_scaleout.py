@@ -32,6 +32,33 @@ def test_objective_reads_the_named_validation_metric():
         objective(OmegaConf.create({"optimized_metric": "delta_m", "baselines": {"path": None}}), METRICS)
 
 
+def test_a_diverged_trial_fails_instead_of_telling_nan():
+    """Optuna told NaN stops the whole study with an unreadable error; a failed trial is what it is."""
+    nan = {"val": {"depth": {"rmse": float("nan")}}}
+    with pytest.raises(ValueError, match=r"optimized_metric val/depth/rmse is nan \(the trial diverged\)"):
+        objective(OmegaConf.create({"optimized_metric": "val/depth/rmse"}), nan)
+
+
+NAMES, DIRS = {"depth": ["rmse"], "semseg": ["miou"]}, {"depth": {"rmse": False}, "semseg": {"miou": True}}
+
+
+@pytest.mark.parametrize("metric, direction, match", [
+    ("val/depth/rmse", "maximize", r"hydra.sweeper.direction=maximize would keep the worst trial: val/depth/rmse "
+                                   r"is lower-is-better; set hydra.sweeper.direction=minimize"),
+    ("val/semseg/miou", "minimize", r"val/semseg/miou is higher-is-better; set hydra.sweeper.direction=maximize"),
+    (None, "maximize", r"this sweep optimises a value: set optimized_metric="),
+])
+def test_an_optimising_sweep_follows_its_metrics_direction(metric, direction, match):
+    from mtl.sweep import check_objective
+
+    cfg = OmegaConf.create({"optimized_metric": metric})
+    with pytest.raises(ValueError, match=match):
+        check_objective(cfg, NAMES, DIRS, sweeper={"direction": direction})
+    if metric:  # the right direction passes; a sweeper without a direction (the basic one) is not checked
+        check_objective(cfg, NAMES, DIRS, sweeper={"direction": "minimize" if direction == "maximize" else "maximize"})
+    check_objective(OmegaConf.create({"optimized_metric": None}), NAMES, DIRS, sweeper={"params": {}})
+
+
 def test_objective_delta_m_against_baselines(tmp_path):
     base = tmp_path / "b.json"
     base.write_text(json.dumps({"depth": {"rmse": 2.0, "abs_rel": 0.4}, "semseg": {"miou": 0.6, "pixel_acc": 0.9}}))

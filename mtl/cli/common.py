@@ -239,12 +239,24 @@ def _without_hydra_job_error_line() -> Iterator[None]:
     if verbose():  # the full story was asked for
         yield
         return
+    import logging
+
     stream = sys.stderr
     sys.stderr = _DropHydraJobError(stream)
+    sweeper_log = logging.getLogger("hydra_plugins.hydra_optuna_sweeper._impl")
+    sweeper_log.addFilter(_drop_failed_trial_echo)
     try:
         yield
     finally:
         sys.stderr = stream
+        sweeper_log.removeFilter(_drop_failed_trial_echo)
+
+
+def _drop_failed_trial_echo(record) -> bool:
+    """Optuna's sweeper logs a study-ending failure as a repr of the exception list ("Failed
+    [JobFailed(...)] times out of 1"), after mtlkit's own ``error:`` line names it. Its "Failed
+    experiment: ..." warning stays: for a failure ``max_failure_rate`` tolerates it is the only report."""
+    return not (str(record.msg).startswith("Failed ") and "JobFailed(" in record.getMessage())
 
 
 def _group_options(config_modules: Sequence[str]) -> dict[str, set[str]]:

@@ -270,7 +270,7 @@ def locate_operator(model: nn.Module, x: torch.Tensor, tasks: Sequence[str], op:
     return found[0] if found else None
 
 
-def verify(graph: TaskGraph, path: Path, size: tuple[int, int], batches: Sequence[int], atol: float, rtol: float,
+def verify(graph: TaskGraph, path: Path, size: int | tuple[int, int], batches: Sequence[int], atol: float, rtol: float,
            seed: int) -> dict[str, Any]:
     """ONNX Runtime vs PyTorch on random uint8 batches; raises ExportError beyond tolerance."""
     import onnxruntime as ort
@@ -282,7 +282,7 @@ def verify(graph: TaskGraph, path: Path, size: tuple[int, int], batches: Sequenc
     worst: dict[str, float] = {t: 0.0 for t in graph.task_names}
     shapes: list[tuple[int, ...]] = []
     for b in batches:
-        x = torch.randint(0, 256, (int(b), 3, *size), dtype=torch.uint8, generator=gen)
+        x = torch.randint(0, 256, (int(b), 3, *_hw(tuple(size) if not isinstance(size, int) else size)), dtype=torch.uint8, generator=gen)
         with torch.no_grad():
             ref = [r.float().numpy() for r in graph(x)]
         got = session.run(None, {INPUT_NAME: x.numpy()})
