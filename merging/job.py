@@ -275,6 +275,10 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     datas = [m.data for m in pool.members]
     if datas[0] and all(d == datas[0] for d in datas):  # one data config for all inputs holds for the merge
         meta["data"] = datas[0]
+    else:  # members of other datasets (a zoo): their common image size still says what input the model takes
+        sizes = [(d or {}).get("size") for d in datas]
+        if sizes[0] is not None and all(sz == sizes[0] for sz in sizes):
+            meta["image_size"] = sizes[0]
     save_model(sel.model, output, overwrite=bool(cfg.overwrite), meta=meta)
     report["output"] = str(output)
     write_report(report, run_dir)

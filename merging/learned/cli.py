@@ -47,14 +47,24 @@ class LabeledShots:
     minibatches of `batch_size`, each shot once per pass: a step then costs `batch_size` images instead
     of k × classes."""
 
-    def __init__(self, dataset, target_key: str, shots: int, seed: int = 0, batch_size: int | None = None):
+    def __init__(self, dataset, target_key: str, shots: int, seed: int = 0, batch_size: int | None = None,
+                 num_classes: int | None = None, task: str | None = None):
         _check_shots_batch(batch_size)
         y = dataset.tensors[target_key]
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(int(seed)))
         classes = y.dim() == 1 and not y.is_floating_point()
-        if classes:  # classification: k per class
+        where = f"task {task or target_key!r}'s train split"
+        if classes:  # classification: k per class; fewer would silently be a smaller budget than recorded
+            counts = torch.bincount(y, minlength=int(num_classes or 0))
+            short = [(c, int(n)) for c, n in enumerate(counts.tolist()) if n < shots]
+            if short:
+                listed = ", ".join(f"class {c}: {n}" for c, n in short[:5]) + (" ..." if len(short) > 5 else "")
+                raise ValueError(f"merge.shots={shots}: {where} has fewer labelled images than that for "
+                                 f"{len(short)} class(es) ({listed}); lower merge.shots or use more data")
             keep = torch.cat([order[y[order] == c][:shots] for c in torch.unique(y)])
         else:  # dense or regression targets have no per-image class: k images
+            if len(y) < shots:
+                raise ValueError(f"merge.shots={shots}: {where} has only {len(y)} images; lower merge.shots")
             keep = order[:shots]
         self.batch = (dataset.tensors["image"][keep], y[keep].long() if classes else y[keep])
         self.batch_size = batch_size
@@ -124,7 +134,8 @@ def select_learned(method: str, job: MergeJob, hp: Mapping[str, Any]) -> Selecti
     if supervised:
         tasks = job.evaluator.tasks
         data["labeled"] = {t: LabeledShots(_split_dataset(job, t, "train"), tasks[t].target_key, int(opts["shots"]),
-                                           seed, opts["shots_batch"]) for t in names}
+                                           seed, opts["shots_batch"], getattr(tasks[t], "num_classes", None), t)
+                           for t in names}
     else:
         data["unlabeled"] = {t: ImageBatches(_split_dataset(job, t, opts["split"]), opts["batch_size"], seed + i, t)
                              for i, t in enumerate(names)}

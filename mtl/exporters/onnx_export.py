@@ -50,6 +50,8 @@ def input_size_of(src: Source, size: Any) -> tuple[int, int]:
     data = src.meta.get("data") or {}
     if isinstance(data, dict) and data.get("size") and _hw(data["size"]) is not None:
         return _hw(data["size"])
+    if _hw(src.meta.get("image_size")) is not None:  # a merge of members trained on other data at one size
+        return _hw(src.meta["image_size"])
     if src.config.get("backbone", {}).get("img_size"):
         return _hw(int(src.config["backbone"]["img_size"]))
     where = f"{src.folder / 'config.json'}" if src.folder else "the model's meta"

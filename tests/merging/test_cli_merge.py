@@ -432,3 +432,23 @@ def test_a_config_value_of_the_wrong_type_is_named_by_file_and_key(pool, tmp_pat
     with pytest.raises(ValueError, match=rf"{bad / 'config.json'}: key 'model.decoder' must be a mapping, got str 'x'"):
         run(["merge=task_arithmetic", "merge.lam=0.3", "eval.max_batches=1", f"pretrained={pool.pretrained}",
              f"models=[{bad},{pool.member_paths[1]}]"], run_dir=tmp_path / "r2")
+
+
+def test_members_of_other_data_at_one_size_give_the_merge_that_size(pool, tmp_path):
+    """A zoo's fine-tunes differ by dataset: no common data config, but one image size, which the merged
+    folder records (meta.image_size) so mtl-export needs no format.input_size."""
+    import shutil
+
+    from mtl.exporters.api import Source
+    from mtl.exporters.onnx_export import input_size_of
+
+    other = tmp_path / "other"
+    shutil.copytree(pool.member_paths[1], other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["meta"]["data"] = {**cfg["meta"]["data"], "n_val": int(cfg["meta"]["data"].get("n_val") or 8) + 1}
+    (other / "config.json").write_text(json.dumps(cfg))
+    run([f"pretrained={pool.pretrained}", f"models=[{pool.member_paths[0]},{other}]", "eval.max_batches=1",
+         "merge=task_arithmetic", "merge.lam=0.3"], run_dir=tmp_path / "r")
+    merged = mtl.load_model(tmp_path / "r" / "model")
+    assert "data" not in merged.meta and merged.meta["image_size"] == 32
+    assert input_size_of(Source(merged, tmp_path / "r" / "model", {"backbone": {}}, merged.meta), None) == (32, 32)

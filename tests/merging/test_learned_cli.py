@@ -237,3 +237,19 @@ def test_the_runs_seed_reaches_the_methods_seed(method):
     cfg, _ = compose_in_process("mtl.configs.merge_app", "merge", [f"merge={method}", "seed=5", "merge.seed=2"],
                                 run_dir="unused")
     assert cfg.merge.seed == 2
+
+
+def test_labeled_shots_refuse_a_class_with_fewer_images_than_asked():
+    """16 shots on 6 images of a class would be a smaller budget than the run records; a class the split
+    lacks entirely (num_classes known) too."""
+    from merging.learned.cli import LabeledShots
+
+    with pytest.raises(ValueError, match=r"merge.shots=6: task 'digits'\'s train split has fewer labelled images than "
+                                         r"that for 3 class\(es\) \(class 0: 5, class 1: 5, class 2: 5\)"):
+        LabeledShots(_Split(), "label", shots=6, task="digits")
+    with pytest.raises(ValueError, match=r"for 1 class\(es\) \(class 3: 0\)"):
+        LabeledShots(_Split(), "label", shots=3, num_classes=4)
+    split = _Split()
+    split.tensors["value"] = torch.rand(15, 2)
+    with pytest.raises(ValueError, match=r"merge.shots=16: task 'value'\'s train split has only 15 images"):
+        LabeledShots(split, "value", shots=16)
