@@ -93,12 +93,15 @@ def claims_run_folder(run_dir: str | os.PathLike, rank0: bool = True) -> Iterato
     """Hold ``run_dir/.running`` (this process's pid) while a job runs in it: a second run given the same
     folder (``hydra.run.dir=...`` twice at once) is refused with `RunFolderTaken` instead of mixing its
     logs, model and metrics with the first's. A marker whose process is gone (a killed run) is taken over.
-    Only DDP's rank 0 claims: the other ranks share its folder."""
+    Only DDP's rank 0 claims (the other ranks share its folder), and only a folder that exists (the CLIs'
+    Hydra makes it first; an in-process run into a new folder has nothing to collide with yet)."""
     if not rank0:
         yield
         return
     marker = Path(run_dir) / RUNNING
-    marker.parent.mkdir(parents=True, exist_ok=True)
+    if not marker.parent.is_dir():  # a folder that does not exist yet (an in-process run) is no one's:
+        yield                       # creating it here would leave it behind a run refused before writing
+        return
     for _ in range(2):
         try:
             fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
