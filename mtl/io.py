@@ -126,6 +126,10 @@ def is_plain_json(v: Any) -> bool:
 
 def read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
+    if path.is_dir():  # a run folder given for the JSON file in it: name the files it holds
+        held = sorted(p.name for p in path.glob("*.json"))
+        raise IsADirectoryError(f"{path} is a folder, not a JSON file"
+                                + (f"; it holds {', '.join(held)}" if held else ""))
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
     try:
@@ -279,7 +283,7 @@ def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
         raise ModelFolderError(f"{path} is a run folder, not a model folder; did you mean {path / 'model'}?")
     try:
         cfg = read_json(file)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, IsADirectoryError, ValueError) as e:
         raise ModelFolderError(str(e)) from None
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
         raise ModelFolderError(f"{file}: missing key 'model'")

@@ -147,7 +147,7 @@ def uniform_scores(args) -> dict[str, dict]:
     def load(path: Path):  # a missing or broken file (an unfinished run) is one line, not a traceback
         try:
             return read_json(path)
-        except (FileNotFoundError, ValueError) as e:
+        except (FileNotFoundError, IsADirectoryError, ValueError) as e:
             raise SystemExit(str(e)) from None
 
     if args.scores:

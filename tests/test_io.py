@@ -220,3 +220,11 @@ def test_save_model_refuses_a_foreign_module_and_keeps_config_json_strict(tmp_pa
     cfg = json.loads(text, parse_constant=lambda c: pytest.fail(f"config.json holds {c}, not strict JSON"))
     assert cfg["meta"]["test"] == {"rmse": None, "n": 3}  # JSON has no NaN: null
     assert mtl.load_model(folder).meta["test"]["rmse"] is None
+
+
+def test_read_json_of_a_folder_names_the_json_files_it_holds(tmp_path):
+    from mtl.io import read_json
+
+    (tmp_path / "width_table.json").write_text("{}")
+    with pytest.raises(IsADirectoryError, match=rf"{tmp_path} is a folder, not a JSON file; it holds width_table.json"):
+        read_json(tmp_path)

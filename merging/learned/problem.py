@@ -131,7 +131,12 @@ def build_problem(pretrained, finetuned, *, model: nn.Module | None = None, task
     fts = list(finetuned) if not isinstance(finetuned, (str, Path, dict, nn.Module)) else None
     if fts is None:
         raise TypeError("finetuned must be a list of models (state dicts, modules, folders or files), not one model")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a torch device; use 'cpu', 'cuda' or 'cuda:<index>'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():  # said here, not as a driver error mid-setup
+        raise ValueError(f"device={device} but CUDA is not available here; use device='cpu'")
     if model is None:
         if not (_is_model_folder(pretrained) and all(_is_model_folder(f) for f in fts)):
             raise TypeError("learned merging needs a model to predict with: pass model folders (each fine-tune "
@@ -159,7 +164,8 @@ def build_problem(pretrained, finetuned, *, model: nn.Module | None = None, task
             model, vector_tasks, names = _model_from_folders(pretrained, fts)
             model = model.to(device).eval()
         else:  # the caller's model is used as it is (never moved or copied); learn() restores its train/eval mode
-            where = next(iter(model.parameters()), torch.empty(0, device=device)).device
+            first = next(iter(model.parameters()), None)  # no eager fallback tensor: creating it on an absent GPU fails
+            where = first.device if first is not None else device
             if where.type != device.type or (device.index is not None and where != device):
                 raise ValueError(f"model= is on {where} but device={device}; move the model there first "
                                  "(learned merging does not move or copy your model)")

@@ -413,3 +413,23 @@ def test_excluded_keys_are_left_out_as_in_a_training_free_merge():
     assert sorted(res.state_dict) == sorted(plain) == ["body.2.bias", "body.2.weight"]
     full = merging.compose(res.state_dict, fts[1])
     torch.testing.assert_close(full["body.0.weight"], fts[1]["body.0.weight"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_a_device_that_is_absent_or_not_a_device_is_named():
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x, tasks):
+            return {t: self.lin(x) for t in tasks}
+
+    a, b, c = Net(), Net(), Net()
+    kw = dict(unlabeled={"t": [torch.randn(2, 4)]}, model=c, tasks=["t"], steps=1)
+    with pytest.raises(ValueError, match=r"device=cuda but CUDA is not available here; use device='cpu'"):
+        merging.merge("adamerging", a.state_dict(), [b.state_dict()], device="cuda", **kw)
+    with pytest.raises(ValueError, match=r"device='gpu' is not a torch device"):
+        merging.merge("adamerging", a.state_dict(), [b.state_dict()], device="gpu", **kw)
