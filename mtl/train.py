@@ -205,6 +205,10 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         if target.exists():
             load_baselines(target)  # an existing file must be a baselines file: results are merged into it
     variant = cfg.baselines.get("variant", "primary")
+    from mtl.evaluation import VARIANTS
+
+    if variant not in VARIANTS:  # checked with or without baselines.path (a sweep may add the path later)
+        raise ValueError(f"baselines.variant={variant!r} is not a Δm variant; valid names: {', '.join(VARIANTS)}")
     baselines = (load_baselines(cfg.baselines.path, tasks=dict(module.tasks), variant=variant)
                  if cfg.baselines.get("path") else None)
     loggers = _instantiate_all(cfg.get("logger"))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 
 import matplotlib
 
@@ -62,16 +61,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     fig = make_grid(args.seed, args.start, args.n, args.size)
     out = os.path.abspath(args.out)
-    # write beside the target and rename, so a reader never sees a half-written PNG
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(out))
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    from mtl.io import atomic_path  # the project's one atomic writer: no half-written PNG, the umask's mode
+
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     print(out)
 
 

@@ -40,6 +40,7 @@ def run_main(monkeypatch, tmp_path, *overrides):
     ("+trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches=2 is not supported"),
     ("+trainer.gradient_clip_val=1.0", "trainer.gradient_clip_val=1.0: mtlkit clips with optim.grad_clip"),
     ("optimized_metric=val/depth/nope", "optimized_metric='val/depth/nope' is not logged; logged: "),  # before training
+    ("baselines.variant=bogus", "baselines.variant='bogus' is not a Δm variant; valid names: primary, all, flat"),
 ])
 def test_error_after_composition_is_one_line_and_marks_the_run_failed(monkeypatch, tmp_path, capfd, override, expected):
     code, runs = run_main(monkeypatch, tmp_path, override)

@@ -176,7 +176,8 @@ def angles_deg(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Angles in degrees between (B, 3, H, W) vectors at the valid pixels (``normals_valid``), flat.
 
     atan2(|p×t|, p·t) is scale-free and accurate near 0° and 180°, where acos of a float32 cosine
-    is not. A zero prediction has no direction and scores 90°, as the normalised zero vector would.
+    is not. A zero prediction has no direction and scores 90°, as the normalised zero vector would; a
+    non-finite one (NaN, Inf) 180°, the worst, so the mean, median and within-t° shares agree on it.
     """
     _same_shape(preds, target)
     if preds.ndim != 4 or preds.shape[1] != 3:
@@ -185,7 +186,9 @@ def angles_deg(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     p = preds.float().permute(0, 2, 3, 1)[valid]
     t = target.float().permute(0, 2, 3, 1)[valid]
     ang = torch.rad2deg(torch.atan2(torch.linalg.cross(p, t).norm(dim=-1), (p * t).sum(-1)))
-    return torch.where((p != 0).any(dim=-1), ang, torch.full_like(ang, 90.0))
+    ang = torch.where((p != 0).any(dim=-1), ang, torch.full_like(ang, 90.0))
+    # a non-finite prediction (diverged) has no direction worth scoring: 180°, the worst, for every metric
+    return torch.where(torch.isfinite(ang), ang, torch.full_like(ang, 180.0))
 
 
 class MeanAngularError(_SumMetric):

@@ -194,6 +194,16 @@ def test_median_angle_of_a_diverged_prediction_is_the_worst_not_the_best():
     m = MedianAngularError()
     m.update(torch.full((1, 3, 1, 2), float("nan")), target)
     assert m.compute().item() == pytest.approx(180.0)
+    # every normals metric agrees: one diverged pixel of two scores 180°, the other 0°
+    pred = target.clone()
+    pred[0, :, 0, 0] = float("nan")
+    metrics = create_task("normals").metrics()
+    for metric in metrics.values():
+        metric.update(pred, target)
+    got = {k: float(v.compute()) for k, v in metrics.items()}
+    assert got["mean_angle"] == pytest.approx(90.0) and got["median_angle"] == pytest.approx(90.0)
+    assert all(v == pytest.approx(0.5) for k, v in got.items() if k.startswith("pct")) or \
+        all(v == pytest.approx(50.0) for k, v in got.items() if k.startswith("pct"))
 
 
 def test_mean_iou_refuses_labels_outside_the_classes():
