@@ -95,7 +95,14 @@ class MergeProblem:
 
     def predict(self, params: dict[str, torch.Tensor], x: torch.Tensor, task: str) -> torch.Tensor:
         """Task `task`'s prediction for `x`, already on `device` (`Objective.model_input` places it)."""
-        out = torch.func.functional_call(self.model, params, (x,), {"tasks": [task]}, strict=False)
+        try:
+            out = torch.func.functional_call(self.model, params, (x,), {"tasks": [task]}, strict=False)
+        except KeyError as e:  # most often a module without a head for this task: say which task was asked
+            raise KeyError(f"the model raised KeyError {e} on forward(x, tasks=[{task!r}]); does it predict task "
+                           f"{task!r}? (tasks= names one task per fine-tuned model)") from e
+        if isinstance(out, dict) and task not in out:
+            raise KeyError(f"the model's forward(x, tasks=[{task!r}]) returned no {task!r} prediction "
+                           f"(keys: {sorted(out)})")
         return out[task] if isinstance(out, dict) else out
 
     def nbytes(self) -> int:

@@ -433,3 +433,20 @@ def test_a_device_that_is_absent_or_not_a_device_is_named():
         merging.merge("adamerging", a.state_dict(), [b.state_dict()], device="cuda", **kw)
     with pytest.raises(ValueError, match=r"device='gpu' is not a torch device"):
         merging.merge("adamerging", a.state_dict(), [b.state_dict()], device="gpu", **kw)
+
+
+def test_a_task_the_model_does_not_predict_is_named():
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.ModuleDict({"t": nn.Linear(4, 3)})
+
+        def forward(self, x, tasks):
+            return {t: self.body[t](x) for t in tasks}
+
+    a, b, c = Net(), Net(), Net()
+    with pytest.raises(KeyError, match=r"raised KeyError .*'zz'.* on forward\(x, tasks=\['zz'\]\); does it predict task 'zz'"):
+        merging.merge("adamerging", a.state_dict(), [b.state_dict()], unlabeled={"zz": [torch.randn(2, 4)]},
+                      model=c, tasks=["zz"], steps=1, progress=False)
