@@ -232,7 +232,7 @@ def test_merge_and_prune_logs_are_named_after_the_tool():
 def test_a_run_name_cannot_leave_the_output_root(monkeypatch, tmp_path, capfd, name):
     code, runs = run_main(monkeypatch, tmp_path, f"name={name}")
     err = capfd.readouterr().err.strip()
-    assert code == 1 and len(err.splitlines()) == 1 and f"name={name!r} must be a relative folder name" in err, err
+    assert code == 1 and len(err.splitlines()) == 1 and err.startswith(f"error: name={name!r} must be a relative folder name"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no folder made, inside the root or outside it
 
 

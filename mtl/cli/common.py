@@ -101,7 +101,7 @@ def one_line(exc: BaseException) -> str:
     lines = [ln.strip() for ln in strip_ansi(exc.args[0] if sentence else str(exc)).splitlines() if ln.strip()]
     if not lines:
         return type(exc).__name__
-    text = lines[0] + (" (…)" if len(lines) > 1 else "")
+    text = _without_resolver_prefix(lines[0]) + (" (…)" if len(lines) > 1 else "")
     return f"KeyError {text}" if bare_key and not sentence else text
 
 
@@ -177,7 +177,15 @@ def hydra_message(exc: BaseException) -> str:
     if not text:  # e.g. a bare AssertionError inside a plugin: its type is all there is to say
         inner = cause if cause is not None else exc
         text = f"{type(inner).__name__} (no message; pass verbose=true for the traceback)"
-    return text
+    return _without_resolver_prefix(text)
+
+
+def _without_resolver_prefix(text: str) -> str:
+    """OmegaConf prefixes a resolver's own error ("ValueError raised while resolving interpolation: ..."):
+    the message after it is the one written for the user."""
+    import re
+
+    return re.sub(r"^\w+ raised while resolving interpolation: ", "", text)
 
 
 def cli_main(hydra_main: Callable[[], Any], *config_modules: str, argv: list[str] | None = None) -> None:
