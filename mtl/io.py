@@ -301,13 +301,14 @@ def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
     return cfg
 
 
-def _read_weights(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read_weights(file: Path, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, header metadata) of a weights file; ``tensors=False``: the header only (no tensor read)."""
     if not file.is_file():
         raise ModelFolderError(f"{file}: file not found")
     try:
         with safe_open(str(file), framework="pt") as f:
             header = f.metadata() or {}
-            return {k: f.get_tensor(k) for k in f.keys()}, header
+            return ({k: f.get_tensor(k) for k in f.keys()} if tensors else {}), header
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
         raise ModelFolderError(f"{file}: corrupt or unreadable safetensors file ({e})") from None
 
@@ -317,15 +318,7 @@ def read_checked_config(path: str | os.PathLike) -> dict[str, Any]:
     without reading any tensor: for callers that plan from configs before loading weights (merge pools)."""
     path = Path(path)
     cfg = read_model_config(path)
-    file = path / WEIGHTS
-    if not file.is_file():
-        raise ModelFolderError(f"{file}: file not found")
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            header = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
-        raise ModelFolderError(f"{file}: corrupt or unreadable safetensors file ({e})") from None
-    _check_header(header, cfg, file, path / CONFIG)
+    _check_header(_read_weights(path / WEIGHTS, tensors=False)[1], cfg, path / WEIGHTS, path / CONFIG)
     return cfg
 
 
