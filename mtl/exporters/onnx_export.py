@@ -48,10 +48,10 @@ def input_size_of(src: Source, size: Any) -> tuple[int, int]:
                              f"of positive ints, or null, got {size!r}")
         return hw
     data = src.meta.get("data") or {}
-    if isinstance(data, dict) and data.get("size") and _hw(data["size"]) is not None:
-        return _hw(data["size"])
-    if _hw(src.meta.get("image_size")) is not None:  # a merge of members trained on other data at one size
-        return _hw(src.meta["image_size"])
+    recorded = _hw(data.get("size")) if isinstance(data, dict) else None
+    recorded = recorded or _hw(src.meta.get("image_size"))  # a merge of members trained on other data at one size
+    if recorded is not None:
+        return recorded
     if src.config.get("backbone", {}).get("img_size"):
         return _hw(int(src.config["backbone"]["img_size"]))
     where = f"{src.folder / 'config.json'}" if src.folder else "the model's meta"
@@ -284,7 +284,7 @@ def verify(graph: TaskGraph, path: Path, size: int | tuple[int, int], batches: S
     worst: dict[str, float] = {t: 0.0 for t in graph.task_names}
     shapes: list[tuple[int, ...]] = []
     for b in batches:
-        x = torch.randint(0, 256, (int(b), 3, *_hw(tuple(size) if not isinstance(size, int) else size)), dtype=torch.uint8, generator=gen)
+        x = torch.randint(0, 256, (int(b), 3, *_hw(size)), dtype=torch.uint8, generator=gen)
         with torch.no_grad():
             ref = [r.float().numpy() for r in graph(x)]
         got = session.run(None, {INPUT_NAME: x.numpy()})
