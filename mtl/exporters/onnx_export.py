@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import re
 import warnings
 from pathlib import Path
@@ -18,6 +19,8 @@ from mtl.exporters.api import EXPORTERS, ExportError, Source
 ONNX_FILE = "model.onnx"
 INPUT_NAME = "image"
 DEFAULT_OPSET = 18
+
+log = logging.getLogger(__name__)
 
 
 class TaskGraph(nn.Module):
@@ -60,6 +63,17 @@ def input_size_of(src: Source, size: Any) -> tuple[int, int]:
                      "the graph's H and W are fixed")
 
 
+def _warn_below_stride(model: nn.Module, size: tuple[int, int]) -> None:
+    """A graph traced below the backbone's output stride runs, but its deepest features are a single
+    (mostly padded) pixel: legal and almost surely a typo, so say it rather than refuse."""
+    reductions = getattr(getattr(model, "backbone", None), "reductions", None)
+    if not reductions or min(size) >= max(reductions):
+        return
+    shown = size[0] if size[0] == size[1] else list(size)
+    log.warning("format.input_size=%s is below the backbone's output stride %d: its deepest feature map is 1×1; "
+                "the graph is exported, but predictions at this size are rarely useful", shown, max(reductions))
+
+
 def _hw(size: Any) -> tuple[int, int] | None:
     """(H, W) of an int side or an [H, W] pair of positive ints; None for anything else."""
     ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0  # noqa: E731
@@ -89,6 +103,7 @@ def export_onnx(source: Source, out: Path, tasks: list[str], opset: int = DEFAUL
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < float("inf"):
             raise ValueError(f"format.{name} must be a finite number ≥ 0, got {tol!r}")
     size = input_size_of(source, input_size)
+    _warn_below_stride(source.model, size)
     graph = TaskGraph(source.model, tasks)
     sample = torch.randint(0, 256, (2, 3, *size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
     path = out / ONNX_FILE

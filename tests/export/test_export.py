@@ -394,3 +394,14 @@ def test_onnx_of_a_model_trained_on_non_square_images_exports_at_their_h_w(tmp_p
         assert [d for d in sess.get_inputs()[0].shape[2:]] == want
     with pytest.raises(ValueError, match=r"format.input_size must be .* \[H, W\] of positive ints, or null, got \[16, 0\]"):
         mtl.export(folder, "onnx", tmp_path / "bad", input_size=[16, 0])
+
+
+def test_an_input_below_the_backbone_stride_is_exported_with_a_warning(tmp_path, caplog):
+    """test_resnet's deepest stage has stride 16: [8, 32] leaves it one pixel high; 16 does not warn."""
+    folder = _folder(tmp_path)
+    with caplog.at_level("WARNING", logger="mtl.exporters.onnx_export"):
+        mtl.export(folder, "onnx", tmp_path / "ok", input_size=16, exporter="torchscript")
+        assert "output stride" not in caplog.text
+        out = mtl.export(folder, "onnx", tmp_path / "small", input_size=[8, 32], exporter="torchscript")
+    assert "format.input_size=[8, 32] is below the backbone's output stride 16" in caplog.text
+    assert (out / "model.onnx").is_file()
