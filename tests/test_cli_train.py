@@ -82,6 +82,14 @@ def test_single_task_baselines_then_delta_m(tmp_path):
                f"baselines.save_to={baselines}", cwd=tmp_path)
     sweep = run_dir_of(proc)  # a multirun ends with its sweep folder, the jobs' parent
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    record = (sweep / "multirun.yaml").read_bytes()
+    # a second sweep into that folder is refused before Hydra rewrites the first one's multirun.yaml
+    again = cli("-m", "experiment=scenes_hps", "debug=smoke", "task=regression", f"hydra.sweep.dir={sweep}",
+                cwd=tmp_path, check=False)
+    assert again.returncode == 1 and "run_dir:" not in again.stdout
+    assert f"hydra.sweep.dir {sweep} holds an earlier sweep (multirun.yaml; job folders that did not fail: 0, 1)" \
+        in again.stderr.strip().splitlines()[-1]
+    assert (sweep / "multirun.yaml").read_bytes() == record
     stored = json.loads(baselines.read_text())
     assert set(stored) == {"depth", "classification"}
     proc = cli("experiment=scenes_hps", "debug=smoke", "task=[depth,classification]",
@@ -94,6 +102,20 @@ def test_single_task_baselines_then_delta_m(tmp_path):
                           + (m["classification"]["accuracy"] - b["classification"]["accuracy"])
                           / b["classification"]["accuracy"])
     assert metrics["delta_m"]["value"] == pytest.approx(expected, rel=1e-9, abs=1e-9)
+
+
+def test_a_sweep_folder_whose_jobs_all_failed_may_be_reused(tmp_path):
+    from mtl.cli.sweep_end import jobs_not_failed
+
+    assert jobs_not_failed(tmp_path / "none") == []
+    (tmp_path / "multirun.yaml").write_text("x: 1")
+    for job, failed in (("0", True), ("1", True), (".submitit", False)):
+        (tmp_path / job).mkdir()
+        if failed:
+            (tmp_path / job / "FAILED").write_text("boom")
+    assert jobs_not_failed(tmp_path) == []
+    (tmp_path / "2").mkdir()  # finished or still running: either way not to be written over
+    assert jobs_not_failed(tmp_path) == ["2"]
 
 
 def test_baselines_missing_a_task_is_an_error(tmp_path):

@@ -1,16 +1,45 @@
-"""A Hydra callback: a multirun (``-m``, sweeps) ends, like every run, with its folder as the last line.
+"""A Hydra callback for multiruns (``-m``, sweeps): a sweep folder holding another sweep's results is
+refused before the sweeper writes into it, and a multirun ends, like every run, with its folder as the
+last line.
 
 Each job prints its own ``run_dir:``; a sweeper may print more after the last job (Optuna's best value),
 so the sweep folder — the jobs' parent, with Hydra's sweep files — is printed once the sweep is done.
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from mtl.cli.failures import FAILED
+
+
+def jobs_not_failed(sweep_dir: str | Path) -> list[str]:
+    """Job folders of an earlier sweep in ``sweep_dir`` that did not fail (finished or still running);
+    empty when there was no sweep there (no ``multirun.yaml``) or every job failed."""
+    sweep_dir = Path(sweep_dir)
+    if not (sweep_dir / "multirun.yaml").is_file():
+        return []
+    return sorted(p.name for p in sweep_dir.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and not (p / FAILED).exists())
+
 
 class PrintSweepDir(Callback):
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        # Hydra's sweeper rewrites <sweep dir>/multirun.yaml before any job runs (and so before a job
+        # refuses a finished folder): the earlier sweep's record would be lost. Hydra turns a callback's
+        # exception into a warning, so exit here (nothing is written yet: no run_dir line).
+        sweep_dir = config.hydra.sweep.dir
+        kept = jobs_not_failed(sweep_dir)
+        if kept:
+            shown = ", ".join(kept[:5]) + (", ..." if len(kept) > 5 else "")
+            print(f"error: hydra.sweep.dir {sweep_dir} holds an earlier sweep (multirun.yaml; job folders that did "
+                  f"not fail: {shown}); pick a new folder (the default is a new timestamped one)",
+                  file=sys.stderr, flush=True)
+            sys.exit(1)
+
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         from mtl.cli.common import finish
 
