@@ -201,6 +201,26 @@ def test_sigterm_marks_the_run_failed_and_names_the_checkpoint(tmp_path):
     assert (run / FAILED).read_text().startswith(expected)
 
 
+def test_a_sigterm_in_a_multirun_ends_with_the_sweep_folder(tmp_path):
+    """The sweeper never returns after an interrupted job: the job's line, then the sweep's, last."""
+    import signal
+    import time
+
+    sweep = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, "-m", "mtl.cli.train", "-m", "debug=smoke", "task=depth,regression",
+                             "logger=none", "viz.num_samples=0", "trainer.max_epochs=1000", f"hydra.sweep.dir={sweep}"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not (sweep / "0" / "checkpoints" / "last.ckpt").exists():
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert out.strip().splitlines()[-2:] == [f"run_dir: {sweep / '0'}", f"run_dir: {sweep}"]
+    assert (sweep / "0" / FAILED).read_text().startswith("interrupted by SIGTERM")
+    assert not (sweep / "1").exists()
+
+
 @pytest.mark.parametrize("module, own, foreign", [
     ("mtl.cli.train", ["balancer:", "backbone:", "experiment:"], ["merge:", "prune:", "merge_app", "export_app"]),
     ("merging.cli", ["merge:", "ties", "eval:"], ["balancer:", "prune:"]),

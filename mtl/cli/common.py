@@ -150,6 +150,8 @@ def run_job(cfg, job: Callable[[Any, Path], Any] | str) -> Any:
         if stop is None and hc.mode == RunMode.MULTIRUN:
             overrides = " ".join(hc.overrides.task)
             raise JobFailed(f"sweep job #{hc.job.num} ({overrides}) failed: {message}", str(hc.sweep.dir)) from None
+        if stop is not None and hc.mode == RunMode.MULTIRUN:
+            finish(hc.sweep.dir)  # the sweep ends here (the sweeper never returns): its folder is the last line
         sys.exit(stop[1] if stop else 1)
     finish(run_dir)
     return result
