@@ -2,6 +2,7 @@
 
     python examples/quickstart.py
 """
+import os
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import mtl
 from merging.job import build_smoke_pool
 from mtl.train import run
 
-out = Path("outputs/examples")
+out = Path(os.environ.get("MTL_OUTPUT_DIR") or "outputs") / "examples"  # where the CLIs would write
 shutil.rmtree(out, ignore_errors=True)  # a re-run starts afresh: a run folder holding a finished run is refused
 
 # 1. train a multi-task model with the same config system as `mtl-train`
