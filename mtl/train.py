@@ -217,10 +217,26 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
     trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), callbacks=callbacks, logger=loggers or False,
                         default_root_dir=str(run_dir))
+    _check_eval_splits(trainer, datamodule)
     try:
         return _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, baselines, variant)
     finally:
         _finish_tracking_runs(trainer)
+
+
+def _check_eval_splits(trainer, datamodule) -> None:
+    """Under DDP each process evaluates its own share of val and test, with no image repeated (metrics
+    count each once): a split smaller than the process count leaves a process none, and evaluation
+    would fail only after training."""
+    world = int(getattr(trainer, "world_size", 1) or 1)
+    if world <= 1 or not hasattr(datamodule, "dataset"):
+        return
+    for split in ("val", "test"):
+        n = len(datamodule.dataset(split))
+        if n < world:
+            raise ValueError(f"data: the {split} split has {n} image(s), fewer than the {world} processes "
+                             f"(trainer.devices × trainer.num_nodes), each of which evaluates its own share; "
+                             f"use at least {world} {split} images or fewer processes")
 
 
 def _check_trainer(tr: DictConfig) -> None:

@@ -179,3 +179,17 @@ def test_metrics_val_are_the_tested_checkpoints_epoch(tmp_path):
     (log,) = (tmp_path / "r" / "csv").rglob("metrics.csv")
     rows = {int(r["epoch"]): float(r["val/semseg/miou"]) for r in csv.DictReader(open(log)) if r.get("val/semseg/miou")}
     assert m["val"]["semseg"]["miou"] == pytest.approx(rows[epoch]) and rows[epoch] == max(rows.values())
+
+
+def test_ddp_with_an_evaluation_split_smaller_than_the_process_count_is_refused_before_training():
+    """Each process evaluates its own share, no image repeated: with 3 test images 4 processes cannot."""
+    from types import SimpleNamespace
+
+    from mtl.data import create_datamodule
+    from mtl.train import _check_eval_splits
+
+    dm = create_datamodule("scenes", size=16, n_train=8, n_val=5, n_test=3, batch_size=4)
+    _check_eval_splits(SimpleNamespace(world_size=3), dm)  # 3 processes: one test image each
+    _check_eval_splits(SimpleNamespace(world_size=1), create_datamodule("scenes", size=16, n_train=8, n_val=1, n_test=1))
+    with pytest.raises(ValueError, match=r"the test split has 3 image\(s\), fewer than the 4 processes"):
+        _check_eval_splits(SimpleNamespace(world_size=4), dm)
