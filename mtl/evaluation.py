@@ -70,9 +70,9 @@ def _signed_changes(metrics: Mapping[str, Mapping[str, float]], baselines: Mappi
         for metric in _metric_names(task, variant):
             base = _lookup(baselines, name, metric, _from(baselines))
             value = _lookup(metrics, name, metric, " in the metrics")
-            if base == 0 or not math.isfinite(base):
+            if not base > 0 or not math.isfinite(base):  # a negative base would flip the term's sign
                 raise ValueError(f"baseline of task {name!r} metric {metric!r} is {base}{_from(baselines)}; "
-                                 "the relative change is undefined")
+                                 "Δm's relative change needs a positive baseline")
             if not math.isfinite(value):  # e.g. a split with no valid pixel: Δm would be NaN, silently
                 raise ValueError(f"task {name!r} metric {metric!r} is {value} in the metrics; Δm is undefined")
             sign = 1.0 if task.directions[metric] else -1.0
@@ -134,9 +134,10 @@ def load_baselines(path: str | os.PathLike, tasks: Sequence[Task] | Mapping[str,
     baselines.source = str(path)
     for name, task in _task_map(tasks or {}).items():
         for metric in _metric_names(task, variant):
-            if _lookup(baselines, name, metric, _from(baselines)) == 0:  # before training, not after it
-                raise ValueError(f"baseline of task {name!r} metric {metric!r} is 0{_from(baselines)}; the "
-                                 f"relative change is undefined: retrain that baseline, or use a Δm variant "
+            base = _lookup(baselines, name, metric, _from(baselines))
+            if not base > 0:  # before training, not after it; a negative base would flip its term's sign
+                raise ValueError(f"baseline of task {name!r} metric {metric!r} is {base:g}{_from(baselines)}; "
+                                 f"Δm's relative change needs a positive baseline: retrain that baseline, or use a Δm variant "
                                  f"without {metric!r} (baselines.variant=primary uses only the primary metric)")
     return baselines
 

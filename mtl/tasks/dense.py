@@ -54,6 +54,10 @@ class SemSegTask(Task):
             raise ValueError(f"task {self.name!r}: num_classes must be >= 2, got {num_classes}")
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)
+        if 0 <= self.ignore_index < self.num_classes:  # the head still predicts it: mIoU would score it at 0
+            raise ValueError(f"task {self.name!r}: ignore_index={self.ignore_index} is one of its num_classes="
+                             f"{self.num_classes} classes [0, {self.num_classes}); the ignored label must lie outside "
+                             "them (the loaders mark unlabelled pixels 255): remap the labels or set ignore_index=255")
 
     @property
     def out_channels(self) -> int:

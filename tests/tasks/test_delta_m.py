@@ -102,6 +102,16 @@ def test_a_zero_baseline_is_refused_when_the_file_is_read(tmp_path):
         load_baselines(path, tasks=[create_task("semseg")])
 
 
+def test_a_negative_baseline_is_refused_it_would_flip_the_sign_of_its_term(tmp_path):
+    """(−1)^l (M − M_b) / M_b with M_b = −3 and M = 4 (rmse, worse) would read +233 %, an improvement."""
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({"depth": {"rmse": -3.0, "abs_rel": 0.1}}))
+    with pytest.raises(ValueError, match=r"metric 'rmse' is -3 .*needs a positive baseline"):
+        load_baselines(path, tasks=[create_task("depth")])
+    with pytest.raises(ValueError, match=r"metric 'rmse' is -3.0.*needs a positive baseline"):
+        delta_m({"depth": {"rmse": 4.0, "abs_rel": 0.1}}, {"depth": {"rmse": -3.0, "abs_rel": 0.1}}, [create_task("depth")])
+
+
 def test_a_non_finite_metric_is_named_not_averaged_into_nan():
     tasks = [create_task("depth")]
     with pytest.raises(ValueError, match=r"task 'depth' metric 'rmse' is nan in the metrics"):

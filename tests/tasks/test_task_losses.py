@@ -126,6 +126,14 @@ def test_semseg_ce_ignores_255():
     assert task.loss(logits, torch.full((1, 1, 2), 255)).item() == 0.0
 
 
+def test_semseg_ignore_index_must_lie_outside_the_classes():
+    """Inside [0, C) the head still predicts that class and mIoU would average in its IoU of 0."""
+    with pytest.raises(ValueError, match=r"ignore_index=0 is one of its num_classes=3 classes \[0, 3\)"):
+        create_task("semseg", num_classes=3, ignore_index=0)
+    for outside in (3, 255, -1):
+        assert create_task("semseg", num_classes=3, ignore_index=outside).ignore_index == outside
+
+
 def test_dense_shape_checks():
     with pytest.raises(ValueError, match="resolution"):
         create_task("depth").loss(torch.zeros(1, 1, 4, 4), torch.ones(1, 1, 8, 8))
