@@ -172,6 +172,12 @@ def normals_valid(target: torch.Tensor) -> torch.Tensor:
     return (target != 0).any(dim=1) & ~target.isnan().any(dim=1)
 
 
+def _unit_max(v: torch.Tensor) -> torch.Tensor:
+    """Each vector divided by its largest |component| (angles unchanged): p×t and p·t of a 1e-25 or a
+    1e20 prediction would under- or overflow float32 and turn its angle into 0° or 90°."""
+    return v / v.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
+
+
 def angles_deg(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Angles in degrees between (B, 3, H, W) vectors at the valid pixels (``normals_valid``), flat.
 
@@ -183,8 +189,8 @@ def angles_deg(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if preds.ndim != 4 or preds.shape[1] != 3:
         raise ValueError(f"normals must be (B, 3, H, W), got {tuple(preds.shape)}")
     valid = normals_valid(target)
-    p = preds.float().permute(0, 2, 3, 1)[valid]
-    t = target.float().permute(0, 2, 3, 1)[valid]
+    p = _unit_max(preds.float().permute(0, 2, 3, 1)[valid])
+    t = _unit_max(target.float().permute(0, 2, 3, 1)[valid])
     ang = torch.rad2deg(torch.atan2(torch.linalg.cross(p, t).norm(dim=-1), (p * t).sum(-1)))
     ang = torch.where((p != 0).any(dim=-1), ang, torch.full_like(ang, 90.0))
     # a non-finite prediction (diverged) has no direction worth scoring: 180°, the worst, for every metric

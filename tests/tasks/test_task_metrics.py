@@ -120,6 +120,15 @@ def test_normals_angles_known_vectors():
     assert got["pct_30"] == pytest.approx(40.0)
 
 
+def test_normals_angles_are_scale_free_at_extreme_magnitudes():
+    """p×t and p·t of 1e-25 or 1e20 vectors under/overflow float32 (they scored 0° and 90°)."""
+    from mtl.tasks.metrics import angles_deg
+
+    up = [0.0, 0.0, 1.0]
+    preds = _normals([[1e-25, 0, 0], [1e20, 0, 1e20], [1e-30, 0, 1e-30], [-3e38, 0, 0]])
+    assert angles_deg(preds, _normals([up] * 4)).tolist() == pytest.approx([90.0, 45.0, 45.0, 90.0], abs=1e-4)
+
+
 def test_normals_median_even_count_and_zero_prediction():
     m = MedianAngularError()
     up = [0.0, 0.0, 1.0]
