@@ -69,8 +69,8 @@ class Consensus(MergeMethod):
 
     def validate(self) -> None:
         k = self.hp["k"]
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ValueError(f"k (minimum number of tasks using a weight) must be an int ≥ 0, got {k!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:  # k=0 would keep every entry: plain τ_MTL
+            raise ValueError(f"k (minimum number of tasks using a weight) must be an int ≥ 1, got {k!r}")
         check_tall_lam("tall_lam", self.hp["tall_lam"])
         base = self.hp["base"]
         if base == "task_arithmetic":

@@ -42,9 +42,11 @@ def torch_threads(n: int | None) -> Iterator[None]:
 
 def all_finite(x: torch.Tensor) -> bool:
     """No NaN/Inf in `x`: a finite sum proves it (any NaN/Inf poisons the sum); only a sum that
-    overflows needs the element-wise check. Half-precision sums accumulate in float32."""
-    s = x.sum(dtype=torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x.sum()
-    return bool(torch.isfinite(s)) or bool(torch.isfinite(x).all())
+    overflows needs the element-wise check. Half-precision and float8 sums accumulate in float32
+    (torch has no float8 sum or isfinite)."""
+    narrow = x.dtype.is_floating_point and x.dtype.itemsize < 4
+    s = x.sum(dtype=torch.float32) if narrow else x.sum()
+    return bool(torch.isfinite(s)) or bool(torch.isfinite(x.float() if x.dtype.itemsize == 1 else x).all())
 
 
 class KeyOptions(dict):

@@ -58,7 +58,7 @@ def _default_task_names(finetuned: Sequence[Any]) -> list[str]:
     names, else task0, task1, ... — whichever is first unique."""
     if all(isinstance(f, (str, os.PathLike)) for f in finetuned):
         paths = [Path(f) for f in finetuned]
-        for names in (_folder_tasks(paths), [p.stem if p.suffix else p.name for p in paths]):
+        for names in (_folder_tasks(paths), [p.name if p.is_dir() else p.stem for p in paths]):
             if names is not None and len(set(names)) == len(names):
                 return names
     return [f"task{t}" for t in range(len(finetuned))]

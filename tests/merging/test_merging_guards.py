@@ -45,6 +45,11 @@ def test_tall_masks_index_and_consensus_k_are_checked():
     for k in (0, 4, 2.5):
         with pytest.raises(ValueError, match=rf"consensus k must be an int in \[1, 3\].*got {k!r}"):
             tall.consensus(k)
+    # merge("consensus") agrees: k=0 (which would keep every entry, i.e. task arithmetic) and k > T are refused
+    with pytest.raises(ValueError, match=r"k \(minimum number of tasks using a weight\) must be an int ≥ 1, got 0"):
+        merging.merge("consensus", pre, fts, k=0)
+    with pytest.raises(ValueError, match="consensus needs at least 4 fine-tuned models, got 3"):
+        merging.merge("consensus", pre, fts, k=4)
     # k = 3: the entries every task keeps, by the mask definition
     want = {n: tall.masks[0][n] & tall.masks[1][n] & tall.masks[2][n] for n in tall.tau}
     assert all(torch.equal(tall.consensus(3)[n], want[n]) for n in want)

@@ -128,3 +128,7 @@ def test_store_task_names_come_from_single_task_model_folders(tmp_path):
     assert _default_task_names(folders) == ["mnist", "faces"]
     assert _default_task_names([tmp_path / "a.safetensors", tmp_path / "b.safetensors"]) == ["a", "b"]
     assert _default_task_names([folders[0], folders[0]]) == ["task0", "task1"]
+    dotted = [tmp_path / "llama-3.1-math", tmp_path / "llama-3.1-code"]  # folders: no suffix to drop
+    for d in dotted:
+        d.mkdir()
+    assert _default_task_names(dotted) == ["llama-3.1-math", "llama-3.1-code"]
