@@ -252,9 +252,9 @@ class IMTLGBalancer(_MeanScaled):
     """Liu et al. 2021 (IMTL-G): the combination whose projections on every unit g_t are equal."""
 
     def _make_aggregator(self):
-        from torchjd.aggregation import IMTLG
+        from mtl.balancers.solvers import gramian_aggregator, imtl_g_weights
 
-        return IMTLG()
+        return gramian_aggregator(imtl_g_weights)
 
 
 class _DualCone(_MeanScaled):

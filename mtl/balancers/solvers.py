@@ -19,6 +19,8 @@ found by damped Newton steps to ``max_t |α_t (Gα)_t − 1| ≤ tol``. (The ref
 sequence of convex programs stops after a fixed number of rounds, short of this point on badly scaled
 or conflicting gradients, and returns equal weights when its solver fails.) No solution exists when
 some convex combination of the gradients vanishes (a Pareto-stationary point): ``None`` is returned.
+
+**IMTL-G** (``imtl_g_weights``): the paper's closed form on the Gramian (see the function).
 """
 from __future__ import annotations
 
@@ -163,6 +165,31 @@ def _wolfe(G: torch.Tensor, rtol: float, atol: float, max_iters: int) -> torch.T
     alpha = torch.zeros(n, dtype=G.dtype)
     alpha[active] = lam
     return alpha
+
+
+def imtl_g_weights(gramian: torch.Tensor) -> torch.Tensor:
+    """IMTL-G (Liu et al. 2021): α with Σα = 1 whose d = Σ α_t g_t projects equally on every unit
+    u_t = g_t/‖g_t‖, in the paper's difference form α_{2:T} = g_1 Uᵀ (D Uᵀ)⁻¹ (rows of D: g_1 − g_t, of U:
+    u_1 − u_t), written with M_ij = g_i·u_j = G_ij/‖g_j‖. Unlike α ∝ G⁻¹‖g‖ (a pseudo-inverse of a
+    float32 Gramian, TorchJD's form), it stays exact when two gradients are (nearly) opposite and G is
+    singular (there d → 0). A task whose gradient is all zero has no u_t: weight 0."""
+    G = gramian.detach().to("cpu", torch.float64)
+    G = (G + G.T) / 2
+    T = G.shape[0]
+    norms = G.diagonal().clamp_min(0).sqrt()
+    alive = (norms > 0).nonzero().flatten()
+    alpha = torch.zeros(T, dtype=G.dtype)
+    if len(alive) == 0:
+        return torch.full((T,), 1.0 / T, dtype=gramian.dtype, device=gramian.device)
+    if len(alive) > 1:
+        M = G[alive][:, alive] / norms[alive]
+        DU = M[0, 0] - M[0, 1:][None, :] - M[1:, 0][:, None] + M[1:, 1:]  # (D Uᵀ)[k, l]
+        g1U = M[0, 0] - M[0, 1:]
+        rest = torch.linalg.pinv(DU.T) @ g1U  # solve for the row vector α_{2:T}; pinv: a singular D Uᵀ
+        alpha[alive] = torch.cat([(1 - rest.sum()).reshape(1), rest])
+    else:
+        alpha[alive] = 1.0
+    return alpha.to(gramian.device, gramian.dtype)
 
 
 def nash_weights(gramian: torch.Tensor, tol: float = 1e-10, max_iters: int = 100,

@@ -63,6 +63,21 @@ def test_imtl_g_projects_equally_on_every_unit_gradient(J):
     assert (proj.max() - proj.min()) <= 1e-5 * d.norm()
 
 
+@pytest.mark.parametrize("eps", [1e-3, 3e-4, 0.0])
+def test_imtl_g_on_nearly_opposite_gradients_follows_the_closed_form(eps):
+    """g1 = (1, 0), g2 = (−2, ε): d = (α1 − 2α2, α2 ε), u2 ≈ (−1, 0), so d·u1 = d·u2 needs α1 = 2α2, and
+    Σα = 1 gives α = (2/3, 1/3), d = (0, ε/3); × T = 2 in mtlkit. A float32 Gramian is singular at
+    ε = 3e-4, where a pseudo-inverse of it stepped (−10, 0): uphill for task 1."""
+    d = aggregate("imtl_g", torch.tensor([[1.0, 0.0], [-2.0, eps]]), level="params")
+    assert d.tolist() == pytest.approx([0.0, 2 * eps / 3], abs=1e-6)
+
+
+def test_imtl_g_with_more_tasks_than_dimensions_projects_equally():
+    """(1,0), (0,1), (1,1)/√2-direction: equal projections on three units in 2-D force d = 0."""
+    d = aggregate("imtl_g", torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+    assert d.abs().max() < 1e-6
+
+
 @pytest.mark.parametrize("J", [c for c in BATTERY if c.id.startswith("T2")])
 def test_pcgrad_leaves_no_conflict_for_two_tasks(J):
     d = aggregate("pcgrad", J)
