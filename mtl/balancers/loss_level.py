@@ -170,6 +170,7 @@ class GradNorm(_OwnOptimizer):
     Network update: backward of Σ w_t L_t. Weight update (own optimiser, ``lr``): the gradient of
     L_grad = Σ_t |G_t − Ḡ · r_t^α| w.r.t. w, where G_t = w_t ‖∇_W L_t‖, Ḡ = mean_t G_t and
     r_t = (L_t/L_t(0)) / mean_s(L_s/L_s(0)), Ḡ·r^α held constant; then w is renormalised to sum to T.
+    L_t(0) is task t's first positive loss (until it has one, r_t = 1).
     Since G_t is linear in w_t, ∂L_grad/∂w_t = sign(G_t − target_t) · ‖∇_W L_t‖ exactly (no
     second-order backward needed).
 
@@ -212,8 +213,10 @@ class GradNorm(_OwnOptimizer):
     def backward(self, ctx: StepContext) -> None:
         L = self._stack(ctx.losses)
         Ld = L.detach().float()
-        if torch.isnan(self.initial_losses).any():
-            self.initial_losses.copy_(dist_mean(Ld).clamp_min(1e-12).to(self.initial_losses))
+        unset = torch.isnan(self.initial_losses)
+        if unset.any():  # each task's L(0) is its first positive loss: a first batch with no valid pixel
+            mean = dist_mean(Ld).to(self.initial_losses)  # (loss 0) would make its rate look 10¹² x too fast
+            self.initial_losses.copy_(torch.where(unset & (mean > 0), mean, self.initial_losses))
         anchor = self._anchor(ctx)
         w = self.task_weights.detach().clone().to(Ld.device)
         if ctx.features is not None:
@@ -222,7 +225,11 @@ class GradNorm(_OwnOptimizer):
             norms = torch.stack([_grad_norm(ctx.losses[t], anchor) for t in self.tasks]).to(Ld.device)
             ctx.backward((w.to(L.dtype) * L).sum())
         G = w * norms
-        rate = Ld / self.initial_losses.to(Ld.device)
+        L0 = self.initial_losses.to(Ld.device)
+        known = ~torch.isnan(L0)
+        rate = Ld / L0.nan_to_num(1.0)
+        # a task with no L(0) yet trains at the others' mean rate (r = 1): neither pushed nor held back
+        rate = torch.where(known, rate, rate[known].mean() if known.any() else torch.ones_like(rate))
         r = rate / rate.mean().clamp_min(1e-12)
         target = G.mean() * r.pow(self.alpha)
         grad_w = dist_mean(torch.sign(G - target) * norms)

@@ -178,6 +178,23 @@ def test_gradnorm_raises_the_weight_of_the_slower_task_and_keeps_sum_T():
     assert history[0] > 1.0 and all(b > a for a, b in zip(history, history[1:]))
 
 
+def test_gradnorm_takes_each_tasks_initial_loss_at_its_first_positive_loss():
+    """A first batch without a valid pixel gives a loss of exactly 0: as L(0) it made that task's rate
+    L/L(0) look 10¹² x too fast for the whole run, and its weight grew while the tasks stayed equal."""
+    V = {"a": torch.full((2, 3), 1 / math.sqrt(6)), "b": -torch.full((2, 3), 1 / math.sqrt(6))}
+    gn = create_balancer("gradnorm", ["a", "b"], alpha=1.5, lr=0.1, optimizer="sgd")
+    _, ctx = gradnorm_ctx({"a": 0.0, "b": 2.0}, V)
+    gn.backward(ctx)
+    assert math.isnan(gn.initial_losses[0]) and gn.initial_losses[1] == 2.0
+    _, ctx = gradnorm_ctx({"a": 3.0, "b": 2.0}, V, step=1)
+    gn.backward(ctx)
+    assert gn.initial_losses.tolist() == [3.0, 2.0]
+    for step in range(2, 8):  # both at their L(0), equal gradient norms: r = 1, nothing to rebalance
+        _, ctx = gradnorm_ctx({"a": 3.0, "b": 2.0}, V, step=step)
+        gn.backward(ctx)
+    assert gn.task_weights.tolist() == [1.0, 1.0]
+
+
 def test_gradnorm_hand_computed_step_and_network_gradient():
     V = {"a": torch.full((2, 3), 2 / math.sqrt(6)), "b": torch.full((2, 3), 1 / math.sqrt(6))}  # norms 2, 1
     gn = create_balancer("gradnorm", ["a", "b"], alpha=1.5, lr=0.1, optimizer="sgd")
