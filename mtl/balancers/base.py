@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -143,6 +144,10 @@ def create_balancer(name: str, tasks: Sequence[str], **kwargs) -> Balancer:
         params = [p for p in inspect.signature(cls).parameters if p != "tasks"]
         raise TypeError(f"balancer {name!r}: {err}; its hyper-parameters are: {', '.join(params)}") from None
     check_kwargs(cls, kwargs, "balancer")
+    for key, value in kwargs.items():  # NaN passes every `x < 0` check and fails steps later, elsewhere
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ValueError(f"balancer.{key} must be finite, got {value!r}")
     return cls(tasks, **kwargs)
 
 

@@ -86,6 +86,15 @@ def test_features_level_without_features_is_a_clear_error():
         create_balancer("mgda", ["a", "b"], level="features").backward(toy_ctx(model, x, y, features=False))
 
 
+@pytest.mark.parametrize("name, key, value", [("dwa", "temperature", float("nan")), ("cagrad", "c", float("inf")),
+                                             ("gradnorm", "lr", float("nan")), ("mgda", "rtol", float("inf")),
+                                             ("flat", "rho", float("-inf")), ("famo", "lr", float("nan"))])
+def test_non_finite_hyperparameters_are_refused_when_built(name, key, value):
+    """NaN passes every `x < 0` check: DWA's weights turned NaN two windows later, blamed on the data."""
+    with pytest.raises(ValueError, match=rf"balancer.{key} must be finite, got {value!r}"):
+        create_balancer(name, ["a", "b"], **{key: value})
+
+
 def test_flat_rejects_features_level_and_unknown_aggregator():
     with pytest.raises(ValueError, match="shared parameters only"):
         create_balancer("flat", ["a", "b"], aggregator_kwargs={"level": "features"})
