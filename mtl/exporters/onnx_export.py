@@ -295,6 +295,9 @@ def verify(graph: TaskGraph, path: Path, size: int | tuple[int, int], batches: S
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    if names != list(graph.task_names):  # outputs are compared by position: their names must say the same
+        raise ExportError(f"the ONNX file's outputs are {names}, expected {list(graph.task_names)}")
     gen = torch.Generator().manual_seed(seed + 1)
     worst: dict[str, float] = {t: 0.0 for t in graph.task_names}
     shapes: list[tuple[int, ...]] = []
@@ -307,6 +310,12 @@ def verify(graph: TaskGraph, path: Path, size: int | tuple[int, int], batches: S
         for t, r, g in zip(graph.task_names, ref, got):
             if g.shape != r.shape:
                 raise ExportError(f"ONNX Runtime output '{t}' has shape {g.shape} for batch {b}, PyTorch {r.shape}")
+            if not np.isfinite(r).all():
+                raise ExportError(f"PyTorch's own output '{t}' holds NaN or Inf on random uint8 images (batch {b}): "
+                                  "the model is not fit to export; the file was not kept")
+            if not np.isfinite(g).all():  # a NaN difference passes any `> tolerance` test
+                raise ExportError(f"ONNX Runtime output '{t}' holds NaN or Inf where PyTorch's is finite (batch {b}); "
+                                  "the file was not kept")
             excess = np.abs(g - r) - (atol + rtol * np.abs(r))
             err = float(np.abs(g - r).max()) if r.size else 0.0
             worst[t] = max(worst[t], err)

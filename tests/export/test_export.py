@@ -316,6 +316,35 @@ def test_verification_fails_when_runtime_and_pytorch_differ(tmp_path):
         verify(TaskGraph(model, TASKS), out / "model.onnx", 32, [1], atol=1e-4, rtol=1e-3, seed=0)
 
 
+def test_verification_fails_on_a_nan_output_and_on_outputs_in_another_order(tmp_path):
+    """|NaN − r| > tol is False: a NaN from ONNX Runtime once passed, recorded as max |diff| 0."""
+    from mtl.exporters.onnx_export import TaskGraph, verify
+
+    folder = _folder(tmp_path)
+    out = mtl.export(folder, "onnx", tmp_path / "onnx", exporter="torchscript")
+    model = mtl.load_model(folder)
+    with torch.no_grad():
+        model.decoder.heads["depth"].body[-1].bias.fill_(float("nan"))  # PyTorch NaN: nothing to verify against
+    with pytest.raises(ExportError, match="PyTorch's own output 'depth' holds NaN or Inf"):
+        verify(TaskGraph(model, TASKS), out / "model.onnx", 32, [1], atol=1e-4, rtol=1e-3, seed=0)
+    import onnx
+
+    # the ONNX side NaN: depth -> log(depth - 1e6) inside the file, PyTorch unchanged
+    proto = onnx.load(str(out / "model.onnx"))
+    depth = proto.graph.output[1].name
+    node = onnx.helper.make_node("Log", [depth + "_in"], [depth])
+    for n in proto.graph.node:
+        n.output[:] = [o + "_raw" if o == depth else o for o in n.output]
+    shift = onnx.helper.make_tensor("big", onnx.TensorProto.FLOAT, [], [1e6])
+    proto.graph.initializer.append(shift)
+    proto.graph.node.extend([onnx.helper.make_node("Sub", [depth + "_raw", "big"], [depth + "_in"]), node])
+    onnx.save(proto, str(tmp_path / "nan.onnx"))
+    with pytest.raises(ExportError, match="ONNX Runtime output 'depth' holds NaN or Inf where PyTorch's is finite"):
+        verify(TaskGraph(mtl.load_model(folder), TASKS), tmp_path / "nan.onnx", 32, [1], atol=1e-4, rtol=1e-3, seed=0)
+    with pytest.raises(ExportError, match=r"outputs are \['semseg', 'depth', 'classification'\], expected"):
+        verify(TaskGraph(mtl.load_model(folder), TASKS[::-1]), out / "model.onnx", 32, [1], atol=1e-4, rtol=1e-3, seed=0)
+
+
 def test_card_of_a_pruned_model_never_shows_the_unpruned_runs_metrics(trained, tmp_path):
     """pruning.prune once copied the parent's meta (its run_dir and test metrics) onto the pruned model."""
     import shutil
