@@ -76,3 +76,39 @@ def test_one_task_name_is_one_task_not_its_letters():
     from mtl.models import create_model
 
     assert list(create_model("depth", backbone="test_resnet").tasks) == ["depth"]
+
+
+def test_a_folder_of_a_model_built_from_a_checkpoint_file_rebuilds_without_it(tmp_path):
+    """backbone.checkpoint_path / pretrained say where the initial weights came from; the folder holds
+    the weights, so its config must not send load_model back to that file (or the Hub)."""
+    import timm
+    from safetensors.torch import save_file
+
+    import mtl
+
+    ckpt = tmp_path / "init.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()}, str(ckpt))
+    model = create_model(["depth"], backbone={"name": "test_resnet", "checkpoint_path": str(ckpt)}).eval()
+    folder = mtl.save_model(model, tmp_path / "model")
+    ckpt.unlink()
+    reloaded = mtl.load_model(folder)
+    assert "checkpoint_path" not in reloaded.config["backbone"]
+    x = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.equal(model(x)["depth"], reloaded(x)["depth"])
+
+
+def test_pretrained_weights_that_cannot_be_fetched_name_the_key_and_the_way_out(monkeypatch):
+    import timm
+
+    def offline(*args, **kwargs):
+        if kwargs.get("pretrained"):
+            raise OSError("We couldn't connect to 'https://huggingface.co'.\nretrying ...")
+        return real(*args, **kwargs)
+
+    real = timm.create_model
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(RuntimeError, match=r"backbone.pretrained=true: timm could not get the weights of 'resnet18' "
+                                           r"\(We couldn't connect .*\); give a local file with backbone.checkpoint_path"):
+        create_model(["depth"], backbone={"name": "resnet18", "pretrained": True})
+    create_model(["depth"], backbone={"name": "test_resnet"})  # without pretrained nothing is fetched

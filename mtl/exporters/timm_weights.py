@@ -19,9 +19,10 @@ from typing import Any
 import torch
 
 from mtl.exporters.api import EXPORTERS, ExportError, Source
+from mtl.models.backbones import INIT_ONLY
 
 TIMM_FILE = "model.safetensors"
-_BUILD_ONLY = ("out_indices", "pretrained", "checkpoint_path", "features_only")
+_BUILD_ONLY = ("out_indices", *INIT_ONLY, "features_only")
 
 
 def model_args(backbone_cfg: dict[str, Any]) -> dict[str, Any]:

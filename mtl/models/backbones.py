@@ -20,6 +20,11 @@ from mtl.registry import Registry, UnknownNameError
 BACKBONES: "Registry[type[nn.Module]]" = Registry("backbone")
 
 
+#: backbone keys that say where the *initial* weights come from: a saved model's own weights replace
+#: them, so a model folder's config leaves them out (it must rebuild without that file or the Hub)
+INIT_ONLY = ("pretrained", "checkpoint_path")
+
+
 class TimmBackbone(nn.Module):
     def __init__(
         self,
@@ -48,7 +53,15 @@ class TimmBackbone(nn.Module):
             kwargs["pretrained_cfg_overlay"] = {"file": str(checkpoint_path)}
             pretrained = True
         self.name = name
-        self.body = timm.create_model(name, pretrained=pretrained, **feature_kwargs, **kwargs)
+        try:
+            self.body = timm.create_model(name, pretrained=pretrained, **feature_kwargs, **kwargs)
+        except Exception as e:
+            if not pretrained or checkpoint_path or isinstance(e, (TypeError, ValueError)):
+                raise
+            first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            raise RuntimeError(f"backbone.pretrained=true: timm could not get the weights of {name!r} ({first}); "
+                               "give a local file with backbone.checkpoint_path=<file> (HF_HUB_OFFLINE=1 uses only "
+                               "the local Hugging Face cache and fails at once)") from e
         self.channels: list[int] = list(self.body.feature_info.channels())
         self.reductions: list[int] = list(self.body.feature_info.reduction())
 

@@ -7,7 +7,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from mtl.models.backbones import create_backbone
+from mtl.models.backbones import INIT_ONLY, create_backbone
 from mtl.models.decoders import create_decoder
 from mtl.models.families import MODELS, model_from_config
 from mtl.tasks import Task, create_task
@@ -80,7 +80,7 @@ class MultiTaskModel(nn.Module):
         return {
             "family": "multitask",
             "tasks": [t.to_config() for t in self.tasks.values()],
-            "backbone": copy.deepcopy(self._backbone_cfg),
+            "backbone": {k: copy.deepcopy(v) for k, v in self._backbone_cfg.items() if k not in INIT_ONLY},
             "decoder": copy.deepcopy(self._decoder_cfg),
             "mean": self.mean.flatten().tolist(),
             "std": self.std.flatten().tolist(),
