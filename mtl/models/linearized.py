@@ -89,7 +89,12 @@ class LinearizedModel(MultiTaskModel):
         def f(params: dict[str, torch.Tensor]) -> torch.Tensor:
             return torch.func.functional_call(self._shared_fn, params, (x,), strict=False)
 
-        out, tangent = torch.func.jvp(f, (self.point(),), (self.offset(),))
+        # forward-mode AD has no rule for the fused attention kernels (a ViT's first forward failed on
+        # CPU): the math kernel computes the same attention from differentiable primitives
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.MATH]):
+            out, tangent = torch.func.jvp(f, (self.point(),), (self.offset(),))
         return out + tangent
 
     def train(self, mode: bool = True) -> "LinearizedModel":
@@ -101,7 +106,20 @@ class LinearizedModel(MultiTaskModel):
 
 
 def linearize(model: MultiTaskModel) -> LinearizedModel:
-    """A linearised copy of `model` expanded around its current weights (it predicts as `model` does)."""
+    """A linearised copy of `model` expanded around its current weights (it predicts as `model` does).
+    Plain multi-task models only (any backbone and decoder): other families' forward passes (width
+    switches, per-task experts) and pruned architectures are not what the expansion rebuilds."""
+    from mtl.models.surgery import plan_of
+
+    config = getattr(model, "config", None)
+    family = config.get("family") if isinstance(config, dict) else None
+    if type(model) is not MultiTaskModel or family != "multitask":
+        what = family or type(model).__name__
+        raise ValueError(f"linearize: family {what!r} cannot be linearised (only family='multitask' models, any "
+                         "backbone and decoder)")
+    if plan_of(model) is not None:
+        raise ValueError("linearize: a pruned model cannot be linearised (its expansion point would be rebuilt at "
+                         "the unpruned shapes); linearise the unpruned model, and prune after merging")
     ref = next(model.parameters())
     lin = LinearizedModel.from_config({**model.config, "family": "linearized"}).to(ref.device, ref.dtype)
     missing, unexpected = lin.load_state_dict(model.state_dict(), strict=False)

@@ -121,3 +121,31 @@ def test_a_plain_theta0_with_linearized_fine_tunes_is_refused_naming_the_forms(t
         text = str(err.value)
         assert f"{lin / 'model.safetensors'} is a linearized (tangent-space) model and" in text
         assert f"{pre / 'model.safetensors'} is not" in text and "unshared='skip'" not in text
+
+
+def test_a_linearized_vit_runs_and_equals_the_plain_model_at_theta0():
+    """Forward-mode AD has no rule for the fused CPU attention kernel: the first forward failed."""
+    torch.manual_seed(0)
+    plain = create_model([{"kind": "depth"}], backbone={"name": "test_vit", "img_size": 32, "patch_size": 4}).double().eval()
+    lin = linearize(plain).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(lin(X)["depth"], plain(X)["depth"], rtol=1e-10, atol=1e-10)
+
+
+def test_families_the_expansion_cannot_rebuild_are_refused_by_name():
+    import pruning
+
+    slim = create_model(["depth"], backbone={"name": "slim_resnet", "stem": 8, "channels": [8, 16], "depths": [1, 1],
+                                             "out_indices": [1, 2]}, decoder={"name": "slimmable", "channels": 8},
+                        family="slimmable")
+    with pytest.raises(ValueError, match="linearize: family 'slimmable' cannot be linearised"):
+        linearize(slim)  # it ran at full width whatever widths were set
+    moe = create_model(["depth"], backbone={"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+                       decoder={"num_experts": 4, "top_k": 2}, family="task_moe_vit")
+    with pytest.raises(ValueError, match="linearize: family 'task_moe_vit' cannot be linearised"):
+        linearize(moe)
+    with pytest.raises(ValueError, match="linearize: family 'linearized' cannot be linearised"):
+        linearize(linearize(plain_model()))
+    pruned = pruning.prune(plain_model().float(), "l1", example=X.float(), ratio=0.5)[0]
+    with pytest.raises(ValueError, match="linearize: a pruned model cannot be linearised"):
+        linearize(pruned)
