@@ -148,7 +148,7 @@ def create_model(
     bb = {"name": backbone} if isinstance(backbone, str) else dict(backbone)
     dec = {"name": decoder} if isinstance(decoder, str) else dict(decoder)
     slim = [f"{part}={c['name']}" for part, c, name in (("backbone", bb, "slim_resnet"), ("decoder", dec, "slimmable"))
-            if c.get("name") == name and c.get("widths")]
+            if c.get("name") == name and c.get("widths", "default")]  # left out: the class's default width set
     if slim and family != "slimmable":  # another family would train them at full width only, silently
         raise ValueError(f"{' '.join(slim)} with a width set needs family=slimmable (got family={family}); "
                          "for plain layers at one width set its widths to null")

@@ -426,5 +426,7 @@ def test_slimmable_parts_with_a_width_set_need_the_slimmable_family():
         create_model(TASKS, backbone={**BB, "widths": [0.5, 1.0]}, decoder={**DEC, "widths": [0.5, 1.0]})
     with pytest.raises(ValueError, match=r"^decoder=slimmable with a width set"):
         create_model(TASKS, backbone="test_resnet", decoder={**DEC, "widths": [0.5, 1.0]})
+    with pytest.raises(ValueError, match=r"^backbone=slim_resnet with a width set"):  # left out: the default set
+        create_model(TASKS, backbone={k: v for k, v in BB.items() if k != "widths"}, decoder="hps")
     plain = create_model(TASKS, backbone={**BB, "widths": None}, decoder={**DEC, "widths": None})  # one width: plain layers
     assert isinstance(plain, MultiTaskModel)

@@ -102,13 +102,17 @@ def test_taylor_scores_each_batch_gradient_before_summing():
 
 
 def test_slimmable_layers_are_refused_by_name_before_any_search():
-    from mtl.models import create_model
+    """Slimmable layers inside a plain-family model (create_model refuses that pairing; a hand-built
+    model can still hold them)."""
+    from mtl.models import MultiTaskModel
+    from mtl.tasks import create_task
 
     from pruning_toys import TASKS
 
     torch.manual_seed(0)
-    model = create_model(TASKS, backbone={"name": "slim_resnet", "stem": 8, "channels": [8, 16], "out_indices": [1, 2]},
-                         decoder={"name": "hps", "channels": 8}).eval()
+    model = MultiTaskModel([create_task(**t) if isinstance(t, dict) else create_task(t) for t in TASKS],
+                           {"name": "slim_resnet", "stem": 8, "channels": [8, 16], "out_indices": [1, 2]},
+                           {"name": "hps", "channels": 8}).eval()
     with pytest.raises(PruningError, match=r"'backbone\.stem\.0' \(SlimConv2d\) is a slimmable layer.*"
                                            r"ignored_layers=\['backbone\.stem\.0'\]"):
         LayerGraph(model, toy_batches(1)[0]["image"][:2])
