@@ -112,3 +112,15 @@ def test_pretrained_weights_that_cannot_be_fetched_name_the_key_and_the_way_out(
                                            r"\(We couldn't connect .*\); give a local file with backbone.checkpoint_path"):
         create_model(["depth"], backbone={"name": "resnet18", "pretrained": True})
     create_model(["depth"], backbone={"name": "test_resnet"})  # without pretrained nothing is fetched
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"backbone": {"name": "test_resnet", "out_indices": [9]}}, r"backbone.out_indices=\[9\]: test_resnet has 5 feature stages"),
+    ({"decoder": {"name": "hps", "channels": 0}}, r"decoder.channels must be an int >= 1, got 0"),
+    ({"mean": [0.5]}, r"model mean must be 3 finite numbers \(R, G, B\), got \[0.5\]"),
+    ({"std": [0.2, 0.0, 0.2]}, r"model std must be 3 finite numbers \(R, G, B\), each > 0"),
+    ({"decoder": {"name": "moe", "stages": [1, 1]}}, r"decoder moe: stages \[1, 1\] name a stage more than once"),
+])
+def test_bad_construction_values_are_named_not_torch_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        create_model(["depth"], **{"backbone": "test_resnet", **kwargs})

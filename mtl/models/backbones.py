@@ -56,6 +56,10 @@ class TimmBackbone(nn.Module):
         try:
             self.body = timm.create_model(name, pretrained=pretrained, **feature_kwargs, **kwargs)
         except Exception as e:
+            if out_indices is not None and isinstance(e, (IndexError, AssertionError)):
+                n = len(timm.create_model(name, features_only=True, **kwargs).feature_info)
+                raise ValueError(f"backbone.out_indices={list(out_indices)}: {name} has {n} feature stages "
+                                 f"(valid indices 0..{n - 1})") from None
             if not pretrained or checkpoint_path or isinstance(e, (TypeError, ValueError)):
                 raise
             first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)

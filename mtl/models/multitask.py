@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -71,6 +72,12 @@ class MultiTaskModel(nn.Module):
         self.backbone = create_backbone(bb.pop("name"), **bb)
         dec = dict(self._decoder_cfg)
         self.decoder = create_decoder(dec.pop("name"), self.backbone.channels, list(tasks), **dec)
+        for key, v in (("mean", mean), ("std", std)):  # per RGB channel; std divides
+            ok = isinstance(v, (list, tuple)) and len(v) == 3 and all(
+                isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in v)
+            if not ok or (key == "std" and min(v) <= 0):
+                raise ValueError(f"model {key} must be 3 finite numbers (R, G, B){', each > 0' if key == 'std' else ''}, "
+                                 f"got {v!r}")
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtl.models.decoders.base import DECODERS
+from mtl.registry import check_int
 from mtl.tasks import Task
 
 
@@ -106,6 +107,7 @@ class HPSDecoder(nn.Module):
     def __init__(self, in_channels: list[int], tasks: list[Task], channels: int = 64, norm: str = "batch",
                  head: str = "mlp", cosine_scale: float = 16.0):
         super().__init__()
+        check_int("decoder.channels", channels, low=1)
         self.neck = Fusion(in_channels, channels, norm)
         self.heads = nn.ModuleDict({t.name: create_head(t, channels, head, cosine_scale) for t in tasks})
 

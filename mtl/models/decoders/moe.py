@@ -92,6 +92,8 @@ class TaskExpertDecoder(nn.Module):
         stages = list(range(len(in_channels))) if stages is None else [int(s) for s in stages]
         if not stages:
             raise ValueError("decoder moe: stages must name at least one backbone stage")
+        if len(set(stages)) != len(stages):  # a stage twice would be projected and fused twice
+            raise ValueError(f"decoder moe: stages {stages} name a stage more than once")
         for s in stages:
             if not 0 <= s < len(in_channels):
                 raise ValueError(f"decoder moe: stage index {s} does not exist; the backbone has {len(in_channels)} "
