@@ -277,7 +277,8 @@ def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
     """``config.json`` of a model folder, its format and task list checked (errors name file and key)."""
     path = Path(path)
     if not path.is_dir():
-        raise ModelFolderError(f"{path}: not a model folder (expected a directory with {WEIGHTS} and {CONFIG})")
+        what = "no such folder" if not path.exists() else "not a model folder"
+        raise ModelFolderError(f"{path}: {what} (expected a directory with {WEIGHTS} and {CONFIG})")
     file = path / CONFIG
     if not file.exists() and (path / "model" / CONFIG).is_file():  # a training run's folder holds model/
         raise ModelFolderError(f"{path} is a run folder, not a model folder; did you mean {path / 'model'}?")

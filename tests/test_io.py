@@ -48,6 +48,11 @@ def test_missing_files_are_named(tiny_model, tmp_path):
     mtl.save_model(tiny_model, run / "model")
     with pytest.raises(ModelFolderError, match=re.escape(f"{run} is a run folder, not a model folder; did you mean {run / 'model'}?")):
         mtl.load_model(run)
+    with pytest.raises(ModelFolderError, match=re.escape(f"{tmp_path / 'typo'}: no such folder")):
+        mtl.load_model(tmp_path / "typo")
+    with pytest.raises(ModelFolderError, match=re.escape(f"{run / 'config.yaml'}: not a model folder")):
+        (run / "config.yaml").write_text("x: 1")
+        mtl.load_model(run / "config.yaml")
 
 
 def test_corrupt_files_are_named(tiny_model, tmp_path):
