@@ -2,7 +2,7 @@
 """Merging benchmarks: speed and peak memory of the streaming engine against in-memory baselines.
 
     python scripts/bench_merge.py            # full: ViT-B/32-shaped × 8 and Llama-shaped (134M) × 4
-    python scripts/bench_merge.py --small    # seconds-long smoke version of the same runs
+    python scripts/bench_merge.py --small    # a smoke version of the same runs (~1-2 min: ~40 subprocesses)
     python scripts/bench_merge.py --llm --sizes 0.25 0.5   # bf16 Llama-shaped, vs mergekit (bench_merge_llm.py)
 
 ViT part: 8 fine-tuned copies of a random ViT-B/32-shaped float32 state dict (~88M parameters) plus the
@@ -135,7 +135,9 @@ def _work(spec: dict) -> dict:
     if kind == "stream":
         import merging
 
-        merging.merge_to_file(spec["method"], pre, fts, out, overwrite=True, **spec.get("hp", {}))
+        # fused=False: the whole-tensor kernels (where `select` applies); --fused: merge_to_file's default
+        merging.merge_to_file(spec["method"], pre, fts, out, overwrite=True, fused=spec.get("fused", False),
+                              **spec.get("hp", {}))
     elif kind == "naive_ta":
         naive_task_arithmetic(pre, fts, out, spec["hp"]["lam"])
     elif kind == "naive_ties":
@@ -147,8 +149,12 @@ def _work(spec: dict) -> dict:
     return {"seconds": time.perf_counter() - t0}
 
 
+FUSED = False  # set by --fused: the stream rows use the chunked kernels
+
+
 def run_worker(spec: dict) -> dict:
     """Run one benchmark in a fresh interpreter, so each peak RSS (its VmHWM) is that run's alone."""
+    spec = {**spec, "fused": FUSED}
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, str(HERE), "--worker", json.dumps(spec)], stdout=subprocess.PIPE, text=True)
     wall = time.perf_counter() - t0
@@ -326,7 +332,9 @@ def main(argv=None):
 
         argv.remove("--llm")
         return llm_main(argv)
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="--llm (first): the bf16 Llama-shaped comparison with mergekit; its own "
+                                        "options: python scripts/bench_merge.py --llm --help")
     ap.add_argument("--small", action="store_true", help="tiny shapes: a quick check that everything runs")
     ap.add_argument("--only", choices=["vit", "llama"], help="run one part")
     ap.add_argument("--workdir", default=None, help="where the temporary model files go (default: system temp)")
@@ -334,8 +342,16 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads in every run (default 1: on a shared machine more threads stall)")
     ap.add_argument("--repeat", type=int, default=3, help="repeats of the read and task-arithmetic runs (best kept)")
+    ap.add_argument("--fused", action="store_true",
+                    help="stream rows through merge_to_file's chunked kernels (its default; there per-tensor TIES "
+                         "always selects by radix). Default: the whole-tensor kernels (fused=False) the "
+                         "2026-11-26 tables in docs/BENCHMARKS.md measured; bench_merge_chunked.py compares both")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    global FUSED
+    FUSED = args.fused
+    if args.workdir and not Path(args.workdir).is_dir():
+        raise SystemExit(f"error: --workdir {args.workdir}: no such folder")
     if args.worker:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
         return
