@@ -6,10 +6,11 @@ MoE dispatch efficiency and single- vs all-task latency.
    --no-baselines: Δm vs the hps multi-task run instead), params, FLOPs/sample (all tasks, one task);
    for routed families, the active-FLOPs identity: single-task FLOPs = non-expert FLOPs + k/E of the
    FLOPs of all experts on all tokens (both sides measured with torch.utils.flop_counter);
-2. dispatch (--dispatch): one MoE layer (router + sparse dispatch; E experts, top-k, N tokens, CPU)
+   phases 2 and 3 run unless --skip-timing; --skip-quality runs them alone;
+2. dispatch (--dispatch-experts/--dispatch-top-k/--dispatch-tokens): one MoE layer (router + sparse dispatch; E experts, top-k, N tokens, CPU)
    vs a dense MLP with k x the expert hidden width (the same active FLOPs), forward + backward,
    interleaved rounds, ratio of medians;
-3. latency (--latency): the task-MoE ViT's inference, one task vs all tasks (eval, no grad).
+3. latency: the task-MoE ViT's inference, one task vs all tasks (eval, no grad).
 
     python scripts/bench_architectures.py --out outputs/bench_arch                 # everything
     python scripts/bench_architectures.py --families hps,moe --epochs 2            # a subset

@@ -149,4 +149,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from script_cli import run
+
+    run(main)

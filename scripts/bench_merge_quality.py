@@ -234,6 +234,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     manifest = Path(args.manifest).resolve()
+    if not manifest.is_file():  # every method would fail on it, one traceback each
+        print(f"error: --manifest {args.manifest}: file not found (build a zoo first: scripts/build_zoo.py)",
+              file=sys.stderr)
+        return 1
     out = Path(args.out) if args.out else manifest.parent / "quality"
     extra = [f"+eval.data.batch_size={args.eval_batch_size}", *args.overrides]
     extra += [f"eval.max_batches={args.max_batches}"] if args.max_batches else []
@@ -251,8 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / "quality.md").write_text(md + "\n")
     made = plots(results, out)
     print("\n" + md)
-    print(f"\ntotal {time.perf_counter() - start:.0f} s; wrote {out / 'quality.md'}, {out / 'results.json'}, "
-          + ", ".join(str(p) for p in made))
+    print(f"\ntotal {time.perf_counter() - start:.0f} s; wrote " + ", ".join(
+        str(p) for p in [out / "quality.md", out / "results.json", *made]))
     return 1 if results["errors"] else 0
 
 

@@ -69,6 +69,9 @@ def main() -> None:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     if args.merge:
+        missing = [str(p) for p in args.merge if not p.is_file()]
+        if missing:
+            raise SystemExit(f"error: --merge: no such file(s): {', '.join(missing)}")
         runs = [json.loads(p.read_text()) for p in args.merge]
         report(out, [r for run in runs for r in run["rows"]], runs[0]["base_flops"] / 1e6, args.methods)
         return
@@ -94,6 +97,7 @@ def main() -> None:
     control_test = read_json(control / "metrics.json")["test"]
     # phase 1 prunes every (method, target), phase 2 fine-tunes them: on a busy machine the pruning
     # numbers of every method come first
+    from bench_runs import record, reusable
     from pruning.job import run as prune_run
 
     rows = []
@@ -101,18 +105,20 @@ def main() -> None:
         for method in args.methods:
             name = f"{method}_{int(round(100 * target))}" + (f"_r{args.round_to}" if args.round_to else "")
             pdir = out / name
-            if not (pdir / "metrics.json").exists():
-                hp = _PRUNE.get(method, [f"prune={method}"]) + [f"model={base}", f"prune.flops_target={target}",
-                      f"calib.batches={args.calib_batches}", f"eval.latency_batch={args.latency_batch}",
-                      f"eval.latency_threads={args.threads}", "eval.latency_repeats=20", "overwrite=true"]
-                if args.round_to:
-                    hp.append(f"prune.round_to={args.round_to}")
-                if method.startswith("pagcp"):
-                    hp += [f"prune.search_steps={args.search_steps}", "+prune.ratios=[0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9]"]
-                    if args.max_budget is not None:
-                        hp.append(f"prune.max_budget={args.max_budget}")
+            hp = _PRUNE.get(method, [f"prune={method}"]) + [f"model={base}", f"prune.flops_target={target}",
+                  f"calib.batches={args.calib_batches}", f"eval.latency_batch={args.latency_batch}",
+                  f"eval.latency_threads={args.threads}", "eval.latency_repeats=20", "overwrite=true"]
+            if args.round_to:
+                hp.append(f"prune.round_to={args.round_to}")
+            if method.startswith("pagcp"):
+                hp += [f"prune.search_steps={args.search_steps}", "+prune.ratios=[0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9]"]
+                if args.max_budget is not None:
+                    hp.append(f"prune.max_budget={args.max_budget}")
+            # a pruned run of other settings (calibration, latency batch, search) is refused, not reused
+            if not reusable(pdir, hp):
                 t = time.perf_counter()
                 prune_run(hp, run_dir=pdir)
+                record(pdir, hp)
                 print(f"[bench] {name}: pruned in {time.perf_counter() - t:.0f}s", flush=True)
             rep = read_json(pdir / "metrics.json")
             rows.append({
@@ -172,4 +178,6 @@ def _write(out: Path, args, rows, base_test, control_test, rep) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from script_cli import run
+
+    run(main)

@@ -169,4 +169,6 @@ def _shape(m) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from script_cli import run
+
+    run(main)

@@ -128,6 +128,8 @@ def rescore(run_dir: Path, args) -> dict:
 
 
 def control(args) -> dict:
+    if not args.runs:
+        raise ValueError("--part control needs --runs <run folder> ... (finished scenes_slimmable runs)")
     out = {}
     for run in args.runs:
         r = rescore(Path(run), args)
@@ -284,6 +286,7 @@ def main(argv=None) -> int:
         s = res["speed"]
         print(f"\nencoder {ENCODER['channels']} at {s['input']}, {args.threads} thread(s):")
         print(f"  FLOPs 0.5 / 1.0: {s['flops_ratio_half_vs_full']:.3f}")
+        print(f"  parameters, extracted 0.5 / full: {s['params']['half']:,} / {s['params']['full']:,}")
         print(f"  latency extracted 0.5 / full: {s['latency_ratio_half_vs_full']:.3f} (target <= 0.45)")
         print(f"  latency sliced 0.5 / extracted 0.5: {s['latency_ratio_sliced_vs_extracted_half']:.3f} (target <= 1.3)")
     if args.part == "control":
@@ -310,7 +313,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, KeyError, FileNotFoundError) as e:  # one line, as the CLIs give (the traceback says nothing more)
-        sys.exit(f"bench_slimmable.py: error: {e}")
+    from script_cli import run
+
+    run(main)

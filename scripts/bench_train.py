@@ -102,6 +102,8 @@ def main() -> None:
                    help="wall time, or the process's CPU time (stable on a loaded machine)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     args = p.parse_args()
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be ≥ 1, got {args.rounds}")
     global clock
     clock = CLOCKS[args.clock]
     if args.threads:
@@ -122,4 +124,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from script_cli import run
+
+    run(main)

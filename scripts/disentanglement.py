@@ -75,16 +75,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def cli(argv=None) -> int:
-    """`main` with the project's CLI convention: a bad manifest, pair or option is one line, exit 1."""
-    from mtl.cli.common import one_line
-
-    try:
-        return main(argv)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 1
-
-
 if __name__ == "__main__":
-    sys.exit(cli())
+    from script_cli import run
+
+    run(main)  # a bad manifest, pair or option: one line, exit 1

@@ -62,7 +62,7 @@ def main() -> None:
     if args.smoke:
         overrides.insert(1, "debug=smoke")
     kinds = (L.Trainer, MultiTaskModule, MultiTaskModel, TensorDataModule)
-    root = Path(tempfile.mkdtemp(prefix="multirun_memory_"))
+    root = Path(tempfile.mkdtemp(prefix=f"multirun_memory_{os.getpid()}_"))  # removed at exit
     print(f"start: rss {rss_mb():.0f} MB", flush=True)
     balancers = ["ew", "dwa", "uw", "rlw", "famo", "gradnorm"]
     if args.hydra:
@@ -97,4 +97,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    import atexit
+    import shutil
+
+    # the runs (checkpoints included) are scratch: only the printed memory figures matter
+    atexit.register(lambda: [shutil.rmtree(p, ignore_errors=True)
+                             for p in Path(tempfile.gettempdir()).glob(f"multirun_memory_{os.getpid()}_*")])
     sys.exit(main())

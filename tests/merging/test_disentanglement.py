@@ -128,16 +128,3 @@ def test_script_writes_json_and_png(pools, tmp_path):
     assert sorted(data["alphas"]) == [[0, 0], [0, 1], [1, 0], [1, 1]]
     assert data["pairs"][0]["xi"]["0,0"] == 0.0
     assert (tmp_path / "d" / "disentanglement.png").stat().st_size > 1000
-
-
-def test_script_errors_are_one_line(tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "scripts" / "disentanglement.py"
-    spec = importlib.util.spec_from_file_location("disentanglement_script", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    assert script.cli(["--manifest", str(tmp_path / "nope.json")]) == 1
-    err = capsys.readouterr().err.strip()
-    assert err == f"error: {tmp_path / 'nope.json'}: file not found"

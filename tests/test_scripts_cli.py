@@ -1,0 +1,31 @@
+"""scripts/ follow the CLIs' convention: a user error is one `error:` line on stderr and exit status 1
+(scripts/script_cli.py), never a traceback or files written for nothing."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("script, args, expected", [
+    ("disentanglement.py", ["--manifest", "{tmp}/nope.json"], "error: {tmp}/nope.json: file not found"),
+    ("bench_merge_quality.py", ["--manifest", "{tmp}/nope.json", "--out", "{tmp}/q"],
+     "error: --manifest {tmp}/nope.json: file not found"),
+    ("bench_prune_latency.py", ["--base", "{tmp}/none", "{tmp}/pruned"], "error: {tmp}/none: no such folder"),
+    ("bench_export.py", ["--model", "{tmp}/none"], "error: {tmp}/none: no such folder"),
+    ("bench_train.py", ["--rounds", "0"], "error: --rounds must be ≥ 1, got 0"),
+    ("bench_slimmable.py", ["--part", "control"], "error: --part control needs --runs"),
+    ("bench_merge.py", ["--small", "--workdir", "{tmp}/none"], "error: --workdir {tmp}/none: no such folder"),
+])
+def test_a_scripts_user_error_is_one_line(tmp_path, script, args, expected):
+    env = {k: v for k, v in os.environ.items() if k not in ("MTL_VERBOSE", "HYDRA_FULL_ERROR")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *[a.format(tmp=tmp_path) for a in args]],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith(expected.format(tmp=tmp_path)) and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "q").exists()  # bench_merge_quality wrote empty results before
