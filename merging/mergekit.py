@@ -15,7 +15,8 @@ mergekit (Goddard et al. 2024) applies every method per tensor and differs from 
   `rescale` matches the L1 norm of the kept δ to the original's (not 1/density). With `seed` (ours;
   mergekit's runs are not repeatable) each (model, tensor) draws the seeded keep mask (`dare_mask`) the
   paper convention's DARE does, so a merge repeats whatever the reading order or thread count;
-- linear: Σ_t w_t θ_t / Σ_t w_t (`addcmul` in float32, float64 for float64 inputs).
+- linear: Σ_t w_t θ_t / Σ_t w_t (`addcmul` in float32, float64 for float64 inputs), as mergekit 0.1.5
+  does; older releases summed a stacked product, which can differ in the last bit.
 
 Arithmetic runs in float32 (float64 for float64 inputs) and the result takes θ0's dtype: this equals
 mergekit run with `dtype: float32` and `out_dtype` set to the inputs' dtype. The operations are the

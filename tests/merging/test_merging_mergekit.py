@@ -50,7 +50,7 @@ CASES = {
     "ties": ([{"density": 0.3, "weight": 1.0}, {"density": 0.5, "weight": 0.7}, {"density": 0.2, "weight": 1.3}],
              dict(density=[0.3, 0.5, 0.2], weight=[1.0, 0.7, 1.3])),
     "task_arithmetic": ([{"weight": 0.3}, {"weight": 0.5}, {"weight": 0.2}], dict(weight=[0.3, 0.5, 0.2])),
-    "linear": ([{"weight": 1.0}, {"weight": 2.0}, {"weight": 0.5}], dict(weight=[1.0, 2.0, 0.5])),
+    "linear": ([{"weight": 1.0}, {"weight": 0.7}, {"weight": 0.45}], dict(weight=[1.0, 0.7, 0.45])),
 }
 
 
