@@ -76,7 +76,8 @@ def extract_task(model, task: str, calib: Any, min_share: float = 0.0):
         share = c / c.sum().clamp_min(1)
         keep = [e for e in ids if share[e] > min_share]
         if len(keep) < k:  # a router must be able to pick k experts: keep the k most used
-            keep = sorted(sorted(ids, key=lambda e: -float(share[e]))[:k])
+            top = set(sorted(ids, key=lambda e: -float(share[e]))[:k])
+            keep = [e for e in ids if e in top]
         kept.append(keep)
         dropped_share.append(float(sum(share[e] for e in ids if e not in keep)))
     cfg = model.config
@@ -87,7 +88,7 @@ def extract_task(model, task: str, calib: Any, min_share: float = 0.0):
     state = {}
     for name, target in sub.state_dict().items():
         src = parent[name]
-        if src.shape != target.shape:  # stacked expert weights: keep the rows of the kept experts
+        if ".mlp.experts." in name:  # stacked expert weights: the kept experts' rows, looked up by id
             layer = model.moe_layers.index(int(name.split(".")[1]))
             rows = [model.moe_modules()[layer].expert_ids.tolist().index(e) for e in kept[layer]]
             src = src[rows]

@@ -149,6 +149,16 @@ def test_extraction_with_min_share_reports_what_the_dropped_experts_received():
     assert rep["dropped_token_share_max"] > 0.0  # 8 experts, top-2: some expert gets under 20 % ... and is dropped
 
 
+def test_extraction_from_a_model_whose_kept_experts_are_out_of_order_keeps_each_experts_weights(tmp_path):
+    # the parent keeps exactly top_k experts per layer, listed out of order: the child must map each
+    # expert's weight rows by id, not by position
+    model = make(experts_kept=[[5, 2], [7, 3]]).eval()
+    sub = mtl.extract(model, out=tmp_path / "d", task="depth", calib=[X], min_share=0.9)
+    assert [sorted(k) for k in sub.extraction_report["experts_kept"]] == [[2, 5], [3, 7]]
+    assert torch.allclose(sub(X)["depth"], model(X, tasks=["depth"])["depth"], atol=1e-5)
+    assert torch.allclose(mtl.load_model(tmp_path / "d")(X)["depth"], model(X, tasks=["depth"])["depth"], atol=1e-5)
+
+
 @pytest.mark.parametrize("dec,match", [
     ({"top_k": 9}, "top_k=9"), ({"top_k": 0}, "decoder.top_k must be an int >= 1, got 0"),
     ({"num_experts": 7}, "num_experts=7"), ({"gate": "shared"}, "'shared'"), ({"bogus": 1}, "bogus"),
