@@ -25,7 +25,9 @@ def check_top_k(k: int, num_experts: int) -> None:
 
 
 def cv_squared(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
-    """Squared coefficient of variation (unbiased variance, as in Shazeer et al.); 0 for one value."""
+    """Squared coefficient of variation var/mean²; 0 for one value. The variance is the unbiased one, as
+    the PyTorch MoE code M3ViT and TaskExpert build on computes it; Shazeer et al.'s TensorFlow code
+    divides by n, a factor (n-1)/n smaller."""
     x = x.float()
     if x.numel() <= 1:
         return x.new_zeros(())
