@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def check_top_k(k: int, num_experts: int) -> None:
+def check_top_k(k: int, num_experts: int, where: str = "") -> None:
+    """``where`` prefixes the names in the message (``"decoder."`` for a model's config keys)."""
     if int(num_experts) < 1:
-        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        raise ValueError(f"{where}num_experts must be >= 1, got {num_experts}")
     if not 1 <= int(k) <= int(num_experts):
-        raise ValueError(f"top_k must be between 1 and num_experts={num_experts}, got top_k={k}")
+        raise ValueError(f"{where}top_k must be between 1 and {where}num_experts={num_experts}, got {where}top_k={k}")
 
 
 def cv_squared(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:

@@ -146,7 +146,7 @@ class TaskMoEViT(nn.Module):
         if m["gate"] not in GATES:
             raise ValueError(f"decoder.gate must be one of {GATES}, got {m['gate']!r}")
         n_exp, mlp_hidden = int(m["num_experts"]), int(dim * float(v["mlp_ratio"]))
-        check_top_k(int(m["top_k"]), n_exp)
+        check_top_k(int(m["top_k"]), n_exp, "decoder.")
         expert_hidden = m["expert_hidden"]
         if expert_hidden is None:  # the dense MLP split into E experts: same parameters, k/E of its FLOPs
             if mlp_hidden % n_exp:
@@ -295,11 +295,11 @@ class TaskHead(nn.Module):
 
 def _merge_known(defaults: dict[str, Any], given: dict[str, Any] | None, where: str) -> dict[str, Any]:
     given = {k: v for k, v in dict(given or {}).items() if v is not None}
+    if given.get("name") not in (None, "task_moe_vit"):  # first: another backbone's keys are not the problem
+        raise ValueError(f"{where}.name must be 'task_moe_vit' for family task_moe_vit, got {given['name']!r}")
     unknown = sorted(set(given) - set(defaults) - {"name"})
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {unknown}; known: {', '.join(defaults)}")
-    if given.get("name") not in (None, "task_moe_vit"):
-        raise ValueError(f"{where}.name must be 'task_moe_vit' for family task_moe_vit, got {given['name']!r}")
     return {**defaults, **given}
 
 

@@ -160,7 +160,7 @@ def test_extraction_from_a_model_whose_kept_experts_are_out_of_order_keeps_each_
 
 
 @pytest.mark.parametrize("dec,match", [
-    ({"top_k": 9}, "top_k=9"), ({"top_k": 0}, "decoder.top_k must be an int >= 1, got 0"),
+    ({"top_k": 9}, r"decoder.top_k must be between 1 and decoder.num_experts=8, got decoder.top_k=9"), ({"top_k": 0}, "decoder.top_k must be an int >= 1, got 0"),
     ({"num_experts": 7}, "num_experts=7"), ({"gate": "shared"}, "'shared'"), ({"bogus": 1}, "bogus"),
     # int(2.5) / bool("no") would build another model than the one asked for
     ({"top_k": 2.5}, r"decoder.top_k must be an int >= 1, got 2.5"),
@@ -184,6 +184,9 @@ def test_bad_backbone_settings_and_unknown_task():
     with pytest.raises(ValueError, match=r"decoder.every=5 must be in \[1, backbone.depth=4\]"):
         TaskMoEViT([create_task("depth")], VIT, {"num_experts": 8, "every": 5})  # VIT has depth 4
     TaskMoEViT([create_task("depth")], VIT, {"num_experts": 8, "every": 4})  # one MoE layer, the last block
+    # another backbone's settings: its name is the problem, not its keys
+    with pytest.raises(ValueError, match="backbone.name must be 'task_moe_vit'.*'resnet18'"):
+        TaskMoEViT([create_task("depth")], {"name": "resnet18", "out_indices": [4]}, {"num_experts": 8})
     model = make()
     with pytest.raises(KeyError, match="nope"):
         model(X, tasks=["nope"])
