@@ -190,6 +190,8 @@ def check_hparams(method: str, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any
         raise ValueError(f"k (the % of each task vector TIES keeps) must be in (0, 100], got {hp['k']!r}")
     if "granularity" in hp and hp["granularity"] not in ("task", "layer"):  # "block" is aTLAS's (its `blocks`)
         raise ValueError(f"unknown granularity {hp['granularity']!r}; valid: task, layer")
+    if "clamp" in hp and not isinstance(hp["clamp"], bool):  # "false" would be truthy
+        raise ValueError(f"clamp must be true or false, got {hp['clamp']!r}")
     if hp.get("clamp") and "init" in hp and _real(hp["init"]) and not 0 <= hp["init"] <= 1:
         raise ValueError(f"init must be in [0, 1] with clamp=true, got {hp['init']!r}")
     if "blocks" in hp:

@@ -256,6 +256,8 @@ def test_a_one_shot_iterator_is_named_when_it_runs_out():
     ("concrete_adamerging", {"inner_steps": -1}, "inner_steps must be an int ≥ 0, got -1"),
     ("concrete_adamerging", {"final_steps": 2.5}, "final_steps must be an int ≥ 0, got 2.5"),
     ("adamerging", {"steps": -1}, "steps must be an int ≥ 0, got -1"),
+    ("adamerging", {"clamp": "false"}, "clamp must be true or false, got 'false'"),  # a truthy string
+    ("atlas", {"clamp": 1}, "clamp must be true or false, got 1"),
 ])
 def test_bad_concrete_and_step_hyperparameters_are_named(method, bad, match):
     model, pre, fts, data = toys()
