@@ -2,6 +2,8 @@
 
     θ(m, λ) = θ0 + Σ_t λ_t (m ⊙ τ_t)          m: one mask for all tasks, same shape as the weights
 
+(BN running statistics merged under bn="merge" have no mask: they take no gradient.)
+
 The mask is relaxed with the Concrete (Gumbel-sigmoid) distribution: with logits s and u ~ U(0, 1),
 m = σ((s + log u − log(1 − u)) / temperature) lies in [0, 1] and is differentiable in s. Outer
 problem: minimise the entropy of the merged model's predictions over s. Inner problem: the merge
@@ -27,8 +29,10 @@ class ConcreteMask:
                  lr: float = 1e-3, seed: int = 0, threshold: float = 0.5):
         self.check(temperature, initial_logits, threshold)
         self.problem, self.temperature, self.threshold = problem, float(temperature), float(threshold)
+        # BN running statistics (problem.no_grad) take no gradient, so a mask over them could never learn:
+        # they are merged unmasked, θ0 + Σ_t λ_t τ_t, as bn="merge" merges them without a mask
         self.logits = {k: torch.full_like(v, float(initial_logits), requires_grad=True)
-                       for k, v in problem.theta0.items()}
+                       for k, v in problem.theta0.items() if k not in problem.no_grad}
         self.opt = torch.optim.Adam(list(self.logits.values()), lr=lr)
         self.gen = torch.Generator(device=problem.device).manual_seed(int(seed))
 
@@ -78,7 +82,7 @@ class ConcreteMask:
                 for _ in range(inner_steps):
                     step_gradients(self.problem, inner.merged(fixed), objective, frozen, step)
                     inner.apply_step(step)
-            group_of = inner.layout.group_of if inner else {k: 0 for k in m}
+            group_of = inner.layout.group_of if inner else {k: 0 for k in self.problem.keys}
             merged = self.problem.merged(coefficients().detach(), group_of, m)
             losses = step_gradients(self.problem, merged, objective, frozen, step)
             self.apply_step(step)

@@ -80,13 +80,14 @@ class MergeProblem:
         for k in self.keys:
             tau, base = self.taus[k], self.theta0[k]
             c = coef[group_of[k]].to(base.dtype)
-            if mask is None and base.is_contiguous():
+            m = None if mask is None else mask.get(k)  # a key without a mask entry is merged unmasked
+            if m is None and base.is_contiguous():
                 # θ0 + c·τ in one GEMM (1×T @ T×n added to θ0): one output tensor and pass instead of two
                 out[k] = torch.addmm(base.reshape(1, -1), c.reshape(1, -1), tau.reshape(len(c), -1)).view(base.shape)
             else:
                 delta = torch.tensordot(c, tau, dims=1)  # Σ_t c_t τ_t, no (T, ...) temporary
-                if mask is not None:
-                    delta = delta * mask[k]
+                if m is not None:
+                    delta = delta * m
                 out[k] = base + delta
             dtype = self.dtypes.get(k, base.dtype)
             if out[k].dtype != dtype:  # half-precision θ0: the model runs with the dtype the result holds

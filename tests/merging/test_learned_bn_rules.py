@@ -106,3 +106,18 @@ def test_key_options_are_recorded(tmp_path):
     hp = json.loads((res.save(tmp_path) / "coefficients.json").read_text())["hparams"]
     assert hp["bn"] == "average" and hp["include"] is None and hp["exclude"] == ["body\\.3\\.bias"]
     assert hp["task_keys"].startswith("<function")
+
+
+@pytest.mark.parametrize("method", ["concrete_ta", "concrete_adamerging"])
+def test_concrete_under_bn_merge_leaves_the_statistics_out_of_the_mask(method):
+    """BN statistics take no gradient, so a mask over them could not learn (σ(0) = 0.5 is not above the
+    0.5 threshold: they would fall back to θ0's): they are merged unmasked, θ0 + Σ_t λ_t τ_t."""
+    model, pre, fts, data = _setup()
+    res = merging.learn(method, pre, fts, unlabeled=data, model=model, tasks=TASKS, bn="merge", steps=2,
+                        lr=0.05, progress=False, **({"granularity": "task"} if method != "concrete_ta" else {}))
+    assert "body.1.running_mean" not in res.mask and "body.0.weight" in res.mask
+    lam = res.coefficients
+    for k in ("body.1.running_mean", "body.1.running_var"):
+        expect = pre[k] + sum(lam[t] * (fts[t][k] - pre[k]) for t in range(len(TASKS)))
+        torch.testing.assert_close(res.state_dict[k], expect, rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(res.state_dict[k], pre[k])
