@@ -33,7 +33,8 @@ def entropy(pred: torch.Tensor, kind: str | None = None, task: str = "?") -> tor
     if not has_entropy(kind):
         raise ValueError(f"task {task!r} ({kind} head) outputs no distribution, so it has no entropy; "
                          f"entropy objectives support {', '.join(k for k in ENTROPY_KINDS if k)} heads")
-    pred = pred.float()
+    if pred.dtype in (torch.float16, torch.bfloat16):  # half precision: computed in float32; float64 kept
+        pred = pred.float()
     if ENTROPY_KINDS[kind] == "sigmoid":
         p = torch.sigmoid(pred)
         # −p log p − (1−p) log(1−p), with log-sigmoids for stability

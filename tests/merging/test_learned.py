@@ -452,3 +452,16 @@ def test_a_task_the_model_does_not_predict_is_named():
     with pytest.raises(KeyError, match=r"raised KeyError .*'zz'.* on forward\(x, tasks=\['zz'\]\); does it predict task 'zz'"):
         merging.merge("adamerging", a.state_dict(), [b.state_dict()], unlabeled={"zz": [torch.randn(2, 4)]},
                       model=c, tasks=["zz"], steps=1, progress=False)
+
+
+def test_entropy_keeps_float64_logits_in_float64_and_matches_the_formula():
+    from merging.learned.objective import entropy
+
+    logits = torch.tensor([[0.0, 1e-4], [2.0, -1.0]], dtype=torch.float64)
+    p = logits.softmax(1)
+    want = -(p * p.log()).sum(1).mean()
+    got = entropy(logits, "classification")
+    assert got.dtype == torch.float64 and abs(float(got - want)) < 1e-15
+    # log 2 − (1e-4)²/8 to first order: float32 cannot tell it from log 2, float64 can
+    assert abs(float(entropy(logits[:1], "classification")) - (math.log(2) - 1e-8 / 8)) < 1e-14
+    assert entropy(logits.to(torch.bfloat16), "classification").dtype == torch.float32
