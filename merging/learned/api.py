@@ -231,9 +231,12 @@ def learn(method: str, pretrained, finetuned, *, unlabeled: Mapping[str, Iterabl
     problem = build_problem(pretrained, finetuned, model=model, tasks=tasks, device=device, **key_options)
     if hp.get("vectors") == "ties":
         problem.taus = ties_task_vectors(problem.taus, hp["k"])
+    cuda = [problem.device.index or 0] if problem.device.type == "cuda" else []
     try:
-        return _learn(method, problem, hp, pretrained, finetuned, key_options, unlabeled, labeled, supervised,
-                      progress, callback, callback_every, recompute)
+        with torch.random.fork_rng(devices=cuda):  # seeded for the run; the caller's generator state comes back
+            torch.manual_seed(int(hp["seed"]))
+            return _learn(method, problem, hp, pretrained, finetuned, key_options, unlabeled, labeled, supervised,
+                          progress, callback, callback_every, recompute)
     finally:
         if model is not None:
             model.train(was_training)
@@ -254,7 +257,6 @@ def _learn(method, problem, hp, pretrained, finetuned, key_options, unlabeled, l
     objective = Objective(problem, obj_tasks, unlabeled, labeled, supervised, recompute, bn_options, hp["pool_limit"],
                           hp["channels_last"])
     frozen = problem.frozen()
-    torch.manual_seed(int(hp["seed"]))
     trace = Trace()
     steps = int(hp["steps"])
     granularity = hp.get("granularity", "block" if method == "atlas" else "task")

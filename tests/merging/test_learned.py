@@ -200,6 +200,12 @@ def test_deterministic_under_a_seed():
     b = merging.learn("concrete_adamerging", pre, fts, unlabeled=data, steps=3, final_steps=2, lr=0.1, seed=5, **kw(model))
     assert torch.equal(a.coefficients, b.coefficients)
     assert all(torch.equal(a.mask_probability[k], b.mask_probability[k]) for k in a.mask)
+    # the seed is the run's: the caller's global generator continues as if nothing had drawn from it
+    torch.manual_seed(123)
+    merging.learn("adamerging", pre, fts, unlabeled=data, steps=2, lr=0.1, seed=5, **kw(model))
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    assert torch.equal(after, torch.rand(3))
 
 
 def test_inputs_are_not_modified():
