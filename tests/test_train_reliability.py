@@ -50,6 +50,17 @@ def test_in_process_run_folders_honour_MTL_OUTPUT_DIR_and_never_collide(tmp_path
     assert not (tmp_path / "outputs").exists()
 
 
+def test_in_process_runs_honour_a_hydra_run_dir_override_as_the_cli_does(tmp_path):
+    cfg, run_dir = compose_in_process("mtl.configs", "train", ["debug=smoke", f"hydra.run.dir={tmp_path / 'mine'}"])
+    assert run_dir == tmp_path / "mine" and cfg.paths.output_dir == str(tmp_path / "mine")
+    same = compose_in_process("mtl.configs", "train", [f"hydra.run.dir={tmp_path / 'mine'}"], tmp_path / "mine")[1]
+    assert same == tmp_path / "mine"
+    with pytest.raises(ValueError, match="name different folders; give one of them"):
+        compose_in_process("mtl.configs", "train", [f"hydra.run.dir={tmp_path / 'a'}"], tmp_path / "b")
+    with pytest.raises(ValueError, match="uses an interpolation.*pass run_dir="):
+        compose_in_process("mtl.configs", "train", ["hydra.run.dir=outputs/${now:%H}"])
+
+
 @pytest.mark.slow
 def test_plot_only_where_weights_vary(tmp_path):
     ew = run(FAST + ["task=[depth,classification]", "log_weights_every=1"], run_dir=tmp_path / "ew")

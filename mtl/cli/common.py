@@ -361,10 +361,19 @@ def default_run_dir(name: str) -> Path:
             path = base.with_name(f"{base.name}-{n}")
 
 
+def _run_dir_override(overrides) -> str | None:
+    """The value of a ``hydra.run.dir=...`` override, if any."""
+    for override in overrides or []:
+        key, sep, value = str(override).partition("=")
+        if sep and key.lstrip("+~") == "hydra.run.dir":
+            return value
+    return None
+
+
 def compose_in_process(config_module: str, config_name: str, overrides, run_dir=None):
     """Compose a CLI's Hydra config without running the app (notebooks, tests, scripts) and point its
-    output at `run_dir` (default: a new folder under ``$MTL_OUTPUT_DIR/<name>/runs/``, see
-    `default_run_dir`); returns ``(cfg, run_dir)``.
+    output at `run_dir` (or a ``hydra.run.dir=<path>`` override, as on the CLI; default: a new folder
+    under ``$MTL_OUTPUT_DIR/<name>/runs/``, see `default_run_dir`); returns ``(cfg, run_dir)``.
 
     Safe inside another Hydra app (mtl-merge builds its smoke pool with mtl-train's config): the
     outer app's global Hydra state is restored afterwards.
@@ -382,6 +391,15 @@ def compose_in_process(config_module: str, config_name: str, overrides, run_dir=
             cfg = compose(config_name=config_name, overrides=list(overrides or []))
     finally:
         restore_gh_from_backup(outer)
+    given = _run_dir_override(overrides)
+    if given is not None:  # the CLI's way to name the folder: honoured here too, never silently dropped
+        if "${" in given:
+            raise ValueError(f"hydra.run.dir={given} uses an interpolation, which only the CLI resolves; "
+                             "in Python pass run_dir= (a path) instead")
+        if run_dir is not None and Path(run_dir) != Path(given):
+            raise ValueError(f"run_dir={str(run_dir)!r} and the override hydra.run.dir={given} name different "
+                             "folders; give one of them")
+        run_dir = given
     if run_dir is None:
         run_dir = default_run_dir(cfg.name)
     OmegaConf.set_struct(cfg, False)
