@@ -137,7 +137,15 @@ def register(name: str):
 
 
 def create_balancer(name: str, tasks: Sequence[str], **kwargs) -> Balancer:
+    """The balancer registered as `name` for the task names `tasks` (in the order their losses come),
+    with its hyper-parameters as keyword arguments; unknown or non-finite ones are refused by name."""
     cls = BALANCERS.get(name)
+    if isinstance(tasks, (str, bytes)) or not all(isinstance(t, str) for t in tasks):
+        # "depth" would be read as the tasks 'd', 'e', 'p', ...
+        raise TypeError(f"tasks must be a list of task names such as ['semseg', 'depth'], got {tasks!r}")
+    tasks = list(tasks)
+    if not tasks or len(set(tasks)) != len(tasks):
+        raise ValueError(f"tasks must name each task once (at least one), got {tasks}")
     try:
         inspect.signature(cls).bind(tasks, **kwargs)
     except TypeError as err:

@@ -64,6 +64,17 @@ def test_unknown_balancer_lists_valid_names():
     assert "valid names" in str(err.value) and "pcgrad" in str(err.value) and "famo" in str(err.value)
 
 
+@pytest.mark.parametrize("tasks, err, match", [
+    ("depth", TypeError, r"tasks must be a list of task names.*got 'depth'"),  # not the tasks d, e, p, t, h
+    (["a", 3], TypeError, r"tasks must be a list of task names"),
+    (["a", "a"], ValueError, r"tasks must name each task once.*\['a', 'a'\]"),
+    ([], ValueError, r"tasks must name each task once \(at least one\)"),
+])
+def test_bad_task_lists_are_named(tasks, err, match):
+    with pytest.raises(err, match=match):
+        create_balancer("ew", tasks)
+
+
 def test_unknown_hyperparameter_lists_the_valid_ones():
     with pytest.raises(TypeError, match="cagrad.*hyper-parameters are: c, norm_eps"):
         create_balancer("cagrad", ["a", "b"], alpha=0.3)
