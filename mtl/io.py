@@ -189,6 +189,9 @@ def save_model(model, path: str | os.PathLike, meta: dict[str, Any] | None = Non
 
     The weights file's header also records each task's kind and digests of the model config and of
     the weights, so `load_model` refuses a folder whose files were edited, swapped or corrupted.
+    ``meta`` (provenance: data, training, merge or pruning records) defaults to the model's own
+    ``.meta`` (set by `load_model`, pruning and extraction), so a reloaded model saved again keeps it;
+    pass ``meta={}`` to drop it.
     """
     from mtl import __version__
     from mtl.models.surgery import model_config
@@ -197,6 +200,8 @@ def save_model(model, path: str | os.PathLike, meta: dict[str, Any] | None = Non
     if not isinstance(getattr(model, "config", None), dict):
         raise TypeError(f"save_model takes an mtlkit model (mtl.create_model, mtl.load_model, a merged, pruned or "
                         f"extracted one: it describes itself in .config), got {type(model).__name__}")
+    if meta is None:
+        meta = getattr(model, "meta", None)
     if meta is not None and not isinstance(meta, dict):
         raise TypeError(f"save_model: meta must be a dict, got {type(meta).__name__}")
     meta = strict_json(meta or {}, "meta")

@@ -21,6 +21,15 @@ def test_model_folder_round_trip_identical_outputs(tiny_model, tmp_path):
     assert [t.to_config() for t in loaded.tasks.values()] == [t.to_config() for t in tiny_model.tasks.values()]
 
 
+def test_a_reloaded_model_saved_again_keeps_its_meta_unless_told_otherwise(tiny_model, tmp_path):
+    mtl.save_model(tiny_model, tmp_path / "a", meta={"data": {"name": "scenes"}})
+    again = mtl.load_model(tmp_path / "a")
+    mtl.save_model(again, tmp_path / "b")
+    assert mtl.load_model(tmp_path / "b").meta == {"data": {"name": "scenes"}}
+    mtl.save_model(again, tmp_path / "c", meta={})
+    assert mtl.load_model(tmp_path / "c").meta == {}
+
+
 def test_model_files_get_the_usual_permissions(tiny_model, tmp_path):
     """safetensors creates its file 0600; a shipped folder must be as readable as any file we write."""
     import os

@@ -298,7 +298,7 @@ def test_extracted_folder_keeps_the_training_data_and_seed(tmp_path):
     out = mtl.export(folder, "onnx", tmp_path / "onnx", exporter="torchscript", verify_batches=[1])
     assert mtl.exporters.read_report(out)["input"]["shape"] == ["batch", 3, 40, 40]
     # without a recorded size (and no img_size) the export asks for one instead of guessing 224
-    bare = mtl.save_model(mtl.load_model(folder), tmp_path / "bare")
+    bare = mtl.save_model(mtl.load_model(folder), tmp_path / "bare", meta={})
     with pytest.raises(ValueError, match=r"bare/config.json records no training image size .* format.input_size="):
         mtl.export(bare, "onnx", tmp_path / "onnx2", exporter="torchscript")
     assert not (tmp_path / "onnx2").exists()
