@@ -173,9 +173,28 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
     """``safetensors.torch.save_file`` with the permissions of any other file we write: it creates
     its file 0600, so a shipped folder would be unreadable to other users and containers."""
     save_file(tensors, str(path), metadata=metadata)
+    if metadata and len(metadata) > 1:
+        _sort_header_metadata(path)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
+
+
+def _sort_header_metadata(path: str | os.PathLike) -> None:
+    """Rewrite the header's ``__metadata__`` in key order. safetensors writes it from a hash map, in an
+    order that changes from process to process, so two saves of the same model differed in their bytes
+    (and checksums). The rewritten header has the same length, so the data section does not move."""
+    import struct
+
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(raw) > n:  # escaping unlike the writer's: keep its header rather than move the data
+            return
+        f.seek(8)
+        f.write(raw + b" " * (n - len(raw)))
 
 
 def is_model_folder(path: str | os.PathLike) -> bool:

@@ -242,3 +242,21 @@ def test_read_json_of_a_folder_names_the_json_files_it_holds(tmp_path):
     (tmp_path / "width_table.json").write_text("{}")
     with pytest.raises(IsADirectoryError, match=rf"{tmp_path} is a folder, not a JSON file; it holds width_table.json"):
         read_json(tmp_path)
+
+
+def test_two_saves_of_one_model_are_the_same_bytes(tiny_model, tmp_path):
+    """safetensors writes the header metadata in hash-map order, which differs between processes."""
+    import subprocess
+    import sys
+
+    mtl.save_model(tiny_model, tmp_path / "m", meta={})
+    code = ("import sys, mtl; m = mtl.load_model(sys.argv[1]); mtl.save_model(m, sys.argv[2], meta={})")
+    for i in range(2):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / "m"), str(tmp_path / f"c{i}")], check=True)
+    want = (tmp_path / "m" / "model.safetensors").read_bytes()
+    assert all((tmp_path / f"c{i}" / "model.safetensors").read_bytes() == want for i in range(2))
+    with open(tmp_path / "m" / "model.safetensors", "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        keys = list(json.loads(f.read(n))["__metadata__"])
+    assert keys == sorted(keys)
+    mtl.load_model(tmp_path / "c0")
