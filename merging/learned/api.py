@@ -217,6 +217,13 @@ def learn(method: str, pretrained, finetuned, *, unlabeled: Mapping[str, Iterabl
     result's statistics are re-estimated on one pass over every task's data (`merging.bn`).
     """
     hp, key_options = check_hparams(method, kwargs)
+    if isinstance(callback_every, bool) or not isinstance(callback_every, numbers.Integral) or callback_every < 0:
+        raise ValueError(f"callback_every must be an int ≥ 0 (steps between callback calls; 0: never), "
+                         f"got {callback_every!r}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable as callback(step, merged_state), got {type(callback).__name__}")
+    if callback is not None and not callback_every:
+        log.warning("callback given with callback_every=0: it is never called; set callback_every=N")
     recompute = check_bn(key_options.get("bn", "pretrained")) == "recompute"
     if recompute:  # θ0's statistics until they are re-estimated on data
         key_options["bn"] = "pretrained"

@@ -114,11 +114,18 @@ class Objective:
         """Inputs, and targets for the supervised objective only (unlabeled batches: inputs alone are read)."""
         if not self.supervised:
             return _checked(batch_inputs(batch, task), task, "unlabeled"), None
+        tasks = getattr(self.problem.model, "tasks", None)
+        key = getattr(tasks.get(task), "target_key", task) if isinstance(tasks, Mapping) else task
         if isinstance(batch, Mapping):
-            model = self.problem.model
-            x, y = batch["image"], batch[getattr(getattr(model, "tasks", {}).get(task), "target_key", task)]
-        else:
+            if "image" not in batch or key not in batch:
+                raise ValueError(f"labeled[{task!r}]: a batch dict needs 'image' and {key!r} (the targets); it has "
+                                 f"{sorted(map(str, batch))} (objective='supervised' trains on labelled shots)")
+            x, y = batch["image"], batch[key]
+        elif isinstance(batch, (tuple, list)) and len(batch) == 2:
             x, y = batch
+        else:  # a bare tensor of two images would otherwise unpack into an input and a "target"
+            raise TypeError(f"labeled[{task!r}]: batches must be (inputs, targets) pairs or dicts with 'image' and "
+                            f"{key!r}, got {type(batch).__name__} (objective='supervised' trains on labelled shots)")
         return _checked(x, task, "labeled"), y
 
     def model_input(self, x: torch.Tensor) -> torch.Tensor:

@@ -232,6 +232,29 @@ def test_supervised_atlas_uses_labels():
 # --- bad input ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("kwargs, err, match", [
+    ({"callback_every": -1}, ValueError, r"callback_every must be an int ≥ 0.*got -1"),
+    ({"callback_every": 2.5}, ValueError, r"callback_every must be an int ≥ 0.*got 2.5"),
+    ({"callback": "print", "callback_every": 1}, TypeError, "callback must be callable.*got str"),
+])
+def test_bad_callback_settings_are_named(kwargs, err, match):
+    model, pre, fts, data = toys()
+    with pytest.raises(err, match=match):
+        merging.learn("adamerging", pre, fts, unlabeled=data, steps=1, **kwargs, **kw(model))
+
+
+@pytest.mark.parametrize("batch, err, match", [
+    (torch.zeros(2, 5), TypeError, r"labeled\['t0'\]: batches must be \(inputs, targets\) pairs.*got Tensor"),
+    ({"image": torch.zeros(2, 5)}, ValueError, r"labeled\['t0'\]: a batch dict needs 'image' and 't0'.*\['image'\]"),
+])
+def test_supervised_batches_without_targets_are_named(batch, err, match):
+    """A bare tensor of two inputs once unpacked into an input and a 'target'."""
+    model, pre, fts, data = toys()
+    with pytest.raises(err, match=match):
+        merging.learn("atlas", pre, fts, labeled={t: [batch] for t in data}, objective="supervised", steps=1, **kw(model))
+
+
+
 def test_no_unlabeled_data_is_named():
     model, pre, fts, data = toys()
     with pytest.raises(ValueError, match="unlabeled"):
