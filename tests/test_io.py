@@ -30,6 +30,14 @@ def test_a_reloaded_model_saved_again_keeps_its_meta_unless_told_otherwise(tiny_
     assert mtl.load_model(tmp_path / "c").meta == {}
 
 
+def test_a_hugging_face_folder_is_named_as_one(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    save_file({"model.norm.weight": torch.ones(4)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ModelFolderError, match="a Hugging Face model config \\(model_type='llama'\\), not an mtlkit "
+                                               "model folder; merge such checkpoints with merging.merge"):
+        mtl.load_model(tmp_path)
+
+
 def test_model_files_get_the_usual_permissions(tiny_model, tmp_path):
     """safetensors creates its file 0600; a shipped folder must be as readable as any file we write."""
     import os
