@@ -141,6 +141,11 @@ class MergekitMethod(MergeMethod):
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed must be an int or None (torch's global generator, as mergekit), got {seed!r}")
         dens = self.hp["density"]
+        if not self.sparsify and (any(d != 1 for d in (dens if isinstance(dens, Sequence) else [dens]))
+                                  or self.hp["rescale"]):
+            # accepted as mergekit accepts them, but they change nothing: say so rather than look applied
+            log.warning("%s (convention=mergekit) does not sparsify: density and rescale are ignored, as in "
+                        "mergekit; use ties, dare_ties or dare_linear to trim or drop entries", self.name)
         if self.sparsify and all(d >= 1 for d in (dens if isinstance(dens, Sequence) else [dens])):
             log.warning("%s (convention=mergekit) at density 1.0 (mergekit's default) keeps every entry: nothing "
                         "is %s; pass density=<kept fraction>", self.name,

@@ -86,6 +86,11 @@ def test_mergekit_dare_with_a_seed_repeats_whatever_the_global_generator(caplog)
     with caplog.at_level("WARNING", logger="merging.mergekit"):
         merging.merge("dare_ties", pre, fts, convention="mergekit")
     assert "density 1.0 (mergekit's default) keeps every entry: nothing is dropped" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="merging.mergekit"):
+        plain = merging.merge("task_arithmetic", pre, fts, convention="mergekit", density=0.3)["w"]
+    assert "does not sparsify: density and rescale are ignored, as in mergekit" in caplog.text
+    assert torch.equal(plain, merging.merge("task_arithmetic", pre, fts, convention="mergekit")["w"])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2])
