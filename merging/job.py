@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -196,10 +197,11 @@ def select_consensus(job: MergeJob, hp: Mapping[str, Any]) -> Selection:
     return sel
 
 
-def build_smoke_pool(root: Path) -> ModelPool:
+def build_smoke_pool(root: str | os.PathLike) -> ModelPool:
     """A seconds-long real pool: a tiny base trained on scenes classification, fine-tuned on 2 tasks."""
     from mtl.train import run as train
 
+    root = Path(root)
     common = ["experiment=scenes_hps", "debug=smoke", "viz.num_samples=0", "logger=none"]
     pre = train(common + ["task=[classification]"], run_dir=root / "pretrained") / "model"
     fts = [train(common + [f"task=[{t}]", f"init_from={pre}"], run_dir=root / t) / "model"

@@ -21,6 +21,9 @@ def extract(model: nn.Module, *, out: str | os.PathLike | None = None, overwrite
     ``extract(model, widths={...})`` (slimmable: widths not named keep the model's current ones, and
     ``extract(model)`` takes the current configuration as it is). With ``out=`` the result is also saved
     as a model folder whose meta records the full configuration used (``extract.widths``)."""
+    if isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"extract takes a model, got the path {str(model)!r}; load it with mtl.load_model(path) "
+                        "first (or run mtl-extract model=<folder>)")
     check_request(model, kwargs)
     fn = model.extract_subnetwork
     sub = fn(**kwargs)

@@ -1,6 +1,7 @@
 """FLOPs and parameter counts from ``torch.utils.flop_counter`` (one multiply-add = 2 FLOPs)."""
 from __future__ import annotations
 
+import os
 from typing import Any, Iterable
 
 import torch
@@ -47,6 +48,11 @@ def count_flops(model: nn.Module, x: torch.Tensor, tasks: Iterable[str] | str | 
 
 def model_stats(model: nn.Module, x: torch.Tensor, tasks: Iterable[str] | None = None) -> dict[str, Any]:
     """Params, all-task FLOPs and each task's own FLOPs (``forward(x, tasks=[t])``) per sample."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model_stats takes a model (nn.Module), got {type(model).__name__}"
+                        + ("; load a model folder with mtl.load_model(path) first" if isinstance(model, (str, os.PathLike)) else ""))
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"model_stats takes an input batch x (a tensor), got {type(x).__name__}")
     names = ([tasks] if isinstance(tasks, str) else list(tasks)) if tasks is not None else list(getattr(model, "tasks", []))
     n = int(x.shape[0])
     stats: dict[str, Any] = {"params": count_params(model), "flops_all_tasks": count_flops(model, x) // n}

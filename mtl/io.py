@@ -402,6 +402,9 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     """
     from mtl.models import model_from_config
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"load_model takes the path of a model folder, got {type(path).__name__}"
+                        + (" (already a model: use it as it is)" if isinstance(path, torch.nn.Module) else ""))
     path = Path(path)
     cfg = read_model_config(path)
     file, cfg_file = path / WEIGHTS, path / CONFIG

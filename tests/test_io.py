@@ -268,3 +268,17 @@ def test_two_saves_of_one_model_are_the_same_bytes(tiny_model, tmp_path):
         keys = list(json.loads(f.read(n))["__metadata__"])
     assert keys == sorted(keys)
     mtl.load_model(tmp_path / "c0")
+
+
+def test_wrong_argument_types_are_named(tiny_model):
+    with pytest.raises(TypeError, match="load_model takes the path of a model folder, got MultiTaskModel "
+                                        r"\(already a model: use it as it is\)"):
+        mtl.load_model(tiny_model)
+    with pytest.raises(TypeError, match=r"extract takes a model, got the path 'some/folder'; load it with mtl.load_model"):
+        mtl.extract("some/folder", widths={"encoder": 0.5})
+    from mtl.flops import model_stats
+
+    with pytest.raises(TypeError, match=r"model_stats takes a model \(nn.Module\), got str; load a model folder"):
+        model_stats("some/folder", torch.zeros(1, 3, 32, 32))
+    with pytest.raises(TypeError, match="model_stats takes an input batch x"):
+        model_stats(tiny_model, [1, 2])
