@@ -44,7 +44,15 @@ def __getattr__(name):  # matplotlib (plots) and the model world (disentanglemen
         import importlib
 
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module 'merging' has no attribute {name!r}")
+    from mtl.lazy import submodule
+
+    return submodule(__name__, name)  # merging.job, merging.hf, ... without importing them first
+
+
+def __dir__():
+    from mtl.lazy import names
+
+    return names(globals(), _LAZY.keys() | _PLOTS)
 
 
 def method_names() -> list[str]:

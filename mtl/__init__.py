@@ -23,7 +23,15 @@ def __getattr__(name):  # lazy, so `import mtl` stays cheap and free of import c
         import importlib
 
         return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'mtl' has no attribute {name!r}")
+    from mtl.lazy import submodule
+
+    return submodule(__name__, name)  # mtl.train, mtl.io, ... without importing them first
+
+
+def __dir__():
+    from mtl.lazy import names
+
+    return names(globals(), _LAZY)
 
 
 __all__ = list(_LAZY)

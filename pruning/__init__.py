@@ -12,3 +12,15 @@ from pruning.methods import METHODS
 from pruning import pagcp as _pagcp  # noqa: F401  (registers "pagcp")
 
 __all__ = ["prune", "METHODS", "LayerGraph", "PruningError"]
+
+
+def __getattr__(name):
+    from mtl.lazy import submodule
+
+    return submodule(__name__, name)  # pruning.job, ... without importing them first
+
+
+def __dir__():
+    from mtl.lazy import names
+
+    return names(globals())

@@ -181,3 +181,15 @@ def test_importing_merging_leaves_the_model_world_and_plotting_unloaded():
             "'mtl.models') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_submodules_are_reachable_as_attributes_without_importing_them_first():
+    import subprocess
+    import sys
+
+    code = ("import mtl, merging, pruning; print(mtl.train.run.__module__, merging.job.run.__module__, "
+            "pruning.job.__name__, 'train' in dir(mtl), 'learned' in dir(merging), 'job' in dir(pruning)); "
+            "import sys; print(hasattr(mtl, 'nope'), hasattr(mtl, '_private'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["mtl.train merging.job pruning.job True True True", "False False"]
