@@ -337,5 +337,7 @@ def load_task_model(store, task: int | str, include_task_keys: bool = True) -> d
 
 
 def store_report(store) -> dict[str, Any]:
+    """Sizes of a TALL store (a path or an open `TallStore`): bytes stored, bytes of the T full task
+    models it replaces and their ratio, per section."""
     with opened_store(store) as s:
         return s.report()

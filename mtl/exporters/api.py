@@ -144,6 +144,7 @@ def export(
 ) -> Path:
     """Export ``model`` (a model folder or a loaded mtlkit model) to ``out`` in ``format``
     (``onnx``, ``timm``, ``folder``; see ``mtl.export.EXPORTERS``); returns the output folder.
+    ``out`` is required (it defaults to None only so that leaving it out gets a clear error).
 
     ``tasks`` picks a subset of heads (``onnx`` and ``folder``); ``options`` go to the format
     (e.g. ``opset=18`` for ONNX). An existing ``out`` is replaced only with ``overwrite=True``.
