@@ -423,3 +423,11 @@ def run_in_process(job: Callable[[Any, Path], Any], config_modules: Sequence[str
     with claims_run_folder(run_dir, _rank0()), marks_failure(run_dir):  # a failed run is marked as the CLI marks it
         check_required(cfg)
         return job(cfg, run_dir), Path(run_dir)
+
+
+def report_in_process(job: Callable[[Any, Path], dict], config_modules: Sequence[str], config_name: str,
+                      overrides, run_dir=None) -> dict[str, Any]:
+    """`run_in_process` for jobs that return a report (merge, prune, export, extract): the report, with
+    ``run_dir`` (absolute) added so a notebook can find the run's files."""
+    report, folder = run_in_process(job, config_modules, config_name, overrides, run_dir)
+    return {**report, "run_dir": str(Path(folder).resolve())}

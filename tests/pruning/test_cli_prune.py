@@ -30,6 +30,7 @@ def test_job_writes_a_reloadable_smaller_folder_and_report(folder, tmp_path):
     report = run(["prune=l1", f"model={folder}", "prune.ratio=0.5", "calib.batches=1", "eval.max_batches=1",
                   "eval.latency_repeats=2", "data={batch_size: 4}"], run_dir=tmp_path / "run")  # the documented override
     out = tmp_path / "run"
+    assert report["run_dir"] == str(out.resolve())  # the in-process report says where the run is
     assert sorted(p.name for p in (out / "model").iterdir()) == ["config.json", "model.safetensors"]
     pruned = mtl.load_model(out / "model")
     assert count_params(pruned) == report["params"]["after"] < report["params"]["before"]
