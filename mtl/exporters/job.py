@@ -21,7 +21,7 @@ def run_export(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     out = export(model, fmt, output, tasks=tasks, overwrite=bool(cfg.overwrite), **options)
     report = read_report(out)
     print_summary(out, report)
-    return report
+    return {**report, "output": str(Path(out).resolve())}
 
 
 def print_summary(out: Path, report: dict[str, Any]) -> None:

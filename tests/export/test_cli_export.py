@@ -62,3 +62,11 @@ def test_cli_smoke_trains_a_model_and_exports_it(tmp_path):
     report = json.loads((run_dir / "onnx" / "export.json").read_text())
     assert report["exporter"] == "dynamo" and report["verification"]["passed"]
     assert (run_dir / "smoke_model" / "metrics.json").is_file()
+
+
+def test_in_process_export_returns_its_report_with_the_run_and_output_folders(folder, tmp_path):
+    from mtl.exporters.job import run
+
+    report = run([f"model={folder}", "format=folder"], run_dir=tmp_path / "run")
+    assert report["run_dir"] == str((tmp_path / "run").resolve())
+    assert report["output"] == str((tmp_path / "run" / "folder").resolve()) and report["format"] == "folder"
