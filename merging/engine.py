@@ -9,12 +9,13 @@ tensors one by one; the callers only differ in where those go (a dict, or a file
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 
-from .keys import DEFAULT_TASK_KEYS, KeyPlan, plan_keys
+from .keys import DEFAULT_TASK_KEYS, EXPANSION_POINT, KeyPlan, plan_keys
 from .sources import MergeInputError, StateSource, open_sources
 
 __all__ = ["Context", "KeyOptions", "all_finite", "open_context", "produce", "torch_threads"]
@@ -204,7 +205,31 @@ def open_context(pretrained, finetuned, opts: KeyOptions, min_models: int, what:
         pre, fts, include=opts["include"], exclude=opts["exclude"], task_keys=opts["task_keys"],
         unshared=opts["unshared"], bn=opts["bn"], keep_base=keep_base,
     )
-    return Context(pre, fts, plan, check_finite=opts["check_finite"])
+    ctx = Context(pre, fts, plan, check_finite=opts["check_finite"])
+    try:
+        check_expansion_points(ctx)
+    except BaseException:
+        ctx.close()
+        raise
+    return ctx
+
+
+def check_expansion_points(ctx: Context) -> None:
+    """Linearized (tangent-space) models are expanded around θ0 (their `theta0.` buffers); the merge copies
+    θ0's point, so a fine-tune expanded around another point would be merged as if it were not."""
+    is_point = re.compile(EXPANSION_POINT).match
+    for key in ctx.plan.copy:
+        if not is_point(key):
+            continue
+        ref = ctx.sources[0].get(key).clone()  # a source may reuse its buffer on the next read
+        for src in ctx.sources[1:]:
+            x = src.get(key)
+            if not torch.equal(x, ref):
+                diff = float((x.float() - ref.float()).abs().max())
+                raise MergeInputError(
+                    f"{src.label} is linearized around another point than {ctx.sources[0].label}: its expansion "
+                    f"point {key!r} differs by up to {diff:.3g}; tangent-space task vectors add up only around one "
+                    "θ0 (fine-tune each model from the same linearized θ0)")
 
 
 def produce(method, ctx: Context, fused: Callable[[str], object] | None = None) -> Iterable[tuple[str, torch.Tensor]]:

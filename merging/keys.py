@@ -169,6 +169,13 @@ def plan_keys(
         plan.kind[k] = kind
         getattr(plan, kind).append(k)
 
+    if linear_only:  # whatever `unshared` says: skipping the buffers would merge tangent-space fine-tunes as plain
+        plain = [m.label for m in models if m.label not in linear_only]
+        raise MergeInputError(
+            f"{', '.join(linear_only)} {'is a linearized (tangent-space) model' if len(linear_only) == 1 else 'are linearized (tangent-space) models'} "
+            f"and {', '.join(plain)} {'is' if len(plain) == 1 else 'are'} not: merge linearized fine-tunes with "
+            "their linearized θ0 (mtl.save_model(linearize(load_model(θ0)), ...); build_zoo.py --linear writes "
+            "pretrain/model_linearized), never across the two forms")
     if filtered:
         raise MergeInputError(
             f"the key filters leave out {', '.join(filtered[:_MAX_LISTED])}" + (" ..." if len(filtered) > _MAX_LISTED else "")
@@ -181,12 +188,6 @@ def plan_keys(
             hint = ("; a Hugging Face folder holds every tensor of its base model (its config.json is the base's; "
                     "transformers would initialise a missing one at random), so it cannot be skipped: save each "
                     "model with it (a tied lm_head.weight: save it untied, a copy of the input embedding)")
-        elif linear_only:  # skipping the buffers would merge tangent-space fine-tunes as plain models
-            plain = [m.label for m in models if m.label not in linear_only]
-            hint = (f"; {', '.join(linear_only)} {'is a linearized (tangent-space) model' if len(linear_only) == 1 else 'are linearized (tangent-space) models'} "
-                    f"and {', '.join(plain)} {'is' if len(plain) == 1 else 'are'} not: merge linearized fine-tunes with "
-                    "their linearized θ0 (mtl.save_model(linearize(load_model(θ0)), ...); build_zoo.py --linear "
-                    "writes pretrain/model_linearized), never across the two forms")
         elif missing:
             hint = "; pass unshared='skip' or an include/exclude/task_keys filter to merge only shared keys"
         else:

@@ -95,7 +95,8 @@ class LinearizedModel(MultiTaskModel):
 
         with sdpa_kernel([SDPBackend.MATH]):
             out, tangent = torch.func.jvp(f, (self.point(),), (self.offset(),))
-        return out + tangent
+        # a decoder may share several feature maps (a list): f(θ0) + J·Δθ for each of them
+        return torch.utils._pytree.tree_map(torch.add, out, tangent)
 
     def train(self, mode: bool = True) -> "LinearizedModel":
         super().train(mode)

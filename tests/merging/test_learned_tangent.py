@@ -11,11 +11,11 @@ from mtl.models import LinearizedModel, create_model, linearize
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/merging/conftest.py
 
 
-def plain_model(seed=0):
+def plain_model(seed=0, decoder="hps"):
     torch.manual_seed(seed)
     tasks = [{"kind": "classification", "name": "a", "num_classes": 3}, {"kind": "semseg", "name": "s", "num_classes": 4}]
     m = create_model(tasks, backbone={"name": "test_resnet", "out_indices": [1, 2, 3]},
-                     decoder={"name": "hps", "channels": 8})
+                     decoder={"name": decoder, "channels": 8})
     return m.double().eval()
 
 
@@ -33,14 +33,36 @@ def shared_at(model, delta):
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
 
-def test_linearized_equals_plain_at_theta0():
-    plain = plain_model()
+@pytest.mark.parametrize("decoder", ["hps", "moe"])  # moe shares several feature maps (a list)
+def test_linearized_equals_plain_at_theta0(decoder):
+    plain = plain_model(decoder=decoder)
     lin = linearize(plain).eval()
     assert isinstance(lin, LinearizedModel) and lin.config["family"] == "linearized"
     with torch.no_grad():
         a, b = plain(X), lin(X)
     for t in a:
         torch.testing.assert_close(a[t], b[t], rtol=1e-10, atol=1e-10)
+
+
+def test_linearized_shared_features_are_linear_in_the_offset_with_several_feature_maps():
+    """decoder=moe shares a list of feature maps (its task heads gate them non-linearly, so the check is on
+    the shared representation, which is what the expansion covers)."""
+    import copy
+
+    lin = linearize(plain_model(decoder="moe")).eval()
+    d1, d2 = offsets(lin, 1), offsets(lin, 2)
+
+    def feats(delta):
+        m = copy.deepcopy(lin)
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if n in delta:
+                    p.add_(delta[n])
+            return torch.cat([f.flatten() for f in m.shared(X)])
+
+    f0, f1, f2 = feats({}), feats(d1), feats(d2)
+    mix = feats({n: 0.7 * d1[n] - 1.3 * d2[n] for n in d1})
+    torch.testing.assert_close(mix, f0 + 0.7 * (f1 - f0) - 1.3 * (f2 - f0), rtol=1e-9, atol=1e-9)
 
 
 def test_linearized_output_is_linear_in_the_offset():
@@ -121,6 +143,23 @@ def test_a_plain_theta0_with_linearized_fine_tunes_is_refused_naming_the_forms(t
         text = str(err.value)
         assert f"{lin / 'model.safetensors'} is a linearized (tangent-space) model and" in text
         assert f"{pre / 'model.safetensors'} is not" in text and "unshared='skip'" not in text
+        assert "theta0/" not in text  # the forms, not every expansion-point key
+        with pytest.raises(merging.MergeInputError, match="is a linearized .tangent-space. model and"):
+            merging.merge("task_arithmetic", a, [b], unshared="skip")  # skipping would merge them as plain ones
+
+
+def test_a_linearized_fine_tune_expanded_around_another_point_is_refused(tmp_path):
+    m = plain_model().float()
+    pre = mtl.save_model(linearize(m), tmp_path / "pre")
+    ft = mtl.save_model(linearize(m), tmp_path / "ft")  # same expansion point
+    with torch.no_grad():
+        next(p for n, p in m.named_parameters() if n.startswith("backbone.")).add_(0.1)
+    other = mtl.save_model(linearize(m), tmp_path / "other")  # expanded around the moved weights
+    merging.merge("task_arithmetic", pre, [ft, ft])
+    with pytest.raises(merging.MergeInputError, match=r"other/model.safetensors is linearized around another point "
+                                                      r"than .*pre/model.safetensors: its expansion point 'theta0\..*"
+                                                      r"differs by up to 0.1"):
+        merging.merge("task_arithmetic", pre, [ft, other])
 
 
 def test_a_linearized_vit_runs_and_equals_the_plain_model_at_theta0():
@@ -149,3 +188,21 @@ def test_families_the_expansion_cannot_rebuild_are_refused_by_name():
     pruned = pruning.prune(plain_model().float(), "l1", example=X.float(), ratio=0.5)[0]
     with pytest.raises(ValueError, match="linearize: a pruned model cannot be linearised"):
         linearize(pruned)
+
+
+def test_a_training_start_keeps_the_expansion_point(tmp_path):
+    """family=linearized from a plain folder expands around the loaded weights (not the random init); a
+    linearized folder loaded into a plain model (which would drop its θ0) is refused."""
+    from mtl.train import _keep_expansion_point, init_from_folder
+
+    plain = mtl.save_model(plain_model(seed=1).float(), tmp_path / "plain")
+    lin = LinearizedModel.from_config({**plain_model(seed=2).config, "family": "linearized"})
+    init_from_folder(lin, plain)
+    _keep_expansion_point(lin, plain)
+    loaded = mtl.load_model(plain).state_dict()
+    assert all(torch.equal(v, loaded[k]) for k, v in lin.point().items())
+    with torch.no_grad():
+        torch.testing.assert_close(lin.eval()(X.float())["s"], mtl.load_model(plain).eval()(X.float())["s"])
+    folder = mtl.save_model(linearize(plain_model(seed=1).float()), tmp_path / "lin")
+    with pytest.raises(ValueError, match="is a linearized .tangent-space. model: continue it with family=linearized"):
+        _keep_expansion_point(plain_model(seed=2).float(), folder)
