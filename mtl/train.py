@@ -85,6 +85,22 @@ def init_from_folder(model: MultiTaskModel, folder: str | Path) -> dict[str, int
     return {"loaded": len(loaded), "total": len(own), "shared_missed": len(missed)}
 
 
+def _keep_expansion_point(model: MultiTaskModel, folder: str | Path) -> None:
+    """A linearized (tangent-space) start keeps its expansion point θ0: a plain model would drop it (and
+    predict another function), and a linearized model started from plain weights expands around them."""
+    from mtl.io import read_model_config
+    from mtl.models import LinearizedModel
+
+    linear_source = read_model_config(folder)["model"].get("family") == "linearized"
+    if linear_source and not isinstance(model, LinearizedModel):
+        raise ValueError(f"init_from={folder} is a linearized (tangent-space) model: continue it with "
+                         "family=linearized (its expansion point θ0 comes with it); a plain model, or linearize=true "
+                         "(which expands around the loaded weights), would drop its θ0")
+    if isinstance(model, LinearizedModel) and not linear_source:
+        model.reset_point()  # else the expansion would stay around the random initialisation
+        log.info("family=linearized: expanding around the weights of %s", folder)
+
+
 def _shared_names(model: MultiTaskModel) -> set[str]:
     """State-dict names of the weights every task uses (the model's ``shared_parameters``; the
     ``backbone.`` tensors for a model without them)."""
@@ -143,6 +159,7 @@ def build_module(cfg: DictConfig, info: dict[str, Any] | None = None) -> MultiTa
     if cfg.get("init_from"):
         stats = init_from_folder(model, cfg.init_from)
         log.info("initialised %d/%d tensors from %s", stats["loaded"], stats["total"], cfg.init_from)
+        _keep_expansion_point(model, cfg.init_from)
     if cfg.get("linearize"):  # tangent-space fine-tuning: train the expansion around the weights loaded above
         from mtl.models import linearize
 
@@ -217,6 +234,10 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
     trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), callbacks=callbacks, logger=loggers or False,
                         default_root_dir=str(run_dir))
+    _check_precision(cfg, trainer)
+    if trainer.limit_val_batches == 0:
+        log.warning("trainer.limit_val_batches=0: no validation, so the checkpoint tested and saved is the last "
+                    "epoch's and metrics.json['val'] is empty")
     _check_eval_splits(trainer, datamodule)
     try:
         return _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, baselines, variant)
@@ -289,6 +310,17 @@ def _check_checkpoint(path: Path) -> None:
                          "<run>/checkpoints/last.ckpt); to start from a model folder's weights use init_from=<folder>")
 
 
+def _check_precision(cfg: DictConfig, trainer: L.Trainer) -> None:
+    """Lightning replaces a precision the accelerator lacks (fp16 AMP on a CPU becomes bf16-mixed) with a
+    warning; the run would then record one precision and train in another."""
+    asked = str(cfg.trainer.get("precision", "32-true"))
+    asked = {"16": "16-mixed", "bf16": "bf16-mixed", "32": "32-true", "64": "64-true"}.get(asked, asked)
+    if str(trainer.precision) != asked:
+        raise ValueError(f"trainer.precision={asked} is not available on {type(trainer.accelerator).__name__} "
+                         f"(Lightning would train in {trainer.precision}); use trainer.precision={trainer.precision} "
+                         "or run on a GPU")
+
+
 def _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, baselines, variant) -> dict[str, Any]:
     start = time.perf_counter()
     # checkpoints hold tensors and plain data only (no pickled objects): never unpickle more
@@ -307,6 +339,8 @@ def _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, basel
         raise ValueError(f"ckpt_path {cfg.get('ckpt_path')}: refused, it needs unpickling beyond tensors and plain "
                          f"data (torch.load weights_only=True). {why}") from e
     fit_seconds = time.perf_counter() - start
+    # before testing: loading the best checkpoint restores the balancer's state (and counters) as of then
+    diagnostics = module.balancer.diagnostics()
     ckpt = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
     trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False, weights_only=True)
 
@@ -320,7 +354,7 @@ def _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, basel
         "best_checkpoint": ckpt,
         "fit_seconds": round(fit_seconds, 2),
         "global_steps": trainer.global_step,
-        "balancer": {"name": module.balancer.name, **module.balancer.diagnostics()},
+        "balancer": {"name": module.balancer.name, **diagnostics},
     }
     if not trainer.is_global_zero:
         return metrics
