@@ -17,6 +17,7 @@ already holds a finished model is reused (so an interrupted build resumes); --fr
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
@@ -55,18 +56,30 @@ def _finished(run_dir: Path) -> bool:
     return (run_dir / "model" / "model.safetensors").is_file() and (run_dir / "metrics.json").is_file()
 
 
-def _train(overrides: list[str], run_dir: Path, fresh: bool) -> tuple[dict[str, Any], float, bool]:
-    """(metrics, seconds, reused). A half-written run folder is replaced."""
+def _weights_id(folder: Path) -> str:
+    """A digest of a model folder's weights file: a fine-tune is reused only from the same θ0 (its
+    init_from path stays the same when the pretraining is rebuilt)."""
+    h = hashlib.sha256()
+    with open(Path(folder) / "model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _train(overrides: list[str], run_dir: Path, fresh: bool, init: Path | None = None) -> tuple[dict[str, Any], float, bool]:
+    """(metrics, seconds, reused). A half-written run folder is replaced. `init`: the init_from folder,
+    whose weights' digest joins the recorded recipe."""
     from bench_runs import record, reusable
     from mtl.train import run
 
-    if not fresh and reusable(run_dir, overrides, _finished):
+    recipe = [*overrides, f"init_from weights sha256={_weights_id(init)}"] if init is not None else overrides
+    if not fresh and reusable(run_dir, recipe, _finished):
         return json.loads((run_dir / "metrics.json").read_text()), 0.0, True
     if run_dir.exists():
         shutil.rmtree(run_dir)
     start = time.perf_counter()
     run(overrides, run_dir=run_dir)
-    record(run_dir, overrides)
+    record(run_dir, recipe)
     return json.loads((run_dir / "metrics.json").read_text()), time.perf_counter() - start, False
 
 
@@ -82,7 +95,7 @@ def finetune(zoo: str, task: str, pretrained: Path, out: Path, smoke: bool = Fal
     run_dir = out / ("finetune_linear" if linear else "finetune") / task
     extra = [*extra, "linearize=true"] if linear else extra
     ov = finetune_args(zoo, smoke, extra, f"init_from={Path(pretrained).resolve()}", f"data.dataset={task}")
-    metrics, seconds, reused = _train(ov, run_dir, fresh)
+    metrics, seconds, reused = _train(ov, run_dir, fresh, init=Path(pretrained))
     return {"task": task, "run_dir": run_dir, "model": run_dir / "model", "overrides": ov,
             "accuracy": metrics["test"][task]["accuracy"], "val_accuracy": metrics["val"].get(task, {}).get("accuracy"),
             "seconds": seconds, "reused": reused}

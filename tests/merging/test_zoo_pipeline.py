@@ -96,3 +96,21 @@ def test_merge_over_manifest_and_quality_tables(zoo, tmp_path):
                        "errors": {"average": "ValueError: x"}})
     assert "| TIES | lam=1.0" in md and "| average" not in md and "failed: ValueError" in md
     assert "| individual |" in md
+
+
+def test_fine_tunes_of_another_pretrained_model_are_refused_not_reused(zoo):
+    """Rebuilding the pretraining keeps the fine-tunes' init_from path: the recipe records θ0's weights too."""
+    import mtl
+
+    out, _ = zoo
+    weights = out / "pretrain" / "model" / "model.safetensors"
+    original = weights.read_bytes()
+    try:
+        model = mtl.load_model(out / "pretrain" / "model")
+        with torch.no_grad():
+            next(model.parameters()).add_(0.5)
+        mtl.save_model(model, out / "pretrain" / "model")
+        with pytest.raises(SystemExit, match=r"holds a finished run of other overrides .*init_from weights sha256="):
+            _script("build_zoo").build_zoo("cnn", out, tasks=TASKS, smoke=True)
+    finally:
+        weights.write_bytes(original)
