@@ -1,6 +1,7 @@
 """MultiTaskModule: one LightningModule for any MultiTaskModel and any Balancer."""
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -12,6 +13,8 @@ from mtl.balancers import Balancer, BalancerMonitor, StepContext, check_finite, 
 from mtl.expert_usage import usage_paused
 from mtl.models import MultiTaskModel, create_model
 from mtl.registry import check_int
+
+log = logging.getLogger(__name__)
 
 
 def rng_states() -> dict[str, Any]:
@@ -207,10 +210,25 @@ class MultiTaskModule(L.LightningModule):
         check_precision(self.balancer, self.trainer.precision_plugin)
         check_strategy(self.balancer, self.trainer.strategy, self.monitor)
 
+    def on_train_start(self) -> None:
+        resumed = getattr(self, "_checkpoint_schedule_steps", None)
+        if resumed is None or resumed == self._schedule_steps:
+            return
+        # a resume that trains longer (or shorter): the restored optimiser holds the old curve's last lr, which
+        # the first step would use; from here on the lr follows the new curve at the current step
+        sched = self.lr_schedulers()
+        for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * fn(sched.last_epoch)
+        log.warning("resumed with a learning-rate schedule of %d steps (the checkpoint's: %d): the lr continues on "
+                    "the new curve from step %d (now %.3g)", self._schedule_steps, resumed, sched.last_epoch,
+                    sched.optimizer.param_groups[0]["lr"])
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.monitor:
             checkpoint["balancer_monitor"] = self.monitor.state_dict()
         checkpoint["rng_states"] = rng_states()
+        if getattr(self, "_schedule_steps", None) is not None:
+            checkpoint["schedule_steps"] = self._schedule_steps
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # a checkpoint from before a balancer kept state across steps (nash_mtl's solve schedule) lacks
@@ -229,6 +247,7 @@ class MultiTaskModule(L.LightningModule):
                 weights.setdefault(f"balancer.{key}", None)
         if self.monitor and "balancer_monitor" in checkpoint:
             self.monitor.load_state_dict(checkpoint["balancer_monitor"])
+        self._checkpoint_schedule_steps = checkpoint.get("schedule_steps")  # checked in configure_optimizers
         if "rng_states" in checkpoint:
             # the next epoch's shuffle (and rlw/pcgrad draws, dropout) continue exactly as without the stop
             set_rng_states(checkpoint["rng_states"])
@@ -308,6 +327,7 @@ class MultiTaskModule(L.LightningModule):
             lr=self.hparams.lr, fused=fused,
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
+        self._schedule_steps = total
         warmup = int(self.hparams.warmup_ratio * total)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(total, warmup, self.hparams.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -64,7 +64,16 @@ def check_monitors(cfg, metric_names: Mapping[str, Any], directions: Mapping[str
     logged = ["val/loss", *(f"val/{t}/{m}" for t, names in metric_names.items() for m in ["loss", *names])]
     for name, cb in (cfg.get("callbacks") or {}).items():
         monitor = cb.get("monitor") if hasattr(cb, "get") else None
-        if not monitor or not str(monitor).startswith("val/"):
+        if not monitor:
+            continue
+        if not str(monitor).startswith("val/"):
+            if directions is not None and "mode" in cb and cb.get("mode") is None:
+                # another split's value (train/loss, ...): a loss is minimised; other names have no known direction
+                if str(monitor).split("/")[-1] != "loss":
+                    raise ValueError(f"callbacks.{name}.monitor={monitor!r}: mode=null is filled in only for losses "
+                                     f"and val/ metrics; set callbacks.{name}.mode=min or max")
+                with open_dict(cb):
+                    cb["mode"] = "min"
             continue
         if monitor not in logged:
             raise KeyError(f"callbacks.{name}.monitor={monitor!r} is not logged; logged: {', '.join(logged)}")

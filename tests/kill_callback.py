@@ -23,3 +23,14 @@ class InterruptAtEpoch(L.Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if trainer.current_epoch == self.epoch:
             raise InterruptedError(f"stopped at the start of epoch {self.epoch}")
+
+
+class RecordLR(L.Callback):
+    """Appends (global step, lr of the first parameter group) before every training step to `path`."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        with open(self.path, "a") as f:
+            f.write(f"{trainer.global_step} {trainer.optimizers[0].param_groups[0]['lr']!r}\n")

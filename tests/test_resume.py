@@ -33,7 +33,9 @@ def check_identical(a: Path, first: Path, resumed: Path, steps: int) -> None:
     # an epoch without validation still ends with last.ckpt; famo(recompute=false) carries its pending
     # logit update across the checkpoint
     (1, ["balancer=famo", "balancer.recompute=false", "+trainer.check_val_every_n_epoch=2"]),
-], ids=["rlw", "famo-val-every-2"])
+    # loader workers draw their seeds per epoch, as an uninterrupted run's do (augmentation runs in them)
+    (1, ["data.num_workers=1", "data.augment=true"]),
+], ids=["rlw", "famo-val-every-2", "workers"])
 def test_resume_after_a_stop_is_bit_identical(tmp_path, stop, extra):
     # the stop raises at the start of epoch `stop`; on disk that is what a kill there leaves
     # (the last epoch-end checkpoint), so the resume path is the same one a SIGKILL takes

@@ -136,7 +136,14 @@ def test_resuming_with_another_learning_rate_is_refused_by_name(tmp_path):
     ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
     with pytest.raises(ValueError, match=r"optim.lr=0.1 differs from the checkpoint's 0.002"):
         run(FAST + ["task=[depth]", "trainer.max_epochs=2", "optim.lr=0.1", f"ckpt_path={ckpt}"], run_dir=tmp_path / "second")
-    run(FAST + ["task=[depth]", "trainer.max_epochs=2", f"ckpt_path={ckpt}"], run_dir=tmp_path / "third")  # same lr: resumes
+    # same lr, trained longer: from its first step the lr follows the new (2-epoch) curve
+    def lrs(name, *extra):
+        run(FAST + ["task=[depth]", "trainer.max_epochs=2", "+callbacks.lr._target_=kill_callback.RecordLR",
+                    f"+callbacks.lr.path={tmp_path / name}.txt", *extra], run_dir=tmp_path / name)
+        return dict(ln.split() for ln in (tmp_path / f"{name}.txt").read_text().splitlines())
+
+    resumed, straight = lrs("third", f"ckpt_path={ckpt}"), lrs("straight")
+    assert sorted(resumed) == ["3", "4", "5"] and all(resumed[s] == straight[s] for s in resumed)
 
 
 def test_tensorboard_logger_without_its_package_names_the_extra(monkeypatch, tmp_path):
@@ -175,6 +182,13 @@ def test_the_checkpoint_mode_follows_the_monitored_values_direction():
     cfg = OmegaConf.create({"callbacks": {"model_checkpoint": {"monitor": "val/semseg/miou", "mode": "min"}}})
     with pytest.raises(ValueError, match=r"mode=min keeps the worst epoch: val/semseg/miou is higher-is-better"):
         check_monitors(cfg, names, directions)
+    # another split's loss is minimised (Lightning refused mode=None after building the trainer)
+    cfg = OmegaConf.create({"callbacks": {"model_checkpoint": {"monitor": "train/loss", "mode": None}}})
+    check_monitors(cfg, names, directions)
+    assert cfg.callbacks.model_checkpoint.mode == "min"
+    cfg = OmegaConf.create({"callbacks": {"model_checkpoint": {"monitor": "train/semseg/miou", "mode": None}}})
+    with pytest.raises(ValueError, match=r"mode=null is filled in only for losses and val/ metrics; set callbacks"):
+        check_monitors(cfg, names, directions)
 
 
 def test_metrics_val_are_the_tested_checkpoints_epoch(tmp_path):
@@ -190,6 +204,12 @@ def test_metrics_val_are_the_tested_checkpoints_epoch(tmp_path):
     (log,) = (tmp_path / "r" / "csv").rglob("metrics.csv")
     rows = {int(r["epoch"]): float(r["val/semseg/miou"]) for r in csv.DictReader(open(log)) if r.get("val/semseg/miou")}
     assert m["val"]["semseg"]["miou"] == pytest.approx(rows[epoch]) and rows[epoch] == max(rows.values())
+
+
+def test_a_precision_the_accelerator_lacks_is_refused_not_replaced():
+    with pytest.raises(ValueError, match=r"trainer.precision=16-mixed is not available on CPUAccelerator \(Lightning "
+                                         r"would train in bf16-mixed\)"):
+        run(FAST + ["trainer.precision=16-mixed", "trainer.accelerator=cpu"])
 
 
 def test_ddp_with_an_evaluation_split_smaller_than_the_process_count_is_refused_before_training():

@@ -150,7 +150,9 @@ class TensorDataModule(LightningDataModule):
             sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate_batch,
-            persistent_workers=self.num_workers > 0,
+            # workers start afresh every epoch: persistent ones would carry their random streams (augmentation)
+            # and draw their base seed once per run, which a resumed run cannot repeat bit for bit
+            persistent_workers=False,
             **self._loader_options(shuffle),
         )
 
