@@ -23,6 +23,10 @@ STRATEGIES: "Registry[type[TrainingStrategy]]" = Registry("training strategy")
 
 
 class TrainingStrategy(nn.Module):
+    def idle_parameters(self) -> bool:
+        """True when some of its parameters get no gradient in a step by design (DDP must be told)."""
+        return False
+
     def before_forward(self, module: Any, batch: dict[str, torch.Tensor]) -> None:
         pass
 

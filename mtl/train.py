@@ -232,8 +232,13 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     callbacks = _instantiate_all(cfg.get("callbacks"))
     if not loggers:  # a learning-rate monitor has nowhere to write without a logger
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
-    trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), callbacks=callbacks, logger=loggers or False,
-                        default_root_dir=str(run_dir))
+    trainer_kw = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if trainer_kw.get("strategy") == "ddp" and module.strategy is not None and module.strategy.idle_parameters():
+        # DDP refuses a step where a parameter got no gradient unless told to look for them (a cost per step)
+        trainer_kw["strategy"] = "ddp_find_unused_parameters_true"
+        log.info("strategy.%s leaves some parameters without gradient in a step: DDP looks for unused parameters",
+                 type(module.strategy).__name__.lower())
+    trainer = L.Trainer(**trainer_kw, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir))
     _check_precision(cfg, trainer)
     if trainer.limit_val_batches == 0:
         log.warning("trainer.limit_val_batches=0: no validation, so the checkpoint tested and saved is the last "
@@ -374,6 +379,9 @@ def _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, basel
     if cfg.viz.get("num_samples"):
         _save_viz(module, datamodule, run_dir, cfg.viz.num_samples)
     print_summary(metrics, module.tasks)
+    for cb in trainer.callbacks:  # an analysis that failed during testing, now that the model is saved
+        if getattr(cb, "deferred_error", None) is not None:
+            raise cb.deferred_error
     return metrics
 
 

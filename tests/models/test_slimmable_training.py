@@ -180,7 +180,7 @@ def test_width_table_follows_each_splits_limit_and_is_skipped_without_validation
     import mtl.models.slimmable.callback as cb
 
     calls = []
-    def build(model, loader, max_batches):
+    def build(model, loader, max_batches, progress=True):
         calls.append((len(loader), max_batches))
         if len(calls) == 2:
             raise ZeroDivisionError  # stop before scoring: what was asked of both splits is what is checked
@@ -199,7 +199,31 @@ def test_width_table_follows_each_splits_limit_and_is_skipped_without_validation
     assert calls == []
     assert callback._cap(0.25, list(range(20))) == 5 and callback._cap(0.01, list(range(20))) == 1
     assert callback._cap(1.0, list(range(20))) is None and callback._cap(3, list(range(20))) == 3
-    with pytest.raises(ZeroDivisionError):  # reached the build: validation capped at 2, test at 5 of 20
-        callback.on_test_end(trainer(2, 0.25), SimpleNamespace(model=None))
+    # reached the build: validation capped at 2, test at 5 of 20; its error is kept for after the model is saved
+    callback.on_test_end(trainer(2, 0.25), SimpleNamespace(model=None))
+    assert isinstance(callback.deferred_error, ZeroDivisionError)
     assert calls == [(8, 2), (20, 5)]
     assert cb.WidthTableCallback(max_batches=4)._cap(0, list(range(20))) == 4  # an explicit cap wins
+
+
+@pytest.mark.parametrize("key, value", [("budgets", 0), ("preferences", 0), ("preferences", -3), ("budgets", 2.5),
+                                        ("max_batches", -1), ("seed", "x")])
+def test_bad_width_table_settings_are_refused_when_the_run_starts(key, value):
+    from mtl.models.slimmable.callback import WidthTableCallback
+
+    with pytest.raises(ValueError, match=rf"callbacks.width_table.{key} must be an int"):
+        WidthTableCallback(**{key: value})
+
+
+def test_a_width_table_that_fails_after_testing_keeps_the_trained_model(monkeypatch, tmp_path):
+    import mtl.models.slimmable.callback as cb
+    from mtl.train import run
+
+    def broken(*a, **k):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(cb, "build_width_table", broken)
+    with pytest.raises(ZeroDivisionError):
+        run(["experiment=scenes_slimmable", "debug=smoke", "viz.num_samples=0", "logger=none"], run_dir=tmp_path / "r")
+    assert (tmp_path / "r" / "FAILED").is_file() and (tmp_path / "r" / "metrics.json").is_file()
+    mtl.load_model(tmp_path / "r" / "model")

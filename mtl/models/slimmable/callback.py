@@ -24,12 +24,28 @@ class WidthTableCallback(L.Callback):
                  search_method: str = "measured"):
         if search_method not in SEARCH_METHODS:
             raise ValueError(f"callbacks.width_table.search_method must be one of {SEARCH_METHODS}, got {search_method!r}")
-        self.budgets, self.preferences, self.max_batches, self.seed = int(budgets), int(preferences), max_batches, seed
+        # checked when the run starts: a bad value found after testing would fail a trained run
+        for key, value, low in (("budgets", budgets, 1), ("preferences", preferences, 1), ("max_batches", max_batches, 0),
+                                ("seed", seed, None)):
+            if value is None and key == "max_batches":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+                raise ValueError(f"callbacks.width_table.{key} must be an int"
+                                 + (f" >= {low}" if low is not None else "") + f", got {value!r}")
+        self.budgets, self.preferences, self.max_batches, self.seed = budgets, preferences, max_batches, seed
         self.search_method = search_method
+        self.deferred_error: BaseException | None = None
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
+        # runs inside testing, before the model folder is written: an error is kept for after the save
+        # (mtl.train raises it then), so a failed analysis never loses the trained model
+        try:
+            self._build(trainer, pl_module)
+        except Exception as e:  # noqa: BLE001  (re-raised by mtl.train once the model is saved)
+            log.error("width table failed after testing (%s); the model folder and metrics are still written", e)
+            self.deferred_error = e
+
+    def _build(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         model = pl_module.model
         loaders = {"val": trainer.datamodule.val_dataloader(), "test": trainer.datamodule.test_dataloader()}
         caps = {split: self._cap(getattr(trainer, f"limit_{split}_batches"), loader) for split, loader in loaders.items()}
@@ -38,8 +54,11 @@ class WidthTableCallback(L.Callback):
             log.warning("width table skipped: trainer.limit_%s_batches=0; build it later from the model folder with "
                         "scripts/bench_slimmable.py --part control --runs <run>", "/".join(off))
             return
-        table = build_width_table(model, loaders["val"], max_batches=caps["val"])
-        test = build_width_table(model, loaders["test"], max_batches=caps["test"])
+        # every process evaluates its shard (under DDP the metrics gather across processes); one writes
+        table = build_width_table(model, loaders["val"], max_batches=caps["val"], progress=trainer.is_global_zero)
+        test = build_width_table(model, loaders["test"], max_batches=caps["test"], progress=trainer.is_global_zero)
+        if not trainer.is_global_zero:
+            return
         run_dir = Path(trainer.default_root_dir)
         table.save(run_dir / "width_table.json")
         test.save(run_dir / "width_table_test.json")

@@ -81,6 +81,10 @@ class Sandwich(TrainingStrategy):
         self._stage_hook = None
         self._teacher_stages: list[torch.Tensor] | None = None
 
+    def idle_parameters(self) -> bool:
+        # one projection per sub-width of the set, and a step samples only some widths
+        return len(self.proj) > 0
+
     @staticmethod
     def _key(width: float, stage: int = 0, level: str = "neck") -> str:
         w = f"{width:g}".replace(".", "_")
