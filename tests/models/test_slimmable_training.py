@@ -227,3 +227,14 @@ def test_a_width_table_that_fails_after_testing_keeps_the_trained_model(monkeypa
         run(["experiment=scenes_slimmable", "debug=smoke", "viz.num_samples=0", "logger=none"], run_dir=tmp_path / "r")
     assert (tmp_path / "r" / "FAILED").is_file() and (tmp_path / "r" / "metrics.json").is_file()
     mtl.load_model(tmp_path / "r" / "model")
+
+
+@pytest.mark.slow
+def test_ddp_smoke_run_trains_and_writes_the_width_tables(tmp_path):
+    """DDP once refused the step (idle CI-KD projections) and then hung in the table (rank 0 alone gathered)."""
+    env = {**os.environ, "MTL_OUTPUT_DIR": str(tmp_path / "outputs"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "mtl.cli.train", "experiment=scenes_slimmable", "debug=smoke",
+                           "trainer=ddp"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = Path(proc.stdout.strip().splitlines()[-1].removeprefix("run_dir: "))
+    assert (run_dir / "controllability.json").is_file() and (run_dir / "model" / "model.safetensors").is_file()
