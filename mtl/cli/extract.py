@@ -6,6 +6,7 @@ or one width setting of a slimmable model.
 
 (`tasks=`, as in mtl-export: `task` is the training config group, which Hydra would try to load.)
     mtl-extract debug=smoke              # trains a tiny real task-MoE model first, in seconds
+    mtl-extract debug=smoke 'widths={encoder: 0.5}'   # the same with a tiny slimmable model
 """
 from __future__ import annotations
 
@@ -72,8 +73,11 @@ def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     widths = OmegaConf.to_container(widths, resolve=True) if widths is not None else None
     if widths is not None and cfg.get("tasks"):
         raise ValueError("pass tasks= (a task-routed MoE model) or widths= (a slimmable model), not both")
-    task = _one_task(cfg.get("tasks")) if widths is None else None
-    folder = input_model(cfg, run_dir, "extract from", experiment="scenes_task_moe_vit")
+    smoke = bool(cfg.get("smoke_model")) and not cfg.get("model")
+    tasks = cfg.get("tasks") or ("depth" if smoke and widths is None else None)  # debug=smoke's default request
+    task = _one_task(tasks) if widths is None else None
+    folder = input_model(cfg, run_dir, "extract from",
+                         experiment="scenes_slimmable" if widths is not None else "scenes_task_moe_vit")
     model = mtl.load_model(folder)
     # before any data: the family extracts at all, and by this request
     check_request(model, {"widths": widths} if widths is not None

@@ -73,6 +73,13 @@ def test_extract_cli_smoke(tmp_path):
     assert list(sub.tasks) == ["depth"] and sub.meta["report"]["experts_kept"] == report["experts_kept"]
 
 
+def test_extract_cli_smoke_with_widths_trains_a_slimmable_model(tmp_path):
+    """debug=smoke once set tasks=depth, so widths= was refused as 'pass tasks= or widths=, not both'."""
+    run_dir = run_dir_of(cli("mtl.cli.extract", "debug=smoke", "widths={encoder: 0.5}", cwd=tmp_path))
+    report = json.loads((run_dir / "extract_report.json").read_text())
+    assert report["widths"]["encoder"] == 0.5 and report["extracted"]["params"] < report["parent"]["params"]
+
+
 def test_expert_usage_counts_training_routing_only_across_a_resume(tmp_path, monkeypatch):
     """debug=smoke: 16 images of 32x32 per batch, patch 4 -> 64 tokens, top-4: 4096 routed slots per
     step and MoE layer. 2 steps x 3 epochs = 6 steps; validation (noise-free routing) is not counted."""
