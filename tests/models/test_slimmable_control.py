@@ -194,6 +194,13 @@ def test_search_cli_prints_the_choice_and_one_line_errors(tmp_path, capsys):
     assert "below the smallest reachable configuration (12 FLOPs" in capsys.readouterr().err
     assert search_main([str(path), "--budget", "50", "--preference", "A=0.7"]) == 1
     assert "sum to 0.7" in capsys.readouterr().err
+    assert search_main([str(path), "--budget", "50", "--preference", "A=0.5,B=0.5,A=0.5"]) == 1
+    assert "names task 'A' twice" in capsys.readouterr().err
+    assert search_main([str(tmp_path), "--budget", "50", "--preference", "A=1"]) == 1  # a folder: one line
+    assert "is a folder, not a JSON file" in capsys.readouterr().err
+    for bad in ({"A": True, "B": False}, {"A": "0.5", "B": 0.5}):  # widths refuse bools and strings too
+        with pytest.raises(ValueError, match="preferences are numbers >= 0"):
+            search(table(), 50, bad)
 
 
 def test_width_table_of_a_model_predicts_mixed_configurations_exactly():

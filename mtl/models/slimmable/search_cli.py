@@ -15,10 +15,14 @@ from mtl.models.slimmable.table import WidthTable
 
 def parse_preference(text: str, tasks: list[str]) -> dict[str, float]:
     pref = {t: 0.0 for t in tasks}
+    seen = set()
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, sep, value = part.partition("=")
         if not sep:
             raise ValueError(f"--preference entries look like task=value, got {part!r}")
+        if name.strip() in seen:
+            raise ValueError(f"--preference names task {name.strip()!r} twice")
+        seen.add(name.strip())
         try:
             pref[name.strip()] = float(value)
         except ValueError:
@@ -38,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         table = WidthTable.load(args.table)
         choice = search(table, parse_budget(args.budget), parse_preference(args.preference, table.tasks), args.method)
-    except (ValueError, KeyError, FileNotFoundError) as e:
+    except (ValueError, KeyError, OSError) as e:  # OSError: a folder or an unreadable file given as the table
         print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 1
     if args.json:
