@@ -12,6 +12,7 @@ paper's heatmap. Writes <out>/disentanglement.json, <out>/disentanglement.png an
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -28,11 +29,25 @@ def parse_args(argv=None):
     p.add_argument("--max-batches", type=int, help="cap the batches per task (smoke runs)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--out", help="default: <manifest folder>/disentanglement")
+    p.add_argument("--out", help="default: <manifest folder>/disentanglement (…_linear for manifest_linear.json)")
     args = p.parse_args(argv)
     if args.grid and not args.pair:
         p.error("--grid needs --pair S T")
     return args
+
+
+def check_args(args) -> None:
+    """Before any model loads (a ValueError: one `error:` line)."""
+    if not all(math.isfinite(a) for a in args.alphas):
+        raise ValueError(f"--alphas must be finite numbers, got {args.alphas}")
+    if args.grid:
+        try:
+            lo, hi, n = float(args.grid[0]), float(args.grid[1]), int(args.grid[2])
+        except ValueError:
+            raise ValueError(f"--grid takes LO HI N (two numbers and a count), got {args.grid}") from None
+        if not (math.isfinite(lo) and math.isfinite(hi)) or n < 1:
+            raise ValueError(f"--grid takes finite LO HI and a count N >= 1, got {args.grid}")
+        args.grid = (lo, hi, n)
 
 
 def main(argv=None) -> int:
@@ -42,20 +57,23 @@ def main(argv=None) -> int:
     from mtl.io import write_json
 
     args = parse_args(argv)
+    check_args(args)
     torch.set_num_threads(args.threads)
     if args.grid:
-        lo, hi, n = float(args.grid[0]), float(args.grid[1]), int(args.grid[2])
+        lo, hi, n = args.grid
         axis = [round(v, 6) for v in torch.linspace(lo, hi, n).tolist()]
         alphas = [(a, b) for a in axis for b in axis]
     else:
         alphas = args.alphas
-    out = Path(args.out or Path(args.manifest).parent / "disentanglement")
-    out.mkdir(parents=True, exist_ok=True)
+    # one folder per manifest: a linearised zoo's results sit beside the plain zoo's, not over them
+    manifest = Path(args.manifest)
+    out = Path(args.out or manifest.parent / manifest.stem.replace("manifest", "disentanglement", 1))
     start = time.perf_counter()
     res = merging.weight_disentanglement(args.manifest, alphas=alphas, tasks=args.tasks,
                                          pairs=[args.pair] if args.pair else None, split=args.split,
                                          max_batches=args.max_batches, device=args.device)
     seconds = time.perf_counter() - start
+    out.mkdir(parents=True, exist_ok=True)  # only once there is something to write
     write_json(out / "disentanglement.json", {"command": " ".join(sys.argv), "seconds": round(seconds, 1),
                                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                               **res.to_dict()})

@@ -12,6 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("script, args, expected", [
     ("disentanglement.py", ["--manifest", "{tmp}/nope.json"], "error: {tmp}/nope.json: file not found"),
+    ("disentanglement.py", ["--manifest", "{tmp}/m.json", "--pair", "a", "b", "--grid", "0", "1", "-2"],
+     "error: --grid takes finite LO HI and a count N >= 1"),
+    ("disentanglement.py", ["--manifest", "{tmp}/m.json", "--alphas", "inf"], "error: --alphas must be finite numbers"),
     ("bench_merge_quality.py", ["--manifest", "{tmp}/nope.json", "--out", "{tmp}/q"],
      "error: --manifest {tmp}/nope.json: file not found"),
     ("bench_prune_latency.py", ["--base", "{tmp}/none", "{tmp}/pruned"], "error: {tmp}/none: no such folder"),
@@ -29,3 +32,4 @@ def test_a_scripts_user_error_is_one_line(tmp_path, script, args, expected):
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith(expected.format(tmp=tmp_path)) and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "q").exists()  # bench_merge_quality wrote empty results before
+    assert not (tmp_path / "disentanglement").exists()  # the script made its folder before checking its input
