@@ -132,12 +132,15 @@ def shared_bn_in_train_mode(model: nn.Module, params: Mapping[str, torch.Tensor]
             m.train(w)
 
 
+LINEARIZED_BN = ("bn='recompute' is not available for linearised models: their expansion is around one fixed "
+                 "function, whose BN layers always use θ0's running statistics")
+
+
 def _refuse_linearized(model: nn.Module) -> None:
     from mtl.models import LinearizedModel
 
     if isinstance(model, LinearizedModel):
-        raise ValueError("bn='recompute' is not available for linearised models: their expansion is around one "
-                         "fixed function, whose BN layers always use θ0's running statistics")
+        raise ValueError(LINEARIZED_BN)
 
 
 @torch.no_grad()

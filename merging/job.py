@@ -135,6 +135,22 @@ def grid_candidates(hp: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [base]
 
 
+def check_pool_inputs(pool: ModelPool, hp: Mapping[str, Any], bn_data: dict[str, Any] | None) -> None:
+    """The pool's tensors fit together under the merge's key options (shapes, dtypes, shared keys, the
+    linearised form and its expansion point) and `merge.bn=recompute` suits its family, before every
+    member is evaluated: these errors otherwise surface only at the first merge."""
+    from mtl.io import read_model_config
+
+    from .bn import LINEARIZED_BN
+    from .engine import KeyOptions, open_context
+
+    if bn_data is not None and read_model_config(pool.pretrained)["model"].get("family") == "linearized":
+        raise ValueError(LINEARIZED_BN)
+    opts, _ = KeyOptions.split(dict(hp))
+    opts["check_finite"] = False  # only the plan (headers) and the expansion points are read here
+    open_context(pool.pretrained, pool.member_paths, opts, min_models=1, what="a merge").close()
+
+
 def precheck(name: str, hp: Mapping[str, Any], num_models: int | None = None) -> None:
     """The hyperparameters of a grid-searched state-dict method (or tall_masks, or a learned method), checked before any
     model is loaded or evaluated (a bad `k` or λ would otherwise surface after the whole pool's individual evaluation).
@@ -260,6 +276,7 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     bn_data = _bn_data(cfg, hp)
     pool = resolve_pool(cfg, run_dir, manifest)
     precheck(name, hp, num_models=len(pool.members))
+    check_pool_inputs(pool, hp, bn_data)
     ev = Evaluator(pool, cfg.eval.get("max_batches"), _plain(cfg.eval.get("data")), cfg.eval.get("device") or "cpu")
     sel = select(MergeJob(cfg, pool, ev, run_dir, bn_data), MappingProxyType(hp))
     if bn_data is not None:

@@ -206,3 +206,27 @@ def test_a_training_start_keeps_the_expansion_point(tmp_path):
     folder = mtl.save_model(linearize(plain_model(seed=1).float()), tmp_path / "lin")
     with pytest.raises(ValueError, match="is a linearized .tangent-space. model: continue it with family=linearized"):
         _keep_expansion_point(plain_model(seed=2).float(), folder)
+
+
+def test_mtl_merge_refuses_mixed_forms_before_evaluating_the_pool(tmp_path, monkeypatch):
+    import merging.job as job
+
+    def never(*a, **k):
+        raise AssertionError("the pool was evaluated before its inputs were checked")
+
+    monkeypatch.setattr(job, "Evaluator", never)
+
+    def one_task(task):  # same shared weights (seed), one head each: a pool of two fine-tunes
+        torch.manual_seed(0)
+        return create_model([task], backbone={"name": "test_resnet", "out_indices": [1, 2, 3]},
+                            decoder={"name": "hps", "channels": 8})
+
+    a, s = one_task({"kind": "classification", "name": "a", "num_classes": 3}), one_task({"kind": "depth", "name": "s"})
+    pre = mtl.save_model(a, tmp_path / "pre")
+    lins = [mtl.save_model(linearize(m), tmp_path / f"lin_{i}") for i, m in enumerate((a, s))]
+    with pytest.raises(merging.MergeInputError, match="are linearized .tangent-space. models and .*pre/model.safetensors is not"):
+        job.run(["merge=task_arithmetic", f"pretrained={pre}", f"models=[{lins[0]},{lins[1]}]", "+merge.unshared=skip"],
+                run_dir=tmp_path / "run")
+    with pytest.raises(ValueError, match="bn='recompute' is not available for linearised models"):
+        job.run(["merge=task_arithmetic", f"pretrained={lins[0]}", f"models=[{lins[0]},{lins[1]}]",
+                 "+merge.bn=recompute"], run_dir=tmp_path / "run2")
