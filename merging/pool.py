@@ -19,6 +19,7 @@ import torch
 from mtl.io import load_state, read_checked_config, read_json, read_model_config
 from mtl.models import MultiTaskModel, model_from_config
 from mtl.models.decoders.base import DECODERS
+from mtl.models.surgery import PLAN_KEY
 from mtl.tasks import Task, create_task
 
 HEAD_PREFIX = "decoder.heads."
@@ -85,6 +86,10 @@ class ModelPool:
         """One model with every member's tasks: `shared` weights + each task's own fine-tuned head."""
         cfg = copy.deepcopy(self.members[0].config)
         cfg["tasks"] = [t for m in self.members for t in m.config["tasks"]]
+        plans = [m.config[PLAN_KEY] for m in self.members if isinstance(m.config.get(PLAN_KEY), dict)]
+        if plans:  # fine-tunes of one pruned model: each plan covers the shared layers and its own head(s)
+            cfg[PLAN_KEY] = {**plans[0], **{part: {k: v for p in plans for k, v in (p.get(part) or {}).items()}
+                                            for part in ("modules", "layers")}}
         model = model_from_config(cfg)
         state = dict(shared)
         for m in self.members:

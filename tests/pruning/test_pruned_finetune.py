@@ -52,6 +52,18 @@ def test_subset_fine_tunes_merge_back_with_the_pruned_parent(pruned, tmp_path):
     for k, v in merged.items():
         if k.startswith("backbone.") and v.is_floating_point() and "running" not in k:
             assert torch.allclose(v, theta0[k] + 0.02, atol=1e-6), k
+    # the model mtl-merge evaluates and saves: every member's pruned head at its pruned width (the first
+    # member's plan alone rebuilt the other heads unpruned)
+    from merging.pool import ModelPool
+
+    model = ModelPool.from_folders(pruned, folders).merged_model(merged)
+    for t, f in zip(("semseg", "depth"), folders):
+        own = mtl.load_model(f).state_dict()
+        for k, v in model.state_dict().items():
+            if k.startswith(f"decoder.heads.{t}."):
+                assert torch.equal(v, own[k]), k
+    again = mtl.load_model(save_model(model, tmp_path / "merged"))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in again.state_dict().items())
 
 
 def test_a_task_the_pruned_model_lacks_is_refused(pruned):
