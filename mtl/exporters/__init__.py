@@ -13,3 +13,15 @@ from mtl.exporters.api import EXPORTERS, ExportError, Source, export, load_sourc
 from mtl.exporters import formats  # noqa: E402,F401  (registers onnx, timm, folder)
 
 __all__ = ["EXPORTERS", "ExportError", "Source", "export", "load_source", "read_report", "resolve_tasks"]
+
+
+def __getattr__(name):
+    from mtl.lazy import submodule
+
+    return submodule(__name__, name)  # e.g. the job runner's module, without importing it first
+
+
+def __dir__():
+    from mtl.lazy import names
+
+    return names(globals())

@@ -189,7 +189,9 @@ def test_submodules_are_reachable_as_attributes_without_importing_them_first():
 
     code = ("import mtl, merging, pruning; print(mtl.train.run.__module__, merging.job.run.__module__, "
             "pruning.job.__name__, 'train' in dir(mtl), 'learned' in dir(merging), 'job' in dir(pruning)); "
-            "import sys; print(hasattr(mtl, 'nope'), hasattr(mtl, '_private'))")
+            "import sys; print(hasattr(mtl, 'nope'), hasattr(mtl, '_private')); "
+            "print(mtl.exporters.job.run.__module__, mtl.cli.extract.run.__module__)")  # the README's runners
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split("\n")[:2] == ["mtl.train merging.job pruning.job True True True", "False False"]
+    assert out.stdout.split("\n")[:3] == ["mtl.train merging.job pruning.job True True True", "False False",
+                                          "mtl.exporters.job mtl.cli.extract"]
