@@ -307,7 +307,13 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
 def _input_paths(cfg: DictConfig, run_dir: Path, manifest: tuple[Path, list[Path]] | None = None
                  ) -> tuple[Path, list[Path]]:
-    """(pretrained, models); `manifest`: `pool=`'s folders when the caller has read them already."""
+    """(pretrained, models), absolute (metrics.json records them: they must read from any folder);
+    `manifest`: `pool=`'s folders when the caller has read them already."""
+    pre, models = _given_paths(cfg, run_dir, manifest)
+    return Path(pre).resolve(), [Path(m).resolve() for m in models]
+
+
+def _given_paths(cfg: DictConfig, run_dir: Path, manifest: tuple[Path, list[Path]] | None) -> tuple[Path, list[Path]]:
     if cfg.get("pool"):
         given = [k for k in ("pretrained", "models") if cfg.get(k)]
         if given:  # one source of inputs: pool= would otherwise win silently

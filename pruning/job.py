@@ -112,7 +112,10 @@ def run_prune(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                  "prune": {"method": method, **report["hparams"], "rounds": int(cfg.rounds),
                            **({"finetune_steps": int(cfg.finetune.steps)} if int(cfg.rounds) > 1 else {})}})
     if cfg.get("data"):
-        meta["data"] = {**dict(meta.get("data") or {}), **OmegaConf.to_container(cfg.data, resolve=True)}
+        given = OmegaConf.to_container(cfg.data, resolve=True)
+        meta["prune"]["data"] = given  # the calibration / evaluation data of this run
+        if not meta.get("data"):  # a folder without a training-data record: the data it was pruned on is the best one
+            meta["data"] = given
     save_model(pruned, output, meta=meta, overwrite=bool(cfg.overwrite))
     reloaded = load_model(output)
     with torch.no_grad():

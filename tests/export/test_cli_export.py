@@ -64,9 +64,13 @@ def test_cli_smoke_trains_a_model_and_exports_it(tmp_path):
     assert (run_dir / "smoke_model" / "metrics.json").is_file()
 
 
-def test_in_process_export_returns_its_report_with_the_run_and_output_folders(folder, tmp_path):
+def test_in_process_export_returns_its_report_with_the_run_and_output_folders(folder, tmp_path, monkeypatch):
+    import mtl
     from mtl.exporters.job import run
 
-    report = run([f"model={folder}", "format=folder"], run_dir=tmp_path / "run")
+    monkeypatch.chdir(folder.parent)
+    report = run([f"model={folder.name}", "format=folder"], run_dir=tmp_path / "run")  # a relative model path
     assert report["run_dir"] == str((tmp_path / "run").resolve())
     assert report["output"] == str((tmp_path / "run" / "folder").resolve()) and report["format"] == "folder"
+    # provenance readable from anywhere: the source recorded absolute
+    assert mtl.load_model(tmp_path / "run" / "folder").meta["exported_from"] == str(folder.resolve())

@@ -84,6 +84,7 @@ def test_lambda_grid_is_chosen_on_validation(pool, tmp_path):
     report = run(_args(pool, "merge=task_arithmetic", "merge.lam_grid=[0.0,0.5,1.0]"), run_dir=tmp_path / "grid")
     assert [g["hparams"]["lam"] for g in report["grid"]] == [0.0, 0.5, 1.0]
     assert report["run_dir"] == str((tmp_path / "grid").resolve())
+    assert all(Path(p).is_absolute() for p in [report["pretrained"], *report["models"]])  # readable from anywhere
     best = max(report["grid"], key=lambda g: g["val_normalized"])
     assert report["selected"]["lam"] == best["hparams"]["lam"]
 
