@@ -100,6 +100,10 @@ class Consensus(MergeMethod):
     def min_models(self) -> int:
         return max(1, self.hp["k"])
 
+    def bind(self, T: int) -> None:
+        super().bind(T)
+        _per_task("tall_lam", self.hp["tall_lam"], T)  # a per-task list must match the pool: refused up front
+
     def prepare(self, ctx: Context, select: str) -> None:
         super().prepare(ctx, select)
         self.base.prepare(ctx, select)

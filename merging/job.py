@@ -31,7 +31,7 @@ from mtl.cli.jobs import start_run
 from mtl.io import save_model, write_json
 from mtl.models import MultiTaskModel
 from mtl.progress_log import ProgressLog
-from mtl.registry import Registry
+from mtl.registry import Registry, check_int
 
 from .bn import check_bn
 from .evaluation import Evaluator, ImageBatches
@@ -158,7 +158,7 @@ def precheck(name: str, hp: Mapping[str, Any], num_models: int | None = None) ->
     if name == "tall_masks":
         from .tall_job import precheck_tall
 
-        return precheck_tall(hp)
+        return precheck_tall(hp, num_models)
     if name in merging.LEARNED_METHODS:
         from .learned.cli import precheck_learned
 
@@ -270,10 +270,21 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if cfg.get("store") and name != "tall_masks":
         raise ValueError(f"store=true writes a TALL-mask store (merge=tall_masks); merge={name} has none to write")
     precheck(name, hp)
+    if cfg.eval.get("max_batches") is not None:  # 0 once wrote NaN scores everywhere
+        check_int("eval.max_batches", cfg.eval.max_batches, low=1, note=" or null (every batch)")
+    if name == "tall_masks" and cfg.eval.get("enabled", True) \
+            and (run_dir / "tall_store" / "tall.safetensors").exists() and not cfg.get("overwrite"):
+        # found now, not after the whole λ search
+        raise FileExistsError(f"{run_dir / 'tall_store'} holds a TALL store of an earlier run; pass overwrite=true "
+                              "to replace it, or choose another run folder")
     start = time.perf_counter()
     if not cfg.eval.get("enabled", True):
         return merge_only(cfg, run_dir, name, hp, output, start, manifest)
     bn_data = _bn_data(cfg, hp)
+    if bn_data is not None and name == "tall_masks":
+        raise ValueError("merge=tall_masks with +merge.bn=recompute: the TALL store keeps θ0's BatchNorm statistics, so "
+                         "the task models it rebuilds would not be the ones scored; use merge.bn=pretrained (default) "
+                         "or average for TALL")
     pool = resolve_pool(cfg, run_dir, manifest)
     precheck(name, hp, num_models=len(pool.members))
     check_pool_inputs(pool, hp, bn_data)

@@ -18,7 +18,7 @@ from mtl.progress_log import ProgressLog
 from .consensus import make_mtv_method
 from .engine import KeyOptions
 from .job import CLI_METHODS, MergeJob, Selection
-from .methods import SELECTS
+from .methods import SELECTS, _per_task
 from .tall import TallKernel
 
 __all__ = ["precheck_tall", "select_tall"]
@@ -33,13 +33,17 @@ ACCEPTED = sorted({"lam_grid", *_OPTIONS, *KeyOptions.DEFAULTS})
 def _lams_tried(hp: Mapping[str, Any]) -> list[Any]:
     if hp.get("lam") is not None:
         return [hp["lam"]]
-    grid = hp.get("lam_grid") or DEFAULT_GRID
+    grid = hp.get("lam_grid")
+    if grid is None:
+        grid = DEFAULT_GRID
+    elif isinstance(grid, (list, tuple)) and not grid:  # as the other grid methods: not the default in disguise
+        raise ValueError("merge=tall_masks: merge.lam_grid is empty; give λ values, or leave it unset for the default")
     return list(grid) if isinstance(grid, (list, tuple)) else [grid]
 
 
-def precheck_tall(hp: Mapping[str, Any]) -> None:
-    """Unknown keys, `mtv`, `select`, TIES's options and every λ tried, checked before the pool is
-    loaded and evaluated."""
+def precheck_tall(hp: Mapping[str, Any], num_models: int | None = None) -> None:
+    """Unknown keys, `mtv`, `select`, TIES's options and every λ tried (with `num_models`, a per-task λ
+    list's length too), checked before the pool is loaded and evaluated."""
     unknown = sorted(set(hp) - set(ACCEPTED))
     if unknown:
         raise ValueError(f"merge=tall_masks: unknown hyperparameter(s) {', '.join(unknown)}; accepted: {', '.join(ACCEPTED)}")
@@ -54,6 +58,8 @@ def precheck_tall(hp: Mapping[str, Any]) -> None:
     for lam in _lams_tried(hp):
         try:
             TallKernel(lam)
+            if num_models is not None and isinstance(lam, (list, tuple)):
+                _per_task("lam", lam, num_models)
         except ValueError as e:
             where = f", lam_grid value {lam!r}" if searched else ""
             raise ValueError(f"merge=tall_masks{where}: {e}") from None

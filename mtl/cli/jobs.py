@@ -17,6 +17,7 @@ def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
     and the job's other `inputs`, e.g. a pool manifest's folders) is refused before anything is written."""
     from omegaconf import OmegaConf
 
+    from mtl.cli.failures import FAILED, RunFolderTaken
     from mtl.io import atomic_path, check_output_apart, is_model_folder
 
     run_dir = Path(run_dir)
@@ -27,12 +28,11 @@ def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
     check_output_apart(output, [Path(str(p)) for p in named if p])
     if output.resolve() == run_dir.resolve() or output.resolve() in run_dir.resolve().parents:
         raise ValueError(f"output={output} is or holds this run's folder {run_dir}; write the result elsewhere")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_hydra_record(cfg, run_dir)
-    with atomic_path(run_dir / "config.yaml") as tmp:
-        tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    # every check on the output before anything is written: a refused rerun leaves the earlier run's
+    # config.yaml, records and (when it finished) its folder exactly as they were
     if output.exists() and not cfg.get("overwrite"):
-        raise FileExistsError(f"{output} exists; pass overwrite=true to replace it")
+        finished = (run_dir / "metrics.json").is_file() and not (run_dir / FAILED).exists()
+        raise (RunFolderTaken if finished else FileExistsError)(f"{output} exists; pass overwrite=true to replace it")
     parent = next((p for p in output.resolve().parents if p.exists()), None)
     if parent is not None and not parent.is_dir():  # said now, not as a bare OS error after the work
         raise NotADirectoryError(f"output={output}: {parent} is a file, not a folder; choose another output path")
@@ -42,6 +42,11 @@ def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
         # save_model refuses it at the end; a job writing a model folder says so before its work
         raise FileExistsError(f"output={output} exists and is not a model folder (no config.json + model.safetensors); "
                               "overwrite=true replaces only an earlier model folder: choose another path")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / FAILED).unlink(missing_ok=True)  # an earlier failed attempt here: this run replaces its verdict
+    write_hydra_record(cfg, run_dir)
+    with atomic_path(run_dir / "config.yaml") as tmp:
+        tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     return run_dir, output
 
 

@@ -456,3 +456,36 @@ def test_members_of_other_data_at_one_size_give_the_merge_that_size(pool, tmp_pa
     merged = mtl.load_model(tmp_path / "r" / "model")
     assert "data" not in merged.meta and merged.meta["image_size"] == 32
     assert input_size_of(Source(merged, tmp_path / "r" / "model", {"backbone": {}}, merged.meta), None) == (32, 32)
+
+
+@pytest.mark.parametrize("extra, err, match", [
+    (["eval.max_batches=0"], ValueError, r"eval.max_batches must be an int >= 1 or null"),  # scored NaN everywhere
+    (["merge=tall_masks", "merge.lam_grid=[]"], ValueError, r"merge.lam_grid is empty"),  # was the default grid
+    (["merge=tall_masks", "merge.lam=[0.2]"], ValueError, r"merge=tall_masks: lam has 1 values but there are 2"),
+    (["merge=consensus", "merge.tall_lam=[0.3]"], ValueError, r"merge=consensus.*tall_lam has 1 values but there are 2"),
+    (["merge=tall_masks", "+merge.bn=recompute"], ValueError, r"TALL store keeps θ0's BatchNorm statistics"),
+])
+def test_bad_settings_are_refused_before_the_pool_is_evaluated(pool, tmp_path, monkeypatch, extra, err, match):
+    import merging.job as job
+
+    def never(*a, **k):
+        raise AssertionError("the pool was evaluated before the settings were checked")
+
+    monkeypatch.setattr(job, "Evaluator", never)
+    args = [a for a in _args(pool) if not a.startswith("eval.max_batches")] if "eval.max_batches=0" in extra else _args(pool)
+    with pytest.raises(err, match=match):
+        run(args + extra, run_dir=tmp_path / "r")
+
+
+def test_a_refused_rerun_leaves_the_finished_run_as_it_was(pool, tmp_path):
+    run(_args(pool, "merge=task_arithmetic", "merge.lam=0.3"), run_dir=tmp_path / "r")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir() if p.is_file()}
+    with pytest.raises(FileExistsError, match="exists; pass overwrite=true"):
+        run(_args(pool, "merge=ties", "merge.lam=0.9"), run_dir=tmp_path / "r")
+    after = {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir() if p.is_file()}
+    assert after == before  # config.yaml still the finished run's; no FAILED marker
+    # a new attempt in a failed run's folder replaces its verdict
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "FAILED").write_text("an earlier attempt")
+    run(_args(pool, "merge=task_arithmetic", "merge.lam=0.3"), run_dir=tmp_path / "f")
+    assert not (tmp_path / "f" / "FAILED").exists()
