@@ -167,12 +167,19 @@ def _compose(previous: dict[str, Any] | None, layers: dict[str, Any]) -> dict[st
 
 def _layer_rows(kept: dict[str, Any], infos: list[dict[str, Any]]) -> list[dict[str, Any]]:
     limiting: dict[str, Any] = {}
+    searched: dict[str, int] = {}  # units the search removed from a layer (before any was given back)
     for info in infos:
         for s in info.get("steps", []):
             if s["removed"] or s["limiting_task"]:
                 limiting[s["layer"]] = s["limiting_task"]
-    return [{"layer": name, "unit": spec["unit"], "size": spec["size"], "kept": len(spec["kept"]),
-             "limiting_task": limiting.get(name)} for name, spec in kept.items()]
+                searched[s["layer"]] = s["removed"]
+    rows = []
+    for name, spec in kept.items():
+        # a layer the search pruned but keep_fraction / the FLOPs trim gave back whole: no task limited it
+        given_back = bool(searched.get(name)) and len(spec["kept"]) == spec["size"]
+        rows.append({"layer": name, "unit": spec["unit"], "size": spec["size"], "kept": len(spec["kept"]),
+                     "limiting_task": None if given_back else limiting.get(name), **({"given_back": True} if given_back else {})})
+    return rows
 
 
 def _plain(v: Any) -> Any:

@@ -77,7 +77,7 @@ def run_prune(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     start = time.perf_counter()
     model = load_model(source)
     dm = datamodule_for(model, OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else None, source)
-    batches = calibration_batches(dm, int(cfg.calib.batches), cfg.calib.split)
+    batches = calibration_batches(dm, cfg.calib.batches, cfg.calib.split)
     finetune = None
     if int(cfg.rounds) > 1 and int(cfg.finetune.steps) > 0:
         finetune = lambda m: finetune_steps(m, dm, int(cfg.finetune.steps), float(cfg.finetune.lr))  # noqa: E731

@@ -48,9 +48,9 @@ def calibration_batches(model, cfg: DictConfig, limit: int | None = None, why: s
         raise ValueError(f"{why}: the model folder's meta has no data config; pass calib.data={{name: ..., size: ...}}")
     if cfg.calib.split not in ("train", "val"):  # before any data is built
         raise ValueError(f"calib.split must be train or val, got {cfg.calib.split!r}")
-    n = int(cfg.calib.batches)
-    if n < 1:
-        raise ValueError(f"calib.batches must be >= 1, got {n}")
+    n = cfg.calib.batches
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"calib.batches must be an int >= 1, got {n!r}")
     n = min(n, limit or n)
     dm = create_datamodule(**data)
     dm.prepare_data()

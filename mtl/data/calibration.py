@@ -18,8 +18,8 @@ def calibration_batches(datamodule, n_batches: int, split: str = "train") -> lis
     if split not in ("train", "val"):
         raise ValueError(f"calib.split must be train or val (the test split is what the result is "
                          f"reported on), got {split!r}")
-    if isinstance(n_batches, bool) or int(n_batches) < 1:
-        raise ValueError(f"calib.batches must be >= 1, got {n_batches!r}")
+    if isinstance(n_batches, bool) or not isinstance(n_batches, int) or n_batches < 1:  # 1.5 ran on 1 batch
+        raise ValueError(f"calib.batches must be an int >= 1, got {n_batches!r}")
     loader = getattr(datamodule, f"{split}_dataloader")()
     if split == "train":  # the train loader shuffles and may augment; calibration must be repeatable
         dataset = loader.dataset

@@ -49,8 +49,10 @@ def test_job_writes_a_reloadable_smaller_folder_and_report(folder, tmp_path):
 def test_calibrating_on_the_test_split_is_refused(folder, tmp_path):
     with pytest.raises(ValueError, match="calib.split must be train or val .*got 'test'"):
         run(["prune=l1", f"model={folder}", "calib.split=test"], run_dir=tmp_path / "run")
-    with pytest.raises(ValueError, match="calib.batches must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="calib.batches must be an int >= 1, got 0"):
         run(["prune=l1", f"model={folder}", "calib.batches=0"], run_dir=tmp_path / "run0")
+    with pytest.raises(ValueError, match="calib.batches must be an int >= 1, got 1.5"):  # ran on 1 batch
+        run(["prune=taylor", f"model={folder}", "calib.batches=1.5"], run_dir=tmp_path / "run15")
 
 
 def test_folder_without_data_config_is_refused_and_nothing_written(tmp_path):

@@ -241,3 +241,15 @@ def test_a_head_that_is_itself_the_output_layer_is_protected():
     layers = output_layers(m)
     assert layers["depth"] == "decoder.heads.depth"
     assert m.get_submodule(layers["depth"]) is m.decoder.heads["depth"]
+
+
+def test_a_layer_given_back_whole_has_no_limiting_task_in_the_report():
+    from pruning.api import _layer_rows
+
+    kept = {"a": {"unit": "channel", "size": 32, "kept": list(range(32))},
+            "b": {"unit": "channel", "size": 32, "kept": list(range(20))}}
+    steps = [{"layer": "a", "removed": 16, "limiting_task": "classification", "kept": False},
+             {"layer": "b", "removed": 12, "limiting_task": "semseg", "kept": True}]
+    rows = {r["layer"]: r for r in _layer_rows(kept, [{"steps": steps}])}
+    assert rows["a"]["limiting_task"] is None and rows["a"]["given_back"] is True
+    assert rows["b"]["limiting_task"] == "semseg" and "given_back" not in rows["b"]
