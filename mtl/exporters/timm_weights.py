@@ -58,7 +58,11 @@ def export_timm(source: Source, out: Path, tasks: list[str], seed: int = 0) -> d
             continue
         mapped[plain_key] = value
     if unmapped:
-        raise ExportError(f"format=timm: backbone key {unmapped[0]!r} has no counterpart in timm's {name!r} "
+        key = unmapped[0]
+        plain_key = key if key in target else key.removeprefix("model.")
+        what = (f"has shape {tuple(body.state_dict()[key].shape)}, timm's {name!r} {tuple(target[plain_key].shape)}"
+                if plain_key in target else f"has no counterpart in timm's {name!r}")
+        raise ExportError(f"format=timm: backbone key {key!r} {what} "
                           f"({len(unmapped)} in all); the backbone was changed beyond what timm can rebuild "
                           "(a pruned or slimmed backbone: export it with format=onnx or format=folder)")
     classifier = _classifier_keys(plain)

@@ -365,6 +365,10 @@ def test_card_of_a_pruned_model_never_shows_the_unpruned_runs_metrics(trained, t
         assert "No metrics were found" in card and f"| {task} | {metric} |" not in card
         assert "Pruned with `l1` (ratio=0.5" in card and f"from `{trained}`" in card
         assert "Made by" not in card and "Training data `scenes` (image size 32)" in card
+    # timm cannot rebuild a pruned backbone: the key is named with both shapes (it was "no counterpart")
+    with pytest.raises(mtl.exporters.ExportError, match=r"format=timm: backbone key '.*' has shape \(\d+, .*\), "
+                                                        r"timm's '.*resnet' \(\d+, "):
+        mtl.export(pruned, "timm", tmp_path / "timm")
 
 
 def test_card_names_the_tool_that_made_the_folder(tmp_path):
