@@ -247,7 +247,7 @@ class MultiTaskModule(L.LightningModule):
                 weights.setdefault(f"balancer.{key}", None)
         if self.monitor and "balancer_monitor" in checkpoint:
             self.monitor.load_state_dict(checkpoint["balancer_monitor"])
-        self._checkpoint_schedule_steps = checkpoint.get("schedule_steps")  # checked in configure_optimizers
+        self._checkpoint_schedule_steps = checkpoint.get("schedule_steps")  # compared in on_train_start
         if "rng_states" in checkpoint:
             # the next epoch's shuffle (and rlw/pcgrad draws, dropout) continue exactly as without the stop
             set_rng_states(checkpoint["rng_states"])
