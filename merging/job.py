@@ -272,11 +272,10 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     precheck(name, hp)
     if cfg.eval.get("max_batches") is not None:  # 0 once wrote NaN scores everywhere
         check_int("eval.max_batches", cfg.eval.max_batches, low=1, note=" or null (every batch)")
-    if name == "tall_masks" and cfg.eval.get("enabled", True) \
-            and (run_dir / "tall_store" / "tall.safetensors").exists() and not cfg.get("overwrite"):
-        # found now, not after the whole λ search
-        raise FileExistsError(f"{run_dir / 'tall_store'} holds a TALL store of an earlier run; pass overwrite=true "
-                              "to replace it, or choose another run folder")
+    if name == "tall_masks" and cfg.eval.get("enabled", True):
+        from .tall_job import check_store_free
+
+        check_store_free(run_dir, bool(cfg.get("overwrite")))  # found now, not after the whole λ search
     start = time.perf_counter()
     if not cfg.eval.get("enabled", True):
         return merge_only(cfg, run_dir, name, hp, output, start, manifest)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import merging
@@ -19,11 +20,14 @@ from .consensus import make_mtv_method
 from .engine import KeyOptions
 from .job import CLI_METHODS, MergeJob, Selection
 from .methods import SELECTS, _per_task
+from .storage import STORE_FILE
+from .streaming import resolve_output
 from .tall import TallKernel
 
 __all__ = ["precheck_tall", "select_tall"]
 
 DEFAULT_GRID = [0.2, 0.3, 0.4, 0.5, 0.6]
+STORE_DIR = "tall_store"  # inside the run folder
 #: `merging.tall_masks`'s options with their defaults (the key options aside)
 _OPTIONS = {n: p.default for n, p in inspect.signature(merging.tall_masks).parameters.items()
             if p.kind is p.KEYWORD_ONLY or n in ("lam", "mtv")}
@@ -63,6 +67,14 @@ def precheck_tall(hp: Mapping[str, Any], num_models: int | None = None) -> None:
         except ValueError as e:
             where = f", lam_grid value {lam!r}" if searched else ""
             raise ValueError(f"merge=tall_masks{where}: {e}") from None
+
+
+def check_store_free(run_dir: Path, overwrite: bool) -> None:
+    """The run folder's TALL store may be written: none from an earlier run, or `overwrite=true`."""
+    path, _ = resolve_output(Path(run_dir) / STORE_DIR, STORE_FILE)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path.parent} holds a TALL store of an earlier run; pass overwrite=true to replace "
+                              "it, or choose another run folder")
 
 
 def _best_lam(task: str, tried: list[tuple[float, float]]) -> float:
@@ -109,7 +121,7 @@ def select_tall(job: MergeJob, hp: Mapping[str, Any]) -> Selection:
         lams = [float(v) for v in lam] if isinstance(lam, list) else [float(lam)] * len(names)
     else:
         lams, grid = _search(job, hp, opts)
-    store = merging.write_tall_store(job.pool.pretrained, fts, job.run_dir / "tall_store", lam=lams, tasks=names,
+    store = merging.write_tall_store(job.pool.pretrained, fts, job.run_dir / STORE_DIR, lam=lams, tasks=names,
                                      overwrite=bool(job.cfg.get("overwrite")), **opts)
     with merging.open_store(store) as st:
         test = {t: ev.run(job.model(st.task_model(t, include_task_keys=False)), t, "test") for t in names}

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from mtl.cli.common import cli_main, run_job
 from mtl.cli.jobs import input_model, start_run
 from mtl.extraction import check_request
+from mtl.registry import check_int
 
 
 def _one_task(tasks) -> str:
@@ -48,9 +49,7 @@ def calibration_batches(model, cfg: DictConfig, limit: int | None = None, why: s
         raise ValueError(f"{why}: the model folder's meta has no data config; pass calib.data={{name: ..., size: ...}}")
     if cfg.calib.split not in ("train", "val"):  # before any data is built
         raise ValueError(f"calib.split must be train or val, got {cfg.calib.split!r}")
-    n = cfg.calib.batches
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"calib.batches must be an int >= 1, got {n!r}")
+    n = check_int("calib.batches", cfg.calib.batches, low=1)
     n = min(n, limit or n)
     dm = create_datamodule(**data)
     dm.prepare_data()

@@ -10,6 +10,8 @@ import copy
 import torch
 from torch.utils.data import DataLoader
 
+from mtl.registry import check_int
+
 
 def calibration_batches(datamodule, n_batches: int, split: str = "train") -> list[dict[str, torch.Tensor]]:
     """The first ``n_batches`` of ``split`` (train or val) in dataset order, never augmented. Never the test split: the
@@ -18,8 +20,7 @@ def calibration_batches(datamodule, n_batches: int, split: str = "train") -> lis
     if split not in ("train", "val"):
         raise ValueError(f"calib.split must be train or val (the test split is what the result is "
                          f"reported on), got {split!r}")
-    if isinstance(n_batches, bool) or not isinstance(n_batches, int) or n_batches < 1:  # 1.5 ran on 1 batch
-        raise ValueError(f"calib.batches must be an int >= 1, got {n_batches!r}")
+    check_int("calib.batches", n_batches, low=1)  # 1.5 once ran on 1 batch
     loader = getattr(datamodule, f"{split}_dataloader")()
     if split == "train":  # the train loader shuffles and may augment; calibration must be repeatable
         dataset = loader.dataset

@@ -489,3 +489,13 @@ def test_a_refused_rerun_leaves_the_finished_run_as_it_was(pool, tmp_path):
     (tmp_path / "f" / "FAILED").write_text("an earlier attempt")
     run(_args(pool, "merge=task_arithmetic", "merge.lam=0.3"), run_dir=tmp_path / "f")
     assert not (tmp_path / "f" / "FAILED").exists()
+
+
+def test_an_earlier_tall_store_is_refused_before_the_lambda_search(pool, tmp_path, monkeypatch):
+    import merging.job as job
+
+    monkeypatch.setattr(job, "Evaluator", lambda *a, **k: (_ for _ in ()).throw(AssertionError("evaluated first")))
+    (tmp_path / "r" / "tall_store").mkdir(parents=True)
+    (tmp_path / "r" / "tall_store" / "tall.safetensors").write_bytes(b"")
+    with pytest.raises(FileExistsError, match=r"tall_store holds a TALL store of an earlier run; pass overwrite=true"):
+        run(_args(pool, "merge=tall_masks", f"output={tmp_path / 'elsewhere'}"), run_dir=tmp_path / "r")

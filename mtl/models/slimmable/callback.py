@@ -15,6 +15,7 @@ import lightning as L
 
 from mtl.models.slimmable.control import SEARCH_METHODS, budgets_between, plot_choices, score_controller, search
 from mtl.models.slimmable.table import build_width_table
+from mtl.registry import check_int
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +27,9 @@ class WidthTableCallback(L.Callback):
             raise ValueError(f"callbacks.width_table.search_method must be one of {SEARCH_METHODS}, got {search_method!r}")
         # checked when the run starts: a bad value found after testing would fail a trained run
         for key, value, low in (("budgets", budgets, 1), ("preferences", preferences, 1), ("max_batches", max_batches, 0),
-                                ("seed", seed, None)):
-            if value is None and key == "max_batches":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
-                raise ValueError(f"callbacks.width_table.{key} must be an int"
-                                 + (f" >= {low}" if low is not None else "") + f", got {value!r}")
+                                ("seed", seed, 0)):
+            if value is not None or key != "max_batches":  # max_batches=null: the trainer's limits
+                check_int(f"callbacks.width_table.{key}", value, low=low)
         self.budgets, self.preferences, self.max_batches, self.seed = budgets, preferences, max_batches, seed
         self.search_method = search_method
         self.deferred_error: BaseException | None = None
