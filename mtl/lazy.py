@@ -19,3 +19,10 @@ def names(namespace: dict[str, Any], extra: Iterable[str] = ()) -> list[str]:
     """``dir()`` of a package: what it holds, its lazy attributes and its public submodules."""
     found = {m.name for m in pkgutil.iter_modules(namespace["__path__"]) if not m.name.startswith("_")}
     return sorted(set(namespace) | set(extra) | found)
+
+
+def attributes(namespace: dict[str, Any], extra: Iterable[str] = ()):
+    """``(__getattr__, __dir__)`` for a package with no lazy names of its own beyond its submodules:
+    ``__getattr__, __dir__ = lazy.attributes(globals())``."""
+    package = namespace["__name__"]
+    return (lambda name: submodule(package, name)), (lambda: names(namespace, extra))

@@ -13,14 +13,6 @@ from pruning import pagcp as _pagcp  # noqa: F401  (registers "pagcp")
 
 __all__ = ["prune", "METHODS", "LayerGraph", "PruningError"]
 
+from mtl.lazy import attributes as _lazy  # noqa: E402
 
-def __getattr__(name):
-    from mtl.lazy import submodule
-
-    return submodule(__name__, name)  # pruning.job, ... without importing them first
-
-
-def __dir__():
-    from mtl.lazy import names
-
-    return names(globals())
+__getattr__, __dir__ = _lazy(globals())  # pruning.job, ... load on first use

@@ -1,13 +1,6 @@
 """The command-line entry points (mtl-train, mtl-export, mtl-extract) and what they share."""
 
 
-def __getattr__(name):
-    from mtl.lazy import submodule
+from mtl.lazy import attributes as _lazy  # noqa: E402
 
-    return submodule(__name__, name)  # e.g. the job runner's module, without importing it first
-
-
-def __dir__():
-    from mtl.lazy import names
-
-    return names(globals())
+__getattr__, __dir__ = _lazy(globals())  # submodules (the job runners) load on first use

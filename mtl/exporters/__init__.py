@@ -15,13 +15,6 @@ from mtl.exporters import formats  # noqa: E402,F401  (registers onnx, timm, fol
 __all__ = ["EXPORTERS", "ExportError", "Source", "export", "load_source", "read_report", "resolve_tasks"]
 
 
-def __getattr__(name):
-    from mtl.lazy import submodule
+from mtl.lazy import attributes as _lazy  # noqa: E402
 
-    return submodule(__name__, name)  # e.g. the job runner's module, without importing it first
-
-
-def __dir__():
-    from mtl.lazy import names
-
-    return names(globals())
+__getattr__, __dir__ = _lazy(globals())  # submodules (the job runners) load on first use
