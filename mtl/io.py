@@ -111,8 +111,10 @@ def _alive(pid: int) -> bool:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` atomically as strict JSON (see `strict_json`: a diverged loss's NaN becomes null)."""
+    text = json.dumps(strict_json(obj, Path(path).name), indent=2, allow_nan=False)
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+        tmp.write_text(text + "\n")
 
 
 def is_plain_json(v: Any) -> bool:
@@ -156,16 +158,6 @@ def strict_json(obj: Any, where: str) -> Any:
     if isinstance(obj, torch.Tensor) or hasattr(obj, "tolist"):
         return strict_json(obj.tolist(), where)
     raise TypeError(f"{where}: cannot store {type(obj).__name__} in JSON")
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    if hasattr(o, "item"):
-        return o.item()
-    raise TypeError(f"cannot store {type(o).__name__} in JSON")
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
@@ -235,7 +227,7 @@ def save_model(model, path: str | os.PathLike, meta: dict[str, Any] | None = Non
     if cast is not None:  # load_model rebuilds float32 models and never casts (a cast changes values)
         raise ValueError(f"save_model: key {cast!r} is {state[cast].dtype}; model folders hold float32 weights "
                          "(call model.float() first; cast after loading for half-precision inference)")
-    model_cfg = json.loads(json.dumps(model_config(model), default=_json_default))
+    model_cfg = strict_json(model_config(model), "model")
     cfg = {"format": FORMAT, "mtlkit_version": __version__, "model": model_cfg, "meta": meta}
     header = {"format": FORMAT, "tasks": json.dumps(_task_kinds(model_cfg)),
               "config_digest": _config_digest(model_cfg), "weights_digest": _weights_digest(state),
@@ -243,7 +235,7 @@ def save_model(model, path: str | os.PathLike, meta: dict[str, Any] | None = Non
     with atomic_path(path, overwrite=overwrite) as tmp:
         tmp.mkdir()
         save_safetensors(state, tmp / WEIGHTS, metadata=header)
-        (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, default=_json_default) + "\n")
+        (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, allow_nan=False) + "\n")
     return path
 
 
@@ -252,7 +244,7 @@ def _task_kinds(model_cfg: dict[str, Any]) -> dict[str, str]:
 
 
 def _canonical(model_cfg: Any) -> str:
-    return json.dumps(model_cfg, sort_keys=True, separators=(",", ":"), default=_json_default)
+    return json.dumps(model_cfg, sort_keys=True, separators=(",", ":"))
 
 
 def _config_digest(model_cfg: Any) -> str:

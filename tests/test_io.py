@@ -282,3 +282,19 @@ def test_wrong_argument_types_are_named(tiny_model):
         model_stats("some/folder", torch.zeros(1, 3, 32, 32))
     with pytest.raises(TypeError, match="model_stats takes an input batch x"):
         model_stats(tiny_model, [1, 2])
+
+
+def test_write_json_is_strict_json_with_non_finite_floats_as_null(tmp_path):
+    from mtl.io import write_json
+    path = tmp_path / "metrics.json"
+    write_json(path, {"test": {"loss": float("nan"), "rmse": float("inf"), "per_class": torch.tensor([float("-inf"), 0.5])},
+                      "steps": torch.tensor(3)})
+
+    def refuse(name):
+        raise AssertionError(f"bare {name} in {path.name}")
+
+    assert json.loads(path.read_text(), parse_constant=refuse) == {
+        "test": {"loss": None, "rmse": None, "per_class": [None, 0.5]}, "steps": 3}
+    with pytest.raises(TypeError, match=r"metrics.json.bad: cannot store object in JSON"):
+        write_json(path, {"bad": object()})
+    assert json.loads(path.read_text())["steps"] == 3  # a refused write leaves the old file whole

@@ -4,12 +4,13 @@ Not imported by ``mtl.balancers`` so that importing the balancers does not pull 
 """
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
+
+from mtl.io import write_json
 
 
 class StepTimer(Callback):
@@ -36,4 +37,4 @@ class StepTimer(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero and self.times:
-            (Path(trainer.default_root_dir) / self.filename).write_text(json.dumps(self.summary(), indent=2))
+            write_json(Path(trainer.default_root_dir) / self.filename, self.summary())
