@@ -34,6 +34,7 @@ from mtl.progress_log import ProgressLog
 from mtl.registry import Registry, check_int
 
 from .bn import check_bn
+from .engine import KeyOptions
 from .evaluation import Evaluator, ImageBatches
 from .pool import ModelPool, check_same_pruning, manifest_paths, model_list
 from .report import build_report, print_table, write_report
@@ -197,11 +198,13 @@ def select_pretrained(job: MergeJob, hp: Mapping[str, Any]) -> Selection:
 
 
 def _tall_options(hp: Mapping[str, Any]) -> dict[str, Any]:
-    """tall_masks' τ_MTL options for a consensus run, so its overlap plot shows the masks it used."""
+    """tall_masks' τ_MTL and key options (which tensors are merged) for a consensus run, so its overlap
+    plot shows the masks it used."""
+    keys = {k: hp[k] for k in KeyOptions.DEFAULTS if k in hp}
     if hp.get("base") == "ties":
         return {"mtv": "ties", "k": hp.get("ties_k", 20), "merge_func": hp.get("merge_func", "mean"),
-                "trim": hp.get("trim", "global")}
-    return {"mtv": "sum"}
+                "trim": hp.get("trim", "global"), **keys}
+    return {"mtv": "sum", **keys}
 
 
 @CLI_METHODS.register("consensus")

@@ -138,6 +138,20 @@ def test_hyperparameters_are_not_mutated(pool, tmp_path):
         assert hp == before, name
 
 
+def test_consensus_overlap_counts_the_tensors_the_run_merged(pool, tmp_path):
+    from omegaconf import OmegaConf
+
+    from merging.evaluation import Evaluator
+    from merging.job import CLI_METHODS, MergeJob
+
+    job = MergeJob(OmegaConf.create({"store": False, "overwrite": False}), pool, Evaluator(pool, 1), tmp_path)
+    plain = CLI_METHODS.get("consensus")(job, {"lam": 0.5}).extra["mask_overlap"]
+    with_bn = CLI_METHODS.get("consensus")(job, {"lam": 0.5, "bn": "merge"}).extra["mask_overlap"]
+    stats = sum(v.numel() for k, v in merging.load_state_dict(pool.pretrained).items()
+                if k.endswith(("running_mean", "running_var")) and ".heads." not in f".{k}")
+    assert stats > 0 and with_bn["params"] == plain["params"] + stats  # bn=merge masks the statistics too
+
+
 def test_tall_masks_store_gives_the_in_memory_metrics(pool, tmp_path):
     args = _args(pool, "merge=tall_masks", "merge.lam_grid=[0.2,0.5]", batches=1)
     stored = run([*args, "store=true"], run_dir=tmp_path / "tall")
