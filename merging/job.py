@@ -152,14 +152,15 @@ def check_pool_inputs(pool: ModelPool, hp: Mapping[str, Any], bn_data: dict[str,
     open_context(pool.pretrained, pool.member_paths, opts, min_models=1, what="a merge").close()
 
 
-def precheck(name: str, hp: Mapping[str, Any], num_models: int | None = None) -> None:
+def precheck(name: str, hp: Mapping[str, Any], num_models: int | None = None, tasks: list[str] | None = None) -> None:
     """The hyperparameters of a grid-searched state-dict method (or tall_masks, or a learned method), checked before any
     model is loaded or evaluated (a bad `k` or λ would otherwise surface after the whole pool's individual evaluation).
-    With `num_models` (the pool's size, once known), also what depends on it: consensus' k, a per-task λ list."""
+    With `num_models` (the pool's size, once known) and `tasks` (its task names), also what depends on them:
+    consensus' k, a per-task λ list or ``{task: λ}``."""
     if name == "tall_masks":
         from .tall_job import precheck_tall
 
-        return precheck_tall(hp, num_models)
+        return precheck_tall(hp, num_models, tasks)
     if name in merging.LEARNED_METHODS:
         from .learned.cli import precheck_learned
 
@@ -288,7 +289,7 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                          "the task models it rebuilds would not be the ones scored; use merge.bn=pretrained (default) "
                          "or average for TALL")
     pool = resolve_pool(cfg, run_dir, manifest)
-    precheck(name, hp, num_models=len(pool.members))
+    precheck(name, hp, num_models=len(pool.members), tasks=[t for m in pool.members for t in m.tasks])
     check_pool_inputs(pool, hp, bn_data)
     ev = Evaluator(pool, cfg.eval.get("max_batches"), _plain(cfg.eval.get("data")), cfg.eval.get("device") or "cpu")
     sel = select(MergeJob(cfg, pool, ev, run_dir, bn_data), MappingProxyType(hp))

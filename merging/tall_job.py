@@ -45,9 +45,9 @@ def _lams_tried(hp: Mapping[str, Any]) -> list[Any]:
     return list(grid) if isinstance(grid, (list, tuple)) else [grid]
 
 
-def precheck_tall(hp: Mapping[str, Any], num_models: int | None = None) -> None:
+def precheck_tall(hp: Mapping[str, Any], num_models: int | None = None, tasks: list[str] | None = None) -> None:
     """Unknown keys, `mtv`, `select`, TIES's options and every λ tried (with `num_models`, a per-task λ
-    list's length too), checked before the pool is loaded and evaluated."""
+    list's length too; with `tasks`, a ``{task: λ}``'s names), checked before the pool is loaded and evaluated."""
     unknown = sorted(set(hp) - set(ACCEPTED))
     if unknown:
         raise ValueError(f"merge=tall_masks: unknown hyperparameter(s) {', '.join(unknown)}; accepted: {', '.join(ACCEPTED)}")
@@ -61,7 +61,9 @@ def precheck_tall(hp: Mapping[str, Any], num_models: int | None = None) -> None:
     searched = hp.get("lam") is None
     for lam in _lams_tried(hp):
         try:
-            TallKernel(lam)
+            TallKernel(list(lam.values()) if isinstance(lam, Mapping) else lam)
+            if isinstance(lam, Mapping) and tasks is not None and len(tasks) == num_models:
+                _given_lams(lam, tasks)  # {task: λ}, as a run's metrics.json records it
             if num_models is not None and isinstance(lam, (list, tuple)):
                 _per_task("lam", lam, num_models)
         except ValueError as e:
@@ -106,6 +108,17 @@ def _search(job: MergeJob, hp: Mapping[str, Any], opts: dict[str, Any]) -> tuple
     return [_best_lam(t, per_task[t]) for t in names], grid
 
 
+def _given_lams(lam: Any, names: list[str]) -> list[float]:
+    """λ per task from `merge.lam`: one value, a list in the pool's task order, or ``{task: λ}`` (the
+    `selected.lam` of an earlier run's metrics.json, fed back as it is)."""
+    if isinstance(lam, Mapping):
+        if set(lam) != set(names):
+            raise ValueError(f"merge.lam names the tasks {sorted(map(str, lam))}; the pool's are "
+                             f"{sorted(names)} (give one λ for each)")
+        return [float(lam[t]) for t in names]
+    return [float(v) for v in lam] if isinstance(lam, (list, tuple)) else [float(lam)] * len(names)
+
+
 @CLI_METHODS.register("tall_masks")
 def select_tall(job: MergeJob, hp: Mapping[str, Any]) -> Selection:
     """TALL masks: λ_t picked per task on its own validation split (or `lam` as given); the store is
@@ -117,8 +130,7 @@ def select_tall(job: MergeJob, hp: Mapping[str, Any]) -> Selection:
     opts = {k: v for k, v in hp.items() if k not in ("lam", "lam_grid")}
     grid = None
     if hp.get("lam") is not None:
-        lam = hp["lam"]
-        lams = [float(v) for v in lam] if isinstance(lam, list) else [float(lam)] * len(names)
+        lams = _given_lams(hp["lam"], names)
     else:
         lams, grid = _search(job, hp, opts)
     store = merging.write_tall_store(job.pool.pretrained, fts, job.run_dir / STORE_DIR, lam=lams, tasks=names,

@@ -169,6 +169,17 @@ def test_tall_masks_store_gives_the_in_memory_metrics(pool, tmp_path):
         run(_args(pool, "merge=ties", batches=1) + ["store=true"], run_dir=tmp_path / "ties")
 
 
+def test_tall_masks_selected_lam_can_be_given_back_as_it_is(pool, tmp_path):
+    searched = run(_args(pool, "merge=tall_masks", "merge.lam_grid=[0.2,0.5]", batches=1), run_dir=tmp_path / "s")
+    lam = searched["selected"]["lam"]
+    given = run(_args(pool, "merge=tall_masks", "merge.lam={" + ",".join(f"{t}:{v}" for t, v in lam.items()) + "}",
+                      batches=1), run_dir=tmp_path / "g")
+    assert given["selected"]["lam"] == lam and given["tasks"] == searched["tasks"]
+    with pytest.raises(ValueError, match=r"merge.lam names the tasks \['semseg'\]; the pool's are \['regression', 'semseg'\]"):
+        run(_args(pool, "merge=tall_masks", "merge.lam={semseg:0.3}", batches=1), run_dir=tmp_path / "bad")
+    assert not (tmp_path / "bad" / "tall_store").exists()
+
+
 def test_tall_masks_model_folder_describes_itself_and_the_tested_models_rebuild(pool, tmp_path):
     """The folder holds θ0 + τ_MTL, so it carries no test scores of its own; metrics.json says its scores
     are the per-task TALL models', which the run's store rebuilds to the same scores."""
