@@ -82,10 +82,32 @@ def _read_safetensors_header(path: Path) -> tuple[dict, int]:
             (n,) = struct.unpack("<Q", head)
             if n > 100_000_000:
                 raise MergeInputError(f"{path}: not a safetensors file (header length {n})")
-            header = json.loads(f.read(n))
+            header = json.loads(f.read(n), object_pairs_hook=_no_duplicate_keys)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise MergeInputError(f"{path}: cannot read safetensors header: {e}") from e
+    except _DuplicateKey as e:
+        raise MergeInputError(f"{path}: tensor {e.args[0]!r} is listed twice in the safetensors header") from None
+    if not isinstance(header, dict):
+        raise MergeInputError(f"{path}: not a safetensors file (its header is not a JSON object)")
     return header, 8 + n
+
+
+def _check_layout(path: Path, infos: dict[str, TensorInfo], offsets: dict[str, tuple[int, int]], data_bytes: int) -> None:
+    """The byte ranges the safetensors format requires (what `safe_open` checks, for the files we `pread`
+    ourselves): each tensor's range holds exactly its shape × dtype bytes, and the ranges tile the data
+    buffer in order, without gaps, overlaps or trailing bytes. Anything else would hand one tensor
+    another's bytes, or the header's, without an error."""
+    end = 0
+    for k, (s, e) in sorted(offsets.items(), key=lambda kv: kv[1]):
+        if e - s != infos[k].nbytes:
+            raise MergeInputError(f"{path}: tensor {k!r} has data_offsets [{s}, {e}] ({e - s} bytes) but its shape "
+                                  f"{list(infos[k].shape)} and dtype need {infos[k].nbytes}")
+        if s != end:
+            what = "overlaps the tensor before it" if s < end else f"leaves a gap at byte {end}"
+            raise MergeInputError(f"{path}: tensor {k!r} (data_offsets [{s}, {e}]) {what}; not a valid safetensors file")
+        end = e
+    if end < data_bytes:  # a shorter file is refused as truncated by the caller
+        raise MergeInputError(f"{path}: {data_bytes - end} bytes after the last tensor; not a valid safetensors file")
 
 
 class SafetensorsSource(StateSource):
@@ -104,6 +126,8 @@ class SafetensorsSource(StateSource):
         self._infos: dict[str, TensorInfo] = {}
         self._offsets: dict[str, tuple[int, int]] = {}
         for k, v in header.items():
+            if not isinstance(v, dict):
+                raise MergeInputError(f"{path}: tensor {k!r} has a malformed header entry {v!r}")
             try:
                 dt = SAFETENSORS_DTYPES[v["dtype"]]
             except KeyError:
@@ -111,6 +135,8 @@ class SafetensorsSource(StateSource):
             try:
                 shape, (s, e) = tuple(int(d) for d in v["shape"]), v["data_offsets"]
                 self._offsets[k] = (int(s), int(e))
+                if min(shape, default=0) < 0 or not 0 <= int(s) <= int(e):
+                    raise ValueError
             except (KeyError, TypeError, ValueError):
                 raise MergeInputError(f"{path}: tensor {k!r} has a malformed header entry {v}") from None
             self._infos[k] = TensorInfo(shape, dt)
@@ -118,6 +144,7 @@ class SafetensorsSource(StateSource):
         size = os.path.getsize(self.path)
         if size < need:  # a truncated copy or download: said here, not deep inside a read
             raise MergeInputError(f"{path}: truncated safetensors file: its header needs {need} bytes, the file has {size}")
+        _check_layout(self.path, self._infos, self._offsets, size - self._data_start)
         self._budget = handle_budget
         self._handle = None
         self._served = 0
@@ -225,6 +252,12 @@ class ShardedSafetensorsSource(StateSource):
             raise MergeInputError(f"{index_path}: unreadable shard index: {e}") from e
         except _DuplicateKey as e:
             raise MergeInputError(f"{index_path}: tensor {e.args[0]!r} is listed twice in the index") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise MergeInputError(f"{index_path}: unreadable shard index: \"weight_map\" must map tensor names to "
+                                  "shard file names")
+        escaping = [f for f in weight_map.values() if Path(f).is_absolute() or ".." in Path(f).parts]
+        if escaping:  # an index names files beside it; one that reaches elsewhere is not a shard of this folder
+            raise MergeInputError(f"{index_path}: shard file {escaping[0]!r} lies outside the index's folder")
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not (index_path.parent / f).is_file()]
         if missing:

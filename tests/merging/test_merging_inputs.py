@@ -279,3 +279,58 @@ def test_an_edited_model_folder_is_refused_as_load_model_refuses_it(tmp_path):
     with pytest.raises(ModelFolderError, match=want):
         load_state(bad)
     assert merging.merge("task_arithmetic", good, [good])  # the untouched folder still merges
+
+
+def _raw_safetensors(path, header, data: bytes):
+    """A safetensors file written byte by byte, with any header (the format: 8-byte LE length + JSON + data)."""
+    import struct
+
+    raw = json.dumps(header).encode() if isinstance(header, dict) else header
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+@pytest.mark.parametrize("entries, extra, why", [
+    ('"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, "b": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}',
+     b"", r"tensor 'b' \(data_offsets \[0, 16\]\) overlaps the tensor before it"),
+    ('"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 32]}',
+     b"", r"tensor 'a' has data_offsets \[0, 8\] \(8 bytes\) but its shape \[4\] and dtype need 16"),
+    ('"a": {"dtype": "F32", "shape": [4], "data_offsets": [16, 0]}, "b": {"dtype": "F32", "shape": [4], "data_offsets": [16, 32]}',
+     b"", r"tensor 'a' has a malformed header entry"),
+    ('"a": {"dtype": "F32", "shape": [4], "data_offsets": [-8, 8]}, "b": {"dtype": "F32", "shape": [4], "data_offsets": [16, 32]}',
+     b"", r"tensor 'a' has a malformed header entry"),
+    ('"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, "b": {"dtype": "F32", "shape": [4], "data_offsets": [16, 32]}, '
+     '"a": {"dtype": "F32", "shape": [4], "data_offsets": [16, 32]}', b"", r"tensor 'a' is listed twice in the safetensors header"),
+    ('"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, "b": {"dtype": "F32", "shape": [4], "data_offsets": [16, 32]}',
+     b"\0" * 8, r"8 bytes after the last tensor"),
+    ('"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, "b": {"dtype": "F32", "shape": [4], "data_offsets": [24, 40]}',
+     b"\0" * 8, r"tensor 'b' \(data_offsets \[24, 40\]\) leaves a gap at byte 16"),
+])
+def test_a_malformed_safetensors_header_is_refused_by_every_reader(tmp_path, entries, extra, why):
+    """Offsets that would hand one tensor another's (or the header's) bytes: refused naming the file and
+    tensor by the streaming reader, which `pread`s without safe_open, as safe_open refuses them."""
+    pre = {"a": torch.zeros(4), "b": torch.zeros(4)}
+    good = tmp_path / "pre.safetensors"
+    save_file(pre, str(good))
+    data = torch.arange(8, dtype=torch.float32).numpy().tobytes() + extra
+    bad = _raw_safetensors(tmp_path / "bad.safetensors", ("{" + entries + "}").encode(), data[:40])
+    for run in (lambda: merging.merge_to_file("task_arithmetic", good, [bad], tmp_path / "out", lam=1.0),
+                lambda: merging.merge_to_file("ties", good, [bad], tmp_path / "out", lam=1.0),
+                lambda: merging.merge("task_arithmetic", good, [bad], lam=1.0)):
+        with pytest.raises(merging.MergeInputError, match=rf"{bad}: .*{why}"):
+            run()
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_malformed_shard_index_is_refused_naming_it(tmp_path):
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    save_file({"a": torch.zeros(2)}, str(folder / "s1.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    for weight_map, why in [([["a", "s1.safetensors"]], "\"weight_map\" must map tensor names to shard file names"),
+                            (None, "\"weight_map\" must map"), ({"a": 1}, "\"weight_map\" must map"),
+                            ({"a": "../s1.safetensors"}, "shard file '../s1.safetensors' lies outside the index's folder"),
+                            ({"a": str(folder / "s1.safetensors")}, "lies outside the index's folder")]:
+        index.write_text(json.dumps({"weight_map": weight_map}))
+        with pytest.raises(merging.MergeInputError, match=rf"{index}: .*{why}"):
+            merging.merge("average", {"a": torch.zeros(2)}, [folder])
