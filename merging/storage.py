@@ -223,6 +223,55 @@ def write_tall_store(
         ctx.close()
 
 
+def _check_store(path: Path, manifest: Any, src: SafetensorsSource) -> None:
+    """The manifest against the file's header, before any task model is rebuilt: a store edited or
+    written by other code must not rebuild a model with a key missing or a mask short of bits
+    (np.unpackbits pads with zeros, which would read as "off")."""
+    def bad(what: str) -> MergeInputError:
+        return MergeInputError(f"{path}: not a valid TALL store: {what}")
+
+    def names(field: str) -> list[str]:
+        v = manifest.get(field)
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise bad(f"manifest field {field!r} must be a list of names, got {v!r}")
+        return v
+
+    tasks, order, merged = names("tasks"), names("order"), names("merged")
+    if not tasks or len(set(tasks)) != len(tasks):
+        raise bad(f"task names must be distinct and at least one, got {tasks}")
+    if manifest.get("mask_bitorder", "big") != "big":
+        raise bad(f"mask_bitorder {manifest['mask_bitorder']!r} (masks are packed big-endian)")
+    task_keys = manifest.get("task_keys")
+    if not isinstance(task_keys, list) or len(task_keys) != len(tasks) or not all(
+            isinstance(ks, list) and all(isinstance(k, str) for k in ks) for ks in task_keys):
+        raise bad(f"manifest field 'task_keys' must hold one list of names per task ({len(tasks)})")
+    if not set(merged) <= set(order):
+        raise bad(f"merged key {sorted(set(merged) - set(order))[0]!r} is not in the key order")
+    held, merged_set, named = set(src.keys()), set(merged), set()
+
+    def need(name: str) -> TensorInfo:
+        if name not in held:
+            raise bad(f"tensor {name!r} is missing")
+        named.add(name)
+        return src.info(name)
+
+    for k in order:
+        if k not in merged_set:
+            need(f"kept/{k}")
+            continue
+        pre, tau = need(f"theta0/{k}"), need(f"tau/{k}")
+        if pre.shape != tau.shape:
+            raise bad(f"theta0/{k} has shape {list(pre.shape)} but tau/{k} {list(tau.shape)}")
+        for t in range(len(tasks)):
+            if need(f"mask/{t}/{k}") != _packed_info(tau):
+                raise bad(f"mask/{t}/{k} must be {(tau.numel + 7) // 8} packed bytes (uint8) for {tau.numel} entries")
+    for t, ks in enumerate(task_keys):
+        for k in ks:
+            need(f"task/{t}/{k}")
+    if held - named:  # a key the manifest's order lost would be left out of every rebuilt model
+        raise bad(f"tensor {sorted(held - named)[0]!r} is not in the manifest")
+
+
 class TallStore:
     """Read access to a TALL store; tensors are read lazily, one at a time."""
 
@@ -240,6 +289,7 @@ class TallStore:
             raise MergeInputError(f"{p}: not a TALL store (no mtlkit_tall manifest)") from None
         if self.manifest.get("version") != FORMAT_VERSION:
             raise MergeInputError(f"{p}: unsupported TALL store version {self.manifest.get('version')}")
+        _check_store(p, self.manifest, self.src)
         self.tasks: list[str] = self.manifest["tasks"]
         self.merged_keys: list[str] = self.manifest["merged"]
         self._merged = set(self.merged_keys)

@@ -1,4 +1,7 @@
 """TALL compressed store (θ0 + τ_MTL + bit-packed masks) round trips, and the PNG plots."""
+import json
+import re
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -132,3 +135,45 @@ def test_store_task_names_come_from_single_task_model_folders(tmp_path):
     for d in dotted:
         d.mkdir()
     assert _default_task_names(dotted) == ["llama-3.1-math", "llama-3.1-code"]
+
+
+def test_a_store_whose_manifest_disagrees_with_its_tensors_is_refused(tmp_path):
+    """Edited or foreign stores: each mismatch is named when the store is opened, before any task model
+    is rebuilt (a short mask would otherwise unpack with zero bits, a lost key leave models without it)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    pre, fts = make_models(T=2)
+    path = merging.write_tall_store(pre, fts, tmp_path / "good")
+    with safe_open(str(path), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    manifest = json.loads(meta["mtlkit_tall"])
+    key = manifest["merged"][0]
+
+    def variant(name, edit_tensors=None, **fields):
+        t = dict(tensors)
+        if edit_tensors:
+            edit_tensors(t)
+        m = {**manifest, **fields}
+        out = tmp_path / f"{name}.safetensors"
+        save_file(t, str(out), metadata={**meta, "mtlkit_tall": json.dumps(m)})
+        return out
+
+    cases = [
+        (variant("short", lambda t: t.__setitem__(f"mask/0/{key}", t[f"mask/0/{key}"][:1])),
+         rf"mask/0/{re.escape(key)} must be \d+ packed bytes"),
+        (variant("nomask", lambda t: t.pop(f"mask/1/{key}")), rf"tensor 'mask/1/{re.escape(key)}' is missing"),
+        (variant("order", order=[k for k in manifest["order"] if k != key], merged=manifest["merged"][1:]),
+         r"tensor '(theta0|tau|mask/\d)/.*' is not in the manifest"),
+        (variant("dup", tasks=["a", "a"]), r"task names must be distinct"),
+        (variant("ints", tasks=[0, 1]), r"manifest field 'tasks' must be a list of names"),
+        (variant("little", mask_bitorder="little"), r"mask_bitorder 'little'"),
+        (variant("heads", task_keys=[[]]), r"manifest field 'task_keys' must hold one list of names per task \(2\)"),
+        (variant("shape", lambda t: t.__setitem__(f"tau/{key}", t[f"tau/{key}"].reshape(-1)[:1].clone())),
+         rf"theta0/{re.escape(key)} has shape .* but tau/{re.escape(key)}"),
+    ]
+    for bad, why in cases:
+        for read in (merging.open_store, lambda p: merging.load_task_model(p, 0), merging.store_report):
+            with pytest.raises(merging.MergeInputError, match=rf"{bad}: not a valid TALL store: {why}"):
+                read(bad)
+    assert merging.open_store(path).num_tasks == 2  # the unedited store opens
