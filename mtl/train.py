@@ -320,6 +320,10 @@ def _check_precision(cfg: DictConfig, trainer: L.Trainer) -> None:
     warning; the run would then record one precision and train in another."""
     asked = str(cfg.trainer.get("precision", "32-true"))
     asked = {"16": "16-mixed", "bf16": "bf16-mixed", "32": "32-true", "64": "64-true"}.get(asked, asked)
+    if asked.endswith("-true") and asked != "32-true":  # found now, not by save_model after the whole run
+        dtype = {"bf16-true": "bfloat16", "16-true": "float16", "64-true": "float64"}.get(asked, asked)
+        raise ValueError(f"trainer.precision={asked} keeps the weights in {dtype}, and model folders hold "
+                         "float32 weights; use trainer.precision=bf16-mixed (bfloat16 compute, float32 weights) or 32-true")
     if str(trainer.precision) != asked:
         raise ValueError(f"trainer.precision={asked} is not available on {type(trainer.accelerator).__name__} "
                          f"(Lightning would train in {trainer.precision}); use trainer.precision={trainer.precision} "

@@ -212,6 +212,26 @@ def test_a_precision_the_accelerator_lacks_is_refused_not_replaced():
         run(FAST + ["trainer.precision=16-mixed", "trainer.accelerator=cpu"])
 
 
+@pytest.mark.parametrize("precision, dtype", [("bf16-true", "bfloat16"), ("16-true", "float16"), ("64-true", "float64")])
+def test_a_precision_that_keeps_non_float32_weights_is_refused_before_training(tmp_path, precision, dtype):
+    """It would train and test, then fail in save_model (model folders hold float32 weights): the whole run lost."""
+    with pytest.raises(ValueError, match=rf"trainer.precision={precision} keeps the weights in {dtype}, and model "
+                                         "folders hold float32 weights; use trainer.precision=bf16-mixed"):
+        run(FAST + [f"trainer.precision={precision}"], run_dir=tmp_path / "r")
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_resuming_in_another_precision_is_refused_by_name(tmp_path):
+    run(FAST + ["task=[depth]", "trainer.precision=bf16-mixed"], run_dir=tmp_path / "first")
+    ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    with pytest.raises(ValueError, match=r"trainer.precision=32-true differs from the checkpoint's bf16-mixed: .*resume "
+                                         r"with trainer.precision=bf16-mixed"):
+        run(FAST + ["task=[depth]", "trainer.max_epochs=2", f"ckpt_path={ckpt}"], run_dir=tmp_path / "second")
+    run(FAST + ["task=[depth]", "trainer.max_epochs=2", "trainer.precision=bf16-mixed", f"ckpt_path={ckpt}"],
+        run_dir=tmp_path / "third")
+    assert (tmp_path / "third" / "model" / "model.safetensors").is_file()
+
+
 def test_ddp_with_an_evaluation_split_smaller_than_the_process_count_is_refused_before_training():
     """Each process evaluates its own share, no image repeated: with 3 test images 4 processes cannot."""
     from types import SimpleNamespace
