@@ -319,7 +319,35 @@ def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
         raise ModelFolderError(f"{file}: key 'model.tasks' must be a list of {{'name': ..., 'kind': ...}} objects")
     if not tasks:
         raise ModelFolderError(f"{file}: key 'model.tasks' is empty; a model has at least one task")
+    if not isinstance(cfg.get("meta", {}), dict):
+        raise ModelFolderError(f"{file}: key 'meta' must be an object, got {type(cfg['meta']).__name__}")
+    fetch = _initial_weight_source(cfg["model"], "model")
+    if fetch:  # the folder's own weights replace them: honouring one would only reach the Hub or read another file
+        raise ModelFolderError(f"{file}: key '{fetch}' names where initial weights come from (the Hub or a file); a "
+                               "model folder holds its weights and never loads others: remove the key")
     return cfg
+
+
+#: backbone keys naming where *initial* weights come from (timm's Hub download, a local file): a saved
+#: model's own weights replace them, so `save_model` leaves them out and `load_model` refuses them
+INIT_ONLY = ("pretrained", "checkpoint_path", "pretrained_cfg_overlay")
+
+
+def _initial_weight_source(v: Any, where: str) -> str | None:
+    """The key path of the first set weight-source key in a stored model config, if any."""
+    if isinstance(v, dict):
+        for k, x in v.items():
+            if k in INIT_ONLY and x not in (None, False, "", {}):
+                return f"{where}.{k}"
+            found = _initial_weight_source(x, f"{where}.{k}")
+            if found:
+                return found
+    elif isinstance(v, list):
+        for i, x in enumerate(v):
+            found = _initial_weight_source(x, f"{where}[{i}]")
+            if found:
+                return found
+    return None
 
 
 def _read_weights(file: Path, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -298,3 +298,40 @@ def test_write_json_is_strict_json_with_non_finite_floats_as_null(tmp_path):
     with pytest.raises(TypeError, match=r"metrics.json.bad: cannot store object in JSON"):
         write_json(path, {"bad": object()})
     assert json.loads(path.read_text())["steps"] == 3  # a refused write leaves the old file whole
+
+
+@pytest.mark.parametrize("key, value", [("pretrained", True), ("checkpoint_path", "/etc/passwd"),
+                                        ("pretrained_cfg_overlay", {"hf_hub_id": "x/y"})])
+def test_a_config_naming_initial_weights_is_refused_before_any_fetch(tiny_model, tmp_path, monkeypatch, key, value):
+    """An untrusted config.json must not make timm reach the Hub or read another file: the folder's own
+    weights are the model's."""
+    import timm
+
+    folder = mtl.save_model(tiny_model, tmp_path / "m")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model"]["backbone"][key] = value
+    (folder / "config.json").write_text(json.dumps(cfg))
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("a model was built"))
+    with pytest.raises(ModelFolderError, match=rf"config.json: key 'model.backbone.{key}' names where initial weights "
+                                               "come from .* remove the key"):
+        mtl.load_model(folder)
+
+
+def test_saved_configs_leave_initial_weight_sources_out(tmp_path):
+    from mtl.models import create_model
+
+    model = create_model(["depth"], backbone={"name": "test_resnet", "out_indices": [1, 2, 3], "pretrained": False,
+                                              "checkpoint_path": None, "pretrained_cfg_overlay": {}})
+    cfg = json.loads((mtl.save_model(model, tmp_path / "m") / "config.json").read_text())
+    assert not {"pretrained", "checkpoint_path", "pretrained_cfg_overlay"} & set(cfg["model"]["backbone"])
+    mtl.load_model(tmp_path / "m")
+
+
+@pytest.mark.parametrize("meta", ["hello", [1], 3])
+def test_a_config_whose_meta_is_not_an_object_is_refused(tiny_model, tmp_path, meta):
+    folder = mtl.save_model(tiny_model, tmp_path / "m")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["meta"] = meta
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelFolderError, match=rf"config.json: key 'meta' must be an object, got {type(meta).__name__}"):
+        mtl.load_model(folder)

@@ -15,14 +15,10 @@ import timm
 import torch
 from torch import nn
 
+from mtl.io import INIT_ONLY  # noqa: F401  (re-exported: the backbone keys a model folder leaves out)
 from mtl.registry import Registry, UnknownNameError
 
 BACKBONES: "Registry[type[nn.Module]]" = Registry("backbone")
-
-
-#: backbone keys that say where the *initial* weights come from: a saved model's own weights replace
-#: them, so a model folder's config leaves them out (it must rebuild without that file or the Hub)
-INIT_ONLY = ("pretrained", "checkpoint_path")
 
 
 class TimmBackbone(nn.Module):
