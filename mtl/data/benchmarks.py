@@ -81,6 +81,8 @@ def image_to_uint8(a: np.ndarray, where: str) -> torch.Tensor:
         if lo < 0 or hi > 255:
             raise ValueError(f"{where}: {a.dtype} image values span {lo}..{hi}; expected 0-255 (or floats in [0, 1])")
         a = a.astype(np.uint8)
+    if a.dtype.kind not in "uf":  # complex, strings, objects: the cast would drop or garble them
+        raise ValueError(f"{where}: image of dtype {a.dtype}; expected uint8 0-255 or floats in [0, 1]")
     if a.dtype != np.uint8:
         if not np.isfinite(a).all():  # NaN would cast to 0 (black) without a word
             raise ValueError(f"{where}: image holds NaN or infinite values; expected floats in [0, 1] (or uint8 0-255)")
@@ -107,6 +109,12 @@ def labels_to_uint8(a: np.ndarray, num_classes: int, where: str) -> torch.Tensor
         frac = a[a != np.round(a)]
         if frac.size:
             raise ValueError(f"{where}: label {float(frac[0]):g} is not a whole number; expected integer class ids")
+        huge = a[np.abs(a) > 2**31]  # would wrap in the int64 cast and be named as another number
+        if huge.size:
+            raise ValueError(f"{where}: label {float(huge[0]):g} is outside 0..{num_classes - 1} "
+                             f"(num_classes={num_classes}; −1 marks ignored pixels)")
+    elif not np.issubdtype(a.dtype, np.integer) and a.dtype != np.bool_:
+        raise ValueError(f"{where}: labels of dtype {a.dtype}; expected integer class ids")
     ids = a.astype(np.int64)
     ids[(ids == -1) | (ids == IGNORE)] = IGNORE
     bad = (ids != IGNORE) & ((ids < 0) | (ids >= num_classes))
