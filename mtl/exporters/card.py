@@ -138,7 +138,9 @@ def _export_section(report: dict[str, Any]) -> list[str]:
             lines.append(f"- Not used by the multi-task backbone and left at timm's initialisation: "
                          f"{', '.join(filled['timm_init'][:12])}{' …' if len(filled['timm_init']) > 12 else ''}.")
         lines.append("- Preprocessing is not part of the weights: feed float images normalised with the mean/std "
-                     "below (the multi-task model's own).")
+                     "below (the multi-task model's own). timm's `config.json` records them with the training "
+                     "image size and a resize without centre crop, so `timm.data.resolve_data_config` / "
+                     "`create_transform` on `local-dir:<folder>` give that recipe, not timm's ImageNet one.")
         return lines
     return [f"- mtlkit model folder ({report.get('parameters', '?')} parameters); `mtl.load_model` rebuilds it from "
             "`config.json` + `model.safetensors` (no pickles). It follows the layout of Hugging Face model "

@@ -20,6 +20,7 @@ import torch
 
 from mtl.exporters.api import EXPORTERS, ExportError, Source
 from mtl.models.backbones import INIT_ONLY
+from mtl.models.multitask import IMAGENET_MEAN, IMAGENET_STD
 
 TIMM_FILE = "model.safetensors"
 _BUILD_ONLY = ("out_indices", *INIT_ONLY, "features_only")
@@ -77,6 +78,8 @@ def export_timm(source: Source, out: Path, tasks: list[str], seed: int = 0) -> d
             mapped[key] = value
             filled["timm_init"].append(key)
     plain.load_state_dict(mapped, strict=True)
+    preprocessing = _own_preprocessing(source)
+    plain.pretrained_cfg = {**plain.pretrained_cfg, **preprocessing}  # not timm's ImageNet recipe for `name`
     save_for_hf(plain, str(out), model_args=args, safe_serialization=True)
     if not (out / TIMM_FILE).is_file():
         raise ExportError(f"timm's save_for_hf wrote no {TIMM_FILE} in {out}")
@@ -87,7 +90,25 @@ def export_timm(source: Source, out: Path, tasks: list[str], seed: int = 0) -> d
         "trained_keys": len(mapped) - len(filled["zeroed"]) - len(filled["timm_init"]),
         "filled_keys": filled,
         "load": _load_snippet(name, args),
+        "preprocessing": preprocessing,
     }
+
+
+def _own_preprocessing(source: Source) -> dict[str, Any]:
+    """The multi-task model's input recipe, in timm's pretrained_cfg terms, so that timm's data pipeline
+    (``resolve_data_config`` / ``create_transform`` on ``local-dir:<out>``) feeds the weights what they
+    were trained on: the model's mean/std, its training image size, resize without a centre crop."""
+    def short(v):  # the float32 buffers' values as written in the config (0.485, not 0.48500001430511475)
+        return tuple(float(f"{x:.7g}") for x in v)
+
+    cfg = {"mean": short(source.config.get("mean", IMAGENET_MEAN)), "std": short(source.config.get("std", IMAGENET_STD)),
+           "crop_pct": 1.0, "crop_mode": "center", "interpolation": "bilinear"}
+    size = (source.meta.get("data") or {}).get("size")
+    if isinstance(size, int) and not isinstance(size, bool):
+        size = [size, size]
+    if isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size):
+        cfg["input_size"] = (3, *size)
+    return cfg
 
 
 def _classifier_keys(model: torch.nn.Module) -> set[str]:

@@ -167,6 +167,10 @@ def test_timm_weights_reload_in_plain_timm(tmp_path, backbone):
     again = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     with torch.no_grad():
         assert torch.equal(again.forward_intermediates(x, indices=list(indices), intermediates_only=True)[0], theirs[0])
+    # timm's data pipeline gets the model's own recipe, not timm's ImageNet default for the name
+    data = timm.data.resolve_data_config({}, model=again)
+    assert data["mean"] == pytest.approx(model.config["mean"]) and data["std"] == pytest.approx(model.config["std"])
+    assert tuple(data["input_size"]) == (3, 32, 32) and data["crop_pct"] == 1.0
 
 
 @pytest.fixture(scope="module")
