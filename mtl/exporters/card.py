@@ -40,8 +40,11 @@ def _metric_rows(src: Source, tasks: list[str]) -> list[str]:
             rows.append(f"| {task} | {metric} | {_fmt(value)} |")
     dm = (src.run_metrics or {}).get("delta_m")
     if isinstance(dm, dict) and "value" in dm:
-        rows += ["", f"Δm = {dm['value']:+.2f}% ({dm.get('variant', '')} metrics) vs the single-task baselines in "
-                     f"`{dm.get('baselines', '')}`."]
+        run_tasks = sorted(src.metrics)
+        whose = ("" if sorted(tasks) == run_tasks else  # Δm averages over every task of the run
+                 f" of the whole model it was taken from (tasks {', '.join(run_tasks)}; not of this subset)")
+        rows += ["", f"Δm = {dm['value']:+.2f}%{whose} ({dm.get('variant', '')} metrics) vs the single-task "
+                     f"baselines in `{dm.get('baselines', '')}`."]
     return rows
 
 

@@ -442,3 +442,16 @@ def test_an_input_below_the_backbone_stride_is_exported_with_a_warning(tmp_path,
         out = mtl.export(folder, "onnx", tmp_path / "small", input_size=[8, 32], exporter="torchscript")
     assert "format.input_size=[8, 32] is below the backbone's output stride 16" in caplog.text
     assert (out / "model.onnx").is_file()
+
+
+def test_a_subset_card_says_its_delta_m_is_the_whole_models():
+    from mtl.exporters.api import Source
+    from mtl.exporters.card import _metric_rows
+
+    src = Source(nn.Identity(), None, {}, metrics={"depth": {"rmse": 1.0}, "semseg": {"miou": 0.5}},
+                 run_metrics={"delta_m": {"value": -3.25, "variant": "test", "baselines": "b.json"}})
+    whole = "\n".join(_metric_rows(src, ["semseg", "depth"]))
+    subset = "\n".join(_metric_rows(src, ["depth"]))
+    assert "Δm = -3.25% (test metrics)" in whole and "whole model" not in whole
+    assert "Δm = -3.25% of the whole model it was taken from (tasks depth, semseg; not of this subset)" in subset
+    assert "| semseg |" not in subset
