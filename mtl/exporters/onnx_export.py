@@ -98,6 +98,7 @@ def export_onnx(source: Source, out: Path, tasks: list[str], opset: int = DEFAUL
         raise _missing_package(e.name or "onnxruntime") from None
     if exporter not in ("dynamo", "torchscript"):
         raise ValueError(f"format=onnx: exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
+    _check_opset(opset, exporter)
     verify_batches = _check_batches(verify_batches)
     for name, tol in (("atol", atol), ("rtol", rtol)):  # a negative tolerance fails every check, after the export
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < float("inf"):
@@ -160,6 +161,25 @@ def _check_batches(batches: Any) -> list[int]:
     return list(batches)
 
 
+def opset_range(exporter: str) -> tuple[int, int]:
+    """The opsets ``exporter`` writes: torchscript down to old runtimes, dynamo from 18 (it writes 18 for
+    anything lower) up to torch's newest."""
+    from torch.onnx import _constants as c
+
+    if exporter == "torchscript":
+        return getattr(c, "ONNX_MIN_OPSET", 7), getattr(c, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20)
+    return 18, max(18, getattr(c, "ONNX_MAX_OPSET", 18))
+
+
+def _check_opset(opset: Any, exporter: str) -> None:
+    low, high = opset_range(exporter)
+    if isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high:
+        other = "dynamo" if exporter == "torchscript" else "torchscript"
+        o_low, o_high = opset_range(other)
+        raise ValueError(f"format.opset={opset!r}: the {exporter} exporter writes opsets {low}–{high} "
+                         f"(format.exporter={other}: {o_low}–{o_high})")
+
+
 def _trace(graph: TaskGraph, sample: torch.Tensor, path: Path, opset: int, exporter: str) -> None:
     kwargs: dict[str, Any] = {"input_names": [INPUT_NAME], "output_names": graph.task_names, "opset_version": opset}
     if exporter == "dynamo":
@@ -180,11 +200,14 @@ def _trace(graph: TaskGraph, sample: torch.Tensor, path: Path, opset: int, expor
             raise ExportError(f"ONNX export ({exporter}, opset {opset}) failed: {type(e).__name__}: "
                               f"{_first_line(e)}") from e
         where = locate_operator(graph.model, sample, graph.task_names, op)
+        low, high = opset_range(exporter)
         raise ExportError(f"ONNX (opset {opset}) cannot express operator '{op}' used in module "
-                          f"{where or '(not found by name)'}; replace that module or pick another opset"
+                          f"{where or '(not found by name)'}; replace that module or pick another opset "
+                          f"({exporter}: {low}–{high}; newer opsets express more operators)"
                           + _resampling_hint(graph.model, sample, op)
-                          + ("; or try format.exporter=dynamo, which decomposes many operators the torchscript "
-                             "exporter cannot write" if exporter == "torchscript" else "")) from None
+                          + ("; or try format.exporter=dynamo (opsets {}–{}), which decomposes many operators the "
+                             "torchscript exporter cannot write".format(*opset_range("dynamo"))
+                             if exporter == "torchscript" else "")) from None
     finally:
         graph.eval()  # the torchscript exporter restores the wrapper's mode; keep eval for verification
 
@@ -251,17 +274,25 @@ def _stem(op: str) -> str:
 def locate_operator(model: nn.Module, x: torch.Tensor, tasks: Sequence[str], op: str) -> str | None:
     """Run the model once and return the qualified name of the innermost module that calls ``op``
     (matched by name stem, so a decomposed ``prims.bessel_i0`` finds the ``aten::i0`` call)."""
+    from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode
 
     stem = _stem(op)
     stack: list[str] = []
     found: list[str] = []
 
-    class Spy(TorchDispatchMode):
+    def seen(name: str) -> None:
+        if not found and (name == stem or name.endswith("_" + stem) or stem.endswith("_" + name)):
+            found.append(stack[-1] if stack else "(top level)")
+
+    class Spy(TorchDispatchMode):  # aten calls, after decomposition (prims.bessel_i0 -> aten::i0)
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = _stem(func._schema.name)
-            if not found and (name == stem or name.endswith("_" + stem) or stem.endswith("_" + name)):
-                found.append(stack[-1] if stack else "(top level)")
+            seen(_stem(func._schema.name))
+            return func(*args, **(kwargs or {}))
+
+    class FunctionSpy(TorchFunctionMode):  # Python-level calls, before a composite op is decomposed into
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # kernels of other names (sdpa)
+            seen(getattr(func, "__name__", ""))
             return func(*args, **(kwargs or {}))
 
     def enter(label):
@@ -277,7 +308,7 @@ def locate_operator(model: nn.Module, x: torch.Tensor, tasks: Sequence[str], op:
         handles.append(module.register_forward_pre_hook(enter(f"{qual or 'model'} ({type(module).__name__})")))
         handles.append(module.register_forward_hook(leave))
     try:
-        with torch.no_grad(), Spy():
+        with torch.no_grad(), FunctionSpy(), Spy():
             model(x, tasks=list(tasks))
     except Exception:
         pass  # the export error is the one to report
