@@ -229,7 +229,8 @@ class MultiTaskModule(L.LightningModule):
         checkpoint["rng_states"] = rng_states()
         if getattr(self, "_schedule_steps", None) is not None:
             checkpoint["schedule_steps"] = self._schedule_steps
-        checkpoint["precision"] = str(self.trainer.precision)
+        if self._trainer is not None:
+            checkpoint["precision"] = str(self._trainer.precision)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # a checkpoint from before a balancer kept state across steps (nash_mtl's solve schedule) lacks
@@ -242,8 +243,9 @@ class MultiTaskModule(L.LightningModule):
                 raise ValueError(f"optim.{key}={self.hparams[key]} differs from the checkpoint's {stored[key]}: resuming "
                                  f"restores its optimiser, so it would train at {stored[key]}; resume with "
                                  f"optim.{key}={stored[key]}, or start a new run from its weights with init_from=<model folder>")
-        saved, now = checkpoint.get("precision"), str(self.trainer.precision)
-        if saved is not None and saved != now and self.trainer.state.fn == "fit":  # testing in another precision is fine
+        trainer = self._trainer
+        saved, now = checkpoint.get("precision"), str(trainer.precision) if trainer is not None else None
+        if saved is not None and now is not None and saved != now and trainer.state.fn == "fit":  # testing in another is fine
             raise ValueError(f"trainer.precision={now} differs from the checkpoint's {saved}: the run would continue "
                              f"in another precision than it trained in; resume with trainer.precision={saved}, or start "
                              "a new run from its weights with init_from=<model folder>")
