@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
 from torch import nn
 
 from mtl.io import atomic_path, check_output_apart, load_model, read_json, read_model_config, write_json
@@ -49,6 +50,12 @@ def load_source(model: str | os.PathLike | nn.Module) -> Source:
         if not hasattr(model, "config"):
             raise TypeError(f"{type(model).__name__} has no `config`: only mtlkit model families can be exported")
         from mtl.models.surgery import model_config  # the config with any pruning plan, as a folder stores it
+
+        cast = next(((k, v.dtype) for k, v in model.state_dict().items()
+                     if v.is_floating_point() and v.dtype != torch.float32), None)
+        if cast is not None:  # ONNX Runtime would fail on the graph with an error naming a temporary file
+            raise ValueError(f"export: key {cast[0]!r} is {cast[1]}; export float32 models (call model.float() "
+                             "first; exported graphs and folders hold float32 weights)")
 
         src = Source(copy.deepcopy(model).cpu().eval(), None, model_config(model),
                      dict(getattr(model, "meta", {}) or {}))

@@ -73,4 +73,5 @@ def export_folder(source: Source, out: Path, tasks: list[str]) -> dict[str, Any]
         meta["test"] = {t: v for t, v in source.metrics.items() if t in tasks}
     save_model(model, out, meta=meta, overwrite=True)
     return {"files": ["model.safetensors", "config.json", "README.md"], "load": 'mtl.load_model("<folder>")',
+            "tasks": list(model.tasks),  # the folder's order (the model's), whatever order `tasks` named them in
             "parameters": sum(p.numel() for p in model.parameters())}

@@ -45,8 +45,10 @@ def export_timm(source: Source, out: Path, tasks: list[str], seed: int = 0) -> d
     body = getattr(backbone, "body", None)
     name = getattr(backbone, "name", None)
     if body is None or name is None:
-        raise ExportError(f"format=timm needs a timm backbone (model.backbone.body); the {source.family!r} "
-                          "family has none")
+        bb = (source.config.get("backbone") or {}).get("name") if isinstance(source.config.get("backbone"), dict) else None
+        what = f"backbone {bb!r} is not a timm model" if bb else f"the {source.family!r} family has no separate backbone"
+        raise ExportError(f"format=timm needs a timm backbone (model.backbone.body); {what}: export it with "
+                          "format=onnx or format=folder")
     args = model_args(source.config.get("backbone", {}))
     torch.manual_seed(seed)
     plain = timm.create_model(name, pretrained=False, **args)

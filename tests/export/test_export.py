@@ -480,3 +480,19 @@ def test_a_composite_operator_is_located_in_its_module():
 
     where = locate_operator(Net(), torch.randn(1, 2, 4, 8), ["t"], "aten::scaled_dot_product_attention")
     assert where == "inner.1 (Attn)"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_a_model_that_is_not_float32_is_refused_before_export(tmp_path, dtype):
+    model = mtl.load_model(_folder(tmp_path)).to(dtype)
+    with pytest.raises(ValueError, match=rf"export: key '.*' is {dtype}; export float32 models \(call model.float"):
+        mtl.export(model, "onnx", tmp_path / "out")
+    assert not (tmp_path / "out").exists() and next(model.parameters()).dtype == dtype
+
+
+def test_a_folder_export_records_the_task_order_it_holds(tmp_path):
+    folder = _folder(tmp_path)
+    order = list(reversed(mtl.load_model(folder).tasks))[:2]
+    out = mtl.export(folder, "folder", tmp_path / "f", tasks=order)
+    held = list(mtl.load_model(out).tasks)
+    assert sorted(held) == sorted(order) and read_report(out)["tasks"] == held

@@ -63,3 +63,10 @@ def test_a_model_that_cannot_drop_tasks_names_the_first_key(tmp_path):
     with pytest.raises(ExportError, match=r"format=folder: the 'multitask' family cannot drop tasks \['semseg'\]: "
                                           r"key '[\w.]+' does not fit the model without them"):
         keep_tasks(model, ["depth", "classification"])
+
+
+def test_format_timm_names_the_backbone_it_cannot_write(tmp_path):
+    with pytest.raises(ExportError, match=r"format=timm needs a timm backbone .*; backbone 'slim_resnet' is not a "
+                                          r"timm model: export it with format=onnx or format=folder"):
+        mtl.export(_extracted_slim(), "timm", tmp_path / "t")
+    assert not (tmp_path / "t").exists()
