@@ -5,7 +5,7 @@ interleaved in rounds so that load from other jobs on a shared machine hits them
 runtime and batch: the median latency over rounds and the median of the within-round ratio to eager.
 
     python scripts/bench_export.py                          # trains a small model first (seconds)
-    python scripts/bench_export.py --model runs/x/model --size 64 --threads 2
+    python scripts/bench_export.py --model runs/x/model --threads 2    # at the folder's training size (--size to change)
 
 The ONNX file comes from ``mtl.export(..., format="onnx")`` and is verified against PyTorch there.
 """
@@ -21,13 +21,15 @@ from pathlib import Path
 import torch
 
 import mtl
+from mtl.exporters.api import read_report
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model folder (default: train resnet10t on scenes, smoke budget)")
     p.add_argument("--out", default="outputs/bench_export")
-    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--size", type=int, default=None,
+                   help="input side in pixels (default: the --model folder's training size; 64 for the trained one)")
     p.add_argument("--batches", default="1,32")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=7)
@@ -108,12 +110,15 @@ def main():
     args = parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    folder = Path(args.model) if args.model else train_model(out, args.size)
+    folder = Path(args.model) if args.model else train_model(out, args.size or 64)
+    # without --size the export takes the folder's recorded training size: time the model as it is shipped
     onnx_dir = mtl.export(folder, "onnx", out / "onnx", exporter=args.exporter, input_size=args.size, overwrite=True)
+    h, w = read_report(onnx_dir)["input"]["shape"][2:]
+    args.size = h if h == w else f"{h}x{w}"
     model = mtl.load_model(folder).eval()
     batches = [int(b) for b in args.batches.split(",")]
     gen = torch.Generator().manual_seed(0)
-    inputs = {b: torch.randint(0, 256, (b, 3, args.size, args.size), dtype=torch.uint8, generator=gen) for b in batches}
+    inputs = {b: torch.randint(0, 256, (b, 3, h, w), dtype=torch.uint8, generator=gen) for b in batches}
     fns, notes = runtimes(model, onnx_dir / "model.onnx", args.threads, not args.no_compile, inputs[max(batches)],
                          args.compile_timeout)
     for fn in fns.values():  # warm-up
