@@ -24,13 +24,11 @@ from torch import nn
 
 from mtl.models.decoders.hps import create_head
 from mtl.models.families import MODELS
-from mtl.models.multitask import normalize_images, select_tasks
+from mtl.models.multitask import IMAGENET_MEAN, IMAGENET_STD, normalize_images, select_tasks
 from mtl.models.moe import StackedExperts, TopKRouter, check_top_k, task_expert_mutual_information
 from mtl.registry import check_bool, check_int, check_number
 from mtl.tasks import Task, create_task
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 GATES = ("per_task", "task_embedding")
 VIT_DEFAULTS = {"img_size": 64, "patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3, "mlp_ratio": 4.0}
 MOE_DEFAULTS = {"channels": None, "num_experts": 16, "top_k": 4, "expert_hidden": None, "every": 2, "gate": "per_task",
