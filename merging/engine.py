@@ -133,7 +133,10 @@ class Context:
         for i, src in enumerate(self.sources):
             x = src.get(key)
             self._validate(x.to(self.plan.compute.get(key, x.dtype)), i, key)
-        raise MergeInputError(f"merged tensor {key!r} overflowed (inputs are finite); check the hyperparameters")
+        info = self.plan.infos.get(key)
+        raise MergeInputError(f"merged tensor {key!r} overflowed (inputs are finite): its values exceed what "
+                              f"{info.dtype if info else 'its dtype'} holds, or an intermediate sum over the models does; "
+                              "check the hyperparameters (λ, scaling) and the inputs' magnitudes")
 
     def pre(self, key: str) -> torch.Tensor:
         """θ0[key] in compute dtype. Read-only: may share memory with the input."""
