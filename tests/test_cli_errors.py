@@ -380,3 +380,27 @@ def test_a_run_folder_in_use_is_refused_and_a_stale_claim_taken_over(monkeypatch
                                       f"hydra.run.dir={folder}"])
     train_cli.main()  # its process is gone: the stale claim is taken over and the run finishes
     assert (folder / "metrics.json").is_file() and not (folder / RUNNING).exists()
+
+
+def test_an_added_key_that_nearly_matches_a_setting_is_refused():
+    from omegaconf import OmegaConf
+
+    from mtl.cli.choices import check_added_keys
+
+    cfg = OmegaConf.create({"seed": 1, "overwrite": False, "seeed": 3, "viz": {"num_samples": 2, "num_sample": 3},
+                            "trainer": {"max_epochs": 1, "max_epoch": 2}, "fresh": 1})
+    for arg, want in [("+seeed=3", r"\+seeed=3: no setting seeed \(did you mean seed\?\)"),
+                      ("+viz.num_sample=3", r"no setting viz.num_sample \(did you mean viz.num_samples\?\)")]:
+        with pytest.raises(ValueError, match=want):
+            check_added_keys(cfg, [arg])
+    # a trainer key reaches Lightning's constructor, which names it; an unrelated new key, a plain override
+    # and ++ are not judged here
+    check_added_keys(cfg, ["+trainer.max_epoch=2", "+fresh=1", "seed=2", "++seeed=3"])
+
+
+def test_a_misspelt_added_key_stops_an_in_process_run(tmp_path):
+    from mtl.train import run
+
+    with pytest.raises(ValueError, match=r"did you mean viz.num_samples\?"):
+        run(["experiment=scenes_hps", "debug=smoke", "+viz.num_sample=3"], run_dir=tmp_path / "r")
+    assert not (tmp_path / "r" / "checkpoints").exists()

@@ -232,6 +232,28 @@ def test_resuming_in_another_precision_is_refused_by_name(tmp_path):
     assert (tmp_path / "third" / "model" / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("experiment, name", [("scenes_slimmable", "slim_resnet"), ("scenes_task_moe_vit", "task_moe_vit")])
+def test_a_backbone_choice_an_experiment_overwrites_is_refused(tmp_path, experiment, name):
+    """These experiments set their backbone in full; backbone=resnet18 trained their own encoder while the
+    run's overrides.yaml recorded resnet18."""
+    with pytest.raises(ValueError, match=rf"backbone=resnet18 is overwritten by {experiment}'s own backbone settings "
+                                         rf"\(backbone.name={name}\)"):
+        run([f"experiment={experiment}", "debug=smoke", "backbone=resnet18"], run_dir=tmp_path / "r")
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_check_choices_honoured_ignores_what_explains_the_name():
+    from omegaconf import OmegaConf
+
+    from mtl.cli.choices import check_choices_honoured
+
+    cfg = OmegaConf.create({"name": "x", "backbone": {"name": "resnet34"}})
+    check_choices_honoured(cfg, ["backbone=resnet18", "backbone.name=resnet34"], ("mtl.configs",))  # named on purpose
+    check_choices_honoured(cfg, ["backbone=no_such_file"], ("mtl.configs",))  # a user's own group file: not judged
+    with pytest.raises(ValueError, match=r"backbone=resnet18 is overwritten by x's own backbone settings"):
+        check_choices_honoured(cfg, ["backbone=resnet18"], ("mtl.configs",))
+
+
 def test_ddp_with_an_evaluation_split_smaller_than_the_process_count_is_refused_before_training():
     """Each process evaluates its own share, no image repeated: with 3 test images 4 processes cannot."""
     from types import SimpleNamespace

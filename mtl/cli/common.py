@@ -30,6 +30,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from mtl.cli.choices import check_added_keys, check_choices_honoured
 from mtl.cli.failures import (FAILED, claims_run_folder, interrupted_message, interruption, marks_failure,
                                sigterm_raises)
 
@@ -135,6 +136,8 @@ def run_job(cfg, job: Callable[[Any, Path], Any] | str) -> Any:
                 module, _, name = job.partition(":")
                 job = getattr(importlib.import_module(module), name)
             check_required(cfg)
+            check_choices_honoured(cfg, hc.overrides.task, ("mtl.configs",))
+            check_added_keys(cfg, hc.overrides.task)
             result = job(cfg, run_dir)
     except BaseException as e:
         stop = interruption(e)
@@ -422,6 +425,8 @@ def run_in_process(job: Callable[[Any, Path], Any], config_modules: Sequence[str
     cfg, run_dir = compose_in_process(config_modules[0], config_name, overrides, run_dir)
     with claims_run_folder(run_dir, _rank0()), marks_failure(run_dir):  # a failed run is marked as the CLI marks it
         check_required(cfg)
+        check_choices_honoured(cfg, overrides, config_modules)
+        check_added_keys(cfg, overrides)
         return job(cfg, run_dir), Path(run_dir)
 
 

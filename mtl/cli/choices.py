@@ -1,0 +1,79 @@
+"""A config-group choice the composed config does not honour.
+
+An ``experiment=`` file that sets a group's keys in full at ``_global_`` level (``scenes_slimmable`` keeps
+its ``slim_resnet`` encoder under ``debug=smoke`` that way) also overwrites a group the user picks on the
+command line: ``experiment=scenes_slimmable backbone=resnet18`` would train ``slim_resnet`` while the
+run's ``overrides.yaml`` says ``backbone=resnet18``. Refused instead, naming both.
+"""
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any, Sequence
+
+__all__ = ["check_choices_honoured", "check_added_keys"]
+
+#: app-level nodes whose keys only the job itself reads (no constructor refuses an unknown one): the top
+#: level, and these; a ``+key=`` added there is read by nothing
+CLOSED_NODES = ("", "baselines", "viz", "eval", "calib")
+
+
+def check_choices_honoured(cfg: Any, overrides: Sequence[str], config_modules: Sequence[str]) -> None:
+    """Raise when an override ``group=option`` picked a group file whose ``name`` the composed config's
+    ``group.name`` no longer has (and no ``group.name=`` override explains it)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    args = [a.strip() for a in overrides if "=" in a and not a.startswith(("+", "~", "-"))]
+    named = {a.split("=", 1)[0] for a in args}
+    for arg in args:
+        group, choice = arg.split("=", 1)
+        if "." in group or "," in choice or choice.startswith(("[", "choice(", "range(")) or f"{group}.name" in named:
+            continue
+        node = cfg.get(group) if isinstance(cfg, DictConfig) else None
+        if not isinstance(node, DictConfig) or "name" not in node:
+            continue
+        chosen = _option_name(group, choice, config_modules)
+        actual = OmegaConf.select(node, "name", default=None)
+        if chosen is not None and actual is not None and str(actual) != str(chosen):
+            experiment = cfg.get("name") or "the experiment"
+            raise ValueError(f"{arg} is overwritten by {experiment}'s own {group} settings ({group}.name={actual}): "
+                             f"that experiment sets its {group} in full; drop {group}= or pick another experiment")
+
+
+def _option_name(group: str, choice: str, config_modules: Sequence[str]) -> Any:
+    import yaml
+
+    for module in config_modules:
+        try:
+            file = resources.files(module) / group / f"{choice}.yaml"
+            if file.is_file():
+                data = yaml.safe_load(file.read_text()) or {}
+                return data.get("name") if isinstance(data, dict) else None
+        except (ModuleNotFoundError, FileNotFoundError, NotADirectoryError, yaml.YAMLError):
+            continue
+    return None
+
+
+def check_added_keys(cfg: Any, overrides: Sequence[str]) -> None:
+    """Raise for ``+key=value`` that adds, to a node only the job reads, a key that nearly matches another
+    key there (``+seeed=3`` beside ``seed``, ``+viz.num_sample=3`` beside ``num_samples``): Hydra suggests
+    ``+`` for any unknown key, and the job would ignore it without a word."""
+    import difflib
+
+    from omegaconf import DictConfig
+
+    for arg in overrides:
+        if not arg.startswith("+") or arg.startswith("++") or "=" not in arg:
+            continue
+        path = arg[1:].split("=", 1)[0].strip()
+        parent, _, key = path.rpartition(".")
+        if parent not in CLOSED_NODES:
+            continue
+        node = cfg if not parent else cfg.get(parent)
+        if not isinstance(node, DictConfig):
+            continue
+        others = [k for k in node.keys() if isinstance(k, str) and k != key]
+        close = difflib.get_close_matches(key, others, n=1, cutoff=0.75)
+        if close:
+            where = f"{parent}." if parent else ""
+            raise ValueError(f"{arg}: no setting {where}{key} (did you mean {where}{close[0]}?); nothing reads an "
+                             f"added {where}{key}")
