@@ -48,6 +48,14 @@ class ProbeThenFinetune(L.Callback):
     def _probing(self, trainer) -> bool:
         return trainer.current_epoch < self.probe_epochs
 
+    def on_fit_start(self, trainer, pl_module) -> None:
+        epochs = trainer.max_epochs
+        if epochs is not None and 0 <= epochs <= self.probe_epochs:  # the shared part would never train
+            raise ValueError(f"trainer.max_epochs={epochs} ends within the probe (callbacks.probe_then_finetune."
+                             f"probe_epochs={self.probe_epochs}): only the heads would train and the task vector "
+                             "would be zero; train longer, or shorten the probe (debug=smoke: add trainer.max_epochs=2 "
+                             "callbacks.probe_then_finetune.probe_epochs=1)")
+
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         # the optimiser holds every parameter; a frozen one gets no gradient, so AdamW skips it
         probe = self._probing(trainer)

@@ -73,6 +73,19 @@ def test_probe_lr_scale_follows_the_schedule_without_compounding():
     assert [g["lr"] for g in tr.optimizers[0].param_groups] == pytest.approx([1e-3, 2e-3])
 
 
+@pytest.mark.parametrize("max_epochs, probe_epochs, refused", [(3, 3, True), (1, 3, True), (4, 3, False), (1, 0, False)])
+def test_a_run_that_ends_within_the_probe_is_refused_at_fit_start(max_epochs, probe_epochs, refused):
+    """It would save θ0's shared weights with a new head: a zero task vector, in a zoo without a word."""
+    cb = ProbeThenFinetune(probe_epochs=probe_epochs)
+    trainer = SimpleNamespace(max_epochs=max_epochs)
+    if refused:
+        with pytest.raises(ValueError, match=rf"trainer.max_epochs={max_epochs} ends within the probe .*probe_epochs="
+                                             rf"{probe_epochs}\): only the heads would train"):
+            cb.on_fit_start(trainer, None)
+    else:
+        cb.on_fit_start(trainer, None)
+
+
 @pytest.mark.parametrize("kwargs", [{"probe_epochs": -1}, {"probe_lr_scale": 0.0}])
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
