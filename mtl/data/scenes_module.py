@@ -18,6 +18,7 @@ from mtl.data.hf import arrow_to_numpy, default_cache_dir, quiet_datasets
 from mtl.data.memory import SPLITS, TensorDataModule, TensorDictDataset
 from mtl.data.scenes import CLASS_NAMES, GENERATOR_VERSION, SHAPE_NAMES, render_scenes
 from mtl.io import atomic_path
+from mtl.registry import check_int
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,10 @@ def materialize_scenes(size: int = 64, n_train: int = 2000, n_val: int = 500, n_
     only when it is exactly what was asked for. It appears complete or not at all.
     """
     for name, n in dict(n_train=n_train, n_val=n_val, n_test=n_test).items():
-        if n < 1:  # every split is used: to fit, to pick the checkpoint, for the final metrics
-            raise ValueError(f"scenes: {name} must be >= 1, got {n}")
+        # every split is used: to fit, to pick the checkpoint, for the final metrics
+        check_int(f"data.{name}", n, 1)
+    check_int("data.size", size, 1)
+    check_int("data.seed", seed, 0)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir("scenes")
     final = root / f"scenes-v{GENERATOR_VERSION}-{size}px-{scenes_cache_key(size, n_train, n_val, n_test, seed)}"
     if (final / "dataset_dict.json").exists():

@@ -36,9 +36,9 @@ class Task(abc.ABC):
         # names become log keys `val/<task>/<metric>` and module-dict keys
         if not isinstance(self.name, str) or "/" in self.name or "." in self.name:
             raise ValueError(f"task name must be a string without '/' or '.', got {self.name!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"task {self.name!r}: weight must be a finite number >= 0, got {weight!r}")
         self.weight = float(weight)  # static loss weight, applied before any balancer
-        if not math.isfinite(self.weight) or self.weight < 0:
-            raise ValueError(f"task {self.name!r}: weight must be finite and >= 0, got {weight!r}")
         self.target_key = target_key or self.kind
 
     @property

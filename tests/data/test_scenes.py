@@ -317,6 +317,9 @@ def test_registry_errors():
 
 def test_an_empty_split_is_refused_before_anything_is_cached(tmp_path):
     """An empty split once reached the cache and broke every later run with the same sizes."""
-    with pytest.raises(ValueError, match="scenes: n_val must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="data.n_val must be an int >= 1, got 0"):
         dmod.materialize_scenes(size=8, n_train=4, n_val=0, n_test=2, cache_dir=tmp_path)
+    for kwargs, key in [({"size": "abc"}, "data.size"), ({"n_train": "abc"}, "data.n_train"), ({"size": 8.5}, "data.size")]:
+        with pytest.raises(ValueError, match=rf"{key} must be an int >= 1, got"):  # not a numpy error from inside
+            dmod.materialize_scenes(**{"size": 8, "n_train": 4, "n_val": 2, "n_test": 2, **kwargs}, cache_dir=tmp_path)
     assert not any(tmp_path.iterdir())

@@ -79,8 +79,9 @@ def test_bad_arguments():
         create_task("semseg", num_clases=3)
     with pytest.raises(ValueError, match="valid names: l1, mse"):
         create_task("regression", loss="huber")
-    with pytest.raises(ValueError, match="weight"):
-        create_task("depth", weight=-1)
+    for bad in (-1, "abc", True, float("nan")):  # "abc" once failed as float("abc"), naming no key
+        with pytest.raises(ValueError, match=r"task 'depth': weight must be a finite number >= 0, got"):
+            create_task("depth", weight=bad)
     with pytest.raises(ValueError, match="'/'"):
         create_task("depth", name="a/b")
 
