@@ -264,3 +264,12 @@ def test_datamodule_target_key_and_single_items(tmp_path):
     assert batch["image"].shape == (2, 3, 32, 32)
     with pytest.raises(KeyError, match="valid names"):
         ZooDataModule("nope")
+
+
+def test_tasks_a_zoo_set_has_no_targets_for_are_named_before_training(tmp_path):
+    from mtl.train import run
+
+    with pytest.raises(ValueError, match=r"zoo dataset 'mnist': task\(s\) 'semseg', 'depth' have no targets in this "
+                                         r"data; it provides \['mnist'\]"):
+        run(["debug=smoke", "data=zoo", "task=[semseg,depth]", "logger=none"], run_dir=tmp_path / "r")
+    assert not (tmp_path / "r" / "checkpoints").exists()

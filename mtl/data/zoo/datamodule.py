@@ -53,12 +53,12 @@ class ZooDataModule(TensorDataModule):
             self._load()
 
     def setup(self, stage: str | None = None) -> None:
-        if self._data:
-            return
-        for split, (images, labels) in self._load().items():
-            x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-            y = torch.from_numpy(np.array(labels, np.int64))  # a copy: Arrow hands out read-only memory
-            self._data[split] = TensorDictDataset({"image": x, self.target_key: y})
+        if not self._data:
+            for split, (images, labels) in self._load().items():
+                x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+                y = torch.from_numpy(np.array(labels, np.int64))  # a copy: Arrow hands out read-only memory
+                self._data[split] = TensorDictDataset({"image": x, self.target_key: y})
+        self._check_targets()  # e.g. the scenes tasks on a zoo set: named before training, not a KeyError
 
     def _loader_options(self, shuffle: bool) -> dict:
         # a seeded shuffle: the zoo's fine-tunes see the same batch order run after run
