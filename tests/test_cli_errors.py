@@ -404,3 +404,15 @@ def test_a_misspelt_added_key_stops_an_in_process_run(tmp_path):
     with pytest.raises(ValueError, match=r"did you mean viz.num_samples\?"):
         run(["experiment=scenes_hps", "debug=smoke", "+viz.num_sample=3"], run_dir=tmp_path / "r")
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_a_missing_interpolation_names_the_setting_that_reads_it():
+    from omegaconf import OmegaConf
+
+    from mtl.cli.common import one_line
+
+    cfg = OmegaConf.create({"decoder": {"widths": "${backbone.widths}"}, "backbone": {}})
+    with pytest.raises(Exception) as e:
+        cfg.decoder.widths
+    assert one_line(e.value) == ("decoder.widths reads ${backbone.widths}, which this config does not have: the group "
+                                 "that sets backbone.widths was swapped out or removed, or does not fit this combination")

@@ -93,6 +93,12 @@ def one_line(exc: BaseException) -> str:
     if isinstance(exc, InstantiationException) and exc.__cause__ is not None:
         target = str(exc).split("'")[1] if str(exc).count("'") >= 2 else "a config target"
         return f"{target}: {one_line(exc.__cause__)}"
+    from omegaconf.errors import InterpolationKeyError
+
+    if isinstance(exc, InterpolationKeyError) and getattr(exc, "full_key", None) and "'" in str(exc):
+        missing = str(exc).split("'")[1]  # which setting reads a key the composed config lacks
+        return (f"{exc.full_key} reads ${{{missing}}}, which this config does not have: the group that sets "
+                f"{missing} was swapped out or removed, or does not fit this combination")
     bare_key = isinstance(exc, KeyError) and type(exc).__str__ is KeyError.__str__
     # a KeyError of ours carries a sentence (KeyError's str() would quote it); a bare one (a missing
     # dict key) needs its type to make sense
