@@ -97,6 +97,8 @@ def resolve_output(out: str | os.PathLike, filename: str = "model.safetensors") 
     """
     out = Path(out)
     if out.suffix == ".safetensors":
+        if out.is_dir():  # said before the work; overwrite=true must never replace a folder with a file
+            raise IsADirectoryError(f"{out} is a folder; a .safetensors output is a file: choose another path")
         return out, None
     return out / filename, (None if out.exists() else out)
 

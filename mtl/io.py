@@ -41,7 +41,15 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)) / path.name
         try:
             yield tmp
-            if path.is_dir() and not path.is_symlink():
+            if not overwrite:  # another writer may have made `path` meanwhile: never replace its output
+                try:
+                    _rename_no_replace(tmp, path)
+                except FileExistsError:
+                    raise FileExistsError(f"{path} appeared while this output was written (another writer?); "
+                                          "it was left as it is and this one discarded") from None
+            elif path.is_dir() and not path.is_symlink():
+                if not tmp.is_dir():  # a folder is replaced by a folder only: it may hold anyone's files
+                    raise IsADirectoryError(f"{path} is a folder; refusing to replace it with a file")
                 old = path.with_name(f".{path.name}.old-{os.getpid()}-")
                 os.replace(path, old)
                 os.replace(tmp, path)
@@ -54,6 +62,30 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
     finally:
         if not done:
             _remove_empty(created)
+
+
+def _rename_no_replace(src: Path, dst: Path) -> None:
+    """``os.rename`` that raises FileExistsError when ``dst`` exists, atomically (Linux renameat2 with
+    RENAME_NOREPLACE; elsewhere a hard link for a file, a ``mkdir`` claim for a folder)."""
+    import ctypes
+    import errno
+
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) if os.name == "posix" else None
+    if renameat2 is not None:
+        renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        if renameat2(-100, os.fsencode(src), -100, os.fsencode(dst), 1) == 0:  # AT_FDCWD, RENAME_NOREPLACE
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise FileExistsError(errno.EEXIST, os.strerror(err), str(dst))
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a file system without the flag: below
+            raise OSError(err, os.strerror(err), str(dst))
+    if src.is_dir():
+        os.mkdir(dst)  # the claim: FileExistsError when taken; the rename then replaces our own empty folder
+        os.replace(src, dst)
+    else:
+        os.link(src, dst)
+        os.unlink(src)
 
 
 def _make_parents(folder: Path) -> list[Path]:

@@ -335,3 +335,29 @@ def test_a_config_whose_meta_is_not_an_object_is_refused(tiny_model, tmp_path, m
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelFolderError, match=rf"config.json: key 'meta' must be an object, got {type(meta).__name__}"):
         mtl.load_model(folder)
+
+
+def test_atomic_path_never_replaces_an_output_another_writer_made_meanwhile(tmp_path):
+    """Two writers of one new output (overwrite=False): the second to finish is refused, not swapped in."""
+    for kind in ("file", "folder"):
+        path = tmp_path / kind
+        with pytest.raises(FileExistsError, match=rf"{path} appeared while this output was written"):
+            with atomic_path(path, overwrite=False) as tmp:
+                tmp.mkdir() if kind == "folder" else tmp.write_text("mine")
+                path.mkdir() if kind == "folder" else path.write_text("theirs")
+        assert (path.is_dir() and not any(path.iterdir())) if kind == "folder" else path.read_text() == "theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder"]  # no temporary left
+
+
+def test_overwrite_never_replaces_a_folder_with_a_file(tmp_path):
+    import merging
+
+    folder = tmp_path / "c.safetensors"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("precious")
+    with pytest.raises(IsADirectoryError, match=rf"{folder} is a folder; refusing to replace it with a file"):
+        with atomic_path(folder, overwrite=True) as tmp:
+            tmp.write_text("file")
+    with pytest.raises(IsADirectoryError, match=rf"{folder} is a folder; a .safetensors output is a file"):
+        merging.merge_to_file("average", {"a": torch.zeros(2)}, [{"a": torch.ones(2)}], folder, overwrite=True)
+    assert (folder / "notes.txt").read_text() == "precious"
