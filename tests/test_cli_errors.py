@@ -416,3 +416,23 @@ def test_a_missing_interpolation_names_the_setting_that_reads_it():
         cfg.decoder.widths
     assert one_line(e.value) == ("decoder.widths reads ${backbone.widths}, which this config does not have: the group "
                                  "that sets backbone.widths was swapped out or removed, or does not fit this combination")
+
+
+def test_an_in_process_run_claims_the_new_folder_it_is_given(tmp_path):
+    """Two in-process runs given one new run_dir both started and mixed their checkpoints and metrics: the
+    folder is now made and claimed at once, and removed again when a refused run leaves it empty."""
+    from mtl.cli.failures import RUNNING, RunFolderTaken, claims_run_folder
+
+    folder = tmp_path / "new" / "run"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with claims_run_folder(folder):
+            assert (folder / RUNNING).read_text() == str(os.getpid())
+            (folder / RUNNING).write_text(str(other.pid))  # as if another live run held it
+            with pytest.raises(RunFolderTaken, match=rf"run_dir {folder} is in use by another run \(pid {other.pid}\)"):
+                with claims_run_folder(folder):
+                    pass
+            (folder / RUNNING).write_text(str(os.getpid()))
+    finally:
+        other.kill()
+    assert not (tmp_path / "new").exists()  # made for the run, left empty: removed with its parent

@@ -8,6 +8,8 @@ import traceback
 from pathlib import Path
 from typing import Iterator
 
+from mtl.atomic import alive, atomic_path, make_parents, remove_empty
+
 FAILED = "FAILED"
 
 
@@ -29,8 +31,6 @@ def marks_failure(run_dir: str | os.PathLike) -> Iterator[None]:
             raise
         run_dir = Path(run_dir)
         if run_dir.is_dir():
-            from mtl.io import atomic_path
-
             head = f"{type(e).__name__}: {e}" if stop is None else interrupted_message(stop[0], run_dir)
             try:
                 with atomic_path(run_dir / FAILED) as tmp:
@@ -93,22 +93,30 @@ def claims_run_folder(run_dir: str | os.PathLike, rank0: bool = True) -> Iterato
     """Hold ``run_dir/.running`` (this process's pid) while a job runs in it: a second run given the same
     folder (``hydra.run.dir=...`` twice at once) is refused with `RunFolderTaken` instead of mixing its
     logs, model and metrics with the first's. A marker whose process is gone (a killed run) is taken over.
-    Only DDP's rank 0 claims (the other ranks share its folder), and only a folder that exists (the CLIs'
-    Hydra makes it first; an in-process run into a new folder has nothing to collide with yet)."""
+    Only DDP's rank 0 claims (the other ranks share its folder). A folder that does not exist yet (an
+    in-process run) is made here, so two such runs given one new folder cannot both start, and removed
+    again (with the parents made for it) when the run leaves it empty (refused before writing)."""
     if not rank0:
         yield
         return
     marker = Path(run_dir) / RUNNING
-    if not marker.parent.is_dir():  # a folder that does not exist yet (an in-process run) is no one's:
-        yield                       # creating it here would leave it behind a run refused before writing
-        return
+    made = make_parents(marker.parent)
+    try:
+        with _claim(marker, run_dir):
+            yield
+    finally:
+        remove_empty(made)
+
+
+@contextlib.contextmanager
+def _claim(marker: Path, run_dir) -> Iterator[None]:
     for _ in range(2):
         try:
             fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             break
         except FileExistsError:
             owner = _owner(marker)
-            if owner is not None and owner != os.getpid() and _alive(owner):
+            if owner is not None and owner != os.getpid() and alive(owner):
                 raise RunFolderTaken(f"run_dir {run_dir} is in use by another run (pid {owner}); give each run "
                                      "its own folder (hydra.run.dir)") from None
             marker.unlink(missing_ok=True)  # left by a run that no longer exists
@@ -132,11 +140,3 @@ def _owner(marker: Path) -> int | None:
         return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True

@@ -1,0 +1,133 @@
+"""Atomic writing: an output appears whole under its name, or not at all.
+
+Kept free of torch, so that a run interrupted while torch is still importing can still be marked
+(`mtl.cli.failures`).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+__all__ = ["atomic_path", "make_parents", "remove_empty", "alive"]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary sibling path; on success it replaces `path`, on error it is removed.
+
+    Works for files and folders, so no reader ever sees a half-written output. Missing parent folders
+    are created; on error the ones created here are removed again (each only while empty).
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (overwrite=true on the command line) to replace it")
+    created = make_parents(path.parent)
+    done = False
+    try:
+        _remove_stale_temps(path)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)) / path.name
+        try:
+            yield tmp
+            if not overwrite:  # another writer may have made `path` meanwhile: never replace its output
+                try:
+                    _rename_no_replace(tmp, path)
+                except FileExistsError:
+                    raise FileExistsError(f"{path} appeared while this output was written (another writer?); "
+                                          "it was left as it is and this one discarded") from None
+            elif path.is_dir() and not path.is_symlink():
+                if not tmp.is_dir():  # a folder is replaced by a folder only: it may hold anyone's files
+                    raise IsADirectoryError(f"{path} is a folder; refusing to replace it with a file")
+                old = path.with_name(f".{path.name}.old-{os.getpid()}-")
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+            done = True
+        finally:
+            shutil.rmtree(tmp.parent, ignore_errors=True)
+    finally:
+        if not done:
+            remove_empty(created)
+
+
+def _rename_no_replace(src: Path, dst: Path) -> None:
+    """``os.rename`` that raises FileExistsError when ``dst`` exists, atomically (Linux renameat2 with
+    RENAME_NOREPLACE; elsewhere a hard link for a file, a ``mkdir`` claim for a folder)."""
+    import ctypes
+    import errno
+
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) if os.name == "posix" else None
+    if renameat2 is not None:
+        renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        if renameat2(-100, os.fsencode(src), -100, os.fsencode(dst), 1) == 0:  # AT_FDCWD, RENAME_NOREPLACE
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise FileExistsError(errno.EEXIST, os.strerror(err), str(dst))
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a file system without the flag: below
+            raise OSError(err, os.strerror(err), str(dst))
+    if src.is_dir():
+        os.mkdir(dst)  # the claim: FileExistsError when taken; the rename then replaces our own empty folder
+        os.replace(src, dst)
+    else:
+        os.link(src, dst)
+        os.unlink(src)
+
+
+def make_parents(folder: Path) -> list[Path]:
+    """Create `folder` and its missing parents; returns the ones created here, deepest first."""
+    missing = []
+    while not folder.exists() and folder.parent != folder:
+        missing.append(folder)
+        folder = folder.parent
+    created = []
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:  # a concurrent writer made it: it is not ours to remove
+            continue
+        except BaseException:
+            remove_empty(created[::-1])
+            raise
+        created.append(d)
+    return created[::-1]
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove each folder (deepest first) while it is empty; one that is not empty stays, with its parents."""
+    for d in folders:
+        try:
+            d.rmdir()
+        except OSError:
+            return
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Remove the temporaries a killed writer of `path` left behind (SIGKILL runs no cleanup).
+
+    Temporaries are named ``.<name>.tmp-<pid>-*`` (and ``.<name>.old-<pid>-``); one whose process no
+    longer exists is stale. A live process's (including a reused pid's) is left alone.
+    """
+    if os.name != "posix":
+        return
+    for kind in ("tmp", "old"):
+        head = f".{path.name}.{kind}-"
+        for entry in path.parent.iterdir():
+            pid = entry.name[len(head):].split("-", 1)[0] if entry.name.startswith(head) else ""
+            if pid.isdigit() and not alive(int(pid)):
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
