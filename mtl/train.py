@@ -238,6 +238,10 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         trainer_kw["strategy"] = "ddp_find_unused_parameters_true"
         log.info("strategy.%s leaves some parameters without gradient in a step: DDP looks for unused parameters",
                  type(module.strategy).__name__.lower())
+    if "plugins" not in trainer_kw and not str(trainer_kw.get("strategy", "")).startswith("fsdp"):
+        from mtl.checkpoint_io import AtomicCheckpointIO  # (FSDP writes sharded checkpoints its own way)
+
+        trainer_kw["plugins"] = [AtomicCheckpointIO()]
     trainer = L.Trainer(**trainer_kw, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir))
     _check_precision(cfg, trainer)
     if trainer.limit_val_batches == 0:

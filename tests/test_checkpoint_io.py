@@ -1,0 +1,46 @@
+"""Checkpoints appear whole under their name or not at all (a full disk once left a truncated last.ckpt)."""
+import errno
+
+import pytest
+import torch
+
+from mtl.checkpoint_io import AtomicCheckpointIO
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+    before = path.read_bytes()
+
+    def full_disk(obj, f, *args, **kwargs):
+        with open(f, "wb") as fh:
+            fh.write(b"\0" * 100)  # part of the file, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        io.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # no temporary left
+    monkeypatch.undo()
+    assert io.load_checkpoint(path)["step"] == 1
+
+
+def test_training_runs_write_checkpoints_through_it(tmp_path):
+    from mtl.train import run
+
+    seen = []
+    original = AtomicCheckpointIO.save_checkpoint
+
+    def spy(self, checkpoint, path, storage_options=None):
+        seen.append(str(path))
+        return original(self, checkpoint, path, storage_options)
+
+    AtomicCheckpointIO.save_checkpoint = spy
+    try:
+        run(["experiment=scenes_hps", "debug=smoke", "logger=none", "viz.num_samples=0", "task=[depth]"],
+            run_dir=tmp_path / "r")
+    finally:
+        AtomicCheckpointIO.save_checkpoint = original
+    assert any(p.endswith("last.ckpt") for p in seen)
