@@ -6,6 +6,7 @@ Kept free of torch, so that a run interrupted while torch is still importing can
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Iterator
 
 __all__ = ["atomic_path", "make_parents", "remove_empty", "alive"]
+
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 
 @contextlib.contextmanager
@@ -31,7 +34,12 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
         _remove_stale_temps(path)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)) / path.name
         try:
-            yield tmp
+            try:
+                yield tmp
+            except OSError as e:  # a full disk or read-only place: name the output, not a hidden temporary
+                if e.errno in _STORAGE_ERRNOS and str(path) not in str(e):
+                    raise OSError(e.errno, f"{path}: cannot write this output ({e.strerror or e})") from e
+                raise
             if not overwrite:  # another writer may have made `path` meanwhile: never replace its output
                 try:
                     _rename_no_replace(tmp, path)

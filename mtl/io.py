@@ -5,6 +5,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -77,7 +78,14 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
                      metadata: dict[str, str] | None = None) -> None:
     """``safetensors.torch.save_file`` with the permissions of any other file we write: it creates
     its file 0600, so a shipped folder would be unreadable to other users and containers."""
-    save_file(tensors, str(path), metadata=metadata)
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:  # its I/O errors (a full disk) as the OSError they are, errno kept
+        found = re.search(r"os error (\d+)", str(e))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code)) from e
     if metadata and len(metadata) > 1:
         _sort_header_metadata(path)
     umask = os.umask(0)

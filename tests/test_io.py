@@ -361,3 +361,18 @@ def test_overwrite_never_replaces_a_folder_with_a_file(tmp_path):
     with pytest.raises(IsADirectoryError, match=rf"{folder} is a folder; a .safetensors output is a file"):
         merging.merge_to_file("average", {"a": torch.zeros(2)}, [{"a": torch.ones(2)}], folder, overwrite=True)
     assert (folder / "notes.txt").read_text() == "precious"
+
+
+def test_a_full_disk_is_named_by_the_output_not_a_hidden_temporary(tiny_model, tmp_path, monkeypatch):
+    import errno
+
+    import mtl.io as io
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(io, "save_file", full)
+    with pytest.raises(OSError, match=rf"{tmp_path / 'm'}: cannot write this output \(No space left on device\)") as e:
+        mtl.save_model(tiny_model, tmp_path / "m")
+    assert e.value.errno == errno.ENOSPC and list(tmp_path.iterdir()) == []
