@@ -5,6 +5,7 @@ import gc
 import logging
 import os
 import pickle
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -203,6 +204,7 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     check_int("seed", cfg.get("seed"), 0)  # named before training, not after it
     check_int("viz.num_samples", (cfg.get("viz") or {}).get("num_samples") or 0, 0)
     run_dir.mkdir(parents=True, exist_ok=True)
+    _set_aside_failed_checkpoints(run_dir, cfg.get("ckpt_path"))
     (run_dir / FAILED).unlink(missing_ok=True)  # an earlier failed attempt in this folder: this run replaces it
     write_hydra_record(cfg, run_dir)
     with atomic_path(run_dir / "config.yaml", overwrite=True) as tmp:
@@ -267,6 +269,21 @@ def _check_eval_splits(trainer, datamodule) -> None:
             raise ValueError(f"data: the {split} split has {n} image(s), fewer than the {world} processes "
                              f"(trainer.devices × trainer.num_nodes), each of which evaluates its own share; "
                              f"use at least {world} {split} images or fewer processes")
+
+
+def _set_aside_failed_checkpoints(run_dir: Path, ckpt_path: Any) -> None:
+    """A new attempt in a failed run's folder: that attempt's checkpoints go to ``checkpoints.failed/``
+    (replacing an older set there), so ``checkpoints/`` holds this run's best and last only. Kept when
+    this run resumes from one of them."""
+    old = run_dir / "checkpoints"
+    if not (run_dir / FAILED).is_file() or not old.is_dir() or not any(old.iterdir()):
+        return
+    if ckpt_path and old.resolve() in Path(str(ckpt_path)).resolve().parents:
+        return
+    aside = run_dir / "checkpoints.failed"
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(old, aside)
+    log.warning("run_dir %s held a failed attempt's checkpoints: moved to %s", run_dir, aside)
 
 
 def _check_trainer(tr: DictConfig) -> None:

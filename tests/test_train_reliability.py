@@ -131,6 +131,26 @@ def test_python_run_marks_failures_names_groups_and_replaces_a_stale_marker(tmp_
     assert not (tmp_path / "r" / FAILED).exists()
 
 
+def test_a_new_attempt_sets_a_failed_attempts_checkpoints_aside(tmp_path):
+    """checkpoints/ holds this run's best and last only (a failed attempt's epoch004.ckpt once stayed beside
+    them); resuming from the failed attempt's own last.ckpt keeps them where they are."""
+    run_dir = tmp_path / "r"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "epoch004.ckpt").write_bytes(b"old")
+    (run_dir / FAILED).write_text("interrupted by Ctrl-C")
+    run(FAST + ["task=[depth]"], run_dir=run_dir)
+    assert "epoch004.ckpt" not in {p.name for p in (run_dir / "checkpoints").iterdir()}
+    assert (run_dir / "checkpoints.failed" / "epoch004.ckpt").read_bytes() == b"old"
+    from mtl.train import _set_aside_failed_checkpoints
+
+    again = tmp_path / "again"
+    (again / "checkpoints").mkdir(parents=True)
+    (again / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    (again / FAILED).write_text("x")
+    _set_aside_failed_checkpoints(again, str(again / "checkpoints" / "last.ckpt"))
+    assert (again / "checkpoints" / "last.ckpt").is_file() and not (again / "checkpoints.failed").exists()
+
+
 def test_resuming_with_another_learning_rate_is_refused_by_name(tmp_path):
     run(FAST + ["task=[depth]"], run_dir=tmp_path / "first")
     ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
