@@ -429,7 +429,9 @@ def run_in_process(job: Callable[[Any, Path], Any], config_modules: Sequence[str
     if problem:  # as the CLI says it: the valid names, not Hydra's "Could not load"
         raise ValueError(problem)
     cfg, run_dir = compose_in_process(config_modules[0], config_name, overrides, run_dir)
-    with claims_run_folder(run_dir, _rank0()), marks_failure(run_dir):  # a failed run is marked as the CLI marks it
+    # a failed run is marked as the CLI marks it; the claim is released first, so a new folder the run left
+    # empty (refused before writing) is removed rather than marked
+    with marks_failure(run_dir), claims_run_folder(run_dir, _rank0()):
         check_required(cfg)
         check_choices_honoured(cfg, overrides, config_modules)
         check_added_keys(cfg, overrides)

@@ -15,8 +15,8 @@ from mtl.registry import check_int
 
 def calibration_batches(datamodule, n_batches: int, split: str = "train") -> list[dict[str, torch.Tensor]]:
     """The first ``n_batches`` of ``split`` (train or val) in dataset order, never augmented. Never the test split: the
-    result is reported on it, so calibrating there would tune to the test set. Fewer batches than asked
-    for are returned when the split is that small (an empty split is an error)."""
+    result is reported on it, so calibrating there would tune to the test set. A split with fewer batches
+    than asked for is an error naming both counts (a run recording calib.batches=8 must not use 4)."""
     if split not in ("train", "val"):
         raise ValueError(f"calib.split must be train or val (the test split is what the result is "
                          f"reported on), got {split!r}")
@@ -34,6 +34,6 @@ def calibration_batches(datamodule, n_batches: int, split: str = "train") -> lis
         if i >= n_batches:
             break
         out.append(batch)
-    if not out:
-        raise ValueError(f"the {split} split gave no calibration batch")
+    if len(out) < n_batches:
+        raise ValueError(f"calib.batches={n_batches} but the {split} split has only {len(out)} batch(es); lower it")
     return out

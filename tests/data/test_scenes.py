@@ -323,3 +323,14 @@ def test_an_empty_split_is_refused_before_anything_is_cached(tmp_path):
         with pytest.raises(ValueError, match=rf"{key} must be an int >= 1, got"):  # not a numpy error from inside
             dmod.materialize_scenes(**{"size": 8, "n_train": 4, "n_val": 2, "n_test": 2, **kwargs}, cache_dir=tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_asking_for_more_calibration_batches_than_the_split_has_is_refused(tmp_path):
+    """mtl-prune recorded calib.batches=8 and used 4 without a word (mtl-extract refused it): one rule now."""
+    from mtl.data.calibration import calibration_batches
+
+    dm = ScenesDataModule(cache_dir=tmp_path, **KW)
+    n = len(dm.train_dataloader())
+    assert len(calibration_batches(dm, n)) == n
+    with pytest.raises(ValueError, match=rf"calib.batches={n + 1} but the train split has only {n} batch\(es\); lower it"):
+        calibration_batches(dm, n + 1)
