@@ -436,3 +436,24 @@ def test_an_in_process_run_claims_the_new_folder_it_is_given(tmp_path):
     finally:
         other.kill()
     assert not (tmp_path / "new").exists()  # made for the run, left empty: removed with its parent
+
+
+def test_help_on_a_multirun_command_shows_its_first_job():
+    """`--help` added to a documented -m command once failed to parse '-m' and the sweep values."""
+    from mtl.cli.help import first_job
+
+    assert first_job(["-m", "experiment=scenes_hps", "task=semseg,depth", "seed=1"]) == (
+        ["experiment=scenes_hps", "task=semseg", "seed=1"], "swept task")
+    assert first_job(["--multirun", "merge.lam=0.6,1.0", "+y=choice(a,b)"]) == (
+        ["merge.lam=0.6", "+y=a"], "swept merge.lam, +y")
+    assert first_job(["-m", "seed=1"]) == (["seed=1"], "multirun")
+    assert first_job(["seed=1"]) == (["seed=1"], "")
+
+
+def test_help_of_a_multirun_command_prints_the_first_jobs_config(capsys):
+    from mtl.cli.help import print_help_if_asked
+
+    assert print_help_if_asked(None, ("mtl.configs",), ["mtl-train", "-m", "--help", "experiment=scenes_hps",
+                                                       "task=semseg,depth"])
+    out = capsys.readouterr().out
+    assert "Config of the sweep's first job (-m: swept task):" in out and "config not shown" not in out

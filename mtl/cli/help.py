@@ -65,6 +65,27 @@ def print_help_if_asked(hydra_main, config_modules: Sequence[str], argv: list[st
     doc = doc.split("``: ", 1)[-1] if doc.startswith("``") else doc  # "``mtl-merge``: merge ..." -> "merge ..."
     prog = "mtl-" + config_modules[0].rsplit(".", 1)[-1].replace("_app", "") \
         if config_modules[0] != "mtl.configs" else "mtl-train"
-    overrides = [a for a in argv[1:] if a not in HELP_FLAGS]
-    print(app_help(prog, doc, config_modules, overrides), flush=True)
+    overrides, jobs = first_job([a for a in argv[1:] if a not in HELP_FLAGS])
+    text = app_help(prog, doc, config_modules, overrides)
+    if jobs:  # a -m sweep: its first job's config stands for all of them
+        text = text.replace("Config (with the overrides given):", "Config of the sweep's first job (-m: " + jobs + "):", 1)
+    print(text, flush=True)
     return True
+
+
+def first_job(args: list[str]) -> tuple[list[str], str]:
+    """The overrides of a ``-m`` sweep's first job (``task=semseg,depth`` -> ``task=semseg``; ``-m`` dropped)
+    and a note on what was swept ("" when nothing was)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    args = [a for a in args if a not in ("-m", "--multirun")]
+    try:
+        parsed = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
+    except Exception:  # a malformed override: the config composition names it
+        return args, ""
+    swept = {ov.input_line: f"{ov.get_key_element()}={next(iter(ov.sweep_string_iterator()))}"
+             for ov in parsed if ov.is_sweep_override()}
+    if not swept:
+        return args, "multirun" if multirun else ""
+    return [swept.get(a, a) for a in args], "swept " + ", ".join(a.split("=", 1)[0] for a in swept)
