@@ -29,6 +29,9 @@ def _metric_rows(src: Source, tasks: list[str]) -> list[str]:
     if widths:  # a run's test metrics are the full-width model's
         return [f"This slimmable model runs at widths {json.dumps(widths)}, not the full widths its run's test "
                 "metrics describe; see that run's `width_table_test.json` for this configuration, or evaluate it."]
+    if src.meta.get("tested") and not src.metrics:  # e.g. TALL: the run scored each task's own model
+        return [f"Not tested itself: its run's test metrics describe other models — {src.meta['tested']}. "
+                "Evaluate this model before relying on it."]
     if not src.metrics:
         return ["No metrics were found for this model (no `metrics.json` beside its folder or in its run "
                 "folder, and none stored in its config): evaluate it before relying on it."]

@@ -496,3 +496,13 @@ def test_a_folder_export_records_the_task_order_it_holds(tmp_path):
     out = mtl.export(folder, "folder", tmp_path / "f", tasks=order)
     held = list(mtl.load_model(out).tasks)
     assert sorted(held) == sorted(order) and read_report(out)["tasks"] == held
+
+
+def test_the_card_of_a_model_its_run_did_not_test_says_whose_metrics_those_were():
+    from mtl.exporters.api import Source
+    from mtl.exporters.card import _metric_rows
+
+    src = Source(nn.Identity(), None, {}, meta={"tested": "each task's TALL model θ0 + m_t ∘ τ_MTL, rebuilt from s"})
+    (row,) = _metric_rows(src, ["depth"])
+    assert row.startswith("Not tested itself: its run's test metrics describe other models — each task's TALL model")
+    assert "No metrics were found" not in row
