@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -39,6 +40,24 @@ class Trace:
         if extra:
             row.update(extra)
         self.steps.append(row)
+
+
+#: fields every history row has (or may have): a callback's metrics must not replace them
+RESERVED = ("step", "objective", "per_task", "seconds", "phase", "mask_mean_probability")
+
+
+def callback_metrics(callback: Callback, step: int, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The metrics a callback returns for history, checked: a mapping (or None), no reserved field."""
+    got = callback(step, state)
+    if got is None:
+        return {}
+    if not isinstance(got, Mapping):
+        raise TypeError(f"callback returned {type(got).__name__} at step {step}; it returns a mapping of metrics "
+                        "(or None)")
+    clash = sorted(k for k in got if k in RESERVED)
+    if clash:
+        raise ValueError(f"callback metrics {clash} would replace the history's own fields; name them otherwise")
+    return dict(got)
 
 
 class CoefficientLearner:
@@ -84,7 +103,7 @@ class CoefficientLearner:
             seconds, extra = trace.elapsed(), None
             if callback is not None and callback_every and (step % callback_every == 0 or step == steps):
                 with torch.no_grad():
-                    extra = dict(callback(step, self.problem.state(self.merged(mask, detach=True))) or {})
+                    extra = callback_metrics(callback, step, self.problem.state(self.merged(mask, detach=True)))
             trace.add(step, losses, seconds, extra, phase)
             bar.update(step, f"objective {mean(losses) * len(losses):.4f}")
 

@@ -232,6 +232,10 @@ def learn(method: str, pretrained, finetuned, *, unlabeled: Mapping[str, Iterabl
         raise ValueError("objective='supervised' needs labeled={task: iterable of (inputs, targets)} (k shots per task)")
     if not supervised and unlabeled is None:
         raise ValueError(f"{method} learns at test time from unlabeled data: pass unlabeled={{task: iterable of input batches}}")
+    ignored = "unlabeled" if supervised and unlabeled is not None else "labeled" if not supervised and labeled is not None else None
+    if ignored:  # one of the two is read; the other would be dropped without a word
+        raise ValueError(f"{ignored}= is not read by {method} with objective={hp.get('objective', 'entropy')!r} "
+                         f"(it reads {'labeled' if supervised else 'unlabeled'}=); leave it out")
     if hp["channels_last"] is None:  # our models take channels-last images; a caller's model may .view() them
         hp["channels_last"] = model is None
     was_training = model.training if model is not None else None
@@ -256,10 +260,15 @@ def _learn(method, problem, hp, pretrained, finetuned, key_options, unlabeled, l
     if not isinstance(given, Mapping):
         raise TypeError(f"{'labeled' if supervised else 'unlabeled'} must map each task to an iterable of batches "
                         f"({{task: batches}}), got {type(given).__name__}")
-    extra = sorted(set(given) - set(problem.tasks))
+    extra = sorted(set(given) - set(problem.tasks), key=str)
     if extra:
+        why = " (task names are strings)" if any(not isinstance(t, str) for t in extra) else ""
         raise ValueError(f"{'labeled' if supervised else 'unlabeled'} names task(s) {extra} that no fine-tuned "
-                         f"model has; tasks: {problem.tasks}")
+                         f"model has{why}; tasks: {problem.tasks}")
+    one_shot = [t for t, batches in given.items() if iter(batches) is batches]
+    if recompute and one_shot:  # learning would use up what the statistics' pass re-reads
+        raise ValueError(f"bn='recompute' reads every task's batches again after learning; unlabeled[{one_shot[0]!r}] "
+                         "is a one-shot iterator (a generator): pass a list or a DataLoader")
     bn_options = {"task_keys": key_options["task_keys"]} if "task_keys" in key_options else {}
     objective = Objective(problem, obj_tasks, unlabeled, labeled, supervised, recompute, bn_options, hp["pool_limit"],
                           hp["channels_last"])

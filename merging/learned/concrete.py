@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from .adamerging import callback_metrics
 from .loop import Objective, mean, step_gradients, step_progress
 from .problem import MergeProblem
 
@@ -94,6 +95,6 @@ class ConcreteMask:
                 with torch.no_grad():  # evaluated with the mask as it would be thresholded now
                     hard = {k: m.to(self.logits[k].dtype) for k, m in self.hard().items()}
                     merged = self.problem.merged(coefficients().detach(), group_of, hard)
-                    extra.update(callback(step, self.problem.state(merged)) or {})
+                    extra.update(callback_metrics(callback, step, self.problem.state(merged)))
             trace.add(step, losses, seconds, extra, "mask")
             bar.update(step, f"objective {mean(losses) * len(losses):.4f} mask p̄ {density:.3f}")

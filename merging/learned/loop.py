@@ -164,11 +164,18 @@ class Objective:
             return None
         model = self.problem.model
         x = self.model_input(torch.cat([x for x, _ in xys.values()]))
-        if self.recompute_bn:
-            with shared_bn_in_train_mode(model, params, **self.bn_options) as scratch:
-                out = torch.func.functional_call(model, scratch, (x,), {"tasks": list(self.tasks)}, strict=False)
-        else:
-            out = torch.func.functional_call(model, params, (x,), {"tasks": list(self.tasks)}, strict=False)
+        try:
+            if self.recompute_bn:
+                with shared_bn_in_train_mode(model, params, **self.bn_options) as scratch:
+                    out = torch.func.functional_call(model, scratch, (x,), {"tasks": list(self.tasks)}, strict=False)
+            else:
+                out = torch.func.functional_call(model, params, (x,), {"tasks": list(self.tasks)}, strict=False)
+        except KeyError as e:  # most often a model without a head for one of the tasks
+            if self.recompute_bn:
+                raise KeyError(f"the model raised KeyError {e} on forward(x, tasks={list(self.tasks)}); does it "
+                               "predict every one of these tasks? (tasks= names one task per fine-tuned model)") from e
+            self._poolable = False  # task by task, whose error names the task
+            return None
         if not isinstance(out, Mapping) or any(t not in out for t in self.tasks):
             if not self.recompute_bn:  # a `model=` that answers one task at a time: task by task from now on
                 self._poolable = False

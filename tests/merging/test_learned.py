@@ -276,6 +276,33 @@ def test_a_one_shot_iterator_is_named_when_it_runs_out():
         merging.learn("adamerging", pre, fts, unlabeled=once, steps=3, **kw(model))
 
 
+@pytest.mark.parametrize("method", ["adamerging", "concrete_ta"])
+def test_a_callback_returning_no_mapping_or_a_reserved_field_is_named(method):
+    """Its metrics once replaced the history's own objective/step; a float failed as 'not iterable'."""
+    model, pre, fts, data = toys()
+    for callback, err, match in [(lambda s, st: 0.5, TypeError, r"callback returned float at step 1; it returns a mapping"),
+                                 (lambda s, st: {"objective": 99.0}, ValueError,
+                                  r"callback metrics \['objective'\] would replace the history's own fields")]:
+        with pytest.raises(err, match=match):
+            merging.learn(method, pre, fts, unlabeled=data, steps=1, callback=callback, callback_every=1, **kw(model))
+    res = merging.learn(method, pre, fts, unlabeled=data, steps=1, callback=lambda s, st: {"acc": 1.0},
+                        callback_every=1, **kw(model))
+    assert res.history[-1]["acc"] == 1.0 and res.history[-1]["step"] == 1
+
+
+def test_the_input_learning_does_not_read_is_refused_and_recompute_needs_reiterable_batches():
+    model, pre, fts, data = toys()
+    with pytest.raises(ValueError, match=r"labeled= is not read by adamerging with objective='entropy' \(it reads unlabeled=\)"):
+        merging.learn("adamerging", pre, fts, unlabeled=data, labeled=data, steps=1, **kw(model))
+    labeled = {t: [(b[0], torch.zeros(8, dtype=torch.long))] for t, b in data.items()}
+    with pytest.raises(ValueError, match=r"unlabeled= is not read by atlas with objective='supervised'"):
+        merging.learn("atlas", pre, fts, labeled=labeled, unlabeled=data, objective="supervised", steps=1, **kw(model))
+    once = {**data, "t1": (b for b in data["t1"])}
+    with pytest.raises(ValueError, match=r"bn='recompute' reads every task's batches again after learning; "
+                                         r"unlabeled\['t1'\] is a one-shot iterator"):
+        merging.learn("adamerging", pre, fts, unlabeled=once, steps=1, bn="recompute", **kw(model))
+
+
 @pytest.mark.parametrize("method, bad, match", [
     ("concrete_ta", {"threshold": math.nan}, r"threshold must be in \[0, 1\), got nan"),
     ("concrete_ta", {"threshold": 1.0}, r"threshold must be in \[0, 1\), got 1.0"),
@@ -494,3 +521,10 @@ def test_entropy_keeps_float64_logits_in_float64_and_matches_the_formula():
     # log 2 − (1e-4)²/8 to first order: float32 cannot tell it from log 2, float64 can
     assert abs(float(entropy(logits[:1], "classification")) - (math.log(2) - 1e-8 / 8)) < 1e-14
     assert entropy(logits.to(torch.bfloat16), "classification").dtype == torch.float32
+
+
+def test_a_task_the_model_has_no_head_for_is_named_on_the_pooled_path_too():
+    model, pre, fts, data = toys()
+    with pytest.raises(KeyError, match=r"forward\(x, tasks=\['c'\]\); does it predict task 'c'\?"):
+        merging.learn("adamerging", pre, fts, unlabeled={"t0": data["t0"], "t1": data["t1"], "c": data["t2"]},
+                      model=model, tasks=["t0", "t1", "c"], steps=1, progress=False)
