@@ -187,12 +187,19 @@ def build_problem(pretrained, finetuned, *, model: nn.Module | None = None, task
 
     own = dict(model.named_parameters())
     own.update(dict(model.named_buffers()))
+    first = {id(p): n for n, p in own.items()}
+    tied = {n: first[id(p)] for n, p in model.named_parameters(remove_duplicate=False) if n not in own}
     is_stat = re.compile(BN_STATS).match
     theta0, taus, fixed, dtypes = {}, {}, {}, {}
     try:
         for k in ctx.plan.order:
             kind, info = ctx.plan.kind[k], ctx.plan.infos[k]
             if k not in own:
+                if kind == "merge" and k in tied:
+                    raise MergeInputError(f"merged tensor {k!r} is tied to {tied[k]!r} in the model "
+                                          f"({type(model).__name__}): learned merging does not support tied weights "
+                                          "(each key would get its own coefficients); untie them, or exclude one "
+                                          "with exclude=")
                 if kind == "merge":
                     raise MergeInputError(f"merged tensor {k!r} is not a parameter or buffer of the model "
                                           f"({type(model).__name__}); models must share an architecture")

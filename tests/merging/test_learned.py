@@ -528,3 +528,23 @@ def test_a_task_the_model_has_no_head_for_is_named_on_the_pooled_path_too():
     with pytest.raises(KeyError, match=r"forward\(x, tasks=\['c'\]\); does it predict task 'c'\?"):
         merging.learn("adamerging", pre, fts, unlabeled={"t0": data["t0"], "t1": data["t1"], "c": data["t2"]},
                       model=model, tasks=["t0", "t1", "c"], steps=1, progress=False)
+
+
+def test_tied_weights_are_named_not_reported_as_a_foreign_architecture():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.out = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)
+            self.out.weight = self.emb.weight
+            self.heads = nn.ModuleDict({"a": nn.Linear(4, 3), "b": nn.Linear(4, 3)})
+
+        def forward(self, x, tasks=None):
+            z = self.out(torch.tanh(self.emb(x)))
+            return {t: self.heads[t](z) for t in tasks}
+
+    m = Tied()
+    pre = {k: v.clone() for k, v in m.state_dict().items() if not k.startswith("heads")}
+    fts = [{k: v + 0.1 for k, v in pre.items()} for _ in range(2)]
+    with pytest.raises(merging.MergeInputError, match=r"merged tensor 'out.weight' is tied to 'emb.weight' in the model"):
+        merging.learn("adamerging", pre, fts, unlabeled={"a": [torch.randn(2, 4)], "b": [torch.randn(2, 4)]}, model=m,
+                      tasks=["a", "b"], steps=1, progress=False)
