@@ -73,6 +73,10 @@ def _read_table(f: Path) -> pa.Table:
             return pa.ipc.open_file(src).read_all()
 
 
+#: PIL modes of more than 8 bits per pixel
+_WIDE_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
+
+
 def _decode_images(ds, column: str, size: tuple[int, int] | None, label: bool) -> np.ndarray:
     """An ``Image`` column decoded with PIL (and resized to ``size`` = (H, W) when given) into one array."""
     from PIL import Image as PILImage
@@ -80,8 +84,9 @@ def _decode_images(ds, column: str, size: tuple[int, int] | None, label: bool) -
     out = []
     for batch in ds.select_columns([column]).iter(batch_size=256):
         for img in batch[column]:
-            if not label:
-                img = img.convert("RGB")
+            if not label:  # 16-bit/32-bit/float images keep their values for _rgb_uint8 to judge: PIL's "RGB"
+                # conversion would clip 16-bit to white and truncate floats in [0, 1] to black, without a word
+                img = img.convert(("F" if img.mode == "F" else "I") if img.mode in _WIDE_MODES else "RGB")
             if size is not None and img.size != (size[1], size[0]):  # PIL sizes are (W, H)
                 img = img.resize((size[1], size[0]), PILImage.NEAREST if label else PILImage.BILINEAR)
             out.append(np.asarray(img))

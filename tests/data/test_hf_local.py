@@ -427,3 +427,27 @@ def test_size_as_h_w_and_the_reported_image_size(tmp_path):
 def test_bad_sizes_and_limits_are_named(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         HFImageDataModule(tmp_path, **kw)
+
+
+def test_wide_pil_images_are_judged_by_their_values_not_clipped(tmp_path):
+    """16-bit images loaded all white and float [0, 1] images all black through PIL's RGB conversion."""
+    from datasets import Dataset, Features, Image, Value
+    from PIL import Image as PILImage
+
+    def save(name, img):
+        Dataset.from_dict({"image": [img] * 10, "label": [0, 1] * 5},
+                          features=Features({"image": Image(), "label": Value("int64")})).save_to_disk(str(tmp_path / name))
+        return create_datamodule("hf_local", path=str(tmp_path / name), columns={"label": "classification"})
+
+    wide = np.full((8, 8), 40000, np.uint16)
+    wide[:4] = 1000
+    with pytest.raises(ValueError, match=r"image column 'image' of split 'train' holds int32 pixel values in 1000..40000"):
+        save("u16", PILImage.fromarray(wide)).setup()
+    ramp = np.tile(np.linspace(0, 1, 8, dtype=np.float32), (8, 1))
+    dm = save("f32", PILImage.fromarray(ramp, mode="F"))
+    dm.setup()
+    got = dm.dataset("train").tensors["image"][0]
+    assert torch.equal(got[0, 0], torch.from_numpy(np.round(ramp[0] * 255).astype(np.uint8)))  # scaled, as arrays are
+    low = save("u16low", PILImage.fromarray(np.full((8, 8), 200, np.uint16)))
+    low.setup()
+    assert low.dataset("train").tensors["image"].unique().tolist() == [200]
