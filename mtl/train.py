@@ -271,6 +271,23 @@ def _check_eval_splits(trainer, datamodule) -> None:
                              f"use at least {world} {split} images or fewer processes")
 
 
+#: data settings that name files or folders (read relative to the working directory)
+_DATA_PATHS = ("path", "root", "splits_file", "class_mapping", "cache_dir")
+
+
+def _absolute_paths(data_kw: dict[str, Any]) -> dict[str, Any]:
+    """The data config with its file and folder settings absolute: the model folder's meta must rebuild the
+    data (mtl-prune, mtl-extract, mtl-merge calibration) from any working directory."""
+    def absolute(v: Any) -> Any:
+        if isinstance(v, str) and v:
+            return str(Path(v).expanduser().resolve())
+        if isinstance(v, list) and all(isinstance(x, str) for x in v):
+            return [absolute(x) for x in v]
+        return v  # null, or a class-mapping table of ints
+
+    return {k: absolute(v) if k in _DATA_PATHS else v for k, v in data_kw.items()}
+
+
 def _set_aside_failed_checkpoints(run_dir: Path, ckpt_path: Any) -> None:
     """A new attempt in a failed run's folder: that attempt's checkpoints go to ``checkpoints.failed/``
     (replacing an older set there), so ``checkpoints/`` holds this run's best and last only. Kept when
@@ -389,7 +406,7 @@ def _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, basel
     if not trainer.is_global_zero:
         return metrics
     # the trained model and its metrics first: nothing after this can lose them
-    meta = {"test": metrics["test"], "run_dir": str(run_dir), "data": data_kw, "seed": cfg.seed}
+    meta = {"test": metrics["test"], "run_dir": str(run_dir), "data": _absolute_paths(data_kw), "seed": cfg.seed}
     if cfg.get("init_from"):  # a fine-tune: where its start came from (the card says so)
         meta["init_from"] = str(Path(cfg.init_from).resolve())
     save_model(module.model, run_dir / "model", meta=meta)

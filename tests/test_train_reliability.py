@@ -1,6 +1,7 @@
 """Training runs: checks before fitting, nothing lost after it, run folders that never collide."""
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -286,3 +287,17 @@ def test_ddp_with_an_evaluation_split_smaller_than_the_process_count_is_refused_
     _check_eval_splits(SimpleNamespace(world_size=1), create_datamodule("scenes", size=16, n_train=8, n_val=1, n_test=1))
     with pytest.raises(ValueError, match=r"the test split has 3 image\(s\), fewer than the 4 processes"):
         _check_eval_splits(SimpleNamespace(world_size=4), dm)
+
+
+def test_the_model_folder_records_data_paths_absolute(tmp_path, monkeypatch):
+    """A relative data.path/root in meta.data made mtl-prune/-extract/-merge fail from any other folder."""
+    from mtl.train import _absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    got = _absolute_paths({"name": "nyuv2", "root": "nyu", "splits_file": "s.mat", "class_mapping": ["a.mat", "b.mat"],
+                           "path": "~/ds", "cache_dir": None, "size": 32, "columns": {"mask": "semseg"}})
+    assert got == {"name": "nyuv2", "root": str(tmp_path / "nyu"), "splits_file": str(tmp_path / "s.mat"),
+                   "class_mapping": [str(tmp_path / "a.mat"), str(tmp_path / "b.mat")],
+                   "path": str(Path("~/ds").expanduser().resolve()), "cache_dir": None, "size": 32,
+                   "columns": {"mask": "semseg"}}
+    assert _absolute_paths({"class_mapping": [1, -1, 2]})["class_mapping"] == [1, -1, 2]  # a table, not paths
