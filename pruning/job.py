@@ -51,10 +51,17 @@ def finetune_steps(model: torch.nn.Module, datamodule, steps: int, lr: float) ->
     model.eval()
 
 
-def delta_m_vs(reference: dict[str, dict[str, float]], metrics: dict[str, dict[str, float]], tasks) -> float:
+def delta_m_vs(reference: dict[str, dict[str, float]], metrics: dict[str, dict[str, float]], tasks) -> dict[str, Any]:
+    """``{"after": Δm%}`` against the unpruned model, or ``{"after": None, "why": ...}`` when one of its
+    metrics is 0 (a 2-image test split's accuracy): no relative change exists, and the pruned model is
+    still worth its folder."""
     from mtl.evaluation import delta_m
 
-    return delta_m(metrics, reference, tasks)
+    try:
+        return {"after": delta_m(metrics, reference, tasks)}
+    except ValueError as e:
+        log.warning("Δm vs the unpruned model is not defined: %s", e)
+        return {"after": None, "why": str(e).replace("in the baselines", "in the unpruned model's metrics")}
 
 
 def _check_run_settings(cfg: DictConfig) -> None:
@@ -91,8 +98,8 @@ def run_prune(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     before = evaluate_all(model, dm, "test", ev.get("max_batches"))
     after = evaluate_all(pruned, dm, "test", ev.get("max_batches"))
     report["metrics"] = {"before": before, "after": after}
-    report["delta_m"] = {"variant": "primary", "reference": "unpruned model",
-                         "before": 0.0, "after": delta_m_vs(before, after, tasks)}
+    report["delta_m"] = {"variant": "primary", "reference": "unpruned model", "before": 0.0,
+                         **delta_m_vs(before, after, tasks)}
     if cfg.get("baselines"):
         from mtl.evaluation import delta_m, load_baselines
 
@@ -125,9 +132,10 @@ def run_prune(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     write_json(run_dir / "metrics.json", report)
     plot_kept(report, run_dir / "kept_channels.png")
     mflops = lambda f: f / 1e6  # noqa: E731
-    plot_delta_m_vs_flops({method: [(mflops(report["flops"]["before"]), 0.0),
-                                    (mflops(report["flops"]["after"]), report["delta_m"]["after"])]},
-                          run_dir / "delta_m_vs_flops.png", title=f"mtl-prune {method}: Δm% vs FLOPs")
+    if report["delta_m"]["after"] is not None:
+        plot_delta_m_vs_flops({method: [(mflops(report["flops"]["before"]), 0.0),
+                                        (mflops(report["flops"]["after"]), report["delta_m"]["after"])]},
+                              run_dir / "delta_m_vs_flops.png", title=f"mtl-prune {method}: Δm% vs FLOPs")
     print_table(report)
     return report
 
@@ -148,7 +156,9 @@ def print_table(report: dict[str, Any]) -> None:
     for t, m in report["metrics"]["before"].items():
         for k, v in m.items():
             table.add_row(f"{t}/{k}", f"{v:.4f}", f"{report['metrics']['after'][t][k]:.4f}", "")
-    table.add_row("Δm% (primary, vs unpruned)", "0.00", f"{report['delta_m']['after']:+.2f}", "")
+    dm = report["delta_m"]["after"]
+    table.add_row("Δm% (primary, vs unpruned)", "0.00", "n/a (a metric of the unpruned model is 0)" if dm is None
+                  else f"{dm:+.2f}", "")
     console.print(table)
 
 

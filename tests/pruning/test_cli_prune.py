@@ -241,3 +241,16 @@ def test_an_output_under_a_file_is_refused_before_the_work(folder, tmp_path, mon
     with pytest.raises(NotADirectoryError, match=rf"output={tmp_path / 'afile' / 'm'}: {tmp_path / 'afile'} is a "
                                                  r"file, not a folder; choose another output path"):
         run(["prune=l1", f"model={folder}", f"output={tmp_path / 'afile' / 'm'}"], run_dir=tmp_path / "run")
+
+
+def test_delta_m_against_an_unpruned_metric_of_zero_is_null_not_a_failed_run():
+    from pruning.job import delta_m_vs
+    from mtl.tasks import create_task
+
+    tasks = {"classification": create_task("classification", num_classes=3), "depth": create_task("depth")}
+    before = {"classification": {"accuracy": 0.0}, "depth": {"rmse": 1.0, "abs_err": 1.0, "abs_rel": 1.0}}
+    after = {"classification": {"accuracy": 0.5}, "depth": {"rmse": 2.0, "abs_err": 2.0, "abs_rel": 2.0}}
+    got = delta_m_vs(before, after, tasks)
+    assert got["after"] is None and "metric 'accuracy' is 0.0 in the unpruned model's metrics" in got["why"]
+    before["classification"]["accuracy"] = 0.5
+    assert delta_m_vs(before, after, tasks) == {"after": pytest.approx(-50.0)}  # depth rmse doubled: -100 / 2 tasks
