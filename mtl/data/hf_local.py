@@ -33,8 +33,13 @@ def _open_local(path: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"hf_local: no dataset at {str(path)!r} (expected a save_to_disk folder, "
                                 "or .parquet/.arrow files)")
     if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
-        with quiet_datasets():
-            loaded = load_from_disk(str(path))
+        try:
+            with quiet_datasets():
+                loaded = load_from_disk(str(path))
+        except IndexError:  # datasets cannot open a split saved with 0 rows (no arrow file to map)
+            empty = _empty_splits(path)
+            raise ValueError(f"hf_local: {str(path)!r} cannot be loaded: split(s) {empty or '?'} hold 0 rows; "
+                             "save the dataset without them (a missing val/test split is carved from train)") from None
         return dict(loaded) if isinstance(loaded, DatasetDict) else {"train": loaded}
     files = sorted(p for p in (path.rglob("*") if path.is_dir() else [path])
                    if p.suffix in (".parquet", ".arrow") and p.is_file())
@@ -46,6 +51,23 @@ def _open_local(path: Path) -> dict[str, Any]:
         split = _split_of(f.relative_to(path) if path.is_dir() else Path(f.name))
         by_split.setdefault(split, []).append(_read_table(f))
     return {s: Dataset(InMemoryTable(pa.concat_tables(ts))) for s, ts in by_split.items()}
+
+
+def _empty_splits(path: Path) -> list[str]:
+    """The splits of a save_to_disk folder whose saved state lists no data file."""
+    import json
+
+    names = json.loads((path / "dataset_dict.json").read_text()).get("splits", []) \
+        if (path / "dataset_dict.json").exists() else ["."]
+    empty = []
+    for name in names:
+        state = path / name / "state.json"
+        try:
+            if state.exists() and not json.loads(state.read_text()).get("_data_files"):
+                empty.append(name)
+        except ValueError:
+            continue
+    return empty
 
 
 def _split_of(rel: Path) -> str:

@@ -451,3 +451,14 @@ def test_wide_pil_images_are_judged_by_their_values_not_clipped(tmp_path):
     low = save("u16low", PILImage.fromarray(np.full((8, 8), 200, np.uint16)))
     low.setup()
     assert low.dataset("train").tensors["image"].unique().tolist() == [200]
+
+
+def test_a_saved_split_of_zero_rows_is_named(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    def rows(n):
+        return Dataset.from_dict({"image": [np.zeros((4, 4, 3), np.uint8)] * n, "label": [0] * n})
+
+    DatasetDict({"train": rows(10), "validation": rows(2), "test": rows(0)}).save_to_disk(str(tmp_path / "p"))
+    with pytest.raises(ValueError, match=r"cannot be loaded: split\(s\) \['test'\] hold 0 rows"):  # was IndexError
+        create_datamodule("hf_local", path=str(tmp_path / "p"), columns={"label": "classification"}).setup()
