@@ -291,7 +291,8 @@ class HFImageDataModule(TensorDataModule):
             elif key in self.columns.values():
                 labels = torch.cat([d.tensors[key].flatten() for d in self._data.values()])
                 labels = labels[labels != 255] if key == "semseg" else labels
-                info[name] = int(labels.max()) + 1 if labels.numel() else 0
+                seen = int(labels.max()) + 1 if labels.numel() else 0
+                info[name] = max(seen, getattr(self, "_declared", {}).get(key, 0))
         if "regression" in self.columns.values():
             info["regression_dims"] = int(self._data["train"].tensors["regression"].shape[1])
         return info
@@ -384,6 +385,11 @@ class HFImageDataModule(TensorDataModule):
         if "train" not in chosen:
             raise KeyError(f"hf_local: {str(self.path)!r} has no train split; splits: "
                            f"{', '.join(sorted(available))} (map one with splits={{'train': ...}})")
+        from datasets import ClassLabel
+
+        # a ClassLabel column states its class count: classes no split happens to hold still get an output
+        self._declared = {key: ds.features[col].num_classes for ds in chosen.values() for col, key in self.columns.items()
+                          if col in ds.features and isinstance(ds.features[col], ClassLabel)}
         tensors = {sp: self._convert(ds, names[sp]) for sp, ds in chosen.items()}
         carve = [sp for sp, frac in (("val", self.val_fraction), ("test", self.test_fraction)) if sp not in tensors]
         if carve:

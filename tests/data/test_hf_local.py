@@ -462,3 +462,14 @@ def test_a_saved_split_of_zero_rows_is_named(tmp_path):
     DatasetDict({"train": rows(10), "validation": rows(2), "test": rows(0)}).save_to_disk(str(tmp_path / "p"))
     with pytest.raises(ValueError, match=r"cannot be loaded: split\(s\) \['test'\] hold 0 rows"):  # was IndexError
         create_datamodule("hf_local", path=str(tmp_path / "p"), columns={"label": "classification"}).setup()
+
+
+def test_a_class_label_column_gives_its_declared_class_count(tmp_path):
+    from datasets import ClassLabel, Dataset, Features, Image
+    from PIL import Image as PILImage
+
+    feats = Features({"image": Image(), "label": ClassLabel(names=["a", "b", "c", "d", "e"])})
+    Dataset.from_dict({"image": [PILImage.new("RGB", (4, 4))] * 6, "label": [0, 1, 2] * 2},
+                      features=feats).save_to_disk(str(tmp_path / "c"))
+    dm = create_datamodule("hf_local", path=str(tmp_path / "c"), columns={"label": "classification"})
+    assert dm.info["classification_classes"] == 5  # not 3, the largest label seen + 1
