@@ -244,7 +244,7 @@ def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
         raise ModelFolderError(f"{file}: key 'meta' must be an object, got {type(cfg['meta']).__name__}")
     fetch = _initial_weight_source(cfg["model"], "model")
     if fetch:  # the folder's own weights replace them: honouring one would only reach the Hub or read another file
-        raise ModelFolderError(f"{file}: key '{fetch}' names where initial weights come from (the Hub or a file); a "
+        raise ModelFolderError(f"{file}: key '{fetch}' makes the model read initial weights (the Hub or a file); a "
                                "model folder holds its weights and never loads others: remove the key")
     return cfg
 
@@ -252,13 +252,16 @@ def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
 #: backbone keys naming where *initial* weights come from (timm's Hub download, a local file): a saved
 #: model's own weights replace them, so `save_model` leaves them out and `load_model` refuses them
 INIT_ONLY = ("pretrained", "checkpoint_path", "pretrained_cfg_overlay")
+#: the ones that make timm read weights when a model is built (an overlay alone is only read with pretrained=true;
+#: folders saved before it joined INIT_ONLY may hold one, and must still load)
+_READS_WEIGHTS = ("pretrained", "checkpoint_path")
 
 
 def _initial_weight_source(v: Any, where: str) -> str | None:
     """The key path of the first set weight-source key in a stored model config, if any."""
     if isinstance(v, dict):
         for k, x in v.items():
-            if k in INIT_ONLY and x not in (None, False, "", {}):
+            if k in _READS_WEIGHTS and x not in (None, False, "", {}):
                 return f"{where}.{k}"
             found = _initial_weight_source(x, f"{where}.{k}")
             if found:

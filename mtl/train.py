@@ -290,13 +290,13 @@ def _absolute_paths(data_kw: dict[str, Any]) -> dict[str, Any]:
 
 def _set_aside_failed_checkpoints(run_dir: Path, ckpt_path: Any) -> None:
     """A new attempt in a failed run's folder: that attempt's checkpoints go to ``checkpoints.failed/``
-    (replacing an older set there), so ``checkpoints/`` holds this run's best and last only. Kept when
-    this run resumes from one of them."""
+    (replacing an older set there), so ``checkpoints/`` holds this run's best and last only. Nothing moves
+    when this run resumes from a checkpoint anywhere in the folder."""
     old = run_dir / "checkpoints"
     if not (run_dir / FAILED).is_file() or not old.is_dir() or not any(old.iterdir()):
         return
-    if ckpt_path and old.resolve() in Path(str(ckpt_path)).resolve().parents:
-        return
+    if ckpt_path and run_dir.resolve() in Path(str(ckpt_path)).resolve().parents:
+        return  # resuming from a checkpoint in this folder (checkpoints/ or checkpoints.failed/): move nothing
     aside = run_dir / "checkpoints.failed"
     shutil.rmtree(aside, ignore_errors=True)
     os.replace(old, aside)

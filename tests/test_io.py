@@ -300,8 +300,7 @@ def test_write_json_is_strict_json_with_non_finite_floats_as_null(tmp_path):
     assert json.loads(path.read_text())["steps"] == 3  # a refused write leaves the old file whole
 
 
-@pytest.mark.parametrize("key, value", [("pretrained", True), ("checkpoint_path", "/etc/passwd"),
-                                        ("pretrained_cfg_overlay", {"hf_hub_id": "x/y"})])
+@pytest.mark.parametrize("key, value", [("pretrained", True), ("checkpoint_path", "/etc/passwd")])
 def test_a_config_naming_initial_weights_is_refused_before_any_fetch(tiny_model, tmp_path, monkeypatch, key, value):
     """An untrusted config.json must not make timm reach the Hub or read another file: the folder's own
     weights are the model's."""
@@ -312,9 +311,25 @@ def test_a_config_naming_initial_weights_is_refused_before_any_fetch(tiny_model,
     cfg["model"]["backbone"][key] = value
     (folder / "config.json").write_text(json.dumps(cfg))
     monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("a model was built"))
-    with pytest.raises(ModelFolderError, match=rf"config.json: key 'model.backbone.{key}' names where initial weights "
-                                               "come from .* remove the key"):
+    with pytest.raises(ModelFolderError, match=rf"config.json: key 'model.backbone.{key}' makes the model read "
+                                               "initial weights .* remove the key"):
         mtl.load_model(folder)
+
+
+def test_a_folder_saved_with_a_pretrained_cfg_overlay_still_loads(tmp_path, monkeypatch):
+    """Before the overlay joined INIT_ONLY, save_model kept it: alone (pretrained dropped) it reads nothing."""
+    import mtl.models.multitask as mm
+    from mtl.models import create_model
+
+    monkeypatch.setattr(mm, "INIT_ONLY", ("pretrained", "checkpoint_path"))  # the older save
+    model = create_model(["depth"], backbone={"name": "test_resnet", "out_indices": [1, 2, 3],
+                                              "pretrained_cfg_overlay": {"file": str(tmp_path / "nowhere.safetensors")}})
+    folder = mtl.save_model(model, tmp_path / "old")
+    assert "pretrained_cfg_overlay" in json.loads((folder / "config.json").read_text())["model"]["backbone"]
+    monkeypatch.undo()
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(mtl.load_model(folder)(x)["depth"], model.eval()(x)["depth"])
 
 
 def test_saved_configs_leave_initial_weight_sources_out(tmp_path):
