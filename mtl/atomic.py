@@ -40,7 +40,9 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
                 if e.errno in _STORAGE_ERRNOS and str(path) not in str(e):
                     raise OSError(e.errno, f"{path}: cannot write this output ({e.strerror or e})") from e
                 raise
-            if not overwrite:  # another writer may have made `path` meanwhile: never replace its output
+            if not overwrite and path.is_symlink() and not path.exists():
+                os.replace(tmp, path)  # a dangling link is no one's output: replaced, as before
+            elif not overwrite:  # another writer may have made `path` meanwhile: never replace its output
                 try:
                     _rename_no_replace(tmp, path)
                 except FileExistsError:

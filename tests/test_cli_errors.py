@@ -457,3 +457,24 @@ def test_help_of_a_multirun_command_prints_the_first_jobs_config(capsys):
                                                        "task=semseg,depth"])
     out = capsys.readouterr().out
     assert "Config of the sweep's first job (-m: swept task):" in out and "config not shown" not in out
+
+
+def test_an_added_key_another_setting_reads_is_not_judged():
+    from omegaconf import OmegaConf
+
+    from mtl.cli.choices import check_added_keys
+
+    check_added_keys(OmegaConf.create({"seed": "${seed2}", "seed2": 5}), ["+seed2=5", "seed=${seed2}"])
+
+
+def test_a_config_refusal_leaves_a_finished_runs_folder_as_it_was(tmp_path):
+    """The near-miss and group-overwrite checks once wrote FAILED beside a finished run's model."""
+    from mtl.train import run
+
+    done = run(["experiment=scenes_hps", "debug=smoke", "logger=none", "viz.num_samples=0", "task=[depth]"],
+               run_dir=tmp_path / "r")
+    before = sorted(p.name for p in done.iterdir())
+    for bad in (["+seeed=3"], ["experiment=scenes_slimmable", "backbone=resnet18"]):
+        with pytest.raises(ValueError):
+            run(["debug=smoke", *bad], run_dir=done)
+        assert sorted(p.name for p in done.iterdir()) == before

@@ -391,3 +391,11 @@ def test_a_full_disk_is_named_by_the_output_not_a_hidden_temporary(tiny_model, t
     with pytest.raises(OSError, match=rf"{tmp_path / 'm'}: cannot write this output \(No space left on device\)") as e:
         mtl.save_model(tiny_model, tmp_path / "m")
     assert e.value.errno == errno.ENOSPC and list(tmp_path.iterdir()) == []
+
+
+def test_a_dangling_link_is_replaced_as_before(tmp_path):
+    link = tmp_path / "out.json"
+    link.symlink_to(tmp_path / "gone")
+    with atomic_path(link, overwrite=False) as tmp:
+        tmp.write_text("{}")
+    assert not link.is_symlink() and link.read_text() == "{}"

@@ -73,7 +73,27 @@ def check_added_keys(cfg: Any, overrides: Sequence[str]) -> None:
             continue
         others = [k for k in node.keys() if isinstance(k, str) and k != key]
         close = difflib.get_close_matches(key, others, n=1, cutoff=0.75)
-        if close:
+        if close and not _interpolated(cfg, path):  # a key another setting reads as ${key} is a real one
             where = f"{parent}." if parent else ""
             raise ValueError(f"{arg}: no setting {where}{key} (did you mean {where}{close[0]}?); nothing reads an "
                              f"added {where}{key}")
+
+
+def _interpolated(cfg: Any, path: str) -> bool:
+    """Whether any value of `cfg` (unresolved) reads ``${path}``."""
+    import re
+
+    from omegaconf import OmegaConf
+
+    pattern = re.compile(r"\$\{\s*" + re.escape(path) + r"\s*[}.\[]")
+
+    def walk(v: Any) -> bool:
+        if isinstance(v, str):
+            return bool(pattern.search(v))
+        if isinstance(v, dict):
+            return any(walk(x) for x in v.values())
+        if isinstance(v, list):
+            return any(walk(x) for x in v)
+        return False
+
+    return walk(OmegaConf.to_container(cfg, resolve=False))

@@ -135,16 +135,18 @@ def run_job(cfg, job: Callable[[Any, Path], Any] | str) -> Any:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     try:
-        with sigterm_raises(), claims_run_folder(run_dir, _rank0()), marks_failure(run_dir):
-            if isinstance(job, str):
-                import importlib
-
-                module, _, name = job.partition(":")
-                job = getattr(importlib.import_module(module), name)
-            check_required(cfg)
+        with sigterm_raises(), claims_run_folder(run_dir, _rank0()):
+            # config mistakes found before the folder is touched: a finished run's folder stays as it was
             check_choices_honoured(cfg, hc.overrides.task, ("mtl.configs",))
             check_added_keys(cfg, hc.overrides.task)
-            result = job(cfg, run_dir)
+            with marks_failure(run_dir):
+                if isinstance(job, str):
+                    import importlib
+
+                    module, _, name = job.partition(":")
+                    job = getattr(importlib.import_module(module), name)
+                check_required(cfg)
+                result = job(cfg, run_dir)
     except BaseException as e:
         stop = interruption(e)
         if (stop is None and not isinstance(e, Exception)) or verbose():
@@ -429,12 +431,12 @@ def run_in_process(job: Callable[[Any, Path], Any], config_modules: Sequence[str
     if problem:  # as the CLI says it: the valid names, not Hydra's "Could not load"
         raise ValueError(problem)
     cfg, run_dir = compose_in_process(config_modules[0], config_name, overrides, run_dir)
+    check_choices_honoured(cfg, overrides, config_modules)  # before the folder is touched, as the CLI checks
+    check_added_keys(cfg, overrides)
     # a failed run is marked as the CLI marks it; the claim is released first, so a new folder the run left
     # empty (refused before writing) is removed rather than marked
     with marks_failure(run_dir), claims_run_folder(run_dir, _rank0()):
         check_required(cfg)
-        check_choices_honoured(cfg, overrides, config_modules)
-        check_added_keys(cfg, overrides)
         return job(cfg, run_dir), Path(run_dir)
 
 

@@ -42,7 +42,9 @@ def _metric_rows(src: Source, tasks: list[str]) -> list[str]:
         for metric, value in (src.metrics.get(task) or {}).items():
             rows.append(f"| {task} | {metric} | {_fmt(value)} |")
     dm = (src.run_metrics or {}).get("delta_m")
-    if isinstance(dm, dict) and "value" in dm:
+    if isinstance(dm, dict) and dm.get("value") is None and "value" in dm:  # NaN, stored as null
+        rows += ["", "Δm vs the single-task baselines is not defined for this run (null in its metrics.json)."]
+    elif isinstance(dm, dict) and "value" in dm:
         run_tasks = sorted(src.metrics)
         whose = ("" if sorted(tasks) == run_tasks else  # Δm averages over every task of the run
                  f" of the whole model it was taken from (tasks {', '.join(run_tasks)}; not of this subset)")

@@ -506,3 +506,12 @@ def test_the_card_of_a_model_its_run_did_not_test_says_whose_metrics_those_were(
     (row,) = _metric_rows(src, ["depth"])
     assert row.startswith("Not tested itself: its run's test metrics describe other models — each task's TALL model")
     assert "No metrics were found" not in row
+
+
+def test_a_null_delta_m_in_the_runs_metrics_is_said_not_formatted():
+    from mtl.exporters.api import Source
+    from mtl.exporters.card import _metric_rows
+
+    src = Source(nn.Identity(), None, {}, metrics={"depth": {"rmse": 1.0}},
+                 run_metrics={"delta_m": {"value": None, "variant": "test", "baselines": "b.json"}})
+    assert "Δm vs the single-task baselines is not defined for this run" in "\n".join(_metric_rows(src, ["depth"]))
