@@ -52,7 +52,7 @@ def write_report(report: dict[str, Any], run_dir: Path) -> None:
 
 
 def print_table(report: dict[str, Any]) -> None:
-    from rich.console import Console
+    from mtl.progress_log import summary_console
     from rich.table import Table
 
     table = Table(title=f"mtl-merge: {report['method']} {report.get('selected') or ''}")
@@ -64,6 +64,6 @@ def print_table(report: dict[str, Any]) -> None:
     m = report["mean"]
     fmt = lambda v: "—" if v is None else f"{v:.4f}"  # noqa: E731
     table.add_row("mean", "", fmt(m["merged"]), fmt(m["individual"]), f"{m['normalized']:.3f}")
-    Console().print(table)
+    summary_console().print(table)
     if "store" in report:
-        Console().print(f"TALL store: {report['store']}")
+        summary_console().print(f"TALL store: {report['store']}")

@@ -29,6 +29,18 @@ def emit(text: str, stream: TextIO | None = None) -> None:
     PROGRESS_LOGGER.info(text)
 
 
+def summary_console():
+    """The rich Console for the CLIs' summary tables: in a terminal as wide as it is; written to a file or a
+    pipe (a SLURM log, ``cmd > log``), 160 columns instead of rich's 80, which cut widths, paths and values
+    to "…" where no one can read them back."""
+    import os
+
+    from rich.console import Console
+
+    wide = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
+    return Console(width=wide)
+
+
 def strip_ansi(text: str) -> str:
     """Text without terminal colour codes (some libraries colour their messages; a log line should not)."""
     return _ANSI.sub("", text)

@@ -453,7 +453,7 @@ def _save_viz(module: MultiTaskModule, datamodule, run_dir: Path, n: int) -> Non
 
 
 def print_summary(metrics: dict[str, Any], tasks) -> None:
-    from rich.console import Console
+    from mtl.progress_log import summary_console
     from rich.table import Table
 
     table = Table(title="test metrics")
@@ -464,7 +464,7 @@ def print_summary(metrics: dict[str, Any], tasks) -> None:
         for m, v in values.items():
             star = " *" if m == task.primary else ""
             table.add_row(name, m + star, f"{v:.4f}", "higher" if task.directions.get(m, True) else "lower")
-    console = Console()
+    console = summary_console()
     console.print(table)
     if "delta_m" in metrics:
         d = metrics["delta_m"]

@@ -141,10 +141,10 @@ def run_prune(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
 
 def print_table(report: dict[str, Any]) -> None:
-    from rich.console import Console
+    from mtl.progress_log import summary_console
     from rich.table import Table
 
-    console = Console()
+    console = summary_console()
     table = Table(title=f"mtl-prune: {report['method']} {report['hparams']}")
     for col in ("", "before", "after", "change"):
         table.add_column(col)

@@ -133,3 +133,23 @@ def test_progress_lines_are_not_propagated_to_the_root_logger():
         root.setLevel(old_level)
     # a notebook with INFO logging on the console would print each progress line twice
     assert [r.getMessage() for r in seen] == ["reaches root"]
+
+
+def test_summary_tables_written_to_a_file_are_not_cut_to_80_columns(monkeypatch):
+    """rich falls back to 80 columns off a terminal: widths, paths and values became "…" in SLURM logs."""
+    import io
+
+    from rich.table import Table
+
+    from mtl.progress_log import summary_console
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.setattr("sys.stdout", io.StringIO())
+    console = summary_console()
+    assert console.width == 160
+    table = Table()
+    for c in ("config", "semseg", "depth", "normals"):
+        table.add_column(c)
+    table.add_row("encoder 0.25 / decoders 0.25/0.50/0.75/1.00", "0.4567891", "1.2345678", "110.061234")
+    console.print(table)
+    assert "…" not in console.file.getvalue()

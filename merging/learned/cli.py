@@ -147,8 +147,9 @@ def select_learned(method: str, job: MergeJob, hp: Mapping[str, Any]) -> Selecti
     if job.bn_data is not None:  # merge.bn=recompute: per step, and at the end on the learning images
         kw["bn"] = "recompute"
     res_keys = _base_state(job) if int(opts["eval_every"]) > 0 else {}
+    every = int(opts["eval_every"])  # no callback without a schedule: learn() would warn it is never called
     res = merging.learn(method, job.pool.pretrained, job.pool.member_paths, device=job.evaluator.device,
-                        callback=val_score, callback_every=int(opts["eval_every"]), **data, **kw)
+                        callback=val_score if every > 0 else None, callback_every=every, **data, **kw)
     res.hparams.update(data_record(opts, supervised))  # coefficients.json says what the coefficients were learned on
     out = job.run_dir / "coefficients"
     res.save(out)

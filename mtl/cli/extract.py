@@ -103,7 +103,7 @@ def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
 
 def print_summary(report: dict[str, Any]) -> None:
-    from rich.console import Console
+    from mtl.progress_log import summary_console
     from rich.table import Table
 
     t = report.get("task")
@@ -118,7 +118,7 @@ def print_summary(report: dict[str, Any]) -> None:
 
     row("parent", "parent", "experts_total")
     row("extracted", "extracted", "experts_kept_total")
-    console = Console()
+    console = summary_console()
     console.print(table)
     if "dropped_token_share" in report:
         console.print("share of the task's routed tokens that went to dropped experts, per MoE layer: "

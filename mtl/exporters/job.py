@@ -25,7 +25,7 @@ def run_export(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
 
 def print_summary(out: Path, report: dict[str, Any]) -> None:
-    from rich.console import Console
+    from mtl.progress_log import summary_console
     from rich.table import Table
 
     table = Table(title=f"mtl-export: {report['format']}")
@@ -33,8 +33,8 @@ def print_summary(out: Path, report: dict[str, Any]) -> None:
     table.add_column("bytes", justify="right")
     for f in sorted(p for p in Path(out).iterdir() if p.is_file()):
         table.add_row(f.name, f"{f.stat().st_size:,}")
-    Console().print(table)
-    Console().print(f"exported {report['family']} model ({', '.join(report['tasks'])}) to {out}")
+    summary_console().print(table)
+    summary_console().print(f"exported {report['family']} model ({', '.join(report['tasks'])}) to {out}")
 
 
 def run(overrides: list[str] | None = None, run_dir: str | Path | None = None) -> dict[str, Any]:

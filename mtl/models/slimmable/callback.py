@@ -80,7 +80,7 @@ class WidthTableCallback(L.Callback):
 
 
 def print_report(table, report) -> None:
-    from rich.console import Console
+    from mtl.progress_log import summary_console
     from rich.table import Table
 
     out = Table(title="width controller (validation split, equal preferences)")
@@ -93,7 +93,7 @@ def print_report(table, report) -> None:
         out.add_row(f"{row['budget'] / 1e6:.1f}", f"{c.config['encoder']:g}",
                     "/".join(f"{w:g}" for w in c.config["decoders"].values()), f"{c.flops / 1e6:.1f}",
                     *[f"{c.expected[t][table.primary[t]]:.4f}" for t in table.tasks])
-    console = Console()
+    console = summary_console()
     console.print(out)
     console.print(f"controllability ({report['method']} search on validation, scored on test; mean Spearman, "
                   f"{report['n_preferences']} preference vectors x {len(report['per_budget'])} budgets): "
