@@ -53,8 +53,10 @@ class WidthTableCallback(L.Callback):
                         "scripts/bench_slimmable.py --part control --runs <run>", "/".join(off))
             return
         # every process evaluates its shard (under DDP the metrics gather across processes); one writes
-        table = build_width_table(model, loaders["val"], max_batches=caps["val"], progress=trainer.is_global_zero)
-        test = build_width_table(model, loaders["test"], max_batches=caps["test"], progress=trainer.is_global_zero)
+        table = build_width_table(model, loaders["val"], max_batches=caps["val"], progress=trainer.is_global_zero,
+                                  split="val")
+        test = build_width_table(model, loaders["test"], max_batches=caps["test"], progress=trainer.is_global_zero,
+                                 split="test")
         if not trainer.is_global_zero:
             return
         run_dir = Path(trainer.default_root_dir)

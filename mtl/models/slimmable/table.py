@@ -86,9 +86,15 @@ class WidthTable:
 
 @torch.no_grad()
 def build_width_table(model, batches: Iterable[Mapping[str, torch.Tensor]], max_batches: int | None = None,
-                      progress: bool = True) -> WidthTable:
-    """Evaluate ``model`` (family ``slimmable``) on ``batches`` at every (encoder, decoder) width pair."""
+                      progress: bool = True, split: str = "") -> WidthTable:
+    """Evaluate ``model`` (family ``slimmable``) on ``batches`` at every (encoder, decoder) width pair;
+    ``progress``: rate-limited lines ``[width table] <split> i/N batches ...``."""
+    from mtl.progress_log import ProgressLog
+
     ws = list(model.width_set)
+    total = len(batches) if hasattr(batches, "__len__") else None
+    total = min(total, max_batches) if total is not None and max_batches is not None else total or max_batches
+    bar = ProgressLog(f"[width table] {split}".rstrip(), total, unit="batches", enabled=progress)
     tasks = dict(model.tasks)
     saved, was_training = model.widths, model.training
     model.eval()
@@ -112,8 +118,7 @@ def build_width_table(model, batches: Iterable[Mapping[str, torch.Tensor]], max_
                         target = batch[task.target_key].to(device)
                         for m in metrics[t][wkey(we)][wkey(wd)].values():
                             m.to(device).update(preds[t], target)
-            if progress:
-                print(f"width table: batch {i + 1} evaluated at {len(ws)}x{len(ws)} widths", flush=True)
+            bar.update(i + 1, f"{len(ws)}x{len(ws)} width pairs per batch")
         if sample is None:
             raise ValueError("build_width_table got no batches")
         enc, head = {}, {t: {} for t in tasks}
