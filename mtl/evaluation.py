@@ -136,9 +136,11 @@ def load_baselines(path: str | os.PathLike, tasks: Sequence[Task] | Mapping[str,
         for metric in _metric_names(task, variant):
             base = _lookup(baselines, name, metric, _from(baselines))
             if not base > 0:  # before training, not after it; a negative base would flip its term's sign
+                other = ("" if metric == getattr(task, "primary", None) else  # the primary metric is in every variant
+                         f", or use a Δm variant without {metric!r} (baselines.variant=primary uses only the primary metric)")
                 raise ValueError(f"baseline of task {name!r} metric {metric!r} is {base:g}{_from(baselines)}; "
-                                 f"Δm's relative change needs a positive baseline: retrain that baseline, or use a Δm variant "
-                                 f"without {metric!r} (baselines.variant=primary uses only the primary metric)")
+                                 f"Δm's relative change needs a positive baseline: retrain that baseline (longer, or on "
+                                 f"more data){other}")
     return baselines
 
 

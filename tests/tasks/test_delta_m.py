@@ -98,8 +98,12 @@ def test_save_baselines_merges_atomically(tmp_path):
 def test_a_zero_baseline_is_refused_when_the_file_is_read(tmp_path):
     path = tmp_path / "b.json"
     path.write_text(json.dumps({"semseg": {"miou": 0.0, "pixel_acc": 0.5}}))
-    with pytest.raises(ValueError, match=r"baseline of task 'semseg' metric 'miou' is 0 .*baselines.variant=primary"):
+    with pytest.raises(ValueError, match=r"baseline of task 'semseg' metric 'miou' is 0 .*retrain that baseline") as e:
         load_baselines(path, tasks=[create_task("semseg")])
+    assert "variant" not in str(e.value)  # miou is the primary metric: no variant leaves it out
+    path.write_text(json.dumps({"semseg": {"miou": 0.5, "pixel_acc": 0.0}}))
+    with pytest.raises(ValueError, match=r"metric 'pixel_acc' is 0 .*or use a Δm variant without 'pixel_acc'"):
+        load_baselines(path, tasks=[create_task("semseg")], variant="all")
 
 
 def test_a_negative_baseline_is_refused_it_would_flip_the_sign_of_its_term(tmp_path):
