@@ -17,6 +17,7 @@ from mtl.io import load_model, save_model, write_json
 from mtl.registry import check_int
 from pruning.calib import calibration_batches, datamodule_for
 from pruning.methods import METHODS
+from mtl.progress_log import emit
 from pruning.report import evaluate_all, latency_ms, plot_delta_m_vs_flops, plot_kept
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ def run_prune(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     model = load_model(source)
     dm = datamodule_for(model, OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else None, source)
     batches = calibration_batches(dm, cfg.calib.batches, cfg.calib.split)
+    emit(f"[prune] {method} on {len(batches)} calibration batch(es) of {cfg.calib.split}")
     finetune = None
     if int(cfg.rounds) > 1 and int(cfg.finetune.steps) > 0:
         finetune = lambda m: finetune_steps(m, dm, int(cfg.finetune.steps), float(cfg.finetune.lr))  # noqa: E731
@@ -95,6 +97,7 @@ def run_prune(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
     ev = cfg.eval
     tasks = model.tasks
+    emit(f"[prune] done in {report['prune_seconds']:.1f} s; testing the unpruned and the pruned model")
     before = evaluate_all(model, dm, "test", ev.get("max_batches"))
     after = evaluate_all(pruned, dm, "test", ev.get("max_batches"))
     report["metrics"] = {"before": before, "after": after}
@@ -107,6 +110,7 @@ def run_prune(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         report["delta_m_vs_baselines"] = {"variant": "primary", "baselines": str(cfg.baselines),
                                           "before": delta_m(before, base, tasks), "after": delta_m(after, base, tasks)}
     x = batches[0]["image"][: int(ev.latency_batch)]
+    emit(f"[prune] CPU latency, {int(ev.latency_repeats)} repeats of batch {int(x.shape[0])} per model")
     lat = {k: latency_ms(m, x, int(ev.latency_repeats), threads=int(ev.latency_threads))
            for k, m in (("before", model), ("after", pruned))}
     report["latency_ms"] = {**lat, "speedup": lat["before"] / lat["after"], "threads": int(ev.latency_threads),

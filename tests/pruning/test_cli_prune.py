@@ -254,3 +254,17 @@ def test_delta_m_against_an_unpruned_metric_of_zero_is_null_not_a_failed_run():
     assert got["after"] is None and "metric 'accuracy' is 0.0 in the unpruned model's metrics" in got["why"]
     before["classification"]["accuracy"] = 0.5
     assert delta_m_vs(before, after, tasks) == {"after": pytest.approx(-50.0)}  # depth rmse doubled: -100 / 2 tasks
+
+
+def test_the_prune_cli_shows_its_phases_and_pagcps_decisions_on_stdout(tmp_path):
+    """PAGCP's layer-by-layer lines went to prune.log only: 17 s of silence on the console."""
+    import os
+
+    out = subprocess.run([sys.executable, "-m", "pruning.cli", "prune=pagcp", "debug=smoke", "prune.flops_target=0.4",
+                          f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert any(ln.startswith("[prune] pagcp on 2 calibration batch(es)") for ln in lines)
+    assert any(ln.startswith("pagcp 1/") and "channels removed" in ln for ln in lines)
+    assert any(ln.startswith("[prune] CPU latency") for ln in lines) and lines[-1] == f"run_dir: {tmp_path / 'run'}"
