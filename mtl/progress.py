@@ -24,6 +24,15 @@ def _is_tty(stream: TextIO) -> bool:
         return False
 
 
+def _count(counts: Any, index: int) -> int | None:
+    """A dataloader's batch count from Lightning's per-dataloader list (inf or missing: unknown)."""
+    try:
+        n = counts[index]
+    except (IndexError, TypeError, KeyError):
+        return None
+    return int(n) if n != float("inf") else None
+
+
 def create_progress_bar(style: str = "auto", every_seconds: float = 30.0, leave: bool = True) -> ProgressBar:
     """``style``: ``auto`` (Rich on a terminal, text lines otherwise), ``rich`` or ``text``."""
     if style not in ("auto", "rich", "text"):
@@ -45,6 +54,7 @@ class TextProgressBar(ProgressBar):
         self._enabled = True
         self._last = 0.0
         self._epoch_start = 0.0
+        self._eval_start_time = self._eval_last = 0.0
 
     # the ProgressBar interface Lightning calls
     def disable(self) -> None:
@@ -90,10 +100,39 @@ class TextProgressBar(ProgressBar):
         self._print(trainer, f"[train] epoch {trainer.current_epoch + 1} done in {format_duration(seconds)} "
                              f"{self._metrics(trainer, 'train/')}".rstrip())
 
+    # evaluation: the same rate-limited lines (a large validation set on a CPU runs for minutes)
+    def _eval_start(self) -> None:
+        self._eval_start_time = self._eval_last = time.perf_counter()
+
+    def _eval_batch(self, trainer, prefix: str, batch_idx: int, total: Any) -> None:
+        now, done = time.perf_counter(), batch_idx + 1
+        if now - self._eval_last < self.every_seconds or (done == 1 and now - self._eval_start_time < 1.0):
+            return  # rate-limited; and no line at all for an evaluation that takes about a second
+        self._eval_last = now
+        self._print(trainer, progress_line(prefix, done, total if isinstance(total, int) else None,
+                                           now - self._eval_start_time, unit="batches"))
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._eval_start()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not trainer.sanity_checking:
+            self._eval_batch(trainer, f"[val] epoch {trainer.current_epoch + 1} batch", batch_idx,
+                             _count(trainer.num_val_batches, dataloader_idx))
+
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
-        self._print(trainer, f"[val] epoch {trainer.current_epoch + 1} {self._metrics(trainer, 'val/')}".rstrip())
+        seconds = time.perf_counter() - self._eval_start_time
+        self._print(trainer, f"[val] epoch {trainer.current_epoch + 1} done in {format_duration(seconds)} "
+                             f"{self._metrics(trainer, 'val/')}".rstrip())
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._eval_start()
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._eval_batch(trainer, "[test] batch", batch_idx, _count(trainer.num_test_batches, dataloader_idx))
 
     def on_test_end(self, trainer, pl_module) -> None:
-        self._print(trainer, "[test] done")
+        seconds = time.perf_counter() - self._eval_start_time
+        self._print(trainer, f"[test] done in {format_duration(seconds)}")
