@@ -61,6 +61,8 @@ def prepare(traceback_wanted: bool = False) -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
     warnings.filterwarnings("ignore", category=UserWarning, module="lightning")
+    # Lightning's own use of a torch API torch deprecates (lightning/pytorch/utilities/_pytree.py)
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated", category=FutureWarning)
     # HYDRA_FULL_ERROR=1 is the user's switch for tracebacks, as in Hydra, unless it is ours: we set it
     # so that Hydra raises its errors instead of printing them over several lines (cli_main prints one)
     users = os.environ.get("HYDRA_FULL_ERROR") == "1" and os.environ.get("_MTL_HYDRA_RAISES") != "1"
