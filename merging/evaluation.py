@@ -41,7 +41,7 @@ class Evaluator:
             for t in m.tasks:
                 self.individual[t] = {s: self.run(model, t, s) for s in ("val", "test")}
             del model
-            bar.update(i + 1, " ".join(f"{t} {self._primary(t, self.individual[t]['val'])}" for t in m.tasks))
+            bar.update(i + 1, " ".join(f"{t} val {self._primary(t, self.individual[t]['val'])}" for t in m.tasks))
 
     def datamodule(self, task: str):
         """The task's data module (set up for val/test; methods that learn from data may use its loaders)."""

@@ -221,11 +221,16 @@ def build_smoke_pool(root: str | os.PathLike) -> ModelPool:
     """A seconds-long real pool: a tiny base trained on scenes classification, fine-tuned on 2 tasks."""
     from mtl.train import run as train
 
+    from mtl.progress_log import emit
+
     root = Path(root)
     common = ["experiment=scenes_hps", "debug=smoke", "viz.num_samples=0", "logger=none"]
+    emit("[smoke pool] training 1/3: the pretrained base (classification)")
     pre = train(common + ["task=[classification]"], run_dir=root / "pretrained") / "model"
-    fts = [train(common + [f"task=[{t}]", f"init_from={pre}"], run_dir=root / t) / "model"
-           for t in ("regression", "semseg")]
+    fts = []
+    for i, t in enumerate(("regression", "semseg"), start=2):
+        emit(f"[smoke pool] training {i}/3: fine-tune on {t}")
+        fts.append(train(common + [f"task=[{t}]", f"init_from={pre}"], run_dir=root / t) / "model")
     return ModelPool.from_folders(pre, fts)
 
 

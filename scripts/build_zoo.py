@@ -27,6 +27,8 @@ from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_runs, also when loaded as a module
 
+from mtl.progress_log import emit  # noqa: E402
+
 ZOO_KINDS = ("cnn", "vit")
 #: smoke fine-tunes: one probe epoch and one fine-tuning epoch, so both phases run
 SMOKE_FINETUNE = ["trainer.max_epochs=2", "callbacks.probe_then_finetune.probe_epochs=1"]
@@ -119,8 +121,12 @@ def build_zoo(zoo: str, out: str | Path, tasks: Sequence[str] | None = None, smo
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     start, cpu = time.perf_counter(), time.process_time()
+    emit(f"[zoo] pretraining the {zoo} base")
     pre = pretrain(zoo, out, smoke, pretrain_overrides, fresh)
-    fts = [finetune(zoo, t, pre["model"], out, smoke, finetune_overrides, fresh, linear) for t in tasks]
+    fts = []
+    for i, t in enumerate(tasks, start=1):
+        emit(f"[zoo] fine-tune {i}/{len(tasks)}: {t}{' (tangent space)' if linear else ''}")
+        fts.append(finetune(zoo, t, pre["model"], out, smoke, finetune_overrides, fresh, linear))
     if linear:
         pre["model"] = _linearized_pretrained(pre["model"])
     rel = lambda p: str(Path(p).relative_to(out))  # noqa: E731

@@ -352,7 +352,8 @@ def test_cli_smoke_prints_run_dir(tmp_path):
     last = lines[-1]
     assert last.startswith("run_dir: ")
     # stdout is a pipe (no TTY): progress still shows as lines, for every loop of the job
-    assert _has(lines, "[eval] fine-tuned models 1/2 (50%)", "models/s") and _has(lines, "[eval] fine-tuned models 2/2")
+    assert _has(lines, "[smoke pool] training 1/3: the pretrained base") and _has(lines, "[smoke pool] training 3/3")
+    assert _has(lines, "[eval] fine-tuned models 1/2 (50%)", "models/s", " val ") and _has(lines, "[eval] fine-tuned models 2/2")
     assert _has(lines, "[task_arithmetic] λ grid 1/10 (10%)", "candidates/s", "eta", "λ=0.1 val normalized")
     assert _has(lines, "[task_arithmetic] λ grid 10/10 (100%)", "λ=1.0")
     assert sum(ln.startswith("[eval] val 2/2 (100%)") for ln in lines) == 10  # one evaluation per λ
