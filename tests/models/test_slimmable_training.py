@@ -180,7 +180,7 @@ def test_width_table_follows_each_splits_limit_and_is_skipped_without_validation
     import mtl.models.slimmable.callback as cb
 
     calls = []
-    def build(model, loader, max_batches, progress=True):
+    def build(model, loader, max_batches, progress=True, split=""):
         calls.append((len(loader), max_batches))
         if len(calls) == 2:
             raise ZeroDivisionError  # stop before scoring: what was asked of both splits is what is checked
