@@ -162,7 +162,7 @@ def print_table(report: dict[str, Any]) -> None:
             table.add_row(f"{t}/{k}", f"{v:.4f}", f"{report['metrics']['after'][t][k]:.4f}", "")
     dm = report["delta_m"]["after"]
     table.add_row("Δm% (primary, vs unpruned)", "0.00", "n/a (a metric of the unpruned model is 0)" if dm is None
-                  else f"{dm:+.2f}", "")
+                  else f"{round(dm, 2) + 0.0:+.2f}", "")  # + 0.0: no "-0.00" for a change that rounds to nothing
     console.print(table)
 
 
