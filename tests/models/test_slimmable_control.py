@@ -243,3 +243,17 @@ def test_score_controller_reports_the_held_out_score_and_both_methods():
     assert r["compare"]["rule/held_out"]["controllability"] < r["compare"]["rule/in_sample"]["controllability"]
     with pytest.raises(ValueError, match="search method must be one of"):
         search(t, 50, {"A": 0.5, "B": 0.5}, "greedy")
+
+
+def test_search_cli_piped_into_a_reader_that_leaves_ends_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "width_table.json"
+    table().save(path)
+    proc = subprocess.Popen([sys.executable, "-m", "mtl.models.slimmable.search_cli", str(path), "--budget", "100",
+                             "--preference", "A=0.8,B=0.2", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the answer is written (`... | head` after its first line)
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=300)
+    assert "BrokenPipe" not in err and "Traceback" not in err, err
