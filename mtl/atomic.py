@@ -69,7 +69,6 @@ def _rename_no_replace(src: Path, dst: Path) -> None:
     """``os.rename`` that raises FileExistsError when ``dst`` exists, atomically (Linux renameat2 with
     RENAME_NOREPLACE; elsewhere a hard link for a file, a ``mkdir`` claim for a folder)."""
     import ctypes
-    import errno
 
     renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) if os.name == "posix" else None
     if renameat2 is not None:

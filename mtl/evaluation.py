@@ -28,9 +28,11 @@ VARIANTS = ("primary", "all", "flat")
 
 
 class Baselines(dict):
-    """{task: {metric: value}} that remembers the file it came from, for error messages."""
+    """{task: {metric: value}} that remembers where it came from, for error messages: a baselines file
+    (`source`), or another reference named by `label` (e.g. "the unpruned model's metrics")."""
 
     source: str | None = None
+    label: str | None = None
 
 
 def _task_map(tasks: Sequence[Task] | Mapping[str, Task]) -> dict[str, Task]:
@@ -46,8 +48,8 @@ def _metric_names(task: Task, variant: str) -> list[str]:
 
 
 def _from(baselines: Mapping) -> str:
-    source = getattr(baselines, "source", None)
-    return f" in baselines file {source}" if source else " in the baselines"
+    source, label = getattr(baselines, "source", None), getattr(baselines, "label", None)
+    return f" in baselines file {source}" if source else f" in {label}" if label else " in the baselines"
 
 
 def _lookup(values: Mapping, task: str, metric: str, where: str) -> float:

@@ -56,13 +56,15 @@ def delta_m_vs(reference: dict[str, dict[str, float]], metrics: dict[str, dict[s
     """``{"after": Δm%}`` against the unpruned model, or ``{"after": None, "why": ...}`` when one of its
     metrics is 0 (a 2-image test split's accuracy): no relative change exists, and the pruned model is
     still worth its folder."""
-    from mtl.evaluation import delta_m
+    from mtl.evaluation import Baselines, delta_m
 
+    unpruned = Baselines(reference)
+    unpruned.label = "the unpruned model's metrics"
     try:
-        return {"after": delta_m(metrics, reference, tasks)}
+        return {"after": delta_m(metrics, unpruned, tasks)}
     except ValueError as e:
         log.warning("Δm vs the unpruned model is not defined: %s", e)
-        return {"after": None, "why": str(e).replace("in the baselines", "in the unpruned model's metrics")}
+        return {"after": None, "why": str(e)}
 
 
 def _check_run_settings(cfg: DictConfig) -> None:

@@ -10,11 +10,17 @@ from __future__ import annotations
 from importlib import resources
 from typing import Any, Sequence
 
-__all__ = ["check_choices_honoured", "check_added_keys"]
+__all__ = ["check_overrides", "check_choices_honoured", "check_added_keys"]
 
 #: app-level nodes whose keys only the job itself reads (no constructor refuses an unknown one): the top
 #: level, and these; a ``+key=`` added there is read by nothing
 CLOSED_NODES = ("", "baselines", "viz", "eval", "calib")
+
+
+def check_overrides(cfg: Any, overrides: Sequence[str], config_modules: Sequence[str]) -> None:
+    """Every check of the command line against the composed config (before the run folder is touched)."""
+    check_choices_honoured(cfg, overrides, config_modules)
+    check_added_keys(cfg, overrides)
 
 
 def check_choices_honoured(cfg: Any, overrides: Sequence[str], config_modules: Sequence[str]) -> None:

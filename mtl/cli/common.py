@@ -30,7 +30,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from mtl.cli.choices import check_added_keys, check_choices_honoured
+from mtl.cli.choices import check_overrides
 from mtl.cli.failures import (FAILED, claims_run_folder, interrupted_message, interruption, marks_failure,
                                sigterm_raises)
 
@@ -139,8 +139,7 @@ def run_job(cfg, job: Callable[[Any, Path], Any] | str) -> Any:
     try:
         with sigterm_raises(), claims_run_folder(run_dir, _rank0()):
             # config mistakes found before the folder is touched: a finished run's folder stays as it was
-            check_choices_honoured(cfg, hc.overrides.task, ("mtl.configs",))
-            check_added_keys(cfg, hc.overrides.task)
+            check_overrides(cfg, hc.overrides.task, ("mtl.configs",))
             with marks_failure(run_dir):
                 if isinstance(job, str):
                     import importlib
@@ -433,8 +432,7 @@ def run_in_process(job: Callable[[Any, Path], Any], config_modules: Sequence[str
     if problem:  # as the CLI says it: the valid names, not Hydra's "Could not load"
         raise ValueError(problem)
     cfg, run_dir = compose_in_process(config_modules[0], config_name, overrides, run_dir)
-    check_choices_honoured(cfg, overrides, config_modules)  # before the folder is touched, as the CLI checks
-    check_added_keys(cfg, overrides)
+    check_overrides(cfg, overrides, config_modules)  # before the folder is touched, as the CLI checks
     # a failed run is marked as the CLI marks it; the claim is released first, so a new folder the run left
     # empty (refused before writing) is removed rather than marked
     with marks_failure(run_dir), claims_run_folder(run_dir, _rank0()):

@@ -30,7 +30,8 @@ def _defaults(config_module: str) -> tuple[str, list[tuple[str, Any]]]:
     return primary.name[: -len(".yaml")], entries
 
 
-def app_help(prog: str, doc: str, config_modules: Sequence[str], overrides: Sequence[str]) -> str:
+def app_help(prog: str, doc: str, config_modules: Sequence[str], overrides: Sequence[str],
+             header: str = "") -> str:
     from omegaconf import OmegaConf
 
     from mtl.cli.common import _group_options, compose_in_process, hydra_message
@@ -52,7 +53,7 @@ def app_help(prog: str, doc: str, config_modules: Sequence[str], overrides: Sequ
         lines.append(f"(config not shown: {hydra_message(e)})")
     else:
         cfg.pop("hydra", None)
-        lines += ["Config (with the overrides given):", OmegaConf.to_yaml(cfg).rstrip()]
+        lines += [header or "Config (with the overrides given):", OmegaConf.to_yaml(cfg).rstrip()]
     return "\n".join(lines)
 
 
@@ -66,10 +67,9 @@ def print_help_if_asked(hydra_main, config_modules: Sequence[str], argv: list[st
     prog = "mtl-" + config_modules[0].rsplit(".", 1)[-1].replace("_app", "") \
         if config_modules[0] != "mtl.configs" else "mtl-train"
     overrides, jobs = first_job([a for a in argv[1:] if a not in HELP_FLAGS])
-    text = app_help(prog, doc, config_modules, overrides)
-    if jobs:  # a -m sweep: its first job's config stands for all of them
-        text = text.replace("Config (with the overrides given):", "Config of the sweep's first job (-m: " + jobs + "):", 1)
-    print(text, flush=True)
+    # a -m sweep: its first job's config stands for all of them
+    header = f"Config of the sweep's first job (-m: {jobs}):" if jobs else ""
+    print(app_help(prog, doc, config_modules, overrides, header), flush=True)
     return True
 
 
