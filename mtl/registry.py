@@ -50,9 +50,10 @@ class Registry(Generic[T]):
 _SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
 
 
-def check_kwargs(fn: Callable, kwargs: dict, what: str) -> None:
-    """Refuse a keyword of the wrong scalar type before ``fn`` sees it, naming the field: a string
-    where an ``int``/``float``/``bool`` is declared (``decoder.channels="16"``) would otherwise fail
+def check_kwargs(fn: Callable, kwargs: dict, what: str, given: tuple[str, ...] = ()) -> None:
+    """Refuse an unknown keyword (unless ``fn`` takes ``**kwargs``) or one of the wrong scalar type before
+    ``fn`` sees it, naming the field (``given``: parameters the caller fills itself, not listed as
+    settings): a string where an ``int``/``float``/``bool`` is declared (``decoder.channels="16"``) would otherwise fail
     deep inside torch with a message about something else. Other annotations are not checked."""
     import inspect
 
@@ -60,8 +61,13 @@ def check_kwargs(fn: Callable, kwargs: dict, what: str) -> None:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     for key, value in kwargs.items():
         p = params.get(key)
+        if p is None and not open_ended:  # named here, not as "__init__() got an unexpected keyword"
+            settings = [n for n, q in params.items() if q.kind in (q.POSITIONAL_OR_KEYWORD, q.KEYWORD_ONLY)
+                        and n not in ("self", "in_channels", "tasks", *given)]
+            raise TypeError(f"unknown setting {what}.{key}; the settings here are: {', '.join(settings)}")
         if p is None or p.annotation is inspect.Parameter.empty or value is None:
             continue
         hint = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", "")

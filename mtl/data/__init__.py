@@ -17,7 +17,7 @@ from mtl.data.hf_local import HFImageDataModule
 from mtl.data.memory import TensorDataModule, TensorDictDataset, collate_batch
 from mtl.data.scenes import CLASS_NAMES, SHAPE_NAMES, render_scenes
 from mtl.data.scenes_module import ScenesDataModule, materialize_scenes
-from mtl.registry import Registry
+from mtl.registry import Registry, check_kwargs
 
 DATAMODULES: "Registry[type[LightningDataModule]]" = Registry("dataset")
 DATAMODULES.register("scenes")(ScenesDataModule)
@@ -31,12 +31,15 @@ def _zoo_datamodule(dataset: str, **kwargs: Any) -> LightningDataModule:
     """One of the merging zoo's classification datasets (``data=zoo data.dataset=mnist``)."""
     from mtl.data.zoo import ZooDataModule
 
+    check_kwargs(ZooDataModule, kwargs, "data", given=("name",))
     return ZooDataModule(dataset, **kwargs)
 
 
 def create_datamodule(name: str, **kwargs: Any) -> LightningDataModule:
     """Build a data module from its registry name; unknown names raise an error listing valid ones."""
-    return DATAMODULES.get(name)(**kwargs)
+    cls = DATAMODULES.get(name)
+    check_kwargs(cls, kwargs, "data")
+    return cls(**kwargs)
 
 
 __all__ = [

@@ -158,6 +158,13 @@ def test_bad_arguments():
         build_zoo_dataset("letters", 2, 2, 2, seed=-1)
 
 
+def test_a_setting_the_zoo_module_does_not_have_is_named():
+    # flips would change what a digit or letter is, so the zoo has no `augment`; the key is named, not
+    # reported as "__init__() got an unexpected keyword argument"
+    from mtl.data import create_datamodule
+
+    with pytest.raises(TypeError, match=r"^unknown setting data.augment; the settings here are: batch_size,"):
+        create_datamodule("zoo", dataset="mnist", augment=True)
 def test_cache_writes_once_and_reloads_identical_arrays(tmp_path, monkeypatch):
     first = load_zoo_dataset("gtsrb_like", 10, 4, 6, seed=2, cache_dir=tmp_path)
     path = zoo.zoo_cache_path("gtsrb_like", 10, 4, 6, seed=2, cache_dir=tmp_path)
