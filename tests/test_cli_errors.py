@@ -449,6 +449,11 @@ def test_help_on_a_multirun_command_shows_its_first_job():
     assert first_job(["--multirun", "merge.lam=0.6,1.0", "+y=choice(a,b)"]) == (
         ["merge.lam=0.6", "+y=a"], "swept merge.lam, +y")
     assert first_job(["-m", "seed=1"]) == (["seed=1"], "multirun")
+    # an Optuna search range has no first value (Hydra cannot enumerate it): the config's own value is shown
+    assert first_job(["-m", "balancer=dwa", "balancer.temperature=interval(0.5,4.0)", "optim.lr=tag(log,interval(1e-4,1e-1))",
+                      "seed=1,2"]) == (["balancer=dwa", "seed=1"], "swept seed, balancer.temperature searched in an "
+                                       "interval (shown: the config's own value), optim.lr searched in an interval "
+                                       "(shown: the config's own value)")
     assert first_job(["seed=1"]) == (["seed=1"], "")
 
 

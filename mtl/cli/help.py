@@ -84,8 +84,12 @@ def first_job(args: list[str]) -> tuple[list[str], str]:
         parsed = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
     except Exception:  # a malformed override: the config composition names it
         return args, ""
+    # an interval (an Optuna search range) has no first value: its key shows the config's own setting
+    sampled = {ov.input_line: ov.get_key_element() for ov in parsed if ov.is_interval_sweep()}
     swept = {ov.input_line: f"{ov.get_key_element()}={next(iter(ov.sweep_string_iterator()))}"
-             for ov in parsed if ov.is_sweep_override()}
-    if not swept:
+             for ov in parsed if ov.is_sweep_override() and ov.input_line not in sampled}
+    if not swept and not sampled:
         return args, "multirun" if multirun else ""
-    return [swept.get(a, a) for a in args], "swept " + ", ".join(a.split("=", 1)[0] for a in swept)
+    note = ", ".join([*(["swept " + ", ".join(a.split("=", 1)[0] for a in swept)] if swept else []),
+                      *(f"{k} searched in an interval (shown: the config's own value)" for k in sampled.values())])
+    return [swept.get(a, a) for a in args if a not in sampled], note
