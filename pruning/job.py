@@ -53,18 +53,28 @@ def finetune_steps(model: torch.nn.Module, datamodule, steps: int, lr: float) ->
 
 
 def delta_m_vs(reference: dict[str, dict[str, float]], metrics: dict[str, dict[str, float]], tasks) -> dict[str, Any]:
-    """``{"after": Δm%}`` against the unpruned model, or ``{"after": None, "why": ...}`` when one of its
-    metrics is 0 (a 2-image test split's accuracy): no relative change exists, and the pruned model is
-    still worth its folder."""
+    """``{"after": Δm%}`` against the unpruned model, or ``{"after": None, "why": ...}`` when a primary
+    metric of the unpruned model is 0 (a 2-image test split's accuracy) or one of either model is not
+    finite (no valid pixel; a diverged fine-tune): no relative change exists, and the pruned model is
+    still worth its folder. Anything else wrong (a missing metric) fails the run."""
+    import math
+
     from mtl.evaluation import Baselines, delta_m
 
+    task_map = tasks if isinstance(tasks, dict) else {t.name: t for t in tasks}
+    undefined = []
+    for name, task in task_map.items():
+        ref, val = reference.get(name, {}).get(task.primary), metrics.get(name, {}).get(task.primary)
+        for who, v in (("unpruned", ref), ("pruned", val)):
+            if v is not None and (not math.isfinite(v) or (who == "unpruned" and v == 0)):
+                undefined.append(f"{name}/{task.primary} of the {who} model is {v:g}")
+    if undefined:
+        why = "; ".join(undefined) + " (Δm's relative change is undefined)"
+        log.warning("Δm vs the unpruned model is not defined: %s", why)
+        return {"after": None, "why": why}
     unpruned = Baselines(reference)
     unpruned.label = "the unpruned model's metrics"
-    try:
-        return {"after": delta_m(metrics, unpruned, tasks)}
-    except ValueError as e:
-        log.warning("Δm vs the unpruned model is not defined: %s", e)
-        return {"after": None, "why": str(e)}
+    return {"after": delta_m(metrics, unpruned, tasks)}
 
 
 def _check_run_settings(cfg: DictConfig) -> None:
@@ -163,7 +173,7 @@ def print_table(report: dict[str, Any]) -> None:
         for k, v in m.items():
             table.add_row(f"{t}/{k}", f"{v:.4f}", f"{report['metrics']['after'][t][k]:.4f}", "")
     dm = report["delta_m"]["after"]
-    table.add_row("Δm% (primary, vs unpruned)", "0.00", "n/a (a metric of the unpruned model is 0)" if dm is None
+    table.add_row("Δm% (primary, vs unpruned)", "0.00", f"n/a: {report['delta_m']['why']}" if dm is None
                   else f"{round(dm, 2) + 0.0:+.2f}", "")  # + 0.0: no "-0.00" for a change that rounds to nothing
     console.print(table)
 

@@ -251,9 +251,29 @@ def test_delta_m_against_an_unpruned_metric_of_zero_is_null_not_a_failed_run():
     before = {"classification": {"accuracy": 0.0}, "depth": {"rmse": 1.0, "abs_err": 1.0, "abs_rel": 1.0}}
     after = {"classification": {"accuracy": 0.5}, "depth": {"rmse": 2.0, "abs_err": 2.0, "abs_rel": 2.0}}
     got = delta_m_vs(before, after, tasks)
-    assert got["after"] is None and "metric 'accuracy' is 0.0 in the unpruned model's metrics" in got["why"]
+    assert got == {"after": None, "why": "classification/accuracy of the unpruned model is 0 (Δm's relative change "
+                                         "is undefined)"}
     before["classification"]["accuracy"] = 0.5
     assert delta_m_vs(before, after, tasks) == {"after": pytest.approx(-50.0)}  # depth rmse doubled: -100 / 2 tasks
+    after["depth"]["rmse"] = float("nan")  # a diverged fine-tune: named as such, not as a zero
+    assert delta_m_vs(before, after, tasks)["why"] == "depth/rmse of the pruned model is nan (Δm's relative change is undefined)"
+    del after["depth"]["rmse"]  # not an undefined change but a broken report: the run fails
+    with pytest.raises(ValueError, match="metric 'rmse' of task 'depth' is missing in the metrics"):
+        delta_m_vs(before, after, tasks)
+
+
+def test_the_prune_table_gives_the_reason_of_a_null_delta_m(capsys):
+    from pruning.job import print_table
+
+    before, after = {"classification": {"accuracy": 0.8}}, {"classification": {"accuracy": float("nan")}}
+    why = "classification/accuracy of the pruned model is nan (Δm's relative change is undefined)"
+    print_table({"method": "l1", "hparams": {}, "metrics": {"before": before, "after": after},
+                 "delta_m": {"after": None, "why": why},
+                 "flops": {"before": 10**6, "after": 5 * 10**5, "reduction": .5},
+                 "params": {"before": 10, "after": 5, "reduction": .5},
+                 "latency_ms": {"before": 1.0, "after": 1.0, "speedup": 1.0, "threads": 1}})
+    out = capsys.readouterr().out  # the summary console is 160 columns wide off a TTY: one table row
+    assert f"n/a: {why}" in out and "unpruned model is 0" not in out, out
 
 
 def test_the_prune_cli_shows_its_phases_and_pagcps_decisions_on_stdout(tmp_path):
