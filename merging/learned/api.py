@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import numbers
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -265,8 +266,9 @@ def _learn(method, problem, hp, pretrained, finetuned, key_options, unlabeled, l
         why = " (task names are strings)" if any(not isinstance(t, str) for t in extra) else ""
         raise ValueError(f"{'labeled' if supervised else 'unlabeled'} names task(s) {extra} that no fine-tuned "
                          f"model has{why}; tasks: {problem.tasks}")
-    one_shot = [t for t, batches in given.items() if iter(batches) is batches]
-    if recompute and one_shot:  # learning would use up what the statistics' pass re-reads
+    # asked of the objects, not by calling iter(): a DataLoader would start its workers and draw a seed
+    one_shot = [t for t, batches in given.items() if isinstance(batches, Iterator)] if recompute else []
+    if one_shot:  # learning would use up what the statistics' pass re-reads
         raise ValueError(f"bn='recompute' reads every task's batches again after learning; unlabeled[{one_shot[0]!r}] "
                          "is a one-shot iterator (a generator): pass a list or a DataLoader")
     bn_options = {"task_keys": key_options["task_keys"]} if "task_keys" in key_options else {}

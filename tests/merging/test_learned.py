@@ -303,6 +303,22 @@ def test_the_input_learning_does_not_read_is_refused_and_recompute_needs_reitera
         merging.learn("adamerging", pre, fts, unlabeled=once, steps=1, bn="recompute", **kw(model))
 
 
+def test_the_one_shot_check_does_not_start_the_tasks_iterators():
+    """It once called iter() on every task's batches: a DataLoader started its workers and drew a seed."""
+    model, pre, fts, data = toys()
+
+    class Counted(list):
+        starts = 0
+
+        def __iter__(self):
+            Counted.starts += 1
+            return super().__iter__()
+
+    batches = {t: Counted(b) for t, b in data.items()}
+    merging.learn("adamerging", pre, fts, unlabeled=batches, steps=0, **kw(model))
+    assert Counted.starts == 0  # steps=0 reads no batch
+
+
 @pytest.mark.parametrize("method, bad, match", [
     ("concrete_ta", {"threshold": math.nan}, r"threshold must be in \[0, 1\), got nan"),
     ("concrete_ta", {"threshold": 1.0}, r"threshold must be in \[0, 1\), got 1.0"),
