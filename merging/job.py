@@ -276,6 +276,9 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                                 model_output=bool(cfg.eval.get("enabled", True)))
     output = output.resolve()  # a relative output= is the cwd's, not the run folder's: record where it is
     name, select, hp = _method(cfg)
+    if cfg.get("shard_size") is not None and cfg.eval.get("enabled", True):  # said, not silently ignored
+        raise ValueError("shard_size shards the output of an eval=none merge (Hugging Face folders); an evaluated "
+                         "merge writes a model folder with one model.safetensors: drop shard_size or add eval=none")
     if cfg.get("store") and name != "tall_masks":
         raise ValueError(f"store=true writes a TALL-mask store (merge=tall_masks); merge={name} has none to write")
     precheck(name, hp)

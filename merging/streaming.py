@@ -172,6 +172,14 @@ def merge_to_file(
         shard_size is not None or bool(copy_files) or (copy_files is None and _is_hf_folder(pretrained)))
     if shard_size is not None and not hf_folder:
         raise ValueError(f"{out}: shard_size needs a folder output, not a .safetensors file")
+    if copy_files and Path(out).suffix == ".safetensors":
+        raise ValueError(f"{out}: copy_files=True copies the base folder's files beside the weights, which needs a "
+                         "folder output, not a .safetensors file")
+    if copy_files and not (isinstance(pretrained, (str, os.PathLike)) and Path(pretrained).is_dir()):
+        raise ValueError("copy_files=True copies the base model folder's non-weight files (config, tokenizer), but "
+                         f"pretrained is {'a state dict' if isinstance(pretrained, Mapping) else repr(str(pretrained))}, not a folder: give its folder, or copy_files=None")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be an int ≥ 1, got {threads!r}")
     size = parse_size(shard_size if shard_size is not None else "5GB")
     if not isinstance(finetuned, (str, os.PathLike, Mapping)):
         finetuned = list(finetuned)  # read twice: the check below, then the merge
@@ -187,6 +195,10 @@ def merge_to_file(
     path = target if hf_folder else resolve_output(out)[0]
     if path.exists() and not overwrite and not (hf_folder and empty_dir):
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    weights = [p.name for p in stale if p.name != "README.md"]
+    if weights and not overwrite:  # another model's shards: replaced only on request
+        raise FileExistsError(f"{target} holds sharded weights ({', '.join(weights)}); pass overwrite=True to "
+                              "replace them with the merged model.safetensors")
     overwrite = overwrite or (hf_folder and empty_dir)
     if hf_folder and path.is_dir() and any(path.iterdir()) and not any(path.glob("*.safetensors")):
         # overwrite replaces an earlier merged folder, never a folder of something else
@@ -196,12 +208,13 @@ def merge_to_file(
     convention = hp.get("convention", "paper")
     m = create_method(method, **hp)
     kernel = fused_kernel(m) if fused else None
+    if chunk is not None and kernel is None:  # said, not ignored: it sets only the chunked kernels' size
+        raise ValueError(f"chunk applies to the chunked kernels; {method!r} "
+                         f"{'with fused=False ' if not fused else ''}runs whole tensors: leave chunk=None")
     ctx = open_context(pretrained, finetuned, opts, m.min_models(), method, keep_base=hf_folder)
     streamed = None
     try:
         if kernel is not None:
-            if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-                raise ValueError(f"threads must be an int ≥ 1, got {threads!r}")
             n_chunk = chunk if chunk is not None else getattr(kernel, "chunk", DEFAULT_CHUNK)
             ctx.chunks = Chunks(ctx, n_chunk, workers=threads or torch.get_num_threads())
             streamed = chunked_streams(m, kernel, ctx.chunks)

@@ -226,7 +226,7 @@ def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
     if isinstance(cfg, dict) and "model" not in cfg and ("architectures" in cfg or "model_type" in cfg):
         raise ModelFolderError(f"{file}: a Hugging Face model config (model_type={cfg.get('model_type')!r}), not an "
                                "mtlkit model folder; merge such checkpoints with merging.merge / merging.merge_to_file "
-                               "(docs/merging.md, LLM checkpoints)")
+                               "or mtl-merge eval=none (docs/merging.md, LLM checkpoints)")
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
         raise ModelFolderError(f"{file}: missing key 'model'")
     if cfg.get("format") != FORMAT:

@@ -34,7 +34,8 @@ def test_a_hugging_face_folder_is_named_as_one(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
     save_file({"model.norm.weight": torch.ones(4)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(ModelFolderError, match="a Hugging Face model config \\(model_type='llama'\\), not an mtlkit "
-                                               "model folder; merge such checkpoints with merging.merge"):
+                                               "model folder; merge such checkpoints with merging.merge / "
+                                               "merging.merge_to_file or mtl-merge eval=none"):
         mtl.load_model(tmp_path)
 
 

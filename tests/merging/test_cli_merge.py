@@ -490,6 +490,8 @@ def test_members_of_other_data_at_one_size_give_the_merge_that_size(pool, tmp_pa
     (["merge=tall_masks", "merge.lam=[0.2]"], ValueError, r"merge=tall_masks: lam has 1 values but there are 2"),
     (["merge=consensus", "merge.tall_lam=[0.3]"], ValueError, r"merge=consensus.*tall_lam has 1 values but there are 2"),
     (["merge=tall_masks", "+merge.bn=recompute"], ValueError, r"TALL store keeps θ0's BatchNorm statistics"),
+    (["shard_size=1KB"], ValueError, r"shard_size shards the output of an eval=none merge .*drop shard_size or add "
+                                     r"eval=none"),  # was ignored: one model.safetensors
 ])
 def test_bad_settings_are_refused_before_the_pool_is_evaluated(pool, tmp_path, monkeypatch, extra, err, match):
     import merging.job as job

@@ -247,6 +247,11 @@ def test_a_single_file_merge_over_an_earlier_sharded_merge_leaves_one_set_of_wei
     base, fts = llamas
     out = merging.merge_to_file("task_arithmetic", base, fts, tmp_path / "o", shard_size=40_000, lam=0.3)
     assert (out / "model.safetensors.index.json").exists() and "task_arithmetic" in (out / "README.md").read_text()
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(FileExistsError, match=r"o holds sharded weights \(model-00001-of-000\d\d.safetensors, .*"
+                                              r"model.safetensors.index.json\); pass overwrite=True"):
+        merging.merge_to_file("ties", merging.load_state_dict(base), fts, out)  # once deleted them unasked
+    assert sorted(p.name for p in out.iterdir()) == before
     merging.merge_to_file("ties", merging.load_state_dict(base), fts, out, overwrite=True)  # base as a dict: one file
     names = sorted(p.name for p in out.iterdir())
     assert "model.safetensors" in names and "model.safetensors.index.json" not in names
@@ -261,6 +266,22 @@ def test_a_single_file_merge_over_an_earlier_sharded_merge_leaves_one_set_of_wei
     (mine / "README.md").write_text("my notes")
     merging.merge_to_file("ties", merging.load_state_dict(base), fts, mine)
     assert (mine / "README.md").read_text() == "my notes" and (mine / "model.safetensors").is_file()
+
+
+def test_settings_that_cannot_apply_are_refused_not_ignored(llamas, tmp_path):
+    base, fts = llamas
+    with pytest.raises(ValueError, match=r"x.safetensors: copy_files=True copies the base folder's files beside the "
+                                         r"weights, which needs a folder output"):
+        merging.merge_to_file("average", base, fts, tmp_path / "x.safetensors", copy_files=True)
+    with pytest.raises(ValueError, match=r"copy_files=True copies the base model folder's non-weight files .* but "
+                                         r"pretrained is a state dict, not a folder"):
+        merging.merge_to_file("average", merging.load_state_dict(base), fts, tmp_path / "y", copy_files=True)
+    for bad in (True, 2.5, "2"):  # DARE's whole-tensor path once passed them to torch.set_num_threads
+        with pytest.raises(ValueError, match=r"threads must be an int ≥ 1, got"):
+            merging.merge_to_file("dare", base, fts, tmp_path / "z.safetensors", threads=bad)
+    with pytest.raises(ValueError, match=r"chunk applies to the chunked kernels; 'dare' runs whole tensors"):
+        merging.merge_to_file("dare", base, fts, tmp_path / "z.safetensors", chunk=4096)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft0", "ft1"]  # nothing written
 
 
 def test_a_file_or_an_empty_folder_as_output(llamas, tmp_path):
