@@ -177,7 +177,8 @@ def precheck(name: str, hp: Mapping[str, Any], num_models: int | None = None, ta
             if num_models is not None:
                 method.bind(num_models)
         except (ValueError, merging.MergeInputError) as e:
-            where = f"merge={name}" + (f", lam_grid value {kw['lam']}" if searched and "lam" in str(e) else "")
+            about_lam = str(e).startswith("lam ")  # not tall_lam's errors: they name their own key
+            where = f"merge={name}" + (f", lam_grid value {kw['lam']}" if searched and about_lam else "")
             raise ValueError(f"{where}: {e}") from None
 
 
@@ -241,6 +242,7 @@ def resolve_pool(cfg: DictConfig, run_dir: Path, manifest: tuple[Path, list[Path
 
 def _method(cfg: DictConfig) -> tuple[str, CliMethod, dict[str, Any]]:
     hp = OmegaConf.to_container(cfg.merge, resolve=True)
+    hp.pop("lam_grids", None)
     name = hp.pop("method")
     if name not in CLI_METHODS:
         raise ValueError(f"unknown merge method {name!r}; valid: {', '.join(CLI_METHODS.names())}")
@@ -279,6 +281,11 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if cfg.get("shard_size") is not None and cfg.eval.get("enabled", True):  # said, not silently ignored
         raise ValueError("shard_size shards the output of an eval=none merge (Hugging Face folders); an evaluated "
                          "merge writes a model folder with one model.safetensors: drop shard_size or add eval=none")
+    filters = [k for k in ("include", "exclude") if hp.get(k) is not None]
+    if filters and cfg.eval.get("enabled", True):  # found now, not after the pool's evaluation
+        raise ValueError(f"merge.{filters[0]}: a key filter leaves keys out of the merged weights, and an evaluated "
+                         "merge builds a whole model from them; filter with eval=none (a state-dict merge) or in "
+                         "Python (merging.merge, then merging.compose takes left-out keys from each task's model)")
     if cfg.get("store") and name != "tall_masks":
         raise ValueError(f"store=true writes a TALL-mask store (merge=tall_masks); merge={name} has none to write")
     precheck(name, hp)

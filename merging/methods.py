@@ -13,7 +13,9 @@ Methods never modify their inputs: every in-place operation runs on a fresh τ o
 """
 from __future__ import annotations
 
+import logging
 import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -25,6 +27,8 @@ from mtl.registry import Registry
 from .engine import Context
 from .selection import as_threshold, keep_count, kthvalue_threshold, radix_thresholds
 from .sources import MergeInputError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "METHODS",
@@ -48,8 +52,20 @@ def _check_lam(name: str, lam: Any, allow_list: bool) -> None:
             _check_lam(name, v, False)
         return
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
-        what = "a finite number or one per task" if allow_list else "a finite number"
+        what = ("a finite number or one per task" if allow_list else
+                "one finite number (one λ per model: task_arithmetic or dare)" if isinstance(lam, (list, tuple))
+                else "a finite number")
         raise ValueError(f"{name} must be {what}, got {lam!r}")
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar (np.float32(0.3) from a grid, np.int64(20)) as the Python number it holds, in lists
+    too: the checks and the recorded hyperparameters then see plain numbers."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, numbers.Number) and not isinstance(value, (bool, int, float)) and hasattr(value, "item"):
+        return value.item()
+    return value
 
 
 def _per_task(name: str, value: Any, T: int) -> list[float]:
@@ -79,7 +95,7 @@ class MergeMethod(ABC):
                 f"{self.name}: unknown hyperparameter(s) {', '.join(unknown)}; "
                 f"accepted: {', '.join(sorted(self.defaults)) or 'none'}"
             )
-        self.hp = {**self.defaults, **hparams}
+        self.hp = {**self.defaults, **{k: _plain(v) for k, v in hparams.items()}}
         self.transform: Transform | None = None
         self.T = 0
         self.select = "kthvalue"
@@ -200,6 +216,9 @@ class Ties(MergeMethod):
     def validate(self) -> None:
         _check_lam("lam", self.hp["lam"], allow_list=False)
         keep_count(0, self.hp["k"])  # range check
+        if 0 < self.hp["k"] < 1:  # FusionBench's k and mergekit's density are fractions: 0.2 there is 20 here
+            log.warning("ties: k=%g keeps %g%% of the entries (k is a percentage; for a fifth, k=20)",
+                        self.hp["k"], self.hp["k"])
         if self.hp["merge_func"] not in ("mean", "sum"):
             raise ValueError(f"merge_func must be 'mean' or 'sum', got {self.hp['merge_func']!r}")
         if self.hp["trim"] not in ("global", "per_tensor"):

@@ -33,7 +33,8 @@ def ties_options(mtv: str, k: Any, merge_func: Any, trim: Any) -> dict[str, Any]
         return {"k": k, "merge_func": merge_func, "trim": trim}
     given = [n for n, v, d in (("k", k, 20), ("merge_func", merge_func, "mean"), ("trim", trim, "global")) if v != d]
     if given:
-        raise ValueError(f"{', '.join(given)} configure the TIES multi-task vector and apply only with mtv='ties' "
+        verbs = ("configures", "applies") if len(given) == 1 else ("configure", "apply")
+        raise ValueError(f"{', '.join(given)} {verbs[0]} the TIES multi-task vector and {verbs[1]} only with mtv='ties' "
                          f"(got mtv={mtv!r})")
     return None
 

@@ -22,7 +22,7 @@ from .job import CLI_METHODS, MergeJob, Selection
 from .methods import SELECTS, _per_task
 from .storage import STORE_FILE
 from .streaming import resolve_output
-from .tall import TallKernel
+from .tall import TallKernel, ties_options
 
 __all__ = ["precheck_tall", "select_tall"]
 
@@ -55,6 +55,7 @@ def precheck_tall(hp: Mapping[str, Any], num_models: int | None = None, tasks: l
     try:
         if o["select"] not in SELECTS:
             raise ValueError(f"select must be one of {SELECTS}, got {o['select']!r}")
+        ties_options(o["mtv"], o["k"], o["merge_func"], o["trim"])  # a TIES setting with mtv=sum: refused now
         make_mtv_method(o["mtv"], {"k": o["k"], "merge_func": o["merge_func"], "trim": o["trim"]})
     except (ValueError, TypeError) as e:
         raise ValueError(f"merge=tall_masks: {e}") from None

@@ -214,6 +214,19 @@ def test_dare_with_the_task_arithmetic_base(pool, tmp_path):
         run([*args, "merge.k=30"], run_dir=tmp_path / "k")
 
 
+def test_dare_searches_its_bases_lambda_grid(tmp_path):
+    """dare.yaml once searched TIES's 0.4-1.2 with base=task_arithmetic too (λ·T up to 9.6 on 8 tasks)."""
+    from mtl.cli.common import compose_in_process
+
+    def grid(*overrides):
+        cfg, _ = compose_in_process("mtl.configs.merge_app", "merge", list(overrides), run_dir=tmp_path)
+        return list(cfg.merge.lam_grid)
+
+    assert grid("merge=dare") == grid("merge=ties") == [0.4, 0.6, 0.8, 1.0, 1.2]
+    assert grid("merge=dare", "merge.base=task_arithmetic") == grid("merge=task_arithmetic")
+    assert grid("merge=dare", "merge.base=task_arithmetic", "merge.lam_grid=[0.2]") == [0.2]
+
+
 @pytest.mark.parametrize("evaluated", [True, False])
 def test_models_given_as_one_string_is_refused(tmp_path, evaluated):
     args = ["merge=ties", "pretrained=/nope", "models=/nope/ft"] + ([] if evaluated else ["eval=none"])
@@ -253,6 +266,7 @@ def no_pool(monkeypatch):
     ("merge.lam=nan", r"merge=tall_masks: lam must be a finite number"),
     ("+merge.lam_gird=[0.1]", r"merge=tall_masks: unknown hyperparameter\(s\) lam_gird; accepted: .*lam_grid"),
     ("+merge.k=150", r"merge=tall_masks: k is a percentage in \[0, 100\], got 150"),
+    ("+merge.k=30", r"merge=tall_masks: k configures the TIES multi-task vector and applies only with mtv='ties'"),
 ])
 def test_bad_tall_hyperparameters_are_refused_before_the_pool_is_loaded(tmp_path, no_pool, override, match):
     extra = ["merge.mtv=ties"] if override == "+merge.k=150" else []
@@ -488,8 +502,11 @@ def test_members_of_other_data_at_one_size_give_the_merge_that_size(pool, tmp_pa
     (["eval.max_batches=0"], ValueError, r"eval.max_batches must be an int >= 1 or null"),  # scored NaN everywhere
     (["merge=tall_masks", "merge.lam_grid=[]"], ValueError, r"merge.lam_grid is empty"),  # was the default grid
     (["merge=tall_masks", "merge.lam=[0.2]"], ValueError, r"merge=tall_masks: lam has 1 values but there are 2"),
-    (["merge=consensus", "merge.tall_lam=[0.3]"], ValueError, r"merge=consensus.*tall_lam has 1 values but there are 2"),
+    (["merge=consensus", "merge.tall_lam=[0.3]"], ValueError, r"merge=consensus: tall_lam has 1 values but there are 2"),
+    (["merge=consensus", "merge.tall_lam=-0.1"], ValueError, r"^merge=consensus: tall_lam must be ≥ 0"),  # not "lam_grid value"
     (["merge=tall_masks", "+merge.bn=recompute"], ValueError, r"TALL store keeps θ0's BatchNorm statistics"),
+    (["+merge.exclude=[decoder\\.neck\\.]"], ValueError, r"merge.exclude: a key filter leaves keys out of the merged "
+                                                       r"weights, and an evaluated merge builds a whole model"),
     (["shard_size=1KB"], ValueError, r"shard_size shards the output of an eval=none merge .*drop shard_size or add "
                                      r"eval=none"),  # was ignored: one model.safetensors
 ])

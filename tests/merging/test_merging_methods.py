@@ -174,6 +174,24 @@ def test_hyperparameter_validation():
     with pytest.raises(ValueError, match="base"):
         merging.merge("consensus", pre, fts, base="average")
     assert set(merging.method_names()) == {"average", "task_arithmetic", "ties", "dare", "consensus"}
+    with pytest.raises(ValueError, match=r"lam must be one finite number \(one λ per model: task_arithmetic or dare\), "
+                                         r"got \[0.3, 0.3\]"):
+        merging.merge("ties", pre, fts, lam=[0.3, 0.3])
+
+
+def test_numpy_scalars_are_the_numbers_they_hold(caplog):
+    """np.int64(20) was refused as 'k is a percentage in [0, 100]'; np.float32(0.3) as no finite number."""
+    import numpy as np
+
+    pre, fts = _hand()
+    want = merging.merge("ties", pre, fts, k=20, lam=0.5)
+    got = merging.merge("ties", pre, fts, k=np.int64(20), lam=np.float64(0.5))
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+    m = merging.create_method("task_arithmetic", lam=[np.float32(0.25), 0.5])
+    assert m.hp["lam"] == [0.25, 0.5] and type(m.hp["lam"][0]) is float
+    with caplog.at_level("WARNING", logger="merging.methods"):  # FusionBench's/mergekit's fraction, taken as %
+        merging.create_method("ties", k=0.2)
+    assert "ties: k=0.2 keeps 0.2% of the entries (k is a percentage; for a fifth, k=20)" in caplog.text
 
 
 def test_recorded_hyperparameters_are_the_ones_the_merge_used():
