@@ -116,7 +116,8 @@ def grid_search(job: MergeJob, method: str, hp: Mapping[str, Any]) -> Selection:
     if len(grid) > 1 and math.isnan(best["val_normalized"]):
         raise ValueError(f"merge={method}: every λ candidate scored NaN on validation "
                          f"{[g['hparams'].get('lam') for g in grid]}; nothing to choose from")
-    return Selection(best_model, dict(best["hparams"]), grid=grid)
+    # every hyperparameter the chosen merge used, defaults included (trim, tie_rule, ...), as eval=none records it
+    return Selection(best_model, resolved_hparams(method, best["hparams"]), grid=grid)
 
 
 def better(val: float, best: float) -> bool:

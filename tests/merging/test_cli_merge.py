@@ -60,6 +60,9 @@ def test_every_method_writes_the_merge_it_reports(pool, tmp_path, method):
     for k, v in want.items():
         assert torch.equal(state[k], v), k
     assert len(report["grid"]) == 1
+    if method == "ties":  # every rule the merge used, defaults included, as eval=none records it
+        assert report["selected"] == {"convention": "paper", "lam": 0.8, "k": 20, "merge_func": "mean",
+                                      "trim": "global", "tie_rule": "paper"}
 
 
 def test_merged_model_holds_each_tasks_own_head(pool, tmp_path):
