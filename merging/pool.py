@@ -34,6 +34,11 @@ class Member:
     individual: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
+# families whose per-task weights are not under the decoder's `heads.` (the pool's one per-task place)
+_OWN_WEIGHTS_ELSEWHERE = {"task_moe_vit": "each task's weights also live in task_heads.<t>, the MoE blocks' "
+                                          "routers.<t> and task_embed.<t>, which a merged model cannot hold per task"}
+
+
 @dataclass
 class ModelPool:
     pretrained: Path
@@ -46,6 +51,10 @@ class ModelPool:
             raise ValueError("no fine-tuned models given: pass models=[folder,...] or pool=<manifest.json>")
         check_same_pruning(pretrained, models)
         pre_cfg = _checked_arch(pretrained, read_checked_config(pretrained)["model"])  # edited configs named
+        why = _OWN_WEIGHTS_ELSEWHERE.get(pre_cfg.get("family"))
+        if why:  # said before the members are read, not as a key mismatch or a model missing its routers
+            raise ValueError(f"{pretrained}: model family {pre_cfg['family']!r} cannot be merged by a model pool yet: "
+                             f"{why}; merge its state dicts with merging.merge(..., task_keys=...) and compose")
         members = []
         for m in models:
             cfg = read_checked_config(m)

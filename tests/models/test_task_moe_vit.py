@@ -358,3 +358,15 @@ def test_init_from_a_multitask_folder_starts_a_single_task_fine_tune(tmp_path, c
     plain = mtl.create_model(["depth"], backbone="test_resnet")
     with pytest.raises(ValueError, match=r"mt: no shared \(encoder\) weight matches"):
         init_from_folder(plain, tmp_path / "mt")
+
+
+def test_a_model_pool_of_this_family_is_refused_by_name(tmp_path):
+    """Its per-task routers and heads live outside decoder.heads: the pool once failed on a key mismatch
+    (thousands of characters), then, with unshared='skip', after evaluating every member."""
+    from merging.pool import ModelPool
+
+    for name in ("pre", "a", "b"):
+        mtl.save_model(make(), tmp_path / name)
+    with pytest.raises(ValueError, match=r"pre: model family 'task_moe_vit' cannot be merged by a model pool yet: "
+                                         r"each task's weights also live in task_heads.<t>"):
+        ModelPool.from_folders(tmp_path / "pre", [tmp_path / "a", tmp_path / "b"])
