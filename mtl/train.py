@@ -111,14 +111,17 @@ def _shared_names(model: MultiTaskModel) -> set[str]:
     return {k for k, p in model.named_parameters() if id(p) in ids}
 
 
-def pruned_architecture(folder: str | Path, tasks) -> MultiTaskModel | None:
-    """The architecture of a pruned model folder (its config carries a structural plan), for fine-tuning
-    it as it is; None for an ordinary folder (its weights initialise this run's architecture)."""
+def folder_architecture(folder: str | Path, tasks) -> MultiTaskModel | None:
+    """The architecture of a pruned model folder (its config carries a structural plan) or of an extracted
+    MoE sub-network, for fine-tuning it as it is; None for an ordinary folder (its weights initialise this
+    run's architecture)."""
     from mtl.io import read_model_config
     from mtl.models import model_from_config
     from mtl.models.surgery import PLAN_KEY, apply_plan
 
     stored = read_model_config(folder)["model"]
+    if (stored.get("decoder") or {}).get("experts_kept") is not None:
+        return _extracted_architecture(folder, stored, tasks)
     if PLAN_KEY not in stored:
         return None
     names = sorted(t["name"] for t in stored["tasks"])
@@ -132,6 +135,22 @@ def pruned_architecture(folder: str | Path, tasks) -> MultiTaskModel | None:
     base = model_from_config({**{k: v for k, v in stored.items() if k != PLAN_KEY},
                               "tasks": [t.to_config() for t in tasks]})
     return apply_plan(base, _restricted_plan(stored[PLAN_KEY], base) if dropped else stored[PLAN_KEY])
+
+
+def _extracted_architecture(folder: str | Path, stored: dict[str, Any], tasks) -> MultiTaskModel:
+    """A task-routed MoE sub-network (``mtl-extract``: ``decoder.experts_kept``) fine-tuned as it is: built
+    from this run's config it would get every expert back, the dropped ones at random."""
+    from mtl.models import model_from_config
+
+    names = sorted(t["name"] for t in stored["tasks"])
+    extra = sorted({t.name for t in tasks} - set(names))
+    if extra:  # its experts and routers were kept for its own tasks only
+        raise ValueError(f"{folder} holds a sub-network extracted for tasks {names} (decoder.experts_kept); fine-tune "
+                         f"it on those tasks or a subset of them ({extra} have no router there), or start from the "
+                         "full model's folder")
+    log.warning("%s is an extracted sub-network: training its architecture (its backbone and decoder, with the "
+                "experts it kept, replace this run's)", folder)
+    return model_from_config({**stored, "tasks": [t.to_config() for t in tasks]})
 
 
 def _restricted_plan(plan: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
@@ -149,7 +168,7 @@ def _restricted_plan(plan: dict[str, Any], model: torch.nn.Module) -> dict[str, 
 
 def build_module(cfg: DictConfig, info: dict[str, Any] | None = None) -> MultiTaskModule:
     tasks = build_tasks(cfg, info)
-    model = pruned_architecture(cfg.init_from, tasks) if cfg.get("init_from") else None
+    model = folder_architecture(cfg.init_from, tasks) if cfg.get("init_from") else None
     if model is None:
         model = create_model(
             tasks,

@@ -124,11 +124,11 @@ def _route_depth_to_first_four(model):
 def test_extraction_round_trip(tmp_path):
     model = make().eval()
     _route_depth_to_first_four(model)
-    sub = mtl.extract(model, out=tmp_path / "depth", task="depth", calib=[X[:2], {"image": X[2:]}])
+    sub = mtl.extract(model, out=tmp_path / "semseg", task="depth", calib=[X[:2], {"image": X[2:]}])
     report = sub.extraction_report
     assert all(set(k) <= {0, 1, 2, 3} and len(k) >= 2 for k in report["experts_kept"])
     assert report["dropped_token_share"] == [0.0, 0.0] and report["experts_total"] == 16
-    again = mtl.load_model(tmp_path / "depth")
+    again = mtl.load_model(tmp_path / "semseg")
     assert list(again.tasks) == ["depth"]
     # the request is recorded, the calibration images are not (the folder is for shipping)
     assert again.meta["extract"] == {"task": "depth", "calib_batches": 2, "min_share": 0.0}  # defaults recorded too
@@ -370,3 +370,19 @@ def test_a_model_pool_of_this_family_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"pre: model family 'task_moe_vit' cannot be merged by a model pool yet: "
                                          r"each task's weights also live in task_heads.<t>"):
         ModelPool.from_folders(tmp_path / "pre", [tmp_path / "a", tmp_path / "b"])
+
+
+def test_fine_tuning_an_extracted_folder_trains_its_architecture(tmp_path):
+    """init_from=<extracted folder> once built the full model from the run's config: the dropped experts'
+    rows came back at random, with a warning only."""
+    from mtl.train import init_from_folder, folder_architecture
+
+    sub = mtl.extract(make(), out=tmp_path / "semseg", task="semseg", calib=[X], min_share=0.2)
+    assert sub.extraction_report["experts_kept_total"] < 8 * len(sub.moe_layers)  # some experts were dropped
+    model = folder_architecture(tmp_path / "semseg", [create_task("semseg")])
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in sub.state_dict().items()}
+    assert init_from_folder(model, tmp_path / "semseg")["shared_missed"] == 0
+    with pytest.raises(ValueError, match=r"semseg holds a sub-network extracted for tasks \['semseg'\] "
+                                         r"\(decoder.experts_kept\); fine-tune it on those tasks or a subset of them "
+                                         r"\(\['depth'\] have no router there\)"):
+        folder_architecture(tmp_path / "semseg", [create_task("depth")])

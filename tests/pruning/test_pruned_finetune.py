@@ -8,7 +8,7 @@ import mtl
 from mtl.io import save_model
 from mtl.models import create_model
 from mtl.tasks import create_task
-from mtl.train import init_from_folder, pruned_architecture
+from mtl.train import init_from_folder, folder_architecture
 from pruning.job import run
 
 DATA = {"name": "scenes", "size": 32, "n_train": 32, "n_val": 16, "n_test": 16, "batch_size": 8}
@@ -27,7 +27,7 @@ def pruned(tmp_path_factory):
 
 def test_a_subset_of_tasks_gets_the_pruned_shared_layers_and_its_own_pruned_head(pruned):
     parent = mtl.load_model(pruned)
-    child = pruned_architecture(pruned, [create_task("depth")])
+    child = folder_architecture(pruned, [create_task("depth")])
     assert list(child.tasks) == ["depth"] and "decoder.heads.semseg.body.0.0" not in child.pruning_plan["modules"]
     init_from_folder(child, pruned)
     own = parent.state_dict()
@@ -41,7 +41,7 @@ def test_a_subset_of_tasks_gets_the_pruned_shared_layers_and_its_own_pruned_head
 def test_subset_fine_tunes_merge_back_with_the_pruned_parent(pruned, tmp_path):
     folders = []
     for t in ("semseg", "depth"):
-        child = pruned_architecture(pruned, [create_task(t)])
+        child = folder_architecture(pruned, [create_task(t)])
         init_from_folder(child, pruned)
         with torch.no_grad():
             for p in child.backbone.parameters():
@@ -69,4 +69,4 @@ def test_subset_fine_tunes_merge_back_with_the_pruned_parent(pruned, tmp_path):
 def test_a_task_the_pruned_model_lacks_is_refused(pruned):
     with pytest.raises(ValueError, match=r"pruned model for tasks \['depth', 'semseg'\]; fine-tune it on those "
                                          r"tasks or a subset of them \(\['normals'\] have no head"):
-        pruned_architecture(pruned, [create_task("depth"), create_task("normals")])
+        folder_architecture(pruned, [create_task("depth"), create_task("normals")])
