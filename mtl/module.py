@@ -12,6 +12,7 @@ from torch import nn
 from mtl.balancers import Balancer, BalancerMonitor, StepContext, check_finite, create_balancer, freeze_norm_stats
 from mtl.expert_usage import usage_paused
 from mtl.models import MultiTaskModel, create_model
+from mtl.models.families import last_shared_weight
 from mtl.registry import check_int
 
 log = logging.getLogger(__name__)
@@ -162,6 +163,7 @@ class MultiTaskModule(L.LightningModule):
         ctx = StepContext(
             losses=losses,
             shared_params=self.model.shared_parameters(),
+            anchor=last_shared_weight(self.model),
             task_params={t: self.model.task_parameters(t) for t in self.tasks},
             # a model without one representation all heads read (task-conditioned backbone) gives None
             features=z if getattr(self.model, "shared_representation", True) else None,

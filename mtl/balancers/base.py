@@ -50,6 +50,9 @@ class StepContext:
     #: the shared representation the task heads consume (part of the graph): one tensor or a
     #: sequence of tensors (multi-scale); None if unavailable
     features: Features | None
+    #: the last shared layer's weight (``mtl.models.families.last_shared_weight``; GradNorm's W); None:
+    #: the last of ``shared_params`` with ≥ 2 dims
+    anchor: nn.Parameter | None = None
     #: backward that respects Lightning's precision/DDP plugins (LightningModule.manual_backward)
     backward: Callable[..., None] = field(default=lambda loss, **kw: loss.backward(**kw))
     #: ``recompute(tasks=None) -> {task: loss}``: re-run the forward pass on the same batch at the

@@ -174,9 +174,9 @@ class GradNorm(_OwnOptimizer):
     Since G_t is linear in w_t, ∂L_grad/∂w_t = sign(G_t − target_t) · ‖∇_W L_t‖ exactly (no
     second-order backward needed).
 
-    ``level="params"``: W is the last shared parameter with ≥ 2 dimensions in
-    ``ctx.shared_params`` order (models list parameters in forward order, so this is the last
-    shared layer's weight). ``level="features"``: gradients w.r.t. the shared representation
+    ``level="params"``: W is ``ctx.anchor`` (the module passes the model's last shared layer weight,
+    never a stacked expert bias or a router's projection), else the last shared parameter with ≥ 2
+    dimensions in ``ctx.shared_params`` order (models list parameters in forward order). ``level="features"``: gradients w.r.t. the shared representation
     (cheaper, independent of parameter order).
     """
 
@@ -200,6 +200,8 @@ class GradNorm(_OwnOptimizer):
             if ctx.features is None:
                 raise ValueError("gradnorm(level=features) needs StepContext.features (the shared representation)")
             return feature_list(ctx.features)
+        if ctx.anchor is not None:
+            return [ctx.anchor]
         weights = [p for p in ctx.shared_params if p.ndim >= 2] or list(ctx.shared_params)
         if not weights:
             raise ValueError("gradnorm(level=params) needs a shared layer, but StepContext.shared_params is empty; "

@@ -6,6 +6,7 @@ then loads the safetensors weights into it. Configs without the key are ``"multi
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from torch import nn
@@ -24,3 +25,18 @@ def model_from_config(cfg: dict[str, Any]) -> nn.Module:
     base = {k: v for k, v in cfg.items() if k != PLAN_KEY}
     model = MODELS.get(base.get("family", DEFAULT_FAMILY)).from_config(base)
     return apply_plan(model, cfg[PLAN_KEY]) if PLAN_KEY in cfg else model
+
+
+# a (stacked) bias, or a router's gate / noise projection: ≥ 2-D, but not a layer the features pass through
+_NOT_A_LAYER_WEIGHT = re.compile(r"(^|\.)(bias|b\d+)$|(^|\.)(routers?|gates?|noise)(\.|$)")
+
+
+def last_shared_weight(model: nn.Module) -> nn.Parameter | None:
+    """GradNorm's W (Chen et al. 2018: the weights of the last shared layer): the last shared parameter,
+    in registration (forward) order, with ≥ 2 dims that is a layer's weight. None when there is none."""
+    shared = {id(p) for p in model.shared_parameters()}
+    found = None
+    for name, p in model.named_parameters():
+        if id(p) in shared and p.ndim >= 2 and not _NOT_A_LAYER_WEIGHT.search(name):
+            found = p
+    return found

@@ -4,6 +4,8 @@ import math
 import pytest
 import torch
 
+import mtl
+
 from balancer_toys import Toy, toy_batch, toy_ctx
 from mtl.balancers import StepContext, create_balancer
 
@@ -207,6 +209,35 @@ def test_gradnorm_hand_computed_step_and_network_gradient():
     w = w * 2 / w.sum()
     assert torch.allclose(gn.task_weights, w)
     assert gn.task_weights[0] < gn.task_weights[1]  # the larger gradient norm gets down-weighted
+
+
+def test_gradnorm_measures_the_norms_at_the_anchor_the_context_names():
+    """W is ctx.anchor when given (the model's last shared layer weight), not the last 2-D shared parameter
+    (a stacked expert bias b2 there once made GradNorm weigh the tasks by their bias gradients)."""
+    V = {"a": torch.full((2, 3), 2 / math.sqrt(6)), "b": torch.full((2, 3), 1 / math.sqrt(6))}  # norms 2, 1 at W
+    W, ctx = gradnorm_ctx({"a": 1.0, "b": 1.0}, V)
+    bias = torch.nn.Parameter(torch.zeros(2, 3))  # later in the list; the gradient norms are reversed there
+    ctx.losses = {t: loss + (bias * V["b" if t == "a" else "a"]).sum() for t, loss in ctx.losses.items()}
+    ctx.shared_params, ctx.anchor = [W, bias], W
+    gn = create_balancer("gradnorm", ["a", "b"], alpha=1.5, lr=0.1, optimizer="sgd")
+    gn.backward(ctx)
+    w = torch.tensor([1.0, 1.0]) - 0.1 * torch.tensor([2.0, -1.0])  # G = (2, 1) at W, as by hand above
+    assert torch.allclose(gn.task_weights, w * 2 / w.sum())
+
+
+def test_the_last_shared_layer_weight_is_a_weight_not_a_bias_or_a_router():
+    from mtl.models.families import last_shared_weight
+    from mtl.models.task_moe_vit import TaskMoEViT
+    from mtl.tasks import create_task
+
+    def anchor(model):
+        return next(n for n, p in model.named_parameters() if p is last_shared_weight(model))
+
+    tasks = [create_task("depth"), create_task("semseg", num_classes=5)]
+    assert anchor(mtl.create_model(tasks, backbone="test_resnet")) == "decoder.neck.refine.0.weight"
+    assert anchor(mtl.create_model(tasks, backbone="test_resnet", decoder="moe")) == "decoder.experts.4.w2"
+    for gate in ("per_task", "task_embedding"):  # b2 (stacked biases); router.noise.weight (task_embedding)
+        assert anchor(TaskMoEViT(tasks, {"img_size": 32}, {"gate": gate})) == "blocks.5.mlp.experts.w2"
 
 
 def test_gradnorm_runs_at_both_levels_on_a_model():
