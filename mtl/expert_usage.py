@@ -49,9 +49,9 @@ def usage_shares(usage: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_usage_heatmap(usage: dict[str, torch.Tensor], path: str | Path, title: str = "expert usage",
-                       columns: list[str] | None = None) -> Path:
+                       columns: list[str] | None = None, rows: list[str] | None = None) -> Path:
     """One task x expert heatmap per MoE layer (share of the task's routed tokens / gate mass);
-    ``columns`` labels the experts (default 0..E-1)."""
+    ``columns`` labels the experts (default 0..E-1), ``rows`` the layers (default "layer i")."""
     from matplotlib.figure import Figure
 
     shares = usage_shares(usage)
@@ -67,7 +67,7 @@ def save_usage_heatmap(usage: dict[str, torch.Tensor], path: str | Path, title: 
         im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0.0)
         ax.set_yticks(range(len(tasks)), tasks if i % 3 == 0 else [""] * len(tasks), fontsize=7)
         ax.set_xticks(range(experts), columns or [str(e) for e in range(experts)], fontsize=6)
-        ax.set_title(f"{title}: layer {i}", fontsize=8)
+        ax.set_title(f"{title}: {rows[i] if rows else f'layer {i}'}", fontsize=8)
         fig.colorbar(im, ax=ax, fraction=0.04)
     fig.tight_layout()
     path = Path(path)
@@ -139,7 +139,8 @@ class ExpertUsageCallback(L.Callback):
             return
         out = Path(trainer.default_root_dir)
         write_json(out / "expert_usage.json", {t: u.tolist() for t, u in usage.items()})
-        save_usage_heatmap(usage, out / self.filename, columns=getattr(src, "usage_columns", None))
+        save_usage_heatmap(usage, out / self.filename, columns=getattr(src, "usage_columns", None),
+                           rows=getattr(src, "usage_rows", None))
         for t, s in usage_shares(usage).items():
             log.info("expert usage %s (share per expert, mean over layers): %s", t,
                      " ".join(f"{v:.2f}" for v in s.mean(0).tolist()))

@@ -248,6 +248,10 @@ class TaskMoEViT(nn.Module):
             counts = torch.stack([m.stats[t]["counts"] for m in self.moe_modules()]).cpu()
             self._usage[t] = self._usage.get(t, 0) + counts
 
+    @property
+    def usage_rows(self) -> list[str]:
+        return [f"block {i}" for i in self.moe_layers]
+
     def expert_usage(self, reset: bool = False) -> dict[str, torch.Tensor]:
         """Tokens routed to each expert, {task: (moe layers, E)}, since the last reset."""
         out = dict(self._usage)

@@ -386,3 +386,17 @@ def test_fine_tuning_an_extracted_folder_trains_its_architecture(tmp_path):
                                          r"\(decoder.experts_kept\); fine-tune it on those tasks or a subset of them "
                                          r"\(\['depth'\] have no router there\)"):
         folder_architecture(tmp_path / "semseg", [create_task("depth")])
+
+
+def test_expert_usage_panels_are_titled_with_their_blocks(tmp_path, monkeypatch):
+    """They read 'layer 0/1/2' where the MoE blocks are 1, 3, 5 (every=2)."""
+    from matplotlib.axes import Axes
+
+    from mtl.expert_usage import save_usage_heatmap
+
+    model = TaskMoEViT([create_task(t) for t in TASKS], {**VIT, "depth": 6}, {"num_experts": 4, "top_k": 2})
+    assert model.usage_rows == ["block 1", "block 3", "block 5"]
+    titles = []
+    monkeypatch.setattr(Axes, "set_title", lambda self, text, **kw: titles.append(text))
+    save_usage_heatmap({t: torch.ones(3, 4) for t in TASKS}, tmp_path / "u.png", rows=model.usage_rows)
+    assert titles == ["expert usage: block 1", "expert usage: block 3", "expert usage: block 5"]

@@ -133,6 +133,10 @@ class TaskExpertDecoder(nn.Module):
             h.record_usage = bool(on)
 
     @property
+    def usage_rows(self) -> list[str]:
+        return [f"backbone stage {s}" for s in self.stages]
+
+    @property
     def usage_columns(self) -> list[str]:
         return [str(e) for e in range(self.num_experts)] + ["mem"]
 
