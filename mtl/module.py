@@ -209,6 +209,13 @@ class MultiTaskModule(L.LightningModule):
     def on_fit_start(self) -> None:
         from mtl.distributed import check_strategy
 
+        needed = getattr(self.model, "trains_with", None)
+        if needed and (self.strategy is None or self.hparams.get("strategy", {}).get("name") != needed):
+            family = self.model.config.get("family")
+            raise ValueError(f"family {family!r} trains its widths with strategy.name={needed}; without it only the full "
+                             f"width learns and the narrower widths keep their initial statistics (add "
+                             f"strategy={{name: {needed}}}, e.g. experiment=scenes_slimmable)")
+
         check_precision(self.balancer, self.trainer.precision_plugin)
         check_strategy(self.balancer, self.trainer.strategy, self.monitor)
 

@@ -9,7 +9,9 @@ sliced-at-run-time encoders.
 
 ``--part control`` re-scores finished runs from their saved model folders: the width grid on the
 validation and test splits, the controllability of both search methods (held out: search on
-validation, scores from test) and the uniform-width test metrics.
+validation, scores from test) and the uniform-width test metrics. A run without ``width_table.json``
+(its tables skipped) gets ``width_table.json``, ``width_table_test.json`` and ``controllability.json``
+written into its folder (whole splits).
 
 ``--part compare`` pairs finished runs named ``<variant>_s<seed>`` by seed and compares every variant
 with ``--baseline`` (default ``none``) at each uniform width on the test split: per-task wins and mean
@@ -122,6 +124,14 @@ def rescore(run_dir: Path, args) -> dict:
     val = build_width_table(model, dm.val_dataloader(), progress=False)
     test = build_width_table(model, dm.test_dataloader(), progress=False)
     report = score_controller(val, test, 8, args.preferences, 0)
+    if args.checkpoint != "last" and not (run_dir / "width_table.json").exists():
+        # a run whose tables were skipped (a split limited to 0 batches): written now, from its model folder
+        from mtl.io import write_json
+
+        val.save(run_dir / "width_table.json")
+        test.save(run_dir / "width_table_test.json")
+        write_json(run_dir / "controllability.json", report)
+        print(f"{run_dir.name}: wrote width_table.json, width_table_test.json, controllability.json", flush=True)
     uniform = {t: {w: test.metrics[t][w][w][test.primary[t]] for w in test.encoder_flops} for t in test.tasks}
     return {"run_dir": str(run_dir), "compare": report["compare"], "uniform_test": uniform,
             "higher_is_better": test.higher_is_better}

@@ -122,7 +122,7 @@ def test_cikd_weight_zero_is_cikd_off():
     model = tiny()
     strat = create_strategy("sandwich", model, cikd=True, cikd_weight=0.0)
     assert not strat.cikd and len(list(strat.parameters())) == 0
-    with pytest.raises(ValueError, match="cikd_weight must be >= 0, got -0.1"):
+    with pytest.raises(ValueError, match="cikd_weight must be a finite number >= 0, got -0.1"):
         create_strategy("sandwich", model, cikd_weight=-0.1)
 
 
@@ -139,6 +139,29 @@ def test_sandwich_refuses_a_plain_model():
     plain = create_model(["depth"], backbone={"name": "test_resnet", "out_indices": [1, 2]}, decoder="hps")
     with pytest.raises(ValueError, match="family 'slimmable', got 'multitask'"):
         create_strategy("sandwich", plain)
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("cikd", "no", r"strategy.cikd must be true or false, got 'no'"),  # bool("no") ran CI-KD in an ablation without it
+    ("inplace_distill", 1, r"strategy.inplace_distill must be true or false, got 1"),
+    ("num_random", 1.5, r"strategy.num_random must be an int >= 0, got 1.5"),  # int(1.5) drew one
+    ("num_random", "abc", r"strategy.num_random must be an int >= 0, got 'abc'"),
+    ("cikd_weight", "x", r"strategy.cikd_weight must be a finite number >= 0, got 'x'"),
+])
+def test_sandwich_settings_of_the_wrong_type_are_named(key, value, match):
+    with pytest.raises(ValueError, match=match):
+        create_strategy("sandwich", tiny(), **{key: value})
+
+
+def test_a_slimmable_model_without_the_sandwich_strategy_is_refused_before_training(tmp_path):
+    """It trained the full width only, silently, and wrote width tables from untrained BN rows."""
+    from mtl.train import run
+
+    with pytest.raises(ValueError, match=r"family 'slimmable' trains its widths with strategy.name=sandwich; without "
+                                         r"it only the full width learns"):
+        run(["experiment=scenes_slimmable", "debug=smoke", "strategy=null", "logger=none", "viz.num_samples=0"],
+            run_dir=tmp_path / "r")
+    assert not (tmp_path / "r" / "model").exists()
 
 
 @pytest.mark.slow

@@ -31,6 +31,9 @@ ACTIVE = "active_widths"  # config key of the widths a saved model runs at (abse
 class SlimmableMultiTaskModel(MultiTaskModel):
     """Needs ``backbone.name: slim_resnet`` and ``decoder.name: slimmable`` with the same width set."""
 
+    #: the training strategy that trains every width (without it only the full width learns)
+    trains_with = "sandwich"
+
     def __init__(self, tasks: Sequence[Task], backbone: dict[str, Any], decoder: dict[str, Any] | None = None,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
         super().__init__(tasks, backbone, decoder or {"name": "slimmable"}, mean, std)

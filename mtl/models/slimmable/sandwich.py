@@ -32,6 +32,7 @@ from torch import nn
 
 from mtl.models.slimmable.family import SlimmableMultiTaskModel
 from mtl.models.slimmable.layers import channels_at
+from mtl.registry import check_bool, check_int, check_number
 from mtl.strategies import STRATEGIES, TrainingStrategy
 from mtl.tasks import Task
 
@@ -53,11 +54,12 @@ class Sandwich(TrainingStrategy):
         if not isinstance(model, SlimmableMultiTaskModel):
             family = getattr(model, "config", {}).get("family", type(model).__name__)
             raise ValueError(f"strategy 'sandwich' needs a model of family 'slimmable', got {family!r}")
-        if int(num_random) < 0:
-            raise ValueError(f"strategy.num_random must be >= 0, got {num_random!r}")
-        self.num_random, self.train_min = int(num_random), bool(train_min)
-        if not float(cikd_weight) >= 0:
-            raise ValueError(f"strategy.cikd_weight must be >= 0, got {cikd_weight!r}")
+        # named, never bool("no") (true) or int(1.5) (1): an ablation switch must do what it says
+        check_int("strategy.num_random", num_random, low=0)
+        for key, value in (("train_min", train_min), ("inplace_distill", inplace_distill), ("cikd", cikd)):
+            check_bool(f"strategy.{key}", value)
+        self.num_random, self.train_min = num_random, train_min
+        check_number("strategy.cikd_weight", cikd_weight)
         # weight 0 is CI-KD off: no projections, so gradient clipping sees the same parameter list as
         # ``cikd=false`` (zero gradients of idle projections change its float rounding)
         self.cikd_weight = float(cikd_weight)
