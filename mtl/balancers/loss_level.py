@@ -282,7 +282,9 @@ class FAMO(_OwnOptimizer):
     ξ ← ξ − lr · (Jᵀ Δ + weight_decay · ξ) with J = ∂z/∂ξ = diag(z) − z zᵀ — by Adam as in the
     paper (``optimizer=adam``, lr 0.025, weight decay 1e-3), or plainly (``optimizer=sgd``).
     ``recompute=false`` skips the extra forward and measures Δ against the next step's losses
-    (another batch: cheaper, noisier). Losses are assumed ≥ 0 (floored at ``eps``).
+    (another batch: cheaper, noisier). Losses are assumed ≥ 0 (floored at ``eps``). A task whose loss
+    is exactly 0 (a batch without a valid pixel) carries no signal: it gets weight 0 for that step (the
+    others share T) and no logit update — as 1/eps it would take all the weight and stall the others.
     """
 
     def __init__(self, tasks: Sequence[str], lr: float = 0.025, weight_decay: float = 1e-3,
@@ -296,26 +298,31 @@ class FAMO(_OwnOptimizer):
         self._init_own("logits", lr, weight_decay, optimizer)
         self._before: torch.Tensor | None = None  # log-losses that produced the last update
         self._z: torch.Tensor | None = None
+        self._live: torch.Tensor | None = None  # which of those losses were > 0
 
-    def _weights_for(self, Ld: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = torch.softmax(self.logits.float(), dim=0).to(Ld.device)
-        inv = z / Ld
+    def _weights_for(self, L: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = torch.softmax(self.logits.float(), dim=0).to(L.device)
+        live = L > 0
+        if not bool(live.any()):  # every loss 0: nothing to weigh
+            return torch.ones_like(z), z
+        inv = torch.where(live, z / L.clamp_min(self.eps), torch.zeros_like(z))
         return len(self.tasks) * inv / inv.sum(), z
 
     def combine(self, losses, step=0):
         L = self._stack(losses)
-        w, _ = self._weights_for(L.detach().float().clamp_min(self.eps))
+        w, _ = self._weights_for(L.detach().float())
         return (w.to(L.dtype) * L).sum()
 
     def backward(self, ctx: StepContext) -> None:
         L = self._stack(ctx.losses)
-        Ld = L.detach().float().clamp_min(self.eps)
+        Ld = L.detach().float()
         if not self.recompute and self._before is not None:
-            self._update(Ld.log())  # the previous step's decrease, seen on this batch
+            self._update(Ld)  # the previous step's decrease, seen on this batch
         w, z = self._weights_for(Ld)
         ctx.backward((w.to(L.dtype) * L).sum())
         self._set_weights(w)
-        self._before, self._z = Ld.log(), z
+        # a zero loss has no log: the log of eps stands in, and its task's change is not counted
+        self._before, self._z, self._live = Ld.clamp_min(self.eps).log(), z, Ld > 0
 
     def after_step(self, ctx: StepContext) -> None:
         if not self.recompute or self._before is None:
@@ -323,22 +330,35 @@ class FAMO(_OwnOptimizer):
         if ctx.recompute is None:
             raise ValueError("famo(recompute=true) needs StepContext.recompute; pass one or set recompute=false")
         with torch.no_grad():
-            after = self._stack(ctx.recompute()).detach().float().clamp_min(self.eps).log()
+            after = self._stack(ctx.recompute()).detach().float()
         self._update(after)
 
     def get_extra_state(self):
         # with recompute=false the pending update (the log-losses and z of the last step) spans
         # steps, hence checkpoints: without it a resumed run would skip that step's logit update
-        pending = {k: None if v is None else v.detach().cpu() for k, v in (("before", self._before), ("z", self._z))}
+        pending = {k: None if v is None else v.detach().cpu()
+                   for k, v in (("before", self._before), ("z", self._z), ("live", self._live))}
         return super().get_extra_state() | pending
 
     def set_extra_state(self, state) -> None:
         super().set_extra_state(state)
         state, dev = state or {}, self.logits.device
-        self._before, self._z = (None if state.get(k) is None else state[k].to(dev) for k in ("before", "z"))
+        self._before, self._z, self._live = (None if state.get(k) is None else state[k].to(dev)
+                                             for k in ("before", "z", "live"))
 
-    def _update(self, log_after: torch.Tensor) -> None:
-        delta = dist_mean(self._before - log_after.to(self._before.device))
+    def _update(self, after: torch.Tensor) -> None:
+        after = after.to(self._before.device)
+        delta = self._before - after.clamp_min(self.eps).log()
+        # a task with a zero loss before or after the step has no decrease to learn from: its change is set to
+        # the z-weighted mean of the others', which leaves its logit where it is ((Jᵀδ)_t = z_t (δ_t − z·δ) = 0)
+        live = (after != 0) & (self._live.to(after.device) if self._live is not None else True)  # NaN stays, named below
+        if not bool(live.all()):
+            zl = self._z.to(delta.device) * live
+            if not bool(live.any()):
+                self._before = None
+                return
+            delta = torch.where(live, delta, (zl * torch.where(live, delta, torch.zeros_like(delta))).sum() / zl.sum())
+        delta = dist_mean(delta)
         if not bool(torch.isfinite(delta).all()):
             # one inf/NaN loss (a recompute on a batch the step broke) would make the logits, hence every
             # later weight, NaN for good: skip this logit update, as skip_nonfinite skips a step

@@ -339,6 +339,23 @@ def test_famo_logits_move_as_defined_sgd():
     assert torch.allclose(famo.logits, xi2, atol=1e-6)
 
 
+def test_famo_a_task_with_zero_loss_gets_no_weight_and_keeps_its_logit():
+    """A batch without a valid pixel gives a loss of 0: as 1/eps it once took all the weight (the others got
+    ~1e-8, so the shared step vanished) and its 'decrease' from log eps skewed the logits."""
+    famo = create_balancer("famo", ["a", "b", "c"], lr=1.0, weight_decay=0.0, optimizer="sgd")
+    before, after = {"a": 0.0, "b": 1.0, "c": 2.0}, {"a": 0.0, "b": 0.9, "c": 1.0}
+    recompute = lambda tasks=None: {t: torch.tensor(v) for t, v in after.items()}  # noqa: E731
+    _, ctx = fixed_losses(before, recompute=recompute)
+    famo.backward(ctx)
+    # z uniform; the live tasks share T = 3 in proportion to z_t / L_t = 1/3, 1/6
+    assert famo.weights() == pytest.approx({"a": 0.0, "b": 2.0, "c": 1.0})
+    famo.after_step(ctx)
+    d_b, d_c = -math.log(0.9), math.log(2.0)
+    mean = (d_b + d_c) / 2  # z-weighted mean of the live changes: a's logit stays, b and c move as between two
+    want = torch.tensor([0.0, -(d_b - mean) / 3, -(d_c - mean) / 3])
+    assert torch.allclose(famo.logits, want, atol=1e-6)
+
+
 def test_famo_skips_a_logit_update_from_a_non_finite_loss(caplog):
     famo = create_balancer("famo", ["a", "b"], lr=0.5, optimizer="sgd")
     broken = lambda tasks=None: {"a": torch.tensor(float("inf")), "b": torch.tensor(1.0)}  # noqa: E731
