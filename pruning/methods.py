@@ -12,6 +12,7 @@ never drops to 0). Vectorised conv kernels run channel blocks of 8/16, so odd wi
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Callable
 
@@ -24,6 +25,7 @@ from pruning.importance import l1_scores, taylor_scores
 
 METHODS: "Registry[Callable[..., tuple[dict[str, list[int]], dict[str, Any]]]]" = Registry("pruning method")
 MAX_LAYER_RATIO = 0.95
+log = logging.getLogger(__name__)
 
 
 def check_ratio(name: str, value: float, open_low: bool = False) -> float:
@@ -105,8 +107,8 @@ def search_ratio(graph: LayerGraph, select: Callable[[float], dict[str, list[int
     best = select(hi)
     reachable = reduction(graph, best)
     if reachable < target:
-        raise PruningError(f"a FLOPs reduction of {target:.1%} is not reachable: the most this method removes "
-                           f"(ratio {hi}) is {reachable:.1%}")
+        raise PruningError(f"a FLOPs reduction of {target:.2%} is not reachable: the most this method removes "
+                           f"(ratio {hi}) is {reachable:.2%}")
     lo = 0.0
     for _ in range(30):
         mid = (lo + hi) / 2
@@ -118,14 +120,21 @@ def search_ratio(graph: LayerGraph, select: Callable[[float], dict[str, list[int
 
 
 def _run(graph: LayerGraph, select: Callable[[float], dict[str, list[int]]], ratio: float | None,
-         flops_target: float | None, hi: float = MAX_LAYER_RATIO) -> tuple[dict[str, list[int]], dict[str, Any]]:
+         flops_target: float | None, hi: float = 0.999, global_units: bool = False
+         ) -> tuple[dict[str, list[int]], dict[str, Any]]:
     if flops_target is not None:
         check_ratio("flops_target", flops_target, open_low=True)
         ratio, removed = search_ratio(graph, select, flops_target, hi)
         return removed, {"ratio": ratio, "flops_target": flops_target}
     if ratio is None:
         raise ValueError("give ratio (fraction of channels to remove) or flops_target")
-    return select(check_ratio("ratio", ratio)), {"ratio": ratio}
+    removed = select(check_ratio("ratio", ratio))
+    total = sum(layer.size for layer in graph.layers)
+    asked, got = int(math.floor(ratio * total + 1e-9)), sum(map(len, removed.values()))
+    if global_units and got < asked:  # the per-layer cap (or rounding) stopped the ranking short: said
+        log.warning("ratio %g asks for %d of %d units; max_layer_ratio (and round_to) let %d go (%.1f%%): "
+                    "raise max_layer_ratio, or use flops_target", ratio, asked, total, got, 100 * got / total)
+    return removed, {"ratio": ratio, **({"units_removed": got, "units_asked": asked} if global_units else {})}
 
 
 @METHODS.register("l1")
@@ -145,7 +154,7 @@ def l1_global(model: nn.Module, graph: LayerGraph, batches, ratio: float | None 
     scores = l1_scores(graph, model)
     check_ratio("max_layer_ratio", max_layer_ratio)
     return _run(graph, lambda r: global_threshold(graph, scores, r, max_layer_ratio, round_to), ratio, flops_target,
-                hi=0.999)
+                global_units=True)
 
 
 @METHODS.register("taylor")
@@ -163,4 +172,4 @@ def taylor(model: nn.Module, graph: LayerGraph, batches, ratio: float | None = N
         return _run(graph, lambda r: uniform(graph, scores, r, round_to), ratio, flops_target)
     check_ratio("max_layer_ratio", max_layer_ratio)
     return _run(graph, lambda r: global_threshold(graph, scores, r, max_layer_ratio, round_to), ratio, flops_target,
-                hi=0.999)
+                global_units=True)

@@ -174,14 +174,16 @@ def pagcp(model: nn.Module, graph: LayerGraph, batches, budget: float = 0.1, shr
         else:
             lo = mid
     budget, removed, steps = found
-    removed = trim_to_target(graph, removed, steps, flops_target)
+    removed = trim_to_target(graph, removed, steps, flops_target, kw["round_to"])
     return removed, {"budget": budget, "flops_target": flops_target, "steps": steps}
 
 
 def trim_to_target(graph: LayerGraph, removed: dict[str, list[int]], steps: list[dict[str, Any]],
-                   target: float) -> dict[str, list[int]]:
-    """Give layers back (worst loss increase per FLOP first) while the reduction stays ≥ ``target``,
-    so that methods compare at matched FLOPs rather than PAGCP overshooting."""
+                   target: float, round_to: int | None = None) -> dict[str, list[int]]:
+    """Give layers back (worst loss increase per FLOP first) while the reduction stays ≥ ``target``, then
+    units of the layers still pruned (same order; the most important removed units first, kept counts
+    rounded as ``round_to`` asks), so that methods compare at matched FLOPs: whole layers alone overshoot
+    when one layer holds most of the removed FLOPs."""
     out = dict(removed)
     worst_first = sorted((s for s in steps if s["layer"] in out),
                          key=lambda s: -max(s["loss_increase"], 0.0) / max(s["flops_removed"], 1e-12))
@@ -190,4 +192,24 @@ def trim_to_target(graph: LayerGraph, removed: dict[str, list[int]], steps: list
         if reduction(graph, trial) >= target:
             out = trial
             s["kept"] = False
+    layers = {layer.name: layer for layer in graph.layers}
+    for s in worst_first:
+        name = s["layer"]
+        if name not in out:
+            continue
+        units = out[name]  # ascending importance: the tail is given back first
+        lo, hi = 0, len(units)  # the fewest removed units (after rounding) that still meet the target
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if reduction(graph, {**out, name: units[:round_removed(layers[name], mid, round_to)]}) >= target:
+                hi = mid
+            else:
+                lo = mid + 1
+        n = round_removed(layers[name], hi, round_to)
+        if n < len(units) and reduction(graph, {**out, name: units[:n]}) >= target:
+            out[name] = units[:n]
+            s["removed"], s["given_back_units"] = n, len(units) - n
+            if n == 0:
+                del out[name]
+                s["kept"] = False
     return out

@@ -48,3 +48,47 @@ def test_a_target_missed_in_counted_flops_is_an_error(monkeypatch):
     monkeypatch.setattr(LayerGraph, "flops_after", lambda self, removed: 0.9 * exact(self, removed))
     with pytest.raises(PruningError, match=r"flops_target 50\.0% not met: .* fell by \d+\.\d% only"):
         pruning.prune(toy_model(), "l1", calib=toy_batches(1), flops_target=0.5)
+
+
+@pytest.mark.parametrize("target", [0.1, 0.3, 0.45])
+def test_pagcp_gives_back_units_until_the_target_is_just_met(target):
+    """Whole layers alone overshot (61 % for a 30 % target when one layer held most removed FLOPs): after
+    trimming, giving back one more removed unit of any pruned layer falls below the target."""
+    from pruning.methods import reduction
+    from pruning.pagcp import trim_to_target
+
+    model, x = toy_model(), toy_batches(1)[0]["image"][:2]
+    graph = LayerGraph(model, x)
+    removed = {l.name: list(range(l.size // 2 + 1)) for l in graph.layers if l.size > 2}
+    assert reduction(graph, removed) > target
+    steps = [{"layer": n, "loss_increase": float(i), "flops_removed": 1.0, "removed": len(u)}
+             for i, (n, u) in enumerate(removed.items())]
+    out = trim_to_target(graph, removed, steps, target)
+    assert reduction(graph, out) >= target
+    for name, units in out.items():
+        assert units == removed[name][:len(units)]  # the least important units stay removed
+        assert reduction(graph, {**out, name: units[:-1]}) < target, name
+    assert all(s["removed"] == len(out[s["layer"]]) for s in steps if s["layer"] in out)  # the log says so
+
+
+def test_a_ratio_the_layer_cap_stops_short_is_said_and_recorded(caplog):
+    """l1_global ratio=0.5 with max_layer_ratio=0.25 removed 43 % without a word."""
+    model, batches = toy_model(), toy_batches(1)
+    with caplog.at_level("WARNING", logger="pruning.methods"):
+        _, report = pruning.prune(model, "l1_global", calib=batches, ratio=0.5, max_layer_ratio=0.25)
+    info = report["rounds"][0]
+    assert info["units_removed"] < info["units_asked"]
+    assert f"ratio 0.5 asks for {info['units_asked']} of" in caplog.text and "raise max_layer_ratio" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pruning.methods"):
+        pruning.prune(model, "l1_global", calib=batches, ratio=0.2)
+    assert "asks for" not in caplog.text
+
+
+def test_l1s_target_search_reaches_as_far_as_its_ratio_does():
+    """The search stopped at ratio 0.95 while prune.ratio=0.99 removed more: 'not reachable' was false."""
+    model, batches = toy_model(), toy_batches(1)
+    _, high = pruning.prune(model, "l1", calib=batches, ratio=0.99)
+    target = high["flops"]["reduction"] - 1e-3
+    _, report = pruning.prune(model, "l1", calib=batches, flops_target=target)
+    assert report["flops"]["reduction"] >= target
