@@ -430,3 +430,12 @@ def test_slimmable_parts_with_a_width_set_need_the_slimmable_family():
         create_model(TASKS, backbone={k: v for k, v in BB.items() if k != "widths"}, decoder="hps")
     plain = create_model(TASKS, backbone={**BB, "widths": None}, decoder={**DEC, "widths": None})  # one width: plain layers
     assert isinstance(plain, MultiTaskModel)
+
+
+def test_the_decoder_takes_the_backbones_width_set_when_it_names_none():
+    """In Python the decoder's default set [0.25, 0.5, 0.75, 1] was refused against a backbone's other set:
+    the one set had to be given twice (the CLI reads ${backbone.widths})."""
+    model = create_model(TASKS, backbone={**BB, "widths": [0.5, 1.0]}, decoder={k: v for k, v in DEC.items()
+                                                                               if k != "widths"}, family="slimmable")
+    assert model.decoder.widths == model.backbone.widths == (0.5, 1.0)
+    assert model.config["decoder"]["widths"] == [0.5, 1.0]

@@ -36,7 +36,11 @@ class SlimmableMultiTaskModel(MultiTaskModel):
 
     def __init__(self, tasks: Sequence[Task], backbone: dict[str, Any], decoder: dict[str, Any] | None = None,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
-        super().__init__(tasks, backbone, decoder or {"name": "slimmable"}, mean, std)
+        decoder = dict(decoder or {"name": "slimmable"})
+        if decoder.get("name") == "slimmable" and "widths" not in decoder and isinstance(backbone, dict) \
+                and backbone.get("widths"):  # one width set, given once (the CLI reads ${backbone.widths})
+            decoder["widths"] = backbone["widths"]
+        super().__init__(tasks, backbone, decoder, mean, std)
         if not isinstance(self.backbone, SlimResNet) or self.backbone.widths is None:
             raise ValueError(f"family 'slimmable' needs backbone.name=slim_resnet with a width set, "
                              f"got backbone {self._backbone_cfg.get('name')!r}")
