@@ -2,8 +2,8 @@
 # Both create or refresh the local virtual environment first.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEMO_DIR ?= outputs/demo
 export MTL_OUTPUT_DIR ?= outputs
+DEMO_DIR ?= $(MTL_OUTPUT_DIR)/demo
 
 .PHONY: venv demo test test-slow bench clean
 
