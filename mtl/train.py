@@ -237,6 +237,10 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     check_objective(cfg, {t: list(group) for t, group in module.val_metrics.items()}, directions)
     check_monitors(cfg, {t: list(group) for t, group in module.val_metrics.items()}, directions)
     if cfg.baselines.get("save_to"):  # checked now: after training, a bad target would fail the finished run
+        if len(module.tasks) > 1:  # its numbers would replace real single-task baselines, silently
+            raise ValueError(f"baselines.save_to: baselines are single-task runs, this run trains {len(module.tasks)} "
+                             f"tasks ({', '.join(module.tasks)}); save them from a -m multirun over task=... "
+                             "(one task per job), as `make demo` does")
         target = Path(cfg.baselines.save_to)
         if target.is_dir():
             raise IsADirectoryError(f"baselines.save_to={target} is a folder; give a JSON file path")

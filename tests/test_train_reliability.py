@@ -22,6 +22,25 @@ def test_baselines_lacking_a_task_fail_before_training(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any training step
 
 
+def test_saving_baselines_from_a_multitask_run_is_refused_before_training(tmp_path):
+    """Its numbers replaced the single-task entries of the file, and every later Δm was against them."""
+    target = tmp_path / "b.json"
+    target.write_text(json.dumps({"depth": {"rmse": 1.0, "abs_err": 1.0, "abs_rel": 1.0}}))
+    with pytest.raises(ValueError, match=r"baselines.save_to: baselines are single-task runs, this run trains 2 tasks "
+                                         r"\(depth, classification\)"):
+        run(["debug=smoke", "task=[depth,classification]", f"baselines.save_to={target}"], run_dir=tmp_path / "r")
+    assert json.loads(target.read_text()) == {"depth": {"rmse": 1.0, "abs_err": 1.0, "abs_rel": 1.0}}
+    assert not (tmp_path / "r" / "model").exists()
+
+
+@pytest.mark.parametrize("override", ["hparams_search=optuna", "launcher=joblib", "task=depth,classification"])
+def test_an_in_process_run_refuses_a_sweep(tmp_path, override):
+    """run(['hparams_search=optuna']) trained one ordinary run with the default lr, the study ignored."""
+    with pytest.raises(ValueError, match=r"an in-process run is one job"):
+        run(["debug=smoke", override], run_dir=tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
 def test_model_and_metrics_survive_a_failure_after_testing(tmp_path):
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("x")  # save_to below needs it to be a folder: the baselines update fails

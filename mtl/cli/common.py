@@ -419,6 +419,25 @@ def compose_in_process(config_module: str, config_name: str, overrides, run_dir=
     return cfg, Path(run_dir)
 
 
+def check_single_job(overrides: Sequence[str]) -> None:
+    """The in-process twins run one job: a sweep (``hparams_search=``, ``launcher=``, ``a=1,2``) is the CLI's
+    ``-m``, refused by name instead of one ordinary run with the sweeper or launcher ignored."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for o in overrides:
+        if o.split("=", 1)[0].lstrip("+~") in ("hparams_search", "launcher", "hydra/sweeper", "hydra/launcher"):
+            raise ValueError(f"{o}: an in-process run is one job; sweeps and launchers run from the command line "
+                             "(mtl-train -m ...)")
+    try:
+        parsed = OverridesParser.create().parse_overrides([o for o in overrides if "=" in o])
+    except Exception:  # noqa: BLE001  (a malformed override: the composition names it)
+        return
+    swept = [p.input_line for p in parsed if p.is_sweep_override()]
+    if swept:
+        raise ValueError(f"{swept[0]}: a sweep of values; an in-process run is one job (run one per value, or "
+                         "mtl-train -m ... from the command line)")
+
+
 def run_in_process(job: Callable[[Any, Path], Any], config_modules: Sequence[str], config_name: str,
                    overrides, run_dir=None) -> tuple[Any, Path]:
     """A CLI's in-process twin (``mtl.train.run``, ``merging.job.run``, ...): the CLI's checks (a group
@@ -428,6 +447,7 @@ def run_in_process(job: Callable[[Any, Path], Any], config_modules: Sequence[str
     if isinstance(overrides, str):  # list("debug=smoke") would be read as overrides 'd', 'e', ...
         raise TypeError(f"overrides must be a list of strings such as ['debug=smoke'], got the string {overrides!r}")
     overrides = list(overrides or [])
+    check_single_job(overrides)
     problem = check_group_choices(overrides, config_modules)
     if problem:  # as the CLI says it: the valid names, not Hydra's "Could not load"
         raise ValueError(problem)
