@@ -208,9 +208,9 @@ def merge_to_file(
     convention = hp.get("convention", "paper")
     m = create_method(method, **hp)
     kernel = fused_kernel(m) if fused else None
-    if chunk is not None and kernel is None:  # said, not ignored: it sets only the chunked kernels' size
-        raise ValueError(f"chunk applies to the chunked kernels; {method!r} "
-                         f"{'with fused=False ' if not fused else ''}runs whole tensors: leave chunk=None")
+    if chunk is not None and fused_kernel(m) is None:  # said, not ignored: it sets only the chunked kernels' size
+        raise ValueError(f"chunk applies to the chunked kernels; {method!r} has none (it runs whole tensors): "
+                         "leave chunk=None")
     ctx = open_context(pretrained, finetuned, opts, m.min_models(), method, keep_base=hf_folder)
     streamed = None
     try:
