@@ -18,6 +18,19 @@ def _to_image(task, t: torch.Tensor) -> np.ndarray | None:
     return t[0].float().numpy()
 
 
+def _class_colours(task, target: torch.Tensor):
+    """(colour map, number of classes) for a dense map of class ids (semantic segmentation): a scale from
+    the pair's own min/max would give one class another colour in each row, and an ignore label of 255
+    would squeeze every class into the bottom of the map. None for other tasks."""
+    n = getattr(task, "num_classes", None)
+    if n is None or target.ndim < 2 or target.is_floating_point():
+        return None
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab20" if n <= 20 else "turbo"].resampled(n).with_extremes(bad="black")
+    return cmap, n
+
+
 def _label(task, t: torch.Tensor) -> str:
     if t.numel() == 1:
         return f"{t.item():.2f}" if t.is_floating_point() else str(int(t.item()))
@@ -52,12 +65,17 @@ def save_predictions(model, batch: dict[str, torch.Tensor], path: str | Path, nu
             pair = [_to_image(task, pred), _to_image(task, target)]
             # one colour scale per pair, so prediction and target are comparable
             lo, hi = (min(float(p.min()) for p in pair), max(float(p.max()) for p in pair)) if pair[1] is not None else (0, 1)
+            classes = _class_colours(task, target)
             for k, (what, t, img) in enumerate((("pred", pred, pair[0]), ("target", target, pair[1]))):
                 ax = axes[i, 1 + 2 * j + k]
                 if img is None:
                     ax.text(0.5, 0.5, _label(task, t), ha="center", va="center", fontsize=9)
                 elif img.ndim == 3:
                     ax.imshow(img)
+                elif classes is not None:  # one fixed colour per class; unlabelled pixels (255) masked
+                    cmap, n = classes
+                    ax.imshow(np.ma.masked_outside(img, 0, n - 1), cmap=cmap, vmin=-0.5, vmax=n - 0.5,
+                              interpolation="nearest")
                 else:
                     ax.imshow(img, cmap="viridis", vmin=lo, vmax=hi)
                 if i == 0:

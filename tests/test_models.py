@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+import mtl
+
 from mtl.models import create_model
 from mtl.registry import UnknownNameError
 
@@ -124,3 +126,26 @@ def test_pretrained_weights_that_cannot_be_fetched_name_the_key_and_the_way_out(
 def test_bad_construction_values_are_named_not_torch_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         create_model(["depth"], **{"backbone": "test_resnet", **kwargs})
+
+
+def test_prediction_pictures_give_each_class_one_colour_and_mask_unlabelled_pixels(tmp_path, monkeypatch):
+    """Class ids were drawn on each pair's own min..max: with NYUv2's 255 the 13 classes shared the bottom 5 %
+    of the colour map, and a class changed colour from row to row."""
+    import numpy as np
+    from matplotlib.axes import Axes
+
+    from mtl.viz import save_predictions
+
+    model = mtl.create_model([mtl.create_task("semseg", num_classes=13)], backbone="test_resnet")
+    target = torch.randint(0, 13, (2, 16, 16))
+    target[:, :4] = 255
+    shown = []
+    real = Axes.imshow
+    monkeypatch.setattr(Axes, "imshow", lambda self, img, **kw: (shown.append((img, kw)), real(self, img, **kw))[1])
+    save_predictions(model, {"image": torch.randint(0, 255, (2, 3, 16, 16), dtype=torch.uint8), "semseg": target},
+                     tmp_path / "p.png", num_samples=2)
+    maps = [(img, kw) for img, kw in shown if kw.get("cmap") is not None]
+    assert len(maps) == 4  # prediction and target of two rows
+    assert all(kw["vmin"] == -0.5 and kw["vmax"] == 12.5 for _, kw in maps)
+    targets = [img for img, _ in maps[1::2]]
+    assert all(np.ma.isMaskedArray(t) and t.mask[:4].all() and not t.mask[4:].any() for t in targets)
