@@ -399,11 +399,19 @@ def _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, basel
     except RuntimeError as e:
         if "Error(s) in loading state_dict" not in str(e):
             raise
-        missing = sum(ln.count("\"") // 2 for ln in str(e).splitlines() if "Missing key(s)" in ln)
-        unexpected = sum(ln.count("\"") // 2 for ln in str(e).splitlines() if "Unexpected key(s)" in ln)
-        raise ValueError(f"ckpt_path {cfg.get('ckpt_path')}: its weights do not fit this run's model ({missing} "
-                         f"missing, {unexpected} unexpected key(s), or other shapes); resume with the config it "
-                         "was trained with (its run's config.yaml)") from e
+        import re
+
+        def keys(kind: str) -> list[str]:
+            return [k for ln in str(e).splitlines() if kind in ln for k in re.findall(r'"([^"]+)"', ln)]
+
+        missing, unexpected = keys("Missing key(s)"), keys("Unexpected key(s)")
+        named = "; ".join(f"{what} {', '.join(ks[:3])}{' ...' if len(ks) > 3 else ''}"
+                          for what, ks in (("missing", missing), ("unexpected", unexpected)) if ks)
+        part = {k.split(".", 1)[0] for k in missing + unexpected}
+        hint = " (the balancer's state: resume with the checkpoint's balancer)" if part == {"balancer"} else ""
+        raise ValueError(f"ckpt_path {cfg.get('ckpt_path')}: its weights do not fit this run's model ({len(missing)} "
+                         f"missing, {len(unexpected)} unexpected key(s), or other shapes{': ' + named if named else ''})"
+                         f"{hint}; resume with the config it was trained with (its run's config.yaml)") from e
     except pickle.UnpicklingError as e:
         why = next((ln.strip().split(". Please")[0] + "." for ln in str(e).splitlines() if "Unsupported global" in ln), "")
         raise ValueError(f"ckpt_path {cfg.get('ckpt_path')}: refused, it needs unpickling beyond tensors and plain "

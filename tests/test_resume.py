@@ -71,3 +71,13 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, balancer):
     resumed = cli("b2", f"ckpt_path={tmp_path / 'b1' / 'checkpoints' / 'last.ckpt'}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     check_identical(tmp_path / "a", tmp_path / "b1", tmp_path / "b2", steps=8)
+
+
+def test_a_resume_with_another_balancer_names_its_state(tmp_path):
+    """It said '2 missing, 0 unexpected key(s)' of 'this run's model', whose weights did fit."""
+    first = run(BASE + ["trainer.max_epochs=1"], run_dir=tmp_path / "a")
+    with pytest.raises(ValueError, match=r"\(2 missing, 0 unexpected key\(s\), or other shapes: missing balancer\.\S+, "
+                                         r"balancer\.\S+\) \(the balancer's state: resume with the checkpoint's "
+                                         r"balancer\)"):
+        run(BASE + ["trainer.max_epochs=2", "balancer=dwa", f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}"],
+            run_dir=tmp_path / "b")
