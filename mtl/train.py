@@ -223,7 +223,7 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     check_int("seed", cfg.get("seed"), 0)  # named before training, not after it
     check_int("viz.num_samples", (cfg.get("viz") or {}).get("num_samples") or 0, 0)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _set_aside_failed_checkpoints(run_dir, cfg.get("ckpt_path"))
+    _set_aside_failed_attempt(run_dir, cfg.get("ckpt_path"))
     (run_dir / FAILED).unlink(missing_ok=True)  # an earlier failed attempt in this folder: this run replaces it
     write_hydra_record(cfg, run_dir)
     with atomic_path(run_dir / "config.yaml", overwrite=True) as tmp:
@@ -311,12 +311,19 @@ def _absolute_paths(data_kw: dict[str, Any]) -> dict[str, Any]:
     return {k: absolute(v) if k in _DATA_PATHS else v for k, v in data_kw.items()}
 
 
-def _set_aside_failed_checkpoints(run_dir: Path, ckpt_path: Any) -> None:
-    """A new attempt in a failed run's folder: that attempt's checkpoints go to ``checkpoints.failed/``
-    (replacing an older set there), so ``checkpoints/`` holds this run's best and last only. Nothing moves
-    when this run resumes from a checkpoint anywhere in the folder."""
+def _set_aside_failed_attempt(run_dir: Path, ckpt_path: Any) -> None:
+    """A new attempt in a failed run's folder: that attempt's training curves go to ``csv.failed/`` (the CSV
+    logger would start its ``metrics.csv`` afresh, even when resuming) and its checkpoints to
+    ``checkpoints.failed/`` (each replacing an older set there), so ``checkpoints/`` holds this run's best and
+    last only. The checkpoints stay when this run resumes from a checkpoint anywhere in the folder."""
+    if not (run_dir / FAILED).is_file():
+        return
+    if (run_dir / "csv" / "metrics.csv").is_file():
+        shutil.rmtree(run_dir / "csv.failed", ignore_errors=True)
+        os.replace(run_dir / "csv", run_dir / "csv.failed")
+        log.warning("run_dir %s held a failed attempt's training curves: moved to %s", run_dir, run_dir / "csv.failed")
     old = run_dir / "checkpoints"
-    if not (run_dir / FAILED).is_file() or not old.is_dir() or not any(old.iterdir()):
+    if not old.is_dir() or not any(old.iterdir()):
         return
     if ckpt_path and run_dir.resolve() in Path(str(ckpt_path)).resolve().parents:
         return  # resuming from a checkpoint in this folder (checkpoints/ or checkpoints.failed/): move nothing

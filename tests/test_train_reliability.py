@@ -161,14 +161,18 @@ def test_a_new_attempt_sets_a_failed_attempts_checkpoints_aside(tmp_path):
     run(FAST + ["task=[depth]"], run_dir=run_dir)
     assert "epoch004.ckpt" not in {p.name for p in (run_dir / "checkpoints").iterdir()}
     assert (run_dir / "checkpoints.failed" / "epoch004.ckpt").read_bytes() == b"old"
-    from mtl.train import _set_aside_failed_checkpoints
+    from mtl.train import _set_aside_failed_attempt
 
     again = tmp_path / "again"
     (again / "checkpoints").mkdir(parents=True)
     (again / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    (again / "csv").mkdir()
+    (again / "csv" / "metrics.csv").write_text("epoch,step\n0,0\n")
     (again / FAILED).write_text("x")
-    _set_aside_failed_checkpoints(again, str(again / "checkpoints" / "last.ckpt"))
+    _set_aside_failed_attempt(again, str(again / "checkpoints" / "last.ckpt"))
     assert (again / "checkpoints" / "last.ckpt").is_file() and not (again / "checkpoints.failed").exists()
+    # the CSV logger starts metrics.csv afresh even on a resume: the failed attempt's curves are kept aside
+    assert (again / "csv.failed" / "metrics.csv").read_text() == "epoch,step\n0,0\n" and not (again / "csv").exists()
 
 
 def test_resuming_with_another_learning_rate_is_refused_by_name(tmp_path):
