@@ -324,3 +324,20 @@ def test_the_model_folder_records_data_paths_absolute(tmp_path, monkeypatch):
                    "path": str(Path("~/ds").expanduser().resolve()), "cache_dir": None, "size": 32,
                    "columns": {"mask": "semseg"}}
     assert _absolute_paths({"class_mapping": [1, -1, 2]})["class_mapping"] == [1, -1, 2]  # a table, not paths
+
+
+def test_ctrl_c_in_an_in_process_run_reaches_the_caller_as_keyboardinterrupt(tmp_path):
+    """Lightning turns Ctrl-C into sys.exit(1): a script around run() exited 1 with a bare SystemExit, and
+    `except KeyboardInterrupt` never fired."""
+    from mtl.cli.common import run_in_process
+
+    def job(cfg, run_dir):
+        (Path(run_dir) / "train.log").write_text("epoch 0\n")  # a run that started (an empty folder is removed)
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            sys.exit(1)  # what Lightning's fit does with it
+
+    with pytest.raises(KeyboardInterrupt, match=r"^interrupted by Ctrl-C$"):
+        run_in_process(job, ("mtl.configs",), "train", ["debug=smoke"], run_dir=tmp_path / "r")
+    assert (tmp_path / "r" / FAILED).read_text().startswith("interrupted by Ctrl-C")

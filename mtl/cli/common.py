@@ -455,9 +455,18 @@ def run_in_process(job: Callable[[Any, Path], Any], config_modules: Sequence[str
     check_overrides(cfg, overrides, config_modules)  # before the folder is touched, as the CLI checks
     # a failed run is marked as the CLI marks it; the claim is released first, so a new folder the run left
     # empty (refused before writing) is removed rather than marked
-    with marks_failure(run_dir), claims_run_folder(run_dir, _rank0()):
-        check_required(cfg)
-        return job(cfg, run_dir), Path(run_dir)
+    try:
+        with marks_failure(run_dir), claims_run_folder(run_dir, _rank0()):
+            check_required(cfg)
+            return job(cfg, run_dir), Path(run_dir)
+    except SystemExit as e:  # Lightning's sys.exit for Ctrl-C / SIGTERM: raised to a caller as what it was
+        stop = interruption(e)
+        if stop is None:
+            raise
+        from mtl.cli.failures import Terminated
+
+        kind = KeyboardInterrupt if stop[0] == "Ctrl-C" else Terminated
+        raise kind(interrupted_message(stop[0], run_dir)) from e
 
 
 def report_in_process(job: Callable[[Any, Path], dict], config_modules: Sequence[str], config_name: str,
