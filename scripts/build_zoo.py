@@ -121,8 +121,8 @@ def build_zoo(zoo: str, out: str | Path, tasks: Sequence[str] | None = None, smo
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     start, cpu = time.perf_counter(), time.process_time()
-    emit(f"[zoo] pretraining the {zoo} base")
     pre = pretrain(zoo, out, smoke, pretrain_overrides, fresh)
+    emit(f"[zoo] {zoo} base: {'reused the finished pretraining run' if pre['reused'] else 'pretrained'}")
     fts = []
     for i, t in enumerate(tasks, start=1):
         emit(f"[zoo] fine-tune {i}/{len(tasks)}: {t}{' (tangent space)' if linear else ''}")
