@@ -99,6 +99,8 @@ def _hp(r: dict[str, Any]) -> str:
     if isinstance(sel.get("lam"), dict):  # TALL: λ_t per task
         sel["lam"] = "/".join(f"{v:g}" for v in sel["lam"].values())
     keep = ("lam", "k", "p", "base", "merge_func", "mtv", "granularity", "steps", "final_steps", "bn")
+    if sel.get("vectors", "ties") != "ties":  # a learned method's TIES settings apply with vectors=ties only
+        sel = {k: v for k, v in sel.items() if k not in ("k", "merge_func")}
     return ", ".join(f"{k}={sel[k]}" for k in keep if k in sel)
 
 
