@@ -19,6 +19,7 @@ Rules (documented in docs/merging.md):
 """
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from typing import Union
 import torch
 
 from .sources import MergeInputError, StateSource, TensorInfo
+
+log = logging.getLogger(__name__)
 
 __all__ = ["KeyPattern", "KeyPlan", "plan_keys", "compile_pattern", "BN_STATS", "DEFAULT_TASK_KEYS", "EXPANSION_POINT"]
 
@@ -199,6 +202,9 @@ def plan_keys(
         raise MergeInputError(
             "nothing to merge: no floating-point tensor is shared by every model after the key filters"
         )
+    if skipped:  # documented, but an LLM user wants to see which fine-tuned changes were dropped
+        log.info("unshared='skip': %d key(s) not in every model left out of the merge: %s%s", len(skipped),
+                 ", ".join(skipped[:_MAX_LISTED]), " ..." if len(skipped) > _MAX_LISTED else "")
     return plan
 
 

@@ -144,13 +144,15 @@ def test_shape_mismatch_lists_key_and_files(tmp_path):
     assert str(pre_dir / "model.safetensors") in msg and str(ft_dirs[1] / "model.safetensors") in msg
 
 
-def test_missing_key_lists_files_and_skip_option():
+def test_missing_key_lists_files_and_skip_option(caplog):
     pre, fts = make_models(T=2, heads=False)
     del fts[0]["backbone.blocks.0.bias"]
     with pytest.raises(merging.MergeInputError, match=r"'backbone.blocks.0.bias' is in pretrained but missing from finetuned\[0\]"):
         merging.merge("task_arithmetic", pre, fts)
-    out = merging.merge("task_arithmetic", pre, fts, unshared="skip")
+    with caplog.at_level("INFO", logger="merging.keys"):
+        out = merging.merge("task_arithmetic", pre, fts, unshared="skip")
     assert "backbone.blocks.0.bias" not in out and "backbone.blocks.0.weight" in out
+    assert "unshared='skip': 1 key(s) not in every model left out of the merge: backbone.blocks.0.bias" in caplog.text
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
