@@ -408,10 +408,9 @@ def _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, basel
             raise
         import re
 
-        def keys(kind: str) -> list[str]:
-            return [k for ln in str(e).splitlines() if kind in ln for k in re.findall(r'"([^"]+)"', ln)]
-
-        missing, unexpected = keys("Missing key(s)"), keys("Unexpected key(s)")
+        lines = str(e).splitlines()
+        missing, unexpected = ([k for ln in lines if kind in ln for k in re.findall(r'"([^"]+)"', ln)]
+                               for kind in ("Missing key(s)", "Unexpected key(s)"))
         named = "; ".join(f"{what} {', '.join(ks[:3])}{' ...' if len(ks) > 3 else ''}"
                           for what, ks in (("missing", missing), ("unexpected", unexpected)) if ks)
         part = {k.split(".", 1)[0] for k in missing + unexpected}

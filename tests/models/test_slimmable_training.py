@@ -261,3 +261,17 @@ def test_ddp_smoke_run_trains_and_writes_the_width_tables(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = Path(proc.stdout.strip().splitlines()[-1].removeprefix("run_dir: "))
     assert (run_dir / "controllability.json").is_file() and (run_dir / "model" / "model.safetensors").is_file()
+
+
+def test_a_width_set_of_one_width_is_warned(caplog):
+    """backbone.widths=[1.0] trained the full network twice per step without a word."""
+    torch.manual_seed(0)
+    one = create_model(["depth"], backbone={"name": "slim_resnet", "stem": 8, "channels": [8, 16], "out_indices": [1, 2], "widths": [1.0]}, decoder={"name": "slimmable", "channels": 8},
+                       family="slimmable")
+    with caplog.at_level("WARNING", logger="mtl.models.slimmable.sandwich"):
+        create_strategy("sandwich", one)
+    assert "every sub-network is the full one" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mtl.models.slimmable.sandwich"):
+        create_strategy("sandwich", tiny())
+    assert "every sub-network" not in caplog.text

@@ -24,6 +24,7 @@ configured balancer), then, accumulating gradients before the one optimiser step
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -35,6 +36,8 @@ from mtl.models.slimmable.layers import channels_at
 from mtl.registry import check_bool, check_int, check_number
 from mtl.strategies import STRATEGIES, TrainingStrategy
 from mtl.tasks import Task
+
+log = logging.getLogger(__name__)
 
 
 def distill_loss(task: Task, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -59,6 +62,9 @@ class Sandwich(TrainingStrategy):
         for key, value in (("train_min", train_min), ("inplace_distill", inplace_distill), ("cikd", cikd)):
             check_bool(f"strategy.{key}", value)
         self.num_random, self.train_min = num_random, train_min
+        if len(model.width_set) < 2:  # the smallest and random widths are the full one: each step trains it again
+            log.warning("strategy 'sandwich' with the width set %s: every sub-network is the full one (no width to "
+                        "switch to); give backbone.widths at least two entries", list(model.width_set))
         check_number("strategy.cikd_weight", cikd_weight)
         # weight 0 is CI-KD off: no projections, so gradient clipping sees the same parameter list as
         # ``cikd=false`` (zero gradients of idle projections change its float rounding)
