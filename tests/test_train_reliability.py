@@ -41,17 +41,25 @@ def test_an_in_process_run_refuses_a_sweep(tmp_path, override):
     assert not (tmp_path / "r").exists()
 
 
+def test_choosing_no_launcher_or_search_is_not_a_sweep():
+    from mtl.cli.common import check_single_job
+
+    for overrides in (["launcher=null"], ["hparams_search=null"], ["~launcher"], ["task=[depth,semseg]"],
+                      ["+merge.lam={a: 0.1, b: 0.2}"]):
+        check_single_job(overrides)
+
+
 def test_model_and_metrics_survive_a_failure_after_testing(tmp_path):
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("x")  # save_to below needs it to be a folder: the baselines update fails
     run_dir = tmp_path / "run"
     with pytest.raises(OSError):
         with marks_failure(run_dir):
-            run(FAST + ["task=[depth,classification]", f"baselines.save_to={blocker / 'b.json'}"], run_dir=run_dir)
+            run(FAST + ["task=[depth]", f"baselines.save_to={blocker / 'b.json'}"], run_dir=run_dir)  # one task: a baseline
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert set(metrics["test"]) == {"depth", "classification"}
+    assert set(metrics["test"]) == {"depth"}
     assert metrics["balancer"] == {"name": "ew"}
-    assert set(mtl.load_model(run_dir / "model").tasks) == {"depth", "classification"}
+    assert set(mtl.load_model(run_dir / "model").tasks) == {"depth"}
     assert "NotADirectoryError" in (run_dir / FAILED).read_text() or "FileExistsError" in (run_dir / FAILED).read_text()
     # a finished run's folder is never trained into again: its model and checkpoints would be mixed
     before = (run_dir / "metrics.json").read_bytes()

@@ -141,7 +141,9 @@ class _OwnOptimizer(Balancer):
             raise ValueError(f"{self.name}: lr must be > 0, got {lr}")
         self._own_buffer, self.lr, self.weight_decay, self.optimizer = buffer, float(lr), float(weight_decay), optimizer
 
-    def _own_step(self, grad: torch.Tensor) -> None:
+    def _own_step(self, grad: torch.Tensor, frozen: torch.Tensor | None = None) -> None:
+        """One step of the own optimiser; entries where ``frozen`` is True keep their value and (Adam) their
+        moments: momentum from earlier steps would otherwise move them without a gradient of their own."""
         buf = getattr(self, self._own_buffer)
         if self._opt is None or self._opt.param_groups[0]["params"][0] is not buf:
             # (re)bind after .to(device) replaced the buffer or after a checkpoint load
@@ -152,8 +154,17 @@ class _OwnOptimizer(Balancer):
                 self._opt.load_state_dict(state)
             self._pending_state = None
         buf.grad = grad.detach().to(buf)
+        keep = None
+        if frozen is not None and bool(frozen.any()):
+            state = self._opt.state.get(buf, {})
+            keep = [(t, t[frozen].clone()) for t in [buf, *(v for v in state.values() if torch.is_tensor(v)
+                                                            and v.shape == buf.shape)]]
         self._opt.step()
         buf.grad = None
+        if keep is not None:
+            with torch.no_grad():
+                for t, v in keep:
+                    t[frozen] = v
 
     def get_extra_state(self):
         return {"optimizer": self._opt.state_dict() if self._opt is not None else self._pending_state}
@@ -352,12 +363,12 @@ class FAMO(_OwnOptimizer):
         # a task with a zero loss before or after the step has no decrease to learn from: its change is set to
         # the z-weighted mean of the others', which leaves its logit where it is ((Jᵀδ)_t = z_t (δ_t − z·δ) = 0)
         live = (after != 0) & (self._live.to(after.device) if self._live is not None else True)  # NaN stays, named below
-        if not bool(live.all()):
+        if not bool(live.any()):  # nothing to learn from on this rank (the collectives below still run)
+            delta = torch.zeros_like(delta)
+        elif not bool(live.all()):
             zl = self._z.to(delta.device) * live
-            if not bool(live.any()):
-                self._before = None
-                return
             delta = torch.where(live, delta, (zl * torch.where(live, delta, torch.zeros_like(delta))).sum() / zl.sum())
+        frozen = dist_mean(live.float()) == 0  # dead on every rank: its logit and moments stay
         delta = dist_mean(delta)
         if not bool(torch.isfinite(delta).all()):
             # one inf/NaN loss (a recompute on a batch the step broke) would make the logits, hence every
@@ -370,5 +381,5 @@ class FAMO(_OwnOptimizer):
             return
         z = self._z
         jac = torch.diag(z) - torch.outer(z, z)  # ∂z/∂ξ, symmetric
-        self._own_step(jac @ delta)
+        self._own_step(jac @ delta, frozen=frozen)
         self._before = None

@@ -425,7 +425,10 @@ def check_single_job(overrides: Sequence[str]) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     for o in overrides:
-        if o.split("=", 1)[0].lstrip("+~") in ("hparams_search", "launcher", "hydra/sweeper", "hydra/launcher"):
+        key, _, value = o.partition("=")
+        if o.startswith("~") or value.strip() in ("null", ""):
+            continue  # removing the group, or choosing none: no sweep
+        if key.lstrip("+") in ("hparams_search", "launcher", "hydra/sweeper", "hydra/launcher"):
             raise ValueError(f"{o}: an in-process run is one job; sweeps and launchers run from the command line "
                              "(mtl-train -m ...)")
     try:

@@ -356,6 +356,36 @@ def test_famo_a_task_with_zero_loss_gets_no_weight_and_keeps_its_logit():
     assert torch.allclose(famo.logits, want, atol=1e-6)
 
 
+def test_famo_with_adam_keeps_a_zero_loss_tasks_logit_and_moments():
+    """Adam's momentum from earlier steps moved a dead task's logit by almost lr per step without a gradient."""
+    famo = create_balancer("famo", ["a", "b", "c"])  # adam, the default
+    live = {"a": (1.0, 0.8), "b": (1.0, 0.9), "c": (2.0, 1.0)}
+    for step in range(3):  # all live: every logit and moment moves
+        recompute = lambda tasks=None: {t: torch.tensor(v[1]) for t, v in live.items()}  # noqa: E731
+        _, ctx = fixed_losses({t: v[0] for t, v in live.items()}, step=step, recompute=recompute)
+        famo.backward(ctx)
+        famo.after_step(ctx)
+    before = famo.logits.clone()
+    moments = [v.clone() for v in famo._opt.state[famo.logits].values() if v.shape == before.shape]
+    dead = {**live, "a": (0.0, 0.0)}
+    recompute = lambda tasks=None: {t: torch.tensor(v[1]) for t, v in dead.items()}  # noqa: E731
+    _, ctx = fixed_losses({t: v[0] for t, v in dead.items()}, step=3, recompute=recompute)
+    famo.backward(ctx)
+    famo.after_step(ctx)
+    assert famo.logits[0] == before[0] and not torch.equal(famo.logits[1:], before[1:])
+    after = [v for v in famo._opt.state[famo.logits].values() if v.shape == before.shape]
+    assert len(after) == 2 and all(a[0] == m[0] for a, m in zip(after, moments))
+
+
+def test_famo_a_rank_whose_tasks_all_had_zero_loss_still_updates_nothing():
+    famo = create_balancer("famo", ["a", "b"], optimizer="sgd")
+    recompute = lambda tasks=None: {"a": torch.tensor(0.0), "b": torch.tensor(0.0)}  # noqa: E731
+    _, ctx = fixed_losses({"a": 0.0, "b": 0.0}, recompute=recompute)
+    famo.backward(ctx)
+    famo.after_step(ctx)
+    assert torch.equal(famo.logits, torch.zeros(2)) and famo.weights() == {"a": 1.0, "b": 1.0}
+
+
 def test_famo_skips_a_logit_update_from_a_non_finite_loss(caplog):
     famo = create_balancer("famo", ["a", "b"], lr=0.5, optimizer="sgd")
     broken = lambda tasks=None: {"a": torch.tensor(float("inf")), "b": torch.tensor(1.0)}  # noqa: E731
