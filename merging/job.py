@@ -243,7 +243,10 @@ def resolve_pool(cfg: DictConfig, run_dir: Path, manifest: tuple[Path, list[Path
 
 def _method(cfg: DictConfig) -> tuple[str, CliMethod, dict[str, Any]]:
     hp = OmegaConf.to_container(cfg.merge, resolve=True)
-    hp.pop("lam_grids", None)
+    grids = hp.pop("lam_grids", None)  # dare.yaml: one λ grid per base; lam_grid null takes the base's
+    if grids is not None and hp.get("lam_grid") is None:
+        base = hp.get("base") or ("ties" if hp.get("convention") == "mergekit" else "task_arithmetic")  # its default
+        hp["lam_grid"] = grids.get(base)  # an unknown base: no grid here; the method names it
     name = hp.pop("method")
     if name not in CLI_METHODS:
         raise ValueError(f"unknown merge method {name!r}; valid: {', '.join(CLI_METHODS.names())}")

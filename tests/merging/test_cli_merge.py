@@ -220,14 +220,20 @@ def test_dare_with_the_task_arithmetic_base(pool, tmp_path):
 def test_dare_searches_its_bases_lambda_grid(tmp_path):
     """dare.yaml once searched TIES's 0.4-1.2 with base=task_arithmetic too (λ·T up to 9.6 on 8 tasks)."""
     from mtl.cli.common import compose_in_process
+    from merging.job import _method
 
     def grid(*overrides):
         cfg, _ = compose_in_process("mtl.configs.merge_app", "merge", list(overrides), run_dir=tmp_path)
-        return list(cfg.merge.lam_grid)
+        return _method(cfg)[2].get("lam_grid")
 
     assert grid("merge=dare") == grid("merge=ties") == [0.4, 0.6, 0.8, 1.0, 1.2]
     assert grid("merge=dare", "merge.base=task_arithmetic") == grid("merge=task_arithmetic")
     assert grid("merge=dare", "merge.base=task_arithmetic", "merge.lam_grid=[0.2]") == [0.2]
+    assert grid("merge=dare", "merge.base=null") == grid("merge=task_arithmetic")  # the API's default base
+    assert grid("merge=consensus") == grid("merge=task_arithmetic")
+    assert grid("merge=consensus", "merge.base=ties") == grid("merge=ties")
+    with pytest.raises(ValueError, match=r"base must be one of \['task_arithmetic', 'ties'\], got 'foo'"):
+        run(["merge=dare", "merge.base=foo", "pretrained=/nope", "models=[/nope]"], run_dir=tmp_path / "foo")
 
 
 @pytest.mark.parametrize("evaluated", [True, False])
