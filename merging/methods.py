@@ -29,6 +29,7 @@ from .selection import as_threshold, keep_count, kthvalue_threshold, radix_thres
 from .sources import MergeInputError
 
 log = logging.getLogger(__name__)
+_WARNED_K: set[float] = set()
 
 __all__ = [
     "METHODS",
@@ -216,7 +217,8 @@ class Ties(MergeMethod):
     def validate(self) -> None:
         _check_lam("lam", self.hp["lam"], allow_list=False)
         keep_count(0, self.hp["k"])  # range check
-        if 0 < self.hp["k"] < 1:  # FusionBench's k and mergekit's density are fractions: 0.2 there is 20 here
+        if 0 < self.hp["k"] < 1 and self.hp["k"] not in _WARNED_K:  # FusionBench's k / mergekit's density: fractions
+            _WARNED_K.add(self.hp["k"])  # once per value: a λ grid builds the method once per candidate
             log.warning("ties: k=%g keeps %g%% of the entries (k is a percentage; for a fifth, k=20)",
                         self.hp["k"], self.hp["k"])
         if self.hp["merge_func"] not in ("mean", "sum"):

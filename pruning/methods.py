@@ -120,7 +120,7 @@ def search_ratio(graph: LayerGraph, select: Callable[[float], dict[str, list[int
 
 
 def _run(graph: LayerGraph, select: Callable[[float], dict[str, list[int]]], ratio: float | None,
-         flops_target: float | None, hi: float = 0.999, global_units: bool = False
+         flops_target: float | None, hi: float = 0.999, global_units: bool = False, rounded: bool = False
          ) -> tuple[dict[str, list[int]], dict[str, Any]]:
     if flops_target is not None:
         check_ratio("flops_target", flops_target, open_low=True)
@@ -131,9 +131,10 @@ def _run(graph: LayerGraph, select: Callable[[float], dict[str, list[int]]], rat
     removed = select(check_ratio("ratio", ratio))
     total = sum(layer.size for layer in graph.layers)
     asked, got = int(math.floor(ratio * total + 1e-9)), sum(map(len, removed.values()))
-    if global_units and got < asked:  # the per-layer cap (or rounding) stopped the ranking short: said
-        log.warning("ratio %g asks for %d of %d units; max_layer_ratio (and round_to) let %d go (%.1f%%): "
-                    "raise max_layer_ratio, or use flops_target", ratio, asked, total, got, 100 * got / total)
+    if global_units and got < asked and not rounded:  # the per-layer cap stopped the ranking short: said
+        # (round_to always removes fewer, by design: kept counts round up)
+        log.warning("ratio %g asks for %d of %d units; max_layer_ratio lets %d go (%.1f%%): raise max_layer_ratio, "
+                    "or use flops_target", ratio, asked, total, got, 100 * got / total)
     return removed, {"ratio": ratio, **({"units_removed": got, "units_asked": asked} if global_units else {})}
 
 
@@ -154,7 +155,7 @@ def l1_global(model: nn.Module, graph: LayerGraph, batches, ratio: float | None 
     scores = l1_scores(graph, model)
     check_ratio("max_layer_ratio", max_layer_ratio)
     return _run(graph, lambda r: global_threshold(graph, scores, r, max_layer_ratio, round_to), ratio, flops_target,
-                global_units=True)
+                global_units=True, rounded=bool(round_to and round_to > 1))
 
 
 @METHODS.register("taylor")
@@ -172,4 +173,4 @@ def taylor(model: nn.Module, graph: LayerGraph, batches, ratio: float | None = N
         return _run(graph, lambda r: uniform(graph, scores, r, round_to), ratio, flops_target)
     check_ratio("max_layer_ratio", max_layer_ratio)
     return _run(graph, lambda r: global_threshold(graph, scores, r, max_layer_ratio, round_to), ratio, flops_target,
-                global_units=True)
+                global_units=True, rounded=bool(round_to and round_to > 1))

@@ -212,4 +212,10 @@ def trim_to_target(graph: LayerGraph, removed: dict[str, list[int]], steps: list
             if n == 0:
                 del out[name]
                 s["kept"] = False
+    for s in worst_first:  # what a trimmed layer's remaining units remove from the final model (the pass measured more)
+        if s.get("given_back_units") and s["layer"] in out:
+            rest = {k: set(v) for k, v in out.items() if k != s["layer"]}
+            s["flops_removed"] = graph.flops_after(rest) - graph.flops_after({**rest, s["layer"]: set(out[s["layer"]])})
+    log.info("pagcp: layers and units given back down to a FLOPs reduction of %.1f%% (target %.1f%%)",
+             100 * reduction(graph, out), 100 * target)
     return out

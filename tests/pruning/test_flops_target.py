@@ -69,6 +69,10 @@ def test_pagcp_gives_back_units_until_the_target_is_just_met(target):
         assert units == removed[name][:len(units)]  # the least important units stay removed
         assert reduction(graph, {**out, name: units[:-1]}) < target, name
     assert all(s["removed"] == len(out[s["layer"]]) for s in steps if s["layer"] in out)  # the log says so
+    for s in steps:  # a layer that gave units back reports what its remaining units remove
+        if s.get("given_back_units") and s["layer"] in out:
+            rest = {k: set(v) for k, v in out.items() if k != s["layer"]}
+            assert s["flops_removed"] == graph.flops_after(rest) - graph.flops_after({**rest, s["layer"]: set(out[s["layer"]])})
 
 
 def test_a_ratio_the_layer_cap_stops_short_is_said_and_recorded(caplog):
@@ -82,6 +86,7 @@ def test_a_ratio_the_layer_cap_stops_short_is_said_and_recorded(caplog):
     caplog.clear()
     with caplog.at_level("WARNING", logger="pruning.methods"):
         pruning.prune(model, "l1_global", calib=batches, ratio=0.2)
+        pruning.prune(model, "l1_global", calib=batches, ratio=0.2, round_to=8)  # rounding removes fewer by design
     assert "asks for" not in caplog.text
 
 
