@@ -163,7 +163,7 @@ class MultiTaskModule(L.LightningModule):
         ctx = StepContext(
             losses=losses,
             shared_params=self.model.shared_parameters(),
-            anchor=last_shared_weight(self.model),
+            anchor=self._last_shared_weight(),
             task_params={t: self.model.task_parameters(t) for t in self.tasks},
             # a model without one representation all heads read (task-conditioned backbone) gives None
             features=z if getattr(self.model, "shared_representation", True) else None,
@@ -206,11 +206,19 @@ class MultiTaskModule(L.LightningModule):
 
             self.monitor.save_plot(Path(self.trainer.default_root_dir) / "balancer_weights.png")
 
+    def _last_shared_weight(self) -> nn.Parameter | None:
+        """GradNorm's W, found once (a walk over every parameter, not one per step)."""
+        if getattr(self, "_anchor", None) is None:
+            self._anchor = last_shared_weight(self.model)
+        return self._anchor
+
     def on_fit_start(self) -> None:
         from mtl.distributed import check_strategy
 
+        from mtl.strategies import STRATEGIES
+
         needed = getattr(self.model, "trains_with", None)
-        if needed and (self.strategy is None or self.hparams.get("strategy", {}).get("name") != needed):
+        if needed and not isinstance(self.strategy, STRATEGIES.get(needed)):
             family = self.model.config.get("family")
             raise ValueError(f"family {family!r} trains its widths with strategy.name={needed}; without it only the full "
                              f"width learns and the narrower widths keep their initial statistics (add "
