@@ -207,10 +207,11 @@ class MultiTaskModule(L.LightningModule):
             self.monitor.save_plot(Path(self.trainer.default_root_dir) / "balancer_weights.png")
 
     def _last_shared_weight(self) -> nn.Parameter | None:
-        """GradNorm's W, found once (a walk over every parameter, not one per step)."""
+        """GradNorm's W, found once (a walk over every parameter, not one per step). Held in a tuple: a
+        Parameter set as a module attribute would be registered, and land in checkpoints twice."""
         if getattr(self, "_anchor", None) is None:
-            self._anchor = last_shared_weight(self.model)
-        return self._anchor
+            self._anchor = (last_shared_weight(self.model),)
+        return self._anchor[0]
 
     def on_fit_start(self) -> None:
         from mtl.distributed import check_strategy
