@@ -103,9 +103,23 @@ def test_optuna_sweep_reports_the_best_trial(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep = _sweep_dir(tmp_path)
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    trials = [json.loads((sweep / str(i) / "metrics.json").read_text())["val"]["depth"]["rmse"] for i in range(3)]
+    records = [json.loads((sweep / str(i) / "metrics.json").read_text()) for i in range(3)]
+    trials = [r["val"]["depth"]["rmse"] for r in records]
     assert best["best_value"] == pytest.approx(min(trials))
+    assert [r["objective"] for r in records] == [{"optimized_metric": "val/depth/rmse", "value": v} for v in trials]
     assert set(best["best_params"]) == {"optim.lr", "balancer.lr"}
+
+
+def test_a_trials_metrics_record_the_value_it_reports(tmp_path):
+    """The sweeper's summary keeps only the best trial's value: each trial's own was nowhere."""
+    from mtl.cli.train import train_job
+
+    cfg, run_dir = compose_in_process("mtl.configs", "train", [*SMOKE, "task=[depth]", "optimized_metric=val/depth/rmse",
+                                                               "logger=none", "viz.num_samples=0"], run_dir=tmp_path / "t")
+    value = train_job(cfg, run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["objective"] == {"optimized_metric": "val/depth/rmse", "value": value}
+    assert value == metrics["val"]["depth"]["rmse"]
 
 
 def test_optunas_database_storage_works_with_the_installed_sqlalchemy(tmp_path):

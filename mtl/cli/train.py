@@ -21,10 +21,18 @@ def _main(cfg: DictConfig) -> float | None:
 
 
 def train_job(cfg: DictConfig, run_dir) -> float | None:
+    from pathlib import Path
+
+    from mtl.io import write_json
     from mtl.sweep import objective
     from mtl.train import train
 
-    return objective(cfg, train(cfg, run_dir))
+    metrics = train(cfg, run_dir)
+    value = objective(cfg, metrics)
+    if value is not None:  # each trial's value beside its metrics: the sweeper's summary keeps only the best
+        metrics["objective"] = {"optimized_metric": str(cfg.optimized_metric), "value": value}
+        write_json(Path(run_dir) / "metrics.json", metrics)
+    return value
 
 
 def main() -> None:
