@@ -219,6 +219,7 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                               "folder (to continue it: ckpt_path=<it>/checkpoints/last.ckpt into a new one)")
     if cfg.get("ckpt_path"):
         _check_checkpoint(Path(cfg.ckpt_path))
+        _warn_seed_of_resume(cfg, Path(cfg.ckpt_path))
     _check_trainer(cfg.trainer)
     check_int("seed", cfg.get("seed"), 0)  # named before training, not after it
     check_int("viz.num_samples", (cfg.get("viz") or {}).get("num_samples") or 0, 0)
@@ -381,6 +382,21 @@ def _check_checkpoint(path: Path) -> None:
     if not zipfile.is_zipfile(path):
         raise ValueError(f"ckpt_path {path}: not a Lightning checkpoint (a torch zip archive such as "
                          "<run>/checkpoints/last.ckpt); to start from a model folder's weights use init_from=<folder>")
+
+
+def _warn_seed_of_resume(cfg: DictConfig, ckpt: Path) -> None:
+    """A resume continues the random streams stored in the checkpoint: a ``seed`` other than its run's
+    (``<run>/config.yaml`` beside ``checkpoints/``) is not used, and config.yaml would record it anyway."""
+    stored = ckpt.resolve().parent.parent / "config.yaml"
+    if ckpt.parent.name != "checkpoints" or not stored.is_file():
+        return
+    try:
+        seed = OmegaConf.load(stored).get("seed")
+    except Exception:  # noqa: BLE001  (an unreadable record: nothing to compare, the resume goes on)
+        return
+    if seed is not None and seed != cfg.get("seed"):
+        log.warning("seed=%s differs from the resumed run's seed %s (%s): a resume continues the random streams "
+                    "its checkpoint holds, so this seed is not used", cfg.get("seed"), seed, stored)
 
 
 def _check_precision(cfg: DictConfig, trainer: L.Trainer) -> None:

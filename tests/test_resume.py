@@ -81,3 +81,12 @@ def test_a_resume_with_another_balancer_names_its_state(tmp_path):
                                          r"balancer\)"):
         run(BASE + ["trainer.max_epochs=2", "balancer=dwa", f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}"],
             run_dir=tmp_path / "b")
+
+
+def test_a_resume_with_another_seed_is_warned(tmp_path, caplog):
+    """seed=5 on a resume ran without a word while the checkpoint's random streams were used."""
+    first = run(BASE + ["trainer.max_epochs=1", "seed=7"], run_dir=tmp_path / "a")
+    with caplog.at_level("WARNING", logger="mtl.train"):
+        run(BASE + ["trainer.max_epochs=2", "seed=5", f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}"],
+            run_dir=tmp_path / "b")
+    assert "seed=5 differs from the resumed run's seed 7" in caplog.text
