@@ -47,7 +47,8 @@ def count_flops(model: nn.Module, x: torch.Tensor, tasks: Iterable[str] | str | 
 
 
 def model_stats(model: nn.Module, x: torch.Tensor, tasks: Iterable[str] | None = None) -> dict[str, Any]:
-    """Params, all-task FLOPs and each task's own FLOPs (``forward(x, tasks=[t])``) per sample."""
+    """Params, all-task FLOPs and each task's own FLOPs (``forward(x, tasks=[t])``) per sample; for a slimmable
+    model also ``params_active``, the parameters of its active widths (``params`` holds every width's)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model_stats takes a model (nn.Module), got {type(model).__name__}"
                         + ("; load a model folder with mtl.load_model(path) first" if isinstance(model, (str, os.PathLike)) else ""))
@@ -58,4 +59,7 @@ def model_stats(model: nn.Module, x: torch.Tensor, tasks: Iterable[str] | None =
     stats: dict[str, Any] = {"params": count_params(model), "flops_all_tasks": count_flops(model, x) // n}
     if names:
         stats["flops_per_task"] = {t: count_flops(model, x, [t]) // n for t in names}
+    if hasattr(model, "width_set") and hasattr(model, "extract_subnetwork"):
+        # params counts every stored width; the FLOPs are those of the active widths: say both
+        stats["params_active"] = count_params(model.extract_subnetwork())
     return stats

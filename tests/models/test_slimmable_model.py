@@ -439,3 +439,12 @@ def test_the_decoder_takes_the_backbones_width_set_when_it_names_none():
                                                                                if k != "widths"}, family="slimmable")
     assert model.decoder.widths == model.backbone.widths == (0.5, 1.0)
     assert model.config["decoder"]["widths"] == [0.5, 1.0]
+
+
+def test_model_stats_gives_the_parameters_of_the_active_widths_beside_every_stored_one():
+    """params counted every stored weight while the FLOPs were the active widths': the mix misled."""
+    model = slim_model()
+    model.set_widths(encoder=0.5, decoders=0.5)
+    stats = mtl.model_stats(model, torch.randint(0, 255, (1, 3, 32, 32), dtype=torch.uint8))
+    sub = mtl.extract(model)
+    assert stats["params_active"] == sum(p.numel() for p in sub.parameters()) < stats["params"]
