@@ -502,7 +502,9 @@ def _save_viz(module: MultiTaskModule, datamodule, run_dir: Path, n: int) -> Non
     batch = next(iter(datamodule.test_dataloader()))
     device = next(module.model.parameters()).device
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    save_predictions(module.model, batch, run_dir / "predictions.png", num_samples=n)
+    info = getattr(datamodule, "info", None) or {}
+    names = {t: list(info[f"{t}_names"]) for t in module.tasks if isinstance(info.get(f"{t}_names"), (list, tuple))}
+    save_predictions(module.model, batch, run_dir / "predictions.png", num_samples=n, class_names=names)
 
 
 def print_summary(metrics: dict[str, Any], tasks) -> None:

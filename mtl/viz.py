@@ -31,14 +31,19 @@ def _class_colours(task, target: torch.Tensor):
     return cmap, n
 
 
-def _label(task, t: torch.Tensor) -> str:
+def _label(task, t: torch.Tensor, names: list[str] | None = None) -> str:
     if t.numel() == 1:
-        return f"{t.item():.2f}" if t.is_floating_point() else str(int(t.item()))
+        if t.is_floating_point():
+            return f"{t.item():.2f}"
+        i = int(t.item())
+        return names[i] if names and 0 <= i < len(names) else str(i)
     return np.array2string(t.float().numpy(), precision=2)
 
 
 @torch.no_grad()
-def save_predictions(model, batch: dict[str, torch.Tensor], path: str | Path, num_samples: int = 4) -> Path:
+def save_predictions(model, batch: dict[str, torch.Tensor], path: str | Path, num_samples: int = 4,
+                     class_names: dict[str, list[str]] | None = None) -> Path:
+    """``class_names``: {task: names} for image-level class ids (the data module's ``info["<task>_names"]``)."""
     from matplotlib.figure import Figure  # object-oriented: the user's pyplot backend is untouched
 
     from mtl.io import atomic_path
@@ -69,7 +74,8 @@ def save_predictions(model, batch: dict[str, torch.Tensor], path: str | Path, nu
             for k, (what, t, img) in enumerate((("pred", pred, pair[0]), ("target", target, pair[1]))):
                 ax = axes[i, 1 + 2 * j + k]
                 if img is None:
-                    ax.text(0.5, 0.5, _label(task, t), ha="center", va="center", fontsize=9)
+                    ax.text(0.5, 0.5, _label(task, t, (class_names or {}).get(task.name)), ha="center",
+                            va="center", fontsize=9)
                 elif img.ndim == 3:
                     ax.imshow(img)
                 elif classes is not None:  # one fixed colour per class; unlabelled pixels (255) masked

@@ -149,3 +149,17 @@ def test_prediction_pictures_give_each_class_one_colour_and_mask_unlabelled_pixe
     assert all(kw["vmin"] == -0.5 and kw["vmax"] == 12.5 for _, kw in maps)
     targets = [img for img, _ in maps[1::2]]
     assert all(np.ma.isMaskedArray(t) and t.mask[:4].all() and not t.mask[4:].any() for t in targets)
+
+
+def test_prediction_pictures_name_image_level_classes(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from mtl.viz import save_predictions
+
+    model = mtl.create_model([mtl.create_task("classification", num_classes=3)], backbone="test_resnet")
+    texts = []
+    monkeypatch.setattr(Axes, "text", lambda self, x, y, s, **kw: texts.append(s))
+    save_predictions(model, {"image": torch.randint(0, 255, (2, 3, 16, 16), dtype=torch.uint8),
+                             "classification": torch.tensor([0, 2])}, tmp_path / "p.png", num_samples=2,
+                     class_names={"classification": ["cube", "sphere", "cone"]})
+    assert texts[1::2] == ["cube", "cone"] and set(texts[0::2]) <= {"cube", "sphere", "cone"}
