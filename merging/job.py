@@ -241,12 +241,21 @@ def resolve_pool(cfg: DictConfig, run_dir: Path, manifest: tuple[Path, list[Path
     return ModelPool.from_folders(*_input_paths(cfg, run_dir, manifest))
 
 
+def _base_grid(base: Any) -> list[float] | None:
+    """The λ grid of a base method's own config (``configs/merge/<base>.yaml``): each grid in one place."""
+    from importlib.resources import files
+
+    f = files("mtl.configs") / "merge" / f"{base}.yaml"
+    if not isinstance(base, str) or not f.is_file():
+        return None
+    return OmegaConf.to_container(OmegaConf.create(f.read_text())).get("lam_grid")
+
+
 def _method(cfg: DictConfig) -> tuple[str, CliMethod, dict[str, Any]]:
     hp = OmegaConf.to_container(cfg.merge, resolve=True)
-    grids = hp.pop("lam_grids", None)  # dare.yaml: one λ grid per base; lam_grid null takes the base's
-    if grids is not None and hp.get("lam_grid") is None:
+    if "base" in hp and hp.get("lam_grid") is None:  # dare, consensus: the base method's own grid
         base = hp.get("base") or ("ties" if hp.get("convention") == "mergekit" else "task_arithmetic")  # its default
-        hp["lam_grid"] = grids.get(base)  # an unknown base: no grid here; the method names it
+        hp["lam_grid"] = _base_grid(base)  # an unknown base: no grid here; the method names it
     name = hp.pop("method")
     if name not in CLI_METHODS:
         raise ValueError(f"unknown merge method {name!r}; valid: {', '.join(CLI_METHODS.names())}")
