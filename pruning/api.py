@@ -109,6 +109,7 @@ OPTION_CHECKS: dict[str, tuple[Any, str]] = {
     "search_steps": (lambda v: not isinstance(v, bool) and isinstance(v, int) and v >= 0, "an int >= 0"),
     "importance": (lambda v: v in ("l1", "taylor"), "'l1' or 'taylor'"),
     "combine": (lambda v: v in ("sum", "max"), "'sum' or 'max'"),
+    "criterion": (lambda v: v in ("abs", "squared"), "'abs' or 'squared'"),
     "scope": (lambda v: v in ("global", "uniform"), "'global' or 'uniform'"),
     "ratios": (lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(_number(r) and 0 < r < 1 for r in v),
                "a non-empty list of numbers in (0, 1)"),

@@ -15,6 +15,7 @@ from torch import nn
 from pruning.graph import NORMS, Layer, LayerGraph
 
 COMBINE = ("sum", "max")
+CRITERIA = ("abs", "squared")
 
 
 def _member_scores(layer: Layer, model: nn.Module, value: Callable[[nn.Parameter], torch.Tensor | None],
@@ -64,16 +65,23 @@ def l1_scores(graph: LayerGraph, model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def taylor_scores(graph: LayerGraph, model: nn.Module, batches: list[dict[str, torch.Tensor]],
-                  combine: str = "sum") -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
-    """Multi-task first-order Taylor importance Σ_b Σ|w·∂L_t,b/∂w| per unit (Molchanov et al., CVPR 2019):
-    each calibration batch b's own gradient, the absolute products summed over the batches (averaging
-    the gradients first would let batches cancel out).
+                  combine: str = "sum", criterion: str = "abs"
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """Multi-task first-order Taylor importance per unit, from each calibration batch b's own gradient
+    (averaging the gradients first would let batches cancel out):
+
+    - ``criterion="abs"``: Σ_b Σ_s |w_s·∂L_t,b/∂w_s| over the unit's coupled weights s (the element-wise
+      form Torch-Pruning uses);
+    - ``criterion="squared"``: Σ_b (Σ_s w_s·∂L_t,b/∂w_s)², the squared first-order loss change of removing
+      the whole unit (Molchanov et al., CVPR 2019, eq. 7 with the group's weights).
 
     Computed per task t, each task's scores divided by their total over all layers (so a task with a
     large loss scale does not dominate), then combined over tasks by ``sum`` or ``max`` (``max``
     keeps every channel that any single task relies on). Returns (combined, per task)."""
     if combine not in COMBINE:
         raise ValueError(f"combine must be one of {COMBINE}, got {combine!r}")
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     per_task: dict[str, dict[str, torch.Tensor]] = {}
     was = model.training
     model.eval()  # the running statistics the pruned model will use
@@ -81,7 +89,13 @@ def taylor_scores(graph: LayerGraph, model: nn.Module, batches: list[dict[str, t
     saved = [(p.requires_grad, p.grad) for p in params]  # the caller's flags and gradients come back
     for p in params:
         p.requires_grad_(True)
-    wg = lambda p: None if p.grad is None else (p.detach() * p.grad).abs()  # noqa: E731
+    signed = criterion == "squared"  # the unit's products are summed with their signs, then squared
+
+    def wg(p: nn.Parameter) -> torch.Tensor | None:
+        if p.grad is None:
+            return None
+        v = p.detach() * p.grad
+        return v if signed else v.abs()
     try:
         for t, task in model.tasks.items():
             scores = {l.name: torch.zeros(l.size) for l in graph.layers}
@@ -89,7 +103,8 @@ def taylor_scores(graph: LayerGraph, model: nn.Module, batches: list[dict[str, t
                 model.zero_grad(set_to_none=True)
                 task.loss(model(b["image"], tasks=[t])[t], b[task.target_key]).backward()
                 for l in graph.layers:
-                    scores[l.name] += _member_scores(l, model, wg, per_member_mean=False)
+                    unit = _member_scores(l, model, wg, per_member_mean=False)
+                    scores[l.name] += unit.square() if signed else unit
             total = sum(float(s.sum()) for s in scores.values()) or 1.0
             per_task[t] = {k: v / total for k, v in scores.items()}
     finally:

@@ -161,14 +161,15 @@ def l1_global(model: nn.Module, graph: LayerGraph, batches, ratio: float | None 
 @METHODS.register("taylor")
 def taylor(model: nn.Module, graph: LayerGraph, batches, ratio: float | None = None, flops_target: float | None = None,
            combine: str = "sum", scope: str = "global", max_layer_ratio: float = MAX_LAYER_RATIO,
-           round_to: int | None = None):
-    """Multi-task Taylor importance (per-task scores combined by sum or max), global or per-layer ranking."""
+           round_to: int | None = None, criterion: str = "abs"):
+    """Multi-task Taylor importance (per-task scores combined by sum or max), global or per-layer ranking;
+    ``criterion``: ``abs`` Σ|w·g| per unit or ``squared`` (Σ w·g)² (Molchanov et al. 2019)."""
     round_to = check_round_to(round_to)
     if not batches:
         raise ValueError("taylor needs calibration batches (calib=...) to compute per-task gradients")
     if scope not in ("global", "uniform"):
         raise ValueError(f"scope must be 'global' or 'uniform', got {scope!r}")
-    scores, _ = taylor_scores(graph, model, batches, combine)
+    scores, _ = taylor_scores(graph, model, batches, combine, criterion)
     if scope == "uniform":
         return _run(graph, lambda r: uniform(graph, scores, r, round_to), ratio, flops_target)
     check_ratio("max_layer_ratio", max_layer_ratio)

@@ -101,6 +101,49 @@ def test_taylor_scores_each_batch_gradient_before_summing():
     torch.testing.assert_close(per_task["a"]["body.1"], hand / hand.sum())
 
 
+def test_taylor_squared_criterion_squares_each_batch_group_sum():
+    """Molchanov et al. (2019): a unit's score is (Σ_s w_s·g_s)² over its whole group, per batch, then
+    summed over batches; signed products inside a unit cancel (unlike Σ|w·g|)."""
+    from pruning.importance import taylor_scores
+
+    from pruning_toys import TinyMultiTask
+
+    class Dot:
+        target_key = "t"
+
+        def loss(self, out, target):
+            return (out * target).sum()
+
+    torch.manual_seed(1)
+    hidden, head = nn.Linear(4, 3, bias=False), nn.Linear(3, 1, bias=False)
+    model = TinyMultiTask(nn.Sequential(nn.Flatten(), hidden), {"a": nn.Sequential(head)}, {"a": Dot()})
+    x, t = torch.randn(5, 4, 1, 1), torch.randn(5, 1)
+    t2 = torch.randn(5, 1)
+    batches = [{"image": x, "t": t}, {"image": x, "t": t2}]
+    graph = LayerGraph(model, x)
+    _, sq = taylor_scores(graph, model, batches, criterion="squared")
+    _, ab = taylor_scores(graph, model, batches, criterion="abs")
+    w1, w2, xf = hidden.weight.detach(), head.weight.detach(), x.flatten(1)
+    hand_sq, hand_abs = torch.zeros(3), torch.zeros(3)
+    for tb in (t, t2):
+        g1, g2 = w2.T @ (tb.T @ xf), tb.T @ (xf @ w1.T)
+        hand_sq += ((w1 * g1).sum(1) + (w2 * g2).sum(0)) ** 2
+        hand_abs += (w1 * g1).abs().sum(1) + (w2 * g2).abs().sum(0)
+    torch.testing.assert_close(sq["a"]["body.1"], hand_sq / hand_sq.sum())
+    torch.testing.assert_close(ab["a"]["body.1"], hand_abs / hand_abs.sum())
+    assert not torch.allclose(sq["a"]["body.1"], ab["a"]["body.1"])
+    with pytest.raises(ValueError, match="criterion must be one of"):
+        taylor_scores(graph, model, batches, criterion="l2")
+
+
+def test_taylor_squared_criterion_prunes_through_the_public_api():
+    batches = toy_batches()
+    pruned, report = pruning.prune(toy_model(), "taylor", ratio=0.3, calib=batches, criterion="squared")
+    assert report["flops"]["after"] < report["flops"]["before"]
+    with pytest.raises(ValueError, match="criterion"):
+        pruning.prune(toy_model(), "taylor", ratio=0.3, calib=batches, criterion="cube")
+
+
 def test_slimmable_layers_are_refused_by_name_before_any_search():
     """Slimmable layers inside a plain-family model (create_model refuses that pairing; a hand-built
     model can still hold them)."""
