@@ -250,7 +250,7 @@ class DenseBenchmarkDataModule(TensorDataModule):
     @property
     def info(self) -> dict[str, Any]:
         self.setup()
-        return {"semseg_classes": self.num_classes,
+        return {"semseg_classes": self.num_classes, "semseg_ignore_index": IGNORE,
                 "image_size": list(self._data["train"].tensors["image"].shape[-2:]),
                 "targets": sorted(k for k in self._data["train"].tensors if k != "image")}
 

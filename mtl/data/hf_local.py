@@ -293,6 +293,8 @@ class HFImageDataModule(TensorDataModule):
                 labels = labels[labels != 255] if key == "semseg" else labels
                 seen = int(labels.max()) + 1 if labels.numel() else 0
                 info[name] = max(seen, getattr(self, "_declared", {}).get(key, 0))
+        if "semseg" in self.columns.values():
+            info["semseg_ignore_index"] = IGNORE
         if "regression" in self.columns.values():
             info["regression_dims"] = int(self._data["train"].tensors["regression"].shape[1])
         return info

@@ -90,3 +90,11 @@ def create_task(kind: str, **kwargs: Any) -> Task:
         valid = ", ".join(inspect.signature(cls).parameters)
         raise TypeError(f"task {kind!r}: {e}; valid arguments: {valid}") from None
     return cls(**kwargs)
+
+
+def bad_labels(target: torch.Tensor, num_classes: int, ignore_index: int) -> str:
+    """Why class ids failed a loss: the out-of-range values found (a few), in one line."""
+    t = target[target != ignore_index]
+    found = sorted({int(v) for v in t[(t < 0) | (t >= num_classes)].unique()[:5]})
+    return (f"target labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; found {found}"
+            + (" (the built-in loaders mark unlabelled pixels 255: keep ignore_index=255)" if 255 in found else ""))

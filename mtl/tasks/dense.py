@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
-from mtl.tasks.base import TASKS, Task
+from mtl.tasks.base import TASKS, Task, bad_labels
 from mtl.tasks.metrics import (
     AbsoluteRelativeError,
     Accuracy,
@@ -18,6 +18,7 @@ from mtl.tasks.metrics import (
     MeanIoU,
     MedianAngularError,
     RootMeanSquaredError,
+    ThresholdAccuracy,
     normals_valid,
 )
 
@@ -67,7 +68,10 @@ class SemSegTask(Task):
         self._check_dense(pred, target, target_dims=3)
         if not (target != self.ignore_index).any():
             return _zero_loss(pred)
-        return F.cross_entropy(pred.float(), target.long(), ignore_index=self.ignore_index)
+        try:
+            return F.cross_entropy(pred.float(), target.long(), ignore_index=self.ignore_index)
+        except (IndexError, RuntimeError) as e:  # torch's "Target 255 is out of bounds" names nothing of ours
+            raise ValueError(f"task {self.name!r}: {bad_labels(target, self.num_classes, self.ignore_index)}") from e
 
     def metrics(self) -> dict[str, Metric]:
         return {"miou": MeanIoU(self.num_classes, ignore_index=self.ignore_index),
@@ -84,15 +88,16 @@ class SemSegTask(Task):
 class DepthTask(Task):
     """Depth. Target: float32 (B, 1, H, W); pixels with target <= 0 (0 = no depth) are invalid.
 
-    ``metrics`` picks the reported metrics from ``rmse``, ``abs_err`` (mean |p − t|) and ``abs_rel``
-    (mean |p − t| / t); the first is the primary one. NYUv2/Cityscapes papers report
-    ``[abs_err, abs_rel]``, so Δm over "all"/"flat" then counts exactly those two.
+    ``metrics`` picks the reported metrics from ``rmse``, ``abs_err`` (mean |p − t|), ``abs_rel``
+    (mean |p − t| / t) and ``delta1``/``delta2``/``delta3`` (share of pixels with max(p/t, t/p) < 1.25^k);
+    the first is the primary one. NYUv2/Cityscapes papers report ``[abs_err, abs_rel]``, so Δm over
+    "all"/"flat" then counts exactly those two.
     """
 
     kind = "depth"
     directions = {"rmse": False, "abs_rel": False}
     primary = "rmse"
-    _METRICS = ("rmse", "abs_err", "abs_rel")
+    _METRICS = ("rmse", "abs_err", "abs_rel", "delta1", "delta2", "delta3")
 
     def __init__(self, metrics: list[str] | tuple[str, ...] | None = None,
                  name: str | None = None, weight: float = 1.0, target_key: str | None = None):
@@ -103,7 +108,7 @@ class DepthTask(Task):
             if not metrics or unknown or len(set(metrics)) != len(metrics):
                 raise ValueError(f"task {self.name!r}: metrics must be distinct names from "
                                  f"{', '.join(self._METRICS)}; got {metrics}")
-            self.directions = {m: False for m in metrics}  # every depth error: lower is better
+            self.directions = {m: m.startswith("delta") for m in metrics}  # errors ↓, δ shares ↑
             self.primary = metrics[0]
 
     @property
@@ -125,7 +130,8 @@ class DepthTask(Task):
     def metrics(self) -> dict[str, Metric]:
         make = {"rmse": lambda: RootMeanSquaredError(ignore_nonpositive_targets=True),
                 "abs_err": lambda: MeanAbsoluteError(ignore_nonpositive_targets=True),
-                "abs_rel": AbsoluteRelativeError}
+                "abs_rel": AbsoluteRelativeError,
+                **{f"delta{k}": (lambda k=k: ThresholdAccuracy(1.25 ** k)) for k in (1, 2, 3)}}
         return {m: make[m]() for m in self.directions}
 
     def to_config(self) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
-from mtl.tasks.base import TASKS, Task
+from mtl.tasks.base import TASKS, Task, bad_labels
 from mtl.tasks.metrics import Accuracy, MeanAbsoluteError, RootMeanSquaredError
 
 
@@ -30,6 +30,10 @@ class ClassificationTask(Task):
         self.num_classes = int(num_classes)
         self.label_smoothing = float(label_smoothing)
         self.ignore_index = int(ignore_index)
+        if 0 <= self.ignore_index < self.num_classes:  # that class's images would drop out, its predictions not
+            raise ValueError(f"task {self.name!r}: ignore_index={self.ignore_index} is one of its num_classes="
+                             f"{self.num_classes} classes [0, {self.num_classes}); the ignored label must lie outside "
+                             "them (default -100): remap the labels or drop the override")
 
     @property
     def out_channels(self) -> int:
@@ -42,8 +46,11 @@ class ClassificationTask(Task):
         valid = target != self.ignore_index
         if not valid.any():  # mean CE over zero elements would be NaN; keep the graph, add nothing
             return pred.sum() * 0.0
-        return F.cross_entropy(pred.float(), target, ignore_index=self.ignore_index,
-                               label_smoothing=self.label_smoothing)
+        try:
+            return F.cross_entropy(pred.float(), target, ignore_index=self.ignore_index,
+                                   label_smoothing=self.label_smoothing)
+        except (IndexError, RuntimeError) as e:  # torch's "Target 7 is out of bounds" names nothing of ours
+            raise ValueError(f"task {self.name!r}: {bad_labels(target, self.num_classes, self.ignore_index)}") from e
 
     def metrics(self) -> dict[str, Metric]:
         return {"accuracy": Accuracy(ignore_index=self.ignore_index)}

@@ -17,10 +17,15 @@ from torchmetrics import Metric
 _F64 = torch.float64
 
 
+NO_LABEL = -1  # a prediction whose class scores are not all finite: wrong whatever the target
+
+
 def _labels(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Class scores (N, C, ...) -> labels (N, ...); labels pass through."""
+    """Class scores (N, C, ...) -> labels (N, ...); labels pass through. Scores with a NaN or Inf
+    (a diverged model) become ``NO_LABEL``: argmax would read them as class 0 and give it credit."""
     if preds.ndim == target.ndim + 1:
-        return preds.argmax(dim=1)
+        labels = preds.argmax(dim=1)
+        return labels.masked_fill_(~torch.isfinite(preds).all(dim=1), NO_LABEL)
     if preds.shape != target.shape:
         raise ValueError(f"predictions {tuple(preds.shape)} do not match target {tuple(target.shape)}")
     return preds
@@ -85,12 +90,22 @@ class MeanIoU(_SumMetric):
         c = self.num_classes
         # rows: target class, columns: predicted class
         self.add_state("confmat", default=torch.zeros(c, c, dtype=torch.int64), dist_reduce_fx="sum")
+        # per target class: pixels whose scores were not finite (no prediction: a false negative only)
+        self.add_state("unpredicted", default=torch.zeros(c, dtype=torch.int64), dist_reduce_fx="sum")
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
         labels = _labels(preds, target)
         valid = torch.ones_like(target, dtype=torch.bool) if self.ignore_index is None \
             else target != self.ignore_index
         c = self.num_classes
+        if preds.ndim == target.ndim + 1:  # scores: NO_LABEL marks a non-finite prediction
+            none = valid & (labels == NO_LABEL)
+            if none.any():
+                missed = target[none].long()
+                if int(missed.min()) < 0 or int(missed.max()) >= c:
+                    raise ValueError(f"labels must lie in [0, {c}) or equal ignore_index={self.ignore_index}")
+                self.unpredicted += torch.bincount(missed, minlength=c)
+                valid = valid & ~none
         t, p = target[valid].long(), labels[valid].long()
         # a label ≥ c inside the flattened index would land in another class's cell, not past the end
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= c or int(p.min()) < 0 or int(p.max()) >= c):
@@ -101,7 +116,7 @@ class MeanIoU(_SumMetric):
     def compute(self) -> torch.Tensor:
         cm = self.confmat.to(_F64)
         tp = cm.diagonal()
-        union = cm.sum(0) + cm.sum(1) - tp
+        union = cm.sum(0) + cm.sum(1) + self.unpredicted.to(_F64) - tp
         present = union > 0
         if not present.any():
             return torch.tensor(float("nan"), device=cm.device)
@@ -162,6 +177,24 @@ class AbsoluteRelativeError(_ValidErrorMetric):
 
     def _error(self, preds, target):
         return (preds - target).abs() / target
+
+    def compute(self) -> torch.Tensor:
+        return _ratio(self.error_sum, self.count)
+
+
+class ThresholdAccuracy(_ValidErrorMetric):
+    """δ < thr: share of elements with t > 0 whose max(p/t, t/p) is below ``threshold`` (1.25, 1.25², 1.25³
+    in the depth literature, Eigen et al. 2014). A prediction ≤ 0 or non-finite never counts as within."""
+
+    higher_is_better = True
+
+    def __init__(self, threshold: float, **kwargs):
+        super().__init__(ignore_nonpositive_targets=True, **kwargs)
+        self.threshold = float(threshold)
+
+    def _error(self, preds, target):
+        ratio = torch.maximum(preds / target, target / preds)
+        return ((preds > 0) & (ratio < self.threshold)).to(_F64)  # NaN compares False
 
     def compute(self) -> torch.Tensor:
         return _ratio(self.error_sum, self.count)

@@ -220,3 +220,35 @@ def test_postprocess():
     n = create_task("normals").postprocess(torch.tensor([3.0, 0.0, 4.0]).view(1, 3, 1, 1))
     assert n.flatten().tolist() == pytest.approx([0.6, 0.0, 0.8])
     assert torch.equal(create_task("depth").postprocess(torch.ones(1, 1, 2, 2)), torch.ones(1, 1, 2, 2))
+
+
+def test_classification_ignore_index_must_lie_outside_the_classes():
+    """Inside [0, C) that class's images would drop out while its predictions still count against others."""
+    with pytest.raises(ValueError, match=r"ignore_index=0 is one of its num_classes=3 classes \[0, 3\)"):
+        create_task("classification", num_classes=3, ignore_index=0)
+    assert create_task("classification", num_classes=3, ignore_index=3).ignore_index == 3
+
+
+@pytest.mark.parametrize("kind, pred, target, found", [
+    ("semseg", torch.zeros(1, 3, 1, 2), torch.tensor([[[0, 255]]]), "[255]"),
+    ("classification", torch.zeros(2, 3), torch.tensor([0, 7]), "[7]"),
+])
+def test_out_of_range_labels_name_the_task_and_the_values(kind, pred, target, found):
+    task = create_task(kind, num_classes=3, ignore_index=-1)
+    with pytest.raises(ValueError, match=rf"task '{kind}': target labels must lie in \[0, 3\) or equal "
+                                         rf"ignore_index=-1; found \{found}"):
+        task.loss(pred, target)
+
+
+def test_a_task_ignore_index_other_than_the_datas_mark_is_refused_before_training():
+    from omegaconf import OmegaConf
+
+    from mtl.train import build_tasks
+
+    info = {"semseg_classes": 3, "semseg_ignore_index": 255}
+    cfg = OmegaConf.create({"task": {"semseg": {"kind": "semseg", "ignore_index": -1}}})
+    with pytest.raises(ValueError, match=r"task.semseg.ignore_index=-1 but this data marks unlabelled pixels 255"):
+        build_tasks(cfg, info)
+    cfg.task.semseg.ignore_index = 255
+    assert build_tasks(cfg, info)[0].ignore_index == 255
+    assert build_tasks(cfg, {"semseg_classes": 3})[0].num_classes == 3  # data without a mark: nothing to compare

@@ -90,7 +90,7 @@ def test_depth_abs_err_and_metric_choice():
     assert _compute(ms["abs_err"], [b1, b2]) == pytest.approx(2.0)
     assert set(ms) == {"abs_err", "abs_rel"}
     with pytest.raises(ValueError, match="metrics must be"):
-        create_task("depth", metrics=["rmse", "delta1"])
+        create_task("depth", metrics=["rmse", "delta"])
 
 
 def test_regression_mae_rmse():
@@ -223,3 +223,39 @@ def test_mean_iou_refuses_labels_outside_the_classes():
         m.update(torch.tensor([0, 1]), torch.tensor([0, 4]))
     m.update(torch.tensor([0, 2]), torch.tensor([0, 255]))  # 255 ignored
     assert m.confmat.sum() == 1
+
+
+def test_nan_scores_count_as_wrong_not_as_class_0():
+    """argmax of all-NaN logits is 0; a diverged model must not get class 0's share as credit."""
+    seg = create_task("semseg", num_classes=3).metrics()
+    logits = torch.zeros(1, 3, 2, 2)
+    logits[0, :, 0, 0] = torch.tensor([5.0, 0.0, 0.0])       # right (class 0)
+    logits[0, :, 0, 1] = torch.tensor([float("nan"), 0, 0])  # no prediction for a class-0 pixel
+    logits[0, :, 1, 0] = torch.tensor([0.0, 5.0, 0.0])       # right (class 1)
+    logits[0, :, 1, 1] = torch.tensor([0.0, float("inf"), 0])  # no prediction for a class-2 pixel
+    target = torch.tensor([[[0, 0], [1, 2]]])
+    for m in seg.values():
+        m.update(logits, target)
+    # class 0: TP 1, FN 1 -> 1/2; class 1: TP 1 -> 1; class 2: FN 1 -> 0; mean 0.5. Pixel accuracy 2/4.
+    assert seg["miou"].compute().item() == pytest.approx(0.5)
+    assert seg["pixel_acc"].compute().item() == pytest.approx(0.5)
+    acc = create_task("classification").metrics()["accuracy"]
+    acc.update(torch.full((4, 3), float("nan")), torch.tensor([0, 0, 1, 2]))
+    assert acc.compute().item() == 0.0
+
+
+def test_depth_delta_thresholds_by_hand():
+    """δ_k: share of valid pixels with max(p/t, t/p) < 1.25^k; p ≤ 0 or NaN never within."""
+    task = create_task("depth", metrics=["delta1", "delta2", "delta3", "rmse"])
+    assert task.directions == {"delta1": True, "delta2": True, "delta3": True, "rmse": False}
+    m = task.metrics()
+    t = torch.tensor([1.0, 1.0, 1.0, 1.0, 2.0, 0.0]).view(1, 1, 2, 3)    # last pixel invalid
+    p = torch.tensor([1.2, 1.5, 1.9, -1.0, float("nan"), 5.0]).view(1, 1, 2, 3)
+    for metric in m.values():
+        metric.update(p, t)
+    # ratios 1.2, 1.5, 1.9, (p<0), (NaN): δ1 1/5, δ2 (1.5625) 2/5, δ3 (1.953) 3/5
+    assert m["delta1"].compute().item() == pytest.approx(1 / 5)
+    assert m["delta2"].compute().item() == pytest.approx(2 / 5)
+    assert m["delta3"].compute().item() == pytest.approx(3 / 5)
+    with pytest.raises(ValueError, match="delta4"):
+        create_task("depth", metrics=["delta4"])
