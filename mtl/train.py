@@ -29,6 +29,12 @@ from mtl.tasks import create_task
 log = logging.getLogger(__name__)
 
 
+def data_info(datamodule: Any) -> dict[str, Any] | None:
+    """The data module's ``info`` (None when it has none). Not ``getattr(dm, "info", None)``: ``info`` may
+    load the data, and getattr would turn an AttributeError raised while loading into "no info"."""
+    return datamodule.info if hasattr(type(datamodule), "info") or "info" in vars(datamodule) else None
+
+
 def build_tasks(cfg: DictConfig, info: dict[str, Any] | None = None, default_classes: int | None = None):
     """Tasks from ``cfg.task``; a missing ``num_classes`` is read from the data module's ``info``
     (``<name>_classes``, ``<kind>_classes`` or ``num_classes``), so one config serves many datasets.
@@ -238,7 +244,7 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
     data_kw = OmegaConf.to_container(cfg.data, resolve=True)
     datamodule = create_datamodule(**{"name": data_kw["name"]}, **{k: v for k, v in data_kw.items() if k != "name"})
-    module = build_module(cfg, getattr(datamodule, "info", None))
+    module = build_module(cfg, data_info(datamodule))
     directions = {t: dict(task.directions) for t, task in module.tasks.items()}
     check_objective(cfg, {t: list(group) for t, group in module.val_metrics.items()}, directions)
     check_monitors(cfg, {t: list(group) for t, group in module.val_metrics.items()}, directions)
@@ -507,7 +513,7 @@ def _save_viz(module: MultiTaskModule, datamodule, run_dir: Path, n: int) -> Non
     batch = next(iter(datamodule.test_dataloader()))
     device = next(module.model.parameters()).device
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    info = getattr(datamodule, "info", None) or {}
+    info = data_info(datamodule) or {}
     names = {t: list(info[f"{t}_names"]) for t in module.tasks if isinstance(info.get(f"{t}_names"), (list, tuple))}
     save_predictions(module.model, batch, run_dir / "predictions.png", num_samples=n, class_names=names)
 

@@ -12,6 +12,7 @@ the validation split unless ``val_fraction`` carves one from train.
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from mtl.data.memory import TensorDataModule, TensorDictDataset
+
+log = logging.getLogger(__name__)
 
 IGNORE = 255  # SemSegTask's default ignore_index
 _CAST = {"semseg": torch.int64}
@@ -157,10 +160,12 @@ def _indexed_files(folder: Path) -> dict[int, Path]:
     """The ``<i>.npy`` files in ``folder`` by index, in numeric order (``0007.npy`` is index 7)."""
     files: dict[int, Path] = {}
     for p in sorted(folder.glob("*.npy")):
-        if p.stem.isascii() and p.stem.isdigit():
-            if (i := int(p.stem)) in files:
-                raise ValueError(f"{folder}: {files[i].name} and {p.name} are both index {i}; keep one")
-            files[i] = p
+        if not (p.stem.isascii() and p.stem.isdigit()):  # "2 (copy).npy", "img_3.npy": not skipped unseen
+            raise ValueError(f"{p}: not named <i>.npy with an integer index (the layout's file names); "
+                             "rename it or move it out of the folder")
+        if (i := int(p.stem)) in files:
+            raise ValueError(f"{folder}: {files[i].name} and {p.name} are both index {i}; keep one")
+        files[i] = p
     return dict(sorted(files.items()))
 
 
@@ -181,7 +186,7 @@ def read_npy_split(split_dir: Path, dirs: dict[str, str], num_classes: int, limi
             raise ValueError(f"{files[orphans[0]]} has no image ({split_dir / 'image'} has no index "
                              f"{orphans[0]}; {len(orphans)} such file(s))")
     ids = list(images)[:limit] if limit is not None else list(images)
-    samples, hw = [], None
+    samples, hw, warned, negative = [], None, False, []
     for i in ids:
         sample = {}
         for key, name in (("image", "image"), *dirs.items()):
@@ -200,7 +205,14 @@ def read_npy_split(split_dir: Path, dirs: dict[str, str], num_classes: int, limi
             elif key == "semseg":
                 sample[key] = labels_to_uint8(a, num_classes, str(f))
             else:
+                if key == "depth" and a.dtype.kind in "iu" and a.size and (a.max() > 1000) and not warned:
+                    warned = True  # millimetre PNG/npy depth read as metres: 1000x off, no error anywhere else
+                    log.warning("%s: depth stored as %s integers up to %d is used as it is; if these are "
+                                "millimetres, divide by 1000 first (depth is compared in the stored unit)",
+                                f, a.dtype, int(a.max()))
                 sample[key] = dense_to_float(a, 1 if key == "depth" else 3, str(f))
+                if key == "depth" and (sample[key] < 0).any():
+                    negative.append(f)
                 if key == "normals":
                     check_unit_normals(sample[key], str(f))
             if tuple(sample[key].shape[-2:]) != tuple(sample["image"].shape[-2:]):
@@ -209,8 +221,16 @@ def read_npy_split(split_dir: Path, dirs: dict[str, str], num_classes: int, limi
         if size is None and hw is not None and tuple(sample["image"].shape[-2:]) != hw:
             raise ValueError(f"{images[i]}: size {tuple(sample['image'].shape[-2:])} differs "
                              f"from the first image's {hw}; pass data.size to resize them all")
-        hw = hw or resolve_size(size, tuple(sample["image"].shape[-2:]))
+        own = resolve_size(size, tuple(sample["image"].shape[-2:]))
+        if hw is not None and own != hw:  # an int keeps each image's aspect: another aspect would be stretched
+            raise ValueError(f"{images[i]}: size {tuple(sample['image'].shape[-2:])} has another aspect than the "
+                             f"first image's (data.size={size} gives {own}, not {hw}); pass data.size=[H, W] to "
+                             "resize every image to one shape")
+        hw = hw or own
         samples.append(resize_sample(sample, hw))
+    if negative:  # the depth task's mask (target > 0) drops them, as 0; say so rather than train on less unseen
+        log.warning("%d depth file(s) of %s hold negative values (first: %s); they count as invalid pixels, as 0",
+                    len(negative), split_dir, negative[0])
     return stack_samples(samples)
 
 

@@ -99,30 +99,42 @@ def _read_table(f: Path) -> pa.Table:
 _WIDE_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
 
 
-def _decode_images(ds, column: str, size: tuple[int, int] | None, label: bool) -> np.ndarray:
-    """An ``Image`` column decoded with PIL (and resized to ``size`` = (H, W) when given) into one array."""
+def _decode_images(ds, column: str, size: tuple[int, int] | None, label: bool, where: str
+                   ) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """An ``Image`` column decoded with PIL into one array, and each row's size (H, W) as stored. With
+    ``size`` = (H, W) images are resized by PIL (bilinear) and labels by ``_resize`` (the pixel under each
+    output pixel's centre), so an ``Image`` label and a numeric one pick the same source pixels."""
     from PIL import Image as PILImage
 
-    out = []
+    out, sizes = [], []
     for batch in ds.select_columns([column]).iter(batch_size=256):
         for img in batch[column]:
+            if img is None:
+                raise ValueError(f"{where} has no image in row {len(out)}; every row needs one")
+            sizes.append((img.size[1], img.size[0]))  # PIL sizes are (W, H)
             if not label:  # 16-bit/32-bit/float images keep their values for _rgb_uint8 to judge: PIL's "RGB"
                 # conversion would clip 16-bit to white and truncate floats in [0, 1] to black, without a word
                 img = img.convert(("F" if img.mode == "F" else "I") if img.mode in _WIDE_MODES else "RGB")
-            if size is not None and img.size != (size[1], size[0]):  # PIL sizes are (W, H)
-                img = img.resize((size[1], size[0]), PILImage.NEAREST if label else PILImage.BILINEAR)
-            out.append(np.asarray(img))
+                if size is not None and img.size != (size[1], size[0]):
+                    img = img.resize((size[1], size[0]), PILImage.BILINEAR)
+                out.append(np.asarray(img))
+                continue
+            a = np.asarray(img)
+            if size is not None and a.shape[:2] != size:
+                t = torch.from_numpy(np.array(a))  # a writable copy
+                t = _resize(t[None, None] if a.ndim == 2 else t.permute(2, 0, 1)[None], size, nearest=True)[0]
+                a = (t[0] if a.ndim == 2 else t.permute(1, 2, 0)).numpy()
+            out.append(a)
     shapes = {a.shape for a in out}
     if len(shapes) > 1:
         raise ValueError(f"hf_local: column {column!r} has images of several sizes {sorted(shapes)[:4]}; "
                          "pass size (data.size) to resize them")
-    return np.stack(out) if out else np.zeros((0,), np.uint8)
+    return (np.stack(out) if out else np.zeros((0,), np.uint8)), sizes
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int] | None, nearest: bool) -> torch.Tensor:
     """Bilinear (antialiased) for images; for targets the pixel under each output pixel's centre
-    ("nearest-exact"; PIL's nearest for ``Image`` columns picks the same pixels when shrinking, and may
-    pick the neighbour at exact half-pixel ties when enlarging), so they stay aligned with the image."""
+    ("nearest-exact"), so they stay aligned with the image."""
     if size is None or tuple(x.shape[-2:]) == size:
         return x
     if nearest:
@@ -146,11 +158,20 @@ def _check_channels(column: str, key: str, t: torch.Tensor, channels: int) -> No
                          + (": class ids, not an RGB colour map" if key == "semseg" else ""))
 
 
-def _check_size(column: str, key: str, t: torch.Tensor, image: torch.Tensor) -> None:
-    """A dense target covers its image pixel for pixel."""
-    if tuple(t.shape[-2:]) != tuple(image.shape[-2:]):
-        raise ValueError(f"hf_local: column {column!r} ({key}) holds {tuple(t.shape[-2:])} maps for "
-                         f"{tuple(image.shape[-2:])} images; set data.size to resize both, or fix the data")
+def _check_sizes(column: str, key: str, sizes: list[tuple[int, int]], image_sizes: list[tuple[int, int]],
+                 split: str, resized: bool) -> None:
+    """A dense target covers its image, row by row as stored (checked before any resizing). Once resized
+    (data.size) a map at another resolution of the same view (e.g. half size) is fine; another shape
+    (a transposed or EXIF-rotated mask, a crop) is not: resizing would train it misaligned."""
+    for row, (got, want) in enumerate(zip(sizes, image_sizes)):
+        if got == want:
+            continue
+        same_view = abs(got[0] / want[0] - got[1] / want[1]) * max(want) <= 1  # scales agree within a pixel
+        if not (resized and same_view):
+            fix = "set data.size to resize both, or fix the data" if same_view else \
+                "its aspect differs (transposed or rotated?), so resizing cannot align them: fix the data"
+            raise ValueError(f"hf_local: column {column!r} ({key}) of split {split!r} holds a {got} map for a "
+                             f"{want} image in row {row}; {fix}")
 
 
 def _class_ids(where: str, key: str, t: torch.Tensor, classes: int | None) -> torch.Tensor:
@@ -166,6 +187,9 @@ def _class_ids(where: str, key: str, t: torch.Tensor, classes: int | None) -> to
                          "test splits); classification needs a class id in every row: drop those rows or map a "
                          "labelled split with data.splits")
     ids = t[t != IGNORE] if key == "semseg" else t
+    if key == "semseg" and classes is None and (ids > IGNORE).any():  # e.g. a 16-bit mask with 65535 as ignore
+        raise ValueError(f"{where} holds {int(ids[ids > IGNORE][0])}; semseg class ids lie in 0..254 (255 marks "
+                         "ignored pixels): remap the labels, or set data.semseg_classes to say how many there are")
     bad = (ids < 0) | (ids >= classes) if classes is not None else ids < 0
     if bad.any():
         ignored = "; −1 and 255 mark ignored pixels" if key == "semseg" else ""
@@ -244,7 +268,7 @@ class HFImageDataModule(TensorDataModule):
     """
 
     def __init__(self, path: str | os.PathLike, image_column: str = "image",
-                 columns: Mapping[str, str] | None = None, size: int | None = None,
+                 columns: Mapping[str, str] | None = None, size: int | list[int] | None = None,
                  splits: Mapping[str, str] | None = None, val_fraction: float = 0.1,
                  test_fraction: float = 0.1, seed: int = 0, batch_size: int = 32, num_workers: int = 0,
                  augment: bool = False, semseg_classes: int | None = None,
@@ -308,32 +332,39 @@ class HFImageDataModule(TensorDataModule):
                            f"columns: {', '.join(ds.column_names)}")
         table = ds.data.table
 
-        def raw(column: str, label: bool) -> np.ndarray:
+        def raw(column: str, label: bool, where: str) -> tuple[np.ndarray, list[tuple[int, int]] | None]:
+            """The column as one array, and each row's (H, W) as stored for ``Image`` columns (else None)."""
             if isinstance(ds.features[column], Image) or _encoded_image(table.schema.field(column).type):
-                return _decode_images(ds.cast_column(column, Image()), column, self.size, label)
+                return _decode_images(ds.cast_column(column, Image()), column, self.size, label, where)
             try:
                 a = arrow_to_numpy(table.column(column))
             except ValueError as e:
                 raise ValueError(f"hf_local: column {column!r} of {str(self.path)!r}: {e}") from None
             if a.dtype.kind not in "biuf":
+                example = repr(a.ravel()[0]) if a.size else "None"
+                example = example if len(example) <= 40 else example[:40] + "..."  # encoded bytes: not the whole file
                 raise ValueError(f"hf_local: column {column!r} of split {split!r} holds {a.dtype} values "
-                                 f"(e.g. {a.ravel()[0] if a.size else None!r}), not numbers")
-            return a
+                                 f"(e.g. {example}), not numbers")
+            return a, None
 
-        img = _rgb_uint8(raw(self.image_column, label=False), f"hf_local: image column {self.image_column!r} of split {split!r}")
+        where_img = f"hf_local: image column {self.image_column!r} of split {split!r}"
+        img, image_sizes = raw(self.image_column, False, where_img)
+        img = _rgb_uint8(img, where_img)
+        image_sizes = image_sizes or [tuple(img.shape[-2:])] * len(img)
         # np.require(..., "W"): arrow buffers are read-only, which torch.from_numpy warns about
         image = _resize(torch.from_numpy(np.require(img, requirements=["C", "W"])), self.size, nearest=False)
         out = {"image": image}
         for column, key in self.columns.items():
-            a = raw(column, label=True)
             where = f"hf_local: column {column!r} ({key}) of split {split!r}"
+            a, sizes = raw(column, True, where)
             integer = np.issubdtype(a.dtype, np.integer) or a.dtype == bool
             if key in _DENSE_KEYS:
                 ch = _DENSE_KEYS[key]
                 t = torch.from_numpy(np.require(_channels_first(a, max(ch, 1)), requirements=["C", "W"]))
                 _check_channels(column, key, t, ch)
+                _check_sizes(column, key, sizes or [tuple(t.shape[-2:])] * len(t), image_sizes, split,
+                             self.size is not None)
                 t = _resize(t, self.size, nearest=True)
-                _check_size(column, key, t, image)
                 if key == "semseg":
                     out[key] = _class_ids(where, key, t[:, 0] if t.ndim == 4 else t, self._classes["semseg_classes"])
                 elif key == "normals" and t.dtype == torch.uint8:

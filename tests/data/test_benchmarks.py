@@ -160,6 +160,8 @@ def test_bad_root_and_layout_name_the_expected_path(tmp_path):
     (lambda r: np.save(r / "train" / "image" / "1.npy",  # NaN would cast to black
                        np.where(np.eye(H, W, dtype=bool)[..., None], np.nan, np.full((H, W, 3), 0.5, np.float32))),
      r"train/image/1\.npy: image holds NaN or infinite values; expected floats in \[0, 1\]"),
+    (lambda r: np.save(r / "train" / "image" / "2 (copy).npy", np.zeros((H, W, 3), np.float32)),  # not skipped unseen
+     r"train/image/2 \(copy\)\.npy: not named <i>\.npy with an integer index"),
 ])
 def test_bad_files_are_named_not_silently_mended(tmp_path, damage, match):
     """Stored at another size (resized with a distorted aspect), 0-255 floats (clipped to white),
@@ -313,3 +315,32 @@ def test_in_process_smoke_training_and_bad_root(tmp_path):
     assert set(metrics["test"]["normals"]) == {"mean_angle", "median_angle", "pct_11_25", "pct_22_5", "pct_30"}
     with pytest.raises(FileNotFoundError, match=r"nowhere.*train/image"):
         run(["experiment=cityscapes", f"data.root={tmp_path / 'nowhere'}", *tiny], run_dir=tmp_path / "r2")
+
+
+def test_an_int_size_never_stretches_an_image_of_another_aspect(tmp_path):
+    """data.size=<int> keeps each image's aspect; one stored at another aspect is named, not stretched."""
+    root = write_npy_layout(tmp_path / "nyu")
+    np.save(root / "train" / "image" / "2.npy", np.zeros((2 * H, 2 * H, 3), np.float32))
+    for sub, shape in (("label", (2 * H, 2 * H)), ("depth", (2 * H, 2 * H, 1)), ("normal", (2 * H, 2 * H, 3))):
+        a = np.zeros(shape, np.float32)
+        np.save(root / "train" / sub / "2.npy", a)
+    with pytest.raises(ValueError, match=r"train/image/2\.npy: size \(12, 12\) has another aspect than the first "
+                                         r"image's \(data.size=3 gives \(3, 3\), not \(3, 4\)\)"):
+        create_datamodule("nyuv2", root=str(root), size=3).setup()
+    dm = create_datamodule("nyuv2", root=str(root), size=[3, 4])  # one shape for all: fine
+    dm.setup()
+    assert tuple(dm.dataset("train").tensors["image"].shape[-2:]) == (3, 4)
+
+
+def test_negative_and_millimetre_depth_are_reported(tmp_path, caplog):
+    root = write_npy_layout(tmp_path / "nyu")
+    np.save(root / "train" / "depth" / "1.npy", -np.ones((H, W, 1), np.float32))
+    np.save(root / "train" / "depth" / "0.npy", np.full((H, W), 3000, np.uint16))
+    with caplog.at_level("WARNING"):
+        dm = create_datamodule("nyuv2", root=str(root))
+        dm.setup()
+    text = caplog.text
+    assert "depth stored as uint16 integers up to 3000 is used as it is; if these are millimetres" in text
+    assert "1 depth file(s) of" in text and "hold negative values (first: " in text and "1.npy" in text
+    depth = dm.dataset("train").tensors["depth"]
+    assert float(depth[1].min()) == -1.0  # kept; the task's mask (target > 0) leaves those pixels out

@@ -162,7 +162,8 @@ def test_a_task_without_a_column_is_refused_before_training(tmp_path):
 def test_label_maps_must_match_their_images(tmp_path):
     img = np.zeros((6, 8, 8, 3), np.uint8).tolist()
     half = _save(tmp_path / "half", img=img, mask=np.zeros((6, 4, 4), np.uint8).tolist())
-    with pytest.raises(ValueError, match=r"column 'mask' \(semseg\) holds \(4, 4\) maps for \(8, 8\) images"):
+    with pytest.raises(ValueError, match=r"column 'mask' \(semseg\) of split 'train' holds a \(4, 4\) map for a "
+                                         r"\(8, 8\) image in row 0; set data.size"):
         HFImageDataModule(half, image_column="img", columns={"mask": "semseg"}).setup()
     rgb = _save(tmp_path / "rgb", img=img, mask=np.zeros((6, 8, 8, 3), np.uint8).tolist())
     with pytest.raises(ValueError, match=r"column 'mask' \(semseg\) has 3 channels.*not an RGB colour map"):
@@ -170,6 +171,28 @@ def test_label_maps_must_match_their_images(tmp_path):
     # data.size resizes both, so a smaller map is fine then
     dm = HFImageDataModule(half, image_column="img", columns={"mask": "semseg"}, size=4)
     assert dm.dataset("train").tensors["semseg"].shape[-2:] == (4, 4)
+
+
+@pytest.mark.parametrize("as_image", [False, True])
+def test_a_transposed_label_map_is_refused_even_when_resized(tmp_path, as_image):
+    """The size check runs on the maps as stored: resizing both to data.size would hide a (W, H) mask."""
+    from PIL import Image as PILImage
+
+    img = np.zeros((3, 12, 16, 3), np.uint8)
+    mask = np.zeros((3, 16, 12), np.uint8)
+    if as_image:
+        import datasets
+
+        rows = {"img": [PILImage.fromarray(a) for a in img], "mask": [PILImage.fromarray(m) for m in mask]}
+        path = tmp_path / "img_ds"
+        datasets.Dataset.from_dict(rows, features=datasets.Features(
+            {"img": datasets.Image(), "mask": datasets.Image()})).save_to_disk(str(path))
+    else:
+        path = _save(tmp_path / "arr", img=img.tolist(), mask=mask.tolist())
+    for size in (None, 8, [6, 8]):
+        with pytest.raises(ValueError, match=r"holds a \(16, 12\) map for a \(12, 16\) image in row 0; its aspect "
+                                             r"differs"):
+            HFImageDataModule(path, image_column="img", columns={"mask": "semseg"}, size=size).setup()
 
 
 def test_column_errors_name_the_column(tmp_path):
@@ -473,3 +496,56 @@ def test_a_class_label_column_gives_its_declared_class_count(tmp_path):
                       features=feats).save_to_disk(str(tmp_path / "c"))
     dm = create_datamodule("hf_local", path=str(tmp_path / "c"), columns={"label": "classification"})
     assert dm.info["classification_classes"] == 5  # not 3, the largest label seen + 1
+
+
+def _image_ds(path, images, masks):
+    import datasets
+
+    datasets.Dataset.from_dict({"img": images, "mask": masks}, features=datasets.Features(
+        {"img": datasets.Image(), "mask": datasets.Image()})).save_to_disk(str(path))
+    return path
+
+
+def test_size_h_w_and_an_image_label_column_resized_like_a_numeric_one(tmp_path):
+    """data.size=[H, W] is accepted (documented), and a PNG mask picks the same source pixels as the same
+    ids stored as numbers (both nearest-exact: PIL's nearest differs at half-pixel ties, 32 -> 10)."""
+    from PIL import Image as PILImage
+
+    ids = (np.arange(24 * 32).reshape(24, 32) % 251).astype(np.uint8)
+    img = np.zeros((6, 24, 32, 3), np.uint8)
+    png = _image_ds(tmp_path / "png", [PILImage.fromarray(a) for a in img], [PILImage.fromarray(ids)] * 6)
+    arr = _save(tmp_path / "arr", img=img.tolist(), mask=np.stack([ids] * 6).tolist())
+    got = {}
+    for name, path in (("png", png), ("arr", arr)):
+        dm = create_datamodule("hf_local", path=path, image_column="img", columns={"mask": "semseg"}, size=[10, 10],
+                               semseg_classes=251)  # through the registry's kwarg check, as the CLI
+        got[name] = dm.dataset("train").tensors["semseg"]
+    assert got["png"].shape[-2:] == (10, 10)
+    torch.testing.assert_close(got["png"], got["arr"])
+    rows = (torch.arange(10) + 0.5) * 24 / 10  # the source pixel under each output pixel's centre
+    cols = (torch.arange(10) + 0.5) * 32 / 10
+    want = torch.from_numpy(ids.astype(np.int64))[rows.long()][:, cols.long()]
+    assert torch.equal(got["png"][0], want)
+
+
+def test_missing_rows_wide_labels_and_encoded_bytes_are_named(tmp_path):
+    from PIL import Image as PILImage
+
+    from mtl.train import data_info
+
+    img = [PILImage.fromarray(np.zeros((4, 4, 3), np.uint8))] * 3
+    none_img = _image_ds(tmp_path / "none_img", [img[0], img[1], None], [PILImage.fromarray(np.zeros((4, 4), np.uint8))] * 3)
+    dm = HFImageDataModule(none_img, image_column="img", columns={"mask": "semseg"})
+    with pytest.raises(ValueError, match=r"image column 'img' of split 'train' has no image in row 2"):
+        data_info(dm)  # not swallowed into "no info" (an AttributeError inside a property would be)
+    wide = np.zeros((3, 8, 8), np.int32)
+    wide[:, 0, 0] = 65535  # a 16-bit mask's ignore mark
+    dm = HFImageDataModule(_save(tmp_path / "wide", img=np.zeros((3, 8, 8, 3), np.uint8).tolist(), mask=wide.tolist()),
+                           image_column="img", columns={"mask": "semseg"})
+    with pytest.raises(ValueError, match=r"column 'mask' \(semseg\) of split 'train' holds 65535; semseg class ids "
+                                         r"lie in 0\.\.254"):
+        dm.setup()
+    blob = _save(tmp_path / "blob", img=[b"\xff\xd8\xff" + bytes(5000)] * 2, y=[0, 1])
+    with pytest.raises(ValueError) as e:
+        HFImageDataModule(blob, image_column="img", columns={"y": "classification"}).setup()
+    assert len(str(e.value)) < 300 and "not numbers" in str(e.value)
