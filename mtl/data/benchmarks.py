@@ -282,6 +282,11 @@ class DenseBenchmarkDataModule(TensorDataModule):
         if not self.root.exists():
             raise FileNotFoundError(f"{self.benchmark}: data.root {str(self.root)!r} does not exist "
                                     f"(expected {self.root / 'train' / 'image'}/<i>.npy; see docs/data.md)")
+        raw = [d for d in ("leftImg8bit", "gtFine", "nyu_depth_v2_labeled.mat") if (self.root / d).exists()]
+        if raw and not (self.root / "train").is_dir():  # the original release, not the preprocessed one
+            raise FileNotFoundError(f"{self.benchmark}: data.root {str(self.root)!r} holds {raw[0]} (the original "
+                                    f"release) but no train/ folder; this loader reads the preprocessed npy "
+                                    f"release (<root>/{{train,val}}/image/<i>.npy; see docs/data.md)")
 
     def _load(self) -> dict[str, TensorDictDataset]:
         self._check_root()

@@ -6,7 +6,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -99,6 +99,20 @@ def _read_table(f: Path) -> pa.Table:
 _WIDE_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
 
 
+def _batches(ds, column: str, where: str):
+    """The column's rows, 256 at a time, decoded; a file an image row points to that cannot be read is named."""
+    rows = ds.select_columns([column]).iter(batch_size=256)
+    while True:
+        try:
+            yield next(rows)
+        except StopIteration:
+            return
+        except OSError as e:  # e.g. a {path} struct relative to another folder: datasets reads it from the cwd
+            name = getattr(e, "filename", None) or e
+            raise ValueError(f"{where}: cannot read the image file {name} (relative paths are read from the "
+                             f"working directory {os.getcwd()}; store the bytes or absolute paths)") from None
+
+
 def _decode_images(ds, column: str, size: tuple[int, int] | None, label: bool, where: str
                    ) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """An ``Image`` column decoded with PIL into one array, and each row's size (H, W) as stored. With
@@ -107,7 +121,7 @@ def _decode_images(ds, column: str, size: tuple[int, int] | None, label: bool, w
     from PIL import Image as PILImage
 
     out, sizes = [], []
-    for batch in ds.select_columns([column]).iter(batch_size=256):
+    for batch in _batches(ds, column, where):
         for img in batch[column]:
             if img is None:
                 raise ValueError(f"{where} has no image in row {len(out)}; every row needs one")
@@ -174,12 +188,51 @@ def _check_sizes(column: str, key: str, sizes: list[tuple[int, int]], image_size
                              f"{want} image in row {row}; {fix}")
 
 
-def _class_ids(where: str, key: str, t: torch.Tensor, classes: int | None) -> torch.Tensor:
-    """Whole class ids in 0..classes-1 as int64; semseg's −1 becomes IGNORE (255 stays ignored).
-    ``where`` names the column and split. A classification −1 (an unlabelled row) is refused."""
+def semseg_lookup(mapping: Mapping[Any, Any] | Sequence[Any] | None) -> torch.Tensor | None:
+    """``data.semseg_map`` as a lookup table raw id -> class id (IGNORE for 255 or −1; −2: not listed).
+    A list maps raw id i to its i-th entry (e.g. Cityscapes' 34 labelIds to its 19 trainIds)."""
+    if mapping is None:
+        return None
+    items = list(mapping.items()) if isinstance(mapping, Mapping) else list(enumerate(mapping)) \
+        if isinstance(mapping, Sequence) and not isinstance(mapping, (str, bytes)) else None
+    if not items:
+        raise ValueError(f"hf_local: data.semseg_map must be a non-empty {{raw id: class id}} mapping or list, got {mapping!r}")
+    whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    for raw, cls in items:
+        if not (whole(raw) and 0 <= raw <= 65535 and whole(cls) and -1 <= cls <= IGNORE):
+            raise ValueError(f"hf_local: data.semseg_map maps {raw!r} to {cls!r}; raw ids are ints in 0..65535 "
+                             f"and class ids ints in 0..254, or 255 / −1 to ignore that raw id")
+    lut = torch.full((max(r for r, _ in items) + 1,), -2, dtype=torch.int64)
+    for raw, cls in items:
+        lut[raw] = IGNORE if cls in (-1, IGNORE) else cls
+    return lut
+
+
+def _remap(where: str, t: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """Raw ids through ``lut``; raw −1 and 255 stay ignored unless the map lists 255."""
+    keep = (t == -1) | ((t == IGNORE) & (len(lut) <= IGNORE or lut[IGNORE] == -2))
+    raw = t[~keep]
+    bad = (raw < 0) | (raw >= len(lut))
+    if not bad.any():
+        bad = lut[raw] == -2
+    if bad.any():
+        raise ValueError(f"{where} holds raw id {int(raw[bad][0])}, which data.semseg_map does not list; "
+                         "list every raw id (map it to 255 to ignore it)")
+    out = torch.full_like(t, IGNORE)
+    out[~keep] = lut[raw]
+    return out
+
+
+def _class_ids(where: str, key: str, t: torch.Tensor, classes: int | None,
+               lut: torch.Tensor | None = None) -> torch.Tensor:
+    """Whole class ids in 0..classes-1 as int64; semseg's −1 becomes IGNORE (255 stays ignored), after
+    ``lut`` (``semseg_lookup``) maps raw ids when given. ``where`` names the column and split. A
+    classification −1 (an unlabelled row) is refused."""
     if t.is_floating_point() and (frac := t != t.round()).any():
         raise ValueError(f"{where} holds {t[frac][0].item():g}; {key} needs whole class ids")
     t = t.to(torch.int64)
+    if lut is not None:
+        t = _remap(where, t, lut)
     if key == "semseg":
         t = torch.where(t == -1, IGNORE, t)
     elif (t == -1).any():
@@ -273,7 +326,8 @@ class HFImageDataModule(TensorDataModule):
                  test_fraction: float = 0.1, seed: int = 0, batch_size: int = 32, num_workers: int = 0,
                  augment: bool = False, semseg_classes: int | None = None,
                  classification_classes: int | None = None, n_train: int | None = None,
-                 n_val: int | None = None, n_test: int | None = None):
+                 n_val: int | None = None, n_test: int | None = None,
+                 semseg_map: dict[int, int] | list[int] | None = None):
         super().__init__(batch_size=batch_size, num_workers=num_workers, augment=augment)
         self.save_hyperparameters()
         self.path = Path(os.path.expanduser(str(path)))
@@ -299,6 +353,9 @@ class HFImageDataModule(TensorDataModule):
             if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
                 raise ValueError(f"hf_local: data.n_{split} must be an int >= 1 or null (all rows), got {n!r}")
         self._classes = {"semseg_classes": semseg_classes, "classification_classes": classification_classes}
+        self.semseg_lut = semseg_lookup(semseg_map)
+        if self.semseg_lut is not None and "semseg" not in self.columns.values():
+            raise ValueError("hf_local: data.semseg_map is set but no column maps to semseg")
 
     def source(self) -> str:
         return f"hf_local ({self.path})"
@@ -366,7 +423,8 @@ class HFImageDataModule(TensorDataModule):
                              self.size is not None)
                 t = _resize(t, self.size, nearest=True)
                 if key == "semseg":
-                    out[key] = _class_ids(where, key, t[:, 0] if t.ndim == 4 else t, self._classes["semseg_classes"])
+                    out[key] = _class_ids(where, key, t[:, 0] if t.ndim == 4 else t, self._classes["semseg_classes"],
+                                          self.semseg_lut)
                 elif key == "normals" and t.dtype == torch.uint8:
                     # the usual 8-bit PNG encoding maps [-1, 1] to 0..255; all-zero pixels stay 0 (invalid)
                     valid = (t != 0).any(dim=1, keepdim=True)

@@ -344,3 +344,11 @@ def test_negative_and_millimetre_depth_are_reported(tmp_path, caplog):
     assert "1 depth file(s) of" in text and "hold negative values (first: " in text and "1.npy" in text
     depth = dm.dataset("train").tensors["depth"]
     assert float(depth[1].min()) == -1.0  # kept; the task's mask (target > 0) leaves those pixels out
+
+
+def test_the_original_cityscapes_release_is_named_not_misread(tmp_path):
+    (tmp_path / "cs" / "leftImg8bit" / "train").mkdir(parents=True)
+    (tmp_path / "cs" / "gtFine").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"holds leftImg8bit \(the original release\) but no train/ folder; "
+                                                r"this loader reads the preprocessed npy release"):
+        create_datamodule("cityscapes", root=str(tmp_path / "cs")).setup()

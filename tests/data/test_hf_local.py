@@ -549,3 +549,50 @@ def test_missing_rows_wide_labels_and_encoded_bytes_are_named(tmp_path):
     with pytest.raises(ValueError) as e:
         HFImageDataModule(blob, image_column="img", columns={"y": "classification"}).setup()
     assert len(str(e.value)) < 300 and "not numbers" in str(e.value)
+
+
+def test_an_image_path_that_cannot_be_read_is_named(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image as PILImage
+
+    (tmp_path / "ds" / "imgs").mkdir(parents=True)
+    for i in range(4):
+        PILImage.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "ds" / "imgs" / f"{i}.png")
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    pq.write_table(pa.table({"image": pa.array([{"bytes": None, "path": f"imgs/{i}.png"} for i in range(4)], type=struct),
+                             "y": [0, 1, 0, 1]}), tmp_path / "ds" / "train.parquet")
+    monkeypatch.chdir(tmp_path)  # relative paths resolve from here, not from the dataset folder
+    with pytest.raises(ValueError, match=r"image column 'image' of split 'train': cannot read the image file "
+                                         r"imgs/0\.png \(relative paths are read from the working directory"):
+        create_datamodule("hf_local", path=tmp_path / "ds", columns={"y": "classification"}).setup()
+    monkeypatch.chdir(tmp_path / "ds")
+    dm = create_datamodule("hf_local", path=tmp_path / "ds", columns={"y": "classification"})
+    dm.setup()
+    assert dm.info["image_size"] == 8
+
+
+def test_semseg_map_turns_raw_ids_into_class_ids(tmp_path):
+    """Cityscapes-style labelIds -> trainIds: a list indexed by raw id; 255 entries and raw 255 are ignored;
+    a raw id the map does not list is named, never passed through."""
+    m = np.zeros((6, 8, 8), np.int64)
+    m[:, 0, 0], m[:, 0, 1], m[:, 2, 2] = 7, 26, 255
+    path = _save(tmp_path / "ds", img=np.zeros((6, 8, 8, 3), np.uint8).tolist(), mask=m.tolist())
+    lut = [255] * 34
+    lut[7], lut[26] = 0, 13
+    dm = create_datamodule("hf_local", path=path, image_column="img", columns={"mask": "semseg"}, semseg_map=lut)
+    dm.setup()
+    t = dm.dataset("train").tensors["semseg"][0]
+    assert t[0, 0] == 0 and t[0, 1] == 13 and t[2, 2] == 255 and t[1, 1] == 255  # raw 0 -> ignored
+    assert dm.info["semseg_classes"] == 14
+    as_dict = create_datamodule("hf_local", path=path, image_column="img", columns={"mask": "semseg"},
+                                semseg_map={0: 255, 7: 0, 26: 13})
+    as_dict.setup()
+    assert torch.equal(as_dict.dataset("train").tensors["semseg"], dm.dataset("train").tensors["semseg"])
+    with pytest.raises(ValueError, match=r"holds raw id 26, which data.semseg_map does not list"):
+        create_datamodule("hf_local", path=path, image_column="img", columns={"mask": "semseg"},
+                          semseg_map={0: 255, 7: 0}).setup()
+    with pytest.raises(ValueError, match=r"data.semseg_map maps 7 to 300"):
+        create_datamodule("hf_local", path=path, image_column="img", columns={"mask": "semseg"}, semseg_map={7: 300})
+    with pytest.raises(ValueError, match=r"data.semseg_map is set but no column maps to semseg"):
+        create_datamodule("hf_local", path=path, image_column="img", columns={"mask": "depth"}, semseg_map=lut)
