@@ -16,11 +16,13 @@ from torch import nn
 from mtl.io import is_plain_json
 
 
-def extract(model: nn.Module, *, out: str | os.PathLike | None = None, overwrite: bool = False, **kwargs: Any) -> nn.Module:
+def extract(model: nn.Module, *, out: str | os.PathLike | None = None, overwrite: bool = False,
+            run_dir: str | os.PathLike | None = None, **kwargs: Any) -> nn.Module:
     """``extract(model, task="depth", calib=batches)`` (task-routed MoE) or
     ``extract(model, widths={...})`` (slimmable: widths not named keep the model's current ones, and
     ``extract(model)`` takes the current configuration as it is). With ``out=`` the result is also saved
-    as a model folder whose meta records the full configuration used (``extract.widths``)."""
+    as a model folder whose meta records the full configuration used (``extract.widths``) and, when
+    given, the ``run_dir`` that made it (mtl-extract's run folder, which model cards name)."""
     if isinstance(model, (str, os.PathLike)):
         raise TypeError(f"extract takes a model, got the path {str(model)!r}; load it with mtl.load_model(path) "
                         "first (or run mtl-extract model=<folder>)")
@@ -41,6 +43,8 @@ def extract(model: nn.Module, *, out: str | os.PathLike | None = None, overwrite
         meta = {"extracted_from": parent.get("run_dir"), "extract": request,
                 # the training data and seed stay true of the sub-network (mtl-prune, mtl-export use the size)
                 **{k: parent[k] for k in ("data", "seed") if parent.get(k) is not None}}
+        if run_dir is not None:
+            meta["run_dir"] = str(run_dir)
         measured = {k: v for k, v in report.items() if k != "widths"}
         if measured:  # what the family measured while extracting
             meta["report"] = measured

@@ -82,12 +82,12 @@ def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         batches = calibration_batches(model, cfg, limit=1, why="widths= (one image to count FLOPs at)")
         if not getattr(model, "meta", {}).get("data"):  # the folder written next says what size its inputs are
             model.meta = {**getattr(model, "meta", {}), "data": data_config(model, cfg)}
-        sub = mtl.extract(model, out=output, overwrite=bool(cfg.overwrite), widths=widths)
+        sub = mtl.extract(model, out=output, overwrite=bool(cfg.overwrite), run_dir=run_dir, widths=widths)
         report = {"widths": sub.extraction_report["widths"], "requested_widths": widths}
     else:
         batches = calibration_batches(model, cfg)
-        sub = mtl.extract(model, out=output, overwrite=bool(cfg.overwrite), task=task, calib=batches,
-                          min_share=float(cfg.min_share))
+        sub = mtl.extract(model, out=output, overwrite=bool(cfg.overwrite), run_dir=run_dir, task=task,
+                          calib=batches, min_share=float(cfg.min_share))
         report = dict(getattr(sub, "extraction_report", {}))
     x = batches[0]["image"][:1]
     width_set = getattr(model, "width_set", None)  # a slimmable parent is measured at full width, whatever it was saved at

@@ -202,3 +202,19 @@ def read_report(out: str | os.PathLike) -> dict[str, Any]:
     return json.loads((Path(out) / REPORT).read_text())
 
 
+def image_hw(size: Any) -> tuple[int, int] | None:
+    """(H, W) of an int side or an [H, W] pair of positive ints; None for anything else."""
+    ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0  # noqa: E731
+    if ok(size):
+        return int(size), int(size)
+    if isinstance(size, (list, tuple)) and len(size) == 2 and all(ok(v) for v in size):
+        return int(size[0]), int(size[1])
+    return None
+
+
+def trained_image_size(src: "Source") -> tuple[int, int] | None:
+    """The (H, W) the model was trained at, as its folder records it: ``meta.data.size``, else
+    ``meta.image_size`` (a merge of members trained on other data at one size); None if neither."""
+    data = src.meta.get("data") or {}
+    recorded = image_hw(data.get("size")) if isinstance(data, dict) else None
+    return recorded or image_hw(src.meta.get("image_size"))

@@ -69,7 +69,9 @@ def export_folder(source: Source, out: Path, tasks: list[str]) -> dict[str, Any]
     model = keep_tasks(source.model, tasks)
     meta = dict(source.meta)
     meta["exported_from"] = str(source.folder) if source.folder else None
-    if source.metrics is not None:
+    if source.config.get("active_widths"):  # a slimmable model at chosen widths: its run's metrics are the full widths'
+        meta.pop("test", None)
+    elif source.metrics is not None:
         meta["test"] = {t: v for t, v in source.metrics.items() if t in tasks}
     save_model(model, out, meta=meta, overwrite=True)
     return {"files": ["model.safetensors", "config.json", "README.md"], "load": 'mtl.load_model("<folder>")',

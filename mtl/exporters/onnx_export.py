@@ -5,16 +5,19 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import re
+import sys
+import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from mtl.exporters.api import EXPORTERS, ExportError, Source
+from mtl.exporters.api import EXPORTERS, ExportError, Source, image_hw, trained_image_size
 
 ONNX_FILE = "model.onnx"
 INPUT_NAME = "image"
@@ -45,18 +48,16 @@ def input_size_of(src: Source, size: Any) -> tuple[int, int]:
     """Input (H, W) used to trace and verify: given (an int: a square side, or [H, W]), else the training
     data's, else the backbone's ``img_size``; never a guess (the graph's size is fixed, a wrong one is unusable)."""
     if size is not None:
-        hw = _hw(size)
+        hw = image_hw(size)
         if hw is None:
             raise ValueError(f"format.input_size must be a positive int (pixels: the side of a square input), [H, W] "
                              f"of positive ints, or null, got {size!r}")
         return hw
-    data = src.meta.get("data") or {}
-    recorded = _hw(data.get("size")) if isinstance(data, dict) else None
-    recorded = recorded or _hw(src.meta.get("image_size"))  # a merge of members trained on other data at one size
+    recorded = trained_image_size(src)
     if recorded is not None:
         return recorded
     if src.config.get("backbone", {}).get("img_size"):
-        return _hw(int(src.config["backbone"]["img_size"]))
+        return image_hw(int(src.config["backbone"]["img_size"]))
     where = f"{src.folder / 'config.json'}" if src.folder else "the model's meta"
     raise ValueError(f"format.input_size: {where} records no training image size (meta.data.size) and the "
                      "backbone has no img_size; pass input_size=<pixels> (mtl.export) or format.input_size=<pixels> (mtl-export): "
@@ -72,16 +73,6 @@ def _warn_below_stride(model: nn.Module, size: tuple[int, int]) -> None:
     shown = size[0] if size[0] == size[1] else list(size)
     log.warning("format.input_size=%s is below the backbone's output stride %d: its deepest feature map is 1×1; "
                 "the graph is exported, but predictions at this size are rarely useful", shown, max(reductions))
-
-
-def _hw(size: Any) -> tuple[int, int] | None:
-    """(H, W) of an int side or an [H, W] pair of positive ints; None for anything else."""
-    ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0  # noqa: E731
-    if ok(size):
-        return int(size), int(size)
-    if isinstance(size, (list, tuple)) and len(size) == 2 and all(ok(v) for v in size):
-        return int(size[0]), int(size[1])
-    return None
 
 
 @EXPORTERS.register("onnx")
@@ -189,9 +180,10 @@ def _trace(graph: TaskGraph, sample: torch.Tensor, path: Path, opset: int, expor
         kwargs.update(dynamo=False, dynamic_axes={INPUT_NAME: {0: "batch"}, **{t: {0: "batch"} for t in graph.task_names}})
     noise = io.StringIO()
     try:
-        # both streams: on failure the dynamo exporter prints whole FX graphs; the error says what matters
+        # both streams: on failure the dynamo exporter prints whole FX graphs, and torch's C++ side the
+        # TorchScript IR ("Torch IR graph at exception"); the error says what matters
         with warnings.catch_warnings(), contextlib.redirect_stdout(noise), contextlib.redirect_stderr(noise), \
-                torch.no_grad():
+                _quiet_fds(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(graph, (sample,), str(path), **kwargs)
     except Exception as e:
@@ -229,6 +221,26 @@ def _file_opset(path: Path) -> int | None:
 
     model = onnx.load(str(path), load_external_data=False)
     return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+@contextlib.contextmanager
+def _quiet_fds() -> Iterator[None]:
+    """File descriptors 1 and 2 sent to a scratch file: C++ code writes there, past ``sys.stdout``."""
+    try:
+        saved = [os.dup(fd) for fd in (1, 2)]
+    except OSError:  # no such descriptors (an embedded interpreter): nothing to silence
+        yield
+        return
+    sys.stdout.flush(), sys.stderr.flush()
+    with tempfile.TemporaryFile() as sink:
+        try:
+            for fd in (1, 2):
+                os.dup2(sink.fileno(), fd)
+            yield
+        finally:
+            for fd, old in zip((1, 2), saved):
+                os.dup2(old, fd)
+                os.close(old)
 
 
 def _first_line(e: BaseException) -> str:
@@ -333,7 +345,7 @@ def verify(graph: TaskGraph, path: Path, size: int | tuple[int, int], batches: S
     worst: dict[str, float] = {t: 0.0 for t in graph.task_names}
     shapes: list[tuple[int, ...]] = []
     for b in batches:
-        x = torch.randint(0, 256, (int(b), 3, *_hw(size)), dtype=torch.uint8, generator=gen)
+        x = torch.randint(0, 256, (int(b), 3, *image_hw(size)), dtype=torch.uint8, generator=gen)
         with torch.no_grad():
             ref = [r.float().numpy() for r in graph(x)]
         got = session.run(None, {INPUT_NAME: x.numpy()})

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from mtl.exporters.api import EXPORTERS, ExportError, Source
+from mtl.exporters.api import EXPORTERS, ExportError, Source, trained_image_size
 from mtl.models.backbones import INIT_ONLY
 from mtl.models.multitask import IMAGENET_MEAN, IMAGENET_STD
 
@@ -105,10 +105,8 @@ def _own_preprocessing(source: Source) -> dict[str, Any]:
 
     cfg = {"mean": short(source.config.get("mean", IMAGENET_MEAN)), "std": short(source.config.get("std", IMAGENET_STD)),
            "crop_pct": 1.0, "crop_mode": "center", "interpolation": "bilinear"}
-    size = (source.meta.get("data") or {}).get("size")
-    if isinstance(size, int) and not isinstance(size, bool):
-        size = [size, size]
-    if isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size):
+    size = trained_image_size(source)
+    if size is not None:
         cfg["input_size"] = (3, *size)
     return cfg
 

@@ -127,11 +127,14 @@ class UnexportableModel(MultiTaskModel):
 
 
 @pytest.mark.parametrize("exporter", ["torchscript", pytest.param("dynamo", marks=pytest.mark.slow)])
-def test_unsupported_operator_names_operator_and_module(tmp_path, exporter):
+def test_unsupported_operator_names_operator_and_module(tmp_path, exporter, capfd):
     base = create_model(["depth"], backbone=BACKBONES["test_resnet"], decoder={"name": "hps", "channels": 8})
     model = UnexportableModel(list(base.tasks.values()), base.config["backbone"], base.config["decoder"])
+    capfd.readouterr()
     with pytest.raises(ExportError, match=r"operator '.*i0'.*module post \(Bessel\)") as e:
         mtl.export(model, "onnx", tmp_path / "out", exporter=exporter, input_size=32)
+    out, err = capfd.readouterr()  # torch's C++ side used to print the whole IR graph to fd 1
+    assert "graph(" not in out + err and len((out + err).splitlines()) < 5, (out + err)[:500]
     assert ("format.exporter=dynamo" in str(e.value)) == (exporter == "torchscript")  # the other exporter's hint
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == []  # no temporary left behind either
@@ -175,6 +178,15 @@ def test_timm_weights_reload_in_plain_timm(tmp_path, backbone):
     data = timm.data.resolve_data_config({}, model=again)
     assert data["mean"] == pytest.approx(model.config["mean"]) and data["std"] == pytest.approx(model.config["std"])
     assert tuple(data["input_size"]) == (3, 32, 32) and data["crop_pct"] == 1.0
+
+
+def test_timm_input_size_comes_from_a_merges_image_size_too(tmp_path):
+    """A merge of members trained on other data records meta.image_size, not meta.data: timm's pipeline must
+    still resize to the trained size, not timm's default for the name (160 px for test_resnet)."""
+    model = mtl.load_model(_folder(tmp_path))
+    merged = save_model(model, tmp_path / "merged", meta={"image_size": 24})
+    report = read_report(mtl.export(merged, "timm", tmp_path / "timm"))
+    assert tuple(report["preprocessing"]["input_size"]) == (3, 24, 24)
 
 
 @pytest.fixture(scope="module")

@@ -70,3 +70,14 @@ def test_format_timm_names_the_backbone_it_cannot_write(tmp_path):
                                           r"timm model: export it with format=onnx or format=folder"):
         mtl.export(_extracted_slim(), "timm", tmp_path / "t")
     assert not (tmp_path / "t").exists()
+
+
+def test_a_slimmable_folder_at_chosen_widths_does_not_claim_its_runs_full_width_metrics(tmp_path):
+    run_metrics = {"semseg": {"miou": 0.7}, "depth": {"rmse": 0.5}, "classification": {"accuracy": 0.9}}
+    full = mtl.save_model(_slim(), tmp_path / "full", meta={"test": run_metrics})
+    model = mtl.load_model(full)
+    out = mtl.export(full, "folder", tmp_path / "as_is")
+    assert mtl.io.read_model_config(out)["meta"]["test"] == run_metrics  # full widths: the run's numbers hold
+    model.set_config({"encoder": 0.5, "decoders": {t: 0.25 for t in TASKS}})
+    out = mtl.export(model, "folder", tmp_path / "slim", tasks=["depth"])
+    assert "test" not in mtl.io.read_model_config(out)["meta"]

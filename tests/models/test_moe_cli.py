@@ -71,6 +71,7 @@ def test_extract_cli_smoke(tmp_path):
     assert report["task"] == "depth" and report["dropped_token_share_max"] == 0.0
     sub = mtl.load_model(run_dir / "model")
     assert list(sub.tasks) == ["depth"] and sub.meta["report"]["experts_kept"] == report["experts_kept"]
+    assert Path(sub.meta["run_dir"]).resolve() == run_dir.resolve()  # model cards name the extracting run
 
 
 def test_extract_cli_smoke_with_widths_trains_a_slimmable_model(tmp_path):

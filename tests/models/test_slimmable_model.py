@@ -295,8 +295,14 @@ def test_extracted_folder_keeps_the_training_data_and_seed(tmp_path):
     meta = mtl.load_model(folder).meta
     assert meta["data"] == {"name": "scenes", "size": 40} and meta["seed"] == 3 and meta["extracted_from"] == "/runs/r"
     assert "test" not in meta
+    assert "run_dir" not in meta  # no extracting run was named
     out = mtl.export(folder, "onnx", tmp_path / "onnx", exporter="torchscript", verify_batches=[1])
     assert mtl.exporters.read_report(out)["input"]["shape"] == ["batch", 3, 40, 40]
+    # the run that extracted it (mtl-extract passes its run folder) is what the model card names
+    mtl.extract(slim, out=tmp_path / "sub2", run_dir="/runs/extract", widths={"encoder": 0.5})
+    assert mtl.load_model(tmp_path / "sub2").meta["run_dir"] == "/runs/extract"
+    card = (mtl.export(tmp_path / "sub2", "folder", tmp_path / "card") / "README.md").read_text()
+    assert "Made by `mtl-extract` in `/runs/extract`" in card
     # without a recorded size (and no img_size) the export asks for one instead of guessing 224
     bare = mtl.save_model(mtl.load_model(folder), tmp_path / "bare", meta={})
     with pytest.raises(ValueError, match=r"bare/config.json records no training image size .* format.input_size="):
