@@ -3,7 +3,7 @@
     res = merging.learn("adamerging", "zoo/pre", ["zoo/mnist", "zoo/digits"], unlabeled={"mnist": batches, ...})
     res.state_dict        # merged shared weights (what merging.merge returns)
     res.coefficients      # (T,) task-wise, (tensors, T) layer-wise, (blocks, T) aTLAS
-    res.mask              # Concrete: {tensor: bool mask shared by all tasks}
+    res.mask              # Concrete: {tensor: the mask shared by all tasks, as it multiplies the task vectors}
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ __all__ = ["LEARNED_METHODS", "LearnedMerge", "check_hparams", "learn", "method_
 KEY_OPTIONS = ("include", "exclude", "task_keys", "unshared", "bn", "check_finite")
 _COMMON = dict(steps=300, lr=1e-3, seed=0, pool_limit=POOL_LIMIT, channels_last=None)
 _COEF = dict(init=0.3, clamp=False)
-_MASK = dict(temperature=0.5, initial_logits=0.0, threshold=0.5)
+_MASK = dict(temperature=0.5, initial_logits=0.0, threshold=0.5, rescale=True, final_mask="sample")
 
 #: method -> its hyperparameters and their defaults
 LEARNED_METHODS: dict[str, dict[str, Any]] = {
@@ -57,7 +57,9 @@ class LearnedMerge:
 
     `coefficients`: (T,) for task granularity, else (rows, T) with `groups` naming the rows (tensor
     or block names) and `tasks` the columns (one per fine-tuned model). Concrete with task arithmetic
-    has a single fixed λ (T,). `mask`: the thresholded shared mask, `mask_probability` σ(logits).
+    has a single fixed λ (T,). `mask`: the shared mask as it multiplies the task vectors (bool with
+    `final_mask="hard"` and `rescale=False`, else float: a Concrete draw and/or divided by its mean per
+    tensor), `mask_probability` σ(logits).
     `history`: one row per step (objective per task, callback metrics).
     """
 
@@ -84,21 +86,26 @@ class LearnedMerge:
             "steps": len(self.history),
             "objective": {"first": self.history[0]["objective"], "last": self.history[-1]["objective"]} if self.history else None,
         }
-        if self.mask is not None:
-            kept = sum(int(m.sum()) for m in self.mask.values())
+        if self.mask is not None:  # kept: entries the mask does not zero (a Concrete draw keeps them all)
+            kept = sum(int(m.count_nonzero()) for m in self.mask.values())
             total = sum(m.numel() for m in self.mask.values())
-            out["mask"] = {"kept_fraction": kept / total, "per_tensor": {k: float(m.float().mean()) for k, m in self.mask.items()}}
+            out["mask"] = {"kept_fraction": kept / total,
+                           "per_tensor": {k: float(m.count_nonzero()) / m.numel() for k, m in self.mask.items()}}
+            if self.mask_probability:
+                out["mask"]["mean_probability"] = (sum(float(p.double().sum()) for p in self.mask_probability.values())
+                                                   / sum(p.numel() for p in self.mask_probability.values()))
         return out
 
     def save(self, folder: str | Path) -> Path:
-        """coefficients.safetensors (`coefficients`, `mask/<tensor>` as uint8) + coefficients.json."""
+        """coefficients.safetensors (`coefficients`, `mask/<tensor>`: uint8 for a binary mask, else float32)
+        + coefficients.json."""
         from mtl.io import atomic_path, save_safetensors, write_json
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {"coefficients": self.coefficients.contiguous()}
         for k, m in (self.mask or {}).items():
-            tensors[f"mask/{k}"] = m.to(torch.uint8).cpu().contiguous()
+            tensors[f"mask/{k}"] = m.to(torch.uint8 if m.dtype == torch.bool else torch.float32).cpu().contiguous()
         with atomic_path(folder / "coefficients.safetensors") as tmp:
             save_safetensors(tensors, tmp)
         write_json(folder / "coefficients.json", {**self.summary(), "history": self.history})
@@ -172,7 +179,7 @@ def check_hparams(method: str, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any
         if k in hp and not _real(hp[k]):
             raise ValueError(f"{k} must be a number, got {hp[k]!r}")
     if "threshold" in hp:
-        ConcreteMask.check(hp["temperature"], hp["initial_logits"], hp["threshold"])
+        ConcreteMask.check(hp["temperature"], hp["initial_logits"], hp["threshold"], hp["rescale"], hp["final_mask"])
     if "seed" in hp and (isinstance(hp["seed"], bool) or not isinstance(hp["seed"], numbers.Integral)):
         raise ValueError(f"seed must be an int, got {hp['seed']!r}")
     if "channels_last" in hp and hp["channels_last"] is not None and not isinstance(hp["channels_last"], bool):
@@ -298,9 +305,10 @@ def _learn(method, problem, hp, pretrained, finetuned, key_options, unlabeled, l
             inner = CoefficientLearner(problem, layout, hp["init"], hp["coef_lr"], hp["clamp"], None, frozen_cols)
             coefficients = lambda: inner.coef  # noqa: E731
             group_of = layout.group_of
-        cm = ConcreteMask(problem, hp["temperature"], hp["initial_logits"], hp["lr"], hp["seed"], hp["threshold"])
+        cm = ConcreteMask(problem, hp["temperature"], hp["initial_logits"], hp["lr"], hp["seed"], hp["threshold"],
+                          hp["rescale"], hp["final_mask"])
         cm.run(objective, frozen, steps, trace, method, coefficients, inner, int(hp.get("inner_steps", 1)), progress, **cb)
-        mask, probs = cm.hard(), cm.probabilities()
+        mask, probs = cm.final(), cm.probabilities()
         fmask = {k: m.to(problem.theta0[k].dtype) for k, m in mask.items()}
         if inner is not None:
             inner.run(objective, frozen, int(hp["final_steps"]), trace, f"{method} (λ on the final mask)",

@@ -47,7 +47,7 @@ def kw(model):
 def test_zero_steps_is_task_arithmetic_at_the_initial_lambda():
     model, pre, fts, data = toys()
     for method in ("adamerging", "atlas", "concrete_adamerging"):
-        extra = {"final_steps": 0} if method == "concrete_adamerging" else {}
+        extra = {"final_steps": 0, "final_mask": "hard"} if method == "concrete_adamerging" else {}
         res = merging.learn(method, pre, fts, unlabeled=data, steps=0, **extra, **kw(model))
         for k in pre:
             if method == "concrete_adamerging":  # logits 0 → σ = 0.5, not > 0.5: the thresholded mask is empty
@@ -172,7 +172,8 @@ def test_concrete_masks_relaxed_in_unit_interval_then_binary():
         for v in m.values():
             assert v.min() >= 0 and v.max() <= 1 and v.requires_grad
             assert 0 < float(v.mean()) < 1
-    r = merging.learn("concrete_ta", pre, fts, unlabeled=data, steps=10, lr=0.1, lam=0.4, **kw(model))
+    r = merging.learn("concrete_ta", pre, fts, unlabeled=data, steps=10, lr=0.1, lam=0.4, final_mask="hard",
+                      rescale=False, **kw(model))  # the thresholded, unscaled mask (not the default)
     assert set(r.mask) == set(pre)
     for k, m in r.mask.items():
         assert m.dtype == torch.bool

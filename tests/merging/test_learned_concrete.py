@@ -1,0 +1,101 @@
+"""Concrete subspace merging as the authors' code builds it: masks rescaled by their mean, a sampled final mask."""
+import math
+
+import pytest
+import torch
+
+import merging
+from test_learned import T, kw, toys
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/merging/conftest.py
+
+
+def _theta(pre, fts, lam, mask):
+    return {k: pre[k] + lam * sum(mask[k] * (f[k] - pre[k]) for f in fts) for k in pre}
+
+
+def _entropy_sum(model, theta, data):
+    """Σ_t mean entropy of softmax(head_t(tanh(body(x; θ)))) on each task's first batch, written out."""
+    total = 0.0
+    for i in range(T):
+        x = data[f"t{i}"][0]
+        h = torch.tanh(x @ theta["body.0.weight"].T + theta["body.0.bias"])
+        z = torch.tanh(h @ theta["body.2.weight"].T + theta["body.2.bias"])
+        p = torch.softmax(model.heads[f"t{i}"](z), dim=1)
+        total += float(-(p * p.log()).sum(1).mean())
+    return total
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+def test_each_step_merges_with_the_mask_divided_by_its_mean(rescale):
+    """Step 1's objective is the entropy of θ0 + λ Σ_t (m / mean(m)) ⊙ τ_t, m the step's Concrete draw
+    σ((s + log u − log(1 − u)) / temperature) per tensor (u from a generator seeded with `seed`, logits 0)."""
+    model, pre, fts, data = toys(dtype=torch.float64)
+    r = merging.learn("concrete_ta", pre, fts, unlabeled=data, steps=1, lam=0.3, temperature=0.5, seed=7,
+                      rescale=rescale, **kw(model))
+    gen = torch.Generator().manual_seed(7)
+    mask = {}
+    for k in r.mask_probability:  # the logits' order: one draw per tensor in that order
+        u = torch.rand(pre[k].shape, generator=gen, dtype=torch.float64).clamp_(1e-6, 1 - 1e-6)
+        m = torch.sigmoid((torch.log(u) - torch.log1p(-u)) / 0.5)
+        mask[k] = m / m.mean() if rescale else m
+    with torch.no_grad():
+        want = _entropy_sum(model, _theta(pre, fts, 0.3, mask), data)
+    assert math.isclose(r.history[0]["objective"], want, rel_tol=1e-9)
+
+
+def test_hard_final_mask_rescaled_by_hand():
+    """final_mask=hard with rescale: merged = θ0 + λ Σ_t (m / mean(m)) ⊙ τ_t, m = 1[σ(s) > threshold]."""
+    model, pre, fts, data = toys()
+    r = merging.learn("concrete_ta", pre, fts, unlabeled=data, steps=10, lr=0.1, lam=0.4, final_mask="hard",
+                      **kw(model))
+    m = {k: (p > 0.5).float() for k, p in r.mask_probability.items()}
+    assert all(0 < float(v.mean()) < 1 for v in m.values())  # the case rescaling changes
+    scaled = {k: v / v.mean() for k, v in m.items()}
+    for k, want in _theta(pre, fts, 0.4, scaled).items():
+        torch.testing.assert_close(r.state_dict[k], want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(r.mask[k], scaled[k])
+
+
+def test_sampled_final_mask_has_unit_mean_and_is_what_the_result_applies():
+    model, pre, fts, data = toys()
+    r = merging.learn("concrete_ta", pre, fts, unlabeled=data, steps=3, lr=0.1, lam=0.3, **kw(model))
+    assert r.hparams["final_mask"] == "sample" and r.hparams["rescale"] is True
+    for k, m in r.mask.items():
+        assert m.dtype == torch.float32 and bool((m > 0).all())  # a Concrete draw: no entry is exactly 0
+        assert math.isclose(float(m.double().mean()), 1.0, rel_tol=1e-5)
+    for k, want in _theta(pre, fts, 0.3, r.mask).items():
+        torch.testing.assert_close(r.state_dict[k], want, rtol=1e-6, atol=1e-6)
+
+
+def test_bernoulli_final_mask_is_binary_before_rescaling():
+    model, pre, fts, data = toys()
+    r = merging.learn("concrete_ta", pre, fts, unlabeled=data, steps=2, lr=0.1, final_mask="bernoulli",
+                      rescale=False, **kw(model))
+    assert all(set(m.unique().tolist()) <= {0.0, 1.0} for m in r.mask.values())
+
+
+def test_the_final_draw_is_seeded_and_evaluating_it_changes_nothing():
+    """The final mask has its own seeded stream: the same seed gives the same mask, and a callback that
+    evaluates the final mask every step neither changes the learning nor sees another mask at the end."""
+    model, pre, fts, data = toys()
+    seen = {}
+
+    def callback(step, state):
+        seen[step] = {k: state[k].clone() for k in pre}
+
+    a = merging.learn("concrete_ta", pre, fts, unlabeled=data, steps=3, lr=0.1, seed=4, **kw(model))
+    b = merging.learn("concrete_ta", pre, fts, unlabeled=data, steps=3, lr=0.1, seed=4, callback=callback,
+                      callback_every=1, **kw(model))
+    for k in pre:
+        assert torch.equal(a.state_dict[k], b.state_dict[k]) and torch.equal(a.mask[k], b.mask[k])
+        assert torch.equal(seen[3][k], b.state_dict[k])
+    c = merging.learn("concrete_ta", pre, fts, unlabeled=data, steps=3, lr=0.1, seed=5, **kw(model))
+    assert not torch.equal(a.mask["body.0.weight"], c.mask["body.0.weight"])
+
+
+@pytest.mark.parametrize("bad,match", [({"rescale": "false"}, "rescale must be true or false, got 'false'"),
+                                       ({"final_mask": "soft"}, "unknown final_mask 'soft'; valid: sample, bernoulli, hard")])
+def test_bad_mask_options_are_named(bad, match):
+    with pytest.raises(ValueError, match=match):
+        merging.learned.check_hparams("concrete_ta", bad)
