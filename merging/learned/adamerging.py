@@ -69,7 +69,7 @@ class CoefficientLearner:
             raise ValueError(f"lr must be positive and finite, got {lr}")
         if clamp and not 0 <= init <= 1:  # entries not learned would stay outside the range the others are held to
             raise ValueError(f"init must be in [0, 1] with clamp=true, got {init}")
-        self.problem, self.layout, self.clamp = problem, layout, bool(clamp)
+        self.problem, self.layout, self.clamp, self.init = problem, layout, bool(clamp), float(init)
         self.coef = torch.full((layout.rows, problem.T), float(init), device=problem.device, dtype=problem.coef_dtype,
                                requires_grad=True)
         keep = torch.zeros(layout.rows, problem.T, dtype=torch.bool, device=problem.device)
@@ -78,6 +78,13 @@ class CoefficientLearner:
             keep[:, frozen_cols] = False
         self.keep = keep
         self.opt = torch.optim.Adam([self.coef], lr=lr)
+
+    def reset(self, lr: float | None = None) -> None:
+        """Every coefficient back to `init`; with `lr`, a fresh Adam at that rate (else its state carries on)."""
+        with torch.no_grad():
+            self.coef.fill_(self.init)
+        if lr is not None:
+            self.opt = torch.optim.Adam([self.coef], lr=lr)
 
     def merged(self, mask: dict[str, torch.Tensor] | None = None, detach: bool = False) -> dict[str, torch.Tensor]:
         coef = self.coef.detach() if detach else self.coef

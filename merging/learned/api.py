@@ -35,13 +35,16 @@ _COMMON = dict(steps=300, lr=1e-3, seed=0, pool_limit=POOL_LIMIT, channels_last=
 _COEF = dict(init=0.3, clamp=False)
 _MASK = dict(temperature=0.5, initial_logits=0.0, threshold=0.5, rescale=True, final_mask="sample")
 
+#: Concrete AdaMerging's inner problem: λ restarted from `init` each outer step (the authors' code), or carried on
+INNER = ("reset", "continue")
+
 #: method -> its hyperparameters and their defaults
 LEARNED_METHODS: dict[str, dict[str, Any]] = {
     "adamerging": {**_COMMON, **_COEF, "granularity": "layer", "vectors": "plain", "k": 20},
     "atlas": {**_COMMON, **_COEF, "blocks": "tensor", "learn_blocks": None, "objective": "entropy"},
     "concrete_ta": {**_COMMON, **_MASK, "lam": 0.3},
     "concrete_adamerging": {**_COMMON, **_COEF, **_MASK, "granularity": "layer", "coef_lr": 1e-3,
-                            "inner_steps": 1, "final_steps": 300},
+                            "inner": "reset", "inner_lr": 1.0, "inner_steps": 1, "final_steps": 300},
 }
 
 
@@ -172,7 +175,7 @@ def check_hparams(method: str, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any
     for k in ("steps", "inner_steps", "final_steps"):
         if k in hp and (isinstance(hp[k], bool) or not isinstance(hp[k], numbers.Integral) or hp[k] < 0):
             raise ValueError(f"{k} must be an int ≥ 0, got {hp[k]!r}")
-    for k in ("lr", "coef_lr"):
+    for k in ("lr", "coef_lr", "inner_lr"):
         if k in hp and not (_real(hp[k]) and 0 < hp[k] < float("inf")):
             raise ValueError(f"{k} must be a positive, finite number, got {hp[k]!r}")
     for k in ("temperature", "initial_logits", "threshold"):
@@ -196,6 +199,8 @@ def check_hparams(method: str, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any
         raise ValueError(f"vectors must be one of {VECTORS} ('ties': AdaMerging++), got {hp['vectors']!r}")
     if "k" in hp and not (_real(hp["k"]) and 0 < hp["k"] <= 100):
         raise ValueError(f"k (the % of each task vector TIES keeps) must be in (0, 100], got {hp['k']!r}")
+    if "inner" in hp and hp["inner"] not in INNER:
+        raise ValueError(f"unknown inner {hp['inner']!r}; valid: {', '.join(INNER)}")
     if "granularity" in hp and hp["granularity"] not in ("task", "layer"):  # "block" is aTLAS's (its `blocks`)
         raise ValueError(f"unknown granularity {hp['granularity']!r}; valid: task, layer")
     if "clamp" in hp and not isinstance(hp["clamp"], bool):  # "false" would be truthy
@@ -297,20 +302,25 @@ def _learn(method, problem, hp, pretrained, finetuned, key_options, unlabeled, l
         coef = learner.values()
     else:
         if method == "concrete_ta":
-            inner = None
+            inner, reset = None, False
             lam = torch.full((1, problem.T), float(hp["lam"]), device=problem.device, dtype=problem.coef_dtype)
             coefficients = lambda: lam  # noqa: E731
             group_of = {k: 0 for k in problem.keys}
         else:
-            inner = CoefficientLearner(problem, layout, hp["init"], hp["coef_lr"], hp["clamp"], None, frozen_cols)
+            reset = hp["inner"] == "reset"
+            inner = CoefficientLearner(problem, layout, hp["init"], hp["inner_lr"] if reset else hp["coef_lr"],
+                                       hp["clamp"], None, frozen_cols)
             coefficients = lambda: inner.coef  # noqa: E731
             group_of = layout.group_of
         cm = ConcreteMask(problem, hp["temperature"], hp["initial_logits"], hp["lr"], hp["seed"], hp["threshold"],
                           hp["rescale"], hp["final_mask"])
-        cm.run(objective, frozen, steps, trace, method, coefficients, inner, int(hp.get("inner_steps", 1)), progress, **cb)
+        cm.run(objective, frozen, steps, trace, method, coefficients, inner, int(hp.get("inner_steps", 1)), progress,
+               reset_inner=reset, **cb)
         mask, probs = cm.final(), cm.probabilities()
         fmask = {k: m.to(problem.theta0[k].dtype) for k, m in mask.items()}
         if inner is not None:
+            if reset:  # the final AdaMerging starts again from init, with its own Adam at coef_lr
+                inner.reset(hp["coef_lr"])
             inner.run(objective, frozen, int(hp["final_steps"]), trace, f"{method} (λ on the final mask)",
                       progress, mask=fmask, phase="coefficients", **cb)
             coef = inner.values()

@@ -9,7 +9,10 @@ m = σ((s + log u − log(1 − u)) / temperature) lies in [0, 1] and is differe
 problem: minimise the entropy of the merged model's predictions over s. Inner problem: the merge
 given the mask — task arithmetic with a fixed λ (`concrete_ta`), or AdaMerging's λ
 (`concrete_adamerging`, first-order: each outer step is preceded by `inner_steps` λ updates on the
-same sampled mask, and after the mask is final AdaMerging runs `final_steps` more on it).
+same sampled mask, and after the mask is final AdaMerging runs `final_steps` more on it). With
+`reset_inner` (the authors' code) λ restarts from its initial value before every outer step's inner
+updates — Adam's moments carry on — so the mask's gradient is taken at one adaptation of λ from its
+start, not at λ learned over all earlier masks.
 
 As in the authors' code (FusionBench, concrete_subspace), with `rescale` every mask — each step's draw
 and the final one — is divided by its mean per tensor before it multiplies the task vectors,
@@ -113,14 +116,18 @@ class ConcreteMask:
                                          "lower lr")
 
     def run(self, objective: Objective, frozen, steps: int, trace, label: str, coefficients,
-            inner=None, inner_steps: int = 1, progress: bool = True, callback=None, callback_every: int = 0) -> None:
+            inner=None, inner_steps: int = 1, progress: bool = True, callback=None, callback_every: int = 0,
+            reset_inner: bool = False) -> None:
         """`coefficients()` gives the current (rows, T) coefficients; `inner` (a CoefficientLearner) is
-        updated `inner_steps` times per outer step on the same mask draw, with the mask held fixed."""
+        updated `inner_steps` times per outer step on the same mask draw, with the mask held fixed
+        (with `reset_inner`, from its initial value each time)."""
         bar = step_progress(label, steps, progress)
         for step in range(1, steps + 1):
             m = self.scaled(self.sample())
             if inner is not None:
                 fixed = {k: v.detach() for k, v in m.items()}
+                if reset_inner:
+                    inner.reset()
                 for _ in range(inner_steps):
                     step_gradients(self.problem, inner.merged(fixed), objective, frozen, step)
                     inner.apply_step(step)

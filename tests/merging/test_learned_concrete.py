@@ -99,3 +99,43 @@ def test_the_final_draw_is_seeded_and_evaluating_it_changes_nothing():
 def test_bad_mask_options_are_named(bad, match):
     with pytest.raises(ValueError, match=match):
         merging.learned.check_hparams("concrete_ta", bad)
+
+
+def _lambdas(state, pre, fts):
+    """λ (T,) of a task-wise merge θ = θ0 + Σ_t λ_t τ_t under an all-ones mask, by least squares."""
+    A = torch.cat([torch.stack([(f[k] - pre[k]).reshape(-1) for f in fts], 1) for k in pre]).double()
+    b = torch.cat([(state[k] - pre[k]).reshape(-1) for k in pre]).double()
+    return torch.linalg.lstsq(A, b[:, None]).solution[:, 0]
+
+
+def _inner_run(inner, steps, final_steps, **lrs):
+    """Concrete AdaMerging with a mask that keeps everything (logits 20, thresholded, unscaled), recording
+    the λ each mask step's gradient was taken at (the callback sees the adapted λ)."""
+    model, pre, fts, data = toys(dtype=torch.float64)
+    seen = []
+    r = merging.learn("concrete_adamerging", pre, fts, unlabeled=data, steps=steps, final_steps=final_steps,
+                      granularity="task", inner=inner, **lrs, lr=1e-6, initial_logits=20.0,
+                      final_mask="hard", rescale=False, callback=lambda s, st: seen.append(_lambdas(st, pre, fts)),
+                      callback_every=1, **kw(model))
+    return r, seen[:steps]
+
+
+def test_reset_inner_adapts_lambda_from_init_each_outer_step():
+    """inner=reset: before every outer step λ is back at init (0.3), so each step's λ is ONE Adam step
+    from it — the first exactly ±inner_lr, the later ones at most ~inner_lr away (Cauchy–Schwarz bounds
+    Adam's bias-corrected step |m̂/√v̂| by 1.0068 at its 4th step) — while inner=continue accumulates them."""
+    _, reset = _inner_run("reset", 4, 0, inner_lr=0.5, coef_lr=0.01)
+    torch.testing.assert_close((reset[0] - 0.3).abs(), torch.full((T,), 0.5, dtype=torch.float64), atol=1e-4, rtol=0)
+    assert all(float((lam - 0.3).abs().max()) <= 0.5 * 1.0068 for lam in reset)
+    _, cont = _inner_run("continue", 4, 0, coef_lr=0.5)  # the same λ steps, carried on
+    assert max(float((lam - 0.3).abs().max()) for lam in cont) > 0.5 * 1.01
+
+
+def test_reset_final_adamerging_restarts_from_init_with_its_own_adam():
+    """The final AdaMerging starts again from init with a fresh Adam at coef_lr: after one step every λ
+    is 0.3 ± coef_lr (Adam's first step), whatever the mask phase reached."""
+    r, _ = _inner_run("reset", 3, 1, inner_lr=0.5, coef_lr=0.01)
+    torch.testing.assert_close((r.coefficients - 0.3).abs(), torch.full((T,), 0.01, dtype=torch.float64),
+                               atol=1e-5, rtol=0)
+    r0, _ = _inner_run("reset", 3, 0, inner_lr=0.5, coef_lr=0.01)
+    assert torch.equal(r0.coefficients, torch.full((T,), 0.3, dtype=torch.float64))
