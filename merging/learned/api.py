@@ -27,7 +27,7 @@ from .problem import VECTORS, MergeProblem, build_problem, ties_task_vectors
 
 log = logging.getLogger("merging.learned")
 
-__all__ = ["LEARNED_METHODS", "LearnedMerge", "check_hparams", "learn", "method_defaults"]
+__all__ = ["LEARNED_METHODS", "READ_ONLY_WITH", "LearnedMerge", "check_hparams", "learn", "method_defaults", "unread"]
 
 #: `merging.merge` key options a learned merge passes on (not hyperparameters)
 KEY_OPTIONS = ("include", "exclude", "task_keys", "unshared", "bn", "check_finite")
@@ -46,6 +46,15 @@ LEARNED_METHODS: dict[str, dict[str, Any]] = {
     "concrete_adamerging": {**_COMMON, **_COEF, **_MASK, "granularity": "layer", "coef_lr": 1e-3,
                             "inner": "reset", "inner_lr": 1.0, "inner_steps": 1, "final_steps": 300},
 }
+
+
+#: hyperparameter -> (the setting, its value) without which the hyperparameter is not read
+READ_ONLY_WITH = {"k": ("vectors", "ties"), "threshold": ("final_mask", "hard"), "inner_lr": ("inner", "reset")}
+
+
+def unread(hp: Mapping[str, Any]) -> list[str]:
+    """The hyperparameters in `hp` (defaults included) that its other settings leave unread."""
+    return [k for k, (on, value) in READ_ONLY_WITH.items() if k in hp and on in hp and hp[on] != value]
 
 
 def method_defaults(method: str) -> dict[str, Any]:
@@ -210,6 +219,11 @@ def check_hparams(method: str, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any
     if "blocks" in hp:
         check_blocks(hp["blocks"])
     check_patterns(hp.get("learn_blocks"))
+    idle = [k for k in unread(hp) if k in kwargs]
+    if idle:  # set but never read: the run would record a setting it did not use
+        on, value = READ_ONLY_WITH[idle[0]]
+        raise ValueError(f"{method}: {idle[0]}={kwargs[idle[0]]!r} is read only with {on}={value!r} (here {on}="
+                         f"{hp[on]!r}); remove it or set {on}={value!r}")
     return hp, key_options
 
 
@@ -333,7 +347,7 @@ def _learn(method, problem, hp, pretrained, finetuned, key_options, unlabeled, l
         probs = {k: p.cpu() for k, p in probs.items()}
 
     state = _full_state(pretrained, finetuned, merged, key_options)
-    hparams = {**hp, **_key_record(key_options, recompute)}
+    hparams = {**{k: v for k, v in hp.items() if k not in unread(hp)}, **_key_record(key_options, recompute)}
     if recompute:
         stats = bn_statistics(problem.model, pooled_batches(given), params={**frozen, **merged}, task=obj_tasks[0],
                               **objective.bn_options)

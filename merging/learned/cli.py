@@ -10,6 +10,11 @@ CLI-only keys of these methods (the rest are `merging.learn` hyperparameters):
 | `shots` | 16 | aTLAS `objective=supervised`: labelled images per class (per task for dense or regression tasks), from the train split |
 | `shots_batch` | null | aTLAS `objective=supervised`: labelled images per task per step, drawn without replacement from the shots (one shuffled pass per cycle); null: all shots every step |
 
+A key the method does not have is refused naming the valid ones; a key its other settings leave unread
+(`split`, `batch_size` with supervised aTLAS; `shots`, `shots_batch` with the entropy objective; `k`
+without `vectors=ties`; `threshold` without `final_mask=hard`; `inner_lr` with `inner=continue`) is
+dropped at its default and refused when set to anything else.
+
 With `+merge.bn=recompute`, the shared BatchNorm layers normalise with the statistics of each step's
 batches of all tasks pooled (the current merged weights'), and the final statistics are re-estimated
 on one pass over the split's images (`merging.learn(..., bn="recompute")`).
@@ -33,12 +38,14 @@ from mtl.io import is_plain_json
 
 from ..evaluation import ImageBatches
 from ..job import CLI_METHODS, MergeJob, Selection
-from .api import LEARNED_METHODS, check_hparams
+from .api import KEY_OPTIONS, LEARNED_METHODS, check_hparams, unread
 from .plots import plot_coefficients, plot_learning_curves
 
 __all__ = ["LabeledShots", "precheck_learned", "select_learned"]
 
-CLI_KEYS = {"split": "test", "batch_size": 16, "eval_every": 0, "shots": 16, "shots_batch": None}
+CLI_KEYS = {"split": "test", "batch_size": 16, "eval_every": 0}
+#: aTLAS's only: its supervised objective's labelled shots
+SHOT_KEYS = {"shots": 16, "shots_batch": None}
 
 
 class LabeledShots:
@@ -92,15 +99,33 @@ def _split_dataset(job: MergeJob, task: str, split: str):
 
 def _options(method: str, hp: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(CLI-only options, `merging.learn` keyword arguments), both checked: no model or data is needed."""
-    opts = {k: hp.get(k, v) for k, v in CLI_KEYS.items()}
-    kw = {k: v for k, v in hp.items() if k not in CLI_KEYS and v is not None}
+    cli = {**CLI_KEYS, **(SHOT_KEYS if method == "atlas" else {})}
+    defaults = LEARNED_METHODS[method]
+    unknown = sorted(set(hp) - set(defaults) - set(cli) - set(KEY_OPTIONS))
+    if unknown:
+        raise TypeError(f"merge={method}: unknown key(s) {', '.join(unknown)}; valid: {', '.join([*defaults, *cli])} "
+                        f"and the key options {', '.join(KEY_OPTIONS)}")
+    opts = {k: hp.get(k, v) for k, v in cli.items()}
     if opts["split"] not in ("val", "test"):
         raise ValueError(f"merge.split must be 'val' or 'test' (the images learned on), got {opts['split']!r}")
     for key, low in (("batch_size", 1), ("eval_every", 0), ("shots", 1)):
-        v = opts[key]
+        v = opts.get(key, low)
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise ValueError(f"merge.{key} must be an int ≥ {low}, got {v!r}")
-    _check_shots_batch(opts["shots_batch"])
+    _check_shots_batch(opts.get("shots_batch"))
+    supervised = hp.get("objective", "entropy") == "supervised"
+    idle = ("split", "batch_size") if supervised else tuple(SHOT_KEYS) if method == "atlas" else ()
+    changed = [k for k in idle if opts[k] != cli[k]]
+    if changed:  # the config carries every key: at its default an unread one is dropped, set it is refused
+        k = changed[0]
+        why = ("supervised aTLAS learns on merge.shots labelled train images, merge.shots_batch per step" if supervised
+               else "it is read only with merge.objective=supervised")
+        raise ValueError(f"merge={method}: merge.{k}={opts[k]!r} is not read with merge.objective="
+                         f"{hp.get('objective', 'entropy')} ({why}); remove it")
+    kw = {k: v for k, v in hp.items() if k not in cli and v is not None}
+    for k in unread({**defaults, **kw}):
+        if kw.get(k) == defaults[k]:
+            del kw[k]
     try:
         check_hparams(method, kw)
     except (TypeError, ValueError) as e:

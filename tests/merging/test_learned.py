@@ -338,6 +338,27 @@ def test_bad_concrete_and_step_hyperparameters_are_named(method, bad, match):
         merging.learn(method, pre, fts, unlabeled=data, **bad, **kw(model))
 
 
+@pytest.mark.parametrize("method, given, match", [
+    ("adamerging", {"k": 50}, "adamerging: k=50 is read only with vectors='ties' \\(here vectors='plain'\\)"),
+    ("adamerging", {"k": 20}, "k=20 is read only with vectors='ties'"),  # given, even at its default
+    ("concrete_ta", {"threshold": 0.7}, "threshold=0.7 is read only with final_mask='hard'"),
+    ("concrete_adamerging", {"inner": "continue", "inner_lr": 0.5}, "inner_lr=0.5 is read only with inner='reset'"),
+])
+def test_settings_that_would_not_be_read_are_refused(method, given, match):
+    with pytest.raises(ValueError, match=match):
+        merging.learned.check_hparams(method, given)
+
+
+def test_unread_defaults_are_not_recorded():
+    model, pre, fts, data = toys()
+    plain = merging.learn("adamerging", pre, fts, unlabeled=data, steps=0, **kw(model)).hparams
+    ties = merging.learn("adamerging", pre, fts, unlabeled=data, steps=0, vectors="ties", k=30, **kw(model)).hparams
+    assert "k" not in plain and ties["k"] == 30
+    concrete = merging.learn("concrete_adamerging", pre, fts, unlabeled=data, steps=0, final_steps=0, inner="continue",
+                             **kw(model)).hparams
+    assert "threshold" not in concrete and "inner_lr" not in concrete and concrete["final_mask"] == "sample"
+
+
 def test_a_mask_logit_turning_infinite_names_the_tensor_and_entry():
     from merging.learned.concrete import ConcreteMask
 

@@ -71,11 +71,23 @@ def test_bad_split_is_named(pool, tmp_path):
 @pytest.mark.parametrize("extra,match", [
     (["merge=adamerging", "merge.split=train"], "merge.split must be 'val' or 'test'"),
     (["merge=adamerging", "merge.granularity=foo"], "merge=adamerging: unknown granularity 'foo'"),
-    (["merge=adamerging", "+merge.foo=1"], "merge=adamerging: adamerging: unknown hyperparameter.*foo"),
+    (["merge=adamerging", "+merge.foo=1"], r"merge=adamerging: unknown key\(s\) foo; valid: steps, .*, split, "
+                                           "batch_size, eval_every and the key options include"),
+    (["merge=adamerging", "+merge.shots_batch=3"], r"merge=adamerging: unknown key\(s\) shots_batch; valid:"),
+    (["merge=adamerging", "merge.k=50"], "merge=adamerging: adamerging: k=50 is read only with vectors='ties'"),
+    (["merge=atlas", "merge.shots=4"], "merge=atlas: merge.shots=4 is not read with merge.objective=entropy"),
+    (["merge=atlas", "merge.shots_batch=8"], "merge.shots_batch=8 is not read with merge.objective=entropy"),
+    (["merge=atlas", "merge.objective=supervised", "merge.split=val"],
+     "merge=atlas: merge.split='val' is not read with merge.objective=supervised"),
+    (["merge=atlas", "merge.objective=supervised", "merge.batch_size=8"],
+     "merge.batch_size=8 is not read with merge.objective=supervised"),
+    (["merge=concrete_ta", "merge.threshold=0.7"], "threshold=0.7 is read only with final_mask='hard'"),
+    (["merge=concrete_adamerging", "merge.inner=continue", "merge.inner_lr=0.5"],
+     "inner_lr=0.5 is read only with inner='reset'"),
     (["merge=adamerging", "merge.lr=-1"], "merge=adamerging: lr must be a positive, finite number, got -1"),
     (["merge=atlas", "merge.learn_blocks=['(bad']"], "learn_blocks: '\\(bad' is not a regular expression"),
     (["merge=atlas", "merge.objective=supervised", "merge.shots_batch=0"], "merge.shots_batch must be a positive int"),
-    (["merge=concrete_ta", "merge.threshold=2"], "threshold"),
+    (["merge=concrete_ta", "merge.final_mask=hard", "merge.threshold=2"], r"threshold must be in \[0, 1\), got 2"),
 ])
 def test_bad_learned_settings_are_refused_before_the_pool_is_loaded(pool, tmp_path, monkeypatch, extra, match):
     import merging.job as job
