@@ -6,7 +6,7 @@ CLI-only keys of these methods (the rest are `merging.learn` hyperparameters):
 |---|---|---|
 | `split` | `test` | images the coefficients are learned on (as the papers do); `val` selectable. Labels are never read (entropy objectives) |
 | `batch_size` | 16 | unlabeled images per task per step (entropy objectives) |
-| `eval_every` | 0 | every n steps, the merged model's mean normalized validation accuracy is recorded (uses val labels; 0: never) |
+| `eval_every` | 0 | every n steps, the merged model's validation score is recorded: each task's primary metric relative to its fine-tune's (an MAE too), averaged over tasks (uses val labels; 0: never) |
 | `shots` | 16 | aTLAS `objective=supervised`: labelled images per class (per task for dense or regression tasks), from the train split |
 | `shots_batch` | null | aTLAS `objective=supervised`: labelled images per task per step, drawn without replacement from the shots (one shuffled pass per cycle); null: all shots every step |
 
@@ -21,7 +21,7 @@ on one pass over the split's images (`merging.learn(..., bn="recompute")`).
 
 Outputs in the run folder: `coefficients/coefficients.safetensors` + `coefficients.json` (summary and
 per-step history), `coefficients.png` (λ heatmap layer × task, or block × task for aTLAS) and
-`learning_curves.png` (objective per step, validation accuracy per evaluation). The run records the data
+`learning_curves.png` (objective per step, normalized validation score per evaluation). The run records the data
 settings its objective used (`split`, `batch_size`; or `shots`, `shots_batch`, `shots_split` for supervised
 aTLAS) in `metrics.json`'s `selected`, the model folder's meta and `coefficients.json`'s `hparams`. Every
 setting is checked before the pool is loaded.
@@ -178,8 +178,10 @@ def select_learned(method: str, job: MergeJob, hp: Mapping[str, Any]) -> Selecti
     res.hparams.update(data_record(opts, supervised))  # coefficients.json says what the coefficients were learned on
     out = job.run_dir / "coefficients"
     res.save(out)
-    title = f"{method} ({res.granularity}) — {job.run_dir.name}"
-    plot_coefficients(res.coefficients, res.groups, res.tasks, job.run_dir / "coefficients.png", title=title)
+    model = job.model(res.state_dict, recompute_bn=False)
+    title = f"{method} ({res.granularity})\n{job.run_dir.name}"
+    plot_coefficients(res.coefficients, res.groups, res.tasks, job.run_dir / "coefficients.png", title=title,
+                      model_keys=list(model.state_dict()))
     if res.history:
         plot_learning_curves(res.history, job.run_dir / "learning_curves.png", title=title,
                              objective="supervised" if supervised else "entropy")
@@ -190,7 +192,7 @@ def select_learned(method: str, job: MergeJob, hp: Mapping[str, Any]) -> Selecti
                 "coefficients": {t: round(v["mean"], 4) for t, v in summary["per_task"].items()}}
     extra = {"learned": {k: v for k, v in summary.items() if k not in ("hparams", "rows")},
              "coefficients_file": str(out / "coefficients.safetensors")}
-    return Selection(job.model(res.state_dict, recompute_bn=False), selected, extra=extra)
+    return Selection(model, selected, extra=extra)
 
 
 def _base_state(job: MergeJob) -> dict[str, torch.Tensor]:
