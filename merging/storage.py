@@ -10,13 +10,15 @@ Layout (tensor names inside the file; a store path is the file, or a folder hold
     task/<t>/<key>   task t's own keys (its head), when the store was written from the model files
 
 The JSON manifest (task names, λ_t, τ_MTL kind, key order) sits in the header's `__metadata__` under
-"mtlkit_tall". For float32 models and T tasks the store costs about (8 + T/8) bytes per merged
+"mtlkit_tall", beside "weights_digest": `mtl.io.weights_digest` of every tensor, as `mtl.save_model`
+writes it, checked whenever the store is opened (a flipped bit must not rebuild other weights). For float32 models and T tasks the store costs about (8 + T/8) bytes per merged
 parameter against 4·T for T separate models.
 """
 from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,7 +38,8 @@ from .tall import TallKernel, TallMasks, ties_options, _copied, check_merged, re
 __all__ = ["write_tall_store", "save_tall_masks", "open_store", "TallStore", "load_task_model", "store_report"]
 
 STORE_FILE = "tall.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the header carries a weights digest (version 1 stores, written without one, still read)
+_UNSEALED = "0" * 32  # the digest's place in the header, filled in once every tensor is written
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -105,12 +108,35 @@ def _specs(order, kinds, infos, tau_dtypes, T, task_key_infos) -> list[tuple[str
 
 def _write(out, overwrite: bool, specs, manifest: dict[str, Any], entries: Iterator[tuple[str, torch.Tensor]]) -> Path:
     path, _ = resolve_output(out, STORE_FILE)
+    meta = {"format": "pt", "mtlkit_tall": json.dumps(manifest), "weights_digest": _UNSEALED}
     with output_file(out, STORE_FILE, overwrite=overwrite) as f:
-        w = SafetensorsWriter(f, specs, {"format": "pt", "mtlkit_tall": json.dumps(manifest)})
+        w = SafetensorsWriter(f, specs, meta)
         for name, tensor in entries:
             w.write(name, tensor)
         w.finish()
+        _seal(f)
     return path
+
+
+def _seal(f) -> None:
+    """Write the digest of the finished file's tensors into its header. The header goes first in a
+    streamed file, so it holds a same-length placeholder until the tensors are on disk; they are then
+    read back once (`mtl.io.weights_digest` hashes them in key order, not in the order written)."""
+    from mtl.io import weights_digest
+
+    f.flush()
+    src = SafetensorsSource(f.name)
+    try:
+        digest = weights_digest(src.keys(), src.get)
+    finally:
+        src.close()
+    with open(f.name, "rb") as r:
+        (n,) = struct.unpack("<Q", r.read(8))
+        field = b'"weights_digest":"'
+        at = 8 + r.read(n).index(field + _UNSEALED.encode() + b'"') + len(field)
+    f.seek(at)
+    f.write(digest.encode())
+    f.seek(0, os.SEEK_END)
 
 
 def _manifest(tasks, lam, mtv, order, kinds, task_keys) -> dict[str, Any]:
@@ -284,15 +310,37 @@ class TallStore:
         self.path = p
         self.src = SafetensorsSource(p)
         try:
-            self.manifest = json.loads(self.src.metadata["mtlkit_tall"])
-        except (KeyError, json.JSONDecodeError):
-            raise MergeInputError(f"{p}: not a TALL store (no mtlkit_tall manifest)") from None
-        if self.manifest.get("version") != FORMAT_VERSION:
-            raise MergeInputError(f"{p}: unsupported TALL store version {self.manifest.get('version')}")
-        _check_store(p, self.manifest, self.src)
+            self.manifest = self._checked_manifest()
+        except BaseException:
+            self.src.close()
+            raise
         self.tasks: list[str] = self.manifest["tasks"]
         self.merged_keys: list[str] = self.manifest["merged"]
         self._merged = set(self.merged_keys)
+
+    def _checked_manifest(self) -> dict[str, Any]:
+        p = self.path
+        try:
+            manifest = json.loads(self.src.metadata["mtlkit_tall"])
+        except (KeyError, json.JSONDecodeError):
+            raise MergeInputError(f"{p}: not a TALL store (no mtlkit_tall manifest)") from None
+        version = manifest.get("version")
+        if version not in (1, FORMAT_VERSION) or isinstance(version, bool):
+            raise MergeInputError(f"{p}: unsupported TALL store version {version!r} (this mtlkit reads 1 and {FORMAT_VERSION})")
+        _check_store(p, manifest, self.src)
+        self._check_digest(version)
+        return manifest
+
+    def _check_digest(self, version: int) -> None:
+        """Every tensor against the digest written at save (one pass over the file), as `mtl.load_model`
+        checks a model folder: a flipped bit in τ_MTL or a mask would otherwise load as other weights."""
+        from mtl.io import check_weights_digest
+
+        meta = self.src.metadata
+        if version >= 2 and not (isinstance(meta.get("weights_digest"), str) and meta["weights_digest"] != _UNSEALED):
+            raise MergeInputError(f"{self.path}: not a valid TALL store: its header has no weights_digest "
+                                  f"(a version {version} store is written with one; corrupt or edited file)")
+        check_weights_digest(self.path, meta, self.src.keys(), self.src.get, error=MergeInputError)
 
     @property
     def num_tasks(self) -> int:

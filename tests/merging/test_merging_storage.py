@@ -177,3 +177,42 @@ def test_a_store_whose_manifest_disagrees_with_its_tensors_is_refused(tmp_path):
             with pytest.raises(merging.MergeInputError, match=rf"{bad}: not a valid TALL store: {why}"):
                 read(bad)
     assert merging.open_store(path).num_tasks == 2  # the unedited store opens
+
+
+def _flip_bit(path, tensor_name):
+    """Flip the lowest bit of the first byte of one tensor's data, in place (a disk or copy error)."""
+    import struct
+
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        start = json.loads(f.read(n))[tensor_name]["data_offsets"][0]
+        f.seek(8 + n + start)
+        byte = f.read(1)[0]
+        f.seek(8 + n + start)
+        f.write(bytes([byte ^ 1]))
+
+
+@pytest.mark.parametrize("section", ["tau", "mask/1"])
+def test_a_store_with_one_flipped_bit_is_refused(tmp_path, section):
+    pre, fts = make_models(T=2)
+    tall = merging.tall_masks(pre, fts)
+    for path in (merging.write_tall_store(pre, fts, tmp_path / "streamed"), tall.save(tmp_path / "mem.safetensors")):
+        assert merging.open_store(path).num_tasks == 2  # as written
+        _flip_bit(path, f"{section}/{next(iter(tall.tau))}")
+        for read in (merging.open_store, lambda p: merging.load_task_model(p, 0), merging.mask_overlap):
+            with pytest.raises(merging.MergeInputError, match=rf"{re.escape(str(path))}: weights differ from the digest"):
+                read(path)
+
+
+def test_a_version_2_store_without_its_digest_is_refused(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    pre, fts = make_models(T=2)
+    path = merging.write_tall_store(pre, fts, tmp_path / "good")
+    with safe_open(str(path), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    meta.pop("weights_digest")
+    save_file(tensors, str(tmp_path / "bare.safetensors"), metadata=meta)
+    with pytest.raises(merging.MergeInputError, match="bare.safetensors: not a valid TALL store: its header has no weights_digest"):
+        merging.open_store(tmp_path / "bare.safetensors")
