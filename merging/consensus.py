@@ -1,7 +1,8 @@
 """TALL masks per tensor and Consensus merging (Wang et al., ICML 2024, "Localizing Task Information
 for Improved Model Merging and Compression").
 
-m_t = |τ_t| ≥ λ_t·|τ_MTL − τ_t| on the base method's τ_MTL; Consensus keeps the entries used by at
+m_t = |τ_t| > λ_t·|τ_MTL − τ_t| on the base method's τ_MTL (strict, as the authors' code and FusionBench:
+a weight no task changed is used by none); Consensus keeps the entries used by at
 least k tasks: θ = θ0 + λ (m_cons ∘ τ_MTL). The TALL store and `tall_masks` (tall.py) share these.
 """
 from __future__ import annotations
@@ -18,8 +19,8 @@ __all__ = ["Consensus", "check_tall_lam", "tall_mask_tensors", "usage_count", "m
 
 
 def check_tall_lam(name: str, lam: Any) -> None:
-    """λ of the TALL masks: a finite number ≥ 0, or one per task (a negative λ keeps every entry
-    whatever the other tasks do, which is λ = 0's mask under another name)."""
+    """λ of the TALL masks: a finite number ≥ 0, or one per task (a negative λ would keep every entry,
+    even those no task changed, whatever the other tasks do)."""
     _check_lam(name, lam, allow_list=True)
     if any(v < 0 for v in (lam if isinstance(lam, Sequence) and not isinstance(lam, str) else [lam])):
         raise ValueError(f"{name} must be ≥ 0, got {lam!r}")
@@ -27,7 +28,7 @@ def check_tall_lam(name: str, lam: Any) -> None:
 
 def tall_mask_tensors(taus: Sequence[torch.Tensor], mtv: torch.Tensor, lams: Sequence[float],
                       ctx: Context | None = None) -> list[torch.Tensor]:
-    """m_t = |τ_t| ≥ λ_t·|τ_MTL − τ_t| for one tensor: one bool tensor per task (context buffers when
+    """m_t = |τ_t| > λ_t·|τ_MTL − τ_t| for one tensor: one bool tensor per task (context buffers when
     `ctx` is given, else new tensors)."""
     if ctx is None:
         diff, mag = torch.empty_like(mtv), torch.empty_like(mtv)
@@ -37,7 +38,7 @@ def tall_mask_tensors(taus: Sequence[torch.Tensor], mtv: torch.Tensor, lams: Seq
     for t, (tau, lam) in enumerate(zip(taus, lams)):
         torch.sub(mtv, tau, out=diff).abs_().mul_(lam)
         out = None if ctx is None else ctx.buffer(f"mask{t}", mtv.shape, torch.bool)
-        masks.append(torch.ge(torch.abs(tau, out=mag), diff, out=out))
+        masks.append(torch.gt(torch.abs(tau, out=mag), diff, out=out))
     return masks
 
 

@@ -1,9 +1,9 @@
 """TALL masks (Wang et al., ICML 2024): per-task masks over one merged multi-task vector.
 
 τ_MTL is Σ_t τ_t (mtv="sum") or the TIES vector (mtv="ties", λ=1); task t's mask is
-m_t = |τ_t| ≥ λ_t·|τ_MTL − τ_t| (the formula compares |τ_t|, not |θ0 − τ_t|); task t's model is
-θ0 + m_t ∘ τ_MTL. λ_t is picked per task on validation in about [0.2, 0.6]; λ_t = 0 gives an all-ones
-mask. How many tasks use each weight tells selfish (1 task) and catastrophic (0 tasks) weights apart,
+m_t = |τ_t| > λ_t·|τ_MTL − τ_t| (the formula compares |τ_t|, not |θ0 − τ_t|; strict, so a weight no task
+changed is in no mask); task t's model is θ0 + m_t ∘ τ_MTL. λ_t is picked per task on validation in
+about [0.2, 0.6]; λ_t = 0 keeps every entry task t changed (τ_t ≠ 0). How many tasks use each weight tells selfish (1 task) and catastrophic (0 tasks) weights apart,
 which Consensus merging drops.
 """
 from __future__ import annotations

@@ -9,7 +9,7 @@ from merging_toys import make_models
 def _expected_masks(pre, fts, lams):
     taus = [merging.task_vector(pre, ft) for ft in fts]
     mtv = {k: sum(t[k] for t in taus) for k in taus[0]}
-    return [{k: tau[k].abs() >= lam * (mtv[k] - tau[k]).abs() for k in tau} for tau, lam in zip(taus, lams)], mtv
+    return [{k: tau[k].abs() > lam * (mtv[k] - tau[k]).abs() for k in tau} for tau, lam in zip(taus, lams)], mtv
 
 
 def test_masks_follow_the_formula_with_per_task_lambda():
@@ -40,10 +40,10 @@ def test_masks_are_separate_tensors():
     assert torch.equal(tall.masks[1][k], before)
 
 
-def test_lambda_zero_gives_all_ones_and_exact_reconstruction():
+def test_lambda_zero_keeps_what_each_task_changed_and_exact_reconstruction():
     pre, fts = make_models(T=4)
     tall = merging.tall_masks(pre, fts, lam=0.0)
-    assert all(bool(m.all()) for masks in tall.masks for m in masks.values())
+    assert all(bool(m.all()) for masks in tall.masks for m in masks.values())  # every τ_t entry ≠ 0 here
     for t in range(4):
         rec = tall.reconstruct(t)
         assert set(rec) == set(tall.merged)
@@ -84,7 +84,7 @@ def test_tall_with_ties_vector():
     taus = [merging.task_vector(pre, ft) for ft in fts]
     for t in range(3):
         for k in tall.tau:
-            assert torch.equal(tall.masks[t][k], taus[t][k].abs() >= 0.4 * (tall.tau[k] - taus[t][k]).abs())
+            assert torch.equal(tall.masks[t][k], taus[t][k].abs() > 0.4 * (tall.tau[k] - taus[t][k]).abs())
 
 
 def test_consensus_k1_keeps_union_and_k2_drops_selfish():
@@ -126,16 +126,36 @@ def test_overlap_fractions():
 def test_consensus_on_a_hand_example():
     # θ0 = 1, three task vectors over five entries, tall_lam = 0.5, λ = 0.5:
     #   τ_MTL = Σ τ_t                 = [2, 3, 0, -1, 1.5]
-    #   m_t = |τ_t| ≥ 0.5·|τ_MTL − τ_t|:  m1 = [1,0,1,1,1], m2 = [1,0,1,0,1], m3 = [0,1,1,0,1]
-    #   tasks using each entry        = [2, 1, 3, 1, 3]
-    #   k=2 keeps entries 0, 2, 4     → θ = 1 + 0.5·[2, 0, 0, 0, 1.5] = [2, 1, 1, 1, 1.75]
+    #   m_t = |τ_t| > 0.5·|τ_MTL − τ_t|:  m1 = [1,0,1,1,0], m2 = [1,0,1,0,0], m3 = [0,1,0,0,0]
+    #     (entry 2 of task 3: |0| > 0.5·|0 − 0| is false: task 3 did not change it; entry 4 is on the
+    #     boundary for every task, 0.5 > 0.5·|1.5 − 0.5| is false: the strict rule drops it)
+    #   tasks using each entry        = [2, 1, 2, 1, 0]
+    #   k=2 keeps entries 0, 2        → θ = 1 + 0.5·[2, 0, 0, 0, 0] = [2, 1, 1, 1, 1]
     pre = {"w": torch.ones(5)}
     taus = [torch.tensor([1.0, 0, 2, -1, 0.5]), torch.tensor([1.0, 0, -2, 0, 0.5]), torch.tensor([0.0, 3, 0, 0, 0.5])]
     fts = [{"w": pre["w"] + tau} for tau in taus]
     masks = merging.tall_masks(pre, fts, lam=0.5).masks
-    assert [m["w"].int().tolist() for m in masks] == [[1, 0, 1, 1, 1], [1, 0, 1, 0, 1], [0, 1, 1, 0, 1]]
-    want = {1: [2.0, 2.5, 1, 0.5, 1.75], 2: [2.0, 1, 1, 1, 1.75], 3: [1.0, 1, 1, 1, 1.75]}
+    assert [m["w"].int().tolist() for m in masks] == [[1, 0, 1, 1, 0], [1, 0, 1, 0, 0], [0, 1, 0, 0, 0]]
+    want = {1: [2.0, 2.5, 1, 0.5, 1], 2: [2.0, 1, 1, 1, 1], 3: [1.0, 1, 1, 1, 1]}
     for k, w in want.items():
         got = merging.merge("consensus", pre, fts, k=k, tall_lam=0.5, base="task_arithmetic", lam=0.5)["w"]
         assert got.tolist() == w, k
-    assert merging.mask_overlap(masks)["counts"] == [0, 2, 1, 2]
+    assert merging.mask_overlap(masks)["counts"] == [1, 2, 2, 0]
+
+
+def test_a_frozen_layer_is_used_by_no_task():
+    """No task changed "frozen" (τ_t = 0 for all t, so τ_MTL = 0 there): |0| > λ·|0 − 0| is false for every
+    task, so its 3 entries are catastrophic (0 tasks), not used by all. By hand, for "w" (λ = 0.5):
+    τ = [1, 0], [1, 2]; τ_MTL = [2, 2]; m1 = [1 > 0.5, 0 > 1] = [1, 0]; m2 = [1 > 0.5, 2 > 0] = [1, 1]."""
+    pre = {"w": torch.zeros(2), "frozen": torch.ones(3)}
+    fts = [{"w": torch.tensor([1.0, 0.0]), "frozen": torch.ones(3)}, {"w": torch.tensor([1.0, 2.0]), "frozen": torch.ones(3)}]
+    tall = merging.tall_masks(pre, fts, lam=0.5)
+    assert [m["frozen"].tolist() for m in tall.masks] == [[False] * 3, [False] * 3]
+    assert [m["w"].tolist() for m in tall.masks] == [[True, False], [True, True]]
+    ov = merging.mask_overlap(tall)
+    assert ov["counts"] == [3, 1, 1] and ov["params"] == 5  # frozen ×3 → 0 tasks; w[1] → 1; w[0] → 2
+    assert ov["catastrophic"] == pytest.approx(3 / 5) and ov["universal"] == pytest.approx(1 / 5)
+    for t in range(2):  # reconstruction of the frozen layer: θ0, as with either rule
+        assert torch.equal(tall.reconstruct(t)["frozen"], pre["frozen"])
+    cons = merging.merge("consensus", pre, fts, k=1, tall_lam=0.5, lam=1.0)
+    assert torch.equal(cons["frozen"], pre["frozen"]) and cons["w"].tolist() == [2.0, 2.0]
