@@ -120,15 +120,19 @@ def open_sources(pretrained: SourceLike, finetuned) -> tuple[StateSource, list[S
     return pre, [open_source(f, label=f"finetuned[{i}]") for i, f in enumerate(fts)]
 
 
-def check_output_apart_from_inputs(out, pretrained, finetuned) -> None:
-    """Refuse an output that is, lies inside or holds an input given by path (writing it would replace
-    or alter that input); in-memory inputs have nothing to collide with."""
-    from mtl.io import check_output_apart
-
+def input_paths(pretrained, finetuned) -> list[Path]:
+    """The inputs given by path (in-memory inputs have nothing an output could collide with)."""
     many = [] if isinstance(finetuned, (Mapping, nn.Module, StateSource)) else (
         [finetuned] if isinstance(finetuned, (str, os.PathLike)) else list(finetuned))
-    paths = [Path(x) for x in [pretrained, *many] if isinstance(x, (str, os.PathLike))]
-    check_output_apart(Path(out), paths)
+    return [Path(x) for x in [pretrained, *many] if isinstance(x, (str, os.PathLike))]
+
+
+def check_output_apart_from_inputs(out, pretrained, finetuned) -> None:
+    """Refuse an output that is, lies inside or holds an input given by path (writing it would replace
+    or alter that input)."""
+    from mtl.io import check_output_apart
+
+    check_output_apart(Path(out), input_paths(pretrained, finetuned))
 
 
 def load_state_dict(obj: SourceLike) -> dict[str, torch.Tensor]:

@@ -30,7 +30,7 @@ import torch
 from .engine import KeyOptions, open_context, torch_threads
 from .methods import SELECTS
 from .safetensors_source import SafetensorsSource
-from .sources import check_output_apart_from_inputs
+from .sources import input_paths
 from .state_source import MergeInputError, TensorInfo
 from .streaming import SafetensorsWriter, output_file, resolve_output
 from .tall import TallKernel, TallMasks, ties_options, _copied, check_merged, reconstruct_tensor
@@ -152,9 +152,21 @@ def _manifest(tasks, lam, mtv, order, kinds, task_keys) -> dict[str, Any]:
     }
 
 
+def check_store_output(out, inputs: Sequence[Path], overwrite: bool) -> None:
+    """The store may go to `out`: not an input folder or file, nor inside or around one (writing there,
+    `overwrite` above all, would destroy or alter an input model), and no store there unless `overwrite`."""
+    from mtl.io import check_output_apart
+
+    check_output_apart(Path(out), list(inputs))
+    path, _ = resolve_output(out, STORE_FILE)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+
+
 def save_tall_masks(tall: TallMasks, out, tasks: Sequence[str] | None = None, overwrite: bool = False) -> Path:
     """Write an in-memory `TallMasks` as a store, task heads (`tall.task_tensors`) included: the same
-    format `write_tall_store` writes from the model files."""
+    format `write_tall_store` writes from the model files, under the same guard on `out`."""
+    check_store_output(out, tall.inputs, overwrite)
     T = tall.num_tasks
     tasks = _check_tasks(tasks or [f"task{t}" for t in range(T)], T)
     kinds = {k: ("merge" if k in tall.tau else "kept") for k in tall.order}
@@ -211,10 +223,7 @@ def write_tall_store(
     if rest:
         raise TypeError(f"write_tall_store: unknown option(s) {', '.join(sorted(rest))}")
     fts = list(finetuned) if not isinstance(finetuned, (str, os.PathLike, dict)) else finetuned
-    check_output_apart_from_inputs(out, pretrained, fts)
-    path, _ = resolve_output(out, STORE_FILE)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    check_store_output(out, input_paths(pretrained, fts), overwrite)
     kernel = TallKernel(lam, mtv, ties_options(mtv, k, merge_func, trim))
     ctx = open_context(pretrained, fts, opts, 1, "write_tall_store")
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -81,6 +82,7 @@ class TallMasks:
         self.task_keys: list[list[str]] = task_keys or [[] for _ in masks]
         self.task_tensors: list[dict[str, torch.Tensor]] = task_tensors or [{} for _ in masks]
         self.tasks: list[str] | None = None  # names of the fine-tuned models (set by tall_masks), used by save
+        self.inputs: list[Path] = []  # the inputs given by path (set by tall_masks): save never writes over them
         self.order = list(dtypes)
         self.merged = {
             k: (self.kept[k].clone() if k in self.kept else torch.add(self.pretrained[k], self.tau[k]).to(self.dtypes[k]))
@@ -121,7 +123,8 @@ class TallMasks:
         return mask_overlap(self)
 
     def save(self, out, tasks: Sequence[str] | None = None, overwrite: bool = False):
-        """Write the compressed store (θ0 + τ_MTL + bit-packed masks); see `merging.storage`."""
+        """Write the compressed store (θ0 + τ_MTL + bit-packed masks); see `merging.storage`. An `out` that
+        is, lies inside or holds an input given by path is refused, as by `write_tall_store`."""
         from .storage import save_tall_masks
 
         return save_tall_masks(self, out, tasks=tasks or self.tasks, overwrite=overwrite)
@@ -156,10 +159,12 @@ def tall_masks(
             result = _tall_in_memory(ctx, kernel, select, mtv)
     finally:
         ctx.close()
+    from .sources import input_paths
     from .storage import _default_task_names
 
     if not isinstance(finetuned, (str, os.PathLike, Mapping)):
         result.tasks = _default_task_names(finetuned)
+    result.inputs = input_paths(pretrained, finetuned)
     return result
 
 

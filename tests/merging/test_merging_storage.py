@@ -216,3 +216,16 @@ def test_a_version_2_store_without_its_digest_is_refused(tmp_path):
     save_file(tensors, str(tmp_path / "bare.safetensors"), metadata=meta)
     with pytest.raises(merging.MergeInputError, match="bare.safetensors: not a valid TALL store: its header has no weights_digest"):
         merging.open_store(tmp_path / "bare.safetensors")
+
+
+def test_in_memory_save_never_writes_over_or_into_an_input(tmp_path):
+    pre, fts = make_models(T=2, seed=3)
+    pre_dir, ft_dirs = save_models(tmp_path, pre, fts)
+    tall = merging.tall_masks(pre_dir, ft_dirs)
+    weights = ft_dirs[0] / "model.safetensors"
+    before = weights.read_bytes()
+    for out in (weights, ft_dirs[0], pre_dir / "store", tmp_path):  # the input's file, the folder, inside, around
+        with pytest.raises(ValueError, match=rf"output={re.escape(str(out))} (is|lies inside|holds) the input model folder"):
+            tall.save(out, overwrite=True)
+    assert weights.read_bytes() == before and not (ft_dirs[0] / "tall.safetensors").exists()
+    assert tall.save(tmp_path / "elsewhere").is_file()
