@@ -7,7 +7,7 @@ least k tasks: θ = θ0 + λ (m_cons ∘ τ_MTL). The TALL store and `tall_masks
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -15,15 +15,34 @@ import torch
 from .engine import Context
 from .methods import METHODS, MergeMethod, TaskArithmetic, Ties, _check_lam, _per_task
 
-__all__ = ["Consensus", "check_tall_lam", "tall_mask_tensors", "usage_count", "make_mtv_method"]
+__all__ = ["Consensus", "check_tall_lam", "per_task_lams", "tall_mask_tensors", "usage_count", "make_mtv_method"]
 
 
 def check_tall_lam(name: str, lam: Any) -> None:
-    """λ of the TALL masks: a finite number ≥ 0, or one per task (a negative λ would keep every entry,
-    even those no task changed, whatever the other tasks do)."""
-    _check_lam(name, lam, allow_list=True)
-    if any(v < 0 for v in (lam if isinstance(lam, Sequence) and not isinstance(lam, str) else [lam])):
+    """λ of the TALL masks: a finite number ≥ 0, one per task, or ``{task: λ}`` (a negative λ would keep
+    every entry, even those no task changed, whatever the other tasks do)."""
+    if isinstance(lam, Mapping):
+        bad = [k for k in lam if not isinstance(k, str)]
+        if bad:
+            raise ValueError(f"{name} maps task names to λ; {bad[0]!r} is not a task name")
+        values: Any = list(lam.values())
+    else:
+        values = lam
+    _check_lam(name, values, allow_list=True)
+    if any(v < 0 for v in (values if isinstance(values, Sequence) and not isinstance(values, str) else [values])):
         raise ValueError(f"{name} must be ≥ 0, got {lam!r}")
+
+
+def per_task_lams(name: str, lam: Any, tasks: Sequence[str]) -> list[float]:
+    """λ_t in the order of `tasks` from one λ, a list in that order, or ``{task: λ}`` naming each task once
+    (as a `tall_masks` run records `selected.lam`)."""
+    if not isinstance(lam, Mapping):
+        return _per_task(name, lam, len(tasks))
+    unknown, missing = [k for k in lam if k not in tasks], [t for t in tasks if t not in lam]
+    if unknown or missing:
+        said = "; ".join(s for s in (unknown and f"unknown task(s) {unknown}", missing and f"no λ for {missing}") if s)
+        raise ValueError(f"{name}: {said}; the fine-tuned models' tasks are {list(tasks)} (give one λ for each)")
+    return [float(lam[t]) for t in tasks]
 
 
 def tall_mask_tensors(taus: Sequence[torch.Tensor], mtv: torch.Tensor, lams: Sequence[float],
@@ -103,12 +122,16 @@ class Consensus(MergeMethod):
 
     def bind(self, T: int) -> None:
         super().bind(T)
-        _per_task("tall_lam", self.hp["tall_lam"], T)  # a per-task list must match the pool: refused up front
+        lam = self.hp["tall_lam"]  # a per-task list or mapping must match the pool: refused up front
+        if isinstance(lam, Mapping) and len(lam) != T:
+            raise ValueError(f"tall_lam names {len(lam)} tasks but there are {T} fine-tuned models")
+        if not isinstance(lam, Mapping):
+            _per_task("tall_lam", lam, T)
 
     def prepare(self, ctx: Context, select: str) -> None:
         super().prepare(ctx, select)
         self.base.prepare(ctx, select)
-        self.tall_lams = _per_task("tall_lam", self.hp["tall_lam"], ctx.T)
+        self.tall_lams = per_task_lams("tall_lam", self.hp["tall_lam"], ctx.task_names())
 
     def merge_tensor(self, ctx: Context, key: str) -> torch.Tensor:
         pre = ctx.pre(key)

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 
 from .keys import DEFAULT_TASK_KEYS, EXPANSION_POINT, KeyPlan, plan_keys
-from .sources import MergeInputError, StateSource, open_sources
+from .sources import MergeInputError, StateSource, default_task_names, open_sources
 
 __all__ = ["Context", "KeyOptions", "all_finite", "open_context", "produce", "torch_threads"]
 
@@ -79,6 +79,12 @@ class Context:
         self._ws_numel = max((plan.infos[k].numel for k in plan.merge), default=0)
         self.chunks = None  # a `merging.kernels.Chunks` when the chunked kernels are in use
         self._prefetcher = None  # one background thread for read-ahead hints
+        self.finetuned: Sequence[object] = ()  # the fine-tuned inputs as given (set by open_context)
+
+    def task_names(self) -> list[str]:
+        """Names of the fine-tuned models, as a ``{task: λ}`` hyperparameter names them (see
+        `merging.sources.default_task_names`: a single-task model folder's task, else the path's name)."""
+        return default_task_names(self.finetuned) if len(self.finetuned) == self.T else [f"task{t}" for t in range(self.T)]
 
     # -- workspaces ---------------------------------------------------------------------------------
     def buffer(self, name: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
@@ -199,6 +205,8 @@ class Context:
 
 
 def open_context(pretrained, finetuned, opts: KeyOptions, min_models: int, what: str, keep_base: bool = False) -> Context:
+    if isinstance(finetuned, Iterator):  # read once, for the sources and the task names alike
+        finetuned = list(finetuned)
     pre, fts = open_sources(pretrained, finetuned)
     if len(fts) < min_models:
         raise MergeInputError(
@@ -209,6 +217,7 @@ def open_context(pretrained, finetuned, opts: KeyOptions, min_models: int, what:
         unshared=opts["unshared"], bn=opts["bn"], keep_base=keep_base,
     )
     ctx = Context(pre, fts, plan, check_finite=opts["check_finite"])
+    ctx.finetuned = list(finetuned)
     try:
         check_expansion_points(ctx)
     except BaseException:

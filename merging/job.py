@@ -34,6 +34,7 @@ from mtl.progress_log import ProgressLog
 from mtl.registry import Registry, check_int
 
 from .bn import check_bn
+from .consensus import per_task_lams
 from .engine import KeyOptions
 from .evaluation import Evaluator, ImageBatches
 from .pool import ModelPool, check_same_pruning, manifest_paths, model_list
@@ -177,6 +178,9 @@ def precheck(name: str, hp: Mapping[str, Any], num_models: int | None = None, ta
             method = merging.create_method(name, **method_hp)
             if num_models is not None:
                 method.bind(num_models)
+                tall_lam = method.hp.get("tall_lam") if name == "consensus" else None
+                if isinstance(tall_lam, Mapping) and tasks is not None and len(tasks) == num_models:
+                    per_task_lams("tall_lam", tall_lam, tasks)  # {task: λ}: the names, before the pool is evaluated
         except (ValueError, merging.MergeInputError) as e:
             about_lam = str(e).startswith("lam ")  # not tall_lam's errors: they name their own key
             where = f"merge={name}" + (f", lam_grid value {kw['lam']}" if searched and about_lam else "")

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import torch
 from torch import nn
@@ -125,6 +125,34 @@ def input_paths(pretrained, finetuned) -> list[Path]:
     many = [] if isinstance(finetuned, (Mapping, nn.Module, StateSource)) else (
         [finetuned] if isinstance(finetuned, (str, os.PathLike)) else list(finetuned))
     return [Path(x) for x in [pretrained, *many] if isinstance(x, (str, os.PathLike))]
+
+
+def default_task_names(finetuned: Sequence[Any]) -> list[str]:
+    """The task of each single-task model folder (mtl-train's `<run>/model`), else the folder or file
+    names, else task0, task1, ... — whichever is first unique."""
+    if all(isinstance(f, (str, os.PathLike)) for f in finetuned):
+        paths = [Path(f) for f in finetuned]
+        for names in (_folder_tasks(paths), [p.name if p.is_dir() else p.stem for p in paths]):
+            if names is not None and len(set(names)) == len(names):
+                return names
+    return [f"task{t}" for t in range(len(finetuned))]
+
+
+def _folder_tasks(paths: Sequence[Path]) -> list[str] | None:
+    from mtl.io import read_model_config
+
+    names = []
+    for p in paths:
+        if not (p / "config.json").is_file():
+            return None
+        try:
+            tasks = read_model_config(p).get("model", {}).get("tasks") or []
+        except (ValueError, OSError):
+            return None
+        if len(tasks) != 1 or not isinstance(tasks[0], dict) or "name" not in tasks[0]:
+            return None
+        names.append(str(tasks[0]["name"]))
+    return names
 
 
 def check_output_apart_from_inputs(out, pretrained, finetuned) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ import torch
 from .engine import KeyOptions, open_context, torch_threads
 from .methods import SELECTS
 from .safetensors_source import SafetensorsSource
-from .sources import input_paths
+from .sources import default_task_names, input_paths
 from .state_source import MergeInputError, TensorInfo
 from .streaming import SafetensorsWriter, output_file, resolve_output
 from .tall import TallKernel, TallMasks, ties_options, _copied, check_merged, reconstruct_tensor
@@ -54,34 +54,6 @@ def unpack_mask(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 
 def _packed_info(info: TensorInfo) -> TensorInfo:
     return TensorInfo(((info.numel + 7) // 8,), torch.uint8)
-
-
-def _default_task_names(finetuned: Sequence[Any]) -> list[str]:
-    """The task of each single-task model folder (mtl-train's `<run>/model`), else the folder or file
-    names, else task0, task1, ... — whichever is first unique."""
-    if all(isinstance(f, (str, os.PathLike)) for f in finetuned):
-        paths = [Path(f) for f in finetuned]
-        for names in (_folder_tasks(paths), [p.name if p.is_dir() else p.stem for p in paths]):
-            if names is not None and len(set(names)) == len(names):
-                return names
-    return [f"task{t}" for t in range(len(finetuned))]
-
-
-def _folder_tasks(paths: Sequence[Path]) -> list[str] | None:
-    from mtl.io import read_model_config
-
-    names = []
-    for p in paths:
-        if not (p / "config.json").is_file():
-            return None
-        try:
-            tasks = read_model_config(p).get("model", {}).get("tasks") or []
-        except (ValueError, OSError):
-            return None
-        if len(tasks) != 1 or not isinstance(tasks[0], dict) or "name" not in tasks[0]:
-            return None
-        names.append(str(tasks[0]["name"]))
-    return names
 
 
 def _check_tasks(tasks: Sequence[str], T: int) -> list[str]:
@@ -197,7 +169,7 @@ def write_tall_store(
     pretrained,
     finetuned,
     out,
-    lam: float | Sequence[float] = 0.4,
+    lam: float | Sequence[float] | Mapping[str, float] = 0.4,
     mtv: str = "sum",
     *,
     tasks: Sequence[str] | None = None,
@@ -213,7 +185,7 @@ def write_tall_store(
     """Compute TALL masks and write the store tensor by tensor (memory stays near T+3 tensors).
 
     `tasks` names the fine-tuned models (default: the task of each single-task model folder, else the
-    folder/file names, else task0..). With
+    folder/file names, else task0..); a ``{task: λ}`` `lam` names them the same way. With
     `include_task_keys`, each model's task-specific keys (its head) are stored too, so
     `load_task_model` returns complete task models. Returns the store file's path.
     """
@@ -228,9 +200,9 @@ def write_tall_store(
     ctx = open_context(pretrained, fts, opts, 1, "write_tall_store")
     try:
         T = ctx.T
-        tasks = _check_tasks(tasks or _default_task_names(fts), T)
+        tasks = _check_tasks(tasks or default_task_names(fts), T)
         with torch_threads(threads):
-            kernel.prepare(ctx, select)
+            kernel.prepare(ctx, select, tasks)
         plan = ctx.plan
         task_keys = plan.task_specific if include_task_keys else [[] for _ in range(T)]
         tk_infos = [{k_: ctx.sources[t + 1].info(k_) for k_ in ks} for t, ks in enumerate(task_keys)]

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from .engine import Context, KeyOptions, open_context, torch_threads
-from .consensus import check_tall_lam, make_mtv_method, tall_mask_tensors, usage_count
-from .methods import SELECTS, _per_task
+from .consensus import check_tall_lam, make_mtv_method, per_task_lams, tall_mask_tensors, usage_count
+from .methods import SELECTS
 
 __all__ = ["TallMasks", "tall_masks", "TallKernel", "mask_overlap", "reconstruct_tensor"]
 
@@ -43,14 +43,16 @@ def ties_options(mtv: str, k: Any, merge_func: Any, trim: Any) -> dict[str, Any]
 class TallKernel:
     """Per-tensor TALL computation shared by `tall_masks` and the streaming store writer."""
 
-    def __init__(self, lam: float | Sequence[float] = 0.4, mtv: str = "sum", ties: dict[str, Any] | None = None):
+    def __init__(self, lam: float | Sequence[float] | Mapping[str, float] = 0.4, mtv: str = "sum",
+                 ties: dict[str, Any] | None = None):
         check_tall_lam("lam", lam)
         self.lam_arg, self.mtv = lam, mtv
         self.base = make_mtv_method(mtv, dict(ties or {}))
 
-    def prepare(self, ctx: Context, select: str) -> None:
+    def prepare(self, ctx: Context, select: str, tasks: Sequence[str]) -> None:
+        """`tasks`: the models' names, in order (what a ``{task: λ}`` is matched against)."""
         self.base.prepare(ctx, select)
-        self.lams = _per_task("lam", self.lam_arg, ctx.T)
+        self.lams = per_task_lams("lam", self.lam_arg, tasks)
 
     def tensor(self, ctx: Context, key: str) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """(θ0, τ_MTL, [m_t]) for one key, θ0 and τ_MTL in compute dtype. θ0 may be the input's own
@@ -133,7 +135,7 @@ class TallMasks:
 def tall_masks(
     pretrained,
     finetuned,
-    lam: float | Sequence[float] = 0.4,
+    lam: float | Sequence[float] | Mapping[str, float] = 0.4,
     mtv: str = "sum",
     *,
     k: float = 20,
@@ -143,7 +145,8 @@ def tall_masks(
     threads: int | None = None,
     **key_options: Any,
 ) -> TallMasks:
-    """TALL masks for each fine-tuned model. `lam`: one λ for all tasks or one per task.
+    """TALL masks for each fine-tuned model. `lam`: one λ for all tasks, one per task, or ``{task: λ}``
+    over the names `.tasks` gets (`merging.sources.default_task_names`).
     `mtv`: "sum" or "ties" (then `k`, `merge_func`, `trim` configure TIES, with λ_TIES = 1)."""
     if select not in SELECTS:
         raise ValueError(f"select must be one of {SELECTS}, got {select!r}")
@@ -160,16 +163,14 @@ def tall_masks(
     finally:
         ctx.close()
     from .sources import input_paths
-    from .storage import _default_task_names
 
-    if not isinstance(finetuned, (str, os.PathLike, Mapping)):
-        result.tasks = _default_task_names(finetuned)
     result.inputs = input_paths(pretrained, finetuned)
     return result
 
 
 def _tall_in_memory(ctx: Context, kernel: TallKernel, select: str, mtv: str) -> TallMasks:
-    kernel.prepare(ctx, select)
+    tasks = ctx.task_names()
+    kernel.prepare(ctx, select, tasks)
     plan = ctx.plan
     pre, tau, kept = {}, {}, {}
     masks: list[dict[str, torch.Tensor]] = [{} for _ in range(ctx.T)]
@@ -186,7 +187,9 @@ def _tall_in_memory(ctx: Context, kernel: TallKernel, select: str, mtv: str) -> 
             masks[t][key] = m
     dtypes = {k_: plan.infos[k_].dtype for k_ in plan.order}
     heads = [{k_: ctx.sources[t + 1].get(k_).clone() for k_ in ks} for t, ks in enumerate(plan.task_specific)]
-    return TallMasks(pre, tau, masks, kept, dtypes, kernel.lams, mtv, plan.task_specific, heads)
+    result = TallMasks(pre, tau, masks, kept, dtypes, kernel.lams, mtv, plan.task_specific, heads)
+    result.tasks = tasks
+    return result
 
 
 def check_merged(ctx: Context, key: str, pre: torch.Tensor, tau: torch.Tensor) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import merging
 from mtl.progress_log import ProgressLog
 
-from .consensus import make_mtv_method
+from .consensus import make_mtv_method, per_task_lams
 from .engine import KeyOptions
 from .job import CLI_METHODS, MergeJob, Selection
 from .methods import SELECTS, _per_task
@@ -62,9 +62,9 @@ def precheck_tall(hp: Mapping[str, Any], num_models: int | None = None, tasks: l
     searched = hp.get("lam") is None
     for lam in _lams_tried(hp):
         try:
-            TallKernel(list(lam.values()) if isinstance(lam, Mapping) else lam)
+            TallKernel(lam)
             if isinstance(lam, Mapping) and tasks is not None and len(tasks) == num_models:
-                _given_lams(lam, tasks)  # {task: λ}, as a run's metrics.json records it
+                per_task_lams("merge.lam", lam, tasks)  # {task: λ}, as a run's metrics.json records it
             if num_models is not None and isinstance(lam, (list, tuple)):
                 _per_task("lam", lam, num_models)
         except ValueError as e:
@@ -109,17 +109,6 @@ def _search(job: MergeJob, hp: Mapping[str, Any], opts: dict[str, Any]) -> tuple
     return [_best_lam(t, per_task[t]) for t in names], grid
 
 
-def _given_lams(lam: Any, names: list[str]) -> list[float]:
-    """λ per task from `merge.lam`: one value, a list in the pool's task order, or ``{task: λ}`` (the
-    `selected.lam` of an earlier run's metrics.json, fed back as it is)."""
-    if isinstance(lam, Mapping):
-        if set(lam) != set(names):
-            raise ValueError(f"merge.lam names the tasks {sorted(map(str, lam))}; the pool's are "
-                             f"{sorted(names)} (give one λ for each)")
-        return [float(lam[t]) for t in names]
-    return [float(v) for v in lam] if isinstance(lam, (list, tuple)) else [float(lam)] * len(names)
-
-
 @CLI_METHODS.register("tall_masks")
 def select_tall(job: MergeJob, hp: Mapping[str, Any]) -> Selection:
     """TALL masks: λ_t picked per task on its own validation split (or `lam` as given); the store is
@@ -131,7 +120,7 @@ def select_tall(job: MergeJob, hp: Mapping[str, Any]) -> Selection:
     opts = {k: v for k, v in hp.items() if k not in ("lam", "lam_grid")}
     grid = None
     if hp.get("lam") is not None:
-        lams = _given_lams(hp["lam"], names)
+        lams = per_task_lams("merge.lam", hp["lam"], names)  # {task: λ}: an earlier run's selected.lam, as it is
     else:
         lams, grid = _search(job, hp, opts)
     store = merging.write_tall_store(job.pool.pretrained, fts, job.run_dir / STORE_DIR, lam=lams, tasks=names,

@@ -178,7 +178,8 @@ def test_tall_masks_selected_lam_can_be_given_back_as_it_is(pool, tmp_path):
     given = run(_args(pool, "merge=tall_masks", "merge.lam={" + ",".join(f"{t}:{v}" for t, v in lam.items()) + "}",
                       batches=1), run_dir=tmp_path / "g")
     assert given["selected"]["lam"] == lam and given["tasks"] == searched["tasks"]
-    with pytest.raises(ValueError, match=r"merge.lam names the tasks \['semseg'\]; the pool's are \['regression', 'semseg'\]"):
+    with pytest.raises(ValueError, match=r"merge.lam: no λ for \['regression'\]; the fine-tuned models' tasks are "
+                                         r"\['regression', 'semseg'\]"):
         run(_args(pool, "merge=tall_masks", "merge.lam={semseg:0.3}", batches=1), run_dir=tmp_path / "bad")
     assert not (tmp_path / "bad" / "tall_store").exists()
 
@@ -513,6 +514,8 @@ def test_members_of_other_data_at_one_size_give_the_merge_that_size(pool, tmp_pa
     (["merge=tall_masks", "merge.lam=[0.2]"], ValueError, r"merge=tall_masks: lam has 1 values but there are 2"),
     (["merge=consensus", "merge.tall_lam=[0.3]"], ValueError, r"merge=consensus: tall_lam has 1 values but there are 2"),
     (["merge=consensus", "merge.tall_lam=-0.1"], ValueError, r"^merge=consensus: tall_lam must be ≥ 0"),  # not "lam_grid value"
+    (["merge=consensus", "merge.tall_lam={semseg: 0.3, mnist: 0.2}"], ValueError,
+     r"merge=consensus: tall_lam: unknown task\(s\) \['mnist'\]; no λ for \['regression'\]"),
     (["merge=tall_masks", "+merge.bn=recompute"], ValueError, r"TALL store keeps θ0's BatchNorm statistics"),
     (["+merge.exclude=[decoder\\.neck\\.]"], ValueError, r"merge.exclude: a key filter leaves keys out of the merged "
                                                        r"weights, and an evaluated merge builds a whole model"),

@@ -120,7 +120,7 @@ def test_path_helpers_close_the_store(tmp_path, monkeypatch):
 def test_store_task_names_come_from_single_task_model_folders(tmp_path):
     """mtl-train writes every fine-tune to `<run>/model`: the folder names are all "model", the tasks are not."""
     import mtl
-    from merging.storage import _default_task_names
+    from merging.sources import default_task_names as _default_task_names
     from mtl.models import create_model
 
     folders = []

@@ -159,3 +159,32 @@ def test_a_frozen_layer_is_used_by_no_task():
         assert torch.equal(tall.reconstruct(t)["frozen"], pre["frozen"])
     cons = merging.merge("consensus", pre, fts, k=1, tall_lam=0.5, lam=1.0)
     assert torch.equal(cons["frozen"], pre["frozen"]) and cons["w"].tolist() == [2.0, 2.0]
+
+
+def test_per_task_lambda_as_a_task_mapping(tmp_path):
+    """{task: λ} (a tall_masks run's selected.lam) is the per-task list in the models' task order, in
+    tall_masks, write_tall_store and Consensus alike; names are checked, not matched by position."""
+    from merging_toys import save_models
+
+    pre, fts = make_models(T=3, heads=False)
+    pre_dir, ft_dirs = save_models(tmp_path, pre, fts)  # folders ft0, ft1, ft2 (no config.json: named by folder)
+    by_name = {"ft2": 0.6, "ft0": 0.2, "ft1": 0.4}
+    want, _ = _expected_masks(pre, fts, [0.2, 0.4, 0.6])
+    tall = merging.tall_masks(pre_dir, ft_dirs, lam=by_name)
+    assert tall.tasks == ["ft0", "ft1", "ft2"] and tall.lam == [0.2, 0.4, 0.6]
+    assert all(torch.equal(tall.masks[t][k], want[t][k]) for t in range(3) for k in want[t])
+    listed = merging.merge("consensus", pre, fts, k=2, tall_lam=[0.2, 0.4, 0.6])
+    named = merging.merge("consensus", pre_dir, ft_dirs, k=2, tall_lam=by_name)
+    assert all(torch.equal(named[k], v) for k, v in listed.items())
+    store = merging.write_tall_store(pre, fts, tmp_path / "s", lam={"c": 0.6, "a": 0.2, "b": 0.4}, tasks=["a", "b", "c"])
+    assert merging.open_store(store).manifest["lam"] == [0.2, 0.4, 0.6]
+    in_memory = merging.merge("consensus", pre, fts, k=2, tall_lam={"task0": 0.2, "task1": 0.4, "task2": 0.6})
+    assert all(torch.equal(in_memory[k], v) for k, v in listed.items())
+    for bad, why in [({"ft0": 0.2, "ft1": 0.4}, r"no λ for \['ft2'\]"),
+                     ({"ft0": 0.2, "ft1": 0.4, "ft9": 0.1}, r"unknown task\(s\) \['ft9'\]; no λ for \['ft2'\]")]:
+        with pytest.raises(ValueError, match=rf"^lam: {why}; the fine-tuned models' tasks are \['ft0', 'ft1', 'ft2'\]"):
+            merging.tall_masks(pre_dir, ft_dirs, lam=bad)
+        with pytest.raises(ValueError, match=rf"tall_lam: {why}|tall_lam names 2 tasks but there are 3"):
+            merging.merge("consensus", pre_dir, ft_dirs, tall_lam=bad)
+    with pytest.raises(ValueError, match=r"tall_lam must be ≥ 0"):
+        merging.merge("consensus", pre, fts, tall_lam={"task0": -0.1, "task1": 0.4, "task2": 0.6})
