@@ -9,7 +9,7 @@ Layout (tensor names inside the file; a store path is the file, or a folder hold
     kept/<key>       keys that are not merged (integer buffers, BN statistics under the BN rule)
     task/<t>/<key>   task t's own keys (its head), when the store was written from the model files
 
-The JSON manifest (task names, λ_t, τ_MTL kind, key order) sits in the header's `__metadata__` under
+The JSON manifest (task names, λ_t, τ_MTL kind, BN rule, key order) sits in the header's `__metadata__` under
 "mtlkit_tall", beside "weights_digest": `mtl.io.weights_digest` of every tensor, as `mtl.save_model`
 writes it, checked whenever the store is opened (a flipped bit must not rebuild other weights). For float32 models and T tasks the store costs about (8 + T/8) bytes per merged
 parameter against 4·T for T separate models.
@@ -17,6 +17,7 @@ parameter against 4·T for T separate models.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Iterator, Mapping, Sequence
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from .engine import KeyOptions, open_context, torch_threads
+from .keys import BN_RULES
 from .methods import SELECTS
 from .safetensors_source import SafetensorsSource
 from .sources import default_task_names, input_paths
@@ -111,12 +113,13 @@ def _seal(f) -> None:
     f.seek(0, os.SEEK_END)
 
 
-def _manifest(tasks, lam, mtv, order, kinds, task_keys) -> dict[str, Any]:
+def _manifest(tasks, lam, mtv, bn, order, kinds, task_keys) -> dict[str, Any]:
     return {
         "version": FORMAT_VERSION,
         "tasks": list(tasks),
         "lam": list(lam),
         "mtv": mtv,
+        "bn": bn,  # how the BN statistics in kept/ were made (θ0's, the fine-tunes' average, or merged)
         "order": list(order),
         "merged": [k for k in order if kinds[k] == "merge"],
         "task_keys": [list(ks) for ks in task_keys],
@@ -161,7 +164,7 @@ def save_tall_masks(tall: TallMasks, out, tasks: Sequence[str] | None = None, ov
             for k, v in h.items():
                 yield f"task/{t}/{k}", v
 
-    manifest = _manifest(tasks, tall.lam, tall.mtv, tall.order, kinds, [list(h) for h in heads])
+    manifest = _manifest(tasks, tall.lam, tall.mtv, tall.bn, tall.order, kinds, [list(h) for h in heads])
     return _write(out, overwrite, specs, manifest, entries())
 
 
@@ -223,7 +226,7 @@ def write_tall_store(
                 for key in ks:
                     yield f"task/{t}/{key}", ctx.sources[t + 1].get(key)
 
-        manifest = _manifest(tasks, kernel.lams, mtv, plan.order, plan.kind, task_keys)
+        manifest = _manifest(tasks, kernel.lams, mtv, opts["bn"], plan.order, plan.kind, task_keys)
         with torch_threads(threads):
             return _write(out, overwrite, specs, manifest, entries())
     finally:
@@ -246,6 +249,14 @@ def _check_store(path: Path, manifest: Any, src: SafetensorsSource) -> None:
     tasks, order, merged = names("tasks"), names("order"), names("merged")
     if not tasks or len(set(tasks)) != len(tasks):
         raise bad(f"task names must be distinct and at least one, got {tasks}")
+    lam = manifest.get("lam")
+    if not isinstance(lam, list) or len(lam) != len(tasks) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in lam):
+        raise bad(f"manifest field 'lam' must hold one finite λ ≥ 0 per task ({len(tasks)}), got {lam!r}")
+    if manifest.get("mtv") not in ("sum", "ties"):
+        raise bad(f"manifest field 'mtv' must be 'sum' or 'ties', got {manifest.get('mtv')!r}")
+    if manifest["version"] >= 2 and manifest.get("bn") not in BN_RULES:  # version 1 stores did not record it
+        raise bad(f"manifest field 'bn' must be one of {list(BN_RULES)}, got {manifest.get('bn')!r}")
     if manifest.get("mask_bitorder", "big") != "big":
         raise bad(f"mask_bitorder {manifest['mask_bitorder']!r} (masks are packed big-endian)")
     task_keys = manifest.get("task_keys")
@@ -305,6 +316,9 @@ class TallStore:
             manifest = json.loads(self.src.metadata["mtlkit_tall"])
         except (KeyError, json.JSONDecodeError):
             raise MergeInputError(f"{p}: not a TALL store (no mtlkit_tall manifest)") from None
+        if not isinstance(manifest, dict):
+            raise MergeInputError(f"{p}: not a valid TALL store: its mtlkit_tall manifest must be a JSON object, "
+                                  f"got a {type(manifest).__name__}")
         version = manifest.get("version")
         if version not in (1, FORMAT_VERSION) or isinstance(version, bool):
             raise MergeInputError(f"{p}: unsupported TALL store version {version!r} (this mtlkit reads 1 and {FORMAT_VERSION})")

@@ -73,7 +73,7 @@ class TallMasks:
     `save` stores so that `load_task_model` returns complete task models.
     """
 
-    def __init__(self, pretrained, tau, masks, kept, dtypes, lam, mtv, task_keys=None, task_tensors=None):
+    def __init__(self, pretrained, tau, masks, kept, dtypes, lam, mtv, task_keys=None, task_tensors=None, bn="pretrained"):
         self.pretrained: dict[str, torch.Tensor] = pretrained
         self.tau: dict[str, torch.Tensor] = tau
         self.masks: list[dict[str, torch.Tensor]] = masks
@@ -81,6 +81,7 @@ class TallMasks:
         self.dtypes: dict[str, torch.dtype] = dtypes
         self.lam: list[float] = lam
         self.mtv = mtv
+        self.bn = bn  # the BN rule the kept statistics follow (recorded by save)
         self.task_keys: list[list[str]] = task_keys or [[] for _ in masks]
         self.task_tensors: list[dict[str, torch.Tensor]] = task_tensors or [{} for _ in masks]
         self.tasks: list[str] | None = None  # names of the fine-tuned models (set by tall_masks), used by save
@@ -159,7 +160,7 @@ def tall_masks(
     ctx = open_context(pretrained, finetuned, opts, 1, "tall_masks")
     try:
         with torch_threads(threads):
-            result = _tall_in_memory(ctx, kernel, select, mtv)
+            result = _tall_in_memory(ctx, kernel, select, mtv, opts["bn"])
     finally:
         ctx.close()
     from .sources import input_paths
@@ -168,7 +169,7 @@ def tall_masks(
     return result
 
 
-def _tall_in_memory(ctx: Context, kernel: TallKernel, select: str, mtv: str) -> TallMasks:
+def _tall_in_memory(ctx: Context, kernel: TallKernel, select: str, mtv: str, bn: str) -> TallMasks:
     tasks = ctx.task_names()
     kernel.prepare(ctx, select, tasks)
     plan = ctx.plan
@@ -187,7 +188,7 @@ def _tall_in_memory(ctx: Context, kernel: TallKernel, select: str, mtv: str) -> 
             masks[t][key] = m
     dtypes = {k_: plan.infos[k_].dtype for k_ in plan.order}
     heads = [{k_: ctx.sources[t + 1].get(k_).clone() for k_ in ks} for t, ks in enumerate(plan.task_specific)]
-    result = TallMasks(pre, tau, masks, kept, dtypes, kernel.lams, mtv, plan.task_specific, heads)
+    result = TallMasks(pre, tau, masks, kept, dtypes, kernel.lams, mtv, plan.task_specific, heads, bn)
     result.tasks = tasks
     return result
 

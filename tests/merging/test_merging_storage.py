@@ -171,12 +171,30 @@ def test_a_store_whose_manifest_disagrees_with_its_tensors_is_refused(tmp_path):
         (variant("heads", task_keys=[[]]), r"manifest field 'task_keys' must hold one list of names per task \(2\)"),
         (variant("shape", lambda t: t.__setitem__(f"tau/{key}", t[f"tau/{key}"].reshape(-1)[:1].clone())),
          rf"theta0/{re.escape(key)} has shape .* but tau/{re.escape(key)}"),
+        (variant("lamstr", lam="x"), r"manifest field 'lam' must hold one finite λ ≥ 0 per task \(2\), got 'x'"),
+        (variant("lamlen", lam=[0.4]), r"manifest field 'lam' must hold one finite λ ≥ 0 per task \(2\), got \[0.4\]"),
+        (variant("mtv", mtv=5), r"manifest field 'mtv' must be 'sum' or 'ties', got 5"),
+        (variant("bn", bn=None), r"manifest field 'bn' must be one of \['pretrained', 'average', 'merge'\], got None"),
     ]
     for bad, why in cases:
         for read in (merging.open_store, lambda p: merging.load_task_model(p, 0), merging.store_report):
             with pytest.raises(merging.MergeInputError, match=rf"{bad}: not a valid TALL store: {why}"):
                 read(bad)
     assert merging.open_store(path).num_tasks == 2  # the unedited store opens
+    listed = tmp_path / "listed.safetensors"
+    save_file(tensors, str(listed), metadata={**meta, "mtlkit_tall": "[1, 2]"})
+    with pytest.raises(merging.MergeInputError, match=r"listed.safetensors: not a valid TALL store: its mtlkit_tall "
+                                                      r"manifest must be a JSON object, got a list"):
+        merging.open_store(listed)
+
+
+def test_the_manifest_records_the_bn_rule(tmp_path):
+    pre, fts = make_models(T=2)
+    for bn in ("pretrained", "average"):
+        streamed = merging.write_tall_store(pre, fts, tmp_path / f"s_{bn}", bn=bn)
+        saved = merging.tall_masks(pre, fts, bn=bn).save(tmp_path / f"m_{bn}.safetensors")
+        for path in (streamed, saved):
+            assert merging.open_store(path).manifest["bn"] == bn
 
 
 def _flip_bit(path, tensor_name):
