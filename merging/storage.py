@@ -59,6 +59,8 @@ def _packed_info(info: TensorInfo) -> TensorInfo:
 
 
 def _check_tasks(tasks: Sequence[str], T: int) -> list[str]:
+    if isinstance(tasks, (str, bytes)):  # would be read character by character, as finetuned= would
+        raise TypeError(f"tasks must be a list of {T} names (one per fine-tuned model), not the string {tasks!r}")
     tasks = [str(t) for t in tasks]
     if len(tasks) != T or len(set(tasks)) != T:
         raise ValueError(f"tasks must be {T} distinct names, got {tasks}")

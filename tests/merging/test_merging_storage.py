@@ -247,3 +247,12 @@ def test_in_memory_save_never_writes_over_or_into_an_input(tmp_path):
             tall.save(out, overwrite=True)
     assert weights.read_bytes() == before and not (ft_dirs[0] / "tall.safetensors").exists()
     assert tall.save(tmp_path / "elsewhere").is_file()
+
+
+def test_task_names_given_as_one_string_are_refused(tmp_path):
+    pre, fts = make_models(T=3)
+    with pytest.raises(TypeError, match=r"tasks must be a list of 3 names \(one per fine-tuned model\), not the string 'abc'"):
+        merging.write_tall_store(pre, fts, tmp_path / "s", tasks="abc")
+    with pytest.raises(TypeError, match=r"not the string 'abc'"):
+        merging.tall_masks(pre, fts).save(tmp_path / "m.safetensors", tasks="abc")
+    assert not (tmp_path / "s").exists() and not (tmp_path / "m.safetensors").exists()
