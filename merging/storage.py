@@ -4,19 +4,23 @@ Layout (tensor names inside the file; a store path is the file, or a folder hold
 
     theta0/<key>     θ0 of every merged key, in the model's dtype
     tau/<key>        τ_MTL in the compute dtype (float32 for half-precision models), so reconstruction
-                     is exact with respect to `TallMasks.reconstruct`
+                     is exact with respect to `TallMasks.reconstruct` (θ0 + m_t ∘ τ_MTL rounded once to
+                     the model's dtype; a τ_MTL rounded to fp16 first would give other weights)
     mask/<t>/<key>   task t's mask, np.packbits of the flattened bool mask (big bit order), ⌈n/8⌉ bytes
     kept/<key>       keys that are not merged (integer buffers, BN statistics under the BN rule)
     task/<t>/<key>   task t's own keys (its head), when the store was written from the model files
 
-The JSON manifest (task names, λ_t, τ_MTL kind, BN rule, key order) sits in the header's `__metadata__` under
-"mtlkit_tall", beside "weights_digest": `mtl.io.weights_digest` of every tensor, as `mtl.save_model`
-writes it, checked whenever the store is opened (a flipped bit must not rebuild other weights). For float32 models and T tasks the store costs about (8 + T/8) bytes per merged
-parameter against 4·T for T separate models.
+The JSON manifest (task names, λ_t, τ_MTL kind, BN rule, key order) sits in the header's
+`__metadata__` under "mtlkit_tall", beside "weights_digest": `mtl.io.weights_digest` of every tensor,
+as `mtl.save_model` writes it, checked whenever the store is opened (a flipped bit must not rebuild
+other weights). For T tasks the store costs about (8 + T/8) bytes per merged parameter against 4·T
+for T separate float32 models; for fp16/bf16 models (6 + T/8) against 2·T, so it only pays from T = 4
+on (a larger store is written with a warning).
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import struct
@@ -38,6 +42,8 @@ from .streaming import SafetensorsWriter, output_file, resolve_output
 from .tall import TallKernel, TallMasks, ties_options, _copied, check_merged, reconstruct_tensor
 
 __all__ = ["write_tall_store", "save_tall_masks", "open_store", "TallStore", "load_task_model", "store_report"]
+
+log = logging.getLogger(__name__)
 
 STORE_FILE = "tall.safetensors"
 FORMAT_VERSION = 2  # 2: the header carries a weights digest (version 1 stores, written without one, still read)
@@ -91,7 +97,24 @@ def _write(out, overwrite: bool, specs, manifest: dict[str, Any], entries: Itera
             w.write(name, tensor)
         w.finish()
         _seal(f)
+    _warn_if_larger(path, w.nbytes, specs, len(manifest["tasks"]))
     return path
+
+
+def _full_models_bytes(specs, T: int) -> int:
+    """Bytes of the T task models a store replaces: θ0-sized weights each, plus each task's own keys."""
+    base = sum(i.nbytes for n, i in specs if n.startswith(("theta0/", "kept/")))
+    return T * base + sum(i.nbytes for n, i in specs if n.startswith("task/"))
+
+
+def _warn_if_larger(path: Path, stored: int, specs, T: int) -> None:
+    """τ_MTL is kept in float32 for half-precision models (6 + T/8 bytes per merged parameter against 2·T
+    for the models themselves), so a store of few fp16/bf16 models can outgrow them: said, not hidden."""
+    full = _full_models_bytes(specs, T)
+    if stored > full:
+        log.warning("TALL store %s holds %d bytes, more than the %d of the %d task models it replaces (τ_MTL is "
+                    "kept in float32 so that every task model rebuilds bit for bit: about 6 + T/8 bytes per "
+                    "merged parameter for fp16/bf16 models, 8 + T/8 for float32)", path, stored, full, T)
 
 
 def _seal(f) -> None:

@@ -256,3 +256,27 @@ def test_task_names_given_as_one_string_are_refused(tmp_path):
     with pytest.raises(TypeError, match=r"not the string 'abc'"):
         merging.tall_masks(pre, fts).save(tmp_path / "m.safetensors", tasks="abc")
     assert not (tmp_path / "s").exists() and not (tmp_path / "m.safetensors").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_store_size_and_the_warning_when_it_outgrows_the_models(tmp_path, caplog, dtype):
+    """τ_MTL stays float32 (4 bytes) beside θ0 in the model's dtype (2) and T/8 mask bytes per merged
+    parameter: 6 + T/8 against 2·T for the models. T = 2: 6.25 > 4, said in a warning; T = 4: 6.5 < 8."""
+    for T, larger in ((2, True), (4, False)):
+        pre, fts = make_models(T=T, heads=False, dtype=dtype)
+        pre["big"] = torch.randn(64, 256).to(dtype)  # the per-parameter costs, not the header, dominate
+        for ft in fts:
+            ft["big"] = (pre["big"].float() + 0.05 * torch.randn(64, 256)).to(dtype)
+        tall = merging.tall_masks(pre, fts)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="merging.storage"):
+            path = merging.write_tall_store(pre, fts, tmp_path / f"{dtype}_{T}", tasks=[f"t{i}" for i in range(T)])
+        rep = merging.store_report(path)
+        P = rep["merged_params"]
+        assert rep["sections"]["tau"] == 4 * P and rep["sections"]["theta0"] == 2 * P
+        assert (rep["bytes_stored"] > rep["bytes_full_models"]) == larger
+        said = [r.getMessage() for r in caplog.records if "more than the" in r.getMessage()]
+        assert len(said) == int(larger) and (not said or f"more than the {rep['bytes_full_models']} of the 2 task models" in said[0])
+        for t in range(T):  # rebuilt bit for bit, in the model's dtype
+            rec = merging.load_task_model(path, t)
+            assert all(rec[k].dtype == v.dtype and torch.equal(rec[k], v) for k, v in tall.reconstruct(t).items())
