@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mtl.io import TALL_STORE_FILE
+
 from .engine import KeyOptions, open_context, torch_threads
 from .keys import BN_RULES
 from .methods import SELECTS
@@ -45,7 +47,7 @@ __all__ = ["write_tall_store", "save_tall_masks", "open_store", "TallStore", "lo
 
 log = logging.getLogger(__name__)
 
-STORE_FILE = "tall.safetensors"
+STORE_FILE = TALL_STORE_FILE  # mtl.io knows the name too, to point mtl.load_model's users here
 FORMAT_VERSION = 2  # 2: the header carries a weights digest (version 1 stores, written without one, still read)
 _UNSEALED = "0" * 32  # the digest's place in the header, filled in once every tensor is written
 

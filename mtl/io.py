@@ -18,6 +18,9 @@ from mtl.atomic import atomic_path
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 FORMAT = "mtlkit.model/1"
+#: the file a TALL store folder holds (merging.storage writes it); known here by name only, so that
+#: load_model can point at the loader without mtl importing merging (which builds on mtl)
+TALL_STORE_FILE = "tall.safetensors"
 
 
 class ModelFolderError(ValueError):
@@ -213,6 +216,11 @@ def check_weights_digest(file: str | os.PathLike, header: dict[str, str], keys: 
 def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
     """``config.json`` of a model folder, its format and task list checked (errors name file and key)."""
     path = Path(path)
+    store = path if path.name == TALL_STORE_FILE and path.is_file() else path / TALL_STORE_FILE
+    if store.is_file() and not (path / CONFIG).exists():
+        raise ModelFolderError(f"{path} is a TALL store, not a model folder: rebuild task t's weights with "
+                               f"merging.load_task_model({str(path)!r}, t) and load them into mtl.load_model(<that "
+                               "task's fine-tuned folder>) (docs/merging.md, TALL compressed storage)")
     if not path.is_dir():
         what = "no such folder" if not path.exists() else "not a model folder"
         raise ModelFolderError(f"{path}: {what} (expected a directory with {WEIGHTS} and {CONFIG})")

@@ -280,3 +280,30 @@ def test_half_precision_store_size_and_the_warning_when_it_outgrows_the_models(t
         for t in range(T):  # rebuilt bit for bit, in the model's dtype
             rec = merging.load_task_model(path, t)
             assert all(rec[k].dtype == v.dtype and torch.equal(rec[k], v) for k, v in tall.reconstruct(t).items())
+
+
+def test_a_task_model_rebuilt_from_a_store_loads_into_its_fine_tuned_architecture(tmp_path):
+    """mtl.load_model does not read a store (mtl never imports merging) but says what does; the documented
+    path, mtl.load_model(<fine-tuned folder>) + load_state_dict(load_task_model(...)), gives the TALL model."""
+    import mtl
+    from mtl.io import ModelFolderError
+    from mtl.models import create_model
+
+    def model(task, seed):
+        torch.manual_seed(seed)
+        return create_model([{"kind": "classification", "name": task, "num_classes": 3}], backbone="test_resnet",
+                            decoder={"name": "hps", "channels": 8})
+
+    pre = mtl.save_model(model("mnist", 0), tmp_path / "pre")
+    fts = [mtl.save_model(model(t, s), tmp_path / t / "model") for t, s in (("mnist", 1), ("faces", 2))]
+    store = merging.write_tall_store(pre, fts, tmp_path / "store", lam=0.3)
+    for where in (tmp_path / "store", store):
+        with pytest.raises(ModelFolderError, match=rf"{re.escape(str(where))} is a TALL store, not a model folder: .*"
+                                                   r"merging.load_task_model"):
+            mtl.load_model(where)
+    tall = merging.tall_masks(pre, fts, lam=0.3)
+    for t, task in enumerate(tall.tasks):
+        net = mtl.load_model(fts[t])
+        net.load_state_dict(merging.load_task_model(store, task))  # strict: every key, the task's head included
+        state = net.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in tall.reconstruct(t).items())
