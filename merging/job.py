@@ -257,6 +257,7 @@ def _base_grid(base: Any) -> list[float] | None:
 
 def _method(cfg: DictConfig) -> tuple[str, CliMethod, dict[str, Any]]:
     hp = OmegaConf.to_container(cfg.merge, resolve=True)
+    _warn_unsearched_grid(hp)
     if "base" in hp and hp.get("lam_grid") is None:  # dare, consensus: the base method's own grid
         base = hp.get("base") or ("ties" if hp.get("convention") == "mergekit" else "task_arithmetic")  # its default
         hp["lam_grid"] = _base_grid(base)  # an unknown base: no grid here; the method names it
@@ -272,6 +273,15 @@ def _method(cfg: DictConfig) -> tuple[str, CliMethod, dict[str, Any]]:
 
         hp = from_paper_hparams(name, hp)
     return name, CLI_METHODS.get(name), hp
+
+
+def _warn_unsearched_grid(hp: dict[str, Any]) -> None:
+    """`merge.lam` takes precedence over `merge.lam_grid` (documented): a grid the user gave (not the method
+    config's own) is then never searched, which is said once rather than dropped in silence."""
+    grid, lam = hp.get("lam_grid"), hp.get("lam")
+    if lam is not None and grid is not None and grid != _base_grid(hp.get("method")):
+        log.warning("merge.lam_grid=%s is not searched: merge.lam=%s is set and takes precedence (drop merge.lam, "
+                    "i.e. merge.lam=null, to search the grid)", grid, lam)
 
 
 def _without_ties_keys(hp: dict[str, Any]) -> dict[str, Any]:

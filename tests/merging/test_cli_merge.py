@@ -556,3 +556,21 @@ def test_an_earlier_tall_store_is_refused_before_the_lambda_search(pool, tmp_pat
     (tmp_path / "r" / "tall_store" / "tall.safetensors").write_bytes(b"")
     with pytest.raises(FileExistsError, match=r"tall_store holds a TALL store of an earlier run; pass overwrite=true"):
         run(_args(pool, "merge=tall_masks", f"output={tmp_path / 'elsewhere'}"), run_dir=tmp_path / "r")
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "tall_masks", "consensus"])
+def test_a_given_lam_grid_that_lam_overrides_is_said_once(tmp_path, caplog, method):
+    """merge.lam takes precedence over merge.lam_grid (documented); a grid the user gave is then not searched,
+    which is logged once. The config's own grid, always present, is not worth a warning."""
+    from mtl.cli.common import compose_in_process
+    from merging.job import _method
+
+    for extra, warned in ((["merge.lam=0.3", "merge.lam_grid=[0.1,0.2]"], True), (["merge.lam=0.3"], False),
+                          (["merge.lam_grid=[0.1,0.2]"], False)):
+        cfg, _ = compose_in_process("mtl.configs.merge_app", "merge", [f"merge={method}", *extra], tmp_path / "r")
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="merging.job"):
+            _method(cfg)
+        said = [r.getMessage() for r in caplog.records if "is not searched" in r.getMessage()]
+        assert said == (["merge.lam_grid=[0.1, 0.2] is not searched: merge.lam=0.3 is set and takes precedence "
+                         "(drop merge.lam, i.e. merge.lam=null, to search the grid)"] if warned else []), extra
