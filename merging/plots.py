@@ -67,32 +67,48 @@ def plot_task_accuracy(
     return _save(fig, path)
 
 
-def plot_mask_overlap(masks_or_overlap: Any, path, *, title: str = "TALL mask overlap") -> Path:
+def plot_mask_overlap(masks_or_overlap: Any, path, *, k: int | None = None, title: str | None = None) -> Path:
     """Histogram of how many tasks use each weight, selfish and catastrophic fractions annotated.
 
     Accepts the dict from `merging.mask_overlap`, or anything it accepts (TallMasks, store, mask list).
+    `k`: Consensus' threshold, drawn between the weights it drops (< k tasks) and keeps (≥ k), and named
+    in the default title ("Consensus mask overlap (k = 2)"; "TALL mask overlap" without it).
     """
+    return _save(mask_overlap_figure(masks_or_overlap, k=k, title=title), path)
+
+
+#: the bars stay below this share of the axes' height, the annotation box above it
+_BARS_TOP = 0.7
+
+
+def mask_overlap_figure(masks_or_overlap: Any, *, k: int | None = None, title: str | None = None):
+    """The figure `plot_mask_overlap` saves (matplotlib `Figure`)."""
     from .tall import mask_overlap
 
     ov = masks_or_overlap
     if not (isinstance(ov, Mapping) and "fractions" in ov):
         ov = mask_overlap(ov)
     T, fr = ov["tasks"], ov["fractions"]
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= T):
+        raise ValueError(f"plot_mask_overlap: k must be an int in [1, {T}] (the number of tasks), got {k!r}")
     fig, ax = _figure((max(5.0, 0.5 * (T + 1) + 2), 4))
     colors = ["tab:red", "tab:orange"] + ["tab:blue"] * (T - 1)
     ax.bar(range(T + 1), [100 * f for f in fr], color=colors[: T + 1])
+    ax.set_ylim(0, max(100 * max(fr), 1e-9) / _BARS_TOP)  # headroom: the box never covers a bar, the tallest included
     ax.set_xticks(range(T + 1))
     ax.set_xlabel("number of tasks whose mask keeps the weight")
     ax.set_ylabel("% of merged weights")
-    ax.set_title(title)
-    ax.text(
-        0.98, 0.95,
-        f"catastrophic (0 tasks): {100 * ov['catastrophic']:.1f}%\nselfish (1 task): {100 * ov['selfish']:.1f}%",
-        transform=ax.transAxes, ha="right", va="top", fontsize="small",
-        bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.8},
-    )
+    ax.set_title(title or ("TALL mask overlap" if k is None else f"Consensus mask overlap (k = {k})"))
+    lines = [f"catastrophic (0 tasks): {100 * ov['catastrophic']:.1f}%", f"selfish (1 task): {100 * ov['selfish']:.1f}%"]
+    if k is not None:
+        ax.axvline(k - 0.5, ymax=_BARS_TOP, color="black", linestyle="--", linewidth=1)
+        kept = sum(fr[k:])
+        lines.append(f"kept by Consensus (≥ {k} tasks): {100 * kept:.1f}%")
+    ax.text(0.98, 0.97, "\n".join(lines), transform=ax.transAxes, ha="right", va="top", fontsize="small",
+            bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.8})
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
+    fig.tight_layout()
+    return fig
 
 
 def plot_disentanglement(result: Any, path, *, title: str = "Weight disentanglement error ξ") -> Path:

@@ -48,7 +48,8 @@ def write_report(report: dict[str, Any], run_dir: Path) -> None:
     merging.plot_task_accuracy({"individual": scores("individual"), report["method"]: scores("merged")},
                                run_dir / "task_accuracy.png", ylabel="primary metric (test)")
     if "mask_overlap" in report:
-        merging.plot_mask_overlap(report["mask_overlap"], run_dir / "mask_overlap.png")
+        k = report["selected"].get("k") if report["method"] == "consensus" else None  # its threshold, shown
+        merging.plot_mask_overlap(report["mask_overlap"], run_dir / "mask_overlap.png", k=k)
 
 
 def print_table(report: dict[str, Any]) -> None:

@@ -307,3 +307,28 @@ def test_a_task_model_rebuilt_from_a_store_loads_into_its_fine_tuned_architectur
         net.load_state_dict(merging.load_task_model(store, task))  # strict: every key, the task's head included
         state = net.state_dict()
         assert all(torch.equal(state[k], v) for k, v in tall.reconstruct(t).items())
+
+
+@pytest.mark.parametrize("k", [None, 2])
+def test_mask_overlap_plot_keeps_its_box_off_the_bars_and_names_consensus(k):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.patches import Rectangle
+    from merging.plots import mask_overlap_figure
+
+    # the last bar (used by all 3 tasks) is the tallest, where the box sits (top right)
+    ov = {"tasks": 3, "params": 100, "counts": [5, 10, 15, 70], "fractions": [0.05, 0.1, 0.15, 0.7],
+          "catastrophic": 0.05, "selfish": 0.1, "universal": 0.7}
+    fig = mask_overlap_figure(ov, k=k)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    ax = fig.axes[0]
+    box = ax.texts[0].get_bbox_patch().get_window_extent(renderer)
+    bars = [p for p in ax.patches if isinstance(p, Rectangle)]
+    assert len(bars) == 4 and not any(b.get_window_extent(renderer).overlaps(box) for b in bars)
+    if k is None:
+        assert ax.get_title() == "TALL mask overlap" and not ax.lines
+    else:
+        assert ax.get_title() == "Consensus mask overlap (k = 2)"
+        assert "kept by Consensus (≥ 2 tasks): 85.0%" in ax.texts[0].get_text()
+        assert list(ax.lines[0].get_xdata()) == [1.5, 1.5]  # between 1 task (dropped) and 2 (kept)
+        assert not ax.lines[0].get_window_extent(renderer).overlaps(box)
