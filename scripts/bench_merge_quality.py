@@ -173,10 +173,12 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
     series.update({METHODS[m][0]: _primary(r, "merged") for m, r in done.items()})
     made = [merging.plot_task_accuracy(series, out / "task_accuracy.png", ylabel="test accuracy",
                                        title=f"Per-task accuracy by method ({Path(results['manifest']).parent.name})")]
-    tall = done.get("tall_masks") or done.get("consensus_ta") or done.get("consensus_ties")
-    if tall and tall.get("mask_overlap"):
-        made.append(merging.plot_mask_overlap(tall["mask_overlap"], out / "mask_overlap.png",
-                                              title=f"TALL mask overlap ({Path(results['manifest']).parent.name})"))
+    name = next((m for m in ("tall_masks", "consensus_ta", "consensus_ties") if done.get(m, {}).get("mask_overlap")), None)
+    if name:
+        k = None if name == "tall_masks" else done[name]["selected"].get("k")  # Consensus: its threshold, in the title
+        what = "TALL" if k is None else f"Consensus (k = {k})"
+        made.append(merging.plot_mask_overlap(done[name]["mask_overlap"], out / "mask_overlap.png", k=k,
+                                              title=f"{what} mask overlap ({Path(results['manifest']).parent.name})"))
     return made
 
 
