@@ -21,4 +21,39 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError("storage_options are not supported by mtlkit's checkpoint writer")
         with atomic_path(path) as tmp:
-            torch.save(checkpoint, tmp)
+            _save(checkpoint, tmp)
+
+
+class _KeepsWriteErrors:
+    """A binary file that keeps its write error: torch's zip writer turns an OSError (a full disk) into a
+    bare RuntimeError ("unexpected pos ..."), which neither names the file nor says why."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.f, name)
+
+
+def _save(obj: Any, path) -> None:
+    """``torch.save`` through a file we close ourselves (so a failed write frees its disk space at once,
+    not when the exception is collected), raising the OSError itself (``atomic_path`` names the output)."""
+    sink = None
+    try:
+        with open(path, "wb") as f:
+            sink = _KeepsWriteErrors(f)
+            torch.save(obj, sink)
+    except RuntimeError as e:
+        if sink is not None and sink.error is not None:
+            raise sink.error from e
+        raise

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -14,6 +15,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mtl.atomic import atomic_path
+
+log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -215,7 +218,7 @@ def check_weights_digest(file: str | os.PathLike, header: dict[str, str], keys: 
 
 def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
     """``config.json`` of a model folder, its format and task list checked (errors name file and key)."""
-    path = Path(path)
+    path = Path(os.path.expanduser(str(path)))
     store = path if path.name == TALL_STORE_FILE and path.is_file() else path / TALL_STORE_FILE
     if store.is_file() and not (path / CONFIG).exists():
         raise ModelFolderError(f"{path} is a TALL store, not a model folder: rebuild task t's weights with "
@@ -250,11 +253,30 @@ def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
         raise ModelFolderError(f"{file}: key 'model.tasks' is empty; a model has at least one task")
     if not isinstance(cfg.get("meta", {}), dict):
         raise ModelFolderError(f"{file}: key 'meta' must be an object, got {type(cfg['meta']).__name__}")
+    unknown = sorted(set(cfg) - {"format", "mtlkit_version", "model", "meta"})
+    if unknown:  # e.g. a misspelt "metadata": its content would be dropped without a word
+        log.warning("%s: unknown top-level key(s) %s ignored (a model folder holds format, mtlkit_version, model, meta)",
+                    file, unknown)
+    _warn_if_newer(cfg.get("mtlkit_version"), file)
     fetch = _initial_weight_source(cfg["model"], "model")
     if fetch:  # the folder's own weights replace them: honouring one would only reach the Hub or read another file
         raise ModelFolderError(f"{file}: key '{fetch}' makes the model read initial weights (the Hub or a file); a "
                                "model folder holds its weights and never loads others: remove the key")
     return cfg
+
+
+def _warn_if_newer(written_by: Any, file: Path) -> None:
+    """A folder written by a newer mtlkit may hold settings this one does not know: said once, not refused."""
+    def release(v: str) -> tuple[int, ...] | None:
+        parts = str(v).split("+")[0].split(".")[:3]
+        return tuple(int(p) for p in parts) if all(p.isdigit() for p in parts) else None
+
+    from mtl import __version__
+
+    theirs, ours = release(written_by), release(__version__)
+    if theirs and ours and theirs > ours:
+        log.warning("%s was written by mtlkit %s, newer than this %s: if it does not load as expected, upgrade",
+                    file, written_by, __version__)
 
 
 #: backbone keys naming where *initial* weights come from (timm's Hub download, a local file): a saved
@@ -357,7 +379,7 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"load_model takes the path of a model folder, got {type(path).__name__}"
                         + (" (already a model: use it as it is)" if isinstance(path, torch.nn.Module) else ""))
-    path = Path(path)
+    path = Path(os.path.expanduser(str(path)))
     cfg = read_model_config(path)
     file, cfg_file = path / WEIGHTS, path / CONFIG
     state, header = _read_weights(file)

@@ -388,6 +388,11 @@ def _check_checkpoint(path: Path) -> None:
     weights start a run through init_from instead)."""
     import zipfile
 
+    if path.is_dir():
+        last = path / "last.ckpt" if (path / "last.ckpt").is_file() else path / "checkpoints" / "last.ckpt"
+        hint = f"; did you mean {last}?" if last.is_file() else ""
+        raise IsADirectoryError(f"ckpt_path {path} is a folder, not a checkpoint file (a Lightning .ckpt, e.g. "
+                                f"<run>/checkpoints/last.ckpt){hint}")
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path {path}: no such file (a Lightning .ckpt, e.g. <run>/checkpoints/last.ckpt)")
     if not zipfile.is_zipfile(path):

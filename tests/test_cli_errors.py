@@ -1,6 +1,8 @@
 """CLI errors: one line naming the problem, exit status 1, the run folder marked FAILED."""
+import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import types
@@ -83,6 +85,16 @@ def test_a_model_file_as_ckpt_path_is_named_for_what_it_is(monkeypatch, tmp_path
     err = capfd.readouterr().err.strip()
     assert code == 1 and err == (f"error: ckpt_path {weights}: not a Lightning checkpoint (a torch zip archive such as "
                                  "<run>/checkpoints/last.ckpt); to start from a model folder's weights use init_from=<folder>")
+
+
+def test_a_run_folder_as_ckpt_path_points_at_its_last_checkpoint(monkeypatch, tmp_path, capfd):
+    run = tmp_path / "old_run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    code, _ = run_main(monkeypatch, tmp_path, f"ckpt_path={run}")
+    err = capfd.readouterr().err.strip()
+    assert code == 1 and err == (f"error: ckpt_path {run} is a folder, not a checkpoint file (a Lightning .ckpt, e.g. "
+                                 f"<run>/checkpoints/last.ckpt); did you mean {run / 'checkpoints' / 'last.ckpt'}?")
 
 
 def test_unknown_group_choice_lists_valid_names(monkeypatch, tmp_path, capfd):
@@ -372,7 +384,7 @@ def test_a_run_folder_in_use_is_refused_and_a_stale_claim_taken_over(monkeypatch
         code, _ = run_main(monkeypatch, tmp_path, f"hydra.run.dir={folder}")
         err = capfd.readouterr().err.strip().splitlines()[-1]
         assert code == 1 and err == (f"error: run_dir {folder} is in use by another run (pid {other.pid}); give each "
-                                     "run its own folder (hydra.run.dir)")
+                                     f"run its own folder (hydra.run.dir); if that run is gone, delete {folder / RUNNING}")
         assert (folder / RUNNING).read_text() == str(other.pid)  # the other run's claim and folder stay
         assert not (folder / FAILED).exists() and not (folder / "metrics.json").exists()
     finally:
@@ -382,6 +394,37 @@ def test_a_run_folder_in_use_is_refused_and_a_stale_claim_taken_over(monkeypatch
                                       f"hydra.run.dir={folder}"])
     train_cli.main()  # its process is gone: the stale claim is taken over and the run finishes
     assert (folder / "metrics.json").is_file() and not (folder / RUNNING).exists()
+
+
+def test_a_killed_runs_folder_is_a_failed_attempts_and_a_reused_pid_does_not_hold_it(monkeypatch, tmp_path, capfd):
+    """A SIGKILLed run leaves .running and no FAILED: the next attempt in its folder used to write its
+    checkpoints over the killed run's last.ckpt and restart its curves unseen. Its claim is now read as a
+    killed run's: the folder is marked FAILED, so the killed attempt's checkpoints and curves are set aside."""
+    import json as _json
+
+    from mtl.cli.failures import RUNNING
+
+    folder = tmp_path / "killed"
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "checkpoints" / "last.ckpt").write_bytes(b"the killed run's resume point")
+    (folder / "csv").mkdir()
+    (folder / "csv" / "metrics.csv").write_text("epoch\n0\n")
+    # pid 1 is alive but started long before this claim: a pid reused after a restart, not the run
+    (folder / RUNNING).write_text(_json.dumps({"pid": 1, "host": socket.gethostname(), "start": "-1"}))
+    monkeypatch.setattr(sys, "argv", ["mtl-train", "debug=smoke", "logger=csv", "viz.num_samples=0",
+                                      f"hydra.run.dir={folder}"])
+    train_cli.main()
+    assert (folder / "checkpoints.failed" / "last.ckpt").read_bytes() == b"the killed run's resume point"
+    assert (folder / "csv.failed" / "metrics.csv").read_text() == "epoch\n0\n"
+    assert (folder / "metrics.json").is_file() and not (folder / "FAILED").exists()
+    # a claim from another host (a shared file system) cannot be checked: refused, naming the marker to delete
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / RUNNING).write_text(_json.dumps({"pid": 123, "host": "node-17", "start": "5"}))
+    code, _ = run_main(monkeypatch, tmp_path, f"hydra.run.dir={other}")
+    err = capfd.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and err == (f"error: run_dir {other} is in use by another run (pid 123 on node-17); give each "
+                                 f"run its own folder (hydra.run.dir); if that run is gone, delete {other / RUNNING}")
 
 
 def test_an_added_key_that_nearly_matches_a_setting_is_refused():
@@ -429,8 +472,11 @@ def test_an_in_process_run_claims_the_new_folder_it_is_given(tmp_path):
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         with claims_run_folder(folder):
-            assert (folder / RUNNING).read_text() == str(os.getpid())
-            (folder / RUNNING).write_text(str(other.pid))  # as if another live run held it
+            import json
+
+            claim = json.loads((folder / RUNNING).read_text())
+            assert claim["pid"] == os.getpid() and claim["host"] == socket.gethostname()
+            (folder / RUNNING).write_text(str(other.pid))  # as if another live run held it (an older bare-pid marker)
             with pytest.raises(RunFolderTaken, match=rf"run_dir {folder} is in use by another run \(pid {other.pid}\)"):
                 with claims_run_folder(folder):
                     pass
@@ -485,3 +531,32 @@ def test_a_config_refusal_leaves_a_finished_runs_folder_as_it_was(tmp_path):
         with pytest.raises(ValueError):
             run(["debug=smoke", *bad], run_dir=done)
         assert sorted(p.name for p in done.iterdir()) == before
+
+
+def test_a_sweep_running_into_a_folder_refuses_a_second_sweep(tmp_path, capsys):
+    """Two sweeps given one hydra.sweep.dir at once interleaved their job folders and records: the second
+    is refused before the sweeper writes anything, naming the live sweep and the marker."""
+    from omegaconf import OmegaConf
+
+    from mtl.cli.failures import SWEEPING, release
+    from mtl.cli.sweep_end import PrintSweepDir
+
+    sweep = tmp_path / "sweep"
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}})
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        sweep.mkdir()
+        (sweep / SWEEPING).write_text(str(other.pid))
+        with pytest.raises(SystemExit) as e:
+            PrintSweepDir().on_multirun_start(config)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 1 and err == (f"error: hydra.sweep.dir {sweep} is in use by another sweep (pid {other.pid}); "
+                                             f"give each sweep its own folder (hydra.sweep.dir); if that sweep is gone, "
+                                             f"delete {sweep / SWEEPING}")
+    finally:
+        other.kill()
+        other.wait()
+    PrintSweepDir().on_multirun_start(config)  # that sweep is gone: its claim is taken over
+    assert json.loads((sweep / SWEEPING).read_text())["pid"] == os.getpid()
+    release(sweep / SWEEPING)
+    assert not (sweep / SWEEPING).exists()

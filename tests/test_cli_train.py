@@ -82,6 +82,7 @@ def test_single_task_baselines_then_delta_m(tmp_path):
                f"baselines.save_to={baselines}", cwd=tmp_path)
     sweep = run_dir_of(proc)  # a multirun ends with its sweep folder, the jobs' parent
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    assert not (sweep / ".sweeping").exists()  # the sweep's claim on its folder ends with it
     record = (sweep / "multirun.yaml").read_bytes()
     # a second sweep into that folder is refused before Hydra rewrites the first one's multirun.yaml
     again = cli("-m", "experiment=scenes_hps", "debug=smoke", "task=regression", f"hydra.sweep.dir={sweep}",

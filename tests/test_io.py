@@ -400,3 +400,17 @@ def test_a_dangling_link_is_replaced_as_before(tmp_path):
     with atomic_path(link, overwrite=False) as tmp:
         tmp.write_text("{}")
     assert not link.is_symlink() and link.read_text() == "{}"
+
+
+def test_load_model_expands_home_and_names_unknown_keys_and_newer_writers(tiny_model, tmp_path, monkeypatch, caplog):
+    folder = mtl.save_model(tiny_model, tmp_path / "m")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert list(mtl.load_model("~/m").tasks) == list(tiny_model.tasks)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["metadata"] = {"note": "misspelt meta"}
+    cfg["mtlkit_version"] = "99.0.0"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with caplog.at_level("WARNING"):
+        mtl.load_model(folder)
+    assert "unknown top-level key(s) ['metadata'] ignored" in caplog.text
+    assert "was written by mtlkit 99.0.0, newer than this" in caplog.text

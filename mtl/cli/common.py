@@ -137,7 +137,8 @@ def run_job(cfg, job: Callable[[Any, Path], Any] | str) -> Any:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     try:
-        with sigterm_raises(), claims_run_folder(run_dir, _rank0()):
+        key = "hydra.sweep.dir" if hc.mode == RunMode.MULTIRUN else "hydra.run.dir"
+        with sigterm_raises(), claims_run_folder(run_dir, _rank0(), key):
             # config mistakes found before the folder is touched: a finished run's folder stays as it was
             check_overrides(cfg, hc.overrides.task, ("mtl.configs",))
             with marks_failure(run_dir):
@@ -459,7 +460,7 @@ def run_in_process(job: Callable[[Any, Path], Any], config_modules: Sequence[str
     # a failed run is marked as the CLI marks it; the claim is released first, so a new folder the run left
     # empty (refused before writing) is removed rather than marked
     try:
-        with marks_failure(run_dir), claims_run_folder(run_dir, _rank0()):
+        with marks_failure(run_dir), claims_run_folder(run_dir, _rank0(), "run_dir="):
             check_required(cfg)
             return job(cfg, run_dir), Path(run_dir)
     except SystemExit as e:  # Lightning's sys.exit for Ctrl-C / SIGTERM: raised to a caller as what it was

@@ -93,7 +93,7 @@ def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     width_set = getattr(model, "width_set", None)  # a slimmable parent is measured at full width, whatever it was saved at
     if width_set:
         model.set_widths(encoder=max(width_set), decoders=max(width_set))
-    report.update({"model": str(Path(folder).resolve()), "output": str(output),
+    report.update({"model": str(Path(folder).resolve()), "output": str(Path(output).resolve()),
                    "parent": model_stats(model, x), "extracted": model_stats(sub, x)})
     if width_set:
         report["parent_widths"] = f"the widest configuration (encoder and every decoder at {max(width_set):g})"

@@ -3,7 +3,9 @@ named interruptions with their exit status, and the refusal of a finished run's 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import socket
 import traceback
 from pathlib import Path
 from typing import Iterator
@@ -86,57 +88,102 @@ def interrupted_message(what: str, run_dir: Path) -> str:
 
 
 RUNNING = ".running"
+SWEEPING = ".sweeping"  # a multirun's claim on its sweep folder (jobs claim their own folders with RUNNING)
+KILLED = ("the run in this folder (pid {pid}) stopped without finishing and without a word: killed (SIGKILL, "
+          "out of memory) or its machine went down")
 
 
 @contextlib.contextmanager
-def claims_run_folder(run_dir: str | os.PathLike, rank0: bool = True) -> Iterator[None]:
-    """Hold ``run_dir/.running`` (this process's pid) while a job runs in it: a second run given the same
-    folder (``hydra.run.dir=...`` twice at once) is refused with `RunFolderTaken` instead of mixing its
-    logs, model and metrics with the first's. A marker whose process is gone (a killed run) is taken over.
-    Only DDP's rank 0 claims (the other ranks share its folder). A folder that does not exist yet (an
-    in-process run) is made here, so two such runs given one new folder cannot both start, and removed
-    again (with the parents made for it) when the run leaves it empty (refused before writing)."""
+def claims_run_folder(run_dir: str | os.PathLike, rank0: bool = True, key: str = "hydra.run.dir") -> Iterator[None]:
+    """Hold ``run_dir/.running`` while a job runs in it: a second run given the same folder
+    (``hydra.run.dir=...`` twice at once) is refused with `RunFolderTaken` instead of mixing its logs, model
+    and metrics with the first's. A marker whose process is gone is a killed run's: it is taken over and
+    the folder marked ``FAILED`` (unless it already is), so the new attempt treats what the killed one left
+    (checkpoints, curves) as a failed attempt's. Only DDP's rank 0 claims (the other ranks share its folder).
+    A folder that does not exist yet (an in-process run) is made here, so two such runs given one new folder
+    cannot both start, and removed again (with the parents made for it) when the run leaves it empty.
+    ``key``: the setting that chooses the folder, for the refusal's advice."""
     if not rank0:
         yield
         return
     marker = Path(run_dir) / RUNNING
     made = make_parents(marker.parent)
     try:
-        with _claim(marker, run_dir):
+        stale = claim(marker, f"run_dir {run_dir}", key)
+        if stale is not None and not (marker.parent / FAILED).exists() \
+                and not (marker.parent / "metrics.json").exists():
+            with atomic_path(marker.parent / FAILED) as tmp:
+                tmp.write_text(KILLED.format(pid=stale) + "\n")
+        try:
             yield
+        finally:
+            release(marker)
     finally:
         remove_empty(made)
 
 
-@contextlib.contextmanager
-def _claim(marker: Path, run_dir) -> Iterator[None]:
+def claim(marker: Path, what: str, key: str, holder: str = "run") -> int | None:
+    """Create ``marker`` for this process (pid, host, process start time), refusing a live claim by another
+    process as `RunFolderTaken`; returns the pid of a dead claim taken over (None if there was none)."""
+    stale = None
     for _ in range(2):
         try:
             fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             break
         except FileExistsError:
             owner = _owner(marker)
-            if owner is not None and owner != os.getpid() and alive(owner):
-                raise RunFolderTaken(f"run_dir {run_dir} is in use by another run (pid {owner}); give each run "
-                                     "its own folder (hydra.run.dir)") from None
+            if owner is not None and owner["pid"] != os.getpid() and _holds(owner):
+                where = f" on {owner['host']}" if owner.get("host") not in (None, _HOST) else ""
+                raise RunFolderTaken(f"{what} is in use by another {holder} (pid {owner['pid']}{where}); give each "
+                                     f"{holder} its own folder ({key}); if that {holder} is gone, delete {marker}") from None
+            if owner is not None and owner["pid"] != os.getpid():
+                stale = owner["pid"]
             marker.unlink(missing_ok=True)  # left by a run that no longer exists
     else:
-        raise RunFolderTaken(f"run_dir {run_dir}: could not claim it ({marker} keeps reappearing)")
+        raise RunFolderTaken(f"{what}: could not claim it ({marker} keeps reappearing)")
     try:
-        os.write(fd, str(os.getpid()).encode())
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": _HOST, "start": _started(os.getpid())}).encode())
     finally:
         os.close(fd)
-    try:
-        yield
-    finally:
-        if _owner(marker) == os.getpid():
-            marker.unlink(missing_ok=True)
+    return stale
 
 
-def _owner(marker: Path) -> int | None:
+def release(marker: Path) -> None:
+    owner = _owner(marker)
+    if owner is not None and owner["pid"] == os.getpid():
+        marker.unlink(missing_ok=True)
+
+
+_HOST = socket.gethostname()
+
+
+def _started(pid: int) -> str | None:
+    """The process's start time (Linux: clock ticks since boot), which a reused pid does not share."""
     try:
-        return int(marker.read_text().strip())
-    except (OSError, ValueError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
         return None
 
 
+def _holds(owner: dict) -> bool:
+    """Whether the claim's process still runs. A claim made on another host (a shared file system) cannot be
+    checked from here and counts as held; on this host a live pid with another start time is a reused pid."""
+    if owner.get("host") not in (None, _HOST):
+        return True
+    if not alive(owner["pid"]):
+        return False
+    start, now = owner.get("start"), _started(owner["pid"])
+    return start is None or now is None or start == now
+
+
+def _owner(marker: Path) -> dict | None:
+    """The claim in ``marker``: {"pid", "host", "start"}; a bare pid (older markers) is {"pid"}."""
+    try:
+        data = json.loads(marker.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if isinstance(data, int) and not isinstance(data, bool):
+        return {"pid": data}
+    if isinstance(data, dict) and isinstance(data.get("pid"), int):
+        return data
+    return None

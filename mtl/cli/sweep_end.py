@@ -7,13 +7,14 @@ so the sweep folder — the jobs' parent, with Hydra's sweep files — is printe
 """
 from __future__ import annotations
 
+import atexit
 import sys
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from mtl.cli.failures import FAILED
+from mtl.cli.failures import FAILED, SWEEPING, RunFolderTaken, claim, release
 
 
 def jobs_not_failed(sweep_dir: str | Path) -> list[str]:
@@ -31,9 +32,19 @@ class PrintSweepDir(Callback):
         # Hydra's sweeper rewrites <sweep dir>/multirun.yaml before any job runs (and so before a job
         # refuses a finished folder): the earlier sweep's record would be lost. Hydra turns a callback's
         # exception into a warning, so exit here (nothing is written yet: no run_dir line).
-        sweep_dir = config.hydra.sweep.dir
+        sweep_dir = Path(config.hydra.sweep.dir)
+        # a sweep running into this folder now (it has not written its multirun.yaml record yet, or its
+        # jobs are still running): two sweeps would interleave their job folders and records
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            claim(sweep_dir / SWEEPING, f"hydra.sweep.dir {sweep_dir}", "hydra.sweep.dir", holder="sweep")
+        except RunFolderTaken as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(1)
+        atexit.register(release, sweep_dir / SWEEPING)  # also when a job's failure ends the sweep early
         kept = jobs_not_failed(sweep_dir)
         if kept:
+            release(sweep_dir / SWEEPING)
             shown = ", ".join(kept[:5]) + (", ..." if len(kept) > 5 else "")
             print(f"error: hydra.sweep.dir {sweep_dir} holds an earlier sweep (multirun.yaml; job folders that did "
                   f"not fail: {shown}); pick a new folder (the default is a new timestamped one)",
@@ -43,4 +54,5 @@ class PrintSweepDir(Callback):
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         from mtl.cli.common import finish
 
+        release(Path(config.hydra.sweep.dir) / SWEEPING)
         finish(config.hydra.sweep.dir)
