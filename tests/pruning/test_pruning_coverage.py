@@ -70,23 +70,29 @@ def test_taylor_unit_score_is_the_whole_first_order_change_of_its_coupled_weight
     assert torch.allclose(got, hand, rtol=1e-5)
 
 
-def test_taylor_scores_each_batch_gradient_before_summing():
-    """Two batches whose gradients cancel exactly (same images, targets of opposite sign): averaging the
-    gradients first scores every unit 0; the per-batch score Σ_b Σ|w·g_b| is the hand formula below."""
-    from pruning.importance import taylor_scores
-
+def _dot_model(seed: int):
+    """Linear(4→3) body, Linear(3→1) head of one task whose loss Σ t·y has gradients linear in the target:
+    (model, hidden, head, x (5, 4, 1, 1), t (5, 1))."""
     from pruning_toys import TinyMultiTask
 
-    class Dot:  # loss Σ t·y: its gradients are linear in the target
+    class Dot:
         target_key = "t"
 
         def loss(self, out, target):
             return (out * target).sum()
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     hidden, head = nn.Linear(4, 3, bias=False), nn.Linear(3, 1, bias=False)
     model = TinyMultiTask(nn.Sequential(nn.Flatten(), hidden), {"a": nn.Sequential(head)}, {"a": Dot()})
-    x, t = torch.randn(5, 4, 1, 1), torch.randn(5, 1)
+    return model, hidden, head, torch.randn(5, 4, 1, 1), torch.randn(5, 1)
+
+
+def test_taylor_scores_each_batch_gradient_before_summing():
+    """Two batches whose gradients cancel exactly (same images, targets of opposite sign): averaging the
+    gradients first scores every unit 0; the per-batch score Σ_b Σ|w·g_b| is the hand formula below."""
+    from pruning.importance import taylor_scores
+
+    model, hidden, head, x, t = _dot_model(0)
     batches = [{"image": x, "t": t}, {"image": x, "t": -t}]
     graph = LayerGraph(model, x)
     grad = hidden.weight.grad = torch.ones(3, 4)  # the caller's gradient comes back untouched
@@ -106,18 +112,7 @@ def test_taylor_squared_criterion_squares_each_batch_group_sum():
     summed over batches; signed products inside a unit cancel (unlike Σ|w·g|)."""
     from pruning.importance import taylor_scores
 
-    from pruning_toys import TinyMultiTask
-
-    class Dot:
-        target_key = "t"
-
-        def loss(self, out, target):
-            return (out * target).sum()
-
-    torch.manual_seed(1)
-    hidden, head = nn.Linear(4, 3, bias=False), nn.Linear(3, 1, bias=False)
-    model = TinyMultiTask(nn.Sequential(nn.Flatten(), hidden), {"a": nn.Sequential(head)}, {"a": Dot()})
-    x, t = torch.randn(5, 4, 1, 1), torch.randn(5, 1)
+    model, hidden, head, x, t = _dot_model(1)
     t2 = torch.randn(5, 1)
     batches = [{"image": x, "t": t}, {"image": x, "t": t2}]
     graph = LayerGraph(model, x)
