@@ -51,10 +51,29 @@ def calibration_batches(model, cfg: DictConfig, limit: int | None = None, why: s
         raise ValueError(f"calib.split must be train or val, got {cfg.calib.split!r}")
     n = check_int("calib.batches", cfg.calib.batches, low=1)
     n = min(n, limit or n)
-    dm = create_datamodule(**data)
+    dm = create_datamodule(**_checked_calib_data(data))
     dm.prepare_data()
     dm.setup("fit")
     return first_batches(dm, n, cfg.calib.split)  # dataset order: the same command keeps the same experts
+
+
+def _checked_calib_data(data: dict[str, Any]) -> dict[str, Any]:
+    """The data settings named as the user sets them (``calib.data.<key>``): unknown and missing ones."""
+    import inspect
+
+    from mtl.data import DATAMODULES
+    from mtl.registry import check_kwargs
+
+    cls = DATAMODULES.get(data["name"])
+    kwargs = {k: v for k, v in data.items() if k != "name"}
+    check_kwargs(cls, kwargs, "calib.data")
+    missing = [n for n, p in inspect.signature(cls).parameters.items()
+               if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+               and n not in kwargs]
+    if missing:
+        raise ValueError(f"calib.data.{missing[0]} is required for data {data['name']!r} (e.g. 'calib.data={{name: "
+                         f"{data['name']}, {missing[0]}: ...}}')")
+    return data
 
 
 def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
