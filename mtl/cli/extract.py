@@ -94,6 +94,14 @@ def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     folder = input_model(cfg, run_dir, "extract from",
                          experiment="scenes_slimmable" if widths is not None else "scenes_task_moe_vit")
     model = mtl.load_model(folder)
+    family = getattr(model, "config", {}).get("family", "multitask")
+    by_widths = getattr(model, "width_set", None) is not None
+    if widths is not None and not by_widths and hasattr(model, "extract_subnetwork"):  # the CLI's names, not Python's
+        raise ValueError(f"widths= extracts from slimmable models; this {family!r} model extracts a task's "
+                         "sub-network: pass tasks=<name> (with calib.* and min_share) instead")
+    if widths is None and by_widths and cfg.get("tasks"):
+        raise ValueError(f"tasks= extracts from task-routed MoE models; this {family!r} model extracts a width "
+                         "configuration: pass 'widths={encoder: 0.5, decoders: {<task>: 1.0}}' instead")
     # before any data: the family extracts at all, and by this request
     check_request(model, {"widths": widths} if widths is not None
                   else {"task": task, "calib": [], "min_share": float(cfg.min_share)})

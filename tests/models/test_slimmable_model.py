@@ -454,3 +454,24 @@ def test_model_stats_gives_the_parameters_of_the_active_widths_beside_every_stor
     stats = mtl.model_stats(model, torch.randint(0, 255, (1, 3, 32, 32), dtype=torch.uint8))
     sub = mtl.extract(model)
     assert stats["params_active"] == sum(p.numel() for p in sub.parameters()) < stats["params"]
+
+
+def test_extract_cli_names_the_other_familys_setting_in_cli_terms(tmp_path):
+    """widths= on a task-routed MoE model (or tasks= on a slimmable one) was refused in Python argument names."""
+    from mtl.cli.common import compose_in_process
+    from mtl.cli.extract import run_extract
+    from mtl.io import save_model
+
+    moe = create_model(["depth", "semseg"], backbone={"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2,
+                                                      "num_heads": 2, "mlp_ratio": 2.0},
+                       decoder={"num_experts": 4, "top_k": 2}, family="task_moe_vit")
+    save_model(moe, tmp_path / "moe")
+    save_model(slim_model(), tmp_path / "slim")
+    for folder, arg, want in [("moe", "widths={encoder: 0.5}", r"widths= extracts from slimmable models; this "
+                               r"'task_moe_vit' model extracts a task's sub-network: pass tasks=<name>"),
+                              ("slim", "tasks=depth", r"tasks= extracts from task-routed MoE models; this 'slimmable' "
+                               r"model extracts a width configuration: pass 'widths=")]:
+        cfg, run_dir = compose_in_process("mtl.configs.extract_app", "extract", [f"model={tmp_path / folder}", arg],
+                                          tmp_path / f"run_{folder}")
+        with pytest.raises(ValueError, match=want):
+            run_extract(cfg, run_dir)
