@@ -98,3 +98,19 @@ def bad_labels(target: torch.Tensor, num_classes: int, ignore_index: int) -> str
     found = sorted({int(v) for v in t[(t < 0) | (t >= num_classes)].unique()[:5]})
     return (f"target labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; found {found}"
             + (" (the built-in loaders mark unlabelled pixels 255: keep ignore_index=255)" if 255 in found else ""))
+
+
+def checked_cross_entropy(name: str, pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int,
+                          precheck: bool | None = None, **kwargs) -> torch.Tensor:
+    """``F.cross_entropy`` whose out-of-range target is an error naming the task and the values. On the CPU torch
+    raises an IndexError, caught here; on an accelerator such a target is a device-side assert that breaks
+    every later call, so the labels are checked first (``precheck``, default: off the CPU; one sync)."""
+    import torch.nn.functional as F
+
+    if precheck if precheck is not None else target.device.type != "cpu":
+        if bool(((target != ignore_index) & ((target < 0) | (target >= num_classes))).any()):
+            raise ValueError(f"task {name!r}: {bad_labels(target, num_classes, ignore_index)}")
+    try:
+        return F.cross_entropy(pred.float(), target.long(), ignore_index=ignore_index, **kwargs)
+    except (IndexError, RuntimeError) as e:  # torch's "Target 255 is out of bounds" names nothing of ours
+        raise ValueError(f"task {name!r}: {bad_labels(target, num_classes, ignore_index)}") from e

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
-from mtl.tasks.base import TASKS, Task, bad_labels
+from mtl.tasks.base import TASKS, Task, checked_cross_entropy
 from mtl.tasks.metrics import (
     AbsoluteRelativeError,
     Accuracy,
@@ -68,10 +68,7 @@ class SemSegTask(Task):
         self._check_dense(pred, target, target_dims=3)
         if not (target != self.ignore_index).any():
             return _zero_loss(pred)
-        try:
-            return F.cross_entropy(pred.float(), target.long(), ignore_index=self.ignore_index)
-        except (IndexError, RuntimeError) as e:  # torch's "Target 255 is out of bounds" names nothing of ours
-            raise ValueError(f"task {self.name!r}: {bad_labels(target, self.num_classes, self.ignore_index)}") from e
+        return checked_cross_entropy(self.name, pred, target, self.num_classes, self.ignore_index)
 
     def metrics(self) -> dict[str, Metric]:
         return {"miou": MeanIoU(self.num_classes, ignore_index=self.ignore_index),

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
-from mtl.tasks.base import TASKS, Task, bad_labels
+from mtl.tasks.base import TASKS, Task, checked_cross_entropy
 from mtl.tasks.metrics import Accuracy, MeanAbsoluteError, RootMeanSquaredError
 
 
@@ -46,11 +46,8 @@ class ClassificationTask(Task):
         valid = target != self.ignore_index
         if not valid.any():  # mean CE over zero elements would be NaN; keep the graph, add nothing
             return pred.sum() * 0.0
-        try:
-            return F.cross_entropy(pred.float(), target, ignore_index=self.ignore_index,
-                                   label_smoothing=self.label_smoothing)
-        except (IndexError, RuntimeError) as e:  # torch's "Target 7 is out of bounds" names nothing of ours
-            raise ValueError(f"task {self.name!r}: {bad_labels(target, self.num_classes, self.ignore_index)}") from e
+        return checked_cross_entropy(self.name, pred, target, self.num_classes, self.ignore_index,
+                                     label_smoothing=self.label_smoothing)
 
     def metrics(self) -> dict[str, Metric]:
         return {"accuracy": Accuracy(ignore_index=self.ignore_index)}

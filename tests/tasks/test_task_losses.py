@@ -252,3 +252,20 @@ def test_a_task_ignore_index_other_than_the_datas_mark_is_refused_before_trainin
     cfg.task.semseg.ignore_index = 255
     assert build_tasks(cfg, info)[0].ignore_index == 255
     assert build_tasks(cfg, {"semseg_classes": 3})[0].num_classes == 3  # data without a mark: nothing to compare
+
+
+def test_labels_are_checked_before_the_loss_off_the_cpu(monkeypatch):
+    """On a GPU an out-of-range target is a device-side assert that breaks every later CUDA call, so the
+    catch-and-name path cannot run: there the labels are checked first (forced here on the CPU)."""
+    import torch.nn.functional as F
+
+    from mtl.tasks.base import checked_cross_entropy
+
+    real, calls = F.cross_entropy, []
+    monkeypatch.setattr(F, "cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with pytest.raises(ValueError, match=r"task 'seg': target labels must lie in \[0, 3\) or equal "
+                                         r"ignore_index=255; found \[4\]"):
+        checked_cross_entropy("seg", torch.zeros(1, 3, 1, 2), torch.tensor([[[4, 255]]]), 3, 255, precheck=True)
+    assert calls == []  # refused before the loss ran
+    ok = checked_cross_entropy("seg", torch.zeros(1, 3, 1, 2), torch.tensor([[[2, 255]]]), 3, 255, precheck=True)
+    assert calls == [1] and ok.item() == pytest.approx(math.log(3))
