@@ -131,7 +131,9 @@ class Consensus(MergeMethod):
     def prepare(self, ctx: Context, select: str) -> None:
         super().prepare(ctx, select)
         self.base.prepare(ctx, select)
-        self.tall_lams = per_task_lams("tall_lam", self.hp["tall_lam"], ctx.task_names())
+        lam = self.hp["tall_lam"]  # the models' names only for a {task: λ} mapping (reading them opens every folder)
+        self.tall_lams = per_task_lams("tall_lam", lam, ctx.task_names() if isinstance(lam, Mapping) else
+                                       [f"task{t}" for t in range(ctx.T)])
 
     def merge_tensor(self, ctx: Context, key: str) -> torch.Tensor:
         pre = ctx.pre(key)

@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -560,3 +561,23 @@ def test_a_sweep_running_into_a_folder_refuses_a_second_sweep(tmp_path, capsys):
     assert json.loads((sweep / SWEEPING).read_text())["pid"] == os.getpid()
     release(sweep / SWEEPING)
     assert not (sweep / SWEEPING).exists()
+
+
+def test_of_several_runs_taking_over_one_stale_claim_exactly_one_wins(tmp_path):
+    """Two runs reading one dead claim at once could both unlink it and start; the takeover now happens under
+    a lock on the marker, so the later one finds the first's live claim."""
+    from mtl.cli.failures import RUNNING
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / RUNNING).write_text(str(dead.pid))
+    code = ("import sys, time; from pathlib import Path; from mtl.cli.failures import claim, RunFolderTaken\n"
+            "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
+            "try:\n    claim(Path(sys.argv[1]), 'run_dir x', 'hydra.run.dir'); print('won', flush=True); time.sleep(3)\n"
+            "except RunFolderTaken:\n    print('refused', flush=True)\n")
+    start = time.time() + 3  # every process imports first, then all try at once
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / RUNNING), str(start)],
+                              stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=60)[0].strip() for p in procs]
+    assert sorted(outs) == ["refused", "refused", "refused", "won"], outs
+    assert not list(tmp_path.glob(f"{RUNNING}.new-*"))  # no temporary left

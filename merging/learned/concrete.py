@@ -12,7 +12,8 @@ given the mask — task arithmetic with a fixed λ (`concrete_ta`), or AdaMergin
 same sampled mask, and after the mask is final AdaMerging runs `final_steps` more on it). With
 `reset_inner` (the authors' code) λ restarts from its initial value before every outer step's inner
 updates — Adam's moments carry on — so the mask's gradient is taken at one adaptation of λ from its
-start, not at λ learned over all earlier masks.
+start, not at λ learned over all earlier masks (the inner gradient itself at the reset λ; the authors'
+code takes it at the previous step's merge, docs/merging.md).
 
 As in the authors' code (FusionBench, concrete_subspace), with `rescale` every mask — each step's draw
 and the final one — is divided by its mean per tensor before it multiplies the task vectors,

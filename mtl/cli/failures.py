@@ -124,28 +124,65 @@ def claims_run_folder(run_dir: str | os.PathLike, rank0: bool = True, key: str =
 
 def claim(marker: Path, what: str, key: str, holder: str = "run") -> int | None:
     """Create ``marker`` for this process (pid, host, process start time), refusing a live claim by another
-    process as `RunFolderTaken`; returns the pid of a dead claim taken over (None if there was none)."""
-    stale = None
-    for _ in range(2):
+    process as `RunFolderTaken`; returns the pid of a dead claim taken over (None if there was none).
+
+    The marker appears with its content at once (a hard link of a written file), so no reader sees it
+    empty; a dead claim is replaced in place under an exclusive lock on the marker, so of two processes
+    taking over one stale claim the second finds the first's live claim and is refused."""
+    mine = json.dumps({"pid": os.getpid(), "host": _HOST, "start": _started(os.getpid())}).encode()
+    for _ in range(5):
+        if _create(marker, mine):
+            return None
         try:
-            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
-        except FileExistsError:
-            owner = _owner(marker)
+            fd = os.open(marker, os.O_RDWR)
+        except FileNotFoundError:
+            continue  # released meanwhile: create it again
+        try:
+            _lock(fd)
+            if os.fstat(fd).st_nlink == 0:
+                continue  # released while this process waited for the lock
+            owner = _parse(os.pread(fd, 4096, 0))
             if owner is not None and owner["pid"] != os.getpid() and _holds(owner):
                 where = f" on {owner['host']}" if owner.get("host") not in (None, _HOST) else ""
                 raise RunFolderTaken(f"{what} is in use by another {holder} (pid {owner['pid']}{where}); give each "
-                                     f"{holder} its own folder ({key}); if that {holder} is gone, delete {marker}") from None
-            if owner is not None and owner["pid"] != os.getpid():
-                stale = owner["pid"]
-            marker.unlink(missing_ok=True)  # left by a run that no longer exists
-    else:
-        raise RunFolderTaken(f"{what}: could not claim it ({marker} keeps reappearing)")
+                                     f"{holder} its own folder ({key}); if that {holder} is gone, delete {marker}")
+            os.ftruncate(fd, 0)  # left by a process that no longer runs: this one's now
+            os.pwrite(fd, mine, 0)
+            return owner["pid"] if owner is not None and owner["pid"] != os.getpid() else None
+        finally:
+            os.close(fd)  # and with it the lock
+    raise RunFolderTaken(f"{what}: could not claim it ({marker} keeps changing)")
+
+
+def _create(marker: Path, content: bytes) -> bool:
+    """Make ``marker`` holding ``content`` unless it exists (False then)."""
+    tmp = marker.with_name(f"{marker.name}.new-{os.getpid()}")
+    tmp.write_bytes(content)
     try:
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": _HOST, "start": _started(os.getpid())}).encode())
+        os.link(tmp, marker)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # a file system without hard links: exclusive create, then write
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, content)
+        finally:
+            os.close(fd)
+        return True
     finally:
-        os.close(fd)
-    return stale
+        tmp.unlink(missing_ok=True)
+
+
+def _lock(fd: int) -> None:
+    try:
+        import fcntl
+    except ImportError:  # no POSIX locks: the takeover is unguarded
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX)
 
 
 def release(marker: Path) -> None:
@@ -179,8 +216,15 @@ def _holds(owner: dict) -> bool:
 def _owner(marker: Path) -> dict | None:
     """The claim in ``marker``: {"pid", "host", "start"}; a bare pid (older markers) is {"pid"}."""
     try:
-        data = json.loads(marker.read_text().strip())
-    except (OSError, ValueError):
+        return _parse(marker.read_bytes())
+    except OSError:
+        return None
+
+
+def _parse(text: bytes) -> dict | None:
+    try:
+        data = json.loads(text.decode().strip())
+    except (UnicodeDecodeError, ValueError):
         return None
     if isinstance(data, int) and not isinstance(data, bool):
         return {"pid": data}

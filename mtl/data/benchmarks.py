@@ -160,6 +160,8 @@ def _indexed_files(folder: Path) -> dict[int, Path]:
     """The ``<i>.npy`` files in ``folder`` by index, in numeric order (``0007.npy`` is index 7)."""
     files: dict[int, Path] = {}
     for p in sorted(folder.glob("*.npy")):
+        if p.name.startswith("."):  # hidden side-files (macOS "._0.npy" on copied drives) are no samples
+            continue
         if not (p.stem.isascii() and p.stem.isdigit()):  # "2 (copy).npy", "img_3.npy": not skipped unseen
             raise ValueError(f"{p}: not named <i>.npy with an integer index (the layout's file names); "
                              "rename it or move it out of the folder")

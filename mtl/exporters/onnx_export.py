@@ -231,7 +231,9 @@ def _quiet_fds() -> Iterator[None]:
     except OSError:  # no such descriptors (an embedded interpreter): nothing to silence
         yield
         return
-    sys.stdout.flush(), sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):  # what is buffered goes out first
+        if stream is not None:
+            stream.flush()
     with tempfile.TemporaryFile() as sink:
         try:
             for fd in (1, 2):

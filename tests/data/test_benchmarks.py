@@ -352,3 +352,12 @@ def test_the_original_cityscapes_release_is_named_not_misread(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"holds leftImg8bit \(the original release\) but no train/ folder; "
                                                 r"this loader reads the preprocessed npy release"):
         create_datamodule("cityscapes", root=str(tmp_path / "cs")).setup()
+
+
+def test_hidden_side_files_are_no_samples(tmp_path):
+    """macOS leaves "._<i>.npy" beside each file on copied drives: skipped, while a visible stray name is named."""
+    root = write_npy_layout(tmp_path / "nyu")
+    (root / "train" / "image" / "._0.npy").write_bytes(b"\0\5\0\7Mac OS X")
+    dm = create_datamodule("nyuv2", root=str(root))
+    dm.setup()
+    assert len(dm.dataset("train")) == 3
