@@ -24,7 +24,8 @@ from .dare import dare, dare_mask
 from .methods import METHODS, create_method
 from .selection import keep_count, radix_thresholds
 from .sources import MergeInputError, StateSource, load_state_dict, open_source
-from .storage import TallStore, load_task_model, open_store, store_report, write_tall_store
+from .storage import write_tall_store
+from .store_reader import TallStore, load_task_model, open_store, store_report
 from .streaming import merge_to_file
 from .tall import TallMasks, mask_overlap, tall_masks
 from .task_vectors import apply_task_vector, compose, task_vector

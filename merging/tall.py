@@ -217,7 +217,7 @@ def mask_overlap(masks) -> dict[str, Any]:
     Returns counts and fractions indexed by the number of tasks (0..T), plus `selfish` (used by exactly
     one task) and `catastrophic` (used by none) fractions.
     """
-    from .storage import opened_store
+    from .store_reader import opened_store
 
     if isinstance(masks, TallMasks):
         T, names, get = masks.num_tasks, list(masks.tau), lambda n: [m[n] for m in masks.masks]

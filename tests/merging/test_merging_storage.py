@@ -332,3 +332,21 @@ def test_mask_overlap_plot_keeps_its_box_off_the_bars_and_names_consensus(k):
         assert "kept by Consensus (≥ 2 tasks): 85.0%" in ax.texts[0].get_text()
         assert list(ax.lines[0].get_xdata()) == [1.5, 1.5]  # between 1 task (dropped) and 2 (kept)
         assert not ax.lines[0].get_window_extent(renderer).overlaps(box)
+
+
+def test_a_store_is_hashed_once_per_process_until_it_changes(tmp_path, monkeypatch):
+    """load_task_model(store, t) in a loop over T tasks re-hashed the whole file T times."""
+    import mtl.io
+
+    pre, fts = make_models(T=2)
+    path = merging.write_tall_store(pre, fts, tmp_path / "s")
+    calls = []
+    real = mtl.io.check_weights_digest
+    monkeypatch.setattr(mtl.io, "check_weights_digest", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for t in range(2):
+        merging.load_task_model(path, t)
+    merging.open_store(path)
+    assert len(calls) <= 1
+    _flip_bit(path, next(k for k in merging.open_store(path).src.keys() if k.startswith("tau/")))
+    with pytest.raises(merging.MergeInputError, match="weights differ from the digest"):
+        merging.open_store(path)  # rewritten: checked again
