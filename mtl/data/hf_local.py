@@ -6,7 +6,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -15,13 +15,14 @@ import torch.nn.functional as F
 
 from mtl.data.benchmarks import check_unit_normals
 from mtl.data.hf import arrow_to_numpy, quiet_datasets
+from mtl.data.hf_columns import (IGNORE, channels_first, check_channels, check_sizes, class_ids, decode_images,
+                                 edge_map, encoded_image, resize, rgb_uint8, semseg_lookup)
 from mtl.data.memory import SPLITS, TensorDataModule, TensorDictDataset
 
 log = logging.getLogger(__name__)
 
 _VAL_NAMES = ("validation", "val", "valid", "dev")
 _DENSE_KEYS = {"semseg": 0, "depth": 1, "normals": 3, "edges": 1}  # key -> channels (0: no channel axis)
-IGNORE = 255  # SemSegTask's default ignore_index
 
 
 def _open_local(path: Path) -> dict[str, Any]:
@@ -93,217 +94,6 @@ def _read_table(f: Path) -> pa.Table:
         except pa.ArrowInvalid:
             src.seek(0)
             return pa.ipc.open_file(src).read_all()
-
-
-#: PIL modes of more than 8 bits per pixel
-_WIDE_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
-
-
-def _batches(ds, column: str, where: str):
-    """The column's rows, 256 at a time, decoded; a file an image row points to that cannot be read is named."""
-    rows = ds.select_columns([column]).iter(batch_size=256)
-    while True:
-        try:
-            yield next(rows)
-        except StopIteration:
-            return
-        except OSError as e:  # e.g. a {path} struct relative to another folder: datasets reads it from the cwd
-            name = getattr(e, "filename", None) or e
-            raise ValueError(f"{where}: cannot read the image file {name} (relative paths are read from the "
-                             f"working directory {os.getcwd()}; store the bytes or absolute paths)") from None
-
-
-def _decode_images(ds, column: str, size: tuple[int, int] | None, label: bool, where: str
-                   ) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """An ``Image`` column decoded with PIL into one array, and each row's size (H, W) as stored. With
-    ``size`` = (H, W) images are resized by PIL (bilinear) and labels by ``_resize`` (the pixel under each
-    output pixel's centre), so an ``Image`` label and a numeric one pick the same source pixels."""
-    from PIL import Image as PILImage
-
-    out, sizes = [], []
-    for batch in _batches(ds, column, where):
-        for img in batch[column]:
-            if img is None:
-                raise ValueError(f"{where} has no image in row {len(out)}; every row needs one")
-            sizes.append((img.size[1], img.size[0]))  # PIL sizes are (W, H)
-            if not label:  # 16-bit/32-bit/float images keep their values for _rgb_uint8 to judge: PIL's "RGB"
-                # conversion would clip 16-bit to white and truncate floats in [0, 1] to black, without a word
-                img = img.convert(("F" if img.mode == "F" else "I") if img.mode in _WIDE_MODES else "RGB")
-                if size is not None and img.size != (size[1], size[0]):
-                    img = img.resize((size[1], size[0]), PILImage.BILINEAR)
-                out.append(np.asarray(img))
-                continue
-            a = np.asarray(img)
-            if size is not None and a.shape[:2] != size:
-                t = torch.from_numpy(np.array(a))  # a writable copy
-                t = _resize(t[None, None] if a.ndim == 2 else t.permute(2, 0, 1)[None], size, nearest=True)[0]
-                a = (t[0] if a.ndim == 2 else t.permute(1, 2, 0)).numpy()
-            out.append(a)
-    shapes = {a.shape for a in out}
-    if len(shapes) > 1:
-        raise ValueError(f"hf_local: column {column!r} has images of several sizes {sorted(shapes)[:4]}; "
-                         "pass size (data.size) to resize them")
-    return (np.stack(out) if out else np.zeros((0,), np.uint8)), sizes
-
-
-def _resize(x: torch.Tensor, size: tuple[int, int] | None, nearest: bool) -> torch.Tensor:
-    """Bilinear (antialiased) for images; for targets the pixel under each output pixel's centre
-    ("nearest-exact"), so they stay aligned with the image."""
-    if size is None or tuple(x.shape[-2:]) == size:
-        return x
-    if nearest:
-        return F.interpolate(x.float(), size=size, mode="nearest-exact").to(x.dtype)
-    y = F.interpolate(x.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
-    return y.round().clamp(0, 255).to(x.dtype) if x.dtype == torch.uint8 else y
-
-
-def _encoded_image(t: pa.DataType) -> bool:
-    """A struct of ``bytes``/``path``: an HF ``Image`` column saved without the features metadata."""
-    return pa.types.is_struct(t) and {t.field(i).name for i in range(t.num_fields)} == {"bytes", "path"}
-
-
-def _check_channels(column: str, key: str, t: torch.Tensor, channels: int) -> None:
-    """A dense target has its key's channel count (semseg: class ids, one channel)."""
-    want = max(channels, 1)
-    if t.ndim != 4 or t.shape[1] != want:
-        got = t.shape[1] if t.ndim == 4 and t.shape[1] <= 4 else t.shape[-1]  # channels-last when not moved
-        raise ValueError(f"hf_local: column {column!r} ({key}) has {got} channels per pixel (shape "
-                         f"{tuple(t.shape[1:])}), {key} needs {want}"
-                         + (": class ids, not an RGB colour map" if key == "semseg" else ""))
-
-
-def _check_sizes(column: str, key: str, sizes: list[tuple[int, int]], image_sizes: list[tuple[int, int]],
-                 split: str, resized: bool) -> None:
-    """A dense target covers its image, row by row as stored (checked before any resizing). Once resized
-    (data.size) a map at another resolution of the same view (e.g. half size) is fine; another shape
-    (a transposed or EXIF-rotated mask, a crop) is not: resizing would train it misaligned."""
-    for row, (got, want) in enumerate(zip(sizes, image_sizes)):
-        if got == want:
-            continue
-        same_view = abs(got[0] / want[0] - got[1] / want[1]) * max(want) <= 1  # scales agree within a pixel
-        if not (resized and same_view):
-            fix = "set data.size to resize both, or fix the data" if same_view else \
-                "its aspect differs (transposed or rotated?), so resizing cannot align them: fix the data"
-            raise ValueError(f"hf_local: column {column!r} ({key}) of split {split!r} holds a {got} map for a "
-                             f"{want} image in row {row}; {fix}")
-
-
-def semseg_lookup(mapping: Mapping[Any, Any] | Sequence[Any] | None) -> torch.Tensor | None:
-    """``data.semseg_map`` as a lookup table raw id -> class id (IGNORE for 255 or −1; −2: not listed).
-    A list maps raw id i to its i-th entry (e.g. Cityscapes' 34 labelIds to its 19 trainIds)."""
-    if mapping is None:
-        return None
-    items = list(mapping.items()) if isinstance(mapping, Mapping) else list(enumerate(mapping)) \
-        if isinstance(mapping, Sequence) and not isinstance(mapping, (str, bytes)) else None
-    if not items:
-        raise ValueError(f"hf_local: data.semseg_map must be a non-empty {{raw id: class id}} mapping or list, got {mapping!r}")
-    whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
-    for raw, cls in items:
-        if not (whole(raw) and 0 <= raw <= 65535 and whole(cls) and -1 <= cls <= IGNORE):
-            raise ValueError(f"hf_local: data.semseg_map maps {raw!r} to {cls!r}; raw ids are ints in 0..65535 "
-                             f"and class ids ints in 0..254, or 255 / −1 to ignore that raw id")
-    lut = torch.full((max(r for r, _ in items) + 1,), -2, dtype=torch.int64)
-    for raw, cls in items:
-        lut[raw] = IGNORE if cls in (-1, IGNORE) else cls
-    return lut
-
-
-def _remap(where: str, t: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
-    """Raw ids through ``lut``; raw −1 and 255 stay ignored unless the map lists 255."""
-    keep = (t == -1) | ((t == IGNORE) & (len(lut) <= IGNORE or lut[IGNORE] == -2))
-    raw = t[~keep]
-    bad = (raw < 0) | (raw >= len(lut))
-    if not bad.any():
-        bad = lut[raw] == -2
-    if bad.any():
-        raise ValueError(f"{where} holds raw id {int(raw[bad][0])}, which data.semseg_map does not list; "
-                         "list every raw id (map it to 255 to ignore it)")
-    out = torch.full_like(t, IGNORE)
-    out[~keep] = lut[raw]
-    return out
-
-
-def _class_ids(where: str, key: str, t: torch.Tensor, classes: int | None,
-               lut: torch.Tensor | None = None) -> torch.Tensor:
-    """Whole class ids in 0..classes-1 as int64; semseg's −1 becomes IGNORE (255 stays ignored), after
-    ``lut`` (``semseg_lookup``) maps raw ids when given. ``where`` names the column and split. A
-    classification −1 (an unlabelled row) is refused."""
-    if t.is_floating_point() and (frac := t != t.round()).any():
-        raise ValueError(f"{where} holds {t[frac][0].item():g}; {key} needs whole class ids")
-    t = t.to(torch.int64)
-    if lut is not None:
-        t = _remap(where, t, lut)
-    if key == "semseg":
-        t = torch.where(t == -1, IGNORE, t)
-    elif (t == -1).any():
-        raise ValueError(f"{where} holds −1 in {int((t == -1).sum())} of {len(t)} rows (unlabelled, as in many "
-                         "test splits); classification needs a class id in every row: drop those rows or map a "
-                         "labelled split with data.splits")
-    ids = t[t != IGNORE] if key == "semseg" else t
-    if key == "semseg" and classes is None and (ids > IGNORE).any():  # e.g. a 16-bit mask with 65535 as ignore
-        raise ValueError(f"{where} holds {int(ids[ids > IGNORE][0])}; semseg class ids lie in 0..254 (255 marks "
-                         "ignored pixels): remap the labels, or set data.semseg_classes to say how many there are")
-    bad = (ids < 0) | (ids >= classes) if classes is not None else ids < 0
-    if bad.any():
-        ignored = "; −1 and 255 mark ignored pixels" if key == "semseg" else ""
-        limit = f"outside 0..{classes - 1} ({key}_classes={classes}{ignored})" if classes is not None else \
-            f"below 0 (class ids start at 0{ignored})"
-        raise ValueError(f"{where} holds {int(ids[bad][0])}, {limit}")
-    return t
-
-
-def _rgb_uint8(img: np.ndarray, where: str) -> np.ndarray:
-    """Numeric image arrays -> (N, 3, H, W) uint8. Grey (H, W) or one channel is repeated, an alpha channel
-    dropped; floats in [0, 1] are scaled to 0..255, floats up to 255 read as 0..255. Anything else is
-    refused, not clipped: normalised (negative) floats or 16-bit values would turn into black or white."""
-    if img.ndim == 3:
-        img = img[:, None]
-    elif img.ndim == 4 and img.shape[-1] in (1, 3, 4) and img.shape[1] not in (1, 3, 4):
-        img = img.transpose(0, 3, 1, 2)
-    if img.ndim != 4 or img.shape[1] not in (1, 3, 4):
-        raise ValueError(f"{where} has shape {img.shape[1:]} per image; images need (H, W), (H, W, C) or (C, H, W) "
-                         "with C = 1 (grey), 3 (RGB) or 4 (RGBA)")
-    img = np.repeat(img, 3, 1) if img.shape[1] == 1 else img[:, :3]
-    if img.dtype == np.uint8 or not img.size:
-        return img.astype(np.uint8)
-    if img.dtype == bool:
-        return img.astype(np.uint8) * 255
-    lo, hi = img.min(), img.max()
-    if np.issubdtype(img.dtype, np.floating):
-        if not np.isfinite(img).all():
-            raise ValueError(f"{where} holds NaN or infinite pixel values")
-        if lo < 0:
-            raise ValueError(f"{where} holds negative pixel values (min {lo:.3g}): it looks normalised "
-                             "(mean/std); store 0..1 or 0..255 values, the model normalises its input itself")
-        if hi > 255:
-            raise ValueError(f"{where} holds pixel values up to {hi:.4g}; images are 0..1 or 0..255")
-        return np.round(img * (255.0 if hi <= 1.0 else 1.0)).astype(np.uint8)
-    if lo < 0 or hi > 255:
-        raise ValueError(f"{where} holds {img.dtype} pixel values in {lo}..{hi}; images are 8-bit (0..255): "
-                         "convert them first (e.g. 16-bit: multiply by 255/65535)")
-    return img.astype(np.uint8)
-
-
-def _edge_map(where: str, t: torch.Tensor) -> torch.Tensor:
-    """Edge targets as float 0/1 (or probabilities in [0, 1]); 8-bit masks stored as 0/255 read as 0/1."""
-    f = t.to(torch.float32)
-    if not torch.isfinite(f).all():
-        raise ValueError(f"{where} holds NaN or infinite values; edges need 0/1 per pixel")
-    if not t.is_floating_point() and f.max() > 1 and bool(((f == 0) | (f == 255)).all()):
-        return f / 255
-    if f.min() < 0 or f.max() > 1:
-        raise ValueError(f"{where} holds values in {f.min().item():g}..{f.max().item():g}; edges need 1 = boundary, "
-                         "0 = not (or probabilities in [0, 1]); 8-bit masks of 0/255 are read as 0/1")
-    return f
-
-
-def _channels_first(a: np.ndarray, channels: int) -> np.ndarray:
-    """(N, H, W, C) -> (N, C, H, W) when the trailing axis looks like channels; (N, H, W) -> (N, 1, H, W)."""
-    if a.ndim == 3:
-        return a[:, None]
-    if a.ndim == 4 and a.shape[-1] == channels and a.shape[1] != channels:
-        return a.transpose(0, 3, 1, 2)
-    return a
 
 
 class HFImageDataModule(TensorDataModule):
@@ -391,8 +181,8 @@ class HFImageDataModule(TensorDataModule):
 
         def raw(column: str, label: bool, where: str) -> tuple[np.ndarray, list[tuple[int, int]] | None]:
             """The column as one array, and each row's (H, W) as stored for ``Image`` columns (else None)."""
-            if isinstance(ds.features[column], Image) or _encoded_image(table.schema.field(column).type):
-                return _decode_images(ds.cast_column(column, Image()), column, self.size, label, where)
+            if isinstance(ds.features[column], Image) or encoded_image(table.schema.field(column).type):
+                return decode_images(ds.cast_column(column, Image()), column, self.size, label, where)
             try:
                 a = arrow_to_numpy(table.column(column))
             except ValueError as e:
@@ -406,10 +196,10 @@ class HFImageDataModule(TensorDataModule):
 
         where_img = f"hf_local: image column {self.image_column!r} of split {split!r}"
         img, image_sizes = raw(self.image_column, False, where_img)
-        img = _rgb_uint8(img, where_img)
+        img = rgb_uint8(img, where_img)
         image_sizes = image_sizes or [tuple(img.shape[-2:])] * len(img)
         # np.require(..., "W"): arrow buffers are read-only, which torch.from_numpy warns about
-        image = _resize(torch.from_numpy(np.require(img, requirements=["C", "W"])), self.size, nearest=False)
+        image = resize(torch.from_numpy(np.require(img, requirements=["C", "W"])), self.size, nearest=False)
         out = {"image": image}
         for column, key in self.columns.items():
             where = f"hf_local: column {column!r} ({key}) of split {split!r}"
@@ -417,13 +207,13 @@ class HFImageDataModule(TensorDataModule):
             integer = np.issubdtype(a.dtype, np.integer) or a.dtype == bool
             if key in _DENSE_KEYS:
                 ch = _DENSE_KEYS[key]
-                t = torch.from_numpy(np.require(_channels_first(a, max(ch, 1)), requirements=["C", "W"]))
-                _check_channels(column, key, t, ch)
-                _check_sizes(column, key, sizes or [tuple(t.shape[-2:])] * len(t), image_sizes, split,
+                t = torch.from_numpy(np.require(channels_first(a, max(ch, 1)), requirements=["C", "W"]))
+                check_channels(column, key, t, ch)
+                check_sizes(column, key, sizes or [tuple(t.shape[-2:])] * len(t), image_sizes, split,
                              self.size is not None)
-                t = _resize(t, self.size, nearest=True)
+                t = resize(t, self.size, nearest=True)
                 if key == "semseg":
-                    out[key] = _class_ids(where, key, t[:, 0] if t.ndim == 4 else t, self._classes["semseg_classes"],
+                    out[key] = class_ids(where, key, t[:, 0] if t.ndim == 4 else t, self._classes["semseg_classes"],
                                           self.semseg_lut)
                 elif key == "normals" and t.dtype == torch.uint8:
                     # the usual 8-bit PNG encoding maps [-1, 1] to 0..255; all-zero pixels stay 0 (invalid)
@@ -433,7 +223,7 @@ class HFImageDataModule(TensorDataModule):
                     out[key] = t.to(torch.float32)
                     check_unit_normals(out[key], where)
                 elif key == "edges":
-                    out[key] = _edge_map(where, t)
+                    out[key] = edge_map(where, t)
                 else:  # depth: a missing value (NaN, ±inf) is what 0 already means, an invalid pixel
                     t = t.to(torch.float32)
                     out[key] = torch.where(torch.isfinite(t), t, 0.0)
@@ -442,7 +232,7 @@ class HFImageDataModule(TensorDataModule):
                     raise ValueError(f"{where} has shape {a.shape}; classification needs one class id per row, "
                                      "shape (N,) or (N, 1)")
                 t = torch.from_numpy(np.require(a.reshape(-1), requirements=["C", "W"]))
-                out[key] = _class_ids(where, key, t, self._classes["classification_classes"])
+                out[key] = class_ids(where, key, t, self._classes["classification_classes"])
             elif key == "regression":
                 t = torch.from_numpy(a.astype(np.float32))
                 if not torch.isfinite(t).all():
