@@ -581,3 +581,11 @@ def test_of_several_runs_taking_over_one_stale_claim_exactly_one_wins(tmp_path):
     outs = [p.communicate(timeout=60)[0].strip() for p in procs]
     assert sorted(outs) == ["refused", "refused", "refused", "won"], outs
     assert not list(tmp_path.glob(f"{RUNNING}.new-*"))  # no temporary left
+
+
+def test_a_near_miss_of_a_setting_is_named_not_sent_to_plus(monkeypatch, tmp_path, capfd):
+    """Hydra reads `tsk=depth` as a config group and advises `+tsk=depth`, which then fails as an unknown
+    setting; the one line names the setting meant."""
+    code, _ = run_main(monkeypatch, tmp_path, "tsk=depth")
+    err = capfd.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and err == "error: no setting 'tsk' (did you mean task?)"

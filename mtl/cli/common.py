@@ -237,8 +237,33 @@ def cli_main(hydra_main: Callable[[], Any], *config_modules: str, argv: list[str
     except Exception as e:  # Hydra's own (composition, overrides); a job's errors exit in run_job
         if verbose():
             raise
-        print(f"error: {hydra_message(e)}", file=sys.stderr, flush=True)
+        print(f"error: {_near_setting(hydra_message(e), config_modules or ('mtl.configs',))}", file=sys.stderr,
+              flush=True)
         sys.exit(1)
+
+
+def _near_setting(message: str, config_modules: Sequence[str]) -> str:
+    """Hydra reads ``task=depth`` for an unknown ``task`` as a config group and advises ``+task=depth``, which
+    then fails as an unknown setting: name the setting it nearly matches instead (``tasks``)."""
+    import difflib
+    import re
+
+    import yaml
+
+    m = re.match(r"Could not override '(\w+)'", message)
+    if m is None or message[m.end():m.end() + 1] == ".":  # dotted keys: check_added_keys names those
+        return message
+    name, known = m.group(1), set(_group_options(config_modules))
+    for module in config_modules:  # the top-level keys of the app's own config files
+        try:
+            files = [f for f in resources.files(module.removeprefix("pkg://")).iterdir() if f.name.endswith(".yaml")]
+        except (ModuleNotFoundError, FileNotFoundError, NotADirectoryError):
+            continue
+        for f in files:
+            data = yaml.safe_load(f.read_text())
+            known.update(k for k in (data or {}) if isinstance(k, str) and k != "defaults")
+    near = difflib.get_close_matches(name, sorted(known - {name}), n=1, cutoff=0.75)
+    return f"no setting {name!r} (did you mean {near[0]}?)" if near else message
 
 
 class _DropHydraJobError:
