@@ -110,6 +110,8 @@ OPTION_CHECKS: dict[str, tuple[Any, str]] = {
     "importance": (lambda v: v in ("l1", "taylor"), "'l1' or 'taylor'"),
     "combine": (lambda v: v in ("sum", "max"), "'sum' or 'max'"),
     "criterion": (lambda v: v in ("abs", "squared"), "'abs' or 'squared'"),
+    "decay_on": (lambda v: v in ("pruned", "visited"), "'pruned' or 'visited'"),
+    "reference": (lambda v: v in ("running_max", "last"), "'running_max' or 'last'"),
     "scope": (lambda v: v in ("global", "uniform"), "'global' or 'uniform'"),
     "ratios": (lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(_number(r) and 0 < r < 1 for r in v),
                "a non-empty list of numbers in (0, 1)"),

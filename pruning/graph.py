@@ -136,6 +136,9 @@ def _is_qkv(model: nn.Module, name: str) -> nn.Module | None:
     return parent if hasattr(parent, "num_heads") and hasattr(parent, "head_dim") else None
 
 
+_RESIDUAL_SCALES = ("LayerScale", "LayerScale2d")
+
+
 class LayerGraph:
     """The prunable layers of ``model`` (the model itself is not modified by building this)."""
 
@@ -150,6 +153,10 @@ class LayerGraph:
         unknown = [n for n in self.ignored if n not in dict(model.named_modules())]
         if unknown:
             raise PruningError(f"ignored_layers names unknown module(s) {unknown}")
+        # timm's LayerScale scales the residual stream, which is never pruned (its LayerNorms tie it
+        # together): left whole without the user listing every block's ls1/ls2
+        scales = [n for m, n in names.items() if type(m).__name__ in _RESIDUAL_SCALES and n not in self.ignored]
+        self.ignored |= set(scales)
         dg = build_graph(model, example)
         self._check_handled(dg, names)
         ignored_params = {id(p) for n in self.ignored for p in model.get_submodule(n).parameters()}
@@ -158,7 +165,7 @@ class LayerGraph:
         self.estimate = FlopsEstimate(model, example, attention)
         protected = [model.get_submodule(n) for n in self.protected.values()]
         self.layers: list[Layer] = []
-        self.skipped: dict[str, str] = {}
+        self.skipped: dict[str, str] = {n: "LayerScale of the residual stream (never pruned): left whole" for n in scales}
         for group in dg.get_all_groups(ignored_layers=protected):
             layer = self._layer(dg, group, names, ignored_params)
             if layer is not None:

@@ -9,9 +9,13 @@ Sequential greedy search over layers, heaviest (FLOPs) first, on the model as pr
   unit count is first rounded so the kept count is a multiple of it; duplicates are tried once); a
   performance-aware oracle rejects a ratio as soon as *any* task's calibration loss exceeds (1 + δ_l) × its current value, and
   the previous ratio is committed (the task that refused is logged as the layer's limiting task);
-* δ_l = δ_0 · γ^l shrinks geometrically along the order (later layers see an already smaller model),
-  with δ_0 chosen so that Π_l (1 + δ_l) = 1 + ``budget``: the loss of every task may grow by at most
-  ``budget`` over the whole pass;
+* δ_k = δ_0 · γ^k shrinks geometrically with k, the number of layers pruned so far (as the authors'
+  code does: a layer the oracle refuses outright does not use up the budget; ``decay_on="visited"``
+  counts every visited layer instead), with δ_0 chosen so that Π (1 + δ_k) over as many terms as there
+  are layers is 1 + ``budget``: no task's loss may grow by more than ``budget`` over the whole pass;
+* a task's reference loss is the largest it has had in the pass (its start, or a later accepted one:
+  ``reference="running_max"``, the authors' code), so a layer that happened to lower a task's loss
+  does not tighten every later layer's test for it; ``reference="last"`` uses the last accepted loss;
 * of the layers that were pruned, only the ``keep_fraction`` with the lowest loss increase per FLOP
   removed keep their pruning (the others return to full width).
 
@@ -81,12 +85,21 @@ def _restore(saved) -> None:
         p.copy_(v)
 
 
+DECAY_ON = ("pruned", "visited")
+REFERENCES = ("running_max", "last")
+
+
 def search(model: nn.Module, graph: LayerGraph, batches: list[dict[str, torch.Tensor]], budget: float,
            shrink: float = 0.9, ratios: Sequence[float] = DEFAULT_RATIOS, keep_fraction: float = 1.0,
-           importance: str = "l1", round_to: int | None = None) -> tuple[dict[str, list[int]], list[dict[str, Any]]]:
+           importance: str = "l1", round_to: int | None = None, decay_on: str = "pruned",
+           reference: str = "running_max") -> tuple[dict[str, list[int]], list[dict[str, Any]]]:
     """One PAGCP pass on a masked copy of ``model``; returns ({layer: removed units}, per-layer log)."""
     import copy
 
+    if decay_on not in DECAY_ON:
+        raise ValueError(f"decay_on must be one of {DECAY_ON}, got {decay_on!r}")
+    if reference not in REFERENCES:
+        raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
     round_to = check_round_to(round_to)
     ratios = sorted(float(r) for r in ratios)
     if not ratios or any(not 0 < r < 1 for r in ratios):
@@ -103,7 +116,9 @@ def search(model: nn.Module, graph: LayerGraph, batches: list[dict[str, torch.Te
     removed: dict[str, list[int]] = {}
     steps: list[dict[str, Any]] = []
     flops_now = graph.total_flops()
-    for i, (layer, delta) in enumerate(zip(order, deltas)):
+    committed = 0
+    for i, layer in enumerate(order):
+        delta = deltas[committed if decay_on == "pruned" else i]
         if importance == "l1":
             scores = l1_layer_scores(layer, work)
         else:
@@ -134,7 +149,10 @@ def search(model: nn.Module, graph: LayerGraph, batches: list[dict[str, torch.Te
                       "tried": tried})
         log.info("pagcp %d/%d %s: %d/%d %s removed (δ=%.4f, limited by %s)", i + 1, len(order), layer.name,
                  accepted_n, layer.size, layer.unit, delta, limiting or "max ratio")
-        flops_now, current = flops_after, accepted_losses
+        committed += bool(accepted_n)
+        flops_now = flops_after
+        current = {t: max(current[t], accepted_losses[t]) for t in current} if reference == "running_max" \
+            else accepted_losses
     pruned = [s for s in steps if s["removed"]]
     keep = math.ceil(keep_fraction * len(pruned))
     ranked_steps = sorted(pruned, key=lambda s: max(s["loss_increase"], 0.0) / max(s["flops_removed"], 1e-12))
@@ -148,12 +166,12 @@ def search(model: nn.Module, graph: LayerGraph, batches: list[dict[str, torch.Te
 def pagcp(model: nn.Module, graph: LayerGraph, batches, budget: float = 0.1, shrink: float = 0.9,
           ratios: Sequence[float] = DEFAULT_RATIOS, keep_fraction: float = 1.0, importance: str = "l1",
           flops_target: float | None = None, max_budget: float = 8.0, search_steps: int = 6,
-          round_to: int | None = None):
+          round_to: int | None = None, decay_on: str = "pruned", reference: str = "running_max"):
     """PAGCP (see the module docstring); with ``flops_target``, ``budget`` is searched (log bisection)."""
     if not batches:
         raise ValueError("pagcp needs calibration batches (calib=...) for its performance-aware oracle")
     kw = dict(shrink=shrink, ratios=ratios, keep_fraction=keep_fraction, importance=importance,
-              round_to=check_round_to(round_to))
+              round_to=check_round_to(round_to), decay_on=decay_on, reference=reference)
     if flops_target is None:
         removed, steps = search(model, graph, batches, budget, **kw)
         return removed, {"budget": budget, "steps": steps}
@@ -174,6 +192,8 @@ def pagcp(model: nn.Module, graph: LayerGraph, batches, budget: float = 0.1, shr
         else:
             lo = mid
     budget, removed, steps = found
+    log.info("pagcp: budget %.4g chosen (the smallest tried that reaches the target); its layer decisions are "
+             "the report's rounds[].steps, not necessarily the last pass logged above", budget)
     removed = trim_to_target(graph, removed, steps, flops_target, kw["round_to"])
     return removed, {"budget": budget, "flops_target": flops_target, "steps": steps}
 

@@ -253,3 +253,45 @@ def test_a_layer_given_back_whole_has_no_limiting_task_in_the_report():
     rows = {r["layer"]: r for r in _layer_rows(kept, [{"steps": steps}])}
     assert rows["a"]["limiting_task"] is None and rows["a"]["given_back"] is True
     assert rows["b"]["limiting_task"] == "semseg" and "given_back" not in rows["b"]
+
+
+def test_a_refused_layer_does_not_use_up_the_budget(model, batches, monkeypatch):
+    """The authors' code shrinks δ only after a layer's pruning is committed: with the heaviest layer refused
+    outright, the next layer is tested at δ_0 (decay_on="pruned"), not δ_0·γ (decay_on="visited")."""
+    graph = LayerGraph(model, batches[0]["image"][:2])
+    first, second = sorted(graph.layers, key=lambda l: -l.flops)[:2]
+    monkeypatch.setattr(pagcp_mod, "task_losses", controlled_losses(first.name, {"depth": 1e6}))
+    deltas = pagcp_mod.layer_thresholds(len(graph.layers), 0.3, 0.9)
+    for decay_on, want in (("pruned", deltas[0]), ("visited", deltas[1])):
+        _, steps = pagcp_mod.search(model, graph, batches, budget=0.3, shrink=0.9, decay_on=decay_on)
+        assert steps[0]["layer"] == first.name and steps[0]["removed"] == 0
+        assert steps[1]["layer"] == second.name and steps[1]["delta"] == pytest.approx(want)
+        assert steps[2]["delta"] == pytest.approx(deltas[1] if decay_on == "pruned" else deltas[2])
+
+
+def test_a_loss_that_fell_does_not_tighten_later_layers(model, batches, monkeypatch):
+    """Depth's loss is 1 − 0.5·f_A + 2·f_B (A, B the two heaviest layers). Pruning A lowers it; the authors'
+    reference (running max) keeps judging B against 1, the last accepted loss (reference="last") against
+    the lowered one: B's accepted ratios follow each rule exactly."""
+    graph = LayerGraph(model, batches[0]["image"][:2])
+    a, b = sorted(graph.layers, key=lambda l: -l.flops)[:2]
+
+    def zeroed(m, name):
+        w = m.get_submodule(name).weight
+        return float((w.flatten(1).abs().sum(1) == 0).float().mean())
+
+    def losses(m, _batches):
+        return {t: 1 - 0.5 * zeroed(m, a.name) + 2 * zeroed(m, b.name) if t == "depth" else 1.0 for t in TASKS}
+
+    monkeypatch.setattr(pagcp_mod, "task_losses", losses)
+    removed_b = {}
+    for reference in ("running_max", "last"):
+        _, steps = pagcp_mod.search(model, graph, batches, budget=0.3, shrink=0.9, reference=reference)
+        step_a, step_b = steps[0], steps[1]
+        assert step_a["removed"] > 0
+        ref = 1.0 if reference == "running_max" else 1 - 0.5 * step_a["removed"] / a.size
+        for tried in step_b["tried"]:
+            trial = 1 - 0.5 * step_a["removed"] / a.size + 2 * tried["units"] / b.size
+            assert tried["accepted"] == (trial <= (1 + step_b["delta"]) * ref), (reference, tried)
+        removed_b[reference] = step_b["removed"]
+    assert removed_b["running_max"] > removed_b["last"]

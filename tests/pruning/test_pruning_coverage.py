@@ -185,3 +185,27 @@ def test_frozen_parameters_stay_frozen_in_the_pruned_model():
     assert not any(p.requires_grad for p in pruned.backbone.parameters())
     assert all(p.requires_grad for p in pruned.decoder.parameters())
     assert not any(p.requires_grad for p in model.backbone.parameters())  # the input's flags too
+
+
+def test_a_vit_with_layerscale_prunes_without_listing_every_block():
+    """timm's LayerScale (test_vit2: ls1/ls2 in every block) scales the residual stream, which is never pruned:
+    it used to be refused until each block's ls1 and ls2 were passed as ignored_layers."""
+    from mtl.models import create_model
+    from mtl.tasks import create_task
+
+    torch.manual_seed(0)
+    model = create_model([create_task("depth"), create_task("classification")],
+                         backbone={"name": "test_vit2", "img_size": 32, "patch_size": 4},
+                         decoder={"name": "hps", "channels": 8}).eval()
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    graph = LayerGraph(model, x)
+    scales = [n for n in graph.skipped if n.endswith((".ls1", ".ls2"))]
+    assert len(scales) == 2 * len(model.backbone.body.model.blocks)
+    for layer in graph.layers:  # removal still computes what masking does, heads included
+        masked = copy.deepcopy(model)
+        graph.mask(masked, layer, [0])
+        removed, _ = graph.remove({layer.name: [0]})
+        with torch.no_grad():
+            want, got = masked.eval()(x), removed.eval()(x)
+        for t in want:
+            assert torch.allclose(got[t], want[t], atol=1e-4), (layer.name, t)
