@@ -35,7 +35,11 @@ def check_objective(cfg, metric_names: Mapping[str, Any], directions: Mapping[st
     higher = True if name == "delta_m" else bool(directions[parts[1]][parts[2]])  # Δm: higher is better
     want = "maximize" if higher else "minimize"
     given = sweeper["direction"]
-    given = given[0] if isinstance(given, (list, tuple)) or type(given).__name__ == "ListConfig" else given
+    if isinstance(given, (list, tuple)) or type(given).__name__ == "ListConfig":
+        if len(given) != 1:  # a multi-objective study needs as many values as directions; trials return one
+            raise ValueError(f"hydra.sweeper.direction={list(given)} asks for a {len(given)}-objective study, but a "
+                             f"trial returns one value (optimized_metric={name}); set hydra.sweeper.direction={want}")
+        given = given[0]
     if str(given).lower() != want:
         raise ValueError(f"hydra.sweeper.direction={given} would keep the worst trial: {name} is "
                          f"{'higher' if higher else 'lower'}-is-better; set hydra.sweeper.direction={want}")

@@ -109,3 +109,22 @@ def test_a_cluster_that_cannot_be_reached_is_one_line(monkeypatch, tmp_path, cap
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: launcher=ray could not connect to the Ray cluster at 10.0.0.1:6379 (ray.init({'include_dashboard': "
         "False, 'address': '10.0.0.1:6379'})): ConnectionError: Failed to connect to Ray cluster at 10.0.0.1:6379")
+
+
+def test_a_job_larger_than_the_local_cluster_is_refused_not_left_waiting(monkeypatch, tmp_path, capsys):
+    """cpus_per_job=3 on a 2-CPU local cluster once waited forever on Ray's autoscaler messages."""
+    import types
+
+    shut = []
+    fake = types.SimpleNamespace(is_initialized=lambda: False, init=lambda **kw: None,
+                                 cluster_resources=lambda: {"CPU": 2.0}, shutdown=lambda: shut.append(1))
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    cfg = compose_with_hydra(["launcher=ray", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    launcher = RayLauncher(num_cpus=2, cpus_per_job=3)
+    launcher.setup(hydra_context=object(), task_function=lambda c: None, config=cfg)
+    with pytest.raises(SystemExit) as e:
+        launcher.launch([["task=depth"]], initial_job_idx=0)
+    assert e.value.code == 1 and shut == [1]
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: hydra.launcher.cpus_per_job=3 exceeds the local Ray cluster's 2 CPUs (hydra.launcher.num_cpus); "
+        "no job could ever start")

@@ -59,6 +59,18 @@ def test_an_optimising_sweep_follows_its_metrics_direction(metric, direction, ma
     check_objective(OmegaConf.create({"optimized_metric": None}), NAMES, DIRS, sweeper={"params": {}})
 
 
+def test_a_multi_objective_direction_is_refused_before_training():
+    """direction=[maximize, minimize] once passed the check (its first entry was read); every trial then
+    returned one value, Optuna failed each and the study ended with exit 0 and no solution."""
+    from mtl.sweep import check_objective
+
+    cfg = OmegaConf.create({"optimized_metric": "val/semseg/miou"})
+    with pytest.raises(ValueError, match=r"hydra.sweeper.direction=\['maximize', 'minimize'\] asks for a 2-objective "
+                                         r"study, but a trial returns one value"):
+        check_objective(cfg, NAMES, DIRS, sweeper=OmegaConf.create({"direction": ["maximize", "minimize"]}))
+    check_objective(cfg, NAMES, DIRS, sweeper=OmegaConf.create({"direction": ["maximize"]}))
+
+
 def test_objective_delta_m_against_baselines(tmp_path):
     base = tmp_path / "b.json"
     base.write_text(json.dumps({"depth": {"rmse": 2.0, "abs_rel": 0.4}, "semseg": {"miou": 0.6, "pixel_acc": 0.9}}))

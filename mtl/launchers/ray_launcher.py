@@ -119,6 +119,16 @@ class RayLauncher(Launcher):
                 print(f"error: launcher=ray could not {where} (ray.init({kw})): {type(e).__name__}: {e}",
                       file=sys.stderr, flush=True)
                 sys.exit(1)
+        if started and not self.address:  # a local cluster never grows: a job larger than it would wait forever
+            have = ray.cluster_resources()
+            for kind, want in (("CPU", self.cpus_per_job), ("GPU", self.gpus_per_job)):
+                if want and want > have.get(kind, 0):
+                    ray.shutdown()
+                    key = "num_cpus" if kind == "CPU" else "num_gpus"
+                    print(f"error: hydra.launcher.{kind.lower()}s_per_job={want} exceeds the local Ray cluster's "
+                          f"{have.get(kind, 0):g} {kind}s (hydra.launcher.{key}); no job could ever start",
+                          file=sys.stderr, flush=True)
+                    sys.exit(1)
         try:
             log.info("Ray is launching %d jobs (%s CPU, %s GPU each) into %s", len(job_overrides), self.cpus_per_job,
                      self.gpus_per_job, sweep_dir)
