@@ -225,3 +225,32 @@ def test_gradient_clipping_works_under_bf16_mixed(tmp_path):
     # trainer=gpu's default precision; Lightning's clipping refused the fused AdamW there
     proc = cli(*SMOKE, "task=depth", "trainer.precision=bf16-mixed", "optim.grad_clip=0.5", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_joblib_sweep_stops_its_jobs_too(tmp_path):
+    """SIGTERM to a launcher=joblib sweep ended it at once and silently while its workers trained on,
+    orphaned, until each wrote a finished run: the jobs are now told to stop, each marks its folder
+    FAILED, and the sweep ends as a single run does (exit 143, one error line, its folder last)."""
+    import signal
+    import time
+
+    pytest.importorskip(plugins.PLUGINS["launcher=joblib"][0])
+    sweep = tmp_path / "sweep"
+    env = dict(os.environ, MTL_OUTPUT_DIR=str(tmp_path / "outputs"), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "mtl.cli.train", "-m", "launcher=joblib", *SMOKE, "task=depth",
+                             "trainer.max_epochs=500", "seed=1,2", f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while len(list(sweep.glob("*/checkpoints/last.ckpt"))) < 2 and time.time() < deadline:  # both jobs training
+        time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-2000:]
+    assert out.strip().splitlines()[-1] == f"run_dir: {sweep}"
+    errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert errors[-1].startswith("error: interrupted by SIGTERM; the sweep's running jobs were stopped")
+    for job in ("0", "1"):
+        assert (sweep / job / "FAILED").read_text().startswith("interrupted by SIGTERM")
+        assert not (sweep / job / "metrics.json").exists() and not (sweep / job / ".running").exists()
+    assert not (sweep / ".sweeping").exists()

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from mtl.cli.choices import check_overrides
-from mtl.cli.failures import (FAILED, claims_run_folder, interrupted_message, interruption, marks_failure,
+from mtl.cli.failures import (FAILED, Terminated, claims_run_folder, interrupted_message, interruption, marks_failure,
                                sigterm_raises)
 
 
@@ -163,7 +163,9 @@ def run_job(cfg, job: Callable[[Any, Path], Any] | str) -> Any:
         if stop is None and hc.mode == RunMode.MULTIRUN:
             overrides = " ".join(hc.overrides.task)
             raise JobFailed(f"sweep job #{hc.job.num} ({overrides}) failed: {message}", str(hc.sweep.dir)) from None
-        if stop is not None and hc.mode == RunMode.MULTIRUN:
+        from mtl.cli.sweep_end import INTERRUPTED_SWEEP
+
+        if stop is not None and hc.mode == RunMode.MULTIRUN and INTERRUPTED_SWEEP:  # a job in the sweep's process
             finish(hc.sweep.dir)  # the sweep ends here (the sweeper never returns): its folder is the last line
         sys.exit(stop[1] if stop else 1)
     finish(run_dir)
@@ -234,6 +236,16 @@ def cli_main(hydra_main: Callable[[], Any], *config_modules: str, argv: list[str
         print(f"error: {e}", file=sys.stderr, flush=True)
         finish(e.args[1])
         sys.exit(1)
+    except (Terminated, KeyboardInterrupt) as e:  # a multirun's launcher stopped (jobs told to stop: sweep_end)
+        from mtl.cli.sweep_end import INTERRUPTED_SWEEP
+
+        if verbose() or not INTERRUPTED_SWEEP:
+            raise
+        what, code = ("SIGTERM", 143) if isinstance(e, Terminated) else ("Ctrl-C", 130)
+        print(f"error: interrupted by {what}; the sweep's running jobs were stopped too (each marked FAILED in its "
+              "folder)", file=sys.stderr, flush=True)
+        finish(INTERRUPTED_SWEEP[0])
+        sys.exit(code)
     except Exception as e:  # Hydra's own (composition, overrides); a job's errors exit in run_job
         if verbose():
             raise

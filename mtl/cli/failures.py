@@ -186,7 +186,7 @@ def _lock(fd: int) -> None:
 
 
 def release(marker: Path) -> None:
-    owner = _owner(marker)
+    owner = owner_of(marker)
     if owner is not None and owner["pid"] == os.getpid():
         marker.unlink(missing_ok=True)
 
@@ -213,7 +213,7 @@ def _holds(owner: dict) -> bool:
     return start is None or now is None or start == now
 
 
-def _owner(marker: Path) -> dict | None:
+def owner_of(marker: Path) -> dict | None:
     """The claim in ``marker``: {"pid", "host", "start"}; a bare pid (older markers) is {"pid"}."""
     try:
         return _parse(marker.read_bytes())

@@ -8,13 +8,16 @@ so the sweep folder — the jobs' parent, with Hydra's sweep files — is printe
 from __future__ import annotations
 
 import atexit
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from mtl.cli.failures import FAILED, SWEEPING, RunFolderTaken, claim, release
+from mtl.atomic import alive
+from mtl.cli.failures import FAILED, RUNNING, SWEEPING, RunFolderTaken, claim, owner_of, release
 
 
 def jobs_not_failed(sweep_dir: str | Path) -> list[str]:
@@ -50,9 +53,66 @@ class PrintSweepDir(Callback):
                   f"not fail: {shown}); pick a new folder (the default is a new timestamped one)",
                   file=sys.stderr, flush=True)
             sys.exit(1)
+        stop_children_on_sigterm(sweep_dir)
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         from mtl.cli.common import finish
 
         release(Path(config.hydra.sweep.dir) / SWEEPING)
         finish(config.hydra.sweep.dir)
+
+
+#: the running multirun's folder, for the interruption's last line (cli_main prints it)
+INTERRUPTED_SWEEP: list[Path] = []
+
+
+def stop_children_on_sigterm(sweep_dir: Path) -> None:
+    """A SIGTERM to the sweep's process stops the sweep, not only its launcher: jobs that run in child
+    processes (launcher=joblib's workers, submitit_local's jobs) are sent SIGTERM too, so each stops and
+    marks its folder FAILED as a single run does, instead of training on, orphaned, after the sweep has
+    exited without a word. The sweep then ends with ``error: interrupted by SIGTERM`` and its folder."""
+    import signal
+    import threading
+
+    from mtl.cli.failures import Terminated
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    INTERRUPTED_SWEEP[:] = [sweep_dir]
+
+    def handler(signum, frame):
+        for pid in _children(os.getpid()):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+        # the jobs mark their folders FAILED and release their claims; leaving first would let the launcher's
+        # teardown kill them mid-write
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and any(_held(m) for m in sweep_dir.glob(f"*/{RUNNING}")):
+            time.sleep(0.2)
+        raise Terminated("SIGTERM")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _held(marker: Path) -> bool:
+    owner = owner_of(marker)
+    return owner is not None and owner["pid"] != os.getpid() and alive(owner["pid"])
+
+
+def _children(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (Linux /proc; elsewhere none are found)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
