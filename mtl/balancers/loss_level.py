@@ -71,8 +71,9 @@ class DynamicWeightAverage(Balancer):
         # history[0] = mean loss of window k−2, history[1] = of window k−1 (NaN: not seen yet)
         self.register_buffer("history", torch.full((2, T), float("nan")))
         self.register_buffer("window_id", torch.tensor(-1, dtype=torch.long))
-        # this rank's sums over the open window: not buffers, since DDP would overwrite them with
-        # rank 0's at every forward (broadcast_buffers); they travel in the state dict as extra state
+        # sums over the open window of each step's losses averaged over DDP ranks (so every rank holds the
+        # same sums and rank 0's checkpoint resumes all of them exactly); not buffers, which DDP would
+        # broadcast at every forward; they travel in the state dict as extra state
         self._sum, self._count = torch.zeros(T), 0
 
     def current_weights(self) -> torch.Tensor:
@@ -87,7 +88,7 @@ class DynamicWeightAverage(Balancer):
         if wid == int(self.window_id):
             return
         if self._count > 0:
-            mean = dist_mean(self._sum / self._count).to(self.history)
+            mean = (self._sum / self._count).to(self.history)
             self.history.copy_(torch.stack([self.history[1], mean]))
         self._sum, self._count = torch.zeros_like(self._sum), 0
         self.window_id.fill_(wid)
@@ -101,7 +102,7 @@ class DynamicWeightAverage(Balancer):
     def backward(self, ctx: StepContext) -> None:
         self._advance(ctx)
         total = self.combine(ctx.losses, ctx.step)
-        L = self._stack(ctx.losses).detach().float()
+        L = dist_mean(self._stack(ctx.losses).detach().float())
         self._sum = self._sum.to(L.device) + L
         self._count += 1
         ctx.backward(total)
@@ -332,8 +333,13 @@ class FAMO(_OwnOptimizer):
         w, z = self._weights_for(Ld)
         ctx.backward((w.to(L.dtype) * L).sum())
         self._set_weights(w)
-        # a zero loss has no log: the log of eps stands in, and its task's change is not counted
-        self._before, self._z, self._live = Ld.clamp_min(self.eps).log(), z, Ld > 0
+        # a zero loss has no log: the log of eps stands in, and its task's change is not counted. With
+        # recompute=false the pending log-losses span steps, hence checkpoints: averaged over DDP ranks here
+        # (the update averages the ranks' changes anyway), every rank holds what rank 0's checkpoint resumes
+        before, live = Ld.clamp_min(self.eps).log(), Ld > 0
+        if not self.recompute:
+            before, live = dist_mean(before), dist_mean(live.float()) == 1
+        self._before, self._z, self._live = before, z, live
 
     def after_step(self, ctx: StepContext) -> None:
         if not self.recompute or self._before is None:

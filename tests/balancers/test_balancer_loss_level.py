@@ -453,3 +453,22 @@ def test_famo_without_recompute_keeps_its_pending_update_across_a_state_dict_rou
         b.backward(ctx)
     assert other.logits[0] < 0 < other.logits[1]
     assert torch.equal(other.logits, famo.logits) and other.weights() == famo.weights()
+
+
+def test_pending_window_and_famo_state_are_the_ranks_mean_so_rank_0s_checkpoint_resumes_every_rank(monkeypatch):
+    """Under DDP only rank 0's checkpoint is written and every rank resumes from it. DWA's open window and
+    FAMO's pending log-losses (recompute=false) used to be this rank's own, so after a resume every rank
+    averaged rank 0's values: they now hold the mean over ranks as it is accumulated (two ranks simulated:
+    the other rank's losses are twice this one's)."""
+    import mtl.balancers.loss_level as loss_level
+
+    monkeypatch.setattr(loss_level, "dist_mean", lambda t: (t + 2 * t) / 2)  # mean of this rank's and the other's
+    dwa = create_balancer("dwa", ["a", "b"], window=5)
+    run_dwa(dwa, [(0, 0, {"a": 2.0, "b": 1.0}), (1, 0, {"a": 4.0, "b": 3.0})])
+    state = dwa.get_extra_state()
+    assert state["count"] == 2 and torch.allclose(state["sum"], torch.tensor([1.5 * 6.0, 1.5 * 4.0]))
+    famo = create_balancer("famo", ["a", "b"], recompute=False, optimizer="sgd")
+    _, ctx = fixed_losses({"a": 2.0, "b": 1.0})
+    famo.backward(ctx)
+    pending = famo.get_extra_state()
+    assert torch.allclose(pending["before"], 1.5 * torch.tensor([math.log(2.0), 0.0]))
