@@ -14,6 +14,20 @@ from pruning.graph import LayerGraph, PruningError
 from pruning_toys import toy_batches, toy_model
 
 
+def _removal_equals_masking(model, graph, x) -> None:
+    """Removing unit 0 of each layer (of two units or more) computes what zeroing it computes."""
+    for layer in graph.layers:
+        if layer.size < 2:
+            continue
+        masked = copy.deepcopy(model)
+        graph.mask(masked, layer, [0])
+        removed, _ = graph.remove({layer.name: [0]})
+        with torch.no_grad():
+            want, got = masked.eval()(x), removed.eval()(x)
+        for t in want:
+            assert torch.allclose(got[t], want[t], atol=1e-4), (layer.name, t)
+
+
 def test_frozen_parameters_do_not_hide_layers():
     batches = toy_batches()
     x = batches[0]["image"]
@@ -37,17 +51,7 @@ def test_grouped_convs_and_groupnorm_are_skipped_and_removal_equals_masking(back
     pruned, report = pruning.prune(model, "l1", ratio=0.5, calib=batches)
     assert count_flops(pruned, x) < count_flops(model, x)
     assert set(report["rounds"][0]["skipped_layers"]) == set(graph.skipped)
-    # every layer that is pruned: removing a unit computes what zeroing it computes
-    for layer in graph.layers:
-        if layer.size < 2:
-            continue
-        masked = copy.deepcopy(model)
-        graph.mask(masked, layer, [0])
-        removed, _ = graph.remove({layer.name: [0]})
-        with torch.no_grad():
-            want, got = masked.eval()(x), removed.eval()(x)
-        for t in want:
-            assert torch.allclose(got[t], want[t], atol=1e-4), (backbone, layer.name, t)
+    _removal_equals_masking(model, graph, x)  # every layer that is pruned
 
 
 def test_taylor_unit_score_is_the_whole_first_order_change_of_its_coupled_weights():
@@ -201,11 +205,4 @@ def test_a_vit_with_layerscale_prunes_without_listing_every_block():
     graph = LayerGraph(model, x)
     scales = [n for n in graph.skipped if n.endswith((".ls1", ".ls2"))]
     assert len(scales) == 2 * len(model.backbone.body.model.blocks)
-    for layer in graph.layers:  # removal still computes what masking does, heads included
-        masked = copy.deepcopy(model)
-        graph.mask(masked, layer, [0])
-        removed, _ = graph.remove({layer.name: [0]})
-        with torch.no_grad():
-            want, got = masked.eval()(x), removed.eval()(x)
-        for t in want:
-            assert torch.allclose(got[t], want[t], atol=1e-4), (layer.name, t)
+    _removal_equals_masking(model, graph, x)  # heads included
