@@ -59,6 +59,7 @@ class PrintSweepDir(Callback):
         from mtl.cli.common import finish
 
         release(Path(config.hydra.sweep.dir) / SWEEPING)
+        _restore_sigterm()
         finish(config.hydra.sweep.dir)
 
 
@@ -93,7 +94,19 @@ def stop_children_on_sigterm(sweep_dir: Path) -> None:
             time.sleep(0.2)
         raise Terminated("SIGTERM")
 
-    signal.signal(signal.SIGTERM, handler)
+    _PREVIOUS[:] = [signal.signal(signal.SIGTERM, handler)]
+
+
+_PREVIOUS: list = []  # the SIGTERM handler before the sweep's, put back when it ends (in-process sweeps)
+
+
+def _restore_sigterm() -> None:
+    import signal
+    import threading
+
+    if _PREVIOUS and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _PREVIOUS.pop())
+    INTERRUPTED_SWEEP.clear()
 
 
 def _held(marker: Path) -> bool:
