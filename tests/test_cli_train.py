@@ -117,6 +117,13 @@ def test_a_sweep_folder_whose_jobs_all_failed_may_be_reused(tmp_path):
     assert jobs_not_failed(tmp_path) == []
     (tmp_path / "2").mkdir()  # finished or still running: either way not to be written over
     assert jobs_not_failed(tmp_path) == ["2"]
+    # an Optuna sweep writes no multirun.yaml: its trials' folders (with their .hydra record) say it ran
+    optuna = tmp_path / "optuna"
+    (optuna / "0" / ".hydra").mkdir(parents=True)
+    (optuna / "1" / ".hydra").mkdir(parents=True)
+    (optuna / "1" / "FAILED").write_text("boom")
+    (optuna / "notes").mkdir()  # a folder of the user's, not a job
+    assert jobs_not_failed(optuna) == ["0"]
 
 
 def test_baselines_missing_a_task_is_an_error(tmp_path):

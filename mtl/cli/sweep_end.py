@@ -22,12 +22,15 @@ from mtl.cli.failures import FAILED, RUNNING, SWEEPING, RunFolderTaken, claim, o
 
 def jobs_not_failed(sweep_dir: str | Path) -> list[str]:
     """Job folders of an earlier sweep in ``sweep_dir`` that did not fail (finished or still running);
-    empty when there was no sweep there (no ``multirun.yaml``) or every job failed."""
+    empty when there was no sweep there (no ``multirun.yaml``, and no job folder with its ``.hydra`` record:
+    Hydra's Optuna sweeper writes no multirun.yaml) or every job failed."""
     sweep_dir = Path(sweep_dir)
-    if not (sweep_dir / "multirun.yaml").is_file():
+    if not sweep_dir.is_dir():
         return []
+    recorded = (sweep_dir / "multirun.yaml").is_file()
     return sorted(p.name for p in sweep_dir.iterdir()
-                  if p.is_dir() and not p.name.startswith(".") and not (p / FAILED).exists())
+                  if p.is_dir() and not p.name.startswith(".") and not (p / FAILED).exists()
+                  and (recorded or (p / ".hydra").is_dir()))
 
 
 class PrintSweepDir(Callback):
