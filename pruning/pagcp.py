@@ -7,11 +7,11 @@ Sequential greedy search over layers, heaviest (FLOPs) first, on the model as pr
   on ranks high);
 * ratios 0.05, 0.10, ... 0.95 of the layer's units are tried in turn (with ``round_to``, each ratio's
   unit count is first rounded so the kept count is a multiple of it; duplicates are tried once); a
-  performance-aware oracle rejects a ratio as soon as *any* task's calibration loss exceeds (1 + δ_l) × its current value, and
+  performance-aware oracle rejects a ratio as soon as *any* task's calibration loss exceeds (1 + δ_k) × its reference value, and
   the previous ratio is committed (the task that refused is logged as the layer's limiting task);
-* δ_k = δ_0 · γ^k shrinks geometrically with k, the number of layers pruned so far (as the authors'
-  code does: a layer the oracle refuses outright does not use up the budget; ``decay_on="visited"``
-  counts every visited layer instead), with δ_0 chosen so that Π (1 + δ_k) over as many terms as there
+* δ_k = δ_0 · γ^k shrinks geometrically with k, the number of layers pruned so far (as in the authors'
+  code, a layer refused outright does not use up the budget; that code advances only after a committed
+  layer's refusal, mtlkit after every committed layer; ``decay_on="visited"`` counts every visited layer), with δ_0 chosen so that Π (1 + δ_k) over as many terms as there
   are layers is 1 + ``budget``: no task's loss may grow by more than ``budget`` over the whole pass;
 * a task's reference loss is the largest it has had in the pass (its start, or a later accepted one:
   ``reference="running_max"``, the authors' code), so a layer that happened to lower a task's loss
@@ -42,7 +42,7 @@ DEFAULT_RATIOS = tuple(round(0.05 * i, 2) for i in range(1, 20))
 
 
 def layer_thresholds(n_layers: int, budget: float, shrink: float) -> list[float]:
-    """δ_l = δ_0 · shrink^l with Π_l (1 + δ_l) = 1 + budget (δ_0 by bisection)."""
+    """δ_k = δ_0 · shrink^k for k < n_layers, with Π_k (1 + δ_k) = 1 + budget (δ_0 by bisection)."""
     if budget <= 0 or not math.isfinite(budget):
         raise ValueError(f"budget must be a positive number, got {budget!r}")
     if not 0 < shrink <= 1:

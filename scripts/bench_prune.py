@@ -57,6 +57,9 @@ def main() -> None:
     ap.add_argument("--calib-batches", type=int, default=2)
     ap.add_argument("--search-steps", type=int, default=2, help="PAGCP budget bisection steps")
     ap.add_argument("--max-budget", type=float, default=None, help="PAGCP prune.max_budget (default: the config's)")
+    ap.add_argument("--pagcp-earlier", action="store_true",
+                    help="PAGCP with the rules of the numbers in docs/BENCHMARKS.md before 2026-12-06 "
+                         "(prune.decay_on=visited prune.reference=last)")
     ap.add_argument("--latency-batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--round-to", type=int, default=None,
@@ -114,6 +117,8 @@ def main() -> None:
                 hp += [f"prune.search_steps={args.search_steps}", "+prune.ratios=[0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9]"]
                 if args.max_budget is not None:
                     hp.append(f"prune.max_budget={args.max_budget}")
+                if args.pagcp_earlier:  # the rules every PAGCP number before 2026-12-06 was measured with
+                    hp += ["prune.decay_on=visited", "prune.reference=last"]
             # a pruned run of other settings (calibration, latency batch, search) is refused, not reused
             if not reusable(pdir, hp):
                 t = time.perf_counter()

@@ -589,3 +589,13 @@ def test_a_near_miss_of_a_setting_is_named_not_sent_to_plus(monkeypatch, tmp_pat
     code, _ = run_main(monkeypatch, tmp_path, "tsk=depth")
     err = capfd.readouterr().err.strip().splitlines()[-1]
     assert code == 1 and err == "error: no setting 'tsk' (did you mean task?)"
+
+
+def test_a_near_miss_is_named_from_the_apps_own_settings(tmp_path):
+    """mtl-extract's setting is `tasks`; mtl-train's group `task` must not be suggested to it."""
+    env = dict(os.environ, MTL_OUTPUT_DIR=str(tmp_path / "out"))
+    for arg, want in (("task=depth", "error: no setting 'task' (did you mean tasks?)"),
+                      ("tsk=depth", "error: no setting 'tsk' (did you mean tasks?)")):
+        proc = subprocess.run([sys.executable, "-m", "mtl.cli.extract", arg], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == want

@@ -337,8 +337,10 @@ class FAMO(_OwnOptimizer):
         # recompute=false the pending log-losses span steps, hence checkpoints: averaged over DDP ranks here
         # (the update averages the ranks' changes anyway), every rank holds what rank 0's checkpoint resumes
         before, live = Ld.clamp_min(self.eps).log(), Ld > 0
-        if not self.recompute:
-            before, live = dist_mean(before), dist_mean(live.float()) == 1
+        if not self.recompute:  # the mean over the ranks where the loss was > 0; live on any rank
+            share = dist_mean(live.float())
+            before = torch.where(share > 0, dist_mean(before * live) / share.clamp_min(1e-12), before)
+            live = share > 0
         self._before, self._z, self._live = before, z, live
 
     def after_step(self, ctx: StepContext) -> None:

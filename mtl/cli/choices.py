@@ -103,3 +103,29 @@ def _interpolated(cfg: Any, path: str) -> bool:
         return False
 
     return walk(OmegaConf.to_container(cfg, resolve=False))
+
+
+def near_setting(message: str, app_module: str) -> str:
+    """Hydra reads ``task=depth`` for a setting the app lacks as a config group and advises ``+task=depth``,
+    which then fails as an unknown setting: name the app's own setting it nearly matches (mtl-extract's
+    ``tasks``) instead. ``app_module``: the app's config package (its primary config and groups only)."""
+    import difflib
+    import re
+
+    import yaml
+
+    from mtl.cli.common import _group_options
+
+    m = re.match(r"Could not override '(\w+)'", message)  # a dotted key is named by check_added_keys
+    if m is None:
+        return message
+    name, known = m.group(1), set(_group_options([app_module]))
+    try:
+        files = [f for f in resources.files(app_module.removeprefix("pkg://")).iterdir() if f.name.endswith(".yaml")]
+    except (ModuleNotFoundError, FileNotFoundError, NotADirectoryError):
+        files = []
+    for f in files:  # the top-level keys of the app's own config files
+        data = yaml.safe_load(f.read_text())
+        known.update(k for k in (data or {}) if isinstance(k, str) and k != "defaults")
+    near = difflib.get_close_matches(name, sorted(known - {name}), n=1, cutoff=0.75)
+    return f"no setting {name!r} (did you mean {near[0]}?)" if near else message

@@ -229,6 +229,8 @@ def cli_main(hydra_main: Callable[[], Any], *config_modules: str, argv: list[str
         if problem:
             print(f"error: {problem}", file=sys.stderr, flush=True)
             sys.exit(1)
+    from mtl.cli.sweep_end import restore_sigterm
+
     try:
         with _without_hydra_job_error_line():
             hydra_main()
@@ -241,41 +243,22 @@ def cli_main(hydra_main: Callable[[], Any], *config_modules: str, argv: list[str
 
         if verbose() or not INTERRUPTED_SWEEP:
             raise
-        what, code = ("SIGTERM", 143) if isinstance(e, Terminated) else ("Ctrl-C", 130)
-        print(f"error: interrupted by {what}; the sweep's running jobs were stopped too (each marked FAILED in its "
-              "folder)", file=sys.stderr, flush=True)
+        terminated = isinstance(e, Terminated)
+        said = ("the sweep's running jobs were stopped too (each marked FAILED in its folder)" if terminated else
+                "a terminal's Ctrl-C reaches the sweep's jobs too")
+        print(f"error: interrupted by {'SIGTERM' if terminated else 'Ctrl-C'}; {said}", file=sys.stderr, flush=True)
         finish(INTERRUPTED_SWEEP[0])
-        sys.exit(code)
+        sys.exit(143 if terminated else 130)
     except Exception as e:  # Hydra's own (composition, overrides); a job's errors exit in run_job
         if verbose():
             raise
-        print(f"error: {_near_setting(hydra_message(e), config_modules or ('mtl.configs',))}", file=sys.stderr,
+        from mtl.cli.choices import near_setting
+
+        print(f"error: {near_setting(hydra_message(e), (config_modules or ('mtl.configs',))[0])}", file=sys.stderr,
               flush=True)
         sys.exit(1)
-
-
-def _near_setting(message: str, config_modules: Sequence[str]) -> str:
-    """Hydra reads ``task=depth`` for an unknown ``task`` as a config group and advises ``+task=depth``, which
-    then fails as an unknown setting: name the setting it nearly matches instead (``tasks``)."""
-    import difflib
-    import re
-
-    import yaml
-
-    m = re.match(r"Could not override '(\w+)'", message)
-    if m is None or message[m.end():m.end() + 1] == ".":  # dotted keys: check_added_keys names those
-        return message
-    name, known = m.group(1), set(_group_options(config_modules))
-    for module in config_modules:  # the top-level keys of the app's own config files
-        try:
-            files = [f for f in resources.files(module.removeprefix("pkg://")).iterdir() if f.name.endswith(".yaml")]
-        except (ModuleNotFoundError, FileNotFoundError, NotADirectoryError):
-            continue
-        for f in files:
-            data = yaml.safe_load(f.read_text())
-            known.update(k for k in (data or {}) if isinstance(k, str) and k != "defaults")
-    near = difflib.get_close_matches(name, sorted(known - {name}), n=1, cutoff=0.75)
-    return f"no setting {name!r} (did you mean {near[0]}?)" if near else message
+    finally:
+        restore_sigterm()  # an in-process sweep ended by a failing job never reaches on_multirun_end
 
 
 class _DropHydraJobError:

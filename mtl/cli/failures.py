@@ -134,7 +134,7 @@ def claim(marker: Path, what: str, key: str, holder: str = "run") -> int | None:
         if _create(marker, mine):
             return None
         try:
-            fd = os.open(marker, os.O_RDWR)
+            fd = os.open(marker, os.O_RDONLY)  # read-only: another user's marker is still read, and refused
         except FileNotFoundError:
             continue  # released meanwhile: create it again
         try:
@@ -142,12 +142,17 @@ def claim(marker: Path, what: str, key: str, holder: str = "run") -> int | None:
             if os.fstat(fd).st_nlink == 0:
                 continue  # released while this process waited for the lock
             owner = _parse(os.pread(fd, 4096, 0))
-            if owner is not None and owner["pid"] != os.getpid() and _holds(owner):
+            if owner is not None and owner["pid"] != os.getpid() and holds(owner):
                 where = f" on {owner['host']}" if owner.get("host") not in (None, _HOST) else ""
                 raise RunFolderTaken(f"{what} is in use by another {holder} (pid {owner['pid']}{where}); give each "
                                      f"{holder} its own folder ({key}); if that {holder} is gone, delete {marker}")
-            os.ftruncate(fd, 0)  # left by a process that no longer runs: this one's now
-            os.pwrite(fd, mine, 0)
+            try:  # left by a process that no longer runs: this one's now
+                with open(marker, "r+b") as f:
+                    f.truncate(0)
+                    f.write(mine)
+            except PermissionError:
+                raise RunFolderTaken(f"{what}: {marker} is left by a run that no longer runs but this user cannot "
+                                     f"replace it; delete it") from None
             return owner["pid"] if owner is not None and owner["pid"] != os.getpid() else None
         finally:
             os.close(fd)  # and with it the lock
@@ -180,9 +185,10 @@ def _create(marker: Path, content: bytes) -> bool:
 def _lock(fd: int) -> None:
     try:
         import fcntl
-    except ImportError:  # no POSIX locks: the takeover is unguarded
+
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except (ImportError, OSError):  # no POSIX locks here (or not on this file system): the takeover is unguarded
         return
-    fcntl.flock(fd, fcntl.LOCK_EX)
 
 
 def release(marker: Path) -> None:
@@ -202,7 +208,7 @@ def _started(pid: int) -> str | None:
         return None
 
 
-def _holds(owner: dict) -> bool:
+def holds(owner: dict) -> bool:
     """Whether the claim's process still runs. A claim made on another host (a shared file system) cannot be
     checked from here and counts as held; on this host a live pid with another start time is a reused pid."""
     if owner.get("host") not in (None, _HOST):

@@ -16,8 +16,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from mtl.atomic import alive
-from mtl.cli.failures import FAILED, RUNNING, SWEEPING, RunFolderTaken, claim, owner_of, release
+from mtl.cli.failures import FAILED, RUNNING, SWEEPING, RunFolderTaken, claim, holds, owner_of, release
 
 
 def jobs_not_failed(sweep_dir: str | Path) -> list[str]:
@@ -62,7 +61,7 @@ class PrintSweepDir(Callback):
         from mtl.cli.common import finish
 
         release(Path(config.hydra.sweep.dir) / SWEEPING)
-        _restore_sigterm()
+        restore_sigterm()
         finish(config.hydra.sweep.dir)
 
 
@@ -85,8 +84,9 @@ def stop_children_on_sigterm(sweep_dir: Path) -> None:
     INTERRUPTED_SWEEP[:] = [sweep_dir]
 
     def handler(signum, frame):
-        for pid in _children(os.getpid()):
-            try:
+        jobs = _children(os.getpid())  # only the job processes: each holds its folder's claim (the DataLoader
+        for pid in {o["pid"] for m in sweep_dir.glob(f"*/{RUNNING}") if (o := owner_of(m)) and o["pid"] in jobs}:
+            try:  # workers they started must stop with them, as a single run stops, not be shot first)
                 os.kill(pid, signal.SIGTERM)
             except (ProcessLookupError, PermissionError):
                 pass
@@ -103,7 +103,7 @@ def stop_children_on_sigterm(sweep_dir: Path) -> None:
 _PREVIOUS: list = []  # the SIGTERM handler before the sweep's, put back when it ends (in-process sweeps)
 
 
-def _restore_sigterm() -> None:
+def restore_sigterm() -> None:
     import signal
     import threading
 
@@ -114,7 +114,7 @@ def _restore_sigterm() -> None:
 
 def _held(marker: Path) -> bool:
     owner = owner_of(marker)
-    return owner is not None and owner["pid"] != os.getpid() and alive(owner["pid"])
+    return owner is not None and owner["pid"] != os.getpid() and holds(owner)
 
 
 def _children(pid: int) -> list[int]:

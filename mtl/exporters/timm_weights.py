@@ -82,7 +82,8 @@ def export_timm(source: Source, out: Path, tasks: list[str], seed: int = 0) -> d
     plain.load_state_dict(mapped, strict=True)
     preprocessing = _own_preprocessing(source)
     # not timm's ImageNet recipe for `name`, nor its provenance (hub id, tag, licence): these weights are ours
-    own = {k: v for k, v in plain.pretrained_cfg.items() if k not in ("hf_hub_id", "url", "license", "tag")}
+    own = {k: v for k, v in plain.pretrained_cfg.items()
+           if k not in ("hf_hub_id", "url", "license", "tag", "origin_url", "paper_ids", "paper_name", "notes")}
     plain.pretrained_cfg = {**own, "tag": "mtlkit", **preprocessing}
     save_for_hf(plain, str(out), model_args=args, safe_serialization=True)
     if not (out / TIMM_FILE).is_file():

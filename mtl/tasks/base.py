@@ -107,10 +107,14 @@ def checked_cross_entropy(name: str, pred: torch.Tensor, target: torch.Tensor, n
     every later call, so the labels are checked first (``precheck``, default: off the CPU; one sync)."""
     import torch.nn.functional as F
 
+    if target.is_floating_point():  # .long() would truncate 0.9 to class 0 without a word
+        raise ValueError(f"task {name!r}: class-id targets must be integers, got {target.dtype}")
     if precheck if precheck is not None else target.device.type != "cpu":
         if bool(((target != ignore_index) & ((target < 0) | (target >= num_classes))).any()):
             raise ValueError(f"task {name!r}: {bad_labels(target, num_classes, ignore_index)}")
     try:
         return F.cross_entropy(pred.float(), target.long(), ignore_index=ignore_index, **kwargs)
     except (IndexError, RuntimeError) as e:  # torch's "Target 255 is out of bounds" names nothing of ours
+        if not bool(((target != ignore_index) & ((target < 0) | (target >= num_classes))).any()):
+            raise  # not the labels (out of memory, ...): torch's own error
         raise ValueError(f"task {name!r}: {bad_labels(target, num_classes, ignore_index)}") from e

@@ -467,8 +467,13 @@ def test_pending_window_and_famo_state_are_the_ranks_mean_so_rank_0s_checkpoint_
     run_dwa(dwa, [(0, 0, {"a": 2.0, "b": 1.0}), (1, 0, {"a": 4.0, "b": 3.0})])
     state = dwa.get_extra_state()
     assert state["count"] == 2 and torch.allclose(state["sum"], torch.tensor([1.5 * 6.0, 1.5 * 4.0]))
+    # FAMO: the other rank had a = 4 and b = 0 (no valid pixel): a's pending log-loss is the mean over both
+    # ranks, b's over the rank where it lived (this one), and b stays live (it lived on a rank)
+    other = iter([torch.tensor([1.0, 0.0]), torch.tensor([math.log(4.0), 0.0])])  # its live flags, log-losses·live
+    monkeypatch.setattr(loss_level, "dist_mean", lambda t: (t + next(other)) / 2)
     famo = create_balancer("famo", ["a", "b"], recompute=False, optimizer="sgd")
-    _, ctx = fixed_losses({"a": 2.0, "b": 1.0})
+    _, ctx = fixed_losses({"a": 2.0, "b": 3.0})
     famo.backward(ctx)
     pending = famo.get_extra_state()
-    assert torch.allclose(pending["before"], 1.5 * torch.tensor([math.log(2.0), 0.0]))
+    assert torch.allclose(pending["before"], torch.tensor([(math.log(2.0) + math.log(4.0)) / 2, math.log(3.0)]))
+    assert pending["live"].tolist() == [True, True]

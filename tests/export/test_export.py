@@ -180,7 +180,7 @@ def test_timm_weights_reload_in_plain_timm(tmp_path, backbone):
     assert tuple(data["input_size"]) == (3, 32, 32) and data["crop_pct"] == 1.0
     # and no ImageNet provenance: timm's hub id, tag and licence for the name are not these weights'
     cfg = json.loads((out / "config.json").read_text())["pretrained_cfg"]
-    assert cfg["tag"] == "mtlkit" and not {"hf_hub_id", "license"} & set(cfg)
+    assert cfg["tag"] == "mtlkit" and not {"hf_hub_id", "license", "origin_url", "paper_ids", "paper_name"} & set(cfg)
 
 
 def test_timm_input_size_comes_from_a_merges_image_size_too(tmp_path):

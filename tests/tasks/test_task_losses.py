@@ -269,3 +269,18 @@ def test_labels_are_checked_before_the_loss_off_the_cpu(monkeypatch):
     assert calls == []  # refused before the loss ran
     ok = checked_cross_entropy("seg", torch.zeros(1, 3, 1, 2), torch.tensor([[[2, 255]]]), 3, 255, precheck=True)
     assert calls == [1] and ok.item() == pytest.approx(math.log(3))
+
+
+def test_float_class_targets_and_unrelated_loss_errors_are_not_mislabelled(monkeypatch):
+    import torch.nn.functional as F
+
+    task = create_task("classification", num_classes=3)
+    with pytest.raises(ValueError, match=r"task 'classification': class-id targets must be integers, got torch.float32"):
+        task.loss(torch.zeros(2, 3), torch.tensor([0.9, 2.5]))  # .long() would read classes 0 and 2
+
+    def oom(*a, **k):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(F, "cross_entropy", oom)
+    with pytest.raises(RuntimeError, match="out of memory"):  # not reported as bad labels
+        task.loss(torch.zeros(2, 3), torch.tensor([0, 2]))
