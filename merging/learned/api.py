@@ -57,6 +57,14 @@ def unread(hp: Mapping[str, Any]) -> list[str]:
     return [k for k, (on, value) in READ_ONLY_WITH.items() if k in hp and on in hp and hp[on] != value]
 
 
+def unread_message(key: str, given: Any, hp: Mapping[str, Any], cli: bool = False) -> str:
+    """Why ``key=given`` is refused: the setting it is read with, named as Python or (``cli``) the CLI says it."""
+    on, value = READ_ONLY_WITH[key]
+    p, show = ("merge.", str) if cli else ("", repr)
+    return (f"{p}{key}={given!r} is read only with {p}{on}={show(value)} (here {p}{on}={show(hp[on])}); "
+            f"remove it or set {p}{on}={show(value)}")
+
+
 def method_defaults(method: str) -> dict[str, Any]:
     if method not in LEARNED_METHODS:
         raise ValueError(f"unknown learned merge method {method!r}; valid: {', '.join(LEARNED_METHODS)}")
@@ -221,9 +229,7 @@ def check_hparams(method: str, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any
     check_patterns(hp.get("learn_blocks"))
     idle = [k for k in unread(hp) if k in kwargs]
     if idle:  # set but never read: the run would record a setting it did not use
-        on, value = READ_ONLY_WITH[idle[0]]
-        raise ValueError(f"{method}: {idle[0]}={kwargs[idle[0]]!r} is read only with {on}={value!r} (here {on}="
-                         f"{hp[on]!r}); remove it or set {on}={value!r}")
+        raise ValueError(f"{method}: {unread_message(idle[0], kwargs[idle[0]], hp)}")
     return hp, key_options
 
 

@@ -38,7 +38,7 @@ from mtl.io import is_plain_json
 
 from ..evaluation import ImageBatches
 from ..job import CLI_METHODS, MergeJob, Selection
-from .api import KEY_OPTIONS, LEARNED_METHODS, READ_ONLY_WITH, check_hparams, unread
+from .api import KEY_OPTIONS, LEARNED_METHODS, check_hparams, unread, unread_message
 from .plots import plot_coefficients, plot_learning_curves
 
 __all__ = ["LabeledShots", "precheck_learned", "select_learned"]
@@ -127,9 +127,7 @@ def _options(method: str, hp: Mapping[str, Any]) -> tuple[dict[str, Any], dict[s
         if kw.get(k) == defaults[k]:
             del kw[k]
         elif k in kw:  # said in the CLI's keys (check_hparams would name the Python ones)
-            on, value = READ_ONLY_WITH[k]
-            raise ValueError(f"merge={method}: merge.{k}={kw[k]!r} is read only with merge.{on}={value} (here "
-                             f"merge.{on}={({**defaults, **kw})[on]}); remove it or set merge.{on}={value}")
+            raise ValueError(f"merge={method}: {unread_message(k, kw[k], {**defaults, **kw}, cli=True)}")
     try:
         check_hparams(method, kw)
     except (TypeError, ValueError) as e:

@@ -95,7 +95,8 @@ def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                          experiment="scenes_slimmable" if widths is not None else "scenes_task_moe_vit")
     model = mtl.load_model(folder)
     family = getattr(model, "config", {}).get("family", "multitask")
-    by_widths = getattr(model, "width_set", None) is not None
+    width_set = getattr(model, "width_set", None)  # slimmable models only
+    by_widths = width_set is not None
     if widths is not None and not by_widths and hasattr(model, "extract_subnetwork"):  # the CLI's names, not Python's
         raise ValueError(f"widths= extracts from slimmable models; this {family!r} model extracts a task's "
                          "sub-network: pass tasks=<name> (with calib.* and min_share) instead")
@@ -117,8 +118,7 @@ def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                           calib=batches, min_share=float(cfg.min_share))
         report = dict(getattr(sub, "extraction_report", {}))
     x = batches[0]["image"][:1]
-    width_set = getattr(model, "width_set", None)  # a slimmable parent is measured at full width, whatever it was saved at
-    if width_set:
+    if width_set:  # a slimmable parent is measured at full width, whatever it was saved at
         model.set_widths(encoder=max(width_set), decoders=max(width_set))
     report.update({"model": str(Path(folder).resolve()), "output": str(Path(output).resolve()),
                    "parent": model_stats(model, x), "extracted": model_stats(sub, x)})

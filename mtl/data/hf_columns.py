@@ -10,7 +10,8 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-IGNORE = 255  # SemSegTask's default ignore_index
+from mtl.data.benchmarks import IGNORE  # SemSegTask's default ignore_index, the loaders' one mark
+
 
 #: PIL modes of more than 8 bits per pixel
 _WIDE_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}

@@ -92,10 +92,14 @@ def create_task(kind: str, **kwargs: Any) -> Task:
     return cls(**kwargs)
 
 
+def out_of_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """Where ``target`` holds neither a class id in [0, num_classes) nor ``ignore_index``."""
+    return (target != ignore_index) & ((target < 0) | (target >= num_classes))
+
+
 def bad_labels(target: torch.Tensor, num_classes: int, ignore_index: int) -> str:
     """Why class ids failed a loss: the out-of-range values found (a few), in one line."""
-    t = target[target != ignore_index]
-    found = sorted({int(v) for v in t[(t < 0) | (t >= num_classes)].unique()[:5]})
+    found = sorted({int(v) for v in target[out_of_range(target, num_classes, ignore_index)].unique()[:5]})
     return (f"target labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; found {found}"
             + (" (the built-in loaders mark unlabelled pixels 255: keep ignore_index=255)" if 255 in found else ""))
 
@@ -110,11 +114,11 @@ def checked_cross_entropy(name: str, pred: torch.Tensor, target: torch.Tensor, n
     if target.is_floating_point():  # .long() would truncate 0.9 to class 0 without a word
         raise ValueError(f"task {name!r}: class-id targets must be integers, got {target.dtype}")
     if precheck if precheck is not None else target.device.type != "cpu":
-        if bool(((target != ignore_index) & ((target < 0) | (target >= num_classes))).any()):
+        if bool(out_of_range(target, num_classes, ignore_index).any()):
             raise ValueError(f"task {name!r}: {bad_labels(target, num_classes, ignore_index)}")
     try:
         return F.cross_entropy(pred.float(), target.long(), ignore_index=ignore_index, **kwargs)
     except (IndexError, RuntimeError) as e:  # torch's "Target 255 is out of bounds" names nothing of ours
-        if not bool(((target != ignore_index) & ((target < 0) | (target >= num_classes))).any()):
+        if not bool(out_of_range(target, num_classes, ignore_index).any()):
             raise  # not the labels (out of memory, ...): torch's own error
         raise ValueError(f"task {name!r}: {bad_labels(target, num_classes, ignore_index)}") from e
