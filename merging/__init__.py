@@ -9,6 +9,7 @@
                   unlabeled={task: batches}, **hparams) -> LearnedMerge (learned at test time)
     merging.recompute_bn(model, batches)  # BatchNorm statistics of a merged model re-estimated on data
     merging.weight_disentanglement(pool, alphas=(0.3, 1.0)) -> Disentanglement (how much task vectors interfere)
+    merging.merge_mergekit_yaml(config_yml, out)  # a mergekit YAML recipe (linear, task_arithmetic, ties, dare_*)
 
 Inputs are state dicts, `nn.Module`s, model folders (`model.safetensors` inside), `.safetensors` files
 or torch checkpoints; they are never modified. See docs/merging.md.
@@ -21,6 +22,7 @@ from .keys import KeyPlan, plan_keys
 from .learned import LEARNED_METHODS, LearnedMerge, learn
 from . import consensus as _consensus  # noqa: F401  (registers "consensus")
 from .dare import dare, dare_mask
+from .mergekit_yaml import MergekitPlan, merge_mergekit_yaml, read_mergekit_yaml
 from .methods import METHODS, create_method
 from .selection import keep_count, radix_thresholds
 from .sources import MergeInputError, StateSource, load_state_dict, open_source
@@ -68,4 +70,5 @@ __all__ = [
     "plan_keys", "KeyPlan", "create_method", "METHODS", "keep_count", "radix_thresholds",
     "plot_task_accuracy", "plot_mask_overlap", "learn", "LearnedMerge", "LEARNED_METHODS",
     "recompute_bn", "bn_statistics", "weight_disentanglement", "Disentanglement",
+    "read_mergekit_yaml", "merge_mergekit_yaml", "MergekitPlan",
 ]

@@ -300,6 +300,10 @@ def _without_ties_keys(hp: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    if cfg.get("mergekit_yaml"):  # a mergekit recipe: its own inputs and method, never evaluated
+        from .mergekit_yaml import mergekit_job
+
+        return mergekit_job(cfg, run_dir)
     manifest = manifest_paths(cfg.pool) if cfg.get("pool") else None  # read once: checked, then merged
     run_dir, output = start_run(cfg, run_dir, inputs=[manifest[0], *manifest[1]] if manifest else [],
                                 model_output=bool(cfg.eval.get("enabled", True)))

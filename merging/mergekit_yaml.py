@@ -1,0 +1,291 @@
+"""mergekit's YAML merge configurations, read and run by mtlkit (`mergekit-yaml config.yml out`).
+
+A mergekit configuration names `merge_method`, `base_model`, the `models` (each with its own
+`parameters`) and merge-level `parameters`. mtlkit runs the methods it reproduces bit for bit under
+`convention="mergekit"` (docs/merging.md, "mergekit's rules"): `linear`, `task_arithmetic`, `ties`,
+`dare_ties`, `dare_linear`. Everything else a configuration can say — other methods, layer `slices`,
+parameter gradients and tensor filters, tokenizer surgery, dtype conversion — is refused by name,
+never skipped: a merge that silently dropped part of its recipe would not be the merge asked for.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .sources import MergeInputError, open_source
+
+__all__ = ["MergekitPlan", "read_mergekit_yaml", "merge_mergekit_yaml", "METHODS"]
+
+log = logging.getLogger(__name__)
+
+#: mergekit's method names that mtlkit runs, and the parameters each reads
+METHODS: dict[str, tuple[str, ...]] = {
+    "linear": ("weight", "normalize"),
+    "task_arithmetic": ("weight", "density", "lambda", "normalize", "rescale", "int8_mask"),
+    "ties": ("weight", "density", "lambda", "normalize", "rescale", "int8_mask"),
+    "dare_ties": ("weight", "density", "lambda", "normalize", "rescale", "int8_mask"),
+    "dare_linear": ("weight", "density", "lambda", "normalize", "rescale", "int8_mask"),
+}
+#: parameters mergekit reads per model (the rest are read once, from the top-level `parameters`)
+PER_MODEL = ("weight", "density")
+_TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source")
+_REFUSED_KEYS = {
+    "slices": "layer slices (frankenmerges) are not supported: list whole `models`",
+    "modules": "per-module configurations are not supported: list whole `models`",
+    "tokenizer": "tokenizer surgery is not supported: mtlkit copies the base model's tokenizer files",
+    "chat_template": "setting a chat template is not supported: mtlkit copies the base model's tokenizer files",
+}
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class MergekitPlan:
+    """What a mergekit YAML asks for, in `merging.merge_to_file` terms."""
+
+    source: Path                      # the YAML file
+    method: str                       # mergekit's name (also mtlkit's under convention="mergekit")
+    pretrained: Path                  # base_model (linear without one: the first model, for keys and files)
+    finetuned: list[Path]             # the models merged (the base model left out, as mergekit does)
+    hparams: dict[str, Any] = field(default_factory=dict)  # weight/density per model, lam, normalize, rescale
+    out_dtype: torch.dtype | None = None                   # out_dtype (or dtype) when the YAML sets one
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"convention": "mergekit", **self.hparams}
+
+
+def read_mergekit_yaml(path: str | os.PathLike) -> MergekitPlan:
+    """Parse and check a mergekit configuration; model paths are read from the current directory,
+    as mergekit reads them. Every problem is a `ValueError` naming the file and the key."""
+    import yaml
+
+    src = Path(path).expanduser()
+    if not src.is_file():
+        raise FileNotFoundError(f"{src}: no such mergekit configuration file")
+    try:
+        cfg = yaml.safe_load(src.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{src}: not valid YAML ({str(e).splitlines()[0]})") from None
+    where = f"{src}"
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where}: expected a mapping with merge_method and models, got {type(cfg).__name__}")
+    for key in cfg:
+        if key in _REFUSED_KEYS:
+            raise ValueError(f"{where}: {key}: {_REFUSED_KEYS[key]}")
+        if key not in _TOP_KEYS:
+            raise ValueError(f"{where}: unknown key {key!r}; valid: {', '.join(_TOP_KEYS)}")
+    method = cfg.get("merge_method")
+    if method not in METHODS:
+        raise ValueError(f"{where}: merge_method: {method!r} is not one mtlkit runs; implemented: "
+                         f"{', '.join(METHODS)} (mergekit's slerp, della, breadcrumbs, model_stock, passthrough, "
+                         "... are not)")
+    tok = cfg.get("tokenizer_source")
+    if tok not in (None, "base"):
+        raise ValueError(f"{where}: tokenizer_source: {tok!r} is not supported: mtlkit copies the base model's "
+                         "tokenizer files (tokenizer_source: base)")
+    models = cfg.get("models")
+    if not isinstance(models, list) or not models:
+        raise ValueError(f"{where}: models: expected a non-empty list of {{model: <folder>, parameters: ...}}")
+    top = _params(cfg.get("parameters"), f"{where}: parameters", METHODS[method])
+    base = _folder(cfg["base_model"], f"{where}: base_model", src) if cfg.get("base_model") is not None else None
+    if base is None and method != "linear":
+        raise ValueError(f"{where}: base_model: {method} merges task vectors θ_t − θ0 and needs a base model")
+    entries: list[tuple[Path, dict[str, Any], str]] = []
+    for i, entry in enumerate(models):
+        label = f"{where}: models[{i}]"
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise ValueError(f"{label}: expected {{model: <folder>, parameters: ...}}, got {entry!r}")
+        extra = sorted(set(entry) - {"model", "parameters"})
+        if extra:
+            raise ValueError(f"{label}: unknown key(s) {extra}; valid: model, parameters")
+        folder = _folder(entry["model"], f"{label}.model", src)
+        own = _params(entry.get("parameters"), f"{label}.parameters", METHODS[method])
+        shared = sorted(k for k in own if k not in PER_MODEL)
+        if shared:
+            raise ValueError(f"{label}.parameters: {shared[0]} is a merge-level parameter that mergekit reads only "
+                             "from the top-level parameters: move it there")
+        entries.append((folder, own, label))
+    if method != "linear":
+        kept = [e for e in entries if not _same(e[0], base)]
+        for folder, own, label in entries:
+            if _same(folder, base) and own:
+                log.warning("%s: the base model's task vector is zero and mergekit leaves it out; its "
+                            "parameters %s are unused", label, sorted(own))
+        entries = kept
+    if not entries:
+        raise ValueError(f"{where}: models: nothing to merge besides the base model")
+    hparams: dict[str, Any] = {}
+    for key in PER_MODEL:
+        if key not in METHODS[method]:
+            continue
+        values = [own.get(key, top.get(key)) for _, own, _ in entries]
+        missing = [label for (_, _, label), v in zip(entries, values) if v is None]
+        if key == "weight" and missing:
+            raise ValueError(f"{missing[0]}: parameters.weight is required by mergekit's {method} (set it per "
+                             "model or under the top-level parameters)")
+        if all(v is not None for v in values):
+            hparams[key] = values[0] if len(set(values)) == 1 else values
+        elif key == "density" and any(v is not None for v in values):  # mergekit's default: 1.0
+            hparams[key] = [1.0 if v is None else v for v in values]
+    for key in ("normalize", "rescale"):
+        if key in top:
+            hparams[key] = _bool(top[key], f"{where}: parameters.{key}")
+    if "lambda" in top:
+        hparams["lam"] = top["lambda"]
+    if "int8_mask" in top:
+        log.info("%s: int8_mask only changes mergekit's memory use; mtlkit's masks are booleans already", where)
+    out_dtype = _dtype(cfg, where)
+    pretrained = base if base is not None else entries[0][0]
+    return MergekitPlan(src, method, pretrained, [e[0] for e in entries], hparams, out_dtype)
+
+
+def merge_mergekit_yaml(path: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
+                        threads: int | None = None, shard_size: int | str | None = None,
+                        seed: int | None = None) -> Path:
+    """Run a mergekit configuration with mtlkit's streaming engine and write a Hugging Face folder
+    (`mergekit-yaml path out`). `seed` makes the DARE methods repeat (mergekit's draws do not)."""
+    from .streaming import merge_to_file
+
+    plan = read_mergekit_yaml(path)
+    check_out_dtype(plan)
+    kwargs = plan.kwargs()
+    if seed is not None:
+        if plan.method not in ("dare_ties", "dare_linear"):
+            raise ValueError(f"seed draws DARE's drop masks; {plan.method} draws nothing")
+        kwargs["seed"] = seed
+    return merge_to_file(plan.method, plan.pretrained, plan.finetuned, out, overwrite=overwrite, threads=threads,
+                         shard_size=shard_size, copy_files=True, **kwargs)
+
+
+def check_out_dtype(plan: MergekitPlan) -> None:
+    """mergekit writes `out_dtype` (else `dtype`); mtlkit writes the base model's dtype: they must agree."""
+    source = open_source(plan.pretrained)
+    try:
+        dtypes = {source.info(k).dtype for k in source.keys()}
+    finally:
+        source.close()
+    if plan.out_dtype is not None and dtypes != {plan.out_dtype}:
+        have = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+        want = str(plan.out_dtype).removeprefix("torch.")
+        raise ValueError(f"{plan.source}: out_dtype/dtype asks for {want} weights; mtlkit writes the base model's "
+                         f"dtype ({have}) and does not convert: set out_dtype: {have} (or drop it)")
+
+
+def _params(node: Any, where: str, valid: tuple[str, ...]) -> dict[str, Any]:
+    if node is None:
+        return {}
+    if not isinstance(node, dict):
+        raise ValueError(f"{where}: expected a mapping of parameter names to values, got {node!r}")
+    out = {}
+    for key, value in node.items():
+        if key not in valid:
+            raise ValueError(f"{where}: {key} is not a parameter of this merge_method; valid: {', '.join(valid)}")
+        if isinstance(value, list):
+            kind = ("a tensor filter list" if any(isinstance(v, dict) for v in value)
+                    else "a gradient (interpolated over the layers)")
+            raise ValueError(f"{where}.{key}: {value!r} is {kind}; mtlkit takes one value per model")
+        if isinstance(value, dict):
+            raise ValueError(f"{where}.{key}: {value!r} is a filtered value; mtlkit takes one value per model")
+        if key in ("normalize", "rescale", "int8_mask"):
+            out[key] = _bool(value, f"{where}.{key}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{where}.{key}: expected a number, got {value!r}")
+        else:
+            out[key] = float(value)
+    return out
+
+
+def _bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{where}: expected true or false, got {value!r}")
+    return value
+
+
+def _folder(ref: Any, where: str, src: Path) -> Path:
+    if not isinstance(ref, str) or not ref:
+        raise ValueError(f"{where}: expected a model folder path, got {ref!r}")
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return path
+    if "+" in ref and Path(ref.split("+", 1)[0]).expanduser().is_dir():
+        raise ValueError(f"{where}: {ref!r} applies a LoRA adapter (model+lora), which mtlkit does not; merge the "
+                         "adapter into its model first and give that folder")
+    hint = ""
+    if not path.is_absolute() and (src.parent / path).is_dir():
+        hint = (f" (a folder of that name is beside {src.name}: paths are read from the current directory, as "
+                "mergekit reads them; run from there or give an absolute path)")
+    elif "/" in ref and not path.is_absolute() and not ref.startswith("."):
+        hint = " (a Hugging Face Hub id? mtlkit reads local folders only: download it and give its path)"
+    raise MergeInputError(f"{where}: {ref!r} is not a folder{hint}")
+
+
+def _same(a: Path, b: Path | None) -> bool:
+    return b is not None and a.resolve() == b.resolve()
+
+
+def _dtype(cfg: dict[str, Any], where: str) -> torch.dtype | None:
+    given = {}
+    for key in ("dtype", "out_dtype"):
+        name = cfg.get(key)
+        if name is None:
+            continue
+        if name not in _DTYPES:
+            raise ValueError(f"{where}: {key}: {name!r} is not a dtype mergekit names; valid: {', '.join(_DTYPES)}")
+        given[key] = _DTYPES[name]
+    if given.get("dtype", torch.float32) != torch.float32:
+        log.warning("%s: dtype %s: mtlkit computes in float32 and writes the base model's dtype; mergekit computes "
+                    "in %s, so the last bit may differ (dtype: float32 with out_dtype: <the models' dtype> gives "
+                    "mergekit's bytes)", where, cfg["dtype"], cfg["dtype"])
+    return given.get("out_dtype", given.get("dtype"))
+
+
+def mergekit_job(cfg: Any, run_dir: str | os.PathLike) -> dict[str, Any]:
+    """`mtl-merge mergekit_yaml=<config.yml>`: the YAML's merge, streamed into `output` (a Hugging Face
+    folder), not evaluated. The YAML is the whole recipe: inputs and `merge` settings beside it are refused."""
+    import time
+    from importlib import resources
+
+    import yaml
+    from omegaconf import OmegaConf
+
+    from mtl.cli.jobs import start_run
+    from mtl.io import write_json
+
+    from .job import resolved_hparams
+
+    start = time.perf_counter()
+    given = [k for k in ("pretrained", "models", "pool") if cfg.get(k)]
+    if given:
+        raise ValueError(f"mergekit_yaml= names the models itself: drop {given[0]}=")
+    default = yaml.safe_load((resources.files("mtl.configs") / "merge" / "task_arithmetic.yaml").read_text())
+    if OmegaConf.to_container(cfg.merge, resolve=True) != default:
+        raise ValueError("mergekit_yaml= holds the merge method and its parameters: drop merge= and merge.* "
+                         "(edit the YAML instead)")
+    plan = read_mergekit_yaml(cfg.mergekit_yaml)
+    check_out_dtype(plan)
+    run_dir, output = start_run(cfg, run_dir, inputs=[plan.pretrained, *plan.finetuned])
+    output = output.resolve()
+    kwargs = plan.kwargs()
+    if plan.method in ("dare_ties", "dare_linear"):
+        kwargs["seed"] = int(cfg.seed)  # every mtl-merge run repeats (mergekit's draws do not)
+    from .streaming import merge_to_file
+
+    merge_to_file(plan.method, plan.pretrained, plan.finetuned, output, overwrite=bool(cfg.overwrite),
+                  shard_size=cfg.get("shard_size"), copy_files=True, **kwargs)
+    hp = resolved_hparams(plan.method, kwargs)
+    report = {"method": plan.method, "evaluated": False, "mergekit_yaml": str(plan.source.resolve()),
+              "pretrained": str(plan.pretrained.resolve()), "models": [str(m.resolve()) for m in plan.finetuned],
+              "selected": hp, "output": str(output), "files": sorted(p.name for p in output.iterdir()),
+              "seconds": round(time.perf_counter() - start, 2)}
+    write_json(Path(run_dir) / "metrics.json", report)
+    log.info("merged %d models with %s %s from %s into %s in %.1f s (not evaluated)", len(plan.finetuned),
+             plan.method, hp, plan.source, output, report["seconds"])
+    print(f"mtl-merge: {plan.method} from {plan.source.name} {hp} -> {output} ({report['seconds']} s, not evaluated)")
+    return report

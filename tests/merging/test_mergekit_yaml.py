@@ -1,0 +1,179 @@
+"""mergekit YAML recipes: parameters reach the merge as mergekit reads them (per-model values over the
+top-level ones, the base model left out), checked against hand-computed merges; unsupported parts refused."""
+import json
+import logging
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import merging
+from merging.job import run
+
+BASE = torch.zeros(4)
+A = torch.tensor([1.0, 2.0, -3.0, 4.0])
+B = torch.tensor([2.0, -2.0, 1.0, 0.0])
+C = torch.tensor([-0.5, -2.5, 1.5, 0.25])  # distinct magnitudes: the trim is unambiguous
+
+
+def _folder(path, w, dtype=torch.float32):
+    path.mkdir(parents=True)
+    save_file({"layer.weight": w.to(dtype).contiguous()}, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": str(dtype)[6:]}))
+    (path / "tokenizer_config.json").write_text("{}")
+    return path
+
+
+@pytest.fixture()
+def models(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # mergekit reads model paths from the current directory
+    for name, w in (("base", BASE), ("a", A), ("b", B), ("c", C)):
+        _folder(tmp_path / name, w)
+    return tmp_path
+
+
+def _yaml(tmp_path, text, name="merge.yml"):
+    (tmp_path / name).write_text(text)
+    return tmp_path / name
+
+
+def _merged(out):
+    return load_file(str(out / "model.safetensors"))["layer.weight"]
+
+
+def test_task_arithmetic_per_model_weight_over_the_top_level_one(models):
+    cfg = _yaml(models, """
+merge_method: task_arithmetic
+base_model: base
+models:
+  - model: base
+  - model: a
+    parameters: {weight: 1.0}
+  - model: b
+parameters: {weight: 0.5, normalize: true, lambda: 2.0}
+dtype: float32
+""")
+    plan = merging.read_mergekit_yaml(cfg)
+    assert [p.name for p in plan.finetuned] == ["a", "b"]  # the base model is no task vector
+    assert plan.hparams == {"weight": [1.0, 0.5], "normalize": True, "lam": 2.0}
+    out = merging.merge_mergekit_yaml(cfg, models / "out")
+    # θ0 + λ Σ w_t τ_t / Σ w_t = 2 (A + 0.5 B) / 1.5
+    assert torch.allclose(_merged(out), torch.tensor([8 / 3, 4 / 3, -10 / 3, 16 / 3]))
+    assert (out / "config.json").is_file() and (out / "tokenizer_config.json").is_file()
+
+
+def test_ties_density_trims_per_model_and_elects_the_sign(models):
+    cfg = _yaml(models, """
+merge_method: ties
+base_model: ./base
+models:
+  - model: a
+    parameters: {density: 0.5, weight: 1.0}
+  - model: c
+    parameters: {density: 0.5, weight: 2.0}
+""")
+    out = merging.merge_mergekit_yaml(cfg, models / "out")
+    # a keeps its 2 largest |τ| (−3, 4), c its (−2.5, 1.5); Σ w τ̂ = [0, −5, −3 + 3, 4] elects [+, −, +, +]
+    # (a zero sum elects +): index 2 keeps c's 1.5 (weight 2) and drops a's −3; normalize (mergekit's TIES
+    # default) divides by the agreeing weights: [0, −5/2, 3/2, 4/1]
+    assert torch.equal(_merged(out), torch.tensor([0.0, -2.5, 1.5, 4.0]))
+
+
+def test_linear_needs_no_base_and_averages_the_listed_models(models):
+    cfg = _yaml(models, """
+merge_method: linear
+models:
+  - model: a
+    parameters: {weight: 3.0}
+  - model: b
+    parameters: {weight: 1.0}
+""")
+    plan = merging.read_mergekit_yaml(cfg)
+    assert plan.pretrained.name == "a" and [p.name for p in plan.finetuned] == ["a", "b"]
+    out = merging.merge_mergekit_yaml(cfg, models / "out")
+    assert torch.allclose(_merged(out), (3 * A + B) / 4)
+
+
+def test_dare_with_a_seed_repeats(models):
+    cfg = _yaml(models, """
+merge_method: dare_linear
+base_model: base
+models:
+  - model: a
+  - model: b
+parameters: {weight: 1.0, density: 0.5}
+""")
+    one = _merged(merging.merge_mergekit_yaml(cfg, models / "one", seed=3))
+    two = _merged(merging.merge_mergekit_yaml(cfg, models / "two", seed=3))
+    assert torch.equal(one, two)
+    with pytest.raises(ValueError, match="ties draws nothing"):
+        merging.merge_mergekit_yaml(_yaml(models, cfg.read_text().replace("dare_linear", "ties"), "t.yml"),
+                                    models / "three", seed=3)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("merge_method: slerp\nbase_model: base\nmodels: [{model: a}]", r"merge_method: 'slerp' is not one mtlkit runs"),
+    ("merge_method: ties\nslices: []", r"slices: layer slices"),
+    ("merge_method: ties\nbase_model: base\nmodels: [{model: a, parameters: {weight: [0, 1]}}]",
+     r"models\[0\]\.parameters\.weight: \[0, 1\] is a gradient"),
+    ("merge_method: ties\nbase_model: base\nmodels: [{model: a, parameters: {weight: [{filter: mlp, value: 1}]}}]",
+     r"is a tensor filter list"),
+    ("merge_method: ties\nbase_model: base\nmodels: [{model: a, parameters: {weight: 1, normalize: true}}]",
+     r"models\[0\]\.parameters: normalize is a merge-level parameter"),
+    ("merge_method: ties\nbase_model: base\nmodels: [{model: a}]", r"models\[0\]: parameters\.weight is required"),
+    ("merge_method: ties\nmodels: [{model: a, parameters: {weight: 1}}]", r"base_model: ties merges task vectors"),
+    ("merge_method: ties\nbase_model: base\nmodels: [{model: org/name, parameters: {weight: 1}}]",
+     r"models\[0\]\.model: 'org/name' is not a folder \(a Hugging Face Hub id\?"),
+    ("merge_method: ties\nbase_model: base\nmodels: [{model: a, parameters: {weight: 1, epsilon: 0.1}}]",
+     r"epsilon is not a parameter of this merge_method"),
+    ("merge_method: linear\nmodels: [{model: a, parameters: {weight: 1, density: 0.5}}]",
+     r"density is not a parameter of this merge_method; valid: weight, normalize"),
+    ("merge_method: ties\nbase_model: base\ntokenizer_source: union\nmodels: [{model: a, parameters: {weight: 1}}]",
+     r"tokenizer_source: 'union' is not supported"),
+    ("merge_method: ties\nbase_model: base\nmodel: [{model: a}]", r"unknown key 'model'; valid: merge_method"),
+    ("merge_method: ties\nbase_model: base\nmodels: [{model: base}]", r"nothing to merge besides the base model"),
+    ("merge_method: ties\nbase_model: base\ndtype: float8\nmodels: [{model: a, parameters: {weight: 1}}]",
+     r"dtype: 'float8' is not a dtype"),
+])
+def test_what_mtlkit_does_not_run_is_refused_by_name(models, text, match):
+    cfg = _yaml(models, text)
+    with pytest.raises(ValueError, match=match) as e:
+        merging.merge_mergekit_yaml(cfg, models / "out")
+    assert str(cfg) in str(e.value)
+    assert not (models / "out").exists()
+
+
+def test_a_path_beside_the_yaml_is_named_when_the_current_directory_differs(models, tmp_path_factory, monkeypatch):
+    cfg = _yaml(models, "merge_method: ties\nbase_model: base\nmodels: [{model: a, parameters: {weight: 1}}]")
+    monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
+    with pytest.raises(ValueError, match=r"a folder of that name is beside merge.yml"):
+        merging.read_mergekit_yaml(cfg)
+
+
+def test_out_dtype_must_be_the_base_models(models, caplog):
+    cfg = _yaml(models, "merge_method: ties\nbase_model: base\nmodels: [{model: a, parameters: {weight: 1}}]\n"
+                        "dtype: bfloat16\n")
+    with caplog.at_level(logging.WARNING, logger="merging.mergekit_yaml"):
+        with pytest.raises(ValueError, match=r"asks for bfloat16 weights; mtlkit writes the base model's dtype "
+                                             r"\(float32\)"):
+            merging.merge_mergekit_yaml(cfg, models / "out")
+    assert "computes in float32" in caplog.text
+    cfg.write_text(cfg.read_text() + "out_dtype: float32\n")  # compute dtype differs, output dtype agrees
+    merging.merge_mergekit_yaml(cfg, models / "out")
+
+
+def test_cli_runs_the_recipe_and_refuses_other_merge_settings(models):
+    cfg = _yaml(models, """
+merge_method: task_arithmetic
+base_model: base
+models: [{model: a}, {model: b}]
+parameters: {weight: 1.0, lambda: 0.5}
+""")
+    report = run([f"mergekit_yaml={cfg}", f"output={models / 'merged'}"], run_dir=models / "run")
+    assert report["evaluated"] is False and report["selected"]["lam"] == 0.5
+    assert torch.allclose(_merged(models / "merged"), 0.5 * (A + B))
+    assert json.loads((models / "run" / "metrics.json").read_text())["mergekit_yaml"] == str(cfg)
+    with pytest.raises(ValueError, match="drop merge= and merge"):
+        run([f"mergekit_yaml={cfg}", "merge=ties", f"output={models / 'm2'}"], run_dir=models / "run2")
+    with pytest.raises(ValueError, match="drop pretrained="):
+        run([f"mergekit_yaml={cfg}", "pretrained=base", f"output={models / 'm3'}"], run_dir=models / "run3")
