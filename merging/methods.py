@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from mtl.registry import Registry
+from mtl.registry import Registry, UnknownNameError
 
 from .engine import Context
 from .selection import as_threshold, keep_count, kthvalue_threshold, radix_thresholds
@@ -150,7 +150,15 @@ def create_method(name: str, convention: str = "paper", **hparams: Any) -> Merge
         return create_mergekit_method(name, **hparams)
     if convention != "paper":
         raise ValueError(f"unknown convention {convention!r}; valid: {', '.join(CONVENTIONS)}")
+    if name in MERGEKIT_ONLY:  # mergekit's names, which mean mergekit's rules
+        raise UnknownNameError(f"merge method {name!r} is mergekit's: pass convention=\"mergekit\" (the papers' "
+                               f"rules: {MERGEKIT_ONLY[name]})")
     return METHODS.get(name)(**hparams)
+
+
+#: mergekit's method names that exist only under its convention, and the papers' counterpart
+MERGEKIT_ONLY = {"linear": "average", "dare_ties": "dare with base='ties'",
+                 "dare_linear": "dare with base='task_arithmetic'"}
 
 
 @METHODS.register("average")

@@ -247,11 +247,15 @@ class ShardedSafetensorsSource(StateSource):
         index_path = Path(index_path)
         self.label = str(index_path.parent)
         try:
-            weight_map = json.loads(index_path.read_text(), object_pairs_hook=_no_duplicate_keys)["weight_map"]
-        except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+            index = json.loads(index_path.read_text(), object_pairs_hook=_no_duplicate_keys)
+        except (OSError, json.JSONDecodeError) as e:
             raise MergeInputError(f"{index_path}: unreadable shard index: {e}") from e
         except _DuplicateKey as e:
             raise MergeInputError(f"{index_path}: tensor {e.args[0]!r} is listed twice in the index") from None
+        if not isinstance(index, dict) or "weight_map" not in index:
+            raise MergeInputError(f"{index_path}: unreadable shard index: it has no \"weight_map\" (tensor name → "
+                                  "shard file)")
+        weight_map = index["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise MergeInputError(f"{index_path}: unreadable shard index: \"weight_map\" must map tensor names to "
                                   "shard file names")

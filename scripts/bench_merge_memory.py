@@ -7,6 +7,10 @@ reports VmHWM (high-water RSS) after the merge minus VmHWM after `import merging
 
     python scripts/bench_merge_memory.py --workdir /dev/shm/dm --models 3 --rows 16384 --dtype float32 \\
         --runs 'dare {"p": 0.5}' 'dare {"p": 0.5, "base": "ties"}' 'consensus {}'
+
+`--layout llama --layers 4` writes Llama-shaped models instead (hidden 1024, MLP 2816): `embed_tokens` and
+an untied `lm_head` of `rows × 1024` each, then per layer q/k/v/o, gate/up/down and two norms — many
+tensors of several sizes, as an LLM checkpoint has, where the single-tensor layout has one.
 """
 from __future__ import annotations
 
@@ -25,13 +29,28 @@ def vm_hwm_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
-def make(folder: Path, models: int, rows: int, dtype: str) -> None:
+def shapes(layout: str, rows: int, layers: int) -> dict[str, tuple[int, ...]]:
+    if layout == "one":
+        return {"emb": (rows, 1024), "small": (64, 64)}
+    hidden, mlp = 1024, 2816
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (rows, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        out.update({p + f"self_attn.{n}_proj.weight": (hidden, hidden) for n in "qkvo"})
+        out.update({p + "mlp.gate_proj.weight": (mlp, hidden), p + "mlp.up_proj.weight": (mlp, hidden),
+                    p + "mlp.down_proj.weight": (hidden, mlp), p + "input_layernorm.weight": (hidden,),
+                    p + "post_attention_layernorm.weight": (hidden,)})
+    out.update({"model.norm.weight": (hidden,), "lm_head.weight": (rows, hidden)})
+    return out
+
+
+def make(folder: Path, models: int, rows: int, dtype: str, layout: str = "one", layers: int = 0) -> None:
     import torch
     from safetensors.torch import save_file
 
     dt = getattr(torch, dtype)
     g = torch.Generator().manual_seed(0)
-    base = {"emb": torch.randn(rows, 1024, generator=g).to(dt), "small": torch.randn(64, 64, generator=g).to(dt)}
+    base = {k: torch.randn(*shape, generator=g).to(dt) for k, shape in shapes(layout, rows, layers).items()}
     folder.mkdir(parents=True, exist_ok=True)
     save_file(base, str(folder / "base.safetensors"))
     for t in range(models):
@@ -55,16 +74,19 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=16384, help="rows of the largest tensor (× 1024 columns)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--runs", nargs="+", default=['dare {"p": 0.5}'], help="'<method> <json hyperparameters>'")
+    ap.add_argument("--layout", default="one", choices=["one", "llama"], help="one large tensor, or Llama-shaped models")
+    ap.add_argument("--layers", type=int, default=4, help="--layout llama: decoder layers")
     ap.add_argument("--keep", action="store_true", help="keep the generated inputs (reused by the next run)")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    folder = Path(args.workdir) / f"{args.models}_{args.rows}_{args.dtype}"
+    name = f"{args.models}_{args.rows}_{args.dtype}" + (f"_llama{args.layers}" if args.layout == "llama" else "")
+    folder = Path(args.workdir) / name
     if args.worker:
         print(json.dumps(worker(folder, args.models, args.worker[0], json.loads(args.worker[1]))))
         return
     if args.models < 1 or args.rows < 1:
         ap.error("--models and --rows must be >= 1")
-    make(folder, args.models, args.rows, args.dtype)
+    make(folder, args.models, args.rows, args.dtype, args.layout, args.layers)
     try:
         table(args, folder)
     finally:  # in /dev/shm the inputs are RAM: never leave them behind unasked
@@ -80,12 +102,14 @@ def table(args, folder: Path) -> None:
     for run in args.runs:
         method, _, hp = run.partition(" ")
         out = subprocess.run([sys.executable, __file__, "--workdir", args.workdir, "--models", str(args.models),
-                              "--rows", str(args.rows), "--dtype", args.dtype, "--worker", method, hp or "{}"],
+                              "--rows", str(args.rows), "--dtype", args.dtype, "--layout", args.layout,
+                              "--layers", str(args.layers), "--worker", method, hp or "{}"],
                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if out.returncode:
             sys.exit(f"{run}: {out.stderr.strip().splitlines()[-1]}")
         mb = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"| {run} | {args.models} | {args.rows}×1024 {args.dtype} | +{mb:.0f} MB | {mb / fp32:.1f}× |", flush=True)
+        shape = f"{args.rows}×1024 {args.dtype}" + (f" (Llama, {args.layers} layers)" if args.layout == "llama" else "")
+        print(f"| {run} | {args.models} | {shape} | +{mb:.0f} MB | {mb / fp32:.1f}× |", flush=True)
 
 
 if __name__ == "__main__":

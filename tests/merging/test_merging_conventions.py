@@ -120,3 +120,14 @@ def test_unknown_convention_and_tie_rule_are_named():
         merging.merge("ties", pre, fts, convention="mergekitt")
     with pytest.raises(ValueError, match="tie_rule must be one of"):
         merging.merge("ties", pre, fts, tie_rule="coin")
+
+
+@pytest.mark.parametrize("name", ["linear", "dare_ties", "dare_linear"])
+def test_mergekit_only_names_point_to_the_convention(name, tmp_path):
+    pre, fts = _models(T1, T2)
+    with pytest.raises(KeyError, match=f"merge method '{name}' is mergekit's: pass convention=\"mergekit\"") as e:
+        merging.merge(name, pre, fts)
+    assert "learned at test time" not in str(e.value)
+    with pytest.raises(KeyError, match="is mergekit's"):
+        merging.merge_to_file(name, pre, fts, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()

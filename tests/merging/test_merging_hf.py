@@ -77,6 +77,15 @@ def test_tensor_listed_twice_is_named(llamas, tmp_path):
     _assert_nothing_written(tmp_path)
 
 
+def test_index_without_weight_map_is_named(llamas, tmp_path):
+    base, fts = llamas
+    folder, _ = _shard(tmp_path, base)
+    (folder / "model.safetensors.index.json").write_text('{"metadata": {"total_size": 1}}')
+    with pytest.raises(merging.MergeInputError, match='index.json: unreadable shard index: it has no "weight_map"'):
+        merging.merge_to_file("ties", folder, fts, tmp_path / "out")
+    _assert_nothing_written(tmp_path)
+
+
 def test_tensor_in_the_wrong_shard_is_named(llamas, tmp_path):
     base, fts = llamas
     folder, index = _shard(tmp_path, base)
