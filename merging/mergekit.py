@@ -148,7 +148,7 @@ class MergekitMethod(MergeMethod):
                         "mergekit; use ties, dare_ties or dare_linear to trim or drop entries", self.name)
         if self.sparsify and all(d >= 1 for d in (dens if isinstance(dens, Sequence) else [dens])):
             log.warning("%s (convention=mergekit) at density 1.0 (mergekit's default) keeps every entry: nothing "
-                        "is %s; pass density=<kept fraction>", self.name,
+                        "is %s; pass density=<kept fraction> (a mergekit YAML: parameters.density)", self.name,
                         "dropped" if self.sparsify == "random" else "trimmed")
 
     def bind(self, T: int) -> None:
@@ -242,7 +242,8 @@ class Linear(MergeMethod):
         if self.hp["normalize"] and abs(sum(self.weights)) < 1e-8:
             # mergekit would divide by zero here and write inf/NaN tensors
             raise ValueError(f"linear: the weights {self.weights} sum to 0, so normalize=true would divide "
-                             "by zero; change the weights or pass normalize=false")
+                             "by zero; change the weights or pass normalize=false (a mergekit YAML: "
+                             "parameters.normalize: false)")
 
     def merge_tensor(self, ctx: Context, key: str) -> torch.Tensor:
         first = ctx.ft(key, 0)

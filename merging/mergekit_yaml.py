@@ -20,12 +20,12 @@ import torch
 
 from .sources import MergeInputError, open_source
 
-__all__ = ["MergekitPlan", "read_mergekit_yaml", "merge_mergekit_yaml", "METHODS"]
+__all__ = ["MergekitPlan", "read_mergekit_yaml", "merge_mergekit_yaml", "YAML_METHODS"]
 
 log = logging.getLogger(__name__)
 
 #: mergekit's method names that mtlkit runs, and the parameters each reads
-METHODS: dict[str, tuple[str, ...]] = {
+YAML_METHODS: dict[str, tuple[str, ...]] = {
     "linear": ("weight", "normalize"),
     "task_arithmetic": ("weight", "density", "lambda", "normalize", "rescale", "int8_mask"),
     "ties": ("weight", "density", "lambda", "normalize", "rescale", "int8_mask"),
@@ -41,9 +41,8 @@ _REFUSED_KEYS = {
     "tokenizer": "tokenizer surgery is not supported: mtlkit copies the base model's tokenizer files",
     "chat_template": "setting a chat template is not supported: mtlkit copies the base model's tokenizer files",
 }
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32,
-           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
+#: the dtype names mergekit's `dtype_from_name` takes (with or without a `torch.` prefix)
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 @dataclass(frozen=True)
@@ -56,6 +55,8 @@ class MergekitPlan:
     finetuned: list[Path]             # the models merged (the base model left out, as mergekit does)
     hparams: dict[str, Any] = field(default_factory=dict)  # weight/density per model, lam, normalize, rescale
     out_dtype: torch.dtype | None = None                   # out_dtype (or dtype) when the YAML sets one
+    compute_dtype: torch.dtype | None = None               # dtype (mergekit's arithmetic) when the YAML sets one
+    text: str = ""                                         # the YAML as read (a run folder keeps it)
 
     def kwargs(self) -> dict[str, Any]:
         return {"convention": "mergekit", **self.hparams}
@@ -69,8 +70,9 @@ def read_mergekit_yaml(path: str | os.PathLike) -> MergekitPlan:
     src = Path(path).expanduser()
     if not src.is_file():
         raise FileNotFoundError(f"{src}: no such mergekit configuration file")
+    text = src.read_text()
     try:
-        cfg = yaml.safe_load(src.read_text())
+        cfg = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ValueError(f"{src}: not valid YAML ({str(e).splitlines()[0]})") from None
     where = f"{src}"
@@ -82,9 +84,9 @@ def read_mergekit_yaml(path: str | os.PathLike) -> MergekitPlan:
         if key not in _TOP_KEYS:
             raise ValueError(f"{where}: unknown key {key!r}; valid: {', '.join(_TOP_KEYS)}")
     method = cfg.get("merge_method")
-    if method not in METHODS:
+    if method not in YAML_METHODS:
         raise ValueError(f"{where}: merge_method: {method!r} is not one mtlkit runs; implemented: "
-                         f"{', '.join(METHODS)} (mergekit's slerp, della, breadcrumbs, model_stock, passthrough, "
+                         f"{', '.join(YAML_METHODS)} (mergekit's slerp, della, breadcrumbs, model_stock, passthrough, "
                          "... are not)")
     tok = cfg.get("tokenizer_source")
     if tok not in (None, "base"):
@@ -93,11 +95,13 @@ def read_mergekit_yaml(path: str | os.PathLike) -> MergekitPlan:
     models = cfg.get("models")
     if not isinstance(models, list) or not models:
         raise ValueError(f"{where}: models: expected a non-empty list of {{model: <folder>, parameters: ...}}")
-    top = _params(cfg.get("parameters"), f"{where}: parameters", METHODS[method])
-    base = _folder(cfg["base_model"], f"{where}: base_model", src) if cfg.get("base_model") is not None else None
+    top = _params(cfg.get("parameters"), f"{where}: parameters", YAML_METHODS[method])
+    base_ref = cfg.get("base_model")
+    base = _folder(base_ref, f"{where}: base_model", src) if base_ref is not None else None
     if base is None and method != "linear":
         raise ValueError(f"{where}: base_model: {method} merges task vectors θ_t − θ0 and needs a base model")
-    entries: list[tuple[Path, dict[str, Any], str]] = []
+    entries: list[tuple[Path, dict[str, Any], str, bool]] = []  # (folder, own parameters, label, is the base)
+    seen: dict[Path, str] = {}
     for i, entry in enumerate(models):
         label = f"{where}: models[{i}]"
         if not isinstance(entry, dict) or "model" not in entry:
@@ -106,27 +110,38 @@ def read_mergekit_yaml(path: str | os.PathLike) -> MergekitPlan:
         if extra:
             raise ValueError(f"{label}: unknown key(s) {extra}; valid: model, parameters")
         folder = _folder(entry["model"], f"{label}.model", src)
-        own = _params(entry.get("parameters"), f"{label}.parameters", METHODS[method])
+        if folder.resolve() in seen:
+            raise ValueError(f"{label}.model: {entry['model']!r} is {seen[folder.resolve()]} again; mergekit refuses "
+                             "a model listed twice (give it one entry with the weight you mean)")
+        seen[folder.resolve()] = f"models[{i}]"
+        is_base = base is not None and entry["model"] == base_ref  # mergekit tells models apart by their spelling
+        if not is_base and _same(folder, base):
+            raise ValueError(f"{label}.model: {entry['model']!r} is base_model ({base_ref!r}) spelled differently; "
+                             "mergekit would merge it as one more model (a zero task vector that still counts in "
+                             "normalize): spell it as base_model does")
+        own = _params(entry.get("parameters"), f"{label}.parameters", YAML_METHODS[method])
         shared = sorted(k for k in own if k not in PER_MODEL)
         if shared:
             raise ValueError(f"{label}.parameters: {shared[0]} is a merge-level parameter that mergekit reads only "
                              "from the top-level parameters: move it there")
-        entries.append((folder, own, label))
-    if method != "linear":
-        kept = [e for e in entries if not _same(e[0], base)]
-        for folder, own, label in entries:
-            if _same(folder, base) and own:
+        entries.append((folder, own, label, is_base))
+    if method == "linear":  # no task vectors: mergekit averages the base model in, as the last input
+        if base is not None and not any(e[3] for e in entries):
+            entries.append((base, {}, f"{where}: base_model (linear averages it in as one more model)", True))
+    else:
+        for _, own, label, is_base in entries:
+            if is_base and own:
                 log.warning("%s: the base model's task vector is zero and mergekit leaves it out; its "
                             "parameters %s are unused", label, sorted(own))
-        entries = kept
+        entries = [e for e in entries if not e[3]]
     if not entries:
         raise ValueError(f"{where}: models: nothing to merge besides the base model")
     hparams: dict[str, Any] = {}
     for key in PER_MODEL:
-        if key not in METHODS[method]:
+        if key not in YAML_METHODS[method]:
             continue
-        values = [own.get(key, top.get(key)) for _, own, _ in entries]
-        missing = [label for (_, _, label), v in zip(entries, values) if v is None]
+        values = [own.get(key, top.get(key)) for _, own, _, _ in entries]
+        missing = [label for (_, _, label, _), v in zip(entries, values) if v is None]
         if key == "weight" and missing:
             raise ValueError(f"{missing[0]}: parameters.weight is required by mergekit's {method} (set it per "
                              "model or under the top-level parameters)")
@@ -141,9 +156,9 @@ def read_mergekit_yaml(path: str | os.PathLike) -> MergekitPlan:
         hparams["lam"] = top["lambda"]
     if "int8_mask" in top:
         log.info("%s: int8_mask only changes mergekit's memory use; mtlkit's masks are booleans already", where)
-    out_dtype = _dtype(cfg, where)
+    compute, out_dtype = _dtypes(cfg, where)
     pretrained = base if base is not None else entries[0][0]
-    return MergekitPlan(src, method, pretrained, [e[0] for e in entries], hparams, out_dtype)
+    return MergekitPlan(src, method, pretrained, [e[0] for e in entries], hparams, out_dtype, compute, text)
 
 
 def merge_mergekit_yaml(path: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
@@ -151,10 +166,15 @@ def merge_mergekit_yaml(path: str | os.PathLike, out: str | os.PathLike, *, over
                         seed: int | None = None) -> Path:
     """Run a mergekit configuration with mtlkit's streaming engine and write a Hugging Face folder
     (`mergekit-yaml path out`). `seed` makes the DARE methods repeat (mergekit's draws do not)."""
+    plan = read_mergekit_yaml(path)
+    check_dtypes(plan)
+    return run_plan(plan, out, overwrite=overwrite, threads=threads, shard_size=shard_size, seed=seed)
+
+
+def run_plan(plan: MergekitPlan, out: str | os.PathLike, *, overwrite: bool = False, threads: int | None = None,
+             shard_size: int | str | None = None, seed: int | None = None) -> Path:
     from .streaming import merge_to_file
 
-    plan = read_mergekit_yaml(path)
-    check_out_dtype(plan)
     kwargs = plan.kwargs()
     if seed is not None:
         if plan.method not in ("dare_ties", "dare_linear"):
@@ -164,18 +184,31 @@ def merge_mergekit_yaml(path: str | os.PathLike, out: str | os.PathLike, *, over
                          shard_size=shard_size, copy_files=True, **kwargs)
 
 
-def check_out_dtype(plan: MergekitPlan) -> None:
-    """mergekit writes `out_dtype` (else `dtype`); mtlkit writes the base model's dtype: they must agree."""
+def check_dtypes(plan: MergekitPlan) -> None:
+    """mergekit writes `out_dtype` (else `dtype`); mtlkit writes the base model's dtype: they must agree.
+    mergekit computes in `dtype` (unset: the models' own); mtlkit in float32 (float64 for float64 models):
+    where they differ, the values may too — say so."""
     source = open_source(plan.pretrained)
     try:
         dtypes = {source.info(k).dtype for k in source.keys()}
     finally:
         source.close()
+    have = ", ".join(sorted(_name(d) for d in dtypes))
     if plan.out_dtype is not None and dtypes != {plan.out_dtype}:
-        have = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
-        want = str(plan.out_dtype).removeprefix("torch.")
-        raise ValueError(f"{plan.source}: out_dtype/dtype asks for {want} weights; mtlkit writes the base model's "
-                         f"dtype ({have}) and does not convert: set out_dtype: {have} (or drop it)")
+        raise ValueError(f"{plan.source}: out_dtype/dtype asks for {_name(plan.out_dtype)} weights; mtlkit writes the "
+                         f"base model's dtype ({have}) and does not convert: set out_dtype: {have} (or drop it)")
+    ours = torch.float64 if dtypes == {torch.float64} else torch.float32
+    theirs = plan.compute_dtype or (next(iter(dtypes)) if len(dtypes) == 1 else None)
+    if plan.method != "linear" and theirs is not None and theirs != ours:  # mergekit's linear is float32 anyway
+        log.warning("%s: mergekit computes this recipe in %s (%s) and mtlkit in %s, so values can differ by more "
+                    "than the last bit (rounding ties magnitudes: TIES and DARE may keep other entries); dtype: "
+                    "%s with out_dtype: %s gives mergekit's bytes", plan.source, _name(theirs),
+                    "its dtype" if plan.compute_dtype else "dtype unset: the models' own", _name(ours), _name(ours),
+                    have)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _params(node: Any, where: str, valid: tuple[str, ...]) -> dict[str, Any]:
@@ -195,17 +228,34 @@ def _params(node: Any, where: str, valid: tuple[str, ...]) -> dict[str, Any]:
             raise ValueError(f"{where}.{key}: {value!r} is a filtered value; mtlkit takes one value per model")
         if key in ("normalize", "rescale", "int8_mask"):
             out[key] = _bool(value, f"{where}.{key}")
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            continue
+        number = _number(value)
+        if number is None:
             raise ValueError(f"{where}.{key}: expected a number, got {value!r}")
-        else:
-            out[key] = float(value)
+        if key == "density" and number <= 0:
+            raise ValueError(f"{where}.{key}: {value!r} would drop every entry (mergekit refuses it too); the kept "
+                             "fraction lies in (0, 1]")
+        out[key] = min(number, 1.0) if key == "density" else number  # mergekit keeps everything at density ≥ 1
     return out
 
 
+def _number(value: Any) -> float | None:
+    """A finite number, also from a string: YAML 1.1 reads `5e-1` (no dot) as one, and mergekit's
+    pydantic models convert it."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
 def _bool(value: Any, where: str) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{where}: expected true or false, got {value!r}")
-    return value
+    if isinstance(value, int) and value in (0, 1):  # pydantic's bool takes 0 and 1 too
+        return bool(value)
+    raise ValueError(f"{where}: expected true or false, got {value!r}")
 
 
 def _folder(ref: Any, where: str, src: Path) -> Path:
@@ -230,20 +280,18 @@ def _same(a: Path, b: Path | None) -> bool:
     return b is not None and a.resolve() == b.resolve()
 
 
-def _dtype(cfg: dict[str, Any], where: str) -> torch.dtype | None:
+def _dtypes(cfg: dict[str, Any], where: str) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """(dtype, the output's dtype: out_dtype, else dtype), as mergekit names them."""
     given = {}
     for key in ("dtype", "out_dtype"):
         name = cfg.get(key)
         if name is None:
             continue
-        if name not in _DTYPES:
-            raise ValueError(f"{where}: {key}: {name!r} is not a dtype mergekit names; valid: {', '.join(_DTYPES)}")
-        given[key] = _DTYPES[name]
-    if given.get("dtype", torch.float32) != torch.float32:
-        log.warning("%s: dtype %s: mtlkit computes in float32 and writes the base model's dtype; mergekit computes "
-                    "in %s, so the last bit may differ (dtype: float32 with out_dtype: <the models' dtype> gives "
-                    "mergekit's bytes)", where, cfg["dtype"], cfg["dtype"])
-    return given.get("out_dtype", given.get("dtype"))
+        dtype = _DTYPES.get(name.removeprefix("torch.")) if isinstance(name, str) else None
+        if dtype is None:
+            raise ValueError(f"{where}: {key}: {name!r} is not a dtype mergekit takes; valid: {', '.join(_DTYPES)}")
+        given[key] = dtype
+    return given.get("dtype"), given.get("out_dtype", given.get("dtype"))
 
 
 def mergekit_job(cfg: Any, run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -269,17 +317,13 @@ def mergekit_job(cfg: Any, run_dir: str | os.PathLike) -> dict[str, Any]:
         raise ValueError("mergekit_yaml= holds the merge method and its parameters: drop merge= and merge.* "
                          "(edit the YAML instead)")
     plan = read_mergekit_yaml(cfg.mergekit_yaml)
-    check_out_dtype(plan)
+    check_dtypes(plan)
     run_dir, output = start_run(cfg, run_dir, inputs=[plan.pretrained, *plan.finetuned])
     output = output.resolve()
-    kwargs = plan.kwargs()
-    if plan.method in ("dare_ties", "dare_linear"):
-        kwargs["seed"] = int(cfg.seed)  # every mtl-merge run repeats (mergekit's draws do not)
-    from .streaming import merge_to_file
-
-    merge_to_file(plan.method, plan.pretrained, plan.finetuned, output, overwrite=bool(cfg.overwrite),
-                  shard_size=cfg.get("shard_size"), copy_files=True, **kwargs)
-    hp = resolved_hparams(plan.method, kwargs)
+    (Path(run_dir) / "mergekit_config.yml").write_text(plan.text)  # the recipe as run, whatever becomes of the file
+    seed = int(cfg.seed) if plan.method in ("dare_ties", "dare_linear") else None  # every mtl-merge run repeats
+    run_plan(plan, output, overwrite=bool(cfg.overwrite), shard_size=cfg.get("shard_size"), seed=seed)
+    hp = resolved_hparams(plan.method, {**plan.kwargs(), **({"seed": seed} if seed is not None else {})})
     report = {"method": plan.method, "evaluated": False, "mergekit_yaml": str(plan.source.resolve()),
               "pretrained": str(plan.pretrained.resolve()), "models": [str(m.resolve()) for m in plan.finetuned],
               "selected": hp, "output": str(output), "files": sorted(p.name for p in output.iterdir()),

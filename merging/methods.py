@@ -157,7 +157,7 @@ def create_method(name: str, convention: str = "paper", **hparams: Any) -> Merge
 
 
 #: mergekit's method names that exist only under its convention, and the papers' counterpart
-MERGEKIT_ONLY = {"linear": "average", "dare_ties": "dare with base='ties'",
+MERGEKIT_ONLY = {"linear": "average, unweighted", "dare_ties": "dare with base='ties'",
                  "dare_linear": "dare with base='task_arithmetic'"}
 
 

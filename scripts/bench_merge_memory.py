@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -74,7 +75,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=16384, help="rows of the largest tensor (× 1024 columns)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--runs", nargs="+", default=['dare {"p": 0.5}'], help="'<method> <json hyperparameters>'")
-    ap.add_argument("--layout", default="one", choices=["one", "llama"], help="one large tensor, or Llama-shaped models")
+    ap.add_argument("--layout", default="one", choices=["one", "llama"],
+                    help="one large tensor, or Llama-shaped models")
     ap.add_argument("--layers", type=int, default=4, help="--layout llama: decoder layers")
     ap.add_argument("--keep", action="store_true", help="keep the generated inputs (reused by the next run)")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
@@ -97,7 +99,8 @@ def main() -> None:
 
 
 def table(args, folder: Path) -> None:
-    fp32 = args.rows * 1024 * 4 / 2**20
+    numel, largest = max((math.prod(shape), shape) for shape in shapes(args.layout, args.rows, args.layers).values())
+    fp32 = numel * 4 / 2**20
     print("| run | T | largest tensor | peak RSS above import | × its float32 size |\n|---|---:|---|---:|---:|")
     for run in args.runs:
         method, _, hp = run.partition(" ")
@@ -108,7 +111,8 @@ def table(args, folder: Path) -> None:
         if out.returncode:
             sys.exit(f"{run}: {out.stderr.strip().splitlines()[-1]}")
         mb = json.loads(out.stdout.strip().splitlines()[-1])
-        shape = f"{args.rows}×1024 {args.dtype}" + (f" (Llama, {args.layers} layers)" if args.layout == "llama" else "")
+        shape = "×".join(map(str, largest)) + f" {args.dtype}"
+        shape += f" (Llama, {args.layers} layers)" if args.layout == "llama" else ""
         print(f"| {run} | {args.models} | {shape} | +{mb:.0f} MB | {mb / fp32:.1f}× |", flush=True)
 
 

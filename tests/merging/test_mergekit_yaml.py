@@ -132,8 +132,18 @@ parameters: {weight: 1.0, density: 0.5}
      r"tokenizer_source: 'union' is not supported"),
     ("merge_method: ties\nbase_model: base\nmodel: [{model: a}]", r"unknown key 'model'; valid: merge_method"),
     ("merge_method: ties\nbase_model: base\nmodels: [{model: base}]", r"nothing to merge besides the base model"),
-    ("merge_method: ties\nbase_model: base\ndtype: float8\nmodels: [{model: a, parameters: {weight: 1}}]",
-     r"dtype: 'float8' is not a dtype"),
+    ("merge_method: ties\nbase_model: base\ndtype: bf16\nmodels: [{model: a, parameters: {weight: 1}}]",
+     r"dtype: 'bf16' is not a dtype mergekit takes; valid: float32, float16, bfloat16, float64"),
+    ("merge_method: ties\nbase_model: base\nmodels: [{model: a, parameters: {weight: 1}}, {model: ./a}]",
+     r"models\[1\]\.model: './a' is models\[0\] again; mergekit refuses a model listed twice"),
+    ("merge_method: ties\nbase_model: base\nmodels: [{model: ./base}, {model: a, parameters: {weight: 1}}]",
+     r"models\[0\]\.model: './base' is base_model \('base'\) spelled differently"),
+    ("merge_method: ties\nbase_model: base\nmodels: [{model: a, parameters: {weight: 1, density: 0}}]",
+     r"models\[0\]\.parameters\.density: 0 would drop every entry"),
+    ("merge_method: ties\nbase_model: base\nmodels: [{model: a, parameters: {weight: 1}}]\nparameters: {normalize: 2}",
+     r"parameters\.normalize: expected true or false, got 2"),
+    ("merge_method: linear\nbase_model: base\nmodels: [{model: a, parameters: {weight: 1}}]",
+     r"base_model \(linear averages it in as one more model\): parameters\.weight is required"),
 ])
 def test_what_mtlkit_does_not_run_is_refused_by_name(models, text, match):
     cfg = _yaml(models, text)
@@ -153,13 +163,56 @@ def test_a_path_beside_the_yaml_is_named_when_the_current_directory_differs(mode
 def test_out_dtype_must_be_the_base_models(models, caplog):
     cfg = _yaml(models, "merge_method: ties\nbase_model: base\nmodels: [{model: a, parameters: {weight: 1}}]\n"
                         "dtype: bfloat16\n")
+    with pytest.raises(ValueError, match=r"asks for bfloat16 weights; mtlkit writes the base model's dtype "
+                                         r"\(float32\)"):
+        merging.merge_mergekit_yaml(cfg, models / "out")
+    cfg.write_text(cfg.read_text() + "out_dtype: torch.float32\n")  # compute dtype differs, output dtype agrees
     with caplog.at_level(logging.WARNING, logger="merging.mergekit_yaml"):
-        with pytest.raises(ValueError, match=r"asks for bfloat16 weights; mtlkit writes the base model's dtype "
-                                             r"\(float32\)"):
-            merging.merge_mergekit_yaml(cfg, models / "out")
-    assert "computes in float32" in caplog.text
-    cfg.write_text(cfg.read_text() + "out_dtype: float32\n")  # compute dtype differs, output dtype agrees
-    merging.merge_mergekit_yaml(cfg, models / "out")
+        merging.merge_mergekit_yaml(cfg, models / "out")
+    assert "mergekit computes this recipe in bfloat16 (its dtype) and mtlkit in float32" in caplog.text
+
+
+@pytest.mark.parametrize("method, warned", [("ties", True), ("linear", False)])
+def test_unset_dtype_on_bf16_models_is_mergekits_bf16_arithmetic(tmp_path, monkeypatch, caplog, method, warned):
+    monkeypatch.chdir(tmp_path)
+    for name, w in (("base", BASE), ("a", A)):
+        _folder(tmp_path / name, w, torch.bfloat16)
+    cfg = _yaml(tmp_path, f"merge_method: {method}\nbase_model: base\nmodels: [{{model: a}}]\nparameters: {{weight: 1}}")
+    with caplog.at_level(logging.WARNING, logger="merging.mergekit_yaml"):
+        merging.merge_mergekit_yaml(cfg, tmp_path / "out")
+    # mergekit's linear computes in float32 whatever the dtype; its other methods in the models' dtype
+    assert ("in bfloat16 (dtype unset: the models' own) and mtlkit in float32" in caplog.text) == warned
+
+
+def test_linear_averages_a_base_model_it_does_not_list_as_the_last_input(models):
+    cfg = _yaml(models, """
+merge_method: linear
+base_model: base
+models:
+  - model: a
+    parameters: {weight: 2.0}
+  - model: b
+parameters: {weight: 1.0}
+""")
+    plan = merging.read_mergekit_yaml(cfg)
+    assert [p.name for p in plan.finetuned] == ["a", "b", "base"] and plan.hparams["weight"] == [2.0, 1.0, 1.0]
+    assert torch.allclose(_merged(merging.merge_mergekit_yaml(cfg, models / "out")), (2 * A + B + BASE) / 4)
+
+
+def test_yaml_values_mergekits_parsing_accepts(models):
+    # YAML 1.1 reads 5e-1 (no dot) as a string; pydantic converts it; 1 is a bool; density above 1 keeps all
+    cfg = _yaml(models, """
+merge_method: ties
+base_model: base
+models:
+  - model: a
+    parameters: {weight: 1, density: 5e-1}
+  - model: c
+    parameters: {weight: 2, density: 1.5}
+parameters: {normalize: 1}
+""")
+    plan = merging.read_mergekit_yaml(cfg)
+    assert plan.hparams == {"weight": [1.0, 2.0], "density": [0.5, 1.0], "normalize": True}
 
 
 def test_cli_runs_the_recipe_and_refuses_other_merge_settings(models):
@@ -173,6 +226,7 @@ parameters: {weight: 1.0, lambda: 0.5}
     assert report["evaluated"] is False and report["selected"]["lam"] == 0.5
     assert torch.allclose(_merged(models / "merged"), 0.5 * (A + B))
     assert json.loads((models / "run" / "metrics.json").read_text())["mergekit_yaml"] == str(cfg)
+    assert (models / "run" / "mergekit_config.yml").read_text() == cfg.read_text()
     with pytest.raises(ValueError, match="drop merge= and merge"):
         run([f"mergekit_yaml={cfg}", "merge=ties", f"output={models / 'm2'}"], run_dir=models / "run2")
     with pytest.raises(ValueError, match="drop pretrained="):

@@ -114,3 +114,22 @@ def test_a_mergekit_yaml_gives_mergekits_bytes(llamas, tmp_path, method):
     assert set(got) == set(want)
     for k, v in want.items():
         assert torch.equal(got[k].view(torch.int16), v.view(torch.int16)), k
+
+
+def test_a_linear_yaml_with_an_unlisted_base_model_gives_mergekits_bytes(llamas, tmp_path):
+    """mergekit averages a base model `linear` does not list in as one more input (top-level weight)."""
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    base, fts = llamas
+    cfg = {"merge_method": "linear", "base_model": str(base), "parameters": {"weight": 0.5},
+           "models": [{"model": str(fts[0]), "parameters": {"weight": 1.0}}, {"model": str(fts[1])}]}
+    path = tmp_path / "merge.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    run_merge(MergeConfiguration.model_validate(yaml.safe_load(path.read_text())), str(tmp_path / "mk"),
+              MergeOptions(copy_tokenizer=False, lazy_unpickle=False, low_cpu_memory=True, quiet=True))
+    want = merging.load_state_dict(tmp_path / "mk")
+    got = merging.load_state_dict(merging.merge_mergekit_yaml(path, tmp_path / "ours"))
+    for k, v in want.items():
+        assert torch.equal(got[k].view(torch.int16), v.view(torch.int16)), k
