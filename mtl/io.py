@@ -388,6 +388,10 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         model = model_from_config(cfg["model"])
     except Exception as e:  # any malformed value: the config, not the caller, is at fault
         raise ModelFolderError(f"{cfg_file}: cannot build the model ({type(e).__name__}: {e})") from None
+    stored = dict(state)  # the digest covers the tensors as stored, before any conversion
+    upgraded = model.upgrade_state(state) if hasattr(model, "upgrade_state") else []
+    if upgraded:
+        log.info("%s: %d key(s) of an older layout converted on loading (e.g. %r)", file, len(upgraded), upgraded[0])
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -404,7 +408,7 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
             raise ModelFolderError(f"{file}: key {k!r} has dtype {t.dtype}, the model expects {v.dtype}")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ModelFolderError(f"{file}: key {k!r} holds NaN or infinite values")
-    check_weights_digest(file, header, state.keys(), state.__getitem__)
+    check_weights_digest(file, header, stored.keys(), stored.__getitem__)
     model.load_state_dict(state)
     model.meta = cfg.get("meta", {})
     return model.to(map_location).eval()

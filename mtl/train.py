@@ -83,6 +83,8 @@ def _num_classes(key: str, kw: dict[str, Any], info: dict[str, Any], default: in
 def init_from_folder(model: MultiTaskModel, folder: str | Path) -> dict[str, int]:
     """Copy every weight whose name and shape match from a model folder (fine-tuning start)."""
     source = load_state(folder)
+    if hasattr(model, "upgrade_state"):  # an older folder's layout, as mtl.load_model reads it
+        model.upgrade_state(source)
     own = model.state_dict()
     loaded = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
     shared = _shared_names(model)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import mtl
+from mtl.io import ModelFolderError
 from mtl.models import MultiTaskModel, create_model
 from mtl.models.slimmable import SlimConv2d, SlimLinear, SwitchableBatchNorm2d
 from mtl.models.slimmable.layers import SLIM_TYPES
@@ -475,3 +476,34 @@ def test_extract_cli_names_the_other_familys_setting_in_cli_terms(tmp_path):
                                           tmp_path / f"run_{folder}")
         with pytest.raises(ValueError, match=want):
             run_extract(cfg, run_dir)
+
+
+def legacy_folder(tmp_path, rows=None):
+    """A folder as written before per-pair head statistics: one row per head width (``rows``: another count)."""
+    slim = slim_model()
+    k = len(slim.width_set)
+    for bn in slim.modules():
+        if isinstance(bn, SwitchableBatchNorm2d) and bn.cond_key:
+            bn.running_means = bn.running_means[: rows or k].clone()
+            bn.running_vars = bn.running_vars[: rows or k].clone()
+    mtl.save_model(slim, tmp_path / "legacy")
+    return slim, tmp_path / "legacy"
+
+
+def test_folder_written_with_one_row_per_decoder_width_loads_through_load_model(tmp_path):
+    old, path = legacy_folder(tmp_path)
+    again = mtl.load_model(path)
+    k = len(old.width_set)
+    for name, bn in again.named_modules():
+        if isinstance(bn, SwitchableBatchNorm2d) and bn.cond_key:
+            stored = dict(old.named_modules())[name]
+            assert bn.running_means.shape == (k * k, bn.num_features)
+            for j in range(k):  # every encoder width reads the stored row of its head width
+                assert torch.equal(bn.running_means[j * k:(j + 1) * k], stored.running_means)
+                assert torch.equal(bn.running_vars[j * k:(j + 1) * k], stored.running_vars)
+
+
+def test_head_statistics_of_any_other_row_count_are_still_refused(tmp_path):
+    _, path = legacy_folder(tmp_path, rows=3)
+    with pytest.raises(ModelFolderError, match=r"key 'decoder\.heads\.\w+\.body\.1\.running_means' has shape \(3, 12\)"):
+        mtl.load_model(path)

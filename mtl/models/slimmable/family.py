@@ -144,6 +144,22 @@ class SlimmableMultiTaskModel(MultiTaskModel):
         if extra:
             raise KeyError(f"unknown key(s) {extra} in widths; expected 'encoder' and 'decoders'")
 
+    def upgrade_state(self, state: dict[str, torch.Tensor]) -> list[str]:
+        """Bring a stored state dict of an older layout up to this model's, in place (``mtl.load_model``
+        calls it before checking shapes); returns the keys it changed. The one older layout: head norms
+        with one row of statistics per head width instead of one per (encoder, head) width pair."""
+        changed = []
+        for name, m in self.named_modules():
+            if not isinstance(m, SwitchableBatchNorm2d):
+                continue
+            for buf in ("running_means", "running_vars"):
+                key = f"{name}.{buf}"
+                upgraded = m.upgrade_stats(state[key]) if key in state else None
+                if upgraded is not None:
+                    state[key] = upgraded
+                    changed.append(key)
+        return changed
+
     # --- BN recalibration for widths outside the set ----------------------------------------------------
     @torch.no_grad()
     def calibrate_widths(self, widths: Iterable[float], batches: Iterable[torch.Tensor | Mapping[str, torch.Tensor]]) -> list[float]:

@@ -170,14 +170,21 @@ class SwitchableBatchNorm2d(nn.modules.batchnorm._BatchNorm):
         self.running_means, self.running_vars = grow(self.running_means, 0.0), grow(self.running_vars, 1.0)
         self.widths = widths
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # folders written before per-pair statistics held one row per own width: every encoder width
-        # then shares it (what those models computed)
+    def upgrade_stats(self, stats: torch.Tensor) -> torch.Tensor | None:
+        """Per-pair rows from statistics stored with one row per own width (folders written before
+        per-pair statistics): every ``cond_key`` width shares that row, which is what those models
+        computed. ``None`` when ``stats`` is not of that older shape."""
         k = len(self.widths)
+        if self.cond_key and k > 1 and tuple(stats.shape) == (k, self.num_features):
+            return stats.repeat(k, 1)
+        return None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in ("running_means", "running_vars"):
             t = state_dict.get(prefix + name)
-            if self.cond_key and t is not None and t.dim() == 2 and t.shape[0] == k and k > 1:
-                state_dict[prefix + name] = t.repeat(k, 1)
+            upgraded = self.upgrade_stats(t) if t is not None else None
+            if upgraded is not None:
+                state_dict[prefix + name] = upgraded
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
