@@ -2,6 +2,7 @@
 import itertools
 import json
 import math
+import re
 
 import pytest
 
@@ -257,3 +258,77 @@ def test_search_cli_piped_into_a_reader_that_leaves_ends_without_a_traceback(tmp
     err = proc.stderr.read().decode()
     proc.wait(timeout=300)
     assert "BrokenPipe" not in err and "Traceback" not in err, err
+
+
+def table_with_missing_cell():
+    """table() where B's rmse at (encoder 0.5, decoder 0.5) is NaN (a diverged sub-width): stored as null."""
+    t = table()
+    t.metrics["B"]["0.5"]["0.5"]["rmse"] = float("nan")
+    return t
+
+
+def test_spearman_gives_nan_when_a_value_is_missing():
+    # a missing score has no rank (scipy.stats.spearmanr also gives nan); before, NaN sorted last: rho 1.0
+    assert math.isnan(spearman([1, 2, float("nan")], [1, 2, 3]))
+    assert math.isnan(spearman([1, 2, 3], [1, float("inf"), 3]))
+
+
+def test_utilities_scale_over_the_finite_cells_and_leave_the_missing_one_nan():
+    from mtl.models.slimmable.control import utilities
+
+    u = utilities(table_with_missing_cell())["B"]
+    # B's finite -rmse: -2.5, -2.0, -1.0 -> (v + 2.5) / 1.5
+    assert math.isnan(u["0.5"]["0.5"])
+    assert u["0.5"]["1"] == pytest.approx(0.0) and u["1"]["0.5"] == pytest.approx(0.5 / 1.5) and u["1"]["1"] == 1.0
+
+
+def test_measured_search_skips_configurations_with_a_missing_metric_after_a_json_round_trip(tmp_path, caplog):
+    path = tmp_path / "width_table.json"
+    table_with_missing_cell().save(path)
+    assert json.loads(path.read_text())["metrics"]["B"]["0.5"]["0.5"]["rmse"] is None
+    with caplog.at_level("WARNING"):
+        t = WidthTable.load(path)
+    assert f"{path}: task 'B' has no finite rmse at (encoder, decoder) widths (0.5, 0.5)" in caplog.text
+    # budget 14: encoder 0.5 with (A, B) in (0.5, 0.5) [B missing] or (1, 0.5) [B missing] or (0.5, 1) -> 14
+    c = search(t, 14, {"A": 0.5, "B": 0.5})
+    assert c.config == {"encoder": 0.5, "decoders": {"A": 0.5, "B": 1.0}} and c.skipped == 2
+    # a task preferred 0 does not weigh: its missing metric does not rule the configuration out
+    assert search(t, 13, {"A": 1.0, "B": 0.0}).config == {"encoder": 0.5, "decoders": {"A": 0.5, "B": 0.5}}
+    with pytest.raises(ValueError, match=r"no configuration within budget 13 FLOPs .* B at \(0\.5, 0\.5\)"):
+        search(t, 13, {"A": 0.5, "B": 0.5})
+
+
+def test_search_cli_on_a_table_with_a_missing_metric_says_so(tmp_path, capsys):
+    path = tmp_path / "width_table.json"
+    table_with_missing_cell().save(path)
+    assert search_main([str(path), "--budget", "14", "--preference", "A=0.5,B=0.5"]) == 0
+    captured = capsys.readouterr()
+    assert "2 configuration(s) within the budget skipped" in captured.err and "B: decoder width 1;" in captured.out
+    assert search_main([str(path), "--budget", "12", "--preference", "A=1", "--method", "rule", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["expected"]["B"] == {"rmse": None}
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda d: d["head_flops"]["A"]["1"].pop("0.5"),
+     r"head_flops\['A'\]\['1'\]\['0\.5'\] \(task 'A' at encoder width 1, decoder width 0\.5\) is missing"),
+    (lambda d: d["encoder_flops"].update({"0.5": None}), r"encoder_flops\['0\.5'\] \(encoder width 0\.5\) is missing"),
+    (lambda d: d["metrics"]["B"]["1"]["1"].pop("rmse"),
+     r"metrics\['B'\]\['1'\]\['1'\] has no 'rmse' \(task 'B' at encoder width 1, decoder width 1\)"),
+    (lambda d: d["metrics"]["A"]["1"]["1"].update({"acc": "high"}), r"metrics\['A'\]\['1'\]\['1'\]\['acc'\] .* is 'high'"),
+])
+def test_a_table_missing_a_cell_is_refused_naming_file_task_and_cell(tmp_path, capsys, edit, match):
+    path = tmp_path / "width_table.json"
+    data = table().to_json()
+    edit(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=f"{re.escape(str(path))}: {match}"):
+        WidthTable.load(path)
+    assert search_main([str(path), "--budget", "5M", "--preference", "A=1"]) == 1
+    assert str(path) in capsys.readouterr().err
+
+
+def test_controllability_with_a_missing_achieved_metric_is_undefined_and_says_why():
+    t = table()
+    r = control_report(t, budgets_between(t, 3), n_preferences=5, method="rule", achieved=table_with_missing_cell())
+    assert math.isnan(r["controllability"]) and "controllability undefined" in r["note"]
+    assert r["per_budget"][0]["unscored"] == {"B": 5}  # the smallest budget: every choice at (0.5, 0.5)

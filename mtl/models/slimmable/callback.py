@@ -9,6 +9,7 @@ search that reads validation metrics is measured on images it never saw), ``cont
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import lightning as L
@@ -99,5 +100,11 @@ def print_report(table, report) -> None:
     console.print(out)
     console.print(f"controllability ({report['method']} search on validation, scored on test; mean Spearman, "
                   f"{report['n_preferences']} preference vectors x {len(report['per_budget'])} budgets): "
-                  f"{report['controllability']:+.3f}; budget adherence {100 * report['adherence']:.1f}%")
-    console.print("  " + "; ".join(f"{k} {v['controllability']:+.3f}" for k, v in report.get("compare", {}).items()))
+                  f"{_signed(report['controllability'])}; budget adherence {100 * report['adherence']:.1f}%")
+    if "note" in report:
+        console.print(f"  {report['note']}")
+    console.print("  " + "; ".join(f"{k} {_signed(v['controllability'])}" for k, v in report.get("compare", {}).items()))
+
+
+def _signed(v: float) -> str:
+    return f"{v:+.3f}" if math.isfinite(v) else "undefined"

@@ -39,6 +39,7 @@ class Choice:
     config: dict[str, Any]
     flops: int
     expected: dict[str, dict[str, float]]
+    skipped: int = 0  # configurations the measured search passed over: a task's primary metric is missing there
 
 
 def min_flops(table: WidthTable) -> int:
@@ -154,43 +155,57 @@ def ordered_assignments(tasks: Sequence[str], pref: Mapping[str, float], n_level
 
 
 def utilities(table: WidthTable) -> dict[str, dict[str, dict[str, float]]]:
-    """Each task's primary score at every (encoder, decoder) width, min-max scaled to [0, 1] over the table."""
+    """Each task's primary score at every (encoder, decoder) width, min-max scaled to [0, 1] over the
+    table's finite scores; a cell without a finite score stays NaN."""
     out = {}
     for t in table.tasks:
         raw = {a: {b: table.score(t, float(a), float(b)) for b in row} for a, row in table.metrics[t].items()}
-        lo = min(v for row in raw.values() for v in row.values())
-        hi = max(v for row in raw.values() for v in row.values())
+        finite = [v for row in raw.values() for v in row.values() if math.isfinite(v)]
+        lo, hi = (min(finite), max(finite)) if finite else (0.0, 0.0)
         span = hi - lo
-        out[t] = {a: {b: (v - lo) / span if span > 0 else 0.0 for b, v in row.items()} for a, row in raw.items()}
+
+        def scaled(v: float) -> float:
+            return math.nan if not math.isfinite(v) else (v - lo) / span if span > 0 else 0.0
+
+        out[t] = {a: {b: scaled(v) for b, v in row.items()} for a, row in raw.items()}
     return out
 
 
 def _measured(table: WidthTable, budget: float, pref: dict[str, float]) -> Choice:
     ws = table.width_set
     util = utilities(table)
-    best = None
+    best, skipped = None, 0
     for levels in ordered_assignments(table.tasks, pref, len(ws)):
         decoders = {t: ws[levels[t]] for t in table.tasks}
         fit = _fill_encoder(table, decoders, budget)
         if fit is None:
             continue
         we, flops = fit
-        u = sum(pref[t] * util[t][wkey(we)][wkey(w)] for t, w in decoders.items())
+        u = sum(pref[t] * util[t][wkey(we)][wkey(w)] for t, w in decoders.items() if pref[t] > 0)
+        if math.isnan(u):  # a weighed task's metric is missing there: its utility is unknown, not low
+            skipped += 1
+            continue
         key = (round(u, 12), flops, we)  # equal utility: the choice that uses more of the budget
         if best is None or key > best[0]:
             best = (key, {"encoder": we, "decoders": decoders}, flops)
-    if best is None:  # unreachable after check_budget: every decoder at the narrowest width fits
-        raise ValueError(f"no configuration fits budget {budget:,.0f} FLOPs")
+    if best is None:
+        missing = "; ".join(f"{t} at " + ", ".join(f"({a}, {b})" for a, b in cells)
+                            for t, cells in table.missing_cells().items())
+        raise ValueError(f"no configuration within budget {budget:,.0f} FLOPs has a finite primary metric for every "
+                         f"preferred task ({skipped} skipped; missing at (encoder, decoder) widths: {missing})")
     _, cfg, flops = best
-    return Choice(cfg, flops, table.expected(cfg))
+    return Choice(cfg, flops, table.expected(cfg), skipped)
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     """Spearman's rho: Pearson correlation of the ranks (ties share their average rank); 0 when either
-    side does not vary (no ordering to follow)."""
-    rx, ry = _ranks(np.asarray(x, float)), _ranks(np.asarray(y, float))
-    if len(rx) != len(ry):
-        raise ValueError(f"spearman: {len(rx)} and {len(ry)} values")
+    side does not vary (no ordering to follow); NaN when a value is NaN or infinite (a missing score has no rank)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) != len(y):
+        raise ValueError(f"spearman: {len(x)} and {len(y)} values")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        return math.nan
+    rx, ry = _ranks(x), _ranks(y)
     dx, dy = rx - rx.mean(), ry - ry.mean()
     den = math.sqrt(float((dx ** 2).sum() * (dy ** 2).sum()))
     return 0.0 if den == 0 else float((dx * dy).sum() / den)
@@ -225,14 +240,20 @@ def controllability(table: WidthTable, budget: float, preferences: Sequence[Mapp
     configurations' scores are looked up — pass the test split's table for a held-out score."""
     achieved = table if achieved is None else _same_grid(table, achieved)
     choices = [search(table, budget, p, method) for p in preferences]
-    per_task = {}
+    per_task, unscored = {}, {}
     for t in table.tasks:
         prefs = [p[t] for p in preferences]
         scores = [achieved.score(t, c.config["encoder"], c.config["decoders"][t]) for c in choices]
         per_task[t] = spearman(prefs, scores)
+        missing = sum(not math.isfinite(v) for v in scores)
+        if missing:
+            unscored[t] = missing
     within = sum(c.flops <= budget for c in choices)
-    return {"budget": float(budget), "spearman": per_task, "controllability": float(np.mean(list(per_task.values()))),
-            "adherence": within / len(choices), "n": len(choices)}
+    row = {"budget": float(budget), "spearman": per_task, "controllability": float(np.mean(list(per_task.values()))),
+           "adherence": within / len(choices), "n": len(choices)}
+    if unscored:  # choices whose achieved metric is missing: no rank, so no controllability at this budget
+        row["unscored"] = unscored
+    return row
 
 
 def _same_grid(table: WidthTable, other: WidthTable) -> WidthTable:
@@ -252,9 +273,15 @@ def control_report(table: WidthTable, budgets: Sequence[float], n_preferences: i
                    method: str = "measured", achieved: WidthTable | None = None) -> dict[str, Any]:
     prefs = sample_preferences(table.tasks, n_preferences, seed)
     rows = [controllability(table, b, prefs, method, achieved) for b in budgets]
-    return {"controllability": float(np.mean([r["controllability"] for r in rows])),
-            "adherence": float(np.mean([r["adherence"] for r in rows])),
-            "n_preferences": n_preferences, "method": method, "held_out": achieved is not None, "per_budget": rows}
+    report = {"controllability": float(np.mean([r["controllability"] for r in rows])),
+              "adherence": float(np.mean([r["adherence"] for r in rows])),
+              "n_preferences": n_preferences, "method": method, "held_out": achieved is not None, "per_budget": rows}
+    unscored = [r["budget"] for r in rows if "unscored" in r]
+    if unscored:
+        report["note"] = (f"controllability undefined: at {len(unscored)} of {len(rows)} budgets some choices land on "
+                          "configurations whose primary metric is missing (not finite) in the "
+                          f"{'achieved-score' if achieved is not None else 'search'} table (per_budget[].unscored)")
+    return report
 
 
 def score_controller(table: WidthTable, test: WidthTable, budgets: int = 8, preferences: int = 64, seed: int = 0,

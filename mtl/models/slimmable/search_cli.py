@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
+from mtl.io import strict_json
 from mtl.models.slimmable.control import SEARCH_METHODS, parse_budget, search
 from mtl.models.slimmable.table import WidthTable
 
@@ -45,12 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError, OSError) as e:  # OSError: a folder or an unreadable file given as the table
         print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 1
-    if args.json:
-        print(json.dumps({"config": choice.config, "flops": choice.flops, "expected": choice.expected}, indent=2))
+    if choice.skipped:  # the table's missing cells were named when it was read
+        print(f"note: {choice.skipped} configuration(s) within the budget skipped: a task's primary metric is missing "
+              f"there in {args.table}", file=sys.stderr)
+    if args.json:  # a missing metric as null: strict JSON, as the table stores it
+        out = {"config": choice.config, "flops": choice.flops, "expected": choice.expected, "skipped": choice.skipped}
+        print(json.dumps(strict_json(out, "choice"), indent=2))
         return 0
     print(f"encoder width: {choice.config['encoder']:g}")
     for t, w in choice.config["decoders"].items():
-        metrics = ", ".join(f"{k}={v:.4f}" for k, v in choice.expected[t].items())
+        metrics = ", ".join(f"{k}={v:.4f}" if math.isfinite(v) else f"{k}=missing" for k, v in choice.expected[t].items())
         print(f"  {t}: decoder width {w:g}; expected {metrics}")
     print(f"FLOPs per image: {choice.flops:,} ({choice.flops / 1e6:.2f} M) within budget {parse_budget(args.budget):,.0f}")
     return 0

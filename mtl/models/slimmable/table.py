@@ -7,6 +7,9 @@ x one decoder width for all tasks) gives the exact FLOPs and metrics of *every* 
 """
 from __future__ import annotations
 
+import logging
+import math
+import numbers
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -14,6 +17,8 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from mtl.flops import count_flops
+
+log = logging.getLogger(__name__)
 
 
 def wkey(width: float) -> str:
@@ -61,16 +66,56 @@ class WidthTable:
     def uniform(self, width: float) -> dict[str, Any]:
         return {"encoder": width, "decoders": {t: width for t in self.tasks}}
 
+    def missing_cells(self) -> dict[str, list[tuple[str, str]]]:
+        """Per task, the (encoder, decoder) width keys whose primary metric is not a finite number."""
+        out = {}
+        for t in self.tasks:
+            bad = [(a, b) for a, row in self.metrics[t].items() for b, m in row.items()
+                   if not math.isfinite(m[self.primary[t]])]
+            if bad:
+                out[t] = bad
+        return out
+
+    def check(self, source: str = "width table") -> "WidthTable":
+        """Refuse a missing FLOPs or metric cell, naming ``source``, task and cell; read a stored null (how
+        JSON keeps a non-finite metric) as NaN; log the cells whose primary metric is not finite (the
+        measured search skips the configurations that use them)."""
+        keys = [wkey(w) for w in self.width_set]
+        for k in keys:
+            _number(self.encoder_flops.get(k), f"{source}: encoder_flops[{k!r}] (encoder width {k})")
+        for t in self.tasks:
+            if t not in self.primary or t not in self.higher_is_better:
+                raise ValueError(f"{source}: task {t!r} has no entry in primary / higher_is_better")
+            for a in keys:
+                for b in keys:
+                    cell = f"task {t!r} at encoder width {a}, decoder width {b}"
+                    _number(self.head_flops.get(t, {}).get(a, {}).get(b),
+                            f"{source}: head_flops[{t!r}][{a!r}][{b!r}] ({cell})")
+                    m = self.metrics.get(t, {}).get(a, {}).get(b)
+                    if not isinstance(m, dict) or self.primary[t] not in m:
+                        raise ValueError(f"{source}: metrics[{t!r}][{a!r}][{b!r}] has no {self.primary[t]!r} ({cell})")
+                    for name, v in m.items():
+                        m[name] = math.nan if v is None else _number(v, f"{source}: metrics[{t!r}][{a!r}][{b!r}]"
+                                                                        f"[{name!r}] ({cell})", finite=False)
+        for t, cells in self.missing_cells().items():
+            log.warning("%s: task %r has no finite %s at (encoder, decoder) widths %s; the measured search skips "
+                        "configurations that use them", source, t, self.primary[t],
+                        ", ".join(f"({a}, {b})" for a, b in cells))
+        return self
+
     # --- storage ------------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], source: str = "width table") -> "WidthTable":
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{source}: a width table is a JSON object, got {type(data).__name__}")
         try:
-            return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+            table = cls(**{k: data[k] for k in cls.__dataclass_fields__})
         except KeyError as e:
             raise ValueError(f"{source}: missing key {e.args[0]!r}") from None
+        return table.check(source)
 
     def save(self, path: str | Path) -> None:
         from mtl.io import write_json
@@ -135,6 +180,15 @@ def build_width_table(model, batches: Iterable[Mapping[str, torch.Tensor]], max_
         model.train(was_training)
     values = {t: {a: {b: {n: float(m.compute()) for n, m in ms.items()} for b, ms in row.items()}
                   for a, row in by_e.items()} for t, by_e in metrics.items()}
-    return WidthTable(width_set=ws, tasks=list(tasks), primary={t: task.primary for t, task in tasks.items()},
-                      higher_is_better={t: bool(task.directions[task.primary]) for t, task in tasks.items()},
-                      encoder_flops=enc, head_flops=head, metrics=values, input_size=list(sample.shape[-2:]))
+    table = WidthTable(width_set=ws, tasks=list(tasks), primary={t: task.primary for t, task in tasks.items()},
+                       higher_is_better={t: bool(task.directions[task.primary]) for t, task in tasks.items()},
+                       encoder_flops=enc, head_flops=head, metrics=values, input_size=list(sample.shape[-2:]))
+    return table.check(f"width table ({split or 'evaluated'} split)")
+
+
+def _number(v: Any, what: str, finite: bool = True) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise ValueError(f"{what} is {'missing' if v is None else repr(v)}; expected a number")
+    if finite and not math.isfinite(v):
+        raise ValueError(f"{what} is {v!r}; expected a finite number")
+    return v
