@@ -332,3 +332,19 @@ def test_controllability_with_a_missing_achieved_metric_is_undefined_and_says_wh
     r = control_report(t, budgets_between(t, 3), n_preferences=5, method="rule", achieved=table_with_missing_cell())
     assert math.isnan(r["controllability"]) and "controllability undefined" in r["note"]
     assert r["per_budget"][0]["unscored"] == {"B": 5}  # the smallest budget: every choice at (0.5, 0.5)
+
+
+def test_controllability_needs_two_preferences_and_two_budgets():
+    t = table()
+    with pytest.raises(ValueError, match="at least 2 preference vectors"):
+        controllability(t, 100, [{"A": 0.8, "B": 0.2}], "rule")
+    with pytest.raises(ValueError, match="budgets=1: give at least 2"):
+        budgets_between(t, 1)
+
+
+def test_controllability_of_a_single_task_table_is_undefined_with_a_note():
+    one = WidthTable.from_json({**table().to_json(), "tasks": ["A"]})
+    r = control_report(one, budgets_between(one, 3), n_preferences=4, method="rule")
+    # the only task's preference is 1.0 in every vector: no rank correlation exists (was reported as 0)
+    assert math.isnan(r["controllability"]) and "needs at least 2 tasks" in r["note"]
+    assert r["adherence"] == 1.0

@@ -230,6 +230,7 @@ def test_width_table_follows_each_splits_limit_and_is_skipped_without_validation
 
 
 @pytest.mark.parametrize("key, value", [("budgets", 0), ("preferences", 0), ("preferences", -3), ("budgets", 2.5),
+                                        ("budgets", 1), ("preferences", 1),  # always 0: undefined, not a measurement
                                         ("max_batches", -1), ("seed", "x")])
 def test_bad_width_table_settings_are_refused_when_the_run_starts(key, value):
     from mtl.models.slimmable.callback import WidthTableCallback

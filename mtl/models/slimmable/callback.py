@@ -27,10 +27,13 @@ class WidthTableCallback(L.Callback):
         if search_method not in SEARCH_METHODS:
             raise ValueError(f"callbacks.width_table.search_method must be one of {SEARCH_METHODS}, got {search_method!r}")
         # checked when the run starts: a bad value found after testing would fail a trained run
-        for key, value, low in (("budgets", budgets, 1), ("preferences", preferences, 1), ("max_batches", max_batches, 0),
+        # one budget or one preference vector would always score 0, which reads like a measurement
+        notes = {"budgets": " (one budget is the smallest configuration's FLOPs, where only it fits)",
+                 "preferences": " (a rank correlation over one preference vector is undefined)"}
+        for key, value, low in (("budgets", budgets, 2), ("preferences", preferences, 2), ("max_batches", max_batches, 0),
                                 ("seed", seed, 0)):
             if value is not None or key != "max_batches":  # max_batches=null: the trainer's limits
-                check_int(f"callbacks.width_table.{key}", value, low=low)
+                check_int(f"callbacks.width_table.{key}", value, low=low, note=notes.get(key, ""))
         self.budgets, self.preferences, self.max_batches, self.seed = budgets, preferences, max_batches, seed
         self.search_method = search_method
         self.deferred_error: BaseException | None = None

@@ -239,12 +239,16 @@ def controllability(table: WidthTable, budget: float, preferences: Sequence[Mapp
     ``table`` is what the search reads; ``achieved`` (default: the same table) is where the chosen
     configurations' scores are looked up — pass the test split's table for a held-out score."""
     achieved = table if achieved is None else _same_grid(table, achieved)
+    if len(preferences) < 2:
+        raise ValueError(f"controllability needs at least 2 preference vectors (a rank correlation over "
+                         f"{len(preferences)} is undefined)")
     choices = [search(table, budget, p, method) for p in preferences]
     per_task, unscored = {}, {}
     for t in table.tasks:
         prefs = [p[t] for p in preferences]
         scores = [achieved.score(t, c.config["encoder"], c.config["decoders"][t]) for c in choices]
-        per_task[t] = spearman(prefs, scores)
+        # one task: its preference is always 1.0, so nothing can follow it (undefined, not 0)
+        per_task[t] = spearman(prefs, scores) if len(table.tasks) > 1 else math.nan
         missing = sum(not math.isfinite(v) for v in scores)
         if missing:
             unscored[t] = missing
@@ -265,6 +269,9 @@ def _same_grid(table: WidthTable, other: WidthTable) -> WidthTable:
 
 def budgets_between(table: WidthTable, n: int) -> list[float]:
     """``n`` budgets evenly spaced from the smallest to the largest configuration's FLOPs."""
+    if n < 2:  # one budget would be the smallest configuration's FLOPs, where one configuration fits
+        raise ValueError(f"budgets={n}: give at least 2 (budgets run from the smallest configuration's FLOPs, "
+                         "where only that configuration fits, to the largest's)")
     lo, hi = min_flops(table), table.flops(table.uniform(1.0))
     return [float(v) for v in np.linspace(lo, hi, n)]
 
@@ -277,7 +284,10 @@ def control_report(table: WidthTable, budgets: Sequence[float], n_preferences: i
               "adherence": float(np.mean([r["adherence"] for r in rows])),
               "n_preferences": n_preferences, "method": method, "held_out": achieved is not None, "per_budget": rows}
     unscored = [r["budget"] for r in rows if "unscored" in r]
-    if unscored:
+    if len(table.tasks) < 2:
+        report["note"] = (f"controllability undefined: it needs at least 2 tasks (the preference of the only task, "
+                          f"{table.tasks[0]!r}, is always 1.0)")
+    elif unscored:
         report["note"] = (f"controllability undefined: at {len(unscored)} of {len(rows)} budgets some choices land on "
                           "configurations whose primary metric is missing (not finite) in the "
                           f"{'achieved-score' if achieved is not None else 'search'} table (per_budget[].unscored)")
