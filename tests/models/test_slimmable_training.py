@@ -276,3 +276,10 @@ def test_a_width_set_of_one_width_is_warned(caplog):
     with caplog.at_level("WARNING", logger="mtl.models.slimmable.sandwich"):
         create_strategy("sandwich", tiny())
     assert "every sub-network" not in caplog.text
+
+
+def test_a_sandwich_without_any_sub_network_is_refused():
+    """train_min=false, num_random=0: each step trained the full width only, which the family check exists to prevent."""
+    with pytest.raises(ValueError, match=r"strategy.train_min=false with strategy.num_random=0 trains the full width only"):
+        create_strategy("sandwich", tiny(), train_min=False, num_random=0)
+    assert len(create_strategy("sandwich", tiny(), train_min=False, num_random=1).configs(tiny())) == 1

@@ -3,7 +3,7 @@
 Each step trains the widest configuration on the labels (the module's standard step, with the
 configured balancer), then, accumulating gradients before the one optimiser step:
 
-* the smallest configuration and ``num_random`` random ones (encoder width and every task decoder's
+* the smallest configuration (``train_min``) and ``num_random`` random ones (encoder width and every task decoder's
   width drawn independently from the width set) — the *sandwich rule*;
 * with ``inplace_distill``, the sub-networks learn from the widest network's predictions of this very
   step (detached) instead of the labels — *in-place distillation*;
@@ -61,6 +61,10 @@ class Sandwich(TrainingStrategy):
         check_int("strategy.num_random", num_random, low=0)
         for key, value in (("train_min", train_min), ("inplace_distill", inplace_distill), ("cikd", cikd)):
             check_bool(f"strategy.{key}", value)
+        if not train_min and num_random == 0:  # no sub-network left: what strategy.name=sandwich exists to prevent
+            raise ValueError("strategy.train_min=false with strategy.num_random=0 trains the full width only; the narrower "
+                             "widths never learn and keep their initial statistics (keep train_min=true or set "
+                             "num_random >= 1)")
         self.num_random, self.train_min = num_random, train_min
         if len(model.width_set) < 2:  # the smallest and random widths are the full one: each step trains it again
             log.warning("strategy 'sandwich' with the width set %s: every sub-network is the full one (no width to "
