@@ -507,3 +507,10 @@ def test_head_statistics_of_any_other_row_count_are_still_refused(tmp_path):
     _, path = legacy_folder(tmp_path, rows=3)
     with pytest.raises(ModelFolderError, match=r"key 'decoder\.heads\.\w+\.body\.1\.running_means' has shape \(3, 12\)"):
         mtl.load_model(path)
+
+
+def test_channels_round_half_up_and_keep_at_least_one():
+    from mtl.models.slimmable import channels_at
+
+    # floor(C * w + 0.5), at least 1: 10 * 0.25 = 2.5 -> 3 (truncation would give 2), 3 * 0.1 -> 1 (not 0)
+    assert [channels_at(10, 0.25), channels_at(3, 0.1), channels_at(12, 0.75), channels_at(7, 0.5)] == [3, 1, 9, 4]
