@@ -514,3 +514,13 @@ def test_channels_round_half_up_and_keep_at_least_one():
 
     # floor(C * w + 0.5), at least 1: 10 * 0.25 = 2.5 -> 3 (truncation would give 2), 3 * 0.1 -> 1 (not 0)
     assert [channels_at(10, 0.25), channels_at(3, 0.1), channels_at(12, 0.75), channels_at(7, 0.5)] == [3, 1, 9, 4]
+
+
+@pytest.mark.parametrize("backbone,decoder,match", [
+    ({**BB, "widths": [0.5, 0.2]}, DEC, r"backbone\.widths must contain 1\.0 \(the full network\), got \[0\.2, 0\.5\]"),
+    ({**BB, "widths": []}, DEC, r"backbone\.widths is empty"),
+    ({**BB, "widths": [0.5, 1.0]}, {**DEC, "widths": [0.5, 0]}, r"decoder\.widths entry must be in \(0, 1\], got 0"),
+])
+def test_a_bad_width_set_is_refused_naming_its_setting(backbone, decoder, match):
+    with pytest.raises(ValueError, match=match):
+        create_model(TASKS, backbone=backbone, decoder=decoder, family="slimmable")

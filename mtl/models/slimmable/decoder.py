@@ -64,7 +64,7 @@ class SlimmableDecoder(nn.Module):
     def __init__(self, in_channels: list[int], tasks: list[Task], channels: int = 64,
                  head_channels: dict[str, int] | None = None, widths: Sequence[float] | None = DEFAULT_WIDTHS):
         super().__init__()
-        self.widths = check_width_set(widths) if widths is not None else None
+        self.widths = check_width_set(widths, "decoder.widths") if widths is not None else None
         head_channels = dict(head_channels or {})
         unknown = sorted(set(head_channels) - {t.name for t in tasks})
         if unknown:

@@ -44,12 +44,13 @@ def check_width(width: float, what: str = "width") -> float:
     return w
 
 
-def check_width_set(widths: Iterable[float]) -> tuple[float, ...]:
-    ws = tuple(sorted({check_width(w, "width-set entry") for w in widths}))
+def check_width_set(widths: Iterable[float], key: str = "the width set") -> tuple[float, ...]:
+    """The sorted width set; ``key`` names the setting in errors (``backbone.widths``)."""
+    ws = tuple(sorted({check_width(w, f"{key} entry") for w in widths}))
     if not ws:
-        raise ValueError("the width set is empty")
+        raise ValueError(f"{key} is empty")
     if ws[-1] != 1.0:
-        raise ValueError(f"the width set must contain 1.0 (the full network), got {list(ws)}")
+        raise ValueError(f"{key} must contain 1.0 (the full network), got {list(ws)}")
     return ws
 
 

@@ -55,7 +55,7 @@ class SlimResNet(nn.Module):
         bad = [i for i in out_indices if not 0 <= int(i) <= len(channels)]
         if bad:
             raise ValueError(f"slim_resnet: out_indices {list(out_indices)} outside 0..{len(channels)}")
-        self.widths = check_width_set(widths) if widths is not None else None
+        self.widths = check_width_set(widths, "backbone.widths") if widths is not None else None
         self.out_indices = [int(i) for i in out_indices]
         self.stem = nn.Sequential(conv(3, stem, 3, 2, widths=self.widths, out_key=ENCODER),
                                   batchnorm(stem, self.widths, ENCODER), nn.ReLU(inplace=True))
