@@ -137,6 +137,11 @@ def rescore(run_dir: Path, args) -> dict:
             "higher_is_better": test.higher_is_better}
 
 
+def signed(v: float | None) -> str:
+    """A controllability as printed: undefined ones are NaN in memory and null in controllability.json."""
+    return "undefined" if v is None or v != v else f"{v:+.3f}"
+
+
 def control(args) -> dict:
     if not args.runs:
         raise ValueError("--part control needs --runs <run folder> ... (finished scenes_slimmable runs)")
@@ -144,7 +149,7 @@ def control(args) -> dict:
     for run in args.runs:
         r = rescore(Path(run), args)
         out[Path(run).name] = r
-        cmp = ", ".join(f"{k} {v['controllability']:+.3f}" for k, v in r["compare"].items())
+        cmp = ", ".join(f"{k} {signed(v['controllability'])}" for k, v in r["compare"].items())
         print(f"{Path(run).name}: {cmp}", flush=True)
         for t, vals in r["uniform_test"].items():
             print(f"    {t} (test): " + ", ".join(f"{w}: {v:.4f}" for w, v in vals.items()), flush=True)
@@ -313,7 +318,7 @@ def main(argv=None) -> int:
         for t, v in q["smallest_width"].items():
             print(f"  {t}: {v['cikd']:.4f} vs {v['no_cikd']:.4f} (CI-KD better: {v['cikd_better']})")
         for k in ("cikd", "no_cikd"):
-            print(f"{k}: controllability {q[k]['controllability']:+.3f}, budget adherence {100 * q[k]['adherence']:.1f}%,"
+            print(f"{k}: controllability {signed(q[k]['controllability'])}, budget adherence {100 * q[k]['adherence']:.1f}%,"
                   f" {q[k]['seconds']} s")
     if args.out:
         from mtl.io import write_json
