@@ -121,7 +121,7 @@ def test_pretrained_weights_that_cannot_be_fetched_name_the_key_and_the_way_out(
     ({"decoder": {"name": "hps", "channels": 0}}, r"decoder.channels must be an int >= 1, got 0"),
     ({"mean": [0.5]}, r"model mean must be 3 finite numbers \(R, G, B\), got \[0.5\]"),
     ({"std": [0.2, 0.0, 0.2]}, r"model std must be 3 finite numbers \(R, G, B\), each > 0"),
-    ({"decoder": {"name": "moe", "stages": [1, 1]}}, r"decoder moe: stages \[1, 1\] name a stage more than once"),
+    ({"decoder": {"name": "moe", "stages": [1, 1]}}, r"decoder.stages \[1, 1\] name a stage more than once"),
 ])
 def test_bad_construction_values_are_named_not_torch_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):

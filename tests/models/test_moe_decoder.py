@@ -98,6 +98,23 @@ def test_bad_stage_index_names_the_value():
         mtl.create_model(["depth"], backbone=BACKBONES["cnn"], decoder={"name": "moe", "memory_update": "sum"})
 
 
+@pytest.mark.parametrize("stages, match", [
+    ([0.5], r"decoder.stages must hold int stage indices, got \[0.5\] \(0.5 is float\)"),
+    ([1.9], r"decoder.stages must hold int stage indices, got \[1.9\]"),
+    ([True], r"decoder.stages must hold int stage indices, got \[True\] \(True is bool\)"),
+    ("12", r"decoder.stages must be a list of backbone stage indices .*, got '12' \(str\)"),
+    (2, r"decoder.stages must be a list of backbone stage indices such as \[2\] .*, got 2 \(int\)"),
+    ([], r"decoder.stages must name at least one backbone stage"),
+    ([-1], r"decoder.stages: stage index -1 does not exist"),
+    ([1, 1], r"decoder.stages \[1, 1\] name a stage more than once"),
+])
+def test_stages_are_taken_as_given_or_refused_naming_the_value(stages, match):
+    """int() once built stage 0 from [0.5] (config.json kept 0.5), stage 1 from [1.9] and [True], stages
+    [1, 2] from "12"; a bare int failed with "'int' object is not iterable"."""
+    with pytest.raises(ValueError, match=match):
+        mtl.create_model(["depth"], backbone=BACKBONES["cnn"], decoder={"name": "moe", "stages": stages})
+
+
 def test_stage_subset_and_expert_usage():
     model = mtl.create_model(["depth"], backbone=BACKBONES["cnn"],
                              decoder={"name": "moe", "channels": 8, "num_experts": 3, "stages": [2]})

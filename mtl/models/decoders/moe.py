@@ -38,6 +38,27 @@ def update_memory(rule: str, memory: torch.Tensor, mixed: torch.Tensor, gate_log
     raise ValueError(f"memory_update must be one of {MEMORY_UPDATES}, got {rule!r}")
 
 
+def check_stages(stages: object, num_stages: int) -> list[int]:
+    """``decoder.stages`` as given must already be distinct valid indices: int() would turn 0.5 into stage 0
+    and "12" into [1, 2], building another model than config.json records."""
+    if not isinstance(stages, (list, tuple)):
+        raise ValueError(f"decoder.stages must be a list of backbone stage indices such as [{num_stages - 1}] "
+                         f"(or null: all), got {stages!r} ({type(stages).__name__})")
+    if not stages:
+        raise ValueError("decoder.stages must name at least one backbone stage (or be null: all), got []")
+    bad = [s for s in stages if isinstance(s, bool) or not isinstance(s, int)]
+    if bad:
+        raise ValueError(f"decoder.stages must hold int stage indices, got {list(stages)!r} "
+                         f"({bad[0]!r} is {type(bad[0]).__name__})")
+    for s in stages:
+        if not 0 <= s < num_stages:
+            raise ValueError(f"decoder.stages: stage index {s} does not exist; the backbone has {num_stages} "
+                             f"feature stages (valid: 0..{num_stages - 1})")
+    if len(set(stages)) != len(stages):  # a stage twice would be projected and fused twice
+        raise ValueError(f"decoder.stages {list(stages)} name a stage more than once")
+    return list(stages)
+
+
 class TaskExpertPath(nn.Module):
     """One task's gates (one per stage, over N experts + memory), memory and head."""
 
@@ -89,15 +110,7 @@ class TaskExpertDecoder(nn.Module):
             check_int("decoder.expert_hidden", expert_hidden, low=1, note=" or null")
         if memory_update not in MEMORY_UPDATES:
             raise ValueError(f"decoder moe: memory_update must be one of {MEMORY_UPDATES}, got {memory_update!r}")
-        stages = list(range(len(in_channels))) if stages is None else [int(s) for s in stages]
-        if not stages:
-            raise ValueError("decoder moe: stages must name at least one backbone stage")
-        if len(set(stages)) != len(stages):  # a stage twice would be projected and fused twice
-            raise ValueError(f"decoder moe: stages {stages} name a stage more than once")
-        for s in stages:
-            if not 0 <= s < len(in_channels):
-                raise ValueError(f"decoder moe: stage index {s} does not exist; the backbone has {len(in_channels)} "
-                                 f"feature stages (valid: 0..{len(in_channels) - 1})")
+        stages = list(range(len(in_channels))) if stages is None else check_stages(stages, len(in_channels))
         self.stages, self.num_experts = stages, int(num_experts)
         self.proj = nn.ModuleList(nn.Conv2d(in_channels[s], channels, 1) for s in stages)
         self.norm = nn.ModuleList(nn.LayerNorm(channels) for _ in stages)
