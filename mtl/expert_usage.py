@@ -3,7 +3,8 @@ task x expert heatmap in the run folder.
 
 Any model (or its ``decoder``) with a ``record_usage`` flag and ``expert_usage(reset=False) ->
 {task: (layers, experts) tensor}`` takes part: the task-routed MoE ViT counts routed tokens, the
-TaskExpert decoder sums gate weights (its last column is the task's memory).
+TaskExpert decoder sums gate weights (its last column, ``mem``, is the task's memory). Optional
+``usage_columns`` / ``usage_rows`` / ``usage_unit`` name the columns, the layers and what is counted.
 """
 from __future__ import annotations
 
@@ -43,6 +44,12 @@ def usage_paused(model: Any) -> Iterator[None]:
         src.record_usage = was
 
 
+def usage_columns(src: Any, usage: dict[str, torch.Tensor]) -> list[str]:
+    """The source's column names (``mem`` for a task memory), else the expert ids 0..E-1."""
+    width = next(iter(usage.values())).shape[-1]
+    return list(getattr(src, "usage_columns", None) or [str(e) for e in range(width)])
+
+
 def usage_shares(usage: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Per task and layer, each expert's share of the layer's total (rows sum to 1)."""
     return {t: u.float() / u.float().sum(-1, keepdim=True).clamp_min(1e-12) for t, u in usage.items()}
@@ -78,9 +85,9 @@ def save_usage_heatmap(usage: dict[str, torch.Tensor], path: str | Path, title: 
 
 class ExpertUsageCallback(L.Callback):
     """Records expert usage of the training steps (not validation: its routing is noise-free); every
-    ``log_every`` steps logs each task's usage share per expert (mean over layers) as
-    ``experts/<task>/<expert>``; at the end writes ``expert_usage.png`` and ``expert_usage.json`` (raw
-    totals) into the run folder. Under DDP the written totals are summed over the ranks (the logged
+    ``log_every`` steps logs each task's usage share per column (mean over layers) as
+    ``experts/<task>/<column>`` (an expert id, or ``mem``); at the end writes ``expert_usage.png`` and
+    ``expert_usage.json`` (raw totals, with their unit, layer and column names) into the run folder. Under DDP the written totals are summed over the ranks (the logged
     shares during training are rank 0's). The totals are kept in checkpoints, so a resumed run's cover
     the whole run (a checkpoint holds rank 0's, so after resuming a DDP run the earlier part counts
     rank 0's tokens only). A model without experts is left alone."""
@@ -122,7 +129,8 @@ class ExpertUsageCallback(L.Callback):
         usage = self.usage()
         if not usage:
             return
-        values = {f"experts/{t}/{e}": float(v) for t, s in usage_shares(usage).items() for e, v in enumerate(s.mean(0))}
+        columns = usage_columns(self._src, usage)
+        values = {f"experts/{t}/{c}": float(v) for t, s in usage_shares(usage).items() for c, v in zip(columns, s.mean(0))}
         for logger in trainer.loggers:
             logger.log_metrics(values, step=trainer.global_step)
 
@@ -138,9 +146,10 @@ class ExpertUsageCallback(L.Callback):
         if not usage or not trainer.is_global_zero:
             return
         out = Path(trainer.default_root_dir)
-        write_json(out / "expert_usage.json", {t: u.tolist() for t, u in usage.items()})
-        save_usage_heatmap(usage, out / self.filename, columns=getattr(src, "usage_columns", None),
-                           rows=getattr(src, "usage_rows", None))
+        columns, rows = usage_columns(src, usage), getattr(src, "usage_rows", None)
+        write_json(out / "expert_usage.json", {"unit": getattr(src, "usage_unit", None), "layers": rows,
+                                               "columns": columns, "usage": {t: u.tolist() for t, u in usage.items()}})
+        save_usage_heatmap(usage, out / self.filename, columns=columns, rows=rows)
         for t, s in usage_shares(usage).items():
-            log.info("expert usage %s (share per expert, mean over layers): %s", t,
-                     " ".join(f"{v:.2f}" for v in s.mean(0).tolist()))
+            log.info("expert usage %s (share per column, mean over layers): %s", t,
+                     " ".join(f"{c}={v:.2f}" for c, v in zip(columns, s.mean(0).tolist())))

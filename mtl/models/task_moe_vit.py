@@ -252,6 +252,9 @@ class TaskMoEViT(nn.Module):
     def usage_rows(self) -> list[str]:
         return [f"block {i}" for i in self.moe_layers]
 
+    #: what ``expert_usage`` counts: (token, top-k slot) pairs, so each token adds k per MoE layer
+    usage_unit = "routed tokens"
+
     def expert_usage(self, reset: bool = False) -> dict[str, torch.Tensor]:
         """Tokens routed to each expert, {task: (moe layers, E)}, since the last reset."""
         out = dict(self._usage)

@@ -97,8 +97,9 @@ def test_expert_usage_counts_training_routing_only_across_a_resume(tmp_path, mon
             run_dir=tmp_path / "b1")
     b2 = run(common + [f"ckpt_path={tmp_path / 'b1' / 'checkpoints' / 'last.ckpt'}"], run_dir=tmp_path / "b2")
     ua, ub = (json.loads((d / "expert_usage.json").read_text()) for d in (a, b2))
+    assert ua["unit"] == "routed tokens" and ua["layers"] == ["block 1", "block 3", "block 5"]
     for t in ("depth", "classification"):
-        assert [sum(layer) for layer in ua[t]] == [6 * 16 * 64 * 4] * 3
+        assert [sum(layer) for layer in ua["usage"][t]] == [6 * 16 * 64 * 4] * 3
     assert ua == ub  # the resumed run's totals include epochs 0-1 (resume is bit-identical)
 
 
@@ -112,4 +113,4 @@ def test_expert_usage_counts_each_training_step_once_on_every_rank(tmp_path, ext
     run_dir = run_dir_of(cli("mtl.cli.train", *common, *extra, cwd=tmp_path))
     usage = json.loads((run_dir / "expert_usage.json").read_text())
     for t in ("depth", "classification"):
-        assert [sum(layer) for layer in usage[t]] == [ranks * 2 * 16 * 64 * 4] * 3, t
+        assert [sum(layer) for layer in usage["usage"][t]] == [ranks * 2 * 16 * 64 * 4] * 3, t

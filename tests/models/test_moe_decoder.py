@@ -122,3 +122,33 @@ def test_stage_subset_and_expert_usage():
     model(torch.randn(2, 3, 32, 32))
     usage = model.decoder.expert_usage(reset=True)["depth"]
     assert usage.shape == (1, 4) and usage.sum().item() == pytest.approx(2 * 2 * 2, rel=1e-5)  # gate mass = tokens (2x2 at stage 2)
+
+
+def test_expert_usage_names_the_memory_column_in_the_logged_keys_and_the_json(tmp_path):
+    """The (N+1)-th gate column is the task memory, not an expert: it was logged as experts/<task>/<N> and
+    written as an unlabelled column. The values are gate mass: per stage each token's N+1 weights sum to 1."""
+    import json
+    from types import SimpleNamespace
+
+    from mtl.expert_usage import ExpertUsageCallback
+
+    model = mtl.create_model(["depth", "semseg"], backbone=BACKBONES["cnn"],
+                             decoder={"name": "moe", "channels": 8, "num_experts": 2, "stages": [1, 2]})
+    logged = []
+    logger = SimpleNamespace(log_metrics=lambda values, step: logged.append(values))
+    trainer = SimpleNamespace(global_step=0, loggers=[logger], is_global_zero=True, default_root_dir=str(tmp_path),
+                              strategy=SimpleNamespace(reduce=lambda t, reduce_op: t))
+    module = SimpleNamespace(model=model, device=torch.device("cpu"))
+    cb = ExpertUsageCallback(log_every=1)
+    cb.on_train_start(trainer, module)
+    model(torch.randn(2, 3, 32, 32))
+    cb.on_train_batch_end(trainer, module, None, None, 0)
+    assert sorted(logged[0]) == [f"experts/{t}/{c}" for t in ("depth", "semseg") for c in ("0", "1", "mem")]
+    cb.on_train_end(trainer, module)
+    saved = json.loads((tmp_path / "expert_usage.json").read_text())
+    assert saved["unit"] == "gate mass" and saved["columns"] == ["0", "1", "mem"]
+    assert saved["layers"] == ["backbone stage 1", "backbone stage 2"]
+    tokens = 2 * 4 * 4  # both stages resized to stage 1's 4x4 grid, 2 images
+    for t in ("depth", "semseg"):
+        assert [len(row) for row in saved["usage"][t]] == [3, 3]
+        assert [sum(row) for row in saved["usage"][t]] == pytest.approx([tokens, tokens], rel=1e-5)

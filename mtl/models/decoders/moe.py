@@ -153,6 +153,9 @@ class TaskExpertDecoder(nn.Module):
     def usage_columns(self) -> list[str]:
         return [str(e) for e in range(self.num_experts)] + ["mem"]
 
+    #: what ``expert_usage`` sums: the dense gates' softmax weights over tokens (each token adds 1 per stage)
+    usage_unit = "gate mass"
+
     def expert_usage(self, reset: bool = False) -> dict[str, torch.Tensor]:
         """Gate mass per stage over the N experts and the memory (last column): {task: (stages, N+1)}."""
         out = {t: h.usage for t, h in self.heads.items() if h.usage is not None}
