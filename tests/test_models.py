@@ -163,3 +163,42 @@ def test_prediction_pictures_name_image_level_classes(tmp_path, monkeypatch):
                              "classification": torch.tensor([0, 2])}, tmp_path / "p.png", num_samples=2,
                      class_names={"classification": ["cube", "sphere", "cone"]})
     assert texts[1::2] == ["cube", "cone"] and set(texts[0::2]) <= {"cube", "sphere", "cone"}
+
+
+def _every_family():
+    from mtl.models import linearize
+
+    hps = {"name": "test_resnet", "out_indices": [1, 2, 3]}
+    return {
+        "multitask": create_model(["depth"], backbone=hps, decoder={"name": "moe", "channels": 8, "num_experts": 2}),
+        "slimmable": create_model(["depth"], backbone={"name": "slim_resnet", "stem": 8, "channels": [8, 16, 16],
+                                                       "depths": [1, 1, 1], "out_indices": [1, 2, 3]},
+                                  decoder={"name": "slimmable", "channels": 8}, family="slimmable"),
+        "task_moe_vit": create_model(["depth"], backbone={"img_size": 32, "patch_size": 8, "embed_dim": 16, "depth": 2,
+                                                          "num_heads": 2}, decoder={"num_experts": 4, "top_k": 2},
+                                     family="task_moe_vit"),
+        "linearized": linearize(create_model(["depth"], backbone=hps)),
+    }
+
+
+@pytest.mark.parametrize("family", ["multitask", "slimmable", "task_moe_vit", "linearized"])
+def test_float_input_in_another_dtype_than_the_model_is_named_not_a_torch_error(family):
+    """Float input is taken as already normalised (docs/training.md, Inputs), so it is not cast: a float64 or
+    bf16 batch for a float32 model failed inside the first layer with "Input type (double) and bias type
+    (float) should be the same". uint8, same-dtype float and autocast's own casting keep working."""
+    model = _every_family()[family].eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        for dtype in (torch.float64, torch.bfloat16, torch.int64):
+            with pytest.raises(TypeError, match=rf"^input images are {dtype} but the model's weights are "
+                                                rf"torch.float32: pass uint8 images"):
+                model(x.to(dtype))
+        assert model(x)["depth"].dtype == torch.float32
+        assert model((x * 255).to(torch.uint8))["depth"].dtype == torch.float32
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts float32 and bf16 input per op
+            # (not the linearized family's jvp, whatever the input: uint8 fails there too)
+            for dtype in (torch.float32, torch.bfloat16) if family != "linearized" else ():
+                assert model(x.to(dtype))["depth"].shape[0] == 2
+            with pytest.raises(TypeError, match="input images are torch.float64"):  # autocast leaves float64 as is
+                model(x.double())
+        assert model.double()(x.double())["depth"].dtype == torch.float64

@@ -19,13 +19,26 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def normalize_images(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 (B, C, H, W) images in [0, 255] -> (x/255 - mean) / std, C = the model's mean channels;
-    float input is taken as already normalised. A wrong uint8 shape is refused: it would broadcast."""
+    float input is taken as already normalised, in the model's dtype (``mean`` follows ``.to(dtype)``).
+    A wrong uint8 shape is refused: it would broadcast."""
     if x.dtype != torch.uint8:
+        check_float_input(x, mean.dtype)
         return x
     if x.ndim != 4 or x.shape[1] != mean.shape[1]:
         raise ValueError(f"expected uint8 images of shape (B, {mean.shape[1]}, H, W), got {tuple(x.shape)}")
     # in float32, then in the model's own dtype: a model cast after load_model (.bfloat16()) takes uint8 too
     return ((x.float().div_(255.0) - mean.float()) / std.float()).to(mean.dtype)
+
+
+def check_float_input(x: torch.Tensor, model_dtype: torch.dtype) -> None:
+    """Float input must be in the model's dtype, or castable by an enclosing autocast (which casts every
+    float dtype but float64); otherwise the first layer fails with torch's "Input type ... and bias type"."""
+    if x.dtype == model_dtype:
+        return
+    if x.is_floating_point() and x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
+        return
+    raise TypeError(f"input images are {x.dtype} but the model's weights are {model_dtype}: pass uint8 images "
+                    f"(normalised inside) or normalised float input as {model_dtype} (x.to({model_dtype}))")
 
 
 def select_tasks(available: Iterable[str], tasks: Iterable[str] | str | None) -> list[str]:
