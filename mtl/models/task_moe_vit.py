@@ -62,6 +62,7 @@ class TaskMoE(nn.Module):
             # and left the MI loss at its stationary point (MI = 0, zero gradient)
             self.task_embed = nn.ParameterDict({t: nn.Parameter(torch.randn(dim)) for t in tasks})
         self.stats: dict[str, dict[str, torch.Tensor]] = {}
+        self.stats_in_training = False  # whether ``stats`` come from a training-mode forward
 
     def route(self, task: str, h: torch.Tensor):
         if self.gate_kind == "per_task":
@@ -75,7 +76,7 @@ class TaskMoE(nn.Module):
         """``h``: (T·B, N, D), task-major (rows of task i are the i-th block of B)."""
         shape = h.shape
         chunks = h.reshape(len(tasks), -1, shape[-1])
-        index, weight, self.stats = [], [], {}
+        index, weight, self.stats, self.stats_in_training = [], [], {}, self.training
         for task, tokens in zip(tasks, chunks):
             r = self.route(task, tokens)
             index.append(r.index)
@@ -232,8 +233,10 @@ class TaskMoEViT(nn.Module):
         """Per task: balance_weight × Σ_layers cv²(importance) + cv²(load), minus mi_weight × the
         task–expert mutual information shared equally by the tasks of the last forward (training
         mode only; empty otherwise)."""
-        layers = [m.stats for m in self.moe_modules() if m.stats]
-        if not layers or not self.training:
+        moes = self.moe_modules()
+        layers = [m.stats for m in moes if m.stats]
+        # an eval forward's statistics (usage counts, calibration) are no training loss, even once train() is back
+        if not layers or not self.training or not all(m.stats_in_training for m in moes):
             return {}
         bw, mw = float(self._moe["balance_weight"]), float(self._moe["mi_weight"])
         tasks = list(layers[0])

@@ -99,6 +99,22 @@ def test_aux_losses_are_added_to_each_task_loss_in_training():
     assert torch.allclose(aux["depth"], expected)
 
 
+def test_aux_loss_is_empty_after_an_eval_forward_even_back_in_training_mode():
+    """"The last forward (training mode only; empty otherwise)": an eval forward's routing statistics were
+    returned as losses (without gradient) once the model was back in train()."""
+    model = make(mi_weight=0.1)
+    model.eval()
+    with torch.no_grad():
+        model(X)
+    model.train()
+    assert model.aux_loss() == {}
+    model(X)
+    assert set(model.aux_loss()) == set(TASKS)
+    model.eval()
+    model(X, tasks=["depth"])
+    assert model.train().aux_loss() == {}
+
+
 def test_no_shared_representation_so_features_level_balancers_refuse():
     from mtl.balancers import StepContext, create_balancer
 
