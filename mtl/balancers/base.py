@@ -122,6 +122,23 @@ class Balancer(nn.Module):
         values = w.detach().float().cpu().tolist() if isinstance(w, torch.Tensor) else list(w)
         self._last_weights = {t: float(v) for t, v in zip(self.tasks, values)}
 
+    _warned_negative = False
+
+    def _warn_negative(self, L: torch.Tensor, step: int | None = None) -> None:
+        """For methods that read loss values as positive scales (ratios, logs, 1/L): warn once when a task
+        loss is < 0, as a model's aux term added to each task loss (decoder.mi_weight's −MI) can make it.
+        Exactly 0 (a batch without a valid pixel) is not warned about: these methods handle it."""
+        if self._warned_negative or not bool((L.detach() < 0).any()):
+            return
+        self._warned_negative = True
+        neg = ", ".join(f"{t}={v:.4g}" for t, v in zip(self.tasks, L.detach().float().tolist()) if v < 0)
+        where = f" at step {step}" if step is not None else ""
+        log.warning("balancer %r: negative task loss%s (%s); it weighs tasks by their loss values, taken to be > 0, "
+                    "so its weights are meaningless for such a task (famo and dwa give it weight ~0). A model's aux "
+                    "loss added to each task loss can do this (decoder.mi_weight's -MI term); use a balancer that "
+                    "does not read loss values (ew, rlw, a gradient method) or a smaller decoder.mi_weight. "
+                    "Warned once.", self.name, where, neg)
+
     def _stack(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
         missing = [t for t in self.tasks if t not in losses]
         if missing:

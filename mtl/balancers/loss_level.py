@@ -42,6 +42,7 @@ class UncertaintyWeighting(Balancer):
 
     def combine(self, losses, step=0):
         L = self._stack(losses)
+        self._warn_negative(L, step)  # with L < 0, exp(−s)·L + s has no minimum: s falls, the weight grows unbounded
         s = self.log_vars.to(L.dtype)
         w = torch.exp(-s)
         self._set_weights(w)
@@ -103,6 +104,7 @@ class DynamicWeightAverage(Balancer):
         self._advance(ctx)
         total = self.combine(ctx.losses, ctx.step)
         L = dist_mean(self._stack(ctx.losses).detach().float())
+        self._warn_negative(L, ctx.step)
         self._sum = self._sum.to(L.device) + L
         self._count += 1
         ctx.backward(total)
@@ -227,6 +229,7 @@ class GradNorm(_OwnOptimizer):
     def backward(self, ctx: StepContext) -> None:
         L = self._stack(ctx.losses)
         Ld = L.detach().float()
+        self._warn_negative(Ld, ctx.step)
         unset = torch.isnan(self.initial_losses)
         if unset.any():  # each task's L(0) is its first positive loss: a first batch with no valid pixel
             mean = dist_mean(Ld).to(self.initial_losses)  # (loss 0) would make its rate look 10¹² x too fast
@@ -328,6 +331,7 @@ class FAMO(_OwnOptimizer):
     def backward(self, ctx: StepContext) -> None:
         L = self._stack(ctx.losses)
         Ld = L.detach().float()
+        self._warn_negative(Ld, ctx.step)
         if not self.recompute and self._before is not None:
             self._update(Ld)  # the previous step's decrease, seen on this batch
         w, z = self._weights_for(Ld)

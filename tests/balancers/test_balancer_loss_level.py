@@ -477,3 +477,37 @@ def test_pending_window_and_famo_state_are_the_ranks_mean_so_rank_0s_checkpoint_
     pending = famo.get_extra_state()
     assert torch.allclose(pending["before"], torch.tensor([(math.log(2.0) + math.log(4.0)) / 2, math.log(3.0)]))
     assert pending["live"].tolist() == [True, True]
+
+
+# --- negative losses (a model's aux term) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, kw", [("uw", {}), ("dwa", {"window": 1}), ("gradnorm", {}),
+                                      ("famo", {"recompute": False})])
+def test_methods_that_read_loss_values_warn_once_about_a_negative_loss(name, kw, caplog):
+    """decoder.mi_weight > 0 adds −mi_weight·MI/T to each task loss, so a task loss can fall below 0: FAMO
+    then gave that task weight 0 in silence (w_t ∝ z_t / L_t counts only L_t > 0)."""
+    bal = create_balancer(name, ["a", "b"], **kw)
+    with caplog.at_level("WARNING", logger="mtl.balancers"):
+        for step, values in enumerate([{"a": 0.9, "b": 0.0}, {"a": 0.9, "b": -0.001}, {"a": 0.8, "b": -0.002}]):
+            p, ctx = fixed_losses(values, step=step)
+            ctx.anchor = p  # gradnorm's W
+            bal.backward(ctx)
+            bal.after_step(ctx)
+    warned = [r.getMessage() for r in caplog.records if "negative task loss" in r.getMessage()]
+    assert len(warned) == 1 and f"balancer '{name}': negative task loss at step 1 (b=-0.001)" in warned[0]
+    assert "decoder.mi_weight" in warned[0]
+
+
+def test_famo_gives_a_negative_loss_weight_zero_which_the_warning_names():
+    famo = create_balancer("famo", ["semseg", "depth"])
+    w, _ = famo._weights_for(torch.tensor([0.9, -0.001]))
+    assert w.tolist() == [2.0, 0.0]  # the documented effect the warning is about
+
+
+def test_methods_that_do_not_read_loss_values_stay_silent_about_a_negative_loss(caplog):
+    with caplog.at_level("WARNING", logger="mtl.balancers"):
+        for name in ("ew", "rlw"):
+            p, ctx = fixed_losses({"a": 0.9, "b": -0.5})
+            create_balancer(name, ["a", "b"]).backward(ctx)
+    assert "negative task loss" not in caplog.text
