@@ -102,6 +102,11 @@ class MultiTaskModule(L.LightningModule):
         )
         bal = dict(balancer)
         self.balancer: Balancer = create_balancer(bal.pop("name"), list(self.tasks), **bal)
+        if getattr(self.balancer, "level", None) == "features" and not getattr(self.model, "shared_representation", True):
+            # refused here, before data loads: the balancer itself would only fail at the first training step
+            family = self.model.config.get("family")
+            raise ValueError(f"balancer.level=features needs one representation every task head reads, and family "
+                             f"{family!r} has none (its backbone is task-conditioned); use balancer.level=params")
         # balancer monitoring: weights + gradient cosines every N steps, PNG at the end
         self.monitor = BalancerMonitor(every=log_weights_every) if log_weights_every else None
         self.val_metrics = nn.ModuleDict({n: nn.ModuleDict(t.metrics()) for n, t in self.tasks.items()})

@@ -127,6 +127,15 @@ def test_no_shared_representation_so_features_level_balancers_refuse():
         create_balancer("upgrad", TASKS, level="features").backward(ctx)
 
 
+@pytest.mark.parametrize("name", ["upgrad", "gradnorm"])
+def test_features_level_balancers_are_refused_when_the_module_is_built(name):
+    """Not at the first training step, after the data loaders were built."""
+    with pytest.raises(ValueError, match=r"^balancer.level=features needs one representation every task head "
+                                         r"reads, and family 'task_moe_vit' has none"):
+        MultiTaskModule(make(), balancer={"name": name, "level": "features"})
+    MultiTaskModule(make(), balancer={"name": name, "level": "params"})
+
+
 def _route_depth_to_first_four(model):
     # gate rows w0 = a, w1 = -a, w2 = b, w3 = -b, others 0: the two positive logits always win (top-2)
     with torch.no_grad():
