@@ -19,12 +19,13 @@ from mtl.cli.common import write_hydra_record
 from mtl.cli.failures import FAILED, RunFolderTaken
 from mtl.data import create_datamodule
 from mtl.evaluation import delta_m, load_baselines, save_baselines
-from mtl.io import atomic_path, load_state, save_model, write_json
-from mtl.models import MultiTaskModel, create_model
+from mtl.io import atomic_path, save_model, write_json
+from mtl.models import create_model
 from mtl.module import MultiTaskModule
 from mtl.registry import check_int
 from mtl.sweep import check_monitors, check_objective
 from mtl.tasks import create_task
+from mtl.warm_start import folder_architecture, init_from_folder, keep_expansion_point
 
 log = logging.getLogger(__name__)
 
@@ -80,105 +81,6 @@ def _num_classes(key: str, kw: dict[str, Any], info: dict[str, Any], default: in
     return int(given)
 
 
-def init_from_folder(model: MultiTaskModel, folder: str | Path) -> dict[str, int]:
-    """Copy every weight whose name and shape match from a model folder (fine-tuning start)."""
-    source = load_state(folder)
-    if hasattr(model, "upgrade_state"):  # an older folder's layout, as mtl.load_model reads it
-        model.upgrade_state(source)
-    own = model.state_dict()
-    loaded = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
-    shared = _shared_names(model)
-    if not shared & loaded.keys():
-        raise ValueError(f"{folder}: no shared (encoder) weight matches this model's names and shapes; "
-                         "was it trained with another backbone or family?")
-    missed = sorted(shared - loaded.keys())
-    if missed:  # a partial start is legitimate (other heads) but a half-loaded encoder is worth a word
-        log.warning("init_from %s: %d of %d shared tensors not loaded (name or shape differs), e.g. %s",
-                    folder, len(missed), len(shared), ", ".join(missed[:3]))
-    model.load_state_dict(loaded, strict=False)
-    return {"loaded": len(loaded), "total": len(own), "shared_missed": len(missed)}
-
-
-def _keep_expansion_point(model: MultiTaskModel, folder: str | Path) -> None:
-    """A linearized (tangent-space) start keeps its expansion point θ0: a plain model would drop it (and
-    predict another function), and a linearized model started from plain weights expands around them."""
-    from mtl.io import read_model_config
-    from mtl.models import LinearizedModel
-
-    linear_source = read_model_config(folder)["model"].get("family") == "linearized"
-    if linear_source and not isinstance(model, LinearizedModel):
-        raise ValueError(f"init_from={folder} is a linearized (tangent-space) model: continue it with "
-                         "family=linearized (its expansion point θ0 comes with it); a plain model, or linearize=true "
-                         "(which expands around the loaded weights), would drop its θ0")
-    if isinstance(model, LinearizedModel) and not linear_source:
-        model.reset_point()  # else the expansion would stay around the random initialisation
-        log.info("family=linearized: expanding around the weights of %s", folder)
-
-
-def _shared_names(model: MultiTaskModel) -> set[str]:
-    """State-dict names of the weights every task uses (the model's ``shared_parameters``; the
-    ``backbone.`` tensors for a model without them)."""
-    if not hasattr(model, "shared_parameters"):
-        return {k for k in model.state_dict() if k.startswith("backbone.")}
-    ids = {id(p) for p in model.shared_parameters()}
-    return {k for k, p in model.named_parameters() if id(p) in ids}
-
-
-def folder_architecture(folder: str | Path, tasks) -> MultiTaskModel | None:
-    """The architecture of a pruned model folder (its config carries a structural plan) or of an extracted
-    MoE sub-network, for fine-tuning it as it is; None for an ordinary folder (its weights initialise this
-    run's architecture)."""
-    from mtl.io import read_model_config
-    from mtl.models import model_from_config
-    from mtl.models.surgery import PLAN_KEY, apply_plan
-
-    stored = read_model_config(folder)["model"]
-    if (stored.get("decoder") or {}).get("experts_kept") is not None:
-        return _extracted_architecture(folder, stored, tasks)
-    if PLAN_KEY not in stored:
-        return None
-    names = sorted(t["name"] for t in stored["tasks"])
-    extra = sorted({t.name for t in tasks} - set(names))
-    if extra:  # a new head would meet the pruned shared channels at its original width
-        raise ValueError(f"{folder} holds a pruned model for tasks {names}; fine-tune it on those tasks or a subset "
-                         f"of them ({extra} have no head sized for its pruned layers)")
-    dropped = sorted(set(names) - {t.name for t in tasks})
-    log.warning("%s is pruned: training its pruned architecture (its backbone and decoder replace this run's)%s",
-                folder, f"; without the heads of {dropped}" if dropped else "")
-    base = model_from_config({**{k: v for k, v in stored.items() if k != PLAN_KEY},
-                              "tasks": [t.to_config() for t in tasks]})
-    return apply_plan(base, _restricted_plan(stored[PLAN_KEY], base) if dropped else stored[PLAN_KEY])
-
-
-def _extracted_architecture(folder: str | Path, stored: dict[str, Any], tasks) -> MultiTaskModel:
-    """A task-routed MoE sub-network (``mtl-extract``: ``decoder.experts_kept``) fine-tuned as it is: built
-    from this run's config it would get every expert back, the dropped ones at random."""
-    from mtl.models import model_from_config
-
-    names = sorted(t["name"] for t in stored["tasks"])
-    extra = sorted({t.name for t in tasks} - set(names))
-    if extra:  # its experts and routers were kept for its own tasks only
-        raise ValueError(f"{folder} holds a sub-network extracted for tasks {names} (decoder.experts_kept); fine-tune "
-                         f"it on those tasks or a subset of them ({extra} have no router there), or start from the "
-                         "full model's folder")
-    log.warning("%s is an extracted sub-network: training its architecture (its backbone and decoder, with the "
-                "experts it kept, replace this run's)", folder)
-    return model_from_config({**stored, "tasks": [t.to_config() for t in tasks]})
-
-
-def _restricted_plan(plan: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
-    """The plan less the entries of modules ``model`` lacks: the heads of tasks a single-task fine-tune of a
-    pruned multi-task model drops (per-task pools pruned once, merged later under one shared plan)."""
-    if not isinstance(plan, dict):
-        return plan  # apply_plan names what is wrong with it
-    names = {n for n, _ in model.named_modules()}
-    out = dict(plan)
-    for part in ("modules", "layers"):
-        if isinstance(plan.get(part), dict):
-            out[part] = {k: v for k, v in plan[part].items() if k in names}
-    return out
-
-
 def build_module(cfg: DictConfig, info: dict[str, Any] | None = None) -> MultiTaskModule:
     tasks = build_tasks(cfg, info)
     model = folder_architecture(cfg.init_from, tasks) if cfg.get("init_from") else None
@@ -192,7 +94,7 @@ def build_module(cfg: DictConfig, info: dict[str, Any] | None = None) -> MultiTa
     if cfg.get("init_from"):
         stats = init_from_folder(model, cfg.init_from)
         log.info("initialised %d/%d tensors from %s", stats["loaded"], stats["total"], cfg.init_from)
-        _keep_expansion_point(model, cfg.init_from)
+        keep_expansion_point(model, cfg.init_from)
     if cfg.get("linearize"):  # tangent-space fine-tuning: train the expansion around the weights loaded above
         from mtl.models import linearize
 

@@ -193,19 +193,19 @@ def test_families_the_expansion_cannot_rebuild_are_refused_by_name():
 def test_a_training_start_keeps_the_expansion_point(tmp_path):
     """family=linearized from a plain folder expands around the loaded weights (not the random init); a
     linearized folder loaded into a plain model (which would drop its θ0) is refused."""
-    from mtl.train import _keep_expansion_point, init_from_folder
+    from mtl.warm_start import init_from_folder, keep_expansion_point
 
     plain = mtl.save_model(plain_model(seed=1).float(), tmp_path / "plain")
     lin = LinearizedModel.from_config({**plain_model(seed=2).config, "family": "linearized"})
     init_from_folder(lin, plain)
-    _keep_expansion_point(lin, plain)
+    keep_expansion_point(lin, plain)
     loaded = mtl.load_model(plain).state_dict()
     assert all(torch.equal(v, loaded[k]) for k, v in lin.point().items())
     with torch.no_grad():
         torch.testing.assert_close(lin.eval()(X.float())["s"], mtl.load_model(plain).eval()(X.float())["s"])
     folder = mtl.save_model(linearize(plain_model(seed=1).float()), tmp_path / "lin")
     with pytest.raises(ValueError, match="is a linearized .tangent-space. model: continue it with family=linearized"):
-        _keep_expansion_point(plain_model(seed=2).float(), folder)
+        keep_expansion_point(plain_model(seed=2).float(), folder)
 
 
 def test_mtl_merge_refuses_mixed_forms_before_evaluating_the_pool(tmp_path, monkeypatch):

@@ -365,7 +365,7 @@ def test_routing_mi_script_is_zero_when_tasks_route_alike_and_positive_when_they
 
 def test_init_from_a_multitask_folder_starts_a_single_task_fine_tune(tmp_path, caplog):
     """init_from reads the family's shared weights (its names carry no `backbone.` prefix)."""
-    from mtl.train import init_from_folder
+    from mtl.warm_start import init_from_folder
 
     parent = make()
     mtl.save_model(parent, tmp_path / "mt")
@@ -400,7 +400,7 @@ def test_a_model_pool_of_this_family_is_refused_by_name(tmp_path):
 def test_fine_tuning_an_extracted_folder_trains_its_architecture(tmp_path):
     """init_from=<extracted folder> once built the full model from the run's config: the dropped experts'
     rows came back at random, with a warning only."""
-    from mtl.train import init_from_folder, folder_architecture
+    from mtl.warm_start import folder_architecture, init_from_folder
 
     sub = mtl.extract(make(), out=tmp_path / "semseg", task="semseg", calib=[X], min_share=0.2)
     assert sub.extraction_report["experts_kept_total"] < 8 * len(sub.moe_layers)  # some experts were dropped

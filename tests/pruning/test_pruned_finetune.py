@@ -8,7 +8,7 @@ import mtl
 from mtl.io import save_model
 from mtl.models import create_model
 from mtl.tasks import create_task
-from mtl.train import init_from_folder, folder_architecture
+from mtl.warm_start import folder_architecture, init_from_folder
 from pruning.job import run
 
 DATA = {"name": "scenes", "size": 32, "n_train": 32, "n_val": 16, "n_test": 16, "batch_size": 8}
