@@ -447,7 +447,7 @@ def _plain(node: Any) -> dict[str, Any]:
 
 def run(overrides: list[str] | None = None, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Compose the ``mtl-merge`` config in-process and run it (for notebooks, scripts and tests)."""
-    from mtl.cli.common import report_in_process
+    from mtl.cli.in_process import report_in_process
 
     return report_in_process(run_merge, ("mtl.configs.merge_app", "mtl.configs"), "merge", overrides, run_dir)  # the report, with run_dir
 

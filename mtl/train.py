@@ -454,6 +454,6 @@ def print_summary(metrics: dict[str, Any], tasks) -> None:
 
 def run(overrides: list[str] | None = None, run_dir: str | Path | None = None) -> Path:
     """Compose the ``mtl-train`` config in-process and run it (for notebooks and tests)."""
-    from mtl.cli.common import run_in_process
+    from mtl.cli.in_process import run_in_process
 
     return run_in_process(train, ("mtl.configs",), "train", overrides, run_dir)[1]

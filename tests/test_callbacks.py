@@ -96,7 +96,7 @@ def test_bad_arguments(kwargs):
 def test_every_training_run_records_expert_usage_when_its_model_has_experts(tmp_path, experiment):
     """A default callback, not one of two experiments: `decoder=moe` on any experiment gets its
     expert_usage.png (models without experts are left alone, tests/models/test_moe_cli.py)."""
-    from mtl.cli.common import compose_in_process
+    from mtl.cli.in_process import compose_in_process
 
     cfg, _ = compose_in_process("mtl.configs", "train", [f"experiment={experiment}", "decoder=moe"], tmp_path / "r")
     assert cfg.callbacks.expert_usage._target_ == "mtl.expert_usage.ExpertUsageCallback"

@@ -272,7 +272,8 @@ def test_a_run_name_cannot_leave_the_output_root(monkeypatch, tmp_path, capfd, n
 
 
 def test_run_names_nest_inside_the_root_and_in_process_runs_check_them_too(monkeypatch, tmp_path):
-    from mtl.cli.common import check_run_name, default_run_dir
+    from mtl.cli.common import check_run_name
+    from mtl.cli.in_process import default_run_dir
 
     monkeypatch.setenv("MTL_OUTPUT_DIR", str(tmp_path))
     assert check_run_name("ablations/cikd") == "ablations/cikd"

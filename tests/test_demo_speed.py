@@ -2,7 +2,7 @@
 import lightning as L
 import torch
 
-from mtl.cli.common import compose_in_process
+from mtl.cli.in_process import compose_in_process
 from mtl.models import create_model
 from mtl.module import MultiTaskModule
 

@@ -2,7 +2,7 @@
 import pytest
 
 from mtl.balancers import create_balancer
-from mtl.cli.common import compose_in_process
+from mtl.cli.in_process import compose_in_process
 from mtl.distributed import check_strategy, fsdp_compatible
 
 

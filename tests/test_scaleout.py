@@ -10,7 +10,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from mtl.cli import plugins
-from mtl.cli.common import compose_in_process
+from mtl.cli.in_process import compose_in_process
 from mtl.sweep import objective
 
 METRICS = {"val": {"depth": {"rmse": 2.5, "abs_rel": 0.4}, "semseg": {"miou": 0.3}}}

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import mtl
-from mtl.cli.common import compose_in_process
+from mtl.cli.in_process import compose_in_process
 from mtl.cli.failures import FAILED, marks_failure
 from mtl.train import run
 
@@ -42,7 +42,7 @@ def test_an_in_process_run_refuses_a_sweep(tmp_path, override):
 
 
 def test_choosing_no_launcher_or_search_is_not_a_sweep():
-    from mtl.cli.common import check_single_job
+    from mtl.cli.in_process import check_single_job
 
     for overrides in (["launcher=null"], ["hparams_search=null"], ["~launcher"], ["task=[depth,semseg]"],
                       ["+merge.lam={a: 0.1, b: 0.2}"]):
@@ -337,7 +337,7 @@ def test_the_model_folder_records_data_paths_absolute(tmp_path, monkeypatch):
 def test_ctrl_c_in_an_in_process_run_reaches_the_caller_as_keyboardinterrupt(tmp_path):
     """Lightning turns Ctrl-C into sys.exit(1): a script around run() exited 1 with a bare SystemExit, and
     `except KeyboardInterrupt` never fired."""
-    from mtl.cli.common import run_in_process
+    from mtl.cli.in_process import run_in_process
 
     def job(cfg, run_dir):
         (Path(run_dir) / "train.log").write_text("epoch 0\n")  # a run that started (an empty folder is removed)

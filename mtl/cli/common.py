@@ -1,5 +1,5 @@
-"""What every mtlkit CLI does the same way: quiet start, one-line errors, failed-run markers, the
-``run_dir:`` last line and in-process composition.
+"""What every mtlkit CLI does the same way: quiet start, one-line errors, failed-run markers and the
+``run_dir:`` last line (the in-process twins: `mtl.cli.in_process`).
 
 A console script is a Hydra app built from two pieces::
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import time
 import warnings
 from importlib import resources
 from pathlib import Path
@@ -375,127 +374,3 @@ def register_resolvers() -> None:
     from omegaconf import OmegaConf
 
     OmegaConf.register_new_resolver("mtl_run_name", check_run_name, replace=True)
-
-
-def default_run_dir(name: str) -> Path:
-    """Where an in-process run goes when no folder is given: like the CLI's run folders
-    (``$MTL_OUTPUT_DIR/<name>/runs/<time>``, default ``outputs``), unique within one second too."""
-    name = check_run_name(name)
-    root = Path(os.environ.get("MTL_OUTPUT_DIR") or "outputs")
-    stamp = time.strftime("%Y-%m-%d_%H-%M-%S") + f"_{time.time_ns() // 1000 % 1_000_000:06d}"
-    base = root / name / "runs" / stamp
-    path, n = base, 0
-    while True:
-        try:
-            path.mkdir(parents=True, exist_ok=False)
-            return path
-        except FileExistsError:
-            n += 1
-            path = base.with_name(f"{base.name}-{n}")
-
-
-def _run_dir_override(overrides) -> str | None:
-    """The value of a ``hydra.run.dir=...`` override, if any."""
-    for override in overrides or []:
-        key, sep, value = str(override).partition("=")
-        if sep and key.lstrip("+~") == "hydra.run.dir":
-            return value
-    return None
-
-
-def compose_in_process(config_module: str, config_name: str, overrides, run_dir=None):
-    """Compose a CLI's Hydra config without running the app (notebooks, tests, scripts) and point its
-    output at `run_dir` (or a ``hydra.run.dir=<path>`` override, as on the CLI; default: a new folder
-    under ``$MTL_OUTPUT_DIR/<name>/runs/``, see `default_run_dir`); returns ``(cfg, run_dir)``.
-
-    Safe inside another Hydra app (mtl-merge builds its smoke pool with mtl-train's config): the
-    outer app's global Hydra state is restored afterwards.
-    """
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.initialize import get_gh_backup, restore_gh_from_backup
-    from omegaconf import OmegaConf
-
-    register_resolvers()
-    outer = get_gh_backup()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_module(config_module=config_module, version_base="1.3"):
-            cfg = compose(config_name=config_name, overrides=list(overrides or []))
-    finally:
-        restore_gh_from_backup(outer)
-    given = _run_dir_override(overrides)
-    if given is not None:  # the CLI's way to name the folder: honoured here too, never silently dropped
-        if "${" in given:
-            raise ValueError(f"hydra.run.dir={given} uses an interpolation, which only the CLI resolves; "
-                             "in Python pass run_dir= (a path) instead")
-        if run_dir is not None and Path(run_dir) != Path(given):
-            raise ValueError(f"run_dir={str(run_dir)!r} and the override hydra.run.dir={given} name different "
-                             "folders; give one of them")
-        run_dir = given
-    if run_dir is None:
-        run_dir = default_run_dir(cfg.name)
-    OmegaConf.set_struct(cfg, False)
-    cfg.paths.output_dir = str(run_dir)
-    return cfg, Path(run_dir)
-
-
-def check_single_job(overrides: Sequence[str]) -> None:
-    """The in-process twins run one job: a sweep (``hparams_search=``, ``launcher=``, ``a=1,2``) is the CLI's
-    ``-m``, refused by name instead of one ordinary run with the sweeper or launcher ignored."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    for o in overrides:
-        key, _, value = o.partition("=")
-        if o.startswith("~") or value.strip() in ("null", ""):
-            continue  # removing the group, or choosing none: no sweep
-        if key.lstrip("+") in ("hparams_search", "launcher", "hydra/sweeper", "hydra/launcher"):
-            raise ValueError(f"{o}: an in-process run is one job; sweeps and launchers run from the command line "
-                             "(mtl-train -m ...)")
-    try:
-        parsed = OverridesParser.create().parse_overrides([o for o in overrides if "=" in o])
-    except Exception:  # noqa: BLE001  (a malformed override: the composition names it)
-        return
-    swept = [p.input_line for p in parsed if p.is_sweep_override()]
-    if swept:
-        raise ValueError(f"{swept[0]}: a sweep of values; an in-process run is one job (run one per value, or "
-                         "mtl-train -m ... from the command line)")
-
-
-def run_in_process(job: Callable[[Any, Path], Any], config_modules: Sequence[str], config_name: str,
-                   overrides, run_dir=None) -> tuple[Any, Path]:
-    """A CLI's in-process twin (``mtl.train.run``, ``merging.job.run``, ...): the CLI's checks (a group
-    option that does not exist named with the valid ones, unset ``???`` values), then ``job(cfg, run_dir)``
-    with the CLI's failure marking; returns ``(what job returns, run_dir)``. ``config_modules``: the
-    app's config package first, then the packages its groups come from."""
-    if isinstance(overrides, str):  # list("debug=smoke") would be read as overrides 'd', 'e', ...
-        raise TypeError(f"overrides must be a list of strings such as ['debug=smoke'], got the string {overrides!r}")
-    overrides = list(overrides or [])
-    check_single_job(overrides)
-    problem = check_group_choices(overrides, config_modules)
-    if problem:  # as the CLI says it: the valid names, not Hydra's "Could not load"
-        raise ValueError(problem)
-    cfg, run_dir = compose_in_process(config_modules[0], config_name, overrides, run_dir)
-    check_overrides(cfg, overrides, config_modules)  # before the folder is touched, as the CLI checks
-    # a failed run is marked as the CLI marks it; the claim is released first, so a new folder the run left
-    # empty (refused before writing) is removed rather than marked
-    try:
-        with marks_failure(run_dir), claims_run_folder(run_dir, _rank0(), "run_dir="):
-            check_required(cfg)
-            return job(cfg, run_dir), Path(run_dir)
-    except SystemExit as e:  # Lightning's sys.exit for Ctrl-C / SIGTERM: raised to a caller as what it was
-        stop = interruption(e)
-        if stop is None:
-            raise
-        from mtl.cli.failures import Terminated
-
-        kind = KeyboardInterrupt if stop[0] == "Ctrl-C" else Terminated
-        raise kind(interrupted_message(stop[0], run_dir)) from e
-
-
-def report_in_process(job: Callable[[Any, Path], dict], config_modules: Sequence[str], config_name: str,
-                      overrides, run_dir=None) -> dict[str, Any]:
-    """`run_in_process` for jobs that return a report (merge, prune, export, extract): the report, with
-    ``run_dir`` (absolute) added so a notebook can find the run's files."""
-    report, folder = run_in_process(job, config_modules, config_name, overrides, run_dir)
-    return {**report, "run_dir": str(Path(folder).resolve())}

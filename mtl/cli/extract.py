@@ -163,7 +163,7 @@ def main() -> None:
 
 def run(overrides: list[str] | None = None, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Compose the ``mtl-extract`` config in-process and run it (notebooks, scripts, tests)."""
-    from mtl.cli.common import report_in_process
+    from mtl.cli.in_process import report_in_process
 
     return report_in_process(run_extract, ("mtl.configs.extract_app", "mtl.configs"), "extract", overrides, run_dir)  # the report, with run_dir
 

@@ -34,7 +34,8 @@ def app_help(prog: str, doc: str, config_modules: Sequence[str], overrides: Sequ
              header: str = "") -> str:
     from omegaconf import OmegaConf
 
-    from mtl.cli.common import _group_options, compose_in_process, hydra_message
+    from mtl.cli.common import _group_options, hydra_message
+    from mtl.cli.in_process import compose_in_process
 
     config_name, entries = _defaults(config_modules[0])
     options = _group_options(config_modules)

@@ -39,6 +39,6 @@ def print_summary(out: Path, report: dict[str, Any]) -> None:
 
 def run(overrides: list[str] | None = None, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Compose the ``mtl-export`` config in-process and run it (for notebooks, scripts and tests)."""
-    from mtl.cli.common import report_in_process
+    from mtl.cli.in_process import report_in_process
 
     return report_in_process(run_export, ("mtl.configs.export_app", "mtl.configs"), "export", overrides, run_dir)  # the report, with run_dir

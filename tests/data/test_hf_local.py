@@ -96,7 +96,7 @@ def test_hf_local_has_a_config_file_for_the_cli(tmp_path):
 
     from datasets import Array3D, Dataset, Features, Value
 
-    from mtl.cli.common import compose_in_process
+    from mtl.cli.in_process import compose_in_process
     from mtl.train import run
 
     rng = np.random.default_rng(0)

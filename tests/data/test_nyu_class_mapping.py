@@ -101,7 +101,7 @@ def test_bad_files_name_the_file_and_key(tmp_path, mats):
 
 def test_cli_list_override_reaches_the_loader(tmp_path, mats):
     """``data.class_mapping=[classMapping40.mat,class13Mapping.mat]`` from the command line, on the labelled .mat."""
-    from mtl.cli.common import compose_in_process
+    from mtl.cli.in_process import compose_in_process
     from tests.data.test_benchmarks import write_nyu_mat
 
     mat = tmp_path / "nyu_depth_v2_labeled.mat"

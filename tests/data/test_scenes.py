@@ -223,7 +223,7 @@ def test_cache_reused_and_keyed(tmp_path, monkeypatch):
 
 def test_one_cache_layout_for_python_and_cli(tmp_path, monkeypatch):
     """Python (no cache_dir) and the CLI config put generated data in the same folder per kind."""
-    from mtl.cli.common import compose_in_process
+    from mtl.cli.in_process import compose_in_process
     from mtl.data import default_cache_dir
 
     monkeypatch.setenv("MTL_DATA_CACHE", str(tmp_path / "c"))

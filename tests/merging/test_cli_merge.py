@@ -220,7 +220,7 @@ def test_dare_with_the_task_arithmetic_base(pool, tmp_path):
 
 def test_dare_searches_its_bases_lambda_grid(tmp_path):
     """dare.yaml once searched TIES's 0.4-1.2 with base=task_arithmetic too (λ·T up to 9.6 on 8 tasks)."""
-    from mtl.cli.common import compose_in_process
+    from mtl.cli.in_process import compose_in_process
     from merging.job import _method
 
     def grid(*overrides):
@@ -562,7 +562,7 @@ def test_an_earlier_tall_store_is_refused_before_the_lambda_search(pool, tmp_pat
 def test_a_given_lam_grid_that_lam_overrides_is_said_once(tmp_path, caplog, method):
     """merge.lam takes precedence over merge.lam_grid (documented); a grid the user gave is then not searched,
     which is logged once. The config's own grid, always present, is not worth a warning."""
-    from mtl.cli.common import compose_in_process
+    from mtl.cli.in_process import compose_in_process
     from merging.job import _method
 
     for extra, warned in ((["merge.lam=0.3", "merge.lam_grid=[0.1,0.2]"], True), (["merge.lam=0.3"], False),

@@ -244,7 +244,7 @@ def test_learned_settings_are_refused_before_the_pool_is_scored(pool, tmp_path, 
 
 @pytest.mark.parametrize("method", ["adamerging", "atlas", "concrete_ta", "concrete_adamerging", "dare"])
 def test_the_runs_seed_reaches_the_methods_seed(method):
-    from mtl.cli.common import compose_in_process
+    from mtl.cli.in_process import compose_in_process
 
     cfg, _ = compose_in_process("mtl.configs.merge_app", "merge", [f"merge={method}", "seed=5"], run_dir="unused")
     assert cfg.merge.seed == 5

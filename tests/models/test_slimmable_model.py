@@ -318,7 +318,7 @@ def test_extract_names_what_a_family_extracts_by():
 
 def test_extract_cli_cuts_a_width_setting(tmp_path):
     from mtl.cli.extract import run_extract
-    from mtl.cli.common import compose_in_process
+    from mtl.cli.in_process import compose_in_process
     from mtl.io import save_model
 
     save_model(slim_model(), tmp_path / "slim", meta={"data": {"name": "scenes", "size": 16, "n_train": 8, "n_val": 4,
@@ -348,7 +348,7 @@ def test_extract_cli_cuts_a_width_setting(tmp_path):
 
 def test_extraction_records_the_widths_it_used_not_only_those_asked_for(tmp_path):
     """Unnamed widths come from the parent's current configuration; the record must say which they were."""
-    from mtl.cli.common import compose_in_process
+    from mtl.cli.in_process import compose_in_process
     from mtl.cli.extract import run_extract
     from mtl.io import save_model
 
@@ -377,7 +377,7 @@ def test_extraction_records_the_widths_it_used_not_only_those_asked_for(tmp_path
 
 
 def test_extract_cli_without_tasks_or_widths_names_both(tmp_path):
-    from mtl.cli.common import compose_in_process
+    from mtl.cli.in_process import compose_in_process
     from mtl.cli.extract import run_extract
 
     cfg, run_dir = compose_in_process("mtl.configs.extract_app", "extract", [f"model={tmp_path / 'm'}"], tmp_path / "run")
@@ -386,7 +386,7 @@ def test_extract_cli_without_tasks_or_widths_names_both(tmp_path):
 
 
 def test_extract_cli_names_a_width_that_is_not_a_mapping(tmp_path):
-    from mtl.cli.common import compose_in_process
+    from mtl.cli.in_process import compose_in_process
     from mtl.cli.extract import run_extract
     from mtl.io import save_model
 
@@ -459,7 +459,7 @@ def test_model_stats_gives_the_parameters_of_the_active_widths_beside_every_stor
 
 def test_extract_cli_names_the_other_familys_setting_in_cli_terms(tmp_path):
     """widths= on a task-routed MoE model (or tasks= on a slimmable one) was refused in Python argument names."""
-    from mtl.cli.common import compose_in_process
+    from mtl.cli.in_process import compose_in_process
     from mtl.cli.extract import run_extract
     from mtl.io import save_model
 

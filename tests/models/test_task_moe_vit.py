@@ -265,7 +265,7 @@ def test_task_embeddings_route_tasks_apart_at_init_and_the_mi_loss_moves_them():
 @pytest.mark.parametrize("args,match", [(["tasks=nope"], r"unknown task\(s\) \['nope'\]"),
                                         (["tasks=depth", "min_share=1.5"], r"min_share must be in \[0, 1\), got 1.5")])
 def test_extract_cli_names_a_bad_task_or_min_share_before_loading_data(tmp_path, args, match):
-    from mtl.cli.common import compose_in_process
+    from mtl.cli.in_process import compose_in_process
     from mtl.cli.extract import run_extract
 
     # 2 train batches < the default calib.batches=8: checking data first would name calib.batches instead
@@ -277,7 +277,7 @@ def test_extract_cli_names_a_bad_task_or_min_share_before_loading_data(tmp_path,
 
 
 def test_extract_cli_names_a_family_without_extraction_before_loading_data(tmp_path):
-    from mtl.cli.common import compose_in_process
+    from mtl.cli.in_process import compose_in_process
     from mtl.cli.extract import run_extract
 
     plain = mtl.create_model(["depth"], backbone="test_resnet")  # 2 train batches < calib.batches=8, as above
@@ -313,7 +313,7 @@ def test_extraction_takes_one_task_name_and_records_the_calibration_it_saw(tmp_p
 
 
 def test_extract_cli_calibrates_on_the_same_batches_every_run(tmp_path):
-    from mtl.cli.common import compose_in_process
+    from mtl.cli.in_process import compose_in_process
     from mtl.cli.extract import calibration_batches
 
     data = {"name": "scenes", "size": 32, "n_train": 16, "n_val": 4, "n_test": 4, "batch_size": 4}
