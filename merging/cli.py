@@ -3,6 +3,7 @@
     mtl-merge merge=ties pretrained=<folder> models=[<folder>,<folder>,...]
     mtl-merge merge=tall_masks store=true pool=<zoo manifest.json>
     mtl-merge debug=smoke            # builds a tiny real pool and merges it, in seconds
+    mtl-merge mergekit_yaml=<config.yml> output=<folder>   # a mergekit recipe, not evaluated
 """
 from __future__ import annotations
 
