@@ -99,7 +99,8 @@ class ModelPool:
         if plans:  # fine-tunes of one pruned model: each plan covers the shared layers and its own head(s)
             cfg[PLAN_KEY] = {**plans[0], **{part: {k: v for p in plans for k, v in (p.get(part) or {}).items()}
                                             for part in ("modules", "layers")}}
-        model = model_from_config(cfg)
+        with torch.random.fork_rng(devices=[]):  # its random init is replaced below: not the caller's stream
+            model = model_from_config(cfg)
         state = dict(shared)
         for m in self.members:
             own = load_state(m.path)

@@ -385,7 +385,8 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     state, header = _read_weights(file)
     _check_header(header, cfg, file, cfg_file)
     try:
-        model = model_from_config(cfg["model"])
+        with torch.random.fork_rng(devices=[]):  # the random init the stored weights replace: not the caller's stream
+            model = model_from_config(cfg["model"])
     except Exception as e:  # any malformed value: the config, not the caller, is at fault
         raise ModelFolderError(f"{cfg_file}: cannot build the model ({type(e).__name__}: {e})") from None
     stored = dict(state)  # the digest covers the tensors as stored, before any conversion

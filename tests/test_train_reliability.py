@@ -349,3 +349,46 @@ def test_ctrl_c_in_an_in_process_run_reaches_the_caller_as_keyboardinterrupt(tmp
     with pytest.raises(KeyboardInterrupt, match=r"^interrupted by Ctrl-C$"):
         run_in_process(job, ("mtl.configs",), "train", ["debug=smoke"], run_dir=tmp_path / "r")
     assert (tmp_path / "r" / FAILED).read_text().startswith("interrupted by Ctrl-C")
+
+
+def test_an_in_process_run_leaves_the_callers_process_state_alone(tmp_path):
+    import os
+    import random
+
+    import numpy as np
+    import torch
+
+    def draws():
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+    def seed_all():
+        random.seed(5), np.random.seed(7), torch.manual_seed(123)
+
+    seed_all()
+    want = draws()
+    seed_all()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        run(FAST + ["task=[depth]", "seed=3"], run_dir=tmp_path / "r")
+        # the run seeded all three and set the switch for itself; the caller's streams go on where they were
+        assert draws() == want
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert "PL_GLOBAL_SEED" not in os.environ and "PL_SEED_WORKERS" not in os.environ
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_in_process_errors_are_one_line_as_on_the_cli(tmp_path):
+    from mtl.cli.in_process import run_in_process
+
+    with pytest.raises(ValueError, match=r"Could not override 'optim\.lrr'.*\+optim\.lrr=1") as e:
+        run(FAST + ["optim.lrr=1"], run_dir=tmp_path / "typo")
+    assert "\n" not in str(e.value)
+
+    def interrupted(cfg, run_dir):
+        (run_dir / "started").write_text("")  # a folder the run wrote into is marked, an empty one removed
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt, match="interrupted by Ctrl-C"):
+        run_in_process(interrupted, ("mtl.configs",), "train", FAST, tmp_path / "ctrl_c")
+    assert (tmp_path / "ctrl_c" / FAILED).is_file()

@@ -52,6 +52,8 @@ def write_hydra_record(cfg, run_dir: str | os.PathLike) -> None:
                        ("overrides.yaml", OmegaConf.create(list(hc.overrides.task)))):
         with atomic_path(out / name, overwrite=True) as tmp:
             tmp.write_text(OmegaConf.to_yaml(node))
+# Lightning's own use of a torch API torch deprecates (lightning/pytorch/utilities/_pytree.py)
+LEAFSPEC_WARNING = r".*LeafSpec.*is deprecated"
 _VERBOSE_FLAGS = {"verbose=true", "verbose=True", "verbose=1", "+verbose=true", "+verbose=True", "+verbose=1"}
 
 
@@ -60,8 +62,7 @@ def prepare(traceback_wanted: bool = False) -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
     warnings.filterwarnings("ignore", category=UserWarning, module="lightning")
-    # Lightning's own use of a torch API torch deprecates (lightning/pytorch/utilities/_pytree.py)
-    warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=LEAFSPEC_WARNING, category=FutureWarning)
     # HYDRA_FULL_ERROR=1 is the user's switch for tracebacks, as in Hydra, unless it is ours: we set it
     # so that Hydra raises its errors instead of printing them over several lines (cli_main prints one)
     users = os.environ.get("HYDRA_FULL_ERROR") == "1" and os.environ.get("_MTL_HYDRA_RAISES") != "1"

@@ -2,13 +2,16 @@
 checks and failure marking as the console scripts, for notebooks, scripts and tests."""
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from mtl.cli.choices import check_overrides
-from mtl.cli.common import _rank0, check_group_choices, check_required, check_run_name, register_resolvers
+from mtl.cli.common import (LEAFSPEC_WARNING, _rank0, check_group_choices, check_required, check_run_name,
+                            hydra_message, register_resolvers)
 from mtl.cli.failures import claims_run_folder, interrupted_message, interruption, marks_failure
 
 __all__ = ["default_run_dir", "compose_in_process", "check_single_job", "run_in_process", "report_in_process"]
@@ -53,12 +56,16 @@ def compose_in_process(config_module: str, config_name: str, overrides, run_dir=
     from hydra.initialize import get_gh_backup, restore_gh_from_backup
     from omegaconf import OmegaConf
 
+    from hydra.errors import HydraException
+
     register_resolvers()
     outer = get_gh_backup()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module=config_module, version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=list(overrides or []))
+    except HydraException as e:  # a misspelt key or a malformed override: one line, as the CLI says it
+        raise ValueError(hydra_message(e)) from None
     finally:
         restore_gh_from_backup(outer)
     given = _run_dir_override(overrides)
@@ -117,9 +124,13 @@ def run_in_process(job: Callable[[Any, Path], Any], config_modules: Sequence[str
     # a failed run is marked as the CLI marks it; the claim is released first, so a new folder the run left
     # empty (refused before writing) is removed rather than marked
     try:
-        with marks_failure(run_dir), claims_run_folder(run_dir, _rank0(), "run_dir="):
+        with leaves_process_state(), marks_failure(run_dir), claims_run_folder(run_dir, _rank0(), "run_dir="):
             check_required(cfg)
             return job(cfg, run_dir), Path(run_dir)
+    except KeyboardInterrupt as e:
+        if str(e):
+            raise
+        raise KeyboardInterrupt(interrupted_message("Ctrl-C", run_dir)) from e
     except SystemExit as e:  # Lightning's sys.exit for Ctrl-C / SIGTERM: raised to a caller as what it was
         stop = interruption(e)
         if stop is None:
@@ -128,6 +139,35 @@ def run_in_process(job: Callable[[Any, Path], Any], config_modules: Sequence[str
 
         kind = KeyboardInterrupt if stop[0] == "Ctrl-C" else Terminated
         raise kind(interrupted_message(stop[0], run_dir)) from e
+
+
+@contextlib.contextmanager
+def leaves_process_state():
+    """A run inside the caller's process seeds Python, numpy and torch, sets torch's determinism switch and
+    Lightning's seed variables for itself: the caller's random streams, switch, variables and warnings
+    filters are as they were once it ends, however it ends."""
+    import random
+
+    import numpy as np
+    import torch
+
+    py, npy = random.getstate(), np.random.get_state()
+    det, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    env = {k: os.environ.get(k) for k in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=LEAFSPEC_WARNING, category=FutureWarning)
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+            torch.use_deterministic_algorithms(det, warn_only=warn_only)
+            for key, value in env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 def report_in_process(job: Callable[[Any, Path], dict], config_modules: Sequence[str], config_name: str,

@@ -50,8 +50,9 @@ def export_timm(source: Source, out: Path, tasks: list[str], seed: int = 0) -> d
         raise ExportError(f"format=timm needs a timm backbone (model.backbone.body); {what}: export it with "
                           "format=onnx or format=folder")
     args = model_args(source.config.get("backbone", {}))
-    torch.manual_seed(seed)
-    plain = timm.create_model(name, pretrained=False, **args)
+    with torch.random.fork_rng(devices=[]):  # a library call: the caller's random stream stays as it was
+        torch.manual_seed(seed)
+        plain = timm.create_model(name, pretrained=False, **args)
     target = plain.state_dict()
     mapped, unmapped = {}, []
     for key, value in body.state_dict().items():

@@ -530,3 +530,13 @@ def test_a_null_delta_m_in_the_runs_metrics_is_said_not_formatted():
     src = Source(nn.Identity(), None, {}, metrics={"depth": {"rmse": 1.0}},
                  run_metrics={"delta_m": {"value": None, "variant": "test", "baselines": "b.json"}})
     assert "Δm vs the single-task baselines is not defined for this run" in "\n".join(_metric_rows(src, ["depth"]))
+
+
+def test_loading_and_timm_export_leave_the_callers_random_stream_alone(tmp_path):
+    folder = _folder(tmp_path, "test_resnet")
+    torch.manual_seed(5)
+    want = torch.rand(3)
+    torch.manual_seed(5)
+    mtl.load_model(folder)
+    mtl.export(folder, "timm", tmp_path / "timm")
+    assert torch.equal(torch.rand(3), want)

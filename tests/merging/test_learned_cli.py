@@ -267,3 +267,16 @@ def test_labeled_shots_refuse_a_class_with_fewer_images_than_asked():
     split.tensors["value"] = torch.rand(15, 2)
     with pytest.raises(ValueError, match=r"merge.shots=16: task 'value'\'s train split has only 15 images"):
         LabeledShots(split, "value", shots=16)
+
+
+def test_learning_from_folders_leaves_the_callers_random_stream_alone(pool):
+    import torch
+
+    import merging
+
+    data = {t: [torch.rand(2, 3, 32, 32)] for m in pool.members for t in m.tasks}
+    torch.manual_seed(11)
+    want = torch.rand(3)
+    torch.manual_seed(11)
+    merging.learn("adamerging", pool.pretrained, pool.member_paths, unlabeled=data, steps=1, progress=False)
+    assert torch.equal(torch.rand(3), want)  # the models built from the folders drew nothing from it
