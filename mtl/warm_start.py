@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 def init_from_folder(model: MultiTaskModel, folder: str | Path) -> dict[str, int]:
     """Copy every weight whose name and shape match from a model folder (fine-tuning start)."""
     source = load_state(folder)
-    if hasattr(model, "upgrade_state"):  # an older folder's layout, as mtl.load_model reads it
+    if hasattr(model, "upgrade_state") and _same_width_set(model, folder):  # an older layout, as load_model reads it
         model.upgrade_state(source)
     own = model.state_dict()
     loaded = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
@@ -33,6 +33,16 @@ def init_from_folder(model: MultiTaskModel, folder: str | Path) -> dict[str, int
                     folder, len(missed), len(shared), ", ".join(missed[:3]))
     model.load_state_dict(loaded, strict=False)
     return {"loaded": len(loaded), "total": len(own), "shared_missed": len(missed)}
+
+
+def _same_width_set(model: MultiTaskModel, folder: str | Path) -> bool:
+    """Whether `folder` holds a slimmable model of `model`'s width set: only then can its statistics' row
+    counts tell the older layout (one row per width) from the current one (one per width pair) — with
+    another set, k² rows of the folder's could pass for k rows of the model's and land in the wrong rows."""
+    from mtl.io import read_model_config
+
+    stored = (read_model_config(folder)["model"].get("backbone") or {}).get("widths")
+    return stored is not None and [float(w) for w in stored] == [float(w) for w in model.width_set]
 
 
 def keep_expansion_point(model: MultiTaskModel, folder: str | Path) -> None:

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from mtl.models.slimmable.callback import signed
+
 ENCODER = {"name": "slim_resnet", "stem": 32, "channels": [32, 64, 128, 256], "out_indices": [1, 2, 3, 4]}
 
 
@@ -135,11 +137,6 @@ def rescore(run_dir: Path, args) -> dict:
     uniform = {t: {w: test.metrics[t][w][w][test.primary[t]] for w in test.encoder_flops} for t in test.tasks}
     return {"run_dir": str(run_dir), "compare": report["compare"], "uniform_test": uniform,
             "higher_is_better": test.higher_is_better}
-
-
-def signed(v: float | None) -> str:
-    """A controllability as printed: undefined ones are NaN in memory and null in controllability.json."""
-    return "undefined" if v is None or v != v else f"{v:+.3f}"
 
 
 def control(args) -> dict:

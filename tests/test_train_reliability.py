@@ -366,16 +366,24 @@ def test_an_in_process_run_leaves_the_callers_process_state_alone(tmp_path):
 
     seed_all()
     want = draws()
+    import warnings
+
     seed_all()
     torch.use_deterministic_algorithms(True, warn_only=True)
+    benchmark, filters = torch.backends.cudnn.benchmark, list(warnings.filters)
+    torch.backends.cudnn.benchmark = True
     try:
-        run(FAST + ["task=[depth]", "seed=3"], run_dir=tmp_path / "r")
-        # the run seeded all three and set the switch for itself; the caller's streams go on where they were
+        # trainer.deterministic=false: Lightning switches torch's determinism off (and cudnn.benchmark) for the run
+        run(FAST + ["task=[depth]", "seed=3", "trainer.deterministic=false"], run_dir=tmp_path / "r")
+        # the run seeded all three and set the switches for itself; the caller's come back
         assert draws() == want
         assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.backends.cudnn.benchmark
         assert "PL_GLOBAL_SEED" not in os.environ and "PL_SEED_WORKERS" not in os.environ
+        assert warnings.filters == filters
     finally:
         torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark = benchmark
 
 
 def test_in_process_errors_are_one_line_as_on_the_cli(tmp_path):

@@ -134,7 +134,8 @@ class Balancer(nn.Module):
         neg = ", ".join(f"{t}={v:.4g}" for t, v in zip(self.tasks, L.detach().float().tolist()) if v < 0)
         where = f" at step {step}" if step is not None else ""
         log.warning("balancer %r: negative task loss%s (%s); it weighs tasks by their loss values, taken to be > 0, "
-                    "so its weights are meaningless for such a task (famo and dwa give it weight ~0). A model's aux "
+                    "so its weights are meaningless for such a task (famo gives it weight 0, or equal weights when every "
+                    "loss is <= 0; dwa weight ~0). A model's aux "
                     "loss added to each task loss can do this (decoder.mi_weight's -MI term); use a balancer that "
                     "does not read loss values (ew, rlw, a gradient method) or a smaller decoder.mi_weight. "
                     "Warned once.", self.name, where, neg)

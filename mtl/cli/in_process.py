@@ -143,9 +143,10 @@ def run_in_process(job: Callable[[Any, Path], Any], config_modules: Sequence[str
 
 @contextlib.contextmanager
 def leaves_process_state():
-    """A run inside the caller's process seeds Python, numpy and torch, sets torch's determinism switch and
-    Lightning's seed variables for itself: the caller's random streams, switch, variables and warnings
-    filters are as they were once it ends, however it ends."""
+    """A run inside the caller's process seeds Python, numpy and torch (every CUDA device's generator too),
+    sets torch's determinism switches (with cudnn.benchmark and CUBLAS_WORKSPACE_CONFIG) and Lightning's seed
+    variables for itself: the caller's random streams, switches, variables and warnings filters are as they
+    were once it ends, however it ends."""
     import random
 
     import numpy as np
@@ -153,8 +154,9 @@ def leaves_process_state():
 
     py, npy = random.getstate(), np.random.get_state()
     det, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    env = {k: os.environ.get(k) for k in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    benchmark = torch.backends.cudnn.benchmark
+    env = {k: os.environ.get(k) for k in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS", "CUBLAS_WORKSPACE_CONFIG")}
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []  # a GPU run seeds them all
     with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=LEAFSPEC_WARNING, category=FutureWarning)
         try:
@@ -163,6 +165,7 @@ def leaves_process_state():
             random.setstate(py)
             np.random.set_state(npy)
             torch.use_deterministic_algorithms(det, warn_only=warn_only)
+            torch.backends.cudnn.benchmark = benchmark
             for key, value in env.items():
                 if value is None:
                     os.environ.pop(key, None)

@@ -51,7 +51,7 @@ def export_timm(source: Source, out: Path, tasks: list[str], seed: int = 0) -> d
                           "format=onnx or format=folder")
     args = model_args(source.config.get("backbone", {}))
     with torch.random.fork_rng(devices=[]):  # a library call: the caller's random stream stays as it was
-        torch.manual_seed(seed)
+        torch.random.default_generator.manual_seed(seed)  # the CPU generator only (manual_seed also seeds CUDA's)
         plain = timm.create_model(name, pretrained=False, **args)
     target = plain.state_dict()
     mapped, unmapped = {}, []

@@ -348,3 +348,29 @@ def test_controllability_of_a_single_task_table_is_undefined_with_a_note():
     # the only task's preference is 1.0 in every vector: no rank correlation exists (was reported as 0)
     assert math.isnan(r["controllability"]) and "needs at least 2 tasks" in r["note"]
     assert r["adherence"] == 1.0
+
+
+def test_no_scored_configuration_at_a_budget_makes_it_undefined_not_a_failure():
+    # the smallest configuration is the only one within the smallest budget; B's metric is missing there
+    t = table_with_missing_cell()
+    r = control_report(t, budgets_between(t, 3), n_preferences=5)
+    first = r["per_budget"][0]
+    assert first["no_choice"] > 0 and math.isnan(first["controllability"]) and math.isnan(r["controllability"])
+    assert "per_budget[].no_choice" in r["note"]
+    assert all(0 <= row["adherence"] <= 1 for row in r["per_budget"][1:])
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda d: d.update({"head_flops": []}), r"head_flops: expected a JSON object, got list"),
+    (lambda d: d["metrics"].update({"A": None}), r"metrics\['A'\]: expected a JSON object, got NoneType"),
+    (lambda d: d["head_flops"]["B"].update({"1": [1, 2]}), r"head_flops\['B'\]\['1'\]: expected a JSON object, got list"),
+])
+def test_a_badly_shaped_table_is_one_line_naming_the_key(tmp_path, capsys, edit, match):
+    path = tmp_path / "width_table.json"
+    data = table().to_json()
+    edit(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=f"{re.escape(str(path))}: {match}"):
+        WidthTable.load(path)
+    assert search_main([str(path), "--budget", "5M", "--preference", "A=1"]) == 1
+    assert "Traceback" not in capsys.readouterr().err

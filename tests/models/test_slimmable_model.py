@@ -524,3 +524,22 @@ def test_channels_round_half_up_and_keep_at_least_one():
 def test_a_bad_width_set_is_refused_naming_its_setting(backbone, decoder, match):
     with pytest.raises(ValueError, match=match):
         create_model(TASKS, backbone=backbone, decoder=decoder, family="slimmable")
+
+
+def test_init_from_a_folder_of_another_width_set_never_misreads_its_head_statistics(tmp_path):
+    from mtl.warm_start import init_from_folder
+
+    # 2 widths store 2 x 2 = 4 per-pair rows, which a 4-width model could take for its older one-row-per-width layout
+    two = create_model(TASKS, backbone={**BB, "widths": [0.5, 1.0]}, decoder=DEC, family="slimmable")
+    mtl.save_model(two, tmp_path / "two")
+    four = slim_model()
+    before = four.decoder.heads["depth"].body[1].running_means.clone()
+    init_from_folder(four, tmp_path / "two")
+    assert torch.equal(four.decoder.heads["depth"].body[1].running_means, before)  # not the other set's rows
+    # the same width set in the older layout is converted, as mtl.load_model converts it
+    old, path = legacy_folder(tmp_path)
+    fresh = slim_model(seed=1)
+    init_from_folder(fresh, path)
+    k = len(old.width_set)
+    assert torch.equal(fresh.decoder.heads["depth"].body[1].running_means[:k],
+                       old.decoder.heads["depth"].body[1].running_means)

@@ -103,11 +103,12 @@ def print_report(table, report) -> None:
     console.print(out)
     console.print(f"controllability ({report['method']} search on validation, scored on test; mean Spearman, "
                   f"{report['n_preferences']} preference vectors x {len(report['per_budget'])} budgets): "
-                  f"{_signed(report['controllability'])}; budget adherence {100 * report['adherence']:.1f}%")
+                  f"{signed(report['controllability'])}; budget adherence {100 * report['adherence']:.1f}%")
     if "note" in report:
         console.print(f"  {report['note']}")
-    console.print("  " + "; ".join(f"{k} {_signed(v['controllability'])}" for k, v in report.get("compare", {}).items()))
+    console.print("  " + "; ".join(f"{k} {signed(v['controllability'])}" for k, v in report.get("compare", {}).items()))
 
 
-def _signed(v: float) -> str:
-    return f"{v:+.3f}" if math.isfinite(v) else "undefined"
+def signed(v: float | None) -> str:
+    """A controllability as printed: undefined ones are NaN in memory and null in controllability.json."""
+    return "undefined" if v is None or not math.isfinite(v) else f"{v:+.3f}"

@@ -34,6 +34,10 @@ from mtl.models.slimmable.table import WidthTable, wkey
 PREF_TOL = 1e-6
 
 
+class NoScoredChoice(ValueError):
+    """The measured search found configurations within the budget, but none with every preferred task scored."""
+
+
 @dataclass
 class Choice:
     config: dict[str, Any]
@@ -191,7 +195,7 @@ def _measured(table: WidthTable, budget: float, pref: dict[str, float]) -> Choic
     if best is None:
         missing = "; ".join(f"{t} at " + ", ".join(f"({a}, {b})" for a, b in cells)
                             for t, cells in table.missing_cells().items())
-        raise ValueError(f"no configuration within budget {budget:,.0f} FLOPs has a finite primary metric for every "
+        raise NoScoredChoice(f"no configuration within budget {budget:,.0f} FLOPs has a finite primary metric for every "
                          f"preferred task ({skipped} skipped; missing at (encoder, decoder) widths: {missing})")
     _, cfg, flops = best
     return Choice(cfg, flops, table.expected(cfg), skipped)
@@ -242,21 +246,30 @@ def controllability(table: WidthTable, budget: float, preferences: Sequence[Mapp
     if len(preferences) < 2:
         raise ValueError(f"controllability needs at least 2 preference vectors (a rank correlation over "
                          f"{len(preferences)} is undefined)")
-    choices = [search(table, budget, p, method) for p in preferences]
+    choices: list[Choice | None] = []
+    for p in preferences:
+        try:
+            choices.append(search(table, budget, p, method))
+        except NoScoredChoice:  # every fitting configuration lacks a preferred task's metric: no choice to score
+            choices.append(None)
     per_task, unscored = {}, {}
     for t in table.tasks:
         prefs = [p[t] for p in preferences]
-        scores = [achieved.score(t, c.config["encoder"], c.config["decoders"][t]) for c in choices]
+        scores = [math.nan if c is None else achieved.score(t, c.config["encoder"], c.config["decoders"][t])
+                  for c in choices]
         # one task: its preference is always 1.0, so nothing can follow it (undefined, not 0)
         per_task[t] = spearman(prefs, scores) if len(table.tasks) > 1 else math.nan
         missing = sum(not math.isfinite(v) for v in scores)
         if missing:
             unscored[t] = missing
-    within = sum(c.flops <= budget for c in choices)
+    made = [c for c in choices if c is not None]
+    within = sum(c.flops <= budget for c in made)
     row = {"budget": float(budget), "spearman": per_task, "controllability": float(np.mean(list(per_task.values()))),
-           "adherence": within / len(choices), "n": len(choices)}
+           "adherence": within / len(made) if made else math.nan, "n": len(choices)}
     if unscored:  # choices whose achieved metric is missing: no rank, so no controllability at this budget
         row["unscored"] = unscored
+    if len(made) < len(choices):
+        row["no_choice"] = len(choices) - len(made)
     return row
 
 
@@ -281,7 +294,8 @@ def control_report(table: WidthTable, budgets: Sequence[float], n_preferences: i
     prefs = sample_preferences(table.tasks, n_preferences, seed)
     rows = [controllability(table, b, prefs, method, achieved) for b in budgets]
     report = {"controllability": float(np.mean([r["controllability"] for r in rows])),
-              "adherence": float(np.mean([r["adherence"] for r in rows])),
+              "adherence": float(np.nanmean([r["adherence"] for r in rows])) if any(
+                  math.isfinite(r["adherence"]) for r in rows) else math.nan,
               "n_preferences": n_preferences, "method": method, "held_out": achieved is not None, "per_budget": rows}
     unscored = [r["budget"] for r in rows if "unscored" in r]
     if len(table.tasks) < 2:
@@ -290,7 +304,8 @@ def control_report(table: WidthTable, budgets: Sequence[float], n_preferences: i
     elif unscored:
         report["note"] = (f"controllability undefined: at {len(unscored)} of {len(rows)} budgets some choices land on "
                           "configurations whose primary metric is missing (not finite) in the "
-                          f"{'achieved-score' if achieved is not None else 'search'} table (per_budget[].unscored)")
+                          f"{'achieved-score' if achieved is not None else 'search'} table (per_budget[].unscored), or "
+                          "no configuration within the budget has every preferred task scored (per_budget[].no_choice)")
     return report
 
 

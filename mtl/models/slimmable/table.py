@@ -81,6 +81,8 @@ class WidthTable:
         JSON keeps a non-finite metric) as NaN; log the cells whose primary metric is not finite (the
         measured search skips the configurations that use them)."""
         keys = [wkey(w) for w in self.width_set]
+        for name in ("encoder_flops", "head_flops", "metrics", "primary", "higher_is_better"):
+            _mapping(getattr(self, name), f"{source}: {name}")
         for k in keys:
             _number(self.encoder_flops.get(k), f"{source}: encoder_flops[{k!r}] (encoder width {k})")
         for t in self.tasks:
@@ -89,9 +91,11 @@ class WidthTable:
             for a in keys:
                 for b in keys:
                     cell = f"task {t!r} at encoder width {a}, decoder width {b}"
-                    _number(self.head_flops.get(t, {}).get(a, {}).get(b),
+                    _number(_mapping(_mapping(self.head_flops.get(t, {}), f"{source}: head_flops[{t!r}]").get(a, {}),
+                                     f"{source}: head_flops[{t!r}][{a!r}]").get(b),
                             f"{source}: head_flops[{t!r}][{a!r}][{b!r}] ({cell})")
-                    m = self.metrics.get(t, {}).get(a, {}).get(b)
+                    m = _mapping(_mapping(self.metrics.get(t, {}), f"{source}: metrics[{t!r}]").get(a, {}),
+                                 f"{source}: metrics[{t!r}][{a!r}]").get(b)
                     if not isinstance(m, dict) or self.primary[t] not in m:
                         raise ValueError(f"{source}: metrics[{t!r}][{a!r}][{b!r}] has no {self.primary[t]!r} ({cell})")
                     for name, v in m.items():
@@ -184,6 +188,12 @@ def build_width_table(model, batches: Iterable[Mapping[str, torch.Tensor]], max_
                        higher_is_better={t: bool(task.directions[task.primary]) for t, task in tasks.items()},
                        encoder_flops=enc, head_flops=head, metrics=values, input_size=list(sample.shape[-2:]))
     return table.check(f"width table ({split or 'evaluated'} split)")
+
+
+def _mapping(value: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _number(v: Any, what: str, finite: bool = True) -> float:
