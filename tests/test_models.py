@@ -196,8 +196,7 @@ def test_float_input_in_another_dtype_than_the_model_is_named_not_a_torch_error(
         assert model(x)["depth"].dtype == torch.float32
         assert model((x * 255).to(torch.uint8))["depth"].dtype == torch.float32
         with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts float32 and bf16 input per op
-            # (not the linearized family's jvp, whatever the input: uint8 fails there too)
-            for dtype in (torch.float32, torch.bfloat16) if family != "linearized" else ():
+            for dtype in (torch.float32, torch.bfloat16):
                 assert model(x.to(dtype))["depth"].shape[0] == 2
             with pytest.raises(TypeError, match="input images are torch.float64"):  # autocast leaves float64 as is
                 model(x.double())

@@ -230,3 +230,26 @@ def test_mtl_merge_refuses_mixed_forms_before_evaluating_the_pool(tmp_path, monk
     with pytest.raises(ValueError, match="bn='recompute' is not available for linearised models"):
         job.run(["merge=task_arithmetic", f"pretrained={lins[0]}", f"models=[{lins[0]},{lins[1]}]",
                  "+merge.bn=recompute"], run_dir=tmp_path / "run2")
+
+
+def test_a_linearized_model_runs_and_trains_under_bf16_autocast():
+    """bf16-mixed training: the expansion runs outside autocast (forward-mode AD has no rule through its
+    casts), so the shared representation is the float32 one and only the heads compute in bf16."""
+    lin = linearize(plain_model().float())
+    with torch.no_grad():
+        for p in lin.parameters():  # θ ≠ θ0: the tangent term is not zero
+            p.add_(1e-2 * torch.randn_like(p))
+    lin.eval()
+    x = X.float()
+    with torch.no_grad():
+        want = lin.shared(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = lin.shared(x)
+            out = lin(x, tasks=["a"])["a"]
+    torch.testing.assert_close(got, want)
+    assert out.dtype == torch.bfloat16
+    lin.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = lin(x, tasks=["a"])["a"].float().logsumexp(1).mean()
+    loss.backward()
+    assert lin.backbone.body.conv1[0].weight.grad is not None
