@@ -317,6 +317,12 @@ def test_search_cli_on_a_table_with_a_missing_metric_says_so(tmp_path, capsys):
     (lambda d: d["metrics"]["A"]["1"]["1"].update({"acc": "high"}), r"metrics\['A'\]\['1'\]\['1'\]\['acc'\] .* is 'high'"),
 ])
 def test_a_table_missing_a_cell_is_refused_naming_file_task_and_cell(tmp_path, capsys, edit, match):
+    path = _refused_edited_table(tmp_path, edit, match)
+    assert str(path) in capsys.readouterr().err
+
+
+def _refused_edited_table(tmp_path, edit, match):
+    """table() edited by `edit`, saved: loading it is refused with `match` after the path, and so is the CLI."""
     path = tmp_path / "width_table.json"
     data = table().to_json()
     edit(data)
@@ -324,7 +330,7 @@ def test_a_table_missing_a_cell_is_refused_naming_file_task_and_cell(tmp_path, c
     with pytest.raises(ValueError, match=f"{re.escape(str(path))}: {match}"):
         WidthTable.load(path)
     assert search_main([str(path), "--budget", "5M", "--preference", "A=1"]) == 1
-    assert str(path) in capsys.readouterr().err
+    return path
 
 
 def test_controllability_with_a_missing_achieved_metric_is_undefined_and_says_why():
@@ -366,11 +372,5 @@ def test_no_scored_configuration_at_a_budget_makes_it_undefined_not_a_failure():
     (lambda d: d["head_flops"]["B"].update({"1": [1, 2]}), r"head_flops\['B'\]\['1'\]: expected a JSON object, got list"),
 ])
 def test_a_badly_shaped_table_is_one_line_naming_the_key(tmp_path, capsys, edit, match):
-    path = tmp_path / "width_table.json"
-    data = table().to_json()
-    edit(data)
-    path.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=f"{re.escape(str(path))}: {match}"):
-        WidthTable.load(path)
-    assert search_main([str(path), "--budget", "5M", "--preference", "A=1"]) == 1
+    _refused_edited_table(tmp_path, edit, match)
     assert "Traceback" not in capsys.readouterr().err
