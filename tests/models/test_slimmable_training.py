@@ -24,7 +24,7 @@ def tiny(seed=0):
                         decoder={"name": "slimmable", "channels": 8}, family="slimmable")
 
 
-@pytest.mark.parametrize("kind", ["semseg", "depth", "edges", "classification"])
+@pytest.mark.parametrize("kind", ["semseg", "depth", "edges", "classification", "normals"])
 def test_distillation_loss_is_stationary_where_the_student_matches_the_teacher(kind):
     task = create_task(kind)
     shape = (2, task.out_channels, 4, 4) if task.dense else (2, task.out_channels)
@@ -37,6 +37,17 @@ def test_distillation_loss_is_stationary_where_the_student_matches_the_teacher(k
         assert distill_loss(task, at, teacher) == 0
     off = (teacher + 0.5 * torch.randn(shape)).requires_grad_(True)
     assert distill_loss(task, off, teacher) > distill_loss(task, teacher, teacher)
+
+
+def test_normals_distillation_reads_directions_as_the_task_loss_does():
+    """The normals loss is 1 − cos (scale-free): distilling the raw vectors with L1 also pulled their lengths,
+    which grew ~50x in training and stalled the cosine's gradient (docs/BENCHMARKS.md, Slimmable models)."""
+    task = create_task("normals")
+    teacher = torch.tensor([[1.0, 0.0, 0.0], [0.0, 3.0, 4.0]]).reshape(2, 3, 1, 1)
+    longer = 7.0 * teacher  # the same directions, other lengths: nothing to distil
+    assert float(distill_loss(task, longer, teacher)) == pytest.approx(0.0, abs=1e-6)
+    turned = torch.tensor([[0.0, 1.0, 0.0], [0.0, 3.0, 4.0]]).reshape(2, 3, 1, 1)  # first pixel at 90°
+    assert float(distill_loss(task, turned, 5.0 * teacher)) == pytest.approx((1.0 - 0.0 + 1.0 - 1.0) / 2)
 
 
 def sandwich_step(model, **kw):

@@ -46,6 +46,10 @@ def distill_loss(task: Task, student: torch.Tensor, teacher: torch.Tensor) -> to
         return F.kl_div(F.log_softmax(student.float(), 1), F.softmax(teacher.float(), 1), reduction="none").sum(1).mean()
     if task.kind == "edges":  # binary logits
         return F.binary_cross_entropy_with_logits(student.float(), torch.sigmoid(teacher.float()))
+    if task.kind == "normals":  # directions, as the task's own loss reads them: 1 − cos(student, teacher)
+        # an L1 on the raw vectors rewarded their length too, which the cosine loss ignores: lengths grew
+        # ~50x, the cosine's gradient (∝ 1/length) vanished and normals stalled at every width
+        return (1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=1)).mean()
     return F.l1_loss(student.float(), teacher.float())  # regression-like outputs
 
 
