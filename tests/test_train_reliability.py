@@ -351,7 +351,7 @@ def test_ctrl_c_in_an_in_process_run_reaches_the_caller_as_keyboardinterrupt(tmp
     assert (tmp_path / "r" / FAILED).read_text().startswith("interrupted by Ctrl-C")
 
 
-def test_an_in_process_run_leaves_the_callers_process_state_alone(tmp_path):
+def test_an_in_process_run_leaves_the_callers_process_state_alone(tmp_path, monkeypatch):
     import os
     import random
 
@@ -371,6 +371,8 @@ def test_an_in_process_run_leaves_the_callers_process_state_alone(tmp_path):
     seed_all()
     torch.use_deterministic_algorithms(True, warn_only=True)
     benchmark, filters = torch.backends.cudnn.benchmark, list(warnings.filters)
+    monkeypatch.setenv("PL_GLOBAL_SEED", "999")  # the caller's own (the run sets 3), and none for workers
+    monkeypatch.delenv("PL_SEED_WORKERS", raising=False)
     torch.backends.cudnn.benchmark = True
     try:
         # trainer.deterministic=false: Lightning switches torch's determinism off (and cudnn.benchmark) for the run
@@ -379,7 +381,7 @@ def test_an_in_process_run_leaves_the_callers_process_state_alone(tmp_path):
         assert draws() == want
         assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
         assert torch.backends.cudnn.benchmark
-        assert "PL_GLOBAL_SEED" not in os.environ and "PL_SEED_WORKERS" not in os.environ
+        assert os.environ["PL_GLOBAL_SEED"] == "999" and "PL_SEED_WORKERS" not in os.environ
         assert warnings.filters == filters
     finally:
         torch.use_deterministic_algorithms(False)
