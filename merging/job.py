@@ -402,13 +402,22 @@ def merge_only(cfg: DictConfig, run_dir: Path, name: str, hp: dict[str, Any], ou
     check_same_pruning(pre, models)
     path = merging.merge_to_file(method, pre, models, output, overwrite=bool(cfg.overwrite),
                                  shard_size=cfg.get("shard_size"), **hp)
-    hp = resolved_hparams(method, hp)
-    report = {"method": name, "evaluated": False, "pretrained": str(pre), "models": [str(m) for m in models],
-              "selected": hp, "output": str(output), "files": sorted(p.name for p in output.iterdir()) if output.is_dir() else [path.name],
+    return record_unevaluated(run_dir, name, pre, models, resolved_hparams(method, hp), output, path, start)
+
+
+def record_unevaluated(run_dir: Path, name: str, pre: Path, models: list[Path], hp: dict[str, Any], output: Path,
+                       written: Path, start: float, **extra: Any) -> dict[str, Any]:
+    """metrics.json, the log line and the console line of a merge that was not evaluated (``eval=none``,
+    ``mergekit_yaml=``); `extra` (e.g. the recipe's path) goes into the report after ``evaluated``."""
+    report = {"method": name, "evaluated": False, **extra, "pretrained": str(pre), "models": [str(m) for m in models],
+              "selected": hp, "output": str(output),
+              "files": sorted(p.name for p in output.iterdir()) if output.is_dir() else [Path(written).name],
               "seconds": round(time.perf_counter() - start, 2)}
-    write_json(run_dir / "metrics.json", report)
-    log.info("merged %d models with %s %s into %s in %.1f s (not evaluated)", len(models), name, hp, output, report["seconds"])
-    print(f"mtl-merge: {name} {hp} -> {output} ({report['seconds']} s, not evaluated)")
+    write_json(Path(run_dir) / "metrics.json", report)
+    source = f" from {Path(extra['mergekit_yaml']).name}" if "mergekit_yaml" in extra else ""
+    log.info("merged %d models with %s%s %s into %s in %.1f s (not evaluated)", len(models), name, source, hp, output,
+             report["seconds"])
+    print(f"mtl-merge: {name}{source} {hp} -> {output} ({report['seconds']} s, not evaluated)")
     return report
 
 

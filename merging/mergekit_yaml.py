@@ -304,9 +304,8 @@ def mergekit_job(cfg: Any, run_dir: str | os.PathLike) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     from mtl.cli.jobs import start_run
-    from mtl.io import write_json
 
-    from .job import resolved_hparams
+    from .job import record_unevaluated, resolved_hparams
 
     start = time.perf_counter()
     given = [k for k in ("pretrained", "models", "pool") if cfg.get(k)]
@@ -322,14 +321,8 @@ def mergekit_job(cfg: Any, run_dir: str | os.PathLike) -> dict[str, Any]:
     output = output.resolve()
     (Path(run_dir) / "mergekit_config.yml").write_text(plan.text)  # the recipe as run, whatever becomes of the file
     seed = int(cfg.seed) if plan.method in ("dare_ties", "dare_linear") else None  # every mtl-merge run repeats
-    run_plan(plan, output, overwrite=bool(cfg.overwrite), shard_size=cfg.get("shard_size"), seed=seed)
+    written = run_plan(plan, output, overwrite=bool(cfg.overwrite), shard_size=cfg.get("shard_size"), seed=seed)
     hp = resolved_hparams(plan.method, {**plan.kwargs(), **({"seed": seed} if seed is not None else {})})
-    report = {"method": plan.method, "evaluated": False, "mergekit_yaml": str(plan.source.resolve()),
-              "pretrained": str(plan.pretrained.resolve()), "models": [str(m.resolve()) for m in plan.finetuned],
-              "selected": hp, "output": str(output), "files": sorted(p.name for p in output.iterdir()),
-              "seconds": round(time.perf_counter() - start, 2)}
-    write_json(Path(run_dir) / "metrics.json", report)
-    log.info("merged %d models with %s %s from %s into %s in %.1f s (not evaluated)", len(plan.finetuned),
-             plan.method, hp, plan.source, output, report["seconds"])
-    print(f"mtl-merge: {plan.method} from {plan.source.name} {hp} -> {output} ({report['seconds']} s, not evaluated)")
-    return report
+    return record_unevaluated(Path(run_dir), plan.method, plan.pretrained.resolve(),
+                              [m.resolve() for m in plan.finetuned], hp, output, written, start,
+                              mergekit_yaml=str(plan.source.resolve()))

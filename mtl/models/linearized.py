@@ -85,9 +85,10 @@ class LinearizedModel(MultiTaskModel):
 
     def shared(self, x: torch.Tensor) -> torch.Tensor:
         x = self.normalize(x)
+        point = self.point()
         if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
             # the expansion runs outside autocast (below): a bf16 batch autocast would have cast is cast here
-            x = x.to(next(iter(self.point().values())).dtype)
+            x = x.to(next(iter(point.values())).dtype)
 
         def f(params: dict[str, torch.Tensor]) -> torch.Tensor:
             return torch.func.functional_call(self._shared_fn, params, (x,), strict=False)
@@ -98,7 +99,7 @@ class LinearizedModel(MultiTaskModel):
 
         # nor through autocast's casts (bf16-mixed): the expansion is computed in the weights' own dtype
         with sdpa_kernel([SDPBackend.MATH]), torch.autocast(x.device.type, enabled=False):
-            out, tangent = torch.func.jvp(f, (self.point(),), (self.offset(),))
+            out, tangent = torch.func.jvp(f, (point,), (self.offset(),))
         # a decoder may share several feature maps (a list): f(θ0) + J·Δθ for each of them
         return torch.utils._pytree.tree_map(torch.add, out, tangent)
 
