@@ -14,7 +14,6 @@ Testing, the model folder, metrics.json, plots and the table are the job's.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -30,12 +29,9 @@ import merging
 from mtl.cli.jobs import start_run
 from mtl.io import save_model, write_json
 from mtl.models import MultiTaskModel
-from mtl.progress_log import ProgressLog
 from mtl.registry import Registry, check_int
 
 from .bn import check_bn
-from .consensus import per_task_lams
-from .engine import KeyOptions
 from .evaluation import Evaluator, ImageBatches
 from .pool import ModelPool, check_same_pruning, manifest_paths, model_list
 from .report import build_report, print_table, write_report
@@ -98,46 +94,6 @@ CliMethod = Callable[[MergeJob, Mapping[str, Any]], Selection]
 CLI_METHODS: Registry[CliMethod] = Registry("mtl-merge method")
 
 
-def grid_search(job: MergeJob, method: str, hp: Mapping[str, Any]) -> Selection:
-    """`lam` set: merge once with it (a value, or one per fine-tuned model). Otherwise each value of
-    `lam_grid` is tried and the best mean normalized validation score wins; only the best model so far
-    is kept in memory."""
-    candidates = grid_candidates(hp)
-    grid, best, best_model = [], None, None
-    bar = ProgressLog(f"[{method}] λ grid", len(candidates), unit="candidates", every_seconds=0,
-                      enabled=job.evaluator.progress and len(candidates) > 1)
-    for i, kw in enumerate(candidates):
-        model = job.model(job.merge(method, **kw))
-        val = job.val_normalized(model)
-        grid.append({"hparams": kw, "val_normalized": val})
-        if best is None or better(val, best["val_normalized"]):
-            best, best_model = grid[-1], model
-        del model
-        bar.update(i + 1, f"λ={kw.get('lam', 'default')} val normalized {val:.4f}")
-    if len(grid) > 1 and math.isnan(best["val_normalized"]):
-        raise ValueError(f"merge={method}: every λ candidate scored NaN on validation "
-                         f"{[g['hparams'].get('lam') for g in grid]}; nothing to choose from")
-    # every hyperparameter the chosen merge used, defaults included (trim, tie_rule, ...), as eval=none records it
-    return Selection(best_model, resolved_hparams(method, best["hparams"]), grid=grid)
-
-
-def better(val: float, best: float) -> bool:
-    """`val` beats `best` (a NaN never wins, and loses to any number: it would otherwise win or lose by its
-    place in the grid)."""
-    return not math.isnan(val) and (math.isnan(best) or val > best)
-
-
-def grid_candidates(hp: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The hyperparameter sets a grid search tries: `lam` as given, else one per `lam_grid` value."""
-    base = {k: v for k, v in hp.items() if k != "lam_grid" and not (k == "lam" and v is None)}
-    grid_values = hp.get("lam_grid")
-    if isinstance(grid_values, (list, tuple)) and not grid_values:
-        raise ValueError("merge.lam_grid is empty: give at least one λ, or drop it for the method's default")
-    if hp.get("lam") is None and grid_values:
-        return [{**base, "lam": lam} for lam in (grid_values if isinstance(grid_values, list) else [grid_values])]
-    return [base]
-
-
 def check_pool_inputs(pool: ModelPool, hp: Mapping[str, Any], bn_data: dict[str, Any] | None) -> None:
     """The pool's tensors fit together under the merge's key options (shapes, dtypes, shared keys, the
     linearised form and its expansion point) and `merge.bn=recompute` suits its family, before every
@@ -154,80 +110,10 @@ def check_pool_inputs(pool: ModelPool, hp: Mapping[str, Any], bn_data: dict[str,
     open_context(pool.pretrained, pool.member_paths, opts, min_models=1, what="a merge").close()
 
 
-def precheck(name: str, hp: Mapping[str, Any], num_models: int | None = None, tasks: list[str] | None = None) -> None:
-    """The hyperparameters of a grid-searched state-dict method (or tall_masks, or a learned method), checked before any
-    model is loaded or evaluated (a bad `k` or λ would otherwise surface after the whole pool's individual evaluation).
-    With `num_models` (the pool's size, once known) and `tasks` (its task names), also what depends on them:
-    consensus' k, a per-task λ list or ``{task: λ}``."""
-    if name == "tall_masks":
-        from .tall_job import precheck_tall
-
-        return precheck_tall(hp, num_models, tasks)
-    if name in merging.LEARNED_METHODS:
-        from .learned.cli import precheck_learned
-
-        return precheck_learned(name, hp)
-    if name not in GRID_METHODS:
-        return
-    from .engine import KeyOptions
-
-    searched = hp.get("lam") is None and bool(hp.get("lam_grid"))
-    for kw in grid_candidates(hp):
-        _, method_hp = KeyOptions.split(dict(kw))
-        try:
-            method = merging.create_method(name, **method_hp)
-            if num_models is not None:
-                method.bind(num_models)
-                tall_lam = method.hp.get("tall_lam") if name == "consensus" else None
-                if isinstance(tall_lam, Mapping) and tasks is not None and len(tasks) == num_models:
-                    per_task_lams("tall_lam", tall_lam, tasks)  # {task: λ}: the names, before the pool is evaluated
-        except (ValueError, merging.MergeInputError) as e:
-            about_lam = str(e).startswith("lam ")  # not tall_lam's errors: they name their own key
-            where = f"merge={name}" + (f", lam_grid value {kw['lam']}" if searched and about_lam else "")
-            raise ValueError(f"{where}: {e}") from None
-
-
-GRID_METHODS = ("average", "task_arithmetic", "ties", "dare", "consensus")
-
-
-def _register_grid(name: str, method: str | None = None) -> None:
-    CLI_METHODS.register(name)(lambda job, hp: grid_search(job, method or name, hp))
-
-
-for _name in GRID_METHODS[:-1]:  # consensus adds its mask-overlap summary (below)
-    _register_grid(_name)
-
-
-@CLI_METHODS.register("pretrained")
-def select_pretrained(job: MergeJob, hp: Mapping[str, Any]) -> Selection:
-    """θ0 with each task's fine-tuned head (task arithmetic with λ = 0): the floor every method must beat."""
-    return grid_search(job, "task_arithmetic", {"lam": 0.0})
-
-
-def _tall_options(hp: Mapping[str, Any]) -> dict[str, Any]:
-    """tall_masks' τ_MTL and key options (which tensors are merged) for a consensus run, so its overlap
-    plot shows the masks it used."""
-    keys = {k: hp[k] for k in KeyOptions.DEFAULTS if k in hp}
-    if hp.get("base") == "ties":
-        return {"mtv": "ties", "k": hp.get("ties_k", 20), "merge_func": hp.get("merge_func", "mean"),
-                "trim": hp.get("trim", "global"), **keys}
-    return {"mtv": "sum", **keys}
-
-
-@CLI_METHODS.register("consensus")
-def select_consensus(job: MergeJob, hp: Mapping[str, Any]) -> Selection:
-    sel = grid_search(job, "consensus", hp)
-    tall = merging.tall_masks(job.pool.pretrained, job.pool.member_paths, lam=sel.hparams.get("tall_lam", 0.4),
-                              **_tall_options(sel.hparams))
-    sel.extra["mask_overlap"] = merging.mask_overlap(tall)
-    return sel
-
-
 def build_smoke_pool(root: str | os.PathLike) -> ModelPool:
     """A seconds-long real pool: a tiny base trained on scenes classification, fine-tuned on 2 tasks."""
-    from mtl.train import run as train
-
     from mtl.progress_log import emit
+    from mtl.train import run as train
 
     root = Path(root)
     common = ["experiment=scenes_hps", "debug=smoke", "viz.num_samples=0", "logger=none"]
@@ -264,7 +150,7 @@ def _method(cfg: DictConfig) -> tuple[str, CliMethod, dict[str, Any]]:
     name = hp.pop("method")
     if name not in CLI_METHODS:
         raise ValueError(f"unknown merge method {name!r}; valid: {', '.join(CLI_METHODS.names())}")
-    if name in GRID_METHODS:  # a null hyperparameter (a convention's key left unset) takes the method's default
+    if name in grid_job.GRID_METHODS:  # a null hyperparameter (a convention's key left unset) takes the method's default
         hp = {k: v for k, v in hp.items() if v is not None or k == "lam"}
     if name == "dare" and hp.get("base", "task_arithmetic") == "task_arithmetic" and hp.get("convention") != "mergekit":
         hp = _without_ties_keys(hp)
@@ -319,7 +205,7 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                          "Python (merging.merge, then merging.compose takes left-out keys from each task's model)")
     if cfg.get("store") and name != "tall_masks":
         raise ValueError(f"store=true writes a TALL-mask store (merge=tall_masks); merge={name} has none to write")
-    precheck(name, hp)
+    grid_job.precheck(name, hp)
     if cfg.eval.get("max_batches") is not None:  # 0 once wrote NaN scores everywhere
         check_int("eval.max_batches", cfg.eval.max_batches, low=1, note=" or null (every batch)")
     if name == "tall_masks" and cfg.eval.get("enabled", True):
@@ -335,7 +221,7 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                          "the task models it rebuilds would not be the ones scored; use merge.bn=pretrained (default) "
                          "or average for TALL")
     pool = resolve_pool(cfg, run_dir, manifest)
-    precheck(name, hp, num_models=len(pool.members), tasks=[t for m in pool.members for t in m.tasks])
+    grid_job.precheck(name, hp, num_models=len(pool.members), tasks=[t for m in pool.members for t in m.tasks])
     check_pool_inputs(pool, hp, bn_data)
     ev = Evaluator(pool, cfg.eval.get("max_batches"), _plain(cfg.eval.get("data")), cfg.eval.get("device") or "cpu")
     sel = select(MergeJob(cfg, pool, ev, run_dir, bn_data), MappingProxyType(hp))
@@ -462,4 +348,5 @@ def run(overrides: list[str] | None = None, run_dir: str | Path | None = None) -
 
 
 from . import tall_job as _tall_job  # noqa: E402,F401  (registers tall_masks)
+from . import grid_job  # noqa: E402  (registers average, task_arithmetic, ties, dare, consensus, pretrained)
 from .learned import cli as _learned_cli  # noqa: E402,F401  (registers adamerging, atlas, concrete_ta, concrete_adamerging)

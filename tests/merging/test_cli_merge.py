@@ -285,7 +285,7 @@ def test_bad_tall_hyperparameters_are_refused_before_the_pool_is_loaded(tmp_path
 
 
 def test_a_nan_validation_score_never_wins_the_grid():
-    from merging import job as J
+    from merging import grid_job as J
     from merging.tall_job import _best_lam
 
     class FakeJob:
