@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import pickle
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,8 @@ from mtl.module import MultiTaskModule
 from mtl.registry import check_int
 from mtl.sweep import check_monitors, check_objective
 from mtl.tasks import create_task
+from mtl.train_checks import (check_checkpoint, check_eval_splits, check_precision, check_trainer,
+                              set_aside_failed_attempt, warn_seed_of_resume)
 from mtl.warm_start import folder_architecture, init_from_folder, keep_expansion_point
 
 log = logging.getLogger(__name__)
@@ -133,13 +133,13 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         raise RunFolderTaken(f"run_dir {run_dir} holds a finished run ({', '.join(finished)}); pick a new "
                               "folder (to continue it: ckpt_path=<it>/checkpoints/last.ckpt into a new one)")
     if cfg.get("ckpt_path"):
-        _check_checkpoint(Path(cfg.ckpt_path))
-        _warn_seed_of_resume(cfg, Path(cfg.ckpt_path))
-    _check_trainer(cfg.trainer)
+        check_checkpoint(Path(cfg.ckpt_path))
+        warn_seed_of_resume(cfg, Path(cfg.ckpt_path))
+    check_trainer(cfg.trainer)
     check_int("seed", cfg.get("seed"), 0)  # named before training, not after it
     check_int("viz.num_samples", (cfg.get("viz") or {}).get("num_samples") or 0, 0)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _set_aside_failed_attempt(run_dir, cfg.get("ckpt_path"))
+    set_aside_failed_attempt(run_dir, cfg.get("ckpt_path"))
     (run_dir / FAILED).unlink(missing_ok=True)  # an earlier failed attempt in this folder: this run replaces it
     write_hydra_record(cfg, run_dir)
     with atomic_path(run_dir / "config.yaml", overwrite=True) as tmp:
@@ -184,30 +184,15 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
         trainer_kw["plugins"] = [AtomicCheckpointIO()]
     trainer = L.Trainer(**trainer_kw, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir))
-    _check_precision(cfg, trainer)
+    check_precision(cfg, trainer)
     if trainer.limit_val_batches == 0:
         log.warning("trainer.limit_val_batches=0: no validation, so the checkpoint tested and saved is the last "
                     "epoch's and metrics.json['val'] is empty")
-    _check_eval_splits(trainer, datamodule)
+    check_eval_splits(trainer, datamodule)
     try:
         return _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, baselines, variant)
     finally:
         _finish_tracking_runs(trainer)
-
-
-def _check_eval_splits(trainer, datamodule) -> None:
-    """Under DDP each process evaluates its own share of val and test, with no image repeated (metrics
-    count each once): a split smaller than the process count leaves a process none, and evaluation
-    would fail only after training."""
-    world = int(getattr(trainer, "world_size", 1) or 1)
-    if world <= 1 or not hasattr(datamodule, "dataset"):
-        return
-    for split in ("val", "test"):
-        n = len(datamodule.dataset(split))
-        if n < world:
-            raise ValueError(f"data: the {split} split has {n} image(s), fewer than the {world} processes "
-                             f"(trainer.devices × trainer.num_nodes), each of which evaluates its own share; "
-                             f"use at least {world} {split} images or fewer processes")
 
 
 #: data settings that name files or folders (read relative to the working directory)
@@ -227,55 +212,6 @@ def _absolute_paths(data_kw: dict[str, Any]) -> dict[str, Any]:
     return {k: absolute(v) if k in _DATA_PATHS else v for k, v in data_kw.items()}
 
 
-def _set_aside_failed_attempt(run_dir: Path, ckpt_path: Any) -> None:
-    """A new attempt in a failed run's folder: that attempt's training curves go to ``csv.failed/`` (the CSV
-    logger would start its ``metrics.csv`` afresh, even when resuming) and its checkpoints to
-    ``checkpoints.failed/`` (each replacing an older set there), so ``checkpoints/`` holds this run's best and
-    last only. The checkpoints stay when this run resumes from a checkpoint anywhere in the folder."""
-    if not (run_dir / FAILED).is_file():
-        return
-    if (run_dir / "csv" / "metrics.csv").is_file():
-        shutil.rmtree(run_dir / "csv.failed", ignore_errors=True)
-        os.replace(run_dir / "csv", run_dir / "csv.failed")
-        log.warning("run_dir %s held a failed attempt's training curves: moved to %s", run_dir, run_dir / "csv.failed")
-    old = run_dir / "checkpoints"
-    if not old.is_dir() or not any(old.iterdir()):
-        return
-    if ckpt_path and run_dir.resolve() in Path(str(ckpt_path)).resolve().parents:
-        return  # resuming from a checkpoint in this folder (checkpoints/ or checkpoints.failed/): move nothing
-    aside = run_dir / "checkpoints.failed"
-    shutil.rmtree(aside, ignore_errors=True)
-    os.replace(old, aside)
-    log.warning("run_dir %s held a failed attempt's checkpoints: moved to %s", run_dir, aside)
-
-
-def _check_trainer(tr: DictConfig) -> None:
-    """Trainer settings that would fail (or mislead) only once training starts, named now."""
-    cuda = torch.cuda.is_available()
-    if str(tr.get("accelerator")) in ("gpu", "cuda") and not cuda:
-        raise RuntimeError(f"trainer.accelerator={tr.accelerator} needs a CUDA GPU and torch sees none; use trainer=cpu")
-    if str(tr.get("strategy", "")).startswith("fsdp") and not cuda:
-        raise RuntimeError("trainer=fsdp needs CUDA GPUs (Lightning's FSDP has no CPU backend); on CPU use trainer=ddp")
-    # mtlkit steps the optimiser itself (balancers act on each step's task gradients): Lightning's automatic
-    # accumulation and clipping do not apply
-    if tr.get("accumulate_grad_batches") not in (None, 1):
-        raise ValueError(f"trainer.accumulate_grad_batches={tr.accumulate_grad_batches} is not supported (each step's "
-                         "task gradients feed the balancer); raise data.batch_size instead")
-    if tr.get("gradient_clip_val") is not None:
-        raise ValueError(f"trainer.gradient_clip_val={tr.gradient_clip_val}: mtlkit clips with optim.grad_clip=<max norm>")
-    # the cosine schedule needs a finite length; 0 would save an untrained model as a finished run
-    check_int("trainer.max_epochs", tr.get("max_epochs"), 1)
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    local_ddp = str(tr.get("strategy", "")).startswith("ddp") and str(tr.get("devices")) not in ("1", "None") \
-        and not any(k in os.environ for k in ("LOCAL_RANK", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID"))
-    if local_ddp and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        # Lightning starts the other ranks by re-running the command line: the whole sweep, on every rank
-        raise ValueError("trainer=ddp with local processes cannot run inside a -m multirun (each rank would re-run "
-                         "the sweep); use launcher=slurm, or run each job with torchrun")
-
-
 def _finish_tracking_runs(trainer) -> None:
     """Finish W&B runs with the job. W&B writes its records from a background service and completes
     them when the run finishes, which would otherwise be at interpreter exit: after `run()` returned
@@ -285,53 +221,6 @@ def _finish_tracking_runs(trainer) -> None:
     for lg in trainer.loggers:
         if isinstance(lg, WandbLogger) and lg._experiment is not None:  # never start a run just to end it
             lg._experiment.finish()
-
-
-def _check_checkpoint(path: Path) -> None:
-    """A Lightning checkpoint is a torch zip archive; a model folder or its files are not (their
-    weights start a run through init_from instead)."""
-    import zipfile
-
-    if path.is_dir():
-        last = path / "last.ckpt" if (path / "last.ckpt").is_file() else path / "checkpoints" / "last.ckpt"
-        hint = f"; did you mean {last}?" if last.is_file() else ""
-        raise IsADirectoryError(f"ckpt_path {path} is a folder, not a checkpoint file (a Lightning .ckpt, e.g. "
-                                f"<run>/checkpoints/last.ckpt){hint}")
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path {path}: no such file (a Lightning .ckpt, e.g. <run>/checkpoints/last.ckpt)")
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"ckpt_path {path}: not a Lightning checkpoint (a torch zip archive such as "
-                         "<run>/checkpoints/last.ckpt); to start from a model folder's weights use init_from=<folder>")
-
-
-def _warn_seed_of_resume(cfg: DictConfig, ckpt: Path) -> None:
-    """A resume continues the random streams stored in the checkpoint: a ``seed`` other than its run's
-    (``<run>/config.yaml`` beside ``checkpoints/``) is not used, and config.yaml would record it anyway."""
-    stored = ckpt.resolve().parent.parent / "config.yaml"
-    if ckpt.parent.name != "checkpoints" or not stored.is_file():
-        return
-    try:
-        seed = OmegaConf.load(stored).get("seed")
-    except Exception:  # noqa: BLE001  (an unreadable record: nothing to compare, the resume goes on)
-        return
-    if seed is not None and seed != cfg.get("seed"):
-        log.warning("seed=%s differs from the resumed run's seed %s (%s): a resume continues the random streams "
-                    "its checkpoint holds, so this seed is not used", cfg.get("seed"), seed, stored)
-
-
-def _check_precision(cfg: DictConfig, trainer: L.Trainer) -> None:
-    """Lightning replaces a precision the accelerator lacks (fp16 AMP on a CPU becomes bf16-mixed) with a
-    warning; the run would then record one precision and train in another."""
-    asked = str(cfg.trainer.get("precision", "32-true"))
-    asked = {"16": "16-mixed", "bf16": "bf16-mixed", "32": "32-true", "64": "64-true"}.get(asked, asked)
-    if asked.endswith("-true") and asked != "32-true":  # found now, not by save_model after the whole run
-        dtype = {"bf16-true": "bfloat16", "16-true": "float16", "64-true": "float64"}.get(asked, asked)
-        raise ValueError(f"trainer.precision={asked} keeps the weights in {dtype}, and model folders hold "
-                         "float32 weights; use trainer.precision=bf16-mixed (bfloat16 compute, float32 weights) or 32-true")
-    if str(trainer.precision) != asked:
-        raise ValueError(f"trainer.precision={asked} is not available on {type(trainer.accelerator).__name__} "
-                         f"(Lightning would train in {trainer.precision}); use trainer.precision={trainer.precision} "
-                         "or run on a GPU")
 
 
 def _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, baselines, variant) -> dict[str, Any]:

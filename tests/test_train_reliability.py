@@ -169,7 +169,7 @@ def test_a_new_attempt_sets_a_failed_attempts_checkpoints_aside(tmp_path):
     run(FAST + ["task=[depth]"], run_dir=run_dir)
     assert "epoch004.ckpt" not in {p.name for p in (run_dir / "checkpoints").iterdir()}
     assert (run_dir / "checkpoints.failed" / "epoch004.ckpt").read_bytes() == b"old"
-    from mtl.train import _set_aside_failed_attempt
+    from mtl.train_checks import set_aside_failed_attempt as _set_aside_failed_attempt
 
     again = tmp_path / "again"
     (again / "checkpoints").mkdir(parents=True)
@@ -311,7 +311,7 @@ def test_ddp_with_an_evaluation_split_smaller_than_the_process_count_is_refused_
     from types import SimpleNamespace
 
     from mtl.data import create_datamodule
-    from mtl.train import _check_eval_splits
+    from mtl.train_checks import check_eval_splits as _check_eval_splits
 
     dm = create_datamodule("scenes", size=16, n_train=8, n_val=5, n_test=3, batch_size=4)
     _check_eval_splits(SimpleNamespace(world_size=3), dm)  # 3 processes: one test image each

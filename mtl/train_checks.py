@@ -1,0 +1,132 @@
+"""Checks of an ``mtl-train`` run made before (or as) training starts, so a bad setting fails in seconds with
+one line naming it, and the run folder kept apart from a failed attempt's files."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mtl.cli.failures import FAILED
+from mtl.registry import check_int
+
+log = logging.getLogger("mtl.train")
+
+__all__ = ["check_checkpoint", "check_eval_splits", "check_precision", "check_trainer", "set_aside_failed_attempt",
+           "warn_seed_of_resume"]
+
+
+def check_eval_splits(trainer, datamodule) -> None:
+    """Under DDP each process evaluates its own share of val and test, with no image repeated (metrics
+    count each once): a split smaller than the process count leaves a process none, and evaluation
+    would fail only after training."""
+    world = int(getattr(trainer, "world_size", 1) or 1)
+    if world <= 1 or not hasattr(datamodule, "dataset"):
+        return
+    for split in ("val", "test"):
+        n = len(datamodule.dataset(split))
+        if n < world:
+            raise ValueError(f"data: the {split} split has {n} image(s), fewer than the {world} processes "
+                             f"(trainer.devices × trainer.num_nodes), each of which evaluates its own share; "
+                             f"use at least {world} {split} images or fewer processes")
+
+
+def set_aside_failed_attempt(run_dir: Path, ckpt_path: Any) -> None:
+    """A new attempt in a failed run's folder: that attempt's training curves go to ``csv.failed/`` (the CSV
+    logger would start its ``metrics.csv`` afresh, even when resuming) and its checkpoints to
+    ``checkpoints.failed/`` (each replacing an older set there), so ``checkpoints/`` holds this run's best and
+    last only. The checkpoints stay when this run resumes from a checkpoint anywhere in the folder."""
+    if not (run_dir / FAILED).is_file():
+        return
+    if (run_dir / "csv" / "metrics.csv").is_file():
+        shutil.rmtree(run_dir / "csv.failed", ignore_errors=True)
+        os.replace(run_dir / "csv", run_dir / "csv.failed")
+        log.warning("run_dir %s held a failed attempt's training curves: moved to %s", run_dir, run_dir / "csv.failed")
+    old = run_dir / "checkpoints"
+    if not old.is_dir() or not any(old.iterdir()):
+        return
+    if ckpt_path and run_dir.resolve() in Path(str(ckpt_path)).resolve().parents:
+        return  # resuming from a checkpoint in this folder (checkpoints/ or checkpoints.failed/): move nothing
+    aside = run_dir / "checkpoints.failed"
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(old, aside)
+    log.warning("run_dir %s held a failed attempt's checkpoints: moved to %s", run_dir, aside)
+
+
+def check_trainer(tr: DictConfig) -> None:
+    """Trainer settings that would fail (or mislead) only once training starts, named now."""
+    cuda = torch.cuda.is_available()
+    if str(tr.get("accelerator")) in ("gpu", "cuda") and not cuda:
+        raise RuntimeError(f"trainer.accelerator={tr.accelerator} needs a CUDA GPU and torch sees none; use trainer=cpu")
+    if str(tr.get("strategy", "")).startswith("fsdp") and not cuda:
+        raise RuntimeError("trainer=fsdp needs CUDA GPUs (Lightning's FSDP has no CPU backend); on CPU use trainer=ddp")
+    # mtlkit steps the optimiser itself (balancers act on each step's task gradients): Lightning's automatic
+    # accumulation and clipping do not apply
+    if tr.get("accumulate_grad_batches") not in (None, 1):
+        raise ValueError(f"trainer.accumulate_grad_batches={tr.accumulate_grad_batches} is not supported (each step's "
+                         "task gradients feed the balancer); raise data.batch_size instead")
+    if tr.get("gradient_clip_val") is not None:
+        raise ValueError(f"trainer.gradient_clip_val={tr.gradient_clip_val}: mtlkit clips with optim.grad_clip=<max norm>")
+    # the cosine schedule needs a finite length; 0 would save an untrained model as a finished run
+    check_int("trainer.max_epochs", tr.get("max_epochs"), 1)
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    local_ddp = str(tr.get("strategy", "")).startswith("ddp") and str(tr.get("devices")) not in ("1", "None") \
+        and not any(k in os.environ for k in ("LOCAL_RANK", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID"))
+    if local_ddp and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        # Lightning starts the other ranks by re-running the command line: the whole sweep, on every rank
+        raise ValueError("trainer=ddp with local processes cannot run inside a -m multirun (each rank would re-run "
+                         "the sweep); use launcher=slurm, or run each job with torchrun")
+
+
+def check_checkpoint(path: Path) -> None:
+    """A Lightning checkpoint is a torch zip archive; a model folder or its files are not (their
+    weights start a run through init_from instead)."""
+    import zipfile
+
+    if path.is_dir():
+        last = path / "last.ckpt" if (path / "last.ckpt").is_file() else path / "checkpoints" / "last.ckpt"
+        hint = f"; did you mean {last}?" if last.is_file() else ""
+        raise IsADirectoryError(f"ckpt_path {path} is a folder, not a checkpoint file (a Lightning .ckpt, e.g. "
+                                f"<run>/checkpoints/last.ckpt){hint}")
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path {path}: no such file (a Lightning .ckpt, e.g. <run>/checkpoints/last.ckpt)")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"ckpt_path {path}: not a Lightning checkpoint (a torch zip archive such as "
+                         "<run>/checkpoints/last.ckpt); to start from a model folder's weights use init_from=<folder>")
+
+
+def warn_seed_of_resume(cfg: DictConfig, ckpt: Path) -> None:
+    """A resume continues the random streams stored in the checkpoint: a ``seed`` other than its run's
+    (``<run>/config.yaml`` beside ``checkpoints/``) is not used, and config.yaml would record it anyway."""
+    stored = ckpt.resolve().parent.parent / "config.yaml"
+    if ckpt.parent.name != "checkpoints" or not stored.is_file():
+        return
+    try:
+        seed = OmegaConf.load(stored).get("seed")
+    except Exception:  # noqa: BLE001  (an unreadable record: nothing to compare, the resume goes on)
+        return
+    if seed is not None and seed != cfg.get("seed"):
+        log.warning("seed=%s differs from the resumed run's seed %s (%s): a resume continues the random streams "
+                    "its checkpoint holds, so this seed is not used", cfg.get("seed"), seed, stored)
+
+
+def check_precision(cfg: DictConfig, trainer: L.Trainer) -> None:
+    """Lightning replaces a precision the accelerator lacks (fp16 AMP on a CPU becomes bf16-mixed) with a
+    warning; the run would then record one precision and train in another."""
+    asked = str(cfg.trainer.get("precision", "32-true"))
+    asked = {"16": "16-mixed", "bf16": "bf16-mixed", "32": "32-true", "64": "64-true"}.get(asked, asked)
+    if asked.endswith("-true") and asked != "32-true":  # found now, not by save_model after the whole run
+        dtype = {"bf16-true": "bfloat16", "16-true": "float16", "64-true": "float64"}.get(asked, asked)
+        raise ValueError(f"trainer.precision={asked} keeps the weights in {dtype}, and model folders hold "
+                         "float32 weights; use trainer.precision=bf16-mixed (bfloat16 compute, float32 weights) or 32-true")
+    if str(trainer.precision) != asked:
+        raise ValueError(f"trainer.precision={asked} is not available on {type(trainer.accelerator).__name__} "
+                         f"(Lightning would train in {trainer.precision}); use trainer.precision={trainer.precision} "
+                         "or run on a GPU")
