@@ -388,6 +388,28 @@ def test_an_in_process_run_leaves_the_callers_process_state_alone(tmp_path, monk
         torch.backends.cudnn.benchmark = benchmark
 
 
+def test_in_process_runs_read_the_cuda_generators_only_once_the_caller_started_cuda(monkeypatch):
+    """Reading a CUDA generator's state starts CUDA (torch's own docs); a caller that has not started it
+    must not find it started after a CPU run (its fork-started CUDA workers would fail)."""
+    import torch
+
+    from mtl.cli.in_process import leaves_process_state
+
+    read = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": read.append(device) or torch.zeros(8, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": None)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    with leaves_process_state():
+        pass
+    assert read == []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # started by the caller: both come back
+    with leaves_process_state():
+        pass
+    assert len(read) == 2
+
+
 def test_in_process_errors_are_one_line_as_on_the_cli(tmp_path):
     from mtl.cli.in_process import run_in_process
 

@@ -143,8 +143,8 @@ def run_in_process(job: Callable[[Any, Path], Any], config_modules: Sequence[str
 
 @contextlib.contextmanager
 def leaves_process_state():
-    """A run inside the caller's process seeds Python, numpy and torch (every CUDA device's generator too),
-    sets torch's determinism switches (with cudnn.benchmark and CUBLAS_WORKSPACE_CONFIG) and Lightning's seed
+    """A run inside the caller's process seeds Python, numpy and torch (every CUDA device's generator too: those
+    come back only when the caller had started CUDA before the run), sets torch's determinism switches (with cudnn.benchmark and CUBLAS_WORKSPACE_CONFIG) and Lightning's seed
     variables for itself: the caller's random streams, switches, variables and warnings filters are as they
     were once it ends, however it ends."""
     import random
@@ -156,7 +156,9 @@ def leaves_process_state():
     det, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     benchmark = torch.backends.cudnn.benchmark
     env = {k: os.environ.get(k) for k in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS", "CUBLAS_WORKSPACE_CONFIG")}
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []  # a GPU run seeds them all
+    # a GPU run seeds every device; their states are saved only when the caller has started CUDA already
+    # (reading them would start it, which breaks the caller's later fork-started CUDA workers)
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=LEAFSPEC_WARNING, category=FutureWarning)
         try:
