@@ -56,7 +56,8 @@ class DynamicWeightAverage(Balancer):
 
     ``window="epoch"`` (paper) uses ``ctx.epoch``; an int uses windows of that many steps (handy for
     short runs). Weights are 1 until two windows have finished. Window means are averaged over
-    DDP ranks so every replica uses the same weights.
+    DDP ranks so every replica uses the same weights. A task whose earlier window's mean loss is ≤ 0 has
+    r_t = 1.
     """
 
     def __init__(self, tasks: Sequence[str], temperature: float = 2.0, window: str | int = "epoch",
@@ -81,7 +82,9 @@ class DynamicWeightAverage(Balancer):
         h = self.history
         if torch.isnan(h).any():
             return torch.ones(len(self.tasks), device=h.device)
-        ratio = h[1] / h[0].clamp_min(1e-12)
+        # a window whose mean loss was 0 (every batch without a valid pixel) or negative has no descent
+        # rate: r = 1, as if the loss had held (a clamped divisor gave ~1e12 and all the weight to one task)
+        ratio = torch.where(h[0] > 0, h[1] / h[0].clamp_min(1e-12), torch.ones_like(h[1]))
         return len(self.tasks) * torch.softmax(ratio / self.temperature, dim=0)
 
     def _advance(self, ctx: StepContext) -> None:

@@ -106,6 +106,16 @@ def test_dwa_weights_from_loss_ratios_per_step_window():
     assert used[4]["b"] > used[4]["a"]  # the task whose loss fell less gets more weight
 
 
+def test_dwa_a_window_whose_mean_loss_was_zero_takes_ratio_one():
+    """L̄(k−2) = 0 (every batch of a window without a valid pixel) has no descent rate: r = 1 for that
+    task, the others keep theirs (a clamped divisor made r ~ 1e12 and gave that task all the weight)."""
+    dwa = create_balancer("dwa", ["a", "b"], temperature=2.0, window=1)
+    used = run_dwa(dwa, [(0, 0, {"a": 1.0, "b": 0.0}), (1, 0, {"a": 0.5, "b": 0.5}), (2, 0, {"a": 1.0, "b": 1.0})])
+    ea, eb = math.exp(0.5 / 2), math.exp(1.0 / 2)  # r_a = 0.5 / 1, r_b = 1 (no ratio)
+    assert used[2]["a"] == pytest.approx(2 * ea / (ea + eb), rel=1e-5)
+    assert used[2]["b"] == pytest.approx(2 * eb / (ea + eb), rel=1e-5)
+
+
 def test_dwa_epoch_window_and_three_tasks_sum_to_T():
     dwa = create_balancer("dwa", ["a", "b", "c"], temperature=2.0)
     schedule = [(0, 0, {"a": 3.0, "b": 2.0, "c": 1.0}), (1, 0, {"a": 1.0, "b": 2.0, "c": 1.0}),  # means 2, 2, 1
