@@ -40,7 +40,10 @@ class FlatBalancer(Balancer):
             raise ValueError(f"flat: level must be 'params', got {kw.get('level', level)!r}: SAM perturbs the "
                              "parameters, so aggregation is over the shared parameters only")
         kw.update(parallel_chunk_size=parallel_chunk_size)
-        self.base: JacobianBalancer = create_balancer(aggregator, self.tasks, **kw)
+        try:
+            self.base: JacobianBalancer = create_balancer(aggregator, self.tasks, **kw)
+        except (TypeError, ValueError) as e:  # said as the user wrote it: a key of aggregator_kwargs
+            raise type(e)(f"flat: balancer.aggregator_kwargs for aggregator={aggregator}: {e}") from None
         self.sharp: JacobianBalancer = create_balancer(aggregator, self.tasks, **kw)
 
     def weights(self) -> dict[str, float]:

@@ -111,6 +111,9 @@ def test_flat_rejects_features_level_and_unknown_aggregator():
         create_balancer("flat", ["a", "b"], aggregator_kwargs={"level": "features"})
     with pytest.raises(ValueError, match="aggregator must be one of"):
         create_balancer("flat", ["a", "b"], aggregator="ew")
+    # a bad key of aggregator_kwargs is named as the user wrote it, not as the inner balancer's own keyword
+    with pytest.raises(TypeError, match=r"flat: balancer.aggregator_kwargs for aggregator=upgrad: .*argument 'c'"):
+        create_balancer("flat", ["a", "b"], aggregator_kwargs={"c": 0.4})
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
