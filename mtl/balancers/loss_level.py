@@ -250,6 +250,9 @@ class GradNorm(_OwnOptimizer):
         rate = Ld / L0.nan_to_num(1.0)
         # a task with no L(0) yet trains at the others' mean rate (r = 1): neither pushed nor held back
         rate = torch.where(known, rate, rate[known].mean() if known.any() else torch.ones_like(rate))
+        # a negative loss (a model's aux term) has no training rate: taken as 0, the fastest, so its target
+        # norm is 0 and its weight falls (r < 0 made r^α NaN, and the weight's update sign(NaN) = 0)
+        rate = rate.clamp_min(0.0)
         r = rate / rate.mean().clamp_min(1e-12)
         target = G.mean() * r.pow(self.alpha)
         grad_w = dist_mean(torch.sign(G - target) * norms)

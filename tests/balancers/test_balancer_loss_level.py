@@ -190,6 +190,20 @@ def test_gradnorm_raises_the_weight_of_the_slower_task_and_keeps_sum_T():
     assert history[0] > 1.0 and all(b > a for a, b in zip(history, history[1:]))
 
 
+def test_gradnorm_takes_a_negative_losss_training_rate_as_zero():
+    """A negative loss (an aux term) has no rate L/L(0): r = 0, target norm 0, so with equal gradient norms
+    that task's weight falls and the other's rises (r^α of a negative r was NaN, the update silently 0)."""
+    V = {"a": torch.full((2, 3), 1 / math.sqrt(6)), "b": -torch.full((2, 3), 1 / math.sqrt(6))}  # equal norms
+    gn = create_balancer("gradnorm", ["a", "b"], alpha=1.5, lr=0.1, optimizer="sgd")
+    _, ctx = gradnorm_ctx({"a": 1.0, "b": 1.0}, V)  # sets L(0)
+    gn.backward(ctx)
+    _, ctx = gradnorm_ctx({"a": 1.0, "b": -0.5}, V, step=1)
+    gn.backward(ctx)
+    # rates (1, 0) -> r = (2, 0); G = (1, 1), target = (2^1.5, 0): sign(G - target) = (-1, +1), each times its norm 1
+    # SGD lr 0.1: (1.1, 0.9), renormalised to sum 2
+    assert gn.task_weights.tolist() == pytest.approx([1.1, 0.9], rel=1e-5)
+
+
 def test_gradnorm_takes_each_tasks_initial_loss_at_its_first_positive_loss():
     """A first batch without a valid pixel gives a loss of exactly 0: as L(0) it made that task's rate
     L/L(0) look 10¹² x too fast for the whole run, and its weight grew while the tasks stayed equal."""
