@@ -16,7 +16,9 @@ mergekit (Goddard et al. 2024) applies every method per tensor and differs from 
   mergekit's runs are not repeatable) each (model, tensor) draws the seeded keep mask (`dare_mask`) the
   paper convention's DARE does, so a merge repeats whatever the reading order or thread count;
 - linear: Σ_t w_t θ_t / Σ_t w_t (`addcmul` in float32, float64 for float64 inputs), as mergekit 0.1.5
-  does; older releases summed a stacked product, which can differ in the last bit.
+  does; older releases summed a stacked product, which can differ in the last bit. With mergekit's
+  `dtype` (`dtype="bfloat16"`), each input is first rounded to it and the sum returned in it, as mergekit
+  loads and returns them.
 
 Arithmetic runs in float32 (float64 for float64 inputs) and the result takes θ0's dtype: this equals
 mergekit run with `dtype: float32` and `out_dtype` set to the inputs' dtype. The operations are the
@@ -226,15 +228,23 @@ class DareLinear(MergekitMethod):
     defaults = {**MergekitMethod.defaults, "rescale": True, "seed": None}
 
 
+#: mergekit's `dtype` names (a YAML recipe's `dtype`, `torch.` prefix allowed there)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
 @MERGEKIT.register("linear")
 class Linear(MergeMethod):
-    """Σ_t w_t θ_t / Σ_t w_t over the fine-tuned models (θ0 only fixes keys and dtypes)."""
+    """Σ_t w_t θ_t / Σ_t w_t over the fine-tuned models (θ0 only fixes keys and dtypes). `dtype` is
+    mergekit's: its loader converts every input to it, and linear returns its float32 sum in it."""
 
     name = "linear"
-    defaults = {"weight": 1.0, "normalize": True}
+    defaults = {"weight": 1.0, "normalize": True, "dtype": None}
 
     def validate(self) -> None:
         _check_lam("weight", self.hp["weight"], allow_list=True)
+        if self.hp["dtype"] is not None and self.hp["dtype"] not in DTYPES:
+            raise ValueError(f"linear: dtype must be one of {', '.join(DTYPES)} or None (the inputs' own), "
+                             f"got {self.hp['dtype']!r}")
 
     def bind(self, T: int) -> None:
         super().bind(T)
@@ -246,14 +256,19 @@ class Linear(MergeMethod):
                              "parameters.normalize: false)")
 
     def merge_tensor(self, ctx: Context, key: str) -> torch.Tensor:
+        given = DTYPES.get(self.hp["dtype"])
         first = ctx.ft(key, 0)
-        dtype = first.dtype  # the compute dtype: float32, or float64 for float64 inputs
+        if given is None:  # the compute dtype is already float32, or float64 for float64 inputs
+            dtype, read = first.dtype, lambda t: ctx.ft(key, t)
+        else:  # inputs rounded to `dtype` as mergekit loads them; its float32 sum, float64 for float64
+            dtype = torch.float64 if given == torch.float64 else torch.float32
+            read = lambda t: ctx.ft(key, t).to(given).to(dtype)  # noqa: E731
         weight = torch.tensor([self.weights], dtype=dtype)
         result = torch.zeros_like(first, dtype=dtype)
         ones = [1] * first.ndim
         for t, coefficient in enumerate(weight.unbind(1)):
-            result.addcmul_(ctx.ft(key, t), coefficient.reshape(ones))
+            result.addcmul_(read(t), coefficient.reshape(ones))
         if self.hp["normalize"]:
             result.div_(weight.sum(dim=1).reshape(ones))
-        return result
+        return result if given is None else result.to(given)  # mergekit's `result.to(first.dtype)`
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .mergekit import DTYPES as _DTYPES  # the names mergekit's `dtype_from_name` takes
 from .sources import MergeInputError, open_source
 
 __all__ = ["MergekitPlan", "read_mergekit_yaml", "merge_mergekit_yaml", "YAML_METHODS"]
@@ -41,8 +42,6 @@ _REFUSED_KEYS = {
     "tokenizer": "tokenizer surgery is not supported: mtlkit copies the base model's tokenizer files",
     "chat_template": "setting a chat template is not supported: mtlkit copies the base model's tokenizer files",
 }
-#: the dtype names mergekit's `dtype_from_name` takes (with or without a `torch.` prefix)
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 @dataclass(frozen=True)
@@ -157,6 +156,8 @@ def read_mergekit_yaml(path: str | os.PathLike) -> MergekitPlan:
     if "int8_mask" in top:
         log.info("%s: int8_mask only changes mergekit's memory use; mtlkit's masks are booleans already", where)
     compute, out_dtype = _dtypes(cfg, where)
+    if method == "linear" and compute is not None:  # mergekit rounds linear's inputs and result to dtype
+        hparams["dtype"] = _name(compute)
     pretrained = base if base is not None else entries[0][0]
     return MergekitPlan(src, method, pretrained, [e[0] for e in entries], hparams, out_dtype, compute, text)
 
@@ -187,7 +188,8 @@ def run_plan(plan: MergekitPlan, out: str | os.PathLike, *, overwrite: bool = Fa
 def check_dtypes(plan: MergekitPlan) -> None:
     """mergekit writes `out_dtype` (else `dtype`); mtlkit writes the base model's dtype: they must agree.
     mergekit computes in `dtype` (unset: the models' own); mtlkit in float32 (float64 for float64 models):
-    where they differ, the values may too — say so."""
+    where they differ, the values may too — say so. Not for linear: mergekit sums in float32 too, and
+    mtlkit rounds its inputs and result to `dtype` as mergekit does."""
     source = open_source(plan.pretrained)
     try:
         dtypes = {source.info(k).dtype for k in source.keys()}
@@ -199,7 +201,7 @@ def check_dtypes(plan: MergekitPlan) -> None:
                          f"base model's dtype ({have}) and does not convert: set out_dtype: {have} (or drop it)")
     ours = torch.float64 if dtypes == {torch.float64} else torch.float32
     theirs = plan.compute_dtype or (next(iter(dtypes)) if len(dtypes) == 1 else None)
-    if plan.method != "linear" and theirs is not None and theirs != ours:  # mergekit's linear is float32 anyway
+    if plan.method != "linear" and theirs is not None and theirs != ours:
         log.warning("%s: mergekit computes this recipe in %s (%s) and mtlkit in %s, so values can differ by more "
                     "than the last bit (rounding ties magnitudes: TIES and DARE may keep other entries); dtype: "
                     "%s with out_dtype: %s gives mergekit's bytes", plan.source, _name(theirs),

@@ -184,6 +184,27 @@ def test_unset_dtype_on_bf16_models_is_mergekits_bf16_arithmetic(tmp_path, monke
     assert ("in bfloat16 (dtype unset: the models' own) and mtlkit in float32" in caplog.text) == warned
 
 
+def test_linear_under_a_narrower_dtype_averages_the_rounded_inputs_as_mergekit_loads_them(models):
+    # mergekit converts each input to `dtype` when it loads it, sums in float32 and returns the sum in
+    # `dtype`; out_dtype then writes it as float32
+    fine = torch.tensor([1.0 + 2 ** -10, 3.0009, -0.30001, 7.77])  # not bf16 values
+    _folder(models / "fine", fine)
+    cfg = _yaml(models, """
+merge_method: linear
+models:
+  - model: fine
+    parameters: {weight: 2.0}
+  - model: a
+    parameters: {weight: 1.0}
+dtype: bfloat16
+out_dtype: float32
+""")
+    bf = lambda x: x.to(torch.bfloat16).to(torch.float32)  # noqa: E731
+    want = bf((2 * bf(fine) + bf(A)) / 3)
+    got = _merged(merging.merge_mergekit_yaml(cfg, models / "out"))
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
 def test_linear_averages_a_base_model_it_does_not_list_as_the_last_input(models):
     cfg = _yaml(models, """
 merge_method: linear

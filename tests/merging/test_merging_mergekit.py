@@ -106,7 +106,8 @@ def _same_bytes_from_one_yaml(cfg, tmp_path):
     got = merging.load_state_dict(merging.merge_mergekit_yaml(path, tmp_path / "ours"))
     assert set(got) == set(want)
     for k, v in want.items():
-        assert torch.equal(got[k].view(torch.int16), v.view(torch.int16)), k
+        assert got[k].dtype == v.dtype, k
+        assert torch.equal(got[k].reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8)), k
 
 
 @pytest.mark.parametrize("method", sorted(CASES))
@@ -126,4 +127,18 @@ def test_a_linear_yaml_with_an_unlisted_base_model_gives_mergekits_bytes(llamas,
     base, fts = llamas
     cfg = {"merge_method": "linear", "base_model": str(base), "parameters": {"weight": 0.5},
            "models": [{"model": str(fts[0]), "parameters": {"weight": 1.0}}, {"model": str(fts[1])}]}
+    _same_bytes_from_one_yaml(cfg, tmp_path)
+
+
+def test_a_linear_yaml_with_a_narrower_dtype_gives_mergekits_bytes(tmp_path):
+    """mergekit converts every input to `dtype` as it loads it, then sums in float32: float32 models
+    under `dtype: bfloat16` are averaged from their bf16-rounded values and the mean rounded to bf16."""
+    from merging_toys import write_llama
+
+    fts = [tmp_path / f"ft{i}" for i in range(2)]
+    for i, f in enumerate(fts):
+        write_llama(f, seed=i + 1, dtype=torch.float32)
+    cfg = {"merge_method": "linear", "dtype": "bfloat16", "out_dtype": "float32",
+           "models": [{"model": str(fts[0]), "parameters": {"weight": 1.0}},
+                      {"model": str(fts[1]), "parameters": {"weight": 0.7}}]}
     _same_bytes_from_one_yaml(cfg, tmp_path)
