@@ -187,7 +187,7 @@ def _without_ties_keys(hp: dict[str, Any]) -> dict[str, Any]:
 
 def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if cfg.get("mergekit_yaml"):  # a mergekit recipe: its own inputs and method, never evaluated
-        from .mergekit_yaml import mergekit_job
+        from .mergekit_job import mergekit_job
 
         return mergekit_job(cfg, run_dir)
     manifest = manifest_paths(cfg.pool) if cfg.get("pool") else None  # read once: checked, then merged
