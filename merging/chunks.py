@@ -51,11 +51,12 @@ class Workspace:
         self.chunks = chunks
         self._bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
-    def buf(self, name: str, dtype: torch.dtype, n: int, rows: int = 1) -> torch.Tensor:
+    def buf(self, name: str, dtype: torch.dtype, n: int, rows: int | None = None) -> torch.Tensor:
+        """`n` entries, or with `rows` a (rows, n) view (also for one row: a kernel indexes it by row)."""
         b = self._bufs.get((name, dtype))
         if b is None:
-            b = self._bufs[(name, dtype)] = torch.empty(rows * self.chunks.chunk, dtype=dtype)
-        return b[: rows * n] if rows == 1 else b[: rows * n].view(rows, n)
+            b = self._bufs[(name, dtype)] = torch.empty((rows or 1) * self.chunks.chunk, dtype=dtype)
+        return b[:n] if rows is None else b[: rows * n].view(rows, n)
 
     def scratch(self, nbytes: int, name: str = "scratch") -> torch.Tensor:
         """A reusable byte buffer of `nbytes` (the native kernel's blocks, work space, histograms)."""

@@ -65,6 +65,15 @@ def test_fused_task_arithmetic_formula_and_threads(tmp_path):
         assert torch.equal(out[k], a[k] + 0.5 * ((b[k] - a[k]) + (c[k] - a[k])))
 
 
+def test_fused_mergekit_task_arithmetic_of_one_model(tmp_path):
+    pre, fts = _models(tmp_path, torch.float32, T=1)
+    a, b = (load_file(str(p)) for p in (pre, *fts))
+    out = load_file(str(merging.merge_to_file("task_arithmetic", pre, fts, tmp_path / "o.safetensors", chunk=1024,
+                                              convention="mergekit", weight=0.5, lam=2.0)))
+    for k in SHAPES:  # θ0 + λ w (θ1 − θ0), in mergekit's order of operations
+        assert torch.equal(out[k], a[k] + ((b[k] - a[k]) * 0.5) * 2.0)
+
+
 def test_read_into_matches_slices(tmp_path):
     pre, _ = _models(tmp_path, torch.bfloat16, T=1)
     ref = load_file(str(pre))["e.weight"].reshape(-1)
