@@ -252,3 +252,25 @@ parameters: {weight: 1.0, lambda: 0.5}
         run([f"mergekit_yaml={cfg}", "merge=ties", f"output={models / 'm2'}"], run_dir=models / "run2")
     with pytest.raises(ValueError, match="drop pretrained="):
         run([f"mergekit_yaml={cfg}", "pretrained=base", f"output={models / 'm3'}"], run_dir=models / "run3")
+
+
+@pytest.mark.parametrize("setting, named", [
+    ("store=true", "store=True"), ("eval.device=cuda", "eval.device='cuda'"), ("eval.max_batches=3", "eval.max_batches=3"),
+    ("learn_max_steps=5", "learn_max_steps=5"), ("smoke_pool=true", "smoke_pool=True"),
+    ("bn_stats.batch_size=8", "bn_stats.batch_size=8"), ("+eval.data.batch_size=256", "eval.data.batch_size=256"),
+    ("+extra=1", "extra=1"),
+])
+def test_cli_refuses_settings_a_recipe_run_does_not_read(models, setting, named):
+    cfg = _yaml(models, "merge_method: task_arithmetic\nbase_model: base\nmodels: [{model: a}]\nparameters: {weight: 1}\n")
+    with pytest.raises(ValueError, match=rf"^{named.replace('.', '[.]')} is not read by a mergekit_yaml= run"):
+        run([f"mergekit_yaml={cfg}", setting, f"output={models / 'out'}"], run_dir=models / "run")
+    assert not (models / "run").exists() and not (models / "out").exists()
+
+
+@pytest.mark.parametrize("more", [[], ["eval=none"]])
+def test_cli_debug_smoke_runs_the_recipe_as_it_is(models, more):
+    cfg = _yaml(models, "merge_method: task_arithmetic\nbase_model: base\nmodels: [{model: a}]\nparameters: {weight: 1}\n")
+    report = run([f"mergekit_yaml={cfg}", "debug=smoke", *more, "seed=3", f"output={models / 'out'}"],
+                 run_dir=models / "run")
+    assert report["evaluated"] is False and torch.equal(_merged(models / "out"), A)
+    assert not (models / "run" / "smoke_pool").exists()
