@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mtl.registry import check_int
+
 from .mergekit_yaml import check_dtypes, read_mergekit_yaml, run_plan
 
 __all__ = ["mergekit_job", "check_unread_settings"]
@@ -27,12 +29,13 @@ def mergekit_job(cfg: Any, run_dir: str | os.PathLike) -> dict[str, Any]:
 
     start = time.perf_counter()
     check_unread_settings(cfg)
+    seed = check_int("seed", cfg.get("seed"))  # before the run folder: int() would fail or truncate after it
     plan = read_mergekit_yaml(cfg.mergekit_yaml)
     check_dtypes(plan)
     run_dir, output = start_run(cfg, run_dir, inputs=[plan.pretrained, *plan.finetuned])
     output = output.resolve()
     (Path(run_dir) / "mergekit_config.yml").write_text(plan.text)  # the recipe as run, whatever becomes of the file
-    seed = int(cfg.seed) if plan.method in ("dare_ties", "dare_linear") else None  # every mtl-merge run repeats
+    seed = seed if plan.method in ("dare_ties", "dare_linear") else None  # every mtl-merge run repeats
     written = run_plan(plan, output, overwrite=bool(cfg.overwrite), shard_size=cfg.get("shard_size"), seed=seed)
     hp = resolved_hparams(plan.method, {**plan.kwargs(), **({"seed": seed} if seed is not None else {})})
     return record_unevaluated(Path(run_dir), plan.method, plan.pretrained.resolve(),

@@ -274,3 +274,12 @@ def test_cli_debug_smoke_runs_the_recipe_as_it_is(models, more):
                  run_dir=models / "run")
     assert report["evaluated"] is False and torch.equal(_merged(models / "out"), A)
     assert not (models / "run" / "smoke_pool").exists()
+
+
+@pytest.mark.parametrize("seed", ["null", "1.7", "-1", "true"])
+def test_cli_refuses_a_seed_that_is_no_int_before_writing_anything(models, seed):
+    cfg = _yaml(models, "merge_method: dare_linear\nbase_model: base\nmodels: [{model: a}]\n"
+                        "parameters: {weight: 1, density: 0.5}\n")
+    with pytest.raises(ValueError, match=r"^seed must be an int >= 0, got "):
+        run([f"mergekit_yaml={cfg}", f"seed={seed}", f"output={models / 'out'}"], run_dir=models / "run")
+    assert not (models / "run").exists() and not (models / "out").exists()
