@@ -254,10 +254,18 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
+#: the strings pydantic (v2, lax mode) reads as booleans, compared lower-cased, as it compares them
+_BOOL_STRINGS = {"true": True, "1": True, "yes": True, "on": True, "t": True, "y": True,
+                 "false": False, "0": False, "no": False, "off": False, "f": False, "n": False}
+
+
 def _bool(value: Any, where: str) -> bool:
-    if isinstance(value, int) and value in (0, 1):  # pydantic's bool takes 0 and 1 too
+    if isinstance(value, (int, float)) and value in (0, 1):  # pydantic's bool takes 0, 1, 0.0 and 1.0 too
         return bool(value)
-    raise ValueError(f"{where}: expected true or false, got {value!r}")
+    if isinstance(value, str) and value.lower() in _BOOL_STRINGS:  # a quoted "false" is false to mergekit too
+        return _BOOL_STRINGS[value.lower()]
+    raise ValueError(f"{where}: expected true or false, got {value!r} (mergekit's pydantic also reads 0/1 and "
+                     "the strings true/false, yes/no, on/off, t/f, y/n, 1/0)")
 
 
 def _folder(ref: Any, where: str, src: Path) -> Path:

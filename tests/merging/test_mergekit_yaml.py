@@ -236,6 +236,26 @@ parameters: {normalize: 1}
     assert plan.hparams == {"weight": [1.0, 2.0], "density": [0.5, 1.0], "normalize": True}
 
 
+@pytest.mark.parametrize("given, read", [
+    ('"false"', False), ('"TRUE"', True), ('"0"', False), ('"1"', True), ("'yes'", True), ("'No'", False),
+    ("'on'", True), ("'off'", False), ("'t'", True), ("'F'", False), ("'y'", True), ("'n'", False),
+    ("1.0", True), ("0.0", False), ("off", False),  # YAML 1.1 reads a bare off as false already
+])
+def test_quoted_booleans_read_as_mergekits_pydantic_reads_them(models, given, read):
+    # pydantic v2's lax bool: these strings (any case), 0/1 and 0.0/1.0
+    cfg = _yaml(models, f"merge_method: ties\nbase_model: base\nmodels: [{{model: a, parameters: {{weight: 1}}}}]\n"
+                        f"parameters: {{normalize: {given}}}\n")
+    assert merging.read_mergekit_yaml(cfg).hparams["normalize"] is read
+
+
+@pytest.mark.parametrize("given", ['"2"', '" true"', '""', '"1.0"', "0.5", '"nope"'])
+def test_what_pydantic_does_not_read_as_a_boolean_is_refused_by_name(models, given):
+    cfg = _yaml(models, f"merge_method: ties\nbase_model: base\nmodels: [{{model: a, parameters: {{weight: 1}}}}]\n"
+                        f"parameters: {{rescale: {given}}}\n")
+    with pytest.raises(ValueError, match=r"merge\.yml: parameters\.rescale: expected true or false, got "):
+        merging.read_mergekit_yaml(cfg)
+
+
 def test_cli_runs_the_recipe_and_refuses_other_merge_settings(models):
     cfg = _yaml(models, """
 merge_method: task_arithmetic
