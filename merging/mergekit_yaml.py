@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .mergekit import DTYPES as _DTYPES  # the names mergekit's `dtype_from_name` takes
-from .sources import MergeInputError, open_source
+from .sources import CONVERT_TO_SAFETENSORS, MergeInputError, open_source
 
 __all__ = ["MergekitPlan", "read_mergekit_yaml", "merge_mergekit_yaml", "YAML_METHODS"]
 
@@ -273,7 +273,17 @@ def _folder(ref: Any, where: str, src: Path) -> Path:
         raise ValueError(f"{where}: expected a model folder path, got {ref!r}")
     path = Path(ref).expanduser()
     if path.is_dir():
-        return path
+        if (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file():
+            return path
+        if any(path.glob("pytorch_model*.bin")):  # mergekit reads them; a recipe's run here reads safetensors
+            raise MergeInputError(f"{where}: {ref!r} holds pytorch_model*.bin checkpoints but no model.safetensors; "
+                                  f"a recipe's models are safetensors folders: {CONVERT_TO_SAFETENSORS}")
+        raise MergeInputError(f"{where}: {ref!r} holds no model.safetensors (nor its shard index "
+                              "model.safetensors.index.json): not a model folder")
+    if path.is_file():
+        hint = f": {CONVERT_TO_SAFETENSORS}" if path.suffix == ".bin" else ""
+        raise MergeInputError(f"{where}: {ref!r} is a file; a recipe lists model folders (model.safetensors or its "
+                              f"shard index, with config.json){hint}")
     if "+" in ref and Path(ref.split("+", 1)[0]).expanduser().is_dir():
         raise ValueError(f"{where}: {ref!r} applies a LoRA adapter (model+lora), which mtlkit does not; merge the "
                          "adapter into its model first and give that folder")

@@ -55,10 +55,14 @@ def _torch_checkpoint(path: Path) -> DictSource:
     return DictSource(obj, label=str(path))
 
 
+#: how to turn a `.bin` checkpoint folder into one mtlkit reads
+CONVERT_TO_SAFETENSORS = ("convert it to safetensors (transformers: from_pretrained(folder).save_pretrained(out) "
+                          "writes safetensors)")
+
+
 def _no_safetensors(folder: Path) -> str:
     """Why a model folder cannot be read, and what to do (for folders of `.bin` checkpoints)."""
-    convert = ("convert it to safetensors (transformers: from_pretrained(folder).save_pretrained(out) "
-               "writes safetensors)")
+    convert = CONVERT_TO_SAFETENSORS
     if (folder / "pytorch_model.bin.index.json").is_file():
         return (f"{folder}: found sharded pytorch_model-*.bin checkpoints (pytorch_model.bin.index.json), "
                 f"which are not supported; {convert}")

@@ -153,6 +153,35 @@ def test_what_mtlkit_does_not_run_is_refused_by_name(models, text, match):
     assert not (models / "out").exists()
 
 
+def _bin_only(models):
+    folder = models / "binonly"
+    folder.mkdir()
+    torch.save({"layer.weight": A}, folder / "pytorch_model.bin")
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
+@pytest.mark.parametrize("ref, where", [("binonly", "models[1].model"), ("binonly/pytorch_model.bin", "models[1].model")])
+def test_a_bin_checkpoint_is_pointed_to_safetensors_naming_the_yaml_and_the_model(models, ref, where):
+    _bin_only(models)
+    cfg = _yaml(models, f"merge_method: ties\nbase_model: base\nmodels: [{{model: a}}, {{model: {ref}}}]\n"
+                        "parameters: {weight: 1}\n")
+    with pytest.raises(ValueError) as e:
+        merging.merge_mergekit_yaml(cfg, models / "out")
+    msg = str(e.value)
+    assert msg.startswith(f"{cfg}: {where}: {ref!r} ") and "convert it to safetensors" in msg
+    assert "pass the file path" not in msg and "Hub id" not in msg
+    assert not (models / "out").exists()
+
+
+def test_a_base_folder_of_bin_checkpoints_is_named_as_base_model(models):
+    _bin_only(models)
+    cfg = _yaml(models, "merge_method: ties\nbase_model: binonly\nmodels: [{model: a, parameters: {weight: 1}}]\n")
+    with pytest.raises(ValueError, match=rf"^{cfg}: base_model: 'binonly' holds pytorch_model\*\.bin checkpoints "
+                                         r"but no model\.safetensors; .*convert it to safetensors"):
+        merging.read_mergekit_yaml(cfg)
+
+
 def test_a_path_beside_the_yaml_is_named_when_the_current_directory_differs(models, tmp_path_factory, monkeypatch):
     cfg = _yaml(models, "merge_method: ties\nbase_model: base\nmodels: [{model: a, parameters: {weight: 1}}]")
     monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
