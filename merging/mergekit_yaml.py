@@ -166,7 +166,8 @@ def merge_mergekit_yaml(path: str | os.PathLike, out: str | os.PathLike, *, over
                         threads: int | None = None, shard_size: int | str | None = None,
                         seed: int | None = None) -> Path:
     """Run a mergekit configuration with mtlkit's streaming engine and write a Hugging Face folder
-    (`mergekit-yaml path out`). `seed` makes the DARE methods repeat (mergekit's draws do not)."""
+    (`mergekit-yaml path out`) holding the recipe as `mergekit_config.yml`, as mergekit's does. `seed`
+    makes the DARE methods repeat (mergekit's draws do not)."""
     plan = read_mergekit_yaml(path)
     check_dtypes(plan)
     return run_plan(plan, out, overwrite=overwrite, threads=threads, shard_size=shard_size, seed=seed)
@@ -182,7 +183,8 @@ def run_plan(plan: MergekitPlan, out: str | os.PathLike, *, overwrite: bool = Fa
             raise ValueError(f"seed draws DARE's drop masks; {plan.method} draws nothing")
         kwargs["seed"] = seed
     return merge_to_file(plan.method, plan.pretrained, plan.finetuned, out, overwrite=overwrite, threads=threads,
-                         shard_size=shard_size, copy_files=True, **kwargs)
+                         shard_size=shard_size, copy_files=True, extra_files={"mergekit_config.yml": plan.text},
+                         **kwargs)
 
 
 def check_dtypes(plan: MergekitPlan) -> None:

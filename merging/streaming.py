@@ -148,6 +148,7 @@ def merge_to_file(
     copy_files: bool | None = None,
     fused: bool = True,
     chunk: int | None = None,
+    extra_files: Mapping[str, str] | None = None,
     **kwargs: Any,
 ) -> Path:
     """Merge with bounded memory, writing the result to `out`. Same methods, hyperparameters and key
@@ -159,7 +160,8 @@ def merge_to_file(
     model is a Hugging Face folder (a shard index, or a `config.json` that is not mtlkit's), the whole
     folder is written: shards with `model.safetensors.index.json` (default shard size 5GB), the base
     folder's non-weight files (config, tokenizer, ...) and a README.md model card with the recipe.
-    Returns the written file's path, or the folder's in the Hugging Face case.
+    Returns the written file's path, or the folder's in the Hugging Face case. `extra_files`
+    ({file name: text}, e.g. a mergekit recipe's `mergekit_config.yml`) go into that folder with the rest.
 
     `fused=True` (default) runs task arithmetic, average, TIES and mergekit's task arithmetic through
     the chunked kernels (`merging.kernels`: `chunk` entries at a time — default 524,288 for task
@@ -178,6 +180,12 @@ def merge_to_file(
     if copy_files and not (isinstance(pretrained, (str, os.PathLike)) and Path(pretrained).is_dir()):
         raise ValueError("copy_files=True copies the base model folder's non-weight files (config, tokenizer), but "
                          f"pretrained is {'a state dict' if isinstance(pretrained, Mapping) else repr(str(pretrained))}, not a folder: give its folder, or copy_files=None")
+    if extra_files and not hf_folder:
+        raise ValueError(f"{out}: extra_files are written into a Hugging Face folder output; pass shard_size or "
+                         "copy_files=True (and a folder path)")
+    bad = [n for n in (extra_files or {}) if not n or Path(n).name != n or n.startswith(".")]
+    if bad:
+        raise ValueError(f"extra_files: {bad[0]!r} is not a plain file name")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be an int ≥ 1, got {threads!r}")
     size = parse_size(shard_size if shard_size is not None else "5GB")
@@ -233,6 +241,8 @@ def merge_to_file(
                     if copy_files is not False and isinstance(pretrained, (str, os.PathLike)) and Path(pretrained).is_dir():
                         copy_base_files(Path(pretrained), tmp)
                     (tmp / "README.md").write_text(model_card(method, m.hp, pretrained, finetuned, convention))
+                    for name, text in (extra_files or {}).items():  # after the base's files: ours replace theirs
+                        (tmp / name).write_text(text)
                     if fsync:
                         for f in tmp.iterdir():
                             with open(f, "rb+") as fh:

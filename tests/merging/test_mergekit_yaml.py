@@ -60,6 +60,16 @@ dtype: float32
     # θ0 + λ Σ w_t τ_t / Σ w_t = 2 (A + 0.5 B) / 1.5
     assert torch.allclose(_merged(out), torch.tensor([8 / 3, 4 / 3, -10 / 3, 16 / 3]))
     assert (out / "config.json").is_file() and (out / "tokenizer_config.json").is_file()
+    assert (out / "mergekit_config.yml").read_text() == cfg.read_text()  # mergekit keeps the recipe there too
+
+
+def test_a_failed_recipe_run_leaves_no_output_and_no_recipe_copy(models):
+    _folder(models / "bad", torch.tensor([1.0, float("nan"), 0.0, 0.0]))
+    cfg = _yaml(models, "merge_method: task_arithmetic\nbase_model: base\nmodels: [{model: a}, {model: bad}]\n"
+                        "parameters: {weight: 1}\n")
+    with pytest.raises(ValueError, match="NaN"):
+        merging.merge_mergekit_yaml(cfg, models / "out")
+    assert not (models / "out").exists()
 
 
 def test_ties_density_trims_per_model_and_elects_the_sign(models):
@@ -297,6 +307,7 @@ parameters: {weight: 1.0, lambda: 0.5}
     assert torch.allclose(_merged(models / "merged"), 0.5 * (A + B))
     assert json.loads((models / "run" / "metrics.json").read_text())["mergekit_yaml"] == str(cfg)
     assert (models / "run" / "mergekit_config.yml").read_text() == cfg.read_text()
+    assert (models / "merged" / "mergekit_config.yml").read_text() == cfg.read_text()
     with pytest.raises(ValueError, match="drop merge= and merge"):
         run([f"mergekit_yaml={cfg}", "merge=ties", f"output={models / 'm2'}"], run_dir=models / "run2")
     with pytest.raises(ValueError, match="drop pretrained="):

@@ -290,6 +290,10 @@ def test_settings_that_cannot_apply_are_refused_not_ignored(llamas, tmp_path):
             merging.merge_to_file("dare", base, fts, tmp_path / "z.safetensors", threads=bad)
     with pytest.raises(ValueError, match=r"chunk applies to the chunked kernels; 'dare' has none"):
         merging.merge_to_file("dare", base, fts, tmp_path / "z.safetensors", chunk=4096)
+    with pytest.raises(ValueError, match=r"z.safetensors: extra_files are written into a Hugging Face folder"):
+        merging.merge_to_file("average", base, fts, tmp_path / "z.safetensors", extra_files={"r.yml": "x"})
+    with pytest.raises(ValueError, match=r"extra_files: '../r.yml' is not a plain file name"):
+        merging.merge_to_file("average", base, fts, tmp_path / "z", extra_files={"../r.yml": "x"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft0", "ft1"]  # nothing written
 
 
