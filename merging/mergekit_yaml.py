@@ -33,6 +33,14 @@ YAML_METHODS: dict[str, tuple[str, ...]] = {
     "dare_ties": ("weight", "density", "lambda", "normalize", "rescale", "int8_mask"),
     "dare_linear": ("weight", "density", "lambda", "normalize", "rescale", "int8_mask"),
 }
+#: what mergekit makes of the base model listed under another spelling, which it takes for one more model
+_AS_ONE_MORE = {
+    "linear": "the base averaged in twice, once per spelling",
+    "task_arithmetic": "a zero task vector, whose weight counts in the divisor when normalize is true",
+    "dare_linear": "a zero task vector, whose weight counts in the divisor when normalize is true",
+    "ties": "a zero task vector, which never enters the sign-masked sum or divisor: an entry doing nothing",
+    "dare_ties": "a zero task vector, which never enters the sign-masked sum or divisor: an entry doing nothing",
+}
 #: parameters mergekit reads per model (the rest are read once, from the top-level `parameters`)
 PER_MODEL = ("weight", "density")
 _TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source")
@@ -67,6 +75,8 @@ def read_mergekit_yaml(path: str | os.PathLike) -> MergekitPlan:
     import yaml
 
     src = Path(path).expanduser()
+    if src.is_dir():
+        raise IsADirectoryError(f"{src}: is a directory, not a mergekit configuration file: give the recipe's .yml")
     if not src.is_file():
         raise FileNotFoundError(f"{src}: no such mergekit configuration file")
     text = src.read_text()
@@ -116,8 +126,8 @@ def read_mergekit_yaml(path: str | os.PathLike) -> MergekitPlan:
         is_base = base is not None and entry["model"] == base_ref  # mergekit tells models apart by their spelling
         if not is_base and _same(folder, base):
             raise ValueError(f"{label}.model: {entry['model']!r} is base_model ({base_ref!r}) spelled differently; "
-                             "mergekit would merge it as one more model (a zero task vector that still counts in "
-                             "normalize): spell it as base_model does")
+                             f"mergekit would merge it as one more model ({_AS_ONE_MORE[method]}): spell it as "
+                             "base_model does")
         own = _params(entry.get("parameters"), f"{label}.parameters", YAML_METHODS[method])
         shared = sorted(k for k in own if k not in PER_MODEL)
         if shared:

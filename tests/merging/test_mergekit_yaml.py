@@ -192,6 +192,29 @@ def test_a_base_folder_of_bin_checkpoints_is_named_as_base_model(models):
         merging.read_mergekit_yaml(cfg)
 
 
+@pytest.mark.parametrize("method, reason", [
+    ("linear", "the base averaged in twice"),
+    ("task_arithmetic", "a zero task vector, whose weight counts in the divisor when normalize is true"),
+    ("dare_linear", "a zero task vector, whose weight counts in the divisor when normalize is true"),
+    ("ties", "a zero task vector, which never enters the sign-masked sum or divisor"),
+    ("dare_ties", "a zero task vector, which never enters the sign-masked sum or divisor"),
+])
+def test_the_base_spelled_differently_is_refused_with_what_it_would_do_to_this_method(models, method, reason):
+    params = "{weight: 1}" if method in ("linear", "task_arithmetic") else "{weight: 1, density: 0.5}"
+    cfg = _yaml(models, f"merge_method: {method}\nbase_model: base\nparameters: {params}\n"
+                        "models: [{model: ./base}, {model: a}]\n")
+    with pytest.raises(ValueError, match=rf"models\[0\]\.model: './base' is base_model \('base'\) spelled "
+                                         rf"differently; mergekit would merge it as one more model \({reason}"):
+        merging.read_mergekit_yaml(cfg)
+
+
+def test_a_directory_given_as_the_recipe_is_said_to_be_one(models):
+    with pytest.raises(IsADirectoryError, match=rf"^{models / 'a'}: is a directory, not a mergekit configuration "):
+        merging.read_mergekit_yaml(models / "a")
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        run([f"mergekit_yaml={models / 'a'}", f"output={models / 'out'}"], run_dir=models / "run")
+
+
 def test_a_path_beside_the_yaml_is_named_when_the_current_directory_differs(models, tmp_path_factory, monkeypatch):
     cfg = _yaml(models, "merge_method: ties\nbase_model: base\nmodels: [{model: a, parameters: {weight: 1}}]")
     monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
