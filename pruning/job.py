@@ -81,7 +81,7 @@ def _check_run_settings(cfg: DictConfig) -> None:
     """The job's own integer settings, before the model is loaded (the model folder is written before the
     latency and reload checks that would otherwise fail on them)."""
     ev = cfg.eval
-    for key, value, low in (("rounds", cfg.rounds, 1), ("finetune.steps", cfg.finetune.steps, 0),
+    for key, value, low in (("seed", cfg.get("seed"), 0), ("rounds", cfg.rounds, 1), ("finetune.steps", cfg.finetune.steps, 0),
                             ("eval.latency_batch", ev.latency_batch, 1), ("eval.latency_repeats", ev.latency_repeats, 1),
                             ("eval.latency_threads", ev.latency_threads, 1),
                             ("eval.max_batches", ev.get("max_batches") if ev.get("max_batches") is not None else 1, 1)):
@@ -89,9 +89,9 @@ def _check_run_settings(cfg: DictConfig) -> None:
 
 
 def run_prune(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    _check_run_settings(cfg)  # before the run folder is made
     run_dir, output = start_run(cfg, run_dir, model_output=True)
     method, hp = _hparams(cfg)
-    _check_run_settings(cfg)
     torch.manual_seed(int(cfg.seed))
     source = input_model(cfg, run_dir, "prune")
     start = time.perf_counter()
