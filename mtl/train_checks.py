@@ -72,8 +72,12 @@ def check_trainer(tr: DictConfig) -> None:
                          "task gradients feed the balancer); raise data.batch_size instead")
     if tr.get("gradient_clip_val") is not None:
         raise ValueError(f"trainer.gradient_clip_val={tr.gradient_clip_val}: mtlkit clips with optim.grad_clip=<max norm>")
-    # the cosine schedule needs a finite length; 0 would save an untrained model as a finished run
+    # the cosine schedule needs a finite length; 0 epochs (or 0 batches) would save an untrained model as a finished run
     check_int("trainer.max_epochs", tr.get("max_epochs"), 1)
+    limit = tr.get("limit_train_batches")
+    if limit is not None and not isinstance(limit, str) and limit == 0:  # Lightning skips fit, tests the initial weights
+        raise ValueError(f"trainer.limit_train_batches={limit} trains no step and would save an untrained model as a "
+                         "finished run; use a batch count >= 1 or a fraction in (0, 1] (null: every batch)")
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
