@@ -256,22 +256,19 @@ class MultiTaskModule(L.LightningModule):
             checkpoint["precision"] = str(self._trainer.precision)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # a checkpoint from before a balancer kept state across steps (nash_mtl's solve schedule) lacks
-        # its key: that state starts afresh (set_extra_state(None)) rather than the strict load refusing it
-        # resuming restores the optimiser's lr and weight decay from the checkpoint: a changed value in the
-        # config would be recorded but never used, so it is refused by name
-        stored = checkpoint.get("hyper_parameters") or {}
-        for key in ("lr", "weight_decay"):
-            if key in stored and float(stored[key]) != float(self.hparams[key]):
-                raise ValueError(f"optim.{key}={self.hparams[key]} differs from the checkpoint's {stored[key]}: resuming "
-                                 f"restores its optimiser, so it would train at {stored[key]}; resume with "
-                                 f"optim.{key}={stored[key]}, or start a new run from its weights with init_from=<model folder>")
+        changed = changed_on_resume(checkpoint.get("hyper_parameters") or {}, self.hparams, self.tasks)
+        if changed is not None:
+            key, now, then, why = changed
+            raise ValueError(f"{key}={now} differs from the checkpoint's {then}: {why}; resume with {key}={then}, "
+                             "or start a new run from its weights with init_from=<model folder>")
         trainer = self._trainer
         saved, now = checkpoint.get("precision"), str(trainer.precision) if trainer is not None else None
         if saved is not None and now is not None and saved != now and trainer.state.fn == "fit":  # testing in another is fine
             raise ValueError(f"trainer.precision={now} differs from the checkpoint's {saved}: the run would continue "
                              f"in another precision than it trained in; resume with trainer.precision={saved}, or start "
                              "a new run from its weights with init_from=<model folder>")
+        # a checkpoint from before a balancer kept state across steps (nash_mtl's solve schedule) lacks
+        # its key: that state starts afresh (set_extra_state(None)) rather than the strict load refusing it
         weights = checkpoint.get("state_dict")
         for key in self.balancer.state_dict() if weights is not None else ():
             if key.endswith("_extra_state"):
@@ -362,6 +359,35 @@ class MultiTaskModule(L.LightningModule):
         warmup = int(self.hparams.warmup_ratio * total)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(total, warmup, self.hparams.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+#: balancer settings that leave a finite step's update as it is (memory layout; a recovery switch past a NaN)
+_RESUMABLE_BALANCER_KEYS = ("parallel_chunk_size", "skip_nonfinite")
+
+
+def changed_on_resume(stored: dict[str, Any], hparams: Any, tasks: dict[str, Any]) -> tuple[str, Any, Any, str] | None:
+    """The first setting a resume would change: (its config key, this run's value, the checkpoint's, why that is
+    refused), or None. Settings a checkpoint lacks (older ones) are not compared."""
+    for key in ("lr", "weight_decay"):  # the restored optimiser keeps the checkpoint's: a new value is never used
+        if key in stored and float(stored[key]) != float(hparams[key]):
+            return (f"optim.{key}", hparams[key], stored[key],
+                    f"resuming restores its optimiser, so it would train at {stored[key]}")
+    # the rest would apply from the resumed step on, while config.yaml and metrics.json record them for the whole run
+    mixed = "the epochs so far trained with {}, and this run's records would name only {} for all of them"
+    for key in ("warmup_ratio", "min_lr_ratio"):
+        if key in stored and float(stored[key]) != float(hparams[key]):
+            return f"optim.{key}", hparams[key], stored[key], mixed.format(stored[key], hparams[key])
+    then, now = dict(stored.get("balancer") or {}), dict(hparams["balancer"])
+    if then.get("name", now["name"]) != now["name"]:
+        return "balancer", now["name"], then["name"], mixed.format(then["name"], now["name"])
+    for key in sorted(set(then) & set(now) - set(_RESUMABLE_BALANCER_KEYS)):
+        if then[key] != now[key]:
+            return f"balancer.{key}", now[key], then[key], mixed.format(then[key], now[key])
+    weights = {t.get("name"): t.get("weight") for t in (stored.get("model") or {}).get("tasks") or []}
+    for name, task in tasks.items():
+        if weights.get(name) is not None and float(weights[name]) != task.weight:
+            return f"task.{name}.weight", task.weight, weights[name], mixed.format(weights[name], task.weight)
+    return None
 
 
 def check_precision(balancer: Balancer, precision_plugin: Any) -> None:
