@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mtl.cli.common import write_hydra_record
-from mtl.cli.failures import FAILED, RunFolderTaken
+from mtl.cli.failures import FAILED, RunFolderTaken, check_run_folder
 from mtl.data import create_datamodule
 from mtl.evaluation import delta_m, load_baselines, save_baselines
 from mtl.io import atomic_path, save_model, write_json
@@ -132,6 +132,12 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if finished:  # its model, metrics and checkpoints would be mixed with this run's
         raise RunFolderTaken(f"run_dir {run_dir} holds a finished run ({', '.join(finished)}); pick a new "
                               "folder (to continue it: ckpt_path=<it>/checkpoints/last.ckpt into a new one)")
+    from mtl.cli.common import _rank0
+
+    # the folder's records are rank 0's: under torchrun another rank's config.yaml could precede rank 0's check
+    rank0 = _rank0()
+    if rank0:
+        check_run_folder(run_dir, resumes_from=cfg.get("ckpt_path"))
     if cfg.get("ckpt_path"):
         check_checkpoint(Path(cfg.ckpt_path))
         warn_seed_of_resume(cfg, Path(cfg.ckpt_path))
@@ -139,11 +145,12 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     check_int("seed", cfg.get("seed"), 0)  # named before training, not after it
     check_int("viz.num_samples", (cfg.get("viz") or {}).get("num_samples") or 0, 0)
     run_dir.mkdir(parents=True, exist_ok=True)
-    set_aside_failed_attempt(run_dir, cfg.get("ckpt_path"))
-    (run_dir / FAILED).unlink(missing_ok=True)  # an earlier failed attempt in this folder: this run replaces it
-    write_hydra_record(cfg, run_dir)
-    with atomic_path(run_dir / "config.yaml", overwrite=True) as tmp:
-        tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if rank0:
+        set_aside_failed_attempt(run_dir, cfg.get("ckpt_path"))
+        (run_dir / FAILED).unlink(missing_ok=True)  # an earlier failed attempt in this folder: this run replaces it
+        write_hydra_record(cfg, run_dir)
+        with atomic_path(run_dir / "config.yaml", overwrite=True) as tmp:
+            tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     data_kw = OmegaConf.to_container(cfg.data, resolve=True)

@@ -59,6 +59,27 @@ def test_a_refused_run_leaves_the_finished_runs_folder_as_it_was(smoke_run):
     assert not (run_dir / "FAILED").exists()
 
 
+def test_a_folder_of_other_files_is_not_trained_into(tmp_path):
+    """An existing folder that was no mtlkit run got its config.yaml and csv/metrics.csv replaced (rc 0); only a
+    folder holding metrics.json or model/ was protected. Hydra's own log file there does not count as a file."""
+    user = tmp_path / "userdir"
+    (user / "csv").mkdir(parents=True)
+    (user / "config.yaml").write_text("mine: 1\n")
+    (user / "csv" / "metrics.csv").write_text("mine\n")
+    proc = cli("experiment=scenes_hps", "debug=smoke", f"hydra.run.dir={user}", cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: run_dir {user} is not empty (config.yaml and 1 more) and holds no failed run to retry (no FAILED "
+        "file): its files would be replaced; give a new or empty folder")
+    assert (user / "config.yaml").read_text() == "mine: 1\n" and (user / "csv" / "metrics.csv").read_text() == "mine\n"
+    assert sorted(p.name for p in user.iterdir()) == ["config.yaml", "csv", "train.log"]  # no FAILED, no .hydra
+    # hydra.run.dir=. in a project folder likewise
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "README.md").write_text("my project\n")
+    proc = cli("experiment=scenes_hps", "debug=smoke", "hydra.run.dir=.", cwd=tmp_path / "project", check=False)
+    assert proc.returncode == 1 and "is not empty (README.md) and holds no failed run" in proc.stderr
+    assert not (tmp_path / "project" / "config.yaml").exists()
+
+
 def test_model_folder_from_cli_reloads(smoke_run):
     _, run_dir = smoke_run
     model = mtl.load_model(run_dir / "model")

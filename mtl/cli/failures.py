@@ -1,5 +1,6 @@
 """How a run fails: the ``FAILED`` marker (message + traceback) in its folder, SIGTERM and Ctrl-C as
-named interruptions with their exit status, and the refusal of a finished run's folder."""
+named interruptions with their exit status, and the refusal of a run folder that is not this run's to write
+(a finished run's, another run's in progress, or a folder of other files)."""
 from __future__ import annotations
 
 import contextlib
@@ -16,8 +17,8 @@ FAILED = "FAILED"
 
 
 class RunFolderTaken(FileExistsError):
-    """The run folder holds a finished run: refused before anything is written into it (no FAILED marker,
-    no Hydra record), so the finished run stays exactly as it was."""
+    """The run folder holds a finished run, or files that are no run's: refused before anything is written into it
+    (no FAILED marker, no Hydra record), so what it holds stays exactly as it was."""
 
 
 @contextlib.contextmanager
@@ -91,6 +92,30 @@ RUNNING = ".running"
 SWEEPING = ".sweeping"  # a multirun's claim on its sweep folder (jobs claim their own folders with RUNNING)
 KILLED = ("the run in this folder (pid {pid}) stopped without finishing and without a word: killed (SIGKILL, "
           "out of memory) or its machine went down")
+
+def check_run_folder(run_dir: str | os.PathLike, resumes_from: str | os.PathLike | None = None,
+                     rerun: bool = False) -> None:
+    """Refuse, as `RunFolderTaken`, an existing non-empty run folder that this run may not write into. Accepted: a
+    new or empty folder (not counting what Hydra writes there before the job, ``.hydra/`` and ``<job>.log``, nor this
+    run's ``.running`` claim), a failed run's (``FAILED``; a killed run's claim has been turned into one by now),
+    the folder of the checkpoint being resumed (``resumes_from``), and, with ``rerun`` (a job CLI's
+    ``overwrite=true`` on an earlier run of its own), a finished one. Anything else would have its files
+    (``config.yaml``, ``csv/``, ...) replaced by this run's: a user's folder, ``hydra.run.dir=.`` in a project."""
+    run_dir = Path(run_dir)
+    if rerun or not run_dir.is_dir() or (run_dir / FAILED).is_file():
+        return
+    if resumes_from and run_dir.resolve() in Path(str(resumes_from)).resolve().parents:
+        return
+    ours = {".hydra", RUNNING}
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        ours.add(f"{HydraConfig.get().job.name}.log")
+    found = sorted(p.name for p in run_dir.iterdir() if p.name not in ours and not p.name.startswith(RUNNING + ".new-"))
+    if found:
+        more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+        raise RunFolderTaken(f"run_dir {run_dir} is not empty ({found[0]}{more}) and holds no failed run to retry "
+                             "(no FAILED file): its files would be replaced; give a new or empty folder")
 
 
 @contextlib.contextmanager

@@ -14,10 +14,11 @@ def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
     ``<run_dir>/<default_output>``); an existing output is refused unless ``overwrite=true`` (and, for a job writing a model folder
     (``model_output``), unless it is one), and an
     output that is, lies inside or holds an input model folder (``model``, ``pretrained``, ``models``,
-    and the job's other `inputs`, e.g. a pool manifest's folders) is refused before anything is written."""
+    and the job's other `inputs`, e.g. a pool manifest's folders) is refused before anything is written, as is a
+    run folder holding anything but a failed run (`check_run_folder`, the rule mtl-train's folders follow too)."""
     from omegaconf import OmegaConf
 
-    from mtl.cli.failures import FAILED, RunFolderTaken
+    from mtl.cli.failures import FAILED, RunFolderTaken, check_run_folder
     from mtl.io import atomic_path, check_output_apart, is_model_folder
 
     run_dir = Path(run_dir)
@@ -42,6 +43,11 @@ def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
         # save_model refuses it at the end; a job writing a model folder says so before its work
         raise FileExistsError(f"output={output} exists and is not a model folder (no config.json + model.safetensors); "
                               "overwrite=true replaces only an earlier model folder: choose another path")
+    # overwrite=true may rerun an earlier run of a job CLI in its folder (its config.yaml beside its records or output)
+    earlier = (run_dir / "config.yaml").is_file() and (
+        any((run_dir / name).is_file() for name in ("metrics.json", "extract_report.json"))
+        or (output.exists() and run_dir.resolve() in output.resolve().parents))
+    check_run_folder(run_dir, rerun=bool(cfg.get("overwrite")) and earlier)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / FAILED).unlink(missing_ok=True)  # an earlier failed attempt here: this run replaces its verdict
     write_hydra_record(cfg, run_dir)

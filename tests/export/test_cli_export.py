@@ -56,6 +56,22 @@ def test_cli_bad_input_is_one_clear_line(folder, tmp_path):
     assert proc.returncode == 1 and "unknown task(s) ['normals']" in proc.stderr
 
 
+def test_a_folder_of_other_files_is_not_written_into(folder, tmp_path):
+    """The job CLIs (start_run) replaced a non-run folder's config.yaml as mtl-train did; they share its rule."""
+    from mtl.cli.failures import RunFolderTaken
+    from mtl.exporters.job import run
+
+    user = tmp_path / "userdir"
+    user.mkdir()
+    (user / "config.yaml").write_text("mine: 1\n")
+    with pytest.raises(RunFolderTaken, match=rf"run_dir {user} is not empty \(config.yaml\) and holds no failed run"):
+        run([f"model={folder}", "format=folder"], run_dir=user)
+    assert sorted(p.name for p in user.iterdir()) == ["config.yaml"] and (user / "config.yaml").read_text() == "mine: 1\n"
+    # overwrite=true reruns an earlier export in its own folder
+    done = run([f"model={folder}", "format=folder"], run_dir=tmp_path / "r")
+    run([f"model={folder}", "format=folder", "overwrite=true"], run_dir=done["run_dir"])
+
+
 @pytest.mark.slow
 def test_cli_smoke_trains_a_model_and_exports_it(tmp_path):
     run_dir = run_dir_of(cli("debug=smoke", "format=onnx", cwd=tmp_path))

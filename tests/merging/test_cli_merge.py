@@ -553,6 +553,7 @@ def test_an_earlier_tall_store_is_refused_before_the_lambda_search(pool, tmp_pat
     monkeypatch.setattr(job, "Evaluator", lambda *a, **k: (_ for _ in ()).throw(AssertionError("evaluated first")))
     (tmp_path / "r" / "tall_store").mkdir(parents=True)
     (tmp_path / "r" / "tall_store" / "tall.safetensors").write_bytes(b"")
+    (tmp_path / "r" / "FAILED").write_text("an earlier attempt")  # a folder of no run's is refused before any of this
     with pytest.raises(FileExistsError, match=r"tall_store holds a TALL store of an earlier run; pass overwrite=true"):
         run(_args(pool, "merge=tall_masks", f"output={tmp_path / 'elsewhere'}"), run_dir=tmp_path / "r")
 
