@@ -88,3 +88,20 @@ def test_a_checkpoint_saved_before_nash_mtl_kept_state_still_resumes():
     module.load_state_dict(old["state_dict"])
     assert module.balancer.base._calls == 0 and module.balancer.diagnostics() == {"base.solver_failures": 0,
                                                                                  "sharp.solver_failures": 0}
+
+
+def test_a_resume_that_changes_a_balancers_own_optimiser_is_refused_by_name():
+    """famo / gradnorm tune their weights with their own optimiser, whose state (lr and weight decay included)
+    the checkpoint restores: balancer.lr=0.5 was recorded but trained at the checkpoint's 0.025, and
+    balancer.optimizer=sgd failed later with a bare KeyError 'momentum' (Adam's state loaded into SGD)."""
+    from types import SimpleNamespace
+
+    from mtl.module import changed_on_resume
+
+    famo = {"name": "famo", "lr": 0.025, "weight_decay": 0.001, "optimizer": "adam", "skip_nonfinite": False}
+    stored = {"lr": 2e-3, "weight_decay": 1e-4, "balancer": famo}
+    for key, value in (("lr", 0.5), ("weight_decay", 0.1), ("optimizer", "sgd")):
+        now = {"lr": 2e-3, "weight_decay": 1e-4, "balancer": {**famo, key: value}}
+        assert changed_on_resume(stored, now, {})[:3] == (f"balancer.{key}", value, famo[key])
+    now = {"lr": 2e-3, "weight_decay": 1e-4, "balancer": {**famo, "skip_nonfinite": True}}  # may change
+    assert changed_on_resume(stored, now, {"a": SimpleNamespace(weight=1.0)}) is None
