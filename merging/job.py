@@ -112,17 +112,21 @@ def check_pool_inputs(pool: ModelPool, hp: Mapping[str, Any], bn_data: dict[str,
 
 def build_smoke_pool(root: str | os.PathLike) -> ModelPool:
     """A seconds-long real pool: a tiny base trained on scenes classification, fine-tuned on 2 tasks."""
+    from mtl.cli.jobs import finished_model
     from mtl.progress_log import emit
     from mtl.train import run as train
 
     root = Path(root)
     common = ["experiment=scenes_hps", "debug=smoke", "viz.num_samples=0", "logger=none"]
     emit("[smoke pool] training 1/3: the pretrained base (classification)")
-    pre = train(common + ["task=[classification]"], run_dir=root / "pretrained") / "model"
+    def trained(overrides: list[str], folder: Path) -> Path:  # a retry reuses its first attempt's finished runs
+        return finished_model(folder) or train(overrides, run_dir=folder) / "model"
+
+    pre = trained(common + ["task=[classification]"], root / "pretrained")
     fts = []
     for i, t in enumerate(("regression", "semseg"), start=2):
         emit(f"[smoke pool] training {i}/3: fine-tune on {t}")
-        fts.append(train(common + [f"task=[{t}]", f"init_from={pre}"], run_dir=root / t) / "model")
+        fts.append(trained(common + [f"task=[{t}]", f"init_from={pre}"], root / t))
     return ModelPool.from_folders(pre, fts)
 
 

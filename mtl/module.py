@@ -381,13 +381,17 @@ def changed_on_resume(stored: dict[str, Any], hparams: Any, tasks: dict[str, Any
     if then.get("name", now["name"]) != now["name"]:
         return "balancer", now["name"], then["name"], mixed.format(then["name"], now["name"])
     for key in sorted(set(then) & set(now) - set(_RESUMABLE_BALANCER_KEYS)):
-        if then[key] != now[key]:
+        if _plain(then[key]) != _plain(now[key]):  # a tuple in Python, a list in a config: the same setting
             return f"balancer.{key}", now[key], then[key], mixed.format(then[key], now[key])
     weights = {t.get("name"): t.get("weight") for t in (stored.get("model") or {}).get("tasks") or []}
     for name, task in tasks.items():
         if weights.get(name) is not None and float(weights[name]) != task.weight:
             return f"task.{name}.weight", task.weight, weights[name], mixed.format(weights[name], task.weight)
     return None
+
+
+def _plain(v: Any) -> Any:
+    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
 
 
 def check_precision(balancer: Balancer, precision_plugin: Any) -> None:

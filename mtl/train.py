@@ -131,7 +131,7 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     finished = [n for n in ("metrics.json", "model") if (run_dir / n).exists()]
     if finished:  # its model, metrics and checkpoints would be mixed with this run's
         raise RunFolderTaken(f"run_dir {run_dir} holds a finished run ({', '.join(finished)}); pick a new "
-                              "folder (to continue it: ckpt_path=<it>/checkpoints/last.ckpt into a new one)")
+                              "folder (to continue it: ckpt_path=<it>/checkpoints/last.ckpt into a new one)", run_dir)
     from mtl.cli.common import _rank0
 
     # the folder's records are rank 0's: under torchrun another rank's config.yaml could precede rank 0's check

@@ -427,3 +427,14 @@ def test_in_process_errors_are_one_line_as_on_the_cli(tmp_path):
     with pytest.raises(KeyboardInterrupt, match="interrupted by Ctrl-C"):
         run_in_process(interrupted, ("mtl.configs",), "train", FAST, tmp_path / "ctrl_c")
     assert (tmp_path / "ctrl_c" / FAILED).is_file()
+
+
+def test_a_folder_holding_only_a_file_managers_placeholder_counts_as_empty(tmp_path):
+    from mtl.cli.failures import RunFolderTaken, check_run_folder
+
+    (tmp_path / ".DS_Store").write_bytes(b"\0")
+    (tmp_path / ".gitkeep").write_text("")
+    check_run_folder(tmp_path)  # accepted
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(RunFolderTaken, match=r"is not empty \(notes.txt\)"):
+        check_run_folder(tmp_path)

@@ -135,7 +135,7 @@ class Balancer(nn.Module):
         where = f" at step {step}" if step is not None else ""
         log.warning("balancer %r: negative task loss%s (%s); it weighs tasks by their loss values, taken to be > 0, "
                     "so its weights are meaningless for such a task (famo gives it weight 0, or equal weights when every "
-                    "loss is <= 0; gradnorm takes its training rate as 0, so its weight falls; dwa gives it weight ~0). A model's aux "
+                    "loss is <= 0; gradnorm takes its training rate as 0, so its weight falls; dwa reads a falling ratio, or r = 1 once a window's mean is <= 0). A model's aux "
                     "loss added to each task loss can do this (decoder.mi_weight's -MI term); use a balancer that "
                     "does not read loss values (ew, rlw, a gradient method) or a smaller decoder.mi_weight. "
                     "Warned once.", self.name, where, neg)

@@ -39,6 +39,10 @@ class FlatBalancer(Balancer):
         if level != "params" or kw.get("level", "params") != "params":  # accepted by name so the refusal says why
             raise ValueError(f"flat: level must be 'params', got {kw.get('level', level)!r}: SAM perturbs the "
                              "parameters, so aggregation is over the shared parameters only")
+        if "parallel_chunk_size" in kw:  # flat's own key: it would be overwritten below
+            raise ValueError("flat: set balancer.parallel_chunk_size, not inside balancer.aggregator_kwargs")
+        if parallel_chunk_size is not None and (isinstance(parallel_chunk_size, bool) or int(parallel_chunk_size) < 1):
+            raise ValueError(f"flat: parallel_chunk_size must be >= 1 or null, got {parallel_chunk_size!r}")
         kw.update(parallel_chunk_size=parallel_chunk_size)
         try:
             self.base: JacobianBalancer = create_balancer(aggregator, self.tasks, **kw)

@@ -18,7 +18,13 @@ FAILED = "FAILED"
 
 class RunFolderTaken(FileExistsError):
     """The run folder holds a finished run, or files that are no run's: refused before anything is written into it
-    (no FAILED marker, no Hydra record), so what it holds stays exactly as it was."""
+    (no FAILED marker, no Hydra record), so what it holds stays exactly as it was. ``folder``: the refused folder
+    (None: the run's own), so a job whose *inner* run (a smoke model inside its folder) is refused still marks its
+    own folder failed, and a retry may write there."""
+
+    def __init__(self, message: str, folder: str | os.PathLike | None = None):
+        super().__init__(message)
+        self.folder = folder
 
 
 @contextlib.contextmanager
@@ -27,8 +33,8 @@ def marks_failure(run_dir: str | os.PathLike) -> Iterator[None]:
     try:
         yield
     except BaseException as e:
-        if isinstance(e, RunFolderTaken):  # the folder is another run's: leave it exactly as it is
-            raise
+        if isinstance(e, RunFolderTaken) and (e.folder is None or Path(e.folder).resolve() == Path(run_dir).resolve()):
+            raise  # the folder is another run's: leave it exactly as it is
         stop = interruption(e)
         if isinstance(e, SystemExit) and not e.code and stop is None:
             raise
@@ -106,7 +112,7 @@ def check_run_folder(run_dir: str | os.PathLike, resumes_from: str | os.PathLike
         return
     if resumes_from and run_dir.resolve() in Path(str(resumes_from)).resolve().parents:
         return
-    ours = {".hydra", RUNNING}
+    ours = {".hydra", RUNNING, ".DS_Store", ".gitkeep"}  # and a file manager's or git's placeholder
     from hydra.core.hydra_config import HydraConfig
 
     if HydraConfig.initialized():
@@ -115,7 +121,7 @@ def check_run_folder(run_dir: str | os.PathLike, resumes_from: str | os.PathLike
     if found:
         more = f" and {len(found) - 1} more" if len(found) > 1 else ""
         raise RunFolderTaken(f"run_dir {run_dir} is not empty ({found[0]}{more}) and holds no failed run to retry "
-                             "(no FAILED file): its files would be replaced; give a new or empty folder")
+                             "(no FAILED file): its files would be replaced; give a new or empty folder", run_dir)
 
 
 @contextlib.contextmanager
@@ -170,18 +176,19 @@ def claim(marker: Path, what: str, key: str, holder: str = "run") -> int | None:
             if owner is not None and owner["pid"] != os.getpid() and holds(owner):
                 where = f" on {owner['host']}" if owner.get("host") not in (None, _HOST) else ""
                 raise RunFolderTaken(f"{what} is in use by another {holder} (pid {owner['pid']}{where}); give each "
-                                     f"{holder} its own folder ({key}); if that {holder} is gone, delete {marker}")
+                                     f"{holder} its own folder ({key}); if that {holder} is gone, delete {marker}",
+                                     marker.parent)
             try:  # left by a process that no longer runs: this one's now
                 with open(marker, "r+b") as f:
                     f.truncate(0)
                     f.write(mine)
             except PermissionError:
                 raise RunFolderTaken(f"{what}: {marker} is left by a run that no longer runs but this user cannot "
-                                     f"replace it; delete it") from None
+                                     f"replace it; delete it", marker.parent) from None
             return owner["pid"] if owner is not None and owner["pid"] != os.getpid() else None
         finally:
             os.close(fd)  # and with it the lock
-    raise RunFolderTaken(f"{what}: could not claim it ({marker} keeps changing)")
+    raise RunFolderTaken(f"{what}: could not claim it ({marker} keeps changing)", marker.parent)
 
 
 def _create(marker: Path, content: bytes) -> bool:

@@ -33,7 +33,8 @@ def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
     # config.yaml, records and (when it finished) its folder exactly as they were
     if output.exists() and not cfg.get("overwrite"):
         finished = (run_dir / "metrics.json").is_file() and not (run_dir / FAILED).exists()
-        raise (RunFolderTaken if finished else FileExistsError)(f"{output} exists; pass overwrite=true to replace it")
+        message = f"{output} exists; pass overwrite=true to replace it"
+        raise RunFolderTaken(message, run_dir) if finished else FileExistsError(message)
     parent = next((p for p in output.resolve().parents if p.exists()), None)
     if parent is not None and not parent.is_dir():  # said now, not as a bare OS error after the work
         raise NotADirectoryError(f"output={output}: {parent} is a file, not a folder; choose another output path")
@@ -43,11 +44,9 @@ def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
         # save_model refuses it at the end; a job writing a model folder says so before its work
         raise FileExistsError(f"output={output} exists and is not a model folder (no config.json + model.safetensors); "
                               "overwrite=true replaces only an earlier model folder: choose another path")
-    # overwrite=true may rerun an earlier run of a job CLI in its folder (its config.yaml beside its records or output)
-    earlier = (run_dir / "config.yaml").is_file() and (
-        any((run_dir / name).is_file() for name in ("metrics.json", "extract_report.json"))
-        or (output.exists() and run_dir.resolve() in output.resolve().parents))
-    check_run_folder(run_dir, rerun=bool(cfg.get("overwrite")) and earlier)
+    # overwrite=true may rerun an earlier run of this same job CLI in its folder (its config.yaml names the job:
+    # `name: merge`, ...), never take over another tool's run (a training run's model/ and metrics.json)
+    check_run_folder(run_dir, rerun=bool(cfg.get("overwrite")) and recorded_job(run_dir) == cfg.get("name"))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / FAILED).unlink(missing_ok=True)  # an earlier failed attempt here: this run replaces its verdict
     write_hydra_record(cfg, run_dir)
@@ -56,11 +55,37 @@ def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
     return run_dir, output
 
 
+def recorded_job(run_dir: Path) -> str | None:
+    """The ``name`` an earlier run recorded in ``run_dir/config.yaml`` (the job CLIs': merge, prune, export,
+    extract), or None (no record, or one that does not read)."""
+    from omegaconf import OmegaConf
+
+    try:
+        name = OmegaConf.load(run_dir / "config.yaml").get("name")
+    except Exception:  # noqa: BLE001  (no readable record: not a run of this job)
+        return None
+    return name if isinstance(name, str) else None
+
+
+def finished_model(run_dir: Path) -> Path | None:
+    """The model folder of a finished training run in ``run_dir`` (its metrics.json, no FAILED), else None: a
+    smoke job retried in its folder reuses the tiny model its first attempt trained (a finished run's folder is
+    never trained into again)."""
+    from mtl.cli.failures import FAILED
+    from mtl.io import is_model_folder
+
+    run_dir = Path(run_dir)
+    done = (run_dir / "metrics.json").is_file() and not (run_dir / FAILED).exists()
+    return run_dir / "model" if done and is_model_folder(run_dir / "model") else None
+
+
 def smoke_model(root: str | os.PathLike, experiment: str = "scenes_hps",
                 tasks: str = "[semseg,depth,classification]") -> Path:
     """A seconds-long real model folder (a ``debug=smoke`` training run) for the job CLIs' smoke runs."""
     from mtl.train import run
 
+    if (done := finished_model(Path(root))) is not None:
+        return done
     return run([f"experiment={experiment}", "debug=smoke", "viz.num_samples=0", "logger=none",
                 "log_weights_every=0", f"task={tasks}"], run_dir=Path(root)) / "model"
 

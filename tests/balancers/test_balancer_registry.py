@@ -114,6 +114,11 @@ def test_flat_rejects_features_level_and_unknown_aggregator():
     # a bad key of aggregator_kwargs is named as the user wrote it, not as the inner balancer's own keyword
     with pytest.raises(TypeError, match=r"flat: balancer.aggregator_kwargs for aggregator=upgrad: .*argument 'c'"):
         create_balancer("flat", ["a", "b"], aggregator_kwargs={"c": 0.4})
+    # flat's own key is named as flat's, and not taken (then silently overwritten) from aggregator_kwargs
+    with pytest.raises(ValueError, match=r"^flat: parallel_chunk_size must be >= 1 or null, got 0$"):
+        create_balancer("flat", ["a", "b"], parallel_chunk_size=0)
+    with pytest.raises(ValueError, match=r"set balancer.parallel_chunk_size, not inside balancer.aggregator_kwargs"):
+        create_balancer("flat", ["a", "b"], aggregator_kwargs={"parallel_chunk_size": 4})
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

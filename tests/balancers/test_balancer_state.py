@@ -105,3 +105,6 @@ def test_a_resume_that_changes_a_balancers_own_optimiser_is_refused_by_name():
         assert changed_on_resume(stored, now, {})[:3] == (f"balancer.{key}", value, famo[key])
     now = {"lr": 2e-3, "weight_decay": 1e-4, "balancer": {**famo, "skip_nonfinite": True}}  # may change
     assert changed_on_resume(stored, now, {"a": SimpleNamespace(weight=1.0)}) is None
+    # a list setting given as a tuple in Python and stored as a list is the same setting
+    stored["balancer"], now["balancer"] = {**famo, "x": [1, 2]}, {**famo, "x": (1, 2)}
+    assert changed_on_resume(stored, now, {"a": SimpleNamespace(weight=1.0)}) is None

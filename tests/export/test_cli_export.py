@@ -56,6 +56,17 @@ def test_cli_bad_input_is_one_clear_line(folder, tmp_path):
     assert proc.returncode == 1 and "unknown task(s) ['normals']" in proc.stderr
 
 
+def finished_training_run(model: Path, run_dir: Path) -> Path:
+    """What a finished mtl-train run leaves: config.yaml (name: its experiment), metrics.json and model/."""
+    import shutil
+
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("name: scenes_hps\nseed: 0\n")
+    (run_dir / "metrics.json").write_text("{}")
+    shutil.copytree(model, run_dir / "model")
+    return run_dir
+
+
 def test_a_folder_of_other_files_is_not_written_into(folder, tmp_path):
     """The job CLIs (start_run) replaced a non-run folder's config.yaml as mtl-train did; they share its rule."""
     from mtl.cli.failures import RunFolderTaken
@@ -67,9 +78,48 @@ def test_a_folder_of_other_files_is_not_written_into(folder, tmp_path):
     with pytest.raises(RunFolderTaken, match=rf"run_dir {user} is not empty \(config.yaml\) and holds no failed run"):
         run([f"model={folder}", "format=folder"], run_dir=user)
     assert sorted(p.name for p in user.iterdir()) == ["config.yaml"] and (user / "config.yaml").read_text() == "mine: 1\n"
-    # overwrite=true reruns an earlier export in its own folder
+    # overwrite=true reruns an earlier export in its own folder, its output elsewhere too (it writes no report there)
     done = run([f"model={folder}", "format=folder"], run_dir=tmp_path / "r")
     run([f"model={folder}", "format=folder", "overwrite=true"], run_dir=done["run_dir"])
+    run([f"model={folder}", "format=folder", f"output={tmp_path / 'out'}"], run_dir=tmp_path / "r2")
+    run([f"model={folder}", "format=folder", f"output={tmp_path / 'out'}", "overwrite=true"], run_dir=tmp_path / "r2")
+    # but not take over another tool's finished run: a training run's model/ and metrics.json
+    trained = finished_training_run(folder, tmp_path / "trained")
+    before = (trained / "config.yaml").read_text()
+    with pytest.raises(RunFolderTaken, match=rf"run_dir {trained} is not empty"):
+        run([f"model={folder}", "format=folder", f"output={tmp_path / 'out3'}", "overwrite=true"], run_dir=trained)
+    assert (trained / "config.yaml").read_text() == before
+
+
+def test_a_refused_inner_run_still_marks_the_jobs_own_folder_failed(tmp_path):
+    """A smoke job's inner training run (its smoke model, inside the job's folder) refused as RunFolderTaken left
+    the job's own folder with neither FAILED nor metrics.json: every retry was refused, overwrite=true too."""
+    from mtl.cli.failures import FAILED, RunFolderTaken, marks_failure
+
+    job = tmp_path / "job"
+    job.mkdir()
+    with pytest.raises(RunFolderTaken), marks_failure(job):
+        raise RunFolderTaken("inner", job / "smoke_model")
+    assert (job / FAILED).is_file()
+    (job / FAILED).unlink()
+    with pytest.raises(RunFolderTaken), marks_failure(job):  # the job's own folder refused: left as it was
+        raise RunFolderTaken("own", job)
+    assert not (job / FAILED).exists()
+
+
+def test_a_smoke_job_retried_in_its_folder_reuses_its_finished_smoke_model(folder, tmp_path, monkeypatch):
+    import mtl.train
+    from mtl.cli.jobs import finished_model, smoke_model
+
+    trained = finished_training_run(folder, tmp_path / "trained")
+    assert finished_model(trained) == trained / "model"
+    monkeypatch.setattr(mtl.train, "run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained again")))
+    assert smoke_model(trained) == trained / "model"
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    (failed / "metrics.json").write_text("{}")
+    (failed / "FAILED").write_text("x")
+    assert finished_model(failed) is None
 
 
 @pytest.mark.slow
