@@ -374,3 +374,22 @@ def test_no_scored_configuration_at_a_budget_makes_it_undefined_not_a_failure():
 def test_a_badly_shaped_table_is_one_line_naming_the_key(tmp_path, capsys, edit, match):
     _refused_edited_table(tmp_path, edit, match)
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_choice_curves_read_the_metrics_of_the_scores_table():
+    """The PNG drew the validation table's metrics while controllability.json scores the search's choices on the
+    test table: with `scores`, the search reads one table and the metrics come from the other."""
+    import copy
+
+    from mtl.models.slimmable.control import choice_curves
+
+    val = table()
+    test = copy.deepcopy(val)
+    test.metrics["A"]["0.5"]["0.5"]["acc"] = 0.45  # only the test table differs
+    test.metrics["A"]["1"]["1"]["acc"] = 0.9
+    budgets = [12]  # only the smallest configuration fits: encoder 0.5, both heads 0.5 (10 + 1 + 1)
+    flops, rel = choice_curves(val, budgets, scores=test)["A"]
+    assert flops == [12] and rel == [pytest.approx(0.45 / 0.9)]
+    assert choice_curves(val, budgets)["A"][1] == [pytest.approx(0.5 / 0.9)]
+    flops, rel = choice_curves(val, budgets, scores=test)["B"]  # lower is better: full / s
+    assert rel == [pytest.approx(1.0 / 3.0)]

@@ -543,3 +543,41 @@ def test_init_from_a_folder_of_another_width_set_never_misreads_its_head_statist
     k = len(old.width_set)
     assert torch.equal(fresh.decoder.heads["depth"].body[1].running_means[:k],
                        old.decoder.heads["depth"].body[1].running_means)
+
+
+def test_extract_cli_calibrates_a_width_outside_the_set_on_calib_batches(tmp_path):
+    """mtl-extract at a width outside the width set told users to call model.calibrate_widths, which the CLI cannot:
+    it now estimates that width's BN statistics on calib.batches batches of calib.split, as calibrate_widths does
+    in Python, and the extracted network equals the parent calibrated on the same batches."""
+    from mtl.cli.extract import run_extract
+    from mtl.cli.in_process import compose_in_process
+    from mtl.data import create_datamodule
+    from mtl.data.calibration import calibration_batches
+    from mtl.io import save_model
+
+    data = {"name": "scenes", "size": 16, "n_train": 8, "n_val": 4, "n_test": 4, "batch_size": 4}
+    save_model(slim_model(), tmp_path / "slim", meta={"data": data})
+    widths = {"encoder": 0.6, "decoders": {"depth": 0.6}}
+    cfg, run_dir = compose_in_process("mtl.configs.extract_app", "extract", [
+        f"model={tmp_path / 'slim'}", "widths={encoder: 0.6, decoders: {depth: 0.6}}", "calib.batches=2"], tmp_path / "run")
+    report = run_extract(cfg, run_dir)
+    assert report["calibrated_widths"] == {"widths": [0.6], "batches": 2, "split": "train"}
+    parent = mtl.load_model(tmp_path / "slim")
+    assert 0.6 not in parent.width_set  # the input folder is untouched
+    parent.calibrate_widths([0.6], calibration_batches(create_datamodule(**data), 2, "train"))
+    parent.set_widths(**widths)
+    sub = mtl.load_model(run_dir / "model").eval()
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        want, got = parent.eval()(x), sub(x)
+    for t in parent.tasks:
+        assert torch.allclose(got[t], want[t], atol=1e-5), t
+
+
+def test_calibrating_a_width_already_in_the_set_says_its_trained_statistics_are_kept(caplog):
+    slim = slim_model()
+    before = {k: v.clone() for k, v in slim.state_dict().items()}
+    with caplog.at_level("WARNING", logger="mtl.models.slimmable.family"):
+        assert slim.calibrate_widths([0.5], [torch.rand(2, 3, 16, 16)]) == list(slim.width_set)
+    assert "calibrate_widths: [0.5] already in the width set" in caplog.text
+    assert all(torch.equal(before[k], v) for k, v in slim.state_dict().items())

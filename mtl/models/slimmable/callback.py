@@ -71,7 +71,7 @@ class WidthTableCallback(L.Callback):
 
         write_json(run_dir / "controllability.json", report)
         plot_choices(table, budgets_between(table, self.budgets), run_dir / "slimmable_control.png",
-                     method=self.search_method)
+                     method=self.search_method, scores=test)
         print_report(table, report)
 
 

@@ -326,32 +326,46 @@ def score_controller(table: WidthTable, test: WidthTable, budgets: int = 8, pref
     return {**report, "compare": compare}
 
 
-def plot_choices(table: WidthTable, budgets: Sequence[float], path, preference: Mapping[str, float] | None = None,
-                 method: str = "measured") -> None:
-    """PNG: each task's primary metric, relative to the full-width model (higher = better), of the
-    search's choice at each budget, against that choice's FLOPs."""
-    from matplotlib.figure import Figure
-
-    from mtl.io import atomic_path
-
+def choice_curves(table: WidthTable, budgets: Sequence[float], preference: Mapping[str, float] | None = None,
+                  method: str = "measured", scores: WidthTable | None = None) -> dict[str, tuple[list[float], list[float]]]:
+    """{task: (FLOPs of the search's choice at each budget, the task's primary metric there relative to the
+    full-width model, higher = better)}. The search reads ``table``; the metrics come from ``scores`` (the test
+    table, as controllability is scored) when given. NaN where a ratio to or of 0 says nothing."""
     pref = dict(preference or {t: 1.0 / len(table.tasks) for t in table.tasks})
     if preference is None:
         pref[table.tasks[-1]] = 1.0 - sum(v for t, v in pref.items() if t != table.tasks[-1])
     choices = [search(table, b, pref, method) for b in budgets]
-    fig = Figure(figsize=(6.4, 4.2))
-    ax = fig.add_subplot()
+    scored = scores if scores is not None else table
+    curves = {}
     for t in table.tasks:
-        full = table.score(t, 1.0, 1.0)
+        full = scored.score(t, 1.0, 1.0)
         rel = []
         for c in choices:
-            s = table.score(t, c.config["encoder"], c.config["decoders"][t])
+            s = scored.score(t, c.config["encoder"], c.config["decoders"][t])
             if full == 0 or s == 0:
-                rel.append(float("nan"))  # a ratio to or of zero says nothing
+                rel.append(float("nan"))
             else:  # scores of lower-is-better metrics are negated, so full / s is their ratio too
                 rel.append(s / full if table.higher_is_better[t] else full / s)
-        ax.plot([c.flops / 1e6 for c in choices], rel, marker="o", label=f"{t} ({table.primary[t]})")
+        curves[t] = ([c.flops for c in choices], rel)
+    return curves
+
+
+def plot_choices(table: WidthTable, budgets: Sequence[float], path, preference: Mapping[str, float] | None = None,
+                 method: str = "measured", scores: WidthTable | None = None, scores_split: str = "test") -> None:
+    """PNG of `choice_curves`, one line per task (``scores_split`` names the table the metrics come from)."""
+    from matplotlib.figure import Figure
+
+    from mtl.io import atomic_path
+
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
+    for t, (flops, rel) in choice_curves(table, budgets, preference, method, scores).items():
+        # a task whose ratios are all undefined keeps its legend entry, saying why it has no line
+        note = "" if any(r == r for r in rel) else ", no line: its metric is 0"
+        ax.plot([f / 1e6 for f in flops], rel, marker="o", label=f"{t} ({table.primary[t]}{note})")
     ax.set_xlabel("FLOPs of the chosen configuration (M, per image)")
-    ax.set_ylabel("primary metric relative to full width\n(higher = better)")
+    split = f" ({scores_split} split)" if scores is not None else ""
+    ax.set_ylabel(f"primary metric relative to full width{split}\n(higher = better)")
     ax.set_title("search's choices across budgets (equal preferences)" if preference is None else "search's choices")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import logging
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -22,6 +23,8 @@ from mtl.models.slimmable.layers import (SLIM_TYPES, SwitchableBatchNorm2d, appl
                                          width_index)
 from mtl.models.slimmable.resnet import ENCODER, SlimResNet
 from mtl.tasks import Task, create_task
+
+log = logging.getLogger(__name__)
 
 Widths = dict[str, Any]  # {"encoder": float, "decoders": {task: float}}
 ACTIVE = "active_widths"  # config key of the widths a saved model runs at (absent: full widths)
@@ -133,7 +136,8 @@ class SlimmableMultiTaskModel(MultiTaskModel):
         w = check_width(width, what)
         if width_index(self.width_set, w) is None:
             raise ValueError(f"{what} {width!r} is not in this model's width set {list(self.width_set)}; "
-                             "widths outside it need BN recalibration first: model.calibrate_widths([w], batches)")
+                             "widths outside it need BN recalibration first: model.calibrate_widths([w], batches) "
+                             "(mtl-extract does it on calib.batches)")
         return self.width_set[width_index(self.width_set, w)]
 
     @staticmethod
@@ -169,6 +173,10 @@ class SlimmableMultiTaskModel(MultiTaskModel):
         ``w`` for the heads' norms). Norms whose row already exists run on their stored statistics
         and are left as they were. If a batch fails, the model is left exactly as it was."""
         new = [check_width(w, "width to calibrate") for w in widths]
+        trained = [w for w in new if width_index(self.width_set, w) is not None]
+        if trained:  # said, not done in silence: a trained row's statistics are the ones it was trained with
+            log.warning("calibrate_widths: %s already in the width set %s; their trained BN statistics are kept "
+                        "(only widths outside the set are estimated)", trained, list(self.width_set))
         batches = list(batches)
         if not batches:
             raise ValueError("calibrate_widths needs at least one batch")
