@@ -241,8 +241,11 @@ def check_finite(coef: torch.Tensor, groups: list[str], names: list[str], step: 
         return
     c = coef.detach().reshape(-1, len(names))
     r, t = [int(i) for i in (~torch.isfinite(c)).nonzero()[0]]
-    raise FloatingPointError(f"coefficient of task {names[t]!r}, tensor/block {groups[r]!r} became {float(c[r, t])} "
-                             f"at step {step}; lower lr or pass clamp=true")
+    value = float(c[r, t])
+    # clamping bounds an infinite coefficient; a NaN (NaN gradients) stays NaN
+    advice = "lower lr" if math.isnan(value) else "lower lr or pass clamp=true"
+    raise FloatingPointError(f"coefficient of task {names[t]!r}, tensor/block {groups[r]!r} became {value} "
+                             f"at step {step}; {advice}")
 
 
 def step_progress(label: str, total: int, enabled: bool = True) -> ProgressLog:

@@ -1,0 +1,46 @@
+"""Learned merging that diverges: the error says what can fix it (lower lr; clamp only bounds an infinite
+coefficient, it cannot fix a NaN)."""
+import math
+
+import pytest
+import torch
+
+import merging
+
+from test_learned import Toy, kw, toys
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/merging/conftest.py
+
+
+class NanGradient(Toy):
+    """Finite predictions whose gradient is NaN: 0 · sqrt(z − z) adds 0, but its derivative is 0 · ∞."""
+
+    def forward(self, x, tasks=None):
+        out = super().forward(x, tasks)
+        return {t: p + 0 * torch.sqrt(p - p) for t, p in out.items()}
+
+
+@pytest.mark.parametrize("clamp", [False, True])
+def test_a_nan_coefficient_is_not_told_to_clamp(clamp):
+    model, pre, fts, data = toys()
+    nan = NanGradient()
+    nan.load_state_dict(model.state_dict())
+    with pytest.raises(FloatingPointError, match=r"became nan at step 1; lower lr$"):
+        merging.learn("adamerging", pre, fts, unlabeled=data, steps=2, clamp=clamp, **kw(nan))
+
+
+def test_an_infinite_coefficient_is_told_to_clamp(monkeypatch):
+    from merging.learned import adamerging
+
+    model, pre, fts, data = toys()
+    step = torch.optim.Adam.step
+
+    def overshoot(self, *a, **k):  # an update no finite lr gives in float32, to reach the infinite case
+        out = step(self, *a, **k)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0][0, 0] = math.inf
+        return out
+
+    monkeypatch.setattr(adamerging.torch.optim.Adam, "step", overshoot)
+    with pytest.raises(FloatingPointError, match=r"became inf at step 1; lower lr or pass clamp=true$"):
+        merging.learn("adamerging", pre, fts, unlabeled=data, steps=2, **kw(model))
