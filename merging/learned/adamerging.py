@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .layout import Layout
-from .loop import Callback, Objective, check_finite, mean, step_gradients, step_progress
+from .loop import Callback, Objective, check_finite, mean, optimiser_step, step_gradients, step_progress
 from .problem import MergeProblem
 
 __all__ = ["CoefficientLearner", "Trace"]
@@ -64,9 +64,10 @@ class CoefficientLearner:
     """Adam on a (rows, T) coefficient matrix; rows not in `learn_rows` and columns in `frozen_cols` stay put."""
 
     def __init__(self, problem: MergeProblem, layout: Layout, init: float = 0.3, lr: float = 1e-3,
-                 clamp: bool = False, learn_rows: list[int] | None = None, frozen_cols: list[int] | None = None):
+                 clamp: bool = False, learn_rows: list[int] | None = None, frozen_cols: list[int] | None = None,
+                 lr_name: str = "lr"):
         if not 0 < lr < float("inf"):
-            raise ValueError(f"lr must be positive and finite, got {lr}")
+            raise ValueError(f"{lr_name} must be positive and finite, got {lr}")
         if clamp and not 0 <= init <= 1:  # entries not learned would stay outside the range the others are held to
             raise ValueError(f"init must be in [0, 1] with clamp=true, got {init}")
         self.problem, self.layout, self.clamp, self.init = problem, layout, bool(clamp), float(init)
@@ -78,13 +79,14 @@ class CoefficientLearner:
             keep[:, frozen_cols] = False
         self.keep = keep
         self.opt = torch.optim.Adam([self.coef], lr=lr)
+        self.lr_name = lr_name  # the hyperparameter an error names (lr, coef_lr, inner_lr)
 
-    def reset(self, lr: float | None = None) -> None:
+    def reset(self, lr: float | None = None, lr_name: str = "lr") -> None:
         """Every coefficient back to `init`; with `lr`, a fresh Adam at that rate (else its state carries on)."""
         with torch.no_grad():
             self.coef.fill_(self.init)
         if lr is not None:
-            self.opt = torch.optim.Adam([self.coef], lr=lr)
+            self.opt, self.lr_name = torch.optim.Adam([self.coef], lr=lr), lr_name
 
     def merged(self, mask: dict[str, torch.Tensor] | None = None, detach: bool = False) -> dict[str, torch.Tensor]:
         coef = self.coef.detach() if detach else self.coef
@@ -93,7 +95,7 @@ class CoefficientLearner:
     def apply_step(self, step: int) -> None:
         if self.coef.grad is not None:
             self.coef.grad.mul_(self.keep)
-        self.opt.step()
+        optimiser_step(self.opt, self.lr_name)
         self.opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             if self.clamp:  # learned entries only: the others stay exactly at init

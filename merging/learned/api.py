@@ -329,7 +329,7 @@ def _learn(method, problem, hp, pretrained, finetuned, key_options, unlabeled, l
         else:
             reset = hp["inner"] == "reset"
             inner = CoefficientLearner(problem, layout, hp["init"], hp["inner_lr"] if reset else hp["coef_lr"],
-                                       hp["clamp"], None, frozen_cols)
+                                       hp["clamp"], None, frozen_cols, "inner_lr" if reset else "coef_lr")
             coefficients = lambda: inner.coef  # noqa: E731
             group_of = layout.group_of
         cm = ConcreteMask(problem, hp["temperature"], hp["initial_logits"], hp["lr"], hp["seed"], hp["threshold"],
@@ -340,7 +340,7 @@ def _learn(method, problem, hp, pretrained, finetuned, key_options, unlabeled, l
         fmask = {k: m.to(problem.theta0[k].dtype) for k, m in mask.items()}
         if inner is not None:
             if reset:  # the final AdaMerging starts again from init, with its own Adam at coef_lr
-                inner.reset(hp["coef_lr"])
+                inner.reset(hp["coef_lr"], "coef_lr")
             inner.run(objective, frozen, int(hp["final_steps"]), trace, f"{method} (λ on the final mask)",
                       progress, mask=fmask, phase="coefficients", **cb)
             coef = inner.values()

@@ -28,7 +28,7 @@ import math
 import torch
 
 from .adamerging import callback_metrics
-from .loop import Objective, mean, step_gradients, step_progress
+from .loop import Objective, mean, optimiser_step, step_gradients, step_progress
 from .problem import MergeProblem
 
 __all__ = ["FINAL_MASKS", "ConcreteMask"]
@@ -107,7 +107,7 @@ class ConcreteMask:
             return self.scaled(mask)
 
     def apply_step(self, step: int) -> None:
-        self.opt.step()
+        optimiser_step(self.opt, "lr")
         self.opt.zero_grad(set_to_none=True)
         for k, s in self.logits.items():
             s = s.detach()

@@ -236,6 +236,18 @@ def step_gradients(problem: MergeProblem, merged: dict[str, torch.Tensor], objec
     return losses
 
 
+def optimiser_step(opt: torch.optim.Optimizer, lr_name: str) -> None:
+    """`opt.step()`, with an update too large for the parameters' dtype (Adam's lr / bias correction
+    does not fit in float32) reported as the learning rate that caused it."""
+    try:
+        opt.step()
+    except RuntimeError as e:
+        if "overflow" not in str(e):
+            raise
+        lr = opt.param_groups[0]["lr"]
+        raise ValueError(f"{lr_name}={lr!r} overflows the optimiser's update ({e}); lower {lr_name}") from None
+
+
 def check_finite(coef: torch.Tensor, groups: list[str], names: list[str], step: int) -> None:
     if torch.isfinite(coef).all():
         return

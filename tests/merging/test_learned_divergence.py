@@ -44,3 +44,17 @@ def test_an_infinite_coefficient_is_told_to_clamp(monkeypatch):
     monkeypatch.setattr(adamerging.torch.optim.Adam, "step", overshoot)
     with pytest.raises(FloatingPointError, match=r"became inf at step 1; lower lr or pass clamp=true$"):
         merging.learn("adamerging", pre, fts, unlabeled=data, steps=2, **kw(model))
+
+
+@pytest.mark.parametrize("method,hp,name", [
+    ("adamerging", {}, "lr"), ("atlas", {}, "lr"), ("concrete_ta", {}, "lr"),
+    ("concrete_adamerging", {"final_steps": 1}, "inner_lr"),
+    ("concrete_adamerging", {"final_steps": 1, "inner": "continue"}, "coef_lr"),
+    ("concrete_adamerging", {"steps": 0, "final_steps": 1}, "coef_lr"),  # the final AdaMerging's own Adam
+])
+def test_a_learning_rate_that_overflows_the_update_is_named(method, hp, name):
+    """1e38 is positive and finite, but Adam's first step, lr / (1 − β1) = 1e39, does not fit in float32."""
+    model, pre, fts, data = toys()
+    hp = {"steps": 2, **hp, name: 1e38}
+    with pytest.raises(ValueError, match=rf"^{name}=1e\+38 overflows the optimiser's update .*; lower {name}$"):
+        merging.learn(method, pre, fts, unlabeled=data, **hp, **kw(model))
