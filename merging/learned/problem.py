@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..engine import KeyOptions, open_context
-from ..keys import BN_STATS
+from ..keys import BN_STATS, compile_pattern
 from ..sources import MergeInputError
 
 __all__ = ["MergeProblem", "build_problem", "ties_task_vectors", "VECTORS"]
@@ -126,6 +126,18 @@ def _model_from_folders(pretrained, finetuned):
     return model, [m.tasks for m in pool.members], ["+".join(m.tasks) for m in pool.members]
 
 
+def _uncovered_weights(model: nn.Module, sources: Sequence[Any], task_keys: Any) -> list[str]:
+    """The model's weights (parameters, persistent buffers) that no input holds and `task_keys` does not mark
+    task-specific: a shared layer the merge does not cover, which would run with the caller's own values."""
+    held = {k for src in sources for k in src.keys()}
+    is_task_key = compile_pattern(task_keys, "task_keys") or (lambda k: False)
+    names: dict[int, list[str]] = {}  # tied weights: one name the inputs hold covers every alias
+    for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(t), []).append(n)
+    return [k for k, t in model.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)
+            and not any(n in held or is_task_key(n) for n in names.get(id(t), [k]))]
+
+
 def build_problem(pretrained, finetuned, *, model: nn.Module | None = None, tasks: Sequence[str] | None = None,
                   device: str | torch.device = "cpu", **key_options: Any) -> MergeProblem:
     """Validate the inputs, hold θ0 and the task vectors once on `device`, pick the model.
@@ -177,6 +189,14 @@ def build_problem(pretrained, finetuned, *, model: nn.Module | None = None, task
             if where.type != device.type or (device.index is not None and where != device):
                 raise ValueError(f"model= is on {where} but device={device}; move the model there first "
                                  "(learned merging does not move or copy your model)")
+            uncovered = _uncovered_weights(model, [pre_src, *ft_srcs], opts["task_keys"])
+            if uncovered:
+                more = f" (and {len(uncovered) - 3} more)" if len(uncovered) > 3 else ""
+                raise MergeInputError(
+                    f"model= ({type(model).__name__}) has {', '.join(map(repr, uncovered[:3]))}{more} that no input "
+                    f"holds and task_keys={opts['task_keys']!r} does not mark task-specific: a shared layer the merge "
+                    "does not cover would run with the model's own weights; add it to θ0 and the fine-tuned models, "
+                    "or widen task_keys if it is a task's own")
             model.eval()
     except BaseException:
         ctx.close()

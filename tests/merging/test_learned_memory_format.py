@@ -37,10 +37,11 @@ def conv_toys(flatten_with_view=False):
     with torch.no_grad():  # non-trivial running statistics, so BN in eval mode is not the identity
         model.body[1].running_mean.uniform_(-0.5, 0.5)
         model.body[1].running_var.uniform_(0.5, 2.0)
-    pre = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("body.") and v.is_floating_point()
-           and "running" not in k}
+    # BN's statistics are inputs too: a model's weights that no input holds are refused (they would run as the model's)
+    pre = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("body.")}
     g = torch.Generator().manual_seed(1)
-    fts = [{k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in pre.items()} for _ in TASKS]
+    fts = [{k: v + 0.3 * torch.randn(v.shape, generator=g) if v.is_floating_point() and "running" not in k else v.clone()
+            for k, v in pre.items()} for _ in TASKS]
     data = {t: [torch.randn(6, 3, 8, 8, generator=g) for _ in range(2)] for t in TASKS}
     return model, pre, fts, data
 

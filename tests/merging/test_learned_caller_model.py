@@ -1,0 +1,70 @@
+"""Learned merging with a caller's `model=`: the model runs with what the merge covers (θ0's and the learned
+weights) plus its task-specific heads, never with shared weights of its own that no input holds."""
+import pytest
+import torch
+from torch import nn
+
+import merging
+from merging.sources import MergeInputError
+
+from test_learned import T, Toy, kw, toys
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/merging/conftest.py
+
+
+class ExtraLayer(Toy):
+    """Toy with one more shared layer, `extra`, between the body and the heads."""
+
+    def __init__(self, extra: nn.Module):
+        super().__init__()
+        self.extra = extra
+
+    def forward(self, x, tasks=None):
+        z = self.extra(torch.tanh(self.body(x)))
+        return {t: self.heads[t](z) for t in (tasks or list(self.heads))}
+
+
+@pytest.mark.parametrize("extra,first", [(nn.Linear(6, 6), "'extra.weight', 'extra.bias'"),
+                                         (nn.BatchNorm1d(6), "'extra.weight', 'extra.bias', 'extra.running_mean'")])
+def test_a_shared_layer_no_input_holds_is_refused(extra, first):
+    _, pre, fts, data = toys()  # θ0 and the fine-tunes hold body.* only
+    with pytest.raises(MergeInputError, match=rf"^model= \(ExtraLayer\) has {first}.* that no input holds"):
+        merging.learn("adamerging", pre, fts, unlabeled=data, steps=1, **kw(ExtraLayer(extra)))
+
+
+def test_the_same_layer_held_by_the_inputs_is_learned():
+    model = ExtraLayer(nn.Linear(6, 6))
+    _, _, _, data = toys()
+    pre = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("heads.")}
+    fts = [{k: v + 0.1 * torch.randn_like(v) for k, v in pre.items()} for _ in range(T)]
+    res = merging.learn("adamerging", pre, fts, unlabeled=data, steps=1, **kw(model))
+    assert "extra.weight" in res.groups and "extra.weight" in res.state_dict
+
+
+class Decoders(Toy):
+    """Task-specific heads under a name the default task_keys does not match."""
+
+    def __init__(self):
+        super().__init__()
+        self.decoders = self.heads
+        del self.heads
+
+    def forward(self, x, tasks=None):
+        z = torch.tanh(self.body(x))
+        return {t: self.decoders[t](z) for t in (tasks or list(self.decoders))}
+
+
+def test_task_specific_heads_are_those_task_keys_marks():
+    _, pre, fts, data = toys()
+    with pytest.raises(MergeInputError, match=r"'decoders\.t0\.weight'.*widen task_keys"):
+        merging.learn("adamerging", pre, fts, unlabeled=data, steps=1, **kw(Decoders()))
+    res = merging.learn("adamerging", pre, fts, unlabeled=data, steps=1, task_keys=r"decoders\.", **kw(Decoders()))
+    assert sorted(res.state_dict) == sorted(pre)
+
+
+def test_a_tied_alias_of_a_held_weight_is_covered():
+    """`proj` is the body's first layer under a second name: the merge covers it through `body.0`."""
+    model, pre, fts, data = toys()
+    model.proj = model.body[0]
+    assert "proj.weight" in model.state_dict() and "proj.weight" not in pre
+    merging.learn("adamerging", pre, fts, unlabeled=data, steps=1, **kw(model))
