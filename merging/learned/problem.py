@@ -10,6 +10,7 @@ parameters are never modified.
 """
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,8 @@ from ..keys import BN_STATS, compile_pattern
 from ..sources import MergeInputError
 
 __all__ = ["MergeProblem", "build_problem", "ties_task_vectors", "VECTORS"]
+
+log = logging.getLogger("merging.learned")
 
 
 @dataclass
@@ -138,6 +141,21 @@ def _uncovered_weights(model: nn.Module, sources: Sequence[Any], task_keys: Any)
             and not any(n in held or is_task_key(n) for n in names.get(id(t), [k]))]
 
 
+def _unused_heads(model: nn.Module, ft_srcs: Sequence[Any], task_specific: list[list[str]]) -> dict[int, str]:
+    """Fine-tuned model index -> its first task-specific key that model= does not run with (absent from the
+    model, or another value): with model=, the model's own heads predict."""
+    mine = model.state_dict(keep_vars=True)
+    unused = {}
+    for t, (src, keys) in enumerate(zip(ft_srcs, task_specific)):
+        for k in keys:
+            theirs, own = src.get(k), mine.get(k)
+            if not (isinstance(own, torch.Tensor) and own.shape == theirs.shape
+                    and torch.equal(own.detach().cpu(), theirs.to(own.dtype))):
+                unused[t] = k
+                break
+    return unused
+
+
 def build_problem(pretrained, finetuned, *, model: nn.Module | None = None, tasks: Sequence[str] | None = None,
                   device: str | torch.device = "cpu", **key_options: Any) -> MergeProblem:
     """Validate the inputs, hold θ0 and the task vectors once on `device`, pick the model.
@@ -243,8 +261,13 @@ def build_problem(pretrained, finetuned, *, model: nn.Module | None = None, task
                 fixed[k] = mine
             else:
                 fixed[k] = (ctx.average(k) if kind == "average" else ctx.raw_pre(k)).to(device, info.dtype, copy=True)
+        unused = {} if built else _unused_heads(model, ft_srcs, ctx.plan.task_specific)
     finally:
         ctx.close()
+    if unused:  # said once: the caller may expect each fine-tune's own head, as model folders bring it
+        log.warning("the fine-tuned models of task(s) %s carry task-specific weights the model does not hold (first: "
+                    "%s); they are not used: with model= the model's heads predict", [names[t] for t in unused],
+                    ", ".join(repr(k) for k in unused.values()))
     if not theta0:
         raise MergeInputError("nothing to learn: the fine-tuned models do not differ from the pretrained one")
     return MergeProblem(model, list(theta0), theta0, taus, names, vector_tasks, kinds, device, fixed, dtypes,

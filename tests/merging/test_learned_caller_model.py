@@ -68,3 +68,23 @@ def test_a_tied_alias_of_a_held_weight_is_covered():
     model.proj = model.body[0]
     assert "proj.weight" in model.state_dict() and "proj.weight" not in pre
     merging.learn("adamerging", pre, fts, unlabeled=data, steps=1, **kw(model))
+
+
+def test_fine_tuned_heads_model_does_not_hold_are_named_once(caplog):
+    """With model=, the model's heads predict; a fine-tune's own head that differs is said to be unused."""
+    model, pre, fts, data = toys()
+    heads = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("heads.")}
+    same = [{**f, **{k: v for k, v in heads.items() if k.startswith(f"heads.t{i}.")}} for i, f in enumerate(fts)]
+    other = [dict(f) for f in same]
+    other[1]["heads.t1.bias"] = other[1]["heads.t1.bias"] + 1.0  # retrained head
+    other[2]["heads.zz.weight"] = torch.zeros(4, 6)  # a head the model does not have
+    runs = {}
+    for name, given in (("same", same), ("other", other)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="merging.learned"):
+            runs[name] = merging.learn("adamerging", pre, given, unlabeled=data, steps=2, lr=0.05, **kw(model))
+        runs[name + " warnings"] = [r.getMessage() for r in caplog.records if "not used" in r.getMessage()]
+    assert runs["same warnings"] == []
+    (warning,) = runs["other warnings"]
+    assert "['t1', 't2']" in warning and "'heads.t1.bias', 'heads.zz.weight'" in warning
+    torch.testing.assert_close(runs["same"].coefficients, runs["other"].coefficients, rtol=0, atol=0)
