@@ -31,7 +31,7 @@ __all__ = ["LEARNED_METHODS", "READ_ONLY_WITH", "LearnedMerge", "check_hparams",
 
 #: `merging.merge` key options a learned merge passes on (not hyperparameters)
 KEY_OPTIONS = ("include", "exclude", "task_keys", "unshared", "bn", "check_finite")
-_COMMON = dict(steps=300, lr=1e-3, seed=0, pool_limit=POOL_LIMIT, channels_last=None)
+_COMMON = dict(steps=300, lr=1e-3, seed=0, pool_limit=None, channels_last=None)
 _COEF = dict(init=0.3, clamp=False)
 _MASK = dict(temperature=0.5, initial_logits=0.0, threshold=0.5, rescale=True, final_mask="sample")
 
@@ -205,10 +205,10 @@ def check_hparams(method: str, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any
     if "channels_last" in hp and hp["channels_last"] is not None and not isinstance(hp["channels_last"], bool):
         raise ValueError(f"channels_last must be true or false (null: on for models built from folders), "
                          f"got {hp['channels_last']!r}")
-    if "pool_limit" in hp and (isinstance(hp["pool_limit"], bool) or not isinstance(hp["pool_limit"], numbers.Integral)
-                               or hp["pool_limit"] < 0):
-        raise ValueError(f"pool_limit must be an int ≥ 0 (input values of one pooled pass; 0: task by task), "
-                         f"got {hp['pool_limit']!r}")
+    limit = hp.get("pool_limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 0):
+        raise ValueError(f"pool_limit must be an int ≥ 0 (input values of one pooled pass; 0: task by task; null: "
+                         f"{POOL_LIMIT} for models built from folders, 0 for a model= you pass), got {hp['pool_limit']!r}")
     for k in ("init", "lam"):
         if k in hp and not (_real(hp[k]) and torch.isfinite(torch.tensor(float(hp[k])))):
             raise ValueError(f"{k} must be a finite number, got {hp[k]!r}")
@@ -271,6 +271,8 @@ def learn(method: str, pretrained, finetuned, *, unlabeled: Mapping[str, Iterabl
                          f"(it reads {'labeled' if supervised else 'unlabeled'}=); leave it out")
     if hp["channels_last"] is None:  # our models take channels-last images; a caller's model may .view() them
         hp["channels_last"] = model is None
+    if hp["pool_limit"] is None:  # a caller's model promises forward(x, tasks=[t]) only: one task per pass
+        hp["pool_limit"] = POOL_LIMIT if model is None else 0
     was_training = model.training if model is not None else None
     problem = build_problem(pretrained, finetuned, model=model, tasks=tasks, device=device, **key_options)
     if hp.get("vectors") == "ties":

@@ -3,7 +3,8 @@
 One step: merged weights θ(c, m) are built once, every task's batch runs through the one model with
 θ detached into leaf tensors, the leaf gradients are summed over tasks, then pushed back through
 θ(c, m) to the coefficients / mask in a single backward. When the tasks' inputs share a shape and the
-pooled batch holds at most `pool_limit` input values (default 2^20), all tasks' batches go through
+pooled batch holds at most `pool_limit` input values (2^20 for models built from folders; a caller's
+`model=` promises only forward(x, tasks=[t]), so it goes task by task unless asked), all tasks' batches go through
 the model in ONE pass (each task's loss on its slice, through its own head): with the BN layers in
 eval mode every sample is computed alone, so this is the per-task result, and one large pass costs
 ~1.7× less than T small ones on CPU. Otherwise — larger batches, where holding every task's

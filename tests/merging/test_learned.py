@@ -565,7 +565,7 @@ def test_a_task_the_model_has_no_head_for_is_named_on_the_pooled_path_too():
     model, pre, fts, data = toys()
     with pytest.raises(KeyError, match=r"forward\(x, tasks=\['c'\]\); does it predict task 'c'\?"):
         merging.learn("adamerging", pre, fts, unlabeled={"t0": data["t0"], "t1": data["t1"], "c": data["t2"]},
-                      model=model, tasks=["t0", "t1", "c"], steps=1, progress=False)
+                      model=model, tasks=["t0", "t1", "c"], steps=1, pool_limit=1 << 20, progress=False)
 
 
 def test_tied_weights_are_named_not_reported_as_a_foreign_architecture():
