@@ -29,20 +29,32 @@ def test_a_nan_coefficient_is_not_told_to_clamp(clamp):
         merging.learn("adamerging", pre, fts, unlabeled=data, steps=2, clamp=clamp, **kw(nan))
 
 
-def test_an_infinite_coefficient_is_told_to_clamp(monkeypatch):
+def poison_adam_step(monkeypatch, index, value) -> None:
+    """Adam's step, then the coefficient at ``index`` set to ``value``: a divergence no finite lr gives in float32."""
     from merging.learned import adamerging
 
-    model, pre, fts, data = toys()
     step = torch.optim.Adam.step
 
-    def overshoot(self, *a, **k):  # an update no finite lr gives in float32, to reach the infinite case
+    def poisoned(self, *a, **k):
         out = step(self, *a, **k)
         with torch.no_grad():
-            self.param_groups[0]["params"][0][0, 0] = math.inf
+            self.param_groups[0]["params"][0][index] = value
         return out
 
-    monkeypatch.setattr(adamerging.torch.optim.Adam, "step", overshoot)
+    monkeypatch.setattr(adamerging.torch.optim.Adam, "step", poisoned)
+
+
+def test_an_infinite_coefficient_is_told_to_clamp(monkeypatch):
+    model, pre, fts, data = toys()
+    poison_adam_step(monkeypatch, (0, 0), math.inf)
     with pytest.raises(FloatingPointError, match=r"became inf at step 1; lower lr or pass clamp=true$"):
+        merging.learn("adamerging", pre, fts, unlabeled=data, steps=2, **kw(model))
+
+
+def test_coefficient_turning_nan_names_task_and_tensor(monkeypatch):
+    model, pre, fts, data = toys()
+    poison_adam_step(monkeypatch, (1, 2), math.nan)
+    with pytest.raises(FloatingPointError, match=r"task 't2', tensor/block 'body.0.bias' became nan at step 1"):
         merging.learn("adamerging", pre, fts, unlabeled=data, steps=2, **kw(model))
 
 
