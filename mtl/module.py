@@ -14,6 +14,7 @@ from mtl.expert_usage import usage_paused
 from mtl.models import MultiTaskModel, create_model
 from mtl.models.families import last_shared_weight
 from mtl.registry import check_int
+from mtl.train_checks import changed_on_resume
 
 log = logging.getLogger(__name__)
 
@@ -359,39 +360,6 @@ class MultiTaskModule(L.LightningModule):
         warmup = int(self.hparams.warmup_ratio * total)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(total, warmup, self.hparams.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-#: balancer settings that leave a finite step's update as it is (memory layout; a recovery switch past a NaN)
-_RESUMABLE_BALANCER_KEYS = ("parallel_chunk_size", "skip_nonfinite")
-
-
-def changed_on_resume(stored: dict[str, Any], hparams: Any, tasks: dict[str, Any]) -> tuple[str, Any, Any, str] | None:
-    """The first setting a resume would change: (its config key, this run's value, the checkpoint's, why that is
-    refused), or None. Settings a checkpoint lacks (older ones) are not compared."""
-    for key in ("lr", "weight_decay"):  # the restored optimiser keeps the checkpoint's: a new value is never used
-        if key in stored and float(stored[key]) != float(hparams[key]):
-            return (f"optim.{key}", hparams[key], stored[key],
-                    f"resuming restores its optimiser, so it would train at {stored[key]}")
-    # the rest would apply from the resumed step on, while config.yaml and metrics.json record them for the whole run
-    mixed = "the epochs so far trained with {}, and this run's records would name only {} for all of them"
-    for key in ("warmup_ratio", "min_lr_ratio"):
-        if key in stored and float(stored[key]) != float(hparams[key]):
-            return f"optim.{key}", hparams[key], stored[key], mixed.format(stored[key], hparams[key])
-    then, now = dict(stored.get("balancer") or {}), dict(hparams["balancer"])
-    if then.get("name", now["name"]) != now["name"]:
-        return "balancer", now["name"], then["name"], mixed.format(then["name"], now["name"])
-    for key in sorted(set(then) & set(now) - set(_RESUMABLE_BALANCER_KEYS)):
-        if _plain(then[key]) != _plain(now[key]):  # a tuple in Python, a list in a config: the same setting
-            return f"balancer.{key}", now[key], then[key], mixed.format(then[key], now[key])
-    weights = {t.get("name"): t.get("weight") for t in (stored.get("model") or {}).get("tasks") or []}
-    for name, task in tasks.items():
-        if weights.get(name) is not None and float(weights[name]) != task.weight:
-            return f"task.{name}.weight", task.weight, weights[name], mixed.format(weights[name], task.weight)
-    return None
-
-
-def _plain(v: Any) -> Any:
-    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
 
 
 def check_precision(balancer: Balancer, precision_plugin: Any) -> None:

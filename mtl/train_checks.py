@@ -17,7 +17,7 @@ from mtl.registry import check_int
 
 log = logging.getLogger("mtl.train")
 
-__all__ = ["check_checkpoint", "check_eval_splits", "check_precision", "check_trainer", "set_aside_failed_attempt",
+__all__ = ["changed_on_resume", "check_checkpoint", "check_eval_splits", "check_precision", "check_trainer", "set_aside_failed_attempt",
            "warn_seed_of_resume"]
 
 
@@ -134,3 +134,44 @@ def check_precision(cfg: DictConfig, trainer: L.Trainer) -> None:
         raise ValueError(f"trainer.precision={asked} is not available on {type(trainer.accelerator).__name__} "
                          f"(Lightning would train in {trainer.precision}); use trainer.precision={trainer.precision} "
                          "or run on a GPU")
+
+
+#: balancer settings that leave a finite step's update as it is (memory layout; a recovery switch past a NaN)
+_RESUMABLE_BALANCER_KEYS = ("parallel_chunk_size", "skip_nonfinite")
+
+
+def changed_on_resume(stored: dict[str, Any], hparams: Any, tasks: dict[str, Any]) -> tuple[str, Any, Any, str] | None:
+    """The first setting a resume would change: (its config key, this run's value, the checkpoint's, why that is
+    refused), or None. Settings a checkpoint lacks (older ones) are not compared."""
+    for key in ("lr", "weight_decay"):  # the restored optimiser keeps the checkpoint's: a new value is never used
+        if key in stored and float(stored[key]) != float(hparams[key]):
+            return (f"optim.{key}", hparams[key], stored[key],
+                    f"resuming restores its optimiser, so it would train at {stored[key]}")
+    # the rest would apply from the resumed step on, while config.yaml and metrics.json record them for the whole run
+    mixed = "the epochs so far trained with {}, and this run's records would name only {} for all of them"
+    for key in ("warmup_ratio", "min_lr_ratio"):
+        if key in stored and float(stored[key]) != float(hparams[key]):
+            return f"optim.{key}", hparams[key], stored[key], mixed.format(stored[key], hparams[key])
+    if "grad_clip" in stored and _plain(stored["grad_clip"]) != _plain(hparams["grad_clip"]):
+        return "optim.grad_clip", hparams["grad_clip"], stored["grad_clip"], mixed.format(stored["grad_clip"],
+                                                                                          hparams["grad_clip"])
+    if "strategy" in stored:  # a slimmable run's sandwich settings (CI-KD, in-place distillation, ...)
+        then_s, now_s = dict(stored["strategy"] or {}), dict(hparams["strategy"] or {})
+        for key in sorted(set(then_s) | set(now_s)):
+            if _plain(then_s.get(key)) != _plain(now_s.get(key)):
+                return f"strategy.{key}", now_s.get(key), then_s.get(key), mixed.format(then_s.get(key), now_s.get(key))
+    then, now = dict(stored.get("balancer") or {}), dict(hparams["balancer"])
+    if then.get("name", now["name"]) != now["name"]:
+        return "balancer", now["name"], then["name"], mixed.format(then["name"], now["name"])
+    for key in sorted(set(then) & set(now) - set(_RESUMABLE_BALANCER_KEYS)):
+        if _plain(then[key]) != _plain(now[key]):  # a tuple in Python, a list in a config: the same setting
+            return f"balancer.{key}", now[key], then[key], mixed.format(then[key], now[key])
+    weights = {t.get("name"): t.get("weight") for t in (stored.get("model") or {}).get("tasks") or []}
+    for name, task in tasks.items():
+        if weights.get(name) is not None and float(weights[name]) != task.weight:
+            return f"task.{name}.weight", task.weight, weights[name], mixed.format(weights[name], task.weight)
+    return None
+
+
+def _plain(v: Any) -> Any:
+    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v

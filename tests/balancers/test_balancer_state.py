@@ -96,7 +96,7 @@ def test_a_resume_that_changes_a_balancers_own_optimiser_is_refused_by_name():
     balancer.optimizer=sgd failed later with a bare KeyError 'momentum' (Adam's state loaded into SGD)."""
     from types import SimpleNamespace
 
-    from mtl.module import changed_on_resume
+    from mtl.train_checks import changed_on_resume
 
     famo = {"name": "famo", "lr": 0.025, "weight_decay": 0.001, "optimizer": "adam", "skip_nonfinite": False}
     stored = {"lr": 2e-3, "weight_decay": 1e-4, "balancer": famo}
@@ -105,6 +105,12 @@ def test_a_resume_that_changes_a_balancers_own_optimiser_is_refused_by_name():
         assert changed_on_resume(stored, now, {})[:3] == (f"balancer.{key}", value, famo[key])
     now = {"lr": 2e-3, "weight_decay": 1e-4, "balancer": {**famo, "skip_nonfinite": True}}  # may change
     assert changed_on_resume(stored, now, {"a": SimpleNamespace(weight=1.0)}) is None
+    # the clipping and a slimmable run's sandwich settings likewise (they apply from the resumed step on)
+    base = {"lr": 2e-3, "weight_decay": 1e-4, "balancer": famo, "grad_clip": 1.0, "strategy": {"name": "sandwich", "cikd": True}}
+    assert changed_on_resume(base, {**base, "grad_clip": None}, {})[:3] == ("optim.grad_clip", None, 1.0)
+    changed = {**base, "strategy": {"name": "sandwich", "cikd": False}}
+    assert changed_on_resume(base, changed, {})[:3] == ("strategy.cikd", False, True)
+    assert changed_on_resume(base, dict(base), {}) is None
     # a list setting given as a tuple in Python and stored as a list is the same setting
     stored["balancer"], now["balancer"] = {**famo, "x": [1, 2]}, {**famo, "x": (1, 2)}
     assert changed_on_resume(stored, now, {"a": SimpleNamespace(weight=1.0)}) is None
