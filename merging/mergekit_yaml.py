@@ -34,13 +34,10 @@ YAML_METHODS: dict[str, tuple[str, ...]] = {
     "dare_linear": ("weight", "density", "lambda", "normalize", "rescale", "int8_mask"),
 }
 #: what mergekit makes of the base model listed under another spelling, which it takes for one more model
-_AS_ONE_MORE = {
-    "linear": "the base averaged in twice, once per spelling",
-    "task_arithmetic": "a zero task vector, whose weight counts in the divisor when normalize is true",
-    "dare_linear": "a zero task vector, whose weight counts in the divisor when normalize is true",
-    "ties": "a zero task vector, which never enters the sign-masked sum or divisor: an entry doing nothing",
-    "dare_ties": "a zero task vector, which never enters the sign-masked sum or divisor: an entry doing nothing",
-}
+_SUMMED = "a zero task vector, whose weight counts in the divisor when normalize is true"
+_SIGN_MASKED = "a zero task vector, which never enters the sign-masked sum or divisor: an entry doing nothing"
+_AS_ONE_MORE = {"linear": "the base averaged in twice, once per spelling", "task_arithmetic": _SUMMED,
+                "dare_linear": _SUMMED, "ties": _SIGN_MASKED, "dare_ties": _SIGN_MASKED}
 #: parameters mergekit reads per model (the rest are read once, from the top-level `parameters`)
 PER_MODEL = ("weight", "density")
 _TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source")

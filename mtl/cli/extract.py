@@ -22,10 +22,11 @@ from mtl.extraction import check_request
 from mtl.registry import check_int
 
 
-def _calibrate_new_widths(model, widths: dict[str, Any], cfg: DictConfig) -> list[float]:
+def _calibrate_new_widths(model, widths: dict[str, Any], cfg: DictConfig) -> tuple[list[float], list[dict[str, Any]]]:
     """The requested widths outside the model's width set get BN statistics of their own from ``calib.batches``
     batches of ``calib.split`` (``model.calibrate_widths``, as in Python), so any width in (0, 1] extracts;
-    widths in the set keep their trained statistics. Values that are no width are left to the extraction's errors."""
+    widths in the set keep their trained statistics. Values that are no width are left to the extraction's errors.
+    Returns those widths and the batches read (none when every width is in the set)."""
     from collections.abc import Mapping
 
     from mtl.models.slimmable.layers import width_index
@@ -35,13 +36,14 @@ def _calibrate_new_widths(model, widths: dict[str, Any], cfg: DictConfig) -> lis
     values = [widths.get("encoder"), *(dec.values() if isinstance(dec, Mapping) else [dec])]
     new = sorted({float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)
                   and 0.0 < float(v) <= 1.0 and width_index(model.width_set, float(v)) is None})
-    if new:
-        batches = calibration_batches(model, cfg, why=f"widths {new} outside the width set (BN recalibration)")
-        old = list(model.width_set)
-        model.calibrate_widths(new, batches)
-        emit(f"[mtl-extract] widths {new} are not in the model's width set {old}: their BN "
-             f"statistics estimated on {len(batches)} {cfg.calib.split} batches (calib.batches, calib.split)")
-    return new
+    if not new:
+        return [], []
+    batches = calibration_batches(model, cfg, why=f"widths {new} outside the width set (BN recalibration)")
+    old = list(model.width_set)
+    model.calibrate_widths(new, batches)
+    emit(f"[mtl-extract] widths {new} are not in the model's width set {old}: their BN "
+         f"statistics estimated on {len(batches)} {cfg.calib.split} batches (calib.batches, calib.split)")
+    return new, batches
 
 
 def _one_task(tasks) -> str:
@@ -128,9 +130,10 @@ def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     # before any data: the family extracts at all, and by this request
     check_request(model, {"widths": widths} if widths is not None
                   else {"task": task, "calib": [], "min_share": float(cfg.min_share)})
-    calibrated = _calibrate_new_widths(model, widths, cfg) if widths is not None and by_widths else []
+    calibrated, batches = _calibrate_new_widths(model, widths, cfg) if widths is not None and by_widths else ([], [])
     if widths is not None:
-        batches = calibration_batches(model, cfg, limit=1, why="widths= (one image to count FLOPs at)")
+        # one image to count FLOPs at: the calibration's first batch, else the data's first (read once either way)
+        batches = batches or calibration_batches(model, cfg, limit=1, why="widths= (one image to count FLOPs at)")
         if not getattr(model, "meta", {}).get("data"):  # the folder written next says what size its inputs are
             model.meta = {**getattr(model, "meta", {}), "data": data_config(model, cfg)}
         sub = mtl.extract(model, out=output, overwrite=bool(cfg.overwrite), run_dir=run_dir, widths=widths)

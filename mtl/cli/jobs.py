@@ -32,9 +32,8 @@ def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
     # every check on the output before anything is written: a refused rerun leaves the earlier run's
     # config.yaml, records and (when it finished) its folder exactly as they were
     if output.exists() and not cfg.get("overwrite"):
-        finished = (run_dir / "metrics.json").is_file() and not (run_dir / FAILED).exists()
         message = f"{output} exists; pass overwrite=true to replace it"
-        raise RunFolderTaken(message, run_dir) if finished else FileExistsError(message)
+        raise RunFolderTaken(message, run_dir) if finished_run(run_dir) else FileExistsError(message)
     parent = next((p for p in output.resolve().parents if p.exists()), None)
     if parent is not None and not parent.is_dir():  # said now, not as a bare OS error after the work
         raise NotADirectoryError(f"output={output}: {parent} is a file, not a folder; choose another output path")
@@ -67,16 +66,20 @@ def recorded_job(run_dir: Path) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def finished_model(run_dir: Path) -> Path | None:
-    """The model folder of a finished training run in ``run_dir`` (its metrics.json, no FAILED), else None: a
-    smoke job retried in its folder reuses the tiny model its first attempt trained (a finished run's folder is
-    never trained into again)."""
+def finished_run(run_dir: Path) -> bool:
+    """``run_dir`` holds a finished run: its metrics.json, and no FAILED marker."""
     from mtl.cli.failures import FAILED
+
+    return (Path(run_dir) / "metrics.json").is_file() and not (Path(run_dir) / FAILED).exists()
+
+
+def finished_model(run_dir: Path) -> Path | None:
+    """The model folder of a finished training run in ``run_dir``, else None: a smoke job retried in its folder
+    reuses the tiny model its first attempt trained (a finished run's folder is never trained into again)."""
     from mtl.io import is_model_folder
 
-    run_dir = Path(run_dir)
-    done = (run_dir / "metrics.json").is_file() and not (run_dir / FAILED).exists()
-    return run_dir / "model" if done and is_model_folder(run_dir / "model") else None
+    model = Path(run_dir) / "model"
+    return model if finished_run(run_dir) and is_model_folder(model) else None
 
 
 def smoke_model(root: str | os.PathLike, experiment: str = "scenes_hps",
