@@ -494,7 +494,9 @@ def test_pending_window_and_famo_state_are_the_ranks_mean_so_rank_0s_checkpoint_
     # FAMO: the other rank had a = 4 and b = 0 (no valid pixel): a's pending log-loss is the mean over both
     # ranks, b's over the rank where it lived (this one), and b stays live (it lived on a rank)
     other = iter([torch.tensor([1.0, 0.0]), torch.tensor([math.log(4.0), 0.0])])  # its live flags, log-losses·live
-    monkeypatch.setattr(loss_level, "dist_mean", lambda t: (t + next(other)) / 2)
+    import mtl.balancers.own_optimizer as own_optimizer
+
+    monkeypatch.setattr(own_optimizer, "dist_mean", lambda t: (t + next(other)) / 2)
     famo = create_balancer("famo", ["a", "b"], recompute=False, optimizer="sgd")
     _, ctx = fixed_losses({"a": 2.0, "b": 3.0})
     famo.backward(ctx)
