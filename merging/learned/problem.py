@@ -130,14 +130,17 @@ def _model_from_folders(pretrained, finetuned):
 
 
 def _uncovered_weights(model: nn.Module, sources: Sequence[Any], task_keys: Any) -> list[str]:
-    """The model's weights (parameters, persistent buffers) that no input holds and `task_keys` does not mark
-    task-specific: a shared layer the merge does not cover, which would run with the caller's own values."""
+    """The model's weights (parameters, persistent floating buffers) that no input holds and `task_keys` does not
+    mark task-specific: a shared layer the merge does not cover, which would run with the caller's own values.
+    Integer/bool buffers are bookkeeping, not weights (BN's num_batches_tracked never enters an eval forward;
+    the merge copies them, never learns them), so inputs may leave them out."""
     held = {k for src in sources for k in src.keys()}
     is_task_key = compile_pattern(task_keys, "task_keys") or (lambda k: False)
     names: dict[int, list[str]] = {}  # tied weights: one name the inputs hold covers every alias
     for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
         names.setdefault(id(t), []).append(n)
     return [k for k, t in model.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)
+            and (t.is_floating_point() or t.is_complex() or isinstance(t, nn.Parameter))
             and not any(n in held or is_task_key(n) for n in names.get(id(t), [k]))]
 
 

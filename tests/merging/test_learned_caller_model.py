@@ -88,3 +88,45 @@ def test_fine_tuned_heads_model_does_not_hold_are_named_once(caplog):
     (warning,) = runs["other warnings"]
     assert "['t1', 't2']" in warning and "'heads.t1.bias', 'heads.zz.weight'" in warning
     torch.testing.assert_close(runs["same"].coefficients, runs["other"].coefficients, rtol=0, atol=0)
+
+
+class ConvBN(nn.Module):
+    """Conv + BatchNorm shared, one linear head per task (the auditor's model)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.heads = nn.ModuleDict({t: nn.Linear(4, 2) for t in ("a", "b")})
+
+    def forward(self, x, tasks=None):
+        z = torch.relu(self.bn(self.conv(x))).mean((2, 3))
+        return {t: self.heads[t](z) for t in (tasks or list(self.heads))}
+
+
+def conv_bn_inputs():
+    torch.manual_seed(0)
+    model = ConvBN().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+        model.bn.num_batches_tracked.fill_(7)
+    pre = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("heads.")}
+    fts = {t: {k: v + 0.2 * torch.randn_like(v) if k.endswith(("weight", "bias")) else v.clone() for k, v in pre.items()}
+           for t in ("a", "b")}
+    data = {t: [torch.randn(4, 3, 6, 6) for _ in range(2)] for t in ("a", "b")}
+    return model, pre, fts, data
+
+
+def test_integer_bookkeeping_buffers_left_out_of_the_inputs_are_not_uncovered_weights():
+    """num_batches_tracked does not enter an eval-mode forward: inputs that keep floating tensors only learn the
+    same merge as inputs that hold it; a floating buffer left out (running_var) is still refused."""
+    model, pre, fts, data = conv_bn_inputs()
+    floats = lambda sd: {k: v for k, v in sd.items() if v.is_floating_point()}  # noqa: E731
+    run = lambda p, f: merging.learn("adamerging", p, f, unlabeled=data, model=model, tasks=["a", "b"],  # noqa: E731
+                                     steps=2, lr=0.05, progress=False)
+    full, dropped = run(pre, list(fts.values())), run(floats(pre), [floats(f) for f in fts.values()])
+    assert "bn.num_batches_tracked" not in dropped.state_dict
+    torch.testing.assert_close(dropped.coefficients, full.coefficients, rtol=0, atol=0)
+    no_var = lambda sd: {k: v for k, v in sd.items() if k != "bn.running_var"}  # noqa: E731
+    with pytest.raises(MergeInputError, match=r"^model= \(ConvBN\) has 'bn.running_var' that no input holds"):
+        run(no_var(pre), [no_var(f) for f in fts.values()])
