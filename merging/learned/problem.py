@@ -144,18 +144,33 @@ def _uncovered_weights(model: nn.Module, sources: Sequence[Any], task_keys: Any)
             and not any(n in held or is_task_key(n) for n in names.get(id(t), [k]))]
 
 
-def _unused_heads(model: nn.Module, ft_srcs: Sequence[Any], task_specific: list[list[str]]) -> dict[int, str]:
-    """Fine-tuned model index -> its first task-specific key that model= does not run with (absent from the
-    model, or another value): with model=, the model's own heads predict."""
+def _key_task(key: str, tasks: set[str]) -> str | None:
+    """The task a task-specific key belongs to: its first path component that names a task (`heads.a.0.weight`
+    -> 'a'); None when none does."""
+    return next((part for part in key.split(".") if part in tasks), None)
+
+
+def _unused_heads(model: nn.Module, ft_srcs: Sequence[Any], task_specific: list[list[str]],
+                  vector_tasks: list[list[str]]) -> dict[int, str]:
+    """Fine-tuned model index -> its first own task-specific key that model= does not run with, and why. Own: the
+    key names one of the fine-tune's tasks, or no task at all; the other tasks' heads a fine-tune carries are as
+    θ0 left them, so their differing from the model's (fine-tuned) heads says nothing."""
     mine = model.state_dict(keep_vars=True)
+    every_task = {t for ts in vector_tasks for t in ts}
     unused = {}
-    for t, (src, keys) in enumerate(zip(ft_srcs, task_specific)):
+    for t, (src, keys, own_tasks) in enumerate(zip(ft_srcs, task_specific, vector_tasks)):
         for k in keys:
+            owner = _key_task(k, every_task)
+            if owner is not None and owner not in own_tasks:
+                continue
             theirs, own = src.get(k), mine.get(k)
-            if not (isinstance(own, torch.Tensor) and own.shape == theirs.shape
-                    and torch.equal(own.detach().cpu(), theirs.to(own.dtype))):
-                unused[t] = k
-                break
+            if not isinstance(own, torch.Tensor):
+                unused[t] = f"{k!r} (not in the model)"
+            elif own.shape != theirs.shape or not torch.equal(own.detach().cpu(), theirs.to(own.dtype)):
+                unused[t] = f"{k!r} (the model holds different values)"
+            else:
+                continue
+            break
     return unused
 
 
@@ -264,13 +279,14 @@ def build_problem(pretrained, finetuned, *, model: nn.Module | None = None, task
                 fixed[k] = mine
             else:
                 fixed[k] = (ctx.average(k) if kind == "average" else ctx.raw_pre(k)).to(device, info.dtype, copy=True)
-        unused = {} if built else _unused_heads(model, ft_srcs, ctx.plan.task_specific)
+        unused = {} if built else _unused_heads(model, ft_srcs, ctx.plan.task_specific, vector_tasks)
     finally:
         ctx.close()
     if unused:  # said once: the caller may expect each fine-tune's own head, as model folders bring it
-        log.warning("the fine-tuned models of task(s) %s carry task-specific weights the model does not hold (first: "
-                    "%s); they are not used: with model= the model's heads predict", [names[t] for t in unused],
-                    ", ".join(repr(k) for k in unused.values()))
+        log.warning("the fine-tuned models of task(s) %s carry their own task-specific weights that the model lacks "
+                    "or holds different values of (first: %s); they are not used: with model= the model's heads "
+                    "predict (load those heads into the model to learn with them)", [names[t] for t in unused],
+                    ", ".join(unused.values()))
     if not theta0:
         raise MergeInputError("nothing to learn: the fine-tuned models do not differ from the pretrained one")
     return MergeProblem(model, list(theta0), theta0, taus, names, vector_tasks, kinds, device, fixed, dtypes,

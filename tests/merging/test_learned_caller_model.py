@@ -86,7 +86,8 @@ def test_fine_tuned_heads_model_does_not_hold_are_named_once(caplog):
         runs[name + " warnings"] = [r.getMessage() for r in caplog.records if "not used" in r.getMessage()]
     assert runs["same warnings"] == []
     (warning,) = runs["other warnings"]
-    assert "['t1', 't2']" in warning and "'heads.t1.bias', 'heads.zz.weight'" in warning
+    assert "['t1', 't2']" in warning
+    assert "'heads.t1.bias' (the model holds different values), 'heads.zz.weight' (not in the model)" in warning
     torch.testing.assert_close(runs["same"].coefficients, runs["other"].coefficients, rtol=0, atol=0)
 
 
@@ -130,3 +131,25 @@ def test_integer_bookkeeping_buffers_left_out_of_the_inputs_are_not_uncovered_we
     no_var = lambda sd: {k: v for k, v in sd.items() if k != "bn.running_var"}  # noqa: E731
     with pytest.raises(MergeInputError, match=r"^model= \(ConvBN\) has 'bn.running_var' that no input holds"):
         run(no_var(pre), [no_var(f) for f in fts.values()])
+
+
+def test_only_each_fine_tunes_own_head_is_compared_with_the_model(caplog):
+    """Each fine-tune carries every head: its own (fine-tuned, the value the model holds) and the others as θ0
+    left them (which differ from the model's fine-tuned heads). Only its own head is compared: no warning; a
+    fine-tune whose own head differs from the model's is named, and only it."""
+    model, pre, fts, data = toys()
+    tuned = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("heads.")}
+    untouched = {k: v + 1.0 for k, v in tuned.items()}  # the heads before fine-tuning
+    every = [{**f, **untouched, **{k: v for k, v in tuned.items() if k.startswith(f"heads.t{i}.")}}
+             for i, f in enumerate(fts)]
+    retrained = [dict(f) for f in every]
+    retrained[1]["heads.t1.weight"] = retrained[1]["heads.t1.weight"] * 2
+    warned = {}
+    for name, given in (("own heads equal", every), ("t1 retrained", retrained)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="merging.learned"):
+            merging.learn("adamerging", pre, given, unlabeled=data, steps=1, **kw(model))
+        warned[name] = [r.getMessage() for r in caplog.records if "not used" in r.getMessage()]
+    assert warned["own heads equal"] == []
+    (warning,) = warned["t1 retrained"]
+    assert "task(s) ['t1']" in warning and "'heads.t1.weight' (the model holds different values)" in warning
