@@ -209,6 +209,8 @@ def check_hparams(method: str, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 0):
         raise ValueError(f"pool_limit must be an int ≥ 0 (input values of one pooled pass; 0: task by task; null: "
                          f"{POOL_LIMIT} for models built from folders, 0 for a model= you pass), got {hp['pool_limit']!r}")
+    if limit is not None:  # np.int64 and the like: one plain int from here on (Objective, coefficients.json)
+        hp["pool_limit"] = int(limit)
     for k in ("init", "lam"):
         if k in hp and not (_real(hp[k]) and torch.isfinite(torch.tensor(float(hp[k])))):
             raise ValueError(f"{k} must be a finite number, got {hp[k]!r}")

@@ -80,10 +80,7 @@ class Objective:
             raise ValueError(f"channels_last must be true or false (null: on for models built from folders), "
                              f"got {channels_last!r}")
         self.channels_last = channels_last
-        if isinstance(pool_limit, bool) or not isinstance(pool_limit, int) or pool_limit < 0:
-            raise ValueError(f"pool_limit must be an int ≥ 0 (input values of one pooled pass; 0: task by task), "
-                             f"got {pool_limit!r}")
-        self.pool_limit = pool_limit
+        self.pool_limit = pool_limit  # an int ≥ 0: checked and converted once, by api.check_hparams
         self._poolable = True  # False once the model turned out not to return {task: prediction}
         # bn_options: keyword arguments of merging.bn's functions (`task_keys` when the caller set it)
         self.recompute_bn, self.bn_options = recompute_bn, dict(bn_options or {})

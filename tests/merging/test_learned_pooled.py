@@ -64,6 +64,15 @@ def test_bad_pool_limit_is_named(bad):
         merging.learn("adamerging", pre, fts, unlabeled=data, steps=1, pool_limit=bad, **kw(model))
 
 
+def test_a_numpy_integer_pool_limit_is_an_int(model_calls):
+    """numbers.Integral is accepted once and stored as an int: np.int64(0) goes task by task, as 0 does."""
+    np = pytest.importorskip("numpy")
+    model, pre, fts, data = toys()
+    res = merging.learn("adamerging", pre, fts, unlabeled=data, steps=1, pool_limit=np.int64(0), **kw(model))
+    assert type(res.hparams["pool_limit"]) is int and res.hparams["pool_limit"] == 0
+    assert model_calls and T not in passes(model_calls)
+
+
 class TaskConditioned(Toy):
     """Each task's prediction depends on its place in the list of tasks asked for: `forward(x, tasks=[t])`
     (the contract) and one pass of every task differ."""
