@@ -50,31 +50,72 @@ def finetune_steps(model: torch.nn.Module, datamodule, steps: int, lr: float) ->
         loss.backward()
         opt.step()
     model.eval()
+    bad = first_non_finite(model)
+    if bad is not None:  # the model folder would hold weights that load_model refuses: fail before writing it
+        raise ValueError(f"finetune: tensor {bad!r} of the pruned model holds NaN or infinite values after "
+                         f"{int(steps)} step(s) at finetune.lr={lr:g}; lower finetune.lr (no model folder written)")
+
+
+def first_non_finite(model: torch.nn.Module) -> str | None:
+    """The state-dict key of the first floating tensor (weight or buffer) holding a NaN or infinity, else None."""
+    for key, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return key
+    return None
+
+
+def _undefined(values: dict[str, dict[str, float]], tasks, who: str, zero_too: bool) -> list[str]:
+    """Why the primary metrics in `values` give no relative change: one is not finite (a test split with no
+    valid pixel; outputs that overflow), or, for a reference (`zero_too`), 0. Missing ones are left to Δm."""
+    import math
+
+    task_map = tasks if isinstance(tasks, dict) else {t.name: t for t in tasks}
+    out = []
+    for name, task in task_map.items():
+        v = values.get(name, {}).get(task.primary)
+        if v is not None and (not math.isfinite(v) or (zero_too and v == 0)):
+            out.append(f"{name}/{task.primary} of the {who} model is {v:g}")
+    return out
+
+
+def _why(reasons: list[str], against: str) -> str:
+    why = "; ".join(reasons) + " (Δm's relative change is undefined)"
+    log.warning("Δm vs %s is not defined: %s", against, why)
+    return why
 
 
 def delta_m_vs(reference: dict[str, dict[str, float]], metrics: dict[str, dict[str, float]], tasks) -> dict[str, Any]:
     """``{"after": Δm%}`` against the unpruned model, or ``{"after": None, "why": ...}`` when a primary
     metric of the unpruned model is 0 (a 2-image test split's accuracy) or one of either model is not
-    finite (no valid pixel; a diverged fine-tune): no relative change exists, and the pruned model is
-    still worth its folder. Anything else wrong (a missing metric) fails the run."""
-    import math
-
+    finite (no valid pixel, outputs that overflow): no relative change exists, and the pruned model is
+    still worth its folder. Anything else wrong (a missing metric) fails the run; non-finite weights
+    after a diverged fine-tune already failed it (`finetune_steps`)."""
     from mtl.evaluation import Baselines, delta_m
 
-    task_map = tasks if isinstance(tasks, dict) else {t.name: t for t in tasks}
-    undefined = []
-    for name, task in task_map.items():
-        ref, val = reference.get(name, {}).get(task.primary), metrics.get(name, {}).get(task.primary)
-        for who, v in (("unpruned", ref), ("pruned", val)):
-            if v is not None and (not math.isfinite(v) or (who == "unpruned" and v == 0)):
-                undefined.append(f"{name}/{task.primary} of the {who} model is {v:g}")
-    if undefined:
-        why = "; ".join(undefined) + " (Δm's relative change is undefined)"
-        log.warning("Δm vs the unpruned model is not defined: %s", why)
-        return {"after": None, "why": why}
+    reasons = _undefined(reference, tasks, "unpruned", zero_too=True) + _undefined(metrics, tasks, "pruned", zero_too=False)
+    if reasons:
+        return {"after": None, "why": _why(reasons, "the unpruned model")}
     unpruned = Baselines(reference)
     unpruned.label = "the unpruned model's metrics"
     return {"after": delta_m(metrics, unpruned, tasks)}
+
+
+def delta_m_vs_baselines(baselines, before: dict[str, dict[str, float]], after: dict[str, dict[str, float]],
+                         tasks) -> dict[str, Any]:
+    """``{"before": Δm%, "after": Δm%}`` of the unpruned and the pruned model against single-task baselines
+    (a loaded baselines file: finite and positive), each None with a ``why`` when a primary metric of that
+    model is not finite, as in `delta_m_vs`."""
+    from mtl.evaluation import delta_m
+
+    out: dict[str, Any] = {}
+    reasons: list[str] = []
+    for key, values, who in (("before", before, "unpruned"), ("after", after, "pruned")):
+        undefined = _undefined(values, tasks, who, zero_too=False)
+        out[key] = None if undefined else delta_m(values, baselines, tasks)
+        reasons += undefined
+    if reasons:
+        out["why"] = _why(reasons, "the baselines")
+    return out
 
 
 def _check_run_settings(cfg: DictConfig) -> None:
@@ -116,11 +157,11 @@ def run_prune(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     report["delta_m"] = {"variant": "primary", "reference": "unpruned model", "before": 0.0,
                          **delta_m_vs(before, after, tasks)}
     if cfg.get("baselines"):
-        from mtl.evaluation import delta_m, load_baselines
+        from mtl.evaluation import load_baselines
 
         base = load_baselines(cfg.baselines, tasks)
         report["delta_m_vs_baselines"] = {"variant": "primary", "baselines": str(cfg.baselines),
-                                          "before": delta_m(before, base, tasks), "after": delta_m(after, base, tasks)}
+                                          **delta_m_vs_baselines(base, before, after, tasks)}
     x = batches[0]["image"][: int(ev.latency_batch)]
     emit(f"[prune] CPU latency, {int(ev.latency_repeats)} repeats of batch {int(x.shape[0])} per model")
     lat = {k: latency_ms(m, x, int(ev.latency_repeats), threads=int(ev.latency_threads))

@@ -264,6 +264,68 @@ def test_delta_m_against_an_unpruned_metric_of_zero_is_null_not_a_failed_run():
         delta_m_vs(before, after, tasks)
 
 
+def test_delta_m_vs_baselines_is_null_with_its_reason_for_the_model_whose_metric_is_not_finite():
+    from pruning.job import delta_m_vs_baselines
+    from mtl.tasks import create_task
+
+    tasks = {"classification": create_task("classification", num_classes=3), "depth": create_task("depth")}
+    base = {"classification": {"accuracy": 0.5}, "depth": {"rmse": 1.0}}
+    before = {"classification": {"accuracy": 0.5}, "depth": {"rmse": 2.0}}
+    after = {"classification": {"accuracy": 0.75}, "depth": {"rmse": float("nan")}}
+    got = delta_m_vs_baselines(base, before, after, tasks)
+    # before: (100 · 0 / 0.5 − 100 · (2 − 1) / 1) / 2 tasks
+    assert got == {"before": pytest.approx(-50.0), "after": None,
+                   "why": "depth/rmse of the pruned model is nan (Δm's relative change is undefined)"}
+    after["depth"]["rmse"] = 1.0  # accuracy +50 %, rmse as the baseline: +25
+    assert delta_m_vs_baselines(base, before, after, tasks) == {"before": pytest.approx(-50.0), "after": pytest.approx(25.0)}
+
+
+def test_a_non_finite_metric_with_baselines_still_writes_the_pruned_model(folder, tmp_path, monkeypatch):
+    """delta_m against the baselines raised on a NaN metric before save_model: a FAILED run without its model."""
+    import pruning.job as job
+
+    evaluated = []
+
+    def poisoned(model, *args):  # the second evaluation is the pruned model's: one metric with no valid pixel
+        metrics = job_evaluate(model, *args)
+        evaluated.append(model)
+        if len(evaluated) == 2:
+            metrics["depth"]["rmse"] = float("nan")
+        return metrics
+
+    job_evaluate = job.evaluate_all
+    monkeypatch.setattr(job, "evaluate_all", poisoned)
+    baselines = tmp_path / "b.json"
+    baselines.write_text(json.dumps({"semseg": {"miou": 0.5}, "depth": {"rmse": 1.0}, "classification": {"accuracy": 0.5}}))
+    report = run(["prune=l1", f"model={folder}", "prune.ratio=0.3", "calib.batches=1", "eval.max_batches=1",
+                  "eval.latency_repeats=2", f"baselines={baselines}"], run_dir=tmp_path / "run")
+    why = "depth/rmse of the pruned model is nan (Δm's relative change is undefined)"
+    assert report["delta_m"]["after"] is None and report["delta_m"]["why"] == why
+    vs = report["delta_m_vs_baselines"]
+    assert vs["after"] is None and vs["why"] == why and isinstance(vs["before"], float)
+    assert mtl.load_model(tmp_path / "run" / "model") is not None
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["delta_m_vs_baselines"]["after"] is None
+
+
+def test_a_diverged_finetune_fails_naming_the_tensor_before_writing_the_model(folder, tmp_path):
+    """It wrote model/ with NaN weights, which the reload check (and every later load_model) then refused."""
+    with pytest.raises(ValueError, match=r"finetune: tensor '[\w.]+' of the pruned model holds NaN or infinite values "
+                                         r"after 3 step\(s\) at finetune.lr=1e\+12; lower finetune.lr"):
+        run(["prune=l1", f"model={folder}", "prune.ratio=0.3", "calib.batches=1", "rounds=2", "finetune.steps=3",
+             "finetune.lr=1e12", "eval.max_batches=1"], run_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_first_non_finite_names_a_buffer_too():
+    from pruning.job import first_non_finite
+
+    m = create_model(["depth"], backbone="test_resnet", decoder={"name": "hps", "channels": 8})
+    assert first_non_finite(m) is None
+    key = next(k for k, t in m.state_dict().items() if k.endswith("running_var"))
+    m.state_dict()[key][0] = float("inf")  # state_dict shares storage with the module
+    assert first_non_finite(m) == key
+
+
 def test_the_prune_table_gives_the_reason_of_a_null_delta_m(capsys):
     from pruning.job import print_table
 
