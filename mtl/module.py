@@ -113,6 +113,8 @@ class MultiTaskModule(L.LightningModule):
         self.val_metrics = nn.ModuleDict({n: nn.ModuleDict(t.metrics()) for n, t in self.tasks.items()})
         self.test_metrics = nn.ModuleDict({n: nn.ModuleDict(t.metrics()) for n, t in self.tasks.items()})
         self.results: dict[str, dict[str, dict[str, float]]] = {}
+        self.scored: dict[str, int] = {}  # stage -> images its last evaluation scored (all processes)
+        self._seen: dict[str, int] = {}
         self.val_history: dict[int, dict[str, dict[str, float]]] = {}  # epoch -> its validation metrics
         # a model family's extra per-step work (mtl.strategies), e.g. the sandwich rule of slimmable models
         self.strategy = None
@@ -306,6 +308,7 @@ class MultiTaskModule(L.LightningModule):
         preds = self.model(batch["image"])
         losses = self.task_losses(preds, batch, weighted=False)
         bs = batch["image"].shape[0]
+        self._seen[stage] = self._seen.get(stage, 0) + bs
         for name, task in self.tasks.items():
             target = batch[task.target_key]
             for metric in metrics[name].values():
@@ -324,6 +327,10 @@ class MultiTaskModule(L.LightningModule):
                 self.log(f"{stage}/{name}/{mname}", value, sync_dist=False, prog_bar=False)
         self.results[stage] = result
         trainer = getattr(self, "_trainer", None)
+        seen = self._seen.pop(stage, 0)
+        if trainer is not None and trainer.world_size > 1:  # each process scored its own share
+            seen = int(trainer.strategy.reduce(torch.tensor(seen, device=self.device), reduce_op="sum"))
+        self.scored[stage] = seen
         if stage == "val" and trainer is not None and not trainer.sanity_checking:
             self.val_history[self.current_epoch] = result
 

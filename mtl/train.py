@@ -23,7 +23,7 @@ from mtl.module import MultiTaskModule
 from mtl.registry import check_int
 from mtl.sweep import check_monitors, check_objective
 from mtl.tasks import create_task
-from mtl.train_checks import (check_checkpoint, check_eval_splits, check_precision, check_trainer,
+from mtl.train_checks import (check_checkpoint, check_eval_splits, check_precision, check_test_batches, check_trainer,
                               set_aside_failed_attempt, warn_seed_of_resume)
 from mtl.warm_start import folder_architecture, init_from_folder, keep_expansion_point
 
@@ -142,6 +142,7 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         check_checkpoint(Path(cfg.ckpt_path))
         warn_seed_of_resume(cfg, Path(cfg.ckpt_path))
     check_trainer(cfg.trainer)
+    check_test_batches(cfg)
     check_int("seed", cfg.get("seed"), 0)  # named before training, not after it
     check_int("viz.num_samples", (cfg.get("viz") or {}).get("num_samples") or 0, 0)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -267,6 +268,8 @@ def _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, basel
         "test": module.results.get("test", {}),
         "val": val if val is not None else module.results.get("val", {}),
         "val_epoch": entry["epoch"] if val is not None else "last",
+        # a partial split (trainer.limit_*_batches) is recognisable, e.g. in a baselines run
+        "scored_samples": {split: module.scored.get(split, 0) for split in ("val", "test")},
         "best_checkpoint": ckpt,
         "fit_seconds": round(fit_seconds, 2),
         "global_steps": trainer.global_step,

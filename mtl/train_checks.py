@@ -17,8 +17,8 @@ from mtl.registry import check_int
 
 log = logging.getLogger("mtl.train")
 
-__all__ = ["changed_on_resume", "check_checkpoint", "check_eval_splits", "check_precision", "check_trainer", "set_aside_failed_attempt",
-           "warn_seed_of_resume"]
+__all__ = ["changed_on_resume", "check_checkpoint", "check_eval_splits", "check_precision", "check_test_batches",
+           "check_trainer", "set_aside_failed_attempt", "warn_seed_of_resume"]
 
 
 def check_eval_splits(trainer, datamodule) -> None:
@@ -87,6 +87,20 @@ def check_trainer(tr: DictConfig) -> None:
         # Lightning starts the other ranks by re-running the command line: the whole sweep, on every rank
         raise ValueError("trainer=ddp with local processes cannot run inside a -m multirun (each rank would re-run "
                          "the sweep); use launcher=slurm, or run each job with torchrun")
+
+
+def check_test_batches(cfg: DictConfig) -> None:
+    """``trainer.limit_test_batches=0`` makes Lightning skip testing: ``metrics.json["test"]`` stays empty, so
+    ``baselines.save_to`` would save an empty entry and ``baselines.path`` fail only after training."""
+    limit = cfg.trainer.get("limit_test_batches")
+    if limit is None or isinstance(limit, str) or limit != 0:
+        return
+    needs = [f"baselines.{k}" for k in ("save_to", "path") if (cfg.get("baselines") or {}).get(k)]
+    if needs:
+        raise ValueError(f"trainer.limit_test_batches={limit} tests nothing, and {needs[0]} needs the test metrics; "
+                         "use a batch count >= 1 or a fraction in (0, 1] (null: every batch)")
+    log.warning("trainer.limit_test_batches=%s: no test, so metrics.json['test'] and the model folder's test metrics "
+                "are empty", limit)
 
 
 def check_checkpoint(path: Path) -> None:

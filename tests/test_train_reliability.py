@@ -149,6 +149,30 @@ def test_baselines_save_to_is_checked_before_training(tmp_path):
         assert not (tmp_path / target.stem / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("key", ["save_to", "path"])
+def test_no_test_batches_is_refused_before_training_when_baselines_need_the_test_metrics(tmp_path, key):
+    """save_to wrote a baselines file `{}` (rc 0); path trained, then failed on 'task ... is missing in the metrics'."""
+    base = tmp_path / "b.json"
+    base.write_text(json.dumps({"depth": {"rmse": 1.0, "abs_err": 1.0, "abs_rel": 1.0, "delta1": 0.5}}))
+    with pytest.raises(ValueError, match=rf"trainer.limit_test_batches=0 tests nothing, and baselines.{key} needs "
+                                         r"the test metrics; use a batch count >= 1"):
+        run(FAST + ["task=[depth]", "trainer.limit_test_batches=0", f"baselines.{key}={base}"], run_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained
+    assert json.loads(base.read_text()) == {"depth": {"rmse": 1.0, "abs_err": 1.0, "abs_rel": 1.0, "delta1": 0.5}}
+
+
+def test_metrics_json_counts_the_images_each_split_scored(tmp_path, caplog):
+    """A partial test split (a baselines run with trainer.limit_test_batches) is recognisable in metrics.json."""
+    with caplog.at_level("WARNING", logger="mtl.train"):
+        run(FAST + ["task=[depth]", "trainer.limit_test_batches=0"], run_dir=tmp_path / "none")
+    assert "trainer.limit_test_batches=0: no test, so metrics.json['test']" in caplog.text
+    none = json.loads((tmp_path / "none" / "metrics.json").read_text())
+    assert none["test"] == {} and none["scored_samples"] == {"val": 16, "test": 0}  # debug=smoke: batches of 16
+    run(FAST + ["task=[depth]", "trainer.limit_test_batches=null"], run_dir=tmp_path / "all")
+    full = json.loads((tmp_path / "all" / "metrics.json").read_text())
+    assert full["scored_samples"] == {"val": 16, "test": 32}  # debug=smoke: data.n_test=32, the whole split
+
+
 def test_python_run_marks_failures_names_groups_and_replaces_a_stale_marker(tmp_path):
     with pytest.raises(ValueError, match=r"optim.lr must be > 0"):
         run(FAST + ["task=[depth]", "optim.lr=-1"], run_dir=tmp_path / "r")
