@@ -197,6 +197,22 @@ def test_empty_split_is_nan():
     assert math.isnan(m.compute().item())
 
 
+def test_a_nan_depth_prediction_makes_the_errors_nan_and_delta_m_refuses():
+    """docs/tasks.md: an error has no worst value, so one diverged pixel makes the split's errors NaN."""
+    from mtl.evaluation import delta_m
+
+    task = create_task("depth", metrics=["rmse", "abs_err", "abs_rel", "delta1"])
+    pred = torch.full((1, 1, 1, 2), 2.0)
+    pred[0, 0, 0, 0] = float("nan")
+    metrics = task.metrics()
+    for metric in metrics.values():
+        metric.update(pred, torch.full((1, 1, 1, 2), 2.0))
+    got = {k: float(v.compute()) for k, v in metrics.items()}
+    assert all(math.isnan(got[k]) for k in ("rmse", "abs_err", "abs_rel")) and got["delta1"] == 0.5
+    with pytest.raises(ValueError, match="task 'depth' metric 'rmse' is nan in the metrics; Δm is undefined"):
+        delta_m({"depth": got}, {"depth": {"rmse": 1.0}}, {"depth": task})
+
+
 def test_median_angle_of_a_diverged_prediction_is_the_worst_not_the_best():
     target = torch.zeros(1, 3, 1, 2)
     target[:, 2] = 1.0
