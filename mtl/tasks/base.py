@@ -28,7 +28,8 @@ class Task(abc.ABC):
     dense: ClassVar[bool] = True
     #: {metric_name: True if higher is better}
     directions: ClassVar[dict[str, bool]] = {}
-    #: the metric used for Δm and checkpoint selection
+    #: the metric Δm's "primary" variant uses; checkpoints are chosen on val/loss
+    #: (callbacks.model_checkpoint.monitor), not on it
     primary: ClassVar[str] = ""
 
     def __init__(self, name: str | None = None, weight: float = 1.0, target_key: str | None = None):
