@@ -137,6 +137,11 @@ def run_prune(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     source = input_model(cfg, run_dir, "prune")
     start = time.perf_counter()
     model = load_model(source)
+    base = None
+    if cfg.get("baselines"):  # read before minutes of pruning and testing, not after
+        from mtl.evaluation import load_baselines
+
+        base = load_baselines(cfg.baselines, model.tasks)
     dm = datamodule_for(model, OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else None, source)
     batches = calibration_batches(dm, cfg.calib.batches, cfg.calib.split)
     emit(f"[prune] {method} on {len(batches)} calibration batch(es) of {cfg.calib.split}")
@@ -156,10 +161,7 @@ def run_prune(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     report["metrics"] = {"before": before, "after": after}
     report["delta_m"] = {"variant": "primary", "reference": "unpruned model", "before": 0.0,
                          **delta_m_vs(before, after, tasks)}
-    if cfg.get("baselines"):
-        from mtl.evaluation import load_baselines
-
-        base = load_baselines(cfg.baselines, tasks)
+    if base is not None:
         report["delta_m_vs_baselines"] = {"variant": "primary", "baselines": str(cfg.baselines),
                                           **delta_m_vs_baselines(base, before, after, tasks)}
     x = batches[0]["image"][: int(ev.latency_batch)]

@@ -307,6 +307,20 @@ def test_a_non_finite_metric_with_baselines_still_writes_the_pruned_model(folder
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["delta_m_vs_baselines"]["after"] is None
 
 
+def test_a_bad_baselines_file_is_refused_before_pruning(folder, tmp_path, monkeypatch):
+    """The baselines file used to be read after pruning and testing: a typo in it cost the whole run."""
+    import pruning
+
+    def never(*args, **kwargs):
+        raise AssertionError("pruned before the baselines file was read")
+
+    monkeypatch.setattr(pruning, "prune", never)
+    baselines = tmp_path / "b.json"
+    baselines.write_text(json.dumps({"semseg": {"miou": 0.5}}))  # depth and classification missing
+    with pytest.raises(Exception, match=r"b\.json.*depth|depth.*b\.json"):
+        run(["prune=l1", f"model={folder}", "calib.batches=1", f"baselines={baselines}"], run_dir=tmp_path / "run")
+
+
 def test_a_diverged_finetune_fails_naming_the_tensor_before_writing_the_model(folder, tmp_path):
     """It wrote model/ with NaN weights, which the reload check (and every later load_model) then refused."""
     with pytest.raises(ValueError, match=r"finetune: tensor '[\w.]+' of the pruned model holds NaN or infinite values "
