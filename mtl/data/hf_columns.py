@@ -44,7 +44,7 @@ def decode_images(ds, column: str, size: tuple[int, int] | None, label: bool, wh
             if img is None:
                 raise ValueError(f"{where} has no image in row {len(out)}; every row needs one")
             sizes.append((img.size[1], img.size[0]))  # PIL sizes are (W, H)
-            if not label:  # 16-bit/32-bit/float images keep their values for _rgb_uint8 to judge: PIL's "RGB"
+            if not label:  # 16-bit/32-bit/float images keep their values for rgb_uint8 to judge: PIL's "RGB"
                 # conversion would clip 16-bit to white and truncate floats in [0, 1] to black, without a word
                 img = img.convert(("F" if img.mode == "F" else "I") if img.mode in _WIDE_MODES else "RGB")
                 if size is not None and img.size != (size[1], size[0]):
@@ -171,13 +171,9 @@ def class_ids(where: str, key: str, t: torch.Tensor, classes: int | None,
 
 
 def rgb_uint8(img: np.ndarray, where: str) -> np.ndarray:
-    """Numeric image arrays -> (N, 3, H, W) uint8. Grey (H, W) or one channel is repeated, an alpha channel
-    dropped; floats in [0, 1] are scaled to 0..255, floats up to 255 read as 0..255. Anything else is
+    """Images as (N, C, H, W) arrays (``channels_first``) -> (N, 3, H, W) uint8. One channel is repeated, an alpha
+    channel dropped; floats in [0, 1] are scaled to 0..255, floats up to 255 read as 0..255. Anything else is
     refused, not clipped: normalised (negative) floats or 16-bit values would turn into black or white."""
-    if img.ndim == 3:
-        img = img[:, None]
-    elif img.ndim == 4 and img.shape[-1] in (1, 3, 4) and img.shape[1] not in (1, 3, 4):
-        img = img.transpose(0, 3, 1, 2)
     if img.ndim != 4 or img.shape[1] not in (1, 3, 4):
         raise ValueError(f"{where} has shape {img.shape[1:]} per image; images need (H, W), (H, W, C) or (C, H, W) "
                          "with C = 1 (grey), 3 (RGB) or 4 (RGBA)")
@@ -215,10 +211,19 @@ def edge_map(where: str, t: torch.Tensor) -> torch.Tensor:
     return f
 
 
-def channels_first(a: np.ndarray, channels: int) -> np.ndarray:
-    """(N, H, W, C) -> (N, C, H, W) when the trailing axis looks like channels; (N, H, W) -> (N, 1, H, W)."""
+def channels_first(a: np.ndarray, channels: tuple[int, ...], channels_last: bool | None, where: str) -> np.ndarray:
+    """(N, H, W) -> (N, 1, H, W); a 4-D array -> (N, C, H, W). ``channels_last`` is its layout: True for decoded
+    ``Image`` columns (PIL gives (H, W, C)), ``data.channels_last`` for numeric ones. None reads it from the shape:
+    the axis that holds one of ``channels`` values; a shape with such an axis at both ends (a 4x4 RGB image is
+    also a 4x3 RGBA one) is refused rather than guessed, naming the column."""
     if a.ndim == 3:
         return a[:, None]
-    if a.ndim == 4 and a.shape[-1] == channels and a.shape[1] != channels:
-        return a.transpose(0, 3, 1, 2)
-    return a
+    if a.ndim != 4:
+        return a
+    if channels_last is None:
+        first, last = a.shape[1] in channels, a.shape[-1] in channels
+        if first and last:
+            raise ValueError(f"{where} has shape {a.shape[1:]} per row, which reads both as (H, W, C) and as "
+                             "(C, H, W); set data.channels_last=true (H, W, C) or false (C, H, W) to say which")
+        channels_last = last
+    return a.transpose(0, 3, 1, 2) if channels_last else a

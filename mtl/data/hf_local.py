@@ -108,6 +108,8 @@ class HFImageDataModule(TensorDataModule):
     ``test_fraction``, seeded). Class counts come from ``semseg_classes``/``classification_classes`` or
     are inferred from the labels (semseg: −1 and 255 are ignored). ``size`` resizes every image and dense target
     to size × size (an int) or to [H, W]; ``n_train``/``n_val``/``n_test`` keep the first n rows of a split (null: all).
+    ``channels_last`` says whether numeric 4-D image and map columns are (N, H, W, C) or (N, C, H, W) (null: read
+    from the shape, refusing one that reads both ways); decoded ``Image`` columns are always (H, W, C).
     """
 
     def __init__(self, path: str | os.PathLike, image_column: str = "image",
@@ -117,11 +119,14 @@ class HFImageDataModule(TensorDataModule):
                  augment: bool = False, semseg_classes: int | None = None,
                  classification_classes: int | None = None, n_train: int | None = None,
                  n_val: int | None = None, n_test: int | None = None,
-                 semseg_map: dict[int, int] | list[int] | None = None):
+                 semseg_map: dict[int, int] | list[int] | None = None, channels_last: bool | None = None):
         super().__init__(batch_size=batch_size, num_workers=num_workers, augment=augment)
         self.save_hyperparameters()
         self.path = Path(os.path.expanduser(str(path)))
         self.image_column = image_column
+        if not (channels_last is None or isinstance(channels_last, bool)):
+            raise ValueError(f"hf_local: data.channels_last must be true, false or null, got {channels_last!r}")
+        self.channels_last = channels_last
         self.columns = dict(columns or {})
         taken = {"image": f"image_column {image_column!r}"}
         for column, key in self.columns.items():  # a second column for one key would replace the first unseen
@@ -179,10 +184,12 @@ class HFImageDataModule(TensorDataModule):
                            f"columns: {', '.join(ds.column_names)}")
         table = ds.data.table
 
-        def raw(column: str, label: bool, where: str) -> tuple[np.ndarray, list[tuple[int, int]] | None]:
-            """The column as one array, and each row's (H, W) as stored for ``Image`` columns (else None)."""
+        def raw(column: str, label: bool, where: str
+                ) -> tuple[np.ndarray, list[tuple[int, int]] | None, bool | None]:
+            """The column as one array, each row's (H, W) as stored for ``Image`` columns (else None), and
+            whether a 4-D array is channels-last (None: unknown, read from the shape)."""
             if isinstance(ds.features[column], Image) or encoded_image(table.schema.field(column).type):
-                return decode_images(ds.cast_column(column, Image()), column, self.size, label, where)
+                return (*decode_images(ds.cast_column(column, Image()), column, self.size, label, where), True)
             try:
                 a = arrow_to_numpy(table.column(column))
             except ValueError as e:
@@ -192,22 +199,23 @@ class HFImageDataModule(TensorDataModule):
                 example = example if len(example) <= 40 else example[:40] + "..."  # encoded bytes: not the whole file
                 raise ValueError(f"hf_local: column {column!r} of split {split!r} holds {a.dtype} values "
                                  f"(e.g. {example}), not numbers")
-            return a, None
+            return a, None, self.channels_last
 
         where_img = f"hf_local: image column {self.image_column!r} of split {split!r}"
-        img, image_sizes = raw(self.image_column, False, where_img)
-        img = rgb_uint8(img, where_img)
+        img, image_sizes, layout = raw(self.image_column, False, where_img)
+        img = rgb_uint8(channels_first(img, (1, 3, 4), layout, where_img), where_img)
         image_sizes = image_sizes or [tuple(img.shape[-2:])] * len(img)
         # np.require(..., "W"): arrow buffers are read-only, which torch.from_numpy warns about
         image = resize(torch.from_numpy(np.require(img, requirements=["C", "W"])), self.size, nearest=False)
         out = {"image": image}
         for column, key in self.columns.items():
             where = f"hf_local: column {column!r} ({key}) of split {split!r}"
-            a, sizes = raw(column, True, where)
+            a, sizes, layout = raw(column, True, where)
             integer = np.issubdtype(a.dtype, np.integer) or a.dtype == bool
             if key in _DENSE_KEYS:
                 ch = _DENSE_KEYS[key]
-                t = torch.from_numpy(np.require(channels_first(a, max(ch, 1)), requirements=["C", "W"]))
+                chw = channels_first(a, (max(ch, 1),), layout, where)
+                t = torch.from_numpy(np.require(chw, requirements=["C", "W"]))
                 check_channels(column, key, t, ch)
                 check_sizes(column, key, sizes or [tuple(t.shape[-2:])] * len(t), image_sizes, split,
                              self.size is not None)

@@ -196,10 +196,10 @@ def test_a_transposed_label_map_is_refused_even_when_resized(tmp_path, as_image)
 
 
 def test_column_errors_name_the_column(tmp_path):
-    ragged = _save(tmp_path / "ragged", img=np.zeros((4, 4, 4, 3), np.uint8).tolist(), y=[[1.0], [1.0, 2.0], [0.0], [1.0]])
+    ragged = _save(tmp_path / "ragged", img=np.zeros((4, 5, 5, 3), np.uint8).tolist(), y=[[1.0], [1.0, 2.0], [0.0], [1.0]])
     with pytest.raises(ValueError, match=r"column 'y' .*different lengths"):
         HFImageDataModule(ragged, image_column="img", columns={"y": "regression"}).setup()
-    holes = _save(tmp_path / "holes", img=np.zeros((4, 4, 4, 3), np.uint8).tolist(), y=[1, None, 0, 1])
+    holes = _save(tmp_path / "holes", img=np.zeros((4, 5, 5, 3), np.uint8).tolist(), y=[1, None, 0, 1])
     with pytest.raises(ValueError, match=r"column 'y' .*missing values"):
         HFImageDataModule(holes, image_column="img", columns={"y": "classification"}).setup()
 
@@ -208,7 +208,7 @@ def test_split_mapping_and_fractions(tmp_path):
     from datasets import Dataset, DatasetDict
 
     def part(n, y0):
-        return Dataset.from_dict({"img": np.zeros((n, 4, 4, 3), np.uint8).tolist(), "y": [y0] * n})
+        return Dataset.from_dict({"img": np.zeros((n, 5, 5, 3), np.uint8).tolist(), "y": [y0] * n})
 
     DatasetDict({"train": part(10, 0), "validation": part(10, 1), "test": part(4, 2)}).save_to_disk(str(tmp_path / "dd"))
     dm = HFImageDataModule(tmp_path / "dd", image_column="img", columns={"y": "classification"},
@@ -355,7 +355,7 @@ def test_two_columns_for_one_batch_key_are_refused(tmp_path):
 
 
 def test_a_none_row_in_a_list_column_is_named_as_missing(tmp_path):
-    img = np.zeros((4, 4, 4, 3), np.uint8).tolist()
+    img = np.zeros((4, 5, 5, 3), np.uint8).tolist()
     row = _save(tmp_path / "row", img=img, y=[[1.0, 2.0], None, [0.0, 1.0], [1.0, 1.0]])
     with pytest.raises(ValueError, match=r"column 'y' .*row 1 is missing \(None\)"):
         HFImageDataModule(row, image_column="img", columns={"y": "regression"}).setup()

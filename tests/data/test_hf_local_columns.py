@@ -1,0 +1,108 @@
+"""hf_local column decoding on hand-made pixels: channel layouts, unreadable rows, empty or mismatched parquet
+splits, binary 0/255 masks, integer depth units (tiny datasets built in each test)."""
+from __future__ import annotations
+
+import io
+import re
+
+import numpy as np
+import pytest
+
+from mtl.data import create_datamodule
+
+
+def _png(a: np.ndarray) -> dict:
+    from PIL import Image as PILImage
+
+    buf = io.BytesIO()
+    PILImage.fromarray(a).save(buf, "PNG")
+    return {"bytes": buf.getvalue(), "path": None}
+
+
+def _save(path, columns: dict, features: dict | None = None) -> str:
+    from datasets import Dataset, Features
+
+    Dataset.from_dict(columns, features=Features(features) if features else None).save_to_disk(str(path))
+    return str(path)
+
+
+def _train_row(path, **kw) -> dict:
+    """Row 0 of the train split: with no val/test split and no fractions, train keeps every row in order."""
+    dm = create_datamodule("hf_local", path=path, val_fraction=0.25, test_fraction=0.25, seed=0, **kw)
+    dm.setup()
+    return dm.dataset("train")[0]
+
+
+# -- channel layout ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("h", [1, 3, 4])
+def test_png_images_of_height_1_3_4_keep_their_pixels(tmp_path, h):
+    """A decoded PNG is (H, W, C) whatever H is: pixel (y, x) of channel c is the stored one."""
+    from datasets import Image
+
+    pixels = np.arange(h * 8 * 3, dtype=np.uint8).reshape(h, 8, 3)
+    path = _save(tmp_path / "ds", {"image": [_png(pixels)] * 4}, {"image": Image()})
+    got = _train_row(path)["image"].numpy()
+    assert got.shape == (3, h, 8)
+    assert (got == pixels.transpose(2, 0, 1)).all()
+
+
+def test_png_and_numeric_image_agree_when_resized_to_height_4(tmp_path):
+    """The auditor's case: 8x8 RGB resized to 4x4. Red grows down the rows, green along the columns and blue is
+    constant, so whatever the filter, red stays constant along each row, green along each column, blue at 77;
+    the PNG column and the same pixels as numbers agree within the two resizers' rounding."""
+    from datasets import Image, Sequence, Value
+
+    ys, xs = np.mgrid[0:8, 0:8]
+    pixels = np.stack([ys * 30, xs * 30, np.full_like(ys, 77)], -1).astype(np.uint8)
+    feats = {"image": Image(), "img_num": Sequence(Sequence(Sequence(Value("uint8"))))}
+    path = _save(tmp_path / "ds", {"image": [_png(pixels)] * 4, "img_num": [pixels.tolist()] * 4}, feats)
+    png = _train_row(path, image_column="image", size=4)["image"].numpy().astype(int)
+    num = _train_row(path, image_column="img_num", size=4)["image"].numpy().astype(int)
+    for got in (png, num):
+        red, green, blue = got
+        assert (red == red[:, :1]).all() and (np.diff(red[:, 0]) > 0).all()
+        assert (green == green[:1]).all() and (np.diff(green[0]) > 0).all()
+        assert (blue == 77).all()
+    assert np.abs(png - num).max() <= 1
+
+
+def test_png_normals_at_height_3_decode_per_pixel(tmp_path):
+    """An 8-bit normals PNG (128, 128, 255) is (0, 0, 1) after the [-1, 1] mapping, also at height 3."""
+    from datasets import Image
+
+    img = np.zeros((3, 8, 3), np.uint8)
+    nrm = np.zeros((3, 8, 3), np.uint8)
+    nrm[...] = (128, 128, 255)
+    nrm[0, 0] = (255, 128, 128)  # +x
+    path = _save(tmp_path / "ds", {"image": [_png(img)] * 4, "nrm": [_png(nrm)] * 4},
+                 {"image": Image(), "nrm": Image()})
+    n = _train_row(path, columns={"nrm": "normals"})["normals"].numpy()
+    assert n.shape == (3, 3, 8)
+    assert np.allclose(n[:, 1, 1], [0.0039, 0.0039, 1.0], atol=1e-3)
+    assert np.allclose(n[:, 0, 0], [1.0, 0.0039, 0.0039], atol=1e-3)
+
+
+@pytest.mark.parametrize("shape,column", [((4, 4, 3), "image"), ((3, 8, 3), "nrm")])
+def test_numeric_shape_that_reads_both_ways_is_refused(tmp_path, shape, column):
+    """(4, 4, 3) is a 4x4 RGB image or a 4x3 RGBA one; (3, 8, 3) normals are 3x8 or 8x3: not guessed."""
+    from datasets import Array3D, Image
+
+    a = np.full(shape, 7 if column == "image" else 0.5, np.uint8 if column == "image" else np.float32)
+    cols = {"image": [_png(np.zeros((3, 8, 3), np.uint8))] * 4, column: [a] * 4}
+    feats = {"image": Image(), column: Array3D(shape, str(a.dtype))}
+    path = _save(tmp_path / "ds", cols, feats)
+    kw = {} if column == "image" else {"columns": {"nrm": "normals"}}
+    with pytest.raises(ValueError, match=rf"column '{column}'.*{re.escape(str(shape))}.*data.channels_last"):
+        _train_row(path, **kw)
+
+
+def test_channels_last_says_how_to_read_an_ambiguous_shape(tmp_path):
+    from datasets import Array3D
+
+    pixels = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
+    path = _save(tmp_path / "ds", {"image": [pixels] * 4}, {"image": Array3D((4, 4, 3), "uint8")})
+    hwc = _train_row(path, channels_last=True)["image"].numpy()
+    assert (hwc == pixels.transpose(2, 0, 1)).all()
+    chw = _train_row(path, channels_last=False)["image"].numpy()  # (C=4, H=4, W=3): alpha (channel 3) dropped
+    assert chw.shape == (3, 4, 3) and (chw == pixels[:3]).all()
