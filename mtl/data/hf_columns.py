@@ -17,18 +17,47 @@ from mtl.data.benchmarks import IGNORE  # SemSegTask's default ignore_index, the
 _WIDE_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
 
 
+#: what PIL raises on a file it cannot open or decode (truncated, corrupt, missing)
+_UNREADABLE = (OSError, SyntaxError, ValueError)
+_BATCH = 256
+
+
 def _batches(ds, column: str, where: str):
-    """The column's rows, 256 at a time, decoded; a file an image row points to that cannot be read is named."""
-    rows = ds.select_columns([column]).iter(batch_size=256)
+    """The column's rows, ``_BATCH`` at a time, decoded; a row that cannot be decoded is named."""
+    rows = ds.select_columns([column]).iter(batch_size=_BATCH)
+    start = 0
     while True:
         try:
-            yield next(rows)
+            batch = next(rows)
         except StopIteration:
             return
-        except OSError as e:  # e.g. a {path} struct relative to another folder: datasets reads it from the cwd
-            name = getattr(e, "filename", None) or e
-            raise ValueError(f"{where}: cannot read the image file {name} (relative paths are read from the "
-                             f"working directory {os.getcwd()}; store the bytes or absolute paths)") from None
+        except _UNREADABLE as e:
+            raise ValueError(_unreadable(ds, column, where, start, e)) from None
+        start += len(batch[column])
+        yield batch
+
+
+def _unreadable(ds, column: str, where: str, start: int, error: Exception) -> str:
+    """The first row from ``start`` on that PIL cannot decode, its file if it names one, and why; the hint about
+    the working directory only for a relative path (datasets reads those from the cwd, not the dataset's folder)."""
+    from datasets import Image
+    from PIL import UnidentifiedImageError
+
+    stop = min(start + _BATCH, len(ds))
+    stored = ds.select_columns([column]).select(range(start, stop)).cast_column(column, Image(decode=False))
+    row, value = f"rows {start}..{stop - 1}", {}
+    for i, v in enumerate(stored[column]):  # the batch failed as a whole: decode its rows one by one
+        try:
+            Image().decode_example(v)
+        except _UNREADABLE as e:
+            row, value, error = f"row {start + i}", v, e
+            break
+    path = value.get("path") if value.get("bytes") is None else None
+    why = "not an image file PIL can identify" if isinstance(error, UnidentifiedImageError) else \
+        (error.strerror if isinstance(error, OSError) and error.strerror else str(error) or type(error).__name__)
+    hint = (f"; relative paths are read from the working directory {os.getcwd()}: store the bytes or absolute "
+            "paths") if path and not os.path.isabs(path) else ""
+    return f"{where}: cannot read the image in {row}" + (f" (file {path})" if path else "") + f": {why}{hint}"
 
 
 def decode_images(ds, column: str, size: tuple[int, int] | None, label: bool, where: str

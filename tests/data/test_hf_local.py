@@ -563,8 +563,8 @@ def test_an_image_path_that_cannot_be_read_is_named(tmp_path, monkeypatch):
     pq.write_table(pa.table({"image": pa.array([{"bytes": None, "path": f"imgs/{i}.png"} for i in range(4)], type=struct),
                              "y": [0, 1, 0, 1]}), tmp_path / "ds" / "train.parquet")
     monkeypatch.chdir(tmp_path)  # relative paths resolve from here, not from the dataset folder
-    with pytest.raises(ValueError, match=r"image column 'image' of split 'train': cannot read the image file "
-                                         r"imgs/0\.png \(relative paths are read from the working directory"):
+    with pytest.raises(ValueError, match=r"image column 'image' of split 'train': cannot read the image in row 0 "
+                                         r"\(file imgs/0\.png\): .*; relative paths are read from the working directory"):
         create_datamodule("hf_local", path=tmp_path / "ds", columns={"y": "classification"}).setup()
     monkeypatch.chdir(tmp_path / "ds")
     dm = create_datamodule("hf_local", path=tmp_path / "ds", columns={"y": "classification"})

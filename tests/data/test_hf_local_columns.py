@@ -106,3 +106,31 @@ def test_channels_last_says_how_to_read_an_ambiguous_shape(tmp_path):
     assert (hwc == pixels.transpose(2, 0, 1)).all()
     chw = _train_row(path, channels_last=False)["image"].numpy()  # (C=4, H=4, W=3): alpha (channel 3) dropped
     assert chw.shape == (3, 4, 3) and (chw == pixels[:3]).all()
+
+
+# -- unreadable image rows -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cut", [lambda b: b[:40], lambda b: b[:-40], lambda b: b"not a png"])
+def test_a_corrupt_image_names_its_row_without_the_relative_path_hint(tmp_path, cut):
+    from datasets import Image
+
+    good = _png(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    cut = {"bytes": cut(good["bytes"]), "path": None}  # stored bytes: no file, so no path advice
+    path = _save(tmp_path / "ds", {"image": [good, good, cut, good]}, {"image": Image()})
+    with pytest.raises(ValueError, match=r"image column 'image' of split 'train': cannot read the image in row 2") as e:
+        _train_row(path)
+    assert "relative" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_missing_relative_file_names_row_path_and_working_directory(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from PIL import Image as PILImage
+
+    PILImage.fromarray(np.zeros((6, 6, 3), np.uint8)).save(tmp_path / "a.png")
+    rows = [{"bytes": None, "path": str(tmp_path / "a.png")}] * 3 + [{"bytes": None, "path": "pics/b.png"}]
+    pq.write_table(pa.table({"image": rows}), tmp_path / "train.parquet")
+    with pytest.raises(ValueError, match=r"row 3 \(file pics/b.png\).*relative paths are read from the working "
+                                         r"directory"):
+        _train_row(str(tmp_path / "train.parquet"))
