@@ -38,20 +38,27 @@ def _open_local(path: Path) -> dict[str, Any]:
             with quiet_datasets():
                 loaded = load_from_disk(str(path))
         except IndexError:  # datasets cannot open a split saved with 0 rows (no arrow file to map)
-            empty = _empty_splits(path)
-            raise ValueError(f"hf_local: {str(path)!r} cannot be loaded: split(s) {empty or '?'} hold 0 rows; "
-                             "save the dataset without them (a missing val/test split is carved from train)") from None
+            raise ValueError(_no_rows(path, _empty_splits(path) or "?", "save the dataset without them")) from None
         return dict(loaded) if isinstance(loaded, DatasetDict) else {"train": loaded}
     files = sorted(p for p in (path.rglob("*") if path.is_dir() else [path])
                    if p.suffix in (".parquet", ".arrow") and p.is_file())
     if not files:
         raise FileNotFoundError(f"hf_local: {str(path)!r} holds no save_to_disk dataset and no "
                                 ".parquet/.arrow files")
-    by_split: dict[str, list[pa.Table]] = {}
+    by_split: dict[str, list[tuple[Path, pa.Table]]] = {}
     for f in files:
         split = _split_of(f.relative_to(path) if path.is_dir() else Path(f.name))
-        by_split.setdefault(split, []).append(_read_table(f))
-    return {s: Dataset(InMemoryTable(pa.concat_tables(ts))) for s, ts in by_split.items()}
+        by_split.setdefault(split, []).append((f, _read_table(f)))
+    tables = {s: pa.concat_tables([t for _, t in shards]) for s, shards in by_split.items()}
+    empty = sorted(s for s, t in tables.items() if t.num_rows == 0)
+    if empty:  # it would fail later as an image column of shape ()
+        raise ValueError(_no_rows(path, empty, "remove their files"))
+    return {s: Dataset(InMemoryTable(t)) for s, t in tables.items()}
+
+
+def _no_rows(path: Path, empty: list[str] | str, fix: str) -> str:
+    return (f"hf_local: {str(path)!r} cannot be loaded: split(s) {empty} hold 0 rows; {fix} (a missing val/test "
+            "split is carved from train)")
 
 
 def _empty_splits(path: Path) -> list[str]:

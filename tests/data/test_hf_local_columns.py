@@ -134,3 +134,20 @@ def test_a_missing_relative_file_names_row_path_and_working_directory(tmp_path):
     with pytest.raises(ValueError, match=r"row 3 \(file pics/b.png\).*relative paths are read from the working "
                                          r"directory"):
         _train_row(str(tmp_path / "train.parquet"))
+
+
+# -- parquet splits ------------------------------------------------------------------------------------------
+
+def _parquet(path, n: int, **columns) -> None:
+    from datasets import Dataset, Features, Image, Value
+
+    feats = {"image": Image(), **{c: Value("int64") for c in columns}}
+    rows = {"image": [_png(np.zeros((5, 5, 3), np.uint8))] * n, **{c: [v] * n for c, v in columns.items()}}
+    Dataset.from_dict(rows, features=Features(feats)).to_parquet(str(path))
+
+
+def test_an_empty_parquet_split_is_named_like_an_empty_saved_split(tmp_path):
+    _parquet(tmp_path / "train.parquet", 6, y=1)
+    _parquet(tmp_path / "test.parquet", 0, y=1)
+    with pytest.raises(ValueError, match=r"cannot be loaded: split\(s\) \['test'\] hold 0 rows"):
+        _train_row(str(tmp_path), columns={"y": "classification"})
