@@ -49,7 +49,7 @@ def _open_local(path: Path) -> dict[str, Any]:
     for f in files:
         split = _split_of(f.relative_to(path) if path.is_dir() else Path(f.name))
         by_split.setdefault(split, []).append((f, _read_table(f)))
-    tables = {s: pa.concat_tables([t for _, t in shards]) for s, shards in by_split.items()}
+    tables = {s: _concat_shards(s, shards) for s, shards in by_split.items()}
     empty = sorted(s for s, t in tables.items() if t.num_rows == 0)
     if empty:  # it would fail later as an image column of shape ()
         raise ValueError(_no_rows(path, empty, "remove their files"))
@@ -59,6 +59,30 @@ def _open_local(path: Path) -> dict[str, Any]:
 def _no_rows(path: Path, empty: list[str] | str, fix: str) -> str:
     return (f"hf_local: {str(path)!r} cannot be loaded: split(s) {empty} hold 0 rows; {fix} (a missing val/test "
             "split is carved from train)")
+
+
+def _concat_shards(split: str, shards: list[tuple[Path, pa.Table]]) -> pa.Table:
+    """The files of one split as one table; shards must hold the same columns (in any order) of the same types."""
+    first, table = shards[0]
+    names, tables = table.schema.names, [table]
+    for f, t in shards[1:]:
+        if set(t.schema.names) == set(names):
+            t = t.select(names)
+        if not t.schema.equals(table.schema, check_metadata=False):
+            raise ValueError(f"hf_local: {first} and {f} are files of split {split!r} with different columns "
+                             f"({_schema_difference(first.name, table.schema, f.name, t.schema)}); give every file "
+                             "of a split the same columns")
+        tables.append(t)
+    return pa.concat_tables(tables)
+
+
+def _schema_difference(name_a: str, a: pa.Schema, name_b: str, b: pa.Schema) -> str:
+    only_a = [n for n in a.names if n not in b.names]
+    only_b = [n for n in b.names if n not in a.names]
+    typed = [f"{n!r} ({a.field(n).type} vs {b.field(n).type})" for n in a.names
+             if n in b.names and a.field(n).type != b.field(n).type]
+    return "; ".join([f"only in {name_a}: {only_a}"] * bool(only_a) + [f"only in {name_b}: {only_b}"] * bool(only_b)
+                     + [f"of other types: {', '.join(typed)}"] * bool(typed))
 
 
 def _empty_splits(path: Path) -> list[str]:

@@ -151,3 +151,18 @@ def test_an_empty_parquet_split_is_named_like_an_empty_saved_split(tmp_path):
     _parquet(tmp_path / "test.parquet", 0, y=1)
     with pytest.raises(ValueError, match=r"cannot be loaded: split\(s\) \['test'\] hold 0 rows"):
         _train_row(str(tmp_path), columns={"y": "classification"})
+
+
+def test_parquet_shards_with_different_columns_name_both_files(tmp_path):
+    _parquet(tmp_path / "train-0.parquet", 3, mask=1)
+    _parquet(tmp_path / "train-1.parquet", 3, seg=1)
+    with pytest.raises(ValueError, match=r"^hf_local: .*train-0\.parquet.*train-1\.parquet.*'mask'.*'seg'") as e:
+        _train_row(str(tmp_path))
+    assert "\n" not in str(e.value)
+
+
+def test_parquet_shards_with_the_same_columns_in_another_order_load(tmp_path):
+    _parquet(tmp_path / "train-0.parquet", 3, a=1, b=2)
+    _parquet(tmp_path / "train-1.parquet", 3, b=2, a=1)
+    row = _train_row(str(tmp_path), columns={"a": "classification", "b": "regression"})
+    assert row["classification"].item() == 1 and row["regression"].tolist() == [2.0]
