@@ -170,6 +170,15 @@ def _remap(where: str, t: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def refuse_ignore_only_foreground(where: str, t: torch.Tensor) -> None:
+    """A training mask of only 0 and 255 (and −1) is a binary 0/255 mask: 255 is the ignore mark, so read as it is
+    every labelled pixel is class 0 and there is one class to learn."""
+    labelled = t[(t != IGNORE) & (t != -1)]
+    if labelled.numel() and bool((labelled == 0).all()) and bool((t == IGNORE).any()):
+        raise ValueError(f"{where} holds only 0 and 255, and 255 marks ignored pixels, so every labelled pixel is "
+                         "class 0: a binary 0/255 mask needs data.semseg_map={0: 0, 255: 1}")
+
+
 def class_ids(where: str, key: str, t: torch.Tensor, classes: int | None,
                lut: torch.Tensor | None = None) -> torch.Tensor:
     """Whole class ids in 0..classes-1 as int64; semseg's −1 becomes IGNORE (255 stays ignored), after

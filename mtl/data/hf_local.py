@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from mtl.data.benchmarks import check_unit_normals
 from mtl.data.hf import arrow_to_numpy, quiet_datasets
 from mtl.data.hf_columns import (IGNORE, channels_first, check_channels, check_sizes, class_ids, decode_images,
-                                 edge_map, encoded_image, resize, rgb_uint8, semseg_lookup)
+                                 edge_map, encoded_image, refuse_ignore_only_foreground, resize, rgb_uint8,
+                                 semseg_lookup)
 from mtl.data.memory import SPLITS, TensorDataModule, TensorDictDataset
 
 log = logging.getLogger(__name__)
@@ -206,7 +207,8 @@ class HFImageDataModule(TensorDataModule):
             info["regression_dims"] = int(self._data["train"].tensors["regression"].shape[1])
         return info
 
-    def _convert(self, ds, split: str) -> dict[str, torch.Tensor]:
+    def _convert(self, ds, split: str, train: bool) -> dict[str, torch.Tensor]:
+        """One split as tensors; ``split`` is its name in the dataset, ``train`` whether it is the training one."""
         from datasets import Image
 
         missing = [c for c in (self.image_column, *self.columns) if c not in ds.column_names]
@@ -252,6 +254,8 @@ class HFImageDataModule(TensorDataModule):
                              self.size is not None)
                 t = resize(t, self.size, nearest=True)
                 if key == "semseg":
+                    if train and self.semseg_lut is None:  # another split may lack the foreground, train may not
+                        refuse_ignore_only_foreground(where, t)
                     out[key] = class_ids(where, key, t[:, 0] if t.ndim == 4 else t, self._classes["semseg_classes"],
                                           self.semseg_lut)
                 elif key == "normals" and t.dtype == torch.uint8:
@@ -310,7 +314,7 @@ class HFImageDataModule(TensorDataModule):
         # a ClassLabel column states its class count: classes no split happens to hold still get an output
         self._declared = {key: ds.features[col].num_classes for ds in chosen.values() for col, key in self.columns.items()
                           if col in ds.features and isinstance(ds.features[col], ClassLabel)}
-        tensors = {sp: self._convert(ds, names[sp]) for sp, ds in chosen.items()}
+        tensors = {sp: self._convert(ds, names[sp], sp == "train") for sp, ds in chosen.items()}
         carve = [sp for sp, frac in (("val", self.val_fraction), ("test", self.test_fraction)) if sp not in tensors]
         if carve:
             train = tensors["train"]

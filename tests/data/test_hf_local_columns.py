@@ -166,3 +166,31 @@ def test_parquet_shards_with_the_same_columns_in_another_order_load(tmp_path):
     _parquet(tmp_path / "train-1.parquet", 3, b=2, a=1)
     row = _train_row(str(tmp_path), columns={"a": "classification", "b": "regression"})
     assert row["classification"].item() == 1 and row["regression"].tolist() == [2.0]
+
+
+# -- binary 0/255 masks --------------------------------------------------------------------------------------
+
+def _binary_masks(tmp_path) -> str:
+    from datasets import Image
+
+    mask = np.zeros((6, 6), np.uint8)
+    mask[2:5, 1:4] = 255  # the foreground, stored the usual 8-bit way
+    return _save(tmp_path / "ds", {"image": [_png(np.zeros((6, 6, 3), np.uint8))] * 6, "mask": [_png(mask)] * 6},
+                 {"image": Image(), "mask": Image()})
+
+
+@pytest.mark.parametrize("classes", [None, 2])
+def test_a_0_255_mask_is_refused_pointing_to_semseg_map(tmp_path, classes):
+    """255 is the ignore mark: read as it is, every labelled pixel is background, one class to learn."""
+    path = _binary_masks(tmp_path)
+    with pytest.raises(ValueError, match=r"column 'mask' \(semseg\) of split 'train' holds only 0 and 255.*"
+                                         r"data.semseg_map=\{0: 0, 255: 1\}"):
+        _train_row(path, columns={"mask": "semseg"}, semseg_classes=classes)
+
+
+def test_a_0_255_mask_through_semseg_map_has_two_classes(tmp_path):
+    dm = create_datamodule("hf_local", path=_binary_masks(tmp_path), columns={"mask": "semseg"},
+                           semseg_map={0: 0, 255: 1}, val_fraction=0.25, test_fraction=0.25)
+    seg = dm.dataset("train")[0]["semseg"]
+    assert seg[3, 2].item() == 1 and seg[0, 0].item() == 0 and int(seg.sum()) == 9
+    assert dm.info["semseg_classes"] == 2
