@@ -137,6 +137,16 @@ def dense_to_float(a: np.ndarray, channels: int, where: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
 
 
+def warn_integer_depth(a: np.ndarray, where: str) -> bool:
+    """Integer depth above 1000 is most likely millimetres (raw NYUv2 / Kinect PNGs) about to be read as metres:
+    1000x off, with no error anywhere else. Warns (the wording every depth loader shares); True when it did."""
+    if a.dtype.kind not in "iu" or not a.size or a.max() <= 1000:
+        return False
+    log.warning("%s: depth stored as %s integers up to %d is used as it is; if these are millimetres, divide by "
+                "1000 first (depth is compared in the stored unit)", where, a.dtype, int(a.max()))
+    return True
+
+
 def check_unit_normals(t: torch.Tensor, where: str) -> None:
     """(3, H, W) or (N, 3, H, W) normals: unit vectors, all-zero = invalid. Half of the valid ones off
     unit length by more than 0.01 means another encoding (e.g. (n + 1) / 2 in [0, 1], or 0-255); a few
@@ -207,11 +217,8 @@ def read_npy_split(split_dir: Path, dirs: dict[str, str], num_classes: int, limi
             elif key == "semseg":
                 sample[key] = labels_to_uint8(a, num_classes, str(f))
             else:
-                if key == "depth" and a.dtype.kind in "iu" and a.size and (a.max() > 1000) and not warned:
-                    warned = True  # millimetre PNG/npy depth read as metres: 1000x off, no error anywhere else
-                    log.warning("%s: depth stored as %s integers up to %d is used as it is; if these are "
-                                "millimetres, divide by 1000 first (depth is compared in the stored unit)",
-                                f, a.dtype, int(a.max()))
+                if key == "depth" and not warned:
+                    warned = warn_integer_depth(a, str(f))
                 sample[key] = dense_to_float(a, 1 if key == "depth" else 3, str(f))
                 if key == "depth" and (sample[key] < 0).any():
                     negative.append(f)

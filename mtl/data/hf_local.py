@@ -13,7 +13,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from mtl.data.benchmarks import check_unit_normals
+from mtl.data.benchmarks import check_unit_normals, warn_integer_depth
 from mtl.data.hf import arrow_to_numpy, quiet_datasets
 from mtl.data.hf_columns import (IGNORE, channels_first, check_channels, check_sizes, class_ids, decode_images,
                                  edge_map, encoded_image, refuse_ignore_only_foreground, resize, rgb_uint8,
@@ -268,6 +268,7 @@ class HFImageDataModule(TensorDataModule):
                 elif key == "edges":
                     out[key] = edge_map(where, t)
                 else:  # depth: a missing value (NaN, ±inf) is what 0 already means, an invalid pixel
+                    warn_integer_depth(a, where)
                     t = t.to(torch.float32)
                     out[key] = torch.where(torch.isfinite(t), t, 0.0)
             elif key == "classification":

@@ -194,3 +194,31 @@ def test_a_0_255_mask_through_semseg_map_has_two_classes(tmp_path):
     seg = dm.dataset("train")[0]["semseg"]
     assert seg[3, 2].item() == 1 and seg[0, 0].item() == 0 and int(seg.sum()) == 9
     assert dm.info["semseg_classes"] == 2
+
+
+# -- integer depth units -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stored", ["png", "numbers"])
+def test_16_bit_integer_depth_gets_the_millimetre_warning(tmp_path, caplog, stored):
+    from datasets import Array2D, Image
+
+    depth = np.arange(36, dtype=np.uint16).reshape(6, 6) * 250 + 1244  # up to 9994: millimetres, likely
+    image = [_png(np.zeros((6, 6, 3), np.uint8))] * 4
+    column, feature = ([_png(depth)] * 4, Image()) if stored == "png" else ([depth] * 4, Array2D((6, 6), "uint16"))
+    path = _save(tmp_path / "ds", {"image": image, "dep": column}, {"image": Image(), "dep": feature})
+    with caplog.at_level("WARNING"):
+        row = _train_row(path, columns={"dep": "depth"})
+    assert "column 'dep' (depth) of split 'train': depth stored as uint16 integers up to 9994 is used as it is; " \
+           "if these are millimetres, divide by 1000" in caplog.text
+    assert float(row["depth"].max()) == 9994.0  # kept as stored
+
+
+def test_depth_in_metres_gets_no_unit_warning(tmp_path, caplog):
+    from datasets import Array2D, Image
+
+    path = _save(tmp_path / "ds", {"image": [_png(np.zeros((6, 6, 3), np.uint8))] * 4,
+                                   "dep": [np.full((6, 6), 9.5, np.float32)] * 4},
+                 {"image": Image(), "dep": Array2D((6, 6), "float32")})
+    with caplog.at_level("WARNING"):
+        _train_row(path, columns={"dep": "depth"})
+    assert "millimetres" not in caplog.text
