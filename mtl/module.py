@@ -14,7 +14,7 @@ from mtl.expert_usage import usage_paused
 from mtl.models import MultiTaskModel, create_model
 from mtl.models.families import last_shared_weight
 from mtl.registry import check_int
-from mtl.train_checks import changed_on_resume
+from mtl.train_checks import changed_on_resume, resume_refusal
 
 log = logging.getLogger(__name__)
 
@@ -261,9 +261,7 @@ class MultiTaskModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         changed = changed_on_resume(checkpoint.get("hyper_parameters") or {}, self.hparams, self.tasks)
         if changed is not None:
-            key, now, then, why = changed
-            raise ValueError(f"{key}={now} differs from the checkpoint's {then}: {why}; resume with {key}={then}, "
-                             "or start a new run from its weights with init_from=<model folder>")
+            raise ValueError(resume_refusal(changed))
         trainer = self._trainer
         saved, now = checkpoint.get("precision"), str(trainer.precision) if trainer is not None else None
         if saved is not None and now is not None and saved != now and trainer.state.fn == "fit":  # testing in another is fine

@@ -18,7 +18,8 @@ from mtl.registry import check_int
 log = logging.getLogger("mtl.train")
 
 __all__ = ["changed_on_resume", "check_checkpoint", "check_eval_splits", "check_precision", "check_test_batches",
-           "check_trainer", "set_aside_failed_attempt", "warn_seed_of_resume"]
+           "check_trainer", "hydra_override", "hydra_value", "resume_refusal", "set_aside_failed_attempt",
+           "warn_seed_of_resume"]
 
 
 def check_eval_splits(trainer, datamodule) -> None:
@@ -162,30 +163,82 @@ def changed_on_resume(stored: dict[str, Any], hparams: Any, tasks: dict[str, Any
             return (f"optim.{key}", hparams[key], stored[key],
                     f"resuming restores its optimiser, so it would train at {stored[key]}")
     # the rest would apply from the resumed step on, while config.yaml and metrics.json record them for the whole run
-    mixed = "the epochs so far trained with {}, and this run's records would name only {} for all of them"
+    def mixed(then: Any, now: Any) -> str:
+        return (f"the epochs so far trained with {hydra_value(then)}, and this run's records would name only "
+                f"{hydra_value(now)} for all of them")
+
     for key in ("warmup_ratio", "min_lr_ratio"):
         if key in stored and float(stored[key]) != float(hparams[key]):
-            return f"optim.{key}", hparams[key], stored[key], mixed.format(stored[key], hparams[key])
+            return f"optim.{key}", hparams[key], stored[key], mixed(stored[key], hparams[key])
     if "grad_clip" in stored and _plain(stored["grad_clip"]) != _plain(hparams["grad_clip"]):
-        return "optim.grad_clip", hparams["grad_clip"], stored["grad_clip"], mixed.format(stored["grad_clip"],
-                                                                                          hparams["grad_clip"])
+        return "optim.grad_clip", hparams["grad_clip"], stored["grad_clip"], mixed(stored["grad_clip"], hparams["grad_clip"])
     if "strategy" in stored:  # a slimmable run's sandwich settings (CI-KD, in-place distillation, ...)
         then_s, now_s = dict(stored["strategy"] or {}), dict(hparams["strategy"] or {})
         for key in sorted(set(then_s) | set(now_s)):
             if _plain(then_s.get(key)) != _plain(now_s.get(key)):
-                return f"strategy.{key}", now_s.get(key), then_s.get(key), mixed.format(then_s.get(key), now_s.get(key))
+                return f"strategy.{key}", now_s.get(key), then_s.get(key), mixed(then_s.get(key), now_s.get(key))
     then, now = dict(stored.get("balancer") or {}), dict(hparams["balancer"])
     if then.get("name", now["name"]) != now["name"]:
-        return "balancer", now["name"], then["name"], mixed.format(then["name"], now["name"])
+        return "balancer", now["name"], then["name"], mixed(then["name"], now["name"])
     for key in sorted(set(then) & set(now) - set(_RESUMABLE_BALANCER_KEYS)):
         if _plain(then[key]) != _plain(now[key]):  # a tuple in Python, a list in a config: the same setting
-            return f"balancer.{key}", now[key], then[key], mixed.format(then[key], now[key])
+            return f"balancer.{key}", now[key], then[key], mixed(then[key], now[key])
     weights = {t.get("name"): t.get("weight") for t in (stored.get("model") or {}).get("tasks") or []}
     for name, task in tasks.items():
         if weights.get(name) is not None and float(weights[name]) != task.weight:
-            return f"task.{name}.weight", task.weight, weights[name], mixed.format(weights[name], task.weight)
+            return f"task.{name}.weight", task.weight, weights[name], mixed(weights[name], task.weight)
     return None
 
 
 def _plain(v: Any) -> Any:
     return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def resume_refusal(changed: tuple[str, Any, Any, str]) -> str:
+    """The one-line refusal of `changed_on_resume`'s finding, its values written as overrides, so that the advised
+    ``resume with <key>=<value>`` can be pasted onto the command line as it is."""
+    key, now, then, why = changed
+    return (f"{key}={hydra_value(now)} differs from the checkpoint's {hydra_value(then)}: {why}; resume with "
+            f"{hydra_override(key, then)}, or start a new run from its weights with init_from=<model folder>")
+
+
+def hydra_override(key: str, value: Any) -> str:
+    """``key=value`` as a shell command line passes it to Hydra: quoted where the shell would split or expand it
+    (a list's brackets, a mapping's braces)."""
+    import shlex
+
+    return shlex.quote(f"{key}={hydra_value(value)}")
+
+
+def hydra_value(value: Any) -> str:
+    """``value`` in Hydra's override grammar, which reads it back as the same value: None is ``null`` (Python's
+    ``None`` would be read as the string 'None'), booleans ``true``/``false``, a string quoted when the grammar would
+    read it otherwise (``"null"``, ``"1.0"``, ``"a b"``)."""
+    import numbers
+    from collections.abc import Mapping
+
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):  # numpy's too
+        return repr(float(value))
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{hydra_value(str(k))}:{hydra_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)) or (hasattr(value, "__iter__") and not isinstance(value, str)):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    text = str(value)
+    return text if _reads_back(text) else '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _reads_back(text: str) -> bool:
+    """Hydra reads ``text`` unquoted as this very string."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_override(f"key={text}").value()
+    except Exception:  # noqa: BLE001  (not valid unquoted: quote it)
+        return False
+    return isinstance(parsed, str) and parsed == text

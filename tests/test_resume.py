@@ -99,3 +99,34 @@ def test_a_resume_with_another_seed_is_warned(tmp_path, caplog):
         run(BASE + ["trainer.max_epochs=2", "seed=5", f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}"],
             run_dir=tmp_path / "b")
     assert "seed=5 differs from the resumed run's seed 7" in caplog.text
+
+
+@pytest.mark.parametrize("value", [None, True, False, 3, 0.05, 1e-5, float("inf"), "dwa", "null", "1.0", "True",
+                                   "a b", 'say "hi"', [0.25, 0.5, 1.0], (1, 2), {"encoder": 0.5, "decoders": {"depth": None}}])
+def test_a_resume_refusals_values_read_back_as_themselves_in_hydra(value):
+    """The advice printed Python's repr: `optim.grad_clip=None`, which Hydra reads as the string 'None'."""
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from mtl.train_checks import hydra_override
+
+    [word] = shlex.split(hydra_override("strategy.x", value))  # one shell word, as the user pastes it
+    parsed = OverridesParser.create().parse_override(word).value()
+    assert parsed == (list(value) if isinstance(value, tuple) else value) and type(parsed) is type(
+        list(value) if isinstance(value, tuple) else value)
+
+
+def test_the_advised_override_of_a_refused_resume_is_accepted(tmp_path):
+    """A run without clipping resumed with optim.grad_clip=1.0 was told `resume with optim.grad_clip=None`, which
+    then failed as "optim.grad_clip must be a number > 0 (or null: no clipping), got 'None'"."""
+    import re
+    import shlex
+
+    first = run(BASE + ["trainer.max_epochs=1"], run_dir=tmp_path / "a")
+    resume = BASE + ["trainer.max_epochs=2", f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}"]
+    with pytest.raises(ValueError, match=r"optim.grad_clip=1.0 differs from the checkpoint's null") as refused:
+        run(resume + ["optim.grad_clip=1.0"], run_dir=tmp_path / "b")
+    advice = re.search(r"resume with (\S+), or start", str(refused.value)).group(1)
+    assert shlex.split(advice) == ["optim.grad_clip=null"]
+    run(resume + shlex.split(advice), run_dir=tmp_path / "c")
