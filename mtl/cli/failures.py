@@ -14,6 +14,25 @@ from typing import Iterator
 from mtl.atomic import alive, atomic_path, make_parents, remove_empty
 
 FAILED = "FAILED"
+#: what each CLI writes last into its run folder (mtl-train, mtl-merge, mtl-prune: metrics.json), so finished
+#: runs of every tool are told from failed or killed ones
+FINISHED_RECORDS = ("metrics.json", "extract_report.json", "export_report.json")
+
+
+def holds_finished_run(run_dir: str | os.PathLike) -> bool:
+    """``run_dir`` holds a finished run of any mtlkit CLI: its last record (`FINISHED_RECORDS`), and no FAILED."""
+    run_dir = Path(run_dir)
+    return not (run_dir / FAILED).exists() and any((run_dir / name).is_file() for name in FINISHED_RECORDS)
+
+
+def _record_stamp(run_dir: Path) -> tuple[int, int] | None:
+    """The identity of ``run_dir/config.yaml``, which every run rewrites (atomically: a new file) once it has
+    accepted its folder."""
+    try:
+        st = (run_dir / "config.yaml").stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 class RunFolderTaken(FileExistsError):
@@ -29,12 +48,17 @@ class RunFolderTaken(FileExistsError):
 
 @contextlib.contextmanager
 def marks_failure(run_dir: str | os.PathLike) -> Iterator[None]:
-    """On an exception, write ``run_dir/FAILED`` (message + traceback) and re-raise."""
+    """On an exception, write ``run_dir/FAILED`` (message + traceback) and re-raise. Not into a finished run's
+    folder that this run has not accepted (its config.yaml not rewritten): whatever refused it, the finished run
+    stays as it was and is not marked failed."""
+    finished, stamp = holds_finished_run(run_dir), _record_stamp(Path(run_dir))
     try:
         yield
     except BaseException as e:
         if isinstance(e, RunFolderTaken) and (e.folder is None or Path(e.folder).resolve() == Path(run_dir).resolve()):
             raise  # the folder is another run's: leave it exactly as it is
+        if finished and holds_finished_run(run_dir) and _record_stamp(Path(run_dir)) == stamp:
+            raise  # refused before this run accepted the folder (a bad output=, a recipe error, ...)
         stop = interruption(e)
         if isinstance(e, SystemExit) and not e.code and stop is None:
             raise
@@ -141,8 +165,7 @@ def claims_run_folder(run_dir: str | os.PathLike, rank0: bool = True, key: str =
     made = make_parents(marker.parent)
     try:
         stale = claim(marker, f"run_dir {run_dir}", key)
-        if stale is not None and not (marker.parent / FAILED).exists() \
-                and not (marker.parent / "metrics.json").exists():
+        if stale is not None and not (marker.parent / FAILED).exists() and not holds_finished_run(marker.parent):
             with atomic_path(marker.parent / FAILED) as tmp:
                 tmp.write_text(KILLED.format(pid=stale) + "\n")
         try:

@@ -67,10 +67,11 @@ def recorded_job(run_dir: Path) -> str | None:
 
 
 def finished_run(run_dir: Path) -> bool:
-    """``run_dir`` holds a finished run: its metrics.json, and no FAILED marker."""
-    from mtl.cli.failures import FAILED
+    """``run_dir`` holds a finished run of any CLI: the record it writes last (metrics.json; mtl-extract's and
+    mtl-export's report), and no FAILED marker."""
+    from mtl.cli.failures import holds_finished_run
 
-    return (Path(run_dir) / "metrics.json").is_file() and not (Path(run_dir) / FAILED).exists()
+    return holds_finished_run(run_dir)
 
 
 def finished_model(run_dir: Path) -> Path | None:

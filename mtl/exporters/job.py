@@ -8,6 +8,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtl.cli.jobs import input_model, start_run
 from mtl.exporters.api import export, read_report
+from mtl.io import write_json
 
 
 def run_export(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
@@ -19,9 +20,10 @@ def run_export(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if tasks is not None and not isinstance(tasks, str):
         tasks = [str(t) for t in tasks]
     out = export(model, fmt, output, tasks=tasks, overwrite=bool(cfg.overwrite), **options)
-    report = read_report(out)
+    report = {**read_report(out), "output": str(Path(out).resolve())}
+    write_json(run_dir / "export_report.json", report)  # written last: the run folder's mark of a finished export
     print_summary(out, report)
-    return {**report, "output": str(Path(out).resolve())}
+    return report
 
 
 def print_summary(out: Path, report: dict[str, Any]) -> None:

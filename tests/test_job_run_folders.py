@@ -1,0 +1,76 @@
+"""The job CLIs' run folders (mtl.cli.jobs.start_run): a finished run of any of them is left exactly as it was by a
+refused command, and no other command takes it over afterwards."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtl.cli.failures import RunFolderTaken
+from mtl.io import save_model
+from mtl.models import create_model
+
+SLIM_BACKBONE = {"name": "slim_resnet", "stem": 8, "channels": [8, 16, 16], "depths": [1, 2, 1], "out_indices": [1, 2, 3]}
+DATA = {"name": "scenes", "size": 16, "n_train": 8, "n_val": 4, "n_test": 4, "batch_size": 4}
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def refused_reruns_leave_it_as_it_was(run, args: list[str], run_dir: Path) -> None:
+    """A plain rerun and a rerun refused before it accepts the folder write nothing there (no FAILED), and a
+    training run given the folder afterwards is refused too."""
+    from mtl.train import run as train
+
+    before = files(run_dir)
+    with pytest.raises(RunFolderTaken, match=r"exists; pass overwrite=true to replace it"):
+        run(args, run_dir=run_dir)
+    with pytest.raises(ValueError, match=r"is or holds this run's folder"):
+        run(args + [f"output={run_dir}", "overwrite=true"], run_dir=run_dir)
+    assert files(run_dir) == before
+    with pytest.raises(RunFolderTaken, match=rf"run_dir {run_dir} (is not empty|holds a finished run)"):
+        train(["experiment=scenes_hps", "debug=smoke", "logger=none", "viz.num_samples=0"], run_dir=run_dir)
+    assert files(run_dir) == before
+
+
+def test_a_finished_export_is_refused_and_left_as_it_was(tmp_path):
+    """A plain rerun of a finished export wrote FAILED (it has no metrics.json, so it did not count as finished),
+    after which mtl-train took the folder over."""
+    from mtl.exporters.job import run
+
+    torch.manual_seed(0)
+    model = save_model(create_model(["depth"], backbone={"name": "test_resnet", "out_indices": [1, 2, 3]},
+                                    decoder={"name": "hps", "channels": 16}), tmp_path / "model", meta={"data": DATA})
+    args = [f"model={model}", "format=folder"]
+    done = Path(run(args, run_dir=tmp_path / "exp")["run_dir"])
+    assert (done / "export_report.json").is_file()
+    refused_reruns_leave_it_as_it_was(run, args, done)
+    run(args + ["overwrite=true"], run_dir=done)  # its own rerun, asked for, still replaces it
+
+
+def test_a_finished_extract_is_refused_and_left_as_it_was(tmp_path):
+    from mtl.cli.extract import run
+
+    torch.manual_seed(0)
+    slim = create_model(["depth", "semseg"], backbone=SLIM_BACKBONE, decoder={"name": "slimmable", "channels": 12},
+                        family="slimmable")
+    model = save_model(slim.eval(), tmp_path / "slim", meta={"data": DATA})
+    args = [f"model={model}", "widths={encoder: 0.5}"]
+    done = Path(run(args, run_dir=tmp_path / "ex")["run_dir"])
+    refused_reruns_leave_it_as_it_was(run, args, done)
+
+
+@pytest.mark.parametrize("name, record", [("train", "metrics.json"), ("merge", "metrics.json"),
+                                          ("prune", "metrics.json"), ("extract", "extract_report.json"),
+                                          ("export", "export_report.json")])
+def test_each_job_clis_last_record_marks_its_run_finished(tmp_path, name, record):
+    from mtl.cli.jobs import finished_run
+
+    run_dir = tmp_path / name
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(f"name: {name}\n")
+    assert not finished_run(run_dir)  # killed or failed before its last record
+    (run_dir / record).write_text("{}")
+    assert finished_run(run_dir)
+    (run_dir / "FAILED").write_text("a late step failed")
+    assert not finished_run(run_dir)
