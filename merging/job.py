@@ -112,21 +112,18 @@ def check_pool_inputs(pool: ModelPool, hp: Mapping[str, Any], bn_data: dict[str,
 
 def build_smoke_pool(root: str | os.PathLike) -> ModelPool:
     """A seconds-long real pool: a tiny base trained on scenes classification, fine-tuned on 2 tasks."""
-    from mtl.cli.jobs import finished_model
+    from mtl.cli.jobs import smoke_training
     from mtl.progress_log import emit
-    from mtl.train import run as train
 
     root = Path(root)
     common = ["experiment=scenes_hps", "debug=smoke", "viz.num_samples=0", "logger=none"]
     emit("[smoke pool] training 1/3: the pretrained base (classification)")
-    def trained(overrides: list[str], folder: Path) -> Path:  # a retry reuses its first attempt's finished runs
-        return finished_model(folder) or train(overrides, run_dir=folder) / "model"
-
-    pre = trained(common + ["task=[classification]"], root / "pretrained")
+    # a retry reuses its first attempt's finished runs of the same configs; fine-tunes of a base trained again are not
+    pre, reused = smoke_training(common + ["task=[classification]"], root / "pretrained")
     fts = []
     for i, t in enumerate(("regression", "semseg"), start=2):
         emit(f"[smoke pool] training {i}/3: fine-tune on {t}")
-        fts.append(trained(common + [f"task=[{t}]", f"init_from={pre}"], root / t))
+        fts.append(smoke_training(common + [f"task=[{t}]", f"init_from={pre}"], root / t, reuse=reused)[0])
     return ModelPool.from_folders(pre, fts)
 
 

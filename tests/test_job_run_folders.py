@@ -74,3 +74,20 @@ def test_each_job_clis_last_record_marks_its_run_finished(tmp_path, name, record
     assert finished_run(run_dir)
     (run_dir / "FAILED").write_text("a late step failed")
     assert not finished_run(run_dir)
+
+
+@pytest.mark.slow  # two smoke trainings (about a minute)
+def test_a_smoke_extract_retried_with_another_request_trains_the_model_it_needs(tmp_path):
+    """The auditor's case: a widths= smoke run trained a slimmable smoke_model/; its overwrite=true rerun with the
+    default request (a task of a task-MoE model) reused it and failed: "model family 'slimmable' extracts with
+    (widths=); got (task=, calib=, min_share=)"."""
+    import json
+
+    import mtl
+    from mtl.cli.extract import run
+
+    run(["debug=smoke", "widths={encoder: 0.5}"], run_dir=tmp_path / "ex")
+    assert mtl.load_model(tmp_path / "ex" / "smoke_model" / "model").config["family"] == "slimmable"
+    report = run(["debug=smoke", "overwrite=true"], run_dir=tmp_path / "ex")
+    assert report["task"] == "depth" and json.loads((tmp_path / "ex" / "extract_report.json").read_text())["task"] == "depth"
+    assert mtl.load_model(tmp_path / "ex" / "smoke_model" / "model").config["family"] != "slimmable"

@@ -75,8 +75,7 @@ def finished_run(run_dir: Path) -> bool:
 
 
 def finished_model(run_dir: Path) -> Path | None:
-    """The model folder of a finished training run in ``run_dir``, else None: a smoke job retried in its folder
-    reuses the tiny model its first attempt trained (a finished run's folder is never trained into again)."""
+    """The model folder of a finished training run in ``run_dir``, else None."""
     from mtl.io import is_model_folder
 
     model = Path(run_dir) / "model"
@@ -86,12 +85,54 @@ def finished_model(run_dir: Path) -> Path | None:
 def smoke_model(root: str | os.PathLike, experiment: str = "scenes_hps",
                 tasks: str = "[semseg,depth,classification]") -> Path:
     """A seconds-long real model folder (a ``debug=smoke`` training run) for the job CLIs' smoke runs."""
+    return smoke_training([f"experiment={experiment}", "debug=smoke", "viz.num_samples=0", "logger=none",
+                           "log_weights_every=0", f"task={tasks}"], Path(root))[0]
+
+
+def smoke_training(overrides: list[str], folder: Path, reuse: bool = True) -> tuple[Path, bool]:
+    """(the model folder of a training run with ``overrides`` in ``folder``, whether an earlier one was reused). A smoke
+    job retried in its folder reuses the run its first attempt finished there when that run's config.yaml is the
+    config ``overrides`` compose now (and ``reuse``: False when its input was trained again); a finished run of any
+    other config (the slimmable model an earlier ``widths=`` request trained, where ``tasks=`` now needs a task-MoE
+    one) is replaced, said on the console: the folder is the job's own, inside its run folder."""
+    import shutil
+
+    from mtl.progress_log import emit
     from mtl.train import run
 
-    if (done := finished_model(Path(root))) is not None:
-        return done
-    return run([f"experiment={experiment}", "debug=smoke", "viz.num_samples=0", "logger=none",
-                "log_weights_every=0", f"task={tasks}"], run_dir=Path(root)) / "model"
+    if finished_model(folder) is not None:
+        differs = config_difference(overrides, folder) if reuse else "its input model was trained again"
+        if differs is None:
+            return folder / "model", True
+        emit(f"[smoke] {folder} holds a model trained for another request ({differs}): training it again there")
+        shutil.rmtree(folder)
+    return run(overrides, run_dir=folder) / "model", False
+
+
+def config_difference(overrides: list[str], run_dir: Path) -> str | None:
+    """The first setting in which ``run_dir/config.yaml`` differs from the training config ``overrides`` compose
+    (``key: recorded -> now``), or None when they are the same."""
+    from omegaconf import OmegaConf
+
+    from mtl.cli.in_process import compose_in_process
+
+    cfg, _ = compose_in_process("mtl.configs", "train", overrides, run_dir)
+    now = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        then = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
+    except Exception as e:  # noqa: BLE001  (an unreadable record is no proof of the same config)
+        return f"its config.yaml does not read: {e}"
+    return _first_difference(then, now)
+
+
+def _first_difference(then, now, key: str = "") -> str | None:
+    if isinstance(then, dict) and isinstance(now, dict):
+        for k in sorted(set(then) | set(now), key=str):
+            found = _first_difference(then.get(k), now.get(k), f"{key}.{k}" if key else str(k))
+            if found is not None:
+                return found
+        return None
+    return None if then == now else f"{key or 'config'}: {then!r} -> {now!r}"
 
 
 def input_model(cfg, run_dir: Path, verb: str, experiment: str = "scenes_hps") -> Path:

@@ -107,14 +107,35 @@ def test_a_refused_inner_run_still_marks_the_jobs_own_folder_failed(tmp_path):
     assert not (job / FAILED).exists()
 
 
-def test_a_smoke_job_retried_in_its_folder_reuses_its_finished_smoke_model(folder, tmp_path, monkeypatch):
+def test_a_smoke_job_retried_in_its_folder_reuses_only_a_smoke_model_of_the_same_config(folder, tmp_path, monkeypatch):
+    """A retry reused any finished smoke_model/, whichever experiment had trained it: mtl-extract's slimmable model
+    (an earlier widths= request) then failed a tasks= request with "family 'slimmable' extracts with (widths=)"."""
     import mtl.train
-    from mtl.cli.jobs import finished_model, smoke_model
+    from omegaconf import OmegaConf
+
+    from mtl.cli.in_process import compose_in_process
+    from mtl.cli.jobs import finished_model, smoke_model, smoke_training
+
+    def smoke(experiment):
+        return [f"experiment={experiment}", "debug=smoke", "viz.num_samples=0", "logger=none", "log_weights_every=0",
+                "task=[semseg,depth,classification]"]
 
     trained = finished_training_run(folder, tmp_path / "trained")
+    cfg, _ = compose_in_process("mtl.configs", "train", smoke("scenes_slimmable"), trained)
+    (trained / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))  # what that training run records
     assert finished_model(trained) == trained / "model"
-    monkeypatch.setattr(mtl.train, "run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained again")))
-    assert smoke_model(trained) == trained / "model"
+    calls = []
+    monkeypatch.setattr(mtl.train, "run", lambda overrides, run_dir: calls.append((overrides, run_dir)) or run_dir)
+    assert smoke_model(trained, "scenes_slimmable") == trained / "model" and calls == []  # the same config: reused
+    before = sorted(p.name for p in trained.iterdir())
+    assert smoke_training(smoke("scenes_slimmable"), trained, reuse=False)[1] is False  # its input trained again
+    assert calls == [(smoke("scenes_slimmable"), trained)] and not trained.exists()
+    calls.clear()
+    finished_training_run(folder, trained)
+    (trained / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    assert sorted(p.name for p in trained.iterdir()) == before
+    assert smoke_model(trained, "scenes_task_moe_vit") == trained / "model"  # another experiment: trained again there
+    assert calls == [(smoke("scenes_task_moe_vit"), trained)] and not trained.exists()
     failed = tmp_path / "failed"
     failed.mkdir()
     (failed / "metrics.json").write_text("{}")
