@@ -51,10 +51,7 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
             elif path.is_dir() and not path.is_symlink():
                 if not tmp.is_dir():  # a folder is replaced by a folder only: it may hold anyone's files
                     raise IsADirectoryError(f"{path} is a folder; refusing to replace it with a file")
-                old = path.with_name(f".{path.name}.old-{os.getpid()}-")
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
+                _replace_folder(tmp, path)
             else:
                 os.replace(tmp, path)
             done = True
@@ -65,21 +62,49 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
             remove_empty(created)
 
 
-def _rename_no_replace(src: Path, dst: Path) -> None:
-    """``os.rename`` that raises FileExistsError when ``dst`` exists, atomically (Linux renameat2 with
-    RENAME_NOREPLACE; elsewhere a hard link for a file, a ``mkdir`` claim for a folder)."""
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+#: what renameat2 answers where the kernel or the file system lacks a flag: the portable path is taken instead
+_UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> int | None:
+    """Linux ``renameat2(src, dst, flags)``: 0 on success, else the errno; None where libc has no renameat2."""
     import ctypes
 
     renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) if os.name == "posix" else None
-    if renameat2 is not None:
-        renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-        if renameat2(-100, os.fsencode(src), -100, os.fsencode(dst), 1) == 0:  # AT_FDCWD, RENAME_NOREPLACE
-            return
-        err = ctypes.get_errno()
-        if err == errno.EEXIST:
-            raise FileExistsError(errno.EEXIST, os.strerror(err), str(dst))
-        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a file system without the flag: below
-            raise OSError(err, os.strerror(err), str(dst))
+    if renameat2 is None:
+        return None
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd = -100
+    return 0 if renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), flags) == 0 else ctypes.get_errno()
+
+
+def _replace_folder(new: Path, path: Path) -> None:
+    """Put folder ``new`` in the place of folder ``path``; the old folder ends under ``new``'s name (the caller
+    removes it). Linux swaps the two in one step (RENAME_EXCHANGE), so ``path`` is never absent, not even
+    after a kill; elsewhere the old folder is moved aside first, and a kill between the two renames leaves
+    it under ``.<name>.old-<pid>-``."""
+    err = _renameat2(new, path, _RENAME_EXCHANGE)
+    if err == 0:
+        return
+    if err is not None and err not in _UNSUPPORTED:
+        raise OSError(err, os.strerror(err), str(path))
+    old = path.with_name(f".{path.name}.old-{os.getpid()}-")
+    os.replace(path, old)
+    os.replace(new, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _rename_no_replace(src: Path, dst: Path) -> None:
+    """``os.rename`` that raises FileExistsError when ``dst`` exists, atomically (Linux renameat2 with
+    RENAME_NOREPLACE; elsewhere a hard link for a file, a ``mkdir`` claim for a folder)."""
+    err = _renameat2(src, dst, _RENAME_NOREPLACE)
+    if err == 0:
+        return
+    if err == errno.EEXIST:
+        raise FileExistsError(errno.EEXIST, os.strerror(err), str(dst))
+    if err is not None and err not in _UNSUPPORTED:  # a file system without the flag: below
+        raise OSError(err, os.strerror(err), str(dst))
     if src.is_dir():
         os.mkdir(dst)  # the claim: FileExistsError when taken; the rename then replaces our own empty folder
         os.replace(src, dst)
