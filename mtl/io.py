@@ -15,19 +15,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mtl.atomic import atomic_path
+from mtl.folder_checks import (FORMAT, INIT_ONLY, ModelFolderError, check_header, config_record,  # noqa: F401
+                               initial_weight_source, warn_if_newer)  # (FORMAT, INIT_ONLY, ModelFolderError: re-exported)
 
 log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-FORMAT = "mtlkit.model/1"
 #: the file a TALL store folder holds (merging.storage writes it); known here by name only, so that
 #: load_model can point at the loader without mtl importing merging (which builds on mtl)
 TALL_STORE_FILE = "tall.safetensors"
-
-
-class ModelFolderError(ValueError):
-    """A model folder is missing a file, holds a corrupt one, or does not match its config."""
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -156,40 +153,11 @@ def save_model(model, path: str | os.PathLike, meta: dict[str, Any] | None = Non
                          "(call model.float() first; cast after loading for half-precision inference)")
     model_cfg = strict_json(model_config(model), "model")
     cfg = {"format": FORMAT, "mtlkit_version": __version__, "model": model_cfg, "meta": meta}
-    header = {"format": FORMAT, "tasks": json.dumps(_task_kinds(model_cfg)),
-              "config_digest": _config_digest(model_cfg), "weights_digest": _weights_digest(state),
-              "config": _canonical(model_cfg)}  # to name the key of a config.json edited afterwards
+    header = {"format": FORMAT, **config_record(model_cfg), "weights_digest": _weights_digest(state)}
     with atomic_path(path, overwrite=overwrite) as tmp:
         tmp.mkdir()
         save_safetensors(state, tmp / WEIGHTS, metadata=header)
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, allow_nan=False) + "\n")
-    return path
-
-
-def _task_kinds(model_cfg: dict[str, Any]) -> dict[str, str]:
-    return {t["name"]: t["kind"] for t in model_cfg.get("tasks", []) if isinstance(t, dict) and "name" in t and "kind" in t}
-
-
-def _canonical(model_cfg: Any) -> str:
-    return json.dumps(model_cfg, sort_keys=True, separators=(",", ":"))
-
-
-def _config_digest(model_cfg: Any) -> str:
-    return hashlib.blake2b(_canonical(model_cfg).encode(), digest_size=16).hexdigest()
-
-
-def _first_difference(saved: Any, now: Any, path: str) -> str:
-    """The first key path (``model.decoder.channels``) where two JSON values differ."""
-    if isinstance(saved, dict) and isinstance(now, dict):
-        for k in sorted(set(saved) | set(now)):
-            if k not in saved or k not in now:
-                return f"{path}.{k}"
-            if _canonical(saved[k]) != _canonical(now[k]):  # 8 == 8.0 in Python, not in the digest
-                return _first_difference(saved[k], now[k], f"{path}.{k}")
-    if isinstance(saved, list) and isinstance(now, list) and len(saved) == len(now):
-        for i, (a, b) in enumerate(zip(saved, now)):
-            if _canonical(a) != _canonical(b):
-                return _first_difference(a, b, f"{path}[{i}]")
     return path
 
 
@@ -257,51 +225,12 @@ def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
     if unknown:  # e.g. a misspelt "metadata": its content would be dropped without a word
         log.warning("%s: unknown top-level key(s) %s ignored (a model folder holds format, mtlkit_version, model, meta)",
                     file, unknown)
-    _warn_if_newer(cfg.get("mtlkit_version"), file)
-    fetch = _initial_weight_source(cfg["model"], "model")
+    warn_if_newer(cfg.get("mtlkit_version"), file)
+    fetch = initial_weight_source(cfg["model"], "model")
     if fetch:  # the folder's own weights replace them: honouring one would only reach the Hub or read another file
         raise ModelFolderError(f"{file}: key '{fetch}' makes the model read initial weights (the Hub or a file); a "
                                "model folder holds its weights and never loads others: remove the key")
     return cfg
-
-
-def _warn_if_newer(written_by: Any, file: Path) -> None:
-    """A folder written by a newer mtlkit may hold settings this one does not know: said once, not refused."""
-    def release(v: str) -> tuple[int, ...] | None:
-        parts = str(v).split("+")[0].split(".")[:3]
-        return tuple(int(p) for p in parts) if all(p.isdigit() for p in parts) else None
-
-    from mtl import __version__
-
-    theirs, ours = release(written_by), release(__version__)
-    if theirs and ours and theirs > ours:
-        log.warning("%s was written by mtlkit %s, newer than this %s: if it does not load as expected, upgrade",
-                    file, written_by, __version__)
-
-
-#: backbone keys naming where *initial* weights come from (timm's Hub download, a local file): a saved
-#: model's own weights replace them, so `save_model` leaves them out and `load_model` refuses them
-INIT_ONLY = ("pretrained", "checkpoint_path", "pretrained_cfg_overlay")
-#: the ones that make timm read weights when a model is built (an overlay alone is only read with pretrained=true;
-#: folders saved before it joined INIT_ONLY may hold one, and must still load)
-_READS_WEIGHTS = ("pretrained", "checkpoint_path")
-
-
-def _initial_weight_source(v: Any, where: str) -> str | None:
-    """The key path of the first set weight-source key in a stored model config, if any."""
-    if isinstance(v, dict):
-        for k, x in v.items():
-            if k in _READS_WEIGHTS and x not in (None, False, "", {}):
-                return f"{where}.{k}"
-            found = _initial_weight_source(x, f"{where}.{k}")
-            if found:
-                return found
-    elif isinstance(v, list):
-        for i, x in enumerate(v):
-            found = _initial_weight_source(x, f"{where}[{i}]")
-            if found:
-                return found
-    return None
 
 
 def _read_weights(file: Path, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -321,7 +250,7 @@ def read_checked_config(path: str | os.PathLike) -> dict[str, Any]:
     without reading any tensor: for callers that plan from configs before loading weights (merge pools)."""
     path = Path(path)
     cfg = read_model_config(path)
-    _check_header(_read_weights(path / WEIGHTS, tensors=False)[1], cfg, path / WEIGHTS, path / CONFIG)
+    check_header(_read_weights(path / WEIGHTS, tensors=False)[1], cfg, path / WEIGHTS, path / CONFIG)
     return cfg
 
 
@@ -332,39 +261,6 @@ def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     state, header = _read_weights(file)
     check_weights_digest(file, header, state.keys(), state.__getitem__)
     return state
-
-
-def _check_header(header: dict[str, str], cfg: dict[str, Any], file: Path, cfg_file: Path) -> None:
-    """The weights file's own record of the model against config.json (folders written by
-    `save_model`; a plain safetensors file without it is checked by keys, shapes and values only)."""
-    if header.get("format", "").startswith("mtlkit") and header["format"] != FORMAT:  # "pt": plain safetensors
-        raise ModelFolderError(f"{file}: header key 'format' is {header['format']!r}; this mtlkit reads {FORMAT!r}")
-    if "tasks" in header:
-        try:
-            stored = json.loads(header["tasks"])
-            assert isinstance(stored, dict)
-        except (ValueError, AssertionError):
-            raise ModelFolderError(f"{file}: corrupt header key 'tasks'") from None
-        kinds = _task_kinds(cfg["model"])
-        for name in sorted(set(stored) | set(kinds)):
-            if name not in kinds or name not in stored:
-                where, other = (cfg_file, file) if name not in kinds else (file, cfg_file)
-                raise ModelFolderError(f"{where} has no task {name!r}, but {other} has it (the config and the "
-                                       "weights must list the same tasks)")
-            if stored.get(name) != kinds.get(name):
-                raise ModelFolderError(
-                    f"{cfg_file}: task {name!r} has kind {kinds.get(name)!r}, but {file} was saved with "
-                    f"kind {stored.get(name)!r} for it (task heads do not fit another kind)")
-    if "config_digest" in header and header["config_digest"] != _config_digest(cfg["model"]):
-        key = "model"
-        try:
-            saved = json.loads(header.get("config", ""))
-            if _config_digest(saved) == header["config_digest"]:
-                key = _first_difference(saved, json.loads(_canonical(cfg["model"])), "model")
-        except ValueError:
-            pass  # no (or a corrupt) copy of the config in the header: name the whole key
-        raise ModelFolderError(f"{cfg_file}: key {key!r} differs from the config {file} was saved with "
-                               "(edited or corrupt); save the model again to change its config")
 
 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
@@ -383,7 +279,7 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     cfg = read_model_config(path)
     file, cfg_file = path / WEIGHTS, path / CONFIG
     state, header = _read_weights(file)
-    _check_header(header, cfg, file, cfg_file)
+    check_header(header, cfg, file, cfg_file)
     try:
         with torch.random.fork_rng(devices=[]):  # the random init the stored weights replace: not the caller's stream
             model = model_from_config(cfg["model"])
