@@ -36,17 +36,31 @@ def config_digest(model_cfg: Any) -> str:
     return hashlib.blake2b(canonical(model_cfg).encode(), digest_size=16).hexdigest()
 
 
+def same_json(a: Any, b: Any) -> bool:
+    """Equal as parsed JSON values: 1 and 1.0 are one number (tools such as jq rewrite 1.0 as 1), while
+    true and 1 stay apart (in Python True == 1). Key order and layout are gone once parsed."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_json(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same_json(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
 def _first_difference(saved: Any, now: Any, path: str) -> str:
-    """The first key path (``model.decoder.channels``) where two JSON values differ."""
+    """The first key path (``model.decoder.channels``) where two JSON values differ (`same_json`)."""
     if isinstance(saved, dict) and isinstance(now, dict):
         for k in sorted(set(saved) | set(now)):
             if k not in saved or k not in now:
                 return f"{path}.{k}"
-            if canonical(saved[k]) != canonical(now[k]):  # 8 == 8.0 in Python, not in the digest
+            if not same_json(saved[k], now[k]):
                 return _first_difference(saved[k], now[k], f"{path}.{k}")
     if isinstance(saved, list) and isinstance(now, list) and len(saved) == len(now):
         for i, (a, b) in enumerate(zip(saved, now)):
-            if canonical(a) != canonical(b):
+            if not same_json(a, b):
                 return _first_difference(a, b, f"{path}[{i}]")
     return path
 
@@ -90,9 +104,11 @@ def initial_weight_source(v: Any, where: str) -> str | None:
     return None
 
 
-def check_header(header: dict[str, str], cfg: dict[str, Any], file: Path, cfg_file: Path) -> None:
+def check_header(header: dict[str, str], cfg: dict[str, Any], file: Path, cfg_file: Path) -> dict[str, Any]:
     """The weights file's own record of the model against config.json (folders written by
-    `save_model`; a plain safetensors file without it is checked by keys, shapes and values only)."""
+    `save_model`; a plain safetensors file without it is checked by keys, shapes and values only).
+    Returns the model config to build: config.json's, or the header's copy where the two differ only in
+    how numbers are written."""
     if header.get("format", "").startswith("mtlkit") and header["format"] != FORMAT:  # "pt": plain safetensors
         raise ModelFolderError(f"{file}: header key 'format' is {header['format']!r}; this mtlkit reads {FORMAT!r}")
     if "tasks" in header:
@@ -111,13 +127,17 @@ def check_header(header: dict[str, str], cfg: dict[str, Any], file: Path, cfg_fi
                 raise ModelFolderError(
                     f"{cfg_file}: task {name!r} has kind {kinds.get(name)!r}, but {file} was saved with "
                     f"kind {stored.get(name)!r} for it (task heads do not fit another kind)")
-    if "config_digest" in header and header["config_digest"] != config_digest(cfg["model"]):
+    if "config_digest" not in header or header["config_digest"] == config_digest(cfg["model"]):
+        return cfg["model"]
+    try:
+        saved = json.loads(header.get("config", ""))
+    except ValueError:
+        saved = None
+    if saved is None or config_digest(saved) != header["config_digest"]:  # no (or a corrupt) copy: name the whole key
         key = "model"
-        try:
-            saved = json.loads(header.get("config", ""))
-            if config_digest(saved) == header["config_digest"]:
-                key = _first_difference(saved, json.loads(canonical(cfg["model"])), "model")
-        except ValueError:
-            pass  # no (or a corrupt) copy of the config in the header: name the whole key
-        raise ModelFolderError(f"{cfg_file}: key {key!r} differs from the config {file} was saved with "
-                               "(edited or corrupt); save the model again to change its config")
+    elif same_json(saved, cfg["model"]):
+        return saved  # only rewritten (jq writes 1.0 as 1): built from the saved copy, whose 16 stays an int
+    else:
+        key = _first_difference(saved, cfg["model"], "model")
+    raise ModelFolderError(f"{cfg_file}: key {key!r} differs from the config {file} was saved with "
+                           "(edited or corrupt); save the model again to change its config")

@@ -250,7 +250,7 @@ def read_checked_config(path: str | os.PathLike) -> dict[str, Any]:
     without reading any tensor: for callers that plan from configs before loading weights (merge pools)."""
     path = Path(path)
     cfg = read_model_config(path)
-    check_header(_read_weights(path / WEIGHTS, tensors=False)[1], cfg, path / WEIGHTS, path / CONFIG)
+    cfg["model"] = check_header(_read_weights(path / WEIGHTS, tensors=False)[1], cfg, path / WEIGHTS, path / CONFIG)
     return cfg
 
 
@@ -279,7 +279,7 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     cfg = read_model_config(path)
     file, cfg_file = path / WEIGHTS, path / CONFIG
     state, header = _read_weights(file)
-    check_header(header, cfg, file, cfg_file)
+    cfg["model"] = check_header(header, cfg, file, cfg_file)
     try:
         with torch.random.fork_rng(devices=[]):  # the random init the stored weights replace: not the caller's stream
             model = model_from_config(cfg["model"])

@@ -1,5 +1,7 @@
 import json
 import re
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -182,8 +184,9 @@ def test_an_edited_config_names_the_key_that_differs(tiny_model, tmp_path):
              "model.mean[1]": lambda m: m["mean"].__setitem__(1, 0.5),
              "model.extra": lambda m: m.update(extra=1),
              "model.backbone.out_indices[0]": lambda m: m["backbone"]["out_indices"].__setitem__(0, 2),
-             # equal in Python (8 == 8.0) but not in the saved digest: the field is still the one named
-             "model.decoder.channels ": lambda m: m["decoder"].update(channels=float(m["decoder"]["channels"]))}
+             "model.tasks[0].weight": lambda m: m["tasks"][0].update(weight=2.0),
+             # true == 1 in Python, not in JSON
+             "model.tasks[0].num_classes": lambda m: m["tasks"][0].update(num_classes=True)}
     for key, edit in edits.items():
         cfg = json.loads(original)
         edit(cfg["model"])
@@ -191,6 +194,42 @@ def test_an_edited_config_names_the_key_that_differs(tiny_model, tmp_path):
         with pytest.raises(ModelFolderError, match=rf"config.json: key '{re.escape(key.strip())}' "
                                                    "differs from the config .*model.safetensors was saved with"):
             mtl.load_model(folder)
+
+
+def _as_jq_writes(v):
+    """What `jq .` makes of Python's JSON: integral floats as integers (1.0 -> 1); keys reordered below."""
+    if isinstance(v, dict):
+        return {k: _as_jq_writes(v[k]) for k in reversed(list(v))}
+    if isinstance(v, list):
+        return [_as_jq_writes(x) for x in v]
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def test_a_config_rewritten_without_a_change_of_value_still_loads(tiny_model, tmp_path):
+    """`jq '.meta.note = "x"' config.json` wrote 1.0 as 1, and the unchanged model no longer loaded."""
+    folder = mtl.save_model(tiny_model, tmp_path / "m")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["meta"]["note"] = "x"
+    rewritten = json.dumps(_as_jq_writes(cfg), indent=4)
+    assert '"weight": 1,' in rewritten and rewritten != (folder / "config.json").read_text()
+    (folder / "config.json").write_text(rewritten)
+    loaded = mtl.load_model(folder)
+    assert loaded.meta["note"] == "x"
+    for k, v in tiny_model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)
+    # the other way round (16 -> 16.0) is no change either; the model is built from the saved 16
+    cfg["model"]["decoder"]["channels"] = 16.0
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert mtl.load_model(folder).config["decoder"]["channels"] == 16
+
+
+@pytest.mark.skipif(shutil.which("jq") is None, reason="jq is not installed")
+def test_a_config_edited_with_jq_still_loads(tiny_model, tmp_path):
+    folder = mtl.save_model(tiny_model, tmp_path / "m")
+    file = folder / "config.json"
+    edited = subprocess.run(["jq", '.meta.note = "x"', str(file)], capture_output=True, text=True, check=True).stdout
+    file.write_text(edited)
+    assert mtl.load_model(folder).meta["note"] == "x"
 
 
 def test_saving_over_a_file_is_refused_by_name(tiny_model, tmp_path):
