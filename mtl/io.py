@@ -151,6 +151,10 @@ def save_model(model, path: str | os.PathLike, meta: dict[str, Any] | None = Non
     if cast is not None:  # load_model rebuilds float32 models and never casts (a cast changes values)
         raise ValueError(f"save_model: key {cast!r} is {state[cast].dtype}; model folders hold float32 weights "
                          "(call model.float() first; cast after loading for half-precision inference)")
+    diverged = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if diverged is not None:  # load_model refuses such a folder: never write one
+        raise ValueError(f"save_model: key {diverged!r} holds NaN or infinite values (a diverged run?); "
+                         f"nothing was written to {path}")
     model_cfg = strict_json(model_config(model), "model")
     cfg = {"format": FORMAT, "mtlkit_version": __version__, "model": model_cfg, "meta": meta}
     header = {"format": FORMAT, **config_record(model_cfg), "weights_digest": _weights_digest(state)}

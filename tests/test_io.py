@@ -176,6 +176,20 @@ def test_half_precision_models_are_refused_on_save_not_on_load(tiny_model, tmp_p
         mtl.load_model(folder)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_on_save_not_on_load(tiny_model, tmp_path, bad):
+    """save_model wrote them and load_model then refused the folder."""
+    key = next(k for k, v in tiny_model.state_dict().items() if v.is_floating_point())
+    earlier = mtl.save_model(tiny_model, tmp_path / "m")
+    before = {p.name: p.read_bytes() for p in earlier.iterdir()}
+    tiny_model.state_dict()[key].view(-1)[0] = bad
+    for target in (tmp_path / "new", earlier):
+        with pytest.raises(ValueError, match=rf"save_model: key '{re.escape(key)}' holds NaN or infinite values"):
+            mtl.save_model(tiny_model, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert {p.name: p.read_bytes() for p in earlier.iterdir()} == before
+
+
 def test_an_edited_config_names_the_key_that_differs(tiny_model, tmp_path):
     """The error once named only 'model' for any edit of config.json."""
     folder = mtl.save_model(tiny_model, tmp_path / "m")
