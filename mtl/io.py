@@ -119,6 +119,29 @@ def is_model_folder(path: str | os.PathLike) -> bool:
     return (path / CONFIG).is_file() and (path / WEIGHTS).is_file()
 
 
+#: what ``mtl-export format=folder`` writes beside the two files (mtl.exporters.api's CARD and REPORT): its
+#: record of the weights it exported, stale once they are replaced
+_EXPORT_RECORDS = ("README.md", "export.json")
+
+
+def stale_records(path: str | os.PathLike, caller: str = "save_model") -> list[str]:
+    """The files besides its own two that replacing the model folder ``path`` removes: an mtl-export
+    ``format=folder`` output's card and report, which describe the old weights. Anything else there
+    (a user's notes, another tool's card) is refused by name: replacing the folder would delete it."""
+    path = Path(path)
+    extra = sorted(p.name for p in path.iterdir() if p.name not in (CONFIG, WEIGHTS))
+    try:
+        exported = read_json(path / "export.json").get("format") == "folder"
+    except (OSError, ValueError, AttributeError):
+        exported = False
+    stale = [n for n in extra if exported and n in _EXPORT_RECORDS]
+    kept = [n for n in extra if n not in stale]
+    if kept:
+        raise FileExistsError(f"{caller}: {path} holds {', '.join(kept)} besides the model folder's {CONFIG} and "
+                              f"{WEIGHTS}; replacing the folder would delete them: move them out or choose another path")
+    return stale
+
+
 def save_model(model, path: str | os.PathLike, meta: dict[str, Any] | None = None, overwrite: bool = True) -> Path:
     """Write ``path/model.safetensors`` + ``path/config.json`` atomically.
 
@@ -126,7 +149,9 @@ def save_model(model, path: str | os.PathLike, meta: dict[str, Any] | None = Non
     the weights, so `load_model` refuses a folder whose files were edited, swapped or corrupted.
     ``meta`` (provenance: data, training, merge or pruning records) defaults to the model's own
     ``.meta`` (set by `load_model`, pruning and extraction), so a reloaded model saved again keeps it;
-    pass ``meta={}`` to drop it.
+    pass ``meta={}`` to drop it. ``overwrite`` replaces an earlier model folder only: one holding other
+    files is refused naming them, except an mtl-export ``format=folder`` output's card and report
+    (README.md, export.json), which describe the old weights and are removed with a warning.
     """
     from mtl import __version__
     from mtl.models.surgery import model_config
@@ -146,6 +171,7 @@ def save_model(model, path: str | os.PathLike, meta: dict[str, Any] | None = Non
         # overwrite replaces an earlier model folder, never a run folder or anything else that happens to be there
         raise FileExistsError(f"save_model: {path} exists and is not a model folder (no {CONFIG} + {WEIGHTS}); "
                               "refusing to replace it: choose another path or remove it yourself")
+    stale = stale_records(path) if overwrite and is_model_folder(path) else []
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     cast = next((k for k, v in state.items() if v.is_floating_point() and v.dtype != torch.float32), None)
     if cast is not None:  # load_model rebuilds float32 models and never casts (a cast changes values)
@@ -162,6 +188,9 @@ def save_model(model, path: str | os.PathLike, meta: dict[str, Any] | None = Non
         tmp.mkdir()
         save_safetensors(state, tmp / WEIGHTS, metadata=header)
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, allow_nan=False) + "\n")
+    if stale:
+        log.warning("save_model: removed %s from %s: mtl-export's record of the weights now replaced",
+                    " and ".join(stale), path)
     return path
 
 

@@ -19,7 +19,7 @@ def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
     from omegaconf import OmegaConf
 
     from mtl.cli.failures import FAILED, RunFolderTaken, check_run_folder
-    from mtl.io import atomic_path, check_output_apart, is_model_folder
+    from mtl.io import atomic_path, check_output_apart, is_model_folder, stale_records
 
     run_dir = Path(run_dir)
     output = Path(cfg.output) if cfg.get("output") else run_dir / default_output
@@ -43,6 +43,8 @@ def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
         # save_model refuses it at the end; a job writing a model folder says so before its work
         raise FileExistsError(f"output={output} exists and is not a model folder (no config.json + model.safetensors); "
                               "overwrite=true replaces only an earlier model folder: choose another path")
+    if model_output and cfg.get("overwrite") and is_model_folder(output):
+        stale_records(output, caller="output")  # files save_model would delete are named before the work
     # overwrite=true may rerun an earlier run of this same job CLI in its folder (its config.yaml names the job:
     # `name: merge`, ...), never take over another tool's run (a training run's model/ and metrics.json)
     check_run_folder(run_dir, rerun=bool(cfg.get("overwrite")) and recorded_job(run_dir) == cfg.get("name"))

@@ -1,0 +1,40 @@
+"""save_model(overwrite=True) over a model folder holding other files: they were deleted without a word."""
+import logging
+
+import pytest
+from omegaconf import OmegaConf
+
+import mtl
+
+
+def test_a_users_files_in_a_model_folder_are_named_not_deleted(tiny_model, tmp_path):
+    folder = mtl.save_model(tiny_model, tmp_path / "m")
+    (folder / "notes.txt").write_text("precious")
+    (folder / "README.md").write_text("my own card")  # no export.json: not mtl-export's
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(FileExistsError, match=rf"save_model: {folder} holds README.md, notes.txt besides the model "
+                                              "folder's config.json and model.safetensors; replacing the folder would "
+                                              "delete them"):
+        mtl.save_model(tiny_model, folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_a_job_names_them_before_its_work(tiny_model, tmp_path):
+    from mtl.cli.jobs import start_run
+
+    folder = mtl.save_model(tiny_model, tmp_path / "m")
+    (folder / "notes.txt").write_text("precious")
+    cfg = OmegaConf.create({"output": str(folder), "overwrite": True, "name": "prune"})
+    with pytest.raises(FileExistsError, match=rf"output: {folder} holds notes.txt besides"):
+        start_run(cfg, tmp_path / "run", model_output=True)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_exported_folders_card_and_report_go_with_the_weights_they_describe(tiny_model, tmp_path, caplog):
+    source = mtl.save_model(tiny_model, tmp_path / "m")
+    out = mtl.export(source, "folder", out=tmp_path / "exported")
+    assert {"README.md", "export.json"} <= {p.name for p in out.iterdir()}
+    with caplog.at_level(logging.WARNING, logger="mtl.io"):
+        mtl.save_model(tiny_model, out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert "removed README.md and export.json" in caplog.text
