@@ -220,11 +220,11 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 def member_datamodule(member: Member, overrides: dict[str, Any] | None = None):
     from mtl.data import create_datamodule
+    from mtl.folder_data import rebuild_config
 
     if not member.data:
         raise ValueError(f"{member.path}: its config.json has no meta.data, so its evaluation data is unknown")
-    kw = dict(member.data)
-    kw.update(overrides or {})
+    kw = rebuild_config(member.data, overrides or {}, member.path / "config.json", "eval.data")
     dm = create_datamodule(kw.pop("name"), **kw)
     dm.setup("test")
     return dm

@@ -17,6 +17,7 @@ from mtl.cli.common import write_hydra_record
 from mtl.cli.failures import FAILED, RunFolderTaken, check_run_folder
 from mtl.data import create_datamodule
 from mtl.evaluation import delta_m, load_baselines, save_baselines
+from mtl.folder_data import data_record
 from mtl.io import atomic_path, save_model, write_json
 from mtl.models import create_model
 from mtl.module import MultiTaskModule
@@ -203,23 +204,6 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         _finish_tracking_runs(trainer)
 
 
-#: data settings that name files or folders (read relative to the working directory)
-_DATA_PATHS = ("path", "root", "splits_file", "class_mapping", "cache_dir")
-
-
-def _absolute_paths(data_kw: dict[str, Any]) -> dict[str, Any]:
-    """The data config with its file and folder settings absolute: the model folder's meta must rebuild the
-    data (mtl-prune, mtl-extract, mtl-merge calibration) from any working directory."""
-    def absolute(v: Any) -> Any:
-        if isinstance(v, str) and v:
-            return str(Path(v).expanduser().resolve())
-        if isinstance(v, list) and all(isinstance(x, str) for x in v):
-            return [absolute(x) for x in v]
-        return v  # null, or a class-mapping table of ints
-
-    return {k: absolute(v) if k in _DATA_PATHS else v for k, v in data_kw.items()}
-
-
 def _finish_tracking_runs(trainer) -> None:
     """Finish W&B runs with the job. W&B writes its records from a background service and completes
     them when the run finishes, which would otherwise be at interpreter exit: after `run()` returned
@@ -278,7 +262,7 @@ def _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, basel
     if not trainer.is_global_zero:
         return metrics
     # the trained model and its metrics first: nothing after this can lose them
-    meta = {"test": metrics["test"], "run_dir": str(run_dir), "data": _absolute_paths(data_kw), "seed": cfg.seed}
+    meta = {"test": metrics["test"], "run_dir": str(run_dir), "data": data_record(data_kw), "seed": cfg.seed}
     if cfg.get("init_from"):  # a fine-tune: where its start came from (the card says so)
         meta["init_from"] = str(Path(cfg.init_from).resolve())
     save_model(module.model, run_dir / "model", meta=meta)

@@ -15,10 +15,10 @@ def datamodule_for(model: nn.Module, data: Mapping[str, Any] | None = None, sour
 
     ``data`` may also be a whole data config (it then needs ``name``)."""
     from mtl.data import create_datamodule
+    from mtl.folder_data import rebuild_config
 
     where = f"{Path(source) / 'config.json'}" if source else "the model's meta"
-    stored = dict(getattr(model, "meta", {}).get("data") or {})
-    kw = {**stored, **dict(data or {})}
+    kw = rebuild_config(getattr(model, "meta", {}).get("data") or {}, dict(data or {}), where, "data")
     if "name" not in kw:
         raise ValueError(f"{where} has no meta.data (the data the model was trained on), so there is no calibration "
                          "data; pass a data config, e.g. data={name: scenes, size: 64}")

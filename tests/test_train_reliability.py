@@ -349,16 +349,16 @@ def test_ddp_with_an_evaluation_split_smaller_than_the_process_count_is_refused_
 
 def test_the_model_folder_records_data_paths_absolute(tmp_path, monkeypatch):
     """A relative data.path/root in meta.data made mtl-prune/-extract/-merge fail from any other folder."""
-    from mtl.train import _absolute_paths
+    from mtl.folder_data import data_record
 
     monkeypatch.chdir(tmp_path)
-    got = _absolute_paths({"name": "nyuv2", "root": "nyu", "splits_file": "s.mat", "class_mapping": ["a.mat", "b.mat"],
-                           "path": "~/ds", "cache_dir": None, "size": 32, "columns": {"mask": "semseg"}})
+    got = data_record({"name": "nyuv2", "root": "nyu", "splits_file": "s.mat", "class_mapping": ["a.mat", "b.mat"],
+                       "path": "~/ds", "cache_dir": None, "size": 32, "columns": {"mask": "semseg"}})
     assert got == {"name": "nyuv2", "root": str(tmp_path / "nyu"), "splits_file": str(tmp_path / "s.mat"),
                    "class_mapping": [str(tmp_path / "a.mat"), str(tmp_path / "b.mat")],
                    "path": str(Path("~/ds").expanduser().resolve()), "cache_dir": None, "size": 32,
                    "columns": {"mask": "semseg"}}
-    assert _absolute_paths({"class_mapping": [1, -1, 2]})["class_mapping"] == [1, -1, 2]  # a table, not paths
+    assert data_record({"class_mapping": [1, -1, 2]})["class_mapping"] == [1, -1, 2]  # a table, not paths
 
 
 def test_ctrl_c_in_an_in_process_run_reaches_the_caller_as_keyboardinterrupt(tmp_path):

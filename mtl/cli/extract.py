@@ -57,9 +57,12 @@ def _one_task(tasks) -> str:
 
 
 def data_config(model, cfg: DictConfig) -> dict[str, Any]:
-    """The model's own data config (its folder's meta) updated by ``calib.data``."""
+    """The model's own data config (its folder's meta) updated by ``calib.data``, checked for this machine."""
+    from mtl.folder_data import rebuild_config
+
     given = OmegaConf.to_container(cfg.calib.data, resolve=True) if cfg.calib.get("data") else {}
-    return {**dict(getattr(model, "meta", {}).get("data") or {}), **given}
+    file = Path(cfg.model) / "config.json" if cfg.get("model") else "the model's meta"
+    return rebuild_config(getattr(model, "meta", {}).get("data") or {}, given, file, "calib.data")
 
 
 def calibration_batches(model, cfg: DictConfig, limit: int | None = None, why: str = "calib") -> list[dict[str, Any]]:

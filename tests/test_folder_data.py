@@ -1,0 +1,49 @@
+"""A model folder's meta.data rebuilt on another machine: its cache_dir pinned the writer's machine."""
+import logging
+
+import pytest
+from omegaconf import OmegaConf
+
+import mtl
+from mtl.folder_data import data_record, rebuild_config
+
+ELSEWHERE = "/proc/otherhost/home/alice/.cache/mtlkit/scenes"  # a copy from a colleague's machine
+SCENES = {"name": "scenes", "size": 16, "n_train": 8, "n_val": 2, "n_test": 2, "seed": 0, "batch_size": 4}
+
+
+def test_the_default_cache_is_not_recorded_a_chosen_one_is(tmp_path, monkeypatch):
+    from mtl.cli.in_process import compose_in_process
+
+    monkeypatch.setenv("MTL_DATA_CACHE", str(tmp_path / "c"))
+    for data in ("scenes", "zoo"):  # the CLI resolves its default to this machine's absolute path
+        cfg, _ = compose_in_process("mtl.configs", "train", [f"data={data}"], tmp_path / "run")
+        kw = OmegaConf.to_container(cfg.data, resolve=True)
+        assert kw["cache_dir"] == str(tmp_path / "c" / data) and "cache_dir" not in data_record(kw)
+    chosen = {**SCENES, "cache_dir": str(tmp_path / "big" / "scenes")}
+    assert data_record(chosen)["cache_dir"] == str(tmp_path / "big" / "scenes")
+
+
+def test_a_folder_from_another_machine_calibrates_in_this_machines_cache(tiny_model, tmp_path, monkeypatch, caplog):
+    from merging.pool import Member, member_datamodule
+    from mtl.cli.extract import calibration_batches
+    from pruning.calib import datamodule_for
+
+    monkeypatch.setenv("MTL_DATA_CACHE", str(tmp_path / "here"))
+    folder = mtl.save_model(tiny_model, tmp_path / "m", meta={"data": {**SCENES, "cache_dir": ELSEWHERE}})
+    model = mtl.load_model(folder)
+    with caplog.at_level(logging.WARNING, logger="mtl.folder_data"):
+        dm = datamodule_for(model, None, folder)  # mtl-prune
+        batches = calibration_batches(model, OmegaConf.create(  # mtl-extract
+            {"model": str(folder), "calib": {"split": "train", "batches": 1, "data": None}}))
+        member_datamodule(Member(folder, model.config, list(model.tasks), model.meta["data"]))  # mtl-merge
+    assert dm.path.parent == tmp_path / "here" / "scenes" and len(batches) == 1
+    assert f"{folder / 'config.json'}: key meta.data.cache_dir={ELSEWHERE} is not a writable folder here" in caplog.text
+
+
+def test_a_missing_dataset_is_named_by_its_key(tmp_path):
+    file = tmp_path / "m" / "config.json"
+    stored = {"name": "nyuv2", "root": str(tmp_path / "nyu"), "class_mapping": [1, -1, 2]}
+    with pytest.raises(FileNotFoundError, match=rf"{file}: key meta.data.root='{tmp_path / 'nyu'}': no such file or "
+                                                r"folder here .*pass calib.data.root=<path>"):
+        rebuild_config(stored, {}, file, "calib.data")
+    assert rebuild_config(stored, {"root": str(tmp_path)}, file, "calib.data")["root"] == str(tmp_path)
