@@ -121,9 +121,9 @@ OPTION_CHECKS: dict[str, tuple[Any, str]] = {
 def effective_hparams(method: str, hparams: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """The settings a prune runs with, checked before any work (errors name a value as ``prefix`` + key,
     e.g. ``prune.ratio`` for the CLI): the method's defaults updated by ``hparams`` (an unknown name is
-    refused, listing the method's options). With ``flops_target`` the knob it searches (``ratio``,
-    PAGCP's ``budget``) is left out — the value found is in the report's ``rounds`` — and unset options
-    (None) are left out too."""
+    refused, listing the method's options). Every option is kept, unset ones as None, so the record says
+    what ran; only with ``flops_target`` the knob it searches (``ratio``, PAGCP's ``budget``) is left
+    out — the value found is in the report's ``rounds``."""
     fn = METHODS.get(method)
     options = {n: p.default for n, p in list(inspect.signature(fn).parameters.items())[3:]}  # after model, graph, batches
     unknown = sorted(set(hparams) - set(options))
@@ -142,7 +142,7 @@ def effective_hparams(method: str, hparams: dict[str, Any], prefix: str = "") ->
     if out.get("flops_target") is not None:
         out.pop("ratio", None)
         out.pop("budget", None)
-    return {k: v for k, v in out.items() if v is not None}
+    return out
 
 
 def _derived_meta(parent: dict[str, Any], method: str, hparams: dict[str, Any]) -> dict[str, Any]:

@@ -119,9 +119,9 @@ def test_meta_records_the_settings_used_and_unknown_options_fail_first(folder, t
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     pruned, report = pruning.prune(model, "l1", example=x, ratio=0.5, flops_target=0.2)
     # the target decides (ratio is searched): the record must not claim ratio=0.5
-    assert pruned.meta["prune"] == {"method": "l1", "flops_target": 0.2, "rounds": 1} == {
+    assert pruned.meta["prune"] == {"method": "l1", "flops_target": 0.2, "round_to": None, "rounds": 1} == {
         "method": "l1", **report["hparams"], "rounds": 1}
-    assert pruned.pruning_plan["hparams"] == {"flops_target": 0.2}
+    assert pruned.pruning_plan["hparams"] == {"flops_target": 0.2, "round_to": None}
     with pytest.raises(TypeError, match=r"prune method 'l1' has no option\(s\) \['foo'\]; its options: ratio, "):
         pruning.prune(model, "l1", example=x, ratio=0.5, foo=1)
 
@@ -203,7 +203,7 @@ def test_pruned_from_is_the_parents_run_when_it_has_one(folder, tmp_path):
          "eval.latency_repeats=1"], run_dir=tmp_path / "run")
     meta = mtl.load_model(tmp_path / "run" / "model").meta
     assert meta["pruned_from"] == str(src.parent) and meta["run_dir"] == str(tmp_path / "run")
-    assert meta["prune"] == {"method": "l1", "ratio": 0.5, "rounds": 1}
+    assert meta["prune"] == {"method": "l1", "ratio": 0.5, "flops_target": None, "round_to": None, "rounds": 1}
 
 
 @pytest.mark.slow

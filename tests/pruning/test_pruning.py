@@ -295,3 +295,29 @@ def test_a_loss_that_fell_does_not_tighten_later_layers(model, batches, monkeypa
             assert tried["accepted"] == (trial <= (1 + step_b["delta"]) * ref), (reference, tried)
         removed_b[reference] = step_b["removed"]
     assert removed_b["running_max"] > removed_b["last"]
+
+
+# Every option each method takes (its signature, as docs/pruning.md's table and configs/prune/ list them)
+ALL_SETTINGS = {
+    "l1": {"ratio", "flops_target", "round_to"},
+    "l1_global": {"ratio", "flops_target", "max_layer_ratio", "round_to"},
+    "taylor": {"ratio", "flops_target", "combine", "scope", "max_layer_ratio", "round_to", "criterion"},
+    "pagcp": {"budget", "shrink", "ratios", "keep_fraction", "importance", "flops_target", "max_budget",
+              "search_steps", "round_to", "decay_on", "reference"},
+}
+
+
+@pytest.mark.parametrize("method,hp,searched", [
+    ("l1", {"ratio": 0.3}, None), ("l1", {"flops_target": 0.2}, "ratio"),
+    ("l1_global", {"ratio": 0.3}, None), ("taylor", {"ratio": 0.3}, None),
+    ("pagcp", {"budget": 0.05}, None), ("pagcp", {"flops_target": 0.2, "search_steps": 0}, "budget")])
+def test_meta_records_every_setting_unset_ones_as_null(model, batches, method, hp, searched, monkeypatch):
+    # what is recorded, not what is pruned, is tested: PAGCP's oracle needs no real losses here
+    monkeypatch.setattr(pagcp_mod, "task_losses", controlled_losses(CHAINS[0][0], {"semseg": 1.0}))
+    pruned, report = pruning.prune(model, method, calib=batches, **hp)
+    recorded = pruned.meta["prune"]
+    assert set(recorded) == {"method", "rounds"} | ALL_SETTINGS[method] - {searched}
+    assert recorded["round_to"] is None and recorded == {"method": method, **report["hparams"], "rounds": 1}
+    assert pruned.pruning_plan["hparams"] == report["hparams"]
+    if searched is None:
+        assert recorded["flops_target"] is None
