@@ -30,15 +30,17 @@ def emit(text: str, stream: TextIO | None = None) -> None:
 
 
 def summary_console():
-    """The rich Console for the CLIs' summary tables: in a terminal as wide as it is; written to a file or a
-    pipe (a SLURM log, ``cmd > log``), 160 columns instead of rich's 80, which cut widths, paths and values
-    to "…" where no one can read them back."""
+    """The rich Console for the CLIs' summary tables and lines (the one place they are made): in a terminal
+    as wide as it is; written to a file or a pipe (a SLURM log, ``cmd > log``), tables 160 columns wide
+    instead of rich's 80, which cut widths, paths and values to "…", and text lines and table titles
+    never wrapped, so that grep finds a whole line."""
     import os
 
     from rich.console import Console
 
-    wide = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
-    return Console(width=wide)
+    tty = sys.stdout.isatty()
+    wide = None if tty or os.environ.get("COLUMNS") else 160
+    return Console(width=wide, soft_wrap=not tty)
 
 
 def strip_ansi(text: str) -> str:

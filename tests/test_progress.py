@@ -156,3 +156,26 @@ def test_summary_tables_written_to_a_file_are_not_cut_to_80_columns(monkeypatch)
     table.add_row("encoder 0.25 / decoders 0.25/0.50/0.75/1.00", "0.4567891", "1.2345678", "110.061234")
     console.print(table)
     assert "…" not in console.file.getvalue()
+
+
+def test_summary_lines_written_to_a_file_are_never_wrapped(monkeypatch):
+    """Off a terminal a long summary line (or table title) was cut into several lines: grep missed it."""
+    import sys
+
+    from merging.report import print_table
+    from mtl.train import print_summary
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.setattr("sys.stdout", io.StringIO())
+    per_task = {f"a_task_with_a_rather_long_name_{i}": 11.03e6 for i in range(6)}
+    print_summary({"test": {"cls": {"acc": 0.5}},
+                   "model_stats": {"params": 148336, "flops_all_tasks": 12.75e6, "flops_per_task": per_task}},
+                  {"cls": SimpleNamespace(primary="acc", directions={"acc": True})})
+    selected = {"convention": "paper", "lam": 1.0, "note": "x" * 150}
+    print_table({"method": "task_arithmetic", "selected": selected,
+                 "tasks": {"cls": {"primary": "acc", "merged": {"acc": 0.4}, "individual": {"acc": 0.5}, "normalized": 0.8}},
+                 "mean": {"merged": 0.4, "individual": 0.5, "normalized": 0.8}})
+    lines = [line.strip() for line in sys.stdout.getvalue().splitlines()]
+    params = "params 148,336 · FLOPs/sample: all tasks 12.75M; one task alone: " + ", ".join(f"{t} 11.03M" for t in per_task)
+    assert len(params) > 160 and params in lines
+    assert f"mtl-merge: task_arithmetic {selected}" in lines
