@@ -188,3 +188,22 @@ def test_per_task_lambda_as_a_task_mapping(tmp_path):
             merging.merge("consensus", pre_dir, ft_dirs, tall_lam=bad)
     with pytest.raises(ValueError, match=r"tall_lam must be ≥ 0"):
         merging.merge("consensus", pre, fts, tall_lam={"task0": -0.1, "task1": 0.4, "task2": 0.6})
+
+
+def test_the_docs_store_snippet_runs_on_in_memory_models(tmp_path, monkeypatch):
+    """docs/merging.md's opening TALL lines, copied with in-memory dicts as the README builds them: the store
+    once named them task0.. and `load_task_model(store, "digits")` failed; "digits" is the second model."""
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[2] / "docs" / "merging.md").read_text()
+    block = doc.split("```python\n", 1)[1].split("```", 1)[0]
+    tall_lines = block[block.index("tall = "):]
+    pre, fts = make_models(T=3)
+    monkeypatch.chdir(tmp_path)
+    scope = {"merging": merging, "pre": pre, "fts": fts}
+    exec(compile(tall_lines, "docs/merging.md", "exec"), scope)
+    digits = merging.load_task_model("out/store", "digits")
+    expect = merging.tall_masks(pre, fts, lam=0.4).reconstruct(1)
+    assert all(torch.equal(digits[k], expect[k]) for k in expect)  # the shared weights: TALL model 1
+    own = set(digits) - set(expect)  # and the second fine-tune's own head
+    assert own and all(torch.equal(digits[k], fts[1][k]) for k in own)
