@@ -128,9 +128,12 @@ def manifest_paths(path: str | Path) -> tuple[Path, list[Path]]:
             raise ValueError(f"{path}: missing key {key!r}")
     if not isinstance(spec["pretrained"], str) or not spec["pretrained"]:
         raise ValueError(f"{path}: key 'pretrained' must be a folder path (a string), got {spec['pretrained']!r}")
+    models = model_list(spec["models"], f'{path}: "models"')
+    if not models:  # said here, naming the file, not later as "no fine-tuned models given"
+        raise ValueError(f'{path}: "models" is empty; list at least one fine-tuned model folder')
     base = Path(path).parent
     resolve = lambda p: (base / p) if not Path(p).is_absolute() else Path(p)  # noqa: E731
-    return resolve(spec["pretrained"]), [resolve(p) for p in model_list(spec["models"], f'{path}: "models"')]
+    return resolve(spec["pretrained"]), [resolve(p) for p in models]
 
 
 def model_list(models: Any, where: str) -> list:

@@ -237,6 +237,28 @@ def test_dare_searches_its_bases_lambda_grid(tmp_path):
         run(["merge=dare", "merge.base=foo", "pretrained=/nope", "models=[/nope]"], run_dir=tmp_path / "foo")
 
 
+def test_a_hand_written_manifest_with_relative_paths_is_read_from_its_own_folder(pool, tmp_path, monkeypatch):
+    """docs/merging.md, Pool manifests: relative paths are the manifest's folder's, not the working directory's;
+    keys other than pretrained/models are not read."""
+    from merging.pool import ModelPool
+
+    manifest = tmp_path / "manifests" / "pool.json"
+    manifest.parent.mkdir()
+    rel = lambda p: os.path.relpath(p, manifest.parent)  # noqa: E731
+    manifest.write_text(json.dumps({"pretrained": rel(pool.pretrained), "models": [rel(p) for p in pool.member_paths],
+                                    "note": "my pool"}))
+    elsewhere = tmp_path / "a" / "working" / "dir"
+    elsewhere.mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)  # the paths do not exist from here
+    assert not Path(rel(pool.pretrained)).exists()
+    read = ModelPool.from_manifest(manifest)
+    assert read.pretrained.resolve() == Path(pool.pretrained).resolve() and read.task_names == pool.task_names
+    report = run(["merge=average", f"pool={manifest}", "eval.max_batches=1"], run_dir=tmp_path / "m")
+    assert [t for t in report["tasks"]] == pool.task_names
+    assert mtl.load_model(tmp_path / "m" / "model").meta["merged_from"] == {
+        "pretrained": str(Path(pool.pretrained).resolve()), "models": [str(Path(p).resolve()) for p in pool.member_paths]}
+
+
 @pytest.mark.parametrize("evaluated", [True, False])
 def test_models_given_as_one_string_is_refused(tmp_path, evaluated):
     args = ["merge=ties", "pretrained=/nope", "models=/nope/ft"] + ([] if evaluated else ["eval=none"])
@@ -253,6 +275,7 @@ def test_models_given_as_one_string_is_refused(tmp_path, evaluated):
                          r"folder paths; None is not one"),
                         ({"pretrained": 5, "models": ["/nope/ft"]}, r"key 'pretrained' must be a folder path \(a "
                          r"string\), got 5"),
+                        ({"pretrained": "/nope", "models": []}, r'"models" is empty; list at least one fine-tuned model'),
                         ([1, 2], r"a pool manifest is a JSON object with keys 'pretrained' and 'models', got a list")):
         manifest.write_text(json.dumps(spec))
         with pytest.raises(ValueError, match=rf"{manifest}: .*{match}"):
