@@ -33,14 +33,15 @@ def summary_console():
     """The rich Console for the CLIs' summary tables and lines (the one place they are made): in a terminal
     as wide as it is; written to a file or a pipe (a SLURM log, ``cmd > log``), tables 160 columns wide
     instead of rich's 80, which cut widths, paths and values to "…", and text lines and table titles
-    never wrapped, so that grep finds a whole line."""
+    never wrapped, so that grep finds a whole line. Markup is off: the lines carry paths and values (a sweep
+    folder ``task=[semseg,depth]``) that rich would otherwise read as style tags and drop."""
     import os
 
     from rich.console import Console
 
     tty = sys.stdout.isatty()
     wide = None if tty or os.environ.get("COLUMNS") else 160
-    return Console(width=wide, soft_wrap=not tty)
+    return Console(width=wide, soft_wrap=not tty, markup=False)
 
 
 def strip_ansi(text: str) -> str:

@@ -179,3 +179,17 @@ def test_summary_lines_written_to_a_file_are_never_wrapped(monkeypatch):
     params = "params 148,336 · FLOPs/sample: all tasks 12.75M; one task alone: " + ", ".join(f"{t} 11.03M" for t in per_task)
     assert len(params) > 160 and params in lines
     assert f"mtl-merge: task_arithmetic {selected}" in lines
+
+
+def test_summary_lines_keep_bracketed_text(monkeypatch):
+    """rich read '[semseg,depth]' in a sweep folder's path as a style tag and dropped it from the printed path."""
+    import sys
+
+    from merging.report import print_table
+
+    monkeypatch.setattr("sys.stdout", io.StringIO())
+    store = "/runs/task=[semseg,depth]/store"
+    print_table({"method": "tall_masks", "selected": {"lam": [0.2]}, "store": store,
+                 "tasks": {"cls": {"primary": "acc", "merged": {"acc": 0.4}, "individual": {"acc": 0.5}, "normalized": 0.8}},
+                 "mean": {"merged": 0.4, "individual": 0.5, "normalized": 0.8}})
+    assert f"TALL store: {store}" in sys.stdout.getvalue()
