@@ -137,7 +137,8 @@ class MergekitMethod(MergeMethod):
 
     def validate(self) -> None:
         _check_lam("weight", self.hp["weight"], allow_list=True)
-        _check_lam("lam", self.hp["lam"], allow_list=False)
+        _check_lam("lam", self.hp["lam"], allow_list=False,
+                   list_hint="mergekit's lambda scales the mixed task vector; one factor per model is weight=[...]")
         _check_density(self.hp["density"])
         seed = self.hp.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):

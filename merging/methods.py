@@ -47,15 +47,18 @@ TIE_RULES = ("paper", "fusionbench")
 Transform = Callable[[Context, str, int, torch.Tensor], torch.Tensor]
 
 
-def _check_lam(name: str, lam: Any, allow_list: bool) -> None:
+#: where a list of λ (one per model) is accepted: said when a method that takes one λ is given a list
+LAM_LIST_HINT = "one λ per model: task_arithmetic, or dare with base=task_arithmetic"
+
+
+def _check_lam(name: str, lam: Any, allow_list: bool, list_hint: str = LAM_LIST_HINT) -> None:
     if allow_list and isinstance(lam, Sequence) and not isinstance(lam, str):
         for v in lam:
             _check_lam(name, v, False)
         return
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
         what = ("a finite number or one per task" if allow_list else
-                "one finite number (one λ per model: task_arithmetic or dare)" if isinstance(lam, (list, tuple))
-                else "a finite number")
+                f"one finite number ({list_hint})" if isinstance(lam, (list, tuple)) else "a finite number")
         raise ValueError(f"{name} must be {what}, got {lam!r}")
 
 

@@ -174,9 +174,25 @@ def test_hyperparameter_validation():
     with pytest.raises(ValueError, match="base"):
         merging.merge("consensus", pre, fts, base="average")
     assert set(merging.method_names()) == {"average", "task_arithmetic", "ties", "dare", "consensus"}
-    with pytest.raises(ValueError, match=r"lam must be one finite number \(one λ per model: task_arithmetic or dare\), "
-                                         r"got \[0.3, 0.3\]"):
+    with pytest.raises(ValueError, match=r"lam must be one finite number \(one λ per model: task_arithmetic, or dare "
+                                         r"with base=task_arithmetic\), got \[0.3, 0.3\]"):
         merging.merge("ties", pre, fts, lam=[0.3, 0.3])
+
+
+@pytest.mark.parametrize("method, hp", [("dare", {"base": "ties"}), ("consensus", {}), ("consensus", {"base": "ties"}),
+                                        ("ties", {})])
+def test_a_lambda_list_is_pointed_to_the_methods_that_take_one(method, hp):
+    """dare's list hint once said "task_arithmetic or dare" to a dare (base=ties) that refuses lists; a hint is
+    right only if the method it names takes the list."""
+    pre, fts = make_models(T=3, heads=False)
+    lams = [0.1, 0.2, 0.3]
+    with pytest.raises(ValueError, match=r"one λ per model: task_arithmetic, or dare with base=task_arithmetic\)"):
+        merging.merge(method, pre, fts, lam=lams, **hp)
+    for named, kw in (("task_arithmetic", {}), ("dare", {"base": "task_arithmetic"})):  # the hint's own advice works
+        merging.merge(named, pre, fts, lam=lams, **kw)
+    with pytest.raises(ValueError, match=r"mergekit's lambda scales the mixed task vector; one factor per model is "
+                                         r"weight=\[...\]"):
+        merging.merge("task_arithmetic", pre, fts, lam=lams, convention="mergekit")
 
 
 def test_numpy_scalars_are_the_numbers_they_hold(caplog):
