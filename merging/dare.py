@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .engine import Context
-from .methods import METHODS, MergeMethod, TaskArithmetic, Ties
+from .methods import METHODS, MergeMethod, TaskArithmetic, Ties, unknown_hparams
 
 __all__ = ["Dare", "dare", "dare_mask"]
 
@@ -68,10 +68,11 @@ class Dare(MergeMethod):
         if base not in _BASES:
             raise ValueError(f"dare: base must be one of {sorted(_BASES)}, got {base!r}")
         base_hp = {k: v for k, v in hparams.items() if k not in self.own}
-        try:
-            self.base = _BASES[base](**base_hp)
-        except TypeError as e:
-            raise TypeError(f"dare (base={base}): {e}; DARE's own: {', '.join(self.own)}") from None
+        unknown = sorted(set(base_hp) - set(_BASES[base].defaults))
+        if unknown:  # checked here, not by the base, so that a mergekit key is explained for DARE (density → p)
+            raise TypeError(unknown_hparams("dare", "paper", unknown, [*_BASES[base].defaults, *self.own],
+                                            what=f"dare (base={base})"))
+        self.base = _BASES[base](**base_hp)
         super().__init__(**{k: v for k, v in hparams.items() if k in self.own})
         self.hp.update(self.base.hp)
         self.propagates_nonfinite = self.base.propagates_nonfinite

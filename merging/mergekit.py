@@ -65,6 +65,47 @@ _NO_MERGEKIT_MEANING = {
 }
 
 
+#: each convention's keys the other does not take: {key: {method: this convention's counterpart}} ("*": any
+#: method); a method not listed is told it has none
+_COUNTERPARTS = {
+    "paper": {  # mergekit's keys, given to a paper-convention method
+        "density": {"ties": "k (the percent kept: k = 100·density)", "dare": "p (the drop probability: p = 1 − density)",
+                    "consensus": "ties_k with base='ties' (the percent kept)"},
+        "weight": {"task_arithmetic": "one λ per model (lam=[...])",
+                   "dare": "one λ per model (lam=[...]) with base='task_arithmetic'"},
+        "normalize": {"ties": "merge_func ('mean': divided by the agreeing models; 'sum')",
+                      "dare": "merge_func with base='ties' ('mean' or 'sum')"},
+        "rescale": {"dare": "none (DARE always rescales the kept entries by 1/(1 − p))"},
+        "dtype": {"*": "none (the arithmetic is float32, float64 for float64 inputs)"},
+    },
+    "mergekit": {  # the papers' keys, given to a mergekit-convention method
+        "k": {"ties": "density (the kept fraction per tensor: density = k/100)",
+              "dare_ties": f"none ({_NO_MERGEKIT_MEANING['k']})"},
+        "p": {"dare_ties": "density (the keep probability: density = 1 − p)",
+              "dare_linear": "density (the keep probability: density = 1 − p)"},
+        "merge_func": {"*": "normalize (true: the mean over the agreeing models; false: the sum)"},
+        "trim": {"*": f"none ({_NO_MERGEKIT_MEANING['trim']})"},
+        "tie_rule": {"*": f"none ({_NO_MERGEKIT_MEANING['tie_rule']})"},
+    },
+}
+_APPLIES = {"paper": "only with convention='mergekit' (mtl-merge: merge.convention=mergekit)",
+            "mergekit": "only with convention='paper'"}
+
+
+def convention_note(method: str, convention: str, keys: Sequence[str]) -> str:
+    """For each of `keys` that belongs to the other convention, where it applies and this convention's
+    counterpart ("; density applies only with convention='mergekit' ...; the paper convention's counterpart:
+    k ..."); "" when none does."""
+    notes = []
+    for key in keys:
+        methods = _COUNTERPARTS.get(convention, {}).get(key)
+        if methods is not None:
+            counterpart = methods.get(method) or methods.get("*") or f"none for {method}"
+            whose = "the paper convention" if convention == "paper" else "mergekit"
+            notes.append(f"; {key} applies {_APPLIES[convention]}; {whose}'s counterpart: {counterpart}")
+    return "".join(notes)
+
+
 def from_paper_hparams(name: str, hp: dict[str, Any]) -> dict[str, Any]:
     """`hp` (for `ties` or `dare`, as mtl-merge's configs give them: with the papers' `k`,
     `merge_func`, `p`, `seed`) in mergekit's terms: the kept fraction becomes `density` (TIES: k/100,
@@ -131,6 +172,7 @@ def _check_density(density: Any) -> None:
 class MergekitMethod(MergeMethod):
     """One of mergekit's generalized task-arithmetic methods, per tensor."""
 
+    convention = "mergekit"
     sparsify: ClassVar[str | None] = None   # "magnitude" or "random"
     consensus: ClassVar[bool] = False
     defaults = {"weight": 1.0, "density": 1.0, "lam": 1.0, "normalize": False, "rescale": False}
@@ -239,6 +281,7 @@ class Linear(MergeMethod):
     mergekit's: its loader converts every input to it, and linear returns its float32 sum in it."""
 
     name = "linear"
+    convention = "mergekit"
     defaults = {"weight": 1.0, "normalize": True, "dtype": None}
 
     def validate(self) -> None:

@@ -17,7 +17,7 @@ import logging
 import math
 import numbers
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -80,6 +80,15 @@ def _per_task(name: str, value: Any, T: int) -> list[float]:
     return [float(value)] * T
 
 
+def unknown_hparams(name: str, convention: str, unknown: Sequence[str], accepted: Iterable[str], what: str = "") -> str:
+    """The error for hyperparameters method `name` does not take; a key of the other convention (mergekit's
+    `density` given to the papers' TIES) says where it applies and what this convention uses instead."""
+    from .mergekit import convention_note
+
+    return (f"{what or name}: unknown hyperparameter(s) {', '.join(unknown)}; accepted: {', '.join(sorted(accepted)) or 'none'}"
+            + convention_note(name, convention, unknown))
+
+
 class MergeMethod(ABC):
     """A merge method: hyperparameters, an optional global pass (`prepare`) and a per-tensor kernel.
 
@@ -91,14 +100,13 @@ class MergeMethod(ABC):
     defaults: ClassVar[dict[str, Any]] = {}
     # True when any NaN/Inf input makes the output non-finite, so checking the output is enough.
     propagates_nonfinite: ClassVar[bool] = False
+    #: whose rules: "paper", or "mergekit" (merging.mergekit); an unknown key of the other one is explained
+    convention: ClassVar[str] = "paper"
 
     def __init__(self, **hparams: Any):
         unknown = sorted(set(hparams) - set(self.defaults))
         if unknown:
-            raise TypeError(
-                f"{self.name}: unknown hyperparameter(s) {', '.join(unknown)}; "
-                f"accepted: {', '.join(sorted(self.defaults)) or 'none'}"
-            )
+            raise TypeError(unknown_hparams(self.name, self.convention, unknown, self.defaults))
         self.hp = {**self.defaults, **{k: _plain(v) for k, v in hparams.items()}}
         self.transform: Transform | None = None
         self.T = 0

@@ -353,6 +353,15 @@ def test_bad_hyperparameters_are_refused_before_the_pool_is_loaded(tmp_path, no_
         run(["merge=ties", "pretrained=/nope", "models=[/nope]", override], run_dir=tmp_path / "bad")
 
 
+@pytest.mark.parametrize("method, counterpart", [("ties", r"k \(the percent kept"), ("dare", r"p \(the drop probability")])
+def test_density_without_the_mergekit_convention_names_it(tmp_path, no_pool, method, counterpart):
+    """ties.yaml and dare.yaml list density for convention=mergekit; set without it, the error said only 'unknown'."""
+    with pytest.raises(TypeError, match=r"unknown hyperparameter\(s\) density; .*density applies only with "
+                                        r"convention='mergekit' \(mtl-merge: merge.convention=mergekit\); the paper "
+                                        rf"convention's counterpart: {counterpart}"):
+        run([f"merge={method}", "merge.density=0.5", "pretrained=/nope", "models=[/nope]"], run_dir=tmp_path / "bad")
+
+
 @pytest.mark.parametrize("method, override, match", [
     ("consensus", "merge.k=5", r"merge=consensus: consensus needs at least 5 fine-tuned models, got 2"),
     ("task_arithmetic", "merge.lam=[0.3,0.3,0.3]", r"merge=task_arithmetic: lam has 3 values but there are 2"),

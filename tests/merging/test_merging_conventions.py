@@ -122,6 +122,39 @@ def test_unknown_convention_and_tie_rule_are_named():
         merging.merge("ties", pre, fts, tie_rule="coin")
 
 
+@pytest.mark.parametrize("method, hp, counterpart", [
+    ("ties", {"density": 0.3}, r"the paper convention's counterpart: k \(the percent kept: k = 100·density\)"),
+    ("dare", {"density": 0.5}, r"the paper convention's counterpart: p \(the drop probability: p = 1 − density\)"),
+    ("task_arithmetic", {"weight": [1, 2]}, r"the paper convention's counterpart: one λ per model \(lam=\[...\]\)"),
+    ("average", {"weight": [1, 2]}, r"the paper convention's counterpart: none for average"),
+])
+def test_a_mergekit_key_under_the_paper_convention_says_where_it_applies(method, hp, counterpart):
+    """mtl-merge's ties.yaml lists density (for convention=mergekit); set under the paper rules it was only
+    'unknown hyperparameter(s) density', as if misspelt. Under mergekit's rules it merges."""
+    pre, fts = _models(T1, T2)
+    key = next(iter(hp))
+    with pytest.raises(TypeError, match=rf"^{method}.*: unknown hyperparameter\(s\) {key}; accepted: .*; {key} applies "
+                                        rf"only with convention='mergekit' \(mtl-merge: merge.convention=mergekit\); "
+                                        rf"{counterpart}$"):
+        merging.merge(method, pre, fts, **hp)
+    merging.merge(method, pre, fts, convention="mergekit", **hp)
+
+
+@pytest.mark.parametrize("method, hp, counterpart", [
+    ("ties", {"k": 30}, r"density \(the kept fraction per tensor: density = k/100\)"),
+    ("dare", {"p": 0.3}, r"density \(the keep probability: density = 1 − p\)"),
+    ("dare", {"k": 30}, r"none \(mergekit's DARE does not trim by magnitude\)"),
+    ("ties", {"tie_rule": "fusionbench"}, r"none \(mergekit elects \+ where the sum is zero\)"),
+])
+def test_a_paper_key_under_the_mergekit_convention_says_where_it_applies(method, hp, counterpart):
+    pre, fts = _models(T1, T2)
+    key = next(iter(hp))
+    with pytest.raises(TypeError, match=rf": unknown hyperparameter\(s\) {key}; accepted: .*; {key} applies only with "
+                                        rf"convention='paper'; mergekit's counterpart: {counterpart}$"):
+        merging.merge(method, pre, fts, convention="mergekit", **hp)
+    merging.merge(method, pre, fts, **hp, **({"base": "ties"} if key == "k" and method == "dare" else {}))
+
+
 @pytest.mark.parametrize("name", ["linear", "dare_ties", "dare_linear"])
 def test_mergekit_only_names_point_to_the_convention(name, tmp_path):
     pre, fts = _models(T1, T2)
