@@ -39,8 +39,10 @@ def grid_search(job: MergeJob, method: str, hp: Mapping[str, Any]) -> Selection:
 
 
 def better(val: float, best: float) -> bool:
-    """`val` beats `best` (a NaN never wins, and loses to any number: it would otherwise win or lose by its
-    place in the grid)."""
+    """`val` (a later candidate) beats `best`: the one rule of every λ search (grid methods and tall_masks'
+    per-task λ). Strictly higher only, so among equal scores the earlier candidate in grid order stays (the
+    smaller λ, the smaller edit of θ0, for the configs' ascending grids); a NaN never wins, and loses to any
+    number: it would otherwise win or lose by its place in the grid."""
     return not math.isnan(val) and (math.isnan(best) or val > best)
 
 

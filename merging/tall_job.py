@@ -18,6 +18,7 @@ from mtl.progress_log import ProgressLog
 
 from .consensus import make_mtv_method, per_task_lams
 from .engine import KeyOptions
+from .grid_job import better
 from .job import CLI_METHODS, MergeJob, Selection
 from .methods import SELECTS, _per_task
 from .storage import STORE_FILE
@@ -81,13 +82,17 @@ def check_store_free(run_dir: Path, overwrite: bool) -> None:
 
 
 def _best_lam(task: str, tried: list[tuple[float, float]]) -> float:
-    """The λ whose TALL model scored best on the task's validation split (the larger λ among equal
-    scores); NaN scores are skipped, and a search where every λ scored NaN is an error."""
-    finite = [(s, lam) for s, lam in tried if not math.isnan(s)]
-    if not finite and len(tried) > 1:
+    """The λ whose TALL model scored best on the task's validation split, `tried` in grid order, by the grid
+    search's rule (`grid_job.better`: among equal scores the earlier λ; NaN never wins); a search where every
+    λ scored NaN is an error."""
+    if len(tried) > 1 and all(math.isnan(s) for s, _ in tried):
         raise ValueError(f"merge=tall_masks: task {task}'s TALL model scored NaN on validation for every λ tried "
                          f"{[lam for _, lam in tried]}; nothing to choose from")
-    return max(finite or tried)[1]
+    best = tried[0]
+    for candidate in tried[1:]:
+        if better(candidate[0], best[0]):
+            best = candidate
+    return best[1]
 
 
 def _search(job: MergeJob, hp: Mapping[str, Any], opts: dict[str, Any]) -> tuple[list[float], list[dict[str, Any]]]:

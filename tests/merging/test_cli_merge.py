@@ -333,9 +333,34 @@ def test_a_nan_validation_score_never_wins_the_grid():
         J.grid_search(FakeJob([float("nan")] * 3), "ties", hp)
     assert J.grid_search(FakeJob([float("nan")]), "ties", {"lam": 0.3}).hparams["lam"] == 0.3  # nothing to choose
     nan = float("nan")
-    assert _best_lam("a", [(nan, 0.2), (0.4, 0.3), (0.4, 0.5), (0.1, 0.6)]) == 0.5
+    assert _best_lam("a", [(nan, 0.2), (0.4, 0.3), (0.4, 0.5), (0.1, 0.6)]) == 0.3
     with pytest.raises(ValueError, match=r"task a's TALL model scored NaN on validation for every λ tried \[0.2, 0.3\]"):
         _best_lam("a", [(nan, 0.2), (nan, 0.3)])
+
+
+def test_equal_validation_scores_keep_the_earlier_lambda_in_every_search():
+    """One rule for the grid methods and tall_masks' per-task λ: among equal scores the earlier value of the
+    grid stays (tall_masks kept the larger λ, the grid the first)."""
+    from merging import grid_job as J
+    from merging.tall_job import _best_lam
+
+    class FakeJob:
+        evaluator = type("Ev", (), {"progress": False})()
+
+        def merge(self, method, **kw):
+            return kw
+
+        def model(self, shared):
+            return shared
+
+        def val_normalized(self, model):
+            return 0.9
+
+    for grid in ([0.2, 0.4, 0.6], [0.6, 0.4, 0.2]):
+        grid_pick = J.grid_search(FakeJob(), "task_arithmetic", {"lam": None, "lam_grid": grid}).hparams["lam"]
+        tall_pick = _best_lam("a", [(0.9, lam) for lam in grid])
+        assert grid_pick == tall_pick == grid[0], grid
+    assert _best_lam("a", [(0.8, 0.2), (0.9, 0.4), (0.9, 0.6)]) == 0.4  # a strictly better score still wins
 
 
 def test_merge_app_offers_no_training_experiments(tmp_path):
