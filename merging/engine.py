@@ -18,7 +18,8 @@ import torch
 from .keys import DEFAULT_TASK_KEYS, EXPANSION_POINT, KeyPlan, plan_keys
 from .sources import MergeInputError, StateSource, default_task_names, open_sources
 
-__all__ = ["Context", "KeyOptions", "all_finite", "open_context", "produce", "torch_threads"]
+__all__ = ["Context", "KeyOptions", "all_finite", "check_input_finite", "open_context", "overflow_error", "produce",
+           "torch_threads"]
 
 
 @contextmanager
@@ -48,6 +49,26 @@ def all_finite(x: torch.Tensor) -> bool:
     narrow = x.dtype.is_floating_point and x.dtype.itemsize < 4
     s = x.sum(dtype=torch.float32) if narrow else x.sum()
     return bool(torch.isfinite(s)) or bool(torch.isfinite(x.float() if x.dtype.itemsize == 1 else x).all())
+
+
+def check_input_finite(x: torch.Tensor, key: str, label: str) -> None:
+    """Raise naming `key`, its input `label` and the NaN / Inf counts when `x` holds any."""
+    # A finite sum proves every entry finite (any NaN/Inf poisons it); only an overflowing sum needs
+    # the slower element-wise check.
+    if torch.isfinite(x.sum()):
+        return
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        n_nan = int(torch.isnan(x).sum())
+        n_inf = int(bad.sum()) - n_nan
+        raise MergeInputError(f"tensor {key!r} in {label} has non-finite values ({n_nan} NaN, {n_inf} Inf)")
+
+
+def overflow_error(key: str, dtype: torch.dtype | None, what: str = "merged tensor") -> MergeInputError:
+    """A result tensor went non-finite although every input was finite."""
+    return MergeInputError(f"{what} {key!r} overflowed (inputs are finite): its values exceed what "
+                           f"{dtype or 'its dtype'} holds, or an intermediate sum over the models does; "
+                           "check the hyperparameters (λ, scaling) and the inputs' magnitudes")
 
 
 class KeyOptions(dict):
@@ -116,17 +137,7 @@ class Context:
         return x, fresh
 
     def _validate(self, x: torch.Tensor, i: int, key: str) -> None:
-        # A finite sum proves every entry finite (any NaN/Inf poisons it); only an overflowing sum needs
-        # the slower element-wise check.
-        if torch.isfinite(x.sum()):
-            return
-        bad = ~torch.isfinite(x)
-        if bad.any():
-            n_nan = int(torch.isnan(x).sum())
-            n_inf = int(bad.sum()) - n_nan
-            raise MergeInputError(
-                f"tensor {key!r} in {self.sources[i].label} has non-finite values ({n_nan} NaN, {n_inf} Inf)"
-            )
+        check_input_finite(x, key, self.sources[i].label)
 
     def check_output(self, key: str, out: torch.Tensor) -> None:
         """A non-finite output (in the output dtype: a cast can overflow too) is traced back to the input
@@ -140,9 +151,7 @@ class Context:
             x = src.get(key)
             self._validate(x.to(self.plan.compute.get(key, x.dtype)), i, key)
         info = self.plan.infos.get(key)
-        raise MergeInputError(f"merged tensor {key!r} overflowed (inputs are finite): its values exceed what "
-                              f"{info.dtype if info else 'its dtype'} holds, or an intermediate sum over the models does; "
-                              "check the hyperparameters (λ, scaling) and the inputs' magnitudes")
+        raise overflow_error(key, info.dtype if info else None)
 
     def pre(self, key: str) -> torch.Tensor:
         """θ0[key] in compute dtype. Read-only: may share memory with the input."""

@@ -5,8 +5,10 @@ from typing import Any
 
 import torch
 
-from .engine import KeyOptions, open_context
-from .sources import load_state_dict, open_source
+from .engine import KeyOptions, all_finite, check_input_finite, open_context, overflow_error
+from .keys import _fmt_shape
+from .methods import _check_lam, _plain
+from .sources import MergeInputError, load_state_dict, open_source
 
 __all__ = ["task_vector", "apply_task_vector", "compose"]
 
@@ -26,19 +28,35 @@ def task_vector(pretrained, finetuned, **key_options: Any) -> dict[str, torch.Te
         ctx.close()
 
 
-def apply_task_vector(pretrained, tau: dict[str, torch.Tensor], lam: float = 1.0) -> dict[str, torch.Tensor]:
-    """θ0 + λ·τ on τ's keys; the other keys of θ0 are copied. Dtypes follow θ0."""
-    src = open_source(pretrained, label="pretrained")
-    missing = [k for k in tau if k not in src]
-    if missing:
-        raise KeyError(f"task vector keys not in the pretrained model: {missing[:5]}")
+def apply_task_vector(pretrained, tau: dict[str, torch.Tensor], lam: float = 1.0,
+                      check_finite: bool = True) -> dict[str, torch.Tensor]:
+    """θ0 + λ·τ on τ's keys; the other keys of θ0 are copied. Dtypes follow θ0.
+
+    Checked as a merge is: λ one finite number, τ's keys in θ0 with θ0's shapes, and no NaN / Inf in the
+    result (traced to the input that holds it, else an overflow; `check_finite=False` returns the Inf)."""
+    lam = _plain(lam)
+    _check_lam("lam", lam, allow_list=False,
+               list_hint="one λ for one task vector; one λ per model: merging.merge('task_arithmetic', ..., lam=[...])")
+    src, vec = open_source(pretrained, label="pretrained"), open_source(tau, label="the task vector")
+    problems = [f"{k!r} is in the task vector but missing from {src.label}" for k in vec.keys() if k not in src]
+    problems += [f"{k!r} has shape {_fmt_shape(src.info(k).shape)} in {src.label} but {_fmt_shape(vec.info(k).shape)} "
+                 "in the task vector" for k in vec.keys() if k in src and src.info(k).shape != vec.info(k).shape]
+    if problems:
+        more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
+        raise MergeInputError("task vector and pretrained model do not match: " + "; ".join(problems[:8]) + more)
     out = {}
     for k in src.keys():
         x = src.get(k)
-        if k in tau:
-            out[k] = torch.add(x.to(tau[k].dtype), tau[k], alpha=lam).to(x.dtype)
+        if k in vec:
+            t = vec.get(k)
+            out[k] = torch.add(x.to(t.dtype), t, alpha=lam).to(x.dtype)
         else:
             out[k] = x.clone()
+        if check_finite and out[k].is_floating_point() and not all_finite(out[k]):
+            check_input_finite(x, k, src.label)
+            if k in vec:
+                check_input_finite(vec.get(k), k, vec.label)
+            raise overflow_error(k, x.dtype, what="θ0 + λ·τ tensor")
     return out
 
 

@@ -1,6 +1,7 @@
 """Input kinds, what merges (key filters, heads, buffers, BN rule), unchanged inputs, and bad input."""
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -130,6 +131,34 @@ def test_task_vector_and_apply():
     torch.testing.assert_close(tau["backbone.conv.weight"], fts[0]["backbone.conv.weight"] - pre["backbone.conv.weight"])
     back = merging.apply_task_vector(pre, tau, lam=1.0)
     torch.testing.assert_close(back["backbone.conv.weight"], fts[0]["backbone.conv.weight"], rtol=0, atol=1e-6)
+
+
+def test_apply_task_vector_checks_its_inputs_as_a_merge_does():
+    """It returned NaN for λ = NaN, Inf for an fp16 overflow, a raw torch size error naming no key, and
+    'argument alpha must be Number' for a list."""
+    pre = {"w": torch.full((6,), 100.0, dtype=torch.float16), "steps": torch.tensor(3)}
+    tau = {"w": torch.ones(6)}
+    got = merging.apply_task_vector(pre, tau, lam=np.float32(0.5))  # θ0 + λτ, by hand
+    assert got["w"].dtype == torch.float16 and got["w"].tolist() == [100.5] * 6 and got["steps"] == 3
+    for lam, match in ((float("nan"), r"^lam must be a finite number, got nan$"), ("x", r"^lam must be a finite number"),
+                       ([0.1, 0.2], r"^lam must be one finite number \(one λ for one task vector; one λ per model: "
+                                    r"merging.merge\('task_arithmetic', ..., lam=\[...\]\)\), got \[0.1, 0.2\]$")):
+        with pytest.raises(ValueError, match=match):
+            merging.apply_task_vector(pre, tau, lam=lam)
+    with pytest.raises(merging.MergeInputError, match=r"^task vector and pretrained model do not match: 'w' has shape "
+                                                      r"\(6\) in pretrained but \(5\) in the task vector$"):
+        merging.apply_task_vector(pre, {"w": torch.ones(5)})
+    with pytest.raises(merging.MergeInputError, match=r"'head.w' is in the task vector but missing from pretrained"):
+        merging.apply_task_vector(pre, {**tau, "head.w": torch.ones(2)})
+    big = {"w": torch.full((6,), 65500.0)}  # 65600 > fp16's 65504
+    with pytest.raises(merging.MergeInputError, match=r"^θ0 \+ λ·τ tensor 'w' overflowed \(inputs are finite\): its "
+                                                      r"values exceed what torch.float16 holds"):
+        merging.apply_task_vector(pre, big)
+    assert torch.isinf(merging.apply_task_vector(pre, big, check_finite=False)["w"]).all()  # asked for: written
+    with pytest.raises(merging.MergeInputError, match=r"tensor 'w' in the task vector has non-finite values \(1 NaN, 0 Inf\)"):
+        merging.apply_task_vector(pre, {"w": torch.tensor([float("nan"), 0, 0, 0, 0, 0])})
+    with pytest.raises(merging.MergeInputError, match=r"tensor 'w' in pretrained has non-finite values \(0 NaN, 1 Inf\)"):
+        merging.apply_task_vector({"w": torch.tensor([float("inf"), 0.0])}, {"w": torch.ones(2)})
 
 
 # -- bad input ----------------------------------------------------------------------------------------
