@@ -9,7 +9,7 @@ import torch
 from mtl.models import MultiTaskModel
 from mtl.progress_log import ProgressLog
 
-from .pool import ModelPool, evaluate, member_datamodule, normalized, resolve_device, score
+from .pool import ModelPool, evaluate, member_datamodule, normalized, normalized_undefined, resolve_device, score
 
 __all__ = ["Evaluator", "ImageBatches"]
 
@@ -68,6 +68,28 @@ class Evaluator:
 
     def normalized_mean(self, results: dict[str, Metrics], split: str) -> float:
         return statistics.fmean(self.normalized(t, results[t], split) for t in self.names)
+
+    def undefined(self, task: str, metrics: Metrics | None, split: str) -> str | None:
+        """Why the task's normalized score on `split` is undefined (pool.normalized_undefined), or None;
+        `metrics=None`: for any merged model (its fine-tune's reference score alone)."""
+        t = self.tasks[task]
+        return normalized_undefined(t, None if metrics is None else score(t, metrics),
+                                    score(t, self.individual[task][split]))
+
+    def undefined_mean(self, results: dict[str, Metrics], split: str) -> str | None:
+        """Why `normalized_mean` is undefined (each task at fault, on `split`), or None."""
+        why = [f"{t}: {w}" for t in self.names if (w := self.undefined(t, results[t], split))]
+        return f"undefined on {split}: " + "; ".join(why) if why else None
+
+    def require_references(self, split: str, search: str) -> None:
+        """Before a λ search: refuse one whose every candidate would score NaN because a fine-tune's own
+        `split` score (the reference) leaves its task's normalized score undefined."""
+        for t in self.names:
+            why = self.undefined(t, None, split)
+            if why:
+                raise ValueError(f"{search} cannot rank its candidates: task {t}: {why} on {split}, so its normalized "
+                                 "score is undefined for every candidate; check that fine-tune and its data "
+                                 "(eval.max_batches, eval.data), or set merge.lam to merge without a search")
 
 
 class ImageBatches:

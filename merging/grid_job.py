@@ -20,13 +20,16 @@ def grid_search(job: MergeJob, method: str, hp: Mapping[str, Any]) -> Selection:
     `lam_grid` is tried and the best mean normalized validation score wins; only the best model so far
     is kept in memory."""
     candidates = grid_candidates(hp)
+    if len(candidates) > 1:  # a fine-tune scoring 0 would make every candidate NaN: said before any is merged
+        job.evaluator.require_references("val", f"merge={method}: the λ search over "
+                                                f"{[kw.get('lam') for kw in candidates]}")
     grid, best, best_model = [], None, None
     bar = ProgressLog(f"[{method}] λ grid", len(candidates), unit="candidates", every_seconds=0,
                       enabled=job.evaluator.progress and len(candidates) > 1)
     for i, kw in enumerate(candidates):
         model = job.model(job.merge(method, **kw))
-        val = job.val_normalized(model)
-        grid.append({"hparams": kw, "val_normalized": val})
+        val, why = job.val_score(model)
+        grid.append({"hparams": kw, "val_normalized": val, **({"why": why} if why else {})})
         if best is None or better(val, best["val_normalized"]):
             best, best_model = grid[-1], model
         del model

@@ -47,7 +47,7 @@ class Selection:
 
     model: MultiTaskModel                     # written to the output folder (and tested unless `test` is given)
     hparams: dict[str, Any]                   # the chosen hyperparameters / learned coefficients
-    grid: list[dict[str, Any]] | None = None  # every candidate tried: {"hparams", "val_normalized"}
+    grid: list[dict[str, Any]] | None = None  # every candidate tried: {"hparams", "val_normalized"[, "why"]}
     test: dict[str, dict[str, float]] | None = None  # per-task test metrics, when not those of `model`
     # more report entries ("mask_overlap" gets a plot; "tested", with `test`: whose metrics those are,
     # also written into the model folder's meta in place of its own scores)
@@ -87,7 +87,12 @@ class MergeJob:
         return pooled_batches(data, d.get("max_batches"))
 
     def val_normalized(self, model: MultiTaskModel) -> float:
-        return self.evaluator.normalized_mean(self.evaluator.run_all(model, "val"), "val")
+        return self.val_score(model)[0]
+
+    def val_score(self, model: MultiTaskModel) -> tuple[float, str | None]:
+        """The mean normalized validation score, and why it is undefined (NaN) when it is."""
+        results = self.evaluator.run_all(model, "val")
+        return self.evaluator.normalized_mean(results, "val"), self.evaluator.undefined_mean(results, "val")
 
 
 CliMethod = Callable[[MergeJob, Mapping[str, Any]], Selection]

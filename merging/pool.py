@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -239,10 +240,29 @@ def score(task: Task, metrics: dict[str, float]) -> float:
 
 
 def normalized(task: Task, merged: float, individual: float) -> float:
-    """merged / individual for higher-is-better metrics, individual / merged otherwise."""
+    """merged / individual for higher-is-better metrics, individual / merged otherwise; NaN where that is
+    undefined (`normalized_undefined` says why)."""
+    if normalized_undefined(task, merged, individual):
+        return float("nan")
     if task.directions.get(task.primary, True):
-        return merged / individual if individual else float("nan")
-    return individual / merged if merged else float("nan")
+        return merged / individual
+    return individual / merged
+
+
+def normalized_undefined(task: Task, merged: float | None, individual: float) -> str | None:
+    """Why `normalized` has no value, or None: a score that is not finite, or a 0 it would divide by (a
+    higher-is-better fine-tune's, a lower-is-better merged model's). `merged=None`: for any merged model,
+    i.e. the fine-tuned reference alone."""
+    higher = task.directions.get(task.primary, True)
+    ratio = "merged / fine-tuned" if higher else "fine-tuned / merged"
+    for who, value, divides in (("fine-tuned", individual, higher), ("merged", merged, not higher)):
+        if value is None:
+            continue
+        if not math.isfinite(value):
+            return f"the {who} model's {task.primary} is {value}"
+        if divides and value == 0:
+            return f"the {who} model's {task.primary} is 0 (normalized = {ratio})"
+    return None
 
 
 def _shared_plan(folder: str | Path) -> dict[str, Any] | None:

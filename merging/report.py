@@ -24,17 +24,20 @@ def build_report(method: str, ev: Evaluator, selection, test: dict[str, dict[str
     if selection.grid is not None:
         report["grid"] = selection.grid
     report.update(selection.extra)
-    report["tasks"] = {
-        t: {"merged": test[t], "individual": ev.individual[t]["test"], "primary": ev.tasks[t].primary,
-            "normalized": ev.normalized(t, test[t], "test")}
-        for t in names
-    }
+    report["tasks"] = {}
+    for t in names:  # an undefined normalized score is null with its reason, as metrics.json stores it
+        why = ev.undefined(t, test[t], "test")
+        report["tasks"][t] = {"merged": test[t], "individual": ev.individual[t]["test"], "primary": ev.tasks[t].primary,
+                              "normalized": None if why else ev.normalized(t, test[t], "test"),
+                              **({"why": f"undefined on test: {why}"} if why else {})}
     same_metric = len({ev.tasks[t].primary for t in names}) == 1  # a mean over mixed metrics means nothing
     mean = lambda which: statistics.fmean(score(ev.tasks[t], which(t)) for t in names) if same_metric else None  # noqa: E731
+    why = ev.undefined_mean(test, "test")
     report["mean"] = {
         "merged": mean(lambda t: test[t]),
         "individual": mean(lambda t: ev.individual[t]["test"]),
-        "normalized": ev.normalized_mean(test, "test"),
+        "normalized": None if why else ev.normalized_mean(test, "test"),
+        **({"why": why} if why else {}),
     }
     return report
 
@@ -59,12 +62,15 @@ def print_table(report: dict[str, Any]) -> None:
     table = Table(title=f"mtl-merge: {report['method']} {report.get('selected') or ''}")
     for col in ("task", "metric", "merged", "individual", "normalized"):
         table.add_column(col)
+    norm = lambda v: "undefined" if v is None else f"{v:.3f}"  # noqa: E731  (the reason is printed below)
     for t, r in report["tasks"].items():
         p = r["primary"]
-        table.add_row(t, p, f"{r['merged'][p]:.4f}", f"{r['individual'][p]:.4f}", f"{r['normalized']:.3f}")
+        table.add_row(t, p, f"{r['merged'][p]:.4f}", f"{r['individual'][p]:.4f}", norm(r["normalized"]))
     m = report["mean"]
     fmt = lambda v: "—" if v is None else f"{v:.4f}"  # noqa: E731
-    table.add_row("mean", "", fmt(m["merged"]), fmt(m["individual"]), f"{m['normalized']:.3f}")
+    table.add_row("mean", "", fmt(m["merged"]), fmt(m["individual"]), norm(m["normalized"]))
     summary_console().print(table)
+    if "why" in m:
+        summary_console().print(f"normalized score {m['why']}")
     if "store" in report:
         summary_console().print(f"TALL store: {report['store']}")

@@ -101,14 +101,19 @@ def _search(job: MergeJob, hp: Mapping[str, Any], opts: dict[str, Any]) -> tuple
     per_task: dict[str, list[tuple[float, float]]] = {t: [] for t in names}
     grid: list[dict[str, Any]] = []
     lams = _lams_tried(hp)
+    if len(lams) > 1:  # a fine-tune scoring 0 would make its task's every λ NaN: said before any is merged
+        ev.require_references("val", f"merge=tall_masks: the λ search over {lams}")
     bar = ProgressLog("[tall_masks] λ grid", len(lams), unit="candidates", every_seconds=0, enabled=ev.progress)
     for lam in lams:
         tm = merging.tall_masks(pre, fts, lam=lam, **opts)
-        scores = {}
+        scores, why = {}, {}
         for i, t in enumerate(names):
-            scores[t] = ev.normalized(t, ev.run(job.model(tm.reconstruct(i)), t, "val"), "val")
+            metrics = ev.run(job.model(tm.reconstruct(i)), t, "val")
+            scores[t] = ev.normalized(t, metrics, "val")
+            if (reason := ev.undefined(t, metrics, "val")) is not None:
+                why[t] = f"undefined on val: {reason}"
             per_task[t].append((scores[t], lam))
-        grid.append({"hparams": {"lam": lam}, "val_normalized": scores})
+        grid.append({"hparams": {"lam": lam}, "val_normalized": scores, **({"why": why} if why else {})})
         del tm
         bar.update(len(grid), f"λ={lam} val normalized " + " ".join(f"{t} {v:.4f}" for t, v in scores.items()))
     return [_best_lam(t, per_task[t]) for t in names], grid

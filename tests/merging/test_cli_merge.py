@@ -1,5 +1,6 @@
 """mtl-merge end to end: a tiny real pool (scenes, timm test backbone), every method, the TALL store."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -109,7 +110,7 @@ def test_only_the_best_grid_model_stays_in_memory(pool, tmp_path, monkeypatch):
     from merging.job import MergeJob
 
     made, alive_at_eval = [], []
-    model, val = MergeJob.model, MergeJob.val_normalized
+    model, val = MergeJob.model, MergeJob.val_score
 
     def tracked_model(self, shared):
         m = model(self, shared)
@@ -122,7 +123,7 @@ def test_only_the_best_grid_model_stays_in_memory(pool, tmp_path, monkeypatch):
         return val(self, m)
 
     monkeypatch.setattr(MergeJob, "model", tracked_model)
-    monkeypatch.setattr(MergeJob, "val_normalized", tracked_val)
+    monkeypatch.setattr(MergeJob, "val_score", tracked_val)
     run(_args(pool, "merge=task_arithmetic", "merge.lam_grid=[0.0,0.5,1.0]", batches=1), run_dir=tmp_path / "g")
     assert len(alive_at_eval) == 3 and max(alive_at_eval) <= 2  # the best so far + the candidate
 
@@ -307,24 +308,26 @@ def test_bad_tall_hyperparameters_are_refused_before_the_pool_is_loaded(tmp_path
         run(["merge=tall_masks", "pretrained=/nope", "models=[/nope]", *extra, override], run_dir=tmp_path / "bad")
 
 
+class FakeJob:
+    """A grid search's job whose candidates score `vals` on validation, in grid order."""
+    evaluator = type("Ev", (), {"progress": False, "require_references": lambda self, split, search: None})()
+
+    def __init__(self, vals):
+        self.vals = iter(vals)
+
+    def merge(self, method, **kw):
+        return kw
+
+    def model(self, shared):
+        return shared
+
+    def val_score(self, model):
+        return next(self.vals), None
+
+
 def test_a_nan_validation_score_never_wins_the_grid():
     from merging import grid_job as J
     from merging.tall_job import _best_lam
-
-    class FakeJob:
-        evaluator = type("Ev", (), {"progress": False})()
-
-        def __init__(self, vals):
-            self.vals = iter(vals)
-
-        def merge(self, method, **kw):
-            return kw
-
-        def model(self, shared):
-            return shared
-
-        def val_normalized(self, model):
-            return next(self.vals)
 
     hp = {"lam": None, "lam_grid": [0.1, 0.5, 0.9]}
     for vals, want in [([float("nan"), 0.5, 0.4], 0.5), ([0.2, float("nan"), 0.1], 0.1), ([0.2, 0.3, float("nan")], 0.5)]:
@@ -344,23 +347,70 @@ def test_equal_validation_scores_keep_the_earlier_lambda_in_every_search():
     from merging import grid_job as J
     from merging.tall_job import _best_lam
 
-    class FakeJob:
-        evaluator = type("Ev", (), {"progress": False})()
-
-        def merge(self, method, **kw):
-            return kw
-
-        def model(self, shared):
-            return shared
-
-        def val_normalized(self, model):
-            return 0.9
-
     for grid in ([0.2, 0.4, 0.6], [0.6, 0.4, 0.2]):
-        grid_pick = J.grid_search(FakeJob(), "task_arithmetic", {"lam": None, "lam_grid": grid}).hparams["lam"]
+        grid_pick = J.grid_search(FakeJob([0.9] * 3), "task_arithmetic", {"lam": None, "lam_grid": grid}).hparams["lam"]
         tall_pick = _best_lam("a", [(0.9, lam) for lam in grid])
         assert grid_pick == tall_pick == grid[0], grid
     assert _best_lam("a", [(0.8, 0.2), (0.9, 0.4), (0.9, 0.6)]) == 0.4  # a strictly better score still wins
+
+
+def test_normalized_score_is_the_direction_aware_ratio_or_undefined():
+    from merging.pool import normalized, normalized_undefined
+    from mtl.tasks import create_task
+
+    miou, mae = create_task("semseg"), create_task("regression")  # higher / lower is better
+    assert normalized(miou, 0.3, 0.6) == pytest.approx(0.5) and normalized(mae, 0.4, 0.2) == pytest.approx(0.5)
+    for task, merged, individual, why in (
+            (miou, 0.3, 0.0, "the fine-tuned model's miou is 0 (normalized = merged / fine-tuned)"),
+            (mae, 0.0, 0.2, "the merged model's mae is 0 (normalized = fine-tuned / merged)"),
+            (miou, float("nan"), 0.5, "the merged model's miou is nan")):
+        assert math.isnan(normalized(task, merged, individual)) and normalized_undefined(task, merged, individual) == why
+    assert normalized_undefined(mae, None, 0.0) is None  # 0 / merged is 0: defined, whatever the merged model scores
+    assert normalized_undefined(miou, None, 0.0) == "the fine-tuned model's miou is 0 (normalized = merged / fine-tuned)"
+
+
+@pytest.fixture
+def zero_reference(monkeypatch):
+    """The semseg fine-tune's own score on the given splits set to 0, as a 2-image split's miou can be."""
+    from merging.evaluation import Evaluator
+
+    def arm(*splits):
+        init = Evaluator.__init__
+
+        def patched(self, *a, **k):
+            init(self, *a, **k)
+            for split in splits:
+                self.individual["semseg"][split]["miou"] = 0.0
+
+        monkeypatch.setattr(Evaluator, "__init__", patched)
+    return arm
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "tall_masks"])
+def test_a_fine_tune_scoring_0_is_named_before_the_lambda_search(pool, tmp_path, monkeypatch, zero_reference, method):
+    """Every λ scored NaN and the search said only 'every λ candidate scored NaN'; now it stops before merging any."""
+    import merging.job as job
+
+    zero_reference("val")
+    monkeypatch.setattr(job.MergeJob, "model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("a λ was tried")))
+    with pytest.raises(ValueError, match=rf"^merge={method}: the λ search over \[0.2, 0.4\] cannot rank its candidates: "
+                                         r"task semseg: the fine-tuned model's miou is 0 \(normalized = merged / "
+                                         r"fine-tuned\) on val, so its normalized score is undefined for every "
+                                         r"candidate; .*set merge.lam to merge without a search$"):
+        run(_args(pool, f"merge={method}", "merge.lam_grid=[0.2,0.4]", batches=1), run_dir=tmp_path / "r")
+
+
+def test_an_undefined_normalized_score_is_null_with_its_reason(pool, tmp_path, zero_reference):
+    """With λ fixed nothing is searched; the scores that divide by the 0 are recorded as undefined, not NaN."""
+    zero_reference("val", "test")
+    report = run(_args(pool, "merge=task_arithmetic", "merge.lam=0.3", batches=1), run_dir=tmp_path / "r")
+    saved = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    why = "the fine-tuned model's miou is 0 (normalized = merged / fine-tuned)"
+    for rep in (report, saved):
+        assert rep["tasks"]["semseg"]["normalized"] is None and rep["tasks"]["semseg"]["why"] == f"undefined on test: {why}"
+        assert rep["mean"]["normalized"] is None and rep["mean"]["why"] == f"undefined on test: semseg: {why}"
+        assert rep["tasks"]["regression"]["normalized"] > 0 and "why" not in rep["tasks"]["regression"]
+    assert saved["grid"][0]["val_normalized"] is None and saved["grid"][0]["why"] == f"undefined on val: semseg: {why}"
 
 
 def test_merge_app_offers_no_training_experiments(tmp_path):
