@@ -34,25 +34,38 @@ def smoke_pool(tmp_path_factory):
 
 @pytest.fixture
 def guard_labels(monkeypatch):
-    """`guard_labels(what, (owner, name), ...)` wraps those functions so that while any of them runs,
-    every in-memory dataset column but 'image' raises "... read while {what}". Returns the guard's
-    state: `on` (set it to test that the guard bites) and `calls` (how often a wrapped function ran)."""
+    """`guard_labels(what, (owner, name), ...)` wraps those functions so that while any of them runs, the
+    values of every in-memory dataset column but 'image' raise "... read while {what}", by whatever path
+    (`[]`, `.get`, `.values()`, `.items()`, `dict(...)`, `**`); column names stay readable (`in`, iteration).
+    Returns the guard's state: `on` (set it to test that the guard bites), `calls` (how often a wrapped
+    function ran) and `image_reads` (image columns read while guarded: the data was built in its scope)."""
     import inspect
+    from collections.abc import Mapping
 
     from mtl.data import memory as dm_module
 
-    state = {"on": False, "calls": 0, "what": ""}
+    state = {"on": False, "calls": 0, "image_reads": 0, "what": ""}
 
-    class Guarded(dict):
+    class Guarded(Mapping):
+        # a Mapping, not a dict subclass: every mixin (get, values, items, ==) goes through __getitem__
+        def __init__(self, columns):
+            self._columns = dict(columns)
+
         def __getitem__(self, key):
-            if state["on"] and key != "image":
-                raise AssertionError(f"label column {key!r} read while {state['what']}")
-            return super().__getitem__(key)
-
-        def items(self):
             if state["on"]:
-                raise AssertionError(f"all columns read while {state['what']}")
-            return super().items()
+                if key != "image":
+                    raise AssertionError(f"label column {key!r} read while {state['what']}")
+                state["image_reads"] += 1
+            return self._columns[key]
+
+        def __contains__(self, key):
+            return key in self._columns
+
+        def __iter__(self):
+            return iter(self._columns)
+
+        def __len__(self):
+            return len(self._columns)
 
     orig_init = dm_module.TensorDictDataset.__init__
 

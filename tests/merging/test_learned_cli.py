@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 import merging
 import mtl
 from merging.job import run
-from mtl.data import memory as dm_module
+from merging.learned import cli as learned_cli
 
 
 @pytest.fixture(scope="module")
@@ -46,17 +46,25 @@ def test_adamerging_layer_cli_writes_coefficients_plots_and_model(pool, tmp_path
     torch.testing.assert_close(model.state_dict()[k], expect, rtol=1e-5, atol=1e-6)
 
 
-def test_learning_never_reads_labels(pool, tmp_path, guard_labels):
-    """Every dataset's label columns raise while the coefficients are learned (only 'image' is readable)."""
-    learning = guard_labels("learning", (merging, "learn"))
-    report = run(_args(pool, "merge=adamerging", "merge.granularity=task"), run_dir=tmp_path / "guarded")
-    assert set(report["tasks"]) == {"regression", "semseg"}
-    with pytest.raises(AssertionError, match="read while learning"):  # the guard does bite
-        learning["on"] = True
-        try:
-            dm_module.TensorDictDataset({"image": torch.zeros(2), "semseg": torch.zeros(2)}).__getitems__([0])
-        finally:
-            learning["on"] = False
+@pytest.mark.parametrize("method,extra", [
+    ("adamerging", ["merge.granularity=task"]), ("adamerging", ["merge.granularity=layer"]),
+    ("atlas", ["merge.objective=entropy"]), ("concrete_ta", []), ("concrete_adamerging", []),
+])
+def test_learning_never_reads_labels(pool, tmp_path, guard_labels, method, extra):
+    """From opening the split's data to the written coefficients, the values of every dataset column but
+    'image' raise. merge.eval_every stays 0: its per-step validation score reads val labels by design."""
+    learning = guard_labels("learning", (learned_cli, "select_learned"))
+    report = run(_args(pool, f"merge={method}", "merge.eval_every=0", "merge.batch_size=4", *extra),
+                 run_dir=tmp_path / "guarded")
+    assert report["method"] == method and learning["calls"] == 1
+    assert learning["image_reads"] >= len(report["tasks"])  # each task's images were taken inside the guard
+
+
+def test_label_guard_bites_on_the_learning_path(pool, tmp_path, guard_labels):
+    """The same guard fires once merge.eval_every reads validation labels inside the learning phase."""
+    guard_labels("learning", (learned_cli, "select_learned"))
+    with pytest.raises(AssertionError, match="label column .* read while learning"):
+        run(_args(pool, "merge=adamerging", "merge.granularity=task", "merge.eval_every=1"), run_dir=tmp_path / "v")
 
 
 def test_bad_split_is_named(pool, tmp_path):
