@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import numbers
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,21 +49,46 @@ LEARNED_METHODS: dict[str, dict[str, Any]] = {
 }
 
 
-#: hyperparameter -> (the setting, its value) without which the hyperparameter is not read
-READ_ONLY_WITH = {"k": ("vectors", "ties"), "threshold": ("final_mask", "hard"), "inner_lr": ("inner", "reset")}
+#: hyperparameter -> when the run reads it: alternatives (any may hold), each a list of (setting, test, value)
+#: that must all hold. As data rather than code, so that the error can say the condition and the settings it saw.
+READ_ONLY_WITH: dict[str, list[list[tuple[str, str, Any]]]] = {
+    "k": [[("vectors", "==", "ties")]],
+    "threshold": [[("final_mask", "==", "hard")]],
+    # the inner steps: a reset λ's own Adam at inner_lr; carried on (inner=continue), the one Adam at coef_lr
+    "inner_lr": [[("inner", "==", "reset"), ("inner_steps", ">", 0)]],
+    "coef_lr": [[("final_steps", ">", 0)], [("inner", "==", "continue"), ("inner_steps", ">", 0)]],
+}
+_TESTS = {"==": operator.eq, ">": operator.gt}
+
+
+def _holds(hp: Mapping[str, Any], on: str, test: str, value: Any) -> bool:
+    try:
+        return on not in hp or bool(_TESTS[test](hp[on], value))
+    except TypeError:  # a setting of the wrong type: its own check names it
+        return True
+
+
+def _reads(alternatives, hp: Mapping[str, Any]) -> bool:
+    return any(all(_holds(hp, *term) for term in terms) for terms in alternatives)
 
 
 def unread(hp: Mapping[str, Any]) -> list[str]:
     """The hyperparameters in `hp` (defaults included) that its other settings leave unread."""
-    return [k for k, (on, value) in READ_ONLY_WITH.items() if k in hp and on in hp and hp[on] != value]
+    return [k for k, alternatives in READ_ONLY_WITH.items() if k in hp and not _reads(alternatives, hp)]
 
 
 def unread_message(key: str, given: Any, hp: Mapping[str, Any], cli: bool = False) -> str:
-    """Why ``key=given`` is refused: the setting it is read with, named as Python or (``cli``) the CLI says it."""
-    on, value = READ_ONLY_WITH[key]
+    """Why ``key=given`` is refused: the settings it is read with, named as Python or (``cli``) the CLI says it."""
     p, show = ("merge.", str) if cli else ("", repr)
-    return (f"{p}{key}={given!r} is read only with {p}{on}={show(value)} (here {p}{on}={show(hp[on])}); "
-            f"remove it or set {p}{on}={show(value)}")
+    alternatives = READ_ONLY_WITH[key]
+
+    def term(on, test, value):
+        return f"{p}{on}={show(value)}" if test == "==" else f"{p}{on} {test} {value}"
+
+    need = ", or ".join(" and ".join(term(*t) for t in terms) for terms in alternatives)
+    seen = dict.fromkeys(on for terms in alternatives for on, _, _ in terms if on in hp)
+    here = ", ".join(f"{p}{on}={show(hp[on])}" for on in seen)
+    return f"{p}{key}={given!r} is read only with {need} (here {here}); remove it or set {need}"
 
 
 def method_defaults(method: str) -> dict[str, Any]:

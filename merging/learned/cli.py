@@ -12,8 +12,9 @@ CLI-only keys of these methods (the rest are `merging.learn` hyperparameters):
 
 A key the method does not have is refused naming the valid ones; a key its other settings leave unread
 (`split`, `batch_size` with supervised aTLAS; `shots`, `shots_batch` with the entropy objective; `k`
-without `vectors=ties`; `threshold` without `final_mask=hard`; `inner_lr` with `inner=continue`) is
-dropped at its default and refused when set to anything else.
+without `vectors=ties`; `threshold` without `final_mask=hard`; `inner_lr` with `inner=continue` or
+`inner_steps=0`; `coef_lr` with `final_steps=0` unless `inner=continue` with inner steps) is dropped at its
+default and refused when set to anything else; one that `learn_max_steps` leaves unread is dropped.
 
 With `+merge.bn=recompute`, the shared BatchNorm layers normalise with the statistics of each step's
 batches of all tasks pooled (the current merged weights'), and the final statistics are re-estimated
@@ -28,6 +29,7 @@ setting is checked before the pool is loaded.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,6 +44,8 @@ from .api import KEY_OPTIONS, LEARNED_METHODS, check_hparams, unread, unread_mes
 from .plots import plot_coefficients, plot_learning_curves
 
 __all__ = ["LabeledShots", "precheck_learned", "select_learned"]
+
+log = logging.getLogger("merging.learned")
 
 CLI_KEYS = {"split": "test", "batch_size": 16, "eval_every": 0}
 #: aTLAS's only: its supervised objective's labelled shots
@@ -155,6 +159,9 @@ def select_learned(method: str, job: MergeJob, hp: Mapping[str, Any]) -> Selecti
         for k in ("steps", "final_steps"):
             if k in LEARNED_METHODS[method]:
                 kw[k] = min(int(kw.get(k, LEARNED_METHODS[method][k])), int(cap))
+        for k in unread({**LEARNED_METHODS[method], **kw}):  # e.g. coef_lr once final_steps is capped to 0
+            if k in kw and kw.pop(k) != LEARNED_METHODS[method][k]:
+                log.warning("learn_max_steps=%s leaves merge.%s unread: it is not used or recorded", cap, k)
     names = job.evaluator.names
     data: dict[str, Any] = {}
     supervised = kw.get("objective", "entropy") == "supervised"

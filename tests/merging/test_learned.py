@@ -343,10 +343,49 @@ def test_bad_concrete_and_step_hyperparameters_are_named(method, bad, match):
     ("adamerging", {"k": 20}, "k=20 is read only with vectors='ties'"),  # given, even at its default
     ("concrete_ta", {"threshold": 0.7}, "threshold=0.7 is read only with final_mask='hard'"),
     ("concrete_adamerging", {"inner": "continue", "inner_lr": 0.5}, "inner_lr=0.5 is read only with inner='reset'"),
+    ("concrete_adamerging", {"inner_steps": 0, "inner_lr": 0.5}, "inner_lr=0.5 is read only with inner='reset' and "
+                                                                 r"inner_steps > 0 \(here inner='reset', inner_steps=0\)"),
+    ("concrete_adamerging", {"final_steps": 0, "coef_lr": 0.05}, "coef_lr=0.05 is read only with final_steps > 0, or "
+     r"inner='continue' and inner_steps > 0 \(here final_steps=0, inner='reset', inner_steps=1\)"),
+    ("concrete_adamerging", {"final_steps": 0, "inner": "continue", "inner_steps": 0, "coef_lr": 0.05},
+     "coef_lr=0.05 is read only with final_steps > 0"),
 ])
 def test_settings_that_would_not_be_read_are_refused(method, given, match):
     with pytest.raises(ValueError, match=match):
         merging.learned.check_hparams(method, given)
+
+
+def test_settings_that_leave_a_key_unread_at_its_default_are_accepted_and_not_recorded():
+    model, pre, fts, data = toys()
+    res = merging.learn("concrete_adamerging", pre, fts, unlabeled=data, steps=1, inner_steps=0, final_steps=0,
+                        **kw(model))
+    assert "inner_lr" not in res.hparams and "coef_lr" not in res.hparams and res.hparams["inner_steps"] == 0
+    kept = merging.learned.check_hparams("concrete_adamerging", {"final_steps": 0, "inner": "continue", "coef_lr": 0.05})
+    assert kept[0]["coef_lr"] == 0.05  # read by the inner steps that carry λ on
+
+
+@pytest.mark.parametrize("settings, key, read", [
+    ({"inner_steps": 0}, "inner_lr", False),
+    ({"inner": "continue"}, "inner_lr", False),
+    ({}, "inner_lr", True),
+    ({"final_steps": 0}, "coef_lr", False),
+    ({"final_steps": 0, "inner": "continue", "inner_steps": 0}, "coef_lr", False),
+    ({"final_steps": 0, "inner": "continue"}, "coef_lr", True),
+    ({"inner_steps": 0}, "coef_lr", True),
+])
+def test_a_key_called_unread_changes_nothing_and_one_called_read_does(monkeypatch, settings, key, read):
+    """The defining property behind READ_ONLY_WITH: two values of an unread key give the same merge (the
+    table switched off to run them), two values of a read one do not."""
+    from merging.learned import api
+
+    hp = {**merging.learned.method_defaults("concrete_adamerging"), "steps": 2, "final_steps": 2, **settings}
+    assert (key in api.unread(hp)) is not read
+    monkeypatch.setattr(api, "READ_ONLY_WITH", {})
+    model, pre, fts, data = toys()
+    runs = [merging.learn("concrete_adamerging", pre, fts, unlabeled=data, **{**hp, key: lr}, **kw(model))
+            for lr in (1e-3, 0.5)]
+    same = all(torch.equal(runs[0].state_dict[k], runs[1].state_dict[k]) for k in pre)
+    assert same is not read
 
 
 def test_unread_defaults_are_not_recorded():

@@ -124,7 +124,7 @@ def test_reset_inner_adapts_lambda_from_init_each_outer_step():
     """inner=reset: before every outer step λ is back at init (0.3), so each step's λ is ONE Adam step
     from it — the first exactly ±inner_lr, the later ones at most ~inner_lr away (Cauchy–Schwarz bounds
     Adam's bias-corrected step |m̂/√v̂| by 1.0068 at its 4th step) — while inner=continue accumulates them."""
-    _, reset = _inner_run("reset", 4, 0, inner_lr=0.5, coef_lr=0.01)
+    _, reset = _inner_run("reset", 4, 0, inner_lr=0.5)  # no final steps: coef_lr unread
     torch.testing.assert_close((reset[0] - 0.3).abs(), torch.full((T,), 0.5, dtype=torch.float64), atol=1e-4, rtol=0)
     assert all(float((lam - 0.3).abs().max()) <= 0.5 * 1.0068 for lam in reset)
     _, cont = _inner_run("continue", 4, 0, coef_lr=0.5)  # the same λ steps, carried on
@@ -137,5 +137,5 @@ def test_reset_final_adamerging_restarts_from_init_with_its_own_adam():
     r, _ = _inner_run("reset", 3, 1, inner_lr=0.5, coef_lr=0.01)
     torch.testing.assert_close((r.coefficients - 0.3).abs(), torch.full((T,), 0.01, dtype=torch.float64),
                                atol=1e-5, rtol=0)
-    r0, _ = _inner_run("reset", 3, 0, inner_lr=0.5, coef_lr=0.01)
+    r0, _ = _inner_run("reset", 3, 0, inner_lr=0.5)
     assert torch.equal(r0.coefficients, torch.full((T,), 0.3, dtype=torch.float64))
