@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from mtl.progress_log import ProgressLog
+from mtl.tasks.base import out_of_range
 
 from ..bn import batch_inputs, bn_statistics, pooled_batches, shared_bn_in_train_mode
 from .objective import entropy
@@ -140,6 +141,8 @@ class Objective:
         model = self.problem.model
         y = y.to(pred.device)
         t = getattr(model, "tasks", {}).get(task) if isinstance(getattr(model, "tasks", None), dict) else None
+        if t is None or hasattr(t, "ignore_index"):  # class ids: F.cross_entropy's, or an mtlkit task's
+            _check_class_ids(pred, y, task, getattr(t, "ignore_index", -100))
         return t.loss(pred, y) if t is not None else F.cross_entropy(pred, y)
 
     def task_loss(self, params: dict[str, torch.Tensor], task: str, batch: Any = None) -> torch.Tensor:
@@ -187,6 +190,19 @@ class Objective:
             losses[t] = self.loss(out[t][start:start + len(xt)], t, y)
             start += len(xt)
         return losses
+
+
+def _check_class_ids(pred: torch.Tensor, y: torch.Tensor, task: str, ignore_index: int) -> None:
+    """Integer targets against the head's classes (dim 1 of its logits), before the loss: torch names neither
+    the task nor where the labels came from ("Target 7 is out of bounds"), and on a GPU it asserts."""
+    if y.is_floating_point() or pred.dim() < 2:  # probabilities or regression targets: no class ids
+        return
+    classes = pred.shape[1]
+    bad = out_of_range(y, classes, ignore_index)
+    if bool(bad.any()):
+        found = sorted({int(v) for v in y[bad].unique()[:5]})
+        raise ValueError(f"labeled[{task!r}] holds target label(s) {found}, but task {task!r}'s head has {classes} "
+                         f"classes (labels lie in [0, {classes}) or equal the loss's ignore_index={ignore_index})")
 
 
 def _checked(x: Any, task: str, what: str) -> Any:

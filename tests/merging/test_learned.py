@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import merging
@@ -228,6 +229,26 @@ def test_supervised_atlas_uses_labels():
     labeled = {t: [(b[0], torch.randint(0, 4, (8,), generator=g))] for t, b in data.items()}
     r = merging.learn("atlas", pre, fts, labeled=labeled, objective="supervised", steps=20, lr=0.05, **kw(model))
     assert r.history[-1]["objective"] < r.history[0]["objective"]
+
+
+def test_supervised_labels_outside_the_heads_classes_are_named_and_the_ignore_index_is_not():
+    """The toy heads have 4 classes: a label is a class id in [0, 4) or cross-entropy's ignore_index -100."""
+    model, pre, fts, data = toys()
+    for bad in (7, 4, -1):
+        labeled = {t: [(b[0], torch.full((8,), bad))] for t, b in data.items()}
+        match = (rf"^labeled\['t0'\] holds target label\(s\) \[{bad}\], but task 't0''s head has 4 classes "
+                 r"\(labels lie in \[0, 4\) or equal the loss's ignore_index=-100\)$")
+        with pytest.raises(ValueError, match=match):
+            merging.learn("atlas", pre, fts, labeled=labeled, objective="supervised", steps=2, **kw(model))
+    y = torch.tensor([0, 1, 2, 3, -100, -100, 1, 2])  # the ignored rows add nothing to the loss
+    labeled = {t: [(b[0], y)] for t, b in data.items()}
+    r = merging.learn("atlas", pre, fts, labeled=labeled, objective="supervised", steps=1, **kw(model))
+    theta = {k: pre[k] + 0.3 * sum(f[k] - pre[k] for f in fts) for k in pre}  # the step's start: init 0.3
+    with torch.no_grad():
+        out = torch.func.functional_call(model, theta, (data["t0"][0],), {"tasks": ["t0"]})["t0"]
+    keep = y != -100
+    torch.testing.assert_close(r.history[0]["per_task"]["t0"], float(F.cross_entropy(out[keep], y[keep])),
+                               rtol=1e-5, atol=1e-6)
 
 
 # --- bad input ---------------------------------------------------------------------------------------------------
