@@ -9,8 +9,9 @@ Entropy is defined for heads that output a distribution:
 | `edges` | (B, 1, H, W) logits | binary entropy of sigmoid per pixel, mean |
 
 Regression-like heads (`regression`, `depth`, `normals`) have no predictive distribution, so no
-entropy: they are left out of the objective (`unsupported_tasks` names them) and the caller decides
-(the learned merge keeps their fine-tuned model's coefficients at the initial value).
+entropy: `has_entropy` is false for them and the caller decides. The learned merge leaves them out of
+the objective, names them in `LearnedMerge.excluded_tasks` (`excluded_from_objective` in
+coefficients.json) and keeps their fine-tuned model's coefficients at the initial value.
 """
 from __future__ import annotations
 
