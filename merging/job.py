@@ -214,6 +214,8 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     grid_job.precheck(name, hp)
     if cfg.eval.get("max_batches") is not None:  # 0 once wrote NaN scores everywhere
         check_int("eval.max_batches", cfg.eval.max_batches, low=1, note=" or null (every batch)")
+    if cfg.get("learn_max_steps") is not None:  # -1 was passed on as merge.steps=-1 and refused under that name
+        check_int("learn_max_steps", cfg.learn_max_steps, low=0, note=" or null (no cap)")
     if name == "tall_masks" and cfg.eval.get("enabled", True):
         from .tall_job import check_store_free
 

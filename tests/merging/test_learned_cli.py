@@ -100,6 +100,7 @@ def test_bad_split_is_named(pool, tmp_path):
     (["merge=atlas", "merge.learn_blocks=['(bad']"], "learn_blocks: '\\(bad' is not a regular expression"),
     (["merge=atlas", "merge.objective=supervised", "merge.shots_batch=0"], "merge.shots_batch must be a positive int"),
     (["merge=concrete_ta", "merge.final_mask=hard", "merge.threshold=2"], r"threshold must be in \[0, 1\), got 2"),
+    (["merge=adamerging", "learn_max_steps=-1"], r"learn_max_steps must be an int >= 0 or null \(no cap\), got -1"),
 ])
 def test_bad_learned_settings_are_refused_before_the_pool_is_loaded(pool, tmp_path, monkeypatch, extra, match):
     import merging.job as job
