@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 
 from mtl.progress_log import ProgressLog
-from mtl.tasks.base import out_of_range
 
 from ..bn import batch_inputs, bn_statistics, pooled_batches, shared_bn_in_train_mode
 from .objective import entropy
@@ -197,6 +196,8 @@ def _check_class_ids(pred: torch.Tensor, y: torch.Tensor, task: str, ignore_inde
     the task nor where the labels came from ("Target 7 is out of bounds"), and on a GPU it asserts."""
     if y.is_floating_point() or pred.dim() < 2:  # probabilities or regression targets: no class ids
         return
+    from mtl.tasks.base import out_of_range  # here: `import merging` keeps the model world unloaded
+
     classes = pred.shape[1]
     bad = out_of_range(y, classes, ignore_index)
     if bool(bad.any()):
