@@ -1,4 +1,6 @@
+import logging
 import os
+import sys
 
 import pytest
 import torch
@@ -23,3 +25,27 @@ def tiny_model():
 
     return create_model(ALL_TASKS, backbone={"name": "test_resnet", "out_indices": [1, 2, 3]},
                         decoder={"name": "hps", "channels": 16})
+
+
+@pytest.fixture
+def console(monkeypatch, tmp_path):
+    """A console script's entry in-process: ``console("mtl.cli.export", "model=...")`` runs it with its run folders
+    under ``tmp_path/outputs`` and returns (exit status, that output root)."""
+    import importlib
+
+    out = tmp_path / "outputs"
+    monkeypatch.setenv("MTL_OUTPUT_DIR", str(out))
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+
+    def run(cli: str, *args: str):
+        monkeypatch.setattr(sys, "argv", [cli, *args])
+        # console handlers made by an earlier in-process run keep that test's (closed) stderr
+        for name in [None, *logging.root.manager.loggerDict]:
+            for h in getattr(logging.getLogger(name), "handlers", []):
+                if type(h) is logging.StreamHandler:
+                    monkeypatch.setattr(h, "stream", sys.stderr)
+        with pytest.raises(SystemExit) as exc:
+            importlib.import_module(cli).main()
+        return exc.value.code, out
+
+    return run

@@ -121,13 +121,22 @@ def test_hydra_errors_are_one_line_too(monkeypatch, tmp_path, capfd, override, e
     assert runs == []
 
 
-def test_an_unset_required_value_is_named_and_the_failed_run_still_ends_with_its_folder(monkeypatch, tmp_path, capfd):
-    code, _ = run_main(monkeypatch, tmp_path, "experiment=nyuv2")
-    runs = sorted((tmp_path / "outputs" / "nyuv2" / "runs").glob("*"))  # the experiment names the run
-    out, err = capfd.readouterr()
-    assert code == 1 and err.strip() == "error: required value(s) not set: data.root (pass e.g. data.root=...)"
-    assert len(runs) == 1 and (runs[0] / FAILED).is_file()
-    assert out.strip().splitlines()[-1] == f"run_dir: {runs[0]}"
+@pytest.mark.parametrize("cli, args, expected", [
+    ("mtl.cli.train", ["experiment=nyuv2"], "required value(s) not set: data.root (pass e.g. data.root=...)"),
+    ("mtl.cli.train", ["debug=smoke", "+seeed=3"], "+seeed=3: no setting seeed (did you mean seed?)"),
+    ("merging.cli", ["pretrained=???"], "required value(s) not set: pretrained (pass e.g. pretrained=...)"),
+    ("pruning.cli", ["model=???"], "required value(s) not set: model (pass e.g. model=...)"),
+    ("mtl.cli.export", ["model=???"], "required value(s) not set: model (pass e.g. model=...)"),
+    ("mtl.cli.extract", ["model=???"], "required value(s) not set: model (pass e.g. model=...)"),
+])
+def test_a_command_line_mistake_leaves_no_run_folder(console, capfd, cli, args, expected):
+    """An unset ``???`` value left a run folder holding FAILED and an empty log, and a `run_dir:` line for it,
+    where a misspelt key leaves none: every command-line mistake is one error line and no folder."""
+    code, out = console(cli, *args)
+    stdout, err = capfd.readouterr()
+    assert code == 1 and err.strip().startswith(f"error: {expected}") and len(err.strip().splitlines()) == 1, err
+    assert "run_dir:" not in stdout
+    assert not out.exists() or list(out.iterdir()) == [], list(out.rglob("*"))
 
 
 def test_group_choice_check_reads_sweeps_and_ignores_plain_keys():
@@ -600,3 +609,13 @@ def test_a_near_miss_is_named_from_the_apps_own_settings(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "mtl.cli.extract", arg], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == want
+
+
+def test_an_in_process_run_refused_for_an_unset_value_leaves_no_folder(monkeypatch, tmp_path):
+    """The in-process twin made its default run folder and marked it FAILED for a command-line mistake."""
+    from mtl.train import run
+
+    monkeypatch.setenv("MTL_OUTPUT_DIR", str(tmp_path / "outputs"))
+    with pytest.raises(ValueError, match=r"required value\(s\) not set: data\.root"):
+        run(["experiment=nyuv2"])
+    assert list((tmp_path / "outputs").iterdir()) == []

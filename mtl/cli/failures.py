@@ -148,6 +148,46 @@ def check_run_folder(run_dir: str | os.PathLike, resumes_from: str | os.PathLike
                              "(no FAILED file): its files would be replaced; give a new or empty folder", run_dir)
 
 
+def output_root() -> Path:
+    """Where run folders go unless told otherwise (``$MTL_OUTPUT_DIR``, else ``outputs``), as the configs'
+    ``hydra.run.dir`` says."""
+    return Path(os.environ.get("MTL_OUTPUT_DIR") or "outputs")
+
+
+def holds_nothing(run_dir: str | os.PathLike, empty_log: bool = False) -> bool:
+    """``run_dir`` is missing or holds nothing a run wrote: at most Hydra's ``<job>.log`` (empty, with
+    ``empty_log``: a folder Hydra has just made for this run), and this process's own claim."""
+    from hydra.core.hydra_config import HydraConfig
+
+    log = f"{HydraConfig.get().job.name}.log" if HydraConfig.initialized() else None
+    try:
+        entries = list(Path(run_dir).iterdir())
+    except FileNotFoundError:
+        return True
+    except OSError:  # a file, or unreadable: not an empty run folder
+        return False
+    return all((p.name == log and p.is_file() and not (empty_log and p.stat().st_size))
+               or (p.name == RUNNING and (owner_of(p) or {}).get("pid") == os.getpid()) for p in entries)
+
+
+@contextlib.contextmanager
+def removes_unused_folder(run_dir: str | os.PathLike, made: bool) -> Iterator[None]:
+    """A run refused before it wrote anything into the folder made for it (``made``: e.g. an unset ``???`` value, a
+    bad ``output=``) leaves no folder, as a misspelt key does: the folder, Hydra's job log in it and the parents
+    left empty below `output_root` are removed. An interruption is no refusal: it still marks the folder."""
+    try:
+        yield
+    except Exception:
+        run_dir = Path(run_dir)
+        if made and run_dir.is_dir() and holds_nothing(run_dir):
+            for p in run_dir.iterdir():
+                p.unlink(missing_ok=True)
+            root, here = output_root().resolve(), run_dir.resolve()
+            between = [p for p in here.parents if root in p.parents] if root in here.parents else []
+            remove_empty([here, *between])
+        raise
+
+
 @contextlib.contextmanager
 def claims_run_folder(run_dir: str | os.PathLike, rank0: bool = True, key: str = "hydra.run.dir") -> Iterator[None]:
     """Hold ``run_dir/.running`` while a job runs in it: a second run given the same folder

@@ -12,7 +12,8 @@ from typing import Any, Callable, Sequence
 from mtl.cli.choices import check_overrides
 from mtl.cli.common import (LEAFSPEC_WARNING, _rank0, check_group_choices, check_required, check_run_name,
                             hydra_message, register_resolvers)
-from mtl.cli.failures import claims_run_folder, interrupted_message, interruption, marks_failure
+from mtl.cli.failures import (claims_run_folder, interrupted_message, interruption, marks_failure, output_root,
+                               removes_unused_folder)
 
 __all__ = ["default_run_dir", "compose_in_process", "check_single_job", "run_in_process", "report_in_process"]
 
@@ -21,7 +22,7 @@ def default_run_dir(name: str) -> Path:
     """Where an in-process run goes when no folder is given: like the CLI's run folders
     (``$MTL_OUTPUT_DIR/<name>/runs/<time>``, default ``outputs``), unique within one second too."""
     name = check_run_name(name)
-    root = Path(os.environ.get("MTL_OUTPUT_DIR") or "outputs")
+    root = output_root()
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S") + f"_{time.time_ns() // 1000 % 1_000_000:06d}"
     base = root / name / "runs" / stamp
     path, n = base, 0
@@ -119,14 +120,16 @@ def run_in_process(job: Callable[[Any, Path], Any], config_modules: Sequence[str
     problem = check_group_choices(overrides, config_modules)
     if problem:  # as the CLI says it: the valid names, not Hydra's "Could not load"
         raise ValueError(problem)
+    made = run_dir is None and _run_dir_override(overrides) is None  # by compose_in_process, for this run
     cfg, run_dir = compose_in_process(config_modules[0], config_name, overrides, run_dir)
-    check_overrides(cfg, overrides, config_modules)  # before the folder is touched, as the CLI checks
     # a failed run is marked as the CLI marks it; the claim is released first, so a new folder the run left
     # empty (refused before writing) is removed rather than marked
     try:
-        with leaves_process_state(), marks_failure(run_dir), claims_run_folder(run_dir, _rank0(), "run_dir="):
+        with removes_unused_folder(run_dir, made):
+            check_overrides(cfg, overrides, config_modules)  # before the folder is touched, as the CLI checks
             check_required(cfg)
-            return job(cfg, run_dir), Path(run_dir)
+            with leaves_process_state(), marks_failure(run_dir), claims_run_folder(run_dir, _rank0(), "run_dir="):
+                return job(cfg, run_dir), Path(run_dir)
     except KeyboardInterrupt as e:
         if str(e):
             raise
