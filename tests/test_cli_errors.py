@@ -42,8 +42,6 @@ def run_main(monkeypatch, tmp_path, *overrides):
     ("+data.augmnt=true", "unknown setting data.augmnt; the settings here are: size, n_train, n_val,"),
     ("optim.lr=-1", "optim.lr must be > 0 and optim.weight_decay >= 0, got lr=-1"),
     ("optim.lr=abc", "optim.lr must be a number, got 'abc' (str)"),
-    ("+trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches=2 is not supported"),
-    ("+trainer.gradient_clip_val=1.0", "trainer.gradient_clip_val=1.0: mtlkit clips with optim.grad_clip"),
     ("optimized_metric=val/depth/nope", "optimized_metric='val/depth/nope' is not logged; logged: "),  # before training
     ("baselines.variant=bogus", "baselines.variant='bogus' is not a Δm variant; valid names: primary, all, flat"),
 ])
@@ -58,6 +56,18 @@ def test_error_after_composition_is_one_line_and_marks_the_run_failed(monkeypatc
     marker = (runs[0] / FAILED).read_text()
     assert expected in marker and "Traceback" in marker  # the details stay with the run
     assert not (runs[0] / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("+trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches=2 is not supported"),
+    ("+trainer.gradient_clip_val=1.0", "trainer.gradient_clip_val=1.0: mtlkit clips with optim.grad_clip"),
+])
+def test_a_setting_refused_before_the_run_accepts_its_folder_leaves_none(monkeypatch, tmp_path, capfd, override, expected):
+    """Refused before config.yaml is written: no FAILED folder without a record of what was asked."""
+    code, runs = run_main(monkeypatch, tmp_path, override)
+    out, err = capfd.readouterr()
+    assert code == 1 and err.strip().startswith(f"error: {expected}") and len(err.strip().splitlines()) == 1, err
+    assert runs == [] and "run_dir:" not in out
 
 
 class _Evil:

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from mtl.cli.failures import RunFolderTaken
 from mtl.io import save_model
@@ -91,3 +92,28 @@ def test_a_smoke_extract_retried_with_another_request_trains_the_model_it_needs(
     report = run(["debug=smoke", "overwrite=true"], run_dir=tmp_path / "ex")
     assert report["task"] == "depth" and json.loads((tmp_path / "ex" / "extract_report.json").read_text())["task"] == "depth"
     assert mtl.load_model(tmp_path / "ex" / "smoke_model" / "model").config["family"] != "slimmable"
+
+
+def test_a_job_refused_before_it_accepts_its_folder_leaves_none(console, capfd, tmp_path):
+    """mtl-export with an existing output= (or one inside the model) left a run folder holding only FAILED and
+    export.log, with no config.yaml to say what was asked: a refusal before the job accepts its folder leaves no
+    folder (as a command-line mistake), and every failed run that keeps one keeps its config.yaml."""
+    torch.manual_seed(0)
+    model = save_model(create_model(["depth"], backbone={"name": "test_resnet", "out_indices": [1, 2, 3]},
+                                    decoder={"name": "hps", "channels": 16}), tmp_path / "model", meta={"data": DATA})
+    taken = tmp_path / "x"
+    taken.mkdir()
+    for cli, args, said in (
+            ("mtl.cli.export", [f"output={taken}"], f"{taken} exists; pass overwrite=true to replace it"),
+            ("mtl.cli.export", [f"output={model / 'x'}"], f"lies inside the input model folder {model}"),
+            ("pruning.cli", [f"output={taken}"], f"{taken} exists; pass overwrite=true to replace it"),
+            ("mtl.cli.train", ["debug=smoke", "+trainer.accumulate_grad_batches=2"], "is not supported")):
+        code, out = console(cli, f"model={model}" if cli != "mtl.cli.train" else "seed=0", *args)
+        stdout, err = capfd.readouterr()
+        assert code == 1 and said in err and "run_dir:" not in stdout, err
+        assert list(out.iterdir()) == [], sorted(out.rglob("*"))
+    code, out = console("mtl.cli.export", f"model={model}", "format=folder", "tasks=[nope]")  # after start_run
+    (run,) = (out / "export" / "runs").iterdir()
+    assert code == 1 and (run / "FAILED").is_file()
+    assert OmegaConf.load(run / "config.yaml").tasks == ["nope"]
+    assert capfd.readouterr().out.strip().splitlines()[-1] == f"run_dir: {run}"

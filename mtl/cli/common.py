@@ -144,7 +144,7 @@ def run_job(cfg, job: Callable[[Any, Path], Any] | str) -> Any:
             # (as for Hydra's own errors), a finished run's stays as it was
             check_overrides(cfg, hc.overrides.task, ("mtl.configs",))
             check_required(cfg)
-            with claims_run_folder(run_dir, _rank0(), key), marks_failure(run_dir):
+            with claims_run_folder(run_dir, _rank0(), key), marks_failure(run_dir, made):
                 if isinstance(job, str):
                     import importlib
 

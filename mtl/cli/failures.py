@@ -47,10 +47,12 @@ class RunFolderTaken(FileExistsError):
 
 
 @contextlib.contextmanager
-def marks_failure(run_dir: str | os.PathLike) -> Iterator[None]:
+def marks_failure(run_dir: str | os.PathLike, made: bool = False) -> Iterator[None]:
     """On an exception, write ``run_dir/FAILED`` (message + traceback) and re-raise. Not into a finished run's
     folder that this run has not accepted (its config.yaml not rewritten): whatever refused it, the finished run
-    stays as it was and is not marked failed."""
+    stays as it was and is not marked failed. Nor into the folder made for this run (``made``) while it holds
+    nothing yet (`holds_nothing`): a refusal before the job wrote its config.yaml leaves no folder to record,
+    `removes_unused_folder` removes it."""
     finished, stamp = holds_finished_run(run_dir), _record_stamp(Path(run_dir))
     try:
         yield
@@ -60,6 +62,8 @@ def marks_failure(run_dir: str | os.PathLike) -> Iterator[None]:
         if finished and holds_finished_run(run_dir) and _record_stamp(Path(run_dir)) == stamp:
             raise  # refused before this run accepted the folder (a bad output=, a recipe error, ...)
         stop = interruption(e)
+        if made and stop is None and isinstance(e, Exception) and holds_nothing(run_dir):
+            raise  # refused before anything was written (an existing output=, an output inside the model)
         if isinstance(e, SystemExit) and not e.code and stop is None:
             raise
         run_dir = Path(run_dir)

@@ -128,7 +128,7 @@ def run_in_process(job: Callable[[Any, Path], Any], config_modules: Sequence[str
         with removes_unused_folder(run_dir, made):
             check_overrides(cfg, overrides, config_modules)  # before the folder is touched, as the CLI checks
             check_required(cfg)
-            with leaves_process_state(), marks_failure(run_dir), claims_run_folder(run_dir, _rank0(), "run_dir="):
+            with leaves_process_state(), marks_failure(run_dir, made), claims_run_folder(run_dir, _rank0(), "run_dir="):
                 return job(cfg, run_dir), Path(run_dir)
     except KeyboardInterrupt as e:
         if str(e):
