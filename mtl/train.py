@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mtl.cli.common import write_hydra_record
-from mtl.cli.failures import FAILED, RunFolderTaken, check_run_folder
+from mtl.cli.failures import FAILED, FINISHED_RECORDS, RunFolderTaken, check_run_folder
 from mtl.data import create_datamodule
 from mtl.evaluation import delta_m, load_baselines, save_baselines
 from mtl.folder_data import data_record
@@ -25,7 +25,7 @@ from mtl.registry import check_int
 from mtl.sweep import check_monitors, check_objective
 from mtl.tasks import create_task
 from mtl.train_checks import (check_checkpoint, check_eval_splits, check_precision, check_test_batches, check_trainer,
-                              set_aside_failed_attempt, warn_seed_of_resume)
+                              finished_run_refusal, set_aside_failed_attempt, warn_seed_of_resume)
 from mtl.warm_start import folder_architecture, init_from_folder, keep_expansion_point
 
 log = logging.getLogger(__name__)
@@ -129,10 +129,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
 def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
-    finished = [n for n in ("metrics.json", "model") if (run_dir / n).exists()]
+    finished = [n for n in (*FINISHED_RECORDS, "model") if (run_dir / n).exists()]
     if finished:  # its model, metrics and checkpoints would be mixed with this run's
-        raise RunFolderTaken(f"run_dir {run_dir} holds a finished run ({', '.join(finished)}); pick a new "
-                              "folder (to continue it: ckpt_path=<it>/checkpoints/last.ckpt into a new one)", run_dir)
+        raise RunFolderTaken(finished_run_refusal(run_dir, finished), run_dir)
     from mtl.cli.common import _rank0
 
     # the folder's records are rank 0's: under torchrun another rank's config.yaml could precede rank 0's check

@@ -18,7 +18,7 @@ from mtl.registry import check_int
 log = logging.getLogger("mtl.train")
 
 __all__ = ["changed_on_resume", "check_checkpoint", "check_eval_splits", "check_precision", "check_test_batches",
-           "check_trainer", "hydra_override", "hydra_value", "resume_refusal", "set_aside_failed_attempt",
+           "check_trainer", "finished_run_refusal", "hydra_override", "hydra_value", "resume_refusal", "set_aside_failed_attempt",
            "warn_seed_of_resume"]
 
 
@@ -57,6 +57,23 @@ def set_aside_failed_attempt(run_dir: Path, ckpt_path: Any) -> None:
     shutil.rmtree(aside, ignore_errors=True)
     os.replace(old, aside)
     log.warning("run_dir %s held a failed attempt's checkpoints: moved to %s", run_dir, aside)
+
+
+def finished_run_refusal(run_dir: Path, found: list[str]) -> str:
+    """Why a run folder holding a finished run (``found``: its records) is refused: whose run it is (the CLI its
+    config.yaml records) and, only for a training run with a last checkpoint, how to continue it (a merge, prune,
+    export or extract run has no checkpoint to resume)."""
+    try:
+        record = OmegaConf.load(run_dir / "config.yaml")
+    except Exception:  # noqa: BLE001  (no readable record: say what the folder holds, not whose it is)
+        record = None
+    name = record.get("name") if isinstance(record, DictConfig) else None
+    training = isinstance(record, DictConfig) and "trainer" in record
+    job = (f" of mtl-train (name: {name})" if training else
+           f" of mtl-{name}" if name in ("merge", "prune", "export", "extract") else "")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    resume = f"; to continue it, pass ckpt_path={last} with a new folder" if training and last.is_file() else ""
+    return f"run_dir {run_dir} holds a finished run ({', '.join(found)}){job}; pick a new folder{resume}"
 
 
 def check_trainer(tr: DictConfig) -> None:

@@ -54,7 +54,9 @@ def test_a_refused_run_leaves_the_finished_runs_folder_as_it_was(smoke_run):
     assert set(record) == {"config.yaml", "hydra.yaml", "overrides.yaml"}
     assert b"experiment=scenes_hps" in record["overrides.yaml"]
     proc = cli("debug=smoke", "task=[depth]", f"hydra.run.dir={run_dir}", cwd=cwd, check=False)
-    assert proc.returncode == 1 and "holds a finished run" in proc.stderr
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: run_dir {run_dir} holds a finished run (metrics.json, model) of mtl-train (name: scenes_hps); pick a "
+        f"new folder; to continue it, pass ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'} with a new folder")
     assert {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()} == record
     assert not (run_dir / "FAILED").exists()
 

@@ -117,3 +117,20 @@ def test_a_job_refused_before_it_accepts_its_folder_leaves_none(console, capfd, 
     assert code == 1 and (run / "FAILED").is_file()
     assert OmegaConf.load(run / "config.yaml").tasks == ["nope"]
     assert capfd.readouterr().out.strip().splitlines()[-1] == f"run_dir: {run}"
+
+
+def test_training_into_a_finished_extract_run_names_it_without_resume_advice(console, capfd, tmp_path):
+    """mtl-train into a finished mtl-extract run's folder said it held a finished run '(model)' and advised
+    ckpt_path=<it>/checkpoints/last.ckpt, a file an extract run never has."""
+    from mtl.cli.extract import run
+
+    torch.manual_seed(0)
+    slim = create_model(["depth", "semseg"], backbone=SLIM_BACKBONE, decoder={"name": "slimmable", "channels": 12},
+                        family="slimmable")
+    model = save_model(slim.eval(), tmp_path / "slim", meta={"data": DATA})
+    done = Path(run([f"model={model}", "widths={encoder: 0.5}"], run_dir=tmp_path / "ex")["run_dir"])
+    before = files(done)
+    code, _ = console("mtl.cli.train", "debug=smoke", f"hydra.run.dir={done}")
+    assert code == 1 and capfd.readouterr().err.strip() == (
+        f"error: run_dir {done} holds a finished run (extract_report.json, model) of mtl-extract; pick a new folder")
+    assert {k: v for k, v in files(done).items() if k != "train.log"} == before  # (Hydra's log, made before the job)
