@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from mtl.registry import check_int
 
 log = logging.getLogger("mtl.train")
 
-__all__ = ["changed_on_resume", "check_checkpoint", "check_eval_splits", "check_precision", "check_test_batches",
+__all__ = ["ABSENT", "changed_on_resume", "check_checkpoint", "check_eval_splits", "check_precision", "check_test_batches",
            "check_trainer", "finished_run_refusal", "hydra_override", "hydra_value", "resume_refusal", "set_aside_failed_attempt",
            "warn_seed_of_resume"]
 
@@ -181,8 +182,9 @@ def changed_on_resume(stored: dict[str, Any], hparams: Any, tasks: dict[str, Any
                     f"resuming restores its optimiser, so it would train at {stored[key]}")
     # the rest would apply from the resumed step on, while config.yaml and metrics.json record them for the whole run
     def mixed(then: Any, now: Any) -> str:
-        return (f"the epochs so far trained with {hydra_value(then)}, and this run's records would name only "
-                f"{hydra_value(now)} for all of them")
+        trained = "without it" if then is ABSENT else f"with {hydra_value(then)}"
+        named = "leave it out" if now is ABSENT else f"name only {hydra_value(now)}"
+        return f"the epochs so far trained {trained}, and this run's records would {named} for all of them"
 
     for key in ("warmup_ratio", "min_lr_ratio"):
         if key in stored and float(stored[key]) != float(hparams[key]):
@@ -190,10 +192,16 @@ def changed_on_resume(stored: dict[str, Any], hparams: Any, tasks: dict[str, Any
     if "grad_clip" in stored and _plain(stored["grad_clip"]) != _plain(hparams["grad_clip"]):
         return "optim.grad_clip", hparams["grad_clip"], stored["grad_clip"], mixed(stored["grad_clip"], hparams["grad_clip"])
     if "strategy" in stored:  # a slimmable run's sandwich settings (CI-KD, in-place distillation, ...)
-        then_s, now_s = dict(stored["strategy"] or {}), dict(hparams["strategy"] or {})
-        for key in sorted(set(then_s) | set(now_s)):
-            if _plain(then_s.get(key)) != _plain(now_s.get(key)):
-                return f"strategy.{key}", now_s.get(key), then_s.get(key), mixed(then_s.get(key), now_s.get(key))
+        then_s, now_s = stored["strategy"], hparams["strategy"]
+        if not then_s or not now_s:  # a strategy on one side only: the whole setting differs
+            if bool(then_s) != bool(now_s):
+                return "strategy", now_s, then_s, mixed(then_s, now_s)
+        else:  # a key on one side only is ABSENT on the other (its override adds or removes it)
+            then_s, now_s = dict(then_s), dict(now_s)
+            for key in sorted(set(then_s) | set(now_s)):
+                then, now = then_s.get(key, ABSENT), now_s.get(key, ABSENT)
+                if _plain(then) != _plain(now):
+                    return f"strategy.{key}", now, then, mixed(then, now)
     then, now = dict(stored.get("balancer") or {}), dict(hparams["balancer"])
     if then.get("name", now["name"]) != now["name"]:
         return "balancer", now["name"], then["name"], mixed(then["name"], now["name"])
@@ -211,19 +219,33 @@ def _plain(v: Any) -> Any:
     return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
 
 
+class _Absent:
+    """A setting one side (this config or the checkpoint) does not have."""
+
+    def __repr__(self) -> str:
+        return "ABSENT"
+
+
+ABSENT = _Absent()
+
+
 def resume_refusal(changed: tuple[str, Any, Any, str]) -> str:
     """The one-line refusal of `changed_on_resume`'s finding, its values written as overrides, so that the advised
-    ``resume with <key>=<value>`` can be pasted onto the command line as it is."""
+    ``resume with <override>`` can be pasted onto the command line as it is: ``key=value``, ``+key=value`` for a key
+    this config lacks (Hydra adds no key without ``+``), ``~key`` for one the checkpoint lacks."""
     key, now, then, why = changed
-    return (f"{key}={hydra_value(now)} differs from the checkpoint's {hydra_value(then)}: {why}; resume with "
-            f"{hydra_override(key, then)}, or start a new run from its weights with init_from=<model folder>")
+    if now is ABSENT:
+        differs, advice = f"{key} is not set here and the checkpoint's is {hydra_value(then)}", hydra_override(f"+{key}", then)
+    elif then is ABSENT:
+        differs, advice = f"{key}={hydra_value(now)} is not in the checkpoint", shlex.quote(f"~{key}")
+    else:
+        differs, advice = f"{key}={hydra_value(now)} differs from the checkpoint's {hydra_value(then)}", hydra_override(key, then)
+    return f"{differs}: {why}; resume with {advice}, or start a new run from its weights with init_from=<model folder>"
 
 
 def hydra_override(key: str, value: Any) -> str:
     """``key=value`` as a shell command line passes it to Hydra: quoted where the shell would split or expand it
     (a list's brackets, a mapping's braces)."""
-    import shlex
-
     return shlex.quote(f"{key}={hydra_value(value)}")
 
 

@@ -130,3 +130,38 @@ def test_the_advised_override_of_a_refused_resume_is_accepted(tmp_path):
     advice = re.search(r"resume with (\S+), or start", str(refused.value)).group(1)
     assert shlex.split(advice) == ["optim.grad_clip=null"]
     run(resume + shlex.split(advice), run_dir=tmp_path / "c")
+
+
+@pytest.mark.parametrize("checkpoint, now, advised", [
+    (["experiment=scenes_slimmable"], ["experiment=scenes_slimmable", "~strategy.cikd_level"],
+     ["+strategy.cikd_level=neck"]),
+    (["experiment=scenes_slimmable", "~strategy.cikd_level"], ["experiment=scenes_slimmable"], ["~strategy.cikd_level"]),
+    (["experiment=scenes_slimmable", "strategy=null"], ["experiment=scenes_slimmable"], ["strategy=null"]),
+    (["experiment=scenes_slimmable"], ["experiment=scenes_slimmable", "strategy=null"],
+     ["strategy={name:sandwich,num_random:2,train_min:true,inplace_distill:true,cikd:true,cikd_weight:0.1,"
+      "cikd_match:projection,cikd_level:neck}"]),
+])
+def test_a_refused_resumes_advice_adds_or_removes_a_strategy_key_the_config_or_checkpoint_lacks(checkpoint, now, advised):
+    """A key in the checkpoint's strategy but not in this config was advised as `strategy.x=...`, which Hydra refuses
+    (a new key needs `+`), and one the checkpoint lacked as `strategy.x=null`, which sets it instead of removing it:
+    the advice, pasted onto the command line, composes the checkpoint's strategy."""
+    import shlex
+
+    from omegaconf import OmegaConf
+
+    from mtl.cli.choices import check_overrides
+    from mtl.cli.in_process import compose_in_process
+    from mtl.train_checks import changed_on_resume, resume_refusal
+
+    def hparams(overrides):
+        cfg, _ = compose_in_process("mtl.configs", "train", overrides, run_dir="unused")
+        check_overrides(cfg, overrides, ("mtl.configs",))
+        optim = OmegaConf.to_container(cfg.optim, resolve=True)
+        return {**optim, "balancer": OmegaConf.to_container(cfg.balancer, resolve=True),
+                "strategy": OmegaConf.to_container(cfg.strategy, resolve=True) if cfg.strategy else None}
+
+    stored = hparams(checkpoint)
+    message = resume_refusal(changed_on_resume(stored, hparams(now), {}))
+    advice = shlex.split(message.split("; resume with ")[1].split(", or start")[0])
+    assert advice == advised, message
+    assert hparams(now + advice)["strategy"] == stored["strategy"]
