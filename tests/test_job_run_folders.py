@@ -77,6 +77,22 @@ def test_each_job_clis_last_record_marks_its_run_finished(tmp_path, name, record
     assert not finished_run(run_dir)
 
 
+@pytest.mark.parametrize("name, record", [("export", "export_report.json"), ("merge", "metrics.json")])
+def test_an_overwrite_rerun_drops_the_finished_record_of_the_run_it_replaces(tmp_path, name, record):
+    """The earlier run's last record stayed beside the rerun's config.yaml: a rerun killed (SIGKILL) after taking
+    the folder over then passed for a finished run, its config describing one request and its report another."""
+    from mtl.cli.jobs import finished_run, start_run
+
+    run_dir = tmp_path / name
+    (run_dir / "out").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(f"name: {name}\n")
+    (run_dir / record).write_text("{}")
+    cfg = OmegaConf.create({"name": name, "overwrite": True, "output": str(run_dir / "out")})
+    start_run(cfg, run_dir)
+    assert not (run_dir / record).exists() and not finished_run(run_dir)
+    assert OmegaConf.load(run_dir / "config.yaml").overwrite is True
+
+
 @pytest.mark.slow  # two smoke trainings (about a minute)
 def test_a_smoke_extract_retried_with_another_request_trains_the_model_it_needs(tmp_path):
     """The auditor's case: a widths= smoke run trained a slimmable smoke_model/; its overwrite=true rerun with the

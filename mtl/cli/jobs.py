@@ -18,7 +18,7 @@ def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
     run folder holding anything but a failed run (`check_run_folder`, the rule mtl-train's folders follow too)."""
     from omegaconf import OmegaConf
 
-    from mtl.cli.failures import FAILED, RunFolderTaken, check_run_folder
+    from mtl.cli.failures import FAILED, FINISHED_RECORDS, RunFolderTaken, check_run_folder
     from mtl.io import atomic_path, check_output_apart, is_model_folder, stale_records
 
     run_dir = Path(run_dir)
@@ -50,6 +50,8 @@ def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
     check_run_folder(run_dir, rerun=bool(cfg.get("overwrite")) and recorded_job(run_dir) == cfg.get("name"))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / FAILED).unlink(missing_ok=True)  # an earlier failed attempt here: this run replaces its verdict
+    for record in FINISHED_RECORDS:  # an overwrite rerun killed later must not pass for the run it replaces
+        (run_dir / record).unlink(missing_ok=True)
     write_hydra_record(cfg, run_dir)
     with atomic_path(run_dir / "config.yaml") as tmp:
         tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
