@@ -170,11 +170,17 @@ def _remap(where: str, t: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def refuse_ignore_only_foreground(where: str, t: torch.Tensor) -> None:
+def refuse_ignore_only_foreground(where: str, t: torch.Tensor, classes: int | None = None) -> None:
     """A training mask of only 0 and 255 (and −1) is a binary 0/255 mask: 255 is the ignore mark, so read as it is
-    every labelled pixel is class 0 and there is one class to learn."""
+    every labelled pixel is class 0 and there is one class to learn. With more than two classes declared it is
+    rather a train split missing its other classes, and the 0/255 advice would turn its ignored pixels into a class."""
     labelled = t[(t != IGNORE) & (t != -1)]
     if labelled.numel() and bool((labelled == 0).all()) and bool((t == IGNORE).any()):
+        if classes is not None and classes > 2:
+            raise ValueError(f"{where} holds only 0 and 255, and 255 marks ignored pixels, so every labelled pixel is "
+                             f"class 0 although semseg_classes={classes}: no other class can be learned from it; "
+                             "check the split (data.splits), or, for a binary 0/255 mask, set semseg_classes=2 and "
+                             "data.semseg_map={0: 0, 255: 1}")
         raise ValueError(f"{where} holds only 0 and 255, and 255 marks ignored pixels, so every labelled pixel is "
                          "class 0: a binary 0/255 mask needs data.semseg_map={0: 0, 255: 1}")
 

@@ -255,7 +255,7 @@ class HFImageDataModule(TensorDataModule):
                 t = resize(t, self.size, nearest=True)
                 if key == "semseg":
                     if train and self.semseg_lut is None:  # another split may lack the foreground, train may not
-                        refuse_ignore_only_foreground(where, t)
+                        refuse_ignore_only_foreground(where, t, self._classes["semseg_classes"])
                     out[key] = class_ids(where, key, t[:, 0] if t.ndim == 4 else t, self._classes["semseg_classes"],
                                           self.semseg_lut)
                 elif key == "normals" and t.dtype == torch.uint8:

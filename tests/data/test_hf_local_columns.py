@@ -188,6 +188,15 @@ def test_a_0_255_mask_is_refused_pointing_to_semseg_map(tmp_path, classes):
         _train_row(path, columns={"mask": "semseg"}, semseg_classes=classes)
 
 
+def test_a_train_split_of_class_0_with_more_classes_declared_is_told_so_not_sent_to_the_0_255_map(tmp_path):
+    """With semseg_classes=3 the 0/255 advice would turn a multi-class dataset's ignored pixels into class 1."""
+    path = _binary_masks(tmp_path)
+    with pytest.raises(ValueError, match=r"holds only 0 and 255.*class 0 although semseg_classes=3: no other class "
+                                         r"can be learned from it; check the split") as e:
+        _train_row(path, columns={"mask": "semseg"}, semseg_classes=3)
+    assert "set semseg_classes=2 and" in str(e.value)
+
+
 def test_a_0_255_mask_through_semseg_map_has_two_classes(tmp_path):
     dm = create_datamodule("hf_local", path=_binary_masks(tmp_path), columns={"mask": "semseg"},
                            semseg_map={0: 0, 255: 1}, val_fraction=0.25, test_fraction=0.25)
