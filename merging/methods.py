@@ -63,11 +63,13 @@ def _check_lam(name: str, lam: Any, allow_list: bool, list_hint: str = LAM_LIST_
 
 
 def _plain(value: Any) -> Any:
-    """A numpy scalar (np.float32(0.3) from a grid, np.int64(20)) as the Python number it holds, in lists
+    """A numpy scalar (np.float32(0.3) from a grid, np.int64(20)) or a 0-d tensor as the Python number it holds, in lists
     too: the checks and the recorded hyperparameters then see plain numbers."""
     if isinstance(value, (list, tuple)):
         return type(value)(_plain(v) for v in value)
     if isinstance(value, numbers.Number) and not isinstance(value, (bool, int, float)) and hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.dtype.is_complex:  # a learned coefficient
         return value.item()
     return value
 

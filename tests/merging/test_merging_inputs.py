@@ -140,6 +140,8 @@ def test_apply_task_vector_checks_its_inputs_as_a_merge_does():
     tau = {"w": torch.ones(6)}
     got = merging.apply_task_vector(pre, tau, lam=np.float32(0.5))  # θ0 + λτ, by hand
     assert got["w"].dtype == torch.float16 and got["w"].tolist() == [100.5] * 6 and got["steps"] == 3
+    # a 0-d tensor (a learned coefficient) is a number too, as torch.add's alpha took it before these checks
+    assert merging.apply_task_vector(pre, tau, lam=torch.tensor(0.5))["w"].tolist() == [100.5] * 6
     for lam, match in ((float("nan"), r"^lam must be a finite number, got nan$"), ("x", r"^lam must be a finite number"),
                        ([0.1, 0.2], r"^lam must be one finite number \(one λ for one task vector; one λ per model: "
                                     r"merging.merge\('task_arithmetic', ..., lam=\[...\]\)\), got \[0.1, 0.2\]$")):
