@@ -55,20 +55,25 @@ first = next(iter(reports.values()))
 print(f"{'individual':16s}" + "".join(f"{first['tasks'][t]['individual'][first['tasks'][t]['primary']]:14.4f}" for t in tasks))
 for method, r in reports.items():
     row = "".join(f"{r['tasks'][t]['merged'][r['tasks'][t]['primary']]:14.4f}" for t in tasks)
-    print(f"{method:16s}{row}{r['mean']['normalized']:12.3f}")
+    mean = r["mean"]["normalized"]  # null, with a `why` beside it, where a score to divide by is 0
+    print(f"{method:16s}{row}" + (f"{mean:12.3f}" if mean is not None else f"{'undefined':>12s}"))
 
 # %% [markdown]
-# ## Accuracies: normalised to each task's own fine-tuned model (1.0 = no loss from merging)
+# ## Scores normalised to each task's own fine-tuned model (1.0 = no loss from merging)
+# merged / individual for a higher-is-better metric (semseg mIoU), individual / merged for a lower-is-better
+# one (regression MAE): above 1.0 is better than the fine-tune either way.
 
 # %%
 fig = Figure(figsize=(6, 3.5))
 ax = fig.add_subplot()
 width = 0.8 / len(reports)
 for i, (method, r) in enumerate(reports.items()):
-    ax.bar([j + i * width for j in range(len(tasks))], [r["tasks"][t]["normalized"] for t in tasks], width, label=method)
+    scores = [r["tasks"][t]["normalized"] for t in tasks]
+    ax.bar([j + i * width for j in range(len(tasks))], [float("nan") if v is None else v for v in scores], width,
+           label=method)
 ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks)
 ax.axhline(1.0, color="black", lw=0.8)
-ax.set_ylabel("merged / individual (primary metric)")
+ax.set_ylabel("normalized score (primary metric)")
 ax.legend(fontsize="small")
 fig.tight_layout()
 fig.savefig(OUT / "accuracies.png", dpi=100)  # a bare Figure is not rendered by every Jupyter frontend
@@ -76,10 +81,13 @@ display(Image(filename=str(OUT / "accuracies.png")))
 
 # %% [markdown]
 # ## TALL masks: which weights each task keeps
-# A weight kept by no task is "catastrophic", by one task "selfish".
+# The masks of the `tall_masks` run above, rebuilt at the λ_t it chose on validation. A weight kept by no
+# task is "catastrophic", by one task "selfish".
 
 # %%
-tall = merging.tall_masks(pool.pretrained, pool.member_paths, lam=0.4)
+chosen = reports["tall_masks"]["selected"]["lam"]  # {task: λ_t}
+print("λ_t chosen on validation:", chosen)
+tall = merging.tall_masks(pool.pretrained, pool.member_paths, lam=chosen)
 overlap = merging.mask_overlap(tall)
 print({k: round(v, 4) for k, v in overlap.items() if k in ("selfish", "catastrophic")})
 display(Image(filename=str(merging.plot_mask_overlap(overlap, OUT / "mask_overlap.png"))))

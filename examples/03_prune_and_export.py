@@ -67,6 +67,8 @@ print("ONNX output shapes:", semseg.shape, depth.shape, "| max |diff| depth vs P
 
 # %% [markdown]
 # ## timm backbone weights (the unpruned model: timm cannot rebuild pruned layer sizes)
+# Only what the multi-task model trained is trained here: the ImageNet classifier is zero, and stages after the
+# backbone's last `out_indices` (here all of `layer4`) keep timm's random initialisation (docs/export.md).
 
 # %%
 timm_dir = mtl.export(run_dir / "model", "timm", OUT / "timm", overwrite=True)
@@ -75,6 +77,9 @@ backbone = timm.create_model(info["timm_name"], pretrained=True,
                              pretrained_cfg_overlay={"file": str(timm_dir / "model.safetensors")}, **info["model_args"])
 print(info["load"])
 print("zeroed (no ImageNet head in a multi-task model):", info["filled_keys"]["zeroed"])
+# tensors the multi-task backbone never had (stages after its last out_index) keep timm's random initialisation:
+untrained = info["filled_keys"]["timm_init"]
+print(f"{len(untrained)} tensors at timm's initialisation, e.g.", untrained[:3])
 
 # %% [markdown]
 # ## A model folder with a model card
