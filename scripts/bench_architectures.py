@@ -22,7 +22,9 @@ A family is an entry of FAMILIES (its mtl-train overrides); add one there. `--fa
 family's full benchmark: for `slimmable` that is scripts/bench_slimmable.py (width quality with and
 without CI-KD, controllability, extracted vs sliced latency), which receives every other argument;
 for the others, the quality run of that family plus the timing phases above.
-Finished runs (OUT/runs/<key>/metrics.json) are reused unless --force.
+Finished runs (OUT/runs/<key>/metrics.json, the single-task runs stl_<task> included; OUT/baselines.json
+is rebuilt from those) are reused unless --force, only when they ran the same recipe: a run of other
+settings (another --epochs, --size, ...) is refused with an error naming them.
 """
 from __future__ import annotations
 
@@ -115,14 +117,12 @@ def train_run(args, out: Path, key: str, overrides: list[str]) -> tuple[dict, Pa
 
 
 def single_task_baselines(args, out: Path) -> Path:
+    from bench_runs import single_task_baselines
+
     path = out / "baselines.json"
-    if path.exists() and not args.force:
-        return path
-    path.unlink(missing_ok=True)
-    for task in TASKS:
-        train_run(args, out, f"stl_{task}", FAMILIES["hps"] + cnn_overrides(args) +
-                  [f"task={task}", f"baselines.save_to={path.resolve()}"])
-    return path
+    return single_task_baselines(path, TASKS, lambda task: train_run(
+        args, out, f"stl_{task}", FAMILIES["hps"] + cnn_overrides(args) +
+        [f"task={task}", f"baselines.save_to={path.resolve()}"])[0])
 
 
 def routed_flops_identity(model, x: torch.Tensor, task: str) -> dict | None:

@@ -1,7 +1,8 @@
 """Benchmark every balancer on `scenes`: same seed, model, data and step budget.
 
 1. single-task baselines (one `mtl-train` run per task, same recipe) -> OUT/baselines.json
-   (reused when present, or pass --baselines);
+   (or pass --baselines); the runs OUT/runs/stl_<task> are reused like the others below, and
+   OUT/baselines.json is rebuilt from them;
 2. one multi-task run per method through the real training job (`mtl.train.run`), Δm% against
    the baselines from each run's metrics.json;
 3. a timing phase: every method's training step (forward + balancer + AdamW step) on the same
@@ -14,7 +15,8 @@
     python scripts/bench_balancers.py --methods ew,pcgrad,upgrad@features      # a subset
 
 A method is a registry name, optionally `@features` (representation-level aggregation).
-Finished runs (OUT/runs/<method>/metrics.json) are reused unless --force.
+Finished runs (OUT/runs/<key>/metrics.json) are reused unless --force, only when they ran the same recipe:
+a run of other settings (another --epochs, --size, ...) is refused with an error naming them.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ REP_LEVEL = ["upgrad@features", "mgda@features"]
 VARIANTS = ["famo+recompute=false"]  # FAMO without the extra forward (loss decrease seen on the next batch)
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/bench_balancers")
     p.add_argument("--methods", default=",".join(BALANCERS.names() + REP_LEVEL + VARIANTS))
@@ -54,7 +56,7 @@ def parse_args():
     p.add_argument("--timing-steps", type=int, default=2)
     p.add_argument("--skip-training", action="store_true", help="only the timing phase (+ table from existing runs)")
     p.add_argument("--force", action="store_true", help="retrain runs that already finished")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def split_method(method: str) -> tuple[str, dict]:
@@ -107,15 +109,13 @@ def train_run(args, out: Path, key: str, overrides: list[str]) -> dict:
 
 
 def baselines(args, out: Path) -> Path:
+    from bench_runs import single_task_baselines
+
     if args.baselines:
         return Path(args.baselines)
     path = out / "baselines.json"
-    if path.exists() and not args.force:
-        return path
-    path.unlink(missing_ok=True)
-    for task in TASKS:
-        train_run(args, out, f"stl_{task}", [f"task={task}", "balancer=ew", f"baselines.save_to={path.resolve()}"])
-    return path
+    return single_task_baselines(path, TASKS, lambda task: train_run(
+        args, out, f"stl_{task}", [f"task={task}", "balancer=ew", f"baselines.save_to={path.resolve()}"]))
 
 
 # --- timing phase ----------------------------------------------------------------------------

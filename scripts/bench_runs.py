@@ -44,3 +44,20 @@ def reusable(run_dir: Path, overrides: Sequence[str],
 
 def record(run_dir: Path, overrides: Sequence[str]) -> None:
     (Path(run_dir) / RECIPE).write_text(json.dumps(list(overrides), indent=1) + "\n")
+
+
+def single_task_baselines(path: Path, tasks: Sequence[str], train: Callable[[str], dict]) -> Path:
+    """The baselines JSON at `path`, built from one single-task run per task: `train(task)` trains that
+    task's run or reuses a finished one of the same recipe (`reusable`: a run of other settings, e.g.
+    another --epochs, is refused with `RecipeMismatch`) and returns its metrics. An existing `path` is
+    never trusted on its own: it is rewritten from the runs' test metrics once every run is checked, so
+    it cannot report baselines of another recipe."""
+    from mtl.evaluation import save_baselines
+
+    path = Path(path)
+    tests: dict = {}
+    for task in tasks:
+        tests.update(train(task)["test"])
+    path.unlink(missing_ok=True)  # only the runs just checked, no task of an earlier invocation
+    save_baselines(path, tests)
+    return path

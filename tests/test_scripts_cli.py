@@ -33,3 +33,39 @@ def test_a_scripts_user_error_is_one_line(tmp_path, script, args, expected):
     assert lines[-1].startswith(expected.format(tmp=tmp_path)) and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "q").exists()  # bench_merge_quality wrote empty results before
     assert not (tmp_path / "disentanglement").exists()  # the script made its folder before checking its input
+
+
+@pytest.mark.parametrize("script", ["bench_balancers", "bench_architectures"])
+def test_baselines_of_another_recipe_are_refused_not_reused(tmp_path, monkeypatch, script):
+    """OUT/baselines.json of an --epochs 1 invocation was reused by an --epochs 2 one: Δm against
+    baselines of another recipe. Its single-task runs' recorded recipe is checked now."""
+    import importlib
+    import json
+
+    import mtl.train
+    from mtl.evaluation import save_baselines
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    bench = importlib.import_module(script)
+    from bench_runs import RecipeMismatch
+
+    trained = []
+
+    def fake_run(overrides, run_dir):  # a finished single-task run, as mtl.train.run leaves it
+        task = next(o.split("=", 1)[1] for o in overrides if o.startswith("task="))
+        trained.append(task)
+        run_dir.mkdir(parents=True)
+        test = {task: {"score": 0.5}}
+        (run_dir / "metrics.json").write_text(json.dumps({"test": test}))
+        save_baselines(next(o.split("=", 1)[1] for o in overrides if o.startswith("baselines.save_to=")), test)
+
+    monkeypatch.setattr(mtl.train, "run", fake_run)
+    baselines = bench.baselines if script == "bench_balancers" else bench.single_task_baselines
+    args = lambda epochs: bench.parse_args(["--out", str(tmp_path), "--epochs", str(epochs)])  # noqa: E731
+
+    path = baselines(args(1), tmp_path)
+    assert sorted(json.loads(path.read_text())) == sorted(bench.TASKS) and len(trained) == len(bench.TASKS)
+    assert baselines(args(1), tmp_path) == path and len(trained) == len(bench.TASKS)  # same recipe: reused
+    with pytest.raises(RecipeMismatch, match=r"stl_semseg.*trainer\.max_epochs=1.*trainer\.max_epochs=2"):
+        baselines(args(2), tmp_path)
+    assert len(trained) == len(bench.TASKS)  # refused before training anything
