@@ -315,7 +315,12 @@ def main(argv=None) -> None:
         import bench_slimmable
 
         raise SystemExit(bench_slimmable.main(rest))
+    from script_cli import require_positive
+
     args = parse_args(argv)
+    require_positive(args, ["size", "n_train", "n_val", "n_test", "batch_size", "epochs", "channels", "dispatch_experts",
+                            "dispatch_top_k", "dispatch_tokens", "dispatch_dim", "dispatch_hidden", "rounds", "threads",
+                            "latency_batch"])
     if args.family:
         args.families = args.family
     out = Path(args.out)
@@ -338,4 +343,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from script_cli import run
+
+    run(main)

@@ -216,7 +216,11 @@ def table(methods: list[str], results: dict[str, dict], step_times: dict[str, fl
 
 
 def main():
+    from script_cli import require_positive
+
     args = parse_args()
+    require_positive(args, ["size", "n_train", "n_val", "n_test", "batch_size", "epochs", "channels",
+                            "timing_rounds", "timing_steps"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -46,7 +46,10 @@ def multirun(extra: list[str], out: Path, threads: int) -> float:
 
 
 def main():
+    from script_cli import require_positive
+
     args = parse_args()
+    require_positive(args, ["workers", "cores"])  # before the sequential multirun, not after it
     out = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
     extra = ["debug=smoke"] if args.smoke else []
     seq = multirun(extra, out / "sequential", args.cores)
@@ -63,4 +66,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from script_cli import run
+
+    run(main)

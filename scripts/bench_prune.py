@@ -68,6 +68,9 @@ def main() -> None:
                     help="an earlier --out folder: reuse its base model and fine-tuned control (data/model options must match)")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
+    from script_cli import require_positive
+
+    require_positive(args, ["size", "n_train", "epochs", "ft_epochs", "calib_batches", "latency_batch", "threads"])
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # PAGCP's per-layer progress
     out = args.out
     out.mkdir(parents=True, exist_ok=True)

@@ -102,8 +102,9 @@ def main() -> None:
                    help="wall time, or the process's CPU time (stable on a loaded machine)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     args = p.parse_args()
-    if args.rounds < 1:
-        raise ValueError(f"--rounds must be ≥ 1, got {args.rounds}")
+    from script_cli import require_positive
+
+    require_positive(args, ["size", "batch_size", "steps", "rounds", "threads"])
     global clock
     clock = CLOCKS[args.clock]
     if args.threads:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 #: what a user's input raises (mtlkit's ModelFolderError is a ValueError, UnknownNameError a KeyError)
 USER_ERRORS = (OSError, ValueError, KeyError, TypeError)
@@ -28,3 +28,14 @@ def run(main: Callable[[], Any]) -> None:
         print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)  # some mains return their results, not a status
+
+
+def require_positive(args: Any, names: Iterable[str]) -> None:
+    """Refuse count options below 1 before any work: ``--NAME must be ≥ 1, got V`` (a ValueError, which
+    `run` prints as one ``error:`` line). ``names`` are argparse destinations; None (unset) passes, and
+    a list (``nargs``) is checked item by item."""
+    for name in names:
+        value = getattr(args, name)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is not None and v < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be ≥ 1, got {v}")

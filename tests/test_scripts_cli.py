@@ -22,6 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
     ("bench_train.py", ["--rounds", "0"], "error: --rounds must be ≥ 1, got 0"),
     ("bench_slimmable.py", ["--part", "control"], "error: --part control needs --runs"),
     ("bench_merge.py", ["--small", "--workdir", "{tmp}/none"], "error: --workdir {tmp}/none: no such folder"),
+    # counts below 1 are refused before any work (--workers 0 divided by zero after a whole multirun)
+    ("bench_launchers.py", ["--workers", "0", "--out", "{tmp}/q"], "error: --workers must be ≥ 1, got 0"),
+    ("bench_launchers.py", ["--cores", "0", "--out", "{tmp}/q"], "error: --cores must be ≥ 1, got 0"),
+    ("bench_balancers.py", ["--epochs", "0", "--out", "{tmp}/q"], "error: --epochs must be ≥ 1, got 0"),
+    ("bench_architectures.py", ["--dispatch-hidden", "96", "0", "--out", "{tmp}/q"],
+     "error: --dispatch-hidden must be ≥ 1, got 0"),
+    ("bench_prune.py", ["--ft-epochs", "0", "--out", "{tmp}/q"], "error: --ft-epochs must be ≥ 1, got 0"),
 ])
 def test_a_scripts_user_error_is_one_line(tmp_path, script, args, expected):
     env = {k: v for k, v in os.environ.items() if k not in ("MTL_VERBOSE", "HYDRA_FULL_ERROR")}
