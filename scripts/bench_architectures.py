@@ -328,7 +328,7 @@ def main(argv=None) -> None:
     families = [f for f in args.families.split(",") if f]
     unknown = [f for f in families if f not in FAMILIES]
     if unknown:
-        raise SystemExit(f"unknown family {unknown}; known: {', '.join(FAMILIES)}")
+        raise ValueError(f"--families: unknown family {unknown}; known: {', '.join(FAMILIES)}")
     report: dict = {"args": vars(args), "threads": torch.get_num_threads()}
     if not args.skip_quality:
         report["quality"] = quality(args, out, families)

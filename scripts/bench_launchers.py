@@ -41,7 +41,7 @@ def multirun(extra: list[str], out: Path, threads: int) -> float:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     runs = list(out.glob("*/multiruns/*/*/metrics.json"))
     if len(runs) != 6:
-        raise SystemExit(f"expected 6 finished runs under {out}, found {len(runs)}")
+        raise SystemExit(f"error: expected 6 finished runs under {out}, found {len(runs)}")
     return seconds
 
 

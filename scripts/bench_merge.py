@@ -371,7 +371,7 @@ def main(argv=None):
     log(f"work folder {root}: {free_gb:.0f} GB free, needs ~{need_gb} GB")
     if free_gb < need_gb + 1:
         shutil.rmtree(root)
-        raise SystemExit(f"not enough disk space in {root.parent}: {free_gb:.1f} GB free")
+        raise SystemExit(f"error: not enough disk space in {root.parent}: {free_gb:.1f} GB free")
     results = {
         "machine": {
             "cpus": os.cpu_count(), "cpu": cpu_model(),
@@ -396,4 +396,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from script_cli import run
+
+    run(main)

@@ -119,6 +119,15 @@ def main(argv=None):
     ap.add_argument("--sync-hints", action="store_true",
                     help="also time the merge step with the read-ahead hints on the merging thread (the old way)")
     args = ap.parse_args(argv)
+    from script_cli import require_positive
+
+    require_positive(args, ["models", "workers", "repeat"])
+    hp = {"task_arithmetic": {"lam": 0.3}, "average": {}}.get(args.method, {"trim": "per_tensor", "k": 20})
+    create_method(args.method, **hp)  # an unknown --method is refused before the inputs are generated
+    out = Path(args.out)
+    if out.is_dir() and any(out.iterdir()) and not any(out.glob("*.safetensors")):  # --out is deleted between runs
+        raise ValueError(f"--out {out} holds files that are not an earlier merge's (no .safetensors); "
+                         "give an empty or new folder: this benchmark deletes --out")
     import warnings
 
     warnings.filterwarnings("ignore", message="The given buffer is not writable")
@@ -126,7 +135,6 @@ def main(argv=None):
     files = [f for p in folders for f in sorted(p.glob("*.safetensors"))]
     nbytes = sum(f.stat().st_size for f in files)
     warm(folders)
-    hp = {"task_arithmetic": {"lam": 0.3}, "average": {}}.get(args.method, {"trim": "per_tensor", "k": 20})
 
     def merge(path="native", **kw):
         os.environ["MTLKIT_NATIVE"] = "1" if path == "native" else "0"  # read at each merge
@@ -179,4 +187,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from script_cli import run
+
+    run(main)

@@ -271,4 +271,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from script_cli import run
+
+    run(main)

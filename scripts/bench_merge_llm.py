@@ -246,4 +246,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from script_cli import run
+
+    run(main)

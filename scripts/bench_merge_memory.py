@@ -81,13 +81,14 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the generated inputs (reused by the next run)")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    from script_cli import require_positive
+
+    require_positive(args, ["models", "rows"])
     name = f"{args.models}_{args.rows}_{args.dtype}" + (f"_llama{args.layers}" if args.layout == "llama" else "")
     folder = Path(args.workdir) / name
     if args.worker:
         print(json.dumps(worker(folder, args.models, args.worker[0], json.loads(args.worker[1]))))
         return
-    if args.models < 1 or args.rows < 1:
-        ap.error("--models and --rows must be >= 1")
     make(folder, args.models, args.rows, args.dtype, args.layout, args.layers)
     try:
         table(args, folder)
@@ -109,7 +110,7 @@ def table(args, folder: Path) -> None:
                               "--layers", str(args.layers), "--worker", method, hp or "{}"],
                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if out.returncode:
-            sys.exit(f"{run}: {out.stderr.strip().splitlines()[-1]}")
+            sys.exit(f"error: {run}: {out.stderr.strip().splitlines()[-1]}")
         mb = json.loads(out.stdout.strip().splitlines()[-1])
         shape = "×".join(map(str, largest)) + f" {args.dtype}"
         shape += f" (Llama, {args.layers} layers)" if args.layout == "llama" else ""
@@ -117,4 +118,6 @@ def table(args, folder: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from script_cli import run
+
+    run(main)

@@ -159,11 +159,11 @@ def _reused(args) -> tuple[Path, Path]:
     base, control = src / "base" / "model", src / "control_ft"
     for path in (base / "config.json", control / "metrics.json", src / "bench_prune.json"):
         if not path.exists():
-            raise SystemExit(f"--reuse-base {src}: {path} is missing (run the full benchmark there first)")
+            raise SystemExit(f"error: --reuse-base {src}: {path} is missing (run the full benchmark there first)")
     earlier = json.loads((src / "bench_prune.json").read_text())["args"]
     diff = {k: (earlier.get(k), getattr(args, k)) for k in _MUST_MATCH if earlier.get(k) != getattr(args, k)}
     if diff:
-        raise SystemExit(f"--reuse-base {src} ran another recipe; differing options (earlier, now): {diff}")
+        raise SystemExit(f"error: --reuse-base {src} ran another recipe; differing options (earlier, now): {diff}")
     return base, control
 
 

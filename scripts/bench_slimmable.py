@@ -188,14 +188,14 @@ def compare(args) -> dict:
     from mtl.evaluation import delta_m
 
     if not args.runs:
-        raise SystemExit("--part compare needs --runs <variant>_s<seed> run folders")
+        raise SystemExit("error: --part compare needs --runs <variant>_s<seed> run folders")
     runs = uniform_scores(args)
     by = {}
     for name, scores in runs.items():
         variant, _, seed = name.rpartition("_s")
         by.setdefault(variant, {})[seed] = scores
     if args.baseline not in by:
-        raise SystemExit(f"--baseline {args.baseline!r}: no run named {args.baseline}_s<seed> among {sorted(runs)}")
+        raise SystemExit(f"error: --baseline {args.baseline!r}: no run named {args.baseline}_s<seed> among {sorted(runs)}")
     base = by[args.baseline]
     first = next(iter(base.values()))
     tasks = {n: t for n, t in run_tasks(Path(args.runs[0])).items() if n in first}

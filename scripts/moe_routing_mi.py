@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_cli, also when imported from elsewhere
 
 
 def main(argv=None) -> dict:
@@ -21,6 +25,9 @@ def main(argv=None) -> dict:
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
     p.add_argument("--max-batches", type=int, default=None)
     args = p.parse_args(argv)
+    from script_cli import require_positive
+
+    require_positive(args, ["max_batches"])
 
     import torch
 
@@ -30,10 +37,10 @@ def main(argv=None) -> dict:
 
     model = mtl.load_model(args.model).eval()
     if not hasattr(model, "moe_modules"):
-        raise SystemExit(f"{args.model}: not a task-routed MoE model (family=task_moe_vit)")
+        raise ValueError(f"{args.model}: not a task-routed MoE model (family=task_moe_vit)")
     data = dict(model.meta.get("data") or {})
     if "name" not in data:
-        raise SystemExit(f"{args.model}/config.json has no meta.data to measure on")
+        raise ValueError(f"{args.model}/config.json has no meta.data to measure on")
     dm = create_datamodule(**data)
     dm.prepare_data()
     dm.setup("fit" if args.split != "test" else "test")

@@ -103,4 +103,6 @@ if __name__ == "__main__":
     # the runs (checkpoints included) are scratch: only the printed memory figures matter
     atexit.register(lambda: [shutil.rmtree(p, ignore_errors=True)
                              for p in Path(tempfile.gettempdir()).glob(f"multirun_memory_{os.getpid()}_*")])
-    sys.exit(main())
+    from script_cli import run
+
+    run(main)

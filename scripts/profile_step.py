@@ -152,9 +152,9 @@ def main() -> None:
     names = [v for v in args.variants.split(",") if v]
     unknown = [v for v in names if v not in options]
     if unknown:
-        raise SystemExit(f"--variants: unknown {unknown} (valid: {', '.join(options)})")
+        raise SystemExit(f"error: --variants: unknown {unknown} (valid: {', '.join(options)})")
     if "baseline" not in names:
-        raise SystemExit("--variants must include baseline (every variant is timed against it)")
+        raise SystemExit("error: --variants must include baseline (every variant is timed against it)")
     steps = {n: make_step(**options[n]) for n in names}
     for s in steps.values():  # warm-up: first calls allocate and pick kernels
         s(batches[0]), s(batches[1])
@@ -178,4 +178,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from script_cli import run
+
+    run(main)

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_cli, also when imported from elsewhere
 
 import matplotlib
 
@@ -59,6 +63,9 @@ def main(argv=None):
     ap.add_argument("--start", type=int, default=0)
     ap.add_argument("--out", default="outputs/scenes.png")
     args = ap.parse_args(argv)
+    from script_cli import require_positive
+
+    require_positive(args, ["n", "size"])
     fig = make_grid(args.seed, args.start, args.n, args.size)
     out = os.path.abspath(args.out)
     from mtl.io import atomic_path  # the project's one atomic writer: no half-written PNG, the umask's mode
@@ -69,4 +76,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from script_cli import run
+
+    run(main)

@@ -70,4 +70,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from script_cli import run
+
+    run(main)

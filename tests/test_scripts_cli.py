@@ -29,6 +29,14 @@ ROOT = Path(__file__).resolve().parents[1]
     ("bench_architectures.py", ["--dispatch-hidden", "96", "0", "--out", "{tmp}/q"],
      "error: --dispatch-hidden must be ≥ 1, got 0"),
     ("bench_prune.py", ["--ft-epochs", "0", "--out", "{tmp}/q"], "error: --ft-epochs must be ≥ 1, got 0"),
+    # scripts that printed a traceback, or a line without the error: prefix
+    ("show_scenes.py", ["--n", "0", "--out", "{tmp}/q/s.png"], "error: --n must be ≥ 1, got 0"),
+    ("show_scenes.py", ["--size", "0", "--out", "{tmp}/q/s.png"], "error: --size must be ≥ 1, got 0"),
+    ("bench_merge_chunked.py", ["--workdir", "{tmp}/w", "--out", "{tmp}/q", "--method", "bogus"],
+     "error: unknown merge method 'bogus'"),
+    ("bench_merge_memory.py", ["--workdir", "/proc/nope"], "error: "),
+    ("bench_architectures.py", ["--families", "bogus"], "error: --families: unknown family ['bogus']"),
+    ("moe_routing_mi.py", ["--model", "{tmp}/none", "--max-batches", "0"], "error: --max-batches must be ≥ 1, got 0"),
 ])
 def test_a_scripts_user_error_is_one_line(tmp_path, script, args, expected):
     env = {k: v for k, v in os.environ.items() if k not in ("MTL_VERBOSE", "HYDRA_FULL_ERROR")}
@@ -76,3 +84,16 @@ def test_baselines_of_another_recipe_are_refused_not_reused(tmp_path, monkeypatc
     with pytest.raises(RecipeMismatch, match=r"stl_semseg.*trainer\.max_epochs=1.*trainer\.max_epochs=2"):
         baselines(args(2), tmp_path)
     assert len(trained) == len(bench.TASKS)  # refused before training anything
+
+
+def test_bench_merge_chunked_refuses_an_out_folder_of_other_files(tmp_path, monkeypatch):
+    """The benchmark deletes --out between its runs: a folder holding something else is refused first
+    (it raised FileExistsError with a traceback, after generating the input models)."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import bench_merge_chunked
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"^--out .*out holds files that are not an earlier merge's"):
+        bench_merge_chunked.main(["--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "out")])
+    assert (tmp_path / "out" / "notes.txt").exists() and not (tmp_path / "w").exists()
