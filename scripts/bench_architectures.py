@@ -323,12 +323,12 @@ def main(argv=None) -> None:
                             "latency_batch"])
     if args.family:
         args.families = args.family
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     families = [f for f in args.families.split(",") if f]
     unknown = [f for f in families if f not in FAMILIES]
     if unknown:
         raise ValueError(f"--families: unknown family {unknown}; known: {', '.join(FAMILIES)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # after the checks: a refused run leaves no empty --out
     report: dict = {"args": vars(args), "threads": torch.get_num_threads()}
     if not args.skip_quality:
         report["quality"] = quality(args, out, families)

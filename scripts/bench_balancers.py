@@ -221,13 +221,15 @@ def main():
     args = parse_args()
     require_positive(args, ["size", "n_train", "n_val", "n_test", "batch_size", "epochs", "channels",
                             "timing_rounds", "timing_steps"])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if "ew" not in methods:
         methods.insert(0, "ew")  # the reference for the time ratio
     for m in methods:
         split_method(m)
+    if args.baselines and not args.skip_training and not Path(args.baselines).is_file():
+        raise FileNotFoundError(f"--baselines {args.baselines}: file not found")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # after the checks: a refused run leaves no empty --out
 
     from mtl.tasks import create_task
 

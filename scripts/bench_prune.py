@@ -73,11 +73,12 @@ def main() -> None:
     require_positive(args, ["size", "n_train", "epochs", "ft_epochs", "calib_batches", "latency_batch", "threads"])
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # PAGCP's per-layer progress
     out = args.out
-    out.mkdir(parents=True, exist_ok=True)
     if args.merge:
         missing = [str(p) for p in args.merge if not p.is_file()]
         if missing:
             raise SystemExit(f"error: --merge: no such file(s): {', '.join(missing)}")
+    out.mkdir(parents=True, exist_ok=True)  # after the --merge check: a refused run leaves no empty --out
+    if args.merge:
         runs = [json.loads(p.read_text()) for p in args.merge]
         report(out, [r for run in runs for r in run["rows"]], runs[0]["base_flops"] / 1e6, args.methods)
         return

@@ -29,13 +29,18 @@ ROOT = Path(__file__).resolve().parents[1]
     ("bench_architectures.py", ["--dispatch-hidden", "96", "0", "--out", "{tmp}/q"],
      "error: --dispatch-hidden must be ≥ 1, got 0"),
     ("bench_prune.py", ["--ft-epochs", "0", "--out", "{tmp}/q"], "error: --ft-epochs must be ≥ 1, got 0"),
+    # refused before --out is created (they left an empty folder)
+    ("bench_balancers.py", ["--methods", "bogus", "--out", "{tmp}/q"], "error: "),
+    ("bench_balancers.py", ["--baselines", "{tmp}/nope.json", "--out", "{tmp}/q"],
+     "error: --baselines {tmp}/nope.json: file not found"),
+    ("bench_prune.py", ["--merge", "{tmp}/nope/x.json", "--out", "{tmp}/q"], "error: --merge: no such file(s)"),
     # scripts that printed a traceback, or a line without the error: prefix
     ("show_scenes.py", ["--n", "0", "--out", "{tmp}/q/s.png"], "error: --n must be ≥ 1, got 0"),
     ("show_scenes.py", ["--size", "0", "--out", "{tmp}/q/s.png"], "error: --size must be ≥ 1, got 0"),
     ("bench_merge_chunked.py", ["--workdir", "{tmp}/w", "--out", "{tmp}/q", "--method", "bogus"],
      "error: unknown merge method 'bogus'"),
     ("bench_merge_memory.py", ["--workdir", "/proc/nope"], "error: "),
-    ("bench_architectures.py", ["--families", "bogus"], "error: --families: unknown family ['bogus']"),
+    ("bench_architectures.py", ["--families", "bogus", "--out", "{tmp}/q"], "error: --families: unknown family ['bogus']"),
     ("moe_routing_mi.py", ["--model", "{tmp}/none", "--max-batches", "0"], "error: --max-batches must be ≥ 1, got 0"),
 ])
 def test_a_scripts_user_error_is_one_line(tmp_path, script, args, expected):
