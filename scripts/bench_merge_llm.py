@@ -181,6 +181,25 @@ RUNS = [  # label, tool, method, hyperparameters (cheap runs first, each pair si
 ]
 
 
+# (ours, mergekit's) rows that do the same merge: their time ratio is printed
+PAIRS = [("ours task arithmetic", "mergekit task arithmetic"), ("ours TA (convention=mergekit)", "mergekit task arithmetic"),
+         ("ours TIES (convention=mergekit)", "mergekit TIES"), ("ours TIES (paper, per tensor)", "mergekit TIES")]
+COPY = "memory copy of the inputs (pread)"
+
+
+def ratios(runs: dict[str, list[dict]]) -> list[str]:
+    """Each merge's median time as a multiple of the same run's pread copy of the inputs (the floor a merge
+    that reads every input once cannot beat), and mergekit's time over ours for the rows doing the same merge."""
+    med = {label: sorted(r["seconds"] for r in rs)[len(rs) // 2] for label, rs in runs.items()
+           if rs and all("seconds" in r for r in rs)}
+    lines = []
+    if COPY in med:
+        lines += [f"{label:34s} {t / med[COPY]:.2f}x the pread copy's time" for label, t in med.items() if label != COPY]
+    lines += [f"{ours:34s} {med[theirs] / med[ours]:.2f}x faster than {theirs!r}" for ours, theirs in PAIRS
+              if ours in med and theirs in med]
+    return lines
+
+
 def run_one(spec: dict, mergekit_path: str | None) -> dict:
     env = dict(os.environ)
     if spec["tool"] == "mergekit":
@@ -238,6 +257,8 @@ def main(argv=None) -> dict:
             rows["runs"].setdefault(label, []).append(r)
             print(f"{label:34s} " + ("  ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items())), flush=True)
             subprocess.run(["rm", "-rf", str(out)])
+        rows["ratios"] = ratios(rows["runs"])  # measured in this run, against its own copy and mergekit rows
+        print("\n".join(f"# {size}B ratio: {line}" for line in rows["ratios"]), flush=True)
         if not args.keep:
             subprocess.run(["rm", "-rf", str(root / f"llama_{size}")])
     if args.json:

@@ -102,3 +102,16 @@ def test_bench_merge_chunked_refuses_an_out_folder_of_other_files(tmp_path, monk
     with pytest.raises(ValueError, match=r"^--out .*out holds files that are not an earlier merge's"):
         bench_merge_chunked.main(["--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "out")])
     assert (tmp_path / "out" / "notes.txt").exists() and not (tmp_path / "w").exists()
+
+
+def test_the_llm_merge_benchmark_prints_its_times_as_ratios_to_the_same_runs_baselines(monkeypatch):
+    """It printed absolute times only; BENCHMARKS.md worked the ratios out by hand."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    from bench_merge_llm import ratios
+
+    runs = {"memory copy of the inputs (pread)": [{"seconds": 2.0}, {"seconds": 1.0}, {"seconds": 9.0}],
+            "ours task arithmetic": [{"seconds": 3.0}], "mergekit task arithmetic": [{"seconds": 12.0}],
+            "mergekit TIES": [{"error": "ModuleNotFoundError"}]}
+    assert ratios(runs) == ["ours task arithmetic".ljust(34) + " 1.50x the pread copy's time",
+                            "mergekit task arithmetic".ljust(34) + " 6.00x the pread copy's time",
+                            "ours task arithmetic".ljust(34) + " 4.00x faster than 'mergekit task arithmetic'"]
