@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import merging  # noqa: E402
-from bench_merge_llm import SIZES, copy_mmap, copy_pread, generate, warm  # noqa: E402
+from bench_merge_llm import SIZES, copy_mmap, copy_pread, generate, ratios, warm  # noqa: E402
 from merging.engine import KeyOptions, open_context, produce, torch_threads  # noqa: E402
 from merging.kernels import DEFAULT_CHUNK, Chunks, Streamed, chunked_streams, fused_kernel  # noqa: E402
 from merging.methods import create_method  # noqa: E402
@@ -176,14 +176,17 @@ def main(argv=None):
     if not args.no_whole and not args.steps_only:
         runs += [(f"whole-tensor kernels, threads={w}", lambda w=w: merge(fused=False, threads=w)) for w in args.workers]
     print(f"# {args.method}, {args.size}B, {nbytes / 1e9:.2f} GB of inputs, load {os.getloadavg()[0]:.1f}", flush=True)
+    times: dict[str, list[dict]] = {}
     for _ in range(args.repeat):
         for label, fn in runs:
             shutil.rmtree(args.out, ignore_errors=True)  # removing the last output is not part of a merge
             t = time.perf_counter()
             fn()
             dt = time.perf_counter() - t
+            times.setdefault(label, []).append({"seconds": dt})
             print(f"{label:50s} {dt:7.2f} s  {nbytes / dt / 1e9:6.2f} GB/s  load {os.getloadavg()[0]:.1f}", flush=True)
     shutil.rmtree(args.out, ignore_errors=True)
+    print("\n".join(f"# ratio: {line}" for line in ratios(times, copy="memory copy (pread)", pairs=())), flush=True)
 
 
 if __name__ == "__main__":

@@ -187,15 +187,17 @@ PAIRS = [("ours task arithmetic", "mergekit task arithmetic"), ("ours TA (conven
 COPY = "memory copy of the inputs (pread)"
 
 
-def ratios(runs: dict[str, list[dict]]) -> list[str]:
-    """Each merge's median time as a multiple of the same run's pread copy of the inputs (the floor a merge
-    that reads every input once cannot beat), and mergekit's time over ours for the rows doing the same merge."""
+def ratios(runs: dict[str, list[dict]], copy: str = COPY, pairs=PAIRS) -> list[str]:
+    """Each row's median time as a multiple of the same run's pread copy of the inputs (row ``copy``: the floor
+    a merge that reads every input once cannot beat), and mergekit's time over ours for the rows doing the
+    same merge (``pairs``)."""
     med = {label: sorted(r["seconds"] for r in rs)[len(rs) // 2] for label, rs in runs.items()
            if rs and all("seconds" in r for r in rs)}
     lines = []
-    if COPY in med:
-        lines += [f"{label:34s} {t / med[COPY]:.2f}x the pread copy's time" for label, t in med.items() if label != COPY]
-    lines += [f"{ours:34s} {med[theirs] / med[ours]:.2f}x faster than {theirs!r}" for ours, theirs in PAIRS
+    width = max(34, *map(len, med)) if med else 34
+    if copy in med:
+        lines += [f"{label:{width}s} {t / med[copy]:.2f}x the pread copy's time" for label, t in med.items() if label != copy]
+    lines += [f"{ours:{width}s} {med[theirs] / med[ours]:.2f}x faster than {theirs!r}" for ours, theirs in pairs
               if ours in med and theirs in med]
     return lines
 
