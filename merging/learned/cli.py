@@ -180,8 +180,13 @@ def select_learned(method: str, job: MergeJob, hp: Mapping[str, Any]) -> Selecti
 
     if job.bn_data is not None:  # merge.bn=recompute: per step, and at the end on the learning images
         kw["bn"] = "recompute"
-    res_keys = _base_state(job) if int(opts["eval_every"]) > 0 else {}
     every = int(opts["eval_every"])  # no callback without a schedule: learn() would warn it is never called
+    undefined = [f"{t}: {w}" for t in names if every > 0 and (w := job.evaluator.undefined(t, None, "val"))]
+    if undefined:  # every point of the curve would be NaN: not worth a validation pass per point
+        log.warning("merge.eval_every=%d is not run: the mean normalized validation score is undefined for any "
+                    "merged model (%s); the learning curve records the objective alone", every, "; ".join(undefined))
+        every = 0
+    res_keys = _base_state(job) if every > 0 else {}
     res = merging.learn(method, job.pool.pretrained, job.pool.member_paths, device=job.evaluator.device,
                         callback=val_score if every > 0 else None, callback_every=every, **data, **kw)
     res.hparams.update(data_record(opts, supervised))  # coefficients.json says what the coefficients were learned on

@@ -413,6 +413,21 @@ def test_an_undefined_normalized_score_is_null_with_its_reason(pool, tmp_path, z
     assert saved["grid"][0]["val_normalized"] is None and saved["grid"][0]["why"] == f"undefined on val: semseg: {why}"
 
 
+def test_a_learned_merges_validation_curve_is_skipped_when_a_fine_tune_scores_0(pool, tmp_path, zero_reference, caplog):
+    """merge.eval_every evaluated the merged model on validation at every point of a curve that could only be NaN."""
+    import logging
+
+    zero_reference("val")
+    with caplog.at_level(logging.WARNING, logger="merging.learned"):
+        report = run(_args(pool, "merge=adamerging", "merge.eval_every=1", "learn_max_steps=2", batches=1),
+                     run_dir=tmp_path / "r")
+    assert any("merge.eval_every=1 is not run: the mean normalized validation score is undefined for any merged "
+               "model (semseg: the fine-tuned model's miou is 0" in r.getMessage() for r in caplog.records)
+    history = json.loads((tmp_path / "r" / "coefficients" / "coefficients.json").read_text())["history"]
+    assert history and all("val_normalized" not in h for h in history)
+    assert report["method"] == "adamerging"
+
+
 def test_merge_app_offers_no_training_experiments(tmp_path):
     with pytest.raises(ValueError, match=r"^Could not override 'experiment'. No match in the defaults list") as e:
         run(["experiment=scenes_hps"], run_dir=tmp_path / "r")
