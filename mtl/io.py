@@ -8,9 +8,10 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
+from torch import nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -142,6 +143,13 @@ def stale_records(path: str | os.PathLike, caller: str = "save_model") -> list[s
     return stale
 
 
+def first_non_finite(weights: nn.Module | Mapping[str, torch.Tensor]) -> str | None:
+    """The key of the first floating tensor (weight or buffer) of a model or state dict holding a NaN or an
+    infinity, else None: what `load_model` refuses, checked before a folder is written."""
+    state = weights.state_dict() if isinstance(weights, nn.Module) else weights
+    return next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+
+
 def save_model(model, path: str | os.PathLike, meta: dict[str, Any] | None = None, overwrite: bool = True) -> Path:
     """Write ``path/model.safetensors`` + ``path/config.json`` atomically.
 
@@ -177,7 +185,7 @@ def save_model(model, path: str | os.PathLike, meta: dict[str, Any] | None = Non
     if cast is not None:  # load_model rebuilds float32 models and never casts (a cast changes values)
         raise ValueError(f"save_model: key {cast!r} is {state[cast].dtype}; model folders hold float32 weights "
                          "(call model.float() first; cast after loading for half-precision inference)")
-    diverged = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    diverged = first_non_finite(state)
     if diverged is not None:  # load_model refuses such a folder: never write one
         raise ValueError(f"save_model: key {diverged!r} holds NaN or infinite values (a diverged run?); "
                          f"nothing was written to {path}")

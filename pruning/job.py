@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import pruning
 from mtl.cli.jobs import input_model, start_run
-from mtl.io import load_model, save_model, write_json
+from mtl.io import first_non_finite, load_model, save_model, write_json
 from mtl.registry import check_int
 from pruning.calib import calibration_batches, datamodule_for
 from pruning.methods import METHODS
@@ -54,14 +54,6 @@ def finetune_steps(model: torch.nn.Module, datamodule, steps: int, lr: float) ->
     if bad is not None:  # the model folder would hold weights that load_model refuses: fail before writing it
         raise ValueError(f"finetune: tensor {bad!r} of the pruned model holds NaN or infinite values after "
                          f"{int(steps)} step(s) at finetune.lr={lr:g}; lower finetune.lr (no model folder written)")
-
-
-def first_non_finite(model: torch.nn.Module) -> str | None:
-    """The state-dict key of the first floating tensor (weight or buffer) holding a NaN or infinity, else None."""
-    for key, t in model.state_dict().items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            return key
-    return None
 
 
 def _undefined(values: dict[str, dict[str, float]], tasks, who: str, zero_too: bool) -> list[str]:

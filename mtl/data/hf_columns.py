@@ -176,13 +176,12 @@ def refuse_ignore_only_foreground(where: str, t: torch.Tensor, classes: int | No
     rather a train split missing its other classes, and the 0/255 advice would turn its ignored pixels into a class."""
     labelled = t[(t != IGNORE) & (t != -1)]
     if labelled.numel() and bool((labelled == 0).all()) and bool((t == IGNORE).any()):
+        found = f"{where} holds only 0 and 255, and 255 marks ignored pixels, so every labelled pixel is class 0"
         if classes is not None and classes > 2:
-            raise ValueError(f"{where} holds only 0 and 255, and 255 marks ignored pixels, so every labelled pixel is "
-                             f"class 0 although semseg_classes={classes}: no other class can be learned from it; "
+            raise ValueError(f"{found} although semseg_classes={classes}: no other class can be learned from it; "
                              "check the split (data.splits), or, for a binary 0/255 mask, set semseg_classes=2 and "
                              "data.semseg_map={0: 0, 255: 1}")
-        raise ValueError(f"{where} holds only 0 and 255, and 255 marks ignored pixels, so every labelled pixel is "
-                         "class 0: a binary 0/255 mask needs data.semseg_map={0: 0, 255: 1}")
+        raise ValueError(f"{found}: a binary 0/255 mask needs data.semseg_map={{0: 0, 255: 1}}")
 
 
 def class_ids(where: str, key: str, t: torch.Tensor, classes: int | None,
