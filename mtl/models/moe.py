@@ -3,7 +3,9 @@ load-balance and task–expert mutual-information losses.
 
 Routing follows Shazeer et al. 2017 (noisy top-k gating) as used by M3ViT (Liang et al. 2022):
 probabilities ``p = softmax(logits)`` over the E experts, each token keeps its ``k`` largest and
-their weights are ``p`` at those experts (optionally renormalised to sum to 1). The balance loss is
+their weights are ``p`` at those experts (renormalised to sum to 1 by default when k > 1; with k = 1 the
+renormalised weight p/p is always 1 and carries no gradient to the router, so k = 1 keeps the raw ``p`` as
+the Switch Transformer, Fedus et al. 2021, does). The balance loss is
 ``cv²(importance) + cv²(load)`` with importance = Σ_tokens gate weight and load = (smooth estimate
 of) the number of tokens each expert receives; ``cv²(x) = var(x) / (mean(x)² + 1e-10)``.
 """
@@ -61,12 +63,16 @@ class TopKRouter(nn.Module):
 
     ``selectable`` (a subset of expert positions) restricts the choice without changing the
     softmax: an extracted sub-network keeps the parent's probabilities for the experts it holds.
+    ``renormalize=None``: renormalise when ``top_k > 1`` (see the module docstring). ``True`` with
+    ``top_k=1`` is not refused here: model folders saved with it must still load (the family refuses it
+    for new models).
     """
 
-    def __init__(self, dim: int, num_experts: int, top_k: int, renormalize: bool = True, noisy: bool = True):
+    def __init__(self, dim: int, num_experts: int, top_k: int, renormalize: bool | None = None, noisy: bool = True):
         super().__init__()
         check_top_k(top_k, num_experts)
-        self.num_experts, self.top_k, self.renormalize, self.noisy = int(num_experts), int(top_k), bool(renormalize), bool(noisy)
+        renormalize = int(top_k) > 1 if renormalize is None else bool(renormalize)
+        self.num_experts, self.top_k, self.renormalize, self.noisy = int(num_experts), int(top_k), renormalize, bool(noisy)
         self.gate = nn.Linear(dim, num_experts, bias=False)
         nn.init.normal_(self.gate.weight, std=0.02)
         self.noise = nn.Linear(dim, num_experts, bias=False) if noisy else None

@@ -14,6 +14,7 @@ so representation-level balancers refuse; the aux losses reach the shared weight
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -29,10 +30,12 @@ from mtl.models.moe import StackedExperts, TopKRouter, check_top_k, task_expert_
 from mtl.registry import check_bool, check_int, check_number
 from mtl.tasks import Task, create_task
 
+log = logging.getLogger(__name__)
+
 GATES = ("per_task", "task_embedding")
 VIT_DEFAULTS = {"img_size": 64, "patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3, "mlp_ratio": 4.0}
 MOE_DEFAULTS = {"channels": None, "num_experts": 16, "top_k": 4, "expert_hidden": None, "every": 2, "gate": "per_task",
-                "renormalize": True, "noisy": True, "balance_weight": 0.01, "mi_weight": 0.0, "experts_kept": None}
+                "renormalize": None, "noisy": True, "balance_weight": 0.01, "mi_weight": 0.0, "experts_kept": None}
 
 
 class TaskMoE(nn.Module):
@@ -117,12 +120,15 @@ class Block(nn.Module):
 class TaskMoEViT(nn.Module):
     """``TaskMoEViT(tasks, backbone={...ViT sizes...}, decoder={...MoE and head settings...})``; keys and
     defaults: VIT_DEFAULTS, MOE_DEFAULTS (a null value means the default). ``decoder.channels``: the task
-    heads' width (a 1x1 projection from embed_dim; null: embed_dim)."""
+    heads' width (a 1x1 projection from embed_dim; null: embed_dim). ``decoder.renormalize`` null means
+    ``top_k > 1`` and is stored resolved. ``stored=True`` (``from_config``): a saved folder's settings,
+    which may hold ``top_k=1`` with ``renormalize=true`` (the default before 2026-12-06); it loads with
+    a warning instead of the refusal a new model gets."""
 
     shared_representation = False
 
     def __init__(self, tasks: Sequence[Task], backbone: dict[str, Any] | None = None, decoder: dict[str, Any] | None = None,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, *, stored: bool = False):
         super().__init__()
         if not tasks:
             raise ValueError("a TaskMoEViT needs at least one task")
@@ -134,7 +140,7 @@ class TaskMoEViT(nn.Module):
         self._moe = _merge_known(MOE_DEFAULTS, decoder, "decoder")
         self._moe.pop("name", None)
         v, m = self._vit, self._moe
-        _check_moe_settings(m)
+        _check_moe_settings(m, stored)
         dim, depth, heads, every = int(v["embed_dim"]), int(v["depth"]), int(v["num_heads"]), int(m["every"])
         if dim % heads:
             raise ValueError(f"backbone.embed_dim={dim} is not divisible by backbone.num_heads={heads}")
@@ -185,7 +191,8 @@ class TaskMoEViT(nn.Module):
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> "TaskMoEViT":
         tasks = [create_task(**dict(t)) for t in cfg["tasks"]]
-        return cls(tasks, cfg.get("backbone"), cfg.get("decoder"), cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
+        return cls(tasks, cfg.get("backbone"), cfg.get("decoder"), cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD),
+                   stored=True)
 
     # --- forward ----------------------------------------------------------------------------
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -311,14 +318,24 @@ def _merge_known(defaults: dict[str, Any], given: dict[str, Any] | None, where: 
     return {**defaults, **given}
 
 
-def _check_moe_settings(m: dict[str, Any]) -> None:
-    """Each MoE setting by its decoder key: int(2.5) or bool("no") would build another model than asked."""
+def _check_moe_settings(m: dict[str, Any], stored: bool) -> None:
+    """Each MoE setting by its decoder key: int(2.5) or bool("no") would build another model than asked.
+    Resolves ``renormalize`` null in place."""
     for key in ("every", "num_experts", "top_k"):
         check_int(f"decoder.{key}", m[key], low=1)
     for key in ("expert_hidden", "channels"):
         if m[key] is not None:
             check_int(f"decoder.{key}", m[key], low=1, note=" or null")
+    if m["renormalize"] is None:
+        m["renormalize"] = m["top_k"] > 1
     for key in ("renormalize", "noisy"):
         check_bool(f"decoder.{key}", m[key])
+    if m["renormalize"] and m["top_k"] == 1:
+        why = "the one kept gate weight p/p is always 1, so the task loss gives the router no gradient"
+        if not stored:
+            raise ValueError(f"decoder.renormalize=true with decoder.top_k=1: {why}; leave decoder.renormalize "
+                             "null (raw probability for top_k=1, as the Switch Transformer) or set it false")
+        log.warning("decoder.top_k=1 with decoder.renormalize=true (a folder saved before 2026-12-06): %s; "
+                    "outputs are as saved, but training it further leaves its routers to the balance loss", why)
     for key in ("balance_weight", "mi_weight"):
         check_number(f"decoder.{key}", m[key])

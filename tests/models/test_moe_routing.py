@@ -25,6 +25,24 @@ def test_router_picks_exactly_k_experts_with_softmax_weights(renormalize):
     assert torch.allclose(r.weight, expected_w, atol=1e-6)
 
 
+def test_default_top1_weight_is_the_raw_probability_so_the_router_gets_a_task_gradient():
+    # Switch Transformer (k = 1): y = p_i(x) E_i(x), i = argmax p; renormalised, p_i / p_i = 1 carries no gradient
+    torch.manual_seed(0)
+    router = TopKRouter(8, num_experts=6, top_k=1, noisy=False).eval()
+    x = torch.randn(20, 8)
+    r = router(x)
+    p = torch.softmax(x @ router.gate.weight.T, dim=-1)
+    assert torch.equal(r.index[:, 0], p.argmax(-1))
+    assert torch.allclose(r.weight[:, 0], p.max(-1).values, atol=1e-7)
+    r.weight.sum().backward()
+    # d p_i / d logit_j = p_i (δ_ij − p_j); logit = x Wᵀ, so dL/dW = Σ_tokens (dL/dlogit)ᵀ x
+    pi = p.max(-1).values.detach()
+    onehot = F.one_hot(p.argmax(-1), 6).float()
+    expected = ((pi[:, None] * (onehot - p.detach())).T @ x)
+    assert torch.allclose(router.gate.weight.grad, expected, atol=1e-6) and expected.norm() > 1e-3
+    assert TopKRouter(8, num_experts=6, top_k=2, noisy=False).renormalize  # k > 1: renormalised by default
+
+
 def test_router_restricted_to_selectable_keeps_parent_probabilities():
     torch.manual_seed(0)
     router = TopKRouter(4, num_experts=5, top_k=2, renormalize=False, noisy=False).eval()

@@ -77,6 +77,31 @@ def test_config_round_trip_through_a_model_folder(tmp_path):
     assert all(torch.equal(after[t], y) for t, y in before.items())
 
 
+def test_default_top1_routing_sends_the_task_loss_gradient_to_the_routers():
+    model = make(top_k=1, balance_weight=0.0).train()
+    model(X)["depth"].pow(2).mean().backward()
+    grads = [m.routers["depth"].gate.weight.grad.norm().item() for m in model.moe_modules()]
+    assert min(grads) > 1e-6, grads  # renormalised (p/p = 1) this was ~1e-10
+    assert model.config["decoder"]["renormalize"] is False  # the default stored resolved
+    assert make(top_k=2).config["decoder"]["renormalize"] is True
+
+
+def test_a_folder_saved_with_top1_and_renormalize_true_loads_with_identical_outputs_and_a_warning(tmp_path, caplog):
+    # the default before 2026-12-06: old code built this model and recorded renormalize=true next to top_k=1
+    model = make(top_k=1, renormalize=False).eval()
+    model._moe["renormalize"] = True
+    for moe in model.moe_modules():
+        for r in moe.routers.values():
+            r.renormalize = True
+    mtl.save_model(model, tmp_path / "m")
+    with caplog.at_level("WARNING"):
+        again = mtl.load_model(tmp_path / "m")
+    assert "decoder.top_k=1 with decoder.renormalize=true" in caplog.text
+    assert again.config["decoder"]["renormalize"] is True
+    before, after = model(X), again(X)
+    assert all(torch.equal(after[t], y) for t, y in before.items())
+
+
 def test_aux_losses_are_added_to_each_task_loss_in_training():
     model = make(mi_weight=0.1).train()
     module = MultiTaskModule(model)
@@ -195,6 +220,8 @@ def test_extraction_from_a_model_whose_kept_experts_are_out_of_order_keeps_each_
     ({"channels": 0}, r"decoder.channels must be an int >= 1 or null, got 0"),
     ({"renormalize": "no"}, r"decoder.renormalize must be true or false, got 'no'"),
     ({"noisy": "false"}, r"decoder.noisy must be true or false, got 'false'"),
+    ({"top_k": 1, "renormalize": True}, r"decoder.renormalize=true with decoder.top_k=1: the one kept gate weight p/p is "
+                                        r"always 1, so the task loss gives the router no gradient"),
     ({"balance_weight": -1}, r"decoder.balance_weight must be a finite number >= 0, got -1"),
     ({"mi_weight": float("nan")}, r"decoder.mi_weight must be a finite number >= 0, got nan"),
 ])
