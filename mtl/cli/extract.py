@@ -29,7 +29,7 @@ def _calibrate_new_widths(model, widths: dict[str, Any], cfg: DictConfig) -> tup
     Returns those widths and the batches read (none when every width is in the set)."""
     from collections.abc import Mapping
 
-    from mtl.models.slimmable.layers import width_index
+    from mtl.models.slimmable.layers import OneValuePerChannel, width_index
     from mtl.progress_log import emit
 
     dec = widths.get("decoders")
@@ -40,7 +40,11 @@ def _calibrate_new_widths(model, widths: dict[str, Any], cfg: DictConfig) -> tup
         return [], []
     batches = calibration_batches(model, cfg, why=f"widths {new} outside the width set (BN recalibration)")
     old = list(model.width_set)
-    model.calibrate_widths(new, batches)
+    try:
+        model.calibrate_widths(new, batches)
+    except OneValuePerChannel as e:  # say which setting made the batches
+        size = data_config(model, cfg).get("batch_size")
+        raise ValueError(f"{e} (calib.data.batch_size={size}{'; set it to 2 or more' if size == 1 else ''})") from None
     emit(f"[mtl-extract] widths {new} are not in the model's width set {old}: their BN "
          f"statistics estimated on {len(batches)} {cfg.calib.split} batches (calib.batches, calib.split)")
     return new, batches

@@ -210,6 +210,35 @@ def test_failed_calibration_leaves_the_model_as_it_was():
         slim.set_widths(encoder=0.6)
 
 
+def test_calibrating_on_one_image_whose_map_is_1x1_names_the_width_layer_and_batch_size():
+    # BN's variance needs ≥ 2 values per channel: one 8x8 image leaves stage 1 a 1x1 map
+    slim = slim_model()
+    before = {k: v.clone() for k, v in slim.state_dict().items()}
+    one = torch.randint(0, 256, (1, 3, 8, 8), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"calibrate_widths: width\(s\) \[0\.6\] \(encoder 0\.6, .*\): layer "
+                                         r"backbone\.stages\.1\.0\.bn1 gets input \(1, 10, 1, 1\) from a batch of 1 "
+                                         r"image\(s\); BN statistics need more than one value per channel"):
+        slim.calibrate_widths([0.6], [one])
+    assert slim.width_set == (0.25, 0.5, 0.75, 1.0)
+    assert all(torch.equal(before[k], v) for k, v in slim.state_dict().items())
+    assert slim.calibrate_widths([0.6], [torch.cat([one, one.flip(-1)])])[2] == 0.6  # two images: fine
+
+
+def test_extract_cli_names_calib_batch_size_when_one_image_per_batch_cannot_calibrate(tmp_path):
+    from mtl.cli.extract import run_extract
+    from mtl.cli.in_process import compose_in_process
+    from mtl.io import save_model
+
+    data = {"name": "scenes", "size": 16, "n_train": 8, "n_val": 4, "n_test": 4, "batch_size": 4}
+    save_model(slim_model(), tmp_path / "slim", meta={"data": data})
+    cfg, run_dir = compose_in_process("mtl.configs.extract_app", "extract", [
+        f"model={tmp_path / 'slim'}", "widths={encoder: 0.6}", "calib.data={batch_size: 1}", "calib.batches=2"],
+        tmp_path / "run")
+    with pytest.raises(ValueError, match=r"width\(s\) \[0\.6\].*layer backbone\.stages\.\S+ gets input \(1, \d+, 1, 1\).*"
+                                         r"\(calib\.data\.batch_size=1; set it to 2 or more\)$"):
+        run_extract(cfg, run_dir)
+
+
 def test_calibrating_a_width_estimates_each_head_pair_with_the_trained_encoder():
     """Row (enc 1.0, dec 0.6) of a head's norm: statistics of that head's first conv on the features
     the full-width encoder computes with its stored statistics (the encoder is not recalibrated)."""

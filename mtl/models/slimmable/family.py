@@ -19,8 +19,8 @@ from torch import nn
 from mtl.models.families import MODELS
 from mtl.models.multitask import IMAGENET_MEAN, IMAGENET_STD, MultiTaskModel
 from mtl.models.slimmable.decoder import SlimmableDecoder, decoder_key
-from mtl.models.slimmable.layers import (SLIM_TYPES, SwitchableBatchNorm2d, apply_widths, channels_at, check_width,
-                                         width_index)
+from mtl.models.slimmable.layers import (SLIM_TYPES, OneValuePerChannel, SwitchableBatchNorm2d, apply_widths, channels_at,
+                                         check_width, width_index)
 from mtl.models.slimmable.resnet import ENCODER, SlimResNet
 from mtl.tasks import Task, create_task
 
@@ -215,7 +215,16 @@ class SlimmableMultiTaskModel(MultiTaskModel):
                 if not any(bn.training for bn in bns):
                     continue  # nothing left to estimate in this configuration
                 for b in batches:
-                    self(b["image"] if isinstance(b, Mapping) else b)
+                    images = b["image"] if isinstance(b, Mapping) else b
+                    try:
+                        self(images)
+                    except OneValuePerChannel as e:
+                        names = {m: n for n, m in self.named_modules()}
+                        raise OneValuePerChannel(e.module, e.shape, (
+                            f"calibrate_widths: width(s) {[w for w in (enc, dec) if w in fresh]} (encoder {enc}, decoders "
+                            f"{dec}): layer {names.get(e.module, '?')} gets input {e.shape} from a batch of {len(images)} "
+                            "image(s); BN statistics need more than one value per channel, so calibrate on batches "
+                            "of at least 2 images")) from None
             ok = True
         finally:
             for bn, (ws, means, vars_, momentum, nbt) in zip(bns, before):

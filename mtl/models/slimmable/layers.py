@@ -61,6 +61,16 @@ def width_index(width_set: Sequence[float], width: float) -> int | None:
     return None
 
 
+class OneValuePerChannel(ValueError):
+    """A training-mode batch norm got one value per channel (one image at 1x1): no variance to estimate.
+    ``module`` is the norm, so a caller can name its layer."""
+
+    def __init__(self, module: nn.Module, shape: tuple[int, ...], message: str | None = None):
+        super().__init__(message or "batch norm statistics need more than one value per channel, "
+                         f"got an input of shape {shape}")
+        self.module, self.shape = module, shape
+
+
 class _Sliced:
     """What sliced conv and linear layers share: the full weight (out, in, ...) stays, the forward uses
     ``weight[:out(w_out), :in(w_in)]``; a side without a width key keeps its full size."""
@@ -194,6 +204,8 @@ class SwitchableBatchNorm2d(nn.modules.batchnorm._BatchNorm):
         k = self.row()
         factor = 0.0
         if self.training:
+            if x.numel() <= x.shape[1]:  # torch's own error would not say which layer or width
+                raise OneValuePerChannel(self, tuple(x.shape))
             self.num_batches_tracked.add_(1)
             factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
         # rows are contiguous, so batch_norm's in-place update of the statistics lands in the buffers
