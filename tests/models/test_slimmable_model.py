@@ -549,6 +549,11 @@ def test_channels_round_half_up_and_keep_at_least_one():
     ({**BB, "widths": [0.5, 0.2]}, DEC, r"backbone\.widths must contain 1\.0 \(the full network\), got \[0\.2, 0\.5\]"),
     ({**BB, "widths": []}, DEC, r"backbone\.widths is empty"),
     ({**BB, "widths": [0.5, 1.0]}, {**DEC, "widths": [0.5, 0]}, r"decoder\.widths entry must be in \(0, 1\], got 0"),
+    # one BN row each, but set_widths (|a - b| < 1e-9) and width-table keys (6 significant digits) see one width
+    ({**BB, "widths": [0.5, 0.5000000001, 1.0]}, DEC,
+     r"backbone\.widths entries 0\.5 and 0\.5000000001 cannot be told apart \(closer than 1e-09"),
+    ({**BB, "widths": [0.5, 0.5000001, 1.0]}, DEC,
+     r"backbone\.widths entries 0\.5 and 0\.5000001 cannot be told apart \(width tables write both as '0\.5'\)"),
 ])
 def test_a_bad_width_set_is_refused_naming_its_setting(backbone, decoder, match):
     with pytest.raises(ValueError, match=match):
@@ -601,6 +606,18 @@ def test_extract_cli_calibrates_a_width_outside_the_set_on_calib_batches(tmp_pat
         want, got = parent.eval()(x), sub(x)
     for t in parent.tasks:
         assert torch.allclose(got[t], want[t], atol=1e-5), t
+
+
+@pytest.mark.parametrize("widths,match", [
+    ([0.5000001], r"calibrate_widths: the width set \[0\.25, 0\.5, 0\.75, 1\.0\] plus \[0\.5000001\]: entries 0\.5 and "
+                  r"0\.5000001 cannot be told apart \(width tables write both as '0\.5'\)"),
+    ([0.6, 0.6000000001], r"entries 0\.6 and 0\.6000000001 cannot be told apart \(closer than 1e-09"),
+])
+def test_calibrating_a_width_indistinguishable_from_another_is_refused(widths, match):
+    slim = slim_model()
+    with pytest.raises(ValueError, match=match):
+        slim.calibrate_widths(widths, [torch.rand(2, 3, 16, 16)])
+    assert slim.width_set == (0.25, 0.5, 0.75, 1.0)
 
 
 def test_calibrating_a_width_already_in_the_set_says_its_trained_statistics_are_kept(caplog):

@@ -20,7 +20,7 @@ from mtl.models.families import MODELS
 from mtl.models.multitask import IMAGENET_MEAN, IMAGENET_STD, MultiTaskModel
 from mtl.models.slimmable.decoder import SlimmableDecoder, decoder_key
 from mtl.models.slimmable.layers import (SLIM_TYPES, OneValuePerChannel, SwitchableBatchNorm2d, apply_widths, channels_at,
-                                         check_width, width_index)
+                                         check_width, check_width_set, width_index)
 from mtl.models.slimmable.resnet import ENCODER, SlimResNet
 from mtl.tasks import Task, create_task
 
@@ -177,6 +177,9 @@ class SlimmableMultiTaskModel(MultiTaskModel):
         if trained:  # said, not done in silence: a trained row's statistics are the ones it was trained with
             log.warning("calibrate_widths: %s already in the width set %s; their trained BN statistics are kept "
                         "(only widths outside the set are estimated)", trained, list(self.width_set))
+        outside = [w for w in new if w not in trained]
+        check_width_set(self.width_set + tuple(outside),
+                        f"calibrate_widths: the width set {list(self.width_set)} plus {outside}:")
         batches = list(batches)
         if not batches:
             raise ValueError("calibrate_widths needs at least one batch")

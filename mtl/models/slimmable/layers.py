@@ -44,19 +44,35 @@ def check_width(width: float, what: str = "width") -> float:
     return w
 
 
+def wkey(width: float) -> str:
+    """A width's key in width tables (JSON object keys): 6 significant digits."""
+    return f"{float(width):g}"
+
+
 def check_width_set(widths: Iterable[float], key: str = "the width set") -> tuple[float, ...]:
-    """The sorted width set; ``key`` names the setting in errors (``backbone.widths``)."""
+    """The sorted width set; ``key`` names the setting in errors (``backbone.widths``). Entries that
+    ``width_index`` or ``wkey`` cannot tell apart are refused: they would get BN rows of their own that
+    ``set_widths`` never selects, or share one width-table key."""
     ws = tuple(sorted({check_width(w, f"{key} entry") for w in widths}))
     if not ws:
         raise ValueError(f"{key} is empty")
     if ws[-1] != 1.0:
         raise ValueError(f"{key} must contain 1.0 (the full network), got {list(ws)}")
+    for a, b in zip(ws, ws[1:]):
+        if width_index((a,), b) is not None or wkey(a) == wkey(b):
+            why = (f"closer than {WIDTH_TOLERANCE:g}, so set_widths takes one for the other"
+                   if width_index((a,), b) is not None else f"width tables write both as {wkey(a)!r}")
+            raise ValueError(f"{key} entries {a!r} and {b!r} cannot be told apart ({why}); keep one of them")
     return ws
+
+
+#: two widths closer than this are the same width
+WIDTH_TOLERANCE = 1e-9
 
 
 def width_index(width_set: Sequence[float], width: float) -> int | None:
     for i, w in enumerate(width_set):
-        if abs(w - width) < 1e-9:
+        if abs(w - width) < WIDTH_TOLERANCE:
             return i
     return None
 

@@ -17,12 +17,9 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from mtl.flops import count_flops
+from mtl.models.slimmable.layers import wkey
 
 log = logging.getLogger(__name__)
-
-
-def wkey(width: float) -> str:
-    return f"{float(width):g}"
 
 
 @dataclass
