@@ -157,9 +157,11 @@ def save_model(model, path: str | os.PathLike, meta: dict[str, Any] | None = Non
     the weights, so `load_model` refuses a folder whose files were edited, swapped or corrupted.
     ``meta`` (provenance: data, training, merge or pruning records) defaults to the model's own
     ``.meta`` (set by `load_model`, pruning and extraction), so a reloaded model saved again keeps it;
-    pass ``meta={}`` to drop it. ``overwrite`` replaces an earlier model folder only: one holding other
-    files is refused naming them, except an mtl-export ``format=folder`` output's card and report
-    (README.md, export.json), which describe the old weights and are removed with a warning.
+    pass ``meta={}`` to drop it. Taken from ``.meta``, its ``test`` metrics are left out when the config
+    records ``active_widths`` (a slimmable model at chosen widths: its run tested the full widths).
+    ``overwrite`` replaces an earlier model folder only: one holding other files is refused naming them,
+    except an mtl-export ``format=folder`` output's card and report (README.md, export.json), which
+    describe the old weights and are removed with a warning.
     """
     from mtl import __version__
     from mtl.models.surgery import model_config
@@ -168,10 +170,16 @@ def save_model(model, path: str | os.PathLike, meta: dict[str, Any] | None = Non
     if not isinstance(getattr(model, "config", None), dict):
         raise TypeError(f"save_model takes an mtlkit model (mtl.create_model, mtl.load_model, a merged, pruned or "
                         f"extracted one: it describes itself in .config), got {type(model).__name__}")
-    if meta is None:
+    inherited = meta is None
+    if inherited:
         meta = getattr(model, "meta", None)
     if meta is not None and not isinstance(meta, dict):
         raise TypeError(f"save_model: meta must be a dict, got {type(meta).__name__}")
+    widths = model.config.get("active_widths")
+    if inherited and widths and "test" in (meta or {}):
+        log.warning("save_model: meta.test left out of %s: those are the full widths' test metrics and this slimmable "
+                    "model is saved at widths %s (pass meta= to store metrics measured at them)", path, widths)
+        meta = {k: v for k, v in meta.items() if k != "test"}
     meta = strict_json(meta or {}, "meta")
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"save_model: {path} is a file, not a model folder; remove it or choose another path")

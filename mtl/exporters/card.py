@@ -3,9 +3,11 @@ was made and how to load it — from the folder's config, its run's metrics.json
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from mtl.exporters.api import Source
+from mtl.io import read_json
 
 
 def _fmt(v: Any) -> str:
@@ -28,7 +30,7 @@ def _metric_rows(src: Source, tasks: list[str]) -> list[str]:
     widths = src.config.get("active_widths")
     if widths:  # a run's test metrics are the full-width model's
         return [f"This slimmable model runs at widths {json.dumps(widths)}, not the full widths its run's test "
-                "metrics describe; see that run's `width_table_test.json` for this configuration, or evaluate it."]
+                f"metrics describe; {_width_table_note(src, widths)}"]
     if src.meta.get("tested") and not src.metrics:  # e.g. TALL: the run scored each task's own model
         return [f"Not tested itself: its run's test metrics describe other models — {src.meta['tested']}. "
                 "Evaluate this model before relying on it."]
@@ -51,6 +53,29 @@ def _metric_rows(src: Source, tasks: list[str]) -> list[str]:
         rows += ["", f"Δm = {dm['value']:+.2f}%{whose} ({dm.get('variant', '')} metrics) vs the single-task "
                      f"baselines in `{dm.get('baselines', '')}`."]
     return rows
+
+
+def _width_table_note(src: Source, widths: dict[str, Any]) -> str:
+    """Where the test metrics of these widths are: the run's ``width_table_test.json``, if it holds them all (a
+    width calibrated after the run, ``calibrate_widths``, is in the model's width set but not in that table)."""
+    from mtl.models.slimmable.layers import width_index
+
+    places = ([src.folder.parent] if src.folder is not None else []) + \
+        ([Path(src.meta["run_dir"])] if src.meta.get("run_dir") else [])
+    table = next((p / "width_table_test.json" for p in places if (p / "width_table_test.json").is_file()), None)
+    if table is None:
+        return "no width table of its run was found: evaluate it."
+    dec = widths.get("decoders")
+    used = sorted({widths.get("encoder"), *(dec.values() if isinstance(dec, dict) else [dec])} - {None})
+    try:
+        table_set = [float(w) for w in read_json(table)["width_set"]]
+    except (ValueError, TypeError, KeyError):
+        return f"its run's `{table}` holds no readable width_set: evaluate it."
+    missing = [w for w in used if width_index(table_set, w) is None]
+    if missing:
+        return (f"its run's `{table}` has no entry for width(s) {missing} (added to the model after that run, "
+                "by BN recalibration): evaluate it.")
+    return f"see its run's `{table}` for this configuration, or evaluate it."
 
 
 def _tool(src: Source) -> str:

@@ -297,6 +297,39 @@ def test_export_records_the_active_widths(tmp_path):
     assert f"widths {json.dumps(widths)}" in card and "| depth | rmse |" not in card
 
 
+def test_saving_at_chosen_widths_leaves_out_the_full_width_test_metrics(tmp_path, caplog):
+    slim = slim_model()
+    slim.meta = {"test": {"depth": {"rmse": 1.5}}, "seed": 3}  # as load_model sets it from a training run's folder
+    slim.set_widths(encoder=0.5)
+    with caplog.at_level("WARNING", logger="mtl.io"):
+        mtl.save_model(slim, tmp_path / "half")
+    assert json.loads((tmp_path / "half" / "config.json").read_text())["meta"] == {"seed": 3}
+    assert "meta.test left out" in caplog.text
+    explicit = {"test": {"depth": {"rmse": 2.0}}}  # measured at these widths by the caller: kept
+    mtl.save_model(slim, tmp_path / "given", meta=explicit)
+    assert json.loads((tmp_path / "given" / "config.json").read_text())["meta"] == explicit
+    slim.set_config(slim.max_widths())
+    mtl.save_model(slim, tmp_path / "full")
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["meta"]["test"] == {"depth": {"rmse": 1.5}}
+
+
+def test_card_points_to_the_runs_width_table_only_for_widths_it_holds(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "width_table_test.json").write_text(json.dumps({"width_set": [0.25, 0.5, 0.75, 1.0]}))
+    slim = slim_model()
+    slim.set_widths(encoder=0.5, decoders=0.25)
+    mtl.save_model(slim, run / "model")
+    card = (mtl.export(run / "model", "folder", tmp_path / "a") / "README.md").read_text()
+    assert f"see its run's `{run / 'width_table_test.json'}` for this configuration" in card
+    slim.calibrate_widths([0.6], [torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)])
+    slim.set_widths(encoder=0.6)
+    mtl.save_model(slim, run / "model")
+    card = (mtl.export(run / "model", "folder", tmp_path / "b") / "README.md").read_text()
+    assert f"`{run / 'width_table_test.json'}` has no entry for width(s) [0.6]" in card
+    assert "for this configuration" not in card
+
+
 def test_extraction_round_trips_and_is_physically_smaller(tmp_path):
     slim = slim_model()
     widths = {"encoder": 0.5, "decoders": {"semseg": 1.0, "depth": 0.25, "classification": 0.5}}
