@@ -149,6 +149,30 @@ def test_a_command_line_mistake_leaves_no_run_folder(console, capfd, cli, args, 
     assert not out.exists() or list(out.iterdir()) == [], list(out.rglob("*"))
 
 
+def test_an_early_refusal_keeps_a_folder_that_existed_before_the_run(console, capfd, tmp_path):
+    """`mkdir -p $RUN` in a job script, then `hydra.run.dir=$RUN`: the refusal removed the user's folder as if
+    Hydra had made it; only the folders the run made go (with the parents made for it), wherever they are."""
+    mine = tmp_path / "jobs" / "job1"
+    mine.mkdir(parents=True)
+    code, _ = console("mtl.cli.train", "experiment=nyuv2", f"hydra.run.dir={mine}")
+    assert code == 1 and "required value(s) not set: data.root" in capfd.readouterr().err
+    assert mine.is_dir() and list(mine.iterdir()) == []  # as it was: no FAILED, no Hydra log
+    new = tmp_path / "jobs" / "new" / "job2"
+    code, _ = console("mtl.cli.train", "experiment=nyuv2", f"hydra.run.dir={new}")
+    assert code == 1 and not (tmp_path / "jobs" / "new").exists() and mine.is_dir()
+
+
+def test_an_in_process_refusal_keeps_a_given_folder_that_existed(monkeypatch, tmp_path):
+    from mtl.train import run
+
+    monkeypatch.setenv("MTL_OUTPUT_DIR", str(tmp_path / "outputs"))
+    mine = tmp_path / "outputs" / "job1"
+    mine.mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"required value\(s\) not set: data\.root"):
+        run(["experiment=nyuv2"], run_dir=mine)
+    assert mine.is_dir() and list(mine.iterdir()) == []
+
+
 def test_group_choice_check_reads_sweeps_and_ignores_plain_keys():
     mods = ("mtl.configs",)
     assert check_group_choices(["balancer=ew,nashmtl"], mods).startswith("unknown balancer 'nashmtl'")
@@ -628,4 +652,4 @@ def test_an_in_process_run_refused_for_an_unset_value_leaves_no_folder(monkeypat
     monkeypatch.setenv("MTL_OUTPUT_DIR", str(tmp_path / "outputs"))
     with pytest.raises(ValueError, match=r"required value\(s\) not set: data\.root"):
         run(["experiment=nyuv2"])
-    assert list((tmp_path / "outputs").iterdir()) == []
+    assert not (tmp_path / "outputs").exists()  # every folder made for the run, the output root too

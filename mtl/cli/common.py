@@ -13,7 +13,7 @@ A console script is a Hydra app built from two pieces::
 Errors are one line on stderr (``error: <message>``) and exit status 1; ``verbose=true`` on the
 command line or ``HYDRA_FULL_ERROR=1`` shows the full traceback instead. Hydra's own errors (a
 misspelt key, a malformed override) and unset required values (``???``) get the same one line, and leave
-no run folder (the one Hydra made is removed). A run that fails later keeps the folder, gets a ``FAILED`` file (message + traceback) in
+no run folder (the folders Hydra made for the run are removed; one that existed before stays). A run that fails later keeps the folder, gets a ``FAILED`` file (message + traceback) in
 it, so no failed run looks like an unfinished or a finished one, and still prints ``run_dir:`` last.
 A SIGTERM or Ctrl-C is a failure too (``FAILED`` names it and the checkpoint to resume from; exit
 status 143 / 130). In a multirun a failing job does not stop the others: the sweep reports the first
@@ -31,7 +31,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 from mtl.cli.choices import check_overrides
 from mtl.cli.failures import (FAILED, Terminated, claims_run_folder, holds_nothing, interrupted_message, interruption,
-                               marks_failure, removes_unused_folder, sigterm_raises)
+                               marks_failure, sigterm_raises)
+from mtl.cli.new_folders import made_for_run, removes_unused_folder
 
 
 def write_hydra_record(cfg, run_dir: str | os.PathLike) -> None:
@@ -138,13 +139,16 @@ def run_job(cfg, job: Callable[[Any, Path], Any] | str) -> Any:
     run_dir = Path(hc.runtime.output_dir)
     try:
         key = "hydra.sweep.dir" if hc.mode == RunMode.MULTIRUN else "hydra.run.dir"
-        made = holds_nothing(run_dir, empty_log=True)  # by Hydra, for this run
+        if hc.mode == RunMode.MULTIRUN:  # a job folder inside the sweep's own, empty but for its log: Hydra's
+            made = (run_dir,) if holds_nothing(run_dir, empty_log=True) else None
+        else:  # noted before Hydra made them (NotesRunFolder)
+            made = made_for_run(run_dir)
         with sigterm_raises(), removes_unused_folder(run_dir, made):
-            # command-line mistakes, found before the folder is touched: the folder Hydra made for them is removed
+            # command-line mistakes, found before the folder is touched: the folders Hydra made for them are removed
             # (as for Hydra's own errors), a finished run's stays as it was
             check_overrides(cfg, hc.overrides.task, ("mtl.configs",))
             check_required(cfg)
-            with claims_run_folder(run_dir, _rank0(), key), marks_failure(run_dir, made):
+            with claims_run_folder(run_dir, _rank0(), key), marks_failure(run_dir, made is not None):
                 if isinstance(job, str):
                     import importlib
 

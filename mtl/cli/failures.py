@@ -47,12 +47,12 @@ class RunFolderTaken(FileExistsError):
 
 
 @contextlib.contextmanager
-def marks_failure(run_dir: str | os.PathLike, made: bool = False) -> Iterator[None]:
+def marks_failure(run_dir: str | os.PathLike, fresh: bool = False) -> Iterator[None]:
     """On an exception, write ``run_dir/FAILED`` (message + traceback) and re-raise. Not into a finished run's
     folder that this run has not accepted (its config.yaml not rewritten): whatever refused it, the finished run
-    stays as it was and is not marked failed. Nor into the folder made for this run (``made``) while it holds
-    nothing yet (`holds_nothing`): a refusal before the job wrote its config.yaml leaves no folder to record,
-    `removes_unused_folder` removes it."""
+    stays as it was and is not marked failed. Nor into a folder that was new or empty before this run (``fresh``)
+    while it holds nothing yet (`holds_nothing`): a refusal before the job wrote its config.yaml leaves it as it
+    was (`mtl.cli.new_folders.removes_unused_folder`)."""
     finished, stamp = holds_finished_run(run_dir), _record_stamp(Path(run_dir))
     try:
         yield
@@ -62,7 +62,7 @@ def marks_failure(run_dir: str | os.PathLike, made: bool = False) -> Iterator[No
         if finished and holds_finished_run(run_dir) and _record_stamp(Path(run_dir)) == stamp:
             raise  # refused before this run accepted the folder (a bad output=, a recipe error, ...)
         stop = interruption(e)
-        if made and stop is None and isinstance(e, Exception) and holds_nothing(run_dir):
+        if fresh and stop is None and isinstance(e, Exception) and holds_nothing(run_dir):
             raise  # refused before anything was written (an existing output=, an output inside the model)
         if isinstance(e, SystemExit) and not e.code and stop is None:
             raise
@@ -172,24 +172,6 @@ def holds_nothing(run_dir: str | os.PathLike, empty_log: bool = False) -> bool:
         return False
     return all((p.name == log and p.is_file() and not (empty_log and p.stat().st_size))
                or (p.name == RUNNING and (owner_of(p) or {}).get("pid") == os.getpid()) for p in entries)
-
-
-@contextlib.contextmanager
-def removes_unused_folder(run_dir: str | os.PathLike, made: bool) -> Iterator[None]:
-    """A run refused before it wrote anything into the folder made for it (``made``: e.g. an unset ``???`` value, a
-    bad ``output=``) leaves no folder, as a misspelt key does: the folder, Hydra's job log in it and the parents
-    left empty below `output_root` are removed. An interruption is no refusal: it still marks the folder."""
-    try:
-        yield
-    except Exception:
-        run_dir = Path(run_dir)
-        if made and run_dir.is_dir() and holds_nothing(run_dir):
-            for p in run_dir.iterdir():
-                p.unlink(missing_ok=True)
-            root, here = output_root().resolve(), run_dir.resolve()
-            between = [p for p in here.parents if root in p.parents] if root in here.parents else []
-            remove_empty([here, *between])
-        raise
 
 
 @contextlib.contextmanager

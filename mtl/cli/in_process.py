@@ -9,11 +9,12 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from mtl.atomic import make_parents
 from mtl.cli.choices import check_overrides
 from mtl.cli.common import (LEAFSPEC_WARNING, _rank0, check_group_choices, check_required, check_run_name,
                             hydra_message, register_resolvers)
-from mtl.cli.failures import (claims_run_folder, interrupted_message, interruption, marks_failure, output_root,
-                               removes_unused_folder)
+from mtl.cli.failures import claims_run_folder, interrupted_message, interruption, marks_failure, output_root
+from mtl.cli.new_folders import made_for_run, missing_or_empty, note_made, removes_unused_folder
 
 __all__ = ["default_run_dir", "compose_in_process", "check_single_job", "run_in_process", "report_in_process"]
 
@@ -25,10 +26,12 @@ def default_run_dir(name: str) -> Path:
     root = output_root()
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S") + f"_{time.time_ns() // 1000 % 1_000_000:06d}"
     base = root / name / "runs" / stamp
+    parents = make_parents(base.parent)
     path, n = base, 0
     while True:
         try:
-            path.mkdir(parents=True, exist_ok=False)
+            path.mkdir(exist_ok=False)
+            note_made(path, tuple(p.absolute() for p in (path, *parents)))  # removed by a refusal before the run
             return path
         except FileExistsError:
             n += 1
@@ -120,15 +123,17 @@ def run_in_process(job: Callable[[Any, Path], Any], config_modules: Sequence[str
     problem = check_group_choices(overrides, config_modules)
     if problem:  # as the CLI says it: the valid names, not Hydra's "Could not load"
         raise ValueError(problem)
-    made = run_dir is None and _run_dir_override(overrides) is None  # by compose_in_process, for this run
     cfg, run_dir = compose_in_process(config_modules[0], config_name, overrides, run_dir)
+    made = made_for_run(run_dir)  # the default folder, made by compose_in_process
+    if made is None:  # a folder given by the caller, untouched so far
+        made = missing_or_empty(run_dir)
     # a failed run is marked as the CLI marks it; the claim is released first, so a new folder the run left
     # empty (refused before writing) is removed rather than marked
     try:
         with removes_unused_folder(run_dir, made):
             check_overrides(cfg, overrides, config_modules)  # before the folder is touched, as the CLI checks
             check_required(cfg)
-            with leaves_process_state(), marks_failure(run_dir, made), claims_run_folder(run_dir, _rank0(), "run_dir="):
+            with leaves_process_state(), marks_failure(run_dir, made is not None), claims_run_folder(run_dir, _rank0(), "run_dir="):
                 return job(cfg, run_dir), Path(run_dir)
     except KeyboardInterrupt as e:
         if str(e):
