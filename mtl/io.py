@@ -123,14 +123,18 @@ def is_model_folder(path: str | os.PathLike) -> bool:
 #: what ``mtl-export format=folder`` writes beside the two files (mtl.exporters.api's CARD and REPORT): its
 #: record of the weights it exported, stale once they are replaced
 _EXPORT_RECORDS = ("README.md", "export.json")
+#: what file managers and editors leave in any folder they show or open (JupyterLab's checkpoints of an opened
+#: config.json): no user data, dropped with the old folder when it is replaced
+FOLDER_METADATA = (".DS_Store", "Thumbs.db", "desktop.ini", ".ipynb_checkpoints")
 
 
 def stale_records(path: str | os.PathLike, caller: str = "save_model") -> list[str]:
-    """The files besides its own two that replacing the model folder ``path`` removes: an mtl-export
-    ``format=folder`` output's card and report, which describe the old weights. Anything else there
-    (a user's notes, another tool's card) is refused by name: replacing the folder would delete it."""
+    """The files besides its own two that replacing the model folder ``path`` removes with a warning: an
+    mtl-export ``format=folder`` output's card and report, which describe the old weights. `FOLDER_METADATA`
+    goes too, unnamed. Anything else there (a user's notes, another tool's card) is refused by name: replacing
+    the folder would delete it."""
     path = Path(path)
-    extra = sorted(p.name for p in path.iterdir() if p.name not in (CONFIG, WEIGHTS))
+    extra = sorted(p.name for p in path.iterdir() if p.name not in (CONFIG, WEIGHTS, *FOLDER_METADATA))
     try:
         exported = read_json(path / "export.json").get("format") == "folder"
     except (OSError, ValueError, AttributeError):
@@ -161,7 +165,8 @@ def save_model(model, path: str | os.PathLike, meta: dict[str, Any] | None = Non
     records ``active_widths`` (a slimmable model at chosen widths: its run tested the full widths).
     ``overwrite`` replaces an earlier model folder only: one holding other files is refused naming them,
     except an mtl-export ``format=folder`` output's card and report (README.md, export.json), which
-    describe the old weights and are removed with a warning.
+    describe the old weights and are removed with a warning, and a file manager's or editor's metadata
+    (`FOLDER_METADATA`: ``.DS_Store``, ``.ipynb_checkpoints/``, ...), dropped.
     """
     from mtl import __version__
     from mtl.models.surgery import model_config

@@ -38,3 +38,22 @@ def test_an_exported_folders_card_and_report_go_with_the_weights_they_describe(t
         mtl.save_model(tiny_model, out)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     assert "removed README.md and export.json" in caplog.text
+
+
+def test_file_manager_and_editor_metadata_is_no_reason_to_refuse(tiny_model, tmp_path):
+    """Finder's .DS_Store, Windows' Thumbs.db and the .ipynb_checkpoints/ JupyterLab makes beside an opened
+    config.json are written by tools, not users: the job CLIs and save_model refused to replace such a folder."""
+    from mtl.cli.jobs import start_run
+
+    folder = mtl.save_model(tiny_model, tmp_path / "m")
+    (folder / ".DS_Store").write_bytes(b"\0")
+    (folder / "Thumbs.db").write_bytes(b"\0")
+    (folder / ".ipynb_checkpoints").mkdir()
+    (folder / ".ipynb_checkpoints" / "config-checkpoint.json").write_text("{}")
+    cfg = OmegaConf.create({"output": str(folder), "overwrite": True, "name": "prune"})
+    start_run(cfg, tmp_path / "run", model_output=True)  # not refused
+    mtl.save_model(tiny_model, folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    (folder / "notes.ipynb").write_text("{}")  # a user's file still is
+    with pytest.raises(FileExistsError, match=r"holds notes.ipynb besides"):
+        mtl.save_model(tiny_model, folder)
