@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import shutil
 import tempfile
@@ -15,6 +16,7 @@ from typing import Iterator
 
 __all__ = ["atomic_path", "make_parents", "remove_empty", "alive"]
 
+log = logging.getLogger(__name__)
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 
@@ -26,12 +28,12 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
     are created; on error the ones created here are removed again (each only while empty).
     """
     path = Path(path)
+    _remove_stale_temps(path)  # first: a killed writer's only copy of `path` is put back before anything looks
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (overwrite=true on the command line) to replace it")
     created = make_parents(path.parent)
     done = False
     try:
-        _remove_stale_temps(path)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)) / path.name
         try:
             try:
@@ -142,19 +144,35 @@ def remove_empty(folders: list[Path]) -> None:
 
 
 def _remove_stale_temps(path: Path) -> None:
-    """Remove the temporaries a killed writer of `path` left behind (SIGKILL runs no cleanup).
+    """Clear up after a killed writer of `path` (SIGKILL runs no cleanup).
 
     Temporaries are named ``.<name>.tmp-<pid>-*`` (and ``.<name>.old-<pid>-``); one whose process no
-    longer exists is stale. A live process's (including a reused pid's) is left alone.
+    longer exists is stale. A live process's (including a reused pid's) is left alone. A stale ``.old-``
+    folder while `path` is missing is the old output of a writer killed between `_replace_folder`'s two
+    renames, its only copy: it is renamed back to `path`, not removed.
     """
-    if os.name != "posix":
+    if os.name != "posix" or not path.parent.is_dir():
         return
-    for kind in ("tmp", "old"):
+    for kind in ("old", "tmp"):
         head = f".{path.name}.{kind}-"
+        stale = []
         for entry in path.parent.iterdir():
             pid = entry.name[len(head):].split("-", 1)[0] if entry.name.startswith(head) else ""
             if pid.isdigit() and not alive(int(pid)):
-                shutil.rmtree(entry, ignore_errors=True)
+                stale.append(entry)
+        for entry in stale:
+            if kind == "old" and not os.path.lexists(path) and _restored(entry, path):
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _restored(old: Path, path: Path) -> bool:
+    try:
+        _rename_no_replace(old, path)
+    except OSError:  # another writer restored or wrote `path` meanwhile: `old` is stale after all
+        return False
+    log.warning("%s: restored from %s, which a writer killed while replacing it left behind", path, old.name)
+    return True
 
 
 def alive(pid: int) -> bool:

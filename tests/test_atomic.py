@@ -1,5 +1,8 @@
 """Replacing a folder output (overwrite=true): the old folder is never absent from its name."""
 import errno
+import os
+import signal
+import subprocess
 import sys
 
 import pytest
@@ -58,5 +61,58 @@ def test_without_the_exchange_the_folder_is_replaced_by_two_renames(tmp_path, mo
         tmp.mkdir()
         (tmp / "new.txt").write_text("new")
     assert [c[0] for c in calls if c[0] == "replace"] == ["replace", "replace"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert [p.name for p in path.iterdir()] == ["new.txt"]
+
+
+def _dead_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_the_old_folder_of_a_writer_killed_between_the_two_renames_is_restored(tmp_path):
+    """Its .old- folder is the output's only copy: the next writer deleted it as a stale temporary."""
+    path = tmp_path / "model"
+    old = tmp_path / f".model.old-{_dead_pid()}-"
+    old.mkdir()
+    (old / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError, match="the new writer fails"), atomic_path(path, overwrite=True) as tmp:
+        tmp.mkdir()
+        raise RuntimeError("the new writer fails")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert (path / "old.txt").read_text() == "old"
+    with pytest.raises(FileExistsError, match="exists; pass overwrite"):  # it is there again for everyone
+        with atomic_path(path, overwrite=False):
+            pass
+
+
+_KILLED_BETWEEN_THE_RENAMES = """
+import errno, os, signal, sys
+from mtl import atomic
+atomic._renameat2 = lambda src, dst, flags: errno.EINVAL  # macOS, NFS, an old glibc
+real, calls = os.replace, []
+def replace(src, dst):
+    calls.append(src)
+    if len(calls) == 2:  # the old folder is aside, the new one not yet in its place
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(src, dst)
+atomic.os.replace = replace
+with atomic.atomic_path(sys.argv[1], overwrite=True) as tmp:
+    tmp.mkdir()
+    (tmp / "new.txt").write_text("new")
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGKILL")
+def test_a_kill_in_the_fallback_replace_loses_no_folder(tmp_path):
+    path = _old_folder(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", _KILLED_BETWEEN_THE_RENAMES, str(path)], capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert not path.exists() and [p.name for p in tmp_path.glob(".model.old-*")]  # the state the kill leaves
+    with atomic_path(path, overwrite=True) as tmp:
+        assert (path / "old.txt").read_text() == "old"  # back before the new one is written
+        tmp.mkdir()
+        (tmp / "new.txt").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     assert [p.name for p in path.iterdir()] == ["new.txt"]
