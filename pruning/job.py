@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import pruning
 from mtl.cli.jobs import input_model, start_run
+from mtl.folder_data import data_record
 from mtl.io import first_non_finite, load_model, save_model, write_json
 from mtl.registry import check_int
 from pruning.calib import calibration_batches, datamodule_for
@@ -170,7 +171,7 @@ def run_prune(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                  "prune": {"method": method, **report["hparams"], "rounds": int(cfg.rounds),
                            **({"finetune_steps": int(cfg.finetune.steps)} if int(cfg.rounds) > 1 else {})}})
     if cfg.get("data"):
-        given = OmegaConf.to_container(cfg.data, resolve=True)
+        given = data_record(OmegaConf.to_container(cfg.data, resolve=True))  # readable from any working directory
         meta["prune"]["data"] = given  # the calibration / evaluation data of this run
         if not meta.get("data"):  # a folder without a training-data record: the data it was pruned on is the best one
             meta["data"] = given

@@ -47,3 +47,50 @@ def test_a_missing_dataset_is_named_by_its_key(tmp_path):
                                                 r"folder here .*pass calib.data.root=<path>"):
         rebuild_config(stored, {}, file, "calib.data")
     assert rebuild_config(stored, {"root": str(tmp_path)}, file, "calib.data")["root"] == str(tmp_path)
+
+
+def _override(key, data):
+    return f"{key}={{" + ", ".join(f"{k}: {v}" for k, v in data.items()) + "}"
+
+
+def _scenes_elsewhere(tmp_path, monkeypatch):
+    """A data config with a relative cache_dir, given from one working directory, read back from another."""
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir()
+    there.mkdir()
+    monkeypatch.chdir(here)
+    return {**SCENES, "cache_dir": "rel_cache"}, here / "rel_cache", there
+
+
+def test_mtl_prune_records_the_data_it_was_given_from_any_working_directory(tiny_model, tmp_path, monkeypatch):
+    """mtl-prune's data= on a folder without a data record was stored as given: relative to the command's
+    working directory, so the pruned folder rebuilt other data (or was refused) anywhere else."""
+    from pruning.calib import datamodule_for
+    from pruning.job import run
+
+    source = mtl.save_model(tiny_model, tmp_path / "m", meta={})
+    data, cache, there = _scenes_elsewhere(tmp_path, monkeypatch)
+    run(["prune=l1", f"model={source}", f"output={tmp_path / 'pruned'}", "prune.ratio=0.5", "calib.batches=1",
+         "eval.max_batches=1", "eval.latency_repeats=1", _override("data", data)], run_dir=tmp_path / "run")
+    monkeypatch.chdir(there)
+    pruned = mtl.load_model(tmp_path / "pruned")
+    assert pruned.meta["data"]["cache_dir"] == pruned.meta["prune"]["data"]["cache_dir"] == str(cache)
+    assert datamodule_for(pruned, None, tmp_path / "pruned").path.parent == cache
+
+
+def test_mtl_extract_records_the_data_it_was_given_from_any_working_directory(tmp_path, monkeypatch):
+    """mtl-extract widths= on a folder without a data record stored calib.data as given, as mtl-prune did."""
+    from mtl.cli.extract import run
+    from pruning.calib import datamodule_for
+
+    slim = mtl.create_model(["depth"], family="slimmable", decoder={"name": "slimmable", "channels": 12},
+                            backbone={"name": "slim_resnet", "stem": 8, "channels": [8, 16, 16], "depths": [1, 2, 1],
+                                      "out_indices": [1, 2, 3]})
+    source = mtl.save_model(slim.eval(), tmp_path / "slim", meta={})
+    data, cache, there = _scenes_elsewhere(tmp_path, monkeypatch)
+    run([f"model={source}", "widths={encoder: 0.5}", f"output={tmp_path / 'sub'}", _override("calib.data", data)],
+        run_dir=tmp_path / "run")
+    monkeypatch.chdir(there)
+    sub = mtl.load_model(tmp_path / "sub")
+    assert sub.meta["data"]["cache_dir"] == str(cache)
+    assert datamodule_for(sub, None, tmp_path / "sub").path.parent == cache

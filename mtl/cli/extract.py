@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from mtl.cli.common import cli_main, run_job
 from mtl.cli.jobs import input_model, start_run
 from mtl.extraction import check_request
+from mtl.folder_data import data_record
 from mtl.registry import check_int
 
 
@@ -142,7 +143,7 @@ def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         # one image to count FLOPs at: the calibration's first batch, else the data's first (read once either way)
         batches = batches or calibration_batches(model, cfg, limit=1, why="widths= (one image to count FLOPs at)")
         if not getattr(model, "meta", {}).get("data"):  # the folder written next says what size its inputs are
-            model.meta = {**getattr(model, "meta", {}), "data": data_config(model, cfg)}
+            model.meta = {**getattr(model, "meta", {}), "data": data_record(data_config(model, cfg))}
         sub = mtl.extract(model, out=output, overwrite=bool(cfg.overwrite), run_dir=run_dir, widths=widths)
         report = {"widths": sub.extraction_report["widths"], "requested_widths": widths}
         if calibrated:
