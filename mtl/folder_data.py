@@ -50,7 +50,10 @@ def rebuild_config(stored: Mapping[str, Any], given: Mapping[str, Any], file: st
     command's ``setting``, e.g. ``calib.data``), checked for this machine. A recorded ``cache_dir`` that is
     not a writable folder here (a copy from another machine, an older folder that recorded its writer's
     default) is dropped with a warning: the data is generated again in this machine's default cache.
-    A recorded dataset file or folder that does not exist here is refused naming the key."""
+    A recorded dataset file or folder that does not exist here is refused naming the key. A ``given`` naming
+    another dataset (``name``) is a whole data config of its own: nothing recorded applies to it, nor is checked."""
+    if "name" in given and given["name"] != stored.get("name"):
+        return dict(given)
     data = dict(stored)
     for key, value in stored.items():
         if key in given:

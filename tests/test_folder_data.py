@@ -94,3 +94,17 @@ def test_mtl_extract_records_the_data_it_was_given_from_any_working_directory(tm
     sub = mtl.load_model(tmp_path / "sub")
     assert sub.meta["data"]["cache_dir"] == str(cache)
     assert datamodule_for(sub, None, tmp_path / "sub").path.parent == cache
+
+
+def test_a_data_config_naming_another_dataset_replaces_the_record_unchecked(tiny_model, tmp_path):
+    """Pruned on scenes a model trained on hf_local path=/x, on a machine without /x: refused naming data.path."""
+    from pruning.calib import datamodule_for
+
+    gone = str(tmp_path / "x")
+    folder = mtl.save_model(tiny_model, tmp_path / "m", meta={"data": {"name": "hf_local", "path": gone, "size": 32}})
+    assert rebuild_config({"name": "hf_local", "path": gone, "size": 32}, {"name": "scenes", "size": 64},
+                          folder / "config.json", "data") == {"name": "scenes", "size": 64}
+    dm = datamodule_for(mtl.load_model(folder), {**SCENES, "cache_dir": str(tmp_path / "c")}, folder)
+    assert dm.path.parent == tmp_path / "c"
+    with pytest.raises(FileNotFoundError, match=r"key meta.data.path="):  # the same dataset still is checked
+        rebuild_config({"name": "hf_local", "path": gone}, {"name": "hf_local", "size": 64}, folder, "data")
