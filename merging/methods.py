@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
 import torch
 
+from mtl.io import as_plain
 from mtl.registry import Registry, UnknownNameError
 
 from .engine import Context
@@ -62,18 +62,6 @@ def _check_lam(name: str, lam: Any, allow_list: bool, list_hint: str = LAM_LIST_
         raise ValueError(f"{name} must be {what}, got {lam!r}")
 
 
-def _plain(value: Any) -> Any:
-    """A numpy scalar (np.float32(0.3) from a grid, np.int64(20)) or a 0-d tensor as the Python number it holds, in lists
-    too: the checks and the recorded hyperparameters then see plain numbers."""
-    if isinstance(value, (list, tuple)):
-        return type(value)(_plain(v) for v in value)
-    if isinstance(value, numbers.Number) and not isinstance(value, (bool, int, float)) and hasattr(value, "item"):
-        return value.item()
-    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.dtype.is_complex:  # a learned coefficient
-        return value.item()
-    return value
-
-
 def _per_task(name: str, value: Any, T: int) -> list[float]:
     if isinstance(value, Sequence) and not isinstance(value, str):
         if len(value) != T:
@@ -109,7 +97,7 @@ class MergeMethod(ABC):
         unknown = sorted(set(hparams) - set(self.defaults))
         if unknown:
             raise TypeError(unknown_hparams(self.name, self.convention, unknown, self.defaults))
-        self.hp = {**self.defaults, **{k: _plain(v) for k, v in hparams.items()}}
+        self.hp = {**self.defaults, **{k: as_plain(v) for k, v in hparams.items()}}
         self.transform: Transform | None = None
         self.T = 0
         self.select = "kthvalue"

@@ -5,9 +5,11 @@ from typing import Any
 
 import torch
 
+from mtl.io import as_plain
+
 from .engine import KeyOptions, all_finite, check_input_finite, open_context, overflow_error
 from .keys import _fmt_shape
-from .methods import _check_lam, _plain
+from .methods import _check_lam
 from .sources import MergeInputError, load_state_dict, open_source
 
 __all__ = ["task_vector", "apply_task_vector", "compose"]
@@ -34,7 +36,7 @@ def apply_task_vector(pretrained, tau: dict[str, torch.Tensor], lam: float = 1.0
 
     Checked as a merge is: λ one finite number, τ's keys in θ0 with θ0's shapes, and no NaN / Inf in the
     result (traced to the input that holds it, else an overflow; `check_finite=False` returns the Inf)."""
-    lam = _plain(lam)
+    lam = as_plain(lam)
     _check_lam("lam", lam, allow_list=False,
                list_hint="one λ for one task vector; one λ per model: merging.merge('task_arithmetic', ..., lam=[...])")
     src, vec = open_source(pretrained, label="pretrained"), open_source(tau, label="the task vector")

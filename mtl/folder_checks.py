@@ -50,19 +50,32 @@ def same_json(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
-def _first_difference(saved: Any, now: Any, path: str) -> str:
-    """The first key path (``model.decoder.channels``) where two JSON values differ (`same_json`)."""
-    if isinstance(saved, dict) and isinstance(now, dict):
-        for k in sorted(set(saved) | set(now)):
-            if k not in saved or k not in now:
-                return f"{path}.{k}"
-            if not same_json(saved[k], now[k]):
-                return _first_difference(saved[k], now[k], f"{path}.{k}")
-    if isinstance(saved, list) and isinstance(now, list) and len(saved) == len(now):
-        for i, (a, b) in enumerate(zip(saved, now)):
-            if not same_json(a, b):
-                return _first_difference(a, b, f"{path}[{i}]")
-    return path
+class _Missing:
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
+#: the value `first_difference` gives for a key on one side only
+MISSING = _Missing()
+
+
+def first_difference(a: Any, b: Any, path: str = "") -> tuple[str, Any, Any] | None:
+    """The first key path (``model.decoder.channels``, ``[i]`` for list items) where two JSON values differ
+    (`same_json`: true and 1 differ), with the two values there (`MISSING` for a key on one side only); None when
+    they are the same."""
+    if same_json(a, b):
+        return None
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            found = first_difference(a.get(k, MISSING), b.get(k, MISSING), f"{path}.{k}" if path else str(k))
+            if found is not None:
+                return found
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            found = first_difference(x, y, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return path, a, b
 
 
 def warn_if_newer(written_by: Any, file: Path) -> None:
@@ -138,6 +151,6 @@ def check_header(header: dict[str, str], cfg: dict[str, Any], file: Path, cfg_fi
     elif same_json(saved, cfg["model"]):
         return saved  # only rewritten (jq writes 1.0 as 1): built from the saved copy, whose 16 stays an int
     else:
-        key = _first_difference(saved, cfg["model"], "model")
+        key = first_difference(saved, cfg["model"], "model")[0]
     raise ModelFolderError(f"{cfg_file}: key {key!r} differs from the config {file} was saved with "
                            "(edited or corrupt); save the model again to change its config")

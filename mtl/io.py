@@ -5,6 +5,7 @@ import hashlib
 import json
 import logging
 import math
+import numbers
 import os
 import re
 from pathlib import Path
@@ -33,6 +34,19 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     text = json.dumps(strict_json(obj, Path(path).name), indent=2, allow_nan=False)
     with atomic_path(path) as tmp:
         tmp.write_text(text + "\n")
+
+
+def as_plain(value: Any) -> Any:
+    """``value`` as plain Python, so that one setting compares equal however it was given: a list or tuple as a
+    list (a tuple in Python, a list in a config), a numpy scalar (np.float32(0.3) from a grid) or a 0-d real
+    tensor (a learned coefficient) as the number it holds, at any depth of lists."""
+    if isinstance(value, (list, tuple)):
+        return [as_plain(v) for v in value]
+    if isinstance(value, numbers.Number) and not isinstance(value, (bool, int, float)) and hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.dtype.is_complex:
+        return value.item()
+    return value
 
 
 def is_plain_json(v: Any) -> bool:

@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mtl.cli.failures import FAILED
+from mtl.io import as_plain
 from mtl.registry import check_int
 
 log = logging.getLogger("mtl.train")
@@ -189,7 +190,7 @@ def changed_on_resume(stored: dict[str, Any], hparams: Any, tasks: dict[str, Any
     for key in ("warmup_ratio", "min_lr_ratio"):
         if key in stored and float(stored[key]) != float(hparams[key]):
             return f"optim.{key}", hparams[key], stored[key], mixed(stored[key], hparams[key])
-    if "grad_clip" in stored and _plain(stored["grad_clip"]) != _plain(hparams["grad_clip"]):
+    if "grad_clip" in stored and as_plain(stored["grad_clip"]) != as_plain(hparams["grad_clip"]):
         return "optim.grad_clip", hparams["grad_clip"], stored["grad_clip"], mixed(stored["grad_clip"], hparams["grad_clip"])
     if "strategy" in stored:  # a slimmable run's sandwich settings (CI-KD, in-place distillation, ...)
         then_s, now_s = stored["strategy"], hparams["strategy"]
@@ -200,23 +201,19 @@ def changed_on_resume(stored: dict[str, Any], hparams: Any, tasks: dict[str, Any
             then_s, now_s = dict(then_s), dict(now_s)
             for key in sorted(set(then_s) | set(now_s)):
                 then, now = then_s.get(key, ABSENT), now_s.get(key, ABSENT)
-                if _plain(then) != _plain(now):
+                if as_plain(then) != as_plain(now):
                     return f"strategy.{key}", now, then, mixed(then, now)
     then, now = dict(stored.get("balancer") or {}), dict(hparams["balancer"])
     if then.get("name", now["name"]) != now["name"]:
         return "balancer", now["name"], then["name"], mixed(then["name"], now["name"])
     for key in sorted(set(then) & set(now) - set(_RESUMABLE_BALANCER_KEYS)):
-        if _plain(then[key]) != _plain(now[key]):  # a tuple in Python, a list in a config: the same setting
+        if as_plain(then[key]) != as_plain(now[key]):  # a tuple in Python, a list in a config: the same setting
             return f"balancer.{key}", now[key], then[key], mixed(then[key], now[key])
     weights = {t.get("name"): t.get("weight") for t in (stored.get("model") or {}).get("tasks") or []}
     for name, task in tasks.items():
         if weights.get(name) is not None and float(weights[name]) != task.weight:
             return f"task.{name}.weight", task.weight, weights[name], mixed(weights[name], task.weight)
     return None
-
-
-def _plain(v: Any) -> Any:
-    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
 
 
 class _Absent:

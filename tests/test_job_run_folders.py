@@ -150,3 +150,29 @@ def test_training_into_a_finished_extract_run_names_it_without_resume_advice(con
     assert code == 1 and capfd.readouterr().err.strip() == (
         f"error: run_dir {done} holds a finished run (extract_report.json, model) of mtl-extract; pick a new folder")
     assert {k: v for k, v in files(done).items() if k != "train.log"} == before  # (Hydra's log, made before the job)
+
+
+def test_a_smoke_model_is_reused_only_for_the_same_config_as_json_reads_it(tmp_path):
+    """The smoke-reuse check compared with ==, so a recorded 0 passed for the composed false (True == 1 in Python),
+    where a model folder's own config check (same_json) tells them apart."""
+    from mtl.cli.in_process import compose_in_process
+    from mtl.cli.jobs import config_difference
+
+    overrides = ["experiment=scenes_hps", "debug=smoke"]
+    cfg, _ = compose_in_process("mtl.configs", "train", overrides, tmp_path)
+    recorded = OmegaConf.to_container(cfg, resolve=True)
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(recorded))
+    assert config_difference(overrides, tmp_path) is None
+    assert recorded["trainer"]["enable_model_summary"] is False
+    recorded["trainer"]["enable_model_summary"] = 0
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(recorded))
+    assert config_difference(overrides, tmp_path) == "trainer.enable_model_summary: 0 -> False"
+
+
+def test_one_setting_compares_equal_however_it_was_given():
+    import numpy as np
+
+    from mtl.io import as_plain
+
+    assert as_plain((1, (2, np.float32(0.5)))) == [1, [2, 0.5]]  # a tuple in Python, a list in a config
+    assert type(as_plain(torch.tensor(0.25))) is float and as_plain(np.int64(3)) == 3 and as_plain(True) is True

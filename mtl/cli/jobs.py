@@ -119,6 +119,7 @@ def config_difference(overrides: list[str], run_dir: Path) -> str | None:
     from omegaconf import OmegaConf
 
     from mtl.cli.in_process import compose_in_process
+    from mtl.folder_checks import first_difference
 
     cfg, _ = compose_in_process("mtl.configs", "train", overrides, run_dir)
     now = OmegaConf.to_container(cfg, resolve=True)
@@ -126,17 +127,8 @@ def config_difference(overrides: list[str], run_dir: Path) -> str | None:
         then = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
     except Exception as e:  # noqa: BLE001  (an unreadable record is no proof of the same config)
         return f"its config.yaml does not read: {e}"
-    return _first_difference(then, now)
-
-
-def _first_difference(then, now, key: str = "") -> str | None:
-    if isinstance(then, dict) and isinstance(now, dict):
-        for k in sorted(set(then) | set(now), key=str):
-            found = _first_difference(then.get(k), now.get(k), f"{key}.{k}" if key else str(k))
-            if found is not None:
-                return found
-        return None
-    return None if then == now else f"{key or 'config'}: {then!r} -> {now!r}"
+    found = first_difference(then, now)  # as JSON: a recorded true and a composed 1 are different settings
+    return None if found is None else f"{found[0] or 'config'}: {found[1]!r} -> {found[2]!r}"
 
 
 def input_model(cfg, run_dir: Path, verb: str, experiment: str = "scenes_hps") -> Path:
