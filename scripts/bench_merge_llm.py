@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -191,7 +192,7 @@ def ratios(runs: dict[str, list[dict]], copy: str = COPY, pairs=PAIRS) -> list[s
     """Each row's median time as a multiple of the same run's pread copy of the inputs (row ``copy``: the floor
     a merge that reads every input once cannot beat), and mergekit's time over ours for the rows doing the
     same merge (``pairs``)."""
-    med = {label: sorted(r["seconds"] for r in rs)[len(rs) // 2] for label, rs in runs.items()
+    med = {label: statistics.median(r["seconds"] for r in rs) for label, rs in runs.items()
            if rs and all("seconds" in r for r in rs)}
     lines = []
     width = max(34, *map(len, med)) if med else 34

@@ -115,3 +115,6 @@ def test_the_llm_merge_benchmark_prints_its_times_as_ratios_to_the_same_runs_bas
     assert ratios(runs) == ["ours task arithmetic".ljust(34) + " 1.50x the pread copy's time",
                             "mergekit task arithmetic".ljust(34) + " 6.00x the pread copy's time",
                             "ours task arithmetic".ljust(34) + " 4.00x faster than 'mergekit task arithmetic'"]
+    # an even count's median is the mean of the two middle times (it took the upper one: 3.0 here)
+    even = {"memory copy of the inputs (pread)": [{"seconds": 1.0}, {"seconds": 3.0}], "ours": [{"seconds": 4.0}]}
+    assert ratios(even, pairs=()) == ["ours".ljust(34) + " 2.00x the pread copy's time"]
