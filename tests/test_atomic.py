@@ -40,6 +40,14 @@ def _old_folder(tmp_path):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="renameat2(RENAME_EXCHANGE) is Linux's")
 def test_a_folder_is_swapped_into_place_in_one_step_on_linux(tmp_path, monkeypatch):
+    probe = [tmp_path / "probe_a", tmp_path / "probe_b"]
+    for p in probe:
+        p.mkdir()
+    err = atomic._renameat2(*probe, 2)  # RENAME_EXCHANGE
+    for p in probe:
+        p.rmdir()
+    if err is None or err in atomic._UNSUPPORTED:  # an old glibc, or a file system without the flag
+        pytest.skip(f"renameat2(RENAME_EXCHANGE) is unsupported here ({errno.errorcode.get(err, 'no renameat2')})")
     path, calls = _old_folder(tmp_path), []
     _spy(monkeypatch, calls)
     with atomic_path(path, overwrite=True) as tmp:
