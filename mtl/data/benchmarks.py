@@ -147,6 +147,18 @@ def warn_integer_depth(a: np.ndarray, where: str) -> bool:
     return True
 
 
+class DepthUnitCheck:
+    """`warn_integer_depth` once per dataset: its splits store depth alike, so the train split's warning says it
+    (the val and test splits repeated it word for word)."""
+
+    def __init__(self) -> None:
+        self.warned = False
+
+    def __call__(self, a: np.ndarray, where: str) -> None:
+        if not self.warned:
+            self.warned = warn_integer_depth(a, where)
+
+
 def check_unit_normals(t: torch.Tensor, where: str) -> None:
     """(3, H, W) or (N, 3, H, W) normals: unit vectors, all-zero = invalid. Half of the valid ones off
     unit length by more than 0.01 means another encoding (e.g. (n + 1) / 2 in [0, 1], or 0-255); a few
@@ -182,8 +194,10 @@ def _indexed_files(folder: Path) -> dict[int, Path]:
 
 
 def read_npy_split(split_dir: Path, dirs: dict[str, str], num_classes: int, limit: int | None,
-                   size: int | list[int] | None) -> dict[str, torch.Tensor]:
-    """One split folder of the npy layout as tensors; ``dirs`` maps batch keys to folder names."""
+                   size: int | list[int] | None, depth_unit: DepthUnitCheck | None = None) -> dict[str, torch.Tensor]:
+    """One split folder of the npy layout as tensors; ``dirs`` maps batch keys to folder names. ``depth_unit``:
+    the dataset's, shared by its splits (default: this split's own)."""
+    depth_unit = depth_unit or DepthUnitCheck()
     for name in ("image", *dirs.values()):
         if not (split_dir / name).is_dir():
             raise FileNotFoundError(f"expected the folder {split_dir / name} (layout <root>/{{train,val}}/"
@@ -198,7 +212,7 @@ def read_npy_split(split_dir: Path, dirs: dict[str, str], num_classes: int, limi
             raise ValueError(f"{files[orphans[0]]} has no image ({split_dir / 'image'} has no index "
                              f"{orphans[0]}; {len(orphans)} such file(s))")
     ids = list(images)[:limit] if limit is not None else list(images)
-    samples, hw, warned, negative = [], None, False, []
+    samples, hw, negative = [], None, []
     for i in ids:
         sample = {}
         for key, name in (("image", "image"), *dirs.items()):
@@ -217,8 +231,8 @@ def read_npy_split(split_dir: Path, dirs: dict[str, str], num_classes: int, limi
             elif key == "semseg":
                 sample[key] = labels_to_uint8(a, num_classes, str(f))
             else:
-                if key == "depth" and not warned:
-                    warned = warn_integer_depth(a, str(f))
+                if key == "depth":
+                    depth_unit(a, str(f))
                 sample[key] = dense_to_float(a, 1 if key == "depth" else 3, str(f))
                 if key == "depth" and (sample[key] < 0).any():
                     negative.append(f)
@@ -272,6 +286,7 @@ class DenseBenchmarkDataModule(TensorDataModule):
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"{self.benchmark}: val_fraction must be in [0, 1), got {val_fraction}")
         self.val_fraction, self.seed = float(val_fraction), seed
+        self._depth_unit = DepthUnitCheck()
 
     def source(self) -> str:
         return f"{self.benchmark} ({self.root})"
@@ -340,7 +355,8 @@ class CityscapesDataModule(DenseBenchmarkDataModule):
             if not (split_dir / label).is_dir():  # name both folders a 7-class release may use
                 raise FileNotFoundError(f"cityscapes: {split_dir} has neither label_7/ nor label/ (7-class semseg "
                                         f"labels; num_classes=19 reads label_19/)")
-        return read_npy_split(split_dir, {"semseg": label, "depth": "depth"}, self.num_classes, limit, self.size)
+        return read_npy_split(split_dir, {"semseg": label, "depth": "depth"}, self.num_classes, limit, self.size,
+                              self._depth_unit)
 
 
 class NYUv2DataModule(DenseBenchmarkDataModule):
@@ -378,4 +394,4 @@ class NYUv2DataModule(DenseBenchmarkDataModule):
             return read_nyu_mat(self.root, split, self.splits_file, self.class_mapping, self.num_classes,
                                 limit, self.size)
         split_dir = self.root / ("train" if split == "train" else "val")
-        return read_npy_split(split_dir, TARGET_DIRS, self.num_classes, limit, self.size)
+        return read_npy_split(split_dir, TARGET_DIRS, self.num_classes, limit, self.size, self._depth_unit)

@@ -13,7 +13,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from mtl.data.benchmarks import check_unit_normals, warn_integer_depth
+from mtl.data.benchmarks import DepthUnitCheck, check_unit_normals
 from mtl.data.hf import arrow_to_numpy, quiet_datasets
 from mtl.data.hf_columns import (IGNORE, channels_first, check_channels, check_sizes, class_ids, decode_images,
                                  edge_map, encoded_image, refuse_ignore_only_foreground, resize, rgb_uint8,
@@ -181,6 +181,7 @@ class HFImageDataModule(TensorDataModule):
                 raise ValueError(f"hf_local: data.n_{split} must be an int >= 1 or null (all rows), got {n!r}")
         self._classes = {"semseg_classes": semseg_classes, "classification_classes": classification_classes}
         self.semseg_lut = semseg_lookup(semseg_map)
+        self._depth_unit = DepthUnitCheck()
         if self.semseg_lut is not None and "semseg" not in self.columns.values():
             raise ValueError("hf_local: data.semseg_map is set but no column maps to semseg")
 
@@ -268,7 +269,7 @@ class HFImageDataModule(TensorDataModule):
                 elif key == "edges":
                     out[key] = edge_map(where, t)
                 else:  # depth: a missing value (NaN, ±inf) is what 0 already means, an invalid pixel
-                    warn_integer_depth(a, where)
+                    self._depth_unit(a, where)
                     t = t.to(torch.float32)
                     out[key] = torch.where(torch.isfinite(t), t, 0.0)
             elif key == "classification":

@@ -346,6 +346,16 @@ def test_negative_and_millimetre_depth_are_reported(tmp_path, caplog):
     assert float(depth[1].min()) == -1.0  # kept; the task's mask (target > 0) leaves those pixels out
 
 
+def test_the_millimetre_warning_comes_once_per_dataset(tmp_path, caplog):
+    """The train and the val folder each repeated it word for word."""
+    root = write_npy_layout(tmp_path / "nyu")
+    for split in ("train", "val"):
+        np.save(root / split / "depth" / "0.npy", np.full((H, W), 3000, np.uint16))
+    with caplog.at_level("WARNING"):
+        create_datamodule("nyuv2", root=str(root)).setup()
+    assert caplog.text.count("if these are millimetres") == 1, caplog.text
+
+
 def test_the_original_cityscapes_release_is_named_not_misread(tmp_path):
     (tmp_path / "cs" / "leftImg8bit" / "train").mkdir(parents=True)
     (tmp_path / "cs" / "gtFine").mkdir()

@@ -222,6 +222,20 @@ def test_16_bit_integer_depth_gets_the_millimetre_warning(tmp_path, caplog, stor
     assert float(row["depth"].max()) == 9994.0  # kept as stored
 
 
+def test_the_millimetre_warning_comes_once_per_dataset(tmp_path, caplog):
+    """Each stored split (train, validation, test) repeated the same warning word for word."""
+    from datasets import Array2D, Dataset, DatasetDict, Features, Image
+
+    depth = np.full((6, 6), 3000, np.uint16)
+    features = Features({"image": Image(), "dep": Array2D((6, 6), "uint16")})
+    split = Dataset.from_dict({"image": [_png(np.zeros((6, 6, 3), np.uint8))] * 2, "dep": [depth] * 2},
+                              features=features)
+    DatasetDict({"train": split, "validation": split, "test": split}).save_to_disk(str(tmp_path / "ds"))
+    with caplog.at_level("WARNING"):
+        create_datamodule("hf_local", path=str(tmp_path / "ds"), columns={"dep": "depth"}).setup()
+    assert caplog.text.count("if these are millimetres") == 1, caplog.text
+
+
 def test_depth_in_metres_gets_no_unit_warning(tmp_path, caplog):
     from datasets import Array2D, Image
 
