@@ -98,6 +98,49 @@ def test_missing_plugin_names_the_extra(monkeypatch):
     assert plugins.check_plugins(["task=depth"]) is None
 
 
+def test_the_plugin_check_reads_an_added_launcher_too(monkeypatch):
+    monkeypatch.setattr(plugins, "_installed", lambda module: False)
+    for given in ("+launcher=joblib", "++launcher=joblib"):
+        assert plugins.check_plugins([given]) == \
+            "launcher=joblib needs the Hydra plugin hydra-joblib-launcher: pip install 'mtlkit[launchers]'"
+
+
+#: every CLI's console-script module
+CLI_MODULES = {"train": "mtl.cli.train", "merge": "merging.cli", "prune": "pruning.cli", "export": "mtl.cli.export",
+               "extract": "mtl.cli.extract"}
+
+
+def app_cli(app, *args, cwd):
+    env = dict(os.environ, MTL_OUTPUT_DIR=str(Path(cwd) / "outputs"))
+    return subprocess.run([sys.executable, "-m", CLI_MODULES[app], *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.parametrize("app", sorted(CLI_MODULES))
+def test_every_cli_takes_launcher_as_mtl_train_does(tmp_path, app):
+    """launcher= was a group of mtl-train's only: the other CLIs answered Hydra's "Could not override
+    'launcher'" and needed +launcher=, which mtl-train refuses."""
+    pytest.importorskip(plugins.PLUGINS["launcher=joblib"][0])
+    proc = app_cli(app, "launcher=joblib", "--cfg", "hydra", "-p", "hydra.launcher", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert yaml.safe_load(proc.stdout)["_target_"].endswith("JoblibLauncher")
+    proc = app_cli(app, "+launcher=joblib", "--cfg", "hydra", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "error: +launcher=joblib adds a second launcher, and the config already has one: " \
+                                  "write launcher=joblib"
+
+
+@pytest.mark.slow
+def test_mtl_merge_sweeps_with_a_launcher(tmp_path):
+    pytest.importorskip(plugins.PLUGINS["launcher=joblib"][0])
+    proc = app_cli("merge", "-m", "launcher=joblib", "debug=smoke", "merge=ties", "merge.lam=0.6,1.0", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep,) = (tmp_path / "outputs" / "merge" / "multiruns").iterdir()
+    assert proc.stdout.strip().splitlines()[-1] == f"run_dir: {sweep}"
+    lams = [yaml.safe_load((sweep / str(i) / "config.yaml").read_text())["merge"]["lam"] for i in (0, 1)]
+    assert lams == [0.6, 1.0] and all((sweep / str(i) / "metrics.json").is_file() for i in (0, 1))
+
+
 SMOKE = ["experiment=scenes_hps", "debug=smoke", "logger=none", "viz.num_samples=0"]
 
 

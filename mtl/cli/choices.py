@@ -108,7 +108,9 @@ def _interpolated(cfg: Any, path: str) -> bool:
 def near_setting(message: str, app_module: str) -> str:
     """Hydra reads ``task=depth`` for a setting the app lacks as a config group and advises ``+task=depth``,
     which then fails as an unknown setting: name the app's own setting it nearly matches (mtl-extract's
-    ``tasks``) instead. ``app_module``: the app's config package (its primary config and groups only)."""
+    ``tasks``) instead. ``app_module``: the app's config package (its primary config and groups only).
+    The opposite, ``+launcher=joblib`` for a group the app already has, gets Hydra's defaults-list syntax
+    as advice ("use 'override launcher: joblib'"): the command-line spelling is named instead."""
     import difflib
     import re
 
@@ -116,6 +118,10 @@ def near_setting(message: str, app_module: str) -> str:
 
     from mtl.cli.common import _group_options
 
+    m = re.match(r"Multiple values for ([\w/]+)\. To override a value use 'override [\w/]+: (.+)'$", message)
+    if m is not None:
+        group, choice = m.groups()
+        return f"+{group}={choice} adds a second {group}, and the config already has one: write {group}={choice}"
     m = re.match(r"Could not override '(\w+)'", message)  # a dotted key is named by check_added_keys
     if m is None:
         return message
