@@ -128,3 +128,16 @@ def test_a_job_larger_than_the_local_cluster_is_refused_not_left_waiting(monkeyp
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: hydra.launcher.cpus_per_job=3 exceeds the local Ray cluster's 2 CPUs (hydra.launcher.num_cpus); "
         "no job could ever start")
+
+
+@pytest.mark.slow  # a local Ray cluster's start, ~20 s
+def test_a_job_larger_than_the_cluster_ray_detected_leaves_no_sweep_folder(tmp_path):
+    """The cluster's size is known only once Ray has started (num_cpus=null): the refusal came after the
+    sweep folder was made and left it behind, holding only multirun.yaml."""
+    pytest.importorskip("ray")
+    proc = cli("-m", "launcher=ray", *SMOKE, "task=depth", "hydra.launcher.num_cpus=null",
+               "hydra.launcher.cpus_per_job=4096", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: hydra.launcher.cpus_per_job=4096 exceeds the local "
+                                                           "Ray cluster's ")
+    assert not list(tmp_path.glob("outputs/*/multiruns/*"))

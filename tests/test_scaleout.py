@@ -236,6 +236,42 @@ def test_a_failing_job_does_not_stop_the_multirun(tmp_path):
     assert "Error executing job with overrides" not in proc.stderr  # Hydra's own second line about it
 
 
+JOBLIB, OPTUNA = "launcher=joblib", "hparams_search=optuna"
+LOKY_ONLY = "would be ignored: Hydra's joblib launcher always runs its jobs in loky worker processes; leave "
+
+
+@pytest.mark.parametrize("args, message", [
+    ([JOBLIB, "hydra.launcher.n_jobs=0"],
+     "hydra.launcher.n_jobs=0 runs no job: set the number of worker processes (>= 1; -1: one per CPU)"),
+    ([JOBLIB, "hydra.launcher.backend=foo"], f"hydra.launcher.backend=foo {LOKY_ONLY}hydra.launcher.backend unset"),
+    ([JOBLIB, "hydra.launcher.backend=threading"],
+     f"hydra.launcher.backend=threading {LOKY_ONLY}hydra.launcher.backend unset"),
+    ([JOBLIB, "hydra.launcher.prefer=threads"], f"hydra.launcher.prefer=threads {LOKY_ONLY}hydra.launcher.prefer unset"),
+    ([OPTUNA, "hydra.sweeper.n_trials=0"],
+     "hydra.sweeper.n_trials=0: the study would end without a best trial; set it to 1 or more"),
+    ([OPTUNA, "hydra.sweeper.n_jobs=0"], "hydra.sweeper.n_jobs=0: the trials run in batches of n_jobs; set it to 1 or more"),
+    ([OPTUNA, "hydra.sweeper.direction=foo"], "hydra.sweeper.direction=foo: Optuna takes maximize or minimize"),
+    ([OPTUNA, "hydra.sweeper.direction=Maximize"], "hydra.sweeper.direction=Maximize: Optuna takes maximize or minimize"),
+    ([OPTUNA, "hydra.sweeper.max_failure_rate=-0.5"],
+     "hydra.sweeper.max_failure_rate=-0.5: the share of a batch's trials that may fail must be within [0, 1]"),
+    (["launcher=ray", "hydra.launcher.cpus_per_job=3"], "hydra.launcher.cpus_per_job=3 exceeds the local Ray "
+     "cluster's 2 CPUs (hydra.launcher.num_cpus); no job could ever start"),
+    (["launcher=ray", "hydra.launcher.cpus_per_job=0"], "hydra.launcher.cpus_per_job=0: each job needs a CPU share > 0 "
+     "(it sets how many jobs run at once; 0 would start them all together)"),
+    (["launcher=ray", "hydra.launcher.gpus_per_job=-1"], "hydra.launcher.gpus_per_job=-1: set 0 or more GPUs per job"),
+])
+def test_a_sweep_it_cannot_run_is_refused_at_its_start(tmp_path, args, message):
+    """Each failed only once the sweep had begun (joblib's and Optuna's own errors), or was ignored (joblib's
+    backend) or unbounded (Ray's cpus_per_job=0), and left an empty sweep folder behind."""
+    choice = next((a for a in args if a in plugins.PLUGINS), None)
+    if choice:
+        pytest.importorskip(plugins.PLUGINS[choice][0])
+    proc = cli("-m", *SMOKE, "task=depth,regression", *args, cwd=tmp_path)
+    assert (proc.returncode, proc.stderr.strip().splitlines()[-1]) == (1, f"error: {message}")
+    assert "Launching" not in proc.stderr and "run_dir:" not in proc.stdout
+    assert not list(tmp_path.glob("outputs/*/multiruns/*"))
+
+
 def test_local_ddp_inside_a_multirun_is_refused(tmp_path):
     proc = cli("-m", *SMOKE, "task=depth", "trainer=ddp", "trainer.accelerator=cpu", "balancer=ew,rlw", cwd=tmp_path)
     assert proc.returncode == 1

@@ -16,7 +16,9 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from mtl.atomic import remove_empty
 from mtl.cli.failures import FAILED, RUNNING, SWEEPING, RunFolderTaken, claim, holds, owner_of, release
+from mtl.cli.new_folders import missing_or_empty
 
 
 def jobs_not_failed(sweep_dir: str | Path) -> list[str]:
@@ -37,9 +39,17 @@ class PrintSweepDir(Callback):
         # Hydra's sweeper rewrites <sweep dir>/multirun.yaml before any job runs (and so before a job
         # refuses a finished folder): the earlier sweep's record would be lost. Hydra turns a callback's
         # exception into a warning, so exit here (nothing is written yet: no run_dir line).
+        from mtl.cli.sweep_checks import sweep_problem
+
+        problem = sweep_problem(config)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr, flush=True)
+            sys.exit(1)
         sweep_dir = Path(config.hydra.sweep.dir)
         # a sweep running into this folder now (it has not written its multirun.yaml record yet, or its
         # jobs are still running): two sweeps would interleave their job folders and records
+        made = missing_or_empty(sweep_dir)
+        MADE_SWEEP_DIR[:] = [made] if made else []  # an existing (even empty) folder is not ours to remove
         sweep_dir.mkdir(parents=True, exist_ok=True)
         try:
             claim(sweep_dir / SWEEPING, f"hydra.sweep.dir {sweep_dir}", "hydra.sweep.dir", holder="sweep")
@@ -63,6 +73,26 @@ class PrintSweepDir(Callback):
         release(Path(config.hydra.sweep.dir) / SWEEPING)
         restore_sigterm()
         finish(config.hydra.sweep.dir)
+
+
+#: the folders this multirun made (its sweep folder first, then the parents made for it), while they may still be
+#: removed unused (`remove_unused_sweep_dir`)
+MADE_SWEEP_DIR: list[tuple[Path, ...]] = []
+
+
+def remove_unused_sweep_dir() -> None:
+    """A sweep refused by its launcher before any job (the local Ray cluster too small for one) leaves no
+    folder behind: the one it made, holding only the sweeper's multirun.yaml and the sweep's claim, is
+    removed with the parents made for it."""
+    if not MADE_SWEEP_DIR:
+        return
+    made = MADE_SWEEP_DIR.pop()
+    sweep_dir = made[0]
+    if not sweep_dir.is_dir() or any(p.name not in ("multirun.yaml", SWEEPING) for p in sweep_dir.iterdir()):
+        return
+    release(sweep_dir / SWEEPING)
+    (sweep_dir / "multirun.yaml").unlink(missing_ok=True)
+    remove_empty(list(made))
 
 
 #: the running multirun's folder, for the interruption's last line (cli_main prints it)

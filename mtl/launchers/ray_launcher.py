@@ -22,6 +22,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mtl.cli.common import verbose
+from mtl.cli.sweep_end import remove_unused_sweep_dir
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,7 @@ class RayLauncher(Launcher):
             for kind, want in (("CPU", self.cpus_per_job), ("GPU", self.gpus_per_job)):
                 if want and want > have.get(kind, 0):
                     ray.shutdown()
+                    remove_unused_sweep_dir()
                     key = "num_cpus" if kind == "CPU" else "num_gpus"
                     print(f"error: hydra.launcher.{kind.lower()}s_per_job={want} exceeds the local Ray cluster's "
                           f"{have.get(kind, 0):g} {kind}s (hydra.launcher.{key}); no job could ever start",

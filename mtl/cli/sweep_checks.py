@@ -1,0 +1,76 @@
+"""Launcher and sweeper settings a multirun cannot run with, named at its start (`PrintSweepDir.on_multirun_start`,
+before the sweep folder is made) in one line: otherwise they fail only once the sweep has begun, in the
+plugin's own words (joblib's "n_jobs == 0 in Parallel has no meaning", Optuna's "No trials are completed
+yet"), leave an empty sweep folder behind, or are silently ignored."""
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig
+
+
+def sweep_problem(config: DictConfig) -> str | None:
+    """The refusal for the first unusable ``hydra.launcher.*`` / ``hydra.sweeper.*`` setting of ``config`` (a
+    multirun's composed config); None when there is none."""
+    launcher, sweeper = (config.hydra.get(k) or {} for k in ("launcher", "sweeper"))  # a hand-made config may lack one
+    kind = _class_name(launcher)
+    problem = {"JoblibLauncher": _joblib, "RayLauncher": _ray}.get(kind, lambda _: None)(launcher)
+    if problem is None and _class_name(sweeper) == "OptunaSweeper":
+        problem = _optuna(sweeper)
+    return problem
+
+
+def _class_name(node: DictConfig | dict) -> str:
+    return str(node.get("_target_") or "").rsplit(".", 1)[-1]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _joblib(launcher: DictConfig) -> str | None:
+    if launcher.get("n_jobs") == 0:
+        return "hydra.launcher.n_jobs=0 runs no job: set the number of worker processes (>= 1; -1: one per CPU)"
+    # Hydra's joblib launcher replaces the backend with loky: these choices would be ignored, not honoured
+    for key, honoured in (("backend", "loky"), ("prefer", "processes"), ("require", None)):
+        value = launcher.get(key)
+        if value is not None and value != honoured:
+            return (f"hydra.launcher.{key}={value} would be ignored: Hydra's joblib launcher always runs its jobs in "
+                    f"loky worker processes; leave hydra.launcher.{key} unset")
+    return None
+
+
+def _ray(launcher: DictConfig) -> str | None:
+    cpus, gpus = launcher.get("cpus_per_job"), launcher.get("gpus_per_job")
+    if not _is_number(cpus) or cpus <= 0:  # Ray would start every job at once, with no CPU limit
+        return (f"hydra.launcher.cpus_per_job={cpus}: each job needs a CPU share > 0 (it sets how many jobs run at "
+                "once; 0 would start them all together)")
+    if not _is_number(gpus) or gpus < 0:
+        return f"hydra.launcher.gpus_per_job={gpus}: set 0 or more GPUs per job"
+    if launcher.get("address"):  # a running cluster's own resources count, known only once joined
+        return None
+    for kind, want in (("CPU", cpus), ("GPU", gpus)):
+        key = f"num_{kind.lower()}s"
+        have = launcher.get(key)
+        if want and _is_number(have) and want > have:
+            return (f"hydra.launcher.{kind.lower()}s_per_job={want} exceeds the local Ray cluster's {have:g} {kind}s "
+                    f"(hydra.launcher.{key}); no job could ever start")
+    return None
+
+
+def _optuna(sweeper: DictConfig) -> str | None:
+    for key, why in (("n_trials", "the study would end without a best trial"),
+                     ("n_jobs", "the trials run in batches of n_jobs")):
+        value = sweeper.get(key)
+        if not isinstance(value, int) or value < 1:
+            return f"hydra.sweeper.{key}={value}: {why}; set it to 1 or more"
+    given = sweeper.get("direction")
+    directions = list(given) if isinstance(given, (list, tuple, ListConfig)) else [given]
+    names = [getattr(d, "name", d) for d in directions]  # the plugin's Direction enum, or the string Optuna takes
+    if not names or any(n not in ("maximize", "minimize") for n in names):
+        return f"hydra.sweeper.direction={given}: Optuna takes maximize or minimize"
+    rate = sweeper.get("max_failure_rate")
+    if not _is_number(rate) or not 0 <= rate <= 1:
+        return (f"hydra.sweeper.max_failure_rate={rate}: the share of a batch's trials that may fail must be within "
+                "[0, 1]")
+    return None
