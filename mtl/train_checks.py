@@ -101,12 +101,11 @@ def check_trainer(tr: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    local_ddp = str(tr.get("strategy", "")).startswith("ddp") and str(tr.get("devices")) not in ("1", "None") \
-        and not any(k in os.environ for k in ("LOCAL_RANK", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID"))
-    if local_ddp and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        # Lightning starts the other ranks by re-running the command line: the whole sweep, on every rank
-        raise ValueError("trainer=ddp with local processes cannot run inside a -m multirun (each rank would re-run "
-                         "the sweep); use launcher=slurm, or run each job with torchrun")
+    from mtl.cli.sweep_checks import LOCAL_DDP_IN_MULTIRUN, runs_local_ddp
+
+    # the sweep refuses trainer=ddp at its start; a swept choice (trainer=cpu,ddp) is known only to its job
+    if runs_local_ddp(tr) and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise ValueError(LOCAL_DDP_IN_MULTIRUN)
 
 
 def check_test_batches(cfg: DictConfig) -> None:

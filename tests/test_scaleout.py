@@ -259,10 +259,12 @@ LOKY_ONLY = "would be ignored: Hydra's joblib launcher always runs its jobs in l
     (["launcher=ray", "hydra.launcher.cpus_per_job=0"], "hydra.launcher.cpus_per_job=0: each job needs a CPU share > 0 "
      "(it sets how many jobs run at once; 0 would start them all together)"),
     (["launcher=ray", "hydra.launcher.gpus_per_job=-1"], "hydra.launcher.gpus_per_job=-1: set 0 or more GPUs per job"),
+    (["trainer=ddp", "trainer.accelerator=cpu", "balancer=ew,rlw"], "trainer=ddp with local processes cannot run inside "
+     "a -m multirun (each rank would re-run the sweep); use launcher=slurm, or run each job with torchrun"),
 ])
 def test_a_sweep_it_cannot_run_is_refused_at_its_start(tmp_path, args, message):
-    """Each failed only once the sweep had begun (joblib's and Optuna's own errors), or was ignored (joblib's
-    backend) or unbounded (Ray's cpus_per_job=0), and left an empty sweep folder behind."""
+    """Each failed only once the sweep had begun (joblib's and Optuna's own errors, local DDP job by job, 31 s
+    in), or was ignored (joblib's backend) or unbounded (Ray's cpus_per_job=0), and left a sweep folder behind."""
     choice = next((a for a in args if a in plugins.PLUGINS), None)
     if choice:
         pytest.importorskip(plugins.PLUGINS[choice][0])
@@ -272,11 +274,26 @@ def test_a_sweep_it_cannot_run_is_refused_at_its_start(tmp_path, args, message):
     assert not list(tmp_path.glob("outputs/*/multiruns/*"))
 
 
-def test_local_ddp_inside_a_multirun_is_refused(tmp_path):
-    proc = cli("-m", *SMOKE, "task=depth", "trainer=ddp", "trainer.accelerator=cpu", "balancer=ew,rlw", cwd=tmp_path)
+def test_ddp_under_slurm_is_left_to_its_jobs():
+    """Each SLURM job gets its ranks from its tasks' environment: a sweep of them is not refused."""
+    from hydra import compose, initialize_config_module
+
+    from mtl.cli.sweep_checks import LOCAL_DDP_IN_MULTIRUN, sweep_problem
+
+    pytest.importorskip(plugins.PLUGINS["launcher=slurm"][0])
+    with initialize_config_module(config_module="mtl.configs", version_base="1.3"):
+        local, slurm = (compose(config_name="train", overrides=["trainer=ddp", *more], return_hydra_config=True)
+                        for more in ([], ["launcher=slurm"]))
+    assert sweep_problem(local) == LOCAL_DDP_IN_MULTIRUN and sweep_problem(slurm) is None
+
+
+def test_local_ddp_swept_with_another_trainer_is_refused_by_its_job(tmp_path):
+    """A swept trainer choice is not in the sweep's own config: the DDP job refuses, the other one runs."""
+    proc = cli("-m", *SMOKE, "task=depth", "trainer=ddp,cpu", "trainer.accelerator=cpu", cwd=tmp_path)
     assert proc.returncode == 1
-    assert "trainer=ddp with local processes cannot run inside a -m multirun" in proc.stderr
-    assert len(list((tmp_path / "outputs" / "scenes_hps" / "multiruns").iterdir())) == 1  # no second sweep
+    assert "sweep job #0 (" in proc.stderr and "trainer=ddp with local processes cannot run inside a -m multirun" \
+        in proc.stderr
+    assert (_sweep_dir(tmp_path) / "1" / "metrics.json").is_file()
 
 
 @pytest.mark.slow

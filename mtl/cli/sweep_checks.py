@@ -4,19 +4,35 @@ plugin's own words (joblib's "n_jobs == 0 in Parallel has no meaning", Optuna's 
 yet"), leave an empty sweep folder behind, or are silently ignored."""
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig
 
+# Lightning starts the other ranks of local DDP by re-running the command line: the whole sweep, on every rank
+LOCAL_DDP_IN_MULTIRUN = ("trainer=ddp with local processes cannot run inside a -m multirun (each rank would re-run "
+                         "the sweep); use launcher=slurm, or run each job with torchrun")
+
+
+def runs_local_ddp(trainer: DictConfig) -> bool:
+    """The trainer would start its DDP ranks itself (no torchrun, SLURM task or other launcher gave this
+    process a rank)."""
+    return str(trainer.get("strategy", "")).startswith("ddp") and str(trainer.get("devices")) not in ("1", "None") \
+        and not any(k in os.environ for k in ("LOCAL_RANK", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID"))
+
 
 def sweep_problem(config: DictConfig) -> str | None:
     """The refusal for the first unusable ``hydra.launcher.*`` / ``hydra.sweeper.*`` setting of ``config`` (a
-    multirun's composed config); None when there is none."""
+    multirun's composed config), or for local DDP in a multirun; None when there is none."""
     launcher, sweeper = (config.hydra.get(k) or {} for k in ("launcher", "sweeper"))  # a hand-made config may lack one
     kind = _class_name(launcher)
     problem = {"JoblibLauncher": _joblib, "RayLauncher": _ray}.get(kind, lambda _: None)(launcher)
     if problem is None and _class_name(sweeper) == "OptunaSweeper":
         problem = _optuna(sweeper)
+    # under SLURM each job's ranks come from its tasks' environment, not from re-running the command line
+    if problem is None and kind != "SlurmLauncher" and config.get("trainer") is not None \
+            and runs_local_ddp(config.trainer):
+        problem = LOCAL_DDP_IN_MULTIRUN
     return problem
 
 
