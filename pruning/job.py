@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,20 @@ def _hparams(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
     return method, hp
 
 
+def check_finetune_lr(lr: Any, steps_run: bool) -> float:
+    """``finetune.lr``: a positive finite number. 0 only where no fine-tune step runs: it would leave every
+    weight as it is (AdamW scales its step and its weight decay by lr) while the steps still moved the
+    BatchNorm statistics, which is not what a fine-tune was asked for."""
+    finite = not isinstance(lr, bool) and isinstance(lr, (int, float)) and math.isfinite(lr)
+    if not finite or lr < 0 or (lr == 0 and steps_run):
+        raise ValueError(f"finetune.lr must be a positive finite number, got {lr!r}"
+                         + (" (finetune.steps > 0 runs AdamW steps that would change no weight)" if finite and lr == 0 else ""))
+    return float(lr)
+
+
 def finetune_steps(model: torch.nn.Module, datamodule, steps: int, lr: float) -> None:
     """A few AdamW steps on the summed (task-weighted) losses: the fine-tuning between pruning rounds."""
+    check_finetune_lr(lr, steps_run=int(steps) > 0)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     batches = itertools.cycle(datamodule.train_dataloader())
@@ -60,8 +73,6 @@ def finetune_steps(model: torch.nn.Module, datamodule, steps: int, lr: float) ->
 def _undefined(values: dict[str, dict[str, float]], tasks, who: str, zero_too: bool) -> list[str]:
     """Why the primary metrics in `values` give no relative change: one is not finite (a test split with no
     valid pixel; outputs that overflow), or, for a reference (`zero_too`), 0. Missing ones are left to Δm."""
-    import math
-
     task_map = tasks if isinstance(tasks, dict) else {t.name: t for t in tasks}
     out = []
     for name, task in task_map.items():
@@ -120,6 +131,7 @@ def _check_run_settings(cfg: DictConfig) -> None:
                             ("eval.latency_threads", ev.latency_threads, 1),
                             ("eval.max_batches", ev.get("max_batches") if ev.get("max_batches") is not None else 1, 1)):
         check_int(key, value, low)
+    check_finetune_lr(cfg.finetune.lr, steps_run=cfg.rounds > 1 and cfg.finetune.steps > 0)
 
 
 def run_prune(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:

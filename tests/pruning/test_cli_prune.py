@@ -151,6 +151,32 @@ def test_job_settings_are_refused_before_the_model_is_written(folder, tmp_path, 
     assert not (tmp_path / "run" / "model").exists()
 
 
+@pytest.mark.parametrize("overrides, match", [
+    (["finetune.lr=-1"], r"^finetune.lr must be a positive finite number, got -1$"),
+    (["finetune.lr=nan"], r"^finetune.lr must be a positive finite number, got nan$"),
+    (["finetune.lr=inf"], r"^finetune.lr must be a positive finite number, got inf$"),
+    (["finetune.lr=fast"], r"^finetune.lr must be a positive finite number, got 'fast'$"),
+    # lr 0: AdamW's step and weight decay are both scaled by lr, so no weight would change
+    (["finetune.lr=0"], r"^finetune.lr must be a positive finite number, got 0 \(finetune.steps > 0 runs AdamW "),
+    (["finetune.lr=-1", "finetune.steps=0"], r"^finetune.lr must be a positive finite number, got -1$"),
+])
+def test_finetune_lr_is_refused_by_its_key_before_the_model_loads(folder, tmp_path, overrides, match, monkeypatch):
+    import pruning.job as job
+
+    monkeypatch.setattr(job, "load_model", lambda *a: (_ for _ in ()).throw(AssertionError("model loaded first")))
+    with pytest.raises(ValueError, match=match):
+        run(["prune=l1", f"model={folder}", "rounds=2", "finetune.steps=1", *overrides], run_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_finetune_lr_zero_is_accepted_where_no_finetune_step_runs():
+    import pruning.job as job
+
+    assert job.check_finetune_lr(0, steps_run=False) == 0.0
+    with pytest.raises(ValueError, match=r"finetune.lr must be a positive finite number, got 0"):
+        job.finetune_steps(torch.nn.Linear(1, 1), None, steps=2, lr=0)  # the Python entry checks too, before any step
+
+
 @pytest.mark.parametrize("override, match", [
     ("prune.max_budget=-1", r"prune.max_budget must be a positive number, got -1"),
     ("prune.budget=-1", r"prune.budget must be a positive number, got -1"),
