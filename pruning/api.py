@@ -118,6 +118,20 @@ OPTION_CHECKS: dict[str, tuple[Any, str]] = {
 }
 
 
+SEARCHED_KNOBS = ("ratio", "budget")  # what flops_target searches in place of the value given
+
+
+def check_one_knob(hparams: dict[str, Any], prefix: str = "") -> None:
+    """``flops_target`` replaces the method's own knob: a ``ratio`` or ``budget`` given beside it would be
+    unused, so both given is refused rather than one of them dropped."""
+    if hparams.get("flops_target") is None:
+        return
+    for knob in SEARCHED_KNOBS:
+        if hparams.get(knob) is not None:
+            raise ValueError(f"{prefix}{knob}={hparams[knob]!r} and {prefix}flops_target={hparams['flops_target']!r} "
+                             f"both given: flops_target searches {knob} itself; give one of them")
+
+
 def effective_hparams(method: str, hparams: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """The settings a prune runs with, checked before any work (errors name a value as ``prefix`` + key,
     e.g. ``prune.ratio`` for the CLI): the method's defaults updated by ``hparams`` (an unknown name is
@@ -129,6 +143,7 @@ def effective_hparams(method: str, hparams: dict[str, Any], prefix: str = "") ->
     unknown = sorted(set(hparams) - set(options))
     if unknown:
         raise TypeError(f"prune method {method!r} has no option(s) {unknown}; its options: {', '.join(options)}")
+    check_one_knob(hparams, prefix)
     for key in ("ratio", "flops_target", "max_layer_ratio"):  # a target of 0 would prune nothing while seeming to
         if hparams.get(key) is not None:
             check_ratio(prefix + key, hparams[key], open_low=key != "ratio")
@@ -140,8 +155,8 @@ def effective_hparams(method: str, hparams: dict[str, Any], prefix: str = "") ->
                 raise ValueError(f"{prefix}{key} must be {what}, got {value!r}")
     out = {**options, **hparams}
     if out.get("flops_target") is not None:
-        out.pop("ratio", None)
-        out.pop("budget", None)
+        for knob in SEARCHED_KNOBS:
+            out.pop(knob, None)
     return out
 
 

@@ -2,6 +2,7 @@
 folder, ``metrics.json`` and the plots into the run folder."""
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -18,18 +19,25 @@ from mtl.folder_data import data_record
 from mtl.io import first_non_finite, load_model, save_model, write_json
 from mtl.registry import check_int
 from pruning.calib import calibration_batches, datamodule_for
+from pruning.api import SEARCHED_KNOBS, check_one_knob
 from pruning.methods import METHODS
 from mtl.progress_log import emit
 from pruning.report import evaluate_all, latency_ms, plot_delta_m_vs_flops, plot_kept
 
 log = logging.getLogger(__name__)
 
-def _hparams(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
+def _hparams(cfg: DictConfig, command_line: list[str]) -> tuple[str, dict[str, Any]]:
     hp = OmegaConf.to_container(cfg.prune, resolve=True)
     method = hp.pop("method", None)
     METHODS.get(method)  # unknown names fail here, listing the valid ones
     if hp.get("flops_target") is not None:
-        hp.pop("ratio", None)  # the target replaces the method's own knob
+        # the target replaces the method's own knob: the config file's ratio / budget give way to it, a value
+        # typed on the command line is refused (pruning.prune refuses both given) rather than dropped
+        typed = {o.split("=", 1)[0].lstrip("+") for o in command_line if "=" in o and not o.startswith("~")}
+        for knob in SEARCHED_KNOBS:
+            value = hp.pop(knob, None)
+            if f"prune.{knob}" in typed:
+                check_one_knob({knob: value, "flops_target": hp["flops_target"]}, prefix="prune.")
     else:
         hp.pop("flops_target", None)
     try:  # values and unknown options before the model is loaded and calibrated: pruning.prune's own check
@@ -134,10 +142,15 @@ def _check_run_settings(cfg: DictConfig) -> None:
     check_finetune_lr(cfg.finetune.lr, steps_run=cfg.rounds > 1 and cfg.finetune.steps > 0)
 
 
-def run_prune(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+def run_prune(cfg: DictConfig, run_dir: str | Path, command_line: list[str] | None = None) -> dict[str, Any]:
+    """The job; ``command_line``: the overrides as typed (default: Hydra's task overrides, as the CLI has them)."""
     _check_run_settings(cfg)  # before the run folder is made
+    if command_line is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        command_line = list(HydraConfig.get().overrides.task)
     run_dir, output = start_run(cfg, run_dir, model_output=True)
-    method, hp = _hparams(cfg)
+    method, hp = _hparams(cfg, command_line)
     torch.manual_seed(int(cfg.seed))
     source = input_model(cfg, run_dir, "prune")
     start = time.perf_counter()
@@ -230,4 +243,5 @@ def run(overrides: list[str] | None = None, run_dir: str | Path | None = None) -
     """Compose the ``mtl-prune`` config in-process and run it (for notebooks, scripts and tests)."""
     from mtl.cli.in_process import report_in_process
 
-    return report_in_process(run_prune, ("mtl.configs.prune_app", "mtl.configs"), "prune", overrides, run_dir)  # the report, with run_dir
+    job = functools.partial(run_prune, command_line=[str(o) for o in overrides or []])
+    return report_in_process(job, ("mtl.configs.prune_app", "mtl.configs"), "prune", overrides, run_dir)  # the report, with run_dir

@@ -117,8 +117,8 @@ def test_meta_records_the_settings_used_and_unknown_options_fail_first(folder, t
 
     model = mtl.load_model(folder)
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    pruned, report = pruning.prune(model, "l1", example=x, ratio=0.5, flops_target=0.2)
-    # the target decides (ratio is searched): the record must not claim ratio=0.5
+    pruned, report = pruning.prune(model, "l1", example=x, flops_target=0.2)
+    # the target decides (ratio is searched): the record names no ratio
     assert pruned.meta["prune"] == {"method": "l1", "flops_target": 0.2, "round_to": None, "rounds": 1} == {
         "method": "l1", **report["hparams"], "rounds": 1}
     assert pruned.pruning_plan["hparams"] == {"flops_target": 0.2, "round_to": None}
@@ -149,6 +149,30 @@ def test_job_settings_are_refused_before_the_model_is_written(folder, tmp_path, 
     with pytest.raises(ValueError, match=match):
         run(["prune=l1", f"model={folder}", "prune.ratio=0.3", "calib.batches=1", override], run_dir=tmp_path / "run")
     assert not (tmp_path / "run" / "model").exists()
+
+
+@pytest.mark.parametrize("method, knob", [("l1", "ratio"), ("taylor", "ratio"), ("pagcp", "budget")])
+def test_a_knob_given_beside_flops_target_is_refused_not_dropped(folder, tmp_path, method, knob, monkeypatch):
+    import pruning
+    import pruning.job as job
+
+    model = mtl.load_model(folder)
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    value = 0.9 if knob == "ratio" else 5.0
+    with pytest.raises(ValueError, match=rf"^{knob}={value} and flops_target=0.2 both given: flops_target searches "):
+        pruning.prune(model, method, example=x, flops_target=0.2, **{knob: value})
+    monkeypatch.setattr(job, "load_model", lambda *a: (_ for _ in ()).throw(AssertionError("model loaded first")))
+    for typed in ([f"prune.{knob}={value}", "prune.flops_target=0.2"], ["prune.flops_target=0.2", f"++prune.{knob}={value}"]):
+        with pytest.raises(ValueError, match=rf"^prune.{knob}={value} and prune.flops_target=0.2 both given"):
+            run([f"prune={method}", f"model={folder}", *typed], run_dir=tmp_path / "run")
+
+
+def test_the_config_files_knob_gives_way_to_a_typed_flops_target(folder, tmp_path):
+    # configs/prune/l1.yaml's ratio: 0.3 is not the user's: a target alone on the command line replaces it
+    report = run(["prune=l1", f"model={folder}", "prune.flops_target=0.2", "calib.batches=1", "eval.max_batches=1",
+                  "eval.latency_repeats=1"], run_dir=tmp_path / "run")
+    assert report["hparams"] == {"flops_target": 0.2, "round_to": None}
+    assert report["flops"]["reduction"] >= 0.2
 
 
 @pytest.mark.parametrize("overrides, match", [
