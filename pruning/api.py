@@ -14,7 +14,7 @@ from mtl.flops import count_flops, count_params
 from mtl.models.surgery import diff_plan, snapshot
 from pruning.calib import as_batches, task_losses
 from pruning.graph import LayerGraph, PruningError, check_prunable
-from pruning.methods import METHODS, check_ratio, check_round_to
+from pruning.methods import METHODS, check_ratio, check_round_to, percent, percent_beside
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,8 @@ def prune(model: nn.Module, method: str, calib: Any = None, *, example: torch.Te
     after = {"params": count_params(current), "flops": count_flops(current, example[:1])}
     target = hparams.get("flops_target")
     if target is not None and before["flops"] and 1 - after["flops"] / before["flops"] < target - 1e-9:
-        raise PruningError(f"flops_target {target:.1%} not met: the pruned model's FLOPs as counted "
-                           f"(torch.utils.flop_counter) fell by {1 - after['flops'] / before['flops']:.1%} only, "
+        raise PruningError(f"flops_target {percent(target)} not met: the pruned model's FLOPs as counted "
+                           f"(torch.utils.flop_counter) fell by {percent_beside(1 - after['flops'] / before['flops'], target)} only, "
                            "though the search's estimate reached the target")
     report = {
         "method": method,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+from decimal import Decimal
 from typing import Any, Callable
 
 import torch
@@ -34,6 +35,22 @@ def check_ratio(name: str, value: float, open_low: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low_ok(value) and value < 1):
         raise ValueError(f"{name} must be a number in {'(' if open_low else '['}0, 1), got {value!r}")
     return float(value)
+
+
+def percent(fraction: float) -> str:
+    """A fraction as given, written as an exact percentage (0.9999 -> '99.99%': never rounded to '100.0%')."""
+    return f"{Decimal(repr(float(fraction))).scaleb(2).normalize():f}%"
+
+
+def percent_beside(measured: float, target: float) -> str:
+    """A measured fraction as a percentage: 2 decimals, or as many more as keep it on its side of ``target``
+    (a reduction short of 99.99 % must not read 99.99 %)."""
+    exact = Decimal(repr(float(target))).scaleb(2)
+    for decimals in range(2, 12):
+        shown = Decimal(f"{100 * measured:.{decimals}f}")
+        if (shown < exact) == (measured < target):
+            break
+    return f"{shown}%"
 
 
 def check_round_to(value: Any, name: str = "round_to") -> int | None:
@@ -107,8 +124,8 @@ def search_ratio(graph: LayerGraph, select: Callable[[float], dict[str, list[int
     best = select(hi)
     reachable = reduction(graph, best)
     if reachable < target:
-        raise PruningError(f"a FLOPs reduction of {target:.2%} is not reachable: the most this method removes "
-                           f"(ratio {hi}) is {reachable:.2%}")
+        raise PruningError(f"a FLOPs reduction of {percent(target)} is not reachable: the most this method removes "
+                           f"(ratio {hi}) is {percent_beside(reachable, target)}")
     lo = 0.0
     for _ in range(30):
         mid = (lo + hi) / 2

@@ -34,7 +34,7 @@ from torch import nn
 from pruning.calib import task_losses
 from pruning.graph import LayerGraph, PruningError
 from pruning.importance import l1_layer_scores, taylor_scores
-from pruning.methods import METHODS, check_ratio, check_round_to, reduction, round_removed
+from pruning.methods import METHODS, check_ratio, check_round_to, percent, percent_beside, reduction, round_removed
 
 log = logging.getLogger(__name__)
 
@@ -179,14 +179,15 @@ def pagcp(model: nn.Module, graph: LayerGraph, batches, budget: float = 0.1, shr
     removed, steps = search(model, graph, batches, max_budget, **kw)
     best = reduction(graph, removed)
     if best < flops_target:
-        raise PruningError(f"a FLOPs reduction of {flops_target:.1%} is not reachable with budget ≤ {max_budget}: "
-                           f"the best reachable is {best:.1%} (raise max_budget, or lower flops_target)")
+        raise PruningError(f"a FLOPs reduction of {percent(flops_target)} is not reachable with budget ≤ {max_budget}: "
+                           f"the best reachable is {percent_beside(best, flops_target)} (raise max_budget, or lower flops_target)")
     lo, hi, found = math.log(1e-4), math.log(max_budget), (max_budget, removed, steps)
     for _ in range(search_steps):
         mid = (lo + hi) / 2
         r, s = search(model, graph, batches, math.exp(mid), **kw)
         got = reduction(graph, r)
-        log.info("pagcp budget %.4g -> FLOPs reduction %.1f%% (target %.1f%%)", math.exp(mid), 100 * got, 100 * flops_target)
+        log.info("pagcp budget %.4g -> FLOPs reduction %s (target %s)", math.exp(mid), percent_beside(got, flops_target),
+                 percent(flops_target))
         if got >= flops_target:
             hi, found = mid, (math.exp(mid), r, s)
         else:
@@ -236,6 +237,6 @@ def trim_to_target(graph: LayerGraph, removed: dict[str, list[int]], steps: list
         if s.get("given_back_units") and s["layer"] in out:
             rest = {k: set(v) for k, v in out.items() if k != s["layer"]}
             s["flops_removed"] = graph.flops_after(rest) - graph.flops_after({**rest, s["layer"]: set(out[s["layer"]])})
-    log.info("pagcp: layers and units given back down to a FLOPs reduction of %.1f%% (target %.1f%%)",
-             100 * reduction(graph, out), 100 * target)
+    log.info("pagcp: layers and units given back down to a FLOPs reduction of %s (target %s)",
+             percent_beside(reduction(graph, out), target), percent(target))
     return out

@@ -177,9 +177,24 @@ def test_a_calibration_batch_without_a_target_names_the_task(model, batches):
         pruning.prune(model, "pagcp", calib=bare, budget=0.05)
 
 
-def test_unreachable_flops_target_names_the_best_reachable(model, batches):
-    with pytest.raises(PruningError, match=r"not reachable.*the most this method removes .* is \d+\.\d\d%"):
-        pruning.prune(model, "l1", calib=batches, flops_target=0.9999)
+@pytest.mark.parametrize("method, hp", [("l1", {}), ("pagcp", {"search_steps": 1, "ratios": [0.5, 0.9]})])
+def test_unreachable_flops_target_names_the_target_as_asked_and_the_best_reachable(model, batches, method, hp,
+                                                                                     monkeypatch):
+    # 0.9999 was written '100.0%' by PAGCP (.1%): a target that reads as other than what was asked
+    monkeypatch.setattr(pagcp_mod, "task_losses", controlled_losses(CHAINS[0][0], {"semseg": 1.0}))  # no real passes
+    with pytest.raises(PruningError, match=r"a FLOPs reduction of 99\.99% is not reachable") as e:
+        pruning.prune(model, method, calib=batches, flops_target=0.9999, **hp)
+    best = float(str(e.value).split(" is ")[-1].split("%")[0])
+    assert best < 99.99
+
+
+def test_percentages_show_the_given_fraction_exactly_and_keep_a_measure_on_its_side():
+    from pruning.methods import percent, percent_beside
+
+    assert [percent(x) for x in (0.9999, 0.99999, 0.3, 0.125)] == ["99.99%", "99.999%", "30%", "12.5%"]
+    assert percent_beside(0.61234, 0.3) == "61.23%"
+    assert percent_beside(0.99996, 0.99999) == "99.996%"  # 2 decimals would read 100.00%, above the target
+    assert percent_beside(0.2999999, 0.3) == "29.99999%"  # short of 30 %, never shown as 30.00%
 
 
 def test_unhandled_layer_is_named_and_ignored_layers_works(batches):
