@@ -209,6 +209,8 @@ def test_finetune_lr_zero_is_accepted_where_no_finetune_step_runs():
     ("prune.shrink=0", r"prune.shrink must be a number in \(0, 1\], got 0"),
     ("prune.keep_fraction=2", r"prune.keep_fraction must be a number in \(0, 1\], got 2"),
     ("prune.importance=grad", r"prune.importance must be 'l1' or 'taylor', got 'grad'"),
+    ("prune.decay_on=layers", r"prune.decay_on must be 'pruned' or 'visited', got 'layers'"),
+    ("prune.reference=first", r"prune.reference must be 'running_max' or 'last', got 'first'"),
     ("+prune.ratios=[0.5,1.5]", r"prune.ratios must be a non-empty list of numbers in \(0, 1\)"),
 ])
 def test_pagcp_settings_are_named_with_their_cli_key_before_any_work(folder, tmp_path, override, match, monkeypatch):
@@ -222,6 +224,8 @@ def test_pagcp_settings_are_named_with_their_cli_key_before_any_work(folder, tmp
 @pytest.mark.parametrize("override, match", [
     ("prune.combine=min", r"prune.combine must be 'sum' or 'max', got 'min'"),
     ("prune.scope=layer", r"prune.scope must be 'global' or 'uniform', got 'layer'"),
+    ("prune.criterion=l2", r"prune.criterion must be 'abs' or 'squared', got 'l2'"),
+    ("prune.max_layer_ratio=1", r"prune.max_layer_ratio must be a number in \(0, 1\), got 1"),
 ])
 def test_taylor_settings_are_named_with_their_cli_key_before_any_work(folder, tmp_path, override, match, monkeypatch):
     import pruning.job as job

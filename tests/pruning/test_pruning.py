@@ -336,3 +336,41 @@ def test_meta_records_every_setting_unset_ones_as_null(model, batches, method, h
     assert pruned.pruning_plan["hparams"] == report["hparams"]
     if searched is None:
         assert recorded["flops_target"] is None
+
+
+def _docs_knobs() -> dict[str, set[str]]:
+    """docs/pruning.md's methods table: per row (a method, or 'every method') the option names it lists."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "pruning.md").read_text()
+    rows = {}
+    for line in text.split("## Methods", 1)[1].splitlines()[3:]:
+        if not line.startswith("|"):
+            break
+        cells = line.strip("|").split(" | ")
+        rows[cells[0].strip().strip("`")] = set(re.findall(r"`\+?(?:prune\.)?([a-z_]+)", cells[-1]))
+    return rows
+
+
+def test_docs_table_lists_every_option_of_each_config_file_and_method():
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    knobs = _docs_knobs()
+    files = sorted((Path(__file__).resolve().parents[2] / "configs" / "prune").glob("*.yaml"))
+    assert {f.stem for f in files} == set(ALL_SETTINGS)
+    for f in files:
+        cfg = OmegaConf.to_container(OmegaConf.load(f))
+        documented = knobs[cfg["method"]] | knobs["every method"]
+        assert set(cfg) - {"method"} <= documented, (f.name, set(cfg) - {"method"} - documented)
+        assert ALL_SETTINGS[cfg["method"]] <= documented, (f.name, ALL_SETTINGS[cfg["method"]] - documented)
+
+
+def test_docs_name_every_option_by_its_cli_key():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "pruning.md").read_text()
+    missing = sorted(k for k in set().union(*ALL_SETTINGS.values()) if f"`prune.{k}`" not in text)
+    assert not missing
