@@ -62,6 +62,35 @@ def test_vit_backbone_token_grid():
     assert out["semseg"].shape == (2, 5, 32, 32)
 
 
+def test_channels_last_timm_features_reach_the_decoder_as_nchw():
+    """timm's MambaOut returns its stages as (B, H, W, C) (feature_info's output_fmt 'NHWC'): the decoder's
+    1x1 projections read (B, C, H, W), so each map must be timm's own with its last axis moved to the front."""
+    import timm
+
+    x = torch.randn(2, 3, 64, 64)
+    m = create_model(["depth", "classification"], backbone="test_mambaout", decoder={"name": "hps", "channels": 8}).eval()
+    raw = timm.create_model("test_mambaout", features_only=True)
+    raw.load_state_dict(m.backbone.body.state_dict())
+    with torch.no_grad():
+        ours, theirs = m.backbone(x), raw(x)
+        out = m(x)
+    for f, t, c, r in zip(ours, theirs, m.backbone.channels, m.backbone.reductions):
+        assert t.shape == (2, 64 // r, 64 // r, c) and torch.equal(f, t.permute(0, 3, 1, 2))
+    assert out["depth"].shape == (2, 1, 64, 64)
+
+
+def test_a_fixed_size_timm_backbone_names_its_size_and_img_size_makes_it_run():
+    """timm builds CoAtNet's windows and relative-position tables for one input size (img_size, default 160)."""
+    x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    default = create_model(["depth"], backbone="test_coatnet", decoder={"name": "hps", "channels": 8}).eval()
+    with pytest.raises(ValueError, match=r"^backbone test_coatnet is built for 160x160 inputs .* failed on 64x64 "
+                                         r"\(.*\); build it with backbone.img_size=64 \(mtl-train: \+\+backbone.img_size=64\)$"):
+        default(x)
+    sized = create_model(["depth"], backbone={"name": "test_coatnet", "img_size": 64}, decoder={"name": "hps", "channels": 8})
+    with torch.no_grad():
+        assert sized.eval()(x)["depth"].shape == (2, 1, 64, 64)
+
+
 def test_unknown_backbone_and_decoder_names():
     with pytest.raises(UnknownNameError, match="unknown timm backbone"):
         create_model(["depth"], backbone="resnet_does_not_exist")

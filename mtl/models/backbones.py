@@ -1,4 +1,5 @@
-"""Backbones: any timm model by name, returning a list of feature maps (B, C_i, H_i, W_i).
+"""Backbones: any timm model by name, returning a list of feature maps (B, C_i, H_i, W_i) (channels-last
+stages, timm's output_fmt NHWC, are permuted to it).
 
 CNNs use timm's ``features_only`` mode; ViTs too (timm turns their token grid into a feature map
 through ``forward_intermediates``), so one wrapper serves both. Backbones of our own (e.g. the
@@ -64,9 +65,38 @@ class TimmBackbone(nn.Module):
                                "the local Hugging Face cache and fails at once)") from e
         self.channels: list[int] = list(self.body.feature_info.channels())
         self.reductions: list[int] = list(self.body.feature_info.reduction())
+        # timm's MambaOut (and Swin-like models) return stage outputs as (B, H, W, C); decoders read (B, C, H, W)
+        self.channels_last = getattr(getattr(self.body, "output_fmt", None), "value", None) == "NHWC"
+        self.input_size = _fixed_input_size(self.body, kwargs.get("img_size"))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.body(x))
+        try:
+            features = list(self.body(x))
+        except (RuntimeError, AssertionError) as e:  # timm's own error names neither the size nor the fix
+            got = tuple(int(n) for n in x.shape[-2:])
+            if self.input_size is None or got == self.input_size:
+                raise
+            first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            size = got[0] if got[0] == got[1] else f"[{got[0]},{got[1]}]"
+            raise ValueError(f"backbone {self.name} is built for {self.input_size[0]}x{self.input_size[1]} inputs "
+                             f"(timm sizes its windows / position tables by img_size) and failed on {got[0]}x{got[1]} "
+                             f"({first}); build it with backbone.img_size={size} (mtl-train: ++backbone.img_size={size})") from e
+        if self.channels_last:
+            features = [f.permute(0, 3, 1, 2) for f in features]
+        return features
+
+
+def _fixed_input_size(body: nn.Module, img_size: Any) -> tuple[int, int] | None:
+    """The input size a timm model that says it needs one (``pretrained_cfg["fixed_input_size"]``: windowed
+    attention, position tables) was built for: ``img_size`` if given, else timm's default; None otherwise."""
+    cfg = getattr(body, "pretrained_cfg", None) or {}
+    if not cfg.get("fixed_input_size"):
+        return None
+    if img_size is None:
+        img_size = tuple(cfg.get("input_size", ())[1:]) or None
+    if isinstance(img_size, int):
+        return (img_size, img_size)
+    return tuple(int(n) for n in img_size) if img_size else None
 
 
 def create_backbone(name: str, **kwargs: Any) -> nn.Module:
