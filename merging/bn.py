@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mtl.io import require_model
+
 from .keys import BN_OPTIONS, DEFAULT_TASK_KEYS, KeyPattern, compile_pattern
 
 __all__ = ["BN_OPTIONS", "check_bn", "bn_layers", "bn_statistics", "pooled_batches", "recompute_bn", "batch_inputs",
@@ -153,6 +155,7 @@ def bn_statistics(model: nn.Module, batches: Iterable[torch.Tensor], *, params: 
     train/eval modes) and `params` are left untouched. `task`: the model is called as
     ``model(x, tasks=[task])`` (a multi-task model needs one head to run), else ``model(x)``.
     """
+    require_model(model, "bn_statistics")
     _refuse_linearized(model)
     layers = bn_layers(model, task_keys)
     if not layers:
@@ -193,6 +196,7 @@ def recompute_bn(model: nn.Module, batches: Iterable[torch.Tensor], *, task: str
     Nothing else changes (parameters, other buffers, train/eval modes). The buffers are only written
     once every batch has gone through, so an error leaves the model as it was.
     """
+    require_model(model, "recompute_bn")
     stats = bn_statistics(model, batches, task=task, task_keys=task_keys)
     buffers = dict(model.named_buffers())
     with torch.no_grad():

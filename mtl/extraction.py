@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from mtl.io import is_plain_json
+from mtl.io import is_plain_json, require_model
 
 
 def extract(model: nn.Module, *, out: str | os.PathLike | None = None, overwrite: bool = False,
@@ -23,9 +23,7 @@ def extract(model: nn.Module, *, out: str | os.PathLike | None = None, overwrite
     ``extract(model)`` takes the current configuration as it is). With ``out=`` the result is also saved
     as a model folder whose meta records the full configuration used (``extract.widths``) and, when
     given, the ``run_dir`` that made it (mtl-extract's run folder, which model cards name)."""
-    if isinstance(model, (str, os.PathLike)):
-        raise TypeError(f"extract takes a model, got the path {str(model)!r}; load it with mtl.load_model(path) "
-                        "first (or run mtl-extract model=<folder>)")
+    require_model(model, "extract")
     check_request(model, kwargs)
     fn = model.extract_subnetwork
     sub = fn(**kwargs)

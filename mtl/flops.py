@@ -1,12 +1,13 @@
 """FLOPs and parameter counts from ``torch.utils.flop_counter`` (one multiply-add = 2 FLOPs)."""
 from __future__ import annotations
 
-import os
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from mtl.io import require_model
 
 
 def _cpu_flash_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -36,6 +37,7 @@ def count_flops(model: nn.Module, x: torch.Tensor, tasks: Iterable[str] | str | 
     What runs is counted, so for a sparse model (routed experts) these are the *active* FLOPs.
     The model's train/eval mode is restored afterwards.
     """
+    require_model(model, "count_flops")
     was_training = model.training
     model.eval()
     try:
@@ -49,9 +51,7 @@ def count_flops(model: nn.Module, x: torch.Tensor, tasks: Iterable[str] | str | 
 def model_stats(model: nn.Module, x: torch.Tensor, tasks: Iterable[str] | None = None) -> dict[str, Any]:
     """Params, all-task FLOPs and each task's own FLOPs (``forward(x, tasks=[t])``) per sample; for a slimmable
     model also ``params_active``, the parameters of its active widths (``params`` holds every width's)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model_stats takes a model (nn.Module), got {type(model).__name__}"
-                        + ("; load a model folder with mtl.load_model(path) first" if isinstance(model, (str, os.PathLike)) else ""))
+    require_model(model, "model_stats")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"model_stats takes an input batch x (a tensor), got {type(x).__name__}")
     names = ([tasks] if isinstance(tasks, str) else list(tasks)) if tasks is not None else list(getattr(model, "tasks", []))

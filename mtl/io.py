@@ -161,6 +161,19 @@ def stale_records(path: str | os.PathLike, caller: str = "save_model") -> list[s
     return stale
 
 
+def not_a_model(fn: str, got: Any, takes: str = "a model (nn.Module)") -> TypeError:
+    """The one-line error of a function given something else than a model; a folder path (a common slip)
+    is pointed at `load_model`."""
+    hint = "; load a model folder with mtl.load_model(path) first" if isinstance(got, (str, os.PathLike)) else ""
+    return TypeError(f"{fn} takes {takes}, got {type(got).__name__}{hint}")
+
+
+def require_model(model: Any, fn: str) -> None:
+    """Refuse anything but an ``nn.Module`` as `not_a_model` says, before an AttributeError deep inside ``fn``."""
+    if not isinstance(model, nn.Module):
+        raise not_a_model(fn, model)
+
+
 def first_non_finite(weights: nn.Module | Mapping[str, torch.Tensor]) -> str | None:
     """The key of the first floating tensor (weight or buffer) of a model or state dict holding a NaN or an
     infinity, else None: what `load_model` refuses, checked before a folder is written."""
@@ -187,8 +200,8 @@ def save_model(model, path: str | os.PathLike, meta: dict[str, Any] | None = Non
 
     path = Path(path)
     if not isinstance(getattr(model, "config", None), dict):
-        raise TypeError(f"save_model takes an mtlkit model (mtl.create_model, mtl.load_model, a merged, pruned or "
-                        f"extracted one: it describes itself in .config), got {type(model).__name__}")
+        raise not_a_model("save_model", model, "an mtlkit model (mtl.create_model, mtl.load_model, a merged, pruned "
+                                               "or extracted one: it describes itself in .config)")
     inherited = meta is None
     if inherited:
         meta = getattr(model, "meta", None)

@@ -328,7 +328,7 @@ def test_wrong_argument_types_are_named(tiny_model):
     with pytest.raises(TypeError, match="load_model takes the path of a model folder, got MultiTaskModel "
                                         r"\(already a model: use it as it is\)"):
         mtl.load_model(tiny_model)
-    with pytest.raises(TypeError, match=r"extract takes a model, got the path 'some/folder'; load it with mtl.load_model"):
+    with pytest.raises(TypeError, match=r"extract takes a model \(nn.Module\), got str; load a model folder"):
         mtl.extract("some/folder", widths={"encoder": 0.5})
     from mtl.flops import model_stats
 
@@ -336,6 +336,30 @@ def test_wrong_argument_types_are_named(tiny_model):
         model_stats("some/folder", torch.zeros(1, 3, 32, 32))
     with pytest.raises(TypeError, match="model_stats takes an input batch x"):
         model_stats(tiny_model, [1, 2])
+
+
+def _path_callers():
+    import merging
+    from mtl.models import linearize
+
+    x = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    return {"count_flops": lambda m: mtl.count_flops(m, x),
+            "recompute_bn": lambda m: merging.recompute_bn(m, [x], task="depth"),
+            "bn_statistics": lambda m: merging.bn_statistics(m, [x]),
+            "linearize": linearize,
+            r"merging.learn\(model=...\)": lambda m: merging.learn("adamerging", {}, [{}], unlabeled={"depth": [x]},
+                                                                  model=m, tasks=["depth"]),
+            "save_model": lambda m: mtl.save_model(m, "unused")}
+
+
+@pytest.mark.parametrize("fn", list(_path_callers()))
+def test_a_folder_path_given_for_a_model_names_load_model(fn, tmp_path):
+    call = _path_callers()[fn]
+    with pytest.raises(TypeError, match=rf"^{fn} takes .*, got (str|PosixPath); load a model folder with "
+                                        r"mtl.load_model\(path\) first$"):
+        call(str(tmp_path))
+    with pytest.raises(TypeError, match=rf"^{fn} takes .*, got PosixPath; load a model folder"):
+        call(tmp_path)
 
 
 def test_write_json_is_strict_json_with_non_finite_floats_as_null(tmp_path):

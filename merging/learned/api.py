@@ -17,6 +17,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
+from mtl.io import require_model
+
 from ..bn import bn_statistics, check_bn, pooled_batches
 from ..keys import DEFAULT_TASK_KEYS
 from .adamerging import CoefficientLearner, Trace
@@ -301,6 +303,8 @@ def learn(method: str, pretrained, finetuned, *, unlabeled: Mapping[str, Iterabl
         hp["channels_last"] = model is None
     if hp["pool_limit"] is None:  # a caller's model promises forward(x, tasks=[t]) only: one task per pass
         hp["pool_limit"] = POOL_LIMIT if model is None else 0
+    if model is not None:
+        require_model(model, "merging.learn(model=...)")
     was_training = model.training if model is not None else None
     problem = build_problem(pretrained, finetuned, model=model, tasks=tasks, device=device, **key_options)
     if hp.get("vectors") == "ties":

@@ -115,8 +115,10 @@ def linearize(model: MultiTaskModel) -> LinearizedModel:
     """A linearised copy of `model` expanded around its current weights (it predicts as `model` does).
     Plain multi-task models only (any backbone and decoder): other families' forward passes (width
     switches, per-task experts) and pruned architectures are not what the expansion rebuilds."""
+    from mtl.io import require_model
     from mtl.models.surgery import plan_of
 
+    require_model(model, "linearize")
     config = getattr(model, "config", None)
     family = config.get("family") if isinstance(config, dict) else None
     if type(model) is not MultiTaskModel or family != "multitask":
