@@ -29,7 +29,8 @@ from mtl.io import require_model
 
 from .keys import BN_OPTIONS, DEFAULT_TASK_KEYS, KeyPattern, compile_pattern
 
-__all__ = ["BN_OPTIONS", "check_bn", "bn_layers", "bn_statistics", "pooled_batches", "recompute_bn", "batch_inputs",
+__all__ = ["BN_OPTIONS", "check_batches", "check_bn", "bn_layers", "bn_statistics", "pooled_batches", "recompute_bn",
+           "batch_inputs",
            "shared_bn_in_train_mode"]
 
 
@@ -37,6 +38,12 @@ def check_bn(bn: Any) -> str:
     if bn not in BN_OPTIONS:
         raise ValueError(f"bn must be one of {', '.join(map(repr, BN_OPTIONS))}, got {bn!r}")
     return bn
+
+
+def check_batches(batches: Any, where: str) -> None:
+    """Refuse one tensor where an iterable of batches is expected: iterating it would yield its samples."""
+    if isinstance(batches, torch.Tensor):
+        raise TypeError(f"{where} is one tensor; pass an iterable of batches, e.g. [x] or a DataLoader")
 
 
 def batch_inputs(batch: Any, task: str = "?") -> torch.Tensor:
@@ -65,6 +72,8 @@ def pooled_batches(unlabeled: Mapping[str, Iterable], max_batches: int | None = 
     (tasks whose inputs differ in shape go separately). `max_batches` caps the batches taken per task."""
     if not unlabeled:
         raise ValueError("bn='recompute' needs unlabeled data: got no task")
+    for t, src in unlabeled.items():
+        check_batches(src, f"unlabeled[{t!r}]")
     its = {t: iter(src) for t, src in unlabeled.items()}
     taken = dict.fromkeys(its, 0)
     while its:
@@ -156,6 +165,7 @@ def bn_statistics(model: nn.Module, batches: Iterable[torch.Tensor], *, params: 
     ``model(x, tasks=[task])`` (a multi-task model needs one head to run), else ``model(x)``.
     """
     require_model(model, "bn_statistics")
+    check_batches(batches, "batches")
     _refuse_linearized(model)
     layers = bn_layers(model, task_keys)
     if not layers:
@@ -197,6 +207,7 @@ def recompute_bn(model: nn.Module, batches: Iterable[torch.Tensor], *, task: str
     once every batch has gone through, so an error leaves the model as it was.
     """
     require_model(model, "recompute_bn")
+    check_batches(batches, "batches")
     stats = bn_statistics(model, batches, task=task, task_keys=task_keys)
     buffers = dict(model.named_buffers())
     with torch.no_grad():

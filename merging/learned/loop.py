@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from mtl.progress_log import ProgressLog
 
-from ..bn import batch_inputs, bn_statistics, pooled_batches, shared_bn_in_train_mode
+from ..bn import batch_inputs, check_batches, bn_statistics, pooled_batches, shared_bn_in_train_mode
 from .objective import entropy
 from .problem import MergeProblem
 
@@ -90,8 +90,8 @@ class Objective:
             raise TypeError(f"{name} must map each task to an iterable of batches ({{task: batches}}), "
                             f"got {type(data).__name__}")
         for t in tasks:
-            if data is not None and isinstance(data.get(t), torch.Tensor):
-                raise TypeError(f"{name}[{t!r}] is one tensor; pass an iterable of batches, e.g. [x] or a DataLoader")
+            if data is not None:
+                check_batches(data.get(t), f"{name}[{t!r}]")
         missing = [t for t in tasks if data is None or t not in data]
         if missing:
             raise ValueError(f"{name} has no data for task {missing[0]!r}" + (f" (nor {missing[1:]})" if missing[1:] else "")

@@ -132,6 +132,15 @@ def test_bad_bn_value_is_named():
         merging.learn("adamerging", pre, fts, unlabeled=data, model=model, tasks=["t0", "t1"], bn="reset", progress=False)
 
 
+def test_one_tensor_for_the_batches_is_refused_naming_the_argument():
+    model, x = ConvBN(), _batches()[0]
+    for fn in (recompute_bn, bn_statistics):  # iterating x would feed its samples as 3-D batches
+        with pytest.raises(TypeError, match=r"^batches is one tensor; pass an iterable of batches, e\.g\. \[x\]"):
+            fn(model, x, task="t0")
+    with pytest.raises(TypeError, match=r"^unlabeled\['t1'\] is one tensor; pass an iterable of batches"):
+        next(pooled_batches({"t0": [x], "t1": x}))
+
+
 def test_task_keys_as_a_list_or_callable_select_the_same_layers():
     from merging.bn import bn_layers
 
