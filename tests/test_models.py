@@ -230,3 +230,21 @@ def test_float_input_in_another_dtype_than_the_model_is_named_not_a_torch_error(
             with pytest.raises(TypeError, match="input images are torch.float64"):  # autocast leaves float64 as is
                 model(x.double())
         assert model.double()(x.double())["depth"].dtype == torch.float64
+
+
+def test_config_with_other_arguments_is_refused_naming_them(tiny_model):
+    with pytest.raises(ValueError, match=r"^create_model: config= describes the whole model; leave out tasks, "
+                                         r"backbone, family \(or edit"):
+        create_model(["normals"], backbone="resnet18", family="slimmable", config=tiny_model.config)
+    with pytest.raises(ValueError, match=r"leave out decoder, channels "):
+        create_model(decoder="moe", channels=8, config=tiny_model.config)
+    assert type(create_model(config=tiny_model.config)) is type(tiny_model)
+
+
+def test_a_config_missing_a_key_names_it():
+    with pytest.raises(ValueError, match=r"^model config has no 'backbone' key \(family 'multitask' needs tasks, backbone\)"):
+        create_model(config={"tasks": []})
+    with pytest.raises(ValueError, match=r"^model config has no 'tasks' key \(family 'task_moe_vit'"):
+        create_model(config={"family": "task_moe_vit"})
+    with pytest.raises(TypeError, match=r"^a model config must be a dict \(a model's .config\), got list"):
+        create_model(config=["depth"])

@@ -2,7 +2,8 @@
 
 A family is an ``nn.Module`` class with a ``config`` property (plain JSON data, including
 ``"family": <name>``) and a ``from_config(cfg)`` classmethod that rebuilds it; ``mtl.load_model``
-then loads the safetensors weights into it. Configs without the key are ``"multitask"``.
+then loads the safetensors weights into it. Configs without the key are ``"multitask"``. A family's
+``CONFIG_KEYS`` names the keys its configs must hold (a missing one is refused naming it).
 """
 from __future__ import annotations
 
@@ -22,8 +23,16 @@ def model_from_config(cfg: dict[str, Any]) -> nn.Module:
     stored with it (a pruned model) is re-applied to the rebuilt architecture (mtl.models.surgery)."""
     from mtl.models.surgery import PLAN_KEY, apply_plan
 
+    if not isinstance(cfg, dict):
+        raise TypeError(f"a model config must be a dict (a model's .config), got {type(cfg).__name__}")
     base = {k: v for k, v in cfg.items() if k != PLAN_KEY}
-    model = MODELS.get(base.get("family", DEFAULT_FAMILY)).from_config(base)
+    family = base.get("family", DEFAULT_FAMILY)
+    cls = MODELS.get(family)
+    missing = [k for k in getattr(cls, "CONFIG_KEYS", ()) if k not in base]
+    if missing:
+        raise ValueError(f"model config has no {missing[0]!r} key (family {family!r} needs "
+                         f"{', '.join(cls.CONFIG_KEYS)})")
+    model = cls.from_config(base)
     return apply_plan(model, cfg[PLAN_KEY]) if PLAN_KEY in cfg else model
 
 

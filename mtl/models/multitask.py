@@ -64,6 +64,8 @@ class MultiTaskModel(nn.Module):
     self-contained — or an already normalised float tensor.
     """
 
+    CONFIG_KEYS = ("tasks", "backbone")
+
     def __init__(
         self,
         tasks: Sequence[Task],
@@ -141,18 +143,27 @@ class MultiTaskModel(nn.Module):
 
 def create_model(
     tasks: Sequence[Task | dict[str, Any]] | None = None,
-    backbone: str | dict[str, Any] = "resnet18",
-    decoder: str | dict[str, Any] = "hps",
+    backbone: str | dict[str, Any] | None = None,
+    decoder: str | dict[str, Any] | None = None,
     *,
     config: dict[str, Any] | None = None,
-    family: str = "multitask",
+    family: str | None = None,
     **kwargs: Any,
 ) -> MultiTaskModel:
     """Build a model from names and kwargs, e.g.
-    ``create_model(["semseg", "depth"], backbone="test_resnet")``, or from a stored ``config``.
+    ``create_model(["semseg", "depth"], backbone="test_resnet")`` (backbone ``resnet18``, decoder ``hps`` and
+    family ``multitask`` when left out), or from a stored ``config`` (a model's ``.config``) alone.
     ``family`` picks the class in ``MODELS`` (e.g. ``"slimmable"``); all take (tasks, backbone, decoder)."""
     if config is not None:
+        given = [k for k, v in (("tasks", tasks), ("backbone", backbone), ("decoder", decoder), ("family", family))
+                 if v is not None] + list(kwargs)
+        if given:  # the config describes the whole model: anything beside it would be dropped
+            raise ValueError(f"create_model: config= describes the whole model; leave out {', '.join(given)} "
+                             "(or edit those keys of the config)")
         return model_from_config(config)
+    backbone = "resnet18" if backbone is None else backbone
+    decoder = "hps" if decoder is None else decoder
+    family = "multitask" if family is None else family
     if tasks is None:
         raise ValueError("create_model needs tasks (names, Task objects or task configs) or config=")
     if isinstance(tasks, (str, Task)):  # one task: create_model("depth"), not the letters of "depth"

@@ -125,6 +125,8 @@ class TaskMoEViT(nn.Module):
     which may hold ``top_k=1`` with ``renormalize=true`` (the default before 2026-12-06); it loads with
     a warning instead of the refusal a new model gets."""
 
+    CONFIG_KEYS = ("tasks",)
+
     shared_representation = False
 
     def __init__(self, tasks: Sequence[Task], backbone: dict[str, Any] | None = None, decoder: dict[str, Any] | None = None,
