@@ -248,3 +248,28 @@ def test_a_config_missing_a_key_names_it():
         create_model(config={"family": "task_moe_vit"})
     with pytest.raises(TypeError, match=r"^a model config must be a dict \(a model's .config\), got list"):
         create_model(config=["depth"])
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"tasks": [{"name": "depth", "weight": 2.0}]}, ValueError,
+     r"^task config \{'name': 'depth', 'weight': 2.0\} has no 'kind' key \(the task type, e.g. \{'kind': 'depth'"),
+    ({"tasks": [3]}, TypeError, r"^a task must be a name, a Task or a task config \(a dict with 'kind'\), got 3$"),
+    ({"tasks": 3}, TypeError, r"^create_model: tasks must be a list of task names, Tasks or task configs, got 3$"),
+    ({"backbone": 3}, TypeError, r"^backbone must be a name or a dict of settings with its 'name' \(e.g. \{'name': 'resnet18'\}\), got 3$"),
+    ({"backbone": {"out_indices": [1]}}, TypeError, r"^backbone must be a name or a dict of settings with its 'name'"),
+    ({"decoder": ["hps"]}, TypeError, r"^decoder must be a name or a dict of settings with its 'name'"),
+    ({"backbone": {"name": "test_resnet", "out_indice": [1]}}, TypeError,
+     r"^unknown setting backbone.out_indice \(did you mean backbone.out_indices\?\); the settings here are: out_indices, "
+     r"pretrained, checkpoint_path and the keyword arguments of timm's 'test_resnet' \(ResNet.__init__\(\) got an unexpected"),
+    ({"backbone": {"name": "slim_resnet", "widthz": [1.0]}, "decoder": "slimmable", "family": "slimmable"}, TypeError,
+     r"^unknown setting backbone.widthz; the settings here are: stem, channels, depths, out_indices, widths$"),
+])
+def test_malformed_tasks_backbone_and_decoder_are_named(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        create_model(**{"tasks": ["depth"], "backbone": "test_resnet", **kwargs})
+
+
+def test_timm_keyword_arguments_still_pass_through_the_backbone_settings():
+    m = create_model(["depth"], backbone={"name": "test_vit", "img_size": 64, "drop_path_rate": 0.1})
+    assert m(torch.zeros(1, 3, 64, 64))["depth"].shape == (1, 1, 64, 64)
+    assert create_model([{"kind": "depth", "name": "d2", "weight": 2.0}], backbone="test_resnet").tasks["d2"].weight == 2.0

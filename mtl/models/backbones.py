@@ -9,6 +9,7 @@ slimmable ``slim_resnet``) register in ``BACKBONES`` and take precedence over ti
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,9 +18,19 @@ import torch
 from torch import nn
 
 from mtl.io import INIT_ONLY  # noqa: F401  (re-exported: the backbone keys a model folder leaves out)
-from mtl.registry import Registry, UnknownNameError
+from mtl.registry import Registry, UnknownNameError, check_kwargs
 
 BACKBONES: "Registry[type[nn.Module]]" = Registry("backbone")
+
+
+#: TimmBackbone's own settings; any other backbone key is passed on to timm.create_model
+OWN_SETTINGS = ("out_indices", "pretrained", "checkpoint_path")
+
+
+def unknown_keyword(error: Exception, kwargs: dict[str, Any]) -> str | None:
+    """The caller's key a TypeError says was unexpected (timm passes unknown keys to the model class)."""
+    match = re.search(r"unexpected keyword argument '(\w+)'", str(error)) if isinstance(error, TypeError) else None
+    return match.group(1) if match and match.group(1) in kwargs else None
 
 
 class TimmBackbone(nn.Module):
@@ -53,6 +64,13 @@ class TimmBackbone(nn.Module):
         try:
             self.body = timm.create_model(name, pretrained=pretrained, **feature_kwargs, **kwargs)
         except Exception as e:
+            unknown = unknown_keyword(e, kwargs)
+            if unknown:  # a misspelt setting: named as the decoder's are, not as "<Class>.__init__() got ..."
+                close = difflib.get_close_matches(unknown, OWN_SETTINGS, n=1)
+                raise TypeError(f"unknown setting backbone.{unknown}"
+                                + (f" (did you mean backbone.{close[0]}?)" if close else "")
+                                + f"; the settings here are: {', '.join(OWN_SETTINGS)} and the keyword arguments of "
+                                f"timm's {name!r} ({e})") from None
             if out_indices is not None and isinstance(e, (IndexError, AssertionError)):
                 n = len(timm.create_model(name, features_only=True, **kwargs).feature_info)
                 raise ValueError(f"backbone.out_indices={list(out_indices)}: {name} has {n} feature stages "
@@ -103,5 +121,7 @@ def create_backbone(name: str, **kwargs: Any) -> nn.Module:
     """``create_backbone("resnet18", out_indices=[1, 2, 3, 4])``: a registered backbone of ours
     (``BACKBONES``, e.g. ``slim_resnet``) or else any timm name."""
     if name in BACKBONES:
-        return BACKBONES.get(name)(**kwargs)
+        cls = BACKBONES.get(name)
+        check_kwargs(cls, kwargs, "backbone")
+        return cls(**kwargs)
     return TimmBackbone(name, **kwargs)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -11,7 +11,7 @@ from torch import nn
 from mtl.models.backbones import INIT_ONLY, create_backbone
 from mtl.models.decoders import create_decoder
 from mtl.models.families import MODELS, model_from_config
-from mtl.tasks import Task, create_task
+from mtl.tasks import Task, task_from_config
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -81,8 +81,8 @@ class MultiTaskModel(nn.Module):
         if len(set(names)) != len(names):
             raise ValueError(f"task names must be unique, got {names}")
         self.tasks = {t.name: t for t in tasks}
-        self._backbone_cfg = dict(backbone)
-        self._decoder_cfg = dict(decoder or {"name": "hps"})
+        self._backbone_cfg = part_config("backbone", backbone)
+        self._decoder_cfg = part_config("decoder", decoder or "hps")
         bb = dict(backbone)
         self.backbone = create_backbone(bb.pop("name"), **bb)
         dec = dict(self._decoder_cfg)
@@ -110,7 +110,7 @@ class MultiTaskModel(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> "MultiTaskModel":
-        tasks = [create_task(**dict(t)) for t in cfg["tasks"]]
+        tasks = [task_from_config(t) for t in cfg["tasks"]]
         return cls(tasks, cfg["backbone"], cfg.get("decoder"), cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
 
     # --- forward ----------------------------------------------------------------------------
@@ -141,6 +141,17 @@ class MultiTaskModel(nn.Module):
         return [p for p in self.parameters() if p.requires_grad and id(p) not in head_ids]
 
 
+def part_config(part: str, spec: Any, named: bool = True) -> dict[str, Any]:
+    """A backbone or decoder given as its name or as a dict of settings, with its ``name`` when ``named`` (a
+    family with one backbone of its own, task_moe_vit, takes settings alone)."""
+    if isinstance(spec, str):
+        return {"name": spec}
+    if not isinstance(spec, Mapping) or (named and not isinstance(spec.get("name"), str)):
+        raise TypeError(f"{part} must be a name or a dict of settings with its 'name' (e.g. {{'name': "
+                        f"{'resnet18' if part == 'backbone' else 'hps'!r}}}), got {spec!r}")
+    return dict(spec)
+
+
 def create_model(
     tasks: Sequence[Task | dict[str, Any]] | None = None,
     backbone: str | dict[str, Any] | None = None,
@@ -150,10 +161,12 @@ def create_model(
     family: str | None = None,
     **kwargs: Any,
 ) -> MultiTaskModel:
-    """Build a model from names and kwargs, e.g.
-    ``create_model(["semseg", "depth"], backbone="test_resnet")`` (backbone ``resnet18``, decoder ``hps`` and
-    family ``multitask`` when left out), or from a stored ``config`` (a model's ``.config``) alone.
-    ``family`` picks the class in ``MODELS`` (e.g. ``"slimmable"``); all take (tasks, backbone, decoder)."""
+    """Build a model from names and kwargs, e.g. ``create_model(["semseg", "depth"], backbone="test_resnet")``
+    (backbone ``resnet18``, decoder ``hps`` and family ``multitask`` when left out), or from a stored ``config``
+    (a model's ``.config``) alone. A task is a name, a Task or a task config keyed ``kind`` (its type:
+    ``{"kind": "depth", "weight": 2.0}``; ``name`` is optional); a backbone or decoder is a name or a dict of
+    settings with its ``name``. ``family`` picks the class in ``MODELS`` (e.g. ``"slimmable"``); all take
+    (tasks, backbone, decoder)."""
     if config is not None:
         given = [k for k, v in (("tasks", tasks), ("backbone", backbone), ("decoder", decoder), ("family", family))
                  if v is not None] + list(kwargs)
@@ -168,16 +181,10 @@ def create_model(
         raise ValueError("create_model needs tasks (names, Task objects or task configs) or config=")
     if isinstance(tasks, (str, Task)):  # one task: create_model("depth"), not the letters of "depth"
         tasks = [tasks]
-    built = []
-    for t in tasks:
-        if isinstance(t, Task):
-            built.append(t)
-        elif isinstance(t, str):
-            built.append(create_task(t))
-        else:
-            built.append(create_task(**dict(t)))
-    bb = {"name": backbone} if isinstance(backbone, str) else dict(backbone)
-    dec = {"name": decoder} if isinstance(decoder, str) else dict(decoder)
+    if not isinstance(tasks, Iterable) or isinstance(tasks, Mapping):
+        raise TypeError(f"create_model: tasks must be a list of task names, Tasks or task configs, got {tasks!r}")
+    built = [task_from_config(t) for t in tasks]
+    bb, dec = part_config("backbone", backbone, False), part_config("decoder", decoder, False)
     slim = [f"{part}={c['name']}" for part, c, name in (("backbone", bb, "slim_resnet"), ("decoder", dec, "slimmable"))
             if c.get("name") == name and c.get("widths", "default")]  # left out: the class's default width set
     if slim and family != "slimmable":  # another family would train them at full width only, silently

@@ -28,7 +28,7 @@ from mtl.models.families import MODELS
 from mtl.models.multitask import IMAGENET_MEAN, IMAGENET_STD, normalize_images, select_tasks
 from mtl.models.moe import StackedExperts, TopKRouter, check_top_k, task_expert_mutual_information
 from mtl.registry import check_bool, check_int, check_number
-from mtl.tasks import Task, create_task
+from mtl.tasks import Task, task_from_config
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ class TaskMoEViT(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> "TaskMoEViT":
-        tasks = [create_task(**dict(t)) for t in cfg["tasks"]]
+        tasks = [task_from_config(t) for t in cfg["tasks"]]
         return cls(tasks, cfg.get("backbone"), cfg.get("decoder"), cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD),
                    stored=True)
 

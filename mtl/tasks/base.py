@@ -4,7 +4,7 @@ from __future__ import annotations
 import abc
 import inspect
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import torch
 from torchmetrics import Metric
@@ -91,6 +91,21 @@ def create_task(kind: str, **kwargs: Any) -> Task:
         valid = ", ".join(inspect.signature(cls).parameters)
         raise TypeError(f"task {kind!r}: {e}; valid arguments: {valid}") from None
     return cls(**kwargs)
+
+
+def task_from_config(spec: Any) -> Task:
+    """A task from its config (``{"kind": "depth", "weight": 2.0}``, ``Task.to_config()``), a registry name or a
+    Task; anything else, or a config without its ``kind``, is refused in one line."""
+    if isinstance(spec, Task):
+        return spec
+    if isinstance(spec, str):
+        return create_task(spec)
+    if not isinstance(spec, Mapping):
+        raise TypeError(f"a task must be a name, a Task or a task config (a dict with 'kind'), got {spec!r}")
+    if "kind" not in spec:  # 'name' alone is the common slip: it is the task's own name, 'kind' its type
+        raise ValueError(f"task config {dict(spec)!r} has no 'kind' key (the task type, e.g. "
+                         "{'kind': 'depth', 'weight': 2.0}; 'name' is optional: the task's own name)")
+    return create_task(**dict(spec))
 
 
 def out_of_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
