@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import lightning as L
 import torch
@@ -11,6 +11,7 @@ from torch import nn
 
 from mtl.balancers import Balancer, BalancerMonitor, StepContext, check_finite, create_balancer, freeze_norm_stats
 from mtl.expert_usage import usage_paused
+from mtl.io import not_a_model
 from mtl.models import MultiTaskModel, create_model
 from mtl.models.families import last_shared_weight
 from mtl.registry import check_int
@@ -57,17 +58,31 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int, min_ratio: float = 0
     return factor
 
 
+def balancer_config(balancer: str | Mapping[str, Any] | None) -> dict[str, Any]:
+    """``{"name": ..., **settings}`` from a balancer name, such a dict, or None (``ew``)."""
+    if balancer is None:
+        return {"name": "ew"}
+    if isinstance(balancer, str):
+        return {"name": balancer}
+    if not isinstance(balancer, Mapping) or "name" not in balancer:
+        raise TypeError(f"balancer must be a name or a dict with its 'name' and settings (e.g. {{'name': 'uw'}}), "
+                        f"got {balancer!r}")
+    return dict(balancer)
+
+
 class MultiTaskModule(L.LightningModule):
     """Trains a MultiTaskModel with a Balancer in manual-optimisation mode.
 
     Manual optimisation keeps one code path for loss-level and gradient-aggregation methods:
-    the balancer fills ``.grad``; this module clips, steps and schedules.
+    the balancer fills ``.grad``; this module clips, steps and schedules. ``model``: a model or its config
+    (a folder is loaded first, with mtl.load_model); ``balancer``: a name (``"uw"``) or ``{"name": ..., **settings}``,
+    default ``ew``.
     """
 
     def __init__(
         self,
         model: MultiTaskModel | dict[str, Any],
-        balancer: dict[str, Any] | None = None,
+        balancer: str | dict[str, Any] | None = None,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         warmup_ratio: float = 0.05,
@@ -93,9 +108,11 @@ class MultiTaskModule(L.LightningModule):
                 raise ValueError(f"{key} must be a number {rng}, got {value!r}")
         check_int("log_weights_every", log_weights_every, 0, " (0: off)")
         self.automatic_optimization = False
+        if not isinstance(model, (nn.Module, Mapping)):
+            raise not_a_model("MultiTaskModule", model, "a model (nn.Module) or a model config dict")
         self.model = model if isinstance(model, nn.Module) else create_model(config=dict(model))
         self.tasks = self.model.tasks
-        balancer = dict(balancer or {"name": "ew"})
+        balancer = balancer_config(balancer)
         self.save_hyperparameters(
             {"model": self.model.config, "balancer": balancer, "lr": lr, "weight_decay": weight_decay,
              "warmup_ratio": warmup_ratio, "min_lr_ratio": min_lr_ratio, "grad_clip": grad_clip,
