@@ -150,20 +150,25 @@ def export(
     **options: Any,
 ) -> Path:
     """Export ``model`` (a model folder or a loaded mtlkit model) to ``out`` in ``format``
-    (``onnx``, ``timm``, ``folder``; see ``mtl.export.EXPORTERS``); returns the output folder.
+    (``onnx``, ``timm``, ``folder``; see ``mtl.exporters.EXPORTERS``); returns the output folder.
     ``out`` is required (it defaults to None only so that leaving it out gets a clear error).
 
     ``tasks`` picks a subset of heads (``onnx`` and ``folder``); ``options`` go to the format
     (e.g. ``opset=18`` for ONNX). An existing ``out`` is replaced only with ``overwrite=True``.
     """
+    if not isinstance(model, (str, os.PathLike, nn.Module)):
+        raise TypeError(f"export: model must be a model folder (a path) or a loaded mtlkit model, "
+                        f"got {type(model).__name__}")
     fn = EXPORTERS.get(format)
     _check_options(fn, format, options)
     if out is None:
         raise ValueError("export needs an output folder: out=<path>")
+    if not isinstance(out, (str, os.PathLike)):
+        raise TypeError(f"export: out must be the output folder's path, got {type(out).__name__}")
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=true to replace it")
-    if model is not None and not isinstance(model, nn.Module):
+    if not isinstance(model, nn.Module):
         check_output_apart(out, [Path(model)])  # inside the model folder too: an input is never altered
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is a file, not an earlier export (a folder); refusing to replace it")

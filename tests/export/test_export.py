@@ -285,6 +285,13 @@ def test_bad_requests_are_refused_before_anything_is_written(tmp_path):
             mtl.export(folder, "onnx", tmp_path / "a", verify_batches=batches, exporter="torchscript")
     with pytest.raises(ValueError, match=r"format=timm exports the shared backbone only.*tasks=\['depth'\] does not apply"):
         mtl.export(folder, "timm", tmp_path / "a", tasks=["depth"])
+    with pytest.raises(TypeError, match=r"^export: model must be a model folder \(a path\) or a loaded mtlkit model, got int$"):
+        mtl.export(123, "onnx", out=tmp_path / "a")
+    with pytest.raises(TypeError, match=r"^export: out must be the output folder's path, got int$"):
+        mtl.export(folder, "onnx", out=123)
+    from mtl.exporters import EXPORTERS
+
+    assert "mtl.exporters.EXPORTERS" in mtl.export.__doc__ and "onnx" in EXPORTERS
     with pytest.raises(ValueError, match=r"tasks=\[\] selects no task"):
         mtl.export(folder, "folder", tmp_path / "a", tasks=[])
     with pytest.raises(ValueError, match=r"tasks names \['depth'\] more than once"):
