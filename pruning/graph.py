@@ -16,16 +16,18 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from mtl.models.slimmable.layers import _Sliced
 from mtl.models.surgery import diff_plan, snapshot
 from pruning import ties
 from pruning.flops import FlopsEstimate
+
+if TYPE_CHECKING:  # imported where used: torch_pruning imports timm (seconds), which `import pruning` does not need
+    import torch_pruning as tp
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,8 @@ def _outputs(out: Any) -> list[torch.Tensor]:
 def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     # the graph is traced through autograd: a frozen parameter (requires_grad=False) leaves no trace,
     # and its layers would silently drop out of pruning; its flags are restored afterwards
+    import torch_pruning as tp
+
     frozen = [p for p in model.parameters() if not p.requires_grad]
     for p in frozen:
         p.requires_grad_(True)
@@ -124,6 +128,8 @@ def _unhandled(dg: tp.DependencyGraph, m: nn.Module) -> str | None:
             return (f"keeps running statistics the pruner does not resize (buffers {sorted(buffers)}, "
                     "not running_mean/running_var alone)")
     # an unknown module type is traced as an element-wise op: its parameters would be guessed at
+    import torch_pruning as tp
+
     if dg.get_pruner_of_module(m) is None or tp.ops.module2type(m) == tp.ops.OPTYPE.ELEMENTWISE:
         return "holds parameters the dependency graph has no pruner for"
     return None

@@ -13,7 +13,6 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-import timm
 import torch
 from torch import nn
 
@@ -42,6 +41,8 @@ class TimmBackbone(nn.Module):
         checkpoint_path: str | None = None,
         **kwargs: Any,
     ):
+        import timm  # here, not at import: it pulls in torchvision and torch._dynamo (seconds; pruning needs neither)
+
         super().__init__()
         if not isinstance(name, str):
             raise TypeError(f"backbone name must be a string, got {name!r} ({type(name).__name__})")

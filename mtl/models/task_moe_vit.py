@@ -19,8 +19,6 @@ from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Mlp
-from timm.models.vision_transformer import Attention
 from torch import nn
 
 from mtl.models.decoders.hps import create_head
@@ -105,6 +103,9 @@ def _exporting() -> bool:
 
 class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_hidden: int, moe: TaskMoE | None = None):
+        from timm.layers import Mlp  # here, not at import: see mtl.models.backbones
+        from timm.models.vision_transformer import Attention
+
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn = Attention(dim, num_heads, qkv_bias=True)

@@ -374,3 +374,13 @@ def test_docs_name_every_option_by_its_cli_key():
     text = (Path(__file__).resolve().parents[2] / "docs" / "pruning.md").read_text()
     missing = sorted(k for k in set().union(*ALL_SETTINGS.values()) if f"`prune.{k}`" not in text)
     assert not missing
+
+
+def test_importing_pruning_leaves_timm_unloaded():
+    # timm (and torch_pruning, which imports it) load on first use: `import pruning` cost ~1 s of CPU more
+    import subprocess
+    import sys
+
+    code = "import sys, pruning; print(sorted(m for m in ('timm', 'torch_pruning') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
