@@ -349,7 +349,12 @@ def _plain(node: Any) -> dict[str, Any]:
 
 
 def run(overrides: list[str] | None = None, run_dir: str | Path | None = None) -> dict[str, Any]:
-    """Compose the ``mtl-merge`` config in-process and run it (for notebooks, scripts and tests)."""
+    """Run ``mtl-merge`` in this process (notebooks, scripts, tests): ``overrides`` as on the command line (a list
+    of strings; one job), with the CLI's checks and failure marking (``FAILED``).
+    ``run_dir``: the folder the run writes its files to (default: a new ``$MTL_OUTPUT_DIR/<name>/runs/<time>``,
+    ``outputs/`` without the variable, as the CLI's; a ``hydra.run.dir=`` override names it too).
+    Returns the run's report (as in its ``metrics.json``, with ``output``: the result's path) plus ``run_dir``
+    (absolute)."""
     from mtl.cli.in_process import report_in_process
 
     return report_in_process(run_merge, ("mtl.configs.merge_app", "mtl.configs"), "merge", overrides, run_dir)  # the report, with run_dir

@@ -335,7 +335,11 @@ def print_summary(metrics: dict[str, Any], tasks) -> None:
 
 
 def run(overrides: list[str] | None = None, run_dir: str | Path | None = None) -> Path:
-    """Compose the ``mtl-train`` config in-process and run it (for notebooks and tests)."""
+    """Run ``mtl-train`` in this process (notebooks, tests): ``overrides`` as on the command line (a list of
+    strings; one job: sweeps are the CLI's ``-m``), with the CLI's checks and failure marking (``FAILED``).
+    ``run_dir``: the folder the run writes its files to (default: a new ``$MTL_OUTPUT_DIR/<name>/runs/<time>``,
+    ``outputs/`` without the variable, as the CLI's; a ``hydra.run.dir=`` override names it too).
+    Returns the run folder (a Path: ``model/``, ``metrics.json``, ... inside)."""
     from mtl.cli.in_process import run_in_process
 
     return run_in_process(train, ("mtl.configs",), "train", overrides, run_dir)[1]

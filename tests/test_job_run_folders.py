@@ -176,3 +176,13 @@ def test_one_setting_compares_equal_however_it_was_given():
 
     assert as_plain((1, (2, np.float32(0.5)))) == [1, [2, 0.5]]  # a tuple in Python, a list in a config
     assert type(as_plain(torch.tensor(0.25))) is float and as_plain(np.int64(3)) == 3 and as_plain(True) is True
+
+
+def test_the_in_process_runs_say_what_run_dir_is_and_what_they_return():
+    import merging.job
+    import mtl.cli.extract
+    import mtl.exporters.job
+    import mtl.train
+
+    for fn in (mtl.train.run, merging.job.run, mtl.exporters.job.run, mtl.cli.extract.run):
+        assert "``run_dir``: the folder the run writes" in fn.__doc__ and "Returns the run" in fn.__doc__, fn.__module__

@@ -40,7 +40,12 @@ def print_summary(out: Path, report: dict[str, Any]) -> None:
 
 
 def run(overrides: list[str] | None = None, run_dir: str | Path | None = None) -> dict[str, Any]:
-    """Compose the ``mtl-export`` config in-process and run it (for notebooks, scripts and tests)."""
+    """Run ``mtl-export`` in this process (notebooks, scripts, tests): ``overrides`` as on the command line (a list
+    of strings; one job), with the CLI's checks and failure marking (``FAILED``).
+    ``run_dir``: the folder the run writes its files to (default: a new ``$MTL_OUTPUT_DIR/<name>/runs/<time>``,
+    ``outputs/`` without the variable, as the CLI's; a ``hydra.run.dir=`` override names it too).
+    Returns the run's report (as in its ``export_report.json``, with ``output``: the result's path) plus ``run_dir``
+    (absolute)."""
     from mtl.cli.in_process import report_in_process
 
     return report_in_process(run_export, ("mtl.configs.export_app", "mtl.configs"), "export", overrides, run_dir)  # the report, with run_dir
