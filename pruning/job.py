@@ -240,7 +240,11 @@ def print_table(report: dict[str, Any]) -> None:
 
 
 def run(overrides: list[str] | None = None, run_dir: str | Path | None = None) -> dict[str, Any]:
-    """Compose the ``mtl-prune`` config in-process and run it (for notebooks, scripts and tests)."""
+    """Run ``mtl-prune`` in this process (notebooks, scripts, tests): ``overrides`` as on the command line (a list
+    of strings; one job), with the CLI's checks and failure marking (``FAILED``).
+    ``run_dir``: the folder the run writes its files to (default: a new ``$MTL_OUTPUT_DIR/<name>/runs/<time>``,
+    ``outputs/`` without the variable, as the CLI's; a ``hydra.run.dir=`` override names it too).
+    Returns the run's report (as in its ``metrics.json``) plus ``run_dir`` (absolute)."""
     from mtl.cli.in_process import report_in_process
 
     job = functools.partial(run_prune, command_line=[str(o) for o in overrides or []])

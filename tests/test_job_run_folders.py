@@ -184,5 +184,7 @@ def test_the_in_process_runs_say_what_run_dir_is_and_what_they_return():
     import mtl.exporters.job
     import mtl.train
 
-    for fn in (mtl.train.run, merging.job.run, mtl.exporters.job.run, mtl.cli.extract.run):
+    import pruning.job
+
+    for fn in (mtl.train.run, merging.job.run, mtl.exporters.job.run, mtl.cli.extract.run, pruning.job.run):
         assert "``run_dir``: the folder the run writes" in fn.__doc__ and "Returns the run" in fn.__doc__, fn.__module__

@@ -384,3 +384,10 @@ def test_importing_pruning_leaves_timm_unloaded():
     code = "import sys, pruning; print(sorted(m for m in ('timm', 'torch_pruning') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_a_folder_path_given_for_the_model_names_load_model(tmp_path):
+    # it said "str is not an mtlkit model family (no config)"
+    with pytest.raises(TypeError, match=r"^prune takes a model \(nn.Module\), got str; load a model folder with "
+                                        r"mtl.load_model\(path\) first$"):
+        pruning.prune(str(tmp_path), "l1", calib=[torch.zeros(2, 3, 32, 32, dtype=torch.uint8)], ratio=0.3)
