@@ -11,9 +11,11 @@ safetensors header (8 bytes and a JSON entry per tensor) on top.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from collections.abc import Iterable, Sequence
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -30,21 +32,29 @@ _UNITS = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 WEIGHT_FILES = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf)$|.*\.index\.json$|README\.md$")
 
 
-def parse_size(size: int | str) -> int:
-    """Bytes from an int or a string like "5GB", "500MB", "2GiB"."""
-    if isinstance(size, int) and not isinstance(size, bool):
-        n = size
+def parse_size(size: int | float | str) -> int:
+    """Bytes from an int (or a whole float such as 1e9) or a string like "5GB", "500MB", "2GiB"; the result
+    must be a whole number of bytes, at least 1."""
+    hint = "give a whole number of bytes ≥ 1, or a size with a unit such as '2GB' or '500MB'"
+    if isinstance(size, bool):
+        raise ValueError(f"shard_size must be bytes or a size like '5GB' / '500MB', got {size!r}")
+    if isinstance(size, (int, float)):
+        if not math.isfinite(size):
+            raise ValueError(f"shard_size {size!r} is not a number of bytes: {hint}")
+        n = Fraction(size)
     else:
-        m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(size))
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*", str(size))
         if m and m.group(2).upper() == "B":  # mergekit's --out-shard-size reads "5B" as 5 billion parameters
             raise ValueError(f"shard_size {size!r}: sizes are bytes, given with a unit ('2GB', '500MB') or as a "
                              "plain integer; 'B' is not accepted (mergekit reads '5B' as 5 billion parameters)")
         if not m or m.group(2).upper() not in _UNITS:
             raise ValueError(f"shard_size must be bytes or a size like '5GB' / '500MB', got {size!r}")
-        n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-    if n <= 0:
-        raise ValueError(f"shard_size must be positive, got {size!r}")
-    return n
+        n = Fraction(m.group(1)) * _UNITS[m.group(2).upper()]  # exact: "1.5MB" is 1,500,000 bytes, no float rounding
+    if n.denominator != 1:
+        raise ValueError(f"shard_size {size!r} is {float(n):g} bytes, not a whole number of bytes: {hint}")
+    if n < 1:
+        raise ValueError(f"shard_size {size!r} is {int(n)} bytes; a shard holds at least 1 byte: {hint}")
+    return int(n)
 
 
 def plan_shards(specs: Sequence[tuple[str, TensorInfo]], shard_size: int) -> list[list[tuple[str, TensorInfo]]]:

@@ -126,6 +126,20 @@ def test_shard_size_needs_a_folder(llamas, tmp_path):
     assert [parse_size(s) for s in (5, "2KB", "1.5MB", "2GiB")] == [5, 2000, 1_500_000, 2 * 1024**3]
 
 
+@pytest.mark.parametrize("size, why", [(0.5, "0.5 is 0.5 bytes, not a whole number of bytes"),
+                                       ("1.0001KB", "'1.0001KB' is 1000.1 bytes, not a whole number of bytes"),
+                                       (0, "0 is 0 bytes; a shard holds at least 1 byte"),
+                                       ("0MB", "'0MB' is 0 bytes; a shard holds at least 1 byte")])
+def test_shard_size_below_one_byte_or_fractional_is_named(llamas, tmp_path, size, why):
+    base, fts = llamas  # 0.5 was truncated to 0 bytes and reported as "must be positive, got 0.5"
+    with pytest.raises(ValueError, match=f"^shard_size {why}: give a whole number of bytes ≥ 1, or a size with a unit"):
+        merging.merge_to_file("ties", base, fts, tmp_path / "out", shard_size=size)
+    _assert_nothing_written(tmp_path)
+    from merging.hf import parse_size
+
+    assert parse_size(1e9) == 10**9 and parse_size(".5MB") == 500_000  # whole byte counts, however spelt
+
+
 def test_mtl_merge_eval_none_merges_hf_folders(llamas, tmp_path, monkeypatch):
     from merging.job import run
 
