@@ -11,10 +11,11 @@ safetensors header (8 bytes and a JSON entry per tensor) on top.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,21 @@ import torch
 
 from .sources import TensorInfo
 
-__all__ = ["parse_size", "plan_shards", "write_sharded", "copy_base_files", "model_card", "WEIGHT_FILES"]
+__all__ = ["parse_size", "plan_shards", "write_sharded", "copy_base_files", "model_card", "WEIGHT_FILES",
+           "ABOUT_OTHER_WEIGHTS"]
+
+log = logging.getLogger(__name__)
 
 INDEX = "model.safetensors.index.json"
 _UNITS = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 # Files that hold weights (ours replace them) or describe the base model's weights.
 WEIGHT_FILES = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf)$|.*\.index\.json$|README\.md$")
+# Files describing weights the merge does not write: copied, they would make the output claim them (peft
+# and transformers load an adapter for any folder holding adapter_config.json; mergekit_config.yml is the
+# recipe that made the base, not the merge).
+ABOUT_OTHER_WEIGHTS = {"adapter_config.json": "a PEFT adapter's settings (its adapter_model.* weights are not copied)",
+                       "mergekit_config.yml": "the mergekit recipe that made the base model, not this merge"}
 
 
 def parse_size(size: int | float | str) -> int:
@@ -98,13 +107,19 @@ def write_sharded(folder: Path, specs: Sequence[tuple[str, TensorInfo]], tensors
     return [folder / n for n in names]
 
 
-def copy_base_files(base: Path, folder: Path) -> list[str]:
-    """Copy the base model folder's non-weight files (config, tokenizer, generation config, ...)."""
+def copy_base_files(base: Path, folder: Path, replaced: Collection[str] = ()) -> list[str]:
+    """Copy the base model folder's non-weight files (config, tokenizer, generation config, ...) but those
+    the caller writes itself (`replaced`); files describing weights that are not copied
+    (`ABOUT_OTHER_WEIGHTS`) are left out, with a warning naming them."""
     copied = []
     for p in sorted(base.iterdir()):
-        if p.is_file() and not WEIGHT_FILES.fullmatch(p.name) and not p.name.startswith("."):
-            shutil.copy2(p, folder / p.name)
-            copied.append(p.name)
+        if not p.is_file() or WEIGHT_FILES.fullmatch(p.name) or p.name.startswith(".") or p.name in replaced:
+            continue
+        if p.name in ABOUT_OTHER_WEIGHTS:
+            log.warning("%s is not copied into the merged folder: it is %s", p, ABOUT_OTHER_WEIGHTS[p.name])
+            continue
+        shutil.copy2(p, folder / p.name)
+        copied.append(p.name)
     return copied
 
 

@@ -239,9 +239,9 @@ def merge_to_file(
                     tmp.mkdir()
                     write_sharded(tmp, specs, produce(m, ctx, streamed), size, meta)
                     if copy_files is not False and isinstance(pretrained, (str, os.PathLike)) and Path(pretrained).is_dir():
-                        copy_base_files(Path(pretrained), tmp)
+                        copy_base_files(Path(pretrained), tmp, replaced=set(extra_files or ()))
                     (tmp / "README.md").write_text(model_card(method, m.hp, pretrained, finetuned, convention))
-                    for name, text in (extra_files or {}).items():  # after the base's files: ours replace theirs
+                    for name, text in (extra_files or {}).items():  # the base's files of these names were not copied
                         (tmp / name).write_text(text)
                     if fsync:
                         for f in tmp.iterdir():

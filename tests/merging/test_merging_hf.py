@@ -320,3 +320,27 @@ def test_a_file_or_an_empty_folder_as_output(llamas, tmp_path):
     (tmp_path / "empty").mkdir()
     out = merging.merge_to_file("task_arithmetic", base, fts, tmp_path / "empty", lam=0.3)  # no overwrite needed
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+
+
+def test_files_describing_uncopied_weights_stay_behind(llamas, tmp_path, caplog):
+    """A base holding a PEFT adapter: its adapter_config.json without adapter_model.* would make peft and
+    transformers load a missing adapter from the output; a base's mergekit_config.yml describes the base."""
+    base, fts = llamas
+    (base / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    from safetensors.torch import save_file
+
+    save_file({"base_model.model.lm_head.lora_A.weight": torch.zeros(8, 4)}, str(base / "adapter_model.safetensors"))
+    (base / "mergekit_config.yml").write_text("merge_method: linear\n")
+    with caplog.at_level("WARNING", logger="merging.hf"):
+        out = merging.merge_to_file("task_arithmetic", base, fts, tmp_path / "merged", lam=0.3)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["README.md", "config.json", "model.safetensors", "tokenizer_config.json"]
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert f"{base / 'adapter_config.json'} is not copied" in said and f"{base / 'mergekit_config.yml'} is not copied" in said
+    # a recipe run writes its own mergekit_config.yml: the base's is replaced without a warning about it
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="merging.hf"):
+        out = merging.merge_to_file("task_arithmetic", base, fts, tmp_path / "recipe", lam=0.3,
+                                    extra_files={"mergekit_config.yml": "merge_method: task_arithmetic\n"})
+    assert (out / "mergekit_config.yml").read_text() == "merge_method: task_arithmetic\n"
+    assert "mergekit_config.yml" not in " ".join(r.getMessage() for r in caplog.records)
