@@ -5,6 +5,7 @@ safetensors readers in `merging.safetensors_source` (both re-exported here, the 
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -35,6 +36,8 @@ __all__ = [
     "SAFETENSORS_DTYPES",
     "DTYPE_CODES",
 ]
+
+log = logging.getLogger(__name__)
 
 Pathish = Union[str, os.PathLike]
 SourceLike = Union[Mapping, nn.Module, Pathish, StateSource]
@@ -84,6 +87,8 @@ def open_source(obj: SourceLike, label: str | None = None) -> StateSource:
         p = Path(obj)
         if p.is_dir():
             if (p / "model.safetensors").is_file():
+                if (p / "model.safetensors.index.json").is_file():
+                    _warn_both_weight_files(p)
                 return _checked(SafetensorsSource(p / "model.safetensors"))
             if (p / "model.safetensors.index.json").is_file():
                 return ShardedSafetensorsSource(p / "model.safetensors.index.json")
@@ -100,6 +105,20 @@ def open_source(obj: SourceLike, label: str | None = None) -> StateSource:
         f"cannot read a state dict from {type(obj).__name__}; "
         "expected a dict, nn.Module, model folder, .safetensors file or torch checkpoint"
     )
+
+
+_WARNED_BOTH: set[Path] = set()
+
+
+def _warn_both_weight_files(folder: Path) -> None:
+    """A folder with model.safetensors and a shard index holds two sets of weights; model.safetensors is read,
+    as transformers reads it. Said once per folder, since a merge opens its inputs more than once."""
+    key = folder.resolve()
+    if key not in _WARNED_BOTH:
+        _WARNED_BOTH.add(key)
+        log.warning("%s holds both model.safetensors and model.safetensors.index.json: reading %s (as transformers "
+                    "does) and ignoring the shards the index lists; remove the set you do not mean",
+                    folder, folder / "model.safetensors")
 
 
 def _checked(src: "SafetensorsSource") -> "SafetensorsSource":

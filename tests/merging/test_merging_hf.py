@@ -344,3 +344,18 @@ def test_files_describing_uncopied_weights_stay_behind(llamas, tmp_path, caplog)
                                     extra_files={"mergekit_config.yml": "merge_method: task_arithmetic\n"})
     assert (out / "mergekit_config.yml").read_text() == "merge_method: task_arithmetic\n"
     assert "mergekit_config.yml" not in " ".join(r.getMessage() for r in caplog.records)
+
+
+def test_folder_with_both_weight_files_reads_model_safetensors_and_says_so(llamas, tmp_path, caplog):
+    base, fts = llamas
+    folder, _ = _shard(tmp_path, base)  # the base's weights, sharded
+    import shutil
+
+    shutil.copy(fts[0] / "model.safetensors", folder / "model.safetensors")  # another set beside them
+    with caplog.at_level("WARNING", logger="merging.sources"):
+        got = merging.load_state_dict(folder)
+        merging.merge_to_file("task_arithmetic", folder, fts, tmp_path / "out", lam=0.3)
+    want = merging.load_state_dict(fts[0])
+    assert all(torch.equal(got[k], v) for k, v in want.items())  # transformers' choice: model.safetensors
+    said = [r.getMessage() for r in caplog.records if "holds both" in r.getMessage()]
+    assert len(said) == 1 and f"reading {folder / 'model.safetensors'}" in said[0], said
