@@ -268,6 +268,7 @@ class ShardedSafetensorsSource(StateSource):
             raise MergeInputError(f"{index_path}: shard file(s) {', '.join(missing)} listed in the index do not exist")
         self._shards = {f: SafetensorsSource(index_path.parent / f) for f in files}
         self._where = {k: self._shards[f] for k, f in weight_map.items()}
+        self._last: SafetensorsSource | None = None  # the shard `get` read from last
         for k, f in weight_map.items():
             if k not in self._shards[f]._infos:
                 raise MergeInputError(f"{index_path}: tensor {k!r} is mapped to {f}, which does not hold it")
@@ -285,7 +286,13 @@ class ShardedSafetensorsSource(StateSource):
         return self._where[key].info(key)
 
     def get(self, key: str) -> torch.Tensor:
-        return self._where[key].get(key)
+        shard = self._where[key]
+        if self._last is not None and self._last is not shard:
+            # each shard recycles its mapping only after 16 MB of its own reads: a shard read last would keep
+            # up to that much mapped (and counted in RSS) per shard for the rest of the merge
+            self._last._drop_handle()
+        self._last = shard
+        return shard.get(key)
 
     def prefetch(self, key: str) -> None:
         self._where[key].prefetch(key)

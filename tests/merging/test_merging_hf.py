@@ -359,3 +359,27 @@ def test_folder_with_both_weight_files_reads_model_safetensors_and_says_so(llama
     assert all(torch.equal(got[k], v) for k, v in want.items())  # transformers' choice: model.safetensors
     said = [r.getMessage() for r in caplog.records if "holds both" in r.getMessage()]
     assert len(said) == 1 and f"reading {folder / 'model.safetensors'}" in said[0], said
+
+
+def test_a_shard_read_before_stays_unmapped(llamas, tmp_path):
+    """Mapped input pages count in RSS: a shard no longer being read must not stay mapped (each shard kept up
+    to 16 MB mapped until the end of the merge)."""
+    base, _ = llamas
+    folder, index = _shard(tmp_path, base)
+    src = merging.sources.open_source(folder)
+    by_file = {}
+    for key, f in index["weight_map"].items():
+        by_file.setdefault(f, key)
+    (first, key_a), (second, key_b) = sorted(by_file.items())[:2]
+
+    def mapped():
+        with open("/proc/self/maps") as maps:
+            return {line.split()[-1] for line in maps if str(folder) in line}
+
+    try:
+        src.get(key_a).sum()  # the tensor is dropped at once, as the engine drops its input views
+        assert str(folder / first) in mapped()
+        src.get(key_b).sum()
+        assert mapped() == {str(folder / second)}
+    finally:
+        src.close()
