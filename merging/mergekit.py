@@ -142,9 +142,10 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor | None:
     if density >= 1:
         return None
     k = max(1, int(density * delta.numel()))
+    # the mask is allocated after the sort (whose own temporaries are the peak) and |δ| freed before it
+    order = torch.argsort(delta.abs().reshape(-1), descending=True)
     mask = torch.zeros(delta.numel(), dtype=delta.dtype)
-    w = delta.abs().reshape(-1)
-    mask[torch.argsort(w, descending=True)[:k]] = 1
+    mask[order[:k]] = 1
     return mask.reshape_as(delta)
 
 
@@ -229,10 +230,10 @@ class MergekitMethod(MergeMethod):
         while deltas.dim() > weights.dim():
             weights.unsqueeze_(-1)
         deltas.mul_(weights)
-        if self.consensus:
+        if self.consensus:  # in place where mergekit makes new tensors: the same products, T fewer temporaries
             mask = elect_mask(deltas).to(deltas.dtype)
-            mixed = (deltas * mask).sum(dim=0)
-            divisor = (weights * mask).sum(dim=0)
+            mixed = deltas.mul_(mask).sum(dim=0)
+            divisor = mask.mul_(weights).sum(dim=0)
             divisor[divisor == 0] = 1
         else:
             mixed = deltas.sum(dim=0)
@@ -242,7 +243,7 @@ class MergekitMethod(MergeMethod):
             mixed /= divisor
         if self.hp["lam"] != 1:
             mixed *= self.hp["lam"]
-        return pre + mixed
+        return mixed.add_(pre)  # pre + mixed, bit for bit (addition commutes)
 
 
 @MERGEKIT.register("task_arithmetic")
