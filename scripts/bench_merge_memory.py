@@ -10,7 +10,12 @@ reports VmHWM (high-water RSS) after the merge minus VmHWM after `import merging
 
 `--layout llama --layers 4` writes Llama-shaped models instead (hidden 1024, MLP 2816): `embed_tokens` and
 an untied `lm_head` of `rows × 1024` each, then per layer q/k/v/o, gate/up/down and two norms — many
-tensors of several sizes, as an LLM checkpoint has, where the single-tensor layout has one.
+tensors of several sizes, as an LLM checkpoint has, where the single-tensor layout has one. `--shards N`
+writes each model as a Hugging Face folder of N shards with its index (the merge then writes a folder).
+
+The glibc heap makes the whole-tensor kernels' peak vary from run to run (blocks freed inside the heap stay
+resident); `MALLOC_MMAP_THRESHOLD_=1048576` in the environment maps every block above 1 MB on its own, which
+gives the repeatable figure of the tensors actually live.
 """
 from __future__ import annotations
 
@@ -45,26 +50,46 @@ def shapes(layout: str, rows: int, layers: int) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def make(folder: Path, models: int, rows: int, dtype: str, layout: str = "one", layers: int = 0) -> None:
+def make(folder: Path, models: int, rows: int, dtype: str, layout: str = "one", layers: int = 0, shards: int = 1) -> None:
     import torch
-    from safetensors.torch import save_file
 
     dt = getattr(torch, dtype)
     g = torch.Generator().manual_seed(0)
     base = {k: torch.randn(*shape, generator=g).to(dt) for k, shape in shapes(layout, rows, layers).items()}
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(base, str(folder / "base.safetensors"))
+    save(base, folder, "base", shards)
     for t in range(models):
-        save_file({k: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(dt) for k, v in base.items()},
-                  str(folder / f"ft{t}.safetensors"))
+        save({k: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(dt) for k, v in base.items()}, folder,
+             f"ft{t}", shards)
 
 
-def worker(folder: Path, models: int, method: str, hp: dict) -> float:
+def save(sd: dict, folder: Path, name: str, shards: int) -> None:
+    """`<name>.safetensors`, or with shards > 1 a Hugging Face folder `<name>/` of that many shards and their index."""
+    from safetensors.torch import save_file
+
+    if shards == 1:
+        save_file(sd, str(folder / f"{name}.safetensors"))
+        return
+    (folder / name).mkdir(exist_ok=True)
+    keys, weight_map = list(sd), {}
+    per = math.ceil(len(keys) / shards)
+    for i in range(shards):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({k: sd[k] for k in keys[i * per:(i + 1) * per]}, str(folder / name / file), metadata={"format": "pt"})
+        weight_map.update({k: file for k in keys[i * per:(i + 1) * per]})
+    total = sum(v.numel() * v.element_size() for v in sd.values())
+    (folder / name / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (folder / name / "config.json").write_text(json.dumps({"model_type": "llama", "tie_word_embeddings": False}))
+
+
+def worker(folder: Path, models: int, method: str, hp: dict, shards: int = 1) -> float:
     import merging
 
+    model = (lambda name: folder / name) if shards > 1 else (lambda name: folder / f"{name}.safetensors")
     before = vm_hwm_mb()
-    merging.merge_to_file(method, folder / "base.safetensors", [folder / f"ft{t}.safetensors" for t in range(models)],
-                          folder / "out.safetensors", overwrite=True, threads=1, **hp)
+    merging.merge_to_file(method, model("base"), [model(f"ft{t}") for t in range(models)],
+                          folder / ("out" if shards > 1 else "out.safetensors"), overwrite=True, threads=1, **hp)
     return vm_hwm_mb() - before
 
 
@@ -78,18 +103,21 @@ def main() -> None:
     ap.add_argument("--layout", default="one", choices=["one", "llama"],
                     help="one large tensor, or Llama-shaped models")
     ap.add_argument("--layers", type=int, default=4, help="--layout llama: decoder layers")
+    ap.add_argument("--shards", type=int, default=1,
+                    help="write each model as a Hugging Face folder of this many shards (default: one file)")
     ap.add_argument("--keep", action="store_true", help="keep the generated inputs (reused by the next run)")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     from script_cli import require_positive
 
-    require_positive(args, ["models", "rows"])
+    require_positive(args, ["models", "rows", "shards"])
     name = f"{args.models}_{args.rows}_{args.dtype}" + (f"_llama{args.layers}" if args.layout == "llama" else "")
+    name += f"_{args.shards}shards" if args.shards > 1 else ""
     folder = Path(args.workdir) / name
     if args.worker:
-        print(json.dumps(worker(folder, args.models, args.worker[0], json.loads(args.worker[1]))))
+        print(json.dumps(worker(folder, args.models, args.worker[0], json.loads(args.worker[1]), args.shards)))
         return
-    make(folder, args.models, args.rows, args.dtype, args.layout, args.layers)
+    make(folder, args.models, args.rows, args.dtype, args.layout, args.layers, args.shards)
     try:
         table(args, folder)
     finally:  # in /dev/shm the inputs are RAM: never leave them behind unasked
@@ -107,13 +135,14 @@ def table(args, folder: Path) -> None:
         method, _, hp = run.partition(" ")
         out = subprocess.run([sys.executable, __file__, "--workdir", args.workdir, "--models", str(args.models),
                               "--rows", str(args.rows), "--dtype", args.dtype, "--layout", args.layout,
-                              "--layers", str(args.layers), "--worker", method, hp or "{}"],
+                              "--layers", str(args.layers), "--shards", str(args.shards), "--worker", method, hp or "{}"],
                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if out.returncode:
             sys.exit(f"error: {run}: {out.stderr.strip().splitlines()[-1]}")
         mb = json.loads(out.stdout.strip().splitlines()[-1])
         shape = "×".join(map(str, largest)) + f" {args.dtype}"
         shape += f" (Llama, {args.layers} layers)" if args.layout == "llama" else ""
+        shape += f", {args.shards} shards" if args.shards > 1 else ""
         print(f"| {run} | {args.models} | {shape} | +{mb:.0f} MB | {mb / fp32:.1f}× |", flush=True)
 
 
