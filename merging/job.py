@@ -33,7 +33,7 @@ from mtl.registry import Registry, check_int
 
 from .bn import check_bn
 from .evaluation import Evaluator, ImageBatches
-from .pool import ModelPool, check_same_pruning, manifest_paths, model_list
+from .pool import ModelPool, check_same_pruning, check_same_start, manifest_paths, model_list
 from .report import build_report, print_table, write_report
 
 log = logging.getLogger(__name__)
@@ -294,6 +294,7 @@ def merge_only(cfg: DictConfig, run_dir: Path, name: str, hp: dict[str, Any], ou
     hp = {k: v for k, v in hp.items() if not (k == "lam" and v is None)}
     pre, models = _input_paths(cfg, run_dir, manifest)
     check_same_pruning(pre, models)
+    check_same_start(pre, models)
     path = merging.merge_to_file(method, pre, models, output, overwrite=bool(cfg.overwrite),
                                  shard_size=cfg.get("shard_size"), **hp)
     return record_unevaluated(run_dir, name, pre, models, resolved_hparams(method, hp), output, path, start)

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
-from mtl.io import load_state, read_checked_config, read_json, read_model_config
+from mtl.io import load_state, read_checked_config, read_json, read_model_config, recorded_weights_digest
 from mtl.models import MultiTaskModel, model_from_config
 from mtl.models.decoders.base import DECODERS
 from mtl.models.surgery import PLAN_KEY
@@ -56,6 +56,7 @@ class ModelPool:
         if why:  # said before the members are read, not as a key mismatch or a model missing its routers
             raise ValueError(f"{pretrained}: model family {pre_cfg['family']!r} cannot be merged by a model pool yet: "
                              f"{why}; merge its state dicts with merging.merge(..., task_keys=...) and compose")
+        check_same_start(pretrained, models)
         members = []
         for m in models:
             cfg = read_checked_config(m)
@@ -295,3 +296,27 @@ def check_same_pruning(pretrained: str | Path, models: Sequence[str | Path]) -> 
         raise ValueError(f"{m} was pruned differently from {pretrained}: layer(s) {differ[:4]}"
                          + (" ..." if len(differ) > 4 else "") + " kept other channels; only models pruned by one "
                          "plan (the same kept channels in every shared layer) merge")
+
+
+def _meta(folder: str | Path) -> dict[str, Any]:
+    """An mtlkit model folder's meta; {} for any other folder (a Hugging Face one, read by eval=none merges)."""
+    if not (Path(folder) / "config.json").is_file():
+        return {}
+    try:
+        return read_model_config(folder).get("meta") or {}
+    except ValueError:
+        return {}
+
+
+def check_same_start(pretrained: str | Path, models: Sequence[str | Path]) -> None:
+    """Task vectors θ_t − θ0 of fine-tunes of another θ0 mean nothing: a member that records the weights it
+    started from (mtl-train's meta.init_from_weights_digest) must have started from the pool's θ0. A
+    linearised θ0 stands for the plain θ0 it was made from (meta.linearized_from_weights_digest): tangent-space
+    fine-tunes start from that one. Members without the record (older folders, other trainers) are trusted."""
+    digest = _meta(pretrained).get("linearized_from_weights_digest") or recorded_weights_digest(pretrained)
+    for m in models:
+        meta = _meta(m)
+        recorded = meta.get("init_from_weights_digest")
+        if recorded and digest and recorded != digest:
+            raise ValueError(f"{m}: fine-tuned from another θ0 ({meta.get('init_from', '?')}, weights digest {recorded}) "
+                             f"than the pool's pretrained {pretrained} (weights digest {digest}); merge fine-tunes of one θ0")

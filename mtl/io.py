@@ -326,6 +326,13 @@ def _read_weights(file: Path, tensors: bool = True) -> tuple[dict[str, torch.Ten
         raise ModelFolderError(f"{file}: corrupt or unreadable safetensors file ({e})") from None
 
 
+def recorded_weights_digest(path: str | os.PathLike) -> str | None:
+    """The weights digest `save_model` wrote into a model folder's header (no tensor read); None for a
+    folder without one. Loading the weights checks it, so it identifies them."""
+    file = Path(path) / WEIGHTS
+    return _read_weights(file, tensors=False)[1].get("weights_digest") if file.is_file() else None
+
+
 def read_checked_config(path: str | os.PathLike) -> dict[str, Any]:
     """A model folder's config.json checked against its weights file's header (task kinds, config digest),
     without reading any tensor: for callers that plan from configs before loading weights (merge pools)."""

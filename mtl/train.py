@@ -18,7 +18,7 @@ from mtl.cli.failures import FAILED, FINISHED_RECORDS, RunFolderTaken, check_run
 from mtl.data import create_datamodule
 from mtl.evaluation import delta_m, load_baselines, save_baselines
 from mtl.folder_data import data_record
-from mtl.io import atomic_path, save_model, write_json
+from mtl.io import atomic_path, recorded_weights_digest, save_model, write_json
 from mtl.models import create_model
 from mtl.module import MultiTaskModule
 from mtl.registry import check_int
@@ -264,6 +264,9 @@ def _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, basel
     meta = {"test": metrics["test"], "run_dir": str(run_dir), "data": data_record(data_kw), "seed": cfg.seed}
     if cfg.get("init_from"):  # a fine-tune: where its start came from (the card says so)
         meta["init_from"] = str(Path(cfg.init_from).resolve())
+        digest = recorded_weights_digest(cfg.init_from)
+        if digest:  # the path alone misses a θ0 rebuilt in place; merge pools compare this
+            meta["init_from_weights_digest"] = digest
     save_model(module.model, run_dir / "model", meta=meta)
     write_json(run_dir / "metrics.json", metrics)
     if baselines is not None:

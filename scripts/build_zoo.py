@@ -157,7 +157,10 @@ def _linearized_pretrained(folder: Path) -> Path:
     from mtl.models import linearize
 
     dest = Path(folder).parent / "model_linearized"
-    save_model(linearize(load_model(folder)), dest, meta={"linearized_from": str(folder)})
+    from mtl.io import recorded_weights_digest
+
+    save_model(linearize(load_model(folder)), dest, meta={"linearized_from": str(folder),  # the pool's θ0 check
+                                                          "linearized_from_weights_digest": recorded_weights_digest(folder)})
     return dest
 
 

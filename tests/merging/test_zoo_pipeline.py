@@ -114,3 +114,22 @@ def test_fine_tunes_of_another_pretrained_model_are_refused_not_reused(zoo):
             _script("build_zoo").build_zoo("cnn", out, tasks=TASKS, smoke=True)
     finally:
         weights.write_bytes(original)
+
+
+def test_fine_tunes_record_their_start_and_a_pool_of_another_start_is_refused(zoo, tmp_path):
+    """mtl-train records θ0's weights digest in meta, so a pool with another pretrained model is refused."""
+    import mtl
+    from mtl.io import recorded_weights_digest
+
+    out, manifest = zoo
+    digest = recorded_weights_digest(out / "pretrain" / "model")
+    for rel in manifest["models"]:
+        assert read_model_config(out / rel)["meta"]["init_from_weights_digest"] == digest
+    model = mtl.load_model(out / "pretrain" / "model")
+    with torch.no_grad():
+        next(model.parameters()).add_(0.5)
+    other = mtl.save_model(model, tmp_path / "other_theta0")
+    pool = tmp_path / "pool.json"
+    pool.write_text(json.dumps({"pretrained": str(other), "models": [str(out / m) for m in manifest["models"]]}))
+    with pytest.raises(ValueError, match=r"fine-tuned from another θ0 .* than the pool's pretrained .*other_theta0"):
+        run(["merge=task_arithmetic", "merge.lam=0.3", f"pool={pool}", "eval.max_batches=1"], run_dir=tmp_path / "m")
