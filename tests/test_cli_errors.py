@@ -488,6 +488,24 @@ def test_an_added_key_that_nearly_matches_a_setting_is_refused():
     check_added_keys(cfg, ["+trainer.max_epoch=2", "+fresh=1", "seed=2", "++seeed=3"])
 
 
+def test_any_added_eval_key_is_refused_not_only_a_near_miss(tmp_path):
+    """mtl-merge's eval lists every key the job reads: +eval.split=val was accepted and ignored."""
+    from omegaconf import OmegaConf
+
+    from merging.job import run
+    from mtl.cli.choices import check_added_keys
+
+    cfg = OmegaConf.create({"eval": {"enabled": True, "max_batches": None, "split": "val"}})
+    with pytest.raises(ValueError, match=r"^\+eval.split=val: no setting eval.split \(eval has enabled, max_batches\); "
+                                         r"nothing reads an added eval.split$"):
+        check_added_keys(cfg, ["+eval.split=val"])
+    check_added_keys(cfg, ["+eval.data.batch_size=4"])  # eval.data is the data config's overrides: open
+    with pytest.raises(ValueError, match=r"^\+eval.split=val: no setting eval.split \(eval has data, device, enabled, "
+                                         r"max_batches\)"):
+        run(["merge=task_arithmetic", "smoke_pool=true", "+eval.split=val"], run_dir=tmp_path / "m")
+    assert not (tmp_path / "m" / "smoke_pool").exists()
+
+
 def test_a_misspelt_added_key_stops_an_in_process_run(tmp_path):
     from mtl.train import run
 

@@ -15,6 +15,9 @@ __all__ = ["check_overrides", "check_choices_honoured", "check_added_keys"]
 #: app-level nodes whose keys only the job itself reads (no constructor refuses an unknown one): the top
 #: level, and these; a ``+key=`` added there is read by nothing
 CLOSED_NODES = ("", "baselines", "viz", "eval", "calib")
+#: closed nodes whose config lists every key the job reads: any added key there is refused, not only a near miss
+#: (mtl-merge's and mtl-prune's eval: `+eval.split=val` would be ignored)
+LISTED_NODES = ("eval",)
 
 
 def check_overrides(cfg: Any, overrides: Sequence[str], config_modules: Sequence[str]) -> None:
@@ -79,10 +82,15 @@ def check_added_keys(cfg: Any, overrides: Sequence[str]) -> None:
             continue
         others = [k for k in node.keys() if isinstance(k, str) and k != key]
         close = difflib.get_close_matches(key, others, n=1, cutoff=0.75)
-        if close and not _interpolated(cfg, path):  # a key another setting reads as ${key} is a real one
-            where = f"{parent}." if parent else ""
+        if _interpolated(cfg, path):  # a key another setting reads as ${key} is a real one
+            continue
+        where = f"{parent}." if parent else ""
+        if close:
             raise ValueError(f"{arg}: no setting {where}{key} (did you mean {where}{close[0]}?); nothing reads an "
                              f"added {where}{key}")
+        if parent in LISTED_NODES:
+            raise ValueError(f"{arg}: no setting {where}{key} ({parent} has {', '.join(sorted(others))}); nothing reads "
+                             f"an added {where}{key}")
 
 
 def _interpolated(cfg: Any, path: str) -> bool:
