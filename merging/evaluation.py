@@ -34,6 +34,7 @@ class Evaluator:
         self._owner = {t: m for m in pool.members for t in m.tasks}
         self._dms = {id(m): member_datamodule(m, data_overrides or {}) for m in pool.members}
         self.individual: dict[str, dict[str, Metrics]] = {}
+        self.scored: dict[str, dict[str, int]] = {"val": {}, "test": {}}  # per split and task (the same for every model)
         bar = ProgressLog("[eval] fine-tuned models", len(pool.members), unit="models", every_seconds=0,
                           enabled=progress)
         for i, m in enumerate(pool.members):
@@ -48,7 +49,16 @@ class Evaluator:
         return self._dms[id(self._owner[task])]
 
     def run(self, model: MultiTaskModel, task: str, split: str) -> Metrics:
-        return evaluate(model, task, self.datamodule(task), split, self.max_batches, self.device)
+        tally: dict[str, int] = {}
+        out = evaluate(model, task, self.datamodule(task), split, self.max_batches, self.device, tally)
+        self.scored.setdefault(split, {})[task] = tally["samples"]
+        return out
+
+    def record(self) -> dict[str, Any]:
+        """How the scores were measured, for metrics.json and the merged folder's meta: a capped evaluation
+        (`max_batches`) scored part of each split, and says so."""
+        return {"split": "test", "selection_split": "val", "max_batches": self.max_batches,
+                "scored_samples": {s: dict(n) for s, n in self.scored.items() if n}}
 
     def run_all(self, model: MultiTaskModel, split: str) -> dict[str, Metrics]:
         bar = ProgressLog(f"[eval] {split}", len(self.names), unit="tasks", every_seconds=0, enabled=self.progress)

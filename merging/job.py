@@ -245,6 +245,8 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         meta["test"] = test
     elif "tested" in sel.extra:  # the run's scores are other models' (TALL's task models): say whose
         meta["tested"] = sel.extra["tested"]
+    if "test" in meta or "tested" in meta:  # how they were measured: a capped split says so
+        meta["eval"] = report["eval"]
     datas = [m.data for m in pool.members]
     if datas[0] and all(d == datas[0] for d in datas):  # one data config for all inputs holds for the merge
         meta["data"] = datas[0]

@@ -177,8 +177,9 @@ def _arch(key: str, cfg: dict[str, Any] | None, heads: bool = False) -> dict[str
 
 @torch.no_grad()
 def evaluate(model: MultiTaskModel, task: str, datamodule, split: str, max_batches: int | None = None,
-             device: str | torch.device | None = None) -> dict[str, float]:
-    """All metrics of one task on one split of its data module, on `device` (default: the model's).
+             device: str | torch.device | None = None, tally: dict[str, int] | None = None) -> dict[str, float]:
+    """All metrics of one task on one split of its data module, on `device` (default: the model's);
+    `tally["samples"]` receives how many samples were scored (fewer than the split's under `max_batches`).
 
     The caller's model is left as it was: a model on another device is evaluated as a copy moved
     there, and its train/eval mode is restored afterwards.
@@ -190,19 +191,22 @@ def evaluate(model: MultiTaskModel, task: str, datamodule, split: str, max_batch
     was_training = model.training
     model.eval()
     try:
-        return _evaluate(model, t, task, datamodule, split, max_batches, device)
+        return _evaluate(model, t, task, datamodule, split, max_batches, device, tally if tally is not None else {})
     finally:
         model.train(was_training)
 
 
-def _evaluate(model, t: Task, task: str, datamodule, split: str, max_batches: int | None, device) -> dict[str, float]:
+def _evaluate(model, t: Task, task: str, datamodule, split: str, max_batches: int | None, device,
+              tally: dict[str, int]) -> dict[str, float]:
     metrics = {name: m.to(device) for name, m in t.metrics().items()}
+    tally["samples"] = 0
     loader = {"val": datamodule.val_dataloader, "test": datamodule.test_dataloader, "train": datamodule.train_dataloader}[split]()
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
         pred = model(batch["image"].to(device, non_blocking=True), tasks=[task])[task]
         target = batch[t.target_key].to(device, non_blocking=True)
+        tally["samples"] += len(target)
         for m in metrics.values():
             m.update(pred, target)
     return {name: float(m.compute()) for name, m in metrics.items()}

@@ -39,6 +39,7 @@ def build_report(method: str, ev: Evaluator, selection, test: dict[str, dict[str
         "normalized": None if why else ev.normalized_mean(test, "test"),
         **({"why": why} if why else {}),
     }
+    report["eval"] = ev.record()
     return report
 
 

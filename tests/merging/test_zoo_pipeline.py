@@ -133,3 +133,16 @@ def test_fine_tunes_record_their_start_and_a_pool_of_another_start_is_refused(zo
     pool.write_text(json.dumps({"pretrained": str(other), "models": [str(out / m) for m in manifest["models"]]}))
     with pytest.raises(ValueError, match=r"fine-tuned from another θ0 .* than the pool's pretrained .*other_theta0"):
         run(["merge=task_arithmetic", "merge.lam=0.3", f"pool={pool}", "eval.max_batches=1"], run_dir=tmp_path / "m")
+
+
+def test_a_capped_evaluation_is_recorded_in_metrics_and_the_merged_models_meta(zoo, tmp_path):
+    out, _ = zoo
+    capped = run(["merge=task_arithmetic", "merge.lam=0.3", f"pool={out / 'manifest.json'}", "eval.max_batches=1"],
+                 run_dir=tmp_path / "capped")
+    full = run(["merge=task_arithmetic", "merge.lam=0.3", f"pool={out / 'manifest.json'}"], run_dir=tmp_path / "full")
+    assert capped["eval"]["max_batches"] == 1 and full["eval"]["max_batches"] is None
+    assert capped["eval"]["split"] == "test" and set(capped["eval"]["scored_samples"]["test"]) == set(TASKS)
+    for t in TASKS:  # smoke test splits are 2 batches: the cap scores fewer samples
+        assert 0 < capped["eval"]["scored_samples"]["test"][t] < full["eval"]["scored_samples"]["test"][t]
+    assert json.loads((tmp_path / "capped" / "metrics.json").read_text())["eval"] == capped["eval"]
+    assert read_model_config(tmp_path / "capped" / "model")["meta"]["eval"] == capped["eval"]
