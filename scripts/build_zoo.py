@@ -74,7 +74,9 @@ def _train(overrides: list[str], run_dir: Path, fresh: bool, init: Path | None =
     from bench_runs import record, reusable
     from mtl.train import run
 
-    recipe = [*overrides, f"init_from weights sha256={_weights_id(init)}"] if init is not None else overrides
+    recipe = [*_placeholder_init(overrides), f"init_from weights sha256={_weights_id(init)}"] if init is not None \
+        else overrides
+    _upgrade_recipe(run_dir)
     if not fresh and reusable(run_dir, recipe, _finished):
         return json.loads((run_dir / "metrics.json").read_text()), 0.0, True
     if run_dir.exists():
@@ -83,6 +85,23 @@ def _train(overrides: list[str], run_dir: Path, fresh: bool, init: Path | None =
     run(overrides, run_dir=run_dir)
     record(run_dir, recipe)
     return json.loads((run_dir / "metrics.json").read_text()), time.perf_counter() - start, False
+
+
+def _placeholder_init(overrides: Sequence[str]) -> list[str]:
+    """θ0 is identified by its weights' digest, not its absolute path: a moved zoo resumes."""
+    return ["init_from=<pretrained>" if o.startswith("init_from=") else o for o in overrides]
+
+
+def _upgrade_recipe(run_dir: Path) -> None:
+    """A recipe recorded with θ0's absolute path (before `_placeholder_init`) and its digest: the path
+    is redundant, so it is rewritten in today's form instead of refusing a moved or older zoo."""
+    from bench_runs import RECIPE, record
+
+    if not (run_dir / RECIPE).is_file():
+        return
+    stored = json.loads((run_dir / RECIPE).read_text())
+    if any(o.startswith("init_from weights sha256=") for o in stored) and _placeholder_init(stored) != stored:
+        record(run_dir, _placeholder_init(stored))
 
 
 def pretrain(zoo: str, out: Path, smoke: bool = False, extra: Sequence[str] = (), fresh: bool = False) -> dict[str, Any]:

@@ -146,3 +146,19 @@ def test_a_capped_evaluation_is_recorded_in_metrics_and_the_merged_models_meta(z
         assert 0 < capped["eval"]["scored_samples"]["test"][t] < full["eval"]["scored_samples"]["test"][t]
     assert json.loads((tmp_path / "capped" / "metrics.json").read_text())["eval"] == capped["eval"]
     assert read_model_config(tmp_path / "capped" / "model")["meta"]["eval"] == capped["eval"]
+
+
+def test_a_moved_zoo_resumes(zoo, tmp_path):
+    """θ0 is compared by its weights' digest, not its absolute path; recipes of the older form are upgraded."""
+    import shutil
+
+    out, manifest = zoo
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    recipe = moved / "finetune" / TASKS[0] / "bench_recipe.json"
+    old_form = [f"init_from={out / 'pretrain' / 'model'}" if o.startswith("init_from=") else o
+                for o in json.loads(recipe.read_text())]
+    recipe.write_text(json.dumps(old_form))
+    again = _script("build_zoo").build_zoo("cnn", moved, tasks=TASKS, smoke=True)
+    assert again["reused"] == ["pretrain", *TASKS] and again["individual"] == manifest["individual"]
+    assert "init_from=<pretrained>" in json.loads(recipe.read_text())
