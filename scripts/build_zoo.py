@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_runs, also when loaded as a module
 
+from mtl.io import write_json  # noqa: E402
 from mtl.progress_log import emit  # noqa: E402
 
 ZOO_KINDS = ("cnn", "vit")
@@ -139,6 +140,9 @@ def build_zoo(zoo: str, out: str | Path, tasks: Sequence[str] | None = None, smo
         raise ValueError(f"unknown zoo task(s) {unknown}; valid: {', '.join(zoo_tasks())}")
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    manifest_path = out / ("manifest_linear.json" if linear else "manifest.json")
+    if fresh:  # retraining θ0: until the build ends, the old manifest would list fine-tunes of another θ0
+        manifest_path.unlink(missing_ok=True)
     start, cpu = time.perf_counter(), time.process_time()
     pre = pretrain(zoo, out, smoke, pretrain_overrides, fresh)
     emit(f"[zoo] {zoo} base: {'reused the finished pretraining run' if pre['reused'] else 'pretrained'}")
@@ -166,7 +170,7 @@ def build_zoo(zoo: str, out: str | Path, tasks: Sequence[str] | None = None, smo
                       "finetune": finetune_args(zoo, smoke, [*finetune_overrides, *(["linearize=true"] if linear else [])])},
         "linear": linear,
     }
-    (out / ("manifest_linear.json" if linear else "manifest.json")).write_text(json.dumps(manifest, indent=2))
+    write_json(manifest_path, manifest)  # atomic: a manifest is whole or absent
     return manifest
 
 

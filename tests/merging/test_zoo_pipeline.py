@@ -162,3 +162,17 @@ def test_a_moved_zoo_resumes(zoo, tmp_path):
     again = _script("build_zoo").build_zoo("cnn", moved, tasks=TASKS, smoke=True)
     assert again["reused"] == ["pretrain", *TASKS] and again["individual"] == manifest["individual"]
     assert "init_from=<pretrained>" in json.loads(recipe.read_text())
+
+
+def test_an_interrupted_build_leaves_no_manifest(tmp_path, monkeypatch):
+    # the old manifest.json stayed and listed fine-tunes of the θ0 being replaced
+    build = _script("build_zoo")
+    (tmp_path / "manifest.json").write_text(json.dumps({"pretrained": "pretrain/model", "models": []}))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "pretrain", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build.build_zoo("cnn", tmp_path, tasks=["mnist"], smoke=True, fresh=True)
+    assert not (tmp_path / "manifest.json").exists()
