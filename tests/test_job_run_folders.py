@@ -188,3 +188,15 @@ def test_the_in_process_runs_say_what_run_dir_is_and_what_they_return():
 
     for fn in (mtl.train.run, merging.job.run, mtl.exporters.job.run, mtl.cli.extract.run, pruning.job.run):
         assert "``run_dir``: the folder the run writes" in fn.__doc__ and "Returns the run" in fn.__doc__, fn.__module__
+
+
+def test_a_refused_job_leaves_no_folder_when_its_run_dir_uses_hydras_resolver(console, capfd, tmp_path):
+    """hydra.run.dir=.../${hydra:job.name}/x could not be resolved before Hydra set HydraConfig, so the folder made
+    for a run refused early was not noted and stayed behind holding FAILED and the job's log."""
+    taken = tmp_path / "x"
+    taken.mkdir()
+    code, _ = console("pruning.cli", f"model={tmp_path / 'nonexist'}", f"output={taken}",
+                      f"hydra.run.dir={tmp_path}/r/${{hydra:job.name}}/x")
+    stdout, err = capfd.readouterr()
+    assert code == 1 and "run_dir:" not in stdout, err
+    assert not (tmp_path / "r").exists(), sorted((tmp_path / "r").rglob("*"))

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 
 from mtl.atomic import remove_empty
@@ -48,10 +49,17 @@ def made_for_run(run_dir: str | os.PathLike) -> tuple[Path, ...] | None:
 
 class NotesRunFolder(Callback):
     def on_run_start(self, config, **kwargs) -> None:
+        # ${hydra:...} in the run dir reads HydraConfig, which Hydra's run_job sets only after this callback (to
+        # this same config, first thing): set it as run_job will, and put back what was there.
+        hydra_config = HydraConfig.instance()
+        before = hydra_config.cfg
+        hydra_config.set_config(config)
         try:
             run_dir = config.hydra.run.dir  # Hydra's ${now:} is cached: the job's folder resolves to the same path
         except Exception:  # noqa: BLE001  (a bad run name: Hydra's own resolution next reports it as the error)
             return
+        finally:
+            hydra_config.cfg = before
         note_made(run_dir, missing_or_empty(run_dir))
 
 
