@@ -91,6 +91,35 @@ def test_a_fixed_size_timm_backbone_names_its_size_and_img_size_makes_it_run():
         assert sized.eval()(x)["depth"].shape == (2, 1, 64, 64)
 
 
+@pytest.mark.parametrize("name", ["test_coatnet", "test_maxvit", "test_vit3", "test_vit_relpos"])
+def test_timms_size_errors_are_told_as_a_wrong_img_size(name):
+    from mtl.models.backbones import create_backbone
+
+    with pytest.raises(ValueError, match=rf"^backbone {name} is built for 160x160 inputs .*backbone.img_size=64"):
+        create_backbone(name).eval()(torch.randn(1, 3, 64, 64))
+
+
+@pytest.mark.parametrize("name", ["test_coatnet", "test_maxvit"])  # (a ViT checks the size before the channels)
+def test_other_errors_at_another_size_are_timms_own(name):
+    """Any error at another size was told as 'built for 160x160 ... backbone.img_size=64', a wrong channel count
+    and a model built with dynamic_img_size=True (which takes any size) included."""
+    from mtl.models.backbones import create_backbone
+
+    with pytest.raises(RuntimeError, match=r"to have 3 channels, but got 1") as caught:
+        create_backbone(name).eval()(torch.randn(1, 1, 64, 64))
+    assert "built for" not in str(caught.value)
+
+
+def test_a_dynamic_size_vit_reports_timms_own_error():
+    from mtl.models.backbones import create_backbone
+
+    backbone = create_backbone("test_vit3", dynamic_img_size=True).eval()
+    assert len(backbone(torch.randn(1, 3, 64, 64))) > 0
+    with pytest.raises(RuntimeError, match=r"to have 3 channels, but got 1") as caught:
+        backbone(torch.randn(1, 1, 64, 64))
+    assert "built for" not in str(caught.value)
+
+
 def test_unknown_backbone_and_decoder_names():
     with pytest.raises(UnknownNameError, match="unknown timm backbone"):
         create_model(["depth"], backbone="resnet_does_not_exist")

@@ -24,6 +24,10 @@ BACKBONES: "Registry[type[nn.Module]]" = Registry("backbone")
 
 #: TimmBackbone's own settings; any other backbone key is passed on to timm.create_model
 OWN_SETTINGS = ("out_indices", "pretrained", "checkpoint_path")
+#: what timm raises when a fixed-size model gets another size: a ViT's patch embedding, MaxViT's window / grid
+#: partition, CoAtNet's relative-position table added to attention of another shape
+TIMM_SIZE_ERRORS = re.compile(r"doesn't match model|must be divisible by (window|grid)|"
+                              r"must match the size of tensor b")
 
 
 def unknown_keyword(error: Exception, kwargs: dict[str, Any]) -> str | None:
@@ -86,14 +90,16 @@ class TimmBackbone(nn.Module):
         self.reductions: list[int] = list(self.body.feature_info.reduction())
         # timm's MambaOut (and Swin-like models) return stage outputs as (B, H, W, C); decoders read (B, C, H, W)
         self.channels_last = getattr(getattr(self.body, "output_fmt", None), "value", None) == "NHWC"
-        self.input_size = _fixed_input_size(self.body, kwargs.get("img_size"))
+        # a model built with dynamic_img_size=True takes any size: its errors are never about img_size
+        self.input_size = None if kwargs.get("dynamic_img_size") else _fixed_input_size(self.body, kwargs.get("img_size"))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         try:
             features = list(self.body(x))
         except (RuntimeError, AssertionError) as e:  # timm's own error names neither the size nor the fix
             got = tuple(int(n) for n in x.shape[-2:])
-            if self.input_size is None or got == self.input_size:
+            if (self.input_size is None or got == self.input_size or isinstance(e, torch.OutOfMemoryError)
+                    or not TIMM_SIZE_ERRORS.search(str(e))):
                 raise
             first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
             size = got[0] if got[0] == got[1] else f"[{got[0]},{got[1]}]"
