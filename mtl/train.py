@@ -86,11 +86,15 @@ def build_module(cfg: DictConfig, info: dict[str, Any] | None = None) -> MultiTa
     tasks = build_tasks(cfg, info)
     model = folder_architecture(cfg.init_from, tasks) if cfg.get("init_from") else None
     if model is None:
+        family = cfg.get("family") or "multitask"
+        # a resume rebuilds the checkpoint's model, settings since refused for new ones included (task_moe_vit's
+        # renormalize=true with top_k=1, with its warning), as loading its folder would
+        resumed = {"stored": True} if family == "task_moe_vit" and cfg.get("ckpt_path") else {}
         model = create_model(
             tasks,
             backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
             decoder=OmegaConf.to_container(cfg.decoder, resolve=True),
-            family=cfg.get("family") or "multitask",
+            family=family, **resumed,
         )
     if cfg.get("init_from"):
         stats = init_from_folder(model, cfg.init_from)

@@ -6,6 +6,7 @@ import logging
 import os
 import shlex
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +213,33 @@ def changed_on_resume(stored: dict[str, Any], hparams: Any, tasks: dict[str, Any
     for name, task in tasks.items():
         if weights.get(name) is not None and float(weights[name]) != task.weight:
             return f"task.{name}.weight", task.weight, weights[name], mixed(weights[name], task.weight)
+    if stored.get("model"):
+        changed = _changed_model(dict(stored["model"]), dict(hparams["model"]))
+        if changed is not None:
+            key, then, now = changed
+            return key, now, then, mixed(then, now)
+    return None
+
+
+def _changed_model(then: dict[str, Any], now: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """The first model setting (its config key, the checkpoint's value, this run's) that differs: a checkpoint's
+    model config holds its settings resolved (task_moe_vit's renormalize null as true/false), so one a default
+    changed since is found too. A key the checkpoint lacks is not compared (saved before the setting existed)."""
+    named = lambda t: {d.get("name"): dict(d) for d in t.get("tasks") or []}  # noqa: E731
+    then_tasks, now_tasks = named(then), named(now)
+    if set(then_tasks) != set(now_tasks):
+        return "task", list(then_tasks), list(now_tasks)
+    for name, task in then_tasks.items():
+        for key in sorted(set(task) - {"name", "weight"}):  # (weights are compared by the caller)
+            if as_plain(task[key]) != as_plain(now_tasks[name].get(key, ABSENT)):
+                return f"task.{name}.{key}", task[key], now_tasks[name].get(key, ABSENT)
+    for part in sorted(set(then) - {"tasks"}):
+        if isinstance(then[part], Mapping) and isinstance(now.get(part), Mapping):  # backbone, decoder
+            for key in sorted(then[part]):
+                if as_plain(then[part][key]) != as_plain(now[part].get(key, ABSENT)):
+                    return f"{part}.{key}", then[part][key], now[part].get(key, ABSENT)
+        elif as_plain(then[part]) != as_plain(now.get(part, ABSENT)):
+            return part, then[part], now.get(part, ABSENT)
     return None
 
 

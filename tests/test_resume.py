@@ -48,8 +48,9 @@ def test_resume_after_a_stop_is_bit_identical(tmp_path, stop, extra):
     check_identical(a, tmp_path / "b1", b2, steps=6)
     if stop != 2:
         return
-    # a checkpoint of another model is named as such, not as an unpickling or state-dict dump
-    with pytest.raises(ValueError, match=r"last.ckpt: its weights do not fit this run's model \(\d+ missing"):
+    # a checkpoint of another model is named by the setting that differs, not as an unpickling or state-dict dump
+    with pytest.raises(ValueError, match=r"^decoder.channels=24 differs from the checkpoint's 16: .*; resume with "
+                                         r"decoder.channels=16, or start a new run"):
         run(common + ["decoder.channels=24", f"ckpt_path={tmp_path / 'b1' / 'checkpoints' / 'last.ckpt'}"],
             run_dir=tmp_path / "other")
 
@@ -165,3 +166,30 @@ def test_a_refused_resumes_advice_adds_or_removes_a_strategy_key_the_config_or_c
     advice = shlex.split(message.split("; resume with ")[1].split(", or start")[0])
     assert advice == advised, message
     assert hparams(now + advice)["strategy"] == stored["strategy"]
+
+
+def test_a_resume_that_changes_the_model_config_is_refused_by_name(tmp_path):
+    """decoder.renormalize went from true to null (false for top_k=1) in scenes_task_moe_vit: a run started before
+    with top_k=1, resumed with the same command, trained on with raw router probabilities without a word."""
+    import torch
+
+    moe = [a for a in BASE if not a.startswith(("experiment=", "task="))] + [
+        "experiment=scenes_task_moe_vit", "task=[depth,classification]", "data.size=16", "backbone.depth=2",
+        "backbone.embed_dim=24", "backbone.num_heads=1", "decoder.num_experts=2", "decoder.top_k=1",
+        "decoder.channels=8"]
+    first = run(moe + ["trainer.max_epochs=1"], run_dir=tmp_path / "a")
+    old = first / "checkpoints" / "last.ckpt"
+    for path in old.parent.glob("*.ckpt"):  # as saved before 2026-12-06, when top_k=1 renormalised
+        ckpt = torch.load(path, weights_only=False)
+        assert ckpt["hyper_parameters"]["model"]["decoder"]["renormalize"] is False
+        ckpt["hyper_parameters"]["model"]["decoder"]["renormalize"] = True
+        torch.save(ckpt, path)
+    with pytest.raises(ValueError, match=r"^decoder.renormalize=false differs from the checkpoint's true: the epochs "
+                                         r"so far trained with true.*; resume with decoder.renormalize=true, or start "
+                                         r"a new run from its weights with init_from=<model folder>$"):
+        run(moe + ["trainer.max_epochs=2", f"ckpt_path={old}"], run_dir=tmp_path / "b")
+    resumed = run(moe + ["trainer.max_epochs=2", "decoder.renormalize=true", f"ckpt_path={old}"], run_dir=tmp_path / "d")
+    assert (resumed / "metrics.json").is_file()  # the advice resumes it (with task_moe_vit's warning)
+    with pytest.raises(ValueError, match=r"^backbone.depth=3 differs from the checkpoint's 2"):
+        run(moe + ["trainer.max_epochs=2", "backbone.depth=3", f"ckpt_path={old}"],
+            run_dir=tmp_path / "c")
