@@ -350,3 +350,20 @@ def test_sigterm_to_a_joblib_sweep_stops_its_jobs_too(tmp_path):
         assert (sweep / job / "FAILED").read_text().startswith("interrupted by SIGTERM")
         assert not (sweep / job / "metrics.json").exists() and not (sweep / job / ".running").exists()
     assert not (sweep / ".sweeping").exists()
+
+
+@pytest.mark.parametrize("devices, refused", [
+    ("[0]", False), ("1", False), ("null", False), ('"0,"', False),
+    ("[0,1]", True), ("2", True), ('"0,1"', True), ("auto", True), ("-1", True)])
+def test_local_ddp_in_a_sweep_is_refused_by_its_process_count(devices, refused, monkeypatch):
+    """trainer=ddp trainer.devices=[0] (one process) was refused as local DDP: only '1' and None counted as one."""
+    from hydra import compose, initialize_config_module
+
+    from mtl.cli.sweep_checks import LOCAL_DDP_IN_MULTIRUN, sweep_problem
+
+    for key in ("LOCAL_RANK", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+    with initialize_config_module(config_module="mtl.configs", version_base="1.3"):
+        config = compose(config_name="train", overrides=["trainer=ddp", f"trainer.devices={devices}"],
+                         return_hydra_config=True)
+    assert sweep_problem(config) == (LOCAL_DDP_IN_MULTIRUN if refused else None)

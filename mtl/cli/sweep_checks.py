@@ -17,8 +17,25 @@ LOCAL_DDP_IN_MULTIRUN = ("trainer=ddp with local processes cannot run inside a -
 def runs_local_ddp(trainer: DictConfig) -> bool:
     """The trainer would start its DDP ranks itself (no torchrun, SLURM task or other launcher gave this
     process a rank)."""
-    return str(trainer.get("strategy", "")).startswith("ddp") and str(trainer.get("devices")) not in ("1", "None") \
+    return str(trainer.get("strategy", "")).startswith("ddp") and _processes(trainer.get("devices")) != 1 \
         and not any(k in os.environ for k in ("LOCAL_RANK", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID"))
+
+
+def _processes(devices: Any) -> int | None:
+    """How many processes Lightning starts for ``trainer.devices``: one per listed device ([0] is one, as 1 and
+    "0," are), the number given; None where only the machine tells ("auto", -1: counted as several, as before)."""
+    if devices is None:
+        return 1
+    if isinstance(devices, (list, tuple, ListConfig)):
+        return len(devices)
+    text = str(devices).strip()
+    if "," in text:
+        return len([d for d in text.split(",") if d.strip()])
+    try:
+        count = int(text)
+    except ValueError:
+        return None
+    return count if count >= 0 else None
 
 
 def sweep_problem(config: DictConfig) -> str | None:
