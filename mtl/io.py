@@ -142,6 +142,12 @@ _EXPORT_RECORDS = ("README.md", "export.json")
 FOLDER_METADATA = (".DS_Store", "Thumbs.db", "desktop.ini", ".ipynb_checkpoints")
 
 
+def holds_user_files(path: str | os.PathLike) -> bool:
+    """The folder ``path`` holds something besides `FOLDER_METADATA`: a folder holding only a .DS_Store is as
+    empty to a writer replacing it as one holding nothing."""
+    return any(p.name not in FOLDER_METADATA for p in Path(path).iterdir())
+
+
 def stale_records(path: str | os.PathLike, caller: str = "save_model") -> list[str]:
     """The files besides its own two that replacing the model folder ``path`` removes with a warning: an
     mtl-export ``format=folder`` output's card and report, which describe the old weights. `FOLDER_METADATA`
@@ -193,7 +199,8 @@ def save_model(model, path: str | os.PathLike, meta: dict[str, Any] | None = Non
     ``overwrite`` replaces an earlier model folder only: one holding other files is refused naming them,
     except an mtl-export ``format=folder`` output's card and report (README.md, export.json), which
     describe the old weights and are removed with a warning, and a file manager's or editor's metadata
-    (`FOLDER_METADATA`: ``.DS_Store``, ``.ipynb_checkpoints/``, ...), dropped.
+    (`FOLDER_METADATA`: ``.DS_Store``, ``.ipynb_checkpoints/``, ...), dropped; a folder holding only that is
+    replaced as an empty one.
     """
     from mtl import __version__
     from mtl.models.surgery import model_config
@@ -215,7 +222,7 @@ def save_model(model, path: str | os.PathLike, meta: dict[str, Any] | None = Non
     meta = strict_json(meta or {}, "meta")
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"save_model: {path} is a file, not a model folder; remove it or choose another path")
-    if overwrite and path.is_dir() and any(path.iterdir()) and not is_model_folder(path):
+    if overwrite and path.is_dir() and holds_user_files(path) and not is_model_folder(path):
         # overwrite replaces an earlier model folder, never a run folder or anything else that happens to be there
         raise FileExistsError(f"save_model: {path} exists and is not a model folder (no {CONFIG} + {WEIGHTS}); "
                               "refusing to replace it: choose another path or remove it yourself")

@@ -57,3 +57,17 @@ def test_file_manager_and_editor_metadata_is_no_reason_to_refuse(tiny_model, tmp
     (folder / "notes.ipynb").write_text("{}")  # a user's file still is
     with pytest.raises(FileExistsError, match=r"holds notes.ipynb besides"):
         mtl.save_model(tiny_model, folder)
+
+
+def test_a_folder_holding_only_file_manager_metadata_is_replaced(tiny_model, tmp_path):
+    """A model folder with a .DS_Store beside it was replaced, but a folder with only a .DS_Store was refused as
+    'exists and is not a model folder'."""
+    from mtl.cli.jobs import start_run
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / ".DS_Store").write_bytes(b"\0")
+    cfg = OmegaConf.create({"output": str(folder), "overwrite": True, "name": "prune"})
+    start_run(cfg, tmp_path / "run", model_output=True)  # not refused
+    mtl.save_model(tiny_model, folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]

@@ -19,7 +19,7 @@ def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
     from omegaconf import OmegaConf
 
     from mtl.cli.failures import FAILED, FINISHED_RECORDS, RunFolderTaken, check_run_folder
-    from mtl.io import atomic_path, check_output_apart, is_model_folder, stale_records
+    from mtl.io import atomic_path, check_output_apart, holds_user_files, is_model_folder, stale_records
 
     run_dir = Path(run_dir)
     output = Path(cfg.output) if cfg.get("output") else run_dir / default_output
@@ -39,7 +39,7 @@ def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
         raise NotADirectoryError(f"output={output}: {parent} is a file, not a folder; choose another output path")
     if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
         raise PermissionError(f"output={output}: {parent} is not writable; choose another output path")
-    if model_output and output.is_dir() and any(output.iterdir()) and not is_model_folder(output):
+    if model_output and output.is_dir() and holds_user_files(output) and not is_model_folder(output):
         # save_model refuses it at the end; a job writing a model folder says so before its work
         raise FileExistsError(f"output={output} exists and is not a model folder (no config.json + model.safetensors); "
                               "overwrite=true replaces only an earlier model folder: choose another path")
