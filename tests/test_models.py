@@ -290,6 +290,8 @@ def test_a_config_missing_a_key_names_it():
     ({"backbone": {"name": "test_resnet", "out_indice": [1]}}, TypeError,
      r"^unknown setting backbone.out_indice \(did you mean backbone.out_indices\?\); the settings here are: out_indices, "
      r"pretrained, checkpoint_path and the keyword arguments of timm's 'test_resnet' \(ResNet.__init__\(\) got an unexpected"),
+    ({"backbone": {"name": "test_vit3", "drop_pth_rate": 0.1}}, TypeError,  # a keyword of timm's class
+     r"^unknown setting backbone.drop_pth_rate \(did you mean backbone.drop_path_rate\?\); the settings here are"),
     ({"backbone": {"name": "slim_resnet", "widthz": [1.0]}, "decoder": "slimmable", "family": "slimmable"}, TypeError,
      r"^unknown setting backbone.widthz; the settings here are: stem, channels, depths, out_indices, widths$"),
 ])

@@ -36,6 +36,22 @@ def unknown_keyword(error: Exception, kwargs: dict[str, Any]) -> str | None:
     return match.group(1) if match and match.group(1) in kwargs else None
 
 
+def timm_keywords(name: str, error: TypeError) -> list[str]:
+    """The keyword arguments of the timm class an unknown one was refused by (``VisionTransformer.__init__() got
+    ...``: looked up in the module of the model's entrypoint), so a misspelling gets its hint; [] if unreadable."""
+    import inspect
+
+    import timm
+
+    match = re.match(r"(\w+)\.__init__\(\)", str(error))
+    try:
+        module = inspect.getmodule(timm.models.model_entrypoint(name))
+        params = inspect.signature(getattr(module, match.group(1))).parameters.values()
+    except (AttributeError, TypeError, ValueError, RuntimeError):  # (no match, no such class, no signature)
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
 class TimmBackbone(nn.Module):
     def __init__(
         self,
@@ -71,7 +87,7 @@ class TimmBackbone(nn.Module):
         except Exception as e:
             unknown = unknown_keyword(e, kwargs)
             if unknown:  # a misspelt setting: named as the decoder's are, not as "<Class>.__init__() got ..."
-                close = difflib.get_close_matches(unknown, OWN_SETTINGS, n=1)
+                close = difflib.get_close_matches(unknown, [*OWN_SETTINGS, *timm_keywords(name, e)], n=1)
                 raise TypeError(f"unknown setting backbone.{unknown}"
                                 + (f" (did you mean backbone.{close[0]}?)" if close else "")
                                 + f"; the settings here are: {', '.join(OWN_SETTINGS)} and the keyword arguments of "
