@@ -132,17 +132,23 @@ def check_one_knob(hparams: dict[str, Any], prefix: str = "") -> None:
                              f"both given: flops_target searches {knob} itself; give one of them")
 
 
+def method_options(method: str, hparams: dict[str, Any]) -> dict[str, Any]:
+    """The options of ``method`` with their defaults; an unknown name in ``hparams`` is refused, listing them."""
+    fn = METHODS.get(method)
+    options = {n: p.default for n, p in list(inspect.signature(fn).parameters.items())[3:]}  # after model, graph, batches
+    unknown = sorted(set(hparams) - set(options))
+    if unknown:
+        raise TypeError(f"prune method {method!r} has no option(s) {unknown}; its options: {', '.join(options)}")
+    return options
+
+
 def effective_hparams(method: str, hparams: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """The settings a prune runs with, checked before any work (errors name a value as ``prefix`` + key,
     e.g. ``prune.ratio`` for the CLI): the method's defaults updated by ``hparams`` (an unknown name is
     refused, listing the method's options). Every option is kept, unset ones as None, so the record says
     what ran; only with ``flops_target`` the knob it searches (``ratio``, PAGCP's ``budget``) is left
     out — the value found is in the report's ``rounds``."""
-    fn = METHODS.get(method)
-    options = {n: p.default for n, p in list(inspect.signature(fn).parameters.items())[3:]}  # after model, graph, batches
-    unknown = sorted(set(hparams) - set(options))
-    if unknown:
-        raise TypeError(f"prune method {method!r} has no option(s) {unknown}; its options: {', '.join(options)}")
+    options = method_options(method, hparams)
     check_one_knob(hparams, prefix)
     for key in ("ratio", "flops_target", "max_layer_ratio"):  # a target of 0 would prune nothing while seeming to
         if hparams.get(key) is not None:

@@ -30,6 +30,10 @@ def _hparams(cfg: DictConfig, command_line: list[str]) -> tuple[str, dict[str, A
     hp = OmegaConf.to_container(cfg.prune, resolve=True)
     method = hp.pop("method", None)
     METHODS.get(method)  # unknown names fail here, listing the valid ones
+    try:  # first: an option the method lacks is named as such, not as a knob given beside flops_target
+        pruning.api.method_options(method, hp)
+    except TypeError as e:
+        raise TypeError(f"prune={method}: {e}") from None
     if hp.get("flops_target") is not None:
         # the target replaces the method's own knob: the config file's ratio / budget give way to it, a value
         # typed on the command line is refused (pruning.prune refuses both given) rather than dropped

@@ -167,6 +167,12 @@ def test_a_knob_given_beside_flops_target_is_refused_not_dropped(folder, tmp_pat
             run([f"prune={method}", f"model={folder}", *typed], run_dir=tmp_path / "run")
 
 
+def test_an_option_the_method_lacks_is_named_so_beside_flops_target(folder, tmp_path):
+    """+prune.budget=5 with a flops_target for l1 was refused as 'budget and flops_target both given'."""
+    with pytest.raises(TypeError, match=r"^prune=l1: prune method 'l1' has no option\(s\) \['budget'\]; its options: "):
+        run(["prune=l1", f"model={folder}", "prune.flops_target=0.2", "+prune.budget=5"], run_dir=tmp_path / "run")
+
+
 def test_the_config_files_knob_gives_way_to_a_typed_flops_target(folder, tmp_path):
     # configs/prune/l1.yaml's ratio: 0.3 is not the user's: a target alone on the command line replaces it
     report = run(["prune=l1", f"model={folder}", "prune.flops_target=0.2", "calib.batches=1", "eval.max_batches=1",
