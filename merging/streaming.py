@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from mtl.io import atomic_path
+from mtl.io import atomic_path, holds_user_files
 
 from .engine import KeyOptions, open_context, produce, torch_threads
 from .kernels import DEFAULT_CHUNK, Chunks, Streamed, chunked_streams, fused_kernel
@@ -199,7 +199,7 @@ def merge_to_file(
     # model.safetensors written beside an earlier merge's shards, index or model card would leave two sets of
     # weights and a README describing the old merge: those are replaced too (config, tokenizer are kept)
     stale = _earlier_hf_merge(target) if not hf_folder and target.is_dir() else []
-    empty_dir = target.is_dir() and not any(target.iterdir())
+    empty_dir = target.is_dir() and not holds_user_files(target)  # (a .DS_Store alone counts as empty)
     path = target if hf_folder else resolve_output(out)[0]
     if path.exists() and not overwrite and not (hf_folder and empty_dir):
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
@@ -208,7 +208,7 @@ def merge_to_file(
         raise FileExistsError(f"{target} holds sharded weights ({', '.join(weights)}); pass overwrite=True to "
                               "replace them with the merged model.safetensors")
     overwrite = overwrite or (hf_folder and empty_dir)
-    if hf_folder and path.is_dir() and any(path.iterdir()) and not any(path.glob("*.safetensors")):
+    if hf_folder and path.is_dir() and holds_user_files(path) and not any(path.glob("*.safetensors")):
         # overwrite replaces an earlier merged folder, never a folder of something else
         raise FileExistsError(f"{path} exists and holds no .safetensors weights (not an earlier merge); refusing to "
                               "replace it: choose another path or remove it yourself")

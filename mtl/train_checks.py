@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mtl.cli.failures import FAILED
+from mtl.folder_checks import same_json
 from mtl.io import as_plain
 from mtl.registry import check_int
 
@@ -231,16 +232,21 @@ def _changed_model(then: dict[str, Any], now: dict[str, Any]) -> tuple[str, Any,
         return "task", list(then_tasks), list(now_tasks)
     for name, task in then_tasks.items():
         for key in sorted(set(task) - {"name", "weight"}):  # (weights are compared by the caller)
-            if as_plain(task[key]) != as_plain(now_tasks[name].get(key, ABSENT)):
+            if _differ(task[key], now_tasks[name].get(key, ABSENT)):
                 return f"task.{name}.{key}", task[key], now_tasks[name].get(key, ABSENT)
     for part in sorted(set(then) - {"tasks"}):
         if isinstance(then[part], Mapping) and isinstance(now.get(part), Mapping):  # backbone, decoder
             for key in sorted(then[part]):
-                if as_plain(then[part][key]) != as_plain(now[part].get(key, ABSENT)):
+                if _differ(then[part][key], now[part].get(key, ABSENT)):
                     return f"{part}.{key}", then[part][key], now[part].get(key, ABSENT)
-        elif as_plain(then[part]) != as_plain(now.get(part, ABSENT)):
+        elif _differ(then[part], now.get(part, ABSENT)):
             return part, then[part], now.get(part, ABSENT)
     return None
+
+
+def _differ(then: Any, now: Any) -> bool:
+    # as JSON reads them (same_json): a recorded true is not 1, as it is for Python's ==
+    return not same_json(as_plain(then), as_plain(now))
 
 
 class _Absent:

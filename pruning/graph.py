@@ -78,10 +78,9 @@ def output_layers(model: nn.Module) -> dict[str, str]:
 
 def check_prunable(model: nn.Module, allow_pruned: bool = False) -> None:
     """Families and decoders whose structure this pruner does not know yet are refused up front."""
-    from mtl.io import not_a_model
+    from mtl.io import require_model
 
-    if not isinstance(model, nn.Module):  # a folder path: say how to load it, not "no config"
-        raise not_a_model("prune", model)
+    require_model(model, "prune")  # a folder path: say how to load it, not "no config"
     cfg = getattr(model, "config", None)
     if not isinstance(cfg, dict):
         raise PruningError(f"{type(model).__name__} is not an mtlkit model family (no config); cannot prune it")

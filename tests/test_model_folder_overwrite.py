@@ -71,3 +71,33 @@ def test_a_folder_holding_only_file_manager_metadata_is_replaced(tiny_model, tmp
     start_run(cfg, tmp_path / "run", model_output=True)  # not refused
     mtl.save_model(tiny_model, folder)
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_exports_and_merges_take_a_folder_holding_only_file_manager_metadata(tiny_model, tmp_path):
+    # save_model and the job CLIs did; mtl.export and a Hugging Face merge output still refused it
+    import merging
+    from safetensors.torch import save_file
+
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / ".DS_Store").write_bytes(b"\0")
+    mtl.export(tiny_model, "folder", out=out, overwrite=True)
+    assert (out / "model.safetensors").is_file()
+    import torch
+
+    for name, scale in (("base", 1.0), ("ft", 2.0)):
+        (tmp_path / name).mkdir()
+        save_file({"w": torch.ones(2, 2) * scale}, str(tmp_path / name / "model.safetensors"))
+        (tmp_path / name / "config.json").write_text('{"model_type": "llama"}')
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / ".DS_Store").write_bytes(b"\0")
+    merging.merge_to_file("task_arithmetic", tmp_path / "base", [tmp_path / "ft"], merged, lam=1.0)
+    assert (merged / "model.safetensors").is_file()
+
+
+def test_a_multitask_model_takes_its_backbone_by_name():
+    from mtl.models.multitask import MultiTaskModel
+    from mtl.tasks import create_task
+
+    assert MultiTaskModel([create_task("depth")], "test_resnet").config["backbone"]["name"] == "test_resnet"

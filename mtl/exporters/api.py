@@ -13,7 +13,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from mtl.io import atomic_path, check_output_apart, load_model, read_json, read_model_config, write_json
+from mtl.io import (atomic_path, check_output_apart, holds_user_files, load_model, read_json, read_model_config,
+                    write_json)
 from mtl.registry import Registry
 
 #: format name -> ``fn(source, out_dir, tasks, **options) -> report dict`` (writes into out_dir)
@@ -172,7 +173,7 @@ def export(
         check_output_apart(out, [Path(model)])  # inside the model folder too: an input is never altered
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is a file, not an earlier export (a folder); refusing to replace it")
-    if out.is_dir() and any(out.iterdir()) and not (out / REPORT).is_file():
+    if out.is_dir() and holds_user_files(out) and not (out / REPORT).is_file():
         # overwrite replaces an earlier export, never a run folder or anything else that happens to be there
         raise FileExistsError(f"{out} exists and is not an earlier export (no {REPORT}); refusing to replace it")
     src = load_source(model)

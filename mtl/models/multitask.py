@@ -83,7 +83,7 @@ class MultiTaskModel(nn.Module):
         self.tasks = {t.name: t for t in tasks}
         self._backbone_cfg = part_config("backbone", backbone)
         self._decoder_cfg = part_config("decoder", decoder or "hps")
-        bb = dict(backbone)
+        bb = dict(self._backbone_cfg)
         self.backbone = create_backbone(bb.pop("name"), **bb)
         dec = dict(self._decoder_cfg)
         self.decoder = create_decoder(dec.pop("name"), self.backbone.channels, list(tasks), **dec)

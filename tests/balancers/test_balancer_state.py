@@ -114,3 +114,16 @@ def test_a_resume_that_changes_a_balancers_own_optimiser_is_refused_by_name():
     # a list setting given as a tuple in Python and stored as a list is the same setting
     stored["balancer"], now["balancer"] = {**famo, "x": [1, 2]}, {**famo, "x": (1, 2)}
     assert changed_on_resume(stored, now, {"a": SimpleNamespace(weight=1.0)}) is None
+
+
+def test_a_resume_compares_model_settings_as_json_does():
+    # true and 1 are one value to Python's ==, not to a config: decoder.renormalize=1 passed for a stored true
+    from mtl.train_checks import changed_on_resume
+
+    famo = {"name": "famo", "lr": 0.025}
+    model = {"tasks": [{"name": "a", "kind": "depth"}], "decoder": {"renormalize": True, "channels": 8.0}}
+    stored = {"lr": 2e-3, "balancer": famo, "model": model}
+    now = {"lr": 2e-3, "balancer": famo, "model": {**model, "decoder": {"renormalize": 1, "channels": 8}}}
+    assert changed_on_resume(stored, now, {})[:3] == ("decoder.renormalize", 1, True)
+    now["model"]["decoder"]["renormalize"] = True  # 8 and 8.0 are one number
+    assert changed_on_resume(stored, now, {}) is None
