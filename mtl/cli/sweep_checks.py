@@ -82,11 +82,18 @@ def _ray(launcher: DictConfig) -> str | None:
         return f"hydra.launcher.gpus_per_job={gpus}: set 0 or more GPUs per job"
     if launcher.get("address"):  # a running cluster's own resources count, known only once joined
         return None
-    for kind, want in (("CPU", cpus), ("GPU", gpus)):
-        key = f"num_{kind.lower()}s"
-        have = launcher.get(key)
-        if want and _is_number(have) and want > have:
-            return (f"hydra.launcher.{kind.lower()}s_per_job={want} exceeds the local Ray cluster's {have:g} {kind}s "
+    return ray_job_too_large({"CPU": cpus, "GPU": gpus}, {"CPU": launcher.get("num_cpus"), "GPU": launcher.get("num_gpus")})
+
+
+def ray_job_too_large(want: dict[str, Any], have: dict[str, Any]) -> str | None:
+    """The refusal of a job needing more CPUs or GPUs than a local Ray cluster has (a local cluster never grows: it
+    would wait forever), None when it fits or a size is unknown; for the given sizes at the sweep's start and for
+    the sizes Ray detected once started (the launcher)."""
+    for kind in ("CPU", "GPU"):
+        job, cluster = want.get(kind), have.get(kind)
+        if job and _is_number(cluster) and job > cluster:
+            key = f"num_{kind.lower()}s"
+            return (f"hydra.launcher.{kind.lower()}s_per_job={job} exceeds the local Ray cluster's {cluster:g} {kind}s "
                     f"(hydra.launcher.{key}); no job could ever start")
     return None
 

@@ -121,16 +121,16 @@ class RayLauncher(Launcher):
                       file=sys.stderr, flush=True)
                 sys.exit(1)
         if started and not self.address:  # a local cluster never grows: a job larger than it would wait forever
+            from mtl.cli.sweep_checks import ray_job_too_large
+
             have = ray.cluster_resources()
-            for kind, want in (("CPU", self.cpus_per_job), ("GPU", self.gpus_per_job)):
-                if want and want > have.get(kind, 0):
-                    ray.shutdown()
-                    remove_unused_sweep_dir()
-                    key = "num_cpus" if kind == "CPU" else "num_gpus"
-                    print(f"error: hydra.launcher.{kind.lower()}s_per_job={want} exceeds the local Ray cluster's "
-                          f"{have.get(kind, 0):g} {kind}s (hydra.launcher.{key}); no job could ever start",
-                          file=sys.stderr, flush=True)
-                    sys.exit(1)
+            too_large = ray_job_too_large({"CPU": self.cpus_per_job, "GPU": self.gpus_per_job},
+                                          {k: have.get(k, 0) for k in ("CPU", "GPU")})
+            if too_large:
+                ray.shutdown()
+                remove_unused_sweep_dir()
+                print(f"error: {too_large}", file=sys.stderr, flush=True)
+                sys.exit(1)
         try:
             log.info("Ray is launching %d jobs (%s CPU, %s GPU each) into %s", len(job_overrides), self.cpus_per_job,
                      self.gpus_per_job, sweep_dir)
