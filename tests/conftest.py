@@ -1,6 +1,7 @@
 import logging
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,8 +45,18 @@ def console(monkeypatch, tmp_path):
             for h in getattr(logging.getLogger(name), "handlers", []):
                 if type(h) is logging.StreamHandler:
                     monkeypatch.setattr(h, "stream", sys.stderr)
-        with pytest.raises(SystemExit) as exc:
-            importlib.import_module(cli).main()
+        try:
+            with pytest.raises(SystemExit) as exc:
+                importlib.import_module(cli).main()
+        finally:
+            # Hydra's job-log handler stays on the root logger after main() (a real CLI's process ends there);
+            # one whose folder a refused run removed would fail the next in-process test's first log line
+            for name in [None, *logging.root.manager.loggerDict]:
+                logger = logging.getLogger(name)
+                for h in list(getattr(logger, "handlers", [])):
+                    if isinstance(h, logging.FileHandler) and not Path(h.baseFilename).parent.is_dir():
+                        logger.removeHandler(h)
+                        h.close()
         return exc.value.code, out
 
     return run
