@@ -115,14 +115,19 @@ def _rename_no_replace(src: Path, dst: Path) -> None:
         os.unlink(src)
 
 
-def make_parents(folder: Path) -> list[Path]:
-    """Create `folder` and its missing parents; returns the ones created here, deepest first."""
+def missing_parents(folder: Path) -> list[Path]:
+    """`folder` and its parents that do not exist yet, deepest first."""
     missing = []
     while not folder.exists() and folder.parent != folder:
         missing.append(folder)
         folder = folder.parent
+    return missing
+
+
+def make_parents(folder: Path) -> list[Path]:
+    """Create `folder` and its missing parents; returns the ones created here, deepest first."""
     created = []
-    for d in reversed(missing):
+    for d in reversed(missing_parents(folder)):
         try:
             d.mkdir()
         except FileExistsError:  # a concurrent writer made it: it is not ours to remove

@@ -19,7 +19,7 @@ from mtl.folder_data import data_record
 from mtl.io import first_non_finite, load_model, save_model, write_json
 from mtl.registry import check_int
 from pruning.calib import calibration_batches, datamodule_for
-from pruning.api import SEARCHED_KNOBS, check_one_knob
+from pruning.api import SEARCHED_KNOBS
 from pruning.methods import METHODS
 from mtl.progress_log import emit
 from pruning.report import evaluate_all, latency_ms, plot_delta_m_vs_flops, plot_kept
@@ -30,21 +30,16 @@ def _hparams(cfg: DictConfig, command_line: list[str]) -> tuple[str, dict[str, A
     hp = OmegaConf.to_container(cfg.prune, resolve=True)
     method = hp.pop("method", None)
     METHODS.get(method)  # unknown names fail here, listing the valid ones
-    try:  # first: an option the method lacks is named as such, not as a knob given beside flops_target
-        pruning.api.method_options(method, hp)
-    except TypeError as e:
-        raise TypeError(f"prune={method}: {e}") from None
     if hp.get("flops_target") is not None:
-        # the target replaces the method's own knob: the config file's ratio / budget give way to it, a value
-        # typed on the command line is refused (pruning.prune refuses both given) rather than dropped
+        # the target replaces the method's own knob: the config file's ratio / budget give way to it; one typed on the
+        # command line stays for effective_hparams to refuse (as pruning.prune refuses both given), not dropped
         typed = {o.split("=", 1)[0].lstrip("+") for o in command_line if "=" in o and not o.startswith("~")}
         for knob in SEARCHED_KNOBS:
-            value = hp.pop(knob, None)
-            if f"prune.{knob}" in typed:
-                check_one_knob({knob: value, "flops_target": hp["flops_target"]}, prefix="prune.")
+            if f"prune.{knob}" not in typed or hp.get(knob) is None:
+                hp.pop(knob, None)
     else:
         hp.pop("flops_target", None)
-    try:  # values and unknown options before the model is loaded and calibrated: pruning.prune's own check
+    try:  # unknown options first, then values, before the model is loaded: pruning.prune's own check
         pruning.api.effective_hparams(method, hp, prefix="prune.")
     except TypeError as e:
         raise TypeError(f"prune={method}: {e}") from None

@@ -13,7 +13,7 @@ from typing import Iterator
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 
-from mtl.atomic import remove_empty
+from mtl.atomic import missing_parents, remove_empty
 from mtl.cli.failures import holds_nothing
 
 #: run folder (absolute) -> the folders made for it, deepest first; () for a folder that existed empty
@@ -24,10 +24,7 @@ def missing_or_empty(run_dir: str | os.PathLike) -> tuple[Path, ...] | None:
     """The folders (deepest first) that do not exist yet on the way to ``run_dir``; () if it exists and is
     empty, None if it holds something (or is a file): a folder that is not new."""
     folder = Path(os.path.abspath(run_dir))
-    missing = []
-    while not folder.exists() and folder.parent != folder:
-        missing.append(folder)
-        folder = folder.parent
+    missing = missing_parents(folder)
     if missing:
         return tuple(missing)
     try:

@@ -16,9 +16,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from mtl.atomic import remove_empty
+from mtl.atomic import make_parents, remove_empty
 from mtl.cli.failures import FAILED, RUNNING, SWEEPING, RunFolderTaken, claim, holds, owner_of, release
-from mtl.cli.new_folders import missing_or_empty
 
 
 def jobs_not_failed(sweep_dir: str | Path) -> list[str]:
@@ -48,9 +47,9 @@ class PrintSweepDir(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         # a sweep running into this folder now (it has not written its multirun.yaml record yet, or its
         # jobs are still running): two sweeps would interleave their job folders and records
-        made = missing_or_empty(sweep_dir)
-        MADE_SWEEP_DIR[:] = [made] if made else []  # an existing (even empty) folder is not ours to remove
-        sweep_dir.mkdir(parents=True, exist_ok=True)
+        made = make_parents(Path(os.path.abspath(sweep_dir)))
+        MADE_SWEEP_DIR[:] = [tuple(made)] if made else []  # an existing (even empty) folder is not ours to remove
+        sweep_dir.mkdir(parents=True, exist_ok=True)  # (a file in its place is refused as before)
         try:
             claim(sweep_dir / SWEEPING, f"hydra.sweep.dir {sweep_dir}", "hydra.sweep.dir", holder="sweep")
         except RunFolderTaken as e:
