@@ -87,15 +87,14 @@ def build_module(cfg: DictConfig, info: dict[str, Any] | None = None) -> MultiTa
     model = folder_architecture(cfg.init_from, tasks) if cfg.get("init_from") else None
     if model is None:
         family = cfg.get("family") or "multitask"
-        # a resume rebuilds the checkpoint's model, settings since refused for new ones included (task_moe_vit's
-        # renormalize=true with top_k=1, with its warning), as loading its folder would
-        resumed = {"stored": True} if family == "task_moe_vit" and cfg.get("ckpt_path") else {}
-        model = create_model(
-            tasks,
-            backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
-            decoder=OmegaConf.to_container(cfg.decoder, resolve=True),
-            family=family, **resumed,
-        )
+        backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
+        decoder = OmegaConf.to_container(cfg.decoder, resolve=True)
+        if cfg.get("ckpt_path"):  # rebuilt as its folder would load (the family's from_config): settings a family
+            # refuses for new models since (task_moe_vit's renormalize=true with top_k=1) load with its warning
+            model = create_model(config={"family": family, "tasks": [t.to_config() for t in tasks],
+                                         "backbone": backbone, "decoder": decoder})
+        else:
+            model = create_model(tasks, backbone=backbone, decoder=decoder, family=family)
     if cfg.get("init_from"):
         stats = init_from_folder(model, cfg.init_from)
         log.info("initialised %d/%d tensors from %s", stats["loaded"], stats["total"], cfg.init_from)
