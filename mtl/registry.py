@@ -67,7 +67,11 @@ def check_kwargs(fn: Callable, kwargs: dict, what: str, given: tuple[str, ...] =
         if p is None and not open_ended:  # named here, not as "__init__() got an unexpected keyword"
             settings = [n for n, q in params.items() if q.kind in (q.POSITIONAL_OR_KEYWORD, q.KEYWORD_ONLY)
                         and n not in ("self", "in_channels", "tasks", *given)]
-            raise TypeError(f"unknown setting {what}.{key}; the settings here are: {', '.join(settings)}")
+            import difflib
+
+            close = difflib.get_close_matches(key, settings, n=1, cutoff=0.75)
+            near = f" (did you mean {what}.{close[0]}?)" if close else ""
+            raise TypeError(f"unknown setting {what}.{key}{near}; the settings here are: {', '.join(settings)}")
         if p is None or p.annotation is inspect.Parameter.empty or value is None:
             continue
         hint = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", "")

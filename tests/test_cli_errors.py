@@ -38,8 +38,10 @@ def run_main(monkeypatch, tmp_path, *overrides):
     ("balancer.name=foo", "unknown balancer 'foo'; valid names: aligned_mtl,"),
     ("data.name=bar", "unknown dataset 'bar'; valid names:"),
     ('decoder.channels="16"', "decoder.channels must be int, got '16' (str)"),
-    ("+decoder.chanels=16", "unknown setting decoder.chanels; the settings here are: channels, norm, head,"),
-    ("+data.augmnt=true", "unknown setting data.augmnt; the settings here are: size, n_train, n_val,"),
+    ("+decoder.chanels=16", "unknown setting decoder.chanels (did you mean decoder.channels?); the settings here are: "
+                            "channels, norm, head,"),
+    ("+data.augmnt=true", "unknown setting data.augmnt (did you mean data.augment?); the settings here are: size, "
+                          "n_train, n_val,"),
     ("optim.lr=-1", "optim.lr must be > 0 and optim.weight_decay >= 0, got lr=-1"),
     ("optim.lr=abc", "optim.lr must be a number, got 'abc' (str)"),
     ("optimized_metric=val/depth/nope", "optimized_metric='val/depth/nope' is not logged; logged: "),  # before training

@@ -293,7 +293,10 @@ def test_a_config_missing_a_key_names_it():
     ({"backbone": {"name": "test_vit3", "drop_pth_rate": 0.1}}, TypeError,  # a keyword of timm's class
      r"^unknown setting backbone.drop_pth_rate \(did you mean backbone.drop_path_rate\?\); the settings here are"),
     ({"backbone": {"name": "slim_resnet", "widthz": [1.0]}, "decoder": "slimmable", "family": "slimmable"}, TypeError,
-     r"^unknown setting backbone.widthz; the settings here are: stem, channels, depths, out_indices, widths$"),
+     r"^unknown setting backbone.widthz \(did you mean backbone.widths\?\); the settings here are: stem, channels, depths, "
+     r"out_indices, widths$"),
+    ({"decoder": {"name": "hps", "zzz": 1}}, TypeError,  # nothing close: no guess
+     r"^unknown setting decoder.zzz; the settings here are: "),
 ])
 def test_malformed_tasks_backbone_and_decoder_are_named(kwargs, error, message):
     with pytest.raises(error, match=message):

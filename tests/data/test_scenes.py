@@ -339,7 +339,7 @@ def test_asking_for_more_calibration_batches_than_the_split_has_is_refused(tmp_p
 def test_mtl_extract_names_calib_data_settings_as_they_are_set():
     from mtl.cli.extract import _checked_calib_data
 
-    with pytest.raises(TypeError, match=r"unknown setting calib.data.batchsize; the settings here are: .*batch_size"):
+    with pytest.raises(TypeError, match=r"unknown setting calib.data.batchsize \(did you mean calib.data.batch_size\?\); the settings here are: .*batch_size"):
         _checked_calib_data({"name": "scenes", "batchsize": 8})
     with pytest.raises(ValueError, match=r"calib.data.root is required for data 'nyuv2'"):
         _checked_calib_data({"name": "nyuv2"})
