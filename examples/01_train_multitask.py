@@ -27,7 +27,7 @@ from IPython.display import Image, display
 import mtl
 from mtl.train import run
 
-OUT = Path(os.environ.get("MTL_OUTPUT_DIR") or "outputs") / "notebooks/train"  # where the CLIs would write
+OUT = Path(os.environ.get("MTL_OUTPUT_DIR") or "outputs") / "notebooks/train"  # where the CLIs would write from this folder
 shutil.rmtree(OUT, ignore_errors=True)  # a re-run starts afresh: a run folder holding a finished run is refused
 TASKS = ["semseg", "depth", "classification"]
 COMMON = ["experiment=scenes_hps", "debug=smoke", "logger=none"]

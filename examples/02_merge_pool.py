@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 import merging
 from merging.job import build_smoke_pool, run
 
-OUT = Path(os.environ.get("MTL_OUTPUT_DIR") or "outputs") / "notebooks/merge"  # where the CLIs would write
+OUT = Path(os.environ.get("MTL_OUTPUT_DIR") or "outputs") / "notebooks/merge"  # where the CLIs would write from this folder
 shutil.rmtree(OUT, ignore_errors=True)  # a re-run starts afresh: a run folder holding a finished run is refused
 pool = build_smoke_pool(OUT / "pool")
 print("pretrained:", pool.pretrained)

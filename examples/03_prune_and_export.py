@@ -31,7 +31,7 @@ import mtl
 import pruning
 from mtl.train import run
 
-OUT = Path(os.environ.get("MTL_OUTPUT_DIR") or "outputs") / "notebooks/export"  # where the CLIs would write
+OUT = Path(os.environ.get("MTL_OUTPUT_DIR") or "outputs") / "notebooks/export"  # where the CLIs would write from this folder
 shutil.rmtree(OUT, ignore_errors=True)  # a re-run starts afresh: a run folder holding a finished run is refused
 run_dir = run(["experiment=scenes_hps", "debug=smoke", "logger=none", "viz.num_samples=0",
                "task=[semseg,depth,classification]"], run_dir=OUT / "train")

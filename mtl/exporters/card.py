@@ -188,7 +188,8 @@ def render_card(src: Source, report: dict[str, Any]) -> str:
     lines = [
         "---", "library_name: mtlkit", f"tags: [multi-task, mtlkit, {report['format']}]", "---", "",
         f"# Multi-task model: {', '.join(tasks)}", "",
-        f"A `{src.family}` model exported by `mtl-export` as `{report['format']}`: one shared backbone "
+        f"A `{src.family}` model exported as `{report['format']}` by mtlkit (`mtl.export`, which `mtl-export` "
+        f"runs): one shared backbone "
         f"(`{bb.get('name', '?')}`), decoder `{dec.get('name', '?')}` "
         f"({json.dumps({k: v for k, v in dec.items() if k != 'name'})}), one head per task"
         f"{'; widths ' + json.dumps(report['widths']) if report.get('widths') else ''}.", "",
