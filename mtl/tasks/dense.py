@@ -72,7 +72,7 @@ class SemSegTask(Task):
 
     def metrics(self) -> dict[str, Metric]:
         return {"miou": MeanIoU(self.num_classes, ignore_index=self.ignore_index),
-                "pixel_acc": Accuracy(ignore_index=self.ignore_index)}
+                "pixel_acc": Accuracy(ignore_index=self.ignore_index, num_classes=self.num_classes)}
 
     def postprocess(self, pred: torch.Tensor) -> torch.Tensor:
         return pred.argmax(dim=1)

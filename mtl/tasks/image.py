@@ -50,7 +50,7 @@ class ClassificationTask(Task):
                                      label_smoothing=self.label_smoothing)
 
     def metrics(self) -> dict[str, Metric]:
-        return {"accuracy": Accuracy(ignore_index=self.ignore_index)}
+        return {"accuracy": Accuracy(ignore_index=self.ignore_index, num_classes=self.num_classes)}
 
     def postprocess(self, pred: torch.Tensor) -> torch.Tensor:
         return pred.argmax(dim=1)

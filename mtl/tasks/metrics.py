@@ -23,12 +23,21 @@ NO_LABEL = -1  # a prediction whose class scores are not all finite: wrong whate
 def _labels(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Class scores (N, C, ...) -> labels (N, ...); labels pass through. Scores with a NaN or Inf
     (a diverged model) become ``NO_LABEL``: argmax would read them as class 0 and give it credit."""
-    if preds.ndim == target.ndim + 1:
+    is_scores = preds.ndim == target.ndim + 1
+    # scores lose dim 1 to the argmax; any other mismatch would broadcast and count elements twice
+    if (preds.shape[:1] + preds.shape[2:] if is_scores else preds.shape) != target.shape:
+        raise ValueError(f"predictions {tuple(preds.shape)} do not match target {tuple(target.shape)}")
+    if is_scores:
         labels = preds.argmax(dim=1)
         return labels.masked_fill_(~torch.isfinite(preds).all(dim=1), NO_LABEL)
-    if preds.shape != target.shape:
-        raise ValueError(f"predictions {tuple(preds.shape)} do not match target {tuple(target.shape)}")
     return preds
+
+
+def _check_label_range(labels: torch.Tensor, num_classes: int, ignore_index: int | None) -> None:
+    """Refuse labels outside [0, num_classes): counted as merely wrong they would hide a label-map bug."""
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        bad = labels[(labels < 0) | (labels >= num_classes)].unique()[:5].tolist()
+        raise ValueError(f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}, got {bad}")
 
 
 def _same_shape(preds: torch.Tensor, target: torch.Tensor) -> None:
@@ -52,14 +61,16 @@ class Accuracy(_SumMetric):
     """Fraction of correct labels over all non-ignored elements of the split.
 
     preds: scores (N, C, ...) (argmax over dim 1) or labels (N, ...); target: labels (N, ...).
-    Serves image classification (N,) and pixel accuracy (N, H, W) alike.
+    Serves image classification (N,) and pixel accuracy (N, H, W) alike. With `num_classes`, target
+    labels (and labels passed as predictions) outside [0, num_classes) and not ignored are refused.
     """
 
     higher_is_better = True
 
-    def __init__(self, ignore_index: int | None = None, **kwargs):
+    def __init__(self, ignore_index: int | None = None, num_classes: int | None = None, **kwargs):
         super().__init__(**kwargs)
         self.ignore_index = ignore_index
+        self.num_classes = None if num_classes is None else int(num_classes)
         self._sum_state("correct", torch.int64)
         self._sum_state("total", torch.int64)
 
@@ -67,6 +78,12 @@ class Accuracy(_SumMetric):
         labels = _labels(preds, target)
         valid = torch.ones_like(target, dtype=torch.bool) if self.ignore_index is None \
             else target != self.ignore_index
+        if self.num_classes is not None:
+            predicted = labels[valid]
+            if preds.ndim == target.ndim + 1:  # scores: NO_LABEL marks a non-finite prediction, not a bad label
+                predicted = predicted[predicted != NO_LABEL]
+            _check_label_range(target[valid], self.num_classes, self.ignore_index)
+            _check_label_range(predicted, self.num_classes, self.ignore_index)
         self.correct += ((labels == target) & valid).sum()
         self.total += valid.sum()
 
@@ -102,14 +119,13 @@ class MeanIoU(_SumMetric):
             none = valid & (labels == NO_LABEL)
             if none.any():
                 missed = target[none].long()
-                if int(missed.min()) < 0 or int(missed.max()) >= c:
-                    raise ValueError(f"labels must lie in [0, {c}) or equal ignore_index={self.ignore_index}")
+                _check_label_range(missed, c, self.ignore_index)
                 self.unpredicted += torch.bincount(missed, minlength=c)
                 valid = valid & ~none
         t, p = target[valid].long(), labels[valid].long()
         # a label ≥ c inside the flattened index would land in another class's cell, not past the end
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= c or int(p.min()) < 0 or int(p.max()) >= c):
-            raise ValueError(f"labels must lie in [0, {c}) or equal ignore_index={self.ignore_index}")
+        _check_label_range(t, c, self.ignore_index)
+        _check_label_range(p, c, self.ignore_index)
         counts = torch.bincount(t * c + p, minlength=c * c)
         self.confmat += counts.view(c, c)
 

@@ -275,3 +275,29 @@ def test_depth_delta_thresholds_by_hand():
     assert m["delta3"].compute().item() == pytest.approx(3 / 5)
     with pytest.raises(ValueError, match="delta4"):
         create_task("depth", metrics=["delta4"])
+
+
+def test_class_scores_of_another_shape_are_refused_not_broadcast():
+    """4 score rows against 1 target once counted 4 correct out of 1 (accuracy 4.0)."""
+    acc = create_task("classification", num_classes=3).metrics()["accuracy"]
+    with pytest.raises(ValueError, match=r"predictions \(4, 3\) do not match target \(1,\)"):
+        acc.update(torch.tensor([[1.0, 0, 0]] * 4), torch.tensor([0]))
+    seg = create_task("semseg", num_classes=3).metrics()
+    for m in seg.values():  # pixel_acc broadcast (2, 1, 4) over (2, 5, 4); miou raised a raw IndexError
+        with pytest.raises(ValueError, match=r"predictions \(2, 3, 1, 4\) do not match target \(2, 5, 4\)"):
+            m.update(torch.randn(2, 3, 1, 4), torch.zeros(2, 5, 4, dtype=torch.long))
+    assert acc.total == 0 and seg["pixel_acc"].total == 0
+
+
+def test_accuracy_refuses_labels_outside_the_classes_like_miou():
+    acc = create_task("classification", num_classes=3).metrics()["accuracy"]
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\) or equal ignore_index=-100, got \[9\]$"):
+        acc.update(torch.tensor([[1.0, 0, 0]]), torch.tensor([9]))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        acc.update(torch.tensor([3]), torch.tensor([0]))  # a predicted label, passed directly
+    acc.update(torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]), torch.tensor([0, -100]))  # ignored target allowed
+    acc.update(torch.full((1, 3), float("nan")), torch.tensor([1]))  # no prediction: wrong, not refused
+    assert (acc.correct.item(), acc.total.item()) == (1, 2)
+    pix = create_task("semseg", num_classes=3).metrics()["pixel_acc"]
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\) or equal ignore_index=255"):
+        pix.update(torch.zeros(1, 3, 1, 2), torch.tensor([[[0, 7]]]))
