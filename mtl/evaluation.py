@@ -162,14 +162,16 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def save_baselines(path: str | os.PathLike, metrics: Mapping[str, Mapping[str, float]]) -> Baselines:
+def save_baselines(path: str | os.PathLike, metrics: Mapping[str, Mapping[str, float]],
+                   target: str | None = None) -> Baselines:
     """Add `metrics` ({task: {metric: value}}) to the baselines file and return its new content.
 
     Tasks already in the file and not in `metrics` are kept; a task present in both is replaced as a
     whole (its metrics come from one run). The file is written atomically (`mtl.io.write_json`).
+    `target` names the file in errors (default "baselines file <path>"; the CLI passes its config key).
     """
     path = Path(path)
-    new = _validate(metrics, "baselines to save")
+    new = _validate(metrics, f"baselines to save to {target or f'baselines file {path}'}")
     path.parent.mkdir(parents=True, exist_ok=True)
     with _locked(path):
         merged = Baselines(load_baselines(path)) if path.exists() else Baselines()

@@ -278,7 +278,7 @@ def _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, basel
     metrics["model_stats"] = _model_stats(module.model, datamodule)
     write_json(run_dir / "metrics.json", metrics)
     if cfg.baselines.get("save_to"):
-        save_baselines(cfg.baselines.save_to, metrics["test"])
+        save_baselines(cfg.baselines.save_to, metrics["test"], target=f"baselines.save_to={cfg.baselines.save_to}")
     if cfg.viz.get("num_samples"):
         _save_viz(module, datamodule, run_dir, cfg.viz.num_samples)
     print_summary(metrics, module.tasks)

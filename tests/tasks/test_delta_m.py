@@ -1,6 +1,7 @@
 """Δm% sign conventions, variants and the baselines file."""
 import json
 import math
+import re
 
 import pytest
 
@@ -90,8 +91,11 @@ def test_save_baselines_merges_atomically(tmp_path):
     save_baselines(path, {"depth": BASE["depth"]})  # a task is replaced as a whole
     assert load_baselines(path, tasks=TASKS, variant="all") == BASE
     assert not [p for p in path.parent.iterdir() if p.suffix == ".tmp"]
-    with pytest.raises(ValueError, match="'rmse'"):
+    with pytest.raises(ValueError, match=rf"^baselines to save to baselines file {re.escape(str(path))}: "
+                                         r"task 'depth' metric 'rmse' must be a finite number, got nan$"):
         save_baselines(path, {"depth": {"rmse": math.nan}})
+    with pytest.raises(ValueError, match=r"^baselines to save to baselines\.save_to=b\.json: task 'depth'"):
+        save_baselines(path, {"depth": {"rmse": math.nan}}, target="baselines.save_to=b.json")
     assert load_baselines(path) == BASE  # a rejected save leaves the file untouched
 
 
