@@ -60,6 +60,10 @@ class LinearizedModel(MultiTaskModel):
             self.theta0.register_buffer(_key(n), self._current(n).detach().clone())
         # not a registered child: the same backbone/decoder, seen as a function of their parameters
         object.__setattr__(self, "_shared_fn", _Shared(self.backbone, self.decoder))
+        # running statistics from the start: Lightning restores each module's mode as captured before its
+        # sanity validation and never calls train() again, so a model built here (family=linearized) kept
+        # training-mode BN, whose in-place statistics update failed inside the jvp at the first step
+        self.train(self.training)
 
     @property
     def config(self) -> dict[str, Any]:

@@ -253,3 +253,24 @@ def test_a_linearized_model_runs_and_trains_under_bf16_autocast():
         loss = lin(x, tasks=["a"])["a"].float().logsumexp(1).mean()
     loss.backward()
     assert lin.backbone.body.conv1[0].weight.grad is not None
+
+
+def test_family_linearized_trains_from_a_folder_keeping_its_running_statistics(tmp_path):
+    """`family=linearized init_from=<folder>` (plain, then linearised: continuing a tangent-space fine-tune)
+    trains with the start's BN running statistics unchanged (the expansion is around one fixed function).
+    A model built in that family kept training-mode BN through Lightning's mode restore, and its statistics
+    update failed inside the jvp at the first step."""
+    from mtl.train import run
+
+    smoke = ["experiment=scenes_hps", "debug=smoke", "viz.num_samples=0", "logger=none"]
+    pre = run(smoke + ["task=[classification]"], run_dir=tmp_path / "pre") / "model"
+    first = run(smoke + ["task=[regression]", "family=linearized", f"init_from={pre}"], run_dir=tmp_path / "a") / "model"
+    second = run(smoke + ["task=[regression]", "family=linearized", f"init_from={first}"], run_dir=tmp_path / "b") / "model"
+    start = mtl.load_model(pre).state_dict()
+    stats = [k for k in start if k.endswith(("running_mean", "running_var")) and not k.startswith("decoder.heads.")]
+    assert stats
+    for folder in (first, second):
+        model = mtl.load_model(folder)
+        assert isinstance(model, LinearizedModel)
+        assert all(torch.equal(model.state_dict()[k], start[k]) for k in stats)
+        assert all(torch.equal(v, start[k]) for k, v in model.point().items())  # θ0 is the plain start's weights
