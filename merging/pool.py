@@ -314,13 +314,17 @@ def _meta(folder: str | Path) -> dict[str, Any]:
 
 def check_same_start(pretrained: str | Path, models: Sequence[str | Path]) -> None:
     """Task vectors θ_t − θ0 of fine-tunes of another θ0 mean nothing: a member that records the weights it
-    started from (mtl-train's meta.init_from_weights_digest) must have started from the pool's θ0. A
-    linearised θ0 stands for the plain θ0 it was made from (meta.linearized_from_weights_digest): tangent-space
-    fine-tunes start from that one. Members without the record (older folders, other trainers) are trusted."""
-    digest = _meta(pretrained).get("linearized_from_weights_digest") or recorded_weights_digest(pretrained)
+    descends from (mtl-train's meta.start_weights_digests, nearest first: θ0 → ft1 → ft2 records ft1's and θ0's;
+    older folders only meta.init_from_weights_digest) must name the pool's θ0 among them. A linearised θ0 also
+    stands for the plain θ0 it was made from (meta.linearized_from_weights_digest): tangent-space fine-tunes
+    start from that one. Members without the record (older folders, other trainers) are trusted."""
+    own = _meta(pretrained)
+    starts = {d for d in (own.get("linearized_from_weights_digest"), recorded_weights_digest(pretrained)) if d}
     for m in models:
         meta = _meta(m)
-        recorded = meta.get("init_from_weights_digest")
-        if recorded and digest and recorded != digest:
-            raise ValueError(f"{m}: fine-tuned from another θ0 ({meta.get('init_from', '?')}, weights digest {recorded}) "
-                             f"than the pool's pretrained {pretrained} (weights digest {digest}); merge fine-tunes of one θ0")
+        chain = meta.get("start_weights_digests") or [d for d in [meta.get("init_from_weights_digest")] if d]
+        if chain and starts and not starts & set(chain):
+            earlier = f", itself descending from {', '.join(chain[1:])}" if len(chain) > 1 else ""
+            raise ValueError(f"{m}: fine-tuned from another θ0 ({meta.get('init_from', '?')}, weights digest "
+                             f"{chain[0]}{earlier}) than the pool's pretrained {pretrained} (weights digest "
+                             f"{' or '.join(sorted(starts))}); merge fine-tunes of one θ0")

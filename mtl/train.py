@@ -18,7 +18,7 @@ from mtl.cli.failures import FAILED, FINISHED_RECORDS, RunFolderTaken, check_run
 from mtl.data import create_datamodule
 from mtl.evaluation import delta_m, load_baselines, save_baselines
 from mtl.folder_data import data_record
-from mtl.io import atomic_path, recorded_weights_digest, save_model, write_json
+from mtl.io import atomic_path, save_model, write_json
 from mtl.models import create_model
 from mtl.module import MultiTaskModule
 from mtl.registry import check_int
@@ -26,7 +26,7 @@ from mtl.sweep import check_monitors, check_objective
 from mtl.tasks import create_task
 from mtl.train_checks import (check_checkpoint, check_eval_splits, check_precision, check_test_batches, check_trainer,
                               finished_run_refusal, set_aside_failed_attempt, warn_seed_of_resume)
-from mtl.warm_start import folder_architecture, init_from_folder, keep_expansion_point
+from mtl.warm_start import folder_architecture, init_from_folder, keep_expansion_point, start_record
 
 log = logging.getLogger(__name__)
 
@@ -265,11 +265,8 @@ def _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, basel
         return metrics
     # the trained model and its metrics first: nothing after this can lose them
     meta = {"test": metrics["test"], "run_dir": str(run_dir), "data": data_record(data_kw), "seed": cfg.seed}
-    if cfg.get("init_from"):  # a fine-tune: where its start came from (the card says so)
-        meta["init_from"] = str(Path(cfg.init_from).resolve())
-        digest = recorded_weights_digest(cfg.init_from)
-        if digest:  # the path alone misses a θ0 rebuilt in place; merge pools compare this
-            meta["init_from_weights_digest"] = digest
+    if cfg.get("init_from"):  # a fine-tune: where its start came from (the card says so; merge pools check it)
+        meta.update(start_record(cfg.init_from))
     save_model(module.model, run_dir / "model", meta=meta)
     write_json(run_dir / "metrics.json", metrics)
     if baselines is not None:

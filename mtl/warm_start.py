@@ -11,7 +11,7 @@ import torch
 from mtl.io import load_state
 from mtl.models import MultiTaskModel
 
-__all__ = ["init_from_folder", "keep_expansion_point", "folder_architecture"]
+__all__ = ["init_from_folder", "keep_expansion_point", "folder_architecture", "start_record"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,25 @@ def keep_expansion_point(model: MultiTaskModel, folder: str | Path) -> None:
     if isinstance(model, LinearizedModel) and not linear_source:
         model.reset_point()  # else the expansion would stay around the random initialisation
         log.info("family=linearized: expanding around the weights of %s", folder)
+
+
+def start_record(folder: str | Path) -> dict[str, Any]:
+    """What a fine-tune's meta records of its start: the folder, its weights digest, and the digests of every
+    model it descends from (``start_weights_digests``, nearest first), so that a merge pool recognises its θ0
+    even when the start was itself a fine-tune (θ0 → ft1 → ft2: ft2 − θ0 is still a task vector of θ0)."""
+    from mtl.io import read_model_config, recorded_weights_digest
+
+    record: dict[str, Any] = {"init_from": str(Path(folder).resolve())}
+    digest = recorded_weights_digest(folder)
+    if digest:  # the path alone misses a θ0 rebuilt in place; merge pools compare this
+        record["init_from_weights_digest"] = digest
+    meta = read_model_config(folder).get("meta") or {}
+    # an older start records only its own start; a linearised θ0 stands for the plain θ0 it was made from
+    ancestors = meta.get("start_weights_digests") or [meta.get("init_from_weights_digest")]
+    chain = [d for d in [digest, *ancestors, meta.get("linearized_from_weights_digest")] if d]
+    if chain:
+        record["start_weights_digests"] = list(dict.fromkeys(chain))
+    return record
 
 
 def _shared_names(model: MultiTaskModel) -> set[str]:

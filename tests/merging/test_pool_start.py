@@ -49,3 +49,48 @@ def test_eval_none_merges_check_the_start_too(tmp_path):
     bad = _folder(tmp_path, "b", "b", {"init_from_weights_digest": recorded_weights_digest(other)})
     with pytest.raises(ValueError, match=rf"^{bad}: fine-tuned from another θ0"):
         run(["merge=task_arithmetic", "eval=none", f"pretrained={pre}", f"models=[{bad}]"], run_dir=tmp_path / "run")
+
+
+SMOKE = ["experiment=scenes_hps", "debug=smoke", "viz.num_samples=0", "logger=none", "task=[regression]"]
+
+
+def test_a_fine_tune_of_a_fine_tune_merges_against_its_root_and_not_another(tmp_path):
+    """θ0 → ft1 → ft2 (mtl-train init_from=ft1): ft2 − θ0 is a task vector of θ0, so the pool of θ0 accepts ft2,
+    and the pool of another θ0 still refuses it. The same for the tangent-space chain: linearize=true from θ0,
+    continued with family=linearized, merged against θ0's linearised folder (as build_zoo.py --linear saves it)."""
+    from mtl.io import load_model
+    from mtl.models import linearize
+    from mtl.train import run
+
+    def train(name, *more):
+        return run(SMOKE + list(more), run_dir=tmp_path / name) / "model"
+
+    pre = run(SMOKE[:-1] + ["task=[classification]"], run_dir=tmp_path / "pre") / "model"
+    ft1 = train("ft1", f"init_from={pre}")
+    ft2 = train("ft2", f"init_from={ft1}")
+    assert [m.path for m in ModelPool.from_folders(pre, [ft2]).members] == [ft2]
+
+    other = load_model(pre)
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    other = mtl.save_model(other, tmp_path / "other")
+    with pytest.raises(ValueError, match=rf"^{ft2}: fine-tuned from another θ0 \({ft1}, weights digest "
+                                         rf"{recorded_weights_digest(ft1)}, itself descending from "
+                                         rf"{recorded_weights_digest(pre)}\) than the pool's pretrained {other} "):
+        ModelPool.from_folders(other, [ft2])
+
+    lin1 = train("lin1", "linearize=true", f"init_from={pre}")
+    lin2 = train("lin2", "family=linearized", f"init_from={lin1}")
+    theta0 = mtl.save_model(linearize(load_model(pre)), tmp_path / "model_linearized",
+                            meta={"linearized_from_weights_digest": recorded_weights_digest(pre)})
+    assert [m.path for m in ModelPool.from_folders(theta0, [lin2]).members] == [lin2]
+    with pytest.raises(ValueError, match=rf"^{lin2}: fine-tuned from another θ0"):
+        ModelPool.from_folders(other, [lin2])
+
+
+def test_a_fine_tune_of_the_linearised_theta0_itself_merges_against_it(tmp_path):
+    """family=linearized init_from=<the linearised θ0 folder> starts from that folder's weights: its pool accepts it."""
+    pre = _folder(tmp_path, "pre", "p")
+    lin = _folder(tmp_path, "pre_lin", "p", {"linearized_from_weights_digest": recorded_weights_digest(pre)}, seed=2)
+    ft = _folder(tmp_path, "a", "a", {"init_from_weights_digest": recorded_weights_digest(lin)})
+    ModelPool.from_folders(lin, [ft])
