@@ -123,9 +123,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """
     from mtl.cli.common import check_required
 
+    from mtl.cli.sweep_checks import distributed_state_of_one_job
+
     check_required(cfg)
     try:
-        return _train(cfg, run_dir)
+        with distributed_state_of_one_job():
+            return _train(cfg, run_dir)
     finally:
         _release()  # here, not inside _train: its frame still holds the job's objects there
 

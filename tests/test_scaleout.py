@@ -296,6 +296,40 @@ def test_local_ddp_swept_with_another_trainer_is_refused_by_its_job(tmp_path):
     assert (_sweep_dir(tmp_path) / "1" / "metrics.json").is_file()
 
 
+def test_a_sweep_of_the_process_count_starts_and_its_multi_process_jobs_refuse_one_by_one(tmp_path):
+    """docs/scaleout.md: one process is no local DDP and runs. Hydra leaves swept values out of the sweep's config,
+    so the start check saw ddp.yaml's devices: 2 and refused trainer.devices=1,2 whole; its jobs decide now."""
+    proc = cli("-m", *SMOKE, "task=depth", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=1,2",
+               cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "sweep job #1 (" in proc.stderr and "trainer=ddp with local processes cannot run inside a -m multirun" \
+        in proc.stderr
+    assert (_sweep_dir(tmp_path) / "0" / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("swept, refused", [
+    ([], True), (["seed=0,1"], True), (["trainer.devices=1,1"], False), (["trainer.devices=[0],[1]"], False),
+    (["+trainer.num_nodes=1,2"], False), (["trainer.strategy=ddp,auto"], False)])
+def test_the_sweep_start_leaves_a_swept_process_count_to_its_jobs(swept, refused, monkeypatch):
+    """The sweep's config holds the trainer file's devices: 2 whatever a swept key gives each job (Hydra records
+    the sweep overrides in hydra.overrides.task only); a sweep of other keys is still refused at its start."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import open_dict
+
+    from mtl.cli.sweep_checks import LOCAL_DDP_IN_MULTIRUN, sweep_problem
+
+    for key in ("LOCAL_RANK", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+    with initialize_config_module(config_module="mtl.configs", version_base="1.3"):
+        config = compose(config_name="train", overrides=["trainer=ddp"], return_hydra_config=True)
+    with open_dict(config):
+        config.hydra.overrides.task = ["trainer=ddp", *swept]
+    assert sweep_problem(config) == (LOCAL_DDP_IN_MULTIRUN if refused else None)
+    with open_dict(config):
+        config.hydra.sweeper.params = {"trainer.devices": "1,2"}  # the sweeper's own search space
+    assert sweep_problem(config) is None
+
+
 @pytest.mark.slow
 def test_ddp_evaluation_counts_every_sample_once(tmp_path):
     """29 test images on 2 ranks: Lightning's default sampler repeats one (8/30 instead of 8/29); the

@@ -5,6 +5,7 @@ yet"), leave an empty sweep folder behind, or are silently ignored."""
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig
@@ -19,6 +20,31 @@ def runs_local_ddp(trainer: DictConfig) -> bool:
     process a rank)."""
     return str(trainer.get("strategy", "")).startswith("ddp") and _processes(trainer.get("devices")) != 1 \
         and not any(k in os.environ for k in ("LOCAL_RANK", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID"))
+
+
+#: what Lightning's DDP sets in this process's environment for its rank 0
+_RANK_ENV = ("LOCAL_RANK", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")
+
+
+@contextmanager
+def distributed_state_of_one_job():
+    """Undo the rank environment and process group a job's DDP left in this process: in a multirun the next job
+    runs here too, and an earlier one-process DDP job's LOCAL_RANK made a two-process one look launched by
+    torchrun, so it skipped the local-DDP refusal and trained on one process."""
+    import torch.distributed as dist
+
+    before = {k: os.environ.get(k) for k in _RANK_ENV}
+    had_group = dist.is_available() and dist.is_initialized()
+    try:
+        yield
+    finally:
+        if not had_group and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _processes(devices: Any) -> int | None:
@@ -48,9 +74,25 @@ def sweep_problem(config: DictConfig) -> str | None:
         problem = _optuna(sweeper)
     # under SLURM each job's ranks come from its tasks' environment, not from re-running the command line
     if problem is None and kind != "SlurmLauncher" and config.get("trainer") is not None \
-            and runs_local_ddp(config.trainer):
+            and runs_local_ddp(config.trainer) and not swept_process_keys(config):
         problem = LOCAL_DDP_IN_MULTIRUN
     return problem
+
+
+#: the trainer keys that decide how many processes a job starts
+PROCESS_KEYS = ("trainer.devices", "trainer.num_nodes", "trainer.strategy")
+
+
+def swept_process_keys(config: DictConfig) -> list[str]:
+    """The PROCESS_KEYS a multirun varies (a sweep override such as trainer.devices=1,2, or a hydra.sweeper.params
+    entry): Hydra leaves swept values out of the sweep's own config, so its DDP check would see the trainer
+    file's devices instead of each job's; check_trainer decides for each job then."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    task = list(config.hydra.get("overrides", {}).get("task") or [])
+    swept = {o.key_or_group for o in OverridesParser.create().parse_overrides(task) if o.is_sweep_override()}
+    swept |= set((config.hydra.get("sweeper") or {}).get("params") or {})
+    return [k for k in PROCESS_KEYS if k in swept]
 
 
 def _class_name(node: DictConfig | dict) -> str:
