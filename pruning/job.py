@@ -148,8 +148,8 @@ def run_prune(cfg: DictConfig, run_dir: str | Path, command_line: list[str] | No
         from hydra.core.hydra_config import HydraConfig
 
         command_line = list(HydraConfig.get().overrides.task)
+    method, hp = _hparams(cfg, command_line)  # the config alone: a refused option leaves no run folder either
     run_dir, output = start_run(cfg, run_dir, model_output=True)
-    method, hp = _hparams(cfg, command_line)
     torch.manual_seed(int(cfg.seed))
     source = input_model(cfg, run_dir, "prune")
     start = time.perf_counter()

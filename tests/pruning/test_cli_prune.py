@@ -165,6 +165,7 @@ def test_a_knob_given_beside_flops_target_is_refused_not_dropped(folder, tmp_pat
     for typed in ([f"prune.{knob}={value}", "prune.flops_target=0.2"], ["prune.flops_target=0.2", f"++prune.{knob}={value}"]):
         with pytest.raises(ValueError, match=rf"^prune.{knob}={value} and prune.flops_target=0.2 both given"):
             run([f"prune={method}", f"model={folder}", *typed], run_dir=tmp_path / "run")
+        assert not (tmp_path / "run").exists()  # refused from the command line alone: no run folder
 
 
 def test_an_option_the_method_lacks_is_named_so_beside_flops_target(folder, tmp_path):
