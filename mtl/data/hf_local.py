@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -18,11 +17,11 @@ from mtl.data.hf import arrow_to_numpy, quiet_datasets
 from mtl.data.hf_columns import (IGNORE, channels_first, check_channels, check_sizes, class_ids, decode_images,
                                  edge_map, encoded_image, refuse_ignore_only_foreground, resize, rgb_uint8,
                                  semseg_lookup)
-from mtl.data.memory import SPLITS, TensorDataModule, TensorDictDataset
+from mtl.data.hf_splits import choose_splits, file_splits
+from mtl.data.memory import TensorDataModule, TensorDictDataset
 
 log = logging.getLogger(__name__)
 
-_VAL_NAMES = ("validation", "val", "valid", "dev")
 _DENSE_KEYS = {"semseg": 0, "depth": 1, "normals": 3, "edges": 1}  # key -> channels (0: no channel axis)
 
 
@@ -47,8 +46,7 @@ def _open_local(path: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"hf_local: {str(path)!r} holds no save_to_disk dataset and no "
                                 ".parquet/.arrow files")
     by_split: dict[str, list[tuple[Path, pa.Table]]] = {}
-    for f in files:
-        split = _split_of(f.relative_to(path) if path.is_dir() else Path(f.name))
+    for f, split in file_splits(path, files).items():
         by_split.setdefault(split, []).append((f, _read_table(f)))
     tables = {s: _concat_shards(s, shards) for s, shards in by_split.items()}
     empty = sorted(s for s, t in tables.items() if t.num_rows == 0)
@@ -103,18 +101,6 @@ def _empty_splits(path: Path) -> list[str]:
     return empty
 
 
-def _split_of(rel: Path) -> str:
-    """The split a parquet/arrow file belongs to, from whole words of its path, the file name first
-    (``data/validation-00000-of-00001.parquet``: val; ``latest/train.parquet``: train, not test)."""
-    for part in reversed(rel.with_suffix("").parts):
-        words = set(re.split(r"[^a-z]+", part.lower()))
-        for names in (("train",), ("test",), _VAL_NAMES):
-            found = next((n for n in names if n in words), None)
-            if found:
-                return found
-    return "train"
-
-
 def _read_table(f: Path) -> pa.Table:
     if f.suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -132,8 +118,8 @@ class HFImageDataModule(TensorDataModule):
     """Any local HF-format dataset with an image column: the real-data path.
 
     ``path``: a ``save_to_disk`` folder (DatasetDict or Dataset) or a folder/file of parquet or arrow
-    files (the split is read from each file's path: train / validation|val|valid|dev / test; other
-    files count as train). ``columns`` maps dataset columns to batch keys, e.g.
+    files (the split is read from each file's path by HF's keywords, mtl/data/hf_splits.py; a DatasetDict's
+    splits serve as train/val/test by the same words). ``columns`` maps dataset columns to batch keys, e.g.
     ``{"label": "classification", "mask": "semseg"}``. Known keys get the batch layout of mtl/data/memory.py's
     docstring (dense ones resized with nearest neighbour); other keys keep their shape, ints as int64
     and floats as float32. Missing val/test splits are carved from train (``val_fraction``,
@@ -295,22 +281,11 @@ class HFImageDataModule(TensorDataModule):
 
     def _load(self) -> dict[str, TensorDictDataset]:
         available = _open_local(self.path)
-        chosen: dict[str, Any] = {}
-        names: dict[str, str] = {}  # batch split -> the dataset's own split name, for error messages
-        taken = set(self.splits.values())  # a split mapped explicitly is never picked again by default
-        for split in SPLITS:
-            name = self.splits.get(split)
-            if name is None:
-                candidates = ("train",) if split == "train" else _VAL_NAMES if split == "val" else ("test",)
-                name = next((c for c in candidates if c in available and c not in taken), None)
-            elif name not in available:
-                raise KeyError(f"hf_local: {str(self.path)!r} has no split {name!r}; "
-                               f"splits: {', '.join(sorted(available))}")
-            if name is not None:
-                chosen[split], names[split] = available[name], name
-        if "train" not in chosen:
+        names = choose_splits(available, self.splits, repr(str(self.path)))  # batch split -> the dataset's split
+        if "train" not in names:
             raise KeyError(f"hf_local: {str(self.path)!r} has no train split; splits: "
                            f"{', '.join(sorted(available))} (map one with splits={{'train': ...}})")
+        chosen = {split: available[name] for split, name in names.items()}
         from datasets import ClassLabel
 
         # a ClassLabel column states its class count: classes no split happens to hold still get an output

@@ -410,18 +410,6 @@ def test_missing_depth_is_invalid_and_missing_regression_is_refused(tmp_path):
         _images(tmp_path / "r", img, r=[[1.0], [2.0], [float("nan")], [3.0]])
 
 
-@pytest.mark.parametrize("files, splits", [
-    (["latest/train.parquet", "latest/validation.parquet"], {"train", "validation"}),
-    (["data/train-00000-of-00001.parquet", "data/test-00000-of-00001.parquet", "data/val.parquet"], {"train", "test", "val"}),
-    (["interval/data.parquet", "contest/dev.parquet"], {"train", "dev"}),
-])
-def test_parquet_splits_come_from_whole_words_of_the_path(tmp_path, files, splits):
-    from mtl.data.hf_local import _split_of
-
-    from pathlib import Path
-    assert {_split_of(Path(f)) for f in files} == splits
-
-
 def test_size_as_h_w_and_the_reported_image_size(tmp_path):
     """[H, W] resizes to H x W, as for the benchmark modules; info reports an int when square, [H, W] otherwise.
     A Image column (PIL, sizes (W, H)) and a numeric one land on the same shape."""

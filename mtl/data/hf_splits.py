@@ -1,0 +1,79 @@
+"""Which split of a local HF dataset serves as train, val and test: split names read as HF ``datasets`` reads them
+(its ``data_files.SPLIT_KEYWORDS``), and nothing left out or merged without a word."""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from mtl.data.memory import SPLITS
+
+log = logging.getLogger(__name__)
+
+#: role -> the words HF datasets reads as that split, in file names and folder names
+KEYWORDS = {"train": ("train", "training"), "test": ("test", "testing", "eval", "evaluation"),
+            "val": ("validation", "valid", "dev", "val")}
+#: role -> the name HF datasets gives the split its keyword files form
+HF_NAME = {"train": "train", "val": "validation", "test": "test"}
+_ALL_WORDS = ", ".join("/".join(words) for words in KEYWORDS.values())
+#: HF's sharded layout ``data/<split>-00000-of-00001.parquet``: any word names a split there
+_SHARDED = re.compile(r"^(\w+?)-\d{5}-of-\d{5}")
+
+
+def role_of(name: str) -> str | None:
+    """The role (train/val/test) a split name plays by HF's keywords, None for any other name."""
+    return next((role for role, words in KEYWORDS.items() if name.lower() in words), None)
+
+
+def split_of(rel: Path) -> str | None:
+    """The split a parquet/arrow file belongs to (None: its path names none), from whole words of its path, the file
+    name first (``data/validation-00000-of-00001.parquet`` and ``eval.parquet``: validation and test;
+    ``latest/train.parquet``: train, not test). Keyword files take HF's split name (``val.parquet``: validation)."""
+    if len(rel.parts) == 2 and rel.parts[0] == "data" and (m := _SHARDED.match(rel.name)):
+        role = role_of(m[1])
+        return HF_NAME[role] if role else m[1]
+    for part in reversed(rel.with_suffix("").parts):
+        words = set(re.split(r"[^a-z]+", part.lower()))
+        role = next((role for role, names in KEYWORDS.items() if words & set(names)), None)
+        if role:
+            return HF_NAME[role]
+    return None
+
+
+def file_splits(path: Path, files: list[Path]) -> dict[Path, str]:
+    """Each file's split; files that name none are train when no file names one (HF does the same), and refused
+    otherwise: HF would leave them out, and adding them to train would mix their rows in unseen."""
+    named = {f: split_of(f.relative_to(path) if path.is_dir() else Path(f.name)) for f in files}
+    unnamed = [f for f, split in named.items() if split is None]
+    if unnamed and len(unnamed) < len(files):
+        raise ValueError(f"hf_local: {unnamed[0]} names no split while other files in {str(path)!r} do "
+                         f"({len(unnamed)} such file(s)); a split is named by a word of the path ({_ALL_WORDS}): "
+                         "rename it or move it out")
+    return {f: split or "train" for f, split in named.items()}
+
+
+def choose_splits(available: Iterable[str], splits: Mapping[str, str], where: str) -> dict[str, str]:
+    """{role: split name}: ``splits`` first, then the split whose name is the role's keyword; a role
+    with none is left out (carved from train later). Two candidates for one role are refused; splits no role
+    takes are named in a warning."""
+    available = sorted(available)
+    chosen, taken = {}, set(splits.values())
+    for role in SPLITS:
+        if role in splits:
+            if splits[role] not in available:
+                raise KeyError(f"hf_local: {where} has no split {splits[role]!r} (data.splits.{role}); "
+                               f"splits: {', '.join(available)}")
+            chosen[role] = splits[role]
+            continue
+        found = [name for name in available if role_of(name) == role and name not in taken]
+        if len(found) > 1:
+            raise ValueError(f"hf_local: {where} has splits {found}, which all read as {role}; choose one with "
+                             f"data.splits={{{role}: {found[0]}}}")
+        if found:
+            chosen[role] = found[0]
+    unused = [name for name in available if name not in chosen.values()]
+    if unused:
+        log.warning("hf_local: split(s) %s of %s are not used (%s); map one with data.splits to use it", unused,
+                    where, ", ".join(f"{role}: {name}" for role, name in chosen.items()))
+    return chosen
