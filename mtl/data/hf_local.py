@@ -17,7 +17,7 @@ from mtl.data.hf import arrow_to_numpy, quiet_datasets
 from mtl.data.hf_columns import (IGNORE, channels_first, check_channels, check_sizes, class_ids, decode_images,
                                  edge_map, encoded_image, refuse_ignore_only_foreground, resize, rgb_uint8,
                                  semseg_lookup)
-from mtl.data.hf_splits import choose_splits, file_splits
+from mtl.data.hf_splits import check_splits, choose_splits, file_splits
 from mtl.data.memory import TensorDataModule, TensorDictDataset
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ class HFImageDataModule(TensorDataModule):
 
         size = check_size(size, an_int="a square side")
         self.size = size if size is None or isinstance(size, tuple) else (size, size)  # (H, W); an int: square
-        self.splits = dict(splits or {})
+        self.splits = check_splits(splits)
         for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0.0 <= frac < 1.0:
                 raise ValueError(f"hf_local: {name} must be in [0, 1), got {frac}")

@@ -1,11 +1,11 @@
 """Which split of a local HF dataset serves as train, val and test: split names read as HF ``datasets`` reads them
-(its ``data_files.SPLIT_KEYWORDS``), and nothing left out or merged without a word."""
+(its ``data_files.SPLIT_KEYWORDS``), ``data.splits`` checked, and nothing left out or merged without a word."""
 from __future__ import annotations
 
 import logging
 import re
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 from mtl.data.memory import SPLITS
 
@@ -53,8 +53,31 @@ def file_splits(path: Path, files: list[Path]) -> dict[Path, str]:
     return {f: split or "train" for f, split in named.items()}
 
 
+def check_splits(splits: Any) -> dict[str, str]:
+    """``data.splits`` as {role: the dataset's split name}: roles are train/val/test, each split serves one role."""
+    if splits is None:
+        return {}
+    if not isinstance(splits, Mapping):
+        raise ValueError(f"hf_local: data.splits must map train/val/test to the dataset's split names "
+                         f"(e.g. {{val: validation}}), got {splits!r}")
+    for key, name in splits.items():
+        if key not in SPLITS:
+            near = f" (did you mean {role_of(str(key))}?)" if role_of(str(key)) else ""
+            raise ValueError(f"hf_local: data.splits key {key!r} is not a split here{near}; the keys are "
+                             f"{', '.join(SPLITS)}, each mapped to a split name of the dataset")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"hf_local: data.splits.{key} must be a split name of the dataset, got {name!r}")
+    roles: dict[str, str] = {}
+    for key, name in splits.items():
+        if name in roles:  # e.g. {train: train, test: train}: the test set would be the training set
+            raise ValueError(f"hf_local: data.splits maps both {roles[name]} and {key} to split {name!r}; "
+                             "each split of the dataset serves one of train, val, test")
+        roles[name] = key
+    return dict(splits)
+
+
 def choose_splits(available: Iterable[str], splits: Mapping[str, str], where: str) -> dict[str, str]:
-    """{role: split name}: ``splits`` first, then the split whose name is the role's keyword; a role
+    """{role: split name}: ``splits`` (checked) first, then the split whose name is the role's keyword; a role
     with none is left out (carved from train later). Two candidates for one role are refused; splits no role
     takes are named in a warning."""
     available = sorted(available)

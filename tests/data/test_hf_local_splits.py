@@ -110,3 +110,25 @@ def test_a_saved_split_no_role_takes_is_named_in_a_warning(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         HFImageDataModule(tmp_path / "dd", image_column="img").setup()
     assert "split(s) ['unsupervised']" in caplog.text and "not used" in caplog.text
+
+
+@pytest.mark.parametrize("splits, message", [
+    ({"train": "train", "valid": "validation"}, r"data\.splits key 'valid' is not a split here \(did you mean val\?\)"
+                                                r"; the keys are train, val, test"),
+    ({"training": "train"}, r"data\.splits key 'training' is not a split here \(did you mean train\?\)"),
+    ({"train": "train", "test": "train"}, r"data\.splits maps both train and test to split 'train'"),
+    ({"val": 3}, r"data\.splits\.val must be a split name of the dataset, got 3"),
+])
+def test_data_splits_with_an_unknown_key_or_one_split_for_two_roles_is_refused(tmp_path, splits, message):
+    _saved(tmp_path / "dd", train=10, validation=3)
+    with pytest.raises(ValueError, match=r"^hf_local: " + message):
+        HFImageDataModule(tmp_path / "dd", image_column="img", splits=splits)
+
+
+def test_the_cli_refuses_an_unknown_data_splits_key_in_one_line(tmp_path, console, capsys):
+    _saved(tmp_path / "dd", train=10, validation=3)
+    code, _ = console("mtl.cli.train", "data=hf_local", f"data.path={tmp_path / 'dd'}", "data.image_column=img",
+                      "data.columns={y: classification}", "task=classification", "debug=smoke",
+                      "data.splits={train: train, valid: validation}")
+    err = capsys.readouterr().err
+    assert code == 1 and "error: hf_local: data.splits key 'valid' is not a split here" in err
