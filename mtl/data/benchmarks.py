@@ -159,6 +159,30 @@ class DepthUnitCheck:
             self.warned = warn_integer_depth(a, where)
 
 
+class FirstImage:
+    """The first image read of a dataset, over all its splits: with ``data.size`` null every other image needs its
+    stored size, with an int its aspect, so a val or test split cannot come out at another shape than train."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self.stored: tuple[int, int] | None = None
+        self.hw: tuple[int, int] | None = None  # the size every image is resized to
+
+    def __call__(self, path: Path, stored: tuple[int, int], size: Any) -> tuple[int, int]:
+        """The (H, W) the image at ``path`` (stored at ``stored``) is resized to; another size or aspect is named."""
+        own = resolve_size(size, stored)
+        if self.hw is None:
+            self.path, self.stored, self.hw = path, stored, own
+        elif size is None and stored != self.stored:
+            raise ValueError(f"{path}: size {stored} differs from {self.stored} of the first image {self.path}; "
+                             "pass data.size to resize them all")
+        elif own != self.hw:  # an int keeps each image's aspect: another aspect would be stretched
+            raise ValueError(f"{path}: size {stored} has another aspect than {self.stored} of the first image "
+                             f"{self.path} (data.size={size} gives {own}, not {self.hw}); pass data.size=[H, W] to "
+                             "resize every image to one shape")
+        return self.hw
+
+
 def check_unit_normals(t: torch.Tensor, where: str) -> None:
     """(3, H, W) or (N, 3, H, W) normals: unit vectors, all-zero = invalid. Half of the valid ones off
     unit length by more than 0.01 means another encoding (e.g. (n + 1) / 2 in [0, 1], or 0-255); a few
@@ -194,10 +218,11 @@ def _indexed_files(folder: Path) -> dict[int, Path]:
 
 
 def read_npy_split(split_dir: Path, dirs: dict[str, str], num_classes: int, limit: int | None,
-                   size: int | list[int] | None, depth_unit: DepthUnitCheck | None = None) -> dict[str, torch.Tensor]:
-    """One split folder of the npy layout as tensors; ``dirs`` maps batch keys to folder names. ``depth_unit``:
-    the dataset's, shared by its splits (default: this split's own)."""
-    depth_unit = depth_unit or DepthUnitCheck()
+                   size: int | list[int] | None, depth_unit: DepthUnitCheck | None = None,
+                   first: FirstImage | None = None) -> dict[str, torch.Tensor]:
+    """One split folder of the npy layout as tensors; ``dirs`` maps batch keys to folder names. ``depth_unit`` and
+    ``first``: the dataset's, shared by its splits (default: this split's own)."""
+    depth_unit, first = depth_unit or DepthUnitCheck(), first or FirstImage()
     for name in ("image", *dirs.values()):
         if not (split_dir / name).is_dir():
             raise FileNotFoundError(f"expected the folder {split_dir / name} (layout <root>/{{train,val}}/"
@@ -212,7 +237,7 @@ def read_npy_split(split_dir: Path, dirs: dict[str, str], num_classes: int, limi
             raise ValueError(f"{files[orphans[0]]} has no image ({split_dir / 'image'} has no index "
                              f"{orphans[0]}; {len(orphans)} such file(s))")
     ids = list(images)[:limit] if limit is not None else list(images)
-    samples, hw, negative = [], None, []
+    samples, negative = [], []
     for i in ids:
         sample = {}
         for key, name in (("image", "image"), *dirs.items()):
@@ -241,16 +266,7 @@ def read_npy_split(split_dir: Path, dirs: dict[str, str], num_classes: int, limi
             if tuple(sample[key].shape[-2:]) != tuple(sample["image"].shape[-2:]):
                 raise ValueError(f"{f}: size {tuple(sample[key].shape[-2:])} differs from its image's "
                                  f"{tuple(sample['image'].shape[-2:])}")
-        if size is None and hw is not None and tuple(sample["image"].shape[-2:]) != hw:
-            raise ValueError(f"{images[i]}: size {tuple(sample['image'].shape[-2:])} differs "
-                             f"from the first image's {hw}; pass data.size to resize them all")
-        own = resolve_size(size, tuple(sample["image"].shape[-2:]))
-        if hw is not None and own != hw:  # an int keeps each image's aspect: another aspect would be stretched
-            raise ValueError(f"{images[i]}: size {tuple(sample['image'].shape[-2:])} has another aspect than the "
-                             f"first image's (data.size={size} gives {own}, not {hw}); pass data.size=[H, W] to "
-                             "resize every image to one shape")
-        hw = hw or own
-        samples.append(resize_sample(sample, hw))
+        samples.append(resize_sample(sample, first(images[i], tuple(sample["image"].shape[-2:]), size)))
     if negative:  # the depth task's mask (target > 0) drops them, as 0; say so rather than train on less unseen
         log.warning("%d depth file(s) of %s hold negative values (first: %s); they count as invalid pixels, as 0",
                     len(negative), split_dir, negative[0])
@@ -286,7 +302,7 @@ class DenseBenchmarkDataModule(TensorDataModule):
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"{self.benchmark}: val_fraction must be in [0, 1), got {val_fraction}")
         self.val_fraction, self.seed = float(val_fraction), seed
-        self._depth_unit = DepthUnitCheck()
+        self._depth_unit, self._first_image = DepthUnitCheck(), FirstImage()
 
     def source(self) -> str:
         return f"{self.benchmark} ({self.root})"
@@ -356,7 +372,7 @@ class CityscapesDataModule(DenseBenchmarkDataModule):
                 raise FileNotFoundError(f"cityscapes: {split_dir} has neither label_7/ nor label/ (7-class semseg "
                                         f"labels; num_classes=19 reads label_19/)")
         return read_npy_split(split_dir, {"semseg": label, "depth": "depth"}, self.num_classes, limit, self.size,
-                              self._depth_unit)
+                              self._depth_unit, self._first_image)
 
 
 class NYUv2DataModule(DenseBenchmarkDataModule):
@@ -394,4 +410,5 @@ class NYUv2DataModule(DenseBenchmarkDataModule):
             return read_nyu_mat(self.root, split, self.splits_file, self.class_mapping, self.num_classes,
                                 limit, self.size)
         split_dir = self.root / ("train" if split == "train" else "val")
-        return read_npy_split(split_dir, TARGET_DIRS, self.num_classes, limit, self.size, self._depth_unit)
+        return read_npy_split(split_dir, TARGET_DIRS, self.num_classes, limit, self.size, self._depth_unit,
+                              self._first_image)

@@ -291,7 +291,14 @@ class HFImageDataModule(TensorDataModule):
         # a ClassLabel column states its class count: classes no split happens to hold still get an output
         self._declared = {key: ds.features[col].num_classes for ds in chosen.values() for col, key in self.columns.items()
                           if col in ds.features and isinstance(ds.features[col], ClassLabel)}
-        tensors = {sp: self._convert(ds, names[sp], sp == "train") for sp, ds in chosen.items()}
+        tensors: dict[str, dict[str, torch.Tensor]] = {}
+        for sp, ds in chosen.items():  # train first: the other splits' images must come out at its size
+            tensors[sp] = self._convert(ds, names[sp], sp == "train")
+            hw, train_hw = (tuple(tensors[s]["image"].shape[-2:]) for s in (sp, "train"))
+            if hw != train_hw:  # only with size=null: data.size gives every split one size
+                raise ValueError(f"hf_local: image column {self.image_column!r} of split {names[sp]!r} in "
+                                 f"{str(self.path)!r} holds {hw} images, split {names['train']!r} {train_hw} ones; "
+                                 "pass data.size to resize them all")
         carve = [sp for sp, frac in (("val", self.val_fraction), ("test", self.test_fraction)) if sp not in tensors]
         if carve:
             train = tensors["train"]
