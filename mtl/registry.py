@@ -50,6 +50,23 @@ class Registry(Generic[T]):
 _SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
 
 
+def _keyword_parameters(fn: Callable) -> dict:
+    """``fn``'s parameters; for a class whose ``__init__`` hands ``**kwargs`` on to its base's, the base's too
+    (NYUv2DataModule's size, n_train, ... are DenseBenchmarkDataModule's), so they count as known settings."""
+    import inspect
+
+    params = dict(inspect.signature(fn).parameters)
+    for base in fn.__mro__[1:] if inspect.isclass(fn) else ():
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()) or base is object:
+            break
+        if "__init__" not in vars(base):
+            continue
+        inherited = list(inspect.signature(base.__init__).parameters.items())[1:]  # without self
+        params = {**{n: p for n, p in params.items() if p.kind is not p.VAR_KEYWORD},
+                  **{n: p for n, p in inherited if n not in params}}
+    return params
+
+
 def check_kwargs(fn: Callable, kwargs: dict, what: str, given: tuple[str, ...] = ()) -> None:
     """Refuse an unknown keyword (unless ``fn`` takes ``**kwargs``) or one of the wrong scalar type before
     ``fn`` sees it, naming the field (``given``: parameters the caller fills itself, not listed as
@@ -58,7 +75,7 @@ def check_kwargs(fn: Callable, kwargs: dict, what: str, given: tuple[str, ...] =
     import inspect
 
     try:
-        params = inspect.signature(fn).parameters
+        params = _keyword_parameters(fn)
     except (TypeError, ValueError):
         return
     open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

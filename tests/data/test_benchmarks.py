@@ -372,3 +372,13 @@ def test_hidden_side_files_are_no_samples(tmp_path):
     dm = create_datamodule("nyuv2", root=str(root))
     dm.setup()
     assert len(dm.dataset("train")) == 3
+
+
+@pytest.mark.parametrize("name", ["nyuv2", "cityscapes"])
+def test_an_unknown_setting_is_named_with_the_base_class_settings(tmp_path, name):
+    """size, n_train, ... reach the shared base through **kwargs; they are settings of nyuv2/cityscapes all the same."""
+    with pytest.raises(TypeError, match=r"^unknown setting data\.n_trian \(did you mean data\.n_train\?\); the "
+                                        r"settings here are: root, num_classes, .*size, n_train, .*augment$"):
+        create_datamodule(name, root=str(tmp_path), n_trian=3)
+    with pytest.raises(TypeError, match=r"^data\.n_train must be int, got '3'"):
+        create_datamodule(name, root=str(tmp_path), n_train="3")
