@@ -387,7 +387,7 @@ class NYUv2DataModule(DenseBenchmarkDataModule):
 
     def __init__(self, root: str | os.PathLike, num_classes: int = 13, format: str = "auto",
                  splits_file: str | os.PathLike | None = None,
-                 class_mapping: str | os.PathLike | list[str | os.PathLike] | None = None,
+                 class_mapping: str | os.PathLike | list[str | os.PathLike] | list[int] | None = None,
                  **kwargs: Any):
         super().__init__(root, num_classes=num_classes, **kwargs)
         self.save_hyperparameters()

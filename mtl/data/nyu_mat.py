@@ -13,8 +13,8 @@ files come from the user, since neither is inside the .mat:
     ``classMapping13``, field ``labels13``, 40 entries: 40-class id j+1 → 13-class id 1..13);
     ``[classMapping40.mat, class13Mapping.mat]`` gives the 13-class task, ``classMapping40.mat``
     alone the 40-class one;
-  - or a table of 895 integers (``.json`` list, ``.npy`` or a text file of one number per line):
-    entry i is the 0-based class of raw label i, −1 for ignored.
+  - or a table of 895 integers (``.json`` list, ``.npy``, a text file of one number per line, or the list itself
+    inline, ``data.class_mapping=[-1, 0, ...]``): entry i is the 0-based class of raw label i, −1 for ignored.
 
   Ids are 1-based in the .mat files (0 = unlabelled); the result is 0-based with −1 = ignored.
 """
@@ -129,13 +129,32 @@ def _first_stage(p: Path) -> np.ndarray:
         table = np.load(p, allow_pickle=False)
     else:
         table = np.loadtxt(p)
-    table = table.ravel()
+    return _table(table.ravel(), f"class mapping {str(p)!r}")
+
+
+def _table(table: np.ndarray, source: str) -> np.ndarray:
+    """A table of 895 integers ≥ −1 (entry i: the 0-based class of raw label i) as 1-based classes (0 = ignored)."""
     if not np.issubdtype(table.dtype, np.number) or (table != np.round(table)).any() or (table < -1).any():
-        raise ValueError(f"nyuv2: class mapping {str(p)!r} must hold integers ≥ −1 (−1 = ignored)")
+        raise ValueError(f"nyuv2: {source} must hold integers ≥ −1 (−1 = ignored)")
     if table.size != RAW_LABELS + 1:  # as mapClass: its 894 entries, plus raw label 0 (unlabelled)
-        raise ValueError(f"nyuv2: class mapping {str(p)!r} has {table.size} entries, expected {RAW_LABELS + 1} "
+        raise ValueError(f"nyuv2: {source} has {table.size} entries, expected {RAW_LABELS + 1} "
                          f"(entry i = the 0-based class of raw label i, for raw labels 0..{RAW_LABELS})")
     return table.astype(np.int64) + 1
+
+
+def _inline_table(spec) -> np.ndarray | None:
+    """``data.class_mapping`` given as the table itself (a list of ints, not of files), as 1-based classes; None for
+    files. A list mixing numbers and file names is refused rather than read as either."""
+    if isinstance(spec, (str, os.PathLike)) or spec is None or not len(spec):
+        return None
+    numbers = [isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in spec]
+    if not any(numbers):
+        return None
+    if not all(numbers):
+        bad = next(v for v, n in zip(spec, numbers) if not n)
+        raise ValueError(f"nyuv2: data.class_mapping mixes numbers and {bad!r}; give the table of {RAW_LABELS + 1} "
+                         "ints itself or a list of files, not both")
+    return _table(np.asarray(spec).ravel(), "data.class_mapping (the inline table)")
 
 
 def _next_stage(p: Path) -> np.ndarray:
@@ -152,12 +171,13 @@ def read_class_mapping(spec, num_classes: int) -> np.ndarray:
     """The raw-label lookup table: int64 array, entry i = 0-based class of raw id i (−1 = ignored).
 
     ``spec`` is one file or a list of files applied in turn (see the module docstring), e.g.
-    ``[classMapping40.mat, class13Mapping.mat]`` for the 13 classes."""
-    specs = [spec] if spec is None or isinstance(spec, (str, os.PathLike)) else list(spec)
-    if not specs:
+    ``[classMapping40.mat, class13Mapping.mat]`` for the 13 classes, or the table of 895 ints itself."""
+    inline = _inline_table(spec)
+    specs = [] if inline is not None else [spec] if spec is None or isinstance(spec, (str, os.PathLike)) else list(spec)
+    if inline is None and not specs:
         raise ValueError("nyuv2 (format=mat) needs data.class_mapping; see docs/data.md")
     files = [_need(s, "class_mapping") for s in specs]
-    ids, source = _first_stage(files[0]), files[0].name
+    ids, source = (inline, "data.class_mapping") if inline is not None else (_first_stage(files[0]), files[0].name)
     for p in files[1:]:
         lookup = _next_stage(p)
         if ids.max(initial=0) >= len(lookup):
@@ -169,7 +189,7 @@ def read_class_mapping(spec, num_classes: int) -> np.ndarray:
     if bad.any():
         raw = int(np.argmax(bad))
         hint = ""
-        if files[0].suffix == ".mat" and len(files) == 1 and num_classes < table.max() + 1:
+        if files and files[0].suffix == ".mat" and len(files) == 1 and num_classes < table.max() + 1:
             hint = (f"; {files[0].name} alone gives {int(table.max()) + 1} classes: set data.num_classes="
                     f"{int(table.max()) + 1} or add class13Mapping.mat after it")
         raise ValueError(f"nyuv2: class mapping {source} maps raw label {raw} to class {int(table[raw])}, outside "

@@ -166,3 +166,35 @@ def test_bad_split_indices_are_named(tmp_path, splits, message):
         read_splits(path)
     path.write_text(json.dumps({"trainNdxs": [1, 3], "testNdxs": [2]}))
     assert read_splits(path) == {"train": [0, 2], "test": [1]}
+
+
+def test_the_table_may_be_given_inline_as_the_config_says(tmp_path):
+    """configs/data/nyuv2.yaml: class_mapping may be "a table of 895 ints" itself, entry i = class of raw label i."""
+    from mtl.cli.in_process import compose_in_process
+    from tests.data.test_benchmarks import write_nyu_mat
+
+    mapping = [-1] + [(i * 7) % 13 for i in range(1, 895)]
+    mapping[4] = -1  # raw label 4 ignored
+    assert read_class_mapping(mapping, 13).tolist() == mapping
+    mat = tmp_path / "nyu_depth_v2_labeled.mat"
+    _, _, labels = write_nyu_mat(mat)
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps({"trainNdxs": [1, 2], "testNdxs": [3]}))
+    cfg, _ = compose_in_process("mtl.configs", "train", [
+        "experiment=nyuv2", "task=[bench_semseg,bench_depth]", f"data.root={mat}", f"data.splits_file={splits}",
+        f"data.class_mapping=[{','.join(map(str, mapping))}]", "data.size=null"], run_dir=tmp_path / "r")
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    dm = create_datamodule(data.pop("name"), **data)
+    table = np.asarray(mapping)
+    expected = np.where(table[labels[1]] < 0, 255, table[labels[1]])  # MATLAB image 2 by hand
+    assert torch.equal(dm.dataset("train").tensors["semseg"][1].long(), torch.from_numpy(expected))
+
+
+@pytest.mark.parametrize("mapping, message", [
+    ([0] * 10, r"data\.class_mapping \(the inline table\) has 10 entries, expected 895"),
+    ([-1] + [0.5] * 894, r"data\.class_mapping \(the inline table\) must hold integers ≥ −1"),
+    ([-1, 0, "class13Mapping.mat"], r"data\.class_mapping mixes numbers and 'class13Mapping\.mat'"),
+])
+def test_a_bad_inline_table_is_named(mapping, message):
+    with pytest.raises(ValueError, match=r"^nyuv2: " + message):
+        read_class_mapping(mapping, 13)
