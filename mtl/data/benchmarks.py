@@ -322,7 +322,7 @@ class DenseBenchmarkDataModule(TensorDataModule):
         if not self.root.exists():
             raise FileNotFoundError(f"{self.benchmark}: data.root {str(self.root)!r} does not exist "
                                     f"(expected {self.root / 'train' / 'image'}/<i>.npy; see docs/data.md)")
-        raw = [d for d in ("leftImg8bit", "gtFine", "nyu_depth_v2_labeled.mat") if (self.root / d).exists()]
+        raw = [d for d in ("leftImg8bit", "gtFine") if (self.root / d).exists()]
         if raw and not (self.root / "train").is_dir():  # the original release, not the preprocessed one
             raise FileNotFoundError(f"{self.benchmark}: data.root {str(self.root)!r} holds {raw[0]} (the original "
                                     f"release) but no train/ folder; this loader reads the preprocessed npy "
@@ -400,6 +400,12 @@ class NYUv2DataModule(DenseBenchmarkDataModule):
         if self.format == "mat" and not self.root.is_file():
             raise FileNotFoundError(f"nyuv2: expected the labelled release file {str(self.root)!r} "
                                     "(nyu_depth_v2_labeled.mat; see docs/data.md)")
+        mat = self.root / "nyu_depth_v2_labeled.mat"
+        if self.format == "npy" and mat.is_file() and not (self.root / "train").is_dir():
+            raise FileNotFoundError(f"nyuv2: data.root {str(self.root)!r} holds nyu_depth_v2_labeled.mat but no train/ "
+                                    f"folder; to read the .mat, point data.root at the file ({mat}) and set "
+                                    "data.splits_file and data.class_mapping; else give the preprocessed npy release "
+                                    "(<root>/{train,val}/image/<i>.npy); see docs/data.md")
         if self.format == "npy":
             super()._check_root()
 

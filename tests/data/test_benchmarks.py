@@ -365,6 +365,19 @@ def test_the_original_cityscapes_release_is_named_not_misread(tmp_path):
         create_datamodule("cityscapes", root=str(tmp_path / "cs")).setup()
 
 
+def test_a_folder_holding_the_labelled_mat_says_how_to_read_it(tmp_path):
+    """The loader reads nyu_depth_v2_labeled.mat when data.root is the file itself (with splits and class mapping)."""
+    mat = tmp_path / "nyu" / "nyu_depth_v2_labeled.mat"
+    mat.parent.mkdir()
+    write_nyu_mat(mat)
+    with pytest.raises(FileNotFoundError, match=r"^nyuv2: data.root .*nyu' holds nyu_depth_v2_labeled\.mat but no "
+                                                r"train/ folder; to read the \.mat, point data\.root at the file "
+                                                r"\(.*nyu/nyu_depth_v2_labeled\.mat\) and set data\.splits_file and "
+                                                r"data\.class_mapping") as e:
+        create_datamodule("nyuv2", root=str(mat.parent)).setup()
+    assert "\n" not in str(e.value)
+
+
 def test_hidden_side_files_are_no_samples(tmp_path):
     """macOS leaves "._<i>.npy" beside each file on copied drives: skipped, while a visible stray name is named."""
     root = write_npy_layout(tmp_path / "nyu")
