@@ -77,7 +77,9 @@ class LabeledShots:
             if len(y) < shots:
                 raise ValueError(f"merge.shots={shots}: {where} has only {len(y)} images; lower merge.shots")
             keep = order[:shots]
-        self.batch = (dataset.tensors["image"][keep], y[keep].long() if classes else y[keep])
+        # the dtype a batch of the split carries: label maps may be stored smaller (uint8 semseg, 0/1 edges)
+        batch_dtype = torch.int64 if classes else getattr(dataset, "cast", {}).get(target_key, y.dtype)
+        self.batch = (dataset.tensors["image"][keep], y[keep].to(batch_dtype))
         self.batch_size = batch_size
         self.gen = torch.Generator().manual_seed(int(seed) + 1)
 

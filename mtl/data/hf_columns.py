@@ -254,6 +254,21 @@ def edge_map(where: str, t: torch.Tensor) -> torch.Tensor:
     return f
 
 
+#: batch key -> the dtype its batches carry when memory keeps a smaller one (``compact_labels``)
+BATCH_DTYPES = {"semseg": torch.int64, "edges": torch.float32}
+
+
+def compact_labels(key: str, t: torch.Tensor) -> torch.Tensor:
+    """Label maps as the benchmark loaders keep them in memory: semseg ids (255 = ignored) and 0/1 edges as uint8,
+    cast back per batch (``BATCH_DTYPES``); ids above 255 (semseg_classes > 255) and edge probabilities keep
+    their type, which a uint8 would wrap or round."""
+    if key == "semseg" and (not t.numel() or (int(t.min()) >= 0 and int(t.max()) <= IGNORE)):
+        return t.to(torch.uint8)
+    if key == "edges" and bool(((t == 0) | (t == 1)).all()):
+        return t.to(torch.uint8)
+    return t
+
+
 def channels_first(a: np.ndarray, channels: tuple[int, ...], channels_last: bool | None, where: str) -> np.ndarray:
     """(N, H, W) -> (N, 1, H, W); a 4-D array -> (N, C, H, W). ``channels_last`` is its layout: True for decoded
     ``Image`` columns (PIL gives (H, W, C)), ``data.channels_last`` for numeric ones. None reads it from the shape:

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 from mtl.data.benchmarks import DepthUnitCheck, check_unit_normals
 from mtl.data.hf import arrow_to_numpy, quiet_datasets
-from mtl.data.hf_columns import (IGNORE, channels_first, check_channels, check_sizes, class_ids, decode_images,
-                                 edge_map, encoded_image, refuse_ignore_only_foreground, resize, rgb_uint8,
-                                 semseg_lookup)
+from mtl.data.hf_columns import (BATCH_DTYPES, IGNORE, channels_first, check_channels, check_sizes, class_ids,
+                                 compact_labels, decode_images, edge_map, encoded_image,
+                                 refuse_ignore_only_foreground, resize, rgb_uint8, semseg_lookup)
 from mtl.data.hf_splits import check_splits, choose_splits, file_splits
 from mtl.data.memory import TensorDataModule, TensorDictDataset
 
@@ -243,8 +243,8 @@ class HFImageDataModule(TensorDataModule):
                 if key == "semseg":
                     if train and self.semseg_lut is None:  # another split may lack the foreground, train may not
                         refuse_ignore_only_foreground(where, t, self._classes["semseg_classes"])
-                    out[key] = class_ids(where, key, t[:, 0] if t.ndim == 4 else t, self._classes["semseg_classes"],
-                                          self.semseg_lut)
+                    out[key] = compact_labels(key, class_ids(where, key, t[:, 0] if t.ndim == 4 else t,
+                                                             self._classes["semseg_classes"], self.semseg_lut))
                 elif key == "normals" and t.dtype == torch.uint8:
                     # the usual 8-bit PNG encoding maps [-1, 1] to 0..255; all-zero pixels stay 0 (invalid)
                     valid = (t != 0).any(dim=1, keepdim=True)
@@ -253,7 +253,7 @@ class HFImageDataModule(TensorDataModule):
                     out[key] = t.to(torch.float32)
                     check_unit_normals(out[key], where)
                 elif key == "edges":
-                    out[key] = edge_map(where, t)
+                    out[key] = compact_labels(key, edge_map(where, t))
                 else:  # depth: a missing value (NaN, ±inf) is what 0 already means, an invalid pixel
                     self._depth_unit(a, where)
                     t = t.to(torch.float32)
@@ -318,4 +318,4 @@ class HFImageDataModule(TensorDataModule):
             tensors["train"] = {key: v[perm[lo:]] for key, v in train.items()}
             log.info("hf_local: carved %s from the train split of %s", carve, self.path)
         limited = {sp: {k: v[: self.limits[sp]] for k, v in t.items()} for sp, t in tensors.items()}
-        return {sp: TensorDictDataset(t) for sp, t in limited.items()}
+        return {sp: TensorDictDataset(t, cast=BATCH_DTYPES) for sp, t in limited.items()}

@@ -365,9 +365,11 @@ def test_a_none_row_in_a_list_column_is_named_as_missing(tmp_path):
 
 
 def _images(path, img, **cols):
-    return HFImageDataModule(_save(path, img=img, **cols), image_column="img", columns={k: k2 for k, k2 in
-                             {"e": "edges", "d": "depth", "r": "regression", "y": "classification"}.items() if k in cols},
-                             val_fraction=0.25, test_fraction=0.25).dataset("train").tensors
+    """The train split's rows as its batches carry them (label maps may be stored smaller)."""
+    train = HFImageDataModule(_save(path, img=img, **cols), image_column="img", columns={k: k2 for k, k2 in
+                              {"e": "edges", "d": "depth", "r": "regression", "y": "classification"}.items() if k in cols},
+                              val_fraction=0.25, test_fraction=0.25).dataset("train")
+    return train.__getitems__(range(len(train)))
 
 
 def test_numeric_images_are_scaled_or_refused_never_clipped(tmp_path):

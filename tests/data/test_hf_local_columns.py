@@ -7,8 +7,9 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
-from mtl.data import create_datamodule
+from mtl.data import HFImageDataModule, create_datamodule
 
 
 def _png(a: np.ndarray) -> dict:
@@ -245,3 +246,42 @@ def test_depth_in_metres_gets_no_unit_warning(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         _train_row(path, columns={"dep": "depth"})
     assert "millimetres" not in caplog.text
+
+
+# -- label maps in memory ------------------------------------------------------------------------------------
+
+def _labels(path, **columns):
+    """An hf_local train split of 2x2 images with numeric label-map columns, all rows kept (no carving)."""
+    from datasets import Dataset, DatasetDict
+
+    n = len(next(iter(columns.values())))
+    DatasetDict({"train": Dataset.from_dict({"img": np.zeros((n, 2, 2, 3), np.uint8).tolist(), **columns}),
+                 "validation": Dataset.from_dict({"img": np.zeros((1, 2, 2, 3), np.uint8).tolist(),
+                                                  **{c: v[:1] for c, v in columns.items()}}),
+                 "test": Dataset.from_dict({"img": np.zeros((1, 2, 2, 3), np.uint8).tolist(),
+                                            **{c: v[:1] for c, v in columns.items()}})}).save_to_disk(str(path))
+    return path
+
+
+def test_label_maps_stay_uint8_in_memory_and_are_cast_per_batch(tmp_path):
+    """docs/data.md: label maps stay uint8 in memory (8x less than int64) and batches carry int64 / float32."""
+    seg = [[[0, 3], [-1, 254]], [[1, 1], [255, 2]]]
+    edges = [[[0, 1], [1, 0]], [[0, 0], [0, 1]]]
+    dm = HFImageDataModule(_labels(tmp_path / "dd", seg=seg, e=edges), image_column="img",
+                           columns={"seg": "semseg", "e": "edges"})
+    train = dm.dataset("train")
+    assert train.tensors["semseg"].dtype == torch.uint8 and train.tensors["edges"].dtype == torch.uint8
+    batch = train.__getitems__([0, 1])
+    assert batch["semseg"].dtype == torch.int64 and batch["edges"].dtype == torch.float32
+    assert batch["semseg"].tolist() == [[[0, 3], [255, 254]], [[1, 1], [255, 2]]]  # −1: the ignore mark 255
+    assert batch["edges"].tolist() == [[[[0.0, 1.0], [1.0, 0.0]]], [[[0.0, 0.0], [0.0, 1.0]]]]
+
+
+def test_ids_above_255_and_edge_probabilities_keep_a_wider_type(tmp_path):
+    seg = [[[0, 299], [5, 255]]]
+    edges = [[[0.0, 0.25], [1.0, 0.5]]]
+    dm = HFImageDataModule(_labels(tmp_path / "dd", seg=seg, e=edges), image_column="img", semseg_classes=300,
+                           columns={"seg": "semseg", "e": "edges"})
+    batch = dm.dataset("train").__getitems__([0])
+    assert batch["semseg"].dtype == torch.int64 and batch["semseg"].tolist() == seg
+    assert batch["edges"].dtype == torch.float32 and batch["edges"][0, 0].tolist() == edges[0]

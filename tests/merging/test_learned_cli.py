@@ -220,6 +220,18 @@ def test_labeled_shots_of_dense_and_regression_targets_are_k_images():
         assert torch.equal(y, split.tensors[key][x[:, 0].long()])
 
 
+def test_labeled_shots_carry_the_dtype_of_the_splits_batches():
+    """Label maps stored as uint8 (0/1 edges) reach the loss as the split's batches carry them: float32 for BCE."""
+    from merging.learned.cli import LabeledShots
+    from mtl.data import TensorDictDataset
+
+    edges = torch.randint(0, 2, (6, 1, 4, 4), dtype=torch.uint8)
+    split = TensorDictDataset({"image": torch.arange(6).float().view(-1, 1), "edges": edges},
+                              cast={"edges": torch.float32})
+    (x, y), = list(LabeledShots(split, "edges", shots=3, seed=0))
+    assert y.dtype == torch.float32 and torch.equal(y, edges[x[:, 0].long()].float())
+
+
 def test_supervised_atlas_from_the_cli_on_dense_and_regression_tasks(pool, tmp_path):
     rd = tmp_path / "sup"
     report = run(_args(pool, "merge=atlas", "merge.objective=supervised", "merge.shots=4", "merge.shots_batch=2"),
