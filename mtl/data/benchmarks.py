@@ -76,10 +76,12 @@ def resize_sample(sample: dict[str, torch.Tensor], hw: tuple[int, int]) -> dict[
 
 
 def image_to_uint8(a: np.ndarray, where: str) -> torch.Tensor:
-    """(H, W, 3) float in [0, 1] (or uint8) -> uint8 (3, H, W)."""
+    """(H, W, 3) float in [0, 1] (or uint8, or bool: 0/255) -> uint8 (3, H, W)."""
     if a.ndim != 3 or a.shape[-1] != 3:
         raise ValueError(f"{where}: expected an image of shape (H, W, 3), got {a.shape}")
-    if a.dtype.kind in "iub" and a.dtype != np.uint8:  # integers: 0-255 only, never rescaled or clipped
+    if a.dtype == np.bool_:  # True is full intensity, as a float 1.0 and PIL's 1-bit images (hf_local alike)
+        a = a.astype(np.uint8) * 255
+    if a.dtype.kind in "iu" and a.dtype != np.uint8:  # integers: 0-255 only, never rescaled or clipped
         lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
         if lo < 0 or hi > 255:
             raise ValueError(f"{where}: {a.dtype} image values span {lo}..{hi}; expected 0-255 (or floats in [0, 1])")

@@ -183,6 +183,24 @@ def test_integer_images_of_0_255_load_as_uint8(tmp_path):
     assert got.dtype == torch.uint8 and torch.equal(got, torch.from_numpy(img).permute(2, 0, 1).to(torch.uint8))
 
 
+def test_a_bool_image_reads_as_0_255_in_every_loader(tmp_path):
+    """True is full intensity: as the float image 1.0 and as PIL converts a 1-bit image to RGB."""
+    from PIL import Image as PILImage
+    from datasets import Dataset
+
+    from mtl.data import HFImageDataModule
+
+    mask = np.zeros((6, 8, 3), bool)
+    mask[2:4, 3:6] = True
+    want = np.asarray(PILImage.fromarray(mask[..., 0]).convert("RGB")).transpose(2, 0, 1)  # PIL's reading: 0/255
+    root = write_npy_layout(tmp_path / "nyu", hw=(6, 8))
+    np.save(root / "train" / "image" / "0.npy", mask)
+    npy = create_datamodule("nyuv2", root=str(root), size=None).dataset("train").tensors["image"][0]
+    Dataset.from_dict({"img": np.repeat(mask[None], 4, 0).tolist()}).save_to_disk(str(tmp_path / "hf"))
+    hf = HFImageDataModule(tmp_path / "hf", image_column="img").dataset("train").tensors["image"][0]
+    assert np.array_equal(npy.numpy(), want) and np.array_equal(hf.numpy(), want)
+
+
 @pytest.mark.parametrize("kw, match", [
     ({"size": "32"}, r"data\.size must be null .* got '32'"),
     ({"size": 32.0}, r"data\.size must be null .* got 32\.0"),

@@ -48,3 +48,4 @@ def test_hf_local_splits_of_other_image_sizes_are_named_with_size_null(tmp_path)
         HFImageDataModule(tmp_path / "dd", image_column="img").setup()
     dm = HFImageDataModule(tmp_path / "dd", image_column="img", size=[3, 4])
     assert {tuple(dm.dataset(s).tensors["image"].shape[-2:]) for s in ("train", "val")} == {(3, 4)}
+
