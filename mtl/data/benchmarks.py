@@ -408,6 +408,11 @@ class NYUv2DataModule(DenseBenchmarkDataModule):
                                     f"folder; to read the .mat, point data.root at the file ({mat}) and set "
                                     "data.splits_file and data.class_mapping; else give the preprocessed npy release "
                                     "(<root>/{train,val}/image/<i>.npy); see docs/data.md")
+        given = [k for k in ("splits_file", "class_mapping") if getattr(self, k) is not None]
+        if self.format == "npy" and given:  # the npy release is split and mapped to 13 classes already
+            raise ValueError(f"nyuv2: data.{given[0]} is read only with the labelled .mat release (data.root "
+                             f"{str(self.root)!r} reads as the npy layout, already split and mapped to "
+                             f"{self.num_classes} classes); drop it, or point data.root at nyu_depth_v2_labeled.mat")
         if self.format == "npy":
             super()._check_root()
 

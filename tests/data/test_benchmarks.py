@@ -396,6 +396,14 @@ def test_a_folder_holding_the_labelled_mat_says_how_to_read_it(tmp_path):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("key", ["splits_file", "class_mapping"])
+def test_mat_only_settings_with_the_npy_layout_are_refused_not_ignored(tmp_path, key):
+    root = write_npy_layout(tmp_path / "nyu")
+    with pytest.raises(ValueError, match=rf"^nyuv2: data.{key} is read only with the labelled .mat release .* npy "
+                                         r"layout, already split and mapped to 13 classes\); drop it"):
+        create_datamodule("nyuv2", root=str(root), **{key: str(tmp_path / "x.mat")}).setup()
+
+
 def test_hidden_side_files_are_no_samples(tmp_path):
     """macOS leaves "._<i>.npy" beside each file on copied drives: skipped, while a visible stray name is named."""
     root = write_npy_layout(tmp_path / "nyu")
