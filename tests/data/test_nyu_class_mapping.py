@@ -101,18 +101,7 @@ def test_bad_files_name_the_file_and_key(tmp_path, mats):
 
 def test_cli_list_override_reaches_the_loader(tmp_path, mats):
     """``data.class_mapping=[classMapping40.mat,class13Mapping.mat]`` from the command line, on the labelled .mat."""
-    from mtl.cli.in_process import compose_in_process
-    from tests.data.test_benchmarks import write_nyu_mat
-
-    mat = tmp_path / "nyu_depth_v2_labeled.mat"
-    _, _, labels = write_nyu_mat(mat)
-    splits = tmp_path / "splits.json"
-    splits.write_text(json.dumps({"trainNdxs": [1, 2], "testNdxs": [3]}))
-    cfg, _ = compose_in_process("mtl.configs", "train", [
-        "experiment=nyuv2", "task=[bench_semseg,bench_depth]", f"data.root={mat}", f"data.splits_file={splits}",
-        f"data.class_mapping=[{mats[0]},{mats[1]}]", "data.size=null"], run_dir=tmp_path / "r")
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    dm = create_datamodule(data.pop("name"), **data)
+    dm, labels = _composed_mat_loader(tmp_path, f"[{mats[0]},{mats[1]}]")
     semseg = dm.dataset("train").tensors["semseg"][1]  # MATLAB image 2
     table = read_class_mapping(list(mats), 13)
     assert torch.equal(semseg, torch.from_numpy(np.where(table[labels[1]] < 0, 255, table[labels[1]])))
@@ -170,21 +159,10 @@ def test_bad_split_indices_are_named(tmp_path, splits, message):
 
 def test_the_table_may_be_given_inline_as_the_config_says(tmp_path):
     """configs/data/nyuv2.yaml: class_mapping may be "a table of 895 ints" itself, entry i = class of raw label i."""
-    from mtl.cli.in_process import compose_in_process
-    from tests.data.test_benchmarks import write_nyu_mat
-
     mapping = [-1] + [(i * 7) % 13 for i in range(1, 895)]
     mapping[4] = -1  # raw label 4 ignored
     assert read_class_mapping(mapping, 13).tolist() == mapping
-    mat = tmp_path / "nyu_depth_v2_labeled.mat"
-    _, _, labels = write_nyu_mat(mat)
-    splits = tmp_path / "splits.json"
-    splits.write_text(json.dumps({"trainNdxs": [1, 2], "testNdxs": [3]}))
-    cfg, _ = compose_in_process("mtl.configs", "train", [
-        "experiment=nyuv2", "task=[bench_semseg,bench_depth]", f"data.root={mat}", f"data.splits_file={splits}",
-        f"data.class_mapping=[{','.join(map(str, mapping))}]", "data.size=null"], run_dir=tmp_path / "r")
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    dm = create_datamodule(data.pop("name"), **data)
+    dm, labels = _composed_mat_loader(tmp_path, f"[{','.join(map(str, mapping))}]")
     table = np.asarray(mapping)
     expected = np.where(table[labels[1]] < 0, 255, table[labels[1]])  # MATLAB image 2 by hand
     assert torch.equal(dm.dataset("train").tensors["semseg"][1].long(), torch.from_numpy(expected))
@@ -198,3 +176,20 @@ def test_the_table_may_be_given_inline_as_the_config_says(tmp_path):
 def test_a_bad_inline_table_is_named(mapping, message):
     with pytest.raises(ValueError, match=r"^nyuv2: " + message):
         read_class_mapping(mapping, 13)
+
+
+def _composed_mat_loader(tmp_path, class_mapping: str):
+    """The nyuv2 loader as `mtl-train experiment=nyuv2` composes it on a tiny labelled .mat (images 1, 2 train, 3
+    test) with ``data.class_mapping=<class_mapping>``; (datamodule, raw labels)."""
+    from mtl.cli.in_process import compose_in_process
+    from tests.data.test_benchmarks import write_nyu_mat
+
+    mat = tmp_path / "nyu_depth_v2_labeled.mat"
+    _, _, labels = write_nyu_mat(mat)
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps({"trainNdxs": [1, 2], "testNdxs": [3]}))
+    cfg, _ = compose_in_process("mtl.configs", "train", [
+        "experiment=nyuv2", "task=[bench_semseg,bench_depth]", f"data.root={mat}", f"data.splits_file={splits}",
+        f"data.class_mapping={class_mapping}", "data.size=null"], run_dir=tmp_path / "r")
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    return create_datamodule(data.pop("name"), **data), labels
