@@ -139,6 +139,18 @@ def test_bad_settings_are_named_before_training(tmp_path, override, match):
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
+def test_a_checkpoint_file_matching_no_backbone_key_is_refused_before_training(tmp_path):
+    """timm loads features_only weights with strict=False: the run finished on random weights, an INFO line aside."""
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"foo": torch.zeros(1)}, str(tmp_path / "empty.safetensors"))
+    with pytest.raises(ValueError, match=rf"backbone.checkpoint_path={tmp_path}/empty.safetensors: the file lacks (\d+) of "
+                                         r"the \1 tensors timm's 'test_resnet' features need \(first: conv1.0.weight"):
+        run(FAST + ["task=[depth]", f"+backbone.checkpoint_path={tmp_path}/empty.safetensors"], run_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_baselines_save_to_is_checked_before_training(tmp_path):
     (tmp_path / "folder").mkdir()
     bad = tmp_path / "bad.json"

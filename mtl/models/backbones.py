@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from mtl.models.backbone_weights import missing_from_file, shape_mismatch
 from mtl.io import INIT_ONLY  # noqa: F401  (re-exported: the backbone keys a model folder leaves out)
 from mtl.registry import Registry, UnknownNameError, check_kwargs
 
@@ -92,6 +93,9 @@ class TimmBackbone(nn.Module):
                                 + (f" (did you mean backbone.{close[0]}?)" if close else "")
                                 + f"; the settings here are: {', '.join(OWN_SETTINGS)} and the keyword arguments of "
                                 f"timm's {name!r} ({e})") from None
+            mismatch = shape_mismatch(e, name, checkpoint_path) if checkpoint_path else None
+            if mismatch:
+                raise ValueError(mismatch) from None
             if out_indices is not None and isinstance(e, (IndexError, AssertionError)):
                 n = len(timm.create_model(name, features_only=True, **kwargs).feature_info)
                 raise ValueError(f"backbone.out_indices={list(out_indices)}: {name} has {n} feature stages "
@@ -102,6 +106,8 @@ class TimmBackbone(nn.Module):
             raise RuntimeError(f"backbone.pretrained=true: timm could not get the weights of {name!r} ({first}); "
                                "give a local file with backbone.checkpoint_path=<file> (HF_HUB_OFFLINE=1 uses only "
                                "the local Hugging Face cache and fails at once)") from e
+        if checkpoint_path:
+            missing_from_file(self.body, name, str(checkpoint_path), kwargs)
         self.channels: list[int] = list(self.body.feature_info.channels())
         self.reductions: list[int] = list(self.body.feature_info.reduction())
         # timm's MambaOut (and Swin-like models) return stage outputs as (B, H, W, C); decoders read (B, C, H, W)
