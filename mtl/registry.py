@@ -125,3 +125,19 @@ def check_int(key: str, value: object, low: int = 0, note: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{key} must be an int >= {low}{note}, got {value!r}")
     return value
+
+
+
+def check_indices(key: str, value: object, stages: int | None = None) -> list[int]:
+    """Feature-stage indices: a non-empty list of ints; given the number of ``stages``, each resolved (a negative
+    one counts from the end, as timm's) must lie in it, distinct and increasing: a backbone returns its maps in
+    stage order, once each, so any other list disagrees with the channels declared from it."""
+    from collections.abc import Sequence
+
+    shaped = isinstance(value, Sequence) and not isinstance(value, str) and len(value) > 0 and all(
+        isinstance(i, int) and not isinstance(i, bool) for i in value)
+    resolved = [i + stages if i < 0 else i for i in value] if shaped and stages is not None else []
+    if not shaped or any(a >= b for a, b in zip(resolved, resolved[1:])):
+        of = f" (of {stages} stages)" if stages is not None else ""
+        raise ValueError(f"{key} must be a non-empty list of distinct increasing ints{of}, got {value!r}")
+    return list(value)

@@ -186,6 +186,28 @@ def test_bad_construction_values_are_named_not_torch_errors(kwargs, message):
         create_model(["depth"], **{"backbone": "test_resnet", **kwargs})
 
 
+@pytest.mark.parametrize("name, family, indices", [
+    ("test_resnet", None, [3, 1]),  # timm returns stage order: channels [192, 32] met maps of 32 then 192
+    ("test_resnet", None, [2, 2]),  # declared [48, 48], one map returned
+    ("test_resnet", None, [-1, 1]),  # -1 is stage 4: out of order once resolved
+    ("test_resnet", None, []),
+    ("test_resnet", None, 2),
+    ("test_resnet", None, "1,2"),
+    ("slim_resnet", "slimmable", [3, 1]),
+])
+def test_out_indices_must_be_distinct_increasing_stages(name, family, indices):
+    with pytest.raises(ValueError, match=r"^backbone.out_indices must be a non-empty list of distinct increasing ints"):
+        create_model(["depth"], backbone={"name": name, "out_indices": indices}, family=family,
+                     decoder="slimmable" if family else None)
+
+
+def test_out_indices_in_stage_order_match_the_maps_returned():
+    model = create_model(["depth"], backbone={"name": "test_resnet", "out_indices": [1, -1]})
+    maps = model.backbone(torch.randn(1, 3, 64, 64))
+    assert [m.shape[1] for m in maps] == model.backbone.channels
+
+
+
 def test_prediction_pictures_give_each_class_one_colour_and_mask_unlabelled_pixels(tmp_path, monkeypatch):
     """Class ids were drawn on each pair's own min..max: with NYUv2's 255 the 13 classes shared the bottom 5 %
     of the colour map, and a class changed colour from row to row."""

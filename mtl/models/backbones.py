@@ -18,7 +18,7 @@ from torch import nn
 
 from mtl.models.backbone_weights import missing_from_file, shape_mismatch
 from mtl.io import INIT_ONLY  # noqa: F401  (re-exported: the backbone keys a model folder leaves out)
-from mtl.registry import Registry, UnknownNameError, check_kwargs
+from mtl.registry import Registry, UnknownNameError, check_indices, check_kwargs
 
 BACKBONES: "Registry[type[nn.Module]]" = Registry("backbone")
 
@@ -75,6 +75,7 @@ class TimmBackbone(nn.Module):
             )
         feature_kwargs: dict[str, Any] = {"features_only": True}
         if out_indices is not None:
+            out_indices = check_indices("backbone.out_indices", out_indices)
             feature_kwargs["out_indices"] = tuple(out_indices)
         # timm handles local weights through pretrained_cfg_overlay; never a hub download here.
         if checkpoint_path:
@@ -108,6 +109,8 @@ class TimmBackbone(nn.Module):
                                "the local Hugging Face cache and fails at once)") from e
         if checkpoint_path:
             missing_from_file(self.body, name, str(checkpoint_path), kwargs)
+        if out_indices is not None:  # negative ones resolve only now, against the model's stage count
+            check_indices("backbone.out_indices", out_indices, stages=len(self.body.feature_info.info))
         self.channels: list[int] = list(self.body.feature_info.channels())
         self.reductions: list[int] = list(self.body.feature_info.reduction())
         # timm's MambaOut (and Swin-like models) return stage outputs as (B, H, W, C); decoders read (B, C, H, W)

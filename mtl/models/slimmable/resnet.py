@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from mtl.models.backbones import BACKBONES
+from mtl.registry import check_indices
 from mtl.models.slimmable.layers import DEFAULT_WIDTHS, batchnorm, check_width_set, conv
 
 ENCODER = "encoder"
@@ -52,11 +53,12 @@ class SlimResNet(nn.Module):
         depths = [int(d) for d in (depths or [1] * len(channels))]
         if len(depths) != len(channels):
             raise ValueError(f"slim_resnet: depths {depths} and channels {channels} differ in length")
-        bad = [i for i in out_indices if not 0 <= int(i) <= len(channels)]
+        out_indices = check_indices("backbone.out_indices", out_indices, stages=len(channels) + 1)
+        bad = [i for i in out_indices if not 0 <= i <= len(channels)]  # a negative one would not be stored as used
         if bad:
             raise ValueError(f"slim_resnet: out_indices {list(out_indices)} outside 0..{len(channels)}")
         self.widths = check_width_set(widths, "backbone.widths") if widths is not None else None
-        self.out_indices = [int(i) for i in out_indices]
+        self.out_indices = out_indices
         self.stem = nn.Sequential(conv(3, stem, 3, 2, widths=self.widths, out_key=ENCODER),
                                   batchnorm(stem, self.widths, ENCODER), nn.ReLU(inplace=True))
         stages, cin = [], stem
