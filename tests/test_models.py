@@ -207,6 +207,14 @@ def test_out_indices_in_stage_order_match_the_maps_returned():
     assert [m.shape[1] for m in maps] == model.backbone.channels
 
 
+def test_pretrained_must_be_a_bool_not_a_truthy_string(monkeypatch):
+    """Hydra reads +backbone.pretrained=no as the string 'no', which is truthy: timm went to the Hub."""
+    import timm
+
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("timm was asked for a model"))
+    with pytest.raises(ValueError, match=r"^backbone.pretrained must be true or false, got 'no'$"):
+        create_model(["depth"], backbone={"name": "resnet18", "pretrained": "no"})
+
 
 def test_prediction_pictures_give_each_class_one_colour_and_mask_unlabelled_pixels(tmp_path, monkeypatch):
     """Class ids were drawn on each pair's own min..max: with NYUv2's 255 the 13 classes shared the bottom 5 %

@@ -18,7 +18,7 @@ from torch import nn
 
 from mtl.models.backbone_weights import missing_from_file, shape_mismatch
 from mtl.io import INIT_ONLY  # noqa: F401  (re-exported: the backbone keys a model folder leaves out)
-from mtl.registry import Registry, UnknownNameError, check_indices, check_kwargs
+from mtl.registry import Registry, UnknownNameError, check_bool, check_indices, check_kwargs
 
 BACKBONES: "Registry[type[nn.Module]]" = Registry("backbone")
 
@@ -73,6 +73,7 @@ class TimmBackbone(nn.Module):
                 f"unknown timm backbone {name!r}; similar names: {', '.join(close) or '(none)'}; "
                 "all names: timm.list_models()"
             )
+        check_bool("backbone.pretrained", pretrained)  # bool("no") is True: a string would start a Hub download
         feature_kwargs: dict[str, Any] = {"features_only": True}
         if out_indices is not None:
             out_indices = check_indices("backbone.out_indices", out_indices)
