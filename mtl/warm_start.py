@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from mtl.io import load_state
+from mtl.io import load_state, read_model_config
 from mtl.models import MultiTaskModel
 
 __all__ = ["init_from_folder", "keep_expansion_point", "folder_architecture", "start_record"]
@@ -23,23 +23,49 @@ def init_from_folder(model: MultiTaskModel, folder: str | Path) -> dict[str, int
         model.upgrade_state(source)
     own = model.state_dict()
     loaded = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+    encoder = _encoder_names(model)
+    if not encoder & loaded.keys():  # heads or a neck alone would start a random encoder from "trained" weights
+        raise ValueError(f"init_from={folder} (backbone {_backbone_name(read_model_config(folder)['model'])}): none of "
+                         f"this model's {len(encoder)} encoder tensors (backbone {_backbone_name(model.config)}) "
+                         "matches the folder's by name and shape; start from a folder trained with this backbone")
     shared = _shared_names(model)
-    if not shared & loaded.keys():
-        raise ValueError(f"{folder}: no shared (encoder) weight matches this model's names and shapes; "
-                         "was it trained with another backbone or family?")
     missed = sorted(shared - loaded.keys())
     if missed:  # a partial start is legitimate (other heads) but a half-loaded encoder is worth a word
-        log.warning("init_from %s: %d of %d shared tensors not loaded (name or shape differs), e.g. %s",
-                    folder, len(missed), len(shared), ", ".join(missed[:3]))
+        log.warning("init_from %s: %d of %d shared tensors not loaded (%s)", folder, len(missed),
+                    len(shared), _why_missed(missed, source, own))
     model.load_state_dict(loaded, strict=False)
     return {"loaded": len(loaded), "total": len(own), "shared_missed": len(missed)}
+
+
+def _why_missed(missed: list[str], source: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> str:
+    """How many shared tensors the folder lacks by name and how many it holds in another shape, each with its
+    first example (a shape one with both shapes)."""
+    absent = [k for k in missed if k not in source]
+    reshaped = [k for k in missed if k in source]
+    parts = [f"{len(absent)} absent from the folder, e.g. {absent[0]}"] if absent else []
+    if reshaped:
+        k = reshaped[0]
+        parts.append(f"{len(reshaped)} of another shape, e.g. {k}: {tuple(source[k].shape)} in the folder, "
+                     f"{tuple(own[k].shape)} here")
+    return "; ".join(parts)
+
+
+def _encoder_names(model: MultiTaskModel) -> set[str]:
+    """The encoder's state-dict names: its ``backbone.`` tensors, or the shared ones for a family whose encoder
+    has no such module (task_moe_vit: everything but the heads and routers)."""
+    names = {k for k in model.state_dict() if k.startswith("backbone.")}
+    return names or _shared_names(model)
+
+
+def _backbone_name(config: dict[str, Any]) -> str:
+    backbone = config.get("backbone")
+    return repr(backbone.get("name") if isinstance(backbone, dict) else backbone)
 
 
 def _same_width_set(model: MultiTaskModel, folder: str | Path) -> bool:
     """Whether `folder` holds a slimmable model of `model`'s width set: only then can its statistics' row
     counts tell the older layout (one row per width) from the current one (one per width pair) — with
     another set, k² rows of the folder's could pass for k rows of the model's and land in the wrong rows."""
-    from mtl.io import read_model_config
 
     stored = (read_model_config(folder)["model"].get("backbone") or {}).get("widths")
     return stored is not None and [float(w) for w in stored] == [float(w) for w in model.width_set]
@@ -48,7 +74,6 @@ def _same_width_set(model: MultiTaskModel, folder: str | Path) -> bool:
 def keep_expansion_point(model: MultiTaskModel, folder: str | Path) -> None:
     """A linearized (tangent-space) start keeps its expansion point θ0: a plain model would drop it (and
     predict another function), and a linearized model started from plain weights expands around them."""
-    from mtl.io import read_model_config
     from mtl.models import LinearizedModel
 
     linear_source = read_model_config(folder)["model"].get("family") == "linearized"
@@ -93,7 +118,6 @@ def folder_architecture(folder: str | Path, tasks) -> MultiTaskModel | None:
     """The architecture of a pruned model folder (its config carries a structural plan) or of an extracted
     MoE sub-network, for fine-tuning it as it is; None for an ordinary folder (its weights initialise this
     run's architecture)."""
-    from mtl.io import read_model_config
     from mtl.models import model_from_config
     from mtl.models.surgery import PLAN_KEY, apply_plan
 

@@ -408,7 +408,8 @@ def test_init_from_a_multitask_folder_starts_a_single_task_fine_tune(tmp_path, c
         assert init_from_folder(wider, tmp_path / "mt")["shared_missed"] > 0
     assert "shared tensors not loaded" in caplog.text and "blocks.4." in caplog.text
     plain = mtl.create_model(["depth"], backbone="test_resnet")
-    with pytest.raises(ValueError, match=r"mt: no shared \(encoder\) weight matches"):
+    with pytest.raises(ValueError, match=r"mt \(backbone 'task_moe_vit'\): none of this model's \d+ encoder "
+                                         r"tensors \(backbone 'test_resnet'\) matches"):
         init_from_folder(plain, tmp_path / "mt")
 
 

@@ -1,0 +1,29 @@
+"""init_from: the encoder must come from the folder; what is left unloaded is told by name or shape."""
+import pytest
+import torch
+
+import mtl
+from mtl.warm_start import init_from_folder
+
+
+def test_a_folder_of_another_backbone_is_refused_even_when_the_neck_matches(tmp_path):
+    """test_resnet's hps(16) neck matches test_vit's by name and shape: 17 tensors loaded, no encoder one."""
+    folder = mtl.save_model(mtl.create_model(["depth"], backbone="test_resnet", decoder={"name": "hps", "channels": 16}),
+                            tmp_path / "cnn")
+    vit = mtl.create_model(["depth"], backbone="test_vit", decoder={"name": "hps", "channels": 16})
+    before = {k: v.clone() for k, v in vit.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"^init_from={folder} \(backbone 'test_resnet'\): none of this model's \d+ "
+                                         r"encoder tensors \(backbone 'test_vit'\) matches the folder's by name and shape"):
+        init_from_folder(vit, folder)
+    assert all(torch.equal(v, before[k]) for k, v in vit.state_dict().items())  # nothing half-loaded
+
+
+def test_the_warning_tells_absent_tensors_from_tensors_of_another_shape(tmp_path, caplog):
+    folder = mtl.save_model(mtl.create_model(["depth"], backbone={"name": "test_resnet", "out_indices": [1, 2]},
+                                             decoder={"name": "hps", "channels": 16}), tmp_path / "m")
+    wider = mtl.create_model(["depth"], backbone={"name": "test_resnet", "out_indices": [1, 2, 3]},
+                             decoder={"name": "hps", "channels": 32})
+    with caplog.at_level("WARNING", logger="mtl.warm_start"):
+        init_from_folder(wider, folder)
+    assert "absent from the folder, e.g. backbone.body.layer3." in caplog.text
+    assert "of another shape, e.g. decoder.neck.lateral.0.bias: (16,) in the folder, (32,) here" in caplog.text
