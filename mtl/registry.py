@@ -84,11 +84,7 @@ def check_kwargs(fn: Callable, kwargs: dict, what: str, given: tuple[str, ...] =
         if p is None and not open_ended:  # named here, not as "__init__() got an unexpected keyword"
             settings = [n for n, q in params.items() if q.kind in (q.POSITIONAL_OR_KEYWORD, q.KEYWORD_ONLY)
                         and n not in ("self", "in_channels", "tasks", *given)]
-            import difflib
-
-            close = difflib.get_close_matches(key, settings, n=1, cutoff=0.75)
-            near = f" (did you mean {what}.{close[0]}?)" if close else ""
-            raise TypeError(f"unknown setting {what}.{key}{near}; the settings here are: {', '.join(settings)}")
+            raise TypeError(unknown_settings(what, [key], settings))
         if p is None or p.annotation is inspect.Parameter.empty or value is None:
             continue
         hint = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", "")
@@ -103,6 +99,18 @@ def check_kwargs(fn: Callable, kwargs: dict, what: str, given: tuple[str, ...] =
         if not ok:
             raise TypeError(f"{what}.{key} must be {' or '.join(a for a in alts if a != 'None')}, "
                             f"got {value!r} ({type(value).__name__})")
+
+
+def unknown_settings(what: str, keys: list[str], settings: list[str]) -> str:
+    """'unknown setting <what>.<key> (did you mean <what>.<close>?); the settings here are: ...', each key with
+    its close known one if any; nothing close, no guess."""
+    import difflib
+
+    named = []
+    for key in keys:
+        close = difflib.get_close_matches(key, settings, n=1, cutoff=0.75)
+        named.append(f"{what}.{key}" + (f" (did you mean {what}.{close[0]}?)" if close else ""))
+    return f"unknown setting{'s' if len(keys) > 1 else ''} {', '.join(named)}; the settings here are: {', '.join(settings)}"
 
 
 def check_bool(key: str, value: object) -> bool:

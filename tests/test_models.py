@@ -337,3 +337,22 @@ def test_timm_keyword_arguments_still_pass_through_the_backbone_settings():
     m = create_model(["depth"], backbone={"name": "test_vit", "img_size": 64, "drop_path_rate": 0.1})
     assert m(torch.zeros(1, 3, 64, 64))["depth"].shape == (1, 1, 64, 64)
     assert create_model([{"kind": "depth", "name": "d2", "weight": 2.0}], backbone="test_resnet").tasks["d2"].weight == 2.0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"channels": 3}, r"^create_model: channels=3 is no option of family multitask \(its options: mean, std\); it is a "
+                      r"decoder setting: pass decoder=\{'name': 'hps', 'channels': 3\}$"),
+    ({"out_indices": [1, 2]}, r"it is a backbone setting: pass backbone=\{'name': 'test_resnet', 'out_indices': \[1, 2\]\}"),
+    ({"chanels": 3}, r"chanels=3 is no option of family multitask \(its options: mean, std\) \(did you mean decoder.channels\?\)"),
+    ({"family": "linearized", "norm": "layer"}, r"no option of family linearized .* pass decoder=\{'name': 'hps', 'norm'"),
+    ({"foo": 1}, r"foo=1 is no option of family multitask \(its options: mean, std\)$"),
+])
+def test_a_keyword_the_family_does_not_take_is_named_with_where_it_belongs(kwargs, message):
+    """It reached the family class: "MultiTaskModel.__init__() got an unexpected keyword argument"."""
+    with pytest.raises(TypeError, match=message):
+        create_model(["depth"], backbone="test_resnet", **kwargs)
+
+
+def test_an_unknown_decoder_norm_names_the_decoder_key():
+    with pytest.raises(ValueError, match=r"^decoder.norm must be one of \('batch', 'layer'\), got 'group'$"):
+        create_model(["depth"], backbone="test_resnet", decoder={"name": "hps", "norm": "group"})

@@ -190,4 +190,61 @@ def create_model(
     if slim and family != "slimmable":  # another family would train them at full width only, silently
         raise ValueError(f"{' '.join(slim)} with a width set needs family=slimmable (got family={family}); "
                          "for plain layers at one width set its widths to null")
-    return MODELS.get(family)(built, bb, dec, **kwargs)
+    cls = MODELS.get(family)
+    check_family_options(cls, family, kwargs, {"backbone": bb, "decoder": dec})
+    return cls(built, bb, dec, **kwargs)
+
+
+def check_family_options(cls: type, family: str, kwargs: dict[str, Any], parts: dict[str, dict[str, Any]]) -> None:
+    """Refuse a create_model keyword the family does not take (its class said "__init__() got an unexpected
+    keyword argument"), saying so when it is a backbone or decoder setting given at the wrong level."""
+    import difflib
+
+    options = _family_options(cls)
+    unknown = [k for k in kwargs if options is not None and k not in options]
+    if not unknown:
+        return
+    key, value = unknown[0], kwargs[unknown[0]]
+    where = f"create_model: {key}={value!r} is no option of family {family} (its options: {', '.join(options)})"
+    for part, spec in parts.items():
+        if key in _part_settings(cls, part, spec):
+            named = {**({"name": spec["name"]} if "name" in spec else {}), key: value}
+            raise TypeError(f"{where}; it is a {part} setting: pass {part}={named!r}")
+    known = [*options, *(f"{part}.{k}" for part, spec in parts.items() for k in _part_settings(cls, part, spec))]
+    by_key = {k.split(".")[-1]: k for k in reversed(known)}  # a family option wins over a part's setting
+    close = difflib.get_close_matches(key, list(by_key), n=1, cutoff=0.75)
+    raise TypeError(where + (f" (did you mean {by_key[close[0]]}?)" if close else ""))
+
+
+def _family_options(cls: type) -> list[str] | None:
+    """The keywords a family's constructor takes beside (tasks, backbone, decoder), read through a constructor
+    that passes ``**kwargs`` on (linearized); None when no signature is readable."""
+    import inspect
+
+    for klass in cls.__mro__:
+        init = vars(klass).get("__init__")
+        if init is None:
+            continue
+        params = list(inspect.signature(init).parameters.values())
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                    and p.name not in ("self", "tasks", "backbone", "decoder")]
+    return None
+
+
+def _part_settings(cls: type, part: str, spec: dict[str, Any]) -> list[str]:
+    """A backbone's or decoder's settings: the family's own (``PART_SETTINGS``), else those of the registered
+    class its name picks; a timm backbone's own settings only (timm's keywords depend on the model)."""
+    import inspect
+
+    from mtl.models.backbones import BACKBONES, OWN_SETTINGS
+    from mtl.models.decoders import DECODERS
+
+    own = getattr(cls, "PART_SETTINGS", {}).get(part)
+    if own is not None:
+        return list(own)
+    registry, name = (BACKBONES if part == "backbone" else DECODERS), spec.get("name")
+    if name not in registry:
+        return list(OWN_SETTINGS) if part == "backbone" else []
+    params = inspect.signature(registry.get(name)).parameters
+    return [n for n in params if n not in ("self", "in_channels", "tasks")]

@@ -25,7 +25,7 @@ from mtl.models.decoders.hps import create_head
 from mtl.models.families import MODELS
 from mtl.models.multitask import IMAGENET_MEAN, IMAGENET_STD, normalize_images, select_tasks
 from mtl.models.moe import StackedExperts, TopKRouter, check_top_k, task_expert_mutual_information
-from mtl.registry import check_bool, check_int, check_number
+from mtl.registry import check_bool, check_int, check_number, unknown_settings
 from mtl.tasks import Task, task_from_config
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,8 @@ class TaskMoEViT(nn.Module):
     a warning instead of the refusal a new model gets."""
 
     CONFIG_KEYS = ("tasks",)
+    #: what create_model names when a setting is passed beside backbone= / decoder= instead of in them
+    PART_SETTINGS = {"backbone": tuple(VIT_DEFAULTS), "decoder": tuple(MOE_DEFAULTS)}
 
     shared_representation = False
 
@@ -317,7 +319,7 @@ def _merge_known(defaults: dict[str, Any], given: dict[str, Any] | None, where: 
         raise ValueError(f"{where}.name must be 'task_moe_vit' for family task_moe_vit, got {given['name']!r}")
     unknown = sorted(set(given) - set(defaults) - {"name"})
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {', '.join(defaults)}")
+        raise ValueError(unknown_settings(where, unknown, list(defaults)))
     return {**defaults, **given}
 
 

@@ -239,6 +239,12 @@ def test_bad_backbone_settings_and_unknown_task():
     # another backbone's settings: its name is the problem, not its keys
     with pytest.raises(ValueError, match="backbone.name must be 'task_moe_vit'.*'resnet18'"):
         TaskMoEViT([create_task("depth")], {"name": "resnet18", "out_indices": [4]}, {"num_experts": 8})
+    with pytest.raises(ValueError, match=r"^unknown setting decoder.topk \(did you mean decoder.top_k\?\); the settings "
+                                         r"here are: channels, num_experts, top_k, "):
+        TaskMoEViT([create_task("depth")], VIT, {"num_experts": 8, "topk": 2})
+    with pytest.raises(TypeError, match=r"top_k=2 is no option of family task_moe_vit .* it is a decoder setting: "
+                                        r"pass decoder=\{'top_k': 2\}"):
+        mtl.create_model(["depth"], backbone=VIT, decoder={"num_experts": 8}, family="task_moe_vit", top_k=2)
     model = make()
     with pytest.raises(KeyError, match="nope"):
         model(X, tasks=["nope"])

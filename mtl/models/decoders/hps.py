@@ -20,7 +20,7 @@ def norm_layer(kind: str, channels: int) -> nn.Module:
         return nn.BatchNorm2d(channels)
     if kind == "layer":
         return nn.GroupNorm(1, channels)
-    raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
+    raise ValueError(f"decoder.norm must be one of {NORMS}, got {kind!r}")
 
 
 def conv_bn_relu(cin: int, cout: int, k: int = 3, norm: str = "batch") -> nn.Sequential:
