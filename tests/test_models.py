@@ -356,3 +356,31 @@ def test_a_keyword_the_family_does_not_take_is_named_with_where_it_belongs(kwarg
 def test_an_unknown_decoder_norm_names_the_decoder_key():
     with pytest.raises(ValueError, match=r"^decoder.norm must be one of \('batch', 'layer'\), got 'group'$"):
         create_model(["depth"], backbone="test_resnet", decoder={"name": "hps", "norm": "group"})
+
+
+@pytest.mark.parametrize("family, backbone, decoder", [
+    ("slimmable", "slim_resnet", "slimmable"), ("linearized", "resnet18", "hps"), ("task_moe_vit", None, None)])
+def test_a_left_out_backbone_and_decoder_are_the_familys_own_defaults(family, backbone, decoder):
+    """The multitask defaults (resnet18, hps) went to every family: task_moe_vit and slimmable refused them."""
+    from mtl.models.task_moe_vit import MOE_DEFAULTS, VIT_DEFAULTS
+
+    cfg = create_model(["depth"], family=family).config
+    assert cfg["family"] == family
+    if family == "task_moe_vit":  # its settings' own defaults
+        assert {k: cfg["backbone"][k] for k in VIT_DEFAULTS} == VIT_DEFAULTS
+        assert cfg["decoder"]["num_experts"] == MOE_DEFAULTS["num_experts"]
+    else:
+        assert (cfg["backbone"]["name"], cfg["decoder"]["name"]) == (backbone, decoder)
+
+
+def test_a_family_without_defaults_asks_for_backbone_and_decoder(monkeypatch):
+    from mtl.models import MODELS
+
+    class Bare(torch.nn.Module):
+        def __init__(self, tasks, backbone, decoder):
+            super().__init__()
+
+    monkeypatch.setitem(MODELS._items, "bare", Bare)
+    with pytest.raises(ValueError, match=r"^create_model: family bare has no default backbone or decoder; pass "
+                                         r"backbone= and decoder=$"):
+        create_model(["depth"], family="bare", backbone="test_resnet")

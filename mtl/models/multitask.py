@@ -65,6 +65,8 @@ class MultiTaskModel(nn.Module):
     """
 
     CONFIG_KEYS = ("tasks", "backbone")
+    #: what create_model builds for a backbone or decoder left out
+    DEFAULT_PARTS = {"backbone": "resnet18", "decoder": "hps"}
 
     def __init__(
         self,
@@ -162,8 +164,9 @@ def create_model(
     **kwargs: Any,
 ) -> MultiTaskModel:
     """Build a model from names and kwargs, e.g. ``create_model(["semseg", "depth"], backbone="test_resnet")``
-    (backbone ``resnet18``, decoder ``hps`` and family ``multitask`` when left out), or from a stored ``config``
-    (a model's ``.config``) alone. A task is a name, a Task or a task config keyed ``kind`` (its type:
+    (family ``multitask`` when left out; a left-out backbone or decoder is the family's ``DEFAULT_PARTS``:
+    ``resnet18`` / ``hps`` for multitask and linearized, ``slim_resnet`` / ``slimmable`` for slimmable, the
+    default settings for task_moe_vit), or from a stored ``config`` (a model's ``.config``) alone. A task is a name, a Task or a task config keyed ``kind`` (its type:
     ``{"kind": "depth", "weight": 2.0}``; ``name`` is optional); a backbone or decoder is a name or a dict of
     settings with its ``name``. ``family`` picks the class in ``MODELS`` (e.g. ``"slimmable"``); all take
     (tasks, backbone, decoder)."""
@@ -174,9 +177,13 @@ def create_model(
             raise ValueError(f"create_model: config= describes the whole model; leave out {', '.join(given)} "
                              "(or edit those keys of the config)")
         return model_from_config(config)
-    backbone = "resnet18" if backbone is None else backbone
-    decoder = "hps" if decoder is None else decoder
     family = "multitask" if family is None else family
+    cls = MODELS.get(family)
+    defaults = getattr(cls, "DEFAULT_PARTS", None)
+    if defaults is None and (backbone is None or decoder is None):
+        raise ValueError(f"create_model: family {family} has no default backbone or decoder; pass backbone= and decoder=")
+    backbone = defaults["backbone"] if backbone is None else backbone
+    decoder = defaults["decoder"] if decoder is None else decoder
     if tasks is None:
         raise ValueError("create_model needs tasks (names, Task objects or task configs) or config=")
     if isinstance(tasks, (str, Task)):  # one task: create_model("depth"), not the letters of "depth"
@@ -190,7 +197,6 @@ def create_model(
     if slim and family != "slimmable":  # another family would train them at full width only, silently
         raise ValueError(f"{' '.join(slim)} with a width set needs family=slimmable (got family={family}); "
                          "for plain layers at one width set its widths to null")
-    cls = MODELS.get(family)
     check_family_options(cls, family, kwargs, {"backbone": bb, "decoder": dec})
     return cls(built, bb, dec, **kwargs)
 

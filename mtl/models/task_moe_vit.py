@@ -129,6 +129,7 @@ class TaskMoEViT(nn.Module):
     CONFIG_KEYS = ("tasks",)
     #: what create_model names when a setting is passed beside backbone= / decoder= instead of in them
     PART_SETTINGS = {"backbone": tuple(VIT_DEFAULTS), "decoder": tuple(MOE_DEFAULTS)}
+    DEFAULT_PARTS = {"backbone": {}, "decoder": {}}  # VIT_DEFAULTS, MOE_DEFAULTS
 
     shared_representation = False
 

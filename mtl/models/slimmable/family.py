@@ -34,6 +34,7 @@ ACTIVE = "active_widths"  # config key of the widths a saved model runs at (abse
 class SlimmableMultiTaskModel(MultiTaskModel):
     """Needs ``backbone.name: slim_resnet`` and ``decoder.name: slimmable`` with the same width set."""
 
+    DEFAULT_PARTS = {"backbone": "slim_resnet", "decoder": "slimmable"}
     #: the training strategy that trains every width (without it only the full width learns)
     trains_with = "sandwich"
 
