@@ -208,6 +208,7 @@ class TaskMoEViT(nn.Module):
         """{task: (B, D, h, w) token map} after the task-conditioned backbone."""
         if not tasks:  # as the multitask family: no task, no prediction
             return {}
+        self._check_input_size(x)
         f = self.patch_embed(self.normalize(x))
         b, d, h, w = f.shape
         pos = self.pos_embed if self.pos_embed.shape[-2:] == (h, w) else \
@@ -223,6 +224,15 @@ class TaskMoEViT(nn.Module):
             self._record(tasks)
         maps = self.norm(tok).transpose(1, 2).reshape(len(tasks), b, d, h, w)
         return dict(zip(tasks, maps))
+
+    def _check_input_size(self, x: torch.Tensor) -> None:
+        """The strided patch embedding drops a remainder of rows / columns and the heads upsample back over
+        them, so an edge would be predicted from pixels never seen: refused, as timm's ViTs do."""
+        patch, (h, w) = self.patch_embed.stride[0], (int(n) for n in x.shape[-2:])
+        if h % patch or w % patch:
+            raise ValueError(f"task_moe_vit: input {h}x{w} is not divisible by backbone.patch_size={patch} (the patch "
+                             f"embedding would drop its last {h % patch} row(s) and {w % patch} column(s)); resize or "
+                             f"pad the images to a multiple of {patch}")
 
     def shared(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every task's backbone output (per task: the backbone is task-conditioned)."""

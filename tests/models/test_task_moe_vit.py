@@ -459,3 +459,12 @@ def test_expert_usage_panels_are_titled_with_their_blocks(tmp_path, monkeypatch)
     monkeypatch.setattr(Axes, "set_title", lambda self, text, **kw: titles.append(text))
     save_usage_heatmap({t: torch.ones(3, 4) for t in TASKS}, tmp_path / "u.png", rows=model.usage_rows)
     assert titles == ["expert usage: block 1", "expert usage: block 3", "expert usage: block 5"]
+
+
+def test_an_input_size_not_divisible_by_the_patch_size_is_refused():
+    """The strided patch conv dropped the remainder and the heads upsampled back: edge pixels were never seen."""
+    model = TaskMoEViT([create_task("depth")], {**VIT, "patch_size": 4}, {"num_experts": 8, "top_k": 2})
+    with pytest.raises(ValueError, match=r"^task_moe_vit: input 33x47 is not divisible by backbone.patch_size=4 \(the "
+                                         r"patch embedding would drop its last 1 row\(s\) and 3 column\(s\)\)"):
+        model(torch.randint(0, 255, (1, 3, 33, 47), dtype=torch.uint8))
+    assert model(torch.randint(0, 255, (1, 3, 36, 48), dtype=torch.uint8))["depth"].shape == (1, 1, 36, 48)
