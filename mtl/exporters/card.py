@@ -140,8 +140,14 @@ def _loading(report: dict[str, Any]) -> list[str]:
                 f"images = np.zeros((4, 3, {h}, {w}), dtype=np.uint8)  # RGB, 0-255, NCHW; any batch size",
                 f'{outs}{"," if len(report["tasks"]) == 1 else ""} = session.run(None, {{"image": images}})', "```"]
     if fmt == "timm":
-        return ["```python", "import timm", f"backbone = {report['load'].replace('<folder>', '.')}",
-                "# or: timm.create_model(\"local-dir:.\", pretrained=True)  # without pretrained=True: random weights",
+        indices = report["out_indices"]
+        return ["```python", "import timm", f"# the trained feature maps (out_indices {indices}): a list of tensors",
+                f"backbone = {report['load'].replace('<folder>', '.')}",
+                f"# or: timm.create_model(\"local-dir:.\", pretrained=True, features_only=True, out_indices={indices})"
+                "  # without pretrained=True: random weights",
+                "# the whole plain model (zero classifier"
+                + (f"; {', '.join(report['untrained_modules'])} untrained" if report.get("untrained_modules") else "")
+                + f"): {report['load_plain'].replace('<folder>', '.')}",
                 "```"]
     return ["```python", "import mtl", 'model = mtl.load_model(".")  # no network, no code from the folder is run',
             "out = model(images_uint8)  # {task: prediction}; uint8 (B, 3, H, W) input is normalised inside", "```"]
@@ -163,10 +169,18 @@ def _export_section(report: dict[str, Any]) -> list[str]:
         filled = report["filled_keys"]
         lines = [f"- timm architecture `{report['timm_name']}`, model args {json.dumps(report['model_args'])}; "
                  f"{report['trained_keys']} tensors come from the multi-task backbone."]
+        indices = report["out_indices"]
+        features = (f"`features_only=True, out_indices={indices}` or `forward_intermediates(x, indices={indices}, "
+                    "intermediates_only=True)`")
+        untrained = report.get("untrained_modules") or []
+        lines.append(f"- The trained feature maps are those at out_indices {indices}: use {features}"
+                     + (" (or `forward_features`)." if not untrained else
+                        f"; `forward_features` runs {', '.join(f'`{m}`' for m in untrained)}, which the multi-task "
+                        "backbone never had: untrained (timm's seeded initialisation), so its output is not a "
+                        "trained feature."))
         if filled["zeroed"]:
             lines.append(f"- The multi-task model has no ImageNet classifier: {', '.join(filled['zeroed'])} "
-                         "are zero (zero logits). Use the features (`forward_features`, `forward_intermediates`, "
-                         "`features_only=True`) or fine-tune a head.")
+                         "are zero (zero logits); fine-tune a head for classification.")
         if filled["timm_init"]:
             lines.append(f"- Not used by the multi-task backbone and left at timm's initialisation: "
                          f"{', '.join(filled['timm_init'][:12])}{' …' if len(filled['timm_init']) > 12 else ''}.")

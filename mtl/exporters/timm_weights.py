@@ -9,7 +9,8 @@ back onto the plain model so that
 
 loads with no missing key. Tensors the multi-task backbone never had are filled so that they cannot
 pass for trained ones: the classifier is zero (zero logits), everything else keeps timm's own
-initialisation (seeded) — every such key is listed in ``export.json`` and the model card.
+initialisation (seeded) — every such key is listed in ``export.json`` and the model card. The trained
+maps are the backbone's ``out_indices`` (``features_only=True, out_indices=...``, the card's call).
 """
 from __future__ import annotations
 
@@ -89,15 +90,32 @@ def export_timm(source: Source, out: Path, tasks: list[str], seed: int = 0) -> d
     save_for_hf(plain, str(out), model_args=args, safe_serialization=True)
     if not (out / TIMM_FILE).is_file():
         raise ExportError(f"timm's save_for_hf wrote no {TIMM_FILE} in {out}")
+    # the maps the tasks were trained on; timm's features_only default (every stage) would add untrained ones
+    out_indices = [int(i) for i in body.feature_info.out_indices]
     return {
         "file": TIMM_FILE,
         "timm_name": name,
         "model_args": args,
+        "out_indices": out_indices,
         "trained_keys": len(mapped) - len(filled["zeroed"]) - len(filled["timm_init"]),
         "filled_keys": filled,
-        "load": _load_snippet(name, args),
+        "untrained_modules": untrained_modules(plain, filled["timm_init"]),
+        "load": _load_snippet(name, {**args, "features_only": True, "out_indices": out_indices}),
+        "load_plain": _load_snippet(name, args),
         "preprocessing": preprocessing,
     }
+
+
+def untrained_modules(plain: torch.nn.Module, keys: list[str]) -> list[str]:
+    """The modules (a feature stage such as ``layer4``, else the key's top-level module such as ``norm``)
+    holding keys left at timm's initialisation, in model order: what ``forward_features`` runs untrained."""
+    stages = [f["module"] for f in getattr(plain, "feature_info", None) or [] if isinstance(f, dict) and f.get("module")]
+    found: list[str] = []
+    for key in keys:
+        owner = next((s for s in stages if key.startswith(s + ".")), key.split(".")[0])
+        if owner not in found:
+            found.append(owner)
+    return found
 
 
 def _own_preprocessing(source: Source) -> dict[str, Any]:

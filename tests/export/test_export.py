@@ -189,6 +189,33 @@ def test_timm_weights_reload_in_plain_timm(tmp_path, backbone):
     assert cfg["tag"] == "mtlkit" and not {"hf_hub_id", "license", "origin_url", "paper_ids", "paper_name"} & set(cfg)
 
 
+def test_timm_card_loads_the_trained_maps_and_never_recommends_untrained_stages(tmp_path):
+    """out_indices [1, 2, 3] leave layer4 at timm's seeded init: forward_features then depends on format.seed
+    alone, and features_only=True with timm's default indices returns that random map last."""
+    import timm
+
+    folder = _folder(tmp_path)
+    outs = [mtl.export(folder, "timm", tmp_path / f"timm{s}", seed=s) for s in (0, 1)]
+    report = read_report(outs[0])
+    assert report["out_indices"] == [1, 2, 3] and report["untrained_modules"] == ["layer4"]
+    assert "features_only=True, out_indices=[1, 2, 3]" in report["load"]
+    x = torch.randn(2, 3, 32, 32)
+    ours = mtl.load_model(folder).backbone
+    with torch.no_grad():
+        want = ours(x)
+        for out in outs:  # the card's call gives exactly the backbone's maps, whatever the seed
+            plain = timm.create_model(report["timm_name"], pretrained=True, features_only=True,
+                                      out_indices=report["out_indices"],
+                                      pretrained_cfg_overlay={"file": str(out / "model.safetensors")}).eval()
+            assert all(torch.equal(a, b) for a, b in zip(plain(x), want)) and len(plain(x)) == len(want)
+        seeded = [timm.create_model(f"local-dir:{out}", pretrained=True).eval().forward_features(x) for out in outs]
+    assert (seeded[0] - seeded[1]).abs().max() > 0.1  # forward_features is the seed's, not the training's
+    card = (outs[0] / "README.md").read_text()
+    assert "out_indices=[1, 2, 3]" in card.split("## Loading")[1]
+    assert "`forward_features` runs `layer4`, which the multi-task backbone never had: untrained" in card
+    assert "(or `forward_features`)" not in card
+
+
 def test_timm_input_size_comes_from_a_merges_image_size_too(tmp_path):
     """A merge of members trained on other data records meta.image_size, not meta.data: timm's pipeline must
     still resize to the trained size, not timm's default for the name (160 px for test_resnet)."""
