@@ -289,18 +289,30 @@ def _stem(op: str) -> str:
 
 
 def locate_operator(model: nn.Module, x: torch.Tensor, tasks: Sequence[str], op: str) -> str | None:
-    """Run the model once and return the qualified name of the innermost module that calls ``op``
-    (matched by name stem, so a decomposed ``prims.bessel_i0`` finds the ``aten::i0`` call)."""
+    """Run the model once and return the qualified name of the innermost module whose code calls ``op``
+    (matched by name stem, so a decomposed ``prims.bessel_i0`` finds the ``aten::i0`` call). The module
+    is read off the Python call stack (the nearest frame whose ``self`` is one of the model's modules), so
+    a method other than ``forward`` (``decoder.shared``, ``experts.dense``) is found too; forward hooks
+    would see only ``forward`` calls and name the outermost caller."""
     from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode
 
     stem = _stem(op)
-    stack: list[str] = []
+    labels = {id(m): f"{qual or 'model'} ({type(m).__name__})" for qual, m in model.named_modules()}
     found: list[str] = []
+
+    def caller() -> str:
+        frame = sys._getframe(2)
+        while frame is not None:
+            owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
+            if owner is not None and id(owner) in labels:
+                return labels[id(owner)]
+            frame = frame.f_back
+        return "(top level)"
 
     def seen(name: str) -> None:
         if not found and (name == stem or name.endswith("_" + stem) or stem.endswith("_" + name)):
-            found.append(stack[-1] if stack else "(top level)")
+            found.append(caller())
 
     class Spy(TorchDispatchMode):  # aten calls, after decomposition (prims.bessel_i0 -> aten::i0)
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -312,26 +324,11 @@ def locate_operator(model: nn.Module, x: torch.Tensor, tasks: Sequence[str], op:
             seen(getattr(func, "__name__", ""))
             return func(*args, **(kwargs or {}))
 
-    def enter(label):
-        def hook(module, args):
-            stack.append(label)
-        return hook
-
-    def leave(module, args, output):
-        stack.pop()  # returns None: a forward hook's return value would replace the output
-
-    handles = []
-    for qual, module in model.named_modules():
-        handles.append(module.register_forward_pre_hook(enter(f"{qual or 'model'} ({type(module).__name__})")))
-        handles.append(module.register_forward_hook(leave))
     try:
         with torch.no_grad(), FunctionSpy(), Spy():
             model(x, tasks=list(tasks))
     except Exception:
         pass  # the export error is the one to report
-    finally:
-        for h in handles:
-            h.remove()
     return found[0] if found else None
 
 

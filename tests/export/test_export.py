@@ -537,6 +537,17 @@ def test_a_composite_operator_is_located_in_its_module():
     assert where == "inner.1 (Attn)"
 
 
+def test_an_operator_called_from_a_method_other_than_forward_is_located_in_that_module(tmp_path):
+    """The MoE decoder's experts run through ``decoder.shared()`` -> ``experts.dense()``, never a forward():
+    the error must name them, not the whole model (einsum needs opset 12, so torchscript at 11 refuses)."""
+    model = create_model(["depth"], backbone=BACKBONES["test_resnet"],
+                         decoder={"name": "moe", "channels": 8, "num_experts": 2})
+    with pytest.raises(ExportError, match=r"operator 'aten::einsum' used in module decoder\.experts\.\d+ "
+                                          r"\(StackedExperts\)"):
+        mtl.export(model, "onnx", tmp_path / "out", exporter="torchscript", opset=11, input_size=32)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_a_model_that_is_not_float32_is_refused_before_export(tmp_path, dtype):
     model = mtl.load_model(_folder(tmp_path)).to(dtype)
