@@ -17,7 +17,7 @@ from typing import Iterator
 __all__ = ["atomic_path", "make_parents", "remove_empty", "alive"]
 
 log = logging.getLogger(__name__)
-_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM}
 
 
 @contextlib.contextmanager
@@ -31,17 +31,13 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
     _remove_stale_temps(path)  # first: a killed writer's only copy of `path` is put back before anything looks
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (overwrite=true on the command line) to replace it")
-    created = make_parents(path.parent)
+    created: list[Path] = []
     done = False
     try:
+        created = make_parents(path.parent)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)) / path.name
         try:
-            try:
-                yield tmp
-            except OSError as e:  # a full disk or read-only place: name the output, not a hidden temporary
-                if e.errno in _STORAGE_ERRNOS and str(path) not in str(e):
-                    raise OSError(e.errno, f"{path}: cannot write this output ({e.strerror or e})") from e
-                raise
+            yield tmp
             if not overwrite and path.is_symlink() and not path.exists():
                 os.replace(tmp, path)  # a dangling link is no one's output: replaced, as before
             elif not overwrite:  # another writer may have made `path` meanwhile: never replace its output
@@ -59,9 +55,32 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
             done = True
         finally:
             shutil.rmtree(tmp.parent, ignore_errors=True)
+    except Exception as e:  # a full disk or read-only place: name the output, not a hidden temporary
+        code = storage_errno(e, path.parent)
+        if code is None or str(e).startswith(f"[Errno {code}] {path}: "):
+            raise
+        raise OSError(code, f"{path}: cannot write this output ({os.strerror(code)})") from e
     finally:
         if not done:
             remove_empty(created)
+
+
+def storage_errno(error: BaseException, place: Path) -> int | None:
+    """The errno of a storage failure (full disk, quota, read-only, no permission) in ``error`` or what it
+    wraps (an exporter's own error around the OSError), when it names no file, one under ``place`` or a
+    parent of it; None for anything else (an input it could not read, say), which is left as it is."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS:
+            name = error.filename
+            if name is None:
+                return error.errno
+            name, where = Path(os.path.abspath(os.fsdecode(name))), Path(os.path.abspath(place))
+            if name.is_relative_to(where) or where.is_relative_to(name):  # the temporary, or a missing parent
+                return error.errno
+        error = error.__cause__ or error.__context__
+    return None
 
 
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2

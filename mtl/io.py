@@ -1,6 +1,7 @@
 """Model folders (``model.safetensors`` + ``config.json``) and atomic file writing."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -92,18 +93,26 @@ def strict_json(obj: Any, where: str) -> Any:
     raise TypeError(f"{where}: cannot store {type(obj).__name__} in JSON")
 
 
+def safetensors_os_error(error: Exception) -> OSError | None:
+    """safetensors' I/O error (a full disk: ``I/O error: ... (os error 28)``) as the OSError it is, errno
+    kept, so that ``atomic_path`` names the output; None for any other error."""
+    found = re.search(r"os error (\d+)", str(error))
+    code = int(found.group(1)) if found else next(  # some builds print the reason only
+        (c for c in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG) if os.strerror(c) in str(error)), None)
+    return None if code is None else OSError(code, os.strerror(code))
+
+
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
                      metadata: dict[str, str] | None = None) -> None:
     """``safetensors.torch.save_file`` with the permissions of any other file we write: it creates
     its file 0600, so a shipped folder would be unreadable to other users and containers."""
     try:
         save_file(tensors, str(path), metadata=metadata)
-    except SafetensorError as e:  # its I/O errors (a full disk) as the OSError they are, errno kept
-        found = re.search(r"os error (\d+)", str(e))
-        if found is None:
+    except SafetensorError as e:
+        err = safetensors_os_error(e)
+        if err is None:
             raise
-        code = int(found.group(1))
-        raise OSError(code, os.strerror(code)) from e
+        raise err from e
     if metadata and len(metadata) > 1:
         _sort_header_metadata(path)
     umask = os.umask(0)

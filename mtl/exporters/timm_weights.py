@@ -19,7 +19,10 @@ from typing import Any
 
 import torch
 
+from safetensors import SafetensorError
+
 from mtl.exporters.api import EXPORTERS, ExportError, Source, trained_image_size
+from mtl.io import safetensors_os_error
 from mtl.models.backbones import INIT_ONLY
 from mtl.models.multitask import IMAGENET_MEAN, IMAGENET_STD
 
@@ -87,7 +90,13 @@ def export_timm(source: Source, out: Path, tasks: list[str], seed: int = 0) -> d
     own = {k: v for k, v in plain.pretrained_cfg.items()
            if k not in ("hf_hub_id", "url", "license", "tag", "origin_url", "paper_ids", "paper_name", "notes")}
     plain.pretrained_cfg = {**own, "tag": "mtlkit", **preprocessing}
-    save_for_hf(plain, str(out), model_args=args, safe_serialization=True)
+    try:
+        save_for_hf(plain, str(out), model_args=args, safe_serialization=True)
+    except SafetensorError as e:  # a full disk: raised as the OSError it is, which atomic_path names the output by
+        err = safetensors_os_error(e)
+        if err is None:
+            raise
+        raise err from e
     if not (out / TIMM_FILE).is_file():
         raise ExportError(f"timm's save_for_hf wrote no {TIMM_FILE} in {out}")
     # the maps the tasks were trained on; timm's features_only default (every stage) would add untrained ones

@@ -548,6 +548,55 @@ def test_an_operator_called_from_a_method_other_than_forward_is_located_in_that_
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "timm", "folder", "read-only"])
+def test_a_full_disk_or_read_only_place_is_one_line_naming_the_output(tmp_path, monkeypatch, fmt):
+    """Whatever layer meets the storage error (the ONNX exporter, timm's safetensors writer, a nested
+    save_model, the temporary folder itself), the error names `out` and the OS's reason, once."""
+    import errno
+    import os
+    import re
+
+    import mtl.atomic
+    import mtl.io
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    folder = _folder(tmp_path)
+    out = tmp_path / "exports" / "out"
+    code = errno.EROFS if fmt == "read-only" else errno.ENOSPC
+
+    def full(*args, **kwargs):
+        if fmt == "onnx":  # a partial file first: it must not be left behind either
+            with open(args[2], "wb") as f:
+                f.write(b"partial")
+            raise OSError(code, os.strerror(code))
+        raise SafetensorError(f"Error while serializing: I/O error: {os.strerror(code)} (os error {code})")
+
+    real_mkdtemp = mtl.atomic.tempfile.mkdtemp
+
+    def read_only(*args, dir=None, **kwargs):
+        if dir is not None and str(dir) == str(out.parent):
+            raise OSError(code, os.strerror(code), os.path.join(dir, kwargs.get("prefix", "") + "x1y2"))
+        return real_mkdtemp(*args, dir=dir, **kwargs)
+
+    if fmt == "onnx":
+        monkeypatch.setattr(torch.onnx, "export", full)
+    elif fmt == "timm":
+        monkeypatch.setattr(safetensors.torch, "save_file", full)  # what timm's save_for_hf calls
+    elif fmt == "folder":
+        monkeypatch.setattr(mtl.io, "save_file", full)
+    else:
+        monkeypatch.setattr(mtl.atomic.tempfile, "mkdtemp", read_only)
+    with pytest.raises(OSError) as e:
+        if fmt in ("timm", "folder"):
+            mtl.export(folder, fmt, out)
+        else:
+            mtl.export(folder, "onnx", out, exporter="torchscript")
+    assert str(e.value) == f"[Errno {code}] {out}: cannot write this output ({os.strerror(code)})"
+    assert e.value.errno == code and not re.search(r"\.tmp-", str(e.value))
+    assert not (tmp_path / "exports").exists()  # nor the parent folder made for it
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_a_model_that_is_not_float32_is_refused_before_export(tmp_path, dtype):
     model = mtl.load_model(_folder(tmp_path)).to(dtype)
