@@ -76,6 +76,22 @@ def _warn_below_stride(model: nn.Module, size: tuple[int, int]) -> None:
                 "the graph is exported, but predictions at this size are rarely useful", shown, max(reductions))
 
 
+def _check_patch_size(model: nn.Module, size: tuple[int, int]) -> None:
+    """A timm patch embedding takes only whole patches (unless built with ``dynamic_img_pad``): say so
+    before tracing, naming the option, rather than as the tracer's AssertionError."""
+    for name, module in model.named_modules():
+        patch = image_hw(list(getattr(module, "patch_size", ()) or ()))
+        if patch is None or not hasattr(module, "dynamic_img_pad") or module.dynamic_img_pad:
+            continue
+        if size[0] % patch[0] or size[1] % patch[1]:
+            side = lambda hw: hw[0] if hw[0] == hw[1] else list(hw)  # noqa: E731  (as format.input_size is written)
+            down = [n // p * p or p for n, p in zip(size, patch)]
+            up = [-(-n // p) * p for n, p in zip(size, patch)]
+            raise ValueError(f"format.input_size={side(size)} (input_size= in mtl.export) is not a multiple of the "
+                             f"patch size {side(patch)} of {name} ({type(module).__name__}); export at a multiple "
+                             f"of it (e.g. {side(down)} or {side(up)})")
+
+
 @EXPORTERS.register("onnx")
 def export_onnx(source: Source, out: Path, tasks: list[str], opset: int = DEFAULT_OPSET,
                 exporter: str = "dynamo", input_size: Any = None, atol: float = 1e-4,
@@ -96,6 +112,7 @@ def export_onnx(source: Source, out: Path, tasks: list[str], opset: int = DEFAUL
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < float("inf"):
             raise ValueError(f"format.{name} must be a finite number ≥ 0, got {tol!r}")
     size = input_size_of(source, input_size)
+    _check_patch_size(source.model, size)
     _warn_below_stride(source.model, size)
     graph = TaskGraph(source.model, tasks)
     sample = torch.randint(0, 256, (2, 3, *size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))

@@ -154,6 +154,22 @@ def test_a_vit_traced_off_its_img_size_is_told_why_the_resampling_operator_appea
     assert not (tmp_path / "out").exists()
 
 
+def test_a_vit_input_size_that_is_not_whole_patches_is_refused_before_tracing(tmp_path, monkeypatch):
+    folder = _folder(tmp_path, "test_vit")  # patch_size 4: 34 = 8.5 patches, which timm's PatchEmbed asserts against
+
+    def never(*args, **kwargs):
+        raise AssertionError("traced")
+
+    monkeypatch.setattr(torch.onnx, "export", never)
+    for size, fits in [(34, "32 or 36"), ([32, 30], r"\[32, 28\] or 32")]:
+        shown = str(size).replace("[", r"\[").replace("]", r"\]")
+        with pytest.raises(ValueError, match=rf"^format.input_size={shown} \(input_size= in mtl.export\) is not a "
+                                             rf"multiple of the patch size 4 of backbone.body.model.patch_embed "
+                                             rf"\(PatchEmbed\); export at a multiple of it \(e.g. {fits}\)$"):
+            mtl.export(folder, "onnx", tmp_path / "out", input_size=size)
+        assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("backbone", ["test_resnet", pytest.param("test_vit", marks=pytest.mark.slow)])
 def test_timm_weights_reload_in_plain_timm(tmp_path, backbone):
     import timm
