@@ -89,6 +89,8 @@ def export_timm(source: Source, out: Path, tasks: list[str], seed: int = 0) -> d
     # not timm's ImageNet recipe for `name`, nor its provenance (hub id, tag, licence): these weights are ours
     own = {k: v for k, v in plain.pretrained_cfg.items()
            if k not in ("hf_hub_id", "url", "license", "tag", "origin_url", "paper_ids", "paper_name", "notes")}
+    if own.get("pool_size") and "input_size" in preprocessing:
+        own["pool_size"] = _pool_size(plain, preprocessing["input_size"], getattr(backbone, "channels_last", False))
     plain.pretrained_cfg = {**own, "tag": "mtlkit", **preprocessing}
     try:
         save_for_hf(plain, str(out), model_args=args, safe_serialization=True)
@@ -140,6 +142,21 @@ def _own_preprocessing(source: Source) -> dict[str, Any]:
     if size is not None:
         cfg["input_size"] = (3, *size)
     return cfg
+
+
+def _pool_size(plain: torch.nn.Module, input_size: tuple[int, ...], channels_last: bool) -> tuple[int, int] | None:
+    """timm's ``pool_size``, the final feature map's (H, W) at ``input_size`` (its test-time pooling uses it
+    as a kernel), measured by one forward of zeros; timm's own value is for its default input size. None
+    (as timm's own export writes when the input size changes) where the map is not 4-D."""
+    was_training = plain.training
+    try:
+        with torch.no_grad():
+            features = plain.eval().forward_features(torch.zeros(1, *input_size))
+    finally:
+        plain.train(was_training)
+    if not isinstance(features, torch.Tensor) or features.dim() != 4:
+        return None
+    return tuple(int(n) for n in (features.shape[1:3] if channels_last else features.shape[-2:]))
 
 
 def _classifier_keys(model: torch.nn.Module) -> set[str]:

@@ -241,6 +241,18 @@ def test_timm_input_size_comes_from_a_merges_image_size_too(tmp_path):
     assert tuple(report["preprocessing"]["input_size"]) == (3, 24, 24)
 
 
+@pytest.mark.parametrize("size", [32, 96])
+def test_timm_pool_size_is_the_final_map_at_the_recorded_input_size(tmp_path, size):
+    """timm's pool_size (its test-time pooling kernel) is the last feature map's H, W at input_size: a stride-32
+    ResNet gives ceil(size / 32), not timm's default (5, 5) for test_resnet's 160 px."""
+    import math
+
+    model = mtl.load_model(_folder(tmp_path))
+    folder = save_model(model, tmp_path / f"m{size}", meta={"data": {"name": "scenes", "size": size}})
+    cfg = json.loads((mtl.export(folder, "timm", tmp_path / "timm") / "config.json").read_text())["pretrained_cfg"]
+    assert cfg["input_size"] == [3, size, size] and cfg["pool_size"] == [math.ceil(size / 32)] * 2
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     from mtl.train import run
