@@ -35,7 +35,8 @@ __all__ = ["LEARNED_METHODS", "READ_ONLY_WITH", "LearnedMerge", "check_hparams",
 #: `merging.merge` key options a learned merge passes on (not hyperparameters)
 KEY_OPTIONS = ("include", "exclude", "task_keys", "unshared", "bn", "check_finite")
 _COMMON = dict(steps=300, lr=1e-3, seed=0, pool_limit=None, channels_last=None)
-_COEF = dict(init=0.3, clamp=False)
+#: λ clamped to [0, 1] by default, as AdaMerging's and Concrete AdaMerging's own code does; aTLAS's is unbounded
+_COEF = dict(init=0.3, clamp=True)
 _MASK = dict(temperature=0.5, initial_logits=0.0, threshold=0.5, rescale=True, final_mask="sample")
 
 #: Concrete AdaMerging's inner problem: λ restarted from `init` each outer step (the authors' code), or carried on
@@ -44,7 +45,7 @@ INNER = ("reset", "continue")
 #: method -> its hyperparameters and their defaults
 LEARNED_METHODS: dict[str, dict[str, Any]] = {
     "adamerging": {**_COMMON, **_COEF, "granularity": "layer", "vectors": "plain", "k": 20},
-    "atlas": {**_COMMON, **_COEF, "blocks": "tensor", "learn_blocks": None, "objective": "entropy"},
+    "atlas": {**_COMMON, **_COEF, "clamp": False, "blocks": "tensor", "learn_blocks": None, "objective": "entropy"},
     "concrete_ta": {**_COMMON, **_MASK, "lam": 0.3},
     "concrete_adamerging": {**_COMMON, **_COEF, **_MASK, "granularity": "layer", "coef_lr": 1e-3,
                             "inner": "reset", "inner_lr": 1.0, "inner_steps": 1, "final_steps": 300},
@@ -253,7 +254,9 @@ def check_hparams(method: str, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any
     if "clamp" in hp and not isinstance(hp["clamp"], bool):  # "false" would be truthy
         raise ValueError(f"clamp must be true or false, got {hp['clamp']!r}")
     if hp.get("clamp") and "init" in hp and _real(hp["init"]) and not 0 <= hp["init"] <= 1:
-        raise ValueError(f"init must be in [0, 1] with clamp=true, got {hp['init']!r}")
+        default = " (the default)" if LEARNED_METHODS[method].get("clamp") and "clamp" not in kwargs else ""
+        raise ValueError(f"init must be in [0, 1] with clamp=true{default}, got {hp['init']!r}; "
+                         "set clamp=false for an init outside [0, 1]")
     if "blocks" in hp:
         check_blocks(hp["blocks"])
     check_patterns(hp.get("learn_blocks"))

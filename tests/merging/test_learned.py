@@ -1,5 +1,6 @@
 """Learned merging (AdaMerging, aTLAS, Concrete) on a tiny hand-sized model: defining properties."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,6 +94,38 @@ def test_clamp_keeps_coefficients_in_unit_interval():
     model, pre, fts, data = toys()
     r = merging.learn("adamerging", pre, fts, unlabeled=data, steps=20, lr=0.5, clamp=True, **kw(model))
     assert r.coefficients.min() >= 0 and r.coefficients.max() <= 1
+
+
+@pytest.mark.parametrize("method,hp,bounded", [
+    ("adamerging", {"lr": 0.5}, True),  # Yang et al.'s code clamps λ to [0, 1] on every step
+    ("concrete_adamerging", {"steps": 2, "final_steps": 20, "coef_lr": 0.5}, True),  # Tang et al.'s code too
+    ("atlas", {"lr": 0.5}, False),  # the aTLAS code learns unbounded coefficients
+])
+def test_coefficients_are_bounded_by_default_as_in_each_methods_code(method, hp, bounded):
+    """At an lr that drives λ far outside [0, 1] when unclamped, the defaults keep it inside exactly where the
+    authors' code does; the CLI's configs say the same."""
+    from omegaconf import OmegaConf
+
+    model, pre, fts, data = toys()
+    hp = {"steps": 20, **hp}
+    free = merging.learn(method, pre, fts, unlabeled=data, clamp=False, **hp, **kw(model)).coefficients
+    assert free.min() < 0 and free.max() > 1  # the bound has something to do
+    got = merging.learn(method, pre, fts, unlabeled=data, **hp, **kw(model)).coefficients
+    inside = bool(got.min() >= 0 and got.max() <= 1)
+    assert inside is bounded
+    if not bounded:
+        torch.testing.assert_close(got, free, rtol=0, atol=0)
+    config = OmegaConf.load(Path(__file__).parents[2] / "configs" / "merge" / f"{method}.yaml")
+    assert config.clamp is bounded
+
+
+def test_init_outside_the_interval_names_the_clamp_default():
+    model, pre, fts, data = toys()
+    with pytest.raises(ValueError, match=r"^init must be in \[0, 1\] with clamp=true \(the default\), got 1.5; "
+                                         r"set clamp=false for an init outside \[0, 1\]$"):
+        merging.learn("adamerging", pre, fts, unlabeled=data, steps=1, init=1.5, **kw(model))
+    res = merging.learn("adamerging", pre, fts, unlabeled=data, steps=0, init=1.5, clamp=False, **kw(model))
+    assert torch.all(res.coefficients == 1.5)
 
 
 def test_clamp_leaves_entries_not_learned_alone_and_refuses_init_outside_the_interval():

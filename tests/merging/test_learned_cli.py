@@ -259,7 +259,7 @@ def test_folders_of_another_architecture_are_named_before_a_model_is_built(pool,
     ("merge.seed=abc", "seed must be an int, got 'abc'"),
     ("merge.channels_last=5", "channels_last must be true or false"),
     ("merge.pool_limit=-3", "pool_limit must be an int ≥ 0"),
-    ("merge.init=2", r"init must be in \[0, 1\] with clamp=true, got 2"),
+    ("merge.init=2", r"init must be in \[0, 1\] with clamp=true, got 2"),  # the config's default clamp
     ("merge.granularity=block", "unknown granularity 'block'; valid: task, layer"),
 ])
 def test_learned_settings_are_refused_before_the_pool_is_scored(pool, tmp_path, monkeypatch, override, match):
@@ -269,9 +269,8 @@ def test_learned_settings_are_refused_before_the_pool_is_scored(pool, tmp_path, 
         raise AssertionError("the pool was loaded before the settings were checked")
 
     monkeypatch.setattr(job_module, "resolve_pool", scored)
-    extra = ["merge.clamp=true"] if override == "merge.init=2" else []
     with pytest.raises(ValueError, match=match):
-        run(_args(pool, "merge=adamerging", override, *extra), run_dir=tmp_path / "bad")
+        run(_args(pool, "merge=adamerging", override), run_dir=tmp_path / "bad")
     assert not (tmp_path / "bad" / "model").exists()
 
 
