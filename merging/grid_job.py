@@ -60,11 +60,12 @@ def grid_candidates(hp: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [base]
 
 
-def precheck(name: str, hp: Mapping[str, Any], num_models: int | None = None, tasks: list[str] | None = None) -> None:
+def precheck(name: str, hp: Mapping[str, Any], num_models: int | None = None, tasks: list[str] | None = None,
+             merged_keys: list[str] | None = None) -> None:
     """The hyperparameters of a grid-searched state-dict method (or tall_masks, or a learned method), checked before any
     model is loaded or evaluated (a bad `k` or λ would otherwise surface after the whole pool's individual evaluation).
-    With `num_models` (the pool's size, once known) and `tasks` (its task names), also what depends on them:
-    consensus' k, a per-task λ list or ``{task: λ}``."""
+    With `num_models` (the pool's size, once known), `tasks` (its task names) and `merged_keys` (the tensors the
+    merge combines), also what depends on them: consensus' k, a per-task λ list or ``{task: λ}``, aTLAS's blocks."""
     if name == "tall_masks":
         from .tall_job import precheck_tall
 
@@ -72,7 +73,7 @@ def precheck(name: str, hp: Mapping[str, Any], num_models: int | None = None, ta
     if name in merging.LEARNED_METHODS:
         from .learned.cli import precheck_learned
 
-        return precheck_learned(name, hp)
+        return precheck_learned(name, hp, merged_keys)
     if name not in GRID_METHODS:
         return
     searched = hp.get("lam") is None and bool(hp.get("lam_grid"))

@@ -99,10 +99,11 @@ CliMethod = Callable[[MergeJob, Mapping[str, Any]], Selection]
 CLI_METHODS: Registry[CliMethod] = Registry("mtl-merge method")
 
 
-def check_pool_inputs(pool: ModelPool, hp: Mapping[str, Any], bn_data: dict[str, Any] | None) -> None:
+def check_pool_inputs(pool: ModelPool, hp: Mapping[str, Any], bn_data: dict[str, Any] | None) -> list[str]:
     """The pool's tensors fit together under the merge's key options (shapes, dtypes, shared keys, the
     linearised form and its expansion point) and `merge.bn=recompute` suits its family, before every
-    member is evaluated: these errors otherwise surface only at the first merge."""
+    member is evaluated: these errors otherwise surface only at the first merge. Returns the names of the
+    tensors the merge combines (from the files' headers)."""
     from mtl.io import read_model_config
 
     from .bn import LINEARIZED_BN
@@ -112,7 +113,9 @@ def check_pool_inputs(pool: ModelPool, hp: Mapping[str, Any], bn_data: dict[str,
         raise ValueError(LINEARIZED_BN)
     opts, _ = KeyOptions.split(dict(hp))
     opts["check_finite"] = False  # only the plan (headers) and the expansion points are read here
-    open_context(pool.pretrained, pool.member_paths, opts, min_models=1, what="a merge").close()
+    ctx = open_context(pool.pretrained, pool.member_paths, opts, min_models=1, what="a merge")
+    ctx.close()
+    return list(ctx.plan.merge)
 
 
 def build_smoke_pool(root: str | os.PathLike) -> ModelPool:
@@ -229,8 +232,9 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                          "the task models it rebuilds would not be the ones scored; use merge.bn=pretrained (default) "
                          "or average for TALL")
     pool = resolve_pool(cfg, run_dir, manifest)
-    grid_job.precheck(name, hp, num_models=len(pool.members), tasks=[t for m in pool.members for t in m.tasks])
-    check_pool_inputs(pool, hp, bn_data)
+    merged_keys = check_pool_inputs(pool, hp, bn_data)
+    grid_job.precheck(name, hp, num_models=len(pool.members), tasks=[t for m in pool.members for t in m.tasks],
+                      merged_keys=merged_keys)
     ev = Evaluator(pool, cfg.eval.get("max_batches"), _plain(cfg.eval.get("data")), cfg.eval.get("device") or "cpu")
     sel = select(MergeJob(cfg, pool, ev, run_dir, bn_data), MappingProxyType(hp))
     if bn_data is not None:

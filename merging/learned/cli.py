@@ -25,7 +25,8 @@ per-step history), `coefficients.png` (λ heatmap layer × task, or block × tas
 `learning_curves.png` (objective per step, normalized validation score per evaluation). The run records the data
 settings its objective used (`split`, `batch_size`; or `shots`, `shots_batch`, `shots_split` for supervised
 aTLAS) in `metrics.json`'s `selected`, the model folder's meta and `coefficients.json`'s `hparams`. Every
-setting is checked before the pool is loaded.
+setting is checked before the pool is loaded; aTLAS's `blocks` and `learn_blocks` against the tensor names in
+the pool's headers, before any model is evaluated.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ from mtl.io import is_plain_json
 from ..evaluation import ImageBatches
 from ..job import CLI_METHODS, MergeJob, Selection
 from .api import KEY_OPTIONS, LEARNED_METHODS, check_hparams, unread, unread_message
+from .layout import make_layout
 from .plots import plot_coefficients, plot_learning_curves
 
 __all__ = ["LabeledShots", "precheck_learned", "select_learned"]
@@ -141,9 +143,18 @@ def _options(method: str, hp: Mapping[str, Any]) -> tuple[dict[str, Any], dict[s
     return opts, kw
 
 
-def precheck_learned(method: str, hp: Mapping[str, Any]) -> None:
-    """`mtl-merge`'s check of a learned method's settings before the pool is loaded and scored."""
-    _options(method, hp)
+def precheck_learned(method: str, hp: Mapping[str, Any], merged_keys: list[str] | None = None) -> None:
+    """`mtl-merge`'s check of a learned method's settings before the pool is loaded and scored; with
+    `merged_keys` (the pool's merged tensors, read from its files' headers) also aTLAS's `blocks` and
+    `learn_blocks` against them. A tensor no fine-tune changed gets no coefficient while learning, so a
+    pattern that matches only such tensors is still found when learning starts."""
+    _, kw = _options(method, hp)
+    if merged_keys is None or method != "atlas":
+        return
+    try:
+        make_layout(merged_keys, "block", kw.get("blocks", "tensor")).select(kw.get("learn_blocks"))
+    except ValueError as e:
+        raise ValueError(f"merge={method}: {e}") from None
 
 
 def data_record(opts: Mapping[str, Any], supervised: bool) -> dict[str, Any]:

@@ -88,10 +88,15 @@ def make_layout(keys: Sequence[str], granularity: str, blocks: str | Mapping[str
                 unmatched.append(k)
             else:
                 group_of[k] = hit
+        used = set(group_of.values())
+        empty = [n for i, n in enumerate(rx) if i not in used]
+        wrong = []  # both mistakes in one message: fixing one would otherwise only reveal the other
         if unmatched:
-            raise ValueError(f"blocks: tensor {unmatched[0]!r} (and {len(unmatched) - 1} more) matches no block pattern")
-        empty = [n for i, n in enumerate(rx) if i not in set(group_of.values())]
+            more = f" (and {len(unmatched) - 1} more)" if len(unmatched) > 1 else ""
+            wrong.append(f"tensor {unmatched[0]!r}{more} matches no block pattern")
         if empty:
-            raise ValueError(f"blocks: block {empty[0]!r} matches no merged tensor")
+            wrong.append(f"block(s) {', '.join(map(repr, empty))} match no merged tensor")
+        if wrong:
+            raise ValueError(f"blocks: {'; '.join(wrong)}")
         return Layout("block", list(rx), group_of)
     raise AssertionError("unreachable: check_blocks refused it")

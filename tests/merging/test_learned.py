@@ -546,6 +546,19 @@ def test_unknown_granularity_block_and_hyperparameter():
         merging.learn("adamerge", pre, fts, unlabeled=data, **kw(model))
 
 
+def test_a_blocks_mapping_names_unmatched_tensors_and_empty_blocks_in_one_error():
+    from merging.learned.layout import make_layout
+
+    keys = ["body.0.weight", "body.0.bias", "body.2.weight", "head.weight"]
+    with pytest.raises(ValueError, match=r"^blocks: tensor 'body\.2\.weight' \(and 1 more\) matches no block pattern; "
+                                         r"block\(s\) 'nope', 'none' match no merged tensor$"):
+        make_layout(keys, "block", {"first": r"body\.0", "nope": "zzz", "none": "yyy"})
+    with pytest.raises(ValueError, match=r"^blocks: block\(s\) 'nope' match no merged tensor$"):
+        make_layout(keys, "block", {"all": ".", "nope": "zzz"})
+    with pytest.raises(ValueError, match=r"^blocks: tensor 'head\.weight' matches no block pattern$"):
+        make_layout(keys, "block", {"body": "body"})
+
+
 def test_adamerging_plus_task_vectors_by_hand():
     """AdaMerging++: TIES trim (top-k % per task over all tensors) + elected sign, per task."""
     from merging.learned.problem import ties_task_vectors

@@ -274,6 +274,25 @@ def test_learned_settings_are_refused_before_the_pool_is_scored(pool, tmp_path, 
     assert not (tmp_path / "bad" / "model").exists()
 
 
+@pytest.mark.parametrize("override, match", [
+    ("merge.learn_blocks=[zzz]", r"^merge=atlas: learn_blocks: 'zzz' matches no block \(there are \d+: backbone\."),
+    ("merge.blocks={bb: backbone, nope: zzz}", r"^merge=atlas: blocks: tensor 'decoder\.[^']+' \(and \d+ more\) "
+                                               r"matches no block pattern; block\(s\) 'nope' match no merged tensor$"),
+])
+def test_atlas_blocks_are_checked_against_the_pools_tensors_before_it_is_evaluated(pool, tmp_path, monkeypatch,
+                                                                                   override, match):
+    """The tensor names are in the files' headers: a pattern that matches none is refused before any model of the
+    pool is evaluated on val."""
+    from merging import job as job_module
+
+    def evaluated(*a, **k):
+        raise AssertionError("the pool was evaluated before merge.blocks / merge.learn_blocks were checked")
+
+    monkeypatch.setattr(job_module, "Evaluator", evaluated)
+    with pytest.raises(ValueError, match=match):
+        run(_args(pool, "merge=atlas", override), run_dir=tmp_path / "bad")
+
+
 @pytest.mark.parametrize("method", ["adamerging", "atlas", "concrete_ta", "concrete_adamerging", "dare"])
 def test_the_runs_seed_reaches_the_methods_seed(method):
     from mtl.cli.in_process import compose_in_process
