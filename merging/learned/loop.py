@@ -85,7 +85,7 @@ class Objective:
         # bn_options: keyword arguments of merging.bn's functions (`task_keys` when the caller set it)
         self.recompute_bn, self.bn_options = recompute_bn, dict(bn_options or {})
         data = labeled if supervised else unlabeled
-        name = "labeled" if supervised else "unlabeled"
+        name = self.what = "labeled" if supervised else "unlabeled"  # as errors name the data
         if data is not None and not isinstance(data, Mapping):
             raise TypeError(f"{name} must map each task to an iterable of batches ({{task: batches}}), "
                             f"got {type(data).__name__}")
@@ -148,7 +148,14 @@ class Objective:
         if batch is None:
             batch = self.iters[task].next_raw()
         x, y = self._xy(batch, task)
-        return self.loss(self.problem.predict(params, self.model_input(x), task), task, y)
+        x = self.model_input(x)
+        try:
+            pred = self.problem.predict(params, x, task)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as e:  # torch names neither the task nor its data
+            raise forward_failed(e, self.what, [task], x, self.problem.model) from e
+        return self.loss(pred, task, y)
 
     def pooled_losses(self, params: dict[str, torch.Tensor], batches: Mapping[str, Any]) -> dict[str, torch.Tensor] | None:
         """Every task's loss from ONE forward pass of all tasks' batches concatenated. With `recompute_bn`
@@ -170,6 +177,10 @@ class Objective:
                     out = torch.func.functional_call(model, scratch, (x,), {"tasks": list(self.tasks)}, strict=False)
             else:
                 out = torch.func.functional_call(model, params, (x,), {"tasks": list(self.tasks)}, strict=False)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as e:  # torch names neither the tasks nor their data
+            raise forward_failed(e, self.what, list(self.tasks), x, model) from e
         except KeyError as e:  # most often a model without a head for one of the tasks
             if self.recompute_bn:
                 raise KeyError(f"the model raised KeyError {e} on forward(x, tasks={list(self.tasks)}); does it "
@@ -189,6 +200,21 @@ class Objective:
             losses[t] = self.loss(out[t][start:start + len(xt)], t, y)
             start += len(xt)
         return losses
+
+
+def forward_failed(error: RuntimeError, what: str, tasks: list[str], x: torch.Tensor, model: torch.nn.Module
+                   ) -> RuntimeError:
+    """A forward that raised, as one line naming the batches it ran on and their shape, and the channels the
+    model's first convolution takes when a 4-D batch has others (the usual cause: grayscale vs RGB)."""
+    names = ", ".join(f"{what}[{t!r}]" for t in tasks)
+    whose = "its batch" if len(tasks) == 1 else "their pooled batch"
+    cause = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    hint = ""
+    if x.dim() == 4 and conv is not None and conv.in_channels != x.shape[1]:
+        hint = (f"; the model's first convolution takes {conv.in_channels} channels: expected shape "
+                f"(B, {conv.in_channels}, H, W)")
+    return RuntimeError(f"{names}: the model's forward failed on {whose} of shape {tuple(x.shape)} ({cause}){hint}")
 
 
 def _check_class_ids(pred: torch.Tensor, y: torch.Tensor, task: str, ignore_index: int) -> None:

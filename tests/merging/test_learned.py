@@ -532,6 +532,34 @@ def test_bad_batches_are_named_before_they_look_like_divergence():
         merging.learn("atlas", pre, fts, unlabeled=data, steps=1, learn_blocks=["[bad"], **kw(model))
 
 
+@pytest.mark.parametrize("pooled", [False, True])
+def test_a_batch_the_model_cannot_run_names_its_task_shape_and_the_channels_expected(pooled):
+    """Torch's own error ("expected input[6, 1, 8, 8] to have 3 channels") names neither the task nor its data."""
+    from test_learned_memory_format import TASKS, conv_toys
+
+    model, pre, fts, data = conv_toys()
+    gray = [torch.randn(6, 1, 8, 8)]
+    bad, names, whose = (({t: gray for t in TASKS}, r"unlabeled\['a'\], unlabeled\['b'\]", r"their pooled batch of shape \(12,")
+                         if pooled else ({**data, "b": gray}, r"unlabeled\['b'\]", r"its batch of shape \(6,"))
+    with pytest.raises(RuntimeError, match=rf"^{names}: the model's forward failed on {whose} 1, 8, 8\) \(Given groups=1, "
+                                           r"[^)]*\); the model's first convolution takes 3 channels: expected shape "
+                                           r"\(B, 3, H, W\)$"):
+        merging.learn("adamerging", pre, fts, unlabeled=bad, model=model, tasks=TASKS, progress=False, steps=1,
+                      pool_limit=1 << 20 if pooled else 0)
+
+
+def test_a_batch_of_the_wrong_width_names_its_task_labeled_or_not():
+    model, pre, fts, data = toys()
+    narrow = [torch.randn(8, 4)]  # the toy body takes 5 features
+    with pytest.raises(RuntimeError, match=r"^unlabeled\['t1'\]: the model's forward failed on its batch of shape "
+                                           r"\(8, 4\) \(mat1 and mat2 shapes cannot be multiplied \(8x4 and 5x6\)\)$"):
+        merging.learn("adamerging", pre, fts, unlabeled={**data, "t1": narrow}, steps=1, **kw(model))
+    labeled = {t: [(b[0], torch.zeros(8, dtype=torch.long))] for t, b in data.items()}
+    labeled["t2"] = [(narrow[0], torch.zeros(8, dtype=torch.long))]
+    with pytest.raises(RuntimeError, match=r"^labeled\['t2'\]: the model's forward failed on its batch of shape \(8, 4\)"):
+        merging.learn("atlas", pre, fts, labeled=labeled, objective="supervised", steps=1, **kw(model))
+
+
 def test_unknown_granularity_block_and_hyperparameter():
     model, pre, fts, data = toys()
     with pytest.raises(ValueError, match="unknown granularity 'neuron'"):
