@@ -1,4 +1,5 @@
-"""`mtl-merge merge=adamerging|atlas|concrete_ta|concrete_adamerging`: learn on a split's images, no labels.
+"""`mtl-merge merge=adamerging|atlas|concrete_ta|concrete_adamerging`: learn on a split's images, no labels,
+on `eval.device` (the device the run evaluates on).
 
 CLI-only keys of these methods (the rest are `merging.learn` hyperparameters):
 
