@@ -146,8 +146,8 @@ class LearnedMerge:
         return out
 
     def save(self, folder: str | Path) -> Path:
-        """coefficients.safetensors (`coefficients`, `mask/<tensor>`: uint8 for a binary mask, else float32)
-        + coefficients.json."""
+        """coefficients.safetensors (`coefficients`, `mask/<tensor>`: uint8 for a bool mask — `final_mask="hard"`
+        without rescaling — else float32, a Bernoulli draw's {0, 1} mask included) + coefficients.json."""
         from mtl.io import atomic_path, save_safetensors, write_json
 
         folder = Path(folder)

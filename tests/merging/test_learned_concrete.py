@@ -139,3 +139,19 @@ def test_reset_final_adamerging_restarts_from_init_with_its_own_adam():
                                atol=1e-5, rtol=0)
     r0, _ = _inner_run("reset", 3, 0, inner_lr=0.5)
     assert torch.equal(r0.coefficients, torch.full((T,), 0.3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("final_mask,dtype", [("hard", torch.uint8), ("bernoulli", torch.float32)])
+def test_a_saved_mask_is_uint8_only_when_it_is_bool(final_mask, dtype, tmp_path):
+    """Without rescaling both masks hold only 0 and 1, but only the thresholded one is bool: a Bernoulli draw is a
+    float mask and is saved as one."""
+    from safetensors.torch import load_file
+
+    model, pre, fts, data = toys()
+    res = merging.learn("concrete_ta", pre, fts, unlabeled=data, steps=2, rescale=False, final_mask=final_mask,
+                        initial_logits=1.0, **kw(model))
+    saved = load_file(str(res.save(tmp_path) / "coefficients.safetensors"))
+    for k, m in res.mask.items():
+        assert saved[f"mask/{k}"].dtype == dtype
+        assert set(saved[f"mask/{k}"].unique().tolist()) <= {0, 1}
+        torch.testing.assert_close(saved[f"mask/{k}"].float(), m.float(), rtol=0, atol=0)
