@@ -70,6 +70,33 @@ def balancer_config(balancer: str | Mapping[str, Any] | None) -> dict[str, Any]:
     return dict(balancer)
 
 
+def check_optim_values(lr: Any, weight_decay: Any, warmup_ratio: Any, min_lr_ratio: Any, grad_clip: Any) -> None:
+    """The optimiser settings, each refused by its ``optim.<key>`` name: torch checks lr and weight decay only when
+    the optimiser is built, and lets an infinite one through to fail at the first step as a non-finite loss; out of
+    range the others train silently wrong (a negative lr floor or clip norm turns descent into ascent)."""
+    for key, value, ok, rng in (("optim.lr", lr, lambda v: v > 0, "> 0"),
+                                ("optim.weight_decay", weight_decay, lambda v: v >= 0, ">= 0"),
+                                ("optim.warmup_ratio", warmup_ratio, lambda v: 0 <= v <= 1, "in [0, 1]"),
+                                ("optim.min_lr_ratio", min_lr_ratio, lambda v: 0 <= v <= 1, "in [0, 1]"),
+                                ("optim.grad_clip", grad_clip, lambda v: v > 0, "> 0 (or null: no clipping)")):
+        if key == "optim.grad_clip" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{key} must be a finite number {rng}, got {value!r} ({type(value).__name__})")
+        if not (math.isfinite(value) and ok(value)):
+            raise ValueError(f"{key} must be a finite number {rng}, got {value!r}")
+
+
+def check_optim(optim: Mapping[str, Any]) -> None:
+    """An ``mtl-train`` config's ``optim`` group, checked before any run folder or data exists."""
+    import inspect
+
+    params = inspect.signature(MultiTaskModule.__init__).parameters
+    values = {k: optim.get(k, params[k].default) for k in ("lr", "weight_decay", "warmup_ratio", "min_lr_ratio",
+                                                            "grad_clip")}
+    check_optim_values(**values)
+
+
 class MultiTaskModule(L.LightningModule):
     """Trains a MultiTaskModel with a Balancer in manual-optimisation mode.
 
@@ -92,20 +119,7 @@ class MultiTaskModule(L.LightningModule):
         strategy: dict[str, Any] | None = None,
     ):
         super().__init__()
-        # checked here, before fit: torch's own check comes only when the optimiser is built
-        for key, value in (("optim.lr", lr), ("optim.weight_decay", weight_decay)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{key} must be a number, got {value!r} ({type(value).__name__})")
-        if not lr > 0 or not weight_decay >= 0:
-            raise ValueError(f"optim.lr must be > 0 and optim.weight_decay >= 0, got lr={lr}, weight_decay={weight_decay}")
-        # out of range these train silently wrong: a negative lr floor or clip norm turns descent into ascent
-        for key, value, ok, rng in (("optim.warmup_ratio", warmup_ratio, lambda v: 0 <= v <= 1, "in [0, 1]"),
-                                    ("optim.min_lr_ratio", min_lr_ratio, lambda v: 0 <= v <= 1, "in [0, 1]"),
-                                    ("optim.grad_clip", grad_clip, lambda v: v > 0, "> 0 (or null: no clipping)")):
-            if key == "optim.grad_clip" and value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
-                raise ValueError(f"{key} must be a number {rng}, got {value!r}")
+        check_optim_values(lr, weight_decay, warmup_ratio, min_lr_ratio, grad_clip)
         check_int("log_weights_every", log_weights_every, 0, " (0: off)")
         self.automatic_optimization = False
         if not isinstance(model, (nn.Module, Mapping)):

@@ -20,7 +20,7 @@ from mtl.evaluation import delta_m, load_baselines, save_baselines
 from mtl.folder_data import data_record
 from mtl.io import atomic_path, save_model, write_json
 from mtl.models import create_model
-from mtl.module import MultiTaskModule
+from mtl.module import MultiTaskModule, check_optim
 from mtl.registry import check_int
 from mtl.sweep import check_monitors, check_objective
 from mtl.tasks import create_task
@@ -148,6 +148,7 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         check_checkpoint(Path(cfg.ckpt_path))
         warn_seed_of_resume(cfg, Path(cfg.ckpt_path))
     check_trainer(cfg.trainer)
+    check_optim(OmegaConf.to_container(cfg.optim, resolve=True))
     check_test_batches(cfg)
     check_int("seed", cfg.get("seed"), 0)  # named before training, not after it
     check_int("viz.num_samples", (cfg.get("viz") or {}).get("num_samples") or 0, 0)

@@ -42,8 +42,6 @@ def run_main(monkeypatch, tmp_path, *overrides):
                             "channels, norm, head,"),
     ("+data.augmnt=true", "unknown setting data.augmnt (did you mean data.augment?); the settings here are: size, "
                           "n_train, n_val,"),
-    ("optim.lr=-1", "optim.lr must be > 0 and optim.weight_decay >= 0, got lr=-1"),
-    ("optim.lr=abc", "optim.lr must be a number, got 'abc' (str)"),
     ("optimized_metric=val/depth/nope", "optimized_metric='val/depth/nope' is not logged; logged: "),  # before training
     ("baselines.variant=bogus", "baselines.variant='bogus' is not a Δm variant; valid names: primary, all, flat"),
 ])
@@ -63,6 +61,13 @@ def test_error_after_composition_is_one_line_and_marks_the_run_failed(monkeypatc
 @pytest.mark.parametrize("override, expected", [
     ("+trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches=2 is not supported"),
     ("+trainer.gradient_clip_val=1.0", "trainer.gradient_clip_val=1.0: mtlkit clips with optim.grad_clip"),
+    ("optim.lr=-1", "optim.lr must be a finite number > 0, got -1"),
+    ("optim.lr=abc", "optim.lr must be a finite number > 0, got 'abc' (str)"),
+    # were accepted (the check was `not lr > 0`) and failed at step 1 as a non-finite loss
+    ("optim.lr=inf", "optim.lr must be a finite number > 0, got inf"),
+    ("optim.weight_decay=inf", "optim.weight_decay must be a finite number >= 0, got inf"),
+    # named only once the data module was built, leaving a FAILED folder
+    ("optim.lr=nan", "optim.lr must be a finite number > 0, got nan"),
 ])
 def test_a_setting_refused_before_the_run_accepts_its_folder_leaves_none(monkeypatch, tmp_path, capfd, override, expected):
     """Refused before config.yaml is written: no FAILED folder without a record of what was asked."""

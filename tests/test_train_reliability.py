@@ -113,9 +113,9 @@ def test_no_pyplot_backend_change(tmp_path):
 
 
 @pytest.mark.parametrize("override, match", [
-    ("optim.min_lr_ratio=-3", r"optim.min_lr_ratio must be a number in \[0, 1\], got -3"),
-    ("optim.grad_clip=-1", r"optim.grad_clip must be a number > 0 \(or null: no clipping\), got -1"),
-    ("optim.warmup_ratio=2", r"optim.warmup_ratio must be a number in \[0, 1\], got 2"),
+    ("optim.min_lr_ratio=-3", r"optim.min_lr_ratio must be a finite number in \[0, 1\], got -3"),
+    ("optim.grad_clip=-1", r"optim.grad_clip must be a finite number > 0 \(or null: no clipping\), got -1"),
+    ("optim.warmup_ratio=2", r"optim.warmup_ratio must be a finite number in \[0, 1\], got 2"),
     ("log_weights_every=-5", r"log_weights_every must be an int >= 0 \(0: off\), got -5"),
     ("trainer.max_epochs=0", r"trainer.max_epochs must be an int >= 1, got 0"),
     ("trainer.max_epochs=1.5", r"trainer.max_epochs must be an int >= 1, got 1.5"),
@@ -186,8 +186,8 @@ def test_metrics_json_counts_the_images_each_split_scored(tmp_path, caplog):
 
 
 def test_python_run_marks_failures_names_groups_and_replaces_a_stale_marker(tmp_path):
-    with pytest.raises(ValueError, match=r"optim.lr must be > 0"):
-        run(FAST + ["task=[depth]", "optim.lr=-1"], run_dir=tmp_path / "r")
+    with pytest.raises(FileNotFoundError, match=r"backbone.checkpoint_path=/nonexistent.safetensors: no such file"):
+        run(FAST + ["task=[depth]", "+backbone.checkpoint_path=/nonexistent.safetensors"], run_dir=tmp_path / "r")
     assert (tmp_path / "r" / FAILED).is_file()  # as mtl-train marks it
     with pytest.raises(ValueError, match=r"unknown task 'bogus' in 'task=\[bogus\]'; valid names: .*depth"):
         run(FAST + ["task=[bogus]"], run_dir=tmp_path / "b")
