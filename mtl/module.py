@@ -14,7 +14,7 @@ from mtl.expert_usage import usage_paused
 from mtl.io import not_a_model
 from mtl.models import MultiTaskModel, create_model
 from mtl.models.families import last_shared_weight
-from mtl.registry import check_int
+from mtl.registry import check_int, check_kwargs
 from mtl.train_checks import changed_on_resume, resume_refusal
 
 log = logging.getLogger(__name__)
@@ -88,13 +88,17 @@ def check_optim_values(lr: Any, weight_decay: Any, warmup_ratio: Any, min_lr_rat
 
 
 def check_optim(optim: Mapping[str, Any]) -> None:
-    """An ``mtl-train`` config's ``optim`` group, checked before any run folder or data exists."""
+    """An ``mtl-train`` config's ``optim`` group, checked before any run folder or data exists: an unknown key would
+    otherwise reach ``MultiTaskModule`` as an unexpected keyword argument."""
     import inspect
 
     params = inspect.signature(MultiTaskModule.__init__).parameters
-    values = {k: optim.get(k, params[k].default) for k in ("lr", "weight_decay", "warmup_ratio", "min_lr_ratio",
-                                                            "grad_clip")}
-    check_optim_values(**values)
+    check_optim_values(**{k: optim.get(k, params[k].default) for k in OPTIM_KEYS})
+    check_kwargs(MultiTaskModule.__init__, dict(optim), "optim", given=tuple(set(params) - set(OPTIM_KEYS)))
+
+
+#: the MultiTaskModule arguments the ``optim`` config group sets
+OPTIM_KEYS = ("lr", "weight_decay", "warmup_ratio", "min_lr_ratio", "grad_clip")
 
 
 class MultiTaskModule(L.LightningModule):

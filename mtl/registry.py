@@ -69,7 +69,7 @@ def _keyword_parameters(fn: Callable) -> dict:
 
 def check_kwargs(fn: Callable, kwargs: dict, what: str, given: tuple[str, ...] = ()) -> None:
     """Refuse an unknown keyword (unless ``fn`` takes ``**kwargs``) or one of the wrong scalar type before
-    ``fn`` sees it, naming the field (``given``: parameters the caller fills itself, not listed as
+    ``fn`` sees it, naming the field (``given``: parameters the caller fills itself, neither listed nor taken as
     settings): a string where an ``int``/``float``/``bool`` is declared (``decoder.channels="16"``) would otherwise fail
     deep inside torch with a message about something else. Other annotations are not checked."""
     import inspect
@@ -80,7 +80,7 @@ def check_kwargs(fn: Callable, kwargs: dict, what: str, given: tuple[str, ...] =
         return
     open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     for key, value in kwargs.items():
-        p = params.get(key)
+        p = None if key in given else params.get(key)
         if p is None and not open_ended:  # named here, not as "__init__() got an unexpected keyword"
             settings = [n for n, q in params.items() if q.kind in (q.POSITIONAL_OR_KEYWORD, q.KEYWORD_ONLY)
                         and n not in ("self", "in_channels", "tasks", *given)]

@@ -68,6 +68,11 @@ def test_error_after_composition_is_one_line_and_marks_the_run_failed(monkeypatc
     ("optim.weight_decay=inf", "optim.weight_decay must be a finite number >= 0, got inf"),
     # named only once the data module was built, leaving a FAILED folder
     ("optim.lr=nan", "optim.lr must be a finite number > 0, got nan"),
+    # reached MultiTaskModule as "__init__() got an unexpected keyword argument 'scheduler'" and left a FAILED folder
+    ("+optim.scheduler=step", "unknown setting optim.scheduler; the settings here are: lr, weight_decay, warmup_ratio, "
+                              "min_lr_ratio, grad_clip"),
+    ("+optim.weight_dacay=0", "unknown setting optim.weight_dacay (did you mean optim.weight_decay?)"),
+    ("+optim.balancer=uw", "unknown setting optim.balancer; the settings here are: lr,"),  # not MultiTaskModule's own
 ])
 def test_a_setting_refused_before_the_run_accepts_its_folder_leaves_none(monkeypatch, tmp_path, capfd, override, expected):
     """Refused before config.yaml is written: no FAILED folder without a record of what was asked."""
