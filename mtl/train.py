@@ -24,8 +24,9 @@ from mtl.module import MultiTaskModule, check_optim
 from mtl.registry import check_int
 from mtl.sweep import check_monitors, check_objective
 from mtl.tasks import create_task
-from mtl.train_checks import (check_checkpoint, check_eval_splits, check_precision, check_test_batches, check_trainer,
-                              finished_run_refusal, set_aside_failed_attempt, warn_seed_of_resume)
+from mtl.train_checks import (check_checkpoint, check_eval_splits, check_precision, check_resume_length,
+                              check_test_batches, check_trainer, finished_run_refusal, set_aside_failed_attempt,
+                              warn_seed_of_resume)
 from mtl.warm_start import folder_architecture, init_from_folder, keep_expansion_point, start_record
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,8 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         check_checkpoint(Path(cfg.ckpt_path))
         warn_seed_of_resume(cfg, Path(cfg.ckpt_path))
     check_trainer(cfg.trainer)
+    if cfg.get("ckpt_path"):
+        check_resume_length(cfg.trainer, Path(cfg.ckpt_path))
     check_optim(OmegaConf.to_container(cfg.optim, resolve=True))
     check_test_batches(cfg)
     check_int("seed", cfg.get("seed"), 0)  # named before training, not after it

@@ -21,9 +21,9 @@ from mtl.registry import check_int
 
 log = logging.getLogger("mtl.train")
 
-__all__ = ["ABSENT", "changed_on_resume", "check_checkpoint", "check_eval_splits", "check_precision", "check_test_batches",
-           "check_trainer", "finished_run_refusal", "hydra_override", "hydra_value", "resume_refusal", "set_aside_failed_attempt",
-           "warn_seed_of_resume"]
+__all__ = ["ABSENT", "changed_on_resume", "check_checkpoint", "check_eval_splits", "check_precision", "check_resume_length",
+           "check_test_batches", "check_trainer", "finished_run_refusal", "hydra_override", "hydra_value", "resume_refusal",
+           "set_aside_failed_attempt", "warn_seed_of_resume"]
 
 
 def check_eval_splits(trainer, datamodule) -> None:
@@ -139,6 +139,28 @@ def check_checkpoint(path: Path) -> None:
     if not zipfile.is_zipfile(path):
         raise ValueError(f"ckpt_path {path}: not a Lightning checkpoint (a torch zip archive such as "
                          "<run>/checkpoints/last.ckpt); to start from a model folder's weights use init_from=<folder>")
+
+
+def check_resume_length(tr: DictConfig, path: Path) -> None:
+    """A resume whose ``trainer.max_epochs`` (or ``max_steps``) the checkpoint has already reached trains nothing,
+    and Lightning would end it as a finished run without a word."""
+    import pickle
+
+    try:  # mmap: the weights are not read
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        return  # refused with its reason when fit loads it
+    progress = ((ckpt.get("loops") or {}).get("fit_loop") or {}).get("epoch_progress") or {}
+    epochs = (progress.get("current") or {}).get("processed")  # epochs whose end the checkpoint has passed
+    steps = ckpt.get("global_step")
+    max_steps = tr.get("max_steps")
+    if epochs is not None and tr.get("max_epochs") is not None and tr.max_epochs <= epochs:
+        raise ValueError(f"ckpt_path {path} has already trained {epochs} epoch(s) and trainer.max_epochs="
+                         f"{tr.max_epochs}: the resume would train nothing; set trainer.max_epochs above {epochs} "
+                         "to train longer")
+    if steps is not None and isinstance(max_steps, int) and 0 <= max_steps <= steps:
+        raise ValueError(f"ckpt_path {path} has already trained {steps} steps and trainer.max_steps={max_steps}: "
+                         f"the resume would train nothing; set trainer.max_steps above {steps} (or -1: no limit)")
 
 
 def warn_seed_of_resume(cfg: DictConfig, ckpt: Path) -> None:

@@ -193,3 +193,24 @@ def test_a_resume_that_changes_the_model_config_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"^backbone.depth=3 differs from the checkpoint's 2"):
         run(moe + ["trainer.max_epochs=2", "backbone.depth=3", f"ckpt_path={old}"],
             run_dir=tmp_path / "c")
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory) -> Path:
+    """A finished run of 2 epochs (2 steps each); its validation keeps epoch000.ckpt or epoch001.ckpt as the best."""
+    return run(BASE + ["trainer.max_epochs=2"], run_dir=tmp_path_factory.mktemp("two_epochs") / "run")
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["trainer.max_epochs=2"], r"has already trained 2 epoch\(s\) and trainer.max_epochs=2: the resume would train "
+                               r"nothing; set trainer.max_epochs above 2"),
+    (["trainer.max_epochs=1"], r"has already trained 2 epoch\(s\) and trainer.max_epochs=1"),
+    (["trainer.max_epochs=3", "+trainer.max_steps=4"], r"has already trained 4 steps and trainer.max_steps=4"),
+])
+def test_a_resume_the_checkpoint_has_already_finished_is_refused_before_any_folder(two_epochs, tmp_path, extra, match):
+    """trainer.max_epochs at or below the epochs trained did nothing and counted as a finished run, without a word
+    (metrics.json's global_steps from the checkpoint; config.yaml recording the lower max_epochs)."""
+    last = two_epochs / "checkpoints" / "last.ckpt"
+    with pytest.raises(ValueError, match=rf"^ckpt_path {last} " + match):
+        run(BASE + extra + [f"ckpt_path={last}"], run_dir=tmp_path / "again")
+    assert not (tmp_path / "again").exists()
