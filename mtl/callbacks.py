@@ -1,8 +1,13 @@
 """Lightning callbacks of mtlkit (add them through the `callbacks` config group)."""
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import lightning as L
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 class FreezeBatchNormStats(L.Callback):
@@ -84,7 +89,9 @@ class ModelCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
     would then forget the best score so far (its checkpoint folder changed) and call the first
     resumed epoch the best, so a resumed run could test another checkpoint than an uninterrupted
     one. Here the record is kept (the old best stays where it is, in the old run folder), and
-    files outside this run's checkpoint folder are never deleted.
+    files outside this run's checkpoint folder are never deleted. A recorded best whose file is gone (the old
+    folder moved, last.ckpt copied elsewhere) could not be tested at the end: the best is then tracked anew,
+    from the resumed epochs on, with a warning.
 
     ``first_epoch``: epochs before it are never the best (a probe phase, whose shared weights are
     still θ0's: the zoo's fine-tunes must not end as θ0 with a zero task vector).
@@ -111,10 +118,17 @@ class ModelCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.saved = dict(state_dict.get("saved") or {})
+        best = state_dict.get("best_model_path")
+        if best and not Path(best).is_file():
+            if self.monitor is not None:  # (without one, the "best" is the latest save: nothing to report)
+                log.warning("the resumed checkpoint's best checkpoint %s is gone (its run folder moved or deleted): "
+                            "the best by %s is tracked anew from the resumed epochs on, and the one tested is the best "
+                            "of those", best, self.monitor)
+            # this callback's initial values, as Lightning set them from `mode`
+            state_dict = {**state_dict, "best_model_path": "", "best_model_score": None, "best_k_models": {},
+                          "kth_best_model_path": "", "kth_value": self.kth_value}
         super().load_state_dict({**state_dict, "dirpath": self.dirpath})
 
     def _remove_checkpoint(self, trainer, filepath: str) -> None:
-        from pathlib import Path
-
         if self.dirpath and Path(filepath).resolve().parent == Path(self.dirpath).resolve():
             super()._remove_checkpoint(trainer, filepath)

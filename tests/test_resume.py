@@ -214,3 +214,27 @@ def test_a_resume_the_checkpoint_has_already_finished_is_refused_before_any_fold
     with pytest.raises(ValueError, match=rf"^ckpt_path {last} " + match):
         run(BASE + extra + [f"ckpt_path={last}"], run_dir=tmp_path / "again")
     assert not (tmp_path / "again").exists()
+
+
+def test_a_resume_whose_best_checkpoint_is_gone_tracks_the_best_anew(tmp_path, caplog):
+    """The old run folder moved (or last.ckpt copied elsewhere): the resumed run trained every epoch, then failed at
+    test with 'Checkpoint file not found: .../epoch000.ckpt', leaving no model/ and no metrics.json, and its own
+    last.ckpt recorded that path again."""
+    import shutil
+
+    import torch
+
+    first = run(BASE + ["trainer.max_epochs=1"], run_dir=tmp_path / "a")
+    copy = tmp_path / "copy.ckpt"
+    shutil.copy(first / "checkpoints" / "last.ckpt", copy)
+    gone = next((first / "checkpoints").glob("epoch*.ckpt"))
+    shutil.move(first, tmp_path / "moved")
+    with caplog.at_level("WARNING"):
+        resumed = run(BASE + ["trainer.max_epochs=3", f"ckpt_path={copy}"], run_dir=tmp_path / "b")
+    assert f"best checkpoint {gone} is gone" in caplog.text and "tracked anew from the resumed epochs" in caplog.text
+    metrics = json.loads((resumed / "metrics.json").read_text())
+    tested = Path(metrics["best_checkpoint"])
+    assert tested.parent == resumed / "checkpoints" and tested.is_file() and metrics["val_epoch"] in (1, 2)
+    assert (resumed / "model" / "model.safetensors").is_file()
+    states = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)["callbacks"]
+    assert str(tested) in {s.get("best_model_path") for s in states.values()}
