@@ -25,8 +25,8 @@ from mtl.registry import check_int
 from mtl.sweep import check_monitors, check_objective
 from mtl.tasks import create_task
 from mtl.train_checks import (check_checkpoint, check_eval_splits, check_precision, check_resume_length,
-                              check_test_batches, check_trainer, finished_run_refusal, set_aside_failed_attempt,
-                              warn_seed_of_resume)
+                              check_test_batches, check_trainer, check_validation, finished_run_refusal,
+                              set_aside_failed_attempt, warn_seed_of_resume)
 from mtl.warm_start import folder_architecture, init_from_folder, keep_expansion_point, start_record
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,7 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         check_resume_length(cfg.trainer, Path(cfg.ckpt_path))
     check_optim(OmegaConf.to_container(cfg.optim, resolve=True))
     check_test_batches(cfg)
+    validates = check_validation(cfg)
     check_int("seed", cfg.get("seed"), 0)  # named before training, not after it
     check_int("viz.num_samples", (cfg.get("viz") or {}).get("num_samples") or 0, 0)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -203,12 +204,9 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         trainer_kw["plugins"] = [AtomicCheckpointIO()]
     trainer = L.Trainer(**trainer_kw, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir))
     check_precision(cfg, trainer)
-    if trainer.limit_val_batches == 0:
-        log.warning("trainer.limit_val_batches=0: no validation, so the checkpoint tested and saved is the last "
-                    "epoch's and metrics.json['val'] is empty")
     check_eval_splits(trainer, datamodule)
     try:
-        return _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, baselines, variant)
+        return _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, baselines, variant, validates)
     finally:
         _finish_tracking_runs(trainer)
 
@@ -224,7 +222,8 @@ def _finish_tracking_runs(trainer) -> None:
             lg._experiment.finish()
 
 
-def _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, baselines, variant) -> dict[str, Any]:
+def _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, baselines, variant,
+                       validates: bool = True) -> dict[str, Any]:
     start = time.perf_counter()
     # checkpoints hold tensors and plain data only (no pickled objects): never unpickle more
     try:
@@ -268,6 +267,10 @@ def _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, basel
         "global_steps": trainer.global_step,
         "balancer": {"name": module.balancer.name, **diagnostics},
     }
+    if val is None and not module.val_history and validates:  # (a schedule known to run none was warned at its start)
+        log.warning("no validation ran (trainer.max_steps or check_val_every_n_epoch ended training before one, at "
+                    "step %d): the checkpoint tested and saved is the last one trained and metrics.json['val'] holds "
+                    "no epoch's validation", trainer.global_step)
     if not trainer.is_global_zero:
         return metrics
     # the trained model and its metrics first: nothing after this can lose them

@@ -22,7 +22,7 @@ from mtl.registry import check_int
 log = logging.getLogger("mtl.train")
 
 __all__ = ["ABSENT", "changed_on_resume", "check_checkpoint", "check_eval_splits", "check_precision", "check_resume_length",
-           "check_test_batches", "check_trainer", "finished_run_refusal", "hydra_override", "hydra_value", "resume_refusal",
+           "check_test_batches", "check_trainer", "check_validation", "finished_run_refusal", "hydra_override", "hydra_value", "resume_refusal",
            "set_aside_failed_attempt", "warn_seed_of_resume"]
 
 
@@ -122,6 +122,26 @@ def check_test_batches(cfg: DictConfig) -> None:
                          "use a batch count >= 1 or a fraction in (0, 1] (null: every batch)")
     log.warning("trainer.limit_test_batches=%s: no test, so metrics.json['test'] and the model folder's test metrics "
                 "are empty", limit)
+
+
+def check_validation(cfg: DictConfig) -> bool:
+    """Whether this schedule provably runs a validation (a ``False`` is warned about): without one the checkpoint
+    tested and saved is the last trained, and ``metrics.json["val"]`` stays empty, so a sweep objective read from
+    the validation metrics (``optimized_metric``) is refused now instead of after training."""
+    tr = cfg.trainer
+    limit, every = tr.get("limit_val_batches"), tr.get("check_val_every_n_epoch")
+    if limit is not None and not isinstance(limit, str) and limit == 0:
+        why = f"trainer.limit_val_batches={limit}"
+    elif isinstance(every, int) and not isinstance(every, bool) and every > tr.max_epochs:
+        why = f"trainer.check_val_every_n_epoch={every} with trainer.max_epochs={tr.max_epochs}"
+    else:
+        return True
+    if cfg.get("optimized_metric"):
+        raise ValueError(f"optimized_metric={cfg.optimized_metric} is read from the validation metrics, and {why} "
+                         "runs no validation; validate at least once (check_val_every_n_epoch <= max_epochs)")
+    log.warning("%s: no validation, so the checkpoint tested and saved is the last epoch's and metrics.json['val'] "
+                "is empty", why)
+    return False
 
 
 def check_checkpoint(path: Path) -> None:

@@ -297,6 +297,30 @@ def test_metrics_val_are_the_tested_checkpoints_epoch(tmp_path):
     assert m["val"]["semseg"]["miou"] == pytest.approx(rows[epoch]) and rows[epoch] == max(rows.values())
 
 
+@pytest.mark.parametrize("extra, warned", [
+    (["trainer.limit_val_batches=0"], "trainer.limit_val_batches=0: no validation"),
+    (["+trainer.check_val_every_n_epoch=2"], "trainer.check_val_every_n_epoch=2 with trainer.max_epochs=1: no validation"),
+    # stopped mid-epoch 0: nothing said, metrics.json val {} with val_epoch "last"
+    (["trainer.max_epochs=3", "+trainer.max_steps=1"], "no validation ran (trainer.max_steps or check_val_every_n_epoch "
+                                                      "ended training before one, at step 1)"),
+])
+def test_a_run_without_validation_is_warned(tmp_path, caplog, extra, warned):
+    with caplog.at_level("WARNING", logger="mtl.train"):
+        run(FAST + ["task=[depth]", *extra], run_dir=tmp_path / "r")
+    assert caplog.text.count("no validation") == 1 and warned in caplog.text, caplog.text
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert m["val"] == {} and m["val_epoch"] == "last" and m["best_checkpoint"] is None
+
+
+@pytest.mark.parametrize("extra", [["trainer.limit_val_batches=0"], ["+trainer.check_val_every_n_epoch=3",
+                                                                      "trainer.max_epochs=2"]])
+def test_a_sweep_objective_a_schedule_never_validates_is_refused_before_any_folder(tmp_path, extra):
+    with pytest.raises(ValueError, match=r"^optimized_metric=val/depth/rmse is read from the validation metrics, and "
+                                         r"trainer\.\S+ .*runs no validation"):
+        run(FAST + ["task=[depth]", "optimized_metric=val/depth/rmse", *extra], run_dir=tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_precision_the_accelerator_lacks_is_refused_not_replaced():
     with pytest.raises(ValueError, match=r"trainer.precision=16-mixed is not available on CPUAccelerator \(Lightning "
                                          r"would train in bf16-mixed\)"):
