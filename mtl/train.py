@@ -136,7 +136,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
 def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
-    finished = [n for n in (*FINISHED_RECORDS, "model") if (run_dir / n).exists()]
+    # a failed attempt may have written its records before failing (a bad baselines.save_to): retried, not refused
+    failed = (run_dir / FAILED).exists()
+    finished = [] if failed else [n for n in (*FINISHED_RECORDS, "model") if (run_dir / n).exists()]
     if finished:  # its model, metrics and checkpoints would be mixed with this run's
         raise RunFolderTaken(finished_run_refusal(run_dir, finished), run_dir)
     from mtl.cli.common import _rank0
@@ -179,6 +181,10 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         target = Path(cfg.baselines.save_to)
         if target.is_dir():
             raise IsADirectoryError(f"baselines.save_to={target} is a folder; give a JSON file path")
+        above = next(d for d in target.parents if d.exists())
+        if not above.is_dir():  # its folder could never be made
+            raise NotADirectoryError(f"baselines.save_to={target}: {above} is a file, not a folder; give a JSON file "
+                                     "path in a folder")
         if target.exists():
             load_baselines(target)  # an existing file must be a baselines file: results are merged into it
     variant = cfg.baselines.get("variant", "primary")

@@ -52,6 +52,13 @@ def set_aside_failed_attempt(run_dir: Path, ckpt_path: Any) -> None:
         shutil.rmtree(run_dir / "csv.failed", ignore_errors=True)
         os.replace(run_dir / "csv", run_dir / "csv.failed")
         log.warning("run_dir %s held a failed attempt's training curves: moved to %s", run_dir, run_dir / "csv.failed")
+    # records a failed attempt wrote before failing (e.g. saving baselines after testing): without FAILED they
+    # would make the folder pass for a finished run while this attempt trains
+    for name, aside, what in (("model", "model.failed", "model folder"), ("metrics.json", "metrics.failed.json", "metrics")):
+        if (run_dir / name).exists():
+            shutil.rmtree(run_dir / aside, ignore_errors=True)  # (a file is replaced by os.replace itself)
+            os.replace(run_dir / name, run_dir / aside)
+            log.warning("run_dir %s held a failed attempt's %s: moved to %s", run_dir, what, run_dir / aside)
     old = run_dir / "checkpoints"
     if not old.is_dir() or not any(old.iterdir()):
         return

@@ -1,6 +1,8 @@
-"""A callback that SIGKILLs its own process (no cleanup runs), for the resume tests."""
+"""Callbacks that stop or spoil a run at a chosen point (a SIGKILL: no cleanup runs), for the resume and
+failure tests."""
 import os
 import signal
+from pathlib import Path
 
 import lightning as L
 
@@ -34,3 +36,13 @@ class RecordLR(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         with open(self.path, "a") as f:
             f.write(f"{trainer.global_step} {trainer.optimizers[0].param_groups[0]['lr']!r}\n")
+
+
+class MakeFileAtTestEnd(L.Callback):
+    """Writes a regular file at `path` once testing ends: a path checked before training goes bad afterwards."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        Path(self.path).write_text("x")

@@ -49,23 +49,27 @@ def test_choosing_no_launcher_or_search_is_not_a_sweep():
         check_single_job(overrides)
 
 
-def test_model_and_metrics_survive_a_failure_after_testing(tmp_path):
-    blocker = tmp_path / "not_a_folder"
-    blocker.write_text("x")  # save_to below needs it to be a folder: the baselines update fails
+def test_model_and_metrics_survive_a_failure_after_testing_and_the_run_can_be_retried_in_its_folder(tmp_path):
+    blocker = tmp_path / "not_a_folder"  # made a file once testing ends: the baselines update fails
     run_dir = tmp_path / "run"
     with pytest.raises(OSError):
         with marks_failure(run_dir):
-            run(FAST + ["task=[depth]", f"baselines.save_to={blocker / 'b.json'}"], run_dir=run_dir)  # one task: a baseline
+            run(FAST + ["task=[depth]", f"baselines.save_to={blocker / 'b.json'}", "+callbacks.block._target_="
+                        f"kill_callback.MakeFileAtTestEnd", f"+callbacks.block.path={blocker}"], run_dir=run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics["test"]) == {"depth"}
     assert metrics["balancer"] == {"name": "ew"}
     assert set(mtl.load_model(run_dir / "model").tasks) == {"depth"}
     assert "NotADirectoryError" in (run_dir / FAILED).read_text() or "FileExistsError" in (run_dir / FAILED).read_text()
-    # a finished run's folder is never trained into again: its model and checkpoints would be mixed
+    # a failed run's folder takes a new attempt, as docs/training.md says (it was refused as "holds a finished run"),
+    # with the failed attempt's records set aside, not mixed with the new ones
     before = (run_dir / "metrics.json").read_bytes()
+    run(FAST + ["task=[depth]"], run_dir=run_dir)
+    assert not (run_dir / FAILED).exists() and (run_dir / "metrics.failed.json").read_bytes() == before
+    assert (run_dir / "model.failed" / "model.safetensors").is_file() and (run_dir / "model" / "model.safetensors").is_file()
+    # a finished run's folder is never trained into again: its model and checkpoints would be mixed
     with pytest.raises(FileExistsError, match=r"holds a finished run \(metrics.json, model\)"):
         run(FAST + ["task=[depth]"], run_dir=run_dir)
-    assert (run_dir / "metrics.json").read_bytes() == before
 
 
 def test_in_process_run_folders_honour_MTL_OUTPUT_DIR_and_never_collide(tmp_path, monkeypatch):
@@ -155,8 +159,10 @@ def test_baselines_save_to_is_checked_before_training(tmp_path):
     (tmp_path / "folder").mkdir()
     bad = tmp_path / "bad.json"
     bad.write_text("not json")
-    for target, match in [(tmp_path / "folder", r"baselines.save_to=.*folder is a folder"), (bad, r"not valid JSON")]:
-        with pytest.raises((ValueError, IsADirectoryError), match=match):
+    for target, match in [(tmp_path / "folder", r"baselines.save_to=.*folder is a folder"), (bad, r"not valid JSON"),
+                          # failed after training (and after metrics.json) with "[Errno 17] File exists"
+                          (bad / "b.json", rf"^baselines.save_to={bad / 'b.json'}: {bad} is a file, not a folder")]:
+        with pytest.raises((ValueError, IsADirectoryError, NotADirectoryError), match=match):
             run(FAST + ["task=[depth]", f"baselines.save_to={target}"], run_dir=tmp_path / target.stem)
         assert not (tmp_path / target.stem / "checkpoints").exists()
 
