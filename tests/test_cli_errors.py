@@ -73,6 +73,8 @@ def test_error_after_composition_is_one_line_and_marks_the_run_failed(monkeypatc
                               "min_lr_ratio, grad_clip"),
     ("+optim.weight_dacay=0", "unknown setting optim.weight_dacay (did you mean optim.weight_decay?)"),
     ("+optim.balancer=uw", "unknown setting optim.balancer; the settings here are: lr,"),  # not MultiTaskModule's own
+    # merged by Hydra into {depth, semseg} without a word
+    ("task=[depth,semseg,depth]", "task 'depth' is named twice in 'task=[depth,semseg,depth]'; name each task once"),
 ])
 def test_a_setting_refused_before_the_run_accepts_its_folder_leaves_none(monkeypatch, tmp_path, capfd, override, expected):
     """Refused before config.yaml is written: no FAILED folder without a record of what was asked."""
@@ -190,6 +192,8 @@ def test_group_choice_check_reads_sweeps_and_ignores_plain_keys():
     assert check_group_choices(["balancer=ew,nashmtl"], mods).startswith("unknown balancer 'nashmtl'")
     assert check_group_choices(["task=[semseg,depth]", "balancer=ew", "experiment=null"], mods) is None
     assert check_group_choices(["balancer.name=foo", "seed=3", "+x=1"], mods) is None
+    assert check_group_choices(["task=[depth,depth],semseg"], mods) == ("task 'depth' is named twice in "
+                                                                      "'task=[depth,depth],semseg'; name each task once")
 
 
 def test_one_line_takes_the_first_line_and_names_bare_key_errors():

@@ -356,12 +356,15 @@ def check_group_choices(overrides: Sequence[str], config_modules: Sequence[str])
         if group not in groups or ov.is_delete() or ov.package:
             continue
         value = ov.value()
-        values = value.list if isinstance(value, ChoiceSweep) else value if isinstance(value, list) else [value]
-        for v in values:
-            for choice in (v if isinstance(v, list) else [v]):
+        for option in value.list if isinstance(value, ChoiceSweep) else [value]:  # a sweep's options, or the one
+            choices = option if isinstance(option, list) else [option]
+            for choice in choices:
                 if isinstance(choice, str) and choice not in groups[group] and choice != "null":
                     return (f"unknown {group} {choice!r} in {ov.input_line!r}; valid names: "
                             f"{', '.join(sorted(groups[group]))}")
+            repeated = [c for i, c in enumerate(choices) if c in choices[:i]]
+            if repeated:  # Hydra merges a repeated option into one, silently
+                return f"{group} {repeated[0]!r} is named twice in {ov.input_line!r}; name each {group} once"
     return None
 
 
