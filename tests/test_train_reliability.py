@@ -55,7 +55,7 @@ def test_model_and_metrics_survive_a_failure_after_testing_and_the_run_can_be_re
     with pytest.raises(OSError):
         with marks_failure(run_dir):
             run(FAST + ["task=[depth]", f"baselines.save_to={blocker / 'b.json'}", "+callbacks.block._target_="
-                        f"kill_callback.MakeFileAtTestEnd", f"+callbacks.block.path={blocker}"], run_dir=run_dir)
+                        "kill_callback.MakeFileAtTestEnd", f"+callbacks.block.path={blocker}"], run_dir=run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics["test"]) == {"depth"}
     assert metrics["balancer"] == {"name": "ew"}

@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 
 from mtl.exporters.api import EXPORTERS, ExportError, Source, trained_image_size
 from mtl.io import safetensors_os_error
+from mtl.models.backbone_weights import flat_key
 from mtl.models.backbones import INIT_ONLY
 from mtl.models.multitask import IMAGENET_MEAN, IMAGENET_STD
 
@@ -58,16 +59,17 @@ def export_timm(source: Source, out: Path, tasks: list[str], seed: int = 0) -> d
         torch.random.default_generator.manual_seed(seed)  # the CPU generator only (manual_seed also seeds CUDA's)
         plain = timm.create_model(name, pretrained=False, **args)
     target = plain.state_dict()
+    plain_key_of = _plain_keys(target)
     mapped, unmapped = {}, []
     for key, value in body.state_dict().items():
-        plain_key = key if key in target else key[len("model."):] if key.startswith("model.") else None
+        plain_key = plain_key_of(key)
         if plain_key not in target or target[plain_key].shape != value.shape:
             unmapped.append(key)
             continue
         mapped[plain_key] = value
     if unmapped:
         key = unmapped[0]
-        plain_key = key if key in target else key.removeprefix("model.")
+        plain_key = plain_key_of(key)
         what = (f"has shape {tuple(body.state_dict()[key].shape)}, timm's {name!r} {tuple(target[plain_key].shape)}"
                 if plain_key in target else f"has no counterpart in timm's {name!r}")
         raise ExportError(f"format=timm: backbone key {key!r} {what} "
@@ -115,6 +117,24 @@ def export_timm(source: Source, out: Path, tasks: list[str], seed: int = 0) -> d
         "load_plain": _load_snippet(name, args),
         "preprocessing": preprocessing,
     }
+
+
+def _plain_keys(target: dict[str, torch.Tensor]):
+    """Map a features_only key to the plain model's: as it is, without a ViT feature getter's ``model.``
+    prefix, or read with '_' as '.' (timm's feature wrappers flatten ``stages.0`` into a child ``stages_0``:
+    ConvNeXt, CSP, ByobNet, DenseNet, Swin, ...), when that reading names one plain key."""
+    flat: dict[str, list[str]] = {}
+    for k in target:
+        flat.setdefault(flat_key(k), []).append(k)
+
+    def plain_key(key: str) -> str | None:
+        key = key if key in target else key.removeprefix("model.")
+        if key in target:
+            return key
+        found = flat.get(flat_key(key), [])
+        return found[0] if len(found) == 1 else None
+
+    return plain_key
 
 
 def untrained_modules(plain: torch.nn.Module, keys: list[str]) -> list[str]:

@@ -15,7 +15,7 @@ _SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shap
                             r"checkpoint, the shape in current model is torch\.Size\(\[([^\]]*)\]\)")
 
 
-def _flat(key: str) -> str:
+def flat_key(key: str) -> str:
     """A key with '_' read as '.': timm's feature wrappers name a flattened ``stages.0`` child ``stages_0``,
     so both sides are compared in this form."""
     return key.replace("_", ".")
@@ -23,7 +23,7 @@ def _flat(key: str) -> str:
 
 def _plain(body_key: str) -> str:
     """A features_only key as the plain model names it (a ViT's feature getter holds it as ``model``)."""
-    return _flat(body_key.removeprefix("model."))
+    return flat_key(body_key.removeprefix("model."))
 
 
 def missing_from_file(body: nn.Module, name: str, path: str, kwargs: dict[str, Any]) -> None:
@@ -46,7 +46,7 @@ def missing_from_file(body: nn.Module, name: str, path: str, kwargs: dict[str, A
 
 
 def _not_covered(needed: list[str], file_keys: list[str]) -> list[str]:
-    have = {_flat(k) for k in file_keys}
+    have = {flat_key(k) for k in file_keys}
     return [k for k in needed if _plain(k) not in have]
 
 
@@ -69,7 +69,7 @@ def _converted_keys(name: str, path: str, kwargs: dict[str, Any]) -> list[str]:
 def _prefix_hint(key: str, file_keys: list[str]) -> str:
     """Say so when the file holds the key under a prefix (an mtlkit folder's ``backbone.body.``)."""
     tail = "." + _plain(key)
-    prefixed = next((k for k in file_keys if ("." + _flat(k)).endswith(tail)), None)
+    prefixed = next((k for k in file_keys if ("." + flat_key(k)).endswith(tail)), None)
     if prefixed is None:
         return ""
     prefix = prefixed[: len(prefixed) - len(tail) + 1]

@@ -18,6 +18,7 @@ TASKS = ["semseg", "depth", "classification"]
 BACKBONES = {
     "test_resnet": {"name": "test_resnet", "out_indices": [1, 2, 3]},
     "test_vit": {"name": "test_vit", "img_size": 32, "patch_size": 4},
+    "test_convnext": {"name": "test_convnext", "out_indices": [1, 2, 3]},  # features_only names stages.0 stages_0
 }
 
 
@@ -170,7 +171,7 @@ def test_a_vit_input_size_that_is_not_whole_patches_is_refused_before_tracing(tm
         assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("backbone", ["test_resnet", pytest.param("test_vit", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("backbone", ["test_resnet", "test_convnext", pytest.param("test_vit", marks=pytest.mark.slow)])
 def test_timm_weights_reload_in_plain_timm(tmp_path, backbone):
     import timm
 
