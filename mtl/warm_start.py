@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from mtl.io import load_state, read_model_config
+from mtl.io import load_state, read_model_config, recorded_weights_digest
 from mtl.models import MultiTaskModel
 
 __all__ = ["init_from_folder", "keep_expansion_point", "folder_architecture", "start_record"]
@@ -90,8 +90,6 @@ def start_record(folder: str | Path) -> dict[str, Any]:
     """What a fine-tune's meta records of its start: the folder, its weights digest, and the digests of every
     model it descends from (``start_weights_digests``, nearest first), so that a merge pool recognises its θ0
     even when the start was itself a fine-tune (θ0 → ft1 → ft2: ft2 − θ0 is still a task vector of θ0)."""
-    from mtl.io import read_model_config, recorded_weights_digest
-
     record: dict[str, Any] = {"init_from": str(Path(folder).resolve())}
     digest = recorded_weights_digest(folder)
     if digest:  # the path alone misses a θ0 rebuilt in place; merge pools compare this
