@@ -24,20 +24,36 @@ import mtl
 from mtl.exporters.api import read_report
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model folder (default: train resnet10t on scenes, smoke budget)")
     p.add_argument("--out", default="outputs/bench_export")
     p.add_argument("--size", type=int, default=None,
                    help="input side in pixels (default: the --model folder's training size; 64 for the trained one)")
-    p.add_argument("--batches", default="1,32")
+    p.add_argument("--batches", default="1,32", help="comma-separated batch sizes")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--iters", type=int, default=5, help="timed calls per runtime per round (batch 1: x4)")
     p.add_argument("--exporter", default="dynamo", choices=["dynamo", "torchscript"])
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--compile-timeout", type=int, default=600, help="give up on torch.compile after this many seconds")
-    return p.parse_args()
+    args = p.parse_args(argv)
+    from script_cli import require_positive
+
+    args.batches = batch_sizes(args.batches)
+    # before any work: --iters 0 divided by zero after the export, --batches 0 failed after a training
+    require_positive(args, ["size", "batches", "threads", "rounds", "iters", "compile_timeout"])
+    return args
+
+
+def batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(b) for b in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--batches takes comma-separated whole numbers, got {text!r}") from None
+    if len(set(sizes)) != len(sizes):  # one input per size: a repeated one would be timed once, reported twice
+        raise ValueError(f"--batches lists a size twice: {text!r}")
+    return sizes
 
 
 def train_model(out: Path, size: int) -> Path:
@@ -116,7 +132,7 @@ def main():
     h, w = read_report(onnx_dir)["input"]["shape"][2:]
     args.size = h if h == w else f"{h}x{w}"
     model = mtl.load_model(folder).eval()
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = args.batches
     gen = torch.Generator().manual_seed(0)
     inputs = {b: torch.randint(0, 256, (b, 3, h, w), dtype=torch.uint8, generator=gen) for b in batches}
     fns, notes = runtimes(model, onnx_dir / "model.onnx", args.threads, not args.no_compile, inputs[max(batches)],
