@@ -3,7 +3,8 @@ taylor at matched FLOPs
 reductions, each fine-tuned with the same short recipe; Δm%, params, FLOPs and CPU latency speed-up.
 
     python scripts/bench_prune.py --out /tmp/bench_prune            # defaults below (CPU, ~40 min when shared)
-    python scripts/bench_prune.py --out /tmp/bp --smoke              # minutes: tiny model, one target
+    python scripts/bench_prune.py --out /tmp/bp --smoke              # minutes: debug=smoke's tiny model and data, one target
+                                                     # (--backbone, --size, --n-train, --targets given: used)
     python scripts/bench_prune.py --out /tmp/bp_r8 --reuse-base outputs/bench_prune_q60 --methods pagcp \
         --round-to 8 --targets 0.6 ...       # the same base and control run, channel counts multiples of 8
 
@@ -42,17 +43,25 @@ def train(overrides: list[str], run_dir: Path) -> Path:
     return run_dir
 
 
-def main() -> None:
+# the model and data options' defaults; --smoke's are debug=smoke's (configs/debug/smoke.yaml) and one target
+RECIPE = {"backbone": "resnet10t", "size": 32, "n_train": 256, "targets": [0.4, 0.6]}
+SMOKE_RECIPE = {"backbone": "test_resnet", "size": 32, "n_train": 64, "targets": [0.4]}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options, checked before any work, with every model and data option set to what will run (so
+    bench_prune.json and --reuse-base compare the recipe that ran)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--merge", type=Path, nargs="+", help="only combine these bench_prune.json files into --out (table + PNGs)")
     ap.add_argument("--tasks", default="semseg,depth,normals,classification")
-    ap.add_argument("--backbone", default="resnet10t")
-    ap.add_argument("--size", type=int, default=32)
-    ap.add_argument("--n-train", type=int, default=256)
+    ap.add_argument("--backbone", default=None, help="default: resnet10t (--smoke: test_resnet)")
+    ap.add_argument("--size", type=int, default=None, help="default: 32 (--smoke too)")
+    ap.add_argument("--n-train", type=int, default=None, help="default: 256 (--smoke: 64)")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--ft-epochs", type=int, default=1)
-    ap.add_argument("--targets", type=float, nargs="+", default=[0.4, 0.6])
+    ap.add_argument("--targets", type=float, nargs="+", default=None,
+                    help="FLOPs reductions in (0, 1) (default: 0.4 0.6; --smoke: 0.4)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--calib-batches", type=int, default=2)
     ap.add_argument("--search-steps", type=int, default=2, help="PAGCP budget bisection steps")
@@ -66,11 +75,41 @@ def main() -> None:
                     help="prune.round_to for every method (kept channels per layer multiples of it); names get _r<N>")
     ap.add_argument("--reuse-base", type=Path, default=None,
                     help="an earlier --out folder: reuse its base model and fine-tuned control (data/model options must match)")
-    ap.add_argument("--smoke", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true",
+                    help="debug=smoke's model and data (and one target) for the options not given")
+    args = ap.parse_args(argv)
+    from pruning.methods import check_ratio
     from script_cli import require_positive
 
-    require_positive(args, ["size", "n_train", "epochs", "ft_epochs", "calib_batches", "latency_batch", "threads"])
+    require_positive(args, ["size", "n_train", "epochs", "ft_epochs", "calib_batches", "latency_batch", "threads",
+                            "round_to"])
+    for target in args.targets or []:
+        check_ratio("--targets", target, open_low=True)
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"--methods: unknown method(s) {unknown}; valid: {', '.join(METHODS)}")
+    if args.search_steps < 0:
+        raise ValueError(f"--search-steps must be ≥ 0, got {args.search_steps}")
+    if args.max_budget is not None and not args.max_budget > 0:
+        raise ValueError(f"--max-budget must be a positive number, got {args.max_budget}")
+    for key, value in (SMOKE_RECIPE if args.smoke else RECIPE).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def training_overrides(args) -> list[str]:
+    """The base model's and the control's overrides without their epochs."""
+    model_data = {"backbone": f"backbone={args.backbone}", "size": f"data.size={args.size}",
+                  "n_train": f"data.n_train={args.n_train}"}
+    head = ["experiment=scenes_hps", f"task=[{args.tasks}]", "logger=none", "viz.num_samples=0", "log_weights_every=0"]
+    if args.smoke:  # debug=smoke's model and data, an option given with another value on top
+        return head[:1] + ["debug=smoke"] + head[1:] + [o for k, o in model_data.items() if getattr(args, k) != SMOKE_RECIPE[k]]
+    return head + list(model_data.values()) + ["data.n_val=128", "data.n_test=256"]
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # PAGCP's per-layer progress
     out = args.out
     if args.merge:
@@ -82,13 +121,7 @@ def main() -> None:
         runs = [json.loads(p.read_text()) for p in args.merge]
         report(out, [r for run in runs for r in run["rows"]], runs[0]["base_flops"] / 1e6, args.methods)
         return
-    data = [f"data.size={args.size}", f"data.n_train={args.n_train}", "data.n_val=128", "data.n_test=256"]
-    common = ["experiment=scenes_hps", f"task=[{args.tasks}]", "logger=none", "viz.num_samples=0",
-              "log_weights_every=0", f"backbone={args.backbone}"] + data
-    if args.smoke:
-        common = ["experiment=scenes_hps", "debug=smoke", f"task=[{args.tasks}]", "logger=none", "viz.num_samples=0",
-                  "log_weights_every=0"]
-        args.targets = args.targets[:1]
+    common = training_overrides(args)
     t0 = time.perf_counter()
     # validation only picks the checkpoint of a short fine-tune: two batches do
     ft = common + [f"trainer.max_epochs={args.ft_epochs}", "optim.lr=1e-3", "optim.warmup_ratio=0.0",

@@ -38,6 +38,16 @@ ROOT = Path(__file__).resolve().parents[1]
     ("bench_architectures.py", ["--dispatch-hidden", "96", "0", "--out", "{tmp}/q"],
      "error: --dispatch-hidden must be ≥ 1, got 0"),
     ("bench_prune.py", ["--ft-epochs", "0", "--out", "{tmp}/q"], "error: --ft-epochs must be ≥ 1, got 0"),
+    # checked before the base and control runs are trained (they ran first)
+    ("bench_prune.py", ["--smoke", "--targets", "1.5", "--out", "{tmp}/q"],
+     "error: --targets must be a number in (0, 1), got 1.5"),
+    ("bench_prune.py", ["--targets", "0", "--out", "{tmp}/q"], "error: --targets must be a number in (0, 1), got 0.0"),
+    ("bench_prune.py", ["--smoke", "--methods", "l1", "bogus", "--out", "{tmp}/q"],
+     "error: --methods: unknown method(s) ['bogus']"),
+    ("bench_prune.py", ["--smoke", "--round-to", "0", "--out", "{tmp}/q"], "error: --round-to must be ≥ 1, got 0"),
+    ("bench_prune.py", ["--smoke", "--max-budget", "0", "--out", "{tmp}/q"],
+     "error: --max-budget must be a positive number, got 0.0"),
+    ("bench_prune.py", ["--smoke", "--search-steps", "-1", "--out", "{tmp}/q"], "error: --search-steps must be ≥ 0, got -1"),
     # refused before --out is created (they left an empty folder)
     ("bench_balancers.py", ["--methods", "bogus", "--out", "{tmp}/q"], "error: "),
     ("bench_balancers.py", ["--baselines", "{tmp}/nope.json", "--out", "{tmp}/q"],
@@ -127,3 +137,22 @@ def test_the_llm_merge_benchmark_prints_its_times_as_ratios_to_the_same_runs_bas
     # an even count's median is the mean of the two middle times (it took the upper one: 3.0 here)
     even = {"memory copy of the inputs (pread)": [{"seconds": 1.0}, {"seconds": 3.0}], "ours": [{"seconds": 4.0}]}
     assert ratios(even, pairs=()) == ["ours".ljust(34) + " 2.00x the pread copy's time"]
+
+
+@pytest.mark.parametrize("argv, targets", [
+    (["--smoke"], [0.4]),
+    (["--smoke", "--backbone", "resnet10t", "--size", "40", "--n-train", "100", "--targets", "0.3", "0.5"], [0.3, 0.5]),
+    (["--size", "40"], [0.4, 0.6]),
+])
+def test_bench_prune_records_the_model_and_data_its_runs_train(tmp_path, monkeypatch, argv, targets):
+    """Under --smoke bench_prune.json recorded backbone resnet10t, size 32, n_train 256 (which --reuse-base
+    compares) while debug=smoke trained test_resnet on 64 scenes, and --backbone/--size/--n-train and all
+    targets but the first were dropped unsaid. The recorded options are now those of the composed config."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import bench_prune
+    from mtl.cli.in_process import compose_in_process
+
+    args = bench_prune.parse_args(["--out", str(tmp_path), *argv])
+    cfg, _ = compose_in_process("mtl.configs", "train", bench_prune.training_overrides(args), run_dir=tmp_path / "run")
+    assert (args.backbone, args.size, args.n_train) == (cfg.backbone.name, cfg.data.size, cfg.data.n_train)
+    assert args.targets == targets
