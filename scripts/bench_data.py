@@ -76,9 +76,9 @@ def main() -> None:
     ap.add_argument("--num-workers", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
-    for name in ("n", "batch_size", "rounds", "steps"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    from script_cli import require_positive
+
+    require_positive(args, ["n", "batch_size", "rounds", "steps", "threads"])
     batches = args.n // args.batch_size + (args.n % args.batch_size > 0)
     if batches < args.steps + 1:  # one warm-up step, then the timed ones
         ap.error(f"--steps {args.steps} needs {args.steps + 1} training batches (one warm-up); --n {args.n} at "

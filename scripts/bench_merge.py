@@ -75,7 +75,7 @@ def worker(spec: dict) -> dict:
 def _work(spec: dict) -> dict:
     import torch
 
-    torch.set_num_threads(spec.get("threads") or os.cpu_count() or 1)
+    torch.set_num_threads(spec["threads"])
     kind = spec["kind"]
     if kind == "baseline":
         import merging  # noqa: F401  (the import cost is what is measured)
@@ -348,6 +348,9 @@ def main(argv=None):
                          "2026-11-26 tables in docs/BENCHMARKS.md measured; bench_merge_chunked.py compares both")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    from script_cli import require_positive
+
+    require_positive(args, ["threads", "repeat"])
     global FUSED
     FUSED = args.fused
     if args.workdir and not Path(args.workdir).is_dir():

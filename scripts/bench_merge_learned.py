@@ -214,6 +214,9 @@ def main(argv=None) -> int:
     p.add_argument("--variant", choices=["ours", "naive", "ours_nchw"], help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    from script_cli import require_positive
+
+    require_positive(args, ["steps", "batch", "threads", "repeats"])
     if args.child == "step":
         child_step(args)
         return 0

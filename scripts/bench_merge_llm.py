@@ -233,6 +233,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    from script_cli import require_positive
+
+    require_positive(args, ["models", "threads", "repeat"])
     if args.worker:
         print(json.dumps(_work(json.loads(args.worker))))
         return {}

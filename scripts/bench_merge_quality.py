@@ -229,6 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="BatchNorm statistics of every merged model (merge.bn; default: the method's, θ0's); "
                         "recompute: re-estimated on the unlabeled images of every task (bn_stats.*, learned: merge.split)")
     args = p.parse_args(argv)
+    from script_cli import require_positive
+
+    require_positive(args, ["max_batches", "eval_batch_size", "threads"])
 
     from mtl.cli.common import prepare
 

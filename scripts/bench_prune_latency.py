@@ -37,6 +37,9 @@ def main() -> None:
     ap.add_argument("--breakdown", type=int, default=None, metavar="SIZE", help="per-module time at this input size")
     ap.add_argument("--top", type=int, default=12, help="leaf modules listed in the breakdown")
     args = ap.parse_args()
+    from script_cli import require_positive
+
+    require_positive(args, ["sizes", "batch", "threads", "repeats", "rounds", "breakdown", "top"])
 
     import mtl
     from mtl.flops import count_flops

@@ -292,6 +292,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args(argv)
+    from script_cli import require_positive
+
+    require_positive(args, ["data_size", "n_train", "n_val", "batch_size", "epochs", "preferences", "size", "batch",
+                            "threads", "iters", "rounds"])
     res = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if args.part in ("speed", "all"):
         res["speed"] = speed(args)

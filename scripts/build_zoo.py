@@ -212,6 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--linear", action="store_true",
                    help="tangent-space fine-tunes (linearize=true) -> finetune_linear/ and manifest_linear.json")
     args = p.parse_args(argv)
+    from script_cli import require_positive
+
+    require_positive(args, ["threads"])
 
     from mtl.cli.common import prepare
 

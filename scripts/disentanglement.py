@@ -38,6 +38,9 @@ def parse_args(argv=None):
 
 def check_args(args) -> None:
     """Before any model loads (a ValueError: one `error:` line)."""
+    from script_cli import require_positive
+
+    require_positive(args, ["max_batches", "threads"])
     if not all(math.isfinite(a) for a in args.alphas):
         raise ValueError(f"--alphas must be finite numbers, got {args.alphas}")
     if args.grid:

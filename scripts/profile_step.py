@@ -132,6 +132,9 @@ def main() -> None:
     p.add_argument("--variants", default="baseline,unfused_adamw,indexed_losses,channels_last,monitor,threads_1")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     args = p.parse_args()
+    from script_cli import require_positive
+
+    require_positive(args, ["size", "batch_size", "rounds", "steps", "threads"])
     if args.threads:
         torch.set_num_threads(args.threads)
 

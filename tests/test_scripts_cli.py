@@ -61,6 +61,22 @@ ROOT = Path(__file__).resolve().parents[1]
     ("bench_merge_memory.py", ["--workdir", "/proc/nope"], "error: "),
     ("bench_architectures.py", ["--families", "bogus", "--out", "{tmp}/q"], "error: --families: unknown family ['bogus']"),
     ("moe_routing_mi.py", ["--model", "{tmp}/none", "--max-batches", "0"], "error: --max-batches must be ≥ 1, got 0"),
+    # --threads 0: bench_merge ran on every core while its report said 0 threads, others ran on torch's
+    # choice, raised torch's RuntimeError (a traceback) or failed every run after generating the inputs
+    ("bench_merge.py", ["--small", "--threads", "0", "--workdir", "{tmp}/none"], "error: --threads must be ≥ 1, got 0"),
+    ("bench_merge.py", ["--small", "--repeat", "0", "--workdir", "{tmp}/none"], "error: --repeat must be ≥ 1, got 0"),
+    ("bench_merge.py", ["--llm", "--threads", "0", "--workdir", "{tmp}/none", "--sizes", "0.25"],
+     "error: --threads must be ≥ 1, got 0"),
+    ("bench_merge_learned.py", ["--threads", "0", "--only", "step"], "error: --threads must be ≥ 1, got 0"),
+    ("bench_merge_quality.py", ["--manifest", "{tmp}/nope.json", "--threads", "0"], "error: --threads must be ≥ 1, got 0"),
+    ("build_zoo.py", ["--zoo", "cnn", "--smoke", "--threads", "0", "--out", "{tmp}/q"], "error: --threads must be ≥ 1, got 0"),
+    ("disentanglement.py", ["--manifest", "{tmp}/nope.json", "--threads", "0"], "error: --threads must be ≥ 1, got 0"),
+    ("bench_prune_latency.py", ["--base", "{tmp}/none", "{tmp}/pruned", "--threads", "0"],
+     "error: --threads must be ≥ 1, got 0"),
+    ("bench_slimmable.py", ["--part", "speed", "--threads", "0", "--out", "{tmp}/q/s.json"],
+     "error: --threads must be ≥ 1, got 0"),
+    ("bench_data.py", ["--threads", "0"], "error: --threads must be ≥ 1, got 0"),
+    ("profile_step.py", ["--threads", "0", "--rounds", "1", "--steps", "1"], "error: --threads must be ≥ 1, got 0"),
 ])
 def test_a_scripts_user_error_is_one_line(tmp_path, script, args, expected):
     env = {k: v for k, v in os.environ.items() if k not in ("MTL_VERBOSE", "HYDRA_FULL_ERROR")}
