@@ -99,7 +99,8 @@ def main() -> None:
     ap.add_argument("--models", type=int, default=3)
     ap.add_argument("--rows", type=int, default=16384, help="rows of the largest tensor (× 1024 columns)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--runs", nargs="+", default=['dare {"p": 0.5}'], help="'<method> <json hyperparameters>'")
+    ap.add_argument("--runs", nargs="+", default=['dare {"p": 0.5}'],
+                    help="'<method> <JSON object>': merge_to_file's method and keyword arguments (checked first)")
     ap.add_argument("--layout", default="one", choices=["one", "llama"],
                     help="one large tensor, or Llama-shaped models")
     ap.add_argument("--layers", type=int, default=4, help="--layout llama: decoder layers")
@@ -117,6 +118,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(folder, args.models, args.worker[0], json.loads(args.worker[1]), args.shards)))
         return
+    check_runs(args.runs)
     make(folder, args.models, args.rows, args.dtype, args.layout, args.layers, args.shards)
     try:
         table(args, folder)
@@ -125,6 +127,34 @@ def main() -> None:
             import shutil
 
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def check_runs(runs: list[str]) -> None:
+    """Each --runs entry as merge_to_file would take it (method name, hyperparameters), before any input
+    is written or a table line printed."""
+    import inspect
+
+    import merging
+    from merging.engine import KeyOptions
+    from merging.methods import create_method
+    from mtl.cli.common import one_line
+
+    call_options = {n for n, p in inspect.signature(merging.merge_to_file).parameters.items() if p.kind is p.KEYWORD_ONLY}
+    for run in runs:
+        method, _, text = run.partition(" ")
+        try:
+            hp = json.loads(text or "{}")
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--runs {run!r}: the hyperparameters are not JSON ({e})") from None
+        if not isinstance(hp, dict):
+            raise ValueError(f"--runs {run!r}: the hyperparameters must be a JSON object ({{\"name\": value}})")
+        fixed = sorted({"overwrite", "threads"} & set(hp))
+        if fixed:
+            raise ValueError(f"--runs {run!r}: {', '.join(fixed)} is set by the benchmark (overwrite=True, threads=1)")
+        try:  # what merge_to_file hands the method: its own options and the key options taken out
+            create_method(method, **KeyOptions.split({k: v for k, v in hp.items() if k not in call_options})[1])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"--runs {run!r}: {one_line(e)}") from None
 
 
 def table(args, folder: Path) -> None:
@@ -138,7 +168,7 @@ def table(args, folder: Path) -> None:
                               "--layers", str(args.layers), "--shards", str(args.shards), "--worker", method, hp or "{}"],
                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if out.returncode:
-            sys.exit(f"error: {run}: {out.stderr.strip().splitlines()[-1]}")
+            sys.exit(f"error: {run}: {out.stderr.strip().splitlines()[-1].removeprefix('error: ')}")
         mb = json.loads(out.stdout.strip().splitlines()[-1])
         shape = "×".join(map(str, largest)) + f" {args.dtype}"
         shape += f" (Llama, {args.layers} layers)" if args.layout == "llama" else ""

@@ -172,3 +172,24 @@ def test_bench_prune_records_the_model_and_data_its_runs_train(tmp_path, monkeyp
     cfg, _ = compose_in_process("mtl.configs", "train", bench_prune.training_overrides(args), run_dir=tmp_path / "run")
     assert (args.backbone, args.size, args.n_train) == (cfg.backbone.name, cfg.data.size, cfg.data.n_train)
     assert args.targets == targets
+
+
+@pytest.mark.parametrize("run, expected", [
+    ("bogus {}", "error: --runs 'bogus {}': unknown merge method 'bogus'"),
+    ("dare {p: 0.5}", "error: --runs 'dare {p: 0.5}': the hyperparameters are not JSON"),
+    ('dare {"p": 1.5}', "error: --runs 'dare {\"p\": 1.5}': p (drop probability) must be in [0, 1)"),
+    ('dare {"p": 0.5, "chunk": 1000}', "error: dare {\"p\": 0.5, \"chunk\": 1000}: chunk applies to the chunked kernels"),
+])
+def test_bench_merge_memory_refuses_a_bad_run_in_one_error_line(tmp_path, run, expected):
+    """A bad --runs entry printed the table header, generated the inputs, then 'error: bogus {}: error: unknown
+    merge method' (the worker's own prefix repeated). Names and JSON are checked first; a failure the merge
+    itself finds (the last case) keeps one prefix."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MTL_VERBOSE", "HYDRA_FULL_ERROR")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_merge_memory.py"), "--workdir",
+                           str(tmp_path / "w"), "--rows", "64", "--runs", run], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1 and proc.stderr.strip().startswith(expected), proc.stderr[-2000:]
+    assert proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    if "chunk" not in run:  # refused before any input is written or a table line printed
+        assert proc.stdout == "" and not (tmp_path / "w").exists()
