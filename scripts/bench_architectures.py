@@ -5,7 +5,8 @@ MoE dispatch efficiency and single- vs all-task latency.
    per-task primary metrics, Δm% vs single-task baselines (hps, one run per task, same recipe;
    --no-baselines: Δm vs the hps multi-task run instead), params, FLOPs/sample (all tasks, one task);
    for routed families, the active-FLOPs identity: single-task FLOPs = non-expert FLOPs + k/E of the
-   FLOPs of all experts on all tokens (both sides measured with torch.utils.flop_counter);
+   FLOPs of all experts on all tokens (both sides measured with mtl.flops.flop_counter: torch's
+   FlopCounterMode plus the CPU attention kernel, which torch counts as 0 FLOPs);
    phases 2 and 3 run unless --skip-timing; --skip-quality runs them alone;
 2. dispatch (--dispatch-experts/--dispatch-top-k/--dispatch-tokens): one MoE layer (router + sparse dispatch; E experts, top-k, N tokens, CPU)
    vs a dense MLP with k x the expert hidden width (the same active FLOPs), forward + backward,
