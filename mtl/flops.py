@@ -1,4 +1,5 @@
-"""FLOPs and parameter counts from ``torch.utils.flop_counter`` (one multiply-add = 2 FLOPs)."""
+"""FLOPs and parameter counts from ``torch.utils.flop_counter``, with the CPU attention kernel it counts as 0
+counted (one multiply-add = 2 FLOPs)."""
 from __future__ import annotations
 
 from typing import Any, Iterable

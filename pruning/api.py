@@ -80,7 +80,7 @@ def prune(model: nn.Module, method: str, calib: Any = None, *, example: torch.Te
     target = hparams.get("flops_target")
     if target is not None and before["flops"] and 1 - after["flops"] / before["flops"] < target - 1e-9:
         raise PruningError(f"flops_target {percent(target)} not met: the pruned model's FLOPs as counted "
-                           f"(torch.utils.flop_counter) fell by {percent_beside(1 - after['flops'] / before['flops'], target)} only, "
+                           f"(mtl.count_flops) fell by {percent_beside(1 - after['flops'] / before['flops'], target)} only, "
                            "though the search's estimate reached the target")
     report = {
         "method": method,
