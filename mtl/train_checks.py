@@ -107,6 +107,10 @@ def check_trainer(tr: DictConfig) -> None:
     if limit is not None and not isinstance(limit, str) and limit == 0:  # Lightning skips fit, tests the initial weights
         raise ValueError(f"trainer.limit_train_batches={limit} trains no step and would save an untrained model as a "
                          "finished run; use a batch count >= 1 or a fraction in (0, 1] (null: every batch)")
+    steps = tr.get("max_steps")
+    if steps is not None and not isinstance(steps, bool) and isinstance(steps, int) and steps == 0:  # as above
+        raise ValueError("trainer.max_steps=0 trains no step and would save an untrained model as a finished run; "
+                         "use a step count >= 1 (-1 or null: no step limit)")
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 

@@ -127,6 +127,7 @@ def test_no_pyplot_backend_change(tmp_path):
     # Lightning skipped fit and the untrained model was saved as a finished run (rc 0, global_steps 0)
     ("trainer.limit_train_batches=0", r"trainer.limit_train_batches=0 trains no step and would save an untrained model"),
     ("trainer.limit_train_batches=0.0", r"trainer.limit_train_batches=0.0 trains no step"),
+    ("+trainer.max_steps=0", r"trainer.max_steps=0 trains no step and would save an untrained model"),
     ("seed=abc", r"seed must be an int >= 0, got 'abc'"),
     ("viz.num_samples=-1", r"viz.num_samples must be an int >= 0, got -1"),
     ("data.batch_size=0", r"data.batch_size must be an int >= 1, got 0"),
