@@ -85,6 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                             "round_to"])
     for target in args.targets or []:
         check_ratio("--targets", target, open_low=True)
+    twice = sorted({t for t in args.targets or [] if (args.targets or []).count(t) > 1})
+    if twice:  # two runs would share one name and one row
+        raise ValueError(f"--targets lists {twice[0]} twice; name each target once")
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"--methods: unknown method(s) {unknown}; valid: {', '.join(METHODS)}")

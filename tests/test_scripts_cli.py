@@ -42,6 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
     ("bench_prune.py", ["--smoke", "--targets", "1.5", "--out", "{tmp}/q"],
      "error: --targets must be a number in (0, 1), got 1.5"),
     ("bench_prune.py", ["--targets", "0", "--out", "{tmp}/q"], "error: --targets must be a number in (0, 1), got 0.0"),
+    ("bench_prune.py", ["--targets", "0.4", "0.6", "0.4", "--out", "{tmp}/q"],
+     "error: --targets lists 0.4 twice; name each target once"),
     ("bench_prune.py", ["--smoke", "--methods", "l1", "bogus", "--out", "{tmp}/q"],
      "error: --methods: unknown method(s) ['bogus']"),
     ("bench_prune.py", ["--smoke", "--round-to", "0", "--out", "{tmp}/q"], "error: --round-to must be ≥ 1, got 0"),
