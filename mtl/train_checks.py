@@ -173,8 +173,9 @@ def check_checkpoint(path: Path) -> None:
 
 
 def check_resume_length(tr: DictConfig, path: Path) -> None:
-    """A resume whose ``trainer.max_epochs`` (or ``max_steps``) the checkpoint has already reached trains nothing,
-    and Lightning would end it as a finished run without a word."""
+    """A resume past its own schedule (``trainer.max_epochs`` / ``max_steps`` below what the checkpoint trained) is
+    refused: it would train nothing and record a shorter schedule than the one run. One that has just reached it
+    tests and saves the checkpoint, which finishes a job interrupted after training (docs/scaleout.md): said so."""
     import pickle
 
     try:  # mmap: the weights are not read
@@ -182,16 +183,18 @@ def check_resume_length(tr: DictConfig, path: Path) -> None:
     except pickle.UnpicklingError:
         return  # refused with its reason when fit loads it
     progress = ((ckpt.get("loops") or {}).get("fit_loop") or {}).get("epoch_progress") or {}
-    epochs = (progress.get("current") or {}).get("processed")  # epochs whose end the checkpoint has passed
-    steps = ckpt.get("global_step")
-    max_steps = tr.get("max_steps")
-    if epochs is not None and tr.get("max_epochs") is not None and tr.max_epochs <= epochs:
-        raise ValueError(f"ckpt_path {path} has already trained {epochs} epoch(s) and trainer.max_epochs="
-                         f"{tr.max_epochs}: the resume would train nothing; set trainer.max_epochs above {epochs} "
-                         "to train longer")
-    if steps is not None and isinstance(max_steps, int) and 0 <= max_steps <= steps:
-        raise ValueError(f"ckpt_path {path} has already trained {steps} steps and trainer.max_steps={max_steps}: "
-                         f"the resume would train nothing; set trainer.max_steps above {steps} (or -1: no limit)")
+    found = [("max_epochs", tr.get("max_epochs"), (progress.get("current") or {}).get("processed"), "epoch(s)"),
+             ("max_steps", tr.get("max_steps"), ckpt.get("global_step"), "steps")]
+    for key, limit, done, unit in found:
+        if done is None or not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+            continue
+        if limit < done:
+            raise ValueError(f"ckpt_path {path} has already trained {done} {unit} and trainer.{key}={limit}: the "
+                             f"resume would train nothing; set trainer.{key} to {done} to test and save it as it "
+                             f"is, or above {done} to train longer")
+        if limit == done:
+            log.warning("ckpt_path %s has trained all %d %s of trainer.%s=%d: nothing to train; the resume tests and "
+                        "saves it (raise trainer.%s to train longer)", path, done, unit, key, limit, key)
 
 
 def warn_seed_of_resume(cfg: DictConfig, ckpt: Path) -> None:

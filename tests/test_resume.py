@@ -202,18 +202,30 @@ def two_epochs(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("extra, match", [
-    (["trainer.max_epochs=2"], r"has already trained 2 epoch\(s\) and trainer.max_epochs=2: the resume would train "
-                               r"nothing; set trainer.max_epochs above 2"),
-    (["trainer.max_epochs=1"], r"has already trained 2 epoch\(s\) and trainer.max_epochs=1"),
-    (["trainer.max_epochs=3", "+trainer.max_steps=4"], r"has already trained 4 steps and trainer.max_steps=4"),
+    (["trainer.max_epochs=1"], r"has already trained 2 epoch\(s\) and trainer.max_epochs=1: the resume would train "
+                               r"nothing; set trainer.max_epochs to 2 to test and save it as it is, or above 2"),
+    (["trainer.max_epochs=3", "+trainer.max_steps=3"], r"has already trained 4 steps and trainer.max_steps=3"),
 ])
-def test_a_resume_the_checkpoint_has_already_finished_is_refused_before_any_folder(two_epochs, tmp_path, extra, match):
-    """trainer.max_epochs at or below the epochs trained did nothing and counted as a finished run, without a word
+def test_a_resume_past_its_own_schedule_is_refused_before_any_folder(two_epochs, tmp_path, extra, match):
+    """trainer.max_epochs below the epochs trained did nothing and counted as a finished run, without a word
     (metrics.json's global_steps from the checkpoint; config.yaml recording the lower max_epochs)."""
     last = two_epochs / "checkpoints" / "last.ckpt"
     with pytest.raises(ValueError, match=rf"^ckpt_path {last} " + match):
         run(BASE + extra + [f"ckpt_path={last}"], run_dir=tmp_path / "again")
     assert not (tmp_path / "again").exists()
+
+
+def test_a_resume_at_its_own_schedules_end_tests_and_saves_it(two_epochs, tmp_path, caplog):
+    """A job interrupted after its last epoch (at test, or saving) is finished by resuming it with its own
+    overrides (docs/scaleout.md): nothing is trained, the checkpoint is tested and saved, and the log says so."""
+    last = two_epochs / "checkpoints" / "last.ckpt"
+    with caplog.at_level("WARNING"):
+        done = run(BASE + ["trainer.max_epochs=2", f"ckpt_path={last}"], run_dir=tmp_path / "again")
+    assert "has trained all 2 epoch(s) of trainer.max_epochs=2: nothing to train; the resume tests and saves it" \
+        in caplog.text
+    metrics = json.loads((done / "metrics.json").read_text())
+    assert metrics["global_steps"] == json.loads((two_epochs / "metrics.json").read_text())["global_steps"]
+    assert (done / "model" / "model.safetensors").is_file()
 
 
 def test_a_resume_whose_best_checkpoint_is_gone_tracks_the_best_anew(tmp_path, caplog):
