@@ -49,8 +49,10 @@ def write_report(report: dict[str, Any], run_dir: Path) -> None:
 
     write_json(run_dir / "metrics.json", report)
     scores = lambda which: {t: r[which][r["primary"]] for t, r in report["tasks"].items()}  # noqa: E731
+    same_metric = len({r["primary"] for r in report["tasks"].values()}) == 1  # else no mean, as in metrics.json
     merging.plot_task_accuracy({"individual": scores("individual"), report["method"]: scores("merged")},
-                               run_dir / "task_accuracy.png", ylabel="primary metric (test)")
+                               run_dir / "task_accuracy.png", ylabel="primary metric (test)",
+                               title="Per-task primary metric by method", mean=same_metric)
     if "mask_overlap" in report:
         k = report["selected"].get("k") if report["method"] == "consensus" else None  # its threshold, shown
         merging.plot_mask_overlap(report["mask_overlap"], run_dir / "mask_overlap.png", k=k)

@@ -53,3 +53,16 @@ def test_keep_count_and_edges():
     assert kthvalue_threshold(v, 0) == math.inf
     assert kthvalue_threshold(v, 3) == 1.0
     assert radix_thresholds(lambda: iter([(0, v)]), [0]) == [math.inf]
+
+
+@pytest.mark.parametrize("primaries, mean", [(["mae", "miou"], False), (["accuracy", "accuracy"], True)])
+def test_the_task_plot_shows_a_mean_only_where_metrics_json_has_one(tmp_path, monkeypatch, primaries, mean):
+    """A mean of an MAE and an mIoU means nothing: metrics.json stores null for it, and the PNG drew it."""
+    import merging
+    from merging.report import write_report
+
+    seen = {}
+    monkeypatch.setattr(merging, "plot_task_accuracy", lambda results, path, **kw: seen.update(kw))
+    tasks = {f"t{i}": {"merged": {p: 0.5}, "individual": {p: 0.6}, "primary": p} for i, p in enumerate(primaries)}
+    write_report({"method": "ties", "tasks": tasks}, tmp_path)
+    assert seen["mean"] is mean and "accuracy" not in seen["title"]
