@@ -295,6 +295,11 @@ def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
     file = path / CONFIG
     if not file.exists() and (path / "model" / CONFIG).is_file():  # a training run's folder holds model/
         raise ModelFolderError(f"{path} is a run folder, not a model folder; did you mean {path / 'model'}?")
+    if not file.exists() and (path / WEIGHTS).is_file():  # e.g. `mtl-merge eval=none`: merged weights alone
+        raise ModelFolderError(f"{path} holds weights ({WEIGHTS}) but no {CONFIG}: a bare state dict (as "
+                               "`mtl-merge eval=none` writes), not a model folder; load it with "
+                               "safetensors.torch.load_file, or rerun the merge with evaluation (merge.lam=<λ>) for "
+                               "a model folder")
     try:
         cfg = read_json(file)
     except (FileNotFoundError, IsADirectoryError, ValueError) as e:

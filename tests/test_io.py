@@ -61,7 +61,12 @@ def test_missing_files_are_named(tiny_model, tmp_path):
     with pytest.raises(ModelFolderError, match="model.safetensors: file not found"):
         mtl.load_model(folder)
     folder = mtl.save_model(tiny_model, tmp_path / "m2")
-    (folder / "config.json").unlink()
+    (folder / "config.json").unlink()  # weights alone, as `mtl-merge eval=none` writes them
+    with pytest.raises(ModelFolderError, match=re.escape(f"{folder} holds weights (model.safetensors) but no "
+                                                         "config.json: a bare state dict (as `mtl-merge eval=none` "
+                                                         "writes), not a model folder")):
+        mtl.load_model(folder)
+    (folder / "model.safetensors").unlink()
     with pytest.raises(ModelFolderError, match="config.json: file not found"):
         mtl.load_model(folder)
     run = tmp_path / "run"  # a training run folder: its model is in run/model
