@@ -83,10 +83,12 @@ def _tool(src: Source) -> str:
     meta = src.meta
     if meta.get("init_from"):  # a fine-tune (of a pruned or merged model too) is mtl-train's
         return "mtl-train"
-    if meta.get("prune") or meta.get("pruned_from") or src.config.get("pruning"):
+    if meta.get("prune") or meta.get("pruned_from"):
         return "mtl-prune"
-    if meta.get("merge"):
+    if meta.get("merge"):  # before the config's plan: a merge of pruned models inherits that architecture
         return "mtl-merge"
+    if src.config.get("pruning"):
+        return "mtl-prune"
     if meta.get("extract") is not None:
         return "mtl-extract"
     return "mtl-train"

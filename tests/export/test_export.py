@@ -472,6 +472,19 @@ def test_card_names_the_tool_that_made_the_folder(tmp_path):
     assert "mtl-train" not in card
 
 
+def test_card_of_a_merge_of_pruned_models_names_mtl_merge(tmp_path):
+    """The merge inherits its θ0's pruned architecture (config.pruning); the card said it was made by mtl-prune."""
+    import pruning
+
+    pruned = pruning.prune(mtl.load_model(_folder(tmp_path)), "l1", ratio=0.3,
+                           example=torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8))[0]
+    folder = save_model(pruned, tmp_path / "m", meta={"run_dir": "/runs/merge/1", "merge": {"method": "ties"},
+                                                       "data": {"name": "scenes", "size": 32}})
+    assert json.loads((folder / "config.json").read_text())["model"].get("pruning")  # the inherited plan
+    card = (mtl.export(folder, "folder", tmp_path / "hf") / "README.md").read_text()
+    assert "Made by `mtl-merge` in `/runs/merge/1`." in card and "mtl-prune" not in card
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "timm"])
 def test_a_linearized_model_is_refused_by_formats_that_would_change_its_function(tmp_path, fmt):
     from mtl.models import linearize
