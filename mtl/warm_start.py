@@ -23,7 +23,8 @@ def init_from_folder(model: MultiTaskModel, folder: str | Path) -> dict[str, int
         model.upgrade_state(source)
     own = model.state_dict()
     loaded = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
-    encoder = _encoder_names(model)
+    # weights, not counters: BN's 0-d num_batches_tracked has one name at every width and depth, so it always matches
+    encoder = {k for k in _encoder_names(model) if own[k].is_floating_point()}
     if not encoder & loaded.keys():  # heads or a neck alone would start a random encoder from "trained" weights
         raise ValueError(f"init_from={folder} (backbone {_backbone_name(read_model_config(folder)['model'])}): none of "
                          f"this model's {len(encoder)} encoder tensors (backbone {_backbone_name(model.config)}) "

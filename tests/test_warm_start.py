@@ -27,3 +27,15 @@ def test_the_warning_tells_absent_tensors_from_tensors_of_another_shape(tmp_path
         init_from_folder(wider, folder)
     assert "absent from the folder, e.g. backbone.body.layer3." in caplog.text
     assert "of another shape, e.g. decoder.neck.lateral.0.bias: (16,) in the folder, (32,) here" in caplog.text
+
+
+def test_batchnorm_counters_alone_do_not_count_as_a_matching_encoder(tmp_path):
+    """num_batches_tracked (0-d, one name at every width) matched between a half-width slim_resnet and a full one:
+    the start was accepted with no encoder weight loaded and recorded as the run's init_from."""
+    slim = {"name": "slim_resnet", "widths": None}
+    folder = mtl.save_model(mtl.create_model(["depth"], backbone={**slim, "stem": 8, "channels": [8, 16, 32, 64]},
+                                             decoder={"name": "hps", "channels": 16}), tmp_path / "half")
+    full = mtl.create_model(["depth"], backbone={**slim, "stem": 16, "channels": [16, 32, 64, 128]},
+                            decoder={"name": "hps", "channels": 16})
+    with pytest.raises(ValueError, match=r"none of this model's \d+ encoder tensors .* matches the folder's"):
+        init_from_folder(full, folder)
