@@ -81,12 +81,11 @@ def choose_splits(available: Iterable[str], splits: Mapping[str, str], where: st
     with none is left out (carved from train later). Two candidates for one role are refused; splits no role
     takes are named in a warning."""
     available = sorted(available)
+    splits = {role: _split_named(name, role, available, where) for role, name in splits.items()}
+    check_splits(splits)  # two keywords may name one split ({val: val, test: validation})
     chosen, taken = {}, set(splits.values())
     for role in SPLITS:
         if role in splits:
-            if splits[role] not in available:
-                raise KeyError(f"hf_local: {where} has no split {splits[role]!r} (data.splits.{role}); "
-                               f"splits: {', '.join(available)}")
             chosen[role] = splits[role]
             continue
         found = [name for name in available if role_of(name) == role and name not in taken]
@@ -100,3 +99,13 @@ def choose_splits(available: Iterable[str], splits: Mapping[str, str], where: st
         log.warning("hf_local: split(s) %s of %s are not used (%s); map one with data.splits to use it", unused,
                     where, ", ".join(f"{role}: {name}" for role, name in chosen.items()))
     return chosen
+
+
+def _split_named(name: str, role: str, available: list[str], where: str) -> str:
+    """The split ``data.splits.<role>`` names: itself, or HF's name for it where keyword files formed the split
+    (``val.parquet`` forms ``validation``, so {val: val} and {val: validation} both mean it)."""
+    if name in available:
+        return name
+    if role_of(name) == role and HF_NAME[role] in available:
+        return HF_NAME[role]
+    raise KeyError(f"hf_local: {where} has no split {name!r} (data.splits.{role}); splits: {', '.join(available)}")

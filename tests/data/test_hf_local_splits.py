@@ -132,3 +132,12 @@ def test_the_cli_refuses_an_unknown_data_splits_key_in_one_line(tmp_path, consol
                       "data.splits={train: train, valid: validation}")
     err = capsys.readouterr().err
     assert code == 1 and "error: hf_local: data.splits key 'valid' is not a split here" in err
+
+
+@pytest.mark.parametrize("name", ["val", "validation"])
+def test_a_val_file_is_named_by_either_word_in_data_splits(tmp_path, name):
+    _rows(tmp_path / "pq" / "train.parquet", list(range(10)))
+    _rows(tmp_path / "pq" / "val.parquet", [100, 101])
+    _rows(tmp_path / "pq" / "test.parquet", [200, 201])
+    dm = HFImageDataModule(tmp_path / "pq", image_column="image", columns={"y": "other"}, splits={"val": name})
+    assert _ids(dm, "val") == {100, 101} and _ids(dm, "test") == {200, 201} and _ids(dm, "train") == set(range(10))
