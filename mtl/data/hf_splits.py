@@ -41,10 +41,18 @@ def split_of(rel: Path) -> str | None:
     return None
 
 
+def _sharded_word(name: str) -> str | None:
+    """The split word of a sharded file name (``unsupervised-00000-of-00001.parquet``) in any folder."""
+    return m[1] if (m := _SHARDED.match(name)) else None
+
+
 def file_splits(path: Path, files: list[Path]) -> dict[Path, str]:
     """Each file's split; files that name none are train when no file names one (HF does the same), and refused
-    otherwise: HF would leave them out, and adding them to train would mix their rows in unseen."""
+    otherwise: HF would leave them out, and adding them to train would mix their rows in unseen. Beside files
+    that name a split, a sharded name outside ``data/`` names one too, as it would under ``data/``."""
     named = {f: split_of(f.relative_to(path) if path.is_dir() else Path(f.name)) for f in files}
+    if any(named.values()):  # data.path = <dataset>/data: its shards' names still name their splits (unsupervised)
+        named = {f: split or _sharded_word(f.name) for f, split in named.items()}
     unnamed = [f for f, split in named.items() if split is None]
     if unnamed and len(unnamed) < len(files):
         raise ValueError(f"hf_local: {unnamed[0]} names no split while other files in {str(path)!r} do "

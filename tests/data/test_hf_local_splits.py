@@ -141,3 +141,23 @@ def test_a_val_file_is_named_by_either_word_in_data_splits(tmp_path, name):
     _rows(tmp_path / "pq" / "test.parquet", [200, 201])
     dm = HFImageDataModule(tmp_path / "pq", image_column="image", columns={"y": "other"}, splits={"val": name})
     assert _ids(dm, "val") == {100, 101} and _ids(dm, "test") == {200, 201} and _ids(dm, "train") == set(range(10))
+
+
+def test_the_data_folder_of_a_sharded_dataset_as_path_keeps_its_splits_and_warns_the_unused_one(tmp_path, caplog):
+    data = tmp_path / "imdb" / "data"  # HF's layout, with data.path pointed at data/ itself
+    _rows(data / "train-00000-of-00001.parquet", list(range(10)))
+    _rows(data / "test-00000-of-00001.parquet", [100, 101])
+    _rows(data / "unsupervised-00000-of-00001.parquet", [200, 201, 202])
+    with caplog.at_level("WARNING"):
+        dm = HFImageDataModule(data, image_column="image", columns={"y": "other"})
+        dm.setup()
+    assert _ids(dm, "test") == {100, 101} and _ids(dm, "train") | _ids(dm, "val") == set(range(10))
+    assert "split(s) ['unsupervised']" in caplog.text and "not used" in caplog.text
+
+
+def test_sharded_files_naming_no_split_keyword_anywhere_are_the_train_split_as_in_hf_datasets(tmp_path):
+    _rows(tmp_path / "pq" / "mydata-00000-of-00002.parquet", list(range(5)))
+    _rows(tmp_path / "pq" / "mydata-00001-of-00002.parquet", list(range(5, 10)))
+    assert set(_hf_splits(tmp_path / "pq", tmp_path / "cache")) == {"train"}
+    dm = HFImageDataModule(tmp_path / "pq", image_column="image", columns={"y": "other"})
+    assert _ids(dm, "train") | _ids(dm, "val") | _ids(dm, "test") == set(range(10))
