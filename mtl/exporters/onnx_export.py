@@ -80,8 +80,10 @@ def _check_patch_size(model: nn.Module, size: tuple[int, int]) -> None:
     """A timm patch embedding takes only whole patches (unless built with ``dynamic_img_pad``): say so
     before tracing, naming the option, rather than as the tracer's AssertionError."""
     for name, module in model.named_modules():
-        patch = image_hw(list(getattr(module, "patch_size", ()) or ()))
-        if patch is None or not hasattr(module, "dynamic_img_pad") or module.dynamic_img_pad:
+        if not hasattr(module, "dynamic_img_pad") or module.dynamic_img_pad:  # other modules' patch_size: any type
+            continue
+        patch = image_hw(getattr(module, "patch_size", None))  # a (h, w) tuple in timm's PatchEmbed, or an int
+        if patch is None:
             continue
         if size[0] % patch[0] or size[1] % patch[1]:
             side = lambda hw: hw[0] if hw[0] == hw[1] else list(hw)  # noqa: E731  (as format.input_size is written)

@@ -171,6 +171,21 @@ def test_a_vit_input_size_that_is_not_whole_patches_is_refused_before_tracing(tm
         assert not (tmp_path / "out").exists()
 
 
+def test_modules_with_an_int_patch_size_are_checked_or_passed_over_not_crashed_on():
+    from mtl.exporters.onnx_export import _check_patch_size
+
+    class Embed(nn.Module):  # as timm's xcit/nest/tnt store it: patch_size an int
+        def __init__(self, patch_size, **pad):
+            super().__init__()
+            self.patch_size = patch_size
+            self.__dict__.update(pad)
+
+    model = nn.Sequential(Embed(16), Embed(None), Embed((4, 4), dynamic_img_pad=True))
+    _check_patch_size(model, (30, 30))  # none of them asserts on partial patches
+    with pytest.raises(ValueError, match=r"^format.input_size=30 .* patch size 16 of 0 \(Embed\); .*e.g. 16 or 32"):
+        _check_patch_size(nn.Sequential(Embed(16, dynamic_img_pad=False)), (30, 30))
+
+
 @pytest.mark.parametrize("backbone", ["test_resnet", "test_convnext", pytest.param("test_vit", marks=pytest.mark.slow)])
 def test_timm_weights_reload_in_plain_timm(tmp_path, backbone):
     import timm
