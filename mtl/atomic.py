@@ -17,7 +17,10 @@ from typing import Iterator
 __all__ = ["atomic_path", "make_parents", "remove_empty", "alive"]
 
 log = logging.getLogger(__name__)
-_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM}
+#: no room or no writing at all: what the output's writer meets, whichever file it names
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+#: no permission: an input's error as much as an output's, so it counts only when it names the output
+PERMISSION_ERRNOS = (errno.EACCES, errno.EPERM)
 
 
 @contextlib.contextmanager
@@ -56,7 +59,7 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
         finally:
             shutil.rmtree(tmp.parent, ignore_errors=True)
     except Exception as e:  # a full disk or read-only place: name the output, not a hidden temporary
-        code = storage_errno(e, path.parent)
+        code = storage_errno(e, path)
         if code is None or str(e).startswith(f"[Errno {code}] {path}: "):
             raise
         raise OSError(code, f"{path}: cannot write this output ({os.strerror(code)})") from e
@@ -65,22 +68,30 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
             remove_empty(created)
 
 
-def storage_errno(error: BaseException, place: Path) -> int | None:
-    """The errno of a storage failure (full disk, quota, read-only, no permission) in ``error`` or what it
-    wraps (an exporter's own error around the OSError), when it names no file, one under ``place`` or a
-    parent of it; None for anything else (an input it could not read, say), which is left as it is."""
+def storage_errno(error: BaseException, path: Path) -> int | None:
+    """The errno of a storage failure writing ``path`` in ``error`` or what it wraps (an exporter's own error
+    around the OSError); None for anything else, which is left as it is. A full disk, quota or read-only place
+    counts when the OSError names no file or one under ``path``'s folder. No permission counts only when it
+    names ``path``, its temporary or a parent folder of it: an input beside the output that cannot be read
+    (``model/model.safetensors``) is the input's error, not the output's."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS:
-            name = error.filename
-            if name is None:
-                return error.errno
-            name, where = Path(os.path.abspath(os.fsdecode(name))), Path(os.path.abspath(place))
-            if name.is_relative_to(where) or where.is_relative_to(name):  # the temporary, or a missing parent
+        if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS + PERMISSION_ERRNOS:
+            if error.filename is None or _names_the_output(Path(os.path.abspath(os.fsdecode(error.filename))),
+                                                           Path(os.path.abspath(path)), error.errno):
                 return error.errno
         error = error.__cause__ or error.__context__
     return None
+
+
+def _names_the_output(name: Path, path: Path, code: int) -> bool:
+    if path.parent.is_relative_to(name):  # the output's folder or a parent that could not be made
+        return True
+    if code not in PERMISSION_ERRNOS:
+        return name.is_relative_to(path.parent)
+    temporary = name.relative_to(path.parent).parts[0] if name.is_relative_to(path.parent) else ""
+    return name.is_relative_to(path) or temporary.startswith(f".{path.name}.tmp-")
 
 
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2

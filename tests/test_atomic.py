@@ -124,3 +124,26 @@ def test_a_kill_in_the_fallback_replace_loses_no_folder(tmp_path):
         (tmp / "new.txt").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     assert [p.name for p in path.iterdir()] == ["new.txt"]
+
+
+def test_no_permission_to_read_an_input_beside_the_output_is_the_inputs_error(tmp_path):
+    """EACCES on model/model.safetensors while export.onnx is written: an input that cannot be read,
+    left as it is; a full disk naming the same file is still the output's storage error."""
+    out, source = tmp_path / "export.onnx", str(tmp_path / "model" / "model.safetensors")
+    with pytest.raises(PermissionError) as e:
+        with atomic_path(out):
+            raise PermissionError(errno.EACCES, "Permission denied", source)
+    assert e.value.filename == source and str(out) not in str(e.value)
+    with pytest.raises(OSError, match=rf"^\[Errno {errno.ENOSPC}\] {out}: cannot write this output"):
+        with atomic_path(out):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), source)
+
+
+@pytest.mark.parametrize("named", ["temporary", "output", "missing parent"])
+def test_no_permission_to_write_the_output_names_the_output(tmp_path, named):
+    out = tmp_path / "new" / "export.onnx"
+    with pytest.raises(PermissionError, match=rf"^\[Errno {errno.EACCES}\] {out}: cannot write this output "
+                                              r"\(Permission denied\)$"):
+        with atomic_path(out) as tmp:
+            name = {"temporary": tmp, "output": out, "missing parent": tmp_path / "new"}[named]
+            raise PermissionError(errno.EACCES, "Permission denied", str(name))
