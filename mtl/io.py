@@ -1,7 +1,6 @@
 """Model folders (``model.safetensors`` + ``config.json``) and atomic file writing."""
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -17,7 +16,7 @@ from torch import nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from mtl.atomic import atomic_path
+from mtl.atomic import PERMISSION_ERRNOS, STORAGE_ERRNOS, atomic_path
 from mtl.folder_checks import (FORMAT, INIT_ONLY, ModelFolderError, check_header, config_record,  # noqa: F401
                                initial_weight_source, warn_if_newer)  # (FORMAT, INIT_ONLY, ModelFolderError: re-exported)
 
@@ -98,7 +97,7 @@ def safetensors_os_error(error: Exception) -> OSError | None:
     kept, so that ``atomic_path`` names the output; None for any other error."""
     found = re.search(r"os error (\d+)", str(error))
     code = int(found.group(1)) if found else next(  # some builds print the reason only
-        (c for c in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG) if os.strerror(c) in str(error)), None)
+        (c for c in STORAGE_ERRNOS + PERMISSION_ERRNOS if os.strerror(c) in str(error)), None)
     return None if code is None else OSError(code, os.strerror(code))
 
 

@@ -476,6 +476,21 @@ def test_a_full_disk_is_named_by_the_output_not_a_hidden_temporary(tiny_model, t
     assert e.value.errno == errno.ENOSPC and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("code", ["ENOSPC", "EDQUOT", "EROFS", "EFBIG", "EACCES", "EPERM"])
+def test_safetensors_printing_only_the_reason_is_read_as_each_errno_atomic_path_names_the_output_by(tmp_path, code):
+    import errno
+    import os
+
+    from mtl.io import safetensors_os_error
+    from safetensors import SafetensorError
+
+    code = getattr(errno, code)
+    assert safetensors_os_error(SafetensorError(f"I/O error: {os.strerror(code)}")).errno == code
+    with pytest.raises(OSError, match=rf"^\[Errno {code}\] {tmp_path / 'out'}: cannot write this output"):
+        with atomic_path(tmp_path / "out"):
+            raise safetensors_os_error(SafetensorError(f"I/O error: {os.strerror(code)}"))
+
+
 def test_a_dangling_link_is_replaced_as_before(tmp_path):
     link = tmp_path / "out.json"
     link.symlink_to(tmp_path / "gone")
