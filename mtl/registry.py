@@ -137,9 +137,10 @@ def check_int(key: str, value: object, low: int = 0, note: str = "") -> int:
 
 
 def check_indices(key: str, value: object, stages: int | None = None) -> list[int]:
-    """Feature-stage indices: a non-empty list of ints; given the number of ``stages``, each resolved (a negative
-    one counts from the end, as timm's) must lie in it, distinct and increasing: a backbone returns its maps in
-    stage order, once each, so any other list disagrees with the channels declared from it."""
+    """Feature-stage indices: a non-empty list of ints; given the number of ``stages``, the indices resolved (a
+    negative one counts from the end, as timm's) must be distinct and increasing: a backbone returns its maps in
+    stage order, once each, so any other list disagrees with the channels declared from it. Whether each lies
+    within the stages is the backbone's to check (timm's feature_info, slim_resnet's range check)."""
     from collections.abc import Sequence
 
     shaped = isinstance(value, Sequence) and not isinstance(value, str) and len(value) > 0 and all(

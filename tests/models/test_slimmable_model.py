@@ -660,3 +660,18 @@ def test_calibrating_a_width_already_in_the_set_says_its_trained_statistics_are_
         assert slim.calibrate_widths([0.5], [torch.rand(2, 3, 16, 16)]) == list(slim.width_set)
     assert "calibrate_widths: [0.5] already in the width set" in caplog.text
     assert all(torch.equal(before[k], v) for k, v in slim.state_dict().items())
+
+
+def test_slim_resnet_negative_out_indices_count_from_the_end_as_timm_features_only():
+    from mtl.models import BACKBONES
+
+    kw = {k: v for k, v in BB.items() if k not in ("name", "out_indices")}  # 4 stages: stem + 3
+    x = torch.randn(1, 3, 32, 32)
+    torch.manual_seed(0)
+    neg = BACKBONES.get("slim_resnet")(out_indices=[1, -1], **kw)
+    torch.manual_seed(0)
+    pos = BACKBONES.get("slim_resnet")(out_indices=[1, 3], **kw)
+    assert neg.channels == pos.channels == [8, 16] and neg.reductions == pos.reductions == [4, 16]
+    assert all(torch.equal(a, b) for a, b in zip(neg.eval()(x), pos.eval()(x)))
+    with pytest.raises(ValueError, match=r"^slim_resnet: backbone.out_indices \[-5\] outside the 4 stages"):
+        BACKBONES.get("slim_resnet")(out_indices=[-5], **kw)

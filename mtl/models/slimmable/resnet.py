@@ -53,10 +53,11 @@ class SlimResNet(nn.Module):
         depths = [int(d) for d in (depths or [1] * len(channels))]
         if len(depths) != len(channels):
             raise ValueError(f"slim_resnet: depths {depths} and channels {channels} differ in length")
-        out_indices = check_indices("backbone.out_indices", out_indices, stages=len(channels) + 1)
-        bad = [i for i in out_indices if not 0 <= i <= len(channels)]  # a negative one would not be stored as used
-        if bad:
-            raise ValueError(f"slim_resnet: out_indices {list(out_indices)} outside 0..{len(channels)}")
+        given = check_indices("backbone.out_indices", out_indices, stages=len(channels) + 1)
+        out_indices = [i + len(channels) + 1 if i < 0 else i for i in given]  # from the end, as timm's
+        if not all(0 <= i <= len(channels) for i in out_indices):
+            raise ValueError(f"slim_resnet: backbone.out_indices {given} outside the {len(channels) + 1} stages "
+                             f"(0..{len(channels)}, or -{len(channels) + 1}..-1 from the end)")
         self.widths = check_width_set(widths, "backbone.widths") if widths is not None else None
         self.out_indices = out_indices
         self.stem = nn.Sequential(conv(3, stem, 3, 2, widths=self.widths, out_key=ENCODER),
