@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Callable, Generic, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -50,7 +50,7 @@ class Registry(Generic[T]):
 _SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
 
 
-def _keyword_parameters(fn: Callable) -> dict:
+def keyword_parameters(fn: Callable) -> dict:
     """``fn``'s parameters; for a class whose ``__init__`` hands ``**kwargs`` on to its base's, the base's too
     (NYUv2DataModule's size, n_train, ... are DenseBenchmarkDataModule's), so they count as known settings."""
     import inspect
@@ -75,7 +75,7 @@ def check_kwargs(fn: Callable, kwargs: dict, what: str, given: tuple[str, ...] =
     import inspect
 
     try:
-        params = _keyword_parameters(fn)
+        params = keyword_parameters(fn)
     except (TypeError, ValueError):
         return
     open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -101,15 +101,21 @@ def check_kwargs(fn: Callable, kwargs: dict, what: str, given: tuple[str, ...] =
                             f"got {value!r} ({type(value).__name__})")
 
 
+def closest(key: str, known: Iterable[str], cutoff: float = 0.75) -> str | None:
+    """The known name a misspelt ``key`` most likely meant (difflib), None when nothing is close."""
+    import difflib
+
+    found = difflib.get_close_matches(key, list(known), n=1, cutoff=cutoff)
+    return found[0] if found else None
+
+
 def unknown_settings(what: str, keys: list[str], settings: list[str]) -> str:
     """'unknown setting <what>.<key> (did you mean <what>.<close>?); the settings here are: ...', each key with
     its close known one if any; nothing close, no guess."""
-    import difflib
-
     named = []
     for key in keys:
-        close = difflib.get_close_matches(key, settings, n=1, cutoff=0.75)
-        named.append(f"{what}.{key}" + (f" (did you mean {what}.{close[0]}?)" if close else ""))
+        close = closest(key, settings)
+        named.append(f"{what}.{key}" + (f" (did you mean {what}.{close}?)" if close else ""))
     return f"unknown setting{'s' if len(keys) > 1 else ''} {', '.join(named)}; the settings here are: {', '.join(settings)}"
 
 

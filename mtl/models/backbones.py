@@ -18,7 +18,7 @@ from torch import nn
 
 from mtl.models.backbone_weights import missing_from_file, shape_mismatch
 from mtl.io import INIT_ONLY  # noqa: F401  (re-exported: the backbone keys a model folder leaves out)
-from mtl.registry import Registry, UnknownNameError, check_bool, check_indices, check_kwargs
+from mtl.registry import Registry, UnknownNameError, check_bool, check_indices, check_kwargs, closest
 
 BACKBONES: "Registry[type[nn.Module]]" = Registry("backbone")
 
@@ -90,9 +90,9 @@ class TimmBackbone(nn.Module):
         except Exception as e:
             unknown = unknown_keyword(e, kwargs)
             if unknown:  # a misspelt setting: named as the decoder's are, not as "<Class>.__init__() got ..."
-                close = difflib.get_close_matches(unknown, [*OWN_SETTINGS, *timm_keywords(name, e)], n=1)
+                close = closest(unknown, [*OWN_SETTINGS, *timm_keywords(name, e)], cutoff=0.6)
                 raise TypeError(f"unknown setting backbone.{unknown}"
-                                + (f" (did you mean backbone.{close[0]}?)" if close else "")
+                                + (f" (did you mean backbone.{close}?)" if close else "")
                                 + f"; the settings here are: {', '.join(OWN_SETTINGS)} and the keyword arguments of "
                                 f"timm's {name!r} ({e})") from None
             mismatch = shape_mismatch(e, name, checkpoint_path) if checkpoint_path else None

@@ -204,7 +204,7 @@ def create_model(
 def check_family_options(cls: type, family: str, kwargs: dict[str, Any], parts: dict[str, dict[str, Any]]) -> None:
     """Refuse a create_model keyword the family does not take (its class said "__init__() got an unexpected
     keyword argument"), saying so when it is a backbone or decoder setting given at the wrong level."""
-    import difflib
+    from mtl.registry import closest
 
     options = _family_options(cls)
     unknown = [k for k in kwargs if options is not None and k not in options]
@@ -218,24 +218,23 @@ def check_family_options(cls: type, family: str, kwargs: dict[str, Any], parts: 
             raise TypeError(f"{where}; it is a {part} setting: pass {part}={named!r}")
     known = [*options, *(f"{part}.{k}" for part, spec in parts.items() for k in _part_settings(cls, part, spec))]
     by_key = {k.split(".")[-1]: k for k in reversed(known)}  # a family option wins over a part's setting
-    close = difflib.get_close_matches(key, list(by_key), n=1, cutoff=0.75)
-    raise TypeError(where + (f" (did you mean {by_key[close[0]]}?)" if close else ""))
+    close = closest(key, by_key)
+    raise TypeError(where + (f" (did you mean {by_key[close]}?)" if close else ""))
 
 
 def _family_options(cls: type) -> list[str] | None:
     """The keywords a family's constructor takes beside (tasks, backbone, decoder), read through a constructor
-    that passes ``**kwargs`` on (linearized); None when no signature is readable."""
-    import inspect
+    that passes ``**kwargs`` on (linearized); None when it stays open-ended or no signature is readable."""
+    from mtl.registry import keyword_parameters
 
-    for klass in cls.__mro__:
-        init = vars(klass).get("__init__")
-        if init is None:
-            continue
-        params = list(inspect.signature(init).parameters.values())
-        if not any(p.kind is p.VAR_KEYWORD for p in params):
-            return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-                    and p.name not in ("self", "tasks", "backbone", "decoder")]
-    return None
+    try:
+        params = keyword_parameters(cls).values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and p.name not in ("self", "tasks", "backbone", "decoder")]
 
 
 def _part_settings(cls: type, part: str, spec: dict[str, Any]) -> list[str]:
