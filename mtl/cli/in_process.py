@@ -3,7 +3,6 @@ checks and failure marking as the console scripts, for notebooks, scripts and te
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 import warnings
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any, Callable, Sequence
 
 from mtl.atomic import make_parents
 from mtl.cli.choices import check_overrides
+from mtl.cli.environ import restored_environ
 from mtl.cli.common import (LEAFSPEC_WARNING, _rank0, check_group_choices, check_required, check_run_name,
                             hydra_message, register_resolvers)
 from mtl.cli.failures import claims_run_folder, interrupted_message, interruption, marks_failure, output_root
@@ -163,11 +163,11 @@ def leaves_process_state():
     py, npy = random.getstate(), np.random.get_state()
     det, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     benchmark = torch.backends.cudnn.benchmark
-    env = {k: os.environ.get(k) for k in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS", "CUBLAS_WORKSPACE_CONFIG")}
+    env = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS", "CUBLAS_WORKSPACE_CONFIG")
     # a GPU run seeds every device; their states are saved only when the caller has started CUDA already
     # (reading them would start it, which breaks the caller's later fork-started CUDA workers)
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
+    with torch.random.fork_rng(devices=devices), warnings.catch_warnings(), restored_environ(env):
         warnings.filterwarnings("ignore", message=LEAFSPEC_WARNING, category=FutureWarning)
         try:
             yield
@@ -176,11 +176,6 @@ def leaves_process_state():
             np.random.set_state(npy)
             torch.use_deterministic_algorithms(det, warn_only=warn_only)
             torch.backends.cudnn.benchmark = benchmark
-            for key, value in env.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
 
 
 def report_in_process(job: Callable[[Any, Path], dict], config_modules: Sequence[str], config_name: str,

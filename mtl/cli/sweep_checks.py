@@ -33,18 +33,15 @@ def distributed_state_of_one_job():
     torchrun, so it skipped the local-DDP refusal and trained on one process."""
     import torch.distributed as dist
 
-    before = {k: os.environ.get(k) for k in _RANK_ENV}
+    from mtl.cli.environ import restored_environ
+
     had_group = dist.is_available() and dist.is_initialized()
-    try:
-        yield
-    finally:
-        if not had_group and dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with restored_environ(_RANK_ENV):
+        try:
+            yield
+        finally:
+            if not had_group and dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def _processes(devices: Any) -> int | None:
