@@ -66,9 +66,9 @@ def check_added_keys(cfg: Any, overrides: Sequence[str]) -> None:
     """Raise for ``+key=value`` that adds, to a node only the job reads, a key that nearly matches another
     key there (``+seeed=3`` beside ``seed``, ``+viz.num_sample=3`` beside ``num_samples``): Hydra suggests
     ``+`` for any unknown key, and the job would ignore it without a word."""
-    import difflib
-
     from omegaconf import DictConfig
+
+    from mtl.registry import closest
 
     for arg in overrides:
         if not arg.startswith("+") or arg.startswith("++") or "=" not in arg:
@@ -81,12 +81,12 @@ def check_added_keys(cfg: Any, overrides: Sequence[str]) -> None:
         if not isinstance(node, DictConfig):
             continue
         others = [k for k in node.keys() if isinstance(k, str) and k != key]
-        close = difflib.get_close_matches(key, others, n=1, cutoff=0.75)
+        close = closest(key, others)
         if _interpolated(cfg, path):  # a key another setting reads as ${key} is a real one
             continue
         where = f"{parent}." if parent else ""
         if close:
-            raise ValueError(f"{arg}: no setting {where}{key} (did you mean {where}{close[0]}?); nothing reads an "
+            raise ValueError(f"{arg}: no setting {where}{key} (did you mean {where}{close}?); nothing reads an "
                              f"added {where}{key}")
         if parent in LISTED_NODES:
             raise ValueError(f"{arg}: no setting {where}{key} ({parent} has {', '.join(sorted(others))}); nothing reads "
@@ -119,10 +119,11 @@ def near_setting(message: str, app_module: str) -> str:
     ``tasks``) instead. ``app_module``: the app's config package (its primary config and groups only).
     The opposite, ``+launcher=joblib`` for a group the app already has, gets Hydra's defaults-list syntax
     as advice ("use 'override launcher: joblib'"): the command-line spelling is named instead."""
-    import difflib
     import re
 
     import yaml
+
+    from mtl.registry import closest
 
     from mtl.cli.common import _group_options
 
@@ -141,5 +142,5 @@ def near_setting(message: str, app_module: str) -> str:
     for f in files:  # the top-level keys of the app's own config files
         data = yaml.safe_load(f.read_text())
         known.update(k for k in (data or {}) if isinstance(k, str) and k != "defaults")
-    near = difflib.get_close_matches(name, sorted(known - {name}), n=1, cutoff=0.75)
-    return f"no setting {name!r} (did you mean {near[0]}?)" if near else message
+    near = closest(name, sorted(known - {name}))
+    return f"no setting {name!r} (did you mean {near}?)" if near else message
