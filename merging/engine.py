@@ -265,7 +265,8 @@ def produce(method, ctx: Context, fused: Callable[[str], object] | None = None) 
     for key in ctx.iter_keys(plan.order):
         kind = plan.kind[key]
         dtype = plan.infos[key].dtype
-        if kind == "merge" and fused is not None:
+        is_variance = kind == "merge" and is_bn_variance(key)
+        if kind == "merge" and fused is not None and not is_variance:  # a variance is small: checked whole
             yield key, fused(key)
             continue
         if kind == "merge":
@@ -278,4 +279,21 @@ def produce(method, ctx: Context, fused: Callable[[str], object] | None = None) 
             out = ctx.average(key)
         out = out.to(dtype)
         ctx.check_output(key, out)  # every method's output, after the cast (an fp16 output can overflow there)
+        if is_variance:
+            check_merged_variance(key, out)
         yield key, out
+
+
+def is_bn_variance(key: str) -> bool:
+    return key == "running_var" or key.endswith(".running_var")
+
+
+def check_merged_variance(key: str, out: torch.Tensor) -> None:
+    """bn="merge" merges BN variances like any float; θ0 + Σ λ τ can then fall below zero, and a
+    negative variance makes BatchNorm return NaN (the square root of a negative number)."""
+    low = float(out.min()) if out.numel() else 0.0
+    if low < 0:
+        raise MergeInputError(
+            f"bn='merge' gives the BatchNorm variance {key!r} negative entries (down to {low:.3g}), which "
+            "BatchNorm turns into NaN outputs: use bn='average' or 'pretrained', re-estimate the statistics "
+            "(bn='recompute' / merging.recompute_bn), or lower the merge coefficients")

@@ -184,10 +184,13 @@ def _objective_tasks(problem: MergeProblem, supervised: bool) -> tuple[list[str]
 def _full_state(pretrained, finetuned, merged: dict[str, torch.Tensor], key_options) -> dict[str, torch.Tensor]:
     """Every key a training-free merge returns (buffers copied from θ0 etc.), with the learned tensors in."""
     from ..api import merge
+    from ..engine import check_merged_variance, is_bn_variance
 
     base = merge("task_arithmetic", pretrained, finetuned, lam=0.0, **key_options)
     for k, v in merged.items():
         base[k] = v.detach().to("cpu", base[k].dtype).clone()
+        if is_bn_variance(k):  # learned under bn="merge"
+            check_merged_variance(k, base[k])
     return base
 
 

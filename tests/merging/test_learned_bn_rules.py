@@ -121,3 +121,15 @@ def test_concrete_under_bn_merge_leaves_the_statistics_out_of_the_mask(method):
         expect = pre[k] + sum(lam[t] * (fts[t][k] - pre[k]) for t in range(len(TASKS)))
         torch.testing.assert_close(res.state_dict[k], expect, rtol=1e-6, atol=1e-6)
         assert not torch.allclose(res.state_dict[k], pre[k])
+
+
+def test_bn_merge_refuses_a_learned_negative_variance():
+    """At λ = 1 for both tasks the merged variance is θ0 + Σ τ = v0 + 2·(0.1·v0 − v0) < 0: refused as the
+    training-free merge refuses it, not returned as a model whose BatchNorm outputs NaN."""
+    model, pre, fts, data = _setup()
+    v = "body.1.running_var"
+    for f in fts:
+        f[v] = 0.1 * pre[v]
+    with pytest.raises(merging.MergeInputError, match="body.1.running_var' negative"):
+        merging.learn("adamerging", pre, fts, unlabeled=data, model=model, tasks=TASKS, bn="merge", init=1.0,
+                      steps=0, progress=False)

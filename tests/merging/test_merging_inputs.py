@@ -102,6 +102,25 @@ def test_what_merges_heads_buffers_and_bn_rule():
     assert plan.kind["backbone.bn.num_batches_tracked"] == "copy"
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_bn_merge_refuses_a_negative_merged_variance(tmp_path, fused):
+    # θ0 has variance 1, both fine-tunes 0.1: λ = 1 gives 1 + 2·(0.1 − 1) = −0.8, which BatchNorm turns into NaN
+    pre, fts = make_models(T=2)
+    v = "backbone.bn.running_var"
+    pre[v] = torch.ones_like(pre[v])
+    for f in fts:
+        f[v] = torch.full_like(f[v], 0.1)
+    with pytest.raises(merging.MergeInputError, match=r"bn='merge' gives the BatchNorm variance 'backbone.bn.running_var' negative.*-0.8"):
+        merging.merge("task_arithmetic", pre, fts, bn="merge", lam=1.0)
+    pre_f, ft_fs = save_models(tmp_path, pre, fts, folders=False)
+    out = tmp_path / "merged.safetensors"
+    with pytest.raises(merging.MergeInputError, match="negative"):
+        merging.merge_to_file("task_arithmetic", pre_f, ft_fs, out, bn="merge", lam=1.0, fused=fused)
+    assert not out.exists()  # no half-written output
+    ok = merging.merge("task_arithmetic", pre, fts, bn="merge", lam=0.5)  # 1 − 0.9 = 0.1: fine
+    torch.testing.assert_close(ok[v], torch.full_like(ok[v], 0.1))
+
+
 def test_include_exclude_filters():
     pre, fts = make_models(T=2)
     bb = merging.merge("average", pre, fts, include="backbone.")
