@@ -111,9 +111,11 @@ def choose_splits(available: Iterable[str], splits: Mapping[str, str], where: st
 
 def _split_named(name: str, role: str, available: list[str], where: str) -> str:
     """The split ``data.splits.<role>`` names: itself, or HF's name for it where keyword files formed the split
-    (``val.parquet`` forms ``validation``, so {val: val} and {val: validation} both mean it)."""
+    (``val.parquet`` forms ``validation``, so {val: val} and {val: validation} both mean it, and {test: val} tests
+    on it)."""
     if name in available:
         return name
-    if role_of(name) == role and HF_NAME[role] in available:
-        return HF_NAME[role]
+    word_role = role_of(name)
+    if word_role is not None and HF_NAME[word_role] in available:
+        return HF_NAME[word_role]
     raise KeyError(f"hf_local: {where} has no split {name!r} (data.splits.{role}); splits: {', '.join(available)}")

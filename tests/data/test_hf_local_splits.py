@@ -143,6 +143,15 @@ def test_a_val_file_is_named_by_either_word_in_data_splits(tmp_path, name):
     assert _ids(dm, "val") == {100, 101} and _ids(dm, "test") == {200, 201} and _ids(dm, "train") == set(range(10))
 
 
+@pytest.mark.parametrize("name", ["val", "valid", "dev"])
+def test_a_val_file_can_serve_as_the_test_split_by_its_own_word(tmp_path, name):
+    # test labels withheld (as on many benchmarks): test on the validation file, named as its file is
+    _rows(tmp_path / "pq" / "train.parquet", list(range(10)))
+    _rows(tmp_path / "pq" / f"{name}.parquet", [100, 101])
+    dm = HFImageDataModule(tmp_path / "pq", image_column="image", columns={"y": "other"}, splits={"test": name})
+    assert _ids(dm, "test") == {100, 101} and _ids(dm, "train") <= set(range(10))  # val: held out of train
+
+
 def test_the_data_folder_of_a_sharded_dataset_as_path_keeps_its_splits_and_warns_the_unused_one(tmp_path, caplog):
     data = tmp_path / "imdb" / "data"  # HF's layout, with data.path pointed at data/ itself
     _rows(data / "train-00000-of-00001.parquet", list(range(10)))
