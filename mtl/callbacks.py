@@ -120,6 +120,7 @@ class ModelCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
         self.saved = dict(state_dict.get("saved") or {})
         best = state_dict.get("best_model_path")
         if best and not Path(best).is_file():
+            self.lost_best = best  # what the end of the run names when no epoch after the resume validated
             if self.monitor is not None:  # (without one, the "best" is the latest save: nothing to report)
                 log.warning("the resumed checkpoint's best checkpoint %s is gone (its run folder moved or deleted): "
                             "the best by %s is tracked anew from the resumed epochs on, and the one tested is the best "

@@ -273,7 +273,12 @@ def _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, basel
         "global_steps": trainer.global_step,
         "balancer": {"name": module.balancer.name, **diagnostics},
     }
-    if val is None and not module.val_history and validates:  # (a schedule known to run none was warned at its start)
+    lost_best = getattr(trainer.checkpoint_callback, "lost_best", None)
+    if val is None and not module.val_history and lost_best:
+        log.warning("no epoch was validated after the resume and the recorded best checkpoint %s is gone: the "
+                    "checkpoint tested and saved is the last one trained and metrics.json['val'] holds no epoch's "
+                    "validation", lost_best)
+    elif val is None and not module.val_history and validates:  # (a schedule known to run none was warned at its start)
         log.warning("no validation ran (trainer.max_steps or check_val_every_n_epoch ended training before one, at "
                     "step %d): the checkpoint tested and saved is the last one trained and metrics.json['val'] holds "
                     "no epoch's validation", trainer.global_step)

@@ -250,3 +250,20 @@ def test_a_resume_whose_best_checkpoint_is_gone_tracks_the_best_anew(tmp_path, c
     assert (resumed / "model" / "model.safetensors").is_file()
     states = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)["callbacks"]
     assert str(tested) in {s.get("best_model_path") for s in states.values()}
+
+
+def test_a_resume_at_its_schedules_end_whose_best_is_gone_says_why_no_epoch_is_validated(tmp_path, caplog):
+    """Nothing is left to train and the recorded best is gone: the last weights are tested, and the warning names
+    that cause (it blamed trainer.max_steps / check_val_every_n_epoch, which nobody set)."""
+    import shutil
+
+    first = run(BASE + ["trainer.max_epochs=1"], run_dir=tmp_path / "a")
+    copy = tmp_path / "copy.ckpt"
+    shutil.copy(first / "checkpoints" / "last.ckpt", copy)
+    gone = next((first / "checkpoints").glob("epoch*.ckpt"))
+    gone.unlink()
+    with caplog.at_level("WARNING"):
+        resumed = run(BASE + ["trainer.max_epochs=1", f"ckpt_path={copy}"], run_dir=tmp_path / "b")
+    assert f"no epoch was validated after the resume and the recorded best checkpoint {gone} is gone" in caplog.text
+    assert "trainer.max_steps or check_val_every_n_epoch" not in caplog.text
+    assert json.loads((resumed / "metrics.json").read_text())["val_epoch"] == "last"
