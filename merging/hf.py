@@ -22,14 +22,17 @@ from typing import Any
 
 import torch
 
+from mtl.io import FOLDER_METADATA
+
 from .sources import TensorInfo
 
-__all__ = ["parse_size", "plan_shards", "write_sharded", "copy_base_files", "model_card", "WEIGHT_FILES",
-           "ABOUT_OTHER_WEIGHTS"]
+__all__ = ["parse_size", "plan_shards", "write_sharded", "base_files", "copy_base_files", "check_replaceable",
+           "is_merge_card", "model_card", "WEIGHT_FILES", "ABOUT_OTHER_WEIGHTS"]
 
 log = logging.getLogger(__name__)
 
 INDEX = "model.safetensors.index.json"
+SHARD = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")  # the weight file names `shard_names` gives
 _UNITS = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 # Files that hold weights (ours replace them) or describe the base model's weights.
@@ -107,20 +110,43 @@ def write_sharded(folder: Path, specs: Sequence[tuple[str, TensorInfo]], tensors
     return [folder / n for n in names]
 
 
+def base_files(base: Path, replaced: Collection[str] = ()) -> list[Path]:
+    """The base model folder's files a merge copies: its non-weight files (config, tokenizer, generation
+    config, ...) but those the caller writes itself (`replaced`) and those describing weights that are not
+    copied (`ABOUT_OTHER_WEIGHTS`)."""
+    return [p for p in sorted(base.iterdir()) if p.is_file() and not WEIGHT_FILES.fullmatch(p.name)
+            and not p.name.startswith(".") and p.name not in replaced and p.name not in ABOUT_OTHER_WEIGHTS]
+
+
 def copy_base_files(base: Path, folder: Path, replaced: Collection[str] = ()) -> list[str]:
-    """Copy the base model folder's non-weight files (config, tokenizer, generation config, ...) but those
-    the caller writes itself (`replaced`); files describing weights that are not copied
-    (`ABOUT_OTHER_WEIGHTS`) are left out, with a warning naming them."""
-    copied = []
-    for p in sorted(base.iterdir()):
-        if not p.is_file() or WEIGHT_FILES.fullmatch(p.name) or p.name.startswith(".") or p.name in replaced:
-            continue
-        if p.name in ABOUT_OTHER_WEIGHTS:
-            log.warning("%s is not copied into the merged folder: it is %s", p, ABOUT_OTHER_WEIGHTS[p.name])
-            continue
+    """Copy `base_files` into `folder`; a file describing uncopied weights is left out with a warning."""
+    for name in sorted(ABOUT_OTHER_WEIGHTS.keys() - set(replaced)):
+        if (base / name).is_file():
+            log.warning("%s is not copied into the merged folder: it is %s", base / name, ABOUT_OTHER_WEIGHTS[name])
+    copied = base_files(base, replaced)
+    for p in copied:
         shutil.copy2(p, folder / p.name)
-        copied.append(p.name)
-    return copied
+    return [p.name for p in copied]
+
+
+def is_merge_card(path: Path) -> bool:
+    """`path` is a model card `model_card` wrote (a README of anyone else's is never replaced)."""
+    return path.is_file() and "Made with mtlkit" in path.read_text(errors="replace")[:2000]
+
+
+def check_replaceable(folder: Path, written: Collection[str]) -> None:
+    """`overwrite` swaps a Hugging Face output folder whole for the new one (atomically), so the old folder may
+    hold only what a merge writes: weight files named as `shard_names` names them, the shard index, an mtlkit
+    model card and the files of `written` (this merge's copied base files and extra files). Anything else
+    (a user's notes, checkpoints/, metrics.json, another README) is refused by name rather than deleted."""
+    kept = [p.name + ("/" if p.is_dir() else "") for p in sorted(folder.iterdir())
+            if p.name not in FOLDER_METADATA and not (p.is_file() and (
+                SHARD.fullmatch(p.name) or p.name in (INDEX, *written) or (p.name == "README.md" and is_merge_card(p))))]
+    if kept:
+        more = f" (and {len(kept) - 5} more)" if len(kept) > 5 else ""
+        raise FileExistsError(f"{folder} holds {', '.join(kept[:5])}{more}, which this merge does not write; "
+                              "overwrite=True replaces the whole folder and would delete them: move them out or choose "
+                              "another path")
 
 
 def model_card(method: str, hparams: dict[str, Any], pretrained: Any, finetuned: Sequence[Any], convention: str) -> str:

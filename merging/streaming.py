@@ -24,7 +24,7 @@ from mtl.io import atomic_path, holds_user_files
 
 from .engine import KeyOptions, open_context, produce, torch_threads
 from .kernels import DEFAULT_CHUNK, Chunks, Streamed, chunked_streams, fused_kernel
-from .hf import copy_base_files, model_card, parse_size, write_sharded
+from .hf import base_files, check_replaceable, copy_base_files, is_merge_card, model_card, parse_size, write_sharded
 from .methods import create_method
 from .safetensors_source import DTYPE_CODES
 from .sources import check_output_apart_from_inputs
@@ -107,9 +107,8 @@ def _earlier_hf_merge(folder: Path) -> list[Path]:
     """What a Hugging Face style merge left in `folder` that a single-file merge there would contradict:
     its shards, their index and its model card (a README.md of anyone else's is never touched)."""
     card = folder / "README.md"
-    ours = card.is_file() and "Made with mtlkit" in card.read_text(errors="replace")[:2000]
     return sorted([*folder.glob("model-*-of-*.safetensors"),
-                   *(p for p in (folder / "model.safetensors.index.json",) if p.exists()), *([card] if ours else [])])
+                   *(p for p in (folder / "model.safetensors.index.json",) if p.exists()), *([card] if is_merge_card(card) else [])])
 
 
 @contextmanager
@@ -212,6 +211,10 @@ def merge_to_file(
         # overwrite replaces an earlier merged folder, never a folder of something else
         raise FileExistsError(f"{path} exists and holds no .safetensors weights (not an earlier merge); refusing to "
                               "replace it: choose another path or remove it yourself")
+    copies = copy_files is not False and isinstance(pretrained, (str, os.PathLike)) and Path(pretrained).is_dir()
+    if hf_folder and path.is_dir() and overwrite:
+        copied = [p.name for p in base_files(Path(pretrained), extra_files or ())] if copies else []
+        check_replaceable(path, [*copied, *(extra_files or ())])
     opts, hp = KeyOptions.split(dict(kwargs))
     convention = hp.get("convention", "paper")
     m = create_method(method, **hp)
@@ -238,7 +241,7 @@ def merge_to_file(
                 with atomic_path(path, overwrite=overwrite) as tmp:
                     tmp.mkdir()
                     write_sharded(tmp, specs, produce(m, ctx, streamed), size, meta)
-                    if copy_files is not False and isinstance(pretrained, (str, os.PathLike)) and Path(pretrained).is_dir():
+                    if copies:
                         copy_base_files(Path(pretrained), tmp, replaced=set(extra_files or ()))
                     (tmp / "README.md").write_text(model_card(method, m.hp, pretrained, finetuned, convention))
                     for name, text in (extra_files or {}).items():  # the base's files of these names were not copied

@@ -266,6 +266,48 @@ def test_overwrite_replaces_an_earlier_merge_never_a_folder_of_something_else(ll
     merging.merge_to_file("task_arithmetic", base, fts, out, shard_size=40_000, lam=0.5, overwrite=True)  # an earlier merge
 
 
+def _tree(folder):
+    return sorted((str(p.relative_to(folder)), p.read_bytes() if p.is_file() else None) for p in folder.rglob("*"))
+
+
+def test_overwrite_refuses_a_folder_holding_what_no_merge_writes(llamas, tmp_path):
+    """A Hugging Face output is swapped in whole: a weights folder that also holds a user's files once lost them
+    all (checkpoints/, metrics.json, notes) to overwrite=True, whatever the inputs."""
+    base, fts = llamas
+    victim = tmp_path / "victim"
+    (victim / "checkpoints").mkdir(parents=True)
+    (victim / "checkpoints" / "last.ckpt").write_text("ck")
+    (victim / "metrics.json").write_text("{}")
+    (victim / "notes.txt").write_text("precious")
+    (victim / "README.md").write_text("my own card")
+    (victim / "model.safetensors").write_bytes((fts[0] / "model.safetensors").read_bytes())
+    before = _tree(victim)
+    for pre in (base, merging.load_state_dict(base)):  # a folder base and an in-memory one alike
+        with pytest.raises(FileExistsError, match=r"victim holds README.md, checkpoints/, metrics.json, notes.txt, "
+                                                  r"which this merge does not write; overwrite=True replaces the whole"):
+            merging.merge_to_file("task_arithmetic", pre, fts, victim, shard_size=40_000, lam=0.3, overwrite=True)
+        assert _tree(victim) == before
+    # a single model.safetensors is written into the folder: everything else there stays
+    merging.merge_to_file("task_arithmetic", merging.load_state_dict(base), fts, victim, lam=0.3, overwrite=True)
+    assert [e for e in _tree(victim) if e[0] != "model.safetensors"] == [e for e in before if e[0] != "model.safetensors"]
+
+
+def test_overwrite_replaces_an_earlier_merge_without_stale_shards(llamas, tmp_path):
+    base, fts = llamas
+    out = merging.merge_to_file("task_arithmetic", base, fts, tmp_path / "merged", shard_size=40_000, lam=0.3,
+                                extra_files={"recipe.yml": "x"})
+    assert len(list(out.glob("model-*.safetensors"))) > 2
+    (out / ".DS_Store").write_text("")
+    merging.merge_to_file("ties", base, fts, out, shard_size="1GB", overwrite=True,  # now one shard
+                          extra_files={"recipe.yml": "y"})
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors", "recipe.yml",
+                                                     "tokenizer_config.json"]
+    assert (out / "recipe.yml").read_text() == "y" and "ties" in (out / "README.md").read_text()
+    want = merging.merge("ties", base, fts)
+    got = merging.load_state_dict(out)
+    assert set(got) == set(want) and all(torch.equal(got[k], v) for k, v in want.items())
+
+
 def test_a_single_file_merge_over_an_earlier_sharded_merge_leaves_one_set_of_weights(llamas, tmp_path):
     base, fts = llamas
     out = merging.merge_to_file("task_arithmetic", base, fts, tmp_path / "o", shard_size=40_000, lam=0.3)
