@@ -35,8 +35,10 @@ INDEX = "model.safetensors.index.json"
 SHARD = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")  # the weight file names `shard_names` gives
 _UNITS = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-# Files that hold weights (ours replace them) or describe the base model's weights.
-WEIGHT_FILES = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf)$|.*\.index\.json$|README\.md$")
+# Files that hold weights (ours replace them; other formats, ONNX and its external data included, would
+# contradict them) or describe the base model's weights. Subfolders (onnx/, openvino/) are never copied.
+WEIGHT_FILES = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|keras|msgpack|gguf|onnx|onnx_data|onnx\.data|tflite"
+                          r"|mlmodel|ot)$|.*\.index\.json$|README\.md$", re.IGNORECASE)
 # Files describing weights the merge does not write: copied, they would make the output claim them (peft
 # and transformers load an adapter for any folder holding adapter_config.json; mergekit_config.yml is the
 # recipe that made the base, not the merge).

@@ -388,6 +388,23 @@ def test_files_describing_uncopied_weights_stay_behind(llamas, tmp_path, caplog)
     assert "mergekit_config.yml" not in " ".join(r.getMessage() for r in caplog.records)
 
 
+def test_weights_in_other_formats_stay_behind(llamas, tmp_path):
+    """Hugging Face repos ship the same model as ONNX (with external data), TFLite, Core ML, rust-bert, Keras,
+    Flax, GGUF, torch pickles, at the top or in subfolders: beside the merged weights they would be the base's."""
+    base, fts = llamas
+    other = ["model.onnx", "model.onnx_data", "decoder.onnx.data", "model.tflite", "Model.mlmodel", "rust_model.ot",
+             "tf_model.h5", "model.keras", "flax_model.msgpack", "model.gguf", "pytorch_model.bin", "model.pt",
+             "model.pth", "last.ckpt", "pytorch_model.bin.index.json", "MODEL.ONNX"]
+    for name in other:
+        (base / name).write_text("x")
+    (base / "onnx").mkdir()
+    (base / "onnx" / "model.onnx").write_text("x")
+    (base / "special_tokens_map.json").write_text("{}")  # not weights: copied
+    out = merging.merge_to_file("task_arithmetic", base, fts, tmp_path / "merged", lam=0.3)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors",
+                                                     "special_tokens_map.json", "tokenizer_config.json"]
+
+
 def test_folder_with_both_weight_files_reads_model_safetensors_and_says_so(llamas, tmp_path, caplog):
     base, fts = llamas
     folder, _ = _shard(tmp_path, base)  # the base's weights, sharded
