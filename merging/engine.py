@@ -137,7 +137,7 @@ class Context:
         return x, fresh
 
     def _validate(self, x: torch.Tensor, i: int, key: str) -> None:
-        check_input_finite(x, key, self.sources[i].label)
+        check_input_finite(x, key, self.sources[i].label_of(key))
 
     def check_output(self, key: str, out: torch.Tensor) -> None:
         """A non-finite output (in the output dtype: a cast can overflow too) is traced back to the input

@@ -153,13 +153,13 @@ def plan_keys(
         bad = [(m, i) for m, i in zip(models[1:], infos[1:]) if i.shape != ref.shape]
         if bad:
             m, i = bad[0]
-            mismatched.append(
-                f"{k!r} has shape {_fmt_shape(ref.shape)} in {pre.label} but {_fmt_shape(i.shape)} in {m.label}"
-            )
+            mismatched.append(f"{k!r} has shape {_fmt_shape(ref.shape)} in {pre.label_of(k)} but "
+                              f"{_fmt_shape(i.shape)} in {m.label_of(k)}")
             continue
         other = next((m for m, i in zip(models[1:], infos[1:]) if i.dtype != ref.dtype), None)
         if other is not None:  # merging bf16 into fp32 (or back) would silently change a model's precision
-            mismatched.append(f"{k!r} is {ref.dtype} in {pre.label} but {other.info(k).dtype} in {other.label}")
+            mismatched.append(f"{k!r} is {ref.dtype} in {pre.label_of(k)} but {other.info(k).dtype} in "
+                              f"{other.label_of(k)}")
             continue
         plan.infos[k] = ref
         plan.compute[k] = compute_dtype([i.dtype for i in infos])

@@ -285,6 +285,9 @@ class ShardedSafetensorsSource(StateSource):
     def info(self, key: str) -> TensorInfo:
         return self._where[key].info(key)
 
+    def label_of(self, key: str) -> str:
+        return str(self._where[key].path) if key in self._where else self.label
+
     def get(self, key: str) -> torch.Tensor:
         shard = self._where[key]
         if self._last is not None and self._last is not shard:

@@ -52,6 +52,10 @@ class StateSource(ABC):
     @abstractmethod
     def get(self, key: str) -> torch.Tensor: ...
 
+    def label_of(self, key: str) -> str:
+        """What holds `key`, for error messages: the source's `label` unless it spans files."""
+        return self.label
+
     def prefetch(self, key: str) -> None:
         """Hint that `key` will be read soon (file sources start the disk read)."""
 

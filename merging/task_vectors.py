@@ -41,7 +41,7 @@ def apply_task_vector(pretrained, tau: dict[str, torch.Tensor], lam: float = 1.0
                list_hint="one λ for one task vector; one λ per model: merging.merge('task_arithmetic', ..., lam=[...])")
     src, vec = open_source(pretrained, label="pretrained"), open_source(tau, label="the task vector")
     problems = [f"{k!r} is in the task vector but missing from {src.label}" for k in vec.keys() if k not in src]
-    problems += [f"{k!r} has shape {_fmt_shape(src.info(k).shape)} in {src.label} but {_fmt_shape(vec.info(k).shape)} "
+    problems += [f"{k!r} has shape {_fmt_shape(src.info(k).shape)} in {src.label_of(k)} but {_fmt_shape(vec.info(k).shape)} "
                  "in the task vector" for k in vec.keys() if k in src and src.info(k).shape != vec.info(k).shape]
     if problems:
         more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
@@ -55,9 +55,9 @@ def apply_task_vector(pretrained, tau: dict[str, torch.Tensor], lam: float = 1.0
         else:
             out[k] = x.clone()
         if check_finite and out[k].is_floating_point() and not all_finite(out[k]):
-            check_input_finite(x, k, src.label)
+            check_input_finite(x, k, src.label_of(k))
             if k in vec:
-                check_input_finite(vec.get(k), k, vec.label)
+                check_input_finite(vec.get(k), k, vec.label_of(k))
             raise overflow_error(k, x.dtype, what="θ0 + λ·τ tensor")
     return out
 

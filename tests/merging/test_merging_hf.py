@@ -110,6 +110,28 @@ def test_dtype_mismatch_names_tensor_and_file(llamas, tmp_path):
     _assert_nothing_written(tmp_path)
 
 
+def test_errors_on_a_sharded_input_name_the_shard_file(llamas, tmp_path):
+    base, fts = llamas
+    folder, index = _shard(tmp_path, base)
+    key = "model.norm.weight"
+    shard = folder / index["weight_map"][key]  # the file the index says holds the tensor
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(shard))
+    sd[key] = sd[key].float()
+    save_file(sd, str(shard), metadata={"format": "pt"})
+    with pytest.raises(merging.MergeInputError, match=f"'{key}' is torch.bfloat16 in {fts[0] / 'model.safetensors'} "
+                                                      f"but torch.float32 in {shard}"):
+        merging.merge_to_file("ties", fts[0], [fts[1], folder], tmp_path / "out")
+    sd[key] = sd[key].bfloat16()
+    sd[key][0] = float("nan")
+    save_file(sd, str(shard), metadata={"format": "pt"})
+    for fused in (True, False):
+        with pytest.raises(merging.MergeInputError, match=f"tensor '{key}' in {shard} has non-finite values"):
+            merging.merge_to_file("ties", folder, fts, tmp_path / "out", fused=fused)
+    _assert_nothing_written(tmp_path)
+
+
 def test_shard_size_needs_a_folder(llamas, tmp_path):
     base, fts = llamas
     with pytest.raises(ValueError, match="shard_size needs a folder"):
