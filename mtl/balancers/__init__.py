@@ -9,7 +9,7 @@ from mtl.balancers.base import (
     create_balancer,
     freeze_norm_stats,
 )
-from mtl.balancers import loss_level, own_optimizer, gradient, nash, flat  # noqa: F401,E402  (register the methods)
+from mtl.balancers import loss_level, own_optimizer, gradient, graddrop, nash, flat  # noqa: F401,E402  (register the methods)
 from mtl.balancers.gradient import JACOBIAN_METHODS  # noqa: E402
 from mtl.balancers.monitor import BalancerMonitor  # noqa: E402
 

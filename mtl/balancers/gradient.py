@@ -20,8 +20,8 @@ nash_mtl        ‖d‖ = √T whatever the gradient scale, then clipped weights
 ``level="features"`` aggregates the Jacobian w.r.t. the shared representation (``ctx.features``)
 instead of the shared parameters, then runs one backward of the aggregated feature gradient.
 For the weighted aggregators this is exact linear algebra: the parameter update is Σ w_t g_t with
-weights computed from the representation Gramian (MGDA-UB, IMTL-G as published); for GradDrop it
-is the paper's own setting (sign dropout on activations). Guarantees (non-conflict for
+weights computed from the representation Gramian (MGDA-UB, IMTL-G as published); GradDrop runs the
+paper's Algorithm 1 there instead (``mtl.balancers.graddrop``). Guarantees (non-conflict for
 pcgrad/upgrad/dualproj, Pareto stationarity for mgda) then hold w.r.t. the representation gradients.
 """
 from __future__ import annotations
@@ -184,12 +184,16 @@ class JacobianBalancer(Balancer):
                 accumulate(p, g)
         jd_backward(losses, inputs=ctx.shared_params, parallel_chunk_size=chunk)
 
-    def _features_backward(self, ctx: StepContext) -> None:
+    def _feature_gradients(self, ctx: StepContext) -> list[list[torch.Tensor]]:
+        """Per task, its gradients w.r.t. each representation tensor (heads' ``.grad`` filled on the way)."""
         if ctx.features is None:
             raise ValueError(f"{self.name}(level=features) needs StepContext.features, the shared representation "
                              "the heads consume; this model/module does not provide it (use level=params)")
         self._losses(ctx)  # checks every task has a loss
-        rows = [torch.cat([g.reshape(-1) for g in g_feats]) for g_feats, _ in head_backwards(ctx, self.tasks)]
+        return [g_feats for g_feats, _ in head_backwards(ctx, self.tasks)]
+
+    def _features_backward(self, ctx: StepContext) -> None:
+        rows = [torch.cat([g.reshape(-1) for g in g_feats]) for g_feats in self._feature_gradients(ctx)]
         matrix = torch.stack(rows).float()  # mixed precision: the solvers (numpy, cvxpy) want float32+
         with full_precision(matrix.device):
             direction = self.aggregator(matrix)
@@ -206,16 +210,6 @@ class PCGradBalancer(JacobianBalancer):
         from torchjd.aggregation import PCGrad
 
         return PCGrad()
-
-
-@register("graddrop")
-class GradDropBalancer(JacobianBalancer):
-    """Chen et al. 2020, gradient sign dropout (random per coordinate; no per-task weights)."""
-
-    def _make_aggregator(self):
-        from torchjd.aggregation import GradDrop
-
-        return GradDrop()
 
 
 class _MeanScaled(JacobianBalancer):

@@ -214,3 +214,36 @@ def test_flat_at_the_feature_level_is_refused_saying_why():
         with pytest.raises(ValueError, match=r"flat: level must be 'params', got 'features': SAM perturbs the parameters"):
             create_balancer("flat", ["a", "b"], **kw)
     create_balancer("flat", ["a", "b"], level="params")  # the config's explicit default is accepted
+
+
+# GradDrop's Algorithm 1 (Chen et al. 2020) by hand on A (batch 2 x 3 units), sign(A) = [[1, -1, 1], [-1, 1, 1]]
+GD_A = torch.tensor([[1.0, -2.0, 0.5], [-1.0, 3.0, 2.0]])
+GD_G1 = torch.tensor([[2.0, 1.0, -1.0], [1.0, 3.0, 4.0]])  # Σ_b sign(A)∘g1 = [1, 2, 3]
+
+
+def test_graddrop_follows_algorithm_1_for_a_given_draw():
+    from mtl.balancers.graddrop import sign_dropout
+
+    g2 = torch.tensor([[-1.0, 1.0, 2.0], [3.0, -2.0, -6.0]])  # Σ_b sign(A)∘g2 = [-4, -3, -4]
+    # P = ½(1 + [-3/5, -1/5, -1/7]) = [0.2, 0.4, 0.4286]; U = [0.1, 0.5, 0.9]: unit 0 keeps the positive G_t
+    # (task 1), units 1 and 2 the negative ones (task 2); the masks are tiled over the batch
+    got = sign_dropout(GD_A, [GD_G1, g2], torch.tensor([0.1, 0.5, 0.9]))
+    assert torch.equal(got, torch.tensor([[2.0, 1.0, 2.0], [1.0, -2.0, -6.0]]))
+
+
+def test_graddrop_features_level_takes_signs_after_sign_a_and_the_batch_sum():
+    # z = x W with x = I and W = A; L_t = h_t Σ z∘g_t (h_t = 1), so ∂L_t/∂z = g_t and W.grad = the combined ∂z.
+    # Here every G_t is positive on every unit (P = 1): Algorithm 1 keeps everything whatever U, while the
+    # per-element signs (-1 vs +1 at [0, 1], 3 vs -3 at [1, 0]) would drop one gradient at random
+    g2 = torch.tensor([[1.0, -1.0, 2.0], [-3.0, 2.0, 1.0]])  # Σ_b sign(A)∘g2 = [4, 3, 3]
+    for seed in range(5):
+        W = torch.nn.Parameter(GD_A.clone())
+        heads = {t: torch.nn.Parameter(torch.ones(())) for t in ("a", "b")}
+        z = torch.eye(2) @ W
+        losses = {"a": heads["a"] * (z * GD_G1).sum(), "b": heads["b"] * (z * g2).sum()}
+        ctx = StepContext(losses, [W], {t: [h] for t, h in heads.items()}, z)
+        torch.manual_seed(seed)
+        b = create_balancer("graddrop", ["a", "b"], level="features")
+        b.backward(ctx)
+        assert torch.equal(W.grad, GD_G1 + g2), (seed, W.grad)
+        assert b.weights() == {"a": 1.0, "b": 1.0}
