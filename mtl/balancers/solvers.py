@@ -21,6 +21,8 @@ or conflicting gradients, and returns equal weights when its solver fails.) No s
 some convex combination of the gradients vanishes (a Pareto-stationary point): ``None`` is returned.
 
 **IMTL-G** (``imtl_g_weights``): the paper's closed form on the Gramian (see the function).
+
+Both report an even split between tasks with identical gradients (``split_between_identical``).
 """
 from __future__ import annotations
 
@@ -81,7 +83,22 @@ def min_norm_weights(gramian: torch.Tensor, solver: str = "exact", rtol: float =
         return torch.full((n,), 1.0 / n, dtype=gramian.dtype, device=gramian.device)
     G = G / scale  # the tolerances are relative to the largest squared gradient norm
     alpha = (_wolfe if solver == "exact" else _frank_wolfe)(G, rtol, atol, max_iters)
-    return alpha.to(gramian.device, gramian.dtype)
+    return split_between_identical(G, alpha).to(gramian.device, gramian.dtype)
+
+
+def split_between_identical(G: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """``alpha`` with the summed weight of each group of identical gradients (‖g_s − g_t‖² = G_ss + G_tt −
+    2 G_st = 0, to float64 rounding of G) split equally inside the group. Any split gives the same
+    update; the solvers' own choice (one task of the group takes it all) would report an arbitrary one."""
+    diag = G.diagonal()
+    same = (diag[:, None] + diag[None, :] - 2 * G) <= 8 * torch.finfo(G.dtype).eps * float(diag.max())
+    alpha, grouped = alpha.clone(), torch.zeros(len(alpha), dtype=torch.bool)
+    for t in range(len(alpha)):
+        group = same[t] & ~grouped
+        if not grouped[t] and int(group.sum()) > 1:
+            alpha[group] = alpha[group].mean()
+        grouped |= group
+    return alpha
 
 
 def _stop(G: torch.Tensor, alpha: torch.Tensor, rtol: float, atol: float) -> tuple[bool, int]:
@@ -189,7 +206,7 @@ def imtl_g_weights(gramian: torch.Tensor) -> torch.Tensor:
         alpha[alive] = torch.cat([(1 - rest.sum()).reshape(1), rest])
     else:
         alpha[alive] = 1.0
-    return alpha.to(gramian.device, gramian.dtype)
+    return split_between_identical(G, alpha).to(gramian.device, gramian.dtype)
 
 
 def nash_weights(gramian: torch.Tensor, tol: float = 1e-10, max_iters: int = 100,

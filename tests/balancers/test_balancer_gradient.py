@@ -247,3 +247,25 @@ def test_graddrop_features_level_takes_signs_after_sign_a_and_the_batch_sum():
         b.backward(ctx)
         assert torch.equal(W.grad, GD_G1 + g2), (seed, W.grad)
         assert b.weights() == {"a": 1.0, "b": 1.0}
+
+
+@pytest.mark.parametrize("name", ["mgda", "imtl_g"])
+@pytest.mark.parametrize("level", ["params", "features"])
+def test_identical_task_gradients_share_the_weight_equally(name, level):
+    # any split of Σw = 2 gives the update 2a; the solvers used to report {2, 0}
+    a = torch.tensor([3.0, -1.0, 0.5])
+    theta, _, ctx = linear_problem(a, a.clone())
+    balancer = create_balancer(name, ["a", "b"], level=level)
+    balancer.backward(ctx)
+    assert balancer.weights() == {"a": 1.0, "b": 1.0}
+    assert torch.allclose(theta.grad, 2 * a, atol=1e-6)
+
+
+def test_mgda_splits_only_inside_a_group_of_identical_gradients():
+    from mtl.balancers.solvers import min_norm_weights
+
+    J = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    alpha = min_norm_weights(J @ J.T)
+    # min-norm point of the hull of (1, 0) and (0, 1): (½, ½); the (1, 0) pair shares its ½
+    assert torch.allclose(alpha, torch.tensor([0.25, 0.25, 0.5], dtype=torch.float64))
+    assert torch.allclose(alpha @ J, torch.tensor([0.5, 0.5], dtype=torch.float64))
