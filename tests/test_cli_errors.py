@@ -44,9 +44,11 @@ def run_main(monkeypatch, tmp_path, *overrides):
                           "n_train, n_val,"),
     ("optimized_metric=val/depth/nope", "optimized_metric='val/depth/nope' is not logged; logged: "),  # before training
     ("baselines.variant=bogus", "baselines.variant='bogus' is not a Δm variant; valid names: primary, all, flat"),
+    # a balancer's range error names the full key, as the finiteness check does
+    ("balancer=dwa balancer.temperature=-1", "dwa: balancer.temperature must be > 0, got -1"),
 ])
 def test_error_after_composition_is_one_line_and_marks_the_run_failed(monkeypatch, tmp_path, capfd, override, expected):
-    code, runs = run_main(monkeypatch, tmp_path, override)
+    code, runs = run_main(monkeypatch, tmp_path, *override.split())
     err = capfd.readouterr().err
     assert code == 1
     lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]

@@ -31,23 +31,25 @@ class FlatBalancer(Balancer):
                  skip_nonfinite: bool = False, level: str = "params"):
         super().__init__(tasks, skip_nonfinite)
         if aggregator not in JACOBIAN_METHODS:
-            raise ValueError(f"flat: aggregator must be one of {', '.join(JACOBIAN_METHODS)}, got {aggregator!r}")
+            raise ValueError(f"flat: balancer.aggregator must be one of {', '.join(JACOBIAN_METHODS)}, got {aggregator!r}")
         if rho < 0:
-            raise ValueError(f"flat: rho must be >= 0, got {rho}")
+            raise ValueError(f"flat: balancer.rho must be >= 0, got {rho}")
         self.rho = float(rho)
         kw = dict(aggregator_kwargs or {})
         if level != "params" or kw.get("level", "params") != "params":  # accepted by name so the refusal says why
-            raise ValueError(f"flat: level must be 'params', got {kw.get('level', level)!r}: SAM perturbs the "
+            key = "balancer.level" if level != "params" else "balancer.aggregator_kwargs.level"
+            raise ValueError(f"flat: {key} must be 'params', got {kw.get('level', level)!r}: SAM perturbs the "
                              "parameters, so aggregation is over the shared parameters only")
         if "parallel_chunk_size" in kw:  # flat's own key: it would be overwritten below
             raise ValueError("flat: set balancer.parallel_chunk_size, not inside balancer.aggregator_kwargs")
         if parallel_chunk_size is not None and (isinstance(parallel_chunk_size, bool) or int(parallel_chunk_size) < 1):
-            raise ValueError(f"flat: parallel_chunk_size must be >= 1 or null, got {parallel_chunk_size!r}")
+            raise ValueError(f"flat: balancer.parallel_chunk_size must be >= 1 or null, got {parallel_chunk_size!r}")
         kw.update(parallel_chunk_size=parallel_chunk_size)
         try:
             self.base: JacobianBalancer = create_balancer(aggregator, self.tasks, **kw)
         except (TypeError, ValueError) as e:  # said as the user wrote it: a key of aggregator_kwargs
-            raise type(e)(f"flat: balancer.aggregator_kwargs for aggregator={aggregator}: {e}") from None
+            inner = str(e).replace("balancer.", "balancer.aggregator_kwargs.")
+            raise type(e)(f"flat: balancer.aggregator_kwargs for aggregator={aggregator}: {inner}") from None
         self.sharp: JacobianBalancer = create_balancer(aggregator, self.tasks, **kw)
 
     def weights(self) -> dict[str, float]:

@@ -98,12 +98,12 @@ class JacobianBalancer(Balancer):
                  skip_nonfinite: bool = False):
         super().__init__(tasks, skip_nonfinite)
         if level not in ("params", "features"):
-            raise ValueError(f"{self.name}: level must be 'params' or 'features', got {level!r}")
+            raise ValueError(f"{self.name}: balancer.level must be 'params' or 'features', got {level!r}")
         if level == "features" and not self.supports_features_level:
-            raise ValueError(f"{self.name}: level=features is not supported (see docs/balancers.md)")
+            raise ValueError(f"{self.name}: balancer.level=features is not supported (see docs/balancers.md)")
         self.level = level
         if parallel_chunk_size is not None and (isinstance(parallel_chunk_size, bool) or int(parallel_chunk_size) < 1):
-            raise ValueError(f"{self.name}: parallel_chunk_size must be >= 1 or null, got {parallel_chunk_size!r}")
+            raise ValueError(f"{self.name}: balancer.parallel_chunk_size must be >= 1 or null, got {parallel_chunk_size!r}")
         self.parallel_chunk_size = parallel_chunk_size
         self.aggregator = self._make_aggregator()
         # TorchJD's documented extension point: forward hooks. Rescaling the weights (not the
@@ -229,9 +229,9 @@ class MGDABalancer(_MeanScaled):
         from mtl.balancers.solvers import SOLVERS
 
         if solver not in SOLVERS:
-            raise ValueError(f"mgda: solver must be one of {SOLVERS}, got {solver!r}")
+            raise ValueError(f"mgda: balancer.solver must be one of {SOLVERS}, got {solver!r}")
         if not float(rtol) >= 0 or int(max_iters) < 1:
-            raise ValueError(f"mgda: rtol must be >= 0 and max_iters >= 1, got rtol={rtol}, max_iters={max_iters}")
+            raise ValueError(f"mgda: balancer.rtol must be >= 0 and balancer.max_iters >= 1, got rtol={rtol}, max_iters={max_iters}")
         self.solver, self.rtol, self.max_iters = solver, float(rtol), int(max_iters)
         super().__init__(tasks, level, parallel_chunk_size, skip_nonfinite)
 
@@ -262,7 +262,7 @@ class _DualCone(_MeanScaled):
     def __init__(self, tasks, reg_eps: float = 1e-9, level: str = "params", parallel_chunk_size: int | None = None,
                  skip_nonfinite: bool = False):
         if not 0 <= float(reg_eps) < 1:
-            raise ValueError(f"{self.weighting.lower()}: reg_eps must be in [0, 1), got {reg_eps!r}")
+            raise ValueError(f"{self.weighting.lower()}: balancer.reg_eps must be in [0, 1), got {reg_eps!r}")
         self.reg_eps = float(reg_eps)
         super().__init__(tasks, level, parallel_chunk_size, skip_nonfinite)
 
@@ -321,7 +321,7 @@ class AlignedMTLBalancer(_MeanScaled):
     def __init__(self, tasks, scale_mode: str = "min", level: str = "params",
                  parallel_chunk_size: int | None = None, skip_nonfinite: bool = False):
         if scale_mode not in ("min", "median", "rmse"):
-            raise ValueError(f"aligned_mtl: scale_mode must be min, median or rmse, got {scale_mode!r}")
+            raise ValueError(f"aligned_mtl: balancer.scale_mode must be min, median or rmse, got {scale_mode!r}")
         self.scale_mode = scale_mode
         super().__init__(tasks, level, parallel_chunk_size, skip_nonfinite)
 
@@ -339,7 +339,7 @@ class CAGradBalancer(JacobianBalancer):
     def __init__(self, tasks, c: float = 0.4, norm_eps: float = 1e-4, level: str = "params",
                  parallel_chunk_size: int | None = None, skip_nonfinite: bool = False):
         if c < 0 or norm_eps < 0:
-            raise ValueError(f"cagrad: c and norm_eps must be >= 0, got c={c}, norm_eps={norm_eps}")
+            raise ValueError(f"cagrad: balancer.c and balancer.norm_eps must be >= 0, got c={c}, norm_eps={norm_eps}")
         self.c, self.norm_eps = float(c), float(norm_eps)
         super().__init__(tasks, level, parallel_chunk_size, skip_nonfinite)
 

@@ -35,7 +35,7 @@ class UncertaintyWeighting(Balancer):
     def __init__(self, tasks: Sequence[str], init: float = 0.0, skip_nonfinite: bool = False):
         super().__init__(tasks, skip_nonfinite)
         if not math.isfinite(float(init)):
-            raise ValueError(f"uw: init (the initial log σ²) must be finite, got {init}")
+            raise ValueError(f"uw: balancer.init (the initial log σ²) must be finite, got {init}")
         self.log_vars = nn.Parameter(torch.full((len(self.tasks),), float(init)))
         self._set_weights(torch.exp(-self.log_vars.detach()))
 
@@ -63,9 +63,9 @@ class DynamicWeightAverage(Balancer):
                  skip_nonfinite: bool = False):
         super().__init__(tasks, skip_nonfinite)
         if temperature <= 0:
-            raise ValueError(f"dwa: temperature must be > 0, got {temperature}")
+            raise ValueError(f"dwa: balancer.temperature must be > 0, got {temperature}")
         if window != "epoch" and not (isinstance(window, int) and window > 0):
-            raise ValueError(f"dwa: window must be 'epoch' or a positive number of steps, got {window!r}")
+            raise ValueError(f"dwa: balancer.window must be 'epoch' or a positive number of steps, got {window!r}")
         self.temperature = float(temperature)
         self.window = window
         T = len(self.tasks)

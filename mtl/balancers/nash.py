@@ -27,9 +27,9 @@ class NashMTLBalancer(JacobianBalancer):
     def __init__(self, tasks, update_weights_every: int = 1, tol: float = 1e-10, max_iters: int = 100,
                  level: str = "params", parallel_chunk_size: int | None = None, skip_nonfinite: bool = False):
         if int(update_weights_every) < 1:
-            raise ValueError(f"nash_mtl: update_weights_every must be >= 1, got {update_weights_every}")
+            raise ValueError(f"nash_mtl: balancer.update_weights_every must be >= 1, got {update_weights_every}")
         if not tol > 0 or int(max_iters) < 1:  # otherwise Newton never converges: equal weights every step
-            raise ValueError(f"nash_mtl: tol must be > 0 and max_iters >= 1, got tol={tol}, max_iters={max_iters}")
+            raise ValueError(f"nash_mtl: balancer.tol must be > 0 and balancer.max_iters >= 1, got tol={tol}, max_iters={max_iters}")
         self.update_weights_every, self.tol, self.max_iters = int(update_weights_every), float(tol), int(max_iters)
         self.solver_failures = 0
         self._calls, self._alpha = 0, None

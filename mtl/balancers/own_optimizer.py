@@ -22,9 +22,9 @@ class _OwnOptimizer(Balancer):
 
     def _init_own(self, buffer: str, lr: float, weight_decay: float, optimizer: str) -> None:
         if optimizer not in ("adam", "sgd"):
-            raise ValueError(f"{self.name}: optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+            raise ValueError(f"{self.name}: balancer.optimizer must be 'adam' or 'sgd', got {optimizer!r}")
         if lr <= 0:
-            raise ValueError(f"{self.name}: lr must be > 0, got {lr}")
+            raise ValueError(f"{self.name}: balancer.lr must be > 0, got {lr}")
         self._own_buffer, self.lr, self.weight_decay, self.optimizer = buffer, float(lr), float(weight_decay), optimizer
 
     def _own_step(self, grad: torch.Tensor, frozen: torch.Tensor | None = None) -> None:
@@ -83,9 +83,9 @@ class GradNorm(_OwnOptimizer):
                  optimizer: str = "adam", skip_nonfinite: bool = False):
         super().__init__(tasks, skip_nonfinite)
         if not float(alpha) >= 0:
-            raise ValueError(f"gradnorm: alpha must be >= 0, got {alpha}")
+            raise ValueError(f"gradnorm: balancer.alpha must be >= 0, got {alpha}")
         if level not in ("params", "features"):
-            raise ValueError(f"gradnorm: level must be 'params' or 'features', got {level!r}")
+            raise ValueError(f"gradnorm: balancer.level must be 'params' or 'features', got {level!r}")
         self.alpha, self.level = float(alpha), level
         T = len(self.tasks)
         self.register_buffer("task_weights", torch.ones(T))
@@ -193,7 +193,7 @@ class FAMO(_OwnOptimizer):
                  skip_nonfinite: bool = False):
         super().__init__(tasks, skip_nonfinite)
         if not float(eps) > 0 or not float(weight_decay) >= 0:  # eps = 0 takes log 0 on a zero loss
-            raise ValueError(f"famo: eps must be > 0 and weight_decay >= 0, got eps={eps}, weight_decay={weight_decay}")
+            raise ValueError(f"famo: balancer.eps must be > 0 and balancer.weight_decay >= 0, got eps={eps}, weight_decay={weight_decay}")
         self.recompute, self.eps = bool(recompute), float(eps)
         self.register_buffer("logits", torch.zeros(len(self.tasks)))
         self._init_own("logits", lr, weight_decay, optimizer)

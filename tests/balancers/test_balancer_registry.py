@@ -106,6 +106,28 @@ def test_non_finite_hyperparameters_are_refused_when_built(name, key, value):
         create_balancer(name, ["a", "b"], **{key: value})
 
 
+@pytest.mark.parametrize("name, kwargs, message", [
+    ("dwa", {"temperature": -1}, "dwa: balancer.temperature must be > 0, got -1"),
+    ("dwa", {"window": 0}, "dwa: balancer.window must be 'epoch' or a positive number of steps, got 0"),
+    ("cagrad", {"c": -0.1}, "cagrad: balancer.c and balancer.norm_eps must be >= 0, got c=-0.1"),
+    ("mgda", {"solver": "qp"}, "mgda: balancer.solver must be one of"),
+    ("upgrad", {"reg_eps": 2.0}, "upgrad: balancer.reg_eps must be in [0, 1), got 2.0"),
+    ("aligned_mtl", {"scale_mode": "max"}, "aligned_mtl: balancer.scale_mode must be min, median or rmse"),
+    ("pcgrad", {"level": "layer"}, "pcgrad: balancer.level must be 'params' or 'features', got 'layer'"),
+    ("nash_mtl", {"update_weights_every": 0}, "nash_mtl: balancer.update_weights_every must be >= 1, got 0"),
+    ("famo", {"lr": 0}, "famo: balancer.lr must be > 0, got 0"),
+    ("gradnorm", {"alpha": -1}, "gradnorm: balancer.alpha must be >= 0, got -1"),
+    ("flat", {"rho": -1}, "flat: balancer.rho must be >= 0, got -1"),
+    # a key inside aggregator_kwargs is named with its full path
+    ("flat", {"aggregator_kwargs": {"reg_eps": 2.0}}, "balancer.aggregator_kwargs.reg_eps must be in [0, 1), got 2.0"),
+    ("flat", {"aggregator_kwargs": {"level": "features"}}, "flat: balancer.aggregator_kwargs.level must be 'params'"),
+])
+def test_range_errors_name_the_full_key(name, kwargs, message):
+    with pytest.raises(ValueError) as err:
+        create_balancer(name, ["a", "b"], **kwargs)
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
 def test_flat_rejects_features_level_and_unknown_aggregator():
     with pytest.raises(ValueError, match="shared parameters only"):
         create_balancer("flat", ["a", "b"], aggregator_kwargs={"level": "features"})
@@ -115,7 +137,7 @@ def test_flat_rejects_features_level_and_unknown_aggregator():
     with pytest.raises(TypeError, match=r"flat: balancer.aggregator_kwargs for aggregator=upgrad: .*argument 'c'"):
         create_balancer("flat", ["a", "b"], aggregator_kwargs={"c": 0.4})
     # flat's own key is named as flat's, and not taken (then silently overwritten) from aggregator_kwargs
-    with pytest.raises(ValueError, match=r"^flat: parallel_chunk_size must be >= 1 or null, got 0$"):
+    with pytest.raises(ValueError, match=r"^flat: balancer.parallel_chunk_size must be >= 1 or null, got 0$"):
         create_balancer("flat", ["a", "b"], parallel_chunk_size=0)
     with pytest.raises(ValueError, match=r"set balancer.parallel_chunk_size, not inside balancer.aggregator_kwargs"):
         create_balancer("flat", ["a", "b"], aggregator_kwargs={"parallel_chunk_size": 4})
