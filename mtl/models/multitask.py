@@ -17,15 +17,18 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def normalize_images(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def normalize_images(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
     """uint8 (B, C, H, W) images in [0, 255] -> (x/255 - mean) / std, C = the model's mean channels;
     float input is taken as already normalised, in the model's dtype (``mean`` follows ``.to(dtype)``).
-    A wrong uint8 shape is refused: it would broadcast."""
+    Any other shape is refused naming ``model``'s family: uint8 would broadcast, and float failed deep inside
+    a layer ("not enough values to unpack", a conv's channel count) naming nothing of ours."""
+    if x.ndim != 4 or x.shape[1] != mean.shape[1]:
+        family = "model" if model is None else model.config.get("family", type(model).__name__)
+        hint = " (one image: x.unsqueeze(0))" if x.ndim == 3 and x.shape[0] == mean.shape[1] else ""
+        raise ValueError(f"{family}: input must be (B, {mean.shape[1]}, H, W), got {tuple(x.shape)}{hint}")
     if x.dtype != torch.uint8:
         check_float_input(x, mean.dtype)
         return x
-    if x.ndim != 4 or x.shape[1] != mean.shape[1]:
-        raise ValueError(f"expected uint8 images of shape (B, {mean.shape[1]}, H, W), got {tuple(x.shape)}")
     # in float32, then in the model's own dtype: a model cast after load_model (.bfloat16()) takes uint8 too
     return ((x.float().div_(255.0) - mean.float()) / std.float()).to(mean.dtype)
 
@@ -117,7 +120,7 @@ class MultiTaskModel(nn.Module):
 
     # --- forward ----------------------------------------------------------------------------
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return normalize_images(x, self.mean, self.std)
+        return normalize_images(x, self.mean, self.std, self)
 
     def shared(self, x: torch.Tensor) -> torch.Tensor:
         """The representation all task heads read (what representation-level balancers use)."""

@@ -202,14 +202,15 @@ class TaskMoEViT(nn.Module):
 
     # --- forward ----------------------------------------------------------------------------
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return normalize_images(x, self.mean, self.std)
+        return normalize_images(x, self.mean, self.std, self)
 
     def encode(self, x: torch.Tensor, tasks: Sequence[str]) -> dict[str, torch.Tensor]:
         """{task: (B, D, h, w) token map} after the task-conditioned backbone."""
         if not tasks:  # as the multitask family: no task, no prediction
             return {}
+        x = self.normalize(x)  # first: it names a wrong shape (no batch dimension, not 3 channels)
         self._check_input_size(x)
-        f = self.patch_embed(self.normalize(x))
+        f = self.patch_embed(x)
         b, d, h, w = f.shape
         pos = self.pos_embed if self.pos_embed.shape[-2:] == (h, w) else \
             F.interpolate(self.pos_embed, size=(h, w), mode="bicubic", align_corners=False)

@@ -201,7 +201,7 @@ def test_failed_calibration_leaves_the_model_as_it_was():
     slim = slim_model()
     before = {k: v.clone() for k, v in slim.state_dict().items()}
     good = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match=r"^slimmable: input must be \(B, 3, H, W\), got \(2, 5, 32, 32\)$"):
         slim.calibrate_widths([0.6], [good, torch.zeros(2, 5, 32, 32)])  # 5 channels: the second batch fails
     assert slim.width_set == (0.25, 0.5, 0.75, 1.0) and slim.config["backbone"]["widths"] == [0.25, 0.5, 0.75, 1.0]
     after = slim.state_dict()

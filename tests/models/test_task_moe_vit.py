@@ -1,6 +1,7 @@
 """family=task_moe_vit (M3ViT-style): task-conditioned routing, sparse single-task path, active FLOPs,
 aux losses in training, extraction of a single-task sub-network, bad input."""
 import math
+import re
 
 import pytest
 import torch
@@ -40,11 +41,28 @@ def test_no_task_requested_gives_no_prediction_as_in_the_multitask_family():
 
 def test_uint8_images_must_have_the_models_three_channels():
     gray = torch.zeros(2, 1, 32, 32, dtype=torch.uint8)  # broadcast against the 3-channel mean before
-    for model in (mtl.create_model(["depth"], backbone="test_resnet").eval(), make().eval()):
-        with pytest.raises(ValueError, match=r"expected uint8 images of shape \(B, 3, H, W\), got \(2, 1, 32, 32\)"):
+    for family, model in (("multitask", mtl.create_model(["depth"], backbone="test_resnet").eval()),
+                          ("task_moe_vit", make().eval())):
+        with pytest.raises(ValueError, match=rf"^{family}: input must be \(B, 3, H, W\), got \(2, 1, 32, 32\)$"):
             model(gray, tasks=["depth"])
     with pytest.raises(ValueError, match=r"got \(2, 1, 32, 32\)"):
         mtl.extract(make(), task="depth", calib=[gray])
+
+
+@pytest.mark.parametrize("shape", [(3, 32, 32), (2, 1, 32, 32), (1, 2, 3, 32, 32)])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_images_without_batch_dimension_or_three_channels_are_refused_naming_the_family(shape, dtype):
+    """One image without its batch dimension failed in the patch embedding's unpacking ("not enough values to
+    unpack (expected 4, got 3)"), a gray float image in torch's conv, neither naming the model or the shape."""
+    x = torch.zeros(shape, dtype=dtype)
+    hint = r" \(one image: x.unsqueeze\(0\)\)" if len(shape) == 3 else ""
+    for family, model in (("multitask", mtl.create_model(["depth"], backbone="test_resnet").eval()),
+                          ("task_moe_vit", make().eval())):
+        with pytest.raises(ValueError, match=rf"^{family}: input must be \(B, 3, H, W\), "
+                                             rf"got {re.escape(str(shape))}{hint}$"):
+            model(x)
+    with pytest.raises(ValueError, match=r"^task_moe_vit: input must be \(B, 3, H, W\)"):
+        mtl.extract(make(), task="depth", calib=x)
 
 
 def test_each_token_goes_to_exactly_k_experts_per_moe_layer():
