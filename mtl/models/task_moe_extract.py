@@ -8,6 +8,7 @@ that is every token when ``min_share=0`` (only experts that received no token ar
 """
 from __future__ import annotations
 
+import numbers
 from typing import Any, Iterable
 
 import torch
@@ -58,8 +59,9 @@ def check_request(model, task: str, calib: Any, min_share: float = 0.0) -> None:
     model._check_tasks([task])
     if calib is None or isinstance(calib, (str, bytes)):
         raise TypeError(f"calib must be calibration batches (images, or dicts with 'image'), got {type(calib).__name__}")
-    if not 0.0 <= float(min_share) < 1.0:
-        raise ValueError(f"min_share must be in [0, 1), got {min_share}")
+    # a bool or a numeric string would pass float(): refused as what they are, not read as 0, 1 or a number
+    if isinstance(min_share, bool) or not isinstance(min_share, numbers.Real) or not 0.0 <= min_share < 1.0:
+        raise ValueError(f"min_share must be in [0, 1), got {min_share!r}")
 
 
 def extract_task(model, task: str, calib: Any, min_share: float = 0.0):
