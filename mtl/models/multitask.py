@@ -227,7 +227,8 @@ def check_family_options(cls: type, family: str, kwargs: dict[str, Any], parts: 
 
 def _family_options(cls: type) -> list[str] | None:
     """The keywords a family's constructor takes beside (tasks, backbone, decoder), read through a constructor
-    that passes ``**kwargs`` on (linearized); None when it stays open-ended or no signature is readable."""
+    that passes ``**kwargs`` on (linearized); None when it stays open-ended or no signature is readable. A
+    leading underscore marks a flag only ``from_config`` sets (task_moe_vit's ``_stored``): no user option."""
     from mtl.registry import keyword_parameters
 
     try:
@@ -237,7 +238,7 @@ def _family_options(cls: type) -> list[str] | None:
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return None
     return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-            and p.name not in ("self", "tasks", "backbone", "decoder")]
+            and p.name not in ("self", "tasks", "backbone", "decoder") and not p.name.startswith("_")]
 
 
 def _part_settings(cls: type, part: str, spec: dict[str, Any]) -> list[str]:

@@ -122,9 +122,9 @@ class TaskMoEViT(nn.Module):
     """``TaskMoEViT(tasks, backbone={...ViT sizes...}, decoder={...MoE and head settings...})``; keys and
     defaults: VIT_DEFAULTS, MOE_DEFAULTS (a null value means the default). ``decoder.channels``: the task
     heads' width (a 1x1 projection from embed_dim; null: embed_dim). ``decoder.renormalize`` null means
-    ``top_k > 1`` and is stored resolved. ``stored=True`` (``from_config``): a saved folder's settings,
-    which may hold ``top_k=1`` with ``renormalize=true`` (the default before 2026-12-06); it loads with
-    a warning instead of the refusal a new model gets."""
+    ``top_k > 1`` and is stored resolved. ``_stored=True`` (set by ``from_config`` only; create_model refuses it
+    as no option): a saved folder's settings, which may hold ``top_k=1`` with ``renormalize=true`` (the default
+    before 2026-12-06); it loads with a warning instead of the refusal a new model gets."""
 
     CONFIG_KEYS = ("tasks",)
     #: what create_model names when a setting is passed beside backbone= / decoder= instead of in them
@@ -134,7 +134,7 @@ class TaskMoEViT(nn.Module):
     shared_representation = False
 
     def __init__(self, tasks: Sequence[Task], backbone: dict[str, Any] | None = None, decoder: dict[str, Any] | None = None,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, *, stored: bool = False):
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, *, _stored: bool = False):
         super().__init__()
         if not tasks:
             raise ValueError("a TaskMoEViT needs at least one task")
@@ -146,7 +146,7 @@ class TaskMoEViT(nn.Module):
         self._moe = _merge_known(MOE_DEFAULTS, decoder, "decoder")
         self._moe.pop("name", None)
         v, m = self._vit, self._moe
-        _check_moe_settings(m, stored)
+        _check_moe_settings(m, _stored)
         dim, depth, heads, every = int(v["embed_dim"]), int(v["depth"]), int(v["num_heads"]), int(m["every"])
         if dim % heads:
             raise ValueError(f"backbone.embed_dim={dim} is not divisible by backbone.num_heads={heads}")
@@ -198,7 +198,7 @@ class TaskMoEViT(nn.Module):
     def from_config(cls, cfg: dict[str, Any]) -> "TaskMoEViT":
         tasks = [task_from_config(t) for t in cfg["tasks"]]
         return cls(tasks, cfg.get("backbone"), cfg.get("decoder"), cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD),
-                   stored=True)
+                   _stored=True)
 
     # --- forward ----------------------------------------------------------------------------
     def normalize(self, x: torch.Tensor) -> torch.Tensor:

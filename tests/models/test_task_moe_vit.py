@@ -120,6 +120,16 @@ def test_a_folder_saved_with_top1_and_renormalize_true_loads_with_identical_outp
     assert all(torch.equal(after[t], y) for t, y in before.items())
 
 
+@pytest.mark.parametrize("flag", ["stored", "_stored"])
+def test_the_old_folder_flag_is_no_create_model_option(flag):
+    """create_model(..., stored=True) built the top_k=1 + renormalize=true model a new one is refused, and the
+    options listed in create_model's errors named that internal flag."""
+    dec = {"num_experts": 8, "top_k": 1, "renormalize": True}
+    with pytest.raises(TypeError, match=rf"^create_model: {flag}=True is no option of family task_moe_vit "
+                                        r"\(its options: mean, std\)$"):
+        mtl.create_model(["depth"], family="task_moe_vit", backbone=VIT, decoder=dec, **{flag: True})
+
+
 def test_aux_losses_are_added_to_each_task_loss_in_training():
     model = make(mi_weight=0.1).train()
     module = MultiTaskModule(model)
