@@ -376,6 +376,45 @@ def test_a_badly_shaped_table_is_one_line_naming_the_key(tmp_path, capsys, edit,
     assert "Traceback" not in capsys.readouterr().err
 
 
+def test_a_table_whose_width_set_is_out_of_order_is_refused_not_searched_wrongly(tmp_path):
+    """With width_set [1, 0.5] the search took 1 as the smallest configuration: a budget of 12 FLOPs, which
+    every width at 0.5 meets (10 + 1 + 1), was refused as below the smallest configuration (40 + 6 + 6)."""
+    t = table()
+    assert search(t, 12, {"A": 0.5, "B": 0.5}).config == t.uniform(0.5)
+    _refused_edited_table(tmp_path, lambda d: d.update({"width_set": [1.0, 0.5]}),
+                          r"width_set must be strictly increasing widths in \(0, 1\] ending at 1 \(the full network\), "
+                          r"got \[1\.0, 0\.5\]$")
+
+
+@pytest.mark.parametrize("width_set", [[0.5, 0.5, 1.0], [0.0, 1.0], [0.5, 1.5], [0.5], ["0.5", 1.0], [True, 1.0], []])
+def test_a_width_set_that_is_no_increasing_list_of_widths_ending_at_1_is_refused(tmp_path, width_set):
+    _refused_edited_table(tmp_path, lambda d: d.update({"width_set": width_set}),
+                          rf"width_set must be strictly increasing widths .* got {re.escape(repr(width_set))}$")
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda d: d["encoder_flops"].update({"0.5": -5}), r"encoder_flops\['0\.5'\] \(encoder width 0\.5\) is -5; "
+                                                       r"FLOPs must be >= 0$"),
+    (lambda d: d["head_flops"]["B"]["1"].update({"0.5": -1}),
+     r"head_flops\['B'\]\['1'\]\['0\.5'\] \(task 'B' at encoder width 1, decoder width 0\.5\) is -1; FLOPs must be >= 0$"),
+])
+def test_negative_flops_are_refused_naming_the_cell(tmp_path, edit, match):
+    """A negative cell was accepted and made its configurations look cheaper than the smallest one."""
+    _refused_edited_table(tmp_path, edit, match)
+
+
+@pytest.mark.parametrize("edit,match", [
+    # width 0.5 dropped from width_set with its cells left: they were silently never considered
+    (lambda d: d.update({"width_set": [1.0]}), r"encoder_flops has cells for width\(s\) \['0\.5'\] outside width_set \['1'\]"),
+    (lambda d: d["head_flops"]["A"].update({"0.75": {"0.5": 1, "1": 2}}),
+     r"head_flops\['A'\] has cells for width\(s\) \['0\.75'\] outside width_set \['0\.5', '1'\]"),
+    (lambda d: d["metrics"]["B"]["0.5"].update({"0.25": {"rmse": 9.0}}),
+     r"metrics\['B'\]\['0\.5'\] has cells for width\(s\) \['0\.25'\] outside width_set \['0\.5', '1'\]"),
+])
+def test_cells_of_widths_outside_the_width_set_are_refused_by_key(tmp_path, edit, match):
+    _refused_edited_table(tmp_path, edit, match)
+
+
 def test_choice_curves_read_the_metrics_of_the_scores_table():
     """The PNG drew the validation table's metrics while controllability.json scores the search's choices on the
     test table: with `scores`, the search reads one table and the metrics come from the other."""

@@ -77,22 +77,27 @@ class WidthTable:
         """Refuse a missing FLOPs or metric cell, naming ``source``, task and cell; read a stored null (how
         JSON keeps a non-finite metric) as NaN; log the cells whose primary metric is not finite (the
         measured search skips the configurations that use them)."""
-        keys = [wkey(w) for w in self.width_set]
+        keys = _check_width_set(self.width_set, source)
         for name in ("encoder_flops", "head_flops", "metrics", "primary", "higher_is_better"):
             _mapping(getattr(self, name), f"{source}: {name}")
+        _only_widths(self.encoder_flops, keys, f"{source}: encoder_flops")
         for k in keys:
-            _number(self.encoder_flops.get(k), f"{source}: encoder_flops[{k!r}] (encoder width {k})")
+            _flops(self.encoder_flops.get(k), f"{source}: encoder_flops[{k!r}] (encoder width {k})")
         for t in self.tasks:
             if t not in self.primary or t not in self.higher_is_better:
                 raise ValueError(f"{source}: task {t!r} has no entry in primary / higher_is_better")
+            for name in ("head_flops", "metrics"):  # a cell of a width outside the set would never be read
+                by_e = _mapping(getattr(self, name).get(t, {}), f"{source}: {name}[{t!r}]")
+                _only_widths(by_e, keys, f"{source}: {name}[{t!r}]")
+                for a in keys:
+                    _only_widths(_mapping(by_e.get(a, {}), f"{source}: {name}[{t!r}][{a!r}]"), keys,
+                                 f"{source}: {name}[{t!r}][{a!r}]")
             for a in keys:
                 for b in keys:
                     cell = f"task {t!r} at encoder width {a}, decoder width {b}"
-                    _number(_mapping(_mapping(self.head_flops.get(t, {}), f"{source}: head_flops[{t!r}]").get(a, {}),
-                                     f"{source}: head_flops[{t!r}][{a!r}]").get(b),
-                            f"{source}: head_flops[{t!r}][{a!r}][{b!r}] ({cell})")
-                    m = _mapping(_mapping(self.metrics.get(t, {}), f"{source}: metrics[{t!r}]").get(a, {}),
-                                 f"{source}: metrics[{t!r}][{a!r}]").get(b)
+                    _flops(self.head_flops.get(t, {}).get(a, {}).get(b),
+                           f"{source}: head_flops[{t!r}][{a!r}][{b!r}] ({cell})")
+                    m = self.metrics.get(t, {}).get(a, {}).get(b)
                     if not isinstance(m, dict) or self.primary[t] not in m:
                         raise ValueError(f"{source}: metrics[{t!r}][{a!r}][{b!r}] has no {self.primary[t]!r} ({cell})")
                     for name, v in m.items():
@@ -191,6 +196,35 @@ def _mapping(value: Any, where: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         raise ValueError(f"{where}: expected a JSON object, got {type(value).__name__}")
     return value
+
+
+def _check_width_set(width_set: Any, source: str) -> list[str]:
+    """The width set's keys. The search reads it in order (the first entry as the smallest configuration, the
+    encoder filled from the last down) and budgets end at width 1, so an unsorted set chose wrongly."""
+    ws = width_set
+    ok = isinstance(ws, list) and len(ws) > 0 and all(
+        isinstance(w, numbers.Real) and not isinstance(w, bool) and 0 < w <= 1 for w in ws)
+    if not ok or any(a >= b for a, b in zip(ws, ws[1:])) or ws[-1] != 1:
+        raise ValueError(f"{source}: width_set must be strictly increasing widths in (0, 1] ending at 1 (the full "
+                         f"network), got {ws!r}")
+    keys = [wkey(w) for w in ws]
+    if len(set(keys)) < len(keys):
+        raise ValueError(f"{source}: width_set {ws!r} has entries written alike to 6 significant digits, the "
+                         "precision of the table's keys")
+    return keys
+
+
+def _only_widths(cells: Mapping[str, Any], keys: list[str], where: str) -> None:
+    extra = [k for k in cells if k not in keys]
+    if extra:
+        raise ValueError(f"{where} has cells for width(s) {extra} outside width_set {keys}; remove them or add "
+                         "the width to width_set")
+
+
+def _flops(v: Any, what: str) -> float:
+    if _number(v, what) < 0:
+        raise ValueError(f"{what} is {v!r}; FLOPs must be >= 0")
+    return v
 
 
 def _number(v: Any, what: str, finite: bool = True) -> float:
