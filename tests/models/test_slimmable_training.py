@@ -240,6 +240,20 @@ def test_width_table_follows_each_splits_limit_and_is_skipped_without_validation
     assert cb.WidthTableCallback(max_batches=4)._cap(0, list(range(20))) == 4  # an explicit cap wins
 
 
+def test_a_run_that_tests_nothing_warns_that_its_width_tables_are_skipped(tmp_path, caplog):
+    """trainer.limit_test_batches=0: Lightning skips testing with its hooks, so the warning given in on_test_end
+    never came and the tables were missing without a word."""
+    from mtl.train import run
+
+    with caplog.at_level("WARNING", logger="mtl.models.slimmable.callback"):
+        run_dir = run(["experiment=scenes_slimmable", "debug=smoke", "viz.num_samples=0", "logger=none",
+                       "trainer.limit_test_batches=0"], run_dir=tmp_path / "r")
+    assert not (run_dir / "width_table.json").exists() and (run_dir / "model").is_dir()
+    warned = [r.getMessage() for r in caplog.records if "width tables skipped" in r.getMessage()]
+    assert len(warned) == 1 and "trainer.limit_test_batches=0" in warned[0], warned
+    assert f"scripts/bench_slimmable.py --part control --runs {run_dir}" in warned[0]
+
+
 @pytest.mark.parametrize("key, value", [("budgets", 0), ("preferences", 0), ("preferences", -3), ("budgets", 2.5),
                                         ("budgets", 1), ("preferences", 1),  # always 0: undefined, not a measurement
                                         ("max_batches", -1), ("seed", "x")])

@@ -37,6 +37,15 @@ class WidthTableCallback(L.Callback):
         self.budgets, self.preferences, self.max_batches, self.seed = budgets, preferences, max_batches, seed
         self.search_method = search_method
         self.deferred_error: BaseException | None = None
+        self._said_skipped = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Lightning skips a test limited to 0 batches with its hooks, on_test_end included, so the warning in
+        # _build would never come: said here, at the start
+        limit = trainer.limit_test_batches
+        if not self._said_skipped and isinstance(limit, (int, float)) and limit <= 0:
+            self._said_skipped = True
+            _warn_skipped(["test"], trainer)
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # runs inside testing, before the model folder is written: an error is kept for after the save
@@ -53,8 +62,7 @@ class WidthTableCallback(L.Callback):
         caps = {split: self._cap(getattr(trainer, f"limit_{split}_batches"), loader) for split, loader in loaders.items()}
         off = [split for split, cap in caps.items() if cap == 0]
         if off:  # the search reads validation and is scored on test: without either there is nothing to build
-            log.warning("width table skipped: trainer.limit_%s_batches=0; build it later from the model folder with "
-                        "scripts/bench_slimmable.py --part control --runs <run>", "/".join(off))
+            _warn_skipped(off, trainer, "callbacks.width_table.max_batches" if self.max_batches is not None else None)
             return
         # every process evaluates its shard (under DDP the metrics gather across processes); one writes
         table = build_width_table(model, loaders["val"], max_batches=caps["val"], progress=trainer.is_global_zero,
@@ -83,6 +91,14 @@ class WidthTableCallback(L.Callback):
         if isinstance(limit, float) and limit < 1.0:
             return 0 if limit <= 0 else max(1, int(limit * len(loader)))
         return int(limit) if isinstance(limit, int) else None
+
+
+def _warn_skipped(splits: list[str], trainer: L.Trainer, key: str | None = None) -> None:
+    limits = f"{key}=0" if key else " and ".join(f"trainer.limit_{s}_batches={getattr(trainer, f'limit_{s}_batches')}"
+                                                 for s in splits)
+    log.warning("width tables skipped: %s (the grid reads validation and is scored on test); the model folder is still "
+                "written: build width_table.json, width_table_test.json and controllability.json later with "
+                "scripts/bench_slimmable.py --part control --runs %s", limits, trainer.default_root_dir)
 
 
 def print_report(table, report) -> None:
