@@ -11,7 +11,10 @@ sliced-at-run-time encoders.
 validation and test splits, the controllability of both search methods (held out: search on
 validation, scores from test) and the uniform-width test metrics. A run without ``width_table.json``
 (its tables skipped) gets ``width_table.json``, ``width_table_test.json`` and ``controllability.json``
-written into its folder (whole splits).
+written into its folder (whole splits). Budgets, preference vectors, search method and their seed are the
+run's own (``callbacks.width_table`` in its ``config.yaml``); ``--budgets``, ``--preferences``,
+``--search-method`` and ``--preference-seed`` override them, and ``controllability.json`` records the
+settings used and where each came from under ``settings``.
 
 ``--part compare`` pairs finished runs named ``<variant>_s<seed>`` by seed and compares every variant
 with ``--baseline`` (default ``none``) at each uniform width on the test split: per-task wins and mean
@@ -35,6 +38,7 @@ from pathlib import Path
 import torch
 
 from mtl.models.slimmable.callback import signed
+from mtl.models.slimmable.control import SEARCH_METHODS
 
 ENCODER = {"name": "slim_resnet", "stem": 32, "channels": [32, 64, 128, 256], "out_indices": [1, 2, 3, 4]}
 
@@ -49,7 +53,8 @@ def train_once(out: Path, cikd: bool, args) -> dict:
         "experiment=scenes_slimmable", f"task=[{tasks}]", f"data.size={args.data_size}", f"data.n_train={args.n_train}",
         f"data.n_val={args.n_val}", f"data.n_test={args.n_val}", f"data.batch_size={args.batch_size}",
         f"trainer.max_epochs={args.epochs}", f"strategy.cikd={str(cikd).lower()}", "logger=none", "viz.num_samples=0",
-        f"callbacks.width_table.preferences={args.preferences}", f"seed={args.seed}",
+        f"seed={args.seed}",
+        *(f"callbacks.width_table.{k}={v}" for k, v in control_flags(args).items()),
     ]
     start = time.perf_counter()
     run_dir = out / ("cikd" if cikd else "no_cikd")
@@ -101,12 +106,48 @@ def quality(args) -> dict:
 
 
 # --- control: re-score finished runs ---------------------------------------------------------------
+#: callbacks.width_table setting -> the flag that overrides it
+CONTROL_FLAGS = {"budgets": "--budgets", "preferences": "--preferences", "search_method": "--search-method",
+                 "seed": "--preference-seed"}
+
+
+def control_flags(args) -> dict:
+    """The width-table settings given as flags (None: not given)."""
+    return {k: v for k, v in {"budgets": args.budgets, "preferences": args.preferences,
+                              "search_method": args.search_method, "seed": args.preference_seed}.items() if v is not None}
+
+
+def control_settings(run_dir: Path, args) -> dict:
+    """The settings the run's own WidthTableCallback had (its config.yaml), each flag given overriding its
+    setting, with where each came from: a file written into the run folder must be that run's analysis."""
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    from mtl.models.slimmable.callback import WidthTableCallback
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file; --part control reads the run's callbacks.width_table from it")
+    stored = (OmegaConf.to_container(OmegaConf.load(path)).get("callbacks") or {}).get("width_table") or {}
+    defaults = {n: p.default for n, p in inspect.signature(WidthTableCallback).parameters.items() if n in CONTROL_FLAGS}
+    settings, source = {}, {}
+    for key in CONTROL_FLAGS:
+        settings[key], source[key] = ((stored[key], f"{path.name} callbacks.width_table.{key}") if key in stored
+                                      else (defaults[key], f"default (no callbacks.width_table.{key} in {path.name})"))
+    for key, value in control_flags(args).items():
+        settings[key], source[key] = value, CONTROL_FLAGS[key]
+    WidthTableCallback(**settings)  # the callback's own checks, naming the setting
+    return {**settings, "source": source}
+
+
 def rescore(run_dir: Path, args) -> dict:
     import mtl
     from mtl.data import create_datamodule
     from mtl.models.slimmable.control import score_controller
     from mtl.models.slimmable.table import build_width_table
 
+    settings = control_settings(run_dir, args)  # before the slow part: a bad setting is refused at once
     model = mtl.load_model(run_dir / "model").eval()
     if not hasattr(model, "width_set"):
         raise ValueError(f"{run_dir / 'model'}: not a slimmable model (family {model.config.get('family')!r}); "
@@ -125,7 +166,9 @@ def rescore(run_dir: Path, args) -> dict:
     dm.setup("test")
     val = build_width_table(model, dm.val_dataloader(), progress=False)
     test = build_width_table(model, dm.test_dataloader(), progress=False)
-    report = score_controller(val, test, 8, args.preferences, 0)
+    report = score_controller(val, test, settings["budgets"], settings["preferences"], settings["seed"],
+                              settings["search_method"])
+    report["settings"] = settings
     if args.checkpoint != "last" and not (run_dir / "width_table.json").exists():
         # a run whose tables were skipped (a split limited to 0 batches): written now, from its model folder
         from mtl.io import write_json
@@ -135,7 +178,7 @@ def rescore(run_dir: Path, args) -> dict:
         write_json(run_dir / "controllability.json", report)
         print(f"{run_dir.name}: wrote width_table.json, width_table_test.json, controllability.json", flush=True)
     uniform = {t: {w: test.metrics[t][w][w][test.primary[t]] for w in test.encoder_flops} for t in test.tasks}
-    return {"run_dir": str(run_dir), "compare": report["compare"], "uniform_test": uniform,
+    return {"run_dir": str(run_dir), "settings": settings, "compare": report["compare"], "uniform_test": uniform,
             "higher_is_better": test.higher_is_better}
 
 
@@ -146,6 +189,8 @@ def control(args) -> dict:
     for run in args.runs:
         r = rescore(Path(run), args)
         out[Path(run).name] = r
+        print(f"{Path(run).name}: " + ", ".join(f"{k}={v} ({r['settings']['source'][k]})" for k, v in r["settings"].items()
+                                                if k != "source"), flush=True)
         cmp = ", ".join(f"{k} {signed(v['controllability'])}" for k, v in r["compare"].items())
         print(f"{Path(run).name}: {cmp}", flush=True)
         for t, vals in r["uniform_test"].items():
@@ -282,7 +327,11 @@ def main(argv=None) -> int:
     ap.add_argument("--n-val", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--preferences", type=int, default=64)
+    # the controllability settings; not given: each run's own callbacks.width_table (quality: the experiment's)
+    ap.add_argument("--preferences", type=int, help="preference vectors per budget (default: the run's own)")
+    ap.add_argument("--budgets", type=int, help="FLOPs budgets (default: the run's own)")
+    ap.add_argument("--search-method", choices=SEARCH_METHODS, help="the search scored on top (default: the run's own)")
+    ap.add_argument("--preference-seed", type=int, help="seed of the preference vectors (default: the run's own)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", help="folder for the two training runs (default: a temporary one)")
     ap.add_argument("--size", type=int, default=128, help="speed: input resolution")
@@ -294,8 +343,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from script_cli import require_positive
 
-    require_positive(args, ["data_size", "n_train", "n_val", "batch_size", "epochs", "preferences", "size", "batch",
-                            "threads", "iters", "rounds"])
+    require_positive(args, ["data_size", "n_train", "n_val", "batch_size", "epochs", "size", "batch", "threads", "iters",
+                            "rounds"])
+    for name, low in (("budgets", 2), ("preferences", 2), ("preference_seed", 0)):  # as WidthTableCallback's checks
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be ≥ {low}, got {value}")
     res = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if args.part in ("speed", "all"):
         res["speed"] = speed(args)

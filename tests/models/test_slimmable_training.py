@@ -254,6 +254,35 @@ def test_a_run_that_tests_nothing_warns_that_its_width_tables_are_skipped(tmp_pa
     assert f"scripts/bench_slimmable.py --part control --runs {run_dir}" in warned[0]
 
 
+def test_bench_control_builds_a_skipped_runs_files_with_that_runs_settings(tmp_path, monkeypatch):
+    """--part control scored every run at 8 budgets, seed 0, the measured search and the script's --preferences,
+    so the controllability.json it wrote into a run folder was not that run's analysis."""
+    import importlib
+
+    from mtl.io import read_json, strict_json
+    from mtl.models.slimmable.control import score_controller
+    from mtl.models.slimmable.table import WidthTable
+    from mtl.train import run
+
+    run_dir = run(["experiment=scenes_slimmable", "debug=smoke", "viz.num_samples=0", "logger=none",
+                   "trainer.limit_test_batches=0", "callbacks.width_table.search_method=rule",
+                   "callbacks.width_table.budgets=3", "callbacks.width_table.preferences=5",
+                   "callbacks.width_table.seed=2"], run_dir=tmp_path / "r")
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "scripts"))
+    bench = importlib.import_module("bench_slimmable")
+    with pytest.raises(ValueError, match=r"^--budgets must be ≥ 2, got 1$"):
+        bench.main(["--part", "control", "--runs", str(run_dir), "--budgets", "1"])
+    bench.main(["--part", "control", "--runs", str(run_dir), "--preferences", "4"])  # a flag given overrides
+    report = read_json(run_dir / "controllability.json")
+    val, test = WidthTable.load(run_dir / "width_table.json"), WidthTable.load(run_dir / "width_table_test.json")
+    expected = score_controller(val, test, 3, 4, 2, "rule")
+    assert {k: report[k] for k in expected} == strict_json(expected, "report")  # NaN stored as null
+    assert report["method"] == "rule" and len(report["per_budget"]) == 3 and report["n_preferences"] == 4
+    assert report["settings"] == {"budgets": 3, "preferences": 4, "search_method": "rule", "seed": 2, "source": {
+        "budgets": "config.yaml callbacks.width_table.budgets", "preferences": "--preferences",
+        "search_method": "config.yaml callbacks.width_table.search_method", "seed": "config.yaml callbacks.width_table.seed"}}
+
+
 @pytest.mark.parametrize("key, value", [("budgets", 0), ("preferences", 0), ("preferences", -3), ("budgets", 2.5),
                                         ("budgets", 1), ("preferences", 1),  # always 0: undefined, not a measurement
                                         ("max_batches", -1), ("seed", "x")])
