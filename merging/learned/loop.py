@@ -153,7 +153,7 @@ class Objective:
             pred = self.problem.predict(params, x, task)
         except torch.OutOfMemoryError:
             raise
-        except RuntimeError as e:  # torch names neither the task nor its data
+        except (RuntimeError, ValueError) as e:  # torch (or the model's input check) names neither the task nor its data
             raise forward_failed(e, self.what, [task], x, self.problem.model) from e
         return self.loss(pred, task, y)
 
@@ -179,7 +179,7 @@ class Objective:
                 out = torch.func.functional_call(model, params, (x,), {"tasks": list(self.tasks)}, strict=False)
         except torch.OutOfMemoryError:
             raise
-        except RuntimeError as e:  # torch names neither the tasks nor their data
+        except (RuntimeError, ValueError) as e:  # torch (or the model's input check) names neither the tasks nor their data
             raise forward_failed(e, self.what, list(self.tasks), x, model) from e
         except KeyError as e:  # most often a model without a head for one of the tasks
             if self.recompute_bn:
@@ -202,7 +202,7 @@ class Objective:
         return losses
 
 
-def forward_failed(error: RuntimeError, what: str, tasks: list[str], x: torch.Tensor, model: torch.nn.Module
+def forward_failed(error: Exception, what: str, tasks: list[str], x: torch.Tensor, model: torch.nn.Module
                    ) -> RuntimeError:
     """A forward that raised, as one line naming the batches it ran on and their shape, and the channels the
     model's first convolution takes when a 4-D batch has others (the usual cause: grayscale vs RGB)."""

@@ -548,6 +548,21 @@ def test_a_batch_the_model_cannot_run_names_its_task_shape_and_the_channels_expe
                       pool_limit=1 << 20 if pooled else 0)
 
 
+def test_an_mtl_model_refusing_a_gray_batch_still_names_the_task():
+    """mtl models refuse a batch not shaped (B, 3, H, W) with a ValueError of their own, which names the family
+    and shape but not the task: the learned merge names it as it names torch's errors."""
+    import mtl
+
+    model = mtl.create_model(["semseg", "depth"], backbone="test_resnet").eval()
+    pre = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    fts = [{k: v + 0.01 if v.is_floating_point() else v.clone() for k, v in pre.items()} for _ in range(2)]
+    rgb, gray = torch.rand(2, 3, 32, 32), torch.rand(2, 1, 32, 32)
+    with pytest.raises(RuntimeError, match=r"^unlabeled\['semseg'\]: the model's forward failed on its batch of shape "
+                                           r"\(2, 1, 32, 32\) \(multitask: input must be \(B, 3, H, W\)"):
+        merging.learn("adamerging", pre, fts, unlabeled={"semseg": [gray], "depth": [rgb]}, model=model,
+                      tasks=["semseg", "depth"], progress=False, steps=1)
+
+
 def test_a_batch_of_the_wrong_width_names_its_task_labeled_or_not():
     model, pre, fts, data = toys()
     narrow = [torch.randn(8, 4)]  # the toy body takes 5 features
