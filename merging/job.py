@@ -200,10 +200,11 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
         return mergekit_job(cfg, run_dir)
     manifest = manifest_paths(cfg.pool) if cfg.get("pool") else None  # read once: checked, then merged
+    name, select, hp = _method(cfg)  # the method's keys and values from the config alone: refused before any folder
+    grid_job.precheck(name, hp)
     run_dir, output = start_run(cfg, run_dir, inputs=[manifest[0], *manifest[1]] if manifest else [],
                                 model_output=bool(cfg.eval.get("enabled", True)))
     output = output.resolve()  # a relative output= is the cwd's, not the run folder's: record where it is
-    name, select, hp = _method(cfg)
     if cfg.get("shard_size") is not None and cfg.eval.get("enabled", True):  # said, not silently ignored
         raise ValueError("shard_size shards the output of an eval=none merge (Hugging Face folders); an evaluated "
                          "merge writes a model folder with one model.safetensors: drop shard_size or add eval=none")
@@ -214,7 +215,6 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                          "Python (merging.merge, then merging.compose takes left-out keys from each task's model)")
     if cfg.get("store") and name != "tall_masks":
         raise ValueError(f"store=true writes a TALL-mask store (merge=tall_masks); merge={name} has none to write")
-    grid_job.precheck(name, hp)
     if cfg.eval.get("max_batches") is not None:  # 0 once wrote NaN scores everywhere
         check_int("eval.max_batches", cfg.eval.max_batches, low=1, note=" or null (every batch)")
     if cfg.get("learn_max_steps") is not None:  # -1 was passed on as merge.steps=-1 and refused under that name

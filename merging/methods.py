@@ -75,8 +75,17 @@ def unknown_hparams(name: str, convention: str, unknown: Sequence[str], accepted
     `density` given to the papers' TIES) says where it applies and what this convention uses instead."""
     from .mergekit import convention_note
 
-    return (f"{what or name}: unknown hyperparameter(s) {', '.join(unknown)}; accepted: {', '.join(sorted(accepted)) or 'none'}"
-            + convention_note(name, convention, unknown))
+    return (f"{what or name}: unknown hyperparameter(s) {', '.join(unknown)}{meant(unknown, accepted)}; accepted: "
+            f"{', '.join(sorted(accepted)) or 'none'}" + convention_note(name, convention, unknown))
+
+
+def meant(unknown: Sequence[str], accepted: Iterable[str]) -> str:
+    """' (did you mean <key>?)' for the accepted keys the unknown ones most likely misspell; '' when none is close."""
+    from mtl.registry import closest
+
+    accepted = list(accepted)
+    guesses = [g for k in unknown if (g := closest(k, accepted))]
+    return f" (did you mean {', '.join(guesses)}?)" if guesses else ""
 
 
 class MergeMethod(ABC):

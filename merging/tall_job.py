@@ -20,7 +20,7 @@ from .consensus import make_mtv_method, per_task_lams
 from .engine import KeyOptions
 from .grid_job import better
 from .job import CLI_METHODS, MergeJob, Selection
-from .methods import SELECTS, _per_task
+from .methods import SELECTS, _per_task, meant
 from .storage import STORE_FILE
 from .streaming import resolve_output
 from .tall import TallKernel, ties_options
@@ -51,7 +51,8 @@ def precheck_tall(hp: Mapping[str, Any], num_models: int | None = None, tasks: l
     list's length too; with `tasks`, a ``{task: λ}``'s names), checked before the pool is loaded and evaluated."""
     unknown = sorted(set(hp) - set(ACCEPTED))
     if unknown:
-        raise ValueError(f"merge=tall_masks: unknown hyperparameter(s) {', '.join(unknown)}; accepted: {', '.join(ACCEPTED)}")
+        raise ValueError(f"merge=tall_masks: unknown hyperparameter(s) {', '.join(unknown)}{meant(unknown, ACCEPTED)}; "
+                         f"accepted: {', '.join(ACCEPTED)}")
     o = {**_OPTIONS, **{k: v for k, v in hp.items() if k in _OPTIONS and v is not None}}
     try:
         if o["select"] not in SELECTS:

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtl.cli.common import write_hydra_record
 from mtl.cli.failures import FAILED, FINISHED_RECORDS, RunFolderTaken, check_run_folder
-from mtl.data import create_datamodule
+from mtl.data import check_datamodule, create_datamodule
 from mtl.evaluation import delta_m, load_baselines, save_baselines
 from mtl.folder_data import data_record
 from mtl.io import atomic_path, save_model, write_json
@@ -158,6 +158,10 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     validates = check_validation(cfg)
     check_int("seed", cfg.get("seed"), 0)  # named before training, not after it
     check_int("viz.num_samples", (cfg.get("viz") or {}).get("num_samples") or 0, 0)
+    # data.<key> and task.<name>.<option> (names and types) too, before the run folder is written; a class count
+    # left to the data is read once the data exists (2 stands in for it here)
+    check_datamodule(**OmegaConf.to_container(cfg.data, resolve=True))
+    build_tasks(cfg, default_classes=2)
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank0:
         set_aside_failed_attempt(run_dir, cfg.get("ckpt_path"))

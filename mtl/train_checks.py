@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from mtl.cli.failures import FAILED
 from mtl.folder_checks import same_json
 from mtl.io import as_plain
-from mtl.registry import check_int
+from mtl.registry import check_int, check_kwargs
 
 log = logging.getLogger("mtl.train")
 
@@ -89,6 +89,9 @@ def finished_run_refusal(run_dir: Path, found: list[str]) -> str:
 
 def check_trainer(tr: DictConfig) -> None:
     """Trainer settings that would fail (or mislead) only once training starts, named now."""
+    # the keys go to lightning.Trainer, whose "unexpected keyword" would come after the run folder is written
+    check_kwargs(L.Trainer.__init__, OmegaConf.to_container(tr, resolve=True), "trainer",
+                 given=("callbacks", "logger", "default_root_dir"))  # the job passes these itself
     cuda = torch.cuda.is_available()
     if str(tr.get("accelerator")) in ("gpu", "cuda") and not cuda:
         raise RuntimeError(f"trainer.accelerator={tr.accelerator} needs a CUDA GPU and torch sees none; use trainer=cpu")

@@ -141,6 +141,29 @@ def _check_run_settings(cfg: DictConfig) -> None:
     check_finetune_lr(cfg.finetune.lr, steps_run=cfg.rounds > 1 and cfg.finetune.steps > 0)
 
 
+def _check_data_settings(cfg: DictConfig) -> None:
+    """``data.<key>`` (names, with a did-you-mean, and scalar types) before the run folder exists, against the data
+    module ``data.name`` names, else the one the model folder records (a smoke model's: scenes, as `smoke_model`
+    trains it); a folder whose record does not read is left to the job to name."""
+    import json
+
+    from mtl.data import check_datamodule
+
+    given = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else {}
+    if not isinstance(given, dict) or not given:
+        return
+    name = given.get("name")
+    if name is None and cfg.get("model"):
+        try:
+            name = json.loads((Path(cfg.model) / "config.json").read_text())["meta"]["data"]["name"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+    elif name is None and cfg.get("smoke_model"):
+        name = "scenes"
+    if name is not None:
+        check_datamodule(name, **{k: v for k, v in given.items() if k != "name"})
+
+
 def run_prune(cfg: DictConfig, run_dir: str | Path, command_line: list[str] | None = None) -> dict[str, Any]:
     """The job; ``command_line``: the overrides as typed (default: Hydra's task overrides, as the CLI has them)."""
     _check_run_settings(cfg)  # before the run folder is made
@@ -149,6 +172,7 @@ def run_prune(cfg: DictConfig, run_dir: str | Path, command_line: list[str] | No
 
         command_line = list(HydraConfig.get().overrides.task)
     method, hp = _hparams(cfg, command_line)  # the config alone: a refused option leaves no run folder either
+    _check_data_settings(cfg)
     run_dir, output = start_run(cfg, run_dir, model_output=True)
     torch.manual_seed(int(cfg.seed))
     source = input_model(cfg, run_dir, "prune")

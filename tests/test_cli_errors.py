@@ -36,12 +36,9 @@ def run_main(monkeypatch, tmp_path, *overrides):
 @pytest.mark.parametrize("override, expected", [
     ("backbone.name=resnet_18", "unknown timm backbone 'resnet_18'; similar names: resnet18,"),
     ("balancer.name=foo", "unknown balancer 'foo'; valid names: aligned_mtl,"),
-    ("data.name=bar", "unknown dataset 'bar'; valid names:"),
     ('decoder.channels="16"', "decoder.channels must be int, got '16' (str)"),
     ("+decoder.chanels=16", "unknown setting decoder.chanels (did you mean decoder.channels?); the settings here are: "
                             "channels, norm, head,"),
-    ("+data.augmnt=true", "unknown setting data.augmnt (did you mean data.augment?); the settings here are: size, "
-                          "n_train, n_val,"),
     ("optimized_metric=val/depth/nope", "optimized_metric='val/depth/nope' is not logged; logged: "),  # before training
     ("baselines.variant=bogus", "baselines.variant='bogus' is not a Δm variant; valid names: primary, all, flat"),
     # a balancer's range error names the full key, as the finiteness check does
@@ -75,6 +72,10 @@ def test_error_after_composition_is_one_line_and_marks_the_run_failed(monkeypatc
                               "min_lr_ratio, grad_clip"),
     ("+optim.weight_dacay=0", "unknown setting optim.weight_dacay (did you mean optim.weight_decay?)"),
     ("+optim.balancer=uw", "unknown setting optim.balancer; the settings here are: lr,"),  # not MultiTaskModule's own
+    # named once the data module was built, after a FAILED folder
+    ("data.name=bar", "unknown dataset 'bar'; valid names:"),
+    ("+data.augmnt=true", "unknown setting data.augmnt (did you mean data.augment?); the settings here are: size, "
+                          "n_train, n_val,"),
     # merged by Hydra into {depth, semseg} without a word
     ("task=[depth,semseg,depth]", "task 'depth' is named twice in 'task=[depth,semseg,depth]'; name each task once"),
 ])

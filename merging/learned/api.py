@@ -216,7 +216,9 @@ def check_hparams(method: str, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any
     key_options = {k: kwargs.pop(k) for k in KEY_OPTIONS if k in kwargs}
     unknown = sorted(set(kwargs) - set(hp))
     if unknown:
-        raise TypeError(f"{method}: unknown hyperparameter(s) {', '.join(unknown)}; valid: {', '.join(hp)}")
+        from ..methods import meant
+
+        raise TypeError(f"{method}: unknown hyperparameter(s) {', '.join(unknown)}{meant(unknown, hp)}; valid: {', '.join(hp)}")
     hp.update(kwargs)
     check_bn(key_options.get("bn", "pretrained"))
     if hp.get("objective", "entropy") not in ("entropy", "supervised"):

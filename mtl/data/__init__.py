@@ -35,15 +35,21 @@ def _zoo_datamodule(dataset: str, **kwargs: Any) -> LightningDataModule:
     return ZooDataModule(dataset, **kwargs)
 
 
-def create_datamodule(name: str, **kwargs: Any) -> LightningDataModule:
-    """Build a data module from its registry name; unknown names raise an error listing valid ones."""
+def check_datamodule(name: str, **kwargs: Any) -> type[LightningDataModule]:
+    """The data module class ``name`` names, its settings checked (unknown ones with a did-you-mean, scalar types)
+    without building it: a job names a bad ``data.<key>`` before its run folder exists."""
     cls = DATAMODULES.get(name)
     check_kwargs(cls, kwargs, "data")
-    return cls(**kwargs)
+    return cls
+
+
+def create_datamodule(name: str, **kwargs: Any) -> LightningDataModule:
+    """Build a data module from its registry name; unknown names raise an error listing valid ones."""
+    return check_datamodule(name, **kwargs)(**kwargs)
 
 
 __all__ = [
-    "DATAMODULES", "create_datamodule", "ScenesDataModule", "HFImageDataModule", "NYUv2DataModule",
+    "DATAMODULES", "check_datamodule", "create_datamodule", "ScenesDataModule", "HFImageDataModule", "NYUv2DataModule",
     "CityscapesDataModule", "TensorDataModule",
     "TensorDictDataset", "collate_batch", "default_cache_dir", "materialize_scenes", "render_scenes",
     "CLASS_NAMES", "SHAPE_NAMES",

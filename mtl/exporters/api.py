@@ -130,15 +130,20 @@ def resolve_tasks(model: nn.Module, tasks: str | Sequence[str] | None) -> list[s
     return wanted
 
 
-def _check_options(fn: Callable, fmt: str, options: dict[str, Any]) -> None:
-    params = inspect.signature(fn).parameters
-    allowed = [p for p in params if p not in ("source", "out", "tasks")]
+def check_format_options(fmt: str, options: dict[str, Any]) -> Callable:
+    """The exporter of format ``fmt``, its ``options`` checked (names, with a did-you-mean, and scalar types)
+    without exporting: mtl-export refuses a bad ``format.<key>`` before its run folder exists."""
+    from mtl.registry import check_kwargs, closest
+
+    fn = EXPORTERS.get(fmt)
+    allowed = [p for p in inspect.signature(fn).parameters if p not in ("source", "out", "tasks")]
     bad = [k for k in options if k not in allowed]
     if bad:
-        raise TypeError(f"format={fmt} has no option(s) {bad}; its options: {', '.join(allowed) or '(none)'}")
-    from mtl.registry import check_kwargs
-
+        guesses = [g for k in bad if (g := closest(k, allowed))]
+        guess = f" (did you mean {', '.join(guesses)}?)" if guesses else ""
+        raise TypeError(f"format={fmt} has no option(s) {bad}{guess}; its options: {', '.join(allowed) or '(none)'}")
     check_kwargs(fn, options, "format")  # errors name the CLI key: format.opset ...
+    return fn
 
 
 def export(
@@ -160,8 +165,7 @@ def export(
     if not isinstance(model, (str, os.PathLike, nn.Module)):
         raise TypeError(f"export: model must be a model folder (a path) or a loaded mtlkit model, "
                         f"got {type(model).__name__}")
-    fn = EXPORTERS.get(format)
-    _check_options(fn, format, options)
+    fn = check_format_options(format, options)
     if out is None:
         raise ValueError("export needs an output folder: out=<path>")
     if not isinstance(out, (str, os.PathLike)):

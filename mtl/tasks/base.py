@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Mapping
 import torch
 from torchmetrics import Metric
 
-from mtl.registry import Registry
+from mtl.registry import Registry, unknown_settings
 
 TASKS: "Registry[type[Task]]" = Registry("task")
 
@@ -85,11 +85,10 @@ def create_task(kind: str, **kwargs: Any) -> Task:
     ``create_task(**task.to_config())`` rebuilds an equivalent task.
     """
     cls = TASKS.get(kind)
-    try:
-        inspect.signature(cls).bind(**kwargs)
-    except TypeError as e:
-        valid = ", ".join(inspect.signature(cls).parameters)
-        raise TypeError(f"task {kind!r}: {e}; valid arguments: {valid}") from None
+    params = list(inspect.signature(cls).parameters)
+    unknown = [k for k in kwargs if k not in params]
+    if unknown:  # named as the config key it came from, with the option it most likely meant
+        raise TypeError(unknown_settings(f"task.{kwargs.get('name') or kind}", unknown, params))
     return cls(**kwargs)
 
 

@@ -298,7 +298,7 @@ def no_pool(monkeypatch):
     ("merge.mtv=foo", r"merge=tall_masks: mtv must be 'sum' or 'ties', got 'foo'"),
     ("merge.lam_grid=[0.3,-1]", r"merge=tall_masks, lam_grid value -1: lam must be ≥ 0"),
     ("merge.lam=nan", r"merge=tall_masks: lam must be a finite number"),
-    ("+merge.lam_gird=[0.1]", r"merge=tall_masks: unknown hyperparameter\(s\) lam_gird; accepted: .*lam_grid"),
+    ("+merge.lam_gird=[0.1]", r"merge=tall_masks: unknown hyperparameter\(s\) lam_gird \(did you mean lam_grid\?\); accepted: .*lam_grid"),
     ("+merge.k=150", r"merge=tall_masks: k is a percentage in \[0, 100\], got 150"),
     ("+merge.k=30", r"merge=tall_masks: k configures the TIES multi-task vector and applies only with mtv='ties'"),
 ])
