@@ -502,8 +502,8 @@ def test_an_added_key_that_nearly_matches_a_setting_is_refused():
                       ("+viz.num_sample=3", r"no setting viz.num_sample \(did you mean viz.num_samples\?\)")]:
         with pytest.raises(ValueError, match=want):
             check_added_keys(cfg, [arg])
-    # a trainer key reaches Lightning's constructor, which names it; an unrelated new key, a plain override
-    # and ++ are not judged here
+    # a trainer key is the train job's to judge (Lightning's arguments); without the app's top-level settings an
+    # unrelated new key is not judged, nor are a plain override and ++
     check_added_keys(cfg, ["+trainer.max_epoch=2", "+fresh=1", "seed=2", "++seeed=3"])
 
 

@@ -34,3 +34,23 @@ def _refused_without_folder(console, capfd, cli, *args):
 ])
 def test_a_section_setting_the_job_cannot_take_is_refused_before_any_folder(console, capfd, args, expected):
     assert _refused_without_folder(console, capfd, *args).startswith(expected)
+
+
+@pytest.mark.parametrize("cli, top", [
+    ("mtl.cli.train", "backbone, balancer, baselines,"), ("merging.cli", "bn_stats, debug, eval,"),
+    ("pruning.cli", "baselines, calib, data,"), ("mtl.cli.export", "debug, format, hydra,"),
+    ("mtl.cli.extract", "calib, debug, hydra,"),
+])
+def test_an_added_top_level_key_nothing_reads_is_refused_in_every_cli(console, capfd, cli, top):
+    """`+foo=1` ran and exited 0 with foo in config.yaml: no part of any tool reads it."""
+    message = _refused_without_folder(console, capfd, cli, "debug=smoke", "+foo=1")
+    assert message.startswith(f"+foo=1: no setting foo (the top-level settings are: {top}"), message
+
+
+@pytest.mark.parametrize("args, expected", [
+    # config.yaml recorded opsett: 17 while opset 18 was used
+    (("mtl.cli.export", "debug=smoke", "+opsett=17"), "+opsett=17: no setting opsett (the top-level settings are: "),
+    ((*TRAIN, "+model.foo=1"), "+model.foo=1: no setting model (the top-level settings are: "),  # mtl-train has none
+])
+def test_an_added_key_under_a_new_top_level_name_is_refused(console, capfd, args, expected):
+    assert _refused_without_folder(console, capfd, *args).startswith(expected)

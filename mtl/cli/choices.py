@@ -23,7 +23,26 @@ LISTED_NODES = ("eval",)
 def check_overrides(cfg: Any, overrides: Sequence[str], config_modules: Sequence[str]) -> None:
     """Every check of the command line against the composed config (before the run folder is touched)."""
     check_choices_honoured(cfg, overrides, config_modules)
-    check_added_keys(cfg, overrides)
+    check_added_keys(cfg, overrides, app_settings(config_modules[0]))
+
+
+def app_settings(app_module: str) -> set[str]:
+    """The top-level settings of an app: the keys of its primary config file(s) and the config groups of their
+    defaults list (experiment and debug files set only these at ``_global_`` level)."""
+    import yaml
+
+    try:
+        files = [f for f in resources.files(app_module.removeprefix("pkg://")).iterdir() if f.name.endswith(".yaml")]
+    except (ModuleNotFoundError, FileNotFoundError, NotADirectoryError):
+        return set()
+    known: set[str] = set()
+    for f in files:
+        data = yaml.safe_load(f.read_text()) or {}
+        known.update(k for k in data if isinstance(k, str) and k != "defaults")
+        for entry in data.get("defaults") or []:  # {group: option}, {"override /group": ...}, {"group@pkg": ...}
+            if isinstance(entry, dict):
+                known.update(str(k).split()[-1].lstrip("/").split("@")[0].split("/")[0] for k in entry)
+    return known
 
 
 def check_choices_honoured(cfg: Any, overrides: Sequence[str], config_modules: Sequence[str]) -> None:
@@ -62,10 +81,11 @@ def _option_name(group: str, choice: str, config_modules: Sequence[str]) -> Any:
     return None
 
 
-def check_added_keys(cfg: Any, overrides: Sequence[str]) -> None:
+def check_added_keys(cfg: Any, overrides: Sequence[str], top: set[str] | None = None) -> None:
     """Raise for ``+key=value`` that adds, to a node only the job reads, a key that nearly matches another
     key there (``+seeed=3`` beside ``seed``, ``+viz.num_sample=3`` beside ``num_samples``): Hydra suggests
-    ``+`` for any unknown key, and the job would ignore it without a word."""
+    ``+`` for any unknown key, and the job would ignore it without a word. ``top``: the app's top-level settings
+    (`app_settings`); any other top-level key (``+foo=1``, ``+model.foo=1`` in mtl-train) is read by nothing."""
     from omegaconf import DictConfig
 
     from mtl.registry import closest
@@ -75,6 +95,11 @@ def check_added_keys(cfg: Any, overrides: Sequence[str]) -> None:
             continue
         path = arg[1:].split("=", 1)[0].strip()
         parent, _, key = path.rpartition(".")
+        head = path.split(".", 1)[0]
+        if top and head not in top and not _interpolated(cfg, head):
+            close = closest(head, sorted(top))
+            hint = f"did you mean {close}?" if close else f"the top-level settings are: {', '.join(sorted(top))}"
+            raise ValueError(f"{arg}: no setting {head} ({hint}); nothing reads an added {head}")
         if parent not in CLOSED_NODES:
             continue
         node = cfg if not parent else cfg.get(parent)

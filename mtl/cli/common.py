@@ -146,7 +146,9 @@ def run_job(cfg, job: Callable[[Any, Path], Any] | str) -> Any:
         with sigterm_raises(), removes_unused_folder(run_dir, made):
             # command-line mistakes, found before the folder is touched: the folders Hydra made for them are removed
             # (as for Hydra's own errors), a finished run's stays as it was
-            check_overrides(cfg, hc.overrides.task, ("mtl.configs",))
+            # the app's own config package first (its settings), then those it searches (the shared groups)
+            modules = [src.path for src in hc.runtime.config_sources if src.schema == "pkg" and src.path != "hydra.conf"]
+            check_overrides(cfg, hc.overrides.task, modules or ("mtl.configs",))
             check_required(cfg)
             with claims_run_folder(run_dir, _rank0(), key), marks_failure(run_dir, made is not None):
                 if isinstance(job, str):

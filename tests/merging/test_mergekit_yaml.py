@@ -341,8 +341,7 @@ parameters: {weight: 1.0, lambda: 0.5}
     ("store=true", "store=True"), ("eval.device=cuda", "eval.device='cuda'"), ("eval.max_batches=3", "eval.max_batches=3"),
     ("learn_max_steps=5", "learn_max_steps=5"), ("smoke_pool=true", "smoke_pool=True"),
     ("bn_stats.batch_size=8", "bn_stats.batch_size=8"), ("+eval.data.batch_size=256", "eval.data.batch_size=256"),
-    ("+extra=1", "extra=1"),
-])
+])  # an added top-level key (+extra=1) is refused by every CLI first: tests/test_early_config_checks.py
 def test_cli_refuses_settings_a_recipe_run_does_not_read(models, setting, named):
     cfg = _yaml(models, "merge_method: task_arithmetic\nbase_model: base\nmodels: [{model: a}]\nparameters: {weight: 1}\n")
     with pytest.raises(ValueError, match=rf"^{named.replace('.', '[.]')} is not read by a mergekit_yaml= run"):
