@@ -193,7 +193,7 @@ def test_an_in_process_refusal_keeps_a_given_folder_that_existed(monkeypatch, tm
 def test_group_choice_check_reads_sweeps_and_ignores_plain_keys():
     mods = ("mtl.configs",)
     assert check_group_choices(["balancer=ew,nashmtl"], mods).startswith("unknown balancer 'nashmtl'")
-    assert check_group_choices(["task=[semseg,depth]", "balancer=ew", "experiment=null"], mods) is None
+    assert check_group_choices(["task=[semseg,depth]", "balancer=ew"], mods) is None
     assert check_group_choices(["balancer.name=foo", "seed=3", "+x=1"], mods) is None
     assert check_group_choices(["task=[depth,depth],semseg"], mods) == ("task 'depth' is named twice in "
                                                                       "'task=[depth,depth],semseg'; name each task once")

@@ -54,3 +54,41 @@ def test_an_added_top_level_key_nothing_reads_is_refused_in_every_cli(console, c
 ])
 def test_an_added_key_under_a_new_top_level_name_is_refused(console, capfd, args, expected):
     assert _refused_without_folder(console, capfd, *args).startswith(expected)
+
+
+@pytest.mark.parametrize("args, expected", [
+    # ran with MultiTaskModule's default lr while config.yaml had no optim.lr
+    ((*TRAIN, "~optim.lr"), "~optim.lr: optim.lr cannot be removed (the run reads it); set it instead, e.g. "
+                            "optim.lr=0.002"),
+    ((*TRAIN, "~optim"), "~optim: optim cannot be removed (the run reads it); set its keys instead"),
+    # was "Key 'balancer' is not in struct (…)" after a FAILED folder
+    ((*TRAIN, "~balancer"), "~balancer: this run needs its balancer group; pick one of: aligned_mtl, cagrad,"),
+    # Hydra's "Config group override must be a string or a list. Got NoneType" named no group
+    ((*TRAIN, "balancer=null"), "balancer=null: a config group takes one of its options (balancer cannot be "
+                                "removed); balancer options: aligned_mtl, cagrad,"),
+    (("mtl.cli.train", "experiment=null"), "experiment=null: a config group takes one of its options (leave "
+                                           "experiment= out for none); experiment options: cityscapes,"),
+    (("merging.cli", "task=null"), "task=null: no setting task"),
+    (("pruning.cli", "task=null"), "task=null: no setting task"),
+    (("mtl.cli.export", "task=null"), "task=null: no setting task (did you mean tasks?)"),
+    (("mtl.cli.extract", "task=null"), "task=null: no setting task (did you mean tasks?)"),
+    (("merging.cli", "~eval"), "~eval: this run needs its eval group; pick one of: none, tasks"),
+])
+def test_removing_what_the_run_needs_is_refused_naming_it(console, capfd, args, expected):
+    assert _refused_without_folder(console, capfd, *args).startswith(expected)
+
+
+def test_removing_what_the_app_config_does_not_set_stays_allowed():
+    """A key an experiment adds (the sandwich's cikd_level) or a callback may go; an optional group may be dropped."""
+    from mtl.cli.common import check_group_choices
+
+    assert check_group_choices(["experiment=scenes_slimmable", "~strategy.cikd_level", "~callbacks.progress_bar",
+                                "~launcher"], ("mtl.configs",)) is None
+
+
+def test_an_in_process_run_refuses_a_removed_setting_too(tmp_path):
+    from mtl.train import run
+
+    with pytest.raises(ValueError, match=r"^~optim\.lr: optim\.lr cannot be removed"):
+        run(["debug=smoke", "~optim.lr"], run_dir=tmp_path / "r")
+    assert not (tmp_path / "r").exists()

@@ -26,23 +26,68 @@ def check_overrides(cfg: Any, overrides: Sequence[str], config_modules: Sequence
     check_added_keys(cfg, overrides, app_settings(config_modules[0]))
 
 
-def app_settings(app_module: str) -> set[str]:
-    """The top-level settings of an app: the keys of its primary config file(s) and the config groups of their
-    defaults list (experiment and debug files set only these at ``_global_`` level)."""
+def app_config(app_module: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(settings, defaults) of an app's primary config file(s): its own keys and values, and its defaults list as
+    ``{group: option}`` (``override /group``, ``group@package`` read as ``group``)."""
     import yaml
 
     try:
         files = [f for f in resources.files(app_module.removeprefix("pkg://")).iterdir() if f.name.endswith(".yaml")]
     except (ModuleNotFoundError, FileNotFoundError, NotADirectoryError):
-        return set()
-    known: set[str] = set()
+        return {}, {}
+    settings: dict[str, Any] = {}
+    defaults: dict[str, Any] = {}
     for f in files:
         data = yaml.safe_load(f.read_text()) or {}
-        known.update(k for k in data if isinstance(k, str) and k != "defaults")
-        for entry in data.get("defaults") or []:  # {group: option}, {"override /group": ...}, {"group@pkg": ...}
+        settings.update({k: v for k, v in data.items() if isinstance(k, str) and k != "defaults"})
+        for entry in data.get("defaults") or []:
             if isinstance(entry, dict):
-                known.update(str(k).split()[-1].lstrip("/").split("@")[0].split("/")[0] for k in entry)
-    return known
+                defaults.update({str(k).split()[-1].lstrip("/").split("@")[0]: v for k, v in entry.items()})
+    return settings, defaults
+
+
+def app_settings(app_module: str) -> set[str]:
+    """The top-level settings of an app: the keys of its primary config file(s) and the config groups of their
+    defaults list (experiment and debug files set only these at ``_global_`` level)."""
+    settings, defaults = app_config(app_module)
+    return set(settings) | {g.split("/")[0] for g in defaults}
+
+
+def check_removals(overrides: Sequence[str], app_module: str, groups: dict[str, set[str]]) -> str | None:
+    """The first override that removes what the run needs, as a message: ``~key`` for a setting of the app's own
+    config (``~optim.lr``: the code's default would be used and config.yaml would not record it), ``~group`` for a
+    group its defaults list fills (``~balancer``), and ``group=null``, which Hydra refuses without naming the group.
+    ``groups``: every config group's options."""
+    settings, defaults = app_config(app_module)
+    for arg in overrides:
+        key, eq, value = arg.partition("=")
+        if arg.startswith("~"):
+            path = key[1:].strip()
+            node: Any = settings
+            for part in path.split("."):
+                node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+            if isinstance(node, dict):
+                return f"{arg}: {path} cannot be removed (the run reads it); set its keys instead ({path}.<key>=...)"
+            if node is not _MISSING:
+                value = "null" if node is None else str(node).lower() if isinstance(node, bool) else node
+                return f"{arg}: {path} cannot be removed (the run reads it); set it instead, e.g. {path}={value}"
+            if defaults.get(path) is not None:
+                return f"{arg}: this run needs its {path} group; pick one of: {', '.join(sorted(groups.get(path, ())))}"
+        elif eq and value.strip() == "null" and key.strip() in groups:
+            group = key.strip()
+            if group not in defaults:  # a group of the shared configs this tool does not use (mtl-merge's task)
+                from mtl.registry import closest
+
+                near = closest(group, sorted(app_settings(app_module)))
+                return f"{arg}: no setting {group}" + (f" (did you mean {near}?)" if near else "")
+            optional = defaults[group] is None
+            how = f"leave {group}= out for none" if optional else f"{group} cannot be removed"
+            return f"{arg}: a config group takes one of its options ({how}); {group} options: " \
+                   f"{', '.join(sorted(groups[group]))}"
+    return None
+
+
+_MISSING = object()
 
 
 def check_choices_honoured(cfg: Any, overrides: Sequence[str], config_modules: Sequence[str]) -> None:

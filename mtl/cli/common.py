@@ -353,6 +353,11 @@ def check_group_choices(overrides: Sequence[str], config_modules: Sequence[str])
     except Exception:  # malformed overrides: Hydra's own message says it best
         return None
     groups = _group_options([*config_modules, *_searchpath(parsed)])
+    from mtl.cli.choices import check_removals
+
+    removal = check_removals(overrides, config_modules[0], groups)
+    if removal:
+        return removal
     for ov in parsed:
         group = ov.key_or_group
         if group not in groups or ov.is_delete() or ov.package:
