@@ -21,6 +21,7 @@ from mtl.io import load_state, read_checked_config, read_json, read_model_config
 from mtl.models import MultiTaskModel, model_from_config
 from mtl.models.decoders.base import DECODERS
 from mtl.models.surgery import PLAN_KEY
+from mtl.modes import eval_mode
 from mtl.tasks import Task, create_task
 
 HEAD_PREFIX = "decoder.heads."
@@ -182,18 +183,14 @@ def evaluate(model: MultiTaskModel, task: str, datamodule, split: str, max_batch
     `tally["samples"]` receives how many samples were scored (fewer than the split's under `max_batches`).
 
     The caller's model is left as it was: a model on another device is evaluated as a copy moved
-    there, and its train/eval mode is restored afterwards.
+    there, and every module's train/eval mode is restored afterwards.
     """
     t = model.tasks[task]
     device = resolve_device(device) if device is not None else next(model.parameters()).device
     if next(model.parameters()).device != device:
         model = copy.deepcopy(model).to(device)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return _evaluate(model, t, task, datamodule, split, max_batches, device, tally if tally is not None else {})
-    finally:
-        model.train(was_training)
 
 
 def _evaluate(model, t: Task, task: str, datamodule, split: str, max_batches: int | None, device,

@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from mtl.io import require_model
+from mtl.modes import eval_mode
 
 
 def _cpu_flash_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -36,17 +37,12 @@ def count_flops(model: nn.Module, x: torch.Tensor, tasks: Iterable[str] | str | 
     task may be given as its name, as the model's forward takes it.
 
     What runs is counted, so for a sparse model (routed experts) these are the *active* FLOPs.
-    The model's train/eval mode is restored afterwards.
+    Every module's train/eval mode is restored afterwards.
     """
     require_model(model, "count_flops")
-    was_training = model.training
-    model.eval()
-    try:
-        with flop_counter() as counter:
-            model(x) if tasks is None else model(x, tasks=[tasks] if isinstance(tasks, str) else list(tasks))
-        return int(counter.get_total_flops())
-    finally:
-        model.train(was_training)
+    with eval_mode(model), flop_counter() as counter:
+        model(x) if tasks is None else model(x, tasks=[tasks] if isinstance(tasks, str) else list(tasks))
+    return int(counter.get_total_flops())
 
 
 def model_stats(model: nn.Module, x: torch.Tensor, tasks: Iterable[str] | None = None) -> dict[str, Any]:

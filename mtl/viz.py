@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mtl.modes import eval_mode
+
 
 def _to_image(task, t: torch.Tensor) -> np.ndarray | None:
     """A dense map (C, H, W) -> something imshow understands; None for image-level outputs."""
@@ -48,15 +50,10 @@ def save_predictions(model, batch: dict[str, torch.Tensor], path: str | Path, nu
 
     from mtl.io import atomic_path
 
-    modes = [(m, m.training) for m in model.modules()]  # per module: a frozen-BN model stays so
     n = min(num_samples, batch["image"].shape[0])
     images = batch["image"][:n]
-    model.eval()
-    try:
+    with eval_mode(model):  # per module: a frozen-BN model stays so
         preds = model(images)
-    finally:
-        for m, training in modes:
-            m.training = training
     tasks = list(model.tasks.values())
     cols = 1 + 2 * len(tasks)
     fig = Figure(figsize=(1.6 * cols, 1.7 * n))

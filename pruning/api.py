@@ -12,6 +12,7 @@ from torch import nn
 
 from mtl.flops import count_flops, count_params
 from mtl.models.surgery import diff_plan, snapshot
+from mtl.modes import modes_restored
 from pruning.calib import as_batches, task_losses
 from pruning.graph import LayerGraph, PruningError, check_prunable
 from pruning.methods import METHODS, check_ratio, check_round_to, percent, percent_beside
@@ -52,12 +53,11 @@ def prune(model: nn.Module, method: str, calib: Any = None, *, example: torch.Te
         raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
     if rounds > 1 and finetune is None:
         log.warning("rounds=%d without finetune: rounds only change which channels the later rounds see", rounds)
-    was_training = model.training
     original = snapshot(model)
     before = {"params": count_params(model), "flops": count_flops(model, example[:1])}
     losses_before = task_losses(model, batches) if batches else {}
     current, kept_total, infos = model, None, []
-    try:
+    with modes_restored(model):
         for k in range(rounds):
             hp = {key: (_PER_ROUND[key](v, rounds) if key in _PER_ROUND and v is not None and rounds > 1 else v)
                   for key, v in hparams.items()}
@@ -71,8 +71,6 @@ def prune(model: nn.Module, method: str, calib: Any = None, *, example: torch.Te
             if finetune is not None and k < rounds - 1:
                 finetune(current)
                 current.eval()
-    finally:
-        model.train(was_training)
     current.pruning_plan = {"method": method, "hparams": _plain(effective), "rounds": rounds,
                             "modules": diff_plan(original, current), "layers": kept_total}
     current.meta = _derived_meta(getattr(model, "meta", None) or {}, method, {**effective, "rounds": rounds})

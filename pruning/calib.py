@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from mtl.data.calibration import calibration_batches  # noqa: F401  (re-exported: pruning.calib is its documented home)
+from mtl.modes import eval_mode
 
 
 def datamodule_for(model: nn.Module, data: Mapping[str, Any] | None = None, source: str | Path | None = None):
@@ -46,9 +47,7 @@ def task_losses(model: nn.Module, batches: list[dict[str, torch.Tensor]], tasks:
     """Mean loss of every task over the calibration batches (eval mode, no gradients)."""
     names = list(tasks or model.tasks)
     totals = {t: 0.0 for t in names}
-    was = model.training
-    model.eval()
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for b in batches:
             out = model(b["image"], tasks=names)
             for t in names:
@@ -57,5 +56,4 @@ def task_losses(model: nn.Module, batches: list[dict[str, torch.Tensor]], tasks:
                     raise KeyError(f"calibration batch has no target {task.target_key!r} for task {t!r} "
                                    f"(it holds {sorted(b)})")
                 totals[t] += float(task.loss(out[t], b[task.target_key]))
-    model.train(was)
     return {t: v / len(batches) for t, v in totals.items()}

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from mtl.flops import count_flops
+from mtl.modes import eval_mode
 
 
 class FlopsEstimate:
@@ -35,14 +36,12 @@ class FlopsEstimate:
             if name in self.heads:  # (..., N, 3·heads·head_dim): every row of N queries meets N keys
                 hooks.append(m.register_forward_hook(lambda mod, i, o, name=name: self.attn.__setitem__(
                     name, 2.0 * 2.0 * (o.numel() / o.shape[-1]) * o.shape[-2] * (o.shape[-1] // 3) / n)))
-        was = model.training
         try:
-            with torch.no_grad():
-                model.eval()(example)
+            with torch.no_grad(), eval_mode(model):
+                model(example)
         finally:
             for h in hooks:
                 h.remove()
-            model.train(was)
         counted = count_flops(model, example[:1])
         self.other = max(counted - sum(self.leaf.values()) - sum(self.attn.values()), 0.0)
 

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from mtl.modes import eval_mode
 from pruning.graph import NORMS, Layer, LayerGraph
 
 COMBINE = ("sum", "max")
@@ -82,9 +83,20 @@ def taylor_scores(graph: LayerGraph, model: nn.Module, batches: list[dict[str, t
         raise ValueError(f"combine must be one of {COMBINE}, got {combine!r}")
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    with eval_mode(model):  # the running statistics the pruned model will use; each module's mode comes back
+        per_task = _task_scores(model, graph, batches, criterion)
+    names = list(per_task)
+    combined = {}
+    for l in graph.layers:
+        stack = torch.stack([per_task[t][l.name] for t in names])
+        combined[l.name] = stack.sum(0) if combine == "sum" else stack.max(0).values
+    return combined, per_task
+
+
+def _task_scores(model: nn.Module, graph: LayerGraph, batches: list[dict[str, torch.Tensor]],
+                 criterion: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Each task's unit scores, divided by their total over all layers."""
     per_task: dict[str, dict[str, torch.Tensor]] = {}
-    was = model.training
-    model.eval()  # the running statistics the pruned model will use
     params = [p for p in model.parameters()]
     saved = [(p.requires_grad, p.grad) for p in params]  # the caller's flags and gradients come back
     for p in params:
@@ -111,10 +123,4 @@ def taylor_scores(graph: LayerGraph, model: nn.Module, batches: list[dict[str, t
         for p, (r, g) in zip(params, saved):
             p.grad = g
             p.requires_grad_(r)
-        model.train(was)
-    names = list(per_task)
-    combined = {}
-    for l in graph.layers:
-        stack = torch.stack([per_task[t][l.name] for t in names])
-        combined[l.name] = stack.sum(0) if combine == "sum" else stack.max(0).values
-    return combined, per_task
+    return per_task

@@ -26,6 +26,7 @@ from mtl.io import safetensors_os_error
 from mtl.models.backbone_weights import flat_key
 from mtl.models.backbones import INIT_ONLY
 from mtl.models.multitask import IMAGENET_MEAN, IMAGENET_STD
+from mtl.modes import eval_mode
 
 TIMM_FILE = "model.safetensors"
 _BUILD_ONLY = ("out_indices", *INIT_ONLY, "features_only")
@@ -168,12 +169,8 @@ def _pool_size(plain: torch.nn.Module, input_size: tuple[int, ...], channels_las
     """timm's ``pool_size``, the final feature map's (H, W) at ``input_size`` (its test-time pooling uses it
     as a kernel), measured by one forward of zeros; timm's own value is for its default input size. None
     (as timm's own export writes when the input size changes) where the map is not 4-D."""
-    was_training = plain.training
-    try:
-        with torch.no_grad():
-            features = plain.eval().forward_features(torch.zeros(1, *input_size))
-    finally:
-        plain.train(was_training)
+    with torch.no_grad(), eval_mode(plain):
+        features = plain.forward_features(torch.zeros(1, *input_size))
     if not isinstance(features, torch.Tensor) or features.dim() != 4:
         return None
     return tuple(int(n) for n in (features.shape[1:3] if channels_last else features.shape[-2:]))

@@ -13,6 +13,8 @@ from typing import Any, Iterable
 
 import torch
 
+from mtl.modes import eval_mode
+
 
 def _images(calib: Any) -> Iterable[torch.Tensor]:
     if isinstance(calib, torch.Tensor):
@@ -32,23 +34,22 @@ def _images(calib: Any) -> Iterable[torch.Tensor]:
 @torch.no_grad()
 def route_counts(model, task: str, calib: Any) -> torch.Tensor:
     """Tokens each expert receives from ``task`` on ``calib``: (MoE layers, E), eval mode."""
-    was_training, was_recording = model.training, model.record_usage
+    was_recording = model.record_usage
     saved = model.expert_usage(reset=True)
-    model.eval()
-    model.record_usage = True
     device = next(model.parameters()).device
     try:
-        n = 0
-        for x in _images(calib):
-            model(x.to(device), tasks=[task])
-            n += 1
-        if n == 0:
-            raise ValueError("calib: no calibration batch given")
-        return model.expert_usage(reset=True)[task]
+        with eval_mode(model):
+            model.record_usage = True
+            n = 0
+            for x in _images(calib):
+                model(x.to(device), tasks=[task])
+                n += 1
+            if n == 0:
+                raise ValueError("calib: no calibration batch given")
+            return model.expert_usage(reset=True)[task]
     finally:
         model._usage = saved
         model.record_usage = was_recording
-        model.train(was_training)
 
 
 def check_request(model, task: str, calib: Any, min_share: float = 0.0) -> None:

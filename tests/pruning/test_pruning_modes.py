@@ -1,0 +1,44 @@
+"""Pruning reads the caller's model in eval mode and gives every module its own mode back: a
+frozen-BN backbone under a model in train mode stays so, also when pruning fails."""
+import pytest
+
+import pruning
+from pruning.calib import task_losses
+from pruning.graph import PruningError
+
+from pruning_toys import toy_batches, toy_model
+
+
+def _modes(m):
+    return {name: mod.training for name, mod in m.named_modules()}
+
+
+def _mixed(m):
+    m.train()
+    m.backbone.eval()
+    return _modes(m)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return toy_model()
+
+
+@pytest.mark.parametrize("method,hp", [("l1", {"ratio": 0.3}), ("taylor", {"ratio": 0.3})])
+def test_prune_keeps_mixed_modes(model, method, hp):
+    before = _mixed(model)
+    pruning.prune(model, method, calib=toy_batches(1), **hp)
+    assert _modes(model) == before
+
+
+def test_a_failed_prune_and_task_losses_keep_mixed_modes(model):
+    batches = toy_batches(1)
+    before = _mixed(model)
+    with pytest.raises(PruningError):
+        pruning.prune(model, "l1", calib=batches, ratio=0.3, ignored_layers=["no.such.layer"])
+    assert _modes(model) == before
+    task_losses(model, batches)
+    assert _modes(model) == before
+    with pytest.raises(KeyError):
+        task_losses(model, [{"image": batches[0]["image"]}])
+    assert _modes(model) == before
