@@ -8,7 +8,7 @@ with the merged weights is the standard repair (Jordan et al. 2023, "REPAIR"; Ai
 How (`bn_statistics`): the BN layers of the shared part of the model (those outside the task-specific
 keys, `heads.` by default: a head keeps its fine-tune's statistics) run in train mode — they normalise
 with the statistics of the batch they see, as in `torch.optim.swa_utils.update_bn` — the rest of the
-model stays in eval mode, nothing gets a gradient. Each layer's inputs are accumulated over every
+model runs in eval mode whatever mode it was in (each module's own mode comes back), nothing gets a gradient. Each layer's inputs are accumulated over every
 batch (per channel: count, mean, sum of squared deviations, combined exactly across batches in
 float64), and the layer's buffers become the pooled statistics of all those inputs, as BN stores them:
 `running_mean` = mean, `running_var` = unbiased variance (n − 1 in the denominator),
@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from mtl.io import require_model
+from mtl.modes import eval_mode
 
 from .keys import BN_OPTIONS, DEFAULT_TASK_KEYS, KeyPattern, compile_pattern
 
@@ -123,7 +124,8 @@ class _Moments:
 @contextmanager
 def shared_bn_in_train_mode(model: nn.Module, params: Mapping[str, torch.Tensor] | None = None,
                             task_keys: KeyPattern = DEFAULT_TASK_KEYS) -> Iterator[dict[str, torch.Tensor]]:
-    """The shared BN layers in train mode (normalising with batch statistics) for the duration, and the
+    """The shared BN layers in train mode (normalising with batch statistics), the rest of the model in eval
+    mode, for the duration (every module's own mode comes back afterwards), and the
     tensors to call the model with through `torch.func.functional_call`: `params` plus copies of those
     layers' buffers, which absorb the running-statistics updates (module and `params` stay untouched)."""
     _refuse_linearized(model)
@@ -133,14 +135,10 @@ def shared_bn_in_train_mode(model: nn.Module, params: Mapping[str, torch.Tensor]
         for b in ("running_mean", "running_var", "num_batches_tracked"):
             if getattr(m, b, None) is not None:
                 scratch[f"{name}.{b}"] = getattr(m, b).detach().clone()
-    was = [m.training for m in layers.values()]
-    try:
+    with eval_mode(model):  # the heads' BN and dropout must not act as in training; each module's mode comes back
         for m in layers.values():
             m.train()
         yield scratch
-    finally:
-        for m, w in zip(layers.values(), was):
-            m.train(w)
 
 
 LINEARIZED_BN = ("bn='recompute' is not available for linearised models: their expansion is around one fixed "

@@ -84,6 +84,33 @@ def test_recompute_changes_only_the_shared_statistics():
         assert not p.requires_grad or p.grad is None, n
 
 
+@pytest.mark.parametrize("modes", ["train", "mixed"])
+def test_a_model_in_train_mode_keeps_its_state_and_modes_and_gets_eval_mode_statistics(modes):
+    """Only the shared BN layers run in train mode: the heads' BN (buffers of the module itself) and
+    dropout act as in eval mode, and every module's own mode comes back."""
+    torch.manual_seed(3)
+    model = ConvBN()
+    model.body[2] = nn.Sequential(nn.ReLU(), nn.Dropout(0.5))  # no weights: the keys stay
+    expected = bn_statistics(model, _batches())  # the model in eval mode throughout
+    model.train()
+    if modes == "mixed":
+        model.heads["t0"].eval()
+        model.body[2].eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: m.training for n, m in model.named_modules()}
+    stats = bn_statistics(model, _batches())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert {n: m.training for n, m in model.named_modules()} == flags
+    assert stats.keys() == expected.keys()
+    for k, v in expected.items():
+        torch.testing.assert_close(stats[k], v, rtol=0, atol=0, msg=k)
+    recompute_bn(model, _batches())
+    after = model.state_dict()
+    assert {k for k in after if not torch.equal(after[k], before[k])} <= set(expected)
+    assert {n: m.training for n, m in model.named_modules()} == flags
+
+
 def test_statistics_with_params_leave_module_and_params_untouched():
     torch.manual_seed(2)
     model = ConvBN()
