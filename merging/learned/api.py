@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import numbers
 import operator
@@ -18,6 +19,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from mtl.io import require_model
+from mtl.modes import modes_restored
 
 from ..bn import bn_statistics, check_bn, pooled_batches
 from ..keys import DEFAULT_TASK_KEYS
@@ -313,19 +315,16 @@ def learn(method: str, pretrained, finetuned, *, unlabeled: Mapping[str, Iterabl
         hp["pool_limit"] = POOL_LIMIT if model is None else 0
     if model is not None:
         require_model(model, "merging.learn(model=...)")
-    was_training = model.training if model is not None else None
-    problem = build_problem(pretrained, finetuned, model=model, tasks=tasks, device=device, **key_options)
-    if hp.get("vectors") == "ties":
-        problem.taus = ties_task_vectors(problem.taus, hp["k"])
-    cuda = [problem.device.index or 0] if problem.device.type == "cuda" else []
-    try:
+    # build_problem puts a caller's model in eval mode: each module's own mode comes back, also on a refusal
+    with modes_restored(model) if model is not None else contextlib.nullcontext():
+        problem = build_problem(pretrained, finetuned, model=model, tasks=tasks, device=device, **key_options)
+        if hp.get("vectors") == "ties":
+            problem.taus = ties_task_vectors(problem.taus, hp["k"])
+        cuda = [problem.device.index or 0] if problem.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):  # seeded for the run; the caller's generator state comes back
             torch.manual_seed(int(hp["seed"]))
             return _learn(method, problem, hp, pretrained, finetuned, key_options, unlabeled, labeled, supervised,
                           progress, callback, callback_every, recompute)
-    finally:
-        if model is not None:
-            model.train(was_training)
 
 
 def _learn(method, problem, hp, pretrained, finetuned, key_options, unlabeled, labeled, supervised, progress,

@@ -219,7 +219,7 @@ def build_problem(pretrained, finetuned, *, model: nn.Module | None = None, task
         if built:
             model, vector_tasks, names = _model_from_folders(pretrained, fts)
             model = model.to(device).eval()
-        else:  # the caller's model is used as it is (never moved or copied); learn() restores its train/eval mode
+        else:  # the caller's model is used as it is (never moved or copied); learn() restores each module's train/eval mode
             first = next(iter(model.parameters()), None)  # no eager fallback tensor: creating it on an absent GPU fails
             where = first.device if first is not None else device
             if where.type != device.type or (device.index is not None and where != device):

@@ -153,3 +153,17 @@ def test_only_each_fine_tunes_own_head_is_compared_with_the_model(caplog):
     assert warned["own heads equal"] == []
     (warning,) = warned["t1 retrained"]
     assert "task(s) ['t1']" in warning and "'heads.t1.weight' (the model holds different values)" in warning
+
+
+def test_every_modules_own_mode_comes_back_after_a_run_and_after_a_refusal():
+    """learn() runs the caller's model in eval mode; a mixed model (body in eval under a model in
+    train mode) gets each module's flag back, also when the inputs are refused."""
+    model, pre, fts, data = toys()
+    model.train()
+    model.body.eval()
+    flags = {n: m.training for n, m in model.named_modules()}
+    merging.learn("adamerging", pre, fts, unlabeled=data, steps=1, **kw(model))
+    assert {n: m.training for n, m in model.named_modules()} == flags
+    with pytest.raises(MergeInputError, match="nothing to learn"):
+        merging.learn("adamerging", pre, [pre] * T, unlabeled=data, steps=1, **kw(model))
+    assert {n: m.training for n, m in model.named_modules()} == flags
