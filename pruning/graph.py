@@ -23,6 +23,7 @@ from torch import nn
 
 from mtl.models.slimmable.layers import _Sliced
 from mtl.models.surgery import diff_plan, snapshot
+from mtl.modes import eval_mode
 from pruning import ties
 from pruning.flops import FlopsEstimate
 
@@ -105,14 +106,15 @@ def _outputs(out: Any) -> list[torch.Tensor]:
 
 def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     # the graph is traced through autograd: a frozen parameter (requires_grad=False) leaves no trace,
-    # and its layers would silently drop out of pruning; its flags are restored afterwards
+    # and its layers would silently drop out of pruning; its flags are restored afterwards. The trace runs
+    # in eval mode (no BN statistics move; Torch-Pruning switches to it anyway) and every mode comes back
     import torch_pruning as tp
 
     frozen = [p for p in model.parameters() if not p.requires_grad]
     for p in frozen:
         p.requires_grad_(True)
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), eval_mode(model):
             return tp.DependencyGraph().build_dependency(model, example, output_transform=_outputs, verbose=False)
     finally:
         for p in frozen:
@@ -149,7 +151,8 @@ _RESIDUAL_SCALES = ("LayerScale", "LayerScale2d")
 
 
 class LayerGraph:
-    """The prunable layers of ``model`` (the model itself is not modified by building this)."""
+    """The prunable layers of ``model`` (the model itself is not modified by building this: weights, buffers,
+    ``requires_grad`` flags and every module's train/eval mode stay as they were)."""
 
     def __init__(self, model: nn.Module, example: torch.Tensor, ignored_layers: Sequence[str] = (),
                  allow_pruned: bool = False):

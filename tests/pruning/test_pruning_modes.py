@@ -1,10 +1,11 @@
 """Pruning reads the caller's model in eval mode and gives every module its own mode back: a
 frozen-BN backbone under a model in train mode stays so, also when pruning fails."""
 import pytest
+import torch
 
 import pruning
 from pruning.calib import task_losses
-from pruning.graph import PruningError
+from pruning.graph import LayerGraph, PruningError
 
 from pruning_toys import toy_batches, toy_model
 
@@ -42,3 +43,13 @@ def test_a_failed_prune_and_task_losses_keep_mixed_modes(model):
     with pytest.raises(KeyError):
         task_losses(model, [{"image": batches[0]["image"]}])
     assert _modes(model) == before
+
+
+@pytest.mark.parametrize("modes", ["train", "mixed"])
+def test_layer_graph_leaves_state_and_modes_as_they_were(model, modes):
+    before = _mixed(model) if modes == "mixed" else _modes(model.train())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    LayerGraph(model, toy_batches(1)[0]["image"][:2])
+    assert _modes(model) == before
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in state.items())
