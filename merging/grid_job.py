@@ -12,7 +12,7 @@ from mtl.progress_log import ProgressLog
 
 from .consensus import per_task_lams
 from .engine import KeyOptions
-from .job import CLI_METHODS, MergeJob, Selection, resolved_hparams
+from .job import CLI_METHODS, MergeJob, Selection, better, resolved_hparams
 
 
 def grid_search(job: MergeJob, method: str, hp: Mapping[str, Any]) -> Selection:
@@ -39,14 +39,6 @@ def grid_search(job: MergeJob, method: str, hp: Mapping[str, Any]) -> Selection:
                          f"{[g['hparams'].get('lam') for g in grid]}; nothing to choose from")
     # every hyperparameter the chosen merge used, defaults included (trim, tie_rule, ...), as eval=none records it
     return Selection(best_model, resolved_hparams(method, best["hparams"]), grid=grid)
-
-
-def better(val: float, best: float) -> bool:
-    """`val` (a later candidate) beats `best`: the one rule of every λ search (grid methods and tall_masks'
-    per-task λ). Strictly higher only, so among equal scores the earlier candidate in grid order stays (the
-    smaller λ, the smaller edit of θ0, for the configs' ascending grids); a NaN never wins, and loses to any
-    number: it would otherwise win or lose by its place in the grid."""
-    return not math.isnan(val) and (math.isnan(best) or val > best)
 
 
 def grid_candidates(hp: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ Testing, the model folder, metrics.json, plots and the table are the job's.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -38,7 +39,7 @@ from .report import build_report, print_table, write_report
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CLI_METHODS", "MergeJob", "Selection", "run_merge", "run", "resolve_pool", "build_smoke_pool"]
+__all__ = ["CLI_METHODS", "MergeJob", "Selection", "better", "run_merge", "run", "resolve_pool", "build_smoke_pool"]
 
 
 @dataclass
@@ -52,6 +53,15 @@ class Selection:
     # more report entries ("mask_overlap" gets a plot; "tested", with `test`: whose metrics those are,
     # also written into the model folder's meta in place of its own scores)
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+# here, not in grid_job: tall_job needs it too, and job imports both at its end (an import cycle otherwise)
+def better(val: float, best: float) -> bool:
+    """`val` (a later candidate) beats `best`: the one rule of every λ search (grid methods and tall_masks'
+    per-task λ). Strictly higher only, so among equal scores the earlier candidate in grid order stays (the
+    smaller λ, the smaller edit of θ0, for the configs' ascending grids); a NaN never wins, and loses to any
+    number: it would otherwise win or lose by its place in the grid."""
+    return not math.isnan(val) and (math.isnan(best) or val > best)
 
 
 @dataclass

@@ -18,8 +18,7 @@ from mtl.progress_log import ProgressLog
 
 from .consensus import make_mtv_method, per_task_lams
 from .engine import KeyOptions
-from .grid_job import better
-from .job import CLI_METHODS, MergeJob, Selection
+from .job import CLI_METHODS, MergeJob, Selection, better
 from .methods import SELECTS, _per_task, meant
 from .storage import STORE_FILE
 from .streaming import resolve_output
@@ -84,7 +83,7 @@ def check_store_free(run_dir: Path, overwrite: bool) -> None:
 
 def _best_lam(task: str, tried: list[tuple[float, float]]) -> float:
     """The λ whose TALL model scored best on the task's validation split, `tried` in grid order, by the grid
-    search's rule (`grid_job.better`: among equal scores the earlier λ; NaN never wins); a search where every
+    search's rule (`job.better`: among equal scores the earlier λ; NaN never wins); a search where every
     λ scored NaN is an error."""
     if len(tried) > 1 and all(math.isnan(s) for s, _ in tried):
         raise ValueError(f"merge=tall_masks: task {task}'s TALL model scored NaN on validation for every λ tried "
