@@ -112,6 +112,11 @@ class MergeMethod(ABC):
         self.select = "kthvalue"
         self.validate()
 
+    def __repr__(self) -> str:
+        # as create_method would be called to make it
+        convention = [] if self.convention == "paper" else [f"convention={self.convention!r}"]
+        return f"{type(self).__name__}({', '.join([repr(self.name), *convention, *(f'{k}={v!r}' for k, v in self.hp.items())])})"
+
     def validate(self) -> None:
         """Check hyperparameter values (the number of models is checked in `bind`)."""
 

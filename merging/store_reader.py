@@ -198,6 +198,9 @@ class TallStore:
     def close(self) -> None:
         self.src.close()
 
+    def __repr__(self) -> str:
+        return f"TallStore({str(self.path)!r}: tasks {self.tasks}, {len(self.merged_keys)} merged tensors)"
+
     def __enter__(self) -> "TallStore":
         return self
 

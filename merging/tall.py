@@ -96,6 +96,10 @@ class TallMasks:
     def num_tasks(self) -> int:
         return len(self.masks)
 
+    def __repr__(self) -> str:
+        return (f"TallMasks(tasks {self.tasks or self.num_tasks}, {len(self.order)} tensors, lam={self.lam}, "
+                f"mtv={self.mtv!r}, bn={self.bn!r})")
+
     def _task_index(self, t: int | str) -> int:
         if isinstance(t, str):
             if t not in (self.tasks or []):

@@ -46,6 +46,9 @@ class Registry(Generic[T]):
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}, names={self.names()})"
+
 
 _SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
 

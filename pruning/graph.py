@@ -186,6 +186,11 @@ class LayerGraph:
             raise PruningError("no prunable layer found (every channel group touches a protected or ignored layer)")
         self.by_name = {l.name: l for l in self.layers}
 
+    def __repr__(self) -> str:
+        return (f"LayerGraph({type(self.model).__name__}: {len(self.layers)} prunable layers "
+                f"({sum(l.size for l in self.layers)} units), {len(self.protected)} protected, "
+                f"{len(self.skipped)} skipped, {len(self.ignored)} ignored)")
+
     def _check_handled(self, dg: tp.DependencyGraph, names: dict[nn.Module, str]) -> None:
         for m, name in names.items():
             if name in self.ignored or any(name.startswith(i + ".") for i in self.ignored):

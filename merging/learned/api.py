@@ -126,6 +126,12 @@ class LearnedMerge:
     mask_probability: dict[str, torch.Tensor] | None = None
     excluded_tasks: list[str] = field(default_factory=list)
 
+    def __repr__(self) -> str:  # the dataclass's would print every tensor of the state dict
+        objective = (f", objective {self.history[0]['objective']:.4g} → {self.history[-1]['objective']:.4g}"
+                     if self.history else "")
+        return (f"LearnedMerge({self.method!r}, {self.granularity} coefficients {tuple(self.coefficients.shape)} for "
+                f"tasks {self.tasks}, {len(self.state_dict)} tensors, {len(self.history)} steps{objective})")
+
     def summary(self) -> dict[str, Any]:
         c = self.coefficients.reshape(-1, len(self.tasks))
         out: dict[str, Any] = {
