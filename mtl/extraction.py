@@ -22,11 +22,14 @@ def extract(model: nn.Module, *, out: str | os.PathLike | None = None, overwrite
     ``extract(model, widths={...})`` (slimmable: widths not named keep the model's current ones, and
     ``extract(model)`` takes the current configuration as it is). With ``out=`` the result is also saved
     as a model folder whose meta records the full configuration used (``extract.widths``) and, when
-    given, the ``run_dir`` that made it (mtl-extract's run folder, which model cards name)."""
+    given, the ``run_dir`` that made it (mtl-extract's run folder, which model cards name). The model is left as
+    it was (weights, every module's train/eval mode) and so are torch's random streams."""
     require_model(model, "extract")
     check_request(model, kwargs)
     fn = model.extract_subnetwork
-    sub = fn(**kwargs)
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):  # the sub-network's random init is overwritten: not the caller's stream
+        sub = fn(**kwargs)
     # the settings the family used, defaults included, so the folder says how it was made
     defaults = {n: p.default for n, p in inspect.signature(fn).parameters.items()
                 if p.default is not inspect.Parameter.empty and n not in kwargs}
