@@ -204,7 +204,8 @@ def save_model(model, path: str | os.PathLike, meta: dict[str, Any] | None = Non
     ``.meta`` (set by `load_model`, pruning and extraction), so a reloaded model saved again keeps it;
     pass ``meta={}`` to drop it. Taken from ``.meta``, its ``test`` metrics are left out when the config
     records ``active_widths`` (a slimmable model at chosen widths: its run tested the full widths).
-    ``overwrite`` replaces an earlier model folder only: one holding other files is refused naming them,
+    ``overwrite`` defaults to True, unlike every other writer (extract, export, merge_to_file, ...: False): an
+    existing model folder at ``path`` is replaced whole. It replaces an earlier model folder only: one holding other files is refused naming them,
     except an mtl-export ``format=folder`` output's card and report (README.md, export.json), which
     describe the old weights and are removed with a warning, and a file manager's or editor's metadata
     (`FOLDER_METADATA`: ``.DS_Store``, ``.ipynb_checkpoints/``, ...), dropped; a folder holding only that is
