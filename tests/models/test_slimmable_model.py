@@ -675,3 +675,21 @@ def test_slim_resnet_negative_out_indices_count_from_the_end_as_timm_features_on
     assert all(torch.equal(a, b) for a, b in zip(neg.eval()(x), pos.eval()(x)))
     with pytest.raises(ValueError, match=r"^slim_resnet: backbone.out_indices \[-5\] outside the 4 stages"):
         BACKBONES.get("slim_resnet")(out_indices=[-5], **kw)
+
+
+def test_calibration_and_the_width_table_keep_every_modules_own_mode():
+    """A mixed model (frozen-BN backbone in eval, heads training) stays mixed: both passes restored only the top
+    flag (model.train(was)), which flattened every module into one mode."""
+    from mtl.models.slimmable.table import build_width_table
+
+    slim = slim_model().train()
+    slim.backbone.eval()
+    modes = {n: m.training for n, m in slim.named_modules()}
+    batch = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    slim.calibrate_widths([0.6], [batch])
+    assert {n: m.training for n, m in slim.named_modules()} == modes
+    labelled = {"image": batch, "semseg": torch.randint(0, slim.tasks["semseg"].num_classes, (4, 32, 32)),
+                "depth": torch.rand(4, 1, 32, 32) + 0.1,
+                "classification": torch.randint(0, slim.tasks["classification"].num_classes, (4,))}
+    build_width_table(slim, [labelled], progress=False)
+    assert {n: m.training for n, m in slim.named_modules()} == modes

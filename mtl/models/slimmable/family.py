@@ -22,6 +22,7 @@ from mtl.models.slimmable.decoder import SlimmableDecoder, decoder_key
 from mtl.models.slimmable.layers import (SLIM_TYPES, OneValuePerChannel, SwitchableBatchNorm2d, apply_widths, channels_at,
                                          check_width, check_width_set, width_index)
 from mtl.models.slimmable.resnet import ENCODER, SlimResNet
+from mtl.modes import modes_restored
 from mtl.tasks import Task, create_task
 
 log = logging.getLogger(__name__)
@@ -185,62 +186,62 @@ class SlimmableMultiTaskModel(MultiTaskModel):
         if not batches:
             raise ValueError("calibrate_widths needs at least one batch")
         bns = [m for m in self.modules() if isinstance(m, SwitchableBatchNorm2d)]
-        saved_widths, was_training = self.widths, self.training
+        saved_widths = self.widths
         before = [(bn.widths, bn.running_means, bn.running_vars, bn.momentum, bn.num_batches_tracked.clone()) for bn in bns]
         cfgs = (self._backbone_cfg.get("widths"), self._decoder_cfg.get("widths"))
         old_set = self.width_set
-        ok = False
-        try:
-            for w in new:
-                for bn in bns:
-                    bn.add_width(w)
-            full = bns[0].widths
-            self.backbone.widths = self.decoder.widths = full
-            self._backbone_cfg["widths"] = self._decoder_cfg["widths"] = list(full)
-            fresh = [w for w in full if width_index(old_set, w) is None]
-            done: set[tuple[int, int]] = set()  # (norm, row) estimated by an earlier pass of this call
-            # two rounds: first the rows of one width (encoder, neck), then the heads' rows of an (encoder,
-            # head) pair, so a head's statistics are those of the features it will get (stored ones)
-            for paired, enc, dec in itertools.product((False, True), full, full):
-                if enc not in fresh and dec not in fresh:
-                    continue
-                self.set_widths(encoder=enc, decoders=dec)
-                for i, bn in enumerate(bns):  # only new rows learn, each once; the others serve as they are
-                    k = bn.row()
-                    calibrating = (i, k) not in done and bool(bn.cond_key) == paired and (
-                        bn.width in fresh or (bool(bn.cond_key) and bn.cond_width in fresh))
-                    bn.train(calibrating)
-                    if calibrating:
-                        done.add((i, k))
-                        bn.running_means[k].zero_()
-                        bn.running_vars[k].fill_(1.0)
-                        bn.momentum = None
-                        bn.num_batches_tracked.zero_()
-                if not any(bn.training for bn in bns):
-                    continue  # nothing left to estimate in this configuration
-                for b in batches:
-                    images = b["image"] if isinstance(b, Mapping) else b
-                    try:
-                        self(images)
-                    except OneValuePerChannel as e:
-                        names = {m: n for n, m in self.named_modules()}
-                        raise OneValuePerChannel(e.module, e.shape, (
-                            f"calibrate_widths: width(s) {[w for w in (enc, dec) if w in fresh]} (encoder {enc}, decoders "
-                            f"{dec}): layer {names.get(e.module, '?')} gets input {e.shape} from a batch of {len(images)} "
-                            "image(s); BN statistics need more than one value per channel, so calibrate on batches "
-                            "of at least 2 images")) from None
-            ok = True
-        finally:
-            for bn, (ws, means, vars_, momentum, nbt) in zip(bns, before):
-                bn.momentum = momentum
-                bn.num_batches_tracked.copy_(nbt)
-                if not ok:  # roll back: no uncalibrated width may stay in the set
-                    bn.widths, bn.running_means, bn.running_vars = ws, means, vars_
-            if not ok:
-                self.backbone.widths = self.decoder.widths = old_set
-                self._backbone_cfg["widths"], self._decoder_cfg["widths"] = cfgs
-            self.set_config(saved_widths)
-            self.train(was_training)
+        with modes_restored(self):  # every module's own mode comes back (a mixed model stays mixed)
+            ok = False
+            try:
+                for w in new:
+                    for bn in bns:
+                        bn.add_width(w)
+                full = bns[0].widths
+                self.backbone.widths = self.decoder.widths = full
+                self._backbone_cfg["widths"] = self._decoder_cfg["widths"] = list(full)
+                fresh = [w for w in full if width_index(old_set, w) is None]
+                done: set[tuple[int, int]] = set()  # (norm, row) estimated by an earlier pass of this call
+                # two rounds: first the rows of one width (encoder, neck), then the heads' rows of an (encoder,
+                # head) pair, so a head's statistics are those of the features it will get (stored ones)
+                for paired, enc, dec in itertools.product((False, True), full, full):
+                    if enc not in fresh and dec not in fresh:
+                        continue
+                    self.set_widths(encoder=enc, decoders=dec)
+                    for i, bn in enumerate(bns):  # only new rows learn, each once; the others serve as they are
+                        k = bn.row()
+                        calibrating = (i, k) not in done and bool(bn.cond_key) == paired and (
+                            bn.width in fresh or (bool(bn.cond_key) and bn.cond_width in fresh))
+                        bn.train(calibrating)
+                        if calibrating:
+                            done.add((i, k))
+                            bn.running_means[k].zero_()
+                            bn.running_vars[k].fill_(1.0)
+                            bn.momentum = None
+                            bn.num_batches_tracked.zero_()
+                    if not any(bn.training for bn in bns):
+                        continue  # nothing left to estimate in this configuration
+                    for b in batches:
+                        images = b["image"] if isinstance(b, Mapping) else b
+                        try:
+                            self(images)
+                        except OneValuePerChannel as e:
+                            names = {m: n for n, m in self.named_modules()}
+                            raise OneValuePerChannel(e.module, e.shape, (
+                                f"calibrate_widths: width(s) {[w for w in (enc, dec) if w in fresh]} (encoder {enc}, decoders "
+                                f"{dec}): layer {names.get(e.module, '?')} gets input {e.shape} from a batch of {len(images)} "
+                                "image(s); BN statistics need more than one value per channel, so calibrate on batches "
+                                "of at least 2 images")) from None
+                ok = True
+            finally:
+                for bn, (ws, means, vars_, momentum, nbt) in zip(bns, before):
+                    bn.momentum = momentum
+                    bn.num_batches_tracked.copy_(nbt)
+                    if not ok:  # roll back: no uncalibrated width may stay in the set
+                        bn.widths, bn.running_means, bn.running_vars = ws, means, vars_
+                if not ok:
+                    self.backbone.widths = self.decoder.widths = old_set
+                    self._backbone_cfg["widths"], self._decoder_cfg["widths"] = cfgs
+                self.set_config(saved_widths)
         return list(self.width_set)
 
     # --- physically smaller sub-network -----------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from mtl.flops import count_flops
+from mtl.modes import eval_mode
 from mtl.models.slimmable.layers import wkey
 
 log = logging.getLogger(__name__)
@@ -147,43 +148,42 @@ def build_width_table(model, batches: Iterable[Mapping[str, torch.Tensor]], max_
     total = min(total, max_batches) if total is not None and max_batches is not None else total or max_batches
     bar = ProgressLog(f"[width table] {split}".rstrip(), total, unit="batches", enabled=progress)
     tasks = dict(model.tasks)
-    saved, was_training = model.widths, model.training
-    model.eval()
-    metrics = {t: {wkey(a): {wkey(b): task.metrics() for b in ws} for a in ws} for t, task in tasks.items()}
-    device = model.mean.device
-    sample = None
-    try:
-        for i, batch in enumerate(batches):
-            if max_batches is not None and i >= max_batches:
-                break
-            x = batch["image"].to(device)
-            sample = x[:1] if sample is None else sample
-            size = tuple(x.shape[-2:])
+    saved = model.widths
+    with eval_mode(model):  # every module's own mode comes back once the table is built
+        metrics = {t: {wkey(a): {wkey(b): task.metrics() for b in ws} for a in ws} for t, task in tasks.items()}
+        device = model.mean.device
+        sample = None
+        try:
+            for i, batch in enumerate(batches):
+                if max_batches is not None and i >= max_batches:
+                    break
+                x = batch["image"].to(device)
+                sample = x[:1] if sample is None else sample
+                size = tuple(x.shape[-2:])
+                for we in ws:
+                    model.set_widths(encoder=we)
+                    z = model.shared(x)
+                    for wd in ws:
+                        model.set_widths(decoders=wd)
+                        preds = model.heads(z, size)
+                        for t, task in tasks.items():
+                            target = batch[task.target_key].to(device)
+                            for m in metrics[t][wkey(we)][wkey(wd)].values():
+                                m.to(device).update(preds[t], target)
+                bar.update(i + 1, f"{len(ws)}x{len(ws)} width pairs per batch")
+            if sample is None:
+                raise ValueError("build_width_table got no batches")
+            enc, head = {}, {t: {} for t in tasks}
             for we in ws:
-                model.set_widths(encoder=we)
-                z = model.shared(x)
-                for wd in ws:
-                    model.set_widths(decoders=wd)
-                    preds = model.heads(z, size)
-                    for t, task in tasks.items():
-                        target = batch[task.target_key].to(device)
-                        for m in metrics[t][wkey(we)][wkey(wd)].values():
-                            m.to(device).update(preds[t], target)
-            bar.update(i + 1, f"{len(ws)}x{len(ws)} width pairs per batch")
-        if sample is None:
-            raise ValueError("build_width_table got no batches")
-        enc, head = {}, {t: {} for t in tasks}
-        for we in ws:
-            model.set_widths(encoder=we, decoders=1.0)
-            enc[wkey(we)] = count_flops(model, sample, [])
-            for t in tasks:
-                head[t][wkey(we)] = {}
-                for wd in ws:
-                    model.set_widths(decoders={t: wd})
-                    head[t][wkey(we)][wkey(wd)] = count_flops(model, sample, [t]) - enc[wkey(we)]
-    finally:
-        model.set_config(saved)
-        model.train(was_training)
+                model.set_widths(encoder=we, decoders=1.0)
+                enc[wkey(we)] = count_flops(model, sample, [])
+                for t in tasks:
+                    head[t][wkey(we)] = {}
+                    for wd in ws:
+                        model.set_widths(decoders={t: wd})
+                        head[t][wkey(we)][wkey(wd)] = count_flops(model, sample, [t]) - enc[wkey(we)]
+        finally:
+            model.set_config(saved)
     values = {t: {a: {b: {n: float(m.compute()) for n, m in ms.items()} for b, ms in row.items()}
                   for a, row in by_e.items()} for t, by_e in metrics.items()}
     table = WidthTable(width_set=ws, tasks=list(tasks), primary={t: task.primary for t, task in tasks.items()},
