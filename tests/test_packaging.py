@@ -27,3 +27,40 @@ def test_wheel_ships_configs_and_cli_composes_from_anywhere(tmp_path):
         assert str(target) in code  # the installed copy, not the source tree, answered
     assert "test_resnet" in subprocess.run([sys.executable, "-m", "mtl.cli.train", "experiment=scenes_hps", "debug=smoke",
                                             "--cfg", "job"], cwd=tmp_path, env=env, capture_output=True, text=True).stdout
+
+
+def documented_outputs() -> set[str]:
+    """The working-directory paths the README's and docs' examples write: ``output=``, ``baselines.save_to=``,
+    ``save_model(..., "x")``, ``merge_to_file(..., "x")``, ``mtl.export(..., out="x")`` (placeholders, absolute
+    paths and the output root ``outputs/`` aside; ``$PWD/x`` is ``x``)."""
+    import re
+
+    patterns = (r"\boutput=([^\s`'\"),]+)", r"save_to=([^\s`'\"),:]+)",
+                r"save_model\([^,()]+,\s*\"([^\"]+)\"", r"merge_to_file\((?:\s*(?:\[[^\]]*\]|[^(),\[\]]+),){3}\s*\"([^\"]+)\"",
+                r"\bout=\"([^\"]+)\"")
+    found = set()
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for pattern in patterns:
+            for path in re.findall(pattern, doc.read_text()):
+                path = path.removeprefix("$PWD/")
+                if not path.startswith(("<", "$", "/", "~", ".", "outputs/")):
+                    found.add(path)
+    return found
+
+
+def test_what_the_documented_examples_write_is_ignored_by_git():
+    """.gitignore missed merged/, nyu_base.json, merged.safetensors and pruned/, which README/docs examples write in
+    the working directory: `git status` showed a model folder to commit after following them."""
+    import shutil
+
+    import pytest
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("needs git and a checkout")
+    outputs = documented_outputs()
+    assert {"merged", "nyu_base.json", "merged.safetensors", "pruned"} <= outputs  # the parser still finds them
+    probes = [f"{p}/model.safetensors" if "." not in Path(p).name else p for p in sorted(outputs)]
+    res = subprocess.run(["git", "check-ignore", "--no-index", "-v", "-n", *probes], cwd=ROOT, capture_output=True,
+                         text=True)
+    missed = [line.split("\t")[-1] for line in res.stdout.splitlines() if line.startswith("::")]
+    assert not missed, f"not ignored by .gitignore: {missed}"
