@@ -129,9 +129,22 @@ def delta_m_vs_baselines(baselines, before: dict[str, dict[str, float]], after: 
     return out
 
 
+def ignored_layer_names(value: Any) -> list[str]:
+    """``ignored_layers``: a list of module names; one name alone is a one-element list, as `pruning.prune` takes it
+    (``list()`` of a string would be its characters)."""
+    if isinstance(value, str):
+        return [value]
+    names = OmegaConf.to_container(value) if OmegaConf.is_list(value) else value
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"ignored_layers must be a module name or a list of them (ignored_layers=[backbone.conv1]), "
+                         f"got {value!r}")
+    return list(names)
+
+
 def _check_run_settings(cfg: DictConfig) -> None:
-    """The job's own integer settings, before the model is loaded (the model folder is written before the
-    latency and reload checks that would otherwise fail on them)."""
+    """The job's own settings that need no model, before the run folder is made (the model folder is written
+    before the latency and reload checks that would otherwise fail on them)."""
+    ignored_layer_names(cfg.ignored_layers)
     ev = cfg.eval
     for key, value, low in (("seed", cfg.get("seed"), 0), ("rounds", cfg.rounds, 1), ("finetune.steps", cfg.finetune.steps, 0),
                             ("eval.latency_batch", ev.latency_batch, 1), ("eval.latency_repeats", ev.latency_repeats, 1),
@@ -189,7 +202,7 @@ def run_prune(cfg: DictConfig, run_dir: str | Path, command_line: list[str] | No
     finetune = None
     if int(cfg.rounds) > 1 and int(cfg.finetune.steps) > 0:
         finetune = lambda m: finetune_steps(m, dm, int(cfg.finetune.steps), float(cfg.finetune.lr))  # noqa: E731
-    pruned, report = pruning.prune(model, method, calib=batches, ignored_layers=list(cfg.ignored_layers),
+    pruned, report = pruning.prune(model, method, calib=batches, ignored_layers=ignored_layer_names(cfg.ignored_layers),
                                    rounds=int(cfg.rounds), finetune=finetune, **hp)
     report["model"] = str(Path(source).resolve())  # read later from other folders: never cwd-relative
     report["prune_seconds"] = round(time.perf_counter() - start, 2)

@@ -55,6 +55,22 @@ def test_calibrating_on_the_test_split_is_refused(folder, tmp_path):
         run(["prune=taylor", f"model={folder}", "calib.batches=1.5"], run_dir=tmp_path / "run15")
 
 
+def test_one_ignored_layer_name_is_that_layer_not_its_characters(folder, tmp_path):
+    """ignored_layers=<name> was split into characters ('unknown module(s) ['b', 'a', ...]') after loading the model;
+    one name is a one-element list, as pruning.prune takes it, and a list of non-names is refused before any folder."""
+    before = mtl.load_model(folder).backbone.body.conv1[0].out_channels
+    report = run(["prune=l1", f"model={folder}", "prune.ratio=0.5", "ignored_layers=backbone.body.conv1.0",
+                  "calib.batches=1", "eval.max_batches=1", "eval.latency_repeats=1"], run_dir=tmp_path / "run")
+    pruned = mtl.load_model(tmp_path / "run" / "model")
+    assert pruned.backbone.body.conv1[0].out_channels == before  # left whole, with every channel it touches
+    assert "backbone.body.conv1.0" not in [layer["layer"] for layer in report["layers"]]
+    assert report["params"]["after"] < report["params"]["before"]  # the other layers were pruned
+    for bad in ("ignored_layers=[backbone.body.conv1.0,3]", "ignored_layers=null", "ignored_layers=[[a]]"):
+        with pytest.raises(ValueError, match=r"ignored_layers must be a module name or a list of them"):
+            run(["prune=l1", f"model={folder}", bad], run_dir=tmp_path / "bad")
+        assert not (tmp_path / "bad").exists()
+
+
 def test_folder_without_data_config_is_refused_and_nothing_written(tmp_path):
     m = create_model(["depth"], backbone="test_resnet", decoder={"name": "hps", "channels": 8})
     save_model(m, tmp_path / "nodata")
