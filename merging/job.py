@@ -209,12 +209,8 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         from .mergekit_job import mergekit_job
 
         return mergekit_job(cfg, run_dir)
-    manifest = manifest_paths(cfg.pool) if cfg.get("pool") else None  # read once: checked, then merged
     name, select, hp = _method(cfg)  # the method's keys and values from the config alone: refused before any folder
     grid_job.precheck(name, hp)
-    run_dir, output = start_run(cfg, run_dir, inputs=[manifest[0], *manifest[1]] if manifest else [],
-                                model_output=bool(cfg.eval.get("enabled", True)))
-    output = output.resolve()  # a relative output= is the cwd's, not the run folder's: record where it is
     if cfg.get("shard_size") is not None and cfg.eval.get("enabled", True):  # said, not silently ignored
         raise ValueError("shard_size shards the output of an eval=none merge (Hugging Face folders); an evaluated "
                          "merge writes a model folder with one model.safetensors: drop shard_size or add eval=none")
@@ -229,6 +225,12 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         check_int("eval.max_batches", cfg.eval.max_batches, low=1, note=" or null (every batch)")
     if cfg.get("learn_max_steps") is not None:  # -1 was passed on as merge.steps=-1 and refused under that name
         check_int("learn_max_steps", cfg.learn_max_steps, low=0, note=" or null (no cap)")
+    check_inputs_given(cfg)  # the settings above and the inputs here: before the run folder
+    manifest = manifest_paths(cfg.pool) if cfg.get("pool") else None  # read once: checked, then merged
+    evaluated = bool(cfg.eval.get("enabled", True))  # eval=none merges any weights (Hugging Face folders, files)
+    run_dir, output = start_run(cfg, run_dir, inputs=[manifest[0], *manifest[1]] if manifest else [],
+                                model_output=evaluated, any_weights=not evaluated)
+    output = output.resolve()  # a relative output= is the cwd's, not the run folder's: record where it is
     if name == "tall_masks" and cfg.eval.get("enabled", True):
         from .tall_job import check_store_free
 
@@ -283,18 +285,27 @@ def _input_paths(cfg: DictConfig, run_dir: Path, manifest: tuple[Path, list[Path
     return Path(pre).resolve(), [Path(m).resolve() for m in models]
 
 
-def _given_paths(cfg: DictConfig, run_dir: Path, manifest: tuple[Path, list[Path]] | None) -> tuple[Path, list[Path]]:
+def check_inputs_given(cfg: DictConfig) -> None:
+    """One source of inputs is given (``pool=``, ``pretrained=`` with ``models=``, or debug=smoke's pool), before the
+    run folder is made."""
     if cfg.get("pool"):
         given = [k for k in ("pretrained", "models") if cfg.get(k)]
         if given:  # one source of inputs: pool= would otherwise win silently
             raise ValueError(f"pass pool= or pretrained=/models=, not both (got pool= and {'/'.join(f'{k}=' for k in given)})")
+    elif cfg.get("pretrained") and cfg.get("models"):
+        model_list(cfg.models, "models")  # models=a is one path, not its characters
+    elif not cfg.get("smoke_pool"):
+        raise ValueError("nothing to merge: pass pretrained=<folder> models=[<folder>,...] or pool=<manifest.json>")
+
+
+def _given_paths(cfg: DictConfig, run_dir: Path, manifest: tuple[Path, list[Path]] | None) -> tuple[Path, list[Path]]:
+    check_inputs_given(cfg)
+    if cfg.get("pool"):
         return manifest or manifest_paths(cfg.pool)
     if cfg.get("pretrained") and cfg.get("models"):
         return Path(cfg.pretrained), [Path(m) for m in model_list(cfg.models, "models")]
-    if cfg.get("smoke_pool"):
-        pool = build_smoke_pool(run_dir / "smoke_pool")
-        return pool.pretrained, pool.member_paths
-    raise ValueError("nothing to merge: pass pretrained=<folder> models=[<folder>,...] or pool=<manifest.json>")
+    pool = build_smoke_pool(run_dir / "smoke_pool")
+    return pool.pretrained, pool.member_paths
 
 
 def merge_only(cfg: DictConfig, run_dir: Path, name: str, hp: dict[str, Any], output: Path, start: float,

@@ -32,7 +32,7 @@ def mergekit_job(cfg: Any, run_dir: str | os.PathLike) -> dict[str, Any]:
     seed = check_int("seed", cfg.get("seed"))  # before the run folder: int() would fail or truncate after it
     plan = read_mergekit_yaml(cfg.mergekit_yaml)
     check_dtypes(plan)
-    run_dir, output = start_run(cfg, run_dir, inputs=[plan.pretrained, *plan.finetuned])
+    run_dir, output = start_run(cfg, run_dir, inputs=[plan.pretrained, *plan.finetuned], any_weights=True)
     output = output.resolve()
     (Path(run_dir) / "mergekit_config.yml").write_text(plan.text)  # the recipe as run, whatever becomes of the file
     seed = seed if plan.method in ("dare_ties", "dare_linear") else None  # every mtl-merge run repeats

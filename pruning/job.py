@@ -14,7 +14,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import pruning
-from mtl.cli.jobs import input_model, start_run
+from mtl.cli.jobs import check_model_given, input_model, start_run
+from mtl.data.calibration import check_calib_settings
 from mtl.folder_data import data_record
 from mtl.io import first_non_finite, load_model, save_model, write_json
 from mtl.registry import check_int
@@ -144,6 +145,8 @@ def ignored_layer_names(value: Any) -> list[str]:
 def _check_run_settings(cfg: DictConfig) -> None:
     """The job's own settings that need no model, before the run folder is made (the model folder is written
     before the latency and reload checks that would otherwise fail on them)."""
+    check_model_given(cfg, "prune")
+    check_calib_settings(cfg.calib.split, cfg.calib.batches)
     ignored_layer_names(cfg.ignored_layers)
     ev = cfg.eval
     for key, value, low in (("seed", cfg.get("seed"), 0), ("rounds", cfg.rounds, 1), ("finetune.steps", cfg.finetune.steps, 0),

@@ -398,8 +398,14 @@ def test_in_process_runs_check_and_mark_as_their_cli_does(tmp_path, module, grou
 def test_in_process_merge_failure_leaves_a_failed_marker(tmp_path):
     from merging.job import run
 
-    with pytest.raises(Exception, match="nonexist"):
-        run(["merge=average", "pretrained=/nonexist", "models=[/nonexist2]"], run_dir=tmp_path / "r")
+    with pytest.raises(Exception, match="nonexist"):  # refused before the run folder is made
+        run(["merge=average", "pretrained=/nonexist", "models=[/nonexist2]"], run_dir=tmp_path / "early")
+    assert not (tmp_path / "early").exists()
+    for folder in ("base", "ft"):  # they exist (all eval=none asks first) but hold no weights: found by the merge
+        (tmp_path / folder).mkdir()
+    with pytest.raises(Exception, match="without model.safetensors"):
+        run(["merge=average", "eval=none", f"pretrained={tmp_path / 'base'}", f"models=[{tmp_path / 'ft'}]"],
+            run_dir=tmp_path / "r")
     assert (tmp_path / "r" / FAILED).is_file()
 
 

@@ -200,3 +200,35 @@ def test_a_refused_job_leaves_no_folder_when_its_run_dir_uses_hydras_resolver(co
     stdout, err = capfd.readouterr()
     assert code == 1 and "run_dir:" not in stdout, err
     assert not (tmp_path / "r").exists(), sorted((tmp_path / "r").rglob("*"))
+
+
+@pytest.mark.parametrize("cli, args, said", [
+    ("pruning.cli", [], "nothing to prune: pass model=<model folder>"),
+    ("pruning.cli", ["model={missing}"], "model: {missing}: no such folder"),
+    ("pruning.cli", ["model={empty}"], "model: {empty}/config.json: file not found"),
+    ("pruning.cli", ["model={model}", "calib.split=test"], "calib.split must be train or val"),
+    ("pruning.cli", ["model={model}", "calib.batches=0"], "calib.batches must be an int >= 1, got 0"),
+    ("mtl.cli.export", [], "nothing to export: pass model=<model folder>"),
+    ("mtl.cli.export", ["model={missing}"], "model: {missing}: no such folder"),
+    ("mtl.cli.extract", [], "say what to extract: tasks=<name>"),
+    ("mtl.cli.extract", ["tasks=depth"], "nothing to extract from: pass model=<model folder>"),
+    ("mtl.cli.extract", ["tasks=depth", "model={empty}"], "model: {empty}/config.json: file not found"),
+    ("merging.cli", [], "nothing to merge: pass pretrained=<folder> models=[<folder>,...]"),
+    ("merging.cli", ["pretrained={model}", "models=[{missing}]"], "models: {missing}: no such folder"),
+    ("merging.cli", ["pretrained={missing}", "models=[{model}]", "eval=none"], "pretrained={missing}: no such file"),
+    ("merging.cli", ["pretrained={model}", "models={model}"], "models must be a list of model folders"),
+])
+def test_a_missing_or_unreadable_input_is_refused_before_any_run_folder(console, capfd, tmp_path, cli, args, said):
+    """A bare command, a model folder that does not exist or is none, and calib.* settings were refused only after
+    the run folder was made, leaving a FAILED folder behind; each is one line, exit 1, and no folder."""
+    torch.manual_seed(0)
+    model = save_model(create_model(["depth"], backbone={"name": "test_resnet", "out_indices": [1, 2, 3]},
+                                    decoder={"name": "hps", "channels": 16}), tmp_path / "model", meta={"data": DATA})
+    (tmp_path / "empty").mkdir()
+    paths = {"model": model, "missing": tmp_path / "missing", "empty": tmp_path / "empty"}
+    code, out = console(cli, *(a.format(**paths) for a in args))
+    stdout, err = capfd.readouterr()
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert said.format(**paths) in lines[0] and "run_dir:" not in stdout, err
+    assert not out.exists() or list(out.iterdir()) == [], sorted(out.rglob("*"))

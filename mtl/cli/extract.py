@@ -17,7 +17,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from mtl.cli.common import cli_main, run_job
-from mtl.cli.jobs import input_model, start_run
+from mtl.cli.jobs import check_model_given, input_model, start_run
 from mtl.extraction import check_request
 from mtl.folder_data import data_record
 from mtl.registry import check_int
@@ -113,7 +113,6 @@ def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     from mtl.flops import model_stats
     from mtl.io import write_json
 
-    run_dir, output = start_run(cfg, run_dir, model_output=True)
     widths = cfg.get("widths")
     if widths is not None and not OmegaConf.is_dict(widths):
         raise ValueError(f"widths must be a mapping like 'widths={{encoder: 0.5, decoders: {{depth: 1.0}}}}', got {widths!r}")
@@ -123,6 +122,8 @@ def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     smoke = bool(cfg.get("smoke_model")) and not cfg.get("model")
     tasks = cfg.get("tasks") or ("depth" if smoke and widths is None else None)  # debug=smoke's default request
     task = _one_task(tasks) if widths is None else None
+    check_model_given(cfg, "extract from")
+    run_dir, output = start_run(cfg, run_dir, model_output=True)  # the request and its inputs checked first
     folder = input_model(cfg, run_dir, "extract from",
                          experiment="scenes_slimmable" if widths is not None else "scenes_task_moe_vit")
     model = mtl.load_model(folder)

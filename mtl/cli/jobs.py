@@ -9,8 +9,8 @@ from mtl.cli.common import write_hydra_record
 
 
 def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
-              inputs: list[Path] = (), model_output: bool = False) -> tuple[Path, Path]:
-    """Create the run folder, store the resolved config in it and resolve ``cfg.output`` (default
+              inputs: list[Path] = (), model_output: bool = False, any_weights: bool = False) -> tuple[Path, Path]:
+    """Check the input folders (`check_input_folders`; ``any_weights``: see there), create the run folder, store the resolved config in it and resolve ``cfg.output`` (default
     ``<run_dir>/<default_output>``); an existing output is refused unless ``overwrite=true`` (and, for a job writing a model folder
     (``model_output``), unless it is one), and an
     output that is, lies inside or holds an input model folder (``model``, ``pretrained``, ``models``,
@@ -23,10 +23,9 @@ def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
 
     run_dir = Path(run_dir)
     output = Path(cfg.output) if cfg.get("output") else run_dir / default_output
-    models = cfg.get("models") or []
-    models = [models] if isinstance(models, str) else models  # a bare string is refused by the job, named
-    named = [cfg.get("model"), cfg.get("pretrained"), *models, *inputs]
-    check_output_apart(output, [Path(str(p)) for p in named if p])
+    named = input_folders(cfg, inputs)
+    check_output_apart(output, [p for _, p in named])  # the graver mistake first: a result written over an input
+    check_input_folders(named, any_weights)
     if output.resolve() == run_dir.resolve() or output.resolve() in run_dir.resolve().parents:
         raise ValueError(f"output={output} is or holds this run's folder {run_dir}; write the result elsewhere")
     # every check on the output before anything is written: a refused rerun leaves the earlier run's
@@ -56,6 +55,42 @@ def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
     with atomic_path(run_dir / "config.yaml") as tmp:
         tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     return run_dir, output
+
+
+def input_folders(cfg, inputs: list[Path] = ()) -> list[tuple[str, Path]]:
+    """(key, path) of every input the command names: ``model=``, ``pretrained=``, each of ``models=``, and the job's
+    other `inputs` (key ``""``: a pool manifest's or a mergekit recipe's folders)."""
+    models = cfg.get("models") or []
+    models = [models] if isinstance(models, str) else models  # a bare string is refused by the job, named
+    named = [("model", cfg.get("model")), ("pretrained", cfg.get("pretrained")), *(("models", m) for m in models),
+             *(("", p) for p in inputs)]
+    return [(key, Path(os.path.expanduser(str(p)))) for key, p in named if p]
+
+
+def check_input_folders(named: list[tuple[str, Path]], any_weights: bool = False) -> None:
+    """Each input exists and is a model folder (config.json readable and matching its weights file's header, the
+    loader's own first checks; no tensor is read), before the run folder is made. ``any_weights``: the job reads
+    any weights (a state-dict merge of Hugging Face folders or files), so the path only has to exist."""
+    from mtl.folder_checks import ModelFolderError
+    from mtl.io import read_checked_config
+
+    for key, path in named:
+        given = f"{key}={path}" if key else str(path)
+        if any_weights:
+            if not path.exists():
+                raise FileNotFoundError(f"{given}: no such file or folder")
+            continue
+        try:
+            read_checked_config(path)
+        except ModelFolderError as e:
+            raise ModelFolderError(f"{key}: {e}" if key else str(e)) from None
+
+
+def check_model_given(cfg, verb: str) -> None:
+    """``model=`` or ``smoke_model`` (``debug=smoke``) is set: the one-line refusal of a bare command, said before
+    the run folder is made."""
+    if not cfg.get("model") and not cfg.get("smoke_model"):
+        raise ValueError(f"nothing to {verb}: pass model=<model folder> (or debug=smoke to build a tiny one)")
 
 
 def recorded_job(run_dir: Path) -> str | None:
@@ -135,6 +170,5 @@ def input_model(cfg, run_dir: Path, verb: str, experiment: str = "scenes_hps") -
     """``cfg.model``, or with ``smoke_model=true`` (``debug=smoke``) a tiny model trained first."""
     if cfg.get("model"):
         return Path(cfg.model)
-    if cfg.get("smoke_model"):
-        return smoke_model(run_dir / "smoke_model", experiment)
-    raise ValueError(f"nothing to {verb}: pass model=<model folder> (or debug=smoke to build a tiny one)")
+    check_model_given(cfg, verb)
+    return smoke_model(run_dir / "smoke_model", experiment)

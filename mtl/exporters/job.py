@@ -6,7 +6,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from mtl.cli.jobs import input_model, start_run
+from mtl.cli.jobs import check_model_given, input_model, start_run
 from mtl.exporters.api import check_format_options, export, read_report
 from mtl.io import write_json
 
@@ -15,6 +15,7 @@ def run_export(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     options = OmegaConf.to_container(cfg.format, resolve=True)
     fmt = options.pop("name")
     check_format_options(fmt, options)  # before the run folder: a misspelt format.<key> leaves none
+    check_model_given(cfg, "export")
     run_dir, output = start_run(cfg, run_dir, default_output=fmt)
     model = input_model(cfg, run_dir, "export")
     tasks = cfg.get("tasks")

@@ -46,13 +46,15 @@ def test_job_writes_a_reloadable_smaller_folder_and_report(folder, tmp_path):
     assert pruned.meta["data"]["name"] == "scenes" and pruned.meta["pruned_from"] == str(folder)
 
 
-def test_calibrating_on_the_test_split_is_refused(folder, tmp_path):
+def test_calibrating_on_the_test_split_is_refused_before_the_run_folder(folder, tmp_path):
+    """calib.* were checked after the model and its data were loaded, leaving a FAILED run folder."""
     with pytest.raises(ValueError, match="calib.split must be train or val .*got 'test'"):
         run(["prune=l1", f"model={folder}", "calib.split=test"], run_dir=tmp_path / "run")
     with pytest.raises(ValueError, match="calib.batches must be an int >= 1, got 0"):
         run(["prune=l1", f"model={folder}", "calib.batches=0"], run_dir=tmp_path / "run0")
     with pytest.raises(ValueError, match="calib.batches must be an int >= 1, got 1.5"):  # ran on 1 batch
         run(["prune=taylor", f"model={folder}", "calib.batches=1.5"], run_dir=tmp_path / "run15")
+    assert sorted(tmp_path.iterdir()) == []
 
 
 def test_one_ignored_layer_name_is_that_layer_not_its_characters(folder, tmp_path):
@@ -107,11 +109,13 @@ def test_every_job_refuses_an_output_over_any_of_its_inputs(tmp_path):
 
     from mtl.cli.jobs import start_run
 
+    for folder in ("base", "ft/a"):  # inputs must exist (any weights: an eval=none merge's)
+        (tmp_path / folder).mkdir(parents=True)
     cfg = OmegaConf.create({"pretrained": str(tmp_path / "base"), "models": [str(tmp_path / "ft" / "a")],
                             "output": str(tmp_path / "ft"), "overwrite": True})
     with pytest.raises(ValueError, match=r"output=.*/ft holds the input model folder .*/ft/a"):
-        start_run(cfg, tmp_path / "run")
-    start_run(OmegaConf.merge(cfg, {"output": str(tmp_path / "merged")}), tmp_path / "run")  # elsewhere: fine
+        start_run(cfg, tmp_path / "run", any_weights=True)
+    start_run(OmegaConf.merge(cfg, {"output": str(tmp_path / "merged")}), tmp_path / "run", any_weights=True)  # elsewhere: fine
 
 
 def test_overwrite_never_deletes_a_folder_that_is_not_a_model_folder(folder, tmp_path):
