@@ -696,3 +696,25 @@ def test_an_in_process_run_refused_for_an_unset_value_leaves_no_folder(monkeypat
     with pytest.raises(ValueError, match=r"required value\(s\) not set: data\.root"):
         run(["experiment=nyuv2"])
     assert not (tmp_path / "outputs").exists()  # every folder made for the run, the output root too
+
+
+@pytest.mark.parametrize("where", ["file", "under_file", "proc"])
+def test_an_output_root_that_cannot_hold_run_folders_is_named_by_its_variable(console, capfd, monkeypatch, tmp_path,
+                                                                              where):
+    """MTL_OUTPUT_DIR=<a file> (or /proc/nope) gave a bare "[Errno 20] Not a directory: '<it>/train/runs/...'" that
+    never named the variable; every CLI and the in-process twins name it and its value on one line."""
+    from mtl.train import run
+
+    if where == "proc" and not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux's /proc")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    root = {"file": afile, "under_file": afile / "sub", "proc": Path("/proc/nope")}[where]
+    monkeypatch.setenv("MTL_OUTPUT_DIR", str(root))  # over the console fixture's own
+    code, _ = console("mtl.cli.train", "debug=smoke")
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert code == 1 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: MTL_OUTPUT_DIR={root} cannot hold run folders ("), lines
+    assert (f"{afile} is a file, not a folder" if where != "proc" else "No such file or directory") in lines[0]
+    with pytest.raises(OSError, match=rf"^MTL_OUTPUT_DIR={root} cannot hold run folders"):
+        run(["debug=smoke"])

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from mtl.cli.choices import check_overrides
 from mtl.cli.failures import (FAILED, Terminated, claims_run_folder, holds_nothing, interrupted_message, interruption,
-                               marks_failure, sigterm_raises)
+                               marks_failure, output_root_problem, sigterm_raises)
 from mtl.cli.new_folders import made_for_run, removes_unused_folder
 
 
@@ -257,13 +257,13 @@ def cli_main(hydra_main: Callable[[], Any], *config_modules: str, argv: list[str
         print(f"error: interrupted by {'SIGTERM' if terminated else 'Ctrl-C'}; {said}", file=sys.stderr, flush=True)
         finish(INTERRUPTED_SWEEP[0])
         sys.exit(143 if terminated else 130)
-    except Exception as e:  # Hydra's own (composition, overrides); a job's errors exit in run_job
+    except Exception as e:  # Hydra's own (composition, overrides, making the run folder); a job's errors exit in run_job
         if verbose():
             raise
         from mtl.cli.choices import near_setting
 
-        print(f"error: {near_setting(hydra_message(e), (config_modules or ('mtl.configs',))[0])}", file=sys.stderr,
-              flush=True)
+        message = output_root_problem(e) or near_setting(hydra_message(e), (config_modules or ('mtl.configs',))[0])
+        print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(1)
     finally:
         restore_sigterm()  # an in-process sweep ended by a failing job never reaches on_multirun_end

@@ -158,6 +158,23 @@ def output_root() -> Path:
     return Path(os.environ.get("MTL_OUTPUT_DIR") or "outputs")
 
 
+def output_root_problem(error: BaseException) -> str | None:
+    """One line naming ``MTL_OUTPUT_DIR`` (or the default root) and its value for an OS error met while making a run
+    folder under it (a file in its place, a path that cannot be made); None for any other error."""
+    filename = getattr(error, "filename", None)
+    if not isinstance(error, OSError) or isinstance(error, FileExistsError) or not filename:
+        return None
+    root, path = Path(os.path.abspath(output_root())), Path(os.path.abspath(filename))
+    if path != root and root not in path.parents:
+        return None
+    given = os.environ.get("MTL_OUTPUT_DIR")
+    name = f"MTL_OUTPUT_DIR={given}" if given else f"the output root {output_root()} (MTL_OUTPUT_DIR is not set)"
+    blocker = next((p for p in path.parents if p.exists()), None)
+    why = (f"{blocker} is a file, not a folder" if blocker is not None and not blocker.is_dir()
+           else f"{error.strerror or type(error).__name__}: {filename}")
+    return f"{name} cannot hold run folders ({why}); set MTL_OUTPUT_DIR to a folder you can write to"
+
+
 def holds_nothing(run_dir: str | os.PathLike, empty_log: bool = False) -> bool:
     """``run_dir`` is missing or holds nothing a run wrote: at most Hydra's ``<job>.log`` (empty, with
     ``empty_log``: a folder Hydra has just made for this run), and this process's own claim."""

@@ -13,7 +13,8 @@ from mtl.cli.choices import check_overrides
 from mtl.cli.environ import restored_environ
 from mtl.cli.common import (LEAFSPEC_WARNING, _rank0, check_group_choices, check_required, check_run_name,
                             hydra_message, register_resolvers)
-from mtl.cli.failures import claims_run_folder, interrupted_message, interruption, marks_failure, output_root
+from mtl.cli.failures import (claims_run_folder, interrupted_message, interruption, marks_failure, output_root,
+                               output_root_problem)
 from mtl.cli.new_folders import made_for_run, missing_or_empty, note_made, removes_unused_folder
 
 __all__ = ["default_run_dir", "compose_in_process", "check_single_job", "run_in_process", "report_in_process"]
@@ -26,7 +27,15 @@ def default_run_dir(name: str) -> Path:
     root = output_root()
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S") + f"_{time.time_ns() // 1000 % 1_000_000:06d}"
     base = root / name / "runs" / stamp
-    parents = make_parents(base.parent)
+    try:
+        parents = make_parents(base.parent)
+    except OSError as e:
+        problem = output_root_problem(e)
+        if problem is None:
+            raise
+        error = type(e)(problem)  # one line naming MTL_OUTPUT_DIR, not "[Errno 20] ..." on a path under it
+        error.errno = e.errno
+        raise error from None
     path, n = base, 0
     while True:
         try:

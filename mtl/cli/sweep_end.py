@@ -47,7 +47,13 @@ class PrintSweepDir(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         # a sweep running into this folder now (it has not written its multirun.yaml record yet, or its
         # jobs are still running): two sweeps would interleave their job folders and records
-        made = make_parents(Path(os.path.abspath(sweep_dir)))
+        try:
+            made = make_parents(Path(os.path.abspath(sweep_dir)))
+        except OSError as e:  # said here: Hydra would turn it into a warning and fail later on the same path
+            from mtl.cli.failures import output_root_problem
+
+            print(f"error: {output_root_problem(e) or e}", file=sys.stderr, flush=True)
+            sys.exit(1)
         MADE_SWEEP_DIR[:] = [tuple(made)] if made else []  # an existing (even empty) folder is not ours to remove
         sweep_dir.mkdir(parents=True, exist_ok=True)  # (a file in its place is refused as before)
         try:
