@@ -718,3 +718,25 @@ def test_an_output_root_that_cannot_hold_run_folders_is_named_by_its_variable(co
     assert (f"{afile} is a file, not a folder" if where != "proc" else "No such file or directory") in lines[0]
     with pytest.raises(OSError, match=rf"^MTL_OUTPUT_DIR={root} cannot hold run folders"):
         run(["debug=smoke"])
+
+
+@pytest.mark.parametrize("when", ["composing", "checking"])
+def test_a_ctrl_c_before_the_job_starts_is_one_line_and_status_130(monkeypatch, tmp_path, capfd, when):
+    """A Ctrl-C in the first second (Hydra still composing the config) printed an omegaconf traceback ending in a
+    bare KeyboardInterrupt; the job's own handler (run_job) only covers the job."""
+    from mtl.cli import common
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setenv("MTL_VERBOSE", "0")  # cli_main sets these for the process: restored after the test
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    monkeypatch.setenv("MTL_OUTPUT_DIR", str(tmp_path / "outputs"))
+    if when == "checking":  # cli_main's own checks, before Hydra runs
+        monkeypatch.setattr(common, "check_group_choices", interrupted)
+    app = interrupted if when == "composing" else (lambda: pytest.fail("the app ran after the interruption"))
+    with pytest.raises(SystemExit) as exit_:
+        common.cli_main(app, "mtl.configs", argv=["mtl-train", "debug=smoke"])
+    assert exit_.value.code == 130
+    assert capfd.readouterr().err.strip().splitlines() == ["error: interrupted by Ctrl-C before the job started"]
+    assert not (tmp_path / "outputs").exists()

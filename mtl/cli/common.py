@@ -215,7 +215,18 @@ def _without_resolver_prefix(text: str) -> str:
 
 def cli_main(hydra_main: Callable[[], Any], *config_modules: str, argv: list[str] | None = None) -> None:
     """Console-script entry: strip the ``verbose=true`` switch, check config-group choices (an unknown
-    ``task=bogus`` gets the valid names, not Hydra's search path), then run the Hydra app."""
+    ``task=bogus`` gets the valid names, not Hydra's search path), then run the Hydra app. A Ctrl-C before the job
+    takes over (while the config composes: the job's own handler marks its folder) is one line, exit status 130."""
+    try:
+        _cli_main(hydra_main, *config_modules, argv=argv)
+    except KeyboardInterrupt:
+        if verbose():
+            raise
+        print("error: interrupted by Ctrl-C before the job started", file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
+def _cli_main(hydra_main: Callable[[], Any], *config_modules: str, argv: list[str] | None = None) -> None:
     argv = sys.argv if argv is None else argv
     wanted = any(a in _VERBOSE_FLAGS for a in argv[1:])
     argv[1:] = [a for a in argv[1:] if a not in _VERBOSE_FLAGS]
