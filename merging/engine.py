@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .keys import DEFAULT_TASK_KEYS, EXPANSION_POINT, KeyPlan, plan_keys
+from .keys import DEFAULT_TASK_KEYS, EXPANSION_POINT, KeyPlan, is_bn_variance, plan_keys
 from .sources import MergeInputError, StateSource, default_task_names, open_sources
 
 __all__ = ["Context", "KeyOptions", "all_finite", "check_input_finite", "open_context", "overflow_error", "produce",
@@ -282,10 +282,6 @@ def produce(method, ctx: Context, fused: Callable[[str], object] | None = None) 
         if is_variance:
             check_merged_variance(key, out)
         yield key, out
-
-
-def is_bn_variance(key: str) -> bool:
-    return key == "running_var" or key.endswith(".running_var")
 
 
 def check_merged_variance(key: str, out: torch.Tensor) -> None:

@@ -45,6 +45,11 @@ BN_OPTIONS = (*BN_RULES, "recompute")
 _MAX_LISTED = 8
 
 
+def is_bn_variance(key: str) -> bool:
+    """A BN running variance (of `BN_STATS`): merged, it must stay >= 0."""
+    return key == "running_var" or key.endswith(".running_var")
+
+
 def compile_pattern(pat: KeyPattern, name: str = "pattern") -> Callable[[str], bool] | None:
     """Regexes matched at the start of the key (`re.match`), so a plain prefix like "backbone." works.
     ``name`` is the option the patterns came from, for the error a bad regex gets."""

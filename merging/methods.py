@@ -73,19 +73,12 @@ def _per_task(name: str, value: Any, T: int) -> list[float]:
 def unknown_hparams(name: str, convention: str, unknown: Sequence[str], accepted: Iterable[str], what: str = "") -> str:
     """The error for hyperparameters method `name` does not take; a key of the other convention (mergekit's
     `density` given to the papers' TIES) says where it applies and what this convention uses instead."""
+    from mtl.registry import meant
+
     from .mergekit import convention_note
 
     return (f"{what or name}: unknown hyperparameter(s) {', '.join(unknown)}{meant(unknown, accepted)}; accepted: "
             f"{', '.join(sorted(accepted)) or 'none'}" + convention_note(name, convention, unknown))
-
-
-def meant(unknown: Sequence[str], accepted: Iterable[str]) -> str:
-    """' (did you mean <key>?)' for the accepted keys the unknown ones most likely misspell; '' when none is close."""
-    from mtl.registry import closest
-
-    accepted = list(accepted)
-    guesses = [g for k in unknown if (g := closest(k, accepted))]
-    return f" (did you mean {', '.join(guesses)}?)" if guesses else ""
 
 
 class MergeMethod(ABC):

@@ -15,11 +15,12 @@ from typing import Any
 
 import merging
 from mtl.progress_log import ProgressLog
+from mtl.registry import meant
 
 from .consensus import make_mtv_method, per_task_lams
 from .engine import KeyOptions
 from .job import CLI_METHODS, MergeJob, Selection, better
-from .methods import SELECTS, _per_task, meant
+from .methods import SELECTS, _per_task
 from .storage import STORE_FILE
 from .streaming import resolve_output
 from .tall import TallKernel, ties_options

@@ -112,6 +112,14 @@ def closest(key: str, known: Iterable[str], cutoff: float = 0.75) -> str | None:
     return found[0] if found else None
 
 
+def meant(unknown: Iterable[str], accepted: Iterable[str]) -> str:
+    """' (did you mean <key>, ...?)' for the accepted keys the unknown ones most likely misspell; '' when none is
+    close."""
+    accepted = list(accepted)
+    guesses = [g for k in unknown if (g := closest(k, accepted))]
+    return f" (did you mean {', '.join(guesses)}?)" if guesses else ""
+
+
 def unknown_settings(what: str, keys: list[str], settings: list[str]) -> str:
     """'unknown setting <what>.<key> (did you mean <what>.<close>?); the settings here are: ...', each key with
     its close known one if any; nothing close, no guess."""

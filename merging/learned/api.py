@@ -192,7 +192,8 @@ def _objective_tasks(problem: MergeProblem, supervised: bool) -> tuple[list[str]
 def _full_state(pretrained, finetuned, merged: dict[str, torch.Tensor], key_options) -> dict[str, torch.Tensor]:
     """Every key a training-free merge returns (buffers copied from θ0 etc.), with the learned tensors in."""
     from ..api import merge
-    from ..engine import check_merged_variance, is_bn_variance
+    from ..engine import check_merged_variance
+    from ..keys import is_bn_variance
 
     base = merge("task_arithmetic", pretrained, finetuned, lam=0.0, **key_options)
     for k, v in merged.items():
@@ -224,7 +225,7 @@ def check_hparams(method: str, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any
     key_options = {k: kwargs.pop(k) for k in KEY_OPTIONS if k in kwargs}
     unknown = sorted(set(kwargs) - set(hp))
     if unknown:
-        from ..methods import meant
+        from mtl.registry import meant
 
         raise TypeError(f"{method}: unknown hyperparameter(s) {', '.join(unknown)}{meant(unknown, hp)}; valid: {', '.join(hp)}")
     hp.update(kwargs)

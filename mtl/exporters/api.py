@@ -133,15 +133,14 @@ def resolve_tasks(model: nn.Module, tasks: str | Sequence[str] | None) -> list[s
 def check_format_options(fmt: str, options: dict[str, Any]) -> Callable:
     """The exporter of format ``fmt``, its ``options`` checked (names, with a did-you-mean, and scalar types)
     without exporting: mtl-export refuses a bad ``format.<key>`` before its run folder exists."""
-    from mtl.registry import check_kwargs, closest
+    from mtl.registry import check_kwargs, meant
 
     fn = EXPORTERS.get(fmt)
     allowed = [p for p in inspect.signature(fn).parameters if p not in ("source", "out", "tasks")]
     bad = [k for k in options if k not in allowed]
     if bad:
-        guesses = [g for k in bad if (g := closest(k, allowed))]
-        guess = f" (did you mean {', '.join(guesses)}?)" if guesses else ""
-        raise TypeError(f"format={fmt} has no option(s) {bad}{guess}; its options: {', '.join(allowed) or '(none)'}")
+        raise TypeError(f"format={fmt} has no option(s) {bad}{meant(bad, allowed)}; its options: "
+                        f"{', '.join(allowed) or '(none)'}")
     check_kwargs(fn, options, "format")  # errors name the CLI key: format.opset ...
     return fn
 
