@@ -7,6 +7,7 @@ run's ``overrides.yaml`` says ``backbone=resnet18``. Refused instead, naming bot
 """
 from __future__ import annotations
 
+import functools
 from importlib import resources
 from typing import Any, Sequence
 
@@ -26,6 +27,7 @@ def check_overrides(cfg: Any, overrides: Sequence[str], config_modules: Sequence
     check_added_keys(cfg, overrides, app_settings(config_modules[0]))
 
 
+@functools.lru_cache(maxsize=None)  # read by several checks of one command line; the files do not change
 def app_config(app_module: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(settings, defaults) of an app's primary config file(s): its own keys and values, and its defaults list as
     ``{group: option}`` (``override /group``, ``group@package`` read as ``group``)."""
