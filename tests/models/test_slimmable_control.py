@@ -349,7 +349,9 @@ def test_controllability_needs_two_preferences_and_two_budgets():
 
 
 def test_controllability_of_a_single_task_table_is_undefined_with_a_note():
-    one = WidthTable.from_json({**table().to_json(), "tasks": ["A"]})
+    d = table().to_json()
+    one = WidthTable.from_json({**d, "tasks": ["A"], **{k: {"A": d[k]["A"]} for k in
+                                                       ("head_flops", "metrics", "primary", "higher_is_better")}})
     r = control_report(one, budgets_between(one, 3), n_preferences=4, method="rule")
     # the only task's preference is 1.0 in every vector: no rank correlation exists (was reported as 0)
     assert math.isnan(r["controllability"]) and "needs at least 2 tasks" in r["note"]
@@ -413,6 +415,16 @@ def test_negative_flops_are_refused_naming_the_cell(tmp_path, edit, match):
 ])
 def test_cells_of_widths_outside_the_width_set_are_refused_by_key(tmp_path, edit, match):
     _refused_edited_table(tmp_path, edit, match)
+
+
+@pytest.mark.parametrize("name", ["head_flops", "metrics", "primary", "higher_is_better"])
+def test_entries_for_a_task_outside_tasks_are_refused_by_key(tmp_path, name):
+    """A task dropped from `tasks` with its cells left was silently never searched nor scored."""
+    if name == "head_flops":  # the first one checked
+        _refused_edited_table(tmp_path, lambda d: d.update({"tasks": ["A"]}),
+                              r"head_flops has entries for task\(s\) \['B'\] not in tasks \['A'\]")
+    _refused_edited_table(tmp_path, lambda d: d[name].update({"C": d[name]["B"]}),
+                          rf"{name} has entries for task\(s\) \['C'\] not in tasks \['A', 'B'\]")
 
 
 def test_choice_curves_read_the_metrics_of_the_scores_table():

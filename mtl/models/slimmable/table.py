@@ -82,6 +82,11 @@ class WidthTable:
         for name in ("encoder_flops", "head_flops", "metrics", "primary", "higher_is_better"):
             _mapping(getattr(self, name), f"{source}: {name}")
         _only_widths(self.encoder_flops, keys, f"{source}: encoder_flops")
+        for name in ("head_flops", "metrics", "primary", "higher_is_better"):  # an extra task would never be read
+            extra = [t for t in getattr(self, name) if t not in self.tasks]
+            if extra:
+                raise ValueError(f"{source}: {name} has entries for task(s) {extra} not in tasks {self.tasks}; "
+                                 "remove them or add the task to tasks")
         for k in keys:
             _flops(self.encoder_flops.get(k), f"{source}: encoder_flops[{k!r}] (encoder width {k})")
         for t in self.tasks:
