@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import mtl
 from mtl.models import create_model
@@ -190,6 +191,9 @@ def test_cli_smoke_run_saves_a_model_identical_at_every_width(tmp_path):
     control = json.loads((run_dir / "controllability.json").read_text())
     assert control["method"] == "measured" and control["held_out"] and control["adherence"] == 1.0
     assert set(control["compare"]) == {"measured/held_out", "measured/in_sample", "rule/held_out", "rule/in_sample"}
+    cfg = OmegaConf.load(run_dir / "config.yaml").callbacks.width_table  # the settings it was scored with, recorded
+    assert control["settings"] == {**{k: cfg[k] for k in ("budgets", "preferences", "search_method", "seed")}, "source": {
+        k: f"config.yaml callbacks.width_table.{k}" for k in ("budgets", "preferences", "search_method", "seed")}}
     # the folder rebuilds the trained model (the tested checkpoint's weights) at every width of the set
     best = json.loads((run_dir / "metrics.json").read_text())["best_checkpoint"]
     state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]

@@ -75,6 +75,7 @@ class WidthTableCallback(L.Callback):
         table.save(run_dir / "width_table.json")
         test.save(run_dir / "width_table_test.json")
         report = score_controller(table, test, self.budgets, self.preferences, self.seed, self.search_method)
+        report["settings"] = self.settings()  # as scripts/bench_slimmable.py --part control records them
         from mtl.io import write_json
 
         write_json(run_dir / "controllability.json", report)
@@ -82,6 +83,12 @@ class WidthTableCallback(L.Callback):
                      method=self.search_method, scores=test)
         print_report(table, report)
 
+
+    def settings(self) -> dict:
+        """The scoring settings and where each came from: the run's own callbacks.width_table."""
+        keys = ("budgets", "preferences", "search_method", "seed")
+        return {**{k: getattr(self, k) for k in keys},
+                "source": {k: f"config.yaml callbacks.width_table.{k}" for k in keys}}
 
     def _cap(self, limit, loader) -> int | None:
         """Batches of a split the grid evaluates: ``max_batches`` if set, else the trainer's limit for that
