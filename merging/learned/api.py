@@ -57,6 +57,7 @@ LEARNED_METHODS: dict[str, dict[str, Any]] = {
 #: hyperparameter -> when the run reads it: alternatives (any may hold), each a list of (setting, test, value)
 #: that must all hold. As data rather than code, so that the error can say the condition and the settings it saw.
 READ_ONLY_WITH: dict[str, list[list[tuple[str, str, Any]]]] = {
+    "lr": [[("steps", ">", 0)]],  # the optimiser of the learned steps (λ, or Concrete's mask logits)
     "k": [[("vectors", "==", "ties")]],
     "threshold": [[("final_mask", "==", "hard")]],
     # the inner steps: a reset λ's own Adam at inner_lr; carried on (inner=continue), the one Adam at coef_lr

@@ -401,6 +401,8 @@ def test_bad_concrete_and_step_hyperparameters_are_named(method, bad, match):
                                                                  r"inner_steps > 0 \(here inner='reset', inner_steps=0\)"),
     ("concrete_adamerging", {"final_steps": 0, "coef_lr": 0.05}, "coef_lr=0.05 is read only with final_steps > 0, or "
      r"inner='continue' and inner_steps > 0 \(here final_steps=0, inner='reset', inner_steps=1\)"),
+    ("adamerging", {"steps": 0, "lr": 0.01}, r"adamerging: lr=0.01 is read only with steps > 0 \(here steps=0\)"),
+    ("concrete_ta", {"steps": 0, "lr": 0.01}, r"lr=0.01 is read only with steps > 0"),
     ("concrete_adamerging", {"final_steps": 0, "inner": "continue", "inner_steps": 0, "coef_lr": 0.05},
      "coef_lr=0.05 is read only with final_steps > 0"),
 ])
@@ -426,6 +428,8 @@ def test_settings_that_leave_a_key_unread_at_its_default_are_accepted_and_not_re
     ({"final_steps": 0, "inner": "continue", "inner_steps": 0}, "coef_lr", False),
     ({"final_steps": 0, "inner": "continue"}, "coef_lr", True),
     ({"inner_steps": 0}, "coef_lr", True),
+    ({"steps": 0}, "lr", False),
+    ({}, "lr", True),
 ])
 def test_a_key_called_unread_changes_nothing_and_one_called_read_does(monkeypatch, settings, key, read):
     """The defining property behind READ_ONLY_WITH: two values of an unread key give the same merge (the

@@ -96,6 +96,8 @@ def test_bad_split_is_named(pool, tmp_path):
     (["merge=concrete_adamerging", "merge.final_steps=0", "merge.coef_lr=0.05"],
      "merge.coef_lr=0.05 is read only with merge.final_steps > 0, or merge.inner=continue and merge.inner_steps > 0 "
      "\\(here merge.final_steps=0, merge.inner=reset, merge.inner_steps=1\\)"),
+    (["merge=atlas", "merge.steps=0", "merge.lr=0.01"],
+     r"merge=atlas: merge.lr=0.01 is read only with merge.steps > 0 \(here merge.steps=0\)"),
     (["merge=adamerging", "merge.lr=-1"], "merge=adamerging: lr must be a positive, finite number, got -1"),
     (["merge=atlas", "merge.learn_blocks=['(bad']"], "learn_blocks: '\\(bad' is not a regular expression"),
     (["merge=atlas", "merge.objective=supervised", "merge.shots_batch=0"], "merge.shots_batch must be a positive int"),
