@@ -196,7 +196,8 @@ def export(
             "source": str(src.folder) if src.folder else None,
             "family": src.family,
             "tasks": names,
-            **({"widths": src.config["active_widths"]} if src.config.get("active_widths") else {}),
+            **({"widths": widths_without(src.config["active_widths"], set(src.model.tasks) - set(names))} if src.config.get("active_widths")
+               else {}),
             **details,
             "seconds": round(time.perf_counter() - start, 2),
         }
@@ -205,6 +206,12 @@ def export(
         (tmp / CARD).write_text(render_card(src, report))
         write_json(tmp / REPORT, report)
     return out
+
+
+def widths_without(widths: dict[str, Any], dropped: set[str]) -> dict[str, Any]:
+    """A slimmable model's active widths minus the dropped tasks' decoder widths (a subset export's)."""
+    dec = widths.get("decoders")
+    return {**widths, "decoders": {t: w for t, w in dec.items() if t not in dropped}} if isinstance(dec, dict) else widths
 
 
 def read_report(out: str | os.PathLike) -> dict[str, Any]:

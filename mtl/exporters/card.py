@@ -26,8 +26,7 @@ def _task_rows(src: Source, tasks: list[str]) -> list[str]:
     return rows
 
 
-def _metric_rows(src: Source, tasks: list[str]) -> list[str]:
-    widths = src.config.get("active_widths")
+def _metric_rows(src: Source, tasks: list[str], widths: dict[str, Any] | None = None) -> list[str]:
     if widths:  # a run's test metrics are the full-width model's
         return [f"This slimmable model runs at widths {json.dumps(widths)}, not the full widths its run's test "
                 f"metrics describe; {_width_table_note(src, widths)}"]
@@ -210,7 +209,7 @@ def render_card(src: Source, report: dict[str, Any]) -> str:
         f"({json.dumps({k: v for k, v in dec.items() if k != 'name'})}), one head per task"
         f"{'; widths ' + json.dumps(report['widths']) if report.get('widths') else ''}.", "",
         "## Tasks", "", *_task_rows(src, tasks), "",
-        "## Metrics", "", *_metric_rows(src, tasks), "",
+        "## Metrics", "", *_metric_rows(src, tasks, report.get("widths")), "",
         "## How it was made", "", *_provenance(src), "",
         "## Export", "", *_export_section(report),
         f"- Input normalisation: mean {_round(mean)}, std {_round(std)}.", "",

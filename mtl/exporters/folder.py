@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from mtl.exporters.api import EXPORTERS, ExportError, Source
+from mtl.exporters.api import EXPORTERS, ExportError, Source, widths_without
 from mtl.io import save_model
 
 
@@ -26,8 +26,8 @@ def _without_tasks(cfg: dict[str, Any], dropped: set[str]) -> dict[str, Any]:
         for key, value in (cfg.get(part) or {}).items():
             if isinstance(value, dict) and value and set(value) <= names:
                 cfg[part][key] = {t: v for t, v in value.items() if t not in dropped}
-    if isinstance((cfg.get("active_widths") or {}).get("decoders"), dict):
-        cfg["active_widths"]["decoders"] = {t: w for t, w in cfg["active_widths"]["decoders"].items() if t not in dropped}
+    if cfg.get("active_widths"):
+        cfg["active_widths"] = widths_without(cfg["active_widths"], dropped)
     for key in ("modules", "layers"):
         if isinstance((cfg.get("pruning") or {}).get(key), dict):
             cfg["pruning"][key] = {m: s for m, s in cfg["pruning"][key].items() if not _names_task(m, dropped)}

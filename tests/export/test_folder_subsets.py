@@ -81,3 +81,16 @@ def test_a_slimmable_folder_at_chosen_widths_does_not_claim_its_runs_full_width_
     model.set_config({"encoder": 0.5, "decoders": {t: 0.25 for t in TASKS}})
     out = mtl.export(model, "folder", tmp_path / "slim", tasks=["depth"])
     assert "test" not in mtl.io.read_model_config(out)["meta"]
+
+
+def test_a_subset_export_records_and_shows_only_the_kept_tasks_widths(tmp_path):
+    """export.json["widths"] and the card listed the dropped tasks' decoder widths too."""
+    from mtl.exporters import read_report
+
+    model = _slim({"encoder": 0.5, "decoders": {"semseg": 0.25, "depth": 0.5, "classification": 1.0}})
+    out = mtl.export(model, "folder", tmp_path / "sub", tasks=["depth", "semseg"])
+    want = {"encoder": 0.5, "decoders": {"semseg": 0.25, "depth": 0.5}}
+    assert read_report(out)["widths"] == want
+    assert mtl.io.read_model_config(out)["model"]["active_widths"] == want
+    card = (out / "README.md").read_text()
+    assert "classification" not in card and '"depth": 0.5' in card
