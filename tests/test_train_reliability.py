@@ -94,9 +94,11 @@ def test_in_process_runs_honour_a_hydra_run_dir_override_as_the_cli_does(tmp_pat
 
 
 @pytest.mark.slow
-def test_plot_only_where_weights_vary(tmp_path):
+def test_plot_only_where_weights_vary_or_cosines_were_measured(tmp_path):
+    one = run(FAST + ["task=depth", "log_weights_every=1"], run_dir=tmp_path / "one")
+    assert not (one / "balancer_weights.png").exists()  # one task: a flat weight, no pair to compare
     ew = run(FAST + ["task=[depth,classification]", "log_weights_every=1"], run_dir=tmp_path / "ew")
-    assert not (ew / "balancer_weights.png").exists()
+    assert (ew / "balancer_weights.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the cosines
     rlw = run(FAST + ["task=[depth,classification]", "balancer=rlw", "log_weights_every=1"], run_dir=tmp_path / "rlw")
     assert (rlw / "balancer_weights.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

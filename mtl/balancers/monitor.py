@@ -74,32 +74,35 @@ class BalancerMonitor:
 
     def weights_vary(self) -> bool:
         """Whether the recorded weights ever differ (between tasks or over steps): a single-task or
-        ``ew`` run records a flat line at 1, which is not worth a picture."""
+        ``ew`` run records a flat line at 1, which is not worth a panel."""
         values = [w for h in self.history for w in h["weights"].values()]
         return bool(values) and max(values) - min(values) > 1e-9
 
     def save_plot(self, path: str | Path) -> Path | None:
-        """Weights (and cosines, when measured) over training as a PNG; None (nothing written) when
-        the weights never varied."""
-        if not self.weights_vary():
+        """Weights (when they varied) and gradient cosines (when measured) over training as a PNG; None
+        (nothing written) when there is neither: one task, or constant weights without cosines."""
+        vary = self.weights_vary()
+        has_cos = any(h["cos"] for h in self.history)
+        if not (vary or has_cos):
             return None
         from matplotlib.figure import Figure  # object-oriented: the user's pyplot backend is untouched
 
         from mtl.io import atomic_path
 
         steps = [h["step"] for h in self.history]
-        has_cos = any(h["cos"] for h in self.history)
         marker = "o" if len(steps) <= 30 else None  # short runs: a line of one point is invisible
-        fig = Figure(figsize=(7, 6 if has_cos else 3.5))
-        axes = fig.subplots(2 if has_cos else 1, 1, sharex=True, squeeze=False)
-        ax = axes[0, 0]
-        for task in self.history[-1]["weights"]:
-            ax.plot(steps, [h["weights"].get(task, float("nan")) for h in self.history], label=task, marker=marker, ms=3)
-        ax.set_ylabel("task weight (EW = 1)")
-        ax.legend(fontsize=7, ncol=3)
-        ax.grid(alpha=0.3)
+        fig = Figure(figsize=(7, 6 if vary and has_cos else 3.5))
+        axes = fig.subplots(int(vary) + int(has_cos), 1, sharex=True, squeeze=False)
+        if vary:
+            ax = axes[0, 0]
+            for task in self.history[-1]["weights"]:
+                ax.plot(steps, [h["weights"].get(task, float("nan")) for h in self.history], label=task, marker=marker,
+                        ms=3)
+            ax.set_ylabel("task weight (EW = 1)")
+            ax.legend(fontsize=7, ncol=3)
+            ax.grid(alpha=0.3)
         if has_cos:
-            ax = axes[1, 0]
+            ax = axes[-1, 0]
             pairs = sorted({k for h in self.history for k in h["cos"]})
             for pair in pairs:
                 ax.plot(steps, [h["cos"].get(pair, float("nan")) for h in self.history], label=pair, lw=1, marker=marker, ms=2)
@@ -107,6 +110,8 @@ class BalancerMonitor:
             ax.set_ylabel("gradient cosine")
             ax.legend(fontsize=6, ncol=3)
             ax.grid(alpha=0.3)
+            if not vary:
+                ax.set_title("task weights constant (EW = 1)", fontsize=8)
         axes[-1, 0].set_xlabel("step")
         fig.tight_layout()
         path = Path(path)

@@ -29,9 +29,8 @@ def check_run(run_dir, name):
     assert "balancer/weight/depth" in rows[0] and "balancer/cos/depth-normals" in rows[0], name
     weights = [float(v) for r in rows for k, v in r.items() if k.startswith("balancer/weight/") and v]
     varied = max(weights) - min(weights) > 1e-9
-    # the plot exists exactly when the logged weights vary (ew, and methods that start at w = 1 and are
-    # logged at step 0 only in these 3 steps, draw a flat line: no picture)
-    assert (run_dir / "balancer_weights.png").is_file() == varied, (name, weights)
+    # the cosines are measured (three tasks): the plot exists whether or not the weights varied
+    assert (run_dir / "balancer_weights.png").is_file(), (name, weights)
     if name in ("flat", "balancer=upgrad", "upgrad-features", "balancer=flat"):
         assert varied, (name, weights)  # aggregators weight conflicting tasks unequally from step 0
 

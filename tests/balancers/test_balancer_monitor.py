@@ -57,3 +57,19 @@ def test_features_level_cosines_and_empty_plot(tmp_path):
     logs = BalancerMonitor(every=1, level="features").before_backward(toy_ctx(model, x, y))
     assert logs["balancer/cos/a-b"] == pytest.approx(1.0, abs=1e-5)
     assert BalancerMonitor().save_plot(tmp_path / "x.png") is None
+
+
+def test_constant_weights_with_cosines_still_get_the_cosine_plot(tmp_path):
+    """ew (and pcgrad, whose weights stay 1) measured the cosines but wrote no balancer_weights.png."""
+    from matplotlib.image import imread
+
+    flat = BalancerMonitor(every=1)
+    flat.history = [{"step": s, "weights": {"a": 1.0, "b": 1.0}, "cos": {"a-b": c}} for s, c in enumerate([0.5, -0.2])]
+    png = flat.save_plot(tmp_path / "ew.png")
+    assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    flat.history[1]["weights"]["a"] = 2.0  # varying weights add their own panel above the cosines
+    both = flat.save_plot(tmp_path / "both.png")
+    assert imread(both).shape[0] > imread(png).shape[0]
+    one_task = BalancerMonitor(every=1)
+    one_task.history = [{"step": 0, "weights": {"a": 1.0}, "cos": {}}]
+    assert one_task.save_plot(tmp_path / "one.png") is None and not (tmp_path / "one.png").exists()
