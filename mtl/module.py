@@ -107,7 +107,8 @@ class MultiTaskModule(L.LightningModule):
     Manual optimisation keeps one code path for loss-level and gradient-aggregation methods:
     the balancer fills ``.grad``; this module clips, steps and schedules. ``model``: a model or its config
     (a folder is loaded first, with mtl.load_model); ``balancer``: a name (``"uw"``) or ``{"name": ..., **settings}``,
-    default ``ew``.
+    default ``ew``; ``start``: a fine-tune's start record (`mtl.warm_start.start_record` of its ``init_from``), kept
+    in its checkpoints so that a resume keeps it (and refuses another).
     """
 
     def __init__(
@@ -121,6 +122,7 @@ class MultiTaskModule(L.LightningModule):
         grad_clip: float | None = None,
         log_weights_every: int = 50,
         strategy: dict[str, Any] | None = None,
+        start: dict[str, Any] | None = None,
     ):
         super().__init__()
         check_optim_values(lr, weight_decay, warmup_ratio, min_lr_ratio, grad_clip)
@@ -134,7 +136,7 @@ class MultiTaskModule(L.LightningModule):
         self.save_hyperparameters(
             {"model": self.model.config, "balancer": balancer, "lr": lr, "weight_decay": weight_decay,
              "warmup_ratio": warmup_ratio, "min_lr_ratio": min_lr_ratio, "grad_clip": grad_clip,
-             "log_weights_every": log_weights_every, "strategy": strategy}
+             "log_weights_every": log_weights_every, "strategy": strategy, "start": start}
         )
         bal = dict(balancer)
         self.balancer: Balancer = create_balancer(bal.pop("name"), list(self.tasks), **bal)
@@ -294,9 +296,12 @@ class MultiTaskModule(L.LightningModule):
             checkpoint["precision"] = str(self._trainer.precision)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        changed = changed_on_resume(checkpoint.get("hyper_parameters") or {}, self.hparams, self.tasks)
+        stored = checkpoint.get("hyper_parameters") or {}
+        changed = changed_on_resume(stored, self.hparams, self.tasks)
         if changed is not None:
             raise ValueError(resume_refusal(changed))
+        if self.hparams.get("start") is None and stored.get("start") is not None:
+            self.hparams["start"] = stored["start"]  # the weights go on from the checkpoint's start: its record too
         trainer = self._trainer
         saved, now = checkpoint.get("precision"), str(trainer.precision) if trainer is not None else None
         if saved is not None and now is not None and saved != now and trainer.state.fn == "fit":  # testing in another is fine

@@ -26,7 +26,7 @@ from mtl.sweep import check_monitors, check_objective
 from mtl.tasks import create_task
 from mtl.train_checks import (check_checkpoint, check_eval_splits, check_precision, check_resume_length,
                               check_test_batches, check_trainer, check_validation, finished_run_refusal,
-                              set_aside_failed_attempt, warn_seed_of_resume)
+                              resume_start, set_aside_failed_attempt, warn_seed_of_resume)
 from mtl.warm_start import folder_architecture, init_from_folder, keep_expansion_point, start_record
 
 log = logging.getLogger(__name__)
@@ -83,20 +83,27 @@ def _num_classes(key: str, kw: dict[str, Any], info: dict[str, Any], default: in
     return int(given)
 
 
-def build_module(cfg: DictConfig, info: dict[str, Any] | None = None) -> MultiTaskModule:
+def build_module(cfg: DictConfig, info: dict[str, Any] | None = None,
+                 start: dict[str, Any] | None = None) -> MultiTaskModule:
+    """The run's module; ``start``: its start record (a resume's is the checkpoint's: `resume_start`), else that of
+    ``cfg.init_from``. A resume takes its architecture from ``init_from`` (a pruned folder's) but not its weights:
+    the checkpoint's replace them."""
     tasks = build_tasks(cfg, info)
+    resumes = bool(cfg.get("ckpt_path"))
+    if cfg.get("init_from") and start is None:
+        start = start_record(cfg.init_from)
     model = folder_architecture(cfg.init_from, tasks) if cfg.get("init_from") else None
     if model is None:
         family = cfg.get("family") or "multitask"
         backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
         decoder = OmegaConf.to_container(cfg.decoder, resolve=True)
-        if cfg.get("ckpt_path"):  # rebuilt as its folder would load (the family's from_config): settings a family
+        if resumes:  # rebuilt as its folder would load (the family's from_config): settings a family
             # refuses for new models since (task_moe_vit's renormalize=true with top_k=1) load with its warning
             model = create_model(config={"family": family, "tasks": [t.to_config() for t in tasks],
                                          "backbone": backbone, "decoder": decoder})
         else:
             model = create_model(tasks, backbone=backbone, decoder=decoder, family=family)
-    if cfg.get("init_from"):
+    if cfg.get("init_from") and not resumes:  # (a resume's weights and expansion point are its checkpoint's)
         stats = init_from_folder(model, cfg.init_from)
         log.info("initialised %d/%d tensors from %s", stats["loaded"], stats["total"], cfg.init_from)
         keep_expansion_point(model, cfg.init_from)
@@ -106,7 +113,8 @@ def build_module(cfg: DictConfig, info: dict[str, Any] | None = None) -> MultiTa
         model = linearize(model)
     strategy = OmegaConf.to_container(cfg.strategy, resolve=True) if cfg.get("strategy") else None
     return MultiTaskModule(model, balancer=OmegaConf.to_container(cfg.balancer, resolve=True),
-                           log_weights_every=int(cfg.get("log_weights_every", 50)), strategy=strategy, **cfg.optim)
+                           log_weights_every=int(cfg.get("log_weights_every", 50)), strategy=strategy, start=start,
+                           **cfg.optim)
 
 
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
@@ -151,8 +159,13 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         check_checkpoint(Path(cfg.ckpt_path))
         warn_seed_of_resume(cfg, Path(cfg.ckpt_path))
     check_trainer(cfg.trainer)
+    start = None
     if cfg.get("ckpt_path"):
         check_resume_length(cfg.trainer, Path(cfg.ckpt_path))
+        start = resume_start(cfg, Path(cfg.ckpt_path))
+        # inherited: config.yaml records it, and a pruned start's architecture comes from its folder (not its weights)
+        if start is not None and not cfg.get("init_from") and Path(start["init_from"]).is_dir():
+            cfg.init_from = start["init_from"]
     check_optim(OmegaConf.to_container(cfg.optim, resolve=True))
     check_test_batches(cfg)
     validates = check_validation(cfg)
@@ -173,7 +186,7 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
     data_kw = OmegaConf.to_container(cfg.data, resolve=True)
     datamodule = create_datamodule(**{"name": data_kw["name"]}, **{k: v for k, v in data_kw.items() if k != "name"})
-    module = build_module(cfg, data_info(datamodule))
+    module = build_module(cfg, data_info(datamodule), start)
     directions = {t: dict(task.directions) for t, task in module.tasks.items()}
     check_objective(cfg, {t: list(group) for t, group in module.val_metrics.items()}, directions)
     check_monitors(cfg, {t: list(group) for t, group in module.val_metrics.items()}, directions)
@@ -290,8 +303,7 @@ def _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, basel
         return metrics
     # the trained model and its metrics first: nothing after this can lose them
     meta = {"test": metrics["test"], "run_dir": str(run_dir), "data": data_record(data_kw), "seed": cfg.seed}
-    if cfg.get("init_from"):  # a fine-tune: where its start came from (the card says so; merge pools check it)
-        meta.update(start_record(cfg.init_from))
+    meta.update(module.hparams.get("start") or {})  # a fine-tune's start (the card says so; merge pools check it)
     save_model(module.model, run_dir / "model", meta=meta)
     write_json(run_dir / "metrics.json", metrics)
     if baselines is not None:

@@ -23,7 +23,7 @@ log = logging.getLogger("mtl.train")
 
 __all__ = ["ABSENT", "changed_on_resume", "check_checkpoint", "check_eval_splits", "check_precision", "check_resume_length",
            "check_test_batches", "check_trainer", "check_validation", "finished_run_refusal", "hydra_override", "hydra_value", "resume_refusal",
-           "set_aside_failed_attempt", "warn_seed_of_resume"]
+           "resume_start", "set_aside_failed_attempt", "warn_seed_of_resume"]
 
 
 def check_eval_splits(trainer, datamodule) -> None:
@@ -179,11 +179,8 @@ def check_resume_length(tr: DictConfig, path: Path) -> None:
     """A resume past its own schedule (``trainer.max_epochs`` / ``max_steps`` below what the checkpoint trained) is
     refused: it would train nothing and record a shorter schedule than the one run. One that has just reached it
     tests and saves the checkpoint, which finishes a job interrupted after training (docs/scaleout.md): said so."""
-    import pickle
-
-    try:  # mmap: the weights are not read
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError:
+    ckpt = _read_checkpoint(path)
+    if ckpt is None:
         return  # refused with its reason when fit loads it
     progress = ((ckpt.get("loops") or {}).get("fit_loop") or {}).get("epoch_progress") or {}
     found = [("max_epochs", tr.get("max_epochs"), (progress.get("current") or {}).get("processed"), "epoch(s)"),
@@ -198,6 +195,53 @@ def check_resume_length(tr: DictConfig, path: Path) -> None:
         if limit == done:
             log.warning("ckpt_path %s has trained all %d %s of trainer.%s=%d: nothing to train; the resume tests and "
                         "saves it (raise trainer.%s to train longer)", path, done, unit, key, limit, key)
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The checkpoint's contents, its tensors memory-mapped (not read); None when it needs unpickling beyond
+    tensors and plain data (fit refuses it then, with its reason)."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        return None
+
+
+def resume_start(cfg: DictConfig, path: Path) -> dict[str, Any] | None:
+    """The start record (`mtl.warm_start.start_record`) of the run resumed from checkpoint ``path``, which the
+    resume keeps: ``init_from`` left out inherits it, another folder (or the same path holding other weights since)
+    is refused, as a new start for weights that are not a fine-tune of it. A checkpoint from before the record was
+    kept: this run's ``init_from``, if any, is taken as it is, with a warning."""
+    from mtl.warm_start import start_record
+
+    ckpt = _read_checkpoint(path)
+    stored = (ckpt or {}).get("hyper_parameters") or {}
+    now = start_record(cfg.init_from) if cfg.get("init_from") else None
+    if "start" not in stored:
+        log.warning("ckpt_path %s predates the start record: whether its run was a fine-tune (init_from) is unknown; "
+                    "%s", path, f"recording init_from={now['init_from']} as given" if now else
+                    "the model folder records no init_from (pass the run's init_from= to record it)")
+        return now
+    changed = changed_start(stored["start"], now)
+    if changed is not None:
+        raise ValueError(resume_refusal(changed))
+    return stored["start"]
+
+
+def changed_start(then: dict[str, Any] | None, now: dict[str, Any] | None) -> tuple[str, Any, Any, str] | None:
+    """A resume's ``init_from`` (``now``, its start record; None: left out, which keeps the checkpoint's) that is not
+    the checkpoint's start ``then`` (None: trained from scratch), as `changed_on_resume` reports it."""
+    same = ("init_from", "init_from_weights_digest")
+    if now is None or (then is not None and all(then.get(k) == now.get(k) for k in same)):
+        return None
+    origin = "trained from scratch" if then is None else "a fine-tune of the checkpoint's start"
+    why = f"its weights are {origin}, and the model folder would record this one as their start (merge pools check it)"
+    if then is None or then.get("init_from") != now.get("init_from"):
+        return "init_from", now["init_from"], None if then is None else then["init_from"], why
+    digests = [r.get("init_from_weights_digest") or "none" for r in (now, then)]
+    return ("init_from", f"{now['init_from']} (weights digest {digests[0]})",
+            f"{then['init_from']} (weights digest {digests[1]})", why + "; the folder holds other weights since")
 
 
 def warn_seed_of_resume(cfg: DictConfig, ckpt: Path) -> None:
@@ -237,6 +281,10 @@ _RESUMABLE_BALANCER_KEYS = ("parallel_chunk_size", "skip_nonfinite")
 def changed_on_resume(stored: dict[str, Any], hparams: Any, tasks: dict[str, Any]) -> tuple[str, Any, Any, str] | None:
     """The first setting a resume would change: (its config key, this run's value, the checkpoint's, why that is
     refused), or None. Settings a checkpoint lacks (older ones) are not compared."""
+    if "start" in stored:  # (None: trained from scratch)
+        changed = changed_start(stored["start"], hparams.get("start"))
+        if changed is not None:
+            return changed
     for key in ("lr", "weight_decay"):  # the restored optimiser keeps the checkpoint's: a new value is never used
         if key in stored and float(stored[key]) != float(hparams[key]):
             return (f"optim.{key}", hparams[key], stored[key],
@@ -323,6 +371,10 @@ def resume_refusal(changed: tuple[str, Any, Any, str]) -> str:
     ``resume with <override>`` can be pasted onto the command line as it is: ``key=value``, ``+key=value`` for a key
     this config lacks (Hydra adds no key without ``+``), ``~key`` for one the checkpoint lacks."""
     key, now, then, why = changed
+    if key == "init_from":  # left out, a resume keeps the checkpoint's start
+        then = "none (trained from scratch)" if then is None else then
+        return (f"init_from={now} differs from the checkpoint's start {then}: {why}; resume without init_from "
+                "(the checkpoint's start is kept), or start a new run from its weights with init_from=<model folder>")
     if now is ABSENT:
         differs, advice = f"{key} is not set here and the checkpoint's is {hydra_value(then)}", hydra_override(f"+{key}", then)
     elif then is ABSENT:

@@ -267,3 +267,55 @@ def test_a_resume_at_its_schedules_end_whose_best_is_gone_says_why_no_epoch_is_v
     assert f"no epoch was validated after the resume and the recorded best checkpoint {gone} is gone" in caplog.text
     assert "trainer.max_steps or check_val_every_n_epoch" not in caplog.text
     assert json.loads((resumed / "metrics.json").read_text())["val_epoch"] == "last"
+
+
+def test_a_resumed_fine_tune_keeps_its_init_from_record_and_refuses_another(tmp_path):
+    """A resume as the interrupt message advises (ckpt_path= alone) wrote a model folder with no init_from record,
+    and one naming another init_from recorded that folder and its digest for a fine-tune of the first, so mtl-merge's
+    θ0 check refused the true start and accepted the false one."""
+    from merging.pool import check_same_start
+
+    theta0 = run(BASE + ["trainer.max_epochs=1"], run_dir=tmp_path / "theta0") / "model"
+    tune = BASE + ["trainer.max_epochs=2", f"init_from={theta0}"]
+    whole = run(tune, run_dir=tmp_path / "whole")
+    with pytest.raises(InterruptedError):
+        run(tune + ["+callbacks.stop._target_=kill_callback.InterruptAtEpoch", "+callbacks.stop.epoch=1"],
+            run_dir=tmp_path / "b1")
+    last = tmp_path / "b1" / "checkpoints" / "last.ckpt"
+    resumed = run([a for a in tune if not a.startswith("init_from=")] + [f"ckpt_path={last}"], run_dir=tmp_path / "b2")
+    keys = ("init_from", "init_from_weights_digest", "start_weights_digests")
+    meta = [json.loads((d / "model" / "config.json").read_text())["meta"] for d in (whole, resumed)]
+    assert meta[0]["init_from"] == str(theta0.resolve()) and all(k in meta[0] for k in keys)
+    assert {k: meta[1].get(k) for k in keys} == {k: meta[0][k] for k in keys}
+    assert "init_from: " + str(theta0.resolve()) in (resumed / "config.yaml").read_text()
+    check_same_start(str(theta0), [str(resumed / "model")])  # its true θ0 is accepted
+    other = whole / "model"  # another folder, other weights
+    with pytest.raises(ValueError, match=rf"^init_from={other.resolve()} differs from the checkpoint's start "
+                                         rf"{theta0.resolve()}: .*; resume without init_from"):
+        run(tune[:-1] + [f"init_from={other}", f"ckpt_path={last}"], run_dir=tmp_path / "b3")
+    assert not (tmp_path / "b3").exists()  # refused before any folder
+    scratch = theta0.parent / "checkpoints" / "last.ckpt"  # a run that started from scratch is no fine-tune
+    with pytest.raises(ValueError, match=rf"^init_from={other.resolve()} differs from the checkpoint's start none"):
+        run(BASE + ["trainer.max_epochs=2", f"init_from={other}", f"ckpt_path={scratch}"], run_dir=tmp_path / "b4")
+
+
+def test_a_resume_start_record_compares_path_and_weights_digest_and_warns_on_old_checkpoints(tmp_path, caplog):
+    """The same path holding other weights since is another start; a checkpoint from before the record was kept
+    resumes, warning that its start is unknown."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from mtl.train_checks import changed_start, resume_refusal, resume_start
+
+    then = {"init_from": "/m/a", "init_from_weights_digest": "d1", "start_weights_digests": ["d1"]}
+    assert changed_start(then, None) is None and changed_start(then, dict(then)) is None
+    moved = resume_refusal(changed_start(then, {**then, "init_from": "/m/c"}))
+    assert moved.startswith("init_from=/m/c differs from the checkpoint's start /m/a: ")
+    rebuilt = resume_refusal(changed_start(then, {**then, "init_from_weights_digest": "d2"}))
+    assert rebuilt.startswith("init_from=/m/a (weights digest d2) differs from the checkpoint's start /m/a "
+                              "(weights digest d1)")
+    old = tmp_path / "old.ckpt"
+    torch.save({"hyper_parameters": {"lr": 1e-3}}, old)
+    with caplog.at_level("WARNING", logger="mtl.train"):
+        assert resume_start(OmegaConf.create({"init_from": None}), old) is None
+    assert "predates the start record: whether its run was a fine-tune (init_from) is unknown" in caplog.text
