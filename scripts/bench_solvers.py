@@ -45,6 +45,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
+    from script_cli import require_positive
+
+    require_positive(args, ["repeats"])  # before the reference QPs are solved (it failed after: median of nothing)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     from torchjd.aggregation import MGDAWeighting, NashMTL

@@ -79,6 +79,8 @@ ROOT = Path(__file__).resolve().parents[1]
      "error: --threads must be ≥ 1, got 0"),
     ("bench_data.py", ["--threads", "0"], "error: --threads must be ≥ 1, got 0"),
     ("profile_step.py", ["--threads", "0", "--rounds", "1", "--steps", "1"], "error: --threads must be ≥ 1, got 0"),
+    # refused before the reference QPs are solved (it failed after them: "no median for empty data")
+    ("bench_solvers.py", ["--repeats", "0"], "error: --repeats must be ≥ 1, got 0"),
 ])
 def test_a_scripts_user_error_is_one_line(tmp_path, script, args, expected):
     env = {k: v for k, v in os.environ.items() if k not in ("MTL_VERBOSE", "HYDRA_FULL_ERROR")}
