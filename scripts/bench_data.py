@@ -79,6 +79,7 @@ def main() -> None:
     from script_cli import require_positive
 
     require_positive(args, ["n", "batch_size", "rounds", "steps", "threads"])
+    require_positive(args, ["num_workers"], least=0)
     batches = args.n // args.batch_size + (args.n % args.batch_size > 0)
     if batches < args.steps + 1:  # one warm-up step, then the timed ones
         ap.error(f"--steps {args.steps} needs {args.steps + 1} training batches (one warm-up); --n {args.n} at "

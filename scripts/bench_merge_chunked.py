@@ -122,6 +122,7 @@ def main(argv=None):
     from script_cli import require_positive
 
     require_positive(args, ["models", "workers", "repeat"])
+    require_positive(args, ["chunks"], least=0)  # 0: the kernel's default
     hp = {"task_arithmetic": {"lam": 0.3}, "average": {}}.get(args.method, {"trim": "per_tensor", "k": 20})
     create_method(args.method, **hp)  # an unknown --method is refused before the inputs are generated
     out = Path(args.out)

@@ -111,7 +111,7 @@ def main() -> None:
     args = ap.parse_args()
     from script_cli import require_positive
 
-    require_positive(args, ["models", "rows", "shards"])
+    require_positive(args, ["models", "rows", "shards", "layers"])
     name = f"{args.models}_{args.rows}_{args.dtype}" + (f"_llama{args.layers}" if args.layout == "llama" else "")
     name += f"_{args.shards}shards" if args.shards > 1 else ""
     folder = Path(args.workdir) / name

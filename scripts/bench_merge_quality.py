@@ -231,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     from script_cli import require_positive
 
-    require_positive(args, ["max_batches", "eval_batch_size", "threads"])
+    require_positive(args, ["max_batches", "eval_batch_size", "threads", "learn_steps"])
 
     from mtl.cli.common import prepare
 

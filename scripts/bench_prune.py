@@ -91,8 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"--methods: unknown method(s) {unknown}; valid: {', '.join(METHODS)}")
-    if args.search_steps < 0:
-        raise ValueError(f"--search-steps must be ≥ 0, got {args.search_steps}")
+    require_positive(args, ["search_steps"], least=0)
     if args.max_budget is not None and not args.max_budget > 0:
         raise ValueError(f"--max-budget must be a positive number, got {args.max_budget}")
     for key, value in (SMOKE_RECIPE if args.smoke else RECIPE).items():

@@ -345,10 +345,8 @@ def main(argv=None) -> int:
 
     require_positive(args, ["data_size", "n_train", "n_val", "batch_size", "epochs", "size", "batch", "threads", "iters",
                             "rounds"])
-    for name, low in (("budgets", 2), ("preferences", 2), ("preference_seed", 0)):  # as WidthTableCallback's checks
-        value = getattr(args, name)
-        if value is not None and value < low:
-            raise ValueError(f"--{name.replace('_', '-')} must be ≥ {low}, got {value}")
+    require_positive(args, ["budgets", "preferences"], least=2)  # as WidthTableCallback's checks
+    require_positive(args, ["preference_seed"], least=0)
     res = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if args.part in ("speed", "all"):
         res["speed"] = speed(args)

@@ -105,6 +105,7 @@ def main() -> None:
     from script_cli import require_positive
 
     require_positive(args, ["size", "batch_size", "steps", "rounds", "threads"])
+    require_positive(args, ["warmup"], least=0)  # a negative one never started the clock: TypeError after training
     global clock
     clock = CLOCKS[args.clock]
     if args.threads:

@@ -44,6 +44,9 @@ def main() -> None:
     p.add_argument("--hydra", action="store_true", help="through mtl-train's Hydra multirun (-m), in this process")
     p.add_argument("--no-release", action="store_true", help="skip the end-of-job release (the behaviour before it)")
     args = p.parse_args()
+    from script_cli import require_positive
+
+    require_positive(args, ["jobs"])
 
     import lightning as L
 

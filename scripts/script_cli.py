@@ -30,12 +30,13 @@ def run(main: Callable[[], Any]) -> None:
     sys.exit(code if isinstance(code, int) else 0)  # some mains return their results, not a status
 
 
-def require_positive(args: Any, names: Iterable[str]) -> None:
-    """Refuse count options below 1 before any work: ``--NAME must be ≥ 1, got V`` (a ValueError, which
-    `run` prints as one ``error:`` line). ``names`` are argparse destinations; None (unset) passes, and
-    a list (``nargs``) is checked item by item."""
+def require_positive(args: Any, names: Iterable[str], least: int = 1) -> None:
+    """Refuse count options below ``least`` (1: counts; 0: a count where none is valid, such as --warmup)
+    before any work: ``--NAME must be ≥ LEAST, got V`` (a ValueError, which `run` prints as one ``error:``
+    line). ``names`` are argparse destinations; None (unset) passes, and a list (``nargs``) is checked item by
+    item."""
     for name in names:
         value = getattr(args, name)
         for v in value if isinstance(value, (list, tuple)) else [value]:
-            if v is not None and v < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be ≥ 1, got {v}")
+            if v is not None and v < least:
+                raise ValueError(f"--{name.replace('_', '-')} must be ≥ {least}, got {v}")

@@ -66,6 +66,7 @@ def main(argv=None):
     from script_cli import require_positive
 
     require_positive(args, ["n", "size"])
+    require_positive(args, ["start"], least=0)
     fig = make_grid(args.seed, args.start, args.n, args.size)
     out = os.path.abspath(args.out)
     from mtl.io import atomic_path  # the project's one atomic writer: no half-written PNG, the umask's mode

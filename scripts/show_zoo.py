@@ -20,6 +20,9 @@ def main(argv=None) -> None:
     p.add_argument("--names", nargs="*", help="datasets to show (default: all)")
     p.add_argument("--time", action="store_true", help="also time a default-size build of each dataset")
     args = p.parse_args(argv)
+    from script_cli import require_positive
+
+    require_positive(args, ["cols", "size"])
 
     import matplotlib
 

@@ -81,6 +81,19 @@ ROOT = Path(__file__).resolve().parents[1]
     ("profile_step.py", ["--threads", "0", "--rounds", "1", "--steps", "1"], "error: --threads must be ≥ 1, got 0"),
     # refused before the reference QPs are solved (it failed after them: "no median for empty data")
     ("bench_solvers.py", ["--repeats", "0"], "error: --repeats must be ≥ 1, got 0"),
+    # every count flag is checked up front; a negative --warmup trained, then raised a TypeError
+    ("bench_train.py", ["--warmup", "-1"], "error: --warmup must be ≥ 0, got -1"),
+    ("bench_data.py", ["--num-workers", "-1"], "error: --num-workers must be ≥ 0, got -1"),
+    ("bench_merge_chunked.py", ["--workdir", "{tmp}/w", "--out", "{tmp}/q", "--chunks", "-1"],
+     "error: --chunks must be ≥ 0, got -1"),
+    ("bench_merge_memory.py", ["--workdir", "{tmp}/w", "--layout", "llama", "--layers", "0"],
+     "error: --layers must be ≥ 1, got 0"),
+    ("bench_merge_quality.py", ["--manifest", "{tmp}/nope.json", "--learn-steps", "0"],
+     "error: --learn-steps must be ≥ 1, got 0"),
+    ("multirun_memory.py", ["--jobs", "0"], "error: --jobs must be ≥ 1, got 0"),
+    ("show_scenes.py", ["--start", "-1", "--out", "{tmp}/q/s.png"], "error: --start must be ≥ 0, got -1"),
+    ("show_zoo.py", ["--cols", "0", "--out", "{tmp}/q/z.png"], "error: --cols must be ≥ 1, got 0"),
+    ("show_zoo.py", ["--size", "0", "--out", "{tmp}/q/z.png"], "error: --size must be ≥ 1, got 0"),
 ])
 def test_a_scripts_user_error_is_one_line(tmp_path, script, args, expected):
     env = {k: v for k, v in os.environ.items() if k not in ("MTL_VERBOSE", "HYDRA_FULL_ERROR")}
