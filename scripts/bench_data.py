@@ -82,7 +82,7 @@ def main() -> None:
     require_positive(args, ["num_workers"], least=0)
     batches = args.n // args.batch_size + (args.n % args.batch_size > 0)
     if batches < args.steps + 1:  # one warm-up step, then the timed ones
-        ap.error(f"--steps {args.steps} needs {args.steps + 1} training batches (one warm-up); --n {args.n} at "
+        raise ValueError(f"--steps {args.steps} needs {args.steps + 1} training batches (one warm-up); --n {args.n} at "
                  f"--batch-size {args.batch_size} gives {batches}: raise --n or lower --steps")
     if args.threads:
         torch.set_num_threads(args.threads)

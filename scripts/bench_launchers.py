@@ -37,8 +37,9 @@ def multirun(extra: list[str], out: Path, threads: int) -> float:
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    if proc.returncode != 0:  # the error: line first, then the run's own last words
+        raise SystemExit(f"error: {' '.join(cmd)} failed (exit {proc.returncode}); its stderr ends:\n"
+                         f"{proc.stderr[-3000:]}")
     runs = list(out.glob("*/multiruns/*/*/metrics.json"))
     if len(runs) != 6:
         raise SystemExit(f"error: expected 6 finished runs under {out}, found {len(runs)}")
@@ -51,6 +52,10 @@ def main():
     args = parse_args()
     require_positive(args, ["workers", "cores"])  # before the sequential multirun, not after it
     out = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
+    try:  # before the sequential multirun: an unwritable --out failed only once it had run
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"--out {args.out}: cannot create {out}: {e.strerror}") from None
     extra = ["debug=smoke"] if args.smoke else []
     seq = multirun(extra, out / "sequential", args.cores)
     par = multirun(extra + ["launcher=joblib", f"hydra.launcher.n_jobs={args.workers}"], out / "joblib",

@@ -94,6 +94,10 @@ ROOT = Path(__file__).resolve().parents[1]
     ("show_scenes.py", ["--start", "-1", "--out", "{tmp}/q/s.png"], "error: --start must be ≥ 0, got -1"),
     ("show_zoo.py", ["--cols", "0", "--out", "{tmp}/q/z.png"], "error: --cols must be ≥ 1, got 0"),
     ("show_zoo.py", ["--size", "0", "--out", "{tmp}/q/z.png"], "error: --size must be ≥ 1, got 0"),
+    # one error: line and exit 1, not argparse's usage block and exit 2
+    ("bench_data.py", ["--n", "8", "--batch-size", "8", "--steps", "3"], "error: --steps 3 needs 4 training batches"),
+    # an unwritable --out is refused before the sequential multirun (it ran first, then a multi-line message)
+    ("bench_launchers.py", ["--smoke", "--out", "/proc/mtlkit_nope"], "error: --out /proc/mtlkit_nope: cannot create"),
 ])
 def test_a_scripts_user_error_is_one_line(tmp_path, script, args, expected):
     env = {k: v for k, v in os.environ.items() if k not in ("MTL_VERBOSE", "HYDRA_FULL_ERROR")}
