@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export MTL_OUTPUT_DIR ?= outputs
 DEMO_DIR ?= $(MTL_OUTPUT_DIR)/demo
 
-.PHONY: venv demo test test-slow bench clean
+.PHONY: venv demo test test-slow clean
 
 # The stamp holds pyproject.toml's hash, not a time: a fresh clone (new file times) next to a venv
 # installed from the same pyproject does not reinstall.

@@ -64,3 +64,13 @@ def test_what_the_documented_examples_write_is_ignored_by_git():
                          text=True)
     missed = [line.split("\t")[-1] for line in res.stdout.splitlines() if line.startswith("::")]
     assert not missed, f"not ignored by .gitignore: {missed}"
+
+
+def test_every_phony_make_target_has_a_rule():
+    """`bench` was declared .PHONY with no rule: `make bench` did nothing and exited 0."""
+    import re
+
+    text = (ROOT / "Makefile").read_text()
+    phony = re.search(r"^\.PHONY:(.*)$", text, re.M).group(1).split()
+    rules = set(re.findall(r"^([\w-]+):", text, re.M))
+    assert phony and set(phony) <= rules, sorted(set(phony) - rules)
