@@ -322,6 +322,9 @@ def main(argv=None) -> None:
     require_positive(args, ["size", "n_train", "n_val", "n_test", "batch_size", "epochs", "channels", "dispatch_experts",
                             "dispatch_top_k", "dispatch_tokens", "dispatch_dim", "dispatch_hidden", "rounds", "threads",
                             "latency_batch"])
+    if args.dispatch_top_k > args.dispatch_experts:  # TopKRouter refused it in dispatch(): after --out and training
+        raise ValueError(f"--dispatch-top-k {args.dispatch_top_k} exceeds --dispatch-experts {args.dispatch_experts}: "
+                         "a token picks top-k of the experts")
     if args.family:
         args.families = args.family
     families = [f for f in args.families.split(",") if f]

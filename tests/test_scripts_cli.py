@@ -62,6 +62,9 @@ ROOT = Path(__file__).resolve().parents[1]
      "error: unknown merge method 'bogus'"),
     ("bench_merge_memory.py", ["--workdir", "/proc/nope"], "error: "),
     ("bench_architectures.py", ["--families", "bogus", "--out", "{tmp}/q"], "error: --families: unknown family ['bogus']"),
+    # checked before --out and the quality phase (TopKRouter refused it only in the dispatch timing after them)
+    ("bench_architectures.py", ["--skip-quality", "--dispatch-experts", "4", "--dispatch-top-k", "8", "--out", "{tmp}/q"],
+     "error: --dispatch-top-k 8 exceeds --dispatch-experts 4"),
     ("moe_routing_mi.py", ["--model", "{tmp}/none", "--max-batches", "0"], "error: --max-batches must be ≥ 1, got 0"),
     # --threads 0: bench_merge ran on every core while its report said 0 threads, others ran on torch's
     # choice, raised torch's RuntimeError (a traceback) or failed every run after generating the inputs
