@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("pruned", nargs="+", help="pruned model folders")
     ap.add_argument("--base", required=True, help="the unpruned model folder")
@@ -33,10 +33,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--out", help="write the rows as JSON here")
+    ap.add_argument("--out", help='write {"speedup": rows, "breakdown": the --breakdown table or null} as JSON here')
     ap.add_argument("--breakdown", type=int, default=None, metavar="SIZE", help="per-module time at this input size")
     ap.add_argument("--top", type=int, default=12, help="leaf modules listed in the breakdown")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     from script_cli import require_positive
 
     require_positive(args, ["sizes", "batch", "threads", "repeats", "rounds", "breakdown", "top"])
@@ -72,12 +72,12 @@ def main() -> None:
             print(f"{k:>14} {size:>4}px  base {r['base_ms']:8.2f} ms  pruned {r['pruned_ms']:8.2f} ms  "
                   f"speed-up {r['speedup']:.2f}x  (FLOPs ×{r['flops_ratio']:.3f})", flush=True)
     print(f"load average {os.getloadavg()[0]:.1f}")
-    out = {"speedup": rows}
+    out = {"speedup": rows, "breakdown": None}  # one shape with or without --breakdown
     if args.breakdown:
         out["breakdown"] = breakdown(models, args.breakdown, args.batch, args.threads, args.repeats, args.rounds, args.top)
         print(f"load average {os.getloadavg()[0]:.1f}")
     if args.out:
-        Path(args.out).write_text(json.dumps(out if args.breakdown else rows, indent=2))
+        Path(args.out).write_text(json.dumps(out, indent=2))
 
 
 def _block(name: str) -> str:

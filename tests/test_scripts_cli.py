@@ -217,3 +217,30 @@ def test_bench_merge_memory_refuses_a_bad_run_in_one_error_line(tmp_path, run, e
     assert proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     if "chunk" not in run:  # refused before any input is written or a table line printed
         assert proc.stdout == "" and not (tmp_path / "w").exists()
+
+
+def test_bench_prune_latency_writes_one_json_shape_with_or_without_breakdown(tmp_path, monkeypatch):
+    """--out was the list of rows, or {"speedup": rows, "breakdown": ...} with --breakdown: a reader broke
+    as soon as --breakdown was added. It is now always the dict."""
+    import json
+
+    import torch
+
+    from mtl.io import save_model
+    from mtl.models import create_model
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import bench_prune_latency
+
+    torch.manual_seed(0)
+    for name in ("base", "other"):
+        save_model(create_model(["semseg"], backbone="test_resnet", decoder={"name": "hps", "channels": 4}),
+                   tmp_path / name)
+    common = ["--base", str(tmp_path / "base"), str(tmp_path / "other"), "--sizes", "16", "--batch", "1",
+              "--rounds", "1", "--repeats", "1"]
+    bench_prune_latency.main([*common, "--out", str(tmp_path / "a.json")])
+    bench_prune_latency.main([*common, "--breakdown", "16", "--top", "2", "--out", str(tmp_path / "b.json")])
+    plain, detailed = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert sorted(plain) == sorted(detailed) == ["breakdown", "speedup"]
+    assert plain["breakdown"] is None and detailed["breakdown"]
+    assert [r["model"] for r in plain["speedup"]] == [r["model"] for r in detailed["speedup"]] == ["other"]
