@@ -109,14 +109,18 @@ def encoded_image(t: pa.DataType) -> bool:
     return pa.types.is_struct(t) and {t.field(i).name for i in range(t.num_fields)} == {"bytes", "path"}
 
 
-def check_channels(column: str, key: str, t: torch.Tensor, channels: int) -> None:
-    """A dense target has its key's channel count (semseg: class ids, one channel)."""
+def check_channels(where: str, key: str, t: torch.Tensor, channels: int) -> None:
+    """A dense target is an (H, W) map per row with its key's channel count (semseg: class ids, one channel).
+    ``where`` names the column and split; ``t`` is the whole column, rows first."""
     want = max(channels, 1)
+    if t.ndim < 3:  # (N,) or (N, k): a label or a vector per row, e.g. a class column mapped to semseg
+        held = "one value" if t.ndim == 1 else f"a {t.shape[1]}-vector"
+        raise ValueError(f"{where} holds {held} per row (shape {tuple(t.shape[1:])} per row), where {key} needs "
+                         "an (H, W) map per row")
     if t.ndim != 4 or t.shape[1] != want:
         got = t.shape[1] if t.ndim == 4 and t.shape[1] <= 4 else t.shape[-1]  # channels-last when not moved
-        raise ValueError(f"hf_local: column {column!r} ({key}) has {got} channels per pixel (shape "
-                         f"{tuple(t.shape[1:])}), {key} needs {want}"
-                         + (": class ids, not an RGB colour map" if key == "semseg" else ""))
+        raise ValueError(f"{where} has {got} channels per pixel (shape {tuple(t.shape[1:])} per row), {key} needs "
+                         f"{want}" + (": class ids, not an RGB colour map" if key == "semseg" else ""))
 
 
 def check_sizes(column: str, key: str, sizes: list[tuple[int, int]], image_sizes: list[tuple[int, int]],

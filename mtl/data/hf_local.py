@@ -236,7 +236,7 @@ class HFImageDataModule(TensorDataModule):
                 ch = _DENSE_KEYS[key]
                 chw = channels_first(a, (max(ch, 1),), layout, where)
                 t = torch.from_numpy(np.require(chw, requirements=["C", "W"]))
-                check_channels(column, key, t, ch)
+                check_channels(where, key, t, ch)
                 check_sizes(column, key, sizes or [tuple(t.shape[-2:])] * len(t), image_sizes, split,
                              self.size is not None)
                 t = resize(t, self.size, nearest=True)

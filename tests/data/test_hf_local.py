@@ -166,11 +166,25 @@ def test_label_maps_must_match_their_images(tmp_path):
                                          r"\(8, 8\) image in row 0; set data.size"):
         HFImageDataModule(half, image_column="img", columns={"mask": "semseg"}).setup()
     rgb = _save(tmp_path / "rgb", img=img, mask=np.zeros((6, 8, 8, 3), np.uint8).tolist())
-    with pytest.raises(ValueError, match=r"column 'mask' \(semseg\) has 3 channels.*not an RGB colour map"):
+    with pytest.raises(ValueError, match=r"column 'mask' \(semseg\) of split 'train' has 3 channels.*not an RGB colour "
+                                         r"map"):
         HFImageDataModule(rgb, image_column="img", columns={"mask": "semseg"}).setup()
     # data.size resizes both, so a smaller map is fine then
     dm = HFImageDataModule(half, image_column="img", columns={"mask": "semseg"}, size=4)
     assert dm.dataset("train").tensors["semseg"].shape[-2:] == (4, 4)
+
+
+@pytest.mark.parametrize("column, key, held", [("label", "semseg", "one value"), ("label", "depth", "one value"),
+                                               ("score", "edges", "a 5-vector")])
+def test_a_per_row_column_mapped_to_a_dense_key_is_named_as_such(tmp_path, column, key, held):
+    """A class column mapped to semseg said "has 6 channels per pixel (shape ())": 6 was the row count. The
+    error now says what the column holds per row, naming the column and the split."""
+    rng = np.random.default_rng(0)
+    ds = _save(tmp_path / "d", image=rng.integers(0, 256, (6, 8, 10, 3)).tolist(), label=[0, 1, 2, 0, 1, 2],
+               score=rng.random((6, 5)).tolist())
+    with pytest.raises(ValueError, match=rf"^hf_local: column '{column}' \({key}\) of split 'train' holds {held} per "
+                                         rf"row .*where {key} needs an \(H, W\) map per row$"):
+        create_datamodule("hf_local", path=ds, columns={column: key}).setup()
 
 
 @pytest.mark.parametrize("as_image", [False, True])
