@@ -2,7 +2,11 @@
 # Both create or refresh the local virtual environment first.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-export MTL_OUTPUT_DIR ?= outputs
+# unset or empty: outputs (`?=` kept an empty value, which put the demo's baselines at /demo)
+ifeq ($(strip $(MTL_OUTPUT_DIR)),)
+override MTL_OUTPUT_DIR := outputs
+endif
+export MTL_OUTPUT_DIR
 DEMO_DIR ?= $(MTL_OUTPUT_DIR)/demo
 
 .PHONY: venv demo test test-slow clean

@@ -12,7 +12,7 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     # generated data goes to a per-session cache unless CI points MTL_DATA_CACHE somewhere
-    if "MTL_DATA_CACHE" not in os.environ:
+    if not os.environ.get("MTL_DATA_CACHE"):  # set but empty counts as unset, as in mtl.data.default_cache_dir
         os.environ["MTL_DATA_CACHE"] = str(tmp_path_factory.mktemp("data_cache"))
     yield
 

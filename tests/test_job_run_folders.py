@@ -232,3 +232,19 @@ def test_a_missing_or_unreadable_input_is_refused_before_any_run_folder(console,
     assert code == 1 and len(lines) == 1 and lines[0].startswith("error: "), err
     assert said.format(**paths) in lines[0] and "run_dir:" not in stdout, err
     assert not out.exists() or list(out.iterdir()) == [], sorted(out.rglob("*"))
+
+
+@pytest.mark.parametrize("value, root", [("", "outputs"), ("elsewhere", "elsewhere")])
+def test_an_empty_output_dir_variable_counts_as_unset(monkeypatch, value, root):
+    """MTL_OUTPUT_DIR= (set but empty) made the configs' oc.env give "": run folders at /<name>/runs/...,
+    while the Python side (mtl.cli.failures.output_root) used outputs/."""
+    from hydra import compose, initialize_config_module
+
+    from mtl.cli.common import register_resolvers
+
+    register_resolvers()
+    monkeypatch.setenv("MTL_OUTPUT_DIR", value)
+    with initialize_config_module(config_module="mtl.configs", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["name=a/b"], return_hydra_config=True)
+    for kind in ("run", "sweep"):
+        assert Path(cfg.hydra[kind].dir).parts[:3] == (root, "a", "b")

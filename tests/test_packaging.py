@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -74,3 +76,14 @@ def test_every_phony_make_target_has_a_rule():
     phony = re.search(r"^\.PHONY:(.*)$", text, re.M).group(1).split()
     rules = set(re.findall(r"^([\w-]+):", text, re.M))
     assert phony and set(phony) <= rules, sorted(set(phony) - rules)
+
+
+def test_make_treats_an_empty_output_dir_as_unset(tmp_path):
+    """`export MTL_OUTPUT_DIR ?= outputs` kept a set-but-empty value: `make demo` removed and wrote /demo/baselines.json."""
+    import shutil
+
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    env = dict(os.environ, MTL_OUTPUT_DIR="")
+    dry = subprocess.run(["make", "-n", "demo"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60).stdout
+    assert f"rm -f {ROOT / 'outputs' / 'demo' / 'baselines.json'}" in dry, dry

@@ -398,7 +398,15 @@ def check_run_name(name: Any) -> str:
     return text
 
 
+def env_or(name: str, default: Any) -> Any:
+    """``${mtl_env:NAME,DEFAULT}``: the environment variable, or ``default`` when it is unset or empty, as the
+    Python side reads MTL_OUTPUT_DIR and MTL_DATA_CACHE. ``oc.env`` gives "" for a set-but-empty one, which
+    put the scenes cache at /scenes and run folders at /<name>."""
+    return os.environ.get(name) or default
+
+
 def register_resolvers() -> None:
     from omegaconf import OmegaConf
 
     OmegaConf.register_new_resolver("mtl_run_name", check_run_name, replace=True)
+    OmegaConf.register_new_resolver("mtl_env", env_or, replace=True)

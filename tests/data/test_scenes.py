@@ -1,6 +1,8 @@
 """The embedded scenes generator and its datamodule (all tiny)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -238,6 +240,11 @@ def test_one_cache_layout_for_python_and_cli(tmp_path, monkeypatch):
     assert default_cache_dir("scenes").parts[-3:] == (".cache", "mtlkit", "scenes")
     cfg, _ = compose_in_process("mtl.configs", "train", [], tmp_path / "run")
     assert cfg.data.cache_dir == str(default_cache_dir("scenes"))
+    # set but empty counts as unset on both sides (the config's oc.env gave "": the CLI cached at /scenes)
+    monkeypatch.setenv("MTL_DATA_CACHE", "")
+    for data in ("scenes", "zoo"):
+        cfg, _ = compose_in_process("mtl.configs", "train", [f"data={data}"], tmp_path / "run")
+        assert cfg.data.cache_dir == str(Path.home() / ".cache" / "mtlkit" / data) == str(default_cache_dir(data))
 
 
 def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
