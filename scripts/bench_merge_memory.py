@@ -27,6 +27,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+INPUTS = "inputs.json"  # the parameters of the generated inputs beside them: --keep reuses matching ones
+
 
 def vm_hwm_mb() -> float:
     for line in open("/proc/self/status"):
@@ -50,9 +52,19 @@ def shapes(layout: str, rows: int, layers: int) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def make(folder: Path, models: int, rows: int, dtype: str, layout: str = "one", layers: int = 0, shards: int = 1) -> None:
+def make(folder: Path, models: int, rows: int, dtype: str, layout: str = "one", layers: int = 0, shards: int = 1) -> bool:
+    """Write the seeded inputs, unless `folder` holds those of the same parameters (recorded last in
+    INPUTS, so an interrupted generation is never reused): True when they were reused."""
     import torch
 
+    params = {"models": models, "rows": rows, "dtype": dtype, "layout": layout, "layers": layers, "shards": shards}
+    record = folder / INPUTS
+    try:
+        if json.loads(record.read_text()) == params:
+            return True
+    except (OSError, ValueError):
+        pass
+    record.unlink(missing_ok=True)
     dt = getattr(torch, dtype)
     g = torch.Generator().manual_seed(0)
     base = {k: torch.randn(*shape, generator=g).to(dt) for k, shape in shapes(layout, rows, layers).items()}
@@ -61,6 +73,8 @@ def make(folder: Path, models: int, rows: int, dtype: str, layout: str = "one", 
     for t in range(models):
         save({k: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(dt) for k, v in base.items()}, folder,
              f"ft{t}", shards)
+    record.write_text(json.dumps(params))
+    return False
 
 
 def save(sd: dict, folder: Path, name: str, shards: int) -> None:
@@ -106,7 +120,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4, help="--layout llama: decoder layers")
     ap.add_argument("--shards", type=int, default=1,
                     help="write each model as a Hugging Face folder of this many shards (default: one file)")
-    ap.add_argument("--keep", action="store_true", help="keep the generated inputs (reused by the next run)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the generated inputs (reused by the next run with the same --models, --rows, --dtype, "
+                         "--layout, --layers and --shards)")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     from script_cli import require_positive
@@ -119,7 +135,8 @@ def main() -> None:
         print(json.dumps(worker(folder, args.models, args.worker[0], json.loads(args.worker[1]), args.shards)))
         return
     check_runs(args.runs)
-    make(folder, args.models, args.rows, args.dtype, args.layout, args.layers, args.shards)
+    if make(folder, args.models, args.rows, args.dtype, args.layout, args.layers, args.shards):
+        print(f"inputs: reusing {folder} (kept by an earlier --keep run with these parameters)", flush=True)
     try:
         table(args, folder)
     finally:  # in /dev/shm the inputs are RAM: never leave them behind unasked

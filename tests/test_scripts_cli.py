@@ -244,3 +244,24 @@ def test_bench_prune_latency_writes_one_json_shape_with_or_without_breakdown(tmp
     assert sorted(plain) == sorted(detailed) == ["breakdown", "speedup"]
     assert plain["breakdown"] is None and detailed["breakdown"]
     assert [r["model"] for r in plain["speedup"]] == [r["model"] for r in detailed["speedup"]] == ["other"]
+
+
+def test_bench_merge_memory_reuses_kept_inputs_of_the_same_parameters(tmp_path, monkeypatch):
+    """--keep said the inputs were reused by the next run, but every run wrote them again. They are now
+    reused when the parameters recorded beside them match, and written again when the record is missing
+    (an interrupted or older generation)."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import bench_merge_memory
+
+    written = []
+    save = bench_merge_memory.save
+    monkeypatch.setattr(bench_merge_memory, "save", lambda sd, folder, name, shards: written.append(name) or
+                        save(sd, folder, name, shards))
+    folder = tmp_path / "in"
+    assert bench_merge_memory.make(folder, 2, 8, "float32") is False and written == ["base", "ft0", "ft1"]
+    before = {p.name: p.read_bytes() for p in folder.glob("*.safetensors")}
+    assert bench_merge_memory.make(folder, 2, 8, "float32") is True and len(written) == 3  # nothing rewritten
+    assert bench_merge_memory.make(folder, 1, 8, "float32") is False and len(written) == 5  # other parameters
+    (folder / bench_merge_memory.INPUTS).unlink()
+    assert bench_merge_memory.make(folder, 2, 8, "float32") is False and len(written) == 8
+    assert {p.name: p.read_bytes() for p in folder.glob("*.safetensors")} == before  # seeded: the same inputs
