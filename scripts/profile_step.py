@@ -5,8 +5,9 @@ tasks, scenes data), split into data fetch, uint8 -> float, backbone, neck, head
 and the optimiser step.
 
 Part 2: A/B variants of the step interleaved round by round in one process (machine noise hits all
-alike); each is reported as wall and CPU ms/step and its CPU-time ratio to the baseline (on a
-loaded machine the process's CPU time is the stable measure; ``--threads 1`` makes it pure work):
+alike); each is reported as wall and CPU ms/step and its CPU time per sample as a ratio to the
+baseline's (on a loaded machine the process's CPU time is the stable measure; ``--threads 1`` makes it
+pure work):
 
     baseline        the step as MultiTaskModule runs it (fused AdamW, the tasks' own losses)
     unfused_adamw   AdamW as torch picks it on CPU (a per-parameter loop of small ops)
@@ -14,8 +15,14 @@ loaded machine the process's CPU time is the stable measure; ``--threads 1`` mak
     channels_last   model and input in channels-last memory format
     monitor         the balancer monitor's gradient cosines (T extra backwards) on every step
     threads_1       torch.set_num_threads(1) for the step
+    size_N          the baseline step on N px inputs (e.g. size_64 against --size 48)
+    batch_N         the baseline step on batches of N (e.g. batch_16 against --batch-size 32)
+    single_TASK     the step of a model with that one task (e.g. single_semseg); with several, their mean
+    eval_forward    the evaluation forward (eval mode, no grad) of the six-task model
 
     python scripts/profile_step.py --size 48 --rounds 4 --threads 1 --profile
+    python scripts/profile_step.py --size 48 --rounds 4 --threads 1 --variants baseline,size_64,batch_16,\
+eval_forward,single_semseg,single_depth,single_normals,single_edges,single_classification,single_regression
 """
 from __future__ import annotations
 
@@ -35,9 +42,9 @@ TASKS = ["semseg", "depth", "normals", "edges", "classification", "regression"]
 PARTS = ("data", "normalize", "backbone", "neck", "heads", "losses", "backward", "optimizer")
 
 
-def make_model():
+def make_model(tasks: list[str] = TASKS):
     torch.manual_seed(0)
-    return create_model(TASKS, backbone={"name": "resnet10t", "out_indices": [1, 2, 3, 4]},
+    return create_model(list(tasks), backbone={"name": "resnet10t", "out_indices": [1, 2, 3, 4]},
                         decoder={"name": "hps", "channels": 64}).train()
 
 
@@ -52,8 +59,18 @@ def indexed_loss(kind: str, pred: torch.Tensor, target: torch.Tensor) -> torch.T
 
 
 def make_step(fused: bool = True, channels_last: bool = False, monitor: bool = False,
-              threads: int | None = None, indexed: bool = False) -> Callable[[dict], None]:
-    model = make_model()
+              threads: int | None = None, indexed: bool = False, tasks: list[str] = TASKS,
+              evaluate: bool = False) -> Callable[[dict], None]:
+    model = make_model(tasks)
+    if evaluate:  # what validation and test run per batch
+        model.eval()
+
+        @torch.no_grad()
+        def forward(batch: dict) -> None:
+            x = batch["image"]
+            model.heads(model.shared(x), tuple(x.shape[-2:]))
+
+        return forward
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True if fused else None)
@@ -122,26 +139,51 @@ def profile_parts(ds, batch_size: int, steps: int) -> dict[str, float]:
     return {k: totals.get(k, 0.0) / whole for k in PARTS}
 
 
-def main() -> None:
+FIXED = {"baseline": {}, "unfused_adamw": {"fused": False}, "indexed_losses": {"indexed": True},
+         "channels_last": {"channels_last": True}, "monitor": {"monitor": True}, "threads_1": {"threads": 1},
+         "eval_forward": {"evaluate": True}}
+
+
+def variant(name: str, size: int, batch_size: int) -> tuple[dict, int, int]:
+    """A --variants name as (make_step's options, input size, batch size)."""
+    if name in FIXED:
+        return FIXED[name], size, batch_size
+    kind, _, value = name.partition("_")
+    if kind == "single" and value in TASKS:
+        return {"tasks": [value]}, size, batch_size
+    if kind in ("size", "batch") and value.isdigit() and int(value) >= 1:
+        return {}, int(value) if kind == "size" else size, int(value) if kind == "batch" else batch_size
+    raise ValueError(f"--variants: unknown {name!r} (valid: {', '.join(FIXED)}, size_N, batch_N, "
+                     f"single_<task> with a task of {', '.join(TASKS)})")
+
+
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--steps", type=int, default=3, help="steps per variant per round")
     p.add_argument("--profile", action="store_true", help="also print the per-part profile")
-    p.add_argument("--variants", default="baseline,unfused_adamw,indexed_losses,channels_last,monitor,threads_1")
+    p.add_argument("--variants", default="baseline,unfused_adamw,indexed_losses,channels_last,monitor,threads_1",
+                   help="comma-separated; see above")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     from script_cli import require_positive
 
     require_positive(args, ["size", "batch_size", "rounds", "steps", "threads"])
+    names = [v for v in args.variants.split(",") if v]
+    shapes = {n: variant(n, args.size, args.batch_size) for n in names}  # unknown names refused before any work
+    if "baseline" not in names:
+        raise ValueError("--variants must include baseline (every variant is timed against it)")
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    dm = create_datamodule("scenes", size=args.size, n_train=8 * args.batch_size, n_val=args.batch_size,
-                           n_test=args.batch_size, batch_size=args.batch_size)
-    ds = dm.dataset("train")
-    batches = [ds.__getitems__(list(range(i * args.batch_size, (i + 1) * args.batch_size))) for i in range(8)]
+    most = max(b for _, _, b in shapes.values())
+    data = {s: create_datamodule("scenes", size=s, n_train=8 * most, n_val=most, n_test=most, batch_size=most)
+            .dataset("train") for s in sorted({s for _, s, _ in shapes.values()})}
+    batches = {(s, b): [data[s].__getitems__(list(range(i * b, (i + 1) * b))) for i in range(8)]
+               for _, s, b in shapes.values()}
+    ds = data[args.size]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.size}px, batch {args.batch_size}",
           flush=True)
     if args.profile:
@@ -150,17 +192,10 @@ def main() -> None:
         for k, v in shares.items():
             print(f"| {k} | {100 * v:.1f} % |")
 
-    options = {"baseline": {}, "unfused_adamw": {"fused": False}, "indexed_losses": {"indexed": True},
-               "channels_last": {"channels_last": True}, "monitor": {"monitor": True}, "threads_1": {"threads": 1}}
-    names = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in names if v not in options]
-    if unknown:
-        raise SystemExit(f"error: --variants: unknown {unknown} (valid: {', '.join(options)})")
-    if "baseline" not in names:
-        raise SystemExit("error: --variants must include baseline (every variant is timed against it)")
-    steps = {n: make_step(**options[n]) for n in names}
-    for s in steps.values():  # warm-up: first calls allocate and pick kernels
-        s(batches[0]), s(batches[1])
+    steps = {n: make_step(**shapes[n][0]) for n in names}
+    data_of = {n: batches[shapes[n][1:]] for n in names}
+    for n, s in steps.items():  # warm-up: first calls allocate and pick kernels
+        s(data_of[n][0]), s(data_of[n][1])
     wall: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
     for r in range(args.rounds):
@@ -168,16 +203,22 @@ def main() -> None:
         for n in order:
             start, start_cpu = time.perf_counter(), time.process_time()
             for i in range(args.steps):
-                steps[n](batches[(r * args.steps + i) % len(batches)])
+                steps[n](data_of[n][(r * args.steps + i) % 8])
             wall[n].append((time.perf_counter() - start) / args.steps)
             cpu[n].append((time.process_time() - start_cpu) / args.steps)
         print(f"round {r}: " + ", ".join(f"{n} {1000 * cpu[n][-1]:.0f} ms cpu" for n in names), flush=True)
-    base = statistics.median(cpu["baseline"])
-    print("\n| variant | wall ms/step | CPU ms/step | samples per CPU-second | CPU-time ratio to baseline |")
-    print("|---|---|---|---|---|")
+    per_sample = {n: statistics.median(cpu[n]) / shapes[n][2] for n in names}
+    print("\n| variant | input | wall ms/step | CPU ms/step | samples per CPU-second | CPU time per sample, ratio to "
+          "baseline |")
+    print("|---|---|---|---|---|---|")
     for n in names:
-        w, c = statistics.median(wall[n]), statistics.median(cpu[n])
-        print(f"| {n} | {1000 * w:.0f} | {1000 * c:.0f} | {args.batch_size / c:.1f} | {c / base:.3f} |")
+        w, c, (_, size, batch) = statistics.median(wall[n]), statistics.median(cpu[n]), shapes[n]
+        print(f"| {n} | {batch} x {size} px | {1000 * w:.0f} | {1000 * c:.0f} | {batch / c:.1f} | "
+              f"{per_sample[n] / per_sample['baseline']:.3f} |")
+    single = [per_sample[n] / per_sample["baseline"] for n in names if n.startswith("single_")]
+    if len(single) > 1:
+        print(f"\nsingle-task steps: mean {statistics.mean(single):.3f} of the six-task step "
+              f"({min(single):.2f}–{max(single):.2f})")
 
 
 if __name__ == "__main__":

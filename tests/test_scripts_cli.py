@@ -265,3 +265,31 @@ def test_bench_merge_memory_reuses_kept_inputs_of_the_same_parameters(tmp_path, 
     (folder / bench_merge_memory.INPUTS).unlink()
     assert bench_merge_memory.make(folder, 2, 8, "float32") is False and len(written) == 8
     assert {p.name: p.read_bytes() for p in folder.glob("*.safetensors")} == before  # seeded: the same inputs
+
+
+def test_profile_step_times_the_comparisons_the_demo_estimate_uses(monkeypatch, capsys):
+    """BENCHMARKS.md's demo estimate takes four factors (another input size, another batch size, single-task vs
+    six-task step, evaluation forward vs training step) that profile_step.py could not time; they are variants
+    of it now, reported per sample against the baseline of the same process."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import profile_step
+
+    assert profile_step.variant("size_64", 48, 32) == ({}, 64, 32)
+    assert profile_step.variant("batch_16", 48, 32) == ({}, 48, 16)
+    assert profile_step.variant("single_depth", 48, 32) == ({"tasks": ["depth"]}, 48, 32)
+    for bad in ("size_x", "batch_0", "single_bogus"):
+        with pytest.raises(ValueError, match=rf"^--variants: unknown '{bad}'"):
+            profile_step.variant(bad, 48, 32)
+
+
+@pytest.mark.slow  # six tiny models stepped once each: ~10 s on 2 cores
+def test_profile_step_reports_each_variant_at_its_own_input(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import profile_step
+
+    profile_step.main(["--size", "16", "--batch-size", "4", "--rounds", "1", "--steps", "1", "--threads", "1",
+                       "--variants", "baseline,size_24,batch_2,eval_forward,single_semseg,single_depth"])
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and " px " in line}
+    assert rows == {"baseline": "4 x 16 px", "size_24": "4 x 24 px", "batch_2": "2 x 16 px",
+                    "eval_forward": "4 x 16 px", "single_semseg": "4 x 16 px", "single_depth": "4 x 16 px"}
