@@ -12,7 +12,8 @@ activations at once would dominate memory — task by task, each task's activati
 backward. Peak memory: θ0 + T task vectors + θ + ∂θ + one pass's activations.
 
 With `bn="recompute"`, the BatchNorm layers must see statistics that match the current θ, as the
-final model's re-estimated ones will: every task's batch goes through the model in ONE pass, pooled,
+final model's re-estimated ones will: every task's batch goes through the model in ONE pass, pooled
+(also the batches of tasks left out of the objective, whose rows shape the statistics and carry no loss),
 with the shared BN layers in train mode, so they normalise with the statistics of the pooled batch —
 a differentiable function of θ, so the gradient also accounts for how the statistics move with the
 coefficients (BN makes a layer blind to the scale of the weights before it; a gradient holding the
@@ -96,11 +97,16 @@ class Objective:
         if missing:
             raise ValueError(f"{name} has no data for task {missing[0]!r}" + (f" (nor {missing[1:]})" if missing[1:] else "")
                              + f"; it needs batches for {tasks}")
-        self.iters = {t: BatchCycler(data[t], t, name) for t in tasks}
+        # bn="recompute": tasks with data but no loss (regression-like heads under the entropy objective) still
+        # have their batches in each step's BN pass, as in the final re-estimation over every task's data
+        self.bn_only = [t for t in data if t not in tasks] if recompute_bn and data is not None else []
+        for t in self.bn_only:
+            check_batches(data[t], f"{name}[{t!r}]")
+        self.iters = {t: BatchCycler(data[t], t, name) for t in [*tasks, *self.bn_only]}
 
     def draw(self) -> dict[str, Any]:
-        """This step's batch of every task."""
-        return {t: self.iters[t].next_raw() for t in self.tasks}
+        """This step's batch of every task (with `recompute_bn`, also of the tasks in the BN pass only)."""
+        return {t: self.iters[t].next_raw() for t in [*self.tasks, *self.bn_only]}
 
     def bn_statistics(self, params: dict[str, torch.Tensor], batches: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """BN statistics of the model with `params` on this step's inputs of every task, pooled."""
@@ -164,13 +170,14 @@ class Objective:
         pooled batch), or without `recompute_bn` when the batch exceeds `pool_limit` input values or the
         model does not return {task: prediction} (the caller then goes task by task)."""
         xys = {t: self._xy(batches[t], t) for t in self.tasks}
-        if len({tuple(x.shape[1:]) for x, _ in xys.values()}) > 1:
+        stats_only = [_checked(batch_inputs(batches[t], t), t, self.what) for t in self.bn_only]  # BN rows, no loss
+        if len({tuple(x.shape[1:]) for x in [*(x for x, _ in xys.values()), *stats_only]}) > 1:
             return None
         if not self.recompute_bn and (len(self.tasks) < 2 or not self._poolable
                                       or sum(x.numel() for x, _ in xys.values()) > self.pool_limit):
             return None
         model = self.problem.model
-        x = self.model_input(torch.cat([x for x, _ in xys.values()]))
+        x = self.model_input(torch.cat([*(x for x, _ in xys.values()), *stats_only]))
         try:
             if self.recompute_bn:
                 with shared_bn_in_train_mode(model, params, **self.bn_options) as scratch:

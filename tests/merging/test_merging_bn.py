@@ -226,6 +226,47 @@ def test_learned_gradient_flows_through_the_pooled_batch_statistics():
     assert not model.training  # the caller's model is back in eval mode
 
 
+class BN1d(nn.Module):
+    """Linear → BatchNorm1d → heads: one classification head `a` and one regression head `r`."""
+
+    def __init__(self):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.enc, self.bn = nn.Linear(4, 3), nn.BatchNorm1d(3)
+        self.heads = nn.ModuleDict({"a": nn.Linear(3, 5), "r": nn.Linear(3, 1)})
+        self.tasks = {"a": SimpleNamespace(kind="classification"), "r": SimpleNamespace(kind="regression")}
+
+    def forward(self, x, tasks):
+        h = torch.relu(self.bn(self.enc(x)))
+        return {t: self.heads[t](h) for t in tasks}
+
+
+def test_learned_bn_pass_pools_the_batches_of_tasks_left_out_of_the_objective():
+    # r (regression) has no entropy: it is left out of the loss, but the final statistics pool its images,
+    # so each step's BN must normalise with the pooled a+r batch too (the model learning sees is the one returned)
+    torch.manual_seed(0)
+    model = BN1d()
+    pre = {k: v.clone() for k, v in model.state_dict().items()}
+    fts = []
+    for _ in range(2):
+        sd = {k: v.clone() for k, v in pre.items()}
+        sd["enc.weight"] += torch.randn(3, 4) * 0.5
+        fts.append(sd)
+    xa, xr = torch.randn(6, 4), torch.randn(6, 4) + 5.0  # r's images from another distribution
+    res = merging.learn("adamerging", pre, fts, unlabeled={"a": [xa], "r": [xr]}, model=model, tasks=["a", "r"],
+                        granularity="task", steps=1, lr=0.05, bn="recompute", progress=False)
+
+    w = pre["enc.weight"] + sum(0.3 * (ft["enc.weight"] - pre["enc.weight"]) for ft in fts)
+    z = F.linear(torch.cat([xa, xr]), w, pre["enc.bias"])
+    h = F.batch_norm(z, None, None, pre["bn.weight"], pre["bn.bias"], training=True)[:6]  # a's rows
+    p = F.linear(torch.relu(h), pre["heads.a.weight"], pre["heads.a.bias"]).softmax(1)
+    assert res.history[0]["objective"] == pytest.approx(float(-(p * p.log()).sum(1).mean()), abs=1e-6)
+    w = pre["enc.weight"] + sum(float(c) * (ft["enc.weight"] - pre["enc.weight"]) for c, ft in zip(res.coefficients, fts))
+    z = F.linear(torch.cat([xa, xr]), w, pre["enc.bias"])  # the returned statistics: the same a+r mixture
+    torch.testing.assert_close(res.state_dict["bn.running_mean"], z.mean(0))
+
+
 def test_learned_merge_recomputes_at_the_end_and_leaves_the_model_alone():
     torch.manual_seed(4)
     model = ConvBN()
