@@ -60,9 +60,11 @@ READ_ONLY_WITH: dict[str, list[list[tuple[str, str, Any]]]] = {
     "lr": [[("steps", ">", 0)]],  # the optimiser of the learned steps (λ, or Concrete's mask logits)
     "k": [[("vectors", "==", "ties")]],
     "threshold": [[("final_mask", "==", "hard")]],
-    # the inner steps: a reset λ's own Adam at inner_lr; carried on (inner=continue), the one Adam at coef_lr
-    "inner_lr": [[("inner", "==", "reset"), ("inner_steps", ">", 0)]],
-    "coef_lr": [[("final_steps", ">", 0)], [("inner", "==", "continue"), ("inner_steps", ">", 0)]],
+    # the inner steps run within each of the `steps` mask steps: a reset λ's own Adam at inner_lr; carried on
+    # (inner=continue), the one Adam at coef_lr
+    "inner_steps": [[("steps", ">", 0)]],
+    "inner_lr": [[("inner", "==", "reset"), ("inner_steps", ">", 0), ("steps", ">", 0)]],
+    "coef_lr": [[("final_steps", ">", 0)], [("inner", "==", "continue"), ("inner_steps", ">", 0), ("steps", ">", 0)]],
 }
 _TESTS = {"==": operator.eq, ">": operator.gt}
 

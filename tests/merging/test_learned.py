@@ -398,9 +398,15 @@ def test_bad_concrete_and_step_hyperparameters_are_named(method, bad, match):
     ("concrete_ta", {"threshold": 0.7}, "threshold=0.7 is read only with final_mask='hard'"),
     ("concrete_adamerging", {"inner": "continue", "inner_lr": 0.5}, "inner_lr=0.5 is read only with inner='reset'"),
     ("concrete_adamerging", {"inner_steps": 0, "inner_lr": 0.5}, "inner_lr=0.5 is read only with inner='reset' and "
-                                                                 r"inner_steps > 0 \(here inner='reset', inner_steps=0\)"),
+     r"inner_steps > 0 and steps > 0 \(here inner='reset', inner_steps=0, steps=300\)"),
+    ("concrete_adamerging", {"steps": 0, "inner_lr": 0.5}, r"inner_lr=0.5 is read only with .* \(here inner='reset', "
+                                                           r"inner_steps=1, steps=0\)"),
+    ("concrete_adamerging", {"steps": 0, "inner_steps": 2}, r"inner_steps=2 is read only with steps > 0 \(here steps=0\)"),
+    ("concrete_adamerging", {"steps": 0, "final_steps": 0, "inner": "continue", "coef_lr": 0.05},
+     "coef_lr=0.05 is read only with final_steps > 0, or inner='continue' and inner_steps > 0 and steps > 0"),
     ("concrete_adamerging", {"final_steps": 0, "coef_lr": 0.05}, "coef_lr=0.05 is read only with final_steps > 0, or "
-     r"inner='continue' and inner_steps > 0 \(here final_steps=0, inner='reset', inner_steps=1\)"),
+     r"inner='continue' and inner_steps > 0 and steps > 0 \(here final_steps=0, inner='reset', inner_steps=1, "
+     r"steps=300\)"),
     ("adamerging", {"steps": 0, "lr": 0.01}, r"adamerging: lr=0.01 is read only with steps > 0 \(here steps=0\)"),
     ("concrete_ta", {"steps": 0, "lr": 0.01}, r"lr=0.01 is read only with steps > 0"),
     ("concrete_adamerging", {"final_steps": 0, "inner": "continue", "inner_steps": 0, "coef_lr": 0.05},
@@ -424,6 +430,10 @@ def test_settings_that_leave_a_key_unread_at_its_default_are_accepted_and_not_re
     ({"inner_steps": 0}, "inner_lr", False),
     ({"inner": "continue"}, "inner_lr", False),
     ({}, "inner_lr", True),
+    ({"steps": 0}, "inner_lr", False),
+    ({"steps": 0, "final_steps": 0, "inner": "continue"}, "coef_lr", False),
+    ({"steps": 0}, "inner_steps", False),
+    ({}, "inner_steps", True),
     ({"final_steps": 0}, "coef_lr", False),
     ({"final_steps": 0, "inner": "continue", "inner_steps": 0}, "coef_lr", False),
     ({"final_steps": 0, "inner": "continue"}, "coef_lr", True),
@@ -440,8 +450,9 @@ def test_a_key_called_unread_changes_nothing_and_one_called_read_does(monkeypatc
     assert (key in api.unread(hp)) is not read
     monkeypatch.setattr(api, "READ_ONLY_WITH", {})
     model, pre, fts, data = toys()
-    runs = [merging.learn("concrete_adamerging", pre, fts, unlabeled=data, **{**hp, key: lr}, **kw(model))
-            for lr in (1e-3, 0.5)]
+    values = (1, 3) if key == "inner_steps" else (1e-3, 0.5)
+    runs = [merging.learn("concrete_adamerging", pre, fts, unlabeled=data, **{**hp, key: v}, **kw(model))
+            for v in values]
     same = all(torch.equal(runs[0].state_dict[k], runs[1].state_dict[k]) for k in pre)
     assert same is not read
 

@@ -91,11 +91,13 @@ def test_bad_split_is_named(pool, tmp_path):
      "merge.batch_size=8 is not read with merge.objective=supervised"),
     (["merge=concrete_ta", "merge.threshold=0.7"], "merge=concrete_ta: merge.threshold=0.7 is read only with merge.final_mask=hard"),
     (["merge=concrete_adamerging", "merge.inner=continue", "merge.inner_lr=0.5"],
-     "merge.inner_lr=0.5 is read only with merge.inner=reset and merge.inner_steps > 0 "
-     "\\(here merge.inner=continue, merge.inner_steps=1\\)"),
+     "merge.inner_lr=0.5 is read only with merge.inner=reset and merge.inner_steps > 0 and merge.steps > 0 "
+     "\\(here merge.inner=continue, merge.inner_steps=1, merge.steps=300\\)"),
     (["merge=concrete_adamerging", "merge.final_steps=0", "merge.coef_lr=0.05"],
      "merge.coef_lr=0.05 is read only with merge.final_steps > 0, or merge.inner=continue and merge.inner_steps > 0 "
-     "\\(here merge.final_steps=0, merge.inner=reset, merge.inner_steps=1\\)"),
+     "and merge.steps > 0 \\(here merge.final_steps=0, merge.inner=reset, merge.inner_steps=1, merge.steps=300\\)"),
+    (["merge=concrete_adamerging", "merge.steps=0", "merge.inner_steps=2"],
+     r"merge.inner_steps=2 is read only with merge.steps > 0 \(here merge.steps=0\)"),
     (["merge=atlas", "merge.steps=0", "merge.lr=0.01"],
      r"merge=atlas: merge.lr=0.01 is read only with merge.steps > 0 \(here merge.steps=0\)"),
     (["merge=adamerging", "merge.lr=-1"], "merge=adamerging: lr must be a positive, finite number, got -1"),
@@ -115,12 +117,17 @@ def test_bad_learned_settings_are_refused_before_the_pool_is_loaded(pool, tmp_pa
         run(_args(pool, *extra), run_dir=tmp_path / "bad")
 
 
-def test_a_step_cap_that_leaves_a_setting_unread_drops_it(pool, tmp_path):
-    """learn_max_steps=0 caps final_steps to 0, which leaves coef_lr unread: dropped, not refused or recorded."""
+def test_a_step_cap_that_leaves_a_setting_unread_drops_it(pool, tmp_path, caplog):
+    """learn_max_steps=0 caps steps and final_steps to 0, which leaves coef_lr, inner_lr and inner_steps unread:
+    dropped, not refused or recorded; a warning for the one set to another value than its default."""
     rd = tmp_path / "capped"
-    run(_args(pool, "merge=concrete_adamerging", "learn_max_steps=0"), run_dir=rd)
+    with caplog.at_level("WARNING", logger="merging"):
+        run(_args(pool, "merge=concrete_adamerging", "learn_max_steps=0", "merge.inner_lr=0.5"), run_dir=rd)
     hp = json.loads((rd / "coefficients" / "coefficients.json").read_text())["hparams"]
-    assert hp["final_steps"] == 0 and hp["steps"] == 0 and "coef_lr" not in hp
+    assert hp["final_steps"] == 0 and hp["steps"] == 0
+    assert "coef_lr" not in hp and "inner_lr" not in hp and "inner_steps" not in hp
+    warned = [r.getMessage() for r in caplog.records if "leaves merge." in r.getMessage()]
+    assert warned == ["learn_max_steps=0 leaves merge.inner_lr unread: it is not used or recorded"]
 
 
 def test_runs_record_the_data_their_objective_used(pool, tmp_path):
