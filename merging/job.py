@@ -225,9 +225,16 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         check_int("eval.max_batches", cfg.eval.max_batches, low=1, note=" or null (every batch)")
     if cfg.get("learn_max_steps") is not None:  # -1 was passed on as merge.steps=-1 and refused under that name
         check_int("learn_max_steps", cfg.learn_max_steps, low=0, note=" or null (no cap)")
+    evaluated = bool(cfg.eval.get("enabled", True))  # eval=none merges any weights (Hugging Face folders, files)
+    if not evaluated:
+        check_state_dict_method(name)
+    bn_data = _bn_data(cfg, hp) if evaluated else None  # eval=none: merge_to_file refuses bn=recompute
+    if bn_data is not None and name == "tall_masks":
+        raise ValueError("merge=tall_masks with +merge.bn=recompute: the TALL store keeps θ0's BatchNorm statistics, so "
+                         "the task models it rebuilds would not be the ones scored; use merge.bn=pretrained (default) "
+                         "or average for TALL")
     check_inputs_given(cfg)  # the settings above and the inputs here: before the run folder
     manifest = manifest_paths(cfg.pool) if cfg.get("pool") else None  # read once: checked, then merged
-    evaluated = bool(cfg.eval.get("enabled", True))  # eval=none merges any weights (Hugging Face folders, files)
     run_dir, output = start_run(cfg, run_dir, inputs=[manifest[0], *manifest[1]] if manifest else [],
                                 model_output=evaluated, any_weights=not evaluated)
     output = output.resolve()  # a relative output= is the cwd's, not the run folder's: record where it is
@@ -236,13 +243,8 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
         check_store_free(run_dir, bool(cfg.get("overwrite")))  # found now, not after the whole λ search
     start = time.perf_counter()
-    if not cfg.eval.get("enabled", True):
+    if not evaluated:
         return merge_only(cfg, run_dir, name, hp, output, start, manifest)
-    bn_data = _bn_data(cfg, hp)
-    if bn_data is not None and name == "tall_masks":
-        raise ValueError("merge=tall_masks with +merge.bn=recompute: the TALL store keeps θ0's BatchNorm statistics, so "
-                         "the task models it rebuilds would not be the ones scored; use merge.bn=pretrained (default) "
-                         "or average for TALL")
     pool = resolve_pool(cfg, run_dir, manifest)
     merged_keys = check_pool_inputs(pool, hp, bn_data)
     grid_job.precheck(name, hp, num_models=len(pool.members), tasks=[t for m in pool.members for t in m.tasks],
@@ -311,10 +313,8 @@ def _given_paths(cfg: DictConfig, run_dir: Path, manifest: tuple[Path, list[Path
 def merge_only(cfg: DictConfig, run_dir: Path, name: str, hp: dict[str, Any], output: Path, start: float,
                manifest: tuple[Path, list[Path]] | None = None) -> dict[str, Any]:
     """``eval=none``: a streaming state-dict merge of any model folders (Hugging Face ones included),
-    with the hyperparameters as given: nothing is evaluated, so no grid is searched."""
-    if name not in merging.METHODS and name != "pretrained":
-        raise ValueError(f"merge={name} chooses its hyperparameters on task data and cannot run with eval=none; "
-                         f"state-dict methods: {', '.join(merging.method_names())}")
+    with the hyperparameters as given (`run_merge` has checked `name` with `check_state_dict_method`): nothing is
+    evaluated, so no grid is searched."""
     method, hp = ("task_arithmetic", {"lam": 0.0}) if name == "pretrained" else (name, dict(hp))
     if hp.pop("lam_grid", None) and hp.get("lam") is None:
         log.info("eval=none: no λ search without evaluation; %s uses its default λ (set merge.lam to choose)", name)
@@ -325,6 +325,14 @@ def merge_only(cfg: DictConfig, run_dir: Path, name: str, hp: dict[str, Any], ou
     path = merging.merge_to_file(method, pre, models, output, overwrite=bool(cfg.overwrite),
                                  shard_size=cfg.get("shard_size"), **hp)
     return record_unevaluated(run_dir, name, pre, models, resolved_hparams(method, hp), output, path, start)
+
+
+def check_state_dict_method(name: str) -> None:
+    """``eval=none`` runs state-dict methods only: one that chooses its hyperparameters on task data (TALL masks, the
+    learned merges) is refused, before the run folder is made."""
+    if name not in merging.METHODS and name != "pretrained":
+        raise ValueError(f"merge={name} chooses its hyperparameters on task data and cannot run with eval=none; "
+                         f"state-dict methods: {', '.join(merging.method_names())}")
 
 
 def record_unevaluated(run_dir: Path, name: str, pre: Path, models: list[Path], hp: dict[str, Any], output: Path,

@@ -283,6 +283,15 @@ def test_learned_settings_are_refused_before_the_pool_is_scored(pool, tmp_path, 
     assert not (tmp_path / "bad" / "model").exists()
 
 
+@pytest.mark.parametrize("method", ["adamerging", "concrete_ta"])
+def test_a_learned_merge_with_eval_none_is_refused_before_any_run_folder(pool, tmp_path, method):
+    with pytest.raises(ValueError, match=f"merge={method} chooses its hyperparameters on task data and cannot run "
+                                         "with eval=none"):
+        args = [a for a in _args(pool, f"merge={method}", "eval=none") if not a.startswith("eval.")]
+        run(args, run_dir=tmp_path / "none")
+    assert not (tmp_path / "none").exists()  # no folder holding only FAILED
+
+
 @pytest.mark.parametrize("override, match", [
     ("merge.learn_blocks=[zzz]", r"^merge=atlas: learn_blocks: 'zzz' matches no block \(there are \d+: backbone\."),
     ("merge.blocks={bb: backbone, nope: zzz}", r"^merge=atlas: blocks: tensor 'decoder\.[^']+' \(and \d+ more\) "

@@ -55,3 +55,4 @@ def test_bad_bn_values_are_named(pool, tmp_path):
     with pytest.raises(ValueError, match="bn_stats.split must be 'val' or 'test'.*'train'"):
         run(_args(pool, "merge=task_arithmetic", "merge.lam=0.5", "+merge.bn=recompute", "bn_stats.split=train"),
             run_dir=tmp_path / "bad2")
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad2").exists()  # refused before any run folder
