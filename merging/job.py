@@ -228,7 +228,7 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     evaluated = bool(cfg.eval.get("enabled", True))  # eval=none merges any weights (Hugging Face folders, files)
     if not evaluated:
         check_state_dict_method(name)
-    bn_data = _bn_data(cfg, hp) if evaluated else None  # eval=none: merge_to_file refuses bn=recompute
+    bn_data = _bn_data(cfg, hp, name) if evaluated else None  # eval=none: merge_to_file refuses bn=recompute
     if bn_data is not None and name == "tall_masks":
         raise ValueError("merge=tall_masks with +merge.bn=recompute: the TALL store keeps θ0's BatchNorm statistics, so "
                          "the task models it rebuilds would not be the ones scored; use merge.bn=pretrained (default) "
@@ -364,19 +364,29 @@ def resolved_hparams(method: str, hp: Mapping[str, Any]) -> dict[str, Any]:
     return {"convention": "paper", **base, **used, **opts}
 
 
-def _bn_data(cfg: DictConfig, hp: dict[str, Any]) -> dict[str, Any] | None:
-    """`merge.bn=recompute` is the job's (it has the data): taken out of the merge's options, with `bn_stats.*`."""
+BN_STATS = {"split": "test", "batch_size": 16, "max_batches": None}
+
+
+def _bn_data(cfg: DictConfig, hp: dict[str, Any], method: str) -> dict[str, Any] | None:
+    """`merge.bn=recompute` is the job's (it has the data): taken out of the merge's options, with `bn_stats.*`.
+    A learned merge re-estimates on the images it learned on: its `bn_stats.split` / `batch_size` are unread."""
     if check_bn(hp.get("bn", "pretrained")) != "recompute":
         return None
     del hp["bn"]
-    d = {"split": "test", "batch_size": 16, "max_batches": None, **_plain(cfg.get("bn_stats"))}
-    unknown = sorted(set(d) - {"split", "batch_size", "max_batches"})
+    d = {**BN_STATS, **_plain(cfg.get("bn_stats"))}
+    unknown = sorted(set(d) - set(BN_STATS))
     if unknown:
         raise ValueError(f"bn_stats: unknown key(s) {unknown}; valid: split, batch_size, max_batches")
     if d["split"] not in ("val", "test"):
         raise ValueError(f"bn_stats.split must be 'val' or 'test' (its images, never its labels), got {d['split']!r}")
-    if int(d["batch_size"]) < 2:
-        raise ValueError(f"bn_stats.batch_size must be ≥ 2, got {d['batch_size']}")
+    check_int("bn_stats.batch_size", d["batch_size"], low=2)
+    if d["max_batches"] is not None:
+        check_int("bn_stats.max_batches", d["max_batches"], low=1, note=" or null (the whole split)")
+    unread = [k for k in ("split", "batch_size") if d[k] != BN_STATS[k]] if method in merging.LEARNED_METHODS else []
+    if unread:
+        raise ValueError(f"merge={method}: bn_stats.{unread[0]}={d[unread[0]]!r} is not read: a learned merge "
+                         "re-estimates its BN statistics on the images it learned on (merge.split, merge.batch_size "
+                         "per task per pass); remove it")
     return d
 
 

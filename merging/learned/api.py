@@ -286,7 +286,8 @@ def check_hparams(method: str, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any
 def learn(method: str, pretrained, finetuned, *, unlabeled: Mapping[str, Iterable] | None = None,
           labeled: Mapping[str, Iterable] | None = None, model: torch.nn.Module | None = None,
           tasks: list[str] | None = None, device: str | torch.device = "cpu", progress: bool = True,
-          callback: Callable | None = None, callback_every: int = 0, **kwargs: Any) -> LearnedMerge:
+          callback: Callable | None = None, callback_every: int = 0, bn_max_batches: int | None = None,
+          **kwargs: Any) -> LearnedMerge:
     """Learn a merge of `finetuned` into `pretrained` at test time; see docs/merging.md (Learned merging).
 
     `unlabeled`: {task: iterable of input batches} — required (aTLAS with `objective="supervised"`
@@ -297,7 +298,8 @@ def learn(method: str, pretrained, finetuned, *, unlabeled: Mapping[str, Iterabl
     options of `merging.merge` (`include`, `exclude`, `task_keys`, `bn`, ...). With `bn="recompute"`
     each step runs all tasks' batches in one pooled pass with the shared BatchNorm layers in train mode
     (batch statistics of the current merged weights, differentiated through; see `loop`), and the
-    result's statistics are re-estimated on one pass over every task's data (`merging.bn`).
+    result's statistics are re-estimated on one pass over every task's data (`merging.bn`), at most
+    `bn_max_batches` batches per task (None: all of them; read only with `bn="recompute"`).
     """
     hp, key_options = check_hparams(method, kwargs)
     if isinstance(callback_every, bool) or not isinstance(callback_every, numbers.Integral) or callback_every < 0:
@@ -308,6 +310,13 @@ def learn(method: str, pretrained, finetuned, *, unlabeled: Mapping[str, Iterabl
     if callback is not None and not callback_every:
         log.warning("callback given with callback_every=0: it is never called; set callback_every=N")
     recompute = check_bn(key_options.get("bn", "pretrained")) == "recompute"
+    if bn_max_batches is not None:
+        if isinstance(bn_max_batches, bool) or not isinstance(bn_max_batches, numbers.Integral) or bn_max_batches < 1:
+            raise ValueError(f"bn_max_batches must be an int ≥ 1 or None (every batch), got {bn_max_batches!r}")
+        if not recompute:  # nothing re-estimates statistics: the cap would be recorded and never applied
+            raise ValueError(f"bn_max_batches={bn_max_batches!r} is read only with bn='recompute' "
+                             f"(here bn={key_options.get('bn', 'pretrained')!r}); remove it or set bn='recompute'")
+        bn_max_batches = int(bn_max_batches)
     if recompute:  # θ0's statistics until they are re-estimated on data
         key_options["bn"] = "pretrained"
     supervised = hp.get("objective", "entropy") == "supervised"
@@ -334,11 +343,11 @@ def learn(method: str, pretrained, finetuned, *, unlabeled: Mapping[str, Iterabl
         with torch.random.fork_rng(devices=cuda):  # seeded for the run; the caller's generator state comes back
             torch.manual_seed(int(hp["seed"]))
             return _learn(method, problem, hp, pretrained, finetuned, key_options, unlabeled, labeled, supervised,
-                          progress, callback, callback_every, recompute)
+                          progress, callback, callback_every, recompute, bn_max_batches)
 
 
 def _learn(method, problem, hp, pretrained, finetuned, key_options, unlabeled, labeled, supervised, progress,
-           callback, callback_every, recompute) -> LearnedMerge:
+           callback, callback_every, recompute, bn_max_batches) -> LearnedMerge:
     obj_tasks, excluded, frozen_cols = _objective_tasks(problem, supervised)
     given = labeled if supervised else unlabeled
     if not isinstance(given, Mapping):
@@ -406,8 +415,9 @@ def _learn(method, problem, hp, pretrained, finetuned, key_options, unlabeled, l
     state = _full_state(pretrained, finetuned, merged, key_options)
     hparams = {**{k: v for k, v in hp.items() if k not in unread(hp)}, **_key_record(key_options, recompute)}
     if recompute:
-        stats = bn_statistics(problem.model, pooled_batches(given), params={**frozen, **merged}, task=obj_tasks[0],
-                              **objective.bn_options)
+        hparams["bn_max_batches"] = bn_max_batches
+        stats = bn_statistics(problem.model, pooled_batches(given, bn_max_batches), params={**frozen, **merged},
+                              task=obj_tasks[0], **objective.bn_options)
         state.update({k: v.to("cpu", state[k].dtype) for k, v in stats.items() if k in state})
     return LearnedMerge(method, state, coef, layout.groups, list(problem.vector_names), layout.granularity, hparams,
                         trace.steps, mask, probs, excluded)

@@ -19,8 +19,11 @@ steps and mask steps) is dropped at its
 default and refused when set to anything else; one that `learn_max_steps` leaves unread is dropped.
 
 With `+merge.bn=recompute`, the shared BatchNorm layers normalise with the statistics of each step's
-batches of all tasks pooled (the current merged weights'), and the final statistics are re-estimated
-on one pass over the split's images (`merging.learn(..., bn="recompute")`).
+batches of all tasks pooled (the current merged weights'), and the final statistics — and those of each
+`eval_every` validation model — are re-estimated on one pass over the images learned on (`merge.split`,
+`merge.batch_size` per task per pass; supervised aTLAS: the shots), at most `bn_stats.max_batches` per task
+(`merging.learn(..., bn="recompute", bn_max_batches=...)`). `bn_stats.split` and `bn_stats.batch_size` are not
+read: set to anything but their defaults they are refused.
 
 Outputs in the run folder: `coefficients/coefficients.safetensors` + `coefficients.json` (summary and
 per-step history), `coefficients.png` (λ heatmap layer × task, or block × task for aTLAS) and
@@ -41,6 +44,7 @@ import torch
 import merging
 from mtl.io import is_plain_json
 
+from ..bn import pooled_batches
 from ..evaluation import ImageBatches
 from ..job import CLI_METHODS, MergeJob, Selection
 from .api import KEY_OPTIONS, LEARNED_METHODS, check_hparams, unread, unread_message
@@ -178,23 +182,29 @@ def select_learned(method: str, job: MergeJob, hp: Mapping[str, Any]) -> Selecti
             if k in kw and kw.pop(k) != LEARNED_METHODS[method][k]:
                 log.warning("learn_max_steps=%s leaves merge.%s unread: it is not used or recorded", cap, k)
     names = job.evaluator.names
-    data: dict[str, Any] = {}
     supervised = kw.get("objective", "entropy") == "supervised"
-    if supervised:
-        tasks = job.evaluator.tasks
-        data["labeled"] = {t: LabeledShots(_split_dataset(job, t, "train"), tasks[t].target_key, int(opts["shots"]),
-                                           seed, opts["shots_batch"], getattr(tasks[t], "num_classes", None), t)
-                           for t in names}
-    else:
-        data["unlabeled"] = {t: ImageBatches(_split_dataset(job, t, opts["split"]), opts["batch_size"], seed + i, t)
-                             for i, t in enumerate(names)}
+
+    def learning_data() -> dict[str, Any]:  # new loaders, seeded: the same images each time
+        if supervised:
+            tasks = job.evaluator.tasks
+            return {"labeled": {t: LabeledShots(_split_dataset(job, t, "train"), tasks[t].target_key,
+                                                int(opts["shots"]), seed, opts["shots_batch"],
+                                                getattr(tasks[t], "num_classes", None), t) for t in names}}
+        return {"unlabeled": {t: ImageBatches(_split_dataset(job, t, opts["split"]), opts["batch_size"], seed + i, t)
+                              for i, t in enumerate(names)}}
+
+    data = learning_data()
+    bn_max = job.bn_data["max_batches"] if job.bn_data is not None else None
 
     def val_score(step: int, state: dict[str, torch.Tensor]) -> dict[str, float]:
-        full = _with_unlearned(res_keys, state)
-        return {"val_normalized": job.val_normalized(job.model(full))}
+        model = job.model(_with_unlearned(res_keys, state), recompute_bn=False)
+        if job.bn_data is not None:  # the statistics the result would get now: its images, not bn_stats.split's
+            batches = next(iter(learning_data().values()))  # not `data`'s loaders: a pass would move their seeds
+            merging.recompute_bn(model, pooled_batches(batches, bn_max), task=names[0])
+        return {"val_normalized": job.val_normalized(model)}
 
     if job.bn_data is not None:  # merge.bn=recompute: per step, and at the end on the learning images
-        kw["bn"] = "recompute"
+        kw.update(bn="recompute", bn_max_batches=bn_max)
     every = int(opts["eval_every"])  # no callback without a schedule: learn() would warn it is never called
     undefined = [f"{t}: {w}" for t in names if every > 0 and (w := job.evaluator.undefined(t, None, "val"))]
     if undefined:  # every point of the curve would be NaN: not worth a validation pass per point

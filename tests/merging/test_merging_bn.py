@@ -267,6 +267,27 @@ def test_learned_bn_pass_pools_the_batches_of_tasks_left_out_of_the_objective():
     torch.testing.assert_close(res.state_dict["bn.running_mean"], z.mean(0))
 
 
+def test_learned_bn_max_batches_caps_the_final_statistics_pass():
+    torch.manual_seed(1)
+    model = BN1d()
+    pre = {k: v.clone() for k, v in model.state_dict().items()}
+    fts = [{**pre, "enc.weight": pre["enc.weight"] + torch.randn(3, 4) * 0.5} for _ in range(2)]
+    data = {"a": [torch.randn(6, 4), torch.randn(6, 4) - 3.0], "r": [torch.randn(5, 4) + 5.0, torch.randn(5, 4)]}
+    res = merging.learn("adamerging", pre, fts, unlabeled=data, model=model, tasks=["a", "r"], granularity="task",
+                        steps=1, bn="recompute", bn_max_batches=1, progress=False)
+    w = pre["enc.weight"] + sum(float(c) * (ft["enc.weight"] - pre["enc.weight"]) for c, ft in zip(res.coefficients, fts))
+    z = F.linear(torch.cat([data["a"][0], data["r"][0]]), w, pre["enc.bias"])  # each task's first batch only
+    torch.testing.assert_close(res.state_dict["bn.running_mean"], z.mean(0))
+    torch.testing.assert_close(res.state_dict["bn.running_var"], z.var(0))  # unbiased, as BN stores it
+    assert int(res.state_dict["bn.num_batches_tracked"]) == 1 and res.hparams["bn_max_batches"] == 1
+    for bad, match in ((0, r"bn_max_batches must be an int ≥ 1 or None \(every batch\), got 0"),
+                       (True, "bn_max_batches must be an int ≥ 1"),
+                       (2, "bn_max_batches=2 is read only with bn='recompute' \\(here bn='pretrained'\\)")):
+        with pytest.raises(ValueError, match=match):
+            merging.learn("adamerging", pre, fts, unlabeled=data, model=model, tasks=["a", "r"], steps=0,
+                          bn_max_batches=bad, **({} if bad == 2 else {"bn": "recompute"}), progress=False)
+
+
 def test_learned_merge_recomputes_at_the_end_and_leaves_the_model_alone():
     torch.manual_seed(4)
     model = ConvBN()
