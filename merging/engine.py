@@ -284,12 +284,14 @@ def produce(method, ctx: Context, fused: Callable[[str], object] | None = None) 
         yield key, out
 
 
-def check_merged_variance(key: str, out: torch.Tensor) -> None:
+def check_merged_variance(key: str, out: torch.Tensor, model: str = "") -> None:
     """bn="merge" merges BN variances like any float; θ0 + Σ λ τ can then fall below zero, and a
-    negative variance makes BatchNorm return NaN (the square root of a negative number)."""
+    negative variance makes BatchNorm return NaN (the square root of a negative number). `model` names
+    the merged model `out` belongs to where a merge makes several (TALL's task models)."""
     low = float(out.min()) if out.numel() else 0.0
     if low < 0:
         raise MergeInputError(
-            f"bn='merge' gives the BatchNorm variance {key!r} negative entries (down to {low:.3g}), which "
+            f"bn='merge' gives the BatchNorm variance {key!r}{' ' + model if model else ''} negative entries "
+            f"(down to {low:.3g}), which "
             "BatchNorm turns into NaN outputs: use bn='average' or 'pretrained', re-estimate the statistics "
             "(bn='recompute' / merging.recompute_bn), or lower the merge coefficients")

@@ -239,7 +239,7 @@ def write_tall_store(
             for key in ctx.iter_keys(plan.order):
                 if plan.kind[key] == "merge":
                     pre, mtv_t, ms = kernel.tensor(ctx, key)
-                    check_merged(ctx, key, pre, mtv_t)
+                    check_merged(ctx, key, pre, mtv_t, ms, tasks)
                     yield f"theta0/{key}", ctx.raw_pre(key)
                     yield f"tau/{key}", mtv_t
                     for t, m in enumerate(ms):

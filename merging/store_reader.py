@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from .keys import BN_RULES
+from .engine import check_merged_variance
+from .keys import BN_RULES, is_bn_variance
 from .safetensors_source import SafetensorsSource
 from .state_source import MergeInputError, TensorInfo
 from .storage import UNSEALED, FORMAT_VERSION, STORE_FILE, packed_info, unpack_mask
@@ -159,6 +160,8 @@ class TallStore:
                 tau = self.src.get(f"tau/{k}")
                 pre = self.src.get(f"theta0/{k}")
                 out[k] = reconstruct_tensor(pre.to(tau.dtype), tau, self.mask(t, k), pre.dtype)
+                if is_bn_variance(k):  # a store written before the writer refused it
+                    check_merged_variance(k, out[k], f"of the TALL model of task {self.tasks[t]!r} in {self.path}")
             else:
                 out[k] = self.src.get(f"kept/{k}").clone()
         if include_task_keys:
@@ -173,6 +176,8 @@ class TallStore:
             if k in self._merged:
                 tau, pre = self.src.get(f"tau/{k}"), self.src.get(f"theta0/{k}")
                 out[k] = torch.add(pre.to(tau.dtype), tau).to(pre.dtype)
+                if is_bn_variance(k):
+                    check_merged_variance(k, out[k], f"of the multi-task model θ0 + τ_MTL in {self.path}")
             else:
                 out[k] = self.src.get(f"kept/{k}").clone()
         return out

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from .engine import Context, KeyOptions, open_context, torch_threads
+from .engine import Context, KeyOptions, check_merged_variance, open_context, torch_threads
+from .keys import is_bn_variance
 from .consensus import check_tall_lam, make_mtv_method, per_task_lams, tall_mask_tensors, usage_count
 from .methods import SELECTS
 
@@ -184,7 +185,7 @@ def _tall_in_memory(ctx: Context, kernel: TallKernel, select: str, mtv: str, bn:
             kept[key] = _copied(ctx, key)
             continue
         p, mtv_t, ms = kernel.tensor(ctx, key)
-        check_merged(ctx, key, p, mtv_t)
+        check_merged(ctx, key, p, mtv_t, ms, tasks)
         # θ0 in its own dtype is the input's tensor (or a file view): keep a copy, never an alias.
         pre[key] = p.clone() if plan.compute[key] == plan.infos[key].dtype else p
         tau[key] = mtv_t.clone()
@@ -197,11 +198,25 @@ def _tall_in_memory(ctx: Context, kernel: TallKernel, select: str, mtv: str, bn:
     return result
 
 
-def check_merged(ctx: Context, key: str, pre: torch.Tensor, tau: torch.Tensor) -> None:
+def check_merged(ctx: Context, key: str, pre: torch.Tensor, tau: torch.Tensor, masks: Sequence[torch.Tensor],
+                 tasks: Sequence[str]) -> None:
     """θ0 + τ_MTL in the model's dtype must be finite (an overflow is an error, not a silent Inf): every
-    task model θ0 + m_t ∘ τ_MTL takes each entry from it or from θ0."""
+    task model θ0 + m_t ∘ τ_MTL takes each entry from it or from θ0. A BN variance (merged under
+    bn="merge") must also stay >= 0 in each of them (`check_tall_variance`)."""
+    dtype = ctx.plan.infos[key].dtype
     if ctx.check_finite:
-        ctx.check_output(key, torch.add(pre, tau).to(ctx.plan.infos[key].dtype))
+        ctx.check_output(key, torch.add(pre, tau).to(dtype))
+    if is_bn_variance(key):
+        check_tall_variance(key, pre, tau, masks, tasks, dtype)
+
+
+def check_tall_variance(key: str, pre: torch.Tensor, tau: torch.Tensor, masks: Sequence[torch.Tensor],
+                        tasks: Sequence[str], dtype: torch.dtype) -> None:
+    """A merged BN variance below zero turns BatchNorm's outputs into NaN: refused in every task model
+    θ0 + m_t ∘ τ_MTL and in θ0 + τ_MTL (the multi-task model `mtl-merge` writes), as `merging.merge` refuses it."""
+    for name, m in zip(tasks, masks):
+        check_merged_variance(key, reconstruct_tensor(pre, tau, m, dtype), f"of the TALL model of task {name!r}")
+    check_merged_variance(key, torch.add(pre, tau).to(dtype), "of the multi-task model θ0 + τ_MTL")
 
 
 def _copied(ctx: Context, key: str) -> torch.Tensor:

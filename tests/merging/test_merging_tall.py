@@ -207,3 +207,51 @@ def test_the_docs_store_snippet_runs_on_in_memory_models(tmp_path, monkeypatch):
     assert all(torch.equal(digits[k], expect[k]) for k in expect)  # the shared weights: TALL model 1
     own = set(digits) - set(expect)  # and the second fine-tune's own head
     assert own and all(torch.equal(digits[k], fts[1][k]) for k in own)
+
+
+def _bn_models(task_vars):
+    """θ0 with BN variance 1 and one fine-tune per entry of `task_vars` (its variance, a constant)."""
+    pre = {"bn.running_var": torch.ones(4), "w": torch.ones(4)}
+    fts = [{"bn.running_var": torch.full((4,), v), "w": torch.full((4,), 2.0)} for v in task_vars]
+    return pre, fts
+
+
+def test_bn_merge_refuses_a_negative_variance_in_a_tall_task_model(tmp_path):
+    # τ_MTL = 2·(0.1 − 1) = −1.8; task0 keeps it (0.9 > 0.5·0.9): θ0 + m_0∘τ_MTL = −0.8 → NaN in BatchNorm.
+    # task2 (τ = 0) is in no mask: its model keeps 1, so only the task models that take τ_MTL are at fault.
+    pre, fts = _bn_models([0.1, 0.1, 1.0])
+    neg = r"variance 'bn.running_var' of the TALL model of task 'task0' negative entries \(down to -0.8\)"
+    with pytest.raises(merging.MergeInputError, match=neg):
+        merging.tall_masks(pre, fts, lam=0.5, bn="merge")
+    out = tmp_path / "store"
+    with pytest.raises(merging.MergeInputError, match=neg):
+        merging.write_tall_store(pre, fts, out, lam=0.5, bn="merge")
+    assert not out.exists()  # no half-written store
+    assert torch.equal(pre["bn.running_var"], torch.ones(4))  # inputs untouched
+    ok = merging.tall_masks(pre, fts, lam=0.5)  # bn="pretrained": θ0's statistics
+    assert torch.equal(ok.reconstruct(0)["bn.running_var"], torch.ones(4))
+
+
+def test_bn_merge_refuses_a_negative_variance_in_the_tall_multi_task_model():
+    # τ_t = −0.6 each: at λ = 1 no mask keeps it (0.6 > 1·0.6 is false), so every task model keeps 1,
+    # but θ0 + τ_MTL (the model mtl-merge writes) is 1 − 1.2 = −0.2
+    pre, fts = _bn_models([0.4, 0.4])
+    with pytest.raises(merging.MergeInputError, match=r"of the multi-task model θ0 \+ τ_MTL negative.*-0.2"):
+        merging.tall_masks(pre, fts, lam=1.0, bn="merge")
+    tall = merging.tall_masks(pre, _bn_models([0.7, 0.7])[1], lam=0.5, bn="merge")  # 1 − 0.6 = 0.4: fine
+    torch.testing.assert_close(tall.reconstruct(0)["bn.running_var"], torch.full((4,), 0.4))
+
+
+def test_a_store_written_without_the_variance_check_is_refused_when_read(tmp_path, monkeypatch):
+    import merging.tall as tall_mod
+
+    pre, fts = _bn_models([0.1, 0.1, 1.0])
+    monkeypatch.setattr(tall_mod, "check_tall_variance", lambda *a, **k: None)  # as older mtlkit wrote it
+    store = merging.write_tall_store(pre, fts, tmp_path / "store", lam=0.5, bn="merge")
+    monkeypatch.undo()
+    with merging.open_store(store) as st:
+        with pytest.raises(merging.MergeInputError, match=r"of the TALL model of task 'task0' in .*down to -0.8"):
+            st.task_model(0)
+        assert torch.equal(st.task_model(2)["bn.running_var"], torch.ones(4))  # in no mask: θ0's
+        with pytest.raises(merging.MergeInputError, match=r"multi-task model .*down to -0.8"):
+            st.merged()
