@@ -53,7 +53,7 @@ def build_tasks(cfg: DictConfig, info: dict[str, Any] | None = None, default_cla
         kw.setdefault("name", key)
         if kw.get("kind") in ("classification", "semseg"):
             kw["num_classes"] = _num_classes(key, kw, info, default_classes)
-        task = create_task(**kw)
+        task = create_task(**kw, where=f"task.{key}")  # the key, not kw["name"] (task.zoo's name is the dataset's)
         mark = info.get(f"{kw['kind']}_ignore_index")
         if mark is not None and task.ignore_index != mark:  # else the first loss fails on every unlabelled pixel
             raise ValueError(f"task.{key}.ignore_index={task.ignore_index} but this data marks unlabelled pixels "

@@ -21,6 +21,9 @@ def _refused_without_folder(console, capfd, cli, *args):
     ((*TRAIN, "+data.batch_sise=4"), "unknown setting data.batch_sise (did you mean data.batch_size?)"),
     # a depth task takes metrics, name, weight, target_key
     ((*TRAIN, "+task.depth.wieght=2"), "unknown setting task.depth.wieght (did you mean task.depth.weight?)"),
+    # named by its config key: task.zoo's name is the dataset's (${data.dataset}), here "pretrain"
+    (("mtl.cli.train", "experiment=zoo_cnn_pretrain", "debug=smoke", "+task.zoo.lable_smoothing=0.1"),
+     "unknown setting task.zoo.lable_smoothing (did you mean task.zoo.label_smoothing?)"),
     ((*TRAIN, "task.depth.weight=null"), "task 'depth': weight must be a finite number >= 0, got None"),
     # task_arithmetic's only hyperparameter is its λ
     (("merging.cli", "debug=smoke", "+merge.lamm=0.5"), "task_arithmetic: unknown hyperparameter(s) lamm "

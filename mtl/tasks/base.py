@@ -79,16 +79,18 @@ class Task(abc.ABC):
         return f"{type(self).__name__}(name={self.name!r}, weight={self.weight})"
 
 
-def create_task(kind: str, **kwargs: Any) -> Task:
+def create_task(kind: str, *, where: str | None = None, **kwargs: Any) -> Task:
     """Build a task from its registry name, e.g. ``create_task("depth", weight=2.0)``.
 
-    ``create_task(**task.to_config())`` rebuilds an equivalent task.
+    ``create_task(**task.to_config())`` rebuilds an equivalent task. `where`: the config node the settings
+    came from (``task.<key>``; a task's `name` may differ from its key), named by an unknown-setting error;
+    default ``task.<name>``.
     """
     cls = TASKS.get(kind)
     params = list(inspect.signature(cls).parameters)
     unknown = [k for k in kwargs if k not in params]
     if unknown:  # named as the config key it came from, with the option it most likely meant
-        raise TypeError(unknown_settings(f"task.{kwargs.get('name') or kind}", unknown, params))
+        raise TypeError(unknown_settings(where or f"task.{kwargs.get('name') or kind}", unknown, params))
     return cls(**kwargs)
 
 
