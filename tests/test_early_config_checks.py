@@ -76,6 +76,11 @@ def test_an_added_key_under_a_new_top_level_name_is_refused(console, capfd, args
     (("mtl.cli.export", "task=null"), "task=null: no setting task (did you mean tasks?)"),
     (("mtl.cli.extract", "task=null"), "task=null: no setting task (did you mean tasks?)"),
     (("merging.cli", "~eval"), "~eval: this run needs its eval group; pick one of: none, tasks"),
+    # mtl-prune's data is its own setting (data: null), a group only in the shared configs: was "no setting data
+    # (did you mean data?)"; Hydra would read data=null as a group choice and refuse it naming nothing
+    (("pruning.cli", "debug=smoke", "data=null"), "data=null: data is a setting here, not a config group, and null "
+                                                  "is its default: leave data= out"),
+    (("pruning.cli", "debug=smoke", "~data"), "~data: data is a setting here, and null is its default: leave ~data out"),
 ])
 def test_removing_what_the_run_needs_is_refused_naming_it(console, capfd, args, expected):
     assert _refused_without_folder(console, capfd, *args).startswith(expected)

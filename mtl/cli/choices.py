@@ -70,6 +70,8 @@ def check_removals(overrides: Sequence[str], app_module: str, groups: dict[str, 
                 node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
             if isinstance(node, dict):
                 return f"{arg}: {path} cannot be removed (the run reads it); set its keys instead ({path}.<key>=...)"
+            if node is None and path in groups:  # mtl-prune's data: `data=null` would be read as a group choice
+                return f"{arg}: {path} is a setting here, and null is its default: leave {arg} out"
             if node is not _MISSING:
                 value = "null" if node is None else str(node).lower() if isinstance(node, bool) else node
                 return f"{arg}: {path} cannot be removed (the run reads it); set it instead, e.g. {path}={value}"
@@ -77,10 +79,14 @@ def check_removals(overrides: Sequence[str], app_module: str, groups: dict[str, 
                 return f"{arg}: this run needs its {path} group; pick one of: {', '.join(sorted(groups.get(path, ())))}"
         elif eq and value.strip() == "null" and key.strip() in groups:
             group = key.strip()
+            if group in settings and group not in defaults:  # the tool's own setting, a group elsewhere (mtl-prune's data)
+                if settings[group] is None:
+                    return f"{arg}: {group} is a setting here, not a config group, and null is its default: leave {group}= out"
+                return f"{arg}: {group} is a setting here, not a config group, and cannot be removed (the run reads it)"
             if group not in defaults:  # a group of the shared configs this tool does not use (mtl-merge's task)
                 from mtl.registry import closest
 
-                near = closest(group, sorted(app_settings(app_module)))
+                near = closest(group, sorted(app_settings(app_module) - {group}))
                 return f"{arg}: no setting {group}" + (f" (did you mean {near}?)" if near else "")
             optional = defaults[group] is None
             how = f"leave {group}= out for none" if optional else f"{group} cannot be removed"
