@@ -87,11 +87,21 @@ def test_removing_what_the_run_needs_is_refused_naming_it(console, capfd, args, 
 
 
 def test_removing_what_the_app_config_does_not_set_stays_allowed():
-    """A key an experiment adds (the sandwich's cikd_level) or a callback may go; an optional group may be dropped."""
+    """A key an experiment adds (the sandwich's cikd_level) or a callback may go; an optional group may be dropped,
+    and so may the groups training reads with cfg.get and runs without (logger, callbacks)."""
     from mtl.cli.common import check_group_choices
 
     assert check_group_choices(["experiment=scenes_slimmable", "~strategy.cikd_level", "~callbacks.progress_bar",
                                 "~launcher"], ("mtl.configs",)) is None
+    assert check_group_choices(["~logger", "~callbacks"], ("mtl.configs",)) is None
+
+
+@pytest.mark.slow
+def test_a_run_without_logger_and_callbacks_trains(tmp_path):
+    from mtl.train import run
+
+    run(["debug=smoke", "task=[depth]", "viz.num_samples=0", "~logger", "~callbacks"], run_dir=tmp_path / "r")
+    assert (tmp_path / "r" / "metrics.json").is_file()
 
 
 def test_an_in_process_run_refuses_a_removed_setting_too(tmp_path):

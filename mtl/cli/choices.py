@@ -19,6 +19,9 @@ CLOSED_NODES = ("", "baselines", "viz", "eval", "calib")
 #: closed nodes whose config lists every key the job reads: any added key there is refused, not only a near miss
 #: (mtl-merge's and mtl-prune's eval: `+eval.split=val` would be ignored)
 LISTED_NODES = ("eval",)
+#: config groups a job reads with ``cfg.get`` and runs without (mtl/train.py: no logger, no callbacks), so
+#: ``~logger`` / ``~callbacks`` are honoured rather than refused as a group the run needs
+OPTIONAL_GROUPS = ("logger", "callbacks")
 
 
 def check_overrides(cfg: Any, overrides: Sequence[str], config_modules: Sequence[str]) -> None:
@@ -75,7 +78,7 @@ def check_removals(overrides: Sequence[str], app_module: str, groups: dict[str, 
             if node is not _MISSING:
                 value = "null" if node is None else str(node).lower() if isinstance(node, bool) else node
                 return f"{arg}: {path} cannot be removed (the run reads it); set it instead, e.g. {path}={value}"
-            if defaults.get(path) is not None:
+            if defaults.get(path) is not None and path not in OPTIONAL_GROUPS:
                 return f"{arg}: this run needs its {path} group; pick one of: {', '.join(sorted(groups.get(path, ())))}"
         elif eq and value.strip() == "null" and key.strip() in groups:
             group = key.strip()
