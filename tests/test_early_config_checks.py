@@ -75,6 +75,9 @@ def test_an_added_key_under_a_new_top_level_name_is_refused(console, capfd, args
     (("pruning.cli", "task=null"), "task=null: no setting task"),
     (("mtl.cli.export", "task=null"), "task=null: no setting task (did you mean tasks?)"),
     (("mtl.cli.extract", "task=null"), "task=null: no setting task (did you mean tasks?)"),
+    # logger may go (~logger), but not as a group choice: Hydra refuses logger=null naming no group
+    ((*TRAIN, "logger=null"), "logger=null: a config group takes one of its options (~logger runs without one); "
+                              "logger options: csv,"),
     (("merging.cli", "~eval"), "~eval: this run needs its eval group; pick one of: none, tasks"),
     # mtl-prune's data is its own setting (data: null), a group only in the shared configs: was "no setting data
     # (did you mean data?)"; Hydra would read data=null as a group choice and refuse it naming nothing

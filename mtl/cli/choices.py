@@ -92,7 +92,8 @@ def check_removals(overrides: Sequence[str], app_module: str, groups: dict[str, 
                 near = closest(group, sorted(app_settings(app_module) - {group}))
                 return f"{arg}: no setting {group}" + (f" (did you mean {near}?)" if near else "")
             optional = defaults[group] is None
-            how = f"leave {group}= out for none" if optional else f"{group} cannot be removed"
+            how = f"leave {group}= out for none" if optional else f"~{group} runs without one" \
+                if group in OPTIONAL_GROUPS else f"{group} cannot be removed"
             return f"{arg}: a config group takes one of its options ({how}); {group} options: " \
                    f"{', '.join(sorted(groups[group]))}"
     return None
