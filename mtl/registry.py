@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Generic, Iterable, Iterator, TypeVar
+from typing import Callable, Generic, Iterable, Iterator, Mapping, TypeVar
 
 T = TypeVar("T")
 
@@ -70,10 +70,10 @@ def keyword_parameters(fn: Callable) -> dict:
     return params
 
 
-def check_kwargs(fn: Callable, kwargs: dict, what: str, given: tuple[str, ...] = ()) -> None:
+def check_kwargs(fn: Callable, kwargs: dict, what: str, given: tuple[str, ...] | Mapping[str, str] = ()) -> None:
     """Refuse an unknown keyword (unless ``fn`` takes ``**kwargs``) or one of the wrong scalar type before
     ``fn`` sees it, naming the field (``given``: parameters the caller fills itself, neither listed nor taken as
-    settings): a string where an ``int``/``float``/``bool`` is declared (``decoder.channels="16"``) would otherwise fail
+    settings; as ``{name: how it is set}``, such a setting is refused as set by mtlkit, saying how): a string where an ``int``/``float``/``bool`` is declared (``decoder.channels="16"``) would otherwise fail
     deep inside torch with a message about something else. Other annotations are not checked."""
     import inspect
 
@@ -84,6 +84,8 @@ def check_kwargs(fn: Callable, kwargs: dict, what: str, given: tuple[str, ...] =
     open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     for key, value in kwargs.items():
         p = None if key in given else params.get(key)
+        if key in given and key in params and isinstance(given, Mapping):  # a real argument, filled by the job
+            raise TypeError(f"{what}.{key} is set by mtlkit ({given[key]})")
         if p is None and not open_ended:  # named here, not as "__init__() got an unexpected keyword"
             settings = [n for n, q in params.items() if q.kind in (q.POSITIONAL_OR_KEYWORD, q.KEYWORD_ONLY)
                         and n not in ("self", "in_channels", "tasks", *given)]

@@ -91,7 +91,8 @@ def check_trainer(tr: DictConfig) -> None:
     """Trainer settings that would fail (or mislead) only once training starts, named now."""
     # the keys go to lightning.Trainer, whose "unexpected keyword" would come after the run folder is written
     check_kwargs(L.Trainer.__init__, OmegaConf.to_container(tr, resolve=True), "trainer",
-                 given=("callbacks", "logger", "default_root_dir"))  # the job passes these itself
+                 given={"callbacks": "use callbacks.<name>=...", "logger": "use logger=<name>",  # the job passes these
+                        "default_root_dir": "the run folder; use hydra.run.dir=..."})
     cuda = torch.cuda.is_available()
     if str(tr.get("accelerator")) in ("gpu", "cuda") and not cuda:
         raise RuntimeError(f"trainer.accelerator={tr.accelerator} needs a CUDA GPU and torch sees none; use trainer=cpu")

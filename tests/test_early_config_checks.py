@@ -17,6 +17,10 @@ def _refused_without_folder(console, capfd, cli, *args):
 @pytest.mark.parametrize("args, expected", [
     # Lightning's Trainer.__init__ has max_epochs, not max_epoch (was its "unexpected keyword" after a FAILED folder)
     ((*TRAIN, "+trainer.max_epoch=3"), "unknown setting trainer.max_epoch (did you mean trainer.max_epochs?)"),
+    # real Trainer arguments that the job fills itself (were "unknown setting", then "got multiple values")
+    ((*TRAIN, "+trainer.default_root_dir=/tmp/x"), "trainer.default_root_dir is set by mtlkit (the run folder; use "
+                                                   "hydra.run.dir=...)"),
+    ((*TRAIN, "+trainer.callbacks=[]"), "trainer.callbacks is set by mtlkit (use callbacks.<name>=...)"),
     # ScenesDataModule takes batch_size
     ((*TRAIN, "+data.batch_sise=4"), "unknown setting data.batch_sise (did you mean data.batch_size?)"),
     # a depth task takes metrics, name, weight, target_key
