@@ -131,8 +131,10 @@ def resolve_tasks(model: nn.Module, tasks: str | Sequence[str] | None) -> list[s
 
 
 def check_format_options(fmt: str, options: dict[str, Any]) -> Callable:
-    """The exporter of format ``fmt``, its ``options`` checked (names, with a did-you-mean, and scalar types)
-    without exporting: mtl-export refuses a bad ``format.<key>`` before its run folder exists."""
+    """The exporter of format ``fmt``, its ``options`` checked (names, with a did-you-mean, and scalar types; and
+    the values the settings alone decide, by the exporter's ``check_options`` if it has one, given every option
+    with its default filled in) without exporting: mtl-export refuses a bad ``format.<key>`` before its run folder
+    exists."""
     from mtl.registry import check_kwargs, meant
 
     fn = EXPORTERS.get(fmt)
@@ -142,6 +144,10 @@ def check_format_options(fmt: str, options: dict[str, Any]) -> Callable:
         raise TypeError(f"format={fmt} has no option(s) {bad}{meant(bad, allowed)}; its options: "
                         f"{', '.join(allowed) or '(none)'}")
     check_kwargs(fn, options, "format")  # errors name the CLI key: format.opset ...
+    check = getattr(fn, "check_options", None)
+    if check is not None:  # e.g. format.opset=17 with the dynamo exporter (it writes 18 and up)
+        params = inspect.signature(fn).parameters
+        check(**{k: options.get(k, params[k].default) for k in allowed})
     return fn
 
 

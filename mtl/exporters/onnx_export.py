@@ -49,11 +49,7 @@ def input_size_of(src: Source, size: Any) -> tuple[int, int]:
     """Input (H, W) used to trace and verify: given (an int: a square side, or [H, W]), else the training
     data's, else the backbone's ``img_size``; never a guess (the graph's size is fixed, a wrong one is unusable)."""
     if size is not None:
-        hw = image_hw(size)
-        if hw is None:
-            raise ValueError(f"format.input_size must be a positive int (pixels: the side of a square input), [H, W] "
-                             f"of positive ints, or null, got {size!r}")
-        return hw
+        return _given_size(size)
     recorded = trained_image_size(src)
     if recorded is not None:
         return recorded
@@ -63,6 +59,14 @@ def input_size_of(src: Source, size: Any) -> tuple[int, int]:
     raise ValueError(f"format.input_size: {where} records no training image size (meta.data.size) and the "
                      "backbone has no img_size; pass input_size=<pixels> (mtl.export) or format.input_size=<pixels> (mtl-export): "
                      "the graph's H and W are fixed")
+
+
+def _given_size(size: Any) -> tuple[int, int]:
+    hw = image_hw(size)
+    if hw is None:
+        raise ValueError(f"format.input_size must be a positive int (pixels: the side of a square input), [H, W] "
+                         f"of positive ints, or null, got {size!r}")
+    return hw
 
 
 def _warn_below_stride(model: nn.Module, size: tuple[int, int]) -> None:
@@ -106,13 +110,7 @@ def export_onnx(source: Source, out: Path, tasks: list[str], opset: int = DEFAUL
         import onnxruntime  # noqa: F401
     except ImportError as e:
         raise _missing_package(e.name or "onnxruntime") from None
-    if exporter not in ("dynamo", "torchscript"):
-        raise ValueError(f"format=onnx: exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
-    _check_opset(opset, exporter)
-    verify_batches = _check_batches(verify_batches)
-    for name, tol in (("atol", atol), ("rtol", rtol)):  # a negative tolerance fails every check, after the export
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < float("inf"):
-            raise ValueError(f"format.{name} must be a finite number ≥ 0, got {tol!r}")
+    verify_batches = check_onnx_options(opset, exporter, input_size, atol, rtol, verify_batches)
     size = input_size_of(source, input_size)
     _check_patch_size(source.model, size)
     _warn_below_stride(source.model, size)
@@ -159,6 +157,24 @@ def _fix_output_dims(path: Path, graph: TaskGraph, sample: torch.Tensor) -> None
                 changed = True
     if changed:
         onnx.save(proto, str(path))
+
+
+def check_onnx_options(opset: Any, exporter: Any, input_size: Any, atol: Any, rtol: Any, verify_batches: Any,
+                       **_: Any) -> list[int]:
+    """The option values the settings alone decide (the model aside), so that mtl-export refuses them before its
+    run folder exists (`mtl.exporters.api.check_format_options`); returns the verification batch sizes as a list."""
+    if exporter not in ("dynamo", "torchscript"):
+        raise ValueError(f"format=onnx: exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
+    _check_opset(opset, exporter)
+    for name, tol in (("atol", atol), ("rtol", rtol)):  # a negative tolerance fails every check, after the export
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < float("inf"):
+            raise ValueError(f"format.{name} must be a finite number ≥ 0, got {tol!r}")
+    if input_size is not None:
+        _given_size(input_size)
+    return _check_batches(verify_batches)
+
+
+export_onnx.check_options = check_onnx_options  # type: ignore[attr-defined]  # read by check_format_options
 
 
 def _check_batches(batches: Any) -> list[int]:
