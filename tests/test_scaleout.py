@@ -177,6 +177,25 @@ def test_a_trials_metrics_record_the_value_it_reports(tmp_path):
     assert value == metrics["val"]["depth"]["rmse"]
 
 
+@pytest.mark.parametrize("rank_env", [{"LOCAL_RANK": "1"}, {"RANK": "1", "LOCAL_RANK": "0"}])
+def test_only_rank_0_writes_a_trials_metrics(tmp_path, monkeypatch, rank_env):
+    """Under DDP every rank returns from train(); the others' record is partial (no model_stats) and must not
+    replace rank 0's metrics.json, though each rank still returns the value to its sweeper."""
+    import mtl.train
+    from mtl.cli.train import train_job
+
+    monkeypatch.setattr(mtl.train, "train", lambda cfg, run_dir: {"val": {"depth": {"rmse": 2.5}}})
+    for key in ("RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    cfg = OmegaConf.create({"optimized_metric": "val/depth/rmse"})
+    assert train_job(cfg, tmp_path) == 2.5 and (tmp_path / "metrics.json").is_file()  # rank 0 writes it
+    (tmp_path / "metrics.json").unlink()
+    for key, value in rank_env.items():
+        monkeypatch.setenv(key, value)
+    assert train_job(cfg, tmp_path) == 2.5
+    assert not (tmp_path / "metrics.json").exists()
+
+
 def test_optunas_database_storage_works_with_the_installed_sqlalchemy(tmp_path):
     # the sweeps extra pins sqlalchemy<2 / alembic<1.14: optuna 2.x (the newest Hydra's sweeper allows)
     # fails on SQLAlchemy 2 with a bare AssertionError when the study is created
@@ -341,10 +360,12 @@ def test_ddp_evaluation_counts_every_sample_once(tmp_path):
     from pruning.report import evaluate_all
 
     proc = cli(*SMOKE, "task=[depth,classification]", "trainer=ddp", "trainer.accelerator=cpu", "data.n_test=29",
-               cwd=tmp_path)
+               "optimized_metric=val/depth/rmse", cwd=tmp_path)  # (the objective is written by rank 0 only)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = Path(proc.stdout.strip().splitlines()[-1].split("run_dir: ")[1])
-    reported = json.loads((run / "metrics.json").read_text())["test"]
+    record = json.loads((run / "metrics.json").read_text())
+    assert "model_stats" in record and record["objective"]["value"] == record["val"]["depth"]["rmse"]
+    reported = record["test"]
     data = yaml.safe_load((run / "config.yaml").read_text())["data"]
     dm = create_datamodule(**data)
     again = evaluate_all(mtl.load_model(run / "model"), dm, split="test")

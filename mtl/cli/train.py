@@ -23,13 +23,16 @@ def _main(cfg: DictConfig) -> float | None:
 def train_job(cfg: DictConfig, run_dir) -> float | None:
     from pathlib import Path
 
+    from mtl.cli.common import _rank0
     from mtl.io import write_json
     from mtl.sweep import objective
     from mtl.train import train
 
     metrics = train(cfg, run_dir)
     value = objective(cfg, metrics)
-    if value is not None:  # each trial's value beside its metrics: the sweeper's summary keeps only the best
+    # each trial's value beside its metrics (the sweeper's summary keeps only the best); the run folder is rank 0's:
+    # DDP's other ranks return a partial record (no model_stats, delta_m) that must not replace rank 0's file
+    if value is not None and _rank0():
         metrics["objective"] = {"optimized_metric": str(cfg.optimized_metric), "value": value}
         write_json(Path(run_dir) / "metrics.json", metrics)
     return value
