@@ -185,7 +185,7 @@ def test_only_rank_0_writes_a_trials_metrics(tmp_path, monkeypatch, rank_env):
     from mtl.cli.train import train_job
 
     monkeypatch.setattr(mtl.train, "train", lambda cfg, run_dir: {"val": {"depth": {"rmse": 2.5}}})
-    for key in ("RANK", "LOCAL_RANK"):
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID"):
         monkeypatch.delenv(key, raising=False)
     cfg = OmegaConf.create({"optimized_metric": "val/depth/rmse"})
     assert train_job(cfg, tmp_path) == 2.5 and (tmp_path / "metrics.json").is_file()  # rank 0 writes it
@@ -194,6 +194,19 @@ def test_only_rank_0_writes_a_trials_metrics(tmp_path, monkeypatch, rank_env):
         monkeypatch.setenv(key, value)
     assert train_job(cfg, tmp_path) == 2.5
     assert not (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("env, rank0", [({}, True), ({"RANK": "0", "LOCAL_RANK": "0"}, True),
+                                         ({"LOCAL_RANK": "0", "NODE_RANK": "1"}, False),  # a 2nd node's first rank
+                                         ({"SLURM_PROCID": "2"}, False), ({"SLURM_PROCID": "0"}, True)])
+def test_rank_0_is_the_global_first_process(env, rank0, monkeypatch):
+    from mtl.cli.common import _rank0
+
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert _rank0() is rank0
 
 
 def test_optunas_database_storage_works_with_the_installed_sqlalchemy(tmp_path):

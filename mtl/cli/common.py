@@ -75,8 +75,14 @@ def verbose() -> bool:
     return os.environ.get("MTL_VERBOSE") == "1"
 
 
+#: the ranks a distributed launcher gives a process: torchrun's, Lightning's own DDP processes' (a second node's
+#: first process has LOCAL_RANK 0 but NODE_RANK 1), an srun task's
+_RANK_KEYS = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
+
+
 def _rank0() -> bool:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0
+    """This process is global rank 0 (or runs alone): the one that writes run folders and prints."""
+    return all(int(os.environ.get(key) or 0) == 0 for key in _RANK_KEYS)
 
 
 def finish(run_dir) -> None:
