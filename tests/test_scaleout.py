@@ -274,6 +274,46 @@ JOBLIB, OPTUNA = "launcher=joblib", "hparams_search=optuna"
 LOKY_ONLY = "would be ignored: Hydra's joblib launcher always runs its jobs in loky worker processes; leave "
 
 
+def test_a_study_whose_every_trial_failed_names_the_first_and_ends_with_its_folder(tmp_path, monkeypatch, capsys):
+    """Hydra's Optuna sweeper, told by a launcher that both trials failed (max_failure_rate=1.0 tolerates them),
+    ended in Optuna's bare "No trials are completed yet" without the sweep folder."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    from hydra.core.utils import JobReturn, JobStatus
+    from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl
+
+    from mtl.cli.common import JobFailed, cli_main
+
+    class FailingLauncher:
+        def launch(self, overrides, initial_job_idx):
+            return [JobReturn(status=JobStatus.FAILED, _return_value=JobFailed(
+                f"sweep job #{initial_job_idx + i} ({' '.join(o)}) failed: boom {initial_job_idx + i}", str(tmp_path)))
+                for i, o in enumerate(overrides)]
+
+    sweeper = OptunaSweeperImpl(sampler=None, direction="maximize", storage=None, study_name="s", n_trials=2, n_jobs=1,
+                                max_failure_rate=1.0, search_space=None, custom_search_space=None,
+                                params=OmegaConf.create({"optim.lr": "interval(0.1, 1)"}))
+    sweeper.config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    sweeper.launcher, sweeper.job_idx, sweeper.hydra_context = FailingLauncher(), 0, object()
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(lambda: sweeper.sweep([]), "mtl.configs", argv=["mtl-train"])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 1 and out.strip().splitlines()[-1:] == [f"run_dir: {tmp_path}"], (out, err)
+    assert err.strip().splitlines()[-1].startswith("error: every trial of the study failed (2); first: sweep job #0 (")
+    assert err.strip().endswith("failed: boom 0") and "No trials are completed yet" not in err
+
+
+@pytest.mark.slow
+def test_an_optuna_study_whose_every_trial_failed_ends_as_a_failed_multirun(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    proc = cli("-m", OPTUNA, *SMOKE, "hydra.sweeper.n_trials=2", "hydra.sweeper.max_failure_rate=1.0",
+               'hydra.sweeper.params={optim.lr: "interval(-2, -1)"}', cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stdout.strip().splitlines()[-1] == f"run_dir: {_sweep_dir(tmp_path)}"
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: every trial of the study failed (2); first: sweep job #0 (optim.lr=-")
+    assert "failed: optim.lr must be a finite number > 0" in last
+
+
 @pytest.mark.parametrize("args, message", [
     ([JOBLIB, "hydra.launcher.n_jobs=0"],
      "hydra.launcher.n_jobs=0 runs no job: set the number of worker processes (>= 1; -1: one per CPU)"),

@@ -258,7 +258,10 @@ def _cli_main(hydra_main: Callable[[], Any], *config_modules: str, argv: list[st
 
     try:
         with _without_hydra_job_error_line():
-            hydra_main()
+            try:
+                hydra_main()
+            except ValueError as e:
+                raise _every_trial_failed(e) or e
     except JobFailed as e:  # a multirun ran every job; the first failure is named, the sweep folder ends
         print(f"error: {e}", file=sys.stderr, flush=True)
         finish(e.args[1])
@@ -304,6 +307,7 @@ class _DropHydraJobError:
 
 @contextlib.contextmanager
 def _without_hydra_job_error_line() -> Iterator[None]:
+    FAILED_TRIALS.clear()  # (an earlier sweep's, in this process)
     if verbose():  # the full story was asked for
         yield
         return
@@ -320,10 +324,27 @@ def _without_hydra_job_error_line() -> Iterator[None]:
         sweeper_log.removeFilter(_drop_failed_trial_echo)
 
 
+#: the failed trials of the running Optuna study, in order (noted by `_drop_failed_trial_echo`)
+FAILED_TRIALS: list[JobFailed] = []
+
+
+def _every_trial_failed(exc: BaseException) -> JobFailed | None:
+    """A study whose every trial failed (``max_failure_rate`` tolerated each) ends in Optuna's bare "No trials are
+    completed yet": the first failed trial is named instead, and the sweep folder ends the output."""
+    if not FAILED_TRIALS or "No trials are completed yet" not in str(exc):
+        return None
+    first = FAILED_TRIALS[0]
+    return JobFailed(f"every trial of the study failed ({len(FAILED_TRIALS)}); first: {first}", first.args[1])
+
+
 def _drop_failed_trial_echo(record) -> bool:
     """Optuna's sweeper logs a study-ending failure as a repr of the exception list ("Failed
     [JobFailed(...)] times out of 1"), after mtlkit's own ``error:`` line names it. Its "Failed
-    experiment: ..." warning stays: for a failure ``max_failure_rate`` tolerates it is the only report."""
+    experiment: ..." warning stays: for a failure ``max_failure_rate`` tolerates it is the only report; it is
+    logged while the sweeper handles the trial's exception, which is noted in `FAILED_TRIALS`."""
+    failure = sys.exc_info()[1]
+    if str(record.msg).startswith("Failed experiment: ") and isinstance(failure, JobFailed):
+        FAILED_TRIALS.append(failure)
     return not (str(record.msg).startswith("Failed ") and "JobFailed(" in record.getMessage())
 
 
