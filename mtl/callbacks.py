@@ -100,13 +100,14 @@ class ModelCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
     def __init__(self, *args, first_epoch: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.first_epoch = int(first_epoch)
-        # checkpoint file -> {"epoch", "val": that epoch's validation metrics}; in the callback's state, so a
-        # resumed run still knows them for a best checkpoint written before the interruption
+        # checkpoint file -> {"epoch", "val": that epoch's validation metrics, "val_losses": its losses}; in the
+        # callback's state, so a resumed run still knows them for a best checkpoint written before the interruption
         self.saved: dict[str, dict] = {}
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
-        val = getattr(trainer.lightning_module, "val_history", {}).get(trainer.current_epoch)
-        self.saved[filepath] = {"epoch": trainer.current_epoch, "val": val}
+        module, epoch = trainer.lightning_module, trainer.current_epoch
+        self.saved[filepath] = {"epoch": epoch, "val": getattr(module, "val_history", {}).get(epoch),
+                                "val_losses": getattr(module, "val_loss_history", {}).get(epoch)}
         super()._save_checkpoint(trainer, filepath)
 
     def state_dict(self) -> dict:

@@ -15,6 +15,7 @@ from mtl.io import not_a_model
 from mtl.models import MultiTaskModel, create_model
 from mtl.models.families import last_shared_weight
 from mtl.registry import check_int, check_kwargs
+from mtl.sweep import loss_names
 from mtl.train_checks import changed_on_resume, resume_refusal
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,7 @@ class MultiTaskModule(L.LightningModule):
         self.scored: dict[str, int] = {}  # stage -> images its last evaluation scored (all processes)
         self._seen: dict[str, int] = {}
         self.val_history: dict[int, dict[str, dict[str, float]]] = {}  # epoch -> its validation metrics
+        self.val_loss_history: dict[int, dict[str, float]] = {}  # epoch -> its validation losses, as logged
         # a model family's extra per-step work (mtl.strategies), e.g. the sandwich rule of slimmable models
         self.strategy = None
         if strategy:
@@ -371,6 +373,10 @@ class MultiTaskModule(L.LightningModule):
         self.scored[stage] = seen
         if stage == "val" and trainer is not None and not trainer.sanity_checking:
             self.val_history[self.current_epoch] = result
+            # the epoch's logged losses: Lightning has reduced them (over batches and ranks) before this hook
+            logged = trainer.callback_metrics
+            self.val_loss_history[self.current_epoch] = {n: float(logged[n]) for n in loss_names(self.tasks)
+                                                         if n in logged}
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, self.val_metrics, "val")

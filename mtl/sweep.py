@@ -1,8 +1,8 @@
 """What a sweep optimises: ``optimized_metric`` read from a finished run's metrics.
 
-``val/<task>/<metric>`` is a validation metric exactly as logged; ``delta_m`` is Δm% of the
-validation metrics against ``baselines.path`` (the single-task runs' metrics). Hydra's Optuna
-sweeper reads the value the training job returns.
+``val/<task>/<metric>`` is a validation metric exactly as logged, ``val/loss`` and ``val/<task>/loss`` the
+validation losses (``metrics.json["val_losses"]``); ``delta_m`` is Δm% of the validation metrics against
+``baselines.path`` (the single-task runs' metrics). Hydra's Optuna sweeper reads the value the training job returns.
 """
 from __future__ import annotations
 
@@ -10,8 +10,21 @@ import math
 from typing import Any, Mapping
 
 
-def logged_names(metrics: Mapping[str, Any], split: str = "val") -> list[str]:
-    return [f"{split}/{t}/{m}" for t, values in (metrics.get(split) or {}).items() for m in values]
+def loss_names(tasks, split: str = "val") -> list[str]:
+    """The losses an evaluation logs (`mtl.module.MultiTaskModule`): the total and each task's (unweighted)."""
+    return [f"{split}/loss", *(f"{split}/{t}/loss" for t in tasks)]
+
+
+def logged_values(metrics: Mapping[str, Any], split: str = "val") -> dict[str, Any]:
+    """``{logged name: value}`` of a run's metrics record: ``<split>/<task>/<metric>``, then its losses."""
+    values = {f"{split}/{t}/{m}": v for t, group in (metrics.get(split) or {}).items() for m, v in group.items()}
+    return {**values, **(metrics.get(f"{split}_losses") or {})}
+
+
+def higher_is_better(name: str, directions: Mapping[str, Mapping[str, bool]]) -> bool:
+    """A logged value's direction: a loss is minimised, Δm maximised, a metric follows its task."""
+    parts = str(name).split("/")
+    return True if name == "delta_m" else False if parts[-1] == "loss" else bool(directions[parts[1]][parts[2]])
 
 
 def check_objective(cfg, metric_names: Mapping[str, Any], directions: Mapping[str, Mapping[str, bool]] | None = None,
@@ -21,7 +34,8 @@ def check_objective(cfg, metric_names: Mapping[str, Any], directions: Mapping[st
     (``sweeper``: Hydra's ``hydra.sweeper`` node; by default the running one) the metric must be set and
     the sweeper's ``direction`` must follow it (``directions``: {task: {metric: higher is better}}):
     maximising an rmse would report the worst trial as the best."""
-    objective(cfg, {"val": {t: {m: 0.0 for m in names} for t, names in metric_names.items()}}, check_only=True)
+    objective(cfg, {"val": {t: {m: 0.0 for m in names} for t, names in metric_names.items()},
+                    "val_losses": {n: 0.0 for n in loss_names(metric_names)}}, check_only=True)
     sweeper = _running_sweeper() if sweeper is None else sweeper
     if not sweeper or "direction" not in sweeper:
         return
@@ -31,8 +45,7 @@ def check_objective(cfg, metric_names: Mapping[str, Any], directions: Mapping[st
                          "(optimized_metric=null would train every trial and then fail)")
     if directions is None:
         return
-    parts = str(name).split("/")
-    higher = True if name == "delta_m" else bool(directions[parts[1]][parts[2]])  # Δm: higher is better
+    higher = higher_is_better(name, directions)
     want = "maximize" if higher else "minimize"
     given = sweeper["direction"]
     if isinstance(given, (list, tuple)) or type(given).__name__ == "ListConfig":
@@ -65,7 +78,7 @@ def check_monitors(cfg, metric_names: Mapping[str, Any], directions: Mapping[str
     against the direction (``monitor=val/semseg/miou mode=min`` keeps the worst epoch) is refused."""
     from omegaconf import open_dict
 
-    logged = ["val/loss", *(f"val/{t}/{m}" for t, names in metric_names.items() for m in ["loss", *names])]
+    logged = [*loss_names(metric_names), *(f"val/{t}/{m}" for t, names in metric_names.items() for m in names)]
     for name, cb in (cfg.get("callbacks") or {}).items():
         monitor = cb.get("monitor") if hasattr(cb, "get") else None
         if not monitor:
@@ -83,8 +96,7 @@ def check_monitors(cfg, metric_names: Mapping[str, Any], directions: Mapping[str
             raise KeyError(f"callbacks.{name}.monitor={monitor!r} is not logged; logged: {', '.join(logged)}")
         if directions is None:
             continue
-        parts = str(monitor).split("/")
-        higher = False if parts[-1] == "loss" else bool(directions[parts[1]][parts[2]])
+        higher = higher_is_better(monitor, directions)
         want = "max" if higher else "min"
         mode = cb.get("mode")
         if mode is None:
@@ -113,11 +125,10 @@ def objective(cfg, metrics: Mapping[str, Any], check_only: bool = False) -> floa
         tasks = {t.name: t for t in build_tasks(cfg, None, default_classes=2)}
         return float(delta_m(metrics["val"], load_baselines(cfg.baselines.path), tasks,
                              variant=cfg.baselines.get("variant", "primary")))
-    parts = str(name).split("/")
-    if len(parts) == 3 and parts[0] == "val":
-        value = (metrics.get("val") or {}).get(parts[1], {}).get(parts[2])
-        if value is not None:
-            if not check_only and not math.isfinite(float(value)):  # an optimiser told NaN stops the whole study
-                raise ValueError(f"optimized_metric {name} is {float(value)} (the trial diverged); this trial fails")
-            return float(value)
-    raise KeyError(f"optimized_metric={name!r} is not logged; logged: {', '.join(logged_names(metrics)) or '(none)'}, or delta_m")
+    logged = logged_values(metrics)
+    value = logged.get(str(name))
+    if value is not None:
+        if not check_only and not math.isfinite(float(value)):  # an optimiser told NaN stops the whole study
+            raise ValueError(f"optimized_metric {name} is {float(value)} (the trial diverged); this trial fails")
+        return float(value)
+    raise KeyError(f"optimized_metric={name!r} is not logged; logged: {', '.join(logged) or '(none)'}, or delta_m")

@@ -282,6 +282,9 @@ def _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, basel
     metrics: dict[str, Any] = {
         "test": module.results.get("test", {}),
         "val": val if val is not None else module.results.get("val", {}),
+        # val/loss and val/<task>/loss of that epoch (a sweep may optimise them too)
+        "val_losses": (entry.get("val_losses") if val is not None else
+                       module.val_loss_history.get(max(module.val_history, default=None))) or {},
         "val_epoch": entry["epoch"] if val is not None else "last",
         # a partial split (trainer.limit_*_batches) is recognisable, e.g. in a baselines run
         "scored_samples": {split: module.scored.get(split, 0) for split in ("val", "test")},

@@ -32,6 +32,23 @@ def test_objective_reads_the_named_validation_metric():
         objective(OmegaConf.create({"optimized_metric": "delta_m", "baselines": {"path": None}}), METRICS)
 
 
+def test_objective_reads_the_logged_validation_losses():
+    """val/loss and val/<task>/loss are logged (val/loss is the default checkpoint monitor), so a sweep may optimise
+    them; they are lower-is-better."""
+    from mtl.sweep import check_objective
+
+    record = {**METRICS, "val_losses": {"val/loss": 3.5, "val/depth/loss": 1.25}}
+    for name, value in (("val/loss", 3.5), ("val/depth/loss", 1.25)):
+        assert objective(OmegaConf.create({"optimized_metric": name}), record) == value
+        cfg = OmegaConf.create({"optimized_metric": name})
+        check_objective(cfg, NAMES, DIRS, sweeper={"direction": "minimize"})
+        with pytest.raises(ValueError, match=f"{name} is lower-is-better; set hydra.sweeper.direction=minimize"):
+            check_objective(cfg, NAMES, DIRS, sweeper={"direction": "maximize"})
+    with pytest.raises(KeyError, match=r"'val/normals/loss' is not logged; logged: .*val/semseg/miou, val/loss, "
+                                       r"val/depth/loss, val/semseg/loss, or delta_m"):
+        check_objective(OmegaConf.create({"optimized_metric": "val/normals/loss"}), NAMES, DIRS, sweeper={})
+
+
 def test_a_diverged_trial_fails_instead_of_telling_nan():
     """Optuna told NaN stops the whole study with an unreadable error; a failed trial is what it is."""
     nan = {"val": {"depth": {"rmse": float("nan")}}}
@@ -207,6 +224,25 @@ def test_rank_0_is_the_global_first_process(env, rank0, monkeypatch):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert _rank0() is rank0
+
+
+def test_a_validation_loss_objective_is_the_best_epochs_logged_loss(tmp_path):
+    """optimized_metric=val/depth/loss is the value logged for the epoch the best checkpoint holds (the default
+    monitor, val/loss, min), as a metric objective is."""
+    import csv
+
+    from mtl.cli.train import train_job
+
+    cfg, run_dir = compose_in_process("mtl.configs", "train", [*SMOKE, "task=[depth,semseg]", "logger=csv",
+                                                               "trainer.max_epochs=2", "optimized_metric=val/depth/loss"],
+                                      run_dir=tmp_path / "t")
+    value = train_job(cfg, run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    rows = [r for r in csv.DictReader((run_dir / "csv" / "metrics.csv").open()) if r.get("val/loss")]
+    best = min(rows, key=lambda r: float(r["val/loss"]))
+    assert len(rows) == 2 and int(best["epoch"]) == metrics["val_epoch"]
+    assert value == pytest.approx(float(best["val/depth/loss"]), rel=1e-6)
+    assert metrics["val_losses"]["val/loss"] == pytest.approx(float(best["val/loss"]), rel=1e-6)
 
 
 def test_optunas_database_storage_works_with_the_installed_sqlalchemy(tmp_path):
