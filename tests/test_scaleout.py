@@ -274,7 +274,39 @@ def test_optuna_sweep_with_an_unlogged_metric_fails_naming_the_logged_ones(tmp_p
     proc = cli("-m", "hparams_search=optuna", *SMOKE, "task=[depth]", "optimized_metric=val/depth/miou",
                "hydra.sweeper.n_trials=1", cwd=tmp_path)
     assert proc.returncode == 1
-    assert "'val/depth/miou' is not logged; logged: val/depth/rmse, val/depth/abs_rel" in proc.stderr
+    # refused at the sweep's start, once: no trial built its data and model, no sweep folder is left
+    assert [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")] == [
+        "error: optimized_metric='val/depth/miou' is not logged; logged: val/depth/rmse, val/depth/abs_rel, val/loss, "
+        "val/depth/loss, or delta_m"]
+    assert "Launching" not in proc.stderr + proc.stdout and not list(tmp_path.glob("outputs/*/multiruns/*"))
+
+
+@pytest.mark.parametrize("overrides, swept, message", [
+    (["task=[depth]", "optimized_metric=val/depht/rmse", "hydra.sweeper.direction=minimize"], [],
+     "optimized_metric='val/depht/rmse' is not logged; logged: val/depth/rmse, val/depth/abs_rel, val/loss, "
+     "val/depth/loss, or delta_m"),
+    (["task=[depth]", "optimized_metric=val/depth/rmse"], [],
+     "hydra.sweeper.direction=maximize would keep the worst trial: val/depth/rmse is lower-is-better; "
+     "set hydra.sweeper.direction=minimize"),
+    (["task=[depth]", "optimized_metric=val/depth/rmse", "hydra.sweeper.direction=minimize"], [], None),
+    (["task=[semseg]", "optimized_metric=val/depth/rmse"], ["task=depth,semseg"], None),  # each job's own tasks
+    (["task=[depth]", "optimized_metric=val/depth/rmse"], ["hydra.sweeper.direction=minimize,maximize"], None),
+])
+def test_the_optimized_metric_is_checked_at_the_sweeps_start(overrides, swept, message):
+    """A typo in optimized_metric, or a direction against it, failed in every trial after its data and model were
+    built (a FAILED trial folder, the error twice); the tasks' metric names and directions need no data."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    from hydra import compose, initialize_config_module
+    from omegaconf import open_dict
+
+    from mtl.cli.sweep_checks import sweep_problem
+
+    with initialize_config_module(config_module="mtl.configs", version_base="1.3"):
+        config = compose(config_name="train", overrides=["hparams_search=optuna", *SMOKE, *overrides],
+                         return_hydra_config=True)
+    with open_dict(config):
+        config.hydra.overrides.task = [*overrides, *swept]
+    assert sweep_problem(config) == message
 
 
 @pytest.mark.slow

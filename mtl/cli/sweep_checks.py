@@ -73,7 +73,37 @@ def sweep_problem(config: DictConfig) -> str | None:
     if problem is None and kind != "SlurmLauncher" and config.get("trainer") is not None \
             and runs_local_ddp(config.trainer) and not swept_process_keys(config):
         problem = LOCAL_DDP_IN_MULTIRUN
-    return problem
+    return problem or objective_problem(config)
+
+
+#: what decides which values a training sweep's jobs log and which one they optimise, in which direction
+OBJECTIVE_KEYS = ("task", "experiment", "hparams_search", "optimized_metric", "baselines", "hydra.sweeper.direction")
+
+
+def objective_problem(config: DictConfig) -> str | None:
+    """The refusal of ``optimized_metric`` (a name the tasks do not log, a direction against it: `mtl.sweep.check_objective`)
+    at a training sweep's start, from its tasks as configured (their metric names and directions need no data), instead
+    of in every trial after its data and model are built. Left to the jobs where the sweep varies any of OBJECTIVE_KEYS
+    (the sweep's config does not hold the swept values) or the tasks cannot be built without the data."""
+    if "optimized_metric" not in config or not config.get("task"):
+        return None
+    if any(k == key or k.startswith((f"{key}.", f"{key}/")) for k in _swept(config) for key in OBJECTIVE_KEYS):
+        return None
+    from mtl.sweep import check_objective
+    from mtl.train import build_tasks
+
+    try:
+        tasks = build_tasks(config, default_classes=2)  # (a class count changes no metric name)
+    except Exception:  # noqa: BLE001  (each job names it, with the data it needs)
+        return None
+    try:
+        check_objective(config, {t.name: list(t.metrics()) for t in tasks},
+                        {t.name: dict(t.directions) for t in tasks}, sweeper=config.hydra.get("sweeper") or {})
+    except (KeyError, ValueError) as e:
+        from mtl.cli.common import one_line
+
+        return one_line(e)
+    return None
 
 
 #: the trainer keys that decide how many processes a job starts
@@ -84,12 +114,17 @@ def swept_process_keys(config: DictConfig) -> list[str]:
     """The PROCESS_KEYS a multirun varies (a sweep override such as trainer.devices=1,2, or a hydra.sweeper.params
     entry): Hydra leaves swept values out of the sweep's own config, so its DDP check would see the trainer
     file's devices instead of each job's; check_trainer decides for each job then."""
+    swept = _swept(config)
+    return [k for k in PROCESS_KEYS if k in swept]
+
+
+def _swept(config: DictConfig) -> set[str]:
+    """The keys and groups a multirun varies: its sweep overrides (``+``/``++`` dropped) and sweeper params."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     task = list(config.hydra.get("overrides", {}).get("task") or [])
     swept = {o.key_or_group for o in OverridesParser.create().parse_overrides(task) if o.is_sweep_override()}
-    swept |= set((config.hydra.get("sweeper") or {}).get("params") or {})
-    return [k for k in PROCESS_KEYS if k in swept]
+    return swept | set((config.hydra.get("sweeper") or {}).get("params") or {})
 
 
 def _class_name(node: DictConfig | dict) -> str:
