@@ -28,21 +28,24 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
     """Yield a temporary sibling path; on success it replaces `path`, on error it is removed.
 
     Works for files and folders, so no reader ever sees a half-written output. Missing parent folders
-    are created; on error the ones created here are removed again (each only while empty).
+    are created; on error the ones created here are removed again (each only while empty). A symbolic link
+    at `path` (dangling or not) is the output's name: the link itself is replaced, its target never written.
+    `path` is made absolute first, so that "." or "sub/.." name a folder like any other.
     """
-    path = Path(path)
+    path = Path(os.path.abspath(path))
     _remove_stale_temps(path)  # first: a killed writer's only copy of `path` is put back before anything looks
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (overwrite=true on the command line) to replace it")
     created: list[Path] = []
     done = False
     try:
+        _check_parent(path)
         created = make_parents(path.parent)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)) / path.name
         try:
             yield tmp
-            if not overwrite and path.is_symlink() and not path.exists():
-                os.replace(tmp, path)  # a dangling link is no one's output: replaced, as before
+            if path.is_symlink() and (overwrite or not path.exists()):  # the link, not its target, is replaced
+                _replace_folder(tmp, path) if tmp.is_dir() else os.replace(tmp, path)
             elif not overwrite:  # another writer may have made `path` meanwhile: never replace its output
                 try:
                     _rename_no_replace(tmp, path)
@@ -124,7 +127,7 @@ def _replace_folder(new: Path, path: Path) -> None:
     old = path.with_name(f".{path.name}.old-{os.getpid()}-")
     os.replace(path, old)
     os.replace(new, path)
-    shutil.rmtree(old, ignore_errors=True)
+    old.unlink() if old.is_symlink() else shutil.rmtree(old, ignore_errors=True)
 
 
 def _rename_no_replace(src: Path, dst: Path) -> None:
@@ -143,6 +146,15 @@ def _rename_no_replace(src: Path, dst: Path) -> None:
     else:
         os.link(src, dst)
         os.unlink(src)
+
+
+def _check_parent(path: Path) -> None:
+    """Refuse an output under a file (``run.log/out``) naming the output, not the temporary beside it."""
+    folder = path.parent
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{path}: cannot write this output ({folder} is a file, not a folder)")
 
 
 def missing_parents(folder: Path) -> list[Path]:

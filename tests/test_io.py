@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mtl
-from mtl.io import ModelFolderError, atomic_path
+from mtl.io import ModelFolderError, atomic_path, write_json
 
 
 def test_model_folder_round_trip_identical_outputs(tiny_model, tmp_path):
@@ -497,6 +497,44 @@ def test_a_dangling_link_is_replaced_as_before(tmp_path):
     with atomic_path(link, overwrite=False) as tmp:
         tmp.write_text("{}")
     assert not link.is_symlink() and link.read_text() == "{}"
+
+
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_a_link_at_the_output_is_replaced_never_its_target(tiny_model, tmp_path, overwrite):
+    target = mtl.save_model(tiny_model, tmp_path / "a")
+    before = (target / "config.json").read_bytes()
+    link, dangling = tmp_path / "link", tmp_path / "dangling"
+    link.symlink_to(target)
+    dangling.symlink_to(tmp_path / "gone")
+    mtl.save_model(tiny_model, dangling, overwrite=overwrite)
+    assert not dangling.is_symlink() and mtl.load_model(dangling).tasks.keys() == tiny_model.tasks.keys()
+    if overwrite:
+        mtl.save_model(tiny_model, link, meta={"new": 1})
+        assert not link.is_symlink() and json.loads((link / "config.json").read_text())["meta"] == {"new": 1}
+    else:
+        with pytest.raises(FileExistsError, match="link exists"):
+            mtl.save_model(tiny_model, link, overwrite=False)
+    assert (target / "config.json").read_bytes() == before and not list(tmp_path.glob(".*"))
+
+
+def test_an_output_under_a_file_is_named_not_its_temporary(tiny_model, tmp_path):
+    (tmp_path / "x.log").write_text("log")
+    for out in (tmp_path / "x.log" / "out", tmp_path / "x.log" / "sub" / "out"):
+        with pytest.raises(NotADirectoryError, match=rf"{out}: cannot write this output \(.*x.log is a file") as e:
+            mtl.save_model(tiny_model, out)
+        assert ".tmp-" not in str(e.value)
+        with pytest.raises(NotADirectoryError, match=rf"{out}: cannot write"):
+            write_json(out, {"a": 1})
+
+
+@pytest.mark.parametrize("name", [".", "", "./", "nosub/.."])
+def test_save_model_to_the_current_folder(tiny_model, tmp_path, monkeypatch, name):
+    here = tmp_path / "here"
+    here.mkdir()  # an empty folder is replaced, as when it is named by its absolute path
+    monkeypatch.chdir(here)
+    mtl.save_model(tiny_model, name)
+    assert mtl.load_model(here).tasks.keys() == tiny_model.tasks.keys()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]
 
 
 def test_load_model_expands_home_and_names_unknown_keys_and_newer_writers(tiny_model, tmp_path, monkeypatch, caplog):
