@@ -123,6 +123,10 @@ def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     tasks = cfg.get("tasks") or ("depth" if smoke and widths is None else None)  # debug=smoke's default request
     task = _one_task(tasks) if widths is None else None
     check_model_given(cfg, "extract from")
+    if widths is None:  # as given: float() would read a bool as 0 or 1 and a string as a number, naming nothing
+        from mtl.models.task_moe_extract import check_min_share
+
+        check_min_share(cfg.min_share)
     run_dir, output = start_run(cfg, run_dir, model_output=True)  # the request and its inputs checked first
     folder = input_model(cfg, run_dir, "extract from",
                          experiment="scenes_slimmable" if widths is not None else "scenes_task_moe_vit")
@@ -138,7 +142,7 @@ def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                          "configuration: pass 'widths={encoder: 0.5, decoders: {<task>: 1.0}}' instead")
     # before any data: the family extracts at all, and by this request
     check_request(model, {"widths": widths} if widths is not None
-                  else {"task": task, "calib": [], "min_share": float(cfg.min_share)})
+                  else {"task": task, "calib": [], "min_share": cfg.min_share})
     calibrated, batches = _calibrate_new_widths(model, widths, cfg) if widths is not None and by_widths else ([], [])
     if widths is not None:
         # one image to count FLOPs at: the calibration's first batch, else the data's first (read once either way)
@@ -152,7 +156,7 @@ def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     else:
         batches = calibration_batches(model, cfg)
         sub = mtl.extract(model, out=output, overwrite=bool(cfg.overwrite), run_dir=run_dir, task=task,
-                          calib=batches, min_share=float(cfg.min_share))
+                          calib=batches, min_share=cfg.min_share)
         report = dict(getattr(sub, "extraction_report", {}))
     x = batches[0]["image"][:1]
     if width_set:  # a slimmable parent is measured at full width, whatever it was saved at

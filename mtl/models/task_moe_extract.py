@@ -60,6 +60,11 @@ def check_request(model, task: str, calib: Any, min_share: float = 0.0) -> None:
     model._check_tasks([task])
     if calib is None or isinstance(calib, (str, bytes)):
         raise TypeError(f"calib must be calibration batches (images, or dicts with 'image'), got {type(calib).__name__}")
+    check_min_share(min_share)
+
+
+def check_min_share(min_share: Any) -> None:
+    """``min_share`` is a number in [0, 1) (mtl-extract checks it before its run folder, as given: no float())."""
     # a bool or a numeric string would pass float(): refused as what they are, not read as 0, 1 or a number
     if isinstance(min_share, bool) or not isinstance(min_share, numbers.Real) or not 0.0 <= min_share < 1.0:
         raise ValueError(f"min_share must be in [0, 1), got {min_share!r}")

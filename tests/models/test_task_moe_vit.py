@@ -332,7 +332,11 @@ def test_task_embeddings_route_tasks_apart_at_init_and_the_mi_loss_moves_them():
 
 
 @pytest.mark.parametrize("args,match", [(["tasks=nope"], r"unknown task\(s\) \['nope'\]"),
-                                        (["tasks=depth", "min_share=1.5"], r"min_share must be in \[0, 1\), got 1.5")])
+                                        (["tasks=depth", "min_share=1.5"], r"min_share must be in \[0, 1\), got 1.5"),
+                                        (["tasks=depth", "min_share=abc"], r"min_share must be in \[0, 1\), got 'abc'$"),
+                                        (["tasks=depth", "min_share=true"], r"min_share must be in \[0, 1\), got True$"),
+                                        (["tasks=depth", "min_share=false"], r"min_share must be in \[0, 1\), got False$"),
+                                        (["tasks=depth", "min_share=nan"], r"min_share must be in \[0, 1\), got nan$")])
 def test_extract_cli_names_a_bad_task_or_min_share_before_loading_data(tmp_path, args, match):
     from mtl.cli.in_process import compose_in_process
     from mtl.cli.extract import run_extract
@@ -343,6 +347,8 @@ def test_extract_cli_names_a_bad_task_or_min_share_before_loading_data(tmp_path,
     cfg, run_dir = compose_in_process("mtl.configs.extract_app", "extract", [f"model={tmp_path / 'm'}", *args], tmp_path / "run")
     with pytest.raises((KeyError, ValueError), match=match):
         run_extract(cfg, run_dir)
+    if "tasks=depth" in args:  # min_share is checked before the run folder is made
+        assert not run_dir.exists() or not any(run_dir.iterdir())
 
 
 def test_extract_cli_names_a_family_without_extraction_before_loading_data(tmp_path):
