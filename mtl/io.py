@@ -304,11 +304,13 @@ def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
         cfg = read_json(file)
     except (FileNotFoundError, IsADirectoryError, ValueError) as e:
         raise ModelFolderError(str(e)) from None
-    if isinstance(cfg, dict) and "model" not in cfg and ("architectures" in cfg or "model_type" in cfg):
+    if not isinstance(cfg, dict):  # a list, null or string holds no key at all: say what it is
+        raise ModelFolderError(f"{file}: must be a JSON object, got {'null' if cfg is None else type(cfg).__name__}")
+    if "model" not in cfg and ("architectures" in cfg or "model_type" in cfg):
         raise ModelFolderError(f"{file}: a Hugging Face model config (model_type={cfg.get('model_type')!r}), not an "
                                "mtlkit model folder; merge such checkpoints with merging.merge / merging.merge_to_file "
                                "or mtl-merge eval=none (docs/merging.md, LLM checkpoints)")
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
+    if not isinstance(cfg.get("model"), dict):
         raise ModelFolderError(f"{file}: missing key 'model'")
     if cfg.get("format") != FORMAT:
         raise ModelFolderError(f"{file}: key 'format' is {cfg.get('format')!r}; this mtlkit reads {FORMAT!r}")

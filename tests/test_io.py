@@ -55,6 +55,15 @@ def test_model_files_get_the_usual_permissions(tiny_model, tmp_path):
     assert modes == {"config.json": 0o644, "model.safetensors": 0o644}
 
 
+@pytest.mark.parametrize("text,kind", [('[{"format": "mtlkit.model/1", "model": {}}]', "list"), ("null", "null"),
+                                       ('"x"', "str")])
+def test_a_config_that_is_no_json_object_is_named_as_such(tiny_model, tmp_path, text, kind):
+    folder = mtl.save_model(tiny_model, tmp_path / "m")
+    (folder / "config.json").write_text(text)
+    with pytest.raises(ModelFolderError, match=re.escape(f"{folder / 'config.json'}: must be a JSON object, got {kind}")):
+        mtl.load_model(folder)
+
+
 def test_missing_files_are_named(tiny_model, tmp_path):
     folder = mtl.save_model(tiny_model, tmp_path / "m")
     (folder / "model.safetensors").unlink()
