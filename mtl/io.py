@@ -339,6 +339,8 @@ def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
 
 def _read_weights(file: Path, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, header metadata) of a weights file; ``tensors=False``: the header only (no tensor read)."""
+    if file.is_dir():  # as read_json says of a config.json that is a folder
+        raise ModelFolderError(f"{file} is a folder, not a safetensors file")
     if not file.is_file():
         raise ModelFolderError(f"{file}: file not found")
     try:

@@ -69,6 +69,10 @@ def test_missing_files_are_named(tiny_model, tmp_path):
     (folder / "model.safetensors").unlink()
     with pytest.raises(ModelFolderError, match="model.safetensors: file not found"):
         mtl.load_model(folder)
+    (folder / "model.safetensors").mkdir()
+    with pytest.raises(ModelFolderError, match=re.escape(f"{folder / 'model.safetensors'} is a folder, not a "
+                                                         "safetensors file")):
+        mtl.load_model(folder)
     folder = mtl.save_model(tiny_model, tmp_path / "m2")
     (folder / "config.json").unlink()  # weights alone, as `mtl-merge eval=none` writes them
     with pytest.raises(ModelFolderError, match=re.escape(f"{folder} holds weights (model.safetensors) but no "
