@@ -72,15 +72,23 @@ def read_json(path: str | os.PathLike) -> Any:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
-def strict_json(obj: Any, where: str) -> Any:
+def strict_json(obj: Any, where: str, string_keys: bool = False) -> Any:
     """``obj`` as strict JSON values, for files other tools read (a model folder's config.json): tensors and
     numpy scalars become numbers/lists, a non-finite float becomes null (JSON has no NaN; a diverged
     run's NaN metric must not make the folder unreadable outside Python), anything else is refused
-    naming its key path."""
+    naming its key path. A key that is not a string is refused where ``string_keys`` (a model folder: it
+    would come back as a string) or where its string clashes with another key; elsewhere it becomes its string."""
     if isinstance(obj, dict):
-        return {str(k): strict_json(v, f"{where}.{k}") for k, v in obj.items()}
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            clash = not isinstance(k, str) and (str(k) in obj or str(k) in out)  # one value would be lost
+            if not isinstance(k, str) and (string_keys or clash):  # a model folder's key would come back a string
+                raise TypeError(f"{where}[{k!r}]: JSON object keys are strings, got {type(k).__name__}"
+                                + (f" (clashes with key {str(k)!r})" if clash else ""))
+            out[str(k)] = strict_json(v, f"{where}.{k}", string_keys)
+        return out
     if isinstance(obj, (list, tuple)):
-        return [strict_json(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return [strict_json(v, f"{where}[{i}]", string_keys) for i, v in enumerate(obj)]
     if isinstance(obj, (str, bool, int, type(None))):
         return obj
     if isinstance(obj, float):
@@ -88,7 +96,7 @@ def strict_json(obj: Any, where: str) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     if isinstance(obj, torch.Tensor) or hasattr(obj, "tolist"):
-        return strict_json(obj.tolist(), where)
+        return strict_json(obj.tolist(), where, string_keys)
     raise TypeError(f"{where}: cannot store {type(obj).__name__} in JSON")
 
 
@@ -228,7 +236,7 @@ def save_model(model, path: str | os.PathLike, meta: dict[str, Any] | None = Non
         log.warning("save_model: meta.test left out of %s: those are the full widths' test metrics and this slimmable "
                     "model is saved at widths %s (pass meta= to store metrics measured at them)", path, widths)
         meta = {k: v for k, v in meta.items() if k != "test"}
-    meta = strict_json(meta or {}, "meta")
+    meta = strict_json(meta or {}, "meta", string_keys=True)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"save_model: {path} is a file, not a model folder; remove it or choose another path")
     if overwrite and path.is_dir() and holds_user_files(path) and not is_model_folder(path):
@@ -245,7 +253,7 @@ def save_model(model, path: str | os.PathLike, meta: dict[str, Any] | None = Non
     if diverged is not None:  # load_model refuses such a folder: never write one
         raise ValueError(f"save_model: key {diverged!r} holds NaN or infinite values (a diverged run?); "
                          f"nothing was written to {path}")
-    model_cfg = strict_json(model_config(model), "model")
+    model_cfg = strict_json(model_config(model), "model", string_keys=True)
     cfg = {"format": FORMAT, "mtlkit_version": __version__, "model": model_cfg, "meta": meta}
     header = {"format": FORMAT, **config_record(model_cfg), "weights_digest": _weights_digest(state)}
     with atomic_path(path, overwrite=overwrite) as tmp:

@@ -64,6 +64,17 @@ def test_a_config_that_is_no_json_object_is_named_as_such(tiny_model, tmp_path, 
         mtl.load_model(folder)
 
 
+def test_keys_that_are_no_strings_are_refused_naming_them(tiny_model, tmp_path):
+    for meta, where in (({1: 2, "1": 3}, r"meta\[1\]"), ({"a": {2.5: "x"}}, r"meta.a\[2.5\]")):
+        with pytest.raises(TypeError, match=rf"^{where}: JSON object keys are strings, got (int|float)"):
+            mtl.save_model(tiny_model, tmp_path / "m", meta=meta)
+    assert not (tmp_path / "m").exists()
+    with pytest.raises(TypeError, match=r"^r.json\[1\]: .* \(clashes with key '1'\)"):
+        write_json(tmp_path / "r.json", {"1": 3, 1: 2})  # a run record: a lost value is refused too
+    write_json(tmp_path / "r.json", {1: 2})  # one that loses nothing is written as JSON writes it
+    assert json.loads((tmp_path / "r.json").read_text()) == {"1": 2}
+
+
 def test_missing_files_are_named(tiny_model, tmp_path):
     folder = mtl.save_model(tiny_model, tmp_path / "m")
     (folder / "model.safetensors").unlink()
