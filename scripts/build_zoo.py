@@ -69,23 +69,24 @@ def _weights_id(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _train(overrides: list[str], run_dir: Path, fresh: bool, init: Path | None = None) -> tuple[dict[str, Any], float, bool]:
+def _train(overrides: list[str], run_dir: Path, fresh: bool, init: Path | None = None) -> tuple[dict[str, Any], float | None, bool]:
     """(metrics, seconds, reused). A half-written run folder is replaced. `init`: the init_from folder,
-    whose weights' digest joins the recorded recipe."""
+    whose weights' digest joins the recorded recipe. `seconds` is the run's training time as its metrics.json
+    records it (fit_seconds), for a reused run as for one trained now; None where the run recorded none."""
     from bench_runs import record, reusable
     from mtl.train import run
 
     recipe = [*_placeholder_init(overrides), f"init_from weights sha256={_weights_id(init)}"] if init is not None \
         else overrides
     _upgrade_recipe(run_dir)
-    if not fresh and reusable(run_dir, recipe, _finished):
-        return json.loads((run_dir / "metrics.json").read_text()), 0.0, True
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    start = time.perf_counter()
-    run(overrides, run_dir=run_dir)
-    record(run_dir, recipe)
-    return json.loads((run_dir / "metrics.json").read_text()), time.perf_counter() - start, False
+    reused = not fresh and reusable(run_dir, recipe, _finished)
+    if not reused:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        run(overrides, run_dir=run_dir)
+        record(run_dir, recipe)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return metrics, metrics.get("fit_seconds"), reused
 
 
 def _placeholder_init(overrides: Sequence[str]) -> list[str]:
@@ -162,7 +163,8 @@ def build_zoo(zoo: str, out: str | Path, tasks: Sequence[str] | None = None, smo
         "individual": {f["task"]: f["accuracy"] for f in fts},
         "individual_val": {f["task"]: f["val_accuracy"] for f in fts},
         "pretrain_accuracy": pre["accuracy"],
-        "seconds": {"pretrain": round(pre["seconds"], 1), **{f["task"]: round(f["seconds"], 1) for f in fts},
+        # each run's training time (a reused run's too, from its metrics.json); total: this build's wall time
+        "seconds": {"pretrain": _round(pre["seconds"]), **{f["task"]: _round(f["seconds"]) for f in fts},
                     "total": round(time.perf_counter() - start, 1)},
         "cpu_seconds": round(time.process_time() - cpu, 1),  # this process, all threads
         "reused": [n for n, r in [("pretrain", pre), *((f["task"], f) for f in fts)] if r["reused"]],
@@ -172,6 +174,10 @@ def build_zoo(zoo: str, out: str | Path, tasks: Sequence[str] | None = None, smo
     }
     write_json(manifest_path, manifest)  # atomic: a manifest is whole or absent
     return manifest
+
+
+def _round(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 1)
 
 
 def _linearized_pretrained(folder: Path) -> Path:
@@ -189,13 +195,13 @@ def _linearized_pretrained(folder: Path) -> Path:
 
 def summary_table(manifest: dict[str, Any]) -> str:
     """Markdown table: individual test accuracy and build time per task."""
-    sec = manifest["seconds"]
+    sec = {k: "?" if v is None else f"{v:.0f}" for k, v in manifest["seconds"].items()}
     rows = ["| model | test accuracy | train time (s) |", "|---|---:|---:|",
-            f"| pretrain (60 classes) | {manifest['pretrain_accuracy']:.4f} | {sec['pretrain']:.0f} |"]
+            f"| pretrain (60 classes) | {manifest['pretrain_accuracy']:.4f} | {sec['pretrain']} |"]
     for t in manifest["tasks"]:
-        rows.append(f"| {t} | {manifest['individual'][t]:.4f} | {sec[t]:.0f} |")
+        rows.append(f"| {t} | {manifest['individual'][t]:.4f} | {sec[t]} |")
     acc = manifest["individual"].values()
-    rows.append(f"| mean of {len(acc)} tasks | {sum(acc) / len(acc):.4f} | {sec['total']:.0f} (total) |")
+    rows.append(f"| mean of {len(acc)} tasks | {sum(acc) / len(acc):.4f} | {sec['total']} (total) |")
     return "\n".join(rows)
 
 

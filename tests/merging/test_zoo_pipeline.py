@@ -73,6 +73,11 @@ def test_finished_runs_are_reused(zoo):
     again = _script("build_zoo").build_zoo("cnn", out, tasks=TASKS, smoke=True)
     assert again["reused"] == ["pretrain", *TASKS]
     assert again["individual"] == manifest["individual"]
+    # each model's time is its run's training time (metrics.json fit_seconds), a reused run's too, not 0
+    fit = {name: round(json.loads((out / d / "metrics.json").read_text())["fit_seconds"], 1)
+           for name, d in [("pretrain", "pretrain"), *((t, f"finetune/{t}") for t in TASKS)]}
+    assert all(v > 0 for v in fit.values())
+    assert {k: again["seconds"][k] for k in fit} == {k: manifest["seconds"][k] for k in fit} == fit
 
 
 def test_a_finished_run_of_another_recipe_is_refused_not_reused(zoo):
