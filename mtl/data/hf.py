@@ -33,6 +33,21 @@ def quiet_datasets() -> Iterator[None]:
             enable_progress_bars()
 
 
+def load_cached(entry: Path, data: Path):
+    """``datasets.load_from_disk(data)`` of one of mtlkit's cache entries (folder ``entry``): a corrupt one (a
+    truncated Arrow file after a full disk or an interrupted copy) is refused in one line naming ``entry``,
+    which, deleted, is rebuilt on the next use."""
+    import datasets
+
+    try:
+        with quiet_datasets():
+            return datasets.load_from_disk(str(data))
+    except (pa.ArrowException, OSError, ValueError) as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{entry}: corrupt data cache entry ({why}); delete this folder and it is rebuilt "
+                         "on the next run") from None
+
+
 def arrow_to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """A numeric column, possibly of (nested) equal-length lists, as one (N, ...) array, no per-row work."""
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from mtl.data.hf import arrow_to_numpy, default_cache_dir, quiet_datasets
+from mtl.data.hf import arrow_to_numpy, default_cache_dir, load_cached, quiet_datasets
 from mtl.data.memory import SPLITS, TensorDataModule, TensorDictDataset
 from mtl.data.scenes import CLASS_NAMES, GENERATOR_VERSION, SHAPE_NAMES, render_scenes
 from mtl.io import atomic_path
@@ -106,10 +106,7 @@ def materialize_scenes(size: int = 64, n_train: int = 2000, n_val: int = 500, n_
 
 def load_scenes_tensors(path: str | os.PathLike, split: str) -> dict[str, torch.Tensor]:
     """One split of a materialised scenes folder as tensors in storage layout (compact dtypes)."""
-    from datasets import load_from_disk
-
-    with quiet_datasets():
-        ds = load_from_disk(str(Path(path) / split))
+    ds = load_cached(Path(path), Path(path) / split)
     table = ds.data.table
     n = table.num_rows
     size = json.loads((Path(path) / "mtlkit_scenes.json").read_text())["size"]

@@ -322,6 +322,15 @@ def test_registry_errors():
         create_datamodule("nope")
 
 
+def test_a_corrupt_scenes_cache_entry_is_named_with_what_to_do(tmp_path):
+    import os
+
+    path = dmod.materialize_scenes(size=8, n_train=4, n_val=2, n_test=2, cache_dir=tmp_path)
+    os.truncate(next((path / "train").glob("*.arrow")), 300)
+    with pytest.raises(ValueError, match=rf"^{path}: corrupt data cache entry .*; delete this folder and it is rebuilt"):
+        dmod.load_scenes_tensors(path, "train")
+
+
 def test_an_empty_split_is_refused_before_anything_is_cached(tmp_path):
     """An empty split once reached the cache and broke every later run with the same sizes."""
     with pytest.raises(ValueError, match="data.n_val must be an int >= 1, got 0"):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -183,6 +184,18 @@ def test_cache_writes_once_and_reloads_identical_arrays(tmp_path, monkeypatch):
     # other parameters are another key
     assert zoo.zoo_cache_path("gtsrb_like", 10, 4, 6, seed=3, cache_dir=tmp_path) != path
     assert zoo.zoo_cache_path("gtsrb_like", 10, 4, 7, seed=2, cache_dir=tmp_path) != path
+
+
+def test_a_corrupt_cache_entry_is_named_with_what_to_do(tmp_path):
+    load_zoo_dataset("letters", 8, 4, 4, cache_dir=tmp_path)
+    path = zoo.zoo_cache_path("letters", 8, 4, 4, cache_dir=tmp_path)
+    arrow = next((path / "data" / "train").glob("*.arrow"))
+    os.truncate(arrow, 300)  # a full disk or an interrupted copy
+    with pytest.raises(ValueError, match=rf"^{path}: corrupt data cache entry \(.*\); delete this folder and it is "
+                                         "rebuilt on the next run$"):
+        load_zoo_dataset("letters", 8, 4, 4, cache_dir=tmp_path)
+    shutil.rmtree(path)
+    assert load_zoo_dataset("letters", 8, 4, 4, cache_dir=tmp_path)["train"][0].shape == (8, 32, 32, 3)
 
 
 def test_cache_is_a_loadable_hf_dataset(tmp_path):

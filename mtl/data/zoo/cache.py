@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mtl.data.hf import default_cache_dir, quiet_datasets
+from mtl.data.hf import default_cache_dir, load_cached, quiet_datasets
 from mtl.data.zoo._base import SPLITS, ZOO, build_zoo_dataset, check_size, resolve_sizes
 from mtl.io import atomic_path
 
@@ -73,8 +73,6 @@ def load_zoo_dataset(name: str, n_train: int | None = None, n_val: int | None = 
 
     The cache folder is `cache_dir`, else `$MTL_DATA_CACHE/zoo`, else `~/.cache/mtlkit/zoo`.
     """
-    import datasets
-
     spec = ZOO.get(name)
     sizes = resolve_sizes(spec, n_train, n_val, n_test)
     size = check_size(size)
@@ -87,8 +85,7 @@ def load_zoo_dataset(name: str, n_train: int | None = None, n_val: int | None = 
                 "source": spec.source, "version": [FORMAT_VERSION, spec.version]}
         save_zoo_dataset(splits, path, name, meta)
         return splits
-    with quiet_datasets():
-        dd = datasets.load_from_disk(str(path / "data"))
+    dd = load_cached(path, path / "data")
     empty = (np.empty((0, size, size, 3), np.uint8), np.empty((0,), np.int64))
     return {s: _from_hf(dd[s], size) if s in dd else empty for s in SPLITS}
 
