@@ -41,6 +41,10 @@ def extract(model: nn.Module, *, out: str | os.PathLike | None = None, overwrite
         request = _describe({**defaults, **kwargs})
         if "widths" in report:  # the configuration used: the request over the parent's current widths
             request = {**request, "widths": report["widths"], "requested_widths": request.get("widths")}
+            used = {report["widths"]["encoder"], *report["widths"]["decoders"].values()}
+            calibrated = {k: v for k, v in (parent.get("calibrated_widths") or {}).items() if float(k) in used}
+            if calibrated:  # BN statistics estimated by calibrate_widths (mtl-extract: on calib.batches), not trained
+                request["calibrated_widths"] = calibrated
         meta = {"extracted_from": parent.get("run_dir"), "extract": request,
                 # the training data and seed stay true of the sub-network (mtl-prune, mtl-export use the size)
                 **{k: parent[k] for k in ("data", "seed") if parent.get(k) is not None}}

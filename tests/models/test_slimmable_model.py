@@ -116,6 +116,7 @@ def test_calibrated_width_gets_its_own_statistics_from_the_batches():
     before = {k: v.clone() for k, v in slim.state_dict().items()}
     batch = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
     assert slim.calibrate_widths([0.6], [batch]) == [0.25, 0.5, 0.6, 0.75, 1.0]
+    assert slim.meta["calibrated_widths"] == {"0.6": {"batches": 1}}  # recorded for the folders saved from it
     stem_conv, stem_bn = slim.backbone.stem[0], slim.backbone.stem[1]
     k = 2
     ch = c(8, 0.6)
@@ -629,6 +630,9 @@ def test_extract_cli_calibrates_a_width_outside_the_set_on_calib_batches(tmp_pat
         f"model={tmp_path / 'slim'}", "widths={encoder: 0.6, decoders: {depth: 0.6}}", "calib.batches=2"], tmp_path / "run")
     report = run_extract(cfg, run_dir)
     assert report["calibrated_widths"] == {"widths": [0.6], "batches": 2, "split": "train"}
+    # the shipped folder says so too: its 0.6 BN statistics come from 2 train batches, not from training
+    assert mtl.load_model(run_dir / "model").meta["extract"]["calibrated_widths"] == {"0.6": {"batches": 2,
+                                                                                             "split": "train"}}
     parent = mtl.load_model(tmp_path / "slim")
     assert 0.6 not in parent.width_set  # the input folder is untouched
     parent.calibrate_widths([0.6], calibration_batches(create_datamodule(**data), 2, "train"))

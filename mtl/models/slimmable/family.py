@@ -242,6 +242,10 @@ class SlimmableMultiTaskModel(MultiTaskModel):
                     self.backbone.widths = self.decoder.widths = old_set
                     self._backbone_cfg["widths"], self._decoder_cfg["widths"] = cfgs
                 self.set_config(saved_widths)
+        if outside:  # where these rows' statistics came from: a folder saved or extracted later says so
+            meta = getattr(self, "meta", None) or {}
+            record = {**meta.get("calibrated_widths", {}), **{f"{w:g}": {"batches": len(batches)} for w in outside}}
+            self.meta = {**meta, "calibrated_widths": record}
         return list(self.width_set)
 
     # --- physically smaller sub-network -----------------------------------------------------------------
