@@ -9,31 +9,34 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from mtl.modes import eval_mode
+
 
 @torch.no_grad()
 def evaluate_all(model: nn.Module, datamodule, split: str = "test", max_batches: int | None = None) -> dict[str, dict[str, float]]:
-    """Every task's metrics on one split (one forward pass per batch serves all tasks)."""
-    model.eval()
+    """Every task's metrics on one split (one forward pass per batch serves all tasks), in eval mode; every
+    module's own mode comes back."""
     metrics = {t: task.metrics() for t, task in model.tasks.items()}
     loader = {"val": datamodule.val_dataloader, "test": datamodule.test_dataloader}[split]()
-    for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
-        out = model(batch["image"])
-        for t, task in model.tasks.items():
-            for m in metrics[t].values():
-                m.update(out[t], batch[task.target_key])
+    with eval_mode(model):
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            out = model(batch["image"])
+            for t, task in model.tasks.items():
+                for m in metrics[t].values():
+                    m.update(out[t], batch[task.target_key])
     return {t: {k: float(m.compute()) for k, m in ms.items()} for t, ms in metrics.items()}
 
 
 def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 20, warmup: int = 3, threads: int = 1) -> float:
-    """Median wall time of ``model(x)`` in ms on CPU with a fixed number of threads."""
+    """Median wall time of ``model(x)`` in ms on CPU with a fixed number of threads, in eval mode; every
+    module's own mode comes back."""
     old = torch.get_num_threads()
     torch.set_num_threads(int(threads))
-    model.eval()
     try:
         times = []
-        with torch.inference_mode():
+        with torch.inference_mode(), eval_mode(model):
             for i in range(warmup + repeats):
                 start = time.perf_counter()
                 model(x)

@@ -455,3 +455,27 @@ def test_the_prune_cli_shows_its_phases_and_pagcps_decisions_on_stdout(tmp_path)
     assert any(ln.startswith("[prune] pagcp on 2 calibration batch(es)") for ln in lines)
     assert any(ln.startswith("pagcp 1/") and "channels removed" in ln for ln in lines)
     assert any(ln.startswith("[prune] CPU latency") for ln in lines) and lines[-1] == f"run_dir: {tmp_path / 'run'}"
+
+
+def test_report_measurements_give_every_module_its_own_mode_back():
+    """evaluate_all and latency_ms left a train-mode model in eval mode (dropout off, BN frozen for the caller)."""
+    from types import SimpleNamespace
+
+    from pruning.report import evaluate_all, latency_ms
+
+    torch.manual_seed(0)
+    model = create_model(["depth"], backbone={"name": "test_resnet", "out_indices": [1, 2, 3]},
+                         decoder={"name": "hps", "channels": 8})
+    model.train()
+    model.decoder.eval()  # a mixed-mode model comes back mixed
+    before = [(n, m.training) for n, m in model.named_modules()]
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, a: seen.append(m.training))
+    batches = [{"image": x, "depth": torch.rand(2, 1, 32, 32)}]
+    dm = SimpleNamespace(val_dataloader=lambda: batches, test_dataloader=lambda: batches)
+    evaluate_all(model, dm, "test")
+    latency_ms(model, x, repeats=1, warmup=0)
+    hook.remove()
+    assert seen == [False, False]  # measured in eval mode
+    assert [(n, m.training) for n, m in model.named_modules()] == before
