@@ -26,7 +26,7 @@ from mtl.sweep import check_monitors, check_objective
 from mtl.tasks import create_task
 from mtl.train_checks import (check_checkpoint, check_eval_splits, check_precision, check_resume_length,
                               check_test_batches, check_trainer, check_validation, finished_run_refusal,
-                              resume_start, set_aside_failed_attempt, warn_seed_of_resume)
+                              read_checkpoint, resume_start, set_aside_failed_attempt, warn_seed_of_resume)
 from mtl.warm_start import folder_architecture, init_from_folder, keep_expansion_point, start_record
 
 log = logging.getLogger(__name__)
@@ -161,8 +161,9 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     check_trainer(cfg.trainer)
     start = None
     if cfg.get("ckpt_path"):
-        check_resume_length(cfg.trainer, Path(cfg.ckpt_path))
-        start = resume_start(cfg, Path(cfg.ckpt_path))
+        ckpt = read_checkpoint(Path(cfg.ckpt_path))  # once (its tensors memory-mapped) for both checks
+        check_resume_length(cfg.trainer, Path(cfg.ckpt_path), ckpt)
+        start = resume_start(cfg, Path(cfg.ckpt_path), ckpt)
         # inherited: config.yaml records it, and a pruned start's architecture comes from its folder (not its weights)
         if start is not None and not cfg.get("init_from") and Path(start["init_from"]).is_dir():
             cfg.init_from = start["init_from"]

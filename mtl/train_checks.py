@@ -22,7 +22,7 @@ from mtl.registry import check_int, check_kwargs
 log = logging.getLogger("mtl.train")
 
 __all__ = ["ABSENT", "changed_on_resume", "check_checkpoint", "check_eval_splits", "check_precision", "check_resume_length",
-           "check_test_batches", "check_trainer", "check_validation", "finished_run_refusal", "hydra_override", "hydra_value", "resume_refusal",
+           "check_test_batches", "check_trainer", "check_validation", "finished_run_refusal", "hydra_override", "hydra_value", "read_checkpoint", "resume_refusal",
            "resume_start", "set_aside_failed_attempt", "warn_seed_of_resume"]
 
 
@@ -176,11 +176,12 @@ def check_checkpoint(path: Path) -> None:
                          "<run>/checkpoints/last.ckpt); to start from a model folder's weights use init_from=<folder>")
 
 
-def check_resume_length(tr: DictConfig, path: Path) -> None:
+def check_resume_length(tr: DictConfig, path: Path, ckpt: dict[str, Any] | None = None) -> None:
     """A resume past its own schedule (``trainer.max_epochs`` / ``max_steps`` below what the checkpoint trained) is
     refused: it would train nothing and record a shorter schedule than the one run. One that has just reached it
-    tests and saves the checkpoint, which finishes a job interrupted after training (docs/scaleout.md): said so."""
-    ckpt = _read_checkpoint(path)
+    tests and saves the checkpoint, which finishes a job interrupted after training (docs/scaleout.md): said so.
+    ``ckpt``: the checkpoint as `read_checkpoint` gives it, when the caller has read it already."""
+    ckpt = read_checkpoint(path) if ckpt is None else ckpt
     if ckpt is None:
         return  # refused with its reason when fit loads it
     progress = ((ckpt.get("loops") or {}).get("fit_loop") or {}).get("epoch_progress") or {}
@@ -198,7 +199,7 @@ def check_resume_length(tr: DictConfig, path: Path) -> None:
                         "saves it (raise trainer.%s to train longer)", path, done, unit, key, limit, key)
 
 
-def _read_checkpoint(path: Path) -> dict[str, Any] | None:
+def read_checkpoint(path: Path) -> dict[str, Any] | None:
     """The checkpoint's contents, its tensors memory-mapped (not read); None when it needs unpickling beyond
     tensors and plain data (fit refuses it then, with its reason)."""
     import pickle
@@ -209,14 +210,14 @@ def _read_checkpoint(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def resume_start(cfg: DictConfig, path: Path) -> dict[str, Any] | None:
+def resume_start(cfg: DictConfig, path: Path, ckpt: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The start record (`mtl.warm_start.start_record`) of the run resumed from checkpoint ``path``, which the
     resume keeps: ``init_from`` left out inherits it, another folder (or the same path holding other weights since)
     is refused, as a new start for weights that are not a fine-tune of it. A checkpoint from before the record was
-    kept: this run's ``init_from``, if any, is taken as it is, with a warning."""
+    kept: this run's ``init_from``, if any, is taken as it is, with a warning. ``ckpt``: as in `check_resume_length`."""
     from mtl.warm_start import start_record
 
-    ckpt = _read_checkpoint(path)
+    ckpt = read_checkpoint(path) if ckpt is None else ckpt
     stored = (ckpt or {}).get("hyper_parameters") or {}
     now = start_record(cfg.init_from) if cfg.get("init_from") else None
     if "start" not in stored:
