@@ -63,6 +63,9 @@ READ_ONLY_WITH: dict[str, list[list[tuple[str, str, Any]]]] = {
     # the inner steps run within each of the `steps` mask steps: a reset λ's own Adam at inner_lr; carried on
     # (inner=continue), the one Adam at coef_lr
     "inner_steps": [[("steps", ">", 0)]],
+    # whether λ restarts before each mask step's inner steps and before the final ones: with no inner step run,
+    # λ is still at init with a fresh Adam either way
+    "inner": [[("inner_steps", ">", 0), ("steps", ">", 0)]],
     "inner_lr": [[("inner", "==", "reset"), ("inner_steps", ">", 0), ("steps", ">", 0)]],
     "coef_lr": [[("final_steps", ">", 0)], [("inner", "==", "continue"), ("inner_steps", ">", 0), ("steps", ">", 0)]],
 }

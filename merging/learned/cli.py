@@ -13,7 +13,8 @@ CLI-only keys of these methods (the rest are `merging.learn` hyperparameters):
 
 A key the method does not have is refused naming the valid ones; a key its other settings leave unread
 (`split`, `batch_size` with supervised aTLAS; `shots`, `shots_batch` with the entropy objective; `k`
-without `vectors=ties`; `threshold` without `final_mask=hard`; `inner_steps` with `steps=0`; `inner_lr` with
+without `vectors=ties`; `threshold` without `final_mask=hard`; `inner_steps` with `steps=0`; `inner` with
+`inner_steps=0` or `steps=0`; `inner_lr` with
 `inner=continue`, `inner_steps=0` or `steps=0`; `coef_lr` with `final_steps=0` unless `inner=continue` with inner
 steps and mask steps) is dropped at its
 default and refused when set to anything else; one that `learn_max_steps` leaves unread is dropped.

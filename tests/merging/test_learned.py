@@ -402,14 +402,17 @@ def test_bad_concrete_and_step_hyperparameters_are_named(method, bad, match):
     ("concrete_adamerging", {"steps": 0, "inner_lr": 0.5}, r"inner_lr=0.5 is read only with .* \(here inner='reset', "
                                                            r"inner_steps=1, steps=0\)"),
     ("concrete_adamerging", {"steps": 0, "inner_steps": 2}, r"inner_steps=2 is read only with steps > 0 \(here steps=0\)"),
-    ("concrete_adamerging", {"steps": 0, "final_steps": 0, "inner": "continue", "coef_lr": 0.05},
+    ("concrete_adamerging", {"steps": 0, "inner": "continue"}, r"inner='continue' is read only with inner_steps > 0 "
+                                                               r"and steps > 0 \(here inner_steps=1, steps=0\)"),
+    ("concrete_adamerging", {"inner_steps": 0, "inner": "reset"}, r"inner='reset' is read only with inner_steps > 0"),
+    ("concrete_adamerging", {"steps": 0, "final_steps": 0, "coef_lr": 0.05},
      "coef_lr=0.05 is read only with final_steps > 0, or inner='continue' and inner_steps > 0 and steps > 0"),
     ("concrete_adamerging", {"final_steps": 0, "coef_lr": 0.05}, "coef_lr=0.05 is read only with final_steps > 0, or "
      r"inner='continue' and inner_steps > 0 and steps > 0 \(here final_steps=0, inner='reset', inner_steps=1, "
      r"steps=300\)"),
     ("adamerging", {"steps": 0, "lr": 0.01}, r"adamerging: lr=0.01 is read only with steps > 0 \(here steps=0\)"),
     ("concrete_ta", {"steps": 0, "lr": 0.01}, r"lr=0.01 is read only with steps > 0"),
-    ("concrete_adamerging", {"final_steps": 0, "inner": "continue", "inner_steps": 0, "coef_lr": 0.05},
+    ("concrete_adamerging", {"final_steps": 0, "inner_steps": 0, "coef_lr": 0.05},
      "coef_lr=0.05 is read only with final_steps > 0"),
 ])
 def test_settings_that_would_not_be_read_are_refused(method, given, match):
@@ -434,6 +437,9 @@ def test_settings_that_leave_a_key_unread_at_its_default_are_accepted_and_not_re
     ({"steps": 0, "final_steps": 0, "inner": "continue"}, "coef_lr", False),
     ({"steps": 0}, "inner_steps", False),
     ({}, "inner_steps", True),
+    ({"steps": 0}, "inner", False),
+    ({"inner_steps": 0}, "inner", False),
+    ({}, "inner", True),
     ({"final_steps": 0}, "coef_lr", False),
     ({"final_steps": 0, "inner": "continue", "inner_steps": 0}, "coef_lr", False),
     ({"final_steps": 0, "inner": "continue"}, "coef_lr", True),
@@ -450,7 +456,7 @@ def test_a_key_called_unread_changes_nothing_and_one_called_read_does(monkeypatc
     assert (key in api.unread(hp)) is not read
     monkeypatch.setattr(api, "READ_ONLY_WITH", {})
     model, pre, fts, data = toys()
-    values = (1, 3) if key == "inner_steps" else (1e-3, 0.5)
+    values = {"inner_steps": (1, 3), "inner": ("reset", "continue")}.get(key, (1e-3, 0.5))
     runs = [merging.learn("concrete_adamerging", pre, fts, unlabeled=data, **{**hp, key: v}, **kw(model))
             for v in values]
     same = all(torch.equal(runs[0].state_dict[k], runs[1].state_dict[k]) for k in pre)
@@ -462,9 +468,10 @@ def test_unread_defaults_are_not_recorded():
     plain = merging.learn("adamerging", pre, fts, unlabeled=data, steps=0, **kw(model)).hparams
     ties = merging.learn("adamerging", pre, fts, unlabeled=data, steps=0, vectors="ties", k=30, **kw(model)).hparams
     assert "k" not in plain and ties["k"] == 30
-    concrete = merging.learn("concrete_adamerging", pre, fts, unlabeled=data, steps=0, final_steps=0, inner="continue",
+    concrete = merging.learn("concrete_adamerging", pre, fts, unlabeled=data, steps=0, final_steps=0,
                              **kw(model)).hparams
-    assert "threshold" not in concrete and "inner_lr" not in concrete and concrete["final_mask"] == "sample"
+    assert "threshold" not in concrete and "inner_lr" not in concrete and "inner" not in concrete
+    assert concrete["final_mask"] == "sample"
 
 
 def test_a_mask_logit_turning_infinite_names_the_tensor_and_entry():
