@@ -132,7 +132,7 @@ def plan_keys(
             seen.setdefault(k, None)
 
     task_specific = [[k for k in ks if considered(k) and task is not None and task(k)] for ks in key_lists[1:]]
-    missing, mismatched, skipped = [], [], []
+    missing, mismatched, skipped, complex_keys = [], [], [], []
     linear_only = []  # labels of the models whose expansion-point buffers (theta0.*) others lack
     plan = KeyPlan([], [], [], task_specific, skipped, {})
     filtered, base_missing = [], False
@@ -166,6 +166,9 @@ def plan_keys(
             mismatched.append(f"{k!r} is {ref.dtype} in {pre.label_of(k)} but {other.info(k).dtype} in "
                               f"{other.label_of(k)}")
             continue
+        if ref.dtype.is_complex:  # not a buffer to copy: complex weights (spectral layers) are trained
+            complex_keys.append(k)
+            continue
         plan.infos[k] = ref
         plan.compute[k] = compute_dtype([i.dtype for i in infos])
         if not ref.dtype.is_floating_point or is_expansion_point(k):
@@ -189,6 +192,13 @@ def plan_keys(
             f"the key filters leave out {', '.join(filtered[:_MAX_LISTED])}" + (" ..." if len(filtered) > _MAX_LISTED else "")
             + f" of the base model {pre.label}, but a Hugging Face folder holds every tensor of its base model "
             "(its config.json is the base's); widen include/exclude/task_keys or write a .safetensors file")
+    if complex_keys:
+        raise MergeInputError(
+            f"{complex_keys[0]!r} is a {str(pre.info(complex_keys[0]).dtype).removeprefix('torch.')} tensor in "
+            f"{pre.label_of(complex_keys[0])}" + (f" (and {len(complex_keys) - 1} more)" if len(complex_keys) > 1 else "")
+            + ": the merge methods here are defined on real tensors (TIES, DARE and TALL rank magnitudes and "
+            "elect signs), and copying θ0's value would drop the fine-tunes' changes; leave it out with an "
+            "exclude pattern, or merge its real and imaginary parts as separate real tensors")
     problems = mismatched + missing
     if problems:
         more = f" (and {len(problems) - _MAX_LISTED} more)" if len(problems) > _MAX_LISTED else ""

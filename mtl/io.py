@@ -441,4 +441,5 @@ def check_output_apart(output: Path, inputs: list[Path]) -> None:
         how = ("is" if out == path else "lies inside" if path in out.parents
                else "holds" if out in path.parents else None)
         if how:
-            raise ValueError(f"output={output} {how} the input model folder {src}; write the result elsewhere")
+            what = "input model folder" if path.is_dir() else "input file"
+            raise ValueError(f"output={output} {how} the {what} {src}; write the result elsewhere")

@@ -102,6 +102,24 @@ def test_what_merges_heads_buffers_and_bn_rule():
     assert plan.kind["backbone.bn.num_batches_tracked"] == "copy"
 
 
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "average", "dare", "consensus"])
+def test_a_complex_tensor_is_refused_not_copied_from_theta0(method):
+    # spectral weights are trained: θ0's value would silently drop the fine-tunes' changes (1+2j here)
+    pre = {"w": torch.zeros(2), "spec": torch.zeros(3, dtype=torch.complex64)}
+    fts = [{"w": torch.ones(2), "spec": torch.full((3,), 1 + 2j, dtype=torch.complex64)} for _ in range(3)]
+    with pytest.raises(merging.MergeInputError, match=r"'spec' is a complex64 tensor in .*exclude"):
+        merging.merge(method, pre, fts)
+    out = merging.merge("task_arithmetic", pre, fts, lam=0.5, exclude="spec")
+    assert list(out) == ["w"] and torch.equal(out["w"], torch.full((2,), 1.5))
+
+
+def test_an_output_file_that_is_an_input_is_called_a_file(tmp_path):
+    pre, fts = make_models(T=2)
+    pre_f, ft_fs = save_models(tmp_path, pre, fts, folders=False)
+    with pytest.raises(ValueError, match=r"is the input file .*; write the result elsewhere"):
+        merging.merge_to_file("task_arithmetic", pre_f, ft_fs, ft_fs[0], overwrite=True)
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_bn_merge_refuses_a_negative_merged_variance(tmp_path, fused):
     # θ0 has variance 1, both fine-tunes 0.1: λ = 1 gives 1 + 2·(0.1 − 1) = −0.8, which BatchNorm turns into NaN
