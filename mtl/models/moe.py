@@ -80,6 +80,15 @@ class TopKRouter(nn.Module):
             nn.init.zeros_(self.noise.weight)
 
     def forward(self, x: torch.Tensor, selectable: torch.Tensor | None = None) -> Routing:
+        # Under mixed precision the router stays float32 (Switch Transformer's selective precision): bf16
+        # logits tie at the k-th place for many tokens, routing them unlike the float32 model that is
+        # loaded, exported and extracted.
+        if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return self._route(x.float(), selectable)
+        return self._route(x, selectable)
+
+    def _route(self, x: torch.Tensor, selectable: torch.Tensor | None) -> Routing:
         clean = self.gate(x)
         logits, std = clean, None
         if self.noise is not None and self.training:

@@ -43,6 +43,19 @@ def test_default_top1_weight_is_the_raw_probability_so_the_router_gets_a_task_gr
     assert TopKRouter(8, num_experts=6, top_k=2, noisy=False).renormalize  # k > 1: renormalised by default
 
 
+def test_router_under_bf16_autocast_routes_like_float32():
+    # bf16 gate logits tie at the k-th place for many tokens (8 % chose another top-4 set here): the router
+    # must compute in float32 under mixed precision, as the loaded / exported float32 model does
+    torch.manual_seed(0)
+    router = TopKRouter(32, num_experts=16, top_k=4, noisy=False).eval()
+    x = torch.randn(1000, 32)
+    ref = router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = router(x)
+    assert r.probs.dtype == torch.float32
+    assert torch.equal(r.index, ref.index) and torch.equal(r.weight, ref.weight)
+
+
 def test_router_restricted_to_selectable_keeps_parent_probabilities():
     torch.manual_seed(0)
     router = TopKRouter(4, num_experts=5, top_k=2, renormalize=False, noisy=False).eval()
