@@ -183,7 +183,9 @@ class LayerGraph:
             if layer is not None:
                 self.layers.append(layer)
         if not self.layers:
-            raise PruningError("no prunable layer found (every channel group touches a protected or ignored layer)")
+            why = "; ".join(f"{k}: {v}" for k, v in list(self.skipped.items())[:3])
+            raise PruningError("no prunable layer found (every channel group touches a protected or ignored layer"
+                               + (f", or was left whole: {why}" if why else "") + ")")
         self.by_name = {l.name: l for l in self.layers}
 
     def __repr__(self) -> str:
@@ -230,9 +232,14 @@ class LayerGraph:
             if isinstance(target, (nn.Conv2d, nn.Linear)) and extra:  # e.g. timm's ScaledStdConv2d `gain`
                 self.skipped[root] = f"touches {type(target).__name__} {name!r} (its {extra} would not be resized)"
                 return None
-            if isinstance(target, nn.Conv2d) and 1 < target.groups != target.in_channels:
-                # grouped (not depthwise): channels are tied to their group; not handled
-                self.skipped[root] = f"touches grouped convolution {name!r} (groups={target.groups})"
+            if isinstance(target, nn.Conv2d) and target.groups > 1 and not (
+                    target.groups == target.in_channels == target.out_channels):
+                # grouped, or depthwise with a channel multiplier (input j feeds outputs k·j … k·j+k−1):
+                # channels are tied to their group; not handled
+                mult = (f", a depthwise convolution with channel multiplier {target.out_channels // target.groups}"
+                        if target.groups == target.in_channels else "")
+                self.skipped[root] = (f"touches grouped convolution {name!r} (groups={target.groups}, "
+                                      f"{target.in_channels} in, {target.out_channels} out{mult})")
                 return None
             local: list[list[int]] = [[] for _ in range(n_units)]
             for idx, r in zip(item.idxs, item.root_idxs):

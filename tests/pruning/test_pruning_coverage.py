@@ -54,6 +54,28 @@ def test_grouped_convs_and_groupnorm_are_skipped_and_removal_equals_masking(back
     _removal_equals_masking(model, graph, x)  # every layer that is pruned
 
 
+def test_a_depthwise_conv_with_a_channel_multiplier_is_left_whole():
+    # Conv2d(4, 8, groups=4): input j feeds outputs 2j and 2j+1; treated as depthwise, removal cut its input
+    # side to 0 channels and masking zeroed the wrong rows
+    from pruning_toys import TinyMultiTask
+
+    body = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                         nn.Conv2d(6, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Conv2d(4, 8, 3, padding=1, groups=4), nn.BatchNorm2d(8), nn.ReLU())
+    model = TinyMultiTask(body, {"a": nn.Conv2d(8, 2, 1)}).eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph = LayerGraph(model, x)
+    assert [l.name for l in graph.layers] == ["body.0"]
+    assert "channel multiplier 2" in graph.skipped["body.3"]
+    pruned, report = pruning.prune(model, "l1", example=x, ratio=0.5)
+    assert pruned.body[6].weight.shape == (8, 1, 3, 3) and pruned.body[0].weight.shape[0] == 3
+    assert "body.3" in report["rounds"][0]["skipped_layers"]
+    _removal_equals_masking(model, graph, x)
+    alone = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, groups=4), nn.BatchNorm2d(8), nn.ReLU())
+    with pytest.raises(PruningError, match="left whole: body.0: touches grouped convolution 'body.0'.*multiplier 2"):
+        LayerGraph(TinyMultiTask(alone, {"a": nn.Conv2d(8, 2, 1)}).eval(), torch.randn(2, 4, 8, 8))
+
+
 def test_taylor_unit_score_is_the_whole_first_order_change_of_its_coupled_weights():
     """Σ|w·∂L/∂w| over the unit's filter, its BN affine and the next conv's input slice — summed as they
     are, not each member divided by its mean (which made every layer's per-task share alike)."""
