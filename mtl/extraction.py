@@ -16,15 +16,18 @@ from torch import nn
 from mtl.io import is_plain_json, require_model
 
 
-def extract(model: nn.Module, *, out: str | os.PathLike | None = None, overwrite: bool = False,
+def extract(model: nn.Module, *args: Any, out: str | os.PathLike | None = None, overwrite: bool = False,
             run_dir: str | os.PathLike | None = None, **kwargs: Any) -> nn.Module:
-    """``extract(model, task="depth", calib=batches)`` (task-routed MoE) or
+    """``extract(model, task="depth", calib=batches)`` (task-routed MoE; ``extract(model, "depth", batches)``
+    too: positional arguments are the family's, in its order) or
     ``extract(model, widths={...})`` (slimmable: widths not named keep the model's current ones, and
     ``extract(model)`` takes the current configuration as it is). With ``out=`` the result is also saved
     as a model folder whose meta records the full configuration used (``extract.widths``) and, when
     given, the ``run_dir`` that made it (mtl-extract's run folder, which model cards name). The model is left as
     it was (weights, every module's train/eval mode) and so are torch's random streams."""
     require_model(model, "extract")
+    if args:
+        kwargs = _as_keywords(model, args, kwargs)
     check_request(model, kwargs)
     fn = model.extract_subnetwork
     cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
@@ -55,6 +58,23 @@ def extract(model: nn.Module, *, out: str | os.PathLike | None = None, overwrite
             meta["report"] = measured
         save_model(sub, out, meta=meta, overwrite=overwrite)
     return sub
+
+
+def _as_keywords(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Positional arguments named by the family's ``extract_subnetwork`` signature, in its order."""
+    fn = getattr(model, "extract_subnetwork", None)
+    if fn is None:
+        check_request(model, kwargs)  # raises: no extraction
+    names = [n for n, p in inspect.signature(fn).parameters.items()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    family = getattr(model, "config", {}).get("family", type(model).__name__)
+    if len(args) > len(names):
+        raise TypeError(f"model family {family!r} extracts with ({', '.join(f'{n}=' for n in names)}); got "
+                        f"{len(args)} positional arguments")
+    twice = [n for n in names[:len(args)] if n in kwargs]
+    if twice:
+        raise TypeError(f"extract: {twice[0]} given both by position and as {twice[0]}=")
+    return {**dict(zip(names, args)), **kwargs}
 
 
 def check_request(model: nn.Module, kwargs: dict[str, Any]) -> None:

@@ -218,6 +218,19 @@ def test_extraction_round_trip(tmp_path):
     assert count_flops(again, X, ["depth"]) == count_flops(model, X, ["depth"])
 
 
+def test_extract_takes_the_task_by_position_as_issue_9_writes_it():
+    model = make().eval()
+    by_name = mtl.extract(model, task="depth", calib=[X])
+    by_position = mtl.extract(model, "depth", [X])
+    assert all(torch.equal(a, b) for a, b in zip(by_name.state_dict().values(), by_position.state_dict().values()))
+    with pytest.raises(TypeError, match=r"extracts with \(task=, calib=, min_share=\); got \(task=\): .*'calib'"):
+        mtl.extract(model, "depth")
+    with pytest.raises(TypeError, match="task given both by position and as task="):
+        mtl.extract(model, "depth", task="semseg", calib=[X])
+    with pytest.raises(TypeError, match="got 4 positional arguments"):
+        mtl.extract(model, "depth", [X], 0.0, 1)
+
+
 def test_extraction_with_min_share_reports_what_the_dropped_experts_received():
     model = make().eval()
     sub = model.extract_subnetwork(task="semseg", calib=[X], min_share=0.2)
