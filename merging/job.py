@@ -316,8 +316,13 @@ def merge_only(cfg: DictConfig, run_dir: Path, name: str, hp: dict[str, Any], ou
     with the hyperparameters as given (`run_merge` has checked `name` with `check_state_dict_method`): nothing is
     evaluated, so no grid is searched."""
     method, hp = ("task_arithmetic", {"lam": 0.0}) if name == "pretrained" else (name, dict(hp))
-    if hp.pop("lam_grid", None) and hp.get("lam") is None:
-        log.info("eval=none: no λ search without evaluation; %s uses its default λ (set merge.lam to choose)", name)
+    grid = hp.pop("lam_grid", None)
+    if grid and hp.get("lam") is None:
+        # a grid the user gave (not a method config's own) is worth a console line: its λ values are not used
+        given = grid not in (_base_grid(name), _base_grid(hp.get("base")))
+        (log.warning if given else log.info)(
+            "eval=none: no λ search without evaluation%s; %s uses its default λ (set merge.lam to choose)",
+            f" (merge.lam_grid={grid} is not searched)" if given else "", name)
     hp = {k: v for k, v in hp.items() if not (k == "lam" and v is None)}
     pre, models = _input_paths(cfg, run_dir, manifest)
     check_same_pruning(pre, models)

@@ -219,6 +219,18 @@ def test_dare_with_the_task_arithmetic_base(pool, tmp_path):
         run([*args, "merge.k=30"], run_dir=tmp_path / "k")
 
 
+@pytest.mark.parametrize("extra, warned", [(["merge=ties", "merge.lam_grid=[0.5,0.9]"], True),
+                                           (["merge=ties"], False), (["merge=dare"], False)])
+def test_eval_none_says_on_the_console_that_a_given_grid_is_not_searched(pool, tmp_path, caplog, extra, warned):
+    # without evaluation the method's default λ is used: a grid the user gave is a WARNING, the config's own INFO
+    models = ",".join(str(p) for p in pool.member_paths)
+    with caplog.at_level("INFO", logger="merging.job"):
+        run(["eval=none", *extra, f"pretrained={pool.pretrained}", f"models=[{models}]"], run_dir=tmp_path / "g")
+    said = [r for r in caplog.records if "no λ search without evaluation" in r.getMessage()]
+    assert len(said) == 1 and (said[0].levelname == "WARNING") is warned
+    assert ("merge.lam_grid=[0.5, 0.9] is not searched" in said[0].getMessage()) is warned
+
+
 def test_dare_searches_its_bases_lambda_grid(tmp_path):
     """dare.yaml once searched TIES's 0.4-1.2 with base=task_arithmetic too (λ·T up to 9.6 on 8 tasks)."""
     from mtl.cli.in_process import compose_in_process
