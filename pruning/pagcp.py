@@ -66,9 +66,10 @@ class Oracle:
 
     @staticmethod
     def violations(trial: dict[str, float], reference: dict[str, float], delta: float) -> dict[str, float]:
-        """{task: trial/reference} for every task over its threshold."""
-        return {t: trial[t] / reference[t] if reference[t] > 0 else math.inf
-                for t in reference if trial[t] > (1 + delta) * reference[t]}
+        """{task: trial/reference} for every task over its threshold; a NaN trial loss (a broken network)
+        is over every threshold (ratio inf), where `nan > x` alone would accept it."""
+        return {t: trial[t] / reference[t] if reference[t] > 0 and not math.isnan(trial[t]) else math.inf
+                for t in reference if not trial[t] <= (1 + delta) * reference[t]}
 
 
 def _saved(model: nn.Module, graph: LayerGraph, layer) -> list[tuple[torch.Tensor, torch.Tensor]]:

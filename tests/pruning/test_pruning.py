@@ -391,3 +391,10 @@ def test_a_folder_path_given_for_the_model_names_load_model(tmp_path):
     with pytest.raises(TypeError, match=r"^prune takes a model \(nn.Module\), got str; load a model folder with "
                                         r"mtl.load_model\(path\) first$"):
         pruning.prune(str(tmp_path), "l1", calib=[torch.zeros(2, 3, 32, 32, dtype=torch.uint8)], ratio=0.3)
+
+
+def test_pagcp_oracle_refuses_a_trial_whose_loss_is_nan():
+    ref = {"semseg": 1.0, "depth": 2.0}
+    assert pagcp_mod.Oracle.violations({"semseg": 1.05, "depth": 2.0}, ref, 0.1) == {}
+    assert pagcp_mod.Oracle.violations({"semseg": 1.2, "depth": 2.0}, ref, 0.1) == {"semseg": pytest.approx(1.2)}
+    assert pagcp_mod.Oracle.violations({"semseg": math.nan, "depth": 2.0}, ref, 0.1) == {"semseg": math.inf}
