@@ -165,7 +165,7 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         check_resume_length(cfg.trainer, Path(cfg.ckpt_path), ckpt)
         start = resume_start(cfg, Path(cfg.ckpt_path), ckpt)
         # inherited: config.yaml records it, and a pruned start's architecture comes from its folder (not its weights)
-        if start is not None and not cfg.get("init_from") and Path(start["init_from"]).is_dir():
+        if start is not None:  # (its folder, moved or not, is there: resume_start checked it)
             cfg.init_from = start["init_from"]
     check_optim(OmegaConf.to_container(cfg.optim, resolve=True))
     check_test_batches(cfg)

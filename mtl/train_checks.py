@@ -212,9 +212,10 @@ def read_checkpoint(path: Path) -> dict[str, Any] | None:
 
 def resume_start(cfg: DictConfig, path: Path, ckpt: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The start record (`mtl.warm_start.start_record`) of the run resumed from checkpoint ``path``, which the
-    resume keeps: ``init_from`` left out inherits it, another folder (or the same path holding other weights since)
-    is refused, as a new start for weights that are not a fine-tune of it. A checkpoint from before the record was
-    kept: this run's ``init_from``, if any, is taken as it is, with a warning. ``ckpt``: as in `check_resume_length`."""
+    resume keeps: ``init_from`` left out inherits it (its folder must still be there: a pruned start's architecture
+    comes from it), one holding the same weights (equal weights digest) at another path records that path (the start
+    was moved or copied), other weights are refused (`changed_start`). A checkpoint from before the record was kept:
+    this run's ``init_from``, if any, is taken as it is, with a warning. ``ckpt``: as in `check_resume_length`."""
     from mtl.warm_start import start_record
 
     ckpt = read_checkpoint(path) if ckpt is None else ckpt
@@ -225,25 +226,48 @@ def resume_start(cfg: DictConfig, path: Path, ckpt: dict[str, Any] | None = None
                     "%s", path, f"recording init_from={now['init_from']} as given" if now else
                     "the model folder records no init_from (pass the run's init_from= to record it)")
         return now
-    changed = changed_start(stored["start"], now)
+    then = stored["start"]
+    changed = changed_start(then, now)
     if changed is not None:
         raise ValueError(resume_refusal(changed))
-    return stored["start"]
+    if then is None:
+        return None
+    if now is None:
+        if not Path(then["init_from"]).is_dir():
+            raise ValueError(f"ckpt_path {path}: its run started from init_from={then['init_from']}, which is no longer "
+                             "a folder; pass init_from=<its new location> (its weights digest is checked against the "
+                             "checkpoint's record)")
+        return then
+    if now["init_from"] != then["init_from"]:
+        log.info("init_from=%s holds the checkpoint's start weights (weights digest %s) recorded at %s: the start "
+                 "moved; recording its new location", now["init_from"], now.get("init_from_weights_digest"),
+                 then["init_from"])
+    return {**then, "init_from": now["init_from"]}
 
 
 def changed_start(then: dict[str, Any] | None, now: dict[str, Any] | None) -> tuple[str, Any, Any, str] | None:
     """A resume's ``init_from`` (``now``, its start record; None: left out, which keeps the checkpoint's) that is not
-    the checkpoint's start ``then`` (None: trained from scratch), as `changed_on_resume` reports it."""
-    same = ("init_from", "init_from_weights_digest")
-    if now is None or (then is not None and all(then.get(k) == now.get(k) for k in same)):
+    the checkpoint's start ``then`` (None: trained from scratch), as `changed_on_resume` reports it. The weights
+    digests decide where both are recorded (a start moved or copied is the same start); the paths, where neither is."""
+    if now is None:
         return None
-    origin = "trained from scratch" if then is None else "a fine-tune of the checkpoint's start"
-    why = f"its weights are {origin}, and the model folder would record this one as their start (merge pools check it)"
-    if then is None or then.get("init_from") != now.get("init_from"):
-        return "init_from", now["init_from"], None if then is None else then["init_from"], why
-    digests = [r.get("init_from_weights_digest") or "none" for r in (now, then)]
-    return ("init_from", f"{now['init_from']} (weights digest {digests[0]})",
-            f"{then['init_from']} (weights digest {digests[1]})", why + "; the folder holds other weights since")
+    records = "and the model folder would record this one as their start (merge pools check it)"
+    if then is None:
+        return "init_from", now["init_from"], None, f"its weights are trained from scratch, {records}"
+    digests = [r.get("init_from_weights_digest") for r in (now, then)]
+    if all(digests):
+        if digests[0] == digests[1]:
+            return None
+        why = f"its weights were trained from {then['init_from']}'s, not from these, {records}"
+        if now["init_from"] == then["init_from"]:
+            why += "; the folder holds other weights since"
+        return ("init_from", f"{now['init_from']} (weights digest {digests[0]})",
+                f"{then['init_from']} (weights digest {digests[1]})", why)
+    if not any(digests) and now["init_from"] == then["init_from"]:
+        return None
+    lacking = " or ".join(n for n, d in zip(("this folder", "the checkpoint's record"), digests) if not d)
+    return ("init_from", now["init_from"], then["init_from"],
+            f"whether it holds the weights its run started from is unknown (no weights digest in {lacking}), {records}")
 
 
 def warn_seed_of_resume(cfg: DictConfig, ckpt: Path) -> None:

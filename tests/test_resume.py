@@ -290,8 +290,9 @@ def test_a_resumed_fine_tune_keeps_its_init_from_record_and_refuses_another(tmp_
     assert "init_from: " + str(theta0.resolve()) in (resumed / "config.yaml").read_text()
     check_same_start(str(theta0), [str(resumed / "model")])  # its true θ0 is accepted
     other = whole / "model"  # another folder, other weights
-    with pytest.raises(ValueError, match=rf"^init_from={other.resolve()} differs from the checkpoint's start "
-                                         rf"{theta0.resolve()}: .*; resume without init_from"):
+    with pytest.raises(ValueError, match=rf"^init_from={other.resolve()} \(weights digest \w+\) differs from the "
+                                         rf"checkpoint's start {theta0.resolve()} \(weights digest \w+\): .*; resume "
+                                         r"without init_from"):
         run(tune[:-1] + [f"init_from={other}", f"ckpt_path={last}"], run_dir=tmp_path / "b3")
     assert not (tmp_path / "b3").exists()  # refused before any folder
     scratch = theta0.parent / "checkpoints" / "last.ckpt"  # a run that started from scratch is no fine-tune
@@ -299,9 +300,43 @@ def test_a_resumed_fine_tune_keeps_its_init_from_record_and_refuses_another(tmp_
         run(BASE + ["trainer.max_epochs=2", f"init_from={other}", f"ckpt_path={scratch}"], run_dir=tmp_path / "b4")
 
 
-def test_a_resume_start_record_compares_path_and_weights_digest_and_warns_on_old_checkpoints(tmp_path, caplog):
-    """The same path holding other weights since is another start; a checkpoint from before the record was kept
-    resumes, warning that its start is unknown."""
+def test_a_fine_tune_of_a_moved_pruned_start_resumes_from_its_new_location(tmp_path, caplog):
+    """Once the start folder had moved, naming its new location was refused as another start and leaving init_from
+    out lost the pruned architecture (the checkpoint's weights did not fit): the run could not be resumed at all."""
+    import shutil
+
+    from pruning.job import run as prune
+
+    theta0 = run(BASE + ["trainer.max_epochs=1"], run_dir=tmp_path / "theta0") / "model"
+    prune(["prune=l1", f"model={theta0}", "prune.ratio=0.5", "calib.batches=1", "eval.max_batches=1",
+           "eval.latency_repeats=1"], run_dir=tmp_path / "p")
+    tune = BASE + ["trainer.max_epochs=2", f"init_from={tmp_path / 'p' / 'model'}"]
+    with pytest.raises(InterruptedError):
+        run(tune + ["+callbacks.stop._target_=kill_callback.InterruptAtEpoch", "+callbacks.stop.epoch=1"],
+            run_dir=tmp_path / "b1")
+    last = tmp_path / "b1" / "checkpoints" / "last.ckpt"
+    moved = Path(shutil.move(tmp_path / "p" / "model", tmp_path / "moved"))
+    with pytest.raises(ValueError, match=rf"^ckpt_path {last}: its run started from init_from="
+                                         rf"{tmp_path.resolve() / 'p' / 'model'}, which is no longer a folder; pass "
+                                         r"init_from=<its new location>"):
+        run(tune[:-1] + [f"ckpt_path={last}"], run_dir=tmp_path / "b2")
+    assert not (tmp_path / "b2").exists()  # refused before any folder
+    with pytest.raises(ValueError, match=rf"^init_from={theta0.resolve()} \(weights digest \w+\) differs from the "
+                                         r"checkpoint's start .*: its weights were trained from"):
+        run(tune[:-1] + [f"init_from={theta0}", f"ckpt_path={last}"], run_dir=tmp_path / "b3")
+    with caplog.at_level("INFO", logger="mtl.train"):
+        resumed = run(tune[:-1] + [f"init_from={moved}", f"ckpt_path={last}"], run_dir=tmp_path / "b4")
+    assert "the start moved; recording its new location" in caplog.text
+    meta = json.loads((resumed / "model" / "config.json").read_text())["meta"]
+    assert meta["init_from"] == str(moved.resolve()) and meta["init_from_weights_digest"]
+    assert "init_from: " + str(moved.resolve()) in (resumed / "config.yaml").read_text()
+    assert json.loads((resumed / "metrics.json").read_text())["global_steps"] == 4
+
+
+def test_a_resume_start_record_compares_weights_digests_and_warns_on_old_checkpoints(tmp_path, caplog):
+    """The same path holding other weights since is another start, another path holding the same weights is the same
+    (it was refused, claiming a fine-tune of another start); a checkpoint from before the record was kept resumes,
+    warning that its start is unknown."""
     import torch
     from omegaconf import OmegaConf
 
@@ -309,11 +344,17 @@ def test_a_resume_start_record_compares_path_and_weights_digest_and_warns_on_old
 
     then = {"init_from": "/m/a", "init_from_weights_digest": "d1", "start_weights_digests": ["d1"]}
     assert changed_start(then, None) is None and changed_start(then, dict(then)) is None
-    moved = resume_refusal(changed_start(then, {**then, "init_from": "/m/c"}))
-    assert moved.startswith("init_from=/m/c differs from the checkpoint's start /m/a: ")
+    assert changed_start(then, {**then, "init_from": "/m/c"}) is None  # moved or copied: the same weights
+    other = resume_refusal(changed_start(then, {**then, "init_from": "/m/c", "init_from_weights_digest": "d2"}))
+    assert other.startswith("init_from=/m/c (weights digest d2) differs from the checkpoint's start /m/a (weights "
+                            "digest d1): its weights were trained from /m/a's, not from these")
     rebuilt = resume_refusal(changed_start(then, {**then, "init_from_weights_digest": "d2"}))
     assert rebuilt.startswith("init_from=/m/a (weights digest d2) differs from the checkpoint's start /m/a "
-                              "(weights digest d1)")
+                              "(weights digest d1)") and "the folder holds other weights since" in rebuilt
+    bare = {"init_from": "/m/a"}  # no digest on one side: only the same path is known to be the same start
+    assert changed_start(bare, dict(bare)) is None
+    unknown = resume_refusal(changed_start(then, {"init_from": "/m/c"}))
+    assert "is unknown (no weights digest in this folder)" in unknown and "trained from" not in unknown
     old = tmp_path / "old.ckpt"
     torch.save({"hyper_parameters": {"lr": 1e-3}}, old)
     with caplog.at_level("WARNING", logger="mtl.train"):
