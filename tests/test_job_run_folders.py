@@ -1,5 +1,6 @@
 """The job CLIs' run folders (mtl.cli.jobs.start_run): a finished run of any of them is left exactly as it was by a
 refused command, and no other command takes it over afterwards."""
+import os
 from pathlib import Path
 
 import pytest
@@ -242,9 +243,58 @@ def test_an_empty_output_dir_variable_counts_as_unset(monkeypatch, value, root):
 
     from mtl.cli.common import register_resolvers
 
+    monkeypatch.setenv("MTL_OUTPUT_DIR", value)  # (set when the process starts, as for a CLI)
     register_resolvers()
-    monkeypatch.setenv("MTL_OUTPUT_DIR", value)
     with initialize_config_module(config_module="mtl.configs", version_base="1.3"):
         cfg = compose(config_name="train", overrides=["name=a/b"], return_hydra_config=True)
     for kind in ("run", "sweep"):
         assert Path(cfg.hydra[kind].dir).parts[:3] == (root, "a", "b")
+
+
+@pytest.mark.parametrize("module, name", [("mtl.configs", "train"), ("mtl.configs.merge_app", "merge"),
+                                          ("mtl.configs.prune_app", "prune"), ("mtl.configs.export_app", "export"),
+                                          ("mtl.configs.extract_app", "extract")])
+def test_a_runs_hydra_config_loads_with_plain_omegaconf(tmp_path, monkeypatch, module, name):
+    """.hydra/config.yaml used mtlkit's own mtl_env resolver: OmegaConf.load(...).data.cache_dir raised
+    UnsupportedInterpolationType outside mtlkit. Every value resolves in a fresh interpreter that never imports mtl,
+    but those using Hydra's own ${hydra:...} (the run folder, known inside a Hydra app only)."""
+    import json
+    import subprocess
+    import sys
+
+    from hydra import compose, initialize_config_module
+
+    from mtl.cli.common import register_resolvers
+
+    monkeypatch.setenv("MTL_DATA_CACHE", "")  # set but empty still counts as unset
+    register_resolvers()
+    with initialize_config_module(config_module=module, version_base="1.3"):
+        cfg = compose(config_name=name, overrides=["data=scenes"] if name == "train" else [])
+    saved = tmp_path / ".hydra" / "config.yaml"
+    saved.parent.mkdir()
+    saved.write_text(OmegaConf.to_yaml(cfg))  # as write_hydra_record writes it: unresolved
+    probe = ("import json, sys\nfrom omegaconf import OmegaConf\ncfg = OmegaConf.load(sys.argv[1])\nbad = {}\n"
+             "def walk(node, key):\n"
+             "    for k in (node.keys() if OmegaConf.is_dict(node) else range(len(node))):\n"
+             "        full = f'{key}.{k}' if key else str(k)\n"
+             "        try:\n"
+             "            value = node[k]\n"
+             "        except Exception as e:\n"
+             "            bad[full] = str(e).splitlines()[0]\n"
+             "            continue\n"
+             "        if OmegaConf.is_config(value):\n"
+             "            walk(value, full)\n"
+             "walk(cfg, '')\n"
+             "print(json.dumps({'bad': bad, 'mtl': any(m.split('.')[0] == 'mtl' for m in sys.modules),\n"
+             "                  'cache': OmegaConf.select(cfg, 'paths.data_cache')}))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("MTL_DATA_CACHE", "PYTHONPATH")}
+    done = subprocess.run([sys.executable, "-c", probe, str(saved)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = json.loads(done.stdout)
+    assert not found["mtl"]
+    assert all(e == "Unsupported interpolation type hydra" for e in found["bad"].values()), found["bad"]
+    if "paths" in cfg:
+        assert found["cache"] == str(Path.home() / ".cache" / "mtlkit")
+    if name == "train":
+        assert "data.cache_dir" not in found["bad"]

@@ -425,15 +425,23 @@ def check_run_name(name: Any) -> str:
     return text
 
 
-def env_or(name: str, default: Any) -> Any:
-    """``${mtl_env:NAME,DEFAULT}``: the environment variable, or ``default`` when it is unset or empty, as the
-    Python side reads MTL_OUTPUT_DIR and MTL_DATA_CACHE. ``oc.env`` gives "" for a set-but-empty one, which
-    put the scenes cache at /scenes and run folders at /<name>."""
-    return os.environ.get(name) or default
+#: read by the configs through ``oc.env`` with a default, which gives "" for a variable set but empty
+EMPTY_MEANS_UNSET = ("MTL_OUTPUT_DIR", "MTL_DATA_CACHE")
+
+
+def unset_empty_env() -> None:
+    """A set-but-empty MTL_OUTPUT_DIR / MTL_DATA_CACHE counts as unset, as the Python side reads them: dropped from
+    the environment, so that the configs' ``${oc.env:NAME,DEFAULT}`` give the default (they gave "", which put the
+    scenes cache at /scenes and run folders at /<name>). The configs use only OmegaConf's own resolvers there, so a
+    run's ``.hydra/config.yaml`` loads with plain ``OmegaConf.load``."""
+    for name in EMPTY_MEANS_UNSET:
+        if os.environ.get(name) == "":
+            del os.environ[name]
 
 
 def register_resolvers() -> None:
+    """What composing mtlkit's configs needs: its resolvers and `unset_empty_env`."""
     from omegaconf import OmegaConf
 
+    unset_empty_env()
     OmegaConf.register_new_resolver("mtl_run_name", check_run_name, replace=True)
-    OmegaConf.register_new_resolver("mtl_env", env_or, replace=True)
