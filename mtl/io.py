@@ -122,6 +122,11 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
         raise err from e
     if metadata and len(metadata) > 1:
         _sort_header_metadata(path)
+    usual_permissions(path)
+
+
+def usual_permissions(path: str | os.PathLike) -> None:
+    """Give a file safetensors created (0600) the permissions ``open()`` would have (0666 & ~umask)."""
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)

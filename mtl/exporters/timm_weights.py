@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 
 from mtl.exporters.api import EXPORTERS, ExportError, Source, trained_image_size
-from mtl.io import safetensors_os_error
+from mtl.io import safetensors_os_error, usual_permissions
 from mtl.models.backbone_weights import flat_key
 from mtl.models.backbones import INIT_ONLY
 from mtl.models.multitask import IMAGENET_MEAN, IMAGENET_STD
@@ -104,6 +104,7 @@ def export_timm(source: Source, out: Path, tasks: list[str], seed: int = 0) -> d
         raise err from e
     if not (out / TIMM_FILE).is_file():
         raise ExportError(f"timm's save_for_hf wrote no {TIMM_FILE} in {out}")
+    usual_permissions(out / TIMM_FILE)  # timm writes through safetensors' save_file: 0600 otherwise
     # the maps the tasks were trained on; timm's features_only default (every stage) would add untrained ones
     out_indices = [int(i) for i in body.feature_info.out_indices]
     return {

@@ -221,6 +221,22 @@ def test_timm_weights_reload_in_plain_timm(tmp_path, backbone):
     assert cfg["tag"] == "mtlkit" and not {"hf_hub_id", "license", "origin_url", "paper_ids", "paper_name"} & set(cfg)
 
 
+@pytest.mark.parametrize("fmt", ["timm", "folder", "onnx"])
+def test_every_exported_file_gets_the_usual_permissions(tmp_path, fmt):
+    # timm's save_for_hf writes through safetensors' save_file, which creates its file 0600
+    import os
+    import stat
+
+    folder = _folder(tmp_path, "test_resnet")
+    old = os.umask(0o022)
+    try:
+        out = mtl.export(folder, fmt, tmp_path / fmt)
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()}
+    assert modes and all(m == 0o644 for m in modes.values()), modes
+
+
 def test_timm_card_loads_the_trained_maps_and_never_recommends_untrained_stages(tmp_path):
     """out_indices [1, 2, 3] leave layer4 at timm's seeded init: forward_features then depends on format.seed
     alone, and features_only=True with timm's default indices returns that random map last."""
