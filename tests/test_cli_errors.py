@@ -166,6 +166,67 @@ def test_a_command_line_mistake_leaves_no_run_folder(console, capfd, cli, args, 
     assert not out.exists() or list(out.iterdir()) == [], list(out.rglob("*"))
 
 
+@pytest.mark.parametrize("cli, args", [
+    ("mtl.cli.export", ["model={m0}", "format=timm"]),
+    ("merging.cli", ["pretrained={m0}", "models=[{m1}]", "merge=average", "eval=none"]),
+])
+def test_a_switch_that_is_not_a_bool_is_refused_before_the_output_is_touched(console, capfd, monkeypatch, tmp_path,
+                                                                              cli, args):
+    """Hydra reads ``overwrite=no``/``maybe`` and ``${oc.env:X}`` as text, and the jobs read a switch with a truth
+    test: ``overwrite=no`` replaced an existing output. A switch is a bool or the text true/false (any case)."""
+    import torch
+
+    from mtl.io import save_model
+    from mtl.models import create_model
+
+    folders = {}
+    for name in ("m0", "m1"):
+        torch.manual_seed(len(folders))
+        model = create_model(["depth"], backbone={"name": "test_resnet", "out_indices": [1, 2, 3]},
+                             decoder={"name": "hps", "channels": 8})
+        folders[name] = save_model(model, tmp_path / name)
+    args = [a.format(**folders) for a in args] + [f"output={tmp_path / 'result'}"]
+
+    def snapshot():
+        return {p: p.read_bytes() for p in sorted((tmp_path / "result").rglob("*")) if p.is_file()}
+
+    def run_folders():
+        return {p.parent for p in out.rglob("config.yaml") if p.parent.name != ".hydra"}
+
+    def finishes(*more):  # the console entry, which returns (no exit) when the run finishes
+        import importlib
+
+        monkeypatch.setattr(sys, "argv", [cli, *args, *more])
+        importlib.import_module(cli).main()
+        assert capfd.readouterr().out.strip().splitlines()[-1].startswith("run_dir: ")
+
+    out = tmp_path / "outputs"
+    monkeypatch.setenv("MTL_OUTPUT_DIR", str(out))
+    finishes()
+    before, runs = snapshot(), run_folders()
+    capfd.readouterr()
+    for value, shown in (("no", "'no'"), ("maybe", "'maybe'"), ("1", "1")):
+        code, _ = console(cli, *args, f"overwrite={value}")
+        err = capfd.readouterr().err.strip()
+        assert code == 1 and err == f"error: overwrite must be true or false, got {shown}", err
+    monkeypatch.setenv("OVW", "false")  # an environment variable's text: read as the bool, so the output is kept
+    code, _ = console(cli, *args, "overwrite=${oc.env:OVW}")
+    assert code == 1 and "exists; pass overwrite=true to replace it" in capfd.readouterr().err
+    assert snapshot() == before and run_folders() == runs  # no output replaced, no run folder
+    monkeypatch.setenv("OVW", "TRUE")
+    finishes("overwrite=${oc.env:OVW}")
+    finishes("overwrite=true")
+    assert len(run_folders()) == len(runs) + 2
+
+
+def test_verbose_is_a_bool_too(console, capfd):
+    code, out = console("mtl.cli.export", "verbose=no", "model=???")
+    assert code == 1 and capfd.readouterr().err.strip() == "error: verbose must be true or false, got 'no'"
+    code, _ = console("mtl.cli.export", "verbose=false", "model=???")  # no traceback, the usual one line
+    assert code == 1 and capfd.readouterr().err.strip().startswith("error: required value(s) not set: model")
+    assert not out.exists() or list(out.iterdir()) == []
+
+
 def test_an_early_refusal_keeps_a_folder_that_existed_before_the_run(console, capfd, tmp_path):
     """`mkdir -p $RUN` in a job script, then `hydra.run.dir=$RUN`: the refusal removed the user's folder as if
     Hydra had made it; only the folders the run made go (with the parents made for it), wherever they are."""

@@ -26,8 +26,11 @@ OPTIONAL_GROUPS = ("logger", "callbacks")
 
 def check_overrides(cfg: Any, overrides: Sequence[str], config_modules: Sequence[str]) -> None:
     """Every check of the command line against the composed config (before the run folder is touched)."""
+    from mtl.cli.switches import check_switches
+
     check_choices_honoured(cfg, overrides, config_modules)
     check_added_keys(cfg, overrides, app_settings(config_modules[0]))
+    check_switches(cfg, config_modules[0])  # overwrite=no would read as true
 
 
 @functools.lru_cache(maxsize=None)  # read by several checks of one command line; the files do not change

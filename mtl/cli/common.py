@@ -55,7 +55,17 @@ def write_hydra_record(cfg, run_dir: str | os.PathLike) -> None:
             tmp.write_text(OmegaConf.to_yaml(node))
 # Lightning's own use of a torch API torch deprecates (lightning/pytorch/utilities/_pytree.py)
 LEAFSPEC_WARNING = r".*LeafSpec.*is deprecated"
-_VERBOSE_FLAGS = {"verbose=true", "verbose=True", "verbose=1", "+verbose=true", "+verbose=True", "+verbose=1"}
+
+
+def verbose_switch(arg: str) -> bool | None:
+    """The command-line switch ``verbose=<bool>`` (or ``+verbose=``), read by `cli_main`, not the config: True/False
+    (also 1/0), None for any other argument; any other value is refused (`mtl.cli.switches.as_switch`)."""
+    key, eq, value = arg.partition("=")
+    if not eq or key not in ("verbose", "+verbose"):
+        return None
+    from mtl.cli.switches import as_switch
+
+    return value.strip() == "1" if value.strip() in ("1", "0") else as_switch("verbose", value)
 
 
 def prepare(traceback_wanted: bool = False) -> None:
@@ -234,8 +244,13 @@ def cli_main(hydra_main: Callable[[], Any], *config_modules: str, argv: list[str
 
 def _cli_main(hydra_main: Callable[[], Any], *config_modules: str, argv: list[str] | None = None) -> None:
     argv = sys.argv if argv is None else argv
-    wanted = any(a in _VERBOSE_FLAGS for a in argv[1:])
-    argv[1:] = [a for a in argv[1:] if a not in _VERBOSE_FLAGS]
+    try:
+        switches = [verbose_switch(a) for a in argv[1:]]
+    except ValueError as e:  # verbose=no: said before anything runs
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    wanted = any(switches)
+    argv[1:] = [a for a, s in zip(argv[1:], switches) if s is None]
     prepare(traceback_wanted=wanted)
     from mtl.cli.help import print_help_if_asked
     from mtl.cli.plugins import check_plugins, register_plugins

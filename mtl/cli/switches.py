@@ -1,0 +1,75 @@
+"""The on/off switches of a CLI (``overwrite``, ``store``, ``smoke_model``, ``linearize``, ``verbose``...) are
+booleans. Hydra reads ``overwrite=no``, ``overwrite=maybe`` and ``${oc.env:X}`` (always text) as strings, and
+every job reads a switch with a plain truth test, in which any non-empty string is true: ``overwrite=no`` would
+replace an existing output. So each switch is checked once, before the run folder is touched: true, false or
+the text ``true``/``false`` (any case, as an environment variable gives it; set to the bool), anything else refused.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+__all__ = ["as_switch", "check_switches"]
+
+SHARED = "mtl.configs"  # the shared config groups, and mtl-train's own config
+
+
+def as_switch(key: str, value: Any) -> bool:
+    """``value`` as a bool: True, False, or the text "true"/"false" in any case; anything else is refused."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError(f"{key} must be true or false, got {value!r}")
+
+
+def bool_keys(settings: dict, prefix: str = "") -> Iterator[str]:
+    """The dotted keys whose value in ``settings`` (an app's primary config, as read from its YAML) is a bool."""
+    for key, value in settings.items():
+        if isinstance(value, bool):
+            yield f"{prefix}{key}"
+        elif isinstance(value, dict):
+            yield from bool_keys(value, f"{prefix}{key}.")
+
+
+def app_switches(app_module: str) -> set[str]:
+    """The boolean settings of an app: those of its primary config file(s) (`mtl.cli.choices.app_config`) and of the
+    option files of a job app's own config groups (mtl-merge's ``eval.enabled``; a ``@package _global_`` file's at the
+    top). Not the shared groups of `SHARED` (mtl-train's): their keys are arguments of the classes they configure,
+    some of which take more than a bool (``logger.wandb.log_model=all``)."""
+    import yaml
+    from importlib import resources
+
+    from mtl.cli.choices import app_config
+
+    keys = set(bool_keys(app_config(app_module)[0]))
+    if app_module.removeprefix("pkg://") == SHARED:
+        return keys
+    try:
+        groups = [d for d in resources.files(app_module.removeprefix("pkg://")).iterdir() if d.is_dir()]
+    except (ModuleNotFoundError, FileNotFoundError, NotADirectoryError):
+        return keys
+    for group in groups:
+        for f in (f for f in group.iterdir() if f.name.endswith(".yaml")):
+            text = f.read_text()
+            data = yaml.safe_load(text)
+            prefix = "" if "# @package _global_" in text.split("\n", 1)[0] else f"{group.name}."
+            keys.update(bool_keys(data, prefix) if isinstance(data, dict) else ())
+    return keys
+
+
+def check_switches(cfg: Any, app_module: str) -> None:
+    """Every boolean setting of the app (`app_switches`) holds a bool in the composed ``cfg``: the text true/false is
+    set to its bool, any other value is refused naming the key."""
+    from omegaconf import OmegaConf, open_dict
+
+    for key in sorted(app_switches(app_module)):
+        value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
+        if value is _ABSENT:
+            continue  # not in this composition, or unset (`???`: `check_required` names it)
+        switch = as_switch(key, value)
+        if value is not switch:  # the text true/false: the job's truth tests and config.yaml get the bool
+            with open_dict(cfg):
+                OmegaConf.update(cfg, key, switch, merge=False)
+
+
+_ABSENT = object()
