@@ -227,6 +227,18 @@ def test_verbose_is_a_bool_too(console, capfd):
     assert not out.exists() or list(out.iterdir()) == []
 
 
+def test_a_multirun_job_refused_before_its_folder_keeps_it_marked_failed(console, capfd, tmp_path):
+    """A sweep job refused by a check before the job accepts its folder (a missing model=) had its folder removed, as
+    a single run's is: the sweep folder showed no trace of it. It stays, holding FAILED with the message."""
+    code, out = console("mtl.cli.export", "-m", f"model={tmp_path / 'gone'},{tmp_path / 'lost'}", "format=timm")
+    err = capfd.readouterr().err
+    assert code == 1 and f"sweep job #0 (model={tmp_path / 'gone'} format=timm) failed: model: " in err, err
+    (sweep,) = (out / "export" / "multiruns").iterdir()
+    for job, name in (("0", "gone"), ("1", "lost")):
+        failed = (sweep / job / FAILED).read_text().splitlines()[0]
+        assert failed.startswith(f"ModelFolderError: model: {tmp_path / name}: no such folder"), failed
+
+
 def test_an_early_refusal_keeps_a_folder_that_existed_before_the_run(console, capfd, tmp_path):
     """`mkdir -p $RUN` in a job script, then `hydra.run.dir=$RUN`: the refusal removed the user's folder as if
     Hydra had made it; only the folders the run made go (with the parents made for it), wherever they are."""

@@ -17,7 +17,7 @@ no run folder (the folders Hydra made for the run are removed; one that existed 
 it, so no failed run looks like an unfinished or a finished one, and still prints ``run_dir:`` last.
 A SIGTERM or Ctrl-C is a failure too (``FAILED`` names it and the checkpoint to resume from; exit
 status 143 / 130). In a multirun a failing job does not stop the others: the sweep reports the first
-failure and ends with the sweep folder.
+failure and ends with the sweep folder, where a job refused before the run started keeps its folder, marked FAILED.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from mtl.cli.choices import check_overrides
-from mtl.cli.failures import (FAILED, Terminated, claims_run_folder, holds_nothing, interrupted_message, interruption,
+from mtl.cli.failures import (FAILED, Terminated, claims_run_folder, interrupted_message, interruption,
                                marks_failure, output_root_problem, sigterm_raises)
 from mtl.cli.new_folders import made_for_run, removes_unused_folder
 
@@ -153,20 +153,22 @@ def run_job(cfg, job: Callable[[Any, Path], Any] | str) -> Any:
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    multirun = hc.mode == RunMode.MULTIRUN
     try:
-        key = "hydra.sweep.dir" if hc.mode == RunMode.MULTIRUN else "hydra.run.dir"
-        if hc.mode == RunMode.MULTIRUN:  # a job folder inside the sweep's own, empty but for its log: Hydra's
-            made = (run_dir,) if holds_nothing(run_dir, empty_log=True) else None
-        else:  # noted before Hydra made them (NotesRunFolder)
-            made = made_for_run(run_dir)
-        with sigterm_raises(), removes_unused_folder(run_dir, made):
-            # command-line mistakes, found before the folder is touched: the folders Hydra made for them are removed
-            # (as for Hydra's own errors), a finished run's stays as it was
+        key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+        # a single run's folders, noted before Hydra made them (NotesRunFolder), go with a refusal before the job
+        # accepts them; a multirun job's folder stays, marked FAILED, so that the sweep folder shows every failure
+        made = None if multirun else made_for_run(run_dir)
+        with sigterm_raises(), removes_unused_folder(run_dir, made), \
+                (marks_failure(run_dir) if multirun else contextlib.nullcontext()):
+            # command-line mistakes, found before the folder is touched: the folders Hydra made for a single run are
+            # removed (as for Hydra's own errors), a finished run's stays as it was
             # the app's own config package first (its settings), then those it searches (the shared groups)
             modules = [src.path for src in hc.runtime.config_sources if src.schema == "pkg" and src.path != "hydra.conf"]
             check_overrides(cfg, hc.overrides.task, modules or ("mtl.configs",))
             check_required(cfg)
-            with claims_run_folder(run_dir, _rank0(), key), marks_failure(run_dir, made is not None):
+            with claims_run_folder(run_dir, _rank0(), key), \
+                    (contextlib.nullcontext() if multirun else marks_failure(run_dir, made is not None)):
                 if isinstance(job, str):
                     import importlib
 
