@@ -87,3 +87,17 @@ def test_make_treats_an_empty_output_dir_as_unset(tmp_path):
     env = dict(os.environ, MTL_OUTPUT_DIR="")
     dry = subprocess.run(["make", "-n", "demo"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60).stdout
     assert f"rm -f {ROOT / 'outputs' / 'demo' / 'baselines.json'}" in dry, dry
+
+
+@pytest.mark.parametrize("app, doc", [("prune_app", "pruning.md"), ("export_app", "export.md"),
+                                      ("extract_app", "models.md")])
+def test_every_setting_of_a_job_cli_is_documented(app, doc):
+    """mtl-prune's, mtl-export's and mtl-extract's `smoke_model` (set by debug=smoke) was in no doc: every top-level
+    setting of a job CLI's config file is named in that CLI's doc (`key` or `key.<sub>`)."""
+    import yaml
+
+    settings = yaml.safe_load((ROOT / "configs" / app / f"{app.removesuffix('_app')}.yaml").read_text())
+    text = (ROOT / "docs" / doc).read_text()
+    missing = [key for key in settings if key not in ("defaults", "name", "hydra")
+               and f"`{key}`" not in text and f"`{key}." not in text and f"`{key}=" not in text]
+    assert missing == [], f"docs/{doc} names no {missing}"
