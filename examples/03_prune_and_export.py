@@ -73,9 +73,13 @@ print("ONNX output shapes:", semseg.shape, depth.shape, "| max |diff| depth vs P
 # %%
 timm_dir = mtl.export(run_dir / "model", "timm", OUT / "timm", overwrite=True)
 info = json.loads((timm_dir / "export.json").read_text())
-backbone = timm.create_model(info["timm_name"], pretrained=True,
+backbone = timm.create_model(info["timm_name"], pretrained=True, features_only=True, out_indices=info["out_indices"],
                              pretrained_cfg_overlay={"file": str(timm_dir / "model.safetensors")}, **info["model_args"])
 print(info["load"])
+x = torch.randn(2, 3, 32, 32)  # normalised images: the maps equal the multi-task model's backbone
+with torch.no_grad():
+    print("feature maps equal to the multi-task backbone's:",
+          all(torch.equal(a, b) for a, b in zip(backbone.eval()(x), model.backbone(x))))
 print("zeroed (no ImageNet head in a multi-task model):", info["filled_keys"]["zeroed"])
 # tensors the multi-task backbone never had (stages after its last out_index) keep timm's random initialisation:
 untrained = info["filled_keys"]["timm_init"]
