@@ -8,6 +8,8 @@ override MTL_OUTPUT_DIR := outputs
 endif
 export MTL_OUTPUT_DIR
 DEMO_DIR ?= $(MTL_OUTPUT_DIR)/demo
+# absolute, without $(abspath): it splits a path with spaces into words (quoted below, for the shell and Hydra)
+DEMO_ABS := $(if $(filter /%,$(firstword $(DEMO_DIR))),$(DEMO_DIR),$(CURDIR)/$(DEMO_DIR))
 
 .PHONY: venv demo test test-slow clean
 
@@ -25,11 +27,11 @@ venv:
 # One shell with `set -e`: any failing step stops the demo with its error (a stale baselines file is
 # removed first, so Δm is never computed against an old run); the last line is the elapsed time.
 demo: venv
-	@start=$$(date +%s); set -e; rm -f $(abspath $(DEMO_DIR))/baselines.json; set -x; \
+	@start=$$(date +%s); set -e; rm -f "$(DEMO_ABS)/baselines.json"; set -x; \
 	$(VENV)/bin/mtl-train -m experiment=scenes_hps name=scenes_stl \
 	    task=semseg,depth,normals,edges,classification,regression \
-	    baselines.save_to=$(abspath $(DEMO_DIR))/baselines.json; \
-	$(VENV)/bin/mtl-train experiment=scenes_hps baselines.path=$(abspath $(DEMO_DIR))/baselines.json; \
+	    baselines.save_to="'$(DEMO_ABS)/baselines.json'"; \
+	$(VENV)/bin/mtl-train experiment=scenes_hps baselines.path="'$(DEMO_ABS)/baselines.json'"; \
 	{ set +x; } 2>/dev/null; s=$$(( $$(date +%s) - start )); printf 'demo: %02d:%02d\n' $$((s / 60)) $$((s % 60))
 
 test: venv

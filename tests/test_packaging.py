@@ -86,7 +86,33 @@ def test_make_treats_an_empty_output_dir_as_unset(tmp_path):
         pytest.skip("no make")
     env = dict(os.environ, MTL_OUTPUT_DIR="")
     dry = subprocess.run(["make", "-n", "demo"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60).stdout
-    assert f"rm -f {ROOT / 'outputs' / 'demo' / 'baselines.json'}" in dry, dry
+    want = ROOT / "outputs" / "demo" / "baselines.json"
+    assert f'rm -f "{want}"' in dry, dry
+
+
+@pytest.mark.parametrize("out", ["/tmp/mtl demo/a,b", "rel dir/out"])
+def test_make_demo_passes_an_output_dir_with_spaces_and_commas_whole(tmp_path, out):
+    """$(abspath) split `MTL_OUTPUT_DIR="/tmp/x y"` into two words: the override broke in two (and `rm -f`
+    got two paths). A fake venv's mtl-train prints the arguments `make demo` gives it."""
+    import hashlib
+    import shutil
+
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    (venv / ".installed").write_text(hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest() + "\n")
+    fake = venv / "bin" / "mtl-train"
+    fake.write_text('#!/bin/sh\nfor a in "$@"; do printf "<%s>\\n" "$a"; done\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, MTL_OUTPUT_DIR=out)
+    res = subprocess.run(["make", "demo", f"VENV={venv}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=60)
+    want = out if out.startswith("/") else f"{ROOT}/{out}"
+    assert res.returncode == 0, res.stderr
+    assert f"<baselines.save_to='{want}/demo/baselines.json'>" in res.stdout, res.stdout
+    assert f"<baselines.path='{want}/demo/baselines.json'>" in res.stdout, res.stdout
 
 
 @pytest.mark.parametrize("app, doc", [("prune_app", "pruning.md"), ("export_app", "export.md"),
