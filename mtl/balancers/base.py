@@ -93,7 +93,7 @@ class Balancer(nn.Module):
     # loss-level methods implement this
     def combine(self, losses: dict[str, torch.Tensor], step: int = 0) -> torch.Tensor:
         """Weighted total loss. Default: equal weights (sum)."""
-        return torch.stack([losses[t] for t in self.tasks]).sum()
+        return self._stack(losses).sum()
 
     def backward(self, ctx: StepContext) -> None:
         """Fill the .grad of every trainable parameter. Default: backward of `combine`."""
@@ -141,9 +141,18 @@ class Balancer(nn.Module):
                     "Warned once.", self.name, where, neg)
 
     def _stack(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The task losses as a (T,) vector in ``self.tasks`` order. Every balancer's step goes through
+        here, so this is where each task's loss is checked to be there and to be one number: a (1,) or
+        per-pixel loss would stack to (T, 1) or worse, and ``w * L`` would broadcast to (T, T)."""
         missing = [t for t in self.tasks if t not in losses]
         if missing:
             raise KeyError(f"balancer {self.name!r}: no loss for task(s) {missing}; got {sorted(losses)}")
+        for t in self.tasks:
+            shape = getattr(losses[t], "shape", None)
+            if not isinstance(losses[t], torch.Tensor) or shape != ():
+                got = f"shape {tuple(shape)}" if isinstance(losses[t], torch.Tensor) else type(losses[t]).__name__
+                raise ValueError(f"balancer {self.name!r}: the loss of task {t!r} must be a scalar (0-dim) tensor, "
+                                 f"got {got}; reduce it (e.g. .mean()) before the balancer")
         return torch.stack([losses[t] for t in self.tasks])
 
 

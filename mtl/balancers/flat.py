@@ -59,6 +59,7 @@ class FlatBalancer(Balancer):
         from torchjd.autojac import jac_to_grad
 
         require_shared(self, ctx)
+        self._stack(ctx.losses)  # checks the losses under this balancer's name, not the inner method's
         shared = list(ctx.shared_params)
         heads = self.base._heads(ctx)
         self.base._jacobian_to_fields(ctx)  # identical to the base method's first half

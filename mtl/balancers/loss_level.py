@@ -103,9 +103,10 @@ class DynamicWeightAverage(Balancer):
         return (w * L).sum()
 
     def backward(self, ctx: StepContext) -> None:
+        L = self._stack(ctx.losses)  # checked before the window advances
         self._advance(ctx)
         total = self.combine(ctx.losses, ctx.step)
-        L = dist_mean(self._stack(ctx.losses).detach().float())
+        L = dist_mean(L.detach().float())
         self._warn_negative(L, ctx.step)
         self._sum = self._sum.to(L.device) + L
         self._count += 1

@@ -193,3 +193,23 @@ def test_fp16_loss_scaling_is_refused_for_balancers_that_compute_their_own_gradi
             check_precision(b, scaled)
     for name in ("ew", "uw", "dwa", "rlw", "famo"):  # their backward goes through manual_backward
         check_precision(create_balancer(name, ["a", "b"]), scaled)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("shape", [(1,), (16,)])
+def test_every_name_refuses_a_loss_that_is_not_0_dim(name, shape):
+    # stacked, a (1,) loss made a (T, 1) vector and w * L a (T, T) matrix: dwa/uw/rlw stepped with
+    # weights other than those they logged, famo/gradnorm crashed unnamed, mgda read each element as a task
+    torch.manual_seed(0)
+    model = Toy()
+    x, y = toy_batch()
+    ctx = toy_ctx(model, x, y, step=5, epoch=3)
+    ctx.losses["b"] = ctx.losses["b"].expand(shape) if shape == (1,) else (model(x)[1]["b"] - y["b"]) ** 2
+    balancer = create_balancer(name, ["a", "b"])
+    before = {k: v.clone() for k, v in balancer.state_dict().items() if isinstance(v, torch.Tensor)}
+    message = rf"^balancer '{name}': the loss of task 'b' must be a scalar \(0-dim\) tensor, got shape \({shape[0]},\)"
+    with pytest.raises(ValueError, match=message):
+        balancer.backward(ctx)
+    assert all(p.grad is None for p in model.parameters())
+    for k, v in before.items():  # nothing moved (dwa's window, famo's logits, ...)
+        torch.testing.assert_close(balancer.state_dict()[k], v, rtol=0, atol=0, equal_nan=True)
