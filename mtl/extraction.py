@@ -44,8 +44,11 @@ def extract(model: nn.Module, *args: Any, out: str | os.PathLike | None = None, 
         request = _describe({**defaults, **kwargs})
         if "widths" in report:  # the configuration used: the request over the parent's current widths
             request = {**request, "widths": report["widths"], "requested_widths": request.get("widths")}
-            used = {report["widths"]["encoder"], *report["widths"]["decoders"].values()}
-            calibrated = {k: v for k, v in (parent.get("calibrated_widths") or {}).items() if float(k) in used}
+            from mtl.models.slimmable.layers import wkey
+
+            # by the key calibrate_widths wrote (6 significant digits): float(key) == width only when it prints so
+            used = {wkey(w) for w in (report["widths"]["encoder"], *report["widths"]["decoders"].values())}
+            calibrated = {k: v for k, v in (parent.get("calibrated_widths") or {}).items() if k in used}
             if calibrated:  # BN statistics estimated by calibrate_widths (mtl-extract: on calib.batches), not trained
                 request["calibrated_widths"] = calibrated
         meta = {"extracted_from": parent.get("run_dir"), "extract": request,

@@ -30,7 +30,7 @@ def _calibrate_new_widths(model, widths: dict[str, Any], cfg: DictConfig) -> tup
     Returns those widths and the batches read (none when every width is in the set)."""
     from collections.abc import Mapping
 
-    from mtl.models.slimmable.layers import OneValuePerChannel, width_index
+    from mtl.models.slimmable.layers import OneValuePerChannel, width_index, wkey
     from mtl.progress_log import emit
 
     dec = widths.get("decoders")
@@ -47,7 +47,7 @@ def _calibrate_new_widths(model, widths: dict[str, Any], cfg: DictConfig) -> tup
         size = data_config(model, cfg).get("batch_size")
         raise ValueError(f"{e} (calib.data.batch_size={size}{'; set it to 2 or more' if size == 1 else ''})") from None
     for w in new:  # calibrate_widths recorded the batch count; which split they came from is the CLI's to say
-        model.meta["calibrated_widths"][f"{w:g}"]["split"] = cfg.calib.split
+        model.meta["calibrated_widths"][wkey(w)]["split"] = cfg.calib.split
     emit(f"[mtl-extract] widths {new} are not in the model's width set {old}: their BN "
          f"statistics estimated on {len(batches)} {cfg.calib.split} batches (calib.batches, calib.split)")
     return new, batches

@@ -349,6 +349,20 @@ def test_extraction_round_trips_and_is_physically_smaller(tmp_path):
             torch.testing.assert_close(out[t], ref[t], rtol=0, atol=1e-5)
 
 
+def test_extracted_folder_records_every_calibrated_width_it_uses(tmp_path):
+    """A width that does not print exactly in 6 significant digits (its record's key) was dropped: the
+    key was matched by float(key) == width."""
+    slim = slim_model()
+    batch = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    slim.calibrate_widths([0.6, 0.1234567, 1 / 3], [batch])
+    widths = {"encoder": 0.1234567, "decoders": {"semseg": 0.6, "depth": 1 / 3, "classification": 1.0}}
+    mtl.extract(slim, out=tmp_path / "sub", widths=widths)
+    recorded = mtl.load_model(tmp_path / "sub").meta["extract"]["calibrated_widths"]
+    assert recorded == {"0.6": {"batches": 1}, "0.123457": {"batches": 1}, "0.333333": {"batches": 1}}
+    mtl.extract(slim, out=tmp_path / "sub2", widths={"encoder": 1 / 3, "decoders": 1.0})  # only the ones it uses
+    assert mtl.load_model(tmp_path / "sub2").meta["extract"]["calibrated_widths"] == {"0.333333": {"batches": 1}}
+
+
 def test_extracted_folder_keeps_the_training_data_and_seed(tmp_path):
     """Extracted folders once dropped meta.data: mtl-export traced them at 224 px, mtl-prune refused them."""
     pytest.importorskip("onnxruntime")

@@ -20,7 +20,7 @@ from mtl.models.families import MODELS
 from mtl.models.multitask import IMAGENET_MEAN, IMAGENET_STD, MultiTaskModel
 from mtl.models.slimmable.decoder import SlimmableDecoder, decoder_key
 from mtl.models.slimmable.layers import (SLIM_TYPES, OneValuePerChannel, SwitchableBatchNorm2d, apply_widths, channels_at,
-                                         check_width, check_width_set, width_index)
+                                         check_width, check_width_set, width_index, wkey)
 from mtl.models.slimmable.resnet import ENCODER, SlimResNet
 from mtl.modes import modes_restored
 from mtl.tasks import Task, create_task
@@ -244,7 +244,7 @@ class SlimmableMultiTaskModel(MultiTaskModel):
                 self.set_config(saved_widths)
         if outside:  # where these rows' statistics came from: a folder saved or extracted later says so
             meta = getattr(self, "meta", None) or {}
-            record = {**meta.get("calibrated_widths", {}), **{f"{w:g}": {"batches": len(batches)} for w in outside}}
+            record = {**meta.get("calibrated_widths", {}), **{wkey(w): {"batches": len(batches)} for w in outside}}
             self.meta = {**meta, "calibrated_widths": record}
         return list(self.width_set)
 
