@@ -14,7 +14,7 @@ upgrad          mean of dual-cone projections (Σw = 1 w/o conflict)× T
 dualproj        mean projected onto the dual cone                  × T
 aligned_mtl     mean, rescaled by the smallest singular value      × T
 cagrad          g0 + c‖g0‖ g_w/‖g_w‖ (Σw = 1 + c when aligned)     × T / (1 + c)
-nash_mtl        ‖d‖ = √T whatever the gradient scale, then clipped weights renormalised to Σw = T
+nash_mtl        ‖d‖ = √T whatever the gradient scale               weights renormalised to Σw = T (no clip)
 ==============  ================================================  ==========================
 
 ``level="features"`` aggregates the Jacobian w.r.t. the shared representation (``ctx.features``)
