@@ -320,6 +320,10 @@ def _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, basel
     if cfg.viz.get("num_samples"):
         _save_viz(module, datamodule, run_dir, cfg.viz.num_samples)
     print_summary(metrics, module.tasks)
+    if module.model.config.get("family") == "slimmable":
+        from mtl.models.slimmable.callback import note_without_callback
+
+        note_without_callback(trainer.callbacks, run_dir)
     for cb in trainer.callbacks:  # an analysis that failed during testing, now that the model is saved
         if getattr(cb, "deferred_error", None) is not None:
             raise cb.deferred_error

@@ -258,6 +258,42 @@ def test_a_run_that_tests_nothing_warns_that_its_width_tables_are_skipped(tmp_pa
     assert f"scripts/bench_slimmable.py --part control --runs {run_dir}" in warned[0]
 
 
+OVERRIDE = "+callbacks.width_table._target_=mtl.models.slimmable.callback.WidthTableCallback"  # docs/models.md's
+
+
+def test_a_slimmable_run_without_the_width_table_callback_says_how_to_get_one(tmp_path, caplog):
+    """Without callbacks.width_table (only experiment=scenes_slimmable adds it) a slimmable run wrote no width
+    table and said nothing."""
+    from mtl.train import run
+
+    with caplog.at_level("WARNING", logger="mtl.models.slimmable.callback"):
+        run_dir = run(["experiment=scenes_slimmable", "debug=smoke", "viz.num_samples=0", "logger=none",
+                       "~callbacks.width_table"], run_dir=tmp_path / "r")
+    assert not (run_dir / "width_table.json").exists() and (run_dir / "model").is_dir()
+    warned = [r.getMessage() for r in caplog.records if "no width table" in r.getMessage()]
+    assert len(warned) == 1 and f"scripts/bench_slimmable.py --part control --runs {run_dir}" in warned[0], warned
+    assert OVERRIDE in warned[0]
+
+
+@pytest.mark.slow
+def test_the_documented_override_adds_the_width_tables_to_a_run_outside_the_experiment(tmp_path, caplog):
+    """docs/models.md: mtl-train family=slimmable ... +strategy.name=sandwich writes the width tables once the
+    override the end-of-run warning names is added (and only then)."""
+    from mtl.train import run
+
+    command = ["family=slimmable", "backbone=slim_resnet", "decoder=slimmable", "+strategy.name=sandwich", "debug=smoke",
+               "viz.num_samples=0", "logger=none"]
+    with caplog.at_level("WARNING", logger="mtl.models.slimmable.callback"):
+        plain = run(command, run_dir=tmp_path / "plain")
+    assert not (plain / "width_table.json").exists()
+    assert len([r for r in caplog.records if "no width table" in r.getMessage()]) == 1
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mtl.models.slimmable.callback"):
+        run_dir = run([*command, OVERRIDE], run_dir=tmp_path / "with")
+    assert all((run_dir / f).is_file() for f in ("width_table.json", "controllability.json", "slimmable_control.png"))
+    assert not [r for r in caplog.records if "no width table" in r.getMessage()]
+
+
 def test_bench_control_builds_a_skipped_runs_files_with_that_runs_settings(tmp_path, monkeypatch):
     """--part control scored every run at 8 budgets, seed 0, the measured search and the script's --preferences,
     so the controllability.json it wrote into a run folder was not that run's analysis."""

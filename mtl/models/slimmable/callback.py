@@ -108,6 +108,20 @@ def _warn_skipped(splits: list[str], trainer: L.Trainer, key: str | None = None)
                 "scripts/bench_slimmable.py --part control --runs %s", limits, trainer.default_root_dir)
 
 
+#: the override that adds this callback to a run that lacks it (configs/experiment/scenes_slimmable.yaml has it)
+OVERRIDE = f"+callbacks.width_table._target_={WidthTableCallback.__module__}.{WidthTableCallback.__qualname__}"
+
+
+def note_without_callback(callbacks: list, run_dir) -> None:
+    """At the end of a slimmable run without this callback (only experiment=scenes_slimmable adds it): say that
+    no width table was written and how to get one, instead of leaving the run folder silently without it."""
+    if not any(isinstance(c, WidthTableCallback) for c in callbacks):
+        log.warning("no width table: this slimmable run has no callbacks.width_table (experiment=scenes_slimmable "
+                    "adds it), so width_table.json, controllability.json and slimmable_control.png were not written; "
+                    "build the first two (and width_table_test.json) with scripts/bench_slimmable.py --part control "
+                    "--runs %s, or add %s to the run", run_dir, OVERRIDE)
+
+
 def print_report(table, report) -> None:
     from mtl.progress_log import summary_console
     from rich.table import Table
