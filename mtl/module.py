@@ -193,7 +193,8 @@ class MultiTaskModule(L.LightningModule):
         if self.strategy is not None:
             self.strategy.before_forward(self, batch)
         z, losses = self._forward_losses(batch)
-        # --- balancer wiring: non-finite check, recompute closure, monitor ---------------------
+        # --- balancer wiring: loss checks, recompute closure, monitor ---------------------------
+        self.balancer.check_losses(losses)  # before the monitor's backward passes, which would fail unnamed
         if not check_finite(losses, self.balancer.skip_nonfinite, self.global_step):
             return None  # skipped (skip_nonfinite=true; logged): no backward, no optimiser step
 

@@ -142,18 +142,22 @@ class Balancer(nn.Module):
 
     def _stack(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The task losses as a (T,) vector in ``self.tasks`` order. Every balancer's step goes through
-        here, so this is where each task's loss is checked to be there and to be one number: a (1,) or
-        per-pixel loss would stack to (T, 1) or worse, and ``w * L`` would broadcast to (T, T)."""
+        here, so the losses are checked here (`check_losses`)."""
+        self.check_losses(losses)
+        return torch.stack([losses[t] for t in self.tasks])
+
+    def check_losses(self, losses: Mapping[str, torch.Tensor]) -> None:
+        """Refuse a missing task loss, or one that is not one number: a (1,) or per-pixel loss would stack
+        to (T, 1) or worse, and ``w * L`` would broadcast to (T, T)."""
         missing = [t for t in self.tasks if t not in losses]
         if missing:
             raise KeyError(f"balancer {self.name!r}: no loss for task(s) {missing}; got {sorted(losses)}")
         for t in self.tasks:
-            shape = getattr(losses[t], "shape", None)
-            if not isinstance(losses[t], torch.Tensor) or shape != ():
-                got = f"shape {tuple(shape)}" if isinstance(losses[t], torch.Tensor) else type(losses[t]).__name__
+            loss = losses[t]
+            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                got = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
                 raise ValueError(f"balancer {self.name!r}: the loss of task {t!r} must be a scalar (0-dim) tensor, "
                                  f"got {got}; reduce it (e.g. .mean()) before the balancer")
-        return torch.stack([losses[t] for t in self.tasks])
 
 
 def register(name: str):

@@ -213,3 +213,25 @@ def test_every_name_refuses_a_loss_that_is_not_0_dim(name, shape):
     assert all(p.grad is None for p in model.parameters())
     for k, v in before.items():  # nothing moved (dwa's window, famo's logits, ...)
         torch.testing.assert_close(balancer.state_dict()[k], v, rtol=0, atol=0, equal_nan=True)
+
+
+def test_the_training_step_checks_the_losses_before_the_monitors_backward_passes(monkeypatch):
+    """The gradient-cosine monitor ran its per-task backward passes first and failed on a vector loss with
+    torch's unnamed 'grad can be implicitly created only for scalar outputs'."""
+    from mtl.models import create_model
+    from mtl.module import MultiTaskModule
+
+    torch.manual_seed(0)
+    model = create_model(["depth", "semseg"], backbone={"name": "test_resnet", "out_indices": [1, 2, 3]},
+                         decoder={"name": "hps", "channels": 8})
+    module = MultiTaskModule(model, balancer="ew", log_weights_every=1)
+    shared = model.shared_parameters()[0]
+    z = shared.sum() * torch.ones(4, 8)  # a representation on the graph of the shared parameters
+    losses = {"depth": (z ** 2).mean(), "semseg": (z ** 2).mean(dim=1)}
+    monkeypatch.setattr(module, "_forward_losses", lambda batch: (z, losses))
+    monkeypatch.setattr(module, "optimizers", lambda: None)
+    monkeypatch.setattr(module, "lr_schedulers", lambda: None)
+    with pytest.raises(ValueError, match=r"^balancer 'ew': the loss of task 'semseg' must be a scalar \(0-dim\) "
+                                         r"tensor, got shape \(4,\)"):
+        module.training_step({"image": torch.zeros(4, 3, 32, 32)}, 0)
+    assert shared.grad is None
