@@ -209,6 +209,7 @@ def run_prune(cfg: DictConfig, run_dir: str | Path, command_line: list[str] | No
                                    rounds=int(cfg.rounds), finetune=finetune, **hp)
     report["model"] = str(Path(source).resolve())  # read later from other folders: never cwd-relative
     report["prune_seconds"] = round(time.perf_counter() - start, 2)
+    report["seed"] = int(cfg.seed)
 
     ev = cfg.eval
     tasks = model.tasks
@@ -233,8 +234,10 @@ def run_prune(cfg: DictConfig, run_dir: str | Path, command_line: list[str] | No
     # pruned_from: the parent's run when it has one (as pruning.prune records it), else its folder
     meta.update({"pruned_from": str(meta.get("run_dir") or Path(source).resolve()), "run_dir": str(Path(run_dir).resolve()), "test": after,
                  "prune": {"method": method, **report["hparams"], "rounds": int(cfg.rounds),
-                           **({"finetune_steps": int(cfg.finetune.steps), "finetune_lr": float(cfg.finetune.lr)}
-                              if int(cfg.rounds) > 1 else {})}})  # both change what later rounds prune
+                           # all three change what later rounds prune (the seed: the fine-tuning's batch order); meta's
+                           # own `seed` stays the parent's training seed
+                           **({"finetune_steps": int(cfg.finetune.steps), "finetune_lr": float(cfg.finetune.lr),
+                               "seed": int(cfg.seed)} if int(cfg.rounds) > 1 else {})}})
     if cfg.get("data"):
         given = data_record(OmegaConf.to_container(cfg.data, resolve=True))  # readable from any working directory
         meta["prune"]["data"] = given  # the calibration / evaluation data of this run

@@ -75,10 +75,14 @@ def test_one_ignored_layer_name_is_that_layer_not_its_characters(folder, tmp_pat
 
 def test_a_pruning_in_rounds_records_the_finetunes_learning_rate(folder, tmp_path):
     """meta.prune kept finetune_steps but not finetune.lr, which changes the weights later rounds rank."""
-    run(["prune=l1", f"model={folder}", "prune.ratio=0.3", "rounds=2", "finetune.steps=1", "finetune.lr=5e-4",
-         "calib.batches=1", "eval.max_batches=1", "eval.latency_repeats=1"], run_dir=tmp_path / "run")
-    record = mtl.load_model(tmp_path / "run" / "model").meta["prune"]
-    assert (record["rounds"], record["finetune_steps"], record["finetune_lr"]) == (2, 1, 5e-4)
+    report = run(["prune=l1", f"model={folder}", "prune.ratio=0.3", "rounds=2", "finetune.steps=1",
+                  "finetune.lr=5e-4", "seed=3", "calib.batches=1", "eval.max_batches=1", "eval.latency_repeats=1"],
+                 run_dir=tmp_path / "run")
+    meta = mtl.load_model(tmp_path / "run" / "model").meta
+    record = meta["prune"]
+    # the seed orders the fine-tuning's batches, so it changes the result; meta's own seed stays the parent's
+    assert (record["rounds"], record["finetune_steps"], record["finetune_lr"], record["seed"]) == (2, 1, 5e-4, 3)
+    assert meta.get("seed") == mtl.load_model(folder).meta.get("seed") and report["seed"] == 3
 
 
 def test_folder_without_data_config_is_refused_and_nothing_written(tmp_path):
