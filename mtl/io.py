@@ -386,7 +386,16 @@ def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     file = Path(path) / WEIGHTS
     state, header = _read_weights(file)
     check_weights_digest(file, header, state.keys(), state.__getitem__)
+    check_finite(file, state)
     return state
+
+
+def check_finite(file: str | os.PathLike, state: Mapping[str, torch.Tensor]) -> None:
+    """Refuse weights read from ``file`` that hold a NaN or an infinity (`first_non_finite`), naming the key: what
+    every reader of a model folder's weights (`load_model`, `load_state`: init_from, merge pools) refuses."""
+    bad = first_non_finite(state)
+    if bad is not None:
+        raise ModelFolderError(f"{file}: key {bad!r} holds NaN or infinite values")
 
 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
@@ -429,8 +438,7 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
                 f"{file}: key {k!r} has shape {tuple(t.shape)}, the config in {cfg_file} expects {tuple(v.shape)}")
         if t.dtype != v.dtype:  # save_model stores float32 only; a cast would change values
             raise ModelFolderError(f"{file}: key {k!r} has dtype {t.dtype}, the model expects {v.dtype}")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ModelFolderError(f"{file}: key {k!r} holds NaN or infinite values")
+    check_finite(file, state)
     check_weights_digest(file, header, stored.keys(), stored.__getitem__)
     model.load_state_dict(state)
     model.meta = cfg.get("meta", {})

@@ -39,3 +39,20 @@ def test_batchnorm_counters_alone_do_not_count_as_a_matching_encoder(tmp_path):
                             decoder={"name": "hps", "channels": 16})
     with pytest.raises(ValueError, match=r"none of this model's \d+ encoder tensors .* matches the folder's"):
         init_from_folder(full, folder)
+
+
+def test_a_folder_with_nan_weights_is_refused_naming_the_file_and_key(tmp_path):
+    """load_model refused such a folder, init_from loaded it silently (the run then failed at step 0 on a NaN loss)."""
+    from safetensors.torch import load_file, save_file
+
+    model = mtl.create_model(["depth"], backbone="test_resnet", decoder={"name": "hps", "channels": 16})
+    folder = mtl.save_model(model, tmp_path / "m")
+    state = load_file(folder / "model.safetensors")  # plain safetensors: no digest to catch the edit
+    key = next(k for k, v in state.items() if v.is_floating_point() and k.startswith("backbone."))
+    state[key].view(-1)[0] = float("nan")
+    save_file(state, folder / "model.safetensors")
+    fresh = mtl.create_model(["depth"], backbone="test_resnet", decoder={"name": "hps", "channels": 16})
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(mtl.io.ModelFolderError, match=rf"model.safetensors: key '{key}' holds NaN or infinite values"):
+        init_from_folder(fresh, folder)
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
