@@ -398,32 +398,27 @@ def check_finite(file: str | os.PathLike, state: Mapping[str, torch.Tensor]) -> 
         raise ModelFolderError(f"{file}: key {bad!r} holds NaN or infinite values")
 
 
-def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
-    """Rebuild the model stored in a model folder (no code from the folder is ever executed).
-
-    Refused with a `ModelFolderError` naming the file (and key): a missing, truncated or corrupt file,
-    an unknown format, a config that does not match the weights (keys, shapes, dtypes, task kinds,
-    digests written by `save_model`), and NaN or infinite weights.
-    """
+def _build(model_cfg: dict[str, Any], cfg_file: Path, meta: bool = False):
+    """The model a folder's config describes; ``meta``: on the meta device (shapes only, no memory), None where the
+    model cannot be built there (the real build then checks as before)."""
     from mtl.models import model_from_config
 
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"load_model takes the path of a model folder, got {type(path).__name__}"
-                        + (" (already a model: use it as it is)" if isinstance(path, torch.nn.Module) else ""))
-    path = Path(os.path.expanduser(str(path)))
-    cfg = read_model_config(path)
-    file, cfg_file = path / WEIGHTS, path / CONFIG
-    state, header = _read_weights(file)
-    cfg["model"] = check_header(header, cfg, file, cfg_file)
     try:
+        if meta:
+            with torch.device("meta"):
+                return model_from_config(model_cfg)
         with torch.random.fork_rng(devices=[]):  # the random init the stored weights replace: not the caller's stream
-            model = model_from_config(cfg["model"])
+            return model_from_config(model_cfg)
     except Exception as e:  # any malformed value: the config, not the caller, is at fault
+        if meta:
+            return None
         raise ModelFolderError(f"{cfg_file}: cannot build the model ({type(e).__name__}: {e})") from None
-    stored = dict(state)  # the digest covers the tensors as stored, before any conversion
+
+
+def _check_fit(model: nn.Module, state: dict[str, torch.Tensor], file: Path, cfg_file: Path) -> list[str]:
+    """The stored ``state`` against ``model``'s keys, shapes and dtypes, an older layout converted first (in place;
+    returns the keys converted)."""
     upgraded = model.upgrade_state(state) if hasattr(model, "upgrade_state") else []
-    if upgraded:
-        log.info("%s: %d key(s) of an older layout converted on loading (e.g. %r)", file, len(upgraded), upgraded[0])
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -438,6 +433,32 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
                 f"{file}: key {k!r} has shape {tuple(t.shape)}, the config in {cfg_file} expects {tuple(v.shape)}")
         if t.dtype != v.dtype:  # save_model stores float32 only; a cast would change values
             raise ModelFolderError(f"{file}: key {k!r} has dtype {t.dtype}, the model expects {v.dtype}")
+    return upgraded
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
+    """Rebuild the model stored in a model folder (no code from the folder is ever executed).
+
+    Refused with a `ModelFolderError` naming the file (and key): a missing, truncated or corrupt file,
+    an unknown format, a config that does not match the weights (keys, shapes, dtypes, task kinds,
+    digests written by `save_model`), and NaN or infinite weights.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"load_model takes the path of a model folder, got {type(path).__name__}"
+                        + (" (already a model: use it as it is)" if isinstance(path, torch.nn.Module) else ""))
+    path = Path(os.path.expanduser(str(path)))
+    cfg = read_model_config(path)
+    file, cfg_file = path / WEIGHTS, path / CONFIG
+    state, header = _read_weights(file)
+    cfg["model"] = check_header(header, cfg, file, cfg_file)
+    stored = dict(state)  # the digest covers the tensors as stored, before any conversion
+    skeleton = _build(cfg["model"], cfg_file, meta=True)
+    if skeleton is not None:  # shapes checked before any real tensor is allocated: a config asking for a huge head
+        _check_fit(skeleton, dict(state), file, cfg_file)  # is refused here, not after building it
+    model = _build(cfg["model"], cfg_file)
+    upgraded = _check_fit(model, state, file, cfg_file)
+    if upgraded:
+        log.info("%s: %d key(s) of an older layout converted on loading (e.g. %r)", file, len(upgraded), upgraded[0])
     check_finite(file, state)
     check_weights_digest(file, header, stored.keys(), stored.__getitem__)
     model.load_state_dict(state)

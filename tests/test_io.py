@@ -573,3 +573,23 @@ def test_load_model_expands_home_and_names_unknown_keys_and_newer_writers(tiny_m
         mtl.load_model(folder)
     assert "unknown top-level key(s) ['metadata'] ignored" in caplog.text
     assert "was written by mtlkit 99.0.0, newer than this" in caplog.text
+
+
+def test_a_config_asking_for_a_huge_head_is_refused_before_any_real_tensor_is_built(tmp_path, monkeypatch):
+    """tasks[0].num_classes = 2_000_000 built and randomly initialised the head (+512 MB with resnet18) before the
+    shape check refused it; 1e9 would exhaust memory. The shapes are now checked on a meta-device build first."""
+    import mtl.models
+
+    folder = mtl.save_model(mtl.create_model(["semseg"], backbone="test_resnet", decoder={"name": "hps", "channels": 16}),
+                            tmp_path / "m")
+    save_file(load_file(folder / "model.safetensors"), folder / "model.safetensors")  # plain: no config digest
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model"]["tasks"][0].update(num_classes=2_000_000, ignore_index=-1)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    built, real = [], mtl.models.model_from_config
+    monkeypatch.setattr(mtl.models, "model_from_config",
+                        lambda c: built.append(torch.empty(0).device.type) or real(c))
+    with pytest.raises(ModelFolderError, match=r"model.safetensors: key 'decoder\.heads\.semseg\..*' has shape .*, the config "
+                                               r"in .*config.json expects \(2000000, "):
+        mtl.load_model(folder)
+    assert built == ["meta"]
