@@ -375,6 +375,10 @@ def _raw_safetensors(path, header, data: bytes):
      b"\0" * 8, r"8 bytes after the last tensor"),
     ('"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, "b": {"dtype": "F32", "shape": [4], "data_offsets": [24, 40]}',
      b"\0" * 8, r"tensor 'b' \(data_offsets \[24, 40\]\) leaves a gap at byte 16"),
+    *((f'"__metadata__": {meta}, "a": {{"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, '
+       '"b": {"dtype": "F32", "shape": [4], "data_offsets": [16, 32]}', b"",
+       r"not a valid safetensors file: its header's __metadata__ must be an object mapping names to strings")
+      for meta in ('"x"', "5", '{"k": 5}')),
 ])
 def test_a_malformed_safetensors_header_is_refused_by_every_reader(tmp_path, entries, extra, why):
     """Offsets that would hand one tensor another's (or the header's) bytes: refused naming the file and
