@@ -82,6 +82,10 @@ def _read_safetensors_header(path: Path) -> tuple[dict, int]:
             (n,) = struct.unpack("<Q", head)
             if n > 100_000_000:
                 raise MergeInputError(f"{path}: not a safetensors file (header length {n})")
+            size = os.fstat(f.fileno()).st_size
+            if 8 + n > size:  # else the data (or nothing) would be parsed as the header's JSON
+                raise MergeInputError(f"{path}: truncated or not a safetensors file: its header length {n} runs past "
+                                      f"the end of the file ({size} bytes)")
             header = json.loads(f.read(n), object_pairs_hook=_no_duplicate_keys)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise MergeInputError(f"{path}: cannot read safetensors header: {e}") from e

@@ -408,3 +408,21 @@ def test_a_malformed_shard_index_is_refused_naming_it(tmp_path):
         index.write_text(json.dumps({"weight_map": weight_map}))
         with pytest.raises(merging.MergeInputError, match=rf"{index}: .*{why}"):
             merging.merge("average", {"a": torch.zeros(2)}, [folder])
+
+
+def test_a_header_length_past_the_end_of_the_file_names_the_file(tmp_path):
+    """The data was read (and parsed) as the header: 'Unterminated string' or a utf-8 decode error, no file named."""
+    import struct
+
+    good = tmp_path / "pre.safetensors"
+    save_file({"a": torch.zeros(4)}, str(good))
+    data = good.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(struct.pack("<Q", n + 1000) + data[8:])
+    with pytest.raises(merging.MergeInputError, match=rf"{bad}: truncated or not a safetensors file: its header length "
+                                                      rf"{n + 1000} runs past the end of the file \({len(data)} bytes\)"):
+        merging.merge("task_arithmetic", good, [bad], lam=1.0)
+    with pytest.raises(merging.MergeInputError, match=rf"{bad}: truncated or not a safetensors file"):
+        merging.merge_to_file("task_arithmetic", good, [bad], tmp_path / "out", lam=1.0)
+    assert not (tmp_path / "out").exists()
