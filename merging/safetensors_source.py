@@ -16,6 +16,8 @@ from typing import Union
 
 import torch
 
+from mtl.folder_checks import JSON_ERRORS
+
 from .state_source import MergeInputError, StateSource, TensorInfo
 
 __all__ = ["SafetensorsSource", "ShardedSafetensorsSource", "SAFETENSORS_DTYPES", "DTYPE_CODES", "in_page_cache"]
@@ -87,7 +89,7 @@ def _read_safetensors_header(path: Path) -> tuple[dict, int]:
                 raise MergeInputError(f"{path}: truncated or not a safetensors file: its header length {n} runs past "
                                       f"the end of the file ({size} bytes)")
             header = json.loads(f.read(n), object_pairs_hook=_no_duplicate_keys)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, *JSON_ERRORS) as e:
         raise MergeInputError(f"{path}: cannot read safetensors header: {e}") from e
     except _DuplicateKey as e:
         raise MergeInputError(f"{path}: tensor {e.args[0]!r} is listed twice in the safetensors header") from None
@@ -255,7 +257,7 @@ class ShardedSafetensorsSource(StateSource):
         self.label = str(index_path.parent)
         try:
             index = json.loads(index_path.read_text(), object_pairs_hook=_no_duplicate_keys)
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, *JSON_ERRORS) as e:
             raise MergeInputError(f"{index_path}: unreadable shard index: {e}") from e
         except _DuplicateKey as e:
             raise MergeInputError(f"{index_path}: tensor {e.args[0]!r} is listed twice in the index") from None

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from mtl.folder_checks import JSON_ERRORS
+
 from .engine import check_merged_variance
 from .keys import BN_RULES, is_bn_variance
 from .safetensors_source import SafetensorsSource
@@ -107,7 +109,7 @@ class TallStore:
         p = self.path
         try:
             manifest = json.loads(self.src.metadata["mtlkit_tall"])
-        except (KeyError, json.JSONDecodeError):
+        except (KeyError, *JSON_ERRORS):
             raise MergeInputError(f"{p}: not a TALL store (no mtlkit_tall manifest)") from None
         if not isinstance(manifest, dict):
             raise MergeInputError(f"{p}: not a valid TALL store: its mtlkit_tall manifest must be a JSON object, "

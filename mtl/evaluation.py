@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from mtl.folder_checks import JSON_ERRORS
 from mtl.io import write_json
 from mtl.tasks.base import Task
 
@@ -130,7 +131,7 @@ def load_baselines(path: str | os.PathLike, tasks: Sequence[Task] | Mapping[str,
         raise ValueError(f"cannot read baselines file {path}: {e.strerror or e}") from e
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as e:
+    except JSON_ERRORS as e:
         raise ValueError(f"baselines file {path} is not valid JSON: {e}") from e
     baselines = _validate(data, f"baselines file {path}")
     baselines.source = str(path)

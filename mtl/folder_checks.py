@@ -12,6 +12,10 @@ log = logging.getLogger(__name__)
 
 FORMAT = "mtlkit.model/1"
 
+#: what ``json.loads`` raises on text that is not JSON: a syntax or encoding error (ValueError: JSONDecodeError,
+#: UnicodeDecodeError) or nesting too deep for the parser (RecursionError: ``'[' * 200000``)
+JSON_ERRORS = (ValueError, RecursionError)
+
 
 class ModelFolderError(ValueError):
     """A model folder is missing a file, holds a corrupt one, or does not match its config."""
@@ -128,7 +132,7 @@ def check_header(header: dict[str, str], cfg: dict[str, Any], file: Path, cfg_fi
         try:
             stored = json.loads(header["tasks"])
             assert isinstance(stored, dict)
-        except (ValueError, AssertionError):
+        except (*JSON_ERRORS, AssertionError):
             raise ModelFolderError(f"{file}: corrupt header key 'tasks'") from None
         kinds = task_kinds(cfg["model"])
         for name in sorted(set(stored) | set(kinds)):
@@ -144,7 +148,7 @@ def check_header(header: dict[str, str], cfg: dict[str, Any], file: Path, cfg_fi
         return cfg["model"]
     try:
         saved = json.loads(header.get("config", ""))
-    except ValueError:
+    except JSON_ERRORS:
         saved = None
     if saved is None or config_digest(saved) != header["config_digest"]:  # no (or a corrupt) copy: name the whole key
         key = "model"

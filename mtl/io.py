@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mtl.atomic import PERMISSION_ERRNOS, STORAGE_ERRNOS, atomic_path
-from mtl.folder_checks import (FORMAT, INIT_ONLY, ModelFolderError, check_header, config_record,  # noqa: F401
+from mtl.folder_checks import (FORMAT, INIT_ONLY, JSON_ERRORS, ModelFolderError, check_header, config_record,  # noqa: F401
                                initial_weight_source, warn_if_newer)  # (FORMAT, INIT_ONLY, ModelFolderError: re-exported)
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def read_json(path: str | os.PathLike) -> Any:
         raise FileNotFoundError(f"{path}: file not found")
     try:
         return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except JSON_ERRORS as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 

@@ -115,6 +115,21 @@ def test_corrupt_files_are_named(tiny_model, tmp_path):
         mtl.load_model(folder)
 
 
+
+def test_json_nested_too_deep_for_the_parser_is_not_valid_json(tiny_model, tmp_path):
+    """'[' * 200000 raised a raw RecursionError from json.loads: a config.json, a pool manifest."""
+    from merging.pool import manifest_paths
+
+    deep = "[" * 200_000 + "]" * 200_000
+    folder = mtl.save_model(tiny_model, tmp_path / "m")
+    (folder / "config.json").write_text(deep)
+    with pytest.raises(ModelFolderError, match=rf"{folder / 'config.json'}: not valid JSON \(maximum recursion depth"):
+        mtl.load_model(folder)
+    (tmp_path / "pool.json").write_text(deep)
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'pool.json'}: not valid JSON"):
+        manifest_paths(tmp_path / "pool.json")
+
+
 def test_shape_mismatch_and_missing_key_are_named(tiny_model, tmp_path):
     folder = mtl.save_model(tiny_model, tmp_path / "m")
     state = load_file(str(folder / "model.safetensors"))

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 from mtl.atomic import alive, atomic_path, make_parents, remove_empty
+from mtl.folder_checks import JSON_ERRORS
 
 FAILED = "FAILED"
 #: what each CLI writes last into its run folder (mtl-train, mtl-merge, mtl-prune: metrics.json), so finished
@@ -328,7 +329,7 @@ def owner_of(marker: Path) -> dict | None:
 def _parse(text: bytes) -> dict | None:
     try:
         data = json.loads(text.decode().strip())
-    except (UnicodeDecodeError, ValueError):
+    except JSON_ERRORS:
         return None
     if isinstance(data, int) and not isinstance(data, bool):
         return {"pid": data}

@@ -426,3 +426,13 @@ def test_a_header_length_past_the_end_of_the_file_names_the_file(tmp_path):
     with pytest.raises(merging.MergeInputError, match=rf"{bad}: truncated or not a safetensors file"):
         merging.merge_to_file("task_arithmetic", good, [bad], tmp_path / "out", lam=1.0)
     assert not (tmp_path / "out").exists()
+
+
+
+def test_a_safetensors_header_nested_too_deep_names_the_file(tmp_path):
+    """A header of '[' * 200000 raised a raw RecursionError from json.loads."""
+    good = tmp_path / "pre.safetensors"
+    save_file({"a": torch.zeros(4)}, str(good))
+    bad = _raw_safetensors(tmp_path / "bad.safetensors", ("[" * 200_000 + "]" * 200_000).encode(), b"")
+    with pytest.raises(merging.MergeInputError, match=rf"{bad}: cannot read safetensors header: maximum recursion depth"):
+        merging.merge("task_arithmetic", good, [bad], lam=1.0)
