@@ -15,6 +15,8 @@ from typing import Any, Union
 import torch
 from torch import nn
 
+from mtl.torch_load import torch_load_refusal
+
 from .safetensors_source import (
     DTYPE_CODES,
     SAFETENSORS_DTYPES,
@@ -50,7 +52,7 @@ def _torch_checkpoint(path: Path) -> DictSource:
         except RuntimeError:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors come in many types
-        raise MergeInputError(f"{path}: cannot load as a torch checkpoint (weights_only=True): {e}") from e
+        raise MergeInputError(torch_load_refusal(str(path), e)) from e
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]  # Lightning / common training checkpoints nest the weights
     if not isinstance(obj, Mapping):

@@ -24,6 +24,7 @@ from mtl.module import MultiTaskModule, check_optim
 from mtl.registry import check_int
 from mtl.sweep import check_monitors, check_objective
 from mtl.tasks import create_task
+from mtl.torch_load import torch_load_refusal
 from mtl.train_checks import (check_checkpoint, check_eval_splits, check_precision, check_resume_length,
                               check_test_batches, check_trainer, check_validation, finished_run_refusal,
                               read_checkpoint, resume_start, set_aside_failed_attempt, warn_seed_of_resume)
@@ -268,9 +269,7 @@ def _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, basel
                          f"missing, {len(unexpected)} unexpected key(s), or other shapes{': ' + named if named else ''})"
                          f"{hint}; resume with the config it was trained with (its run's config.yaml)") from e
     except pickle.UnpicklingError as e:
-        why = next((ln.strip().split(". Please")[0] + "." for ln in str(e).splitlines() if "Unsupported global" in ln), "")
-        raise ValueError(f"ckpt_path {cfg.get('ckpt_path')}: refused, it needs unpickling beyond tensors and plain "
-                         f"data (torch.load weights_only=True). {why}") from e
+        raise ValueError(torch_load_refusal(f"ckpt_path {cfg.get('ckpt_path')}", e)) from e
     fit_seconds = time.perf_counter() - start
     # before testing: loading the best checkpoint restores the balancer's state (and counters) as of then
     diagnostics = module.balancer.diagnostics()

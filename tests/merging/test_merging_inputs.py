@@ -436,3 +436,23 @@ def test_a_safetensors_header_nested_too_deep_names_the_file(tmp_path):
     bad = _raw_safetensors(tmp_path / "bad.safetensors", ("[" * 200_000 + "]" * 200_000).encode(), b"")
     with pytest.raises(merging.MergeInputError, match=rf"{bad}: cannot read safetensors header: maximum recursion depth"):
         merging.merge("task_arithmetic", good, [bad], lam=1.0)
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+
+        return (os.getpid, ())
+
+
+def test_a_pickle_beyond_tensors_is_refused_naming_file_and_global(tmp_path):
+    """torch's refusal began with its advice to rerun with weights_only=False, and the reason (the blocked global)
+    was cut off; one line names the file and the global now, with no such advice."""
+    pre = tmp_path / "pre.pt"
+    torch.save({"a": torch.zeros(2)}, pre)
+    evil = tmp_path / "evil.pt"
+    torch.save({"a": torch.zeros(2), "b": _Evil()}, evil)
+    with pytest.raises(merging.MergeInputError) as e:
+        merging.merge("task_arithmetic", pre, [evil], lam=1.0)
+    assert str(e.value) == (f"{evil}: refused, it needs unpickling beyond tensors and plain data (unsupported GLOBAL "
+                            "posix.getpid; a weights-only torch.load blocks it)")

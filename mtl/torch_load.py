@@ -1,0 +1,25 @@
+"""Why a weights-only ``torch.load`` refused a file, in one line (a run's ``ckpt_path``, a merge's torch-file inputs)."""
+from __future__ import annotations
+
+import pickle
+import re
+
+__all__ = ["torch_load_refusal"]
+
+
+def torch_load_refusal(what: str, error: BaseException) -> str:
+    """One line saying why a weights-only ``torch.load`` of ``what`` (a file, or ``ckpt_path <file>``) failed: a
+    pickle needing more than tensors and plain data, named by the global it was refused (``posix.system``), never
+    with torch's advice to load it with weights_only=False (which runs the file's code); else not a checkpoint at
+    all (a zip of other files, a text file), with torch's first line of reason."""
+    text = str(error)
+    found = re.search(r"(?i)unsupported global:?\s+(?:GLOBAL\s+)?([\w.]+)", text)  # torch ≤ 2.5 and later wordings
+    if isinstance(error, pickle.UnpicklingError):
+        blocked = f"unsupported GLOBAL {found.group(1)}" if found else _first_reason(text, type(error).__name__)
+        return f"{what}: refused, it needs unpickling beyond tensors and plain data ({blocked}; a weights-only torch.load blocks it)"
+    return f"{what}: not a PyTorch/Lightning checkpoint ({_first_reason(text, type(error).__name__)})"
+
+
+def _first_reason(text: str, default: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return next((ln for ln in lines if not re.search(r"weights_only|Weights only load failed|torch\.load", ln)), default)
