@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import shlex
 import shutil
 from collections.abc import Mapping
@@ -182,8 +183,6 @@ def check_resume_length(tr: DictConfig, path: Path, ckpt: dict[str, Any] | None 
     tests and saves the checkpoint, which finishes a job interrupted after training (docs/scaleout.md): said so.
     ``ckpt``: the checkpoint as `read_checkpoint` gives it, when the caller has read it already."""
     ckpt = read_checkpoint(path) if ckpt is None else ckpt
-    if ckpt is None:
-        return  # refused with its reason when fit loads it
     progress = ((ckpt.get("loops") or {}).get("fit_loop") or {}).get("epoch_progress") or {}
     found = [("max_epochs", tr.get("max_epochs"), (progress.get("current") or {}).get("processed"), "epoch(s)"),
              ("max_steps", tr.get("max_steps"), ckpt.get("global_step"), "steps")]
@@ -199,15 +198,15 @@ def check_resume_length(tr: DictConfig, path: Path, ckpt: dict[str, Any] | None 
                         "saves it (raise trainer.%s to train longer)", path, done, unit, key, limit, key)
 
 
-def read_checkpoint(path: Path) -> dict[str, Any] | None:
-    """The checkpoint's contents, its tensors memory-mapped (not read); None when it needs unpickling beyond
-    tensors and plain data (fit refuses it then, with its reason)."""
-    import pickle
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint's contents, its tensors memory-mapped (not read); refused in one line (`torch_load_refusal`)
+    when it needs unpickling beyond tensors and plain data or is no torch checkpoint at all (a zip of other files)."""
+    from mtl.torch_load import torch_load_refusal
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError:
-        return None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ValueError(torch_load_refusal(f"ckpt_path {path}", e)) from None
 
 
 def resume_start(cfg: DictConfig, path: Path, ckpt: dict[str, Any] | None = None) -> dict[str, Any] | None:

@@ -105,6 +105,20 @@ def test_a_checkpoint_that_needs_unpickling_is_refused(monkeypatch, tmp_path, ca
                     "(unsupported GLOBAL print; a weights-only torch.load blocks it)"], err.err
 
 
+def test_a_zip_that_is_no_torch_checkpoint_is_named_as_such(monkeypatch, tmp_path, capfd):
+    """torch's '[enforce fail at inline_container.cc:180] ... not in a subdirectory: a.txt' named neither the file
+    nor the setting."""
+    import zipfile
+
+    ckpt = tmp_path / "other.zip"
+    with zipfile.ZipFile(ckpt, "w") as z:
+        z.writestr("a.txt", "x")
+    code, _ = run_main(monkeypatch, tmp_path, f"ckpt_path={ckpt}")
+    line = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("error: ")]
+    assert code == 1 and len(line) == 1 and line[0].startswith(
+        f"error: ckpt_path {ckpt}: not a PyTorch/Lightning checkpoint (") and "a.txt" in line[0], line
+
+
 def test_a_model_file_as_ckpt_path_is_named_for_what_it_is(monkeypatch, tmp_path, capfd):
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"{}")
