@@ -100,6 +100,14 @@ class DictSource(StateSource):
             raise MergeInputError(
                 f"{label}: values must be tensors; not a tensor: {', '.join(map(repr, bad[:5]))}"
             )
+        named = [k for k in mapping if not isinstance(k, str)]
+        if named:  # key filters and reports match names as strings
+            raise MergeInputError(f"{label}: keys must be strings (tensor names); key {named[0]!r} is a "
+                                  f"{type(named[0]).__name__}")
+        sparse = [k for k, v in mapping.items() if v.layout != torch.strided]
+        if sparse:  # the kernels add dense tensors in place
+            raise MergeInputError(f"{label}: tensor {sparse[0]!r} is {mapping[sparse[0]].layout}; merges take dense "
+                                  "tensors (convert it with .to_dense())")
         self._d = mapping
         self.label = label
 

@@ -456,3 +456,20 @@ def test_a_pickle_beyond_tensors_is_refused_naming_file_and_global(tmp_path):
         merging.merge("task_arithmetic", pre, [evil], lam=1.0)
     assert str(e.value) == (f"{evil}: refused, it needs unpickling beyond tensors and plain data (unsupported GLOBAL "
                             "posix.getpid; a weights-only torch.load blocks it)")
+
+
+@pytest.mark.parametrize("bad, why", [
+    ({"a": torch.zeros(2, 2).to_sparse()}, r"tensor 'a' is torch.sparse_coo; merges take dense tensors"),
+    ({"a": torch.zeros(2, 2), 3: torch.zeros(2)}, r"keys must be strings \(tensor names\); key 3 is a int"),
+])
+def test_a_torch_file_with_a_sparse_tensor_or_a_non_string_key_names_file_and_key(tmp_path, bad, why):
+    """Raw 'add(sparse, dense) is not supported' and 'expected string or bytes-like object, got 'int''."""
+    pre = tmp_path / "pre.pt"
+    torch.save({"a": torch.zeros(2, 2)}, pre)
+    ft = tmp_path / "ft.pt"
+    torch.save(bad, ft)
+    with pytest.raises(merging.MergeInputError, match=rf"^{ft}: {why}"):
+        merging.merge("task_arithmetic", pre, [ft], lam=1.0)
+    with pytest.raises(merging.MergeInputError, match=rf"^{ft}: {why}"):
+        merging.merge_to_file("task_arithmetic", pre, [ft], tmp_path / "out", lam=1.0)
+    assert not (tmp_path / "out").exists()
