@@ -6,6 +6,7 @@ in our RSS longer than needed.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -13,6 +14,11 @@ import sys
 import threading
 from pathlib import Path
 from typing import Union
+
+try:  # imported here: at EMFILE, importing it (a shared library) would fail too
+    import resource
+except ImportError:  # Windows
+    resource = None
 
 import torch
 
@@ -180,7 +186,10 @@ class SafetensorsSource(StateSource):
     def _file(self) -> int:
         with _FD_LOCK:  # the chunked kernels read from several threads
             if self._fd is None:
-                self._fd = os.open(self.path, os.O_RDONLY)
+                try:
+                    self._fd = os.open(self.path, os.O_RDONLY)
+                except OSError as e:
+                    raise (_too_many_open_files(self.path) if e.errno == errno.EMFILE else e) from None
             return self._fd
 
     def file_span(self, key: str) -> tuple[int, int] | None:
@@ -213,6 +222,8 @@ class SafetensorsSource(StateSource):
         try:
             return safe_open(self.path, framework="pt", device="cpu")
         except SafetensorError as e:
+            if f"os error {errno.EMFILE}" in str(e):
+                raise _too_many_open_files(self.path) from None
             raise MergeInputError(f"{self.path}: {e}") from None
 
     def get(self, key: str) -> torch.Tensor:
@@ -320,6 +331,14 @@ class ShardedSafetensorsSource(StateSource):
     def close(self) -> None:
         for s in self._shards.values():
             s.close()
+
+
+def _too_many_open_files(path: Path) -> OSError:
+    """EMFILE, said with its cure: a streaming merge holds every input file open at once (docs/merging.md)."""
+    soft = f" ({resource.getrlimit(resource.RLIMIT_NOFILE)[0]} allowed)" if resource else ""
+    return OSError(errno.EMFILE, f"too many open files{soft} opening {path}: a streaming merge holds every "
+                                 "input open at once; raise the limit (ulimit -n) above the number of inputs and shards, "
+                                 "or merge fewer inputs")
 
 
 class _DuplicateKey(Exception):

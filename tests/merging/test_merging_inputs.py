@@ -1,5 +1,6 @@
 """Input kinds, what merges (key filters, heads, buffers, BN rule), unchanged inputs, and bad input."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -473,3 +474,23 @@ def test_a_torch_file_with_a_sparse_tensor_or_a_non_string_key_names_file_and_ke
     with pytest.raises(merging.MergeInputError, match=rf"^{ft}: {why}"):
         merging.merge_to_file("task_arithmetic", pre, [ft], tmp_path / "out", lam=1.0)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files through /proc")
+def test_more_inputs_than_open_files_allowed_says_to_raise_ulimit(tmp_path):
+    """merge_to_file holds every input open: past `ulimit -n` it failed with a bare Errno 24."""
+    import resource
+
+    files = []
+    for i in range(40):
+        files.append(tmp_path / f"{i}.safetensors")
+        save_file({"a": torch.full((4,), float(i))}, str(files[-1]))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 20, hard))
+    try:
+        with pytest.raises(OSError, match=r"too many open files \(\d+ allowed\) opening .*: a streaming merge holds every "
+                                          r"input open at once; raise the limit \(ulimit -n\)"):
+            merging.merge_to_file("task_arithmetic", files[0], files[1:], tmp_path / "out.safetensors", lam=0.1)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert not (tmp_path / "out.safetensors").exists()
