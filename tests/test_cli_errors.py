@@ -119,6 +119,27 @@ def test_a_zip_that_is_no_torch_checkpoint_is_named_as_such(monkeypatch, tmp_pat
         f"error: ckpt_path {ckpt}: not a PyTorch/Lightning checkpoint (") and "a.txt" in line[0], line
 
 
+
+def test_an_init_from_folder_with_nan_weights_is_refused_before_the_run_folder(monkeypatch, tmp_path, capfd):
+    """It loaded silently: the run failed at step 0 blaming a non-finite loss (and balancer.skip_nonfinite=true then
+    skipped every step and failed at save)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    import mtl
+
+    folder = mtl.save_model(mtl.create_model(["depth"], backbone="test_resnet", decoder={"name": "hps", "channels": 8}),
+                            tmp_path / "nanf")
+    state = load_file(folder / "model.safetensors")
+    state["backbone.body.conv1.0.weight"].view(-1)[0] = float("inf")
+    save_file(state, folder / "model.safetensors")  # plain safetensors: no digest
+    code, runs = run_main(monkeypatch, tmp_path, f"init_from={folder}")
+    line = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("error: ")]
+    assert code == 1 and line == [f"error: init_from: {folder / 'model.safetensors'}: key 'backbone.body.conv1.0.weight' "
+                                  "holds NaN or infinite values"], line
+    assert runs == [] and not (tmp_path / "outputs").exists()
+
+
 def test_a_model_file_as_ckpt_path_is_named_for_what_it_is(monkeypatch, tmp_path, capfd):
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"{}")

@@ -142,11 +142,13 @@ class JobFailed(Exception):
         return self.args[0]
 
 
-def run_job(cfg, job: Callable[[Any, Path], Any] | str) -> Any:
+def run_job(cfg, job: Callable[[Any, Path], Any] | str, check: str | None = None) -> Any:
     """Body of every Hydra main: ``job(cfg, run_dir)`` with failure marking, one-line errors and the
     ``run_dir:`` last line; returns what the job returns (a sweeper's objective). ``job`` may be named
     ``"package.module:function"``: imported inside the guarded region, so a Ctrl-C or SIGTERM during the
-    seconds its imports take (torch, timm...) still marks the run folder Hydra has already made."""
+    seconds its imports take (torch, timm...) still marks the run folder Hydra has already made. ``check``
+    (``"package.module:function"``, called with ``cfg``): the job's inputs checked before the run folder is
+    accepted: a refusal there leaves no run folder, as a command-line mistake does."""
     from hydra.core.hydra_config import HydraConfig
 
     from hydra.types import RunMode
@@ -167,14 +169,11 @@ def run_job(cfg, job: Callable[[Any, Path], Any] | str) -> Any:
             modules = [src.path for src in hc.runtime.config_sources if src.schema == "pkg" and src.path != "hydra.conf"]
             check_overrides(cfg, hc.overrides.task, modules or ("mtl.configs",))
             check_required(cfg)
+            if check is not None:
+                _named(check)(cfg)
             with claims_run_folder(run_dir, _rank0(), key), \
                     (contextlib.nullcontext() if multirun else marks_failure(run_dir, made is not None)):
-                if isinstance(job, str):
-                    import importlib
-
-                    module, _, name = job.partition(":")
-                    job = getattr(importlib.import_module(module), name)
-                result = job(cfg, run_dir)
+                result = (_named(job) if isinstance(job, str) else job)(cfg, run_dir)
     except BaseException as e:
         stop = interruption(e)
         if (stop is None and not isinstance(e, Exception)) or verbose():
@@ -196,6 +195,14 @@ def run_job(cfg, job: Callable[[Any, Path], Any] | str) -> Any:
         sys.exit(stop[1] if stop else 1)
     finish(run_dir)
     return result
+
+
+def _named(function: str) -> Callable:
+    """The function ``"package.module:function"`` names (imported when called: inside the guarded region)."""
+    import importlib
+
+    module, _, name = function.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def check_required(cfg) -> None:

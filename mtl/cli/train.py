@@ -17,7 +17,20 @@ from mtl.cli.common import cli_main, run_job
 @hydra.main(version_base="1.3", config_path="pkg://mtl.configs", config_name="train")
 def _main(cfg: DictConfig) -> float | None:
     # the value a sweeper (hparams_search=optuna) optimises; None without optimized_metric
-    return run_job(cfg, "mtl.cli.train:train_job")  # imported inside the guarded region
+    return run_job(cfg, "mtl.cli.train:train_job", check="mtl.cli.train:check_inputs")  # imported inside the guarded region
+
+
+def check_inputs(cfg: DictConfig) -> None:
+    """``init_from``'s weights as every run would read them (digest, NaN or infinite values), before the run folder
+    is accepted; a resume (``ckpt_path``) takes its weights from the checkpoint, not from ``init_from``."""
+    if cfg.get("init_from") and not cfg.get("ckpt_path"):
+        from mtl.io import ModelFolderError, load_state, read_checked_config
+
+        try:
+            read_checked_config(cfg.init_from)  # a missing or other folder, named for what it is
+            load_state(cfg.init_from)
+        except ModelFolderError as e:
+            raise ModelFolderError(f"init_from: {e}") from None
 
 
 def train_job(cfg: DictConfig, run_dir) -> float | None:
