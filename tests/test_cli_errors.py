@@ -123,7 +123,6 @@ def test_a_zip_that_is_no_torch_checkpoint_is_named_as_such(monkeypatch, tmp_pat
 def test_an_init_from_folder_with_nan_weights_is_refused_before_the_run_folder(monkeypatch, tmp_path, capfd):
     """It loaded silently: the run failed at step 0 blaming a non-finite loss (and balancer.skip_nonfinite=true then
     skipped every step and failed at save)."""
-    import torch
     from safetensors.torch import load_file, save_file
 
     import mtl
