@@ -1,6 +1,7 @@
 """Model folders (``model.safetensors`` + ``config.json``) and atomic file writing."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -404,10 +405,8 @@ def _build(model_cfg: dict[str, Any], cfg_file: Path, meta: bool = False):
     from mtl.models import model_from_config
 
     try:
-        if meta:
-            with torch.device("meta"):
-                return model_from_config(model_cfg)
-        with torch.random.fork_rng(devices=[]):  # the random init the stored weights replace: not the caller's stream
+        # the random init the stored weights replace: not the caller's stream (a meta build's neither)
+        with torch.random.fork_rng(devices=[]), (torch.device("meta") if meta else contextlib.nullcontext()):
             return model_from_config(model_cfg)
     except Exception as e:  # any malformed value: the config, not the caller, is at fault
         if meta:
