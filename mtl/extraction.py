@@ -70,9 +70,8 @@ def _as_keywords(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[
         check_request(model, kwargs)  # raises: no extraction
     names = [n for n, p in inspect.signature(fn).parameters.items()
              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    family = getattr(model, "config", {}).get("family", type(model).__name__)
     if len(args) > len(names):
-        raise TypeError(f"model family {family!r} extracts with ({', '.join(f'{n}=' for n in names)}); got "
+        raise TypeError(f"model family {_family(model)!r} extracts with ({_accepted(fn)}); got "
                         f"{len(args)} positional arguments")
     twice = [n for n in names[:len(args)] if n in kwargs]
     if twice:
@@ -85,19 +84,25 @@ def check_request(model: nn.Module, kwargs: dict[str, Any]) -> None:
     ones it takes), then values the family refuses (its optional ``check_extraction(**kwargs)``)."""
     fn = getattr(model, "extract_subnetwork", None)
     if fn is None:
-        family = getattr(model, "config", {}).get("family", type(model).__name__)
-        raise TypeError(f"model family {family!r} does not support extraction "
+        raise TypeError(f"model family {_family(model)!r} does not support extraction "
                         "(supported: task-routed MoE models by task, slimmable models by widths)")
     try:
         inspect.signature(fn).bind(**kwargs)
     except TypeError as e:
-        family = getattr(model, "config", {}).get("family", type(model).__name__)
-        accepted = ", ".join(f"{n}=" for n in inspect.signature(fn).parameters)
-        raise TypeError(f"model family {family!r} extracts with ({accepted}); got "
+        raise TypeError(f"model family {_family(model)!r} extracts with ({_accepted(fn)}); got "
                         f"({', '.join(f'{k}=' for k in kwargs) or 'nothing'}): {e}") from None
     check = getattr(model, "check_extraction", None)
     if check is not None:
         check(**kwargs)
+
+
+def _family(model: nn.Module) -> str:
+    return getattr(model, "config", {}).get("family", type(model).__name__)
+
+
+def _accepted(fn) -> str:
+    """The arguments a family's ``extract_subnetwork`` takes, as an error lists them (``task=, calib=``)."""
+    return ", ".join(f"{n}=" for n in inspect.signature(fn).parameters)
 
 
 def _describe(kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -451,11 +451,13 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     state, header = _read_weights(file)
     cfg["model"] = check_header(header, cfg, file, cfg_file)
     stored = dict(state)  # the digest covers the tensors as stored, before any conversion
+    # checked (and an older layout converted) on a meta-device build, before any real tensor is allocated: a config
+    # asking for a huge head is refused here, not after building it; the real build only where meta cannot
     skeleton = _build(cfg["model"], cfg_file, meta=True)
-    if skeleton is not None:  # shapes checked before any real tensor is allocated: a config asking for a huge head
-        _check_fit(skeleton, dict(state), file, cfg_file)  # is refused here, not after building it
+    upgraded = _check_fit(skeleton, state, file, cfg_file) if skeleton is not None else None
     model = _build(cfg["model"], cfg_file)
-    upgraded = _check_fit(model, state, file, cfg_file)
+    if skeleton is None:
+        upgraded = _check_fit(model, state, file, cfg_file)
     if upgraded:
         log.info("%s: %d key(s) of an older layout converted on loading (e.g. %r)", file, len(upgraded), upgraded[0])
     check_finite(file, state)
