@@ -252,6 +252,32 @@ def test_a_switch_that_is_not_a_bool_is_refused_before_the_output_is_touched(con
     assert len(run_folders()) == len(runs) + 2
 
 
+@pytest.mark.parametrize("cli, args, key", [
+    ("mtl.cli.train", ["debug=smoke", "balancer=pcgrad"], "balancer.skip_nonfinite"),
+    ("mtl.cli.train", ["debug=smoke"], "data.augment"),
+    ("mtl.cli.train", ["debug=smoke", "experiment=scenes_slimmable"], "strategy.cikd"),
+    ("merging.cli", ["merge=adamerging", "pretrained=/nowhere"], "merge.clamp"),
+    ("merging.cli", ["merge=concrete_ta", "pretrained=/nowhere"], "merge.rescale"),
+])
+def test_a_switch_of_a_shared_group_is_a_bool_too(console, capfd, cli, args, key):
+    """The shared groups' switches were read with a truth test too: ``balancer.skip_nonfinite=no`` skipped NaN steps,
+    ``merge.clamp=no`` clamped. Refused in one line before any run folder; the text true/false is its bool."""
+    for value, shown in (("no", "'no'"), ("off", "'off'"), ("0", "0")):
+        code, out = console(cli, *args, f"{key}={value}")
+        err = capfd.readouterr().err.strip()
+        assert code == 1 and err == f"error: {key} must be true or false, got {shown}", err
+        assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_the_switches_of_other_libraries_groups_are_left_to_them():
+    """logger.wandb.log_model takes "all"; trainer and callbacks keys are Lightning's arguments."""
+    from mtl.cli.switches import app_switches
+
+    keys = app_switches("mtl.configs")
+    assert {"balancer.skip_nonfinite", "merge.clamp", "data.augment", "strategy.cikd"} <= keys
+    assert not {k for k in keys if k.split(".")[0] in ("logger", "trainer", "callbacks", "hydra")}, keys
+
+
 def test_verbose_is_a_bool_too(console, capfd):
     code, out = console("mtl.cli.export", "verbose=no", "model=???")
     assert code == 1 and capfd.readouterr().err.strip() == "error: verbose must be true or false, got 'no'"

@@ -6,11 +6,16 @@ the text ``true``/``false`` (any case, as an environment variable gives it; set 
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterator
 
 __all__ = ["as_switch", "check_switches"]
 
 SHARED = "mtl.configs"  # the shared config groups, and mtl-train's own config
+#: shared config groups (and ``strategy``, which experiment files set) whose settings only mtlkit's own classes read,
+#: each bool there a plain switch (``balancer.skip_nonfinite``, ``merge.clamp``, ``data.augment``): unlike logger's
+#: ``log_model=all`` or Lightning's trainer and callbacks arguments, which take more than a bool
+OWN_GROUPS = ("backbone", "balancer", "data", "decoder", "merge", "prune", "strategy", "task")
 
 
 def as_switch(key: str, value: Any) -> bool:
@@ -32,29 +37,57 @@ def bool_keys(settings: dict, prefix: str = "") -> Iterator[str]:
 
 
 def app_switches(app_module: str) -> set[str]:
-    """The boolean settings of an app: those of its primary config file(s) (`mtl.cli.choices.app_config`) and of the
-    option files of a job app's own config groups (mtl-merge's ``eval.enabled``; a ``@package _global_`` file's at the
-    top). Not the shared groups of `SHARED` (mtl-train's): their keys are arguments of the classes they configure,
-    some of which take more than a bool (``logger.wandb.log_model=all``)."""
+    """The boolean settings of an app: those of its primary config file(s) (`mtl.cli.choices.app_config`), of the
+    option files of a job app's own config groups (mtl-merge's ``eval.enabled``), and of the shared groups whose
+    settings only mtlkit reads (`OWN_GROUPS`). Not logger, trainer, callbacks or hydra: their keys are arguments of
+    other libraries' classes, some of which take more than a bool (``logger.wandb.log_model=all``)."""
+    from mtl.cli.choices import app_config
+
+    keys = set(bool_keys(app_config(app_module)[0])) | shared_switches()
+    if app_module.removeprefix("pkg://") == SHARED:
+        return keys
+    return keys | group_switches(app_module)
+
+
+@functools.lru_cache(maxsize=None)
+def shared_switches() -> frozenset[str]:
+    """The switches of the shared config groups of `OWN_GROUPS`, as their option files (and experiment files) give
+    them."""
+    return frozenset(k for k in group_switches(SHARED) if k.split(".", 1)[0] in OWN_GROUPS)
+
+
+@functools.lru_cache(maxsize=None)
+def group_switches(app_module: str) -> frozenset[str]:
+    """The dotted keys that hold a bool in every option file of an app's config groups that sets them (a
+    ``@package _global_`` file's at the top)."""
     import yaml
     from importlib import resources
 
-    from mtl.cli.choices import app_config
-
-    keys = set(bool_keys(app_config(app_module)[0]))
-    if app_module.removeprefix("pkg://") == SHARED:
-        return keys
     try:
         groups = [d for d in resources.files(app_module.removeprefix("pkg://")).iterdir() if d.is_dir()]
     except (ModuleNotFoundError, FileNotFoundError, NotADirectoryError):
-        return keys
+        return frozenset()
+    switches: set[str] = set()
+    others: set[str] = set()  # keys some file sets to a non-bool: not a switch
     for group in groups:
         for f in (f for f in group.iterdir() if f.name.endswith(".yaml")):
             text = f.read_text()
             data = yaml.safe_load(text)
+            if not isinstance(data, dict):
+                continue
             prefix = "" if "# @package _global_" in text.split("\n", 1)[0] else f"{group.name}."
-            keys.update(bool_keys(data, prefix) if isinstance(data, dict) else ())
-    return keys
+            switches.update(bool_keys(data, prefix))
+            others.update(other_keys(data, prefix))
+    return frozenset(switches - others)
+
+
+def other_keys(settings: dict, prefix: str = "") -> Iterator[str]:
+    """The dotted keys whose value in ``settings`` is neither a bool nor a mapping."""
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            yield from other_keys(value, f"{prefix}{key}.")
+        elif not isinstance(value, bool):
+            yield f"{prefix}{key}"
 
 
 def check_switches(cfg: Any, app_module: str) -> None:
