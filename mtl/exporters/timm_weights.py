@@ -41,7 +41,7 @@ def model_args(backbone_cfg: dict[str, Any]) -> dict[str, Any]:
 def export_timm(source: Source, out: Path, tasks: list[str], seed: int = 0) -> dict[str, Any]:
     """Write ``model.safetensors`` + timm's ``config.json`` (so ``timm.create_model("local-dir:<out>")``
     works too). ``tasks`` does not apply: the backbone serves all of them, so a subset is refused."""
-    if tasks != list(getattr(source.model, "tasks", {}) or []):
+    if set(tasks) != set(getattr(source.model, "tasks", {}) or []):  # every task, in any order, is the whole backbone
         raise ValueError(f"format=timm exports the shared backbone only, which serves every task; tasks={tasks} "
                          "does not apply (leave tasks unset)")
     import timm

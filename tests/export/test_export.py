@@ -713,3 +713,13 @@ def test_loading_and_timm_export_leave_the_callers_random_stream_alone(tmp_path)
     mtl.load_model(folder)
     mtl.export(folder, "timm", tmp_path / "timm")
     assert torch.equal(torch.rand(3), want)
+
+
+def test_timm_takes_every_task_in_any_order(tmp_path):
+    """The whole task list is the whole backbone whatever its order; it was refused unless in the model's order."""
+    folder = _folder(tmp_path)
+    tasks = list(mtl.load_model(folder).tasks)
+    out = mtl.export(folder, "timm", tmp_path / "t", tasks=tasks[::-1])
+    assert (out / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match="does not apply"):
+        mtl.export(folder, "timm", tmp_path / "u", tasks=tasks[1:])
