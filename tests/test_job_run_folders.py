@@ -251,6 +251,33 @@ def test_an_empty_output_dir_variable_counts_as_unset(monkeypatch, value, root):
         assert Path(cfg.hydra[kind].dir).parts[:3] == (root, "a", "b")
 
 
+def test_output_folders_with_a_tilde_are_under_home(tmp_path, monkeypatch):
+    """MTL_OUTPUT_DIR="~/runs", output="~/merged" and run_dir="~/r" made a literal ./~ folder in the working
+    directory (Hydra's run folder, the jobs' output, an in-process run's folder)."""
+    from hydra import compose, initialize_config_module
+
+    from mtl.cli.common import register_resolvers
+    from mtl.cli.failures import output_root
+    from mtl.cli.in_process import compose_in_process
+    from mtl.cli.jobs import start_run
+
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(), cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("MTL_OUTPUT_DIR", "~/runs")
+    assert output_root() == home / "runs"
+    register_resolvers()
+    with initialize_config_module(config_module="mtl.configs", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["name=a"], return_hydra_config=True)
+    assert Path(cfg.hydra.run.dir).parts[:-1] == (home / "runs" / "a" / "runs").parts
+    _, output = start_run(OmegaConf.create({"name": "merge", "output": "~/merged"}), tmp_path / "run")
+    assert output == home / "merged"
+    _, run_dir = compose_in_process("mtl.configs", "train", [], "~/r")
+    assert run_dir == home / "r"
+    assert list(cwd.iterdir()) == []
+
+
 @pytest.mark.parametrize("module, name", [("mtl.configs", "train"), ("mtl.configs.merge_app", "merge"),
                                           ("mtl.configs.prune_app", "prune"), ("mtl.configs.export_app", "export"),
                                           ("mtl.configs.extract_app", "extract")])

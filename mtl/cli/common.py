@@ -453,19 +453,23 @@ def check_run_name(name: Any) -> str:
 EMPTY_MEANS_UNSET = ("MTL_OUTPUT_DIR", "MTL_DATA_CACHE")
 
 
-def unset_empty_env() -> None:
-    """A set-but-empty MTL_OUTPUT_DIR / MTL_DATA_CACHE counts as unset, as the Python side reads them: dropped from
-    the environment, so that the configs' ``${oc.env:NAME,DEFAULT}`` give the default (they gave "", which put the
-    scenes cache at /scenes and run folders at /<name>). The configs use only OmegaConf's own resolvers there, so a
-    run's ``.hydra/config.yaml`` loads with plain ``OmegaConf.load``."""
+def normalize_path_env() -> None:
+    """MTL_OUTPUT_DIR / MTL_DATA_CACHE as the Python side reads them: set but empty counts as unset (dropped from
+    the environment, so that the configs' ``${oc.env:NAME,DEFAULT}`` give the default; they gave "", which put the
+    scenes cache at /scenes and run folders at /<name>), and a leading ``~`` is expanded (``export
+    MTL_OUTPUT_DIR="~/runs"`` made run folders under a literal ``./~``). The configs use only OmegaConf's own
+    resolvers there, so a run's ``.hydra/config.yaml`` loads with plain ``OmegaConf.load``."""
     for name in EMPTY_MEANS_UNSET:
-        if os.environ.get(name) == "":
+        value = os.environ.get(name)
+        if value == "":
             del os.environ[name]
+        elif value is not None and value.startswith("~"):
+            os.environ[name] = os.path.expanduser(value)
 
 
 def register_resolvers() -> None:
-    """What composing mtlkit's configs needs: its resolvers and `unset_empty_env`."""
+    """What composing mtlkit's configs needs: its resolvers and `normalize_path_env`."""
     from omegaconf import OmegaConf
 
-    unset_empty_env()
+    normalize_path_env()
     OmegaConf.register_new_resolver("mtl_run_name", check_run_name, replace=True)

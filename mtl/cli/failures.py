@@ -155,8 +155,8 @@ def check_run_folder(run_dir: str | os.PathLike, resumes_from: str | os.PathLike
 
 def output_root() -> Path:
     """Where run folders go unless told otherwise (``$MTL_OUTPUT_DIR``, else ``outputs``), as the configs'
-    ``hydra.run.dir`` says."""
-    return Path(os.environ.get("MTL_OUTPUT_DIR") or "outputs")
+    ``hydra.run.dir`` says, a leading ``~`` expanded (`mtl.cli.common.normalize_path_env`)."""
+    return Path(os.path.expanduser(os.environ.get("MTL_OUTPUT_DIR") or "outputs"))
 
 
 def output_root_problem(error: BaseException) -> str | None:

@@ -3,6 +3,7 @@ checks and failure marking as the console scripts, for notebooks, scripts and te
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 import warnings
 from pathlib import Path
@@ -90,8 +91,8 @@ def compose_in_process(config_module: str, config_name: str, overrides, run_dir=
             raise ValueError(f"run_dir={str(run_dir)!r} and the override hydra.run.dir={given} name different "
                              "folders; give one of them")
         run_dir = given
-    if run_dir is None:
-        run_dir = default_run_dir(cfg.name)
+    # a leading ~ expanded, as the shell would: a folder named "~" in the working directory is never meant
+    run_dir = default_run_dir(cfg.name) if run_dir is None else Path(os.path.expanduser(str(run_dir)))
     OmegaConf.set_struct(cfg, False)
     cfg.paths.output_dir = str(run_dir)
     return cfg, Path(run_dir)

@@ -22,7 +22,7 @@ def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
     from mtl.io import atomic_path, check_output_apart, holds_user_files, is_model_folder, stale_records
 
     run_dir = Path(run_dir)
-    output = Path(cfg.output) if cfg.get("output") else run_dir / default_output
+    output = Path(os.path.expanduser(str(cfg.output))) if cfg.get("output") else run_dir / default_output
     named = input_folders(cfg, inputs)
     check_output_apart(output, [p for _, p in named])  # the graver mistake first: a result written over an input
     check_input_folders(named, any_weights)

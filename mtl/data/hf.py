@@ -15,8 +15,16 @@ def default_cache_dir(kind: str) -> Path:
     """Where generated data of one kind (``scenes``, ``zoo``) is cached when no ``cache_dir`` is given:
     ``$MTL_DATA_CACHE/<kind>``, else ``~/.cache/mtlkit/<kind>``. The CLI's ``paths.data_cache`` +
     ``/<kind>`` resolves to the same folder, so Python and CLI runs share one cache."""
-    root = os.environ.get("MTL_DATA_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "mtlkit") / kind
+    return cache_root(kind)
+
+
+def cache_root(kind: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The folder generated data of one kind is cached in: ``cache_dir``, else `default_cache_dir`'s, with a
+    leading ``~`` expanded (``MTL_DATA_CACHE="~/cache"``): the writer would make a literal ``./~`` folder,
+    while the reader (``datasets.load_from_disk``) expands it and finds nothing there."""
+    if cache_dir is None:
+        cache_dir = Path(os.environ.get("MTL_DATA_CACHE") or "~/.cache/mtlkit") / kind
+    return Path(os.path.expanduser(str(cache_dir)))
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from mtl.data.hf import arrow_to_numpy, default_cache_dir, load_cached, quiet_datasets
+from mtl.data.hf import arrow_to_numpy, cache_root, load_cached, quiet_datasets
 from mtl.data.memory import SPLITS, TensorDataModule, TensorDictDataset
 from mtl.data.scenes import CLASS_NAMES, GENERATOR_VERSION, SHAPE_NAMES, render_scenes
 from mtl.io import atomic_path
@@ -84,7 +84,7 @@ def materialize_scenes(size: int = 64, n_train: int = 2000, n_val: int = 500, n_
         check_int(f"data.{name}", n, 1)
     check_int("data.size", size, 1)
     check_int("data.seed", seed, 0)
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir("scenes")
+    root = cache_root("scenes", cache_dir)
     final = root / f"scenes-v{GENERATOR_VERSION}-{size}px-{scenes_cache_key(size, n_train, n_val, n_test, seed)}"
     if (final / "dataset_dict.json").exists():
         return final

@@ -247,6 +247,27 @@ def test_one_cache_layout_for_python_and_cli(tmp_path, monkeypatch):
         assert cfg.data.cache_dir == str(Path.home() / ".cache" / "mtlkit" / data) == str(default_cache_dir(data))
 
 
+@pytest.mark.parametrize("how", ["cache_dir", "env"])
+def test_a_cache_folder_with_a_tilde_is_under_home(tmp_path, monkeypatch, how):
+    """cache_dir="~/probe" (or MTL_DATA_CACHE="~/probe") was written to a literal ./~/probe in the working directory,
+    then read from $HOME/probe by datasets.load_from_disk: every run failed with "corrupt data cache entry"."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(), cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    if how == "env":
+        monkeypatch.setenv("MTL_DATA_CACHE", "~/probe")
+    kw = dict(KW, cache_dir="~/probe/scenes" if how == "cache_dir" else None)
+    dm = ScenesDataModule(**kw)
+    dm.setup()
+    assert dm.path.parent == home / "probe" / "scenes" and dm.path.is_dir()
+    assert list(cwd.iterdir()) == []  # no ./~ tree
+    monkeypatch.setattr(dmod, "_scenes_split", lambda *a: pytest.fail("the cached scenes were rendered again"))
+    again = ScenesDataModule(**kw)
+    again.setup()
+    assert again.path == dm.path and torch.equal(again._data["train"][0]["image"], dm._data["train"][0]["image"])
+
+
 def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk full")

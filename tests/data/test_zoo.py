@@ -217,6 +217,22 @@ def test_default_cache_dir_follows_env(monkeypatch, tmp_path):
     assert zoo.zoo_cache_path("letters", 5, 0, 3).parent == tmp_path / "zoo"
 
 
+def test_a_cache_folder_with_a_tilde_is_under_home(monkeypatch, tmp_path):
+    """cache_dir="~/zprobe" was written to ./~/zprobe; the second load read $HOME/zprobe: "corrupt data cache entry"."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(), cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    first = load_zoo_dataset("letters", 5, 0, 3, size=8, cache_dir="~/zprobe")
+    assert (zoo.zoo_cache_path("letters", 5, 0, 3, size=8, cache_dir=home / "zprobe") / "zoo.json").is_file()
+    assert list(cwd.iterdir()) == []
+    monkeypatch.setattr(zoo.cache, "build_zoo_dataset", lambda *a, **k: pytest.fail("built again"))
+    again = load_zoo_dataset("letters", 5, 0, 3, size=8, cache_dir="~/zprobe")
+    assert np.array_equal(again["train"][0], first["train"][0])
+    monkeypatch.setenv("MTL_DATA_CACHE", "~/env")
+    assert zoo.zoo_cache_path("letters", 5, 0, 3).parent == home / "env" / "zoo"
+
+
 def test_a_failed_cache_write_leaves_nothing(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk full")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mtl.data.hf import default_cache_dir, load_cached, quiet_datasets
+from mtl.data.hf import cache_root, load_cached, quiet_datasets
 from mtl.data.zoo._base import SPLITS, ZOO, build_zoo_dataset, check_size, resolve_sizes
 from mtl.io import atomic_path
 
@@ -94,5 +94,5 @@ def zoo_cache_path(name: str, n_train: int | None = None, n_val: int | None = No
                    n_test: int | None = None, *, seed: int = 0, size: int = 32,
                    cache_dir: str | os.PathLike | None = None) -> Path:
     sizes = resolve_sizes(ZOO.get(name), n_train, n_val, n_test)
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir("zoo")
+    root = cache_root("zoo", cache_dir)
     return root / cache_key(name, sizes, int(seed), check_size(size))
