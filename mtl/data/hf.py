@@ -3,6 +3,7 @@ HF ``datasets`` (its progress bars hidden while mtlkit reads or writes its own c
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 from typing import Iterator
@@ -51,9 +52,22 @@ def load_cached(entry: Path, data: Path):
         with quiet_datasets():
             return datasets.load_from_disk(str(data))
     except (pa.ArrowException, OSError, ValueError) as e:
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{entry}: corrupt data cache entry ({why}); delete this folder and it is rebuilt "
-                         "on the next run") from None
+        raise corrupt_cache_entry(entry, e) from None
+
+
+def read_cache_json(entry: Path, name: str) -> dict:
+    """The JSON file ``name`` of cache entry ``entry`` (mtlkit's own record beside the data); a missing or
+    truncated one (an interrupted copy) is refused like a corrupt Arrow file, naming ``entry``."""
+    try:
+        return json.loads((entry / name).read_text())
+    except (OSError, ValueError) as e:
+        raise corrupt_cache_entry(entry, ValueError(f"{name}: {e.strerror if isinstance(e, OSError) else e}")) from None
+
+
+def corrupt_cache_entry(entry: Path, error: BaseException) -> ValueError:
+    """The one-line error for a cache entry that cannot be read; deleting ``entry`` fixes it."""
+    why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ValueError(f"{entry}: corrupt data cache entry ({why}); delete this folder and it is rebuilt on the next run")
 
 
 def arrow_to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from mtl.data.hf import arrow_to_numpy, cache_root, load_cached, quiet_datasets
+from mtl.data.hf import arrow_to_numpy, cache_root, corrupt_cache_entry, load_cached, quiet_datasets, read_cache_json
 from mtl.data.memory import SPLITS, TensorDataModule, TensorDictDataset
 from mtl.data.scenes import CLASS_NAMES, GENERATOR_VERSION, SHAPE_NAMES, render_scenes
 from mtl.io import atomic_path
@@ -109,7 +109,9 @@ def load_scenes_tensors(path: str | os.PathLike, split: str) -> dict[str, torch.
     ds = load_cached(Path(path), Path(path) / split)
     table = ds.data.table
     n = table.num_rows
-    size = json.loads((Path(path) / "mtlkit_scenes.json").read_text())["size"]
+    size = read_cache_json(Path(path), "mtlkit_scenes.json").get("size")
+    if not isinstance(size, int):
+        raise corrupt_cache_entry(Path(path), ValueError("mtlkit_scenes.json has no integer key 'size'"))
 
     def col(name, *shape, channels_last=False):
         a = arrow_to_numpy(table.column(name)).reshape(n, *shape)

@@ -352,6 +352,18 @@ def test_a_corrupt_scenes_cache_entry_is_named_with_what_to_do(tmp_path):
         dmod.load_scenes_tensors(path, "train")
 
 
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_scenes_cache_entry_without_its_record_is_named_with_what_to_do(tmp_path, damage):
+    """An interrupted copy without mtlkit_scenes.json gave a bare FileNotFoundError (a truncated one a JSONDecodeError),
+    not the corrupt-entry message that says to delete the folder."""
+    path = dmod.materialize_scenes(size=8, n_train=4, n_val=2, n_test=2, cache_dir=tmp_path)
+    record = path / "mtlkit_scenes.json"
+    record.unlink() if damage == "missing" else record.write_text(record.read_text()[:5])
+    with pytest.raises(ValueError, match=rf"^{path}: corrupt data cache entry \(.*mtlkit_scenes.json.*\); delete this "
+                                         "folder and it is rebuilt on the next run$"):
+        dmod.load_scenes_tensors(path, "train")
+
+
 def test_an_empty_split_is_refused_before_anything_is_cached(tmp_path):
     """An empty split once reached the cache and broke every later run with the same sizes."""
     with pytest.raises(ValueError, match="data.n_val must be an int >= 1, got 0"):
