@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -41,7 +43,7 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
     try:
         _check_parent(path)
         created = make_parents(path.parent)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)) / path.name
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{_writer()}-", dir=path.parent)) / path.name
         try:
             yield tmp
             if path.is_symlink() and (overwrite or not path.exists()):  # the link, not its target, is replaced
@@ -118,13 +120,13 @@ def _replace_folder(new: Path, path: Path) -> None:
     """Put folder ``new`` in the place of folder ``path``; the old folder ends under ``new``'s name (the caller
     removes it). Linux swaps the two in one step (RENAME_EXCHANGE), so ``path`` is never absent, not even
     after a kill; elsewhere the old folder is moved aside first, and a kill between the two renames leaves
-    it under ``.<name>.old-<pid>-``."""
+    it under ``.<name>.old-<pid>@<host tag>-``."""
     err = _renameat2(new, path, _RENAME_EXCHANGE)
     if err == 0:
         return
     if err is not None and err not in _UNSUPPORTED:
         raise OSError(err, os.strerror(err), str(path))
-    old = path.with_name(f".{path.name}.old-{os.getpid()}-")
+    old = path.with_name(f".{path.name}.old-{_writer()}-")
     os.replace(path, old)
     os.replace(new, path)
     old.unlink() if old.is_symlink() else shutil.rmtree(old, ignore_errors=True)
@@ -193,10 +195,13 @@ def remove_empty(folders: list[Path]) -> None:
 def _remove_stale_temps(path: Path) -> None:
     """Clear up after a killed writer of `path` (SIGKILL runs no cleanup).
 
-    Temporaries are named ``.<name>.tmp-<pid>-*`` (and ``.<name>.old-<pid>-``); one whose process no
-    longer exists is stale. A live process's (including a reused pid's) is left alone. A stale ``.old-``
-    folder while `path` is missing is the old output of a writer killed between `_replace_folder`'s two
-    renames, its only copy: it is renamed back to `path`, not removed.
+    Temporaries are named ``.<name>.tmp-<pid>@<host tag>-*`` (and ``.<name>.old-<pid>@<host tag>-``); one of
+    this host's (`host_tag`) whose process no longer exists is stale. A live process's (including a reused pid's)
+    is left alone, and so is every other host's: on a folder shared between nodes (multi-node DDP, where each node
+    prepares the data; a sweep on a shared cache) its pid says nothing here. Names without a tag (written by
+    older versions) are judged by their pid alone, as before. A stale ``.old-`` folder while `path` is missing is
+    the old output of a writer killed between `_replace_folder`'s two renames, its only copy: it is renamed back
+    to `path`, not removed.
     """
     if os.name != "posix" or not path.parent.is_dir():
         return
@@ -204,8 +209,9 @@ def _remove_stale_temps(path: Path) -> None:
         head = f".{path.name}.{kind}-"
         stale = []
         for entry in path.parent.iterdir():
-            pid = entry.name[len(head):].split("-", 1)[0] if entry.name.startswith(head) else ""
-            if pid.isdigit() and not alive(int(pid)):
+            writer = entry.name[len(head):].split("-", 1)[0] if entry.name.startswith(head) else ""
+            pid, _, tag = writer.partition("@")
+            if pid.isdigit() and tag in ("", host_tag()) and not alive(int(pid)):
                 stale.append(entry)
         for entry in stale:
             if kind == "old" and not os.path.lexists(path) and _restored(entry, path):
@@ -220,6 +226,23 @@ def _restored(old: Path, path: Path) -> bool:
         return False
     log.warning("%s: restored from %s, which a writer killed while replacing it left behind", path, old.name)
     return True
+
+
+def _writer() -> str:
+    """This process in its temporaries' names: ``<pid>@<host tag>``."""
+    return f"{os.getpid()}@{host_tag()}"
+
+
+def host_tag() -> str:
+    """8 hex digits naming the pid space this process lives in: its host name and (Linux) pid namespace, so that
+    two containers on one host sharing a folder do not judge each other's pids either. Not the boot id: a reboot
+    ends every writer, and this host's temporaries from before it are still cleared up (their pids are dead or
+    reused, as for any other)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    return hashlib.sha256(f"{socket.gethostname()}\0{namespace}".encode()).hexdigest()[:8]
 
 
 def alive(pid: int) -> bool:

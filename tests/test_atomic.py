@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -93,6 +94,36 @@ def test_the_old_folder_of_a_writer_killed_between_the_two_renames_is_restored(t
     with pytest.raises(FileExistsError, match="exists; pass overwrite"):  # it is there again for everyone
         with atomic_path(path, overwrite=False):
             pass
+
+
+def test_only_this_hosts_temporaries_are_judged_by_their_pid(tmp_path, monkeypatch):
+    """On a folder shared between nodes, a pid that is dead here may be a live writer elsewhere: its temporary was
+    deleted (and its .old- folder taken over) under it. Another host's entries are left alone; this host's and
+    untagged (older) ones with a dead pid are cleared up."""
+    monkeypatch.setattr(atomic, "host_tag", lambda: "0123abcd", raising=False)
+    path, dead = tmp_path / "model", _dead_pid()
+    theirs = [tmp_path / f".model.tmp-{dead}@9876fedc-abc", tmp_path / f".model.old-{dead}@9876fedc-"]
+    stale = [tmp_path / f".model.tmp-{dead}@0123abcd-abc", tmp_path / f".model.tmp-{dead}-def"]
+    for p in theirs + stale:
+        p.mkdir()
+        (p / "x.txt").write_text("x")
+    with atomic_path(path) as tmp:
+        tmp.write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", *(p.name for p in theirs)])
+    assert (theirs[1] / "x.txt").read_text() == "x"  # not restored in place of `path` either
+
+
+def test_temporaries_carry_this_writers_pid_and_host(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(atomic, "_renameat2", lambda src, dst, flags: errno.EINVAL)  # the .old- folder is made too
+    real = os.replace
+    monkeypatch.setattr(atomic.os, "replace", lambda src, dst: (seen.append(Path(dst).name), real(src, dst)))
+    path = _old_folder(tmp_path)
+    with atomic_path(path) as tmp:
+        seen.append(tmp.parent.name)
+        tmp.mkdir()
+    writer = f"{os.getpid()}@{atomic.host_tag()}-"
+    assert seen[0].startswith(f".model.tmp-{writer}") and f".model.old-{writer}" in seen
 
 
 _KILLED_BETWEEN_THE_RENAMES = """
