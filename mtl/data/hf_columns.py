@@ -139,9 +139,10 @@ def check_sizes(column: str, key: str, sizes: list[tuple[int, int]], image_sizes
                              f"{want} image in row {row}; {fix}")
 
 
-def semseg_lookup(mapping: Mapping[Any, Any] | Sequence[Any] | None) -> torch.Tensor | None:
+def semseg_lookup(mapping: Mapping[Any, Any] | Sequence[Any] | None, classes: int | None = None) -> torch.Tensor | None:
     """``data.semseg_map`` as a lookup table raw id -> class id (IGNORE for 255 or −1; −2: not listed).
-    A list maps raw id i to its i-th entry (e.g. Cityscapes' 34 labelIds to its 19 trainIds)."""
+    A list maps raw id i to its i-th entry (e.g. Cityscapes' 34 labelIds to its 19 trainIds). Class ids lie in
+    0..254, or 0..``classes``-1 but 255 when ``classes`` (semseg_classes) is over 255."""
     if mapping is None:
         return None
     items = list(mapping.items()) if isinstance(mapping, Mapping) else list(enumerate(mapping)) \
@@ -149,10 +150,12 @@ def semseg_lookup(mapping: Mapping[Any, Any] | Sequence[Any] | None) -> torch.Te
     if not items:
         raise ValueError(f"hf_local: data.semseg_map must be a non-empty {{raw id: class id}} mapping or list, got {mapping!r}")
     whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    top = classes - 1 if whole(classes) and classes > IGNORE else IGNORE - 1
     for raw, cls in items:
-        if not (whole(raw) and 0 <= raw <= 65535 and whole(cls) and -1 <= cls <= IGNORE):
+        if not (whole(raw) and 0 <= raw <= 65535 and whole(cls) and -1 <= cls <= max(top, IGNORE)):
+            ids = f"0..{top} but 255 (semseg_classes={classes})" if top > IGNORE else "0..254"
             raise ValueError(f"hf_local: data.semseg_map maps {raw!r} to {cls!r}; raw ids are ints in 0..65535 "
-                             f"and class ids ints in 0..254, or 255 / −1 to ignore that raw id")
+                             f"and class ids ints in {ids}, or 255 / −1 to ignore that raw id")
     lut = torch.full((max(r for r, _ in items) + 1,), -2, dtype=torch.int64)
     for raw, cls in items:
         lut[raw] = IGNORE if cls in (-1, IGNORE) else cls
@@ -188,6 +191,17 @@ def refuse_ignore_only_foreground(where: str, t: torch.Tensor, classes: int | No
         raise ValueError(f"{found}: a binary 0/255 mask needs data.semseg_map={{0: 0, 255: 1}}")
 
 
+def refuse_class_255(where: str, t: torch.Tensor, classes: int) -> None:
+    """With ``semseg_classes`` > 255, id 255 is a class id in the data's range, yet it stays the ignore mark: its
+    pixels would be neither learned nor scored, silently. Refused, naming the column and the count."""
+    count = int((t == IGNORE).sum())
+    if count:
+        raise ValueError(f"{where} holds id 255 in {count} pixels, which semseg_classes={classes} makes a class id, "
+                         "but 255 marks ignored pixels: move that class with data.semseg_map (listing every raw id, "
+                         f"e.g. a list of 0..{classes - 1} with 255 replaced by {classes}, and "
+                         f"semseg_classes={classes + 1}), or map 255 to 255 there to ignore it on purpose")
+
+
 def class_ids(where: str, key: str, t: torch.Tensor, classes: int | None,
                lut: torch.Tensor | None = None) -> torch.Tensor:
     """Whole class ids in 0..classes-1 as int64; semseg's −1 becomes IGNORE (255 stays ignored), after
@@ -196,6 +210,8 @@ def class_ids(where: str, key: str, t: torch.Tensor, classes: int | None,
     if t.is_floating_point() and (frac := t != t.round()).any():
         raise ValueError(f"{where} holds {t[frac][0].item():g}; {key} needs whole class ids")
     t = t.to(torch.int64)
+    if key == "semseg" and lut is None and classes is not None and classes > IGNORE:
+        refuse_class_255(where, t, classes)
     if lut is not None:
         t = _remap(where, t, lut)
     if key == "semseg":

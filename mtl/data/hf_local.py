@@ -166,7 +166,7 @@ class HFImageDataModule(TensorDataModule):
             if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
                 raise ValueError(f"hf_local: data.n_{split} must be an int >= 1 or null (all rows), got {n!r}")
         self._classes = {"semseg_classes": semseg_classes, "classification_classes": classification_classes}
-        self.semseg_lut = semseg_lookup(semseg_map)
+        self.semseg_lut = semseg_lookup(semseg_map, semseg_classes)
         self._depth_unit = DepthUnitCheck()
         if self.semseg_lut is not None and "semseg" not in self.columns.values():
             raise ValueError("hf_local: data.semseg_map is set but no column maps to semseg")

@@ -263,6 +263,26 @@ def _labels(path, **columns):
     return path
 
 
+def test_class_255_among_more_than_255_classes_is_refused_not_ignored(tmp_path):
+    """With semseg_classes=300, id 255 lies in the classes' range but stays the ignore mark: its pixels were
+    silently neither learned nor scored. Refused naming the column and count; semseg_map can move it."""
+    seg = [[[0, 299], [255, 255]], [[1, 2], [3, 255]]]
+    path = _labels(tmp_path / "dd", seg=seg)
+    with pytest.raises(ValueError, match=r"column 'seg' \(semseg\) of split 'train' holds id 255 in 3 pixels, which "
+                                         r"semseg_classes=300 makes a class id.*data.semseg_map"):
+        HFImageDataModule(path, image_column="img", semseg_classes=300, columns={"seg": "semseg"}).setup()
+    lut = list(range(300)) + [300]
+    lut[255] = 300  # class 255 moved to 300 (raw 300 is unused)
+    dm = HFImageDataModule(path, image_column="img", semseg_classes=301, semseg_map=lut, columns={"seg": "semseg"})
+    assert dm.dataset("train").__getitems__([0, 1])["semseg"].tolist() == [[[0, 299], [300, 300]], [[1, 2], [3, 300]]]
+    with pytest.raises(ValueError, match=r"data.semseg_map maps 255 to 301; .*class ids ints in 0..300 but 255"):
+        HFImageDataModule(path, image_column="img", semseg_classes=301, semseg_map={255: 301}, columns={"seg": "semseg"})
+    # 255 mapped to itself: ignored on purpose, accepted
+    dm = HFImageDataModule(path, image_column="img", semseg_classes=300, semseg_map=list(range(300)),
+                           columns={"seg": "semseg"})
+    assert dm.dataset("train").__getitems__([0])["semseg"].tolist() == seg[:1]
+
+
 def test_label_maps_stay_uint8_in_memory_and_are_cast_per_batch(tmp_path):
     """docs/data.md: label maps stay uint8 in memory (8x less than int64) and batches carry int64 / float32."""
     seg = [[[0, 3], [-1, 254]], [[1, 1], [255, 2]]]
@@ -278,7 +298,7 @@ def test_label_maps_stay_uint8_in_memory_and_are_cast_per_batch(tmp_path):
 
 
 def test_ids_above_255_and_edge_probabilities_keep_a_wider_type(tmp_path):
-    seg = [[[0, 299], [5, 255]]]
+    seg = [[[0, 299], [5, 254]]]
     edges = [[[0.0, 0.25], [1.0, 0.5]]]
     dm = HFImageDataModule(_labels(tmp_path / "dd", seg=seg, e=edges), image_column="img", semseg_classes=300,
                            columns={"seg": "semseg", "e": "edges"})
