@@ -52,10 +52,13 @@ def _compile(p: str, what: str) -> re.Pattern:
 
 
 def check_patterns(patterns: Sequence[str] | str | None) -> list[re.Pattern]:
-    """`learn_blocks` as compiled regexes (none for None)."""
+    """`learn_blocks` as compiled regexes (none for None); an empty list, which would learn nothing, is an error."""
     if patterns is None:
         return []
-    return [_compile(p, "learn_blocks") for p in ([patterns] if isinstance(patterns, str) else list(patterns))]
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    if not patterns:  # every step would run and leave the coefficients at init
+        raise ValueError("learn_blocks=[] selects no block; use null (None) to learn every block")
+    return [_compile(p, "learn_blocks") for p in patterns]
 
 
 def check_blocks(blocks: str | Mapping[str, str]) -> None:

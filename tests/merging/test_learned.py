@@ -603,6 +603,9 @@ def test_unknown_granularity_block_and_hyperparameter():
         merging.learn("adamerging", pre, fts, unlabeled=data, granularity="neuron", **kw(model))
     with pytest.raises(ValueError, match="'decoder' matches no block"):
         merging.learn("atlas", pre, fts, unlabeled=data, blocks="module", learn_blocks=["decoder"], **kw(model))
+    for empty in ([], ()):  # selects no block: every step would run and learn nothing
+        with pytest.raises(ValueError, match=r"^learn_blocks=\[\] selects no block; use null \(None\) to learn every"):
+            merging.learn("atlas", pre, fts, unlabeled=data, steps=2, learn_blocks=empty, **kw(model))
     with pytest.raises(ValueError, match="unknown blocks 'layers'"):
         merging.learn("atlas", pre, fts, unlabeled=data, blocks="layers", **kw(model))
     with pytest.raises(TypeError, match="unknown hyperparameter.*lamda"):

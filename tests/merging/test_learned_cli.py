@@ -102,6 +102,7 @@ def test_bad_split_is_named(pool, tmp_path):
      r"merge=atlas: merge.lr=0.01 is read only with merge.steps > 0 \(here merge.steps=0\)"),
     (["merge=adamerging", "merge.lr=-1"], "merge=adamerging: lr must be a positive, finite number, got -1"),
     (["merge=atlas", "merge.learn_blocks=['(bad']"], "learn_blocks: '\\(bad' is not a regular expression"),
+    (["merge=atlas", "merge.learn_blocks=[]"], r"^merge=atlas: learn_blocks=\[\] selects no block; use null"),
     (["merge=atlas", "merge.objective=supervised", "merge.shots_batch=0"], "merge.shots_batch must be a positive int"),
     (["merge=concrete_ta", "merge.final_mask=hard", "merge.threshold=2"], r"threshold must be in \[0, 1\), got 2"),
     (["merge=adamerging", "learn_max_steps=-1"], r"learn_max_steps must be an int >= 0 or null \(no cap\), got -1"),
