@@ -88,6 +88,10 @@ class CoefficientLearner:
         if lr is not None:
             self.opt, self.lr_name = torch.optim.Adam([self.coef], lr=lr), lr_name
 
+    def initial(self) -> torch.Tensor:
+        """The coefficients `reset` sets: every entry at `init` (detached)."""
+        return torch.full_like(self.coef.detach(), self.init)
+
     def merged(self, mask: dict[str, torch.Tensor] | None = None, detach: bool = False) -> dict[str, torch.Tensor]:
         coef = self.coef.detach() if detach else self.coef
         return self.problem.merged(coef, self.layout.group_of, mask)

@@ -121,7 +121,14 @@ class ConcreteMask:
             reset_inner: bool = False) -> None:
         """`coefficients()` gives the current (rows, T) coefficients; `inner` (a CoefficientLearner) is
         updated `inner_steps` times per outer step on the same mask draw, with the mask held fixed
-        (with `reset_inner`, from its initial value each time)."""
+        (with `reset_inner`, from its initial value each time). A callback sees the model the result would
+        be were the mask phase to end at that step: the final mask built from the current logits, at the λ
+        the coefficient phase starts from (with `reset_inner` its initial value, not the inner-adapted λ the
+        mask's gradient was taken at), so with no coefficient steps after it the last one sees the result."""
+
+        def result_coefficients() -> torch.Tensor:
+            return inner.initial() if inner is not None and reset_inner else coefficients().detach()
+
         bar = step_progress(label, steps, progress)
         for step in range(1, steps + 1):
             m = self.scaled(self.sample())
@@ -141,9 +148,9 @@ class ConcreteMask:
                                 / sum(p.numel() for p in self.logits.values()))
             seconds, extra = trace.elapsed(), {"mask_mean_probability": density}
             if callback is not None and callback_every and (step % callback_every == 0 or step == steps):
-                with torch.no_grad():  # evaluated with the final mask as it would be built now
+                with torch.no_grad():  # the result as it would be built now: final mask, λ the final phase starts at
                     final = {k: m.to(self.logits[k].dtype) for k, m in self.final().items()}
-                    merged = self.problem.merged(coefficients().detach(), group_of, final)
+                    merged = self.problem.merged(result_coefficients(), group_of, final)
                     extra.update(callback_metrics(callback, step, self.problem.state(merged)))
             trace.add(step, losses, seconds, extra, "mask")
             bar.update(step, f"objective {mean(losses) * len(losses):.4f} mask p̄ {density:.3f}")

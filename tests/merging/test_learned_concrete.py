@@ -108,36 +108,43 @@ def _lambdas(state, pre, fts):
     return torch.linalg.lstsq(A, b[:, None]).solution[:, 0]
 
 
-def _inner_run(inner, steps, final_steps, **lrs):
+def _inner_run(monkeypatch, inner, steps, final_steps, **lrs):
     """Concrete AdaMerging with a mask that keeps everything (logits 20, thresholded, unscaled), recording
-    the λ each mask step's gradient was taken at (the callback sees the adapted λ)."""
+    the λ each mask step's gradient was taken at: the coefficients after each of the mask phase's inner steps."""
+    from merging.learned.adamerging import CoefficientLearner
+
     model, pre, fts, data = toys(dtype=torch.float64)
-    seen = []
+    seen, apply_step = [], CoefficientLearner.apply_step
+
+    def recorded(self, step):
+        apply_step(self, step)
+        seen.append(self.coef.detach()[0].clone())
+
+    monkeypatch.setattr(CoefficientLearner, "apply_step", recorded)
     r = merging.learn("concrete_adamerging", pre, fts, unlabeled=data, steps=steps, final_steps=final_steps,
                       granularity="task", inner=inner, **lrs, lr=1e-6, initial_logits=20.0,
-                      final_mask="hard", rescale=False, callback=lambda s, st: seen.append(_lambdas(st, pre, fts)),
-                      callback_every=1, **kw(model))
+                      final_mask="hard", rescale=False, **kw(model))
     return r, seen[:steps]
 
 
-def test_reset_inner_adapts_lambda_from_init_each_outer_step():
+def test_reset_inner_adapts_lambda_from_init_each_outer_step(monkeypatch):
     """inner=reset: before every outer step λ is back at init (0.3), so each step's λ is ONE Adam step
     from it — the first exactly ±inner_lr, the later ones at most ~inner_lr away (Cauchy–Schwarz bounds
     Adam's bias-corrected step |m̂/√v̂| by 1.0068 at its 4th step) — while inner=continue accumulates them."""
-    _, reset = _inner_run("reset", 4, 0, inner_lr=0.5)  # no final steps: coef_lr unread
+    _, reset = _inner_run(monkeypatch, "reset", 4, 0, inner_lr=0.5)  # no final steps: coef_lr unread
     torch.testing.assert_close((reset[0] - 0.3).abs(), torch.full((T,), 0.5, dtype=torch.float64), atol=1e-4, rtol=0)
     assert all(float((lam - 0.3).abs().max()) <= 0.5 * 1.0068 for lam in reset)
-    _, cont = _inner_run("continue", 4, 0, coef_lr=0.5)  # the same λ steps, carried on
+    _, cont = _inner_run(monkeypatch, "continue", 4, 0, coef_lr=0.5)  # the same λ steps, carried on
     assert max(float((lam - 0.3).abs().max()) for lam in cont) > 0.5 * 1.01
 
 
-def test_reset_final_adamerging_restarts_from_init_with_its_own_adam():
+def test_reset_final_adamerging_restarts_from_init_with_its_own_adam(monkeypatch):
     """The final AdaMerging starts again from init with a fresh Adam at coef_lr: after one step every λ
     is 0.3 ± coef_lr (Adam's first step), whatever the mask phase reached."""
-    r, _ = _inner_run("reset", 3, 1, inner_lr=0.5, coef_lr=0.01)
+    r, _ = _inner_run(monkeypatch, "reset", 3, 1, inner_lr=0.5, coef_lr=0.01)
     torch.testing.assert_close((r.coefficients - 0.3).abs(), torch.full((T,), 0.01, dtype=torch.float64),
                                atol=1e-5, rtol=0)
-    r0, _ = _inner_run("reset", 3, 0, inner_lr=0.5)
+    r0, _ = _inner_run(monkeypatch, "reset", 3, 0, inner_lr=0.5)
     assert torch.equal(r0.coefficients, torch.full((T,), 0.3, dtype=torch.float64))
 
 
@@ -155,3 +162,29 @@ def test_a_saved_mask_is_uint8_only_when_it_is_bool(final_mask, dtype, tmp_path)
         assert saved[f"mask/{k}"].dtype == dtype
         assert set(saved[f"mask/{k}"].unique().tolist()) <= {0, 1}
         torch.testing.assert_close(saved[f"mask/{k}"].float(), m.float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("inner", ["reset", "continue"])
+@pytest.mark.parametrize("final_steps", [0, 2])
+def test_the_last_callback_sees_the_returned_model(inner, final_steps):
+    """A callback sees the model the result would be were learning to stop at that step: at the last step,
+    the returned state exactly — also with no coefficient steps after the mask phase, where under inner=reset
+    the result holds λ = init and not the inner-adapted λ the last mask gradient was taken at."""
+    model, pre, fts, data = toys()
+    seen = {}
+
+    def callback(step, state):
+        seen[len(seen)] = {k: state[k].clone() for k in pre}
+
+    lrs = dict(inner_lr=1.0) if inner == "reset" else dict(coef_lr=0.05)
+    if final_steps and inner == "reset":
+        lrs["coef_lr"] = 0.05
+    r = merging.learn("concrete_adamerging", pre, fts, unlabeled=data, steps=3, final_steps=final_steps, lr=0.1,
+                      inner=inner, callback=callback, callback_every=1, **lrs, **kw(model))
+    assert len(seen) == 3 + final_steps
+    for k in pre:
+        assert torch.equal(seen[len(seen) - 1][k], r.state_dict[k]), k
+    if inner == "reset" and final_steps == 0:  # by hand: the final mask at λ = init, not at the adapted λ
+        for k in pre:
+            expect = pre[k] + 0.3 * sum(r.mask[k] * (f[k] - pre[k]) for f in fts)
+            torch.testing.assert_close(seen[2][k], expect, rtol=1e-6, atol=1e-6)
