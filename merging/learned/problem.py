@@ -129,12 +129,12 @@ def _model_from_folders(pretrained, finetuned):
     return model, [m.tasks for m in pool.members], ["+".join(m.tasks) for m in pool.members]
 
 
-def _uncovered_weights(model: nn.Module, sources: Sequence[Any], task_keys: Any) -> list[str]:
-    """The model's weights (parameters, persistent floating buffers) that no input holds and `task_keys` does not
-    mark task-specific: a shared layer the merge does not cover, which would run with the caller's own values.
+def _uncovered_weights(model: nn.Module, pre_src: Any, task_keys: Any) -> list[str]:
+    """The model's weights (parameters, persistent floating buffers) that θ0 does not hold and `task_keys` does not
+    mark task-specific: a shared layer with no θ0 value to run at, which would run with the caller's own values.
     Integer/bool buffers are bookkeeping, not weights (BN's num_batches_tracked never enters an eval forward;
     the merge copies them, never learns them), so inputs may leave them out."""
-    held = {k for src in sources for k in src.keys()}
+    held = set(pre_src.keys())
     is_task_key = compile_pattern(task_keys, "task_keys") or (lambda k: False)
     names: dict[int, list[str]] = {}  # tied weights: one name the inputs hold covers every alias
     for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
@@ -142,6 +142,23 @@ def _uncovered_weights(model: nn.Module, sources: Sequence[Any], task_keys: Any)
     return [k for k, t in model.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)
             and (t.is_floating_point() or t.is_complex() or isinstance(t, nn.Parameter))
             and not any(n in held or is_task_key(n) for n in names.get(id(t), [k]))]
+
+
+def _left_out(ctx: Any, own: dict[str, torch.Tensor], planned: set[str], task_keys: Any,
+              device: torch.device) -> dict[str, torch.Tensor]:
+    """θ0's value of each key of a caller's model that θ0 holds and the merge leaves out (not a task's own): the
+    model runs with it, as the result's model (θ0 with the merged keys in) and a model built from folders do."""
+    is_task_key = compile_pattern(task_keys, "task_keys") or (lambda k: False)
+    out = {}
+    for k in ctx.sources[0].keys():
+        if k in planned or k not in own or is_task_key(k):
+            continue
+        value = ctx.raw_pre(k)
+        if tuple(own[k].shape) != tuple(value.shape):
+            raise MergeInputError(f"{k!r} has shape {tuple(value.shape)} in {ctx.sources[0].label_of(k)} but "
+                                  f"{tuple(own[k].shape)} in the model")
+        out[k] = value.to(device, copy=True)
+    return out
 
 
 def _key_task(key: str, tasks: set[str]) -> str | None:
@@ -225,14 +242,14 @@ def build_problem(pretrained, finetuned, *, model: nn.Module | None = None, task
             if where.type != device.type or (device.index is not None and where != device):
                 raise ValueError(f"model= is on {where} but device={device}; move the model there first "
                                  "(learned merging does not move or copy your model)")
-            uncovered = _uncovered_weights(model, [pre_src, *ft_srcs], opts["task_keys"])
+            uncovered = _uncovered_weights(model, pre_src, opts["task_keys"])
             if uncovered:
                 more = f" (and {len(uncovered) - 3} more)" if len(uncovered) > 3 else ""
                 raise MergeInputError(
-                    f"model= ({type(model).__name__}) has {', '.join(map(repr, uncovered[:3]))}{more} that no input "
-                    f"holds and task_keys={opts['task_keys']!r} does not mark task-specific: a shared layer the merge "
-                    "does not cover would run with the model's own weights; add it to θ0 and the fine-tuned models, "
-                    "or widen task_keys if it is a task's own")
+                    f"model= ({type(model).__name__}) has {', '.join(map(repr, uncovered[:3]))}{more} that θ0 (the "
+                    f"pretrained input) does not hold and task_keys={opts['task_keys']!r} does not mark task-specific: "
+                    "a shared layer with no θ0 value would run with the model's own weights; add it to θ0 and the "
+                    "fine-tuned models, or widen task_keys if it is a task's own")
             model.eval()
     except BaseException:
         ctx.close()
@@ -279,6 +296,8 @@ def build_problem(pretrained, finetuned, *, model: nn.Module | None = None, task
                 fixed[k] = mine
             else:
                 fixed[k] = (ctx.average(k) if kind == "average" else ctx.raw_pre(k)).to(device, info.dtype, copy=True)
+        if not built:  # left out of the merge (include/exclude, unshared="skip"): θ0's value, as a built model holds
+            fixed.update(_left_out(ctx, own, set(ctx.plan.order), opts["task_keys"], device))
         unused = {} if built else _unused_heads(model, ft_srcs, ctx.plan.task_specific, vector_tasks)
     finally:
         ctx.close()

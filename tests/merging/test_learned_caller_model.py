@@ -1,5 +1,5 @@
 """Learned merging with a caller's `model=`: the model runs with what the merge covers (θ0's and the learned
-weights) plus its task-specific heads, never with shared weights of its own that no input holds."""
+weights, θ0's for keys the merge leaves out) plus its task-specific heads, never with shared weights of its own."""
 import pytest
 import torch
 from torch import nn
@@ -28,7 +28,7 @@ class ExtraLayer(Toy):
                                          (nn.BatchNorm1d(6), "'extra.weight', 'extra.bias', 'extra.running_mean'")])
 def test_a_shared_layer_no_input_holds_is_refused(extra, first):
     _, pre, fts, data = toys()  # θ0 and the fine-tunes hold body.* only
-    with pytest.raises(MergeInputError, match=rf"^model= \(ExtraLayer\) has {first}.* that no input holds"):
+    with pytest.raises(MergeInputError, match=rf"^model= \(ExtraLayer\) has {first}.* that θ0 \(the pretrained input\) does not hold"):
         merging.learn("adamerging", pre, fts, unlabeled=data, steps=1, **kw(ExtraLayer(extra)))
 
 
@@ -39,6 +39,29 @@ def test_the_same_layer_held_by_the_inputs_is_learned():
     fts = [{k: v + 0.1 * torch.randn_like(v) for k, v in pre.items()} for _ in range(T)]
     res = merging.learn("adamerging", pre, fts, unlabeled=data, steps=1, **kw(model))
     assert "extra.weight" in res.groups and "extra.weight" in res.state_dict
+
+
+@pytest.mark.parametrize("left_out", [dict(exclude=r"body\.2\.bias"), dict(include=r"body\.(0\.|2\.weight)")])
+def test_a_key_left_out_of_the_merge_runs_at_theta0s_value_not_the_models(left_out):
+    """A key include/exclude leaves out is not learned and not in the result: the model runs with θ0's value, as a
+    model built from folders does, not with the caller's module's own (here θ0's + 100). The first step's objective,
+    by hand: Σ_t mean entropy at θ = θ0 + 0.3 Σ_t τ_t on the merged keys and θ0 on the left-out bias."""
+    model, pre, fts, data = toys()
+    with torch.no_grad():
+        model.body[2].bias.add_(100.0)
+    res = merging.learn("adamerging", pre, fts, unlabeled=data, steps=1, **left_out, **kw(model))
+    assert sorted(res.state_dict) == ["body.0.bias", "body.0.weight", "body.2.weight"]
+    theta = {k: pre[k] + 0.3 * sum(f[k] - pre[k] for f in fts) for k in pre}
+    theta["body.2.bias"] = pre["body.2.bias"]
+    total = 0.0
+    for i in range(T):
+        x = data[f"t{i}"][0]
+        z = torch.tanh(torch.tanh(x @ theta["body.0.weight"].T + theta["body.0.bias"]) @ theta["body.2.weight"].T
+                       + theta["body.2.bias"])
+        p = torch.softmax(model.heads[f"t{i}"](z), dim=1)
+        total += float(-(p * p.log()).sum(1).mean())
+    assert res.history[0]["objective"] == pytest.approx(total, rel=1e-5)
+    assert float(model.body[2].bias.detach().sub(pre["body.2.bias"]).min()) == pytest.approx(100.0)  # not modified
 
 
 class Decoders(Toy):
@@ -129,7 +152,7 @@ def test_integer_bookkeeping_buffers_left_out_of_the_inputs_are_not_uncovered_we
     assert "bn.num_batches_tracked" not in dropped.state_dict
     torch.testing.assert_close(dropped.coefficients, full.coefficients, rtol=0, atol=0)
     no_var = lambda sd: {k: v for k, v in sd.items() if k != "bn.running_var"}  # noqa: E731
-    with pytest.raises(MergeInputError, match=r"^model= \(ConvBN\) has 'bn.running_var' that no input holds"):
+    with pytest.raises(MergeInputError, match=r"^model= \(ConvBN\) has 'bn.running_var' that θ0 \(the pretrained input\) does not hold"):
         run(no_var(pre), [no_var(f) for f in fts.values()])
 
 
