@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Generic, Iterable, Iterator, Mapping, TypeVar
 
 T = TypeVar("T")
@@ -152,6 +153,30 @@ def check_int(key: str, value: object, low: int = 0, note: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{key} must be an int >= {low}{note}, got {value!r}")
     return value
+
+
+#: the seeds torch's generators take (torch.manual_seed, torch.Generator.manual_seed); a negative one is read
+#: modulo 2**64, so the seeds [-2**63, 2**64) name 2**64 streams
+SEED_LOW, SEED_HIGH = -2**63, 2**64 - 1
+
+
+def _bound(n: int) -> str:
+    return {SEED_LOW: "-2**63", SEED_HIGH: "2**64 - 1", 2**32 - 1: "2**32 - 1"}.get(n, str(n))
+
+
+def check_seed(key: str, value: object, low: int = SEED_LOW, high: int = SEED_HIGH) -> int:
+    """``value`` as a seed named ``key``: an integer (numpy's too, not a bool) in [low, high] — by default the range
+    torch's generators take, where a larger one fails deep in torch as "Overflow when unpacking long long"."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
+        raise ValueError(f"{key} must be an int in [{_bound(low)}, {_bound(high)}], got {value!r}")
+    return int(value)
+
+
+def derived_seed(seed: int, offset: int) -> int:
+    """The seed of a stream derived from ``seed`` (seed + offset) as torch takes it: reduced modulo 2**64, as torch
+    reads a negative seed, so that a seed near the top of the range plus an offset does not overflow, and every
+    other seed + offset names the same stream as before."""
+    return (int(seed) + int(offset)) % 2**64
 
 
 

@@ -21,7 +21,7 @@ from mtl.folder_data import data_record
 from mtl.io import atomic_path, save_model, write_json
 from mtl.models import create_model
 from mtl.module import MultiTaskModule, check_optim
-from mtl.registry import check_int
+from mtl.registry import check_int, check_seed
 from mtl.sweep import check_monitors, check_objective
 from mtl.tasks import create_task
 from mtl.torch_load import torch_load_refusal
@@ -171,7 +171,8 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     check_optim(OmegaConf.to_container(cfg.optim, resolve=True))
     check_test_batches(cfg)
     validates = check_validation(cfg)
-    check_int("seed", cfg.get("seed"), 0)  # named before training, not after it
+    # named before the run folder, not by Lightning's seed_everything after it (numpy's seeds: [0, 2**32 - 1])
+    check_seed("seed", cfg.get("seed"), 0, 2**32 - 1)
     check_int("viz.num_samples", (cfg.get("viz") or {}).get("num_samples") or 0, 0)
     # data.<key> and task.<name>.<option> (names and types) too, before the run folder is written; a class count
     # left to the data is read once the data exists (2 stands in for it here)

@@ -18,7 +18,7 @@ from mtl.cli.jobs import check_model_given, input_model, start_run
 from mtl.data.calibration import check_calib_settings
 from mtl.folder_data import data_record
 from mtl.io import first_non_finite, load_model, save_model, write_json
-from mtl.registry import check_int
+from mtl.registry import check_int, check_seed
 from pruning.calib import calibration_batches, datamodule_for
 from pruning.api import SEARCHED_KNOBS
 from pruning.methods import METHODS
@@ -149,7 +149,8 @@ def _check_run_settings(cfg: DictConfig) -> None:
     check_calib_settings(cfg.calib.split, cfg.calib.batches)
     ignored_layer_names(cfg.ignored_layers)
     ev = cfg.eval
-    for key, value, low in (("seed", cfg.get("seed"), 0), ("rounds", cfg.rounds, 1), ("finetune.steps", cfg.finetune.steps, 0),
+    check_seed("seed", cfg.get("seed"), 0)  # torch.manual_seed's range: a larger one fails after the run folder
+    for key, value, low in (("rounds", cfg.rounds, 1), ("finetune.steps", cfg.finetune.steps, 0),
                             ("eval.latency_batch", ev.latency_batch, 1), ("eval.latency_repeats", ev.latency_repeats, 1),
                             ("eval.latency_threads", ev.latency_threads, 1),
                             ("eval.max_batches", ev.get("max_batches") if ev.get("max_batches") is not None else 1, 1)):

@@ -130,7 +130,8 @@ def test_no_pyplot_backend_change(tmp_path):
     ("trainer.limit_train_batches=0", r"trainer.limit_train_batches=0 trains no step and would save an untrained model"),
     ("trainer.limit_train_batches=0.0", r"trainer.limit_train_batches=0.0 trains no step"),
     ("+trainer.max_steps=0", r"trainer.max_steps=0 trains no step and would save an untrained model"),
-    ("seed=abc", r"seed must be an int >= 0, got 'abc'"),
+    ("seed=abc", r"seed must be an int in \[0, 2\*\*32 - 1\], got 'abc'"),
+    ("seed=4294967296", r"seed must be an int in \[0, 2\*\*32 - 1\], got 4294967296"),  # was Lightning's, after the folder
     ("viz.num_samples=-1", r"viz.num_samples must be an int >= 0, got -1"),
     ("data.batch_size=0", r"data.batch_size must be an int >= 1, got 0"),
     ("callbacks.model_checkpoint.monitor=val/depth/bogus",

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from mtl.io import require_model
+from mtl.registry import check_seed
 from mtl.modes import modes_restored
 
 from ..bn import bn_statistics, check_bn, pooled_batches
@@ -249,8 +250,8 @@ def check_hparams(method: str, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any
             raise ValueError(f"{k} must be a number, got {hp[k]!r}")
     if "threshold" in hp:
         ConcreteMask.check(hp["temperature"], hp["initial_logits"], hp["threshold"], hp["rescale"], hp["final_mask"])
-    if "seed" in hp and (isinstance(hp["seed"], bool) or not isinstance(hp["seed"], numbers.Integral)):
-        raise ValueError(f"seed must be an int, got {hp['seed']!r}")
+    if "seed" in hp:  # also the seeds derived from it (+ offsets) are reduced modulo 2**64: registry.derived_seed
+        hp["seed"] = check_seed("seed", hp["seed"])
     if "channels_last" in hp and hp["channels_last"] is not None and not isinstance(hp["channels_last"], bool):
         raise ValueError(f"channels_last must be true or false (null: on for models built from folders), "
                          f"got {hp['channels_last']!r}")

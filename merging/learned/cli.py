@@ -44,6 +44,7 @@ import torch
 
 import merging
 from mtl.io import is_plain_json
+from mtl.registry import derived_seed
 
 from ..bn import pooled_batches
 from ..evaluation import ImageBatches
@@ -90,7 +91,7 @@ class LabeledShots:
         batch_dtype = torch.int64 if classes else getattr(dataset, "cast", {}).get(target_key, y.dtype)
         self.batch = (dataset.tensors["image"][keep], y[keep].to(batch_dtype))
         self.batch_size = batch_size
-        self.gen = torch.Generator().manual_seed(int(seed) + 1)
+        self.gen = torch.Generator().manual_seed(derived_seed(seed, 1))
 
     def __iter__(self):
         x, y = self.batch
@@ -191,7 +192,7 @@ def select_learned(method: str, job: MergeJob, hp: Mapping[str, Any]) -> Selecti
             return {"labeled": {t: LabeledShots(_split_dataset(job, t, "train"), tasks[t].target_key,
                                                 int(opts["shots"]), seed, opts["shots_batch"],
                                                 getattr(tasks[t], "num_classes", None), t) for t in names}}
-        return {"unlabeled": {t: ImageBatches(_split_dataset(job, t, opts["split"]), opts["batch_size"], seed + i, t)
+        return {"unlabeled": {t: ImageBatches(_split_dataset(job, t, opts["split"]), opts["batch_size"], derived_seed(seed, i), t)
                               for i, t in enumerate(names)}}
 
     data = learning_data()

@@ -27,6 +27,8 @@ import math
 
 import torch
 
+from mtl.registry import derived_seed
+
 from .adamerging import callback_metrics
 from .loop import Objective, mean, optimiser_step, step_gradients, step_progress
 from .problem import MergeProblem
@@ -98,7 +100,7 @@ class ConcreteMask:
         if self.final_mask == "hard":
             mask = self.hard()
             return mask if not self.rescale else self.scaled(mask)
-        gen = torch.Generator(device=self.problem.device).manual_seed(self.seed + _FINAL_SEED_OFFSET)
+        gen = torch.Generator(device=self.problem.device).manual_seed(derived_seed(self.seed, _FINAL_SEED_OFFSET))
         with torch.no_grad():
             if self.final_mask == "sample":
                 mask = self.sample(gen)

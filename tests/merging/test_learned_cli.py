@@ -266,7 +266,10 @@ def test_folders_of_another_architecture_are_named_before_a_model_is_built(pool,
 
 
 @pytest.mark.parametrize("override, match", [
-    ("merge.seed=abc", "seed must be an int, got 'abc'"),
+    ("merge.seed=abc", r"seed must be an int in \[-2\*\*63, 2\*\*64 - 1\], got 'abc'"),
+    # torch's bare "Overflow when unpacking long long", once the pool was loaded and scored
+    ("merge.seed=18446744073709551616", r"^merge=adamerging: seed must be an int in \[-2\*\*63, 2\*\*64 - 1\], "
+                                        r"got 18446744073709551616$"),
     ("merge.channels_last=5", "channels_last must be true or false"),
     ("merge.pool_limit=-3", "pool_limit must be an int ≥ 0"),
     ("merge.init=2", r"init must be in \[0, 1\] with clamp=true, got 2"),  # the config's default clamp
@@ -321,6 +324,17 @@ def test_the_runs_seed_reaches_the_methods_seed(method):
     cfg, _ = compose_in_process("mtl.configs.merge_app", "merge", [f"merge={method}", "seed=5", "merge.seed=2"],
                                 run_dir="unused")
     assert cfg.merge.seed == 2
+
+
+def test_the_data_seeds_derived_from_the_top_seed_wrap_around_as_torch_reads_seeds():
+    """The shots' minibatch stream is seeded seed + 1, reduced modulo 2**64 as torch reads a negative seed: the
+    largest seed (2**64 - 1) no longer overflows, and names the same streams as -1; an ordinary seed is unchanged."""
+    from merging.learned.cli import LabeledShots
+
+    top, minus_one = (LabeledShots(_Split(), "label", shots=3, seed=s, batch_size=2) for s in (2**64 - 1, -1))
+    assert top.gen.initial_seed() == minus_one.gen.initial_seed() == 0
+    assert torch.equal(top.batch[0], minus_one.batch[0])
+    assert LabeledShots(_Split(), "label", shots=3, seed=7, batch_size=2).gen.initial_seed() == 8
 
 
 def test_labeled_shots_refuse_a_class_with_fewer_images_than_asked():

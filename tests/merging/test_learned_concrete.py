@@ -164,6 +164,28 @@ def test_a_saved_mask_is_uint8_only_when_it_is_bool(final_mask, dtype, tmp_path)
         torch.testing.assert_close(saved[f"mask/{k}"].float(), m.float(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("seed, stream", [(3, 3 + 0x9E3779B9), (-1, 0x9E3779B9 - 1), (2**64 - 1, 0x9E3779B9 - 1)])
+def test_the_final_draws_seed_is_seed_plus_its_offset_modulo_2_64(seed, stream):
+    """The final Concrete draw comes from the stream seed + 0x9E3779B9, reduced modulo 2**64 as torch reads a
+    negative seed: the largest seed no longer overflows after every step has run, and names the stream of -1."""
+    model, pre, fts, data = toys()
+    r = merging.learn("concrete_ta", pre, fts, unlabeled=data, steps=0, seed=seed, **kw(model))
+    g = torch.Generator().manual_seed(stream)
+    for k in pre:  # logits 0 after no step: m = σ((log u − log(1 − u)) / 0.5), divided by its mean
+        u = torch.rand(pre[k].shape, generator=g).clamp_(1e-6, 1 - 1e-6)
+        m = torch.sigmoid((u.log() - torch.log1p(-u)) / 0.5)
+        torch.testing.assert_close(r.mask[k], m / m.mean(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [2**64, -2**63 - 1, 1.5, True])
+def test_a_seed_torch_cannot_take_is_named_before_anything_runs(seed):
+    with pytest.raises(ValueError, match=r"^seed must be an int in \[-2\*\*63, 2\*\*64 - 1\], got "):
+        merging.learned.check_hparams("adamerging", {"seed": seed})
+    model, pre, fts, data = toys()
+    with pytest.raises(ValueError, match=r"^seed must be an int in "):
+        merging.learn("concrete_ta", pre, fts, unlabeled=data, steps=1, seed=seed, **kw(model))
+
+
 @pytest.mark.parametrize("inner", ["reset", "continue"])
 @pytest.mark.parametrize("final_steps", [0, 2])
 def test_the_last_callback_sees_the_returned_model(inner, final_steps):

@@ -174,8 +174,10 @@ def test_meta_records_the_settings_used_and_unknown_options_fail_first(folder, t
     ("eval.max_batches=0", r"eval.max_batches must be an int >= 1, got 0"),
     ("rounds=1.5", r"rounds must be an int >= 1, got 1.5"),
     ("finetune.steps=-3", r"finetune.steps must be an int >= 0, got -3"),
-    ("seed=1.7", r"seed must be an int >= 0, got 1.7"),  # was truncated to 1
-    ("seed=null", r"seed must be an int >= 0, got None"),  # was a bare int() TypeError
+    ("seed=1.7", r"seed must be an int in \[0, 2\*\*64 - 1\], got 1.7"),  # was truncated to 1
+    ("seed=null", r"seed must be an int in \[0, 2\*\*64 - 1\], got None"),  # was a bare int() TypeError
+    ("seed=18446744073709551616", r"seed must be an int in \[0, 2\*\*64 - 1\], got 18446744073709551616"),  # torch's
+    # "Overflow when unpacking long long", after the run folder was made
 ])
 def test_job_settings_are_refused_before_the_model_is_written(folder, tmp_path, override, match):
     with pytest.raises(ValueError, match=match):
