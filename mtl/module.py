@@ -224,9 +224,7 @@ class MultiTaskModule(L.LightningModule):
         opt.zero_grad(set_to_none=True)
         self.balancer.backward(ctx)
         strategy_logs = self.strategy.after_backward(self, batch, ctx) if self.strategy is not None else {}
-        if self.hparams.grad_clip:
-            self._clip(opt)
-        opt.step()
+        opt.step()  # clips (optim.grad_clip) in on_before_optimizer_step, once fp16's scaler has unscaled
         sched.step()
         self.balancer.after_step(ctx)
         if self.monitor:
@@ -324,11 +322,12 @@ class MultiTaskModule(L.LightningModule):
             # the next epoch's shuffle (and rlw/pcgrad draws, dropout) continue exactly as without the stop
             set_rng_states(checkpoint["rng_states"])
 
-    def _clip(self, opt) -> None:
-        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:  # fp16: unscale first
-            self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
-        else:  # what Lightning's clipping computes; it refuses fused optimisers under bf16 for no reason
-            params = [p for group in opt.param_groups for p in group["params"]]
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """``optim.grad_clip``: Lightning calls this inside ``opt.step()``, after fp16's scaler has unscaled the
+        gradients (in training_step they are still scaled, and clipping them there left a norm of grad_clip/scale).
+        Clipped directly, as Lightning's own clipping would: it refuses fused optimisers under bf16 for no reason."""
+        if self.hparams.grad_clip:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.hparams.grad_clip)
 
     # --- evaluation -------------------------------------------------------------------------
@@ -402,7 +401,7 @@ class MultiTaskModule(L.LightningModule):
         # default is a per-parameter loop of small ops, a sizeable share of a small model's step
         fused = all(p.device.type in ("cpu", "cuda") for p in decay + no_decay) or None
         if self.hparams.grad_clip and getattr(self.trainer.precision_plugin, "scaler", None) is not None:
-            fused = None  # fp16's scaler must unscale before clipping, which Lightning refuses for fused
+            fused = None  # a fused AdamW unscales inside its step: the scaler would not unscale before clipping
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.hparams.lr, fused=fused,

@@ -545,3 +545,37 @@ def test_local_ddp_in_a_sweep_is_refused_by_its_process_count(devices, refused, 
         config = compose(config_name="train", overrides=["trainer=ddp", f"trainer.devices={devices}"],
                          return_hydra_config=True)
     assert sweep_problem(config) == (LOCAL_DDP_IN_MULTIRUN if refused else None)
+
+
+def test_gradient_clipping_under_16_mixed_clips_the_unscaled_gradients():
+    """Clipping ran in training_step, before fp16's scaler unscaled the gradients inside opt.step(): it clipped the
+    scaled norm, and the AdamW step saw a gradient of norm grad_clip/scale (1e-3/32768). The norm the step sees is
+    grad_clip, as in 32-true. Lightning's own fp16 plugin with a CPU GradScaler runs the GPU's code path."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.plugins.precision import MixedPrecision
+    from torch.utils.data import DataLoader
+
+    from mtl.models import create_model
+    from mtl.module import MultiTaskModule
+
+    torch.manual_seed(0)
+    model = create_model([{"kind": "depth"}], backbone={"name": "test_resnet", "out_indices": [1, 2, 3]},
+                         decoder={"name": "hps", "channels": 8})
+    seen = []
+
+    class StepNorms(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            def norm(opt, args, kwargs):  # the gradients the AdamW step uses, after unscaling and clipping
+                grads = [p.grad.float().norm() for g in opt.param_groups for p in g["params"] if p.grad is not None]
+                seen.append(float(torch.stack(grads).norm()))
+            trainer.optimizers[0].register_step_pre_hook(norm)
+
+    samples = [{"image": torch.randn(3, 32, 32), "depth": torch.rand(1, 32, 32) + 0.5} for _ in range(4)]
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, plugins=[plugin], max_steps=3, limit_val_batches=0,
+                        callbacks=[StepNorms()])
+    trainer.fit(MultiTaskModule(model, log_weights_every=0, grad_clip=1e-3), DataLoader(samples, batch_size=2))
+    # the scaler skips a step whose scaled gradients overflowed (the first, at scale 65536): no pre-hook there
+    assert seen and seen == pytest.approx([1e-3] * len(seen), rel=1e-4)
