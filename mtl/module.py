@@ -283,6 +283,9 @@ class MultiTaskModule(L.LightningModule):
         sched = self.lr_schedulers()
         for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
             group["lr"] = base * fn(sched.last_epoch)
+        # and the scheduler's record of it, as its own step() keeps it: get_last_lr() (which ProbeThenFinetune
+        # scales each batch) would otherwise give the old curve's last lr for the first resumed step
+        sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
         log.warning("resumed with a learning-rate schedule of %d steps (the checkpoint's: %d): the lr continues on "
                     "the new curve from step %d (now %.3g)", self._schedule_steps, resumed, sched.last_epoch,
                     sched.optimizer.param_groups[0]["lr"])

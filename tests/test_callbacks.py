@@ -100,3 +100,41 @@ def test_every_training_run_records_expert_usage_when_its_model_has_experts(tmp_
 
     cfg, _ = compose_in_process("mtl.configs", "train", [f"experiment={experiment}", "decoder=moe"], tmp_path / "r")
     assert cfg.callbacks.expert_usage._target_ == "mtl.expert_usage.ExpertUsageCallback"
+
+
+def test_a_longer_resume_with_a_probe_lr_scale_follows_the_uninterrupted_runs_learning_rates(tmp_path):
+    """The resume moved the optimiser's lr onto the longer schedule's curve but not the scheduler's get_last_lr(),
+    which ProbeThenFinetune(probe_lr_scale != 1) copies into the optimiser before every step: the first resumed step
+    ran at the 2-epoch curve's last lr (0) instead of the 4-epoch curve's."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from mtl.models import create_model
+    from mtl.module import MultiTaskModule
+
+    class LrUsed(L.Callback):  # the lr each AdamW step runs at
+        def __init__(self):
+            self.lrs = []
+
+        def on_train_start(self, trainer, pl_module):
+            trainer.optimizers[0].register_step_pre_hook(lambda opt, a, k: self.lrs.append(opt.param_groups[0]["lr"]))
+
+    def fit(epochs, ckpt=None):
+        torch.manual_seed(0)
+        model = create_model([{"kind": "depth"}], backbone={"name": "test_resnet", "out_indices": [1, 2, 3]},
+                             decoder={"name": "hps", "channels": 8})
+        samples = [{"image": torch.randn(3, 32, 32), "depth": torch.rand(1, 32, 32) + 0.5} for _ in range(4)]
+        used = LrUsed()
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            max_epochs=epochs, limit_val_batches=0, default_root_dir=tmp_path,
+                            callbacks=[ProbeThenFinetune(probe_epochs=1, probe_lr_scale=2.0), used])
+        trainer.fit(MultiTaskModule(model, log_weights_every=0, warmup_ratio=0.0), DataLoader(samples, batch_size=2),
+                    ckpt_path=ckpt)
+        return trainer, used.lrs
+
+    first, _ = fit(2)
+    first.save_checkpoint(tmp_path / "two.ckpt")
+    _, resumed = fit(4, tmp_path / "two.ckpt")
+    _, uninterrupted = fit(4)
+    assert len(uninterrupted) == 8 and uninterrupted[4] > 0
+    assert resumed == pytest.approx(uninterrupted[4:], rel=1e-6)
