@@ -113,6 +113,16 @@ class ModelCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
     def state_dict(self) -> dict:
         return {**super().state_dict(), "saved": self.saved}
 
+    @property
+    def state_key(self) -> str:
+        """Lightning's key (monitor, mode and save schedule), plus the file name without a monitor: last.ckpt's callback
+        and ``model_checkpoint`` with ``monitor=null`` would share it, and Lightning refuses two equal keys."""
+        if self.monitor is not None:
+            return super().state_key
+        return self._generate_state_key(monitor=None, mode=self.mode, every_n_train_steps=self._every_n_train_steps,
+                                        every_n_epochs=self._every_n_epochs,
+                                        train_time_interval=self._train_time_interval, filename=self.filename)
+
     def _save_topk_checkpoint(self, trainer, monitor_candidates) -> None:
         if trainer.current_epoch >= self.first_epoch:
             super()._save_topk_checkpoint(trainer, monitor_candidates)

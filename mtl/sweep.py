@@ -73,7 +73,8 @@ def _running_sweeper() -> Mapping[str, Any] | None:
 def check_monitors(cfg, metric_names: Mapping[str, Any], directions: Mapping[str, Mapping[str, bool]] | None = None) -> None:
     """Before training: a checkpoint callback's ``monitor`` of the validation split names a value the
     module logs (``val/loss``, ``val/<task>/loss``, ``val/<task>/<metric>``); Lightning would say so only
-    after the first epoch. With ``directions`` ({task: {metric: higher is better}}) its ``mode`` follows
+    after the first epoch. Without a monitor, ``mode`` is filled in (unused) and
+    ``save_top_k`` must be 1 or -1 (or 0). With ``directions`` ({task: {metric: higher is better}}) its ``mode`` follows
     the monitored value: ``null`` is filled in (losses: min; a metric: its task's direction), and a mode
     against the direction (``monitor=val/semseg/miou mode=min`` keeps the worst epoch) is refused."""
     from omegaconf import open_dict
@@ -82,6 +83,15 @@ def check_monitors(cfg, metric_names: Mapping[str, Any], directions: Mapping[str
     for name, cb in (cfg.get("callbacks") or {}).items():
         monitor = cb.get("monitor") if hasattr(cb, "get") else None
         if not monitor:
+            # every save is the newest (Lightning's save_top_k 1 keeps the last, -1 all); mode is unused, but
+            # Lightning refuses None
+            top_k = cb.get("save_top_k", 1) if hasattr(cb, "get") else 1
+            if top_k not in (-1, 0, 1):
+                raise ValueError(f"callbacks.{name}.save_top_k={top_k} needs a monitor to rank checkpoints by "
+                                 f"(callbacks.{name}.monitor is null); set save_top_k to 1 (the last epoch) or -1 (all)")
+            if hasattr(cb, "get") and "mode" in cb and cb.get("mode") is None:
+                with open_dict(cb):
+                    cb["mode"] = "min"
             continue
         if not str(monitor).startswith("val/"):
             if directions is not None and "mode" in cb and cb.get("mode") is None:

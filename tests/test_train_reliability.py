@@ -292,6 +292,30 @@ def test_the_checkpoint_mode_follows_the_monitored_values_direction():
         check_monitors(cfg, names, directions)
 
 
+def test_checkpoints_without_a_monitor_fill_in_the_unused_mode_and_refuse_a_ranking():
+    """monitor=null failed after the run folder was written: Lightning refuses the config's mode=null."""
+    from omegaconf import OmegaConf
+
+    from mtl.sweep import check_monitors
+
+    names, directions = {"depth": ["rmse"]}, {"depth": {"rmse": False}}
+    for top_k in (1, -1):
+        cfg = OmegaConf.create({"callbacks": {"model_checkpoint": {"monitor": None, "mode": None, "save_top_k": top_k}}})
+        check_monitors(cfg, names, directions)
+        assert cfg.callbacks.model_checkpoint.mode in ("min", "max")
+    cfg = OmegaConf.create({"callbacks": {"model_checkpoint": {"monitor": None, "mode": None, "save_top_k": 3}}})
+    with pytest.raises(ValueError, match=r"^callbacks.model_checkpoint.save_top_k=3 needs a monitor to rank checkpoints"):
+        check_monitors(cfg, names, directions)
+
+
+@pytest.mark.slow
+def test_a_run_without_a_checkpoint_monitor_tests_and_saves_its_last_epoch(tmp_path):
+    run(FAST + ["task=[depth]", "trainer.max_epochs=2", "callbacks.model_checkpoint.monitor=null"], run_dir=tmp_path / "r")
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert m["best_checkpoint"].endswith("epoch001.ckpt") and m["val_epoch"] == 1 and m["val"]["depth"]
+    assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == ["epoch001.ckpt", "last.ckpt"]
+
+
 def test_metrics_val_are_the_tested_checkpoints_epoch(tmp_path):
     import csv
 
