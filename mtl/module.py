@@ -236,6 +236,9 @@ class MultiTaskModule(L.LightningModule):
         self.log("train/loss", total, prog_bar=True, batch_size=bs)
         for name, loss in losses.items():
             self.log(f"train/{name}/loss", loss.detach(), batch_size=bs)
+        # their epoch means, what a checkpoint monitor of the training split reads (a step value is the last batch's)
+        for name, loss in zip(loss_names(self.tasks, "train", epoch=True), (total, *(losses[t] for t in self.tasks))):
+            self.log(name, loss.detach(), on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
         for key, value in strategy_logs.items():
             self.log(key, value, batch_size=bs)
         if monitor_logs:

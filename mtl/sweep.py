@@ -10,9 +10,11 @@ import math
 from typing import Any, Mapping
 
 
-def loss_names(tasks, split: str = "val") -> list[str]:
-    """The losses an evaluation logs (`mtl.module.MultiTaskModule`): the total and each task's (unweighted)."""
-    return [f"{split}/loss", *(f"{split}/{t}/loss" for t in tasks)]
+def loss_names(tasks, split: str = "val", epoch: bool = False) -> list[str]:
+    """The losses an evaluation logs (`mtl.module.MultiTaskModule`): the total and each task's (unweighted).
+    ``epoch``: training's epoch means of its per-step losses (``train/loss_epoch``, ``train/<task>/loss_epoch``)."""
+    end = "_epoch" if epoch else ""
+    return [f"{split}/loss{end}", *(f"{split}/{t}/loss{end}" for t in tasks)]
 
 
 def logged_values(metrics: Mapping[str, Any], split: str = "val") -> dict[str, Any]:
@@ -73,13 +75,15 @@ def _running_sweeper() -> Mapping[str, Any] | None:
 def check_monitors(cfg, metric_names: Mapping[str, Any], directions: Mapping[str, Mapping[str, bool]] | None = None) -> None:
     """Before training: a checkpoint callback's ``monitor`` of the validation split names a value the
     module logs (``val/loss``, ``val/<task>/loss``, ``val/<task>/<metric>``); Lightning would say so only
-    after the first epoch. Without a monitor, ``mode`` is filled in (unused) and
+    after the first epoch. A training loss is monitored by its epoch mean (``train/loss_epoch``): ``train/loss`` is
+    a step value, the epoch's last batch, and refused. Without a monitor, ``mode`` is filled in (unused) and
     ``save_top_k`` must be 1 or -1 (or 0). With ``directions`` ({task: {metric: higher is better}}) its ``mode`` follows
     the monitored value: ``null`` is filled in (losses: min; a metric: its task's direction), and a mode
     against the direction (``monitor=val/semseg/miou mode=min`` keeps the worst epoch) is refused."""
     from omegaconf import open_dict
 
     logged = [*loss_names(metric_names), *(f"val/{t}/{m}" for t, names in metric_names.items() for m in names)]
+    train_epoch = loss_names(metric_names, "train", epoch=True)
     for name, cb in (cfg.get("callbacks") or {}).items():
         monitor = cb.get("monitor") if hasattr(cb, "get") else None
         if not monitor:
@@ -93,10 +97,16 @@ def check_monitors(cfg, metric_names: Mapping[str, Any], directions: Mapping[str
                 with open_dict(cb):
                     cb["mode"] = "min"
             continue
+        if str(monitor) in loss_names(metric_names, "train"):
+            raise ValueError(f"callbacks.{name}.monitor={monitor!r} is logged per step: each epoch would be judged by "
+                             f"its last batch; monitor the epoch mean, callbacks.{name}.monitor={monitor}_epoch")
+        if str(monitor).startswith("train/") and str(monitor).endswith("/loss_epoch") and monitor not in train_epoch:
+            raise KeyError(f"callbacks.{name}.monitor={monitor!r} is not logged; logged epoch means: "
+                           f"{', '.join(train_epoch)}")
         if not str(monitor).startswith("val/"):
             if directions is not None and "mode" in cb and cb.get("mode") is None:
-                # another split's value (train/loss, ...): a loss is minimised; other names have no known direction
-                if str(monitor).split("/")[-1] != "loss":
+                # another split's value (train/loss_epoch, ...): a loss is minimised; other names have no known direction
+                if str(monitor).split("/")[-1] not in ("loss", "loss_epoch"):
                     raise ValueError(f"callbacks.{name}.monitor={monitor!r}: mode=null is filled in only for losses "
                                      f"and val/ metrics; set callbacks.{name}.mode=min or max")
                 with open_dict(cb):

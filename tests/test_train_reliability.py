@@ -284,12 +284,57 @@ def test_the_checkpoint_mode_follows_the_monitored_values_direction():
     with pytest.raises(ValueError, match=r"mode=min keeps the worst epoch: val/semseg/miou is higher-is-better"):
         check_monitors(cfg, names, directions)
     # another split's loss is minimised (Lightning refused mode=None after building the trainer)
-    cfg = OmegaConf.create({"callbacks": {"model_checkpoint": {"monitor": "train/loss", "mode": None}}})
+    cfg = OmegaConf.create({"callbacks": {"model_checkpoint": {"monitor": "train/loss_epoch", "mode": None}}})
     check_monitors(cfg, names, directions)
     assert cfg.callbacks.model_checkpoint.mode == "min"
     cfg = OmegaConf.create({"callbacks": {"model_checkpoint": {"monitor": "train/semseg/miou", "mode": None}}})
     with pytest.raises(ValueError, match=r"mode=null is filled in only for losses and val/ metrics; set callbacks"):
         check_monitors(cfg, names, directions)
+
+
+def test_a_training_loss_is_monitored_by_its_epoch_mean_not_its_last_batch():
+    """monitor=train/loss was accepted and read each epoch's last batch (a step value): the kept epoch was the one
+    whose last batch happened to be lowest. It is refused naming the epoch mean, which is checked like val names."""
+    from omegaconf import OmegaConf
+
+    from mtl.sweep import check_monitors
+
+    names, directions = {"semseg": ["miou"], "depth": ["rmse"]}, {"semseg": {"miou": True}, "depth": {"rmse": False}}
+    for step, mean in (("train/loss", "train/loss_epoch"), ("train/depth/loss", "train/depth/loss_epoch")):
+        cfg = OmegaConf.create({"callbacks": {"model_checkpoint": {"monitor": step, "mode": None}}})
+        with pytest.raises(ValueError, match=rf"^callbacks.model_checkpoint.monitor='{step}' is logged per step: .*"
+                                             rf"callbacks.model_checkpoint.monitor={mean}$"):
+            check_monitors(cfg, names, directions)
+        cfg.callbacks.model_checkpoint.monitor = mean
+        check_monitors(cfg, names, directions)
+        assert cfg.callbacks.model_checkpoint.mode == "min"
+    cfg = OmegaConf.create({"callbacks": {"model_checkpoint": {"monitor": "train/normals/loss_epoch", "mode": None}}})
+    with pytest.raises(KeyError, match=r"'train/normals/loss_epoch' is not logged; logged epoch means: train/loss_epoch, "
+                                       r"train/semseg/loss_epoch, train/depth/loss_epoch"):
+        check_monitors(cfg, names, directions)
+
+
+@pytest.mark.slow
+def test_monitor_train_loss_epoch_keeps_the_epoch_with_the_lowest_mean_training_loss(tmp_path):
+    import csv
+
+    import torch
+
+    run(FAST + ["task=[semseg,depth]", "trainer.max_epochs=3", "logger=csv", "callbacks.model_checkpoint.save_top_k=-1",
+                "callbacks.model_checkpoint.monitor=train/loss_epoch"], run_dir=tmp_path / "r")
+    (log,) = (tmp_path / "r" / "csv").rglob("metrics.csv")
+    steps = {}
+    for r in csv.DictReader(open(log)):
+        if r.get("train/loss"):
+            steps.setdefault(int(r["epoch"]), []).append(float(r["train/loss"]))
+    means = {e: sum(v) / len(v) for e, v in steps.items()}
+    assert len(means) == 3 and all(len(v) > 1 for v in steps.values())
+    for epoch, mean in means.items():  # each checkpoint's score is its epoch's mean step loss
+        state = torch.load(tmp_path / "r" / "checkpoints" / f"epoch{epoch:03d}.ckpt", weights_only=True)["callbacks"]
+        (score,) = [s["current_score"] for s in state.values() if s.get("monitor") == "train/loss_epoch"]
+        assert float(score) == pytest.approx(mean, rel=1e-5), epoch
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert m["val_epoch"] == min(means, key=means.get)
 
 
 def test_checkpoints_without_a_monitor_fill_in_the_unused_mode_and_refuse_a_ranking():
