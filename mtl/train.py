@@ -160,6 +160,7 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         check_checkpoint(Path(cfg.ckpt_path))
         warn_seed_of_resume(cfg, Path(cfg.ckpt_path))
     check_trainer(cfg.trainer)
+    check_precision(cfg)  # again once the trainer is built: any replacement Lightning made there
     start = None
     if cfg.get("ckpt_path"):
         ckpt = read_checkpoint(Path(cfg.ckpt_path))  # once (its tensors memory-mapped) for both checks

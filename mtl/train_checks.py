@@ -284,19 +284,37 @@ def warn_seed_of_resume(cfg: DictConfig, ckpt: Path) -> None:
                     "its checkpoint holds, so this seed is not used", cfg.get("seed"), seed, stored)
 
 
-def check_precision(cfg: DictConfig, trainer: L.Trainer) -> None:
+def check_precision(cfg: DictConfig, trainer: L.Trainer | None = None) -> None:
     """Lightning replaces a precision the accelerator lacks (fp16 AMP on a CPU becomes bf16-mixed) with a
-    warning; the run would then record one precision and train in another."""
+    warning; the run would then record one precision and train in another. Without ``trainer`` (before the run
+    folder): the config's precision, and Lightning's one replacement, fp16 AMP on the CPU accelerator it will pick;
+    with it, whatever precision the built trainer ended with (any other replacement)."""
     asked = str(cfg.trainer.get("precision", "32-true"))
     asked = {"16": "16-mixed", "bf16": "bf16-mixed", "32": "32-true", "64": "64-true"}.get(asked, asked)
     if asked.endswith("-true") and asked != "32-true":  # found now, not by save_model after the whole run
         dtype = {"bf16-true": "bfloat16", "16-true": "float16", "64-true": "float64"}.get(asked, asked)
         raise ValueError(f"trainer.precision={asked} keeps the weights in {dtype}, and model folders hold "
                          "float32 weights; use trainer.precision=bf16-mixed (bfloat16 compute, float32 weights) or 32-true")
-    if str(trainer.precision) != asked:
-        raise ValueError(f"trainer.precision={asked} is not available on {type(trainer.accelerator).__name__} "
-                         f"(Lightning would train in {trainer.precision}); use trainer.precision={trainer.precision} "
-                         "or run on a GPU")
+    if trainer is None:
+        if asked == "16-mixed" and _picks_cpu(cfg.trainer.get("accelerator", "auto")):
+            raise ValueError(_unavailable(asked, "CPUAccelerator", "bf16-mixed"))
+    elif str(trainer.precision) != asked:
+        raise ValueError(_unavailable(asked, type(trainer.accelerator).__name__, trainer.precision))
+
+
+def _unavailable(asked: str, accelerator: str, used: str) -> str:
+    return (f"trainer.precision={asked} is not available on {accelerator} (Lightning would train in {used}); use "
+            f"trainer.precision={used} or run on a GPU")
+
+
+def _picks_cpu(accelerator: Any) -> bool:
+    """Whether Lightning's Trainer resolves ``trainer.accelerator`` to the CPU: ``cpu``, or ``auto`` on a machine
+    with none of the devices it prefers (TPU, MPS, CUDA, in its order)."""
+    from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator, XLAAccelerator
+
+    if str(accelerator) != "auto":
+        return str(accelerator) == "cpu"
+    return not any(a.is_available() for a in (XLAAccelerator, MPSAccelerator, CUDAAccelerator))
 
 
 #: balancer settings that leave a finite step's update as it is (memory layout; a recovery switch past a NaN)
