@@ -102,6 +102,7 @@ def test_every_training_run_records_expert_usage_when_its_model_has_experts(tmp_
     assert cfg.callbacks.expert_usage._target_ == "mtl.expert_usage.ExpertUsageCallback"
 
 
+@pytest.mark.slow
 def test_a_longer_resume_with_a_probe_lr_scale_follows_the_uninterrupted_runs_learning_rates(tmp_path):
     """The resume moved the optimiser's lr onto the longer schedule's curve but not the scheduler's get_last_lr(),
     which ProbeThenFinetune(probe_lr_scale != 1) copies into the optimiser before every step: the first resumed step
