@@ -579,3 +579,40 @@ def test_gradient_clipping_under_16_mixed_clips_the_unscaled_gradients():
     trainer.fit(MultiTaskModule(model, log_weights_every=0, grad_clip=1e-3), DataLoader(samples, batch_size=2))
     # the scaler skips a step whose scaled gradients overflowed (the first, at scale 65536): no pre-hook there
     assert seen and seen == pytest.approx([1e-3] * len(seen), rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("app, swept", [("prune", "seed=0,1"), ("export", "model=a,b"), ("extract", "tasks=depth,semseg"),
+                                        ("merge", "mergekit_yaml=x.yml seed=0,1")])
+def test_every_cli_refuses_one_output_for_several_jobs_at_the_sweeps_start(tmp_path, app, swept):
+    """A fixed output= in a multirun: each job replaced the last one's result (or failed after it had finished)."""
+    proc = app_cli(app, "-m", *swept.split(), "output=out", cwd=tmp_path)
+    key = swept.split()[-1].split("=")[0]
+    assert (proc.returncode, proc.stderr.strip()) == (1, (
+        f"error: output=out is one folder for several jobs of this multirun (jobs #0 and #1 would both write "
+        f"{tmp_path}/out, each replacing the last one's result): make it differ per job, e.g. output='out_${{{key}}}', "
+        "or leave output unset (each job's own run folder)"))
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("output, refused", [("out", True), ("out_${seed}", True), ("out_${merge.lam}", False),
+                                             ("out_${hydra:job.num}", False), (None, False)])
+def test_the_sweep_start_compares_the_jobs_resolved_outputs(output, refused):
+    """Each job's output as its own composed config resolves it: a fixed folder, or an interpolation alike for every
+    job, would be written by both jobs; one of the swept value or of the job's number differs, and null is each
+    job's own run folder."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import open_dict
+
+    from mtl.cli.sweep_checks import sweep_problem
+
+    given = ["eval=none", "merge=task_arithmetic", *([f"output={output}"] if output else [])]
+    with initialize_config_module(config_module="mtl.configs.merge_app", version_base="1.3"):
+        config = compose(config_name="merge", overrides=given, return_hydra_config=True)
+        with open_dict(config):
+            config.hydra.overrides.task = [*given, "merge.lam=0.3,0.5"]
+        problem = sweep_problem(config)
+    assert (problem is not None) == refused, problem
+    if refused:
+        assert problem.startswith(f"output={output} is one folder for several jobs of this multirun (jobs #0 and #1 "
+                                  f"would both write {os.path.abspath('out' if output == 'out' else 'out_0')}")

@@ -8,7 +8,7 @@ import os
 from contextlib import contextmanager
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 # Lightning starts the other ranks of local DDP by re-running the command line: the whole sweep, on every rank
 LOCAL_DDP_IN_MULTIRUN = ("trainer=ddp with local processes cannot run inside a -m multirun (each rank would re-run "
@@ -73,7 +73,7 @@ def sweep_problem(config: DictConfig) -> str | None:
     if problem is None and kind != "SlurmLauncher" and config.get("trainer") is not None \
             and runs_local_ddp(config.trainer) and not swept_process_keys(config):
         problem = LOCAL_DDP_IN_MULTIRUN
-    return problem or objective_problem(config)
+    return problem or objective_problem(config) or shared_output_problem(config)
 
 
 #: what decides which values a training sweep's jobs log and which one they optimise, in which direction
@@ -106,6 +106,77 @@ def objective_problem(config: DictConfig) -> str | None:
     return None
 
 
+def shared_output_problem(config: DictConfig) -> str | None:
+    """The refusal of an ``output=`` that two jobs of the multirun would both write (a fixed folder, or an
+    interpolation that resolves alike for them): each job would replace the last one's result (or, without
+    overwrite=true, fail only after the first finished) while every job's metrics.json named that folder.
+    Under the basic sweeper each job's ``output`` is resolved from its own composed config (as its launcher composes
+    it); under another sweeper (sampled values) only a fixed folder is refused, for more than one trial."""
+    raw = OmegaConf.to_container(config, resolve=False).get("output")  # (resolved per job, below)
+    if raw is None:
+        return None  # the default: each job's own <run_dir>/...
+    swept = _swept(config)
+    jobs = _basic_sweep_jobs(config)
+    if jobs is None:
+        trials = (config.hydra.get("sweeper") or {}).get("n_trials", 2)
+        same = "output" not in swept and "${" not in str(raw) and _is_number(trials) and trials > 1
+        return _shared_output_message(config, raw, swept, (0, 1), os.path.abspath(str(raw))) if same else None
+    if len(jobs) < 2:
+        return None
+    if "output" not in swept and "${" not in str(raw):
+        return _shared_output_message(config, raw, swept, (0, 1), os.path.abspath(str(raw)))
+    seen: dict[str, int] = {}
+    for num, overrides in enumerate(jobs):
+        try:
+            path = _job_output(config, overrides, num)
+        except Exception:  # noqa: BLE001  (a job that cannot compose names its own error, as it did)
+            return None
+        if path is not None and path in seen:
+            return _shared_output_message(config, raw, swept, (seen[path], num), path)
+        seen.setdefault(path, num)
+    return None
+
+
+def _basic_sweep_jobs(config: DictConfig) -> list[list[str]] | None:
+    """Each job's overrides, as Hydra's basic sweeper lists them (``hydra.sweeper.params`` first, then the command
+    line's); None under another sweeper (an optimiser samples its trials' values)."""
+    if _class_name(config.hydra.get("sweeper") or {}) != "BasicSweeper":
+        return None
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = [f"{k}={v}" for k, v in ((config.hydra.sweeper.get("params") or {}).items())]
+    given = params + _task_overrides(config)
+    return BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(given), None)[0]
+
+
+def _job_output(config: DictConfig, overrides: list[str], num: int) -> str | None:
+    """Job `num`'s ``output``, resolved in its own config (``${hydra:job.num}`` included), as an absolute path."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    job = GlobalHydra.instance().config_loader().load_sweep_config(config, list(overrides))
+    with open_dict(job):
+        job.hydra.job.id = job.hydra.job.num = num
+    hydra, saved = HydraConfig.instance(), HydraConfig.instance().cfg
+    hydra.set_config(job)
+    try:
+        value = job.get("output")
+    finally:
+        hydra.cfg = saved
+    return None if value is None else os.path.abspath(str(value))
+
+
+def _shared_output_message(config: DictConfig, raw: Any, swept: set[str], jobs: tuple[int, int], path: str) -> str:
+    key = next((k for k in sorted(swept) if not isinstance(OmegaConf.select(config, k), DictConfig)
+                and not k.startswith("hydra.")), None)
+    example = f"{raw}_${{{key}}}" if key else f"{raw}_${{hydra:job.num}}"
+    return (f"output={raw} is one folder for several jobs of this multirun (jobs #{jobs[0]} and #{jobs[1]} would both "
+            f"write {path}, each replacing the last one's result): make it differ per job, e.g. "
+            f"output='{example}', or leave output unset (each job's own run folder)")
+
+
 #: the trainer keys that decide how many processes a job starts
 PROCESS_KEYS = ("trainer.devices", "trainer.num_nodes", "trainer.strategy")
 
@@ -122,9 +193,15 @@ def _swept(config: DictConfig) -> set[str]:
     """The keys and groups a multirun varies: its sweep overrides (``+``/``++`` dropped) and sweeper params."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    task = list(config.hydra.get("overrides", {}).get("task") or [])
-    swept = {o.key_or_group for o in OverridesParser.create().parse_overrides(task) if o.is_sweep_override()}
+    parsed = OverridesParser.create().parse_overrides(_task_overrides(config))
+    swept = {o.key_or_group for o in parsed if o.is_sweep_override()}
     return swept | set((config.hydra.get("sweeper") or {}).get("params") or {})
+
+
+def _task_overrides(config: DictConfig) -> list[str]:
+    """The command line's overrides as given (an interpolation in a value stays one, as Hydra's sweeper reads them)."""
+    task = config.hydra.get("overrides", {}).get("task")
+    return OmegaConf.to_container(task, resolve=False) if task else []
 
 
 def _class_name(node: DictConfig | dict) -> str:

@@ -464,3 +464,36 @@ def test_a_shard_read_before_stays_unmapped(llamas, tmp_path):
         assert mapped() == {str(folder / second)}
     finally:
         src.close()
+
+
+@pytest.mark.slow
+def test_a_multirun_refuses_one_output_for_all_its_jobs_and_takes_one_per_job(llamas, tmp_path):
+    """`mtl-merge -m merge.lam=0.3,0.5 output=o overwrite=true` ran both jobs into one folder: job 1 replaced job 0's
+    model while job 0's metrics.json still named it. Now refused at the sweep's start (no folder made, one line);
+    an output interpolating the swept value gives each job its own folder."""
+    import os
+    import subprocess
+    import sys
+
+    base, fts = llamas
+    env = dict(os.environ, MTL_OUTPUT_DIR=str(tmp_path / "outputs"))
+    common = ["-m", "eval=none", "merge=task_arithmetic", "merge.lam=0.3,0.5", f"pretrained={base}",
+              f"models=[{','.join(map(str, fts))}]"]
+
+    def mtl_merge(*args):
+        return subprocess.run([sys.executable, "-m", "merging.cli", *common, *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    for output in ("same", "same_${seed}"):  # fixed, or an interpolation alike for every job
+        proc = mtl_merge(f"output={output}", "overwrite=true")
+        assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0, proc.stderr
+        assert proc.stderr.startswith(f"error: output={output} is one folder for several jobs of this multirun "
+                                      f"(jobs #0 and #1 would both write {tmp_path}/same")
+        assert f"e.g. output='{output}_${{merge.lam}}'" in proc.stderr
+        assert not (tmp_path / "outputs").exists() and not list(tmp_path.glob("same*"))
+    proc = mtl_merge("output=per_${merge.lam}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for lam in (0.3, 0.5):
+        want = merging.merge("task_arithmetic", base, fts, lam=lam)
+        got = merging.load_state_dict(tmp_path / f"per_{lam}")
+        assert all(torch.equal(got[k], v) for k, v in want.items())
