@@ -18,6 +18,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -160,6 +161,21 @@ def _base_grid(base: Any) -> list[float] | None:
     return OmegaConf.to_container(OmegaConf.create(f.read_text())).get("lam_grid")
 
 
+#: `run`'s `merge=` choice (the CLI's is Hydra's runtime choice): which config file's own grid a given one is compared with
+_MERGE_CHOICE: ContextVar[str | None] = ContextVar("merge_choice", default=None)
+
+
+def _own_grid(method: Any) -> list[float] | None:
+    """The λ grid of the chosen ``merge=`` config file (mergekit_ties.yaml's, not ties.yaml's: both are method ties),
+    the method's own config's where the choice is unknown."""
+    from hydra.core.hydra_config import HydraConfig
+
+    choice = _MERGE_CHOICE.get()
+    if choice is None and HydraConfig.initialized():
+        choice = HydraConfig.get().runtime.choices.get("merge")
+    return _base_grid(choice or method)
+
+
 def _method(cfg: DictConfig) -> tuple[str, CliMethod, dict[str, Any]]:
     hp = OmegaConf.to_container(cfg.merge, resolve=True)
     _warn_unsearched_grid(hp)
@@ -184,7 +200,7 @@ def _warn_unsearched_grid(hp: dict[str, Any]) -> None:
     """`merge.lam` takes precedence over `merge.lam_grid` (documented): a grid the user gave (not the method
     config's own) is then never searched, which is said once rather than dropped in silence."""
     grid, lam = hp.get("lam_grid"), hp.get("lam")
-    if lam is not None and grid is not None and grid != _base_grid(hp.get("method")):
+    if lam is not None and grid is not None and grid != _own_grid(hp.get("method")):
         log.warning("merge.lam_grid=%s is not searched: merge.lam=%s is set and takes precedence (drop merge.lam, "
                     "i.e. merge.lam=null, to search the grid)", grid, lam)
 
@@ -319,7 +335,7 @@ def merge_only(cfg: DictConfig, run_dir: Path, name: str, hp: dict[str, Any], ou
     grid = hp.pop("lam_grid", None)
     if grid and hp.get("lam") is None:
         # a grid the user gave (not a method config's own) is worth a console line: its λ values are not used
-        given = grid not in (_base_grid(name), _base_grid(hp.get("base")))
+        given = grid not in (_own_grid(name), _base_grid(hp.get("base")))
         (log.warning if given else log.info)(
             "eval=none: no λ search without evaluation%s; %s uses its default λ (set merge.lam to choose)",
             f" (merge.lam_grid={grid} is not searched)" if given else "", name)
@@ -406,9 +422,16 @@ def run(overrides: list[str] | None = None, run_dir: str | Path | None = None) -
     ``outputs/`` without the variable, as the CLI's; a ``hydra.run.dir=`` override names it too).
     Returns the run's report (as in its ``metrics.json``, with ``output``: the result's path) plus ``run_dir``
     (absolute)."""
+    from mtl.cli.choices import app_config
     from mtl.cli.in_process import report_in_process
 
-    return report_in_process(run_merge, ("mtl.configs.merge_app", "mtl.configs"), "merge", overrides, run_dir)  # the report, with run_dir
+    given = [str(o).split("=", 1)[1] for o in (overrides if isinstance(overrides, (list, tuple)) else [])
+             if str(o).split("=", 1)[0] == "merge"]
+    token = _MERGE_CHOICE.set(given[-1] if given else app_config("mtl.configs.merge_app")[1].get("merge"))
+    try:
+        return report_in_process(run_merge, ("mtl.configs.merge_app", "mtl.configs"), "merge", overrides, run_dir)
+    finally:
+        _MERGE_CHOICE.reset(token)
 
 
 from . import tall_job as _tall_job  # noqa: E402,F401  (registers tall_masks)

@@ -497,3 +497,42 @@ def test_a_multirun_refuses_one_output_for_all_its_jobs_and_takes_one_per_job(ll
         want = merging.merge("task_arithmetic", base, fts, lam=lam)
         got = merging.load_state_dict(tmp_path / f"per_{lam}")
         assert all(torch.equal(got[k], v) for k, v in want.items())
+
+
+NOT_SEARCHED = "is not searched"
+
+
+def test_a_merge_configs_own_grid_is_not_named_as_one_the_user_gave(llamas, tmp_path, caplog):
+    """merge=mergekit_ties's own lam_grid was compared with ties.yaml's (its method's), so the documented
+    eval=none command warned about a grid nobody gave (and, with merge.lam, told to drop merge.lam)."""
+    from merging.job import run
+
+    base, fts = llamas
+    common = ["eval=none", "merge=mergekit_ties", "merge.weight=[1.0,0.7]", f"pretrained={base}",
+              f"models=[{','.join(map(str, fts))}]"]
+    for i, more in enumerate([[], ["merge.lam=1.0"]]):
+        caplog.clear()
+        run([*common, *more], run_dir=tmp_path / f"own{i}")
+        assert NOT_SEARCHED not in caplog.text
+    for i, more in enumerate([["merge.lam_grid=[0.5,1.0]"], ["merge.lam_grid=[0.5,1.0]", "merge.lam=1.0"]]):
+        caplog.clear()
+        run([*common, *more], run_dir=tmp_path / f"given{i}")
+        assert "merge.lam_grid=[0.5, 1.0] is not searched" in caplog.text
+
+
+@pytest.mark.slow
+def test_the_documented_mergekit_ties_command_warns_of_no_grid(llamas, tmp_path):
+    """The same through the CLI, where the chosen config file is Hydra's runtime choice."""
+    import os
+    import subprocess
+    import sys
+
+    base, fts = llamas
+    env = dict(os.environ, MTL_OUTPUT_DIR=str(tmp_path / "outputs"))
+    args = ["eval=none", "merge=mergekit_ties", "merge.weight=[1.0,0.7]", f"pretrained={base}",
+            f"models=[{','.join(map(str, fts))}]", f"output={tmp_path / 'o'}"]
+    for more, warned in (([], False), (["merge.lam_grid=[0.5,1.0]", "overwrite=true"], True)):
+        proc = subprocess.run([sys.executable, "-m", "merging.cli", *args, *more], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert (NOT_SEARCHED in proc.stderr) == warned, proc.stderr
