@@ -136,9 +136,11 @@ def objective(cfg, metrics: Mapping[str, Any], check_only: bool = False) -> floa
     if name == "delta_m":
         if not cfg.get("baselines", {}).get("path"):
             raise ValueError("optimized_metric=delta_m needs baselines.path=<baselines.json> (single-task runs' metrics)")
-        if check_only:
-            return None
         from mtl.evaluation import delta_m, load_baselines
+
+        if check_only:  # a missing or unreadable file: found before training (a sweep's start), not in its trials
+            load_baselines(cfg.baselines.path)
+            return None
         from mtl.train import build_tasks
 
         # Δm reads the tasks' metric directions only, which no class count changes

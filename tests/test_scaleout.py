@@ -291,6 +291,11 @@ def test_optuna_sweep_with_an_unlogged_metric_fails_naming_the_logged_ones(tmp_p
     (["task=[depth]", "optimized_metric=val/depth/rmse", "hydra.sweeper.direction=minimize"], [], None),
     (["task=[semseg]", "optimized_metric=val/depth/rmse"], ["task=depth,semseg"], None),  # each job's own tasks
     (["task=[depth]", "optimized_metric=val/depth/rmse"], ["hydra.sweeper.direction=minimize,maximize"], None),
+    # a baselines file Δm cannot read failed in trial 0, after the sweep folder was made
+    (["task=[depth]", "optimized_metric=delta_m", "baselines.path=/nonexistent.json"], [],
+     "cannot read baselines file /nonexistent.json: No such file or directory"),
+    (["task=[depth]", "optimized_metric=delta_m", "baselines.path=/nonexistent.json"], ["baselines.variant=primary,all"],
+     None),  # the sweep varies baselines: each trial checks its own
 ])
 def test_the_optimized_metric_is_checked_at_the_sweeps_start(overrides, swept, message):
     """A typo in optimized_metric, or a direction against it, failed in every trial after its data and model were
@@ -616,3 +621,17 @@ def test_the_sweep_start_compares_the_jobs_resolved_outputs(output, refused):
     if refused:
         assert problem.startswith(f"output={output} is one folder for several jobs of this multirun (jobs #0 and #1 "
                                   f"would both write {os.path.abspath('out' if output == 'out' else 'out_0')}")
+
+
+@pytest.mark.slow
+def test_a_delta_m_sweep_with_a_bad_baselines_file_is_refused_before_its_folder(tmp_path):
+    """The start check reads and parses baselines.path with the trials' own loader and message."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    (tmp_path / "bad.json").write_text("{not json")
+    for path, message in ((tmp_path / "missing.json", f"cannot read baselines file {tmp_path}/missing.json: No such "
+                           "file or directory"), (tmp_path / "bad.json", f"baselines file {tmp_path}/bad.json is not "
+                                                  "valid JSON: Expecting property name enclosed in double quotes")):
+        proc = cli("-m", "hparams_search=optuna", *SMOKE, "task=depth", "optimized_metric=delta_m",
+                   f"baselines.path={path}", cwd=tmp_path)
+        assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith(f"error: {message}"), proc.stderr
+        assert "run_dir:" not in proc.stdout and not list(tmp_path.glob("outputs/*/multiruns/*"))
