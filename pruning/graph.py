@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 
 from mtl.models.slimmable.layers import _Sliced
 from mtl.models.surgery import diff_plan, snapshot
@@ -70,7 +71,7 @@ def output_layers(model: nn.Module) -> dict[str, str]:
         raise PruningError(f"{type(model).__name__}: no decoder.heads, so the task output layers to protect are unknown")
     out = {}
     for task, head in heads.items():
-        last = [n for n, m in head.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        last = [n for n, m in head.named_modules() if isinstance(m, (_ConvNd, nn.Linear))]
         if not last:
             raise PruningError(f"decoder.heads.{task}: no conv or linear output layer found")
         out[task] = f"decoder.heads.{task}" + (f".{last[-1]}" if last[-1] else "")  # "": the head is the layer
@@ -229,10 +230,10 @@ class LayerGraph:
                 self.skipped[root] = f"touches {type(target).__name__} {name!r} (normalises across channels)"
                 return None
             extra = [n for n, _ in target.named_parameters(recurse=False) if n not in ("weight", "bias")]
-            if isinstance(target, (nn.Conv2d, nn.Linear)) and extra:  # e.g. timm's ScaledStdConv2d `gain`
+            if isinstance(target, (_ConvNd, nn.Linear)) and extra:  # e.g. timm's ScaledStdConv2d `gain`
                 self.skipped[root] = f"touches {type(target).__name__} {name!r} (its {extra} would not be resized)"
                 return None
-            if isinstance(target, nn.Conv2d) and target.groups > 1 and not (
+            if isinstance(target, _ConvNd) and target.groups > 1 and not (
                     target.groups == target.in_channels == target.out_channels):
                 # grouped, or depthwise with a channel multiplier (input j feeds outputs k·j … k·j+k−1):
                 # channels are tied to their group; not handled
@@ -277,7 +278,7 @@ class LayerGraph:
                 if isinstance(m, NORMS) or p.ndim == 1:
                     if isinstance(m, NORMS) or dep.is_out:
                         p[idx] = 0
-                elif dep.is_out or (isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1):
+                elif dep.is_out or (isinstance(m, _ConvNd) and m.groups > 1):
                     p[idx] = 0
                 else:
                     p[:, idx] = 0

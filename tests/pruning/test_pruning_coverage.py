@@ -76,6 +76,41 @@ def test_a_depthwise_conv_with_a_channel_multiplier_is_left_whole():
         LayerGraph(TinyMultiTask(alone, {"a": nn.Conv2d(8, 2, 1)}).eval(), torch.randn(2, 4, 8, 8))
 
 
+class _Conv1dBody(nn.Module):
+    """Conv2d(3, 6), Conv2d(6, 4), then a grouped Conv1d(4, cout, groups) run along each image row."""
+
+    def __init__(self, cout, groups):
+        super().__init__()
+        self.pre = nn.Conv2d(3, 6, 3, padding=1)
+        self.a = nn.Conv2d(6, 4, 3, padding=1)
+        self.dw = nn.Conv1d(4, cout, 3, padding=1, groups=groups)
+
+    def forward(self, x):
+        y = self.a(torch.relu(self.pre(x)))
+        n, c, h, w = y.shape
+        z = self.dw(y.permute(0, 2, 1, 3).reshape(n * h, c, w))
+        return z.reshape(n, h, -1, w).permute(0, 2, 1, 3)
+
+
+@pytest.mark.parametrize("cout, groups, why", [(8, 4, "multiplier 2"), (4, 2, "groups=2, 4 in, 4 out)")])
+def test_a_grouped_conv1d_is_left_whole_like_a_conv2d(cout, groups, why):
+    # only nn.Conv2d was checked: a grouped Conv1d was pruned, and its group structure broke the
+    # removal (torch: "Given groups=4, weight of size [4, 0, 3] ...")
+    from pruning_toys import TinyMultiTask
+
+    torch.manual_seed(0)
+    model = TinyMultiTask(_Conv1dBody(cout, groups), {"a": nn.Conv2d(cout, 2, 1)}).eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph = LayerGraph(model, x)
+    assert [l.name for l in graph.layers] == ["body.pre"]
+    assert why in graph.skipped["body.a"] and "grouped convolution 'body.dw'" in graph.skipped["body.a"]
+    pruned, report = pruning.prune(model, "l1", example=x, ratio=0.5)
+    assert pruned.body.dw.weight.shape == model.body.dw.weight.shape
+    assert pruned.body.a.weight.shape[0] == 4 and pruned.body.pre.weight.shape[0] < 6
+    assert "body.a" in report["rounds"][0]["skipped_layers"]
+    _removal_equals_masking(model, graph, x)
+
+
 def test_taylor_unit_score_is_the_whole_first_order_change_of_its_coupled_weights():
     """Σ|w·∂L/∂w| over the unit's filter, its BN affine and the next conv's input slice — summed as they
     are, not each member divided by its mean (which made every layer's per-task share alike)."""
