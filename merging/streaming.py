@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from mtl.io import atomic_path, holds_user_files
+from mtl.io import atomic_path, holds_user_files, read_json
 
 from .engine import KeyOptions, open_context, produce, torch_threads
 from .kernels import DEFAULT_CHUNK, Chunks, Streamed, chunked_streams, fused_kernel
@@ -28,7 +28,7 @@ from .hf import base_files, check_replaceable, copy_base_files, is_merge_card, m
 from .methods import create_method
 from .safetensors_source import DTYPE_CODES
 from .sources import check_output_apart_from_inputs
-from .state_source import TensorInfo
+from .state_source import MergeInputError, TensorInfo
 
 __all__ = ["SafetensorsWriter", "merge_to_file", "output_file", "resolve_output"]
 
@@ -274,8 +274,10 @@ def _is_hf_folder(obj) -> bool:
     folder = Path(obj)
     if (folder / "model.safetensors.index.json").is_file():
         return True
-    try:
-        cfg = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
+    if not (folder / "config.json").is_file():
         return False
-    return not str(cfg.get("format", "")).startswith("mtlkit")
+    try:
+        cfg = read_json(folder / "config.json")
+    except (OSError, ValueError) as e:  # read_json: "<file>: not valid JSON (...)", also when nested too deep
+        raise MergeInputError(str(e)) from None
+    return isinstance(cfg, dict) and not str(cfg.get("format", "")).startswith("mtlkit")

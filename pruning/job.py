@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 import pruning
 from mtl.cli.jobs import check_model_given, input_model, start_run
 from mtl.data.calibration import check_calib_settings
+from mtl.folder_checks import JSON_ERRORS
 from mtl.folder_data import data_record
 from mtl.io import first_non_finite, load_model, save_model, write_json
 from mtl.registry import check_int, check_seed
@@ -173,7 +174,7 @@ def _check_data_settings(cfg: DictConfig) -> None:
     if name is None and cfg.get("model"):
         try:
             name = json.loads((Path(cfg.model) / "config.json").read_text())["meta"]["data"]["name"]
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, KeyError, TypeError, *JSON_ERRORS):
             return
     elif name is None and cfg.get("smoke_model"):
         name = "scenes"

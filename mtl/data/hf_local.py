@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from mtl.data.benchmarks import DepthUnitCheck, check_unit_normals
 from mtl.data.hf import arrow_to_numpy, quiet_datasets
+from mtl.folder_checks import JSON_ERRORS
 from mtl.data.hf_columns import (BATCH_DTYPES, IGNORE, channels_first, check_channels, check_sizes, class_ids,
                                  compact_labels, decode_images, edge_map, encoded_image,
                                  refuse_ignore_only_foreground, resize, rgb_uint8, semseg_lookup)
@@ -96,7 +97,7 @@ def _empty_splits(path: Path) -> list[str]:
         try:
             if state.exists() and not json.loads(state.read_text()).get("_data_files"):
                 empty.append(name)
-        except ValueError:
+        except JSON_ERRORS:  # not readable as JSON (also nested too deep): not a saved state of no files
             continue
     return empty
 

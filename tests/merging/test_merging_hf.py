@@ -536,3 +536,15 @@ def test_the_documented_mergekit_ties_command_warns_of_no_grid(llamas, tmp_path)
                               text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert (NOT_SEARCHED in proc.stderr) == warned, proc.stderr
+
+
+@pytest.mark.parametrize("text", ["[" * 200_000 + "]" * 200_000, "{"])
+def test_a_base_config_json_that_is_not_json_is_named(llamas, tmp_path, text):
+    """Nested too deep, it escaped as a bare RecursionError naming no file; cut short, it was taken for no
+    config (a plain folder) and the merge went on."""
+    base, fts = llamas
+    cfg = base / "config.json"
+    cfg.write_text(text)
+    with pytest.raises(merging.MergeInputError, match=rf"^{cfg}: not valid JSON \("):
+        merging.merge_to_file("task_arithmetic", base, fts, tmp_path / "out", lam=0.3)
+    _assert_nothing_written(tmp_path)

@@ -93,6 +93,16 @@ def test_folder_without_data_config_is_refused_and_nothing_written(tmp_path):
     assert not (tmp_path / "run" / "model").exists()
 
 
+def test_a_config_json_nested_too_deep_is_not_valid_json_naming_the_file(tmp_path):
+    """With a data.<key> given, the data check read config.json first and let a RecursionError escape bare."""
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    (deep / "config.json").write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(ValueError, match=rf"^model: {deep / 'config.json'}: not valid JSON \("):
+        run(["prune=l1", f"model={deep}", "+data.batch_size=4"], run_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "model").exists()
+
+
 def test_bad_ratio_is_refused_before_any_work(folder, tmp_path):
     with pytest.raises(ValueError, match=r"prune.ratio must be a number in \[0, 1\)"):
         run(["prune=l1", f"model={folder}", "prune.ratio=1.0"], run_dir=tmp_path / "run")
