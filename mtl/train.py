@@ -390,5 +390,6 @@ def run(overrides: list[str] | None = None, run_dir: str | Path | None = None) -
     ``outputs/`` without the variable, as the CLI's; a ``hydra.run.dir=`` override names it too).
     Returns the run folder (a Path: ``model/``, ``metrics.json``, ... inside)."""
     from mtl.cli.in_process import run_in_process
+    from mtl.cli.train import check_inputs
 
-    return run_in_process(train, ("mtl.configs",), "train", overrides, run_dir)[1]
+    return run_in_process(train, ("mtl.configs",), "train", overrides, run_dir, check=check_inputs)[1]

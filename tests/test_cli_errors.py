@@ -139,6 +139,29 @@ def test_an_init_from_folder_with_nan_weights_is_refused_before_the_run_folder(m
     assert runs == [] and not (tmp_path / "outputs").exists()
 
 
+def test_mtl_train_run_refuses_nan_init_from_weights_as_the_cli_does(monkeypatch, tmp_path):
+    """The in-process twin never ran the CLI's check: it left a FAILED run folder and a message without
+    'init_from:'."""
+    from safetensors.torch import load_file, save_file
+
+    import mtl
+    import mtl.train
+
+    folder = mtl.save_model(mtl.create_model(["depth"], backbone="test_resnet", decoder={"name": "hps", "channels": 8}),
+                            tmp_path / "nanf")
+    state = load_file(folder / "model.safetensors")
+    state["backbone.body.conv1.0.weight"].view(-1)[0] = float("nan")
+    save_file(state, folder / "model.safetensors")
+    monkeypatch.setenv("MTL_OUTPUT_DIR", str(tmp_path / "outputs"))
+    want = rf"^init_from: {folder / 'model.safetensors'}: key 'backbone.body.conv1.0.weight' holds NaN or infinite"
+    with pytest.raises(mtl.io.ModelFolderError, match=want):
+        mtl.train.run(["debug=smoke", "logger=none", f"init_from={folder}"])
+    assert not (tmp_path / "outputs").exists()
+    with pytest.raises(mtl.io.ModelFolderError, match=want):
+        mtl.train.run(["debug=smoke", "logger=none", f"init_from={folder}"], run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_model_file_as_ckpt_path_is_named_for_what_it_is(monkeypatch, tmp_path, capfd):
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"{}")

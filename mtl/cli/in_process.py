@@ -121,11 +121,12 @@ def check_single_job(overrides: Sequence[str]) -> None:
 
 
 def run_in_process(job: Callable[[Any, Path], Any], config_modules: Sequence[str], config_name: str,
-                   overrides, run_dir=None) -> tuple[Any, Path]:
+                   overrides, run_dir=None, check: Callable[[Any], None] | None = None) -> tuple[Any, Path]:
     """A CLI's in-process twin (``mtl.train.run``, ``merging.job.run``, ...): the CLI's checks (a group
-    option that does not exist named with the valid ones, unset ``???`` values), then ``job(cfg, run_dir)``
-    with the CLI's failure marking; returns ``(what job returns, run_dir)``. ``config_modules``: the
-    app's config package first, then the packages its groups come from."""
+    option that does not exist named with the valid ones, unset ``???`` values, and ``check(cfg)``: the
+    job's inputs, as the CLI's ``run_job(check=...)``), then ``job(cfg, run_dir)`` with the CLI's failure
+    marking; returns ``(what job returns, run_dir)``. ``config_modules``: the app's config package first,
+    then the packages its groups come from. A refusal before the job leaves no new run folder."""
     if isinstance(overrides, str):  # list("debug=smoke") would be read as overrides 'd', 'e', ...
         raise TypeError(f"overrides must be a list of strings such as ['debug=smoke'], got the string {overrides!r}")
     overrides = list(overrides or [])
@@ -143,6 +144,8 @@ def run_in_process(job: Callable[[Any, Path], Any], config_modules: Sequence[str
         with removes_unused_folder(run_dir, made):
             check_overrides(cfg, overrides, config_modules)  # before the folder is touched, as the CLI checks
             check_required(cfg)
+            if check is not None:
+                check(cfg)
             with leaves_process_state(), marks_failure(run_dir, made is not None), claims_run_folder(run_dir, _rank0(), "run_dir="):
                 return job(cfg, run_dir), Path(run_dir)
     except KeyboardInterrupt as e:
