@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from mtl.io import TALL_STORE_FILE
+from mtl.registry import check_bool
 
 from .engine import KeyOptions, open_context, torch_threads
 from .methods import SELECTS
@@ -156,6 +157,7 @@ def check_store_output(out, inputs: Sequence[Path], overwrite: bool) -> None:
     `overwrite` above all, would destroy or alter an input model), and no store there unless `overwrite`."""
     from mtl.io import check_output_apart
 
+    check_bool("overwrite", overwrite)
     check_output_apart(Path(out), list(inputs))
     path, _ = resolve_output(out, STORE_FILE)
     if path.exists() and not overwrite:
@@ -218,6 +220,7 @@ def write_tall_store(
     """
     if select not in SELECTS:
         raise ValueError(f"select must be one of {SELECTS}, got {select!r}")
+    check_bool("include_task_keys", include_task_keys)
     opts, rest = KeyOptions.split(dict(key_options))
     if rest:
         raise TypeError(f"write_tall_store: unknown option(s) {', '.join(sorted(rest))}")

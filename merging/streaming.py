@@ -21,6 +21,7 @@ from typing import Any, BinaryIO
 import torch
 
 from mtl.io import atomic_path, holds_user_files, read_json
+from mtl.registry import check_bool
 
 from .engine import KeyOptions, open_context, produce, torch_threads
 from .kernels import DEFAULT_CHUNK, Chunks, Streamed, chunked_streams, fused_kernel
@@ -169,6 +170,10 @@ def merge_to_file(
     torch's thread count); memory bounded by the chunk, identical results);
     `fused=False`, and every other method, uses the whole-tensor kernels.
     """
+    for key, value in (("overwrite", overwrite), ("fsync", fsync), ("fused", fused)):
+        check_bool(key, value)  # bool("no") is True: a text "no" would replace an existing output
+    if copy_files is not None:
+        check_bool("copy_files", copy_files)
     hf_folder = Path(out).suffix != ".safetensors" and (
         shard_size is not None or bool(copy_files) or (copy_files is None and _is_hf_folder(pretrained)))
     if shard_size is not None and not hf_folder:

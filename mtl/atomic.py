@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from mtl.registry import check_bool
+
 __all__ = ["atomic_path", "make_parents", "remove_empty", "alive"]
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
     at `path` (dangling or not) is the output's name: the link itself is replaced, its target never written.
     `path` is made absolute first, so that "." or "sub/.." name a folder like any other.
     """
+    check_bool("overwrite", overwrite)
     path = Path(os.path.abspath(path))
     _remove_stale_temps(path)  # first: a killed writer's only copy of `path` is put back before anything looks
     if path.exists() and not overwrite:

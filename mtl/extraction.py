@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from mtl.io import is_plain_json, require_model
+from mtl.registry import check_bool
 
 
 def extract(model: nn.Module, *args: Any, out: str | os.PathLike | None = None, overwrite: bool = False,
@@ -26,6 +27,7 @@ def extract(model: nn.Module, *args: Any, out: str | os.PathLike | None = None, 
     given, the ``run_dir`` that made it (mtl-extract's run folder, which model cards name). The model is left as
     it was (weights, every module's train/eval mode) and so are torch's random streams."""
     require_model(model, "extract")
+    check_bool("overwrite", overwrite)
     if args:
         kwargs = _as_keywords(model, args, kwargs)
     check_request(model, kwargs)

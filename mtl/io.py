@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mtl.atomic import PERMISSION_ERRNOS, STORAGE_ERRNOS, atomic_path
+from mtl.registry import check_bool
 from mtl.folder_checks import (FORMAT, INIT_ONLY, JSON_ERRORS, ModelFolderError, check_header, config_record,  # noqa: F401
                                initial_weight_source, warn_if_newer)  # (FORMAT, INIT_ONLY, ModelFolderError: re-exported)
 
@@ -228,6 +229,7 @@ def save_model(model, path: str | os.PathLike, meta: dict[str, Any] | None = Non
     from mtl import __version__
     from mtl.models.surgery import model_config
 
+    check_bool("overwrite", overwrite)  # bool("no") is True: a text "no" would replace an existing folder
     path = Path(path)
     if not isinstance(getattr(model, "config", None), dict):
         raise not_a_model("save_model", model, "an mtlkit model (mtl.create_model, mtl.load_model, a merged, pruned "

@@ -41,3 +41,14 @@ def test_extract_leaves_rng_weights_and_modes_as_they_were(family, modes):
     assert {n: m.training for n, m in model.named_modules()} == flags
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in state.items())
+
+
+def test_a_text_overwrite_is_refused_before_anything_is_extracted_or_written(tmp_path):
+    """bool("no") is True: extract(..., out=existing, overwrite="no") replaced the existing folder."""
+    model = _slim()
+    out = tmp_path / "sub"
+    mtl.extract(model, widths={"encoder": 0.5}, out=out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ValueError, match="^overwrite must be true or false, got 'no'$"):
+        mtl.extract(model, widths={"encoder": 0.25}, out=out, overwrite="no")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -101,3 +101,27 @@ def test_a_multitask_model_takes_its_backbone_by_name():
     from mtl.tasks import create_task
 
     assert MultiTaskModel([create_task("depth")], "test_resnet").config["backbone"]["name"] == "test_resnet"
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder): (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("writer", ["save_model", "export", "atomic_path"])
+def test_a_text_overwrite_is_refused_not_taken_as_true(tiny_model, tmp_path, writer):
+    """bool("no") is True: overwrite="no" replaced the existing output."""
+    from mtl.io import atomic_path
+
+    source = mtl.save_model(tiny_model, tmp_path / "m")
+    out = source if writer != "export" else mtl.export(source, "folder", out=tmp_path / "exported")
+    before = _snapshot(out)
+    with pytest.raises(ValueError, match="^overwrite must be true or false, got 'no'$"):
+        if writer == "save_model":
+            mtl.save_model(tiny_model, out, overwrite="no")
+        elif writer == "export":
+            mtl.export(source, "folder", out=out, overwrite="no")
+        else:
+            with atomic_path(out, overwrite="no"):
+                pass
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m"] + (["exported"] if writer == "export" else []))

@@ -15,7 +15,7 @@ from torch import nn
 
 from mtl.io import (atomic_path, check_output_apart, holds_user_files, load_model, read_json, read_model_config,
                     write_json)
-from mtl.registry import Registry
+from mtl.registry import Registry, check_bool
 
 #: format name -> ``fn(source, out_dir, tasks, **options) -> report dict`` (writes into out_dir)
 EXPORTERS: "Registry[Callable[..., dict[str, Any]]]" = Registry("export format")
@@ -170,6 +170,7 @@ def export(
     if not isinstance(model, (str, os.PathLike, nn.Module)):
         raise TypeError(f"export: model must be a model folder (a path) or a loaded mtlkit model, "
                         f"got {type(model).__name__}")
+    check_bool("overwrite", overwrite)  # bool("no") is True: a text "no" would replace an existing output
     fn = check_format_options(format, options)
     if out is None:
         raise ValueError("export needs an output folder: out=<path>")

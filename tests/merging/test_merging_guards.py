@@ -23,6 +23,40 @@ def test_merge_to_file_never_writes_onto_or_into_an_input_folder(tmp_path):
     assert not (ft_dirs[0] / "sub").exists()
 
 
+@pytest.mark.parametrize("writer", ["merge_to_file", "write_tall_store", "TallMasks.save"])
+def test_a_text_overwrite_is_refused_not_taken_as_true(tmp_path, writer):
+    """bool("no") is True: merge_to_file(..., overwrite="no") replaced the existing output."""
+    pre, fts = make_models(T=2, seed=3)
+    pre_dir, ft_dirs = save_models(tmp_path, pre, fts)
+    out = tmp_path / "out"
+    if writer == "merge_to_file":
+        written = merging.merge_to_file("task_arithmetic", pre_dir, ft_dirs, out, lam=0.3)
+        call = lambda ow: merging.merge_to_file("task_arithmetic", pre_dir, ft_dirs, out, lam=0.3, overwrite=ow)
+    elif writer == "write_tall_store":
+        written = merging.write_tall_store(pre_dir, ft_dirs, out)
+        call = lambda ow: merging.write_tall_store(pre_dir, ft_dirs, out, overwrite=ow)
+    else:
+        tall = merging.tall_masks(pre_dir, ft_dirs)
+        written = tall.save(out)
+        call = lambda ow: tall.save(out, overwrite=ow)
+    before = (written.read_bytes(), written.stat().st_mtime_ns)
+    for bad in ("no", "false", 0):
+        with pytest.raises(ValueError, match=f"^overwrite must be true or false, got {bad!r}$"):
+            call(bad)
+    assert (written.read_bytes(), written.stat().st_mtime_ns) == before
+    assert sorted(p.name for p in out.iterdir()) == [written.name]
+
+
+def test_merge_to_file_switches_must_be_bools(tmp_path):
+    pre, fts = make_models(T=2, seed=3)
+    for key in ("fused", "fsync", "copy_files"):
+        with pytest.raises(ValueError, match=f"^{key} must be true or false, got 'no'$"):
+            merging.merge_to_file("task_arithmetic", pre, fts, tmp_path / "out.safetensors", lam=0.3, **{key: "no"})
+    with pytest.raises(ValueError, match="^include_task_keys must be true or false, got 'no'$"):
+        merging.write_tall_store(pre, fts, tmp_path / "store", include_task_keys="no")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_tall_result_saves_under_the_models_own_names(tmp_path):
     pre, fts = make_models(T=2, seed=2)
     pre_dir, ft_dirs = save_models(tmp_path, pre, fts)
