@@ -134,10 +134,11 @@ class SafetensorsSource(StateSource):
         self.path = Path(path)
         self.label = str(self.path)
         header, self._data_start = _read_safetensors_header(self.path)
-        self.metadata = header.pop("__metadata__", None) or {}
-        if not isinstance(self.metadata, dict) or not all(isinstance(v, str) for v in self.metadata.values()):
+        meta = header.pop("__metadata__", None)  # absent or null: none (as safe_open); [], 0, false, "" are refused
+        if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
             raise MergeInputError(f"{path}: not a valid safetensors file: its header's __metadata__ must be an object "
-                                  f"mapping names to strings, got {json.dumps(self.metadata)[:80]}")
+                                  f"mapping names to strings, got {json.dumps(meta)[:80]}")
+        self.metadata = meta or {}
         self._infos: dict[str, TensorInfo] = {}
         self._offsets: dict[str, tuple[int, int]] = {}
         for k, v in header.items():

@@ -379,7 +379,7 @@ def _raw_safetensors(path, header, data: bytes):
     *((f'"__metadata__": {meta}, "a": {{"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, '
        '"b": {"dtype": "F32", "shape": [4], "data_offsets": [16, 32]}', b"",
        r"not a valid safetensors file: its header's __metadata__ must be an object mapping names to strings")
-      for meta in ('"x"', "5", '{"k": 5}')),
+      for meta in ('"x"', "5", '{"k": 5}', "[]", "0", "false", '""')),  # falsy ones were taken for {}
 ])
 def test_a_malformed_safetensors_header_is_refused_by_every_reader(tmp_path, entries, extra, why):
     """Offsets that would hand one tensor another's (or the header's) bytes: refused naming the file and
