@@ -261,18 +261,20 @@ def test_a_switch_that_is_not_a_bool_is_refused_before_the_output_is_touched(con
     finishes()
     before, runs = snapshot(), run_folders()
     capfd.readouterr()
-    for value, shown in (("no", "'no'"), ("maybe", "'maybe'"), ("1", "1")):
+    for value, shown in (("no", "'no'"), ("maybe", "'maybe'"), ("2", "2"), ("1.0", "1.0")):
         code, _ = console(cli, *args, f"overwrite={value}")
         err = capfd.readouterr().err.strip()
         assert code == 1 and err == f"error: overwrite must be true or false, got {shown}", err
     monkeypatch.setenv("OVW", "false")  # an environment variable's text: read as the bool, so the output is kept
-    code, _ = console(cli, *args, "overwrite=${oc.env:OVW}")
-    assert code == 1 and "exists; pass overwrite=true to replace it" in capfd.readouterr().err
+    for value in ("${oc.env:OVW}", "0"):  # Hydra's int 0 is false too, as before switches were checked
+        code, _ = console(cli, *args, f"overwrite={value}")
+        assert code == 1 and "exists; pass overwrite=true to replace it" in capfd.readouterr().err
     assert snapshot() == before and run_folders() == runs  # no output replaced, no run folder
     monkeypatch.setenv("OVW", "TRUE")
     finishes("overwrite=${oc.env:OVW}")
     finishes("overwrite=true")
-    assert len(run_folders()) == len(runs) + 2
+    finishes("overwrite=1")
+    assert len(run_folders()) == len(runs) + 3
 
 
 @pytest.mark.parametrize("cli, args, key", [
@@ -285,11 +287,21 @@ def test_a_switch_that_is_not_a_bool_is_refused_before_the_output_is_touched(con
 def test_a_switch_of_a_shared_group_is_a_bool_too(console, capfd, cli, args, key):
     """The shared groups' switches were read with a truth test too: ``balancer.skip_nonfinite=no`` skipped NaN steps,
     ``merge.clamp=no`` clamped. Refused in one line before any run folder; the text true/false is its bool."""
-    for value, shown in (("no", "'no'"), ("off", "'off'"), ("0", "0")):
+    for value, shown in (("no", "'no'"), ("off", "'off'"), ("2", "2"), ("0.0", "0.0")):
         code, out = console(cli, *args, f"{key}={value}")
         err = capfd.readouterr().err.strip()
         assert code == 1 and err == f"error: {key} must be true or false, got {shown}", err
         assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_a_switch_takes_the_ints_1_and_0_as_verbose_does():
+    """overwrite=1 / overwrite=0 (Hydra ints) worked before switches were checked, then were refused."""
+    from mtl.cli.switches import as_switch
+
+    assert [as_switch("k", v) for v in (1, 0, True, False, "TRUE", " false ")] == [True, False, True, False, True, False]
+    for bad in (2, -1, 1.0, 0.0, "1", "yes"):
+        with pytest.raises(ValueError, match=f"^k must be true or false, got {bad!r}$"):
+            as_switch("k", bad)
 
 
 def test_the_switches_of_other_libraries_groups_are_left_to_them():

@@ -1,8 +1,9 @@
 """The on/off switches of a CLI (``overwrite``, ``store``, ``smoke_model``, ``linearize``, ``verbose``...) are
 booleans. Hydra reads ``overwrite=no``, ``overwrite=maybe`` and ``${oc.env:X}`` (always text) as strings, and
 every job reads a switch with a plain truth test, in which any non-empty string is true: ``overwrite=no`` would
-replace an existing output. So each switch is checked once, before the run folder is touched: true, false or
-the text ``true``/``false`` (any case, as an environment variable gives it; set to the bool), anything else refused.
+replace an existing output. So each switch is checked once, before the run folder is touched: true, false, the
+text ``true``/``false`` (any case, as an environment variable gives it) or the int ``1``/``0`` (as Hydra reads
+``overwrite=1``; ``verbose`` takes them too), set to the bool; anything else (another int, a float) refused.
 """
 from __future__ import annotations
 
@@ -19,9 +20,12 @@ OWN_GROUPS = ("backbone", "balancer", "data", "decoder", "merge", "prune", "stra
 
 
 def as_switch(key: str, value: Any) -> bool:
-    """``value`` as a bool: True, False, or the text "true"/"false" in any case; anything else is refused."""
+    """``value`` as a bool: True, False, the text "true"/"false" in any case, or the int 1/0; anything else is
+    refused."""
     if isinstance(value, bool):
         return value
+    if type(value) is int and value in (0, 1):  # Hydra's overwrite=1: an int that cannot be mistaken (not 2, not 1.0)
+        return value == 1
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
     raise ValueError(f"{key} must be true or false, got {value!r}")
