@@ -601,7 +601,8 @@ def test_every_cli_refuses_one_output_for_several_jobs_at_the_sweeps_start(tmp_p
 
 
 @pytest.mark.parametrize("output, refused", [("out", True), ("out_${seed}", True), ("out_${merge.lam}", False),
-                                             ("out_${hydra:job.num}", False), (None, False)])
+                                             ("out_${hydra:job.num}", False), (None, False),
+                                             ("${hydra:runtime.output_dir}/m", False), ("${paths.output_dir}/m", False)])
 def test_the_sweep_start_compares_the_jobs_resolved_outputs(output, refused):
     """Each job's output as its own composed config resolves it: a fixed folder, or an interpolation alike for every
     job, would be written by both jobs; one of the swept value or of the job's number differs, and null is each

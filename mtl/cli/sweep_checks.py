@@ -126,9 +126,10 @@ def shared_output_problem(config: DictConfig) -> str | None:
     if "output" not in swept and "${" not in str(raw):
         return _shared_output_message(config, raw, swept, (0, 1), os.path.abspath(str(raw)))
     seen: dict[str, int] = {}
+    sweep_dir = _sweep_dir(config)
     for num, overrides in enumerate(jobs):
         try:
-            path = _job_output(config, overrides, num)
+            path = _job_output(config, overrides, num, sweep_dir)
         except Exception:  # noqa: BLE001  (a job that cannot compose names its own error, as it did)
             return None
         if path is not None and path in seen:
@@ -150,8 +151,9 @@ def _basic_sweep_jobs(config: DictConfig) -> list[list[str]] | None:
     return BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(given), None)[0]
 
 
-def _job_output(config: DictConfig, overrides: list[str], num: int) -> str | None:
-    """Job `num`'s ``output``, resolved in its own config (``${hydra:job.num}`` included), as an absolute path."""
+def _job_output(config: DictConfig, overrides: list[str], num: int, sweep_dir: str) -> str | None:
+    """Job `num`'s ``output``, resolved in its own config (``${hydra:job.num}`` and ``${hydra:runtime.output_dir}``,
+    the job's own folder, included), as an absolute path."""
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
@@ -159,6 +161,8 @@ def _job_output(config: DictConfig, overrides: list[str], num: int) -> str | Non
     job = GlobalHydra.instance().config_loader().load_sweep_config(config, list(overrides))
     with open_dict(job):
         job.hydra.job.id = job.hydra.job.num = num
+        # set only when the job runs (None here): the job's own folder, as the launcher makes it
+        job.hydra.runtime.output_dir = os.path.join(sweep_dir, str(job.hydra.sweep.subdir))
     hydra, saved = HydraConfig.instance(), HydraConfig.instance().cfg
     hydra.set_config(job)
     try:
@@ -166,6 +170,15 @@ def _job_output(config: DictConfig, overrides: list[str], num: int) -> str | Non
     finally:
         hydra.cfg = saved
     return None if value is None else os.path.abspath(str(value))
+
+
+def _sweep_dir(config: DictConfig) -> str:
+    """The sweep's folder, resolved once as Hydra resolves it (a time stamp in it is read once per sweep); where it
+    does not resolve yet, a stand-in: what matters is that each job's folder under it is its own."""
+    try:
+        return str(config.hydra.sweep.dir)
+    except Exception:  # noqa: BLE001  (a resolver the CLI registers later)
+        return os.path.join(os.getcwd(), "<sweep folder>")
 
 
 def _shared_output_message(config: DictConfig, raw: Any, swept: set[str], jobs: tuple[int, int], path: str) -> str:
