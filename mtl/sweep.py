@@ -103,6 +103,15 @@ def check_monitors(cfg, metric_names: Mapping[str, Any], directions: Mapping[str
         if str(monitor).startswith("train/") and str(monitor).endswith("/loss_epoch") and monitor not in train_epoch:
             raise KeyError(f"callbacks.{name}.monitor={monitor!r} is not logged; logged epoch means: "
                            f"{', '.join(train_epoch)}")
+        if str(monitor).startswith("train/"):
+            # read at the training epoch's end: Lightning saves at validation's end when validation is not every
+            # epoch (check_val_every_n_epoch > 1, val_check_interval), where it would find the last epoch's mean
+            if hasattr(cb, "get") and cb.get("save_on_train_epoch_end") is False:
+                raise ValueError(f"callbacks.{name}.monitor={monitor!r} is an epoch mean of training, known at the "
+                                 f"training epoch's end: callbacks.{name}.save_on_train_epoch_end must not be false")
+            if hasattr(cb, "get"):
+                with open_dict(cb):
+                    cb["save_on_train_epoch_end"] = True
         if not str(monitor).startswith("val/"):
             if directions is not None and "mode" in cb and cb.get("mode") is None:
                 # another split's value (train/loss_epoch, ...): a loss is minimised; other names have no known direction

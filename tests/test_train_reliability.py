@@ -308,6 +308,12 @@ def test_a_training_loss_is_monitored_by_its_epoch_mean_not_its_last_batch():
         cfg.callbacks.model_checkpoint.monitor = mean
         check_monitors(cfg, names, directions)
         assert cfg.callbacks.model_checkpoint.mode == "min"
+        # saved at the training epoch's end, where the mean is known (Lightning would save at validation's end when
+        # validation is not every epoch, and read the previous epoch's mean)
+        assert cfg.callbacks.model_checkpoint.save_on_train_epoch_end is True
+        cfg.callbacks.model_checkpoint.save_on_train_epoch_end = False
+        with pytest.raises(ValueError, match=r"save_on_train_epoch_end must not be false"):
+            check_monitors(cfg, names, directions)
     cfg = OmegaConf.create({"callbacks": {"model_checkpoint": {"monitor": "train/normals/loss_epoch", "mode": None}}})
     with pytest.raises(KeyError, match=r"'train/normals/loss_epoch' is not logged; logged epoch means: train/loss_epoch, "
                                        r"train/semseg/loss_epoch, train/depth/loss_epoch"):
@@ -315,13 +321,17 @@ def test_a_training_loss_is_monitored_by_its_epoch_mean_not_its_last_batch():
 
 
 @pytest.mark.slow
-def test_monitor_train_loss_epoch_keeps_the_epoch_with_the_lowest_mean_training_loss(tmp_path):
+@pytest.mark.parametrize("every", [1, 2])
+def test_monitor_train_loss_epoch_keeps_the_epoch_with_the_lowest_mean_training_loss(tmp_path, every):
+    """Also with validation every second epoch, where Lightning saved at validation's end and scored each
+    checkpoint with the previous epoch's mean."""
     import csv
 
     import torch
 
     run(FAST + ["task=[semseg,depth]", "trainer.max_epochs=3", "logger=csv", "callbacks.model_checkpoint.save_top_k=-1",
-                "callbacks.model_checkpoint.monitor=train/loss_epoch"], run_dir=tmp_path / "r")
+                "callbacks.model_checkpoint.monitor=train/loss_epoch", f"+trainer.check_val_every_n_epoch={every}"],
+        run_dir=tmp_path / "r")
     (log,) = (tmp_path / "r" / "csv").rglob("metrics.csv")
     steps = {}
     for r in csv.DictReader(open(log)):
@@ -334,7 +344,9 @@ def test_monitor_train_loss_epoch_keeps_the_epoch_with_the_lowest_mean_training_
         (score,) = [s["current_score"] for s in state.values() if s.get("monitor") == "train/loss_epoch"]
         assert float(score) == pytest.approx(mean, rel=1e-5), epoch
     m = json.loads((tmp_path / "r" / "metrics.json").read_text())
-    assert m["val_epoch"] == min(means, key=means.get)
+    best = min(means, key=means.get)
+    assert m["best_checkpoint"].endswith(f"epoch{best:03d}.ckpt")
+    assert m["val_epoch"] == (best if best % every == every - 1 else "last")  # an epoch without validation: "last"
 
 
 def test_checkpoints_without_a_monitor_fill_in_the_unused_mode_and_refuse_a_ranking():
