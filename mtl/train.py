@@ -1,6 +1,8 @@
 """The training job behind ``mtl-train``: data -> tasks -> model -> Lightning -> run folder."""
 from __future__ import annotations
 
+import copy
+
 import gc
 import logging
 import pickle
@@ -178,7 +180,13 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     # data.<key> and task.<name>.<option> (names and types) too, before the run folder is written; a class count
     # left to the data is read once the data exists (2 stands in for it here)
     check_datamodule(**OmegaConf.to_container(cfg.data, resolve=True))
-    build_tasks(cfg, default_classes=2)
+    tasks = build_tasks(cfg, default_classes=2)
+    # the checkpoint monitors and the objective against the tasks' metric names (no data needed), on a copy: the
+    # run's config.yaml records the settings as given; they are checked (and filled in) again on the built module
+    names = {t.name: list(t.metrics()) for t in tasks}
+    directions = {t.name: dict(t.directions) for t in tasks}
+    check_objective(copy.deepcopy(cfg), names, directions)
+    check_monitors(copy.deepcopy(cfg), names, directions)
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank0:
         set_aside_failed_attempt(run_dir, cfg.get("ckpt_path"))

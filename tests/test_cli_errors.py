@@ -39,7 +39,6 @@ def run_main(monkeypatch, tmp_path, *overrides):
     ('decoder.channels="16"', "decoder.channels must be int, got '16' (str)"),
     ("+decoder.chanels=16", "unknown setting decoder.chanels (did you mean decoder.channels?); the settings here are: "
                             "channels, norm, head,"),
-    ("optimized_metric=val/depth/nope", "optimized_metric='val/depth/nope' is not logged; logged: "),  # before training
     ("baselines.variant=bogus", "baselines.variant='bogus' is not a Δm variant; valid names: primary, all, flat"),
     # a balancer's range error names the full key, as the finiteness check does
     ("balancer=dwa balancer.temperature=-1", "dwa: balancer.temperature must be > 0, got -1"),
@@ -78,6 +77,12 @@ def test_error_after_composition_is_one_line_and_marks_the_run_failed(monkeypatc
                           "n_train, n_val,"),
     # merged by Hydra into {depth, semseg} without a word
     ("task=[depth,semseg,depth]", "task 'depth' is named twice in 'task=[depth,semseg,depth]'; name each task once"),
+    # checked against the built module only, after a FAILED folder
+    ("optimized_metric=val/depth/nope", "optimized_metric='val/depth/nope' is not logged; logged: "),
+    ("callbacks.model_checkpoint.monitor=val/depth/nope", "callbacks.model_checkpoint.monitor='val/depth/nope' is not "
+                                                           "logged; logged: val/loss,"),
+    ("callbacks.model_checkpoint.monitor=train/loss", "callbacks.model_checkpoint.monitor='train/loss' is logged per "
+                                                       "step"),
 ])
 def test_a_setting_refused_before_the_run_accepts_its_folder_leaves_none(monkeypatch, tmp_path, capfd, override, expected):
     """Refused before config.yaml is written: no FAILED folder without a record of what was asked."""
