@@ -325,3 +325,19 @@ def test_a_runs_hydra_config_loads_with_plain_omegaconf(tmp_path, monkeypatch, m
         assert found["cache"] == str(Path.home() / ".cache" / "mtlkit")
     if name == "train":
         assert "data.cache_dir" not in found["bad"]
+
+
+def test_releasing_a_claim_leaves_one_of_the_same_pid_on_another_host(tmp_path):
+    """A run folder's claim is {pid, host, start}: on a shared file system another host's process may have this pid,
+    and releasing only by pid removed its claim."""
+    import json
+
+    from mtl.cli.failures import release
+
+    marker = tmp_path / ".running"
+    marker.write_text(json.dumps({"pid": os.getpid(), "host": "another-host", "start": "1"}))
+    release(marker)
+    assert marker.exists()
+    marker.write_text(json.dumps({"pid": os.getpid()}))  # an older marker (a bare pid claim): this process's
+    release(marker)
+    assert not marker.exists()

@@ -291,8 +291,9 @@ def _lock(fd: int) -> None:
 
 
 def release(marker: Path) -> None:
+    """Remove this process's claim; another's (also one of the same pid on another host) stays."""
     owner = owner_of(marker)
-    if owner is not None and owner["pid"] == os.getpid():
+    if owner is not None and owner["pid"] == os.getpid() and owner.get("host") in (None, _HOST):
         marker.unlink(missing_ok=True)
 
 
