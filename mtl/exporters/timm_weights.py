@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 
 from mtl.exporters.api import EXPORTERS, ExportError, Source, trained_image_size
 from mtl.io import safetensors_os_error, usual_permissions
-from mtl.models.backbone_weights import flat_key
+from mtl.models.backbone_weights import plain_name
 from mtl.models.backbones import INIT_ONLY
 from mtl.models.multitask import IMAGENET_MEAN, IMAGENET_STD
 from mtl.modes import eval_mode
@@ -122,21 +122,8 @@ def export_timm(source: Source, out: Path, tasks: list[str], seed: int = 0) -> d
 
 
 def _plain_keys(target: dict[str, torch.Tensor]):
-    """Map a features_only key to the plain model's: as it is, without a ViT feature getter's ``model.``
-    prefix, or read with '_' as '.' (timm's feature wrappers flatten ``stages.0`` into a child ``stages_0``:
-    ConvNeXt, CSP, ByobNet, DenseNet, Swin, ...), when that reading names one plain key."""
-    flat: dict[str, list[str]] = {}
-    for k in target:
-        flat.setdefault(flat_key(k), []).append(k)
-
-    def plain_key(key: str) -> str | None:
-        key = key if key in target else key.removeprefix("model.")
-        if key in target:
-            return key
-        found = flat.get(flat_key(key), [])
-        return found[0] if len(found) == 1 else None
-
-    return plain_key
+    """Map a features_only key to the plain model's (``target``'s): `plain_name`."""
+    return lambda key: plain_name(key, target)
 
 
 def untrained_modules(plain: torch.nn.Module, keys: list[str]) -> list[str]:

@@ -15,39 +15,75 @@ _SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shap
                             r"checkpoint, the shape in current model is torch\.Size\(\[([^\]]*)\]\)")
 
 
-def flat_key(key: str) -> str:
-    """A key with '_' read as '.': timm's feature wrappers name a flattened ``stages.0`` child ``stages_0``,
-    so both sides are compared in this form."""
-    return key.replace("_", ".")
-
-
-def _plain(body_key: str) -> str:
-    """A features_only key as the plain model names it (a ViT's feature getter holds it as ``model``)."""
-    return flat_key(body_key.removeprefix("model."))
-
-
 def missing_from_file(body: nn.Module, name: str, path: str, kwargs: dict[str, Any]) -> None:
     """Refuse a checkpoint file that lacks a tensor ``body`` (the features_only model) needs, in one line
     naming the file, how many are missing and the first. Keys are read as timm reads them (``module.``
-    stripped, EMA or ``state_dict`` picked); a file in a layout timm's own filter converts (OpenCLIP, DINOv2,
-    ...) is judged after that conversion."""
+    stripped, EMA or ``state_dict`` picked) and matched exactly, as timm loads them into the plain model (its
+    feature wrapper's ``stages_0`` is ``stages.0`` there); a file in a layout timm's own filter converts
+    (OpenCLIP, DINOv2, ...) is judged after that conversion."""
     from timm.models import load_state_dict
 
     if (getattr(body, "pretrained_cfg", None) or {}).get("custom_load"):
         return  # the model's own loader (e.g. a JAX .npz) reads the file: its names are not a state dict's
-    needed = [k for k in body.state_dict() if not k.endswith(_FILLED_BY_TORCH)]
+    plain = _plain_model(name, kwargs, "meta")
+    names = plain_names(body, plain.state_dict())
+    needed = list(names.values())
     file_keys = list(load_state_dict(path))
     missing = _not_covered(needed, file_keys)
     if missing and _not_covered(needed, _converted_keys(name, path, kwargs)):
-        first, hint = missing[0].removeprefix("model."), _prefix_hint(missing[0], file_keys)
+        first = missing[0]
+        hint = _features_hint(names, file_keys, name) or _prefix_hint(first, file_keys)
         raise ValueError(f"backbone.checkpoint_path={path}: the file lacks {len(missing)} of the {len(needed)} tensors "
                          f"timm's {name!r} features need (first: {first}; the file has {len(file_keys)} keys, "
                          f"e.g. {file_keys[0] if file_keys else '(none)'}){hint}")
 
 
+def plain_names(body: nn.Module, plain_keys: Any) -> dict[str, str]:
+    """Each tensor of ``body`` (a features_only model) the file must hold, mapped to its name in timm's plain model."""
+    plain = set(plain_keys)
+    return {k: plain_name(k, plain) or k.removeprefix("model.") for k in body.state_dict() if not k.endswith(_FILLED_BY_TORCH)}
+
+
+def plain_name(key: str, plain: set[str] | dict[str, Any]) -> str | None:
+    """A features_only model's key as timm's plain model (keys ``plain``) names it, None if it has none: a ViT's
+    feature getter holds it under ``model.``, and a flattened Sequential child ``stages_0`` is ``stages.0`` (timm
+    joins the two names with '_'; which '_' it was is read off the plain model's own keys)."""
+    key = key if key in plain else key.removeprefix("model.")
+    first, dot, rest = key.partition(".")
+    joined = (first[:i] + "." + first[i + 1:] + dot + rest for i, c in enumerate(first) if c == "_")
+    return next((k for k in (key, *joined) if k in plain), None)
+
+
 def _not_covered(needed: list[str], file_keys: list[str]) -> list[str]:
-    have = {flat_key(k) for k in file_keys}
-    return [k for k in needed if _plain(k) not in have]
+    have = set(file_keys)
+    return [k for k in needed if k not in have]
+
+
+def _plain_model(name: str, kwargs: dict[str, Any], device: str) -> nn.Module:
+    """timm's plain model (the one a file is loaded into before the features wrapper), on ``device``; a model whose
+    construction needs real tensors (``.item()`` in its __init__) is built on the CPU instead of "meta"."""
+    import timm
+    import torch
+
+    kw = {k: v for k, v in kwargs.items() if k != "pretrained_cfg_overlay"}
+    try:
+        with torch.device(device):
+            return timm.create_model(name, pretrained=False, **kw)
+    except Exception:
+        if device == "cpu":
+            raise
+        return _plain_model(name, kwargs, "cpu")
+
+
+def _features_hint(names: dict[str, str], file_keys: list[str], name: str) -> str:
+    """Say so when the file's keys are a features_only model's (``stem_0.weight`` for timm's ``stem.0.weight``)."""
+    have = set(file_keys)
+    flat = next(((k, p) for k, p in names.items() if k != p and k in have and p not in have), None)
+    if flat is None:
+        return ""
+    return (f"; its keys look like a features-only state dict ({flat[0]!r} where timm's {name!r} has {flat[1]!r}, "
+            "which timm does not load): save the plain model's state_dict instead, with the names "
+            f"timm.create_model({name!r}).state_dict() has")
 
 
 def _converted_keys(name: str, path: str, kwargs: dict[str, Any]) -> list[str]:
@@ -59,7 +95,7 @@ def _converted_keys(name: str, path: str, kwargs: dict[str, Any]) -> list[str]:
     convert = getattr(inspect.getmodule(timm.models.model_entrypoint(name)), "checkpoint_filter_fn", None)
     if convert is None:
         return []
-    plain = timm.create_model(name, pretrained=False, **{k: v for k, v in kwargs.items() if k != "pretrained_cfg_overlay"})
+    plain = _plain_model(name, kwargs, "cpu")  # a converter may read the model's tensors
     try:
         return list(convert(load_state_dict(path), plain))
     except Exception:  # a converter meeting a file it was not written for: the file's own names stand
@@ -68,8 +104,8 @@ def _converted_keys(name: str, path: str, kwargs: dict[str, Any]) -> list[str]:
 
 def _prefix_hint(key: str, file_keys: list[str]) -> str:
     """Say so when the file holds the key under a prefix (an mtlkit folder's ``backbone.body.``)."""
-    tail = "." + _plain(key)
-    prefixed = next((k for k in file_keys if ("." + flat_key(k)).endswith(tail)), None)
+    tail = "." + key
+    prefixed = next((k for k in file_keys if ("." + k).endswith(tail)), None)
     if prefixed is None:
         return ""
     prefix = prefixed[: len(prefixed) - len(tail) + 1]
