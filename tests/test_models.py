@@ -183,6 +183,24 @@ def test_a_features_only_state_dict_is_refused_and_a_plain_one_loads_tensor_for_
     assert len(body) == 124 and all(torch.equal(body[k], plain[as_plain[k]]) for k in body)
 
 
+def test_a_checkpoint_file_pickling_more_than_tensors_is_refused_naming_the_key_file_and_global(tmp_path):
+    """A research checkpoint holding a datetime beside its weights gave timm's raw 'weights_only=True blocked ...
+    retry with weights_only=False', naming neither the setting nor the file and advising what runs the file's code."""
+    import datetime
+
+    import timm
+
+    from mtl.models.backbones import TimmBackbone
+
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": timm.create_model("test_resnet").state_dict(), "saved": datetime.datetime(2024, 1, 1)}, path)
+    with pytest.raises(ValueError) as e:
+        TimmBackbone("test_resnet", checkpoint_path=str(path))
+    assert str(e.value) == (f"backbone.checkpoint_path={path}: refused, it needs unpickling beyond tensors and plain data "
+                            "(unsupported GLOBAL datetime.datetime; a weights-only torch.load blocks it); re-save the "
+                            "state dict alone (torch.save(state_dict, file)) or as .safetensors (safetensors.torch.save_file)")
+
+
 def test_pretrained_weights_that_cannot_be_fetched_name_the_key_and_the_way_out(monkeypatch):
     import timm
 

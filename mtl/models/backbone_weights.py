@@ -4,6 +4,7 @@ leave random weights behind a log line. Here every tensor the features need must
 from __future__ import annotations
 
 import inspect
+import pickle
 import re
 from typing import Any
 
@@ -124,3 +125,19 @@ def shape_mismatch(error: Exception, name: str, path: str) -> str | None:
     return (f"backbone.checkpoint_path={path}: {key} has shape ({theirs}) in the file, ({ours}) in timm's {name!r} "
             f"as built ({len(found)} tensor(s) differ in shape; were the weights saved for another variant or "
             "other settings?)")
+
+
+def unpickling_refusal(error: BaseException, path: str) -> str | None:
+    """One line (`mtl.torch_load.torch_load_refusal`'s) for a torch file a weights-only load refused (a pickled
+    datetime or numpy scalar beside the weights; timm re-raises torch's refusal as a RuntimeError advising
+    weights_only=False, which runs the file's code): the file, the blocked global and how to re-save it. None when
+    ``error`` is another one."""
+    from mtl.torch_load import torch_load_refusal
+
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, pickle.UnpicklingError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return None
+    return (torch_load_refusal(f"backbone.checkpoint_path={path}", cause) + "; re-save the state dict alone "
+            "(torch.save(state_dict, file)) or as .safetensors (safetensors.torch.save_file)")

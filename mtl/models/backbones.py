@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from mtl.models.backbone_weights import missing_from_file, shape_mismatch
+from mtl.models.backbone_weights import missing_from_file, shape_mismatch, unpickling_refusal
 from mtl.io import INIT_ONLY  # noqa: F401  (re-exported: the backbone keys a model folder leaves out)
 from mtl.registry import Registry, UnknownNameError, check_bool, check_indices, check_kwargs, closest
 
@@ -95,7 +95,8 @@ class TimmBackbone(nn.Module):
                                 + (f" (did you mean backbone.{close}?)" if close else "")
                                 + f"; the settings here are: {', '.join(OWN_SETTINGS)} and the keyword arguments of "
                                 f"timm's {name!r} ({e})") from None
-            mismatch = shape_mismatch(e, name, checkpoint_path) if checkpoint_path else None
+            mismatch = (shape_mismatch(e, name, checkpoint_path) or unpickling_refusal(e, checkpoint_path)
+                        if checkpoint_path else None)
             if mismatch:
                 raise ValueError(mismatch) from None
             if out_indices is not None and isinstance(e, (IndexError, AssertionError)):
