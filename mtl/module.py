@@ -109,7 +109,8 @@ class MultiTaskModule(L.LightningModule):
     the balancer fills ``.grad``; this module clips, steps and schedules. ``model``: a model or its config
     (a folder is loaded first, with mtl.load_model); ``balancer``: a name (``"uw"``) or ``{"name": ..., **settings}``,
     default ``ew``; ``start``: a fine-tune's start record (`mtl.warm_start.start_record` of its ``init_from``), kept
-    in its checkpoints so that a resume keeps it (and refuses another).
+    in its checkpoints so that a resume keeps it (and refuses another); ``initial_weights``: the backbone's
+    ``checkpoint_path`` / ``pretrained`` it started from (`mtl.warm_start.initial_weights`), kept the same way.
     """
 
     def __init__(
@@ -124,6 +125,7 @@ class MultiTaskModule(L.LightningModule):
         log_weights_every: int = 50,
         strategy: dict[str, Any] | None = None,
         start: dict[str, Any] | None = None,
+        initial_weights: dict[str, Any] | None = None,
     ):
         super().__init__()
         check_optim_values(lr, weight_decay, warmup_ratio, min_lr_ratio, grad_clip)
@@ -137,7 +139,8 @@ class MultiTaskModule(L.LightningModule):
         self.save_hyperparameters(
             {"model": self.model.config, "balancer": balancer, "lr": lr, "weight_decay": weight_decay,
              "warmup_ratio": warmup_ratio, "min_lr_ratio": min_lr_ratio, "grad_clip": grad_clip,
-             "log_weights_every": log_weights_every, "strategy": strategy, "start": start}
+             "log_weights_every": log_weights_every, "strategy": strategy, "start": start,
+             "initial_weights": initial_weights}
         )
         bal = dict(balancer)
         self.balancer: Balancer = create_balancer(bal.pop("name"), list(self.tasks), **bal)

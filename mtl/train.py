@@ -30,7 +30,8 @@ from mtl.torch_load import torch_load_refusal
 from mtl.train_checks import (check_checkpoint, check_eval_splits, check_precision, check_resume_length,
                               check_test_batches, check_trainer, check_validation, finished_run_refusal,
                               read_checkpoint, resume_start, set_aside_failed_attempt, warn_seed_of_resume)
-from mtl.warm_start import folder_architecture, init_from_folder, keep_expansion_point, start_record
+from mtl.warm_start import (INITIAL_WEIGHTS, folder_architecture, init_from_folder, initial_weights, keep_expansion_point,
+                             resume_initial_weights, start_record)
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,9 @@ def build_module(cfg: DictConfig, info: dict[str, Any] | None = None,
         backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
         decoder = OmegaConf.to_container(cfg.decoder, resolve=True)
         if resumes:  # rebuilt as its folder would load (the family's from_config): settings a family
-            # refuses for new models since (task_moe_vit's renormalize=true with top_k=1) load with its warning
+            # refuses for new models since (task_moe_vit's renormalize=true with top_k=1) load with its warning;
+            # with no initial weights (no file read, no Hub asked): the checkpoint's replace them
+            backbone = {k: v for k, v in backbone.items() if k not in INITIAL_WEIGHTS}
             model = create_model(config={"family": family, "tasks": [t.to_config() for t in tasks],
                                          "backbone": backbone, "decoder": decoder})
         else:
@@ -117,6 +120,7 @@ def build_module(cfg: DictConfig, info: dict[str, Any] | None = None,
     strategy = OmegaConf.to_container(cfg.strategy, resolve=True) if cfg.get("strategy") else None
     return MultiTaskModule(model, balancer=OmegaConf.to_container(cfg.balancer, resolve=True),
                            log_weights_every=int(cfg.get("log_weights_every", 50)), strategy=strategy, start=start,
+                           initial_weights=initial_weights(cfg.backbone),
                            **cfg.optim)
 
 
@@ -171,6 +175,7 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         # inherited: config.yaml records it, and a pruned start's architecture comes from its folder (not its weights)
         if start is not None:  # (its folder, moved or not, is there: resume_start checked it)
             cfg.init_from = start["init_from"]
+        resume_initial_weights(cfg, ckpt)  # backbone.checkpoint_path / pretrained: kept as init_from is
     check_optim(OmegaConf.to_container(cfg.optim, resolve=True))
     check_test_batches(cfg)
     validates = check_validation(cfg)

@@ -11,7 +11,8 @@ import torch
 from mtl.io import load_state, read_model_config, recorded_weights_digest
 from mtl.models import MultiTaskModel
 
-__all__ = ["init_from_folder", "keep_expansion_point", "folder_architecture", "start_record"]
+__all__ = ["INITIAL_WEIGHTS", "init_from_folder", "initial_weights", "keep_expansion_point", "folder_architecture",
+           "resume_initial_weights", "start_record"]
 
 log = logging.getLogger(__name__)
 
@@ -165,3 +166,36 @@ def _restricted_plan(plan: dict[str, Any], model: torch.nn.Module) -> dict[str, 
         if isinstance(plan.get(part), dict):
             out[part] = {k: v for k, v in plan[part].items() if k in names}
     return out
+
+
+#: the backbone keys whose weights a run starts from (a file, timm's Hub weights); a resume's checkpoint replaces them
+INITIAL_WEIGHTS = ("checkpoint_path", "pretrained")
+
+
+def initial_weights(backbone: Any) -> dict[str, Any]:
+    """Where the backbone's initial weights come from: its set ``backbone.checkpoint_path`` / ``pretrained``, kept
+    in the run's checkpoints (the hyperparameter ``initial_weights``) as the start record ``init_from``'s is."""
+    return {k: backbone[k] for k in INITIAL_WEIGHTS if backbone.get(k)}
+
+
+def resume_initial_weights(cfg: Any, ckpt: dict[str, Any]) -> None:
+    """A resume keeps the initial weights its checkpoint's run started from: ``backbone.checkpoint_path`` /
+    ``pretrained`` left out are set to the checkpoint's (config.yaml names them as an uninterrupted run's does), the
+    same ones are accepted (the file is not read, the Hub not asked: the checkpoint's weights replace them), others
+    are refused in one line. A checkpoint from before the record was kept: this run's are recorded as given."""
+    from omegaconf import open_dict
+
+    stored = (ckpt or {}).get("hyper_parameters") or {}
+    if "initial_weights" not in stored:
+        return
+    then, now = stored["initial_weights"] or {}, initial_weights(cfg.backbone)
+    for key, value in now.items():
+        same = then.get(key) is not None and (Path(str(value)).resolve() == Path(str(then[key])).resolve()
+                                               if key == "checkpoint_path" else value == then[key])
+        if not same:
+            was = "none (its run did not start from one)" if then.get(key) is None else then[key]
+            raise ValueError(f"backbone.{key}={value} differs from the checkpoint's start {was}: its run started from "
+                             "those weights (the checkpoint's replace both) and config.yaml would name these; resume "
+                             f"without backbone.{key} (the checkpoint's start is kept)")
+    with open_dict(cfg.backbone):
+        cfg.backbone.update(then)

@@ -269,6 +269,40 @@ def test_a_resume_at_its_schedules_end_whose_best_is_gone_says_why_no_epoch_is_v
     assert json.loads((resumed / "metrics.json").read_text())["val_epoch"] == "last"
 
 
+@pytest.mark.slow
+def test_a_resume_keeps_the_backbone_file_it_started_from_without_reading_it_and_refuses_another(tmp_path):
+    """backbone.checkpoint_path was no part of the kept start: the same resume failed 'no such file' once the file had
+    moved (the checkpoint replaces its weights anyway), one without it dropped it from config.yaml, and one naming
+    another file was accepted with config.yaml naming that file."""
+    import timm
+    import yaml
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "init.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()}, str(weights))
+    first = BASE + ["trainer.max_epochs=2", f"+backbone.checkpoint_path={weights}"]
+    with pytest.raises(InterruptedError):
+        run(first + ["+callbacks.stop._target_=kill_callback.InterruptAtEpoch", "+callbacks.stop.epoch=1"],
+            run_dir=tmp_path / "b1")
+    last = tmp_path / "b1" / "checkpoints" / "last.ckpt"
+    other = tmp_path / "other.safetensors"
+    weights.rename(other)  # the file moved: the same command resumes, reading no file
+    with pytest.raises(ValueError) as e:
+        run(BASE + ["trainer.max_epochs=2", f"+backbone.checkpoint_path={other}", f"ckpt_path={last}"],
+            run_dir=tmp_path / "b2")
+    assert str(e.value) == (f"backbone.checkpoint_path={other} differs from the checkpoint's start {weights}: its run "
+                            "started from those weights (the checkpoint's replace both) and config.yaml would name "
+                            "these; resume without backbone.checkpoint_path (the checkpoint's start is kept)")
+    assert not (tmp_path / "b2").exists()  # refused before any folder
+    for name, extra in (("b3", [f"+backbone.checkpoint_path={weights}"]), ("b4", [])):
+        resumed = run(BASE + ["trainer.max_epochs=2", f"ckpt_path={last}", *extra], run_dir=tmp_path / name)
+        assert yaml.safe_load((resumed / "config.yaml").read_text())["backbone"]["checkpoint_path"] == str(weights)
+    # the resumed run's own checkpoints keep the record: a resume of the resume names the file too
+    again = run(BASE + ["trainer.max_epochs=3", f"ckpt_path={resumed / 'checkpoints' / 'last.ckpt'}"],
+                run_dir=tmp_path / "b5")
+    assert yaml.safe_load((again / "config.yaml").read_text())["backbone"]["checkpoint_path"] == str(weights)
+
+
 def test_a_resumed_fine_tune_keeps_its_init_from_record_and_refuses_another(tmp_path):
     """A resume as the interrupt message advises (ckpt_path= alone) wrote a model folder with no init_from record,
     and one naming another init_from recorded that folder and its digest for a fine-tune of the first, so mtl-merge's
