@@ -22,6 +22,8 @@ def init_from_folder(model: MultiTaskModel, folder: str | Path) -> dict[str, int
     source = load_state(folder)
     if hasattr(model, "upgrade_state") and _same_width_set(model, folder):  # an older layout, as load_model reads it
         model.upgrade_state(source)
+    elif hasattr(model, "upgrade_state") and _folder_widths(folder) is not None:
+        _stats_by_width(model, source, _folder_widths(folder), folder)
     own = model.state_dict()
     loaded = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
     # weights, not counters: BN's 0-d num_batches_tracked has one name at every width and depth, so it always matches
@@ -64,13 +66,56 @@ def _backbone_name(config: dict[str, Any]) -> str:
     return repr(backbone.get("name") if isinstance(backbone, dict) else backbone)
 
 
+def _folder_widths(folder: str | Path) -> list[float] | None:
+    stored = (read_model_config(folder)["model"].get("backbone") or {}).get("widths")
+    return None if stored is None else [float(w) for w in stored]
+
+
 def _same_width_set(model: MultiTaskModel, folder: str | Path) -> bool:
     """Whether `folder` holds a slimmable model of `model`'s width set: only then can its statistics' row
     counts tell the older layout (one row per width) from the current one (one per width pair) — with
     another set, k² rows of the folder's could pass for k rows of the model's and land in the wrong rows."""
+    return _folder_widths(folder) == [float(w) for w in model.width_set]
 
-    stored = (read_model_config(folder)["model"].get("backbone") or {}).get("widths")
-    return stored is not None and [float(w) for w in stored] == [float(w) for w in model.width_set]
+
+def _stats_by_width(model: MultiTaskModel, source: dict[str, torch.Tensor], theirs: list[float],
+                    folder: str | Path) -> None:
+    """A slimmable folder of another width set: its BatchNorm statistics rows (one per width, or per (cond, own)
+    width pair) have the model's shape for any set of as many widths, so matched by position they would give one
+    width another's statistics. Each of ``source``'s statistics tensors becomes the model's own with the rows of
+    the widths both sets share copied from the folder's (in place); the others keep the model's initial values and
+    are named in a warning."""
+    from mtl.models.slimmable.layers import SwitchableBatchNorm2d, width_index
+
+    lacking: set[float] = set()
+    for name, m in model.named_modules():
+        if not isinstance(m, SwitchableBatchNorm2d):
+            continue
+        k, kf = len(m.widths), len(theirs)
+        for buf in ("running_means", "running_vars"):
+            key, own = f"{name}.{buf}", getattr(m, buf)
+            src = source.get(key)
+            if src is None or src.dim() != 2 or src.shape[1] != own.shape[1]:
+                continue  # absent or of another channel count: the name and shape filter tells it
+            older = m.cond_key and src.shape[0] == kf  # one row per own width, shared by every cond width
+            if not older and src.shape[0] != (kf * kf if m.cond_key else kf):
+                source.pop(key)  # rows of no known layout: never loaded by position
+                continue
+            out = own.detach().clone()
+            for row in range(out.shape[0]):
+                j, i = divmod(row, k) if m.cond_key else (None, row)
+                fi = width_index(theirs, m.widths[i])
+                fj = 0 if j is None else width_index(theirs, m.widths[j])
+                if fi is None or fj is None:
+                    lacking.update(w for w in (m.widths[i], None if j is None else m.widths[j])
+                                   if w is not None and width_index(theirs, w) is None)
+                    continue
+                out[row] = src[fi if older or j is None else fj * kf + fi]
+            source[key] = out
+    if lacking:
+        log.warning("init_from %s: the folder's width set %s lacks width(s) %s of this model's %s: their BatchNorm "
+                    "statistics keep their initial values (recalibrate them with model.calibrate_widths); the shared "
+                    "widths' statistics are copied by width", folder, theirs, sorted(lacking), list(model.width_set))
 
 
 def keep_expansion_point(model: MultiTaskModel, folder: str | Path) -> None:

@@ -56,3 +56,39 @@ def test_a_folder_with_nan_weights_is_refused_naming_the_file_and_key(tmp_path):
     with pytest.raises(mtl.io.ModelFolderError, match=rf"model.safetensors: key '{key}' holds NaN or infinite values"):
         init_from_folder(fresh, folder)
     assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+
+
+def test_slimmable_statistics_are_matched_by_width_under_another_width_set(tmp_path, caplog):
+    """(k, C) and (k², C) statistics have one shape for any set of k widths: init_from copied the 0.5-width rows of a
+    [0.5, 1.0] folder into a [0.25, 1.0] model's 0.25-width rows, and reported a complete load."""
+    from mtl.models.slimmable.layers import SwitchableBatchNorm2d
+
+    def model(widths):
+        return mtl.create_model(["depth", "edges"], family="slimmable", decoder={"name": "slimmable", "channels": 8},
+                                backbone={"name": "slim_resnet", "stem": 8, "channels": [8, 16, 16, 16],
+                                          "depths": [1, 1, 1, 1], "out_indices": [1, 2, 3], "widths": widths})
+
+    src = model([0.5, 1.0])
+    with torch.no_grad():
+        for b in src.buffers():
+            if b.is_floating_point():
+                b.copy_(torch.rand_like(b) + 2)  # no row equals an initial one (mean 0, var 1)
+    folder = mtl.save_model(src, tmp_path / "f")
+    dst = model([0.25, 1.0])
+    init_from_folder(dst, folder)
+    theirs, conds = dict(src.named_modules()), 0
+    for name, m in dst.named_modules():
+        if not isinstance(m, SwitchableBatchNorm2d):
+            continue
+        conds += bool(m.cond_key)
+        for cond in (m.widths if m.cond_key else [None]):
+            for w in m.widths:
+                row = m.row(w, cond)
+                for buf, initial in (("running_means", 0.0), ("running_vars", 1.0)):
+                    got = getattr(m, buf)[row]
+                    if 0.25 in (w, cond):
+                        assert torch.all(got == initial), (name, buf, w, cond)
+                    else:  # the folder's statistics of the same width (pair)
+                        assert torch.equal(got, getattr(theirs[name], buf)[theirs[name].row(w, cond)])
+    assert conds  # the heads' per-(encoder, head) width pair rows are covered too
+    assert "lacks width(s) [0.25]" in caplog.text

@@ -613,11 +613,18 @@ def test_init_from_a_folder_of_another_width_set_never_misreads_its_head_statist
 
     # 2 widths store 2 x 2 = 4 per-pair rows, which a 4-width model could take for its older one-row-per-width layout
     two = create_model(TASKS, backbone={**BB, "widths": [0.5, 1.0]}, decoder=DEC, family="slimmable")
-    mtl.save_model(two, tmp_path / "two")
     four = slim_model()
-    before = four.decoder.heads["depth"].body[1].running_means.clone()
+    head, theirs = four.decoder.heads["depth"].body[1], two.decoder.heads["depth"].body[1]
+    with torch.no_grad():
+        theirs.running_means.copy_(torch.rand_like(theirs.running_means) + 2)
+    mtl.save_model(two, tmp_path / "two")
+    before = head.running_means.clone()
     init_from_folder(four, tmp_path / "two")
-    assert torch.equal(four.decoder.heads["depth"].body[1].running_means, before)  # not the other set's rows
+    for cond in head.widths:  # not the other set's rows by position: by width pair, where both sets have it
+        for w in head.widths:
+            shared = {w, cond} <= set(two.width_set)
+            want = theirs.running_means[theirs.row(w, cond)] if shared else before[head.row(w, cond)]
+            assert torch.equal(head.running_means[head.row(w, cond)], want), (w, cond)
     # the same width set in the older layout is converted, as mtl.load_model converts it
     old, path = legacy_folder(tmp_path)
     fresh = slim_model(seed=1)
