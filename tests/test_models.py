@@ -158,49 +158,6 @@ def test_a_folder_of_a_model_built_from_a_checkpoint_file_rebuilds_without_it(tm
         assert torch.equal(model(x)["depth"], reloaded(x)["depth"])
 
 
-def test_a_features_only_state_dict_is_refused_and_a_plain_one_loads_tensor_for_tensor(tmp_path):
-    """The coverage check read every '_' as '.' in both the file's keys and the model's, so a features_only state
-    dict (``stem_0.weight``) passed it, while timm loads by exact name (strict=False) and loaded none of it: the
-    backbone trained from random weights. Only the model side is a features wrapper's; the file's keys must be the
-    plain model's, exactly."""
-    import timm
-
-    from mtl.models.backbones import TimmBackbone
-
-    torch.manual_seed(0)
-    feat = tmp_path / "feat.pth"
-    torch.save(timm.create_model("convnext_atto", features_only=True).state_dict(), feat)
-    with pytest.raises(ValueError, match=rf"^backbone.checkpoint_path={feat}: the file lacks 124 of the 124 tensors "
-                                         r"timm's 'convnext_atto' features need \(first: stem.0.weight; .*its keys look "
-                                         r"like a features-only state dict \('stem_0.weight' where timm's 'convnext_atto' "
-                                         r"has 'stem.0.weight'"):
-        TimmBackbone("convnext_atto", checkpoint_path=str(feat))
-    plain = {k: torch.randn_like(v) if v.is_floating_point() else v
-             for k, v in timm.create_model("convnext_atto").state_dict().items()}
-    torch.save(plain, tmp_path / "plain.pth")
-    body = TimmBackbone("convnext_atto", checkpoint_path=str(tmp_path / "plain.pth")).body.state_dict()
-    as_plain = {k: k.replace("stem_", "stem.", 1).replace("stages_", "stages.", 1) for k in body}  # timm's flattening
-    assert len(body) == 124 and all(torch.equal(body[k], plain[as_plain[k]]) for k in body)
-
-
-def test_a_checkpoint_file_pickling_more_than_tensors_is_refused_naming_the_key_file_and_global(tmp_path):
-    """A research checkpoint holding a datetime beside its weights gave timm's raw 'weights_only=True blocked ...
-    retry with weights_only=False', naming neither the setting nor the file and advising what runs the file's code."""
-    import datetime
-
-    import timm
-
-    from mtl.models.backbones import TimmBackbone
-
-    path = tmp_path / "ckpt.pth"
-    torch.save({"model": timm.create_model("test_resnet").state_dict(), "saved": datetime.datetime(2024, 1, 1)}, path)
-    with pytest.raises(ValueError) as e:
-        TimmBackbone("test_resnet", checkpoint_path=str(path))
-    assert str(e.value) == (f"backbone.checkpoint_path={path}: refused, it needs unpickling beyond tensors and plain data "
-                            "(unsupported GLOBAL datetime.datetime; a weights-only torch.load blocks it); re-save the "
-                            "state dict alone (torch.save(state_dict, file)) or as .safetensors (safetensors.torch.save_file)")
-
-
 def test_pretrained_weights_that_cannot_be_fetched_name_the_key_and_the_way_out(monkeypatch):
     import timm
 

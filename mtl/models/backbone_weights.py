@@ -104,15 +104,17 @@ def _converted_keys(name: str, path: str, kwargs: dict[str, Any]) -> list[str]:
 
 
 def _prefix_hint(key: str, file_keys: list[str]) -> str:
-    """Say so when the file holds the key under a prefix (an mtlkit folder's ``backbone.body.``)."""
+    """Say so when the file holds the key under a prefix, and how to fix it (an mtlkit folder's ``backbone.body.``:
+    init_from; any other: strip it)."""
     tail = "." + key
     prefixed = next((k for k in file_keys if ("." + k).endswith(tail)), None)
     if prefixed is None:
         return ""
     prefix = prefixed[: len(prefixed) - len(tail) + 1]
-    folder = " (an mtlkit model folder's weights: start from the folder with init_from=<folder>)" \
-        if prefix.startswith("backbone.") else ""
-    return f"; the file names it {prefixed!r}: its keys carry the prefix {prefix!r}{folder}"
+    # mtlkit's own backbone.body. only: mmpretrain's or a DINO teacher's plain backbone. is no model folder
+    fix = ("an mtlkit model folder's weights: start from the folder with init_from=<folder>" if prefix == "backbone.body."
+           else f"strip it: re-save the state dict with the keys less {prefix!r}")
+    return f"; the file names it {prefixed!r}: its keys carry the prefix {prefix!r} ({fix})"
 
 
 def shape_mismatch(error: Exception, name: str, path: str) -> str | None:

@@ -78,3 +78,64 @@ def test_a_layout_timm_converts_and_an_exported_backbone_load(tmp_path):
     out = mtl.export(mtl.save_model(model, tmp_path / "m"), "timm", tmp_path / "t")
     again = create_model(["depth"], backbone={"name": "test_vit", "checkpoint_path": str(out / "model.safetensors")})
     assert all(torch.equal(v, model.backbone.body.state_dict()[k]) for k, v in again.backbone.body.state_dict().items())
+
+
+def test_a_features_only_state_dict_is_refused_and_a_plain_one_loads_tensor_for_tensor(tmp_path):
+    """The coverage check read every '_' as '.' in both the file's keys and the model's, so a features_only state
+    dict (``stem_0.weight``) passed it, while timm loads by exact name (strict=False) and loaded none of it: the
+    backbone trained from random weights. Only the model side is a features wrapper's; the file's keys must be the
+    plain model's, exactly."""
+    import timm
+
+    from mtl.models.backbones import TimmBackbone
+
+    torch.manual_seed(0)
+    feat = tmp_path / "feat.pth"
+    torch.save(timm.create_model("convnext_atto", features_only=True).state_dict(), feat)
+    with pytest.raises(ValueError, match=rf"^backbone.checkpoint_path={feat}: the file lacks 124 of the 124 tensors "
+                                         r"timm's 'convnext_atto' features need \(first: stem.0.weight; .*its keys look "
+                                         r"like a features-only state dict \('stem_0.weight' where timm's 'convnext_atto' "
+                                         r"has 'stem.0.weight'"):
+        TimmBackbone("convnext_atto", checkpoint_path=str(feat))
+    plain = {k: torch.randn_like(v) if v.is_floating_point() else v
+             for k, v in timm.create_model("convnext_atto").state_dict().items()}
+    torch.save(plain, tmp_path / "plain.pth")
+    body = TimmBackbone("convnext_atto", checkpoint_path=str(tmp_path / "plain.pth")).body.state_dict()
+    as_plain = {k: k.replace("stem_", "stem.", 1).replace("stages_", "stages.", 1) for k in body}  # timm's flattening
+    assert len(body) == 124 and all(torch.equal(body[k], plain[as_plain[k]]) for k in body)
+
+
+def test_a_checkpoint_file_pickling_more_than_tensors_is_refused_naming_the_key_file_and_global(tmp_path):
+    """A research checkpoint holding a datetime beside its weights gave timm's raw 'weights_only=True blocked ...
+    retry with weights_only=False', naming neither the setting nor the file and advising what runs the file's code."""
+    import datetime
+
+    import timm
+
+    from mtl.models.backbones import TimmBackbone
+
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": timm.create_model("test_resnet").state_dict(), "saved": datetime.datetime(2024, 1, 1)}, path)
+    with pytest.raises(ValueError) as e:
+        TimmBackbone("test_resnet", checkpoint_path=str(path))
+    assert str(e.value) == (f"backbone.checkpoint_path={path}: refused, it needs unpickling beyond tensors and plain data "
+                            "(unsupported GLOBAL datetime.datetime; a weights-only torch.load blocks it); re-save the "
+                            "state dict alone (torch.save(state_dict, file)) or as .safetensors (safetensors.torch.save_file)")
+
+
+@pytest.mark.parametrize("prefix, fix", [
+    ("backbone.body.", "an mtlkit model folder's weights: start from the folder with init_from=<folder>"),
+    ("backbone.", "strip it: re-save the state dict with the keys less 'backbone.'"),  # mmpretrain, a DINO teacher
+])
+def test_a_prefixed_file_is_told_to_start_from_a_folder_only_for_mtlkits_own_prefix(tmp_path, prefix, fix):
+    """Any 'backbone.'-prefixed file was called an mtlkit model folder's weights, advising init_from=<folder>."""
+    import timm
+
+    from mtl.models.backbones import TimmBackbone
+
+    path = tmp_path / "w.pth"
+    torch.save({"state_dict": {prefix + k: v for k, v in timm.create_model("test_resnet").state_dict().items()}}, path)
+    with pytest.raises(ValueError) as e:
+        TimmBackbone("test_resnet", checkpoint_path=str(path))
+    assert str(e.value).endswith(f"; the file names it '{prefix}conv1.0.weight': its keys carry the prefix "
+                                 f"'{prefix}' ({fix})")
