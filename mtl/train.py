@@ -30,8 +30,8 @@ from mtl.torch_load import torch_load_refusal
 from mtl.train_checks import (check_checkpoint, check_eval_splits, check_precision, check_resume_length,
                               check_test_batches, check_trainer, check_validation, finished_run_refusal,
                               read_checkpoint, resume_start, set_aside_failed_attempt, warn_seed_of_resume)
-from mtl.warm_start import (INITIAL_WEIGHTS, folder_architecture, init_from_folder, initial_weights, keep_expansion_point,
-                             resume_initial_weights, start_record)
+from mtl.warm_start import (INITIAL_WEIGHTS, check_one_start, folder_architecture, init_from_folder, initial_weights,
+                             keep_expansion_point, resume_initial_weights, start_record)
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +176,7 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         if start is not None:  # (its folder, moved or not, is there: resume_start checked it)
             cfg.init_from = start["init_from"]
         resume_initial_weights(cfg, ckpt)  # backbone.checkpoint_path / pretrained: kept as init_from is
+    check_one_start(cfg)
     check_optim(OmegaConf.to_container(cfg.optim, resolve=True))
     check_test_batches(cfg)
     validates = check_validation(cfg)

@@ -92,3 +92,26 @@ def test_slimmable_statistics_are_matched_by_width_under_another_width_set(tmp_p
                         assert torch.equal(got, getattr(theirs[name], buf)[theirs[name].row(w, cond)])
     assert conds  # the heads' per-(encoder, head) width pair rows are covered too
     assert "lacks width(s) [0.25]" in caplog.text
+
+
+@pytest.mark.parametrize("override", ["+backbone.checkpoint_path={file}", "+backbone.pretrained=true"])
+def test_init_from_with_backbone_initial_weights_is_refused_before_the_run_folder(tmp_path, override):
+    """The file was read, then silently replaced by the folder's weights, while config.yaml named it as the start."""
+    import timm
+    from safetensors.torch import save_file
+
+    from mtl.train import run
+
+    folder = mtl.save_model(mtl.create_model(["depth"], backbone="test_resnet", decoder={"name": "hps", "channels": 16}),
+                            tmp_path / "m")
+    file = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()}, str(file))
+    override = override.format(file=file)
+    key, value = override.lstrip("+").split("=")
+    with pytest.raises(ValueError) as e:
+        run(["experiment=scenes_hps", "debug=smoke", "logger=none", "task=[depth]", f"init_from={folder}", override],
+            run_dir=tmp_path / "r")
+    assert str(e.value) == (f"init_from={folder} and {key}={value} both set the run's initial "
+                            f"weights: the folder's would replace the backbone's, read for nothing; drop {key} (or "
+                            "init_from, to start from the backbone's weights)")
+    assert not (tmp_path / "r").exists()
