@@ -22,6 +22,7 @@ from mtl.evaluation import delta_m, load_baselines, save_baselines
 from mtl.folder_data import data_record
 from mtl.io import atomic_path, save_model, write_json
 from mtl.models import create_model
+from mtl.models.backbone_weights import check_file
 from mtl.module import MultiTaskModule, check_optim
 from mtl.registry import check_int, check_seed
 from mtl.sweep import check_monitors, check_objective
@@ -177,6 +178,8 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             cfg.init_from = start["init_from"]
         resume_initial_weights(cfg, ckpt)  # backbone.checkpoint_path / pretrained: kept as init_from is
     check_one_start(cfg)
+    if not cfg.get("ckpt_path") and (cfg.get("backbone") or {}).get("checkpoint_path"):  # (a resume never reads it)
+        check_file(cfg.backbone.checkpoint_path)
     check_optim(OmegaConf.to_container(cfg.optim, resolve=True))
     check_test_batches(cfg)
     validates = check_validation(cfg)

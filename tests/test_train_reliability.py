@@ -147,6 +147,13 @@ def test_bad_settings_are_named_before_training(tmp_path, override, match):
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
+def test_a_missing_checkpoint_file_is_refused_before_the_run_folder(tmp_path):
+    """It was refused only when the model was built, after the run folder (a FAILED folder left behind)."""
+    with pytest.raises(FileNotFoundError, match=r"^backbone.checkpoint_path=/nonexistent.safetensors: no such file$"):
+        run(FAST + ["task=[depth]", "+backbone.checkpoint_path=/nonexistent.safetensors"], run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_checkpoint_file_matching_no_backbone_key_is_refused_before_training(tmp_path):
     """timm loads features_only weights with strict=False: the run finished on random weights, an INFO line aside."""
     import torch
@@ -196,8 +203,12 @@ def test_metrics_json_counts_the_images_each_split_scored(tmp_path, caplog):
 
 
 def test_python_run_marks_failures_names_groups_and_replaces_a_stale_marker(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"backbone.checkpoint_path=/nonexistent.safetensors: no such file"):
-        run(FAST + ["task=[depth]", "+backbone.checkpoint_path=/nonexistent.safetensors"], run_dir=tmp_path / "r")
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"foo": torch.zeros(1)}, str(tmp_path / "empty.safetensors"))  # refused once the model is built
+    with pytest.raises(ValueError, match=r"backbone.checkpoint_path=.*empty.safetensors: the file lacks"):
+        run(FAST + ["task=[depth]", f"+backbone.checkpoint_path={tmp_path}/empty.safetensors"], run_dir=tmp_path / "r")
     assert (tmp_path / "r" / FAILED).is_file()  # as mtl-train marks it
     with pytest.raises(ValueError, match=r"unknown task 'bogus' in 'task=\[bogus\]'; valid names: .*depth"):
         run(FAST + ["task=[bogus]"], run_dir=tmp_path / "b")

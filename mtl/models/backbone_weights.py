@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import pickle
 import re
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -14,6 +15,13 @@ from torch import nn
 _FILLED_BY_TORCH = ".num_batches_tracked"
 _SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([^\]]*)\]\) from "
                             r"checkpoint, the shape in current model is torch\.Size\(\[([^\]]*)\]\)")
+
+
+def check_file(path: str) -> None:
+    """``backbone.checkpoint_path`` names a file (timm's own error names neither the path nor the key); `mtl.train`
+    checks it before the run folder too."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"backbone.checkpoint_path={path}: no such file")
 
 
 def missing_from_file(body: nn.Module, name: str, path: str, kwargs: dict[str, Any]) -> None:

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import difflib
 import re
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from mtl.models.backbone_weights import missing_from_file, shape_mismatch, unpickling_refusal
+from mtl.models.backbone_weights import check_file, missing_from_file, shape_mismatch, unpickling_refusal
 from mtl.io import INIT_ONLY  # noqa: F401  (re-exported: the backbone keys a model folder leaves out)
 from mtl.registry import Registry, UnknownNameError, check_bool, check_indices, check_kwargs, closest
 
@@ -80,8 +79,7 @@ class TimmBackbone(nn.Module):
             feature_kwargs["out_indices"] = tuple(out_indices)
         # timm handles local weights through pretrained_cfg_overlay; never a hub download here.
         if checkpoint_path:
-            if not Path(checkpoint_path).is_file():  # timm's own error names neither the path nor the key
-                raise FileNotFoundError(f"backbone.checkpoint_path={checkpoint_path}: no such file")
+            check_file(checkpoint_path)
             kwargs["pretrained_cfg_overlay"] = {"file": str(checkpoint_path)}
             pretrained = True
         self.name = name
