@@ -11,8 +11,8 @@ import torch
 from mtl.io import load_state, read_model_config, recorded_weights_digest
 from mtl.models import MultiTaskModel
 
-__all__ = ["INITIAL_WEIGHTS", "check_one_start", "init_from_folder", "initial_weights", "keep_expansion_point", "folder_architecture",
-           "resume_initial_weights", "start_record"]
+__all__ = ["INITIAL_WEIGHTS", "check_one_start", "init_from_folder", "initial_weights", "keep_expansion_point",
+           "folder_architecture", "resume_initial_weights", "start_record"]
 
 log = logging.getLogger(__name__)
 
@@ -239,9 +239,9 @@ def resume_initial_weights(cfg: Any, ckpt: dict[str, Any]) -> None:
                                                if key == "checkpoint_path" else value == then[key])
         if not same:
             was = "none (its run did not start from one)" if then.get(key) is None else _written(then[key])
-            raise ValueError(f"backbone.{key}={_written(value)} differs from the checkpoint's start {was}: its run started from "
-                             "those weights (the checkpoint's replace both) and config.yaml would name these; resume "
-                             f"without backbone.{key} (the checkpoint's start is kept)")
+            raise ValueError(f"backbone.{key}={_written(value)} differs from the checkpoint's start {was}: its run "
+                             "started from those weights (the checkpoint's replace both) and config.yaml would name "
+                             f"these; resume without backbone.{key} (the checkpoint's start is kept)")
     with open_dict(cfg.backbone):
         cfg.backbone.update(then)
 
@@ -252,9 +252,9 @@ def check_one_start(cfg: Any) -> None:
     given = initial_weights(cfg.backbone) if cfg.get("init_from") else {}
     if given:
         key, value = next(iter(given.items()))
-        raise ValueError(f"init_from={cfg.init_from} and backbone.{key}={_written(value)} both set the run's initial weights: "
-                         f"the folder's would replace the backbone's, read for nothing; drop backbone.{key} (or "
-                         "init_from, to start from the backbone's weights)")
+        raise ValueError(f"init_from={cfg.init_from} and backbone.{key}={_written(value)} both set the run's initial "
+                         f"weights: the folder's would replace the backbone's, read for nothing; drop "
+                         f"backbone.{key} (or init_from, to start from the backbone's weights)")
 
 
 def _written(value: Any) -> Any:

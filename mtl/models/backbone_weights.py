@@ -50,7 +50,8 @@ def missing_from_file(body: nn.Module, name: str, path: str, kwargs: dict[str, A
 def plain_names(body: nn.Module, plain_keys: Any) -> dict[str, str]:
     """Each tensor of ``body`` (a features_only model) the file must hold, mapped to its name in timm's plain model."""
     plain = set(plain_keys)
-    return {k: plain_name(k, plain) or k.removeprefix("model.") for k in body.state_dict() if not k.endswith(_FILLED_BY_TORCH)}
+    return {k: plain_name(k, plain) or k.removeprefix("model.")
+            for k in body.state_dict() if not k.endswith(_FILLED_BY_TORCH)}
 
 
 def plain_name(key: str, plain: set[str] | dict[str, Any]) -> str | None:
@@ -120,8 +121,8 @@ def _prefix_hint(key: str, file_keys: list[str]) -> str:
         return ""
     prefix = prefixed[: len(prefixed) - len(tail) + 1]
     # mtlkit's own backbone.body. only: mmpretrain's or a DINO teacher's plain backbone. is no model folder
-    fix = ("an mtlkit model folder's weights: start from the folder with init_from=<folder>" if prefix == "backbone.body."
-           else f"strip it: re-save the state dict with the keys less {prefix!r}")
+    fix = ("an mtlkit model folder's weights: start from the folder with init_from=<folder>"
+           if prefix == "backbone.body." else f"strip it: re-save the state dict with the keys less {prefix!r}")
     return f"; the file names it {prefixed!r}: its keys carry the prefix {prefix!r} ({fix})"
 
 
