@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from mtl.balancers.base import Balancer, StepContext
+from mtl.balancers.base import Balancer, StepContext, dist_mean
 
 
 class BalancerMonitor:
@@ -39,7 +39,9 @@ class BalancerMonitor:
     def before_backward(self, ctx: StepContext) -> dict[str, float]:
         """Pairwise cosine similarity of the task gradients over the shared parameters (or the
         shared representation with ``level="features"``). Costs T extra backward passes through the
-        shared part, on due steps only; the graph is retained for the balancer's backward."""
+        shared part, on due steps only; the graph is retained for the balancer's backward. Under DDP the task
+        gradients are averaged over the ranks first (one all-reduce of T x P on due steps): the cosines are the
+        global batch's, the same on every rank."""
         self._cos = {}
         if not self.cosines or not self.due(ctx.step) or len(ctx.losses) < 2:
             return {}
@@ -52,7 +54,9 @@ class BalancerMonitor:
             grads = torch.autograd.grad(ctx.losses[t], wrt, retain_graph=True, allow_unused=True)
             rows.append(torch.cat([(torch.zeros_like(w) if g is None else g).reshape(-1).float()
                                    for w, g in zip(wrt, grads)]))
-        G = torch.stack(rows)
+        # the mean over DDP ranks of their local gradients: with equal per-rank batches, the global batch's gradient
+        # (each rank's own would be its share's cosine, and only rank 0's is logged)
+        G = dist_mean(torch.stack(rows))
         G = G / G.norm(dim=1, keepdim=True).clamp_min(1e-12)
         cos = (G @ G.T).cpu()
         self._cos = {f"{a}-{b}": float(cos[i, j])

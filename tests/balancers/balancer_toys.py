@@ -56,3 +56,28 @@ def toy_ctx(model: Toy, x, y, *, step: int = 0, epoch: int = 0, features: bool =
 
 def grads_of(params) -> torch.Tensor:
     return torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in params])
+
+
+
+def _gloo_rank(rank, fn, port, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.save(fn(rank), out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def on_two_gloo_ranks(fn, tmp_path) -> list:
+    """``fn(rank)`` (a module-level function, or a partial of one) in 2 new processes joined by a gloo process group,
+    as DDP's ranks are; what each returned. (Spawned, not forked: autograd in a forked child can hang.)"""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_gloo_rank, args=(fn, port, tmp_path), nprocs=2, start_method="spawn")
+    return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]

@@ -73,3 +73,23 @@ def test_constant_weights_with_cosines_still_get_the_cosine_plot(tmp_path):
     one_task = BalancerMonitor(every=1)
     one_task.history = [{"step": 0, "weights": {"a": 1.0}, "cos": {}}]
     assert one_task.save_plot(tmp_path / "one.png") is None and not (tmp_path / "one.png").exists()
+
+
+
+def _cosines(rank=None):
+    """The monitor's cosines at one step: of the whole batch (rank None), or of rank's half (every other sample)."""
+    torch.manual_seed(0)
+    x, y = toy_batch(n=16)
+    part = slice(None) if rank is None else slice(rank, None, 2)
+    return BalancerMonitor(every=1).before_backward(toy_ctx(Toy(), x[part], {t: v[part] for t, v in y.items()}))
+
+
+def test_ddp_cosines_are_the_global_batchs_on_every_rank(tmp_path):
+    """2 gloo ranks, each with half of one batch: the logged cosines are the whole batch's, as one process
+    computes them (each rank's own half-batch cosine differed, even in sign, and only rank 0's was logged)."""
+    from balancer_toys import on_two_gloo_ranks
+
+    ranks = on_two_gloo_ranks(_cosines, tmp_path)
+    one = _cosines()
+    for got in ranks:
+        assert got.keys() == one.keys() and got["balancer/cos/a-b"] == pytest.approx(one["balancer/cos/a-b"], abs=1e-6)
