@@ -216,22 +216,19 @@ class FAMO(_OwnOptimizer):
 
     def backward(self, ctx: StepContext) -> None:
         L = self._stack(ctx.losses)
-        Ld = L.detach().float()
-        self._warn_negative(Ld, ctx.step)
+        self._warn_negative(L.detach().float(), ctx.step)
+        # the weights (and the logit update) read the global batch's losses, the mean over DDP ranks of theirs:
+        # every rank uses the same weights, so DDP's averaged gradient of Σ w_t L_t is the global batch's, as in
+        # one process (each rank's own losses would give each its own weights)
+        Ld = dist_mean(L.detach().float())
         if not self.recompute and self._before is not None:
             self._update(Ld)  # the previous step's decrease, seen on this batch
         w, z = self._weights_for(Ld)
         ctx.backward((w.to(L.dtype) * L).sum())
         self._set_weights(w)
         # a zero loss has no log: the log of eps stands in, and its task's change is not counted. With
-        # recompute=false the pending log-losses span steps, hence checkpoints: averaged over DDP ranks here
-        # (the update averages the ranks' changes anyway), every rank holds what rank 0's checkpoint resumes
-        before, live = Ld.clamp_min(self.eps).log(), Ld > 0
-        if not self.recompute:  # the mean over the ranks where the loss was > 0; live on any rank
-            share = dist_mean(live.float())
-            before = torch.where(share > 0, dist_mean(before * live) / share.clamp_min(1e-12), before)
-            live = share > 0
-        self._before, self._z, self._live = before, z, live
+        # recompute=false the pending log-losses span steps, hence checkpoints: every rank holds the same ones
+        self._before, self._z, self._live = Ld.clamp_min(self.eps).log(), z, Ld > 0
 
     def after_step(self, ctx: StepContext) -> None:
         if not self.recompute or self._before is None:
@@ -239,7 +236,7 @@ class FAMO(_OwnOptimizer):
         if ctx.recompute is None:
             raise ValueError("famo(recompute=true) needs StepContext.recompute; pass one or set recompute=false")
         with torch.no_grad():
-            after = self._stack(ctx.recompute()).detach().float()
+            after = dist_mean(self._stack(ctx.recompute()).detach().float())  # the global batch's, as before
         self._update(after)
 
     def get_extra_state(self):
@@ -261,13 +258,12 @@ class FAMO(_OwnOptimizer):
         # a task with a zero loss before or after the step has no decrease to learn from: its change is set to
         # the z-weighted mean of the others', which leaves its logit where it is ((Jᵀδ)_t = z_t (δ_t − z·δ) = 0)
         live = (after != 0) & (self._live.to(after.device) if self._live is not None else True)  # NaN stays, named below
-        if not bool(live.any()):  # nothing to learn from on this rank (the collectives below still run)
+        if not bool(live.any()):  # nothing to learn from
             delta = torch.zeros_like(delta)
         elif not bool(live.all()):
             zl = self._z.to(delta.device) * live
             delta = torch.where(live, delta, (zl * torch.where(live, delta, torch.zeros_like(delta))).sum() / zl.sum())
-        frozen = dist_mean(live.float()) == 0  # dead on every rank: its logit and moments stay
-        delta = dist_mean(delta)
+        frozen = ~live  # its logit and moments stay (the losses are the ranks' mean: the same on every rank)
         if not bool(torch.isfinite(delta).all()):
             # one inf/NaN loss (a recompute on a batch the step broke) would make the logits, hence every
             # later weight, NaN for good: skip this logit update, as skip_nonfinite skips a step

@@ -491,17 +491,17 @@ def test_pending_window_and_famo_state_are_the_ranks_mean_so_rank_0s_checkpoint_
     run_dwa(dwa, [(0, 0, {"a": 2.0, "b": 1.0}), (1, 0, {"a": 4.0, "b": 3.0})])
     state = dwa.get_extra_state()
     assert state["count"] == 2 and torch.allclose(state["sum"], torch.tensor([1.5 * 6.0, 1.5 * 4.0]))
-    # FAMO: the other rank had a = 4 and b = 0 (no valid pixel): a's pending log-loss is the mean over both
-    # ranks, b's over the rank where it lived (this one), and b stays live (it lived on a rank)
-    other = iter([torch.tensor([1.0, 0.0]), torch.tensor([math.log(4.0), 0.0])])  # its live flags, log-losses·live
+    # FAMO: the other rank had a = 4 and b = 0 (no valid pixel): the pending log-losses are those of the ranks'
+    # mean losses (the global batch's), and b stays live (it lived on a rank)
+    other = torch.tensor([4.0, 0.0])
     import mtl.balancers.own_optimizer as own_optimizer
 
-    monkeypatch.setattr(own_optimizer, "dist_mean", lambda t: (t + next(other)) / 2)
+    monkeypatch.setattr(own_optimizer, "dist_mean", lambda t: (t + other) / 2)
     famo = create_balancer("famo", ["a", "b"], recompute=False, optimizer="sgd")
     _, ctx = fixed_losses({"a": 2.0, "b": 3.0})
     famo.backward(ctx)
     pending = famo.get_extra_state()
-    assert torch.allclose(pending["before"], torch.tensor([(math.log(2.0) + math.log(4.0)) / 2, math.log(3.0)]))
+    assert torch.allclose(pending["before"], torch.tensor([math.log(3.0), math.log(1.5)]))
     assert pending["live"].tolist() == [True, True]
 
 
@@ -537,3 +537,42 @@ def test_methods_that_do_not_read_loss_values_stay_silent_about_a_negative_loss(
             p, ctx = fixed_losses({"a": 0.9, "b": -0.5})
             create_balancer(name, ["a", "b"]).backward(ctx)
     assert "negative task loss" not in caplog.text
+
+
+
+def _famo_training(recompute, rank=None):
+    """4 FAMO steps on the whole batch (rank None) or on rank's half, the gradients averaged as DDP does."""
+    from mtl.balancers.base import sync_grads
+
+    torch.manual_seed(0)
+    x, y = toy_batch(n=16)
+    model, famo = Toy(), create_balancer("famo", ["a", "b"], lr=0.5, recompute=recompute)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    part = slice(None) if rank is None else slice(rank, None, 2)
+    weights = []
+    for step in range(4):
+        opt.zero_grad()
+        ctx = toy_ctx(model, x[part] * (1 + step), {t: v[part] for t, v in y.items()}, step=step)
+        famo.backward(ctx)
+        sync_grads(model.parameters())  # what DDP's reducer does
+        opt.step()
+        famo.after_step(ctx)
+        weights.append(famo.weights())
+    return weights, famo.logits.clone(), [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("recompute", [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_famo_under_ddp_is_the_global_batchs_update(recompute, tmp_path):
+    """2 gloo ranks, each with half of each batch: the same weights on both ranks, equal to one process's
+    on the whole batch, and so the same logits and model (each rank weighed its own losses)."""
+    import functools
+
+    from balancer_toys import on_two_gloo_ranks
+
+    ranks = on_two_gloo_ranks(functools.partial(_famo_training, recompute), tmp_path)
+    one = _famo_training(recompute)
+    for weights, logits, params in ranks:
+        for got, want in zip(weights, one[0]):
+            assert got == pytest.approx(want, rel=1e-5)
+        assert torch.allclose(logits, one[1], atol=1e-5) and not torch.allclose(logits, torch.zeros(2))
+        assert all(torch.allclose(p, q, atol=1e-5) for p, q in zip(params, one[2]))
