@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mtl.cli.common import write_hydra_record
-from mtl.cli.failures import FAILED, FINISHED_RECORDS, RunFolderTaken, check_run_folder
+from mtl.cli.failures import FAILED, FINISHED_RECORDS, RunFolderTaken, check_run_folder, stale_rank_markers
 from mtl.data import check_datamodule, create_datamodule
 from mtl.evaluation import delta_m, load_baselines, save_baselines
 from mtl.folder_data import data_record
@@ -200,6 +200,7 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if rank0:
         set_aside_failed_attempt(run_dir, cfg.get("ckpt_path"))
         (run_dir / FAILED).unlink(missing_ok=True)  # an earlier failed attempt in this folder: this run replaces it
+        stale_rank_markers(run_dir)  # (and its other ranks' markers)
         write_hydra_record(cfg, run_dir)
         with atomic_path(run_dir / "config.yaml", overwrite=True) as tmp:
             tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -246,6 +247,9 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         from mtl.checkpoint_io import AtomicCheckpointIO  # (FSDP writes sharded checkpoints its own way)
 
         trainer_kw["plugins"] = [AtomicCheckpointIO()]
+    from mtl.callbacks import MarksRankFailure
+
+    callbacks.append(MarksRankFailure(run_dir))  # (another DDP rank's error, kept for rank 0 to name)
     trainer = L.Trainer(**trainer_kw, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir))
     check_precision(cfg, trainer)
     check_eval_splits(trainer, datamodule)

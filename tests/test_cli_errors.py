@@ -912,3 +912,86 @@ def test_a_ctrl_c_before_the_job_starts_is_one_line_and_status_130(monkeypatch, 
     assert exit_.value.code == 130
     assert capfd.readouterr().err.strip().splitlines() == ["error: interrupted by Ctrl-C before the job started"]
     assert not (tmp_path / "outputs").exists()
+
+
+RANK_KEYS = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "WORLD_SIZE", "SLURM_NTASKS")
+
+
+def test_another_ranks_failure_marker_is_its_own_and_leaves_rank_0s(monkeypatch, tmp_path):
+    """DDP: every rank marks the run folder; rank N's marker is FAILED.rank<N>, so its own error is kept
+    beside rank 0's FAILED (which is often only the lost connection to that rank), never replaced by it."""
+    from mtl.cli.failures import marks_failure
+
+    for key in RANK_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError), marks_failure(tmp_path):
+        raise ValueError("bad sample on rank 1")
+    assert (tmp_path / "FAILED.rank1").read_text().startswith("ValueError: bad sample on rank 1\n")
+    assert not (tmp_path / FAILED).exists()
+    monkeypatch.setenv("LOCAL_RANK", "0")  # rank 0 then loses its connection to rank 1
+    lost = RuntimeError("[pair.cc:561] Connection closed by peer [127.0.0.1]:18111. Check the logs of the remote worker")
+    with pytest.raises(RuntimeError), marks_failure(tmp_path):
+        raise lost
+    head = (tmp_path / FAILED).read_text().splitlines()[0]
+    assert head.startswith("rank 1 failed: ValueError: bad sample on rank 1 (FAILED.rank1 has its traceback); rank 0: ")
+    assert (tmp_path / "FAILED.rank1").read_text().startswith("ValueError: bad sample on rank 1\n")
+
+
+def test_a_lost_peer_without_a_marker_is_named_and_a_lone_process_is_unchanged(monkeypatch, tmp_path):
+    from mtl.cli.failures import peer_failures
+
+    for key in RANK_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    reset = RuntimeError("[pair.cc:534] Read error [127.0.0.1]:5: Connection reset by peer")
+    assert peer_failures(reset, tmp_path, wait=0) == ""  # one process: a network error of its own
+    assert peer_failures(ValueError("bad"), tmp_path, wait=0) == ""
+    (tmp_path / "train_ddp_process_1.log").write_text("")  # Lightning's local DDP (its environment already undone)
+    assert peer_failures(RuntimeError(str(reset)), tmp_path, wait=0).startswith("another rank ended")
+    (tmp_path / "train_ddp_process_1.log").unlink()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    note = peer_failures(RuntimeError(str(reset)), tmp_path, wait=0)  # a rank killed (SIGKILL): no marker of its own
+    assert note.startswith("another rank ended without an error of its own") and "train_ddp_process_<N>.log" in note
+    assert note.endswith(f"resume with ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}")
+
+
+def test_another_ranks_error_line_names_its_rank(monkeypatch, tmp_path, capfd):
+    """Rank 1's own error reaches stderr (it was printed on rank 0 only, which saw a lost connection)."""
+    for key in RANK_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    code, runs = run_main(monkeypatch, tmp_path, "balancer=dwa", "balancer.temperature=-1")
+    err = capfd.readouterr().err
+    assert code == 1
+    assert [ln for ln in err.splitlines() if ln.startswith("error: ")] == [
+        "error: rank 1: dwa: balancer.temperature must be > 0, got -1"], err
+
+
+@pytest.mark.slow
+def test_a_failure_on_one_ddp_rank_reaches_the_user(tmp_path):
+    """2 gloo processes, rank 1 raises at step 1: its error, not only gloo's 'Connection closed by peer', is on
+    stderr, in FAILED.rank1 and in its job log train_ddp_process_1.log; rank 0's FAILED names it first."""
+    script = tmp_path / "fail_rank1.py"
+    script.write_text(
+        "import os, sys\nfrom mtl.module import MultiTaskModule\n_orig = MultiTaskModule.training_step\n"
+        "def bad(self, batch, batch_idx):\n"
+        "    if os.environ.get('LOCAL_RANK') == '1' and self.global_step >= 1:\n"
+        "        raise ValueError('injected bad input on rank 1')\n"
+        "    return _orig(self, batch, batch_idx)\n"
+        "MultiTaskModule.training_step = bad\nfrom mtl.cli.train import main\nsys.exit(main())\n")
+    env = dict(os.environ, MTL_OUTPUT_DIR=str(tmp_path / "out"), OMP_NUM_THREADS="1")
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(script), "debug=smoke", "trainer=ddp", "trainer.accelerator=cpu",
+                           "trainer.devices=2", "viz.num_samples=0", "logger=none", f"hydra.run.dir={run}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert "error: rank 1: injected bad input on rank 1" in errors, proc.stderr[-3000:]
+    assert any(ln.startswith("error: rank 1 failed: ValueError: injected bad input on rank 1 (FAILED.rank1 has its "
+                             "traceback); rank 0: ") for ln in errors), errors
+    assert (run / "FAILED.rank1").read_text().startswith("ValueError: injected bad input on rank 1\n")
+    assert (run / FAILED).read_text().startswith("rank 1 failed: ValueError: injected bad input on rank 1")
+    assert "injected bad input on rank 1" in (run / "train_ddp_process_1.log").read_text()

@@ -49,7 +49,8 @@ class RunFolderTaken(FileExistsError):
 
 @contextlib.contextmanager
 def marks_failure(run_dir: str | os.PathLike, fresh: bool = False) -> Iterator[None]:
-    """On an exception, write ``run_dir/FAILED`` (message + traceback) and re-raise. Not into a finished run's
+    """On an exception, write ``run_dir/FAILED`` (message + traceback; another DDP rank's: `failure_marker`) and
+    re-raise. Not into a finished run's
     folder that this run has not accepted (its config.yaml not rewritten): whatever refused it, the finished run
     stays as it was and is not marked failed. Nor into a folder that was new or empty before this run (``fresh``)
     while it holds nothing yet (`holds_nothing`): a refusal before the job wrote its config.yaml leaves it as it
@@ -67,15 +68,104 @@ def marks_failure(run_dir: str | os.PathLike, fresh: bool = False) -> Iterator[N
             raise  # refused before anything was written (an existing output=, an output inside the model)
         if isinstance(e, SystemExit) and not e.code and stop is None:
             raise
-        run_dir = Path(run_dir)
-        if run_dir.is_dir():
-            head = f"{type(e).__name__}: {e}" if stop is None else interrupted_message(stop[0], run_dir)
-            try:
-                with atomic_path(run_dir / FAILED) as tmp:
-                    tmp.write_text(f"{head}\n\n" + "".join(traceback.format_exception(e)))
-            except OSError:
-                pass  # the original error matters more than the marker
+        write_failure_marker(run_dir, e)
         raise
+
+
+def write_failure_marker(run_dir: str | os.PathLike, e: BaseException) -> None:
+    """``run_dir``'s `failure_marker`: the error's line (rank 0's led by another rank's own, `peer_failures`) and
+    its traceback."""
+    run_dir, stop = Path(run_dir), interruption(e)
+    if not run_dir.is_dir():
+        return
+    head = f"{type(e).__name__}: {e}" if stop is None else interrupted_message(stop[0], run_dir)
+    peers = peer_failures(e, run_dir) if stop is None and process_rank() == "0" else ""
+    head = f"{peers}; rank 0: {head}" if peers else head
+    try:
+        with atomic_path(failure_marker(run_dir)) as tmp:
+            tmp.write_text(f"{head}\n\n" + "".join(traceback.format_exception(e)))
+    except OSError:
+        pass  # the original error matters more than the marker
+
+
+def process_rank() -> str:
+    """This process's global rank, as a label: ``"0"`` for rank 0 or a process alone. The process group's rank
+    once it exists, else the launcher's (torchrun's ``RANK``, an srun task's ``SLURM_PROCID``, Lightning's
+    ``LOCAL_RANK`` on node ``NODE_RANK``)."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return str(dist.get_rank())
+    for key in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(key):
+            return str(int(os.environ[key]))
+    local, node = int(os.environ.get("LOCAL_RANK") or 0), int(os.environ.get("NODE_RANK") or os.environ.get("GROUP_RANK") or 0)
+    return str(local) if not node else f"{node}.{local}"  # (node.local: the global number needs the node's size)
+
+
+def distributed() -> bool:
+    """This process is one of several of a distributed run (its launcher's world size, or its process group's)."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_world_size() > 1
+    return any(int(os.environ.get(key) or 1) > 1 for key in ("WORLD_SIZE", "SLURM_NTASKS"))
+
+
+def failure_marker(run_dir: str | os.PathLike) -> Path:
+    """Where this process marks a failed run: ``FAILED`` on rank 0 (or alone), ``FAILED.rank<N>`` on rank N, so that
+    a rank's own error is kept beside rank 0's, which is often only the lost connection to that rank."""
+    rank = process_rank()
+    return Path(run_dir) / (FAILED if rank == "0" else f"{FAILED}.rank{rank}")
+
+
+#: how gloo and NCCL report a collective whose peer process ended (crashed, killed)
+PEER_LOST = ("closed by peer", "reset by peer", "remote worker crashing", "NCCL communicator was aborted", "ncclRemoteError")
+
+
+def peer_failures(exc: BaseException, run_dir: str | os.PathLike, wait: float = 2.0) -> str:
+    """For rank 0's error ``exc`` that is a lost connection to another rank (`PEER_LOST`): what the other ranks'
+    markers (`failure_marker`) say, ``"rank N failed: <its first line> (FAILED.rankN has its traceback)"`` (waiting
+    up to ``wait`` seconds for one to appear), or, where there is none (a killed rank), where to look; "" for any
+    other error. Noted on ``exc``: the marker and the ``error:`` line ask once."""
+    import time
+
+    if getattr(exc, "_mtl_peers", None) is not None:
+        return exc._mtl_peers
+    run_dir = Path(run_dir)
+    if not any(text in str(exc) for text in PEER_LOST):
+        return ""
+    # (Lightning's local DDP: its rank environment is undone when the job ends, but the other ranks' job logs stay)
+    if not distributed() and not any(run_dir.glob("*_ddp_process_*.log")):
+        return ""  # one process: a network error of its own
+    deadline = time.monotonic() + wait
+    while True:
+        markers = sorted(run_dir.glob(f"{FAILED}.rank*"))
+        if markers or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    said = []
+    for marker in markers:
+        try:
+            line = marker.read_text().split("\n", 1)[0].strip()
+        except OSError:
+            continue
+        said.append(f"rank {marker.name[len(FAILED) + 5:]} failed: {line} ({marker.name} has its traceback)")
+    resume = run_dir / "checkpoints" / "last.ckpt"
+    note = "; ".join(said) or (
+        "another rank ended without an error of its own (killed, e.g. out of memory?): see its "
+        "train_ddp_process_<N>.log in the run folder" + (f"; resume with ckpt_path={resume}" if resume.is_file() else ""))
+    with contextlib.suppress(AttributeError, TypeError):
+        exc._mtl_peers = note
+    return note
+
+
+def stale_rank_markers(run_dir: str | os.PathLike) -> None:
+    """Remove the other ranks' markers of an earlier attempt in ``run_dir`` (rank 0 replaces its verdict)."""
+    for marker in Path(run_dir).glob(f"{FAILED}.rank*"):
+        marker.unlink(missing_ok=True)
 
 
 class Terminated(BaseException):
