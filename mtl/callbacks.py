@@ -85,13 +85,14 @@ class ProbeThenFinetune(L.Callback):
 class MarksRankFailure(L.Callback):
     """DDP: a rank other than 0 writes its ``FAILED.rank<N>`` marker as soon as its fit fails, before Lightning's
     teardown ends its connections: rank 0, which then fails with only a lost connection, finds it and names it
-    (`mtl.cli.failures.peer_failures`). The marker is written again, the same, once the error leaves the job."""
+    (`mtl.cli.rank_failures.peer_failures`). The marker is written again, the same, once the error leaves the job."""
 
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        from mtl.cli.failures import interruption, process_rank, write_failure_marker
+        from mtl.cli.failures import interruption, write_failure_marker
+        from mtl.cli.rank_failures import process_rank
 
         if trainer.world_size > 1 and process_rank() != "0" and interruption(exception) is None:
             write_failure_marker(self.run_dir, exception)

@@ -16,7 +16,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mtl.cli.common import write_hydra_record
-from mtl.cli.failures import FAILED, FINISHED_RECORDS, RunFolderTaken, check_run_folder, stale_rank_markers
+from mtl.cli.failures import FAILED, FINISHED_RECORDS, RunFolderTaken, check_run_folder
+from mtl.cli.rank_failures import stale_rank_markers
 from mtl.data import check_datamodule, create_datamodule
 from mtl.evaluation import delta_m, load_baselines, save_baselines
 from mtl.folder_data import data_record

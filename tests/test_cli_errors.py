@@ -940,7 +940,7 @@ def test_another_ranks_failure_marker_is_its_own_and_leaves_rank_0s(monkeypatch,
 
 
 def test_a_lost_peer_without_a_marker_is_named_and_a_lone_process_is_unchanged(monkeypatch, tmp_path):
-    from mtl.cli.failures import peer_failures
+    from mtl.cli.rank_failures import peer_failures
 
     for key in RANK_KEYS:
         monkeypatch.delenv(key, raising=False)

@@ -32,7 +32,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 from mtl.cli.choices import check_overrides
 from mtl.cli.failures import (FAILED, Terminated, claims_run_folder, interrupted_message, interruption, marks_failure,
-                               output_root_problem, peer_failures, process_rank, sigterm_raises)
+                               output_root_problem, sigterm_raises)
+from mtl.cli.rank_failures import peer_failures, process_rank
 from mtl.cli.new_folders import made_for_run, removes_unused_folder
 
 
