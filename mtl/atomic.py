@@ -208,13 +208,14 @@ def _remove_stale_temps(path: Path) -> None:
     """
     if os.name != "posix" or not path.parent.is_dir():
         return
+    here = host_tag()
     for kind in ("old", "tmp"):
         head = f".{path.name}.{kind}-"
         stale = []
         for entry in path.parent.iterdir():
             writer = entry.name[len(head):].split("-", 1)[0] if entry.name.startswith(head) else ""
             pid, _, tag = writer.partition("@")
-            if pid.isdigit() and tag in ("", host_tag()) and not alive(int(pid)):
+            if pid.isdigit() and tag in ("", here) and not alive(int(pid)):
                 stale.append(entry)
         for entry in stale:
             if kind == "old" and not os.path.lexists(path) and _restored(entry, path):

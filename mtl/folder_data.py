@@ -34,7 +34,7 @@ def data_record(data_kw: Mapping[str, Any]) -> dict[str, Any]:
     from mtl.data.hf import default_cache_dir
 
     record = {k: _absolute(v) if k in (*DATASET_PATHS, CACHE) else v for k, v in data_kw.items()}
-    default = str(default_cache_dir(str(data_kw.get("name"))).expanduser().resolve())
+    default = str(default_cache_dir(str(data_kw.get("name"))).resolve())
     if record.get(CACHE) == default:
         del record[CACHE]
     return record

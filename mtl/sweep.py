@@ -85,15 +85,17 @@ def check_monitors(cfg, metric_names: Mapping[str, Any], directions: Mapping[str
     logged = [*loss_names(metric_names), *(f"val/{t}/{m}" for t, names in metric_names.items() for m in names)]
     train_epoch = loss_names(metric_names, "train", epoch=True)
     for name, cb in (cfg.get("callbacks") or {}).items():
-        monitor = cb.get("monitor") if hasattr(cb, "get") else None
+        if not hasattr(cb, "get"):
+            continue  # (a callback given as a bare value: no checkpoint settings)
+        monitor = cb.get("monitor")
         if not monitor:
             # every save is the newest (Lightning's save_top_k 1 keeps the last, -1 all); mode is unused, but
             # Lightning refuses None
-            top_k = cb.get("save_top_k", 1) if hasattr(cb, "get") else 1
+            top_k = cb.get("save_top_k", 1)
             if top_k not in (-1, 0, 1):
                 raise ValueError(f"callbacks.{name}.save_top_k={top_k} needs a monitor to rank checkpoints by "
                                  f"(callbacks.{name}.monitor is null); set save_top_k to 1 (the last epoch) or -1 (all)")
-            if hasattr(cb, "get") and "mode" in cb and cb.get("mode") is None:
+            if "mode" in cb and cb.get("mode") is None:
                 with open_dict(cb):
                     cb["mode"] = "min"
             continue
@@ -106,12 +108,11 @@ def check_monitors(cfg, metric_names: Mapping[str, Any], directions: Mapping[str
         if str(monitor).startswith("train/"):
             # read at the training epoch's end: Lightning saves at validation's end when validation is not every
             # epoch (check_val_every_n_epoch > 1, val_check_interval), where it would find the last epoch's mean
-            if hasattr(cb, "get") and cb.get("save_on_train_epoch_end") is False:
+            if cb.get("save_on_train_epoch_end") is False:
                 raise ValueError(f"callbacks.{name}.monitor={monitor!r} is an epoch mean of training, known at the "
                                  f"training epoch's end: callbacks.{name}.save_on_train_epoch_end must not be false")
-            if hasattr(cb, "get"):
-                with open_dict(cb):
-                    cb["save_on_train_epoch_end"] = True
+            with open_dict(cb):
+                cb["save_on_train_epoch_end"] = True
         if not str(monitor).startswith("val/"):
             if directions is not None and "mode" in cb and cb.get("mode") is None:
                 # another split's value (train/loss_epoch, ...): a loss is minimised; other names have no known direction

@@ -20,10 +20,14 @@ log = logging.getLogger(__name__)
 def init_from_folder(model: MultiTaskModel, folder: str | Path) -> dict[str, int]:
     """Copy every weight whose name and shape match from a model folder (fine-tuning start)."""
     source = load_state(folder)
-    if hasattr(model, "upgrade_state") and _same_width_set(model, folder):  # an older layout, as load_model reads it
+    # a slimmable folder: of the model's width set, only then can its statistics' row counts tell the older layout
+    # (one row per width) from the current one (one per width pair), as load_model reads it; of another set, k² rows
+    # of the folder's could pass for k rows of the model's, so its rows are matched by width
+    widths = _folder_widths(folder) if hasattr(model, "upgrade_state") else None
+    if widths is not None and widths == [float(w) for w in model.width_set]:
         model.upgrade_state(source)
-    elif hasattr(model, "upgrade_state") and _folder_widths(folder) is not None:
-        _stats_by_width(model, source, _folder_widths(folder), folder)
+    elif widths is not None:
+        _stats_by_width(model, source, widths, folder)
     own = model.state_dict()
     loaded = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
     # weights, not counters: BN's 0-d num_batches_tracked has one name at every width and depth, so it always matches
@@ -69,13 +73,6 @@ def _backbone_name(config: dict[str, Any]) -> str:
 def _folder_widths(folder: str | Path) -> list[float] | None:
     stored = (read_model_config(folder)["model"].get("backbone") or {}).get("widths")
     return None if stored is None else [float(w) for w in stored]
-
-
-def _same_width_set(model: MultiTaskModel, folder: str | Path) -> bool:
-    """Whether `folder` holds a slimmable model of `model`'s width set: only then can its statistics' row
-    counts tell the older layout (one row per width) from the current one (one per width pair) — with
-    another set, k² rows of the folder's could pass for k rows of the model's and land in the wrong rows."""
-    return _folder_widths(folder) == [float(w) for w in model.width_set]
 
 
 def _stats_by_width(model: MultiTaskModel, source: dict[str, torch.Tensor], theirs: list[float],

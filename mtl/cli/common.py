@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator, Sequence
 from mtl.cli.choices import check_overrides
 from mtl.cli.failures import (FAILED, Terminated, claims_run_folder, interrupted_message, interruption, marks_failure,
                                output_root_problem, sigterm_raises)
-from mtl.cli.rank_failures import peer_failures, process_rank
+from mtl.cli.rank_failures import led_by_peers, process_rank
 from mtl.cli.new_folders import made_for_run, removes_unused_folder
 
 
@@ -184,8 +184,8 @@ def run_job(cfg, job: Callable[[Any, Path], Any] | str, check: str | None = None
             raise
         message = interrupted_message(stop[0], run_dir) if stop else one_line(e)
         if _rank0():
-            peers = peer_failures(e, run_dir) if stop is None else ""  # another rank's own error first
-            print(f"error: {f'{peers}; rank 0: ' if peers else ''}{message}", file=sys.stderr, flush=True)
+            shown = led_by_peers(message, e, run_dir) if stop is None else message  # another rank's own error first
+            print(f"error: {shown}", file=sys.stderr, flush=True)
         else:  # another DDP rank: its own error, which rank 0 may only see as a lost connection
             print(f"error: rank {process_rank()}: {message}", file=sys.stderr, flush=True)
             logging.getLogger().error("rank %s failed: %s", process_rank(), message, exc_info=e)  # its job log

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 from mtl.atomic import alive, atomic_path, make_parents, remove_empty
-from mtl.cli.rank_failures import FAILED, failure_marker, peer_failures, process_rank
+from mtl.cli.rank_failures import FAILED, failure_marker, led_by_peers, process_rank
 from mtl.folder_checks import JSON_ERRORS
 
 #: what each CLI writes last into its run folder (mtl-train, mtl-merge, mtl-prune: metrics.json), so finished
@@ -79,8 +79,7 @@ def write_failure_marker(run_dir: str | os.PathLike, e: BaseException) -> None:
     if not run_dir.is_dir():
         return
     head = f"{type(e).__name__}: {e}" if stop is None else interrupted_message(stop[0], run_dir)
-    peers = peer_failures(e, run_dir) if stop is None and process_rank() == "0" else ""
-    head = f"{peers}; rank 0: {head}" if peers else head
+    head = led_by_peers(head, e, run_dir) if stop is None and process_rank() == "0" else head
     try:
         with atomic_path(failure_marker(run_dir)) as tmp:
             tmp.write_text(f"{head}\n\n" + "".join(traceback.format_exception(e)))

@@ -88,3 +88,10 @@ def stale_rank_markers(run_dir: str | os.PathLike) -> None:
     """Remove the other ranks' markers of an earlier attempt in ``run_dir`` (rank 0 replaces its verdict)."""
     for marker in Path(run_dir).glob(f"{FAILED}.rank*"):
         marker.unlink(missing_ok=True)
+
+
+def led_by_peers(message: str, exc: BaseException, run_dir: str | os.PathLike) -> str:
+    """Rank 0's ``message`` for its error ``exc``, led by what the other ranks said (`peer_failures`) when ``exc`` is
+    a lost connection to them: ``"<peers>; rank 0: <message>"``; else ``message``."""
+    peers = peer_failures(exc, run_dir)
+    return f"{peers}; rank 0: {message}" if peers else message

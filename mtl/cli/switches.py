@@ -31,13 +31,18 @@ def as_switch(key: str, value: Any) -> bool:
     raise ValueError(f"{key} must be true or false, got {value!r}")
 
 
+def leaves(settings: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every setting in ``settings`` (a config as read from its YAML) that is no mapping."""
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            yield from leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
 def bool_keys(settings: dict, prefix: str = "") -> Iterator[str]:
     """The dotted keys whose value in ``settings`` (an app's primary config, as read from its YAML) is a bool."""
-    for key, value in settings.items():
-        if isinstance(value, bool):
-            yield f"{prefix}{key}"
-        elif isinstance(value, dict):
-            yield from bool_keys(value, f"{prefix}{key}.")
+    return (key for key, value in leaves(settings, prefix) if isinstance(value, bool))
 
 
 def app_switches(app_module: str) -> set[str]:
@@ -80,18 +85,9 @@ def group_switches(app_module: str) -> frozenset[str]:
             if not isinstance(data, dict):
                 continue
             prefix = "" if "# @package _global_" in text.split("\n", 1)[0] else f"{group.name}."
-            switches.update(bool_keys(data, prefix))
-            others.update(other_keys(data, prefix))
+            for key, value in leaves(data, prefix):
+                (switches if isinstance(value, bool) else others).add(key)
     return frozenset(switches - others)
-
-
-def other_keys(settings: dict, prefix: str = "") -> Iterator[str]:
-    """The dotted keys whose value in ``settings`` is neither a bool nor a mapping."""
-    for key, value in settings.items():
-        if isinstance(value, dict):
-            yield from other_keys(value, f"{prefix}{key}.")
-        elif not isinstance(value, bool):
-            yield f"{prefix}{key}"
 
 
 def check_switches(cfg: Any, app_module: str) -> None:

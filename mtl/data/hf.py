@@ -3,7 +3,6 @@ HF ``datasets`` (its progress bars hidden while mtlkit reads or writes its own c
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 from typing import Iterator
@@ -16,16 +15,14 @@ def default_cache_dir(kind: str) -> Path:
     """Where generated data of one kind (``scenes``, ``zoo``) is cached when no ``cache_dir`` is given:
     ``$MTL_DATA_CACHE/<kind>``, else ``~/.cache/mtlkit/<kind>``. The CLI's ``paths.data_cache`` +
     ``/<kind>`` resolves to the same folder, so Python and CLI runs share one cache."""
-    return cache_root(kind)
+    return Path(os.path.expanduser(os.environ.get("MTL_DATA_CACHE") or "~/.cache/mtlkit")) / kind
 
 
 def cache_root(kind: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """The folder generated data of one kind is cached in: ``cache_dir``, else `default_cache_dir`'s, with a
+    """The folder generated data of one kind is cached in: ``cache_dir``, else `default_cache_dir`, with a
     leading ``~`` expanded (``MTL_DATA_CACHE="~/cache"``): the writer would make a literal ``./~`` folder,
     while the reader (``datasets.load_from_disk``) expands it and finds nothing there."""
-    if cache_dir is None:
-        cache_dir = Path(os.environ.get("MTL_DATA_CACHE") or "~/.cache/mtlkit") / kind
-    return Path(os.path.expanduser(str(cache_dir)))
+    return default_cache_dir(kind) if cache_dir is None else Path(os.path.expanduser(str(cache_dir)))
 
 
 @contextlib.contextmanager
@@ -58,10 +55,12 @@ def load_cached(entry: Path, data: Path):
 def read_cache_json(entry: Path, name: str) -> dict:
     """The JSON file ``name`` of cache entry ``entry`` (mtlkit's own record beside the data); a missing or
     truncated one (an interrupted copy) is refused like a corrupt Arrow file, naming ``entry``."""
+    from mtl.io import read_json
+
     try:
-        return json.loads((entry / name).read_text())
+        return read_json(entry / name)
     except (OSError, ValueError) as e:
-        raise corrupt_cache_entry(entry, ValueError(f"{name}: {e.strerror if isinstance(e, OSError) else e}")) from None
+        raise corrupt_cache_entry(entry, e) from None
 
 
 def corrupt_cache_entry(entry: Path, error: BaseException) -> ValueError:

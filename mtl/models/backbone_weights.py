@@ -37,9 +37,10 @@ def missing_from_file(body: nn.Module, name: str, path: str, kwargs: dict[str, A
     plain = _plain_model(name, kwargs, "meta")
     names = plain_names(body, plain.state_dict())
     needed = list(names.values())
-    file_keys = list(load_state_dict(path))
+    state = load_state_dict(path)
+    file_keys = list(state)
     missing = _not_covered(needed, file_keys)
-    if missing and _not_covered(needed, _converted_keys(name, path, kwargs)):
+    if missing and _not_covered(needed, _converted_keys(name, state, kwargs)):
         first = missing[0]
         hint = _features_hint(names, file_keys, name) or _prefix_hint(first, file_keys)
         raise ValueError(f"backbone.checkpoint_path={path}: the file lacks {len(missing)} of the {len(needed)} tensors "
@@ -96,18 +97,17 @@ def _features_hint(names: dict[str, str], file_keys: list[str], name: str) -> st
             f"timm.create_model({name!r}).state_dict() has")
 
 
-def _converted_keys(name: str, path: str, kwargs: dict[str, Any]) -> list[str]:
-    """The file's keys after the conversion timm applies on load (the model module's ``checkpoint_filter_fn``),
-    [] when the module has none or it fails on this file."""
+def _converted_keys(name: str, state: dict[str, Any], kwargs: dict[str, Any]) -> list[str]:
+    """The keys of the file's ``state`` after the conversion timm applies on load (the model module's
+    ``checkpoint_filter_fn``), [] when the module has none or it fails on this file."""
     import timm
-    from timm.models import load_state_dict
 
     convert = getattr(inspect.getmodule(timm.models.model_entrypoint(name)), "checkpoint_filter_fn", None)
     if convert is None:
         return []
     plain = _plain_model(name, kwargs, "cpu")  # a converter may read the model's tensors
     try:
-        return list(convert(load_state_dict(path), plain))
+        return list(convert(state, plain))
     except Exception:  # a converter meeting a file it was not written for: the file's own names stand
         return []
 
