@@ -23,6 +23,7 @@ from mtl.evaluation import delta_m, load_baselines, save_baselines
 from mtl.folder_data import data_record
 from mtl.io import atomic_path, save_model, write_json
 from mtl.models import create_model
+from mtl.model_checks import check_model_settings
 from mtl.models.backbone_weights import check_file
 from mtl.module import MultiTaskModule, check_optim
 from mtl.registry import check_int, check_seed
@@ -191,6 +192,7 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     # left to the data is read once the data exists (2 stands in for it here)
     check_datamodule(**OmegaConf.to_container(cfg.data, resolve=True))
     tasks = build_tasks(cfg, default_classes=2)
+    check_model_settings(cfg, tasks)  # backbone.<key>, decoder.<key>, family and balancer.<key>, as built
     # the checkpoint monitors and the objective against the tasks' metric names (no data needed), on a copy: the
     # run's config.yaml records the settings as given; they are checked (and filled in) again on the built module
     names = {t.name: list(t.metrics()) for t in tasks}

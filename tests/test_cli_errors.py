@@ -34,14 +34,7 @@ def run_main(monkeypatch, tmp_path, *overrides):
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("backbone.name=resnet_18", "unknown timm backbone 'resnet_18'; similar names: resnet18,"),
-    ("balancer.name=foo", "unknown balancer 'foo'; valid names: aligned_mtl,"),
-    ('decoder.channels="16"', "decoder.channels must be int, got '16' (str)"),
-    ("+decoder.chanels=16", "unknown setting decoder.chanels (did you mean decoder.channels?); the settings here are: "
-                            "channels, norm, head,"),
     ("baselines.variant=bogus", "baselines.variant='bogus' is not a Δm variant; valid names: primary, all, flat"),
-    # a balancer's range error names the full key, as the finiteness check does
-    ("balancer=dwa balancer.temperature=-1", "dwa: balancer.temperature must be > 0, got -1"),
 ])
 def test_error_after_composition_is_one_line_and_marks_the_run_failed(monkeypatch, tmp_path, capfd, override, expected):
     code, runs = run_main(monkeypatch, tmp_path, *override.split())
@@ -83,10 +76,19 @@ def test_error_after_composition_is_one_line_and_marks_the_run_failed(monkeypatc
                                                            "logged; logged: val/loss,"),
     ("callbacks.model_checkpoint.monitor=train/loss", "callbacks.model_checkpoint.monitor='train/loss' is logged per "
                                                        "step"),
+    # the model's and balancer's settings: named once the data module was built, after a FAILED folder
+    ("backbone.name=resnet_18", "unknown timm backbone 'resnet_18'; similar names: resnet18,"),
+    ("balancer.name=foo", "unknown balancer 'foo'; valid names: aligned_mtl,"),
+    ('decoder.channels="16"', "decoder.channels must be int, got '16' (str)"),
+    ("+decoder.chanels=16", "unknown setting decoder.chanels (did you mean decoder.channels?); the settings here are: "
+                            "channels, norm, head,"),
+    ("+backbone.drop_pth_rate=0.1", "unknown setting backbone.drop_pth_rate (did you mean backbone.drop_path_rate?)"),
+    # a balancer's range error names the full key, as the finiteness check does
+    ("balancer=dwa balancer.temperature=-1", "dwa: balancer.temperature must be > 0, got -1"),
 ])
 def test_a_setting_refused_before_the_run_accepts_its_folder_leaves_none(monkeypatch, tmp_path, capfd, override, expected):
     """Refused before config.yaml is written: no FAILED folder without a record of what was asked."""
-    code, runs = run_main(monkeypatch, tmp_path, override)
+    code, runs = run_main(monkeypatch, tmp_path, *override.split())
     out, err = capfd.readouterr()
     assert code == 1 and err.strip().startswith(f"error: {expected}") and len(err.strip().splitlines()) == 1, err
     assert runs == [] and "run_dir:" not in out
@@ -390,8 +392,8 @@ def test_one_line_takes_the_first_line_and_names_bare_key_errors():
 def test_a_verbose_failed_run_still_ends_its_stdout_with_its_folder(monkeypatch, tmp_path, capfd):
     monkeypatch.setenv("MTL_VERBOSE", "0")  # cli_main sets it for the process: restored after the test
     monkeypatch.setenv("MTL_OUTPUT_DIR", str(tmp_path / "outputs"))
-    monkeypatch.setattr(sys, "argv", ["mtl-train", "debug=smoke", "logger=none", "balancer.name=foo", "verbose=true"])
-    with pytest.raises(KeyError, match="unknown balancer 'foo'"):  # the traceback itself, not one line
+    monkeypatch.setattr(sys, "argv", ["mtl-train", "debug=smoke", "logger=none", "baselines.variant=bogus", "verbose=true"])
+    with pytest.raises(ValueError, match="baselines.variant='bogus' is not a Δm variant"):  # the traceback itself, not one line
         train_cli.main()
     (run,) = (tmp_path / "outputs" / "train" / "runs").iterdir()
     assert (run / FAILED).is_file()
@@ -402,11 +404,11 @@ def test_a_verbose_failed_run_still_ends_its_stdout_with_its_folder(monkeypatch,
 def test_verbose_switch_shows_the_traceback(tmp_path):
     env = dict(os.environ, MTL_OUTPUT_DIR=str(tmp_path / "outputs"))
     env.pop("HYDRA_FULL_ERROR", None)
-    proc = subprocess.run([sys.executable, "-m", "mtl.cli.train", "debug=smoke", "balancer.name=foo", "verbose=true"],
+    proc = subprocess.run([sys.executable, "-m", "mtl.cli.train", "debug=smoke", "baselines.variant=bogus", "verbose=true"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "Traceback (most recent call last)" in proc.stderr
-    assert "unknown balancer 'foo'" in proc.stderr
+    assert "baselines.variant='bogus' is not a Δm variant" in proc.stderr
     runs = list((Path(tmp_path) / "outputs" / "train" / "runs").glob("*"))
     assert len(runs) == 1 and (runs[0] / FAILED).is_file()
 

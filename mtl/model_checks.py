@@ -1,0 +1,42 @@
+"""A training run's model and balancer settings judged before its run folder is written: a misspelt
+``+decoder.<key>``, a wrong type in ``backbone.<key>`` or an out-of-range ``balancer.<key>`` was named only once the
+data module existed, after ``config.yaml`` and a ``FAILED`` marker had been written."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mtl.balancers import create_balancer
+from mtl.models import create_model
+from mtl.warm_start import INITIAL_WEIGHTS
+
+__all__ = ["check_model_settings"]
+
+
+def check_model_settings(cfg: DictConfig, tasks: list[Any]) -> None:
+    """Build the run's model on the meta device (no memory; its initial weights neither read nor asked of a Hub) and
+    its balancer for ``tasks``; each refusal is the one the real build gives. A model from ``init_from`` or a resume's
+    checkpoint takes its architecture from there, and is judged when it is built."""
+    if not cfg.get("init_from") and not cfg.get("ckpt_path"):
+        backbone = {k: v for k, v in OmegaConf.to_container(cfg.backbone, resolve=True).items()
+                    if k not in INITIAL_WEIGHTS}
+        decoder = OmegaConf.to_container(cfg.decoder, resolve=True)
+        family = cfg.get("family") or "multitask"
+        _build(lambda: create_model(tasks, backbone=backbone, decoder=decoder, family=family))
+    balancer = OmegaConf.to_container(cfg.balancer, resolve=True) if cfg.get("balancer") else {"name": "ew"}
+    with torch.random.fork_rng(devices=[]):
+        create_balancer(balancer.pop("name"), [t.name for t in tasks], **balancer)
+
+
+def _build(build: Callable[[], Any]) -> None:
+    # the random init is thrown away: not the run's stream
+    with torch.random.fork_rng(devices=[]):
+        try:
+            with torch.device("meta"):
+                build()
+            return
+        except Exception:  # noqa: BLE001  (a layer that cannot be built on the meta device, or a bad setting:
+            pass           # the real build, below, says which)
+        build()
