@@ -65,6 +65,18 @@ class TaskMoE(nn.Module):
         self.stats: dict[str, dict[str, torch.Tensor]] = {}
         self.stats_in_training = False  # whether ``stats`` come from a training-mode forward
 
+    #: what a forward overwrites besides its output (the last forward's routing statistics); a measuring
+    #: forward on a live model (``mtl.modes.eval_mode``) puts them back, so a pending aux loss survives it
+    FORWARD_STATE = ("stats", "stats_in_training")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles (``copy.deepcopy``, SWA/EMA's ``AveragedModel``, ``torch.save(model)``) leave
+        out the last forward's statistics: a training forward's ``balance`` / ``mean_probs`` belong to its
+        autograd graph, which torch cannot copy. A copy starts as a new module: no pending aux loss."""
+        state = super().__getstate__()
+        state["stats"], state["stats_in_training"] = {}, False
+        return state
+
     def route(self, task: str, h: torch.Tensor):
         if self.gate_kind == "per_task":
             return self.routers[task](h, self._selectable())

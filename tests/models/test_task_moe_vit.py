@@ -523,3 +523,29 @@ def test_an_input_size_not_divisible_by_the_patch_size_is_refused():
                                          r"patch embedding would drop its last 1 row\(s\) and 3 column\(s\)\)"):
         model(torch.randint(0, 255, (1, 3, 33, 47), dtype=torch.uint8))
     assert model(torch.randint(0, 255, (1, 3, 36, 48), dtype=torch.uint8))["depth"].shape == (1, 1, 36, 48)
+
+
+def test_a_model_is_copied_and_pickled_after_a_training_forward_without_its_pending_aux_loss():
+    """A training forward left graph-carrying ``balance`` / ``mean_probs`` in ``TaskMoE.stats``: deepcopy (SWA's
+    AveragedModel, merging.pool.evaluate on another device) failed in torch ("Only Tensors created explicitly
+    by the user (graph leaves) support the deepcopy protocol")."""
+    import copy
+    import io
+
+    from torch.optim.swa_utils import AveragedModel
+
+    model = make().train()
+    out = model(X)
+    (out["depth"].float().mean() + model.aux_loss()["depth"]).backward()
+    pending = model.aux_loss()
+    twin = copy.deepcopy(model)
+    AveragedModel(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for other in (twin, loaded):
+        assert other.training and other.aux_loss() == {}  # a copy starts with no pending aux loss
+        torch.testing.assert_close(other.state_dict(), model.state_dict())
+    assert {t: v.item() for t, v in model.aux_loss().items()} == {t: v.item() for t, v in pending.items()}
+    assert all(m.stats for m in model.moe_modules())  # the original keeps its own
