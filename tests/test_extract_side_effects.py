@@ -1,5 +1,6 @@
 """mtl.extract leaves the caller's world as it was: torch's random streams (a sub-network is built with a
-random init that its weights then replace), the model's weights and every module's train/eval mode."""
+random init that its weights then replace), the model's weights, every module's train/eval mode and a pending
+aux_loss()."""
 import pytest
 import torch
 
@@ -52,3 +53,20 @@ def test_a_text_overwrite_is_refused_before_anything_is_extracted_or_written(tmp
     with pytest.raises(ValueError, match="^overwrite must be true or false, got 'no'$"):
         mtl.extract(model, widths={"encoder": 0.25}, out=out, overwrite="no")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_measuring_a_training_model_keeps_its_pending_aux_loss():
+    """mtl.extract's (and model_stats') eval-mode calibration forward overwrote the MoE routing statistics, so a
+    loop doing forward -> extract/FLOPs for monitoring -> loss + aux_loss() trained that step without its
+    balance loss (aux_loss() came back {} with the model still in training mode)."""
+    torch.manual_seed(0)
+    model = _moe().train()
+    model(X)
+    before = model.aux_loss()
+    assert set(before) == {"semseg", "depth"}
+    mtl.extract(model, task="depth", calib=[X])
+    mtl.model_stats(model, X)
+    after = model.aux_loss()
+    assert set(after) == set(before)
+    for t, loss in before.items():
+        assert torch.equal(after[t], loss) and after[t].requires_grad  # still the training forward's graph
