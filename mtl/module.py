@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Mapping
 
 import lightning as L
@@ -47,6 +49,25 @@ def set_rng_states(states: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     version, state, gauss_next = states["python"]
     random.setstate((version, tuple(state), gauss_next))
+
+
+def torch_rng(device: torch.device) -> tuple[list[int], torch.Tensor, list[torch.Tensor]]:
+    """The torch generators a forward on ``device`` draws from (CPU, and that CUDA device), for ``replayed_rng``."""
+    device = torch.device(device)
+    cuda = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
+    return cuda, torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in cuda]
+
+
+@contextmanager
+def replayed_rng(saved: tuple[list[int], torch.Tensor, list[torch.Tensor]]) -> Iterator[None]:
+    """Inside: torch's generators as ``saved`` (so dropout and MoE gating noise draw exactly as then);
+    afterwards: as on entry (the training stream does not see the replay)."""
+    cuda, cpu, states = saved
+    with torch.random.fork_rng(devices=cuda):
+        torch.set_rng_state(cpu)
+        for d, state in zip(cuda, states):
+            torch.cuda.set_rng_state(state, d)
+        yield
 
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int, min_ratio: float = 0.0):
@@ -195,6 +216,7 @@ class MultiTaskModule(L.LightningModule):
         sched = self.lr_schedulers()
         if self.strategy is not None:
             self.strategy.before_forward(self, batch)
+        rng = torch_rng(self.device)  # what the forward draws: recompute replays it
         z, losses = self._forward_losses(batch)
         # --- balancer wiring: loss checks, recompute closure, monitor ---------------------------
         self.balancer.check_losses(losses)  # before the monitor's backward passes, which would fail unnamed
@@ -202,11 +224,11 @@ class MultiTaskModule(L.LightningModule):
             return None  # skipped (skip_nonfinite=true; logged): no backward, no optimiser step
 
         def recompute(tasks=None) -> dict[str, torch.Tensor]:
-            # same batch, current weights, BN running stats untouched, caller's grad mode;
-            # `tasks` restricts the heads run (flat perturbs one task at a time)
+            # same batch, current weights, BN running stats untouched, caller's grad mode, the forward's
+            # random draws (dropout, MoE gating noise); `tasks` restricts the heads run (flat perturbs one task at a time)
             names = list(self.tasks) if tasks is None else list(tasks)
             x = batch["image"]
-            with freeze_norm_stats(self.model), usage_paused(self.model):
+            with replayed_rng(rng), freeze_norm_stats(self.model), usage_paused(self.model):
                 preds = self.model.heads(self.model.shared(x), tuple(x.shape[-2:]), names)
             return self.with_aux_losses({n: self.tasks[n].loss(preds[n], batch[self.tasks[n].target_key]) * self.tasks[n].weight
                                          for n in names})

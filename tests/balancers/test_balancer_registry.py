@@ -235,3 +235,45 @@ def test_the_training_step_checks_the_losses_before_the_monitors_backward_passes
                                          r"tensor, got shape \(4,\)"):
         module.training_step({"image": torch.zeros(4, 3, 32, 32)}, 0)
     assert shared.grad is None
+
+
+@pytest.mark.parametrize("tasks", [None, ["depth"]])
+def test_recompute_at_unchanged_weights_repeats_the_forwards_losses_under_noisy_gating(monkeypatch, tasks):
+    """ctx.recompute ran in train mode with fresh random draws: a noisy top-k router routed tokens unlike the
+    forward, so FLAT's perturbed loss and FAMO's after-step loss measured gating noise as well as the step."""
+    import types
+
+    from mtl.models import create_model
+    from mtl.module import MultiTaskModule
+
+    class Stop(Exception):
+        pass
+
+    torch.manual_seed(0)
+    model = create_model(["depth", "semseg"], family="task_moe_vit",
+                         backbone={"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2},
+                         decoder={"num_experts": 8, "top_k": 2, "noisy": True})
+    for m in model.moe_modules():  # a visible noise scale: the routers start with zero noise weights
+        for r in m.routers.values():
+            torch.nn.init.normal_(r.noise.weight, std=1.0)
+    module = MultiTaskModule(model, balancer="ew")
+    monkeypatch.setattr(module, "optimizers", lambda: types.SimpleNamespace(zero_grad=lambda set_to_none: None))
+    monkeypatch.setattr(module, "lr_schedulers", lambda: None)
+    seen = {}
+
+    def backward(ctx):
+        seen["forward"] = {t: l.detach() for t, l in ctx.losses.items()}
+        with torch.no_grad():
+            seen["again"] = ctx.recompute(tasks)
+            seen["fresh"] = module._forward_losses(batch)[1]  # what a forward with new draws gives
+        raise Stop
+
+    monkeypatch.setattr(module.balancer, "backward", backward)
+    batch = {"image": torch.rand(2, 3, 16, 16), "depth": torch.rand(2, 1, 16, 16) + 0.5,
+             "semseg": torch.randint(0, 5, (2, 16, 16))}
+    with pytest.raises(Stop):
+        module.training_step(batch, 0)
+    assert set(seen["again"]) == set(tasks or ["depth", "semseg"])
+    for t, loss in seen["again"].items():
+        assert torch.equal(loss, seen["forward"][t])
+    assert any(not torch.equal(seen["fresh"][t], seen["forward"][t]) for t in seen["forward"])  # the noise is real
