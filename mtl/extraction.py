@@ -46,11 +46,7 @@ def extract(model: nn.Module, *args: Any, out: str | os.PathLike | None = None, 
         request = _describe({**defaults, **kwargs})
         if "widths" in report:  # the configuration used: the request over the parent's current widths
             request = {**request, "widths": report["widths"], "requested_widths": request.get("widths")}
-            from mtl.models.slimmable.layers import wkey
-
-            # by the key calibrate_widths wrote (6 significant digits): float(key) == width only when it prints so
-            used = {wkey(w) for w in (report["widths"]["encoder"], *report["widths"]["decoders"].values())}
-            calibrated = {k: v for k, v in (parent.get("calibrated_widths") or {}).items() if k in used}
+            calibrated = calibrations_used(parent, report["widths"])
             if calibrated:  # BN statistics estimated by calibrate_widths (mtl-extract: on calib.batches), not trained
                 request["calibrated_widths"] = calibrated
         meta = {"extracted_from": parent.get("run_dir"), "extract": request,
@@ -63,6 +59,17 @@ def extract(model: nn.Module, *args: Any, out: str | os.PathLike | None = None, 
             meta["report"] = measured
         save_model(sub, out, meta=meta, overwrite=overwrite)
     return sub
+
+
+def calibrations_used(meta: Mapping[str, Any] | None, widths: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The entries of a slimmable model's ``meta["calibrated_widths"]`` (``{"0.6": {"batches": 8, "split":
+    "train"}}``) for the widths an extraction used (``widths``: ``{"encoder": w, "decoders": {task: w}}``): what
+    the extracted folder's ``meta.extract`` and mtl-extract's report record under ``calibrated_widths``."""
+    from mtl.models.slimmable.layers import wkey
+
+    # by the key calibrate_widths wrote (6 significant digits): float(key) == width only when it prints so
+    used = {wkey(w) for w in (widths["encoder"], *widths["decoders"].values())}
+    return {k: dict(v) for k, v in ((meta or {}).get("calibrated_widths") or {}).items() if k in used}
 
 
 def _as_keywords(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:

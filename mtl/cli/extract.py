@@ -18,16 +18,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtl.cli.common import cli_main, run_job
 from mtl.cli.jobs import check_model_given, input_model, start_run
-from mtl.extraction import check_request
+from mtl.extraction import calibrations_used, check_request
 from mtl.folder_data import data_record
 from mtl.registry import check_int
 
 
-def _calibrate_new_widths(model, widths: dict[str, Any], cfg: DictConfig) -> tuple[list[float], list[dict[str, Any]]]:
+def _calibrate_new_widths(model, widths: dict[str, Any], cfg: DictConfig) -> list[dict[str, Any]]:
     """The requested widths outside the model's width set get BN statistics of their own from ``calib.batches``
     batches of ``calib.split`` (``model.calibrate_widths``, as in Python), so any width in (0, 1] extracts;
     widths in the set keep their trained statistics. Values that are no width are left to the extraction's errors.
-    Returns those widths and the batches read (none when every width is in the set)."""
+    Returns the batches read (none when every width is in the set); ``model.meta["calibrated_widths"]`` records
+    the widths, their batch count and split."""
     from collections.abc import Mapping
 
     from mtl.models.slimmable.layers import OneValuePerChannel, width_index, wkey
@@ -38,7 +39,7 @@ def _calibrate_new_widths(model, widths: dict[str, Any], cfg: DictConfig) -> tup
     new = sorted({float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)
                   and 0.0 < float(v) <= 1.0 and width_index(model.width_set, float(v)) is None})
     if not new:
-        return [], []
+        return []
     batches = calibration_batches(model, cfg, why=f"widths {new} outside the width set (BN recalibration)")
     old = list(model.width_set)
     try:
@@ -50,7 +51,7 @@ def _calibrate_new_widths(model, widths: dict[str, Any], cfg: DictConfig) -> tup
         model.meta["calibrated_widths"][wkey(w)]["split"] = cfg.calib.split
     emit(f"[mtl-extract] widths {new} are not in the model's width set {old}: their BN "
          f"statistics estimated on {len(batches)} {cfg.calib.split} batches (calib.batches, calib.split)")
-    return new, batches
+    return batches
 
 
 def _one_task(tasks) -> str:
@@ -145,7 +146,7 @@ def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     # before any data: the family extracts at all, and by this request
     check_request(model, {"widths": widths} if widths is not None
                   else {"task": task, "calib": [], "min_share": cfg.min_share})
-    calibrated, batches = _calibrate_new_widths(model, widths, cfg) if widths is not None and by_widths else ([], [])
+    batches = _calibrate_new_widths(model, widths, cfg) if widths is not None and by_widths else []
     if widths is not None:
         # one image to count FLOPs at: the calibration's first batch, else the data's first (read once either way)
         batches = batches or calibration_batches(model, cfg, limit=1, why="widths= (one image to count FLOPs at)")
@@ -153,8 +154,9 @@ def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             model.meta = {**getattr(model, "meta", {}), "data": data_record(data_config(model, cfg))}
         sub = mtl.extract(model, out=output, overwrite=bool(cfg.overwrite), run_dir=run_dir, widths=widths)
         report = {"widths": sub.extraction_report["widths"], "requested_widths": widths}
-        if calibrated:
-            report["calibrated_widths"] = {"widths": calibrated, "batches": int(cfg.calib.batches), "split": cfg.calib.split}
+        used = calibrations_used(model.meta, report["widths"])
+        if used:  # as the extracted folder's meta.extract records them: keyed by width
+            report["calibrated_widths"] = used
     else:
         batches = calibration_batches(model, cfg)
         sub = mtl.extract(model, out=output, overwrite=bool(cfg.overwrite), run_dir=run_dir, task=task,

@@ -650,10 +650,11 @@ def test_extract_cli_calibrates_a_width_outside_the_set_on_calib_batches(tmp_pat
     cfg, run_dir = compose_in_process("mtl.configs.extract_app", "extract", [
         f"model={tmp_path / 'slim'}", "widths={encoder: 0.6, decoders: {depth: 0.6}}", "calib.batches=2"], tmp_path / "run")
     report = run_extract(cfg, run_dir)
-    assert report["calibrated_widths"] == {"widths": [0.6], "batches": 2, "split": "train"}
-    # the shipped folder says so too: its 0.6 BN statistics come from 2 train batches, not from training
-    assert mtl.load_model(run_dir / "model").meta["extract"]["calibrated_widths"] == {"0.6": {"batches": 2,
-                                                                                             "split": "train"}}
+    # the report and the shipped folder say so in one shape (keyed by width, as docs/models.md gives it; the
+    # report had {"widths": [0.6], "batches": 2, "split": "train"}): its 0.6 BN statistics come from 2 train batches
+    assert report["calibrated_widths"] == {"0.6": {"batches": 2, "split": "train"}}
+    assert json.loads((run_dir / "extract_report.json").read_text())["calibrated_widths"] == report["calibrated_widths"]
+    assert mtl.load_model(run_dir / "model").meta["extract"]["calibrated_widths"] == report["calibrated_widths"]
     parent = mtl.load_model(tmp_path / "slim")
     assert 0.6 not in parent.width_set  # the input folder is untouched
     parent.calibrate_widths([0.6], calibration_batches(create_datamodule(**data), 2, "train"))
