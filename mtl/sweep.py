@@ -72,6 +72,25 @@ def _running_sweeper() -> Mapping[str, Any] | None:
     return hc.sweeper if hc.mode == RunMode.MULTIRUN else None
 
 
+def _epoch_end_flag(cb) -> str | None:
+    """A callback config's argument that makes it act at the training epoch's end, by its ``_target_``:
+    ModelCheckpoint's ``save_on_train_epoch_end``, EarlyStopping's ``check_on_train_epoch_end``; None for a
+    node that is not one of them (another callback, a bare value, a target that does not import)."""
+    if not hasattr(cb, "get") or not cb.get("_target_"):
+        return None
+    from hydra.utils import get_object
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    try:
+        cls = get_object(str(cb["_target_"]))
+    except Exception:  # (instantiating it names the problem)
+        return None
+    if not isinstance(cls, type):
+        return None
+    return ("save_on_train_epoch_end" if issubclass(cls, ModelCheckpoint) else
+            "check_on_train_epoch_end" if issubclass(cls, EarlyStopping) else None)
+
+
 def check_monitors(cfg, metric_names: Mapping[str, Any], directions: Mapping[str, Mapping[str, bool]] | None = None) -> None:
     """Before training: a checkpoint callback's ``monitor`` of the validation split names a value the
     module logs (``val/loss``, ``val/<task>/loss``, ``val/<task>/<metric>``); Lightning would say so only
@@ -79,15 +98,21 @@ def check_monitors(cfg, metric_names: Mapping[str, Any], directions: Mapping[str
     a step value, the epoch's last batch, and refused. Without a monitor, ``mode`` is filled in (unused) and
     ``save_top_k`` must be 1 or -1 (or 0). With ``directions`` ({task: {metric: higher is better}}) its ``mode`` follows
     the monitored value: ``null`` is filled in (losses: min; a metric: its task's direction), and a mode
-    against the direction (``monitor=val/semseg/miou mode=min`` keeps the worst epoch) is refused."""
+    against the direction (``monitor=val/semseg/miou mode=min`` keeps the worst epoch) is refused. The settings apply
+    by the callback's ``_target_``: a ModelCheckpoint (or subclass) gets all of them, an EarlyStopping the monitor and
+    mode checks (``check_on_train_epoch_end`` for a ``train/`` epoch mean), any other callback is left as given."""
     from omegaconf import open_dict
 
     logged = [*loss_names(metric_names), *(f"val/{t}/{m}" for t, names in metric_names.items() for m in names)]
     train_epoch = loss_names(metric_names, "train", epoch=True)
     for name, cb in (cfg.get("callbacks") or {}).items():
-        if not hasattr(cb, "get"):
-            continue  # (a callback given as a bare value: no checkpoint settings)
+        # the flag that reads a train/ epoch mean at the training epoch's end (None: not a monitoring callback)
+        at_epoch_end = _epoch_end_flag(cb)
+        if at_epoch_end is None:
+            continue
         monitor = cb.get("monitor")
+        if not monitor and at_epoch_end == "check_on_train_epoch_end":
+            continue  # (EarlyStopping without a monitor: Lightning names it)
         if not monitor:
             # every save is the newest (Lightning's save_top_k 1 keeps the last, -1 all); mode is unused, but
             # Lightning refuses None
@@ -106,13 +131,13 @@ def check_monitors(cfg, metric_names: Mapping[str, Any], directions: Mapping[str
             raise KeyError(f"callbacks.{name}.monitor={monitor!r} is not logged; logged epoch means: "
                            f"{', '.join(train_epoch)}")
         if str(monitor).startswith("train/"):
-            # read at the training epoch's end: Lightning saves at validation's end when validation is not every
-            # epoch (check_val_every_n_epoch > 1, val_check_interval), where it would find the last epoch's mean
-            if cb.get("save_on_train_epoch_end") is False:
+            # read at the training epoch's end: Lightning saves (or checks) at validation's end when validation is
+            # not every epoch (check_val_every_n_epoch > 1, val_check_interval), where it finds the last epoch's mean
+            if cb.get(at_epoch_end) is False:
                 raise ValueError(f"callbacks.{name}.monitor={monitor!r} is an epoch mean of training, known at the "
-                                 f"training epoch's end: callbacks.{name}.save_on_train_epoch_end must not be false")
+                                 f"training epoch's end: callbacks.{name}.{at_epoch_end} must not be false")
             with open_dict(cb):
-                cb["save_on_train_epoch_end"] = True
+                cb[at_epoch_end] = True
         if not str(monitor).startswith("val/"):
             if directions is not None and "mode" in cb and cb.get("mode") is None:
                 # another split's value (train/loss_epoch, ...): a loss is minimised; other names have no known direction

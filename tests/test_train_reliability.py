@@ -12,6 +12,7 @@ from mtl.train import run
 
 FAST = ["experiment=scenes_hps", "debug=smoke", "logger=none", "viz.num_samples=0", "trainer.limit_val_batches=1",
         "trainer.limit_test_batches=1", "~callbacks.progress_bar", "+trainer.enable_progress_bar=false"]
+MC = {"_target_": "mtl.callbacks.ModelCheckpoint"}  # check_monitors judges a callback by its target
 
 
 def test_baselines_lacking_a_task_fail_before_training(tmp_path):
@@ -287,18 +288,18 @@ def test_the_checkpoint_mode_follows_the_monitored_values_direction():
 
     names, directions = {"semseg": ["miou"], "depth": ["rmse"]}, {"semseg": {"miou": True}, "depth": {"rmse": False}}
     for monitor, want in (("val/semseg/miou", "max"), ("val/depth/rmse", "min"), ("val/loss", "min"), ("val/semseg/loss", "min")):
-        cfg = OmegaConf.create({"callbacks": {"model_checkpoint": {"monitor": monitor, "mode": None}}})
+        cfg = OmegaConf.create({"callbacks": {"model_checkpoint": {**MC, "monitor": monitor, "mode": None}}})
         OmegaConf.set_struct(cfg, True)
         check_monitors(cfg, names, directions)
         assert cfg.callbacks.model_checkpoint.mode == want, monitor
-    cfg = OmegaConf.create({"callbacks": {"model_checkpoint": {"monitor": "val/semseg/miou", "mode": "min"}}})
+    cfg = OmegaConf.create({"callbacks": {"model_checkpoint": {**MC, "monitor": "val/semseg/miou", "mode": "min"}}})
     with pytest.raises(ValueError, match=r"mode=min keeps the worst epoch: val/semseg/miou is higher-is-better"):
         check_monitors(cfg, names, directions)
     # another split's loss is minimised (Lightning refused mode=None after building the trainer)
-    cfg = OmegaConf.create({"callbacks": {"model_checkpoint": {"monitor": "train/loss_epoch", "mode": None}}})
+    cfg = OmegaConf.create({"callbacks": {"model_checkpoint": {**MC, "monitor": "train/loss_epoch", "mode": None}}})
     check_monitors(cfg, names, directions)
     assert cfg.callbacks.model_checkpoint.mode == "min"
-    cfg = OmegaConf.create({"callbacks": {"model_checkpoint": {"monitor": "train/semseg/miou", "mode": None}}})
+    cfg = OmegaConf.create({"callbacks": {"model_checkpoint": {**MC, "monitor": "train/semseg/miou", "mode": None}}})
     with pytest.raises(ValueError, match=r"mode=null is filled in only for losses and val/ metrics; set callbacks"):
         check_monitors(cfg, names, directions)
 
@@ -312,7 +313,7 @@ def test_a_training_loss_is_monitored_by_its_epoch_mean_not_its_last_batch():
 
     names, directions = {"semseg": ["miou"], "depth": ["rmse"]}, {"semseg": {"miou": True}, "depth": {"rmse": False}}
     for step, mean in (("train/loss", "train/loss_epoch"), ("train/depth/loss", "train/depth/loss_epoch")):
-        cfg = OmegaConf.create({"callbacks": {"model_checkpoint": {"monitor": step, "mode": None}}})
+        cfg = OmegaConf.create({"callbacks": {"model_checkpoint": {**MC, "monitor": step, "mode": None}}})
         with pytest.raises(ValueError, match=rf"^callbacks.model_checkpoint.monitor='{step}' is logged per step: .*"
                                              rf"callbacks.model_checkpoint.monitor={mean}$"):
             check_monitors(cfg, names, directions)
@@ -325,10 +326,48 @@ def test_a_training_loss_is_monitored_by_its_epoch_mean_not_its_last_batch():
         cfg.callbacks.model_checkpoint.save_on_train_epoch_end = False
         with pytest.raises(ValueError, match=r"save_on_train_epoch_end must not be false"):
             check_monitors(cfg, names, directions)
-    cfg = OmegaConf.create({"callbacks": {"model_checkpoint": {"monitor": "train/normals/loss_epoch", "mode": None}}})
+    cfg = OmegaConf.create({"callbacks": {"model_checkpoint": {**MC, "monitor": "train/normals/loss_epoch", "mode": None}}})
     with pytest.raises(KeyError, match=r"'train/normals/loss_epoch' is not logged; logged epoch means: train/loss_epoch, "
                                        r"train/semseg/loss_epoch, train/depth/loss_epoch"):
         check_monitors(cfg, names, directions)
+
+
+def test_checkpoint_settings_go_to_checkpoint_callbacks_only():
+    """An EarlyStopping on train/loss_epoch was given ModelCheckpoint's save_on_train_epoch_end, which its __init__
+    refuses (after the run folder was written): it gets its own check_on_train_epoch_end; another callback with a
+    monitor key is left as given."""
+    import inspect
+
+    from lightning.pytorch.callbacks import EarlyStopping
+    from omegaconf import OmegaConf
+
+    from mtl.sweep import check_monitors
+
+    names, directions = {"depth": ["rmse"]}, {"depth": {"rmse": False}}
+    es = {"_target_": "lightning.pytorch.callbacks.EarlyStopping", "monitor": "train/loss_epoch"}
+    other = {"_target_": "lightning.pytorch.callbacks.LearningRateMonitor", "monitor": "train/loss_epoch", "mode": None}
+    cfg = OmegaConf.create({"callbacks": {"early_stopping": es, "other": other}})
+    check_monitors(cfg, names, directions)
+    assert OmegaConf.to_container(cfg.callbacks.other) == other
+    got = OmegaConf.to_container(cfg.callbacks.early_stopping)
+    assert got == {**es, "check_on_train_epoch_end": True}
+    assert set(got) - {"_target_"} <= set(inspect.signature(EarlyStopping).parameters)
+    cfg.callbacks.early_stopping.check_on_train_epoch_end = False
+    with pytest.raises(ValueError, match=r"callbacks.early_stopping.check_on_train_epoch_end must not be false"):
+        check_monitors(cfg, names, directions)
+    # a validation monitor is still checked against the logged names
+    cfg = OmegaConf.create({"callbacks": {"early_stopping": {**es, "monitor": "val/depth/rsme"}}})
+    with pytest.raises(KeyError, match=r"callbacks.early_stopping.monitor='val/depth/rsme' is not logged"):
+        check_monitors(cfg, names, directions)
+
+
+@pytest.mark.slow
+def test_early_stopping_on_the_training_loss_epoch_mean_runs(tmp_path):
+    """The command the audit gave (and the one the train/loss refusal suggests) failed after the run folder."""
+    run_dir = run(["debug=smoke", "task=depth", "logger=none", "viz.num_samples=0",
+                   "+callbacks.early_stopping._target_=lightning.pytorch.callbacks.EarlyStopping",
+                   "+callbacks.early_stopping.monitor=train/loss_epoch"], run_dir=tmp_path / "r")
+    assert (run_dir / "metrics.json").is_file() and not (run_dir / FAILED).exists()
 
 
 @pytest.mark.slow
@@ -368,10 +407,10 @@ def test_checkpoints_without_a_monitor_fill_in_the_unused_mode_and_refuse_a_rank
 
     names, directions = {"depth": ["rmse"]}, {"depth": {"rmse": False}}
     for top_k in (1, -1):
-        cfg = OmegaConf.create({"callbacks": {"model_checkpoint": {"monitor": None, "mode": None, "save_top_k": top_k}}})
+        cfg = OmegaConf.create({"callbacks": {"model_checkpoint": {**MC, "monitor": None, "mode": None, "save_top_k": top_k}}})
         check_monitors(cfg, names, directions)
         assert cfg.callbacks.model_checkpoint.mode in ("min", "max")
-    cfg = OmegaConf.create({"callbacks": {"model_checkpoint": {"monitor": None, "mode": None, "save_top_k": 3}}})
+    cfg = OmegaConf.create({"callbacks": {"model_checkpoint": {**MC, "monitor": None, "mode": None, "save_top_k": 3}}})
     with pytest.raises(ValueError, match=r"^callbacks.model_checkpoint.save_top_k=3 needs a monitor to rank checkpoints"):
         check_monitors(cfg, names, directions)
 
