@@ -95,9 +95,10 @@ def check_monitors(cfg, metric_names: Mapping[str, Any], directions: Mapping[str
     """Before training: a checkpoint callback's ``monitor`` of the validation split names a value the
     module logs (``val/loss``, ``val/<task>/loss``, ``val/<task>/<metric>``); Lightning would say so only
     after the first epoch. A training loss is monitored by its epoch mean (``train/loss_epoch``): ``train/loss`` is
-    a step value, the epoch's last batch, and refused. Without a monitor, ``mode`` is filled in (unused) and
-    ``save_top_k`` must be 1 or -1 (or 0). With ``directions`` ({task: {metric: higher is better}}) its ``mode`` follows
-    the monitored value: ``null`` is filled in (losses: min; a metric: its task's direction), and a mode
+    a step value, the epoch's last batch, and refused. Without a monitor, ``mode`` is filled in (unused),
+    ``save_top_k`` must be 1 or -1 (or 0), and ``save_on_train_epoch_end`` (unless given) is true: the newest
+    checkpoint is the last epoch trained, validated or not. With ``directions`` ({task: {metric: higher is
+    better}}) its ``mode`` follows the monitored value: ``null`` is filled in (losses: min; a metric: its task's direction), and a mode
     against the direction (``monitor=val/semseg/miou mode=min`` keeps the worst epoch) is refused. The settings apply
     by the callback's ``_target_``: a ModelCheckpoint (or subclass) gets all of them, an EarlyStopping the monitor and
     mode checks (``check_on_train_epoch_end`` for a ``train/`` epoch mean), any other callback is left as given."""
@@ -120,9 +121,13 @@ def check_monitors(cfg, metric_names: Mapping[str, Any], directions: Mapping[str
             if top_k not in (-1, 0, 1):
                 raise ValueError(f"callbacks.{name}.save_top_k={top_k} needs a monitor to rank checkpoints by "
                                  f"(callbacks.{name}.monitor is null); set save_top_k to 1 (the last epoch) or -1 (all)")
-            if "mode" in cb and cb.get("mode") is None:
-                with open_dict(cb):
+            with open_dict(cb):
+                if "mode" in cb and cb.get("mode") is None:
                     cb["mode"] = "min"
+                if cb.get("save_on_train_epoch_end") is None:
+                    # the newest is the last epoch trained: Lightning would save at validation's end when validation
+                    # is not every epoch, and the epochs after the last validation would be neither tested nor saved
+                    cb["save_on_train_epoch_end"] = True
             continue
         if str(monitor) in loss_names(metric_names, "train"):
             raise ValueError(f"callbacks.{name}.monitor={monitor!r} is logged per step: each epoch would be judged by "

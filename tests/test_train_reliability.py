@@ -410,6 +410,11 @@ def test_checkpoints_without_a_monitor_fill_in_the_unused_mode_and_refuse_a_rank
         cfg = OmegaConf.create({"callbacks": {"model_checkpoint": {**MC, "monitor": None, "mode": None, "save_top_k": top_k}}})
         check_monitors(cfg, names, directions)
         assert cfg.callbacks.model_checkpoint.mode in ("min", "max")
+        # saved at each training epoch's end, so the newest is the last epoch trained (not the last validated)
+        assert cfg.callbacks.model_checkpoint.save_on_train_epoch_end is True
+    cfg = OmegaConf.create({"callbacks": {"model_checkpoint": {**MC, "monitor": None, "save_on_train_epoch_end": False}}})
+    check_monitors(cfg, names, directions)
+    assert cfg.callbacks.model_checkpoint.save_on_train_epoch_end is False  # as given
     cfg = OmegaConf.create({"callbacks": {"model_checkpoint": {**MC, "monitor": None, "mode": None, "save_top_k": 3}}})
     with pytest.raises(ValueError, match=r"^callbacks.model_checkpoint.save_top_k=3 needs a monitor to rank checkpoints"):
         check_monitors(cfg, names, directions)
@@ -421,6 +426,23 @@ def test_a_run_without_a_checkpoint_monitor_tests_and_saves_its_last_epoch(tmp_p
     m = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert m["best_checkpoint"].endswith("epoch001.ckpt") and m["val_epoch"] == 1 and m["val"]["depth"]
     assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == ["epoch001.ckpt", "last.ckpt"]
+
+
+@pytest.mark.slow
+def test_without_a_monitor_the_model_is_the_last_epoch_trained_when_validation_skips_it(tmp_path):
+    """With validation every second epoch, epoch001.ckpt (the last validated) was tested and saved as model/, and
+    the last epoch trained was lost; its validation metrics are now the last validation's ("last")."""
+    import torch
+    from safetensors.torch import load_file
+
+    run(FAST + ["task=[depth]", "trainer.max_epochs=3", "+trainer.check_val_every_n_epoch=2",
+                "callbacks.model_checkpoint.monitor=null"], run_dir=tmp_path / "r")
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert m["best_checkpoint"].endswith("epoch002.ckpt") and m["val_epoch"] == "last" and m["val"]["depth"]
+    last = torch.load(tmp_path / "r" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 2 and last["global_step"] == m["global_steps"]
+    saved = load_file(tmp_path / "r" / "model" / "model.safetensors")
+    assert saved and all(torch.equal(v, last["state_dict"][f"model.{k}"]) for k, v in saved.items())
 
 
 def test_metrics_val_are_the_tested_checkpoints_epoch(tmp_path):
