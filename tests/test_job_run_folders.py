@@ -341,3 +341,21 @@ def test_releasing_a_claim_leaves_one_of_the_same_pid_on_another_host(tmp_path):
     marker.write_text(json.dumps({"pid": os.getpid()}))  # an older marker (a bare pid claim): this process's
     release(marker)
     assert not marker.exists()
+
+
+def test_a_claim_of_the_same_pid_on_another_host_is_another_runs(tmp_path):
+    """claim() and holds_nothing() compared only the pid: a live run on another node with this process's pid had its
+    claim overwritten (not refused), and its folder counted as holding nothing."""
+    import json
+
+    from mtl.cli.failures import RUNNING, claims_run_folder, holds_nothing
+
+    theirs = json.dumps({"pid": os.getpid(), "host": "other-node", "start": 1})
+    (tmp_path / RUNNING).write_text(theirs)
+    assert not holds_nothing(tmp_path)
+    with pytest.raises(RunFolderTaken, match=rf"in use by another run \(pid {os.getpid()} on other-node\)"):
+        with claims_run_folder(tmp_path):
+            pass
+    assert (tmp_path / RUNNING).read_text() == theirs  # left as it was
+    (tmp_path / RUNNING).write_text(json.dumps({"pid": os.getpid()}))  # an older host-less claim: this process's
+    assert holds_nothing(tmp_path)

@@ -198,7 +198,7 @@ def holds_nothing(run_dir: str | os.PathLike, empty_log: bool = False) -> bool:
     except OSError:  # a file, or unreadable: not an empty run folder
         return False
     return all((p.name == log and p.is_file() and not (empty_log and p.stat().st_size))
-               or (p.name == RUNNING and (owner_of(p) or {}).get("pid") == os.getpid()) for p in entries)
+               or (p.name == RUNNING and is_mine(owner_of(p))) for p in entries)
 
 
 @contextlib.contextmanager
@@ -249,8 +249,8 @@ def claim(marker: Path, what: str, key: str, holder: str = "run") -> int | None:
             if os.fstat(fd).st_nlink == 0:
                 continue  # released while this process waited for the lock
             owner = _parse(os.pread(fd, 4096, 0))
-            if owner is not None and owner["pid"] != os.getpid() and holds(owner):
-                where = f" on {owner['host']}" if owner.get("host") not in (None, _HOST) else ""
+            if owner is not None and not is_mine(owner) and holds(owner):
+                where = "" if on_this_host(owner) else f" on {owner['host']}"
                 raise RunFolderTaken(f"{what} is in use by another {holder} (pid {owner['pid']}{where}); give each "
                                      f"{holder} its own folder ({key}); if that {holder} is gone, delete {marker}",
                                      marker.parent)
@@ -261,7 +261,7 @@ def claim(marker: Path, what: str, key: str, holder: str = "run") -> int | None:
             except PermissionError:
                 raise RunFolderTaken(f"{what}: {marker} is left by a run that no longer runs but this user cannot "
                                      f"replace it; delete it", marker.parent) from None
-            return owner["pid"] if owner is not None and owner["pid"] != os.getpid() else None
+            return owner["pid"] if owner is not None and not is_mine(owner) else None
         finally:
             os.close(fd)  # and with it the lock
     raise RunFolderTaken(f"{what}: could not claim it ({marker} keeps changing)", marker.parent)
@@ -301,12 +301,22 @@ def _lock(fd: int) -> None:
 
 def release(marker: Path) -> None:
     """Remove this process's claim; another's (also one of the same pid on another host) stays."""
-    owner = owner_of(marker)
-    if owner is not None and owner["pid"] == os.getpid() and owner.get("host") in (None, _HOST):
+    if is_mine(owner_of(marker)):
         marker.unlink(missing_ok=True)
 
 
 _HOST = socket.gethostname()
+
+
+def on_this_host(owner: dict) -> bool:
+    """Whether a claim was made on this host (a marker without a host, from older versions, counts as this one's)."""
+    return owner.get("host") in (None, _HOST)
+
+
+def is_mine(owner: dict | None) -> bool:
+    """Whether a claim is this process's: its pid on this host. A claim of the same pid made on another host (a shared
+    file system) is another run's."""
+    return owner is not None and owner["pid"] == os.getpid() and on_this_host(owner)
 
 
 def _started(pid: int) -> str | None:
@@ -320,7 +330,7 @@ def _started(pid: int) -> str | None:
 def holds(owner: dict) -> bool:
     """Whether the claim's process still runs. A claim made on another host (a shared file system) cannot be
     checked from here and counts as held; on this host a live pid with another start time is a reused pid."""
-    if owner.get("host") not in (None, _HOST):
+    if not on_this_host(owner):
         return True
     if not alive(owner["pid"]):
         return False

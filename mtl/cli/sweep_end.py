@@ -17,7 +17,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 
 from mtl.atomic import make_parents, remove_empty
-from mtl.cli.failures import FAILED, RUNNING, SWEEPING, RunFolderTaken, claim, holds, owner_of, release
+from mtl.cli.failures import (FAILED, RUNNING, SWEEPING, RunFolderTaken, claim, holds, is_mine, on_this_host, owner_of,
+                              release)
 
 
 def jobs_not_failed(sweep_dir: str | Path) -> list[str]:
@@ -120,7 +121,8 @@ def stop_children_on_sigterm(sweep_dir: Path) -> None:
 
     def handler(signum, frame):
         jobs = _children(os.getpid())  # only the job processes: each holds its folder's claim (the DataLoader
-        for pid in {o["pid"] for m in sweep_dir.glob(f"*/{RUNNING}") if (o := owner_of(m)) and o["pid"] in jobs}:
+        for pid in {o["pid"] for m in sweep_dir.glob(f"*/{RUNNING}") if (o := owner_of(m)) and o["pid"] in jobs
+                    and on_this_host(o)}:
             try:  # workers they started must stop with them, as a single run stops, not be shot first)
                 os.kill(pid, signal.SIGTERM)
             except (ProcessLookupError, PermissionError):
@@ -149,7 +151,7 @@ def restore_sigterm() -> None:
 
 def _held(marker: Path) -> bool:
     owner = owner_of(marker)
-    return owner is not None and owner["pid"] != os.getpid() and holds(owner)
+    return owner is not None and not is_mine(owner) and holds(owner)
 
 
 def _children(pid: int) -> list[int]:
