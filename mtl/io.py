@@ -401,6 +401,13 @@ def check_finite(file: str | os.PathLike, state: Mapping[str, torch.Tensor]) -> 
         raise ModelFolderError(f"{file}: key {bad!r} holds NaN or infinite values")
 
 
+def model_skeleton(path: str | os.PathLike):
+    """The model a folder's config describes, built on the meta device: its modules and shapes, no weights read (the
+    config checked against the weights file's header, as `read_checked_config`); None where it cannot be built there."""
+    path = Path(os.path.expanduser(str(path)))
+    return _build(read_checked_config(path)["model"], path / CONFIG, meta=True)
+
+
 def _build(model_cfg: dict[str, Any], cfg_file: Path, meta: bool = False):
     """The model a folder's config describes; ``meta``: on the meta device (shapes only, no memory), None where the
     model cannot be built there (the real build then checks as before)."""

@@ -25,6 +25,7 @@ from torch.nn.modules.conv import _ConvNd
 from mtl.models.slimmable.layers import _Sliced
 from mtl.models.surgery import diff_plan, snapshot
 from mtl.modes import eval_mode
+from mtl.registry import meant
 from pruning import ties
 from pruning.flops import FlopsEstimate
 
@@ -151,6 +152,16 @@ def _is_qkv(model: nn.Module, name: str) -> nn.Module | None:
 _RESIDUAL_SCALES = ("LayerScale", "LayerScale2d")
 
 
+def check_module_names(model: nn.Module, names: Iterable[str], what: str = "ignored_layers") -> None:
+    """Every one of ``names`` is a module of ``model`` (``model.named_modules()``), else a `PruningError` naming the
+    unknown ones with the module names close to them."""
+    known = [n for n, _ in model.named_modules()]
+    unknown = [n for n in names if n not in set(known)]
+    if unknown:
+        raise PruningError(f"{what} names unknown module(s) {unknown}{meant(unknown, known)}; the model's module "
+                           "names are those of model.named_modules() (print(mtl.load_model(<model folder>)) shows them)")
+
+
 class LayerGraph:
     """The prunable layers of ``model`` (the model itself is not modified by building this: weights, buffers,
     ``requires_grad`` flags and every module's train/eval mode stay as they were)."""
@@ -163,9 +174,7 @@ class LayerGraph:
         names = {m: n for n, m in model.named_modules()}
         self.protected = output_layers(model)
         self.ignored = set(ignored_layers or ())
-        unknown = [n for n in self.ignored if n not in dict(model.named_modules())]
-        if unknown:
-            raise PruningError(f"ignored_layers names unknown module(s) {unknown}")
+        check_module_names(model, sorted(self.ignored))
         # timm's LayerScale scales the residual stream, which is never pruned (its LayerNorms tie it
         # together): left whole without the user listing every block's ls1/ls2
         scales = [n for m, n in names.items() if type(m).__name__ in _RESIDUAL_SCALES and n not in self.ignored]

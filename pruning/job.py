@@ -16,11 +16,12 @@ from omegaconf import DictConfig, OmegaConf
 import pruning
 from mtl.cli.jobs import check_model_given, input_model, start_run
 from mtl.data.calibration import check_calib_settings
-from mtl.folder_checks import JSON_ERRORS
+from mtl.folder_checks import JSON_ERRORS, ModelFolderError
 from mtl.folder_data import data_record
-from mtl.io import first_non_finite, load_model, save_model, write_json
+from mtl.io import first_non_finite, load_model, model_skeleton, save_model, write_json
 from mtl.registry import check_int, check_seed
 from pruning.calib import calibration_batches, datamodule_for
+from pruning.graph import check_module_names
 from pruning.api import SEARCHED_KNOBS
 from pruning.methods import METHODS
 from mtl.progress_log import emit
@@ -159,6 +160,20 @@ def _check_run_settings(cfg: DictConfig) -> None:
     check_finetune_lr(cfg.finetune.lr, steps_run=cfg.rounds > 1 and cfg.finetune.steps > 0)
 
 
+def _check_ignored_layers(cfg: DictConfig) -> None:
+    """``ignored_layers`` name modules of the ``model=`` folder's model, built on the meta device from its config (no
+    weights or data read), before the run folder is made; a smoke model's are checked once it is built."""
+    names = ignored_layer_names(cfg.ignored_layers)
+    if not names or not cfg.get("model"):
+        return
+    try:
+        skeleton = model_skeleton(cfg.model)
+    except ModelFolderError:
+        return  # (named when the job loads it)
+    if skeleton is not None:
+        check_module_names(skeleton, names)
+
+
 def _check_data_settings(cfg: DictConfig) -> None:
     """``data.<key>`` (names, with a did-you-mean, and scalar types) before the run folder exists, against the data
     module ``data.name`` names, else the one the model folder records (a smoke model's: scenes, as `smoke_model`
@@ -191,6 +206,7 @@ def run_prune(cfg: DictConfig, run_dir: str | Path, command_line: list[str] | No
         command_line = list(HydraConfig.get().overrides.task)
     method, hp = _hparams(cfg, command_line)  # the config alone: a refused option leaves no run folder either
     _check_data_settings(cfg)
+    _check_ignored_layers(cfg)
     run_dir, output = start_run(cfg, run_dir, model_output=True)
     torch.manual_seed(int(cfg.seed))
     source = input_model(cfg, run_dir, "prune")

@@ -177,6 +177,20 @@ def test_meta_records_the_settings_used_and_unknown_options_fail_first(folder, t
         run(["prune=l1", f"model={folder}", "+prune.flops_target=1"], run_dir=tmp_path / "run2")
 
 
+def test_an_unknown_ignored_layer_is_refused_before_the_run_folder_naming_a_close_module(folder, tmp_path, monkeypatch):
+    """An unknown name was refused only once the model and its calibration data were loaded, leaving a FAILED run
+    folder, and named no module. The names are the folder's model's, built from its config on the meta device."""
+    import pruning.job
+
+    monkeypatch.setattr(pruning.job, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    for bad, close in (("backbone.nope", "backbone.body"), ("decoder.neck.refine.7", "decoder.neck.refine.2")):
+        with pytest.raises(ValueError, match=rf"^ignored_layers names unknown module\(s\) \['{bad}'\] "
+                                             rf"\(did you mean {close}\?\); the model's module names are those of "
+                                             r"model.named_modules\(\)"):
+            run(["prune=l1", f"model={folder}", f"ignored_layers=[backbone.body.conv1.0,{bad}]"], run_dir=tmp_path / "r")
+        assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("override, match", [
     ("eval.latency_batch=0", r"eval.latency_batch must be an int >= 1, got 0"),
     ("eval.latency_repeats=0", r"eval.latency_repeats must be an int >= 1, got 0"),

@@ -216,6 +216,10 @@ def test_unhandled_layer_is_named_and_ignored_layers_works(batches):
     _outputs(pruned, batches[0]["image"])
     one, _ = pruning.prune(m, "l1", calib=batches, ratio=0.5, ignored_layers="decoder.neck.refine.2")  # one name
     assert one.decoder.neck.refine[2].gain.numel() == 8
+    # a misspelt name is refused naming the module it most likely means
+    with pytest.raises(PruningError, match=r"unknown module\(s\) \['decoder\.neck\.refine\.7'\] \(did you mean "
+                                           r"decoder\.neck\.refine\.2\?\)"):
+        pruning.prune(m, "l1", calib=batches, ratio=0.5, ignored_layers="decoder.neck.refine.7")
 
 
 def test_unprunable_family_names_the_module(model, batches):
