@@ -252,10 +252,10 @@ class IMTLGBalancer(_MeanScaled):
 
 
 class _DualCone(_MeanScaled):
-    """UPGrad / DualProj: a quadratic program on the dual cone {d : ⟨d, g_t⟩ ≥ 0 ∀t}. Its Gramian is
-    regularised by ``reg_eps``·I after normalising by the trace (``scale_free``); TorchJD's default 1e-4
-    let a task whose ‖g_t‖² is under ~1e-4 of Σ‖g‖² drop out of the constraint (cosine −0.25 with a
-    task 100× smaller in norm), so mtlkit solves at 1e-9."""
+    """UPGrad / DualProj: a quadratic program on the dual cone {d : ⟨d, g_t⟩ ≥ 0 ∀t}, solved on the Gramian
+    of the unit gradients g_t/‖g_t‖ (the cone is the same) regularised by ``reg_eps``·I
+    (``solvers.dual_cone_weights``). Regularising the trace-normalised Gramian instead (as before, and as
+    TorchJD does) let a task whose ‖g_t‖² is under ~reg_eps of Σ‖g‖² drop out of the constraint."""
 
     weighting: str = ""
 
@@ -267,33 +267,9 @@ class _DualCone(_MeanScaled):
         super().__init__(tasks, level, parallel_chunk_size, skip_nonfinite)
 
     def _make_aggregator(self):
-        import torchjd.aggregation as agg
+        from mtl.balancers.solvers import dual_cone_weights, gramian_aggregator
 
-        from mtl.balancers.solvers import gramian_aggregator, scale_free
-
-        cls = getattr(agg, f"{self.weighting}Weighting")
-
-        def make(reg_eps: float):
-            try:  # TorchJD >= 0.17 takes a projector; older releases took reg_eps directly
-                from torchjd._linalg._dual_cone import QuadprogProjector
-
-                return cls(projector=QuadprogProjector(reg_eps=reg_eps))
-            except ImportError:
-                return cls(reg_eps=reg_eps)
-
-        tight, loose = make(self.reg_eps), make(max(self.reg_eps, 1e-4))
-        try:
-            from qpsolvers.exceptions import QPError
-            not_definite: tuple[type[Exception], ...] = (ValueError, QPError)
-        except ImportError:
-            not_definite = (ValueError,)
-
-        def weights(gramian: torch.Tensor) -> torch.Tensor:
-            try:
-                return tight(gramian)
-            except not_definite:  # quadprog needs a positive definite matrix: (near-)parallel gradients at a
-                return loose(gramian)  # tiny regulariser are not; TorchJD's default regulariser then
-        return gramian_aggregator(scale_free(weights))
+        return gramian_aggregator(lambda G: dual_cone_weights(G, self.weighting, self.reg_eps))
 
 
 @register("upgrad")
@@ -347,12 +323,34 @@ class CAGradBalancer(JacobianBalancer):
     def factor(self) -> float:
         return len(self.tasks) / (1.0 + self.c)
 
+    #: below this ‖g_w‖ (on G / trace(G)) Clarabel's answer is rounding: on a zero task's gradient it is ~5e-9
+    RESOLUTION = 1e-7
+
     def _make_aggregator(self):
         from torchjd.aggregation import CAGradWeighting
 
         from mtl.balancers.solvers import gramian_aggregator, scale_free
 
-        return gramian_aggregator(scale_free(CAGradWeighting(c=self.c, norm_eps=self.norm_eps), fallback_to_mean=True))
+        weighting = CAGradWeighting(c=self.c, norm_eps=self.norm_eps)
+
+        def weights(gramian: torch.Tensor) -> torch.Tensor:
+            # ‖g_w‖ < norm_eps·(the smallest non-zero ‖g_t‖) is a vanishing g_w (mean fallback); relative to √trace
+            # it was: a task 1e4× smaller in norm than another fell under it, and the step was the plain mean
+            norms = gramian.diagonal().clamp_min(0).sqrt()
+            relative = self.norm_eps * float(norms[norms > 0].min())
+            weighting.norm_eps = max(relative, self.RESOLUTION)
+            w = weighting(gramian)
+            if relative < self.RESOLUTION and not bool(w.abs().sum() > 0) and bool((norms > 0).all()):
+                if not self._warned_spread:
+                    self._warned_spread = True
+                    log.warning("cagrad: the task gradient norms differ by about %.1e x, beyond what its solver "
+                                "resolves (~1e7 x); this step uses the mean gradient. Warned once.",
+                                float(norms.max() / norms.min()))
+            return w
+
+        return gramian_aggregator(scale_free(weights, fallback_to_mean=True))
+
+    _warned_spread = False
 
 
 #: the gradient methods, for `flat`'s ``aggregator=`` and for docs/tests

@@ -43,9 +43,9 @@ def gramian_aggregator(weights_fn):
 
 
 def scale_free(weighting, fallback_to_mean: bool = False):
-    """``weighting`` applied to G / trace(G). CAGrad's, UPGrad's and DualProj's weights do not change
-    when every gradient is scaled by the same factor, but TorchJD maps a Gramian whose trace is below
-    1e-4 to zero (CAGrad: a zero update; UPGrad / DualProj: the plain mean, conflicts and all), which
+    """``weighting`` applied to G / trace(G). CAGrad's weights do not change when every gradient is
+    scaled by the same factor, but TorchJD maps a Gramian whose trace is below 1e-4 to zero (a zero
+    update; UPGrad / DualProj solve on unit rows instead, ``dual_cone_weights``), which
     small losses or a task with no valid pixel reach. ``fallback_to_mean``: all-zero weights (TorchJD's
     CAGrad when ‖g_w‖ vanishes) become the mean, the limit of the official CAGrad code."""
 
@@ -59,6 +59,49 @@ def scale_free(weighting, fallback_to_mean: bool = False):
         return mean if fallback_to_mean and not bool(w.abs().sum() > 0) else w
 
     return weights
+
+
+def dual_cone_weights(gramian: torch.Tensor, weighting: str, reg_eps: float) -> torch.Tensor:
+    """TorchJD's ``UPGrad`` / ``DualProj`` weights (``weighting``), solved on the unit rows. Both project
+    Jᵀu onto the dual cone {x : g_j·x ≥ 0 ∀j}: Jᵀw with w = argmin_{v ≥ u} vᵀGv. Scaling row j by
+    1/‖g_j‖ leaves the cone as it is, so the program is solved on the unit rows' Gramian D G D (D =
+    diag(1/‖g_j‖); a zero gradient keeps scale 1, its constraint is empty) from the preference u' = D⁻¹u,
+    and w = D w'. There ``reg_eps``·I (after TorchJD's division by the trace, the number of non-zero
+    tasks) weighs every task alike whatever the spread of the gradient norms; on G / trace(G) a task
+    whose ‖g_t‖² was under ~reg_eps of Σ‖g‖² left the constraint set. quadprog needs a positive definite
+    matrix, which (near-)parallel gradients at a tiny ``reg_eps`` are not: such a step is solved at
+    TorchJD's default 1e-4."""
+    import torchjd.aggregation as agg
+
+    G = gramian.detach().to("cpu", torch.float64)
+    G = (G + G.T) / 2
+    T = G.shape[0]
+    norms = G.diagonal().clamp_min(0).sqrt()
+    if not bool((norms > 0).any()):  # every gradient is zero: any weights give the zero update
+        return torch.full((T,), 1.0 / T, dtype=gramian.dtype, device=gramian.device)
+    scale = torch.where(norms > 0, norms, torch.ones_like(norms))
+    cls = getattr(agg, f"{weighting}Weighting")
+
+    def solve(eps: float) -> torch.Tensor:
+        pref = scale / T  # D⁻¹ times TorchJD's default preference, the mean
+        try:  # TorchJD >= 0.17 takes a projector; older releases took reg_eps directly
+            from torchjd._linalg._dual_cone import QuadprogProjector
+
+            w = cls(pref_vector=pref, projector=QuadprogProjector(reg_eps=eps))
+        except ImportError:
+            w = cls(pref_vector=pref, reg_eps=eps)
+        return w(G / scale[:, None] / scale[None, :])
+
+    try:
+        from qpsolvers.exceptions import QPError
+        not_definite: tuple[type[Exception], ...] = (ValueError, QPError)
+    except ImportError:
+        not_definite = (ValueError,)
+    try:
+        w = solve(reg_eps)
+    except not_definite:
+        w = solve(max(reg_eps, 1e-4))
+    return (w / scale).to(gramian.device, gramian.dtype)
 
 
 def duality_gap(gramian: torch.Tensor, alpha: torch.Tensor) -> tuple[float, float]:
