@@ -247,7 +247,8 @@ class MultiTaskModule(L.LightningModule):
         )
         monitor_logs = self.monitor.before_backward(ctx) if self.monitor else {}
         opt.zero_grad(set_to_none=True)
-        self.balancer.backward(ctx)
+        if self.balancer.backward(ctx) is False:
+            return None  # a non-finite task gradient with skip_nonfinite=true (logged): no optimiser step
         strategy_logs = self.strategy.after_backward(self, batch, ctx) if self.strategy is not None else {}
         opt.step()  # clips (optim.grad_clip) in on_before_optimizer_step, once fp16's scaler has unscaled
         sched.step()

@@ -3,9 +3,11 @@ docs/balancers.md for every method, its hyper-parameters and the scale conventio
 from mtl.balancers.base import (
     BALANCERS,
     Balancer,
+    NonFiniteGradientError,
     NonFiniteLossError,
     StepContext,
     check_finite,
+    check_finite_gradients,
     create_balancer,
     freeze_norm_stats,
 )
@@ -21,9 +23,11 @@ __all__ = [
     "BalancerMonitor",
     "JACOBIAN_METHODS",
     "LOSS_LEVEL_METHODS",
+    "NonFiniteGradientError",
     "NonFiniteLossError",
     "StepContext",
     "check_finite",
+    "check_finite_gradients",
     "create_balancer",
     "freeze_norm_stats",
 ]

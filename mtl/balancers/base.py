@@ -6,7 +6,8 @@ The MultiTaskModule runs Lightning in manual-optimisation mode and, every traini
     ctx = StepContext(...)            # losses, parameter groups, shared features, closures
     if not check_finite(ctx.losses, balancer.skip_nonfinite, ctx.step):
         return                        # step skipped (only when skip_nonfinite=True)
-    balancer.backward(ctx)            # fills .grad of every trainable parameter
+    if balancer.backward(ctx) is False:  # fills .grad of every trainable parameter
+        return                        # a non-finite task gradient, skipped (skip_nonfinite=True)
     opt.step(); scheduler.step()
     balancer.after_step(ctx)          # e.g. FAMO's logit update from the new losses
 
@@ -71,6 +72,10 @@ class NonFiniteLossError(FloatingPointError):
     """A task loss is NaN or infinite; the message names the task(s)."""
 
 
+class NonFiniteGradientError(NonFiniteLossError):
+    """A task's gradient is NaN or infinite though its loss is finite; the message names the task(s)."""
+
+
 class Balancer(nn.Module):
     #: True when the method needs gradients w.r.t. the shared parameters (Jacobian methods)
     needs_shared_params: bool = False
@@ -95,8 +100,10 @@ class Balancer(nn.Module):
         """Weighted total loss. Default: equal weights (sum)."""
         return self._stack(losses).sum()
 
-    def backward(self, ctx: StepContext) -> None:
-        """Fill the .grad of every trainable parameter. Default: backward of `combine`."""
+    def backward(self, ctx: StepContext) -> bool | None:
+        """Fill the .grad of every trainable parameter. Default: backward of `combine`. A gradient method
+        returns False when it skipped the step (a non-finite task gradient under ``skip_nonfinite``;
+        no ``.grad`` is left): the caller then makes no optimiser step."""
         ctx.backward(self.combine(ctx.losses, ctx.step))
 
     def after_step(self, ctx: StepContext) -> None:
@@ -204,11 +211,7 @@ def check_finite(losses: Mapping[str, torch.Tensor], skip: bool = False, step: i
     together instead of some ranks waiting forever in the next collective.
     """
     names = list(losses)
-    flags = torch.stack([~torch.isfinite(losses[t].detach()).all() for t in names]).to(torch.float32)
-    if _world_size() > 1:
-        flags = flags.to(_comm_device())
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    bad = [t for t, f in zip(names, flags.tolist()) if f > 0]
+    bad = _agreed_nonfinite(names, torch.stack([~torch.isfinite(losses[t].detach()).all() for t in names]))
     if not bad:
         return True
     values = ", ".join(f"{t}={float(losses[t].detach().float().sum()):g}" for t in bad)
@@ -221,6 +224,31 @@ def check_finite(losses: Mapping[str, torch.Tensor], skip: bool = False, step: i
         f"non-finite loss for task(s) {', '.join(repr(t) for t in bad)}{where} ({values}); "
         "set balancer.skip_nonfinite=true to skip such steps instead"
     )
+
+
+def check_finite_gradients(balancer: Balancer, finite: torch.Tensor, step: int | None = None) -> bool:
+    """``check_finite`` for the task gradients a gradient method is about to aggregate (``finite``: one
+    flag per task of ``balancer.tasks``): a finite loss can still have a NaN/inf gradient (sqrt or norm at
+    0, a bf16 overflow in the backward), which the solvers would fail on or spread over the update."""
+    bad = _agreed_nonfinite(balancer.tasks, ~finite)
+    if not bad:
+        return True
+    what = (f"balancer {balancer.name!r}: non-finite gradient for task(s) {', '.join(repr(t) for t in bad)}"
+            f"{f' at step {step}' if step is not None else ''} (the loss is finite; e.g. a sqrt or norm at 0, or an "
+            "overflow in the backward)")
+    if balancer.skip_nonfinite:
+        log.warning("%s; skipping this step (skip_nonfinite=true)", what)
+        return False
+    raise NonFiniteGradientError(f"{what}; set balancer.skip_nonfinite=true to skip such steps instead")
+
+
+def _agreed_nonfinite(names: Sequence[str], flags: torch.Tensor) -> list[str]:
+    """The names whose flag is set on any DDP rank (one all-reduce when distributed)."""
+    flags = flags.to(torch.float32)
+    if _world_size() > 1:
+        flags = flags.to(_comm_device())
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return [t for t, f in zip(names, flags.tolist()) if f > 0]
 
 
 def require_shared(balancer: Balancer, ctx: StepContext) -> None:

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 
 from mtl.balancers.base import Balancer, StepContext, create_balancer, register, require_shared, sync_grads
-from mtl.balancers.gradient import JACOBIAN_METHODS, JacobianBalancer, accumulate, full_precision
+from mtl.balancers.gradient import JACOBIAN_METHODS, JacobianBalancer, accumulate, finite_or_cleared, full_precision
 
 
 @register("flat")
@@ -55,14 +55,18 @@ class FlatBalancer(Balancer):
     def weights(self) -> dict[str, float]:
         return self.base.weights()
 
-    def backward(self, ctx: StepContext) -> None:
+    def backward(self, ctx: StepContext) -> bool | None:
         from torchjd.autojac import jac_to_grad
 
         require_shared(self, ctx)
         self._stack(ctx.losses)  # checks the losses under this balancer's name, not the inner method's
         shared = list(ctx.shared_params)
         heads = self.base._heads(ctx)
-        self.base._jacobian_to_fields(ctx)  # identical to the base method's first half
+        T = len(self.tasks)
+        self.base._jacobian_fields(ctx)  # identical to the base method's first half
+        finite = torch.stack([torch.isfinite(p.jac.reshape(T, -1)).all(1) for p in shared if hasattr(p, "jac")]).all(0)
+        if not finite_or_cleared(self, finite, self.base._all_params(ctx), ctx.step):
+            return False
         if self.rho == 0.0:
             with full_precision(shared[0].device):
                 jac_to_grad(shared, self.base.aggregator)
@@ -79,7 +83,6 @@ class FlatBalancer(Balancer):
         plain_heads = [[p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in h]
                        for h in heads]
 
-        T = len(self.tasks)
         sharp_rows: list[list[torch.Tensor]] = []
         saved = [p.detach().clone() for p in shared]
         for i, task in enumerate(self.tasks):
@@ -108,6 +111,8 @@ class FlatBalancer(Balancer):
             [(torch.stack([rows[k] for rows in sharp_rows]) - jacobian[k]).reshape(T, -1) for k in range(len(shared))],
             dim=1,
         )
+        if not finite_or_cleared(self, torch.isfinite(flat_matrix).all(1), self.base._all_params(ctx), ctx.step):
+            return False  # a gradient at the perturbed weights is not finite
         with full_precision(flat_matrix.device):
             direction = self.sharp.aggregator(flat_matrix.float())
         for p, d in zip(shared, direction.split([p.numel() for p in shared])):

@@ -41,8 +41,10 @@ class GradDropBalancer(JacobianBalancer):
 
         return GradDrop()
 
-    def _features_backward(self, ctx: StepContext) -> None:
+    def _features_backward(self, ctx: StepContext) -> bool | None:
         per_task = self._feature_gradients(ctx)
+        if per_task is None:  # a non-finite task gradient, step skipped
+            return False
         feats = feature_list(ctx.features)
         combined = []
         with full_precision(feats[0].device):

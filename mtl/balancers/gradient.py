@@ -32,7 +32,8 @@ from typing import Sequence
 import torch
 
 # torchjd (and cvxpy behind it) is imported on first use: `import mtl.balancers` stays cheap
-from mtl.balancers.base import Balancer, StepContext, register, require_shared, sync_grads
+from mtl.balancers.base import (Balancer, NonFiniteGradientError, StepContext, check_finite_gradients, register,
+                                require_shared, sync_grads)
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,28 @@ def backward_from_features(ctx: StepContext, grad_outputs: Sequence[torch.Tensor
                                 allow_unused=True)
     for p, g in zip(ctx.shared_params, grads):
         accumulate(p, g)
+
+
+def finite_or_cleared(balancer: Balancer, finite: torch.Tensor, params: Sequence[torch.Tensor], step: int) -> bool:
+    """Whether every task's gradient is finite (``finite``: one flag per task), checked before any solver
+    sees them (``check_finite_gradients``: raises unless ``skip_nonfinite``). When the step is skipped, the
+    ``.grad`` and TorchJD ``.jac`` of ``params`` are cleared (also before the error): nothing of the step
+    is left to apply."""
+    try:
+        if check_finite_gradients(balancer, finite, step):
+            return True
+    except NonFiniteGradientError:
+        _clear(params)
+        raise
+    _clear(params)
+    return False
+
+
+def _clear(params: Sequence[torch.Tensor]) -> None:
+    for p in params:
+        p.grad = None
+        if hasattr(p, "jac"):
+            del p.jac
 
 
 def full_precision(device: torch.device):
@@ -141,14 +164,16 @@ class JacobianBalancer(Balancer):
         return vector * self.factor if self.factor != 1.0 else vector
 
     # --- backward --------------------------------------------------------------------------
-    def backward(self, ctx: StepContext) -> None:
+    def backward(self, ctx: StepContext) -> bool | None:
         require_shared(self, ctx)
         if self.level == "features":
-            self._features_backward(ctx)
+            if self._features_backward(ctx) is False:
+                return False
         else:
             from torchjd.autojac import jac_to_grad
 
-            self._jacobian_to_fields(ctx)
+            if not self._jacobian_to_fields(ctx):
+                return False
             with full_precision(ctx.shared_params[0].device):
                 jac_to_grad(ctx.shared_params, self.aggregator)
         sync_grads(self._all_params(ctx))
@@ -163,8 +188,16 @@ class JacobianBalancer(Balancer):
     def _all_params(self, ctx: StepContext) -> list[torch.Tensor]:
         return list(ctx.shared_params) + [p for h in self._heads(ctx) for p in h]
 
-    def _jacobian_to_fields(self, ctx: StepContext) -> None:
-        """Heads' ``.grad`` += own-task gradient; shared params' ``.jac`` = task Jacobian."""
+    def _jacobian_to_fields(self, ctx: StepContext) -> bool:
+        """Heads' ``.grad`` += own-task gradient; shared params' ``.jac`` = task Jacobian. False: a task's
+        row is not finite and the step is skipped (``finite_or_cleared``)."""
+        self._jacobian_fields(ctx)
+        T = len(self.tasks)
+        rows = [torch.isfinite(p.jac.reshape(T, -1)).all(1) for p in ctx.shared_params if hasattr(p, "jac")]
+        finite = torch.stack(rows).all(0) if rows else torch.ones(T, dtype=torch.bool)
+        return finite_or_cleared(self, finite, self._all_params(ctx), ctx.step)
+
+    def _jacobian_fields(self, ctx: StepContext) -> None:
         from torchjd.autojac import backward as jd_backward, mtl_backward
 
         losses, heads = self._losses(ctx), self._heads(ctx)
@@ -184,16 +217,22 @@ class JacobianBalancer(Balancer):
                 accumulate(p, g)
         jd_backward(losses, inputs=ctx.shared_params, parallel_chunk_size=chunk)
 
-    def _feature_gradients(self, ctx: StepContext) -> list[list[torch.Tensor]]:
-        """Per task, its gradients w.r.t. each representation tensor (heads' ``.grad`` filled on the way)."""
+    def _feature_gradients(self, ctx: StepContext) -> list[list[torch.Tensor]] | None:
+        """Per task, its gradients w.r.t. each representation tensor (heads' ``.grad`` filled on the way);
+        None: one is not finite and the step is skipped (``finite_or_cleared``)."""
         if ctx.features is None:
             raise ValueError(f"{self.name}(level=features) needs StepContext.features, the shared representation "
                              "the heads consume; this model/module does not provide it (use level=params)")
         self._losses(ctx)  # checks every task has a loss
-        return [g_feats for g_feats, _ in head_backwards(ctx, self.tasks)]
+        grads = [g_feats for g_feats, _ in head_backwards(ctx, self.tasks)]
+        finite = torch.stack([torch.stack([torch.isfinite(g).all() for g in g_feats]).all() for g_feats in grads])
+        return grads if finite_or_cleared(self, finite, self._all_params(ctx), ctx.step) else None
 
-    def _features_backward(self, ctx: StepContext) -> None:
-        rows = [torch.cat([g.reshape(-1) for g in g_feats]) for g_feats in self._feature_gradients(ctx)]
+    def _features_backward(self, ctx: StepContext) -> bool | None:
+        grads = self._feature_gradients(ctx)
+        if grads is None:
+            return False
+        rows = [torch.cat([g.reshape(-1) for g in g_feats]) for g_feats in grads]
         matrix = torch.stack(rows).float()  # mixed precision: the solvers (numpy, cvxpy) want float32+
         with full_precision(matrix.device):
             direction = self.aggregator(matrix)

@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 
 from mtl.balancers.base import Balancer, StepContext, dist_mean, register, sync_grads
-from mtl.balancers.gradient import backward_from_features, feature_list, head_backwards
+from mtl.balancers.gradient import backward_from_features, feature_list, finite_or_cleared, head_backwards
 
 
 class _OwnOptimizer(Balancer):
@@ -109,14 +109,10 @@ class GradNorm(_OwnOptimizer):
         L = self._stack(losses)
         return (self.task_weights.to(L) * L).sum()
 
-    def backward(self, ctx: StepContext) -> None:
+    def backward(self, ctx: StepContext) -> bool | None:
         L = self._stack(ctx.losses)
         Ld = L.detach().float()
         self._warn_negative(Ld, ctx.step)
-        unset = torch.isnan(self.initial_losses)
-        if unset.any():  # each task's L(0) is its first positive loss: a first batch with no valid pixel
-            mean = dist_mean(Ld).to(self.initial_losses)  # (loss 0) would make its rate look 10¹² x too fast
-            self.initial_losses.copy_(torch.where(unset & (mean > 0), mean, self.initial_losses))
         anchor = self._anchor(ctx)
         w = self.task_weights.detach().clone().to(Ld.device)
         if ctx.features is not None:
@@ -124,6 +120,13 @@ class GradNorm(_OwnOptimizer):
         else:  # one autograd.grad per task (each through its own head only), then the weighted backward
             norms = torch.stack([_grad_norm(ctx.losses[t], anchor) for t in self.tasks]).to(Ld.device)
             ctx.backward((w.to(L.dtype) * L).sum())
+        params = list(ctx.shared_params) + [p for t in self.tasks for p in ctx.task_params.get(t, [])]
+        if not finite_or_cleared(self, torch.isfinite(norms), params, ctx.step):
+            return False  # a NaN norm would turn its weights NaN for good
+        unset = torch.isnan(self.initial_losses)
+        if unset.any():  # each task's L(0) is its first positive loss: a first batch with no valid pixel
+            mean = dist_mean(Ld).to(self.initial_losses)  # (loss 0) would make its rate look 10¹² x too fast
+            self.initial_losses.copy_(torch.where(unset & (mean > 0), mean, self.initial_losses))
         G = w * norms
         L0 = self.initial_losses.to(Ld.device)
         known = ~torch.isnan(L0)

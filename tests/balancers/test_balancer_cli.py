@@ -85,11 +85,13 @@ def scenes_batch(tmp_path_factory):
     return next(iter(dm.train_dataloader()))
 
 
-def fit(balancer, batches, max_steps, root):
+def fit(balancer, batches, max_steps, root, prepare=None):
     torch.manual_seed(0)
     model = create_model(["depth", "regression"], backbone={"name": "test_resnet", "out_indices": [1, 2, 3]},
                          decoder={"name": "hps", "channels": 16})
     module = MultiTaskModule(model, balancer=balancer, log_weights_every=1)
+    if prepare is not None:
+        prepare(module)
     trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         default_root_dir=str(root))  # the weights plot lands here, not in the working directory
@@ -116,3 +118,29 @@ def test_nonfinite_loss_skips_the_step_when_asked(scenes_batch, caplog, tmp_path
     assert "skipping this step" in caplog.text and "depth" in caplog.text
     assert all(torch.isfinite(p).all() for p in module.model.parameters())
     assert [h["step"] for h in module.monitor.history] == [0, 1]
+
+
+def nan_gradient_on_first_forward(module):
+    """The backbone output of the first forward gets a term of value 0 whose gradient is NaN (a norm at
+    its minimum): finite losses, non-finite task gradients."""
+    calls = []
+
+    def hook(_m, _inputs, out):
+        calls.append(1)
+        if len(calls) > 1:
+            return None
+        first = out[0] if isinstance(out, (list, tuple)) else out
+        bad = first + (first - first.detach()).pow(2).sum().sqrt()
+        return type(out)([bad, *out[1:]]) if isinstance(out, (list, tuple)) else bad
+
+    module.model.backbone.register_forward_hook(hook)
+
+
+def test_nonfinite_gradient_skips_the_step_when_asked(scenes_batch, caplog, tmp_path):
+    # the check was on the losses only: pcgrad stepped with a NaN update and every weight turned NaN
+    with caplog.at_level(logging.WARNING, logger="mtl.balancers"):
+        trainer, module = fit({"name": "pcgrad", "skip_nonfinite": True}, [scenes_batch] * 3, max_steps=2,
+                              root=tmp_path, prepare=nan_gradient_on_first_forward)
+    assert trainer.global_step == 2  # the bad batch made no optimiser step
+    assert "non-finite gradient" in caplog.text and "skipping this step" in caplog.text
+    assert all(torch.isfinite(p).all() for p in module.model.parameters())

@@ -1,4 +1,5 @@
 """Every registered balancer runs on a toy model; configs exist; bad input fails clearly."""
+import copy
 import logging
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from mtl.balancers import (
     BALANCERS,
     JACOBIAN_METHODS,
     LOSS_LEVEL_METHODS,
+    NonFiniteGradientError,
     NonFiniteLossError,
     StepContext,
     check_finite,
@@ -156,6 +158,43 @@ def test_nonfinite_loss_skip_logs_and_returns_false(caplog):
         assert check_finite(losses, skip=True, step=3) is False
     assert "depth" in caplog.text and "skipping this step" in caplog.text
     assert check_finite({"depth": torch.tensor(1.0)}, skip=True)
+
+
+def nan_gradient_ctx(model, x, y, step):
+    """Task a's loss is finite but its gradient is NaN: a norm at its minimum (d‖v‖/dv at v = 0 is 0·∞)."""
+    ctx = toy_ctx(model, x, y, step=step)
+    z = ctx.features
+    ctx.losses["a"] = ctx.losses["a"] + (z - z.detach()).pow(2).sum().sqrt()
+    return ctx
+
+
+GRADIENT_METHODS = [(m, "params") for m in JACOBIAN_METHODS + ("flat", "gradnorm")] + [
+    (m, "features") for m in JACOBIAN_METHODS + ("gradnorm",)]
+
+
+@pytest.mark.parametrize("name,level", GRADIENT_METHODS)
+def test_a_nonfinite_gradient_of_a_finite_loss_is_named_or_skipped(name, level, caplog):
+    # it reached the solvers: linalg.svd's "input matrix contained non-finite values" (imtl_g, cagrad), nash_mtl's
+    # "no bargaining point", or a NaN/inf update (every other method), and skip_nonfinite did not apply
+    kw = {} if level == "params" else {"level": level}
+    model = Toy()
+    x, y = toy_batch()
+    ctx = nan_gradient_ctx(model, x, y, step=5)
+    assert check_finite(ctx.losses)
+    with pytest.raises(NonFiniteGradientError, match=rf"^balancer '{name}': non-finite gradient for task\(s\) 'a' at step 5 "
+                                                     r"\(the loss is finite.*skip_nonfinite=true"):
+        create_balancer(name, ["a", "b"], **kw).backward(ctx)
+    assert all(p.grad is None for p in model.parameters())
+
+    balancer = create_balancer(name, ["a", "b"], skip_nonfinite=True, **kw)
+    before = copy.deepcopy(balancer.state_dict())
+    with caplog.at_level(logging.WARNING, logger="mtl.balancers"):
+        assert balancer.backward(nan_gradient_ctx(model, x, y, step=6)) is False
+    assert "'a' at step 6" in caplog.text and "skipping this step" in caplog.text
+    assert all(p.grad is None and not hasattr(p, "jac") for p in model.parameters())
+    assert repr(before) == repr(balancer.state_dict())  # gradnorm's weights, nash_mtl's schedule untouched
+    assert balancer.backward(toy_ctx(model, x, y, step=7)) is None  # the next, finite step runs as usual
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 def test_skip_nonfinite_is_a_balancer_option():
