@@ -110,8 +110,9 @@ class Balancer(nn.Module):
         """Called after the optimiser step (FAMO measures its loss decrease here)."""
 
     #: counters a method keeps about its own run (``nash_mtl``'s ``solver_failures``: steps where its
-    #: solver found no solution and fell back to equal weights); `diagnostics` reports them
-    COUNTERS = ("solver_failures",)
+    #: solver found no solution and fell back to equal weights; ``not_converged``: steps where it stopped at
+    #: max_iters short of one); `diagnostics` reports them
+    COUNTERS = ("solver_failures", "not_converged")
 
     def diagnostics(self) -> dict[str, int]:
         """This run's counters, for metrics.json; a nested balancer (flat's) adds its own, prefixed."""

@@ -21,7 +21,8 @@ class NashMTLBalancer(JacobianBalancer):
     mtlkit renormalises the weights to sum to T (the paper's max-norm clip is left to the trainer's
     gradient clipping). Where no bargaining point exists (some convex combination of the gradients
     vanishes) the step uses equal weights; such steps are counted in ``solver_failures`` and
-    reported once per run.
+    reported once per run. Steps where Newton stops at ``max_iters`` above √tol (a point may exist) also
+    use equal weights, but are counted apart, in ``not_converged``.
     """
 
     def __init__(self, tasks, update_weights_every: int = 1, tol: float = 1e-10, max_iters: int = 100,
@@ -31,7 +32,7 @@ class NashMTLBalancer(JacobianBalancer):
         if not tol > 0 or int(max_iters) < 1:  # otherwise Newton never converges: equal weights every step
             raise ValueError(f"nash_mtl: balancer.tol must be > 0 and balancer.max_iters >= 1, got tol={tol}, max_iters={max_iters}")
         self.update_weights_every, self.tol, self.max_iters = int(update_weights_every), float(tol), int(max_iters)
-        self.solver_failures = 0
+        self.solver_failures = self.not_converged = 0
         self._calls, self._alpha = 0, None
         super().__init__(tasks, level, parallel_chunk_size, skip_nonfinite)
 
@@ -41,18 +42,28 @@ class NashMTLBalancer(JacobianBalancer):
         return gramian_aggregator(self._weights)
 
     def _weights(self, gramian: torch.Tensor) -> torch.Tensor:
-        from mtl.balancers.solvers import nash_weights
+        from mtl.balancers.solvers import NashNotConverged, nash_weights
 
         due = self._calls % self.update_weights_every == 0 or self._alpha is None
         self._calls += 1
         if due:
-            alpha = nash_weights(gramian, self.tol, self.max_iters)
+            try:
+                alpha = nash_weights(gramian, self.tol, self.max_iters)
+            except NashNotConverged as e:
+                self.not_converged += 1
+                if self.not_converged == 1:
+                    log.warning("nash_mtl: the bargaining solver %s; using equal weights for this step (raise "
+                                "balancer.max_iters or balancer.tol). Later such steps are only counted "
+                                "(balancer.not_converged).", e)
+                alpha = None
+            else:
+                if alpha is None:
+                    self.solver_failures += 1
+                    if self.solver_failures == 1:
+                        log.warning("nash_mtl: no bargaining point for this step's gradients (a convex combination "
+                                    "vanishes); using equal weights. Later such steps are only counted "
+                                    "(balancer.solver_failures).")
             if alpha is None:
-                self.solver_failures += 1
-                if self.solver_failures == 1:
-                    log.warning("nash_mtl: no bargaining point for this step's gradients (a convex combination "
-                                "vanishes); using equal weights. Later such steps are only counted "
-                                "(balancer.solver_failures).")
                 alpha = torch.ones(gramian.shape[0], dtype=gramian.dtype, device=gramian.device)
             self._alpha = alpha
         return self._alpha.to(gramian)  # a no-op unless restored from a checkpoint (on the CPU)
@@ -67,9 +78,11 @@ class NashMTLBalancer(JacobianBalancer):
     # they travel in checkpoints (a resumed run solves at the same steps as an uninterrupted one)
     def get_extra_state(self):
         alpha = None if self._alpha is None else self._alpha.detach().cpu()
-        return {"calls": self._calls, "alpha": alpha, "solver_failures": self.solver_failures}
+        return {"calls": self._calls, "alpha": alpha, "solver_failures": self.solver_failures,
+                "not_converged": self.not_converged}
 
     def set_extra_state(self, state) -> None:
         state = state or {}  # None: a checkpoint from before these were saved (module.on_load_checkpoint)
         self._calls, self.solver_failures = int(state.get("calls", 0)), int(state.get("solver_failures", 0))
+        self.not_converged = int(state.get("not_converged", 0))
         self._alpha = state.get("alpha")

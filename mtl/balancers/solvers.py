@@ -18,7 +18,8 @@ G α = 1/α elementwise: the unique minimiser of the strictly convex f(α) = ½ 
 found by damped Newton steps to ``max_t |α_t (Gα)_t − 1| ≤ tol``. (The reference implementation's
 sequence of convex programs stops after a fixed number of rounds, short of this point on badly scaled
 or conflicting gradients, and returns equal weights when its solver fails.) No solution exists when
-some convex combination of the gradients vanishes (a Pareto-stationary point): ``None`` is returned.
+some convex combination of the gradients vanishes (a Pareto-stationary point): ``None`` is returned;
+``max_iters`` steps that end above √tol raise `NashNotConverged` instead (a solution may well exist).
 
 **IMTL-G** (``imtl_g_weights``): the paper's closed form on the Gramian (see the function).
 
@@ -252,14 +253,27 @@ def imtl_g_weights(gramian: torch.Tensor) -> torch.Tensor:
     return split_between_identical(G, alpha).to(gramian.device, gramian.dtype)
 
 
+class NashNotConverged(ArithmeticError):
+    """``nash_weights`` ran ``max_iters`` Newton steps without reaching ``√tol``; ``residual`` says how far."""
+
+    def __init__(self, residual: float, max_iters: int):
+        super().__init__(f"did not converge within max_iters={max_iters} (residual {residual:.3g})")
+        self.residual = residual
+
+
 def nash_weights(gramian: torch.Tensor, tol: float = 1e-10, max_iters: int = 100,
                  init: torch.Tensor | None = None) -> torch.Tensor | None:
-    """α > 0 with G α = 1/α (see the module docstring), or ``None`` when there is no such point."""
+    """α > 0 with G α = 1/α (see the module docstring), or ``None`` when there is no such point. After
+    ``max_iters`` steps the last iterate is returned if its residual is ≤ √tol: near nearly opposite
+    gradients (α ~ 1e3 on the unit-scale G) float64 rounding alone keeps the residual around 1e-9, above
+    the default tol. Otherwise `NashNotConverged` is raised: not converged is not the same as no point."""
     G = gramian.detach().to("cpu", torch.float64)
+    if not bool(torch.isfinite(G).all()):
+        raise ValueError("nash_weights: the Gramian is not finite (a task gradient is NaN or infinite)")
     G = (G + G.T) / 2
     n = G.shape[0]
     scale = float(G.diagonal().mean())
-    if not torch.isfinite(G).all() or scale <= 0.0:
+    if scale <= 0.0:  # every gradient is zero: the zero combination vanishes
         return None
     G = G / scale  # solve at unit scale, then α = α̂ / √scale
     alpha = torch.ones(n, dtype=G.dtype) if init is None else init.detach().to("cpu", G.dtype) * scale ** 0.5
@@ -286,4 +300,7 @@ def nash_weights(gramian: torch.Tensor, tol: float = 1e-10, max_iters: int = 100
         alpha = alpha + t * step
         if not torch.isfinite(alpha).all() or float(alpha.max()) > 1e12:
             return None
-    return None
+    residual = float((alpha * (G @ alpha) - 1).abs().max())
+    if residual <= tol ** 0.5:
+        return (alpha / scale ** 0.5).to(gramian.device, gramian.dtype)
+    raise NashNotConverged(residual, max_iters)

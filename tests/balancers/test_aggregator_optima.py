@@ -8,7 +8,7 @@ import torch
 
 from mtl.balancers import StepContext, create_balancer
 from gradient_battery import battery
-from mtl.balancers.solvers import nash_weights
+from mtl.balancers.solvers import NashNotConverged, nash_weights
 
 BATTERY = [pytest.param(J, id=name) for name, J in battery()]
 
@@ -178,3 +178,28 @@ def test_nash_mtl_reports_a_vanishing_combination_and_uses_equal_weights():
     b.backward(StepContext({"a": theta @ J[0], "b": theta @ J[1]}, [theta], {"a": [], "b": []}, None))
     assert b.solver_failures == 1
     assert b.weights() == {"a": 1.0, "b": 1.0}
+
+
+def test_nash_mtl_tells_not_converged_from_no_bargaining_point(caplog):
+    # a point exists: α1 = √2·α2 with α2²(2 − √2) = 1, i.e. (1.8478, 1.3066); 5 Newton steps reach it to √tol
+    # (the solver returned None there: "no bargaining point", equal weights)
+    G = torch.tensor([[1.0, -1.0], [-1.0, 2.0]], dtype=torch.float64)
+    a2 = (1 / (2 - 2 ** 0.5)) ** 0.5
+    assert nash_weights(G, 1e-10, 5).tolist() == pytest.approx([2 ** 0.5 * a2, a2], rel=1e-5)
+    # nearly opposite gradients (cos ≈ −0.9999995): rounding keeps the residual ~1e-9 > tol, yet the point is reached
+    torch.manual_seed(0)
+    g = torch.randn(10, dtype=torch.float64)
+    J = torch.stack([g, -g + 1e-3 * torch.randn(10, dtype=torch.float64)])
+    alpha = nash_weights(J @ J.T)
+    assert alpha is not None and float((alpha * (J @ J.T @ alpha) - 1).abs().max()) <= 1e-5
+    # too few steps: not converged, said as such and counted apart from solver_failures
+    with pytest.raises(NashNotConverged, match=r"max_iters=1 \(residual"):
+        nash_weights(G, 1e-10, 1)
+    theta = torch.nn.Parameter(torch.zeros(2))
+    Jf = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+    b = create_balancer("nash_mtl", ["a", "b"], max_iters=1)
+    with caplog.at_level("WARNING"):
+        b.backward(StepContext({"a": theta @ Jf[0], "b": theta @ Jf[1]}, [theta], {"a": [], "b": []}, None))
+    assert (b.not_converged, b.solver_failures) == (1, 0)
+    assert "did not converge within max_iters=1" in caplog.text and "no bargaining point" not in caplog.text
+    assert b.diagnostics() == {"solver_failures": 0, "not_converged": 1}

@@ -38,11 +38,15 @@ def test_freeze_norm_stats_keeps_running_statistics_and_counters():
 
 def test_diagnostics_report_solver_failures_also_nested():
     nash = create_balancer("nash_mtl", ["a", "b"])
-    nash.solver_failures = 2
-    assert nash.diagnostics() == {"solver_failures": 2}
+    nash.solver_failures, nash.not_converged = 2, 1
+    assert nash.diagnostics() == {"solver_failures": 2, "not_converged": 1}
+    restored = create_balancer("nash_mtl", ["a", "b"])
+    restored.load_state_dict(nash.state_dict())
+    assert restored.diagnostics() == {"solver_failures": 2, "not_converged": 1}  # both travel in checkpoints
     flat = create_balancer("flat", ["a", "b"], aggregator="nash_mtl")
     flat.base.solver_failures = 3
-    assert flat.diagnostics() == {"base.solver_failures": 3, "sharp.solver_failures": 0}
+    assert flat.diagnostics() == {"base.solver_failures": 3, "base.not_converged": 0, "sharp.solver_failures": 0,
+                                  "sharp.not_converged": 0}
     assert create_balancer("ew", ["a", "b"]).diagnostics() == {}
 
 
@@ -72,7 +76,8 @@ def test_nash_mtl_schedule_weights_and_failures_survive_a_state_dict_round_trip(
     flat.base._calls, flat.sharp.solver_failures = 2, 1
     again = create_balancer("flat", ["a", "b"], aggregator="nash_mtl", aggregator_kwargs={"update_weights_every": 3})
     again.load_state_dict(flat.state_dict())
-    assert again.base._calls == 2 and again.diagnostics() == {"base.solver_failures": 0, "sharp.solver_failures": 1}
+    assert again.base._calls == 2 and again.diagnostics() == {"base.solver_failures": 0, "base.not_converged": 0,
+                                                              "sharp.solver_failures": 1, "sharp.not_converged": 0}
 
 
 def test_a_checkpoint_saved_before_nash_mtl_kept_state_still_resumes():
@@ -86,8 +91,8 @@ def test_a_checkpoint_saved_before_nash_mtl_kept_state_still_resumes():
     old = {"state_dict": {k: v for k, v in module.state_dict().items() if not k.endswith("_extra_state")}}
     module.on_load_checkpoint(old)  # Lightning calls it before its strict load of the weights
     module.load_state_dict(old["state_dict"])
-    assert module.balancer.base._calls == 0 and module.balancer.diagnostics() == {"base.solver_failures": 0,
-                                                                                 "sharp.solver_failures": 0}
+    assert module.balancer.base._calls == 0 and module.balancer.diagnostics() == {
+        "base.solver_failures": 0, "base.not_converged": 0, "sharp.solver_failures": 0, "sharp.not_converged": 0}
 
 
 def test_a_resume_that_changes_a_balancers_own_optimiser_is_refused_by_name():
