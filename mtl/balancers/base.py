@@ -49,7 +49,9 @@ class StepContext:
     #: {task: parameters only that task uses (its head)}
     task_params: dict[str, list[nn.Parameter]]
     #: the shared representation the task heads consume (part of the graph): one tensor or a
-    #: sequence of tensors (multi-scale), batch on dim 0; None if unavailable
+    #: sequence of tensors (multi-scale), batch on dim 0; None if unavailable. When given, every loss
+    #: must reach ``shared_params`` only through it: gradient methods and gradnorm backpropagate from
+    #: here, so a term that bypasses it (a router's aux loss) silently gets no gradient from them
     features: Features | None
     #: the last shared layer's weight (``mtl.models.families.last_shared_weight``; GradNorm's W); None:
     #: the last of ``shared_params`` with ≥ 2 dims

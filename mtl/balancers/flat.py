@@ -53,6 +53,7 @@ class FlatBalancer(Balancer):
         self.sharp: JacobianBalancer = create_balancer(aggregator, self.tasks, **kw)
 
     def weights(self) -> dict[str, float]:
+        """The base aggregator's weights, of A({g_t}) only: the update also holds A'({g_t^SAM − g_t})."""
         return self.base.weights()
 
     def backward(self, ctx: StepContext) -> bool | None:
