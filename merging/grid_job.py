@@ -13,6 +13,7 @@ from mtl.progress_log import ProgressLog
 from .consensus import per_task_lams
 from .engine import KeyOptions
 from .job import CLI_METHODS, MergeJob, Selection, better, resolved_hparams
+from .methods import unknown_hparams
 
 
 def grid_search(job: MergeJob, method: str, hp: Mapping[str, Any]) -> Selection:
@@ -66,6 +67,8 @@ def precheck(name: str, hp: Mapping[str, Any], num_models: int | None = None, ta
         from .learned.cli import precheck_learned
 
         return precheck_learned(name, hp, merged_keys)
+    if name == "pretrained":
+        return precheck_pretrained(hp)
     if name not in GRID_METHODS:
         return
     searched = hp.get("lam") is None and bool(hp.get("lam_grid"))
@@ -95,10 +98,29 @@ for _name in GRID_METHODS[:-1]:  # consensus adds its mask-overlap summary (belo
     _register_grid(_name)
 
 
+#: what `merge=pretrained` takes: the key options that shape θ0 with the heads (the BN rule: θ0's or the fine-tuned
+#: models' averaged statistics); a key filter (include/exclude) or a λ would leave θ0 not θ0
+PRETRAINED_ACCEPTED = tuple(k for k in KeyOptions.DEFAULTS if k not in ("include", "exclude"))
+
+
+def precheck_pretrained(hp: Mapping[str, Any]) -> None:
+    """`merge=pretrained`'s hyperparameters: anything but `PRETRAINED_ACCEPTED` is refused, as the other methods refuse
+    theirs (it was dropped in silence, and the run recorded λ = 0)."""
+    unknown = sorted(set(hp) - set(PRETRAINED_ACCEPTED))
+    if unknown:
+        raise TypeError(unknown_hparams("pretrained", "paper", unknown, PRETRAINED_ACCEPTED))
+
+
+def pretrained_hparams(hp: Mapping[str, Any]) -> dict[str, Any]:
+    """The task-arithmetic hyperparameters of `merge=pretrained`: λ = 0 with the options it was given."""
+    precheck_pretrained(hp)
+    return {**hp, "lam": 0.0}
+
+
 @CLI_METHODS.register("pretrained")
 def select_pretrained(job: MergeJob, hp: Mapping[str, Any]) -> Selection:
     """θ0 with each task's fine-tuned head (task arithmetic with λ = 0): the floor every method must beat."""
-    return grid_search(job, "task_arithmetic", {"lam": 0.0})
+    return grid_search(job, "task_arithmetic", pretrained_hparams(hp))
 
 
 def _tall_options(hp: Mapping[str, Any]) -> dict[str, Any]:

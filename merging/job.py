@@ -331,7 +331,7 @@ def merge_only(cfg: DictConfig, run_dir: Path, name: str, hp: dict[str, Any], ou
     """``eval=none``: a streaming state-dict merge of any model folders (Hugging Face ones included),
     with the hyperparameters as given (`run_merge` has checked `name` with `check_state_dict_method`): nothing is
     evaluated, so no grid is searched."""
-    method, hp = ("task_arithmetic", {"lam": 0.0}) if name == "pretrained" else (name, dict(hp))
+    method, hp = ("task_arithmetic", grid_job.pretrained_hparams(hp)) if name == "pretrained" else (name, dict(hp))
     grid = hp.pop("lam_grid", None)
     if grid and hp.get("lam") is None:
         # a grid the user gave (not a method config's own) is worth a console line: its λ values are not used

@@ -708,3 +708,35 @@ def test_a_given_lam_grid_that_lam_overrides_is_said_once(tmp_path, caplog, meth
         said = [r.getMessage() for r in caplog.records if "is not searched" in r.getMessage()]
         assert said == (["merge.lam_grid=[0.1, 0.2] is not searched: merge.lam=0.3 is set and takes precedence "
                          "(drop merge.lam, i.e. merge.lam=null, to search the grid)"] if warned else []), extra
+
+
+@pytest.mark.parametrize("evaluated", [True, False])
+@pytest.mark.parametrize("override, unknown", [("+merge.lam=0.5", "lam"), ("+merge.foo=1", "foo"),
+                                               ("+merge.include=[a]", "include")])
+def test_pretrained_refuses_hyperparameters_it_does_not_take(tmp_path, no_pool, evaluated, override, unknown):
+    """merge=pretrained dropped every hyperparameter in silence (λ = 0.0 recorded), where every other method refuses
+    an unknown one; the BN rule and the other key options that shape θ0 with the heads are all it takes."""
+    with pytest.raises(TypeError, match=rf"^pretrained: unknown hyperparameter\(s\) {unknown}; accepted: bn, "
+                                        r"check_finite, task_keys, unshared$"):
+        run(["merge=pretrained", "pretrained=/nope", "models=[/nope]", override, *([] if evaluated else ["eval=none"])],
+            run_dir=tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_pretrained_applies_the_bn_rule_it_is_given(pool, tmp_path):
+    """+merge.bn=average: θ0's weights with the fine-tuned models' averaged BatchNorm statistics (it was dropped)."""
+    models = ",".join(str(p) for p in pool.member_paths)
+    report = run(["eval=none", "merge=pretrained", "+merge.bn=average", f"pretrained={pool.pretrained}",
+                  f"models=[{models}]", f"output={tmp_path / 'o'}"], run_dir=tmp_path / "r")
+    assert report["selected"]["bn"] == "average" and report["selected"]["lam"] == 0.0
+    pre = merging.load_state_dict(pool.pretrained)
+    fts = [merging.load_state_dict(p) for p in pool.member_paths]
+    got = load_file(str(tmp_path / "o" / "model.safetensors"))
+    stats = [k for k in pre if k.endswith("running_mean") and ".heads." not in f".{k}"]
+    weights = [k for k in pre if k.endswith(".weight") and ".heads." not in f".{k}"]
+    assert stats and weights
+    for k in stats:
+        torch.testing.assert_close(got[k], sum(f[k] for f in fts) / len(fts))
+        assert not torch.equal(got[k], pre[k])
+    for k in weights:
+        torch.testing.assert_close(got[k], pre[k], rtol=0, atol=0)
