@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
@@ -37,6 +38,8 @@ from .bn import check_bn
 from .evaluation import Evaluator, ImageBatches
 from .pool import ModelPool, check_same_pruning, check_same_start, manifest_paths, model_list
 from .report import build_report, print_table, write_report
+from .storage import STORE_FILE
+from .streaming import resolve_output
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,31 @@ class Selection:
     # more report entries ("mask_overlap" gets a plot; "tested", with `test`: whose metrics those are,
     # also written into the model folder's meta in place of its own scores)
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+STORE_DIR = "tall_store"  # tall_masks' store, inside the run folder
+#: what a merge run may write in its run folder beside config.yaml, metrics.json and its output: the plots and the
+#: per-method outputs (tall_masks' store, a learned merge's coefficients, a mergekit run's recipe)
+RUN_OUTPUTS = ("task_accuracy.png", "mask_overlap.png", STORE_DIR, "coefficients", "coefficients.png",
+               "learning_curves.png", "mergekit_config.yml")
+
+
+def clear_earlier_outputs(run_dir: Path, overwrite: bool, keep: Path | None = None) -> None:
+    """Remove an earlier run's `RUN_OUTPUTS` from the run folder `start_run` accepted (an overwrite rerun, a failed
+    run's), so that it holds this run's outputs only: a TIES rerun over a TALL run kept its store and mask plot. A
+    TALL store is refused unless `overwrite` (found now, not after a λ search); `keep` (this run's output) stays."""
+    store, _ = resolve_output(Path(run_dir) / STORE_DIR, STORE_FILE)
+    if store.exists() and not overwrite:
+        raise FileExistsError(f"{store.parent} holds a TALL store of an earlier run; pass overwrite=true to replace "
+                              "it, or choose another run folder")
+    for name in RUN_OUTPUTS:
+        path = Path(run_dir) / name
+        if keep is not None and (path.resolve() == keep.resolve() or path.resolve() in keep.resolve().parents):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
 
 # here, not in grid_job: tall_job needs it too, and job imports both at its end (an import cycle otherwise)
@@ -254,10 +282,7 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir, output = start_run(cfg, run_dir, inputs=[manifest[0], *manifest[1]] if manifest else [],
                                 model_output=evaluated, any_weights=not evaluated)
     output = output.resolve()  # a relative output= is the cwd's, not the run folder's: record where it is
-    if name == "tall_masks" and cfg.eval.get("enabled", True):
-        from .tall_job import check_store_free
-
-        check_store_free(run_dir, bool(cfg.get("overwrite")))  # found now, not after the whole λ search
+    clear_earlier_outputs(run_dir, bool(cfg.get("overwrite")), keep=output)
     start = time.perf_counter()
     if not evaluated:
         return merge_only(cfg, run_dir, name, hp, output, start, manifest)

@@ -25,7 +25,7 @@ def mergekit_job(cfg: Any, run_dir: str | os.PathLike) -> dict[str, Any]:
     folder), not evaluated. The YAML is the whole recipe: inputs and `merge` settings beside it are refused."""
     from mtl.cli.jobs import start_run
 
-    from .job import record_unevaluated, resolved_hparams
+    from .job import clear_earlier_outputs, record_unevaluated, resolved_hparams
 
     start = time.perf_counter()
     check_unread_settings(cfg)
@@ -34,6 +34,7 @@ def mergekit_job(cfg: Any, run_dir: str | os.PathLike) -> dict[str, Any]:
     check_dtypes(plan)
     run_dir, output = start_run(cfg, run_dir, inputs=[plan.pretrained, *plan.finetuned], any_weights=True)
     output = output.resolve()
+    clear_earlier_outputs(Path(run_dir), bool(cfg.overwrite), keep=output)
     (Path(run_dir) / "mergekit_config.yml").write_text(plan.text)  # the recipe as run, whatever becomes of the file
     seed = seed if plan.method in ("dare_ties", "dare_linear") else None  # every mtl-merge run repeats
     written = run_plan(plan, output, overwrite=bool(cfg.overwrite), shard_size=cfg.get("shard_size"), seed=seed)

@@ -19,16 +19,13 @@ from mtl.registry import meant
 
 from .consensus import make_mtv_method, per_task_lams
 from .engine import KeyOptions
-from .job import CLI_METHODS, MergeJob, Selection, better
+from .job import CLI_METHODS, STORE_DIR, MergeJob, Selection, better
 from .methods import SELECTS, _per_task
-from .storage import STORE_FILE
-from .streaming import resolve_output
 from .tall import TallKernel, ties_options
 
 __all__ = ["precheck_tall", "select_tall"]
 
 DEFAULT_GRID = [0.2, 0.3, 0.4, 0.5, 0.6]
-STORE_DIR = "tall_store"  # inside the run folder
 #: `merging.tall_masks`'s options with their defaults (the key options aside)
 _OPTIONS = {n: p.default for n, p in inspect.signature(merging.tall_masks).parameters.items()
             if p.kind is p.KEYWORD_ONLY or n in ("lam", "mtv")}
@@ -72,14 +69,6 @@ def precheck_tall(hp: Mapping[str, Any], num_models: int | None = None, tasks: l
         except ValueError as e:
             where = f", lam_grid value {lam!r}" if searched else ""
             raise ValueError(f"merge=tall_masks{where}: {e}") from None
-
-
-def check_store_free(run_dir: Path, overwrite: bool) -> None:
-    """The run folder's TALL store may be written: none from an earlier run, or `overwrite=true`."""
-    path, _ = resolve_output(Path(run_dir) / STORE_DIR, STORE_FILE)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path.parent} holds a TALL store of an earlier run; pass overwrite=true to replace "
-                              "it, or choose another run folder")
 
 
 def _best_lam(task: str, tried: list[tuple[float, float]]) -> float:

@@ -274,6 +274,8 @@ def run_prune(cfg: DictConfig, run_dir: str | Path, command_line: list[str] | No
         plot_delta_m_vs_flops({method: [(mflops(report["flops"]["before"]), 0.0),
                                         (mflops(report["flops"]["after"]), report["delta_m"]["after"])]},
                               run_dir / "delta_m_vs_flops.png", title=f"mtl-prune {method}: Δm% vs FLOPs")
+    else:  # no Δm, no plot: an overwrite rerun in this folder must not keep an earlier run's
+        (run_dir / "delta_m_vs_flops.png").unlink(missing_ok=True)
     print_table(report)
     return report
 

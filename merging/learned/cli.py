@@ -223,11 +223,9 @@ def select_learned(method: str, job: MergeJob, hp: Mapping[str, Any]) -> Selecti
     title = f"{method} ({res.granularity})\n{job.run_dir.name}"
     plot_coefficients(res.coefficients, res.groups, res.tasks, job.run_dir / "coefficients.png", title=title,
                       model_keys=list(model.state_dict()))
-    if res.history:
+    if res.history:  # no steps, no curves (an earlier run's in this folder: removed by job.clear_earlier_outputs)
         plot_learning_curves(res.history, job.run_dir / "learning_curves.png", title=title,
                              objective="supervised" if supervised else "entropy")
-    else:  # no steps: a rerun into this folder must not keep an earlier run's curves
-        (job.run_dir / "learning_curves.png").unlink(missing_ok=True)
     summary = res.summary()
     selected = {**{k: v for k, v in res.hparams.items() if is_plain_json(v)},
                 "coefficients": {t: round(v["mean"], 4) for t, v in summary["per_task"].items()}}

@@ -740,3 +740,26 @@ def test_pretrained_applies_the_bn_rule_it_is_given(pool, tmp_path):
         assert not torch.equal(got[k], pre[k])
     for k in weights:
         torch.testing.assert_close(got[k], pre[k], rtol=0, atol=0)
+
+
+def test_an_overwrite_rerun_removes_the_earlier_runs_per_method_outputs(pool, tmp_path):
+    """A TIES rerun (overwrite=true) in a TALL run's folder kept its store and mask plot beside the new metrics.json:
+    load_task_model rebuilt the old run's models and the plot showed masks the TIES merge never used."""
+    rd = tmp_path / "r"
+    run(_args(pool, "merge=tall_masks", "merge.lam=0.3", batches=1), run_dir=rd)
+    assert (rd / "tall_store" / "tall.safetensors").is_file() and (rd / "mask_overlap.png").is_file()
+    (rd / "coefficients.png").write_bytes(b"an earlier learned run's plot")
+    report = run(_args(pool, "merge=ties", "merge.lam=0.8", "overwrite=true", batches=1), run_dir=rd)
+    assert report["method"] == "ties" and "store" not in report
+    assert sorted(p.name for p in rd.iterdir() if p.name != ".hydra") == [
+        "config.yaml", "metrics.json", "model", "task_accuracy.png"]
+
+
+def test_an_eval_none_rerun_keeps_no_earlier_plot(pool, tmp_path):
+    """eval=none writes no task_accuracy.png: the evaluated run's plot it replaces would stand for its merge."""
+    rd = tmp_path / "r"
+    run(_args(pool, "merge=task_arithmetic", "merge.lam=0.3", batches=1), run_dir=rd)
+    models = ",".join(str(p) for p in pool.member_paths)
+    run(["eval=none", "merge=ties", "overwrite=true", f"pretrained={pool.pretrained}", f"models=[{models}]"],
+        run_dir=rd)
+    assert not (rd / "task_accuracy.png").exists() and (rd / "model" / "model.safetensors").is_file()

@@ -509,3 +509,15 @@ def test_report_measurements_give_every_module_its_own_mode_back():
     hook.remove()
     assert seen == [False, False]  # measured in eval mode
     assert [(n, m.training) for n, m in model.named_modules()] == before
+
+
+def test_an_overwrite_rerun_without_delta_m_keeps_no_earlier_delta_m_plot(folder, tmp_path, monkeypatch):
+    """Δm undefined (no plot this time): the earlier run's delta_m_vs_flops.png stayed beside the new metrics.json."""
+    import pruning.job
+
+    args = [f"model={folder}", "prune.ratio=0.5", "calib.batches=1", "eval.max_batches=1", "eval.latency_repeats=1"]
+    run(["prune=l1", *args], run_dir=tmp_path / "run")
+    assert (tmp_path / "run" / "delta_m_vs_flops.png").is_file()
+    monkeypatch.setattr(pruning.job, "delta_m_vs", lambda *a: {"after": None, "why": "undefined here"})
+    report = run(["prune=l1", *args, "overwrite=true"], run_dir=tmp_path / "run")
+    assert report["delta_m"]["after"] is None and not (tmp_path / "run" / "delta_m_vs_flops.png").exists()
