@@ -8,7 +8,7 @@ import torch
 from mtl.registry import UnknownNameError
 
 from .engine import KeyOptions, open_context, produce, torch_threads
-from .methods import MERGEKIT_ONLY, create_method
+from .methods import MERGEKIT_ONLY, OWN_ENTRY_POINTS, create_method
 
 __all__ = ["merge"]
 
@@ -40,7 +40,7 @@ def merge(
     try:
         m = create_method(method, **hp)
     except UnknownNameError as e:
-        if method in MERGEKIT_ONLY:  # the message says what to pass; the learned methods are beside the point
+        if method in MERGEKIT_ONLY or method in OWN_ENTRY_POINTS:  # the message says what to call instead
             raise
         raise UnknownNameError(f"{e}; learned at test time (with unlabeled=...): {', '.join(LEARNED_METHODS)}") from None
     ctx = open_context(pretrained, finetuned, opts, m.min_models(), method)

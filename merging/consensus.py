@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from mtl.io import as_plain
+
 from .engine import Context
 from .methods import METHODS, MergeMethod, TaskArithmetic, Ties, _check_lam, _per_task
 
@@ -21,11 +23,12 @@ __all__ = ["Consensus", "check_tall_lam", "per_task_lams", "tall_mask_tensors", 
 def check_tall_lam(name: str, lam: Any) -> None:
     """λ of the TALL masks: a finite number ≥ 0, one per task, or ``{task: λ}`` (a negative λ would keep
     every entry, even those no task changed, whatever the other tasks do)."""
+    lam = as_plain(lam)
     if isinstance(lam, Mapping):
         bad = [k for k in lam if not isinstance(k, str)]
         if bad:
             raise ValueError(f"{name} maps task names to λ; {bad[0]!r} is not a task name")
-        values: Any = list(lam.values())
+        values: Any = as_plain(list(lam.values()))
     else:
         values = lam
     _check_lam(name, values, allow_list=True)
@@ -37,7 +40,7 @@ def per_task_lams(name: str, lam: Any, tasks: Sequence[str]) -> list[float]:
     """λ_t in the order of `tasks` from one λ, a list in that order, or ``{task: λ}`` naming each task once
     (as a `tall_masks` run records `selected.lam`)."""
     if not isinstance(lam, Mapping):
-        return _per_task(name, lam, len(tasks))
+        return _per_task(name, as_plain(lam), len(tasks))
     unknown, missing = [k for k in lam if k not in tasks], [t for t in tasks if t not in lam]
     if unknown or missing:
         said = "; ".join(s for s in (unknown and f"unknown task(s) {unknown}", missing and f"no λ for {missing}") if s)
@@ -96,7 +99,8 @@ class Consensus(MergeMethod):
         if base == "task_arithmetic":
             unused = [n for n in ("ties_k", "merge_func", "trim") if self.hp[n] != self.defaults[n]]
             if unused:  # TIES settings would do nothing here: refuse rather than ignore them
-                raise ValueError(f"consensus: {', '.join(unused)} configure base='ties' and do nothing with "
+                verb = "configures" if len(unused) == 1 else "configure"
+                raise ValueError(f"consensus: {', '.join(unused)} {verb} base='ties' and do nothing with "
                                  "base='task_arithmetic'; drop them or set base=ties")
             self.base = make_mtv_method("sum", {})
             lam = 0.3 if self.hp["lam"] is None else self.hp["lam"]

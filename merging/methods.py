@@ -57,7 +57,7 @@ def _check_lam(name: str, lam: Any, allow_list: bool, list_hint: str = LAM_LIST_
             _check_lam(name, v, False)
         return
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
-        what = ("a finite number or one per task" if allow_list else
+        what = ("a finite number or one per task (a list, tuple, or 1-d array or tensor of finite numbers)" if allow_list else
                 f"one finite number ({list_hint})" if isinstance(lam, (list, tuple)) else "a finite number")
         raise ValueError(f"{name} must be {what}, got {lam!r}")
 
@@ -158,12 +158,18 @@ def create_method(name: str, convention: str = "paper", **hparams: Any) -> Merge
         return create_mergekit_method(name, **hparams)
     if convention != "paper":
         raise ValueError(f"unknown convention {convention!r}; valid: {', '.join(CONVENTIONS)}")
+    if name in OWN_ENTRY_POINTS:  # an mtl-merge method with its own Python entry point: say which
+        raise UnknownNameError(f"{name!r} is not a merge method of merging.merge: {OWN_ENTRY_POINTS[name]}")
     if name in MERGEKIT_ONLY:  # mergekit's names, which mean mergekit's rules
         raise UnknownNameError(f"merge method {name!r} is mergekit's: pass convention=\"mergekit\" (the papers' "
                                f"rules: {MERGEKIT_ONLY[name]})")
     return METHODS.get(name)(**hparams)
 
 
+#: mtl-merge's methods (`merge=<name>`) that are not state-dict merges, and the Python call that runs them
+OWN_ENTRY_POINTS = {"tall_masks": "TALL masks give one model per task; use merging.tall_masks(pretrained, finetuned, "
+                                  "lam=...) (.merged is θ0 + τ_MTL, .reconstruct(t) task t's model) or "
+                                  "merging.write_tall_store (mtl-merge merge=tall_masks)"}
 #: mergekit's method names that exist only under its convention, and the papers' counterpart
 MERGEKIT_ONLY = {"linear": "average, unweighted", "dare_ties": "dare with base='ties'",
                  "dare_linear": "dare with base='task_arithmetic'"}

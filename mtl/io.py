@@ -41,14 +41,27 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def as_plain(value: Any) -> Any:
     """``value`` as plain Python, so that one setting compares equal however it was given: a list or tuple as a
     list (a tuple in Python, a list in a config), a numpy scalar (np.float32(0.3) from a grid) or a 0-d real
-    tensor (a learned coefficient) as the number it holds, at any depth of lists."""
+    tensor (a learned coefficient) as the number it holds, a 1-d real numpy array or tensor (one λ per task from
+    ``np.linspace`` or a sweep) as the list of its numbers, at any depth of lists."""
     if isinstance(value, (list, tuple)):
         return [as_plain(v) for v in value]
+    if _real_1d(value):
+        return value.tolist()
     if isinstance(value, numbers.Number) and not isinstance(value, (bool, int, float)) and hasattr(value, "item"):
         return value.item()
     if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.dtype.is_complex:
         return value.item()
     return value
+
+
+def _real_1d(value: Any) -> bool:
+    """A 1-d numpy array or tensor of real numbers (not bool, complex or objects)."""
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        return value.ndim == 1 and value.dtype.kind in "iuf"
+    return isinstance(value, torch.Tensor) and value.dim() == 1 and (value.dtype.is_floating_point or (
+        not value.dtype.is_complex and value.dtype != torch.bool))
 
 
 def is_plain_json(v: Any) -> bool:

@@ -105,6 +105,17 @@ def test_consensus_refuses_ties_settings_with_the_task_arithmetic_base():
     with pytest.raises(ValueError, match=r"consensus: ties_k, merge_func configure base='ties'"):
         merging.merge("consensus", pre, fts, ties_k=30, merge_func="sum")
     merging.merge("consensus", pre, fts, base="ties", ties_k=30, merge_func="sum")  # where they apply
+    with pytest.raises(ValueError, match=r"^consensus: ties_k configures base='ties' and do nothing"):
+        merging.merge("consensus", pre, fts, ties_k=30)  # one key: "configures" (it said "ties_k configure")
+
+
+def test_tall_masks_given_to_merge_points_to_its_entry_point():
+    """merging.merge("tall_masks") said only "unknown merge method", though mtl-merge merge=tall_masks exists."""
+    pre, fts = make_models(T=2, seed=5)
+    from mtl.registry import UnknownNameError
+
+    with pytest.raises(UnknownNameError, match=r"'tall_masks' is not a merge method of merging.merge: .*merging.tall_masks\(pretrained"):
+        merging.merge("tall_masks", pre, fts)
 
 
 @pytest.mark.parametrize("kwargs, err, match", [

@@ -1,4 +1,5 @@
 """Each merge method against hand-computed cases and its defining properties (docs/merging.md)."""
+import numpy as np
 import pytest
 import torch
 
@@ -219,3 +220,26 @@ def test_recorded_hyperparameters_are_the_ones_the_merge_used():
     hp = resolved_hparams("consensus", {"base": "ties", "lam": None})
     assert hp["lam"] == 1.0 and hp["ties_k"] == 20 and hp["merge_func"] == "mean"
     assert resolved_hparams("ties", {"lam": 0.5})["k"] == 20  # methods without a rule of their own: every default
+
+
+@pytest.mark.parametrize("given", [lambda l: np.array(l), lambda l: torch.tensor(l, dtype=torch.float64),
+                                   lambda l: np.linspace(l[0], l[-1], len(l))])
+def test_a_per_task_lambda_array_is_one_lambda_per_task(given):
+    """A 1-d array or tensor of T λ (np.linspace, a sweep) was refused as 'not a finite number or one per task'."""
+    pre, fts = make_models(T=3, heads=False)
+    lams = given([0.1, 0.4, 0.7])
+    out = merging.merge("task_arithmetic", pre, fts, lam=lams)
+    w = "decoder.proj.weight"
+    expect = pre[w] + sum(float(l) * (ft[w] - pre[w]) for l, ft in zip(lams, fts))
+    torch.testing.assert_close(out[w], expect, rtol=0, atol=1e-6)
+    tall = merging.tall_masks(pre, fts, lam=lams)
+    taus = [merging.task_vector(pre, ft) for ft in fts]
+    mtv = sum(t[w] for t in taus)
+    assert tall.lam == pytest.approx([0.1, 0.4, 0.7])
+    for t in range(3):  # m_t = |τ_t| > λ_t·|τ_MTL − τ_t|
+        assert torch.equal(tall.masks[t][w], taus[t][w].abs() > float(lams[t]) * (mtv - taus[t][w]).abs())
+    with pytest.raises(ValueError, match=r"lam must be a finite number or one per task \(a list, tuple, or 1-d array "
+                                         r"or tensor of finite numbers\), got array\(\[\[0.1, 0.4, 0.7\]\]\)"):
+        merging.merge("task_arithmetic", pre, fts, lam=np.array([[0.1, 0.4, 0.7]]))
+    with pytest.raises(ValueError, match="lam has 2 values but there are 3 fine-tuned models"):
+        merging.merge("task_arithmetic", pre, fts, lam=np.array([0.1, 0.4]))
