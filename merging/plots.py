@@ -19,11 +19,11 @@ def _figure(size):
 def _save(fig, path, *, tight_layout: bool = True) -> Path:
     """`tight_layout=False` for figures whose colorbar spans several axes (tight_layout cannot fit it);
     they are cropped at save time instead."""
-    from mtl.io import atomic_path
+    from mtl.io import atomic_path, user_path
 
     if tight_layout:
         fig.tight_layout()
-    path = Path(path)
+    path = user_path(path)
     with atomic_path(path) as tmp:  # never a half-written PNG
         fig.savefig(tmp, dpi=120, format="png", bbox_inches=None if tight_layout else "tight")
     return path

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtl.io import TALL_STORE_FILE
+from mtl.io import TALL_STORE_FILE, user_path
 from mtl.registry import check_bool
 
 from .engine import KeyOptions, open_context, torch_threads
@@ -158,7 +158,7 @@ def check_store_output(out, inputs: Sequence[Path], overwrite: bool) -> None:
     from mtl.io import check_output_apart
 
     check_bool("overwrite", overwrite)
-    check_output_apart(Path(out), list(inputs))
+    check_output_apart(user_path(out), list(inputs))
     path, _ = resolve_output(out, STORE_FILE)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
@@ -225,6 +225,7 @@ def write_tall_store(
     if rest:
         raise TypeError(f"write_tall_store: unknown option(s) {', '.join(sorted(rest))}")
     fts = list(finetuned) if not isinstance(finetuned, (str, os.PathLike, dict)) else finetuned
+    out = user_path(out)  # a leading ~ is $HOME's, as load_task_model takes it
     check_store_output(out, input_paths(pretrained, fts), overwrite)
     kernel = TallKernel(lam, mtv, ties_options(mtv, k, merge_func, trim))
     ctx = open_context(pretrained, fts, opts, 1, "write_tall_store")

@@ -89,7 +89,9 @@ class TallStore:
     """Read access to a TALL store; tensors are read lazily, one at a time."""
 
     def __init__(self, store):
-        p = Path(store)
+        from mtl.io import user_path
+
+        p = user_path(store)  # a leading ~ is $HOME's, as write_tall_store takes it
         if p.is_dir():
             p = p / STORE_FILE
         if not p.is_file():

@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from mtl.io import atomic_path, holds_user_files, read_json
+from mtl.io import atomic_path, holds_user_files, read_json, user_path
 from mtl.registry import check_bool
 
 from .engine import KeyOptions, open_context, produce, torch_threads
@@ -96,7 +96,7 @@ def resolve_output(out: str | os.PathLike, filename: str = "model.safetensors") 
 
     Returns the file path and the folder we would have to create (None if it exists or is not ours).
     """
-    out = Path(out)
+    out = user_path(out)
     if out.suffix == ".safetensors":
         if out.is_dir():  # said before the work; overwrite=true must never replace a folder with a file
             raise IsADirectoryError(f"{out} is a folder; a .safetensors output is a file: choose another path")
@@ -172,6 +172,7 @@ def merge_to_file(
     """
     for key, value in (("overwrite", overwrite), ("fsync", fsync), ("fused", fused)):
         check_bool(key, value)  # bool("no") is True: a text "no" would replace an existing output
+    out = user_path(out)  # a leading ~ is $HOME's, as the readers take it
     if copy_files is not None:
         check_bool("copy_files", copy_files)
     hf_folder = Path(out).suffix != ".safetensors" and (

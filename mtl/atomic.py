@@ -18,13 +18,19 @@ from typing import Iterator
 
 from mtl.registry import check_bool
 
-__all__ = ["atomic_path", "make_parents", "remove_empty", "alive"]
+__all__ = ["atomic_path", "user_path", "make_parents", "remove_empty", "alive"]
 
 log = logging.getLogger(__name__)
 #: no room or no writing at all: what the output's writer meets, whichever file it names
 STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 #: no permission: an input's error as much as an output's, so it counts only when it names the output
 PERMISSION_ERRNOS = (errno.EACCES, errno.EPERM)
+
+
+def user_path(path: str | os.PathLike) -> Path:
+    """`path` with a leading ``~`` (``~user``) expanded: how every mtlkit reader and writer takes a path, so that a
+    folder written to ``~/m`` is read back as ``~/m`` (not written to a literal ``./~/m``)."""
+    return Path(os.path.expanduser(os.fspath(path)))
 
 
 @contextlib.contextmanager
@@ -34,10 +40,10 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
     Works for files and folders, so no reader ever sees a half-written output. Missing parent folders
     are created; on error the ones created here are removed again (each only while empty). A symbolic link
     at `path` (dangling or not) is the output's name: the link itself is replaced, its target never written.
-    `path` is made absolute first, so that "." or "sub/.." name a folder like any other.
+    `path` is made absolute first (a leading ``~`` expanded), so that "." or "sub/.." name a folder like any other.
     """
     check_bool("overwrite", overwrite)
-    path = Path(os.path.abspath(path))
+    path = Path(os.path.abspath(user_path(path)))
     _remove_stale_temps(path)  # first: a killed writer's only copy of `path` is put back before anything looks
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (overwrite=true on the command line) to replace it")

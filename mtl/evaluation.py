@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from mtl.folder_checks import JSON_ERRORS
-from mtl.io import write_json
+from mtl.io import user_path, write_json
 from mtl.tasks.base import Task
 
 VARIANTS = ("primary", "all", "flat")
@@ -124,7 +124,7 @@ def load_baselines(path: str | os.PathLike, tasks: Sequence[Task] | Mapping[str,
 
     With `tasks`, also check now that every metric `variant` needs is present (errors name the file).
     """
-    path = Path(path)
+    path = user_path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
@@ -171,7 +171,7 @@ def save_baselines(path: str | os.PathLike, metrics: Mapping[str, Mapping[str, f
     whole (its metrics come from one run). The file is written atomically (`mtl.io.write_json`).
     `target` names the file in errors (default "baselines file <path>"; the CLI passes its config key).
     """
-    path = Path(path)
+    path = user_path(path)
     new = _validate(metrics, f"baselines to save to {target or f'baselines file {path}'}")
     path.parent.mkdir(parents=True, exist_ok=True)
     with _locked(path):

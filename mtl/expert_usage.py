@@ -17,7 +17,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from mtl.io import atomic_path, write_json
+from mtl.io import atomic_path, user_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def save_usage_heatmap(usage: dict[str, torch.Tensor], path: str | Path, title: 
         ax.set_title(f"{title}: {rows[i] if rows else f'layer {i}'}", fontsize=8)
         fig.colorbar(im, ax=ax, fraction=0.04)
     fig.tight_layout()
-    path = Path(path)
+    path = user_path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     return path

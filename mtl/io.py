@@ -17,7 +17,7 @@ from torch import nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from mtl.atomic import PERMISSION_ERRNOS, STORAGE_ERRNOS, atomic_path
+from mtl.atomic import PERMISSION_ERRNOS, STORAGE_ERRNOS, atomic_path, user_path  # noqa: F401  (user_path: mtl.io's too)
 from mtl.registry import check_bool
 from mtl.folder_checks import (FORMAT, INIT_ONLY, JSON_ERRORS, ModelFolderError, check_header, config_record,  # noqa: F401
                                initial_weight_source, warn_if_newer)  # (FORMAT, INIT_ONLY, ModelFolderError: re-exported)
@@ -243,7 +243,7 @@ def save_model(model, path: str | os.PathLike, meta: dict[str, Any] | None = Non
     from mtl.models.surgery import model_config
 
     check_bool("overwrite", overwrite)  # bool("no") is True: a text "no" would replace an existing folder
-    path = Path(path)
+    path = user_path(path)
     if not isinstance(getattr(model, "config", None), dict):
         raise not_a_model("save_model", model, "an mtlkit model (mtl.create_model, mtl.load_model, a merged, pruned "
                                                "or extracted one: it describes itself in .config)")
@@ -312,7 +312,7 @@ def check_weights_digest(file: str | os.PathLike, header: dict[str, str], keys: 
 
 def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
     """``config.json`` of a model folder, its format and task list checked (errors name file and key)."""
-    path = Path(os.path.expanduser(str(path)))
+    path = user_path(path)
     store = path if path.name == TALL_STORE_FILE and path.is_file() else path / TALL_STORE_FILE
     if store.is_file() and not (path / CONFIG).exists():
         raise ModelFolderError(f"{path} is a TALL store, not a model folder: rebuild task t's weights with "
@@ -467,7 +467,7 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"load_model takes the path of a model folder, got {type(path).__name__}"
                         + (" (already a model: use it as it is)" if isinstance(path, torch.nn.Module) else ""))
-    path = Path(os.path.expanduser(str(path)))
+    path = user_path(path)
     cfg = read_model_config(path)
     file, cfg_file = path / WEIGHTS, path / CONFIG
     state, header = _read_weights(file)

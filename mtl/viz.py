@@ -48,7 +48,7 @@ def save_predictions(model, batch: dict[str, torch.Tensor], path: str | Path, nu
     """``class_names``: {task: names} for image-level class ids (the data module's ``info["<task>_names"]``)."""
     from matplotlib.figure import Figure  # object-oriented: the user's pyplot backend is untouched
 
-    from mtl.io import atomic_path
+    from mtl.io import atomic_path, user_path
 
     n = min(num_samples, batch["image"].shape[0])
     images = batch["image"][:n]
@@ -87,7 +87,7 @@ def save_predictions(model, batch: dict[str, torch.Tensor], path: str | Path, nu
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    path = Path(path)
+    path = user_path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=90, format="png")
     return path

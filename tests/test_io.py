@@ -608,3 +608,23 @@ def test_a_config_asking_for_a_huge_head_is_refused_before_any_real_tensor_is_bu
                                                r"in .*config.json expects \(2000000, "):
         mtl.load_model(folder)
     assert built == ["meta"]
+
+
+def test_model_folder_and_atomic_writers_expand_a_leading_tilde(tmp_path, monkeypatch):
+    """save_model("~/m") wrote ./~/m in the working directory while load_model("~/m") read $HOME/m; atomic_path (every
+    JSON, plot and file writer) made ./~ too. Each writer takes ~ as $HOME and returns the path it wrote."""
+    from mtl.models import create_model
+
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(), cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    m = create_model(tasks=[{"name": "classification", "kind": "classification", "num_classes": 3}],
+                     backbone="test_resnet")
+    assert mtl.save_model(m, "~/m1") == home / "m1"
+    assert set(mtl.load_model("~/m1").tasks) == {"classification"}
+    with atomic_path("~/f.txt") as tmp:
+        tmp.write_text("x")
+    write_json("~/r.json", {"a": 1})
+    assert (home / "f.txt").read_text() == "x" and json.loads((home / "r.json").read_text()) == {"a": 1}
+    assert list(cwd.iterdir()) == []

@@ -163,9 +163,9 @@ class LearnedMerge:
     def save(self, folder: str | Path) -> Path:
         """coefficients.safetensors (`coefficients`, `mask/<tensor>`: uint8 for a bool mask — `final_mask="hard"`
         without rescaling — else float32, a Bernoulli draw's {0, 1} mask included) + coefficients.json."""
-        from mtl.io import atomic_path, save_safetensors, write_json
+        from mtl.io import atomic_path, save_safetensors, user_path, write_json
 
-        folder = Path(folder)
+        folder = user_path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {"coefficients": self.coefficients.contiguous()}
         for k, m in (self.mask or {}).items():

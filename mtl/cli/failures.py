@@ -11,7 +11,7 @@ import traceback
 from pathlib import Path
 from typing import Iterator
 
-from mtl.atomic import alive, atomic_path, make_parents, remove_empty
+from mtl.atomic import alive, atomic_path, make_parents, remove_empty, user_path
 from mtl.cli.rank_failures import FAILED, failure_marker, led_by_peers, process_rank
 from mtl.folder_checks import JSON_ERRORS
 
@@ -165,7 +165,7 @@ def check_run_folder(run_dir: str | os.PathLike, resumes_from: str | os.PathLike
 def output_root() -> Path:
     """Where run folders go unless told otherwise (``$MTL_OUTPUT_DIR``, else ``outputs``), as the configs'
     ``hydra.run.dir`` says, a leading ``~`` expanded (`mtl.cli.common.normalize_path_env`)."""
-    return Path(os.path.expanduser(os.environ.get("MTL_OUTPUT_DIR") or "outputs"))
+    return user_path(os.environ.get("MTL_OUTPUT_DIR") or "outputs")
 
 
 def output_root_problem(error: BaseException) -> str | None:

@@ -3,13 +3,12 @@ checks and failure marking as the console scripts, for notebooks, scripts and te
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from mtl.atomic import make_parents
+from mtl.atomic import make_parents, user_path
 from mtl.cli.choices import check_overrides
 from mtl.cli.environ import restored_environ
 from mtl.cli.common import (LEAFSPEC_WARNING, _rank0, check_group_choices, check_required, check_run_name,
@@ -92,7 +91,7 @@ def compose_in_process(config_module: str, config_name: str, overrides, run_dir=
                              "folders; give one of them")
         run_dir = given
     # a leading ~ expanded, as the shell would: a folder named "~" in the working directory is never meant
-    run_dir = default_run_dir(cfg.name) if run_dir is None else Path(os.path.expanduser(str(run_dir)))
+    run_dir = default_run_dir(cfg.name) if run_dir is None else user_path(str(run_dir))
     OmegaConf.set_struct(cfg, False)
     cfg.paths.output_dir = str(run_dir)
     return cfg, Path(run_dir)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from mtl.atomic import user_path
 from mtl.cli.common import write_hydra_record
 
 
@@ -22,7 +23,7 @@ def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
     from mtl.io import atomic_path, check_output_apart, holds_user_files, is_model_folder, stale_records
 
     run_dir = Path(run_dir)
-    output = Path(os.path.expanduser(str(cfg.output))) if cfg.get("output") else run_dir / default_output
+    output = user_path(str(cfg.output)) if cfg.get("output") else run_dir / default_output
     named = input_folders(cfg, inputs)
     check_output_apart(output, [p for _, p in named])  # the graver mistake first: a result written over an input
     check_input_folders(named, any_weights)
@@ -64,7 +65,7 @@ def input_folders(cfg, inputs: list[Path] = ()) -> list[tuple[str, Path]]:
     models = [models] if isinstance(models, str) else models  # a bare string is refused by the job, named
     named = [("model", cfg.get("model")), ("pretrained", cfg.get("pretrained")), *(("models", m) for m in models),
              *(("", p) for p in inputs)]
-    return [(key, Path(os.path.expanduser(str(p)))) for key, p in named if p]
+    return [(key, user_path(str(p))) for key, p in named if p]
 
 
 def check_input_folders(named: list[tuple[str, Path]], any_weights: bool = False) -> None:

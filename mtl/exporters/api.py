@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mtl.io import (atomic_path, check_output_apart, holds_user_files, load_model, read_json, read_model_config,
-                    write_json)
+                    user_path, write_json)
 from mtl.registry import Registry, check_bool
 
 #: format name -> ``fn(source, out_dir, tasks, **options) -> report dict`` (writes into out_dir)
@@ -176,7 +176,7 @@ def export(
         raise ValueError("export needs an output folder: out=<path>")
     if not isinstance(out, (str, os.PathLike)):
         raise TypeError(f"export: out must be the output folder's path, got {type(out).__name__}")
-    out = Path(out)
+    out = user_path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=true to replace it")
     if not isinstance(model, nn.Module):

@@ -723,3 +723,16 @@ def test_timm_takes_every_task_in_any_order(tmp_path):
     assert (out / "model.safetensors").is_file()
     with pytest.raises(ValueError, match="does not apply"):
         mtl.export(folder, "timm", tmp_path / "u", tasks=tasks[1:])
+
+
+def test_export_expands_a_leading_tilde(tmp_path, monkeypatch):
+    """export(..., "~/e1") wrote ./~/e1 in the working directory and returned '~/e1'; readers take ~ as $HOME."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(), cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    m = create_model(tasks=[{"name": "classification", "kind": "classification", "num_classes": 3}],
+                     backbone="test_resnet")
+    out = mtl.export(m, "folder", "~/e1")
+    assert out == home / "e1" and set(mtl.load_model("~/e1").tasks) == {"classification"}
+    assert list(cwd.iterdir()) == []

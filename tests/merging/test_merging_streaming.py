@@ -195,3 +195,27 @@ def test_submodules_are_reachable_as_attributes_without_importing_them_first():
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:3] == ["mtl.train merging.job pruning.job True True True", "False False",
                                           "mtl.exporters.job mtl.cli.extract"]
+
+
+def test_file_writers_expand_a_leading_tilde(tmp_path, monkeypatch):
+    """merge_to_file / write_tall_store took "~/x" as ./~/x while the readers
+    (load_state_dict, load_task_model) take it as $HOME/x: a result written to ~/x could not be read back as ~/x."""
+    from merging_toys import make_models, save_models
+
+    pre, fts = make_models(T=2, seed=3)
+    (tmp_path / "in").mkdir()
+    pre_path, ft_paths = save_models(tmp_path / "in", pre, fts)
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(), cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    written = merging.merge_to_file("task_arithmetic", pre_path, ft_paths, "~/m.safetensors", lam=0.3)
+    assert written == home / "m.safetensors"
+    want = merging.merge("task_arithmetic", pre, fts, lam=0.3)
+    got = load_file(str(home / "m.safetensors"))
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+    store = merging.write_tall_store(pre_path, ft_paths, "~/s", lam=0.3)
+    assert store == home / "s" / "tall.safetensors"
+    assert set(merging.load_task_model("~/s", 0)) >= set(want)
+    assert list(cwd.iterdir()) == []
