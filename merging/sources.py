@@ -15,6 +15,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
+from mtl.io import run_folder_refusal
 from mtl.torch_load import torch_load_refusal
 
 from .safetensors_source import (
@@ -94,7 +95,7 @@ def open_source(obj: SourceLike, label: str | None = None) -> StateSource:
                 return _checked(SafetensorsSource(p / "model.safetensors"))
             if (p / "model.safetensors.index.json").is_file():
                 return ShardedSafetensorsSource(p / "model.safetensors.index.json")
-            raise MergeInputError(_no_safetensors(p))
+            raise MergeInputError(run_folder_refusal(p) or _no_safetensors(p))
         if not p.is_file():
             raise MergeInputError(f"{p}: no such file or folder")
         if p.suffix == ".safetensors":

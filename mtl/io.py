@@ -310,6 +310,17 @@ def check_weights_digest(file: str | os.PathLike, header: dict[str, str], keys: 
         raise (error or ModelFolderError)(f"{file}: weights differ from the digest in its header (corrupt or edited file)")
 
 
+def run_folder_refusal(path: str | os.PathLike) -> str | None:
+    """'<path> is a run folder ...; did you mean <path>/model?' when `path` is a training run's folder (it holds
+    ``model/`` and neither a config nor weights of its own), else None: every reader of model folders (mtl-merge's
+    of any weights too) says it in these words."""
+    path = Path(path)
+    own = (CONFIG, WEIGHTS, f"{WEIGHTS}.index.json")
+    if not any((path / f).exists() for f in own) and (path / "model" / CONFIG).is_file():
+        return f"{path} is a run folder, not a model folder; did you mean {path / 'model'}?"
+    return None
+
+
 def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
     """``config.json`` of a model folder, its format and task list checked (errors name file and key)."""
     path = user_path(path)
@@ -322,8 +333,8 @@ def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
         what = "no such folder" if not path.exists() else "not a model folder"
         raise ModelFolderError(f"{path}: {what} (expected a directory with {WEIGHTS} and {CONFIG})")
     file = path / CONFIG
-    if not file.exists() and (path / "model" / CONFIG).is_file():  # a training run's folder holds model/
-        raise ModelFolderError(f"{path} is a run folder, not a model folder; did you mean {path / 'model'}?")
+    if run_folder_refusal(path):
+        raise ModelFolderError(run_folder_refusal(path))
     if not file.exists() and (path / WEIGHTS).is_file():  # e.g. `mtl-merge eval=none`: merged weights alone
         raise ModelFolderError(f"{path} holds weights ({WEIGHTS}) but no {CONFIG}: a bare state dict (as "
                                "`mtl-merge eval=none` writes), not a model folder; load it with "

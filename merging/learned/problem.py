@@ -19,6 +19,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from mtl.io import run_folder_refusal
+
 from ..engine import KeyOptions, open_context
 from ..keys import BN_STATS, compile_pattern
 from ..sources import MergeInputError
@@ -211,6 +213,9 @@ def build_problem(pretrained, finetuned, *, model: nn.Module | None = None, task
     if device.type == "cuda" and not torch.cuda.is_available():  # said here, not as a driver error mid-setup
         raise ValueError(f"device={device} but CUDA is not available here; use device='cpu'")
     if model is None:
+        for f in (pretrained, *fts):  # a run folder passed for its model/: say so, as mtl.load_model does
+            if isinstance(f, (str, Path)) and run_folder_refusal(f):
+                raise MergeInputError(run_folder_refusal(f))
         if not (_is_model_folder(pretrained) and all(_is_model_folder(f) for f in fts)):
             raise TypeError("learned merging needs a model to predict with: pass model folders (each fine-tune "
                             "brings its head) or model=<nn.Module with forward(x, tasks=[t])>")

@@ -73,13 +73,15 @@ def check_input_folders(named: list[tuple[str, Path]], any_weights: bool = False
     loader's own first checks; no tensor is read), before the run folder is made. ``any_weights``: the job reads
     any weights (a state-dict merge of Hugging Face folders or files), so the path only has to exist."""
     from mtl.folder_checks import ModelFolderError
-    from mtl.io import read_checked_config
+    from mtl.io import read_checked_config, run_folder_refusal
 
     for key, path in named:
         given = f"{key}={path}" if key else str(path)
         if any_weights:
             if not path.exists():
                 raise FileNotFoundError(f"{given}: no such file or folder")
+            if run_folder_refusal(path):  # mtl-train's run folder for its model/: said now, as for model folders
+                raise ModelFolderError(f"{key}: {run_folder_refusal(path)}" if key else run_folder_refusal(path))
             continue
         try:
             read_checked_config(path)

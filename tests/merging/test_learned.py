@@ -743,3 +743,18 @@ def test_tied_weights_are_named_not_reported_as_a_foreign_architecture():
     with pytest.raises(merging.MergeInputError, match=r"merged tensor 'out.weight' is tied to 'emb.weight' in the model"):
         merging.learn("adamerging", pre, fts, unlabeled={"a": [torch.randn(2, 4)], "b": [torch.randn(2, 4)]}, model=m,
                       tasks=["a", "b"], steps=1, progress=False)
+
+
+def test_run_folders_for_model_folders_point_to_their_model_folders(tmp_path):
+    """mtl-merge debug=smoke leaves run folders (smoke_pool/<task>/model): the hint is load_model's, not 'pass a model'."""
+    for name in ("pretrained", "semseg", "regression"):
+        (tmp_path / name / "model").mkdir(parents=True)
+        (tmp_path / name / "model" / "config.json").write_text("{}")
+    folders = [tmp_path / "semseg", tmp_path / "regression"]
+    u = {"semseg": [torch.rand(2, 3, 8, 8)], "regression": [torch.rand(2, 3, 8, 8)]}
+    with pytest.raises(MergeInputError, match=f"^{tmp_path / 'pretrained'} is a run folder, not a model folder; "
+                                              f"did you mean {tmp_path / 'pretrained' / 'model'}\\?$"):
+        merging.learn("adamerging", tmp_path / "pretrained", folders, unlabeled=u, steps=2)
+    with pytest.raises(MergeInputError, match=f"^{folders[1]} is a run folder.*did you mean {folders[1] / 'model'}"):
+        merging.learn("adamerging", tmp_path / "pretrained" / "model", [folders[0] / "model", folders[1]],
+                      unlabeled=u, steps=2)

@@ -1,6 +1,7 @@
 """Input kinds, what merges (key filters, heads, buffers, BN rule), unchanged inputs, and bad input."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -262,6 +263,34 @@ def test_unreadable_inputs(tmp_path):
         merging.merge("average", pre, [tmp_path / "junk.safetensors"])
     with pytest.raises(merging.MergeInputError, match="not a tensor"):
         merging.merge("average", pre, [{"a": 3}])
+
+
+def _run_folder(root, name):
+    """A training run's folder as mtl-train (and mtl-merge debug=smoke's pool) leaves it: the model in model/."""
+    (root / name / "model").mkdir(parents=True)
+    (root / name / "model" / "config.json").write_text("{}")
+    save_file({"w": torch.zeros(2)}, root / name / "model" / "model.safetensors")
+    return root / name
+
+
+def test_a_run_folder_input_points_to_its_model_folder_as_load_model_does(tmp_path):
+    pre, ft = _run_folder(tmp_path, "pretrained"), _run_folder(tmp_path, "semseg")
+    hint = f"{pre} is a run folder, not a model folder; did you mean {pre / 'model'}?"
+    with pytest.raises(merging.MergeInputError, match=f"^{re.escape(hint)}$"):
+        merging.merge("task_arithmetic", pre, [ft])
+    with pytest.raises(merging.MergeInputError, match=f"^{ft} is a run folder.*did you mean {ft / 'model'}"):
+        merging.merge("task_arithmetic", pre / "model", [ft])
+
+
+@pytest.mark.parametrize("extra", [[], ["eval=none"]])
+def test_mtl_merge_refuses_a_run_folder_input_in_the_same_words_before_its_run_folder(tmp_path, extra):
+    from merging.job import run
+
+    pre, ft = _run_folder(tmp_path, "pretrained"), _run_folder(tmp_path, "semseg")
+    with pytest.raises(ValueError, match=f"^pretrained: {re.escape(str(pre))} is a run folder, not a model folder; "
+                                         f"did you mean {re.escape(str(pre / 'model'))}\\?$"):
+        run(["merge=task_arithmetic", f"pretrained={pre}", f"models=[{ft}]", *extra], run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_bin_checkpoint_folders_say_what_to_do(tmp_path):
