@@ -17,7 +17,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from mtl.cli.common import cli_main, run_job
-from mtl.cli.jobs import check_model_given, input_model, start_run
+from mtl.cli.jobs import check_model_given, input_model, input_task_names, start_run
 from mtl.extraction import calibrations_used, check_request
 from mtl.folder_data import data_record
 from mtl.registry import check_int
@@ -130,6 +130,11 @@ def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         from mtl.models.task_moe_extract import check_min_share
 
         check_min_share(cfg.min_share)
+    names = input_task_names(cfg) if task is not None else None
+    if names is not None:  # the folder's config.json names its tasks: an unknown one is refused as the model refuses it
+        from mtl.models.multitask import select_tasks
+
+        select_tasks(names, [task])
     run_dir, output = start_run(cfg, run_dir, model_output=True)  # the request and its inputs checked first
     folder = input_model(cfg, run_dir, "extract from",
                          experiment="scenes_slimmable" if widths is not None else "scenes_task_moe_vit")

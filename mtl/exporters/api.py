@@ -114,10 +114,20 @@ def _test_metrics(run: dict[str, Any] | None) -> dict[str, dict[str, float]] | N
     return None
 
 
-def resolve_tasks(model: nn.Module, tasks: str | Sequence[str] | None) -> list[str]:
-    names = list(getattr(model, "tasks", {}) or [])
-    if tasks is None:
-        return names
+def resolve_tasks(model: nn.Module | Sequence[str], tasks: str | Sequence[str] | None,
+                  format: str | None = None) -> list[str]:
+    """The tasks ``tasks`` picks (all for None) of ``model``: a model, or the task names its folder's config.json
+    lists (mtl-export checks ``tasks=`` so before its run folder). Unknown, repeated or no names are refused, and
+    with ``format`` what that format's exporter refuses (its ``check_tasks(picked, names)``: timm takes no subset)."""
+    names = [str(t) for t in model] if isinstance(model, (list, tuple)) else list(getattr(model, "tasks", {}) or [])
+    picked = names if tasks is None else _picked(names, tasks)
+    check = getattr(EXPORTERS.get(format), "check_tasks", None) if format is not None else None
+    if check is not None:
+        check(picked, names)
+    return picked
+
+
+def _picked(names: list[str], tasks: str | Sequence[str]) -> list[str]:
     if not isinstance(tasks, str) and len(tasks) == 0:
         raise ValueError(f"tasks=[] selects no task to export; pass some of {', '.join(names)} (or null for all)")
     wanted = [tasks] if isinstance(tasks, str) else list(tasks)
@@ -193,7 +203,7 @@ def export(
         raise ValueError(f"format={format} cannot export a linearized model (it computes f(θ0) + J(θ − θ0) with "
                          "forward-mode autodiff, which ONNX cannot express and timm weights would not reproduce); "
                          "format=folder copies it as a model folder")
-    names = resolve_tasks(src.model, tasks)
+    names = resolve_tasks(src.model, tasks, format)
     start = time.perf_counter()
     with atomic_path(out, overwrite=overwrite) as tmp:
         tmp.mkdir()

@@ -6,8 +6,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from mtl.cli.jobs import check_model_given, input_model, start_run
-from mtl.exporters.api import check_format_options, export, read_report
+from mtl.cli.jobs import check_model_given, input_model, input_task_names, start_run
+from mtl.exporters.api import check_format_options, export, read_report, resolve_tasks
 from mtl.io import write_json
 
 
@@ -16,16 +16,26 @@ def run_export(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     fmt = options.pop("name")
     check_format_options(fmt, options)  # before the run folder: a misspelt format.<key> leaves none
     check_model_given(cfg, "export")
+    tasks = checked_tasks(cfg, fmt)
     run_dir, output = start_run(cfg, run_dir, default_output=fmt)
     model = input_model(cfg, run_dir, "export")
-    tasks = cfg.get("tasks")
-    if tasks is not None and not isinstance(tasks, str):
-        tasks = [str(t) for t in tasks]
     out = export(model, fmt, output, tasks=tasks, overwrite=bool(cfg.overwrite), **options)
     report = {**read_report(out), "output": str(Path(out).resolve())}
     write_json(run_dir / "export_report.json", report)  # written last: the run folder's mark of a finished export
     print_summary(out, report)
     return report
+
+
+def checked_tasks(cfg: DictConfig, fmt: str) -> list[str] | str | None:
+    """``tasks=`` as `export` takes it, checked against ``model=``'s task names (its config.json: no tensor read) by
+    the rule the export applies (`resolve_tasks`), before the run folder; debug=smoke's model is checked in the run."""
+    tasks = cfg.get("tasks")
+    if tasks is not None and not isinstance(tasks, str):
+        tasks = [str(t) for t in tasks]
+    names = input_task_names(cfg) if tasks is not None else None
+    if names is not None:
+        resolve_tasks(names, tasks, fmt)
+    return tasks
 
 
 def print_summary(out: Path, report: dict[str, Any]) -> None:

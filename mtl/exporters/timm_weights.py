@@ -37,13 +37,19 @@ def model_args(backbone_cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in backbone_cfg.items() if k not in ("name", *_BUILD_ONLY)}
 
 
+def check_timm_tasks(tasks: list[str], names: list[str]) -> None:
+    """Every task, in any order, is the whole backbone; a subset is refused (read by `resolve_tasks`, so
+    mtl-export refuses it before its run folder)."""
+    if set(tasks) != set(names):
+        raise ValueError(f"format=timm exports the shared backbone only, which serves every task; tasks={tasks} "
+                         "does not apply (leave tasks unset)")
+
+
 @EXPORTERS.register("timm")
 def export_timm(source: Source, out: Path, tasks: list[str], seed: int = 0) -> dict[str, Any]:
     """Write ``model.safetensors`` + timm's ``config.json`` (so ``timm.create_model("local-dir:<out>")``
     works too). ``tasks`` does not apply: the backbone serves all of them, so a subset is refused."""
-    if set(tasks) != set(getattr(source.model, "tasks", {}) or []):  # every task, in any order, is the whole backbone
-        raise ValueError(f"format=timm exports the shared backbone only, which serves every task; tasks={tasks} "
-                         "does not apply (leave tasks unset)")
+    check_timm_tasks(tasks, list(getattr(source.model, "tasks", {}) or []))
     import timm
     from timm.models import save_for_hf
 
@@ -174,3 +180,6 @@ def _load_snippet(name: str, args: dict[str, Any]) -> str:
     extra = "".join(f", {k}={v!r}" for k, v in args.items())
     return (f'timm.create_model("{name}", pretrained=True, '
             f'pretrained_cfg_overlay={{"file": "<folder>/{TIMM_FILE}"}}{extra})')
+
+
+export_timm.check_tasks = check_timm_tasks  # type: ignore[attr-defined]  # read by resolve_tasks

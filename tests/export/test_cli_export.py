@@ -1,6 +1,7 @@
 """Drive the real `mtl-export` entry point."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,20 @@ def test_cli_bad_input_is_one_clear_line(folder, tmp_path):
     assert list(out.iterdir()) == []
     proc = cli(f"model={folder}", "format=folder", "tasks=[normals]", cwd=tmp_path)
     assert proc.returncode == 1 and "unknown task(s) ['normals']" in proc.stderr
+
+
+@pytest.mark.parametrize("fmt, tasks, message", [
+    ("onnx", "[bogus]", "unknown task(s) ['bogus'] for export; this model has: semseg, depth"),
+    ("folder", "[depth,depth]", "tasks names ['depth'] more than once"),
+    ("timm", "[depth]", "format=timm exports the shared backbone only, which serves every task; tasks=['depth']"),
+])
+def test_a_tasks_list_the_export_refuses_leaves_no_run_folder(folder, tmp_path, fmt, tasks, message):
+    """The task names are in the folder's config.json: tasks= is judged by the export's own rule before the run."""
+    from mtl.exporters.job import run
+
+    with pytest.raises((KeyError, ValueError), match=re.escape(message)):
+        run([f"model={folder}", f"format={fmt}", f"tasks={tasks}"], run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def finished_training_run(model: Path, run_dir: Path) -> Path:

@@ -360,8 +360,8 @@ def test_extract_cli_names_a_bad_task_or_min_share_before_loading_data(tmp_path,
     cfg, run_dir = compose_in_process("mtl.configs.extract_app", "extract", [f"model={tmp_path / 'm'}", *args], tmp_path / "run")
     with pytest.raises((KeyError, ValueError), match=match):
         run_extract(cfg, run_dir)
-    if "tasks=depth" in args:  # min_share is checked before the run folder is made
-        assert not run_dir.exists() or not any(run_dir.iterdir())
+    # min_share, and the task (the folder's config.json names its tasks), are checked before the run folder is made
+    assert not run_dir.exists() or not any(run_dir.iterdir())
 
 
 def test_extract_cli_names_a_family_without_extraction_before_loading_data(tmp_path):
