@@ -36,10 +36,14 @@ def _zoo_datamodule(dataset: str, **kwargs: Any) -> LightningDataModule:
 
 
 def check_datamodule(name: str, **kwargs: Any) -> type[LightningDataModule]:
-    """The data module class ``name`` names, its settings checked (unknown ones with a did-you-mean, scalar types)
-    without building it: a job names a bad ``data.<key>`` before its run folder exists."""
+    """The data module class ``name`` names, its settings checked (unknown ones with a did-you-mean, scalar types,
+    then what the class's optional ``check_settings(**kwargs)`` judges cheaply: a ``data.root`` that does not
+    exist) without building it: a job names a bad ``data.<key>`` before its run folder exists."""
     cls = DATAMODULES.get(name)
     check_kwargs(cls, kwargs, "data")
+    check = getattr(cls, "check_settings", None)
+    if check is not None:
+        check(**kwargs)
     return cls
 
 

@@ -275,6 +275,12 @@ def read_npy_split(split_dir: Path, dirs: dict[str, str], num_classes: int, limi
     return stack_samples(samples)
 
 
+def _check_root_exists(benchmark: str, root: Path) -> None:
+    if not root.exists():
+        raise FileNotFoundError(f"{benchmark}: data.root {str(root)!r} does not exist "
+                                f"(expected {root / 'train' / 'image'}/<i>.npy; see docs/data.md)")
+
+
 class DenseBenchmarkDataModule(TensorDataModule):
     """Shared splitting and limits of the dense benchmarks; subclasses read their splits in ``_read``.
 
@@ -320,10 +326,15 @@ class DenseBenchmarkDataModule(TensorDataModule):
         """``split`` is "train" or "test" (the benchmark's own two splits)."""
         raise TypeError(f"{type(self).__name__} must implement _read")
 
+    @classmethod
+    def check_settings(cls, root: str | os.PathLike | None = None, **_: Any) -> None:
+        """What the settings alone decide, cheaply (`mtl.data.check_datamodule`, before a run folder): the root
+        folder exists (its layout is read with the data)."""
+        if root is not None:
+            _check_root_exists(cls.benchmark, Path(os.path.expanduser(str(root))))
+
     def _check_root(self) -> None:
-        if not self.root.exists():
-            raise FileNotFoundError(f"{self.benchmark}: data.root {str(self.root)!r} does not exist "
-                                    f"(expected {self.root / 'train' / 'image'}/<i>.npy; see docs/data.md)")
+        _check_root_exists(self.benchmark, self.root)
         raw = [d for d in ("leftImg8bit", "gtFine") if (self.root / d).exists()]
         if raw and not (self.root / "train").is_dir():  # the original release, not the preprocessed one
             raise FileNotFoundError(f"{self.benchmark}: data.root {str(self.root)!r} holds {raw[0]} (the original "
@@ -377,6 +388,17 @@ class CityscapesDataModule(DenseBenchmarkDataModule):
                               self._depth_unit, self._first_image)
 
 
+def _nyu_format(root: Path, format: str) -> str:
+    """``format: auto`` reads a ``.mat`` root as the labelled release, anything else as the npy layout."""
+    return ("mat" if root.suffix == ".mat" else "npy") if format == "auto" else format
+
+
+def _check_mat_file(root: Path) -> None:
+    if not root.is_file():
+        raise FileNotFoundError(f"nyuv2: expected the labelled release file {str(root)!r} "
+                                "(nyu_depth_v2_labeled.mat; see docs/data.md)")
+
+
 class NYUv2DataModule(DenseBenchmarkDataModule):
     """NYUv2: 13-class semseg, depth (metres) and surface normals.
 
@@ -395,13 +417,21 @@ class NYUv2DataModule(DenseBenchmarkDataModule):
         self.save_hyperparameters()
         if format not in ("auto", "npy", "mat"):
             raise ValueError(f"nyuv2: format must be auto, npy or mat, got {format!r}")
-        self.format = ("mat" if self.root.suffix == ".mat" else "npy") if format == "auto" else format
+        self.format = _nyu_format(self.root, format)
         self.splits_file, self.class_mapping = splits_file, class_mapping
 
+    @classmethod
+    def check_settings(cls, root: str | os.PathLike | None = None, format: str = "auto", **_: Any) -> None:
+        """As the benchmarks' (`DenseBenchmarkDataModule.check_settings`); the labelled release is one file."""
+        root = Path(os.path.expanduser(str(root))) if root is not None else None
+        if root is not None and _nyu_format(root, format) == "mat":
+            _check_mat_file(root)
+        elif root is not None and _nyu_format(root, format) == "npy":
+            _check_root_exists(cls.benchmark, root)
+
     def _check_root(self) -> None:
-        if self.format == "mat" and not self.root.is_file():
-            raise FileNotFoundError(f"nyuv2: expected the labelled release file {str(self.root)!r} "
-                                    "(nyu_depth_v2_labeled.mat; see docs/data.md)")
+        if self.format == "mat":
+            _check_mat_file(self.root)
         mat = self.root / "nyu_depth_v2_labeled.mat"
         if self.format == "npy" and mat.is_file() and not (self.root / "train").is_dir():
             raise FileNotFoundError(f"nyuv2: data.root {str(self.root)!r} holds nyu_depth_v2_labeled.mat but no train/ "

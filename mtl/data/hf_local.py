@@ -26,14 +26,18 @@ log = logging.getLogger(__name__)
 _DENSE_KEYS = {"semseg": 0, "depth": 1, "normals": 3, "edges": 1}  # key -> channels (0: no channel axis)
 
 
+def _check_exists(path: Path) -> None:
+    if not path.exists():
+        raise FileNotFoundError(f"hf_local: no dataset at {str(path)!r} (expected a save_to_disk folder, "
+                                "or .parquet/.arrow files)")
+
+
 def _open_local(path: Path) -> dict[str, Any]:
     """{split name: datasets.Dataset} from a save_to_disk folder or parquet/arrow files."""
     from datasets import Dataset, DatasetDict, load_from_disk
     from datasets.table import InMemoryTable
 
-    if not path.exists():
-        raise FileNotFoundError(f"hf_local: no dataset at {str(path)!r} (expected a save_to_disk folder, "
-                                "or .parquet/.arrow files)")
+    _check_exists(path)
     if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
         try:
             with quiet_datasets():
@@ -171,6 +175,13 @@ class HFImageDataModule(TensorDataModule):
         self._depth_unit = DepthUnitCheck()
         if self.semseg_lut is not None and "semseg" not in self.columns.values():
             raise ValueError("hf_local: data.semseg_map is set but no column maps to semseg")
+
+    @classmethod
+    def check_settings(cls, path: str | os.PathLike | None = None, **_: Any) -> None:
+        """What the settings alone decide, cheaply (`mtl.data.check_datamodule`, before a run folder): the dataset's
+        path exists (what it holds is read with the data)."""
+        if path is not None:
+            _check_exists(Path(os.path.expanduser(str(path))))
 
     def source(self) -> str:
         return f"hf_local ({self.path})"

@@ -334,6 +334,7 @@ def test_in_process_smoke_training_and_bad_root(tmp_path):
     assert set(metrics["test"]["normals"]) == {"mean_angle", "median_angle", "pct_11_25", "pct_22_5", "pct_30"}
     with pytest.raises(FileNotFoundError, match=r"nowhere.*train/image"):
         run(["experiment=cityscapes", f"data.root={tmp_path / 'nowhere'}", *tiny], run_dir=tmp_path / "r2")
+    assert not (tmp_path / "r2").exists()  # a missing root is refused with the settings, before the run folder
 
 
 def test_an_int_size_never_stretches_an_image_of_another_aspect(tmp_path):
@@ -421,3 +422,24 @@ def test_an_unknown_setting_is_named_with_the_base_class_settings(tmp_path, name
         create_datamodule(name, root=str(tmp_path), n_trian=3)
     with pytest.raises(TypeError, match=r"^data\.n_train must be int, got '3'"):
         create_datamodule(name, root=str(tmp_path), n_train="3")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["experiment=nyuv2", "data.root={missing}"],
+     "nyuv2: data.root '{missing}' does not exist (expected {missing}/train/image/<i>.npy; see docs/data.md)"),
+    (["experiment=cityscapes", "data.root={missing}"],
+     "cityscapes: data.root '{missing}' does not exist (expected {missing}/train/image/<i>.npy; see docs/data.md)"),
+    (["experiment=nyuv2", "data.root={missing}.mat"],
+     "nyuv2: expected the labelled release file '{missing}.mat' (nyu_depth_v2_labeled.mat; see docs/data.md)"),
+    (["data=hf_local", "data.path={missing}", "task=classification"],
+     "hf_local: no dataset at '{missing}' (expected a save_to_disk folder, or .parquet/.arrow files)"),
+])
+def test_a_data_root_that_does_not_exist_leaves_no_run_folder(tmp_path, args, message):
+    """Refused in the datamodule's own words with the other data settings, before the run folder (was FAILED)."""
+    from mtl.train import run
+
+    missing = tmp_path / "nonexistent"
+    with pytest.raises(FileNotFoundError) as e:
+        run([a.format(missing=missing) for a in args] + ["debug=smoke", "logger=none"], run_dir=tmp_path / "run")
+    assert str(e.value) == message.format(missing=missing)
+    assert not (tmp_path / "run").exists()
