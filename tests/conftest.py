@@ -29,6 +29,17 @@ def tiny_model():
 
 
 @pytest.fixture
+def home_and_cwd(monkeypatch, tmp_path):
+    """(home, cwd): ``$HOME`` and the working directory set to two fresh folders, for the tests of a leading ``~``
+    (read as ``$HOME``, never written to a literal ``./~`` in the working directory)."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(), cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    return home, cwd
+
+
+@pytest.fixture
 def console(monkeypatch, tmp_path):
     """A console script's entry in-process: ``console("mtl.cli.export", "model=...")`` runs it with its run folders
     under ``tmp_path/outputs`` and returns (exit status, that output root)."""

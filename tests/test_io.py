@@ -610,15 +610,12 @@ def test_a_config_asking_for_a_huge_head_is_refused_before_any_real_tensor_is_bu
     assert built == ["meta"]
 
 
-def test_model_folder_and_atomic_writers_expand_a_leading_tilde(tmp_path, monkeypatch):
+def test_model_folder_and_atomic_writers_expand_a_leading_tilde(tmp_path, monkeypatch, home_and_cwd):
     """save_model("~/m") wrote ./~/m in the working directory while load_model("~/m") read $HOME/m; atomic_path (every
     JSON, plot and file writer) made ./~ too. Each writer takes ~ as $HOME and returns the path it wrote."""
     from mtl.models import create_model
 
-    home, cwd = tmp_path / "home", tmp_path / "cwd"
-    home.mkdir(), cwd.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.chdir(cwd)
+    home, cwd = home_and_cwd
     m = create_model(tasks=[{"name": "classification", "kind": "classification", "num_classes": 3}],
                      backbone="test_resnet")
     assert mtl.save_model(m, "~/m1") == home / "m1"

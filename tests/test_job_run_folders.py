@@ -251,7 +251,7 @@ def test_an_empty_output_dir_variable_counts_as_unset(monkeypatch, value, root):
         assert Path(cfg.hydra[kind].dir).parts[:3] == (root, "a", "b")
 
 
-def test_output_folders_with_a_tilde_are_under_home(tmp_path, monkeypatch):
+def test_output_folders_with_a_tilde_are_under_home(tmp_path, monkeypatch, home_and_cwd):
     """MTL_OUTPUT_DIR="~/runs", output="~/merged" and run_dir="~/r" made a literal ./~ folder in the working
     directory (Hydra's run folder, the jobs' output, an in-process run's folder)."""
     from hydra import compose, initialize_config_module
@@ -261,10 +261,7 @@ def test_output_folders_with_a_tilde_are_under_home(tmp_path, monkeypatch):
     from mtl.cli.in_process import compose_in_process
     from mtl.cli.jobs import start_run
 
-    home, cwd = tmp_path / "home", tmp_path / "cwd"
-    home.mkdir(), cwd.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.chdir(cwd)
+    home, cwd = home_and_cwd
     monkeypatch.setenv("MTL_OUTPUT_DIR", "~/runs")
     assert output_root() == home / "runs"
     register_resolvers()

@@ -248,13 +248,10 @@ def test_one_cache_layout_for_python_and_cli(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("how", ["cache_dir", "env"])
-def test_a_cache_folder_with_a_tilde_is_under_home(tmp_path, monkeypatch, how):
+def test_a_cache_folder_with_a_tilde_is_under_home(tmp_path, monkeypatch, home_and_cwd, how):
     """cache_dir="~/probe" (or MTL_DATA_CACHE="~/probe") was written to a literal ./~/probe in the working directory,
     then read from $HOME/probe by datasets.load_from_disk: every run failed with "corrupt data cache entry"."""
-    home, cwd = tmp_path / "home", tmp_path / "cwd"
-    home.mkdir(), cwd.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.chdir(cwd)
+    home, cwd = home_and_cwd
     if how == "env":
         monkeypatch.setenv("MTL_DATA_CACHE", "~/probe")
     kw = dict(KW, cache_dir="~/probe/scenes" if how == "cache_dir" else None)

@@ -725,12 +725,9 @@ def test_timm_takes_every_task_in_any_order(tmp_path):
         mtl.export(folder, "timm", tmp_path / "u", tasks=tasks[1:])
 
 
-def test_export_expands_a_leading_tilde(tmp_path, monkeypatch):
+def test_export_expands_a_leading_tilde(tmp_path, monkeypatch, home_and_cwd):
     """export(..., "~/e1") wrote ./~/e1 in the working directory and returned '~/e1'; readers take ~ as $HOME."""
-    home, cwd = tmp_path / "home", tmp_path / "cwd"
-    home.mkdir(), cwd.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.chdir(cwd)
+    home, cwd = home_and_cwd
     m = create_model(tasks=[{"name": "classification", "kind": "classification", "num_classes": 3}],
                      backbone="test_resnet")
     out = mtl.export(m, "folder", "~/e1")

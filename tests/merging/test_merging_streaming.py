@@ -197,7 +197,7 @@ def test_submodules_are_reachable_as_attributes_without_importing_them_first():
                                           "mtl.exporters.job mtl.cli.extract"]
 
 
-def test_file_writers_expand_a_leading_tilde(tmp_path, monkeypatch):
+def test_file_writers_expand_a_leading_tilde(tmp_path, monkeypatch, home_and_cwd):
     """merge_to_file / write_tall_store took "~/x" as ./~/x while the readers
     (load_state_dict, load_task_model) take it as $HOME/x: a result written to ~/x could not be read back as ~/x."""
     from merging_toys import make_models, save_models
@@ -205,10 +205,7 @@ def test_file_writers_expand_a_leading_tilde(tmp_path, monkeypatch):
     pre, fts = make_models(T=2, seed=3)
     (tmp_path / "in").mkdir()
     pre_path, ft_paths = save_models(tmp_path / "in", pre, fts)
-    home, cwd = tmp_path / "home", tmp_path / "cwd"
-    home.mkdir(), cwd.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.chdir(cwd)
+    home, cwd = home_and_cwd
     written = merging.merge_to_file("task_arithmetic", pre_path, ft_paths, "~/m.safetensors", lam=0.3)
     assert written == home / "m.safetensors"
     want = merging.merge("task_arithmetic", pre, fts, lam=0.3)
