@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import merging
 from mtl.cli.jobs import start_run
-from mtl.io import save_model, write_json
+from mtl.io import save_model, user_path, write_json
 from mtl.models import MultiTaskModel
 from mtl.registry import Registry, check_int
 
@@ -346,7 +346,7 @@ def _given_paths(cfg: DictConfig, run_dir: Path, manifest: tuple[Path, list[Path
     if cfg.get("pool"):
         return manifest or manifest_paths(cfg.pool)
     if cfg.get("pretrained") and cfg.get("models"):
-        return Path(cfg.pretrained), [Path(m) for m in model_list(cfg.models, "models")]
+        return user_path(str(cfg.pretrained)), [user_path(str(m)) for m in model_list(cfg.models, "models")]
     pool = build_smoke_pool(run_dir / "smoke_pool")
     return pool.pretrained, pool.member_paths
 

@@ -15,7 +15,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from mtl.io import run_folder_refusal
+from mtl.io import run_folder_refusal, user_path
 from mtl.torch_load import torch_load_refusal
 
 from .safetensors_source import (
@@ -87,7 +87,7 @@ def open_source(obj: SourceLike, label: str | None = None) -> StateSource:
     if isinstance(obj, Mapping):
         return DictSource(obj, label=label or "state dict")
     if isinstance(obj, (str, os.PathLike)):
-        p = Path(obj)
+        p = user_path(obj)  # a leading ~ as every mtlkit reader takes it
         if p.is_dir():
             if (p / "model.safetensors").is_file():
                 if (p / "model.safetensors.index.json").is_file():

@@ -314,7 +314,7 @@ def run_folder_refusal(path: str | os.PathLike) -> str | None:
     """'<path> is a run folder ...; did you mean <path>/model?' when `path` is a training run's folder (it holds
     ``model/`` and neither a config nor weights of its own), else None: every reader of model folders (mtl-merge's
     of any weights too) says it in these words."""
-    path = Path(path)
+    path = user_path(path)
     own = (CONFIG, WEIGHTS, f"{WEIGHTS}.index.json")
     if not any((path / f).exists() for f in own) and (path / "model" / CONFIG).is_file():
         return f"{path} is a run folder, not a model folder; did you mean {path / 'model'}?"

@@ -18,7 +18,7 @@ from mtl.cli.jobs import check_model_given, input_model, start_run
 from mtl.data.calibration import check_calib_settings
 from mtl.folder_checks import JSON_ERRORS, ModelFolderError
 from mtl.folder_data import data_record
-from mtl.io import first_non_finite, load_model, model_skeleton, save_model, write_json
+from mtl.io import first_non_finite, load_model, model_skeleton, save_model, user_path, write_json
 from mtl.registry import check_int, check_seed
 from pruning.calib import calibration_batches, datamodule_for
 from pruning.graph import check_module_names
@@ -188,7 +188,7 @@ def _check_data_settings(cfg: DictConfig) -> None:
     name = given.get("name")
     if name is None and cfg.get("model"):
         try:
-            name = json.loads((Path(cfg.model) / "config.json").read_text())["meta"]["data"]["name"]
+            name = json.loads((user_path(str(cfg.model)) / "config.json").read_text())["meta"]["data"]["name"]
         except (OSError, KeyError, TypeError, *JSON_ERRORS):
             return
     elif name is None and cfg.get("smoke_model"):

@@ -91,9 +91,9 @@ def plot_delta_m_vs_flops(points: Mapping[str, list[tuple[float, float]]], path:
 
 
 def _save(fig, path: str | Path) -> Path:
-    from mtl.io import atomic_path
+    from mtl.io import atomic_path, user_path
 
-    path = Path(path)
+    path = user_path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     return path

@@ -275,6 +275,37 @@ def test_output_folders_with_a_tilde_are_under_home(tmp_path, monkeypatch, home_
     assert list(cwd.iterdir()) == []
 
 
+def test_the_jobs_read_a_tilde_input_where_their_checks_found_it(home_and_cwd):
+    """model='~/pre' passed the checks before the run folder (they expand ~) but the jobs then read ./~/pre: mtl-export
+    and mtl-merge failed after writing a FAILED run folder ('<cwd>/~/pre: no such folder'), merging.merge too."""
+    import merging
+
+    home, cwd = home_and_cwd
+    for i, name in enumerate(("pre", "ft")):
+        torch.manual_seed(i)
+        save_model(create_model(["depth"], backbone={"name": "test_resnet", "out_indices": [1, 2, 3]},
+                                decoder={"name": "hps", "channels": 8}), home / name)
+    from merging.job import run as merge_run
+    from mtl.exporters.job import run as export_run
+
+    export_run(["model='~/pre'", "format=folder", "output='~/e1'"], run_dir=home / "export_run")
+    assert (home / "e1" / "model.safetensors").is_file()
+
+    merge_run(["eval=none", "merge=task_arithmetic", "merge.lam=0.5", "pretrained='~/pre'", "models=['~/ft']",
+               "output='~/m1'"], run_dir=home / "merge_run")
+    want = merging.merge("task_arithmetic", home / "pre", [home / "ft"], lam=0.5)
+    from safetensors.torch import load_file
+
+    got = load_file(str(home / "m1" / "model.safetensors"))  # (eval=none writes a bare state dict)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], v) for k, v in want.items())
+    assert merging.merge("task_arithmetic", "~/pre", ["~/ft"], lam=0.5).keys() == want.keys()
+    from pruning.report import plot_delta_m_vs_flops
+
+    # a writer returns the path it wrote (it returned '~/dm.png', which no reader of the return value finds)
+    assert plot_delta_m_vs_flops({"l1": [(1.0, 0.1), (0.5, -0.2)]}, "~/dm.png") == home / "dm.png"
+    assert list(cwd.iterdir()) == []
+
+
 @pytest.mark.parametrize("module, name", [("mtl.configs", "train"), ("mtl.configs.merge_app", "merge"),
                                           ("mtl.configs.prune_app", "prune"), ("mtl.configs.export_app", "export"),
                                           ("mtl.configs.extract_app", "extract")])

@@ -91,7 +91,7 @@ class BalancerMonitor:
             return None
         from matplotlib.figure import Figure  # object-oriented: the user's pyplot backend is untouched
 
-        from mtl.io import atomic_path
+        from mtl.io import atomic_path, user_path
 
         steps = [h["step"] for h in self.history]
         marker = "o" if len(steps) <= 30 else None  # short runs: a line of one point is invisible
@@ -118,7 +118,7 @@ class BalancerMonitor:
                 ax.set_title("task weights constant (EW = 1)", fontsize=8)
         axes[-1, 0].set_xlabel("step")
         fig.tight_layout()
-        path = Path(path)
+        path = user_path(path)
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=100, format="png")
         return path

@@ -16,6 +16,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from mtl.atomic import user_path
 from mtl.cli.common import cli_main, run_job
 from mtl.cli.jobs import check_model_given, input_model, input_task_names, start_run
 from mtl.extraction import calibrations_used, check_request
@@ -69,7 +70,7 @@ def data_config(model, cfg: DictConfig) -> dict[str, Any]:
     from mtl.folder_data import rebuild_config
 
     given = OmegaConf.to_container(cfg.calib.data, resolve=True) if cfg.calib.get("data") else {}
-    file = Path(cfg.model) / "config.json" if cfg.get("model") else "the model's meta"
+    file = user_path(str(cfg.model)) / "config.json" if cfg.get("model") else "the model's meta"
     return rebuild_config(getattr(model, "meta", {}).get("data") or {}, given, file, "calib.data")
 
 

@@ -183,6 +183,6 @@ def config_difference(overrides: list[str], run_dir: Path) -> str | None:
 def input_model(cfg, run_dir: Path, verb: str, experiment: str = "scenes_hps") -> Path:
     """``cfg.model``, or with ``smoke_model=true`` (``debug=smoke``) a tiny model trained first."""
     if cfg.get("model"):
-        return Path(cfg.model)
+        return user_path(str(cfg.model))  # as start_run's checks read it: a leading ~ expanded
     check_model_given(cfg, verb)
     return smoke_model(run_dir / "smoke_model", experiment)

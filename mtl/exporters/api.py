@@ -61,7 +61,7 @@ def load_source(model: str | os.PathLike | nn.Module) -> Source:
         src = Source(copy.deepcopy(model).cpu().eval(), None, model_config(model),
                      dict(getattr(model, "meta", {}) or {}))
     else:
-        folder = Path(model).resolve()  # provenance (exported_from, export.json) must read from anywhere
+        folder = user_path(model).resolve()  # provenance (exported_from, export.json) must read from anywhere
         cfg = read_model_config(folder)
         src = Source(load_model(folder), folder, cfg["model"], cfg.get("meta", {}) or {})
     src.metrics_file, src.run_metrics = _find_run_metrics(src)
