@@ -328,6 +328,9 @@ def _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, basel
         log.warning("no validation ran (trainer.max_steps or check_val_every_n_epoch ended training before one, at "
                     "step %d): the checkpoint tested and saved is the last one trained and metrics.json['val'] holds "
                     "no epoch's validation", trainer.global_step)
+    elif val is None and module.val_history and ckpt:  # a monitor-less checkpoint of an epoch validation skipped
+        log.warning("the checkpoint tested and saved (%s) is of an epoch that ran no validation: metrics.json['val'] "
+                    "(val_epoch 'last') holds epoch %d's, the last validated", Path(ckpt).name, max(module.val_history))
     if not trainer.is_global_zero:
         return metrics
     # the trained model and its metrics first: nothing after this can lose them

@@ -429,9 +429,10 @@ def test_a_run_without_a_checkpoint_monitor_tests_and_saves_its_last_epoch(tmp_p
 
 
 @pytest.mark.slow
-def test_without_a_monitor_the_model_is_the_last_epoch_trained_when_validation_skips_it(tmp_path):
+def test_without_a_monitor_the_model_is_the_last_epoch_trained_when_validation_skips_it(tmp_path, caplog):
     """With validation every second epoch, epoch001.ckpt (the last validated) was tested and saved as model/, and
-    the last epoch trained was lost; its validation metrics are now the last validation's ("last")."""
+    the last epoch trained was lost; its validation metrics are now the last validation's ("last"), said in a
+    warning naming that epoch."""
     import torch
     from safetensors.torch import load_file
 
@@ -439,6 +440,8 @@ def test_without_a_monitor_the_model_is_the_last_epoch_trained_when_validation_s
                 "callbacks.model_checkpoint.monitor=null"], run_dir=tmp_path / "r")
     m = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert m["best_checkpoint"].endswith("epoch002.ckpt") and m["val_epoch"] == "last" and m["val"]["depth"]
+    assert "(epoch002.ckpt) is of an epoch that ran no validation" in caplog.text
+    assert "holds epoch 1's, the last validated" in caplog.text
     last = torch.load(tmp_path / "r" / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["epoch"] == 2 and last["global_step"] == m["global_steps"]
     saved = load_file(tmp_path / "r" / "model" / "model.safetensors")
