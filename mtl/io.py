@@ -333,8 +333,8 @@ def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
         what = "no such folder" if not path.exists() else "not a model folder"
         raise ModelFolderError(f"{path}: {what} (expected a directory with {WEIGHTS} and {CONFIG})")
     file = path / CONFIG
-    if run_folder_refusal(path):
-        raise ModelFolderError(run_folder_refusal(path))
+    if refusal := run_folder_refusal(path):
+        raise ModelFolderError(refusal)
     if not file.exists() and (path / WEIGHTS).is_file():  # e.g. `mtl-merge eval=none`: merged weights alone
         raise ModelFolderError(f"{path} holds weights ({WEIGHTS}) but no {CONFIG}: a bare state dict (as "
                                "`mtl-merge eval=none` writes), not a model folder; load it with "
@@ -428,7 +428,7 @@ def check_finite(file: str | os.PathLike, state: Mapping[str, torch.Tensor]) -> 
 def model_skeleton(path: str | os.PathLike):
     """The model a folder's config describes, built on the meta device: its modules and shapes, no weights read (the
     config checked against the weights file's header, as `read_checked_config`); None where it cannot be built there."""
-    path = Path(os.path.expanduser(str(path)))
+    path = user_path(path)
     return _build(read_checked_config(path)["model"], path / CONFIG, meta=True)
 
 

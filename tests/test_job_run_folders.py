@@ -129,10 +129,18 @@ def test_a_job_refused_before_it_accepts_its_folder_leaves_none(console, capfd, 
         stdout, err = capfd.readouterr()
         assert code == 1 and said in err and "run_dir:" not in stdout, err
         assert not out.exists() or list(out.iterdir()) == [], sorted(out.rglob("*"))
-    code, out = console("mtl.cli.export", f"model={model}", "format=folder", "tasks=[nope]")  # after start_run
+    # NaN weights are found when the model is loaded, after start_run (its checks read the config and the header)
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(model / "model.safetensors"), "pt") as f:
+        state, header = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    next(v for v in state.values() if v.is_floating_point()).view(-1)[0] = float("nan")
+    save_file(state, str(model / "model.safetensors"), metadata=header)
+    code, out = console("mtl.cli.export", f"model={model}", "format=folder", "tasks=[depth]")
     (run,) = (out / "export" / "runs").iterdir()
-    assert code == 1 and (run / "FAILED").is_file()
-    assert OmegaConf.load(run / "config.yaml").tasks == ["nope"]
+    assert code == 1 and (run / "FAILED").is_file() and "NaN" in (run / "FAILED").read_text()
+    assert OmegaConf.load(run / "config.yaml").tasks == ["depth"]
     assert capfd.readouterr().out.strip().splitlines()[-1] == f"run_dir: {run}"
 
 

@@ -214,8 +214,8 @@ def build_problem(pretrained, finetuned, *, model: nn.Module | None = None, task
         raise ValueError(f"device={device} but CUDA is not available here; use device='cpu'")
     if model is None:
         for f in (pretrained, *fts):  # a run folder passed for its model/: say so, as mtl.load_model does
-            if isinstance(f, (str, Path)) and run_folder_refusal(f):
-                raise MergeInputError(run_folder_refusal(f))
+            if isinstance(f, (str, Path)) and (refusal := run_folder_refusal(f)):
+                raise MergeInputError(refusal)
         if not (_is_model_folder(pretrained) and all(_is_model_folder(f) for f in fts)):
             raise TypeError("learned merging needs a model to predict with: pass model folders (each fine-tune "
                             "brings its head) or model=<nn.Module with forward(x, tasks=[t])>")

@@ -80,8 +80,8 @@ def check_input_folders(named: list[tuple[str, Path]], any_weights: bool = False
         if any_weights:
             if not path.exists():
                 raise FileNotFoundError(f"{given}: no such file or folder")
-            if run_folder_refusal(path):  # mtl-train's run folder for its model/: said now, as for model folders
-                raise ModelFolderError(f"{key}: {run_folder_refusal(path)}" if key else run_folder_refusal(path))
+            if refusal := run_folder_refusal(path):  # mtl-train's run folder for its model/: said now, as for model folders
+                raise ModelFolderError(f"{key}: {refusal}" if key else refusal)
             continue
         try:
             read_checked_config(path)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mtl.atomic import user_path
 from mtl.data.memory import TensorDataModule, TensorDictDataset
 
 log = logging.getLogger(__name__)
@@ -297,7 +298,7 @@ class DenseBenchmarkDataModule(TensorDataModule):
                  val_fraction: float = 0.0, seed: int = 0, batch_size: int = 8, num_workers: int = 0,
                  augment: bool = False):
         super().__init__(batch_size=batch_size, num_workers=num_workers, augment=augment)
-        self.root = Path(os.path.expanduser(str(root)))
+        self.root = user_path(str(root))
         self.num_classes = int(num_classes)
         if not 1 <= self.num_classes < IGNORE:  # labels are stored as uint8 with 255 = ignored
             raise ValueError(f"{self.benchmark}: data.num_classes must be in 1..{IGNORE - 1} (255 marks ignored "
@@ -331,7 +332,7 @@ class DenseBenchmarkDataModule(TensorDataModule):
         """What the settings alone decide, cheaply (`mtl.data.check_datamodule`, before a run folder): the root
         folder exists (its layout is read with the data)."""
         if root is not None:
-            _check_root_exists(cls.benchmark, Path(os.path.expanduser(str(root))))
+            _check_root_exists(cls.benchmark, user_path(str(root)))
 
     def _check_root(self) -> None:
         _check_root_exists(self.benchmark, self.root)
@@ -423,7 +424,7 @@ class NYUv2DataModule(DenseBenchmarkDataModule):
     @classmethod
     def check_settings(cls, root: str | os.PathLike | None = None, format: str = "auto", **_: Any) -> None:
         """As the benchmarks' (`DenseBenchmarkDataModule.check_settings`); the labelled release is one file."""
-        root = Path(os.path.expanduser(str(root))) if root is not None else None
+        root = user_path(str(root)) if root is not None else None
         if root is not None and _nyu_format(root, format) == "mat":
             _check_mat_file(root)
         elif root is not None and _nyu_format(root, format) == "npy":

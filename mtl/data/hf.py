@@ -10,19 +10,21 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
+from mtl.atomic import user_path
+
 
 def default_cache_dir(kind: str) -> Path:
     """Where generated data of one kind (``scenes``, ``zoo``) is cached when no ``cache_dir`` is given:
     ``$MTL_DATA_CACHE/<kind>``, else ``~/.cache/mtlkit/<kind>``. The CLI's ``paths.data_cache`` +
     ``/<kind>`` resolves to the same folder, so Python and CLI runs share one cache."""
-    return Path(os.path.expanduser(os.environ.get("MTL_DATA_CACHE") or "~/.cache/mtlkit")) / kind
+    return user_path(os.environ.get("MTL_DATA_CACHE") or "~/.cache/mtlkit") / kind
 
 
 def cache_root(kind: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """The folder generated data of one kind is cached in: ``cache_dir``, else `default_cache_dir`, with a
     leading ``~`` expanded (``MTL_DATA_CACHE="~/cache"``): the writer would make a literal ``./~`` folder,
     while the reader (``datasets.load_from_disk``) expands it and finds nothing there."""
-    return default_cache_dir(kind) if cache_dir is None else Path(os.path.expanduser(str(cache_dir)))
+    return default_cache_dir(kind) if cache_dir is None else user_path(str(cache_dir))
 
 
 @contextlib.contextmanager

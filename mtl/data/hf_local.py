@@ -12,6 +12,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
+from mtl.atomic import user_path
 from mtl.data.benchmarks import DepthUnitCheck, check_unit_normals
 from mtl.data.hf import arrow_to_numpy, quiet_datasets
 from mtl.folder_checks import JSON_ERRORS
@@ -145,7 +146,7 @@ class HFImageDataModule(TensorDataModule):
                  semseg_map: dict[int, int] | list[int] | None = None, channels_last: bool | None = None):
         super().__init__(batch_size=batch_size, num_workers=num_workers, augment=augment)
         self.save_hyperparameters()
-        self.path = Path(os.path.expanduser(str(path)))
+        self.path = user_path(str(path))
         self.image_column = image_column
         if not (channels_last is None or isinstance(channels_last, bool)):
             raise ValueError(f"hf_local: data.channels_last must be true, false or null, got {channels_last!r}")
@@ -181,7 +182,7 @@ class HFImageDataModule(TensorDataModule):
         """What the settings alone decide, cheaply (`mtl.data.check_datamodule`, before a run folder): the dataset's
         path exists (what it holds is read with the data)."""
         if path is not None:
-            _check_exists(Path(os.path.expanduser(str(path))))
+            _check_exists(user_path(str(path)))
 
     def source(self) -> str:
         return f"hf_local ({self.path})"

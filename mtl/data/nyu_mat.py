@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mtl.atomic import user_path
 from mtl.data.benchmarks import (dense_to_float, image_to_uint8, labels_to_uint8, resize_sample, resolve_size,
                                  stack_samples)
 
@@ -36,7 +37,7 @@ _KEYS = ("images", "depths", "labels")
 def _need(path, what: str) -> Path:
     if path is None:
         raise ValueError(f"nyuv2 (format=mat) needs data.{what}; see docs/data.md")
-    p = Path(os.path.expanduser(str(path)))
+    p = user_path(str(path))
     if not p.is_file():
         raise FileNotFoundError(f"nyuv2: data.{what} {str(p)!r} does not exist")
     return p
