@@ -1,7 +1,6 @@
 """Model folders (``model.safetensors`` + ``config.json``) and atomic file writing."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -436,14 +435,15 @@ def _build(model_cfg: dict[str, Any], cfg_file: Path, meta: bool = False):
     """The model a folder's config describes; ``meta``: on the meta device (shapes only, no memory), None where the
     model cannot be built there (the real build then checks as before)."""
     from mtl.models import model_from_config
+    from mtl.models.families import build_on_meta
 
+    if meta:
+        return build_on_meta(lambda: model_from_config(model_cfg))
     try:
-        # the random init the stored weights replace: not the caller's stream (a meta build's neither)
-        with torch.random.fork_rng(devices=[]), (torch.device("meta") if meta else contextlib.nullcontext()):
+        # the random init the stored weights replace: not the caller's stream
+        with torch.random.fork_rng(devices=[]):
             return model_from_config(model_cfg)
     except Exception as e:  # any malformed value: the config, not the caller, is at fault
-        if meta:
-            return None
         raise ModelFolderError(f"{cfg_file}: cannot build the model ({type(e).__name__}: {e})") from None
 
 

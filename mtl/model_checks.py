@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtl.balancers import create_balancer
 from mtl.models import create_model
+from mtl.models.families import build_on_meta
 from mtl.warm_start import INITIAL_WEIGHTS
 
 __all__ = ["check_model_settings"]
@@ -31,12 +32,6 @@ def check_model_settings(cfg: DictConfig, tasks: list[Any]) -> None:
 
 
 def _build(build: Callable[[], Any]) -> None:
-    # the random init is thrown away: not the run's stream
-    with torch.random.fork_rng(devices=[]):
-        try:
-            with torch.device("meta"):
-                build()
-            return
-        except Exception:  # noqa: BLE001  (a layer that cannot be built on the meta device, or a bad setting:
-            pass           # the real build, below, says which)
-        build()
+    if build_on_meta(build) is None:
+        with torch.random.fork_rng(devices=[]):  # the random init is thrown away: not the run's stream
+            build()

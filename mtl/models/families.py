@@ -8,8 +8,9 @@ then loads the safetensors weights into it. Configs without the key are ``"multi
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from mtl.registry import Registry
@@ -38,6 +39,17 @@ def model_from_config(cfg: dict[str, Any]) -> nn.Module:
 
 # a (stacked) bias, or a router's gate / noise projection: ≥ 2-D, but not a layer the features pass through
 _NOT_A_LAYER_WEIGHT = re.compile(r"(^|\.)(bias|b\d+)$|(^|\.)(routers?|gates?|noise)(\.|$)")
+
+
+def build_on_meta(build: Callable[[], nn.Module]) -> nn.Module | None:
+    """``build()`` on the meta device (shapes only, no memory), the caller's random stream untouched; None where a
+    layer cannot be built there or a setting is bad (the real build, the caller's, then says which)."""
+    with torch.random.fork_rng(devices=[]):
+        try:
+            with torch.device("meta"):
+                return build()
+        except Exception:  # noqa: BLE001
+            return None
 
 
 def last_shared_weight(model: nn.Module) -> nn.Parameter | None:
