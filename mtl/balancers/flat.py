@@ -18,7 +18,8 @@ from typing import Sequence
 import torch
 
 from mtl.balancers.base import Balancer, StepContext, create_balancer, register, require_shared, sync_grads
-from mtl.balancers.gradient import JACOBIAN_METHODS, JacobianBalancer, accumulate, finite_or_cleared, full_precision
+from mtl.balancers.gradient import (JACOBIAN_METHODS, JacobianBalancer, accumulate, finite_or_cleared, finite_rows,
+                                    full_precision)
 
 
 @register("flat")
@@ -65,7 +66,7 @@ class FlatBalancer(Balancer):
         heads = self.base._heads(ctx)
         T = len(self.tasks)
         self.base._jacobian_fields(ctx)  # identical to the base method's first half
-        finite = torch.stack([torch.isfinite(p.jac.reshape(T, -1)).all(1) for p in shared if hasattr(p, "jac")]).all(0)
+        finite = torch.stack([finite_rows(p.jac.reshape(T, -1)) for p in shared if hasattr(p, "jac")]).all(0)
         if not finite_or_cleared(self, finite, self.base._all_params(ctx), ctx.step):
             return False
         if self.rho == 0.0:
@@ -112,7 +113,7 @@ class FlatBalancer(Balancer):
             [(torch.stack([rows[k] for rows in sharp_rows]) - jacobian[k]).reshape(T, -1) for k in range(len(shared))],
             dim=1,
         )
-        if not finite_or_cleared(self, torch.isfinite(flat_matrix).all(1), self.base._all_params(ctx), ctx.step):
+        if not finite_or_cleared(self, finite_rows(flat_matrix), self.base._all_params(ctx), ctx.step):
             return False  # a gradient at the perturbed weights is not finite
         with full_precision(flat_matrix.device):
             direction = self.sharp.aggregator(flat_matrix.float())

@@ -316,3 +316,15 @@ def test_recompute_at_unchanged_weights_repeats_the_forwards_losses_under_noisy_
     for t, loss in seen["again"].items():
         assert torch.equal(loss, seen["forward"][t])
     assert any(not torch.equal(seen["fresh"][t], seen["forward"][t]) for t in seen["forward"])  # the noise is real
+
+
+def test_finite_rows_flags_exactly_the_rows_holding_nan_or_inf():
+    from mtl.balancers.gradient import finite_rows
+
+    m = torch.randn(4, 1000)
+    m[1, 17], m[2, 999], m[3, 0], m[3, 1] = float("nan"), float("-inf"), float("inf"), float("-inf")
+    assert finite_rows(m).tolist() == [True, False, False, False]
+    # fp16 rows whose float16 sum would overflow (4000 x 60000 > 65504) are finite: summed in float32
+    big = torch.full((2, 4000), 60000.0, dtype=torch.float16)
+    assert finite_rows(big).tolist() == [True, True]
+    assert finite_rows(torch.randn(3, 2, 5).double()).tolist() == [True] * 3
