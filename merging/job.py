@@ -38,6 +38,7 @@ from .bn import check_bn
 from .evaluation import Evaluator, ImageBatches
 from .pool import ModelPool, check_same_pruning, check_same_start, manifest_paths, model_list
 from .report import build_report, print_table, write_report
+from .run_outputs import RUN_OUTPUTS, STORE_DIR
 from .storage import STORE_FILE
 from .streaming import resolve_output
 
@@ -59,11 +60,6 @@ class Selection:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-STORE_DIR = "tall_store"  # tall_masks' store, inside the run folder
-#: what a merge run may write in its run folder beside config.yaml, metrics.json and its output: the plots and the
-#: per-method outputs (tall_masks' store, a learned merge's coefficients, a mergekit run's recipe)
-RUN_OUTPUTS = ("task_accuracy.png", "mask_overlap.png", STORE_DIR, "coefficients", "coefficients.png",
-               "learning_curves.png", "mergekit_config.yml")
 
 
 def clear_earlier_outputs(run_dir: Path, overwrite: bool, keep: Path | None = None) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 from mtl.registry import check_int
 
+from .run_outputs import MERGEKIT_RECIPE
 from .mergekit_yaml import check_dtypes, read_mergekit_yaml, run_plan
 
 __all__ = ["mergekit_job", "check_unread_settings"]
@@ -35,7 +36,7 @@ def mergekit_job(cfg: Any, run_dir: str | os.PathLike) -> dict[str, Any]:
     run_dir, output = start_run(cfg, run_dir, inputs=[plan.pretrained, *plan.finetuned], any_weights=True)
     output = output.resolve()
     clear_earlier_outputs(Path(run_dir), bool(cfg.overwrite), keep=output)
-    (Path(run_dir) / "mergekit_config.yml").write_text(plan.text)  # the recipe as run, whatever becomes of the file
+    (Path(run_dir) / MERGEKIT_RECIPE).write_text(plan.text)  # the recipe as run, whatever becomes of the file
     seed = seed if plan.method in ("dare_ties", "dare_linear") else None  # every mtl-merge run repeats
     written = run_plan(plan, output, overwrite=bool(cfg.overwrite), shard_size=cfg.get("shard_size"), seed=seed)
     hp = resolved_hparams(plan.method, {**plan.kwargs(), **({"seed": seed} if seed is not None else {})})

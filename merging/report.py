@@ -9,6 +9,7 @@ from mtl.io import write_json
 
 from .evaluation import Evaluator
 from .pool import score
+from .run_outputs import MASK_PLOT, TASK_PLOT
 
 __all__ = ["build_report", "write_report", "print_table"]
 
@@ -51,11 +52,11 @@ def write_report(report: dict[str, Any], run_dir: Path) -> None:
     scores = lambda which: {t: r[which][r["primary"]] for t, r in report["tasks"].items()}  # noqa: E731
     same_metric = len({r["primary"] for r in report["tasks"].values()}) == 1  # else no mean, as in metrics.json
     merging.plot_task_accuracy({"individual": scores("individual"), report["method"]: scores("merged")},
-                               run_dir / "task_accuracy.png", ylabel="primary metric (test)",
+                               run_dir / TASK_PLOT, ylabel="primary metric (test)",
                                title="Per-task primary metric by method", mean=same_metric)
     if "mask_overlap" in report:
         k = report["selected"].get("k") if report["method"] == "consensus" else None  # its threshold, shown
-        merging.plot_mask_overlap(report["mask_overlap"], run_dir / "mask_overlap.png", k=k)
+        merging.plot_mask_overlap(report["mask_overlap"], run_dir / MASK_PLOT, k=k)
 
 
 def print_table(report: dict[str, Any]) -> None:

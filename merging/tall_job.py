@@ -18,7 +18,8 @@ from mtl.registry import meant
 
 from .consensus import make_mtv_method, per_task_lams
 from .engine import KeyOptions
-from .job import CLI_METHODS, STORE_DIR, MergeJob, Selection, better
+from .job import CLI_METHODS, MergeJob, Selection, better
+from .run_outputs import STORE_DIR
 from .methods import SELECTS, _per_task
 from .tall import TallKernel, ties_options
 

@@ -49,6 +49,7 @@ from mtl.registry import derived_seed
 from ..bn import pooled_batches
 from ..evaluation import ImageBatches
 from ..job import CLI_METHODS, MergeJob, Selection
+from ..run_outputs import COEFFICIENTS_DIR, COEFFICIENTS_PLOT, CURVES_PLOT
 from .api import KEY_OPTIONS, LEARNED_METHODS, check_hparams, unread, unread_message
 from .layout import make_layout
 from .plots import plot_coefficients, plot_learning_curves
@@ -217,14 +218,14 @@ def select_learned(method: str, job: MergeJob, hp: Mapping[str, Any]) -> Selecti
     res = merging.learn(method, job.pool.pretrained, job.pool.member_paths, device=job.evaluator.device,
                         callback=val_score if every > 0 else None, callback_every=every, **data, **kw)
     res.hparams.update(data_record(opts, supervised))  # coefficients.json says what the coefficients were learned on
-    out = job.run_dir / "coefficients"
+    out = job.run_dir / COEFFICIENTS_DIR
     res.save(out)
     model = job.model(res.state_dict, recompute_bn=False)
     title = f"{method} ({res.granularity})\n{job.run_dir.name}"
-    plot_coefficients(res.coefficients, res.groups, res.tasks, job.run_dir / "coefficients.png", title=title,
+    plot_coefficients(res.coefficients, res.groups, res.tasks, job.run_dir / COEFFICIENTS_PLOT, title=title,
                       model_keys=list(model.state_dict()))
     if res.history:  # no steps, no curves (an earlier run's in this folder: removed by job.clear_earlier_outputs)
-        plot_learning_curves(res.history, job.run_dir / "learning_curves.png", title=title,
+        plot_learning_curves(res.history, job.run_dir / CURVES_PLOT, title=title,
                              objective="supervised" if supervised else "entropy")
     summary = res.summary()
     selected = {**{k: v for k, v in res.hparams.items() if is_plain_json(v)},
