@@ -195,7 +195,8 @@ def run_plan(plan: MergekitPlan, out: str | os.PathLike, *, overwrite: bool = Fa
 
 
 def check_dtypes(plan: MergekitPlan) -> None:
-    """mergekit writes `out_dtype` (else `dtype`); mtlkit writes the base model's dtype: they must agree.
+    """mergekit writes `out_dtype` (else `dtype`); mtlkit writes the base model's dtype (each tensor's own
+    when the base mixes dtypes, so there only a recipe without both keys runs): they must agree.
     mergekit computes in `dtype` (unset: the models' own); mtlkit in float32 (float64 for float64 models):
     where they differ, the values may too — say so. Not for linear: mergekit sums in float32 too, and
     mtlkit rounds its inputs and result to `dtype` as mergekit does."""
@@ -206,8 +207,12 @@ def check_dtypes(plan: MergekitPlan) -> None:
         source.close()
     have = ", ".join(sorted(_name(d) for d in dtypes))
     if plan.out_dtype is not None and dtypes != {plan.out_dtype}:
-        raise ValueError(f"{plan.source}: out_dtype/dtype asks for {_name(plan.out_dtype)} weights; mtlkit writes the "
-                         f"base model's dtype ({have}) and does not convert: set out_dtype: {have} (or drop it)")
+        asks = f"{plan.source}: out_dtype (else dtype) asks for {_name(plan.out_dtype)} weights"
+        if len(dtypes) > 1:  # no one out_dtype is the base's: only leaving both unset writes its dtypes
+            raise ValueError(f"{asks}, but the base model's tensors have several dtypes ({have}); mtlkit writes "
+                             "each tensor in its own dtype and does not convert: remove dtype and out_dtype")
+        raise ValueError(f"{asks}; mtlkit writes the base model's dtype ({have}) and does not convert: set "
+                         f"out_dtype: {have}, or remove dtype and out_dtype")
     ours = torch.float64 if dtypes == {torch.float64} else torch.float32
     theirs = plan.compute_dtype or (next(iter(dtypes)) if len(dtypes) == 1 else None)
     if plan.method != "linear" and theirs is not None and theirs != ours:

@@ -226,12 +226,38 @@ def test_out_dtype_must_be_the_base_models(models, caplog):
     cfg = _yaml(models, "merge_method: ties\nbase_model: base\nmodels: [{model: a, parameters: {weight: 1}}]\n"
                         "dtype: bfloat16\n")
     with pytest.raises(ValueError, match=r"asks for bfloat16 weights; mtlkit writes the base model's dtype "
-                                         r"\(float32\)"):
+                                         r"\(float32\) and does not convert: set out_dtype: float32, or remove "
+                                         r"dtype and out_dtype$"):
         merging.merge_mergekit_yaml(cfg, models / "out")
     cfg.write_text(cfg.read_text() + "out_dtype: torch.float32\n")  # compute dtype differs, output dtype agrees
     with caplog.at_level(logging.WARNING, logger="merging.mergekit_yaml"):
         merging.merge_mergekit_yaml(cfg, models / "out")
     assert "mergekit computes this recipe in bfloat16 (its dtype) and mtlkit in float32" in caplog.text
+
+
+def test_a_base_with_mixed_dtypes_is_told_to_remove_dtype_and_the_advice_runs(tmp_path, monkeypatch):
+    # bf16 weights with a float32 norm weight, as some HF checkpoints store them: no one out_dtype is the
+    # base's, so the advice is to remove dtype and out_dtype; then each tensor keeps its own dtype
+    monkeypatch.chdir(tmp_path)
+    for name, w in (("base", BASE), ("a", A), ("b", B)):
+        (tmp_path / name).mkdir()
+        save_file({"layer.weight": w.to(torch.bfloat16), "norm.weight": w + 1}, str(tmp_path / name / "model.safetensors"))
+    recipe = "merge_method: ties\nbase_model: base\nmodels: [{model: a}, {model: b}]\nparameters: {weight: 1.0}\n"
+    for extra in ("dtype: float32\n", "dtype: float32\nout_dtype: bfloat16\n", "out_dtype: float32\n"):
+        cfg = _yaml(tmp_path, recipe + extra)
+        with pytest.raises(ValueError) as e:
+            merging.merge_mergekit_yaml(cfg, tmp_path / "out")
+        assert "the base model's tensors have several dtypes (bfloat16, float32)" in str(e.value)
+        assert str(e.value).endswith("remove dtype and out_dtype") and not (tmp_path / "out").exists()
+    out = merging.merge_mergekit_yaml(_yaml(tmp_path, recipe), tmp_path / "out")  # the advice followed
+    got = load_file(str(out / "model.safetensors"))
+    assert got["layer.weight"].dtype == torch.bfloat16 and got["norm.weight"].dtype == torch.float32
+    # TIES at density 1 with weight 1: θ0 + Σ of the δ agreeing with the sign of Σ δ, over the models agreeing
+    for key, base, a, b in (("norm.weight", BASE + 1, A + 1, B + 1), ("layer.weight", BASE, A, B)):
+        d = torch.stack([a - base, b - base]).float()
+        keep = (d.sign() == torch.where(d.sum(0) >= 0, 1.0, -1.0)) & (d != 0)
+        want = base.float() + (d * keep).sum(0) / keep.sum(0).clamp(min=1)
+        assert torch.equal(got[key].float(), want.to(got[key].dtype).float())
 
 
 @pytest.mark.parametrize("method, warned", [("ties", True), ("linear", False)])
