@@ -9,8 +9,9 @@ mergekit (Goddard et al. 2024) applies every method per tensor and differs from 
 - the elected sign is + where Σ_t w_t δ_t ≥ 0 (a zero sum gives +, not 0), and only entries whose
   sign equals it are kept (zeros never agree);
 - `normalize` divides by the sum of the kept weights (ties; a zero sum divides by 1) or of all
-  weights (task arithmetic; |Σ w| < 1e-8 divides by 1; linear refuses weights summing to 0, where
-  mergekit would write inf/NaN); `lambda` scales the mixed δ;
+  weights (task arithmetic; |Σ w| < 1e-8 divides by 1; linear refuses weights whose sum, in its
+  float32 or float64 arithmetic, is exactly 0 or overflows, where mergekit would write inf/NaN; a tiny
+  non-zero sum divides as mergekit does); `lambda` scales the mixed δ;
 - DARE draws `torch.bernoulli(density)` from torch's global generator, model by model, and with
   `rescale` matches the L1 norm of the kept δ to the original's (not 1/density). With `seed` (ours;
   mergekit's runs are not repeatable) each (model, tensor) draws the seeded keep mask (`dare_mask`) the
@@ -27,6 +28,7 @@ ones mergekit calls, in its order, so results agree bit for bit under the same t
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -276,6 +278,11 @@ class DareLinear(MergekitMethod):
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """mergekit's name of a dtype (`bfloat16`, not `torch.bfloat16`)."""
+    return str(dtype).removeprefix("torch.")
+
+
 @MERGEKIT.register("linear")
 class Linear(MergeMethod):
     """Σ_t w_t θ_t / Σ_t w_t over the fine-tuned models (θ0 only fixes keys and dtypes). `dtype` is
@@ -294,19 +301,43 @@ class Linear(MergeMethod):
     def bind(self, T: int) -> None:
         super().bind(T)
         self.weights = _per_task("weight", self.hp["weight"], T)
-        if self.hp["normalize"] and abs(sum(self.weights)) < 1e-8:
-            # mergekit would divide by zero here and write inf/NaN tensors
-            raise ValueError(f"linear: the weights {self.weights} sum to 0, so normalize=true would divide "
-                             "by zero; change the weights or pass normalize=false (a mergekit YAML: "
+        # refused here (before any input is read) when Σw is bad whatever the models' dtype; else in prepare
+        self._check_divisor({self._sum_dtype(torch.float32), self._sum_dtype(torch.float64)}, every=True)
+
+    def prepare(self, ctx: Context, select: str) -> None:
+        super().prepare(ctx, select)
+        plan = ctx.plan
+        self._check_divisor({self._sum_dtype(plan.compute[k]) for k in plan.order if plan.kind[k] == "merge"})
+
+    def _check_divisor(self, dtypes: set[torch.dtype], every: bool = False) -> None:
+        """Refuse normalize=true when Σw, summed as mergekit sums it, is 0 or overflows in one of `dtypes`
+        (in each of them with `every`): only these make mergekit write inf/NaN tensors; a tiny Σw divides."""
+        if not self.hp["normalize"]:
+            return
+        bad = []
+        for dtype in sorted(dtypes, key=str):
+            total = float(torch.tensor([self.weights], dtype=dtype).sum(dim=1))  # merge_tensor's divisor
+            if total == 0 or not math.isfinite(total):
+                bad.append((dtype, total))
+        if bad and (not every or len(bad) == len(dtypes)):
+            dtype, total = bad[0]
+            raise ValueError(f"linear: the weights {self.weights} sum to {total:g} in {dtype_name(dtype)}, so "
+                             f"normalize=true would divide by {total:g} (mergekit writes inf/NaN tensors); "
+                             "change the weights or pass normalize=false (a mergekit YAML: "
                              "parameters.normalize: false)")
+
+    def _sum_dtype(self, compute: torch.dtype) -> torch.dtype:
+        """mergekit's arithmetic dtype: float64 for float64 inputs (or dtype), else float32."""
+        given = DTYPES.get(self.hp["dtype"])
+        return torch.float64 if (compute if given is None else given) == torch.float64 else torch.float32
 
     def merge_tensor(self, ctx: Context, key: str) -> torch.Tensor:
         given = DTYPES.get(self.hp["dtype"])
         first = ctx.ft(key, 0)
+        dtype = self._sum_dtype(first.dtype)
         if given is None:  # the compute dtype is already float32, or float64 for float64 inputs
-            dtype, read = first.dtype, lambda t: ctx.ft(key, t)
+            read = lambda t: ctx.ft(key, t)  # noqa: E731
         else:  # inputs rounded to `dtype` as mergekit loads them; its float32 sum, float64 for float64
-            dtype = torch.float64 if given == torch.float64 else torch.float32
             read = lambda t: ctx.ft(key, t).to(given).to(dtype)  # noqa: E731
         weight = torch.tensor([self.weights], dtype=dtype)
         result = torch.zeros_like(first, dtype=dtype)

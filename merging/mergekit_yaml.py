@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .mergekit import DTYPES as _DTYPES  # the names mergekit's `dtype_from_name` takes
+from .mergekit import dtype_name as _name
 from .sources import CONVERT_TO_SAFETENSORS, MergeInputError, open_source
 
 __all__ = ["MergekitPlan", "read_mergekit_yaml", "merge_mergekit_yaml", "YAML_METHODS"]
@@ -221,10 +222,6 @@ def check_dtypes(plan: MergekitPlan) -> None:
                     "%s with out_dtype: %s gives mergekit's bytes", plan.source, _name(theirs),
                     "its dtype" if plan.compute_dtype else "dtype unset: the models' own", _name(ours), _name(ours),
                     have)
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _params(node: Any, where: str, valid: tuple[str, ...]) -> dict[str, Any]:

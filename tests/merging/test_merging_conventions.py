@@ -62,6 +62,28 @@ def test_mergekit_task_arithmetic_and_linear():
         == [a - b for a, b in zip(T1, T2)]
 
 
+def test_mergekit_linear_divides_by_a_tiny_weight_sum_and_refuses_only_a_zero_or_overflowing_one():
+    # mergekit's divisor is the weights' sum in its arithmetic dtype (float32; float64 for float64 models):
+    # a tiny non-zero sum divides as any other; only 0 (x/0) and inf (inf/inf) give inf/NaN tensors
+    pre, fts = _models(T1, T2, base=1.0)
+    w = torch.tensor([1e-9, 3e-9])
+    want = (w[0] * fts[0]["w"] + w[1] * fts[1]["w"]) / w.sum()
+    got = merging.merge("linear", pre, fts, convention="mergekit", weight=w.tolist())["w"]
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)  # the bytes: test_merging_mergekit.py (slow)
+    for weight, total in (([1e-50, 1e-50], "0"), ([3e38, 3e38], "inf")):  # 0 and inf as float32 sums
+        with pytest.raises(ValueError, match=rf"sum to {total} in float32, so normalize=true would divide by {total}"):
+            merging.merge("linear", pre, fts, convention="mergekit", weight=weight)
+    # before any input is read (mtl-merge's precheck binds the method): only a sum bad in both dtypes
+    merging.create_method("linear", convention="mergekit", weight=[1e-50, 1e-50]).bind(2)
+    with pytest.raises(ValueError, match=r"sum to 0 in float32"):
+        merging.create_method("linear", convention="mergekit", weight=[1.0, -1.0]).bind(2)
+    pre64, fts64 = ({"w": pre["w"].double()}, [{"w": f["w"].double()} for f in fts])
+    got = merging.merge("linear", pre64, fts64, convention="mergekit", weight=[1e-50, 1e-50])["w"]  # float64: 2e-50
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, (fts64[0]["w"] + fts64[1]["w"]) / 2, rtol=1e-12, atol=0)
+
+
 def test_mergekit_dare_draws_bernoulli_and_rescales_the_l1_norm():
     pre, fts = _models(T1, T2, base=0.5)
     taus = [torch.tensor(T1), torch.tensor(T2)]

@@ -67,6 +67,18 @@ def test_same_bytes_as_mergekit(llamas, tmp_path, method):
         assert torch.equal(got[k].view(torch.int16), v.view(torch.int16)), k
 
 
+def test_linear_with_a_tiny_weight_sum_gives_mergekits_bytes(llamas, tmp_path):
+    """mergekit divides by Σw however small it is (|Σw| = 3.9e-9 here): no refusal, the same bytes."""
+    base, fts = llamas
+    weights = [1e-9, 2.5e-9, 4e-10]
+    want = _mergekit(tmp_path, "linear", base, fts, [{"weight": w} for w in weights])
+    got = merging.load_state_dict(merging.merge_to_file("linear", base, fts, tmp_path / "ours", convention="mergekit",
+                                                        weight=weights))
+    assert set(got) == set(want)
+    for k, v in want.items():
+        assert torch.equal(got[k].view(torch.int16), v.view(torch.int16)), k
+
+
 @pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
 def test_dare_same_bytes_as_mergekit_per_tensor(llamas, method):
     """mergekit draws DARE's masks from torch's global generator tensor by tensor, in its own tensor
