@@ -296,7 +296,8 @@ def learn(method: str, pretrained, finetuned, *, unlabeled: Mapping[str, Iterabl
 
     `unlabeled`: {task: iterable of input batches} — required (aTLAS with `objective="supervised"`
     takes `labeled={task: iterable of (x, y)}` instead). `model`: a module with ``forward(x,
-    tasks=[t])`` when the inputs are not model folders; `tasks`: its task name per fine-tuned model.
+    tasks=[t])`` when the inputs are not model folders; `tasks`: its task name per fine-tuned model (with
+    `model` only: model folders bring their tasks, so `tasks` without `model` is refused).
     `callback(step, merged_state)` runs every `callback_every` steps and may return metrics to record.
     Other keyword arguments: the method's hyperparameters (`method_defaults(method)`) and the key
     options of `merging.merge` (`include`, `exclude`, `task_keys`, `bn`, ...). With `bn="recompute"`

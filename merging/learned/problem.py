@@ -198,7 +198,7 @@ def build_problem(pretrained, finetuned, *, model: nn.Module | None = None, task
     """Validate the inputs, hold θ0 and the task vectors once on `device`, pick the model.
 
     With `model=None`, `pretrained` and `finetuned` must be model folders: the model is θ0 with each
-    fine-tune's own head. Otherwise `model` is any module with ``forward(x, tasks=[t])`` returning
+    fine-tune's own head, the tasks the folders' (`tasks` is refused: it would go unread). Otherwise `model` is any module with ``forward(x, tasks=[t])`` returning
     ``{t: prediction}`` (or the prediction) and `tasks` names the task of each fine-tuned model.
     """
     from ..sources import open_sources
@@ -219,6 +219,10 @@ def build_problem(pretrained, finetuned, *, model: nn.Module | None = None, task
         if not (_is_model_folder(pretrained) and all(_is_model_folder(f) for f in fts)):
             raise TypeError("learned merging needs a model to predict with: pass model folders (each fine-tune "
                             "brings its head) or model=<nn.Module with forward(x, tasks=[t])>")
+        if tasks is not None:  # unread: each folder names its own tasks, and the columns follow finetuned's order
+            raise ValueError(f"tasks={list(tasks)!r} is read only with model= (the task of each fine-tuned model for "
+                             "that model); model folders bring their own tasks and the coefficients' columns follow "
+                             "the order of finetuned: leave tasks out")
     else:
         if tasks is None:
             raise ValueError("with model=..., pass tasks=[one task name per fine-tuned model]")

@@ -758,3 +758,26 @@ def test_run_folders_for_model_folders_point_to_their_model_folders(tmp_path):
     with pytest.raises(MergeInputError, match=f"^{folders[1]} is a run folder.*did you mean {folders[1] / 'model'}"):
         merging.learn("adamerging", tmp_path / "pretrained" / "model", [folders[0] / "model", folders[1]],
                       unlabeled=u, steps=2)
+
+
+def test_tasks_without_model_is_refused_for_model_folders_not_dropped(tmp_path):
+    """tasks= names the task of each fine-tune for a caller's model=; folders bring their own tasks, and the
+    columns follow the folders' order, so a tasks= beside them would go unread: refused, whatever it says."""
+    import mtl
+    from mtl.models import create_model
+
+    def saved(name, task, shift):
+        torch.manual_seed(0)
+        m = create_model([{"kind": "classification", "name": task, "num_classes": 3}],
+                         backbone={"name": "test_resnet", "out_indices": [1, 2, 3]}, decoder={"name": "hps", "channels": 8})
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(shift)
+        return mtl.save_model(m, tmp_path / name)
+
+    pre, fts = saved("pre", "a", 0.0), [saved("a", "a", 0.01), saved("b", "b", -0.01)]
+    data = {t: [torch.randn(2, 3, 32, 32)] for t in ("a", "b")}
+    for tasks in (["foo", "bar", "baz"], ["b", "a"], ["a", "b"]):  # unknown, reversed, even the folders' own
+        with pytest.raises(ValueError, match=rf"^tasks={tasks!r} is read only with model= .*: leave tasks out$".replace("[", r"\[")):
+            merging.learn("adamerging", pre, fts, unlabeled=data, tasks=tasks, steps=1, progress=False)
+    assert merging.learn("adamerging", pre, fts, unlabeled=data, steps=1, progress=False).tasks == ["a", "b"]
