@@ -199,8 +199,8 @@ def test_unknown_group_choice_lists_valid_names(monkeypatch, tmp_path, capfd):
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("trainer.max_epoch=2", "error: Could not override 'trainer.max_epoch'; To append to your config use "
-                            "+trainer.max_epoch=2; Key 'max_epoch' is not in struct"),
+    ("trainer.zzzz=2", "error: Could not override 'trainer.zzzz'; To append to your config use "
+                       "+trainer.zzzz=2; Key 'zzzz' is not in struct"),
     ("optim.lr=[1e-3,", "error: cannot parse override 'optim.lr=[1e-3,'; no viable alternative"),
 ])
 def test_hydra_errors_are_one_line_too(monkeypatch, tmp_path, capfd, override, expected):

@@ -45,6 +45,21 @@ def test_a_section_setting_the_job_cannot_take_is_refused_before_any_folder(cons
     assert _refused_without_folder(console, capfd, *args).startswith(expected)
 
 
+@pytest.mark.parametrize("args, expected", [
+    # Hydra said "Could not override 'trainer.max_epoch'; To append to your config use +trainer.max_epoch=3"
+    ((*TRAIN, "trainer.max_epoch=3"), "no setting trainer.max_epoch (did you mean trainer.max_epochs?)"),
+    ((*TRAIN, "task.depth.weigth=2"), "no setting task.depth.weigth (did you mean task.depth.weight?)"),
+    ((*TRAIN, "trainr.max_epochs=3"), "no setting trainr.max_epochs (did you mean trainer.max_epochs?)"),
+    (("merging.cli", "debug=smoke", "merge.lamm=1"), "no setting merge.lamm (did you mean merge.lam?)"),
+    (("mtl.cli.export", "debug=smoke", "format.opst=17"), "no setting format.opst (did you mean format.opset?)"),
+    # nothing in the node is close: Hydra's own message (its + advice then gets the job's check)
+    ((*TRAIN, "trainer.zzzz=3"), "Could not override 'trainer.zzzz'; To append to your config use +trainer.zzzz=3"),
+])
+def test_a_misspelt_nested_key_is_named_with_the_key_it_nearly_matches(console, capfd, args, expected):
+    message = _refused_without_folder(console, capfd, *args)
+    assert (message.startswith(expected) if expected.startswith("Could not") else message == expected), message
+
+
 @pytest.mark.parametrize("cli, top", [
     ("mtl.cli.train", "backbone, balancer, baselines,"), ("merging.cli", "bn_stats, debug, eval,"),
     ("pruning.cli", "baselines, calib, data,"), ("mtl.cli.export", "debug, format, hydra,"),

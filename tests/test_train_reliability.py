@@ -648,7 +648,7 @@ def test_in_process_runs_read_the_cuda_generators_only_once_the_caller_started_c
 def test_in_process_errors_are_one_line_as_on_the_cli(tmp_path):
     from mtl.cli.in_process import run_in_process
 
-    with pytest.raises(ValueError, match=r"Could not override 'optim\.lrr'.*\+optim\.lrr=1") as e:
+    with pytest.raises(ValueError, match=r"^no setting optim\.lrr \(did you mean optim\.lr\?\)$") as e:
         run(FAST + ["optim.lrr=1"], run_dir=tmp_path / "typo")
     assert "\n" not in str(e.value)
 

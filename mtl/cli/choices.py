@@ -198,10 +198,12 @@ def _interpolated(cfg: Any, path: str) -> bool:
     return walk(OmegaConf.to_container(cfg, resolve=False))
 
 
-def near_setting(message: str, app_module: str) -> str:
+def near_setting(message: str, app_module: str, cause: BaseException | None = None) -> str:
     """Hydra reads ``task=depth`` for a setting the app lacks as a config group and advises ``+task=depth``,
     which then fails as an unknown setting: name the app's own setting it nearly matches (mtl-extract's
     ``tasks``) instead. ``app_module``: the app's config package (its primary config and groups only).
+    A misspelt dotted key (``trainer.max_epoch=3``) gets the same advice, and ``+`` then fails too: named with
+    the key of its node it nearly matches, from ``cause`` (OmegaConf's error: the node and the missing key).
     The opposite, ``+launcher=joblib`` for a group the app already has, gets Hydra's defaults-list syntax
     as advice ("use 'override launcher: joblib'"): the command-line spelling is named instead."""
     import re
@@ -216,7 +218,9 @@ def near_setting(message: str, app_module: str) -> str:
     if m is not None:
         group, choice = m.groups()
         return f"+{group}={choice} adds a second {group}, and the config already has one: write {group}={choice}"
-    m = re.match(r"Could not override '(\w+)'", message)  # a dotted key is named by check_added_keys
+    m = re.match(r"Could not override '([\w.]+)'", message)
+    if m is not None and "." in m.group(1):
+        return _near_nested(m.group(1), cause) or message
     if m is None:
         return message
     name, known = m.group(1), set(_group_options([app_module]))
@@ -229,3 +233,19 @@ def near_setting(message: str, app_module: str) -> str:
         known.update(k for k in (data or {}) if isinstance(k, str) and k != "defaults")
     near = closest(name, sorted(known - {name}))
     return f"no setting {name!r} (did you mean {near}?)" if near else message
+
+
+def _near_nested(path: str, cause: BaseException | None) -> str | None:
+    """'no setting a.b.c (did you mean a.b.d?)' for an override of `path` whose key `cause` (OmegaConf's
+    ``Key ... is not in struct``) misses in its node; None when nothing there is close."""
+    from mtl.registry import closest
+
+    node, missing = getattr(cause, "parent_node", None), getattr(cause, "full_key", None)
+    if node is None or not isinstance(missing, str) or not (path == missing or path.startswith(f"{missing}.")):
+        return None
+    parent, _, key = missing.rpartition(".")
+    near = closest(key, [k for k in node.keys() if isinstance(k, str) and k != key])
+    if near is None:
+        return None
+    meant = f"{parent}.{near}" if parent else near
+    return f"no setting {path} (did you mean {meant}{path[len(missing):]}?)"

@@ -312,7 +312,8 @@ def _cli_main(hydra_main: Callable[[], Any], *config_modules: str, argv: list[st
             raise
         from mtl.cli.choices import near_setting
 
-        message = output_root_problem(e) or near_setting(hydra_message(e), (config_modules or ('mtl.configs',))[0])
+        app = (config_modules or ('mtl.configs',))[0]
+        message = output_root_problem(e) or near_setting(hydra_message(e), app, e.__cause__)
         print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(1)
     finally:

@@ -78,7 +78,9 @@ def compose_in_process(config_module: str, config_name: str, overrides, run_dir=
         with initialize_config_module(config_module=config_module, version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=list(overrides or []))
     except HydraException as e:  # a misspelt key or a malformed override: one line, as the CLI says it
-        raise ValueError(hydra_message(e)) from None
+        from mtl.cli.choices import near_setting
+
+        raise ValueError(near_setting(hydra_message(e), config_module, e.__cause__)) from None
     finally:
         restore_gh_from_backup(outer)
     given = _run_dir_override(overrides)
