@@ -353,6 +353,20 @@ def test_an_early_refusal_keeps_a_folder_that_existed_before_the_run(console, ca
     assert code == 1 and not (tmp_path / "jobs" / "new").exists() and mine.is_dir()
 
 
+@pytest.mark.parametrize("args, expected", [
+    (("debug=smoke", "logger=none"), "is not empty (notes.txt) and holds no failed run to retry"),
+    (("experiment=nyuv2",), "required value(s) not set: data.root"),  # refused before the folder is looked at
+])
+def test_a_refused_folder_of_the_users_is_left_byte_for_byte(console, capfd, tmp_path, args, expected):
+    """The job log Hydra makes in hydra.run.dir before any check (train.log, empty) stayed in the user's folder."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("hi\n")
+    code, _ = console("mtl.cli.train", *args, f"hydra.run.dir={mine}")
+    assert code == 1 and expected in capfd.readouterr().err
+    assert [(p.name, p.read_bytes()) for p in mine.iterdir()] == [("notes.txt", b"hi\n")]
+
+
 def test_an_in_process_refusal_keeps_a_given_folder_that_existed(monkeypatch, tmp_path):
     from mtl.train import run
 

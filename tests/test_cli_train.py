@@ -61,25 +61,33 @@ def test_a_refused_run_leaves_the_finished_runs_folder_as_it_was(smoke_run):
     assert not (run_dir / "FAILED").exists()
 
 
+def _contents(folder: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
+
+
 def test_a_folder_of_other_files_is_not_trained_into(tmp_path):
     """An existing folder that was no mtlkit run got its config.yaml and csv/metrics.csv replaced (rc 0); only a
-    folder holding metrics.json or model/ was protected. Hydra's own log file there does not count as a file."""
+    folder holding metrics.json or model/ was protected. Hydra's own log file there does not count as a file, and
+    the empty one it made goes with the refusal (it stayed): the folder is exactly as it was. A user's own train.log
+    stays."""
     user = tmp_path / "userdir"
     (user / "csv").mkdir(parents=True)
     (user / "config.yaml").write_text("mine: 1\n")
     (user / "csv" / "metrics.csv").write_text("mine\n")
+    before = _contents(user)
     proc = cli("experiment=scenes_hps", "debug=smoke", f"hydra.run.dir={user}", cwd=tmp_path, check=False)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
         f"error: run_dir {user} is not empty (config.yaml and 1 more) and holds no failed run to retry (no FAILED "
         "file): its files would be replaced; give a new or empty folder")
-    assert (user / "config.yaml").read_text() == "mine: 1\n" and (user / "csv" / "metrics.csv").read_text() == "mine\n"
-    assert sorted(p.name for p in user.iterdir()) == ["config.yaml", "csv", "train.log"]  # no FAILED, no .hydra
-    # hydra.run.dir=. in a project folder likewise
+    assert _contents(user) == before  # no FAILED, no .hydra, no train.log
+    # hydra.run.dir=. in a project folder likewise, whose own train.log stays as it was
     (tmp_path / "project").mkdir()
     (tmp_path / "project" / "README.md").write_text("my project\n")
+    (tmp_path / "project" / "train.log").write_text("")
+    before = _contents(tmp_path / "project")
     proc = cli("experiment=scenes_hps", "debug=smoke", "hydra.run.dir=.", cwd=tmp_path / "project", check=False)
     assert proc.returncode == 1 and "is not empty (README.md) and holds no failed run" in proc.stderr
-    assert not (tmp_path / "project" / "config.yaml").exists()
+    assert _contents(tmp_path / "project") == before
 
 
 def test_model_folder_from_cli_reloads(smoke_run):

@@ -34,7 +34,7 @@ from mtl.cli.choices import check_overrides
 from mtl.cli.failures import (FAILED, Terminated, claims_run_folder, interrupted_message, interruption, marks_failure,
                                output_root_problem, sigterm_raises)
 from mtl.cli.rank_failures import led_by_peers, process_rank
-from mtl.cli.new_folders import made_for_run, removes_unused_folder
+from mtl.cli.new_folders import held_before_run, made_for_run, removes_unused_folder
 
 
 def write_hydra_record(cfg, run_dir: str | os.PathLike) -> None:
@@ -162,8 +162,8 @@ def run_job(cfg, job: Callable[[Any, Path], Any] | str, check: str | None = None
         key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
         # a single run's folders, noted before Hydra made them (NotesRunFolder), go with a refusal before the job
         # accepts them; a multirun job's folder stays, marked FAILED, so that the sweep folder shows every failure
-        made = None if multirun else made_for_run(run_dir)
-        with sigterm_raises(), removes_unused_folder(run_dir, made), \
+        made, held = (None, None) if multirun else (made_for_run(run_dir), held_before_run(run_dir))
+        with sigterm_raises(), removes_unused_folder(run_dir, made, held), \
                 (marks_failure(run_dir) if multirun else contextlib.nullcontext()):
             # command-line mistakes, found before the folder is touched: the folders Hydra made for a single run are
             # removed (as for Hydra's own errors), a finished run's stays as it was

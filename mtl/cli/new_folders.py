@@ -18,6 +18,8 @@ from mtl.cli.failures import holds_nothing
 
 #: run folder (absolute) -> the folders made for it, deepest first; () for a folder that existed empty
 _NOTED: dict[str, tuple[Path, ...]] = {}
+#: run folder (absolute) -> the names it held before Hydra wrote its job log there, for a folder that held files
+_HELD: dict[str, frozenset[str]] = {}
 
 
 def missing_or_empty(run_dir: str | os.PathLike) -> tuple[Path, ...] | None:
@@ -44,6 +46,12 @@ def made_for_run(run_dir: str | os.PathLike) -> tuple[Path, ...] | None:
     return _NOTED.pop(os.path.abspath(run_dir), None)
 
 
+def held_before_run(run_dir: str | os.PathLike) -> frozenset[str] | None:
+    """The names ``run_dir`` held before Hydra wrote into it (once), for a folder that held files; None if it did
+    not, or no one looked."""
+    return _HELD.pop(os.path.abspath(run_dir), None)
+
+
 class NotesRunFolder(Callback):
     def on_run_start(self, config, **kwargs) -> None:
         # ${hydra:...} in the run dir reads HydraConfig, which Hydra's run_job sets only after this callback (to
@@ -57,14 +65,21 @@ class NotesRunFolder(Callback):
             return
         finally:
             hydra_config.cfg = before
-        note_made(run_dir, missing_or_empty(run_dir))
+        made = missing_or_empty(run_dir)
+        note_made(run_dir, made)
+        if made is None:  # a folder holding files: what Hydra's job log adds to it goes with a refusal
+            with contextlib.suppress(OSError):
+                _HELD[os.path.abspath(run_dir)] = frozenset(p.name for p in Path(run_dir).iterdir())
 
 
 @contextlib.contextmanager
-def removes_unused_folder(run_dir: str | os.PathLike, made: tuple[Path, ...] | None) -> Iterator[None]:
+def removes_unused_folder(run_dir: str | os.PathLike, made: tuple[Path, ...] | None,
+                          held: frozenset[str] | None = None) -> Iterator[None]:
     """A run refused before it wrote anything into its folder (e.g. an unset ``???`` value, a bad ``output=``)
     leaves the file system as it found it, as a misspelt key does: Hydra's job log and this run's claim go, and so
-    do the folders made for the run (``made``, from `made_for_run`); a folder that existed empty stays. An
+    do the folders made for the run (``made``, from `made_for_run`); a folder that existed empty stays. A folder
+    that held files (``held``: their names, from `held_before_run`; a user's folder refused as not empty) loses
+    only the job log Hydra made there, while it is empty and nothing else in the folder changed. An
     interruption is no refusal: it still marks the folder."""
     try:
         yield
@@ -74,4 +89,26 @@ def removes_unused_folder(run_dir: str | os.PathLike, made: tuple[Path, ...] | N
             for p in run_dir.iterdir():
                 p.unlink(missing_ok=True)
             remove_empty(list(made))
+        elif made is None and held is not None and HydraConfig.initialized():
+            _remove_new_log(run_dir / f"{HydraConfig.get().job.name}.log", held)
         raise
+
+
+def _remove_new_log(log: Path, held: frozenset[str]) -> None:
+    """Remove ``log`` if this run made it (not among ``held``), it is empty and the folder otherwise holds what it
+    held; the handlers writing to it are closed first (a later record would make it again)."""
+    import logging
+
+    try:
+        if log.name in held or not log.is_file() or log.stat().st_size or \
+                {p.name for p in log.parent.iterdir()} - {log.name} != held:
+            return
+    except OSError:
+        return
+    for logger in [logging.getLogger(), *(v for v in logging.root.manager.loggerDict.values()
+                                          if isinstance(v, logging.Logger))]:
+        for h in list(logger.handlers):
+            if isinstance(h, logging.FileHandler) and Path(h.baseFilename) == log.absolute():
+                logger.removeHandler(h)
+                h.close()
+    log.unlink(missing_ok=True)
