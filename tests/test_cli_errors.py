@@ -340,6 +340,24 @@ def test_a_multirun_job_refused_before_its_folder_keeps_it_marked_failed(console
         assert failed.startswith(f"ModelFolderError: model: {tmp_path / name}: no such folder"), failed
 
 
+def test_a_sweep_rerun_in_a_failed_sweeps_folder_sets_its_job_folders_aside(console, capfd, tmp_path):
+    """A new sweep in a folder whose jobs all failed reused 0/ and left 1/, the earlier sweep's failed job with its
+    own overrides, passing for one of the new sweep's. Each earlier job folder is moved to <n>.failed first."""
+    code, out = console("mtl.cli.export", "-m", f"model={tmp_path / 'gone'},{tmp_path / 'lost'}", "format=timm")
+    assert code == 1
+    (sweep,) = (out / "export" / "multiruns").iterdir()
+    capfd.readouterr()
+    code, _ = console("mtl.cli.export", "-m", f"model={tmp_path / 'new'}", "format=timm", f"hydra.sweep.dir={sweep}")
+    err = capfd.readouterr().err
+    assert code == 1 and f"WARNING: hydra.sweep.dir {sweep} held an earlier sweep whose jobs all failed: its job " \
+                         "folders were moved to 0.failed, 1.failed" in err, err
+    assert sorted(p.name for p in sweep.iterdir() if not p.name.startswith(".")) == ["0", "0.failed", "1.failed",
+                                                                                     "multirun.yaml"]
+    assert f"{tmp_path / 'new'}: no such folder" in (sweep / "0" / FAILED).read_text()
+    for job, name in (("0", "gone"), ("1", "lost")):  # the earlier attempts, kept under a name no job has
+        assert f"{tmp_path / name}: no such folder" in (sweep / f"{job}.failed" / FAILED).read_text()
+
+
 def test_an_early_refusal_keeps_a_folder_that_existed_before_the_run(console, capfd, tmp_path):
     """`mkdir -p $RUN` in a job script, then `hydra.run.dir=$RUN`: the refusal removed the user's folder as if
     Hydra had made it; only the folders the run made go (with the parents made for it), wherever they are."""

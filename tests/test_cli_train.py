@@ -157,6 +157,25 @@ def test_a_sweep_folder_whose_jobs_all_failed_may_be_reused(tmp_path):
     assert jobs_not_failed(optuna) == ["0"]
 
 
+def test_a_failed_sweeps_job_folders_are_set_aside_but_not_a_users_or_a_held_one(tmp_path):
+    from mtl.cli.sweep_end import set_aside_failed_jobs
+
+    # an Optuna sweep (no multirun.yaml): trial folders carry their .hydra record
+    for job in ("0", "1", "2"):
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+        (tmp_path / job / "FAILED").write_text(f"boom {job}")
+    (tmp_path / "10").mkdir()  # refused before its .hydra record: FAILED and the job log only
+    (tmp_path / "10" / "FAILED").write_text("boom 10")
+    (tmp_path / "0.failed").mkdir()
+    (tmp_path / "0.failed" / "FAILED").write_text("older")  # an older attempt's: replaced, as checkpoints.failed/ is
+    (tmp_path / "2" / ".running").write_text(json.dumps({"pid": os.getppid()}))  # a live run retrying job 2 there
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")  # no FAILED: no job's
+    assert set_aside_failed_jobs(tmp_path) == ["0.failed", "1.failed", "10.failed"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0.failed", "1.failed", "10.failed", "2", "notes"]
+    assert (tmp_path / "0.failed" / "FAILED").read_text() == "boom 0"
+
+
 def test_baselines_missing_a_task_is_an_error(tmp_path):
     baselines = tmp_path / "b.json"
     baselines.write_text(json.dumps({"depth": {"rmse": 1.0, "abs_rel": 0.5}}))

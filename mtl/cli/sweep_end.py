@@ -34,6 +34,27 @@ def jobs_not_failed(sweep_dir: str | Path) -> list[str]:
                   and (recorded or (p / ".hydra").is_dir()))
 
 
+def set_aside_failed_jobs(sweep_dir: str | Path) -> list[str]:
+    """Move an earlier sweep's failed job folders in ``sweep_dir`` (all its jobs failed: `jobs_not_failed` is empty)
+    to ``<n>.failed`` (replacing an older one there, as a run's ``checkpoints.failed/``), so that every ``<n>/``
+    is the new sweep's own job: one it does not run would otherwise pass for one of its trials. A folder a run
+    still holds (its live ``.running`` claim) stays. Returns the folders moved."""
+    import shutil
+
+    sweep_dir = Path(sweep_dir)
+    moved = []
+    for p in sorted(sweep_dir.iterdir(), key=lambda p: (len(p.name), p.name)):  # 2 before 10
+        # FAILED marks a job folder, also one refused before its .hydra record (FAILED and the job's log only)
+        if not p.is_dir() or p.name.startswith(".") or p.name.endswith(".failed") or not (p / FAILED).is_file() \
+                or _held(p / RUNNING):
+            continue
+        aside = p.with_name(f"{p.name}.failed")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(p, aside)
+        moved.append(aside.name)
+    return moved
+
+
 class PrintSweepDir(Callback):
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
         # Hydra's sweeper rewrites <sweep dir>/multirun.yaml before any job runs (and so before a job
@@ -71,6 +92,10 @@ class PrintSweepDir(Callback):
                   f"not fail: {shown}); pick a new folder (the default is a new timestamped one)",
                   file=sys.stderr, flush=True)
             sys.exit(1)
+        moved = set_aside_failed_jobs(sweep_dir)
+        if moved:
+            print(f"WARNING: hydra.sweep.dir {sweep_dir} held an earlier sweep whose jobs all failed: its job folders "
+                  f"were moved to {', '.join(moved)}", file=sys.stderr, flush=True)
         stop_children_on_sigterm(sweep_dir)
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
