@@ -180,3 +180,29 @@ def save_baselines(path: str | os.PathLike, metrics: Mapping[str, Mapping[str, f
         write_json(path, {k: merged[k] for k in sorted(merged)})
     merged.source = str(path)
     return merged
+
+
+def check_run_baselines(settings: Mapping[str, Any], tasks: Sequence[Task]) -> tuple[Baselines | None, str]:
+    """A training run's ``baselines`` settings judged before its run folder is made (settings alone, no training):
+    ``save_to`` (a single-task run's; a JSON file path, an existing one a baselines file: results are merged into
+    it), ``variant``, and ``path`` read and checked against ``tasks``' metrics. Returns (the baselines of ``path``
+    or None, the variant)."""
+    if settings.get("save_to"):  # after training, a bad target would fail the finished run
+        if len(tasks) > 1:  # its numbers would replace real single-task baselines, silently
+            raise ValueError(f"baselines.save_to: baselines are single-task runs, this run trains {len(tasks)} tasks "
+                             f"({', '.join(t.name for t in tasks)}); save them from a -m multirun over task=... "
+                             "(one task per job), as `make demo` does")
+        target = Path(settings["save_to"])
+        if target.is_dir():
+            raise IsADirectoryError(f"baselines.save_to={target} is a folder; give a JSON file path")
+        above = next(d for d in target.parents if d.exists())
+        if not above.is_dir():  # its folder could never be made
+            raise NotADirectoryError(f"baselines.save_to={target}: {above} is a file, not a folder; give a JSON file "
+                                     "path in a folder")
+        if target.exists():
+            load_baselines(target)
+    variant = settings.get("variant", "primary")
+    if variant not in VARIANTS:  # checked with or without baselines.path (a sweep may add the path later)
+        raise ValueError(f"baselines.variant={variant!r} is not a Δm variant; valid names: {', '.join(VARIANTS)}")
+    path = settings.get("path")
+    return (load_baselines(path, tasks=tasks, variant=variant) if path else None), variant

@@ -19,7 +19,7 @@ from mtl.cli.common import write_hydra_record
 from mtl.cli.failures import FAILED, FINISHED_RECORDS, RunFolderTaken, check_run_folder
 from mtl.cli.rank_failures import stale_rank_markers
 from mtl.data import check_datamodule, create_datamodule
-from mtl.evaluation import delta_m, load_baselines, save_baselines
+from mtl.evaluation import check_run_baselines, delta_m, save_baselines
 from mtl.folder_data import data_record
 from mtl.io import atomic_path, save_model, write_json
 from mtl.models import create_model
@@ -199,6 +199,8 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     directions = {t.name: dict(t.directions) for t in tasks}
     check_objective(copy.deepcopy(cfg), names, directions)
     check_monitors(copy.deepcopy(cfg), names, directions)
+    # baselines.save_to and .path, judged against the tasks (their metric names; no class count changes them)
+    baselines, variant = check_run_baselines(cfg.baselines, tasks)
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank0:
         set_aside_failed_attempt(run_dir, cfg.get("ckpt_path"))
@@ -215,27 +217,6 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     directions = {t: dict(task.directions) for t, task in module.tasks.items()}
     check_objective(cfg, {t: list(group) for t, group in module.val_metrics.items()}, directions)
     check_monitors(cfg, {t: list(group) for t, group in module.val_metrics.items()}, directions)
-    if cfg.baselines.get("save_to"):  # checked now: after training, a bad target would fail the finished run
-        if len(module.tasks) > 1:  # its numbers would replace real single-task baselines, silently
-            raise ValueError(f"baselines.save_to: baselines are single-task runs, this run trains {len(module.tasks)} "
-                             f"tasks ({', '.join(module.tasks)}); save them from a -m multirun over task=... "
-                             "(one task per job), as `make demo` does")
-        target = Path(cfg.baselines.save_to)
-        if target.is_dir():
-            raise IsADirectoryError(f"baselines.save_to={target} is a folder; give a JSON file path")
-        above = next(d for d in target.parents if d.exists())
-        if not above.is_dir():  # its folder could never be made
-            raise NotADirectoryError(f"baselines.save_to={target}: {above} is a file, not a folder; give a JSON file "
-                                     "path in a folder")
-        if target.exists():
-            load_baselines(target)  # an existing file must be a baselines file: results are merged into it
-    variant = cfg.baselines.get("variant", "primary")
-    from mtl.evaluation import VARIANTS
-
-    if variant not in VARIANTS:  # checked with or without baselines.path (a sweep may add the path later)
-        raise ValueError(f"baselines.variant={variant!r} is not a Δm variant; valid names: {', '.join(VARIANTS)}")
-    baselines = (load_baselines(cfg.baselines.path, tasks=dict(module.tasks), variant=variant)
-                 if cfg.baselines.get("path") else None)
     loggers = _instantiate_all(cfg.get("logger"))
     callbacks = _instantiate_all(cfg.get("callbacks"))
     if not loggers:  # a learning-rate monitor has nowhere to write without a logger

@@ -134,3 +134,16 @@ def test_an_in_process_run_refuses_a_removed_setting_too(tmp_path):
     with pytest.raises(ValueError, match=r"^~optim\.lr: optim\.lr cannot be removed"):
         run(["debug=smoke", "~optim.lr"], run_dir=tmp_path / "r")
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("args, expected", [
+    # read only inside the job, after the run folder (FAILED, config.yaml) was made
+    ((*TRAIN, "baselines.path=/nonexistent/b.json"), "cannot read baselines file /nonexistent/b.json: No such file "
+                                                     "or directory"),
+    ((*TRAIN, "task=[depth,semseg]", "baselines.save_to=/nonexistent/b.json"),
+     "baselines.save_to: baselines are single-task runs, this run trains 2 tasks (depth, semseg)"),
+    ((*TRAIN, "baselines.variant=mean"), "baselines.variant='mean' is not a Δm variant; valid names: primary, all, "
+                                         "flat"),
+])
+def test_baselines_settings_are_refused_before_any_folder(console, capfd, args, expected):
+    assert _refused_without_folder(console, capfd, *args).startswith(expected)
