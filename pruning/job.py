@@ -174,6 +174,22 @@ def _check_ignored_layers(cfg: DictConfig) -> None:
         check_module_names(skeleton, names)
 
 
+def _check_baselines(cfg: DictConfig) -> None:
+    """``baselines=`` read (a missing or malformed file named) and checked against the ``model=`` folder's tasks, its
+    model built on the meta device (no weights read), before the run folder is made."""
+    if not cfg.get("baselines"):
+        return
+    from mtl.evaluation import load_baselines
+
+    skeleton = None
+    if cfg.get("model"):
+        try:
+            skeleton = model_skeleton(cfg.model)
+        except ModelFolderError:
+            pass  # (named by start_run, as for every input folder)
+    load_baselines(cfg.baselines, skeleton.tasks if skeleton is not None else None)
+
+
 def _check_data_settings(cfg: DictConfig) -> None:
     """``data.<key>`` (names, with a did-you-mean, and scalar types) before the run folder exists, against the data
     module ``data.name`` names, else the one the model folder records (a smoke model's: scenes, as `smoke_model`
@@ -207,13 +223,14 @@ def run_prune(cfg: DictConfig, run_dir: str | Path, command_line: list[str] | No
     method, hp = _hparams(cfg, command_line)  # the config alone: a refused option leaves no run folder either
     _check_data_settings(cfg)
     _check_ignored_layers(cfg)
+    _check_baselines(cfg)
     run_dir, output = start_run(cfg, run_dir, model_output=True)
     torch.manual_seed(int(cfg.seed))
     source = input_model(cfg, run_dir, "prune")
     start = time.perf_counter()
     model = load_model(source)
     base = None
-    if cfg.get("baselines"):  # read before minutes of pruning and testing, not after
+    if cfg.get("baselines"):  # read before minutes of pruning and testing (a smoke model's tasks: only now)
         from mtl.evaluation import load_baselines
 
         base = load_baselines(cfg.baselines, model.tasks)

@@ -438,6 +438,11 @@ def test_a_bad_baselines_file_is_refused_before_pruning(folder, tmp_path, monkey
     baselines.write_text(json.dumps({"semseg": {"miou": 0.5}}))  # depth and classification missing
     with pytest.raises(Exception, match=r"b\.json.*depth|depth.*b\.json"):
         run(["prune=l1", f"model={folder}", "calib.batches=1", f"baselines={baselines}"], run_dir=tmp_path / "run")
+    # read before the run folder was made, not after loading the model: no FAILED run folder is left
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match=rf"^cannot read baselines file {tmp_path}/missing\.json: No such file"):
+        run(["prune=l1", f"model={folder}", f"baselines={tmp_path}/missing.json"], run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_diverged_finetune_fails_naming_the_tensor_before_writing_the_model(folder, tmp_path):
