@@ -17,7 +17,7 @@ import pruning
 from mtl.cli.jobs import check_model_given, input_model, start_run
 from mtl.data.calibration import check_calib_settings
 from mtl.folder_checks import JSON_ERRORS, ModelFolderError
-from mtl.folder_data import data_record
+from mtl.folder_data import data_record, rebuild_config
 from mtl.io import first_non_finite, load_model, model_skeleton, save_model, user_path, write_json
 from mtl.registry import check_int, check_seed
 from pruning.calib import calibration_batches, datamodule_for
@@ -192,8 +192,8 @@ def _check_baselines(cfg: DictConfig) -> None:
 
 def _check_data_settings(cfg: DictConfig) -> None:
     """``data.<key>`` (names, with a did-you-mean, and scalar types) before the run folder exists, against the data
-    module ``data.name`` names, else the one the model folder records (a smoke model's: scenes, as `smoke_model`
-    trains it); a folder whose record does not read is left to the job to name."""
+    module ``data.name`` names, else the one the model folder records, judged over its recorded settings (a smoke
+    model's: scenes, as `smoke_model` trains it); a folder whose record does not read is left to the job to name."""
     import json
 
     from mtl.data import check_datamodule
@@ -203,10 +203,15 @@ def _check_data_settings(cfg: DictConfig) -> None:
         return
     name = given.get("name")
     if name is None and cfg.get("model"):
+        file = user_path(str(cfg.model)) / "config.json"
         try:
-            name = json.loads((user_path(str(cfg.model)) / "config.json").read_text())["meta"]["data"]["name"]
+            recorded = json.loads(file.read_text())["meta"]["data"]
+            name = recorded["name"]
         except (OSError, KeyError, TypeError, *JSON_ERRORS):
             return
+        # the config the job builds (`datamodule_for`): settings judged together, e.g. a new .mat data.root with the
+        # recorded splits_file and class_mapping
+        given = rebuild_config(recorded, given, file, "data")
     elif name is None and cfg.get("smoke_model"):
         name = "scenes"
     if name is not None:

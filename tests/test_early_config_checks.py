@@ -147,3 +147,21 @@ def test_an_in_process_run_refuses_a_removed_setting_too(tmp_path):
 ])
 def test_baselines_settings_are_refused_before_any_folder(console, capfd, args, expected):
     assert _refused_without_folder(console, capfd, *args).startswith(expected)
+
+
+@pytest.mark.parametrize("given, expected", [
+    # read only in setup(), after the run folder (FAILED) was made
+    ([], "nyuv2 (format=mat) needs data.splits_file; see docs/data.md"),
+    (["data.splits_file={tmp}/splits.json"], "nyuv2 (format=mat) needs data.class_mapping; see docs/data.md"),
+    (["data.splits_file={tmp}/splits.json", "data.class_mapping=[{tmp}/c40.mat,{tmp}/none.mat]"],
+     "nyuv2: data.class_mapping '{tmp}/none.mat' does not exist"),
+    (["data.splits_file={tmp}/none.json", "data.class_mapping={tmp}/c40.mat"],
+     "nyuv2: data.splits_file '{tmp}/none.json' does not exist"),
+])
+def test_the_nyuv2_mat_release_without_its_splits_or_class_mapping_is_refused_before_any_folder(
+        console, capfd, tmp_path, given, expected):
+    for name in ("nyu.mat", "splits.json", "c40.mat"):  # only their presence is judged from the settings
+        (tmp_path / name).write_text("")
+    args = ("mtl.cli.train", "experiment=nyuv2", f"data.root={tmp_path}/nyu.mat", "task=[bench_semseg,bench_depth]",
+            "debug=smoke", "logger=none", *(g.format(tmp=tmp_path) for g in given))
+    assert _refused_without_folder(console, capfd, *args) == expected.format(tmp=tmp_path)

@@ -422,28 +422,35 @@ class NYUv2DataModule(DenseBenchmarkDataModule):
         self.splits_file, self.class_mapping = splits_file, class_mapping
 
     @classmethod
-    def check_settings(cls, root: str | os.PathLike | None = None, format: str = "auto", **_: Any) -> None:
-        """As the benchmarks' (`DenseBenchmarkDataModule.check_settings`); the labelled release is one file."""
-        root = user_path(str(root)) if root is not None else None
-        if root is not None and _nyu_format(root, format) == "mat":
+    def check_settings(cls, root: str | os.PathLike | None = None, format: str = "auto", splits_file: Any = None,
+                       class_mapping: Any = None, num_classes: int = 13, **_: Any) -> None:
+        """As the benchmarks' (`DenseBenchmarkDataModule.check_settings`): the labelled release is one file, read with
+        ``splits_file`` and ``class_mapping`` (both set, their files there: `check_mat_inputs`); the npy layout takes
+        neither, and a folder holding the .mat but no train/ is the .mat given the wrong way."""
+        if root is None:
+            return
+        root = user_path(str(root))
+        if _nyu_format(root, format) == "mat":
+            from mtl.data.nyu_mat import check_mat_inputs
+
             _check_mat_file(root)
-        elif root is not None and _nyu_format(root, format) == "npy":
+            check_mat_inputs(splits_file, class_mapping)
+        elif _nyu_format(root, format) == "npy":
+            mat = root / "nyu_depth_v2_labeled.mat"
+            if mat.is_file() and not (root / "train").is_dir():
+                raise FileNotFoundError(f"nyuv2: data.root {str(root)!r} holds nyu_depth_v2_labeled.mat but no train/ "
+                                        f"folder; to read the .mat, point data.root at the file ({mat}) and set "
+                                        "data.splits_file and data.class_mapping; else give the preprocessed npy "
+                                        "release (<root>/{train,val}/image/<i>.npy); see docs/data.md")
+            given = [k for k, v in (("splits_file", splits_file), ("class_mapping", class_mapping)) if v is not None]
+            if given:  # the npy release is split and mapped already
+                raise ValueError(f"nyuv2: data.{given[0]} is read only with the labelled .mat release (data.root "
+                                 f"{str(root)!r} reads as the npy layout, already split and mapped to {num_classes} "
+                                 "classes); drop it, or point data.root at nyu_depth_v2_labeled.mat")
             _check_root_exists(cls.benchmark, root)
 
     def _check_root(self) -> None:
-        if self.format == "mat":
-            _check_mat_file(self.root)
-        mat = self.root / "nyu_depth_v2_labeled.mat"
-        if self.format == "npy" and mat.is_file() and not (self.root / "train").is_dir():
-            raise FileNotFoundError(f"nyuv2: data.root {str(self.root)!r} holds nyu_depth_v2_labeled.mat but no train/ "
-                                    f"folder; to read the .mat, point data.root at the file ({mat}) and set "
-                                    "data.splits_file and data.class_mapping; else give the preprocessed npy release "
-                                    "(<root>/{train,val}/image/<i>.npy); see docs/data.md")
-        given = [k for k in ("splits_file", "class_mapping") if getattr(self, k) is not None]
-        if self.format == "npy" and given:  # the npy release is split and mapped to 13 classes already
-            raise ValueError(f"nyuv2: data.{given[0]} is read only with the labelled .mat release (data.root "
-                             f"{str(self.root)!r} reads as the npy layout, already split and mapped to "
-                             f"{self.num_classes} classes); drop it, or point data.root at nyu_depth_v2_labeled.mat")
+        self.check_settings(self.root, self.format, self.splits_file, self.class_mapping, self.num_classes)
         if self.format == "npy":
             super()._check_root()
 

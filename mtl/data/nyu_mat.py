@@ -168,16 +168,28 @@ def _next_stage(p: Path) -> np.ndarray:
     return _labels13(p, m)
 
 
+def check_mat_inputs(splits_file, class_mapping) -> None:
+    """What the settings alone decide of the release's two other inputs (`NYUv2DataModule.check_settings`, before a
+    run folder): each is set and its files exist (an inline table: well formed); their contents are read with the data."""
+    _need(splits_file, "splits_file")
+    _mapping_inputs(class_mapping)
+
+
+def _mapping_inputs(spec) -> tuple[np.ndarray | None, list[Path]]:
+    """(the inline table or None, the files applied in turn, each there) that ``data.class_mapping`` gives."""
+    inline = _inline_table(spec)
+    specs = [] if inline is not None else [spec] if spec is None or isinstance(spec, (str, os.PathLike)) else list(spec)
+    if inline is None and not specs:
+        raise ValueError("nyuv2 (format=mat) needs data.class_mapping; see docs/data.md")
+    return inline, [_need(s, "class_mapping") for s in specs]
+
+
 def read_class_mapping(spec, num_classes: int) -> np.ndarray:
     """The raw-label lookup table: int64 array, entry i = 0-based class of raw id i (−1 = ignored).
 
     ``spec`` is one file or a list of files applied in turn (see the module docstring), e.g.
     ``[classMapping40.mat, class13Mapping.mat]`` for the 13 classes, or the table of 895 ints itself."""
-    inline = _inline_table(spec)
-    specs = [] if inline is not None else [spec] if spec is None or isinstance(spec, (str, os.PathLike)) else list(spec)
-    if inline is None and not specs:
-        raise ValueError("nyuv2 (format=mat) needs data.class_mapping; see docs/data.md")
-    files = [_need(s, "class_mapping") for s in specs]
+    inline, files = _mapping_inputs(spec)
     ids, source = (inline, "data.class_mapping") if inline is not None else (_first_stage(files[0]), files[0].name)
     for p in files[1:]:
         lookup = _next_stage(p)

@@ -526,3 +526,21 @@ def test_an_overwrite_rerun_without_delta_m_keeps_no_earlier_delta_m_plot(folder
     monkeypatch.setattr(pruning.job, "delta_m_vs", lambda *a: {"after": None, "why": "undefined here"})
     report = run(["prune=l1", *args, "overwrite=true"], run_dir=tmp_path / "run")
     assert report["delta_m"]["after"] is None and not (tmp_path / "run" / "delta_m_vs_flops.png").exists()
+
+
+def test_a_data_override_is_judged_over_the_recorded_data_settings_before_the_run_folder(tmp_path):
+    """A new .mat data.root keeps the folder's recorded splits_file and class_mapping (datamodule_for merges them):
+    judging the override alone would refuse it for a missing splits_file."""
+    for name in ("a.mat", "b.mat", "splits.json", "c40.mat"):
+        (tmp_path / name).write_text("")
+    m = create_model(["semseg", "depth"], backbone="test_resnet", decoder={"name": "hps", "channels": 8})
+    save_model(m, tmp_path / "model", meta={"data": {"name": "nyuv2", "root": str(tmp_path / "a.mat"),
+                                                     "splits_file": str(tmp_path / "splits.json"),
+                                                     "class_mapping": str(tmp_path / "c40.mat")}})
+    from pruning.job import _check_data_settings
+    from omegaconf import OmegaConf
+
+    _check_data_settings(OmegaConf.create({"model": str(tmp_path / "model"), "data": {"root": str(tmp_path / "b.mat")}}))
+    with pytest.raises(FileNotFoundError, match=r"^nyuv2: data.class_mapping '.*none\.mat' does not exist"):
+        _check_data_settings(OmegaConf.create({"model": str(tmp_path / "model"),
+                                               "data": {"class_mapping": str(tmp_path / "none.mat")}}))
