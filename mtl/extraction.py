@@ -88,17 +88,19 @@ def _as_keywords(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[
     return {**dict(zip(names, args)), **kwargs}
 
 
-def check_request(model: nn.Module, kwargs: dict[str, Any]) -> None:
+def check_request(model: nn.Module, kwargs: dict[str, Any], family: str | None = None) -> None:
     """Refuse a family without extraction, arguments the model's family does not extract by (naming the
-    ones it takes), then values the family refuses (its optional ``check_extraction(**kwargs)``)."""
+    ones it takes), then values the family refuses (its optional ``check_extraction(**kwargs)``). ``family``: its
+    name where the model cannot say it (one built on the meta device, whose config reads its buffers)."""
+    family = family or _family(model)
     fn = getattr(model, "extract_subnetwork", None)
     if fn is None:
-        raise TypeError(f"model family {_family(model)!r} does not support extraction "
+        raise TypeError(f"model family {family!r} does not support extraction "
                         "(supported: task-routed MoE models by task, slimmable models by widths)")
     try:
         inspect.signature(fn).bind(**kwargs)
     except TypeError as e:
-        raise TypeError(f"model family {_family(model)!r} extracts with ({_accepted(fn)}); got "
+        raise TypeError(f"model family {family!r} extracts with ({_accepted(fn)}); got "
                         f"({', '.join(f'{k}=' for k in kwargs) or 'nothing'}): {e}") from None
     check = getattr(model, "check_extraction", None)
     if check is not None:

@@ -18,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtl.atomic import user_path
 from mtl.cli.common import cli_main, run_job
-from mtl.cli.jobs import check_model_given, input_model, input_task_names, start_run
+from mtl.cli.jobs import (check_input_folders, check_model_given, input_folders, input_model, input_task_names,
+                           start_run)
 from mtl.extraction import calibrations_used, check_request
 from mtl.folder_data import data_record
 from mtl.registry import check_int
@@ -112,6 +113,20 @@ def _checked_calib_data(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _check_family(model, family: str, widths: dict[str, Any] | None, task: str | None, cfg: DictConfig) -> None:
+    """Before any data: ``model``'s ``family`` extracts at all, and by this request (``widths=`` from slimmable models,
+    ``tasks=`` from task-routed MoE models, as the CLI names them)."""
+    by_widths = getattr(model, "width_set", None) is not None  # slimmable models only
+    if widths is not None and not by_widths and hasattr(model, "extract_subnetwork"):  # the CLI's names, not Python's
+        raise ValueError(f"widths= extracts from slimmable models; this {family!r} model extracts a task's "
+                         "sub-network: pass tasks=<name> (with calib.* and min_share) instead")
+    if widths is None and by_widths and cfg.get("tasks"):
+        raise ValueError(f"tasks= extracts from task-routed MoE models; this {family!r} model extracts a width "
+                         "configuration: pass 'widths={encoder: 0.5, decoders: {<task>: 1.0}}' instead")
+    check_request(model, {"widths": widths} if widths is not None
+                  else {"task": task, "calib": [], "min_share": cfg.min_share}, family)
+
+
 def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     import mtl
     from mtl.flops import model_stats
@@ -136,22 +151,22 @@ def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         from mtl.models.multitask import select_tasks
 
         select_tasks(names, [task])
+    if cfg.get("model"):  # the folder's model as its config.json describes it (no weights read; None: not on meta)
+        from mtl.io import model_skeleton, read_model_config
+        from mtl.models.families import DEFAULT_FAMILY
+
+        check_input_folders(input_folders(cfg))  # a missing or corrupt folder named as start_run names it
+        if (skeleton := model_skeleton(user_path(str(cfg.model)))) is not None:
+            family = read_model_config(user_path(str(cfg.model)))["model"].get("family", DEFAULT_FAMILY)
+            _check_family(skeleton, family, widths, task, cfg)
     run_dir, output = start_run(cfg, run_dir, model_output=True)  # the request and its inputs checked first
     folder = input_model(cfg, run_dir, "extract from",
                          experiment="scenes_slimmable" if widths is not None else "scenes_task_moe_vit")
     model = mtl.load_model(folder)
-    family = getattr(model, "config", {}).get("family", "multitask")
     width_set = getattr(model, "width_set", None)  # slimmable models only
     by_widths = width_set is not None
-    if widths is not None and not by_widths and hasattr(model, "extract_subnetwork"):  # the CLI's names, not Python's
-        raise ValueError(f"widths= extracts from slimmable models; this {family!r} model extracts a task's "
-                         "sub-network: pass tasks=<name> (with calib.* and min_share) instead")
-    if widths is None and by_widths and cfg.get("tasks"):
-        raise ValueError(f"tasks= extracts from task-routed MoE models; this {family!r} model extracts a width "
-                         "configuration: pass 'widths={encoder: 0.5, decoders: {<task>: 1.0}}' instead")
-    # before any data: the family extracts at all, and by this request
-    check_request(model, {"widths": widths} if widths is not None
-                  else {"task": task, "calib": [], "min_share": cfg.min_share})
+    # (a smoke model's request is judged only now)
+    _check_family(model, getattr(model, "config", {}).get("family", "multitask"), widths, task, cfg)
     batches = _calibrate_new_widths(model, widths, cfg) if widths is not None and by_widths else []
     if widths is not None:
         # one image to count FLOPs at: the calibration's first batch, else the data's first (read once either way)
