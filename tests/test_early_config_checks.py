@@ -165,3 +165,14 @@ def test_the_nyuv2_mat_release_without_its_splits_or_class_mapping_is_refused_be
     args = ("mtl.cli.train", "experiment=nyuv2", f"data.root={tmp_path}/nyu.mat", "task=[bench_semseg,bench_depth]",
             "debug=smoke", "logger=none", *(g.format(tmp=tmp_path) for g in given))
     assert _refused_without_folder(console, capfd, *args) == expected.format(tmp=tmp_path)
+
+
+@pytest.mark.parametrize("experiment", ["cityscapes", "nyuv2"])
+def test_a_benchmark_root_holding_the_original_release_is_refused_before_any_folder(console, capfd, tmp_path, experiment):
+    """Its layout (leftImg8bit/ and no train/) is judged from the folder's names: was found in setup(), FAILED left."""
+    (tmp_path / "raw" / "leftImg8bit").mkdir(parents=True)
+    message = _refused_without_folder(console, capfd, "mtl.cli.train", f"experiment={experiment}",
+                                      f"data.root={tmp_path}/raw", "debug=smoke", "logger=none")
+    assert message == (f"{experiment}: data.root '{tmp_path}/raw' holds leftImg8bit (the original release) but no train/ "
+                       "folder; this loader reads the preprocessed npy release (<root>/{train,val}/image/<i>.npy; see "
+                       "docs/data.md)")

@@ -330,17 +330,21 @@ class DenseBenchmarkDataModule(TensorDataModule):
     @classmethod
     def check_settings(cls, root: str | os.PathLike | None = None, **_: Any) -> None:
         """What the settings alone decide, cheaply (`mtl.data.check_datamodule`, before a run folder): the root
-        folder exists (its layout is read with the data)."""
+        folder exists and is not the original release (`_check_layout`; its files are read with the data)."""
         if root is not None:
-            _check_root_exists(cls.benchmark, user_path(str(root)))
+            cls._check_layout(user_path(str(root)))
 
-    def _check_root(self) -> None:
-        _check_root_exists(self.benchmark, self.root)
-        raw = [d for d in ("leftImg8bit", "gtFine") if (self.root / d).exists()]
-        if raw and not (self.root / "train").is_dir():  # the original release, not the preprocessed one
-            raise FileNotFoundError(f"{self.benchmark}: data.root {str(self.root)!r} holds {raw[0]} (the original "
+    @classmethod
+    def _check_layout(cls, root: Path) -> None:
+        _check_root_exists(cls.benchmark, root)
+        raw = [d for d in ("leftImg8bit", "gtFine") if (root / d).exists()]
+        if raw and not (root / "train").is_dir():  # the original release, not the preprocessed one
+            raise FileNotFoundError(f"{cls.benchmark}: data.root {str(root)!r} holds {raw[0]} (the original "
                                     f"release) but no train/ folder; this loader reads the preprocessed npy "
                                     f"release (<root>/{{train,val}}/image/<i>.npy; see docs/data.md)")
+
+    def _check_root(self) -> None:
+        self.check_settings(self.root)
 
     def _load(self) -> dict[str, TensorDictDataset]:
         self._check_root()
@@ -447,12 +451,10 @@ class NYUv2DataModule(DenseBenchmarkDataModule):
                 raise ValueError(f"nyuv2: data.{given[0]} is read only with the labelled .mat release (data.root "
                                  f"{str(root)!r} reads as the npy layout, already split and mapped to {num_classes} "
                                  "classes); drop it, or point data.root at nyu_depth_v2_labeled.mat")
-            _check_root_exists(cls.benchmark, root)
+            cls._check_layout(root)
 
     def _check_root(self) -> None:
         self.check_settings(self.root, self.format, self.splits_file, self.class_mapping, self.num_classes)
-        if self.format == "npy":
-            super()._check_root()
 
     def _read(self, split: str, limit: int | None) -> dict[str, torch.Tensor]:
         if self.format == "mat":
