@@ -29,15 +29,26 @@ def run_main(monkeypatch, tmp_path, *overrides):
                 monkeypatch.setattr(h, "stream", sys.stderr)
     with pytest.raises(SystemExit) as exc:
         train_cli.main()
-    runs = sorted((out / "train" / "runs").glob("*")) if (out / "train" / "runs").is_dir() else []
+    runs = sorted(out.glob("*/runs/*"))  # <name>/runs/<time>: train, or an experiment's name
     return exc.value.code, runs
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("baselines.variant=bogus", "baselines.variant='bogus' is not a Δm variant; valid names: primary, all, flat"),
+def bad_splits(tmp_path) -> list[str]:
+    """The overrides of a run that fails after its folder is made: a NYUv2 splits file's content is read with the data
+    (baselines.variant=bogus was the example: a setting alone, it is refused before any run folder now)."""
+    pytest.importorskip("h5py")
+    for name, text in (("nyu.mat", ""), ("c40.mat", ""), ("splits.json", '{"trainNdxs": [1]}')):
+        (tmp_path / name).write_text(text)
+    return ["experiment=nyuv2", f"data.root={tmp_path}/nyu.mat", "task=[bench_semseg,bench_depth]",
+            f"data.splits_file={tmp_path}/splits.json", f"data.class_mapping={tmp_path}/c40.mat"]
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (bad_splits, "nyuv2: splits file '{tmp}/splits.json' has no 'testNdxs'"),
 ])
-def test_error_after_composition_is_one_line_and_marks_the_run_failed(monkeypatch, tmp_path, capfd, override, expected):
-    code, runs = run_main(monkeypatch, tmp_path, *override.split())
+def test_error_after_composition_is_one_line_and_marks_the_run_failed(monkeypatch, tmp_path, capfd, overrides, expected):
+    expected = expected.format(tmp=tmp_path)
+    code, runs = run_main(monkeypatch, tmp_path, *overrides(tmp_path))
     err = capfd.readouterr().err
     assert code == 1
     lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
@@ -424,10 +435,10 @@ def test_one_line_takes_the_first_line_and_names_bare_key_errors():
 def test_a_verbose_failed_run_still_ends_its_stdout_with_its_folder(monkeypatch, tmp_path, capfd):
     monkeypatch.setenv("MTL_VERBOSE", "0")  # cli_main sets it for the process: restored after the test
     monkeypatch.setenv("MTL_OUTPUT_DIR", str(tmp_path / "outputs"))
-    monkeypatch.setattr(sys, "argv", ["mtl-train", "debug=smoke", "logger=none", "baselines.variant=bogus", "verbose=true"])
-    with pytest.raises(ValueError, match="baselines.variant='bogus' is not a Δm variant"):  # the traceback itself, not one line
+    monkeypatch.setattr(sys, "argv", ["mtl-train", "debug=smoke", "logger=none", *bad_splits(tmp_path), "verbose=true"])
+    with pytest.raises(KeyError, match="has no 'testNdxs'"):  # the traceback itself, not one line
         train_cli.main()
-    (run,) = (tmp_path / "outputs" / "train" / "runs").iterdir()
+    (run,) = (tmp_path / "outputs" / "nyuv2" / "runs").iterdir()
     assert (run / FAILED).is_file()
     assert capfd.readouterr().out.strip().splitlines()[-1] == f"run_dir: {run}"
 
@@ -436,12 +447,12 @@ def test_a_verbose_failed_run_still_ends_its_stdout_with_its_folder(monkeypatch,
 def test_verbose_switch_shows_the_traceback(tmp_path):
     env = dict(os.environ, MTL_OUTPUT_DIR=str(tmp_path / "outputs"))
     env.pop("HYDRA_FULL_ERROR", None)
-    proc = subprocess.run([sys.executable, "-m", "mtl.cli.train", "debug=smoke", "baselines.variant=bogus", "verbose=true"],
+    proc = subprocess.run([sys.executable, "-m", "mtl.cli.train", "debug=smoke", *bad_splits(tmp_path), "verbose=true"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "Traceback (most recent call last)" in proc.stderr
-    assert "baselines.variant='bogus' is not a Δm variant" in proc.stderr
-    runs = list((Path(tmp_path) / "outputs" / "train" / "runs").glob("*"))
+    assert "has no 'testNdxs'" in proc.stderr
+    runs = list((Path(tmp_path) / "outputs" / "nyuv2" / "runs").glob("*"))
     assert len(runs) == 1 and (runs[0] / FAILED).is_file()
 
 
