@@ -107,12 +107,37 @@ def check_kwargs(fn: Callable, kwargs: dict, what: str, given: tuple[str, ...] |
                             f"got {value!r} ({type(value).__name__})")
 
 
-def closest(key: str, known: Iterable[str], cutoff: float = 0.75) -> str | None:
-    """The known name a misspelt ``key`` most likely meant (difflib), None when nothing is close."""
+#: characters typed for one another (O/0, l/1, I/1); a name equal to the typed one once these and case are folded is
+#: the one meant, however many others are as close by edit distance
+_LOOK_ALIKE = str.maketrans("OoIl", "0011")
+
+
+def close_names(key: str, known: Iterable[str], cutoff: float = 0.75, most: int = 3) -> list[str]:
+    """The known names a misspelt ``key`` most likely meant: those equal to it but for look-alike characters and
+    case, else those scoring best by difflib's ratio (>= ``cutoff``), every one of an equal best (in ``known``'s
+    order: which of equally close names was meant cannot be told), at most ``most``; [] when nothing is close."""
     import difflib
 
-    found = difflib.get_close_matches(key, list(known), n=1, cutoff=cutoff)
-    return found[0] if found else None
+    known = list(dict.fromkeys(known))
+    folded = key.translate(_LOOK_ALIKE).casefold()
+    alike = [k for k in known if k != key and k.translate(_LOOK_ALIKE).casefold() == folded]
+    if alike:
+        return alike[:most]
+    matcher, scores = difflib.SequenceMatcher(), {}
+    matcher.set_seq2(key)
+    for name in known:  # difflib.get_close_matches' scoring, keeping ties (it keeps the largest string of them)
+        matcher.set_seq1(name)
+        if matcher.real_quick_ratio() >= cutoff and matcher.quick_ratio() >= cutoff and matcher.ratio() >= cutoff:
+            scores[name] = matcher.ratio()
+    best = max(scores.values(), default=None)
+    return [name for name, score in scores.items() if score == best][:most]
+
+
+def closest(key: str, known: Iterable[str], cutoff: float = 0.75, prefix: str = "") -> str | None:
+    """The hint for a misspelt ``key``: the `close_names`, each after ``prefix``, as ``"a"`` or ``"a or b"``;
+    None when nothing is close."""
+    names = close_names(key, known, cutoff)
+    return " or ".join(prefix + n for n in names) if names else None
 
 
 def meant(unknown: Iterable[str], accepted: Iterable[str]) -> str:
@@ -128,8 +153,8 @@ def unknown_settings(what: str, keys: list[str], settings: list[str]) -> str:
     its close known one if any; nothing close, no guess."""
     named = []
     for key in keys:
-        close = closest(key, settings)
-        named.append(f"{what}.{key}" + (f" (did you mean {what}.{close}?)" if close else ""))
+        close = closest(key, settings, prefix=f"{what}.")
+        named.append(f"{what}.{key}" + (f" (did you mean {close}?)" if close else ""))
     return f"unknown setting{'s' if len(keys) > 1 else ''} {', '.join(named)}; the settings here are: {', '.join(settings)}"
 
 

@@ -166,12 +166,12 @@ def check_added_keys(cfg: Any, overrides: Sequence[str], top: set[str] | None = 
         if not isinstance(node, DictConfig):
             continue
         others = [k for k in node.keys() if isinstance(k, str) and k != key]
-        close = closest(key, others)
+        where = f"{parent}." if parent else ""
+        close = closest(key, others, prefix=where)
         if _interpolated(cfg, path):  # a key another setting reads as ${key} is a real one
             continue
-        where = f"{parent}." if parent else ""
         if close:
-            raise ValueError(f"{arg}: no setting {where}{key} (did you mean {where}{close}?); nothing reads an "
+            raise ValueError(f"{arg}: no setting {where}{key} (did you mean {close}?); nothing reads an "
                              f"added {where}{key}")
         if parent in LISTED_NODES:
             raise ValueError(f"{arg}: no setting {where}{key} ({parent} has {', '.join(sorted(others))}); nothing reads "

@@ -88,9 +88,9 @@ class TimmBackbone(nn.Module):
         except Exception as e:
             unknown = unknown_keyword(e, kwargs)
             if unknown:  # a misspelt setting: named as the decoder's are, not as "<Class>.__init__() got ..."
-                close = closest(unknown, [*OWN_SETTINGS, *timm_keywords(name, e)], cutoff=0.6)
+                close = closest(unknown, [*OWN_SETTINGS, *timm_keywords(name, e)], cutoff=0.6, prefix="backbone.")
                 raise TypeError(f"unknown setting backbone.{unknown}"
-                                + (f" (did you mean backbone.{close}?)" if close else "")
+                                + (f" (did you mean {close}?)" if close else "")
                                 + f"; the settings here are: {', '.join(OWN_SETTINGS)} and the keyword arguments of "
                                 f"timm's {name!r} ({e})") from None
             mismatch = (shape_mismatch(e, name, checkpoint_path) or unpickling_refusal(e, checkpoint_path)

@@ -207,7 +207,7 @@ def create_model(
 def check_family_options(cls: type, family: str, kwargs: dict[str, Any], parts: dict[str, dict[str, Any]]) -> None:
     """Refuse a create_model keyword the family does not take (its class said "__init__() got an unexpected
     keyword argument"), saying so when it is a backbone or decoder setting given at the wrong level."""
-    from mtl.registry import closest
+    from mtl.registry import close_names
 
     options = _family_options(cls)
     unknown = [k for k in kwargs if options is not None and k not in options]
@@ -221,8 +221,8 @@ def check_family_options(cls: type, family: str, kwargs: dict[str, Any], parts: 
             raise TypeError(f"{where}; it is a {part} setting: pass {part}={named!r}")
     known = [*options, *(f"{part}.{k}" for part, spec in parts.items() for k in _part_settings(cls, part, spec))]
     by_key = {k.split(".")[-1]: k for k in reversed(known)}  # a family option wins over a part's setting
-    close = closest(key, by_key)
-    raise TypeError(where + (f" (did you mean {by_key[close]}?)" if close else ""))
+    close = " or ".join(by_key[k] for k in close_names(key, by_key))
+    raise TypeError(where + (f" (did you mean {close}?)" if close else ""))
 
 
 def _family_options(cls: type) -> list[str] | None:

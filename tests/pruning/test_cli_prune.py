@@ -183,7 +183,8 @@ def test_an_unknown_ignored_layer_is_refused_before_the_run_folder_naming_a_clos
     import pruning.job
 
     monkeypatch.setattr(pruning.job, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
-    for bad, close in (("backbone.nope", "backbone.body"), ("decoder.neck.refine.7", "decoder.neck.refine.2")):
+    for bad, close in (("backbone.nope", "backbone.body"), ("decoder.neck.refine.7", "decoder.neck.refine.0 or decoder.neck.refine.1 or "
+                                                                            "decoder.neck.refine.2"), ("backbone.body.conv1.O", "backbone.body.conv1.0")):
         with pytest.raises(ValueError, match=rf"^ignored_layers names unknown module\(s\) \['{bad}'\] "
                                              rf"\(did you mean {close}\?\); the model's module names are those of "
                                              r"model.named_modules\(\)"):

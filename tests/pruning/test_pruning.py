@@ -1,6 +1,7 @@
 """Channel pruning: removal equals zeroing, shapes, reload, the PAGCP oracle, FLOPs, bad input."""
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -216,10 +217,24 @@ def test_unhandled_layer_is_named_and_ignored_layers_works(batches):
     _outputs(pruned, batches[0]["image"])
     one, _ = pruning.prune(m, "l1", calib=batches, ratio=0.5, ignored_layers="decoder.neck.refine.2")  # one name
     assert one.decoder.neck.refine[2].gain.numel() == 8
-    # a misspelt name is refused naming the module it most likely means
+    # a misspelt name is refused naming the modules it most likely means: every one as close (refine.0-2 are one
+    # edit from refine.7), not one of them picked by string order
     with pytest.raises(PruningError, match=r"unknown module\(s\) \['decoder\.neck\.refine\.7'\] \(did you mean "
+                                           r"decoder\.neck\.refine\.0 or decoder\.neck\.refine\.1 or "
                                            r"decoder\.neck\.refine\.2\?\)"):
         pruning.prune(m, "l1", calib=batches, ratio=0.5, ignored_layers="decoder.neck.refine.7")
+
+
+def test_an_unknown_module_name_hint_prefers_the_look_alike_of_a_typo():
+    """conv1.O is one edit from each of conv1.0 ... conv1.6; the hint named conv1.6 (difflib keeps the largest of
+    equal scores). A name equal but for O/0, l/1, I/1 or case is the one meant, and only it is named."""
+    from pruning.graph import check_module_names
+
+    m = _model()
+    for typo, meant in (("backbone.body.conv1.O", "backbone.body.conv1.0"), ("backbone.body.Layer1", "backbone.body.layer1"),
+                        ("backbone.body.conv1.l", "backbone.body.conv1.1"), ("backbone.body.conv1.I", "backbone.body.conv1.1")):
+        with pytest.raises(PruningError, match=rf"\['{typo}'\] \(did you mean {re.escape(meant)}\?\); the model"):
+            check_module_names(m, [typo])
 
 
 def test_unprunable_family_names_the_module(model, batches):
