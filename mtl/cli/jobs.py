@@ -89,15 +89,22 @@ def check_input_folders(named: list[tuple[str, Path]], any_weights: bool = False
             raise ModelFolderError(f"{key}: {e}" if key else str(e)) from None
 
 
-def input_task_names(cfg) -> list[str] | None:
-    """The task names ``model=``'s config.json lists (no tensor read; a missing or corrupt folder refused as
-    `start_run` refuses it), for a job to judge ``tasks=`` before its run folder; None without ``model=``."""
+def input_model_config(cfg) -> dict | None:
+    """``model=``'s config.json (no tensor read; a missing or corrupt folder refused as `start_run` refuses it),
+    for a job to judge its settings against the model before its run folder; None without ``model=``."""
     from mtl.io import read_model_config
 
     if not cfg.get("model"):
         return None
     check_input_folders(input_folders(cfg))
-    return [t["name"] for t in read_model_config(user_path(str(cfg.model)))["model"]["tasks"]]
+    return read_model_config(user_path(str(cfg.model)))
+
+
+def input_task_names(cfg) -> list[str] | None:
+    """The task names ``model=``'s config.json lists (`input_model_config`), for a job to judge ``tasks=`` before
+    its run folder; None without ``model=``."""
+    config = input_model_config(cfg)
+    return None if config is None else [t["name"] for t in config["model"]["tasks"]]
 
 
 def check_model_given(cfg, verb: str) -> None:

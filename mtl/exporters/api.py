@@ -13,8 +13,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from mtl.io import (atomic_path, check_output_apart, holds_user_files, load_model, read_json, read_model_config,
-                    user_path, write_json)
+from mtl.io import (atomic_path, check_output_apart, holds_user_files, load_model, model_skeleton, read_json,
+                    read_model_config, user_path, write_json)
 from mtl.registry import Registry, check_bool
 
 #: format name -> ``fn(source, out_dir, tasks, **options) -> report dict`` (writes into out_dir)
@@ -161,6 +161,27 @@ def check_format_options(fmt: str, options: dict[str, Any]) -> Callable:
     return fn
 
 
+def check_family(fmt: str, family: str) -> None:
+    """Refuse a model family that format ``fmt`` cannot write."""
+    if family == "linearized" and fmt != "folder":
+        # its forward is f(θ0) + J·(θ − θ0) through torch.func.jvp: no tracer writes that, and θ as plain
+        # weights (timm) would be another function
+        raise ValueError(f"format={fmt} cannot export a linearized model (it computes f(θ0) + J(θ − θ0) with "
+                         "forward-mode autodiff, which ONNX cannot express and timm weights would not reproduce); "
+                         "format=folder copies it as a model folder")
+
+
+def check_model_config(fmt: str, config: dict[str, Any], folder: str | os.PathLike | None = None) -> None:
+    """What format ``fmt`` refuses of a model that its config (config.json's ``"model"``) shows, no tensor read:
+    its family (`check_family`) and the exporter's own ``check_model(config, skeleton)`` (timm: a timm backbone,
+    not pruned), given the model built on the meta device from ``folder`` (`model_skeleton`; None without one).
+    mtl-export calls it before its run folder; the exporters' checks on the loaded model stay the guard."""
+    check_family(fmt, config.get("family", "multitask"))
+    check = getattr(EXPORTERS.get(fmt), "check_model", None)
+    if check is not None:
+        check(config, model_skeleton(folder) if folder is not None else None)
+
+
 def export(
     model: str | os.PathLike | nn.Module,
     format: str = "onnx",
@@ -197,12 +218,7 @@ def export(
         # overwrite replaces an earlier export, never a run folder or anything else that happens to be there
         raise FileExistsError(f"{out} exists and is not an earlier export (no {REPORT}); refusing to replace it")
     src = load_source(model)
-    if src.family == "linearized" and format != "folder":
-        # its forward is f(θ0) + J·(θ − θ0) through torch.func.jvp: no tracer writes that, and θ as plain
-        # weights (timm) would be another function
-        raise ValueError(f"format={format} cannot export a linearized model (it computes f(θ0) + J(θ − θ0) with "
-                         "forward-mode autodiff, which ONNX cannot express and timm weights would not reproduce); "
-                         "format=folder copies it as a model folder")
+    check_family(format, src.family)
     names = resolve_tasks(src.model, tasks, format)
     start = time.perf_counter()
     with atomic_path(out, overwrite=overwrite) as tmp:

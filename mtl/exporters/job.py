@@ -6,8 +6,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from mtl.cli.jobs import check_model_given, input_model, input_task_names, start_run
-from mtl.exporters.api import check_format_options, export, read_report, resolve_tasks
+from mtl.atomic import user_path
+from mtl.cli.jobs import check_model_given, input_model, input_model_config, start_run
+from mtl.exporters.api import check_format_options, check_model_config, export, read_report, resolve_tasks
 from mtl.io import write_json
 
 
@@ -16,7 +17,7 @@ def run_export(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     fmt = options.pop("name")
     check_format_options(fmt, options)  # before the run folder: a misspelt format.<key> leaves none
     check_model_given(cfg, "export")
-    tasks = checked_tasks(cfg, fmt)
+    tasks = checked_input(cfg, fmt)
     run_dir, output = start_run(cfg, run_dir, default_output=fmt)
     model = input_model(cfg, run_dir, "export")
     out = export(model, fmt, output, tasks=tasks, overwrite=bool(cfg.overwrite), **options)
@@ -26,15 +27,18 @@ def run_export(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     return report
 
 
-def checked_tasks(cfg: DictConfig, fmt: str) -> list[str] | str | None:
-    """``tasks=`` as `export` takes it, checked against ``model=``'s task names (its config.json: no tensor read) by
-    the rule the export applies (`resolve_tasks`), before the run folder; debug=smoke's model is checked in the run."""
+def checked_input(cfg: DictConfig, fmt: str) -> list[str] | str | None:
+    """``tasks=`` as `export` takes it; ``model=`` judged from its config.json (no tensor read) by the rules the
+    export applies, before the run folder: the model by `check_model_config` (a linearized model, timm's own
+    refusals), ``tasks=`` by `resolve_tasks`. debug=smoke's model is checked in the run."""
     tasks = cfg.get("tasks")
     if tasks is not None and not isinstance(tasks, str):
         tasks = [str(t) for t in tasks]
-    names = input_task_names(cfg) if tasks is not None else None
-    if names is not None:
-        resolve_tasks(names, tasks, fmt)
+    config = input_model_config(cfg)
+    if config is not None:
+        check_model_config(fmt, config["model"], user_path(str(cfg.model)))
+        if tasks is not None:
+            resolve_tasks([t["name"] for t in config["model"]["tasks"]], tasks, fmt)
     return tasks
 
 

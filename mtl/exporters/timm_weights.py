@@ -26,6 +26,7 @@ from mtl.io import safetensors_os_error, usual_permissions
 from mtl.models.backbone_weights import plain_name
 from mtl.models.backbones import INIT_ONLY
 from mtl.models.multitask import IMAGENET_MEAN, IMAGENET_STD
+from mtl.models.surgery import PLAN_KEY
 from mtl.modes import eval_mode
 
 TIMM_FILE = "model.safetensors"
@@ -45,6 +46,36 @@ def check_timm_tasks(tasks: list[str], names: list[str]) -> None:
                          "does not apply (leave tasks unset)")
 
 
+def timm_body(model: torch.nn.Module, config: dict[str, Any]) -> tuple[torch.nn.Module, str]:
+    """``model.backbone``'s timm model and name; else the ExportError saying the model has none (``config``: the
+    model's config, whose backbone name the error gives)."""
+    backbone = getattr(model, "backbone", None)
+    body, name = getattr(backbone, "body", None), getattr(backbone, "name", None)
+    if body is None or name is None:
+        bb = (config.get("backbone") or {}).get("name") if isinstance(config.get("backbone"), dict) else None
+        family = config.get("family", "multitask")
+        what = f"backbone {bb!r} is not a timm model" if bb else f"the {family!r} family has no separate backbone"
+        raise ExportError(f"format=timm needs a timm backbone (model.backbone.body); {what}: export it with "
+                          "format=onnx or format=folder")
+    return body, name
+
+
+def check_timm_model(config: dict[str, Any], skeleton: torch.nn.Module | None) -> None:
+    """What format=timm refuses that a model's config shows, no tensor read (read by `check_model_config`, so
+    mtl-export refuses it before its run folder): no timm backbone (`timm_body`, judged on ``skeleton``, the model
+    built on the meta device from the config; skipped without one), or a pruning plan that resizes a backbone
+    module (timm rebuilds the unpruned architecture). A slimmable backbone is no timm model."""
+    if skeleton is not None:
+        timm_body(skeleton, config)
+    plan = config.get(PLAN_KEY)
+    modules = plan.get("modules") if isinstance(plan, dict) else None
+    resized = [m for m in modules if m.startswith("backbone.body.")] if isinstance(modules, dict) else []
+    if resized:
+        raise ExportError(f"format=timm: the model's pruning plan (config.json key 'model.{PLAN_KEY}') resizes "
+                          f"backbone module {resized[0]!r} ({len(resized)} in all); timm rebuilds only the unpruned "
+                          "architecture: export it with format=onnx or format=folder")
+
+
 @EXPORTERS.register("timm")
 def export_timm(source: Source, out: Path, tasks: list[str], seed: int = 0) -> dict[str, Any]:
     """Write ``model.safetensors`` + timm's ``config.json`` (so ``timm.create_model("local-dir:<out>")``
@@ -54,13 +85,7 @@ def export_timm(source: Source, out: Path, tasks: list[str], seed: int = 0) -> d
     from timm.models import save_for_hf
 
     backbone = getattr(source.model, "backbone", None)
-    body = getattr(backbone, "body", None)
-    name = getattr(backbone, "name", None)
-    if body is None or name is None:
-        bb = (source.config.get("backbone") or {}).get("name") if isinstance(source.config.get("backbone"), dict) else None
-        what = f"backbone {bb!r} is not a timm model" if bb else f"the {source.family!r} family has no separate backbone"
-        raise ExportError(f"format=timm needs a timm backbone (model.backbone.body); {what}: export it with "
-                          "format=onnx or format=folder")
+    body, name = timm_body(source.model, source.config)
     args = model_args(source.config.get("backbone", {}))
     with torch.random.fork_rng(devices=[]):  # a library call: the caller's random stream stays as it was
         torch.random.default_generator.manual_seed(seed)  # the CPU generator only (manual_seed also seeds CUDA's)
@@ -183,3 +208,4 @@ def _load_snippet(name: str, args: dict[str, Any]) -> str:
 
 
 export_timm.check_tasks = check_timm_tasks  # type: ignore[attr-defined]  # read by resolve_tasks
+export_timm.check_model = check_timm_model  # type: ignore[attr-defined]  # read by check_model_config

@@ -176,3 +176,39 @@ def test_in_process_export_returns_its_report_with_the_run_and_output_folders(fo
     assert report["output"] == str((tmp_path / "run" / "folder").resolve()) and report["format"] == "folder"
     # provenance readable from anywhere: the source recorded absolute
     assert mtl.load_model(tmp_path / "run" / "folder").meta["exported_from"] == str(folder.resolve())
+
+
+def _timm_refused_folders(tmp_path):
+    """Model folders format=timm cannot write, with what the refusal names: a family with no timm backbone, a
+    slimmable backbone, a pruned backbone, a linearized model."""
+    import pruning
+    from mtl.models import linearize
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    vit = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0}
+    moe = create_model(["semseg", "depth"], backbone=vit, decoder={"num_experts": 2, "top_k": 1}, family="task_moe_vit")
+    slim = create_model(["semseg", "depth"], backbone={"name": "slim_resnet", "stem": 8, "channels": [8, 16],
+                                                       "depths": [1, 1], "out_indices": [1, 2]},
+                        decoder={"name": "slimmable", "channels": 8}, family="slimmable")
+    cnn = create_model(["semseg", "depth"], backbone={"name": "test_resnet", "out_indices": [1, 2, 3]},
+                       decoder={"name": "hps", "channels": 16})
+    pruned = pruning.prune(cnn, "l1", example=x, ratio=0.5)[0]
+    return [(save_model(moe, tmp_path / "moe"), "backbone 'task_moe_vit' is not a timm model"),
+            (save_model(slim, tmp_path / "slim"), "backbone 'slim_resnet' is not a timm model"),
+            (save_model(pruned, tmp_path / "pruned"), "format=timm: the model's pruning plan (config.json key "
+                                                      "'model.pruning') resizes backbone module 'backbone.body."),
+            (save_model(linearize(cnn), tmp_path / "lin"), "format=timm cannot export a linearized model")]
+
+
+def test_a_model_format_timm_cannot_write_is_refused_before_the_run_folder(tmp_path, monkeypatch):
+    """A model without a timm backbone was refused only in the run (after start_run, a pruned one after the whole
+    model was loaded), leaving a FAILED run folder. Its config.json (family, backbone, pruning plan) tells."""
+    import mtl.exporters.job as job
+    from mtl.exporters.job import run
+
+    monkeypatch.setattr(job, "input_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    for folder, message in _timm_refused_folders(tmp_path):
+        with pytest.raises((ValueError, RuntimeError), match=re.escape(message)):
+            run([f"model={folder}", "format=timm", f"output={tmp_path / 'out'}"], run_dir=tmp_path / "run")
+        assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists(), folder
