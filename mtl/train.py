@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mtl.cli.common import write_hydra_record
-from mtl.cli.failures import FAILED, FINISHED_RECORDS, RunFolderTaken, check_run_folder
+from mtl.cli.failures import FAILED, FINISHED_RECORDS, RunFolderTaken, check_run_folder, stop_if_sigterm
 from mtl.cli.rank_failures import stale_rank_markers
 from mtl.data import check_datamodule, create_datamodule
 from mtl.evaluation import check_run_baselines, delta_m, save_baselines
@@ -278,10 +278,12 @@ def _fit_test_and_save(cfg, run_dir, trainer, module, datamodule, data_kw, basel
     except pickle.UnpicklingError as e:
         raise ValueError(torch_load_refusal(f"ckpt_path {cfg.get('ckpt_path')}", e)) from e
     fit_seconds = time.perf_counter() - start
+    stop_if_sigterm(trainer)  # one Lightning only noted (its last epoch, after its loop's last check)
     # before testing: loading the best checkpoint restores the balancer's state (and counters) as of then
     diagnostics = module.balancer.diagnostics()
     ckpt = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
     trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False, weights_only=True)
+    stop_if_sigterm(trainer)  # (its last batch, on_test_end: Lightning's test loop does not stop there)
 
     # validation metrics of the epoch the tested checkpoint holds (not the last epoch's): what sweeps optimise
     entry = getattr(trainer.checkpoint_callback, "saved", {}).get(ckpt) if ckpt else None

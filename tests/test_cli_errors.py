@@ -515,6 +515,22 @@ def test_a_sigterm_in_a_multirun_ends_with_the_sweep_folder(tmp_path):
     assert not (sweep / "1").exists()
 
 
+@pytest.mark.slow
+def test_a_sigterm_at_test_end_stops_the_multirun_at_that_job(tmp_path):
+    """Lightning's test loop only noted it: job 0 finished with exit 0 and job 1 ran on."""
+    sweep = tmp_path / "sweep"
+    path = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path)  # tests/kill_callback.py
+    proc = subprocess.run([sys.executable, "-m", "mtl.cli.train", "-m", "debug=smoke", "task=[depth]", "seed=0,1",
+                           "logger=none", "viz.num_samples=0", f"hydra.sweep.dir={sweep}",
+                           "+callbacks.sig._target_=kill_callback.SigtermAt", "+callbacks.sig.hook=test_end"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert "error: interrupted by SIGTERM" in proc.stderr
+    assert (sweep / "0" / FAILED).read_text().startswith("interrupted by SIGTERM")
+    assert not (sweep / "0" / "metrics.json").exists() and not (sweep / "1").exists()
+
+
 @pytest.mark.parametrize("module, own, foreign", [
     ("mtl.cli.train", ["balancer:", "backbone:", "experiment:"], ["merge:", "prune:", "merge_app", "export_app"]),
     ("merging.cli", ["merge:", "ties", "eval:"], ["balancer:", "prune:"]),

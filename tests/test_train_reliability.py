@@ -73,6 +73,21 @@ def test_model_and_metrics_survive_a_failure_after_testing_and_the_run_can_be_re
         run(FAST + ["task=[depth]"], run_dir=run_dir)
 
 
+@pytest.mark.parametrize("hook", ["train_end", "test_end"])
+def test_a_sigterm_lightning_only_noted_still_stops_the_run(tmp_path, monkeypatch, hook):
+    """Inside fit and test Lightning's handler only sets trainer.received_sigterm and its loops stop between batches:
+    a SIGTERM at the end of training or testing let the run save, write metrics.json and finish as if none came."""
+    from mtl.cli.failures import Terminated
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))  # tests/kill_callback.py
+    run_dir = tmp_path / "run"
+    with pytest.raises(Terminated, match=r"^interrupted by SIGTERM; resume with ckpt_path="):
+        run(FAST + ["task=[depth]", "trainer.max_epochs=1", "+callbacks.sig._target_=kill_callback.SigtermAt",
+                    f"+callbacks.sig.hook={hook}"], run_dir=run_dir)
+    assert (run_dir / FAILED).read_text().startswith("interrupted by SIGTERM")
+    assert not (run_dir / "metrics.json").exists() and not (run_dir / "model").exists()
+
+
 def test_in_process_run_folders_honour_MTL_OUTPUT_DIR_and_never_collide(tmp_path, monkeypatch):
     monkeypatch.setenv("MTL_OUTPUT_DIR", str(tmp_path / "out"))
     monkeypatch.chdir(tmp_path)

@@ -88,9 +88,18 @@ def write_failure_marker(run_dir: str | os.PathLike, e: BaseException) -> None:
 
 
 class Terminated(BaseException):
-    """A SIGTERM outside Lightning's ``fit`` (which installs its own handler): merge, prune, export,
-    extract and the test/save phases of training. A BaseException, as KeyboardInterrupt, so that no
-    ``except Exception`` swallows it."""
+    """A SIGTERM outside Lightning's loops (which install their own handler): merge, prune, export, extract
+    and the save phase of training, or one Lightning only noted (`stop_if_sigterm`). A BaseException, as
+    KeyboardInterrupt, so that no ``except Exception`` swallows it."""
+
+
+def stop_if_sigterm(trainer) -> None:
+    """Raise `Terminated` for a SIGTERM that Lightning's handler noted but did not act on. While ``fit`` or
+    ``test`` runs, its handler only sets ``trainer.received_sigterm``, and its loops stop only between
+    batches: a SIGTERM during the last test batch, ``on_test_end`` or the fit's last epoch after its last
+    check would let the run finish as if none came (exit 0, a multirun going on). Call it after each."""
+    if trainer.received_sigterm:
+        raise Terminated("SIGTERM")
 
 
 @contextlib.contextmanager
@@ -106,7 +115,7 @@ def sigterm_raises() -> Iterator[None]:
 
     def handler(signum, frame):
         if signal.getsignal(signal.SIGTERM) is not handler:
-            return  # called by Lightning's own handler inside fit, which stops training its way (all ranks)
+            return  # called by Lightning's own handler (fit, test): it stops its way, or `stop_if_sigterm` does
         raise Terminated("SIGTERM")
 
     old = signal.signal(signal.SIGTERM, handler)
