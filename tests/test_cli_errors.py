@@ -730,6 +730,43 @@ def test_a_killed_runs_folder_is_a_failed_attempts_and_a_reused_pid_does_not_hol
                                  f"run its own folder (hydra.run.dir); if that run is gone, delete {other / RUNNING}")
 
 
+def test_a_run_killed_after_its_metrics_is_not_finished_and_its_retry_goes_through(monkeypatch, tmp_path, capfd):
+    """A SIGKILL after metrics.json but before the plots or the baselines update left metrics.json and a dead
+    .running claim: the folder passed for a finished run, a retry was refused and the claim dropped without FAILED.
+    A dead claim made before the folder's finishing record is now the run that wrote it, killed unfinished."""
+    import json as _json
+
+    from mtl.cli.failures import KILLED, RUNNING, claims_run_folder, holds_finished_run
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    folder = tmp_path / "killed"
+    folder.mkdir()
+    (folder / RUNNING).write_text(_json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    (folder / "metrics.json").write_text("{}")
+    (folder / "model").mkdir()
+    claimed = (folder / "metrics.json").stat().st_mtime_ns - 10**9
+    os.utime(folder / RUNNING, ns=(claimed, claimed))  # claimed a second before metrics.json was written
+    assert not holds_finished_run(folder)
+    monkeypatch.setattr(sys, "argv", ["mtl-train", "debug=smoke", "task=[depth]", "logger=none", "viz.num_samples=0",
+                                      f"hydra.run.dir={folder}"])
+    train_cli.main()  # retried in its folder, the killed attempt's records set aside
+    assert _json.loads((folder / "metrics.failed.json").read_text()) == {} and (folder / "model.failed").is_dir()
+    assert holds_finished_run(folder) and not (folder / RUNNING).exists()
+    # a dead claim made after the record is a later command's (refused there): the run stays finished, unmarked
+    (folder / RUNNING).write_text(_json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    assert holds_finished_run(folder)
+    with claims_run_folder(folder):
+        pass
+    assert not (folder / FAILED).exists()
+    other = tmp_path / "other"  # and with no record at all, as before: marked as a killed run's
+    other.mkdir()
+    (other / RUNNING).write_text(str(dead.pid))
+    with claims_run_folder(other):
+        pass
+    assert (other / FAILED).read_text() == KILLED.format(pid=dead.pid) + "\n"
+
+
 def test_an_added_key_that_nearly_matches_a_setting_is_refused():
     from omegaconf import OmegaConf
 

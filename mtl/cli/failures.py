@@ -15,15 +15,31 @@ from mtl.atomic import alive, atomic_path, make_parents, remove_empty, user_path
 from mtl.cli.rank_failures import FAILED, failure_marker, led_by_peers, process_rank
 from mtl.folder_checks import JSON_ERRORS
 
-#: what each CLI writes last into its run folder (mtl-train, mtl-merge, mtl-prune: metrics.json), so finished
-#: runs of every tool are told from failed or killed ones
+#: each CLI's finishing record (mtl-train, mtl-merge, mtl-prune: metrics.json), which with no FAILED and no killed
+#: run's claim (`killed_after_its_record`) tells finished runs of every tool from failed or killed ones
 FINISHED_RECORDS = ("metrics.json", "extract_report.json", "export_report.json")
 
 
 def holds_finished_run(run_dir: str | os.PathLike) -> bool:
-    """``run_dir`` holds a finished run of any mtlkit CLI: its last record (`FINISHED_RECORDS`), and no FAILED."""
+    """``run_dir`` holds a finished run of any mtlkit CLI: its finishing record (`FINISHED_RECORDS`), no FAILED, and
+    no claim (``.running``) of a run killed after writing it (`killed_after_its_record`)."""
     run_dir = Path(run_dir)
-    return not (run_dir / FAILED).exists() and any((run_dir / name).is_file() for name in FINISHED_RECORDS)
+    if (run_dir / FAILED).exists():
+        return False
+    written = [p.stat().st_mtime_ns for p in (run_dir / name for name in FINISHED_RECORDS) if p.is_file()]
+    return bool(written) and not killed_after_its_record(run_dir / RUNNING, max(written))
+
+
+def killed_after_its_record(marker: Path, written_ns: int) -> bool:
+    """``marker`` is the claim of a process that no longer runs, made before the folder's finishing record was last
+    written (``written_ns``): the run that wrote it, killed (SIGKILL, out of memory) before it released its claim,
+    i.e. with its plots, its baselines update or its sweep objective still to write. A claim made after the record
+    is a later command's, refused in that finished folder, and leaves the run finished."""
+    owner = owner_of(marker)
+    try:
+        return owner is not None and not holds(owner) and marker.stat().st_mtime_ns <= written_ns
+    except OSError:
+        return False
 
 
 def _record_stamp(run_dir: Path) -> tuple[int, int] | None:
@@ -216,7 +232,8 @@ def claims_run_folder(run_dir: str | os.PathLike, rank0: bool = True, key: str =
     (``hydra.run.dir=...`` twice at once) is refused with `RunFolderTaken` instead of mixing its logs, model
     and metrics with the first's. A marker whose process is gone is a killed run's: it is taken over and
     the folder marked ``FAILED`` (unless it already is), so the new attempt treats what the killed one left
-    (checkpoints, curves) as a failed attempt's. Only DDP's rank 0 claims (the other ranks share its folder).
+    (checkpoints, curves, a finishing record written before its last outputs) as a failed attempt's; only a
+    claim made after the folder's finishing record (a later command's) leaves a finished run unmarked. Only DDP's rank 0 claims (the other ranks share its folder).
     A folder that does not exist yet (an in-process run) is made here, so two such runs given one new folder
     cannot both start, and removed again (with the parents made for it) when the run leaves it empty.
     ``key``: the setting that chooses the folder, for the refusal's advice."""
@@ -226,8 +243,9 @@ def claims_run_folder(run_dir: str | os.PathLike, rank0: bool = True, key: str =
     marker = Path(run_dir) / RUNNING
     made = make_parents(marker.parent)
     try:
+        finished = holds_finished_run(marker.parent)  # before the claim: a dead claim older than its record is unfinished
         stale = claim(marker, f"run_dir {run_dir}", key)
-        if stale is not None and not (marker.parent / FAILED).exists() and not holds_finished_run(marker.parent):
+        if stale is not None and not (marker.parent / FAILED).exists() and not finished:
             with atomic_path(marker.parent / FAILED) as tmp:
                 tmp.write_text(KILLED.format(pid=stale) + "\n")
         try:
