@@ -148,10 +148,13 @@ class ModelCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
         best = state_dict.get("best_model_path")
         if best and not Path(best).is_file():
             self.lost_best = best  # what the end of the run names when no epoch after the resume validated
+            here = self.dirpath is not None and Path(best).resolve().parent == Path(self.dirpath).resolve()
+            why = ("removed from this checkpoint folder after the resumed checkpoint was written, e.g. by the "
+                   "interrupted attempt as it kept a later epoch's best" if here else "its run folder moved or deleted")
             if self.monitor is not None:  # (without one, the "best" is the latest save: nothing to report)
-                log.warning("the resumed checkpoint's best checkpoint %s is gone (its run folder moved or deleted): "
-                            "the best by %s is tracked anew from the resumed epochs on, and the one tested is the best "
-                            "of those", best, self.monitor)
+                log.warning("the resumed checkpoint's best checkpoint %s is gone (%s): the best by %s is tracked anew "
+                            "from the resumed epochs on, and the one tested is the best of those", best, why,
+                            self.monitor)
             # this callback's initial values, as Lightning set them from `mode`
             state_dict = {**state_dict, "best_model_path": "", "best_model_score": None, "best_k_models": {},
                           "kth_best_model_path": "", "kth_value": self.kth_value}

@@ -394,3 +394,25 @@ def test_a_resume_start_record_compares_weights_digests_and_warns_on_old_checkpo
     with caplog.at_level("WARNING", logger="mtl.train"):
         assert resume_start(OmegaConf.create({"init_from": None}), old) is None
     assert "predates the start record: whether its run was a fine-tune (init_from) is unknown" in caplog.text
+
+
+def test_a_resume_in_its_folder_sets_aside_the_killed_attempts_later_best(tmp_path, caplog):
+    """Killed while writing epoch 1's last.ckpt, an attempt left epoch001.ckpt (its new best, epoch000.ckpt pruned)
+    beside the epoch-0 last.ckpt it resumes from: the resume kept it as a second best (and saved its own as
+    epoch001-v1.ckpt), and warned that the run folder had been moved or deleted."""
+    from mtl.cli.failures import FAILED
+
+    run_dir = run(BASE + ["trainer.max_epochs=1"], run_dir=tmp_path / "r")
+    ckpts = run_dir / "checkpoints"
+    # what the kill left: the best of epoch 1, written after last.ckpt, and the epoch-0 best it replaced gone
+    os.replace(ckpts / "epoch000.ckpt", ckpts / "epoch001.ckpt")
+    later = (ckpts / "last.ckpt").stat().st_mtime_ns + 10**9
+    os.utime(ckpts / "epoch001.ckpt", ns=(later, later))
+    stale = (ckpts / "epoch001.ckpt").read_bytes()
+    (run_dir / FAILED).write_text("killed\n")
+    with caplog.at_level("WARNING"):
+        run(BASE + ["trainer.max_epochs=2", f"ckpt_path={ckpts / 'last.ckpt'}"], run_dir=run_dir)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["epoch001.ckpt", "last.ckpt"]  # one best, one last
+    assert (run_dir / "checkpoints.failed" / "epoch001.ckpt").read_bytes() == stale
+    assert "moved or deleted" not in caplog.text
+    assert f"best checkpoint {ckpts / 'epoch000.ckpt'} is gone (removed from this checkpoint folder" in caplog.text
