@@ -198,8 +198,8 @@ def build_problem(pretrained, finetuned, *, model: nn.Module | None = None, task
     """Validate the inputs, hold θ0 and the task vectors once on `device`, pick the model.
 
     With `model=None`, `pretrained` and `finetuned` must be model folders: the model is θ0 with each
-    fine-tune's own head, the tasks the folders' (`tasks` is refused: it would go unread). Otherwise `model` is any module with ``forward(x, tasks=[t])`` returning
-    ``{t: prediction}`` (or the prediction) and `tasks` names the task of each fine-tuned model.
+    fine-tune's own head, the tasks the folders' (`tasks` is refused: it would go unread). Otherwise `model` is
+    any module with ``forward(x, tasks=[t])`` returning ``{t: prediction}`` (or the prediction) and `tasks` names the task of each fine-tuned model.
     """
     from ..sources import open_sources
 

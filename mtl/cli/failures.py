@@ -233,7 +233,8 @@ def claims_run_folder(run_dir: str | os.PathLike, rank0: bool = True, key: str =
     and metrics with the first's. A marker whose process is gone is a killed run's: it is taken over and
     the folder marked ``FAILED`` (unless it already is), so the new attempt treats what the killed one left
     (checkpoints, curves, a finishing record written before its last outputs) as a failed attempt's; only a
-    claim made after the folder's finishing record (a later command's) leaves a finished run unmarked. Only DDP's rank 0 claims (the other ranks share its folder).
+    claim made after the folder's finishing record (a later command's) leaves a finished run unmarked. Only DDP's
+    rank 0 claims (the other ranks share its folder).
     A folder that does not exist yet (an in-process run) is made here, so two such runs given one new folder
     cannot both start, and removed again (with the parents made for it) when the run leaves it empty.
     ``key``: the setting that chooses the folder, for the refusal's advice."""
@@ -243,7 +244,8 @@ def claims_run_folder(run_dir: str | os.PathLike, rank0: bool = True, key: str =
     marker = Path(run_dir) / RUNNING
     made = make_parents(marker.parent)
     try:
-        finished = holds_finished_run(marker.parent)  # before the claim: a dead claim older than its record is unfinished
+        # before the claim: a dead claim older than the folder's finishing record makes the run unfinished
+        finished = holds_finished_run(marker.parent)
         stale = claim(marker, f"run_dir {run_dir}", key)
         if stale is not None and not (marker.parent / FAILED).exists() and not finished:
             with atomic_path(marker.parent / FAILED) as tmp:

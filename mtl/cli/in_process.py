@@ -13,8 +13,8 @@ from mtl.cli.choices import check_overrides
 from mtl.cli.environ import restored_environ
 from mtl.cli.common import (LEAFSPEC_WARNING, _rank0, check_group_choices, check_required, check_run_name,
                             hydra_message, register_resolvers)
-from mtl.cli.failures import (Terminated, claims_run_folder, interrupted_message, interruption, marks_failure, output_root,
-                               output_root_problem)
+from mtl.cli.failures import (Terminated, claims_run_folder, interrupted_message, interruption, marks_failure,
+                              output_root, output_root_problem)
 from mtl.cli.new_folders import made_for_run, missing_or_empty, note_made, removes_unused_folder
 
 __all__ = ["default_run_dir", "compose_in_process", "check_single_job", "run_in_process", "report_in_process"]
@@ -153,7 +153,8 @@ def run_in_process(job: Callable[[Any, Path], Any], config_modules: Sequence[str
         if str(e):
             raise
         raise KeyboardInterrupt(interrupted_message("Ctrl-C", run_dir)) from e
-    except (SystemExit, Terminated) as e:  # Lightning's sys.exit for Ctrl-C / SIGTERM: raised to a caller as what it was
+    except (SystemExit, Terminated) as e:  # Lightning's sys.exit for Ctrl-C / SIGTERM, or one it only noted:
+        # raised to a caller as what it was
         stop = interruption(e)
         if stop is None:
             raise

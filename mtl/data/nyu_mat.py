@@ -170,7 +170,8 @@ def _next_stage(p: Path) -> np.ndarray:
 
 def check_mat_inputs(splits_file, class_mapping) -> None:
     """What the settings alone decide of the release's two other inputs (`NYUv2DataModule.check_settings`, before a
-    run folder): each is set and its files exist (an inline table: well formed); their contents are read with the data."""
+    run folder): each is set and its files exist (an inline table: well formed); their contents are read with the
+    data."""
     _need(splits_file, "splits_file")
     _mapping_inputs(class_mapping)
 
