@@ -46,8 +46,9 @@ def set_aside_failed_attempt(run_dir: Path, ckpt_path: Any) -> None:
     """A new attempt in a failed run's folder: that attempt's training curves go to ``csv.failed/`` (the CSV
     logger would start its ``metrics.csv`` afresh, even when resuming) and its checkpoints to
     ``checkpoints.failed/`` (each replacing an older set there), so ``checkpoints/`` holds this run's best and
-    last only. The checkpoints stay when this run resumes from a checkpoint in the folder, except those written
-    after the one resumed from (`_set_aside_later_checkpoints`)."""
+    last only. The checkpoints stay when this run resumes from a checkpoint anywhere in the folder (which files
+    of them a later epoch of the failed attempt wrote cannot be told safely: modification times do not survive a
+    copy, and the resumed checkpoint's own best must stay)."""
     if not (run_dir / FAILED).is_file():
         return
     if (run_dir / "csv" / "metrics.csv").is_file():
@@ -65,31 +66,11 @@ def set_aside_failed_attempt(run_dir: Path, ckpt_path: Any) -> None:
     if not old.is_dir() or not any(old.iterdir()):
         return
     aside = run_dir / "checkpoints.failed"
-    if ckpt_path and Path(str(ckpt_path)).resolve().parent == old.resolve():
-        _set_aside_later_checkpoints(old, Path(str(ckpt_path)), aside)
-        return
     if ckpt_path and run_dir.resolve() in Path(str(ckpt_path)).resolve().parents:
-        return  # resuming from a checkpoint in checkpoints.failed/: move nothing
+        return  # resuming from a checkpoint in this folder (checkpoints/ or checkpoints.failed/): move nothing
     shutil.rmtree(aside, ignore_errors=True)
     os.replace(old, aside)
     log.warning("run_dir %s held a failed attempt's checkpoints: moved to %s", run_dir, aside)
-
-
-def _set_aside_later_checkpoints(folder: Path, resumed: Path, aside: Path) -> None:
-    """Resuming from ``resumed`` in ``folder``: the files the failed attempt wrote there after it (a best checkpoint of
-    a later epoch, its last.ckpt) go to ``aside``. The resumed run trains those epochs again and writes its own; left
-    there, a later best would stay beside the resumed run's best. The resumed checkpoint itself never moves."""
-    written = resumed.stat().st_mtime_ns
-    later = [p for p in folder.iterdir() if p.is_file() and p.resolve() != resumed.resolve()
-             and p.stat().st_mtime_ns > written]
-    if not later:
-        return
-    shutil.rmtree(aside, ignore_errors=True)
-    aside.mkdir()
-    for p in later:
-        os.replace(p, aside / p.name)
-    log.warning("run_dir %s held checkpoints the failed attempt wrote after %s (%s): moved to %s", folder.parent,
-                resumed.name, ", ".join(sorted(p.name for p in later)), aside)
 
 
 def finished_run_refusal(run_dir: Path, found: list[str]) -> str:

@@ -396,15 +396,15 @@ def test_a_resume_start_record_compares_weights_digests_and_warns_on_old_checkpo
     assert "predates the start record: whether its run was a fine-tune (init_from) is unknown" in caplog.text
 
 
-def test_a_resume_in_its_folder_sets_aside_the_killed_attempts_later_best(tmp_path, caplog):
+def test_a_resume_in_its_folder_moves_no_checkpoint_and_names_why_the_best_is_gone(tmp_path, caplog):
     """Killed while writing epoch 1's last.ckpt, an attempt left epoch001.ckpt (its new best, epoch000.ckpt pruned)
-    beside the epoch-0 last.ckpt it resumes from: the resume kept it as a second best (and saved its own as
-    epoch001-v1.ckpt), and warned that the run folder had been moved or deleted."""
+    beside the epoch-0 last.ckpt it resumes from. The resume moves no checkpoint of its folder (file times cannot
+    tell a later attempt's best from the resumed checkpoint's own once the folder was copied), and its warning says
+    the recorded best was removed from this checkpoint folder, not that the run folder moved."""
     from mtl.cli.failures import FAILED
 
     run_dir = run(BASE + ["trainer.max_epochs=1"], run_dir=tmp_path / "r")
     ckpts = run_dir / "checkpoints"
-    # what the kill left: the best of epoch 1, written after last.ckpt, and the epoch-0 best it replaced gone
     os.replace(ckpts / "epoch000.ckpt", ckpts / "epoch001.ckpt")
     later = (ckpts / "last.ckpt").stat().st_mtime_ns + 10**9
     os.utime(ckpts / "epoch001.ckpt", ns=(later, later))
@@ -412,7 +412,20 @@ def test_a_resume_in_its_folder_sets_aside_the_killed_attempts_later_best(tmp_pa
     (run_dir / FAILED).write_text("killed\n")
     with caplog.at_level("WARNING"):
         run(BASE + ["trainer.max_epochs=2", f"ckpt_path={ckpts / 'last.ckpt'}"], run_dir=run_dir)
-    assert sorted(p.name for p in ckpts.iterdir()) == ["epoch001.ckpt", "last.ckpt"]  # one best, one last
-    assert (run_dir / "checkpoints.failed" / "epoch001.ckpt").read_bytes() == stale
+    assert (ckpts / "epoch001.ckpt").read_bytes() == stale and not (run_dir / "checkpoints.failed").exists()
     assert "moved or deleted" not in caplog.text
     assert f"best checkpoint {ckpts / 'epoch000.ckpt'} is gone (removed from this checkpoint folder" in caplog.text
+
+
+def test_a_resume_keeps_the_best_its_checkpoint_records_whatever_the_file_times(tmp_path):
+    """A run folder copied without its file times (cp -r, rsync without -t) can hold its best epochNNN.ckpt newer
+    than last.ckpt: a resume from last.ckpt in that folder keeps that best, the one last.ckpt records."""
+    from mtl.cli.failures import FAILED
+
+    run_dir = run(BASE + ["trainer.max_epochs=1"], run_dir=tmp_path / "r")
+    ckpts = run_dir / "checkpoints"
+    later = (ckpts / "last.ckpt").stat().st_mtime_ns + 10**9
+    os.utime(ckpts / "epoch000.ckpt", ns=(later, later))
+    (run_dir / FAILED).write_text("killed\n")
+    run(BASE + ["trainer.max_epochs=1", f"ckpt_path={ckpts / 'last.ckpt'}"], run_dir=run_dir)
+    assert (ckpts / "epoch000.ckpt").is_file() and not (run_dir / "checkpoints.failed").exists()
