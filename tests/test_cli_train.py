@@ -167,13 +167,18 @@ def test_a_failed_sweeps_job_folders_are_set_aside_but_not_a_users_or_a_held_one
     (tmp_path / "10").mkdir()  # refused before its .hydra record: FAILED and the job log only
     (tmp_path / "10" / "FAILED").write_text("boom 10")
     (tmp_path / "0.failed").mkdir()
-    (tmp_path / "0.failed" / "FAILED").write_text("older")  # an older attempt's: replaced, as checkpoints.failed/ is
+    (tmp_path / "0.failed" / "FAILED").write_text("older")  # an older attempt's: kept, nothing is deleted
     (tmp_path / "2" / ".running").write_text(json.dumps({"pid": os.getppid()}))  # a live run retrying job 2 there
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")  # no FAILED: no job's
-    assert set_aside_failed_jobs(tmp_path) == ["0.failed", "1.failed", "10.failed"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["0.failed", "1.failed", "10.failed", "2", "notes"]
-    assert (tmp_path / "0.failed" / "FAILED").read_text() == "boom 0"
+    (tmp_path / "pilot" / "checkpoints").mkdir(parents=True)  # a user's failed single run: not named as a job
+    (tmp_path / "pilot" / "FAILED").write_text("oom")
+    assert set_aside_failed_jobs(tmp_path) == ["0.failed.2", "1.failed", "10.failed"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0.failed", "0.failed.2", "1.failed", "10.failed", "2",
+                                                         "notes", "pilot"]
+    assert (tmp_path / "0.failed.2" / "FAILED").read_text() == "boom 0"
+    assert (tmp_path / "0.failed" / "FAILED").read_text() == "older"
+    assert (tmp_path / "pilot" / "FAILED").read_text() == "oom"
 
 
 def test_baselines_missing_a_task_is_an_error(tmp_path):

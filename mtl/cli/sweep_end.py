@@ -36,20 +36,19 @@ def jobs_not_failed(sweep_dir: str | Path) -> list[str]:
 
 def set_aside_failed_jobs(sweep_dir: str | Path) -> list[str]:
     """Move an earlier sweep's failed job folders in ``sweep_dir`` (all its jobs failed: `jobs_not_failed` is empty)
-    to ``<n>.failed`` (replacing an older one there, as a run's ``checkpoints.failed/``), so that every ``<n>/``
-    is the new sweep's own job: one it does not run would otherwise pass for one of its trials. A folder a run
-    still holds (its live ``.running`` claim) stays. Returns the folders moved."""
-    import shutil
-
+    to ``<n>.failed`` (``<n>.failed.2``, ... where that exists: nothing is deleted), so that every ``<n>/`` is the
+    new sweep's own job: one it does not run would otherwise pass for one of its trials. Job folders are those
+    named by Hydra's default ``hydra.sweep.subdir`` (the job number) holding a FAILED marker; any other folder, and
+    one a run still holds (its live ``.running`` claim), stays. Returns the folders moved."""
     sweep_dir = Path(sweep_dir)
     moved = []
     for p in sorted(sweep_dir.iterdir(), key=lambda p: (len(p.name), p.name)):  # 2 before 10
         # FAILED marks a job folder, also one refused before its .hydra record (FAILED and the job's log only)
-        if not p.is_dir() or p.name.startswith(".") or p.name.endswith(".failed") or not (p / FAILED).is_file() \
-                or _held(p / RUNNING):
+        if not p.is_dir() or not p.name.isdigit() or not (p / FAILED).is_file() or _held(p / RUNNING):
             continue
-        aside = p.with_name(f"{p.name}.failed")
-        shutil.rmtree(aside, ignore_errors=True)
+        aside, k = p.with_name(f"{p.name}.failed"), 2
+        while aside.exists():
+            aside, k = p.with_name(f"{p.name}.failed.{k}"), k + 1
         os.replace(p, aside)
         moved.append(aside.name)
     return moved
