@@ -50,6 +50,8 @@ def test_a_section_setting_the_job_cannot_take_is_refused_before_any_folder(cons
     ((*TRAIN, "trainer.max_epoch=3"), "no setting trainer.max_epoch (did you mean trainer.max_epochs?)"),
     ((*TRAIN, "task.depth.weigth=2"), "no setting task.depth.weigth (did you mean task.depth.weight?)"),
     ((*TRAIN, "trainr.max_epochs=3"), "no setting trainr.max_epochs (did you mean trainer.max_epochs?)"),
+    # equally close names, each given in full (was "data.size or seed")
+    ((*TRAIN, "data.seze=64"), "no setting data.seze (did you mean data.size or data.seed?)"),
     (("merging.cli", "debug=smoke", "merge.lamm=1"), "no setting merge.lamm (did you mean merge.lam?)"),
     (("mtl.cli.export", "debug=smoke", "format.opst=17"), "no setting format.opst (did you mean format.opset?)"),
     # nothing in the node is close: Hydra's own message (its + advice then gets the job's check)

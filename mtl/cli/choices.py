@@ -238,14 +238,14 @@ def near_setting(message: str, app_module: str, cause: BaseException | None = No
 def _near_nested(path: str, cause: BaseException | None) -> str | None:
     """'no setting a.b.c (did you mean a.b.d?)' for an override of `path` whose key `cause` (OmegaConf's
     ``Key ... is not in struct``) misses in its node; None when nothing there is close."""
-    from mtl.registry import closest
+    from mtl.registry import close_names
 
     node, missing = getattr(cause, "parent_node", None), getattr(cause, "full_key", None)
     if node is None or not isinstance(missing, str) or not (path == missing or path.startswith(f"{missing}.")):
         return None
     parent, _, key = missing.rpartition(".")
-    near = closest(key, [k for k in node.keys() if isinstance(k, str) and k != key])
-    if near is None:
+    names = close_names(key, [k for k in node.keys() if isinstance(k, str) and k != key])
+    if not names:
         return None
-    meant = f"{parent}.{near}" if parent else near
-    return f"no setting {path} (did you mean {meant}{path[len(missing):]}?)"
+    where, rest = (f"{parent}." if parent else ""), path[len(missing):]  # each name in full: a.b or a.c
+    return f"no setting {path} (did you mean {' or '.join(where + n + rest for n in names)}?)"
