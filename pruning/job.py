@@ -160,33 +160,33 @@ def _check_run_settings(cfg: DictConfig) -> None:
     check_finetune_lr(cfg.finetune.lr, steps_run=cfg.rounds > 1 and cfg.finetune.steps > 0)
 
 
-def _check_ignored_layers(cfg: DictConfig) -> None:
-    """``ignored_layers`` name modules of the ``model=`` folder's model, built on the meta device from its config (no
-    weights or data read), before the run folder is made; a smoke model's are checked once it is built."""
-    names = ignored_layer_names(cfg.ignored_layers)
-    if not names or not cfg.get("model"):
-        return
+def _folder_skeleton(cfg: DictConfig):
+    """The ``model=`` folder's model built on the meta device from its config (no weights or data read), for the checks
+    made before the run folder; None without a folder, where it cannot be built there, or where the folder does not
+    read (named by start_run, as for every input folder)."""
+    if not cfg.get("model"):
+        return None
     try:
-        skeleton = model_skeleton(cfg.model)
+        return model_skeleton(cfg.model)
     except ModelFolderError:
-        return  # (named when the job loads it)
-    if skeleton is not None:
+        return None
+
+
+def _check_ignored_layers(cfg: DictConfig, skeleton) -> None:
+    """``ignored_layers`` name modules of the ``model=`` folder's model (its ``skeleton``) before the run folder is
+    made; a smoke model's are checked once it is built."""
+    names = ignored_layer_names(cfg.ignored_layers)
+    if names and skeleton is not None:
         check_module_names(skeleton, names)
 
 
-def _check_baselines(cfg: DictConfig) -> None:
-    """``baselines=`` read (a missing or malformed file named) and checked against the ``model=`` folder's tasks, its
-    model built on the meta device (no weights read), before the run folder is made."""
+def _check_baselines(cfg: DictConfig, skeleton) -> None:
+    """``baselines=`` read (a missing or malformed file named) and checked against the ``model=`` folder's tasks (its
+    ``skeleton``'s), before the run folder is made."""
     if not cfg.get("baselines"):
         return
     from mtl.evaluation import load_baselines
 
-    skeleton = None
-    if cfg.get("model"):
-        try:
-            skeleton = model_skeleton(cfg.model)
-        except ModelFolderError:
-            pass  # (named by start_run, as for every input folder)
     load_baselines(cfg.baselines, skeleton.tasks if skeleton is not None else None)
 
 
@@ -227,8 +227,9 @@ def run_prune(cfg: DictConfig, run_dir: str | Path, command_line: list[str] | No
         command_line = list(HydraConfig.get().overrides.task)
     method, hp = _hparams(cfg, command_line)  # the config alone: a refused option leaves no run folder either
     _check_data_settings(cfg)
-    _check_ignored_layers(cfg)
-    _check_baselines(cfg)
+    skeleton = _folder_skeleton(cfg) if cfg.get("baselines") or ignored_layer_names(cfg.ignored_layers) else None
+    _check_ignored_layers(cfg, skeleton)
+    _check_baselines(cfg, skeleton)
     run_dir, output = start_run(cfg, run_dir, model_output=True)
     torch.manual_seed(int(cfg.seed))
     source = input_model(cfg, run_dir, "prune")
