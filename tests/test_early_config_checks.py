@@ -37,6 +37,11 @@ def _refused_without_folder(console, capfd, cli, *args):
                                                              "(did you mean opset?)"),
     # the dynamo exporter (the default) writes opsets from 18: refused after the run folder existed (left FAILED)
     (("mtl.cli.export", "debug=smoke", "format.opset=17"), "format.opset=17: the dynamo exporter writes opsets 18–"),
+    # the loader and split settings (were refused by the data module's constructor after a FAILED run folder)
+    ((*TRAIN, "data.batch_size=0"), "data.batch_size must be an int >= 1, got 0"),
+    ((*TRAIN, "data.num_workers=-1"), "data.num_workers must be an int >= 0, got -1"),
+    ((*TRAIN, "data.n_val=0"), "data.n_val must be an int >= 1, got 0"),
+    (("pruning.cli", "debug=smoke", "+data.batch_size=0"), "data.batch_size must be an int >= 1, got 0"),
     # the smoke model trains on scenes, whose data module takes batch_size
     (("pruning.cli", "debug=smoke", "+data.batch_sise=4"), "unknown setting data.batch_sise "
                                                            "(did you mean data.batch_size?)"),

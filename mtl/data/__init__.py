@@ -41,9 +41,9 @@ def check_datamodule(name: str, **kwargs: Any) -> type[LightningDataModule]:
     exist) without building it: a job names a bad ``data.<key>`` before its run folder exists."""
     cls = DATAMODULES.get(name)
     check_kwargs(cls, kwargs, "data")
-    check = getattr(cls, "check_settings", None)
-    if check is not None:
-        check(**kwargs)
+    for check in (getattr(cls, "check_loader_settings", None), getattr(cls, "check_settings", None)):
+        if check is not None:
+            check(**kwargs)
     return cls
 
 

@@ -33,6 +33,12 @@ def _check_exists(path: Path) -> None:
                                 "or .parquet/.arrow files)")
 
 
+def _check_limits(limits: dict[str, Any]) -> None:
+    for split, n in limits.items():
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"hf_local: data.n_{split} must be an int >= 1 or null (all rows), got {n!r}")
+
+
 def _open_local(path: Path) -> dict[str, Any]:
     """{split name: datasets.Dataset} from a save_to_disk folder or parquet/arrow files."""
     from datasets import Dataset, DatasetDict, load_from_disk
@@ -168,9 +174,7 @@ class HFImageDataModule(TensorDataModule):
                 raise ValueError(f"hf_local: {name} must be in [0, 1), got {frac}")
         self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
         self.limits = {"train": n_train, "val": n_val, "test": n_test}
-        for split, n in self.limits.items():
-            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-                raise ValueError(f"hf_local: data.n_{split} must be an int >= 1 or null (all rows), got {n!r}")
+        _check_limits(self.limits)
         self._classes = {"semseg_classes": semseg_classes, "classification_classes": classification_classes}
         self.semseg_lut = semseg_lookup(semseg_map, semseg_classes)
         self._depth_unit = DepthUnitCheck()
@@ -178,9 +182,11 @@ class HFImageDataModule(TensorDataModule):
             raise ValueError("hf_local: data.semseg_map is set but no column maps to semseg")
 
     @classmethod
-    def check_settings(cls, path: str | os.PathLike | None = None, **_: Any) -> None:
-        """What the settings alone decide, cheaply (`mtl.data.check_datamodule`, before a run folder): the dataset's
-        path exists (what it holds is read with the data)."""
+    def check_settings(cls, path: str | os.PathLike | None = None, n_train: Any = None, n_val: Any = None,
+                       n_test: Any = None, **_: Any) -> None:
+        """What the settings alone decide, cheaply (`mtl.data.check_datamodule`, before a run folder): the split
+        limits, and that the dataset's path exists (what it holds is read with the data)."""
+        _check_limits({"train": n_train, "val": n_val, "test": n_test})
         if path is not None:
             _check_exists(user_path(str(path)))
 
@@ -332,3 +338,4 @@ class HFImageDataModule(TensorDataModule):
             log.info("hf_local: carved %s from the train split of %s", carve, self.path)
         limited = {sp: {k: v[: self.limits[sp]] for k, v in t.items()} for sp, t in tensors.items()}
         return {sp: TensorDictDataset(t, cast=BATCH_DTYPES) for sp, t in limited.items()}
+

@@ -71,6 +71,16 @@ def _scenes_split(seed: int, offset: int, n: int, size: int):
     return concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 
+def check_scenes_settings(size: Any = 64, n_train: Any = 2000, n_val: Any = 500, n_test: Any = 500, seed: Any = 0,
+                          **_: Any) -> None:
+    """The split sizes, image size and seed as ints (`ScenesDataModule.check_settings`: before a run folder)."""
+    for name, n in dict(n_train=n_train, n_val=n_val, n_test=n_test).items():
+        # every split is used: to fit, to pick the checkpoint, for the final metrics
+        check_int(f"data.{name}", n, 1)
+    check_int("data.size", size, 1)
+    check_int("data.seed", seed, 0)
+
+
 def materialize_scenes(size: int = 64, n_train: int = 2000, n_val: int = 500, n_test: int = 500,
                        seed: int = 0, cache_dir: str | os.PathLike | None = None) -> Path:
     """Render the scenes splits once into an HF ``DatasetDict`` on disk; return its folder.
@@ -79,11 +89,7 @@ def materialize_scenes(size: int = 64, n_train: int = 2000, n_val: int = 500, n_
     every parameter that changes the data (including GENERATOR_VERSION), so a cached copy is reused
     only when it is exactly what was asked for. It appears complete or not at all.
     """
-    for name, n in dict(n_train=n_train, n_val=n_val, n_test=n_test).items():
-        # every split is used: to fit, to pick the checkpoint, for the final metrics
-        check_int(f"data.{name}", n, 1)
-    check_int("data.size", size, 1)
-    check_int("data.seed", seed, 0)
+    check_scenes_settings(size, n_train, n_val, n_test, seed)
     root = cache_root("scenes", cache_dir)
     final = root / f"scenes-v{GENERATOR_VERSION}-{size}px-{scenes_cache_key(size, n_train, n_val, n_test, seed)}"
     if (final / "dataset_dict.json").exists():
@@ -149,6 +155,8 @@ class ScenesDataModule(TensorDataModule):
         self.counts = dict(train=n_train, val=n_val, test=n_test)
         self.cache_dir = cache_dir
         self.path: Path | None = None
+
+    check_settings = staticmethod(check_scenes_settings)
 
     @property
     def info(self) -> dict[str, Any]:

@@ -49,3 +49,19 @@ def test_hf_local_splits_of_other_image_sizes_are_named_with_size_null(tmp_path)
     dm = HFImageDataModule(tmp_path / "dd", image_column="img", size=[3, 4])
     assert {tuple(dm.dataset(s).tensors["image"].shape[-2:]) for s in ("train", "val")} == {(3, 4)}
 
+
+
+@pytest.mark.parametrize("name, kwargs, message", [
+    ("scenes", {"n_val": 0}, "data.n_val must be an int >= 1, got 0"),
+    ("scenes", {"size": 0}, "data.size must be an int >= 1, got 0"),
+    ("scenes", {"batch_size": 0}, "data.batch_size must be an int >= 1, got 0"),
+    # judged before the path: no folder is read for a limit the module would refuse
+    ("hf_local", {"path": "/nonexistent/ds", "n_test": 0}, "hf_local: data.n_test must be an int >= 1 or null"),
+    ("nyuv2", {"root": "/nonexistent/nyu", "num_workers": -2}, "data.num_workers must be an int >= 0, got -2"),
+])
+def test_split_and_loader_settings_are_judged_without_building_the_module(name, kwargs, message):
+    """`check_datamodule` (what the CLIs call before a run folder) refuses what the module's constructor would."""
+    from mtl.data import check_datamodule
+
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        check_datamodule(name, **kwargs)
