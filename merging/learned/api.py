@@ -299,7 +299,7 @@ def learn(method: str, pretrained, finetuned, *, unlabeled: Mapping[str, Iterabl
     tasks=[t])`` when the inputs are not model folders; `tasks`: its task name per fine-tuned model (with
     `model` only: model folders bring their tasks, so `tasks` without `model` is refused).
     `callback(step, merged_state)` runs every `callback_every` steps and may return metrics to record.
-    Other keyword arguments: the method's hyperparameters (`method_defaults(method)`) and the key
+    Other keyword arguments: the method's hyperparameters (`merging.learned.method_defaults(method)`) and the key
     options of `merging.merge` (`include`, `exclude`, `task_keys`, `bn`, ...). With `bn="recompute"`
     each step runs all tasks' batches in one pooled pass with the shared BatchNorm layers in train mode
     (batch statistics of the current merged weights, differentiated through; see `loop`), and the

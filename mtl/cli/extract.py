@@ -3,10 +3,10 @@ or one width setting of a slimmable model.
 
     mtl-extract model=<folder> tasks=depth [calib.batches=8] [min_share=0.0]
     mtl-extract model=<slimmable folder> 'widths={encoder: 0.5, decoders: {depth: 1.0}}'
-
-(`tasks=`, as in mtl-export: `task` is the training config group, which Hydra would try to load.)
     mtl-extract debug=smoke              # trains a tiny real task-MoE model first, in seconds
     mtl-extract debug=smoke 'widths={encoder: 0.5}'   # the same with a tiny slimmable model
+
+(`tasks=`, as in mtl-export: `task` is the training config group, which Hydra would try to load.)
 """
 from __future__ import annotations
 
