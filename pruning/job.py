@@ -191,9 +191,11 @@ def _check_baselines(cfg: DictConfig, skeleton) -> None:
 
 
 def _check_data_settings(cfg: DictConfig) -> None:
-    """``data.<key>`` (names, with a did-you-mean, and scalar types) before the run folder exists, against the data
-    module ``data.name`` names, else the one the model folder records, judged over its recorded settings (a smoke
-    model's: scenes, as `smoke_model` trains it); a folder whose record does not read is left to the job to name."""
+    """``data.<key>`` (names, with a did-you-mean, and scalar types) before the run folder exists, over the config the
+    job builds (`datamodule_for`): the model folder's recorded data updated by the override when it names no other
+    dataset (a new .mat data.root keeps the recorded splits_file and class_mapping, ``data.name`` repeating the
+    recorded name or not), else the override alone; a smoke model's data is scenes, as `smoke_model` trains it. A
+    folder whose record does not read is left to the job to name."""
     import json
 
     from mtl.data import check_datamodule
@@ -201,21 +203,22 @@ def _check_data_settings(cfg: DictConfig) -> None:
     given = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else {}
     if not isinstance(given, dict) or not given:
         return
-    name = given.get("name")
-    if name is None and cfg.get("model"):
+    if cfg.get("model"):
         file = user_path(str(cfg.model)) / "config.json"
         try:
             recorded = json.loads(file.read_text())["meta"]["data"]
-            name = recorded["name"]
         except (OSError, KeyError, TypeError, *JSON_ERRORS):
+            recorded = None
+        if not isinstance(recorded, dict) or "name" not in recorded:
+            recorded = None
+        if recorded is None and "name" not in given:
             return
-        # the config the job builds (`datamodule_for`): settings judged together, e.g. a new .mat data.root with the
-        # recorded splits_file and class_mapping
-        given = rebuild_config(recorded, given, file, "data")
-    elif name is None and cfg.get("smoke_model"):
-        name = "scenes"
-    if name is not None:
-        check_datamodule(name, **{k: v for k, v in given.items() if k != "name"})
+        if recorded is not None:  # rebuild_config keeps ``given`` alone when it names another dataset
+            given = rebuild_config(recorded, given, file, "data")
+    elif "name" not in given and cfg.get("smoke_model"):
+        given = {"name": "scenes", **given}
+    if given.get("name") is not None:
+        check_datamodule(given["name"], **{k: v for k, v in given.items() if k != "name"})
 
 
 def run_prune(cfg: DictConfig, run_dir: str | Path, command_line: list[str] | None = None) -> dict[str, Any]:

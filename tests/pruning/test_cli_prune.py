@@ -545,3 +545,25 @@ def test_a_data_override_is_judged_over_the_recorded_data_settings_before_the_ru
     with pytest.raises(FileNotFoundError, match=r"^nyuv2: data.class_mapping '.*none\.mat' does not exist"):
         _check_data_settings(OmegaConf.create({"model": str(tmp_path / "model"),
                                                "data": {"class_mapping": str(tmp_path / "none.mat")}}))
+
+
+def test_a_data_override_repeating_the_recorded_name_is_judged_over_the_recorded_settings(tmp_path):
+    """data.name equal to the recorded one (a whole 'data={name: nyuv2, root: ...}') is still the recorded config
+    updated (`rebuild_config`, as datamodule_for builds it): its splits_file and class_mapping count; another name is
+    judged alone."""
+    for name in ("a.mat", "b.mat", "splits.json", "c40.mat"):
+        (tmp_path / name).write_text("")
+    m = create_model(["semseg", "depth"], backbone="test_resnet", decoder={"name": "hps", "channels": 8})
+    save_model(m, tmp_path / "model", meta={"data": {"name": "nyuv2", "root": str(tmp_path / "a.mat"),
+                                                     "splits_file": str(tmp_path / "splits.json"),
+                                                     "class_mapping": str(tmp_path / "c40.mat")}})
+    from pruning.job import _check_data_settings
+    from omegaconf import OmegaConf
+
+    model = str(tmp_path / "model")
+    _check_data_settings(OmegaConf.create({"model": model, "data": {"name": "nyuv2", "root": str(tmp_path / "b.mat")}}))
+    with pytest.raises(FileNotFoundError, match=r"^nyuv2: data.class_mapping '.*none\.mat' does not exist"):
+        _check_data_settings(OmegaConf.create({"model": model, "data": {"name": "nyuv2",
+                                                                        "class_mapping": str(tmp_path / "none.mat")}}))
+    with pytest.raises(TypeError, match=r"unknown setting data.sise \(did you mean data.size\?\)"):
+        _check_data_settings(OmegaConf.create({"model": model, "data": {"name": "scenes", "sise": 8}}))
