@@ -107,22 +107,25 @@ def check_kwargs(fn: Callable, kwargs: dict, what: str, given: tuple[str, ...] |
                             f"got {value!r} ({type(value).__name__})")
 
 
-#: characters typed for one another (O/0, l/1, I/1); a name equal to the typed one once these and case are folded is
-#: the one meant, however many others are as close by edit distance
-_LOOK_ALIKE = str.maketrans("OoIl", "0011")
+#: characters typed for one another (O/0, l/1, I/1), applied after case folding (so L and i fold too); a name equal
+#: to the typed one once case and these are folded is the one meant, however many others are as close by edit distance
+_LOOK_ALIKE = str.maketrans("oil", "011")
+
+
+def _folded(name: str) -> str:
+    return name.casefold().translate(_LOOK_ALIKE)
 
 
 def close_names(key: str, known: Iterable[str], cutoff: float = 0.75, most: int = 3) -> list[str]:
-    """The known names a misspelt ``key`` most likely meant: those equal to it but for look-alike characters and
-    case, else those scoring best by difflib's ratio (>= ``cutoff``), every one of an equal best (in ``known``'s
+    """The known names a misspelt ``key`` most likely meant: those equal to it but for case and look-alike characters
+    (those differing in case alone first), else those scoring best by difflib's ratio (>= ``cutoff``), every one of an equal best (in ``known``'s
     order: which of equally close names was meant cannot be told), at most ``most``; [] when nothing is close."""
     import difflib
 
     known = list(dict.fromkeys(known))
-    folded = key.translate(_LOOK_ALIKE).casefold()
-    alike = [k for k in known if k != key and k.translate(_LOOK_ALIKE).casefold() == folded]
-    if alike:
-        return alike[:most]
+    alike = [k for k in known if k != key and _folded(k) == _folded(key)]
+    if alike:  # those differing from it in case alone first
+        return sorted(alike, key=lambda k: k.casefold() != key.casefold())[:most]
     matcher, scores = difflib.SequenceMatcher(), {}
     matcher.set_seq2(key)
     for name in known:  # difflib.get_close_matches' scoring, keeping ties (it keeps the largest string of them)

@@ -59,12 +59,26 @@ def test_a_section_setting_the_job_cannot_take_is_refused_before_any_folder(cons
     ((*TRAIN, "data.seze=64"), "no setting data.seze (did you mean data.size or data.seed?)"),
     (("merging.cli", "debug=smoke", "merge.lamm=1"), "no setting merge.lamm (did you mean merge.lam?)"),
     (("mtl.cli.export", "debug=smoke", "format.opst=17"), "no setting format.opst (did you mean format.opset?)"),
+    # case alone (L/l was looked alike before case was folded, so LR matched nothing: Hydra's message, no hint)
+    ((*TRAIN, "optim.LR=0.1"), "no setting optim.LR (did you mean optim.lr?)"),
     # nothing in the node is close: Hydra's own message (its + advice then gets the job's check)
     ((*TRAIN, "trainer.zzzz=3"), "Could not override 'trainer.zzzz'; To append to your config use +trainer.zzzz=3"),
 ])
 def test_a_misspelt_nested_key_is_named_with_the_key_it_nearly_matches(console, capfd, args, expected):
     message = _refused_without_folder(console, capfd, *args)
     assert (message.startswith(expected) if expected.startswith("Could not") else message == expected), message
+
+
+def test_close_names_folds_case_before_look_alike_characters():
+    """A name equal to the key but for case and O/0, l/1, I/1 is the one meant (L1 and LR found nothing: l and i
+    were folded to 1 before case, so L and I stayed apart from them); one differing in case alone comes first."""
+    from mtl.registry import close_names
+
+    assert close_names("L1", ["l1", "l1_global"]) == ["l1"]
+    assert close_names("LR", ["lr", "momentum"]) == ["lr"]
+    assert close_names("iou", ["IoU", "loss"]) == ["IoU"]
+    assert close_names("I1", ["l1", "l1_global"]) == ["l1"]  # look-alike, as before
+    assert close_names("L1", ["I1", "l1"]) == ["l1", "I1"]  # case alone before a look-alike
 
 
 @pytest.mark.parametrize("cli, top", [
