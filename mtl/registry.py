@@ -75,7 +75,8 @@ def check_kwargs(fn: Callable, kwargs: dict, what: str, given: tuple[str, ...] |
     """Refuse an unknown keyword (unless ``fn`` takes ``**kwargs``) or one of the wrong scalar type before
     ``fn`` sees it, naming the field (``given``: parameters the caller fills itself, neither listed nor taken as
     settings; as ``{name: how it is set}``, such a setting is refused as set by mtlkit, saying how): a string where an ``int``/``float``/``bool`` is declared (``decoder.channels="16"``) would otherwise fail
-    deep inside torch with a message about something else. Other annotations are not checked."""
+    deep inside torch with a message about something else; so would None (``balancer.c=null``) where neither the
+    annotation (``X | None``) nor the default (None) allows it. Other annotations are not checked."""
     import inspect
 
     try:
@@ -91,20 +92,22 @@ def check_kwargs(fn: Callable, kwargs: dict, what: str, given: tuple[str, ...] |
             settings = [n for n, q in params.items() if q.kind in (q.POSITIONAL_OR_KEYWORD, q.KEYWORD_ONLY)
                         and n not in ("self", "in_channels", "tasks", *given)]
             raise TypeError(unknown_settings(what, [key], settings))
-        if p is None or p.annotation is inspect.Parameter.empty or value is None:
+        if p is None or p.annotation is inspect.Parameter.empty:
             continue
         hint = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", "")
         alts = [a.strip() for a in hint.split("|")]
         if not alts or any(a not in _SCALARS and a != "None" for a in alts):
-            continue  # containers, unions with other types, Any: not ours to judge
+            continue  # containers, unions with other types, Optional[...], Any: not ours to judge
+        if value is None and ("None" in alts or p.default is None):
+            continue  # None is one of its types or its default
         allowed = tuple(t for a in alts if a in _SCALARS for t in _SCALARS[a])
         if isinstance(value, bool) and bool not in allowed:
             ok = False
         else:
             ok = isinstance(value, allowed)
         if not ok:
-            raise TypeError(f"{what}.{key} must be {' or '.join(a for a in alts if a != 'None')}, "
-                            f"got {value!r} ({type(value).__name__})")
+            got = "None" if value is None else f"{value!r} ({type(value).__name__})"
+            raise TypeError(f"{what}.{key} must be {' or '.join(a for a in alts if a != 'None')}, got {got}")
 
 
 #: characters typed for one another (O/0, l/1, I/1), applied after case folding (so L and i fold too); a name equal

@@ -96,6 +96,8 @@ def test_error_after_composition_is_one_line_and_marks_the_run_failed(monkeypatc
     ("+backbone.drop_pth_rate=0.1", "unknown setting backbone.drop_pth_rate (did you mean backbone.drop_path_rate?)"),
     # a balancer's range error names the full key, as the finiteness check does
     ("balancer=dwa balancer.temperature=-1", "dwa: balancer.temperature must be > 0, got -1"),
+    # was "'<' not supported between instances of 'NoneType' and 'int'", naming no key
+    ("balancer=cagrad balancer.c=null", "balancer.c must be float, got None"),
 ])
 def test_a_setting_refused_before_the_run_accepts_its_folder_leaves_none(monkeypatch, tmp_path, capfd, override, expected):
     """Refused before config.yaml is written: no FAILED folder without a record of what was asked."""

@@ -81,6 +81,19 @@ def test_close_names_folds_case_before_look_alike_characters():
     assert close_names("L1", ["I1", "l1"]) == ["l1", "I1"]  # case alone before a look-alike
 
 
+def test_check_kwargs_takes_none_only_where_the_annotation_or_the_default_allows_it():
+    """None passed every annotation unchecked: a plain ``float`` setting set to null failed later, in the
+    constructor's arithmetic, naming no key."""
+    from mtl.registry import check_kwargs
+
+    def fn(a: float = 1.0, b: "int | None" = 2, c: int = None, d: "list[int]" = (1,), e=3):
+        pass
+
+    check_kwargs(fn, {"b": None, "c": None, "d": None, "e": None}, "x")
+    with pytest.raises(TypeError, match=r"^x\.a must be float, got None$"):
+        check_kwargs(fn, {"a": None}, "x")
+
+
 @pytest.mark.parametrize("cli, top", [
     ("mtl.cli.train", "backbone, balancer, baselines,"), ("merging.cli", "bn_stats, debug, eval,"),
     ("pruning.cli", "baselines, calib, data,"), ("mtl.cli.export", "debug, format, hydra,"),

@@ -108,6 +108,25 @@ def test_non_finite_hyperparameters_are_refused_when_built(name, key, value):
         create_balancer(name, ["a", "b"], **{key: value})
 
 
+@pytest.mark.parametrize("name, key, kind", [
+    ("cagrad", "c", "float"), ("flat", "rho", "float"), ("dwa", "temperature", "float"), ("famo", "lr", "float"),
+    ("gradnorm", "lr", "float"), ("nash_mtl", "tol", "float"), ("uw", "init", "float"), ("mgda", "rtol", "float"),
+    ("upgrad", "reg_eps", "float"), ("famo", "eps", "float"), ("gradnorm", "alpha", "float"),
+    ("nash_mtl", "update_weights_every", "int"), ("mgda", "max_iters", "int"), ("pcgrad", "skip_nonfinite", "bool"),
+])
+def test_null_for_a_setting_that_takes_no_none_is_named(name, key, kind):
+    """balancer.c=null stopped with "'<' not supported between instances of 'NoneType' and 'int'" (a float() or
+    int() message for others), naming neither balancer nor key: None is refused as any other wrong type is."""
+    with pytest.raises(TypeError, match=rf"^balancer\.{key} must be {kind}, got None$"):
+        create_balancer(name, ["a", "b"], **{key: None})
+
+
+def test_null_stays_accepted_where_the_annotation_or_the_default_takes_it():
+    """``int | None`` (parallel_chunk_size), ``dict | None`` (aggregator_kwargs): None is a value they take."""
+    create_balancer("cagrad", ["a", "b"], parallel_chunk_size=None)
+    create_balancer("flat", ["a", "b"], aggregator_kwargs=None)
+
+
 @pytest.mark.parametrize("name, kwargs, message", [
     ("dwa", {"temperature": -1}, "dwa: balancer.temperature must be > 0, got -1"),
     ("dwa", {"window": 0}, "dwa: balancer.window must be 'epoch' or a positive number of steps, got 0"),
