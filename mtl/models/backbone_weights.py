@@ -143,12 +143,14 @@ def unpickling_refusal(error: BaseException, path: str) -> str | None:
     datetime or numpy scalar beside the weights; timm re-raises torch's refusal as a RuntimeError advising
     weights_only=False, which runs the file's code): the file, the blocked global and how to re-save it. None when
     ``error`` is another one."""
-    from mtl.torch_load import torch_load_refusal
+    from mtl.torch_load import blocked_global, torch_load_refusal
 
     cause: BaseException | None = error
     while cause is not None and not isinstance(cause, pickle.UnpicklingError):
         cause = cause.__cause__ or cause.__context__
     if cause is None:
         return None
-    return (torch_load_refusal(f"backbone.checkpoint_path={path}", cause) + "; re-save the state dict alone "
-            "(torch.save(state_dict, file)) or as .safetensors (safetensors.torch.save_file)")
+    line = torch_load_refusal(f"backbone.checkpoint_path={path}", cause)
+    if not blocked_global(cause):  # no checkpoint at all (a text file): nothing to re-save
+        return line
+    return line + "; re-save the state dict alone (torch.save(state_dict, file)) or as .safetensors (safetensors.torch.save_file)"

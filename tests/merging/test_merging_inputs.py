@@ -488,6 +488,18 @@ def test_a_pickle_beyond_tensors_is_refused_naming_file_and_global(tmp_path):
                             "posix.getpid; a weights-only torch.load blocks it)")
 
 
+def test_a_text_file_given_as_a_checkpoint_is_said_to_be_no_checkpoint(tmp_path):
+    """Every UnpicklingError read as a blocked global: a text file (its 'n' is no pickle opcode) was 'refused, it
+    needs unpickling beyond tensors' (Unsupported operand 110); only an unsupported global means that."""
+    pre = tmp_path / "pre.pt"
+    torch.save({"a": torch.zeros(2)}, pre)
+    text = tmp_path / "x.ckpt"
+    text.write_text("not a ckpt\n")
+    with pytest.raises(merging.MergeInputError) as e:
+        merging.merge("task_arithmetic", pre, [text], lam=1.0)
+    assert str(e.value) == f"{text}: not a PyTorch/Lightning checkpoint (Unsupported operand 110)"
+
+
 @pytest.mark.parametrize("bad, why", [
     ({"a": torch.zeros(2, 2).to_sparse()}, r"tensor 'a' is torch.sparse_coo; merges take dense tensors"),
     ({"a": torch.zeros(2, 2), 3: torch.zeros(2)}, r"keys must be strings \(tensor names\); key 3 is a int"),

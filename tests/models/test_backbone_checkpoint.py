@@ -123,6 +123,17 @@ def test_a_checkpoint_file_pickling_more_than_tensors_is_refused_naming_the_key_
                             "state dict alone (torch.save(state_dict, file)) or as .safetensors (safetensors.torch.save_file)")
 
 
+def test_a_text_file_as_checkpoint_is_no_checkpoint_not_a_blocked_pickle(tmp_path):
+    """A text file was 'refused, it needs unpickling beyond tensors ... (Unsupported operand 110)', told to re-save."""
+    from mtl.models.backbones import TimmBackbone
+
+    path = tmp_path / "ckpt.pth"
+    path.write_text("not a ckpt\n")
+    with pytest.raises(ValueError) as e:
+        TimmBackbone("test_resnet", checkpoint_path=str(path))
+    assert str(e.value) == f"backbone.checkpoint_path={path}: not a PyTorch/Lightning checkpoint (Unsupported operand 110)"
+
+
 @pytest.mark.parametrize("prefix, fix", [
     ("backbone.body.", "an mtlkit model folder's weights: start from the folder with init_from=<folder>"),
     ("backbone.", "strip it: re-save the state dict with the keys less 'backbone.'"),  # mmpretrain, a DINO teacher
