@@ -344,15 +344,18 @@ def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
     except (FileNotFoundError, IsADirectoryError, ValueError) as e:
         raise ModelFolderError(str(e)) from None
     if not isinstance(cfg, dict):  # a list, null or string holds no key at all: say what it is
-        raise ModelFolderError(f"{file}: must be a JSON object, got {'null' if cfg is None else type(cfg).__name__}")
+        raise ModelFolderError(f"{file}: must be a JSON object, got {_json_type(cfg)}")
     if "model" not in cfg and ("architectures" in cfg or "model_type" in cfg):
         raise ModelFolderError(f"{file}: a Hugging Face model config (model_type={cfg.get('model_type')!r}), not an "
                                "mtlkit model folder; merge such checkpoints with merging.merge / merging.merge_to_file "
                                "or mtl-merge eval=none (docs/merging.md, LLM checkpoints)")
-    if not isinstance(cfg.get("model"), dict):
-        raise ModelFolderError(f"{file}: missing key 'model'")
-    if cfg.get("format") != FORMAT:
-        raise ModelFolderError(f"{file}: key 'format' is {cfg.get('format')!r}; this mtlkit reads {FORMAT!r}")
+    for key in ("model", "format"):
+        if key not in cfg:
+            raise ModelFolderError(f"{file}: missing key {key!r}" + (f" (this mtlkit reads {FORMAT!r})" if key == "format" else ""))
+    if not isinstance(cfg["model"], dict):
+        raise ModelFolderError(f"{file}: key 'model' must be an object, got {_json_type(cfg['model'])}")
+    if cfg["format"] != FORMAT:
+        raise ModelFolderError(f"{file}: key 'format' is {cfg['format']!r}; this mtlkit reads {FORMAT!r}")
     for key in ("tasks", "backbone"):
         if key not in cfg["model"]:
             raise ModelFolderError(f"{file}: missing key 'model.{key}'")
@@ -363,7 +366,7 @@ def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
     if not tasks:
         raise ModelFolderError(f"{file}: key 'model.tasks' is empty; a model has at least one task")
     if not isinstance(cfg.get("meta", {}), dict):
-        raise ModelFolderError(f"{file}: key 'meta' must be an object, got {type(cfg['meta']).__name__}")
+        raise ModelFolderError(f"{file}: key 'meta' must be an object, got {_json_type(cfg['meta'])}")
     unknown = sorted(set(cfg) - {"format", "mtlkit_version", "model", "meta"})
     if unknown:  # e.g. a misspelt "metadata": its content would be dropped without a word
         log.warning("%s: unknown top-level key(s) %s ignored (a model folder holds format, mtlkit_version, model, meta)",
@@ -374,6 +377,11 @@ def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
         raise ModelFolderError(f"{file}: key '{fetch}' makes the model read initial weights (the Hub or a file); a "
                                "model folder holds its weights and never loads others: remove the key")
     return cfg
+
+
+def _json_type(value: Any) -> str:
+    """What a JSON value is, as an error names it (``null``, ``list``, ``str``)."""
+    return "null" if value is None else type(value).__name__
 
 
 def _read_weights(file: Path, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -474,6 +474,22 @@ def test_a_config_whose_meta_is_not_an_object_is_refused(tiny_model, tmp_path, m
         mtl.load_model(folder)
 
 
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: c.update(model=[1]), r"config\.json: key 'model' must be an object, got list$"),
+    (lambda c: c.update(model=None), r"config\.json: key 'model' must be an object, got null$"),
+    (lambda c: c.pop("model"), r"config\.json: missing key 'model'$"),
+    (lambda c: c.pop("format"), r"config\.json: missing key 'format' \(this mtlkit reads 'mtlkit\.model/"),
+])
+def test_a_config_whose_model_is_no_object_or_lacks_format_says_so(tiny_model, tmp_path, edit, match):
+    """model=[1] read 'missing key model', and a missing format 'key format is None'."""
+    folder = mtl.save_model(tiny_model, tmp_path / "m")
+    cfg = json.loads((folder / "config.json").read_text())
+    edit(cfg)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelFolderError, match=match):
+        mtl.load_model(folder)
+
+
 def test_atomic_path_never_replaces_an_output_another_writer_made_meanwhile(tmp_path):
     """Two writers of one new output (overwrite=False): the second to finish is refused, not swapped in."""
     for kind in ("file", "folder"):
