@@ -39,6 +39,7 @@ from .evaluation import Evaluator, ImageBatches
 from .pool import ModelPool, check_same_pruning, check_same_start, manifest_paths, model_list
 from .report import build_report, print_table, write_report
 from .run_outputs import RUN_OUTPUTS, STORE_DIR
+from .sources import MergeInputError, check_distinct_inputs
 from .storage import STORE_FILE
 from .streaming import resolve_output
 
@@ -275,6 +276,11 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                          "or average for TALL")
     check_inputs_given(cfg)  # the settings above and the inputs here: before the run folder
     manifest = manifest_paths(cfg.pool) if cfg.get("pool") else None  # read once: checked, then merged
+    if manifest or cfg.get("pretrained"):  # a folder twice, or θ0 among the models: before the run folder
+        try:
+            check_distinct_inputs(*_given_paths(cfg, Path(run_dir), manifest), ("pretrained", "models"))
+        except MergeInputError as e:
+            raise MergeInputError(f"{cfg.pool}: {e}" if manifest else str(e)) from None
     run_dir, output = start_run(cfg, run_dir, inputs=[manifest[0], *manifest[1]] if manifest else [],
                                 model_output=evaluated, any_weights=not evaluated)
     output = output.resolve()  # a relative output= is the cwd's, not the run folder's: record where it is

@@ -24,6 +24,8 @@ from mtl.models.surgery import PLAN_KEY
 from mtl.modes import eval_mode
 from mtl.tasks import Task, create_task
 
+from .sources import check_distinct_inputs
+
 HEAD_PREFIX = "decoder.heads."
 
 
@@ -51,6 +53,7 @@ class ModelPool:
         models = model_list(models, "models")
         if not models:
             raise ValueError("no fine-tuned models given: pass models=[folder,...] or pool=<manifest.json>")
+        check_distinct_inputs(pretrained, models, ("pretrained", "models"))
         check_same_pruning(pretrained, models)
         pre_cfg = _checked_arch(pretrained, read_checked_config(pretrained)["model"])  # edited configs named
         why = _OWN_WEIGHTS_ELSEWHERE.get(pre_cfg.get("family"))

@@ -35,6 +35,7 @@ __all__ = [
     "ShardedSafetensorsSource",
     "open_source",
     "open_sources",
+    "check_distinct_inputs",
     "load_state_dict",
     "SAFETENSORS_DTYPES",
     "DTYPE_CODES",
@@ -142,8 +143,37 @@ def open_sources(pretrained: SourceLike, finetuned) -> tuple[StateSource, list[S
     if isinstance(finetuned, (str, os.PathLike, Mapping, nn.Module, StateSource, torch.Tensor)):
         raise TypeError("finetuned must be a list of models (state dicts, modules, folders or files), not one model")
     fts = list(finetuned)
+    check_distinct_inputs(pretrained, fts)
     pre = open_source(pretrained, label="pretrained")
     return pre, [open_source(f, label=f"finetuned[{i}]") for i, f in enumerate(fts)]
+
+
+def check_distinct_inputs(pretrained, finetuned: Sequence[Any], names: tuple[str, str] = ("pretrained", "finetuned")
+                          ) -> None:
+    """Refuse, in one line naming both entries, a fine-tuned model given by path that is an earlier one again (its
+    task vector would count twice) or the pretrained model (a zero task vector counted as a model), compared on the
+    resolved weights each path reads (a symlink, ``./a`` and ``a/model.safetensors`` are ``a``). ``names``: what the
+    caller calls the two arguments (``models`` on the command line)."""
+    def weights(x: Any) -> Path | None:
+        if not isinstance(x, (str, os.PathLike)):
+            return None  # in memory: nothing to compare by path
+        p = user_path(x).resolve()
+        return p / "model.safetensors" if (p / "model.safetensors").is_file() else p
+
+    pre, seen = weights(pretrained), {}
+    for i, f in enumerate(finetuned):
+        w = weights(f)
+        if w is None:
+            continue
+        label = f"{names[1]}[{i}] ({str(f)!r})"
+        if w == pre:
+            raise MergeInputError(f"{label} is {names[0]} ({str(pretrained)!r}): its task vector is zero, merged as one "
+                                  f"more model it only dilutes the others; list the fine-tuned models alone")
+        if w in seen:
+            j = seen[w]
+            raise MergeInputError(f"{label} is {names[1]}[{j}] ({str(finetuned[j])!r}) again: its task vector would "
+                                  "count twice; list each model once")
+        seen[w] = i
 
 
 def input_paths(pretrained, finetuned) -> list[Path]:

@@ -763,3 +763,43 @@ def test_an_eval_none_rerun_keeps_no_earlier_plot(pool, tmp_path):
     run(["eval=none", "merge=ties", "overwrite=true", f"pretrained={pool.pretrained}", f"models=[{models}]"],
         run_dir=rd)
     assert not (rd / "task_accuracy.png").exists() and (rd / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("evaluated", [False, True])
+@pytest.mark.parametrize("twice", ["same", "symlink", "pretrained"])
+def test_a_model_given_twice_or_theta0_among_the_models_is_refused_before_the_run_folder(pool, tmp_path, evaluated,
+                                                                                         twice):
+    """models=[a,a] merged θ0 + 2λ·τ_a (rc=0; evaluated: a FAILED run folder saying 'rename the tasks'), and
+    models=[θ0,a] merged a zero task vector as a model (average: θ0 + τ_a/2)."""
+    a = Path(pool.member_paths[0])
+    link = tmp_path / "link"
+    link.symlink_to(a.resolve(), target_is_directory=True)
+    first, again = {"same": (a, a), "symlink": (a, link), "pretrained": (pool.pretrained, a)}[twice]
+    args = [f"pretrained={pool.pretrained}", f"models=[{first},{again}]", "merge=average", "output=" + str(tmp_path / "o")]
+    with pytest.raises(merging.MergeInputError) as e:
+        run([*args, *([] if evaluated else ["eval=none"])], run_dir=tmp_path / "r")
+    want = (f"models[1] ({str(again)!r}) is models[0] ({str(first)!r}) again" if twice != "pretrained" else
+            f"models[0] ({str(first)!r}) is pretrained ({str(pool.pretrained)!r}): its task vector is zero")
+    assert str(e.value).startswith(want) and "\n" not in str(e.value), str(e.value)
+    assert not (tmp_path / "r").exists() and not (tmp_path / "o").exists()
+
+
+def test_a_pool_manifest_listing_a_model_twice_is_refused_naming_the_manifest(pool, tmp_path):
+    manifest = tmp_path / "pool.json"
+    a = str(pool.member_paths[0])
+    manifest.write_text(json.dumps({"pretrained": str(pool.pretrained), "models": [a, a]}))
+    with pytest.raises(merging.MergeInputError, match=rf"^{manifest}: models\[1\] \('{a}'\) is models\[0\]"):
+        run([f"pool={manifest}", "merge=average", "eval=none", f"output={tmp_path / 'o'}"], run_dir=tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_python_apis_refuse_a_folder_twice_and_theta0_as_a_model(pool, tmp_path):
+    a = Path(pool.member_paths[0])
+    with pytest.raises(merging.MergeInputError, match=r"^finetuned\[1\] .* is finetuned\[0\] .* again"):
+        merging.merge("task_arithmetic", pool.pretrained, [a, a / "model.safetensors"], lam=0.3)
+    with pytest.raises(merging.MergeInputError, match=r"^finetuned\[0\] .* is pretrained "):
+        merging.merge("average", pool.pretrained, [pool.pretrained, a])
+    with pytest.raises(merging.MergeInputError, match=r"^models\[1\] .* is models\[0\] .* again"):
+        from merging.pool import ModelPool
+
+        ModelPool.from_folders(pool.pretrained, [a, a])

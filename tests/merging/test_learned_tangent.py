@@ -155,7 +155,7 @@ def test_a_linearized_fine_tune_expanded_around_another_point_is_refused(tmp_pat
     with torch.no_grad():
         next(p for n, p in m.named_parameters() if n.startswith("backbone.")).add_(0.1)
     other = mtl.save_model(linearize(m), tmp_path / "other")  # expanded around the moved weights
-    merging.merge("task_arithmetic", pre, [ft, ft])
+    merging.merge("task_arithmetic", pre, [ft])
     with pytest.raises(merging.MergeInputError, match=r"other/model.safetensors is linearized around another point "
                                                       r"than .*pre/model.safetensors: its expansion point 'theta0\..*"
                                                       r"differs by up to 0.1"):
@@ -227,8 +227,9 @@ def test_mtl_merge_refuses_mixed_forms_before_evaluating_the_pool(tmp_path, monk
     with pytest.raises(merging.MergeInputError, match="are linearized .tangent-space. models and .*pre/model.safetensors is not"):
         job.run(["merge=task_arithmetic", f"pretrained={pre}", f"models=[{lins[0]},{lins[1]}]", "+merge.unshared=skip"],
                 run_dir=tmp_path / "run")
+    lin_pre = mtl.save_model(linearize(a), tmp_path / "lin_pre")  # lins[0] again would be refused as θ0 among the models
     with pytest.raises(ValueError, match="bn='recompute' is not available for linearised models"):
-        job.run(["merge=task_arithmetic", f"pretrained={lins[0]}", f"models=[{lins[0]},{lins[1]}]",
+        job.run(["merge=task_arithmetic", f"pretrained={lin_pre}", f"models=[{lins[0]},{lins[1]}]",
                  "+merge.bn=recompute"], run_dir=tmp_path / "run2")
 
 

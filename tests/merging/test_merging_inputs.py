@@ -378,7 +378,8 @@ def test_an_edited_model_folder_is_refused_as_load_model_refuses_it(tmp_path):
         assert not out.exists()
     with pytest.raises(ModelFolderError, match=want):
         load_state(bad)
-    assert merging.merge("task_arithmetic", good, [good])  # the untouched folder still merges
+    shutil.copytree(good, tmp_path / "copy")  # θ0 itself as a fine-tune is refused: its copy stands in
+    assert merging.merge("task_arithmetic", good, [tmp_path / "copy"])  # the untouched folder still merges
 
 
 def _raw_safetensors(path, header, data: bytes):
