@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from mtl.registry import check_bool
+
 from .engine import Context, KeyOptions, check_merged_variance, open_context, torch_threads
 from .keys import is_bn_variance
 from .consensus import check_tall_lam, make_mtv_method, per_task_lams, tall_mask_tensors, usage_count
@@ -68,10 +70,10 @@ class TallMasks:
     """Result of `tall_masks`: θ0, τ_MTL and one mask per task, all `{name: tensor}` dicts.
 
     `masks[t]` holds a separate bool tensor per name (never shared between tasks); `merged` is
-    θ0 + τ_MTL; `reconstruct(t)` is θ0 + m_t ∘ τ_MTL (t an index or a name from `tasks`). Keys that are
-    copied rather than merged (integer buffers, BN statistics under the BN rule) appear unchanged in
-    `merged` and every reconstruction. `task_tensors[t]` holds model t's own keys (its head), which
-    `save` stores so that `load_task_model` returns complete task models.
+    θ0 + τ_MTL; `reconstruct(t)` is θ0 + m_t ∘ τ_MTL (t an index or a name from `tasks`) with model t's own
+    keys, the keys `load_task_model` returns. Keys that are copied rather than merged (integer buffers, BN
+    statistics under the BN rule) appear unchanged in `merged` and every reconstruction. `task_tensors[t]`
+    holds model t's own keys (its head), which `save` stores and `reconstruct(t)` includes.
     """
 
     def __init__(self, pretrained, tau, masks, kept, dtypes, lam, mtv, task_keys=None, task_tensors=None, bn="pretrained"):
@@ -110,12 +112,19 @@ class TallMasks:
             raise IndexError(f"task index {t!r} out of range: this result has {self.num_tasks} tasks (0..{self.num_tasks - 1})")
         return t
 
-    def reconstruct(self, t: int | str) -> dict[str, torch.Tensor]:
-        m = self.masks[self._task_index(t)]
-        return {
+    def reconstruct(self, t: int | str, include_task_keys: bool = True) -> dict[str, torch.Tensor]:
+        """Task t's model: θ0 + m_t ∘ τ_MTL over the merged keys, the kept ones as they are and (with
+        `include_task_keys`, as `load_task_model` does) model t's own keys (its head), copied."""
+        check_bool("include_task_keys", include_task_keys)
+        i = self._task_index(t)
+        m = self.masks[i]
+        out = {
             k: (self.kept[k].clone() if k in self.kept else reconstruct_tensor(self.pretrained[k], self.tau[k], m[k], self.dtypes[k]))
             for k in self.order
         }
+        if include_task_keys:
+            out.update((k, v.clone()) for k, v in self.task_tensors[i].items())
+        return out
 
     def usage(self) -> dict[str, torch.Tensor]:
         """Number of tasks whose mask keeps each entry."""

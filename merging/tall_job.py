@@ -98,7 +98,7 @@ def _search(job: MergeJob, hp: Mapping[str, Any], opts: dict[str, Any]) -> tuple
         tm = merging.tall_masks(pre, fts, lam=lam, **opts)
         scores, why = {}, {}
         for i, t in enumerate(names):
-            metrics = ev.run(job.model(tm.reconstruct(i)), t, "val")
+            metrics = ev.run(job.model(tm.reconstruct(i, include_task_keys=False)), t, "val")
             scores[t] = ev.normalized(t, metrics, "val")
             if (reason := ev.undefined(t, metrics, "val")) is not None:
                 why[t] = f"undefined on val: {reason}"

@@ -85,6 +85,24 @@ def test_in_memory_save_keeps_heads_like_the_streamed_store(tmp_path):
         tall.reconstruct("zzz")
 
 
+def test_reconstruct_returns_the_task_model_load_task_model_returns(tmp_path):
+    """reconstruct(t) left model t's head out (load_state_dict into its fine-tuned model: 'Missing key(s)
+    heads...'), while load_task_model includes it: both now give the same keys and values, head included, and
+    include_task_keys=False leaves it out of both."""
+    pre, fts = make_models(T=2, seed=3)
+    tall = merging.tall_masks(pre, fts, lam=0.3)
+    store = tall.save(tmp_path / "s.safetensors")
+    for t, name in enumerate(tall.tasks):
+        for heads in (True, False):
+            rec, loaded = tall.reconstruct(name, include_task_keys=heads), merging.load_task_model(store, t, heads)
+            assert sorted(rec) == sorted(loaded) and all(torch.equal(rec[k], loaded[k]) for k in rec)
+        rec = tall.reconstruct(t)
+        assert sorted(rec) == sorted(set(pre) | set(fts[t]))  # θ0's keys and model t's own (its head)
+        assert torch.equal(rec[f"heads.task{t}.weight"], fts[t][f"heads.task{t}.weight"])
+    with pytest.raises(ValueError, match="include_task_keys must be true or false"):
+        tall.reconstruct(0, include_task_keys="no")
+
+
 def test_plots_write_pngs(tmp_path):
     results = {
         "individual": {"mnist": 0.99, "digits": 0.97, "textures": 0.8},
