@@ -67,7 +67,12 @@ def packed_info(info: TensorInfo) -> TensorInfo:
 def _check_tasks(tasks: Sequence[str], T: int) -> list[str]:
     if isinstance(tasks, (str, bytes)):  # would be read character by character, as finetuned= would
         raise TypeError(f"tasks must be a list of {T} names (one per fine-tuned model), not the string {tasks!r}")
-    tasks = [str(t) for t in tasks]
+    tasks = list(tasks)
+    for i, t in enumerate(tasks):  # a name is how a task model is asked for: str(None) would store "None"
+        if not isinstance(t, str):
+            raise TypeError(f"tasks[{i}] must be a task name (a string), got {type(t).__name__} {t!r}")
+        if not t.strip():
+            raise ValueError(f"tasks[{i}] is {t!r}: a task name must not be empty or blank")
     if len(tasks) != T or len(set(tasks)) != T:
         raise ValueError(f"tasks must be {T} distinct names, got {tasks}")
     return tasks

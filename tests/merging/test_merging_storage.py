@@ -276,6 +276,22 @@ def test_task_names_given_as_one_string_are_refused(tmp_path):
     assert not (tmp_path / "s").exists() and not (tmp_path / "m.safetensors").exists()
 
 
+@pytest.mark.parametrize("names, err, match", [
+    (["a", ""], ValueError, r"^tasks\[1\] is '': a task name must not be empty or blank$"),
+    (["a", "  "], ValueError, r"^tasks\[1\] is '  ': a task name must not be empty or blank$"),
+    ([1, None], TypeError, r"^tasks\[0\] must be a task name \(a string\), got int 1$"),
+    (["a", None], TypeError, r"^tasks\[1\] must be a task name \(a string\), got NoneType None$"),
+])
+def test_empty_or_non_string_task_names_are_refused_before_writing(tmp_path, names, err, match):
+    """tasks=["a", ""] was written, and [1, None] stored as "1" and "None" (load_task_model(s, None) finds no task)."""
+    pre, f = {"w": torch.zeros(3)}, [{"w": torch.ones(3)}, {"w": -torch.ones(3)}]
+    with pytest.raises(err, match=match):
+        merging.write_tall_store(pre, f, tmp_path / "s.safetensors", tasks=names)
+    with pytest.raises(err, match=match):
+        merging.tall_masks(pre, f).save(tmp_path / "m.safetensors", tasks=names)
+    assert not (tmp_path / "s.safetensors").exists() and not (tmp_path / "m.safetensors").exists()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_store_size_and_the_warning_when_it_outgrows_the_models(tmp_path, caplog, dtype):
     """τ_MTL stays float32 (4 bytes) beside θ0 in the model's dtype (2) and T/8 mask bytes per merged
