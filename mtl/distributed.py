@@ -9,7 +9,9 @@ run; loss-level weightings can.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
+
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,20 @@ def is_fsdp(strategy: Any) -> bool:
 
         ModelParallelStrategy = FSDPStrategy
     return isinstance(strategy, (FSDPStrategy, ModelParallelStrategy))
+
+
+def pooled_means(sums: dict[str, torch.Tensor], count: int,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], int]:
+    """Batch-size-weighted means over all processes, Σ_b n_b·L_b / Σ_b n_b, and Σ_b n_b: ``sums`` is this process's
+    Σ_b n_b·L_b per name (the same names on every process, 0 where it had no batch), ``count`` its Σ_b n_b,
+    ``reduce(t)`` the sum of ``t`` over the processes (None: one process). Sums and counts are added first and divided
+    once: Lightning's ``self.log(..., batch_size=n, sync_dist=True)`` averages the count over the processes as an
+    integer, so processes holding unequal shares (evaluation's unrepeated sampler) got Σ / (W·⌊N/W⌋), not Σ / N."""
+    if reduce is not None:
+        total = reduce(torch.stack(list(sums.values())))
+        count = int(reduce(torch.tensor(count, device=total.device)))
+        sums = dict(zip(sums, total))
+    return ({n: s / count for n, s in sums.items()} if count else {}), count
 
 
 def check_strategy(balancer, strategy: Any, monitor=None) -> None:

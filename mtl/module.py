@@ -5,6 +5,7 @@ import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, Mapping
 
 import lightning as L
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from mtl.balancers import Balancer, BalancerMonitor, StepContext, check_finite, create_balancer, freeze_norm_stats
+from mtl.distributed import pooled_means
 from mtl.expert_usage import usage_paused
 from mtl.io import not_a_model
 from mtl.models import MultiTaskModel, create_model
@@ -177,6 +179,7 @@ class MultiTaskModule(L.LightningModule):
         self.results: dict[str, dict[str, dict[str, float]]] = {}
         self.scored: dict[str, int] = {}  # stage -> images its last evaluation scored (all processes)
         self._seen: dict[str, int] = {}
+        self._loss_sums: dict[str, dict[str, torch.Tensor]] = {}  # stage -> {logged name: Σ_b n_b·L_b} (this process)
         self.val_history: dict[int, dict[str, dict[str, float]]] = {}  # epoch -> its validation metrics
         self.val_loss_history: dict[int, dict[str, float]] = {}  # epoch -> its validation losses, as logged
         # a model family's extra per-step work (mtl.strategies), e.g. the sandwich rule of slimmable models
@@ -385,8 +388,11 @@ class MultiTaskModule(L.LightningModule):
             target = batch[task.target_key]
             for metric in metrics[name].values():
                 metric.update(preds[name], target)
-            self.log(f"{stage}/{name}/loss", losses[name], batch_size=bs, sync_dist=True)
-        self.log(f"{stage}/loss", sum(losses.values()), batch_size=bs, sync_dist=True, prog_bar=stage == "val")
+        # the losses' batch-size-weighted sums, divided once at the end over all processes (_eval_epoch_end)
+        sums = self._loss_sums.setdefault(stage, {})
+        for key, loss in zip(loss_names(self.tasks, stage), (sum(losses.values()), *losses.values())):
+            loss = loss.detach()
+            sums[key] = sums.get(key, 0.0) + loss.to(torch.promote_types(loss.dtype, torch.float32)) * bs
 
     def _eval_epoch_end(self, metrics: nn.ModuleDict, stage: str) -> None:
         result: dict[str, dict[str, float]] = {}
@@ -399,16 +405,18 @@ class MultiTaskModule(L.LightningModule):
                 self.log(f"{stage}/{name}/{mname}", value, sync_dist=False, prog_bar=False)
         self.results[stage] = result
         trainer = getattr(self, "_trainer", None)
-        seen = self._seen.pop(stage, 0)
-        if trainer is not None and trainer.world_size > 1:  # each process scored its own share
-            seen = int(trainer.strategy.reduce(torch.tensor(seen, device=self.device), reduce_op="sum"))
-        self.scored[stage] = seen
+        # each process scored its own share, the ranks' shares differ by up to one image (unrepeated sampler)
+        reduce = partial(trainer.strategy.reduce, reduce_op="sum") if trainer is not None and trainer.world_size > 1 \
+            else None
+        sums = self._loss_sums.pop(stage, {})
+        zero = torch.zeros((), device=self.device)
+        losses, self.scored[stage] = pooled_means({n: sums.get(n, zero) for n in loss_names(self.tasks, stage)},
+                                                  self._seen.pop(stage, 0), reduce)
+        for key, value in losses.items():  # already over all processes: logged as they are
+            self.log(key, value, sync_dist=False, prog_bar=key == "val/loss")
         if stage == "val" and trainer is not None and not trainer.sanity_checking:
             self.val_history[self.current_epoch] = result
-            # the epoch's logged losses: Lightning has reduced them (over batches and ranks) before this hook
-            logged = trainer.callback_metrics
-            self.val_loss_history[self.current_epoch] = {n: float(logged[n]) for n in loss_names(self.tasks)
-                                                         if n in logged}
+            self.val_loss_history[self.current_epoch] = {n: float(v) for n, v in losses.items()}
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, self.val_metrics, "val")
