@@ -63,6 +63,9 @@ def test_error_after_composition_is_one_line_and_marks_the_run_failed(monkeypatc
 @pytest.mark.parametrize("override, expected", [
     ("+trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches=2 is not supported"),
     ("+trainer.gradient_clip_val=1.0", "trainer.gradient_clip_val=1.0: mtlkit clips with optim.grad_clip"),
+    # was accepted silently: training went on with norm clipping (optim.grad_clip) or none
+    ("+trainer.gradient_clip_algorithm=value", "trainer.gradient_clip_algorithm=value: mtlkit clips only by norm, with "
+                                               "optim.grad_clip=<max norm>"),
     ("optim.lr=-1", "optim.lr must be a finite number > 0, got -1"),
     ("optim.lr=abc", "optim.lr must be a finite number > 0, got 'abc' (str)"),
     # were accepted (the check was `not lr > 0`) and failed at step 1 as a non-finite loss
