@@ -15,16 +15,41 @@ from mtl.models.surgery import diff_plan, snapshot
 from mtl.modes import modes_restored
 from pruning.calib import as_batches, task_losses
 from pruning.graph import LayerGraph, PruningError, check_prunable
-from pruning.methods import METHODS, check_ratio, check_round_to, percent, percent_beside
+from pruning.methods import METHODS, check_ratio, check_round_to, percent, percent_beside, say_shortfall
 
 log = logging.getLogger(__name__)
 
-#: hyperparameters that shrink per round when a method runs in several rounds
+#: hyperparameters that shrink per round when a method runs in several rounds (a loss budget: measured on the model
+#: as the round finds it). ``ratio`` and ``flops_target`` grow instead, counted on the original model
+#: (`_cumulative_ratio`, `_round_flops_target`)
 _PER_ROUND = {
-    "ratio": lambda v, k: 1 - (1 - v) ** (1 / k),
-    "flops_target": lambda v, k: 1 - (1 - v) ** (1 / k),
     "budget": lambda v, k: (1 + v) ** (1 / k) - 1,
 }
+
+
+def _cumulative_ratio(ratio: float, r: int, rounds: int) -> float:
+    """Round ``r`` (1-based) of ``rounds`` removes up to 1 − (1 − ratio)^(r/rounds) of each original width (the
+    earlier rounds' units included), so kept counts are rounded against one target and the last round keeps exactly
+    what one pass keeps; a ratio split per round and rounded each round kept ever more (16 channels, ratio 0.5,
+    round_to=8, 2 rounds: 16 kept, not 8)."""
+    return ratio if r == rounds else 1 - (1 - ratio) ** (r / rounds)
+
+
+def _round_flops_target(target: float, r: int, rounds: int, first: float, now: float) -> float:
+    """The reduction of the FLOPs round ``r`` finds (``now``, estimated) that brings the first round's ``first`` down by
+    1 − (1 − target)^(r/rounds): each round aims at the cumulative target, so a round that overshot (kept counts round
+    up to round_to) is made up by the next instead of compounding (≤ 0: reached already)."""
+    return 1 - (1 - _cumulative_ratio(target, r, rounds)) * first / now
+
+
+def _round_hparams(hparams: dict[str, Any], r: int, rounds: int, first: float, now: float) -> dict[str, Any]:
+    if rounds == 1:
+        return dict(hparams)
+    out = {key: (None if v is None else _cumulative_ratio(v, r, rounds) if key == "ratio"
+                 else _PER_ROUND[key](v, rounds) if key in _PER_ROUND else v) for key, v in hparams.items()}
+    if out.get("flops_target") is not None:
+        out["flops_target"] = _round_flops_target(out["flops_target"], r, rounds, first, now)
+    return out
 
 
 def prune(model: nn.Module, method: str, calib: Any = None, *, example: torch.Tensor | None = None,
@@ -35,7 +60,9 @@ def prune(model: nn.Module, method: str, calib: Any = None, *, example: torch.Te
     ``calib``: a batch or list of batches ({"image": uint8 (B,3,H,W), <task target>: ...}) used for
     importance and the PAGCP oracle (``l1``/``l1_global`` only need ``example`` or one batch).
     ``round_to`` (every method): kept channels per pruned layer are multiples of it.
-    ``rounds`` > 1 prunes in steps (ratio, flops_target and budget split evenly in ratio terms), calling
+    ``rounds`` > 1 prunes in steps (budget split evenly in ratio terms; round r of R aims at 1 − (1 − v)^(r/R) of the
+    original widths for ``ratio`` and of the original FLOPs for ``flops_target``, so the last aims at the one-pass
+    target and rounding does not compound), calling
     ``finetune(model)`` (trains in place) between rounds. The returned model carries
     ``pruning_plan``: ``mtl.io.save_model`` stores it, ``mtl.load_model`` rebuilds the pruned shapes.
     """
@@ -56,13 +83,20 @@ def prune(model: nn.Module, method: str, calib: Any = None, *, example: torch.Te
     original = snapshot(model)
     before = {"params": count_params(model), "flops": count_flops(model, example[:1])}
     losses_before = task_losses(model, batches) if batches else {}
-    current, kept_total, infos = model, None, []
+    current, kept_total, infos, first_flops = model, None, [], 0.0
     with modes_restored(model):
         for k in range(rounds):
-            hp = {key: (_PER_ROUND[key](v, rounds) if key in _PER_ROUND and v is not None and rounds > 1 else v)
-                  for key, v in hparams.items()}
             graph = LayerGraph(current, example, ignored_layers, allow_pruned=k > 0)
-            removed, info = fn(current, graph, batches, **hp)
+            for layer in graph.layers:  # what a ratio counts: the original width
+                spec = (kept_total or {}).get(layer.name)
+                layer.removed_before = spec["size"] - len(spec["kept"]) if spec else 0
+            first_flops = first_flops or graph.total_flops()
+            hp = _round_hparams(hparams, k + 1, rounds, first_flops, graph.total_flops())
+            if hp.get("flops_target") is not None and hp["flops_target"] <= 1e-12:
+                removed, info = {}, {"flops_target": hp["flops_target"], "note": "reached by the earlier rounds"}
+            else:
+                removed, info = fn(current, graph, batches, **hp)
+            say_shortfall(info, final=k == rounds - 1)
             pruned, plan = graph.remove(removed)
             kept_total = _compose(kept_total, plan["layers"])
             infos.append({"round": k + 1, "hparams": hp, **info, "skipped_layers": graph.skipped,

@@ -58,6 +58,12 @@ class Layer:
     channels_per_unit: int = 1  # root channels of one unit (a head: its q, k and v rows)
     deps: list[Dep] = field(default_factory=list)
     flops: float = 0.0          # FLOPs of the conv/linear members and attention (per sample), for ordering
+    removed_before: int = 0     # units earlier rounds removed (`pruning.prune` sets it): ratios count the original width
+
+    @property
+    def original_size(self) -> int:
+        """Units before the first round: what a ``ratio`` is a fraction of."""
+        return self.size + self.removed_before
 
     def channel_idxs(self, units: Iterable[int]) -> list[int]:
         """Root-module channel indices of the given units."""
