@@ -88,20 +88,30 @@ def output_layers(model: nn.Module) -> dict[str, str]:
 def check_prunable(model: nn.Module, allow_pruned: bool = False) -> None:
     """Families and decoders whose structure this pruner does not know yet are refused up front."""
     from mtl.io import require_model
+    from mtl.models.surgery import model_config
 
     require_model(model, "prune")  # a folder path: say how to load it, not "no config"
-    cfg = getattr(model, "config", None)
-    if not isinstance(cfg, dict):
+    if not isinstance(getattr(model, "config", None), dict):
         raise PruningError(f"{type(model).__name__} is not an mtlkit model family (no config); cannot prune it")
+    decoder = getattr(model, "decoder", None)
+    check_prunable_config(model_config(model), type(model).__name__, type(decoder).__name__, allow_pruned)
+
+
+def check_prunable_config(cfg: dict[str, Any], who: str, decoder_class: str = "decoder",
+                          allow_pruned: bool = False) -> None:
+    """`check_prunable` from a model config (a folder's ``config.json["model"]``: family, decoder, a stored
+    ``pruning`` plan), so a folder is judged before its weights and data are read; ``who`` names the model."""
+    from mtl.models.surgery import PLAN_KEY
+
     family = cfg.get("family", "multitask")
     if family not in PRUNABLE_FAMILIES:
-        raise PruningError(f"model family {family!r} ({type(model).__name__}) cannot be pruned yet; "
+        raise PruningError(f"model family {family!r} ({who}) cannot be pruned yet; "
                            f"prunable families: {', '.join(PRUNABLE_FAMILIES)}")
     dec = (cfg.get("decoder") or {}).get("name", "hps")
     if dec not in PRUNABLE_DECODERS:
-        raise PruningError(f"module 'decoder' ({type(model.decoder).__name__}, decoder {dec!r}) cannot be pruned yet; "
+        raise PruningError(f"module 'decoder' ({decoder_class}, decoder {dec!r}) cannot be pruned yet; "
                            f"prunable decoders: {', '.join(PRUNABLE_DECODERS)}")
-    if not allow_pruned and getattr(model, "pruning_plan", None) is not None:
+    if not allow_pruned and cfg.get(PLAN_KEY) is not None:
         raise PruningError("this model was pruned already; prune the original model again instead "
                            "(plans do not compose yet)")
 

@@ -18,10 +18,10 @@ from mtl.cli.jobs import check_model_given, input_model, start_run
 from mtl.data.calibration import check_calib_settings
 from mtl.folder_checks import JSON_ERRORS, ModelFolderError
 from mtl.folder_data import data_record, rebuild_config
-from mtl.io import first_non_finite, load_model, model_skeleton, save_model, user_path, write_json
+from mtl.io import first_non_finite, load_model, model_skeleton, read_checked_config, save_model, user_path, write_json
 from mtl.registry import check_int, check_seed
 from pruning.calib import calibration_batches, datamodule_for
-from pruning.graph import check_module_names
+from pruning.graph import PruningError, check_module_names, check_prunable_config
 from pruning.api import SEARCHED_KNOBS
 from pruning.methods import METHODS
 from mtl.progress_log import emit
@@ -180,6 +180,24 @@ def _check_ignored_layers(cfg: DictConfig, skeleton) -> None:
         check_module_names(skeleton, names)
 
 
+def _check_prunable_folder(cfg: DictConfig, skeleton) -> None:
+    """The ``model=`` folder's family, decoder and stored pruning plan (an already-pruned model), judged from its
+    config.json (no weights read; its ``skeleton`` names the decoder's class) before the run folder is made; a smoke
+    model is judged once built, a folder that does not read is named by start_run."""
+    if not cfg.get("model"):
+        return
+    folder = user_path(str(cfg.model))
+    try:
+        model_cfg = read_checked_config(folder)["model"]
+    except ModelFolderError:
+        return
+    decoder = type(skeleton.decoder).__name__ if hasattr(skeleton, "decoder") else "decoder"
+    try:
+        check_prunable_config(model_cfg, str(folder / "config.json"), decoder)
+    except PruningError as e:
+        raise PruningError(f"model={cfg.model}: {e}") from None
+
+
 def _check_baselines(cfg: DictConfig, skeleton) -> None:
     """``baselines=`` read (a missing or malformed file named) and checked against the ``model=`` folder's tasks (its
     ``skeleton``'s), before the run folder is made."""
@@ -230,7 +248,8 @@ def run_prune(cfg: DictConfig, run_dir: str | Path, command_line: list[str] | No
         command_line = list(HydraConfig.get().overrides.task)
     method, hp = _hparams(cfg, command_line)  # the config alone: a refused option leaves no run folder either
     _check_data_settings(cfg)
-    skeleton = _folder_skeleton(cfg) if cfg.get("baselines") or ignored_layer_names(cfg.ignored_layers) else None
+    skeleton = _folder_skeleton(cfg)
+    _check_prunable_folder(cfg, skeleton)
     _check_ignored_layers(cfg, skeleton)
     _check_baselines(cfg, skeleton)
     run_dir, output = start_run(cfg, run_dir, model_output=True)

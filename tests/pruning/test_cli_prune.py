@@ -567,3 +567,23 @@ def test_a_data_override_repeating_the_recorded_name_is_judged_over_the_recorded
                                                                         "class_mapping": str(tmp_path / "none.mat")}}))
     with pytest.raises(TypeError, match=r"unknown setting data.sise \(did you mean data.size\?\)"):
         _check_data_settings(OmegaConf.create({"model": model, "data": {"name": "scenes", "sise": 8}}))
+
+
+def test_a_pruned_or_unprunable_folder_is_refused_before_the_run_folder(folder, tmp_path, monkeypatch):
+    """An mtl-prune output given as model= was refused only after the run folder was made and the model and its
+    calibration data loaded (a FAILED run folder left); the folder's config says it (its "pruning" plan, its family)."""
+    import pruning
+    import pruning.job as job
+
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    pruned, _ = pruning.prune(mtl.load_model(folder), "l1", example=x, ratio=0.5)
+    save_model(pruned, tmp_path / "pruned", meta={"data": DATA})
+    slim = create_model(["semseg", "depth"], family="slimmable", decoder={"name": "slimmable", "channels": 12},
+                        backbone={"name": "slim_resnet", "stem": 8, "channels": [8, 16], "depths": [1, 1],
+                                  "out_indices": [1, 2]})
+    save_model(slim, tmp_path / "slim", meta={"data": DATA})
+    monkeypatch.setattr(job, "load_model", lambda *a: (_ for _ in ()).throw(AssertionError("model loaded first")))
+    for name, says in (("pruned", r"this model was pruned already"), ("slim", r"model family 'slimmable' .*cannot be pruned yet")):
+        with pytest.raises(ValueError, match=rf"^model={tmp_path / name}: {says}"):
+            run(["prune=l1", f"model={tmp_path / name}", "prune.ratio=0.5"], run_dir=tmp_path / "run")
+        assert not (tmp_path / "run").exists()
