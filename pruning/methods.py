@@ -162,7 +162,7 @@ def _run(graph: LayerGraph, select: Callable[[float], dict[str, list[int]]], rat
     why: list[str] = []
     if got < asked and (not rounded or got < (1 - SHORTFALL_SAID) * asked):
         why = [f"round_to={rounded} keeps multiples of it (kept counts round up)"] if rounded else []
-        why += ["max_layer_ratio caps each layer: raise it"] if global_units else []
+        why += ["max_layer_ratio caps each layer: raise max_layer_ratio"] if global_units else []
     if why:
         info["shortfall"] = (f"ratio {ratio:g} asks for {asked} of {total} units; {got} went ({100 * got / total:.1f}%): "
                              f"{'; '.join(why)}; or use flops_target")
