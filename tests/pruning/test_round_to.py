@@ -158,6 +158,7 @@ def test_rounds_round_against_the_original_width(model, batches):
     assert report["flops"]["reduction"] == one["flops"]["reduction"]
 
 
+@pytest.mark.slow  # ~12 s: four prunes, two of them FLOPs-target searches
 def test_global_rounds_ask_for_the_one_pass_units_and_flops_target_rounds_do_not_overshoot(model, batches):
     """l1_global's later rounds asked for a ratio of the widths they found (0.613 vs 0.715 FLOPs reduction at ratio
     0.5, round_to=4); flops_target=0.5 in 3 rounds met each round's share of the FLOPs it found, every rounded overshoot
