@@ -11,8 +11,10 @@ It is an automatic fast path: with `MTLKIT_NATIVE=0`, without a C compiler (`$CC
 `clang`) or when the compilation fails, `library()` returns None and the torch path runs (the reason is
 logged at debug level). The shared object is cached in `$MTLKIT_KERNEL_CACHE`, else
 `$XDG_CACHE_HOME/mtlkit/kernels` (default `~/.cache/mtlkit/kernels`), named by a hash of the source,
-the compiler, its flags and the CPU, and written atomically. ctypes releases the GIL during a call, so
-the chunk worker threads run the kernel in parallel.
+the compiler, its flags and the CPU, and written atomically (flushed to disk before the rename) with a
+``.sha256`` record of its size and digest: a cached object that does not match its record (truncated,
+overwritten) is never loaded but rebuilt (a truncated one would kill the process with SIGBUS). ctypes
+releases the GIL during a call, so the chunk worker threads run the kernel in parallel.
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ import threading
 from pathlib import Path
 
 import torch
+
+from mtl.atomic import make_parents
 
 __all__ = ["BLOCK", "DTYPES", "average", "enabled", "library", "pread_merge", "pread_ties", "task_arithmetic", "ties",
            "ties_hist"]
@@ -79,23 +83,77 @@ def _cpu_id() -> str:
         return platform.processor() + platform.machine()
 
 
-def _compile(cc: str, flags: list[str], target: Path) -> bool:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _record(target: Path) -> Path:
+    """The sidecar of a cached shared object: ``<size> <sha256>`` of the file `_compile` wrote."""
+    return target.with_name(target.name + ".sha256")
+
+
+def _verified(target: Path) -> bool | None:
+    """True when `target` is whole (its size and sha256 match its record); False when it is damaged (truncated,
+    overwritten); None when it or its record is missing (not built yet, or built by a version without records).
+    A damaged shared object must never be loaded: a truncated one dies with SIGBUS when mapped."""
     try:
+        size, digest = _record(target).read_text().split()
+        return target.stat().st_size == int(size) and _digest(target) == digest
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return False
+
+
+def _replace_synced(tmp: str, target: Path) -> None:
+    """Flush `tmp` to disk, then rename it onto `target` and flush the folder (a crash leaves the old file or
+    the whole new one, never a truncated one under `target`'s name)."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, target)
+    fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot flush a folder
+        pass
+    finally:
+        os.close(fd)
+
+
+def _compile(cc: str, flags: list[str], target: Path) -> bool:
+    tmps = []
+    try:
+        make_parents(target.parent)
+        fd, tmp = tempfile.mkstemp(prefix=".chunk_kernels-", suffix=".so", dir=target.parent)
+        os.close(fd)
+        tmps.append(tmp)
         r = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
             log.debug("native kernel: %s failed: %s", cc, r.stderr.strip()[-500:])
             return False
-        os.replace(tmp, target)  # atomic: a concurrent process sees the old file or the whole new one
+        fd, rec = tempfile.mkstemp(prefix=".chunk_kernels-", suffix=".sha256", dir=target.parent)
+        tmps.append(rec)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.path.getsize(tmp)} {_digest(Path(tmp))}\n")
+        # the object first, then its record: a kill in between leaves an object without a matching record,
+        # which the next process rebuilds
+        _replace_synced(tmp, target)
+        _replace_synced(rec, _record(target))
         return True
     except (OSError, subprocess.SubprocessError) as e:
         log.debug("native kernel: compiling with %s failed: %s", cc, e)
         return False
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for t in tmps:
+            if os.path.exists(t):
+                os.unlink(t)
 
 
 def _build() -> ctypes.CDLL | None:
@@ -112,7 +170,11 @@ def _build() -> ctypes.CDLL | None:
                                          _cpu_id().encode()])).hexdigest()[:24]
         target = cache_dir() / f"chunk_kernels-{key}.so"
         try:
-            if not target.exists() and not _compile(cc, flags, target):
+            whole = _verified(target)
+            if whole is False:
+                log.warning("native kernel: %s does not match its size and sha256 record %s (truncated or "
+                            "overwritten); rebuilding it", target, _record(target).name)
+            if not whole and not _compile(cc, flags, target):
                 continue
             lib = ctypes.CDLL(str(target))
         except OSError as e:

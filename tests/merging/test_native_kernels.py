@@ -252,3 +252,38 @@ def test_file_sources_give_their_byte_span_and_in_memory_ones_none(tmp_path):
 
     assert Own(pre).file_span(key) is None
     src.close()
+
+
+@needs_lib
+@pytest.mark.parametrize("size", [0, 1000])
+def test_damaged_cache_entry_is_rebuilt_not_loaded(size, tmp_path, monkeypatch):
+    """A truncated cached .so (SIGBUS when mapped) or an empty one is rebuilt under the same name (the first
+    flag variant's), not loaded or skipped for a slower variant."""
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setenv("MTLKIT_KERNEL_CACHE", str(tmp_path / "cache"))
+    assert native.library() is not None
+    [so] = (tmp_path / "cache").glob("chunk_kernels-*.so")
+    whole = so.read_bytes()
+    damaged = tmp_path / "damaged.so"  # a new file: this process has the loaded one mapped
+    damaged.write_bytes(whole[:size])
+    os.replace(damaged, so)
+    monkeypatch.setattr(native, "_tried", False)
+    assert native._build() is not None
+    assert list((tmp_path / "cache").glob("chunk_kernels-*.so")) == [so]
+    assert so.stat().st_size == len(whole)
+
+
+@needs_lib
+def test_truncated_cache_entry_does_not_crash_a_new_process(tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MTLKIT_KERNEL_CACHE": str(tmp_path / "cache")}
+    code = "from merging import native; import sys; sys.exit(native.library() is None)"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+    [so] = (tmp_path / "cache").glob("chunk_kernels-*.so")
+    os.truncate(so, 1000)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-500:]
+    assert "does not match its size and sha256 record" in r.stderr and str(so) in r.stderr
