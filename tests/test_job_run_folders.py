@@ -395,3 +395,29 @@ def test_a_claim_of_the_same_pid_on_another_host_is_another_runs(tmp_path):
     assert (tmp_path / RUNNING).read_text() == theirs  # left as it was
     (tmp_path / RUNNING).write_text(json.dumps({"pid": os.getpid()}))  # an older host-less claim: this process's
     assert holds_nothing(tmp_path)
+
+
+@pytest.mark.parametrize("cache", [None, "/tmp/elsewhere"])
+def test_the_data_cache_resolves_without_home_as_in_python(monkeypatch, cache):
+    """Without $HOME the configs' paths.data_cache failed to resolve ("Environment variable 'HOME' not found"),
+    even with MTL_DATA_CACHE set; it is now the folder Python's default_cache_dir uses (the home folder from the
+    password database, as os.path.expanduser gives it)."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from mtl.atomic import user_path
+    from mtl.cli.common import register_resolvers
+    from mtl.data import default_cache_dir
+
+    monkeypatch.delenv("HOME", raising=False)
+    if cache is None:
+        monkeypatch.delenv("MTL_DATA_CACHE", raising=False)
+    else:
+        monkeypatch.setenv("MTL_DATA_CACHE", cache)
+    register_resolvers()
+    with initialize_config_module(config_module="mtl.configs", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["data=scenes"])
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    assert user_path(data["cache_dir"]) == default_cache_dir("scenes")
+    if cache is not None:
+        assert data["cache_dir"] == f"{cache}/scenes"

@@ -465,7 +465,12 @@ def normalize_path_env() -> None:
     the environment, so that the configs' ``${oc.env:NAME,DEFAULT}`` give the default; they gave "", which put the
     scenes cache at /scenes and run folders at /<name>), and a leading ``~`` is expanded (``export
     MTL_OUTPUT_DIR="~/runs"`` made run folders under a literal ``./~``). The configs use only OmegaConf's own
-    resolvers there, so a run's ``.hydra/config.yaml`` loads with plain ``OmegaConf.load``."""
+    resolvers there, so a run's ``.hydra/config.yaml`` loads with plain ``OmegaConf.load``. Without ``$HOME`` it is
+    set to the home folder Python's ``~`` means then (the password database's, `mtl.data.default_cache_dir`): the
+    configs' ``${oc.env:HOME}`` (the data cache's default, resolved even when MTL_DATA_CACHE is set) failed every
+    CLI, and the CLI and Python would not share one cache."""
+    if "HOME" not in os.environ:
+        os.environ["HOME"] = os.path.expanduser("~")
     for name in EMPTY_MEANS_UNSET:
         value = os.environ.get(name)
         if value == "":
