@@ -210,3 +210,18 @@ def test_a_benchmark_root_holding_the_original_release_is_refused_before_any_fol
     assert message == (f"{experiment}: data.root '{tmp_path}/raw' holds leftImg8bit (the original release) but no train/ "
                        "folder; this loader reads the preprocessed npy release (<root>/{train,val}/image/<i>.npy; see "
                        "docs/data.md)")
+
+
+@pytest.mark.parametrize("args, cache", [(TRAIN, "scenes"),
+                                         (("mtl.cli.train", "experiment=zoo_cnn_pretrain", "debug=smoke"), "zoo")])
+def test_an_unusable_data_cache_is_refused_before_any_folder(console, capfd, tmp_path, args, cache):
+    """A file where the cache folder should be, or a cache folder that cannot be created, was found when the data
+    were generated, after the run folder existed (FAILED); /proc/x gave a bare "[Errno 2] ...: '/proc/x'"."""
+    (tmp_path / "afile").write_text("")
+    message = _refused_without_folder(console, capfd, *args, f"data.cache_dir={tmp_path}/afile/{cache}")
+    assert message.startswith(f"[Errno 20] data cache {tmp_path}/afile/{cache}: {tmp_path}/afile is a file, "
+                              "not a folder; set MTL_DATA_CACHE or data.cache_dir"), message
+    message = _refused_without_folder(console, capfd, *args, f"data.cache_dir=/proc/mtl-no-such/{cache}")
+    assert message.startswith(f"[Errno 2] data cache /proc/mtl-no-such/{cache}: cannot create /proc/mtl-no-such "
+                              "(No such file or directory)"), message
+    assert not (tmp_path / "afile").stat().st_size

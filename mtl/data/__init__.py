@@ -35,6 +35,15 @@ def _zoo_datamodule(dataset: str, **kwargs: Any) -> LightningDataModule:
     return ZooDataModule(dataset, **kwargs)
 
 
+def _check_zoo(dataset: str, **kwargs: Any) -> None:
+    from mtl.data.zoo import ZooDataModule
+
+    ZooDataModule.check_settings(dataset, **kwargs)
+
+
+_zoo_datamodule.check_settings = _check_zoo  # type: ignore[attr-defined]  (read by check_datamodule)
+
+
 def check_datamodule(name: str, **kwargs: Any) -> type[LightningDataModule]:
     """The data module class ``name`` names, its settings checked (unknown ones with a did-you-mean, scalar types,
     then what the class's optional ``check_settings(**kwargs)`` judges cheaply: a ``data.root`` that does not

@@ -3,6 +3,7 @@ HF ``datasets`` (its progress bars hidden while mtlkit reads or writes its own c
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from pathlib import Path
 from typing import Iterator
@@ -10,7 +11,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from mtl.atomic import user_path
+from mtl.atomic import make_parents, missing_parents, remove_empty, user_path
 
 
 def default_cache_dir(kind: str) -> Path:
@@ -25,6 +26,31 @@ def cache_root(kind: str, cache_dir: str | os.PathLike | None = None) -> Path:
     leading ``~`` expanded (``MTL_DATA_CACHE="~/cache"``): the writer would make a literal ``./~`` folder,
     while the reader (``datasets.load_from_disk``) expands it and finds nothing there."""
     return default_cache_dir(kind) if cache_dir is None else user_path(str(cache_dir))
+
+
+def check_cache_writable(entry: Path, marker: str) -> None:
+    """Before a missing cache entry is generated (``entry/marker`` absent; a complete entry, even in a read-only
+    cache, is only read): its cache folder can be made and written. Raises one line naming the cache folder (a
+    file in its place, a folder that cannot be created or written), so that a job refuses it before its run
+    folder exists. The folders made to find out are removed again."""
+    if (entry / marker).exists():
+        return
+    root = entry.parent
+    hint = "set MTL_DATA_CACHE or data.cache_dir to a writable folder"
+    missing = missing_parents(root)
+    above = missing[-1].parent if missing else root
+    if not above.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"data cache {root}: {above} is a file, not a folder; {hint}")
+    try:
+        remove_empty(make_parents(root))
+    except OSError as e:
+        raise OSError(e.errno, f"data cache {root}: cannot create {e.filename or root} ({os.strerror(e.errno)}); "
+                               f"{hint}") from None
+    if missing:
+        return
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, f"data cache {root}: cannot write in this folder to add {entry.name}; "
+                                            f"{hint}")
 
 
 @contextlib.contextmanager

@@ -14,7 +14,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from mtl.data.hf import arrow_to_numpy, cache_root, corrupt_cache_entry, load_cached, quiet_datasets, read_cache_json
+from mtl.data.hf import (arrow_to_numpy, cache_root, check_cache_writable, corrupt_cache_entry, load_cached,
+                         quiet_datasets, read_cache_json)
 from mtl.data.memory import SPLITS, TensorDataModule, TensorDictDataset
 from mtl.data.scenes import CLASS_NAMES, GENERATOR_VERSION, SHAPE_NAMES, render_scenes
 from mtl.io import atomic_path
@@ -72,13 +73,18 @@ def _scenes_split(seed: int, offset: int, n: int, size: int):
 
 
 def check_scenes_settings(size: Any = 64, n_train: Any = 2000, n_val: Any = 500, n_test: Any = 500, seed: Any = 0,
-                          **_: Any) -> None:
-    """The split sizes, image size and seed as ints (`ScenesDataModule.check_settings`: before a run folder)."""
+                          cache_dir: str | os.PathLike | None = None, **_: Any) -> Path:
+    """The split sizes, image size and seed as ints, and a cache that can take the rendered scenes unless they
+    are cached already (`ScenesDataModule.check_settings`: before a run folder). Returns the cache entry."""
     for name, n in dict(n_train=n_train, n_val=n_val, n_test=n_test).items():
         # every split is used: to fit, to pick the checkpoint, for the final metrics
         check_int(f"data.{name}", n, 1)
     check_int("data.size", size, 1)
     check_int("data.seed", seed, 0)
+    entry = cache_root("scenes", cache_dir) / (f"scenes-v{GENERATOR_VERSION}-{size}px-"
+                                               f"{scenes_cache_key(size, n_train, n_val, n_test, seed)}")
+    check_cache_writable(entry, "dataset_dict.json")
+    return entry
 
 
 def materialize_scenes(size: int = 64, n_train: int = 2000, n_val: int = 500, n_test: int = 500,
@@ -89,9 +95,7 @@ def materialize_scenes(size: int = 64, n_train: int = 2000, n_val: int = 500, n_
     every parameter that changes the data (including GENERATOR_VERSION), so a cached copy is reused
     only when it is exactly what was asked for. It appears complete or not at all.
     """
-    check_scenes_settings(size, n_train, n_val, n_test, seed)
-    root = cache_root("scenes", cache_dir)
-    final = root / f"scenes-v{GENERATOR_VERSION}-{size}px-{scenes_cache_key(size, n_train, n_val, n_test, seed)}"
+    final = check_scenes_settings(size, n_train, n_val, n_test, seed, cache_dir)
     if (final / "dataset_dict.json").exists():
         return final
 

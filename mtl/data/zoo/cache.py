@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mtl.data.hf import cache_root, load_cached, quiet_datasets
+from mtl.data.hf import cache_root, check_cache_writable, load_cached, quiet_datasets
 from mtl.data.zoo._base import SPLITS, ZOO, build_zoo_dataset, check_size, resolve_sizes
 from mtl.io import atomic_path
 
@@ -79,6 +79,7 @@ def load_zoo_dataset(name: str, n_train: int | None = None, n_val: int | None = 
     path = zoo_cache_path(name, sizes["train"], sizes["val"], sizes["test"], seed=seed, size=size,
                           cache_dir=cache_dir)
     if not (path / "zoo.json").exists():
+        check_cache_writable(path, "zoo.json")
         splits = build_zoo_dataset(name, sizes["train"], sizes["val"], sizes["test"], seed=seed, size=size)
         meta = {"name": name, "seed": int(seed), "size": size, **{f"n_{s}": sizes[s] for s in SPLITS},
                 "num_classes": spec.num_classes, "class_names": list(spec.class_names),

@@ -8,7 +8,8 @@ import torch
 
 from mtl.data.memory import TensorDataModule, TensorDictDataset
 from mtl.data.zoo._base import ZOO, check_size
-from mtl.data.zoo.cache import load_zoo_dataset
+from mtl.data.hf import check_cache_writable
+from mtl.data.zoo.cache import load_zoo_dataset, zoo_cache_path
 
 
 class ZooDataModule(TensorDataModule):
@@ -31,6 +32,13 @@ class ZooDataModule(TensorDataModule):
         self.n_train, self.n_val, self.n_test = n_train, n_val, n_test
         self.cache_dir, self.target_key = cache_dir, target_key or name
         self.pin_memory, self.drop_last = pin_memory, drop_last
+
+    @staticmethod
+    def check_settings(name: str, seed: int = 0, size: int = 32, n_train: int | None = None, n_val: int | None = None,
+                       n_test: int | None = None, cache_dir: str | os.PathLike | None = None, **_) -> None:
+        """A cache that can take the generated dataset unless it is cached already (before a run folder)."""
+        check_cache_writable(zoo_cache_path(name, n_train, n_val, n_test, seed=seed, size=size, cache_dir=cache_dir),
+                             "zoo.json")
 
     def source(self) -> str:
         return f"zoo dataset {self.name!r}"
