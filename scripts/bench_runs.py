@@ -24,8 +24,15 @@ class RecipeMismatch(SystemExit):
                          f"asks for {only_new}); use another --out, or remove that folder to retrain it")
 
 
-def reusable(run_dir: Path, overrides: Sequence[str],
-             finished: Callable[[Path], bool] = lambda d: (d / "metrics.json").is_file()) -> bool:
+def finished_run(run_dir: Path) -> bool:
+    """`run_dir` holds a finished run with its metrics.json: not FAILED, not killed after writing it
+    (`mtl.cli.failures.holds_finished_run`; a run writes metrics.json before steps that can still fail)."""
+    from mtl.cli.failures import holds_finished_run
+
+    return (Path(run_dir) / "metrics.json").is_file() and holds_finished_run(run_dir)
+
+
+def reusable(run_dir: Path, overrides: Sequence[str], finished: Callable[[Path], bool] = finished_run) -> bool:
     """True when `run_dir` holds a finished run of exactly `overrides` (reuse it); False when it holds no
     finished run (train it, then `record`); a finished run of other overrides raises `RecipeMismatch`.
     A finished run from before recipes were recorded is reused with a warning."""
@@ -43,7 +50,9 @@ def reusable(run_dir: Path, overrides: Sequence[str],
 
 
 def record(run_dir: Path, overrides: Sequence[str]) -> None:
-    (Path(run_dir) / RECIPE).write_text(json.dumps(list(overrides), indent=1) + "\n")
+    from mtl.io import write_json
+
+    write_json(Path(run_dir) / RECIPE, list(overrides))  # atomic: a kill never leaves half a recipe
 
 
 def single_task_baselines(path: Path, tasks: Sequence[str], train: Callable[[str], dict]) -> Path:

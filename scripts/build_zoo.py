@@ -56,7 +56,9 @@ def finetune_args(zoo: str, smoke: bool, extra: Sequence[str] = (), init: str = 
 
 
 def _finished(run_dir: Path) -> bool:
-    return (run_dir / "model" / "model.safetensors").is_file() and (run_dir / "metrics.json").is_file()
+    from bench_runs import finished_run
+
+    return (run_dir / "model" / "model.safetensors").is_file() and finished_run(run_dir)
 
 
 def _weights_id(folder: Path) -> str:

@@ -293,3 +293,36 @@ def test_profile_step_reports_each_variant_at_its_own_input(monkeypatch, capsys)
             if line.startswith("| ") and " px " in line}
     assert rows == {"baseline": "4 x 16 px", "size_24": "4 x 24 px", "batch_2": "2 x 16 px",
                     "eval_forward": "4 x 16 px", "single_semseg": "4 x 16 px", "single_depth": "4 x 16 px"}
+
+
+@pytest.mark.parametrize("how", ["failed", "killed"])
+def test_a_failed_or_killed_run_is_not_reused_on_resume(tmp_path, monkeypatch, how):
+    """mtl.train writes model/ and metrics.json before later steps that can fail (FAILED) or be killed (its
+    .running claim left by a dead process): build_zoo and the benchmarks reused such a run as finished."""
+    import json
+    import subprocess
+    import sys
+
+    from mtl.cli.failures import FAILED, RUNNING
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import build_zoo
+    from bench_runs import RECIPE, record, reusable
+
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    if how == "killed":
+        dead = subprocess.Popen([sys.executable, "-c", ""])
+        dead.wait()
+        (run / RUNNING).write_text(json.dumps({"pid": dead.pid}))  # claimed before the records were written
+    (run / "model" / "model.safetensors").write_bytes(b"x")
+    (run / "metrics.json").write_text("{}")
+    if how == "failed":
+        (run / FAILED).write_text("boom")
+    assert not build_zoo._finished(run)
+    assert not reusable(run, ["a=1"]) and not reusable(run, ["a=1"], build_zoo._finished)
+    (run / FAILED).unlink(missing_ok=True)
+    (run / RUNNING).unlink(missing_ok=True)
+    assert build_zoo._finished(run) and reusable(run, ["a=1"])  # the same folder, finished: reused
+    record(run, ["a=1"])
+    assert json.loads((run / RECIPE).read_text()) == ["a=1"] and reusable(run, ["a=1"])
