@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from mtl.atomic import make_parents
+from mtl.atomic import make_parents, user_path
 
 __all__ = ["BLOCK", "DTYPES", "average", "enabled", "library", "pread_merge", "pread_ties", "task_arithmetic", "ties",
            "ties_hist"]
@@ -60,10 +60,12 @@ def enabled() -> bool:
 
 
 def cache_dir() -> Path:
+    """``$MTLKIT_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/mtlkit/kernels``, else ``~/.cache/mtlkit/kernels``; a leading
+    ``~`` expanded (`user_path`), as in every mtlkit path (it made a literal ``./~`` folder)."""
     root = os.environ.get("MTLKIT_KERNEL_CACHE")
     if root:
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mtlkit" / "kernels"
+        return user_path(root)
+    return user_path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "mtlkit" / "kernels"
 
 
 def _compiler() -> str | None:

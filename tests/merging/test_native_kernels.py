@@ -287,3 +287,13 @@ def test_truncated_cache_entry_does_not_crash_a_new_process(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-500:]
     assert "does not match its size and sha256 record" in r.stderr and str(so) in r.stderr
+
+
+@pytest.mark.parametrize("var, value, under", [("MTLKIT_KERNEL_CACHE", "~/kc", ("kc",)),
+                                               ("XDG_CACHE_HOME", "~/xdg", ("xdg", "mtlkit", "kernels"))])
+def test_a_kernel_cache_with_a_tilde_is_under_home(home_and_cwd, monkeypatch, var, value, under):
+    """MTLKIT_KERNEL_CACHE="~/kc" made a literal ./~/kc folder in the working directory."""
+    home, cwd = home_and_cwd
+    monkeypatch.delenv("MTLKIT_KERNEL_CACHE", raising=False)
+    monkeypatch.setenv(var, value)
+    assert native.cache_dir() == home.joinpath(*under)
