@@ -9,8 +9,9 @@ cache) and makes one pass over it with the same float32 roundings in the same or
 
 It is an automatic fast path: with `MTLKIT_NATIVE=0`, without a C compiler (`$CC`, `cc`, `gcc`,
 `clang`) or when the compilation fails, `library()` returns None and the torch path runs (the reason is
-logged at debug level). The shared object is cached in `$MTLKIT_KERNEL_CACHE`, else
-`$XDG_CACHE_HOME/mtlkit/kernels` (default `~/.cache/mtlkit/kernels`), named by a hash of the source,
+logged at debug level; a cache folder that cannot be written is a warning). The shared object is cached in
+`$MTLKIT_KERNEL_CACHE`, else `$MTL_DATA_CACHE/kernels`, else `$XDG_CACHE_HOME/mtlkit/kernels` (default
+`~/.cache/mtlkit/kernels`), named by a hash of the source,
 the compiler, its flags and the CPU, and written atomically (flushed to disk before the rename) with a
 ``.sha256`` record of its size and digest: a cached object that does not match its record (truncated,
 overwritten) is never loaded but rebuilt (a truncated one would kill the process with SIGBUS). ctypes
@@ -60,12 +61,17 @@ def enabled() -> bool:
 
 
 def cache_dir() -> Path:
-    """``$MTLKIT_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/mtlkit/kernels``, else ``~/.cache/mtlkit/kernels``; a leading
-    ``~`` expanded (`user_path`), as in every mtlkit path (it made a literal ``./~`` folder)."""
-    root = os.environ.get("MTLKIT_KERNEL_CACHE")
-    if root:
-        return user_path(root)
+    """``$MTLKIT_KERNEL_CACHE``, else ``$MTL_DATA_CACHE/kernels`` (the variable that moves mtlkit's data cache moves
+    this one too), else ``$XDG_CACHE_HOME/mtlkit/kernels``, else ``~/.cache/mtlkit/kernels``; set but empty counts
+    as unset, a leading ``~`` is expanded (`user_path`), as in every mtlkit path (it made a literal ``./~``)."""
+    for name, under in (("MTLKIT_KERNEL_CACHE", ()), ("MTL_DATA_CACHE", ("kernels",))):
+        if os.environ.get(name):
+            return user_path(os.environ[name]).joinpath(*under)
     return user_path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "mtlkit" / "kernels"
+
+
+class _CacheUnwritable(OSError):
+    """The kernel cache folder cannot be made or written: no flag variant can be built there."""
 
 
 def _compiler() -> str | None:
@@ -105,7 +111,7 @@ def _verified(target: Path) -> bool | None:
     try:
         size, digest = _record(target).read_text().split()
         return target.stat().st_size == int(size) and _digest(target) == digest
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     except (OSError, ValueError):
         return False
@@ -132,8 +138,11 @@ def _replace_synced(tmp: str, target: Path) -> None:
 def _compile(cc: str, flags: list[str], target: Path) -> bool:
     tmps = []
     try:
-        make_parents(target.parent)
-        fd, tmp = tempfile.mkstemp(prefix=".chunk_kernels-", suffix=".so", dir=target.parent)
+        try:
+            make_parents(target.parent)
+            fd, tmp = tempfile.mkstemp(prefix=".chunk_kernels-", suffix=".so", dir=target.parent)
+        except OSError as e:
+            raise _CacheUnwritable(e.errno, f"cannot write the kernel cache {target.parent} ({e.strerror})") from e
         os.close(fd)
         tmps.append(tmp)
         r = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120)
@@ -149,6 +158,8 @@ def _compile(cc: str, flags: list[str], target: Path) -> bool:
         _replace_synced(tmp, target)
         _replace_synced(rec, _record(target))
         return True
+    except _CacheUnwritable:
+        raise
     except (OSError, subprocess.SubprocessError) as e:
         log.debug("native kernel: compiling with %s failed: %s", cc, e)
         return False
@@ -179,6 +190,10 @@ def _build() -> ctypes.CDLL | None:
             if not whole and not _compile(cc, flags, target):
                 continue
             lib = ctypes.CDLL(str(target))
+        except _CacheUnwritable as e:  # a warning: the merge runs, but slower, until the folder is fixed
+            log.warning("native kernel: %s; using the slower torch chunk path (set MTLKIT_KERNEL_CACHE to a "
+                        "writable folder)", e.strerror)
+            return None
         except OSError as e:
             log.debug("native kernel: loading %s failed: %s", target, e)
             continue

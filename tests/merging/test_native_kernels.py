@@ -1,4 +1,5 @@
 """The native chunk kernel (`merging.native`): bit-identical to the torch chunk path, and optional."""
+import logging
 import math
 import os
 
@@ -295,5 +296,33 @@ def test_a_kernel_cache_with_a_tilde_is_under_home(home_and_cwd, monkeypatch, va
     """MTLKIT_KERNEL_CACHE="~/kc" made a literal ./~/kc folder in the working directory."""
     home, cwd = home_and_cwd
     monkeypatch.delenv("MTLKIT_KERNEL_CACHE", raising=False)
+    monkeypatch.delenv("MTL_DATA_CACHE", raising=False)
     monkeypatch.setenv(var, value)
     assert native.cache_dir() == home.joinpath(*under)
+
+
+def test_mtl_data_cache_moves_the_kernel_cache_unless_it_is_named(tmp_path, monkeypatch):
+    """MTL_DATA_CACHE moved the data but the kernel cache still wrote to ~/.cache/mtlkit/kernels."""
+    monkeypatch.delenv("MTLKIT_KERNEL_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("MTL_DATA_CACHE", str(tmp_path / "data"))
+    assert native.cache_dir() == tmp_path / "data" / "kernels"
+    monkeypatch.setenv("MTLKIT_KERNEL_CACHE", str(tmp_path / "kc"))
+    assert native.cache_dir() == tmp_path / "kc"
+    monkeypatch.delenv("MTLKIT_KERNEL_CACHE")
+    monkeypatch.setenv("MTL_DATA_CACHE", "")  # set but empty counts as unset, as for the data
+    assert native.cache_dir() == tmp_path / "xdg" / "mtlkit" / "kernels"
+
+
+@needs_lib
+def test_an_unwritable_kernel_cache_is_a_warning_naming_it(tmp_path, monkeypatch, caplog):
+    """A kernel folder that cannot be written sent every merge down the slower torch path with a debug line only."""
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setenv("MTLKIT_KERNEL_CACHE", str(tmp_path / "afile" / "kc"))
+    with caplog.at_level(logging.WARNING, logger="merging.native"):
+        assert native.library() is None
+    [rec] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"cannot write the kernel cache {tmp_path}/afile/kc" in rec.getMessage()
+    assert "torch chunk path" in rec.getMessage() and "MTLKIT_KERNEL_CACHE" in rec.getMessage()
