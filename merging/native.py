@@ -151,6 +151,7 @@ def _compile(cc: str, flags: list[str], target: Path) -> bool:
             return False
         fd, rec = tempfile.mkstemp(prefix=".chunk_kernels-", suffix=".sha256", dir=target.parent)
         tmps.append(rec)
+        os.fchmod(fd, 0o644)  # readable like the object itself (mkstemp makes 0600): a shared cache is checked by all
         with os.fdopen(fd, "w") as f:
             f.write(f"{os.path.getsize(tmp)} {_digest(Path(tmp))}\n")
         # the object first, then its record: a kill in between leaves an object without a matching record,

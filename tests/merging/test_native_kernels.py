@@ -208,6 +208,8 @@ def test_builds_once_into_a_fresh_cache(tmp_path, monkeypatch):
     lib = native.library()
     assert lib is not None and native.library() is lib
     assert len(list((tmp_path / "cache").glob("chunk_kernels-*.so"))) == 1
+    [record] = (tmp_path / "cache").glob("chunk_kernels-*.so.sha256")
+    assert record.stat().st_mode & 0o044 == 0o044  # others sharing the cache can check it too
     assert not [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith("chunk_kernels-")]
 
 
