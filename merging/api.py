@@ -43,7 +43,7 @@ def merge(
         if method in MERGEKIT_ONLY or method in OWN_ENTRY_POINTS:  # the message says what to call instead
             raise
         raise UnknownNameError(f"{e}; learned at test time (with unlabeled=...): {', '.join(LEARNED_METHODS)}") from None
-    ctx = open_context(pretrained, finetuned, opts, m.min_models(), method)
+    ctx = open_context(pretrained, finetuned, opts, m.min_models(), method, base_among=not m.uses_task_vectors)
     try:
         with torch_threads(threads):
             m.prepare(ctx, select)

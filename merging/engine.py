@@ -213,10 +213,12 @@ class Context:
             s.close()
 
 
-def open_context(pretrained, finetuned, opts: KeyOptions, min_models: int, what: str, keep_base: bool = False) -> Context:
+def open_context(pretrained, finetuned, opts: KeyOptions, min_models: int, what: str, keep_base: bool = False,
+                 base_among: bool = False) -> Context:
+    """``base_among``: the pretrained model may be one of ``finetuned`` (a method merging models, not task vectors)."""
     if isinstance(finetuned, Iterator):  # read once, for the sources and the task names alike
         finetuned = list(finetuned)
-    pre, fts = open_sources(pretrained, finetuned)
+    pre, fts = open_sources(pretrained, finetuned, base_among)
     if len(fts) < min_models:
         raise MergeInputError(
             f"{what} needs at least {min_models} fine-tuned model{'s' if min_models > 1 else ''}, got {len(fts)}"

@@ -278,7 +278,8 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     manifest = manifest_paths(cfg.pool) if cfg.get("pool") else None  # read once: checked, then merged
     if manifest or cfg.get("pretrained"):  # a folder twice, or θ0 among the models: before the run folder
         try:
-            check_distinct_inputs(*_given_paths(cfg, Path(run_dir), manifest), ("pretrained", "models"))
+            check_distinct_inputs(*_given_paths(cfg, Path(run_dir), manifest), ("pretrained", "models"),
+                                  base_among=not evaluated and _merges_models(name))
         except MergeInputError as e:
             raise MergeInputError(f"{cfg.pool}: {e}" if manifest else str(e)) from None
     run_dir, output = start_run(cfg, run_dir, inputs=[manifest[0], *manifest[1]] if manifest else [],
@@ -341,6 +342,13 @@ def check_inputs_given(cfg: DictConfig) -> None:
         model_list(cfg.models, "models")  # models=a is one path, not its characters
     elif not cfg.get("smoke_pool"):
         raise ValueError("nothing to merge: pass pretrained=<folder> models=[<folder>,...] or pool=<manifest.json>")
+
+
+def _merges_models(name: str) -> bool:
+    """A merge method that merges the models themselves, not their task vectors (θ0 may be one of them)."""
+    from .methods import METHODS
+
+    return name in METHODS and not METHODS.get(name).uses_task_vectors
 
 
 def _given_paths(cfg: DictConfig, run_dir: Path, manifest: tuple[Path, list[Path]] | None) -> tuple[Path, list[Path]]:

@@ -290,6 +290,7 @@ class Linear(MergeMethod):
 
     name = "linear"
     convention = "mergekit"
+    uses_task_vectors = False
     defaults = {"weight": 1.0, "normalize": True, "dtype": None}
 
     def validate(self) -> None:

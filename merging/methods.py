@@ -94,6 +94,9 @@ class MergeMethod(ABC):
     propagates_nonfinite: ClassVar[bool] = False
     #: whose rules: "paper", or "mergekit" (merging.mergekit); an unknown key of the other one is explained
     convention: ClassVar[str] = "paper"
+    #: False for the methods that merge the models themselves, not their task vectors (θ0 only fixes keys and
+    #: dtypes): θ0 may then be one of the merged models (a soup with the base, mergekit's linear)
+    uses_task_vectors: ClassVar[bool] = True
 
     def __init__(self, **hparams: Any):
         unknown = sorted(set(hparams) - set(self.defaults))
@@ -179,6 +182,7 @@ MERGEKIT_ONLY = {"linear": "average, unweighted", "dare_ties": "dare with base='
 class Average(MergeMethod):
     name = "average"
     propagates_nonfinite = True
+    uses_task_vectors = False
 
     def merge_tensor(self, ctx: Context, key: str) -> torch.Tensor:
         info = ctx.plan.infos[key]

@@ -138,27 +138,30 @@ def _checked(src: "SafetensorsSource") -> "SafetensorsSource":
     return src
 
 
-def open_sources(pretrained: SourceLike, finetuned) -> tuple[StateSource, list[StateSource]]:
-    """Open the pretrained model and the list of fine-tuned ones, labelling in-memory inputs by position."""
+def open_sources(pretrained: SourceLike, finetuned, base_among: bool = False) -> tuple[StateSource, list[StateSource]]:
+    """Open the pretrained model and the list of fine-tuned ones, labelling in-memory inputs by position
+    (`check_distinct_inputs` first)."""
     if isinstance(finetuned, (str, os.PathLike, Mapping, nn.Module, StateSource, torch.Tensor)):
         raise TypeError("finetuned must be a list of models (state dicts, modules, folders or files), not one model")
     fts = list(finetuned)
-    check_distinct_inputs(pretrained, fts)
+    check_distinct_inputs(pretrained, fts, base_among=base_among)
     pre = open_source(pretrained, label="pretrained")
     return pre, [open_source(f, label=f"finetuned[{i}]") for i, f in enumerate(fts)]
 
 
-def check_distinct_inputs(pretrained, finetuned: Sequence[Any], names: tuple[str, str] = ("pretrained", "finetuned")
-                          ) -> None:
+def check_distinct_inputs(pretrained, finetuned: Sequence[Any], names: tuple[str, str] = ("pretrained", "finetuned"),
+                          base_among: bool = False) -> None:
     """Refuse, in one line naming both entries, a fine-tuned model given by path that is an earlier one again (its
-    task vector would count twice) or the pretrained model (a zero task vector counted as a model), compared on the
-    resolved weights each path reads (a symlink, ``./a`` and ``a/model.safetensors`` are ``a``). ``names``: what the
-    caller calls the two arguments (``models`` on the command line)."""
+    task vector would count twice) or, unless ``base_among`` (a method that merges the models themselves: average,
+    mergekit's linear), the pretrained model (a zero task vector counted as a model), compared on the resolved
+    weights each path reads (a symlink, ``./a`` and ``a/model.safetensors`` are ``a``, also where model.safetensors is
+    itself a link, as in a Hugging Face cache). ``names``: what the caller calls the two arguments (``models`` on the
+    command line)."""
     def weights(x: Any) -> Path | None:
         if not isinstance(x, (str, os.PathLike)):
             return None  # in memory: nothing to compare by path
         p = user_path(x).resolve()
-        return p / "model.safetensors" if (p / "model.safetensors").is_file() else p
+        return (p / "model.safetensors").resolve() if (p / "model.safetensors").is_file() else p
 
     pre, seen = weights(pretrained), {}
     for i, f in enumerate(finetuned):
@@ -166,7 +169,7 @@ def check_distinct_inputs(pretrained, finetuned: Sequence[Any], names: tuple[str
         if w is None:
             continue
         label = f"{names[1]}[{i}] ({str(f)!r})"
-        if w == pre:
+        if w == pre and not base_among:
             raise MergeInputError(f"{label} is {names[0]} ({str(pretrained)!r}): its task vector is zero, merged as one "
                                   f"more model it only dilutes the others; list the fine-tuned models alone")
         if w in seen:

@@ -228,7 +228,8 @@ def merge_to_file(
     if chunk is not None and fused_kernel(m) is None:  # said, not ignored: it sets only the chunked kernels' size
         raise ValueError(f"chunk applies to the chunked kernels; {method!r} has none (it runs whole tensors): "
                          "leave chunk=None")
-    ctx = open_context(pretrained, finetuned, opts, m.min_models(), method, keep_base=hf_folder)
+    ctx = open_context(pretrained, finetuned, opts, m.min_models(), method, keep_base=hf_folder,
+                       base_among=not m.uses_task_vectors)
     streamed = None
     try:
         if kernel is not None:

@@ -775,7 +775,8 @@ def test_a_model_given_twice_or_theta0_among_the_models_is_refused_before_the_ru
     link = tmp_path / "link"
     link.symlink_to(a.resolve(), target_is_directory=True)
     first, again = {"same": (a, a), "symlink": (a, link), "pretrained": (pool.pretrained, a)}[twice]
-    args = [f"pretrained={pool.pretrained}", f"models=[{first},{again}]", "merge=average", "output=" + str(tmp_path / "o")]
+    args = [f"pretrained={pool.pretrained}", f"models=[{first},{again}]", "merge=task_arithmetic", "merge.lam=0.3",
+            "output=" + str(tmp_path / "o")]
     with pytest.raises(merging.MergeInputError) as e:
         run([*args, *([] if evaluated else ["eval=none"])], run_dir=tmp_path / "r")
     want = (f"models[1] ({str(again)!r}) is models[0] ({str(first)!r}) again" if twice != "pretrained" else
@@ -798,8 +799,29 @@ def test_the_python_apis_refuse_a_folder_twice_and_theta0_as_a_model(pool, tmp_p
     with pytest.raises(merging.MergeInputError, match=r"^finetuned\[1\] .* is finetuned\[0\] .* again"):
         merging.merge("task_arithmetic", pool.pretrained, [a, a / "model.safetensors"], lam=0.3)
     with pytest.raises(merging.MergeInputError, match=r"^finetuned\[0\] .* is pretrained "):
-        merging.merge("average", pool.pretrained, [pool.pretrained, a])
+        merging.merge("task_arithmetic", pool.pretrained, [pool.pretrained, a], lam=0.3)
+    # a model.safetensors that is itself a link (a Hugging Face cache's blob) is the file it links to
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "model.safetensors").symlink_to((a / "model.safetensors").resolve())
+    with pytest.raises(merging.MergeInputError, match=r"^finetuned\[1\] .* is finetuned\[0\] .* again"):
+        merging.merge("task_arithmetic", pool.pretrained, [hf, a / "model.safetensors"], lam=0.3)
     with pytest.raises(merging.MergeInputError, match=r"^models\[1\] .* is models\[0\] .* again"):
         from merging.pool import ModelPool
 
         ModelPool.from_folders(pool.pretrained, [a, a])
+
+
+def test_theta0_may_be_one_of_the_models_of_a_method_that_merges_the_models_themselves(pool, tmp_path):
+    """average (a soup with the base; mergekit's linear without base_model lists its first model as both) merges
+    the models, not task vectors: θ0 among them is (θ0 + θ_a)/2, not refused (8b6802e refused every such merge)."""
+    from safetensors.torch import load_file
+
+    a = Path(pool.member_paths[0])
+    pre, ft = load_file(Path(pool.pretrained) / "model.safetensors"), load_file(a / "model.safetensors")
+    merged = merging.merge("average", pool.pretrained, [pool.pretrained, a])
+    key = next(k for k, v in pre.items() if v.is_floating_point() and not torch.equal(v, ft[k]))
+    torch.testing.assert_close(merged[key], (pre[key] + ft[key]) / 2)
+    run([f"pretrained={pool.pretrained}", f"models=[{pool.pretrained},{a}]", "merge=average", "eval=none",
+         f"output={tmp_path / 'o'}"], run_dir=tmp_path / "r")
+    torch.testing.assert_close(load_file(tmp_path / "o" / "model.safetensors")[key], (pre[key] + ft[key]) / 2)
