@@ -10,8 +10,8 @@ cache) and makes one pass over it with the same float32 roundings in the same or
 It is an automatic fast path: with `MTLKIT_NATIVE=0`, without a C compiler (`$CC`, `cc`, `gcc`,
 `clang`) or when the compilation fails, `library()` returns None and the torch path runs (the reason is
 logged at debug level; a cache folder that cannot be written is a warning). The shared object is cached in
-`$MTLKIT_KERNEL_CACHE`, else `$MTL_DATA_CACHE/kernels`, else `$XDG_CACHE_HOME/mtlkit/kernels` (default
-`~/.cache/mtlkit/kernels`), named by a hash of the source,
+`$MTLKIT_KERNEL_CACHE`, else `$MTL_DATA_CACHE/kernels`, falling back to `$XDG_CACHE_HOME/mtlkit/kernels` (default
+`~/.cache/mtlkit/kernels`) where that cannot be written (`cache_dirs`), named by a hash of the source,
 the compiler, its flags and the CPU, and written atomically (flushed to disk before the rename) with a
 ``.sha256`` record of its size and digest: a cached object that does not match its record (truncated,
 overwritten) is never loaded but rebuilt (a truncated one would kill the process with SIGBUS). ctypes
@@ -60,14 +60,22 @@ def enabled() -> bool:
     return os.environ.get("MTLKIT_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def cache_dirs() -> list[Path]:
+    """Where the kernel is cached, first choice first: ``$MTLKIT_KERNEL_CACHE`` alone where set; else
+    ``$MTL_DATA_CACHE/kernels`` (the variable that moves mtlkit's data cache moves this one too), then
+    ``$XDG_CACHE_HOME/mtlkit/kernels`` (default ``~/.cache/mtlkit/kernels``) where that one cannot be read or
+    written (a read-only data cache keeps the fast path). Set but empty counts as unset; a leading ``~`` is expanded
+    (`user_path`), as in every mtlkit path (it made a literal ``./~``)."""
+    if os.environ.get("MTLKIT_KERNEL_CACHE"):
+        return [user_path(os.environ["MTLKIT_KERNEL_CACHE"])]
+    home = user_path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "mtlkit" / "kernels"
+    data = os.environ.get("MTL_DATA_CACHE")
+    return [user_path(data) / "kernels", home] if data else [home]
+
+
 def cache_dir() -> Path:
-    """``$MTLKIT_KERNEL_CACHE``, else ``$MTL_DATA_CACHE/kernels`` (the variable that moves mtlkit's data cache moves
-    this one too), else ``$XDG_CACHE_HOME/mtlkit/kernels``, else ``~/.cache/mtlkit/kernels``; set but empty counts
-    as unset, a leading ``~`` is expanded (`user_path`), as in every mtlkit path (it made a literal ``./~``)."""
-    for name, under in (("MTLKIT_KERNEL_CACHE", ()), ("MTL_DATA_CACHE", ("kernels",))):
-        if os.environ.get(name):
-            return user_path(os.environ[name]).joinpath(*under)
-    return user_path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "mtlkit" / "kernels"
+    """The first choice of `cache_dirs`."""
+    return cache_dirs()[0]
 
 
 class _CacheUnwritable(OSError):
@@ -113,6 +121,8 @@ def _verified(target: Path) -> bool | None:
         return target.stat().st_size == int(size) and _digest(target) == digest
     except (FileNotFoundError, NotADirectoryError):
         return None
+    except PermissionError as e:  # another user's cache this one may not read: not damage, another folder
+        raise _CacheUnwritable(e.errno, f"cannot read the kernel cache {target.parent} ({e.strerror})") from e
     except (OSError, ValueError):
         return False
 
@@ -143,6 +153,7 @@ def _compile(cc: str, flags: list[str], target: Path) -> bool:
             fd, tmp = tempfile.mkstemp(prefix=".chunk_kernels-", suffix=".so", dir=target.parent)
         except OSError as e:
             raise _CacheUnwritable(e.errno, f"cannot write the kernel cache {target.parent} ({e.strerror})") from e
+        os.fchmod(fd, 0o755)  # as a linker's output: mkstemp makes 0600, which no other user of the cache can read
         os.close(fd)
         tmps.append(tmp)
         r = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120)
@@ -178,11 +189,27 @@ def _build() -> ctypes.CDLL | None:
     real = os.path.realpath(cc)
     st = os.stat(real)
     version = f"{real}:{st.st_size}:{st.st_mtime_ns}"  # the compiler's identity, without running it
+    folders = cache_dirs()
+    for i, folder in enumerate(folders):
+        try:
+            return _build_in(folder, cc, version)
+        except _CacheUnwritable as e:  # the next folder; after the last a warning: the merge runs, but slower
+            if i + 1 < len(folders):
+                log.debug("native kernel: %s; trying %s", e.strerror, folders[i + 1])
+                continue
+            log.warning("native kernel: %s; using the slower torch chunk path (set MTLKIT_KERNEL_CACHE to a "
+                        "writable folder)", e.strerror)
+    return None
+
+
+def _build_in(folder: Path, cc: str, version: str) -> ctypes.CDLL | None:
+    """The kernel from (or compiled into) ``folder``, trying each flag variant; raises `_CacheUnwritable` where the
+    folder cannot be read or written."""
     source = SOURCE.read_bytes()
     for flags in (_FLAGS + v for v in _VARIANTS):
         key = hashlib.sha256(b"\0".join([source, cc.encode(), version.encode(), " ".join(flags).encode(),
                                          _cpu_id().encode()])).hexdigest()[:24]
-        target = cache_dir() / f"chunk_kernels-{key}.so"
+        target = folder / f"chunk_kernels-{key}.so"
         try:
             whole = _verified(target)
             if whole is False:
@@ -191,10 +218,8 @@ def _build() -> ctypes.CDLL | None:
             if not whole and not _compile(cc, flags, target):
                 continue
             lib = ctypes.CDLL(str(target))
-        except _CacheUnwritable as e:  # a warning: the merge runs, but slower, until the folder is fixed
-            log.warning("native kernel: %s; using the slower torch chunk path (set MTLKIT_KERNEL_CACHE to a "
-                        "writable folder)", e.strerror)
-            return None
+        except _CacheUnwritable:
+            raise
         except OSError as e:
             log.debug("native kernel: loading %s failed: %s", target, e)
             continue

@@ -1098,3 +1098,16 @@ def test_a_failure_on_one_ddp_rank_reaches_the_user(tmp_path):
     assert (run / "FAILED.rank1").read_text().startswith("ValueError: injected bad input on rank 1\n")
     assert (run / FAILED).read_text().startswith("rank 1 failed: ValueError: injected bad input on rank 1")
     assert "injected bad input on rank 1" in (run / "train_ddp_process_1.log").read_text()
+
+
+def test_gradient_clip_algorithm_norm_alone_stays_allowed():
+    """'norm' is what optim.grad_clip does and alone asks for nothing: it was refused with 'mtlkit clips only by
+    norm'; 'value' is refused."""
+    from omegaconf import OmegaConf
+
+    from mtl.train_checks import check_trainer
+
+    base = {"max_epochs": 1}
+    check_trainer(OmegaConf.create({**base, "gradient_clip_algorithm": "norm"}))
+    with pytest.raises(ValueError, match="clips only by norm"):
+        check_trainer(OmegaConf.create({**base, "gradient_clip_algorithm": "value"}))

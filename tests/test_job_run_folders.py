@@ -421,3 +421,16 @@ def test_the_data_cache_resolves_without_home_as_in_python(monkeypatch, cache):
     assert user_path(data["cache_dir"]) == default_cache_dir("scenes")
     if cache is not None:
         assert data["cache_dir"] == f"{cache}/scenes"
+
+
+def test_no_home_is_set_where_python_knows_none_either(monkeypatch):
+    """A uid without a passwd entry: os.path.expanduser("~") stays "~", and $HOME was set to "~", so the data cache
+    went to a relative ./~/.cache/mtlkit; $HOME stays unset then (the configs name it)."""
+    import os
+
+    from mtl.cli.common import normalize_path_env
+
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.setattr(os.path, "expanduser", lambda p: p)
+    normalize_path_env()
+    assert "HOME" not in os.environ

@@ -468,9 +468,10 @@ def normalize_path_env() -> None:
     resolvers there, so a run's ``.hydra/config.yaml`` loads with plain ``OmegaConf.load``. Without ``$HOME`` it is
     set to the home folder Python's ``~`` means then (the password database's, `mtl.data.default_cache_dir`): the
     configs' ``${oc.env:HOME}`` (the data cache's default, resolved even when MTL_DATA_CACHE is set) failed every
-    CLI, and the CLI and Python would not share one cache."""
-    if "HOME" not in os.environ:
-        os.environ["HOME"] = os.path.expanduser("~")
+    CLI, and the CLI and Python would not share one cache. Where Python knows no home folder either (``~`` stays
+    ``~``: a uid without a passwd entry) ``$HOME`` stays unset, so the configs name it rather than cache under ./~."""
+    if "HOME" not in os.environ and os.path.isabs(home := os.path.expanduser("~")):
+        os.environ["HOME"] = home
     for name in EMPTY_MEANS_UNSET:
         value = os.environ.get(name)
         if value == "":

@@ -11,7 +11,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from mtl.atomic import make_parents, missing_parents, remove_empty, user_path
+from mtl.atomic import make_parents, missing_parents, user_path
 
 
 def default_cache_dir(kind: str) -> Path:
@@ -32,7 +32,8 @@ def check_cache_writable(entry: Path, marker: str) -> None:
     """Before a missing cache entry is generated (``entry/marker`` absent; a complete entry, even in a read-only
     cache, is only read): its cache folder can be made and written. Raises one line naming the cache folder (a
     file in its place, a folder that cannot be created or written), so that a job refuses it before its run
-    folder exists. The folders made to find out are removed again."""
+    folder exists. The folders made to find out stay (empty): removing them again raced with a second run that had
+    seen them and was about to write its entry there."""
     if (entry / marker).exists():
         return
     root = entry.parent
@@ -42,7 +43,7 @@ def check_cache_writable(entry: Path, marker: str) -> None:
     if not above.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, f"data cache {root}: {above} is a file, not a folder; {hint}")
     try:
-        remove_empty(make_parents(root))
+        make_parents(root)
     except OSError as e:
         raise OSError(e.errno, f"data cache {root}: cannot create {e.filename or root} ({os.strerror(e.errno)}); "
                                f"{hint}") from None

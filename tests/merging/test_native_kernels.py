@@ -328,3 +328,41 @@ def test_an_unwritable_kernel_cache_is_a_warning_naming_it(tmp_path, monkeypatch
     [rec] = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert f"cannot write the kernel cache {tmp_path}/afile/kc" in rec.getMessage()
     assert "torch chunk path" in rec.getMessage() and "MTLKIT_KERNEL_CACHE" in rec.getMessage()
+
+
+@needs_lib
+def test_an_unwritable_data_cache_leaves_the_kernel_in_the_next_folder(tmp_path, monkeypatch, caplog):
+    """A read-only MTL_DATA_CACHE (data prepared once on shared storage) turned the kernel off with a warning on every
+    merge; the kernel goes to $XDG_CACHE_HOME/mtlkit/kernels then, as without MTL_DATA_CACHE."""
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.delenv("MTLKIT_KERNEL_CACHE", raising=False)
+    monkeypatch.setenv("MTL_DATA_CACHE", str(tmp_path / "afile"))  # nothing can be made under it
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert native.cache_dirs() == [tmp_path / "afile" / "kernels", tmp_path / "xdg" / "mtlkit" / "kernels"]
+    with caplog.at_level(logging.WARNING, logger="merging.native"):
+        assert native.library() is not None
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    [so] = (tmp_path / "xdg" / "mtlkit" / "kernels").glob("*.so")
+    assert so.stat().st_mode & 0o777 == 0o755  # readable by every user of a shared cache, as its .sha256 record
+
+
+@needs_lib
+def test_a_kernel_this_user_cannot_read_is_not_called_damaged(tmp_path, monkeypatch, caplog):
+    """Another user's 0600 object in a shared cache was reported as 'truncated or overwritten' (and replaced)."""
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setenv("MTLKIT_KERNEL_CACHE", str(tmp_path / "kc"))
+    assert native.library() is not None  # built and recorded
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", False)
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(native, "_digest", denied)
+    with caplog.at_level(logging.WARNING, logger="merging.native"):
+        assert native.library() is None
+    [rec] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "cannot read the kernel cache" in rec and "truncated" not in rec, rec
