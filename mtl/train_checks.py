@@ -108,7 +108,7 @@ def check_trainer(tr: DictConfig) -> None:
                          "task gradients feed the balancer); raise data.batch_size instead")
     if tr.get("gradient_clip_val") is not None:
         raise ValueError(f"trainer.gradient_clip_val={tr.gradient_clip_val}: mtlkit clips with optim.grad_clip=<max norm>")
-    if tr.get("gradient_clip_algorithm") not in (None, "norm"):  # Lightning's clipping does not run (see above)
+    if tr.get("gradient_clip_algorithm") is not None and str(tr.gradient_clip_algorithm).lower() != "norm":  # Lightning's clipping does not run (see above)
         raise ValueError(f"trainer.gradient_clip_algorithm={tr.gradient_clip_algorithm}: mtlkit clips only by norm, "
                          "with optim.grad_clip=<max norm>")
     # the cosine schedule needs a finite length; 0 epochs (or 0 batches) would save an untrained model as a finished run

@@ -1108,6 +1108,7 @@ def test_gradient_clip_algorithm_norm_alone_stays_allowed():
     from mtl.train_checks import check_trainer
 
     base = {"max_epochs": 1}
-    check_trainer(OmegaConf.create({**base, "gradient_clip_algorithm": "norm"}))
+    for norm in ("norm", "NORM"):  # Lightning reads it case-insensitively
+        check_trainer(OmegaConf.create({**base, "gradient_clip_algorithm": norm}))
     with pytest.raises(ValueError, match="clips only by norm"):
         check_trainer(OmegaConf.create({**base, "gradient_clip_algorithm": "value"}))

@@ -431,6 +431,11 @@ def test_no_home_is_set_where_python_knows_none_either(monkeypatch):
     from mtl.cli.common import normalize_path_env
 
     monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.delenv("MTL_DATA_CACHE", raising=False)
     monkeypatch.setattr(os.path, "expanduser", lambda p: p)
-    normalize_path_env()
+    with pytest.raises(ValueError, match=r"^no home folder .*: set HOME, or MTL_DATA_CACHE"):
+        normalize_path_env()
     assert "HOME" not in os.environ
+    monkeypatch.setenv("MTL_DATA_CACHE", "/tmp/elsewhere")  # enough: the configs resolve, nothing goes to ./~
+    normalize_path_env()
+    assert os.environ["HOME"] == "/nonexistent"

@@ -278,7 +278,11 @@ def _cli_main(hydra_main: Callable[[], Any], *config_modules: str, argv: list[st
         print(f"error: {missing}", file=sys.stderr, flush=True)
         sys.exit(1)
     register_plugins()
-    register_resolvers()
+    try:
+        register_resolvers()
+    except ValueError as e:  # no home folder: said before anything runs
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
     if not verbose():
         problem = check_group_choices(argv[1:], config_modules or ("mtl.configs",))
         if problem:
@@ -469,15 +473,20 @@ def normalize_path_env() -> None:
     set to the home folder Python's ``~`` means then (the password database's, `mtl.data.default_cache_dir`): the
     configs' ``${oc.env:HOME}`` (the data cache's default, resolved even when MTL_DATA_CACHE is set) failed every
     CLI, and the CLI and Python would not share one cache. Where Python knows no home folder either (``~`` stays
-    ``~``: a uid without a passwd entry) ``$HOME`` stays unset, so the configs name it rather than cache under ./~."""
-    if "HOME" not in os.environ and os.path.isabs(home := os.path.expanduser("~")):
-        os.environ["HOME"] = home
+    ``~``: a uid without a passwd entry; ``HOME='~'`` cached under ./~): with MTL_DATA_CACHE set, ``/nonexistent``
+    (Debian's home of such users: the configs resolve, nothing is cached there), else a ValueError asking for one."""
     for name in EMPTY_MEANS_UNSET:
         value = os.environ.get(name)
         if value == "":
             del os.environ[name]
         elif value is not None and value.startswith("~"):
             os.environ[name] = os.path.expanduser(value)
+    if "HOME" not in os.environ:
+        home = os.path.expanduser("~")
+        if not os.path.isabs(home) and not os.environ.get("MTL_DATA_CACHE"):
+            raise ValueError("no home folder ($HOME is unset and the password database has none for this user): set "
+                             "HOME, or MTL_DATA_CACHE for mtlkit's caches")
+        os.environ["HOME"] = home if os.path.isabs(home) else "/nonexistent"
 
 
 def register_resolvers() -> None:
