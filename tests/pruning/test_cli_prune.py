@@ -529,15 +529,20 @@ def test_an_overwrite_rerun_without_delta_m_keeps_no_earlier_delta_m_plot(folder
     assert report["delta_m"]["after"] is None and not (tmp_path / "run" / "delta_m_vs_flops.png").exists()
 
 
-def test_a_data_override_is_judged_over_the_recorded_data_settings_before_the_run_folder(tmp_path):
-    """A new .mat data.root keeps the folder's recorded splits_file and class_mapping (datamodule_for merges them):
-    judging the override alone would refuse it for a missing splits_file."""
+def _nyu_mat_model(tmp_path):
+    """A model folder whose meta records a NYUv2 .mat data config (empty stand-in files: refusals come first)."""
     for name in ("a.mat", "b.mat", "splits.json", "c40.mat"):
         (tmp_path / name).write_text("")
     m = create_model(["semseg", "depth"], backbone="test_resnet", decoder={"name": "hps", "channels": 8})
     save_model(m, tmp_path / "model", meta={"data": {"name": "nyuv2", "root": str(tmp_path / "a.mat"),
                                                      "splits_file": str(tmp_path / "splits.json"),
                                                      "class_mapping": str(tmp_path / "c40.mat")}})
+
+
+def test_a_data_override_is_judged_over_the_recorded_data_settings_before_the_run_folder(tmp_path):
+    """A new .mat data.root keeps the folder's recorded splits_file and class_mapping (datamodule_for merges them):
+    judging the override alone would refuse it for a missing splits_file."""
+    _nyu_mat_model(tmp_path)
     from pruning.job import _check_data_settings
     from omegaconf import OmegaConf
 
@@ -551,12 +556,7 @@ def test_a_data_override_repeating_the_recorded_name_is_judged_over_the_recorded
     """data.name equal to the recorded one (a whole 'data={name: nyuv2, root: ...}') is still the recorded config
     updated (`rebuild_config`, as datamodule_for builds it): its splits_file and class_mapping count; another name is
     judged alone."""
-    for name in ("a.mat", "b.mat", "splits.json", "c40.mat"):
-        (tmp_path / name).write_text("")
-    m = create_model(["semseg", "depth"], backbone="test_resnet", decoder={"name": "hps", "channels": 8})
-    save_model(m, tmp_path / "model", meta={"data": {"name": "nyuv2", "root": str(tmp_path / "a.mat"),
-                                                     "splits_file": str(tmp_path / "splits.json"),
-                                                     "class_mapping": str(tmp_path / "c40.mat")}})
+    _nyu_mat_model(tmp_path)
     from pruning.job import _check_data_settings
     from omegaconf import OmegaConf
 
