@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .engine import Context
+from .engine import Context, to_output_dtype
 from .sources import TensorInfo
 
 __all__ = ["DEFAULT_CHUNK", "ChunkFn", "Chunks", "Final", "Kernel", "Streamed", "Workspace", "chunked_streams",
@@ -230,9 +230,10 @@ def _runner(method, kernel: Kernel, chunks: Chunks, key: str) -> ChunkFn:
         out = fn(ws, s, e)
         if isinstance(out, Final):
             return out.tensor
-        res = out if out.dtype == info.dtype else ws.buf("out_raw", info.dtype, e - s).copy_(out)
-        ctx.check_output(key, res)  # every method, after the cast: an overflow is an error, not an Inf
-        return res
+        if out.dtype != info.dtype:
+            out = to_output_dtype(out, info.dtype, ws.buf("out_raw", info.dtype, e - s))
+        ctx.check_output(key, out)  # every method, after the cast: an overflow is an error, not an Inf
+        return out
 
     return run
 

@@ -9,6 +9,8 @@ tensors one by one; the callers only differ in where those go (a dict, or a file
 """
 from __future__ import annotations
 
+import functools
+import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -19,7 +21,7 @@ from .keys import DEFAULT_TASK_KEYS, EXPANSION_POINT, KeyPlan, is_bn_variance, p
 from .sources import MergeInputError, StateSource, default_task_names, open_sources
 
 __all__ = ["Context", "KeyOptions", "all_finite", "check_input_finite", "open_context", "overflow_error", "produce",
-           "torch_threads"]
+           "to_output_dtype", "torch_threads"]
 
 
 @contextmanager
@@ -51,12 +53,31 @@ def all_finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(s)) or bool(torch.isfinite(x.float() if x.dtype.itemsize == 1 else x).all())
 
 
+@functools.cache
+def _saturation_limit(dtype: torch.dtype) -> float | None:
+    """For a dtype without Inf whose cast saturates (torch's float8_e4m3fn: even +Inf becomes 448), the
+    magnitude beyond which a value rounds past its largest finite one (max + half a step); else None."""
+    if not dtype.is_floating_point or not torch.isfinite(torch.tensor(float("inf")).to(dtype).float()):
+        return None
+    fi = torch.finfo(dtype)
+    return fi.max + 2.0 ** math.floor(math.log2(fi.max)) * fi.eps / 2
+
+
+def to_output_dtype(x: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`x` cast to the output `dtype` (into `out` if given). Where that cast saturates, a value out of
+    range becomes NaN instead (the OCP FP8 non-saturating conversion), so the finite check after the
+    cast reports the overflow as it does an Inf in float16, rather than writing a clamped value."""
+    limit = None if x.dtype == dtype else _saturation_limit(dtype)
+    if limit is not None:
+        x = x.masked_fill(x.abs() > limit, float("nan"))
+    return x.to(dtype) if out is None else out.copy_(x)
+
+
 def check_input_finite(x: torch.Tensor, key: str, label: str) -> None:
     """Raise naming `key`, its input `label` and the NaN / Inf counts when `x` holds any."""
-    # A finite sum proves every entry finite (any NaN/Inf poisons it); only an overflowing sum needs
-    # the slower element-wise check.
-    if torch.isfinite(x.sum()):
+    if all_finite(x):
         return
+    x = x.float() if x.dtype.itemsize == 1 else x  # torch has no float8 isfinite
     bad = ~torch.isfinite(x)
     if bad.any():
         n_nan = int(torch.isnan(x).sum())
@@ -279,7 +300,7 @@ def produce(method, ctx: Context, fused: Callable[[str], object] | None = None) 
             out = ctx.raw_pre(key)
         else:  # "average": BN statistics under bn="average"
             out = ctx.average(key)
-        out = out.to(dtype)
+        out = to_output_dtype(out, dtype)
         ctx.check_output(key, out)  # every method's output, after the cast (an fp16 output can overflow there)
         if is_variance:
             check_merged_variance(key, out)

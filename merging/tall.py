@@ -17,7 +17,7 @@ import torch
 
 from mtl.registry import check_bool
 
-from .engine import Context, KeyOptions, check_merged_variance, open_context, torch_threads
+from .engine import Context, KeyOptions, check_merged_variance, open_context, to_output_dtype, torch_threads
 from .keys import is_bn_variance
 from .consensus import check_tall_lam, make_mtv_method, per_task_lams, tall_mask_tensors, usage_count
 from .methods import SELECTS
@@ -214,7 +214,7 @@ def check_merged(ctx: Context, key: str, pre: torch.Tensor, tau: torch.Tensor, m
     bn="merge") must also stay >= 0 in each of them (`check_tall_variance`)."""
     dtype = ctx.plan.infos[key].dtype
     if ctx.check_finite:
-        ctx.check_output(key, torch.add(pre, tau).to(dtype))
+        ctx.check_output(key, to_output_dtype(torch.add(pre, tau), dtype))
     if is_bn_variance(key):
         check_tall_variance(key, pre, tau, masks, tasks, dtype)
 
@@ -233,7 +233,7 @@ def _copied(ctx: Context, key: str) -> torch.Tensor:
     if ctx.plan.kind[key] == "copy":
         out = ctx.raw_pre(key).clone()
     else:
-        out = ctx.average(key).to(ctx.plan.infos[key].dtype)
+        out = to_output_dtype(ctx.average(key), ctx.plan.infos[key].dtype)
     ctx.check_output(key, out)  # as `merging.engine.produce` checks every output
     return out
 

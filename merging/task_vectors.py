@@ -7,7 +7,7 @@ import torch
 
 from mtl.io import as_plain
 
-from .engine import KeyOptions, all_finite, check_input_finite, open_context, overflow_error
+from .engine import KeyOptions, all_finite, check_input_finite, open_context, overflow_error, to_output_dtype
 from .keys import _fmt_shape
 from .methods import _check_lam
 from .sources import MergeInputError, load_state_dict, open_source
@@ -51,7 +51,7 @@ def apply_task_vector(pretrained, tau: dict[str, torch.Tensor], lam: float = 1.0
         x = src.get(k)
         if k in vec:
             t = vec.get(k)
-            out[k] = torch.add(x.to(t.dtype), t, alpha=lam).to(x.dtype)
+            out[k] = to_output_dtype(torch.add(x.to(t.dtype), t, alpha=lam), x.dtype)
         else:
             out[k] = x.clone()
         if check_finite and out[k].is_floating_point() and not all_finite(out[k]):

@@ -19,6 +19,7 @@ CASES = [  # each overflows: θ0 = 0, every fine-tune near its dtype's largest v
     ("dare", {"base": "ties", "p": 0.0, "k": 100, "lam": 2.0}, torch.float32, 3e38),
     ("task_arithmetic", {"lam": 1.0}, torch.float16, 60000.0),  # finite in float32, Inf once cast to fp16
     ("ties", {"merge_func": "sum", "k": 100}, torch.float16, 60000.0),
+    ("task_arithmetic", {"lam": 1.0}, torch.float8_e4m3fn, 400.0),  # torch's cast to e4m3fn saturates at 448
     ("average", {}, torch.float32, F32),  # (F32 + F32) overflows before the division
 ]
 
@@ -29,7 +30,7 @@ def test_overflow_is_an_error_in_memory(method, hp, dtype, value):
     with pytest.raises(merging.MergeInputError, match="merged tensor 'a' overflowed"):
         merging.merge(method, pre, fts, **hp)
     out = merging.merge(method, pre, fts, check_finite=False, **hp)
-    assert not torch.isfinite(out["a"]).all()
+    assert not torch.isfinite(out["a"].float()).all()
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -51,6 +52,25 @@ def test_bfloat16_result_rounding_to_inf_is_an_error(tmp_path):
     for fused in (True, False):
         with pytest.raises(merging.MergeInputError, match="merged tensor 'a' overflowed"):
             merging.merge_to_file("task_arithmetic", pre, fts, tmp_path / "o.safetensors", lam=1.0, fused=fused, chunk=1024)
+
+
+def test_float8_e4m3fn_overflow_is_an_error_not_a_clamped_448(tmp_path):
+    """e4m3fn has no Inf and torch's cast clamps to ±448; a result past it must still be an overflow
+    (every path), while one that merely rounds down to 448 is not."""
+    e4 = torch.float8_e4m3fn
+    pre = {"a": torch.zeros(4096, dtype=e4)}
+    fts = [{"a": torch.full((4096,), 400.0, dtype=e4)}, {"a": torch.full((4096,), 100.0, dtype=e4)}]
+    for kw in ({}, {"fused": False}, {"chunk": 1024, "threads": 2}):
+        with pytest.raises(merging.MergeInputError, match=r"merged tensor 'a' overflowed .*float8_e4m3fn"):
+            merging.merge_to_file("task_arithmetic", pre, fts, tmp_path / "o.safetensors", lam=1.0, **kw)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(merging.MergeInputError, match=r"θ0 \+ λ·τ tensor 'a' overflowed"):
+        merging.apply_task_vector(pre, {"a": torch.full((4096,), 1000.0)})
+    with pytest.raises(merging.MergeInputError, match="merged tensor 'a' overflowed"):
+        merging.tall_masks(pre, fts)
+    # e4m3fn stores 400 and 100 as 384 and 96: 0.955 · 480 = 458.4 rounds to 448 (the next step would be
+    # 480), so it is no overflow
+    assert merging.merge("task_arithmetic", pre, fts, lam=0.955)["a"].float().eq(448).all()
 
 
 @pytest.mark.parametrize("mtv", ["sum", "ties"])
