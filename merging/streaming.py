@@ -27,6 +27,7 @@ from .engine import KeyOptions, open_context, produce, torch_threads
 from .kernels import DEFAULT_CHUNK, Chunks, Streamed, chunked_streams, fused_kernel
 from .hf import base_files, check_replaceable, copy_base_files, is_merge_card, model_card, parse_size, write_sharded
 from .methods import create_method
+from .run_outputs import MERGEKIT_RECIPE
 from .safetensors_source import DTYPE_CODES
 from .sources import check_output_apart_from_inputs
 from .state_source import MergeInputError, TensorInfo
@@ -106,10 +107,14 @@ def resolve_output(out: str | os.PathLike, filename: str = "model.safetensors") 
 
 def _earlier_hf_merge(folder: Path) -> list[Path]:
     """What a Hugging Face style merge left in `folder` that a single-file merge there would contradict:
-    its shards, their index and its model card (a README.md of anyone else's is never touched)."""
-    card = folder / "README.md"
-    return sorted([*folder.glob("model-*-of-*.safetensors"),
-                   *(p for p in (folder / "model.safetensors.index.json",) if p.exists()), *([card] if is_merge_card(card) else [])])
+    its shards, their index, its model card (a README.md of anyone else's is never touched) and, beside
+    weights being replaced, the mergekit recipe that made them."""
+    card, recipe = folder / "README.md", folder / MERGEKIT_RECIPE
+    found = [*folder.glob("model-*-of-*.safetensors"),
+             *(p for p in (folder / "model.safetensors.index.json",) if p.exists()), *([card] if is_merge_card(card) else [])]
+    if recipe.is_file() and (found or (folder / "model.safetensors").exists()):
+        found.append(recipe)
+    return sorted(found)
 
 
 @contextmanager
@@ -208,7 +213,7 @@ def merge_to_file(
     path = target if hf_folder else resolve_output(out)[0]
     if path.exists() and not overwrite and not (hf_folder and empty_dir):
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    weights = [p.name for p in stale if p.name != "README.md"]
+    weights = [p.name for p in stale if p.name not in ("README.md", MERGEKIT_RECIPE)]
     if weights and not overwrite:  # another model's shards: replaced only on request
         raise FileExistsError(f"{target} holds sharded weights ({', '.join(weights)}); pass overwrite=True to "
                               "replace them with the merged model.safetensors")

@@ -391,3 +391,16 @@ def test_cli_refuses_a_seed_that_is_no_int_before_writing_anything(models, seed)
     with pytest.raises(ValueError, match=r"^seed must be an int >= 0, got "):
         run([f"mergekit_yaml={cfg}", f"seed={seed}", f"output={models / 'out'}"], run_dir=models / "run")
     assert not (models / "run").exists() and not (models / "out").exists()
+
+
+def test_a_single_file_merge_over_a_recipe_output_removes_the_stale_recipe(models):
+    cfg = _yaml(models, "merge_method: ties\nbase_model: base\nmodels:\n  - model: a\n    parameters: {density: 0.5, weight: 1.0}\n"
+                        "  - model: b\n    parameters: {density: 0.5, weight: 1.0}\n")
+    out = merging.merge_mergekit_yaml(cfg, models / "out")
+    assert (out / "mergekit_config.yml").is_file()
+    merging.merge_to_file("task_arithmetic", models / "base" / "model.safetensors", [models / "a" / "model.safetensors"],
+                          out, overwrite=True, lam=0.5)
+    # the folder once held task-arithmetic weights beside the ties recipe that did not make them
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors",
+                                                     "tokenizer_config.json"]
+    assert "task_arithmetic" in (out / "README.md").read_text() and torch.equal(_merged(out), A * 0.5)
