@@ -1,5 +1,6 @@
 """Hugging Face folders: sharded in and out, base files copied, model card, and bad shard indexes."""
 import json
+import re
 
 import pytest
 import torch
@@ -549,3 +550,14 @@ def test_a_base_config_json_that_is_not_json_is_named(llamas, tmp_path, text):
     with pytest.raises(merging.MergeInputError, match=rf"^{cfg}: not valid JSON \("):
         merging.merge_to_file("task_arithmetic", base, fts, tmp_path / "out", lam=0.3)
     _assert_nothing_written(tmp_path)
+
+
+def test_a_shard_index_given_as_a_model_names_its_folder(llamas, tmp_path):
+    base, fts = llamas
+    sharded = merging.merge_to_file("task_arithmetic", base, fts, tmp_path / "sharded", shard_size=40_000, lam=0.3)
+    index = sharded / "model.safetensors.index.json"
+    # it reached torch.load: "not a PyTorch/Lightning checkpoint (Unsupported operand 123)"
+    want = f"{index} is a Hugging Face shard index, not a model: pass its folder {sharded}"
+    with pytest.raises(merging.MergeInputError, match=f"^{re.escape(want)}$"):
+        merging.merge("task_arithmetic", index, fts)
+    assert set(merging.load_state_dict(sharded)) == set(merging.load_state_dict(base))  # the folder itself reads
