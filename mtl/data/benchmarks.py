@@ -76,6 +76,13 @@ def resize_sample(sample: dict[str, torch.Tensor], hw: tuple[int, int]) -> dict[
     return out
 
 
+def check_dtype(a: np.ndarray, kinds: str, what: str, expected: str, where: str) -> None:
+    """Refuse an array whose numpy dtype kind is not in `kinds`: a cast would drop or garble complex values,
+    strings and objects (complex loses its imaginary part with only a numpy warning)."""
+    if a.dtype.kind not in kinds:
+        raise ValueError(f"{where}: {what} of dtype {a.dtype}; expected {expected}")
+
+
 def image_to_uint8(a: np.ndarray, where: str) -> torch.Tensor:
     """(H, W, 3) float in [0, 1] (or uint8, or bool: 0/255) -> uint8 (3, H, W)."""
     if a.ndim != 3 or a.shape[-1] != 3:
@@ -87,8 +94,7 @@ def image_to_uint8(a: np.ndarray, where: str) -> torch.Tensor:
         if lo < 0 or hi > 255:
             raise ValueError(f"{where}: {a.dtype} image values span {lo}..{hi}; expected 0-255 (or floats in [0, 1])")
         a = a.astype(np.uint8)
-    if a.dtype.kind not in "uf":  # complex, strings, objects: the cast would drop or garble them
-        raise ValueError(f"{where}: image of dtype {a.dtype}; expected uint8 0-255 or floats in [0, 1]")
+    check_dtype(a, "uf", "image", "uint8 0-255 or floats in [0, 1]", where)
     if a.dtype != np.uint8:
         if not np.isfinite(a).all():  # NaN would cast to 0 (black) without a word
             raise ValueError(f"{where}: image holds NaN or infinite values; expected floats in [0, 1] (or uint8 0-255)")
@@ -108,6 +114,7 @@ def labels_to_uint8(a: np.ndarray, num_classes: int, where: str) -> torch.Tensor
         a = a[..., 0]
     if a.ndim != 2:
         raise ValueError(f"{where}: expected labels of shape (H, W), got {a.shape}")
+    check_dtype(a, "biuf", "labels", "integer class ids", where)
     if np.issubdtype(a.dtype, np.floating):  # class ids stored as floats: whole numbers only, nothing rounded
         if not np.isfinite(a).all():
             raise ValueError(f"{where}: labels hold NaN or infinite values; expected integer class ids "
@@ -119,8 +126,6 @@ def labels_to_uint8(a: np.ndarray, num_classes: int, where: str) -> torch.Tensor
         if huge.size:
             raise ValueError(f"{where}: label {float(huge[0]):g} is outside 0..{num_classes - 1} "
                              f"(num_classes={num_classes}; −1 marks ignored pixels)")
-    elif not np.issubdtype(a.dtype, np.integer) and a.dtype != np.bool_:
-        raise ValueError(f"{where}: labels of dtype {a.dtype}; expected integer class ids")
     ids = a.astype(np.int64)
     ids[(ids == -1) | (ids == IGNORE)] = IGNORE
     bad = (ids != IGNORE) & ((ids < 0) | (ids >= num_classes))
@@ -136,6 +141,7 @@ def dense_to_float(a: np.ndarray, channels: int, where: str) -> torch.Tensor:
         a = a[..., None]
     if a.ndim != 3 or a.shape[-1] != channels:
         raise ValueError(f"{where}: expected shape (H, W, {channels}), got {a.shape}")
+    check_dtype(a, "biuf", "depth" if channels == 1 else "normals", "floats (or integers)", where)
     a = np.nan_to_num(a.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
 

@@ -158,6 +158,10 @@ def test_bad_root_and_layout_name_the_expected_path(tmp_path):
      r"train/label/0\.npy: label 1e\+20 is outside 0\.\.12"),
     (lambda r: np.save(r / "train" / "image" / "0.npy", np.full((H, W, 3), 0.5 + 0.5j, np.complex64)),
      r"train/image/0\.npy: image of dtype complex64; expected uint8"),
+    (lambda r: np.save(r / "train" / "normal" / "1.npy", np.full((H, W, 3), "a")),  # was numpy's bare, unnamed error
+     r"train/normal/1\.npy: normals of dtype <U1; expected floats \(or integers\)"),
+    (lambda r: np.save(r / "train" / "depth" / "1.npy", np.full((H, W), 2 + 3j, np.complex64)),  # was loaded as 2
+     r"train/depth/1\.npy: depth of dtype complex64; expected floats \(or integers\)"),
     (lambda r: np.save(r / "train" / "image" / "1.npy",  # NaN would cast to black
                        np.where(np.eye(H, W, dtype=bool)[..., None], np.nan, np.full((H, W, 3), 0.5, np.float32))),
      r"train/image/1\.npy: image holds NaN or infinite values; expected floats in \[0, 1\]"),
