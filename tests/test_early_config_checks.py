@@ -42,6 +42,11 @@ def _refused_without_folder(console, capfd, cli, *args):
     ((*TRAIN, "data.num_workers=-1"), "data.num_workers must be an int >= 0, got -1"),
     ((*TRAIN, "data.n_val=0"), "data.n_val must be an int >= 1, got 0"),
     (("pruning.cli", "debug=smoke", "+data.batch_size=0"), "data.batch_size must be an int >= 1, got 0"),
+    # data=zoo too (its registry entry is a wrapper function: were refused after a FAILED run folder, unnamed)
+    (("mtl.cli.train", "experiment=zoo_cnn_pretrain", "debug=smoke", "data.batch_size=0"),
+     "data.batch_size must be an int >= 1, got 0"),
+    (("mtl.cli.train", "experiment=zoo_cnn_pretrain", "debug=smoke", "data.num_workers=-1"),
+     "data.num_workers must be an int >= 0, got -1"),
     # the smoke model trains on scenes, whose data module takes batch_size
     (("pruning.cli", "debug=smoke", "+data.batch_sise=4"), "unknown setting data.batch_sise "
                                                            "(did you mean data.batch_size?)"),

@@ -36,8 +36,11 @@ def _zoo_datamodule(dataset: str, **kwargs: Any) -> LightningDataModule:
 
 
 def _check_zoo(dataset: str, **kwargs: Any) -> None:
+    # check_datamodule sees this wrapper, whose **kwargs hide ZooDataModule's keys and types: judge them here
     from mtl.data.zoo import ZooDataModule
 
+    check_kwargs(ZooDataModule, kwargs, "data", given=("name",))
+    ZooDataModule.check_loader_settings(**kwargs)
     ZooDataModule.check_settings(dataset, **kwargs)
 
 

@@ -166,6 +166,21 @@ def test_a_setting_the_zoo_module_does_not_have_is_named():
 
     with pytest.raises(TypeError, match=r"^unknown setting data.augment; the settings here are: batch_size,"):
         create_datamodule("zoo", dataset="mnist", augment=True)
+
+
+@pytest.mark.parametrize("setting, expected", [
+    ({"batchsize": 8}, "unknown setting data.batchsize (did you mean data.batch_size?)"),
+    ({"batch_size": "8"}, "data.batch_size must be int, got '8' (str)"),
+    ({"seed": "x"}, "data.seed must be int, got 'x' (str)"),
+    ({"batch_size": 0}, "data.batch_size must be an int >= 1, got 0"),
+])
+def test_check_datamodule_judges_the_zoo_modules_own_settings(setting, expected):
+    # the registry entry is a wrapper taking **kwargs; its keys and types were let through unchecked
+    from mtl.data import check_datamodule
+
+    with pytest.raises((TypeError, ValueError)) as err:
+        check_datamodule("zoo", dataset="mnist", **setting)
+    assert str(err.value).startswith(expected), err.value
 def test_cache_writes_once_and_reloads_identical_arrays(tmp_path, monkeypatch):
     first = load_zoo_dataset("gtsrb_like", 10, 4, 6, seed=2, cache_dir=tmp_path)
     path = zoo.zoo_cache_path("gtsrb_like", 10, 4, 6, seed=2, cache_dir=tmp_path)

@@ -23,9 +23,7 @@ class ZooDataModule(TensorDataModule):
                  n_train: int | None = None, n_val: int | None = None, n_test: int | None = None,
                  cache_dir: str | os.PathLike | None = None, target_key: str | None = None,
                  pin_memory: bool = False, drop_last: bool = False):
-        if batch_size < 1 or num_workers < 0:
-            raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
-        super().__init__(int(batch_size), int(num_workers))
+        super().__init__(batch_size, num_workers)  # checks them, naming data.batch_size / data.num_workers
         self.spec = ZOO.get(name)  # fail fast on an unknown name, listing the valid ones
         self.name = name
         self.seed, self.size = int(seed), check_size(size)
