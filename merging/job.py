@@ -135,7 +135,8 @@ CliMethod = Callable[[MergeJob, Mapping[str, Any]], Selection]
 CLI_METHODS: Registry[CliMethod] = Registry("mtl-merge method")
 
 
-def check_pool_inputs(pool: ModelPool, hp: Mapping[str, Any], bn_data: dict[str, Any] | None) -> list[str]:
+def check_pool_inputs(pool: ModelPool, hp: Mapping[str, Any], bn_data: dict[str, Any] | None,
+                      base_among: bool = False) -> list[str]:
     """The pool's tensors fit together under the merge's key options (shapes, dtypes, shared keys, the
     linearised form and its expansion point) and `merge.bn=recompute` suits its family, before every
     member is evaluated: these errors otherwise surface only at the first merge. Returns the names of the
@@ -149,7 +150,7 @@ def check_pool_inputs(pool: ModelPool, hp: Mapping[str, Any], bn_data: dict[str,
         raise ValueError(LINEARIZED_BN)
     opts, _ = KeyOptions.split(dict(hp))
     opts["check_finite"] = False  # only the plan (headers) and the expansion points are read here
-    ctx = open_context(pool.pretrained, pool.member_paths, opts, min_models=1, what="a merge")
+    ctx = open_context(pool.pretrained, pool.member_paths, opts, min_models=1, what="a merge", base_among=base_among)
     ctx.close()
     return list(ctx.plan.merge)
 
@@ -171,9 +172,10 @@ def build_smoke_pool(root: str | os.PathLike) -> ModelPool:
     return ModelPool.from_folders(pre, fts)
 
 
-def resolve_pool(cfg: DictConfig, run_dir: Path, manifest: tuple[Path, list[Path]] | None = None) -> ModelPool:
+def resolve_pool(cfg: DictConfig, run_dir: Path, manifest: tuple[Path, list[Path]] | None = None,
+                 base_among: bool = False) -> ModelPool:
     """The pool the job merges, from the inputs `_input_paths` names (the one place that reads them)."""
-    return ModelPool.from_folders(*_input_paths(cfg, run_dir, manifest))
+    return ModelPool.from_folders(*_input_paths(cfg, run_dir, manifest), base_among=base_among)
 
 
 def _base_grid(base: Any) -> list[float] | None:
@@ -276,10 +278,11 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                          "or average for TALL")
     check_inputs_given(cfg)  # the settings above and the inputs here: before the run folder
     manifest = manifest_paths(cfg.pool) if cfg.get("pool") else None  # read once: checked, then merged
+    base_among = _merges_models(name)  # average: θ0 may be a model (a soup with the base), evaluated or not
     if manifest or cfg.get("pretrained"):  # a folder twice, or θ0 among the models: before the run folder
         try:
             check_distinct_inputs(*_given_paths(cfg, Path(run_dir), manifest), ("pretrained", "models"),
-                                  base_among=not evaluated and _merges_models(name))
+                                  base_among=base_among)
         except MergeInputError as e:
             raise MergeInputError(f"{cfg.pool}: {e}" if manifest else str(e)) from None
     run_dir, output = start_run(cfg, run_dir, inputs=[manifest[0], *manifest[1]] if manifest else [],
@@ -289,8 +292,8 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     start = time.perf_counter()
     if not evaluated:
         return merge_only(cfg, run_dir, name, hp, output, start, manifest)
-    pool = resolve_pool(cfg, run_dir, manifest)
-    merged_keys = check_pool_inputs(pool, hp, bn_data)
+    pool = resolve_pool(cfg, run_dir, manifest, base_among)
+    merged_keys = check_pool_inputs(pool, hp, bn_data, base_among)
     grid_job.precheck(name, hp, num_models=len(pool.members), tasks=[t for m in pool.members for t in m.tasks],
                       merged_keys=merged_keys)
     ev = Evaluator(pool, cfg.eval.get("max_batches"), _plain(cfg.eval.get("data")), cfg.eval.get("device") or "cpu")

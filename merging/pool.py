@@ -49,11 +49,13 @@ class ModelPool:
     members: list[Member]
 
     @classmethod
-    def from_folders(cls, pretrained: str | Path, models: Sequence[str | Path]) -> "ModelPool":
+    def from_folders(cls, pretrained: str | Path, models: Sequence[str | Path], base_among: bool = False) -> "ModelPool":
+        """``base_among``: θ0 may be one of ``models`` (for a method merging the models themselves, e.g. average;
+        it then contributes its weights and its own tasks' heads)."""
         models = model_list(models, "models")
         if not models:
             raise ValueError("no fine-tuned models given: pass models=[folder,...] or pool=<manifest.json>")
-        check_distinct_inputs(pretrained, models, ("pretrained", "models"))
+        check_distinct_inputs(pretrained, models, ("pretrained", "models"), base_among=base_among)
         check_same_pruning(pretrained, models)
         pre_cfg = _checked_arch(pretrained, read_checked_config(pretrained)["model"])  # edited configs named
         why = _OWN_WEIGHTS_ELSEWHERE.get(pre_cfg.get("family"))
@@ -321,6 +323,8 @@ def check_same_start(pretrained: str | Path, models: Sequence[str | Path]) -> No
     own = _meta(pretrained)
     starts = {d for d in (own.get("linearized_from_weights_digest"), recorded_weights_digest(pretrained)) if d}
     for m in models:
+        if recorded_weights_digest(m) in starts:
+            continue  # θ0 itself among the models (average: a soup with the base)
         meta = _meta(m)
         chain = meta.get("start_weights_digests") or [d for d in [meta.get("init_from_weights_digest")] if d]
         if chain and starts and not starts & set(chain):

@@ -785,6 +785,22 @@ def test_a_model_given_twice_or_theta0_among_the_models_is_refused_before_the_ru
     assert not (tmp_path / "r").exists() and not (tmp_path / "o").exists()
 
 
+def test_an_evaluated_average_takes_theta0_among_the_models(pool, tmp_path):
+    """A soup with the base: θ0 contributes its weights and its own task's head (was refused as 'its task vector
+    is zero' whenever evaluated, though average reads no task vectors)."""
+    a = pool.member_paths[0]
+    report = run([f"pretrained={pool.pretrained}", f"models=[{pool.pretrained},{a}]", "merge=average",
+                  "eval.max_batches=1"], run_dir=tmp_path / "r")
+    pre_task = mtl.load_model(pool.pretrained).tasks
+    assert set(report["tasks"]) == {*pre_task, *mtl.load_model(a).tasks}
+    merged = load_file(tmp_path / "r" / "model" / "model.safetensors")
+    want = merging.merge("average", pool.pretrained, [pool.pretrained, a])
+    for k, v in want.items():
+        assert torch.equal(merged[k], v), k
+    # a θ0 that is itself a fine-tune descends from other weights, not from itself: still the pool's θ0
+    run([f"pretrained={a}", f"models=[{a}]", "merge=average", "eval.max_batches=1"], run_dir=tmp_path / "ft")
+
+
 def test_a_pool_manifest_listing_a_model_twice_is_refused_naming_the_manifest(pool, tmp_path):
     manifest = tmp_path / "pool.json"
     a = str(pool.member_paths[0])
