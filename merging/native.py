@@ -114,15 +114,17 @@ def _record(target: Path) -> Path:
 
 def _verified(target: Path) -> bool | None:
     """True when `target` is whole (its size and sha256 match its record); False when it is damaged (truncated,
-    overwritten); None when it or its record is missing (not built yet, or built by a version without records).
+    overwritten); None when it or its record is missing (not built yet, or built by a version without records) or
+    this user may not read it (another user's 0600 file): rebuilt either way.
     A damaged shared object must never be loaded: a truncated one dies with SIGBUS when mapped."""
     try:
         size, digest = _record(target).read_text().split()
         return target.stat().st_size == int(size) and _digest(target) == digest
     except (FileNotFoundError, NotADirectoryError):
         return None
-    except PermissionError as e:  # another user's cache this one may not read: not damage, another folder
-        raise _CacheUnwritable(e.errno, f"cannot read the kernel cache {target.parent} ({e.strerror})") from e
+    except PermissionError as e:  # another user's file, not damage: rebuilt in place (or the next folder's used)
+        log.debug("native kernel: cannot read %s (%s); rebuilding it", e.filename or target, e.strerror)
+        return None
     except (OSError, ValueError):
         return False
 
@@ -167,8 +169,11 @@ def _compile(cc: str, flags: list[str], target: Path) -> bool:
             f.write(f"{os.path.getsize(tmp)} {_digest(Path(tmp))}\n")
         # the object first, then its record: a kill in between leaves an object without a matching record,
         # which the next process rebuilds
-        _replace_synced(tmp, target)
-        _replace_synced(rec, _record(target))
+        for src, dst in ((tmp, target), (rec, _record(target))):
+            try:
+                _replace_synced(src, dst)
+            except PermissionError as e:  # another user's file in a sticky folder (/tmp-like)
+                raise _CacheUnwritable(e.errno, f"cannot replace {dst} in the kernel cache ({e.strerror})") from e
         return True
     except _CacheUnwritable:
         raise

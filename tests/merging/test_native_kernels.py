@@ -349,20 +349,44 @@ def test_an_unwritable_data_cache_leaves_the_kernel_in_the_next_folder(tmp_path,
 
 
 @needs_lib
-def test_a_kernel_this_user_cannot_read_is_not_called_damaged(tmp_path, monkeypatch, caplog):
-    """Another user's 0600 object in a shared cache was reported as 'truncated or overwritten' (and replaced)."""
+def test_a_kernel_this_user_cannot_read_is_rebuilt_in_its_writable_folder(tmp_path, monkeypatch, caplog):
+    """Another user's 0600 object or record in a writable shared cache turned the kernel off, warning 'cannot read
+    the kernel cache <folder>' and to set MTLKIT_KERNEL_CACHE to a writable folder (it was one); it is replaced."""
     monkeypatch.setattr(native, "_lib", None)
     monkeypatch.setattr(native, "_tried", False)
     monkeypatch.setenv("MTLKIT_KERNEL_CACHE", str(tmp_path / "kc"))
     assert native.library() is not None  # built and recorded
+    [so] = (tmp_path / "kc").glob("*.so")
+    before = so.stat().st_ino
     monkeypatch.setattr(native, "_lib", None)
     monkeypatch.setattr(native, "_tried", False)
+    real, calls = native._digest, []
 
-    def denied(path):
-        raise PermissionError(13, "Permission denied", str(path))
+    def denied_once(path):  # the check reads the cached object: denied, as for another user's 0600 file
+        calls.append(path)
+        if len(calls) == 1:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
 
-    monkeypatch.setattr(native, "_digest", denied)
+    monkeypatch.setattr(native, "_digest", denied_once)
+    with caplog.at_level(logging.WARNING, logger="merging.native"):
+        assert native.library() is not None
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert so.stat().st_ino != before  # rebuilt in place (a new file renamed over it)
+
+
+@needs_lib
+def test_a_kernel_file_this_user_cannot_replace_is_named(tmp_path, monkeypatch, caplog):
+    """Another user's file in a sticky shared folder cannot be replaced: the warning names it."""
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setenv("MTLKIT_KERNEL_CACHE", str(tmp_path / "kc"))
+
+    def denied(src, dst):
+        raise PermissionError(13, "Permission denied", str(dst))
+
+    monkeypatch.setattr(native, "_replace_synced", denied)
     with caplog.at_level(logging.WARNING, logger="merging.native"):
         assert native.library() is None
     [rec] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert "cannot read the kernel cache" in rec and "truncated" not in rec, rec
+    assert f"cannot replace {tmp_path}/kc/chunk_kernels-" in rec and "Permission denied" in rec, rec
