@@ -402,7 +402,9 @@ class MultiTaskModule(L.LightningModule):
                 value = metric.compute()
                 metric.reset()
                 result[name][mname] = float(value)
-                self.log(f"{stage}/{name}/{mname}", value, sync_dist=False, prog_bar=False)
+                # already the same on every process (torchmetrics syncs its states): "max" keeps it exactly, and
+                # sync_dist=True spares Lightning's advice to sync an epoch-level value under DDP
+                self.log(f"{stage}/{name}/{mname}", value, sync_dist=True, reduce_fx="max", prog_bar=False)
         self.results[stage] = result
         trainer = getattr(self, "_trainer", None)
         # each process scored its own share, the ranks' shares differ by up to one image (unrepeated sampler)
@@ -412,8 +414,8 @@ class MultiTaskModule(L.LightningModule):
         zero = torch.zeros((), device=self.device)
         losses, self.scored[stage] = pooled_means({n: sums.get(n, zero) for n in loss_names(self.tasks, stage)},
                                                   self._seen.pop(stage, 0), reduce)
-        for key, value in losses.items():  # already over all processes: logged as they are
-            self.log(key, value, sync_dist=False, prog_bar=key == "val/loss")
+        for key, value in losses.items():  # already over all processes: "max" of equal values, as above
+            self.log(key, value, sync_dist=True, reduce_fx="max", prog_bar=key == "val/loss")
         if stage == "val" and trainer is not None and not trainer.sanity_checking:
             self.val_history[self.current_epoch] = result
             self.val_loss_history[self.current_epoch] = {n: float(v) for n, v in losses.items()}

@@ -61,8 +61,13 @@ def _validate_on_rank(rank):
     module = MultiTaskModule(model, log_weights_every=0)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", use_distributed_sampler=False, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    logged = trainer.validate(module, dataloaders=loader, verbose=False)[0]
-    return {"logged": logged, "history": module.val_loss_history[0], "scored": module.scored["val"]}
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        logged = trainer.validate(module, dataloaders=loader, verbose=False)[0]
+    advice = [str(w.message) for w in caught if "sync_dist=True" in str(w.message)]
+    return {"logged": logged, "history": module.val_loss_history[0], "scored": module.scored["val"], "advice": advice}
 
 
 def test_pooled_means_divides_the_summed_losses_by_all_images():
@@ -101,3 +106,5 @@ def test_ddp_val_loss_divides_by_all_images_of_all_ranks(tmp_path):
         assert got["logged"]["val/depth/loss"] == pytest.approx(want, rel=1e-5)
         assert got["logged"]["val/loss"] == pytest.approx(want, rel=1e-5)
         assert got["history"]["val/depth/loss"] == pytest.approx(want, rel=1e-5)  # metrics.json's val_losses
+        # values already pooled over the ranks: no "use sync_dist=True" advice from Lightning
+        assert got["advice"] == []
