@@ -84,8 +84,6 @@ def calibration_batches(model, cfg: DictConfig, limit: int | None = None, why: s
     data = data_config(model, cfg)
     if "name" not in data:
         raise ValueError(f"{why}: the model folder's meta has no data config; pass calib.data={{name: ..., size: ...}}")
-    if cfg.calib.split not in ("train", "val"):  # before any data is built
-        raise ValueError(f"calib.split must be train or val, got {cfg.calib.split!r}")
     n = check_int("calib.batches", cfg.calib.batches, low=1)
     n = min(n, limit or n)
     dm = create_datamodule(**_checked_calib_data(data))
@@ -142,6 +140,9 @@ def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     tasks = cfg.get("tasks") or ("depth" if smoke and widths is None else None)  # debug=smoke's default request
     task = _one_task(tasks) if widths is None else None
     check_model_given(cfg, "extract from")
+    from mtl.data.calibration import check_calib_settings
+
+    check_calib_settings(cfg.calib.split, cfg.calib.batches)  # settings alone: before the run folder
     if widths is None:  # as given: float() would read a bool as 0 or 1 and a string as a number, naming nothing
         from mtl.models.task_moe_extract import check_min_share
 

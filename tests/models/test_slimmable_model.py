@@ -555,6 +555,27 @@ def test_extract_cli_names_the_other_familys_setting_in_cli_terms(tmp_path):
             run_extract(cfg, run_dir)
 
 
+@pytest.mark.parametrize("args, match", [
+    (["widths={encoder: 1.5}"], r"^encoder width must be in \(0, 1\], got 1.5$"),
+    (["widths={encoder: 0}"], r"^encoder width must be in \(0, 1\], got 0$"),
+    (["widths={encoder: abc}"], r"^encoder width must be a number in \(0, 1\], got 'abc'$"),
+    (["widths={decoders: {normals: 0.5}}"], r"unknown task\(s\) \['normals'\] in decoder widths"),
+    (["widths={encodr: 0.5}"], r"unknown key\(s\) \['encodr'\] in widths"),
+    (["widths={encoder: 0.5}", "calib.split=test"], r"^calib.split must be train or val .*got 'test'$")])
+def test_extract_cli_refuses_a_bad_width_or_calib_split_before_its_run_folder(tmp_path, args, match):
+    """Refused only after the run folder was made and the calibration data built: a FAILED folder."""
+    from mtl.cli.extract import run_extract
+    from mtl.cli.in_process import compose_in_process
+
+    mtl.save_model(slim_model(), tmp_path / "slim", meta={"data": {"name": "scenes", "size": 32, "n_train": 8,
+                                                                   "n_val": 4, "n_test": 4, "batch_size": 4}})
+    cfg, run_dir = compose_in_process("mtl.configs.extract_app", "extract", [f"model={tmp_path / 'slim'}", *args],
+                                      tmp_path / "run")
+    with pytest.raises((KeyError, ValueError), match=match):
+        run_extract(cfg, run_dir)
+    assert not run_dir.exists() or not any(run_dir.iterdir())
+
+
 def legacy_folder(tmp_path, rows=None):
     """A folder as written before per-pair head statistics: one row per head width (``rows``: another count)."""
     slim = slim_model()

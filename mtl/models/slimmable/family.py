@@ -94,20 +94,21 @@ class SlimmableMultiTaskModel(MultiTaskModel):
         return {"encoder": w, "decoders": {t: w for t in self.tasks}}
 
     def resolve_widths(self, encoder: float | None = None, decoders: float | Mapping[str, float] | None = None,
-                       base: Widths | None = None) -> Widths:
-        """A full, checked configuration: values given here over ``base`` (default: the current one)."""
+                       base: Widths | None = None, in_set: bool = True) -> Widths:
+        """A full, checked configuration: values given here over ``base`` (default: the current one).
+        ``in_set=False``: any width in (0, 1] passes (one outside the set can still be calibrated)."""
         base = copy.deepcopy(base if base is not None else self._widths) or self.max_widths()
         if encoder is not None:
-            base["encoder"] = self._check(encoder, "encoder width")
+            base["encoder"] = self._check(encoder, "encoder width", in_set)
         if decoders is not None:
             if isinstance(decoders, Mapping):
                 unknown = [t for t in decoders if t not in self.tasks]
                 if unknown:
                     raise KeyError(f"unknown task(s) {unknown} in decoder widths; this model has: {', '.join(self.tasks)}")
                 for t, w in decoders.items():
-                    base["decoders"][t] = self._check(w, f"decoder width of task {t!r}")
+                    base["decoders"][t] = self._check(w, f"decoder width of task {t!r}", in_set)
             else:
-                w = self._check(decoders, "decoder width")
+                w = self._check(decoders, "decoder width", in_set)
                 base["decoders"] = {t: w for t in self.tasks}
         return base
 
@@ -134,8 +135,10 @@ class SlimmableMultiTaskModel(MultiTaskModel):
         finally:
             self.set_config(saved)
 
-    def _check(self, width: Any, what: str) -> float:
+    def _check(self, width: Any, what: str, in_set: bool = True) -> float:
         w = check_width(width, what)
+        if not in_set:
+            return w
         if width_index(self.width_set, w) is None:
             raise ValueError(f"{what} {width!r} is not in this model's width set {list(self.width_set)}; "
                              "widths outside it need BN recalibration first: model.calibrate_widths([w], batches) "
@@ -249,6 +252,12 @@ class SlimmableMultiTaskModel(MultiTaskModel):
         return list(self.width_set)
 
     # --- physically smaller sub-network -----------------------------------------------------------------
+    def check_extraction(self, widths: Mapping[str, Any] | None = None) -> None:
+        """Refuse a bad ``extract_subnetwork`` request before any data (mtl-extract: before its run folder): keys,
+        tasks and values; a width outside the set is left to ``extract_subnetwork`` (mtl-extract calibrates it)."""
+        self._check_keys(widths or {})
+        self.resolve_widths((widths or {}).get("encoder"), (widths or {}).get("decoders"), in_set=False)
+
     def extract_subnetwork(self, widths: Mapping[str, Any] | None = None) -> MultiTaskModel:
         """A plain ``multitask`` model holding the sliced weights (and BN statistics) of the
         configuration ``widths`` (default: the current one); it computes what this model computes there."""
