@@ -3,6 +3,7 @@ output, and the model a job reads (``model=``, or a tiny trained one under ``deb
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from mtl.atomic import user_path
@@ -10,10 +11,12 @@ from mtl.cli.common import write_hydra_record
 
 
 def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
-              inputs: list[Path] = (), model_output: bool = False, any_weights: bool = False) -> tuple[Path, Path]:
+              inputs: list[Path] = (), model_output: bool = False, any_weights: bool = False,
+              replaceable: Callable[[Path], None] | None = None) -> tuple[Path, Path]:
     """Check the input folders (`check_input_folders`; ``any_weights``: see there), create the run folder, store the resolved config in it and resolve ``cfg.output`` (default
     ``<run_dir>/<default_output>``); an existing output is refused unless ``overwrite=true`` (and, for a job writing a model folder
-    (``model_output``), unless it is one), and an
+    (``model_output``), unless it is one; ``replaceable(output)`` refuses any other existing output the job would not
+    replace, e.g. mtl-export's `check_replaceable`), and an
     output that is, lies inside or holds an input model folder (``model``, ``pretrained``, ``models``,
     and the job's other `inputs`, e.g. a pool manifest's folders) is refused before anything is written, as is a
     run folder holding anything but a failed run (`check_run_folder`, the rule mtl-train's folders follow too)."""
@@ -43,6 +46,8 @@ def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
         # save_model refuses it at the end; a job writing a model folder says so before its work
         raise FileExistsError(f"output={output} exists and is not a model folder (no config.json + model.safetensors); "
                               "overwrite=true replaces only an earlier model folder: choose another path")
+    if replaceable is not None and output.exists():  # overwrite=true: the job's own rule, before its work
+        replaceable(output)
     if model_output and cfg.get("overwrite") and is_model_folder(output):
         stale_records(output, caller="output")  # files save_model would delete are named before the work
     # overwrite=true may rerun an earlier run of this same job CLI in its folder (its config.yaml names the job:

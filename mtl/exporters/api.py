@@ -182,6 +182,15 @@ def check_model_config(fmt: str, config: dict[str, Any], folder: str | os.PathLi
         check(config, model_skeleton(folder) if folder is not None else None)
 
 
+def check_replaceable(out: Path) -> None:
+    """An existing ``out`` may be replaced only when it is an earlier export (mtl-export checks it before its run
+    folder): never a run folder or anything else that happens to be there."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is a file, not an earlier export (a folder); refusing to replace it")
+    if out.is_dir() and holds_user_files(out) and not (out / REPORT).is_file():
+        raise FileExistsError(f"{out} exists and is not an earlier export (no {REPORT}); refusing to replace it")
+
+
 def export(
     model: str | os.PathLike | nn.Module,
     format: str = "onnx",
@@ -212,11 +221,7 @@ def export(
         raise FileExistsError(f"{out} exists; pass overwrite=true to replace it")
     if not isinstance(model, nn.Module):
         check_output_apart(out, [Path(model)])  # inside the model folder too: an input is never altered
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is a file, not an earlier export (a folder); refusing to replace it")
-    if out.is_dir() and holds_user_files(out) and not (out / REPORT).is_file():
-        # overwrite replaces an earlier export, never a run folder or anything else that happens to be there
-        raise FileExistsError(f"{out} exists and is not an earlier export (no {REPORT}); refusing to replace it")
+    check_replaceable(out)
     src = load_source(model)
     check_family(format, src.family)
     names = resolve_tasks(src.model, tasks, format)

@@ -8,7 +8,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtl.atomic import user_path
 from mtl.cli.jobs import check_model_given, input_model, input_model_config, start_run
-from mtl.exporters.api import check_format_options, check_model_config, export, read_report, resolve_tasks
+from mtl.exporters.api import (check_format_options, check_model_config, check_replaceable, export, read_report,
+                               resolve_tasks)
 from mtl.io import write_json
 
 
@@ -18,7 +19,7 @@ def run_export(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     check_format_options(fmt, options)  # before the run folder: a misspelt format.<key> leaves none
     check_model_given(cfg, "export")
     tasks = checked_input(cfg, fmt)
-    run_dir, output = start_run(cfg, run_dir, default_output=fmt)
+    run_dir, output = start_run(cfg, run_dir, default_output=fmt, replaceable=check_replaceable)
     model = input_model(cfg, run_dir, "export")
     out = export(model, fmt, output, tasks=tasks, overwrite=bool(cfg.overwrite), **options)
     report = {**read_report(out), "output": str(Path(out).resolve())}

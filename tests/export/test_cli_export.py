@@ -71,6 +71,19 @@ def test_a_tasks_list_the_export_refuses_leaves_no_run_folder(folder, tmp_path, 
     assert not (tmp_path / "run").exists()
 
 
+def test_overwrite_onto_a_folder_that_is_no_earlier_export_leaves_no_run_folder(folder, tmp_path):
+    """Refused only inside export(), after the run folder was made: a FAILED folder (mtl-extract refused it first)."""
+    from mtl.exporters.job import run
+
+    user = tmp_path / "userdir"
+    user.mkdir()
+    (user / "notes.txt").write_text("hi")
+    with pytest.raises(FileExistsError, match=rf"^{user} exists and is not an earlier export \(no export.json\)"):
+        run([f"model={folder}", "format=folder", f"output={user}", "overwrite=true"], run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    assert sorted(p.name for p in user.iterdir()) == ["notes.txt"]
+
+
 def finished_training_run(model: Path, run_dir: Path) -> Path:
     """What a finished mtl-train run leaves: config.yaml (name: its experiment), metrics.json and model/."""
     import shutil
