@@ -280,11 +280,12 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     manifest = manifest_paths(cfg.pool) if cfg.get("pool") else None  # read once: checked, then merged
     base_among = _merges_models(name)  # average: θ0 may be a model (a soup with the base), evaluated or not
     if manifest or cfg.get("pretrained"):  # a folder twice, or θ0 among the models: before the run folder
+        pre, models = _given_paths(cfg, Path(run_dir), manifest)
         try:
-            check_distinct_inputs(*_given_paths(cfg, Path(run_dir), manifest), ("pretrained", "models"),
-                                  base_among=base_among)
+            check_distinct_inputs(pre, models, ("pretrained", "models"), base_among=base_among)
         except MergeInputError as e:
             raise MergeInputError(f"{cfg.pool}: {e}" if manifest else str(e)) from None
+        grid_job.precheck(name, hp, num_models=len(models))  # a per-model list (lam, weight, density) by its length
     run_dir, output = start_run(cfg, run_dir, inputs=[manifest[0], *manifest[1]] if manifest else [],
                                 model_output=evaluated, any_weights=not evaluated)
     output = output.resolve()  # a relative output= is the cwd's, not the run folder's: record where it is

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +102,25 @@ def test_per_task_lambda_from_the_cli(pool, tmp_path):
     fts = [mtl.load_model(p).state_dict() for p in pool.member_paths]
     k = next(k for k in _shared(pre) if k.endswith("weight") and pre[k].dim() > 1)
     torch.testing.assert_close(state[k], pre[k] + 0.2 * (fts[0][k] - pre[k]) + 0.7 * (fts[1][k] - pre[k]))
+
+
+@pytest.mark.parametrize("source, extra, said", [
+    ("models", ["merge=task_arithmetic", "merge.lam=[0.2,0.4,0.3]"], "lam has 3 values but there are 2 fine-tuned models"),
+    ("pool", ["merge=task_arithmetic", "merge.lam=[0.2,0.4,0.3]"], "lam has 3 values but there are 2 fine-tuned models"),
+    ("models", ["merge=mergekit_ties", "merge.lam=1.0", "merge.weight=[1.0,0.5,0.5]"],
+     "weight has 3 values but there are 2 fine-tuned models")])
+def test_a_per_model_list_of_the_wrong_length_leaves_no_run_folder(pool, tmp_path, source, extra, said):
+    """The model count is known from the command line or the manifest: the list was checked only once the pool was
+    loaded, after the run folder was made (a FAILED folder)."""
+    if source == "pool":
+        manifest = tmp_path / "manifest.json"
+        manifest.write_text(json.dumps({"pretrained": str(pool.pretrained), "models": [str(p) for p in pool.member_paths]}))
+        args = [f"pool={manifest}", *extra]
+    else:
+        args = _args(pool, *extra)
+    with pytest.raises(ValueError, match=re.escape(said)):
+        run(args, run_dir=tmp_path / "r")
+    assert not (tmp_path / "r").exists()
 
 
 def test_only_the_best_grid_model_stays_in_memory(pool, tmp_path, monkeypatch):
