@@ -44,7 +44,7 @@ import torch
 
 import merging
 from mtl.io import is_plain_json
-from mtl.registry import derived_seed
+from mtl.registry import derived_seed, meant
 
 from ..bn import pooled_batches
 from ..evaluation import ImageBatches
@@ -120,7 +120,8 @@ def _options(method: str, hp: Mapping[str, Any]) -> tuple[dict[str, Any], dict[s
     defaults = LEARNED_METHODS[method]
     unknown = sorted(set(hp) - set(defaults) - set(cli) - set(KEY_OPTIONS))
     if unknown:
-        raise TypeError(f"merge={method}: unknown key(s) {', '.join(unknown)}; valid: {', '.join([*defaults, *cli])} "
+        hint = meant(unknown, [*defaults, *cli, *KEY_OPTIONS])
+        raise TypeError(f"merge={method}: unknown key(s) {', '.join(unknown)}{hint}; valid: {', '.join([*defaults, *cli])} "
                         f"and the key options {', '.join(KEY_OPTIONS)}")
     opts = {k: hp.get(k, v) for k, v in cli.items()}
     if opts["split"] not in ("val", "test"):

@@ -81,6 +81,7 @@ def test_bad_split_is_named(pool, tmp_path):
     (["merge=adamerging", "merge.granularity=foo"], "merge=adamerging: unknown granularity 'foo'"),
     (["merge=adamerging", "+merge.foo=1"], r"merge=adamerging: unknown key\(s\) foo; valid: steps, .*, split, "
                                            "batch_size, eval_every and the key options include"),
+    (["merge=concrete_ta", "+merge.lamm=0.5"], r"merge=concrete_ta: unknown key\(s\) lamm \(did you mean lam\?\); valid:"),
     (["merge=adamerging", "+merge.shots_batch=3"], r"merge=adamerging: unknown key\(s\) shots_batch; valid:"),
     (["merge=adamerging", "merge.k=50"], "merge=adamerging: merge.k=50 is read only with merge.vectors=ties \\(here merge.vectors=plain\\); remove it or set merge.vectors=ties"),
     (["merge=atlas", "merge.shots=4"], "merge=atlas: merge.shots=4 is not read with merge.objective=entropy"),
