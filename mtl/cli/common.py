@@ -70,12 +70,16 @@ def verbose_switch(arg: str) -> bool | None:
     return value.strip() == "1" if value.strip() in ("1", "0") else as_switch("verbose", value)
 
 
-def prepare(traceback_wanted: bool = False) -> None:
-    # Lightning and torch are chatty about things users cannot act on in a CPU demo.
+def quiet_warnings() -> None:
+    """Lightning and torch are chatty about things users cannot act on in a CPU demo."""
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
     warnings.filterwarnings("ignore", category=UserWarning, module="lightning")
     warnings.filterwarnings("ignore", message=LEAFSPEC_WARNING, category=FutureWarning)
+
+
+def prepare(traceback_wanted: bool = False) -> None:
+    quiet_warnings()
     # HYDRA_FULL_ERROR=1 is the user's switch for tracebacks, as in Hydra, unless it is ours: we set it
     # so that Hydra raises its errors instead of printing them over several lines (cli_main prints one)
     users = os.environ.get("HYDRA_FULL_ERROR") == "1" and os.environ.get("_MTL_HYDRA_RAISES") != "1"
@@ -155,6 +159,8 @@ def run_job(cfg, job: Callable[[Any, Path], Any] | str, check: str | None = None
 
     from hydra.types import RunMode
 
+    # again here: a launcher's worker (joblib's loky) is a fresh interpreter that never ran `prepare`
+    quiet_warnings()
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
