@@ -127,10 +127,27 @@ def build_module(cfg: DictConfig, info: dict[str, Any] | None = None,
                            **cfg.optim)
 
 
+def _targets(group: DictConfig | None) -> dict[str, DictConfig]:
+    """The entries of ``logger`` or ``callbacks`` that name a ``_target_`` (the others are switched off)."""
+    return {name: c for name, c in (group or {}).items() if c is not None and "_target_" in c}
+
+
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
-    if not group:
-        return []
-    return [instantiate(c) for c in group.values() if c is not None and "_target_" in c]
+    return [instantiate(c) for c in _targets(group).values()]
+
+
+def check_targets(cfg: DictConfig) -> None:
+    """Every ``logger.<name>`` and ``callbacks.<name>`` ``_target_`` imports, before the run folder: instantiated
+    after the data, a misspelt one left a FAILED folder and Hydra's line without the key or the reason."""
+    from hydra._internal.utils import _locate  # instantiate's own lookup (hydra.utils.get_object logs an error line)
+
+    for group in ("logger", "callbacks"):
+        for name, node in _targets(cfg.get(group)).items():
+            try:
+                _locate(str(node._target_))
+            except Exception as e:  # Hydra wraps the import's own error (its message is the reason) in an ImportError
+                reason = str(e.__cause__ or e).strip().splitlines()[0]
+                raise ValueError(f"{group}.{name}._target_={node._target_} cannot be imported: {reason}") from None
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
@@ -201,6 +218,7 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     check_monitors(copy.deepcopy(cfg), names, directions)
     # baselines.save_to and .path, judged against the tasks (their metric names; no class count changes them)
     baselines, variant = check_run_baselines(cfg.baselines, tasks)
+    check_targets(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank0:
         set_aside_failed_attempt(run_dir, cfg.get("ckpt_path"))

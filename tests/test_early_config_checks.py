@@ -50,6 +50,12 @@ def _refused_without_folder(console, capfd, cli, *args):
     # the smoke model trains on scenes, whose data module takes batch_size
     (("pruning.cli", "debug=smoke", "+data.batch_sise=4"), "unknown setting data.batch_sise "
                                                            "(did you mean data.batch_size?)"),
+    # a misspelt callback or logger class (was "nonexist.Foo: Error loading 'nonexist.Foo': (…)" and a FAILED folder)
+    ((*TRAIN, "+callbacks.x._target_=nonexist.Foo"), "callbacks.x._target_=nonexist.Foo cannot be imported: "
+                                                     "No module named 'nonexist'"),
+    ((*TRAIN, "+logger.x._target_=lightning.pytorch.loggers.CSVLoger"),
+     "logger.x._target_=lightning.pytorch.loggers.CSVLoger cannot be imported: No module named "
+     "'lightning.pytorch.loggers.CSVLoger'"),
 ])
 def test_a_section_setting_the_job_cannot_take_is_refused_before_any_folder(console, capfd, args, expected):
     assert _refused_without_folder(console, capfd, *args).startswith(expected)
