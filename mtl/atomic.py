@@ -18,7 +18,7 @@ from typing import Iterator
 
 from mtl.registry import check_bool
 
-__all__ = ["atomic_path", "user_path", "make_parents", "remove_empty", "alive"]
+__all__ = ["atomic_path", "user_path", "home_folder", "make_parents", "remove_empty", "alive"]
 
 log = logging.getLogger(__name__)
 #: no room or no writing at all: what the output's writer meets, whichever file it names
@@ -31,6 +31,18 @@ def user_path(path: str | os.PathLike) -> Path:
     """`path` with a leading ``~`` (``~user``) expanded: how every mtlkit reader and writer takes a path, so that a
     folder written to ``~/m`` is read back as ``~/m`` (not written to a literal ``./~/m``)."""
     return Path(os.path.expanduser(os.fspath(path)))
+
+
+def home_folder() -> str:
+    """The folder a leading ``~`` means ($HOME, else the password database's), which must be absolute: else a
+    ValueError asking for one (mtlkit's caches under it would go to the working folder: a literal ``./~``, or a
+    relative $HOME)."""
+    home = os.path.expanduser("~")
+    if not os.path.isabs(home):
+        why = (f"$HOME={home!r} is not an absolute path" if "HOME" in os.environ else
+               "$HOME is unset and the password database has none for this user")
+        raise ValueError(f"no home folder ({why}): set HOME, or MTL_DATA_CACHE for mtlkit's caches")
+    return home
 
 
 @contextlib.contextmanager

@@ -478,21 +478,25 @@ def normalize_path_env() -> None:
     resolvers there, so a run's ``.hydra/config.yaml`` loads with plain ``OmegaConf.load``. Without ``$HOME`` it is
     set to the home folder Python's ``~`` means then (the password database's, `mtl.data.default_cache_dir`): the
     configs' ``${oc.env:HOME}`` (the data cache's default, resolved even when MTL_DATA_CACHE is set) failed every
-    CLI, and the CLI and Python would not share one cache. Where Python knows no home folder either (``~`` stays
-    ``~``: a uid without a passwd entry; ``HOME='~'`` cached under ./~): with MTL_DATA_CACHE set, ``/nonexistent``
-    (Debian's home of such users: the configs resolve, nothing is cached there), else a ValueError asking for one."""
+    CLI, and the CLI and Python would not share one cache. Where there is no absolute home folder (`mtl.atomic.home_folder`:
+    ``~`` stays ``~`` for a uid without a passwd entry, ``HOME='~'`` cached under ./~; or a relative $HOME): with
+    MTL_DATA_CACHE set, an unset $HOME becomes ``/nonexistent`` (Debian's home of such users: the configs resolve,
+    nothing is cached there), else the ValueError asking for one, as `mtl.data.default_cache_dir` raises."""
     for name in EMPTY_MEANS_UNSET:
         value = os.environ.get(name)
         if value == "":
             del os.environ[name]
         elif value is not None and value.startswith("~"):
             os.environ[name] = os.path.expanduser(value)
-    if "HOME" not in os.environ:
-        home = os.path.expanduser("~")
-        if not os.path.isabs(home) and not os.environ.get("MTL_DATA_CACHE"):
-            raise ValueError("no home folder ($HOME is unset and the password database has none for this user): set "
-                             "HOME, or MTL_DATA_CACHE for mtlkit's caches")
-        os.environ["HOME"] = home if os.path.isabs(home) else "/nonexistent"
+    from mtl.atomic import home_folder
+
+    try:
+        home = home_folder()
+    except ValueError:
+        if not os.environ.get("MTL_DATA_CACHE"):  # the data cache's default is under the home folder
+            raise
+        home = "/nonexistent"
+    os.environ.setdefault("HOME", home)
 
 
 def register_resolvers() -> None:

@@ -11,14 +11,16 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from mtl.atomic import make_parents, missing_parents, user_path
+from mtl.atomic import home_folder, make_parents, missing_parents, user_path
 
 
 def default_cache_dir(kind: str) -> Path:
     """Where generated data of one kind (``scenes``, ``zoo``) is cached when no ``cache_dir`` is given:
-    ``$MTL_DATA_CACHE/<kind>``, else ``~/.cache/mtlkit/<kind>``. The CLI's ``paths.data_cache`` +
+    ``$MTL_DATA_CACHE/<kind>``, else ``~/.cache/mtlkit/<kind>``, where ``~`` must be an absolute home folder
+    (`mtl.atomic.home_folder`: else a ValueError asking for HOME or MTL_DATA_CACHE). The CLI's ``paths.data_cache`` +
     ``/<kind>`` resolves to the same folder, so Python and CLI runs share one cache."""
-    return user_path(os.environ.get("MTL_DATA_CACHE") or "~/.cache/mtlkit") / kind
+    cache = os.environ.get("MTL_DATA_CACHE")
+    return (user_path(cache) if cache else Path(home_folder()) / ".cache" / "mtlkit") / kind
 
 
 def cache_root(kind: str, cache_dir: str | os.PathLike | None = None) -> Path:

@@ -247,6 +247,32 @@ def test_one_cache_layout_for_python_and_cli(tmp_path, monkeypatch):
         assert cfg.data.cache_dir == str(Path.home() / ".cache" / "mtlkit" / data) == str(default_cache_dir(data))
 
 
+@pytest.mark.parametrize("home", [None, "rel/home"])
+def test_without_an_absolute_home_the_default_cache_asks_for_one(tmp_path, monkeypatch, home):
+    """No MTL_DATA_CACHE and no absolute home ($HOME unset without a passwd entry: ``~`` stays ``~``; or a relative
+    $HOME): default_cache_dir gave a relative folder, so Python cached the data under the working folder. It now
+    asks for HOME or MTL_DATA_CACHE, as the CLIs do (normalize_path_env), and writes nothing."""
+    import os
+
+    from mtl.cli.common import normalize_path_env
+    from mtl.data import default_cache_dir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MTL_DATA_CACHE")
+    if home is None:
+        monkeypatch.delenv("HOME", raising=False)
+        monkeypatch.setattr(os.path, "expanduser", lambda p: p)  # (what it gives for a uid without a passwd entry)
+    else:
+        monkeypatch.setenv("HOME", home)
+    for call in (lambda: default_cache_dir("scenes"), lambda: ScenesDataModule(**KW).prepare_data(),
+                 normalize_path_env):
+        with pytest.raises(ValueError, match=r"^no home folder \(\$HOME.*\): set HOME, or MTL_DATA_CACHE"):
+            call()
+    assert not any(tmp_path.iterdir())
+    monkeypatch.setenv("MTL_DATA_CACHE", str(tmp_path / "c"))  # enough
+    assert default_cache_dir("scenes") == tmp_path / "c" / "scenes"
+
+
 @pytest.mark.parametrize("how", ["cache_dir", "env"])
 def test_a_cache_folder_with_a_tilde_is_under_home(tmp_path, monkeypatch, home_and_cwd, how):
     """cache_dir="~/probe" (or MTL_DATA_CACHE="~/probe") was written to a literal ./~/probe in the working directory,
