@@ -33,8 +33,8 @@ from mtl.torch_load import torch_load_refusal
 from mtl.train_checks import (check_checkpoint, check_eval_splits, check_precision, check_resume_length,
                               check_test_batches, check_trainer, check_validation, finished_run_refusal,
                               read_checkpoint, resume_start, set_aside_failed_attempt, warn_seed_of_resume)
-from mtl.warm_start import (INITIAL_WEIGHTS, check_one_start, folder_architecture, init_from_folder, initial_weights,
-                             keep_expansion_point, resume_initial_weights, start_record)
+from mtl.warm_start import (INITIAL_WEIGHTS, check_init_from, check_one_start, folder_architecture, init_from_folder,
+                             initial_weights, keep_expansion_point, resume_initial_weights, start_record)
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +210,7 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     check_datamodule(**OmegaConf.to_container(cfg.data, resolve=True))
     tasks = build_tasks(cfg, default_classes=2)
     check_model_settings(cfg, tasks)  # backbone.<key>, decoder.<key>, family and balancer.<key>, as built
+    check_init_from(cfg, tasks)  # init_from holds some of the model's encoder
     # the checkpoint monitors and the objective against the tasks' metric names (no data needed), on a copy: the
     # run's config.yaml records the settings as given; they are checked (and filled in) again on the built module
     names = {t.name: list(t.metrics()) for t in tasks}

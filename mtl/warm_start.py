@@ -11,8 +11,8 @@ import torch
 from mtl.io import load_state, read_model_config, recorded_weights_digest
 from mtl.models import MultiTaskModel
 
-__all__ = ["INITIAL_WEIGHTS", "check_one_start", "init_from_folder", "initial_weights", "keep_expansion_point",
-           "folder_architecture", "resume_initial_weights", "start_record"]
+__all__ = ["INITIAL_WEIGHTS", "check_encoder_match", "check_init_from", "check_one_start", "init_from_folder",
+           "initial_weights", "keep_expansion_point", "folder_architecture", "resume_initial_weights", "start_record"]
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +30,7 @@ def init_from_folder(model: MultiTaskModel, folder: str | Path) -> dict[str, int
         _stats_by_width(model, source, widths, folder)
     own = model.state_dict()
     loaded = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
-    # weights, not counters: BN's 0-d num_batches_tracked has one name at every width and depth, so it always matches
-    encoder = {k for k in _encoder_names(model) if own[k].is_floating_point()}
-    if not encoder & loaded.keys():  # heads or a neck alone would start a random encoder from "trained" weights
-        raise ValueError(f"init_from={folder} (backbone {_backbone_name(read_model_config(folder)['model'])}): none of "
-                         f"this model's {len(encoder)} encoder tensors (backbone {_backbone_name(model.config)}) "
-                         "matches the folder's by name and shape; start from a folder trained with this backbone")
+    check_encoder_match(model, model.config, {k: v.shape for k, v in source.items()}, folder)
     shared = _shared_names(model)
     missed = sorted(shared - loaded.keys())
     if missed:  # a partial start is legitimate (other heads) but a half-loaded encoder is worth a word
@@ -43,6 +38,45 @@ def init_from_folder(model: MultiTaskModel, folder: str | Path) -> dict[str, int
                     len(shared), _why_missed(missed, source, own))
     model.load_state_dict(loaded, strict=False)
     return {"loaded": len(loaded), "total": len(own), "shared_missed": len(missed)}
+
+
+def check_encoder_match(model: torch.nn.Module, config: dict[str, Any], shapes: dict[str, Any],
+                        folder: str | Path) -> None:
+    """Some of ``model``'s encoder tensors (its ``config``'s backbone) are in the folder (``shapes``: its tensors'
+    shapes by name): heads or a neck alone would start a random encoder from "trained" weights."""
+    own = model.state_dict()
+    # weights, not counters: BN's 0-d num_batches_tracked has one name at every width and depth, so it always matches
+    encoder = {k for k in _encoder_names(model) if own[k].is_floating_point()}
+    if not any(k in shapes and tuple(shapes[k]) == tuple(own[k].shape) for k in encoder):
+        raise ValueError(f"init_from={folder} (backbone {_backbone_name(read_model_config(folder)['model'])}): none of "
+                         f"this model's {len(encoder)} encoder tensors (backbone {_backbone_name(config)}) "
+                         "matches the folder's by name and shape; start from a folder trained with this backbone")
+
+
+def check_init_from(cfg: Any, tasks) -> None:
+    """`check_encoder_match` before the run folder (the load found it only after): the run's model as `build_module`
+    builds it, on the meta device, against the shapes in the folder's weights header (no tensor read). Left to the
+    load: a pruned or extracted folder (the run trains its architecture), a slimmable model (its statistics are
+    matched by width), a model the meta device cannot build."""
+    from omegaconf import OmegaConf
+    from safetensors import safe_open
+
+    from mtl.io import WEIGHTS
+    from mtl.models import create_model
+    from mtl.models.families import build_on_meta
+
+    if not cfg.get("init_from") or cfg.get("ckpt_path"):
+        return
+    if _fixes_architecture(read_model_config(cfg.init_from)["model"]):
+        return
+    backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
+    model = build_on_meta(lambda: create_model(tasks, backbone=backbone, family=cfg.get("family") or "multitask",
+                                               decoder=OmegaConf.to_container(cfg.decoder, resolve=True)))
+    if model is None or hasattr(model, "upgrade_state"):
+        return
+    with safe_open(str(Path(cfg.init_from) / WEIGHTS), framework="pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    check_encoder_match(model, {"backbone": backbone}, shapes, cfg.init_from)  # (model.config reads meta buffers)
 
 
 def _why_missed(missed: list[str], source: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> str:
@@ -164,10 +198,10 @@ def folder_architecture(folder: str | Path, tasks) -> MultiTaskModel | None:
     from mtl.models.surgery import PLAN_KEY, apply_plan
 
     stored = read_model_config(folder)["model"]
+    if not _fixes_architecture(stored):
+        return None
     if (stored.get("decoder") or {}).get("experts_kept") is not None:
         return _extracted_architecture(folder, stored, tasks)
-    if PLAN_KEY not in stored:
-        return None
     names = sorted(t["name"] for t in stored["tasks"])
     extra = sorted({t.name for t in tasks} - set(names))
     if extra:  # a new head would meet the pruned shared channels at its original width
@@ -179,6 +213,14 @@ def folder_architecture(folder: str | Path, tasks) -> MultiTaskModel | None:
     base = model_from_config({**{k: v for k, v in stored.items() if k != PLAN_KEY},
                               "tasks": [t.to_config() for t in tasks]})
     return apply_plan(base, _restricted_plan(stored[PLAN_KEY], base) if dropped else stored[PLAN_KEY])
+
+
+def _fixes_architecture(stored: dict[str, Any]) -> bool:
+    """A folder's model config that the run trains as it is: pruned (a structural plan) or an extracted MoE
+    sub-network (``decoder.experts_kept``)."""
+    from mtl.models.surgery import PLAN_KEY
+
+    return PLAN_KEY in stored or (stored.get("decoder") or {}).get("experts_kept") is not None
 
 
 def _extracted_architecture(folder: str | Path, stored: dict[str, Any], tasks) -> MultiTaskModel:

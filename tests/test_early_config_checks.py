@@ -61,6 +61,17 @@ def test_a_section_setting_the_job_cannot_take_is_refused_before_any_folder(cons
     assert _refused_without_folder(console, capfd, *args).startswith(expected)
 
 
+def test_an_init_from_folder_without_the_runs_encoder_is_refused_before_any_folder(console, capfd, tmp_path):
+    """No encoder tensor of the run's model in the folder (another backbone) was refused only when the weights were
+    loaded, after the run folder (config.yaml, FAILED) was written."""
+    import mtl
+
+    folder = mtl.save_model(mtl.create_model(["depth"], backbone="test_vit", decoder={"name": "hps", "channels": 16}),
+                            tmp_path / "vit")
+    assert _refused_without_folder(console, capfd, *TRAIN, f"init_from={folder}").startswith(
+        f"init_from={folder} (backbone 'test_vit'): none of this model's ")
+
+
 @pytest.mark.parametrize("args, expected", [
     # Hydra said "Could not override 'trainer.max_epoch'; To append to your config use +trainer.max_epoch=3"
     ((*TRAIN, "trainer.max_epoch=3"), "no setting trainer.max_epoch (did you mean trainer.max_epochs?)"),
