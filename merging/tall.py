@@ -27,7 +27,7 @@ __all__ = ["TallMasks", "tall_masks", "TallKernel", "mask_overlap", "reconstruct
 
 def reconstruct_tensor(pre: torch.Tensor, tau: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """θ0 + m ∘ τ_MTL (the one formula both the in-memory object and the store use, so they agree exactly)."""
-    return (tau * mask).add_(pre).to(dtype)
+    return to_output_dtype((tau * mask).add_(pre), dtype)
 
 
 def ties_options(mtv: str, k: Any, merge_func: Any, trim: Any) -> dict[str, Any] | None:
@@ -91,7 +91,7 @@ class TallMasks:
         self.inputs: list[Path] = []  # the inputs given by path (set by tall_masks): save never writes over them
         self.order = list(dtypes)
         self.merged = {
-            k: (self.kept[k].clone() if k in self.kept else torch.add(self.pretrained[k], self.tau[k]).to(self.dtypes[k]))
+            k: (self.kept[k].clone() if k in self.kept else to_output_dtype(torch.add(self.pretrained[k], self.tau[k]), self.dtypes[k]))
             for k in self.order
         }
 
@@ -225,7 +225,7 @@ def check_tall_variance(key: str, pre: torch.Tensor, tau: torch.Tensor, masks: S
     θ0 + m_t ∘ τ_MTL and in θ0 + τ_MTL (the multi-task model `mtl-merge` writes), as `merging.merge` refuses it."""
     for name, m in zip(tasks, masks):
         check_merged_variance(key, reconstruct_tensor(pre, tau, m, dtype), f"of the TALL model of task {name!r}")
-    check_merged_variance(key, torch.add(pre, tau).to(dtype), "of the multi-task model θ0 + τ_MTL")
+    check_merged_variance(key, to_output_dtype(torch.add(pre, tau), dtype), "of the multi-task model θ0 + τ_MTL")
 
 
 def _copied(ctx: Context, key: str) -> torch.Tensor:

@@ -73,6 +73,16 @@ def test_float8_e4m3fn_overflow_is_an_error_not_a_clamped_448(tmp_path):
     assert merging.merge("task_arithmetic", pre, fts, lam=0.955)["a"].float().eq(448).all()
 
 
+def test_unchecked_tall_masks_give_nan_not_a_clamped_448_in_float8_e4m3fn():
+    """check_finite=False lets an overflow through as NaN for e4m3fn (as merge does), never as ±448."""
+    e4 = torch.float8_e4m3fn
+    pre = {"a": torch.full((8,), 100.0, dtype=e4)}
+    fts = [{"a": torch.full((8,), 320.0, dtype=e4)} for _ in range(2)]
+    tall = merging.tall_masks(pre, fts, lam=0.4, check_finite=False)  # θ0 + τ_MTL = 96 + 2·224 (100 is stored as 96)
+    assert tall.merged["a"].float().isnan().all()
+    assert tall.reconstruct(0)["a"].float().isnan().all()
+
+
 @pytest.mark.parametrize("mtv", ["sum", "ties"])
 def test_tall_masks_overflow_is_an_error(tmp_path, mtv):
     pre, fts = _inputs(torch.float32, 3e38)
