@@ -51,6 +51,7 @@ def apply_task_vector(pretrained, tau: dict[str, torch.Tensor], lam: float = 1.0
         x = src.get(k)
         if k in vec:
             t = vec.get(k)
+            t = t.float() if t.dtype.itemsize == 1 else t  # torch has no float8 arithmetic
             out[k] = to_output_dtype(torch.add(x.to(t.dtype), t, alpha=lam), x.dtype)
         else:
             out[k] = x.clone()

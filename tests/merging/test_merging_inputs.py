@@ -202,6 +202,16 @@ def test_apply_task_vector_checks_its_inputs_as_a_merge_does():
         merging.apply_task_vector({"w": torch.tensor([float("inf"), 0.0])}, {"w": torch.ones(2)})
 
 
+
+def test_apply_task_vector_takes_a_float8_task_vector():
+    """A τ stored in float8_e4m3fn (as its θ0) is added in float32: torch has no float8 addition."""
+    e4 = torch.float8_e4m3fn
+    pre, tau = {"w": torch.full((4,), 96.0, dtype=e4)}, {"w": torch.full((4,), 16.0, dtype=e4)}
+    got = merging.apply_task_vector(pre, tau, lam=0.5)["w"]
+    assert got.dtype == e4 and got.float().tolist() == [104.0] * 4
+    with pytest.raises(merging.MergeInputError, match=r"θ0 \+ λ·τ tensor 'w' overflowed"):
+        merging.apply_task_vector(pre, {"w": torch.full((4,), 448.0, dtype=e4)})
+
 # -- bad input ----------------------------------------------------------------------------------------
 def test_shape_mismatch_lists_key_and_files(tmp_path):
     pre, fts = make_models(T=2, heads=False)
