@@ -101,8 +101,10 @@ def open_source(obj: SourceLike, label: str | None = None) -> StateSource:
             raise MergeInputError(f"{p}: no such file or folder")
         if p.suffix == ".safetensors":
             return _checked(SafetensorsSource(p))
-        if p.name.endswith(".safetensors.index.json"):  # torch.load would fail on its "{" as a bad pickle
-            raise MergeInputError(f"{p} is a Hugging Face shard index, not a model: pass its folder {p.parent}")
+        if p.name.endswith((".safetensors.index.json", ".bin.index.json")):  # torch.load fails on "{" as a bad pickle
+            fix = (f"pass its folder {p.parent}" if p.name.endswith(".safetensors.index.json") else
+                   f"sharded pytorch_model-*.bin checkpoints are not supported; {CONVERT_TO_SAFETENSORS}")
+            raise MergeInputError(f"{p} is a Hugging Face shard index, not a model: {fix}")
         if re.fullmatch(r"pytorch_model-\d+-of-\d+\.bin", p.name):  # one shard is not a model
             raise MergeInputError(f"{p}: one shard of a sharded pytorch_model-*.bin checkpoint, which is not "
                                   "supported; convert the whole checkpoint to safetensors")

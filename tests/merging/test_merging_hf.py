@@ -561,3 +561,10 @@ def test_a_shard_index_given_as_a_model_names_its_folder(llamas, tmp_path):
     with pytest.raises(merging.MergeInputError, match=f"^{re.escape(want)}$"):
         merging.merge("task_arithmetic", index, fts)
     assert set(merging.load_state_dict(sharded)) == set(merging.load_state_dict(base))  # the folder itself reads
+    # a pytorch_model.bin index too (its folder of .bin shards is not supported: said, not "pass its folder")
+    bin_index = tmp_path / "bins" / "pytorch_model.bin.index.json"
+    bin_index.parent.mkdir()
+    bin_index.write_text('{"weight_map": {"w": "pytorch_model-00001-of-00001.bin"}}')
+    with pytest.raises(merging.MergeInputError, match=f"^{re.escape(str(bin_index))} is a Hugging Face shard index, "
+                                                      "not a model: sharded pytorch_model-.*bin checkpoints are not supported"):
+        merging.open_source(bin_index)
