@@ -155,8 +155,8 @@ def open_sources(pretrained: SourceLike, finetuned, base_among: bool = False) ->
 
 def check_distinct_inputs(pretrained, finetuned: Sequence[Any], names: tuple[str, str] = ("pretrained", "finetuned"),
                           base_among: bool = False) -> None:
-    """Refuse, in one line naming both entries, a fine-tuned model given by path that is an earlier one again (its
-    task vector would count twice) or, unless ``base_among`` (a method that merges the models themselves: average,
+    """Refuse, in one line naming both entries, a fine-tuned model given by path that is an earlier one again (it, or
+    its task vector, would count twice) or, unless ``base_among`` (a method that merges the models themselves: average,
     mergekit's linear), the pretrained model (a zero task vector counted as a model), compared on the resolved
     weights each path reads (a symlink, ``./a`` and ``a/model.safetensors`` are ``a``, also where model.safetensors is
     itself a link, as in a Hugging Face cache). ``names``: what the caller calls the two arguments (``models`` on the
@@ -178,8 +178,8 @@ def check_distinct_inputs(pretrained, finetuned: Sequence[Any], names: tuple[str
                                   f"more model it only dilutes the others; list the fine-tuned models alone")
         if w in seen:
             j = seen[w]
-            raise MergeInputError(f"{label} is {names[1]}[{j}] ({str(finetuned[j])!r}) again: its task vector would "
-                                  "count twice; list each model once")
+            what = "it would count twice" if base_among else "its task vector would count twice"  # no τ in an average
+            raise MergeInputError(f"{label} is {names[1]}[{j}] ({str(finetuned[j])!r}) again: {what}; list each model once")
         seen[w] = i
 
 

@@ -825,7 +825,9 @@ def test_a_pool_manifest_listing_a_model_twice_is_refused_naming_the_manifest(po
     manifest = tmp_path / "pool.json"
     a = str(pool.member_paths[0])
     manifest.write_text(json.dumps({"pretrained": str(pool.pretrained), "models": [a, a]}))
-    with pytest.raises(merging.MergeInputError, match=rf"^{manifest}: models\[1\] \('{a}'\) is models\[0\]"):
+    # average merges the models, not task vectors: the message says so (it said 'its task vector would count twice')
+    with pytest.raises(merging.MergeInputError, match=rf"^{manifest}: models\[1\] \('{a}'\) is models\[0\] \('{a}'\) "
+                                                      r"again: it would count twice; list each model once$"):
         run([f"pool={manifest}", "merge=average", "eval=none", f"output={tmp_path / 'o'}"], run_dir=tmp_path / "r")
     assert not (tmp_path / "r").exists()
 
@@ -836,6 +838,8 @@ def test_the_python_apis_refuse_a_folder_twice_and_theta0_as_a_model(pool, tmp_p
         merging.merge("task_arithmetic", pool.pretrained, [a, a / "model.safetensors"], lam=0.3)
     with pytest.raises(merging.MergeInputError, match=r"^finetuned\[0\] .* is pretrained "):
         merging.merge("task_arithmetic", pool.pretrained, [pool.pretrained, a], lam=0.3)
+    with pytest.raises(merging.MergeInputError, match=r"^finetuned\[1\] .* again: it would count twice; list each"):
+        merging.merge("average", pool.pretrained, [a, a])
     # a model.safetensors that is itself a link (a Hugging Face cache's blob) is the file it links to
     hf = tmp_path / "hf"
     hf.mkdir()
