@@ -85,8 +85,9 @@ class ModelPool:
         return cls(Path(pretrained), members)
 
     @classmethod
-    def from_manifest(cls, path: str | Path) -> "ModelPool":
-        return cls.from_folders(*manifest_paths(path))
+    def from_manifest(cls, path: str | Path, base_among: bool = False) -> "ModelPool":
+        """The pool a manifest lists; ``base_among`` as for `from_folders`."""
+        return cls.from_folders(*manifest_paths(path), base_among=base_among)
 
     @property
     def task_names(self) -> list[str]:

@@ -852,6 +852,19 @@ def test_the_python_apis_refuse_a_folder_twice_and_theta0_as_a_model(pool, tmp_p
         ModelPool.from_folders(pool.pretrained, [a, a])
 
 
+def test_a_manifest_with_theta0_among_the_models_reads_with_from_manifest_base_among(pool, tmp_path):
+    """mtl-merge pool=<it> merge=average takes such a manifest; from_manifest had no base_among to read it."""
+    from merging.pool import ModelPool
+
+    a = str(pool.member_paths[0])
+    manifest = tmp_path / "pool.json"
+    manifest.write_text(json.dumps({"pretrained": str(pool.pretrained), "models": [str(pool.pretrained), a]}))
+    with pytest.raises(merging.MergeInputError, match=r"models\[0\] .* is pretrained .*: its task vector is zero"):
+        ModelPool.from_manifest(manifest)
+    read = ModelPool.from_manifest(manifest, base_among=True)
+    assert read.member_paths == [Path(pool.pretrained), Path(a)]
+
+
 def test_theta0_may_be_one_of_the_models_of_a_method_that_merges_the_models_themselves(pool, tmp_path):
     """average (a soup with the base; mergekit's linear without base_model lists its first model as both) merges
     the models, not task vectors: θ0 among them is (θ0 + θ_a)/2, not refused (8b6802e refused every such merge)."""
