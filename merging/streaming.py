@@ -206,16 +206,18 @@ def merge_to_file(
     if target.exists() and not target.is_dir() and target.suffix != ".safetensors":
         raise NotADirectoryError(f"{target} is a file, not a folder: the merge writes a folder (or give a "
                                  ".safetensors path); choose another path")
-    # model.safetensors written beside an earlier merge's shards, index or model card would leave two sets of
-    # weights and a README describing the old merge: those are replaced too (config, tokenizer are kept)
-    stale = _earlier_hf_merge(target) if not hf_folder and target.is_dir() else []
-    empty_dir = target.is_dir() and not holds_user_files(target)  # (a .DS_Store alone counts as empty)
     path = target if hf_folder else resolve_output(out)[0]
+    # model.safetensors written beside an earlier merge's shards, index or model card would leave two sets of
+    # weights and a README describing the old merge: those are replaced too (config, tokenizer are kept),
+    # whether `out` names the folder or its model.safetensors
+    folder = path.parent if not hf_folder and path.name == "model.safetensors" and path.parent.is_dir() else None
+    stale = _earlier_hf_merge(folder) if folder is not None else []
+    empty_dir = target.is_dir() and not holds_user_files(target)  # (a .DS_Store alone counts as empty)
     if path.exists() and not overwrite and not (hf_folder and empty_dir):
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     weights = [p.name for p in stale if p.name not in ("README.md", MERGEKIT_RECIPE)]
     if weights and not overwrite:  # another model's shards: replaced only on request
-        raise FileExistsError(f"{target} holds sharded weights ({', '.join(weights)}); pass overwrite=True to "
+        raise FileExistsError(f"{folder} holds sharded weights ({', '.join(weights)}); pass overwrite=True to "
                               "replace them with the merged model.safetensors")
     overwrite = overwrite or (hf_folder and empty_dir)
     if hf_folder and path.is_dir() and holds_user_files(path) and not any(path.glob("*.safetensors")):
@@ -271,7 +273,7 @@ def merge_to_file(
             for old in stale:
                 old.unlink()
             if any(p.name == "README.md" for p in stale):
-                (target / "README.md").write_text(model_card(method, m.hp, pretrained, finetuned, convention))
+                (folder / "README.md").write_text(model_card(method, m.hp, pretrained, finetuned, convention))
     finally:
         if ctx.chunks is not None:
             ctx.chunks.close()

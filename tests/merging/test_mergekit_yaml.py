@@ -393,13 +393,25 @@ def test_cli_refuses_a_seed_that_is_no_int_before_writing_anything(models, seed)
     assert not (models / "run").exists() and not (models / "out").exists()
 
 
-def test_a_single_file_merge_over_a_recipe_output_removes_the_stale_recipe(models):
+@pytest.mark.parametrize("sharded", [False, True])
+@pytest.mark.parametrize("named", ["folder", "file"])
+def test_a_single_file_merge_over_a_recipe_output_removes_the_stale_recipe(models, named, sharded):
+    """The same refusal and clean-up whether `out` names the folder or its model.safetensors (the file name
+    skipped both: no overwrite needed, the old shards, index, recipe and card kept beside the new weights)."""
     cfg = _yaml(models, "merge_method: ties\nbase_model: base\nmodels:\n  - model: a\n    parameters: {density: 0.5, weight: 1.0}\n"
                         "  - model: b\n    parameters: {density: 0.5, weight: 1.0}\n")
-    out = merging.merge_mergekit_yaml(cfg, models / "out")
-    assert (out / "mergekit_config.yml").is_file()
-    merging.merge_to_file("task_arithmetic", models / "base" / "model.safetensors", [models / "a" / "model.safetensors"],
-                          out, overwrite=True, lam=0.5)
+    if sharded:  # two tensors, so two shards
+        for name, w in (("base", BASE), ("a", A), ("b", B)):
+            save_file({"layer.weight": w, "layer.bias": w[:2].clone()}, str(models / name / "model.safetensors"))
+    out = merging.merge_mergekit_yaml(cfg, models / "out", shard_size=8 if sharded else None)
+    assert (out / "mergekit_config.yml").is_file() and (out / "model.safetensors.index.json").is_file() == sharded
+    before = sorted(p.name for p in out.iterdir())
+    args = ("task_arithmetic", models / "base" / "model.safetensors", [models / "a" / "model.safetensors"],
+            out if named == "folder" else out / "model.safetensors")
+    with pytest.raises(FileExistsError, match="holds sharded weights" if sharded else "exists; pass overwrite=True"):
+        merging.merge_to_file(*args, lam=0.5)
+    assert sorted(p.name for p in out.iterdir()) == before
+    merging.merge_to_file(*args, overwrite=True, lam=0.5)
     # the folder once held task-arithmetic weights beside the ties recipe that did not make them
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors",
                                                      "tokenizer_config.json"]
