@@ -110,9 +110,9 @@ def _earlier_hf_merge(folder: Path) -> list[Path]:
     its shards, their index, its model card (a README.md of anyone else's is never touched) and, beside
     weights being replaced, the mergekit recipe that made them."""
     card, recipe = folder / "README.md", folder / MERGEKIT_RECIPE
-    found = [*folder.glob("model-*-of-*.safetensors"),
-             *(p for p in (folder / "model.safetensors.index.json",) if p.exists()), *([card] if is_merge_card(card) else [])]
-    if recipe.is_file() and (found or (folder / "model.safetensors").exists()):
+    shards = [*folder.glob("model-*-of-*.safetensors"), *(p for p in (folder / "model.safetensors.index.json",) if p.exists())]
+    found = [*shards, *([card] if is_merge_card(card) else [])]
+    if recipe.is_file() and (shards or (folder / "model.safetensors").exists()):  # (both need overwrite=True)
         found.append(recipe)
     return sorted(found)
 

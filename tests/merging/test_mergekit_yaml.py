@@ -393,6 +393,18 @@ def test_cli_refuses_a_seed_that_is_no_int_before_writing_anything(models, seed)
     assert not (models / "run").exists() and not (models / "out").exists()
 
 
+def test_a_single_file_merge_deletes_no_recipe_without_weights_to_replace(models):
+    """A recipe folder whose weights are gone (card, config, recipe): merging into it without overwrite=True
+    deleted mergekit_config.yml; the recipe goes only with the weights it made, which need overwrite=True."""
+    cfg = _yaml(models, "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1.0}\n")
+    out = merging.merge_mergekit_yaml(cfg, models / "out")
+    (out / "model.safetensors").unlink()
+    recipe = (out / "mergekit_config.yml").read_text()
+    merging.merge_to_file("task_arithmetic", models / "base" / "model.safetensors", [models / "a" / "model.safetensors"],
+                          out, lam=0.5)
+    assert (out / "mergekit_config.yml").read_text() == recipe and torch.equal(_merged(out), A * 0.5)
+
+
 @pytest.mark.parametrize("sharded", [False, True])
 @pytest.mark.parametrize("named", ["folder", "file"])
 def test_a_single_file_merge_over_a_recipe_output_removes_the_stale_recipe(models, named, sharded):
