@@ -24,6 +24,7 @@ import torch
 
 from mtl.io import FOLDER_METADATA
 
+from .run_outputs import MERGEKIT_RECIPE
 from .sources import TensorInfo
 
 __all__ = ["parse_size", "plan_shards", "write_sharded", "base_files", "copy_base_files", "check_replaceable",
@@ -139,11 +140,14 @@ def is_merge_card(path: Path) -> bool:
 def check_replaceable(folder: Path, written: Collection[str]) -> None:
     """`overwrite` swaps a Hugging Face output folder whole for the new one (atomically), so the old folder may
     hold only what a merge writes: weight files named as `shard_names` names them, the shard index, an mtlkit
-    model card and the files of `written` (this merge's copied base files and extra files). Anything else
-    (a user's notes, checkpoints/, metrics.json, another README) is refused by name rather than deleted."""
+    model card, beside that card the mergekit recipe of an earlier `merge_mergekit_yaml`, and the files of
+    `written` (this merge's copied base files and extra files). Anything else (a user's notes, checkpoints/,
+    metrics.json, another README) is refused by name rather than deleted."""
+    ours = is_merge_card(folder / "README.md")
     kept = [p.name + ("/" if p.is_dir() else "") for p in sorted(folder.iterdir())
             if p.name not in FOLDER_METADATA and not (p.is_file() and (
-                SHARD.fullmatch(p.name) or p.name in (INDEX, *written) or (p.name == "README.md" and is_merge_card(p))))]
+                SHARD.fullmatch(p.name) or p.name in (INDEX, *written)
+                or (ours and p.name in ("README.md", MERGEKIT_RECIPE))))]
     if kept:
         more = f" (and {len(kept) - 5} more)" if len(kept) > 5 else ""
         raise FileExistsError(f"{folder} holds {', '.join(kept[:5])}{more}, which this merge does not write; "

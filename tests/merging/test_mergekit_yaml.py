@@ -393,6 +393,22 @@ def test_cli_refuses_a_seed_that_is_no_int_before_writing_anything(models, seed)
     assert not (models / "run").exists() and not (models / "out").exists()
 
 
+def test_a_hugging_face_merge_with_overwrite_replaces_an_earlier_recipe_output(models):
+    """overwrite=True replaces an earlier merge's folder: a merge_mergekit_yaml output's recipe (beside its mtlkit
+    card) was refused as a file 'this merge does not write'; a recipe beside anyone else's README still is."""
+    cfg = _yaml(models, "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1.0}\n")
+    out = merging.merge_mergekit_yaml(cfg, models / "out")
+    merging.merge_to_file("task_arithmetic", models / "base", [models / "a"], out, overwrite=True, lam=0.5)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors",
+                                                     "tokenizer_config.json"]
+    assert "task_arithmetic" in (out / "README.md").read_text() and torch.equal(_merged(out), A * 0.5)
+    (out / "mergekit_config.yml").write_text(cfg.read_text())
+    (out / "README.md").write_text("my notes")
+    with pytest.raises(FileExistsError, match=r"holds README.md, mergekit_config.yml, which this merge does not write"):
+        merging.merge_to_file("task_arithmetic", models / "base", [models / "a"], out, overwrite=True, lam=0.5)
+    assert (out / "README.md").read_text() == "my notes"
+
+
 def test_a_single_file_merge_deletes_no_recipe_without_weights_to_replace(models):
     """A recipe folder whose weights are gone (card, config, recipe): merging into it without overwrite=True
     deleted mergekit_config.yml; the recipe goes only with the weights it made, which need overwrite=True."""
