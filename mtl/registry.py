@@ -179,11 +179,11 @@ def check_number(key: str, value: object, low: float = 0.0) -> float:
 
 
 def check_int(key: str, value: object, low: int = 0, note: str = "") -> int:
-    """``value`` as a setting named ``key`` must be an int >= ``low`` (a bool is not one); else one error
-    naming the key, so a bad setting is refused before the work it would spoil."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    """``value`` as a setting named ``key`` must be an int >= ``low`` (numpy's too; a bool is not one), returned as
+    a Python int; else one error naming the key, so a bad setting is refused before the work it would spoil."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise ValueError(f"{key} must be an int >= {low}{note}, got {value!r}")
-    return value
+    return int(value)
 
 
 #: the seeds torch's generators take (torch.manual_seed, torch.Generator.manual_seed); a negative one is read

@@ -90,17 +90,15 @@ class TensorDataModule(LightningDataModule):
 
     def __init__(self, batch_size: int = 32, num_workers: int = 0, augment: bool = False):
         super().__init__()
-        self.check_loader_settings(batch_size=batch_size, num_workers=num_workers)
-        self.batch_size = batch_size
-        self.num_workers = num_workers
+        # as Python ints: the DataLoader refuses numpy's
+        self.batch_size, self.num_workers = self.check_loader_settings(batch_size=batch_size, num_workers=num_workers)
         self.augment = augment
         self._data: dict[str, TensorDictDataset] = {}
 
     @staticmethod
-    def check_loader_settings(batch_size: Any = 32, num_workers: Any = 0, **_: Any) -> None:
+    def check_loader_settings(batch_size: Any = 32, num_workers: Any = 0, **_: Any) -> tuple[int, int]:
         """The loader settings every subclass takes; `mtl.data.check_datamodule` judges them before a run folder."""
-        check_int("data.batch_size", batch_size, 1)
-        check_int("data.num_workers", num_workers, 0)
+        return check_int("data.batch_size", batch_size, 1), check_int("data.num_workers", num_workers, 0)
 
     def _load(self) -> dict[str, TensorDictDataset]:
         raise TypeError(f"{type(self).__name__} must implement _load")

@@ -76,11 +76,10 @@ def check_scenes_settings(size: Any = 64, n_train: Any = 2000, n_val: Any = 500,
                           cache_dir: str | os.PathLike | None = None, **_: Any) -> Path:
     """The split sizes, image size and seed as ints, and a cache that can take the rendered scenes unless they
     are cached already (`ScenesDataModule.check_settings`: before a run folder). Returns the cache entry."""
-    for name, n in dict(n_train=n_train, n_val=n_val, n_test=n_test).items():
-        # every split is used: to fit, to pick the checkpoint, for the final metrics
-        check_int(f"data.{name}", n, 1)
-    check_int("data.size", size, 1)
-    check_int("data.seed", seed, 0)
+    # every split is used: to fit, to pick the checkpoint, for the final metrics; Python ints for the JSON key
+    n_train, n_val, n_test = (check_int(f"data.{name}", n, 1) for name, n in
+                              dict(n_train=n_train, n_val=n_val, n_test=n_test).items())
+    size, seed = check_int("data.size", size, 1), check_int("data.seed", seed, 0)
     entry = cache_root("scenes", cache_dir) / (f"scenes-v{GENERATOR_VERSION}-{size}px-"
                                                f"{scenes_cache_key(size, n_train, n_val, n_test, seed)}")
     check_cache_writable(entry, "dataset_dict.json")
@@ -96,6 +95,7 @@ def materialize_scenes(size: int = 64, n_train: int = 2000, n_val: int = 500, n_
     only when it is exactly what was asked for. It appears complete or not at all.
     """
     final = check_scenes_settings(size, n_train, n_val, n_test, seed, cache_dir)
+    size, n_train, n_val, n_test, seed = map(int, (size, n_train, n_val, n_test, seed))  # numpy's pass the check
     if (final / "dataset_dict.json").exists():
         return final
 

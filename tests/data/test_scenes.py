@@ -416,3 +416,15 @@ def test_mtl_extract_names_calib_data_settings_as_they_are_set():
     with pytest.raises(ValueError, match=r"calib.data.root is required for data 'nyuv2'"):
         _checked_calib_data({"name": "nyuv2"})
     assert _checked_calib_data({"name": "scenes", "size": 32}) == {"name": "scenes", "size": 32}
+
+
+def test_numpy_int_settings_render_the_same_scenes(tmp_path):
+    # numpy ints pass the int checks; they must reach the cache key and the DataLoader as Python ints
+    ref = ScenesDataModule(size=8, n_train=4, n_val=2, n_test=2, seed=1, batch_size=2, cache_dir=tmp_path)
+    d = ScenesDataModule(size=np.int64(8), n_train=np.int64(4), n_val=np.int32(2), n_test=2, seed=np.int64(1),
+                         batch_size=np.int64(2), cache_dir=tmp_path)
+    for m in (ref, d):
+        m.prepare_data()
+        m.setup()
+    assert d.path == ref.path
+    assert next(iter(d.train_dataloader()))["image"].shape[0] == 2

@@ -324,3 +324,13 @@ def test_tasks_a_zoo_set_has_no_targets_for_are_named_before_training(tmp_path):
                                          r"data; it provides \['mnist'\]"):
         run(["debug=smoke", "data=zoo", "task=[semseg,depth]", "logger=none"], run_dir=tmp_path / "r")
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_numpy_ints_are_taken_as_loader_settings(tmp_path):
+    # np.int64(8) is an int >= 1: it was refused as "data.batch_size must be an int >= 1, got np.int64(8)"
+    from mtl.data.zoo import ZooDataModule
+
+    d = ZooDataModule("mnist", batch_size=np.int64(8), num_workers=np.int32(0), n_train=16, n_val=4, n_test=4,
+                      cache_dir=tmp_path)
+    d.setup()
+    assert next(iter(d.train_dataloader()))["image"].shape[0] == 8
