@@ -47,6 +47,8 @@ def _refused_without_folder(console, capfd, cli, *args):
      "data.batch_size must be an int >= 1, got 0"),
     (("mtl.cli.train", "experiment=zoo_cnn_pretrain", "debug=smoke", "data.num_workers=-1"),
      "data.num_workers must be an int >= 0, got -1"),
+    (("mtl.cli.train", "experiment=zoo_cnn_pretrain", "debug=smoke", "data.seed=-1"),
+     "data.seed must be an int in [0, 2**64 - 1], got -1"),
     # the smoke model trains on scenes, whose data module takes batch_size
     (("pruning.cli", "debug=smoke", "+data.batch_sise=4"), "unknown setting data.batch_sise "
                                                            "(did you mean data.batch_size?)"),

@@ -173,6 +173,7 @@ def test_a_setting_the_zoo_module_does_not_have_is_named():
     ({"batch_size": "8"}, "data.batch_size must be int, got '8' (str)"),
     ({"seed": "x"}, "data.seed must be int, got 'x' (str)"),
     ({"batch_size": 0}, "data.batch_size must be an int >= 1, got 0"),
+    ({"seed": -1}, "data.seed must be an int in [0, 2**64 - 1], got -1"),  # was found only when generating
 ])
 def test_check_datamodule_judges_the_zoo_modules_own_settings(setting, expected):
     # the registry entry is a wrapper taking **kwargs; its keys and types were let through unchecked

@@ -8,7 +8,7 @@ from typing import Callable
 
 import numpy as np
 
-from mtl.registry import Registry
+from mtl.registry import Registry, check_seed
 
 SPLITS = ("train", "val", "test")
 _SPLIT_IDS = {"train": 1, "val": 2, "test": 3}
@@ -98,6 +98,11 @@ def check_size(size: int) -> int:
     return int(size)
 
 
+def check_zoo_seed(seed: object, key: str = "zoo seed") -> int:
+    # numpy's streams take no negative seed, the loaders' torch shuffle none above 2**64 - 1
+    return check_seed(key, seed, low=0)
+
+
 def build_zoo_dataset(name: str, n_train: int | None = None, n_val: int | None = None,
                       n_test: int | None = None, *, seed: int = 0, size: int = 32,
                       return_sources: bool = False) -> dict[str, tuple[np.ndarray, ...]]:
@@ -110,9 +115,7 @@ def build_zoo_dataset(name: str, n_train: int | None = None, n_val: int | None =
     spec = ZOO.get(name)
     sizes = resolve_sizes(spec, n_train, n_val, n_test)
     size = check_size(size)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"zoo seed must be an int >= 0, got {seed!r}")
-    out = spec.build(sizes, int(seed), size)
+    out = spec.build(sizes, check_zoo_seed(seed), size)
     result = {}
     for split in SPLITS:
         images, labels, sources = out[split]

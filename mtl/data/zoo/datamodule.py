@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from mtl.data.memory import TensorDataModule, TensorDictDataset
-from mtl.data.zoo._base import ZOO, check_size
+from mtl.data.zoo._base import ZOO, check_size, check_zoo_seed
 from mtl.data.hf import check_cache_writable
 from mtl.data.zoo.cache import load_zoo_dataset, zoo_cache_path
 
@@ -26,7 +26,7 @@ class ZooDataModule(TensorDataModule):
         super().__init__(batch_size, num_workers)  # checks them, naming data.batch_size / data.num_workers
         self.spec = ZOO.get(name)  # fail fast on an unknown name, listing the valid ones
         self.name = name
-        self.seed, self.size = int(seed), check_size(size)
+        self.seed, self.size = check_zoo_seed(seed, "data.seed"), check_size(size)
         self.n_train, self.n_val, self.n_test = n_train, n_val, n_test
         self.cache_dir, self.target_key = cache_dir, target_key or name
         self.pin_memory, self.drop_last = pin_memory, drop_last
@@ -35,6 +35,7 @@ class ZooDataModule(TensorDataModule):
     def check_settings(name: str, seed: int = 0, size: int = 32, n_train: int | None = None, n_val: int | None = None,
                        n_test: int | None = None, cache_dir: str | os.PathLike | None = None, **_) -> None:
         """A cache that can take the generated dataset unless it is cached already (before a run folder)."""
+        check_zoo_seed(seed, "data.seed")
         check_cache_writable(zoo_cache_path(name, n_train, n_val, n_test, seed=seed, size=size, cache_dir=cache_dir),
                              "zoo.json")
 
