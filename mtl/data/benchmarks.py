@@ -108,6 +108,11 @@ def image_to_uint8(a: np.ndarray, where: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
 
 
+def _outside(where: str, label: object, num_classes: int) -> ValueError:
+    return ValueError(f"{where}: label {label} is outside 0..{num_classes - 1} "
+                      f"(num_classes={num_classes}; −1 marks ignored pixels)")
+
+
 def labels_to_uint8(a: np.ndarray, num_classes: int, where: str) -> torch.Tensor:
     """(H, W) ids with −1 (or 255) = ignored -> uint8 (H, W) with IGNORE; out-of-range ids raise."""
     if a.ndim == 3 and a.shape[-1] == 1:
@@ -124,14 +129,16 @@ def labels_to_uint8(a: np.ndarray, num_classes: int, where: str) -> torch.Tensor
             raise ValueError(f"{where}: label {float(frac[0]):g} is not a whole number; expected integer class ids")
         huge = a[np.abs(a) > 2**31]  # would wrap in the int64 cast and be named as another number
         if huge.size:
-            raise ValueError(f"{where}: label {float(huge[0]):g} is outside 0..{num_classes - 1} "
-                             f"(num_classes={num_classes}; −1 marks ignored pixels)")
+            raise _outside(where, f"{float(huge[0]):g}", num_classes)
+    elif a.dtype.kind == "u" and a.dtype.itemsize >= 8:  # ids from 2**63 would wrap in the cast (2**64 - 1 to −1)
+        huge = a[a > 2**31]
+        if huge.size:
+            raise _outside(where, int(huge[0]), num_classes)
     ids = a.astype(np.int64)
     ids[(ids == -1) | (ids == IGNORE)] = IGNORE
     bad = (ids != IGNORE) & ((ids < 0) | (ids >= num_classes))
     if bad.any():
-        raise ValueError(f"{where}: label {int(ids[bad][0])} is outside 0..{num_classes - 1} "
-                         f"(num_classes={num_classes}; −1 marks ignored pixels)")
+        raise _outside(where, int(ids[bad][0]), num_classes)
     return torch.from_numpy(ids.astype(np.uint8))
 
 

@@ -156,6 +156,11 @@ def test_bad_root_and_layout_name_the_expected_path(tmp_path):
      r"train/label/0\.npy: labels hold NaN or infinite values"),
     (lambda r: np.save(r / "train" / "label" / "0.npy", np.full((H, W), 1e20, np.float32)),  # not wrapped in int64
      r"train/label/0\.npy: label 1e\+20 is outside 0\.\.12"),
+    # uint64 ids from 2**63 wrapped in the int64 cast: 2**64 - 1 became −1 (every pixel silently ignored)
+    (lambda r: np.save(r / "train" / "label" / "0.npy", np.full((H, W), 2**64 - 1, np.uint64)),
+     r"train/label/0\.npy: label 18446744073709551615 is outside 0\.\.12"),
+    (lambda r: np.save(r / "train" / "label" / "0.npy", np.full((H, W), 2**63, np.uint64)),  # was named negative
+     r"train/label/0\.npy: label 9223372036854775808 is outside 0\.\.12"),
     (lambda r: np.save(r / "train" / "image" / "0.npy", np.full((H, W, 3), 0.5 + 0.5j, np.complex64)),
      r"train/image/0\.npy: image of dtype complex64; expected uint8"),
     (lambda r: np.save(r / "train" / "normal" / "1.npy", np.full((H, W, 3), "a")),  # was numpy's bare, unnamed error
