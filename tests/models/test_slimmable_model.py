@@ -561,6 +561,9 @@ def test_extract_cli_names_the_other_familys_setting_in_cli_terms(tmp_path):
     (["widths={encoder: abc}"], r"^encoder width must be a number in \(0, 1\], got 'abc'$"),
     (["widths={decoders: {normals: 0.5}}"], r"unknown task\(s\) \['normals'\] in decoder widths"),
     (["widths={encodr: 0.5}"], r"unknown key\(s\) \['encodr'\] in widths"),
+    # outside the set but not apart from its 0.5: was refused by calibrate_widths after the run folder
+    (["widths={encoder: 0.5000001}"], r"^widths=: the width set \[0.25, 0.5, 0.75, 1.0\] plus \[0.5000001\]: "
+                                      r"entries 0.5 and 0.5000001 cannot be told apart"),
     (["widths={encoder: 0.5}", "calib.split=test"], r"^calib.split must be train or val .*got 'test'$")])
 def test_extract_cli_refuses_a_bad_width_or_calib_split_before_its_run_folder(tmp_path, args, match):
     """Refused only after the run folder was made and the calibration data built: a FAILED folder."""

@@ -169,6 +169,12 @@ class SlimmableMultiTaskModel(MultiTaskModel):
                     changed.append(key)
         return changed
 
+    def _check_new_widths(self, widths: Iterable[float], key: str) -> list[float]:
+        """The ``widths`` outside the set, refused where the set cannot hold them beside its entries (data-free)."""
+        outside = [w for w in widths if width_index(self.width_set, w) is None]
+        check_width_set(self.width_set + tuple(outside), f"{key}: the width set {list(self.width_set)} plus {outside}:")
+        return outside
+
     # --- BN recalibration for widths outside the set ----------------------------------------------------
     @torch.no_grad()
     def calibrate_widths(self, widths: Iterable[float], batches: Iterable[torch.Tensor | Mapping[str, torch.Tensor]]) -> list[float]:
@@ -182,9 +188,7 @@ class SlimmableMultiTaskModel(MultiTaskModel):
         if trained:  # said, not done in silence: a trained row's statistics are the ones it was trained with
             log.warning("calibrate_widths: %s already in the width set %s; their trained BN statistics are kept "
                         "(only widths outside the set are estimated)", trained, list(self.width_set))
-        outside = [w for w in new if w not in trained]
-        check_width_set(self.width_set + tuple(outside),
-                        f"calibrate_widths: the width set {list(self.width_set)} plus {outside}:")
+        outside = self._check_new_widths(new, "calibrate_widths")
         batches = list(batches)
         if not batches:
             raise ValueError("calibrate_widths needs at least one batch")
@@ -254,9 +258,11 @@ class SlimmableMultiTaskModel(MultiTaskModel):
     # --- physically smaller sub-network -----------------------------------------------------------------
     def check_extraction(self, widths: Mapping[str, Any] | None = None) -> None:
         """Refuse a bad ``extract_subnetwork`` request before any data (mtl-extract: before its run folder): keys,
-        tasks and values; a width outside the set is left to ``extract_subnetwork`` (mtl-extract calibrates it)."""
+        tasks and values; a width outside the set is left to ``extract_subnetwork`` (mtl-extract calibrates it) unless
+        the set could not hold it beside its entries."""
         self._check_keys(widths or {})
-        self.resolve_widths((widths or {}).get("encoder"), (widths or {}).get("decoders"), in_set=False)
+        cfg = self.resolve_widths((widths or {}).get("encoder"), (widths or {}).get("decoders"), in_set=False)
+        self._check_new_widths([cfg["encoder"], *cfg["decoders"].values()], "widths=")  # ones calibration would refuse
 
     def extract_subnetwork(self, widths: Mapping[str, Any] | None = None) -> MultiTaskModel:
         """A plain ``multitask`` model holding the sliced weights (and BN statistics) of the
