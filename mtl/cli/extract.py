@@ -160,13 +160,17 @@ def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         if (skeleton := model_skeleton(user_path(str(cfg.model)))) is not None:
             family = read_model_config(user_path(str(cfg.model)))["model"].get("family", DEFAULT_FAMILY)
             _check_family(skeleton, family, widths, task, cfg)
+    elif widths is not None:  # debug=smoke trains a slimmable model in the run folder: what needs none is judged now
+        from mtl.models.slimmable import SlimmableMultiTaskModel
+
+        SlimmableMultiTaskModel.check_width_values(widths)
     run_dir, output = start_run(cfg, run_dir, model_output=True)  # the request and its inputs checked first
     folder = input_model(cfg, run_dir, "extract from",
                          experiment="scenes_slimmable" if widths is not None else "scenes_task_moe_vit")
     model = mtl.load_model(folder)
     width_set = getattr(model, "width_set", None)  # slimmable models only
     by_widths = width_set is not None
-    # (a smoke model's request is judged only now)
+    # (a smoke model's tasks and width set are judged only now)
     _check_family(model, getattr(model, "config", {}).get("family", "multitask"), widths, task, cfg)
     batches = _calibrate_new_widths(model, widths, cfg) if widths is not None and by_widths else []
     if widths is not None:

@@ -579,6 +579,22 @@ def test_extract_cli_refuses_a_bad_width_or_calib_split_before_its_run_folder(tm
     assert not run_dir.exists() or not any(run_dir.iterdir())
 
 
+@pytest.mark.parametrize("widths, match", [
+    ("{encoder: 1.5}", r"^encoder width must be in \(0, 1\], got 1.5$"),
+    ("{decoders: {depth: abc}}", r"^decoder width of task 'depth' must be a number in \(0, 1\], got 'abc'$"),
+    ("{encodr: 0.5}", r"unknown key\(s\) \['encodr'\] in widths")])
+def test_extract_smoke_refuses_a_bad_width_before_training(tmp_path, widths, match):
+    """debug=smoke trained its whole model first, then refused: a FAILED folder."""
+    from mtl.cli.extract import run_extract
+    from mtl.cli.in_process import compose_in_process
+
+    cfg, run_dir = compose_in_process("mtl.configs.extract_app", "extract", ["debug=smoke", f"widths={widths}"],
+                                      tmp_path / "run")
+    with pytest.raises((KeyError, ValueError), match=match):
+        run_extract(cfg, run_dir)
+    assert not run_dir.exists() or not any(run_dir.iterdir())
+
+
 def legacy_folder(tmp_path, rows=None):
     """A folder as written before per-pair head statistics: one row per head width (``rows``: another count)."""
     slim = slim_model()

@@ -256,18 +256,31 @@ class SlimmableMultiTaskModel(MultiTaskModel):
         return list(self.width_set)
 
     # --- physically smaller sub-network -----------------------------------------------------------------
+    @classmethod
+    def check_width_values(cls, widths: Mapping[str, Any]) -> None:
+        """What a ``widths`` request is without a model: its keys, and every value a width in (0, 1], named as
+        ``resolve_widths`` names it (mtl-extract debug=smoke judges it before training its model)."""
+        cls._check_keys(widths)
+        dec = widths.get("decoders")
+        named = {"encoder width": widths.get("encoder"),
+                 **({f"decoder width of task {t!r}": w for t, w in dec.items()} if isinstance(dec, Mapping)
+                    else {"decoder width": dec})}
+        for what, w in named.items():
+            if w is not None:
+                check_width(w, what)
+
     def check_extraction(self, widths: Mapping[str, Any] | None = None) -> None:
         """Refuse a bad ``extract_subnetwork`` request before any data (mtl-extract: before its run folder): keys,
         tasks and values; a width outside the set is left to ``extract_subnetwork`` (mtl-extract calibrates it) unless
         the set could not hold it beside its entries."""
-        self._check_keys(widths or {})
+        self.check_width_values(widths or {})
         cfg = self.resolve_widths((widths or {}).get("encoder"), (widths or {}).get("decoders"), in_set=False)
         self._check_new_widths([cfg["encoder"], *cfg["decoders"].values()], "widths=")  # ones calibration would refuse
 
     def extract_subnetwork(self, widths: Mapping[str, Any] | None = None) -> MultiTaskModel:
         """A plain ``multitask`` model holding the sliced weights (and BN statistics) of the
         configuration ``widths`` (default: the current one); it computes what this model computes there."""
-        self._check_keys(widths or {})
+        self.check_width_values(widths or {})
         cfg = self.resolve_widths((widths or {}).get("encoder"), (widths or {}).get("decoders"))
         we = cfg["encoder"]
         bb = {k: v for k, v in self._backbone_cfg.items() if k != "widths"}
