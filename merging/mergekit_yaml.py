@@ -20,7 +20,7 @@ import torch
 
 from .mergekit import DTYPES as _DTYPES  # the names mergekit's `dtype_from_name` takes
 from .mergekit import dtype_name as _name
-from .sources import CONVERT_TO_SAFETENSORS, MergeInputError, open_source
+from .sources import CONVERT_TO_SAFETENSORS, MergeInputError, open_source, weights_read
 
 __all__ = ["MergekitPlan", "read_mergekit_yaml", "merge_mergekit_yaml", "YAML_METHODS"]
 
@@ -117,10 +117,11 @@ def read_mergekit_yaml(path: str | os.PathLike) -> MergekitPlan:
         if extra:
             raise ValueError(f"{label}: unknown key(s) {extra}; valid: model, parameters")
         folder = _folder(entry["model"], f"{label}.model", src)
-        if folder.resolve() in seen:
-            raise ValueError(f"{label}.model: {entry['model']!r} is {seen[folder.resolve()]} again; mergekit refuses "
+        weights = weights_read(folder)  # a linked model.safetensors is the model it links to
+        if weights in seen:
+            raise ValueError(f"{label}.model: {entry['model']!r} is {seen[weights]} again; mergekit refuses "
                              "a model listed twice (give it one entry with the weight you mean)")
-        seen[folder.resolve()] = f"models[{i}]"
+        seen[weights] = f"models[{i}]"
         is_base = base is not None and entry["model"] == base_ref  # mergekit tells models apart by their spelling
         if not is_base and _same(folder, base):
             raise ValueError(f"{label}.model: {entry['model']!r} is base_model ({base_ref!r}) spelled differently; "
@@ -308,7 +309,7 @@ def _folder(ref: Any, where: str, src: Path) -> Path:
 
 
 def _same(a: Path, b: Path | None) -> bool:
-    return b is not None and a.resolve() == b.resolve()
+    return b is not None and weights_read(a) == weights_read(b)
 
 
 def _dtypes(cfg: dict[str, Any], where: str) -> tuple[torch.dtype | None, torch.dtype | None]:

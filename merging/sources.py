@@ -162,10 +162,7 @@ def check_distinct_inputs(pretrained, finetuned: Sequence[Any], names: tuple[str
     itself a link, as in a Hugging Face cache). ``names``: what the caller calls the two arguments (``models`` on the
     command line)."""
     def weights(x: Any) -> Path | None:
-        if not isinstance(x, (str, os.PathLike)):
-            return None  # in memory: nothing to compare by path
-        p = user_path(x).resolve()
-        return (p / "model.safetensors").resolve() if (p / "model.safetensors").is_file() else p
+        return weights_read(x) if isinstance(x, (str, os.PathLike)) else None  # in memory: nothing to compare
 
     pre, seen = weights(pretrained), {}
     for i, f in enumerate(finetuned):
@@ -181,6 +178,13 @@ def check_distinct_inputs(pretrained, finetuned: Sequence[Any], names: tuple[str
             what = "it would count twice" if base_among else "its task vector would count twice"  # no τ in an average
             raise MergeInputError(f"{label} is {names[1]}[{j}] ({str(finetuned[j])!r}) again: {what}; list each model once")
         seen[w] = i
+
+
+def weights_read(path: Pathish) -> Path:
+    """The resolved file a model path reads (a folder's model.safetensors, followed through links), else the resolved
+    path: two inputs with the same one are the same model, however each is spelled."""
+    p = user_path(path).resolve()
+    return (p / "model.safetensors").resolve() if (p / "model.safetensors").is_file() else p
 
 
 def input_paths(pretrained, finetuned) -> list[Path]:

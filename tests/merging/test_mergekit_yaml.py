@@ -444,3 +444,28 @@ def test_a_single_file_merge_over_a_recipe_output_removes_the_stale_recipe(model
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors",
                                                      "tokenizer_config.json"]
     assert "task_arithmetic" in (out / "README.md").read_text() and torch.equal(_merged(out), A * 0.5)
+
+
+@pytest.mark.parametrize("entries, named", [
+    ("[{model: a}, {model: lnk}]", r"models\[1\]\.model: 'lnk' is base_model \('base'\)"),
+    ("[{model: lnk}, {model: base}]", r"models\[0\]\.model: 'lnk' is base_model \('base'\)"),
+])
+def test_cli_refuses_the_base_reached_through_a_linked_model_file_before_its_run_folder(models, entries, named):
+    """A folder whose model.safetensors links to the base's file is the base: it was refused only by the merge,
+    after the run folder, as 'finetuned[1]'; now the recipe reading refuses it, naming the recipe's entry."""
+    (models / "lnk").mkdir()
+    (models / "lnk" / "model.safetensors").symlink_to(models / "base" / "model.safetensors")
+    (models / "lnk" / "config.json").write_text((models / "base" / "config.json").read_text())
+    cfg = _yaml(models, f"merge_method: task_arithmetic\nbase_model: base\nmodels: {entries}\nparameters: {{weight: 1}}\n")
+    with pytest.raises(ValueError, match=rf"^{cfg}: {named}"):
+        run([f"mergekit_yaml={cfg}", f"output={models / 'out'}"], run_dir=models / "run")
+    assert not (models / "run").exists() and not (models / "out").exists()
+
+
+def test_a_model_linked_twice_is_listed_twice(models):
+    (models / "lnk").mkdir()
+    (models / "lnk" / "model.safetensors").symlink_to(models / "a" / "model.safetensors")
+    cfg = _yaml(models, "merge_method: ties\nbase_model: base\nmodels: [{model: a}, {model: lnk}]\n"
+                        "parameters: {weight: 1}\n")
+    with pytest.raises(ValueError, match=r"models\[1\]\.model: 'lnk' is models\[0\] again"):
+        merging.read_mergekit_yaml(cfg)
