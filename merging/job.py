@@ -39,7 +39,7 @@ from .evaluation import Evaluator, ImageBatches
 from .pool import ModelPool, check_same_pruning, check_same_start, manifest_paths, model_list
 from .report import build_report, print_table, write_report
 from .run_outputs import RUN_OUTPUTS, STORE_DIR
-from .sources import MergeInputError, check_distinct_inputs
+from .sources import MergeInputError, check_distinct_inputs, check_readable
 from .storage import STORE_FILE
 from .streaming import resolve_output
 
@@ -286,6 +286,13 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         except MergeInputError as e:
             raise MergeInputError(f"{cfg.pool}: {e}" if manifest else str(e)) from None
         grid_job.precheck(name, hp, num_models=len(models))  # a per-model list (lam, weight, density) by its length
+        if not evaluated:  # any weights: a file that will not open, or a folder without them (start_run names a missing one)
+            for key, path in [("pretrained", pre), *(("models", m) for m in models)]:
+                try:
+                    if user_path(path).exists():
+                        check_readable(path)
+                except MergeInputError as e:
+                    raise MergeInputError(f"{cfg.pool if manifest else key}: {e}") from None
     run_dir, output = start_run(cfg, run_dir, inputs=[manifest[0], *manifest[1]] if manifest else [],
                                 model_output=evaluated, any_weights=not evaluated)
     output = output.resolve()  # a relative output= is the cwd's, not the run folder's: record where it is

@@ -12,6 +12,7 @@ from mtl.registry import check_int
 
 from .run_outputs import MERGEKIT_RECIPE
 from .mergekit_yaml import check_dtypes, read_mergekit_yaml, run_plan
+from .sources import check_readable
 
 __all__ = ["mergekit_job", "check_unread_settings"]
 
@@ -33,6 +34,8 @@ def mergekit_job(cfg: Any, run_dir: str | os.PathLike) -> dict[str, Any]:
     seed = check_int("seed", cfg.get("seed"))  # before the run folder: int() would fail or truncate after it
     plan = read_mergekit_yaml(cfg.mergekit_yaml)
     check_dtypes(plan)
+    for path in plan.finetuned:  # one that will not open: named now, not by the merge after the run folder
+        check_readable(path)
     run_dir, output = start_run(cfg, run_dir, inputs=[plan.pretrained, *plan.finetuned], any_weights=True)
     output = output.resolve()
     clear_earlier_outputs(Path(run_dir), bool(cfg.overwrite), keep=output)

@@ -36,6 +36,7 @@ __all__ = [
     "open_source",
     "open_sources",
     "check_distinct_inputs",
+    "check_readable",
     "load_state_dict",
     "SAFETENSORS_DTYPES",
     "DTYPE_CODES",
@@ -89,16 +90,13 @@ def open_source(obj: SourceLike, label: str | None = None) -> StateSource:
         return DictSource(obj, label=label or "state dict")
     if isinstance(obj, (str, os.PathLike)):
         p = user_path(obj)  # a leading ~ as every mtlkit reader takes it
+        f = weights_file(p)
         if p.is_dir():
-            if (p / "model.safetensors").is_file():
+            if f.name == "model.safetensors":
                 if (p / "model.safetensors.index.json").is_file():
                     _warn_both_weight_files(p)
-                return _checked(SafetensorsSource(p / "model.safetensors"))
-            if (p / "model.safetensors.index.json").is_file():
-                return ShardedSafetensorsSource(p / "model.safetensors.index.json")
-            raise MergeInputError(run_folder_refusal(p) or _no_safetensors(p))
-        if not p.is_file():
-            raise MergeInputError(f"{p}: no such file or folder")
+                return _checked(SafetensorsSource(f))
+            return ShardedSafetensorsSource(f)
         if p.suffix == ".safetensors":
             return _checked(SafetensorsSource(p))
         if p.name.endswith((".safetensors.index.json", ".bin.index.json")):  # torch.load fails on "{" as a bad pickle
@@ -113,6 +111,31 @@ def open_source(obj: SourceLike, label: str | None = None) -> StateSource:
         f"cannot read a state dict from {type(obj).__name__}; "
         "expected a dict, nn.Module, model folder, .safetensors file or torch checkpoint"
     )
+
+
+def weights_file(path: Pathish) -> Path:
+    """The file `open_source` reads for a path: the path itself, or a folder's model.safetensors (else its shard
+    index); a folder holding neither, or a path that is not there, is refused as `open_source` refuses it."""
+    p = user_path(path)
+    if p.is_dir():
+        for name in ("model.safetensors", "model.safetensors.index.json"):
+            if (p / name).is_file():
+                return p / name
+        raise MergeInputError(run_folder_refusal(p) or _no_safetensors(p))
+    if not p.is_file():
+        raise MergeInputError(f"{p}: no such file or folder")
+    return p
+
+
+def check_readable(path: Pathish) -> None:
+    """The file a path's model is read from (`weights_file`) is there and opens, said in one line naming it: checked
+    before a run folder is made, not found by the merge after it (no tensor is read)."""
+    f = weights_file(path)
+    try:
+        with open(f, "rb"):
+            pass
+    except OSError as e:
+        raise MergeInputError(f"{f}: cannot be read ({e.strerror or e})") from None
 
 
 _WARNED_BOTH: set[Path] = set()

@@ -546,3 +546,34 @@ def test_more_inputs_than_open_files_allowed_says_to_raise_ulimit(tmp_path):
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_mtl_merge_names_an_input_that_will_not_open_before_its_run_folder(tmp_path, monkeypatch):
+    """eval=none reads any weights: an input that exists but cannot be read (a file without read permission, a
+    folder named like a checkpoint) was found by the merge, after the run folder; now it is named before it."""
+    import builtins
+
+    from merging.job import run
+
+    pre, fts = make_models(T=2)
+    torch.save(pre, tmp_path / "base.pt")
+    torch.save(fts[0], tmp_path / "a.pt")
+    (tmp_path / "x.ckpt").mkdir()
+    args = ["eval=none", "merge=task_arithmetic", f"pretrained={tmp_path / 'base.pt'}",
+            f"output={tmp_path / 'out.safetensors'}"]
+    with pytest.raises(merging.MergeInputError, match=rf"^models: {tmp_path / 'x.ckpt'}: model folder without "):
+        run([*args, f"models=[{tmp_path / 'a.pt'},{tmp_path / 'x.ckpt'}]"], run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+    real_open = builtins.open  # tests run as root, who reads a chmod 000 file: its PermissionError, simulated
+
+    def no_read(file, *a, **k):
+        if str(file) == str(tmp_path / "a.pt"):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", no_read)
+    with pytest.raises(merging.MergeInputError, match=rf"^models: {tmp_path / 'a.pt'}: cannot be read "
+                                                      r"\(Permission denied\)$"):
+        run([*args, f"models=[{tmp_path / 'a.pt'}]"], run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "out.safetensors").exists()
