@@ -284,6 +284,9 @@ class ShardedSafetensorsSource(StateSource):
         if escaping:  # an index names files beside it; one that reaches elsewhere is not a shard of this folder
             raise MergeInputError(f"{index_path}: shard file {escaping[0]!r} lies outside the index's folder")
         files = sorted(set(weight_map.values()))
+        folders = [f for f in files if (index_path.parent / f).is_dir()]
+        if folders:
+            raise MergeInputError(f"{index_path}: shard file {folders[0]} listed in the index is a folder, not a file")
         missing = [f for f in files if not (index_path.parent / f).is_file()]
         if missing:
             raise MergeInputError(f"{index_path}: shard file(s) {', '.join(missing)} listed in the index do not exist")

@@ -113,6 +113,10 @@ def open_source(obj: SourceLike, label: str | None = None) -> StateSource:
     )
 
 
+#: the names of files `open_source` reads as weights (a folder so named is a file given wrongly)
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
 def weights_file(path: Pathish) -> Path:
     """The file `open_source` reads for a path: the path itself, or a folder's model.safetensors (else its shard
     index); a folder holding neither, or a path that is not there, is refused as `open_source` refuses it."""
@@ -121,6 +125,8 @@ def weights_file(path: Pathish) -> Path:
         for name in ("model.safetensors", "model.safetensors.index.json"):
             if (p / name).is_file():
                 return p / name
+        if p.suffix in WEIGHT_FILE_SUFFIXES:  # named as a weights file (a shard, x.ckpt): not meant as a model folder
+            raise MergeInputError(f"{p} is a folder, not a file")
         raise MergeInputError(run_folder_refusal(p) or _no_safetensors(p))
     if not p.is_file():
         raise MergeInputError(f"{p}: no such file or folder")

@@ -451,6 +451,25 @@ def test_a_malformed_shard_index_is_refused_naming_it(tmp_path):
             merging.merge("average", {"a": torch.zeros(2)}, [folder])
 
 
+def test_a_shard_that_is_a_folder_is_called_a_folder_not_missing(tmp_path):
+    """A shard path that is a folder (in the index's weight_map, or given itself) was said not to exist, or to be a
+    model folder without model.safetensors."""
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    save_file({"a": torch.zeros(2)}, str(folder / "model-00001-of-00002.safetensors"))
+    (folder / "model-00002-of-00002.safetensors").mkdir()
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors",
+                                                "b": "model-00002-of-00002.safetensors"}}))
+    pre = {"a": torch.zeros(2), "b": torch.zeros(2)}
+    with pytest.raises(merging.MergeInputError, match=rf"^{index}: shard file model-00002-of-00002\.safetensors "
+                                                      r"listed in the index is a folder, not a file$"):
+        merging.merge("average", pre, [folder])
+    shard = folder / "model-00002-of-00002.safetensors"
+    with pytest.raises(merging.MergeInputError, match=rf"^{shard} is a folder, not a file$"):
+        merging.merge("average", pre, [shard])
+
+
 def test_a_header_length_past_the_end_of_the_file_names_the_file(tmp_path):
     """The data was read (and parsed) as the header: 'Unterminated string' or a utf-8 decode error, no file named."""
     import struct
@@ -561,7 +580,7 @@ def test_mtl_merge_names_an_input_that_will_not_open_before_its_run_folder(tmp_p
     (tmp_path / "x.ckpt").mkdir()
     args = ["eval=none", "merge=task_arithmetic", f"pretrained={tmp_path / 'base.pt'}",
             f"output={tmp_path / 'out.safetensors'}"]
-    with pytest.raises(merging.MergeInputError, match=rf"^models: {tmp_path / 'x.ckpt'}: model folder without "):
+    with pytest.raises(merging.MergeInputError, match=rf"^models: {tmp_path / 'x.ckpt'} is a folder, not a file$"):
         run([*args, f"models=[{tmp_path / 'a.pt'},{tmp_path / 'x.ckpt'}]"], run_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
