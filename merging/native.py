@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from mtl.atomic import make_parents, user_path
+from mtl.atomic import home_folder, make_parents, user_path
 
 __all__ = ["BLOCK", "DTYPES", "average", "enabled", "library", "pread_merge", "pread_ties", "task_arithmetic", "ties",
            "ties_hist"]
@@ -65,17 +65,23 @@ def cache_dirs() -> list[Path]:
     ``$MTL_DATA_CACHE/kernels`` (the variable that moves mtlkit's data cache moves this one too), then
     ``$XDG_CACHE_HOME/mtlkit/kernels`` (default ``~/.cache/mtlkit/kernels``) where that one cannot be read or
     written (a read-only data cache keeps the fast path). Set but empty counts as unset; a leading ``~`` is expanded
-    (`user_path`), as in every mtlkit path (it made a literal ``./~``)."""
+    (`user_path`), as in every mtlkit path (it made a literal ``./~``). Without an absolute home folder
+    (`mtl.atomic.home_folder`) the default is left out: it would be a folder under the working directory."""
     if os.environ.get("MTLKIT_KERNEL_CACHE"):
         return [user_path(os.environ["MTLKIT_KERNEL_CACHE"])]
-    home = user_path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "mtlkit" / "kernels"
     data = os.environ.get("MTL_DATA_CACHE")
-    return [user_path(data) / "kernels", home] if data else [home]
+    folders = [user_path(data) / "kernels"] if data else []
+    if os.environ.get("XDG_CACHE_HOME"):
+        return [*folders, user_path(os.environ["XDG_CACHE_HOME"]) / "mtlkit" / "kernels"]
+    try:
+        return [*folders, Path(home_folder()) / ".cache" / "mtlkit" / "kernels"]
+    except ValueError:
+        return folders
 
 
-def cache_dir() -> Path:
-    """The first choice of `cache_dirs`."""
-    return cache_dirs()[0]
+def cache_dir() -> Path | None:
+    """The first choice of `cache_dirs` (None: there is none)."""
+    return next(iter(cache_dirs()), None)
 
 
 class _CacheUnwritable(OSError):
@@ -195,6 +201,13 @@ def _build() -> ctypes.CDLL | None:
     st = os.stat(real)
     version = f"{real}:{st.st_size}:{st.st_mtime_ns}"  # the compiler's identity, without running it
     folders = cache_dirs()
+    if not folders:  # no variable names one, and ~/.cache would be relative: the reason is home_folder's
+        try:
+            home_folder()
+        except ValueError as e:
+            log.warning("native kernel: no kernel cache folder: %s; using the slower torch chunk path (or set "
+                        "MTLKIT_KERNEL_CACHE to a writable folder)", e)
+        return None
     for i, folder in enumerate(folders):
         try:
             return _build_in(folder, cc, version)

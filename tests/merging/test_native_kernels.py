@@ -390,3 +390,30 @@ def test_a_kernel_file_this_user_cannot_replace_is_named(tmp_path, monkeypatch, 
         assert native.library() is None
     [rec] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert f"cannot replace {tmp_path}/kc/chunk_kernels-" in rec and "Permission denied" in rec, rec
+
+
+@pytest.mark.parametrize("home", [None, "rel"])
+def test_no_absolute_home_leaves_the_default_kernel_cache_out(tmp_path, monkeypatch, caplog, home):
+    """With HOME unset (no password-database entry either) or relative, ~/.cache/mtlkit/kernels was a folder under
+    the working directory (./~/.cache/... or rel/.cache/...): the kernel was built there. That candidate is left
+    out; with none left the torch path runs, with one warning saying why."""
+    monkeypatch.chdir(tmp_path)
+    for var in ("MTLKIT_KERNEL_CACHE", "MTL_DATA_CACHE", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    if home is None:
+        monkeypatch.delenv("HOME", raising=False)
+        monkeypatch.setattr(os.path, "expanduser", lambda p: p)  # as without a password-database entry
+    else:
+        monkeypatch.setenv("HOME", home)
+    assert native.cache_dirs() == []
+    monkeypatch.setenv("MTL_DATA_CACHE", str(tmp_path / "data"))
+    assert native.cache_dirs() == [tmp_path / "data" / "kernels"]
+    monkeypatch.delenv("MTL_DATA_CACHE")
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_compiler", lambda: "/bin/sh")  # any file: no compiler is needed to get this far
+    with caplog.at_level(logging.WARNING, logger="merging.native"):
+        assert native.library() is None
+    [rec] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "no home folder" in rec.getMessage() and "torch chunk path" in rec.getMessage()
+    assert list(tmp_path.iterdir()) == []  # nothing built under the working directory
