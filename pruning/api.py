@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from mtl.flops import count_flops, count_params
+from mtl.registry import meant
 from mtl.models.surgery import diff_plan, snapshot
 from mtl.modes import modes_restored
 from pruning.calib import as_batches, task_losses
@@ -170,7 +171,8 @@ def method_options(method: str, hparams: dict[str, Any]) -> dict[str, Any]:
     options = {n: p.default for n, p in list(inspect.signature(fn).parameters.items())[3:]}  # after model, graph, batches
     unknown = sorted(set(hparams) - set(options))
     if unknown:
-        raise TypeError(f"prune method {method!r} has no option(s) {unknown}; its options: {', '.join(options)}")
+        raise TypeError(f"prune method {method!r} has no option(s) {unknown}{meant(unknown, options)}; its options: "
+                        f"{', '.join(options)}")
     return options
 
 

@@ -35,6 +35,9 @@ def _refused_without_folder(console, capfd, cli, *args):
     # the ONNX exporter's option is opset
     (("mtl.cli.export", "debug=smoke", "+format.opsett=17"), "format=onnx has no option(s) ['opsett'] "
                                                              "(did you mean opset?)"),
+    # mtl-prune's method options: a misspelling named with the one meant, as the other CLIs name theirs
+    (("pruning.cli", "debug=smoke", "prune=l1", "+prune.ratoi=0.5"), "prune=l1: prune method 'l1' has no option(s) "
+                                                                     "['ratoi'] (did you mean ratio?); its options: "),
     # the dynamo exporter (the default) writes opsets from 18: refused after the run folder existed (left FAILED)
     (("mtl.cli.export", "debug=smoke", "format.opset=17"), "format.opset=17: the dynamo exporter writes opsets 18–"),
     # the loader and split settings (were refused by the data module's constructor after a FAILED run folder)
