@@ -108,11 +108,13 @@ def resolve_output(out: str | os.PathLike, filename: str = "model.safetensors") 
 def _earlier_hf_merge(folder: Path) -> list[Path]:
     """What a Hugging Face style merge left in `folder` that a single-file merge there would contradict:
     its shards, their index, its model card (a README.md of anyone else's is never touched) and, beside
-    weights being replaced, the mergekit recipe that made them."""
+    weights being replaced, the mergekit recipe that made them (an earlier merge's only beside its mtlkit card, as
+    `check_replaceable` counts it: anyone else's recipe is kept)."""
     card, recipe = folder / "README.md", folder / MERGEKIT_RECIPE
     shards = [*folder.glob("model-*-of-*.safetensors"), *(p for p in (folder / "model.safetensors.index.json",) if p.exists())]
-    found = [*shards, *([card] if is_merge_card(card) else [])]
-    if recipe.is_file() and (shards or (folder / "model.safetensors").exists()):  # (both need overwrite=True)
+    ours = is_merge_card(card)
+    found = [*shards, *([card] if ours else [])]
+    if ours and recipe.is_file() and (shards or (folder / "model.safetensors").exists()):  # (both need overwrite=True)
         found.append(recipe)
     return sorted(found)
 

@@ -469,3 +469,17 @@ def test_a_model_linked_twice_is_listed_twice(models):
                         "parameters: {weight: 1}\n")
     with pytest.raises(ValueError, match=r"models\[1\]\.model: 'lnk' is models\[0\] again"):
         merging.read_mergekit_yaml(cfg)
+
+
+@pytest.mark.parametrize("named", ["folder", "file"])
+def test_a_single_file_merge_keeps_a_recipe_that_no_mtlkit_merge_wrote(models, named):
+    """A user's folder (their weights and their own mergekit_config.yml, no mtlkit card): overwrite=True replaces
+    model.safetensors but deleted the recipe, which check_replaceable counts as a merge's only beside its card."""
+    out = models / "mine"
+    out.mkdir()
+    save_file({"layer.weight": B}, str(out / "model.safetensors"))
+    (out / "mergekit_config.yml").write_text("merge_method: slerp  # my plan\n")
+    merging.merge_to_file("task_arithmetic", models / "base" / "model.safetensors", [models / "a" / "model.safetensors"],
+                          out if named == "folder" else out / "model.safetensors", overwrite=True, lam=0.5)
+    assert (out / "mergekit_config.yml").read_text() == "merge_method: slerp  # my plan\n"
+    assert torch.equal(_merged(out), A * 0.5)
