@@ -152,7 +152,7 @@ class MultiTaskModule(L.LightningModule):
     ):
         super().__init__()
         check_optim_values(lr, weight_decay, warmup_ratio, min_lr_ratio, grad_clip)
-        check_int("log_weights_every", log_weights_every, 0, " (0: off)")
+        log_weights_every = check_int("log_weights_every", log_weights_every, 0, " (0: off)")  # as an int: hparams go into checkpoints
         self.automatic_optimization = False
         if not isinstance(model, (nn.Module, Mapping)):
             raise not_a_model("MultiTaskModule", model, "a model (nn.Module) or a model config dict")
