@@ -14,6 +14,7 @@ A batch is one tensor index per key (``__getitems__``), with no per-row formatti
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -94,6 +95,15 @@ class TensorDataModule(LightningDataModule):
         self.batch_size, self.num_workers = self.check_loader_settings(batch_size=batch_size, num_workers=num_workers)
         self.augment = augment
         self._data: dict[str, TensorDictDataset] = {}
+
+    def save_hyperparameters(self, *args: Any, frame: Any = None, **kwargs: Any) -> None:
+        """Lightning's, with numpy scalars (settings `check_int` takes) recorded as Python numbers: every checkpoint
+        holds them, and torch.load(weights_only=True), as mtl-train resumes, refuses numpy's."""
+        from mtl.io import as_plain
+
+        super().save_hyperparameters(*args, frame=frame or inspect.currentframe().f_back, **kwargs)
+        for key, value in self.hparams.items():
+            self.hparams[key] = as_plain(value)
 
     @staticmethod
     def check_loader_settings(batch_size: Any = 32, num_workers: Any = 0, **_: Any) -> tuple[int, int]:

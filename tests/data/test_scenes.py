@@ -428,3 +428,24 @@ def test_numpy_int_settings_render_the_same_scenes(tmp_path):
         m.setup()
     assert d.path == ref.path
     assert next(iter(d.train_dataloader()))["image"].shape[0] == 2
+
+
+def test_numpy_int_settings_leave_a_checkpoint_that_loads_with_weights_only(tmp_path):
+    """The data module's hyperparameters go into every checkpoint: recorded as given, np.int64 settings (taken since
+    e2802d8) made it one torch.load(weights_only=True), mtl-train's resume, refuses."""
+    import lightning as L
+
+    from mtl.models import create_model
+    from mtl.module import MultiTaskModule
+
+    d = ScenesDataModule(size=np.int64(16), n_train=np.int64(2), n_val=2, n_test=2, seed=np.int64(1),
+                         batch_size=np.int64(2), cache_dir=str(tmp_path))
+    model = create_model([{"kind": "depth"}], backbone={"name": "test_resnet", "out_indices": [1, 2, 3]},
+                         decoder={"name": "hps", "channels": 8})
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, max_steps=1, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(MultiTaskModule(model, log_weights_every=0), datamodule=d)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    hp = torch.load(tmp_path / "last.ckpt", weights_only=True)["datamodule_hyper_parameters"]
+    assert {k: (hp[k], type(hp[k])) for k in ("size", "seed", "batch_size")} == {
+        "size": (16, int), "seed": (1, int), "batch_size": (2, int)}
