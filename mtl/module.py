@@ -15,7 +15,7 @@ from torch import nn
 from mtl.balancers import Balancer, BalancerMonitor, StepContext, check_finite, create_balancer, freeze_norm_stats
 from mtl.distributed import pooled_means
 from mtl.expert_usage import usage_paused
-from mtl.io import not_a_model
+from mtl.io import as_plain, not_a_model
 from mtl.models import MultiTaskModel, create_model
 from mtl.models.families import last_shared_weight
 from mtl.registry import check_int, check_kwargs
@@ -159,6 +159,8 @@ class MultiTaskModule(L.LightningModule):
         self.model = model if isinstance(model, nn.Module) else create_model(config=dict(model))
         self.tasks = self.model.tasks
         balancer = balancer_config(balancer)
+        if isinstance(strategy, Mapping):  # its ints as Python's (np.int64 passes check_int): hparams go into checkpoints
+            strategy = {k: as_plain(v) for k, v in strategy.items()}
         self.save_hyperparameters(
             {"model": self.model.config, "balancer": balancer, "lr": lr, "weight_decay": weight_decay,
              "warmup_ratio": warmup_ratio, "min_lr_ratio": min_lr_ratio, "grad_clip": grad_clip,
