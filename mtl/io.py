@@ -46,7 +46,8 @@ def as_plain(value: Any) -> Any:
         return [as_plain(v) for v in value]
     if _real_1d(value):
         return value.tolist()
-    if isinstance(value, numbers.Number) and not isinstance(value, (bool, int, float)) and hasattr(value, "item"):
+    # type, not isinstance: np.float64 subclasses float, yet pickles (into checkpoints) as a numpy scalar
+    if isinstance(value, numbers.Number) and type(value) not in (bool, int, float) and hasattr(value, "item"):
         return value.item()
     if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.dtype.is_complex:
         return value.item()

@@ -159,11 +159,14 @@ class MultiTaskModule(L.LightningModule):
         self.model = model if isinstance(model, nn.Module) else create_model(config=dict(model))
         self.tasks = self.model.tasks
         balancer = balancer_config(balancer)
-        if isinstance(strategy, Mapping):  # its ints as Python's (np.int64 passes check_int): hparams go into checkpoints
+        if isinstance(strategy, Mapping):
             strategy = {k: as_plain(v) for k, v in strategy.items()}
+        # numbers as Python's (np.int64 passes check_int, np.float64 is a float): hparams go into every checkpoint,
+        # and torch.load(weights_only=True), as mtl-train resumes, refuses numpy scalars
+        optim = {k: as_plain(v) for k, v in dict(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
+                                                  min_lr_ratio=min_lr_ratio, grad_clip=grad_clip).items()}
         self.save_hyperparameters(
-            {"model": self.model.config, "balancer": balancer, "lr": lr, "weight_decay": weight_decay,
-             "warmup_ratio": warmup_ratio, "min_lr_ratio": min_lr_ratio, "grad_clip": grad_clip,
+            {"model": self.model.config, "balancer": balancer, **optim,
              "log_weights_every": log_weights_every, "strategy": strategy, "start": start,
              "initial_weights": initial_weights}
         )

@@ -24,7 +24,7 @@ def test_a_folder_path_for_the_model_points_at_load_model(tmp_path):
 
 
 
-@pytest.mark.parametrize("setting", ["log_weights_every", "strategy.num_random"])
+@pytest.mark.parametrize("setting", ["log_weights_every", "strategy.num_random", "lr"])
 def test_a_numpy_int_setting_leaves_a_checkpoint_that_loads_with_weights_only(tmp_path, setting):
     """check_int takes np.int64 since e2802d8, but the module recorded it as given in its hyperparameters, so
     every checkpoint held a numpy scalar that torch.load(weights_only=True) (mtl-train's resume) refuses."""
@@ -41,12 +41,16 @@ def test_a_numpy_int_setting_leaves_a_checkpoint_that_loads_with_weights_only(tm
                                    "out_indices": [1, 2, 3]} if slim else {"name": "test_resnet", "out_indices": [1, 2, 3]},
                          decoder={"name": "slimmable" if slim else "hps", "channels": 8})
     kwargs = ({"strategy": {"name": "sandwich", "num_random": np.int64(1)}, "log_weights_every": 0} if slim else
-              {"log_weights_every": np.int64(0)})
+              {"log_weights_every": np.int64(0)} if setting == "log_weights_every" else
+              {"log_weights_every": 0, "lr": np.linspace(0.01, 0.1, 3)[0]})  # np.float64: a float, pickled as numpy's
     samples = [{"image": torch.randn(3, 32, 32), "depth": torch.rand(1, 32, 32) + 0.5} for _ in range(2)]
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=False, max_steps=1, limit_val_batches=0, default_root_dir=tmp_path)
     trainer.fit(MultiTaskModule(model, **kwargs), DataLoader(samples, batch_size=2))
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     hp = torch.load(tmp_path / "last.ckpt", weights_only=True)["hyper_parameters"]
+    if setting == "lr":
+        assert hp["lr"] == 0.01 and type(hp["lr"]) is float
+        return
     value = hp["strategy"]["num_random"] if slim else hp["log_weights_every"]
     assert value == (1 if slim else 0) and type(value) is int

@@ -14,6 +14,7 @@ A batch is one tensor index per key (``__getitems__``), with no per-row formatti
 """
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Any, Callable, Mapping, Sequence
 
@@ -104,6 +105,7 @@ class TensorDataModule(LightningDataModule):
         super().save_hyperparameters(*args, frame=frame or inspect.currentframe().f_back, **kwargs)
         for key, value in self.hparams.items():
             self.hparams[key] = as_plain(value)
+        self._hparams_initial = copy.deepcopy(self._hparams)  # the loggers' copy (hparams.yaml) too
 
     @staticmethod
     def check_loader_settings(batch_size: Any = 32, num_workers: Any = 0, **_: Any) -> tuple[int, int]:

@@ -449,3 +449,4 @@ def test_numpy_int_settings_leave_a_checkpoint_that_loads_with_weights_only(tmp_
     hp = torch.load(tmp_path / "last.ckpt", weights_only=True)["datamodule_hyper_parameters"]
     assert {k: (hp[k], type(hp[k])) for k in ("size", "seed", "batch_size")} == {
         "size": (16, int), "seed": (1, int), "batch_size": (2, int)}
+    assert type(d.hparams_initial["batch_size"]) is int  # the loggers' copy (hparams.yaml) too
