@@ -639,9 +639,13 @@ def test_in_process_merge_failure_leaves_a_failed_marker(tmp_path):
     with pytest.raises(Exception, match="nonexist"):  # refused before the run folder is made
         run(["merge=average", "pretrained=/nonexist", "models=[/nonexist2]"], run_dir=tmp_path / "early")
     assert not (tmp_path / "early").exists()
-    for folder in ("base", "ft"):  # they exist (all eval=none asks first) but hold no weights: found by the merge
-        (tmp_path / folder).mkdir()
-    with pytest.raises(Exception, match="without model.safetensors"):
+    import torch
+    from safetensors.torch import save_file
+
+    for folder, n in (("base", 2), ("ft", 3)):  # readable weights (all eval=none asks first) of another shape:
+        (tmp_path / folder).mkdir()              # found by the merge, after the run folder
+        save_file({"w": torch.zeros(n)}, str(tmp_path / folder / "model.safetensors"))
+    with pytest.raises(Exception, match="shape"):
         run(["merge=average", "eval=none", f"pretrained={tmp_path / 'base'}", f"models=[{tmp_path / 'ft'}]"],
             run_dir=tmp_path / "r")
     assert (tmp_path / "r" / FAILED).is_file()
