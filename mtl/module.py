@@ -159,16 +159,14 @@ class MultiTaskModule(L.LightningModule):
         self.model = model if isinstance(model, nn.Module) else create_model(config=dict(model))
         self.tasks = self.model.tasks
         balancer = balancer_config(balancer)
-        if isinstance(strategy, Mapping):
-            strategy = {k: as_plain(v) for k, v in strategy.items()}
-        # numbers as Python's (np.int64 passes check_int, np.float64 is a float): hparams go into every checkpoint,
-        # and torch.load(weights_only=True), as mtl-train resumes, refuses numpy scalars
-        optim = {k: as_plain(v) for k, v in dict(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
-                                                  min_lr_ratio=min_lr_ratio, grad_clip=grad_clip).items()}
+        # numbers as Python's (np.int64 passes check_int, np.float64 is a float), also in the strategy's dict: hparams
+        # go into every checkpoint, and torch.load(weights_only=True), as mtl-train resumes, refuses numpy scalars
+        settings = {k: {n: as_plain(x) for n, x in v.items()} if isinstance(v, Mapping) else as_plain(v) for k, v in dict(
+            lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio, grad_clip=grad_clip,
+            log_weights_every=log_weights_every, strategy=strategy).items()}
+        strategy = settings["strategy"]
         self.save_hyperparameters(
-            {"model": self.model.config, "balancer": balancer, **optim,
-             "log_weights_every": log_weights_every, "strategy": strategy, "start": start,
-             "initial_weights": initial_weights}
+            {"model": self.model.config, "balancer": balancer, **settings, "start": start, "initial_weights": initial_weights}
         )
         bal = dict(balancer)
         self.balancer: Balancer = create_balancer(bal.pop("name"), list(self.tasks), **bal)
