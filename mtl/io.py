@@ -41,9 +41,12 @@ def as_plain(value: Any) -> Any:
     """``value`` as plain Python, so that one setting compares equal however it was given: a list or tuple as a
     list (a tuple in Python, a list in a config), a numpy scalar (np.float32(0.3) from a grid) or a 0-d real
     tensor (a learned coefficient) as the number it holds, a 1-d real numpy array or tensor (one λ per task from
-    ``np.linspace`` or a sweep) as the list of its numbers, at any depth of lists."""
+    ``np.linspace`` or a sweep) as the list of its numbers, at any depth of lists and mappings (a mapping as a
+    dict: a balancer's or backbone's settings go into checkpoints, which torch.load(weights_only=True) reads)."""
     if isinstance(value, (list, tuple)):
         return [as_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: as_plain(v) for k, v in value.items()}
     if _real_1d(value):
         return value.tolist()
     # type, not isinstance: np.float64 subclasses float, yet pickles (into checkpoints) as a numpy scalar

@@ -158,16 +158,15 @@ class MultiTaskModule(L.LightningModule):
             raise not_a_model("MultiTaskModule", model, "a model (nn.Module) or a model config dict")
         self.model = model if isinstance(model, nn.Module) else create_model(config=dict(model))
         self.tasks = self.model.tasks
-        balancer = balancer_config(balancer)
-        # numbers as Python's (np.int64 passes check_int, np.float64 is a float), also in the strategy's dict: hparams
-        # go into every checkpoint, and torch.load(weights_only=True), as mtl-train resumes, refuses numpy scalars
-        settings = {k: {n: as_plain(x) for n, x in v.items()} if isinstance(v, Mapping) else as_plain(v) for k, v in dict(
-            lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio, grad_clip=grad_clip,
-            log_weights_every=log_weights_every, strategy=strategy).items()}
-        strategy = settings["strategy"]
-        self.save_hyperparameters(
-            {"model": self.model.config, "balancer": balancer, **settings, "start": start, "initial_weights": initial_weights}
-        )
+        # numbers as Python's at every depth (np.int64 passes check_int, np.float64 is a float), the model's config and
+        # the balancer's and strategy's dicts too: hparams go into every checkpoint, and torch.load(weights_only=True),
+        # as mtl-train resumes, refuses numpy scalars
+        settings = as_plain(dict(
+            model=self.model.config, balancer=balancer_config(balancer), lr=lr, weight_decay=weight_decay,
+            warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio, grad_clip=grad_clip,
+            log_weights_every=log_weights_every, strategy=strategy))
+        balancer, strategy = settings["balancer"], settings["strategy"]
+        self.save_hyperparameters({**settings, "start": start, "initial_weights": initial_weights})
         bal = dict(balancer)
         self.balancer: Balancer = create_balancer(bal.pop("name"), list(self.tasks), **bal)
         if getattr(self.balancer, "level", None) == "features" and not getattr(self.model, "shared_representation", True):

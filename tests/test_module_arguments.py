@@ -54,3 +54,28 @@ def test_a_numpy_int_setting_leaves_a_checkpoint_that_loads_with_weights_only(tm
         return
     value = hp["strategy"]["num_random"] if slim else hp["log_weights_every"]
     assert value == (1 if slim else 0) and type(value) is int
+
+
+def test_numpy_settings_nested_in_the_balancer_and_model_config_reach_checkpoints_as_plain_values(tmp_path):
+    """The balancer's dict and the model's config were recorded as given: np.float64 (a float subclass) passed every
+    check and pickled into the checkpoint as a numpy scalar, which torch.load(weights_only=True) refuses."""
+    import lightning as L
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader
+
+    from mtl.models import create_model
+
+    model = create_model([{"kind": "depth"}], backbone={"name": "test_resnet", "out_indices": [1, 2, 3],
+                                                        "drop_path_rate": np.float64(0.0)},
+                         decoder={"name": "hps", "channels": 8})
+    samples = [{"image": torch.randn(3, 32, 32), "depth": torch.rand(1, 32, 32) + 0.5} for _ in range(2)]
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, max_steps=1, limit_val_batches=0, default_root_dir=tmp_path)
+    module = MultiTaskModule(model, balancer={"name": "dwa", "temperature": np.float64(2.0)}, log_weights_every=0)
+    trainer.fit(module, DataLoader(samples, batch_size=2))
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    hp = torch.load(tmp_path / "last.ckpt", weights_only=True)["hyper_parameters"]
+    assert hp["balancer"] == {"name": "dwa", "temperature": 2.0} and type(hp["balancer"]["temperature"]) is float
+    assert type(hp["model"]["backbone"]["drop_path_rate"]) is float
+    assert type(model.config["backbone"]["drop_path_rate"]) is float  # config.json's source too

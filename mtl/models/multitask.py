@@ -8,6 +8,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from mtl.io import as_plain
 from mtl.models.backbones import INIT_ONLY, create_backbone
 from mtl.models.decoders import create_decoder
 from mtl.models.families import MODELS, model_from_config
@@ -148,13 +149,14 @@ class MultiTaskModel(nn.Module):
 
 def part_config(part: str, spec: Any, named: bool = True) -> dict[str, Any]:
     """A backbone or decoder given as its name or as a dict of settings, with its ``name`` when ``named`` (a
-    family with one backbone of its own, task_moe_vit, takes settings alone)."""
+    family with one backbone of its own, task_moe_vit, takes settings alone); its numbers as plain Python's
+    (`mtl.io.as_plain`: the settings are the model's config, which goes into checkpoints and config.json)."""
     if isinstance(spec, str):
         return {"name": spec}
     if not isinstance(spec, Mapping) or (named and not isinstance(spec.get("name"), str)):
         raise TypeError(f"{part} must be a name or a dict of settings with its 'name' (e.g. {{'name': "
                         f"{'resnet18' if part == 'backbone' else 'hps'!r}}}), got {spec!r}")
-    return dict(spec)
+    return as_plain(dict(spec))
 
 
 def create_model(
