@@ -18,7 +18,7 @@ from mtl.expert_usage import usage_paused
 from mtl.io import as_plain, not_a_model
 from mtl.models import MultiTaskModel, create_model
 from mtl.models.families import last_shared_weight
-from mtl.registry import check_int, check_kwargs
+from mtl.registry import check_int, check_kwargs, is_real
 from mtl.sweep import loss_names
 from mtl.train_checks import changed_on_resume, resume_refusal
 
@@ -105,7 +105,7 @@ def check_optim_values(lr: Any, weight_decay: Any, warmup_ratio: Any, min_lr_rat
                                 ("optim.grad_clip", grad_clip, lambda v: v > 0, "> 0 (or null: no clipping)")):
         if key == "optim.grad_clip" and value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not is_real(value):  # numpy's numbers too (np.float32 from a grid); recorded as plain ones (as_plain)
             raise TypeError(f"{key} must be a finite number {rng}, got {value!r} ({type(value).__name__})")
         if not (math.isfinite(value) and ok(value)):
             raise ValueError(f"{key} must be a finite number {rng}, got {value!r}")

@@ -51,7 +51,14 @@ class Registry(Generic[T]):
         return f"Registry({self.kind!r}, names={self.names()})"
 
 
-_SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+#: the types a declared scalar takes: numpy's numbers too (np.float32 from a grid, np.int64 from np.arange), as
+#: Python's do (numbers.Integral / numbers.Real; a bool is refused where it is not declared)
+_SCALARS = {"int": (numbers.Integral,), "float": (numbers.Real,), "bool": (bool,), "str": (str,)}
+
+
+def is_real(value: object) -> bool:
+    """A real number as a setting takes one: a Python or numpy int or float, not a bool (numpy's bool is no number)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def keyword_parameters(fn: Callable) -> dict:
@@ -172,8 +179,8 @@ def check_bool(key: str, value: object) -> bool:
 
 
 def check_number(key: str, value: object, low: float = 0.0) -> float:
-    """A finite number (int or float, not a bool) >= ``low``, else one error naming the key."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
+    """A finite number (int or float, numpy's too; not a bool) >= ``low``, as a float; else one error naming the key."""
+    if not is_real(value) or not math.isfinite(value) or value < low:
         raise ValueError(f"{key} must be a finite number >= {low:g}, got {value!r}")
     return float(value)
 

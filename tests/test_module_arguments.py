@@ -1,4 +1,5 @@
 """MultiTaskModule's model and balancer arguments: the forms docs/training.md shows, and one-line refusals."""
+import numpy as np
 import pytest
 
 from mtl.module import MultiTaskModule
@@ -79,3 +80,28 @@ def test_numpy_settings_nested_in_the_balancer_and_model_config_reach_checkpoint
     assert hp["balancer"] == {"name": "dwa", "temperature": 2.0} and type(hp["balancer"]["temperature"]) is float
     assert type(hp["model"]["backbone"]["drop_path_rate"]) is float
     assert type(model.config["backbone"]["drop_path_rate"]) is float  # config.json's source too
+
+
+def test_numpy_numbers_are_taken_wherever_python_numbers_are_and_recorded_as_plain_ones(tiny_model):
+    """np.float32 (from a grid) was refused as lr, grad_clip or a balancer's float setting while np.float64 (a float
+    subclass) passed; np.int64 was refused as a decoder's int setting while check_int takes it elsewhere."""
+    import numpy as np
+
+    from mtl.models import create_model
+
+    module = MultiTaskModule(tiny_model, lr=np.float32(0.5), grad_clip=np.float32(1.0), log_weights_every=0,
+                             balancer={"name": "dwa", "temperature": np.float32(2.0)})
+    assert (module.hparams.lr, module.hparams.grad_clip, module.hparams.balancer["temperature"]) == (0.5, 1.0, 2.0)
+    assert all(type(v) is float for v in (module.hparams.lr, module.hparams.grad_clip,
+                                          module.hparams.balancer["temperature"]))
+    model = create_model([{"kind": "depth"}], backbone={"name": "test_resnet", "out_indices": [1, 2, 3]},
+                         decoder={"name": "hps", "channels": np.int64(8)})
+    assert model.config["decoder"]["channels"] == 8 and type(model.config["decoder"]["channels"]) is int
+
+
+@pytest.mark.parametrize("setting", [{"lr": np.bool_(True)}, {"lr": True},
+                                     {"balancer": {"name": "dwa", "temperature": np.bool_(True)}}])
+def test_a_bool_is_still_no_number(tiny_model, setting):
+    with pytest.raises(TypeError, match=r"(optim\.lr must be a finite number > 0|balancer\.temperature must be float), "
+                                        r"got (np\.)?True_? \(bool\)$"):
+        MultiTaskModule(tiny_model, log_weights_every=0, **setting)
