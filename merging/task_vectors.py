@@ -8,7 +8,7 @@ import torch
 from mtl.io import as_plain
 
 from .engine import KeyOptions, all_finite, check_input_finite, open_context, overflow_error, to_output_dtype
-from .keys import _fmt_shape
+from .keys import _fmt_shape, compute_dtype
 from .methods import _check_lam
 from .sources import MergeInputError, load_state_dict, open_source
 
@@ -32,7 +32,8 @@ def task_vector(pretrained, finetuned, **key_options: Any) -> dict[str, torch.Te
 
 def apply_task_vector(pretrained, tau: dict[str, torch.Tensor], lam: float = 1.0,
                       check_finite: bool = True) -> dict[str, torch.Tensor]:
-    """θ0 + λ·τ on τ's keys; the other keys of θ0 are copied. Dtypes follow θ0.
+    """θ0 + λ·τ on τ's floating-point keys, computed as a merge does (float32, float64 if either is) and cast to
+    θ0's dtype; the other keys of θ0 are copied (an integer or bool entry of τ is ignored, as a merge keeps θ0's).
 
     Checked as a merge is: λ one finite number, τ's keys in θ0 with θ0's shapes, and no NaN / Inf in the
     result (traced to the input that holds it, else an overflow; `check_finite=False` returns the Inf)."""
@@ -49,11 +50,11 @@ def apply_task_vector(pretrained, tau: dict[str, torch.Tensor], lam: float = 1.0
     out = {}
     for k in src.keys():
         x = src.get(k)
-        if k in vec:
-            t = vec.get(k)
-            t = t.float() if t.dtype.itemsize == 1 else t  # torch has no float8 arithmetic
-            out[k] = to_output_dtype(torch.add(x.to(t.dtype), t, alpha=lam), x.dtype)
-        else:
+        t = vec.get(k) if k in vec else None
+        if t is not None and x.is_floating_point() and t.is_floating_point():
+            cd = compute_dtype([x.dtype, t.dtype])  # as a merge computes: θ0 not rounded to a narrower τ's dtype
+            out[k] = to_output_dtype(torch.add(x.to(cd), t.to(cd), alpha=lam), x.dtype)
+        else:  # not in τ, or an integer / bool entry (num_batches_tracked): θ0's, as a merge keeps it
             out[k] = x.clone()
         if check_finite and out[k].is_floating_point() and not all_finite(out[k]):
             check_input_finite(x, k, src.label_of(k))

@@ -202,6 +202,23 @@ def test_apply_task_vector_checks_its_inputs_as_a_merge_does():
         merging.apply_task_vector({"w": torch.tensor([float("inf"), 0.0])}, {"w": torch.ones(2)})
 
 
+@pytest.mark.parametrize("tau_dtype", [torch.bfloat16, torch.float16])
+def test_apply_task_vector_does_not_round_theta0_to_a_narrower_task_vector(tau_dtype):
+    """θ0 was cast to τ's dtype before the sum: a bf16/fp16 τ of zeros changed a float32 θ0 (1.0001 -> 1.0)."""
+    pre = {"w": torch.tensor([1.0001, 3.0001]), "h": torch.tensor([2.0, 4.0], dtype=torch.float16)}
+    got = merging.apply_task_vector(pre, {"w": torch.zeros(2, dtype=tau_dtype), "h": torch.zeros(2)}, lam=1.0)
+    assert torch.equal(got["w"], pre["w"]) and torch.equal(got["h"], pre["h"]) and got["h"].dtype == torch.float16
+    step = merging.apply_task_vector(pre, {"w": torch.full((2,), 0.5, dtype=tau_dtype)}, lam=2.0)["w"]
+    assert torch.equal(step, pre["w"] + 1.0) and step.dtype == torch.float32
+
+
+def test_apply_task_vector_keeps_theta0_for_an_integer_entry_as_a_merge_does():
+    """An integer key in τ (BatchNorm's num_batches_tracked) failed in torch.add with a RuntimeError naming no key."""
+    pre = {"w": torch.ones(2), "bn.num_batches_tracked": torch.tensor(7)}
+    got = merging.apply_task_vector(pre, {"w": torch.ones(2), "bn.num_batches_tracked": torch.tensor(3)}, lam=0.5)
+    assert got["w"].tolist() == [1.5, 1.5] and got["bn.num_batches_tracked"].item() == 7
+
+
 
 def test_apply_task_vector_takes_a_float8_task_vector():
     """A τ stored in float8_e4m3fn (as its θ0) is added in float32: torch has no float8 addition."""
