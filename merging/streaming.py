@@ -25,7 +25,7 @@ from mtl.registry import check_bool
 
 from .engine import KeyOptions, open_context, produce, torch_threads
 from .kernels import DEFAULT_CHUNK, Chunks, Streamed, chunked_streams, fused_kernel
-from .hf import base_files, check_replaceable, copy_base_files, is_merge_card, model_card, parse_size, write_sharded
+from .hf import SHARD, base_files, check_replaceable, copy_base_files, is_merge_card, model_card, parse_size, write_sharded
 from .methods import create_method
 from .run_outputs import MERGEKIT_RECIPE
 from .safetensors_source import DTYPE_CODES
@@ -111,7 +111,10 @@ def _earlier_hf_merge(folder: Path) -> list[Path]:
     weights being replaced, the mergekit recipe that made them (an earlier merge's only beside its mtlkit card, as
     `check_replaceable` counts it: anyone else's recipe is kept)."""
     card, recipe = folder / "README.md", folder / MERGEKIT_RECIPE
-    shards = [*folder.glob("model-*-of-*.safetensors"), *(p for p in (folder / "model.safetensors.index.json",) if p.exists())]
+    # shards as `check_replaceable` counts them (merging.hf.SHARD: model-00001-of-00003.safetensors): a user's
+    # model-best-of-3.safetensors is no shard, never deleted
+    shards = [*(p for p in folder.glob("model-*.safetensors") if SHARD.fullmatch(p.name)),
+              *(p for p in (folder / "model.safetensors.index.json",) if p.exists())]
     ours = is_merge_card(card)
     found = [*shards, *([card] if ours else [])]
     if ours and recipe.is_file() and (shards or (folder / "model.safetensors").exists()):  # (both need overwrite=True)

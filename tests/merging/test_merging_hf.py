@@ -357,6 +357,22 @@ def test_a_single_file_merge_over_an_earlier_sharded_merge_leaves_one_set_of_wei
     assert (mine / "README.md").read_text() == "my notes" and (mine / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("name_the_file", [False, True])
+def test_a_single_file_merge_never_counts_a_users_shard_like_file_as_an_earlier_merges_shard(llamas, tmp_path,
+                                                                                              name_the_file):
+    """_earlier_hf_merge matched model-*-of-*.safetensors, broader than the shard names a merge writes: a user's
+    model-best-of-3.safetensors was refused as "holds sharded weights", and with overwrite=True deleted."""
+    base, fts = llamas
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "model-best-of-3.safetensors").write_bytes(b"precious")
+    out = folder / "model.safetensors" if name_the_file else folder
+    merging.merge_to_file("task_arithmetic", merging.load_state_dict(base), fts, out, lam=0.3)  # not refused
+    merging.merge_to_file("task_arithmetic", merging.load_state_dict(base), fts, out, lam=0.3, overwrite=True)
+    assert sorted(p.name for p in folder.iterdir()) == ["model-best-of-3.safetensors", "model.safetensors"]
+    assert (folder / "model-best-of-3.safetensors").read_bytes() == b"precious"
+
+
 def test_settings_that_cannot_apply_are_refused_not_ignored(llamas, tmp_path):
     base, fts = llamas
     with pytest.raises(ValueError, match=r"x.safetensors: copy_files=True copies the base folder's files beside the "
