@@ -133,15 +133,28 @@ def weights_file(path: Pathish) -> Path:
     return p
 
 
+#: how a file torch.save wrote begins: a zip archive (torch >= 1.6), else a pickle (protocol 2+)
+TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
 def check_readable(path: Pathish) -> None:
-    """The file a path's model is read from (`weights_file`) is there and opens, said in one line naming it: checked
-    before a run folder is made, not found by the merge after it (no tensor is read)."""
+    """The file a path's model is read from (`weights_file`) is there, opens and is what its name says, said in one
+    line naming it: checked before a run folder is made, not found by the merge after it. No tensor is read: a
+    safetensors file's header parses (a shard index's: each shard it names is there, and its header parses), a torch
+    checkpoint begins as torch.save writes one."""
     f = weights_file(path)
     try:
-        with open(f, "rb"):
-            pass
+        with open(f, "rb") as fh:
+            head = fh.read(4)
     except OSError as e:
         raise MergeInputError(f"{f}: cannot be read ({e.strerror or e})") from None
+    if f.name.endswith(".safetensors.index.json"):
+        ShardedSafetensorsSource(f).close()
+    elif f.suffix == ".safetensors":
+        SafetensorsSource(f).close()
+    elif not f.name.endswith(".index.json") and not head.startswith(TORCH_MAGIC):  # (an index: open_source says)
+        raise MergeInputError(torch_load_refusal(str(f), ValueError(
+            "empty file" if not head else "neither a zip archive nor a pickle, as torch.save writes")))
 
 
 _WARNED_BOTH: set[Path] = set()

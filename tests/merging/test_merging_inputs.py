@@ -613,3 +613,37 @@ def test_mtl_merge_names_an_input_that_will_not_open_before_its_run_folder(tmp_p
                                                       r"\(Permission denied\)$"):
         run([*args, f"models=[{tmp_path / 'a.pt'}]"], run_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists() and not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("kind", ["missing_shard", "empty_folder_weights", "empty_safetensors", "text_file"])
+def test_mtl_merge_names_an_input_that_is_not_what_its_name_says_before_its_run_folder(tmp_path, kind):
+    """check_readable only opened the file: a shard index naming a missing shard, a 0-byte safetensors file or a
+    text file given as a checkpoint were found by the merge after start_run, leaving a FAILED run folder."""
+    from merging.job import run
+
+    pre, fts = make_models(T=1)
+    torch.save(pre, tmp_path / "base.pt")
+    torch.save(fts[0], tmp_path / "a.pt")
+    bad, want = tmp_path / "bad", ""
+    if kind == "missing_shard":
+        bad.mkdir()
+        save_file({k: v.contiguous() for k, v in fts[0].items()}, str(bad / "model-00001-of-00002.safetensors"))
+        weight_map = {k: "model-00001-of-00002.safetensors" for k in fts[0]} | {"extra": "model-00002-of-00002.safetensors"}
+        (bad / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        want = r"model.safetensors.index.json: shard file\(s\) model-00002-of-00002.safetensors listed in the index do not exist"
+    elif kind == "empty_folder_weights":
+        bad.mkdir()
+        (bad / "model.safetensors").write_bytes(b"")
+        want = "model.safetensors: cannot read safetensors header"
+    elif kind == "empty_safetensors":
+        bad = tmp_path / "empty.safetensors"
+        bad.write_bytes(b"")
+        want = "empty.safetensors: cannot read safetensors header"
+    else:
+        bad = tmp_path / "model.txt"
+        bad.write_text("not weights\n")
+        want = r"model.txt: not a PyTorch/Lightning checkpoint \(neither a zip archive nor a pickle"
+    with pytest.raises(merging.MergeInputError, match=rf"^models: {re.escape(str(tmp_path))}/.*{want}"):
+        run(["eval=none", "merge=task_arithmetic", f"pretrained={tmp_path / 'base.pt'}",
+             f"models=[{tmp_path / 'a.pt'},{bad}]", f"output={tmp_path / 'out.safetensors'}"], run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "out.safetensors").exists()
