@@ -20,8 +20,8 @@ class NashMTLBalancer(JacobianBalancer):
     Its direction's norm is √T whatever the gradient scale, so the scale is carried by nothing;
     mtlkit renormalises the weights to sum to T (the paper's max-norm clip is left to the trainer's
     gradient clipping). Where no bargaining point exists (some convex combination of the gradients
-    vanishes) the step uses equal weights; such steps are counted in ``solver_failures`` and
-    reported once per run. Steps where Newton stops at ``max_iters`` above √tol (a point may exist) also
+    vanishes, to the rounding of the Gramian: ``nash_weights``) the step uses equal weights; such steps
+    are counted in ``solver_failures`` and reported once per run. Steps where Newton stops at ``max_iters`` above √tol (a point may exist) also
     use equal weights, but are counted apart, in ``not_converged``.
     """
 
@@ -39,7 +39,14 @@ class NashMTLBalancer(JacobianBalancer):
     def _make_aggregator(self):
         from mtl.balancers.solvers import gramian_aggregator
 
-        return gramian_aggregator(self._weights)
+        aggregator = gramian_aggregator(self._weights)
+        # registered before JacobianBalancer's float64 cast: the rounding of "0 in the hull" is that of the
+        # dtype TorchJD formed the Gramian in (a float32 Gramian of rank-deficient gradients is slightly definite)
+        aggregator.gramian_weighting.register_forward_pre_hook(self._note_gramian_dtype)
+        return aggregator
+
+    def _note_gramian_dtype(self, _module, args) -> None:
+        self._gramian_eps = torch.finfo(args[0].dtype).eps
 
     def _weights(self, gramian: torch.Tensor) -> torch.Tensor:
         from mtl.balancers.solvers import NashNotConverged, nash_weights
@@ -48,7 +55,7 @@ class NashMTLBalancer(JacobianBalancer):
         self._calls += 1
         if due:
             try:
-                alpha = nash_weights(gramian, self.tol, self.max_iters)
+                alpha = nash_weights(gramian, self.tol, self.max_iters, eps=getattr(self, "_gramian_eps", None))
             except NashNotConverged as e:
                 self.not_converged += 1
                 if self.not_converged == 1:

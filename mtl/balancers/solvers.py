@@ -18,8 +18,12 @@ G α = 1/α elementwise: the unique minimiser of the strictly convex f(α) = ½ 
 found by damped Newton steps to ``max_t |α_t (Gα)_t − 1| ≤ tol``. (The reference implementation's
 sequence of convex programs stops after a fixed number of rounds, short of this point on badly scaled
 or conflicting gradients, and returns equal weights when its solver fails.) No solution exists when
-some convex combination of the gradients vanishes (a Pareto-stationary point): ``None`` is returned;
-``max_iters`` steps that end above √tol raise `NashNotConverged` instead (a solution may well exist).
+some convex combination of the gradients vanishes (0 in their convex hull, a Pareto-stationary point):
+``None`` is returned. That is tested before Newton, on MGDA's min-norm point d* of the hull, and on the
+solution's own combination after it: one with ‖d‖² ≤ T·ε·max_t ‖g_t‖² (ε the machine epsilon of the
+dtype the Gramian was formed in) is within the Gramian's rounding of zero; there Newton would otherwise
+"converge" to a huge α along the rounding's direction, or stop at ``max_iters``. ``max_iters`` steps that
+end above √tol on a hull away from 0 raise `NashNotConverged` instead (a solution may well exist).
 
 **IMTL-G** (``imtl_g_weights``): the paper's closed form on the Gramian (see the function).
 
@@ -262,8 +266,10 @@ class NashNotConverged(ArithmeticError):
 
 
 def nash_weights(gramian: torch.Tensor, tol: float = 1e-10, max_iters: int = 100,
-                 init: torch.Tensor | None = None) -> torch.Tensor | None:
-    """α > 0 with G α = 1/α (see the module docstring), or ``None`` when there is no such point. After
+                 init: torch.Tensor | None = None, eps: float | None = None) -> torch.Tensor | None:
+    """α > 0 with G α = 1/α (see the module docstring), or ``None`` when there is no such point: some
+    convex combination of the gradients is within ``eps`` (the machine epsilon of the dtype the Gramian
+    was formed in; default: its own dtype's) of vanishing. After
     ``max_iters`` steps the last iterate is returned if its residual is ≤ √tol: near nearly opposite
     gradients (α ~ 1e3 on the unit-scale G) float64 rounding alone keeps the residual around 1e-9, above
     the default tol. Otherwise `NashNotConverged` is raised: not converged is not the same as no point."""
@@ -276,6 +282,13 @@ def nash_weights(gramian: torch.Tensor, tol: float = 1e-10, max_iters: int = 100
     if scale <= 0.0:  # every gradient is zero: the zero combination vanishes
         return None
     G = G / scale  # solve at unit scale, then α = α̂ / √scale
+    floor = (torch.finfo(gramian.dtype).eps if eps is None else eps) * n * float(G.diagonal().max())
+
+    def vanishes(a: torch.Tensor) -> bool:  # the convex combination a / Σa is within rounding of zero
+        return float(a @ G @ a) <= floor * float(a.sum()) ** 2
+
+    if vanishes(min_norm_weights(G)):  # 0 in the hull (to rounding): no bargaining point
+        return None
     alpha = torch.ones(n, dtype=G.dtype) if init is None else init.detach().to("cpu", G.dtype) * scale ** 0.5
 
     def f(a: torch.Tensor) -> float:
@@ -285,7 +298,7 @@ def nash_weights(gramian: torch.Tensor, tol: float = 1e-10, max_iters: int = 100
         g_alpha = G @ alpha
         residual = float((alpha * g_alpha - 1).abs().max())
         if residual <= tol:
-            return (alpha / scale ** 0.5).to(gramian.device, gramian.dtype)
+            return None if vanishes(alpha) else (alpha / scale ** 0.5).to(gramian.device, gramian.dtype)
         grad = g_alpha - 1 / alpha
         try:
             step = -torch.linalg.solve(G + torch.diag(alpha.pow(-2)), grad)
@@ -302,5 +315,5 @@ def nash_weights(gramian: torch.Tensor, tol: float = 1e-10, max_iters: int = 100
             return None
     residual = float((alpha * (G @ alpha) - 1).abs().max())
     if residual <= tol ** 0.5:
-        return (alpha / scale ** 0.5).to(gramian.device, gramian.dtype)
+        return None if vanishes(alpha) else (alpha / scale ** 0.5).to(gramian.device, gramian.dtype)
     raise NashNotConverged(residual, max_iters)
