@@ -24,9 +24,10 @@ class EqualWeighting(Balancer):
 
 @register("uw")
 class UncertaintyWeighting(Balancer):
-    """Kendall et al. 2018: L = Σ_t exp(−s_t) L_t + s_t with learnable log-variances s_t: twice the
-    paper's (and LibMTL's) Σ_t ½exp(−s_t) L_t + ½s_t, so that the network gradient is on the EW-sum
-    scale (docs/balancers.md).
+    """Kendall et al. 2018: L = Σ_t exp(−s_t) L_t + s_t with learnable log-variances s_t, for every task
+    (as LibMTL does): twice the paper's regression form (and LibMTL's) Σ_t ½exp(−s_t) L_t + ½s_t, so that
+    the network gradient is on the EW-sum scale; the paper's classification form exp(−s_t) L_t + ½s_t is
+    not distinguished (docs/balancers.md).
 
     ``s`` is an ``nn.Parameter`` of this (sub)module, so the module's optimiser trains it through
     the ordinary backward (and DDP averages its gradient like any other parameter).
