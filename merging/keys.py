@@ -10,7 +10,8 @@ Rules (documented in docs/merging.md):
 - a linearised model's expansion point (`theta0.` buffers, `mtl.models.LinearizedModel`) is copied from the
   pretrained model: it is θ0 in every model of a linearised pool, never a weight a fine-tune moved, so it
   must not count toward TIES' top-k share, TALL/Consensus statistics or learned coefficients;
-- batch-norm running statistics follow `bn`: "pretrained" (default: copied from θ0 — always a valid
+- batch-norm running statistics (`running_mean`/`running_var`, and the slimmable family's per-width
+  `running_means`/`running_vars`) follow `bn`: "pretrained" (default: copied from θ0 — always a valid
   variance, and what parameter-only merging gives), "average" (plain mean of the fine-tuned statistics,
   still valid since it is convex), or "merge" (treated like any float, as the method says; with
   λ·T > 1 task arithmetic can push a variance negative). "recompute" re-estimates them on data with
@@ -36,7 +37,10 @@ __all__ = ["KeyPattern", "KeyPlan", "plan_keys", "compile_pattern", "BN_STATS", 
 KeyPattern = Union[str, Sequence[str], Callable[[str], bool], None]
 
 DEFAULT_TASK_KEYS = r"(.*\.)?heads\."
-BN_STATS = r"(.*\.)?running_(mean|var)$"
+#: BN running statistics: torch's `running_mean`/`running_var`, and the slimmable family's per-width rows
+#: `running_means`/`running_vars` (SwitchableBatchNorm2d; its `num_batches_tracked` is an integer, copied anyway)
+BN_STATS = r"(.*\.)?running_(mean|var)s?$"
+_BN_VARIANCE = re.compile(r"(.*\.)?running_vars?$")
 #: a linearised model's expansion point (mtl.models.linearized stores θ0 as `theta0.<name>` buffers)
 EXPANSION_POINT = r"theta0\."
 BN_RULES = ("pretrained", "average", "merge")
@@ -47,7 +51,7 @@ _MAX_LISTED = 8
 
 def is_bn_variance(key: str) -> bool:
     """A BN running variance (of `BN_STATS`): merged, it must stay >= 0."""
-    return key == "running_var" or key.endswith(".running_var")
+    return _BN_VARIANCE.match(key) is not None
 
 
 def compile_pattern(pat: KeyPattern, name: str = "pattern") -> Callable[[str], bool] | None:

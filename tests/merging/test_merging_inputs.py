@@ -647,3 +647,41 @@ def test_mtl_merge_names_an_input_that_is_not_what_its_name_says_before_its_run_
         run(["eval=none", "merge=task_arithmetic", f"pretrained={tmp_path / 'base.pt'}",
              f"models=[{tmp_path / 'a.pt'},{bad}]", f"output={tmp_path / 'out.safetensors'}"], run_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists() and not (tmp_path / "out.safetensors").exists()
+
+
+def _slim_states(T=2):
+    """θ0 and T fine-tunes of a tiny slimmable model, each with its own (per-width) BN statistics."""
+    from mtl.models import create_model
+
+    torch.manual_seed(0)
+    m = create_model(["depth"], backbone={"name": "slim_resnet", "stem": 8, "channels": [8, 16], "depths": [1, 1],
+                                          "out_indices": [1, 2]}, decoder={"name": "slimmable", "channels": 8},
+                     family="slimmable")
+    pre = {k: v.clone() for k, v in m.state_dict().items()}
+    fts = []
+    for _ in range(T):
+        ft = {k: v + 0.1 * torch.randn_like(v) if v.is_floating_point() else v.clone() for k, v in pre.items()}
+        for k in ft:
+            if k.endswith("running_vars"):
+                ft[k] = 0.1 * torch.rand_like(ft[k]) + 0.05  # valid variances, far below θ0's 1
+        fts.append(ft)
+    return pre, fts
+
+
+def test_slimmable_per_width_bn_statistics_follow_the_bn_rule():
+    """SwitchableBatchNorm2d keeps one row of running statistics per width (`running_means`/`running_vars`): they
+    are BN statistics, not weights, so the bn rule applies to them as to `running_mean`/`running_var`."""
+    pre, fts = _slim_states()
+    stats = [k for k in pre if k.endswith(("running_means", "running_vars")) and ".heads." not in k]  # heads: own
+    assert stats and "backbone.stem.1.running_vars" in stats
+    out = merging.merge("task_arithmetic", pre, fts, lam=0.3)  # default bn="pretrained": θ0's statistics
+    for k in stats:
+        assert torch.equal(out[k], pre[k]), k
+    avg = merging.merge("task_arithmetic", pre, fts, lam=0.3, bn="average")
+    for k in stats:
+        torch.testing.assert_close(avg[k], sum(f[k] for f in fts) / len(fts))
+    v = "backbone.stem.1.running_vars"  # θ0: 1; fine-tunes < 0.15: λ = 1 gives 1 + 2·(v − 1) < 0
+    with pytest.raises(merging.MergeInputError, match=r"bn='merge' gives the BatchNorm variance '.*running_vars' negative"):
+        merging.merge("task_arithmetic", pre, fts, bn="merge", lam=1.0)
+    mer = merging.merge("task_arithmetic", pre, fts, bn="merge", lam=0.3)
+    torch.testing.assert_close(mer[v], pre[v] + 0.3 * sum(f[v] - pre[v] for f in fts))
