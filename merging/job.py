@@ -36,7 +36,7 @@ from mtl.registry import Registry, check_int
 
 from .bn import check_bn
 from .evaluation import Evaluator, ImageBatches
-from .pool import ModelPool, check_same_pruning, check_same_start, manifest_paths, model_list
+from .pool import ModelPool, check_same_pruning, check_same_start, manifest_paths, model_list, precheck_pool
 from .report import build_report, print_table, write_report
 from .run_outputs import RUN_OUTPUTS, STORE_DIR
 from .sources import MergeInputError, check_distinct_inputs, check_readable
@@ -286,6 +286,8 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         except MergeInputError as e:
             raise MergeInputError(f"{cfg.pool}: {e}" if manifest else str(e)) from None
         grid_job.precheck(name, hp, num_models=len(models))  # a per-model list (lam, weight, density) by its length
+        if evaluated:  # a pool the model pool would refuse (its family, its task names): from config.json alone
+            precheck_pool(pre, models)
         if not evaluated:  # any weights: a file that will not open, or a folder without them (start_run names a missing one)
             for key, path in [("pretrained", pre), *(("models", m) for m in models)]:
                 try:

@@ -58,10 +58,7 @@ class ModelPool:
         check_distinct_inputs(pretrained, models, ("pretrained", "models"), base_among=base_among)
         check_same_pruning(pretrained, models)
         pre_cfg = _checked_arch(pretrained, read_checked_config(pretrained)["model"])  # edited configs named
-        why = _OWN_WEIGHTS_ELSEWHERE.get(pre_cfg.get("family"))
-        if why:  # said before the members are read, not as a key mismatch or a model missing its routers
-            raise ValueError(f"{pretrained}: model family {pre_cfg['family']!r} cannot be merged by a model pool yet: "
-                             f"{why}; merge its state dicts with merging.merge(..., task_keys=...) and compose")
+        check_pool_family(pretrained, pre_cfg)  # said before the members are read
         check_same_start(pretrained, models)
         members = []
         for m in models:
@@ -78,10 +75,7 @@ class ModelPool:
                                  f"{members[0].config.get('decoder')}; the merged model holds every member's head in one decoder")
             meta = cfg.get("meta", {})
             members.append(Member(Path(m), mc, [t["name"] for t in mc["tasks"]], meta.get("data"), meta.get("test", {})))
-        names = [t for mem in members for t in mem.tasks]
-        dup = sorted({t for t in names if names.count(t) > 1})
-        if dup:
-            raise ValueError(f"task name(s) {dup} appear in more than one fine-tuned model; rename the tasks")
+        check_task_names([t for mem in members for t in mem.tasks])
         return cls(Path(pretrained), members)
 
     @classmethod
@@ -143,6 +137,32 @@ def manifest_paths(path: str | Path) -> tuple[Path, list[Path]]:
     base = Path(path).parent
     resolve = lambda p: (base / p) if not Path(p).is_absolute() else Path(p)  # noqa: E731
     return resolve(spec["pretrained"]), [resolve(p) for p in models]
+
+
+def check_pool_family(pretrained: str | Path, model_cfg: dict[str, Any]) -> None:
+    """A family whose per-task weights a merged pool model cannot hold is refused, not found later as a key mismatch
+    or a model missing its routers."""
+    why = _OWN_WEIGHTS_ELSEWHERE.get(model_cfg.get("family"))
+    if why:
+        raise ValueError(f"{pretrained}: model family {model_cfg['family']!r} cannot be merged by a model pool yet: "
+                         f"{why}; merge its state dicts with merging.merge(..., task_keys=...) and compose")
+
+
+def check_task_names(names: Sequence[str]) -> None:
+    """Every task of the pool has its own name: the merged model holds every member's heads side by side."""
+    dup = sorted({t for t in names if names.count(t) > 1})
+    if dup:
+        raise ValueError(f"task name(s) {dup} appear in more than one fine-tuned model; rename the tasks")
+
+
+def precheck_pool(pretrained: str | Path, models: Sequence[str | Path]) -> None:
+    """`ModelPool.from_folders`' checks that read config.json alone (the family, the task names), for a job to run
+    before its run folder; a folder that is missing or not an mtlkit model folder is left to the job's own checks
+    (`start_run`, then `from_folders`, name it)."""
+    pre = _config(pretrained)
+    if pre is not None:
+        check_pool_family(pretrained, pre.get("model") or {})
+    check_task_names([t["name"] for m in models for t in ((_config(m) or {}).get("model") or {}).get("tasks", [])])
 
 
 def model_list(models: Any, where: str) -> list:
@@ -273,15 +293,21 @@ def normalized_undefined(task: Task, merged: float | None, individual: float) ->
     return None
 
 
-def _shared_plan(folder: str | Path) -> dict[str, Any] | None:
-    """The kept channels of every shared (non-head) layer of a pruned mtlkit model folder; None for an
-    unpruned one or a folder that is not an mtlkit model (a Hugging Face folder)."""
+def _config(folder: str | Path) -> dict[str, Any] | None:
+    """An mtlkit model folder's config.json; None for any other folder (a Hugging Face one, read by eval=none merges,
+    a missing one) or one whose config.json does not read (its reader names that when the weights are loaded)."""
     if not (Path(folder) / "config.json").is_file():
         return None
     try:
-        plan = (read_model_config(folder).get("model") or {}).get("pruning")
+        return read_model_config(folder)
     except ValueError:
         return None
+
+
+def _shared_plan(folder: str | Path) -> dict[str, Any] | None:
+    """The kept channels of every shared (non-head) layer of a pruned mtlkit model folder; None for an
+    unpruned one or a folder that is not an mtlkit model (a Hugging Face folder)."""
+    plan = ((_config(folder) or {}).get("model") or {}).get("pruning")
     if not isinstance(plan, dict):
         return None
     return {k: v.get("kept") for k, v in (plan.get("layers") or {}).items() if ".heads." not in k}
@@ -307,12 +333,7 @@ def check_same_pruning(pretrained: str | Path, models: Sequence[str | Path]) -> 
 
 def _meta(folder: str | Path) -> dict[str, Any]:
     """An mtlkit model folder's meta; {} for any other folder (a Hugging Face one, read by eval=none merges)."""
-    if not (Path(folder) / "config.json").is_file():
-        return {}
-    try:
-        return read_model_config(folder).get("meta") or {}
-    except ValueError:
-        return {}
+    return (_config(folder) or {}).get("meta") or {}
 
 
 def check_same_start(pretrained: str | Path, models: Sequence[str | Path]) -> None:

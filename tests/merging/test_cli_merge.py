@@ -878,3 +878,18 @@ def test_theta0_may_be_one_of_the_models_of_a_method_that_merges_the_models_them
     run([f"pretrained={pool.pretrained}", f"models=[{pool.pretrained},{a}]", "merge=average", "eval=none",
          f"output={tmp_path / 'o'}"], run_dir=tmp_path / "r")
     torch.testing.assert_close(load_file(tmp_path / "o" / "model.safetensors")[key], (pre[key] + ft[key]) / 2)
+
+
+def test_fine_tunes_sharing_a_task_name_are_refused_before_the_run_folder(tmp_path):
+    """The pool's task-name check reads config.json alone: it ran once the pool was loaded, after the run folder was
+    made (a FAILED folder)."""
+    def model(task, seed):
+        torch.manual_seed(seed)
+        return mtl.create_model([task], backbone={"name": "test_resnet", "out_indices": [1, 2, 3]},
+                                decoder={"name": "hps", "channels": 8})
+
+    pre = mtl.save_model(model({"kind": "classification", "name": "a", "num_classes": 3}, 0), tmp_path / "pre")
+    fts = [mtl.save_model(model({"kind": "depth", "name": "s"}, seed), tmp_path / f"ft{seed}") for seed in (1, 2)]
+    with pytest.raises(ValueError, match=re.escape("task name(s) ['s'] appear in more than one fine-tuned model")):
+        run(["merge=task_arithmetic", f"pretrained={pre}", f"models=[{fts[0]},{fts[1]}]"], run_dir=tmp_path / "r")
+    assert not (tmp_path / "r").exists()

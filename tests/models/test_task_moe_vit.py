@@ -491,6 +491,11 @@ def test_a_model_pool_of_this_family_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"pre: model family 'task_moe_vit' cannot be merged by a model pool yet: "
                                          r"each task's weights also live in task_heads.<t>"):
         ModelPool.from_folders(tmp_path / "pre", [tmp_path / "a", tmp_path / "b"])
+    from merging.job import run  # mtl-merge: the same line, before any run folder (it once left a FAILED one)
+
+    with pytest.raises(ValueError, match=r"pre: model family 'task_moe_vit' cannot be merged by a model pool yet"):
+        run([f"pretrained={tmp_path / 'pre'}", f"models=[{tmp_path / 'a'},{tmp_path / 'b'}]"], run_dir=tmp_path / "r")
+    assert not (tmp_path / "r").exists()
 
 
 def test_fine_tuning_an_extracted_folder_trains_its_architecture(tmp_path):
