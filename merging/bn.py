@@ -128,7 +128,7 @@ def shared_bn_in_train_mode(model: nn.Module, params: Mapping[str, torch.Tensor]
     mode, for the duration (every module's own mode comes back afterwards), and the
     tensors to call the model with through `torch.func.functional_call`: `params` plus copies of those
     layers' buffers, which absorb the running-statistics updates (module and `params` stay untouched)."""
-    _refuse_linearized(model)
+    check_recompute_model(model)
     layers = bn_layers(model, task_keys)
     scratch = dict(params or {})
     for name, m in layers.items():
@@ -143,13 +143,29 @@ def shared_bn_in_train_mode(model: nn.Module, params: Mapping[str, torch.Tensor]
 
 LINEARIZED_BN = ("bn='recompute' is not available for linearised models: their expansion is around one fixed "
                  "function, whose BN layers always use θ0's running statistics")
+SLIMMABLE_BN = ("bn='recompute' is not available for the slimmable family: its SwitchableBatchNorm2d layers keep one "
+                "row of running statistics per width (running_means/running_vars), which this re-estimation does not "
+                "cover; use bn='pretrained' (default) or bn='average'")
+#: model families (config.json's model.family) whose BN statistics bn='recompute' cannot re-estimate, and why
+RECOMPUTE_REFUSED = {"linearized": LINEARIZED_BN, "slimmable": SLIMMABLE_BN}
 
 
-def _refuse_linearized(model: nn.Module) -> None:
+def check_recompute_family(family: Any) -> None:
+    """bn='recompute' refused for a family by its config alone (mtl-merge: before the run folder)."""
+    if family in RECOMPUTE_REFUSED:
+        raise ValueError(RECOMPUTE_REFUSED[family])
+
+
+def check_recompute_model(model: nn.Module) -> None:
+    """bn='recompute' refused for a model whose BN statistics it cannot re-estimate, rather than left as they were:
+    a linearised model, or one with per-width statistics (SwitchableBatchNorm2d, whatever its class)."""
     from mtl.models import LinearizedModel
+    from mtl.models.slimmable.layers import SwitchableBatchNorm2d
 
     if isinstance(model, LinearizedModel):
         raise ValueError(LINEARIZED_BN)
+    if any(isinstance(m, SwitchableBatchNorm2d) for m in model.modules()):
+        raise ValueError(SLIMMABLE_BN)
 
 
 @torch.no_grad()
@@ -164,7 +180,7 @@ def bn_statistics(model: nn.Module, batches: Iterable[torch.Tensor], *, params: 
     """
     require_model(model, "bn_statistics")
     check_batches(batches, "batches")
-    _refuse_linearized(model)
+    check_recompute_model(model)
     layers = bn_layers(model, task_keys)
     if not layers:
         return {}

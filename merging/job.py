@@ -34,7 +34,7 @@ from mtl.io import save_model, user_path, write_json
 from mtl.models import MultiTaskModel
 from mtl.registry import Registry, check_int
 
-from .bn import check_bn
+from .bn import check_bn, check_recompute_family
 from .evaluation import Evaluator, ImageBatches
 from .pool import ModelPool, check_same_pruning, check_same_start, manifest_paths, model_list, precheck_pool
 from .report import build_report, print_table, write_report
@@ -143,11 +143,10 @@ def check_pool_inputs(pool: ModelPool, hp: Mapping[str, Any], bn_data: dict[str,
     tensors the merge combines (from the files' headers)."""
     from mtl.io import read_model_config
 
-    from .bn import LINEARIZED_BN
     from .engine import KeyOptions, open_context
 
-    if bn_data is not None and read_model_config(pool.pretrained)["model"].get("family") == "linearized":
-        raise ValueError(LINEARIZED_BN)
+    if bn_data is not None:  # run_merge judged given folders before the run folder; the smoke pool's are judged here
+        check_recompute_family(read_model_config(pool.pretrained)["model"].get("family"))
     opts, _ = KeyOptions.split(dict(hp))
     opts["check_finite"] = False  # only the plan (headers) and the expansion points are read here
     ctx = open_context(pool.pretrained, pool.member_paths, opts, min_models=1, what="a merge", base_among=base_among)
@@ -287,7 +286,9 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             raise MergeInputError(f"{cfg.pool}: {e}" if manifest else str(e)) from None
         grid_job.precheck(name, hp, num_models=len(models))  # a per-model list (lam, weight, density) by its length
         if evaluated:  # a pool the model pool would refuse (its family, its task names): from config.json alone
-            precheck_pool(pre, models)
+            family = precheck_pool(pre, models).get("family")
+            if bn_data is not None:
+                check_recompute_family(family)
         if not evaluated:  # any weights: a file that will not open, or a folder without them (start_run names a missing one)
             for key, path in [("pretrained", pre), *(("models", m) for m in models)]:
                 try:

@@ -155,14 +155,14 @@ def check_task_names(names: Sequence[str]) -> None:
         raise ValueError(f"task name(s) {dup} appear in more than one fine-tuned model; rename the tasks")
 
 
-def precheck_pool(pretrained: str | Path, models: Sequence[str | Path]) -> None:
+def precheck_pool(pretrained: str | Path, models: Sequence[str | Path]) -> dict[str, Any]:
     """`ModelPool.from_folders`' checks that read config.json alone (the family, the task names), for a job to run
     before its run folder; a folder that is missing or not an mtlkit model folder is left to the job's own checks
-    (`start_run`, then `from_folders`, name it)."""
-    pre = _config(pretrained)
-    if pre is not None:
-        check_pool_family(pretrained, pre.get("model") or {})
+    (`start_run`, then `from_folders`, name it). Returns the pretrained model's config.json `model` ({} if unread)."""
+    pre = (_config(pretrained) or {}).get("model") or {}
+    check_pool_family(pretrained, pre)
     check_task_names([t["name"] for m in models for t in ((_config(m) or {}).get("model") or {}).get("tasks", [])])
+    return pre
 
 
 def model_list(models: Any, where: str) -> list:

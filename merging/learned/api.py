@@ -22,7 +22,7 @@ from mtl.io import require_model
 from mtl.registry import check_seed
 from mtl.modes import modes_restored
 
-from ..bn import bn_statistics, check_bn, pooled_batches
+from ..bn import bn_statistics, check_bn, check_recompute_model, pooled_batches
 from ..keys import DEFAULT_TASK_KEYS
 from .adamerging import CoefficientLearner, Trace
 from .concrete import ConcreteMask
@@ -353,6 +353,8 @@ def learn(method: str, pretrained, finetuned, *, unlabeled: Mapping[str, Iterabl
 
 def _learn(method, problem, hp, pretrained, finetuned, key_options, unlabeled, labeled, supervised, progress,
            callback, callback_every, recompute, bn_max_batches) -> LearnedMerge:
+    if recompute:  # refused before learning, not after it (a slimmable model's statistics would stay as they were)
+        check_recompute_model(problem.model)
     obj_tasks, excluded, frozen_cols = _objective_tasks(problem, supervised)
     given = labeled if supervised else unlabeled
     if not isinstance(given, Mapping):

@@ -328,3 +328,43 @@ def test_learned_inputs_of_different_shapes_use_statistics_estimated_per_step():
     finally:
         mp.undo()
     assert seen == [[(6, 3, 5, 5), (5, 3, 7, 7)], [(4, 3, 5, 5), (5, 3, 7, 7)]]  # each step: its batches of every task
+
+
+def _slim(tasks=("depth",), seed=0):
+    from mtl.models import create_model
+
+    torch.manual_seed(seed)
+    return create_model(list(tasks), backbone={"name": "slim_resnet", "stem": 8, "channels": [8, 16], "depths": [1, 1],
+                                               "out_indices": [1, 2]}, decoder={"name": "slimmable", "channels": 8},
+                        family="slimmable").eval()
+
+
+SLIM_REFUSED = "bn='recompute' is not available for the slimmable family"
+
+
+def test_recompute_refuses_per_width_statistics_rather_than_leaving_them_as_they_were():
+    """SwitchableBatchNorm2d keeps a row of statistics per width: bn='recompute' once found no BN layer in a slimmable
+    model and changed nothing, without a word (merged metrics identical with and without it)."""
+    model = _slim(("depth", "semseg"))
+    x = [torch.randn(4, 3, 32, 32)]
+    with pytest.raises(ValueError, match=SLIM_REFUSED):
+        recompute_bn(model, x)
+    with pytest.raises(ValueError, match=SLIM_REFUSED):
+        bn_statistics(model, x)
+    pre = {k: v.clone() for k, v in model.state_dict().items() if ".heads." not in k}
+    fts = [{k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in pre.items()} for _ in range(2)]
+    with pytest.raises(ValueError, match=SLIM_REFUSED):  # the learned merges, before any step
+        merging.learn("adamerging", pre, fts, unlabeled={"depth": x, "semseg": x}, model=model,
+                      tasks=["depth", "semseg"], steps=1, bn="recompute", progress=False)
+
+
+def test_mtl_merge_refuses_recompute_for_a_slimmable_pool_before_its_run_folder(tmp_path):
+    import mtl
+    from merging.job import run
+
+    pre = mtl.save_model(_slim(("depth",)), tmp_path / "pre")
+    fts = [mtl.save_model(_slim(({"kind": "depth", "name": f"d{i}"},), seed=i), tmp_path / f"ft{i}") for i in (1, 2)]
+    with pytest.raises(ValueError, match=SLIM_REFUSED):
+        run(["merge=task_arithmetic", f"pretrained={pre}", f"models=[{fts[0]},{fts[1]}]", "+merge.bn=recompute"],
+            run_dir=tmp_path / "r")
+    assert not (tmp_path / "r").exists()
