@@ -586,13 +586,16 @@ def test_output_over_a_pool_manifest_model_folder_is_refused(tmp_path, evaluated
     """The manifest's folders (relative ones: the manifest's folder's) get start_run's output check."""
     member = tmp_path / "zoo" / "ft" / "a"
     member.mkdir(parents=True)
-    (member / "model.safetensors").write_bytes(b"keep")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, member / "model.safetensors")  # readable: the output clash is what is judged
+    keep = (member / "model.safetensors").read_bytes()
     manifest = tmp_path / "zoo" / "pool.json"
     manifest.write_text(json.dumps({"pretrained": "base", "models": ["ft/a"]}))
     args = ["merge=ties", f"pool={manifest}", f"output={member}", "overwrite=true"] + ([] if evaluated else ["eval=none"])
     with pytest.raises(ValueError, match=r"output=.*/ft/a is the input model folder .*ft/a"):
         run(args, run_dir=tmp_path / "r")
-    assert (member / "model.safetensors").read_bytes() == b"keep" and sorted(member.iterdir()) == [member / "model.safetensors"]
+    assert (member / "model.safetensors").read_bytes() == keep and sorted(member.iterdir()) == [member / "model.safetensors"]
     assert not (tmp_path / "r").exists()
 
 
