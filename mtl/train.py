@@ -210,7 +210,7 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     check_datamodule(**OmegaConf.to_container(cfg.data, resolve=True))
     tasks = build_tasks(cfg, default_classes=2)
     check_model_settings(cfg, tasks)  # backbone.<key>, decoder.<key>, family and balancer.<key>, as built
-    check_init_from(cfg, tasks)  # init_from holds some of the model's encoder
+    check_init_from(cfg, tasks)  # init_from holds some of the model's encoder, a pruned one the tasks
     # the checkpoint monitors and the objective against the tasks' metric names (no data needed), on a copy: the
     # run's config.yaml records the settings as given; they are checked (and filled in) again on the built module
     names = {t.name: list(t.metrics()) for t in tasks}

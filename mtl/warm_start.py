@@ -11,8 +11,9 @@ import torch
 from mtl.io import load_state, read_model_config, recorded_weights_digest
 from mtl.models import MultiTaskModel
 
-__all__ = ["INITIAL_WEIGHTS", "check_encoder_match", "check_init_from", "check_one_start", "init_from_folder",
-           "initial_weights", "keep_expansion_point", "folder_architecture", "resume_initial_weights", "start_record"]
+__all__ = ["INITIAL_WEIGHTS", "check_encoder_match", "check_folder_tasks", "check_init_from", "check_one_start",
+           "init_from_folder", "initial_weights", "keep_expansion_point", "folder_architecture", "resume_initial_weights",
+           "start_record"]
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,10 @@ def check_encoder_match(model: torch.nn.Module, config: dict[str, Any], shapes: 
 
 def check_init_from(cfg: Any, tasks) -> None:
     """`check_encoder_match` before the run folder (the load found it only after): the run's model as `build_module`
-    builds it, on the meta device, against the shapes in the folder's weights header (no tensor read). Left to the
-    load: a pruned or extracted folder (the run trains its architecture), a slimmable model (its statistics are
-    matched by width), a model the meta device cannot build."""
+    builds it, on the meta device, against the shapes in the folder's weights header (no tensor read). A pruned or
+    extracted folder (the run trains its architecture, a resume's too) is checked for the run's tasks instead
+    (`check_folder_tasks`, from its config alone). Left to the load: a slimmable model (its statistics are matched by
+    width), a model the meta device cannot build."""
     from omegaconf import OmegaConf
     from safetensors import safe_open
 
@@ -65,9 +67,12 @@ def check_init_from(cfg: Any, tasks) -> None:
     from mtl.models import create_model
     from mtl.models.families import build_on_meta
 
-    if not cfg.get("init_from") or cfg.get("ckpt_path"):
+    if not cfg.get("init_from"):
         return
-    if _fixes_architecture(read_model_config(cfg.init_from)["model"]):
+    stored = read_model_config(cfg.init_from)["model"]
+    if _fixes_architecture(stored):  # a resume's too: its architecture comes from the folder
+        return check_folder_tasks(cfg.init_from, stored, tasks)
+    if cfg.get("ckpt_path"):
         return
     backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
     model = build_on_meta(lambda: create_model(tasks, backbone=backbone, family=cfg.get("family") or "multitask",
@@ -200,19 +205,33 @@ def folder_architecture(folder: str | Path, tasks) -> MultiTaskModel | None:
     stored = read_model_config(folder)["model"]
     if not _fixes_architecture(stored):
         return None
+    check_folder_tasks(folder, stored, tasks)
     if (stored.get("decoder") or {}).get("experts_kept") is not None:
         return _extracted_architecture(folder, stored, tasks)
     names = sorted(t["name"] for t in stored["tasks"])
-    extra = sorted({t.name for t in tasks} - set(names))
-    if extra:  # a new head would meet the pruned shared channels at its original width
-        raise ValueError(f"{folder} holds a pruned model for tasks {names}; fine-tune it on those tasks or a subset "
-                         f"of them ({extra} have no head sized for its pruned layers)")
     dropped = sorted(set(names) - {t.name for t in tasks})
     log.warning("%s is pruned: training its pruned architecture (its backbone and decoder replace this run's)%s",
                 folder, f"; without the heads of {dropped}" if dropped else "")
     base = model_from_config({**{k: v for k, v in stored.items() if k != PLAN_KEY},
                               "tasks": [t.to_config() for t in tasks]})
     return apply_plan(base, _restricted_plan(stored[PLAN_KEY], base) if dropped else stored[PLAN_KEY])
+
+
+def check_folder_tasks(folder: str | Path, stored: dict[str, Any], tasks) -> None:
+    """The run's ``tasks`` are the pruned or extracted folder's (its model config ``stored``) or a subset of them:
+    a pruned model has no head sized for another task's pruned layers, an extracted sub-network no router for it.
+    From the config alone (before the run folder, and again as the architecture is built)."""
+    names = sorted(t["name"] for t in stored["tasks"])
+    extra = sorted({t.name for t in tasks} - set(names))
+    if not extra:
+        return
+    if (stored.get("decoder") or {}).get("experts_kept") is not None:  # kept for its own tasks only
+        raise ValueError(f"{folder} holds a sub-network extracted for tasks {names} (decoder.experts_kept); fine-tune "
+                         f"it on those tasks or a subset of them ({extra} have no router there), or start from the "
+                         "full model's folder")
+    # a new head would meet the pruned shared channels at its original width
+    raise ValueError(f"{folder} holds a pruned model for tasks {names}; fine-tune it on those tasks or a subset "
+                     f"of them ({extra} have no head sized for its pruned layers)")
 
 
 def _fixes_architecture(stored: dict[str, Any]) -> bool:
@@ -228,12 +247,6 @@ def _extracted_architecture(folder: str | Path, stored: dict[str, Any], tasks) -
     from this run's config it would get every expert back, the dropped ones at random."""
     from mtl.models import model_from_config
 
-    names = sorted(t["name"] for t in stored["tasks"])
-    extra = sorted({t.name for t in tasks} - set(names))
-    if extra:  # its experts and routers were kept for its own tasks only
-        raise ValueError(f"{folder} holds a sub-network extracted for tasks {names} (decoder.experts_kept); fine-tune "
-                         f"it on those tasks or a subset of them ({extra} have no router there), or start from the "
-                         "full model's folder")
     log.warning("%s is an extracted sub-network: training its architecture (its backbone and decoder, with the "
                 "experts it kept, replace this run's)", folder)
     return model_from_config({**stored, "tasks": [t.to_config() for t in tasks]})

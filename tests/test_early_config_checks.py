@@ -77,6 +77,51 @@ def test_an_init_from_folder_without_the_runs_encoder_is_refused_before_any_fold
         f"init_from={folder} (backbone 'test_vit'): none of this model's ")
 
 
+def _pruned_folder(folder):
+    import torch
+
+    import mtl
+    import pruning
+
+    torch.manual_seed(0)
+    model = mtl.create_model(["semseg"], backbone="test_resnet", decoder={"name": "hps", "channels": 8})
+    pruned, _ = pruning.prune(model, "l1", example=torch.zeros(1, 3, 32, 32, dtype=torch.uint8), ratio=0.5)
+    return mtl.save_model(pruned, folder, meta=pruned.meta)
+
+
+def _extracted_folder(folder):
+    import torch
+
+    import mtl
+    from mtl.models.task_moe_vit import TaskMoEViT
+    from mtl.tasks import create_task
+
+    torch.manual_seed(0)
+    vit = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0}
+    model = TaskMoEViT([create_task(t) for t in ("semseg", "depth")], vit, {"num_experts": 4, "top_k": 2})
+    mtl.extract(model, out=folder, task="semseg", calib=[torch.zeros(2, 3, 32, 32, dtype=torch.uint8)])
+    return folder
+
+
+@pytest.mark.parametrize("make, kind", [(_pruned_folder, "a pruned model"),
+                                        (_extracted_folder, "a sub-network extracted")])
+def test_an_init_from_folder_that_fixes_the_architecture_without_a_runs_task_is_refused_before_any_folder(
+        console, capfd, tmp_path, make, kind):
+    """A pruned (mtl-prune) or extracted (mtl-extract) folder has no head or router for a task it was not made for:
+    found from its config.json while the architecture was built, after the run folder (FAILED, config.yaml, .hydra)
+    was written. Its own tasks still pass the early check."""
+    from omegaconf import OmegaConf
+
+    from mtl.tasks import create_task
+    from mtl.warm_start import check_init_from
+
+    folder = make(tmp_path / "start")
+    message = _refused_without_folder(console, capfd, *TRAIN, f"init_from={folder}")
+    assert message.startswith(f"{folder} holds {kind} for tasks ['semseg']"), message
+    assert "fine-tune it on those tasks or a subset of them (['depth'] have no " in message, message
+    check_init_from(OmegaConf.create({"init_from": str(folder)}), [create_task("semseg")])
+
+
 @pytest.mark.parametrize("args, expected", [
     # Hydra said "Could not override 'trainer.max_epoch'; To append to your config use +trainer.max_epoch=3"
     ((*TRAIN, "trainer.max_epoch=3"), "no setting trainer.max_epoch (did you mean trainer.max_epochs?)"),
