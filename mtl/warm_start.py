@@ -11,9 +11,9 @@ import torch
 from mtl.io import load_state, read_model_config, recorded_weights_digest
 from mtl.models import MultiTaskModel
 
-__all__ = ["INITIAL_WEIGHTS", "check_encoder_match", "check_folder_tasks", "check_init_from", "check_one_start",
-           "init_from_folder", "initial_weights", "keep_expansion_point", "folder_architecture", "resume_initial_weights",
-           "start_record"]
+__all__ = ["INITIAL_WEIGHTS", "check_encoder_match", "check_folder_tasks", "check_init_from", "check_linear_start",
+           "check_one_start", "init_from_folder", "initial_weights", "keep_expansion_point", "folder_architecture",
+           "resume_initial_weights", "start_record"]
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +58,14 @@ def check_init_from(cfg: Any, tasks) -> None:
     """`check_encoder_match` before the run folder (the load found it only after): the run's model as `build_module`
     builds it, on the meta device, against the shapes in the folder's weights header (no tensor read). A pruned or
     extracted folder (the run trains its architecture, a resume's too) is checked for the run's tasks instead
-    (`check_folder_tasks`, from its config alone). Left to the load: a slimmable model (its statistics are matched by
-    width), a model the meta device cannot build."""
+    (`check_folder_tasks`, from its config alone), a linearized folder for the run's family (`check_linear_start`).
+    Left to the load: a slimmable model (its statistics are matched by width), a model the meta device cannot
+    build."""
     from omegaconf import OmegaConf
     from safetensors import safe_open
 
     from mtl.io import WEIGHTS
-    from mtl.models import create_model
+    from mtl.models import MODELS, LinearizedModel, create_model
     from mtl.models.families import build_on_meta
 
     if not cfg.get("init_from"):
@@ -74,8 +75,10 @@ def check_init_from(cfg: Any, tasks) -> None:
         return check_folder_tasks(cfg.init_from, stored, tasks)
     if cfg.get("ckpt_path"):
         return
+    family = cfg.get("family") or "multitask"  # (a known name: check_model_settings checked it)
+    check_linear_start(cfg.init_from, issubclass(MODELS.get(family), LinearizedModel))
     backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
-    model = build_on_meta(lambda: create_model(tasks, backbone=backbone, family=cfg.get("family") or "multitask",
+    model = build_on_meta(lambda: create_model(tasks, backbone=backbone, family=family,
                                                decoder=OmegaConf.to_container(cfg.decoder, resolve=True)))
     if model is None or hasattr(model, "upgrade_state"):
         return
@@ -159,14 +162,21 @@ def keep_expansion_point(model: MultiTaskModel, folder: str | Path) -> None:
     predict another function), and a linearized model started from plain weights expands around them."""
     from mtl.models import LinearizedModel
 
-    linear_source = read_model_config(folder)["model"].get("family") == "linearized"
-    if linear_source and not isinstance(model, LinearizedModel):
-        raise ValueError(f"init_from={folder} is a linearized (tangent-space) model: continue it with "
-                         "family=linearized (its expansion point θ0 comes with it); a plain model, or linearize=true "
-                         "(which expands around the loaded weights), would drop its θ0")
+    linear_source = check_linear_start(folder, isinstance(model, LinearizedModel))
     if isinstance(model, LinearizedModel) and not linear_source:
         model.reset_point()  # else the expansion would stay around the random initialisation
         log.info("family=linearized: expanding around the weights of %s", folder)
+
+
+def check_linear_start(folder: str | Path, linear: bool) -> bool:
+    """A linearized folder (returned: whether it is one) starts only a linearized model (``linear``): a plain one
+    would drop its expansion point θ0. From its config alone (before the run folder, and again at the load)."""
+    linear_source = read_model_config(folder)["model"].get("family") == "linearized"
+    if linear_source and not linear:
+        raise ValueError(f"init_from={folder} is a linearized (tangent-space) model: continue it with "
+                         "family=linearized (its expansion point θ0 comes with it); a plain model, or linearize=true "
+                         "(which expands around the loaded weights), would drop its θ0")
+    return linear_source
 
 
 def start_record(folder: str | Path) -> dict[str, Any]:

@@ -122,6 +122,29 @@ def test_an_init_from_folder_that_fixes_the_architecture_without_a_runs_task_is_
     check_init_from(OmegaConf.create({"init_from": str(folder)}), [create_task("semseg")])
 
 
+@pytest.mark.parametrize("family", [None, "linearized"])
+def test_an_init_from_linearized_folder_for_a_plain_model_is_refused_before_any_folder(console, capfd, tmp_path,
+                                                                                       family):
+    """A linearized folder started a plain model (which would drop its θ0) only to be refused as its weights were
+    loaded, after the run folder was written; from its config.json alone. family=linearized passes the check."""
+    from omegaconf import OmegaConf
+
+    import mtl
+    from mtl.models import linearize
+    from mtl.warm_start import check_init_from
+
+    folder = mtl.save_model(linearize(mtl.create_model(["depth"], backbone="test_resnet",
+                                                           decoder={"name": "hps", "channels": 16})), tmp_path / "lin")
+    cfg = OmegaConf.create({"init_from": str(folder), "family": family, "backbone": {"name": "test_resnet"},
+                            "decoder": {"name": "hps", "channels": 16}})
+    if family == "linearized":
+        return check_init_from(cfg, [mtl.create_task("depth")])
+    assert _refused_without_folder(console, capfd, *TRAIN, f"init_from={folder}") == (
+        f"init_from={folder} is a linearized (tangent-space) model: continue it with family=linearized (its expansion "
+        "point θ0 comes with it); a plain model, or linearize=true (which expands around the loaded weights), would "
+        "drop its θ0")
+
+
 @pytest.mark.parametrize("args, expected", [
     # Hydra said "Could not override 'trainer.max_epoch'; To append to your config use +trainer.max_epoch=3"
     ((*TRAIN, "trainer.max_epoch=3"), "no setting trainer.max_epoch (did you mean trainer.max_epochs?)"),
