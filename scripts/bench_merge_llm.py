@@ -203,6 +203,13 @@ def ratios(runs: dict[str, list[dict]], copy: str = COPY, pairs=PAIRS) -> list[s
     return lines
 
 
+def check_only(only) -> None:
+    """Refuse an --only word that matches no run label (substring match), before any input is generated."""
+    for word in only or ():
+        if not any(word in label for label, *_ in RUNS):
+            raise ValueError(f"--only {word!r} matches no run label; valid: " + ", ".join(repr(r[0]) for r in RUNS))
+
+
 def run_one(spec: dict, mergekit_path: str | None) -> dict:
     env = dict(os.environ)
     if spec["tool"] == "mergekit":
@@ -229,7 +236,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeat", type=int, default=1, help="run the whole list this many times (rows interleaved)")
     ap.add_argument("--keep", action="store_true", help="keep the generated models (reused by the next run)")
     ap.add_argument("--mergekit-path", default=None, help="PYTHONPATH entries holding mergekit and its dependencies")
-    ap.add_argument("--only", nargs="*", default=None, help="run labels to run (substring match)")
+    ap.add_argument("--only", nargs="*", default=None, help="run labels to run (substring match; a word matching no label is refused)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -239,6 +246,7 @@ def main(argv=None) -> dict:
     if args.worker:
         print(json.dumps(_work(json.loads(args.worker))))
         return {}
+    check_only(args.only)  # a typo ran nothing after generating gigabytes of inputs, and exited 0
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench_llm_"))
     results = {"threads": args.threads, "models": args.models, "cpus": os.cpu_count(), "out_dir": args.out_dir,
                "sizes": {}}

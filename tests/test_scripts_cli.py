@@ -72,6 +72,9 @@ ROOT = Path(__file__).resolve().parents[1]
     ("bench_merge.py", ["--small", "--repeat", "0", "--workdir", "{tmp}/none"], "error: --repeat must be ≥ 1, got 0"),
     ("bench_merge.py", ["--llm", "--threads", "0", "--workdir", "{tmp}/none", "--sizes", "0.25"],
      "error: --threads must be ≥ 1, got 0"),
+    # an --only word matching no run label is refused before the inputs (GBs) are generated
+    ("bench_merge.py", ["--llm", "--only", "typo", "--workdir", "{tmp}/q", "--sizes", "0.25"],
+     "error: --only 'typo' matches no run label; valid: 'memory copy of the inputs (mmap)'"),
     ("bench_merge_learned.py", ["--threads", "0", "--only", "step"], "error: --threads must be ≥ 1, got 0"),
     ("bench_merge_quality.py", ["--manifest", "{tmp}/nope.json", "--threads", "0"], "error: --threads must be ≥ 1, got 0"),
     ("build_zoo.py", ["--zoo", "cnn", "--smoke", "--threads", "0", "--out", "{tmp}/q"], "error: --threads must be ≥ 1, got 0"),
@@ -326,3 +329,32 @@ def test_a_failed_or_killed_run_is_not_reused_on_resume(tmp_path, monkeypatch, h
     assert build_zoo._finished(run) and reusable(run, ["a=1"])  # the same folder, finished: reused
     record(run, ["a=1"])
     assert json.loads((run / RECIPE).read_text()) == ["a=1"] and reusable(run, ["a=1"])
+
+
+@pytest.mark.parametrize("via_bench_merge", [False, True])
+def test_the_llm_merge_benchmark_refuses_an_only_word_matching_no_run_before_generating(tmp_path, monkeypatch,
+                                                                                        via_bench_merge):
+    """--only with a typo generated the inputs (GBs), ran nothing and exited 0; it is refused first now,
+    directly and through bench_merge.py --llm. A word that matches a label still runs that label."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import bench_merge
+    import bench_merge_llm
+
+    calls = []
+
+    def generate(folder, size, models):
+        calls.append("generate")
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        return [Path(folder)] * (models + 1)
+
+    monkeypatch.setattr(bench_merge_llm, "generate", generate)
+    monkeypatch.setattr(bench_merge_llm, "evict", lambda *a: None)
+    monkeypatch.setattr(bench_merge_llm, "warm", lambda *a: None)
+    monkeypatch.setattr(bench_merge_llm, "run_one", lambda spec, mp: calls.append("run") or {"seconds": 1.0})
+    main = (lambda argv: bench_merge.main(["--llm", *argv])) if via_bench_merge else bench_merge_llm.main
+    work = tmp_path / "w"
+    with pytest.raises(ValueError, match=r"^--only 'ours TIES \(papr' matches no run label; valid: .*'ours TIES \(paper"):
+        main(["--sizes", "0.25", "--only", "pread", "ours TIES (papr", "--workdir", str(work)])
+    assert calls == [] and not work.exists()
+    runs = main(["--sizes", "0.25", "--only", "pread", "--workdir", str(work)])["sizes"]["0.25"]["runs"]
+    assert calls == ["generate", "run"] and list(runs) == ["memory copy of the inputs (pread)"]
