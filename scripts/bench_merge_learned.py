@@ -3,7 +3,7 @@
 
     python scripts/bench_merge_learned.py              # step time + memory, CNN zoo shape; ViT-B/32 memory
     python scripts/bench_merge_learned.py --only step  # or: --only vit
-    python scripts/bench_merge_learned.py --small      # seconds-long check
+    python scripts/bench_merge_learned.py --small      # seconds-long check (the step part only)
 
 step: a zoo-CNN-shaped model (timm resnet10t + HPS neck, 8 classification heads, 32×32 inputs),
 θ0 + 8 random fine-tunes as model folders, 8 tasks × `--batch` images per step. `merging.learn`
@@ -203,8 +203,10 @@ def spawn(*argv: str) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=["step", "vit"])
-    p.add_argument("--small", action="store_true", help="timm test backbone, 3 tasks, 3 steps (seconds)")
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--small", action="store_true",
+                   help="the step part on a timm test backbone, 3 tasks, 3 steps unless --steps is given (seconds); "
+                        "it has no ViT part, so --only vit is refused")
+    p.add_argument("--steps", type=int, default=None, help="steps of the step part (default 5; 3 with --small)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=1, help="interleaved runs per variant (the fastest counts)")
@@ -217,6 +219,10 @@ def main(argv=None) -> int:
     from script_cli import require_positive
 
     require_positive(args, ["steps", "batch", "threads", "repeats"])
+    if args.small and args.only == "vit":  # it printed an empty line and exited 0
+        raise ValueError("--small has no ViT part: drop --small, or use --only step")
+    if args.steps is None:  # an explicit --steps is honoured with --small (--small overrode it with 3)
+        args.steps = 3 if args.small else 5
     if args.child == "step":
         child_step(args)
         return 0
@@ -228,7 +234,7 @@ def main(argv=None) -> int:
     common = ["--threads", str(args.threads), "--batch", str(args.batch)]
     if args.only in (None, "step"):
         T = 3 if args.small else 8
-        steps = 3 if args.small else args.steps
+        steps = args.steps
         with tempfile.TemporaryDirectory(prefix="bench_learned_") as tmp:
             pre, fts = cnn_pool(Path(tmp), T, "small" if args.small else "full")
             inputs = sum((Path(f) / "model.safetensors").stat().st_size for f in [pre, *fts]) / 2**20

@@ -75,6 +75,8 @@ ROOT = Path(__file__).resolve().parents[1]
     # an --only word matching no run label is refused before the inputs (GBs) are generated
     ("bench_merge.py", ["--llm", "--only", "typo", "--workdir", "{tmp}/q", "--sizes", "0.25"],
      "error: --only 'typo' matches no run label; valid: 'memory copy of the inputs (mmap)'"),
+    # --small has no ViT part: --only vit printed an empty line and exited 0
+    ("bench_merge_learned.py", ["--small", "--only", "vit"], "error: --small has no ViT part"),
     ("bench_merge_learned.py", ["--threads", "0", "--only", "step"], "error: --threads must be ≥ 1, got 0"),
     ("bench_merge_quality.py", ["--manifest", "{tmp}/nope.json", "--threads", "0"], "error: --threads must be ≥ 1, got 0"),
     ("build_zoo.py", ["--zoo", "cnn", "--smoke", "--threads", "0", "--out", "{tmp}/q"], "error: --threads must be ≥ 1, got 0"),
@@ -358,3 +360,30 @@ def test_the_llm_merge_benchmark_refuses_an_only_word_matching_no_run_before_gen
     assert calls == [] and not work.exists()
     runs = main(["--sizes", "0.25", "--only", "pread", "--workdir", str(work)])["sizes"]["0.25"]["runs"]
     assert calls == ["generate", "run"] and list(runs) == ["memory copy of the inputs (pread)"]
+
+
+@pytest.mark.parametrize("argv, steps", [(["--small"], 3), (["--small", "--steps", "7"], 7), ([], 5), (["--steps", "2"], 2)])
+def test_bench_merge_learned_runs_the_steps_asked_for(tmp_path, monkeypatch, capsys, argv, steps):
+    """--small overrode an explicit --steps N with 3, without a word; each run now takes the --steps given
+    (3 with --small, 5 without, when none is), and the printed table says so."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import bench_merge_learned
+
+    def cnn_pool(folder, T, size):
+        folders = [folder / f"m{i}" for i in range(T + 1)]
+        for f in folders:
+            f.mkdir()
+            (f / "model.safetensors").write_bytes(b"0" * 1024)
+        return folders[0], folders[1:]
+
+    asked = []
+
+    def spawn(*args):
+        n = int(args[args.index("--steps") + 1])
+        asked.append(n)
+        return {"seconds": float(n), "stamps": [float(i) for i in range(n)], "peak_rss_mb": 1.0, "coef": [0.3]}
+
+    monkeypatch.setattr(bench_merge_learned, "cnn_pool", cnn_pool)
+    monkeypatch.setattr(bench_merge_learned, "spawn", spawn)
+    assert bench_merge_learned.main(["--only", "step", *argv]) == 0
+    assert asked == [steps, steps] and f", {steps} steps, " in capsys.readouterr().out
