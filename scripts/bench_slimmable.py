@@ -201,13 +201,7 @@ def control(args) -> dict:
 # --- compare: paired variants across seeds ---------------------------------------------------------------
 def uniform_scores(args) -> dict[str, dict]:
     """{run name: {task: {width: test primary metric}}}."""
-    from mtl.io import read_json
-
-    def load(path: Path):  # a missing or broken file (an unfinished run) is one line, not a traceback
-        try:
-            return read_json(path)
-        except (FileNotFoundError, IsADirectoryError, ValueError) as e:
-            raise SystemExit(str(e)) from None
+    from mtl.io import read_json as load  # a missing or broken file (an unfinished run): script_cli's error: line
 
     if args.scores:
         data = load(Path(args.scores))

@@ -30,6 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
     ("bench_export.py", ["--batches", "8,8", "--out", "{tmp}/q"], "error: --batches lists a size twice"),
     ("bench_train.py", ["--rounds", "0"], "error: --rounds must be ≥ 1, got 0"),
     ("bench_slimmable.py", ["--part", "control"], "error: --part control needs --runs"),
+    # a missing run file printed its message without the error: prefix
+    ("bench_slimmable.py", ["--part", "compare", "--runs", "{tmp}/none"],
+     "error: {tmp}/none/width_table_test.json: file not found"),
+    ("bench_slimmable.py", ["--part", "compare", "--runs", "{tmp}/none", "--scores", "{tmp}"],
+     "error: {tmp} is a folder, not a JSON file"),
     ("bench_merge.py", ["--small", "--workdir", "{tmp}/none"], "error: --workdir {tmp}/none: no such folder"),
     # counts below 1 are refused before any work (--workers 0 divided by zero after a whole multirun)
     ("bench_launchers.py", ["--workers", "0", "--out", "{tmp}/q"], "error: --workers must be ≥ 1, got 0"),
