@@ -6,7 +6,8 @@ multirun does, and what each job leaves alive.
 
 Prints, after every job (or, with --hydra, before the next): RSS (MB) and the number of trainers,
 modules, data modules and models still in memory, unreachable reference cycles included. A job that
-releases everything leaves the counts at 0 and the RSS flat after the first jobs.
+releases everything leaves the counts at 0 and the RSS flat after the first jobs. A table of these
+figures (with each job's seconds, without --hydra) closes the run.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 
@@ -30,20 +32,31 @@ def rss_mb() -> float:
 def live(kinds) -> dict[str, int]:
     """Instances still in memory, collected or not: what a job left in reference cycles counts too."""
     counts = {k.__name__: 0 for k in kinds}
-    for o in gc.get_objects():
-        for k in kinds:
-            if isinstance(o, k):
-                counts[k.__name__] += 1
+    with warnings.catch_warnings():  # isinstance on torch's deprecated torch.distributed.reduce_op warns
+        warnings.simplefilter("ignore", FutureWarning)
+        for o in gc.get_objects():
+            for k in kinds:
+                if isinstance(o, k):
+                    counts[k.__name__] += 1
     return counts
 
 
-def main() -> None:
+def summary(rows: list[tuple[str, float | None, float, dict[str, int]]]) -> str:
+    """The closing table: one row per measurement (when, job seconds, RSS, instances still in memory)."""
+    kinds = list(rows[0][3]) if rows else []
+    lines = ["| job | seconds | RSS MB | " + " | ".join(kinds) + " |", "|---|---:|---:|" + "---:|" * len(kinds)]
+    lines += [f"| {when} | {'–' if sec is None else f'{sec:.1f}'} | {rss:.0f} | "
+              + " | ".join(str(c[k]) for k in kinds) + " |" for when, sec, rss, c in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--jobs", type=int, default=6)
     p.add_argument("--smoke", action="store_true", help="debug=smoke data sizes (seconds per job)")
     p.add_argument("--hydra", action="store_true", help="through mtl-train's Hydra multirun (-m), in this process")
     p.add_argument("--no-release", action="store_true", help="skip the end-of-job release (the behaviour before it)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     from script_cli import require_positive
 
     require_positive(args, ["jobs"])
@@ -67,6 +80,7 @@ def main() -> None:
     kinds = (L.Trainer, MultiTaskModule, MultiTaskModel, TensorDataModule)
     root = Path(tempfile.mkdtemp(prefix=f"multirun_memory_{os.getpid()}_"))  # removed at exit
     print(f"start: rss {rss_mb():.0f} MB", flush=True)
+    rows = []
     balancers = ["ew", "dwa", "uw", "rlw", "famo", "gradnorm"]
     if args.hydra:
         from mtl.cli import train as cli
@@ -74,8 +88,9 @@ def main() -> None:
         inner, job = mtl.train.train, iter(range(args.jobs))
 
         def train(cfg, run_dir):  # what the previous jobs left, seen at the start of the next one
-            counts = live(kinds)
-            print(f"before job {next(job)}: rss {rss_mb():.0f} MB  live "
+            counts, i = live(kinds), next(job)
+            rows.append((f"before job {i}", None, rss_mb(), counts))
+            print(f"before job {i}: rss {rows[-1][2]:.0f} MB  live "
                   + ", ".join(f"{k} {v}" for k, v in counts.items()), flush=True)
             return inner(cfg, run_dir)
 
@@ -89,14 +104,18 @@ def main() -> None:
         except SystemExit:
             pass
         counts = live(kinds)
-        print(f"after all: rss {rss_mb():.0f} MB  live " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        rows.append(("after all", None, rss_mb(), counts))
+        print(f"after all: rss {rows[-1][2]:.0f} MB  live " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        print("\n" + summary(rows), flush=True)
         return
     for i in range(args.jobs):
         t = time.perf_counter()
         run(overrides + [f"balancer={balancers[i % len(balancers)]}"], run_dir=root / str(i))
-        counts = live(kinds)
-        print(f"job {i}: {time.perf_counter() - t:5.1f}s  rss {rss_mb():.0f} MB  live "
+        seconds, counts = time.perf_counter() - t, live(kinds)
+        rows.append((str(i), seconds, rss_mb(), counts))
+        print(f"job {i}: {seconds:5.1f}s  rss {rows[-1][2]:.0f} MB  live "
               + ", ".join(f"{k} {v}" for k, v in counts.items()), flush=True)
+    print("\n" + summary(rows), flush=True)
 
 
 if __name__ == "__main__":

@@ -392,3 +392,29 @@ def test_bench_merge_learned_runs_the_steps_asked_for(tmp_path, monkeypatch, cap
     monkeypatch.setattr(bench_merge_learned, "spawn", spawn)
     assert bench_merge_learned.main(["--only", "step", *argv]) == 0
     assert asked == [steps, steps] and f", {steps} steps, " in capsys.readouterr().out
+
+
+def test_multirun_memory_closes_with_a_table_of_its_jobs_and_no_torch_deprecation_warning(tmp_path, monkeypatch, capsys):
+    """It printed per-job lines only, no closing table, and each job's scan of the live objects added
+    torch's 'torch.distributed.reduce_op is deprecated' FutureWarning (isinstance on the shim)."""
+    import re
+    import tempfile
+    import warnings
+
+    import mtl.train
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import multirun_memory
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the script's scratch folder
+    monkeypatch.setattr(mtl.train, "run", lambda overrides, run_dir: None)  # a job, stubbed
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        multirun_memory.main(["--jobs", "2", "--smoke"])
+    assert not [w for w in caught if "reduce_op" in str(w.message)], [str(w.message) for w in caught]
+    out = capsys.readouterr().out
+    jobs = re.findall(r"^job (\d): +([\d.]+)s  rss (\d+) MB  live Trainer (\d+), MultiTaskModule (\d+), "
+                      r"MultiTaskModel (\d+), TensorDataModule (\d+)$", out, re.M)
+    table = out[out.index("| job | seconds | RSS MB | Trainer | MultiTaskModule | MultiTaskModel | TensorDataModule |"):]
+    rows = [tuple(c.strip() for c in line.strip("|").split("|")) for line in table.splitlines()[2:]]
+    assert len(jobs) == 2 and rows == [(j, f"{float(s):.1f}", *rest) for j, s, *rest in jobs]
