@@ -226,6 +226,13 @@ def first_non_finite(weights: nn.Module | Mapping[str, torch.Tensor]) -> str | N
     return next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
 
 
+def check_not_a_file(path: Path, caller: str) -> None:
+    """A file where a model folder is to be written is refused, never replaced: `save_model` at the end, and a job
+    writing a model folder (`mtl.cli.jobs.start_run`, ``caller="output"``) before its work, in the same words."""
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{caller}: {path} is a file, not a model folder; remove it or choose another path")
+
+
 def save_model(model, path: str | os.PathLike, meta: dict[str, Any] | None = None, overwrite: bool = True) -> Path:
     """Write ``path/model.safetensors`` + ``path/config.json`` atomically.
 
@@ -261,8 +268,7 @@ def save_model(model, path: str | os.PathLike, meta: dict[str, Any] | None = Non
                     "model is saved at widths %s (pass meta= to store metrics measured at them)", path, widths)
         meta = {k: v for k, v in meta.items() if k != "test"}
     meta = strict_json(meta or {}, "meta", string_keys=True)
-    if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"save_model: {path} is a file, not a model folder; remove it or choose another path")
+    check_not_a_file(path, "save_model")
     if overwrite and path.is_dir() and holds_user_files(path) and not is_model_folder(path):
         # overwrite replaces an earlier model folder, never a run folder or anything else that happens to be there
         raise FileExistsError(f"save_model: {path} exists and is not a model folder (no {CONFIG} + {WEIGHTS}); "

@@ -439,3 +439,31 @@ def test_no_home_is_set_where_python_knows_none_either(monkeypatch):
     monkeypatch.setenv("MTL_DATA_CACHE", "/tmp/elsewhere")  # enough: the configs resolve, nothing goes to ./~
     normalize_path_env()
     assert os.environ["HOME"] == "/nonexistent"
+
+
+@pytest.mark.parametrize("cli, args", [
+    ("pruning.cli", ["model={hps}", "prune=l1", "prune.ratio=0.3", "calib.batches=1"]),
+    ("merging.cli", ["pretrained={hps}", "models=[{hps2}]", "merge=average"]),
+    ("mtl.cli.extract", ["model={slim}", "widths={{encoder: 0.5}}"]),
+])
+@pytest.mark.parametrize("overwrite", [[], ["overwrite=true"]])
+def test_an_existing_file_as_a_model_output_is_refused_before_the_work(console, capfd, tmp_path, cli, args, overwrite):
+    """``output=<a file> overwrite=true`` ran the whole prune, merge or extract before save_model refused the file,
+    leaving a FAILED run folder: overwrite=true replaces an earlier model folder only, so the file is refused first."""
+    models = {}
+    for name, tasks, backbone, decoder, family in (
+            ("hps", ["depth"], {"name": "test_resnet", "out_indices": [1, 2, 3]}, {"name": "hps", "channels": 16}, None),
+            ("hps2", ["depth"], {"name": "test_resnet", "out_indices": [1, 2, 3]}, {"name": "hps", "channels": 16}, None),
+            ("slim", ["depth", "semseg"], SLIM_BACKBONE, {"name": "slimmable", "channels": 12}, "slimmable")):
+        torch.manual_seed(len(models))
+        model = create_model(tasks, backbone=backbone, decoder=decoder, **({"family": family} if family else {}))
+        models[name] = save_model(model.eval(), tmp_path / name, meta={"data": DATA})
+    target = tmp_path / "f.txt"
+    target.write_text("x\n")
+    code, out = console(cli, *(a.format(**models) for a in args), f"output={target}", *overwrite)
+    stdout, err = capfd.readouterr()
+    assert code == 1 and err.strip() == (f"error: output: {target} is a file, not a model folder; remove it or "
+                                         "choose another path"), err
+    assert "run_dir:" not in stdout
+    assert not out.exists() or list(out.iterdir()) == [], sorted(out.rglob("*"))
+    assert target.read_text() == "x\n"

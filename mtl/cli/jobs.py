@@ -23,7 +23,8 @@ def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
     from omegaconf import OmegaConf
 
     from mtl.cli.failures import FAILED, FINISHED_RECORDS, RunFolderTaken, check_run_folder
-    from mtl.io import atomic_path, check_output_apart, holds_user_files, is_model_folder, stale_records
+    from mtl.io import (atomic_path, check_not_a_file, check_output_apart, holds_user_files, is_model_folder,
+                        stale_records)
 
     run_dir = Path(run_dir)
     output = user_path(str(cfg.output)) if cfg.get("output") else run_dir / default_output
@@ -34,6 +35,8 @@ def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
         raise ValueError(f"output={output} is or holds this run's folder {run_dir}; write the result elsewhere")
     # every check on the output before anything is written: a refused rerun leaves the earlier run's
     # config.yaml, records and (when it finished) its folder exactly as they were
+    if model_output:  # overwrite=true would not replace it either: said before the work, not by save_model after it
+        check_not_a_file(output, "output")
     if output.exists() and not cfg.get("overwrite"):
         message = f"{output} exists; pass overwrite=true to replace it"
         raise RunFolderTaken(message, run_dir) if finished_run(run_dir) else FileExistsError(message)
