@@ -36,7 +36,7 @@ from mtl.registry import Registry, check_int
 
 from .bn import check_bn, check_recompute_family
 from .evaluation import Evaluator, ImageBatches
-from .pool import ModelPool, check_same_pruning, check_same_start, manifest_paths, model_list, precheck_pool
+from .pool import ModelPool, check_same_pruning, check_same_start, manifest_paths, model_list, precheck_pool, resolve_device
 from .report import build_report, print_table, write_report
 from .run_outputs import RUN_OUTPUTS, STORE_DIR
 from .sources import MergeInputError, check_distinct_inputs, check_readable
@@ -268,6 +268,8 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if cfg.get("learn_max_steps") is not None:  # -1 was passed on as merge.steps=-1 and refused under that name
         check_int("learn_max_steps", cfg.learn_max_steps, low=0, note=" or null (no cap)")
     evaluated = bool(cfg.eval.get("enabled", True))  # eval=none merges any weights (Hugging Face folders, files)
+    if evaluated:  # a misspelt or absent device: said before the run folder, not when the Evaluator is built
+        resolve_device(cfg.eval.get("device") or "cpu")
     if not evaluated:
         check_state_dict_method(name)
     bn_data = _bn_data(cfg, hp, name) if evaluated else None  # eval=none: merge_to_file refuses bn=recompute

@@ -552,6 +552,21 @@ def test_eval_device_resolution():
             resolve_device("cuda")
 
 
+@pytest.mark.parametrize("device, said", [
+    ("cudaa", "eval.device='cudaa' is not a device (cpu, cuda, cuda:1, auto): "),
+    ("cuda", "eval.device=cuda but CUDA is not available here; use cpu or auto"),
+])
+def test_a_bad_eval_device_is_refused_before_the_run_folder(pool, console, capfd, device, said):
+    """The device was resolved when the evaluator was built, after the run folder (left FAILED, a run_dir: line)."""
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    code, out = console("merging.cli", *_args(pool), f"eval.device={device}")
+    stdout, err = capfd.readouterr()
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and lines[0].startswith(f"error: {said}"), err
+    assert "run_dir:" not in stdout and not any(out.rglob("config.yaml")), sorted(out.rglob("*"))
+
+
 def test_evaluate_leaves_the_callers_model_as_it_was(pool):
     from merging.pool import evaluate, member_datamodule
 
