@@ -96,8 +96,15 @@ def check_trainer(tr: DictConfig) -> None:
     check_kwargs(L.Trainer.__init__, OmegaConf.to_container(tr, resolve=True), "trainer",
                  given={"callbacks": "use callbacks.<name>=...", "logger": "use logger=<name>",  # the job passes these
                         "default_root_dir": "the run folder; use hydra.run.dir=..."})
+    accelerator = tr.get("accelerator")
+    if isinstance(accelerator, str):  # Lightning's own names (its registry, plus auto and gpu, as its Trainer takes)
+        from lightning.pytorch.accelerators import AcceleratorRegistry
+
+        names = sorted({"auto", "gpu", *AcceleratorRegistry.available_accelerators()})
+        if accelerator not in names:
+            raise ValueError(f"trainer.accelerator={accelerator!r} is not an accelerator; use one of {', '.join(names)}")
     cuda = torch.cuda.is_available()
-    if str(tr.get("accelerator")) in ("gpu", "cuda") and not cuda:
+    if str(accelerator) in ("gpu", "cuda") and not cuda:
         raise RuntimeError(f"trainer.accelerator={tr.accelerator} needs a CUDA GPU and torch sees none; use trainer=cpu")
     if str(tr.get("strategy", "")).startswith("fsdp") and not cuda:
         raise RuntimeError("trainer=fsdp needs CUDA GPUs (Lightning's FSDP has no CPU backend); on CPU use trainer=ddp")

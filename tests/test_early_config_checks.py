@@ -28,6 +28,9 @@ def _refused_without_folder(console, capfd, cli, *args):
     # named by its config key: task.zoo's name is the dataset's (${data.dataset}), here "pretrain"
     (("mtl.cli.train", "experiment=zoo_cnn_pretrain", "debug=smoke", "+task.zoo.lable_smoothing=0.1"),
      "unknown setting task.zoo.lable_smoothing (did you mean task.zoo.label_smoothing?)"),
+    # Lightning's Trainer refused it after the run folder, in its words (were "You selected an invalid accelerator")
+    ((*TRAIN, "trainer.accelerator=gpuu"), "trainer.accelerator='gpuu' is not an accelerator; use one of auto, cpu, "
+                                           "cuda, gpu, mps, tpu"),
     ((*TRAIN, "task.depth.weight=null"), "task 'depth': weight must be a finite number >= 0, got None"),
     # task_arithmetic's only hyperparameter is its λ
     (("merging.cli", "debug=smoke", "+merge.lamm=0.5"), "task_arithmetic: unknown hyperparameter(s) lamm "
