@@ -401,6 +401,23 @@ def test_a_refused_folder_of_the_users_is_left_byte_for_byte(console, capfd, tmp
     assert [(p.name, p.read_bytes()) for p in mine.iterdir()] == [("notes.txt", b"hi\n")]
 
 
+@pytest.mark.parametrize("key, under, multirun", [
+    ("hydra.run.dir", "", []), ("hydra.run.dir", "run", []), ("hydra.sweep.dir", "", ["-m", "seed=1,2"]),
+    ("hydra.sweep.dir", "sweep", ["-m", "seed=1,2"]),
+])
+def test_a_file_given_as_the_run_or_sweep_folder_is_named_by_its_key(console, capfd, tmp_path, key, under, multirun):
+    """hydra.run.dir=<an existing file> gave Hydra's bare "[Errno 17] File exists: '<it>'" (a file on the way:
+    "[Errno 20] Not a directory"), naming no setting; the key, its value and the file are named, the file kept."""
+    afile = tmp_path / "afile.txt"
+    afile.write_text("x\n")
+    given = afile / under if under else afile
+    code, out = console("mtl.cli.train", *multirun, "debug=smoke", "logger=none", f"{key}={given}")
+    stdout, err = capfd.readouterr()
+    said = f"{key}={given}: {afile}" if under else f"{key}={afile}"
+    assert code == 1 and err.strip() == f"error: {said} is a file, not a folder; pick a new folder", err
+    assert "run_dir:" not in stdout and afile.read_text() == "x\n" and not out.exists()
+
+
 def test_an_in_process_refusal_keeps_a_given_folder_that_existed(monkeypatch, tmp_path):
     from mtl.train import run
 

@@ -210,6 +210,20 @@ def output_root_problem(error: BaseException) -> str | None:
     return f"{name} cannot hold run folders ({why}); set MTL_OUTPUT_DIR to a folder you can write to"
 
 
+def file_in_the_way(key: str, folder: str | os.PathLike) -> str | None:
+    """One line naming ``key`` (``hydra.run.dir``, ``hydra.sweep.dir``) and its value when a file stands where that
+    folder, or a folder on the way to it, is to be made (Hydra's bare "[Errno 17] File exists" otherwise); None
+    when nothing is in the way, or when a file on the way lies in the output root (`output_root_problem` names it)."""
+    path = Path(os.path.abspath(folder))
+    if path.exists() and not path.is_dir():
+        return f"{key}={folder} is a file, not a folder; pick a new folder"
+    blocker = next((p for p in path.parents if p.exists()), None)
+    root = Path(os.path.abspath(output_root()))
+    if blocker is None or blocker.is_dir() or path == root or root in path.parents:
+        return None
+    return f"{key}={folder}: {blocker} is a file, not a folder; pick a new folder"
+
+
 def holds_nothing(run_dir: str | os.PathLike, empty_log: bool = False) -> bool:
     """``run_dir`` is missing or holds nothing a run wrote: at most Hydra's ``<job>.log`` (empty, with
     ``empty_log``: a folder Hydra has just made for this run), and this process's own claim."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -14,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 
 from mtl.atomic import missing_parents, remove_empty
-from mtl.cli.failures import holds_nothing
+from mtl.cli.failures import file_in_the_way, holds_nothing
 
 #: run folder (absolute) -> the folders made for it, deepest first; () for a folder that existed empty
 _NOTED: dict[str, tuple[Path, ...]] = {}
@@ -65,6 +66,10 @@ class NotesRunFolder(Callback):
             return
         finally:
             hydra_config.cfg = before
+        problem = file_in_the_way("hydra.run.dir", run_dir)
+        if problem:  # Hydra turns a callback's exception into a warning: said and exited here, nothing made yet
+            print(f"error: {problem}", file=sys.stderr, flush=True)
+            sys.exit(1)
         made = missing_or_empty(run_dir)
         note_made(run_dir, made)
         if made is None:  # a folder holding files: what Hydra's job log adds to it goes with a refusal

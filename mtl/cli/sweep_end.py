@@ -17,8 +17,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 
 from mtl.atomic import make_parents, remove_empty
-from mtl.cli.failures import (FAILED, RUNNING, SWEEPING, RunFolderTaken, claim, holds, is_mine, on_this_host, owner_of,
-                              release)
+from mtl.cli.failures import (FAILED, RUNNING, SWEEPING, RunFolderTaken, claim, file_in_the_way, holds, is_mine,
+                              on_this_host, owner_of, release)
 
 
 def jobs_not_failed(sweep_dir: str | Path) -> list[str]:
@@ -61,7 +61,7 @@ class PrintSweepDir(Callback):
         # exception into a warning, so exit here (nothing is written yet: no run_dir line).
         from mtl.cli.sweep_checks import sweep_problem
 
-        problem = sweep_problem(config)
+        problem = sweep_problem(config) or file_in_the_way("hydra.sweep.dir", config.hydra.sweep.dir)
         if problem:
             print(f"error: {problem}", file=sys.stderr, flush=True)
             sys.exit(1)
