@@ -99,13 +99,6 @@ def open_source(obj: SourceLike, label: str | None = None) -> StateSource:
             return ShardedSafetensorsSource(f)
         if p.suffix == ".safetensors":
             return _checked(SafetensorsSource(p))
-        if p.name.endswith((".safetensors.index.json", ".bin.index.json")):  # torch.load fails on "{" as a bad pickle
-            fix = (f"pass its folder {p.parent}" if p.name.endswith(".safetensors.index.json") else
-                   f"sharded pytorch_model-*.bin checkpoints are not supported; {CONVERT_TO_SAFETENSORS}")
-            raise MergeInputError(f"{p} is a Hugging Face shard index, not a model: {fix}")
-        if re.fullmatch(r"pytorch_model-\d+-of-\d+\.bin", p.name):  # one shard is not a model
-            raise MergeInputError(f"{p}: one shard of a sharded pytorch_model-*.bin checkpoint, which is not "
-                                  "supported; convert the whole checkpoint to safetensors")
         return _torch_checkpoint(p)
     raise TypeError(
         f"cannot read a state dict from {type(obj).__name__}; "
@@ -119,7 +112,8 @@ WEIGHT_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 def weights_file(path: Pathish) -> Path:
     """The file `open_source` reads for a path: the path itself, or a folder's model.safetensors (else its shard
-    index); a folder holding neither, or a path that is not there, is refused as `open_source` refuses it."""
+    index); a folder holding neither, a path that is not there, or a file named as no whole model (a shard index,
+    one shard) is refused: `open_source` and `check_readable` both refuse through here."""
     p = user_path(path)
     if p.is_dir():
         for name in ("model.safetensors", "model.safetensors.index.json"):
@@ -130,7 +124,20 @@ def weights_file(path: Pathish) -> Path:
         raise MergeInputError(run_folder_refusal(p) or _no_safetensors(p))
     if not p.is_file():
         raise MergeInputError(f"{p}: no such file or folder")
+    _refuse_by_name(p)
     return p
+
+
+def _refuse_by_name(p: Path) -> None:
+    """A file whose name says it is not a whole model (a shard index, one `.bin` shard), refused before it is read
+    (torch.load would fail on an index's "{" as a bad pickle)."""
+    if p.name.endswith((".safetensors.index.json", ".bin.index.json")):
+        fix = (f"pass its folder {p.parent}" if p.name.endswith(".safetensors.index.json") else
+               f"sharded pytorch_model-*.bin checkpoints are not supported; {CONVERT_TO_SAFETENSORS}")
+        raise MergeInputError(f"{p} is a Hugging Face shard index, not a model: {fix}")
+    if re.fullmatch(r"pytorch_model-\d+-of-\d+\.bin", p.name):  # one shard is not a model
+        raise MergeInputError(f"{p}: one shard of a sharded pytorch_model-*.bin checkpoint, which is not "
+                              "supported; convert the whole checkpoint to safetensors")
 
 
 #: how a file torch.save wrote begins: a zip archive (torch >= 1.6), else a pickle (protocol 2+)
@@ -141,20 +148,34 @@ def check_readable(path: Pathish) -> None:
     """The file a path's model is read from (`weights_file`) is there, opens and is what its name says, said in one
     line naming it: checked before a run folder is made, not found by the merge after it. No tensor is read: a
     safetensors file's header parses (a shard index's: each shard it names is there, and its header parses), a torch
-    checkpoint begins as torch.save writes one."""
+    checkpoint begins as torch.save writes one (a zip: one holding its data.pkl)."""
     f = weights_file(path)
     try:
         with open(f, "rb") as fh:
             head = fh.read(4)
     except OSError as e:
         raise MergeInputError(f"{f}: cannot be read ({e.strerror or e})") from None
-    if f.name.endswith(".safetensors.index.json"):
+    if f.name.endswith(".safetensors.index.json"):  # a folder's index (one given as a file: weights_file refused it)
         ShardedSafetensorsSource(f).close()
     elif f.suffix == ".safetensors":
         SafetensorsSource(f).close()
-    elif not f.name.endswith(".index.json") and not head.startswith(TORCH_MAGIC):  # (an index: open_source says)
+    elif not head.startswith(TORCH_MAGIC):
         raise MergeInputError(torch_load_refusal(str(f), ValueError(
             "empty file" if not head else "neither a zip archive nor a pickle, as torch.save writes")))
+    elif head == TORCH_MAGIC[0] and not _torch_archive(f):
+        raise MergeInputError(torch_load_refusal(str(f), ValueError(
+            "a zip archive without the data.pkl torch.save writes")))
+
+
+def _torch_archive(path: Path) -> bool:
+    """A zip is torch.save's when it holds a `<name>/data.pkl` (its names only: no tensor is read)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/data.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 _WARNED_BOTH: set[Path] = set()

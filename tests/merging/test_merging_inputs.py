@@ -649,6 +649,48 @@ def test_mtl_merge_names_an_input_that_is_not_what_its_name_says_before_its_run_
     assert not (tmp_path / "run").exists() and not (tmp_path / "out.safetensors").exists()
 
 
+@pytest.mark.parametrize("kind", ["safetensors_index", "bin_index", "bin_shard", "npz_as_pt"])
+def test_mtl_merge_refuses_a_file_named_as_no_whole_model_before_its_run_folder(tmp_path, kind):
+    """A shard index or one .bin shard given as a file passed check_readable (an index was even parsed in full) and
+    was refused by open_source only after start_run, without the key; a zip that is no torch.save archive passed the
+    magic check. Each is now one line naming the key and the file, with no run folder."""
+    from merging.job import run
+
+    pre, fts = make_models(T=1)
+    torch.save(pre, tmp_path / "base.pt")
+    torch.save(fts[0], tmp_path / "a.pt")
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    if kind == "safetensors_index":
+        save_file({k: v.contiguous() for k, v in fts[0].items()}, str(folder / "model-00001-of-00001.safetensors"))
+        bad = folder / "model.safetensors.index.json"
+        bad.write_text(json.dumps({"weight_map": {k: "model-00001-of-00001.safetensors" for k in fts[0]}}))
+        want = rf"{re.escape(str(bad))} is a Hugging Face shard index, not a model: pass its folder {re.escape(str(folder))}$"
+    elif kind == "bin_index":
+        torch.save(fts[0], folder / "pytorch_model-00001-of-00001.bin")
+        bad = folder / "pytorch_model.bin.index.json"
+        bad.write_text(json.dumps({"weight_map": {k: "pytorch_model-00001-of-00001.bin" for k in fts[0]}}))
+        want = rf"{re.escape(str(bad))} is a Hugging Face shard index, not a model: sharded pytorch_model-\*\.bin"
+    elif kind == "bin_shard":
+        bad = folder / "pytorch_model-00001-of-00002.bin"
+        torch.save(fts[0], bad)
+        want = rf"{re.escape(str(bad))}: one shard of a sharded pytorch_model-\*\.bin checkpoint"
+    else:
+        bad = tmp_path / "w.pt"
+        np.savez(tmp_path / "w.npz", a=np.zeros(4))
+        (tmp_path / "w.npz").rename(bad)
+        want = rf"{re.escape(str(bad))}: not a PyTorch/Lightning checkpoint \(a zip archive without the data.pkl"
+    before = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(merging.MergeInputError, match=rf"^models: {want}"):
+        run(["eval=none", "merge=task_arithmetic", f"pretrained={tmp_path / 'base.pt'}",
+             f"models=[{tmp_path / 'a.pt'},{bad}]", f"output={tmp_path / 'out.safetensors'}"], run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "out.safetensors").exists()
+    assert sorted(p.name for p in folder.iterdir()) == before and bad.is_file()
+    api = want if kind != "npz_as_pt" else rf"{re.escape(str(bad))}: not a PyTorch/Lightning checkpoint"  # torch's words
+    with pytest.raises(merging.MergeInputError, match=rf"^{api}"):  # the API refuses it alike
+        merging.merge("task_arithmetic", tmp_path / "base.pt", [bad])
+
+
 def _slim_states(T=2):
     """θ0 and T fine-tunes of a tiny slimmable model, each with its own (per-width) BN statistics."""
     from mtl.models import create_model
