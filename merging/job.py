@@ -348,14 +348,18 @@ def _input_paths(cfg: DictConfig, run_dir: Path, manifest: tuple[Path, list[Path
 
 
 def check_inputs_given(cfg: DictConfig) -> None:
-    """One source of inputs is given (``pool=``, ``pretrained=`` with ``models=``, or debug=smoke's pool), before the
-    run folder is made."""
+    """One source of inputs is given (``pool=``, ``pretrained=`` with ``models=``, or debug=smoke's pool when neither
+    is given), before the run folder is made: the smoke pool is built only after it (`_given_paths`)."""
     if cfg.get("pool"):
         given = [k for k in ("pretrained", "models") if cfg.get(k)]
         if given:  # one source of inputs: pool= would otherwise win silently
             raise ValueError(f"pass pool= or pretrained=/models=, not both (got pool= and {'/'.join(f'{k}=' for k in given)})")
-    elif cfg.get("pretrained") and cfg.get("models"):
+    elif cfg.get("pretrained") and cfg.get("models"):  # used as given, debug=smoke or not (smoke: a shorter evaluation)
         model_list(cfg.models, "models")  # models=a is one path, not its characters
+    elif cfg.get("pretrained") or cfg.get("models"):  # half a pool: never completed by the smoke pool, nor ignored
+        given, missing = ("pretrained", "models") if cfg.get("pretrained") else ("models", "pretrained")
+        other = "neither, to merge debug=smoke's pool" if cfg.get("smoke_pool") else "pool=<manifest.json>"
+        raise ValueError(f"{given}= needs {missing}=: pass pretrained=<folder> models=[<folder>,...], or {other}")
     elif not cfg.get("smoke_pool"):
         raise ValueError("nothing to merge: pass pretrained=<folder> models=[<folder>,...] or pool=<manifest.json>")
 

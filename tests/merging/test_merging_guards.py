@@ -163,3 +163,44 @@ def test_cli_refuses_overwriting_a_folder_that_is_not_a_model_before_evaluating(
         run(["merge=average", f"pretrained={smoke_pool.pretrained}", f"models=[{models}]", f"output={out}",
              "overwrite=true"], run_dir=tmp_path / "r")
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("given", ["pretrained", "models"])
+def test_debug_smoke_refuses_half_a_pool_at_once_and_never_builds_the_smoke_pool_for_it(tmp_path, monkeypatch, given):
+    """debug=smoke with pretrained= alone trained the smoke pool into the run folder before start_run (then refused
+    the non-empty folder); with models= alone it merged the smoke pool, ignoring the given models. Half a pool is now
+    one line naming both keys, before anything is built or any run folder made."""
+    import merging.job as job
+
+    def no_pool(root):
+        raise AssertionError(f"the smoke pool was built ({root})")
+
+    monkeypatch.setattr(job, "build_smoke_pool", no_pool)
+    pre, fts = make_models(T=2)
+    torch.save(pre, tmp_path / "base.pt")
+    torch.save(fts[0], tmp_path / "a.pt")
+    arg = f"pretrained={tmp_path / 'base.pt'}" if given == "pretrained" else f"models=[{tmp_path / 'a.pt'}]"
+    missing = "models" if given == "pretrained" else "pretrained"
+    for extra in ([], ["eval=none", f"output={tmp_path / 'out.safetensors'}"]):
+        with pytest.raises(ValueError, match=rf"^{given}= needs {missing}=: .*or neither, to merge debug=smoke's pool$"):
+            run(["debug=smoke", "merge=task_arithmetic", arg, *extra], run_dir=tmp_path / "run")
+        assert not (tmp_path / "run").exists() and not (tmp_path / "out.safetensors").exists()
+    with pytest.raises(ValueError, match=rf"^{given}= needs {missing}=: .*, or pool=<manifest.json>$"):  # without smoke
+        run(["merge=task_arithmetic", arg], run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_debug_smoke_merges_a_given_pool_not_the_smoke_pool(tmp_path, monkeypatch):
+    """pretrained= with models= are used as given under debug=smoke (it only shortens the evaluation)."""
+    import merging.job as job
+
+    monkeypatch.setattr(job, "build_smoke_pool", lambda root: pytest.fail(f"the smoke pool was built ({root})"))
+    pre, fts = make_models(T=2)
+    paths = [tmp_path / n for n in ("base.pt", "a.pt", "b.pt")]
+    for p, sd in zip(paths, [pre, *fts]):
+        torch.save(sd, p)
+    run(["debug=smoke", "eval=none", "merge=task_arithmetic", f"pretrained={paths[0]}", f"models=[{paths[1]},{paths[2]}]",
+         f"output={tmp_path / 'out.safetensors'}"], run_dir=tmp_path / "run")
+    report = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert report["pretrained"] == str(paths[0]) and report["models"] == [str(p) for p in paths[1:]]
+    assert not (tmp_path / "run" / "smoke_pool").exists()
