@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from mtl.io import write_json
+from mtl.models.slimmable.family import SlimmableMultiTaskModel
 
 from .evaluation import Evaluator
 from .pool import score
@@ -16,7 +17,8 @@ __all__ = ["build_report", "write_report", "print_table"]
 
 def build_report(method: str, ev: Evaluator, selection, test: dict[str, dict[str, float]]) -> dict[str, Any]:
     """Everything a run records: the selection, per-task test metrics against the fine-tuned models,
-    and the means (the plain mean only when every task shares its primary metric)."""
+    and the means (the plain mean only when every task shares its primary metric); for a slimmable model, the
+    width configuration it was scored at."""
     pool, names = ev.pool, ev.names
     report: dict[str, Any] = {
         "method": method, "pretrained": str(pool.pretrained), "models": [str(p) for p in pool.member_paths],
@@ -41,6 +43,8 @@ def build_report(method: str, ev: Evaluator, selection, test: dict[str, dict[str
         **({"why": why} if why else {}),
     }
     report["eval"] = ev.record()
+    if isinstance(selection.model, SlimmableMultiTaskModel):  # scored at these widths only (its stored ones)
+        report["widths"] = selection.model.widths
     return report
 
 

@@ -911,3 +911,27 @@ def test_fine_tunes_sharing_a_task_name_are_refused_before_the_run_folder(tmp_pa
     with pytest.raises(ValueError, match=re.escape("task name(s) ['s'] appear in more than one fine-tuned model")):
         run(["merge=task_arithmetic", f"pretrained={pre}", f"models=[{fts[0]},{fts[1]}]"], run_dir=tmp_path / "r")
     assert not (tmp_path / "r").exists()
+
+
+def test_the_report_names_the_widths_a_slimmable_merged_model_was_scored_at():
+    """A slimmable merged model is scored at its stored widths only (not per width): metrics.json did not say at
+    which; it now records the configuration of the model that was scored, and nothing for other families."""
+    from types import SimpleNamespace
+
+    from merging.job import Selection
+    from merging.report import build_report
+    from mtl.models import create_model
+
+    ev = SimpleNamespace(pool=SimpleNamespace(pretrained="pre", member_paths=[]), names=[], tasks={}, individual={},
+                         undefined_mean=lambda *a: None, normalized_mean=lambda *a: None, record=lambda: {})
+    slim = create_model(["depth", "semseg"], backbone={"name": "slim_resnet", "stem": 8, "channels": [8, 16],
+                                                       "depths": [1, 1], "out_indices": [1, 2]},
+                        decoder={"name": "slimmable", "channels": 8}, family="slimmable")
+    assert build_report("average", ev, Selection(slim, {}), {})["widths"] == {
+        "encoder": 1.0, "decoders": {"depth": 1.0, "semseg": 1.0}}
+    narrow = min(slim.width_set)
+    slim.set_widths(encoder=narrow, decoders={"semseg": narrow})
+    assert build_report("average", ev, Selection(slim, {}), {})["widths"] == {
+        "encoder": narrow, "decoders": {"depth": 1.0, "semseg": narrow}}
+    plain = create_model(["depth"], backbone="test_resnet", decoder={"name": "hps", "channels": 8})
+    assert "widths" not in build_report("average", ev, Selection(plain, {}), {})
