@@ -20,8 +20,10 @@ sequence of convex programs stops after a fixed number of rounds, short of this 
 or conflicting gradients, and returns equal weights when its solver fails.) No solution exists when
 some convex combination of the gradients vanishes (0 in their convex hull, a Pareto-stationary point):
 ``None`` is returned. That is tested before Newton, on MGDA's min-norm point d* of the hull, and on the
-solution's own combination after it: one with ‖d‖² ≤ T·ε·max_t ‖g_t‖² (ε the machine epsilon of the
-dtype the Gramian was formed in) is within the Gramian's rounding of zero; there Newton would otherwise
+solution's own combination after it: d = Σ a_t g_t with ‖d‖² ≤ T·ε·(Σ a_t ‖g_t‖)² (ε the machine
+epsilon of the dtype the Gramian was formed in; the rounding of a combination scales with its own terms,
+not with the largest gradient, so a task whose gradient is 1e-5 of another's still has its point) is
+within the Gramian's rounding of zero; there Newton would otherwise
 "converge" to a huge α along the rounding's direction, or stop at ``max_iters``. ``max_iters`` steps that
 end above √tol on a hull away from 0 raise `NashNotConverged` instead (a solution may well exist).
 
@@ -268,8 +270,8 @@ class NashNotConverged(ArithmeticError):
 def nash_weights(gramian: torch.Tensor, tol: float = 1e-10, max_iters: int = 100,
                  init: torch.Tensor | None = None, eps: float | None = None) -> torch.Tensor | None:
     """α > 0 with G α = 1/α (see the module docstring), or ``None`` when there is no such point: some
-    convex combination of the gradients is within ``eps`` (the machine epsilon of the dtype the Gramian
-    was formed in; default: its own dtype's) of vanishing. After
+    combination Σ a_t g_t (a ≥ 0) is within √(T·eps)·Σ a_t ‖g_t‖ of vanishing (``eps``: the machine
+    epsilon of the dtype the Gramian was formed in; default: its own dtype's). After
     ``max_iters`` steps the last iterate is returned if its residual is ≤ √tol: near nearly opposite
     gradients (α ~ 1e3 on the unit-scale G) float64 rounding alone keeps the residual around 1e-9, above
     the default tol. Otherwise `NashNotConverged` is raised: not converged is not the same as no point."""
@@ -282,10 +284,11 @@ def nash_weights(gramian: torch.Tensor, tol: float = 1e-10, max_iters: int = 100
     if scale <= 0.0:  # every gradient is zero: the zero combination vanishes
         return None
     G = G / scale  # solve at unit scale, then α = α̂ / √scale
-    floor = (torch.finfo(gramian.dtype).eps if eps is None else eps) * n * float(G.diagonal().max())
+    floor = (torch.finfo(gramian.dtype).eps if eps is None else eps) * n
+    norms = G.diagonal().clamp_min(0).sqrt()
 
-    def vanishes(a: torch.Tensor) -> bool:  # the convex combination a / Σa is within rounding of zero
-        return float(a @ G @ a) <= floor * float(a.sum()) ** 2
+    def vanishes(a: torch.Tensor) -> bool:  # Σ a_t g_t is within its own rounding (ε·Σ a_t‖g_t‖) of zero
+        return float(a @ G @ a) <= floor * float(a @ norms) ** 2
 
     if vanishes(min_norm_weights(G)):  # 0 in the hull (to rounding): no bargaining point
         return None

@@ -235,3 +235,27 @@ def test_nash_mtl_tells_not_converged_from_no_bargaining_point(caplog):
     assert (b.not_converged, b.solver_failures) == (1, 0)
     assert "did not converge within max_iters=1" in caplog.text and "no bargaining point" not in caplog.text
     assert b.diagnostics() == {"solver_failures": 0, "not_converged": 1}
+
+
+DISPARATE = [  # gradients of very unequal norms: a bargaining point exists (no combination vanishes)
+    pytest.param(torch.tensor([[1.0, 0.0], [0.0, 1e-4]]), id="orthogonal-1e-4"),
+    *[pytest.param(torch.randn(len(r), 1000, generator=torch.Generator().manual_seed(s))
+                   * torch.tensor(r)[:, None], id=f"random-{len(r)}x1000-seed{s}")
+      for s, r in enumerate([(1.0, 1e-3, 1e-5), (1.0, 1e-2, 1e-4, 1e-5), (1e-3, 1.0, 1e-5, 3e-2)])],
+]
+
+
+@pytest.mark.parametrize("J", DISPARATE)
+def test_nash_mtl_finds_the_point_of_gradients_of_disparate_scales(J):
+    # a task whose gradient was under √(T·ε)·max‖g‖ (float32: ~5e-4) made every step "no bargaining point":
+    # the vanishing test scaled with the largest gradient, while the min-norm point is never longer than the smallest
+    names = [f"t{i}" for i in range(J.shape[0])]
+    G = J.double() @ J.double().T
+    alpha = nash_weights(G, eps=torch.finfo(torch.float32).eps)
+    assert alpha is not None and float((alpha * (G @ alpha) - 1).abs().max()) <= 1e-9
+    theta = torch.nn.Parameter(torch.zeros(J.shape[1]))
+    b = create_balancer("nash_mtl", names)
+    b.backward(StepContext({t: theta @ J[i] for i, t in enumerate(names)}, [theta], {t: [] for t in names}, None))
+    w = torch.tensor([b.weights()[t] for t in names], dtype=torch.float64)
+    prod = w * (G @ w)  # α_t (Gα)_t equal across tasks: the weights are the solution up to scale
+    assert (b.solver_failures, b.not_converged) == (0, 0) and float((prod.max() - prod.min()) / prod.mean()) <= 1e-3
