@@ -40,7 +40,8 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def as_plain(value: Any) -> Any:
     """``value`` as plain Python, so that one setting compares equal however it was given: a list or tuple as a
     list (a tuple in Python, a list in a config), a numpy scalar (np.float32(0.3) from a grid) or a 0-d real
-    tensor (a learned coefficient) as the number it holds, a 1-d real numpy array or tensor (one λ per task from
+    tensor (a learned coefficient) as the number it holds (any other integer or real, np.longdouble or a Fraction,
+    as an int or float), a 1-d real numpy array or tensor (one λ per task from
     ``np.linspace`` or a sweep) as the list of its numbers, at any depth of lists and mappings (a mapping as a
     dict: a balancer's or backbone's settings go into checkpoints, which torch.load(weights_only=True) reads)."""
     if isinstance(value, (list, tuple)):
@@ -48,10 +49,16 @@ def as_plain(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {k: as_plain(v) for k, v in value.items()}
     if _real_1d(value):
-        return value.tolist()
+        return [as_plain(v) for v in value.tolist()]  # np.longdouble's list holds np.longdouble
     # type, not isinstance: np.float64 subclasses float, yet pickles (into checkpoints) as a numpy scalar
-    if isinstance(value, numbers.Number) and type(value) not in (bool, int, float) and hasattr(value, "item"):
-        return value.item()
+    if isinstance(value, numbers.Number) and type(value) not in (bool, int, float):
+        plain = value.item() if hasattr(value, "item") else value
+        if type(plain) in (bool, int, float):
+            return plain
+        # no Python number from .item() (np.longdouble's is itself; Fraction has none): never recorded raw
+        if isinstance(plain, numbers.Integral):
+            return int(plain)
+        return float(plain) if isinstance(plain, numbers.Real) else plain
     if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.dtype.is_complex:
         return value.item()
     return value

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Callable, Generic, Iterable, Iterator, Mapping, TypeVar
 
 T = TypeVar("T")
@@ -51,14 +50,27 @@ class Registry(Generic[T]):
         return f"Registry({self.kind!r}, names={self.names()})"
 
 
-#: the types a declared scalar takes: numpy's numbers too (np.float32 from a grid, np.int64 from np.arange), as
-#: Python's do (numbers.Integral / numbers.Real; a bool is refused where it is not declared)
-_SCALARS = {"int": (numbers.Integral,), "float": (numbers.Real,), "bool": (bool,), "str": (str,)}
+def is_integral(value: object) -> bool:
+    """An integer as a setting takes one: a Python or numpy int, not a bool (numpy's bool is no number)."""
+    import numpy as np
+
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def is_real(value: object) -> bool:
-    """A real number as a setting takes one: a Python or numpy int or float, not a bool (numpy's bool is no number)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    """A real number as a setting takes one: a Python or numpy int or float, not a bool. Only those whose value
+    is a Python number (np.longdouble's .item() is itself; Fraction and Decimal have none): anything else would be
+    recorded as it is, and checkpoints (torch.load(weights_only=True)) and config.json cannot hold it."""
+    import numpy as np
+
+    return is_integral(value) or isinstance(value, float) or (
+        isinstance(value, np.floating) and type(value.item()) is float)
+
+
+#: the test a declared scalar passes: numpy's numbers too (np.float32 from a grid, np.int64 from np.arange), as
+#: Python's do (a bool is refused where it is not declared)
+_SCALARS = {"int": is_integral, "float": is_real, "bool": lambda v: isinstance(v, bool),
+            "str": lambda v: isinstance(v, str)}
 
 
 def keyword_parameters(fn: Callable) -> dict:
@@ -107,12 +119,7 @@ def check_kwargs(fn: Callable, kwargs: dict, what: str, given: tuple[str, ...] |
             continue  # containers, unions with other types, Optional[...], Any: not ours to judge
         if value is None and ("None" in alts or p.default is None):
             continue  # None is one of its types or its default
-        allowed = tuple(t for a in alts if a in _SCALARS for t in _SCALARS[a])
-        if isinstance(value, bool) and bool not in allowed:
-            ok = False
-        else:
-            ok = isinstance(value, allowed)
-        if not ok:
+        if not any(_SCALARS[a](value) for a in alts if a in _SCALARS):
             got = "None" if value is None else f"{value!r} ({type(value).__name__})"
             raise TypeError(f"{what}.{key} must be {' or '.join(a for a in alts if a != 'None')}, got {got}")
 
@@ -188,7 +195,7 @@ def check_number(key: str, value: object, low: float = 0.0) -> float:
 def check_int(key: str, value: object, low: int = 0, note: str = "") -> int:
     """``value`` as a setting named ``key`` must be an int >= ``low`` (numpy's too; a bool is not one), returned as
     a Python int; else one error naming the key, so a bad setting is refused before the work it would spoil."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+    if not is_integral(value) or value < low:
         raise ValueError(f"{key} must be an int >= {low}{note}, got {value!r}")
     return int(value)
 
@@ -205,7 +212,7 @@ def _bound(n: int) -> str:
 def check_seed(key: str, value: object, low: int = SEED_LOW, high: int = SEED_HIGH) -> int:
     """``value`` as a seed named ``key``: an integer (numpy's too, not a bool) in [low, high] — by default the range
     torch's generators take, where a larger one fails deep in torch as "Overflow when unpacking long long"."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
+    if not is_integral(value) or not low <= value <= high:
         raise ValueError(f"{key} must be an int in [{_bound(low)}, {_bound(high)}], got {value!r}")
     return int(value)
 

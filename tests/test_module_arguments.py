@@ -1,4 +1,7 @@
 """MultiTaskModule's model and balancer arguments: the forms docs/training.md shows, and one-line refusals."""
+import decimal
+import fractions
+
 import numpy as np
 import pytest
 
@@ -105,3 +108,50 @@ def test_a_bool_is_still_no_number(tiny_model, setting):
     with pytest.raises(TypeError, match=r"(optim\.lr must be a finite number > 0|balancer\.temperature must be float), "
                                         r"got (np\.)?True_? \(bool\)$"):
         MultiTaskModule(tiny_model, log_weights_every=0, **setting)
+
+
+
+NOT_PLAIN = [pytest.param(fractions.Fraction(1, 1000), id="Fraction"), pytest.param(decimal.Decimal("0.001"), id="Decimal"),
+             pytest.param(np.longdouble(0.001), id="longdouble")]
+
+
+@pytest.mark.parametrize("value", NOT_PLAIN)
+def test_a_number_whose_value_is_no_python_number_is_refused_by_name(tiny_model, value):
+    """Since c0ea1db any numbers.Real passed, and Fraction/np.longdouble were recorded as given: the checkpoint failed
+    torch.load(weights_only=True) and save_model failed after training ("cannot store Fraction in JSON")."""
+    from mtl.balancers import create_balancer
+    from mtl.registry import check_int, check_number
+
+    kind = rf"\({type(value).__name__}\)$"
+    with pytest.raises(TypeError, match=r"^optim\.lr must be a finite number > 0, got .* " + kind):
+        MultiTaskModule(tiny_model, lr=value, log_weights_every=0)
+    with pytest.raises(TypeError, match=r"^balancer\.temperature must be float, got .* " + kind):
+        create_balancer("dwa", ["a", "b"], temperature=value * 2000)
+    with pytest.raises(TypeError, match=r"^balancer\.window must be str or int, got .* " + kind):
+        create_balancer("dwa", ["a", "b"], window=value * 2000)
+    with pytest.raises(ValueError, match=r"^x must be a finite number >= 0, got "):
+        check_number("x", value)
+    with pytest.raises(ValueError, match=r"^n must be an int >= 0, got "):
+        check_int("n", value * 2000)
+
+
+def test_a_fraction_or_longdouble_in_a_model_or_balancer_config_is_recorded_as_a_python_float(tmp_path, tiny_model):
+    """Config dicts are made plain (mtl.io.as_plain) before their settings are checked: there such a number is taken as
+    the float it holds, so checkpoints load with weights_only=True and config.json is written."""
+    import torch
+
+    import mtl
+    from mtl.io import as_plain
+    from mtl.models import create_model
+
+    got = as_plain({"a": fractions.Fraction(1, 4), "b": np.longdouble(2), "c": [np.array([0.5], dtype=np.longdouble)],
+                    "d": np.int16(3), "e": fractions.Fraction(4, 2)})
+    assert got == {"a": 0.25, "b": 2.0, "c": [[0.5]], "d": 3, "e": 2.0}
+    assert [type(v) for v in (got["a"], got["b"], got["c"][0][0], got["d"], got["e"])] == [float, float, float, int, float]
+    model = create_model(["semseg"], backbone="test_resnet",
+                         decoder={"name": "hps", "channels": 8, "head": "cosine", "cosine_scale": fractions.Fraction(16)})
+    assert type(model.config["decoder"]["cosine_scale"]) is float
+    mtl.save_model(model, tmp_path / "m")
+    module = MultiTaskModule(tiny_model, log_weights_every=0, balancer={"name": "dwa", "temperature": np.longdouble(2)})
+    torch.save(dict(module.hparams), tmp_path / "hp.pt")
+    assert torch.load(tmp_path / "hp.pt", weights_only=True)["balancer"] == {"name": "dwa", "temperature": 2.0}
