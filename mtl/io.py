@@ -120,6 +120,8 @@ def strict_json(obj: Any, where: str, string_keys: bool = False) -> Any:
         return obj if math.isfinite(obj) else None
     if isinstance(obj, Path):
         return str(obj)
+    if isinstance(obj, (numbers.Integral, numbers.Real)):  # before tolist: np.longdouble's is itself
+        return strict_json(as_plain(obj), where, string_keys)
     if isinstance(obj, torch.Tensor) or hasattr(obj, "tolist"):
         return strict_json(obj.tolist(), where, string_keys)
     raise TypeError(f"{where}: cannot store {type(obj).__name__} in JSON")

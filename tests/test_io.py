@@ -422,6 +422,24 @@ def test_write_json_is_strict_json_with_non_finite_floats_as_null(tmp_path):
     assert json.loads(path.read_text())["steps"] == 3  # a refused write leaves the old file whole
 
 
+def test_a_number_whose_tolist_is_itself_is_stored_as_a_json_number(tmp_path):
+    """np.longdouble.tolist() returns itself: strict_json recursed until RecursionError, e.g. in save_model for
+    a backbone setting (backbone settings are not type-checked)."""
+    import fractions
+
+    import numpy as np
+
+    from mtl.models import create_model
+
+    write_json(tmp_path / "x.json", {"a": np.longdouble(0.5), "b": fractions.Fraction(1, 4), "c": np.float32(2)})
+    assert json.loads((tmp_path / "x.json").read_text()) == {"a": 0.5, "b": 0.25, "c": 2.0}
+    model = create_model(["semseg"], backbone={"name": "test_resnet", "out_indices": [1, 2, 3],
+                                               "drop_path_rate": np.longdouble(0.0)},
+                         decoder={"name": "hps", "channels": 8})
+    mtl.save_model(model, tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["model"]["backbone"]["drop_path_rate"] == 0.0
+
+
 @pytest.mark.parametrize("key, value", [("pretrained", True), ("checkpoint_path", "/etc/passwd")])
 def test_a_config_naming_initial_weights_is_refused_before_any_fetch(tiny_model, tmp_path, monkeypatch, key, value):
     """An untrusted config.json must not make timm reach the Hub or read another file: the folder's own
