@@ -177,9 +177,13 @@ def rescore(run_dir: Path, args) -> dict:
         test.save(run_dir / "width_table_test.json")
         write_json(run_dir / "controllability.json", report)
         print(f"{run_dir.name}: wrote width_table.json, width_table_test.json, controllability.json", flush=True)
-    uniform = {t: {w: test.metrics[t][w][w][test.primary[t]] for w in test.encoder_flops} for t in test.tasks}
-    return {"run_dir": str(run_dir), "settings": settings, "compare": report["compare"], "uniform_test": uniform,
+    return {"run_dir": str(run_dir), "settings": settings, "compare": report["compare"], "uniform_test": uniform_test(test),
             "higher_is_better": test.higher_is_better}
+
+
+def uniform_test(table) -> dict[str, dict]:
+    """{task: {width: primary metric of the uniform configuration at that width}} of a WidthTable."""
+    return {t: {w: table.metrics[t][w][w][table.primary[t]] for w in table.encoder_flops} for t in table.tasks}
 
 
 def control(args) -> dict:
@@ -201,18 +205,22 @@ def control(args) -> dict:
 # --- compare: paired variants across seeds ---------------------------------------------------------------
 def uniform_scores(args) -> dict[str, dict]:
     """{run name: {task: {width: test primary metric}}}."""
-    from mtl.io import read_json as load  # a missing or broken file (an unfinished run): script_cli's error: line
+    # a missing, broken or incomplete file (an unfinished run): one error line naming it and the key it lacks
+    from mtl.io import read_json
+    from mtl.models.slimmable.table import WidthTable
 
-    if args.scores:
-        data = load(Path(args.scores))
-        data = data.get("control", data)
-        return {n: data[n]["uniform_test"] for n in sorted(Path(r).name for r in args.runs)}
-    runs = {}
-    for run in args.runs:
-        table = load(Path(run) / "width_table_test.json")
-        p = table["primary"]
-        runs[Path(run).name] = {t: {w: table["metrics"][t][w][w][p[t]] for w in table["encoder_flops"]} for t in table["tasks"]}
-    return runs
+    if not args.scores:
+        return {Path(r).name: uniform_test(WidthTable.load(Path(r) / "width_table_test.json")) for r in args.runs}
+    data = read_json(args.scores)
+    data = data.get("control", data) if isinstance(data, dict) else data
+    if not isinstance(data, dict):
+        raise ValueError(f"{args.scores}: expected a --part control --out JSON object, got {type(data).__name__}")
+    names = sorted(Path(r).name for r in args.runs)
+    for n in names:
+        if not isinstance(data.get(n), dict) or "uniform_test" not in data[n]:
+            raise ValueError(f"{args.scores}: missing key {n + ('.uniform_test' if n in data else '')!r} "
+                             f"(a --part control --out JSON of the runs; it holds {sorted(data)})")
+    return {n: data[n]["uniform_test"] for n in names}
 
 
 def run_tasks(run: Path) -> dict:

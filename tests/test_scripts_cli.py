@@ -10,6 +10,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def assert_one_error_line(tmp_path, script, args, expected):
+    env = {k: v for k, v in os.environ.items() if k not in ("MTL_VERBOSE", "HYDRA_FULL_ERROR")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *[a.format(tmp=tmp_path) for a in args]],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith(expected.format(tmp=tmp_path)) and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("script, args, expected", [
     ("disentanglement.py", ["--manifest", "{tmp}/nope.json"], "error: {tmp}/nope.json: file not found"),
     ("disentanglement.py", ["--manifest", "{tmp}/m.json", "--pair", "a", "b", "--grid", "0", "1", "-2"],
@@ -113,16 +123,24 @@ ROOT = Path(__file__).resolve().parents[1]
     ("bench_launchers.py", ["--smoke", "--out", "/proc/mtlkit_nope"], "error: --out /proc/mtlkit_nope: cannot create"),
 ])
 def test_a_scripts_user_error_is_one_line(tmp_path, script, args, expected):
-    env = {k: v for k, v in os.environ.items() if k not in ("MTL_VERBOSE", "HYDRA_FULL_ERROR")}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *[a.format(tmp=tmp_path) for a in args]],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1, proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
-    assert lines[-1].startswith(expected.format(tmp=tmp_path)) and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert_one_error_line(tmp_path, script, args, expected)
     assert not (tmp_path / "q").exists()  # bench_merge_quality wrote empty results before
     assert not (tmp_path / "disentanglement").exists()  # the script made its folder before checking its input
 
+
+
+@pytest.mark.parametrize("file, text, expected", [
+    ("r_s0/width_table_test.json", '{"tasks": ["depth"]}', "error: {tmp}/r_s0/width_table_test.json: missing key 'width_set'"),
+    ("x.json", "{}", "error: {tmp}/x.json: missing key 'r_s0' "),
+    ("x.json", '{"control": {"r_s0": {}}}', "error: {tmp}/x.json: missing key 'r_s0.uniform_test' "),
+    ("x.json", "[]", "error: {tmp}/x.json: expected a --part control --out JSON object, got list"),
+])
+def test_bench_slimmable_compare_names_the_file_of_json_that_is_no_width_table_or_scores(tmp_path, file, text, expected):
+    """Valid JSON of another shape was indexed unchecked: 'error: KeyError 'primary'', without the file."""
+    (tmp_path / "r_s0").mkdir()
+    (tmp_path / file).write_text(text)
+    scores = ["--scores", "{tmp}/x.json"] if file == "x.json" else []
+    assert_one_error_line(tmp_path, "bench_slimmable.py", ["--part", "compare", "--runs", "{tmp}/r_s0", *scores], expected)
 
 @pytest.mark.parametrize("script", ["bench_balancers", "bench_architectures"])
 def test_baselines_of_another_recipe_are_refused_not_reused(tmp_path, monkeypatch, script):
