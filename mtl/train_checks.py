@@ -103,6 +103,10 @@ def check_trainer(tr: DictConfig) -> None:
         names = sorted({"auto", "gpu", *AcceleratorRegistry.available_accelerators()})
         if accelerator not in names:
             raise ValueError(f"trainer.accelerator={accelerator!r} is not an accelerator; use one of {', '.join(names)}")
+        kind = AcceleratorRegistry[accelerator]["accelerator"] if accelerator not in ("auto", "gpu", "cuda") else None
+        if kind is not None and not kind.is_available():  # mps off a Mac, tpu without XLA: Lightning's error came later
+            raise RuntimeError(f"trainer.accelerator={accelerator} is not available on this machine ({kind.__name__}); "
+                               "use trainer=cpu or trainer.accelerator=auto")
     cuda = torch.cuda.is_available()
     if str(accelerator) in ("gpu", "cuda") and not cuda:
         raise RuntimeError(f"trainer.accelerator={tr.accelerator} needs a CUDA GPU and torch sees none; use trainer=cpu")

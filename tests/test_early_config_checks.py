@@ -31,6 +31,10 @@ def _refused_without_folder(console, capfd, cli, *args):
     # Lightning's Trainer refused it after the run folder, in its words (were "You selected an invalid accelerator")
     ((*TRAIN, "trainer.accelerator=gpuu"), "trainer.accelerator='gpuu' is not an accelerator; use one of auto, cpu, "
                                            "cuda, gpu, mps, tpu"),
+    # a known name this machine lacks (mps off a Mac): Lightning's "MPSAccelerator can not run" after the run folder
+    pytest.param((*TRAIN, "trainer.accelerator=mps"), "trainer.accelerator=mps is not available on this machine "
+                 "(MPSAccelerator); use trainer=cpu", marks=pytest.mark.skipif(
+                     __import__("torch").backends.mps.is_available(), reason="MPS is available here")),
     ((*TRAIN, "task.depth.weight=null"), "task 'depth': weight must be a finite number >= 0, got None"),
     # task_arithmetic's only hyperparameter is its λ
     (("merging.cli", "debug=smoke", "+merge.lamm=0.5"), "task_arithmetic: unknown hyperparameter(s) lamm "
