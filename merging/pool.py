@@ -245,6 +245,13 @@ def resolve_device(device: str | torch.device) -> torch.device:
         raise ValueError(f"eval.device={device!r} is not a device (cpu, cuda, cuda:1, auto): {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"eval.device={device} but CUDA is not available here; use cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"eval.device={device} but torch sees {torch.cuda.device_count()} CUDA device(s) here "
+                         "(cuda:0, ...); use cuda or auto")
+    backend = torch.backends.mps if device.type == "mps" else getattr(torch, device.type, None)  # torch.xpu, ...
+    if device.type not in ("cpu", "cuda") and not getattr(backend, "is_available", lambda: False)():
+        # torch.device takes any type it names (mps off a Mac, meta): moving a model there failed after the run folder
+        raise ValueError(f"eval.device={device} but {device.type.upper()} is not available here; use cpu or auto")
     if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" must compare equal
         device = torch.device("cuda", torch.cuda.current_device())
     return device

@@ -550,16 +550,26 @@ def test_eval_device_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="eval.device=cuda"):
             resolve_device("cuda")
+    # an index past the GPUs torch sees: torch.device took it, and the move failed after the run folder
+    from unittest import mock
+
+    with mock.patch("torch.cuda.is_available", return_value=True), \
+            mock.patch("torch.cuda.device_count", return_value=1), mock.patch("torch.cuda.current_device", return_value=0):
+        assert resolve_device("cuda:0") == resolve_device("cuda") == torch.device("cuda", 0)
+        with pytest.raises(ValueError, match=r"^eval.device=cuda:1 but torch sees 1 CUDA device\(s\) here"):
+            resolve_device("cuda:1")
 
 
 @pytest.mark.parametrize("device, said", [
     ("cudaa", "eval.device='cudaa' is not a device (cpu, cuda, cuda:1, auto): "),
     ("cuda", "eval.device=cuda but CUDA is not available here; use cpu or auto"),
+    # a device torch names but this machine lacks: torch.device took it, the move to it failed after the run folder
+    ("mps", "eval.device=mps but MPS is not available here; use cpu or auto"),
 ])
 def test_a_bad_eval_device_is_refused_before_the_run_folder(pool, console, capfd, device, said):
     """The device was resolved when the evaluator was built, after the run folder (left FAILED, a run_dir: line)."""
-    if device == "cuda" and torch.cuda.is_available():
-        pytest.skip("CUDA is available here")
+    if device == "cuda" and torch.cuda.is_available() or device == "mps" and torch.backends.mps.is_available():
+        pytest.skip(f"{device} is available here")
     code, out = console("merging.cli", *_args(pool), f"eval.device={device}")
     stdout, err = capfd.readouterr()
     lines = err.strip().splitlines()
