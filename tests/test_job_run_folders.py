@@ -467,3 +467,25 @@ def test_an_existing_file_as_a_model_output_is_refused_before_the_work(console, 
     assert "run_dir:" not in stdout
     assert not out.exists() or list(out.iterdir()) == [], sorted(out.rglob("*"))
     assert target.read_text() == "x\n"
+
+
+@pytest.mark.parametrize("overwrite", [[], ["overwrite=true"]])
+def test_an_existing_file_as_an_export_output_is_refused_without_advising_overwrite(console, capfd, tmp_path, overwrite):
+    """mtl-export output=<a file> said 'pass overwrite=true to replace it', and overwrite=true then refused the file
+    (an export is a folder): the file is refused for what it is, with or without overwrite=true, before any folder."""
+    model = save_model(create_model(["depth"], backbone={"name": "test_resnet", "out_indices": [1, 2, 3]},
+                                    decoder={"name": "hps", "channels": 16}).eval(), tmp_path / "m")
+    target = tmp_path / "f.txt"
+    target.write_text("x\n")
+    code, out = console("mtl.cli.export", f"model={model}", "format=timm", f"output={target}", *overwrite)
+    stdout, err = capfd.readouterr()
+    assert code == 1 and err.strip() == (f"error: {target} exists and is a file, not an earlier export (a folder); "
+                                         "refusing to replace it"), err
+    assert "run_dir:" not in stdout
+    assert not out.exists() or list(out.iterdir()) == [], sorted(out.rglob("*"))
+    assert target.read_text() == "x\n"
+    import mtl
+
+    with pytest.raises(FileExistsError, match=r"is a file, not an earlier export \(a folder\); refusing to replace it$"):
+        mtl.export(model, "timm", out=target, overwrite=bool(overwrite))  # the API alike
+    assert target.read_text() == "x\n"

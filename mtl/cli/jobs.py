@@ -37,6 +37,8 @@ def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
     # config.yaml, records and (when it finished) its folder exactly as they were
     if model_output:  # overwrite=true would not replace it either: said before the work, not by save_model after it
         check_not_a_file(output, "output")
+    elif replaceable is not None and output.exists() and not output.is_dir():
+        replaceable(output)  # a file the job would not replace (mtl-export's): not 'pass overwrite=true', which would not help
     if output.exists() and not cfg.get("overwrite"):
         message = f"{output} exists; pass overwrite=true to replace it"
         raise RunFolderTaken(message, run_dir) if finished_run(run_dir) else FileExistsError(message)

@@ -217,6 +217,8 @@ def export(
     if not isinstance(out, (str, os.PathLike)):
         raise TypeError(f"export: out must be the output folder's path, got {type(out).__name__}")
     out = user_path(out)
+    if out.exists() and not out.is_dir():  # overwrite=True would not replace a file either: not advised
+        check_replaceable(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=true to replace it")
     if not isinstance(model, nn.Module):
