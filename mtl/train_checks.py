@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from mtl.cli.failures import FAILED
 from mtl.folder_checks import same_json
 from mtl.io import as_plain
-from mtl.registry import check_int, check_kwargs
+from mtl.registry import check_int, check_kwargs, meant
 
 log = logging.getLogger("mtl.train")
 
@@ -107,6 +107,14 @@ def check_trainer(tr: DictConfig) -> None:
         if kind is not None and not kind.is_available():  # mps off a Mac, tpu without XLA: Lightning's error came later
             raise RuntimeError(f"trainer.accelerator={accelerator} is not available on this machine ({kind.__name__}); "
                                "use trainer=cpu or trainer.accelerator=auto")
+    strategy = tr.get("strategy")
+    if isinstance(strategy, str):  # Lightning's names, as its Trainer takes them (lowercased; a Strategy object passes)
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        names = ["auto", *sorted(StrategyRegistry.available_strategies())]  # trainer=ddp and trainer=fsdp among them
+        if strategy.lower() not in names:
+            raise ValueError(f"trainer.strategy={strategy!r} is not a strategy{meant([strategy.lower()], names)}; "
+                             f"use one of {', '.join(names)}")
     cuda = torch.cuda.is_available()
     if str(accelerator) in ("gpu", "cuda") and not cuda:
         raise RuntimeError(f"trainer.accelerator={tr.accelerator} needs a CUDA GPU and torch sees none; use trainer=cpu")

@@ -35,6 +35,9 @@ def _refused_without_folder(console, capfd, cli, *args):
     pytest.param((*TRAIN, "trainer.accelerator=mps"), "trainer.accelerator=mps is not available on this machine "
                  "(MPSAccelerator); use trainer=cpu", marks=pytest.mark.skipif(
                      __import__("torch").backends.mps.is_available(), reason="MPS is available here")),
+    # an unknown strategy name: Lightning's "You selected an invalid strategy name" after a FAILED run folder
+    ((*TRAIN, "+trainer.strategy=ddpp"), "trainer.strategy='ddpp' is not a strategy (did you mean ddp?); use one of "
+                                         "auto, ddp, "),
     ((*TRAIN, "task.depth.weight=null"), "task 'depth': weight must be a finite number >= 0, got None"),
     # task_arithmetic's only hyperparameter is its λ
     (("merging.cli", "debug=smoke", "+merge.lamm=0.5"), "task_arithmetic: unknown hyperparameter(s) lamm "
@@ -327,3 +330,16 @@ def test_an_unusable_data_cache_is_refused_before_any_folder(console, capfd, tmp
     assert message.startswith(f"[Errno 2] data cache /proc/mtl-no-such/{cache}: cannot create /proc/mtl-no-such "
                               "(No such file or directory)"), message
     assert not (tmp_path / "afile").stat().st_size
+
+
+def test_a_strategy_lightning_takes_passes_the_early_strategy_check():
+    """Lightning's names as its Trainer reads them (lowercased), the shipped trainer=ddp's, and a strategy given as an
+    object (a ``_target_`` mapping) are left to Lightning; only an unknown name is refused."""
+    from omegaconf import OmegaConf
+
+    from mtl.train_checks import check_trainer
+
+    for strategy in ("auto", "ddp", "DDP", "ddp_spawn", {"_target_": "lightning.pytorch.strategies.DDPStrategy"}):
+        check_trainer(OmegaConf.create({"strategy": strategy, "accelerator": "cpu", "devices": 1, "max_epochs": 1}))
+    with pytest.raises(ValueError, match=r"^trainer.strategy='fsdq' is not a strategy \(did you mean fsdp\?\)"):
+        check_trainer(OmegaConf.create({"strategy": "fsdq", "accelerator": "cpu", "devices": 1, "max_epochs": 1}))
