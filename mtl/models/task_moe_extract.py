@@ -8,12 +8,12 @@ that is every token when ``min_share=0`` (only experts that received no token ar
 """
 from __future__ import annotations
 
-import numbers
 from typing import Any, Iterable
 
 import torch
 
 from mtl.modes import eval_mode
+from mtl.registry import is_real
 
 
 def _images(calib: Any) -> Iterable[torch.Tensor]:
@@ -66,7 +66,7 @@ def check_request(model, task: str, calib: Any, min_share: float = 0.0) -> None:
 def check_min_share(min_share: Any) -> None:
     """``min_share`` is a number in [0, 1) (mtl-extract checks it before its run folder, as given: no float())."""
     # a bool or a numeric string would pass float(): refused as what they are, not read as 0, 1 or a number
-    if isinstance(min_share, bool) or not isinstance(min_share, numbers.Real) or not 0.0 <= min_share < 1.0:
+    if not is_real(min_share) or not 0.0 <= min_share < 1.0:  # numpy's numbers too, not a bool, Fraction or Decimal
         raise ValueError(f"min_share must be in [0, 1), got {min_share!r}")
 
 

@@ -444,3 +444,23 @@ def test_choice_curves_read_the_metrics_of_the_scores_table():
     assert choice_curves(val, budgets)["A"][1] == [pytest.approx(0.5 / 0.9)]
     flops, rel = choice_curves(val, budgets, scores=test)["B"]  # lower is better: full / s
     assert rel == [pytest.approx(1.0 / 3.0)]
+
+
+def test_a_preference_or_table_number_is_a_number_as_mtl_registry_is_real_takes_it():
+    """A Fraction passed as a preference or a table's width (numbers.Real), though no checkpoint or JSON record holds
+    it; numpy's bool is no number; np.float32 and np.int64 are."""
+    from fractions import Fraction
+
+    import numpy as np
+
+    t = table()
+    for bad in (Fraction(1, 2), np.bool_(True), True, "0.5"):
+        with pytest.raises(ValueError, match=rf"^preference of task 'A' is {re.escape(repr(bad))}; preferences are "):
+            check_preference(t, {"A": bad, "B": 0.5})
+    assert check_preference(t, {"A": np.float32(0.25), "B": np.float64(0.75)}) == {"A": 0.25, "B": 0.75}
+    assert check_preference(t, {"A": np.int64(1), "B": 0})["A"] == 1.0
+    with pytest.raises(ValueError, match=r"^t: width_set must be strictly increasing widths in \(0, 1\] ending at 1"):
+        table(width_set=(Fraction(1, 2), 1.0)).check("t")
+    with pytest.raises(ValueError, match=r"^t: encoder_flops\['1'\] \(encoder width 1\) is Fraction\(40, 1\); expected a number"):
+        table().__class__(**{**table().to_json(), "encoder_flops": {"0.5": 10, "1": Fraction(40)}}).check("t")
+    table(width_set=(np.float32(0.5), 1.0)).check("t")

@@ -240,12 +240,23 @@ def test_extraction_with_min_share_reports_what_the_dropped_experts_received():
     assert rep["dropped_token_share_max"] > 0.0  # 8 experts, top-2: some expert gets under 20 % ... and is dropped
 
 
-@pytest.mark.parametrize("share", ["a", "0.1", True, None, float("nan"), 1.0, -0.1])
+@pytest.mark.parametrize("share", ["a", "0.1", True, None, float("nan"), 1.0, -0.1, __import__("fractions").Fraction(1, 4),
+                                   __import__("numpy").bool_(False)])
 def test_a_min_share_that_is_no_number_in_0_1_is_refused_by_name_before_routing(share):
     """float("a") failed as "could not convert string to float: 'a'"; float(True) took a bool as 1.0 and "0.1"
     as a number."""
     with pytest.raises(ValueError, match=rf"^min_share must be in \[0, 1\), got {re.escape(repr(share))}$"):
         mtl.extract(make().eval(), task="depth", calib=[X], min_share=share)
+
+
+def test_a_numpy_min_share_is_a_number_as_mtl_registry_is_real_takes_it():
+    """A Fraction passed as a real number (a Decimal did not); np.float32 from a grid is one, as elsewhere."""
+    import numpy as np
+
+    from mtl.models.task_moe_extract import check_min_share
+
+    check_min_share(np.float32(0.25))
+    check_min_share(np.int64(0))
 
 
 def test_extraction_from_a_model_whose_kept_experts_are_out_of_order_keeps_each_experts_weights(tmp_path):

@@ -23,13 +23,13 @@ reads validation metrics is scored on data it never saw.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from mtl.models.slimmable.table import WidthTable, wkey
+from mtl.registry import is_real
 
 PREF_TOL = 1e-6
 
@@ -59,7 +59,7 @@ def check_preference(table: WidthTable, preference: Mapping[str, float]) -> dict
         raise ValueError(f"preference misses task(s) {missing}; give every task a value (they sum to 1)")
     pref = {}
     for t in table.tasks:
-        if isinstance(preference[t], bool) or not isinstance(preference[t], numbers.Real):
+        if not is_real(preference[t]):
             raise ValueError(f"preference of task {t!r} is {preference[t]!r}; preferences are numbers >= 0")
         v = float(preference[t])
         if not math.isfinite(v) or v < -PREF_TOL:  # the sum's tolerance: 1 - p1 - p2 may round to -1e-16

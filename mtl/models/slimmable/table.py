@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -19,6 +18,7 @@ import torch
 from mtl.flops import count_flops
 from mtl.modes import eval_mode
 from mtl.models.slimmable.layers import wkey
+from mtl.registry import is_real
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def _check_width_set(width_set: Any, source: str) -> list[str]:
     encoder filled from the last down) and budgets end at width 1, so an unsorted set chose wrongly."""
     ws = width_set
     ok = isinstance(ws, list) and len(ws) > 0 and all(
-        isinstance(w, numbers.Real) and not isinstance(w, bool) and 0 < w <= 1 for w in ws)
+        is_real(w) and 0 < w <= 1 for w in ws)
     if not ok or any(a >= b for a, b in zip(ws, ws[1:])) or ws[-1] != 1:
         raise ValueError(f"{source}: width_set must be strictly increasing widths in (0, 1] ending at 1 (the full "
                          f"network), got {ws!r}")
@@ -233,7 +233,7 @@ def _flops(v: Any, what: str) -> float:
 
 
 def _number(v: Any, what: str, finite: bool = True) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+    if not is_real(v):
         raise ValueError(f"{what} is {'missing' if v is None else repr(v)}; expected a number")
     if finite and not math.isfinite(v):
         raise ValueError(f"{what} is {v!r}; expected a finite number")
