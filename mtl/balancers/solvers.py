@@ -19,7 +19,8 @@ found by damped Newton steps to ``max_t |α_t (Gα)_t − 1| ≤ tol``. (The ref
 sequence of convex programs stops after a fixed number of rounds, short of this point on badly scaled
 or conflicting gradients, and returns equal weights when its solver fails.) No solution exists when
 some convex combination of the gradients vanishes (0 in their convex hull, a Pareto-stationary point):
-``None`` is returned. That is tested before Newton, on MGDA's min-norm point d* of the hull, and on the
+``None`` is returned. That is tested before Newton, on MGDA's min-norm point d* of the hull and on the
+min-norm point of the hull of the unit gradients (exact, by face enumeration, for T ≤ 10), and on the
 solution's own combination after it: d = Σ a_t g_t with ‖d‖² ≤ T·ε·(Σ a_t ‖g_t‖)² (ε the machine
 epsilon of the dtype the Gramian was formed in; the rounding of a combination scales with its own terms,
 not with the largest gradient, so a task whose gradient is 1e-5 of another's still has its point) is
@@ -204,12 +205,17 @@ def _wolfe(G: torch.Tensor, rtol: float, atol: float, max_iters: int) -> torch.T
     active = [int(torch.argmin(G.diagonal()))]
     lam = torch.ones(1, dtype=G.dtype)
     tiny = 1e-15
+    seen: set[tuple] = set()
     for _ in range(max_iters):
         alpha = torch.zeros(n, dtype=G.dtype)
         alpha[active] = lam
         done, j = _stop(G, alpha, rtol, atol)
         if done or j in active:  # j in the active set: no further progress is possible numerically
             break
+        state = (tuple(active), tuple(lam.tolist()))
+        if state in seen:  # a cycle (G indefinite from rounding: an affine "minimiser" is a saddle): stalled
+            break
+        seen.add(state)
         active.append(j)
         lam = torch.cat([lam, lam.new_zeros(1)])
         for _ in range(len(active) + 1):  # minor cycles: each drops at least one point
@@ -259,6 +265,42 @@ def imtl_g_weights(gramian: torch.Tensor) -> torch.Tensor:
     return split_between_identical(G, alpha).to(gramian.device, gramian.dtype)
 
 
+_ENUMERATE_FACES_UP_TO = 10  # 2^T − 1 faces: ~1k small KKT solves at T = 10
+
+
+def _hull_nearly_vanishes(G: torch.Tensor, norms: torch.Tensor, floor: float) -> bool:
+    """Whether some a ≥ 0, a ≠ 0 has aᵀGa ≤ floor·(a·norms)²: with b_t = a_t‖g_t‖ / Σ a_s‖g_s‖, whether
+    the min-norm point of the hull of the unit gradients (Gramian Ĝ = D⁻¹GD⁻¹, D = diag(‖g_t‖)) has
+    bᵀĜb ≤ floor. Up to ``_ENUMERATE_FACES_UP_TO`` tasks the minimum over the simplex is found exactly, by
+    the stationary point of every face (the global minimiser is one of them, even where rounding leaves
+    Ĝ slightly indefinite, which stalls Wolfe's method on an edge); above it, Wolfe's method on Ĝ."""
+    if bool((norms <= 0).any()):  # a zero gradient: its own combination vanishes
+        return True
+    Gu = G / norms[:, None] / norms[None, :]
+    Gu = (Gu + Gu.T) / 2
+    n = Gu.shape[0]
+    b = min_norm_weights(Gu)
+    sq = float(b @ Gu @ b)
+    if sq <= floor:
+        return True
+    # f(x) = xᵀĜx ≥ f(b) + ∇f(b)·(x − b) − δ‖x − b‖² ≥ f(b) − 2·gap − 2δ on the simplex (λ_min(Ĝ) ≥ −δ)
+    delta = max(0.0, -float(torch.linalg.eigvalsh(Gu)[0]))
+    if n > _ENUMERATE_FACES_UP_TO or sq - 2 * duality_gap(Gu, b)[0] - 2 * delta > floor:
+        return False
+    best = float(Gu.diagonal().min())  # the vertices
+    for mask in range(1, 1 << n):
+        S = [t for t in range(n) if mask >> t & 1]
+        if len(S) < 2:
+            continue
+        b = _affine_min_norm(Gu[S][:, S])
+        if not bool(torch.isfinite(b).all()) or float(b.min()) < -1e-9:
+            continue
+        b = b.clamp_min(0.0)
+        b = b / b.sum()
+        best = min(best, float(b @ Gu[S][:, S] @ b))
+    return best <= floor
+
+
 class NashNotConverged(ArithmeticError):
     """``nash_weights`` ran ``max_iters`` Newton steps without reaching ``√tol``; ``residual`` says how far."""
 
@@ -290,7 +332,7 @@ def nash_weights(gramian: torch.Tensor, tol: float = 1e-10, max_iters: int = 100
     def vanishes(a: torch.Tensor) -> bool:  # Σ a_t g_t is within its own rounding (ε·Σ a_t‖g_t‖) of zero
         return float(a @ G @ a) <= floor * float(a @ norms) ** 2
 
-    if vanishes(min_norm_weights(G)):  # 0 in the hull (to rounding): no bargaining point
+    if vanishes(min_norm_weights(G)) or _hull_nearly_vanishes(G, norms, floor):  # 0 in the hull: no point
         return None
     alpha = torch.ones(n, dtype=G.dtype) if init is None else init.detach().to("cpu", G.dtype) * scale ** 0.5
 
