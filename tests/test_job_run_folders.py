@@ -441,6 +441,18 @@ def test_no_home_is_set_where_python_knows_none_either(monkeypatch):
     assert os.environ["HOME"] == "/nonexistent"
 
 
+def _assert_file_output_refused(console, capfd, target, message, cli, *args):
+    """``cli`` with ``output=<target>``, a file: exit 1 with ``message`` alone on stderr, no run_dir line, no run
+    folder content, and the file as it was."""
+    target.write_text("x\n")
+    code, out = console(cli, *args, f"output={target}")
+    stdout, err = capfd.readouterr()
+    assert code == 1 and err.strip() == message, err
+    assert "run_dir:" not in stdout
+    assert not out.exists() or list(out.iterdir()) == [], sorted(out.rglob("*"))
+    assert target.read_text() == "x\n"
+
+
 @pytest.mark.parametrize("cli, args", [
     ("pruning.cli", ["model={hps}", "prune=l1", "prune.ratio=0.3", "calib.batches=1"]),
     ("merging.cli", ["pretrained={hps}", "models=[{hps2}]", "merge=average"]),
@@ -459,14 +471,8 @@ def test_an_existing_file_as_a_model_output_is_refused_before_the_work(console, 
         model = create_model(tasks, backbone=backbone, decoder=decoder, **({"family": family} if family else {}))
         models[name] = save_model(model.eval(), tmp_path / name, meta={"data": DATA})
     target = tmp_path / "f.txt"
-    target.write_text("x\n")
-    code, out = console(cli, *(a.format(**models) for a in args), f"output={target}", *overwrite)
-    stdout, err = capfd.readouterr()
-    assert code == 1 and err.strip() == (f"error: output: {target} is a file, not a model folder; remove it or "
-                                         "choose another path"), err
-    assert "run_dir:" not in stdout
-    assert not out.exists() or list(out.iterdir()) == [], sorted(out.rglob("*"))
-    assert target.read_text() == "x\n"
+    _assert_file_output_refused(console, capfd, target, f"error: output: {target} is a file, not a model folder; "
+                                "remove it or choose another path", cli, *(a.format(**models) for a in args), *overwrite)
 
 
 @pytest.mark.parametrize("overwrite", [[], ["overwrite=true"]])
@@ -476,14 +482,9 @@ def test_an_existing_file_as_an_export_output_is_refused_without_advising_overwr
     model = save_model(create_model(["depth"], backbone={"name": "test_resnet", "out_indices": [1, 2, 3]},
                                     decoder={"name": "hps", "channels": 16}).eval(), tmp_path / "m")
     target = tmp_path / "f.txt"
-    target.write_text("x\n")
-    code, out = console("mtl.cli.export", f"model={model}", "format=timm", f"output={target}", *overwrite)
-    stdout, err = capfd.readouterr()
-    assert code == 1 and err.strip() == (f"error: {target} exists and is a file, not an earlier export (a folder); "
-                                         "refusing to replace it"), err
-    assert "run_dir:" not in stdout
-    assert not out.exists() or list(out.iterdir()) == [], sorted(out.rglob("*"))
-    assert target.read_text() == "x\n"
+    _assert_file_output_refused(console, capfd, target, f"error: {target} exists and is a file, not an earlier export "
+                                "(a folder); refusing to replace it", "mtl.cli.export", f"model={model}", "format=timm",
+                                *overwrite)
     import mtl
 
     with pytest.raises(FileExistsError, match=r"is a file, not an earlier export \(a folder\); refusing to replace it$"):
