@@ -212,6 +212,13 @@ def check_unit_normals(t: torch.Tensor, where: str) -> None:
                          "encoding such as (n + 1) / 2 or 0-255")
 
 
+def check_target_size(t: torch.Tensor, image: torch.Tensor, where: str) -> None:
+    """A target stored at another size than its image (half size, or transposed) is refused: resizing it to the
+    image's would misalign every pixel without a word."""
+    if tuple(t.shape[-2:]) != tuple(image.shape[-2:]):
+        raise ValueError(f"{where}: size {tuple(t.shape[-2:])} differs from its image's {tuple(image.shape[-2:])}")
+
+
 def stack_samples(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     if not samples:
         raise ValueError("no samples to stack")
@@ -279,9 +286,7 @@ def read_npy_split(split_dir: Path, dirs: dict[str, str], num_classes: int, limi
                     negative.append(f)
                 if key == "normals":
                     check_unit_normals(sample[key], str(f))
-            if tuple(sample[key].shape[-2:]) != tuple(sample["image"].shape[-2:]):
-                raise ValueError(f"{f}: size {tuple(sample[key].shape[-2:])} differs from its image's "
-                                 f"{tuple(sample['image'].shape[-2:])}")
+            check_target_size(sample[key], sample["image"], str(f))
         samples.append(resize_sample(sample, first(images[i], tuple(sample["image"].shape[-2:]), size)))
     if negative:  # the depth task's mask (target > 0) drops them, as 0; say so rather than train on less unseen
         log.warning("%d depth file(s) of %s hold negative values (first: %s); they count as invalid pixels, as 0",

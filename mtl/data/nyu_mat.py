@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from mtl.atomic import user_path
-from mtl.data.benchmarks import (dense_to_float, image_to_uint8, labels_to_uint8, resize_sample, resolve_size,
-                                 stack_samples)
+from mtl.data.benchmarks import (check_target_size, dense_to_float, image_to_uint8, labels_to_uint8, resize_sample,
+                                 resolve_size, stack_samples)
 
 _KEYS = ("images", "depths", "labels")
 
@@ -245,6 +245,8 @@ def read_nyu_mat(path, split: str, splits_file, class_mapping, num_classes: int,
             sample = {"image": image_to_uint8(np.asarray(f["images"][i]).transpose(2, 1, 0), where),
                       "semseg": labels_to_uint8(table[raw], num_classes, where),
                       "depth": dense_to_float(np.asarray(f["depths"][i]).T, 1, where)}
+            for key, name in (("semseg", "labels"), ("depth", "depths")):
+                check_target_size(sample[key], sample["image"], f"{path}: {name}[{i}]")
             hw = hw or resolve_size(size, tuple(sample["image"].shape[-2:]))
             samples.append(resize_sample(sample, hw))
     return stack_samples(samples)

@@ -298,6 +298,37 @@ def test_nyuv2_labelled_mat(tmp_path):
              f"data.class_mapping={tmp_path / 'map.json'}", "debug=smoke"], run_dir=tmp_path / "r")
 
 
+def mat_inputs(tmp_path: Path, splits=None) -> dict:
+    """splits_file (1-based JSON, as splits.mat) and an inline class_mapping for a `write_nyu_mat` file."""
+    path = tmp_path / "splits.json"
+    path.write_text(json.dumps(splits or {"trainNdxs": [1, 3, 5], "testNdxs": [2, 4]}))
+    return {"splits_file": str(path), "class_mapping": [-1] + [i % 13 for i in range(894)], "size": None}
+
+
+def rewrite_mat(mat: Path, key: str, change) -> None:
+    """Replace dataset ``key`` of a `write_nyu_mat` file by ``change(its array)`` (h5py's layout: (N, W, H))."""
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(mat, "r+") as f:
+        a = f[key][()]
+        del f[key]
+        f[key] = change(a)
+
+
+@pytest.mark.parametrize("key, change, stored", [
+    ("labels", lambda a: a[:, ::2, ::2], (3, 4)),  # half size
+    ("depths", lambda a: a.transpose(0, 2, 1), (W, H)),  # (N, H, W): transposed against MATLAB's (N, W, H)
+], ids=["half-size-labels", "transposed-depths"])
+def test_a_mat_target_at_another_size_than_its_image_is_refused_not_resized(tmp_path, key, change, stored):
+    """Was resized onto the image without a word (a transposed depth map stretched, every pixel misaligned)."""
+    mat = tmp_path / "nyu_depth_v2_labeled.mat"
+    write_nyu_mat(mat)
+    rewrite_mat(mat, key, change)
+    dm = create_datamodule("nyuv2", root=str(mat), **mat_inputs(tmp_path))
+    with pytest.raises(ValueError) as e:
+        dm.setup()
+    assert str(e.value) == f"{mat}: {key}[0]: size {stored} differs from its image's {(H, W)}"
+
+
 @pytest.mark.slow  # two CLI trainings, ~20 s of CPU each; test_in_process_smoke_training is the fast variant
 @pytest.mark.parametrize("experiment, hw, kw, tasks", [
     ("nyuv2", (36, 48), {}, {"semseg", "depth", "normals"}),
