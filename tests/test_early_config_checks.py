@@ -306,6 +306,30 @@ def test_the_nyuv2_mat_release_without_its_splits_or_class_mapping_is_refused_be
     assert _refused_without_folder(console, capfd, *args) == expected.format(tmp=tmp_path)
 
 
+@pytest.mark.parametrize("args, expected", [
+    (("experiment=nyuv2", 'data.size="32"'), "data.size must be null (as stored), a positive int (the height, aspect "
+                                             "kept) or [H, W] of positive ints, got '32'"),
+    (("experiment=nyuv2", "data.num_classes=255"), "nyuv2: data.num_classes must be in 1..254 (255 marks ignored "
+                                                   "pixels), got 255"),
+    (("experiment=nyuv2", "data.val_fraction=1.0"), "nyuv2: val_fraction must be in [0, 1), got 1.0"),
+    (("experiment=nyuv2", "data.format=hdf5"), "nyuv2: format must be auto, npy or mat, got 'hdf5'"),
+    (("experiment=cityscapes", "data.n_train=0"), "cityscapes: n_train must be a positive int or null (all), got 0"),
+    (("experiment=cityscapes", "data.num_classes=8"), "cityscapes: num_classes must be 7 or 19, got 8"),
+    (("data=hf_local", "task=classification", "data.size=0"), "data.size must be null (as stored), a positive int (a "
+                                                              "square side) or [H, W] of positive ints, got 0"),
+    (("data=hf_local", "task=classification", "data.val_fraction=2"), "hf_local: val_fraction must be in [0, 1), got 2"),
+    (("data=hf_local", "task=classification", "data.splits={training: train}"),
+     "hf_local: data.splits key 'training' is not a split here"),
+])
+def test_data_settings_judged_without_the_data_are_refused_before_any_folder(console, capfd, tmp_path, args, expected):
+    """Were refused by the data module's constructor, after the run folder (FAILED, then a run_dir: line); the root
+    (an empty folder) is fine, the setting is not."""
+    root = "data.path" if "data=hf_local" in args else "data.root"
+    message = _refused_without_folder(console, capfd, "mtl.cli.train", *args, f"{root}={tmp_path}", "debug=smoke",
+                                      "logger=none")
+    assert message.startswith(expected), message
+
+
 @pytest.mark.parametrize("experiment", ["cityscapes", "nyuv2"])
 def test_a_benchmark_root_holding_the_original_release_is_refused_before_any_folder(console, capfd, tmp_path, experiment):
     """Its layout (leftImg8bit/ and no train/) is judged from the folder's names: was found in setup(), FAILED left."""

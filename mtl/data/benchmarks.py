@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from mtl.atomic import user_path
 from mtl.data.memory import TensorDataModule, TensorDictDataset
+from mtl.registry import is_integral
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +307,8 @@ class DenseBenchmarkDataModule(TensorDataModule):
     ``size``: null keeps the stored size, ``[H, W]`` resizes, an int sets the height and keeps the aspect
     (bilinear for images, nearest for targets). ``n_train``/``n_val``/``n_test``: use only the first n
     samples of a split (null: all). ``val_fraction`` > 0 carves a seeded validation split out of train;
-    at 0 the benchmark's test set also picks the checkpoint, as MTAN and LibMTL do.
+    at 0 the benchmark's test set also picks the checkpoint, as MTAN and LibMTL do. A subclass's ``__init__`` runs
+    its ``check_settings`` first, the check `mtl.data.check_datamodule` runs before a run folder.
     """
 
     benchmark: ClassVar[str] = ""
@@ -318,16 +320,8 @@ class DenseBenchmarkDataModule(TensorDataModule):
         super().__init__(batch_size=batch_size, num_workers=num_workers, augment=augment)
         self.root = user_path(str(root))
         self.num_classes = int(num_classes)
-        if not 1 <= self.num_classes < IGNORE:  # labels are stored as uint8 with 255 = ignored
-            raise ValueError(f"{self.benchmark}: data.num_classes must be in 1..{IGNORE - 1} (255 marks ignored "
-                             f"pixels), got {num_classes!r}")
-        self.size = check_size(size)
+        self.size = check_size(size)  # [H, W] as a tuple
         self.limits = {"train": n_train, "val": n_val, "test": n_test}
-        for split, n in self.limits.items():  # 0 would surface later as an empty split with no name
-            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-                raise ValueError(f"{self.benchmark}: n_{split} must be a positive int or null (all), got {n!r}")
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"{self.benchmark}: val_fraction must be in [0, 1), got {val_fraction}")
         self.val_fraction, self.seed = float(val_fraction), seed
         self._depth_unit, self._first_image = DepthUnitCheck(), FirstImage()
 
@@ -346,9 +340,21 @@ class DenseBenchmarkDataModule(TensorDataModule):
         raise TypeError(f"{type(self).__name__} must implement _read")
 
     @classmethod
-    def check_settings(cls, root: str | os.PathLike | None = None, **_: Any) -> None:
-        """What the settings alone decide, cheaply (`mtl.data.check_datamodule`, before a run folder): the root
+    def check_settings(cls, root: str | os.PathLike | None = None, num_classes: Any = None, size: Any = None,
+                       n_train: Any = None, n_val: Any = None, n_test: Any = None, val_fraction: Any = 0.0,
+                       **_: Any) -> None:
+        """What the settings alone decide, cheaply (`mtl.data.check_datamodule`, before a run folder, and
+        ``__init__``): the class count (None: the class's default), size, limits and val_fraction, then that the root
         folder exists and is not the original release (`_check_layout`; its files are read with the data)."""
+        if num_classes is not None and not (is_integral(num_classes) and 1 <= num_classes < IGNORE):  # uint8, 255 ignored
+            raise ValueError(f"{cls.benchmark}: data.num_classes must be in 1..{IGNORE - 1} (255 marks ignored "
+                             f"pixels), got {num_classes!r}")
+        check_size(size)
+        for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):  # 0: an empty split with no name
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+                raise ValueError(f"{cls.benchmark}: n_{split} must be a positive int or null (all), got {n!r}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"{cls.benchmark}: val_fraction must be in [0, 1), got {val_fraction}")
         if root is not None:
             cls._check_layout(user_path(str(root)))
 
@@ -394,10 +400,16 @@ class CityscapesDataModule(DenseBenchmarkDataModule):
     benchmark = "cityscapes"
 
     def __init__(self, root: str | os.PathLike, num_classes: int = 7, **kwargs: Any):
-        if num_classes not in (7, 19):
-            raise ValueError(f"cityscapes: num_classes must be 7 or 19, got {num_classes}")
+        self.check_settings(root, num_classes, **kwargs)
         super().__init__(root, num_classes=num_classes, **kwargs)
         self.save_hyperparameters()
+
+    @classmethod
+    def check_settings(cls, root: str | os.PathLike | None = None, num_classes: Any = None, **kwargs: Any) -> None:
+        """As the benchmarks' (`DenseBenchmarkDataModule.check_settings`), with 7 or 19 classes only."""
+        if num_classes is not None and num_classes not in (7, 19):
+            raise ValueError(f"cityscapes: num_classes must be 7 or 19, got {num_classes}")
+        super().check_settings(root, num_classes, **kwargs)
 
     def _read(self, split: str, limit: int | None) -> dict[str, torch.Tensor]:
         split_dir = self.root / ("train" if split == "train" else "val")
@@ -436,19 +448,21 @@ class NYUv2DataModule(DenseBenchmarkDataModule):
                  splits_file: str | os.PathLike | None = None,
                  class_mapping: str | os.PathLike | list[str | os.PathLike] | list[int] | None = None,
                  **kwargs: Any):
+        self.check_settings(root, format, splits_file, class_mapping, num_classes, **kwargs)
         super().__init__(root, num_classes=num_classes, **kwargs)
         self.save_hyperparameters()
-        if format not in ("auto", "npy", "mat"):
-            raise ValueError(f"nyuv2: format must be auto, npy or mat, got {format!r}")
         self.format = _nyu_format(self.root, format)
         self.splits_file, self.class_mapping = splits_file, class_mapping
 
     @classmethod
     def check_settings(cls, root: str | os.PathLike | None = None, format: str = "auto", splits_file: Any = None,
-                       class_mapping: Any = None, num_classes: int = 13, **_: Any) -> None:
+                       class_mapping: Any = None, num_classes: int = 13, **kwargs: Any) -> None:
         """As the benchmarks' (`DenseBenchmarkDataModule.check_settings`): the labelled release is one file, read with
         ``splits_file`` and ``class_mapping`` (both set, their files there: `check_mat_inputs`); the npy layout takes
         neither, and a folder holding the .mat but no train/ is the .mat given the wrong way."""
+        if format not in ("auto", "npy", "mat"):
+            raise ValueError(f"nyuv2: format must be auto, npy or mat, got {format!r}")
+        super().check_settings(None, num_classes, **kwargs)  # the root: below, as the format reads it
         if root is None:
             return
         root = user_path(str(root))

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mtl.atomic import user_path
-from mtl.data.benchmarks import DepthUnitCheck, check_unit_normals
+from mtl.data.benchmarks import DepthUnitCheck, check_size, check_unit_normals
 from mtl.data.hf import arrow_to_numpy, quiet_datasets
 from mtl.folder_checks import JSON_ERRORS
 from mtl.data.hf_columns import (BATCH_DTYPES, IGNORE, channels_first, check_channels, check_sizes, class_ids,
@@ -152,41 +152,44 @@ class HFImageDataModule(TensorDataModule):
                  semseg_map: dict[int, int] | list[int] | None = None, channels_last: bool | None = None):
         super().__init__(batch_size=batch_size, num_workers=num_workers, augment=augment)
         self.save_hyperparameters()
+        self.check_settings(path=path, image_column=image_column, columns=columns, size=size, splits=splits,
+                            val_fraction=val_fraction, test_fraction=test_fraction, semseg_classes=semseg_classes,
+                            n_train=n_train, n_val=n_val, n_test=n_test, semseg_map=semseg_map,
+                            channels_last=channels_last)
         self.path = user_path(str(path))
-        self.image_column = image_column
+        self.image_column, self.channels_last, self.columns = image_column, channels_last, dict(columns or {})
+        size = check_size(size)  # [H, W] as a tuple
+        self.size = size if size is None or isinstance(size, tuple) else (size, size)  # (H, W); an int: square
+        self.splits = dict(splits or {})
+        self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
+        self.limits = {"train": n_train, "val": n_val, "test": n_test}
+        self._classes = {"semseg_classes": semseg_classes, "classification_classes": classification_classes}
+        self.semseg_lut = semseg_lookup(semseg_map, semseg_classes)
+        self._depth_unit = DepthUnitCheck()
+
+    @classmethod
+    def check_settings(cls, path: str | os.PathLike | None = None, image_column: Any = "image", columns: Any = None,
+                       size: Any = None, splits: Any = None, val_fraction: Any = 0.1, test_fraction: Any = 0.1,
+                       semseg_classes: Any = None, n_train: Any = None, n_val: Any = None, n_test: Any = None,
+                       semseg_map: Any = None, channels_last: Any = None, **_: Any) -> None:
+        """What the settings alone decide, cheaply (`mtl.data.check_datamodule`, before a run folder, and
+        ``__init__``): each setting's form, and that the dataset's path exists (what it holds is read with the data)."""
         if not (channels_last is None or isinstance(channels_last, bool)):
             raise ValueError(f"hf_local: data.channels_last must be true, false or null, got {channels_last!r}")
-        self.channels_last = channels_last
-        self.columns = dict(columns or {})
         taken = {"image": f"image_column {image_column!r}"}
-        for column, key in self.columns.items():  # a second column for one key would replace the first unseen
+        for column, key in dict(columns or {}).items():  # a second column for one key would replace the first unseen
             if key in taken:
                 raise ValueError(f"hf_local: {taken[key]} and column {column!r} both map to batch key {key!r}; "
                                  "map each batch key from one column")
             taken[key] = f"column {column!r}"
-        from mtl.data.benchmarks import check_size
-
-        size = check_size(size, an_int="a square side")
-        self.size = size if size is None or isinstance(size, tuple) else (size, size)  # (H, W); an int: square
-        self.splits = check_splits(splits)
+        check_size(size, an_int="a square side")
+        check_splits(splits)
         for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0.0 <= frac < 1.0:
                 raise ValueError(f"hf_local: {name} must be in [0, 1), got {frac}")
-        self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
-        self.limits = {"train": n_train, "val": n_val, "test": n_test}
-        _check_limits(self.limits)
-        self._classes = {"semseg_classes": semseg_classes, "classification_classes": classification_classes}
-        self.semseg_lut = semseg_lookup(semseg_map, semseg_classes)
-        self._depth_unit = DepthUnitCheck()
-        if self.semseg_lut is not None and "semseg" not in self.columns.values():
-            raise ValueError("hf_local: data.semseg_map is set but no column maps to semseg")
-
-    @classmethod
-    def check_settings(cls, path: str | os.PathLike | None = None, n_train: Any = None, n_val: Any = None,
-                       n_test: Any = None, **_: Any) -> None:
-        """What the settings alone decide, cheaply (`mtl.data.check_datamodule`, before a run folder): the split
-        limits, and that the dataset's path exists (what it holds is read with the data)."""
         _check_limits({"train": n_train, "val": n_val, "test": n_test})
+        if semseg_lookup(semseg_map, semseg_classes) is not None and "semseg" not in taken:
+            raise ValueError("hf_local: data.semseg_map is set but no column maps to semseg")
         if path is not None:
             _check_exists(user_path(str(path)))
 
