@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from mtl.atomic import user_path
+from mtl.folder_checks import JSON_ERRORS
 from mtl.data.benchmarks import (check_target_size, dense_to_float, image_to_uint8, labels_to_uint8, resize_sample,
                                  resolve_size, stack_samples)
 
@@ -47,15 +48,22 @@ def read_splits(path) -> dict[str, list[int]]:
     """{"train": [...], "test": [...]} as 0-based indices from splits.mat or its JSON equivalent."""
     p = _need(path, "splits_file")
     if p.suffix == ".json":
-        data = json.loads(p.read_text())
+        from mtl.io import read_json
+
+        data = read_json(p)
     else:
         data = _loadmat(p, "or give a JSON splits file")
+    if not isinstance(data, dict):
+        raise ValueError(f"nyuv2: splits file {str(p)!r} must hold {{\"trainNdxs\": [...], \"testNdxs\": [...]}}, "
+                         f"got {str(data)[:40]}")
     out = {}
     for split, key in (("train", "trainNdxs"), ("test", "testNdxs")):
         if key not in data:
             raise KeyError(f"nyuv2: splits file {str(p)!r} has no {key!r} (expected trainNdxs and testNdxs)")
         raw = np.asarray(data[key]).ravel()
         where = f"nyuv2: splits file {str(p)!r}, {key}"
+        if not raw.size:  # would surface as "no samples to stack"
+            raise ValueError(f"nyuv2: splits file {str(p)!r}: {key} is empty")
         if raw.dtype.kind not in "biuf" or (raw.dtype.kind == "f" and not np.isfinite(raw).all()):
             raise ValueError(f"{where}: holds {raw.dtype} values, not image numbers")
         frac = raw[raw != np.round(raw)]
@@ -124,12 +132,15 @@ def _first_stage(p: Path) -> np.ndarray:
                              "before it: data.class_mapping=[<dir>/classMapping40.mat,<dir>/class13Mapping.mat]")
         raise KeyError(f"nyuv2: {str(p)!r} has no key 'mapClass' (classMapping40.mat) or 'classMapping13' "
                        f"(class13Mapping.mat); found {sorted(k for k in m if not k.startswith('__'))}")
-    if p.suffix == ".json":
-        table = np.asarray(json.loads(p.read_text()))
-    elif p.suffix == ".npy":
-        table = np.load(p, allow_pickle=False)
-    else:
-        table = np.loadtxt(p)
+    try:
+        if p.suffix == ".json":
+            table = np.asarray(json.loads(p.read_text()))
+        elif p.suffix == ".npy":
+            table = np.load(p, allow_pickle=False)
+        else:
+            table = np.loadtxt(p)
+    except (*JSON_ERRORS, OSError, EOFError) as e:  # the parser's words name the line (row) at fault
+        raise ValueError(f"nyuv2: class mapping {str(p)!r} cannot be read as a table of numbers ({e})") from None
     return _table(table.ravel(), f"class mapping {str(p)!r}")
 
 
@@ -232,7 +243,12 @@ def read_nyu_mat(path, split: str, splits_file, class_mapping, num_classes: int,
         missing = [k for k in _KEYS if k not in f]
         if missing:
             raise KeyError(f"nyuv2: {str(path)!r} has no dataset(s) {missing}; found {sorted(f.keys())}")
-        n = f["images"].shape[0]
+        counts = {k: (f[k].shape or (0,))[0] for k in _KEYS}
+        n = counts["images"]
+        for k in _KEYS[1:]:  # read by index below: a short one failed there as a bare h5py IndexError
+            if counts[k] != n:
+                raise ValueError(f"nyuv2: {str(path)!r}: {k!r} holds {counts[k]} entries, 'images' {n}; every "
+                                 "image needs its depth and labels")
         if index and (min(index) < 0 or max(index) >= n):
             raise ValueError(f"nyuv2: splits file {splits_file} indexes past the {n} images of {path}")
         samples, hw = [], None

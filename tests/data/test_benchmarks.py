@@ -329,6 +329,18 @@ def test_a_mat_target_at_another_size_than_its_image_is_refused_not_resized(tmp_
     assert str(e.value) == f"{mat}: {key}[0]: size {stored} differs from its image's {(H, W)}"
 
 
+@pytest.mark.parametrize("key", ["depths", "labels"])
+def test_a_mat_dataset_with_fewer_entries_than_images_is_named(tmp_path, key):
+    """Was h5py's bare "Index (3) out of range for (0-2)" at the first image past its end."""
+    mat = tmp_path / "nyu_depth_v2_labeled.mat"
+    write_nyu_mat(mat)
+    rewrite_mat(mat, key, lambda a: a[:3])
+    with pytest.raises(ValueError) as e:
+        create_datamodule("nyuv2", root=str(mat), **mat_inputs(tmp_path)).setup()
+    assert str(e.value) == (f"nyuv2: {str(mat)!r}: {key!r} holds 3 entries, 'images' 5; every image needs its depth "
+                            "and labels")
+
+
 @pytest.mark.slow  # two CLI trainings, ~20 s of CPU each; test_in_process_smoke_training is the fast variant
 @pytest.mark.parametrize("experiment, hw, kw, tasks", [
     ("nyuv2", (36, 48), {}, {"semseg", "depth", "normals"}),

@@ -97,6 +97,15 @@ def test_bad_files_name_the_file_and_key(tmp_path, mats):
         read_class_mapping(tmp_path / "junk.mat", 40)
     with pytest.raises(FileNotFoundError, match=r"data\.class_mapping .*nope\.mat' does not exist"):
         read_class_mapping([map40, tmp_path / "nope.mat"], 13)
+    # a table that does not parse: named with the parser's line (row), not its bare error
+    (tmp_path / "t.json").write_text("[-1, 0,")
+    with pytest.raises(ValueError, match=r"^nyuv2: class mapping .*t\.json' cannot be read as a table of numbers "
+                                         r"\(Expecting value: line 1 column 8 \(char 7\)\)$"):
+        read_class_mapping(tmp_path / "t.json", 13)
+    (tmp_path / "t.txt").write_text("-1\nwall\n")
+    with pytest.raises(ValueError, match=r"^nyuv2: class mapping .*t\.txt' cannot be read as a table of numbers "
+                                         r"\(could not convert string 'wall' to float64 at row 1, column 1\.\)$"):
+        read_class_mapping(tmp_path / "t.txt", 13)
 
 
 def test_cli_list_override_reaches_the_loader(tmp_path, mats):
@@ -145,12 +154,17 @@ def test_a_mapping_with_fewer_classes_than_the_head_is_refused(mats):
     ({"trainNdxs": [1.7, 2, 3], "testNdxs": [4]}, r"trainNdxs: 1\.7 is not a whole image number"),
     ({"trainNdxs": [0, 1, 2], "testNdxs": [3]}, r"trainNdxs: holds 0; the indices are MATLAB's, 1-based"),
     ({"trainNdxs": [1, 2, 2], "testNdxs": [3]}, r"trainNdxs: image 2 appears more than once"),
+    # were "no samples to stack" when the split was read, and a bare JSONDecodeError / TypeError
+    ({"trainNdxs": [1, 2], "testNdxs": []}, r"splits\.json': testNdxs is empty$"),
+    ({"trainNdxs": [], "testNdxs": [3]}, r"splits\.json': trainNdxs is empty$"),
+    ('{"trainNdxs": [1,', r"splits\.json: not valid JSON \(Expecting value: line 1 column 18 \(char 17\)\)$"),
+    ("[1, 2]", r"splits\.json' must hold \{\"trainNdxs\": \[\.\.\.\], \"testNdxs\": \[\.\.\.\]\}, got \[1, 2\]$"),
 ])
 def test_bad_split_indices_are_named(tmp_path, splits, message):
     from mtl.data.nyu_mat import read_splits
 
     path = tmp_path / "splits.json"
-    path.write_text(json.dumps(splits))
+    path.write_text(splits if isinstance(splits, str) else json.dumps(splits))
     with pytest.raises(ValueError, match=message):
         read_splits(path)
     path.write_text(json.dumps({"trainNdxs": [1, 3], "testNdxs": [2]}))
