@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -120,6 +120,17 @@ def labels_to_uint8(a: np.ndarray, num_classes: int, where: str) -> torch.Tensor
         a = a[..., 0]
     if a.ndim != 2:
         raise ValueError(f"{where}: expected labels of shape (H, W), got {a.shape}")
+    ids = whole_ids(a, where, lambda label: _outside(where, label, num_classes))
+    ids[(ids == -1) | (ids == IGNORE)] = IGNORE
+    bad = (ids != IGNORE) & ((ids < 0) | (ids >= num_classes))
+    if bad.any():
+        raise _outside(where, int(ids[bad][0]), num_classes)
+    return torch.from_numpy(ids.astype(np.uint8))
+
+
+def whole_ids(a: np.ndarray, where: str, outside: Callable[[object], ValueError]) -> np.ndarray:
+    """Label ids as int64, refusing what the cast would change: non-numbers, NaN, fractions (nothing is rounded) and
+    ids it would wrap (``outside(id)`` names them, in the caller's range)."""
     check_dtype(a, "biuf", "labels", "integer class ids", where)
     if np.issubdtype(a.dtype, np.floating):  # class ids stored as floats: whole numbers only, nothing rounded
         if not np.isfinite(a).all():
@@ -130,17 +141,12 @@ def labels_to_uint8(a: np.ndarray, num_classes: int, where: str) -> torch.Tensor
             raise ValueError(f"{where}: label {float(frac[0]):g} is not a whole number; expected integer class ids")
         huge = a[np.abs(a) > 2**31]  # would wrap in the int64 cast and be named as another number
         if huge.size:
-            raise _outside(where, f"{float(huge[0]):g}", num_classes)
+            raise outside(f"{float(huge[0]):g}")
     elif a.dtype.kind == "u" and a.dtype.itemsize >= 8:  # ids from 2**63 would wrap in the cast (2**64 - 1 to −1)
         huge = a[a > 2**31]
         if huge.size:
-            raise _outside(where, int(huge[0]), num_classes)
-    ids = a.astype(np.int64)
-    ids[(ids == -1) | (ids == IGNORE)] = IGNORE
-    bad = (ids != IGNORE) & ((ids < 0) | (ids >= num_classes))
-    if bad.any():
-        raise _outside(where, int(ids[bad][0]), num_classes)
-    return torch.from_numpy(ids.astype(np.uint8))
+            raise outside(int(huge[0]))
+    return a.astype(np.int64)
 
 
 def dense_to_float(a: np.ndarray, channels: int, where: str) -> torch.Tensor:
@@ -162,6 +168,22 @@ def warn_integer_depth(a: np.ndarray, where: str) -> bool:
     log.warning("%s: depth stored as %s integers up to %d is used as it is; if these are millimetres, divide by "
                 "1000 first (depth is compared in the stored unit)", where, a.dtype, int(a.max()))
     return True
+
+
+def read_depth(a: np.ndarray, where: str, depth_unit: DepthUnitCheck, negative: list[str]) -> torch.Tensor:
+    """(H, W[, 1]) depth as float32 (1, H, W), as every benchmark loader reads it: integer millimetres warned about
+    (``depth_unit``), ``where`` added to ``negative`` when it holds negative values (`warn_negative_depth`)."""
+    depth_unit(a, where)
+    t = dense_to_float(a, 1, where)
+    if (t < 0).any():
+        negative.append(where)
+    return t
+
+
+def warn_negative_depth(negative: list[str], source: object) -> None:
+    if negative:  # the depth task's mask (target > 0) drops them, as 0; say so rather than train on less unseen
+        log.warning("%d depth map(s) of %s hold negative values (first: %s); they count as invalid pixels, as 0",
+                    len(negative), source, negative[0])
 
 
 class DepthUnitCheck:
@@ -279,19 +301,14 @@ def read_npy_split(split_dir: Path, dirs: dict[str, str], num_classes: int, limi
                 sample[key] = image_to_uint8(a, str(f))
             elif key == "semseg":
                 sample[key] = labels_to_uint8(a, num_classes, str(f))
+            elif key == "depth":
+                sample[key] = read_depth(a, str(f), depth_unit, negative)
             else:
-                if key == "depth":
-                    depth_unit(a, str(f))
-                sample[key] = dense_to_float(a, 1 if key == "depth" else 3, str(f))
-                if key == "depth" and (sample[key] < 0).any():
-                    negative.append(f)
-                if key == "normals":
-                    check_unit_normals(sample[key], str(f))
+                sample[key] = dense_to_float(a, 3, str(f))
+                check_unit_normals(sample[key], str(f))
             check_target_size(sample[key], sample["image"], str(f))
         samples.append(resize_sample(sample, first(images[i], tuple(sample["image"].shape[-2:]), size)))
-    if negative:  # the depth task's mask (target > 0) drops them, as 0; say so rather than train on less unseen
-        log.warning("%d depth file(s) of %s hold negative values (first: %s); they count as invalid pixels, as 0",
-                    len(negative), split_dir, negative[0])
+    warn_negative_depth(negative, split_dir)
     return stack_samples(samples)
 
 
@@ -493,7 +510,7 @@ class NYUv2DataModule(DenseBenchmarkDataModule):
             from mtl.data.nyu_mat import read_nyu_mat
 
             return read_nyu_mat(self.root, split, self.splits_file, self.class_mapping, self.num_classes,
-                                limit, self.size)
+                                limit, self.size, self._depth_unit)
         split_dir = self.root / ("train" if split == "train" else "val")
         return read_npy_split(split_dir, TARGET_DIRS, self.num_classes, limit, self.size, self._depth_unit,
                               self._first_image)

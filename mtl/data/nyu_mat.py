@@ -29,8 +29,8 @@ import torch
 
 from mtl.atomic import user_path
 from mtl.folder_checks import JSON_ERRORS
-from mtl.data.benchmarks import (check_target_size, dense_to_float, image_to_uint8, labels_to_uint8, resize_sample,
-                                 resolve_size, stack_samples)
+from mtl.data.benchmarks import (DepthUnitCheck, check_target_size, image_to_uint8, labels_to_uint8, read_depth,
+                                 resize_sample, resolve_size, stack_samples, warn_negative_depth, whole_ids)
 
 _KEYS = ("images", "depths", "labels")
 
@@ -226,12 +226,14 @@ def read_class_mapping(spec, num_classes: int) -> np.ndarray:
 
 
 def read_nyu_mat(path, split: str, splits_file, class_mapping, num_classes: int, limit: int | None,
-                 size) -> dict[str, torch.Tensor]:
-    """One split ("train" or "test") of the labelled .mat as tensors: image, semseg, depth."""
+                 size, depth_unit: DepthUnitCheck | None = None) -> dict[str, torch.Tensor]:
+    """One split ("train" or "test") of the labelled .mat as tensors: image, semseg, depth; labels and depth checked
+    as the npy layout's (``depth_unit``: the dataset's, shared by its splits)."""
     try:
         import h5py
     except ImportError as e:
         raise ImportError("reading nyu_depth_v2_labeled.mat needs h5py: pip install 'mtlkit[benchmarks]'") from e
+    depth_unit = depth_unit or DepthUnitCheck()
     index = read_splits(splits_file)[split]
     table = read_class_mapping(class_mapping, num_classes)
     index = index[:limit] if limit is not None else index
@@ -251,18 +253,23 @@ def read_nyu_mat(path, split: str, splits_file, class_mapping, num_classes: int,
                                  "image needs its depth and labels")
         if index and (min(index) < 0 or max(index) >= n):
             raise ValueError(f"nyuv2: splits file {splits_file} indexes past the {n} images of {path}")
-        samples, hw = [], None
+        samples, hw, negative = [], None, []
         for i in index:
-            where = f"{path}[{i}]"
-            raw = np.asarray(f["labels"][i]).T.astype(np.int64)
-            if raw.max(initial=0) >= len(table):
-                raise ValueError(f"{where}: raw label {int(raw.max())} has no entry in the class mapping "
-                                 f"({len(table)} entries)")
-            sample = {"image": image_to_uint8(np.asarray(f["images"][i]).transpose(2, 1, 0), where),
-                      "semseg": labels_to_uint8(table[raw], num_classes, where),
-                      "depth": dense_to_float(np.asarray(f["depths"][i]).T, 1, where)}
+            where = {k: f"{path}: {k}[{i}]" for k in _KEYS}
+
+            def no_entry(label: object) -> ValueError:
+                return ValueError(f"{where['labels']}: raw label {label} has no entry in the class mapping "
+                                  f"({len(table)} entries)")
+
+            raw = whole_ids(np.asarray(f["labels"][i]).T, where["labels"], no_entry)  # (fractions: refused)
+            if raw.size and (raw.min() < 0 or raw.max() >= len(table)):
+                raise no_entry(int(raw.max() if raw.max() >= len(table) else raw.min()))
+            sample = {"image": image_to_uint8(np.asarray(f["images"][i]).transpose(2, 1, 0), where["images"]),
+                      "semseg": labels_to_uint8(table[raw], num_classes, where["labels"]),
+                      "depth": read_depth(np.asarray(f["depths"][i]).T, where["depths"], depth_unit, negative)}
             for key, name in (("semseg", "labels"), ("depth", "depths")):
-                check_target_size(sample[key], sample["image"], f"{path}: {name}[{i}]")
+                check_target_size(sample[key], sample["image"], where[name])
             hw = hw or resolve_size(size, tuple(sample["image"].shape[-2:]))
             samples.append(resize_sample(sample, hw))
+    warn_negative_depth(negative, f"{path} ({split})")
     return stack_samples(samples)

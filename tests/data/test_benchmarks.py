@@ -341,6 +341,29 @@ def test_a_mat_dataset_with_fewer_entries_than_images_is_named(tmp_path, key):
                             "and labels")
 
 
+def test_the_mat_loader_checks_labels_and_depth_as_the_npy_loader(tmp_path, caplog):
+    """Fractional float labels were truncated (astype(int64)), and millimetre or negative depth passed without the
+    npy loader's warnings."""
+    mat = tmp_path / "nyu_depth_v2_labeled.mat"
+    write_nyu_mat(mat)
+    rewrite_mat(mat, "labels", lambda a: a.astype(np.float64) + 0.5)
+    with pytest.raises(ValueError) as e:
+        create_datamodule("nyuv2", root=str(mat), **mat_inputs(tmp_path)).setup()
+    assert str(e.value) == f"{mat}: labels[0]: label 0.5 is not a whole number; expected integer class ids"
+    write_nyu_mat(mat)
+    rewrite_mat(mat, "depths", lambda a: (a * 1000).astype(np.uint16))
+    with caplog.at_level("WARNING"):
+        create_datamodule("nyuv2", root=str(mat), **mat_inputs(tmp_path)).setup()
+    assert caplog.text.count(f"{mat}: depths[0]: depth stored as uint16 integers up to ") == 1, caplog.text  # once
+    caplog.clear()
+    rewrite_mat(mat, "depths", lambda a: np.where(np.arange(len(a))[:, None, None] == 2, -1.0, a.astype(np.float32)))
+    with caplog.at_level("WARNING"):
+        dm = create_datamodule("nyuv2", root=str(mat), **mat_inputs(tmp_path))
+        dm.setup()
+    assert f"1 depth map(s) of {mat} (train) hold negative values (first: {mat}: depths[2])" in caplog.text
+    assert float(dm.dataset("train").tensors["depth"][1].max()) == -1.0  # kept, as the npy loader keeps them
+
+
 @pytest.mark.slow  # two CLI trainings, ~20 s of CPU each; test_in_process_smoke_training is the fast variant
 @pytest.mark.parametrize("experiment, hw, kw, tasks", [
     ("nyuv2", (36, 48), {}, {"semseg", "depth", "normals"}),
@@ -413,7 +436,7 @@ def test_negative_and_millimetre_depth_are_reported(tmp_path, caplog):
         dm.setup()
     text = caplog.text
     assert "depth stored as uint16 integers up to 3000 is used as it is; if these are millimetres" in text
-    assert "1 depth file(s) of" in text and "hold negative values (first: " in text and "1.npy" in text
+    assert "1 depth map(s) of" in text and "hold negative values (first: " in text and "1.npy" in text
     depth = dm.dataset("train").tensors["depth"]
     assert float(depth[1].min()) == -1.0  # kept; the task's mask (target > 0) leaves those pixels out
 
