@@ -86,6 +86,16 @@ def finite_rows(matrix: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(matrix.reshape(matrix.shape[0], -1).sum(1, dtype=acc))
 
 
+def at_least_float32(_module, args):
+    """Forward pre-hook: a bf16/fp16 Jacobian (a ``precision="bf16-true"`` model) is aggregated in float32.
+    Products of bf16/fp16 numbers are exact in float32, so G = J Jᵀ then carries float32 accumulation
+    rounding only; formed in bf16, its rounding (eps 2^-7) swamps the solvers' tests of a vanishing
+    combination, and nash_mtl took mild conflicts for "no bargaining point". TorchJD casts the result
+    back to each parameter's dtype."""
+    wide = torch.promote_types(args[0].dtype, torch.float32)
+    return None if args[0].dtype == wide else (args[0].to(wide), *args[1:])
+
+
 def finite_or_cleared(balancer: Balancer, finite: torch.Tensor, params: Sequence[torch.Tensor], step: int) -> bool:
     """Whether every task's gradient is finite (``finite``: one flag per task), checked before any solver
     sees them (``check_finite_gradients``: raises unless ``skip_nonfinite``). When the step is skipped, the
@@ -143,6 +153,8 @@ class JacobianBalancer(Balancer):
 
         from torchjd.aggregation import GramianWeightedAggregator
 
+        if isinstance(self.aggregator, GramianWeightedAggregator):
+            self.aggregator.register_forward_pre_hook(at_least_float32)
         if isinstance(self.aggregator, GramianWeightedAggregator) and self.float64_gramian:
             # T x T solves in float64: in float32, nearly cancelling gradients lose the solvers'
             # defining properties to rounding (tests/balancers/test_aggregator_optima.py)

@@ -41,7 +41,8 @@ class NashMTLBalancer(JacobianBalancer):
 
         aggregator = gramian_aggregator(self._weights)
         # registered before JacobianBalancer's float64 cast: the rounding of "0 in the hull" is that of the
-        # dtype TorchJD formed the Gramian in (a float32 Gramian of rank-deficient gradients is slightly definite)
+        # dtype TorchJD formed the Gramian in, float32 or wider (gradient.at_least_float32; a float32 Gramian
+        # of rank-deficient gradients is slightly definite)
         aggregator.gramian_weighting.register_forward_pre_hook(self._note_gramian_dtype)
         return aggregator
 

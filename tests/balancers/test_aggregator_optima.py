@@ -261,6 +261,36 @@ def test_nash_mtl_finds_the_point_of_gradients_of_disparate_scales(J):
     assert (b.solver_failures, b.not_converged) == (0, 0) and float((prod.max() - prod.min()) / prod.mean()) <= 1e-3
 
 
+def _nash_step(J: torch.Tensor):
+    """nash_mtl's step on losses ⟨θ, g_t⟩ with θ (and so the Jacobian) in J's dtype: (balancer, weights, θ.grad)."""
+    names = [f"t{i}" for i in range(J.shape[0])]
+    theta = torch.nn.Parameter(torch.zeros(J.shape[1], dtype=J.dtype))
+    b = create_balancer("nash_mtl", names)
+    b.backward(StepContext({t: theta @ J[i] for i, t in enumerate(names)}, [theta], {t: [] for t in names}, None))
+    return b, torch.tensor([b.weights()[t] for t in names], dtype=torch.float64), theta.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_nash_mtl_on_a_half_precision_jacobian_finds_the_point_of_a_mild_conflict(dtype):
+    # 10 unit gradients at pairwise cosine −0.05: the hull's min-norm point is √((1 − 9·0.05)/10) = 0.235 from 0.
+    # The Gramian was formed in bf16 and judged at T·eps_bf16 = 0.078 (‖d‖ < 0.28): "no bargaining point", equal weights
+    T, P = 10, 4096
+    C = torch.full((T, T), -0.05, dtype=torch.float64).fill_diagonal_(1.0)
+    Q, _ = torch.linalg.qr(torch.randn(P, T, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    J = (torch.linalg.cholesky(C) @ Q.T).to(dtype)
+    b, w, grad = _nash_step(J)
+    G = J.double() @ J.double().T  # the Gramian of the gradients as they are, in bf16/fp16
+    prod = w * (G @ w)  # α_t (Gα)_t equal across tasks: the weights are the solution up to scale
+    assert (b.solver_failures, b.not_converged) == (0, 0) and float((prod.max() - prod.min()) / prod.mean()) <= 1e-3
+    assert grad.dtype == dtype
+
+
+def test_nash_mtl_on_a_bf16_jacobian_still_sees_0_in_the_hull():
+    g = torch.randn(4096, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    b, w, _ = _nash_step(torch.stack([g, -g]))
+    assert (b.solver_failures, b.not_converged) == (1, 0) and w.tolist() == [1.0, 1.0]
+
+
 @pytest.mark.parametrize("dim", [3, 10, 1000])
 @pytest.mark.parametrize("ratio", [1e-2, 1e-3, 1e-4])
 @pytest.mark.parametrize("seed", [11, 0, 5])
