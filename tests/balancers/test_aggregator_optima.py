@@ -261,6 +261,53 @@ def test_nash_mtl_finds_the_point_of_gradients_of_disparate_scales(J):
     assert (b.solver_failures, b.not_converged) == (0, 0) and float((prod.max() - prod.min()) / prod.mean()) <= 1e-3
 
 
+def _no_point_by_min_norm(G: torch.Tensor, eps: float) -> bool:
+    """The direct test for 0 in the hull (what nash_weights used to run before every solve), on G at unit scale."""
+    from mtl.balancers.solvers import _hull_nearly_vanishes, min_norm_weights
+    G = G / float(G.diagonal().mean())
+    norms, floor = G.diagonal().sqrt(), eps * G.shape[0]
+    a = min_norm_weights(G)
+    return float(a @ G @ a) <= floor * float(a @ norms) ** 2 or _hull_nearly_vanishes(G, norms, floor)
+
+
+def test_nash_weights_runs_the_min_norm_solves_only_where_its_point_cannot_rule_out_0(monkeypatch):
+    # every solve ran two min-norm solves (and an eigvalsh, a duality gap) before Newton: 3–7× the solve's cost
+    import mtl.balancers.solvers as solvers
+    calls = []
+    real = solvers.min_norm_weights
+    monkeypatch.setattr(solvers, "min_norm_weights", lambda G, *a, **kw: calls.append(1) or real(G, *a, **kw))
+    for _, J in battery():
+        assert nash_weights(J.double() @ J.double().T, eps=torch.finfo(torch.float32).eps) is not None
+    for rows in VANISHING:  # Newton's iterates run off along the vanishing combination: seen without them either
+        J = torch.tensor(rows.values[0])
+        assert nash_weights((J @ J.T).double(), eps=torch.finfo(torch.float32).eps) is None
+    assert calls == []  # Newton's point certified each hull clear of 0, or its iterate vanished
+    # Newton stopped at max_iters: the direct test runs, to tell "not converged" from "no bargaining point"
+    with pytest.raises(NashNotConverged):
+        nash_weights(torch.tensor([[1.0, -1.0], [-1.0, 2.0]], dtype=torch.float64), 1e-10, 1)
+    assert calls
+
+
+@pytest.mark.parametrize("T", [2, 3, 6])
+@pytest.mark.parametrize("k", [0.3, 0.9, 1.1, 3.0, 30.0])
+def test_nash_weights_agrees_with_the_direct_test_near_the_rounding_floor(T, k):
+    # T unit gradients at pairwise cosine ρ: the hull's min-norm point has ‖d‖² = (1 + (T − 1)ρ)/T, set to k·floor
+    eps = torch.finfo(torch.float32).eps
+    rho = (k * T * eps * T - 1) / (T - 1)
+    G = torch.full((T, T), rho, dtype=torch.float64).fill_diagonal_(1.0)
+    assert (nash_weights(G, eps=eps) is None) == _no_point_by_min_norm(G, eps) == (k < 1)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_nash_weights_agrees_with_the_direct_test_on_random_hulls(seed):
+    # 6 gradients in R^3 of mixed scales: 0 is in their hull about half the time (Wendel)
+    gen = torch.Generator().manual_seed(seed)
+    J = torch.randn(6, 3, generator=gen) * torch.logspace(0, -3, 6)[torch.randperm(6, generator=gen)][:, None]
+    G = (J @ J.T).double()  # formed in float32
+    eps = torch.finfo(torch.float32).eps
+    assert (nash_weights(G, eps=eps) is None) == _no_point_by_min_norm(G, eps)
+
+
 def _nash_step(J: torch.Tensor):
     """nash_mtl's step on losses ⟨θ, g_t⟩ with θ (and so the Jacobian) in J's dtype: (balancer, weights, θ.grad)."""
     names = [f"t{i}" for i in range(J.shape[0])]
