@@ -401,21 +401,28 @@ def test_a_refused_folder_of_the_users_is_left_byte_for_byte(console, capfd, tmp
     assert [(p.name, p.read_bytes()) for p in mine.iterdir()] == [("notes.txt", b"hi\n")]
 
 
+@pytest.mark.parametrize("in_root", [False, True], ids=["elsewhere", "in-output-root"])
 @pytest.mark.parametrize("key, under, multirun", [
     ("hydra.run.dir", "", []), ("hydra.run.dir", "run", []), ("hydra.sweep.dir", "", ["-m", "seed=1,2"]),
     ("hydra.sweep.dir", "sweep", ["-m", "seed=1,2"]),
 ])
-def test_a_file_given_as_the_run_or_sweep_folder_is_named_by_its_key(console, capfd, tmp_path, key, under, multirun):
+def test_a_file_given_as_the_run_or_sweep_folder_is_named_by_its_key(console, capfd, tmp_path, key, under, multirun,
+                                                                      in_root):
     """hydra.run.dir=<an existing file> gave Hydra's bare "[Errno 17] File exists: '<it>'" (a file on the way:
-    "[Errno 20] Not a directory"), naming no setting; the key, its value and the file are named, the file kept."""
-    afile = tmp_path / "afile.txt"
+    "[Errno 20] Not a directory"), naming no setting; the key, its value and the file are named, the file kept.
+    A file on the way inside MTL_OUTPUT_DIR was blamed on the variable ("MTL_OUTPUT_DIR=... cannot hold run
+    folders"), though the folder was the one given on the command line."""
+    folder = tmp_path / "outputs" if in_root else tmp_path  # the console fixture's MTL_OUTPUT_DIR
+    folder.mkdir(exist_ok=True)
+    afile = folder / "afile.txt"
     afile.write_text("x\n")
     given = afile / under if under else afile
     code, out = console("mtl.cli.train", *multirun, "debug=smoke", "logger=none", f"{key}={given}")
     stdout, err = capfd.readouterr()
     said = f"{key}={given}: {afile}" if under else f"{key}={afile}"
     assert code == 1 and err.strip() == f"error: {said} is a file, not a folder; pick a new folder", err
-    assert "run_dir:" not in stdout and afile.read_text() == "x\n" and not out.exists()
+    assert "run_dir:" not in stdout and afile.read_text() == "x\n"
+    assert list(out.iterdir()) == [afile] if in_root else not out.exists()  # nothing made
 
 
 def test_an_in_process_refusal_keeps_a_given_folder_that_existed(monkeypatch, tmp_path):

@@ -210,16 +210,27 @@ def output_root_problem(error: BaseException) -> str | None:
     return f"{name} cannot hold run folders ({why}); set MTL_OUTPUT_DIR to a folder you can write to"
 
 
-def file_in_the_way(key: str, folder: str | os.PathLike) -> str | None:
+def override_value(overrides, key: str) -> str | None:
+    """The value of a ``key=...`` override (``+``/``++``/``~`` prefixes allowed) among ``overrides``, if any."""
+    for override in overrides or []:
+        name, sep, value = str(override).partition("=")
+        if sep and name.lstrip("+~") == key:
+            return value
+    return None
+
+
+def file_in_the_way(key: str, folder: str | os.PathLike, given: bool = False) -> str | None:
     """One line naming ``key`` (``hydra.run.dir``, ``hydra.sweep.dir``) and its value when a file stands where that
     folder, or a folder on the way to it, is to be made (Hydra's bare "[Errno 17] File exists" otherwise); None
-    when nothing is in the way, or when a file on the way lies in the output root (`output_root_problem` names it)."""
+    when nothing is in the way, or when a file on the way lies in the output root and ``key`` is the configs'
+    default (not ``given`` on the command line): the folder is then MTL_OUTPUT_DIR's, and `output_root_problem`
+    names that."""
     path = Path(os.path.abspath(folder))
     if path.exists() and not path.is_dir():
         return f"{key}={folder} is a file, not a folder; pick a new folder"
     blocker = next((p for p in path.parents if p.exists()), None)
     root = Path(os.path.abspath(output_root()))
-    if blocker is None or blocker.is_dir() or path == root or root in path.parents:
+    if blocker is None or blocker.is_dir() or (not given and (path == root or root in path.parents)):
         return None
     return f"{key}={folder}: {blocker} is a file, not a folder; pick a new folder"
 

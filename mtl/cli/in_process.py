@@ -14,7 +14,7 @@ from mtl.cli.environ import restored_environ
 from mtl.cli.common import (LEAFSPEC_WARNING, _rank0, check_group_choices, check_required, check_run_name,
                             hydra_message, register_resolvers)
 from mtl.cli.failures import (Terminated, claims_run_folder, interrupted_message, interruption, marks_failure,
-                              output_root, output_root_problem)
+                              output_root, output_root_problem, override_value)
 from mtl.cli.new_folders import made_for_run, missing_or_empty, note_made, removes_unused_folder
 
 __all__ = ["default_run_dir", "compose_in_process", "check_single_job", "run_in_process", "report_in_process"]
@@ -47,15 +47,6 @@ def default_run_dir(name: str) -> Path:
             path = base.with_name(f"{base.name}-{n}")
 
 
-def _run_dir_override(overrides) -> str | None:
-    """The value of a ``hydra.run.dir=...`` override, if any."""
-    for override in overrides or []:
-        key, sep, value = str(override).partition("=")
-        if sep and key.lstrip("+~") == "hydra.run.dir":
-            return value
-    return None
-
-
 def compose_in_process(config_module: str, config_name: str, overrides, run_dir=None):
     """Compose a CLI's Hydra config without running the app (notebooks, tests, scripts) and point its
     output at `run_dir` (or a ``hydra.run.dir=<path>`` override, as on the CLI; default: a new folder
@@ -83,7 +74,7 @@ def compose_in_process(config_module: str, config_name: str, overrides, run_dir=
         raise ValueError(near_setting(hydra_message(e), config_module, e.__cause__)) from None
     finally:
         restore_gh_from_backup(outer)
-    given = _run_dir_override(overrides)
+    given = override_value(overrides, "hydra.run.dir")
     if given is not None:  # the CLI's way to name the folder: honoured here too, never silently dropped
         if "${" in given:
             raise ValueError(f"hydra.run.dir={given} uses an interpolation, which only the CLI resolves; "
