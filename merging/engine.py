@@ -18,7 +18,7 @@ from contextlib import contextmanager
 import torch
 
 from .keys import DEFAULT_TASK_KEYS, EXPANSION_POINT, KeyPlan, is_bn_variance, plan_keys
-from .sources import MergeInputError, StateSource, default_task_names, open_sources
+from .sources import MergeInputError, StateSource, default_task_names, header_source, open_sources, weights_file
 
 __all__ = ["Context", "KeyOptions", "all_finite", "check_input_finite", "open_context", "overflow_error", "produce",
            "to_output_dtype", "torch_threads"]
@@ -256,6 +256,25 @@ def open_context(pretrained, finetuned, opts: KeyOptions, min_models: int, what:
         ctx.close()
         raise
     return ctx
+
+
+def check_headers(pretrained, finetuned: Sequence, options: dict) -> None:
+    """`open_context`'s key plan (key sets, shapes, dtypes under the key options in `options`) from the inputs'
+    safetensors headers alone, so that a job refuses mismatched inputs before its run folder. Skipped when a torch
+    checkpoint is among them (only loading it gives its keys); the merge checks everything again."""
+    opts, _ = KeyOptions.split(dict(options))
+    sources: list[StateSource] = []
+    try:
+        for path in [pretrained, *finetuned]:
+            src = header_source(weights_file(path))
+            if src is None:
+                return
+            sources.append(src)
+        plan_keys(sources[0], sources[1:], include=opts["include"], exclude=opts["exclude"],
+                  task_keys=opts["task_keys"], unshared=opts["unshared"], bn=opts["bn"])
+    finally:
+        for src in sources:
+            src.close()
 
 
 def check_expansion_points(ctx: Context) -> None:

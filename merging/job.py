@@ -35,6 +35,7 @@ from mtl.models import MultiTaskModel
 from mtl.registry import Registry, check_int
 
 from .bn import check_bn, check_recompute_family
+from .engine import check_headers
 from .evaluation import Evaluator, ImageBatches
 from .pool import ModelPool, check_same_pruning, check_same_start, manifest_paths, model_list, precheck_pool, resolve_device
 from .report import build_report, print_table, write_report
@@ -287,7 +288,7 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         except MergeInputError as e:
             raise MergeInputError(f"{cfg.pool}: {e}" if manifest else str(e)) from None
         grid_job.precheck(name, hp, num_models=len(models))  # a per-model list (lam, weight, density) by its length
-        if evaluated:  # a pool the model pool would refuse (its family, its task names): from config.json alone
+        if evaluated:  # a pool the model pool would refuse (family, θ0, architecture, task names): config.json alone
             family = precheck_pool(pre, models).get("family")
             if bn_data is not None:
                 check_recompute_family(family)
@@ -298,6 +299,10 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                         check_readable(path)
                 except MergeInputError as e:
                     raise MergeInputError(f"{cfg.pool if manifest else key}: {e}") from None
+            check_same_pruning(pre, models)
+            check_same_start(pre, models)
+            if all(user_path(p).exists() for p in (pre, *models)):  # keys and shapes: merge_to_file found them later
+                check_headers(pre, models, hp)
     run_dir, output = start_run(cfg, run_dir, inputs=[manifest[0], *manifest[1]] if manifest else [],
                                 model_output=evaluated, any_weights=not evaluated)
     output = output.resolve()  # a relative output= is the cwd's, not the run folder's: record where it is
@@ -395,9 +400,7 @@ def merge_only(cfg: DictConfig, run_dir: Path, name: str, hp: dict[str, Any], ou
             "eval=none: no λ search without evaluation%s; %s uses its default λ (set merge.lam to choose)",
             f" (merge.lam_grid={grid} is not searched)" if given else "", name)
     hp = {k: v for k, v in hp.items() if not (k == "lam" and v is None)}
-    pre, models = _input_paths(cfg, run_dir, manifest)
-    check_same_pruning(pre, models)
-    check_same_start(pre, models)
+    pre, models = _input_paths(cfg, run_dir, manifest)  # given ones were checked before the run folder (run_merge)
     path = merging.merge_to_file(method, pre, models, output, overwrite=bool(cfg.overwrite),
                                  shard_size=cfg.get("shard_size"), **hp)
     return record_unevaluated(run_dir, name, pre, models, resolved_hparams(method, hp), output, path, start)

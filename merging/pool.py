@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
-from mtl.io import load_state, read_checked_config, read_json, read_model_config, recorded_weights_digest
+from mtl.io import CONFIG, WEIGHTS, load_state, read_checked_config, read_json, read_model_config, recorded_weights_digest
 from mtl.models import MultiTaskModel, model_from_config
 from mtl.models.decoders.base import DECODERS
 from mtl.models.surgery import PLAN_KEY
@@ -57,25 +57,11 @@ class ModelPool:
             raise ValueError("no fine-tuned models given: pass models=[folder,...] or pool=<manifest.json>")
         check_distinct_inputs(pretrained, models, ("pretrained", "models"), base_among=base_among)
         check_same_pruning(pretrained, models)
-        pre_cfg = _checked_arch(pretrained, read_checked_config(pretrained)["model"])  # edited configs named
-        check_pool_family(pretrained, pre_cfg)  # said before the members are read
-        check_same_start(pretrained, models)
-        members = []
-        for m in models:
-            cfg = read_checked_config(m)
-            mc = _checked_arch(m, cfg["model"])
-            for key in ("backbone", "decoder"):
-                if _arch(key, mc.get(key)) != _arch(key, pre_cfg.get(key)):
-                    raise ValueError(
-                        f"{m}: its {key} {mc.get(key)} differs from the pretrained model's "
-                        f"{pre_cfg.get(key)} ({pretrained}); models must share an architecture to merge"
-                    )
-            if members and _arch("decoder", mc.get("decoder"), heads=True) != _arch("decoder", members[0].config.get("decoder"), heads=True):
-                raise ValueError(f"{m}: its decoder {mc.get('decoder')} builds task heads unlike {members[0].path}'s "
-                                 f"{members[0].config.get('decoder')}; the merged model holds every member's head in one decoder")
-            meta = cfg.get("meta", {})
-            members.append(Member(Path(m), mc, [t["name"] for t in mc["tasks"]], meta.get("data"), meta.get("test", {})))
-        check_task_names([t for mem in members for t in mem.tasks])
+        pre_cfg = read_checked_config(pretrained)["model"]  # edited configs named
+        cfgs = [read_checked_config(m) for m in models]
+        check_pool_configs(pretrained, pre_cfg, [(m, c["model"]) for m, c in zip(models, cfgs)])
+        members = [Member(Path(m), c["model"], [t["name"] for t in c["model"]["tasks"]], c.get("meta", {}).get("data"),
+                          c.get("meta", {}).get("test", {})) for m, c in zip(models, cfgs)]
         return cls(Path(pretrained), members)
 
     @classmethod
@@ -155,13 +141,39 @@ def check_task_names(names: Sequence[str]) -> None:
         raise ValueError(f"task name(s) {dup} appear in more than one fine-tuned model; rename the tasks")
 
 
+def check_pool_configs(pretrained: str | Path, pre_cfg: dict[str, Any] | None,
+                       members: Sequence[tuple[str | Path, dict[str, Any]]]) -> None:
+    """What a pool must satisfy from config.json alone (its family, one θ0, one architecture, distinct task names):
+    `ModelPool.from_folders` and, before a job's run folder, `precheck_pool`. `pre_cfg`: θ0's config.json `model`,
+    None where it does not read (nothing is compared with it then)."""
+    if pre_cfg:
+        check_pool_family(pretrained, _checked_arch(pretrained, pre_cfg))  # said before the members are compared
+    check_same_start(pretrained, [m for m, _ in members])
+    for i, (m, mc) in enumerate(members):
+        _checked_arch(m, mc)
+        for key in ("backbone", "decoder") if pre_cfg else ():
+            if _arch(key, mc.get(key)) != _arch(key, pre_cfg.get(key)):
+                raise ValueError(f"{m}: its {key} {mc.get(key)} differs from the pretrained model's "
+                                 f"{pre_cfg.get(key)} ({pretrained}); models must share an architecture to merge")
+        first, fc = members[0]
+        if i and _arch("decoder", mc.get("decoder"), heads=True) != _arch("decoder", fc.get("decoder"), heads=True):
+            raise ValueError(f"{m}: its decoder {mc.get('decoder')} builds task heads unlike {first}'s "
+                             f"{fc.get('decoder')}; the merged model holds every member's head in one decoder")
+    check_task_names([t["name"] for _, mc in members for t in mc.get("tasks", [])])
+
+
 def precheck_pool(pretrained: str | Path, models: Sequence[str | Path]) -> dict[str, Any]:
-    """`ModelPool.from_folders`' checks that read config.json alone (the family, the task names), for a job to run
-    before its run folder; a folder that is missing or not an mtlkit model folder is left to the job's own checks
-    (`start_run`, then `from_folders`, name it). Returns the pretrained model's config.json `model` ({} if unread)."""
-    pre = (_config(pretrained) or {}).get("model") or {}
-    check_pool_family(pretrained, pre)
-    check_task_names([t["name"] for m in models for t in ((_config(m) or {}).get("model") or {}).get("tasks", [])])
+    """`check_pool_configs` for a job to run before its run folder; a folder that is missing or not an mtlkit model
+    folder is left to the job's own checks (`start_run`, then `from_folders`, name it). Returns the pretrained
+    model's config.json `model` ({} if unread)."""
+    def model_config(folder: str | Path) -> dict[str, Any] | None:  # checked as from_folders reads it: an edited one named
+        folder = Path(folder)
+        both = (folder / CONFIG).is_file() and (folder / WEIGHTS).is_file()
+        return read_checked_config(folder)["model"] if both else None
+
+    pre = model_config(pretrained) or {}
+    read = [(m, model_config(m)) for m in models]
+    check_pool_configs(pretrained, pre, [(m, mc) for m, mc in read if mc is not None])
     return pre
 
 

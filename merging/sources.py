@@ -37,6 +37,7 @@ __all__ = [
     "open_sources",
     "check_distinct_inputs",
     "check_readable",
+    "header_source",
     "load_state_dict",
     "SAFETENSORS_DTYPES",
     "DTYPE_CODES",
@@ -155,16 +156,23 @@ def check_readable(path: Pathish) -> None:
             head = fh.read(4)
     except OSError as e:
         raise MergeInputError(f"{f}: cannot be read ({e.strerror or e})") from None
-    if f.name.endswith(".safetensors.index.json"):  # a folder's index (one given as a file: weights_file refused it)
-        ShardedSafetensorsSource(f).close()
-    elif f.suffix == ".safetensors":
-        SafetensorsSource(f).close()
+    src = header_source(f)
+    if src is not None:
+        src.close()
     elif not head.startswith(TORCH_MAGIC):
         raise MergeInputError(torch_load_refusal(str(f), ValueError(
             "empty file" if not head else "neither a zip archive nor a pickle, as torch.save writes")))
     elif head == TORCH_MAGIC[0] and not _torch_archive(f):
         raise MergeInputError(torch_load_refusal(str(f), ValueError(
             "a zip archive without the data.pkl torch.save writes")))
+
+
+def header_source(f: Path) -> StateSource | None:
+    """`weights_file`'s file `f` as a source of its safetensors header(s) alone: keys, shapes and dtypes, with no
+    tensor read (unlike `open_source`, no digest pass); None for a torch checkpoint, whose keys only loading it gives."""
+    if f.name.endswith(".safetensors.index.json"):  # a folder's index (one given as a file: weights_file refused it)
+        return ShardedSafetensorsSource(f)
+    return SafetensorsSource(f) if f.suffix == ".safetensors" else None
 
 
 def _torch_archive(path: Path) -> bool:

@@ -52,3 +52,23 @@ def test_models_pruned_by_different_plans_are_refused(tmp_path):
         check_same_pruning(folders["a"], [folders["b"]])
     with pytest.raises(ValueError, match=r"is pruned and .* is not"):
         check_same_pruning(folders["plain"], [folders["a"]])
+
+
+@pytest.mark.parametrize("extra, said", [
+    # evaluated: the pool's config.json check, which ran in ModelPool.from_folders after the run folder
+    ((), r"/b: its decoder \{.*\} differs from the pretrained model's \{.*\} \(.*/pre\); models must share"),
+    # eval=none: the tensors' shapes, which merge_to_file found after the run folder; now from the headers
+    (("eval=none", "merge.lam=0.3"), r"models do not match: 'decoder\..*' has shape"),
+])
+def test_a_pool_of_another_architecture_leaves_no_run_folder(tmp_path, console, capfd, extra, said):
+    """Was an error line, then a run_dir: line and a FAILED run folder: now one error line and no folder."""
+    import re
+
+    from tests.test_early_config_checks import _refused_without_folder
+
+    pre = _folder(tmp_path, "pre", "base", {"name": "hps", "channels": 8})
+    a = _folder(tmp_path, "a", "ta", {"name": "hps", "channels": 8})
+    b = _folder(tmp_path, "b", "tb", {"name": "hps", "channels": 16})
+    message = _refused_without_folder(console, capfd, "merging.cli", "merge=task_arithmetic", f"pretrained={pre}",
+                                      f"models=[{a},{b}]", *extra)
+    assert re.search(said, message), message

@@ -94,3 +94,17 @@ def test_a_fine_tune_of_the_linearised_theta0_itself_merges_against_it(tmp_path)
     lin = _folder(tmp_path, "pre_lin", "p", {"linearized_from_weights_digest": recorded_weights_digest(pre)}, seed=2)
     ft = _folder(tmp_path, "a", "a", {"init_from_weights_digest": recorded_weights_digest(lin)})
     ModelPool.from_folders(lin, [ft])
+
+
+@pytest.mark.parametrize("extra", [(), ("eval=none", "merge.lam=0.3")])
+def test_a_member_of_another_start_leaves_no_run_folder(tmp_path, console, capfd, extra):
+    """The same-θ0 check read config.json alone but ran after the run folder (an error line, then run_dir: and a
+    FAILED folder): now one error line and no folder, evaluated or not."""
+    from tests.test_early_config_checks import _refused_without_folder
+
+    pre = _folder(tmp_path, "pre", "p")
+    other = _folder(tmp_path, "other", "p", seed=1)
+    bad = _folder(tmp_path, "b", "b", {"init_from_weights_digest": recorded_weights_digest(other)})
+    message = _refused_without_folder(console, capfd, "merging.cli", "merge=task_arithmetic", f"pretrained={pre}",
+                                      f"models=[{bad}]", *extra)
+    assert message.startswith(f"{bad}: fine-tuned from another θ0"), message
