@@ -1,6 +1,7 @@
 """Evaluation for ``mtl-merge``: every pool task on its own data, scored against its fine-tuned model."""
 from __future__ import annotations
 
+import logging
 import statistics
 from typing import Any
 
@@ -12,6 +13,8 @@ from mtl.progress_log import ProgressLog
 from .pool import ModelPool, evaluate, member_datamodule, normalized, normalized_undefined, resolve_device, score
 
 __all__ = ["Evaluator", "ImageBatches"]
+
+log = logging.getLogger(__name__)
 
 Metrics = dict[str, float]
 
@@ -33,6 +36,8 @@ class Evaluator:
         self.names = pool.task_names
         self._owner = {t: m for m in pool.members for t in m.tasks}
         self._dms = {id(m): member_datamodule(m, data_overrides or {}) for m in pool.members}
+        # tasks whose data serves its test split as val (nyuv2/cityscapes at val_fraction=0): "val" scores are test's
+        self.val_is_test = [t for t in self.names if getattr(self.datamodule(t), "val_is_test", False)]
         self.individual: dict[str, dict[str, Metrics]] = {}
         self.scored: dict[str, dict[str, int]] = {"val": {}, "test": {}}  # per split and task (the same for every model)
         bar = ProgressLog("[eval] fine-tuned models", len(pool.members), unit="models", every_seconds=0,
@@ -56,9 +61,23 @@ class Evaluator:
 
     def record(self) -> dict[str, Any]:
         """How the scores were measured, for metrics.json and the merged folder's meta: a capped evaluation
-        (`max_batches`) scored part of each split, and says so."""
-        return {"split": "test", "selection_split": "val", "max_batches": self.max_batches,
+        (`max_batches`) scored part of each split, and says so. `selection_split` is "test" where every task's val
+        split is its test split ({task: split} where only some are)."""
+        on_test = set(self.val_is_test)
+        selection = ("val" if not on_test else "test" if on_test == set(self.names)
+                     else {t: "test" if t in on_test else "val" for t in self.names})
+        return {"split": "test", "selection_split": selection, "max_batches": self.max_batches,
                 "scored_samples": {s: dict(n) for s, n in self.scored.items() if n}}
+
+    def warn_selection_on_test(self) -> None:
+        """After a search scored on val: a warning where the chosen hyperparameters were chosen on test data."""
+        if self.val_is_test:
+            log.warning("hyperparameters were chosen on the TEST split of task(s) %s: their data has no validation "
+                        "split of its own (val is the test set: data.val_fraction=0, the nyuv2/cityscapes default), "
+                        "so the test scores are optimistic; metrics.json records selection_split. To select on "
+                        "held-out data, fine-tune with data.val_fraction>0 (the merge reads it from each fine-tune's "
+                        "meta.data), or pass 'eval.data={val_fraction: 0.1}' (carved from train, which fine-tunes "
+                        "trained at val_fraction=0 have seen)", ", ".join(self.val_is_test))
 
     def run_all(self, model: MultiTaskModel, split: str) -> dict[str, Metrics]:
         bar = ProgressLog(f"[eval] {split}", len(self.names), unit="tasks", every_seconds=0, enabled=self.progress)

@@ -316,6 +316,8 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                       merged_keys=merged_keys)
     ev = Evaluator(pool, cfg.eval.get("max_batches"), _plain(cfg.eval.get("data")), cfg.eval.get("device") or "cpu")
     sel = select(MergeJob(cfg, pool, ev, run_dir, bn_data), MappingProxyType(hp))
+    if len(sel.grid or ()) > 1:  # a search ranked its candidates on val
+        ev.warn_selection_on_test()
     if bn_data is not None:
         sel.hparams.setdefault("bn", "recompute")
     test = sel.test if sel.test is not None else ev.run_all(sel.model, "test")

@@ -342,6 +342,10 @@ class DenseBenchmarkDataModule(TensorDataModule):
         self.val_fraction, self.seed = float(val_fraction), seed
         self._depth_unit, self._first_image = DepthUnitCheck(), FirstImage()
 
+    @property
+    def val_is_test(self) -> bool:
+        return self.val_fraction == 0  # `_load` serves the test set as val
+
     def source(self) -> str:
         return f"{self.benchmark} ({self.root})"
 

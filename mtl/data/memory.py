@@ -90,6 +90,10 @@ def random_hflip(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class TensorDataModule(LightningDataModule):
     """Shared loaders: subclasses fill ``self._data[split]`` with TensorDictDatasets in ``_load``."""
 
+    #: the val split is the test split itself (a benchmark without a validation split): what val selects
+    #: is selected on test; mtl-merge records and warns of it
+    val_is_test: bool = False
+
     def __init__(self, batch_size: int = 32, num_workers: int = 0, augment: bool = False):
         super().__init__()
         # as Python ints: the DataLoader refuses numpy's

@@ -110,6 +110,16 @@ def test_cityscapes_7_and_19_classes(tmp_path):
     assert dm19.info["semseg_classes"] == 19 and len(dm19.dataset("train")) == 3
 
 
+def test_a_benchmark_says_when_its_val_split_is_its_test_split(tmp_path):
+    """mtl-merge reads `val_is_test` to record and warn that it selected on test (val_fraction=0 serves test as val)."""
+    root = write_npy_layout(tmp_path / "cs", n_train=4, classes=7, normals=False)
+    same = create_datamodule("cityscapes", root=str(root), size=None)
+    same.setup()
+    assert same.val_is_test and torch.equal(same.dataset("val").tensors["image"], same.dataset("test").tensors["image"])
+    assert not create_datamodule("cityscapes", root=str(root), size=None, val_fraction=0.5).val_is_test
+    assert not create_datamodule("scenes", size=32, n_train=4, n_val=2, n_test=2).val_is_test
+
+
 def test_bad_root_and_layout_name_the_expected_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"missing.*train/image"):
         create_datamodule("nyuv2", root=str(tmp_path / "missing")).setup()

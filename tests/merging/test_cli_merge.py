@@ -945,3 +945,34 @@ def test_the_report_names_the_widths_a_slimmable_merged_model_was_scored_at():
         "encoder": narrow, "decoders": {"depth": 1.0, "semseg": narrow}}
     plain = create_model(["depth"], backbone="test_resnet", decoder={"name": "hps", "channels": 8})
     assert "widths" not in build_report("average", ev, Selection(plain, {}), {})
+
+
+def test_a_pool_whose_val_split_is_its_test_split_says_so(tmp_path, caplog):
+    """Cityscapes/NYUv2 at val_fraction=0 (their default) serve the test set as val: the λ search chose on test while
+    metrics.json said selection_split: val, silently. Now it records test and warns; a carved val split is val."""
+    import logging
+
+    from tests.data.test_benchmarks import write_npy_layout
+
+    root = write_npy_layout(tmp_path / "cs", n_train=4, n_val=3, classes=7, normals=False, hw=(32, 32))
+    data = {"name": "cityscapes", "root": str(root), "num_classes": 7, "size": None, "val_fraction": 0.0,
+            "batch_size": 4}
+    tasks = [{"kind": "semseg", "name": "semseg", "num_classes": 7}, {"kind": "depth", "name": "depth"}]
+    folders = []
+    for i, own in enumerate([tasks, tasks[:1], tasks[1:]]):
+        torch.manual_seed(i)
+        m = mtl.create_model(own, backbone="test_resnet", decoder={"name": "hps", "channels": 8})
+        folders.append(mtl.save_model(m, tmp_path / f"m{i}", meta={"data": data}))
+    args = ["merge=task_arithmetic", "merge.lam_grid=[0.2,0.5]", f"pretrained={folders[0]}",
+            f"models=[{folders[1]},{folders[2]}]"]
+    with caplog.at_level(logging.WARNING, logger="merging.evaluation"):
+        on_test = run(args, run_dir=tmp_path / "a")
+    warned = [r.getMessage() for r in caplog.records if "chosen on the TEST split" in r.getMessage()]
+    assert on_test["eval"]["selection_split"] == "test" and len(warned) == 1, on_test["eval"]
+    assert "semseg, depth" in warned[0] and "eval.data={val_fraction: 0.1}" in warned[0]
+    assert mtl.load_model(tmp_path / "a" / "model").meta["eval"]["selection_split"] == "test"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="merging.evaluation"):
+        carved = run([*args, "eval.data={val_fraction: 0.5}"], run_dir=tmp_path / "b")
+    assert carved["eval"]["selection_split"] == "val" and carved["eval"]["scored_samples"]["val"] == {"semseg": 2, "depth": 2}
+    assert not [r for r in caplog.records if "TEST split" in r.getMessage()]
