@@ -44,6 +44,51 @@ def pooled_means(sums: dict[str, torch.Tensor], count: int,
     return ({n: s / count for n, s in sums.items()} if count else {}), count
 
 
+def gather_objects(obj: Any) -> list[Any]:
+    """``obj`` of every process, by rank; ``[obj]`` in one process. A collective: every process must call it
+    (Lightning dumps a checkpoint on every process, with a barrier, before rank 0 writes it)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _rank_local_parts(balancer, prefix: str):
+    """(``prefix`` + the part's name + ".", part) for ``balancer``'s parts (itself, flat's nested methods) that keep
+    state differing per DDP rank (``Balancer.RANK_LOCAL``)."""
+    return [(f"{prefix}{name + '.' if name else ''}", part) for name, part in balancer.named_modules()
+            if getattr(part, "RANK_LOCAL", ())]
+
+
+def rank_local_states(balancer, prefix: str = "balancer.") -> dict[str, Any]:
+    """The extra state of ``balancer``'s rank-local parts by their key in the module's state_dict; {} if none."""
+    return {f"{name}_extra_state": part.get_extra_state() for name, part in _rank_local_parts(balancer, prefix)}
+
+
+def restore_rank_states(weights: dict[str, Any], ranks: list[dict[str, Any]] | None, rank: int, world: int,
+                        balancer, prefix: str = "balancer.") -> None:
+    """Give this rank its own saved state in a checkpoint's ``weights`` (which hold rank 0's): ``ranks`` is every
+    saving process's `rank_local_states`, by rank (None: a checkpoint from before they were kept, taken as one
+    process's). Saved by another number of processes, no saved state is this rank's: the ``RANK_LOCAL`` values
+    start afresh on every rank (nash_mtl solves its weights at the first resumed step), with a warning."""
+    saved = 1 if ranks is None else len(ranks)
+    if saved == world:
+        weights.update(ranks[rank] if ranks is not None else {})
+        return
+    dropped = []
+    for name, part in _rank_local_parts(balancer, prefix):
+        if isinstance(weights.get(f"{name}_extra_state"), dict):
+            weights[f"{name}_extra_state"] = {k: v for k, v in weights[f"{name}_extra_state"].items()
+                                              if k not in part.RANK_LOCAL}
+            dropped += [f"{name}{k}" for k in part.RANK_LOCAL]
+    if dropped and rank == 0:
+        log.warning("the checkpoint was saved by %d process(es), this run has %d: the balancer state that differs "
+                    "per process (%s) starts afresh; the run does not continue exactly as it would have",
+                    saved, world, ", ".join(dropped))
+
+
 def check_strategy(balancer, strategy: Any, monitor=None) -> None:
     """Refuse a balancer the strategy cannot run, naming the ones it can. Under FSDP the balancer
     monitor's gradient cosines (per-task gradients of the shared parameters, like the refused methods)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mtl.balancers import Balancer, BalancerMonitor, StepContext, check_finite, create_balancer, freeze_norm_stats
-from mtl.distributed import pooled_means
+from mtl.distributed import gather_objects, pooled_means, rank_local_states, restore_rank_states
 from mtl.expert_usage import usage_paused
 from mtl.io import as_plain, not_a_model
 from mtl.models import MultiTaskModel, create_model
@@ -328,6 +328,9 @@ class MultiTaskModule(L.LightningModule):
         if self.monitor:
             checkpoint["balancer_monitor"] = self.monitor.state_dict()
         checkpoint["rng_states"] = rng_states()
+        local = rank_local_states(self.balancer)
+        if local:  # every rank's (nash_mtl's weights differ per rank); the state_dict holds rank 0's only
+            checkpoint["balancer_ranks"] = gather_objects(local)
         if getattr(self, "_schedule_steps", None) is not None:
             checkpoint["schedule_steps"] = self._schedule_steps
         if self._trainer is not None:
@@ -352,6 +355,9 @@ class MultiTaskModule(L.LightningModule):
         for key in self.balancer.state_dict() if weights is not None else ():
             if key.endswith("_extra_state"):
                 weights.setdefault(f"balancer.{key}", None)
+        if weights is not None and trainer is not None and trainer.state.fn == "fit":
+            restore_rank_states(weights, checkpoint.get("balancer_ranks"), trainer.global_rank, trainer.world_size,
+                                self.balancer)
         if self.monitor and "balancer_monitor" in checkpoint:
             self.monitor.load_state_dict(checkpoint["balancer_monitor"])
         self._checkpoint_schedule_steps = checkpoint.get("schedule_steps")  # compared in on_train_start

@@ -2,11 +2,13 @@
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mtl.train import run
 
@@ -72,6 +74,39 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, balancer):
     resumed = cli("b2", f"ckpt_path={tmp_path / 'b1' / 'checkpoints' / 'last.ckpt'}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     check_identical(tmp_path / "a", tmp_path / "b1", tmp_path / "b2", steps=8)
+
+
+@pytest.mark.slow
+def test_a_ddp_resume_between_nash_mtl_solves_is_bit_identical(tmp_path):
+    # each rank solves its own nash_mtl weights; the checkpoint held rank 0's only, so a run resumed between two
+    # solves gave rank 1 rank 0's weights (weights 2e-3 off). Both ranks kill themselves at epoch 1 (call 2)
+    from safetensors.torch import load_file
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+               MTL_OUTPUT_DIR=str(tmp_path / "out"), OMP_NUM_THREADS="1")
+    args = [*BASE, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "balancer=nash_mtl",
+            "balancer.update_weights_every=3", "trainer.max_epochs=3", "data.n_val=29", "data.n_test=29"]
+
+    def cli(name, *extra):
+        proc = subprocess.Popen([sys.executable, "-m", "mtl.cli.train", *args, f"hydra.run.dir={tmp_path / name}",
+                                 *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=600)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # a rank left behind by the kill
+            except ProcessLookupError:
+                pass
+        return proc.returncode, err
+
+    assert cli("a")[0] == 0
+    assert cli("b1", "+callbacks.kill._target_=kill_callback.KillAtEpoch", "+callbacks.kill.epoch=1")[0] == -9
+    rc, err = cli("b2", f"ckpt_path={tmp_path / 'b1' / 'checkpoints' / 'last.ckpt'}")
+    assert rc == 0, err[-2000:]
+    check_identical(tmp_path / "a", tmp_path / "b1", tmp_path / "b2", steps=6)
+    wa, wb = (load_file(tmp_path / d / "model" / "model.safetensors") for d in ("a", "b2"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_a_resume_that_changes_the_balancer_task_weights_or_schedule_is_refused_by_name(tmp_path):

@@ -116,6 +116,11 @@ class Balancer(nn.Module):
     #: max_iters short of one); `diagnostics` reports them
     COUNTERS = ("solver_failures", "not_converged")
 
+    #: keys of ``get_extra_state()`` whose values differ per DDP rank (``nash_mtl``'s weights in use, solved from
+    #: each rank's own gradients): checkpoints keep every rank's extra state and each rank resumes its own
+    #: (`mtl.distributed.restore_rank_states`)
+    RANK_LOCAL: tuple[str, ...] = ()
+
     def diagnostics(self) -> dict[str, int]:
         """This run's counters, for metrics.json; a nested balancer (flat's) adds its own, prefixed."""
         out = {k: int(getattr(self, k)) for k in self.COUNTERS if hasattr(self, k)}

@@ -25,6 +25,8 @@ class NashMTLBalancer(JacobianBalancer):
     use equal weights, but are counted apart, in ``not_converged``.
     """
 
+    RANK_LOCAL = ("alpha",)  # each rank solves from its own gradients
+
     def __init__(self, tasks, update_weights_every: int = 1, tol: float = 1e-10, max_iters: int = 100,
                  level: str = "params", parallel_chunk_size: int | None = None, skip_nonfinite: bool = False):
         if int(update_weights_every) < 1:
@@ -83,7 +85,8 @@ class NashMTLBalancer(JacobianBalancer):
         self._calls, self._alpha = 0, None
 
     # the solve schedule, the weights in use between solves and the failure count span steps, so
-    # they travel in checkpoints (a resumed run solves at the same steps as an uninterrupted one)
+    # they travel in checkpoints (a resumed run solves at the same steps as an uninterrupted one);
+    # under DDP every rank's (RANK_LOCAL); alpha None: solved at the next step
     def get_extra_state(self):
         alpha = None if self._alpha is None else self._alpha.detach().cpu()
         return {"calls": self._calls, "alpha": alpha, "solver_failures": self.solver_failures,

@@ -132,3 +132,68 @@ def test_a_resume_compares_model_settings_as_json_does():
     assert changed_on_resume(stored, now, {})[:3] == ("decoder.renormalize", 1, True)
     now["model"]["decoder"]["renormalize"] = True  # 8 and 8.0 are one number
     assert changed_on_resume(stored, now, {}) is None
+
+
+def _ddp_module(rank: int, world: int, every: int = 3):
+    from types import SimpleNamespace
+
+    from mtl.models import create_model
+    from mtl.module import MultiTaskModule
+
+    torch.manual_seed(0)
+    model = create_model(["depth", "regression"], backbone={"name": "test_resnet", "out_indices": [1, 2, 3]},
+                         decoder={"name": "hps", "channels": 8})
+    module = MultiTaskModule(model, balancer={"name": "nash_mtl", "update_weights_every": every}, log_weights_every=0)
+    # what on_save/on_load_checkpoint read of Lightning's trainer
+    module._trainer = SimpleNamespace(precision="32-true", state=SimpleNamespace(fn="fit"), global_rank=rank,
+                                      world_size=world)
+    return module
+
+
+def _module_nash_step(module, J):
+    theta = torch.nn.Parameter(torch.zeros(J.shape[1]))
+    a, b = module.balancer.tasks
+    module.balancer.backward(StepContext({a: theta @ J[0], b: theta @ J[1]}, [theta], {a: [], b: []}, None))
+    return module.balancer.weights()
+
+
+def test_nash_mtl_under_ddp_resumes_each_ranks_own_weights(monkeypatch, caplog):
+    # under DDP each rank solves its weights from its own gradients; checkpoints held rank 0's only, so a
+    # resume between two solves (update_weights_every=3) gave rank 1 rank 0's weights until the next solve
+    grads = {0: [torch.tensor([[1.0, 0.0], [0.0, 3.0]]), torch.tensor([[2.0, 1.0], [0.0, 1.0]])],
+             1: [torch.tensor([[3.0, 0.5], [0.0, 1.0]]), torch.tensor([[1.0, 1.0], [0.5, 2.0]])]}
+    ranks = {r: _ddp_module(r, 2) for r in (0, 1)}
+    for r, module in ranks.items():
+        _module_nash_step(module, grads[r][0])  # call 0 solves, call 1 (the resume point) follows
+    assert ranks[0].balancer.weights() != ranks[1].balancer.weights()
+    # Lightning dumps the checkpoint on every rank (the gather is the collective), rank 0 writes its dict
+    monkeypatch.setattr("mtl.module.gather_objects", lambda local: [local, {"balancer._extra_state":
+                        ranks[1].balancer.get_extra_state()}], raising=False)
+    checkpoint = {"state_dict": ranks[0].state_dict()}
+    ranks[0].on_save_checkpoint(checkpoint)
+    for r in (0, 1):
+        resumed = _ddp_module(r, 2)
+        ckpt = {**checkpoint, "state_dict": dict(checkpoint["state_dict"])}
+        resumed.on_load_checkpoint(ckpt)
+        resumed.load_state_dict(ckpt["state_dict"])
+        assert _module_nash_step(resumed, grads[r][1]) == _module_nash_step(ranks[r], grads[r][1]), f"rank {r}"
+    # another number of processes: no saved weights are this rank's, so each solves afresh (schedule and
+    # counters kept), said once
+    other = _ddp_module(0, 3)
+    ckpt = {**checkpoint, "state_dict": dict(checkpoint["state_dict"])}
+    with caplog.at_level("WARNING", logger="mtl.distributed"):
+        other.on_load_checkpoint(ckpt)
+    other.load_state_dict(ckpt["state_dict"])
+    assert other.balancer._calls == 1 and other.balancer._alpha is None
+    assert "saved by 2 process(es), this run has 3" in caplog.text and "balancer.alpha" in caplog.text
+    # one process, as before: its own checkpoint resumes exactly, without a warning
+    single = _ddp_module(0, 1)
+    _module_nash_step(single, grads[0][0])
+    monkeypatch.undo()
+    checkpoint = {"state_dict": single.state_dict()}
+    single.on_save_checkpoint(checkpoint)
+    caplog.clear()
+    resumed = _ddp_module(0, 1)
+    resumed.on_load_checkpoint(checkpoint)
+    resumed.load_state_dict(checkpoint["state_dict"])
+    assert torch.equal(resumed.balancer._alpha, single.balancer._alpha) and not caplog.text
