@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtl.balancers import create_balancer
 from mtl.models import create_model
+from mtl.models.backbone_weights import check_initial_weights
 from mtl.models.families import build_on_meta
 from mtl.warm_start import INITIAL_WEIGHTS
 
@@ -21,8 +22,11 @@ def check_model_settings(cfg: DictConfig, tasks: list[Any]) -> None:
     its balancer for ``tasks``; each refusal is the one the real build gives. A model from ``init_from`` or a resume's
     checkpoint takes its architecture from there, and is judged when it is built."""
     if not cfg.get("init_from") and not cfg.get("ckpt_path"):
-        backbone = {k: v for k, v in OmegaConf.to_container(cfg.backbone, resolve=True).items()
-                    if k not in INITIAL_WEIGHTS}
+        backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
+        check_initial_weights(backbone.get("pretrained", False), backbone.get("checkpoint_path"))
+        # built as if unset (no file read, no Hub asked); kept as keys, so a backbone that takes neither refuses them
+        unset = {"checkpoint_path": None, "pretrained": False}
+        backbone.update({k: unset[k] for k in INITIAL_WEIGHTS if k in backbone})
         decoder = OmegaConf.to_container(cfg.decoder, resolve=True)
         family = cfg.get("family") or "multitask"
         _build(lambda: create_model(tasks, backbone=backbone, decoder=decoder, family=family))

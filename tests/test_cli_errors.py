@@ -97,6 +97,11 @@ def test_error_after_composition_is_one_line_and_marks_the_run_failed(monkeypatc
     ("+decoder.chanels=16", "unknown setting decoder.chanels (did you mean decoder.channels?); the settings here are: "
                             "channels, norm, head,"),
     ("+backbone.drop_pth_rate=0.1", "unknown setting backbone.drop_pth_rate (did you mean backbone.drop_path_rate?)"),
+    # the initial-weight keys were left out of the check before the run folder (their weights are not read there)
+    ("+backbone.pretrained=no", "backbone.pretrained must be true or false, got 'no'"),
+    ("+backbone.checkpoint_path=5", "backbone.checkpoint_path must be a file path, got 5"),  # was Path(5)'s TypeError
+    ("experiment=scenes_slimmable +backbone.pretrained=false", "unknown setting backbone.pretrained; the settings "
+                                                               "here are: stem,"),
     # a balancer's range error names the full key, as the finiteness check does
     ("balancer=dwa balancer.temperature=-1", "dwa: balancer.temperature must be > 0, got -1"),
     # was "'<' not supported between instances of 'NoneType' and 'int'", naming no key

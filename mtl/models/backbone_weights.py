@@ -4,6 +4,7 @@ leave random weights behind a log line. Here every tensor the features need must
 from __future__ import annotations
 
 import inspect
+import os
 import pickle
 import re
 from pathlib import Path
@@ -11,15 +12,27 @@ from typing import Any
 
 from torch import nn
 
+from mtl.registry import check_bool
+
 #: BatchNorm fills a missing counter itself; files saved without it load fine
 _FILLED_BY_TORCH = ".num_batches_tracked"
 _SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([^\]]*)\]\) from "
                             r"checkpoint, the shape in current model is torch\.Size\(\[([^\]]*)\]\)")
 
 
-def check_file(path: str) -> None:
+def check_initial_weights(pretrained: object, checkpoint_path: object) -> None:
+    """``backbone.pretrained`` and ``backbone.checkpoint_path`` by value, reading no weights: the backbone checks them
+    when built, `mtl.train` before the run folder (whose test build leaves them out)."""
+    check_bool("backbone.pretrained", pretrained)  # bool("no") is True: a string would start a Hub download
+    if checkpoint_path:
+        check_file(checkpoint_path)
+
+
+def check_file(path: object) -> None:
     """``backbone.checkpoint_path`` names a file (timm's own error names neither the path nor the key); `mtl.train`
     checks it before the run folder too."""
+    if not isinstance(path, (str, os.PathLike)):  # Path(5) would say "expected str, bytes or os.PathLike object"
+        raise ValueError(f"backbone.checkpoint_path must be a file path, got {path!r}")
     if not Path(path).is_file():
         raise FileNotFoundError(f"backbone.checkpoint_path={path}: no such file")
 

@@ -15,9 +15,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from mtl.models.backbone_weights import check_file, missing_from_file, shape_mismatch, unpickling_refusal
+from mtl.models.backbone_weights import check_initial_weights, missing_from_file, shape_mismatch, unpickling_refusal
 from mtl.io import INIT_ONLY  # noqa: F401  (re-exported: the backbone keys a model folder leaves out)
-from mtl.registry import Registry, UnknownNameError, check_bool, check_indices, check_kwargs, closest
+from mtl.registry import Registry, UnknownNameError, check_indices, check_kwargs, closest
 
 BACKBONES: "Registry[type[nn.Module]]" = Registry("backbone")
 
@@ -72,14 +72,13 @@ class TimmBackbone(nn.Module):
                 f"unknown timm backbone {name!r}; similar names: {', '.join(close) or '(none)'}; "
                 "all names: timm.list_models()"
             )
-        check_bool("backbone.pretrained", pretrained)  # bool("no") is True: a string would start a Hub download
+        check_initial_weights(pretrained, checkpoint_path)
         feature_kwargs: dict[str, Any] = {"features_only": True}
         if out_indices is not None:
             out_indices = check_indices("backbone.out_indices", out_indices)
             feature_kwargs["out_indices"] = tuple(out_indices)
         # timm handles local weights through pretrained_cfg_overlay; never a hub download here.
         if checkpoint_path:
-            check_file(checkpoint_path)
             kwargs["pretrained_cfg_overlay"] = {"file": str(checkpoint_path)}
             pretrained = True
         self.name = name
