@@ -12,7 +12,8 @@ import lightning as L
 import torch
 from torch import nn
 
-from mtl.balancers import Balancer, BalancerMonitor, StepContext, check_finite, create_balancer, freeze_norm_stats
+from mtl.balancers import (Balancer, BalancerMonitor, StepContext, check_finite, check_level, create_balancer,
+                           freeze_norm_stats)
 from mtl.distributed import gather_objects, pooled_means, rank_local_states, restore_rank_states
 from mtl.expert_usage import usage_paused
 from mtl.io import as_plain, not_a_model
@@ -169,11 +170,7 @@ class MultiTaskModule(L.LightningModule):
         self.save_hyperparameters({**settings, "start": start, "initial_weights": initial_weights})
         bal = dict(balancer)
         self.balancer: Balancer = create_balancer(bal.pop("name"), list(self.tasks), **bal)
-        if getattr(self.balancer, "level", None) == "features" and not getattr(self.model, "shared_representation", True):
-            # refused here, before data loads: the balancer itself would only fail at the first training step
-            family = self.model.config.get("family")
-            raise ValueError(f"balancer.level=features needs one representation every task head reads, and family "
-                             f"{family!r} has none (its backbone is task-conditioned); use balancer.level=params")
+        check_level(self.balancer, self.model)
         # balancer monitoring: weights + gradient cosines every N steps, PNG at the end
         self.monitor = BalancerMonitor(every=log_weights_every) if log_weights_every else None
         self.val_metrics = nn.ModuleDict({n: nn.ModuleDict(t.metrics()) for n, t in self.tasks.items()})

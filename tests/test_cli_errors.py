@@ -102,6 +102,9 @@ def test_error_after_composition_is_one_line_and_marks_the_run_failed(monkeypatc
     ("+backbone.checkpoint_path=5", "backbone.checkpoint_path must be a file path, got 5"),  # was Path(5)'s TypeError
     ("experiment=scenes_slimmable +backbone.pretrained=false", "unknown setting backbone.pretrained; the settings "
                                                                "here are: stem,"),
+    # the model and the balancer together (was refused by MultiTaskModule, after a FAILED folder)
+    ("experiment=scenes_task_moe_vit balancer=upgrad balancer.level=features", "balancer.level=features needs one "
+     "representation every task head reads, and family 'task_moe_vit' has none"),
     # a balancer's range error names the full key, as the finiteness check does
     ("balancer=dwa balancer.temperature=-1", "dwa: balancer.temperature must be > 0, got -1"),
     # was "'<' not supported between instances of 'NoneType' and 'int'", naming no key

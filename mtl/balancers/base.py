@@ -259,6 +259,16 @@ def _agreed_nonfinite(names: Sequence[str], flags: torch.Tensor) -> list[str]:
     return [t for t, f in zip(names, flags.tolist()) if f > 0]
 
 
+def check_level(balancer: Balancer, model: nn.Module, family: str | None = None) -> None:
+    """``level="features"`` needs one representation every task head reads; refused when built (by
+    `MultiTaskModule` and before a run folder): the balancer itself would fail only at the first step. ``family``:
+    the model's, where its config cannot be read (a model on the meta device)."""
+    if getattr(balancer, "level", None) == "features" and not getattr(model, "shared_representation", True):
+        family = family or model.config.get("family")
+        raise ValueError(f"balancer.level=features needs one representation every task head reads, and family "
+                         f"{family!r} has none (its backbone is task-conditioned); use balancer.level=params")
+
+
 def require_shared(balancer: Balancer, ctx: StepContext) -> None:
     if not ctx.shared_params:
         raise ValueError(
