@@ -18,7 +18,7 @@ from typing import Iterator
 
 from mtl.registry import check_bool
 
-__all__ = ["atomic_path", "user_path", "home_folder", "make_parents", "remove_empty", "alive"]
+__all__ = ["atomic_path", "user_path", "home_folder", "make_parents", "remove_empty", "alive", "cannot_replace"]
 
 log = logging.getLogger(__name__)
 #: no room or no writing at all: what the output's writer meets, whichever file it names
@@ -60,13 +60,14 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (overwrite=true on the command line) to replace it")
     created: list[Path] = []
-    done = False
+    done = replacing = False
     try:
         _check_parent(path)
         created = make_parents(path.parent)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{_writer()}-", dir=path.parent)) / path.name
         try:
             yield tmp
+            replacing = True
             if path.is_symlink() and (overwrite or not path.exists()):  # the link, not its target, is replaced
                 _replace_folder(tmp, path) if tmp.is_dir() else os.replace(tmp, path)
             elif not overwrite:  # another writer may have made `path` meanwhile: never replace its output
@@ -85,6 +86,8 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
         finally:
             shutil.rmtree(tmp.parent, ignore_errors=True)
     except Exception as e:  # a full disk or read-only place: name the output, not a hidden temporary
+        if replacing and isinstance(e, OSError) and e.errno == errno.EBUSY:
+            raise cannot_replace(path) from e
         code = storage_errno(e, path)
         if code is None or str(e).startswith(f"[Errno {code}] {path}: "):
             raise
@@ -92,6 +95,13 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
     finally:
         if not done:
             remove_empty(created)
+
+
+def cannot_replace(path: Path) -> OSError:
+    """The error for an output that cannot be renamed over (EBUSY: a mount point, a folder in use), in the form of
+    the storage errors: `atomic_path`'s at its last step, a job's before its run folder (`start_run`)."""
+    return OSError(errno.EBUSY, f"{path}: cannot write this output (it is a mount point or in use, so it cannot be "
+                                "replaced; write to a folder inside it)")
 
 
 def storage_errno(error: BaseException, path: Path) -> int | None:

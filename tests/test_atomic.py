@@ -74,6 +74,28 @@ def test_without_the_exchange_the_folder_is_replaced_by_two_renames(tmp_path, mo
     assert [p.name for p in path.iterdir()] == ["new.txt"]
 
 
+@pytest.mark.parametrize("exchange", [errno.EBUSY, errno.EINVAL])  # refused by the swap, or by the fallback's rename
+def test_an_output_that_cannot_be_renamed_over_is_named_with_the_reason(tmp_path, monkeypatch, exchange):
+    """A mount point as the output (the temporary is made beside it): renaming over it fails with EBUSY, which was
+    given bare ('[Errno 16] Device or resource busy: <out>'), naming neither the reason nor what to do."""
+    path, real_replace = _old_folder(tmp_path), os.replace
+
+    def replace(src, dst):
+        if Path(src) == path:  # the fallback moves the old folder aside first
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(src))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic, "_renameat2", lambda src, dst, flags: exchange)
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    with pytest.raises(OSError, match=rf"^\[Errno {errno.EBUSY}\] {path}: cannot write this output \(it is a mount "
+                                      r"point or in use, so it cannot be replaced; write to a folder inside it\)$"):
+        with atomic_path(path, overwrite=True) as tmp:
+            tmp.mkdir()
+            (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary left
+    assert [p.name for p in path.iterdir()] == ["old.txt"]
+
+
 def _dead_pid():
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()

@@ -490,3 +490,19 @@ def test_an_existing_file_as_an_export_output_is_refused_without_advising_overwr
     with pytest.raises(FileExistsError, match=r"is a file, not an earlier export \(a folder\); refusing to replace it$"):
         mtl.export(model, "timm", out=target, overwrite=bool(overwrite))  # the API alike
     assert target.read_text() == "x\n"
+
+
+def test_an_output_that_is_a_mount_point_is_refused_before_any_folder(console, capfd, tmp_path, monkeypatch):
+    """A mount point cannot be renamed over: mtl-export output=<mount point> overwrite=true did the work and failed at
+    its last step with '[Errno 16] Device or resource busy', leaving a FAILED run folder."""
+    model = save_model(create_model(["depth"], backbone={"name": "test_resnet", "out_indices": [1, 2, 3]},
+                                    decoder={"name": "hps", "channels": 16}).eval(), tmp_path / "m")
+    target, is_mount = tmp_path / "mnt", os.path.ismount
+    target.mkdir()
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == target or is_mount(p))  # (mounting needs root)
+    code, out = console("mtl.cli.export", f"model={model}", "format=folder", f"output={target}", "overwrite=true")
+    stdout, err = capfd.readouterr()
+    assert code == 1 and err.strip() == (f"error: [Errno 16] {target}: cannot write this output (it is a mount point "
+                                         "or in use, so it cannot be replaced; write to a folder inside it)"), err
+    assert "run_dir:" not in stdout and (not out.exists() or list(out.iterdir()) == []), sorted(out.rglob("*"))
+    assert list(target.iterdir()) == []

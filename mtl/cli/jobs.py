@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from mtl.atomic import user_path
+from mtl.atomic import cannot_replace, user_path
 from mtl.cli.common import write_hydra_record
 
 
@@ -39,6 +39,8 @@ def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
         check_not_a_file(output, "output")
     elif replaceable is not None and output.exists() and not output.is_dir():
         replaceable(output)  # a file the job would not replace (mtl-export's): not 'pass overwrite=true', which would not help
+    if os.path.ismount(output):  # not 'pass overwrite=true': it could not be replaced either
+        raise cannot_replace(output)
     if output.exists() and not cfg.get("overwrite"):
         message = f"{output} exists; pass overwrite=true to replace it"
         raise RunFolderTaken(message, run_dir) if finished_run(run_dir) else FileExistsError(message)
