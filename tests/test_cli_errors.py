@@ -672,13 +672,13 @@ def test_in_process_merge_failure_leaves_a_failed_marker(tmp_path):
         run(["merge=average", "pretrained=/nonexist", "models=[/nonexist2]"], run_dir=tmp_path / "early")
     assert not (tmp_path / "early").exists()
     import torch
-    from safetensors.torch import save_file
 
-    for folder, n in (("base", 2), ("ft", 3)):  # readable weights (all eval=none asks first) of another shape:
-        (tmp_path / folder).mkdir()              # found by the merge, after the run folder
-        save_file({"w": torch.zeros(n)}, str(tmp_path / folder / "model.safetensors"))
+    # readable weights of another shape in torch checkpoints: safetensors headers are compared before the run
+    # folder, a torch checkpoint's shapes only by the merge, after it
+    for name, n in (("base", 2), ("ft", 3)):
+        torch.save({"w": torch.zeros(n)}, tmp_path / f"{name}.pt")
     with pytest.raises(Exception, match="shape"):
-        run(["merge=average", "eval=none", f"pretrained={tmp_path / 'base'}", f"models=[{tmp_path / 'ft'}]"],
+        run(["merge=average", "eval=none", f"pretrained={tmp_path / 'base.pt'}", f"models=[{tmp_path / 'ft.pt'}]"],
             run_dir=tmp_path / "r")
     assert (tmp_path / "r" / FAILED).is_file()
 
