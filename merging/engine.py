@@ -258,10 +258,10 @@ def open_context(pretrained, finetuned, opts: KeyOptions, min_models: int, what:
     return ctx
 
 
-def check_headers(pretrained, finetuned: Sequence, options: dict) -> None:
-    """`open_context`'s key plan (key sets, shapes, dtypes under the key options in `options`) from the inputs'
-    safetensors headers alone, so that a job refuses mismatched inputs before its run folder. Skipped when a torch
-    checkpoint is among them (only loading it gives its keys); the merge checks everything again."""
+def check_headers(pretrained, finetuned: Sequence, options: dict, keep_base: bool = False) -> None:
+    """`open_context`'s key plan (key sets, shapes, dtypes under the key options in `options`; `keep_base` as there)
+    from the inputs' safetensors headers alone, so that a job refuses mismatched inputs before its run folder. Skipped
+    when a torch checkpoint is among them (only loading it gives its keys); the merge checks everything again."""
     opts, _ = KeyOptions.split(dict(options))
     sources: list[StateSource] = []
     try:
@@ -271,7 +271,7 @@ def check_headers(pretrained, finetuned: Sequence, options: dict) -> None:
                 return
             sources.append(src)
         plan_keys(sources[0], sources[1:], include=opts["include"], exclude=opts["exclude"],
-                  task_keys=opts["task_keys"], unshared=opts["unshared"], bn=opts["bn"])
+                  task_keys=opts["task_keys"], unshared=opts["unshared"], bn=opts["bn"], keep_base=keep_base)
     finally:
         for src in sources:
             src.close()

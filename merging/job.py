@@ -13,6 +13,7 @@ Testing, the model folder, metrics.json, plots and the table are the job's.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -37,12 +38,13 @@ from mtl.registry import Registry, check_int
 from .bn import check_bn, check_recompute_family
 from .engine import check_headers
 from .evaluation import Evaluator, ImageBatches
+from .hf import parse_size
 from .pool import ModelPool, check_same_pruning, check_same_start, manifest_paths, model_list, precheck_pool, resolve_device
 from .report import build_report, print_table, write_report
 from .run_outputs import RUN_OUTPUTS, STORE_DIR
 from .sources import MergeInputError, check_distinct_inputs, check_readable
 from .storage import STORE_FILE
-from .streaming import resolve_output
+from .streaming import output_target, resolve_output
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +259,8 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if cfg.get("shard_size") is not None and cfg.eval.get("enabled", True):  # said, not silently ignored
         raise ValueError("shard_size shards the output of an eval=none merge (Hugging Face folders); an evaluated "
                          "merge writes a model folder with one model.safetensors: drop shard_size or add eval=none")
+    if cfg.get("shard_size") is not None:  # a size merge_to_file would refuse: now, not after the run folder
+        parse_size(cfg.shard_size)
     filters = [k for k in ("include", "exclude") if hp.get(k) is not None]
     if filters and cfg.eval.get("enabled", True):  # found now, not after the pool's evaluation
         raise ValueError(f"merge.{filters[0]}: a key filter leaves keys out of the merged weights, and an evaluated "
@@ -303,8 +307,12 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             check_same_start(pre, models)
             if all(user_path(p).exists() for p in (pre, *models)):  # keys and shapes: merge_to_file found them later
                 check_headers(pre, models, hp)
+    replaceable = None  # eval=none: an existing output merge_to_file would not replace (a user's file in it)
+    if not evaluated and (manifest or cfg.get("pretrained")):
+        replaceable = functools.partial(output_target, pre, models, overwrite=bool(cfg.get("overwrite")),
+                                        shard_size=cfg.get("shard_size"))
     run_dir, output = start_run(cfg, run_dir, inputs=[manifest[0], *manifest[1]] if manifest else [],
-                                model_output=evaluated, any_weights=not evaluated)
+                                model_output=evaluated, any_weights=not evaluated, replaceable=replaceable)
     output = output.resolve()  # a relative output= is the cwd's, not the run folder's: record where it is
     clear_earlier_outputs(run_dir, bool(cfg.get("overwrite")), keep=output)
     start = time.perf_counter()

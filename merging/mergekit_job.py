@@ -2,6 +2,7 @@
 metrics.json), not evaluated. The recipe (merging.mergekit_yaml) names the models and the method."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -10,8 +11,10 @@ from typing import Any
 
 from mtl.registry import check_int
 
+from .engine import check_headers
+from .hf import parse_size
 from .run_outputs import MERGEKIT_RECIPE
-from .mergekit_yaml import check_dtypes, read_mergekit_yaml, run_plan
+from .mergekit_yaml import check_dtypes, check_output, read_mergekit_yaml, run_plan
 from .sources import check_readable
 
 __all__ = ["mergekit_job", "check_unread_settings"]
@@ -32,11 +35,17 @@ def mergekit_job(cfg: Any, run_dir: str | os.PathLike) -> dict[str, Any]:
     start = time.perf_counter()
     check_unread_settings(cfg)
     seed = check_int("seed", cfg.get("seed"))  # before the run folder: int() would fail or truncate after it
+    if cfg.get("shard_size") is not None:  # so too a size the merge would refuse
+        parse_size(cfg.shard_size)
     plan = read_mergekit_yaml(cfg.mergekit_yaml)
     check_dtypes(plan)
     for path in plan.finetuned:  # one that will not open: named now, not by the merge after the run folder
         check_readable(path)
-    run_dir, output = start_run(cfg, run_dir, inputs=[plan.pretrained, *plan.finetuned], any_weights=True)
+    check_headers(plan.pretrained, plan.finetuned, plan.kwargs(), keep_base=True)  # the merge's key plan, from headers
+    # an existing output it would not replace (a user's file in it): after start_run's own checks, before its folder
+    replaceable = functools.partial(check_output, plan, overwrite=bool(cfg.overwrite), shard_size=cfg.get("shard_size"))
+    run_dir, output = start_run(cfg, run_dir, inputs=[plan.pretrained, *plan.finetuned], any_weights=True,
+                                replaceable=replaceable)
     output = output.resolve()
     clear_earlier_outputs(Path(run_dir), bool(cfg.overwrite), keep=output)
     (Path(run_dir) / MERGEKIT_RECIPE).write_text(plan.text)  # the recipe as run, whatever becomes of the file

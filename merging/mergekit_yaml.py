@@ -20,6 +20,7 @@ import torch
 
 from .mergekit import DTYPES as _DTYPES  # the names mergekit's `dtype_from_name` takes
 from .mergekit import dtype_name as _name
+from .run_outputs import MERGEKIT_RECIPE
 from .sources import CONVERT_TO_SAFETENSORS, MergeInputError, open_source, weights_read
 
 __all__ = ["MergekitPlan", "read_mergekit_yaml", "merge_mergekit_yaml", "YAML_METHODS"]
@@ -192,8 +193,22 @@ def run_plan(plan: MergekitPlan, out: str | os.PathLike, *, overwrite: bool = Fa
             raise ValueError(f"seed draws DARE's drop masks; {plan.method} draws nothing")
         kwargs["seed"] = seed
     return merge_to_file(plan.method, plan.pretrained, plan.finetuned, out, overwrite=overwrite, threads=threads,
-                         shard_size=shard_size, copy_files=True, extra_files={"mergekit_config.yml": plan.text},
-                         **kwargs)
+                         shard_size=shard_size, **_output_files(plan), **kwargs)
+
+
+def check_output(plan: MergekitPlan, out: str | os.PathLike, *, overwrite: bool = False,
+                 shard_size: int | str | None = None) -> None:
+    """`run_plan`'s checks on `out` (`merging.streaming.output_target`: file names alone), for a job to make before
+    its run folder."""
+    from .streaming import output_target
+
+    output_target(plan.pretrained, plan.finetuned, out, overwrite=overwrite, shard_size=shard_size,
+                  **_output_files(plan))
+
+
+def _output_files(plan: MergekitPlan) -> dict[str, Any]:
+    """A recipe writes a whole Hugging Face folder: the base's files, and the recipe, as mergekit's output holds it."""
+    return {"copy_files": True, "extra_files": {MERGEKIT_RECIPE: plan.text}}
 
 
 def check_dtypes(plan: MergekitPlan) -> None:

@@ -15,6 +15,7 @@ import struct
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -32,7 +33,7 @@ from .safetensors_source import DTYPE_CODES
 from .sources import check_output_apart_from_inputs
 from .state_source import MergeInputError, TensorInfo
 
-__all__ = ["SafetensorsWriter", "merge_to_file", "output_file", "resolve_output"]
+__all__ = ["SafetensorsWriter", "merge_to_file", "output_file", "output_target", "resolve_output"]
 
 
 class SafetensorsWriter:
@@ -180,59 +181,17 @@ def merge_to_file(
     torch's thread count); memory bounded by the chunk, identical results);
     `fused=False`, and every other method, uses the whole-tensor kernels.
     """
-    for key, value in (("overwrite", overwrite), ("fsync", fsync), ("fused", fused)):
-        check_bool(key, value)  # bool("no") is True: a text "no" would replace an existing output
-    out = user_path(out)  # a leading ~ is $HOME's, as the readers take it
-    if copy_files is not None:
-        check_bool("copy_files", copy_files)
-    hf_folder = Path(out).suffix != ".safetensors" and (
-        shard_size is not None or bool(copy_files) or (copy_files is None and _is_hf_folder(pretrained)))
-    if shard_size is not None and not hf_folder:
-        raise ValueError(f"{out}: shard_size needs a folder output, not a .safetensors file")
-    if copy_files and Path(out).suffix == ".safetensors":
-        raise ValueError(f"{out}: copy_files=True copies the base folder's files beside the weights, which needs a "
-                         "folder output, not a .safetensors file")
-    if copy_files and not (isinstance(pretrained, (str, os.PathLike)) and Path(pretrained).is_dir()):
-        raise ValueError("copy_files=True copies the base model folder's non-weight files (config, tokenizer), but "
-                         f"pretrained is {'a state dict' if isinstance(pretrained, Mapping) else repr(str(pretrained))}, not a folder: give its folder, or copy_files=None")
-    if extra_files and not hf_folder:
-        raise ValueError(f"{out}: extra_files are written into a Hugging Face folder output; pass shard_size or "
-                         "copy_files=True (and a folder path)")
-    bad = [n for n in (extra_files or {}) if not n or Path(n).name != n or n.startswith(".")]
-    if bad:
-        raise ValueError(f"extra_files: {bad[0]!r} is not a plain file name")
+    for key, value in (("fsync", fsync), ("fused", fused)):
+        check_bool(key, value)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be an int ≥ 1, got {threads!r}")
-    size = parse_size(shard_size if shard_size is not None else "5GB")
+    out = user_path(out)  # a leading ~ is $HOME's, as the readers take it
     if not isinstance(finetuned, (str, os.PathLike, Mapping)):
         finetuned = list(finetuned)  # read twice: the check below, then the merge
-    check_output_apart_from_inputs(out, pretrained, finetuned)
-    target = Path(out)
-    if target.exists() and not target.is_dir() and target.suffix != ".safetensors":
-        raise NotADirectoryError(f"{target} is a file, not a folder: the merge writes a folder (or give a "
-                                 ".safetensors path); choose another path")
-    path = target if hf_folder else resolve_output(out)[0]
-    # model.safetensors written beside an earlier merge's shards, index or model card would leave two sets of
-    # weights and a README describing the old merge: those are replaced too (config, tokenizer are kept),
-    # whether `out` names the folder or its model.safetensors
-    folder = path.parent if not hf_folder and path.name == "model.safetensors" and path.parent.is_dir() else None
-    stale = _earlier_hf_merge(folder) if folder is not None else []
-    empty_dir = target.is_dir() and not holds_user_files(target)  # (a .DS_Store alone counts as empty)
-    if path.exists() and not overwrite and not (hf_folder and empty_dir):
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    weights = [p.name for p in stale if p.name not in ("README.md", MERGEKIT_RECIPE)]
-    if weights and not overwrite:  # another model's shards: replaced only on request
-        raise FileExistsError(f"{folder} holds sharded weights ({', '.join(weights)}); pass overwrite=True to "
-                              "replace them with the merged model.safetensors")
-    overwrite = overwrite or (hf_folder and empty_dir)
-    if hf_folder and path.is_dir() and holds_user_files(path) and not any(path.glob("*.safetensors")):
-        # overwrite replaces an earlier merged folder, never a folder of something else
-        raise FileExistsError(f"{path} exists and holds no .safetensors weights (not an earlier merge); refusing to "
-                              "replace it: choose another path or remove it yourself")
-    copies = copy_files is not False and isinstance(pretrained, (str, os.PathLike)) and Path(pretrained).is_dir()
-    if hf_folder and path.is_dir() and overwrite:
-        copied = [p.name for p in base_files(Path(pretrained), extra_files or ())] if copies else []
-        check_replaceable(path, [*copied, *(extra_files or ())])
+    target = output_target(pretrained, finetuned, out, overwrite=overwrite, shard_size=shard_size,
+                           copy_files=copy_files, extra_files=extra_files)
+    path, hf_folder, size, overwrite, copies = target.path, target.hf_folder, target.size, target.overwrite, target.copies
+    folder, stale = target.folder, target.stale
     opts, hp = KeyOptions.split(dict(kwargs))
     convention = hp.get("convention", "paper")
     m = create_method(method, **hp)
@@ -284,6 +243,75 @@ def merge_to_file(
             ctx.chunks.close()
         ctx.close()
     return path
+
+
+@dataclass(frozen=True)
+class OutputTarget:
+    """Where and how `merge_to_file` writes (`output_target`)."""
+
+    path: Path           # the file written, or the Hugging Face folder
+    hf_folder: bool      # a whole Hugging Face folder (shards, index, base files, model card)
+    size: int            # shard size in bytes
+    overwrite: bool      # replace what is there (also: an empty folder taken as a Hugging Face output)
+    copies: bool         # the base folder's non-weight files are copied in
+    folder: Path | None  # the folder a single model.safetensors goes into, where an earlier merge may lie
+    stale: list[Path]    # that earlier merge's files, which this one replaces
+
+
+def output_target(pretrained, finetuned, out: str | os.PathLike, *, overwrite: bool = False,
+                  shard_size: int | str | None = None, copy_files: bool | None = None,
+                  extra_files: Mapping[str, str] | None = None) -> OutputTarget:
+    """`merge_to_file`'s checks on its output (arguments as there), from paths and file names alone, no tensor
+    read: it calls this, and a job before its run folder, so that both refuse alike."""
+    check_bool("overwrite", overwrite)  # bool("no") is True: a text "no" would replace an existing output
+    out = user_path(out)  # a leading ~ is $HOME's, as the readers take it
+    if copy_files is not None:
+        check_bool("copy_files", copy_files)
+    hf_folder = Path(out).suffix != ".safetensors" and (
+        shard_size is not None or bool(copy_files) or (copy_files is None and _is_hf_folder(pretrained)))
+    if shard_size is not None and not hf_folder:
+        raise ValueError(f"{out}: shard_size needs a folder output, not a .safetensors file")
+    if copy_files and Path(out).suffix == ".safetensors":
+        raise ValueError(f"{out}: copy_files=True copies the base folder's files beside the weights, which needs a "
+                         "folder output, not a .safetensors file")
+    if copy_files and not (isinstance(pretrained, (str, os.PathLike)) and Path(pretrained).is_dir()):
+        raise ValueError("copy_files=True copies the base model folder's non-weight files (config, tokenizer), but "
+                         f"pretrained is {'a state dict' if isinstance(pretrained, Mapping) else repr(str(pretrained))}, not a folder: give its folder, or copy_files=None")
+    if extra_files and not hf_folder:
+        raise ValueError(f"{out}: extra_files are written into a Hugging Face folder output; pass shard_size or "
+                         "copy_files=True (and a folder path)")
+    bad = [n for n in (extra_files or {}) if not n or Path(n).name != n or n.startswith(".")]
+    if bad:
+        raise ValueError(f"extra_files: {bad[0]!r} is not a plain file name")
+    size = parse_size(shard_size if shard_size is not None else "5GB")
+    check_output_apart_from_inputs(out, pretrained, finetuned)
+    target = Path(out)
+    if target.exists() and not target.is_dir() and target.suffix != ".safetensors":
+        raise NotADirectoryError(f"{target} is a file, not a folder: the merge writes a folder (or give a "
+                                 ".safetensors path); choose another path")
+    path = target if hf_folder else resolve_output(out)[0]
+    # model.safetensors written beside an earlier merge's shards, index or model card would leave two sets of
+    # weights and a README describing the old merge: those are replaced too (config, tokenizer are kept),
+    # whether `out` names the folder or its model.safetensors
+    folder = path.parent if not hf_folder and path.name == "model.safetensors" and path.parent.is_dir() else None
+    stale = _earlier_hf_merge(folder) if folder is not None else []
+    empty_dir = target.is_dir() and not holds_user_files(target)  # (a .DS_Store alone counts as empty)
+    if path.exists() and not overwrite and not (hf_folder and empty_dir):
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    weights = [p.name for p in stale if p.name not in ("README.md", MERGEKIT_RECIPE)]
+    if weights and not overwrite:  # another model's shards: replaced only on request
+        raise FileExistsError(f"{folder} holds sharded weights ({', '.join(weights)}); pass overwrite=True to "
+                              "replace them with the merged model.safetensors")
+    overwrite = overwrite or (hf_folder and empty_dir)
+    if hf_folder and path.is_dir() and holds_user_files(path) and not any(path.glob("*.safetensors")):
+        # overwrite replaces an earlier merged folder, never a folder of something else
+        raise FileExistsError(f"{path} exists and holds no .safetensors weights (not an earlier merge); refusing to "
+                              "replace it: choose another path or remove it yourself")
+    copies = copy_files is not False and isinstance(pretrained, (str, os.PathLike)) and Path(pretrained).is_dir()
+    if hf_folder and path.is_dir() and overwrite:
+        copied = [p.name for p in base_files(Path(pretrained), extra_files or ())] if copies else []
+        check_replaceable(path, [*copied, *(extra_files or ())])
+    return OutputTarget(path, hf_folder, size, overwrite, copies, folder, stale)
 
 
 def _is_hf_folder(obj) -> bool:

@@ -483,3 +483,47 @@ def test_a_single_file_merge_keeps_a_recipe_that_no_mtlkit_merge_wrote(models, n
                           out if named == "folder" else out / "model.safetensors", overwrite=True, lam=0.5)
     assert (out / "mergekit_config.yml").read_text() == "merge_method: slerp  # my plan\n"
     assert torch.equal(_merged(out), A * 0.5)
+
+
+@pytest.mark.parametrize("extra, said", [
+    *((f"shard_size={s}", rf"^shard_size {q}") for s, q in [("5B", "'5B': sizes are bytes"), ("0.5", "0.5 is 0.5 bytes"),
+                                                            ("1.0001KB", "'1.0001KB' is 1000.1 bytes"),
+                                                            ("0", "0 is 0 bytes"), ("-1", "-1 is -1 bytes"),
+                                                            ("abc", "must be bytes or a size")]),
+    ("models=v", r"^models do not match: 'layer\.weight' has shape \(4\) in .*base.* but \(5\) in .*v"),
+    ("models=h", r"^models do not match: 'layer\.weight' is torch\.float32 in .*base.* but torch\.bfloat16 in .*h"),
+    ("models=m", r"^models do not match: 'layer\.weight' is in base/model\.safetensors but missing from m/model\.safet.*"
+                 r"a Hugging Face folder holds every tensor of its base model"),
+])
+def test_cli_refuses_what_headers_and_settings_show_before_the_run_folder(models, console, capfd, extra, said):
+    """A bad shard_size and models whose keys, shapes or dtypes differ were found by the merge, after the run folder
+    (an error line, then run_dir: and a FAILED folder): now one error line and no folder."""
+    import re
+
+    from tests.test_early_config_checks import _refused_without_folder
+
+    _folder(models / "v", torch.ones(5))
+    _folder(models / "h", A, dtype=torch.bfloat16)
+    (models / "m").mkdir()
+    save_file({"other.weight": A}, str(models / "m" / "model.safetensors"))
+    second = extra.removeprefix("models=") if extra.startswith("models=") else "b"
+    cfg = _yaml(models, f"merge_method: task_arithmetic\nbase_model: base\nmodels: [{{model: a}}, {{model: {second}}}]\n"
+                        "parameters: {weight: 1}\n")
+    message = _refused_without_folder(console, capfd, "merging.cli", f"mergekit_yaml={cfg}", f"output={models / 'out'}",
+                                      *([extra] if extra.startswith("shard_size") else []))
+    assert re.search(said, message), message
+    assert not (models / "out").exists()
+
+
+def test_cli_overwrite_refuses_an_output_holding_a_users_file_before_the_run_folder(models, console, capfd):
+    """overwrite=true would replace the folder whole: refused naming the file, as before, but now before the run
+    folder (it was an error line, then run_dir: and a FAILED folder)."""
+    from tests.test_early_config_checks import _refused_without_folder
+
+    cfg = _yaml(models, "merge_method: task_arithmetic\nbase_model: base\nmodels: [{model: a}]\nparameters: {weight: 1}\n")
+    out = merging.merge_mergekit_yaml(cfg, models / "out")
+    (out / "notes.txt").write_text("mine")
+    message = _refused_without_folder(console, capfd, "merging.cli", f"mergekit_yaml={cfg}", f"output={out}",
+                                      "overwrite=true")
+    assert message.startswith(f"{out} holds notes.txt, which this merge does not write"), message
+    assert (out / "notes.txt").read_text() == "mine" and torch.equal(_merged(out), A)

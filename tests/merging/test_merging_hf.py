@@ -584,3 +584,32 @@ def test_a_shard_index_given_as_a_model_names_its_folder(llamas, tmp_path):
     with pytest.raises(merging.MergeInputError, match=f"^{re.escape(str(bin_index))} is a Hugging Face shard index, "
                                                       "not a model: sharded pytorch_model-.*bin checkpoints are not supported"):
         merging.open_source(bin_index)
+
+
+@pytest.mark.parametrize("extra, said", [
+    # parsed by merge_to_file, after the run folder (an error line, then run_dir: and a FAILED folder)
+    (("shard_size=5B",), r"^shard_size '5B': sizes are bytes"),
+    (("shard_size=0.5",), r"^shard_size 0\.5 is 0\.5 bytes"),
+    # overwrite=true over an earlier output holding a user's file: refused by merge_to_file, after the run folder
+    (("overwrite=true", "NOTES"), r"/out holds notes\.txt, which this merge does not write"),
+    # a vocabulary of another size: from the headers, before the run folder since 4c7eb53 (kept so)
+    (("VOCAB",), r"^models do not match: 'lm_head\.weight' has shape \(256, 64\) .* but \(264, 64\)"),
+])
+def test_an_eval_none_merge_refused_by_its_settings_or_output_leaves_no_run_folder(llamas, tmp_path, console, capfd,
+                                                                                  extra, said):
+    from tests.test_early_config_checks import _refused_without_folder
+
+    base, fts = llamas
+    out = tmp_path / "out"
+    if "NOTES" in extra:
+        merging.merge_to_file("task_arithmetic", base, fts, out, lam=0.3)
+        (out / "notes.txt").write_text("mine")
+    if "VOCAB" in extra:
+        fts = [fts[0], tmp_path / "vocab"]
+        write_llama(fts[1], seed=5, layers=1, vocab=264)
+    before = _tree(out) if out.exists() else None
+    message = _refused_without_folder(console, capfd, "merging.cli", "eval=none", "merge=mergekit_ties",
+                                      f"pretrained={base}", f"models=[{fts[0]},{fts[1]}]", f"output={out}",
+                                      *(e for e in extra if e not in ("NOTES", "VOCAB")))
+    assert re.search(said, message), message
+    assert (_tree(out) if out.exists() else None) == before
