@@ -235,11 +235,12 @@ class Context:
 
 
 def open_context(pretrained, finetuned, opts: KeyOptions, min_models: int, what: str, keep_base: bool = False,
-                 base_among: bool = False) -> Context:
-    """``base_among``: the pretrained model may be one of ``finetuned`` (a method merging models, not task vectors)."""
+                 base_among: bool = False, index_first: bool = False) -> Context:
+    """``base_among``: the pretrained model may be one of ``finetuned`` (a method merging models, not task vectors);
+    ``index_first``: see `merging.sources.weights_file`."""
     if isinstance(finetuned, Iterator):  # read once, for the sources and the task names alike
         finetuned = list(finetuned)
-    pre, fts = open_sources(pretrained, finetuned, base_among)
+    pre, fts = open_sources(pretrained, finetuned, base_among, index_first)
     if len(fts) < min_models:
         raise MergeInputError(
             f"{what} needs at least {min_models} fine-tuned model{'s' if min_models > 1 else ''}, got {len(fts)}"
@@ -258,15 +259,16 @@ def open_context(pretrained, finetuned, opts: KeyOptions, min_models: int, what:
     return ctx
 
 
-def check_headers(pretrained, finetuned: Sequence, options: dict, keep_base: bool = False) -> None:
-    """`open_context`'s key plan (key sets, shapes, dtypes under the key options in `options`; `keep_base` as there)
+def check_headers(pretrained, finetuned: Sequence, options: dict, keep_base: bool = False,
+                  index_first: bool = False) -> None:
+    """`open_context`'s key plan (key sets, shapes, dtypes under the key options in `options`; the rest as there)
     from the inputs' safetensors headers alone, so that a job refuses mismatched inputs before its run folder. Skipped
     when a torch checkpoint is among them (only loading it gives its keys); the merge checks everything again."""
     opts, _ = KeyOptions.split(dict(options))
     sources: list[StateSource] = []
     try:
         for path in [pretrained, *finetuned]:
-            src = header_source(weights_file(path))
+            src = header_source(weights_file(path, index_first))
             if src is None:
                 return
             sources.append(src)

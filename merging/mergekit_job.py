@@ -14,7 +14,7 @@ from mtl.registry import check_int
 from .engine import check_headers
 from .hf import parse_size
 from .run_outputs import MERGEKIT_RECIPE
-from .mergekit_yaml import check_dtypes, check_output, read_mergekit_yaml, run_plan
+from .mergekit_yaml import INDEX_FIRST, check_dtypes, check_output, read_mergekit_yaml, run_plan
 from .sources import check_readable
 
 __all__ = ["mergekit_job", "check_unread_settings"]
@@ -40,8 +40,8 @@ def mergekit_job(cfg: Any, run_dir: str | os.PathLike) -> dict[str, Any]:
     plan = read_mergekit_yaml(cfg.mergekit_yaml)
     check_dtypes(plan)
     for path in plan.finetuned:  # one that will not open: named now, not by the merge after the run folder
-        check_readable(path)
-    check_headers(plan.pretrained, plan.finetuned, plan.kwargs(), keep_base=True)  # the merge's key plan, from headers
+        check_readable(path, index_first=INDEX_FIRST)
+    check_headers(plan.pretrained, plan.finetuned, plan.kwargs(), keep_base=True, index_first=INDEX_FIRST)  # the merge's key plan, from headers
     # an existing output it would not replace (a user's file in it): after start_run's own checks, before its folder
     replaceable = functools.partial(check_output, plan, overwrite=bool(cfg.overwrite), shard_size=cfg.get("shard_size"))
     run_dir, output = start_run(cfg, run_dir, inputs=[plan.pretrained, *plan.finetuned], any_weights=True,

@@ -27,6 +27,9 @@ __all__ = ["MergekitPlan", "read_mergekit_yaml", "merge_mergekit_yaml", "YAML_ME
 
 log = logging.getLogger(__name__)
 
+#: mergekit reads a model folder holding both model.safetensors and a shard index from the index's shards
+#: (transformers and mtlkit's other merges read model.safetensors): a recipe's run follows mergekit
+INDEX_FIRST = True
 #: mergekit's method names that mtlkit runs, and the parameters each reads
 YAML_METHODS: dict[str, tuple[str, ...]] = {
     "linear": ("weight", "normalize"),
@@ -118,7 +121,7 @@ def read_mergekit_yaml(path: str | os.PathLike) -> MergekitPlan:
         if extra:
             raise ValueError(f"{label}: unknown key(s) {extra}; valid: model, parameters")
         folder = _folder(entry["model"], f"{label}.model", src)
-        weights = weights_read(folder)  # a linked model.safetensors is the model it links to
+        weights = weights_read(folder, INDEX_FIRST)  # a linked model.safetensors is the model it links to
         if weights in seen:
             raise ValueError(f"{label}.model: {entry['model']!r} is {seen[weights]} again; mergekit refuses "
                              "a model listed twice (give it one entry with the weight you mean)")
@@ -193,7 +196,7 @@ def run_plan(plan: MergekitPlan, out: str | os.PathLike, *, overwrite: bool = Fa
             raise ValueError(f"seed draws DARE's drop masks; {plan.method} draws nothing")
         kwargs["seed"] = seed
     return merge_to_file(plan.method, plan.pretrained, plan.finetuned, out, overwrite=overwrite, threads=threads,
-                         shard_size=shard_size, **_output_files(plan), **kwargs)
+                         shard_size=shard_size, index_first=INDEX_FIRST, **_output_files(plan), **kwargs)
 
 
 def check_output(plan: MergekitPlan, out: str | os.PathLike, *, overwrite: bool = False,
@@ -217,7 +220,7 @@ def check_dtypes(plan: MergekitPlan) -> None:
     mergekit computes in `dtype` (unset: the models' own); mtlkit in float32 (float64 for float64 models):
     where they differ, the values may too — say so. Not for linear: mergekit sums in float32 too, and
     mtlkit rounds its inputs and result to `dtype` as mergekit does."""
-    source = open_source(plan.pretrained)
+    source = open_source(plan.pretrained, index_first=INDEX_FIRST)
     try:
         dtypes = {source.info(k).dtype for k in source.keys()}
     finally:
@@ -324,7 +327,7 @@ def _folder(ref: Any, where: str, src: Path) -> Path:
 
 
 def _same(a: Path, b: Path | None) -> bool:
-    return b is not None and weights_read(a) == weights_read(b)
+    return b is not None and weights_read(a, INDEX_FIRST) == weights_read(b, INDEX_FIRST)
 
 
 def _dtypes(cfg: dict[str, Any], where: str) -> tuple[torch.dtype | None, torch.dtype | None]:

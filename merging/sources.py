@@ -81,8 +81,9 @@ def _no_safetensors(folder: Path) -> str:
     return f"{folder}: model folder without model.safetensors (or its shard index)"
 
 
-def open_source(obj: SourceLike, label: str | None = None) -> StateSource:
-    """Wrap a state dict, `nn.Module`, model folder, `.safetensors` file or torch checkpoint."""
+def open_source(obj: SourceLike, label: str | None = None, index_first: bool = False) -> StateSource:
+    """Wrap a state dict, `nn.Module`, model folder, `.safetensors` file or torch checkpoint (`index_first`: see
+    `weights_file`)."""
     if isinstance(obj, StateSource):
         return obj
     if isinstance(obj, nn.Module):
@@ -91,13 +92,11 @@ def open_source(obj: SourceLike, label: str | None = None) -> StateSource:
         return DictSource(obj, label=label or "state dict")
     if isinstance(obj, (str, os.PathLike)):
         p = user_path(obj)  # a leading ~ as every mtlkit reader takes it
-        f = weights_file(p)
+        f = weights_file(p, index_first)
         if p.is_dir():
-            if f.name == "model.safetensors":
-                if (p / "model.safetensors.index.json").is_file():
-                    _warn_both_weight_files(p)
-                return _checked(SafetensorsSource(f))
-            return ShardedSafetensorsSource(f)
+            if all((p / name).is_file() for name in FOLDER_WEIGHTS):
+                _warn_both_weight_files(p, f)
+            return _checked(SafetensorsSource(f)) if f.name == FOLDER_WEIGHTS[0] else ShardedSafetensorsSource(f)
         if p.suffix == ".safetensors":
             return _checked(SafetensorsSource(p))
         return _torch_checkpoint(p)
@@ -109,17 +108,21 @@ def open_source(obj: SourceLike, label: str | None = None) -> StateSource:
 
 #: the names of files `open_source` reads as weights (a folder so named is a file given wrongly)
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+#: a model folder's weights: one file, or the index of its shards
+FOLDER_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 
 
-def weights_file(path: Pathish) -> Path:
+def weights_file(path: Pathish, index_first: bool = False) -> Path:
     """The file `open_source` reads for a path: the path itself, or a folder's model.safetensors (else its shard
     index); a folder holding neither, a path that is not there, or a file named as no whole model (a shard index,
-    one shard) is refused: `open_source` and `check_readable` both refuse through here."""
+    one shard) is refused: `open_source` and `check_readable` both refuse through here. A folder holding both is
+    read from model.safetensors, as transformers reads it, or with `index_first` from the index's shards, as
+    mergekit reads it (a recipe's run, which promises mergekit's result)."""
     p = user_path(path)
     if p.is_dir():
-        for name in ("model.safetensors", "model.safetensors.index.json"):
-            if (p / name).is_file():
-                return p / name
+        f = _folder_weights(p, index_first)
+        if f is not None:
+            return f
         if p.suffix in WEIGHT_FILE_SUFFIXES:  # named as a weights file (a shard, x.ckpt): not meant as a model folder
             raise MergeInputError(f"{p} is a folder, not a file")
         raise MergeInputError(run_folder_refusal(p) or _no_safetensors(p))
@@ -127,6 +130,14 @@ def weights_file(path: Pathish) -> Path:
         raise MergeInputError(f"{p}: no such file or folder")
     _refuse_by_name(p)
     return p
+
+
+def _folder_weights(folder: Path, index_first: bool) -> Path | None:
+    """`weights_file`'s rule for a folder (None: it holds neither file)."""
+    for name in FOLDER_WEIGHTS[::-1] if index_first else FOLDER_WEIGHTS:
+        if (folder / name).is_file():
+            return folder / name
+    return None
 
 
 def _refuse_by_name(p: Path) -> None:
@@ -145,12 +156,12 @@ def _refuse_by_name(p: Path) -> None:
 TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
 
 
-def check_readable(path: Pathish) -> None:
+def check_readable(path: Pathish, index_first: bool = False) -> None:
     """The file a path's model is read from (`weights_file`) is there, opens and is what its name says, said in one
     line naming it: checked before a run folder is made, not found by the merge after it. No tensor is read: a
     safetensors file's header parses (a shard index's: each shard it names is there, and its header parses), a torch
-    checkpoint begins as torch.save writes one (a zip: one holding its data.pkl)."""
-    f = weights_file(path)
+    checkpoint begins as torch.save writes one (a zip: one holding its data.pkl). `index_first`: see `weights_file`."""
+    f = weights_file(path, index_first)
     try:
         with open(f, "rb") as fh:
             head = fh.read(4)
@@ -186,18 +197,24 @@ def _torch_archive(path: Path) -> bool:
         return False
 
 
-_WARNED_BOTH: set[Path] = set()
+_WARNED_BOTH: set[tuple[Path, str]] = set()
 
 
-def _warn_both_weight_files(folder: Path) -> None:
-    """A folder with model.safetensors and a shard index holds two sets of weights; model.safetensors is read,
-    as transformers reads it. Said once per folder, since a merge opens its inputs more than once."""
-    key = folder.resolve()
-    if key not in _WARNED_BOTH:
-        _WARNED_BOTH.add(key)
-        log.warning("%s holds both model.safetensors and model.safetensors.index.json: reading %s (as transformers "
-                    "does) and ignoring the shards the index lists; remove the set you do not mean",
-                    folder, folder / "model.safetensors")
+def _warn_both_weight_files(folder: Path, read: Path) -> None:
+    """A folder with model.safetensors and a shard index holds two sets of weights (`weights_file` picks `read`):
+    which is read, and that the other tool reads the other. Said once per folder, since a merge opens its inputs more
+    than once."""
+    key = (folder.resolve(), read.name)
+    if key in _WARNED_BOTH:
+        return
+    _WARNED_BOTH.add(key)
+    if read.name == FOLDER_WEIGHTS[0]:
+        what = f"reading {read} (as transformers does; mergekit reads the shards the index lists) and ignoring the shards"
+    else:
+        what = (f"reading the shards {read} lists (as mergekit does; transformers reads model.safetensors) and "
+                "ignoring model.safetensors")
+    log.warning("%s holds both model.safetensors and model.safetensors.index.json: %s; remove the set you do not "
+                "mean", folder, what)
 
 
 def _checked(src: "SafetensorsSource") -> "SafetensorsSource":
@@ -213,27 +230,28 @@ def _checked(src: "SafetensorsSource") -> "SafetensorsSource":
     return src
 
 
-def open_sources(pretrained: SourceLike, finetuned, base_among: bool = False) -> tuple[StateSource, list[StateSource]]:
+def open_sources(pretrained: SourceLike, finetuned, base_among: bool = False,
+                 index_first: bool = False) -> tuple[StateSource, list[StateSource]]:
     """Open the pretrained model and the list of fine-tuned ones, labelling in-memory inputs by position
-    (`check_distinct_inputs` first)."""
+    (`check_distinct_inputs` first; `index_first`: see `weights_file`)."""
     if isinstance(finetuned, (str, os.PathLike, Mapping, nn.Module, StateSource, torch.Tensor)):
         raise TypeError("finetuned must be a list of models (state dicts, modules, folders or files), not one model")
     fts = list(finetuned)
-    check_distinct_inputs(pretrained, fts, base_among=base_among)
-    pre = open_source(pretrained, label="pretrained")
-    return pre, [open_source(f, label=f"finetuned[{i}]") for i, f in enumerate(fts)]
+    check_distinct_inputs(pretrained, fts, base_among=base_among, index_first=index_first)
+    pre = open_source(pretrained, label="pretrained", index_first=index_first)
+    return pre, [open_source(f, label=f"finetuned[{i}]", index_first=index_first) for i, f in enumerate(fts)]
 
 
 def check_distinct_inputs(pretrained, finetuned: Sequence[Any], names: tuple[str, str] = ("pretrained", "finetuned"),
-                          base_among: bool = False) -> None:
+                          base_among: bool = False, index_first: bool = False) -> None:
     """Refuse, in one line naming both entries, a fine-tuned model given by path that is an earlier one again (it, or
     its task vector, would count twice) or, unless ``base_among`` (a method that merges the models themselves: average,
     mergekit's linear), the pretrained model (a zero task vector counted as a model), compared on the resolved
     weights each path reads (a symlink, ``./a`` and ``a/model.safetensors`` are ``a``, also where model.safetensors is
     itself a link, as in a Hugging Face cache). ``names``: what the caller calls the two arguments (``models`` on the
-    command line)."""
+    command line; `index_first`: see `weights_file`)."""
     def weights(x: Any) -> Path | None:
-        return weights_read(x) if isinstance(x, (str, os.PathLike)) else None  # in memory: nothing to compare
+        return weights_read(x, index_first) if isinstance(x, (str, os.PathLike)) else None  # in memory: nothing to compare
 
     pre, seen = weights(pretrained), {}
     for i, f in enumerate(finetuned):
@@ -251,11 +269,12 @@ def check_distinct_inputs(pretrained, finetuned: Sequence[Any], names: tuple[str
         seen[w] = i
 
 
-def weights_read(path: Pathish) -> Path:
-    """The resolved file a model path reads (a folder's model.safetensors, followed through links), else the resolved
-    path: two inputs with the same one are the same model, however each is spelled."""
+def weights_read(path: Pathish, index_first: bool = False) -> Path:
+    """The resolved file a model path reads (a folder's, as `weights_file` picks it, followed through links), else
+    the resolved path: two inputs with the same one are the same model, however each is spelled."""
     p = user_path(path).resolve()
-    return (p / "model.safetensors").resolve() if (p / "model.safetensors").is_file() else p
+    f = _folder_weights(p, index_first) if p.is_dir() else None
+    return f.resolve() if f is not None else p
 
 
 def input_paths(pretrained, finetuned) -> list[Path]:

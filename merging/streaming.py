@@ -160,6 +160,7 @@ def merge_to_file(
     fused: bool = True,
     chunk: int | None = None,
     extra_files: Mapping[str, str] | None = None,
+    index_first: bool = False,
     **kwargs: Any,
 ) -> Path:
     """Merge with bounded memory, writing the result to `out`. Same methods, hyperparameters and key
@@ -173,6 +174,8 @@ def merge_to_file(
     folder's non-weight files (config, tokenizer, ...) and a README.md model card with the recipe.
     Returns the written file's path, or the folder's in the Hugging Face case. `extra_files`
     ({file name: text}, e.g. a mergekit recipe's `mergekit_config.yml`) go into that folder with the rest.
+    An input folder holding both model.safetensors and a shard index is read from model.safetensors (transformers'
+    rule), or with `index_first=True` from the index's shards (mergekit's), with a warning either way.
 
     `fused=True` (default) runs task arithmetic, average, TIES and mergekit's task arithmetic through
     the chunked kernels (`merging.kernels`: `chunk` entries at a time — default 524,288 for task
@@ -200,7 +203,7 @@ def merge_to_file(
         raise ValueError(f"chunk applies to the chunked kernels; {method!r} has none (it runs whole tensors): "
                          "leave chunk=None")
     ctx = open_context(pretrained, finetuned, opts, m.min_models(), method, keep_base=hf_folder,
-                       base_among=not m.uses_task_vectors)
+                       base_among=not m.uses_task_vectors, index_first=index_first)
     streamed = None
     try:
         if kernel is not None:

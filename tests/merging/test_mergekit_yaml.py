@@ -527,3 +527,32 @@ def test_cli_overwrite_refuses_an_output_holding_a_users_file_before_the_run_fol
                                       "overwrite=true")
     assert message.startswith(f"{out} holds notes.txt, which this merge does not write"), message
     assert (out / "notes.txt").read_text() == "mine" and torch.equal(_merged(out), A)
+
+
+def _both(folder, shards_w, single_w):
+    """A folder holding two sets of weights: shards listed by model.safetensors.index.json, and model.safetensors."""
+    _folder(folder, single_w)
+    save_file({"layer.weight": shards_w}, str(folder / "model-00001-of-00001.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"layer.weight": "model-00001-of-00001.safetensors"}}))
+    return folder
+
+
+def test_a_recipe_reads_a_folder_with_both_weight_sets_as_mergekit_does(models, caplog):
+    """mergekit reads the index's shards when a folder holds model.safetensors too (transformers reads
+    model.safetensors): a recipe's run read model.safetensors and silently merged another model than mergekit's."""
+    _both(models / "both", B, C)
+    cfg = _yaml(models, "merge_method: task_arithmetic\nbase_model: base\nmodels: [{model: a}, {model: both}]\n"
+                        "parameters: {weight: 1}\n")
+    with caplog.at_level("WARNING", logger="merging.sources"):
+        report = run([f"mergekit_yaml={cfg}", f"output={models / 'out'}"], run_dir=models / "run")
+        native = merging.merge_to_file("task_arithmetic", models / "base", [models / "a", models / "both"],
+                                       models / "native.safetensors", lam=1.0)
+    assert report["evaluated"] is False
+    assert torch.equal(_merged(models / "out"), A + B)  # the shards, as mergekit
+    assert torch.equal(load_file(str(native))["layer.weight"], A + C)  # a native merge: model.safetensors, as transformers
+    said = [r.getMessage() for r in caplog.records if "holds both" in r.getMessage()]
+    assert len(said) == 2, said
+    assert ("reading the shards both/model.safetensors.index.json lists (as mergekit does; transformers reads "
+            "model.safetensors) and ignoring model.safetensors") in said[0]  # the recipe's path, from the cwd
+    assert f"reading {models / 'both' / 'model.safetensors'} (as transformers does; mergekit reads the shards" in said[1]

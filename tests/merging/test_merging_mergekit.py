@@ -154,3 +154,22 @@ def test_a_linear_yaml_with_a_narrower_dtype_gives_mergekits_bytes(tmp_path):
            "models": [{"model": str(fts[0]), "parameters": {"weight": 1.0}},
                       {"model": str(fts[1]), "parameters": {"weight": 0.7}}]}
     _same_bytes_from_one_yaml(cfg, tmp_path)
+
+
+def test_a_folder_holding_both_weight_sets_gives_mergekits_bytes(llamas, tmp_path):
+    """mergekit reads the shards of a folder's model.safetensors.index.json even beside a model.safetensors; a
+    recipe's run read model.safetensors (transformers' rule) and merged another model."""
+    import json
+    import shutil
+
+    base, fts = llamas
+    both = tmp_path / "both"
+    shutil.copytree(fts[1], both)  # its model.safetensors: ft1; the shard beside it: ft2
+    shutil.copy(fts[2] / "model.safetensors", both / "model-00001-of-00001.safetensors")
+    keys = merging.load_state_dict(fts[2])
+    (both / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: "model-00001-of-00001.safetensors" for k in keys}}))
+    cfg = {"merge_method": "task_arithmetic", "dtype": "float32", "out_dtype": "bfloat16", "base_model": str(base),
+           "models": [{"model": str(base)}, {"model": str(fts[0]), "parameters": {"weight": 0.5}},
+                      {"model": str(both), "parameters": {"weight": 0.7}}]}
+    _same_bytes_from_one_yaml(cfg, tmp_path)
