@@ -272,6 +272,9 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         check_int("eval.max_batches", cfg.eval.max_batches, low=1, note=" or null (every batch)")
     if cfg.get("learn_max_steps") is not None:  # -1 was passed on as merge.steps=-1 and refused under that name
         check_int("learn_max_steps", cfg.learn_max_steps, low=0, note=" or null (no cap)")
+        if name not in merging.LEARNED_METHODS and not _smoke_value(cfg, "learn_max_steps"):
+            raise ValueError(f"learn_max_steps caps the learned merges ({', '.join(merging.LEARNED_METHODS)}); "
+                             f"merge={name} does not read it")
     evaluated = bool(cfg.eval.get("enabled", True))  # eval=none merges any weights (Hugging Face folders, files)
     if evaluated:  # a misspelt or absent device: said before the run folder, not when the Evaluator is built
         resolve_device(cfg.eval.get("device") or "cpu")
@@ -477,6 +480,16 @@ def _bn_data(cfg: DictConfig, hp: dict[str, Any], method: str) -> dict[str, Any]
                          "re-estimates its BN statistics on the images it learned on (merge.split, merge.batch_size "
                          "per task per pass); remove it")
     return d
+
+
+def _smoke_value(cfg: DictConfig, key: str) -> bool:
+    """`key` holds debug=smoke's own value, which it sets for every method (learn_max_steps: 3), not the user's."""
+    from importlib import resources
+
+    import yaml
+
+    smoke = yaml.safe_load((resources.files("mtl.configs") / "merge_app" / "debug" / "smoke.yaml").read_text())
+    return bool(cfg.get("smoke_pool")) and cfg.get(key) == smoke.get(key)
 
 
 def _plain(node: Any) -> dict[str, Any]:

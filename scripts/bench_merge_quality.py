@@ -248,7 +248,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out) if args.out else manifest.parent / "quality"
     extra = [f"+eval.data.batch_size={args.eval_batch_size}", *args.overrides]
     extra += [f"eval.max_batches={args.max_batches}"] if args.max_batches else []
-    extra += [f"learn_max_steps={args.learn_steps}"] if args.learn_steps else []
     extra += [f"+merge.bn={args.bn}"] if args.bn else []
     start = time.perf_counter()
     if args.finetuned_bn_check:
@@ -257,7 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         (out / "finetuned_bn.md").write_text(md + "\n")
         print("\n" + md + f"\n\ntotal {time.perf_counter() - start:.0f} s; wrote {out / 'finetuned_bn.md'}")
         return 0
-    results = run_all(manifest, out, args.methods, extra, args.learned_overrides)
+    learned = [*args.learned_overrides, *([f"learn_max_steps={args.learn_steps}"] if args.learn_steps else [])]
+    results = run_all(manifest, out, args.methods, extra, learned)  # the others refuse learn_max_steps
     md = tables(results)
     (out / "quality.md").write_text(md + "\n")
     made = plots(results, out)

@@ -436,3 +436,25 @@ def test_multirun_memory_closes_with_a_table_of_its_jobs_and_no_torch_deprecatio
     table = out[out.index("| job | seconds | RSS MB | Trainer | MultiTaskModule | MultiTaskModel | TensorDataModule |"):]
     rows = [tuple(c.strip() for c in line.strip("|").split("|")) for line in table.splitlines()[2:]]
     assert len(jobs) == 2 and rows == [(j, f"{float(s):.1f}", *rest) for j, s, *rest in jobs]
+
+
+def test_bench_merge_quality_caps_only_the_learned_methods_steps(tmp_path, monkeypatch):
+    """--learn-steps was passed as learn_max_steps to every method, which mtl-merge refuses for one that learns
+    nothing (merge=ties): it goes to the learned methods only."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    bench = importlib.import_module("bench_merge_quality")
+    given = {}
+
+    def fake_run_method(method, manifest, out, overrides):
+        given[method] = list(overrides)
+        raise RuntimeError("not run")
+
+    monkeypatch.setattr(bench, "run_method", fake_run_method)
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text("{}")
+    bench.main(["--manifest", str(manifest), "--out", str(tmp_path / "q"), "--methods", "ties", "atlas",
+                "--learn-steps", "5", "--learned-overrides", "merge.eval_every=2"])
+    assert given["ties"] == ["+eval.data.batch_size=256"]
+    assert given["atlas"] == ["+eval.data.batch_size=256", "merge.eval_every=2", "learn_max_steps=5"]

@@ -365,3 +365,37 @@ def test_learning_from_folders_leaves_the_callers_random_stream_alone(pool):
     torch.manual_seed(11)
     merging.learn("adamerging", pool.pretrained, pool.member_paths, unlabeled=data, steps=1, progress=False)
     assert torch.equal(torch.rand(3), want)  # the models built from the folders drew nothing from it
+
+
+def test_learn_max_steps_with_a_merge_that_learns_nothing_is_refused_by_name(tmp_path):
+    """`learn_max_steps` caps only the learned merges: with ties or task arithmetic it was accepted and read by
+    nothing. Now one error line naming it, before any run folder (the paths need not exist)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MTL_OUTPUT_DIR=str(tmp_path / "outputs"))
+    inputs = [f"pretrained={tmp_path / 'base'}", f"models=[{tmp_path / 'a'},{tmp_path / 'b'}]"]
+    proc = subprocess.run([sys.executable, "-m", "merging.cli", "merge=ties", "eval=none", "learn_max_steps=5", *inputs],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "run_dir:" not in proc.stdout, proc.stderr[-2000:]
+    assert proc.stderr.strip() == ("error: learn_max_steps caps the learned merges (adamerging, atlas, concrete_ta, "
+                                   "concrete_adamerging); merge=ties does not read it")
+    assert not (tmp_path / "outputs").exists()
+    with pytest.raises(ValueError, match=r"^learn_max_steps caps the learned merges .*merge=task_arithmetic does not"):
+        run(["merge=task_arithmetic", "merge.lam=0.3", "learn_max_steps=5", *inputs], run_dir=tmp_path / "ta")
+    assert not (tmp_path / "ta").exists()
+
+
+def test_debug_smokes_own_learn_max_steps_is_no_setting_of_a_merge_that_learns_nothing(tmp_path, monkeypatch):
+    """debug=smoke sets learn_max_steps: 3 for every method: `debug=smoke merge=ties` is not refused for it."""
+    import merging.job as job
+
+    def loaded(*a, **k):
+        raise RuntimeError("past the settings")
+
+    monkeypatch.setattr(job, "start_run", loaded)
+    with pytest.raises(RuntimeError, match="past the settings"):
+        run(["debug=smoke", "merge=ties", "merge.lam=0.3"], run_dir=tmp_path / "smoke")
+    with pytest.raises(ValueError, match="^learn_max_steps caps the learned merges"):
+        run(["debug=smoke", "merge=ties", "merge.lam=0.3", "learn_max_steps=4"], run_dir=tmp_path / "smoke")
