@@ -54,11 +54,12 @@ def grid_candidates(hp: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def precheck(name: str, hp: Mapping[str, Any], num_models: int | None = None, tasks: list[str] | None = None,
-             merged_keys: list[str] | None = None) -> None:
+             merged_keys: list[str] | None = None, task_kinds: Mapping[str, str | None] | None = None) -> None:
     """The hyperparameters of a grid-searched state-dict method (or tall_masks, or a learned method), checked before any
     model is loaded or evaluated (a bad `k` or λ would otherwise surface after the whole pool's individual evaluation).
     With `num_models` (the pool's size, once known), `tasks` (its task names) and `merged_keys` (the tensors the
-    merge combines), also what depends on them: consensus' k, a per-task λ list or ``{task: λ}``, aTLAS's blocks."""
+    merge combines), also what depends on them: consensus' k, a per-task λ list or ``{task: λ}``, aTLAS's blocks;
+    with `task_kinds` (``{task: kind}``), that a learned method's entropy objective has a task to read."""
     if name == "tall_masks":
         from .tall_job import precheck_tall
 
@@ -66,7 +67,7 @@ def precheck(name: str, hp: Mapping[str, Any], num_models: int | None = None, ta
     if name in merging.LEARNED_METHODS:
         from .learned.cli import precheck_learned
 
-        return precheck_learned(name, hp, merged_keys)
+        return precheck_learned(name, hp, merged_keys, task_kinds)
     if name == "pretrained":
         return precheck_pretrained(hp)
     if name not in GRID_METHODS:

@@ -294,11 +294,13 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             check_distinct_inputs(pre, models, ("pretrained", "models"), base_among=base_among)
         except MergeInputError as e:
             raise MergeInputError(f"{cfg.pool}: {e}" if manifest else str(e)) from None
-        grid_job.precheck(name, hp, num_models=len(models))  # a per-model list (lam, weight, density) by its length
+        kinds = None
         if evaluated:  # a pool the model pool would refuse (family, θ0, architecture, task names): config.json alone
-            family = precheck_pool(pre, models).get("family")
+            pre_cfg, kinds = precheck_pool(pre, models)
             if bn_data is not None:
-                check_recompute_family(family)
+                check_recompute_family(pre_cfg.get("family"))
+        # a per-model list (lam, weight, density) by its length; a learned merge's entropy objective by the task kinds
+        grid_job.precheck(name, hp, num_models=len(models), task_kinds=kinds)
         if not evaluated:  # any weights: a file that will not open, or a folder without them (start_run names a missing one)
             for key, path in [("pretrained", pre), *(("models", m) for m in models)]:
                 try:

@@ -162,10 +162,11 @@ def check_pool_configs(pretrained: str | Path, pre_cfg: dict[str, Any] | None,
     check_task_names([t["name"] for _, mc in members for t in mc.get("tasks", [])])
 
 
-def precheck_pool(pretrained: str | Path, models: Sequence[str | Path]) -> dict[str, Any]:
+def precheck_pool(pretrained: str | Path, models: Sequence[str | Path]
+                  ) -> tuple[dict[str, Any], dict[str, str | None] | None]:
     """`check_pool_configs` for a job to run before its run folder; a folder that is missing or not an mtlkit model
     folder is left to the job's own checks (`start_run`, then `from_folders`, name it). Returns the pretrained
-    model's config.json `model` ({} if unread)."""
+    model's config.json `model` ({} if unread) and the models' `{task: kind}` (None unless every one was read)."""
     def model_config(folder: str | Path) -> dict[str, Any] | None:  # checked as from_folders reads it: an edited one named
         folder = Path(folder)
         both = (folder / CONFIG).is_file() and (folder / WEIGHTS).is_file()
@@ -174,7 +175,9 @@ def precheck_pool(pretrained: str | Path, models: Sequence[str | Path]) -> dict[
     pre = model_config(pretrained) or {}
     read = [(m, model_config(m)) for m in models]
     check_pool_configs(pretrained, pre, [(m, mc) for m, mc in read if mc is not None])
-    return pre
+    if any(mc is None for _, mc in read):
+        return pre, None
+    return pre, {t["name"]: t.get("kind") for _, mc in read for t in mc.get("tasks", [])}
 
 
 def model_list(models: Any, where: str) -> list:

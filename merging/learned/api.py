@@ -28,7 +28,7 @@ from .adamerging import CoefficientLearner, Trace
 from .concrete import ConcreteMask
 from .layout import check_blocks, check_patterns, make_layout
 from .loop import POOL_LIMIT, Objective
-from .objective import has_entropy
+from .objective import entropy_tasks
 from .problem import VECTORS, MergeProblem, build_problem, ties_task_vectors
 
 log = logging.getLogger("merging.learned")
@@ -180,15 +180,13 @@ def _objective_tasks(problem: MergeProblem, supervised: bool) -> tuple[list[str]
     """Tasks in the objective, tasks left out (no entropy), fine-tuned models whose λ stay fixed."""
     if supervised:
         return problem.tasks, [], []
-    use = [t for t in problem.tasks if has_entropy(problem.task_kinds.get(t))]
+    use = entropy_tasks({t: problem.task_kinds.get(t) for t in problem.tasks},
+                        "use objective='supervised' with labeled=... (aTLAS) or a training-free merge")
     out = [t for t in problem.tasks if t not in use]
     if out:
         log.warning("entropy objective: task(s) %s have regression-like heads (%s) with no predictive "
                     "distribution; they are left out of the objective", out,
                     ", ".join(str(problem.task_kinds.get(t)) for t in out))
-    if not use:
-        raise ValueError(f"no task has an entropy objective: {out} are regression-like heads; "
-                         "use objective='supervised' with labeled=... (aTLAS) or a training-free merge")
     frozen = [i for i, ts in enumerate(problem.vector_tasks) if not any(t in use for t in ts)]
     if frozen:
         log.warning("coefficients of %s stay at their initial value (no task of theirs is in the objective)",

@@ -52,6 +52,7 @@ from ..job import CLI_METHODS, MergeJob, Selection
 from ..run_outputs import COEFFICIENTS_DIR, COEFFICIENTS_PLOT, CURVES_PLOT
 from .api import KEY_OPTIONS, LEARNED_METHODS, check_hparams, unread, unread_message
 from .layout import make_layout
+from .objective import entropy_tasks
 from .plots import plot_coefficients, plot_learning_curves
 
 __all__ = ["LabeledShots", "precheck_learned", "select_learned"]
@@ -153,12 +154,20 @@ def _options(method: str, hp: Mapping[str, Any]) -> tuple[dict[str, Any], dict[s
     return opts, kw
 
 
-def precheck_learned(method: str, hp: Mapping[str, Any], merged_keys: list[str] | None = None) -> None:
+def precheck_learned(method: str, hp: Mapping[str, Any], merged_keys: list[str] | None = None,
+                     task_kinds: Mapping[str, str | None] | None = None) -> None:
     """`mtl-merge`'s check of a learned method's settings before the pool is loaded and scored; with
-    `merged_keys` (the pool's merged tensors, read from its files' headers) also aTLAS's `blocks` and
+    `task_kinds` (`{task: kind}` from the models' config.json) also that an entropy objective has a task to read;
+    with `merged_keys` (the pool's merged tensors, read from its files' headers) also aTLAS's `blocks` and
     `learn_blocks` against them. A tensor no fine-tune changed gets no coefficient while learning, so a
     pattern that matches only such tensors is still found when learning starts."""
     _, kw = _options(method, hp)
+    if task_kinds is not None and hp.get("objective", "entropy") != "supervised":
+        try:
+            entropy_tasks(task_kinds, "use merge=atlas merge.objective=supervised (merge.shots labelled train images "
+                                      "per class) or a merge that learns nothing, e.g. merge=task_arithmetic")
+        except ValueError as e:
+            raise ValueError(f"merge={method}: {e}") from None
     if merged_keys is None or method != "atlas":
         return
     try:

@@ -15,10 +15,12 @@ coefficients.json) and keeps their fine-tuned model's coefficients at the initia
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ENTROPY_KINDS", "NO_ENTROPY_KINDS", "entropy", "has_entropy"]
+__all__ = ["ENTROPY_KINDS", "NO_ENTROPY_KINDS", "entropy", "entropy_tasks", "has_entropy"]
 
 #: task kinds whose head outputs logits over classes along dim 1 (None: a plain module's logits)
 ENTROPY_KINDS = {"classification": "softmax", "semseg": "softmax", "edges": "sigmoid", None: "softmax"}
@@ -27,6 +29,15 @@ NO_ENTROPY_KINDS = ("regression", "depth", "normals")
 
 def has_entropy(kind: str | None) -> bool:
     return kind in ENTROPY_KINDS
+
+
+def entropy_tasks(kinds: Mapping[str, str | None], advice: str) -> list[str]:
+    """The tasks (of `{task: kind}`) an entropy objective reads. None is refused, with `advice` in the caller's
+    terms: `merging.learn` names its arguments, mtl-merge its settings (checked there before the run folder)."""
+    use = [t for t, kind in kinds.items() if has_entropy(kind)]
+    if not use:
+        raise ValueError(f"no task has an entropy objective: {list(kinds)} are regression-like heads; {advice}")
+    return use
 
 
 def entropy(pred: torch.Tensor, kind: str | None = None, task: str = "?") -> torch.Tensor:

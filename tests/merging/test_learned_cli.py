@@ -399,3 +399,42 @@ def test_debug_smokes_own_learn_max_steps_is_no_setting_of_a_merge_that_learns_n
         run(["debug=smoke", "merge=ties", "merge.lam=0.3"], run_dir=tmp_path / "smoke")
     with pytest.raises(ValueError, match="^learn_max_steps caps the learned merges"):
         run(["debug=smoke", "merge=ties", "merge.lam=0.3", "learn_max_steps=4"], run_dir=tmp_path / "smoke")
+
+
+def test_a_pool_with_no_entropy_task_is_refused_before_the_run_folder_in_the_clis_terms(pool, tmp_path, monkeypatch):
+    """A regression-only pool under an entropy objective was refused after the pool loaded (a FAILED run folder),
+    with Python advice (objective='supervised' with labeled=...). Now the task kinds in config.json decide it
+    before the run folder (as merging.learn decides it: entropy_tasks), and mtl-merge names its own settings."""
+    import os
+    import subprocess
+    import sys
+
+    import merging.job as job
+
+    regression = pool.member_paths[0]
+    inputs = [f"pretrained={pool.pretrained}", f"models=[{regression}]"]
+    env = dict(os.environ, MTL_OUTPUT_DIR=str(tmp_path / "outputs"))
+    proc = subprocess.run([sys.executable, "-m", "merging.cli", "merge=adamerging", *inputs], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "run_dir:" not in proc.stdout, proc.stderr[-2000:]
+    assert proc.stderr.strip() == (
+        "error: merge=adamerging: no task has an entropy objective: ['regression'] are regression-like heads; use "
+        "merge=atlas merge.objective=supervised (merge.shots labelled train images per class) or a merge that learns "
+        "nothing, e.g. merge=task_arithmetic")
+    assert not (tmp_path / "outputs").exists()
+    for method in ("atlas", "concrete_ta", "concrete_adamerging"):
+        with pytest.raises(ValueError, match=rf"^merge={method}: no task has an entropy objective: .*merge=atlas "
+                                             r"merge\.objective=supervised"):
+            run([f"merge={method}", *inputs], run_dir=tmp_path / method)
+        assert not (tmp_path / method).exists()
+
+    def started(*a, **k):
+        raise RuntimeError("past the checks")
+
+    monkeypatch.setattr(job, "start_run", started)  # supervised aTLAS reads the regression task's labels
+    with pytest.raises(RuntimeError, match="past the checks"):
+        run(["merge=atlas", "merge.objective=supervised", *inputs], run_dir=tmp_path / "supervised")
+    with pytest.raises(ValueError, match=r"^no task has an entropy objective: \['regression'\] are regression-like "
+                                         r"heads; use objective='supervised' with labeled=\.\.\. \(aTLAS\)"):
+        merging.learn("adamerging", pool.pretrained, [regression], unlabeled={"regression": [torch.rand(2, 3, 8, 8)]},
+                      steps=1, progress=False)
