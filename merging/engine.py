@@ -273,7 +273,8 @@ def check_headers(pretrained, finetuned: Sequence, options: dict, keep_base: boo
                 return
             sources.append(src)
         plan_keys(sources[0], sources[1:], include=opts["include"], exclude=opts["exclude"],
-                  task_keys=opts["task_keys"], unshared=opts["unshared"], bn=opts["bn"], keep_base=keep_base)
+                  task_keys=opts["task_keys"], unshared=opts["unshared"], bn=opts["bn"], keep_base=keep_base,
+                  say_skipped=False)
     finally:
         for src in sources:
             src.close()

@@ -106,9 +106,11 @@ def plan_keys(
     unshared: str = "error",
     bn: str = "pretrained",
     keep_base: bool = False,
+    say_skipped: bool = True,
 ) -> KeyPlan:
     """`keep_base`: the output must hold every tensor of θ0 (a Hugging Face folder, whose config.json
-    is θ0's): one of them left out by the filters or by `unshared="skip"` is an error."""
+    is θ0's): one of them left out by the filters or by `unshared="skip"` is an error. `say_skipped=False`: a
+    check before the merge, which says the keys `unshared="skip"` leaves out itself."""
     if unshared not in ("error", "skip"):
         raise ValueError(f"unshared must be 'error' or 'skip', got {unshared!r}")
     if bn == "recompute":
@@ -221,7 +223,7 @@ def plan_keys(
         raise MergeInputError(
             "nothing to merge: no floating-point tensor is shared by every model after the key filters"
         )
-    if skipped:  # documented, but an LLM user wants to see which fine-tuned changes were dropped
+    if skipped and say_skipped:  # documented, but an LLM user wants to see which fine-tuned changes were dropped
         log.info("unshared='skip': %d key(s) not in every model left out of the merge: %s%s", len(skipped),
                  ", ".join(skipped[:_MAX_LISTED]), " ..." if len(skipped) > _MAX_LISTED else "")
     return plan

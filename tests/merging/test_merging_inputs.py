@@ -252,6 +252,21 @@ def test_missing_key_lists_files_and_skip_option(caplog):
     assert "unshared='skip': 1 key(s) not in every model left out of the merge: backbone.blocks.0.bias" in caplog.text
 
 
+def test_mtl_merge_eval_none_says_the_skipped_keys_once(tmp_path, caplog):
+    """The header check before the run folder planned the keys as the merge does, and both logged the keys
+    unshared=skip leaves out: the line came twice (console and merge.log). The merge says it."""
+    from merging.job import run
+
+    pre, fts = make_models(T=2, heads=False)
+    del fts[0]["backbone.blocks.0.bias"]
+    pre_dir, ft_dirs = save_models(tmp_path, pre, fts)
+    with caplog.at_level("INFO", logger="merging.keys"):
+        run(["eval=none", "merge=task_arithmetic", "merge.lam=0.3", "+merge.unshared=skip", f"pretrained={pre_dir}",
+             f"models=[{ft_dirs[0]},{ft_dirs[1]}]", f"output={tmp_path / 'out'}"], run_dir=tmp_path / "run")
+    said = [r.getMessage() for r in caplog.records if "not in every model left out" in r.getMessage()]
+    assert said == ["unshared='skip': 1 key(s) not in every model left out of the merge: backbone.blocks.0.bias"]
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_values_name_tensor_and_file(tmp_path, bad):
     pre, fts = make_models(T=2)
