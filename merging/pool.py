@@ -56,7 +56,6 @@ class ModelPool:
         if not models:
             raise ValueError("no fine-tuned models given: pass models=[folder,...] or pool=<manifest.json>")
         check_distinct_inputs(pretrained, models, ("pretrained", "models"), base_among=base_among)
-        check_same_pruning(pretrained, models)
         pre_cfg = read_checked_config(pretrained)["model"]  # edited configs named
         cfgs = [read_checked_config(m) for m in models]
         check_pool_configs(pretrained, pre_cfg, [(m, c["model"]) for m, c in zip(models, cfgs)])
@@ -143,11 +142,12 @@ def check_task_names(names: Sequence[str]) -> None:
 
 def check_pool_configs(pretrained: str | Path, pre_cfg: dict[str, Any] | None,
                        members: Sequence[tuple[str | Path, dict[str, Any]]]) -> None:
-    """What a pool must satisfy from config.json alone (its family, one θ0, one architecture, distinct task names):
-    `ModelPool.from_folders` and, before a job's run folder, `precheck_pool`. `pre_cfg`: θ0's config.json `model`,
-    None where it does not read (nothing is compared with it then)."""
+    """What a pool must satisfy from config.json alone (its family, one θ0, one pruning plan, one architecture,
+    distinct task names): `ModelPool.from_folders` and, before a job's run folder, `precheck_pool`. `pre_cfg`: θ0's
+    config.json `model`, None where it does not read (nothing is compared with it then)."""
     if pre_cfg:
         check_pool_family(pretrained, _checked_arch(pretrained, pre_cfg))  # said before the members are compared
+        check_same_pruning(pretrained, [m for m, _ in members])  # an unread θ0 would pass for an unpruned one
     check_same_start(pretrained, [m for m, _ in members])
     for i, (m, mc) in enumerate(members):
         _checked_arch(m, mc)

@@ -72,3 +72,22 @@ def test_a_pool_of_another_architecture_leaves_no_run_folder(tmp_path, console, 
     message = _refused_without_folder(console, capfd, "merging.cli", "merge=task_arithmetic", f"pretrained={pre}",
                                       f"models=[{a},{b}]", *extra)
     assert re.search(said, message), message
+
+
+def test_an_evaluated_pool_with_a_pruned_member_leaves_no_run_folder(tmp_path, console, capfd):
+    """Pruning was checked only in ModelPool.from_folders, after the run folder: an error line, then a run_dir: line
+    and a FAILED folder (eval=none refused it early). Now one error line and no folder, evaluated or not."""
+    import pruning
+    from tests.test_early_config_checks import _refused_without_folder
+
+    pre = _folder(tmp_path, "pre", "base", {"name": "hps", "channels": 8})
+    torch.manual_seed(0)
+    ta = create_model([{"kind": "classification", "name": "ta", "num_classes": 3}], backbone="test_resnet",
+                      decoder={"name": "hps", "channels": 8})
+    pruned, _ = pruning.prune(ta, "l1", example=torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8), ratio=0.5)
+    a = mtl.save_model(pruned, tmp_path / "a")
+    b = _folder(tmp_path, "b", "tb", {"name": "hps", "channels": 8})
+    for extra in ((), ("eval=none",)):
+        message = _refused_without_folder(console, capfd, "merging.cli", "merge=task_arithmetic", f"pretrained={pre}",
+                                          f"models=[{a},{b}]", *extra)
+        assert message.startswith(f"{a} is pruned and {pre} is not"), message
