@@ -30,7 +30,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import merging
-from mtl.cli.jobs import start_run
+from mtl.cli.jobs import job_output, start_run
 from mtl.io import save_model, user_path, write_json
 from mtl.models import MultiTaskModel
 from mtl.registry import Registry, check_int
@@ -44,7 +44,7 @@ from .report import build_report, print_table, write_report
 from .run_outputs import RUN_OUTPUTS, STORE_DIR
 from .sources import MergeInputError, check_distinct_inputs, check_readable
 from .storage import STORE_FILE
-from .streaming import output_target, resolve_output
+from .streaming import output_target, resolve_output, writes_hf_folder
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +311,8 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             check_same_pruning(pre, models)
             check_same_start(pre, models)
             if all(user_path(p).exists() for p in (pre, *models)):  # keys and shapes: merge_to_file found them later
-                check_headers(pre, models, hp)
+                hf = writes_hf_folder(pre, job_output(cfg, run_dir), shard_size=cfg.get("shard_size"))
+                check_headers(pre, models, hp, keep_base=hf)  # a Hugging Face output keeps every θ0 tensor
     replaceable = None  # eval=none: an existing output merge_to_file would not replace (a user's file in it)
     if not evaluated and (manifest or cfg.get("pretrained")):
         replaceable = functools.partial(output_target, pre, models, overwrite=bool(cfg.get("overwrite")),

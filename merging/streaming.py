@@ -33,7 +33,7 @@ from .safetensors_source import DTYPE_CODES
 from .sources import check_output_apart_from_inputs
 from .state_source import MergeInputError, TensorInfo
 
-__all__ = ["SafetensorsWriter", "merge_to_file", "output_file", "output_target", "resolve_output"]
+__all__ = ["SafetensorsWriter", "merge_to_file", "output_file", "output_target", "resolve_output", "writes_hf_folder"]
 
 
 class SafetensorsWriter:
@@ -270,8 +270,7 @@ def output_target(pretrained, finetuned, out: str | os.PathLike, *, overwrite: b
     out = user_path(out)  # a leading ~ is $HOME's, as the readers take it
     if copy_files is not None:
         check_bool("copy_files", copy_files)
-    hf_folder = Path(out).suffix != ".safetensors" and (
-        shard_size is not None or bool(copy_files) or (copy_files is None and _is_hf_folder(pretrained)))
+    hf_folder = writes_hf_folder(pretrained, out, shard_size=shard_size, copy_files=copy_files)
     if shard_size is not None and not hf_folder:
         raise ValueError(f"{out}: shard_size needs a folder output, not a .safetensors file")
     if copy_files and Path(out).suffix == ".safetensors":
@@ -315,6 +314,14 @@ def output_target(pretrained, finetuned, out: str | os.PathLike, *, overwrite: b
         copied = [p.name for p in base_files(Path(pretrained), extra_files or ())] if copies else []
         check_replaceable(path, [*copied, *(extra_files or ())])
     return OutputTarget(path, hf_folder, size, overwrite, copies, folder, stale)
+
+
+def writes_hf_folder(pretrained, out: str | os.PathLike, *, shard_size: int | str | None = None,
+                     copy_files: bool | None = None) -> bool:
+    """Whether `merge_to_file` (arguments as there) writes `out` as a whole Hugging Face folder, whose key plan
+    then keeps every θ0 tensor: one rule for it and for a job's header check before its run folder."""
+    return Path(out).suffix != ".safetensors" and (
+        shard_size is not None or bool(copy_files) or (copy_files is None and _is_hf_folder(pretrained)))
 
 
 def _is_hf_folder(obj) -> bool:

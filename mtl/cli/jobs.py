@@ -27,7 +27,7 @@ def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
                         stale_records)
 
     run_dir = Path(run_dir)
-    output = user_path(str(cfg.output)) if cfg.get("output") else run_dir / default_output
+    output = job_output(cfg, run_dir, default_output)
     named = input_folders(cfg, inputs)
     check_output_apart(output, [p for _, p in named])  # the graver mistake first: a result written over an input
     check_input_folders(named, any_weights)
@@ -68,6 +68,11 @@ def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
     with atomic_path(run_dir / "config.yaml") as tmp:
         tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     return run_dir, output
+
+
+def job_output(cfg, run_dir: str | os.PathLike, default_output: str = "model") -> Path:
+    """The path `start_run` resolves ``cfg.output`` to (see there), for a check that runs before it."""
+    return user_path(str(cfg.output)) if cfg.get("output") else Path(run_dir) / default_output
 
 
 def input_folders(cfg, inputs: list[Path] = ()) -> list[tuple[str, Path]]:

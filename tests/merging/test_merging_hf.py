@@ -613,3 +613,30 @@ def test_an_eval_none_merge_refused_by_its_settings_or_output_leaves_no_run_fold
                                       *(e for e in extra if e not in ("NOTES", "VOCAB")))
     assert re.search(said, message), message
     assert (_tree(out) if out.exists() else None) == before
+
+
+@pytest.mark.parametrize("tied, extra, kw", [
+    # was passed by the header check (it skipped the key), then refused by merge_to_file after the run folder
+    (True, ("+merge.unshared=skip",), {"unshared": "skip"}),
+    # was refused early, but with "pass unshared='skip'", which the merge itself then refused
+    (True, (), {}),
+    # was passed by the header check, then refused by merge_to_file after the run folder
+    (False, ("+merge.exclude=lm_head.*",), {"exclude": "lm_head.*"}),
+])
+def test_an_eval_none_merge_into_a_hf_folder_is_refused_early_as_the_merge_refuses_it(llamas, tmp_path, console,
+                                                                                     capfd, tied, extra, kw):
+    """The header check before the run folder plans keys for a Hugging Face folder output (every θ0 tensor kept),
+    as merge_to_file does: one error line, no folder, and the merge's own words."""
+    from tests.test_early_config_checks import _refused_without_folder
+
+    base, fts = llamas
+    if tied:
+        fts = [_tied(tmp_path / "tied", fts[0]), fts[1]]
+    with pytest.raises(merging.MergeInputError) as direct:
+        merging.merge_to_file("task_arithmetic", base, fts, tmp_path / "direct", lam=0.3, **kw)
+    assert "a Hugging Face folder holds every tensor of its base model" in str(direct.value)
+    message = _refused_without_folder(console, capfd, "merging.cli", "eval=none", "merge=task_arithmetic",
+                                      f"pretrained={base}", f"models=[{fts[0]},{fts[1]}]", f"output={tmp_path / 'out'}",
+                                      *extra)
+    assert message == str(direct.value)
+    assert not (tmp_path / "out").exists()
