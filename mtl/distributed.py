@@ -70,11 +70,11 @@ def rank_local_states(balancer, prefix: str = "balancer.") -> dict[str, Any]:
 def restore_rank_states(weights: dict[str, Any], ranks: list[dict[str, Any]] | None, rank: int, world: int,
                         balancer, prefix: str = "balancer.") -> None:
     """Give this rank its own saved state in a checkpoint's ``weights`` (which hold rank 0's): ``ranks`` is every
-    saving process's `rank_local_states`, by rank (None: a checkpoint from before they were kept, taken as one
-    process's). Saved by another number of processes, no saved state is this rank's: the ``RANK_LOCAL`` values
-    start afresh on every rank (nash_mtl solves its weights at the first resumed step), with a warning."""
-    saved = 1 if ranks is None else len(ranks)
-    if saved == world:
+    saving process's `rank_local_states`, by rank (None: a checkpoint from before they were kept, whose process
+    count is unknown: taken as its own in a one-process run). Saved by another number of processes, or unknown
+    under DDP, no saved state is this rank's: the ``RANK_LOCAL`` values start afresh on every rank (nash_mtl
+    solves its weights at the first resumed step), with a warning."""
+    if (len(ranks) if ranks is not None else 1) == world:
         weights.update(ranks[rank] if ranks is not None else {})
         return
     dropped = []
@@ -84,9 +84,10 @@ def restore_rank_states(weights: dict[str, Any], ranks: list[dict[str, Any]] | N
                                               if k not in part.RANK_LOCAL}
             dropped += [f"{name}{k}" for k in part.RANK_LOCAL]
     if dropped and rank == 0:
-        log.warning("the checkpoint was saved by %d process(es), this run has %d: the balancer state that differs "
-                    "per process (%s) starts afresh; the run does not continue exactly as it would have",
-                    saved, world, ", ".join(dropped))
+        saved = (f"was saved by {len(ranks)} process(es)" if ranks is not None else
+                 "does not record how many processes saved it (written before mtlkit kept each one's state)")
+        log.warning("the checkpoint %s, this run has %d: the balancer state that differs per process (%s) starts "
+                    "afresh; the run does not continue exactly as it would have", saved, world, ", ".join(dropped))
 
 
 def check_strategy(balancer, strategy: Any, monitor=None) -> None:

@@ -197,3 +197,26 @@ def test_nash_mtl_under_ddp_resumes_each_ranks_own_weights(monkeypatch, caplog):
     resumed.on_load_checkpoint(checkpoint)
     resumed.load_state_dict(checkpoint["state_dict"])
     assert torch.equal(resumed.balancer._alpha, single.balancer._alpha) and not caplog.text
+
+
+def test_a_checkpoint_without_per_process_states_does_not_claim_one_process(caplog):
+    """A checkpoint from before `balancer_ranks` was kept does not say how many processes saved it: resumed under
+    DDP, the warning said it "was saved by 1 process(es)"; in one process it resumes silently, as before."""
+    from mtl.distributed import restore_rank_states
+
+    def weights():
+        return {"balancer._extra_state": {"calls": 3, "alpha": torch.tensor([1.0, 2.0]), "solver_failures": 0,
+                                          "not_converged": 0}}
+
+    balancer = create_balancer("nash_mtl", ["a", "b"])
+    with caplog.at_level("WARNING", logger="mtl.distributed"):
+        old = weights()
+        restore_rank_states(old, None, 0, 2, balancer)
+    assert "alpha" not in old["balancer._extra_state"] and old["balancer._extra_state"]["calls"] == 3
+    assert "does not record how many processes saved it" in caplog.text and "this run has 2" in caplog.text
+    assert "saved by 1 process" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mtl.distributed"):
+        one = weights()
+        restore_rank_states(one, None, 0, 1, balancer)
+    assert torch.equal(one["balancer._extra_state"]["alpha"], torch.tensor([1.0, 2.0])) and not caplog.text
