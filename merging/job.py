@@ -313,7 +313,7 @@ def run_merge(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             if all(user_path(p).exists() for p in (pre, *models)):  # keys and shapes: merge_to_file found them later
                 hf = writes_hf_folder(pre, job_output(cfg, run_dir), shard_size=cfg.get("shard_size"))
                 check_headers(pre, models, hp, keep_base=hf)  # a Hugging Face output keeps every θ0 tensor
-    replaceable = None  # eval=none: an existing output merge_to_file would not replace (a user's file in it)
+    replaceable = None  # eval=none: an output merge_to_file would refuse (a user's file in it, a file for a folder)
     if not evaluated and (manifest or cfg.get("pretrained")):
         replaceable = functools.partial(output_target, pre, models, overwrite=bool(cfg.get("overwrite")),
                                         shard_size=cfg.get("shard_size"))

@@ -42,7 +42,8 @@ def mergekit_job(cfg: Any, run_dir: str | os.PathLike) -> dict[str, Any]:
     for path in plan.finetuned:  # one that will not open: named now, not by the merge after the run folder
         check_readable(path, index_first=INDEX_FIRST)
     check_headers(plan.pretrained, plan.finetuned, plan.kwargs(), keep_base=True, index_first=INDEX_FIRST)  # the merge's key plan, from headers
-    # an existing output it would not replace (a user's file in it): after start_run's own checks, before its folder
+    # an output it would refuse (a user's file in it; a .safetensors file: a recipe writes a folder): after
+    # start_run's own checks, before its folder
     replaceable = functools.partial(check_output, plan, overwrite=bool(cfg.overwrite), shard_size=cfg.get("shard_size"))
     run_dir, output = start_run(cfg, run_dir, inputs=[plan.pretrained, *plan.finetuned], any_weights=True,
                                 replaceable=replaceable)

@@ -196,7 +196,7 @@ def run_plan(plan: MergekitPlan, out: str | os.PathLike, *, overwrite: bool = Fa
             raise ValueError(f"seed draws DARE's drop masks; {plan.method} draws nothing")
         kwargs["seed"] = seed
     return merge_to_file(plan.method, plan.pretrained, plan.finetuned, out, overwrite=overwrite, threads=threads,
-                         shard_size=shard_size, index_first=INDEX_FIRST, **_output_files(plan), **kwargs)
+                         shard_size=shard_size, index_first=INDEX_FIRST, **_output_files(plan, out), **kwargs)
 
 
 def check_output(plan: MergekitPlan, out: str | os.PathLike, *, overwrite: bool = False,
@@ -206,11 +206,16 @@ def check_output(plan: MergekitPlan, out: str | os.PathLike, *, overwrite: bool 
     from .streaming import output_target
 
     output_target(plan.pretrained, plan.finetuned, out, overwrite=overwrite, shard_size=shard_size,
-                  **_output_files(plan))
+                  **_output_files(plan, out))
 
 
-def _output_files(plan: MergekitPlan) -> dict[str, Any]:
-    """A recipe writes a whole Hugging Face folder: the base's files, and the recipe, as mergekit's output holds it."""
+def _output_files(plan: MergekitPlan, out: str | os.PathLike) -> dict[str, Any]:
+    """A recipe writes a whole Hugging Face folder: the base's files, and the recipe, as mergekit's output holds it.
+    A .safetensors `out` is refused in the recipe's terms (not as merge_to_file's copy_files, which it never set)."""
+    if Path(out).suffix == ".safetensors":
+        raise ValueError(f"{out}: a mergekit recipe writes a Hugging Face folder (weights, the base model's config "
+                         f"and tokenizer files, {MERGEKIT_RECIPE}), as mergekit does, not a .safetensors file: "
+                         "give a folder path")
     return {"copy_files": True, "extra_files": {MERGEKIT_RECIPE: plan.text}}
 
 

@@ -15,8 +15,9 @@ def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
               replaceable: Callable[[Path], None] | None = None) -> tuple[Path, Path]:
     """Check the input folders (`check_input_folders`; ``any_weights``: see there), create the run folder, store the resolved config in it and resolve ``cfg.output`` (default
     ``<run_dir>/<default_output>``); an existing output is refused unless ``overwrite=true`` (and, for a job writing a model folder
-    (``model_output``), unless it is one; ``replaceable(output)`` refuses any other existing output the job would not
-    replace, e.g. mtl-export's `check_replaceable`), and an
+    (``model_output``), unless it is one; ``replaceable(output)``, the job's own checks on its output, refuses any
+    other existing output the job would not replace, e.g. mtl-export's `check_replaceable`, and any output path it
+    could not write, e.g. mtl-merge's .safetensors file where it writes a folder), and an
     output that is, lies inside or holds an input model folder (``model``, ``pretrained``, ``models``,
     and the job's other `inputs`, e.g. a pool manifest's folders) is refused before anything is written, as is a
     run folder holding anything but a failed run (`check_run_folder`, the rule mtl-train's folders follow too)."""
@@ -53,7 +54,7 @@ def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
         # save_model refuses it at the end; a job writing a model folder says so before its work
         raise FileExistsError(f"output={output} exists and is not a model folder (no config.json + model.safetensors); "
                               "overwrite=true replaces only an earlier model folder: choose another path")
-    if replaceable is not None and output.exists():  # overwrite=true: the job's own rule, before its work
+    if replaceable is not None:  # the job's own rule (overwrite=true; an output it cannot write), before its work
         replaceable(output)
     if model_output and cfg.get("overwrite") and is_model_folder(output):
         stale_records(output, caller="output")  # files save_model would delete are named before the work

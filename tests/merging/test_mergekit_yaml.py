@@ -556,3 +556,17 @@ def test_a_recipe_reads_a_folder_with_both_weight_sets_as_mergekit_does(models, 
     assert ("reading the shards both/model.safetensors.index.json lists (as mergekit does; transformers reads "
             "model.safetensors) and ignoring model.safetensors") in said[0]  # the recipe's path, from the cwd
     assert f"reading {models / 'both' / 'model.safetensors'} (as transformers does; mergekit reads the shards" in said[1]
+
+
+def test_a_recipe_refuses_a_safetensors_file_output_before_the_run_folder(models, console, capfd):
+    """A recipe writes a folder: a new .safetensors output was refused by the merge after the run folder (start_run
+    ran the output check only on an existing output), in terms of copy_files, which the recipe never set."""
+    from tests.test_early_config_checks import _refused_without_folder
+
+    cfg = _yaml(models, "merge_method: task_arithmetic\nbase_model: base\nmodels: [{model: a}]\nparameters: {weight: 1}\n")
+    out = models / "new.safetensors"
+    said = f"{out}: a mergekit recipe writes a Hugging Face folder"
+    with pytest.raises(ValueError, match=f"^{said}"):
+        merging.merge_mergekit_yaml(cfg, out)
+    assert _refused_without_folder(console, capfd, "merging.cli", f"mergekit_yaml={cfg}", f"output={out}").startswith(said)
+    assert not out.exists()

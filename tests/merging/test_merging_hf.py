@@ -594,13 +594,15 @@ def test_a_shard_index_given_as_a_model_names_its_folder(llamas, tmp_path):
     (("overwrite=true", "NOTES"), r"/out holds notes\.txt, which this merge does not write"),
     # a vocabulary of another size: from the headers, before the run folder since 4c7eb53 (kept so)
     (("VOCAB",), r"^models do not match: 'lm_head\.weight' has shape \(256, 64\) .* but \(264, 64\)"),
+    # a new .safetensors output: merge_to_file's output check ran before the run folder only on an existing output
+    (("shard_size=1MB", "FILE"), r"/out\.safetensors: shard_size needs a folder output, not a \.safetensors file$"),
 ])
 def test_an_eval_none_merge_refused_by_its_settings_or_output_leaves_no_run_folder(llamas, tmp_path, console, capfd,
                                                                                   extra, said):
     from tests.test_early_config_checks import _refused_without_folder
 
     base, fts = llamas
-    out = tmp_path / "out"
+    out = tmp_path / ("out.safetensors" if "FILE" in extra else "out")
     if "NOTES" in extra:
         merging.merge_to_file("task_arithmetic", base, fts, out, lam=0.3)
         (out / "notes.txt").write_text("mine")
@@ -610,7 +612,7 @@ def test_an_eval_none_merge_refused_by_its_settings_or_output_leaves_no_run_fold
     before = _tree(out) if out.exists() else None
     message = _refused_without_folder(console, capfd, "merging.cli", "eval=none", "merge=mergekit_ties",
                                       f"pretrained={base}", f"models=[{fts[0]},{fts[1]}]", f"output={out}",
-                                      *(e for e in extra if e not in ("NOTES", "VOCAB")))
+                                      *(e for e in extra if e not in ("NOTES", "VOCAB", "FILE")))
     assert re.search(said, message), message
     assert (_tree(out) if out.exists() else None) == before
 
