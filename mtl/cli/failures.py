@@ -219,6 +219,18 @@ def override_value(overrides, key: str) -> str | None:
     return None
 
 
+def given_on_command_line(config, key: str) -> bool:
+    """Whether ``key`` (``hydra.run.dir``, ``hydra.sweep.dir``) was set on the command line, from Hydra's record of
+    its overrides, read unresolved: an override such as ``hydra.run.dir=out/${hydra:job.name}`` is a string
+    OmegaConf would resolve on access, and HydraConfig is not yet set when the callbacks ask."""
+    from omegaconf import OmegaConf
+
+    overrides = OmegaConf.select(config, "hydra.overrides.hydra", default=None)
+    if overrides is None:
+        return False
+    return override_value(OmegaConf.to_container(overrides, resolve=False), key) is not None
+
+
 def file_in_the_way(key: str, folder: str | os.PathLike, given: bool = False) -> str | None:
     """One line naming ``key`` (``hydra.run.dir``, ``hydra.sweep.dir``) and its value when a file stands where that
     folder, or a folder on the way to it, is to be made (Hydra's bare "[Errno 17] File exists" otherwise); None

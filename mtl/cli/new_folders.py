@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 
 from mtl.atomic import missing_parents, remove_empty
-from mtl.cli.failures import file_in_the_way, holds_nothing, override_value
+from mtl.cli.failures import file_in_the_way, holds_nothing, given_on_command_line
 
 #: run folder (absolute) -> the folders made for it, deepest first; () for a folder that existed empty
 _NOTED: dict[str, tuple[Path, ...]] = {}
@@ -66,7 +66,7 @@ class NotesRunFolder(Callback):
             return
         finally:
             hydra_config.cfg = before
-        given = override_value(config.hydra.get("overrides", {}).get("hydra"), "hydra.run.dir") is not None
+        given = given_on_command_line(config, "hydra.run.dir")
         problem = file_in_the_way("hydra.run.dir", run_dir, given)
         if problem:  # Hydra turns a callback's exception into a warning: said and exited here, nothing made yet
             print(f"error: {problem}", file=sys.stderr, flush=True)

@@ -18,7 +18,7 @@ from hydra.experimental.callback import Callback
 
 from mtl.atomic import make_parents, remove_empty
 from mtl.cli.failures import (FAILED, RUNNING, SWEEPING, RunFolderTaken, claim, file_in_the_way, holds, is_mine,
-                              on_this_host, override_value, owner_of, release)
+                              on_this_host, given_on_command_line, owner_of, release)
 
 
 def jobs_not_failed(sweep_dir: str | Path) -> list[str]:
@@ -61,7 +61,7 @@ class PrintSweepDir(Callback):
         # exception into a warning, so exit here (nothing is written yet: no run_dir line).
         from mtl.cli.sweep_checks import sweep_problem
 
-        given = override_value(config.hydra.get("overrides", {}).get("hydra"), "hydra.sweep.dir") is not None
+        given = given_on_command_line(config, "hydra.sweep.dir")
         problem = sweep_problem(config) or file_in_the_way("hydra.sweep.dir", config.hydra.sweep.dir, given)
         if problem:
             print(f"error: {problem}", file=sys.stderr, flush=True)
