@@ -112,7 +112,7 @@ def read_mergekit_yaml(path: str | os.PathLike) -> MergekitPlan:
     if base is None and method != "linear":
         raise ValueError(f"{where}: base_model: {method} merges task vectors θ_t − θ0 and needs a base model")
     entries: list[tuple[Path, dict[str, Any], str, bool]] = []  # (folder, own parameters, label, is the base)
-    seen: dict[Path, str] = {}
+    seen: dict[Path | frozenset[Path], str] = {}  # keyed by `weights_read`
     for i, entry in enumerate(models):
         label = f"{where}: models[{i}]"
         if not isinstance(entry, dict) or "model" not in entry:

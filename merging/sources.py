@@ -5,6 +5,7 @@ safetensors readers in `merging.safetensors_source` (both re-exported here, the 
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -15,6 +16,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
+from mtl.folder_checks import JSON_ERRORS
 from mtl.io import run_folder_refusal, user_path
 from mtl.torch_load import torch_load_refusal
 
@@ -269,12 +271,20 @@ def check_distinct_inputs(pretrained, finetuned: Sequence[Any], names: tuple[str
         seen[w] = i
 
 
-def weights_read(path: Pathish, index_first: bool = False) -> Path:
-    """The resolved file a model path reads (a folder's, as `weights_file` picks it, followed through links), else
-    the resolved path: two inputs with the same one are the same model, however each is spelled."""
+def weights_read(path: Pathish, index_first: bool = False) -> Path | frozenset[Path]:
+    """What a model path reads, followed through links: a folder's file (as `weights_file` picks it), the set of
+    shards its index names, else the resolved path: two inputs with the same one are the same model, however each
+    is spelled."""
     p = user_path(path).resolve()
     f = _folder_weights(p, index_first) if p.is_dir() else None
-    return f.resolve() if f is not None else p
+    if f is None or f.name != FOLDER_WEIGHTS[1]:
+        return f.resolve() if f is not None else p
+    # not the index file: in a Hugging Face cache two revisions' indexes are often one blob while their shards differ
+    try:
+        names = set(json.loads(f.read_text())["weight_map"].values())
+        return frozenset((p / n).resolve() for n in names) or p
+    except (OSError, KeyError, TypeError, AttributeError, *JSON_ERRORS):  # unreadable: the folder; reading says why
+        return p
 
 
 def input_paths(pretrained, finetuned) -> list[Path]:

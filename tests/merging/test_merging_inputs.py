@@ -502,6 +502,37 @@ def test_a_shard_that_is_a_folder_is_called_a_folder_not_missing(tmp_path):
         merging.merge("average", pre, [shard])
 
 
+def _hf_cache_revision(cache, rev, shards, index_blob):
+    """snapshots/<rev>/ as the Hugging Face cache lays it out: links into blobs/, one per file."""
+    snap = cache / "snapshots" / rev
+    snap.mkdir(parents=True)
+    for i, tensors in enumerate(shards):
+        blob = cache / "blobs" / f"{rev}-{i}"
+        save_file(tensors, str(blob))
+        (snap / f"model-0000{i + 1}-of-0000{len(shards)}.safetensors").symlink_to(blob)
+    (snap / "model.safetensors.index.json").symlink_to(index_blob)
+    return snap
+
+
+def test_two_cache_revisions_sharing_one_index_blob_are_two_models(tmp_path):
+    """Two revisions of a sharded repo often have byte-identical indexes, stored as one blob both link to: they were
+    refused as one model ('finetuned[1] ... is finetuned[0] ... again'), compared on the index, not the shards."""
+    cache = tmp_path / "hub"
+    (cache / "blobs").mkdir(parents=True)
+    index = cache / "blobs" / "index"
+    index.write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors",
+                                                "b": "model-00002-of-00002.safetensors"}}))
+    pre = {"a": torch.zeros(2), "b": torch.zeros(2)}
+    revs = [_hf_cache_revision(cache, f"rev{r}", [{"a": torch.full((2,), r + 1.0)}, {"b": torch.full((2,), -r - 1.0)}],
+                               index) for r in range(2)]
+    merged = merging.merge("task_arithmetic", pre, revs, lam=1.0)
+    assert torch.equal(merged["a"], torch.full((2,), 3.0)) and torch.equal(merged["b"], torch.full((2,), -3.0))
+    # one revision reached twice (a link to its snapshot folder) is still one model
+    (tmp_path / "again").symlink_to(revs[0])
+    with pytest.raises(merging.MergeInputError, match=r"^finetuned\[1\] .* is finetuned\[0\] .* again"):
+        merging.merge("task_arithmetic", pre, [revs[0], tmp_path / "again"], lam=1.0)
+
+
 def test_a_header_length_past_the_end_of_the_file_names_the_file(tmp_path):
     """The data was read (and parsed) as the header: 'Unterminated string' or a utf-8 decode error, no file named."""
     import struct
