@@ -21,6 +21,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from mtl.atomic import OutputExists
 from mtl.io import atomic_path, holds_user_files, read_json, user_path
 from mtl.registry import check_bool
 
@@ -132,7 +133,7 @@ def output_file(out: str | os.PathLike, filename: str, overwrite: bool = False, 
     """
     path, new_dir = resolve_output(out, filename)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        raise OutputExists(path)
     with atomic_path(new_dir if new_dir is not None else path, overwrite=overwrite) as tmp:
         if new_dir is not None:
             tmp.mkdir()
@@ -299,7 +300,7 @@ def output_target(pretrained, finetuned, out: str | os.PathLike, *, overwrite: b
     stale = _earlier_hf_merge(folder) if folder is not None else []
     empty_dir = target.is_dir() and not holds_user_files(target)  # (a .DS_Store alone counts as empty)
     if path.exists() and not overwrite and not (hf_folder and empty_dir):
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        raise OutputExists(path)
     weights = [p.name for p in stale if p.name not in ("README.md", MERGEKIT_RECIPE)]
     if weights and not overwrite:  # another model's shards: replaced only on request
         raise FileExistsError(f"{folder} holds sharded weights ({', '.join(weights)}); pass overwrite=True to "

@@ -97,6 +97,14 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
             remove_empty(created)
 
 
+class OutputExists(FileExistsError):
+    """An existing output that overwrite would replace, advised in the Python API's spelling: a CLI checking its output
+    first (`start_run`) leaves this to its own check, which spells it as typed (overwrite=true)."""
+
+    def __init__(self, path: Path):
+        super().__init__(f"{path} exists; pass overwrite=True to replace it")
+
+
 def cannot_replace(path: Path) -> OSError:
     """The error for an output that cannot be renamed over (EBUSY: a mount point, a folder in use), in the form of
     the storage errors: `atomic_path`'s at its last step, a job's before its run folder (`start_run`)."""

@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from mtl.atomic import cannot_replace, user_path
+from mtl.atomic import OutputExists, cannot_replace, user_path
 from mtl.cli.common import write_hydra_record
 
 
@@ -39,7 +39,10 @@ def start_run(cfg, run_dir: str | os.PathLike, default_output: str = "model",
     if model_output:  # overwrite=true would not replace it either: said before the work, not by save_model after it
         check_not_a_file(output, "output")
     elif replaceable is not None and output.exists() and not output.is_dir():
-        replaceable(output)  # a file the job would not replace (mtl-export's): not 'pass overwrite=true', which would not help
+        try:
+            replaceable(output)  # a file the job would not replace (mtl-export's): not 'pass overwrite=true', which would not help
+        except OutputExists:
+            pass  # overwrite=true would replace it: the check below says so, as the command line spells it
     if os.path.ismount(output):  # not 'pass overwrite=true': it could not be replaced either
         raise cannot_replace(output)
     if output.exists() and not cfg.get("overwrite"):

@@ -596,6 +596,8 @@ def test_a_shard_index_given_as_a_model_names_its_folder(llamas, tmp_path):
     (("VOCAB",), r"^models do not match: 'lm_head\.weight' has shape \(256, 64\) .* but \(264, 64\)"),
     # a new .safetensors output: merge_to_file's output check ran before the run folder only on an existing output
     (("shard_size=1MB", "FILE"), r"/out\.safetensors: shard_size needs a folder output, not a \.safetensors file$"),
+    # an earlier .safetensors output: was merge_to_file's 'pass overwrite=True', the API's spelling, not the CLI's
+    (("EARLIER", "FILE"), r"/out\.safetensors exists; pass overwrite=true to replace it$"),
 ])
 def test_an_eval_none_merge_refused_by_its_settings_or_output_leaves_no_run_folder(llamas, tmp_path, console, capfd,
                                                                                   extra, said):
@@ -603,8 +605,9 @@ def test_an_eval_none_merge_refused_by_its_settings_or_output_leaves_no_run_fold
 
     base, fts = llamas
     out = tmp_path / ("out.safetensors" if "FILE" in extra else "out")
-    if "NOTES" in extra:
+    if "NOTES" in extra or "EARLIER" in extra:
         merging.merge_to_file("task_arithmetic", base, fts, out, lam=0.3)
+    if "NOTES" in extra:
         (out / "notes.txt").write_text("mine")
     if "VOCAB" in extra:
         fts = [fts[0], tmp_path / "vocab"]
@@ -612,7 +615,7 @@ def test_an_eval_none_merge_refused_by_its_settings_or_output_leaves_no_run_fold
     before = _tree(out) if out.exists() else None
     message = _refused_without_folder(console, capfd, "merging.cli", "eval=none", "merge=mergekit_ties",
                                       f"pretrained={base}", f"models=[{fts[0]},{fts[1]}]", f"output={out}",
-                                      *(e for e in extra if e not in ("NOTES", "VOCAB", "FILE")))
+                                      *(e for e in extra if e not in ("NOTES", "VOCAB", "FILE", "EARLIER")))
     assert re.search(said, message), message
     assert (_tree(out) if out.exists() else None) == before
 
